@@ -1,0 +1,171 @@
+"""Block checksums: signatures, aligned compare, rolling delta, digests.
+
+This is the thin public face of the compiled kernel ``smirror._checksum``
+(reference: ``smirror._checksum_py``, same names, used only by the tests).
+
+Vocabulary
+----------
+* weak checksum: rsync-style rolling 32-bit sum of a block (``s1 | s2 << 16``),
+  cheap to roll one byte at a time; it only nominates candidates.
+* strong hash: XXH3-128 of a block, stored as two uint64 (low, high).
+* signature: per block of ``block_size`` bytes (the last one may be short) the
+  weak checksum and the strong hash, as numpy arrays.
+* delta: instructions that rebuild the source from the target's blocks plus
+  literal source bytes: ``(COPY, target_offset, length)`` and
+  ``(LITERAL, source_offset, length)``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _checksum as _k
+from .errors import DeltaError
+
+COPY = 0
+LITERAL = 1
+
+MIN_BLOCK = 4 * 1024
+MAX_BLOCK = 64 * 1024 * 1024
+TARGET_BLOCKS = 1 << 17   # ~128 Ki blocks: 1 GiB -> 8 KiB blocks, 4 TiB -> 32 MiB
+
+
+def block_size_for(length: int) -> int:
+    """Block size for a file of ``length`` bytes: a power of two giving about
+    ``TARGET_BLOCKS`` blocks, at least 4 KiB. No 128 KiB cap: a multi-TB file
+    gets large blocks instead of a signature of millions of entries."""
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    want = max(MIN_BLOCK, -(-length // TARGET_BLOCKS))
+    size = 1 << (want - 1).bit_length()
+    return min(size, MAX_BLOCK)
+
+
+def check_block_size(block_size: int) -> int:
+    """Validate a user-given block size; returns it or raises ValueError."""
+    if not isinstance(block_size, int) or isinstance(block_size, bool):
+        raise ValueError(f"block size must be an integer, got {block_size!r}")
+    if not 64 <= block_size <= 1 << 31:
+        raise ValueError(f"block size must be between 64 B and 2 GiB, got {block_size}")
+    return block_size
+
+
+@dataclass(frozen=True, eq=False)
+class Signature:
+    """Block signature of ``length`` bytes cut in blocks of ``block_size``."""
+    block_size: int
+    length: int
+    strong: np.ndarray                 # uint64, shape (count, 2)
+    weak: np.ndarray | None = None     # uint32, shape (count,), None if not computed
+    count: int = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "count", len(self.strong))
+        expect = -(-self.length // self.block_size)
+        if len(self.strong) != expect or (self.weak is not None and len(self.weak) != expect):
+            raise DeltaError(f"signature of {self.length} B in {self.block_size} B blocks "
+                             f"must have {expect} entries, has {len(self.strong)}")
+
+    def block_range(self, index: int) -> tuple[int, int]:
+        """(offset, length) of block ``index``."""
+        off = index * self.block_size
+        return off, min(self.block_size, self.length - off)
+
+
+def weak_checksum(data) -> int:
+    """Weak 32-bit rolling checksum of a whole buffer."""
+    return _k.weak_checksum(data)
+
+
+def strong_digest(data) -> bytes:
+    """XXH3-128 of a whole buffer, 16 bytes (canonical, big-endian)."""
+    return _k.strong_digest(data)
+
+
+def file_digest(path) -> bytes:
+    """XXH3-128 of a whole file, read in large chunks with the GIL released."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _k.fd_digest(fd)
+    finally:
+        os.close(fd)
+
+
+def signature(data, block_size: int | None = None, weak: bool = True) -> Signature:
+    """Signature of any contiguous buffer (bytes, bytearray, memoryview, mmap)."""
+    length = memoryview(data).nbytes
+    bs = block_size_for(length) if block_size is None else check_block_size(block_size)
+    w, s = _k.block_signature(data, bs, weak)
+    return Signature(bs, length, s, w)
+
+
+def file_signature(path, block_size: int | None = None, weak: bool = True) -> Signature:
+    """Signature of a file, read with large preads into one reused buffer."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        length = os.fstat(fd).st_size
+        bs = block_size_for(length) if block_size is None else check_block_size(block_size)
+        w, s = _k.fd_signature(fd, length, bs, weak)
+        return Signature(bs, length, s, w)
+    finally:
+        os.close(fd)
+
+
+def changed_blocks(old: Signature, new: Signature) -> np.ndarray:
+    """Indexes (int64, ascending) of blocks whose strong hash differs between
+    two signatures of the same block size, compared position by position.
+    Blocks present in only one of them count as changed."""
+    if old.block_size != new.block_size:
+        raise DeltaError(f"block sizes differ: {old.block_size} vs {new.block_size}")
+    n = min(old.count, new.count)
+    diff = np.flatnonzero(np.any(old.strong[:n] != new.strong[:n], axis=1))
+    # a short last block hashes its own length in, so no special case is needed
+    extra = np.arange(n, max(old.count, new.count), dtype=np.int64)
+    return np.concatenate([diff.astype(np.int64), extra])
+
+
+@dataclass(eq=False)
+class Delta:
+    """Instructions rebuilding ``source`` from a target that has ``sig``."""
+    ops: list                 # [(COPY, target_offset, length) | (LITERAL, source_offset, length)]
+    source: memoryview        # the source bytes literals are taken from
+    length: int               # length of the rebuilt file
+
+    @property
+    def literal_bytes(self) -> int:
+        return sum(n for kind, _, n in self.ops if kind == LITERAL)
+
+    @property
+    def matched_bytes(self) -> int:
+        return sum(n for kind, _, n in self.ops if kind == COPY)
+
+    def chunks(self, target):
+        """Yield the pieces of the rebuilt file in order (memoryviews)."""
+        t = memoryview(target).cast("B")
+        for kind, off, n in self.ops:
+            if kind == COPY:
+                if off + n > len(t):
+                    raise DeltaError(f"delta copies target bytes {off}..{off + n} "
+                                     f"but the target has {len(t)}")
+                yield t[off:off + n]
+            else:
+                yield self.source[off:off + n]
+
+
+def delta(source, sig: Signature) -> Delta:
+    """Rolling delta of ``source`` against a target signature (needs weak
+    checksums). Finds target blocks at any source offset, so insertions and
+    deletions cost only the bytes around them. The strong hash is computed
+    only on a weak hit, as rsync does."""
+    if sig.weak is None:
+        raise DeltaError("delta needs a signature with weak checksums")
+    src = memoryview(source).cast("B")
+    ops = _k.delta_ops(src, sig.block_size, sig.length, sig.weak, sig.strong)
+    return Delta(ops, src, len(src))
+
+
+def patch(target, d: Delta) -> bytes:
+    """Rebuild the source from the target bytes and a delta."""
+    return b"".join(d.chunks(target))

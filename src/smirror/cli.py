@@ -1,0 +1,63 @@
+"""The ``smirror`` command line. Each verb lives in the module of its concern;
+this file only wires them to argparse and turns SmirrorError into a clear
+message and an exit code (no traceback for a user)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__, native_status
+from .errors import SmirrorError
+
+EXIT_OK = 0
+EXIT_PARTIAL = 1      # ran, but some files could not be handled (reported)
+EXIT_USAGE = 2        # bad arguments or configuration
+EXIT_FAILED = 3       # could not run at all (missing source, disk full, ...)
+EXIT_INTERRUPTED = 130
+
+
+def version_text() -> str:
+    status = native_status()
+    loaded = [k for k, v in status.items() if v is True]
+    if len(loaded) == len(status):
+        native = "native kernels loaded (" + ", ".join(k.lstrip("_") for k in loaded) + ")"
+    else:
+        missing = {k: v for k, v in status.items() if v is not True}
+        native = "native kernels MISSING: " + "; ".join(f"{k}: {v}" for k, v in missing.items())
+    return f"smirror {__version__}, {native}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smirror",
+        description="Continuous, write-order-preserving file replication.")
+    parser.add_argument("--version", action="store_true",
+                        help="print the version and whether native kernels are loaded")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    # verbs register themselves here, one module a concern
+    from . import mirror_cli
+    mirror_cli.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(version_text())
+        return EXIT_OK
+    if not args.verb:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("smirror: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SmirrorError as exc:
+        print(f"smirror {args.verb}: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Every exception smirror raises, shared by the compiled kernels and their
+pure-Python references. Each one carries what went wrong and where, so the CLI
+can print it without a traceback."""
+
+
+class SmirrorError(Exception):
+    """Base class of every smirror error."""
+
+
+class FrameError(SmirrorError, ValueError):
+    """A journal frame (or queue record) is malformed: bad magic, version,
+    length, checksum or op. ``offset`` is the byte offset in the buffer where
+    the problem was found (None when it is not about one place)."""
+
+    def __init__(self, message, offset=None):
+        self.offset = offset
+        if offset is not None:
+            message = f"{message} (at byte offset {offset})"
+        super().__init__(message)
+
+
+class DeltaError(SmirrorError, ValueError):
+    """A delta or signature does not fit the data it is applied to."""
+
+
+class QueueError(SmirrorError):
+    """Base class of queue failures."""
+
+
+class QueueFull(QueueError):
+    """The queue reached its disk limit or the free-space minimum of its
+    volume; the engine turns this into an auto-disconnect."""
+
+
+class QueueClosed(QueueError):
+    """The queue was closed while a caller waited on it or used it."""
+
+
+class QueueCorrupt(QueueError, ValueError):
+    """A spill segment holds a damaged record that is not a torn tail."""
+
+
+class ConfigError(SmirrorError, ValueError):
+    """A configuration value or command-line argument is invalid."""
+
+
+class MirrorError(SmirrorError):
+    """A mirror could not run (bad source/target, overlapping trees, ...)."""
