@@ -46,3 +46,8 @@ class ConfigError(SmirrorError, ValueError):
 
 class MirrorError(SmirrorError):
     """A mirror could not run (bad source/target, overlapping trees, ...)."""
+
+
+class AuthError(SmirrorError, PermissionError):
+    """A login failed (unknown user or wrong password), or a user's role does
+    not allow the request. Never carries the password."""

@@ -1,0 +1,218 @@
+"""The daemon's TOML configuration: every setting, its default and what it
+means, in one table; loading checks each value and names the file, the key
+and what was expected when one is wrong. Unknown keys are errors (a typo must
+not silently fall back to a default)."""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+from .units import parse_duration, parse_size
+
+DEFAULT_PORT = 6320
+
+
+def _listen(value, what):
+    host, port = parse_hostport(value, what)
+    return f"{host}:{port}"
+
+
+def parse_hostport(value, what="address", default_port=DEFAULT_PORT):
+    """``HOST[:PORT]`` or ``[V6]:PORT`` -> (host, port)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ConfigError(f"{what}: missing host in {value!r}")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{what}: port must be 1-65535, got {port_text!r} in {value!r}")
+    return host, int(port_text)
+
+
+def _choice(*allowed):
+    def check(value, what):
+        if value not in allowed:
+            raise ConfigError(f"{what}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+    return check
+
+
+def _typed(kind, name):
+    def check(value, what):
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise ConfigError(f"{what}: expected {name}, got {value!r}")
+        return value
+    return check
+
+
+def _percent(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+        raise ConfigError(f"{what}: expected a percentage in (0, 100], got {value!r}")
+    return float(value)
+
+
+def _size(value, what):
+    return parse_size(value, what)
+
+
+def _duration(value, what):
+    return parse_duration(value, what)
+
+
+_str = _typed(str, "a string")
+_bool = _typed(bool, "true or false")
+
+
+@dataclass(frozen=True)
+class Setting:
+    default: Any
+    check: Callable[[Any, str], Any]
+    doc: str
+
+
+# section -> key -> Setting. The text of `smirror config --defaults` is made from this.
+SCHEMA: dict[str, dict[str, Setting]] = {
+    "daemon": {
+        "listen": Setting(f"127.0.0.1:{DEFAULT_PORT}", _listen,
+                          "address the daemon listens on (control and data links)"),
+        "state_dir": Setting("/var/lib/smirror", _str,
+                             "users, replication sets, connections and queues live here"),
+        "log_level": Setting("info", _choice("debug", "info", "warning", "error"),
+                             "least severe level written to the log"),
+        "log_file": Setting("", _str, "log file; empty = standard error"),
+    },
+    "queues": {
+        "source_memory_limit": Setting("256MiB", _size, "RAM a source queue may hold before it spills to disk"),
+        "target_memory_limit": Setting("256MiB", _size, "RAM a target queue may hold before it spills to disk"),
+        "disk_queue_dir": Setting("", _str, "spill directory; empty = STATE_DIR/queues"),
+        "disk_queue_limit": Setting("10GiB", _size, "bytes on disk per queue before auto-disconnect"),
+        "min_free_space": Setting("1GiB", _size, "free space kept on the queue volume; below it the queue counts as full"),
+        "alert_threshold": Setting(50, _percent, "percent of the disk queue limit at which status warns"),
+        "fsync": Setting("segment", _choice("none", "segment", "always"),
+                         "when spilled queue data is fsynced: never, when a segment is closed, every record"),
+    },
+    "reconnect": {
+        "auto_reconnect": Setting(True, _bool, "reconnect automatically after an auto-disconnect"),
+        "retry_interval": Setting("10s", _duration, "time between reconnect attempts"),
+        "remirror": Setting("checksum", _choice("none", "full", "different", "checksum"),
+                            "mirror run after an auto-reconnect when the queue could not bridge the gap"),
+    },
+    "tasks": {
+        "enabled": Setting(False, _bool, "run task commands that arrive in the stream"),
+        "directory": Setting("", _str, "only executables inside this directory may run as tasks"),
+        "stop_replication_on_failure": Setting(False, _bool, "pause applying when a task fails"),
+    },
+    "tls": {
+        "enabled": Setting(False, _bool, "wrap data and control links in TLS"),
+        "cert": Setting("", _str, "PEM certificate of this daemon"),
+        "key": Setting("", _str, "PEM private key of this daemon"),
+        "ca": Setting("", _str, "PEM CA bundle that peers' certificates must chain to"),
+    },
+}
+
+
+class Config:
+    """Checked settings: ``config.queues.source_memory_limit`` -> bytes."""
+
+    def __init__(self, values: dict[str, dict[str, Any]], source: str = "<defaults>"):
+        self._values = values
+        self.source = source
+        for section, keys in values.items():
+            setattr(self, section, _Section(section, keys))
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {s: dict(k) for s, k in self._values.items()}
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.daemon.state_dir)
+
+    @property
+    def queue_dir(self) -> Path:
+        return Path(self.queues.disk_queue_dir) if self.queues.disk_queue_dir else self.state_dir / "queues"
+
+
+class _Section:
+    def __init__(self, name, keys):
+        self._name = name
+        self.__dict__.update(keys)
+
+    def __repr__(self):
+        items = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if not k.startswith("_"))
+        return f"[{self._name}] {items}"
+
+
+def from_mapping(data: dict, source: str = "<mapping>") -> Config:
+    """Check a parsed TOML mapping against SCHEMA and fill in defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a table of sections")
+    unknown = sorted(set(data) - set(SCHEMA))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section [{unknown[0]}]; known: {', '.join(SCHEMA)}")
+    values = {}
+    for section, settings in SCHEMA.items():
+        given = data.get(section, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table, got {given!r}")
+        bad = sorted(set(given) - set(settings))
+        if bad:
+            raise ConfigError(f"{source}: unknown key {section}.{bad[0]}; known: {', '.join(settings)}")
+        values[section] = {}
+        for key, setting in settings.items():
+            raw = given.get(key, setting.default)
+            values[section][key] = setting.check(raw, f"{source}: {section}.{key}")
+    tls = values["tls"]
+    if tls["enabled"] and not (tls["cert"] and tls["key"]):
+        raise ConfigError(f"{source}: tls.enabled needs tls.cert and tls.key")
+    return Config(values, source)
+
+
+def load(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Config:
+    """Load a TOML file (None = defaults only), then apply ``overrides``
+    (``{"daemon": {"listen": ...}}``, from command-line flags)."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    for section, keys in (overrides or {}).items():
+        data.setdefault(section, {}).update({k: v for k, v in keys.items() if v is not None})
+    return from_mapping(data, source)
+
+
+def defaults_toml() -> str:
+    """The default configuration as commented TOML."""
+    lines = ["# smirror daemon configuration; every key is optional, shown with its default."]
+    for section, settings in SCHEMA.items():
+        lines.append(f"\n[{section}]")
+        for key, setting in settings.items():
+            lines.append(f"# {setting.doc}")
+            lines.append(f"{key} = {_toml_value(setting.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
