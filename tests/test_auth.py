@@ -33,7 +33,7 @@ def test_password_never_stored_in_clear(store):
     # same password, different salt -> different hash
     store.add("bob", "admin", "correct horse")
     users = json.loads(store.path.read_text())["users"]
-    assert users["alice"]["hash"] != users["bob"]["hash"]
+    assert users["alice"]["stored_key"] != users["bob"]["stored_key"]
 
 
 def test_wrong_password_and_unknown_user_same_message(store):
@@ -102,3 +102,40 @@ def test_concurrent_adds_keep_every_user(store):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert len(store.list()) == 4
+
+
+def test_challenge_response_login_never_sends_the_password(store):
+    store.add("alice", "admin", "correct horse")
+    salt, params = store.challenge("alice")
+    auth_message = b"client-nonce,server-nonce,alice"
+    proof, expect_server = auth.client_proof("correct horse", salt, params, auth_message)
+    assert b"correct horse" not in proof
+    user, server_sig = store.verify_proof("alice", auth_message, proof)
+    assert user.role == "admin"
+    assert server_sig == expect_server          # the client can check the server too
+    # a proof is bound to its auth message (no replay with another nonce)
+    with pytest.raises(AuthError):
+        store.verify_proof("alice", b"client-nonce,other-nonce,alice", proof)
+    bad, _ = auth.client_proof("wrong horse", salt, params, auth_message)
+    with pytest.raises(AuthError, match="login failed"):
+        store.verify_proof("alice", auth_message, bad)
+    with pytest.raises(AuthError):
+        store.verify_proof("alice", auth_message, proof[:5])
+
+
+def test_stored_record_does_not_let_anyone_log_in(store):
+    """Whoever reads users.json learns stored_key and server_key; sending
+    stored_key-derived values as proof must fail."""
+    store.add("alice", "admin", "correct horse")
+    record = json.loads(store.path.read_text())["users"]["alice"]
+    msg = b"n1,n2,alice"
+    for guess in (bytes.fromhex(record["stored_key"]), bytes.fromhex(record["server_key"])):
+        with pytest.raises(AuthError):
+            store.verify_proof("alice", msg, guess)
+
+
+def test_unknown_user_challenge_is_stable_and_plausible(store):
+    s1, p1 = store.challenge("ghost")
+    s2, p2 = store.challenge("ghost")
+    assert s1 == s2 and len(s1) == 16 and p1 == p2
+    assert store.challenge("other")[0] != s1

@@ -22,19 +22,57 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 _MIN_PASSWORD = 8
 
 
+def _salted(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p,
+                          maxmem=256 * 1024 * 1024, dklen=32)
+
+
+def _hmac(key: bytes, msg: bytes) -> bytes:
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
 def hash_password(password: str, *, salt: bytes | None = None,
                   n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> dict:
-    """A storable record: ``{"scrypt": [n, r, p], "salt": hex, "hash": hex}``."""
+    """A storable record (SCRAM-style, RFC 5802 with scrypt as the KDF):
+    ``{"scrypt": [n, r, p], "salt", "stored_key", "server_key"}`` in hex.
+    Neither key lets anyone log in: a login proves knowledge of ClientKey,
+    of which only its hash (stored_key) is kept."""
     salt = salt if salt is not None else secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32)
-    return {"scrypt": [n, r, p], "salt": salt.hex(), "hash": digest.hex()}
+    salted = _salted(password, salt, n, r, p)
+    client_key = _hmac(salted, b"Client Key")
+    return {"scrypt": [n, r, p], "salt": salt.hex(),
+            "stored_key": hashlib.sha256(client_key).hexdigest(),
+            "server_key": _hmac(salted, b"Server Key").hex()}
 
 
 def check_password(password: str, record: dict) -> bool:
     n, r, p = record["scrypt"]
-    digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(record["salt"]),
-                            n=n, r=r, p=p, dklen=32)
-    return hmac.compare_digest(digest.hex(), record["hash"])
+    salted = _salted(password, bytes.fromhex(record["salt"]), n, r, p)
+    client_key = _hmac(salted, b"Client Key")
+    return hmac.compare_digest(hashlib.sha256(client_key).hexdigest(), record["stored_key"])
+
+
+# -- challenge-response login over a link: the password never crosses it ----
+
+def client_proof(password: str, salt: bytes, params, auth_message: bytes) -> tuple[bytes, bytes]:
+    """Client side: (proof to send, server signature to expect back)."""
+    n, r, p = params
+    salted = _salted(password, salt, n, r, p)
+    client_key = _hmac(salted, b"Client Key")
+    stored_key = hashlib.sha256(client_key).digest()
+    proof = bytes(a ^ b for a, b in zip(client_key, _hmac(stored_key, auth_message)))
+    return proof, _hmac(_hmac(salted, b"Server Key"), auth_message)
+
+
+def server_check(record: dict, auth_message: bytes, proof: bytes) -> bytes | None:
+    """Server side: the server signature if ``proof`` is right, else None."""
+    stored_key = bytes.fromhex(record["stored_key"])
+    if len(proof) != len(stored_key):
+        return None
+    client_key = bytes(a ^ b for a, b in zip(proof, _hmac(stored_key, auth_message)))
+    if not hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key):
+        return None
+    return _hmac(bytes.fromhex(record["server_key"]), auth_message)
 
 
 def check_role(role: str) -> str:
@@ -126,7 +164,25 @@ class UserStore:
         return User(name, record["role"])
 
 
+    def challenge(self, name: str) -> tuple[bytes, list]:
+        """(salt, scrypt params) for a login of ``name``. An unknown user gets
+        a stable made-up salt, so a peer cannot tell which users exist."""
+        record = self._read().get(name)
+        if record is None:
+            return _hmac(_FAKE_SALT_KEY, name.encode())[:16], [SCRYPT_N, SCRYPT_R, SCRYPT_P]
+        return bytes.fromhex(record["salt"]), list(record["scrypt"])
+
+    def verify_proof(self, name: str, auth_message: bytes, proof: bytes) -> tuple[User, bytes]:
+        """(user, server signature) when ``proof`` is right; AuthError otherwise."""
+        record = self._read().get(name)
+        signature = server_check(record, auth_message, proof) if record else None
+        if signature is None:
+            raise AuthError(f"login failed for user {name!r}: unknown user or wrong password")
+        return User(name, record["role"]), signature
+
+
 _DUMMY = hash_password("not-a-password", salt=b"\0" * 16)
+_FAKE_SALT_KEY = secrets.token_bytes(32)
 
 
 class LoginThrottle:
