@@ -51,3 +51,12 @@ class MirrorError(SmirrorError):
 class AuthError(SmirrorError, PermissionError):
     """A login failed (unknown user or wrong password), or a user's role does
     not allow the request. Never carries the password."""
+
+
+class ConfinementError(SmirrorError, ValueError):
+    """A path would reach outside its root: absolute, ``..``, an empty or
+    NUL-containing name, or a symlink on the way. ``path`` names it."""
+
+    def __init__(self, message, path=None):
+        self.path = path
+        super().__init__(message)
