@@ -1,0 +1,242 @@
+"""The link protocol over real TCP sockets on 127.0.0.1."""
+import json
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+from smirror import auth, wire
+from smirror.errors import AuthError
+from smirror.wire import Link, MsgType, ProtocolError, LinkClosed
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = auth.UserStore(tmp_path / "users.json")
+    s.add("admin", "admin", "admin-password")
+    s.add("watcher", "monitor", "monitor-password")
+    return s
+
+
+class Server:
+    """A listening socket on 127.0.0.1 that runs ``handler(link)`` for each
+    accepted connection in a thread and keeps what it returned or raised."""
+
+    def __init__(self, handler, tls=None):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.handler, self.tls = handler, tls
+        self.results = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                if self.tls:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                with Link(conn) as link:
+                    self.results.append(self.handler(link))
+            except Exception as exc:  # kept for the test to look at
+                self.results.append(exc)
+
+    def wait(self, n, timeout=5.0):
+        """Until ``n`` connections were handled."""
+        deadline = time.monotonic() + timeout
+        while len(self.results) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.results) >= n, self.results
+        return self.results
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def server_factory():
+    servers = []
+
+    def make(handler, tls=None):
+        servers.append(Server(handler, tls))
+        return servers[-1]
+    yield make
+    for s in servers:
+        s.close()
+
+
+def test_header_layout_is_pinned():
+    assert wire.HEADER.pack(wire.MAGIC, MsgType.FRAME, 0, 5) == b"SM\x08\x00\x05\x00\x00\x00"
+
+
+def test_messages_round_trip_small_and_large(server_factory):
+    def echo(link):
+        while True:
+            try:
+                mtype, payload = link.recv()
+            except LinkClosed:
+                return "closed"
+            link.send(mtype, payload)
+    srv = server_factory(echo)
+    with wire.connect("127.0.0.1", srv.port) as link:
+        for size in (0, 1, 100, 70_000, 3 << 20):
+            data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+            link.send(MsgType.FRAME, data)
+            mtype, got = link.recv()
+            assert mtype == MsgType.FRAME and bytes(got) == data
+        link.send_json(MsgType.REQUEST, {"verb": "status", "name": "caf\u00e9"})
+        assert link.recv_json(MsgType.REQUEST)[1] == {"verb": "status", "name": "caf\u00e9"}
+
+
+def test_login_success_gives_role(server_factory, store):
+    srv = server_factory(lambda link: wire.accept_login(link, store))
+    with wire.connect("127.0.0.1", srv.port) as link:
+        user = wire.login(link, "watcher", "monitor-password")
+    assert user == auth.User("watcher", "monitor")
+    srv.wait(1)
+    assert srv.results[0] == (auth.User("watcher", "monitor"), "control")
+
+
+def test_wrong_password_is_refused_with_growing_delay(server_factory, store):
+    throttle = auth.LoginThrottle(first_delay=0.05, max_delay=1.0)
+    srv = server_factory(lambda link: wire.accept_login(link, store, throttle))
+    for expected_delay in (0.05, 0.1, 0.2):
+        t0 = time.monotonic()
+        with wire.connect("127.0.0.1", srv.port) as link:
+            with pytest.raises(AuthError, match="login failed for user 'admin'"):
+                wire.login(link, "admin", "not-the-password")
+        assert time.monotonic() - t0 >= expected_delay
+    assert throttle.delay("admin@127.0.0.1") == 0.2
+    with wire.connect("127.0.0.1", srv.port) as link:
+        assert wire.login(link, "admin", "admin-password").role == "admin"
+    assert throttle.delay("admin@127.0.0.1") == 0
+
+
+def test_impostor_server_is_detected(server_factory, store, tmp_path):
+    """A server that does not know the user's keys cannot fake WELCOME."""
+    other = auth.UserStore(tmp_path / "other.json")
+    other.add("admin", "admin", "some-other-password")
+
+    def impostor(link):
+        _, hello = link.recv_json(MsgType.HELLO)
+        salt, params = store.challenge("admin")     # it may even know the salt
+        link.send_json(MsgType.CHALLENGE, {"salt": salt.hex(), "params": params, "nonce": "n"})
+        link.recv_json(MsgType.PROOF)
+        link.send_json(MsgType.WELCOME, {"role": "admin", "server_signature": "00" * 32})
+    srv = server_factory(impostor)
+    with wire.connect("127.0.0.1", srv.port) as link:
+        with pytest.raises(ProtocolError, match="could not prove"):
+            wire.login(link, "admin", "admin-password")
+
+
+def test_not_our_protocol(server_factory):
+    srv = server_factory(lambda link: link.recv())
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    srv.wait(1)
+    assert isinstance(srv.results[0], ProtocolError)
+    assert "not speaking the smirror protocol" in str(srv.results[0])
+
+
+def test_oversized_announcement_is_refused_without_allocating(server_factory):
+    srv = server_factory(lambda link: link.recv())
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(wire.HEADER.pack(wire.MAGIC, MsgType.FRAME, 0, 0xFFFFFFF0))
+    srv.wait(1)
+    assert "over the" in str(srv.results[0]) and "limit" in str(srv.results[0])
+
+
+def test_torn_message_and_unknown_type(server_factory):
+    srv = server_factory(lambda link: link.recv())
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(wire.HEADER.pack(wire.MAGIC, MsgType.FRAME, 0, 100) + b"x" * 10)
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(wire.HEADER.pack(wire.MAGIC, 200, 0, 0))
+    srv.wait(2)
+    assert isinstance(srv.results[0], LinkClosed) and "10 of 100 bytes" in str(srv.results[0])
+    assert "unknown message type 200" in str(srv.results[1])
+
+
+def test_bad_json_and_wrong_message_type(server_factory, store):
+    srv = server_factory(lambda link: wire.accept_login(link, store))
+    with wire.connect("127.0.0.1", srv.port) as link:
+        link.send(MsgType.HELLO, b"\xff not json")
+    with wire.connect("127.0.0.1", srv.port) as link:
+        link.send_json(MsgType.PROOF, {"proof": "00"})
+    srv.wait(2)
+    assert "not a JSON object" in str(srv.results[0])
+    assert "sent PROOF, expected HELLO" in str(srv.results[1])
+
+
+def test_connect_error_names_the_address():
+    s = socket.create_server(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(ProtocolError, match=f"cannot connect to 127.0.0.1:{port}"):
+        wire.connect("127.0.0.1", port, timeout=2)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tls")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-days", "2", "-subj", "/CN=smirror test CA")
+    for name in ("daemon", "rogue"):
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"), "-subj", "/CN=localhost")
+        ext = d / "ext.cnf"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        if name == "daemon":
+            run("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
+                "-CAcreateserial", "-out", str(d / f"{name}.pem"), "-days", "2", "-extfile", str(ext))
+        else:   # self-signed, not from our CA
+            run("x509", "-req", "-in", str(d / f"{name}.csr"), "-signkey", str(d / f"{name}.key"),
+                "-out", str(d / f"{name}.pem"), "-days", "2", "-extfile", str(ext))
+    return d
+
+
+def test_tls_login_and_data(server_factory, store, certs):
+    ctx = wire.server_tls_context(str(certs / "daemon.pem"), str(certs / "daemon.key"), str(certs / "ca.pem"))
+
+    def handler(link):
+        user, purpose = wire.accept_login(link, store)
+        mtype, payload = link.recv()
+        return link.sock.version(), purpose, bytes(payload)
+    srv = server_factory(handler, tls=ctx)
+    client = wire.client_tls_context(str(certs / "ca.pem"), str(certs / "daemon.pem"), str(certs / "daemon.key"))
+    with wire.connect("127.0.0.1", srv.port, tls=client) as link:
+        assert isinstance(link.sock, ssl.SSLSocket)
+        wire.login(link, "admin", "admin-password", purpose="data")
+        link.send(MsgType.FRAME, b"frame bytes")
+    srv.wait(1)
+    version, purpose, data = srv.results[0]
+    assert version in ("TLSv1.2", "TLSv1.3") and purpose == "data" and data == b"frame bytes"
+
+
+def test_tls_refuses_a_server_with_an_unknown_certificate(server_factory, certs):
+    rogue = wire.server_tls_context(str(certs / "rogue.pem"), str(certs / "rogue.key"))
+    srv = server_factory(lambda link: link.recv(), tls=rogue)
+    client = wire.client_tls_context(str(certs / "ca.pem"))
+    with pytest.raises(ProtocolError, match="TLS with 127.0.0.1"):
+        wire.connect("127.0.0.1", srv.port, tls=client)
+
+
+def test_tls_refuses_a_client_without_certificate(server_factory, certs):
+    ctx = wire.server_tls_context(str(certs / "daemon.pem"), str(certs / "daemon.key"), str(certs / "ca.pem"))
+    srv = server_factory(lambda link: link.recv(), tls=ctx)
+    client = wire.client_tls_context(str(certs / "ca.pem"))
+    with pytest.raises((ProtocolError, ssl.SSLError, ConnectionError)):
+        with wire.connect("127.0.0.1", srv.port, tls=client) as link:
+            link.send(MsgType.FRAME, b"x")     # TLS 1.3: the refusal arrives on first use
+            link.recv()
+    srv.wait(1)
+    assert srv.results and isinstance(srv.results[0], (ssl.SSLError, OSError))
