@@ -1,0 +1,299 @@
+"""Recursive inotify watcher: turns the kernel's per-directory events into
+tree events with paths relative to the watched root.
+
+* new directories are watched as they appear, and what was created in them
+  before the watch existed is reported by a scan (no lost files);
+* a rename inside the tree stays one MOVED event (IN_MOVED_FROM/TO paired by
+  cookie), a rename out of the tree is a DELETED, into it a CREATED;
+* a queue overflow, a failed watch (the per-user watch limit) or a watch
+  lost on an unmounted directory is a RESCAN event naming the subtree that
+  may have changed unseen: the capture layer runs a checksum difference
+  mirror of it, so nothing is lost silently.
+
+inotify is reached through ctypes: it is three libc calls, not worth a
+dependency.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import select
+import struct
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.inotify_init1.argtypes = [ctypes.c_int]
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+
+IN_ACCESS, IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x1, 0x2, 0x4, 0x8
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF = 0x400, 0x800
+IN_UNMOUNT, IN_Q_OVERFLOW, IN_IGNORED = 0x2000, 0x4000, 0x8000
+IN_ONLYDIR, IN_DONT_FOLLOW, IN_EXCL_UNLINK, IN_ISDIR = 0x01000000, 0x02000000, 0x04000000, 0x40000000
+IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+
+WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
+              | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
+              | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
+_EVENT = struct.Struct("iIII")
+# how long an IN_MOVED_FROM waits for its IN_MOVED_TO before it counts as a
+# move out of the tree; the kernel queues the pair back to back, so this
+# only matters when a read splits them
+MOVE_PAIR_WAIT = 0.02
+
+
+class Kind(Enum):
+    CREATED = "created"      # path appeared (file, dir, symlink, ...); is_dir says which
+    MODIFIED = "modified"    # file content written
+    CLOSED = "closed"        # a writer closed the file: a good moment to diff it
+    ATTRIB = "attrib"        # mode, owner, times, xattrs or link count changed
+    DELETED = "deleted"      # path removed (or moved out of the tree)
+    MOVED = "moved"          # path -> new_path, both inside the tree
+    RESCAN = "rescan"        # events may have been lost under path ("" = whole tree)
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: Kind
+    path: bytes              # relative to the root, b"" is the root itself
+    is_dir: bool = False
+    new_path: bytes | None = None
+    reason: str = ""         # for RESCAN: why
+
+
+class WatchError(OSError):
+    pass
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return name if not parent else parent + b"/" + name
+
+
+class Watcher:
+    """Watches ``root`` recursively. ``read(timeout)`` returns the events that
+    are ready (an empty list after ``timeout`` seconds without any)."""
+
+    def __init__(self, root, *, exclude=None, buffer_size: int = 1 << 20):
+        self.root = os.fsencode(os.path.abspath(root))
+        self.exclude = exclude           # callable(relpath: bytes, is_dir) -> bool
+        self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self.fd < 0:
+            e = ctypes.get_errno()
+            raise WatchError(e, f"inotify_init1 failed: {os.strerror(e)} "
+                                "(too many inotify instances? see fs.inotify.max_user_instances)")
+        self._buf = bytearray(buffer_size)
+        self._wd_path: dict[int, bytes] = {}
+        self._path_wd: dict[bytes, int] = {}
+        self._pending_from: dict[int, tuple[bytes, bool, float]] = {}  # cookie -> (path, is_dir, t)
+        self._out: list[Event] = []
+        self.watch_failures = 0
+        self.overflows = 0
+        self._watch_tree(b"")
+
+    # -- watches -----------------------------------------------------------
+    @property
+    def watched_dirs(self) -> int:
+        return len(self._wd_path)
+
+    def _abs(self, rel: bytes) -> bytes:
+        return self.root if not rel else self.root + b"/" + rel
+
+    def _add_watch(self, rel: bytes) -> bool:
+        wd = _libc.inotify_add_watch(self.fd, self._abs(rel), WATCH_MASK)
+        if wd < 0:
+            e = ctypes.get_errno()
+            if e in (errno.ENOENT, errno.ENOTDIR):
+                return False                      # gone (or replaced) meanwhile: its DELETE follows
+            self.watch_failures += 1
+            why = ("inotify watch limit reached (raise fs.inotify.max_user_watches)"
+                   if e == errno.ENOSPC else f"inotify_add_watch failed: {os.strerror(e)}")
+            self._out.append(Event(Kind.RESCAN, rel, True, reason=why))
+            return False
+        old = self._wd_path.get(wd)
+        if old is not None and old != rel:        # same inode seen again under a new name
+            self._path_wd.pop(old, None)
+        self._wd_path[wd] = rel
+        self._path_wd[rel] = wd
+        return True
+
+    def _watch_tree(self, rel: bytes, report: bool = False) -> None:
+        """Watch ``rel`` and every directory below it; with ``report``, emit
+        CREATED for everything found (it appeared before the watch did)."""
+        stack = [rel]
+        while stack:
+            d = stack.pop()
+            if not self._add_watch(d):
+                continue
+            try:
+                with os.scandir(self._abs(d)) as it:
+                    entries = list(it)
+            except OSError:
+                continue
+            for entry in entries:
+                child = _join(d, entry.name)
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    continue
+                if self.exclude is not None and self.exclude(child, is_dir):
+                    continue
+                if report:
+                    self._out.append(Event(Kind.CREATED, child, is_dir))
+                if is_dir:
+                    stack.append(child)
+
+    def _forget_tree(self, rel: bytes) -> None:
+        prefix = rel + b"/"
+        for path in [p for p in self._path_wd if p == rel or p.startswith(prefix)]:
+            self._wd_path.pop(self._path_wd.pop(path), None)
+
+    def _rename_tree(self, old: bytes, new: bytes) -> None:
+        prefix = old + b"/"
+        for path in [p for p in self._path_wd if p == old or p.startswith(prefix)]:
+            wd = self._path_wd.pop(path)
+            moved = new + path[len(old):]
+            self._path_wd[moved] = wd
+            self._wd_path[wd] = moved
+
+    # -- events ------------------------------------------------------------
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self, timeout: float | None = None) -> list[Event]:
+        """Events ready now, waiting up to ``timeout`` seconds (None: forever)
+        for the first. A rename half waiting for its pair is not returned
+        until it is paired or has waited MOVE_PAIR_WAIT."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._out:
+            now = time.monotonic()
+            wait = None if deadline is None else max(0.0, deadline - now)
+            if self._pending_from:
+                oldest = min(t for _, _, t in self._pending_from.values())
+                pair_wait = max(0.0, oldest + MOVE_PAIR_WAIT - now)
+                wait = pair_wait if wait is None else min(wait, pair_wait)
+            ready, _, _ = select.select([self.fd], [], [], wait)
+            if ready:
+                self._drain()
+            self._expire_moves()
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        out, self._out = self._out, []
+        return out
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                n = os.readv(self.fd, [self._buf])
+            except BlockingIOError:
+                return
+            self._parse(memoryview(self._buf)[:n])
+            if n < len(self._buf) // 2:
+                return
+
+    def _parse(self, data: memoryview) -> None:
+        pos = 0
+        while pos + _EVENT.size <= len(data):
+            wd, mask, cookie, length = _EVENT.unpack_from(data, pos)
+            name = bytes(data[pos + _EVENT.size: pos + _EVENT.size + length]).rstrip(b"\0")
+            pos += _EVENT.size + length
+            self._handle(wd, mask, cookie, name)
+
+    def _handle(self, wd: int, mask: int, cookie: int, name: bytes) -> None:
+        if mask & IN_Q_OVERFLOW:
+            self.overflows += 1
+            self._pending_from.clear()
+            self._out.append(Event(Kind.RESCAN, b"", True, reason="inotify event queue overflowed"))
+            return
+        if self._pending_from and not mask & IN_MOVED_TO:
+            # the kernel queues a rename's two halves back to back: anything
+            # else in between means the FROM had no TO (moved out of the tree)
+            self._expire_moves(force=True)
+        parent = self._wd_path.get(wd)
+        if parent is None:
+            return                              # a watch we dropped already
+        if mask & IN_IGNORED:
+            if self._path_wd.get(parent) == wd:
+                self._path_wd.pop(parent, None)
+            self._wd_path.pop(wd, None)
+            return
+        if mask & (IN_DELETE_SELF | IN_MOVE_SELF) and not name:
+            if parent == b"" and mask & IN_DELETE_SELF:
+                self._out.append(Event(Kind.RESCAN, b"", True, reason="the watched root was deleted"))
+            return                              # the parent's event names the change
+        if mask & IN_UNMOUNT:
+            self._out.append(Event(Kind.RESCAN, parent, True, reason="filesystem unmounted"))
+            return
+        is_dir = bool(mask & IN_ISDIR)
+        path = _join(parent, name)
+        if self.exclude is not None and name and self.exclude(path, is_dir):
+            # a rename from an excluded name into the set still counts below
+            if not mask & (IN_MOVED_FROM | IN_MOVED_TO):
+                return
+        if mask & IN_MOVED_FROM:
+            self._pending_from[cookie] = (path, is_dir, time.monotonic())
+            return
+        if mask & IN_MOVED_TO:
+            src = self._pending_from.pop(cookie, None)
+            excluded_new = self.exclude is not None and self.exclude(path, is_dir)
+            if src is None:                     # moved in from outside the tree
+                if not excluded_new:
+                    self._created(path, is_dir)
+                return
+            old, _, _ = src
+            excluded_old = self.exclude is not None and self.exclude(old, is_dir)
+            if excluded_old and excluded_new:
+                return
+            if excluded_old:
+                self._created(path, is_dir)
+            elif excluded_new:
+                self._deleted(old, is_dir)
+            else:
+                if is_dir:
+                    self._rename_tree(old, path)
+                self._out.append(Event(Kind.MOVED, old, is_dir, new_path=path))
+            return
+        if mask & IN_CREATE:
+            self._created(path, is_dir)
+        elif mask & IN_DELETE:
+            self._deleted(path, is_dir)
+        elif mask & IN_CLOSE_WRITE:
+            self._out.append(Event(Kind.CLOSED, path, is_dir))
+        elif mask & IN_MODIFY:
+            self._out.append(Event(Kind.MODIFIED, path, is_dir))
+        elif mask & IN_ATTRIB:
+            self._out.append(Event(Kind.ATTRIB, path, is_dir))
+
+    def _created(self, path: bytes, is_dir: bool) -> None:
+        self._out.append(Event(Kind.CREATED, path, is_dir))
+        if is_dir:
+            self._watch_tree(path, report=True)
+
+    def _deleted(self, path: bytes, is_dir: bool) -> None:
+        if is_dir:
+            self._forget_tree(path)
+        self._out.append(Event(Kind.DELETED, path, is_dir))
+
+    def _expire_moves(self, force: bool = False) -> None:
+        """An IN_MOVED_FROM without its pair is a move out of the tree."""
+        now = time.monotonic()
+        for cookie, (path, is_dir, t) in list(self._pending_from.items()):
+            if force or now - t >= MOVE_PAIR_WAIT:
+                del self._pending_from[cookie]
+                if not (self.exclude is not None and self.exclude(path, is_dir)):
+                    self._deleted(path, is_dir)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
