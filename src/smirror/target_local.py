@@ -1,0 +1,591 @@
+"""The target side of a mirror: the small interface the planner talks to, and
+its implementation on a local directory.
+
+The planner (:mod:`smirror.mirror`) never touches target paths itself; it asks
+a :class:`TargetSide` for a listing and block signatures and tells it what to
+write. A remote target daemon implements the same methods behind the wire
+protocol; :class:`LocalTarget` does it on a directory of this machine.
+
+Confinement: every relative path that reaches a LocalTarget is checked before
+use - no absolute path, no ``.``/``..`` or empty component, no NUL - and every
+directory on the way to it is checked (once, then cached) to be a real
+directory, not a symlink, so no operation can leave the root. Final
+components are never followed (O_NOFOLLOW, rename, lchown, lutimes).
+
+Whole-file writes go to a hidden temporary file (``.smirror-tmp-*``) in the
+destination directory and are renamed over the final name only once complete
+and checked, so a killed mirror never leaves a half-written file under its
+final name; the next scan removes stale temporaries.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import threading
+import time
+
+from .errors import ConfinementError, MirrorError
+from .tree import (DIR, FILE, SPECIAL, SYMLINK, TEMP_PREFIX, Entry, entry_from_stat,
+                   scan)
+
+_COPY_CHUNK = 64 << 20        # progress granularity of kernel-side copies
+_IO_CHUNK = 8 << 20           # read buffer for signatures and pread/pwrite copies
+_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL,
+                    errno.EBADF, errno.ETXTBSY}
+
+_tls = threading.local()
+
+
+def io_buffer(size: int = _IO_CHUNK) -> bytearray:
+    """A per-thread buffer reused across files: freed memory costs page faults
+    when touched again, so hot paths never allocate per file."""
+    buf = getattr(_tls, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _tls.buf = bytearray(size)
+    return buf
+
+
+def read_full(fd: int, view: memoryview, offset: int) -> int:
+    """pread into ``view`` until full or end of file; returns bytes read."""
+    got = 0
+    want = len(view)
+    while got < want:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def fd_signature(fd: int, length: int, block_size: int, weak: bool):
+    """Block signature of the first ``length`` bytes of an open file, read
+    with large preads into one reused buffer (the kernel hashes each buffer
+    with the GIL released, so two threads hash on two cores). Raises
+    MirrorError if the file is shorter than ``length`` (it changed)."""
+    from . import checksum
+    import numpy as np
+    if length == 0:
+        return checksum.signature(b"", block_size, weak)
+    chunk = max(block_size, (_IO_CHUNK // block_size) * block_size)
+    buf = memoryview(io_buffer(chunk))
+    strongs, weaks = [], []
+    off = 0
+    while off < length:
+        want = min(chunk, length - off)
+        got = read_full(fd, buf[:want], off)
+        if got != want:
+            raise MirrorError(f"file shrank while being read (expected {length} bytes, "
+                              f"got {off + got})")
+        part = checksum.signature(buf[:want], block_size, weak)
+        strongs.append(part.strong)
+        if weak:
+            weaks.append(part.weak)
+        off += want
+    if len(strongs) == 1:
+        strong = strongs[0]
+        weak_arr = weaks[0] if weak else None
+    else:
+        strong = np.concatenate(strongs)
+        weak_arr = np.concatenate(weaks) if weak else None
+    return checksum.Signature(block_size, length, strong, weak_arr)
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, out_offset: int,
+               progress=None) -> int:
+    """Copy ``length`` bytes kernel-side (copy_file_range), falling back to
+    pread/pwrite where the kernel or filesystem cannot. Returns bytes copied
+    (less than asked only if the source ended early)."""
+    done = 0
+    use_kernel = getattr(_tls, "copy_file_range_ok", True)
+    while done < length:
+        n = min(_COPY_CHUNK, length - done)
+        if use_kernel:
+            try:
+                got = os.copy_file_range(src_fd, dst_fd, n, offset + done, out_offset + done)
+            except OSError as exc:
+                if exc.errno not in _FALLBACK_ERRNOS:
+                    raise
+                use_kernel = _tls.copy_file_range_ok = False
+                continue
+        else:
+            buf = memoryview(io_buffer())[:min(n, _IO_CHUNK)]
+            got = read_full(src_fd, buf, offset + done)
+            if got:
+                _pwrite_all(dst_fd, buf[:got], out_offset + done)
+        if got == 0:
+            break
+        done += got
+        if progress is not None:
+            progress(got)
+    return done
+
+
+def copy_data_extents(src_fd: int, dst_fd: int, size: int, progress=None) -> int:
+    """Copy the data extents of the first ``size`` bytes of ``src_fd`` to the
+    same offsets of ``dst_fd`` (SEEK_DATA/SEEK_HOLE), so holes stay holes.
+    The caller truncates ``dst_fd`` to ``size``. Returns bytes copied."""
+    copied = 0
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(src_fd, off, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:      # only a hole (or EOF) remains
+                break
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            data, end = off, size             # no hole support: copy it all
+        else:
+            if data >= size:
+                break
+            end = min(os.lseek(src_fd, data, os.SEEK_HOLE), size)
+        got = copy_range(src_fd, dst_fd, data, end - data, data, progress)
+        copied += got
+        if got < end - data:
+            break                             # source shrank; caller notices
+        off = end
+    return copied
+
+
+def _pwrite_all(fd: int, data, offset: int) -> int:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
+def xattr_filter():
+    """Which xattr names to replicate: everything but system.* (ACLs) as
+    root, only user.* otherwise (the kernel refuses the rest anyway)."""
+    if os.geteuid() == 0:
+        return lambda name: not name.startswith("system.")
+    return lambda name: name.startswith("user.")
+
+
+def read_xattrs(target, wanted) -> dict:
+    """xattrs of an fd or path (not followed) as {name: value}; {} where the
+    filesystem has none or does not support them."""
+    follow = isinstance(target, int)
+    try:
+        names = os.listxattr(target) if follow else os.listxattr(target, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            return {}
+        raise
+    if not names:
+        return {}
+    out = {}
+    for name in names:
+        if not wanted(name):
+            continue
+        try:
+            out[name] = (os.getxattr(target, name) if follow
+                         else os.getxattr(target, name, follow_symlinks=False))
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:    # removed meanwhile
+                raise
+    return out
+
+
+class TargetSide:
+    """What a mirror needs from the side it writes to. Paths are relative
+    ``bytes`` (b"" is the root); entries are :class:`smirror.tree.Entry`.
+
+    Reading: ``scan``, ``lstat``, ``signature``, ``xattrs``.
+    Writing: ``create_temp`` (whole file, renamed into place on commit),
+    ``open_inplace`` (aligned block writes into an existing file),
+    ``mkdir``, ``symlink``, ``link``, ``mknod``, ``set_meta``, ``remove``,
+    ``move_orphan``, ``remove_temps``.
+    """
+
+    def scan(self, rules=None, skip=()):
+        raise NotImplementedError
+
+    def lstat(self, rel: bytes):
+        raise NotImplementedError
+
+    def signature(self, rel: bytes, block_size: int, weak: bool):
+        raise NotImplementedError
+
+    def xattrs(self, rel: bytes) -> dict:
+        raise NotImplementedError
+
+    def create_temp(self, rel: bytes):
+        raise NotImplementedError
+
+    def open_inplace(self, rel: bytes):
+        raise NotImplementedError
+
+    def mkdir(self, rel: bytes, entry: Entry):
+        raise NotImplementedError
+
+    def symlink(self, rel: bytes, link: bytes):
+        raise NotImplementedError
+
+    def link(self, rel: bytes, existing: bytes):
+        raise NotImplementedError
+
+    def mknod(self, rel: bytes, entry: Entry):
+        raise NotImplementedError
+
+    def set_meta(self, rel: bytes, entry: Entry, xattrs=None):
+        raise NotImplementedError
+
+    def remove(self, rel: bytes):
+        raise NotImplementedError
+
+    def move_orphan(self, rel: bytes, dest_dir):
+        raise NotImplementedError
+
+    def remove_temps(self, rels):
+        raise NotImplementedError
+
+
+class LocalTarget(TargetSide):
+    """A target directory on this machine.
+
+    ``owner``: set uid/gid (default: when running as root); ``xattrs``:
+    replicate extended attributes; ``fsync``: flush each file before its
+    rename (durable against power loss; a killed process needs no fsync,
+    the page cache keeps what was written).
+    """
+
+    def __init__(self, root, *, owner: bool | None = None, xattrs: bool = True,
+                 fsync: bool = False):
+        self.root = os.fsencode(os.path.abspath(os.fsencode(root)))
+        self.owner = (os.geteuid() == 0) if owner is None else owner
+        self.use_xattrs = xattrs
+        self.fsync = fsync
+        self.wanted_xattr = xattr_filter()
+        self._dirs_ok = {b""}          # directories verified to be real, inside root
+        self._lock = threading.Lock()
+        self.bytes_written = 0         # file data written (pwrite + kernel copies)
+        self._now_ns = time.time_ns()
+
+    # ---------------------------------------------------------- confinement
+
+    def path(self, rel: bytes) -> bytes:
+        """Absolute path of ``rel`` after the confinement checks."""
+        if rel == b"":
+            return self.root
+        if not isinstance(rel, bytes):
+            raise ConfinementError(f"target path must be bytes, got {rel!r}", rel)
+        if rel.startswith(b"/"):
+            raise ConfinementError(f"absolute path {rel!r} refused: target paths are "
+                                   f"relative to {self.root!r}", rel)
+        if b"\0" in rel:
+            raise ConfinementError(f"path {rel!r} contains a NUL byte", rel)
+        parent, _, name = rel.rpartition(b"/")
+        if name in (b"", b".", b".."):
+            raise ConfinementError(f"path {rel!r} has an empty, '.' or '..' component", rel)
+        if parent not in self._dirs_ok:
+            self._verify_dir(parent, rel)
+        return self.root + b"/" + rel
+
+    def _verify_dir(self, parent: bytes, rel: bytes):
+        parts = parent.split(b"/")
+        for part in parts:
+            if part in (b"", b".", b".."):
+                raise ConfinementError(f"path {rel!r} has an empty, '.' or '..' component", rel)
+        prefix = b""
+        for part in parts:
+            prefix = prefix + b"/" + part if prefix else part
+            if prefix in self._dirs_ok:
+                continue
+            try:
+                st = os.lstat(self.root + b"/" + prefix)
+            except FileNotFoundError:
+                return                      # the operation itself will fail
+            if stat.S_ISLNK(st.st_mode):
+                raise ConfinementError(
+                    f"path {rel!r} passes through symlink {prefix!r} in the target: "
+                    f"refused (it could lead outside {self.root!r})", rel)
+            if not stat.S_ISDIR(st.st_mode):
+                raise ConfinementError(f"path {rel!r}: {prefix!r} is not a directory", rel)
+            self._dirs_ok.add(prefix)
+
+    def _forget(self, rel: bytes):
+        """``rel`` was removed or replaced: directories under it are unverified."""
+        start = rel + b"/"
+        self._dirs_ok = {d for d in self._dirs_ok if d != rel and not d.startswith(start)}
+        self._dirs_ok.add(b"")
+
+    def _count(self, n: int):
+        with self._lock:
+            self.bytes_written += n
+
+    # ---------------------------------------------------------- reading
+
+    def scan(self, rules=None, skip=()):
+        return scan(self.root, rules, skip=skip, collect_temps=True)
+
+    def lstat(self, rel: bytes):
+        try:
+            st = os.lstat(self.path(rel))
+        except FileNotFoundError:
+            return None
+        link = os.readlink(self.path(rel)) if stat.S_ISLNK(st.st_mode) else None
+        return entry_from_stat(st, link)
+
+    def signature(self, rel: bytes, block_size: int, weak: bool):
+        fd = os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return fd_signature(fd, os.fstat(fd).st_size, block_size, weak)
+        finally:
+            os.close(fd)
+
+    def xattrs(self, rel: bytes) -> dict:
+        if not self.use_xattrs:
+            return {}
+        return read_xattrs(self.path(rel), self.wanted_xattr)
+
+    # ---------------------------------------------------------- writing
+
+    def _temp_name(self, rel: bytes) -> tuple[bytes, bytes]:
+        parent = rel.rpartition(b"/")[0]
+        name = TEMP_PREFIX + os.urandom(8).hex().encode()
+        trel = parent + b"/" + name if parent else name
+        return trel, self.path(trel)
+
+    def create_temp(self, rel: bytes) -> "TempWriter":
+        final = self.path(rel)
+        trel, tpath = self._temp_name(rel)
+        fd = os.open(tpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        return TempWriter(self, rel, final, tpath, fd)
+
+    def open_inplace(self, rel: bytes) -> "InplaceWriter":
+        fd = os.open(self.path(rel), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise MirrorError(f"{rel!r} on the target is not a regular file")
+        return InplaceWriter(self, rel, fd)
+
+    def mkdir(self, rel: bytes, entry: Entry):
+        # owner-only until set_meta gives the final mode (after its contents)
+        os.mkdir(self.path(rel), 0o700)
+
+    def _replace_with(self, rel: bytes, make):
+        """Create something at a temp name with ``make(temp_path)``, then
+        rename it over ``rel`` (atomic replacement of a file or symlink)."""
+        final = self.path(rel)
+        trel, tpath = self._temp_name(rel)
+        make(tpath)
+        try:
+            os.rename(tpath, final)
+        except BaseException:
+            _unlink_quiet(tpath)
+            raise
+
+    def symlink(self, rel: bytes, link: bytes):
+        self._replace_with(rel, lambda tpath: os.symlink(link, tpath))
+
+    def link(self, rel: bytes, existing: bytes):
+        src = self.path(existing)
+        self._replace_with(rel, lambda tpath: os.link(src, tpath, follow_symlinks=False))
+
+    def mknod(self, rel: bytes, entry: Entry):
+        self._replace_with(rel, lambda tpath: os.mknod(tpath, entry.mode, entry.rdev))
+
+    def set_meta(self, rel: bytes, entry: Entry, xattrs=None):
+        path = self.path(rel)
+        if entry.kind == SYMLINK:
+            if self.owner:
+                os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
+            os.utime(path, ns=(self._now_ns, entry.mtime_ns), follow_symlinks=False)
+            return
+        if entry.kind == SPECIAL:
+            # a fifo or device is never opened (a fifo would block); the path
+            # is confinement-checked and not a symlink (it was just listed)
+            if self.owner:
+                os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
+            os.chmod(path, entry.perm)
+            os.utime(path, ns=(self._now_ns, entry.mtime_ns), follow_symlinks=False)
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self.apply_meta_fd(fd, entry, xattrs)
+        finally:
+            os.close(fd)
+
+    def apply_meta_fd(self, fd: int, entry: Entry, xattrs=None):
+        """Owner, mode, xattrs, then mtime (last: the others change ctime only)."""
+        if self.owner:
+            os.chown(fd, entry.uid, entry.gid)   # before chmod: chown clears setuid
+        os.chmod(fd, entry.perm)
+        if xattrs is not None and self.use_xattrs:
+            self._sync_xattrs(fd, xattrs)
+        os.utime(fd, ns=(self._now_ns, entry.mtime_ns))
+
+    def _sync_xattrs(self, fd: int, wanted: dict):
+        have = read_xattrs(fd, self.wanted_xattr)
+        for name in have.keys() - wanted.keys():
+            os.removexattr(fd, name)
+        for name, value in wanted.items():
+            if have.get(name) != value:
+                try:
+                    os.setxattr(fd, name, value)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                        self.use_xattrs = False   # filesystem has none: stop trying
+                        return
+                    raise
+
+    def remove(self, rel: bytes):
+        path = self.path(rel)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path)         # fd-based on Linux: never follows symlinks
+        else:
+            os.unlink(path)
+        self._forget(rel)
+
+    def move_orphan(self, rel: bytes, dest_dir):
+        """Move ``rel`` to ``dest_dir``/``rel`` (parents created, an older
+        orphan of the same name replaced)."""
+        src = self.path(rel)
+        dest = os.fsencode(dest_dir) + b"/" + rel
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        if os.path.lexists(dest):
+            if os.path.isdir(dest) and not os.path.islink(dest):
+                shutil.rmtree(dest)
+            else:
+                os.unlink(dest)
+        try:
+            os.rename(src, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.move(src, dest)
+        self._forget(rel)
+
+    def remove_temps(self, rels):
+        for rel in rels:
+            if rel.rpartition(b"/")[2].startswith(TEMP_PREFIX):
+                _unlink_quiet(self.path(rel))
+
+
+def _unlink_quiet(path: bytes):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class TempWriter:
+    """A new file being written under a hidden temporary name; ``commit``
+    gives it its metadata and renames it over the final name, ``abort``
+    removes it."""
+
+    def __init__(self, target: LocalTarget, rel: bytes, final: bytes, tpath: bytes, fd: int):
+        self.target = target
+        self.rel = rel
+        self.final = final
+        self.tpath = tpath
+        self.fd = fd
+        self._old_fd = None
+
+    def copy_from(self, src_fd: int, size: int, progress=None) -> int:
+        """Copy a whole source file (its data extents; holes stay holes)."""
+        n = copy_data_extents(src_fd, self.fd, size, progress)
+        os.ftruncate(self.fd, size)
+        self.target._count(n)
+        return n
+
+    def write(self, data, offset: int) -> int:
+        n = _pwrite_all(self.fd, data, offset)
+        self.target._count(n)
+        return n
+
+    def copy_old(self, offset: int, length: int, out_offset: int) -> int:
+        """Copy bytes of the file currently under the final name (a rolling
+        delta's COPY op) into the new file."""
+        if self._old_fd is None:
+            self._old_fd = os.open(self.final, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        n = copy_range(self._old_fd, self.fd, offset, length, out_offset)
+        if n != length:
+            raise MirrorError(f"{self.rel!r} on the target shrank during the update")
+        self.target._count(n)
+        return n
+
+    def truncate(self, size: int):
+        os.ftruncate(self.fd, size)
+
+    def commit(self, entry: Entry, xattrs=None):
+        try:
+            self.target.apply_meta_fd(self.fd, entry, xattrs)
+            if self.target.fsync:
+                os.fsync(self.fd)
+            try:
+                os.rename(self.tpath, self.final)
+            except IsADirectoryError:
+                # the final name became a directory since planning
+                shutil.rmtree(self.final)
+                os.rename(self.tpath, self.final)
+        except BaseException:
+            self.abort()
+            raise
+        self._close()
+
+    def abort(self):
+        self._close()
+        _unlink_quiet(self.tpath)
+
+    def _close(self):
+        for fd in (self.fd, self._old_fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self.fd = -1
+        self._old_fd = None
+
+
+class InplaceWriter:
+    """An existing target file updated in place (aligned block writes)."""
+
+    def __init__(self, target: LocalTarget, rel: bytes, fd: int):
+        self.target = target
+        self.rel = rel
+        self.fd = fd
+
+    def write(self, data, offset: int) -> int:
+        n = _pwrite_all(self.fd, data, offset)
+        self.target._count(n)
+        return n
+
+    def truncate(self, size: int):
+        os.ftruncate(self.fd, size)
+
+    def commit(self, entry: Entry, xattrs=None):
+        try:
+            self.target.apply_meta_fd(self.fd, entry, xattrs)
+            if self.target.fsync:
+                os.fsync(self.fd)
+        finally:
+            self._close()
+
+    def abort(self):
+        """Give up: mark the file stale (mtime 0) so the next quick check
+        does not take a partly updated file for an up-to-date one."""
+        try:
+            if self.fd >= 0:
+                os.utime(self.fd, ns=(0, 0))
+        finally:
+            self._close()
+
+    def _close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+__all__ = ["TargetSide", "LocalTarget", "TempWriter", "InplaceWriter", "fd_signature",
+           "copy_data_extents", "copy_range", "read_xattrs", "xattr_filter",
+           "FILE", "DIR", "SYMLINK", "SPECIAL"]
