@@ -1,0 +1,666 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Block-checksum kernel: weak rolling sums, XXH3-128 block hashes, file
+signatures read with pread, and the rsync-style rolling delta search.
+
+Reference implementation with the same names: ``smirror._checksum_py``.
+
+Weak checksum of bytes b_0..b_{n-1} (no character offset)::
+
+    s1 = sum(b_i)                 mod 2**16
+    s2 = sum((n - i) * b_i)       mod 2**16
+    weak = s1 | (s2 << 16)
+
+It rolls one byte at a time (see ``weak_roll``); computed block-wise it uses
+SIMD: the closed form is evaluated 16/32 bytes at a time with wide lanes.
+"""
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport free, realloc, calloc
+from libc.string cimport memset
+from libc.errno cimport errno, EINTR
+from posix.unistd cimport pread
+from posix.types cimport off_t
+
+import operator
+
+import numpy as np
+
+from .errors import DeltaError
+
+cdef extern from "stdlib.h" nogil:
+    int posix_memalign(void** memptr, size_t alignment, size_t size)
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <stddef.h>
+
+    /* Append n bytes to (s1, s2): the serial form, for short tails. */
+    static inline void sm_weak_serial(const unsigned char* p, size_t n,
+                                      uint32_t* s1p, uint32_t* s2p) {
+        uint32_t s1 = *s1p, s2 = *s2p;
+        for (size_t i = 0; i < n; i++) { s1 += p[i]; s2 += s1; }
+        *s1p = s1; *s2p = s2;
+    }
+
+    #if defined(__x86_64__) || defined(__i386__)
+    #include <immintrin.h>
+
+    static inline uint32_t sm_hsum128(__m128i v) {
+        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
+        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));
+        return (uint32_t)_mm_cvtsi128_si32(v);
+    }
+
+    /* 16-byte chunks. Per chunk: ps += s1 (each earlier chunk weighs 16 more
+       per later chunk), s1 += sad(bytes), s2 += bytes * (16..1). All lanes
+       wrap mod 2**32, which keeps the low 16 bits exact. */
+    static void sm_weak_sse2(const unsigned char* p, size_t n,
+                             uint32_t* s1p, uint32_t* s2p) {
+        size_t chunks = n / 16;
+        if (chunks) {
+            const __m128i zero = _mm_setzero_si128();
+            const __m128i w_lo = _mm_setr_epi16(16, 15, 14, 13, 12, 11, 10, 9);
+            const __m128i w_hi = _mm_setr_epi16(8, 7, 6, 5, 4, 3, 2, 1);
+            __m128i v_s1 = zero, v_ps = zero, v_s2a = zero, v_s2b = zero;
+            for (size_t c = 0; c < chunks; c++) {
+                __m128i v = _mm_loadu_si128((const __m128i*)(p + 16 * c));
+                v_ps = _mm_add_epi32(v_ps, v_s1);
+                v_s1 = _mm_add_epi32(v_s1, _mm_sad_epu8(v, zero));
+                v_s2a = _mm_add_epi32(v_s2a, _mm_madd_epi16(_mm_unpacklo_epi8(v, zero), w_lo));
+                v_s2b = _mm_add_epi32(v_s2b, _mm_madd_epi16(_mm_unpackhi_epi8(v, zero), w_hi));
+            }
+            uint32_t s1 = *s1p;
+            *s2p += (uint32_t)(16 * chunks) * s1 + 16u * sm_hsum128(v_ps)
+                    + sm_hsum128(_mm_add_epi32(v_s2a, v_s2b));
+            *s1p = s1 + sm_hsum128(v_s1);
+        }
+        sm_weak_serial(p + 16 * chunks, n - 16 * chunks, s1p, s2p);
+    }
+
+    /* 32-byte chunks, two independent accumulator sets to hide latency;
+       maddubs(bytes, 32..1) then madd(.., 1) gives the weighted sums. */
+    __attribute__((target("avx2")))
+    static void sm_weak_avx2(const unsigned char* p, size_t n,
+                             uint32_t* s1p, uint32_t* s2p) {
+        size_t pairs = n / 64;
+        if (pairs) {
+            const __m256i zero = _mm256_setzero_si256();
+            const __m256i taps = _mm256_setr_epi8(
+                32, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17,
+                16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1);
+            const __m256i ones = _mm256_set1_epi16(1);
+            __m256i v_s1 = zero, v_ps = zero, v_s2 = zero, v_c0 = zero;
+            for (size_t c = 0; c < pairs; c++) {
+                __m256i a = _mm256_loadu_si256((const __m256i*)(p + 64 * c));
+                __m256i b = _mm256_loadu_si256((const __m256i*)(p + 64 * c + 32));
+                __m256i sad_a = _mm256_sad_epu8(a, zero);
+                /* chunk a precedes chunk b: a's sum weighs 32 more */
+                v_ps = _mm256_add_epi32(v_ps, v_s1);
+                v_c0 = _mm256_add_epi32(v_c0, sad_a);
+                v_s1 = _mm256_add_epi32(v_s1, _mm256_add_epi32(sad_a, _mm256_sad_epu8(b, zero)));
+                v_s2 = _mm256_add_epi32(v_s2, _mm256_madd_epi16(_mm256_maddubs_epi16(a, taps), ones));
+                v_s2 = _mm256_add_epi32(v_s2, _mm256_madd_epi16(_mm256_maddubs_epi16(b, taps), ones));
+            }
+            __m128i ps = _mm_add_epi32(_mm256_castsi256_si128(v_ps), _mm256_extracti128_si256(v_ps, 1));
+            __m128i c0 = _mm_add_epi32(_mm256_castsi256_si128(v_c0), _mm256_extracti128_si256(v_c0, 1));
+            __m128i s2 = _mm_add_epi32(_mm256_castsi256_si128(v_s2), _mm256_extracti128_si256(v_s2, 1));
+            __m128i s1v = _mm_add_epi32(_mm256_castsi256_si128(v_s1), _mm256_extracti128_si256(v_s1, 1));
+            uint32_t s1 = *s1p;
+            /* each pair: earlier pairs' bytes weigh 64 more, chunk a 32 more */
+            *s2p += (uint32_t)(64 * pairs) * s1 + 64u * sm_hsum128(ps)
+                    + 32u * sm_hsum128(c0) + sm_hsum128(s2);
+            *s1p = s1 + sm_hsum128(s1v);
+        }
+        sm_weak_sse2(p + 64 * pairs, n - 64 * pairs, s1p, s2p);
+    }
+
+    static void (*sm_weak_impl)(const unsigned char*, size_t, uint32_t*, uint32_t*) = sm_weak_sse2;
+    static const char* sm_weak_name = "sse2";
+    static void sm_weak_select(void) {
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2")) { sm_weak_impl = sm_weak_avx2; sm_weak_name = "avx2"; }
+    }
+    #else
+    /* portable: closed form with wide accumulators, vectorised by gcc */
+    static void sm_weak_generic(const unsigned char* p, size_t n,
+                                uint32_t* s1p, uint32_t* s2p) {
+        uint32_t a = 0, b = 0;
+        for (size_t i = 0; i < n; i++) { a += p[i]; b += (uint32_t)(n - i) * p[i]; }
+        *s2p += (uint32_t)n * *s1p + b;
+        *s1p += a;
+    }
+    static void (*sm_weak_impl)(const unsigned char*, size_t, uint32_t*, uint32_t*) = sm_weak_generic;
+    static const char* sm_weak_name = "generic";
+    static void sm_weak_select(void) {}
+    #endif
+    """
+    void sm_weak_select() nogil
+    void sm_weak_impl(const unsigned char* p, size_t n, uint32_t* s1, uint32_t* s2) noexcept nogil
+    const char* sm_weak_name
+
+sm_weak_select()
+
+# Signatures of files are read in chunks of this size into one buffer that is
+# kept for the next call (freed memory returned to the host costs ~2.6 us a
+# page to touch again).
+cdef enum:
+    READ_CHUNK = 8 * 1024 * 1024
+    POOL_MAX = 4
+    MIN_TABLE = 16
+
+cdef void* _pool[POOL_MAX]
+cdef int _pool_count = 0
+
+READ_CHUNK_SIZE = READ_CHUNK
+WEAK_SIMD = sm_weak_name.decode()
+
+
+cdef unsigned char* _take_buffer() except NULL:
+    # runs with the GIL held, so the pool needs no other lock
+    global _pool_count
+    cdef void* mem = NULL
+    if _pool_count:
+        _pool_count -= 1
+        return <unsigned char*>_pool[_pool_count]
+    if posix_memalign(&mem, 4096, READ_CHUNK) != 0:
+        raise MemoryError(f"cannot allocate a {READ_CHUNK} B read buffer")
+    return <unsigned char*>mem
+
+
+cdef void _give_buffer(unsigned char* buf) noexcept:
+    global _pool_count
+    if _pool_count < POOL_MAX:
+        _pool[_pool_count] = buf
+        _pool_count += 1
+    else:
+        free(buf)
+
+
+# ---------------------------------------------------------------- C-level API
+
+cdef void weak_append(WeakSums* sums, const unsigned char* data, size_t length) noexcept nogil:
+    sm_weak_impl(data, length, &sums.s1, &sums.s2)
+
+
+cdef inline uint32_t _pack(uint32_t s1, uint32_t s2) noexcept nogil:
+    return (s1 & 0xffff) | (s2 << 16)
+
+
+cdef uint32_t weak_of(const unsigned char* data, size_t length) noexcept nogil:
+    cdef uint32_t s1 = 0, s2 = 0
+    sm_weak_impl(data, length, &s1, &s2)
+    return _pack(s1, s2)
+
+
+cdef XXH128_hash_t strong_of(const unsigned char* data, size_t length) noexcept nogil:
+    return SM_XXH3_128(data, length)
+
+
+cdef void sign_buffer(const unsigned char* data, size_t length, size_t block_size,
+                      uint32_t* weak_out, uint64_t* strong_out) noexcept nogil:
+    cdef size_t off = 0, n, i = 0
+    cdef XXH128_hash_t h
+    while off < length:
+        n = length - off if length - off < block_size else block_size
+        # weak first: the block is then in L1 for the strong hash
+        if weak_out != NULL:
+            weak_out[i] = weak_of(data + off, n)
+        h = SM_XXH3_128(data + off, n)
+        strong_out[2 * i] = h.low64
+        strong_out[2 * i + 1] = h.high64
+        off += n
+        i += 1
+
+
+# ----------------------------------------------------------- argument checks
+
+cdef const unsigned char[::1] _bytes_view(object data, str what) except *:
+    """Any contiguous buffer as bytes, without copying; a clear error otherwise."""
+    cdef const unsigned char[::1] view
+    try:
+        view = data
+        return view
+    except (TypeError, ValueError, BufferError):
+        pass
+    try:
+        mv = memoryview(data)
+    except TypeError:
+        raise TypeError(f"{what}: expected a bytes-like object (bytes, bytearray, "
+                        f"memoryview, mmap), got {type(data).__name__}") from None
+    if not mv.c_contiguous:
+        raise ValueError(f"{what}: the buffer is not C-contiguous (shape {mv.shape}, "
+                         f"strides {mv.strides}); pass a contiguous copy")
+    view = mv.cast("B")
+    return view
+
+
+cdef size_t _check_block_size(object block_size) except 0:
+    if isinstance(block_size, bool) or not hasattr(block_size, "__index__"):
+        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    block_size = operator.index(block_size)
+    if block_size < 1 or block_size > (1 << 40):
+        raise ValueError(f"block_size must be between 1 and 2**40, got {block_size}")
+    return <size_t>block_size
+
+
+cdef int _check_fd(object fd) except -1:
+    if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+        raise ValueError(f"fd must be an open file descriptor (int >= 0), got {fd!r}")
+    return <int>fd
+
+
+# ------------------------------------------------------------ Python API
+
+def weak_checksum(data) -> int:
+    """Weak 32-bit checksum of a whole buffer: s1 | s2 << 16."""
+    cdef const unsigned char[::1] view = _bytes_view(data, "weak_checksum")
+    cdef size_t n = view.shape[0]
+    cdef uint32_t w
+    if n < 65536:
+        return weak_of(&view[0] if n else NULL, n)
+    with nogil:
+        w = weak_of(&view[0], n)
+    return w
+
+
+def weak_roll(weak, out_byte, in_byte, length) -> int:
+    """Roll a weak checksum of a ``length``-byte window one byte forward:
+    ``out_byte`` leaves at the front, ``in_byte`` enters at the back."""
+    cdef uint32_t w = weak, o = out_byte, i = in_byte, n = length
+    if o > 255 or i > 255:
+        raise ValueError(f"bytes must be 0..255, got {out_byte}, {in_byte}")
+    cdef uint32_t s1 = (w & 0xffff) - o + i
+    cdef uint32_t s2 = (w >> 16) - n * o + s1
+    return _pack(s1, s2)
+
+
+def strong_digest(data) -> bytes:
+    """XXH3-128 of a whole buffer, 16 bytes canonical (big-endian)."""
+    cdef const unsigned char[::1] view = _bytes_view(data, "strong_digest")
+    cdef size_t n = view.shape[0]
+    cdef XXH128_hash_t h
+    cdef XXH128_canonical_t canon
+    if n < 65536:
+        h = SM_XXH3_128(&view[0] if n else NULL, n)
+    else:
+        with nogil:
+            h = SM_XXH3_128(&view[0], n)
+    XXH128_canonicalFromHash(&canon, h)
+    return bytes(canon.digest[:16])
+
+
+def block_signature(data, block_size, with_weak):
+    """(weak uint32 (n,) or None, strong uint64 (n, 2)) for n = ceil(len /
+    block_size) blocks; the last block may be short."""
+    cdef const unsigned char[::1] view = _bytes_view(data, "block_signature")
+    cdef size_t bs = _check_block_size(block_size)
+    cdef size_t length = view.shape[0]
+    cdef size_t count = (length + bs - 1) // bs
+    strong = np.empty((count, 2), dtype=np.uint64)
+    cdef uint64_t[:, ::1] strong_view = strong
+    cdef uint32_t[::1] weak_view
+    cdef uint32_t* weak_ptr = NULL
+    weak = None
+    if with_weak:
+        weak = np.empty(count, dtype=np.uint32)
+        weak_view = weak
+        if count:
+            weak_ptr = &weak_view[0]
+    if count:
+        with nogil:
+            sign_buffer(&view[0], length, bs, weak_ptr, &strong_view[0, 0])
+    return weak, strong
+
+
+cdef ssize_t _pread_full(int fd, unsigned char* buf, size_t want, uint64_t offset,
+                         int* err) noexcept nogil:
+    """Read up to ``want`` bytes at ``offset``; fewer only at end of file.
+    Returns the count, or -1 with *err set."""
+    cdef size_t got = 0
+    cdef ssize_t r
+    while got < want:
+        r = pread(fd, buf + got, want - got, <off_t>(offset + got))
+        if r > 0:
+            got += r
+        elif r == 0:
+            break
+        elif errno != EINTR:
+            err[0] = errno
+            return -1
+    return got
+
+
+cdef _raise_read(int fd, int err, uint64_t offset):
+    import os
+    raise OSError(err, f"reading fd {fd} at byte {offset}: {os.strerror(err)}")
+
+
+def fd_signature(fd, length, block_size, with_weak):
+    """Signature of the first ``length`` bytes of an open file, read with
+    pread into one reused buffer, GIL released for the read+hash loop.
+    Raises DeltaError if the file ends before ``length``."""
+    cdef int cfd = _check_fd(fd)
+    cdef size_t bs = _check_block_size(block_size)
+    if not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be an int >= 0, got {length!r}")
+    cdef uint64_t total = length
+    cdef size_t count = (total + bs - 1) // bs
+    strong = np.empty((count, 2), dtype=np.uint64)
+    cdef uint64_t[:, ::1] strong_view = strong
+    cdef uint32_t[::1] weak_view
+    cdef uint32_t* weak_ptr = NULL
+    weak = None
+    if with_weak:
+        weak = np.empty(count, dtype=np.uint32)
+        weak_view = weak
+        if count:
+            weak_ptr = &weak_view[0]
+    if count == 0:
+        return weak, strong
+
+    cdef unsigned char* buf = _take_buffer()
+    cdef uint64_t* strong_ptr = &strong_view[0, 0]
+    cdef uint64_t off = 0, block_end
+    cdef size_t chunk, want, blk = 0
+    cdef ssize_t got = 0
+    cdef int err = 0
+    cdef bint short_read = False
+    cdef XXH3_state_t* state = NULL
+    cdef WeakSums sums
+    cdef XXH128_hash_t h
+    try:
+        if bs <= READ_CHUNK:
+            chunk = READ_CHUNK - READ_CHUNK % bs
+            with nogil:
+                while off < total:
+                    want = chunk if total - off > chunk else <size_t>(total - off)
+                    got = _pread_full(cfd, buf, want, off, &err)
+                    if got < 0:
+                        break
+                    if <size_t>got < want:
+                        off += got
+                        short_read = True
+                        break
+                    sign_buffer(buf, want, bs,
+                                weak_ptr + blk if weak_ptr != NULL else NULL,
+                                strong_ptr + 2 * blk)
+                    blk += (want + bs - 1) // bs
+                    off += want
+        else:
+            # blocks larger than the buffer: stream each block through it
+            state = XXH3_createState()
+            if state == NULL:
+                raise MemoryError("cannot allocate an XXH3 state")
+            with nogil:
+                while off < total and not short_read and err == 0:
+                    block_end = off + bs if total - off > bs else total
+                    XXH3_128bits_reset(state)
+                    sums.s1 = 0
+                    sums.s2 = 0
+                    while off < block_end:
+                        want = READ_CHUNK if block_end - off > READ_CHUNK else <size_t>(block_end - off)
+                        got = _pread_full(cfd, buf, want, off, &err)
+                        if got < 0:
+                            break
+                        if <size_t>got < want:
+                            off += got
+                            short_read = True
+                            break
+                        SM_XXH3_128_UPDATE(state, buf, want)
+                        if weak_ptr != NULL:
+                            weak_append(&sums, buf, want)
+                        off += want
+                    if err or short_read:
+                        break
+                    h = XXH3_128bits_digest(state)
+                    strong_ptr[2 * blk] = h.low64
+                    strong_ptr[2 * blk + 1] = h.high64
+                    if weak_ptr != NULL:
+                        weak_ptr[blk] = _pack(sums.s1, sums.s2)
+                    blk += 1
+    finally:
+        if state != NULL:
+            XXH3_freeState(state)
+        _give_buffer(buf)
+    if err:
+        _raise_read(cfd, err, off)
+    if short_read:
+        raise DeltaError(f"file (fd {cfd}) ended at byte {off} while its signature "
+                         f"needs {total} B: it was truncated meanwhile")
+    return weak, strong
+
+
+def fd_digest(fd) -> bytes:
+    """XXH3-128 of a whole open file (from offset 0 to its end), streamed
+    through one reused buffer with the GIL released; 16 bytes canonical."""
+    cdef int cfd = _check_fd(fd)
+    cdef XXH3_state_t* state = XXH3_createState()
+    if state == NULL:
+        raise MemoryError("cannot allocate an XXH3 state")
+    cdef unsigned char* buf
+    try:
+        buf = _take_buffer()
+    except BaseException:
+        XXH3_freeState(state)
+        raise
+    cdef uint64_t off = 0
+    cdef ssize_t got
+    cdef int err = 0
+    cdef XXH128_hash_t h
+    cdef XXH128_canonical_t canon
+    try:
+        with nogil:
+            XXH3_128bits_reset(state)
+            while True:
+                got = _pread_full(cfd, buf, READ_CHUNK, off, &err)
+                if got <= 0:
+                    break
+                SM_XXH3_128_UPDATE(state, buf, got)
+                off += got
+                if <size_t>got < READ_CHUNK:
+                    break
+            h = XXH3_128bits_digest(state)
+    finally:
+        XXH3_freeState(state)
+        _give_buffer(buf)
+    if err:
+        _raise_read(cfd, err, off)
+    XXH128_canonicalFromHash(&canon, h)
+    return bytes(canon.digest[:16])
+
+
+# ------------------------------------------------------------ delta search
+
+ctypedef struct Slot:
+    uint32_t weak
+    uint32_t index1          # block index + 1; 0 marks an empty slot
+
+ctypedef struct Op:
+    int64_t kind
+    int64_t offset
+    int64_t length
+
+ctypedef struct OpList:
+    Op* ops
+    size_t count
+    size_t capacity
+    bint failed              # out of memory
+
+
+cdef inline uint32_t _slot_of(uint32_t weak, int shift) noexcept nogil:
+    # Fibonacci hashing spreads the clustered rsync sums over the table
+    return <uint32_t>((<uint64_t>weak * 0x9E3779B97F4A7C15ULL) >> shift)
+
+
+cdef void _emit(OpList* out, int64_t kind, int64_t offset, int64_t length) noexcept nogil:
+    cdef Op* last
+    cdef Op* grown
+    if length <= 0 or out.failed:
+        return
+    if out.count:
+        last = &out.ops[out.count - 1]
+        if last.kind == kind and last.offset + last.length == offset:
+            last.length += length
+            return
+    if out.count == out.capacity:
+        grown = <Op*>realloc(out.ops, (out.capacity * 2 + 16) * sizeof(Op))
+        if grown == NULL:
+            out.failed = True
+            return
+        out.ops = grown
+        out.capacity = out.capacity * 2 + 16
+    out.ops[out.count].kind = kind
+    out.ops[out.count].offset = offset
+    out.ops[out.count].length = length
+    out.count += 1
+
+
+cdef inline bint _strong_is(const unsigned char* p, size_t n,
+                            const uint64_t* strong, size_t index) noexcept nogil:
+    cdef XXH128_hash_t h = SM_XXH3_128(p, n)
+    return h.low64 == strong[2 * index] and h.high64 == strong[2 * index + 1]
+
+
+cdef int _search(const unsigned char* src, size_t src_len, size_t bs,
+                 uint64_t target_length, const uint32_t* weak, const uint64_t* strong,
+                 Slot* table, int shift, size_t mask, OpList* out) noexcept nogil:
+    cdef size_t full = <size_t>(target_length // bs)
+    cdef size_t tail_len = <size_t>(target_length % bs)
+    cdef size_t pos = 0, lit_start = 0, slot, idx, j
+    cdef int64_t prev = -1, matched
+    cdef uint32_t s1 = 0, s2 = 0, w, o
+    cdef bint have_sums = False, dup
+    cdef Slot* sl
+    cdef XXH128_hash_t h
+    cdef bint have_h
+
+    # table of full blocks; a block equal (weak and strong) to an earlier one
+    # is left out, so runs of identical blocks do not lengthen the probes
+    for j in range(full):
+        w = weak[j]
+        slot = _slot_of(w, shift)
+        dup = False
+        while table[slot].index1:
+            idx = table[slot].index1 - 1
+            if (table[slot].weak == w and strong[2 * idx] == strong[2 * j]
+                    and strong[2 * idx + 1] == strong[2 * j + 1]):
+                dup = True
+                break
+            slot = (slot + 1) & mask
+        if not dup:
+            table[slot].weak = w
+            table[slot].index1 = <uint32_t>(j + 1)
+
+    if full:
+        while pos + bs <= src_len:
+            if not have_sums:
+                s1 = 0
+                s2 = 0
+                sm_weak_impl(src + pos, bs, &s1, &s2)
+                have_sums = True
+            w = _pack(s1, s2)
+            matched = -1
+            # adjacent fast path: an unchanged run costs one weak + one strong
+            if prev >= 0 and <size_t>(prev + 1) < full and weak[prev + 1] == w \
+                    and _strong_is(src + pos, bs, strong, prev + 1):
+                matched = prev + 1
+            else:
+                have_h = False
+                slot = _slot_of(w, shift)
+                while table[slot].index1:
+                    if table[slot].weak == w:
+                        if not have_h:
+                            h = SM_XXH3_128(src + pos, bs)
+                            have_h = True
+                        idx = table[slot].index1 - 1
+                        if h.low64 == strong[2 * idx] and h.high64 == strong[2 * idx + 1]:
+                            matched = idx
+                            break
+                    slot = (slot + 1) & mask
+            if matched >= 0:
+                _emit(out, 1, lit_start, pos - lit_start)
+                _emit(out, 0, matched * <int64_t>bs, bs)
+                pos += bs
+                lit_start = pos
+                prev = matched
+                have_sums = False
+                continue
+            prev = -1
+            if pos + bs >= src_len:
+                break
+            o = src[pos]
+            s1 = s1 - o + src[pos + bs]
+            s2 = s2 - <uint32_t>bs * o + s1
+            pos += 1
+
+    # the target's short last block can only match the source's tail
+    if tail_len and src_len >= tail_len and src_len - tail_len >= lit_start:
+        pos = src_len - tail_len
+        if weak_of(src + pos, tail_len) == weak[full] and \
+                _strong_is(src + pos, tail_len, strong, full):
+            _emit(out, 1, lit_start, pos - lit_start)
+            _emit(out, 0, full * <int64_t>bs, tail_len)
+            lit_start = src_len
+    _emit(out, 1, lit_start, src_len - lit_start)
+    return 0
+
+
+def delta_ops(src, block_size, target_length, weak, strong):
+    """Rolling delta of ``src`` against a target signature. Returns merged
+    ops: (0, target_offset, length) copies and (1, source_offset, length)
+    literals, which rebuild ``src`` in order."""
+    cdef const unsigned char[::1] view = _bytes_view(src, "delta_ops source")
+    cdef size_t bs = _check_block_size(block_size)
+    if not isinstance(target_length, int) or target_length < 0:
+        raise ValueError(f"target_length must be an int >= 0, got {target_length!r}")
+    cdef uint64_t tlen = target_length
+    cdef uint64_t count = (tlen + bs - 1) // bs
+    cdef const uint32_t[::1] weak_view
+    cdef const uint64_t[:, ::1] strong_view
+    try:
+        weak_view = weak
+    except (TypeError, ValueError, BufferError) as exc:
+        raise DeltaError(f"weak checksums must be a contiguous uint32 array: {exc}") from None
+    try:
+        strong_view = strong
+    except (TypeError, ValueError, BufferError) as exc:
+        raise DeltaError(f"strong hashes must be a contiguous uint64 (n, 2) array: {exc}") from None
+    if <uint64_t>weak_view.shape[0] != count or <uint64_t>strong_view.shape[0] != count \
+            or strong_view.shape[1] != 2:
+        raise DeltaError(f"a target of {tlen} B in {bs} B blocks has {count} blocks, but the "
+                         f"signature has {weak_view.shape[0]} weak and "
+                         f"{strong_view.shape[0]}x{strong_view.shape[1]} strong entries")
+    if count >= 0xFFFFFFF0:
+        raise DeltaError(f"signature of {count} blocks is too large; use larger blocks")
+
+    cdef size_t full = <size_t>(tlen // bs)
+    cdef size_t table_size = MIN_TABLE
+    cdef int bits = 4
+    # load <= 50%: a miss (the common case while rolling) ends in ~2 probes
+    while table_size < 2 * full:
+        table_size <<= 1
+        bits += 1
+    cdef Slot* table = <Slot*>calloc(table_size, sizeof(Slot))
+    if table == NULL:
+        raise MemoryError(f"cannot allocate a {table_size}-slot block table")
+    cdef OpList out
+    out.ops = NULL
+    out.count = 0
+    out.capacity = 0
+    out.failed = False
+    cdef size_t src_len = view.shape[0]
+    cdef const unsigned char* src_ptr = &view[0] if src_len else NULL
+    cdef const uint32_t* weak_ptr = &weak_view[0] if count else NULL
+    cdef const uint64_t* strong_ptr = &strong_view[0, 0] if count else NULL
+    cdef size_t i
+    try:
+        with nogil:
+            _search(src_ptr, src_len, bs, tlen, weak_ptr, strong_ptr,
+                    table, 64 - bits, table_size - 1, &out)
+        if out.failed:
+            raise MemoryError("out of memory while building the delta")
+        return [(out.ops[i].kind, out.ops[i].offset, out.ops[i].length)
+                for i in range(out.count)]
+    finally:
+        free(table)
+        free(out.ops)
