@@ -1,0 +1,228 @@
+"""The op model: one change to a replication set, as every layer sees it.
+
+An :class:`Op` is a plain ``NamedTuple`` (cheap to build, cheap for the
+compiled frame encoder to read field by field) of twelve fields::
+
+    Op(seq, kind, path, path2, offset, size, mode, uid, gid, mtime_ns, mask, data)
+
+Which fields a kind uses (every unused field must hold its default: ``0`` or
+``b""``; the frame encoder refuses anything else so a round trip is exact):
+
+=========  ==========================================================
+kind       fields
+=========  ==========================================================
+WRITE      path, offset, data (the bytes written at ``offset``)
+TRUNCATE   path, size
+CREATE     path, mode (permission bits, <= 0o7777)
+MKDIR      path, mode
+DELETE     path
+RMDIR      path
+RENAME     path (old), path2 (new path)
+SETATTR    path, mask (:class:`AttrMask`, never empty: no atime-only op)
+           and the fields it names: mode, uid, gid, mtime_ns
+SYMLINK    path (the link), path2 (its target, stored verbatim)
+HARDLINK   path (the new link), path2 (the existing path)
+TASK       path (task name), data (arguments/commands, engine-defined)
+MARK       path (label, may be empty), data (payload, may be empty)
+=========  ==========================================================
+
+Paths are ``bytes`` relative to the replication set root (POSIX names are
+bytes; non-UTF-8 names must survive). Purely syntactic rules, checked by the
+frame encoder and decoder: a tree path (``path`` of the file kinds, ``path2``
+of RENAME and HARDLINK) is non-empty, has no NUL byte, does not start with
+``/`` and has no ``..`` component; a symlink target and a task name are
+non-empty without NUL; a mark label has no NUL. Confinement against symlink
+escapes is the applier's job.
+
+Build ops with the helpers (``Op.write(seq, path, offset, data)`` ...); they
+fill the defaults. Decoded ops carry ``data`` as a zero-copy ``memoryview``
+into the frame (for WRITE, TASK and MARK) and ``b""`` for the other kinds;
+``Op`` equality compares contents, so a decoded op equals the op encoded.
+
+This module also holds the few frame-format names that the compiled journal
+kernel and its pure-Python reference share (:class:`FrameHeader` and the
+constants); the format itself is documented in :mod:`smirror._journal_py`.
+"""
+from __future__ import annotations
+
+from enum import IntEnum, IntFlag
+from typing import NamedTuple
+
+__all__ = [
+    "Op", "OpKind", "AttrMask", "FrameHeader",
+    "MAGIC", "VERSION", "HEADER_SIZE", "RECORD_HEAD_SIZE", "FLAG_LZ4",
+    "MAX_PAYLOAD", "MAX_PATH", "MAX_SEQ", "MAX_OFFSET", "MAX_MODE",
+    "LZ4_MAX_RATIO", "AUTO_COMPRESS_MIN",
+]
+
+
+class OpKind(IntEnum):
+    """What an op does; the value is the kind byte in a frame record."""
+    WRITE = 1
+    TRUNCATE = 2
+    CREATE = 3
+    MKDIR = 4
+    DELETE = 5
+    RMDIR = 6
+    RENAME = 7
+    SETATTR = 8
+    SYMLINK = 9
+    HARDLINK = 10
+    TASK = 11
+    MARK = 12
+
+
+class AttrMask(IntFlag):
+    """Which attributes a SETATTR op sets (atime alone is never replicated)."""
+    MODE = 1
+    UID = 2
+    GID = 4
+    MTIME = 8
+
+
+ATTR_ALL = AttrMask.MODE | AttrMask.UID | AttrMask.GID | AttrMask.MTIME
+
+# Frame format constants (see smirror._journal_py for the layout).
+MAGIC = b"SMJF"
+VERSION = 1
+HEADER_SIZE = 56
+RECORD_HEAD_SIZE = 18
+FLAG_LZ4 = 1
+MAX_PAYLOAD = 1 << 30            # stored and raw payload bound: 1 GiB
+MAX_PATH = 0xFFFF                # path lengths are u16 in a record
+MAX_SEQ = (1 << 64) - 1
+MAX_OFFSET = (1 << 63) - 1       # offsets and sizes must fit off_t
+MAX_MODE = 0o7777
+LZ4_MAX_RATIO = 256              # lz4 block never expands more than ~255x
+AUTO_COMPRESS_MIN = 512          # compress='auto' tries lz4 from this raw size
+MAX_DATA = MAX_PAYLOAD
+
+_new = tuple.__new__
+
+
+class Op(NamedTuple):
+    """One change to a replication set. Use the helpers to build one."""
+    seq: int
+    kind: OpKind
+    path: bytes
+    path2: bytes = b""
+    offset: int = 0
+    size: int = 0
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    mask: int = 0
+    data: bytes = b""
+
+    # The helpers build the tuple directly (no keyword handling): the capture
+    # paths create millions of these.
+    @classmethod
+    def write(cls, seq: int, path: bytes, offset: int, data) -> "Op":
+        """``data`` (any bytes-like) written at ``offset`` of ``path``."""
+        return _new(cls, (seq, OpKind.WRITE, path, b"", offset, 0, 0, 0, 0, 0, 0, data))
+
+    @classmethod
+    def truncate(cls, seq: int, path: bytes, size: int) -> "Op":
+        return _new(cls, (seq, OpKind.TRUNCATE, path, b"", 0, size, 0, 0, 0, 0, 0, b""))
+
+    @classmethod
+    def create(cls, seq: int, path: bytes, mode: int = 0o644) -> "Op":
+        """A new empty regular file with permission bits ``mode``."""
+        return _new(cls, (seq, OpKind.CREATE, path, b"", 0, 0, mode, 0, 0, 0, 0, b""))
+
+    @classmethod
+    def mkdir(cls, seq: int, path: bytes, mode: int = 0o755) -> "Op":
+        return _new(cls, (seq, OpKind.MKDIR, path, b"", 0, 0, mode, 0, 0, 0, 0, b""))
+
+    @classmethod
+    def delete(cls, seq: int, path: bytes) -> "Op":
+        return _new(cls, (seq, OpKind.DELETE, path, b"", 0, 0, 0, 0, 0, 0, 0, b""))
+
+    @classmethod
+    def rmdir(cls, seq: int, path: bytes) -> "Op":
+        return _new(cls, (seq, OpKind.RMDIR, path, b"", 0, 0, 0, 0, 0, 0, 0, b""))
+
+    @classmethod
+    def rename(cls, seq: int, path: bytes, new_path: bytes) -> "Op":
+        return _new(cls, (seq, OpKind.RENAME, path, new_path, 0, 0, 0, 0, 0, 0, 0, b""))
+
+    @classmethod
+    def setattr(cls, seq: int, path: bytes, mode: int | None = None,
+                uid: int | None = None, gid: int | None = None,
+                mtime_ns: int | None = None) -> "Op":
+        """Set the attributes given (not None); at least one is required."""
+        mask = ((mode is not None) * AttrMask.MODE | (uid is not None) * AttrMask.UID
+                | (gid is not None) * AttrMask.GID | (mtime_ns is not None) * AttrMask.MTIME)
+        if not mask:
+            raise ValueError(f"setattr of {path!r} sets nothing: give mode, uid, gid "
+                             f"or mtime_ns (atime alone is not replicated)")
+        return _new(cls, (seq, OpKind.SETATTR, path, b"", 0, 0, mode or 0, uid or 0,
+                          gid or 0, mtime_ns or 0, int(mask), b""))
+
+    @classmethod
+    def symlink(cls, seq: int, path: bytes, link_target: bytes) -> "Op":
+        """A symlink at ``path`` pointing to ``link_target`` (kept verbatim)."""
+        return _new(cls, (seq, OpKind.SYMLINK, path, link_target, 0, 0, 0, 0, 0, 0, 0, b""))
+
+    @classmethod
+    def hardlink(cls, seq: int, path: bytes, existing_path: bytes) -> "Op":
+        """A new name ``path`` for the file already at ``existing_path``."""
+        return _new(cls, (seq, OpKind.HARDLINK, path, existing_path, 0, 0, 0, 0, 0, 0, 0, b""))
+
+    @classmethod
+    def task(cls, seq: int, name, payload=b"") -> "Op":
+        """A task command run on the target when the applier reaches it.
+        ``name`` is bytes or str (stored as UTF-8); ``payload`` is bytes-like."""
+        if isinstance(name, str):
+            name = name.encode()
+        return _new(cls, (seq, OpKind.TASK, name, b"", 0, 0, 0, 0, 0, 0, 0, payload))
+
+    @classmethod
+    def mark(cls, seq: int, label=b"", payload=b"") -> "Op":
+        """A checkpoint/bookmark in the stream (also mirror start/end)."""
+        if isinstance(label, str):
+            label = label.encode()
+        return _new(cls, (seq, OpKind.MARK, label, b"", 0, 0, 0, 0, 0, 0, 0, payload))
+
+    def __repr__(self) -> str:
+        kind = OpKind(self.kind)
+        parts = [f"seq={self.seq}", kind.name, repr(bytes(self.path))]
+        if self.path2:
+            parts.append(f"-> {bytes(self.path2)!r}")
+        if kind is OpKind.WRITE:
+            parts.append(f"offset={self.offset} len={len(self.data)}")
+        elif kind is OpKind.TRUNCATE:
+            parts.append(f"size={self.size}")
+        elif kind in (OpKind.CREATE, OpKind.MKDIR):
+            parts.append(f"mode={self.mode:o}")
+        elif kind is OpKind.SETATTR:
+            mask = AttrMask(self.mask)
+            if mask & AttrMask.MODE:
+                parts.append(f"mode={self.mode:o}")
+            if mask & AttrMask.UID:
+                parts.append(f"uid={self.uid}")
+            if mask & AttrMask.GID:
+                parts.append(f"gid={self.gid}")
+            if mask & AttrMask.MTIME:
+                parts.append(f"mtime_ns={self.mtime_ns}")
+        elif len(self.data):
+            parts.append(f"payload={len(self.data)} B")
+        return f"Op({' '.join(parts)})"
+
+
+class FrameHeader(NamedTuple):
+    """The validated fixed header of a frame. ``frame_len`` = header + stored
+    payload: where the next frame of a stream starts."""
+    version: int
+    flags: int
+    count: int
+    first_seq: int
+    last_seq: int
+    stored_len: int
+    raw_len: int
+    frame_len: int
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.flags & FLAG_LZ4)
