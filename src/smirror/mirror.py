@@ -149,8 +149,12 @@ class Summary:
 def check_roots(src, dst) -> tuple[bytes, bytes]:
     """Validate SRC and DST; returns their absolute real paths (bytes)."""
     src_b, dst_b = os.fsencode(src), os.fsencode(dst)
-    if not os.path.lexists(src_b):
-        raise MirrorError(f"source {show(src_b)!r} does not exist")
+    try:
+        os.stat(src_b)
+    except FileNotFoundError:
+        raise MirrorError(f"source {show(src_b)!r} does not exist") from None
+    except OSError as exc:
+        raise MirrorError(f"source {show(src_b)!r}: {exc.strerror}") from None
     if not os.path.isdir(src_b):
         raise MirrorError(f"source {show(src_b)!r} is not a directory")
     real_src = os.path.realpath(src_b)
@@ -581,9 +585,9 @@ class Mirror:
         total = sum(s.size for _, s, _, _ in files)
         if progress is not None:
             progress.start(total, len(files))
+        # a temp + rename (or a delta rebuild) changes the parent's mtime
         for rel, s, d, action in files:
-            if action == "new":
-                touched.add(rel.rpartition(b"/")[0])
+            touched.add(rel.rpartition(b"/")[0])
         # largest first keeps both workers busy to the end
         order = sorted(files, key=lambda f: f[1].size, reverse=True)
         threads = self.opts.threads
@@ -665,23 +669,25 @@ class Mirror:
             return
         fd, st1 = self._open_source(rel)
         try:
-            self._write_whole(rel, fd, st1)
+            copied = self._write_whole(rel, fd, st1)
         finally:
             os.close(fd)
-        self._count_write(action, st1.st_size, 0)
+        self._count_write(action, copied, 0)
 
     def _write_whole(self, rel, fd, st1, advance=True):
-        """Copy an open source file to the target via temp + rename."""
+        """Copy an open source file to the target via temp + rename; returns
+        the data bytes copied (holes are not copied)."""
         progress = self.progress if advance else None
         w = self.target.create_temp(rel)
         try:
-            w.copy_from(fd, st1.st_size, progress.advance if progress else None)
+            copied = w.copy_from(fd, st1.st_size, progress.advance if progress else None)
             xattrs = self._src_xattrs(fd)
             self._check_same(fd, st1)
             w.commit(entry_from_stat(st1), xattrs)
         except BaseException:
             w.abort()
             raise
+        return copied
 
     def _count_write(self, action, literal, matched):
         with self._lock:
@@ -731,8 +737,8 @@ class Mirror:
                     self._count_write("check", changed_bytes, size - changed_bytes)
                     return
                 if size < INPLACE_MIN or not self._inplace_ok(s, d):
-                    self._write_whole(rel, fd, st1, advance=False)
-                    self._count_write("whole", size, 0)
+                    copied = self._write_whole(rel, fd, st1, advance=False)
+                    self._count_write("whole", copied, 0)
                     return
                 if changed_bytes > SHIFT_FRACTION * size:
                     if self._try_delta(rel, fd, st1, d, bs, changed_bytes):
@@ -748,8 +754,8 @@ class Mirror:
                 if self.opts.dry_run:
                     self._count_write("whole", size, 0)
                     return
-                self._write_whole(rel, fd, st1, advance=False)
-                self._count_write("whole", size, 0)
+                copied = self._write_whole(rel, fd, st1, advance=False)
+                self._count_write("whole", copied, 0)
                 return
             bs = bs or checksum.block_size_for(dsize)
             self._try_delta(rel, fd, st1, d, bs, None)
