@@ -170,7 +170,7 @@ def _encode_op(i, op, prev_seq, out):
         raise _bad(i, op, f"data must be bytes-like, not {type(data).__name__}",
                    TypeError) from None
     if not data_view.c_contiguous:
-        raise _bad(i, op, "data must be a contiguous buffer")
+        raise _bad(i, op, "data must be a contiguous buffer", TypeError)
     data_len = data_view.nbytes
     if data_len and kind not in _HAS_DATA:
         raise _bad(i, op, f"data must be empty for {kind.name.lower()} ops")
