@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .errors import MirrorError, ConfigError
 from .target_local import (LocalTarget, TargetSide, copy_range, fd_signature, io_buffer,
                            read_full, read_xattrs, xattr_filter)
-from .tree import DIR, FILE, SPECIAL, SYMLINK, Rules, entry_from_stat, scan
+from .tree import DIR, FILE, SPECIAL, SYMLINK, Listing, Rules, entry_from_stat, scan
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
@@ -289,11 +289,16 @@ class Mirror:
         t0 = time.monotonic()
         opts = self.opts
         summary = self.summary
-        with ThreadPoolExecutor(1) as pool:
-            # the two scans overlap where they wait on the kernel
-            dst_future = pool.submit(self.target.scan, opts.rules, self._orphan_skip)
+        troot = getattr(self.target, "root", None)
+        if opts.dry_run and troot is not None and not os.path.lexists(troot):
             src = scan(self.src_root, opts.rules)
-            dst = dst_future.result()
+            dst = Listing(troot)            # dry run into a target not created yet
+        else:
+            with ThreadPoolExecutor(1) as pool:
+                # the two scans overlap where they wait on the kernel
+                dst_future = pool.submit(self.target.scan, opts.rules, self._orphan_skip)
+                src = scan(self.src_root, opts.rules)
+                dst = dst_future.result()
         for rel, exc in src.errors:
             self._error(rel, exc)
         for rel, exc in dst.errors:
@@ -388,8 +393,6 @@ class Mirror:
             elif changed:
                 self.files.append((rel, s, d, "whole"))
                 rewritten.add(rel)
-            elif opts.checksum:
-                self.files.append((rel, s, d, "check"))
             else:
                 summary.unchanged += 1
                 if not _same_meta(s, d, owner) or opts.xattrs:
@@ -748,7 +751,9 @@ class Mirror:
                 return
             # size changed: rolling delta against the target's blocks
             self._act("delta", rel)
-            if min(size, dsize) < INPLACE_MIN:
+            # small files are rewritten whole; so is a sparse source (a whole
+            # copy keeps its holes, a delta rebuild would fill them)
+            if min(size, dsize) < INPLACE_MIN or st1.st_blocks * 512 + (1 << 20) < size:
                 if progress is not None:
                     progress.advance(size)
                 if self.opts.dry_run:

@@ -1,0 +1,170 @@
+"""Checksum mirrors: block compare in place, rolling delta for shifted or
+resized content, and the whole tree checked with rsync's itemize."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("smirror._checksum")
+
+from smirror.mirror import mirror  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import gen_tree  # noqa: E402
+
+RSYNC = shutil.which("rsync")
+needs_rsync = pytest.mark.skipif(RSYNC is None, reason="rsync not installed")
+MiB = 1 << 20
+
+
+def rsync_diff(src, dst) -> str:
+    out = subprocess.run(
+        [RSYNC, "-a", "-H", "-X", "--checksum", "--dry-run", "--itemize-changes", "--delete",
+         f"{src}/", f"{dst}/"], capture_output=True, check=True)
+    return out.stdout.decode("utf-8", "backslashreplace")
+
+
+@needs_rsync
+@pytest.mark.parametrize("flags", [{"checksum": True}, {"checksum": True, "different": True}])
+def test_checksum_mirror_of_every_kind_of_entry(tmp_path, flags):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    gen_tree.make_kinds_tree(src)
+    assert mirror(src, dst, **flags).errors == []
+    assert rsync_diff(src, dst) == ""
+    gen_tree.mutate_kinds_tree(src)
+    if flags.get("different"):
+        # the quick check cannot see a same-size, same-mtime edit
+        p = os.path.join(os.fsencode(src), b"odd", b"with space")
+        st = os.stat(p)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    big_before = os.stat(dst / "a/b/c/large.bin").st_size
+    summary = mirror(src, dst, orphans="delete", **flags)
+    assert summary.errors == []
+    assert rsync_diff(src, dst) == ""
+    # 5600 bytes were inserted into an 8 MiB file: the delta sends little
+    assert os.stat(dst / "a/b/c/large.bin").st_size == big_before + 5600
+    assert summary.bytes_literal < 200_000
+    assert summary.bytes_matched > 8 * MiB
+    assert os.stat(dst / "sparse.img").st_blocks * 512 < MiB
+
+
+def test_checksum_alone_finds_same_size_same_mtime_change(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    data = os.urandom(3 * MiB)
+    (src / "f").write_bytes(data)
+    mirror(src, dst)
+    st = os.stat(src / "f")
+    with open(src / "f", "r+b") as f:
+        f.seek(MiB + 5)
+        f.write(b"CHANGED")
+    os.utime(src / "f", ns=(st.st_atime_ns, st.st_mtime_ns))
+    quick = mirror(src, dst, different=True, checksum=True)
+    assert quick.bytes_literal == 0 and (dst / "f").read_bytes() == data
+    full = mirror(src, dst, checksum=True)
+    assert (dst / "f").read_bytes() == (src / "f").read_bytes()
+    assert full.changed == 1 and full.bytes_literal <= 64 * 1024
+
+
+@pytest.mark.parametrize("block_size", [None, 4096])
+def test_one_percent_of_blocks_written_in_place(tmp_path, block_size):
+    """1% of the 8 KiB blocks of a 64 MiB file change: the target is
+    patched in place and the bytes written are the changed bytes."""
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    gen_tree.write_random(src / "db", 64 * MiB, __import__("numpy").random.default_rng(5))
+    mirror(src, dst)
+    ino = os.stat(dst / "db").st_ino
+    changed = gen_tree.change_blocks(src / "db", 0.01, 8192)
+    summary = mirror(src, dst, different=True, checksum=True, block_size=block_size)
+    ratio = summary.bytes_written / changed
+    print(f"\nblock-level: changed {changed} B, written {summary.bytes_written} B, "
+          f"ratio {ratio:.3f} (block size {block_size or 'auto'})")
+    assert (dst / "db").read_bytes() == (src / "db").read_bytes()
+    assert os.stat(dst / "db").st_ino == ino, "not updated in place"
+    assert ratio <= 1.1
+    assert summary.bytes_literal == summary.bytes_written
+    assert os.stat(dst / "db").st_mtime_ns == os.stat(src / "db").st_mtime_ns
+
+
+def test_append_is_patched_in_place(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    (src / "log").write_bytes(os.urandom(4 * MiB))
+    mirror(src, dst)
+    ino = os.stat(dst / "log").st_ino
+    with open(src / "log", "ab") as f:
+        f.write(os.urandom(100_000))
+    summary = mirror(src, dst, different=True, checksum=True)
+    assert (dst / "log").read_bytes() == (src / "log").read_bytes()
+    assert os.stat(dst / "log").st_ino == ino
+    assert summary.bytes_written < 200_000
+
+
+def test_truncate_is_patched_in_place(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(4 * MiB))
+    mirror(src, dst)
+    with open(src / "f", "r+b") as f:
+        f.truncate(3 * MiB + 7)
+    summary = mirror(src, dst, different=True, checksum=True)
+    assert (dst / "f").read_bytes() == (src / "f").read_bytes()
+    assert summary.bytes_written < 64 * 1024
+
+
+def test_shifted_content_of_same_size_uses_the_rolling_delta(tmp_path):
+    """Bytes cut at the front and as many appended: every aligned block
+    differs, yet the delta sends only the edges."""
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    data = os.urandom(4 * MiB)
+    (src / "f").write_bytes(data)
+    mirror(src, dst)
+    (src / "f").write_bytes(data[1000:] + b"Z" * 1000)
+    summary = mirror(src, dst, checksum=True)
+    assert (dst / "f").read_bytes() == (src / "f").read_bytes()
+    assert summary.bytes_literal < 64 * 1024
+    assert summary.bytes_matched > 3 * MiB
+
+
+def test_target_file_with_foreign_hard_link_is_not_patched_in_place(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(2 * MiB))
+    mirror(src, dst)
+    os.link(dst / "f", tmp_path / "outside-link")
+    before = (tmp_path / "outside-link").read_bytes()
+    with open(src / "f", "r+b") as f:
+        f.write(b"new head")
+    mirror(src, dst, different=True, checksum=True)
+    assert (dst / "f").read_bytes() == (src / "f").read_bytes()
+    assert (tmp_path / "outside-link").read_bytes() == before
+
+
+def test_checksum_dry_run_changes_nothing_and_counts(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(4 * MiB))
+    mirror(src, dst)
+    before = (dst / "f").read_bytes()
+    with open(src / "f", "r+b") as f:
+        f.seek(2 * MiB)
+        f.write(b"x" * 10)
+    summary = mirror(src, dst, checksum=True, dry_run=True)
+    assert (dst / "f").read_bytes() == before
+    assert ("patch", b"f") in summary.actions
+    assert 0 < summary.bytes_literal <= 64 * 1024
+
+
+def test_unchanged_tree_checksum_writes_nothing(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d"
+    info = gen_tree.make_bench_tree(src, scale=0.02, files=2000, big_size=256 * MiB)
+    mirror(src, dst)
+    summary = mirror(src, dst, checksum=True, threads=2)
+    assert summary.bytes_written == 0 and summary.bytes_literal == 0
+    assert summary.bytes_matched == info["bytes"]
+    assert summary.changed == 0 and summary.errors == []
