@@ -438,9 +438,13 @@ class SpillQueue:
             self._wfd = fd
         off = seg.size
         try:
-            written = os.pwritev(self._wfd, [header, frame], off)
-            if written != need:
-                raise OSError(errno.EIO, f"short write of {written} of {need} bytes")
+            record = memoryview(header + frame)
+            done = 0
+            while done < need:    # a short write means "no room for the rest"
+                written = os.pwrite(self._wfd, record[done:], off + done)
+                if written == 0:
+                    raise OSError(errno.EIO, f"no progress writing {need} bytes")
+                done += written
             if self.fsync == "always":
                 os.fdatasync(self._wfd)
         except OSError as exc:
