@@ -13,7 +13,7 @@ import smirror._memqueue as native
 import smirror._memqueue_py as reference
 from smirror.errors import QueueClosed, QueueError, QueueFull
 
-from memqueue_util import IMPLS, drain, frame_for, segment_bytes, segment_files
+from test_memqueue_util import IMPLS, drain, frame_for, segment_bytes, segment_files
 
 
 @pytest.fixture(params=IMPLS)
