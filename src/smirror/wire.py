@@ -40,6 +40,10 @@ class MsgType(IntEnum):
     FRAME = 8        # data: one journal frame
     ACK = 9          # data: {"seq"} acknowledged (durable on the target)
     BYE = 10         # orderly close
+    OPEN = 11        # data: source -> target {"conid", "map_base", "source", "next_seq"}
+    READY = 12       # data: target -> source {"last_seq"}: the last op it holds durably
+    RESET = 13       # data: source -> target {"seq"}: the stream goes on after seq
+                     # (ops before it are gone from the source: a mirror follows)
 
 
 class ProtocolError(SmirrorError, ConnectionError):
@@ -137,6 +141,12 @@ class Link:
         return mtype, obj
 
     def close(self) -> None:
+        """Close the link; a thread blocked in recv on it wakes up (a plain
+        close from another thread would leave it blocked)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:

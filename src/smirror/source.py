@@ -1,0 +1,316 @@
+"""The source side of one connection: its journal numbers the captured ops
+and batches them into frames in the source queue; its sender streams the
+queue to the target over a data link and drops what the target
+acknowledged (durable there).
+
+    capture -> ConnectionJournal (seq, batch, encode) -> SpillQueue
+            -> Sender => FRAME ... <= ACK
+
+A reconnect resumes after the last op the target holds (READY): the queue
+still has every unacknowledged frame, so nothing is resent twice to the
+applier and nothing is skipped. When the target needs ops the source no
+longer has (the target lost its state), the sender says RESET and asks for
+a remirror (``needs_mirror``).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import struct
+import threading
+import time
+
+from .errors import QueueClosed, QueueFull, SmirrorError
+from .journal import Encoder, frame_header
+from .ops import Op
+from .wire import Link, LinkClosed, MsgType, ProtocolError
+
+log = logging.getLogger("smirror.source")
+
+ACK = struct.Struct("<Q")
+_new = tuple.__new__
+
+
+class ConnectionJournal:
+    """Numbers ops for one connection and batches them into frames.
+
+    A frame is closed when it reaches ``max_ops`` ops or ``max_bytes`` of op
+    data, or when ``flush()`` is called (the sender calls it as soon as it
+    has nothing else to send, so an idle link adds no batching delay)."""
+
+    def __init__(self, queue, next_seq: int = 1, *, max_ops: int = 4096,
+                 max_bytes: int = 1 << 20, compress="auto"):
+        self.queue = queue
+        self.next_seq = next_seq
+        self.max_ops = max_ops
+        self.max_bytes = max_bytes
+        self._encoder = Encoder(compress)
+        self._pending: list = []
+        self._pending_bytes = 0
+        self._lock = threading.Lock()
+        self.frames = 0
+        self.last_seq = next_seq - 1
+        # (last seq of a frame, time it was queued), oldest first: for the lag figure
+        self.put_times: collections.deque = collections.deque(maxlen=100_000)
+
+    def append(self, op: Op) -> int:
+        """Number ``op``, add it to the open frame; returns its seq. Raises
+        QueueFull (from the queue) when the frame cannot be stored: the
+        engine turns that into an auto-disconnect."""
+        with self._lock:
+            seq = self.next_seq
+            self.next_seq = seq + 1
+            self._pending.append(_new(Op, (seq,) + tuple(op)[1:]))
+            self._pending_bytes += len(op.data) + 64
+            self.last_seq = seq
+            if len(self._pending) >= self.max_ops or self._pending_bytes >= self.max_bytes:
+                self._flush_locked()
+            return seq
+
+    def extend(self, ops) -> None:
+        for op in ops:
+            self.append(op)
+
+    def flush(self) -> bool:
+        """Close the open frame (if any); True when one was queued."""
+        with self._lock:
+            return self._flush_locked()
+
+    def _flush_locked(self) -> bool:
+        if not self._pending:
+            return False
+        ops = self._pending
+        frame = self._encoder.encode(ops)
+        last = ops[-1].seq
+        # on QueueFull the ops stay pending: nothing is half-queued
+        self.queue.put(last, frame)
+        self._pending = []
+        self._pending_bytes = 0
+        self.frames += 1
+        self.put_times.append((last, time.monotonic()))
+        return True
+
+    def skip_to(self, next_seq: int) -> None:
+        """Number from ``next_seq`` on (the target is ahead of what this
+        source remembers: its state was lost). Pending ops are renumbered."""
+        with self._lock:
+            if next_seq <= self.next_seq:
+                return
+            self._pending = [_new(Op, (next_seq + i,) + tuple(op)[1:])
+                             for i, op in enumerate(self._pending)]
+            self.next_seq = next_seq + len(self._pending)
+            self.last_seq = self.next_seq - 1
+
+    def first_unqueued_seq(self) -> int:
+        """Seq of the first op not yet in a queued frame."""
+        with self._lock:
+            return self._pending[0].seq if self._pending else self.next_seq
+
+    @property
+    def pending_ops(self) -> int:
+        return len(self._pending)
+
+
+class Sender:
+    """Streams one connection's queue over data links made by ``dial()``,
+    reconnecting every ``retry_interval`` seconds while it runs."""
+
+    def __init__(self, conid: int, map_base: str, journal: ConnectionJournal, dial, *,
+                 source_name: str = "", retry_interval: float = 1.0, idle_flush: float = 0.001):
+        self.conid = conid
+        self.map_base = map_base
+        self.journal = journal
+        self.queue = journal.queue
+        self.dial = dial
+        self.source_name = source_name
+        self.retry_interval = retry_interval
+        self.idle_flush = idle_flush
+        self.state = "idle"
+        self.last_error = ""
+        self.needs_mirror = False
+        self.sent_seq = 0
+        self.acked_seq = 0
+        self.bytes_sent = 0
+        self.frames_sent = 0
+        self.connects = 0
+        self.lag_ms: list[float] = []          # capture -> acknowledged, per frame (recent)
+        self._stop = threading.Event()
+        self._link: Link | None = None
+        self._thread: threading.Thread | None = None
+        self._acked = threading.Condition()
+
+    # -- control -----------------------------------------------------------
+    def start(self) -> "Sender":
+        self._thread = threading.Thread(target=self._run, name=f"sender-{self.conid}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        link = self._link
+        if link is not None:
+            link.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.state = "stopped"
+
+    def cut(self) -> None:
+        """Drop the current link (tests, and an admin's 'reconnect')."""
+        link = self._link
+        if link is not None:
+            link.close()
+
+    def wait_acked(self, seq: int, timeout: float = 30.0) -> bool:
+        """Until the target acknowledged ``seq`` (True) or timeout (False)."""
+        deadline = time.monotonic() + timeout
+        with self._acked:
+            while self.acked_seq < seq:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._acked.wait(min(left, 0.1))
+        return True
+
+    # -- the loop ----------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.state = "connecting"
+            try:
+                link = self.dial()
+            except (ProtocolError, OSError, SmirrorError) as exc:
+                self._failed(exc)
+                continue
+            self._link = link
+            try:
+                self._session(link)
+            except QueueClosed:
+                return
+            except (ProtocolError, OSError, SmirrorError) as exc:
+                if not self._stop.is_set():
+                    self._failed(exc)
+            finally:
+                link.close()
+                self._link = None
+
+    def _failed(self, exc) -> None:
+        self.state = "disconnected"
+        self.last_error = str(exc)
+        log.warning("connection %s: %s; retrying in %.1fs", self.conid, exc, self.retry_interval)
+        self._stop.wait(self.retry_interval)
+
+    def _session(self, link: Link) -> None:
+        q = self.queue
+        next_seq = self._first_unacked_seq()
+        link.send_json(MsgType.OPEN, {"conid": self.conid, "map_base": self.map_base,
+                                      "source": self.source_name, "next_seq": next_seq})
+        _, ready = link.recv_json(MsgType.READY)
+        target_last = ready.get("last_seq")
+        if not isinstance(target_last, int) or target_last < 0:
+            raise ProtocolError(f"{link.peer} sent READY without a valid last_seq")
+        if target_last + 1 < next_seq:
+            # the target lacks ops the source no longer holds
+            log.warning("connection %s: target holds up to seq %d but the source queue starts "
+                        "at %d: resetting the stream, a mirror must follow", self.conid,
+                        target_last, next_seq)
+            link.send_json(MsgType.RESET, {"seq": next_seq - 1})
+            self.needs_mirror = True
+            target_last = next_seq - 1
+        if target_last > self.journal.last_seq:
+            # the target holds ops this source does not remember numbering:
+            # this source lost its state (a restart without its queue)
+            log.warning("connection %s: target is at seq %d, beyond this source's %d: "
+                        "numbering on from there, a mirror must follow", self.conid,
+                        target_last, self.journal.last_seq)
+            if q.count:
+                q.ack(q.last_seq)
+            self.journal.skip_to(target_last + 1)
+            self.needs_mirror = True
+        if q.count and target_last >= q.first_seq:
+            q.ack(min(target_last, q.last_seq))
+        q.rewind()
+        self._set_acked(target_last)
+        self.connects += 1
+        self.state = "connected"
+        self.last_error = ""
+        log.info("connection %s: streaming to %s from seq %d", self.conid, link.peer, target_last + 1)
+        reader = threading.Thread(target=self._read_acks, args=(link,), daemon=True,
+                                  name=f"acks-{self.conid}")
+        reader.start()
+        try:
+            while not self._stop.is_set() and reader.is_alive():
+                item = q.get(timeout=self.idle_flush)
+                if item is None:
+                    try:
+                        self.journal.flush()
+                    except QueueFull as exc:
+                        log.error("connection %s: %s", self.conid, exc)
+                    continue
+                seq, frame = item
+                link.send(MsgType.FRAME, frame)
+                self.sent_seq = seq
+                self.bytes_sent += len(frame)
+                self.frames_sent += 1
+        finally:
+            link.close()
+            reader.join(2)
+        if not self._stop.is_set() and self._reader_error:
+            raise self._reader_error
+
+    _reader_error = None
+
+    def _first_unacked_seq(self) -> int:
+        """Seq of the first op the target has not acknowledged: the first
+        op of the oldest frame in the queue (items are keyed by their last
+        op), or the first op not yet queued."""
+        q = self.queue
+        q.rewind()
+        item = q.get(timeout=0)
+        q.rewind()
+        if item is not None:
+            return frame_header(item[1]).first_seq
+        return self.journal.first_unqueued_seq()
+
+    def _read_acks(self, link: Link) -> None:
+        self._reader_error = None
+        try:
+            while True:
+                mtype, payload = link.recv()
+                if mtype == MsgType.ACK:
+                    if len(payload) != ACK.size:
+                        raise ProtocolError(f"{link.peer} sent an ACK of {len(payload)} bytes")
+                    seq = ACK.unpack(payload)[0]
+                    if seq > self.journal.last_seq:
+                        raise ProtocolError(f"{link.peer} acknowledged seq {seq}, "
+                                            f"beyond the last one sent ({self.sent_seq})")
+                    if seq > self.acked_seq:
+                        self.queue.ack(seq)
+                        self._set_acked(seq)
+                elif mtype == MsgType.ERROR:
+                    import json
+                    raise ProtocolError(f"{link.peer}: {json.loads(bytes(payload)).get('error')}")
+                else:
+                    raise ProtocolError(f"{link.peer} sent {mtype.name} on a data link")
+        except (ProtocolError, OSError, ValueError, QueueClosed) as exc:
+            if not isinstance(exc, (LinkClosed, QueueClosed)) or not self._stop.is_set():
+                self._reader_error = exc if isinstance(exc, (ProtocolError, OSError)) else ProtocolError(str(exc))
+
+    def _set_acked(self, seq: int) -> None:
+        now = time.monotonic()
+        times = self.journal.put_times
+        while times and times[0][0] <= seq:
+            self.lag_ms.append((now - times.popleft()[1]) * 1000)
+        if len(self.lag_ms) > 10000:
+            del self.lag_ms[:5000]
+        with self._acked:
+            if seq > self.acked_seq:
+                self.acked_seq = seq
+            self._acked.notify_all()
+
+    def status(self) -> dict:
+        q = self.queue
+        return {"conid": self.conid, "state": self.state, "last_error": self.last_error,
+                "seq_captured": self.journal.last_seq, "seq_sent": self.sent_seq,
+                "seq_acked": self.acked_seq, "queue_mem_bytes": q.mem_bytes,
+                "queue_disk_bytes": q.disk_bytes, "bytes_sent": self.bytes_sent,
+                "frames_sent": self.frames_sent, "connects": self.connects,
+                "needs_mirror": self.needs_mirror}

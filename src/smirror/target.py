@@ -1,0 +1,201 @@
+"""The target side of one connection: the receiver verifies each frame,
+makes it durable in the target queue and only then acknowledges it; the
+applier takes frames from the queue in sequence order and applies their ops
+under the map base.
+
+    => FRAME: verify (checksums, lengths, seq continuity) -> durable queue -> ACK
+    applier thread: queue -> decode -> Applier (confined) -> queue.ack
+
+A target queue that is full makes the receiver wait for the applier instead
+of reading more from the link, so the source waits too (backpressure); no
+frame is dropped. After a restart the queue hands out every frame not yet
+applied, and the applier's applied-sequence file skips the ops it already
+applied.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from .apply import Applier
+from .errors import ConfinementError, FrameError, QueueClosed, QueueFull, SmirrorError
+from .journal import decode_frame, frame_header
+from .memqueue import SpillQueue
+from .source import ACK
+from .wire import Link, LinkClosed, MsgType, ProtocolError
+
+log = logging.getLogger("smirror.target")
+
+
+class TargetConnection:
+    """State, queue and applier of one incoming connection."""
+
+    def __init__(self, conid: int, map_base, state_dir, *, memory_limit: int = 64 << 20,
+                 disk_limit: int = 1 << 30, min_free_bytes: int = 0, fsync: str = "segment",
+                 on_task=None, on_mark=None, apply: bool = True):
+        self.conid = conid
+        self.map_base = os.fsdecode(os.path.abspath(os.fsencode(map_base)))
+        self.dir = Path(state_dir) / f"target-{conid}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.queue = SpillQueue(str(self.dir / "queue"), memory_limit, disk_limit,
+                                min_free_bytes=min_free_bytes, fsync=fsync, durable=True)
+        self.applier = Applier(self.map_base, state_path=self.dir / "applied",
+                               on_task=on_task, on_mark=on_mark)
+        last = self.queue.last_seq
+        self.received_seq = max(last if last is not None else 0, self.applier.applied_seq)
+        self.state = "idle"
+        self.error = ""
+        self.frames_received = 0
+        self.bytes_received = 0
+        self._progress = threading.Condition()
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._applier_thread = None
+        if apply:
+            self.start_applier()
+
+    # -- applier -------------------------------------------------------------
+    @property
+    def applied_seq(self) -> int:
+        return self.applier.applied_seq
+
+    def start_applier(self) -> None:
+        self._applier_thread = threading.Thread(target=self._apply_loop, daemon=True,
+                                                name=f"applier-{self.conid}")
+        self._applier_thread.start()
+
+    def _apply_loop(self) -> None:
+        q = self.queue
+        while not self._stop.is_set():
+            if self._paused.is_set():
+                self._stop.wait(0.05)
+                continue
+            try:
+                item = q.get(timeout=0.1)
+            except QueueClosed:
+                return
+            if item is None:
+                continue
+            seq, frame = item
+            try:
+                ops, _ = decode_frame(frame)
+                self.applier.apply_all(ops)
+            except (FrameError, ConfinementError, SmirrorError, OSError) as exc:
+                # the frame stays in the queue: nothing after it is applied
+                # out of order; an operator sees why in the status
+                self.state = "apply-error"
+                self.error = str(exc)
+                log.error("connection %s: %s", self.conid, exc)
+                self._stop.wait(1.0)
+                q.rewind()
+                continue
+            self.applier.flush()
+            q.ack(seq)
+            with self._progress:
+                self._progress.notify_all()
+
+    def wait_applied(self, seq: int, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            while self.applier.applied_seq < seq:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._progress.wait(min(left, 0.1))
+        return True
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.queue.close()
+        if self._applier_thread is not None:
+            self._applier_thread.join(5)
+        self.applier.close()
+
+    # -- receiver ------------------------------------------------------------
+    def serve(self, link: Link) -> None:
+        """Handle one data link after its OPEN: READY, then frames until the
+        link closes. Errors are sent to the source and raised."""
+        link.send_json(MsgType.READY, {"last_seq": self.received_seq})
+        self.state = "receiving"
+        try:
+            while not self._stop.is_set():
+                try:
+                    mtype, payload = link.recv()
+                except LinkClosed:
+                    return
+                if mtype == MsgType.FRAME:
+                    self._receive(link, payload)
+                elif mtype == MsgType.RESET:
+                    self._reset(link, payload)
+                elif mtype == MsgType.BYE:
+                    return
+                else:
+                    raise ProtocolError(f"{link.peer} sent {mtype.name} on a data link")
+        except (FrameError, ProtocolError) as exc:
+            link.send_error(f"connection {self.conid}: {exc}")
+            raise
+        finally:
+            if self.state == "receiving":
+                self.state = "idle"
+
+    def _reset(self, link: Link, payload) -> None:
+        import json
+        seq = json.loads(bytes(payload)).get("seq")
+        if not isinstance(seq, int) or seq < self.received_seq:
+            raise ProtocolError(f"{link.peer} sent RESET to seq {seq!r}, below the "
+                                f"{self.received_seq} this target holds")
+        log.warning("connection %s: stream reset to seq %d (was %d): a mirror follows",
+                    self.conid, seq, self.received_seq)
+        self.received_seq = seq
+
+    def _receive(self, link: Link, payload) -> None:
+        try:
+            h = frame_header(payload)
+        except FrameError as exc:
+            raise FrameError(f"frame after seq {self.received_seq} from {link.peer}: {exc}") from None
+        if h.frame_len != len(payload):
+            raise FrameError(f"frame after seq {self.received_seq} from {link.peer} is "
+                             f"{len(payload)} bytes, its header says {h.frame_len}")
+        if h.last_seq <= self.received_seq:
+            link.send(MsgType.ACK, ACK.pack(h.last_seq))   # a resend of what is held
+            return
+        if h.first_seq != self.received_seq + 1:
+            raise ProtocolError(f"frame with seqs {h.first_seq}..{h.last_seq} from {link.peer} "
+                                f"does not follow seq {self.received_seq}: ops would be skipped")
+        frame = bytes(payload)          # the link reuses its buffer
+        decode_frame(frame)             # full verification before it counts as received
+        while True:
+            try:
+                self.queue.put(h.last_seq, frame)
+                break
+            except QueueFull:
+                # backpressure: stop reading the link until the applier
+                # frees room; the source's sends block meanwhile
+                self.state = "queue-full"
+                with self._progress:
+                    self._progress.wait(0.1)
+                if self._stop.is_set():
+                    raise ProtocolError("target is shutting down") from None
+        self.state = "receiving"
+        self.received_seq = h.last_seq
+        self.frames_received += 1
+        self.bytes_received += len(frame)
+        link.send(MsgType.ACK, ACK.pack(h.last_seq))
+
+    def status(self) -> dict:
+        q = self.queue
+        return {"conid": self.conid, "map_base": self.map_base, "state": self.state,
+                "error": self.error, "seq_received": self.received_seq,
+                "seq_applied": self.applier.applied_seq, "queue_mem_bytes": q.mem_bytes,
+                "queue_disk_bytes": q.disk_bytes, "frames_received": self.frames_received,
+                "bytes_received": self.bytes_received, "paused": self._paused.is_set(),
+                "repairs": self.applier.stats["repairs"]}
