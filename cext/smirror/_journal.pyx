@@ -27,10 +27,6 @@ from .ops import (
 
 __all__ = ["encode_frame", "decode_frame", "frame_header", "Encoder"]
 
-cdef extern from "xxhash.h" nogil:
-    ctypedef unsigned long long XXH64_hash_t
-    XXH64_hash_t XXH3_64bits(const void* data, size_t length)
-
 cdef extern from *:
     """
     /* An instance of a tuple subclass (Op) with n empty slots, filled by the
@@ -74,6 +70,7 @@ cdef enum:
     MAX_PATH = 0xFFFF
     MAX_MODE = 0o7777
     LZ4_MAX_RATIO = 256
+    HASH_CHUNK = 32768      # hash what was just written while it is in cache
 
 cdef uint64_t MAX_PAYLOAD = 1 << 30
 cdef uint64_t MAX_OFFSET = (<uint64_t>1 << 63) - 1
@@ -402,7 +399,7 @@ cdef int parse_header(const unsigned char* p, Py_ssize_t have, Py_ssize_t offset
     if version != 1:
         raise FrameError(f"unsupported frame version {version} (this build reads "
                          f"version 1)", offset + 4)
-    if XXH3_64bits(p, HEADER_CHECKED) != ld64(p + HEADER_CHECKED):
+    if SMJ_XXH3_64(p, HEADER_CHECKED) != ld64(p + HEADER_CHECKED):
         raise FrameError("frame header checksum mismatch", offset + HEADER_CHECKED)
     h.flags = p[5]
     h.count = ld32(p + 8)
@@ -572,7 +569,7 @@ def decode_frame(buf, Py_ssize_t offset=0):
                          f"bytes, buffer holds {have}", start + have)
     stored = base + start
     with nogil:
-        check = XXH3_64bits(stored, h.stored_len)
+        check = SMJ_XXH3_64(stored, h.stored_len)
     if check != h.payload_check:
         raise FrameError("frame payload checksum mismatch", start)
     if h.flags & FLAG_LZ4:
@@ -660,9 +657,14 @@ cdef class Encoder:
         self.views_capacity = 0
         self.views_held = 0
         self.busy = False
+        self.hash_state = XXH3_createState()
+        if self.hash_state == NULL:
+            raise MemoryError()
 
     def __dealloc__(self):
         self._release_views()
+        if self.hash_state != NULL:
+            XXH3_freeState(self.hash_state)
         PyMem_Free(self.fields)
         PyMem_Free(self.views)
 
@@ -723,7 +725,9 @@ cdef class Encoder:
         cdef int problem
         cdef Py_buffer* pb
         cdef unsigned char* out
-        cdef unsigned char* w
+        cdef XXH3_state_t* hs
+        cdef Py_ssize_t stored_len
+        cdef const char* packed_ptr
         if n == 0:
             raise ValueError("a frame needs at least one op")
         if n > 0xFFFFFFFF:
@@ -819,26 +823,36 @@ cdef class Encoder:
                 raise ValueError(f"frame payload exceeds {MAX_PAYLOAD} bytes at op {i}; "
                                  f"split the batch")
 
-        # pass 2, GIL released: the records, straight into the result
+        # pass 2, GIL released: the records, straight into the result; when
+        # the payload is stored as written, its check is computed on the fly
         frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + raw_len)
         out = <unsigned char*>PyBytes_AS_STRING(frame)
+        try_lz4 = mode is True or (mode == "auto" and raw_len >= AUTO_COMPRESS_MIN)
+        hs = NULL if try_lz4 else self.hash_state
         with nogil:
-            write_records(self.fields, n, out + HEADER_SIZE)
-        if mode is True or (mode == "auto" and raw_len >= AUTO_COMPRESS_MIN):
-            packed = lz4_compress(memoryview(frame)[HEADER_SIZE:], store_size=False)
-            if mode is True or PyBytes_GET_SIZE(packed) <= raw_len - raw_len // 10:
-                frame_len = HEADER_SIZE + PyBytes_GET_SIZE(packed)
-                frame = PyBytes_FromStringAndSize(NULL, frame_len)
-                out = <unsigned char*>PyBytes_AS_STRING(frame)
-                memcpy(out + HEADER_SIZE, PyBytes_AS_STRING(packed), PyBytes_GET_SIZE(packed))
-                del packed
-                with nogil:
-                    write_header(out, FLAG_LZ4, n, frame_len - HEADER_SIZE, raw_len,
-                                 self.fields[0].seq, self.fields[n - 1].seq)
-                return frame
+            if hs != NULL:
+                XXH3_64bits_reset(hs)
+            write_records(self.fields, n, out + HEADER_SIZE, hs)
+            if hs != NULL:
+                write_header(out, 0, n, raw_len, raw_len, self.fields[0].seq,
+                             self.fields[n - 1].seq, XXH3_64bits_digest(hs))
+        if not try_lz4:
+            return frame
+        packed = lz4_compress(memoryview(frame)[HEADER_SIZE:], store_size=False)
+        if mode is True or PyBytes_GET_SIZE(packed) <= raw_len - raw_len // 10:
+            frame_len = HEADER_SIZE + PyBytes_GET_SIZE(packed)
+            frame = PyBytes_FromStringAndSize(NULL, frame_len)
+            out = <unsigned char*>PyBytes_AS_STRING(frame)
+            stored_len = PyBytes_GET_SIZE(packed)
+            packed_ptr = PyBytes_AS_STRING(packed)
+            with nogil:
+                memcpy(out + HEADER_SIZE, packed_ptr, stored_len)
+                write_header(out, FLAG_LZ4, n, stored_len, raw_len, self.fields[0].seq,
+                             self.fields[n - 1].seq, SMJ_XXH3_64(out + HEADER_SIZE, stored_len))
+            return frame
         with nogil:
             write_header(out, 0, n, raw_len, raw_len, self.fields[0].seq,
-                         self.fields[n - 1].seq)
+                         self.fields[n - 1].seq, SMJ_XXH3_64(out + HEADER_SIZE, raw_len))
         return frame
 
     cdef int _setattr_fields(self, Py_ssize_t i, object op, OpFields* f) except -1:
@@ -864,43 +878,71 @@ cdef class Encoder:
         return 0
 
 
-cdef void write_records(const OpFields* fields, Py_ssize_t n, unsigned char* w) noexcept nogil:
+cdef inline unsigned char* put(unsigned char* w, const unsigned char* src, size_t n,
+                               XXH3_state_t* hs, unsigned char** hashed) noexcept nogil:
+    """Copy ``n`` bytes to ``w``; with a hash state, feed it everything written
+    since ``*hashed`` each time HASH_CHUNK bytes have piled up, so the bytes
+    are hashed while still in cache. Returns the new write position."""
+    cdef size_t piece
+    if hs == NULL:
+        memcpy(w, src, n)
+        return w + n
+    while n:
+        piece = HASH_CHUNK - <size_t>(w - hashed[0])
+        if piece > n:
+            piece = n
+        memcpy(w, src, piece)
+        w += piece
+        src += piece
+        n -= piece
+        if w - hashed[0] >= HASH_CHUNK:
+            SMJ_XXH3_64_UPDATE(hs, hashed[0], <size_t>(w - hashed[0]))
+            hashed[0] = w
+    return w
+
+
+cdef void write_records(const OpFields* fields, Py_ssize_t n, unsigned char* w,
+                        XXH3_state_t* hs) noexcept nogil:
+    """All records into ``w``; with ``hs``, also feeds them to the hash."""
     cdef Py_ssize_t i
     cdef const OpFields* f
+    cdef unsigned char head[RECORD_HEAD_SIZE + 20]
+    cdef unsigned char* hashed = w
+    cdef size_t head_len
     for i in range(n):
         f = &fields[i]
-        w[0] = f.kind
-        w[1] = f.mask
-        st16(w + 2, f.path_len)
-        st16(w + 4, f.path2_len)
-        st32(w + 6, f.data_len)
-        st64(w + 10, f.seq)
-        w += RECORD_HEAD_SIZE
+        head[0] = f.kind
+        head[1] = f.mask
+        st16(head + 2, f.path_len)
+        st16(head + 4, f.path2_len)
+        st32(head + 6, f.data_len)
+        st64(head + 10, f.seq)
+        head_len = RECORD_HEAD_SIZE
         if f.kind == K_WRITE or f.kind == K_TRUNCATE:
-            st64(w, f.u64)
-            w += 8
+            st64(head + head_len, f.u64)
+            head_len += 8
         elif f.kind == K_CREATE or f.kind == K_MKDIR:
-            st32(w, f.mode)
-            w += 4
+            st32(head + head_len, f.mode)
+            head_len += 4
         elif f.kind == K_SETATTR:
-            st32(w, f.mode)
-            st32(w + 4, f.uid)
-            st32(w + 8, f.gid)
-            st64(w + 12, <uint64_t>f.mtime_ns)
-            w += 20
-        memcpy(w, f.path, f.path_len)
-        w += f.path_len
+            st32(head + head_len, f.mode)
+            st32(head + head_len + 4, f.uid)
+            st32(head + head_len + 8, f.gid)
+            st64(head + head_len + 12, <uint64_t>f.mtime_ns)
+            head_len += 20
+        w = put(w, head, head_len, hs, &hashed)
+        w = put(w, f.path, f.path_len, hs, &hashed)
         if f.path2_len:
-            memcpy(w, f.path2, f.path2_len)
-            w += f.path2_len
+            w = put(w, f.path2, f.path2_len, hs, &hashed)
         if f.data_len:
-            memcpy(w, f.data, f.data_len)
-            w += f.data_len
+            w = put(w, f.data, f.data_len, hs, &hashed)
+    if hs != NULL and w != hashed:
+        SMJ_XXH3_64_UPDATE(hs, hashed, <size_t>(w - hashed))
 
 
 cdef void write_header(unsigned char* out, uint8_t flags, Py_ssize_t count,
                        Py_ssize_t stored_len, Py_ssize_t raw_len, uint64_t first_seq,
-                       uint64_t last_seq) noexcept nogil:
+                       uint64_t last_seq, uint64_t payload_check) noexcept nogil:
     st32(out, MAGIC_LE)
     out[4] = 1
     out[5] = flags
@@ -911,8 +953,8 @@ cdef void write_header(unsigned char* out, uint8_t flags, Py_ssize_t count,
     st32(out + 20, 0)
     st64(out + 24, first_seq)
     st64(out + 32, last_seq)
-    st64(out + 40, XXH3_64bits(out + HEADER_SIZE, stored_len))
-    st64(out + 48, XXH3_64bits(out, HEADER_CHECKED))
+    st64(out + 40, payload_check)
+    st64(out + 48, SMJ_XXH3_64(out, HEADER_CHECKED))
 
 
 # encode_frame draws Encoders from a small pool so concurrent callers never

@@ -1,0 +1,130 @@
+"""Benchmarks of the journal frame kernel, each against a baseline measured
+in the same run; every test prints its rate and ratio.
+
+    PYTHONPATH=src python -m pytest benchmarks/bench_journal.py -q -s --benchmark-disable-gc
+
+Goals: encode, and decode+verify, of frames of 4 KiB and of 64 KiB write ops
+>= 0.5 x the throughput of a plain ``b"".join`` of the same data bytes;
+>= 1 million small ops/s (64-byte writes, setattrs) batched, both ways.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from smirror import _journal
+from smirror.ops import Op
+
+ROUNDS = 7
+
+
+def best_of(fn, rounds=ROUNDS):
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def subject_time(benchmark, fn):
+    """Run ``fn`` under pytest-benchmark; return its best time."""
+    benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:            # --benchmark-disable: time it ourselves
+        return best_of(fn, 3)
+    return stats.stats.min
+
+
+def writes(count, size):
+    # distinct, mildly compressible contents, a few files
+    return [Op.write(i + 1, b"data/file-%d.bin" % (i % 8), i * size,
+                     (i.to_bytes(4, "little") * (size // 4)))
+            for i in range(count)]
+
+
+BULK = {"4KiB": writes(2048, 4096), "64KiB": writes(128, 65536)}   # 8 MiB each
+
+
+@pytest.mark.parametrize("name", list(BULK))
+def test_encode_bulk_writes_vs_join(benchmark, name):
+    ops = BULK[name]
+    datas = [op.data for op in ops]
+    nbytes = sum(map(len, datas))
+    base = best_of(lambda: b"".join(datas))
+    t = subject_time(benchmark, lambda: _journal.encode_frame(ops, False))
+    ratio = base / t
+    benchmark.extra_info.update(ratio=round(ratio, 3))
+    print(f"\nencode {len(ops)} x {name} writes: {nbytes / t / 1e9:.2f} GB/s; "
+          f"b''.join: {nbytes / base / 1e9:.2f} GB/s; ratio {ratio:.2f} "
+          f"(goal >= 0.5){' OK' if ratio >= 0.5 else ' BELOW GOAL'}")
+
+
+@pytest.mark.parametrize("name", list(BULK))
+def test_decode_bulk_writes_vs_join(benchmark, name):
+    ops = BULK[name]
+    datas = [op.data for op in ops]
+    nbytes = sum(map(len, datas))
+    frame = _journal.encode_frame(ops, False)
+    base = best_of(lambda: b"".join(datas))
+    t = subject_time(benchmark, lambda: _journal.decode_frame(frame))
+    ratio = base / t
+    benchmark.extra_info.update(ratio=round(ratio, 3))
+    print(f"\ndecode+verify {len(ops)} x {name} writes: {nbytes / t / 1e9:.2f} GB/s; "
+          f"b''.join: {nbytes / base / 1e9:.2f} GB/s; ratio {ratio:.2f} "
+          f"(goal >= 0.5){' OK' if ratio >= 0.5 else ' BELOW GOAL'}")
+
+
+@pytest.mark.parametrize("name", list(BULK))
+def test_lz4_bulk_round_trip(benchmark, name):
+    """Compressed frames: reported beside lz4.block alone (no goal)."""
+    import lz4.block
+    ops = BULK[name]
+    datas = [op.data for op in ops]
+    nbytes = sum(map(len, datas))
+    joined = b"".join(datas)
+    base = best_of(lambda: lz4.block.decompress(lz4.block.compress(joined, store_size=False),
+                                                uncompressed_size=len(joined)), 3)
+
+    def round_trip():
+        _journal.decode_frame(_journal.encode_frame(ops, True))
+
+    t = subject_time(benchmark, round_trip)
+    frame_len = len(_journal.encode_frame(ops, True))
+    print(f"\nlz4 frame round trip {name}: {nbytes / t / 1e9:.2f} GB/s "
+          f"(ratio {frame_len / nbytes:.3f} of raw); lz4.block alone: "
+          f"{nbytes / base / 1e9:.2f} GB/s; ratio {base / t:.2f}")
+
+
+SMALL = {
+    "64B-writes": [Op.write(i + 1, b"db/table-%d.ibd" % (i % 4), i * 64, b"r" * 64)
+                   for i in range(5000)],
+    "setattrs": [Op.setattr(i + 1, b"home/user/file%d" % (i % 50), mode=0o644,
+                            mtime_ns=1_700_000_000_000_000_000 + i) for i in range(5000)],
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_encode_small_ops_rate(benchmark, name):
+    ops = SMALL[name]
+    base = best_of(lambda: [tuple(op) for op in ops])     # touching every op once
+    t = subject_time(benchmark, lambda: _journal.encode_frame(ops, False))
+    rate = len(ops) / t
+    benchmark.extra_info.update(ops_per_s=round(rate))
+    print(f"\nencode {len(ops)} {name}: {rate / 1e6:.2f} M ops/s "
+          f"(goal >= 1.0){' OK' if rate >= 1e6 else ' BELOW GOAL'}; "
+          f"copying each op tuple: {len(ops) / base / 1e6:.2f} M ops/s; ratio {base / t:.2f}")
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_decode_small_ops_rate(benchmark, name):
+    ops = SMALL[name]
+    frame = _journal.encode_frame(ops, False)
+    base = best_of(lambda: [Op(*op) for op in ops])       # building the op tuples alone
+    t = subject_time(benchmark, lambda: _journal.decode_frame(frame))
+    rate = len(ops) / t
+    benchmark.extra_info.update(ops_per_s=round(rate))
+    print(f"\ndecode+verify {len(ops)} {name}: {rate / 1e6:.2f} M ops/s "
+          f"(goal >= 1.0){' OK' if rate >= 1e6 else ' BELOW GOAL'}; "
+          f"Op(*fields) alone: {len(ops) / base / 1e6:.2f} M ops/s; ratio {base / t:.2f}")
