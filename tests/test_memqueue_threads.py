@@ -1,0 +1,167 @@
+"""SpillQueue with real threads: one producer and one consumer at once,
+blocking get with timeout, close waking a waiter, the GIL released."""
+import threading
+import time
+
+import pytest
+
+from smirror.errors import QueueClosed
+
+from test_memqueue_util import IMPLS, frame_for
+
+
+@pytest.fixture(params=IMPLS)
+def mq(request):
+    return request.param
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_producer_consumer_move_100k_items_in_order(mq, tmp_path, durable):
+    total = 100_000 if mq.__name__.endswith("_memqueue") else 30_000
+    # a small memory limit: the stream keeps crossing the spill boundary
+    q = mq.SpillQueue(tmp_path, 16 * 1024, 1 << 30, segment_size=256 * 1024, durable=durable)
+    errors = []
+
+    def produce():
+        try:
+            for seq in range(total):
+                q.put(seq, frame_for(seq, 8 + seq % 200))
+                if seq % 5000 == 4999:
+                    time.sleep(0.002)   # let the consumer catch up now and then
+        except Exception as exc:       # reported by the main thread
+            errors.append(exc)
+
+    got_seqs = []
+    bad = []
+
+    def consume():
+        try:
+            while len(got_seqs) < total:
+                item = q.get(timeout=10)
+                if item is None:
+                    errors.append(AssertionError(f"get timed out after {len(got_seqs)} items"))
+                    return
+                seq, frame = item
+                if frame != frame_for(seq, 8 + seq % 200):
+                    bad.append(seq)
+                got_seqs.append(seq)
+                if seq % 100 == 99:
+                    q.ack(seq)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    try:
+        assert not errors, errors
+        assert got_seqs == list(range(total))
+        assert not bad
+        assert q.stats()["spilled"] > 0, "the test meant to cross the spill boundary"
+        q.ack(total - 1)
+        assert len(q) == 0 and q.mem_bytes == 0 and q.disk_bytes == 0
+    finally:
+        q.close()
+
+
+def test_blocking_get_times_out_in_time(mq, tmp_path):
+    with mq.SpillQueue(tmp_path, 100, 100) as q:
+        t0 = time.monotonic()
+        assert q.get(timeout=0.2) is None
+        elapsed = time.monotonic() - t0
+        assert 0.19 <= elapsed < 1.0, elapsed
+        t0 = time.monotonic()
+        assert q.get(timeout=0) is None
+        assert time.monotonic() - t0 < 0.05
+
+
+def test_blocked_get_wakes_on_put(mq, tmp_path):
+    with mq.SpillQueue(tmp_path, 100, 100) as q:
+        result = []
+        t = threading.Thread(target=lambda: result.append(q.get(timeout=5)))
+        t.start()
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        q.put(1, b"wake")
+        t.join(5)
+        assert result == [(1, b"wake")]
+        assert time.monotonic() - t0 < 1.0
+
+
+def test_rewind_wakes_a_waiter(mq, tmp_path):
+    with mq.SpillQueue(tmp_path, 100, 100) as q:
+        q.put(1, b"a")
+        assert q.get(0) == (1, b"a")
+        result = []
+        t = threading.Thread(target=lambda: result.append(q.get(timeout=5)))
+        t.start()
+        time.sleep(0.1)
+        q.rewind()
+        t.join(5)
+        assert result == [(1, b"a")]
+
+
+def test_close_wakes_a_waiter_with_queue_closed(mq, tmp_path):
+    q = mq.SpillQueue(tmp_path, 100, 100)
+    outcome = []
+
+    def wait():
+        try:
+            q.get()                      # no timeout: only close() ends this
+            outcome.append("returned")
+        except QueueClosed as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.1)
+    assert t.is_alive()
+    t0 = time.monotonic()
+    q.close()
+    t.join(5)
+    assert not t.is_alive()
+    assert time.monotonic() - t0 < 1.0
+    assert len(outcome) == 1 and isinstance(outcome[0], QueueClosed)
+    assert "closed queue" in str(outcome[0])
+
+
+def test_disk_write_and_read_release_the_gil(tmp_path):
+    """One put and one get of a 64 MiB spilled frame in the compiled queue
+    (pwritev / pread, copy, checksum) let a pure-Python thread run meanwhile;
+    a GIL-holding call of similar length (bytes.replace) is the control."""
+    import sys
+    from smirror import _memqueue as native
+    frame = bytes(64 << 20)
+    q = native.SpillQueue(tmp_path, 0, 1 << 32, read_buffer=64 * 1024)
+    stop = threading.Event()
+    ticks = [0]
+
+    def spin():
+        while not stop.is_set():
+            ticks[0] += 1
+
+    def ticks_during(call):
+        before = ticks[0]
+        call()
+        return ticks[0] - before
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)     # the GIL changes hands quickly when asked
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        while ticks[0] < 1000:      # the spinner is running
+            time.sleep(0.001)
+        put = get = control = 0
+        for seq in range(2):        # best of two: a loaded machine may starve one
+            put = max(put, ticks_during(lambda: q.put(seq, frame)))
+            get = max(get, ticks_during(lambda: q.get(0)))
+            control = max(control, ticks_during(lambda: frame.replace(b"\0", b"\1")))
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(old_interval)
+        q.close()
+    assert put > 5 * control and get > 5 * control, (put, get, control)
