@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import stat
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from .errors import MirrorError, ConfigError
 from .target_local import (LocalTarget, TargetSide, copy_range, fd_signature, io_buffer,
@@ -40,6 +40,57 @@ _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 class SourceChanged(Exception):
     """The source file changed while it was being copied (retried)."""
+
+
+class _Future:
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.value = None
+        self.error = None
+
+    def result(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Helpers:
+    """A few daemon threads running submitted calls. (concurrent.futures
+    would import logging: ~8 ms more start-up on every run, and a quick
+    check of an unchanged tree is a matter of tens of milliseconds.)"""
+
+    def __init__(self, count: int, name: str):
+        self._queue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._loop, name=name, daemon=True)
+                         for _ in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            try:
+                fut.value = fn(*args)
+            except BaseException as exc:   # handed to whoever waits on it
+                fut.error = exc
+            fut.done.set()
+
+    def submit(self, fn, *args) -> _Future:
+        fut = _Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def shutdown(self):
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
 
 
 class MirrorOptions:
@@ -294,11 +345,14 @@ class Mirror:
             src = scan(self.src_root, opts.rules)
             dst = Listing(troot)            # dry run into a target not created yet
         else:
-            with ThreadPoolExecutor(1) as pool:
+            helper = _Helpers(1, "smirror-scan")
+            try:
                 # the two scans overlap where they wait on the kernel
-                dst_future = pool.submit(self.target.scan, opts.rules, self._orphan_skip)
+                dst_future = helper.submit(self.target.scan, opts.rules, self._orphan_skip)
                 src = scan(self.src_root, opts.rules)
                 dst = dst_future.result()
+            finally:
+                helper.shutdown()
         for rel, exc in src.errors:
             self._error(rel, exc)
         for rel, exc in dst.errors:
@@ -543,11 +597,15 @@ class Mirror:
                 return
 
         owner = self.owner
+        quick = opts.different or opts.newer
         for rel, s, d in self.meta:
             try:
                 if s.kind in (FILE, SPECIAL):
                     sx = self._src_xattrs(self._src(rel))
-                    same = _same_meta(s, d, owner) and (sx is None or sx == target.xattrs(rel))
+                    # a quick check trusts an xattr-less source file's target to
+                    # have none either (halves the xattr syscalls of a no-op run)
+                    same = _same_meta(s, d, owner) and (
+                        sx is None or (quick and not sx) or sx == target.xattrs(rel))
                 else:
                     sx = None
                     same = _same_meta(s, d, owner) if s.kind != SYMLINK else (
@@ -593,34 +651,50 @@ class Mirror:
             touched.add(rel.rpartition(b"/")[0])
         # largest first keeps both workers busy to the end
         order = sorted(files, key=lambda f: f[1].size, reverse=True)
-        threads = self.opts.threads
-        self._hash_pool = ThreadPoolExecutor(threads) if self.opts.checksum else None
+        threads = min(self.opts.threads, len(order))
+        self._hash_pool = _Helpers(self.opts.threads, "smirror-hash") if self.opts.checksum else None
         try:
-            if threads == 1 or len(order) == 1:
+            if threads == 1:
                 for item in order:
                     self._file_task(item)
                     if self._fatal:
                         break
             else:
-                with ThreadPoolExecutor(threads) as pool:
-                    it = iter(order)
-                    pending = set()
-                    # bounded submission: a fatal error stops the rest promptly
-                    for item in it:
-                        pending.add(pool.submit(self._file_task, item))
-                        if len(pending) >= threads * 4:
-                            done = next(iter(pending))
-                            done.result()
-                            pending = {f for f in pending if not f.done()}
-                        if self._fatal:
-                            break
-                    for f in pending:
-                        f.result()
+                self._run_workers(order, threads)
         finally:
             if self._hash_pool is not None:
                 self._hash_pool.shutdown()
             if progress is not None:
                 progress.finish()
+
+    def _run_workers(self, order, threads):
+        it = iter(order)
+        lock = threading.Lock()
+        crashed = []
+
+        def work():
+            try:
+                while self._fatal is None and not crashed:
+                    with lock:
+                        item = next(it, None)
+                    if item is None:
+                        return
+                    self._file_task(item)
+            except BaseException as exc:   # a bug: stop everyone, re-raise below
+                crashed.append(exc)
+
+        workers = [threading.Thread(target=work, name="smirror-worker", daemon=True)
+                   for _ in range(threads)]
+        for w in workers:
+            w.start()
+        try:
+            for w in workers:
+                w.join()
+        except BaseException:
+            crashed.append(KeyboardInterrupt())   # workers stop at their next file
+            raise
+        if crashed:
+            raise crashed[0]
 
     def _file_task(self, item):
         rel, s, d, action = item

@@ -60,10 +60,25 @@ def read_full(fd: int, view: memoryview, offset: int) -> int:
 
 
 def fd_signature(fd: int, length: int, block_size: int, weak: bool):
-    """Block signature of the first ``length`` bytes of an open file, read
-    with large preads into one reused buffer (the kernel hashes each buffer
-    with the GIL released, so two threads hash on two cores). Raises
-    MirrorError if the file is shorter than ``length`` (it changed)."""
+    """Block signature of the first ``length`` bytes of an open file. The
+    kernel reads it (pread into an aligned buffer, read-ahead thread, GIL
+    released), reopening the same inode through /proc/self/fd; without
+    /proc, large preads into one reused buffer. Raises MirrorError if the
+    file's length is no longer ``length`` (it changed)."""
+    from . import checksum
+    try:
+        sig = checksum.file_signature(f"/proc/self/fd/{fd}", block_size, weak)
+    except FileNotFoundError:
+        if os.path.exists("/proc/self/fd"):
+            raise
+        sig = _fd_signature_pread(fd, length, block_size, weak)
+    if sig.length != length:
+        raise MirrorError(f"file changed length while being read (expected {length} bytes, "
+                          f"found {sig.length})")
+    return sig
+
+
+def _fd_signature_pread(fd: int, length: int, block_size: int, weak: bool):
     from . import checksum
     import numpy as np
     if length == 0:
@@ -83,12 +98,8 @@ def fd_signature(fd: int, length: int, block_size: int, weak: bool):
         if weak:
             weaks.append(part.weak)
         off += want
-    if len(strongs) == 1:
-        strong = strongs[0]
-        weak_arr = weaks[0] if weak else None
-    else:
-        strong = np.concatenate(strongs)
-        weak_arr = np.concatenate(weaks) if weak else None
+    strong = np.concatenate(strongs)
+    weak_arr = np.concatenate(weaks) if weak else None
     return checksum.Signature(block_size, length, strong, weak_arr)
 
 

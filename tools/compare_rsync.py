@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""smirror mirror vs rsync, side by side, as whole commands (process start
+included), on one generated tree with the data in the page cache.
+
+    python tools/compare_rsync.py [--scale 1.0] [--repeat 3] [--workdir /tmp/smirror-bench]
+                                  [--json-out results.json]
+
+Tree (tools/gen_tree.py): ~2,000 files of 1 KiB - 4 MiB plus one 1 GiB file
+(``--scale`` multiplies the file count and the big file's size). Cases:
+
+1. initial full copy to an empty DST:       smirror mirror          vs rsync -a
+2. unchanged tree, checksums:               smirror mirror --checksum vs rsync -a --checksum
+3. unchanged tree, quick check:             smirror mirror --different vs rsync -a
+4. 1% of the 8 KiB blocks of the big file changed:
+                                            smirror mirror --different --checksum
+                                            vs rsync -a --no-whole-file --inplace
+5. 200 of the small files changed:         smirror mirror --different vs rsync -a
+
+Each tool mirrors into its own DST, from the same SRC state; every case is
+repeated (``--repeat``; cases 4 and 5 change fresh blocks/files each time)
+and the best time is kept. Dirty pages are flushed (sync) outside the
+timings. Ratio = smirror time / rsync time (below 1: smirror is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import gen_tree  # noqa: E402
+
+GOALS = {1: 0.8, 2: 0.33, 3: 0.8, 4: 0.33, 5: 0.8}
+
+
+def smirror_cmd(*args):
+    return [sys.executable, "-m", "smirror", "mirror", "--quiet", *map(str, args)]
+
+
+def run_timed(cmd, env=None) -> tuple[float, bytes]:
+    os.sync()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}): "
+                         f"{proc.stderr.decode(errors='replace')}")
+    return elapsed, proc.stdout
+
+
+def warm(path):
+    """Read a tree so it sits in the page cache."""
+    subprocess.run(["sh", "-c", f"find '{path}' -type f -exec cat {{}} + > /dev/null"],
+                   check=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", default="/tmp/smirror-bench")
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the generated tree")
+    args = ap.parse_args(argv)
+
+    rsync = shutil.which("rsync")
+    if rsync is None:
+        raise SystemExit("rsync is not installed (apt-get install rsync)")
+    work = Path(args.workdir)
+    src, dst_s, dst_r = work / "src", work / "dst-smirror", work / "dst-rsync"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    info = gen_tree.make_bench_tree(src, scale=args.scale)
+    print(f"tree: {len(info['files'])} files + big file "
+          f"{os.path.getsize(info['big']) / 2**20:.0f} MiB, {info['bytes'] / 2**30:.2f} GiB "
+          f"(generated in {time.perf_counter() - t0:.1f} s)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    # compile the package's .pyc once, as an installed package has them
+    subprocess.run([sys.executable, "-c", "import smirror.cli, smirror.mirror, smirror.checksum"],
+                   env=env, check=True)
+    warm(src)
+
+    results = {}
+
+    def record(case, name, s_times, r_times, extra=None):
+        s, r = min(s_times), min(r_times)
+        results[case] = {"case": name, "smirror_s": s, "rsync_s": r, "ratio": s / r,
+                         "goal": GOALS[case], "smirror_all": s_times, "rsync_all": r_times,
+                         **(extra or {})}
+        print(f"{case}. {name:<44} smirror {s:8.3f} s  rsync {r:8.3f} s  "
+              f"ratio {s / r:5.2f}  (goal <= {GOALS[case]})", flush=True)
+
+    # 1. initial full copy
+    s_t, r_t = [], []
+    for _ in range(args.repeat):
+        for d in (dst_s, dst_r):
+            shutil.rmtree(d, ignore_errors=True)
+        os.sync()
+        s_t.append(run_timed(smirror_cmd(src, dst_s), env)[0])
+        r_t.append(run_timed([rsync, "-a", f"{src}/", f"{dst_r}/"])[0])
+    record(1, "initial full copy", s_t, r_t)
+    warm(dst_s)
+    warm(dst_r)
+
+    # 2. unchanged tree, checksum
+    s_t, r_t = [], []
+    for _ in range(args.repeat):
+        s_t.append(run_timed(smirror_cmd("--checksum", src, dst_s), env)[0])
+        r_t.append(run_timed([rsync, "-a", "--checksum", f"{src}/", f"{dst_r}/"])[0])
+    record(2, "unchanged tree, --checksum", s_t, r_t)
+
+    # 3. unchanged tree, quick check
+    s_t, r_t = [], []
+    for _ in range(args.repeat):
+        s_t.append(run_timed(smirror_cmd("--different", src, dst_s), env)[0])
+        r_t.append(run_timed([rsync, "-a", f"{src}/", f"{dst_r}/"])[0])
+    record(3, "unchanged tree, quick check", s_t, r_t)
+
+    # 4. 1% of 8 KiB blocks changed in the big file
+    s_t, r_t, written, changed_bytes = [], [], [], []
+    for i in range(args.repeat):
+        changed_bytes.append(gen_tree.change_blocks(info["big"], 0.01, 8192, seed=100 + i))
+        t, out = run_timed(smirror_cmd("--different", "--checksum", "--json", src, dst_s), env)
+        s_t.append(t)
+        written.append(json.loads(out)["bytes_written"])
+        r_t.append(run_timed([rsync, "-a", "--no-whole-file", "--inplace",
+                              f"{src}/", f"{dst_r}/"])[0])
+    record(4, "1% of 8 KiB blocks of the big file changed", s_t, r_t,
+           {"changed_bytes": changed_bytes, "smirror_bytes_written": written,
+            "written_over_changed": [w / c for w, c in zip(written, changed_bytes)]})
+    print(f"   bytes written / bytes changed: "
+          f"{', '.join(f'{w / c:.3f}' for w, c in zip(written, changed_bytes))}")
+
+    # 5. 200 small files changed
+    s_t, r_t = [], []
+    n_small = max(1, int(200 * min(1.0, len(info["files"]) / 2000)))
+    for i in range(args.repeat):
+        gen_tree.change_small(info["files"], n_small, seed=200 + i)
+        s_t.append(run_timed(smirror_cmd("--different", src, dst_s), env)[0])
+        r_t.append(run_timed([rsync, "-a", f"{src}/", f"{dst_r}/"])[0])
+    record(5, f"{n_small} small files changed", s_t, r_t)
+
+    # both targets must equal the source
+    for d in (dst_s, dst_r):
+        diff = subprocess.run([rsync, "-a", "--checksum", "--dry-run", "--itemize-changes",
+                               "--delete", f"{src}/", f"{d}/"], capture_output=True, check=True)
+        if diff.stdout:
+            raise SystemExit(f"{d} differs from the source:\n{diff.stdout.decode(errors='replace')}")
+
+    summary = {"scale": args.scale, "repeat": args.repeat, "files": len(info["files"]),
+               "bytes": info["bytes"], "cpus": os.cpu_count(),
+               "rsync": subprocess.run([rsync, "--version"], capture_output=True,
+                                       text=True).stdout.splitlines()[0],
+               "python": sys.version.split()[0], "cases": results,
+               "goals_met": all(r["ratio"] <= r["goal"] for r in results.values())}
+    out = Path(args.json_out) if args.json_out else work.parent / "smirror-vs-rsync.json"
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"results: {out}; goals {'met' if summary['goals_met'] else 'NOT all met'}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
