@@ -181,7 +181,15 @@ def test_bad_block_size_is_refused(kernel):
 # ------------------------------------------------------------ files
 
 
-def test_fd_signature_equals_block_signature(kernel, tmp_path):
+@pytest.fixture(params=[True, False], ids=["reader-thread", "inline-reads"])
+def reader_thread(request):
+    """Run a file test with and without the compiled pipelining reader thread."""
+    old = _checksum._use_reader_thread(request.param)
+    yield request.param
+    _checksum._use_reader_thread(old)
+
+
+def test_fd_signature_equals_block_signature(kernel, tmp_path, reader_thread):
     # crosses the 8 MiB read chunk with an odd tail
     data = rand_bytes(8 * 1024 * 1024 + 3 * 4096 + 123, 11)
     path = tmp_path / "f"
@@ -197,14 +205,14 @@ def test_fd_signature_equals_block_signature(kernel, tmp_path):
         os.close(fd)
 
 
-def test_fd_signature_blocks_larger_than_the_read_buffer(tmp_path):
+def test_fd_signature_blocks_larger_than_the_read_buffer(tmp_path, reader_thread):
     chunk = _checksum.READ_CHUNK_SIZE
     data = rand_bytes(2 * chunk + chunk // 2 + 17, 12)
     path = tmp_path / "big"
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     try:
-        for bs in (chunk + 1, 2 * chunk):
+        for bs in (chunk // 2 + 1, chunk + 1, 2 * chunk):
             got_w, got_s = _checksum.fd_signature(fd, len(data), bs, True)
             want_w, want_s = _checksum.block_signature(data, bs, True)
             assert np.array_equal(got_w, want_w) and np.array_equal(got_s, want_s)
@@ -212,8 +220,8 @@ def test_fd_signature_blocks_larger_than_the_read_buffer(tmp_path):
         os.close(fd)
 
 
-def test_fd_digest_of_empty_and_small_files(kernel, tmp_path):
-    for n in (0, 1, 1000):
+def test_fd_digest_of_empty_small_and_odd_files(kernel, tmp_path, reader_thread):
+    for n in (0, 1, 1000, (3 << 20) + 5, _checksum.READ_CHUNK_SIZE * 2):
         path = tmp_path / f"s{n}"
         path.write_bytes(rand_bytes(n, n))
         fd = os.open(path, os.O_RDONLY)
@@ -224,19 +232,23 @@ def test_fd_digest_of_empty_and_small_files(kernel, tmp_path):
     assert checksum.file_digest(path) == xxhash.xxh3_128(path.read_bytes()).digest()
 
 
-@pytest.mark.parametrize("bs", [4096, _checksum.READ_CHUNK_SIZE * 2])
-def test_truncated_file_raises_naming_it(kernel, tmp_path, bs):
+@pytest.mark.parametrize("size", [20000, 5 << 20])
+@pytest.mark.parametrize("bs", [4096, 3 << 20, _checksum.READ_CHUNK_SIZE * 2])
+def test_truncated_file_raises_naming_it(kernel, tmp_path, bs, size, reader_thread):
     path = tmp_path / "t"
-    path.write_bytes(rand_bytes(20000))
+    path.write_bytes(rand_bytes(size))
     fd = os.open(path, os.O_RDONLY)
     try:
-        with pytest.raises(DeltaError, match=rf"fd {fd}\).*ended at byte 20000.*30000"):
-            kernel.fd_signature(fd, 30000, bs, True)
+        with pytest.raises(DeltaError, match=rf"fd {fd}\).*ended at byte {size}\b.*{size + 10000}"):
+            kernel.fd_signature(fd, size + 10000, bs, True)
+        # the same file, asked for what it has, still works after the failure
+        assert np.array_equal(kernel.fd_signature(fd, size, bs, False)[1],
+                              _checksum.block_signature(path.read_bytes(), bs, False)[1])
     finally:
         os.close(fd)
 
 
-def test_read_error_is_an_oserror(kernel, tmp_path):
+def test_read_error_is_an_oserror(kernel, tmp_path, reader_thread):
     fd = os.open(tmp_path, os.O_RDONLY)     # a directory: pread fails with EISDIR
     try:
         with pytest.raises(OSError, match="fd"):
@@ -431,7 +443,18 @@ def test_gil_is_released_while_hashing():
     assert len(inside) > 1000, (len(inside), spans["end"] - spans["start"])
 
 
+def _busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]            # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def test_two_threads_hash_on_two_cores():
+    """Two threads hashing use two cores: their summed CPU time exceeds the
+    wall time, which the GIL would forbid. The machine is shared, so a run
+    where other processes took the second core is retried, not failed."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs")
     data = np.random.default_rng(0).integers(0, 256, 128 << 20, dtype=np.uint8)
@@ -440,13 +463,13 @@ def test_two_threads_hash_on_two_cores():
     def run_once():
         cpu = [0.0, 0.0]
         span = [[0.0, 0.0], [0.0, 0.0]]
-        barrier = threading.Barrier(2)
+        barrier = threading.Barrier(3)
 
         def work(i):
             barrier.wait()
             span[i][0] = time.perf_counter()
             c0 = time.thread_time()
-            for _ in range(8):      # ~0.2 s: long enough to see both cores
+            for _ in range(10):     # ~0.3 s: long enough to see both cores
                 _checksum.block_signature(halves[i], 8192, True)
             cpu[i] = time.thread_time() - c0
             span[i][1] = time.perf_counter()
@@ -454,18 +477,23 @@ def test_two_threads_hash_on_two_cores():
         threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
         for t in threads:
             t.start()
+        busy0, own0 = _busy_seconds(), time.process_time()
+        barrier.wait()
         for t in threads:
             t.join()
+        others = (_busy_seconds() - busy0) - (time.process_time() - own0)
         wall = max(s[1] for s in span) - min(s[0] for s in span)
         overlap = min(s[1] for s in span) - max(s[0] for s in span)
-        return sum(cpu), wall, overlap
+        return sum(cpu), wall, overlap, others / wall
 
     results = []
-    # the machine is shared: one clean run out of a few is the evidence
-    for _ in range(4):
-        cpu, wall, overlap = run_once()
-        results.append((round(cpu, 3), round(wall, 3), round(overlap, 3)))
+    for _ in range(6):
+        cpu, wall, overlap, others = run_once()
+        results.append(tuple(round(x, 3) for x in (cpu, wall, overlap, others)))
         # with the GIL held, CPU time summed over both threads cannot exceed wall time
         if overlap > 0.5 * wall and cpu > 1.3 * wall:
             return
-    pytest.fail(f"threads did not run in parallel (cpu, wall, overlap): {results}")
+        if others < 0.4:
+            pytest.fail(f"the second core was free but the threads did not use it "
+                        f"(cpu, wall, overlap, other load): {results}")
+    pytest.skip(f"machine too busy to show two cores (cpu, wall, overlap, other load): {results}")

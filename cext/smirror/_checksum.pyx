@@ -16,9 +16,6 @@ SIMD: the closed form is evaluated 16/32 bytes at a time with wide lanes.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport free, realloc, calloc
 from libc.string cimport memset
-from libc.errno cimport errno, EINTR
-from posix.unistd cimport pread
-from posix.types cimport off_t
 
 import operator
 
@@ -145,6 +142,7 @@ sm_weak_select()
 # page to touch again).
 cdef enum:
     READ_CHUNK = 8 * 1024 * 1024
+    PIPE_SLOT = 1024 * 1024         # one slot of the buffer while pipelining
     POOL_MAX = 4
     MIN_TABLE = 16
 
@@ -312,27 +310,193 @@ def block_signature(data, block_size, with_weak):
     return weak, strong
 
 
-cdef ssize_t _pread_full(int fd, unsigned char* buf, size_t want, uint64_t offset,
-                         int* err) noexcept nogil:
-    """Read up to ``want`` bytes at ``offset``; fewer only at end of file.
-    Returns the count, or -1 with *err set."""
-    cdef size_t got = 0
-    cdef ssize_t r
-    while got < want:
-        r = pread(fd, buf + got, want - got, <off_t>(offset + got))
-        if r > 0:
-            got += r
-        elif r == 0:
-            break
-        elif errno != EINTR:
-            err[0] = errno
-            return -1
-    return got
+# File reading: chunks of the file, in order, in slots of one buffer. For
+# files of more than two slots a reader thread (plain pthread, no GIL, all
+# signals blocked) preads the next slots while the caller hashes the current
+# one, so the copy out of the page cache (or the wait for the disk) overlaps
+# the hashing; otherwise, or if no thread can be started, it reads inline.
+cdef extern from *:
+    """
+    #include <pthread.h>
+    #include <signal.h>
+    #include <string.h>
+    #include <errno.h>
+    #include <unistd.h>
+
+    #define SM_MAX_SLOTS 64
+
+    /* Read up to want bytes at offset; fewer only at end of file.
+       Returns the count, or -1 with *err set. */
+    static ssize_t sm_pread_full(int fd, unsigned char* buf, size_t want,
+                                 uint64_t offset, int* err) {
+        size_t got = 0;
+        while (got < want) {
+            ssize_t r = pread(fd, buf + got, want - got, (off_t)(offset + got));
+            if (r > 0) got += (size_t)r;
+            else if (r == 0) break;
+            else if (errno != EINTR) { *err = errno; return -1; }
+        }
+        return (ssize_t)got;
+    }
+
+    typedef struct {
+        int fd, threaded, nslots, stopped, holding, k;
+        uint64_t end, next_off;
+        unsigned char* buf;
+        size_t slot_size;
+        int err;                       /* errno of a failed read, 0 if none */
+        pthread_t thread;
+        pthread_mutex_t mu;
+        pthread_cond_t cv;
+        int cancel;                    /* shared from here on, under mu */
+        int full[SM_MAX_SLOTS];
+        ssize_t fill[SM_MAX_SLOTS];
+        int slot_err[SM_MAX_SLOTS];
+    } sm_reader;
+
+    static void* sm_reader_main(void* arg) {
+        sm_reader* r = (sm_reader*)arg;
+        uint64_t off = 0;
+        for (int k = 0; off < r->end; k++) {
+            int s = k % r->nslots, cancel;
+            pthread_mutex_lock(&r->mu);
+            while (r->full[s] && !r->cancel) pthread_cond_wait(&r->cv, &r->mu);
+            cancel = r->cancel;
+            pthread_mutex_unlock(&r->mu);
+            if (cancel) break;
+            size_t want = r->end - off < r->slot_size ? (size_t)(r->end - off) : r->slot_size;
+            int err = 0;
+            ssize_t n = sm_pread_full(r->fd, r->buf + (size_t)s * r->slot_size, want, off, &err);
+            pthread_mutex_lock(&r->mu);
+            r->fill[s] = n;
+            r->slot_err[s] = err;
+            r->full[s] = 1;
+            pthread_cond_broadcast(&r->cv);
+            pthread_mutex_unlock(&r->mu);
+            if (n < 0 || (size_t)n < want) break;
+            off += (uint64_t)n;
+        }
+        return NULL;
+    }
+
+    static void sm_reader_open(sm_reader* r, int fd, uint64_t end, uint64_t size_hint,
+                               unsigned char* buf, size_t buf_size, size_t slot_size) {
+        memset(r, 0, sizeof(*r));
+        r->fd = fd;
+        r->end = end;
+        r->buf = buf;
+        r->slot_size = slot_size;
+        r->nslots = (int)(buf_size / slot_size > SM_MAX_SLOTS ? SM_MAX_SLOTS : buf_size / slot_size);
+        if (r->nslots >= 2 && size_hint > 2 * (uint64_t)slot_size) {
+            sigset_t all, old;
+            pthread_mutex_init(&r->mu, NULL);
+            pthread_cond_init(&r->cv, NULL);
+            sigfillset(&all);
+            /* signals belong to the main thread; the reader inherits this mask */
+            pthread_sigmask(SIG_BLOCK, &all, &old);
+            r->threaded = pthread_create(&r->thread, NULL, sm_reader_main, r) == 0;
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            if (!r->threaded) {
+                pthread_mutex_destroy(&r->mu);
+                pthread_cond_destroy(&r->cv);
+            }
+        }
+    }
+
+    /* The next chunk (the slot of the previous call is handed back). *got is
+       its length: less than asked means end of file, 0 when nothing is left.
+       NULL on a read error (r->err set). */
+    static const unsigned char* sm_reader_next(sm_reader* r, size_t* got) {
+        *got = 0;
+        if (r->stopped || r->next_off >= r->end) {
+            if (r->threaded && r->holding) {
+                pthread_mutex_lock(&r->mu);
+                r->full[(r->k - 1) % r->nslots] = 0;
+                r->holding = 0;
+                pthread_cond_broadcast(&r->cv);
+                pthread_mutex_unlock(&r->mu);
+            }
+            return r->buf;
+        }
+        size_t want = r->end - r->next_off < r->slot_size
+                      ? (size_t)(r->end - r->next_off) : r->slot_size;
+        const unsigned char* data;
+        ssize_t n;
+        if (!r->threaded) {
+            int err = 0;
+            n = sm_pread_full(r->fd, r->buf, want, r->next_off, &err);
+            data = r->buf;
+            if (n < 0) r->err = err;
+        } else {
+            int s = r->k % r->nslots;
+            pthread_mutex_lock(&r->mu);
+            if (r->holding) {
+                r->full[(r->k - 1) % r->nslots] = 0;
+                pthread_cond_broadcast(&r->cv);
+            }
+            while (!r->full[s]) pthread_cond_wait(&r->cv, &r->mu);
+            n = r->fill[s];
+            if (n < 0) r->err = r->slot_err[s];
+            pthread_mutex_unlock(&r->mu);
+            r->holding = 1;
+            r->k++;
+            data = r->buf + (size_t)s * r->slot_size;
+        }
+        if (n < 0) { r->stopped = 1; return NULL; }
+        *got = (size_t)n;
+        r->next_off += (uint64_t)n;
+        if ((size_t)n < want) r->stopped = 1;
+        return data;
+    }
+
+    static void sm_reader_close(sm_reader* r) {
+        if (!r->threaded) return;
+        pthread_mutex_lock(&r->mu);
+        r->cancel = 1;
+        pthread_cond_broadcast(&r->cv);
+        pthread_mutex_unlock(&r->mu);
+        pthread_join(r->thread, NULL);
+        pthread_mutex_destroy(&r->mu);
+        pthread_cond_destroy(&r->cv);
+        r->threaded = 0;
+    }
+    """
+    ctypedef struct sm_reader:
+        int err
+        int threaded
+        uint64_t next_off
+    void sm_reader_open(sm_reader* r, int fd, uint64_t end, uint64_t size_hint,
+                        unsigned char* buf, size_t buf_size, size_t slot_size) nogil
+    const unsigned char* sm_reader_next(sm_reader* r, size_t* got) nogil
+    void sm_reader_close(sm_reader* r) nogil
 
 
 cdef _raise_read(int fd, int err, uint64_t offset):
     import os
     raise OSError(err, f"reading fd {fd} at byte {offset}: {os.strerror(err)}")
+
+
+cdef bint _reader_thread_allowed = True
+
+
+def _use_reader_thread(enabled) -> bool:
+    """Allow or forbid the pipelining reader thread of fd_signature and
+    fd_digest (tests and benchmarks exercise both paths); returns the old
+    setting."""
+    global _reader_thread_allowed
+    old = _reader_thread_allowed
+    _reader_thread_allowed = bool(enabled)
+    return old
+
+
+cdef size_t _slot_for(size_t bs) noexcept nogil:
+    """Slot size: a whole number of blocks near PIPE_SLOT (small enough to be
+    hashed while it is still in cache), or 0 if blocks are too large for that."""
+    if bs <= PIPE_SLOT:
+        return PIPE_SLOT - PIPE_SLOT % bs
+    if bs <= READ_CHUNK // 2:
+        return bs
+    return 0
 
 
 def fd_signature(fd, length, block_size, with_weak):
@@ -341,7 +505,7 @@ def fd_signature(fd, length, block_size, with_weak):
     Raises DeltaError if the file ends before ``length``."""
     cdef int cfd = _check_fd(fd)
     cdef size_t bs = _check_block_size(block_size)
-    if not isinstance(length, int) or length < 0:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise ValueError(f"length must be an int >= 0, got {length!r}")
     cdef uint64_t total = length
     cdef size_t count = (total + bs - 1) // bs
@@ -358,72 +522,82 @@ def fd_signature(fd, length, block_size, with_weak):
     if count == 0:
         return weak, strong
 
-    cdef unsigned char* buf = _take_buffer()
     cdef uint64_t* strong_ptr = &strong_view[0, 0]
-    cdef uint64_t off = 0, block_end
-    cdef size_t chunk, want, blk = 0
-    cdef ssize_t got = 0
-    cdef int err = 0
-    cdef bint short_read = False
+    cdef size_t slot = _slot_for(bs)
     cdef XXH3_state_t* state = NULL
+    if slot == 0:
+        state = XXH3_createState()
+        if state == NULL:
+            raise MemoryError("cannot allocate an XXH3 state")
+    cdef unsigned char* buf
+    try:
+        buf = _take_buffer()
+    except BaseException:
+        XXH3_freeState(state)
+        raise
+    cdef sm_reader reader
+    cdef const unsigned char* data
+    cdef size_t got, want, pos, take, blk = 0
+    cdef uint64_t off = 0, block_left = 0
+    cdef bint short_read = False
+    cdef bint threads = _reader_thread_allowed
     cdef WeakSums sums
     cdef XXH128_hash_t h
-    try:
-        if bs <= READ_CHUNK:
-            chunk = READ_CHUNK - READ_CHUNK % bs
-            with nogil:
-                while off < total:
-                    want = chunk if total - off > chunk else <size_t>(total - off)
-                    got = _pread_full(cfd, buf, want, off, &err)
-                    if got < 0:
-                        break
-                    if <size_t>got < want:
-                        off += got
-                        short_read = True
-                        break
-                    sign_buffer(buf, want, bs,
-                                weak_ptr + blk if weak_ptr != NULL else NULL,
-                                strong_ptr + 2 * blk)
-                    blk += (want + bs - 1) // bs
-                    off += want
+    with nogil:
+        if slot:
+            # slots hold whole blocks: one-shot hashes per block
+            sm_reader_open(&reader, cfd, total, total if threads else 0, buf, READ_CHUNK, slot)
+            while off < total:
+                want = slot if total - off > slot else <size_t>(total - off)
+                data = sm_reader_next(&reader, &got)
+                if data == NULL:
+                    break
+                if got < want:
+                    off += got
+                    short_read = True
+                    break
+                sign_buffer(data, got, bs,
+                            weak_ptr + blk if weak_ptr != NULL else NULL,
+                            strong_ptr + 2 * blk)
+                blk += (got + bs - 1) // bs
+                off += got
         else:
-            # blocks larger than the buffer: stream each block through it
-            state = XXH3_createState()
-            if state == NULL:
-                raise MemoryError("cannot allocate an XXH3 state")
-            with nogil:
-                while off < total and not short_read and err == 0:
-                    block_end = off + bs if total - off > bs else total
-                    XXH3_128bits_reset(state)
-                    sums.s1 = 0
-                    sums.s2 = 0
-                    while off < block_end:
-                        want = READ_CHUNK if block_end - off > READ_CHUNK else <size_t>(block_end - off)
-                        got = _pread_full(cfd, buf, want, off, &err)
-                        if got < 0:
-                            break
-                        if <size_t>got < want:
-                            off += got
-                            short_read = True
-                            break
-                        SM_XXH3_128_UPDATE(state, buf, want)
-                        if weak_ptr != NULL:
-                            weak_append(&sums, buf, want)
-                        off += want
-                    if err or short_read:
-                        break
-                    h = XXH3_128bits_digest(state)
-                    strong_ptr[2 * blk] = h.low64
-                    strong_ptr[2 * blk + 1] = h.high64
+            # blocks larger than a slot: stream each block through the slots
+            sm_reader_open(&reader, cfd, total, total if threads else 0, buf, READ_CHUNK,
+                           READ_CHUNK // 2)
+            while off < total:
+                data = sm_reader_next(&reader, &got)
+                if data == NULL:
+                    break
+                pos = 0
+                while pos < got:
+                    if block_left == 0:
+                        XXH3_128bits_reset(state)
+                        sums.s1 = 0
+                        sums.s2 = 0
+                        block_left = bs if total - off > bs else total - off
+                    take = got - pos if got - pos < block_left else <size_t>block_left
+                    SM_XXH3_128_UPDATE(state, data + pos, take)
                     if weak_ptr != NULL:
-                        weak_ptr[blk] = _pack(sums.s1, sums.s2)
-                    blk += 1
-    finally:
-        if state != NULL:
-            XXH3_freeState(state)
-        _give_buffer(buf)
-    if err:
-        _raise_read(cfd, err, off)
+                        weak_append(&sums, data + pos, take)
+                    pos += take
+                    off += take
+                    block_left -= take
+                    if block_left == 0:
+                        h = XXH3_128bits_digest(state)
+                        strong_ptr[2 * blk] = h.low64
+                        strong_ptr[2 * blk + 1] = h.high64
+                        if weak_ptr != NULL:
+                            weak_ptr[blk] = _pack(sums.s1, sums.s2)
+                        blk += 1
+                if got == 0 or (off < total and got < READ_CHUNK // 2):
+                    short_read = True
+                    break
+        sm_reader_close(&reader)
+    XXH3_freeState(state)
+    _give_buffer(buf)
+    if reader.err:
+        _raise_read(cfd, reader.err, reader.next_off)
     if short_read:
         raise DeltaError(f"file (fd {cfd}) ended at byte {off} while its signature "
                          f"needs {total} B: it was truncated meanwhile")
@@ -433,7 +607,13 @@ def fd_signature(fd, length, block_size, with_weak):
 def fd_digest(fd) -> bytes:
     """XXH3-128 of a whole open file (from offset 0 to its end), streamed
     through one reused buffer with the GIL released; 16 bytes canonical."""
+    import os
     cdef int cfd = _check_fd(fd)
+    cdef uint64_t size_hint = 0
+    try:
+        size_hint = os.fstat(cfd).st_size
+    except OSError:
+        pass                    # the read below reports the real problem
     cdef XXH3_state_t* state = XXH3_createState()
     if state == NULL:
         raise MemoryError("cannot allocate an XXH3 state")
@@ -443,28 +623,27 @@ def fd_digest(fd) -> bytes:
     except BaseException:
         XXH3_freeState(state)
         raise
-    cdef uint64_t off = 0
-    cdef ssize_t got
-    cdef int err = 0
+    cdef sm_reader reader
+    cdef const unsigned char* data
+    cdef size_t got
+    cdef bint threads = _reader_thread_allowed
     cdef XXH128_hash_t h
     cdef XXH128_canonical_t canon
-    try:
-        with nogil:
-            XXH3_128bits_reset(state)
-            while True:
-                got = _pread_full(cfd, buf, READ_CHUNK, off, &err)
-                if got <= 0:
-                    break
-                SM_XXH3_128_UPDATE(state, buf, got)
-                off += got
-                if <size_t>got < READ_CHUNK:
-                    break
-            h = XXH3_128bits_digest(state)
-    finally:
-        XXH3_freeState(state)
-        _give_buffer(buf)
-    if err:
-        _raise_read(cfd, err, off)
+    with nogil:
+        XXH3_128bits_reset(state)
+        sm_reader_open(&reader, cfd, <uint64_t>-1, size_hint if threads else 0, buf,
+                       READ_CHUNK, PIPE_SLOT)
+        while True:
+            data = sm_reader_next(&reader, &got)
+            if data == NULL or got == 0:
+                break
+            SM_XXH3_128_UPDATE(state, data, got)
+        sm_reader_close(&reader)
+        h = XXH3_128bits_digest(state)
+    XXH3_freeState(state)
+    _give_buffer(buf)
+    if reader.err:
+        _raise_read(cfd, reader.err, reader.next_off)
     XXH128_canonicalFromHash(&canon, h)
     return bytes(canon.digest[:16])
 
