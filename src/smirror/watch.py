@@ -1,0 +1,388 @@
+"""Capture through the watcher: inotify events of a replication set become
+ops. The watcher says which files changed; the checksum kernel finds which
+blocks, against a per-file signature cache that holds the strong hash of
+every block as it was last sent, so only changed blocks travel.
+
+* a rename inside the set is a RENAME (no delete and re-copy);
+* a rename out of the set is a DELETE, into it a CREATE with the content;
+* attribute changes are SETATTRs, except an atime-only change (compared
+  against the cached mode, owner and mtime, and dropped);
+* an inotify queue overflow, a failed watch or the start of the watcher is
+  a resync of the subtree that may have changed unseen: the tree is
+  compared with the cache (checksums for the content), never a silent loss.
+
+The cache is what the target has, as far as this source knows: each block's
+hash is taken from the very bytes put into the WRITE op, so a file changing
+while it is read cannot make cache and target disagree.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+
+import numpy as np
+
+from . import checksum
+from .inotify import Event, Kind, Watcher
+from .ops import Op
+from .tree import Rules
+
+log = logging.getLogger("smirror.watch")
+
+_READ_CHUNK = 8 << 20
+_ZERO = 0
+
+
+class Known:
+    """What the target holds of one path (as far as this source sent it)."""
+    __slots__ = ("kind", "mode", "uid", "gid", "mtime_ns", "size", "block_size", "strong", "link", "ino")
+
+    def __init__(self, kind, mode, uid, gid, mtime_ns, size=0, block_size=0, strong=None,
+                 link=None, ino=0):
+        self.kind, self.mode, self.uid, self.gid = kind, mode, uid, gid
+        self.mtime_ns, self.size, self.block_size, self.strong = mtime_ns, size, block_size, strong
+        self.link, self.ino = link, ino
+
+
+def _is_zero(view) -> bool:
+    return not any(view) if len(view) < 64 else np.frombuffer(view, np.uint8).max() == 0
+
+
+class TreeCapture:
+    """Watches ``root`` and emits ops for what changes. ``run()`` loops until
+    ``stop()``; ``sync()`` processes everything seen so far (a task queued on
+    the source calls it first, so the task marks the source state at that
+    moment)."""
+
+    def __init__(self, root, emit, *, rules: Rules | None = None, owner: bool | None = None,
+                 settle: float = 0.002):
+        self.root = os.fsencode(os.path.abspath(root))
+        self.emit = emit
+        self.rules = rules if rules else None
+        self.owner = (os.geteuid() == 0) if owner is None else owner
+        self.settle = settle
+        self.known: dict[bytes, Known] = {}
+        self._dirty: dict[bytes, float] = {}       # files modified, not yet diffed
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._buf = bytearray(_READ_CHUNK)
+        self.stats = {"events": 0, "ops": 0, "resyncs": 0, "bytes_sent": 0, "bytes_skipped": 0}
+        self.watcher = Watcher(self.root, exclude=self._excluded)
+        self.last_rescan_reason = ""
+
+    def _excluded(self, rel: bytes, is_dir: bool) -> bool:
+        return self.rules is not None and self.rules.excluded(rel, is_dir)
+
+    _read_root = None
+
+    def _abs(self, rel: bytes) -> bytes:
+        root = self._read_root or self.root
+        return root + b"/" + rel if rel else root
+
+    def _out(self, op: Op) -> None:
+        self.stats["ops"] += 1
+        self.emit(op)
+
+    # -- the model of the target -------------------------------------------
+    def load_target(self, target_root) -> None:
+        """Fill the cache from the target tree as a finished mirror left it
+        (signatures of the target's files, attributes of its entries), so
+        that every change the watcher reports from now on is diffed against
+        what the target really holds."""
+        with self._lock:
+            self.known.clear()
+            self._read_root = os.fsencode(os.path.abspath(target_root))
+            try:
+                self._walk(b"", emit=False)
+            finally:
+                self._read_root = None
+
+    def resync(self, rel: bytes = b"", reason: str = "") -> None:
+        """Compare the subtree ``rel`` with the cache and emit ops for every
+        difference (a checksum difference mirror against the cache)."""
+        with self._lock:
+            self.stats["resyncs"] += 1
+            self.last_rescan_reason = reason
+            log.info("resync of %r: %s", rel, reason or "requested")
+            seen = set()
+            self._walk(rel, emit=True, seen=seen)
+            prefix = rel + b"/" if rel else b""
+            gone = [p for p in self.known if (p == rel or p.startswith(prefix)) and p not in seen and p]
+            for p in sorted(gone, key=lambda p: -p.count(b"/")):   # children first
+                if p in self.known:
+                    self._delete(p)
+
+    def _walk(self, rel: bytes, emit: bool, seen=None) -> None:
+        stack = [rel]
+        if rel:
+            self._sync_path(rel, emit, seen)
+        while stack:
+            d = stack.pop()
+            try:
+                with os.scandir(self._abs(d)) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError:
+                continue
+            for e in entries:
+                child = d + b"/" + e.name if d else e.name
+                try:
+                    is_dir = e.is_dir(follow_symlinks=False)
+                except OSError:
+                    continue
+                if self._excluded(child, is_dir):
+                    continue
+                self._sync_path(child, emit, seen)
+                if is_dir:
+                    stack.append(child)
+
+    def _sync_path(self, rel: bytes, emit: bool, seen) -> None:
+        if seen is not None:
+            seen.add(rel)
+        try:
+            st = os.lstat(self._abs(rel))
+        except OSError:
+            return
+        k = self.known.get(rel)
+        if k is not None and k.kind != stat.S_IFMT(st.st_mode):
+            if emit:
+                self._delete(rel)
+            k = None
+        if k is None:
+            if emit:
+                self._create(rel, st)
+            else:
+                self._remember(rel, st, with_signature=True)
+        elif stat.S_ISREG(st.st_mode):
+            self._diff_file(rel, emit=emit)
+        elif stat.S_ISLNK(st.st_mode):
+            link = os.readlink(self._abs(rel))
+            if link != k.link and emit:
+                self._out(Op.symlink(_ZERO, rel, link))
+                k.link = link
+        if k is not None or not emit:
+            self._attrs(rel, st, emit)
+
+    def _remember(self, rel: bytes, st, with_signature: bool = False) -> Known:
+        k = Known(stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                  st.st_mtime_ns, ino=(st.st_dev, st.st_ino))
+        if stat.S_ISLNK(st.st_mode):
+            k.link = os.readlink(self._abs(rel))
+        self.known[rel] = k
+        if with_signature and stat.S_ISREG(st.st_mode):
+            self._diff_file(rel, emit=False)
+        return k
+
+    # -- ops ----------------------------------------------------------------
+    def _create(self, rel: bytes, st) -> None:
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            self._out(Op.mkdir(_ZERO, rel, mode))
+            self._remember(rel, st)
+            self._attrs(rel, st, True, force_owner=True)
+        elif stat.S_ISLNK(st.st_mode):
+            link = os.readlink(self._abs(rel))
+            self._out(Op.symlink(_ZERO, rel, link))
+            self._remember(rel, st)
+            self._attrs(rel, st, True, force_owner=True)
+        elif stat.S_ISREG(st.st_mode):
+            if st.st_nlink > 1:
+                other = self._same_inode(rel, st)
+                if other is not None:
+                    self._out(Op.hardlink(_ZERO, rel, other))
+                    k = self.known[other]
+                    self.known[rel] = Known(k.kind, k.mode, k.uid, k.gid, k.mtime_ns, k.size,
+                                            k.block_size, k.strong, None, k.ino)
+                    return
+            self._out(Op.create(_ZERO, rel, mode))
+            k = self._remember(rel, st)
+            k.size = 0
+            self._diff_file(rel, emit=True)
+            self._attrs(rel, st, True, force_owner=True)
+        # fifos, sockets, devices: not replicated by the watcher
+
+    def _same_inode(self, rel: bytes, st):
+        ino = (st.st_dev, st.st_ino)
+        for p, k in self.known.items():
+            if k.ino == ino and p != rel and k.kind == stat.S_IFREG:
+                return p
+        return None
+
+    def _attrs(self, rel: bytes, st, emit: bool, force_owner: bool = False) -> None:
+        k = self.known.get(rel)
+        if k is None:
+            return
+        mode = stat.S_IMODE(st.st_mode)
+        is_link = stat.S_ISLNK(st.st_mode)
+        kw = {}
+        if mode != k.mode and not is_link:
+            kw["mode"] = mode
+        if self.owner and (force_owner or st.st_uid != k.uid):
+            kw["uid"] = st.st_uid
+        if self.owner and (force_owner or st.st_gid != k.gid):
+            kw["gid"] = st.st_gid
+        if st.st_mtime_ns != k.mtime_ns or force_owner:
+            kw["mtime_ns"] = st.st_mtime_ns
+        k.mode, k.uid, k.gid, k.mtime_ns = mode, st.st_uid, st.st_gid, st.st_mtime_ns
+        if kw and emit:      # nothing differs: an atime-only change is dropped here
+            self._out(Op.setattr(_ZERO, rel, **kw))
+
+    def _diff_file(self, rel: bytes, emit: bool) -> None:
+        """Send the blocks of ``rel`` whose hash differs from the cache."""
+        k = self.known[rel]
+        try:
+            fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return            # gone or replaced: its own event follows
+        try:
+            size = os.fstat(fd).st_size
+            if not k.block_size:
+                k.block_size = checksum.block_size_for(size)
+            bs = k.block_size
+            count = -(-size // bs)
+            old = k.strong if k.strong is not None else np.zeros((0, 2), np.uint64)
+            new = np.zeros((count, 2), np.uint64)
+            n_old = len(old)
+            chunk = (_READ_CHUNK // bs) * bs or bs
+            if len(self._buf) < chunk:
+                self._buf = bytearray(chunk)
+            view = memoryview(self._buf)
+            off = 0
+            while off < size:
+                want = min(chunk, size - off)
+                got = os.preadv(fd, [view[:want]], off)
+                if got <= 0:
+                    break
+                sig = checksum.signature(view[:got], bs, weak=False)
+                first = off // bs
+                new[first:first + sig.count] = sig.strong
+                if emit:
+                    m = min(sig.count, max(0, n_old - first))
+                    differ = np.ones(sig.count, bool)
+                    if m:
+                        differ[:m] = np.any(old[first:first + m] != sig.strong[:m], axis=1)
+                    for i in np.flatnonzero(differ):
+                        b0 = int(i) * bs
+                        b1 = min(b0 + bs, got)
+                        piece = view[b0:b1]
+                        if first + int(i) >= n_old and _is_zero(piece):
+                            self.stats["bytes_skipped"] += b1 - b0   # a hole stays a hole
+                            continue
+                        self._out(Op.write(_ZERO, rel, off + b0, bytes(piece)))
+                        self.stats["bytes_sent"] += b1 - b0
+                off += got
+            size = min(size, off)
+            if emit and size != k.size:
+                # shrinking needs it; growing by a hole at the end needs it too
+                self._out(Op.truncate(_ZERO, rel, size))
+            k.size = size
+            k.strong = new[: -(-size // bs)] if bs else new
+        finally:
+            os.close(fd)
+
+    def _delete(self, rel: bytes) -> None:
+        k = self.known.get(rel)
+        if k is None:
+            return
+        if k.kind == stat.S_IFDIR:
+            prefix = rel + b"/"
+            for p in sorted((p for p in self.known if p.startswith(prefix)),
+                            key=lambda p: -p.count(b"/")):
+                kk = self.known.pop(p)
+                self._out(Op.rmdir(_ZERO, p) if kk.kind == stat.S_IFDIR else Op.delete(_ZERO, p))
+            self._out(Op.rmdir(_ZERO, rel))
+        else:
+            self._out(Op.delete(_ZERO, rel))
+        self.known.pop(rel, None)
+        self._dirty.pop(rel, None)
+
+    def _rename(self, old: bytes, new: bytes) -> None:
+        if old not in self.known:
+            try:
+                self._create(new, os.lstat(self._abs(new)))
+            except OSError:
+                pass
+            return
+        if new in self.known:
+            self._delete(new)
+        self._out(Op.rename(_ZERO, old, new))
+        prefix = old + b"/"
+        for p in [p for p in self.known if p == old or p.startswith(prefix)]:
+            self.known[new + p[len(old):]] = self.known.pop(p)
+        for p in [p for p in self._dirty if p == old or p.startswith(prefix)]:
+            self._dirty[new + p[len(old):]] = self._dirty.pop(p)
+
+    # -- events ---------------------------------------------------------------
+    def handle(self, ev: Event) -> None:
+        self.stats["events"] += 1
+        rel = ev.path
+        if ev.kind == Kind.RESCAN:
+            self._flush_dirty(force=True)
+            self.resync(rel, ev.reason)
+        elif ev.kind == Kind.MOVED:
+            self._flush_dirty(force=True)
+            self._rename(rel, ev.new_path)
+        elif ev.kind == Kind.CREATED:
+            self._flush_dirty(force=True)
+            try:
+                st = os.lstat(self._abs(rel))
+            except OSError:
+                return
+            if rel in self.known:
+                self._sync_path(rel, True, None)
+            else:
+                self._create(rel, st)
+        elif ev.kind == Kind.DELETED:
+            self._flush_dirty(force=True)
+            self._delete(rel)
+        elif ev.kind == Kind.MODIFIED:
+            self._dirty.setdefault(rel, time.monotonic())
+        elif ev.kind == Kind.CLOSED:
+            self._dirty[rel] = 0.0       # diff it now
+        elif ev.kind == Kind.ATTRIB:
+            self._flush_dirty(force=True)
+            try:
+                st = os.lstat(self._abs(rel))
+            except OSError:
+                return
+            if rel in self.known:
+                self._attrs(rel, st, True)
+
+    def _flush_dirty(self, force: bool = False) -> None:
+        now = time.monotonic()
+        for rel, t in list(self._dirty.items()):
+            if force or now - t >= self.settle:
+                del self._dirty[rel]
+                if rel in self.known and self.known[rel].kind == stat.S_IFREG:
+                    self._diff_file(rel, emit=True)
+                    try:
+                        self._attrs(rel, os.lstat(self._abs(rel)), True)
+                    except OSError:
+                        pass
+
+    def poll(self, timeout: float) -> int:
+        """Read and handle the events ready within ``timeout``; returns how many."""
+        events = self.watcher.read(timeout=timeout)
+        with self._lock:
+            for ev in events:
+                self.handle(ev)
+            self._flush_dirty(force=not events)
+        return len(events)
+
+    def sync(self, quiet: float = 0.01) -> None:
+        """Handle everything the kernel has reported so far."""
+        while self.poll(quiet):
+            pass
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.poll(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.stop()
+        self.watcher.close()
