@@ -497,3 +497,34 @@ def test_two_threads_hash_on_two_cores():
             pytest.fail(f"the second core was free but the threads did not use it "
                         f"(cpu, wall, overlap, other load): {results}")
     pytest.skip(f"machine too busy to show two cores (cpu, wall, overlap, other load): {results}")
+
+
+def test_fd_facade_and_path_in_errors(tmp_path):
+    data = rand_bytes(50000, 6)
+    path = tmp_path / "named.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 1234, os.SEEK_SET)      # the position is neither used nor moved
+        sig = checksum.fd_signature(fd)
+        assert sig.length == 50000 and sig.block_size == 4096
+        assert np.array_equal(sig.strong, checksum.signature(data).strong)
+        assert checksum.fd_signature(fd, 10000, 1024, weak=False).count == 10
+        assert checksum.fd_digest(fd) == xxhash.xxh3_128(data).digest()
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 1234
+        with pytest.raises(DeltaError, match="truncated"):
+            checksum.fd_signature(fd, 60000)
+    finally:
+        os.close(fd)
+    with pytest.raises(ValueError, match="block size"):
+        checksum.file_signature(path, 10)
+
+
+def test_file_signature_names_the_file_that_came_up_short():
+    # sysfs files claim 4096 B in stat but hold fewer: a deterministic
+    # stand-in for a file truncated between stat and read
+    path = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.exists(path) or os.stat(path).st_size <= len(open(path, "rb").read()):
+        pytest.skip("needs a sysfs file whose stat size exceeds its content")
+    with pytest.raises(DeltaError, match=f"{path}: .*truncated"):
+        checksum.file_signature(path)

@@ -105,12 +105,30 @@ def file_signature(path, block_size: int | None = None, weak: bool = True) -> Si
     """Signature of a file, read with large preads into one reused buffer."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        length = os.fstat(fd).st_size
-        bs = block_size_for(length) if block_size is None else check_block_size(block_size)
-        w, s = _k.fd_signature(fd, length, bs, weak)
-        return Signature(bs, length, s, w)
+        return fd_signature(fd, None, block_size, weak)
+    except DeltaError as exc:
+        raise DeltaError(f"{os.fsdecode(path)}: {exc}") from None
     finally:
         os.close(fd)
+
+
+def fd_signature(fd: int, length: int | None = None, block_size: int | None = None,
+                 weak: bool = True) -> Signature:
+    """Signature of the first ``length`` bytes (default: its size now) of an
+    open file; the file position is not used or moved. A reader thread preads
+    ahead into one reused buffer while the blocks are hashed, GIL released.
+    Raises DeltaError if the file ends before ``length`` (truncated
+    meanwhile), OSError if it cannot be read."""
+    if length is None:
+        length = os.fstat(fd).st_size
+    bs = block_size_for(length) if block_size is None else check_block_size(block_size)
+    w, s = _k.fd_signature(fd, length, bs, weak)
+    return Signature(bs, length, s, w)
+
+
+def fd_digest(fd: int) -> bytes:
+    """XXH3-128 of a whole open file (offset 0 to its end), 16 bytes."""
+    return _k.fd_digest(fd)
 
 
 def changed_blocks(old: Signature, new: Signature) -> np.ndarray:
