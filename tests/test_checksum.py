@@ -84,11 +84,41 @@ def test_golden_values(kernel, data, weak, strong):
         assert w.shape == (0,) and s.shape == (0, 2)
 
 
-def test_weak_matches_definition_at_simd_edges():
+def available_weak_variants():
+    found = []
+    for name in ("avx2", "sse2", "generic"):
+        old = _checksum.WEAK_SIMD
+        try:
+            _checksum._use_weak_variant(name)
+            found.append(name)
+        except ValueError:
+            pass
+        finally:
+            _checksum._use_weak_variant(old)
+    return found
+
+
+@pytest.fixture(params=available_weak_variants())
+def weak_variant(request):
+    old = _checksum._use_weak_variant(request.param)
+    yield request.param
+    _checksum._use_weak_variant(old)
+
+
+def test_weak_variants_exist():
+    assert "generic" in available_weak_variants()
+    with pytest.raises(ValueError, match="not available"):
+        _checksum._use_weak_variant("avx1024")
+
+
+def test_weak_matches_definition_at_simd_edges(weak_variant):
     # lengths around the 16/32/64-byte vector steps, bytes at their maximum
     for n in list(range(0, 200)) + [4095, 4096, 4097, 65535, 65536, 65537, 300001]:
         for data in (rand_bytes(n, n), b"\xff" * n):
-            assert _checksum.weak_checksum(data) == naive_weak(data), n
+            assert _checksum.weak_checksum(data) == naive_weak(data), (weak_variant, n)
+    data = rand_bytes(1 << 20, 99)
+    w, _ = _checksum.block_signature(data, 777, True)
+    assert np.array_equal(w, _checksum_py.block_signature(data, 777, True)[0])
 
 
 # ------------------------------------------------------------ compiled vs reference

@@ -30,6 +30,7 @@ cdef extern from *:
     """
     #include <stdint.h>
     #include <stddef.h>
+    #include <string.h>
 
     /* Append n bytes to (s1, s2): the serial form, for short tails. */
     static inline void sm_weak_serial(const unsigned char* p, size_t n,
@@ -111,13 +112,8 @@ cdef extern from *:
         sm_weak_sse2(p + 64 * pairs, n - 64 * pairs, s1p, s2p);
     }
 
-    static void (*sm_weak_impl)(const unsigned char*, size_t, uint32_t*, uint32_t*) = sm_weak_sse2;
-    static const char* sm_weak_name = "sse2";
-    static void sm_weak_select(void) {
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2")) { sm_weak_impl = sm_weak_avx2; sm_weak_name = "avx2"; }
-    }
-    #else
+    #endif
+
     /* portable: closed form with wide accumulators, vectorised by gcc */
     static void sm_weak_generic(const unsigned char* p, size_t n,
                                 uint32_t* s1p, uint32_t* s2p) {
@@ -126,12 +122,35 @@ cdef extern from *:
         *s2p += (uint32_t)n * *s1p + b;
         *s1p += a;
     }
-    static void (*sm_weak_impl)(const unsigned char*, size_t, uint32_t*, uint32_t*) = sm_weak_generic;
+
+    typedef void (*sm_weak_fn)(const unsigned char*, size_t, uint32_t*, uint32_t*);
+    static sm_weak_fn sm_weak_impl = sm_weak_generic;
     static const char* sm_weak_name = "generic";
-    static void sm_weak_select(void) {}
+
+    /* Use the named variant; returns 0, or -1 if this CPU/build lacks it. */
+    static int sm_weak_use(const char* name) {
+        if (strcmp(name, "generic") == 0) { sm_weak_impl = sm_weak_generic; sm_weak_name = "generic"; return 0; }
+    #if defined(__x86_64__) || defined(__i386__)
+        if (strcmp(name, "sse2") == 0 && __builtin_cpu_supports("sse2")) {
+            sm_weak_impl = sm_weak_sse2; sm_weak_name = "sse2"; return 0;
+        }
+        if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2")) {
+            sm_weak_impl = sm_weak_avx2; sm_weak_name = "avx2"; return 0;
+        }
     #endif
+        return -1;
+    }
+
+    /* the fastest variant this CPU runs */
+    static void sm_weak_select(void) {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_cpu_init();
+    #endif
+        if (sm_weak_use("avx2") != 0 && sm_weak_use("sse2") != 0) sm_weak_use("generic");
+    }
     """
     void sm_weak_select() nogil
+    int sm_weak_use(const char* name) nogil
     void sm_weak_impl(const unsigned char* p, size_t n, uint32_t* s1, uint32_t* s2) noexcept nogil
     const char* sm_weak_name
 
@@ -150,7 +169,17 @@ cdef void* _pool[POOL_MAX]
 cdef int _pool_count = 0
 
 READ_CHUNK_SIZE = READ_CHUNK
-WEAK_SIMD = sm_weak_name.decode()
+WEAK_SIMD = sm_weak_name.decode()     # the variant picked at import
+
+
+def _use_weak_variant(name) -> str:
+    """Switch the weak-checksum code path ("avx2", "sse2", "generic"), for
+    tests that check every variant; returns the previous one. ValueError if
+    this CPU cannot run it. Not thread-safe against running hashes."""
+    old = sm_weak_name.decode()
+    if sm_weak_use(name.encode()) != 0:
+        raise ValueError(f"weak checksum variant {name!r} is not available here")
+    return old
 
 
 cdef unsigned char* _take_buffer() except NULL:
