@@ -26,13 +26,14 @@ import threading
 import time
 
 from .errors import MirrorError, ConfigError
-from .target_local import (LocalTarget, TargetSide, copy_range, fd_signature, io_buffer,
+from .target_local import (LocalTarget, TargetSide, fd_digest, fd_signature, io_buffer,
                            read_full, read_xattrs, xattr_filter)
 from .tree import DIR, FILE, SPECIAL, SYMLINK, Listing, Rules, entry_from_stat, scan
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
 INPLACE_MIN = 1 << 20        # smaller files are rewritten whole when they differ
+PARALLEL_SIDES_MIN = 32 << 20   # larger files hash source and target on two threads
 SHIFT_FRACTION = 0.5         # more blocks changed than this: look for shifted content
 DELTA_IN_MEMORY_MAX = 256 << 20   # larger sources are mmapped for the rolling delta
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
@@ -788,14 +789,38 @@ class Mirror:
             dsize = d.size
             bs = self.opts.block_size
             progress = self.progress
+            if size == dsize and size < INPLACE_MIN:
+                # small: one digest per side in this thread (a hand-off to
+                # another thread costs more than hashing a few hundred KiB)
+                try:
+                    digest_s = fd_digest(fd, size)
+                except MirrorError:
+                    raise SourceChanged() from None
+                digest_d = self.target.digest(rel, size)
+                if progress is not None:
+                    progress.advance(size)
+                if digest_s == digest_d:
+                    self._check_same(fd, st1)
+                    self._count_write("check", 0, size)
+                    self._fix_meta(rel, fd, st1, d)
+                    return
+                self._act("write", rel)
+                if self.opts.dry_run:
+                    self._count_write("whole", size, 0)
+                    return
+                copied = self._write_whole(rel, fd, st1, advance=False)
+                self._count_write("whole", copied, 0)
+                return
             if size == dsize:
                 bs = bs or checksum.block_size_for(size)
-                fut = self._hash_pool.submit(self.target.signature, rel, bs, False)
+                # large: source here, target on a helper thread, both at once
+                fut = (self._hash_pool.submit(self.target.signature, rel, bs, False)
+                       if size >= PARALLEL_SIDES_MIN else None)
                 try:
                     sig_s = fd_signature(fd, size, bs, False)
                 except MirrorError:
                     raise SourceChanged() from None
-                sig_d = fut.result()
+                sig_d = fut.result() if fut is not None else self.target.signature(rel, bs, False)
                 if sig_d.length != size:
                     raise MirrorError("target file changed size while being compared")
                 changed = checksum.changed_blocks(sig_d, sig_s)

@@ -59,48 +59,185 @@ def read_full(fd: int, view: memoryview, offset: int) -> int:
     return got
 
 
-def fd_signature(fd: int, length: int, block_size: int, weak: bool):
-    """Block signature of the first ``length`` bytes of an open file. The
-    kernel reads it (pread into an aligned buffer, read-ahead thread, GIL
-    released), reopening the same inode through /proc/self/fd; without
-    /proc, large preads into one reused buffer. Raises MirrorError if the
-    file's length is no longer ``length`` (it changed)."""
-    from . import checksum
+_SIG_CHUNK = 1 << 20          # read+hash step: stays in cache between the copy and the hash
+
+
+def _aligned_buffer(size: int):
+    """A page-aligned per-thread read buffer (an anonymous mapping: preads
+    into it run several times faster than into a large bytearray here)."""
+    buf = getattr(_tls, "abuf", None)
+    if buf is None or len(buf) < size:
+        import mmap
+        buf = _tls.abuf = mmap.mmap(-1, size)
+    return buf
+
+
+_MMAP_MIN = 32 << 20          # files this large are hashed from a mapping when leased
+_MMAP_WINDOW = 256 << 20      # mapped and hashed a window at a time, lease checked between
+
+
+def _take_read_lease(fd: int) -> bool:
+    """A read lease guarantees nobody has the file open for writing, and
+    makes a new writer's open() or truncate() wait (up to the kernel's
+    lease-break-time, of which we use at most a third) until the lease is released - so a mapping of the
+    file cannot be cut short under us (which would be a SIGBUS). Its break
+    notice goes out as SIGURG, whose default action is to do nothing."""
+    import fcntl
     try:
-        sig = checksum.file_signature(f"/proc/self/fd/{fd}", block_size, weak)
-    except FileNotFoundError:
-        if os.path.exists("/proc/self/fd"):
-            raise
-        sig = _fd_signature_pread(fd, length, block_size, weak)
-    if sig.length != length:
-        raise MirrorError(f"file changed length while being read (expected {length} bytes, "
-                          f"found {sig.length})")
-    return sig
+        fcntl.fcntl(fd, fcntl.F_SETSIG, _signal_urg())
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        return True
+    except OSError:      # open for writing somewhere, not ours, no lease support
+        return False
 
 
-def _fd_signature_pread(fd: int, length: int, block_size: int, weak: bool):
-    from . import checksum
+def _lease_break_seconds() -> float:
+    try:
+        with open("/proc/sys/fs/lease-break-time", "rb") as f:
+            return float(f.read().strip() or 45)
+    except (OSError, ValueError):
+        return 45.0
+
+
+def _signal_urg() -> int:
+    import signal
+    return int(signal.SIGURG)
+
+
+def _lease_intact(fd: int) -> bool:
+    import fcntl
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
+    except OSError:
+        return False
+
+
+def _drop_lease(fd: int):
+    import fcntl
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        pass
+
+
+def _mapped_signature(fd: int, length: int, block_size: int, weak: bool):
+    """Signature from a mapping of the file (no copy through a buffer: about
+    twice as fast as preads for large files), under a read lease; None when
+    no lease can be had. A lease break (a writer waiting) stops the mapping
+    at the next window and the rest is read with preads."""
+    import mmap
     import numpy as np
+    from . import checksum
+    page = mmap.ALLOCATIONGRANULARITY
+    if block_size % page and page % block_size:
+        return None           # windows could not start on page boundaries
+    # a multiple of both the block size and the page size
+    window = max(block_size, (_MMAP_WINDOW // block_size) * block_size)
+    if not _take_read_lease(fd):
+        return None
+    try:
+        if os.fstat(fd).st_size < length:
+            raise MirrorError(f"file shrank while being read (expected {length} bytes)")
+        count = -(-length // block_size)
+        strong = np.empty((count, 2), dtype=np.uint64)
+        weak_arr = np.empty(count, dtype=np.uint32) if weak else None
+        # the kernel breaks a lease by force after lease-break-time: stop
+        # mapping well before (a writer waiting that long is told by then)
+        deadline = time.monotonic() + _lease_break_seconds() / 3
+        off = 0
+        while off < length:
+            if not _lease_intact(fd) or time.monotonic() > deadline:
+                break
+            n = min(window, length - off)
+            m = mmap.mmap(fd, n, prot=mmap.PROT_READ, offset=off)
+            try:
+                part = checksum.signature(m, block_size, weak)
+            finally:
+                m.close()
+            i = off // block_size
+            strong[i:i + part.count] = part.strong
+            if weak:
+                weak_arr[i:i + part.count] = part.weak
+            off += n
+        if off < length:     # lease broken or odd alignment: finish with preads
+            rest = _pread_signature(fd, length - off, block_size, weak, start=off)
+            i = off // block_size
+            strong[i:] = rest.strong
+            if weak:
+                weak_arr[i:] = rest.weak
+        return checksum.Signature(block_size, length, strong, weak_arr)
+    finally:
+        _drop_lease(fd)
+
+
+def fd_signature(fd: int, length: int, block_size: int, weak: bool):
+    """Block signature of the first ``length`` bytes of an open file. Large
+    files are hashed from a leased mapping; the rest (or when no lease can
+    be had) with preads of ~1 MiB into one reused page-aligned buffer. The
+    kernel hashes with the GIL released, so source and target hash on two
+    cores. Raises MirrorError if the file is shorter than ``length``."""
+    if length >= _MMAP_MIN:
+        sig = _mapped_signature(fd, length, block_size, weak)
+        if sig is not None:
+            return sig
+    return _pread_signature(fd, length, block_size, weak)
+
+
+def _pread_signature(fd: int, length: int, block_size: int, weak: bool, start: int = 0):
+    from . import checksum
     if length == 0:
         return checksum.signature(b"", block_size, weak)
-    chunk = max(block_size, (_IO_CHUNK // block_size) * block_size)
-    buf = memoryview(io_buffer(chunk))
-    strongs, weaks = [], []
+    chunk = block_size * max(1, _SIG_CHUNK // block_size)
+    view = memoryview(_aligned_buffer(chunk))
+    if length <= chunk:
+        got = read_full(fd, view[:length], start)
+        if got != length:
+            raise MirrorError(f"file shrank while being read (expected {length} bytes, got {got})")
+        sig = checksum.signature(view[:length], block_size, weak)
+        return checksum.Signature(block_size, length, sig.strong.copy(),
+                                  None if sig.weak is None else sig.weak.copy())
+    import numpy as np
+    count = -(-length // block_size)
+    strong = np.empty((count, 2), dtype=np.uint64)
+    weak_arr = np.empty(count, dtype=np.uint32) if weak else None
+    per = chunk // block_size
     off = 0
+    i = 0
     while off < length:
         want = min(chunk, length - off)
-        got = read_full(fd, buf[:want], off)
+        got = read_full(fd, view[:want], start + off)
         if got != want:
             raise MirrorError(f"file shrank while being read (expected {length} bytes, "
                               f"got {off + got})")
-        part = checksum.signature(buf[:want], block_size, weak)
-        strongs.append(part.strong)
+        part = checksum.signature(view[:want], block_size, weak)
+        n = part.count
+        strong[i:i + n] = part.strong
         if weak:
-            weaks.append(part.weak)
+            weak_arr[i:i + n] = part.weak
+        i += per
         off += want
-    strong = np.concatenate(strongs)
-    weak_arr = np.concatenate(weaks) if weak else None
     return checksum.Signature(block_size, length, strong, weak_arr)
+
+
+_DIGEST_ONESHOT = 4 << 20
+
+
+def fd_digest(fd: int, length: int) -> bytes:
+    """XXH3-128 of the first ``length`` bytes of an open file (the same
+    value as :func:`smirror.checksum.file_digest`). Raises MirrorError if
+    the file's length is not ``length``."""
+    from . import checksum
+    if length <= _DIGEST_ONESHOT:
+        view = memoryview(_aligned_buffer(max(_SIG_CHUNK, length + 1)))
+        got = read_full(fd, view[:length + 1], 0)     # one byte more: notice growth
+        if got != length:
+            raise MirrorError(f"file changed length while being read (expected {length} "
+                              f"bytes, found {got}{'+' if got > length else ''})")
+        return checksum.strong_digest(view[:length])
+    digest = checksum.file_digest(f"/proc/self/fd/{fd}")
+    if os.fstat(fd).st_size != length:
+        raise MirrorError(f"file changed length while being read (expected {length} bytes)")
+    return digest
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, out_offset: int,
@@ -205,7 +342,7 @@ class TargetSide:
     """What a mirror needs from the side it writes to. Paths are relative
     ``bytes`` (b"" is the root); entries are :class:`smirror.tree.Entry`.
 
-    Reading: ``scan``, ``lstat``, ``signature``, ``xattrs``.
+    Reading: ``scan``, ``lstat``, ``signature``, ``digest``, ``xattrs``.
     Writing: ``create_temp`` (whole file, renamed into place on commit),
     ``open_inplace`` (aligned block writes into an existing file),
     ``mkdir``, ``symlink``, ``link``, ``mknod``, ``set_meta``, ``remove``,
@@ -219,6 +356,9 @@ class TargetSide:
         raise NotImplementedError
 
     def signature(self, rel: bytes, block_size: int, weak: bool):
+        raise NotImplementedError
+
+    def digest(self, rel: bytes, length: int):
         raise NotImplementedError
 
     def xattrs(self, rel: bytes) -> dict:
@@ -345,6 +485,17 @@ class LocalTarget(TargetSide):
         fd = os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             return fd_signature(fd, os.fstat(fd).st_size, block_size, weak)
+        finally:
+            os.close(fd)
+
+    def digest(self, rel: bytes, length: int):
+        """XXH3-128 of the file's content, or None if its length is not
+        ``length`` (then it differs anyway)."""
+        fd = os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return fd_digest(fd, length)
+        except MirrorError:
+            return None
         finally:
             os.close(fd)
 
