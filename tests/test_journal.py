@@ -484,3 +484,26 @@ def test_encoder_shared_by_threads_refuses_instead_of_corrupting():
             if frame is not None:      # a frame that was produced is exactly right
                 assert frame == _journal_py.encode_frame(inputs[k], False)
     assert any(f is not None for r in results for f in r)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("compress", [False, True])
+def test_data_views_are_ordinary_memoryviews(impl, compress, tmp_path):
+    payloads = [b"", b"a", bytes(range(200)), b"\xff" * 4097]
+    ops = [Op.write(i + 1, b"f", i, p) for i, p in enumerate(payloads)]
+    path = tmp_path / "frame"
+    path.write_bytes(impl.encode_frame(ops, compress))
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        decoded, _ = impl.decode_frame(m)
+        for op, want in zip(decoded, payloads):
+            v = op.data
+            assert (len(v), v.nbytes, v.shape, v.format, v.ndim) == (len(want), len(want),
+                                                                   (len(want),), "B", 1)
+            assert v.c_contiguous and v.tobytes() == want and bytes(v[1:3]) == want[1:3]
+            assert v.readonly == compress          # views into the mmap are writable
+            assert list(v[-2:]) == list(want[-2:])
+            v.release()
+        del decoded, op, v
+        # every export released: the mmap can close
+    with pytest.raises(ValueError):
+        m[0]

@@ -80,6 +80,7 @@ cdef class Encoder:
     cdef Py_ssize_t views_capacity
     cdef Py_ssize_t views_held
     cdef XXH3_state_t* hash_state  # payload check computed while writing
+    cdef bytearray scratch       # raw payload before lz4, reused between calls
     cdef bint busy
     cdef readonly object compress
 

@@ -9,6 +9,7 @@ whole payload with the GIL released before it builds a single Python object,
 so a corrupt frame costs no allocation beyond its header check.
 """
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsUnsignedLongLong, PyLong_AsLongLong
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
@@ -36,12 +37,31 @@ cdef extern from *:
         PyTypeObject *t = (PyTypeObject *)type;
         return t->tp_alloc(t, n);
     }
+
+    /* base[start:start + n] for a 1-D, C-contiguous unsigned-byte memoryview
+       base: a new view on the same managed buffer, as memory_subscript makes
+       for a slice, without building the slice and index objects. */
+    static PyObject *smj_subview(PyObject *base, Py_ssize_t start, Py_ssize_t n) {
+        PyObject *mv = PyMemoryView_FromObject(base);
+        Py_buffer *view;
+        if (mv == NULL)
+            return NULL;
+        view = PyMemoryView_GET_BUFFER(mv);
+        view->buf = (char *)view->buf + start;
+        view->len = n;
+        view->shape[0] = n;
+        return mv;
+    }
     """
     object smj_alloc_tuple_of(object type, Py_ssize_t n)
+    object smj_subview(object base, Py_ssize_t start, Py_ssize_t n)
     bint PyBytes_Check(object o)
     bint PyBytes_CheckExact(object o)
     bint PyLong_Check(object o)
     bint PyTuple_Check(object o)
+    unsigned long long smj_as_ull "PyLong_AsUnsignedLongLong"(object o) noexcept
+    PyObject* PyErr_Occurred() noexcept
+    void PyErr_Clear() noexcept
 
 # -- format constants (mirrored in smirror.ops; the tests compare them) -----
 cdef enum:
@@ -77,6 +97,7 @@ cdef uint64_t MAX_OFFSET = (<uint64_t>1 << 63) - 1
 cdef uint32_t MAGIC_LE = 0x464A4D53          # b"SMJF" read as little-endian u32
 cdef Py_ssize_t AUTO_COMPRESS_MIN = _AUTO_COMPRESS_MIN
 cdef Py_ssize_t SHRINK_ABOVE = 1 << 16       # op slots kept between calls
+cdef Py_ssize_t SCRATCH_KEEP = 64 << 20      # lz4 scratch bytes kept between calls
 
 # per-kind layout: fixed field bytes, path2 present, path2 is a tree path,
 # data allowed, path is a tree path
@@ -146,28 +167,32 @@ cdef int path_problem(uint8_t kind, const unsigned char* p, size_t n,
     """Why ``p`` cannot be the path (second=0) or path2 of ``kind``: the
     purely syntactic rules of smirror.ops; P_OK when it is fine."""
     cdef bint tree
-    cdef size_t i, j
-    cdef const unsigned char* slash
+    cdef bint dotdot = False
+    cdef size_t i, start = 0
+    cdef unsigned char c
     if second:
         if not HAS_PATH2[kind]:
             return P_NOT_EMPTY if n else P_OK
         tree = TREE_PATH2[kind]
     else:
         tree = TREE_PATH[kind]
-    if n and memchr(p, 0, n) != NULL:
-        return P_NUL
     if n == 0:
         return P_OK if (kind == K_MARK and not second) else P_EMPTY
-    if tree:
-        if p[0] == b'/':
-            return P_ABSOLUTE
-        i = 0
-        while i < n:
-            slash = <const unsigned char*>memchr(p + i, b'/', n - i)
-            j = n if slash == NULL else <size_t>(slash - p)
-            if j - i == 2 and p[i] == b'.' and p[i + 1] == b'.':
-                return P_DOTDOT
-            i = j + 1
+    # one pass: a NUL anywhere wins over a '..' component
+    for i in range(n):
+        c = p[i]
+        if c == 0:
+            return P_NUL
+        if c == b'/':
+            if i - start == 2 and p[start] == b'.' and p[start + 1] == b'.':
+                dotdot = True
+            start = i + 1
+    if not tree:
+        return P_OK
+    if p[0] == b'/':
+        return P_ABSOLUTE
+    if dotdot or (n - start == 2 and p[start] == b'.' and p[start + 1] == b'.'):
+        return P_DOTDOT
     return P_OK
 
 
@@ -536,7 +561,7 @@ cdef list build_ops(const unsigned char* raw, Py_ssize_t count, object data_base
         set_item(op, 3, path2)
         body += path2_len
         if HAS_DATA[kind]:
-            data = data_base[body + data_shift:body + data_shift + data_len]
+            data = smj_subview(data_base, body + data_shift, data_len)
         else:
             data = EMPTY
         set_item(op, 11, data)
@@ -605,18 +630,20 @@ cdef object bad_op(Py_ssize_t i, object op, str message, exc=ValueError):
     return exc(f"op {i} (seq {seq}): {message}")
 
 
-cdef int as_u64(object v, uint64_t maxv, uint64_t* out) except -2:
-    """0: ok; 1: not an int; 2: out of 0..maxv."""
+cdef inline int as_u64(object v, uint64_t maxv, uint64_t* out) noexcept:
+    """0: ok; 1: not an int; 2: out of 0..maxv. Never leaves an exception set."""
+    cdef unsigned long long r
     if v is ZERO:
         out[0] = 0
         return 0
     if not PyLong_Check(v):
         return 1
-    try:
-        out[0] = PyLong_AsUnsignedLongLong(v)
-    except OverflowError:
+    r = smj_as_ull(v)
+    if r == <unsigned long long>-1 and PyErr_Occurred() != NULL:
+        PyErr_Clear()               # negative or >= 2**64
         return 2
-    return 2 if out[0] > maxv else 0
+    out[0] = r
+    return 2 if r > maxv else 0
 
 
 cdef uint64_t get_u64(Py_ssize_t i, object op, str name, object v, uint64_t maxv) except? 0xFFFFFFFFFFFFFFFF:
@@ -629,13 +656,18 @@ cdef uint64_t get_u64(Py_ssize_t i, object op, str name, object v, uint64_t maxv
     return out
 
 
-cdef int check_unused(Py_ssize_t i, object op, str name, object v, uint8_t kind) except -1:
-    if v is ZERO:
-        return 0
+cdef int unused_slow(Py_ssize_t i, object op, str name, object v, uint8_t kind) except -1:
     if not PyLong_Check(v) or v != 0:
         raise bad_op(i, op, f"{name} is not used by {kind_name(kind)} ops and must be 0, "
                             f"got {v!r}")
     return 0
+
+
+cdef inline int check_unused(Py_ssize_t i, object op, str name, object v,
+                             uint8_t kind) except -1:
+    if v is ZERO:
+        return 0
+    return unused_slow(i, op, name, v, kind)
 
 
 def _compress_mode(compress):
@@ -657,6 +689,7 @@ cdef class Encoder:
         self.views_capacity = 0
         self.views_held = 0
         self.busy = False
+        self.scratch = bytearray()
         self.hash_state = XXH3_createState()
         if self.hash_state == NULL:
             raise MemoryError()
@@ -710,6 +743,8 @@ cdef class Encoder:
             return self._encode(tuple(ops), mode)
         finally:
             self._release_views()
+            if PyByteArray_GET_SIZE(self.scratch) > SCRATCH_KEEP:
+                self.scratch = bytearray()
             if self.capacity > SHRINK_ABOVE:
                 PyMem_Free(self.fields)
                 self.fields = NULL
@@ -727,7 +762,12 @@ cdef class Encoder:
         cdef unsigned char* out
         cdef XXH3_state_t* hs
         cdef Py_ssize_t stored_len
-        cdef const char* packed_ptr
+        cdef const unsigned char* stored
+        cdef unsigned char* raw
+        cdef uint64_t first_seq, last_seq
+        cdef uint8_t flags
+        cdef PyObject* checked_path = NULL   # borrowed: ops holds it alive
+        cdef bint checked_tree = False
         if n == 0:
             raise ValueError("a frame needs at least one op")
         if n > 0xFFFFFFFF:
@@ -758,9 +798,14 @@ cdef class Encoder:
                 raise bad_op(i, op, f"path is {len(v)} bytes long, the limit is {MAX_PATH}")
             f.path = <const unsigned char*>PyBytes_AS_STRING(v)
             f.path_len = <uint16_t>PyBytes_GET_SIZE(v)
-            problem = path_problem(kind, f.path, f.path_len, 0)
-            if problem:
-                raise bad_op(i, op, f"{kind_name(kind)} path {v!r} {PATH_PROBLEMS[problem]}")
+            # runs of ops on one file share the path object: check it once
+            if <PyObject*>v != checked_path or TREE_PATH[kind] != checked_tree:
+                problem = path_problem(kind, f.path, f.path_len, 0)
+                if problem:
+                    raise bad_op(i, op, f"{kind_name(kind)} path {v!r} {PATH_PROBLEMS[problem]}")
+                if f.path_len:          # (an empty label is fine for marks only)
+                    checked_path = <PyObject*>v
+                    checked_tree = TREE_PATH[kind]
             v = <object>PyTuple_GET_ITEM(op, 3)
             if not PyBytes_Check(v):
                 raise bad_op(i, op, f"path2 must be bytes, not {type(v).__name__}", TypeError)
@@ -823,36 +868,43 @@ cdef class Encoder:
                 raise ValueError(f"frame payload exceeds {MAX_PAYLOAD} bytes at op {i}; "
                                  f"split the batch")
 
-        # pass 2, GIL released: the records, straight into the result; when
-        # the payload is stored as written, its check is computed on the fly
-        frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + raw_len)
-        out = <unsigned char*>PyBytes_AS_STRING(frame)
-        try_lz4 = mode is True or (mode == "auto" and raw_len >= AUTO_COMPRESS_MIN)
-        hs = NULL if try_lz4 else self.hash_state
-        with nogil:
-            if hs != NULL:
-                XXH3_64bits_reset(hs)
-            write_records(self.fields, n, out + HEADER_SIZE, hs)
-            if hs != NULL:
-                write_header(out, 0, n, raw_len, raw_len, self.fields[0].seq,
-                             self.fields[n - 1].seq, XXH3_64bits_digest(hs))
-        if not try_lz4:
-            return frame
-        packed = lz4_compress(memoryview(frame)[HEADER_SIZE:], store_size=False)
-        if mode is True or PyBytes_GET_SIZE(packed) <= raw_len - raw_len // 10:
-            frame_len = HEADER_SIZE + PyBytes_GET_SIZE(packed)
-            frame = PyBytes_FromStringAndSize(NULL, frame_len)
+        first_seq = self.fields[0].seq
+        last_seq = self.fields[n - 1].seq
+        if not (mode is True or (mode == "auto" and raw_len >= AUTO_COMPRESS_MIN)):
+            # pass 2, GIL released: the records straight into the result, the
+            # payload check computed while they are still in cache
+            frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + raw_len)
             out = <unsigned char*>PyBytes_AS_STRING(frame)
-            stored_len = PyBytes_GET_SIZE(packed)
-            packed_ptr = PyBytes_AS_STRING(packed)
+            hs = self.hash_state
             with nogil:
-                memcpy(out + HEADER_SIZE, packed_ptr, stored_len)
-                write_header(out, FLAG_LZ4, n, stored_len, raw_len, self.fields[0].seq,
-                             self.fields[n - 1].seq, SMJ_XXH3_64(out + HEADER_SIZE, stored_len))
+                XXH3_64bits_reset(hs)
+                write_records(self.fields, n, out + HEADER_SIZE, hs)
+                write_header(out, 0, n, raw_len, raw_len, first_seq, last_seq,
+                             XXH3_64bits_digest(hs))
             return frame
+        # lz4 wanted: the raw payload goes to the reused scratch first
+        if PyByteArray_GET_SIZE(self.scratch) < raw_len:
+            PyByteArray_Resize(self.scratch, raw_len)
+        raw = <unsigned char*>PyByteArray_AS_STRING(self.scratch)
         with nogil:
-            write_header(out, 0, n, raw_len, raw_len, self.fields[0].seq,
-                         self.fields[n - 1].seq, SMJ_XXH3_64(out + HEADER_SIZE, raw_len))
+            write_records(self.fields, n, raw, NULL)
+        with memoryview(self.scratch) as whole:
+            with whole[:raw_len] as raw_view:
+                packed = lz4_compress(raw_view, store_size=False)
+        if mode is True or PyBytes_GET_SIZE(packed) <= raw_len - raw_len // 10:
+            stored = <const unsigned char*>PyBytes_AS_STRING(packed)
+            stored_len = PyBytes_GET_SIZE(packed)
+            flags = FLAG_LZ4
+        else:
+            stored = raw
+            stored_len = raw_len
+            flags = 0
+        frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + stored_len)
+        out = <unsigned char*>PyBytes_AS_STRING(frame)
+        with nogil:
+            memcpy(out + HEADER_SIZE, stored, stored_len)
+            write_header(out, flags, n, stored_len, raw_len, first_seq, last_seq,
+                         SMJ_XXH3_64(out + HEADER_SIZE, stored_len))
         return frame
 
     cdef int _setattr_fields(self, Py_ssize_t i, object op, OpFields* f) except -1:
@@ -884,11 +936,13 @@ cdef inline unsigned char* put(unsigned char* w, const unsigned char* src, size_
     since ``*hashed`` each time HASH_CHUNK bytes have piled up, so the bytes
     are hashed while still in cache. Returns the new write position."""
     cdef size_t piece
+    cdef Py_ssize_t lag
     if hs == NULL:
         memcpy(w, src, n)
         return w + n
     while n:
-        piece = HASH_CHUNK - <size_t>(w - hashed[0])
+        lag = w - hashed[0]
+        piece = HASH_CHUNK - lag if lag < HASH_CHUNK else 0
         if piece > n:
             piece = n
         memcpy(w, src, piece)
@@ -903,39 +957,42 @@ cdef inline unsigned char* put(unsigned char* w, const unsigned char* src, size_
 
 cdef void write_records(const OpFields* fields, Py_ssize_t n, unsigned char* w,
                         XXH3_state_t* hs) noexcept nogil:
-    """All records into ``w``; with ``hs``, also feeds them to the hash."""
+    """All records into ``w``; with ``hs``, also feeds them to the hash in
+    cache-sized pieces right after they are written."""
     cdef Py_ssize_t i
     cdef const OpFields* f
-    cdef unsigned char head[RECORD_HEAD_SIZE + 20]
     cdef unsigned char* hashed = w
-    cdef size_t head_len
     for i in range(n):
         f = &fields[i]
-        head[0] = f.kind
-        head[1] = f.mask
-        st16(head + 2, f.path_len)
-        st16(head + 4, f.path2_len)
-        st32(head + 6, f.data_len)
-        st64(head + 10, f.seq)
-        head_len = RECORD_HEAD_SIZE
+        w[0] = f.kind
+        w[1] = f.mask
+        st16(w + 2, f.path_len)
+        st16(w + 4, f.path2_len)
+        st32(w + 6, f.data_len)
+        st64(w + 10, f.seq)
+        w += RECORD_HEAD_SIZE
         if f.kind == K_WRITE or f.kind == K_TRUNCATE:
-            st64(head + head_len, f.u64)
-            head_len += 8
+            st64(w, f.u64)
+            w += 8
         elif f.kind == K_CREATE or f.kind == K_MKDIR:
-            st32(head + head_len, f.mode)
-            head_len += 4
+            st32(w, f.mode)
+            w += 4
         elif f.kind == K_SETATTR:
-            st32(head + head_len, f.mode)
-            st32(head + head_len + 4, f.uid)
-            st32(head + head_len + 8, f.gid)
-            st64(head + head_len + 12, <uint64_t>f.mtime_ns)
-            head_len += 20
-        w = put(w, head, head_len, hs, &hashed)
-        w = put(w, f.path, f.path_len, hs, &hashed)
+            st32(w, f.mode)
+            st32(w + 4, f.uid)
+            st32(w + 8, f.gid)
+            st64(w + 12, <uint64_t>f.mtime_ns)
+            w += 20
+        memcpy(w, f.path, f.path_len)
+        w += f.path_len
         if f.path2_len:
-            w = put(w, f.path2, f.path2_len, hs, &hashed)
+            memcpy(w, f.path2, f.path2_len)
+            w += f.path2_len
         if f.data_len:
             w = put(w, f.data, f.data_len, hs, &hashed)
+        elif hs != NULL and w - hashed >= HASH_CHUNK:
+            SMJ_XXH3_64_UPDATE(hs, hashed, <size_t>(w - hashed))
+            hashed = w
     if hs != NULL and w != hashed:
         SMJ_XXH3_64_UPDATE(hs, hashed, <size_t>(w - hashed))
 
