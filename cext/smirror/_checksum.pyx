@@ -695,9 +695,39 @@ ctypedef struct OpList:
     bint failed              # out of memory
 
 
-cdef inline uint32_t _slot_of(uint32_t weak, int shift) noexcept nogil:
-    # Fibonacci hashing spreads the clustered rsync sums over the table
-    return <uint32_t>((<uint64_t>weak * 0x9E3779B97F4A7C15ULL) >> shift)
+cdef extern from *:
+    """
+    #define SM_MIX(w) ((uint64_t)(uint32_t)(w) * 0x9E3779B97F4A7C15ULL)
+
+    /* Roll the window [pos, pos + n) one byte at a time until its weak sum
+       passes the filter or the window starts at last; returns the new pos.
+       Few live values and no data-dependent inner loop: this is the cost
+       per byte of every changed region. */
+    static inline size_t sm_roll(const unsigned char* src, size_t pos, size_t last,
+                                 size_t n, uint32_t* s1p, uint32_t* s2p,
+                                 const uint64_t* filter, int shift) {
+        uint32_t s1 = *s1p, s2 = *s2p, len = (uint32_t)n;
+        while (pos < last) {
+            uint32_t out = src[pos], in = src[pos + n];
+            s1 += in - out;
+            s2 += s1 - len * out;
+            pos++;
+            uint64_t bit = SM_MIX((s1 & 0xffff) | (s2 << 16)) >> shift;
+            if ((filter[bit >> 6] >> (bit & 63)) & 1) break;
+        }
+        *s1p = s1;
+        *s2p = s2;
+        return pos;
+    }
+    """
+    size_t sm_roll(const unsigned char* src, size_t pos, size_t last, size_t n,
+                   uint32_t* s1, uint32_t* s2, const uint64_t* filter, int shift) nogil
+
+
+cdef inline uint64_t _mix(uint32_t weak) noexcept nogil:
+    # Fibonacci hashing spreads the clustered rsync sums; table slots and
+    # filter bits are the top bits of this product
+    return <uint64_t>weak * 0x9E3779B97F4A7C15ULL
 
 
 cdef void _emit(OpList* out, int64_t kind, int64_t offset, int64_t length) noexcept nogil:
@@ -731,14 +761,15 @@ cdef inline bint _strong_is(const unsigned char* p, size_t n,
 
 cdef int _search(const unsigned char* src, size_t src_len, size_t bs,
                  uint64_t target_length, const uint32_t* weak, const uint64_t* strong,
-                 Slot* table, int shift, size_t mask, OpList* out) noexcept nogil:
+                 Slot* table, int shift, size_t mask,
+                 uint64_t* filter, int filter_shift, OpList* out) noexcept nogil:
     cdef size_t full = <size_t>(target_length // bs)
     cdef size_t tail_len = <size_t>(target_length % bs)
     cdef size_t pos = 0, lit_start = 0, slot, idx, j
     cdef int64_t prev = -1, matched
-    cdef uint32_t s1 = 0, s2 = 0, w, o
+    cdef uint32_t s1 = 0, s2 = 0, w
     cdef bint have_sums = False, dup
-    cdef Slot* sl
+    cdef uint64_t mixed, fbit
     cdef XXH128_hash_t h
     cdef bint have_h
 
@@ -746,7 +777,7 @@ cdef int _search(const unsigned char* src, size_t src_len, size_t bs,
     # is left out, so runs of identical blocks do not lengthen the probes
     for j in range(full):
         w = weak[j]
-        slot = _slot_of(w, shift)
+        slot = _mix(w) >> shift
         dup = False
         while table[slot].index1:
             idx = table[slot].index1 - 1
@@ -758,6 +789,8 @@ cdef int _search(const unsigned char* src, size_t src_len, size_t bs,
         if not dup:
             table[slot].weak = w
             table[slot].index1 = <uint32_t>(j + 1)
+            fbit = _mix(w) >> filter_shift
+            filter[fbit >> 6] |= 1ULL << (fbit & 63)
 
     if full:
         while pos + bs <= src_len:
@@ -773,18 +806,24 @@ cdef int _search(const unsigned char* src, size_t src_len, size_t bs,
                     and _strong_is(src + pos, bs, strong, prev + 1):
                 matched = prev + 1
             else:
-                have_h = False
-                slot = _slot_of(w, shift)
-                while table[slot].index1:
-                    if table[slot].weak == w:
-                        if not have_h:
-                            h = SM_XXH3_128(src + pos, bs)
-                            have_h = True
-                        idx = table[slot].index1 - 1
-                        if h.low64 == strong[2 * idx] and h.high64 == strong[2 * idx + 1]:
-                            matched = idx
-                            break
-                    slot = (slot + 1) & mask
+                # a sparse bit filter (~1 bit in 16 set, L1/L2-resident)
+                # turns away most rolling positions without probing: no
+                # data-dependent loop, so the CPU overlaps the iterations
+                mixed = _mix(w)
+                fbit = mixed >> filter_shift
+                if (filter[fbit >> 6] >> (fbit & 63)) & 1:
+                    have_h = False
+                    slot = mixed >> shift
+                    while table[slot].index1:
+                        if table[slot].weak == w:
+                            if not have_h:
+                                h = SM_XXH3_128(src + pos, bs)
+                                have_h = True
+                            idx = table[slot].index1 - 1
+                            if h.low64 == strong[2 * idx] and h.high64 == strong[2 * idx + 1]:
+                                matched = idx
+                                break
+                        slot = (slot + 1) & mask
             if matched >= 0:
                 _emit(out, 1, lit_start, pos - lit_start)
                 _emit(out, 0, matched * <int64_t>bs, bs)
@@ -796,10 +835,7 @@ cdef int _search(const unsigned char* src, size_t src_len, size_t bs,
             prev = -1
             if pos + bs >= src_len:
                 break
-            o = src[pos]
-            s1 = s1 - o + src[pos + bs]
-            s2 = s2 - <uint32_t>bs * o + s1
-            pos += 1
+            pos = sm_roll(src, pos, src_len - bs, bs, &s1, &s2, filter, filter_shift)
 
     # the target's short last block can only match the source's tail
     if tail_len and src_len >= tail_len and src_len - tail_len >= lit_start:
@@ -848,8 +884,16 @@ def delta_ops(src, block_size, target_length, weak, strong):
     while table_size < 2 * full:
         table_size <<= 1
         bits += 1
+    cdef size_t filter_bits = 1 << 16
+    cdef int filter_log = 16
+    while filter_bits < 32 * full:
+        filter_bits <<= 1
+        filter_log += 1
     cdef Slot* table = <Slot*>calloc(table_size, sizeof(Slot))
-    if table == NULL:
+    cdef uint64_t* filter = <uint64_t*>calloc(filter_bits // 64, sizeof(uint64_t))
+    if table == NULL or filter == NULL:
+        free(table)
+        free(filter)
         raise MemoryError(f"cannot allocate a {table_size}-slot block table")
     cdef OpList out
     out.ops = NULL
@@ -864,11 +908,12 @@ def delta_ops(src, block_size, target_length, weak, strong):
     try:
         with nogil:
             _search(src_ptr, src_len, bs, tlen, weak_ptr, strong_ptr,
-                    table, 64 - bits, table_size - 1, &out)
+                    table, 64 - bits, table_size - 1, filter, 64 - filter_log, &out)
         if out.failed:
             raise MemoryError("out of memory while building the delta")
         return [(out.ops[i].kind, out.ops[i].offset, out.ops[i].length)
                 for i in range(out.count)]
     finally:
         free(table)
+        free(filter)
         free(out.ops)
