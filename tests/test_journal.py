@@ -507,3 +507,35 @@ def test_data_views_are_ordinary_memoryviews(impl, compress, tmp_path):
         # every export released: the mmap can close
     with pytest.raises(ValueError):
         m[0]
+
+
+def test_decoding_a_buffer_another_thread_scribbles_on_never_crashes():
+    ops = [Op.write(i + 1, b"f%d" % i, 0, bytes([i]) * 20000) for i in range(200)]
+    frame = _journal.encode_frame(ops, False)
+    buf = bytearray(frame)
+    stop = threading.Event()
+
+    def scribble():
+        k = 0
+        while not stop.is_set():
+            at = 56 + (k * 7919) % (len(frame) - 56)
+            buf[at] ^= 0xFF                 # damage, then repair
+            buf[at] ^= 0xFF
+            k += 1
+
+    t = threading.Thread(target=scribble)
+    t.start()
+    try:
+        outcomes = set()
+        for _ in range(200):
+            try:
+                decoded, _ = _journal.decode_frame(buf)
+                outcomes.add("ok")
+                del decoded
+            except FrameError:
+                outcomes.add("FrameError")
+    finally:
+        stop.set()
+        t.join()
+    assert outcomes <= {"ok", "FrameError"}
+    assert _journal.decode_frame(bytes(buf))[0] == ops

@@ -498,10 +498,12 @@ cdef inline void set_item(object t, Py_ssize_t i, object v):
     PyTuple_SET_ITEM(t, i, v)
 
 
-cdef list build_ops(const unsigned char* raw, Py_ssize_t count, object data_base,
-                    Py_ssize_t data_shift):
+cdef list build_ops(const unsigned char* raw, Py_ssize_t raw_len, Py_ssize_t count,
+                    object data_base, Py_ssize_t data_shift):
     """Op tuples for a validated payload. ``data_base`` is a memoryview the
-    data slices are cut from; raw byte b is data_base[b + data_shift]."""
+    data slices are cut from; raw byte b is data_base[b + data_shift]. The
+    kind and lengths are checked again (cheaply): another thread may have
+    written to a shared writable buffer since it was validated."""
     cdef list ops = [None] * count
     cdef Py_ssize_t i, pos = 0, body
     cdef const unsigned char* r
@@ -511,6 +513,8 @@ cdef list build_ops(const unsigned char* raw, Py_ssize_t count, object data_base
     cdef const unsigned char* prev_path = NULL
     cdef object path = EMPTY, path2, data, op
     for i in range(count):
+        if raw_len - pos < RECORD_HEAD_SIZE:
+            raise FrameError("frame buffer changed while it was being decoded", None)
         r = raw + pos
         kind = r[0]
         mask = r[1]
@@ -518,6 +522,10 @@ cdef list build_ops(const unsigned char* raw, Py_ssize_t count, object data_base
         path2_len = ld16(r + 4)
         data_len = ld32(r + 6)
         body = pos + RECORD_HEAD_SIZE
+        if (kind == 0 or kind >= NKINDS
+                or raw_len - body < (<Py_ssize_t>FIXED_SIZE[kind] + path_len + path2_len
+                                     + <Py_ssize_t>data_len)):
+            raise FrameError("frame buffer changed while it was being decoded", None)
         op = smj_alloc_tuple_of(Op, 12)
         set_item(op, 0, ZERO if ld64(r + 10) == 0 else <object>ld64(r + 10))
         set_item(op, 1, <object>PyTuple_GET_ITEM(KIND_OBJECTS, kind))
@@ -612,14 +620,14 @@ def decode_frame(buf, Py_ssize_t offset=0):
             rc = validate_records(raw, h.raw_len, h.count, h.first_seq, h.last_seq, &err)
         if rc:
             raise record_error(&err, raw, 0, True, start, offset)
-        ops = build_ops(raw, h.count, memoryview(raw_obj), 0)
+        ops = build_ops(raw, h.raw_len, h.count, memoryview(raw_obj), 0)
     else:
         raw = stored
         with nogil:
             rc = validate_records(raw, h.raw_len, h.count, h.first_seq, h.last_seq, &err)
         if rc:
             raise record_error(&err, raw, start, False, start, offset)
-        ops = build_ops(raw, h.count, mv, start)
+        ops = build_ops(raw, h.raw_len, h.count, mv, start)
     return ops, HEADER_SIZE + <Py_ssize_t>h.stored_len
 
 

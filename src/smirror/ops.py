@@ -186,7 +186,10 @@ class Op(NamedTuple):
         return _new(cls, (seq, OpKind.MARK, label, b"", 0, 0, 0, 0, 0, 0, 0, payload))
 
     def __repr__(self) -> str:
-        kind = OpKind(self.kind)
+        try:
+            kind = OpKind(self.kind)
+        except ValueError:          # not a valid op: show the raw fields
+            return f"Op{tuple.__repr__(self)}"
         parts = [f"seq={self.seq}", kind.name, repr(bytes(self.path))]
         if self.path2:
             parts.append(f"-> {bytes(self.path2)!r}")
