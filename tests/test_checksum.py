@@ -394,6 +394,38 @@ def test_little_change_little_literal(change):
     assert ops[0][:2] == (0, 0)
 
 
+def test_many_edits_in_a_larger_file():
+    bs = 4096
+    rng = np.random.default_rng(21)
+    target = rng.integers(0, 256, 4 << 20, dtype=np.uint8).tobytes()
+    source = bytearray(target)
+    added = 0
+    for _ in range(25):
+        pos = int(rng.integers(0, len(source)))
+        n = int(rng.integers(1, 2000))
+        if rng.integers(0, 2):
+            source[pos:pos] = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            added += n
+        else:
+            del source[pos:pos + n]
+    source = bytes(source)
+    w, s = _checksum.block_signature(target, bs, True)
+    ops = _checksum.delta_ops(source, bs, len(target), w, s)
+    assert apply_ops(target, source, ops) == source
+    literal = sum(n for k, _, n in ops if k == checksum.LITERAL)
+    # each edit spoils at most the two blocks around it
+    assert literal <= 25 * 2 * bs + added, literal
+
+
+def test_weak_roll_accepts_any_window_length(kernel):
+    data = rand_bytes(300, 3)
+    w = kernel.weak_checksum(data[:200])
+    for length in (200, 200 + (1 << 16), 200 + (1 << 40)):
+        assert kernel.weak_roll(w, data[0], data[200], length) == naive_weak(data[1:201])
+    with pytest.raises(ValueError, match="0..255"):
+        kernel.weak_roll(w, 256, 0, 200)
+
+
 def test_facade_delta_and_patch():
     target = rand_bytes(200000, 1)
     source = target[:50000] + b"new bytes" + target[50000:150000] + target[151000:]
@@ -403,6 +435,11 @@ def test_facade_delta_and_patch():
     assert d.literal_bytes + d.matched_bytes == len(source)
     with pytest.raises(DeltaError, match="weak"):
         checksum.delta(source, checksum.signature(target, weak=False))
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        checksum.delta(memoryview(source)[::2], checksum.signature(target))
+    as_words = memoryview(bytearray(source[:100000])).cast("I")
+    assert checksum.patch(target, checksum.delta(as_words, checksum.signature(target))) \
+        == source[:100000]
 
 
 def test_delta_rejects_a_signature_that_does_not_fit(kernel):

@@ -293,9 +293,10 @@ def weak_checksum(data) -> int:
 def weak_roll(weak, out_byte, in_byte, length) -> int:
     """Roll a weak checksum of a ``length``-byte window one byte forward:
     ``out_byte`` leaves at the front, ``in_byte`` enters at the back."""
-    cdef uint32_t w = weak, o = out_byte, i = in_byte, n = length
-    if o > 255 or i > 255:
+    if not (0 <= out_byte <= 255 and 0 <= in_byte <= 255):
         raise ValueError(f"bytes must be 0..255, got {out_byte}, {in_byte}")
+    # only the low 16 bits of every term matter
+    cdef uint32_t w = weak & 0xFFFFFFFF, o = out_byte, i = in_byte, n = length & 0xFFFF
     cdef uint32_t s1 = (w & 0xffff) - o + i
     cdef uint32_t s2 = (w >> 16) - n * o + s1
     return _pack(s1, s2)

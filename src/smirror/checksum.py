@@ -179,7 +179,11 @@ def delta(source, sig: Signature) -> Delta:
     only on a weak hit, as rsync does."""
     if sig.weak is None:
         raise DeltaError("delta needs a signature with weak checksums")
-    src = memoryview(source).cast("B")
+    src = memoryview(source)
+    if not src.c_contiguous:
+        raise ValueError("delta: the source buffer is not C-contiguous; pass a contiguous copy")
+    if src.ndim != 1 or src.format != "B":
+        src = src.cast("B")
     ops = _k.delta_ops(src, sig.block_size, sig.length, sig.weak, sig.strong)
     return Delta(ops, src, len(src))
 
