@@ -481,3 +481,23 @@ def test_disk_full_stops_cleanly(tmp_path):
         assert not list(dst.glob(".smirror-tmp-*"))
     finally:
         subprocess.run(["umount", str(dst)], check=True)
+
+
+def test_quick_check_sees_xattr_change_made_after_the_mirror(tmp_path, monkeypatch):
+    """The quick check skips reading xattrs of files whose source ctime is
+    older than the target's; a later xattr change moves the source ctime."""
+    import smirror.mirror as mirror_mod
+    monkeypatch.setattr(mirror_mod, "CTIME_MARGIN_NS", 0)
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    if not gen_tree.xattrs_supported(tmp_path):
+        pytest.skip("no user xattrs on this filesystem")
+    os.setxattr(src / "f", "user.a", b"1")
+    mirror(src, dst)
+    time.sleep(0.02)                      # past a coarse ctime tick
+    assert mirror(src, dst, different=True).meta_updated == 0
+    os.setxattr(src / "f", "user.a", b"2")
+    summary = mirror(src, dst, different=True)
+    assert summary.meta_updated == 1
+    assert os.getxattr(dst / "f", "user.a") == b"2"

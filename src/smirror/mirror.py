@@ -36,6 +36,10 @@ INPLACE_MIN = 1 << 20        # smaller files are rewritten whole when they diffe
 PARALLEL_SIDES_MIN = 32 << 20   # larger files hash source and target on two threads
 SHIFT_FRACTION = 0.5         # more blocks changed than this: look for shifted content
 DELTA_IN_MEMORY_MAX = 256 << 20   # larger sources are mmapped for the rolling delta
+# a source whose ctime is older than its target's by this much has had no
+# change (xattrs included) since the target's metadata was written; the margin
+# covers coarse ctime clocks and a change racing the previous mirror's write
+CTIME_MARGIN_NS = 2_000_000_000
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
@@ -602,9 +606,13 @@ class Mirror:
         for rel, s, d in self.meta:
             try:
                 if s.kind in (FILE, SPECIAL):
+                    if quick and s.ctime_ns < d.ctime_ns - CTIME_MARGIN_NS and _same_meta(s, d, owner):
+                        # the source's xattrs last changed before the target's
+                        # metadata was last written (ctime): they were copied then
+                        continue
                     sx = self._src_xattrs(self._src(rel))
                     # a quick check trusts an xattr-less source file's target to
-                    # have none either (halves the xattr syscalls of a no-op run)
+                    # have none either (halves the xattr syscalls)
                     same = _same_meta(s, d, owner) and (
                         sx is None or (quick and not sx) or sx == target.xattrs(rel))
                 else:
@@ -623,6 +631,9 @@ class Mirror:
         # directories last, deepest first: writing inside a directory changes its mtime
         for rel, s, d in reversed(self.dirs):
             try:
+                if quick and d is not None and rel not in touched and \
+                        s.ctime_ns < d.ctime_ns - CTIME_MARGIN_NS and _same_meta(s, d, owner):
+                    continue
                 sx = self._src_xattrs(self._src(rel))
                 if d is not None and rel not in touched and _same_meta(s, d, owner) \
                         and (sx is None or sx == target.xattrs(rel)):

@@ -394,7 +394,6 @@ class TargetSide:
     def remove_temps(self, rels):
         raise NotImplementedError
 
-
 class LocalTarget(TargetSide):
     """A target directory on this machine.
 

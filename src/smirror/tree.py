@@ -26,10 +26,10 @@ TEMP_PREFIX = b".smirror-tmp-"
 class Entry:
     """What a mirror needs to know about one path (from one lstat)."""
     __slots__ = ("kind", "mode", "uid", "gid", "size", "mtime_ns", "ino", "dev",
-                 "nlink", "rdev", "link")
+                 "nlink", "rdev", "link", "ctime_ns")
 
     def __init__(self, kind, mode, uid, gid, size, mtime_ns, ino, dev, nlink,
-                 rdev=0, link=None):
+                 rdev=0, link=None, ctime_ns=0):
         self.kind = kind          # FILE, DIR, SYMLINK or SPECIAL
         self.mode = mode          # full st_mode (type bits included)
         self.uid = uid
@@ -41,6 +41,7 @@ class Entry:
         self.nlink = nlink
         self.rdev = rdev          # device number of a SPECIAL entry
         self.link = link          # bytes target of a SYMLINK
+        self.ctime_ns = ctime_ns  # last change of data or metadata (xattrs included)
 
     @property
     def perm(self) -> int:
@@ -66,7 +67,7 @@ def entry_from_stat(st, link=None) -> Entry:
     mode = st.st_mode
     return Entry(kind_of(mode), mode, st.st_uid, st.st_gid, st.st_size,
                  st.st_mtime_ns, st.st_ino, st.st_dev, st.st_nlink, st.st_rdev,
-                 link)
+                 link, st.st_ctime_ns)
 
 
 # ---------------------------------------------------------------- rules
@@ -251,7 +252,7 @@ def scan(root, rules: Rules | None = None, skip=(), collect_temps=False) -> List
                     kind = SPECIAL
                 entries[crel] = Entry(kind, mode, st.st_uid, st.st_gid, st.st_size,
                                       st.st_mtime_ns, st.st_ino, st.st_dev,
-                                      st.st_nlink, st.st_rdev, link)
+                                      st.st_nlink, st.st_rdev, link, st.st_ctime_ns)
         # depth-first, children in reverse so they pop in directory order
         children.reverse()
         stack.extend(children)
