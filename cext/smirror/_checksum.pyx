@@ -161,7 +161,7 @@ sm_weak_select()
 # page to touch again).
 cdef enum:
     READ_CHUNK = 8 * 1024 * 1024
-    PIPE_SLOT = 1024 * 1024         # one slot of the buffer while pipelining
+    PIPE_SLOT = 2 * 1024 * 1024     # one slot of the buffer while pipelining
     POOL_MAX = 4
     MIN_TABLE = 16
 
@@ -347,7 +347,11 @@ def block_signature(data, block_size, with_weak):
 # the hashing; otherwise, or if no thread can be started, it reads inline.
 cdef extern from *:
     """
+    #ifndef _GNU_SOURCE
+    #  define _GNU_SOURCE     /* sched_getaffinity, CPU_COUNT */
+    #endif
     #include <pthread.h>
+    #include <sched.h>
     #include <signal.h>
     #include <string.h>
     #include <errno.h>
@@ -409,6 +413,15 @@ cdef extern from *:
         return NULL;
     }
 
+    /* CPUs this process may run on: a reader thread only pays off with two */
+    static int sm_cpus_allowed(void) {
+    #ifdef CPU_COUNT
+        cpu_set_t set;
+        if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+    #endif
+        return 2;
+    }
+
     static void sm_reader_open(sm_reader* r, int fd, uint64_t end, uint64_t size_hint,
                                unsigned char* buf, size_t buf_size, size_t slot_size) {
         memset(r, 0, sizeof(*r));
@@ -417,7 +430,7 @@ cdef extern from *:
         r->buf = buf;
         r->slot_size = slot_size;
         r->nslots = (int)(buf_size / slot_size > SM_MAX_SLOTS ? SM_MAX_SLOTS : buf_size / slot_size);
-        if (r->nslots >= 2 && size_hint > 2 * (uint64_t)slot_size) {
+        if (r->nslots >= 2 && size_hint > 2 * (uint64_t)slot_size && sm_cpus_allowed() >= 2) {
             sigset_t all, old;
             pthread_mutex_init(&r->mu, NULL);
             pthread_cond_init(&r->cv, NULL);
