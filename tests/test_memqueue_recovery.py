@@ -27,7 +27,7 @@ def make_durable(mq, path, sizes, **kw):
     """A closed durable queue holding one record per size; returns the
     segment offsets of the records."""
     offsets = []
-    off = 0
+    off = 32                    # after the segment header
     with mq.SpillQueue(path, 1 << 20, 1 << 30, durable=True, **kw) as q:
         for seq, size in enumerate(sizes):
             q.put(seq, frame_for(seq, size))
@@ -157,9 +157,10 @@ def test_ack_persists_across_reopen(mq, tmp_path):
         assert q.acked_seq == 5 and len(q) == 4 and q.first_seq == 6
         assert [s for s, _ in drain(q)] == [6, 7, 8, 9]
         q.ack(9)
-        assert segment_files(tmp_path) == []
+        assert segment_files(tmp_path) == ["0000000000000003.seg"]   # small, active
     with mq.SpillQueue(tmp_path, 1 << 20, 1 << 30, durable=True) as q:
         assert len(q) == 0 and q.acked_seq == 9 and q.last_seq == 9
+        assert segment_files(tmp_path) == []
         with pytest.raises(ValueError, match="not above the last seq 9"):
             q.put(9, b"dup")
 
@@ -258,3 +259,123 @@ def test_sigkill_while_putting_loses_nothing_put_returned(tmp_path, module):
             assert seqs[-1] >= last_put
             assert all(f == frame_for(s, 100 + s % 3000) for s, f in got)
     assert native.SpillQueue is not None
+
+
+# ------------------------------------------------------ recycled segments
+
+def spare_files(path):
+    return sorted(n for n in os.listdir(path) if n.endswith(".spare"))
+
+
+def test_acked_segments_become_spares_and_are_reused(mq, tmp_path):
+    with mq.SpillQueue(tmp_path, 0, 1 << 30, segment_size=1000, spare_segments=2) as q:
+        for seq in range(20):
+            q.put(seq, frame_for(seq, 200))          # 4 records a segment
+        drain(q)
+        q.ack(11)                                    # segments 0, 1, 2 done
+        assert spare_files(tmp_path) == ["0000000000000000.spare", "0000000000000001.spare"]
+        assert len(segment_files(tmp_path)) == 2     # the third was deleted
+        inodes = {os.stat(tmp_path / n).st_ino for n in spare_files(tmp_path)}
+        for seq in range(20, 28):
+            q.put(seq, frame_for(seq, 270))          # 3 a segment: 3 new segments
+        assert spare_files(tmp_path) == []
+        new = segment_files(tmp_path)[-3:]
+        assert {os.stat(tmp_path / n).st_ino for n in new[:2]} == inodes
+        q.rewind()
+        assert drain(q) == ([(s, frame_for(s, 200)) for s in range(12, 20)]
+                            + [(s, frame_for(s, 270)) for s in range(20, 28)])
+    # close cut the older bytes off the recycled files
+    with mq.SpillQueue(tmp_path, 0, 1 << 30, segment_size=1000) as q:
+        assert q.stats()["torn_bytes"] == 0
+        assert [s for s, _ in drain(q)] == list(range(12, 28))
+
+
+def test_no_spares_when_disabled(mq, tmp_path):
+    with mq.SpillQueue(tmp_path, 0, 1 << 30, segment_size=500, spare_segments=0) as q:
+        for seq in range(10):
+            q.put(seq, frame_for(seq, 200))
+        drain(q)
+        q.ack(7)
+        assert spare_files(tmp_path) == []
+
+
+def crashed_copy(q, src, dst):
+    """What a crash would leave: the directory as it is while the queue is
+    open (close() is what trims recycled files)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock"))
+    return dst
+
+
+SEG = 4 << 20
+
+
+def recycled_queue(mq, path):
+    """An open queue whose active segment is a recycled file with older
+    bytes after its records: returns (queue, active segment name, seqs)."""
+    q = mq.SpillQueue(path, 0, 1 << 30, segment_size=SEG, durable=True)
+    for seq in range(12):
+        q.put(seq, frame_for(seq, 100_000))          # 1.2 MiB: big enough to recycle
+    drain(q)
+    q.ack(11)                                        # the segment becomes a spare
+    assert len(spare_files(path)) == 1
+    for seq in range(40, 45):
+        q.put(seq, frame_for(seq, 1000))             # into the recycled file
+    (name,) = segment_files(path)
+    assert os.path.getsize(path / name) > 32 + 5 * 1032
+    return q, name, list(range(40, 45))
+
+
+def test_crash_in_recycled_segment_drops_only_the_older_bytes(mq, tmp_path):
+    q, name, seqs = recycled_queue(mq, tmp_path / "q")
+    try:
+        work = crashed_copy(q, tmp_path / "q", tmp_path / "crash")
+    finally:
+        q.close()
+    with mq.SpillQueue(work, 0, 1 << 30, segment_size=SEG, durable=True) as q2:
+        assert q2.stats()["torn_bytes"] > 0
+        assert drain(q2) == [(s, frame_for(s, 1000)) for s in seqs]
+    assert os.path.getsize(work / name) == 32 + 5 * 1032
+
+
+def test_torn_record_in_recycled_segment_is_cut(mq, tmp_path):
+    q, name, seqs = recycled_queue(mq, tmp_path / "q")
+    try:
+        work = crashed_copy(q, tmp_path / "q", tmp_path / "crash")
+    finally:
+        q.close()
+    # the last record half written over the older bytes
+    with open(work / name, "r+b") as f:
+        f.seek(32 + 4 * 1032 + 500)
+        f.write(b"\xa5" * 100)
+    with mq.SpillQueue(work, 0, 1 << 30, segment_size=SEG, durable=True) as q2:
+        assert [s for s, _ in drain(q2)] == seqs[:4]
+
+
+def test_damage_before_a_valid_record_in_recycled_segment_is_corrupt(mq, tmp_path):
+    q, name, seqs = recycled_queue(mq, tmp_path / "q")
+    try:
+        work = crashed_copy(q, tmp_path / "q", tmp_path / "crash")
+    finally:
+        q.close()
+    bad = 32 + 2 * 1032
+    with open(work / name, "r+b") as f:
+        f.seek(bad + 40)
+        f.write(b"\x00")                             # record seq 42's payload
+    with pytest.raises(QueueCorrupt, match=f"{name}: payload checksum mismatch .* at offset {bad}"):
+        mq.SpillQueue(work, 0, 1 << 30, segment_size=SEG, durable=True)
+
+
+def test_crash_right_after_renaming_a_spare(mq, tmp_path):
+    # the spare got its new name, but its header still names the old index
+    with mq.SpillQueue(tmp_path, 0, 1 << 30, segment_size=500, durable=True) as q:
+        for seq in range(6):
+            q.put(seq, frame_for(seq, 200))
+        drain(q)
+        q.ack(3)
+    (spare,) = spare_files(tmp_path)[:1]
+    os.rename(tmp_path / spare, tmp_path / "00000000000000ff.seg")
+    with mq.SpillQueue(tmp_path, 0, 1 << 30, segment_size=500, durable=True) as q:
+        assert [s for s, _ in drain(q)] == [4, 5]
+        q.put(6, b"after")
+        assert q.get() == (6, b"after")
+    assert "00000000000000ff.seg" not in segment_files(tmp_path)

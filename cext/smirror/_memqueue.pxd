@@ -5,10 +5,12 @@
 from libc.stdint cimport uint32_t, uint64_t
 
 
-# Write the 32-byte header of ``payload`` (``length`` bytes) into ``header``.
-cdef void encode_header_c(unsigned char* header, uint64_t seq,
-                          const unsigned char* payload, size_t length) noexcept nogil
+# Write the 32-byte header of ``payload`` (``length`` bytes), a record of
+# segment ``segment``, into ``header``.
+cdef void encode_header_c(unsigned char* header, uint64_t seq, const unsigned char* payload,
+                          size_t length, uint64_t segment) noexcept nogil
 
-# Decode a 32-byte header; False when its magic or head check is wrong.
-cdef bint decode_header_c(const unsigned char* header, uint64_t* seq,
+# Decode a 32-byte record header of segment ``segment``; False when its magic
+# or head check is wrong.
+cdef bint decode_header_c(const unsigned char* header, uint64_t segment, uint64_t* seq,
                           uint32_t* length, uint64_t* body_check) noexcept nogil

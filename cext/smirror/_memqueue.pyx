@@ -29,12 +29,18 @@ import time
 from .errors import QueueClosed, QueueCorrupt, QueueError, QueueFull
 
 RECORD_MAGIC = b"SMQR"
+SEGMENT_MAGIC = b"SMQS"
 ACK_MAGIC = b"SMQA"
 HEADER_SIZE = 32
+SEGMENT_HEADER_SIZE = 32
+SEGMENT_VERSION = 1
+FLAG_RECYCLED = 1
 ACK_SLOT_SIZE = 32
 MAX_FRAME = 0xFFFFFFFF
 MAX_SEQ = 0xFFFFFFFFFFFFFFFF
 SEGMENT_SUFFIX = ".seg"
+SPARE_SUFFIX = ".spare"
+RECYCLE_MIN = 1024 * 1024
 ACK_NAME = "ack"
 LOCK_NAME = "lock"
 FSYNC_POLICIES = ("none", "segment", "always")
@@ -43,6 +49,7 @@ PAGE = 4096
 
 cdef enum:
     HDR = 32
+    SEG_HDR = 32
     ACK_SLOT = 32
     PAGE_SIZE = 4096
 
@@ -110,24 +117,45 @@ cdef const unsigned char* EMPTY = <const unsigned char*>b""
 
 # ---------------------------------------------------------------- record codec
 
-cdef void encode_header_c(unsigned char* header, uint64_t seq,
-                          const unsigned char* payload, size_t length) noexcept nogil:
+cdef void encode_header_c(unsigned char* header, uint64_t seq, const unsigned char* payload,
+                          size_t length, uint64_t segment) noexcept nogil:
     memcpy(header, b"SMQR", 4)
     sm_put32(header + 4, <uint32_t>length)
     sm_put64(header + 8, seq)
     sm_put64(header + 16, XXH3_64bits_withSeed(payload, length, seq))
-    sm_put64(header + 24, XXH3_64bits(header, 24))
+    sm_put64(header + 24, XXH3_64bits_withSeed(header, 24, segment))
 
 
-cdef bint decode_header_c(const unsigned char* header, uint64_t* seq,
+cdef bint decode_header_c(const unsigned char* header, uint64_t segment, uint64_t* seq,
                           uint32_t* length, uint64_t* body_check) noexcept nogil:
     if memcmp(header, b"SMQR", 4) != 0:
         return False
-    if XXH3_64bits(header, 24) != sm_get64(header + 24):
+    if XXH3_64bits_withSeed(header, 24, segment) != sm_get64(header + 24):
         return False
     length[0] = sm_get32(header + 4)
     seq[0] = sm_get64(header + 8)
     body_check[0] = sm_get64(header + 16)
+    return True
+
+
+cdef void encode_segment_header_c(unsigned char* out, uint64_t index, bint recycled) noexcept nogil:
+    memcpy(out, b"SMQS", 4)
+    out[4] = 1          # version, u16
+    out[5] = 0
+    out[6] = 1 if recycled else 0   # flags, u16
+    out[7] = 0
+    sm_put64(out + 8, index)
+    sm_put64(out + 16, 0)
+    sm_put64(out + 24, XXH3_64bits(out, 24))
+
+
+cdef bint decode_segment_header_c(const unsigned char* h, uint64_t* index, uint32_t* flags) noexcept nogil:
+    if memcmp(h, b"SMQS", 4) != 0 or h[4] != 1 or h[5] != 0:
+        return False
+    if XXH3_64bits(h, 24) != sm_get64(h + 24):
+        return False
+    index[0] = sm_get64(h + 8)
+    flags[0] = h[6] | (<uint32_t>h[7] << 8)
     return True
 
 
@@ -147,9 +175,11 @@ cdef object _byte_buffer(object frame):
     return mv
 
 
-def encode_header(seq, payload):
-    """The 32-byte record header of ``payload`` (any contiguous buffer)."""
+def encode_header(seq, payload, segment=0):
+    """The 32-byte header of ``payload`` (any contiguous buffer) as a record
+    of segment ``segment``."""
     cdef uint64_t s = _check_seq(seq)
+    cdef uint64_t seg = _check_seq(segment, "segment")
     cdef const unsigned char[::1] keep = _byte_buffer(payload)
     cdef Py_ssize_t n = keep.shape[0]
     cdef const unsigned char* p = &keep[0] if n else EMPTY
@@ -157,18 +187,36 @@ def encode_header(seq, payload):
         raise ValueError(f"frame of {n} bytes is larger than the {MAX_FRAME} byte maximum")
     cdef unsigned char header[HDR]
     with nogil:
-        encode_header_c(header, s, p, n)
+        encode_header_c(header, s, p, n, seg)
     return PyBytes_FromStringAndSize(<char*>header, HDR)
 
 
-def encode_record(seq, payload):
-    """Header + payload, exactly as appended to a segment."""
-    return encode_header(seq, payload) + bytes(payload)
+def encode_record(seq, payload, segment=0):
+    """Header + payload, exactly as appended to segment ``segment``."""
+    return encode_header(seq, payload, segment) + bytes(payload)
 
 
-def decode_header(header):
-    """(seq, length, body_check) of a 32-byte header, or None when its magic
-    or head check is wrong."""
+def encode_segment_header(index, recycled=False):
+    """The 32-byte header a segment file starts with."""
+    cdef unsigned char out[SEG_HDR]
+    encode_segment_header_c(out, _check_seq(index, "index"), bool(recycled))
+    return PyBytes_FromStringAndSize(<char*>out, SEG_HDR)
+
+
+def decode_segment_header(header):
+    """(index, flags) of a segment header, or None when it is not one."""
+    cdef const unsigned char[::1] keep = _byte_buffer(header)
+    cdef uint64_t index
+    cdef uint32_t flags
+    if keep.shape[0] != SEG_HDR or not decode_segment_header_c(&keep[0], &index, &flags):
+        return None
+    return index, flags
+
+
+def decode_header(header, segment=0):
+    """(seq, length, body_check) of a 32-byte record header of segment
+    ``segment``, or None when its magic or head check is wrong."""
+    cdef uint64_t seg = _check_seq(segment, "segment")
     cdef const unsigned char[::1] keep = _byte_buffer(header)
     cdef Py_ssize_t n = keep.shape[0]
     cdef const unsigned char* p = &keep[0] if n else EMPTY
@@ -176,7 +224,7 @@ def decode_header(header):
     cdef uint32_t length
     if n != HDR:
         raise ValueError(f"a record header is {HDR} bytes, got {n}")
-    if not decode_header_c(p, &seq, &length, &body):
+    if not decode_header_c(p, seg, &seq, &length, &body):
         return None
     return seq, length, body
 
@@ -268,12 +316,12 @@ cdef struct ScanResult:
     int err
 
 
-cdef int scan_c(int fd, off_t fsize, unsigned char* buf, size_t bufsize,
+cdef int scan_c(int fd, off_t fsize, uint64_t segment, unsigned char* buf, size_t bufsize,
                 XXH3_state_t* state, ScanResult* res) noexcept nogil:
     """Walk the records of a segment through ``buf``; every whole record is
     added to res.spots; returns SCAN_OK or what stopped the walk at
     res.fail_off."""
-    cdef off_t off = 0, end, pos, wbeg = 0
+    cdef off_t off = SEG_HDR, end, pos, wbeg = 0
     cdef size_t wlen = 0, chunk
     cdef ssize_t r
     cdef uint64_t seq, body, check
@@ -290,7 +338,7 @@ cdef int scan_c(int fd, off_t fsize, unsigned char* buf, size_t bufsize,
                 return SCAN_IO
             wbeg = off
             wlen = <size_t>r
-        if not decode_header_c(buf + (off - wbeg), &seq, &length, &body):
+        if not decode_header_c(buf + (off - wbeg), segment, &seq, &length, &body):
             return SCAN_BAD_HEADER
         res.fail_seq = seq
         res.fail_len = length
@@ -337,6 +385,31 @@ cdef int scan_c(int fd, off_t fsize, unsigned char* buf, size_t bufsize,
     return SCAN_OK
 
 
+cdef int no_record_after_c(int fd, off_t off, off_t fsize, uint64_t segment,
+                          unsigned char* buf, size_t bufsize) noexcept nogil:
+    """1 when no valid record header of ``segment`` starts anywhere in
+    (off, fsize): what follows a damaged record is left over from the file's
+    older life. 0 when one does, -errno."""
+    cdef size_t step = bufsize - HDR + 1
+    cdef off_t pos = off + 1
+    cdef ssize_t r, at
+    cdef uint64_t seq, body
+    cdef uint32_t length
+    while pos < fsize:
+        r = pread_full(fd, buf, <size_t>min(<off_t>bufsize, fsize - pos), pos)
+        if r < 0:
+            return <int>r
+        if r == 0:
+            break
+        at = 0
+        while at + HDR <= r and at < <ssize_t>step:
+            if buf[at] == 0x53 and decode_header_c(buf + at, segment, &seq, &length, &body):
+                return 0
+            at += 1
+        pos += <off_t>step
+    return 1
+
+
 cdef int _raise_os(int err, object path) except -1:
     raise OSError(err, os.strerror(err), path)
 
@@ -378,12 +451,14 @@ cdef class _Segment:
     cdef off_t size
     cdef uint64_t first_seq, last_seq
     cdef bint has_seq
+    cdef bint recycled          # the file may hold older bytes past `size`
 
     def __cinit__(self, long long index, object path):
         self.index = index
         self.path = path
         self.size = 0
         self.has_seq = False
+        self.recycled = False
 
 
 # ---------------------------------------------------------------- the queue
@@ -401,7 +476,9 @@ cdef class SpillQueue:
     cdef readonly long long memory_limit, disk_limit, segment_size, min_free_bytes
     cdef readonly object fsync
     cdef readonly bint durable
+    cdef readonly long long spare_segments
     cdef int fsync_mode                 # 0 none, 1 segment, 2 always
+    cdef list _spares                   # [(old index, path)], last = hottest
 
     cdef object _cond, _lock, _runs
     cdef dict _segs                     # index -> _Segment, oldest first
@@ -425,23 +502,6 @@ cdef class SpillQueue:
     cdef long long _n_puts, _n_gets, _n_acks, _n_rewinds, _n_spilled
     cdef long long _n_disk_reads, _n_recovered, _n_torn_bytes, _n_statvfs
 
-    cdef _recover(self)
-    cdef list _scan_segment(self, _Segment seg, bint is_last)
-    cdef _load_ack(self)
-    cdef _remove_segment(self, _Segment seg)
-    cdef _check_space(self, long long need)
-    cdef _append(self, uint64_t seq, const unsigned char* data, size_t length,
-                 long long* seg_out, off_t* off_out)
-    cdef int _read_fd(self, long long index) except -1
-    cdef _normalize(self, long long* index, off_t* off)
-    cdef _header_at(self, long long index, off_t off, uint64_t* seq,
-                    uint32_t* length, uint64_t* body_check, bint fill_buffer)
-    cdef tuple _read_record(self, _DiskRun run)
-    cdef _write_ack(self)
-    cdef _ack_inside(self, _DiskRun run, uint64_t seq)
-    cdef object _first_seq(self)
-    cdef _close_files(self)
-
 
     def __cinit__(self, *args, **kwargs):
         self._wfd = self._rfd = self._ack_fd = self._lock_fd = -1
@@ -449,12 +509,14 @@ cdef class SpillQueue:
 
     def __init__(self, spill_dir, memory_limit, disk_limit, *,
                  segment_size=64 * 1024 * 1024, min_free_bytes=0,
-                 fsync="none", durable=False, read_buffer=1024 * 1024):
+                 fsync="none", durable=False, read_buffer=1024 * 1024,
+                 spare_segments=2):
         for name, value, low in (("memory_limit", memory_limit, 0),
                                  ("disk_limit", disk_limit, 0),
                                  ("segment_size", segment_size, 1),
                                  ("min_free_bytes", min_free_bytes, 0),
-                                 ("read_buffer", read_buffer, HDR)):
+                                 ("read_buffer", read_buffer, HDR),
+                                 ("spare_segments", spare_segments, 0)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < low:
@@ -473,6 +535,8 @@ cdef class SpillQueue:
         self.fsync = fsync
         self.fsync_mode = FSYNC_POLICIES.index(fsync)
         self.durable = bool(durable)
+        self.spare_segments = spare_segments
+        self._spares = []
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -527,13 +591,25 @@ cdef class SpillQueue:
         cdef list spots
         self._load_ack()
         names = []
+        spares = []
         for name in os.listdir(self.spill_dir):
             stem, dot, suffix = name.partition(".")
-            if "." + suffix == SEGMENT_SUFFIX and len(stem) == 16:
-                try:
-                    names.append((int(stem, 16), name))
-                except ValueError:
-                    pass
+            if "." + suffix not in (SEGMENT_SUFFIX, SPARE_SUFFIX) or len(stem) != 16:
+                continue
+            try:
+                index = int(stem, 16)
+            except ValueError:
+                continue
+            (names if "." + suffix == SEGMENT_SUFFIX else spares).append((index, name))
+            # indexes are never used twice: a recycled file's old records
+            # must not check out under its new index
+            self._next_index = max(self._next_index, index + 1)
+        for index, name in sorted(spares):
+            path = os.path.join(self.spill_dir, name)
+            if len(self._spares) < self.spare_segments:
+                self._spares.append((index, path))
+            else:
+                os.unlink(path)
         names.sort()
         last_pos = len(names) - 1
         for i, (index, name) in enumerate(names):
@@ -559,11 +635,10 @@ cdef class SpillQueue:
                     run.unread += 1
             self._segs[index] = seg
             self._disk_bytes += seg.size
-            self._next_index = index + 1
         # fully acked segments (and empty ones) go; they form a prefix
         for seg in list(self._segs.values()):
             if not seg.has_seq or (self._has_acked and seg.last_seq <= self._acked_seq):
-                self._remove_segment(seg)
+                self._retire_segment(seg)
         if run is not None:
             self._runs.append(run)
             self._count = self._unread = run.count
@@ -584,8 +659,12 @@ cdef class SpillQueue:
         cdef int code, fd, zero = 0
         cdef off_t fsize, tail_from, end
         cdef XXH3_state_t* state = XXH3_createState()
-        cdef bint torn
+        cdef bint torn, started, valid
         cdef size_t i
+        cdef uint64_t head_index
+        cdef uint32_t flags
+        cdef ssize_t r
+        cdef uint64_t index = seg.index
         if state == NULL:
             raise MemoryError()
         memset(&res, 0, sizeof(res))
@@ -594,7 +673,28 @@ cdef class SpillQueue:
         try:
             fsize = os.fstat(fd).st_size
             with nogil:
-                code = scan_c(fd, fsize, self._rbuf, self._rbuf_size, state, &res)
+                r = pread_full(fd, self._rbuf, SEG_HDR, 0)
+            if r < 0:
+                _raise_os(<int>-r, seg.path)
+            valid = r == SEG_HDR and decode_segment_header_c(self._rbuf, &head_index, &flags)
+            if not valid or head_index != index:
+                # a crash while the segment was started: short, zeros, or a
+                # recycled file still under its older header
+                started = r < SEG_HDR or valid
+                if not started:
+                    started = True
+                    for i in range(SEG_HDR):
+                        if self._rbuf[i]:
+                            started = False
+                            break
+                if not (is_last and started):
+                    raise QueueCorrupt(f"{seg.path}: bad segment header at offset 0")
+                self._n_torn_bytes += fsize
+                seg.size = 0
+                return []
+            seg.recycled = (flags & 1) != 0
+            with nogil:
+                code = scan_c(fd, fsize, index, self._rbuf, self._rbuf_size, state, &res)
             if code == SCAN_NOMEM:
                 raise MemoryError(f"scanning {seg.path}")
             if code == SCAN_IO:
@@ -609,6 +709,19 @@ cdef class SpillQueue:
                     torn = True
                     what = (f"record of {res.fail_len} bytes runs past the end of the "
                             f"segment ({fsize})")
+                elif seg.recycled:
+                    # the tail holds the older life's bytes: torn when no
+                    # record of this segment follows the damage
+                    with nogil:
+                        zero = no_record_after_c(fd, res.fail_off, fsize, index,
+                                                 self._rbuf, self._rbuf_size)
+                    if zero < 0:
+                        _raise_os(-zero, seg.path)
+                    torn = zero == 1
+                    if code == SCAN_BAD_HEADER:
+                        what = "bad record header (magic or check)"
+                    else:
+                        what = f"payload checksum mismatch in record seq {res.fail_seq}"
                 elif code == SCAN_BAD_HEADER:
                     with nogil:
                         zero = zero_from_c(fd, res.fail_off, fsize, self._rbuf, self._rbuf_size)
@@ -676,7 +789,9 @@ cdef class SpillQueue:
 
     # ------------------------------------------------------------ segment log
 
-    cdef _remove_segment(self, _Segment seg):
+    cdef _retire_segment(self, _Segment seg):
+        """A fully acked segment leaves the log: kept as a spare for reuse
+        (its pages are cached and allocated) or deleted."""
         if seg is self._active:
             os.close(self._wfd)
             self._wfd = -1
@@ -687,14 +802,78 @@ cdef class SpillQueue:
             self._rfd_index = -1
         if self._rbuf_seg == seg.index:
             self._rbuf_seg = -1
-        os.unlink(seg.path)
         del self._segs[seg.index]
         self._disk_bytes -= seg.size
+        if len(self._spares) < self.spare_segments:
+            spare = os.path.join(self.spill_dir, f"{seg.index:016x}{SPARE_SUFFIX}")
+            os.rename(seg.path, spare)
+            self._spares.append((seg.index, spare))
+        else:
+            os.unlink(seg.path)
+
+    cdef _fsync_dir(self):
+        dfd = os.open(self.spill_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    cdef _finish_active(self):
+        """Close the segment being appended to; a recycled file loses the
+        older bytes past its end, so only whole segments precede the last."""
+        cdef _Segment seg = self._active
+        if seg.recycled:
+            os.ftruncate(self._wfd, seg.size)
+        if self.fsync_mode:
+            os.fsync(self._wfd)
+        os.close(self._wfd)
+        self._wfd = -1
+        self._active = None
+
+    cdef _Segment _start_segment(self):
+        """Make the next segment the active one: a spare renamed (cheap to
+        overwrite) or a new file. Raises QueueFull when there is no room."""
+        cdef long long index = self._next_index
+        cdef bint recycled = False
+        cdef _Segment seg
+        path = os.path.join(self.spill_dir, f"{index:016x}{SEGMENT_SUFFIX}")
+        while self._spares and not recycled:
+            _, spare = self._spares.pop()
+            try:
+                os.rename(spare, path)
+                recycled = True
+            except FileNotFoundError:
+                pass
+        try:
+            flags = os.O_WRONLY | os.O_CLOEXEC
+            fd = os.open(path, flags if recycled else flags | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.pwrite(fd, encode_segment_header(index, recycled), 0)
+            except OSError:
+                os.close(fd)
+                os.unlink(path)
+                raise
+        except OSError as exc:
+            if exc.errno in (ENOSPC, EDQUOT):
+                raise QueueFull(f"no space left in {self.spill_dir} for a new "
+                                f"segment: {exc.strerror}") from None
+            raise
+        if self.fsync_mode:
+            self._fsync_dir()
+        seg = _Segment(index, path)
+        seg.size = SEG_HDR
+        seg.recycled = recycled
+        self._next_index = index + 1
+        self._segs[index] = seg
+        self._active = seg
+        self._wfd = fd
+        self._disk_bytes += SEG_HDR
+        return seg
 
     cdef _check_space(self, long long need):
         if self._disk_bytes + need > self.disk_limit:
             raise QueueFull(f"queue disk limit reached in {self.spill_dir}: "
-                            f"{self._disk_bytes} B on disk + {need} B record "
+                            f"{self._disk_bytes} B on disk + {need} B to write "
                             f"> disk_limit {self.disk_limit} B")
         if not self.min_free_bytes:
             return
@@ -719,37 +898,19 @@ cdef class SpillQueue:
         cdef off_t off
         cdef int err = 0, fd
         cdef unsigned char header[HDR]
-        self._check_space(need)
+        cdef bint rotate, new_segment
         seg = self._active
-        if seg is not None and seg.size and seg.size + need > self.segment_size:
-            if self.fsync_mode:
-                os.fsync(self._wfd)
-            os.close(self._wfd)
-            self._wfd = -1
-            self._active = seg = None
-        if seg is None:
-            index = self._next_index
-            seg = _Segment(index, os.path.join(self.spill_dir, f"{index:016x}{SEGMENT_SUFFIX}"))
-            try:
-                self._wfd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                if exc.errno in (ENOSPC, EDQUOT):
-                    raise QueueFull(f"no space left in {self.spill_dir} for a new "
-                                    f"segment: {exc.strerror}") from None
-                raise
-            if self.fsync_mode:
-                dfd = os.open(self.spill_dir, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            self._next_index = index + 1
-            self._segs[index] = seg
-            self._active = seg
+        rotate = seg is not None and seg.size > SEG_HDR and seg.size + need > self.segment_size
+        new_segment = seg is None or rotate
+        self._check_space(need + (SEG_HDR if new_segment else 0))
+        if rotate:
+            self._finish_active()
+        if new_segment:
+            seg = self._start_segment()
         off = seg.size
         fd = self._wfd
         with nogil:
-            encode_header_c(header, seq, data, length)
+            encode_header_c(header, seq, data, length, <uint64_t>seg.index)
             err = pwrite_record(fd, header, data, length, off)
             if err == 0 and self.fsync_mode == 2 and fdatasync(fd) != 0:
                 err = errno
@@ -784,7 +945,7 @@ cdef class SpillQueue:
     cdef _normalize(self, long long* index, off_t* off):
         while off[0] >= (<_Segment>self._segs[index[0]]).size and (index[0] + 1) in self._segs:
             index[0] += 1
-            off[0] = 0
+            off[0] = SEG_HDR
 
     cdef _header_at(self, long long index, off_t off, uint64_t* seq,
                     uint32_t* length, uint64_t* body_check, bint fill_buffer):
@@ -794,12 +955,16 @@ cdef class SpillQueue:
         cdef const unsigned char* h
         cdef ssize_t r
         cdef int fd = self._read_fd(index)
+        # never buffer past the written end: a recycled file holds older
+        # bytes there that later appends will overwrite
+        cdef size_t want = <size_t>min(<off_t>self._rbuf_size,
+                                       (<_Segment>self._segs[index]).size - off)
         if (self._rbuf_seg == index and off >= self._rbuf_off
                 and off + HDR <= self._rbuf_off + <off_t>self._rbuf_len):
             h = self._rbuf + (off - self._rbuf_off)
         elif fill_buffer:
             with nogil:
-                r = pread_full(fd, self._rbuf, self._rbuf_size, off)
+                r = pread_full(fd, self._rbuf, want, off)
             if r < 0:
                 _raise_os(<int>-r, (<_Segment>self._segs[index]).path)
             self._rbuf_seg = index
@@ -819,7 +984,7 @@ cdef class SpillQueue:
                 raise QueueCorrupt(f"{(<_Segment>self._segs[index]).path}: truncated record "
                                    f"header at offset {off}")
             h = small
-        if not decode_header_c(h, seq, length, body_check):
+        if not decode_header_c(h, <uint64_t>index, seq, length, body_check):
             raise QueueCorrupt(f"{(<_Segment>self._segs[index]).path}: bad record header "
                                f"at offset {off}")
 
@@ -833,19 +998,21 @@ cdef class SpillQueue:
         cdef int fd
         cdef char* dst
         cdef bint buffered
+        cdef size_t want
         self._normalize(&index, &off)
         self._header_at(index, off, &seq, &length, &body_check, True)
         body_off = off + HDR
         frame = PyBytes_FromStringAndSize(NULL, length)
         dst = PyBytes_AS_STRING(frame)
         fd = self._rfd
+        want = <size_t>min(<off_t>self._rbuf_size, (<_Segment>self._segs[index]).size - off)
         buffered = True
         if not (self._rbuf_seg == index and body_off >= self._rbuf_off
                 and body_off + length <= self._rbuf_off + <off_t>self._rbuf_len):
             buffered = HDR + <size_t>length <= self._rbuf_size
             with nogil:
                 if buffered:
-                    r = pread_full(fd, self._rbuf, self._rbuf_size, off)
+                    r = pread_full(fd, self._rbuf, want, off)
                 else:
                     # larger than the read buffer: straight into the frame
                     r = pread_full(fd, <unsigned char*>dst, length, body_off)
@@ -1062,7 +1229,9 @@ cdef class SpillQueue:
             for seg in list(self._segs.values()):
                 if not seg.has_seq or seg.last_seq > s:
                     break
-                self._remove_segment(seg)
+                if seg is self._active and seg.size < min(RECYCLE_MIN, self.segment_size):
+                    break       # small: keep appending rather than renaming
+                self._retire_segment(seg)
             self._n_acks += 1
         finally:
             self._lock.release()
@@ -1077,8 +1246,9 @@ cdef class SpillQueue:
         if seq < run.first_seq:
             return
         handed = run.count - run.unread
-        if run.has_last_read and seq >= run.last_read_seq:
-            # everything handed out goes: walk on from the read position
+        if not run.has_last_read or seq >= run.last_read_seq:
+            # everything handed out goes (or nothing was: then read is the
+            # start): walk on from the read position
             run.count -= handed
             self._count -= handed
             index, off = run.read_seg, run.read_off
@@ -1146,11 +1316,10 @@ cdef class SpillQueue:
             self._closed = True
             self._cond.notify_all()
             try:
-                if self.fsync_mode:
-                    if self._wfd >= 0:
-                        os.fsync(self._wfd)
-                    if self._ack_fd >= 0:
-                        os.fsync(self._ack_fd)
+                if self._active is not None:
+                    self._finish_active()
+                if self.fsync_mode and self._ack_fd >= 0:
+                    os.fsync(self._ack_fd)
             finally:
                 self._close_files()
         finally:
@@ -1248,6 +1417,7 @@ cdef class SpillQueue:
                 "memory_limit": self.memory_limit,
                 "disk_limit": self.disk_limit,
                 "segments": len(self._segs),
+                "spares": len(self._spares),
                 "first_seq": self._first_seq(),
                 "last_seq": self._last_seq if self._has_last else None,
                 "acked_seq": self._acked_seq if self._has_acked else None,

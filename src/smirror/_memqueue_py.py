@@ -4,14 +4,29 @@ uses the compiled kernel.
 
 On-disk format (little-endian), pinned by golden tests:
 
-* segment file ``<index:016x>.seg``: records back to back, nothing else.
+* segment file ``<index:016x>.seg``: a 32-byte segment header, then records
+  back to back::
+
+      0  magic      b"SMQS"
+      4  version    u16, 1
+      6  flags      u16, bit 0: recycled (the file held an older segment)
+      8  index      u64, the index in the file name
+     16  reserved   u64, 0
+     24  check      u64, XXH3-64 of bytes 0..23
+
 * record: 32-byte header + payload::
 
       0  magic      b"SMQR"
       4  length     u32, payload bytes
       8  seq        u64
      16  body_check u64, XXH3-64 of the payload seeded with seq
-     24  head_check u64, XXH3-64 of header bytes 0..23
+     24  head_check u64, XXH3-64 of header bytes 0..23 seeded with the
+                    segment index (records left over from an older life of
+                    a recycled file never check out)
+
+* spare segment ``<index:016x>.spare``: a fully acked segment kept for reuse;
+  overwriting its cached pages is far cheaper than growing a new file.
+  Renamed to the next segment name when needed; never read.
 
 * ack file ``ack``: two 32-byte slots written alternately (a torn slot write
   leaves the other one intact)::
@@ -21,6 +36,12 @@ On-disk format (little-endian), pinned by golden tests:
       8  generation u64, +1 per write, the highest valid slot wins
      16  acked_seq  u64
      24  check      u64, XXH3-64 of slot bytes 0..23
+
+Recovery: every segment is scanned and checked. Damage in any segment but
+the last raises QueueCorrupt naming the file and offset. In the last one, a
+damaged record is a torn tail (cut away) when it is cut short, or when what
+follows it is zeros (a fresh file), or - in a recycled file, whose tail holds
+the older life's bytes - when no valid record of this segment follows it.
 """
 from __future__ import annotations
 
@@ -37,12 +58,19 @@ import xxhash
 from .errors import QueueClosed, QueueCorrupt, QueueError, QueueFull
 
 RECORD_MAGIC = b"SMQR"
+SEGMENT_MAGIC = b"SMQS"
 ACK_MAGIC = b"SMQA"
 HEADER_SIZE = 32
+SEGMENT_HEADER_SIZE = 32
+SEGMENT_VERSION = 1
+FLAG_RECYCLED = 1
 ACK_SLOT_SIZE = 32
 MAX_FRAME = 0xFFFFFFFF
 MAX_SEQ = 0xFFFFFFFFFFFFFFFF
 SEGMENT_SUFFIX = ".seg"
+SPARE_SUFFIX = ".spare"
+# a fully acked active segment smaller than this keeps being appended to
+RECYCLE_MIN = 1024 * 1024
 ACK_NAME = "ack"
 LOCK_NAME = "lock"
 FSYNC_POLICIES = ("none", "segment", "always")
@@ -53,35 +81,55 @@ PAGE = 4096
 _HEAD = struct.Struct("<4sIQQ")      # the 24 bytes covered by head_check
 _CHECK = struct.Struct("<Q")
 _ACK = struct.Struct("<4sIQQ")
+_SEGHEAD = struct.Struct("<4sHHQQ")
 
 
 def _xxh3(data, seed=0) -> int:
     return xxhash.xxh3_64_intdigest(data, seed)
 
 
-def encode_header(seq: int, payload) -> bytes:
-    """The 32-byte record header of ``payload`` (any contiguous buffer)."""
+def encode_header(seq: int, payload, segment: int = 0) -> bytes:
+    """The 32-byte header of ``payload`` (any contiguous buffer) as a record
+    of segment ``segment``."""
     n = memoryview(payload).nbytes
     head = _HEAD.pack(RECORD_MAGIC, n, seq, _xxh3(payload, seq))
-    return head + _CHECK.pack(_xxh3(head))
+    return head + _CHECK.pack(_xxh3(head, segment))
 
 
-def encode_record(seq: int, payload) -> bytes:
-    """Header + payload, exactly as appended to a segment."""
-    return encode_header(seq, payload) + bytes(payload)
+def encode_record(seq: int, payload, segment: int = 0) -> bytes:
+    """Header + payload, exactly as appended to segment ``segment``."""
+    return encode_header(seq, payload, segment) + bytes(payload)
 
 
-def decode_header(header) -> tuple[int, int, int] | None:
-    """(seq, length, body_check) of a 32-byte header, or None when its magic
-    or head check is wrong."""
+def decode_header(header, segment: int = 0) -> tuple[int, int, int] | None:
+    """(seq, length, body_check) of a 32-byte record header of segment
+    ``segment``, or None when its magic or head check is wrong."""
     header = bytes(header)
     if len(header) != HEADER_SIZE:
         raise ValueError(f"a record header is {HEADER_SIZE} bytes, got {len(header)}")
     magic, length, seq, body_check = _HEAD.unpack_from(header)
     (head_check,) = _CHECK.unpack_from(header, 24)
-    if magic != RECORD_MAGIC or _xxh3(header[:24]) != head_check:
+    if magic != RECORD_MAGIC or _xxh3(header[:24], segment) != head_check:
         return None
     return seq, length, body_check
+
+
+def encode_segment_header(index: int, recycled: bool = False) -> bytes:
+    """The 32-byte header a segment file starts with."""
+    head = _SEGHEAD.pack(SEGMENT_MAGIC, SEGMENT_VERSION, FLAG_RECYCLED if recycled else 0, index, 0)
+    return head + _CHECK.pack(_xxh3(head))
+
+
+def decode_segment_header(header) -> tuple[int, int] | None:
+    """(index, flags) of a segment header, or None when it is not one."""
+    header = bytes(header)
+    if len(header) != SEGMENT_HEADER_SIZE:
+        return None
+    magic, version, flags, index, _ = _SEGHEAD.unpack_from(header)
+    (check,) = _CHECK.unpack_from(header, 24)
+    if magic != SEGMENT_MAGIC or version != SEGMENT_VERSION or _xxh3(header[:24]) != check:
+        return None
+    return index, flags
 
 
 def _encode_ack(generation: int, acked: int) -> bytes:
@@ -148,14 +196,15 @@ class _DiskRun:
 
 
 class _Segment:
-    __slots__ = ("index", "path", "size", "first_seq", "last_seq")
+    __slots__ = ("index", "path", "size", "first_seq", "last_seq", "recycled")
 
     def __init__(self, index, path):
         self.index = index
         self.path = path
-        self.size = 0
+        self.size = 0              # bytes written, the segment header included
         self.first_seq = None
         self.last_seq = None
+        self.recycled = False      # the file may hold older bytes past `size`
 
 
 class SpillQueue:
@@ -170,12 +219,14 @@ class SpillQueue:
 
     def __init__(self, spill_dir, memory_limit, disk_limit, *,
                  segment_size=64 * 1024 * 1024, min_free_bytes=0,
-                 fsync="none", durable=False, read_buffer=1024 * 1024):
+                 fsync="none", durable=False, read_buffer=1024 * 1024,
+                 spare_segments=2):
         for name, value, low in (("memory_limit", memory_limit, 0),
                                  ("disk_limit", disk_limit, 0),
                                  ("segment_size", segment_size, 1),
                                  ("min_free_bytes", min_free_bytes, 0),
-                                 ("read_buffer", read_buffer, HEADER_SIZE)):
+                                 ("read_buffer", read_buffer, HEADER_SIZE),
+                                 ("spare_segments", spare_segments, 0)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < low:
@@ -189,6 +240,7 @@ class SpillQueue:
         self.min_free_bytes = min_free_bytes
         self.fsync = fsync
         self.durable = bool(durable)
+        self.spare_segments = spare_segments
 
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
@@ -198,6 +250,7 @@ class SpillQueue:
         self._mem_bytes = 0
         self._disk_bytes = 0
         self._segs = collections.OrderedDict()   # index -> _Segment
+        self._spares = []                        # [(old index, path)], last = hottest
         self._active = None                      # segment being appended to
         self._wfd = -1
         self._rfd = -1
@@ -230,13 +283,25 @@ class SpillQueue:
     def _recover(self):
         self._load_ack()
         names = []
+        spares = []
         for name in os.listdir(self.spill_dir):
             stem, dot, suffix = name.partition(".")
-            if "." + suffix == SEGMENT_SUFFIX and len(stem) == 16:
-                try:
-                    names.append((int(stem, 16), name))
-                except ValueError:
-                    pass
+            if "." + suffix not in (SEGMENT_SUFFIX, SPARE_SUFFIX) or len(stem) != 16:
+                continue
+            try:
+                index = int(stem, 16)
+            except ValueError:
+                continue
+            (names if "." + suffix == SEGMENT_SUFFIX else spares).append((index, name))
+            # indexes are never used twice: a recycled file's old records
+            # must not check out under its new index
+            self._next_index = max(self._next_index, index + 1)
+        for index, name in sorted(spares):
+            path = os.path.join(self.spill_dir, name)
+            if len(self._spares) < self.spare_segments:
+                self._spares.append((index, path))
+            else:
+                os.unlink(path)
         names.sort()
         acked = self._acked_seq
         prev_seq = None
@@ -263,12 +328,11 @@ class SpillQueue:
                     run.unread += 1
             self._segs[index] = seg
             self._disk_bytes += seg.size
-            self._next_index = index + 1
         # fully acked segments (and empty ones) go; they form a prefix
         for index in list(self._segs):
             seg = self._segs[index]
             if seg.last_seq is None or (acked is not None and seg.last_seq <= acked):
-                self._remove_segment(seg)
+                self._retire_segment(seg)
         if run is not None:
             self._runs.append(run)
             self._count = self._unread = run.count
@@ -289,9 +353,22 @@ class SpillQueue:
         fd = os.open(seg.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             fsize = os.fstat(fd).st_size
-            off = 0
+            head = os.pread(fd, SEGMENT_HEADER_SIZE, 0)
+            decoded = decode_segment_header(head)
+            if decoded is None or decoded[0] != seg.index:
+                # a crash while the segment was started: short, zeros, or a
+                # recycled file still under its older header
+                started = (len(head) < SEGMENT_HEADER_SIZE or head.count(0) == len(head)
+                           or decoded is not None)
+                if not (is_last and started):
+                    raise QueueCorrupt(f"{seg.path}: bad segment header at offset 0")
+                self._stat["torn_bytes"] += fsize
+                seg.size = 0
+                return records
+            seg.recycled = bool(decoded[1] & FLAG_RECYCLED)
+            off = SEGMENT_HEADER_SIZE
             while off < fsize:
-                damage = self._check_record(fd, off, fsize)
+                damage = self._check_record(fd, off, fsize, seg)
                 if damage is None:
                     seq, length = self._scan_ok
                     records.append((off, seq, length))
@@ -310,15 +387,17 @@ class SpillQueue:
             os.close(fd)
         return records
 
-    def _check_record(self, fd, off, fsize):
+    def _check_record(self, fd, off, fsize, seg):
         """None if the record at ``off`` is whole (its (seq, length) left in
         self._scan_ok), else (looks_torn, what is wrong)."""
         if fsize - off < HEADER_SIZE:
             return True, f"truncated record header ({fsize - off} of {HEADER_SIZE} bytes)"
         header = os.pread(fd, HEADER_SIZE, off)
-        decoded = decode_header(header)
+        decoded = decode_header(header, seg.index)
         if decoded is None:
-            return self._zero_from(fd, off, fsize), "bad record header (magic or check)"
+            torn = (self._no_record_after(fd, off, fsize, seg.index) if seg.recycled
+                    else self._zero_from(fd, off, fsize))
+            return torn, "bad record header (magic or check)"
         seq, length, body_check = decoded
         end = off + HEADER_SIZE + length
         if end > fsize:
@@ -330,10 +409,13 @@ class SpillQueue:
             check.update(chunk)
             pos += len(chunk)
         if check.intdigest() != body_check:
-            # a crash after the file grew but before its last page reached
-            # the disk leaves zeros there: that is torn, other damage is not
-            tail_from = max(off + HEADER_SIZE, (end - 1) // PAGE * PAGE)
-            torn = end == fsize and self._zero_from(fd, tail_from, fsize)
+            if seg.recycled:
+                torn = self._no_record_after(fd, off, fsize, seg.index)
+            else:
+                # a crash after the file grew but before its last page
+                # reached the disk leaves zeros there: that is torn
+                tail_from = max(off + HEADER_SIZE, (end - 1) // PAGE * PAGE)
+                torn = end == fsize and self._zero_from(fd, tail_from, fsize)
             return torn, f"payload checksum mismatch in record seq {seq}"
         self._scan_ok = (seq, length)
         return None
@@ -345,6 +427,24 @@ class SpillQueue:
             if not chunk or chunk.count(0) != len(chunk):
                 return False
             off += len(chunk)
+        return True
+
+    @staticmethod
+    def _no_record_after(fd, off, fsize, index):
+        """True when no valid record header of segment ``index`` starts
+        anywhere in (off, fsize): what follows a damaged record is left over
+        from the file's older life, not data of this segment."""
+        step = 1 << 20
+        pos = off + 1
+        while pos < fsize:
+            chunk = os.pread(fd, min(step + HEADER_SIZE - 1, fsize - pos), pos)
+            at = chunk.find(RECORD_MAGIC)
+            while 0 <= at <= step - 1:
+                if at + HEADER_SIZE <= len(chunk):
+                    if decode_header(chunk[at:at + HEADER_SIZE], index) is not None:
+                        return False
+                at = chunk.find(RECORD_MAGIC, at + 1)
+            pos += step
         return True
 
     def _load_ack(self):
@@ -371,7 +471,9 @@ class SpillQueue:
     def _seg_path(self, index):
         return os.path.join(self.spill_dir, f"{index:016x}{SEGMENT_SUFFIX}")
 
-    def _remove_segment(self, seg):
+    def _retire_segment(self, seg):
+        """A fully acked segment leaves the log: kept as a spare for reuse
+        (its pages are cached and allocated) or deleted."""
         if seg is self._active:
             os.close(self._wfd)
             self._wfd = -1
@@ -380,14 +482,77 @@ class SpillQueue:
             os.close(self._rfd)
             self._rfd = -1
             self._rfd_index = -1
-        os.unlink(seg.path)
         del self._segs[seg.index]
         self._disk_bytes -= seg.size
+        if len(self._spares) < self.spare_segments:
+            spare = os.path.join(self.spill_dir, f"{seg.index:016x}{SPARE_SUFFIX}")
+            os.rename(seg.path, spare)
+            self._spares.append((seg.index, spare))
+        else:
+            os.unlink(seg.path)
+
+    def _fsync_dir(self):
+        dfd = os.open(self.spill_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _finish_active(self):
+        """Close the segment being appended to; a recycled file loses the
+        older bytes past its end, so only whole segments precede the last."""
+        seg = self._active
+        if seg.recycled:
+            os.ftruncate(self._wfd, seg.size)
+        if self.fsync != "none":
+            os.fsync(self._wfd)
+        os.close(self._wfd)
+        self._wfd = -1
+        self._active = None
+
+    def _start_segment(self):
+        """Make the next segment the active one: a spare renamed (cheap to
+        overwrite) or a new file. Raises QueueFull when there is no room."""
+        index = self._next_index
+        path = self._seg_path(index)
+        recycled = False
+        while self._spares and not recycled:
+            _, spare = self._spares.pop()
+            try:
+                os.rename(spare, path)
+                recycled = True
+            except FileNotFoundError:
+                pass
+        try:
+            flags = os.O_WRONLY | os.O_CLOEXEC
+            fd = os.open(path, flags if recycled else flags | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.pwrite(fd, encode_segment_header(index, recycled), 0)
+            except OSError:
+                os.close(fd)
+                os.unlink(path)
+                raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise QueueFull(f"no space left in {self.spill_dir} for a new "
+                                f"segment: {exc.strerror}") from None
+            raise
+        if self.fsync != "none":
+            self._fsync_dir()
+        seg = _Segment(index, path)
+        seg.size = SEGMENT_HEADER_SIZE
+        seg.recycled = recycled
+        self._next_index = index + 1
+        self._segs[index] = seg
+        self._active = seg
+        self._wfd = fd
+        self._disk_bytes += SEGMENT_HEADER_SIZE
+        return seg
 
     def _check_space(self, need):
         if self._disk_bytes + need > self.disk_limit:
             raise QueueFull(f"queue disk limit reached in {self.spill_dir}: "
-                            f"{self._disk_bytes} B on disk + {need} B record "
+                            f"{self._disk_bytes} B on disk + {need} B to write "
                             f"> disk_limit {self.disk_limit} B")
         if not self.min_free_bytes:
             return
@@ -406,37 +571,17 @@ class SpillQueue:
     def _append(self, seq, frame):
         """Append one record; returns its (segment index, offset). Raises
         QueueFull (limits, no space) with nothing written."""
-        header = encode_header(seq, frame)
         need = HEADER_SIZE + len(frame)
-        self._check_space(need)
         seg = self._active
-        if seg is not None and seg.size and seg.size + need > self.segment_size:
-            if self.fsync != "none":
-                os.fsync(self._wfd)
-            os.close(self._wfd)
-            self._wfd = -1
-            self._active = seg = None
-        if seg is None:
-            index = self._next_index
-            seg = _Segment(index, self._seg_path(index))
-            try:
-                fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise QueueFull(f"no space left in {self.spill_dir} for a new "
-                                    f"segment: {exc.strerror}") from None
-                raise
-            if self.fsync != "none":
-                dfd = os.open(self.spill_dir, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            self._next_index = index + 1
-            self._segs[index] = seg
-            self._active = seg
-            self._wfd = fd
+        rotate = seg is not None and seg.size > SEGMENT_HEADER_SIZE and seg.size + need > self.segment_size
+        new_segment = seg is None or rotate
+        self._check_space(need + (SEGMENT_HEADER_SIZE if new_segment else 0))
+        if rotate:
+            self._finish_active()
+        if new_segment:
+            seg = self._start_segment()
         off = seg.size
+        header = encode_header(seq, frame, seg.index)
         try:
             record = memoryview(header + frame)
             done = 0
@@ -475,13 +620,13 @@ class SpillQueue:
     def _normalize(self, pos):
         index, off = pos
         while off >= self._segs[index].size and index + 1 in self._segs:
-            index, off = index + 1, 0
+            index, off = index + 1, SEGMENT_HEADER_SIZE
         return index, off
 
     def _read_header(self, pos):
         index, off = pos
         header = os.pread(self._read_fd(index), HEADER_SIZE, off)
-        decoded = decode_header(header) if len(header) == HEADER_SIZE else None
+        decoded = decode_header(header, index) if len(header) == HEADER_SIZE else None
         if decoded is None:
             raise QueueCorrupt(f"{self._segs[index].path}: bad record header at offset {off}")
         return decoded
@@ -629,7 +774,9 @@ class SpillQueue:
             for seg in list(self._segs.values()):
                 if seg.last_seq is None or seg.last_seq > seq:
                     break
-                self._remove_segment(seg)
+                if seg is self._active and seg.size < min(RECYCLE_MIN, self.segment_size):
+                    break       # small: keep appending rather than renaming
+                self._retire_segment(seg)
             self._stat["acks"] += 1
 
     def _ack_inside(self, run, seq):
@@ -637,8 +784,9 @@ class SpillQueue:
         if seq < run.first_seq:
             return
         handed = run.count - run.unread
-        if run.last_read_seq is not None and seq >= run.last_read_seq:
-            # everything handed out goes: walk on from the read position
+        if run.last_read_seq is None or seq >= run.last_read_seq:
+            # everything handed out goes (or nothing was: then read is the
+            # start): walk on from the read position
             run.count -= handed
             self._count -= handed
             pos = run.read
@@ -695,11 +843,10 @@ class SpillQueue:
             self._closed = True
             self._cond.notify_all()
             try:
-                if self.fsync != "none":
-                    if self._wfd >= 0:
-                        os.fsync(self._wfd)
-                    if self._ack_fd >= 0:
-                        os.fsync(self._ack_fd)
+                if self._active is not None:
+                    self._finish_active()
+                if self.fsync != "none" and self._ack_fd >= 0:
+                    os.fsync(self._ack_fd)
             finally:
                 self._close_files()
 
@@ -780,6 +927,7 @@ class SpillQueue:
                 "memory_limit": self.memory_limit,
                 "disk_limit": self.disk_limit,
                 "segments": len(self._segs),
+                "spares": len(self._spares),
                 "first_seq": self._first_seq(),
                 "last_seq": self._last_seq,
                 "acked_seq": self._acked_seq,
