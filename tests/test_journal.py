@@ -539,3 +539,15 @@ def test_decoding_a_buffer_another_thread_scribbles_on_never_crashes():
         t.join()
     assert outcomes <= {"ok", "FrameError"}
     assert _journal.decode_frame(bytes(buf))[0] == ops
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_path_object_is_checked_for_each_kind_that_uses_it(impl):
+    label = b"../not/a/tree/path"
+    impl.encode_frame([Op.mark(1, label), Op.task(2, label)])      # fine as a label/name
+    with pytest.raises(ValueError, match="'..' component"):
+        impl.encode_frame([Op.mark(1, label), Op.delete(2, label)])
+    paths = [b"f%d" % i for i in range(40)]
+    ops = [Op.delete(i + 1, paths[i % 40]) for i in range(400)] + [Op.rmdir(401, b"a/../b")]
+    with pytest.raises(ValueError, match="op 400"):
+        impl.encode_frame(ops)

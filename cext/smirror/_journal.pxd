@@ -5,36 +5,27 @@ from cpython.buffer cimport Py_buffer
 
 # xxh_x86dispatch.c must be the first to include xxhash.h (it sets up the
 # SSE2/AVX2/AVX512 variants, picked at load time with cpuid); elsewhere the
-# plain inline XXH3 is used. Streaming and one-shot XXH3 give the same value.
+# plain inline XXH3 is used.
 cdef extern from *:
     """
     #if defined(__x86_64__) || defined(__i386__)
     #  undef XXH_INLINE_ALL
     #  include "xxh_x86dispatch.c"
     #  define SMJ_XXH3_64(p, n) XXH3_64bits_dispatch((p), (n))
-    #  define SMJ_XXH3_64_UPDATE(s, p, n) XXH3_64bits_update_dispatch((s), (p), (n))
     #else
     #  ifndef XXH_INLINE_ALL
     #    define XXH_INLINE_ALL
     #  endif
     #  include "xxhash.h"
     #  define SMJ_XXH3_64(p, n) XXH3_64bits((p), (n))
-    #  define SMJ_XXH3_64_UPDATE(s, p, n) XXH3_64bits_update((s), (p), (n))
     #endif
     """
 
 cdef extern from "xxhash.h" nogil:
     ctypedef unsigned long long XXH64_hash_t
-    ctypedef struct XXH3_state_t:
-        pass
-    XXH3_state_t* XXH3_createState()
-    int XXH3_freeState(XXH3_state_t* state)
-    int XXH3_64bits_reset(XXH3_state_t* state)
-    XXH64_hash_t XXH3_64bits_digest(const XXH3_state_t* state)
 
 cdef extern from * nogil:
     XXH64_hash_t SMJ_XXH3_64(const void* data, size_t length)
-    int SMJ_XXH3_64_UPDATE(XXH3_state_t* state, const void* data, size_t length)
 
 
 # One op's fields, read once from the Python tuple (GIL held) so the records
@@ -79,7 +70,6 @@ cdef class Encoder:
     cdef Py_buffer* views        # data buffers held during one encode
     cdef Py_ssize_t views_capacity
     cdef Py_ssize_t views_held
-    cdef XXH3_state_t* hash_state  # payload check computed while writing
     cdef bytearray scratch       # raw payload before lz4, reused between calls
     cdef bint busy
     cdef readonly object compress

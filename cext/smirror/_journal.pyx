@@ -17,7 +17,7 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_SIZE, PyTuple_GET_ITEM, PyTuple_SET_ITEM
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.string cimport memcpy, memchr, memcmp
+from libc.string cimport memcpy, memchr, memcmp, memset
 
 import lz4.block
 
@@ -90,7 +90,7 @@ cdef enum:
     MAX_PATH = 0xFFFF
     MAX_MODE = 0o7777
     LZ4_MAX_RATIO = 256
-    HASH_CHUNK = 32768      # hash what was just written while it is in cache
+    PATH_CACHE = 16         # path objects remembered as checked, per encode
 
 cdef uint64_t MAX_PAYLOAD = 1 << 30
 cdef uint64_t MAX_OFFSET = (<uint64_t>1 << 63) - 1
@@ -654,13 +654,19 @@ cdef inline int as_u64(object v, uint64_t maxv, uint64_t* out) noexcept:
     return 2 if r > maxv else 0
 
 
-cdef uint64_t get_u64(Py_ssize_t i, object op, str name, object v, uint64_t maxv) except? 0xFFFFFFFFFFFFFFFF:
-    cdef uint64_t out = 0
-    cdef int rc = as_u64(v, maxv, &out)
+cdef int bad_u64(Py_ssize_t i, object op, str name, object v, uint64_t maxv,
+                 int rc) except -1:
     if rc == 1:
         raise bad_op(i, op, f"{name} must be an int, not {type(v).__name__}", TypeError)
-    if rc == 2:
-        raise bad_op(i, op, f"{name} {v} out of range 0..{maxv}")
+    raise bad_op(i, op, f"{name} {v} out of range 0..{maxv}")
+
+
+cdef inline uint64_t get_u64(Py_ssize_t i, object op, str name, object v,
+                             uint64_t maxv) except? 0xFFFFFFFFFFFFFFFF:
+    cdef uint64_t out = 0
+    cdef int rc = as_u64(v, maxv, &out)
+    if rc:
+        bad_u64(i, op, name, v, maxv, rc)
     return out
 
 
@@ -698,14 +704,9 @@ cdef class Encoder:
         self.views_held = 0
         self.busy = False
         self.scratch = bytearray()
-        self.hash_state = XXH3_createState()
-        if self.hash_state == NULL:
-            raise MemoryError()
 
     def __dealloc__(self):
         self._release_views()
-        if self.hash_state != NULL:
-            XXH3_freeState(self.hash_state)
         PyMem_Free(self.fields)
         PyMem_Free(self.views)
 
@@ -768,19 +769,20 @@ cdef class Encoder:
         cdef int problem
         cdef Py_buffer* pb
         cdef unsigned char* out
-        cdef XXH3_state_t* hs
         cdef Py_ssize_t stored_len
         cdef const unsigned char* stored
         cdef unsigned char* raw
         cdef uint64_t first_seq, last_seq
         cdef uint8_t flags
-        cdef PyObject* checked_path = NULL   # borrowed: ops holds it alive
-        cdef bint checked_tree = False
+        cdef PyObject* checked[PATH_CACHE]   # borrowed: ops holds them alive
+        cdef bint checked_tree[PATH_CACHE]
+        cdef size_t slot
         if n == 0:
             raise ValueError("a frame needs at least one op")
         if n > 0xFFFFFFFF:
             raise ValueError(f"{n} ops do not fit one frame")
         self._reserve(n)
+        memset(checked, 0, sizeof(checked))
         # pass 1, GIL held: read and check every field once
         for i in range(n):
             op = <object>PyTuple_GET_ITEM(ops, i)
@@ -806,14 +808,16 @@ cdef class Encoder:
                 raise bad_op(i, op, f"path is {len(v)} bytes long, the limit is {MAX_PATH}")
             f.path = <const unsigned char*>PyBytes_AS_STRING(v)
             f.path_len = <uint16_t>PyBytes_GET_SIZE(v)
-            # runs of ops on one file share the path object: check it once
-            if <PyObject*>v != checked_path or TREE_PATH[kind] != checked_tree:
+            # ops on the same few files share path objects: a small cache of
+            # objects already checked (all alive while ``ops`` is held)
+            slot = (<size_t>(<PyObject*>v) >> 5) & (PATH_CACHE - 1)
+            if checked[slot] != <PyObject*>v or checked_tree[slot] != TREE_PATH[kind]:
                 problem = path_problem(kind, f.path, f.path_len, 0)
                 if problem:
                     raise bad_op(i, op, f"{kind_name(kind)} path {v!r} {PATH_PROBLEMS[problem]}")
                 if f.path_len:          # (an empty label is fine for marks only)
-                    checked_path = <PyObject*>v
-                    checked_tree = TREE_PATH[kind]
+                    checked[slot] = <PyObject*>v
+                    checked_tree[slot] = TREE_PATH[kind]
             v = <object>PyTuple_GET_ITEM(op, 3)
             if not PyBytes_Check(v):
                 raise bad_op(i, op, f"path2 must be bytes, not {type(v).__name__}", TypeError)
@@ -879,23 +883,22 @@ cdef class Encoder:
         first_seq = self.fields[0].seq
         last_seq = self.fields[n - 1].seq
         if not (mode is True or (mode == "auto" and raw_len >= AUTO_COMPRESS_MIN)):
-            # pass 2, GIL released: the records straight into the result, the
-            # payload check computed while they are still in cache
+            # pass 2, GIL released: the records straight into the result.
+            # (Hashing each piece right after copying it measured no faster
+            # than one XXH3 pass over the payload afterwards.)
             frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + raw_len)
             out = <unsigned char*>PyBytes_AS_STRING(frame)
-            hs = self.hash_state
             with nogil:
-                XXH3_64bits_reset(hs)
-                write_records(self.fields, n, out + HEADER_SIZE, hs)
+                write_records(self.fields, n, out + HEADER_SIZE)
                 write_header(out, 0, n, raw_len, raw_len, first_seq, last_seq,
-                             XXH3_64bits_digest(hs))
+                             SMJ_XXH3_64(out + HEADER_SIZE, raw_len))
             return frame
         # lz4 wanted: the raw payload goes to the reused scratch first
         if PyByteArray_GET_SIZE(self.scratch) < raw_len:
             PyByteArray_Resize(self.scratch, raw_len)
         raw = <unsigned char*>PyByteArray_AS_STRING(self.scratch)
         with nogil:
-            write_records(self.fields, n, raw, NULL)
+            write_records(self.fields, n, raw)
         with memoryview(self.scratch) as whole:
             with whole[:raw_len] as raw_view:
                 packed = lz4_compress(raw_view, store_size=False)
@@ -938,38 +941,11 @@ cdef class Encoder:
         return 0
 
 
-cdef inline unsigned char* put(unsigned char* w, const unsigned char* src, size_t n,
-                               XXH3_state_t* hs, unsigned char** hashed) noexcept nogil:
-    """Copy ``n`` bytes to ``w``; with a hash state, feed it everything written
-    since ``*hashed`` each time HASH_CHUNK bytes have piled up, so the bytes
-    are hashed while still in cache. Returns the new write position."""
-    cdef size_t piece
-    cdef Py_ssize_t lag
-    if hs == NULL:
-        memcpy(w, src, n)
-        return w + n
-    while n:
-        lag = w - hashed[0]
-        piece = HASH_CHUNK - lag if lag < HASH_CHUNK else 0
-        if piece > n:
-            piece = n
-        memcpy(w, src, piece)
-        w += piece
-        src += piece
-        n -= piece
-        if w - hashed[0] >= HASH_CHUNK:
-            SMJ_XXH3_64_UPDATE(hs, hashed[0], <size_t>(w - hashed[0]))
-            hashed[0] = w
-    return w
-
-
-cdef void write_records(const OpFields* fields, Py_ssize_t n, unsigned char* w,
-                        XXH3_state_t* hs) noexcept nogil:
-    """All records into ``w``; with ``hs``, also feeds them to the hash in
-    cache-sized pieces right after they are written."""
+cdef void write_records(const OpFields* fields, Py_ssize_t n,
+                        unsigned char* w) noexcept nogil:
+    """All records, back to back, into ``w``."""
     cdef Py_ssize_t i
     cdef const OpFields* f
-    cdef unsigned char* hashed = w
     for i in range(n):
         f = &fields[i]
         w[0] = f.kind
@@ -997,12 +973,8 @@ cdef void write_records(const OpFields* fields, Py_ssize_t n, unsigned char* w,
             memcpy(w, f.path2, f.path2_len)
             w += f.path2_len
         if f.data_len:
-            w = put(w, f.data, f.data_len, hs, &hashed)
-        elif hs != NULL and w - hashed >= HASH_CHUNK:
-            SMJ_XXH3_64_UPDATE(hs, hashed, <size_t>(w - hashed))
-            hashed = w
-    if hs != NULL and w != hashed:
-        SMJ_XXH3_64_UPDATE(hs, hashed, <size_t>(w - hashed))
+            memcpy(w, f.data, f.data_len)
+            w += f.data_len
 
 
 cdef void write_header(unsigned char* out, uint8_t flags, Py_ssize_t count,
