@@ -53,6 +53,25 @@ cdef enum:
     ACK_SLOT = 32
     PAGE_SIZE = 4096
 
+# Payload checksums use the runtime-dispatched XXH3 (SSE2/AVX2/AVX512 picked
+# with cpuid at load time, same results); xxh_x86dispatch.c must be the first
+# to include xxhash.h. Short inputs (headers) use the inline XXH3.
+cdef extern from *:
+    """
+    #if defined(__x86_64__) || defined(__i386__)
+    #  undef XXH_INLINE_ALL
+    #  include "xxh_x86dispatch.c"
+    #  define SM_XXH3_64_SEED(p, n, s) XXH3_64bits_withSeed_dispatch((p), (n), (s))
+    #else
+    #  ifndef XXH_INLINE_ALL
+    #    define XXH_INLINE_ALL
+    #  endif
+    #  include "xxhash.h"
+    #  define SM_XXH3_64_SEED(p, n, s) XXH3_64bits_withSeed((p), (n), (s))
+    #endif
+    """
+    uint64_t SM_XXH3_64_SEED(const void* data, size_t length, uint64_t seed) noexcept nogil
+
 cdef extern from *:
     """
     #include <stdint.h>
@@ -122,7 +141,7 @@ cdef void encode_header_c(unsigned char* header, uint64_t seq, const unsigned ch
     memcpy(header, b"SMQR", 4)
     sm_put32(header + 4, <uint32_t>length)
     sm_put64(header + 8, seq)
-    sm_put64(header + 16, XXH3_64bits_withSeed(payload, length, seq))
+    sm_put64(header + 16, SM_XXH3_64_SEED(payload, length, seq))
     sm_put64(header + 24, XXH3_64bits_withSeed(header, 24, segment))
 
 
@@ -353,7 +372,7 @@ cdef int scan_c(int fd, off_t fsize, uint64_t segment, unsigned char* buf, size_
             wbeg = off
             wlen = <size_t>r
         if end <= wbeg + <off_t>wlen:
-            check = XXH3_64bits_withSeed(buf + (off + HDR - wbeg), length, seq)
+            check = SM_XXH3_64_SEED(buf + (off + HDR - wbeg), length, seq)
         else:
             # larger than the buffer: stream it through
             XXH3_64bits_reset_withSeed(state, seq)
@@ -1032,7 +1051,7 @@ cdef class SpillQueue:
         with nogil:
             if buffered:
                 memcpy(dst, self._rbuf + (body_off - self._rbuf_off), length)
-            check = XXH3_64bits_withSeed(dst, length, seq)
+            check = SM_XXH3_64_SEED(dst, length, seq)
         if check != body_check:
             raise QueueCorrupt(f"{(<_Segment>self._segs[index]).path}: payload checksum "
                                f"mismatch in record seq {seq} at offset {off}")
