@@ -551,3 +551,19 @@ def test_a_path_object_is_checked_for_each_kind_that_uses_it(impl):
     ops = [Op.delete(i + 1, paths[i % 40]) for i in range(400)] + [Op.rmdir(401, b"a/../b")]
     with pytest.raises(ValueError, match="op 400"):
         impl.encode_frame(ops)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_encoder_releases_data_buffers_on_every_path(impl):
+    bufs = [bytearray(b"%d" % i * 10) for i in range(3000)]     # > the kept slots
+    ops = [Op.write(i + 1, b"f", 0, b) for i, b in enumerate(bufs)]
+    frame = impl.encode_frame(ops)
+    for b in bufs:
+        b.extend(b"!")                        # BufferError if still exported
+    bad = ops[:10] + [Op.delete(11, b"/abs")]
+    with pytest.raises(ValueError):
+        impl.encode_frame(bad)
+    for b in bufs[:10]:
+        b.extend(b"!")
+    assert [bytes(op.data) for op in impl.decode_frame(frame)[0]] == \
+        [bytes(b[:-1 if i >= 10 else -2]) for i, b in enumerate(bufs)]

@@ -96,8 +96,10 @@ cdef uint64_t MAX_PAYLOAD = 1 << 30
 cdef uint64_t MAX_OFFSET = (<uint64_t>1 << 63) - 1
 cdef uint32_t MAGIC_LE = 0x464A4D53          # b"SMJF" read as little-endian u32
 cdef Py_ssize_t AUTO_COMPRESS_MIN = _AUTO_COMPRESS_MIN
-cdef Py_ssize_t SHRINK_ABOVE = 1 << 16       # op slots kept between calls
-cdef Py_ssize_t SCRATCH_KEEP = 64 << 20      # lz4 scratch bytes kept between calls
+# What an Encoder keeps between calls (each pooled encoder at most ~10 MiB):
+cdef Py_ssize_t SHRINK_ABOVE = 1 << 14       # op slots (72 bytes each)
+cdef Py_ssize_t VIEWS_KEEP = 1 << 10         # held-buffer slots (80 bytes each)
+cdef Py_ssize_t SCRATCH_KEEP = 8 << 20       # lz4 scratch bytes
 
 # per-kind layout: fixed field bytes, path2 present, path2 is a tree path,
 # data allowed, path is a tree path
@@ -758,6 +760,10 @@ cdef class Encoder:
                 PyMem_Free(self.fields)
                 self.fields = NULL
                 self.capacity = 0
+            if self.views_capacity > VIEWS_KEEP:
+                PyMem_Free(self.views)
+                self.views = NULL
+                self.views_capacity = 0
             self.busy = False
 
     cdef object _encode(self, tuple ops, object mode):
