@@ -500,3 +500,32 @@ def test_random_ops_match_model_and_reference(tmp_path_factory, ops, memory_limi
     finally:
         for q in queues:
             q.close()
+
+
+def test_stub_and_both_modules_agree():
+    import ast
+    stub = os.path.join(os.path.dirname(native.__file__), "_memqueue.pyi")
+    names = set()
+    for node in ast.parse(open(stub).read()).body:
+        if isinstance(node, ast.AnnAssign):
+            names.add(node.target.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+    assert {"SpillQueue", "encode_record", "decode_segment_header"} <= names
+    for name in names:
+        assert hasattr(native, name) and hasattr(reference, name), name
+        if name.isupper():
+            assert getattr(native, name) == getattr(reference, name), name
+
+
+@pytest.mark.parametrize("recycled", [False, True])
+def test_segment_header_format_is_pinned(mq, recycled):
+    head = mq.encode_segment_header(5, recycled)
+    assert head[:16] == b"SMQS\x01\x00" + bytes([recycled, 0]) + (5).to_bytes(8, "little")
+    assert head == reference.encode_segment_header(5, recycled)
+    assert mq.decode_segment_header(head) == (5, int(recycled))
+    assert mq.decode_segment_header(head[:8] + b"\x06" + head[9:]) is None
+    # a record of segment 5 does not check out as one of segment 6
+    rec = mq.encode_record(1, b"abc", segment=5)
+    assert mq.decode_header(rec[:32], 5)[:2] == (1, 3)
+    assert mq.decode_header(rec[:32], 6) is None

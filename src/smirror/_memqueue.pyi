@@ -5,21 +5,29 @@ from typing import Any
 from _typeshed import ReadableBuffer
 
 RECORD_MAGIC: bytes
+SEGMENT_MAGIC: bytes
 ACK_MAGIC: bytes
 HEADER_SIZE: int
+SEGMENT_HEADER_SIZE: int
+SEGMENT_VERSION: int
+FLAG_RECYCLED: int
 ACK_SLOT_SIZE: int
 MAX_FRAME: int
 MAX_SEQ: int
 SEGMENT_SUFFIX: str
+SPARE_SUFFIX: str
+RECYCLE_MIN: int
 ACK_NAME: str
 LOCK_NAME: str
 FSYNC_POLICIES: tuple[str, ...]
 FREE_CHECK_INTERVAL: int
 PAGE: int
 
-def encode_header(seq: int, payload: ReadableBuffer) -> bytes: ...
-def encode_record(seq: int, payload: ReadableBuffer) -> bytes: ...
-def decode_header(header: ReadableBuffer) -> tuple[int, int, int] | None: ...
+def encode_header(seq: int, payload: ReadableBuffer, segment: int = 0) -> bytes: ...
+def encode_record(seq: int, payload: ReadableBuffer, segment: int = 0) -> bytes: ...
+def decode_header(header: ReadableBuffer, segment: int = 0) -> tuple[int, int, int] | None: ...
+def encode_segment_header(index: int, recycled: bool = False) -> bytes: ...
+def decode_segment_header(header: ReadableBuffer) -> tuple[int, int] | None: ...
 
 class SpillQueue:
     spill_dir: str
@@ -29,10 +37,12 @@ class SpillQueue:
     min_free_bytes: int
     fsync: str
     durable: bool
+    spare_segments: int
 
     def __init__(self, spill_dir: str | PathLike[str], memory_limit: int, disk_limit: int, *,
                  segment_size: int = ..., min_free_bytes: int = ..., fsync: str = ...,
-                 durable: bool = ..., read_buffer: int = ...) -> None: ...
+                 durable: bool = ..., read_buffer: int = ...,
+                 spare_segments: int = ...) -> None: ...
     def put(self, seq: int, frame: ReadableBuffer) -> None: ...
     def get(self, timeout: float | None = None) -> tuple[int, bytes] | None: ...
     def ack(self, seq: int) -> None: ...

@@ -42,6 +42,11 @@ Settings
                    and on close; ``always``: every record and every ack
 ``durable``        write-through + persisted acks (target queues)
 ``read_buffer``    size of the one reused buffer spilled frames are read with
+``spare_segments`` fully acked segment files kept for reuse: overwriting a
+                   file whose pages are cached and allocated costs a fraction
+                   of growing a new one. Spares (and the older bytes at the
+                   end of a recycled segment until it is closed) are outside
+                   ``disk_limit``: at most ``spare_segments x segment_size``.
 """
 from __future__ import annotations
 
@@ -68,6 +73,7 @@ class QueueSettings:
     fsync: str = "segment"
     durable: bool = False
     read_buffer: int = 1 * MiB
+    spare_segments: int = 2
 
     def __post_init__(self):
         for name in ("memory_limit", "disk_limit", "segment_size", "min_free_bytes", "read_buffer"):
@@ -78,6 +84,9 @@ class QueueSettings:
             raise ConfigError(f"queue read_buffer: at least 64KiB, got {self.read_buffer}")
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"queue fsync: one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}")
+        if (isinstance(self.spare_segments, bool) or not isinstance(self.spare_segments, int)
+                or not 0 <= self.spare_segments <= 64):
+            raise ConfigError(f"queue spare_segments: a number from 0 to 64, got {self.spare_segments!r}")
         if not isinstance(self.durable, bool):
             raise ConfigError(f"queue durable: expected true or false, got {self.durable!r}")
 
@@ -110,4 +119,4 @@ def open_queue(spill_dir, settings: QueueSettings | None = None) -> SpillQueue:
     s = settings or QueueSettings()
     return SpillQueue(spill_dir, s.memory_limit, s.disk_limit, segment_size=s.segment_size,
                       min_free_bytes=s.min_free_bytes, fsync=s.fsync, durable=s.durable,
-                      read_buffer=s.read_buffer)
+                      read_buffer=s.read_buffer, spare_segments=s.spare_segments)
