@@ -17,9 +17,13 @@ Tree (tools/gen_tree.py): ~2,000 files of 1 KiB - 4 MiB plus one 1 GiB file
 5. 200 of the small files changed:         smirror mirror --different vs rsync -a
 
 Each tool mirrors into its own DST, from the same SRC state; every case is
-repeated (``--repeat``; cases 4 and 5 change fresh blocks/files each time)
-and the best time is kept. Dirty pages are flushed (sync) outside the
-timings. Ratio = smirror time / rsync time (below 1: smirror is faster).
+repeated (``--repeat``; cases 4 and 5 change fresh blocks/files each time,
+the same for both tools), the order of the two tools alternates, and the
+best time is kept. Before every timed run SRC and that tool's DST are read
+into the page cache and dirty pages are flushed (sync), outside the timing.
+smirror runs as ``python -m smirror`` with compiled .pyc files, as an
+installed package would. Ratio = smirror time / rsync time (below 1:
+smirror is faster).
 """
 from __future__ import annotations
 
@@ -68,6 +72,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/smirror-bench")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--keep", action="store_true", help="keep the generated tree")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse a tree kept by --keep with the same scale (faster reruns)")
+    ap.add_argument("--cases", default="1,2,3,4,5", help="which cases to run, e.g. 2,3")
     args = ap.parse_args(argv)
 
     rsync = shutil.which("rsync")
@@ -75,10 +82,16 @@ def main(argv=None) -> int:
         raise SystemExit("rsync is not installed (apt-get install rsync)")
     work = Path(args.workdir)
     src, dst_s, dst_r = work / "src", work / "dst-smirror", work / "dst-rsync"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    cases = {int(c) for c in args.cases.split(",")}
+    marker = work / "tree.json"
     t0 = time.perf_counter()
-    info = gen_tree.make_bench_tree(src, scale=args.scale)
+    if args.reuse and marker.exists() and json.loads(marker.read_text())["scale"] == args.scale:
+        info = json.loads(marker.read_text())["info"]
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        info = gen_tree.make_bench_tree(src, scale=args.scale)
+        marker.write_text(json.dumps({"scale": args.scale, "info": info}))
     print(f"tree: {len(info['files'])} files + big file "
           f"{os.path.getsize(info['big']) / 2**20:.0f} MiB, {info['bytes'] / 2**30:.2f} GiB "
           f"(generated in {time.perf_counter() - t0:.1f} s)")
@@ -87,8 +100,6 @@ def main(argv=None) -> int:
     # compile the package's .pyc once, as an installed package has them
     subprocess.run([sys.executable, "-c", "import smirror.cli, smirror.mirror, smirror.checksum"],
                    env=env, check=True)
-    warm(src)
-
     results = {}
 
     def record(case, name, s_times, r_times, extra=None):
@@ -99,57 +110,73 @@ def main(argv=None) -> int:
         print(f"{case}. {name:<44} smirror {s:8.3f} s  rsync {r:8.3f} s  "
               f"ratio {s / r:5.2f}  (goal <= {GOALS[case]})", flush=True)
 
+    def pair(case_args_s, case_args_r, setup=None, warm_dst=True, repeat=None):
+        """Time smirror and rsync on the same starting state, alternating
+        which goes first; every run starts with SRC and its DST read into
+        the page cache (this VM's memory reclaim evicts cold pages)."""
+        s_t, r_t, outs = [], [], []
+        for i in range(repeat or args.repeat):
+            if setup:
+                setup(i)
+            order = [("s", dst_s), ("r", dst_r)]
+            if i % 2:
+                order.reverse()
+            for tool, dst in order:
+                warm(src)
+                if warm_dst and dst.exists():
+                    warm(dst)
+                if tool == "s":
+                    t, out = run_timed(smirror_cmd(*case_args_s, src, dst), env)
+                    s_t.append(t)
+                    outs.append(out)
+                else:
+                    r_t.append(run_timed([rsync, *case_args_r, f"{src}/", f"{dst}/"])[0])
+        return s_t, r_t, outs
+
     # 1. initial full copy
-    s_t, r_t = [], []
-    for _ in range(args.repeat):
-        for d in (dst_s, dst_r):
-            shutil.rmtree(d, ignore_errors=True)
-        os.sync()
-        s_t.append(run_timed(smirror_cmd(src, dst_s), env)[0])
-        r_t.append(run_timed([rsync, "-a", f"{src}/", f"{dst_r}/"])[0])
-    record(1, "initial full copy", s_t, r_t)
-    warm(dst_s)
-    warm(dst_r)
+    if 1 in cases:
+        def clear(_):
+            for d in (dst_s, dst_r):
+                shutil.rmtree(d, ignore_errors=True)
+            os.sync()
+        s_t, r_t, _ = pair([], ["-a"], setup=clear, warm_dst=False)
+        record(1, "initial full copy", s_t, r_t)
 
     # 2. unchanged tree, checksum
-    s_t, r_t = [], []
-    for _ in range(args.repeat):
-        s_t.append(run_timed(smirror_cmd("--checksum", src, dst_s), env)[0])
-        r_t.append(run_timed([rsync, "-a", "--checksum", f"{src}/", f"{dst_r}/"])[0])
-    record(2, "unchanged tree, --checksum", s_t, r_t)
+    if 2 in cases:
+        s_t, r_t, _ = pair(["--checksum"], ["-a", "--checksum"])
+        record(2, "unchanged tree, --checksum", s_t, r_t)
 
     # 3. unchanged tree, quick check
-    s_t, r_t = [], []
-    for _ in range(args.repeat):
-        s_t.append(run_timed(smirror_cmd("--different", src, dst_s), env)[0])
-        r_t.append(run_timed([rsync, "-a", f"{src}/", f"{dst_r}/"])[0])
-    record(3, "unchanged tree, quick check", s_t, r_t)
+    if 3 in cases:
+        s_t, r_t, _ = pair(["--different"], ["-a"])
+        record(3, "unchanged tree, quick check", s_t, r_t)
 
-    # 4. 1% of 8 KiB blocks changed in the big file
-    s_t, r_t, written, changed_bytes = [], [], [], []
-    for i in range(args.repeat):
-        changed_bytes.append(gen_tree.change_blocks(info["big"], 0.01, 8192, seed=100 + i))
-        t, out = run_timed(smirror_cmd("--different", "--checksum", "--json", src, dst_s), env)
-        s_t.append(t)
-        written.append(json.loads(out)["bytes_written"])
-        r_t.append(run_timed([rsync, "-a", "--no-whole-file", "--inplace",
-                              f"{src}/", f"{dst_r}/"])[0])
-    record(4, "1% of 8 KiB blocks of the big file changed", s_t, r_t,
-           {"changed_bytes": changed_bytes, "smirror_bytes_written": written,
-            "written_over_changed": [w / c for w, c in zip(written, changed_bytes)]})
-    print(f"   bytes written / bytes changed: "
-          f"{', '.join(f'{w / c:.3f}' for w, c in zip(written, changed_bytes))}")
+    # 4. 1% of 8 KiB blocks changed in the big file (fresh blocks each round)
+    if 4 in cases:
+        changed_bytes = []
 
-    # 5. 200 small files changed
-    s_t, r_t = [], []
-    n_small = max(1, int(200 * min(1.0, len(info["files"]) / 2000)))
-    for i in range(args.repeat):
-        gen_tree.change_small(info["files"], n_small, seed=200 + i)
-        s_t.append(run_timed(smirror_cmd("--different", src, dst_s), env)[0])
-        r_t.append(run_timed([rsync, "-a", f"{src}/", f"{dst_r}/"])[0])
-    record(5, f"{n_small} small files changed", s_t, r_t)
+        def change_big(i):
+            changed_bytes.append(gen_tree.change_blocks(info["big"], 0.01, 8192, seed=100 + i))
+        s_t, r_t, outs = pair(["--different", "--checksum", "--json"],
+                              ["-a", "--no-whole-file", "--inplace"], setup=change_big)
+        written = [json.loads(o)["bytes_written"] for o in outs]
+        record(4, "1% of 8 KiB blocks of the big file changed", s_t, r_t,
+               {"changed_bytes": changed_bytes, "smirror_bytes_written": written,
+                "written_over_changed": [w / c for w, c in zip(written, changed_bytes)]})
+        print(f"   bytes written / bytes changed: "
+              f"{', '.join(f'{w / c:.3f}' for w, c in zip(written, changed_bytes))}")
+
+    # 5. 200 small files changed (other files each round)
+    if 5 in cases:
+        n_small = max(1, int(200 * min(1.0, len(info["files"]) / 2000)))
+        s_t, r_t, _ = pair(["--different"], ["-a"],
+                           setup=lambda i: gen_tree.change_small(info["files"], n_small, seed=200 + i))
+        record(5, f"{n_small} small files changed", s_t, r_t)
 
     # both targets must equal the source
+    if 1 not in cases and not dst_s.exists():
+        raise SystemExit("cases without 1 need a kept tree with both targets (--keep, --reuse)")
     for d in (dst_s, dst_r):
         diff = subprocess.run([rsync, "-a", "--checksum", "--dry-run", "--itemize-changes",
                                "--delete", f"{src}/", f"{d}/"], capture_output=True, check=True)

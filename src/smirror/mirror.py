@@ -350,14 +350,9 @@ class Mirror:
             src = scan(self.src_root, opts.rules)
             dst = Listing(troot)            # dry run into a target not created yet
         else:
-            helper = _Helpers(1, "smirror-scan")
-            try:
-                # the two scans overlap where they wait on the kernel
-                dst_future = helper.submit(self.target.scan, opts.rules, self._orphan_skip)
-                src = scan(self.src_root, opts.rules)
-                dst = dst_future.result()
-            finally:
-                helper.shutdown()
+            # one after the other: scanning is GIL-bound, a second thread only adds contention
+            src = scan(self.src_root, opts.rules)
+            dst = self.target.scan(opts.rules, self._orphan_skip)
         for rel, exc in src.errors:
             self._error(rel, exc)
         for rel, exc in dst.errors:

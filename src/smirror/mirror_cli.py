@@ -8,7 +8,6 @@ target disk full or read-only); 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from .errors import ConfigError, SmirrorError
@@ -147,11 +146,13 @@ def run(args) -> int:
     except SmirrorError as exc:
         partial = getattr(exc, "summary", None)
         if partial is not None and args.json:
+            import json
             print(json.dumps(partial.to_dict()))
         return fail(exc, getattr(exc, "exit_code", EXIT_FAILED))
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         return fail(f"{exc.strerror or exc}{where}", EXIT_FAILED)
+    import json
     data = summary.to_dict()
     for rel, message in summary.errors:
         print(f"smirror mirror: {show(rel)}: {message}", file=sys.stderr)
