@@ -159,3 +159,15 @@ def test_two_threads_decode_big_frames(benchmark):
     pool.shutdown()
     print(f"\ndecode {jobs} x 8 MiB frames: 1 thread {base * 1e3:.1f} ms, 2 threads "
           f"{t * 1e3:.1f} ms; speed-up {base / t:.2f}")
+
+
+def test_auto_compression_on_incompressible_data(benchmark):
+    """compress='auto' (the engine's default) on noise: the 64 KiB sample
+    should make it cost about what compress=False costs."""
+    import os
+    noise = os.urandom(8 << 20)
+    ops = [Op.write(i + 1, b"f", i << 16, noise[i << 16:(i + 1) << 16]) for i in range(128)]
+    base, t = interleaved(benchmark, lambda: _journal.encode_frame(ops, False),
+                          lambda: _journal.encode_frame(ops, "auto"))
+    print(f"\nencode 8 MiB of noise: auto {len(noise) / t / 1e9:.2f} GB/s, "
+          f"False {len(noise) / base / 1e9:.2f} GB/s; ratio {base / t:.2f}")

@@ -567,3 +567,27 @@ def test_encoder_releases_data_buffers_on_every_path(impl):
         b.extend(b"!")
     assert [bytes(op.data) for op in impl.decode_frame(frame)[0]] == \
         [bytes(b[:-1 if i >= 10 else -2]) for i, b in enumerate(bufs)]
+
+
+def _noise(n):
+    return b"".join(hashlib.sha512(i.to_bytes(4, "little")).digest() for i in range(n // 64))
+
+
+@pytest.mark.parametrize("case,auto_compresses", [
+    ("noise then zeros", False),     # the 64 KiB sample decides: not worth it
+    ("zeros then noise", False),     # the sample says yes, the whole says no
+    ("zeros", True),
+    ("text", True),
+])
+def test_auto_compression_above_the_sample_size(case, auto_compresses):
+    data = {"noise then zeros": _noise(1 << 16) + bytes(1 << 20),
+            "zeros then noise": bytes(1 << 16) + _noise(1 << 20),
+            "zeros": bytes(200_000),
+            "text": b"a line of log text that repeats\n" * 10_000}[case]
+    ops = [Op.write(1, b"big", 0, data[:300_000]), Op.write(2, b"big", 300_000, data[300_000:])]
+    for compress in ("auto", True, False):
+        c_frame = _journal.encode_frame(ops, compress)
+        assert c_frame == _journal_py.encode_frame(ops, compress)
+        compressed = _journal.frame_header(c_frame).compressed
+        assert compressed == {"auto": auto_compresses, True: True, False: False}[compress]
+        assert _journal.decode_frame(c_frame)[0] == ops

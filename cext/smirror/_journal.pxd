@@ -79,3 +79,6 @@ cdef class Encoder:
     cdef void _release_views(self) noexcept
     cdef object _encode(self, tuple ops, object mode)
     cdef int _setattr_fields(self, Py_ssize_t i, object op, OpFields* f) except -1
+    cdef object _try_lz4(self, bytes frame, Py_ssize_t raw_len, bint auto)
+    cdef object _lz4_frame(self, bytes packed, Py_ssize_t count, Py_ssize_t raw_len,
+                           uint64_t first_seq, uint64_t last_seq)

@@ -23,7 +23,8 @@ import lz4.block
 
 from .errors import FrameError
 from .ops import (
-    AUTO_COMPRESS_MIN as _AUTO_COMPRESS_MIN, FrameHeader, Op, OpKind,
+    AUTO_COMPRESS_MIN as _AUTO_COMPRESS_MIN, AUTO_SAMPLE as _AUTO_SAMPLE, FrameHeader, Op,
+    OpKind,
 )
 
 __all__ = ["encode_frame", "decode_frame", "frame_header", "Encoder"]
@@ -96,6 +97,7 @@ cdef uint64_t MAX_PAYLOAD = 1 << 30
 cdef uint64_t MAX_OFFSET = (<uint64_t>1 << 63) - 1
 cdef uint32_t MAGIC_LE = 0x464A4D53          # b"SMJF" read as little-endian u32
 cdef Py_ssize_t AUTO_COMPRESS_MIN = _AUTO_COMPRESS_MIN
+cdef Py_ssize_t AUTO_SAMPLE = _AUTO_SAMPLE
 # What an Encoder keeps between calls (each pooled encoder at most ~10 MiB):
 cdef Py_ssize_t SHRINK_ABOVE = 1 << 14       # op slots (72 bytes each)
 cdef Py_ssize_t VIEWS_KEEP = 1 << 10         # held-buffer slots (80 bytes each)
@@ -775,11 +777,9 @@ cdef class Encoder:
         cdef int problem
         cdef Py_buffer* pb
         cdef unsigned char* out
-        cdef Py_ssize_t stored_len
-        cdef const unsigned char* stored
         cdef unsigned char* raw
         cdef uint64_t first_seq, last_seq
-        cdef uint8_t flags
+        cdef bint auto
         cdef PyObject* checked[PATH_CACHE]   # borrowed: ops holds them alive
         cdef bint checked_tree[PATH_CACHE]
         cdef size_t slot
@@ -888,18 +888,25 @@ cdef class Encoder:
 
         first_seq = self.fields[0].seq
         last_seq = self.fields[n - 1].seq
-        if not (mode is True or (mode == "auto" and raw_len >= AUTO_COMPRESS_MIN)):
-            # pass 2, GIL released: the records straight into the result.
-            # (Hashing each piece right after copying it measured no faster
-            # than one XXH3 pass over the payload afterwards.)
+        auto = mode is not True
+        if mode is False or (auto and raw_len < AUTO_COMPRESS_MIN) or raw_len > AUTO_SAMPLE:
+            # pass 2, GIL released: the records straight into the result
             frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + raw_len)
             out = <unsigned char*>PyBytes_AS_STRING(frame)
             with nogil:
                 write_records(self.fields, n, out + HEADER_SIZE)
+            if mode is not False and raw_len >= AUTO_COMPRESS_MIN:
+                packed = self._try_lz4(frame, raw_len, auto)
+                if packed is not None:
+                    return self._lz4_frame(packed, n, raw_len, first_seq, last_seq)
+            # (hashing each piece right after copying it measured no faster
+            # than one XXH3 pass over the payload afterwards)
+            with nogil:
                 write_header(out, 0, n, raw_len, raw_len, first_seq, last_seq,
                              SMJ_XXH3_64(out + HEADER_SIZE, raw_len))
             return frame
-        # lz4 wanted: the raw payload goes to the reused scratch first
+        # small enough to compress whole: the raw payload goes to the reused
+        # scratch (no large temporary next to lz4's own allocation)
         if PyByteArray_GET_SIZE(self.scratch) < raw_len:
             PyByteArray_Resize(self.scratch, raw_len)
         raw = <unsigned char*>PyByteArray_AS_STRING(self.scratch)
@@ -908,19 +915,41 @@ cdef class Encoder:
         with memoryview(self.scratch) as whole:
             with whole[:raw_len] as raw_view:
                 packed = lz4_compress(raw_view, store_size=False)
-        if mode is True or PyBytes_GET_SIZE(packed) <= raw_len - raw_len // 10:
-            stored = <const unsigned char*>PyBytes_AS_STRING(packed)
-            stored_len = PyBytes_GET_SIZE(packed)
-            flags = FLAG_LZ4
-        else:
-            stored = raw
-            stored_len = raw_len
-            flags = 0
-        frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + stored_len)
+        if not auto or PyBytes_GET_SIZE(packed) <= raw_len - raw_len // 10:
+            return self._lz4_frame(packed, n, raw_len, first_seq, last_seq)
+        frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + raw_len)
         out = <unsigned char*>PyBytes_AS_STRING(frame)
         with nogil:
+            memcpy(out + HEADER_SIZE, raw, raw_len)
+            write_header(out, 0, n, raw_len, raw_len, first_seq, last_seq,
+                         SMJ_XXH3_64(out + HEADER_SIZE, raw_len))
+        return frame
+
+    cdef object _try_lz4(self, bytes frame, Py_ssize_t raw_len, bint auto):
+        """lz4 of the raw payload inside ``frame``, or None when 'auto' finds
+        it not worth it: first a 64 KiB sample, then the whole payload, must
+        each save at least 10%."""
+        with memoryview(frame) as whole:
+            if auto and raw_len > AUTO_SAMPLE:
+                with whole[HEADER_SIZE:HEADER_SIZE + AUTO_SAMPLE] as sample:
+                    packed = lz4_compress(sample, store_size=False)
+                if PyBytes_GET_SIZE(packed) > AUTO_SAMPLE - AUTO_SAMPLE // 10:
+                    return None
+            with whole[HEADER_SIZE:] as payload:
+                packed = lz4_compress(payload, store_size=False)
+        if auto and PyBytes_GET_SIZE(packed) > raw_len - raw_len // 10:
+            return None
+        return packed
+
+    cdef object _lz4_frame(self, bytes packed, Py_ssize_t count, Py_ssize_t raw_len,
+                           uint64_t first_seq, uint64_t last_seq):
+        cdef Py_ssize_t stored_len = PyBytes_GET_SIZE(packed)
+        cdef const unsigned char* stored = <const unsigned char*>PyBytes_AS_STRING(packed)
+        frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + stored_len)
+        cdef unsigned char* out = <unsigned char*>PyBytes_AS_STRING(frame)
+        with nogil:
             memcpy(out + HEADER_SIZE, stored, stored_len)
-            write_header(out, flags, n, stored_len, raw_len, first_seq, last_seq,
+            write_header(out, FLAG_LZ4, count, stored_len, raw_len, first_seq, last_seq,
                          SMJ_XXH3_64(out + HEADER_SIZE, stored_len))
         return frame
 

@@ -57,8 +57,11 @@ WRITE, TASK and MARK.
 
 Compression (``compress`` argument of :func:`encode_frame`): ``False`` never,
 ``True`` always, ``'auto'`` when the raw payload is at least 512 bytes and
-lz4 saves at least 10% (compressed <= raw - raw // 10). lz4 runs in its
-default mode, acceleration 1, so both implementations produce the same bytes.
+lz4 saves at least 10% (compressed <= raw - raw // 10); above 64 KiB, 'auto'
+first compresses the payload's first 64 KiB and gives up unless that sample
+saves 10% too, so incompressible data costs one small lz4 pass, not a whole
+one. lz4 runs in its default mode, acceleration 1, so both implementations
+produce the same bytes.
 
 Errors: a malformed frame raises :class:`smirror.errors.FrameError` with the
 byte offset in the buffer given (for a compressed payload, offsets past the
@@ -75,7 +78,7 @@ import xxhash
 
 from .errors import FrameError
 from .ops import (
-    AUTO_COMPRESS_MIN, FLAG_LZ4, HEADER_SIZE, LZ4_MAX_RATIO, MAGIC, MAX_MODE,
+    AUTO_COMPRESS_MIN, AUTO_SAMPLE, FLAG_LZ4, HEADER_SIZE, LZ4_MAX_RATIO, MAGIC, MAX_MODE,
     MAX_OFFSET, MAX_PATH, MAX_PAYLOAD, MAX_SEQ, RECORD_HEAD_SIZE, VERSION,
     AttrMask, FrameHeader, Op, OpKind,
 )
@@ -239,10 +242,17 @@ def encode_frame(ops, compress="auto") -> bytes:
             raise ValueError(f"frame payload exceeds {MAX_PAYLOAD} bytes at op {i}; "
                              f"split the batch")
     stored, flags = raw, 0
-    if compress is True or (compress == "auto" and len(raw) >= AUTO_COMPRESS_MIN):
-        packed = lz4.block.compress(raw, store_size=False)
-        if compress is True or len(packed) <= len(raw) - len(raw) // 10:
-            stored, flags = packed, FLAG_LZ4
+    if compress is True:
+        stored, flags = lz4.block.compress(raw, store_size=False), FLAG_LZ4
+    elif compress == "auto" and len(raw) >= AUTO_COMPRESS_MIN:
+        worth = True
+        if len(raw) > AUTO_SAMPLE:      # don't spend a whole lz4 pass on noise
+            sample = lz4.block.compress(raw[:AUTO_SAMPLE], store_size=False)
+            worth = len(sample) <= AUTO_SAMPLE - AUTO_SAMPLE // 10
+        if worth:
+            packed = lz4.block.compress(raw, store_size=False)
+            if len(packed) <= len(raw) - len(raw) // 10:
+                stored, flags = packed, FLAG_LZ4
     payload_check = _xxh3(stored)
     head = _HEADER.pack(MAGIC, VERSION, flags, 0, len(ops), len(stored), len(raw), 0,
                         ops[0][0], ops[-1][0], payload_check, 0)

@@ -52,7 +52,7 @@ __all__ = [
     "Op", "OpKind", "AttrMask", "FrameHeader",
     "MAGIC", "VERSION", "HEADER_SIZE", "RECORD_HEAD_SIZE", "FLAG_LZ4",
     "MAX_PAYLOAD", "MAX_PATH", "MAX_SEQ", "MAX_OFFSET", "MAX_MODE",
-    "LZ4_MAX_RATIO", "AUTO_COMPRESS_MIN",
+    "LZ4_MAX_RATIO", "AUTO_COMPRESS_MIN", "AUTO_SAMPLE",
 ]
 
 
@@ -95,6 +95,7 @@ MAX_OFFSET = (1 << 63) - 1       # offsets and sizes must fit off_t
 MAX_MODE = 0o7777
 LZ4_MAX_RATIO = 256              # lz4 block never expands more than ~255x
 AUTO_COMPRESS_MIN = 512          # compress='auto' tries lz4 from this raw size
+AUTO_SAMPLE = 1 << 16            # ... and above this, on a sample of this size first
 MAX_DATA = MAX_PAYLOAD
 
 _new = tuple.__new__
