@@ -795,28 +795,32 @@ class Mirror:
             dsize = d.size
             bs = self.opts.block_size
             progress = self.progress
-            if size == dsize and size < INPLACE_MIN:
-                # small: one digest per side in this thread (a hand-off to
-                # another thread costs more than hashing a few hundred KiB)
+            if size == dsize and size < PARALLEL_SIDES_MIN:
+                # up to mid-size: a whole-file digest per side in this thread
+                # (far cheaper than block signatures, and a hand-off to another
+                # thread costs more than hashing a few MiB); blocks only if they differ
                 try:
                     digest_s = fd_digest(fd, size)
                 except MirrorError:
                     raise SourceChanged() from None
                 digest_d = self.target.digest(rel, size)
-                if progress is not None:
-                    progress.advance(size)
                 if digest_s == digest_d:
+                    if progress is not None:
+                        progress.advance(size)
                     self._check_same(fd, st1)
                     self._count_write("check", 0, size)
                     self._fix_meta(rel, fd, st1, d)
                     return
-                self._act("write", rel)
-                if self.opts.dry_run:
-                    self._count_write("whole", size, 0)
+                if size < INPLACE_MIN:
+                    if progress is not None:
+                        progress.advance(size)
+                    self._act("write", rel)
+                    if self.opts.dry_run:
+                        self._count_write("whole", size, 0)
+                        return
+                    copied = self._write_whole(rel, fd, st1, advance=False)
+                    self._count_write("whole", copied, 0)
                     return
-                copied = self._write_whole(rel, fd, st1, advance=False)
-                self._count_write("whole", copied, 0)
-                return
             if size == dsize:
                 bs = bs or checksum.block_size_for(size)
                 # large: source here, target on a helper thread, both at once
