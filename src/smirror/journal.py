@@ -159,7 +159,8 @@ class FrameReader:
         if h is None or self.buffered < h.frame_len:
             return None
         start = self._pos
-        frame = bytes(self._buf[start:start + h.frame_len])
+        with memoryview(self._buf) as whole, whole[start:start + h.frame_len] as part:
+            frame = bytes(part)             # one copy; the buffer stays resizable
         self._pos += h.frame_len
         self.frames_read += 1
         return frame
