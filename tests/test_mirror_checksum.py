@@ -168,3 +168,59 @@ def test_unchanged_tree_checksum_writes_nothing(tmp_path):
     assert summary.bytes_written == 0 and summary.bytes_literal == 0
     assert summary.bytes_matched == info["bytes"]
     assert summary.changed == 0 and summary.errors == []
+
+
+def test_delta_while_source_is_open_for_writing(tmp_path, monkeypatch):
+    """No read lease can be had while a writer holds the file: the delta
+    works from a private copy; past DELTA_COPY_MAX the file is copied whole."""
+    import smirror.mirror as mirror_mod
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    (src / "db").write_bytes(os.urandom(4 * MiB))
+    mirror(src, dst)
+    with open(src / "db", "r+b") as writer:
+        writer.seek(0, 2)
+        writer.write(os.urandom(5000))
+        writer.flush()
+        summary = mirror(src, dst, different=True, checksum=True)
+        assert (dst / "db").read_bytes() == (src / "db").read_bytes()
+        assert summary.bytes_literal < 64 * 1024
+        monkeypatch.setattr(mirror_mod, "DELTA_COPY_MAX", 1024)
+        writer.write(os.urandom(5000))
+        writer.flush()
+        summary = mirror(src, dst, different=True, checksum=True)
+        assert (dst / "db").read_bytes() == (src / "db").read_bytes()
+        assert summary.bytes_literal == 4 * MiB + 10000
+        assert summary.errors == []
+
+
+def test_leased_mapping_holds_off_a_truncating_writer(tmp_path):
+    """A writer that opens and truncates the file while it is hashed from a
+    mapping waits for the lease: the hash completes (a truncation under the
+    mapping would kill the process with SIGBUS)."""
+    import threading
+    import time
+    from smirror import checksum
+    from smirror.target_local import _mapped_signature
+    path = tmp_path / "big"
+    gen_tree.write_random(path, 256 * MiB, __import__("numpy").random.default_rng(1))
+    expect = checksum.file_signature(str(path), 4096, True)
+    fd = os.open(path, os.O_RDONLY)
+    waited = []
+
+    def writer():
+        time.sleep(0.005)
+        t0 = time.monotonic()
+        with open(path, "r+b") as f:
+            waited.append(time.monotonic() - t0)
+            f.truncate(0)
+    t = threading.Thread(target=writer)
+    try:
+        t.start()
+        sig = _mapped_signature(fd, 256 * MiB, 4096, True)
+    finally:
+        t.join()
+        os.close(fd)
+    assert sig is not None, "no lease on a file nobody writes"
+    assert (sig.strong == expect.strong).all() and (sig.weak == expect.weak).all()
+    assert os.path.getsize(path) == 0 and waited

@@ -26,7 +26,7 @@ import threading
 import time
 
 from .errors import MirrorError, ConfigError
-from .target_local import (LocalTarget, TargetSide, fd_digest, fd_signature, io_buffer,
+from .target_local import (LocalTarget, TargetSide, aligned_buffer, fd_digest, fd_signature,
                            read_full, read_xattrs, xattr_filter)
 from .tree import DIR, FILE, SPECIAL, SYMLINK, Listing, Rules, entry_from_stat, scan
 
@@ -35,7 +35,7 @@ EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 INPLACE_MIN = 1 << 20        # smaller files are rewritten whole when they differ
 PARALLEL_SIDES_MIN = 32 << 20   # larger files hash source and target on two threads
 SHIFT_FRACTION = 0.5         # more blocks changed than this: look for shifted content
-DELTA_IN_MEMORY_MAX = 256 << 20   # larger sources are mmapped for the rolling delta
+DELTA_COPY_MAX = 1 << 30     # an unleasable source up to this size is copied for a delta
 # a source whose ctime is older than its target's by this much has had no
 # change (xattrs included) since the target's metadata was written; the margin
 # covers coarse ctime clocks and a change racing the previous mirror's write
@@ -729,7 +729,8 @@ class Mirror:
                 self.progress.file_done()
 
     def _open_source(self, rel):
-        fd = os.open(self._src(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a file swapped for a fifo since the scan must not hang us
+        fd = os.open(self._src(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
@@ -872,7 +873,11 @@ class Mirror:
                 self._count_write("whole", copied, 0)
                 return
             bs = bs or checksum.block_size_for(dsize)
-            self._try_delta(rel, fd, st1, d, bs, None)
+            if not self._try_delta(rel, fd, st1, d, bs, None):
+                if progress is not None:
+                    progress.advance(size)
+                copied = self._write_whole(rel, fd, st1, advance=False)
+                self._count_write("whole", copied, 0)
         finally:
             os.close(fd)
 
@@ -899,7 +904,7 @@ class Mirror:
         import numpy as np
         size = st1.st_size
         chunk_blocks = max(1, (8 << 20) // bs)
-        buf = memoryview(io_buffer(chunk_blocks * bs))
+        buf = memoryview(aligned_buffer(chunk_blocks * bs))
         w = self.target.open_inplace(rel)
         try:
             for first, end in _runs(changed):
@@ -925,20 +930,18 @@ class Mirror:
 
     def _try_delta(self, rel, fd, st1, d, bs, changed_bytes) -> bool:
         """Rebuild from a rolling delta; in place when every matched block
-        stays at its offset, else via a temp file. With ``changed_bytes``
-        (same-size file), give up (return False) unless the delta sends less."""
+        stays at its offset, else via a temp file. Returns False (nothing
+        done) when ``changed_bytes`` is given (a same-size file) and the
+        delta would not send less, or when the source cannot be held still
+        (see :meth:`_delta_source`)."""
         from . import checksum
-        import mmap
         size = st1.st_size
         sig_d = self.target.signature(rel, bs, True)
-        mm = None
-        if size > DELTA_IN_MEMORY_MAX:
-            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-            source = mm
-        else:
-            source = bytearray(size)
-            if read_full(fd, memoryview(source), 0) != size:
-                raise SourceChanged()
+        held = self._delta_source(fd, size)
+        if held is None:
+            return False
+        source, release = held
+        dl = None
         try:
             dl = checksum.delta(source, sig_d)
             literal = dl.literal_bytes
@@ -958,46 +961,62 @@ class Mirror:
                     break
                 out += n
             src_view = dl.source
+            # aligned: COPY ranges stay where they are, so writing the
+            # literals in place never overwrites bytes a later COPY needs
             if aligned and self._inplace_ok(entry_from_stat(st1), d):
                 w = self.target.open_inplace(rel)
-                out = 0
-                try:
-                    for kind, off, n in ops:
-                        if kind == checksum.LITERAL:
-                            w.write(src_view[off:off + n], out)
-                        out += n
-                    w.truncate(size)
-                    self._check_same(fd, st1)
-                    w.commit(entry_from_stat(st1), self._src_xattrs(fd))
-                except BaseException:
-                    w.abort()
-                    raise
             else:
                 w = self.target.create_temp(rel)
-                out = 0
-                try:
-                    for kind, off, n in ops:
-                        if kind == checksum.LITERAL:
-                            w.write(src_view[off:off + n], out)
-                        else:
-                            w.copy_old(off, n, out)
-                        out += n
-                    w.truncate(size)
-                    self._check_same(fd, st1)
-                    w.commit(entry_from_stat(st1), self._src_xattrs(fd))
-                except BaseException:
-                    w.abort()
-                    raise
+                aligned = False
+            out = 0
+            try:
+                for kind, off, n in ops:
+                    if kind == checksum.LITERAL:
+                        w.write(src_view[off:off + n], out)
+                    elif not aligned:
+                        w.copy_old(off, n, out)
+                    out += n
+                w.truncate(size)
+                self._check_same(fd, st1)
+                w.commit(entry_from_stat(st1), self._src_xattrs(fd))
+            except BaseException:
+                w.abort()
+                raise
             self._count_write("check", literal, size - literal)
             return True
         finally:
-            del source
-            if mm is not None:
-                try:
-                    dl = None
-                    mm.close()
-                except BufferError:
-                    pass
+            if dl is not None:
+                dl.source.release()
+            release()
+
+    @staticmethod
+    def _delta_source(fd, size):
+        """The source bytes for a rolling delta, held still while it runs:
+        a mapping under a read lease (no writer can open or truncate the file
+        meanwhile, so the mapping cannot fault), else - the file is open for
+        writing somewhere - a private copy if it is at most
+        DELTA_COPY_MAX; None for a larger file being written to (the caller
+        copies it whole). Returns (buffer, release)."""
+        import mmap
+        from .target_local import _drop_lease, _take_read_lease
+        if _take_read_lease(fd):
+            try:
+                mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            except BaseException:
+                _drop_lease(fd)
+                raise
+
+            def release():
+                mm.close()
+                _drop_lease(fd)
+            return mm, release
+        if size > DELTA_COPY_MAX:
+            return None
+        copy = mmap.mmap(-1, size)
+        if read_full(fd, memoryview(copy), 0) != size:
+            copy.close()
+            raise SourceChanged()
+        return copy, copy.close
 
 
 def mirror(source, target, **options) -> Summary:

@@ -38,15 +38,6 @@ _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL,
 _tls = threading.local()
 
 
-def io_buffer(size: int = _IO_CHUNK) -> bytearray:
-    """A per-thread buffer reused across files: freed memory costs page faults
-    when touched again, so hot paths never allocate per file."""
-    buf = getattr(_tls, "buf", None)
-    if buf is None or len(buf) < size:
-        buf = _tls.buf = bytearray(size)
-    return buf
-
-
 def read_full(fd: int, view: memoryview, offset: int) -> int:
     """pread into ``view`` until full or end of file; returns bytes read."""
     got = 0
@@ -62,9 +53,11 @@ def read_full(fd: int, view: memoryview, offset: int) -> int:
 _SIG_CHUNK = 1 << 20          # read+hash step: stays in cache between the copy and the hash
 
 
-def _aligned_buffer(size: int):
-    """A page-aligned per-thread read buffer (an anonymous mapping: preads
-    into it run several times faster than into a large bytearray here)."""
+def aligned_buffer(size: int):
+    """A page-aligned per-thread buffer reused across files (an anonymous
+    mapping: preads into it run several times faster than into a large
+    bytearray here, and freed memory would cost page faults when touched
+    again)."""
     buf = getattr(_tls, "abuf", None)
     if buf is None or len(buf) < size:
         import mmap
@@ -188,7 +181,7 @@ def _pread_signature(fd: int, length: int, block_size: int, weak: bool, start: i
     if length == 0:
         return checksum.signature(b"", block_size, weak)
     chunk = block_size * max(1, _SIG_CHUNK // block_size)
-    view = memoryview(_aligned_buffer(chunk))
+    view = memoryview(aligned_buffer(chunk))
     if length <= chunk:
         got = read_full(fd, view[:length], start)
         if got != length:
@@ -228,7 +221,7 @@ def fd_digest(fd: int, length: int) -> bytes:
     the file's length is not ``length``."""
     from . import checksum
     if length <= _DIGEST_ONESHOT:
-        view = memoryview(_aligned_buffer(max(_SIG_CHUNK, length + 1)))
+        view = memoryview(aligned_buffer(max(_SIG_CHUNK, length + 1)))
         got = read_full(fd, view[:length + 1], 0)     # one byte more: notice growth
         if got != length:
             raise MirrorError(f"file changed length while being read (expected {length} "
@@ -258,7 +251,7 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, out_offset: i
                 use_kernel = _tls.copy_file_range_ok = False
                 continue
         else:
-            buf = memoryview(io_buffer())[:min(n, _IO_CHUNK)]
+            buf = memoryview(aligned_buffer(_IO_CHUNK))[:min(n, _IO_CHUNK)]
             got = read_full(src_fd, buf, offset + done)
             if got:
                 _pwrite_all(dst_fd, buf[:got], out_offset + done)
@@ -748,5 +741,6 @@ class InplaceWriter:
 
 
 __all__ = ["TargetSide", "LocalTarget", "TempWriter", "InplaceWriter", "fd_signature",
-           "copy_data_extents", "copy_range", "read_xattrs", "xattr_filter",
+           "copy_data_extents", "copy_range", "read_xattrs", "xattr_filter", "aligned_buffer",
+           "fd_digest",
            "FILE", "DIR", "SYMLINK", "SPECIAL"]
