@@ -128,3 +128,21 @@ def test_decode_frame_from_reader_frames_keeps_views_private():
     ops, _ = decode_frame(frame)
     reader.feed(frames[1])          # the reassembly buffer may move: ops stay valid
     assert plain(ops) == fixed_ops()[:4]
+
+
+def test_read_frames_from_a_pipe_with_short_reads():
+    batches, frames = _frames()
+    r, w = os.pipe()
+
+    def writer():
+        with open(w, "wb", buffering=0) as out:
+            blob = b"".join(frames)
+            for i in range(0, len(blob), 7):     # dribble: many short reads
+                out.write(blob[i:i + 7])
+
+    t = threading.Thread(target=writer)
+    t.start()
+    with open(r, "rb", buffering=0) as f:
+        got = [plain(o) for o in read_frames(f)]
+    t.join()
+    assert got == batches

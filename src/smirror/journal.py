@@ -58,30 +58,38 @@ def iter_frames(buf, offset: int = 0) -> Iterator[list]:
         offset += frame_len
 
 
+def _read_into(f: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``f``; returns how many bytes came before EOF
+    (short reads of pipes and raw files are retried)."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
 def read_frames(f: BinaryIO) -> Iterator[list]:
     """Yield the op list of each frame read from the binary file ``f`` until
-    its end. A frame cut short by the end of the file is a FrameError; each
-    frame is read in two exact reads (header, then the rest)."""
+    its end. A frame cut short by the end of the file is a FrameError."""
     pos = 0
+    head = bytearray(HEADER_SIZE)
     while True:
-        head = f.read(HEADER_SIZE)
-        if not head:
+        got = _read_into(f, memoryview(head))
+        if got == 0:
             return
-        if len(head) < HEADER_SIZE:
-            raise FrameError(f"file ends inside a frame header ({len(head)} of "
+        if got < HEADER_SIZE:
+            raise FrameError(f"file ends inside a frame header ({got} of "
                              f"{HEADER_SIZE} bytes)", pos)
         frame_len = frame_header(head).frame_len
         frame = bytearray(frame_len)
         frame[:HEADER_SIZE] = head
-        view = memoryview(frame)
-        got = HEADER_SIZE
-        while got < frame_len:
-            n = f.readinto(view[got:])
-            if not n:
-                raise FrameError(f"file ends inside a frame: has {got} of its "
-                                 f"{frame_len} bytes", pos + got)
-            got += n
-        del view
+        with memoryview(frame) as view:
+            got = HEADER_SIZE + _read_into(f, view[HEADER_SIZE:])
+        if got < frame_len:
+            raise FrameError(f"file ends inside a frame: has {got} of its "
+                             f"{frame_len} bytes", pos + got)
         try:
             ops, _ = decode_frame(frame)
         except FrameError as exc:
