@@ -529,3 +529,37 @@ def test_segment_header_format_is_pinned(mq, recycled):
     rec = mq.encode_record(1, b"abc", segment=5)
     assert mq.decode_header(rec[:32], 5)[:2] == (1, 3)
     assert mq.decode_header(rec[:32], 6) is None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.one_of(st.integers(0, 300), st.integers(15_000, 70_000)), min_size=1, max_size=25),
+       batches=st.lists(st.integers(1, 6), min_size=1, max_size=10),
+       read_buffer=st.sampled_from([32, 100, 4096, 20_000, 1 << 20]),
+       segment_size=st.sampled_from([2000, 50_000, 1 << 20]))
+def test_mixed_frame_sizes_read_back_through_every_path(tmp_path_factory, sizes, batches,
+                                                        read_buffer, segment_size):
+    """Small frames come out of the read buffer, big ones straight into
+    their frame with a look-ahead; puts and gets interleave so the buffer
+    sometimes ends where the writer had stopped."""
+    q = native.SpillQueue(tmp_path_factory.mktemp("mixed"), 0, 1 << 30,
+                          segment_size=segment_size, read_buffer=read_buffer)
+    try:
+        want = [(seq, frame_for(seq, n)) for seq, n in enumerate(sizes)]
+        got = []
+        put = 0
+        for i, batch in enumerate(batches * 3):
+            for item in want[put:put + batch]:
+                q.put(*item)
+            put = min(len(want), put + batch)
+            for _ in range(batch if i % 2 else 1):
+                item = q.get(0)
+                if item is not None:
+                    got.append(item)
+        for item in want[put:]:
+            q.put(*item)
+        got += drain(q)
+        assert got == want
+        q.rewind()
+        assert drain(q) == want
+    finally:
+        q.close()

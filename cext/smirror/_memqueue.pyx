@@ -16,7 +16,7 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset, memcmp
 from libc.errno cimport errno, EINTR, EIO, ENOSPC, EDQUOT, ENOMEM
 from posix.unistd cimport pread, pwrite, fsync as c_fsync, fdatasync, ftruncate, close as c_close
-from posix.uio cimport iovec, pwritev
+from posix.uio cimport iovec, pwritev, preadv
 from posix.types cimport off_t
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 
@@ -50,6 +50,10 @@ PAGE = 4096
 cdef enum:
     HDR = 32
     SEG_HDR = 32
+    # records with this much payload left to read go straight into their
+    # frame (one copy), with LOOKAHEAD bytes of what follows read alongside
+    DIRECT_MIN = 16384
+    LOOKAHEAD = 4096
     ACK_SLOT = 32
     PAGE_SIZE = 4096
 
@@ -515,6 +519,7 @@ cdef class SpillQueue:
     # of segment _rbuf_seg
     cdef unsigned char* _rbuf
     cdef size_t _rbuf_size, _rbuf_len
+    cdef bint _small_fill               # the last record came in directly
     cdef long long _rbuf_seg
     cdef off_t _rbuf_off
 
@@ -575,6 +580,7 @@ cdef class SpillQueue:
             raise MemoryError(f"cannot allocate a {read_buffer} byte read buffer")
         memset(self._rbuf, 0, self._rbuf_size)
         self._rbuf_seg = -1
+        self._small_fill = True
 
         os.makedirs(self.spill_dir, exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.spill_dir, LOCK_NAME),
@@ -982,6 +988,8 @@ cdef class SpillQueue:
                 and off + HDR <= self._rbuf_off + <off_t>self._rbuf_len):
             h = self._rbuf + (off - self._rbuf_off)
         elif fill_buffer:
+            if self._small_fill:
+                want = min(want, <size_t>(HDR + LOOKAHEAD))
             with nogil:
                 r = pread_full(fd, self._rbuf, want, off)
             if r < 0:
@@ -1017,37 +1025,66 @@ cdef class SpillQueue:
         cdef int fd
         cdef char* dst
         cdef bint buffered
-        cdef size_t want
+        cdef size_t want, have, rest, ahead, done
+        cdef ssize_t r2
+        cdef off_t seg_size
+        cdef iovec iov[2]
         self._normalize(&index, &off)
         self._header_at(index, off, &seq, &length, &body_check, True)
         body_off = off + HDR
         frame = PyBytes_FromStringAndSize(NULL, length)
         dst = PyBytes_AS_STRING(frame)
         fd = self._rfd
-        want = <size_t>min(<off_t>self._rbuf_size, (<_Segment>self._segs[index]).size - off)
+        seg_size = (<_Segment>self._segs[index]).size
+        want = <size_t>min(<off_t>self._rbuf_size, seg_size - off)
+        # the buffer holds the header, so it reaches body_off
+        have = <size_t>max(<off_t>0, min(<off_t>length, self._rbuf_off + <off_t>self._rbuf_len - body_off))
         buffered = True
-        if not (self._rbuf_seg == index and body_off >= self._rbuf_off
-                and body_off + length <= self._rbuf_off + <off_t>self._rbuf_len):
-            buffered = HDR + <size_t>length <= self._rbuf_size
+        if have < length and (length - have >= DIRECT_MIN or HDR + <size_t>length > self._rbuf_size):
+            # large: straight into the frame, and a look at what follows
+            buffered = False
+            rest = length - have
+            ahead = <size_t>min(<off_t>min(<size_t>LOOKAHEAD, self._rbuf_size),
+                                seg_size - (body_off + length))
             with nogil:
-                if buffered:
-                    r = pread_full(fd, self._rbuf, want, off)
-                else:
-                    # larger than the read buffer: straight into the frame
-                    r = pread_full(fd, <unsigned char*>dst, length, body_off)
+                memcpy(dst, self._rbuf + (body_off - self._rbuf_off), have)
+                iov[0].iov_base = dst + have
+                iov[0].iov_len = rest
+                iov[1].iov_base = self._rbuf
+                iov[1].iov_len = ahead
+                r = preadv(fd, iov, 2 if ahead else 1, body_off + <off_t>have)
+                while 0 <= r < <ssize_t>rest or (r < 0 and errno == EINTR):
+                    # short read: finish the frame, forget the look-ahead
+                    done = <size_t>r if r > 0 else 0
+                    r2 = pread_full(fd, <unsigned char*>dst + have + done, rest - done,
+                                    body_off + <off_t>(have + done))
+                    r = -1 if r2 < 0 else <ssize_t>(done + <size_t>r2)
+                    if r2 < 0 or <size_t>r2 < rest - done:
+                        break
+            if r < 0:
+                self._rbuf_seg = -1
+                _raise_os(errno, (<_Segment>self._segs[index]).path)
+            if r < <ssize_t>rest:
+                self._rbuf_seg = -1
+                raise QueueCorrupt(f"{(<_Segment>self._segs[index]).path}: record seq {seq} "
+                                   f"at offset {off} is cut short")
+            self._rbuf_seg = index
+            self._rbuf_off = body_off + length
+            self._rbuf_len = <size_t>r - rest
+        elif have < length:
+            with nogil:
+                r = pread_full(fd, self._rbuf, want, off)
             if r < 0:
                 self._rbuf_seg = -1
                 _raise_os(<int>-r, (<_Segment>self._segs[index]).path)
-            if buffered:
-                self._rbuf_seg = index
-                self._rbuf_off = off
-                self._rbuf_len = <size_t>r
-                short = r < <ssize_t>(HDR + length)
-            else:
-                short = r < <ssize_t>length
-            if short:
+            self._rbuf_seg = index
+            self._rbuf_off = off
+            self._rbuf_len = <size_t>r
+            if r < <ssize_t>(HDR + length):
                 raise QueueCorrupt(f"{(<_Segment>self._segs[index]).path}: record seq {seq} "
                                    f"at offset {off} is cut short")
+        # big records: fetch little around them; small ones: fill the buffer
+        self._small_fill = length >= DIRECT_MIN
         with nogil:
             if buffered:
                 memcpy(dst, self._rbuf + (body_off - self._rbuf_off), length)
