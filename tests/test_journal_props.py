@@ -10,7 +10,7 @@ from smirror.journal import FrameReader, iter_frames
 
 from test_journal_helpers import op_lists, plain, reseal
 
-FAST = settings(max_examples=150, deadline=None,
+FAST = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 compress_modes = st.sampled_from([False, True, "auto"])
 
