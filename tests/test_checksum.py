@@ -595,3 +595,25 @@ def test_file_signature_names_the_file_that_came_up_short():
         pytest.skip("needs a sysfs file whose stat size exceeds its content")
     with pytest.raises(DeltaError, match=f"{path}: .*truncated"):
         checksum.file_signature(path)
+
+
+def test_reader_modes(tmp_path):
+    data = rand_bytes((5 << 20) + 3, 13)
+    path = tmp_path / "modes"
+    path.write_bytes(data)
+    want = _checksum.block_signature(data, 8192, True)
+    old = _checksum._use_reader_thread("auto")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for mode in ("auto", "always", "never"):
+                _checksum._use_reader_thread(mode)
+                w, s = _checksum.fd_signature(fd, len(data), 8192, True)
+                assert np.array_equal(w, want[0]) and np.array_equal(s, want[1]), mode
+                assert _checksum.fd_digest(fd) == xxhash.xxh3_128(data).digest(), mode
+        finally:
+            os.close(fd)
+        with pytest.raises(ValueError, match="auto, always or never"):
+            _checksum._use_reader_thread("sometimes")
+    finally:
+        _checksum._use_reader_thread(old)

@@ -422,15 +422,27 @@ cdef extern from *:
         return 2;
     }
 
+    /* A reader thread pays off only if a CPU is idle: on a busy machine the
+       two threads just take turns and the hand-offs cost 10-25%. The
+       1-minute load average (which counts this thread) tells, cheaply. */
+    static int sm_spare_cpu(void) {
+        int cpus = sm_cpus_allowed();
+        double load;
+        if (cpus < 2) return 0;
+        if (getloadavg(&load, 1) == 1 && load > cpus - 0.5) return 0;
+        return 1;
+    }
+
     static void sm_reader_open(sm_reader* r, int fd, uint64_t end, uint64_t size_hint,
-                               unsigned char* buf, size_t buf_size, size_t slot_size) {
+                               unsigned char* buf, size_t buf_size, size_t slot_size,
+                               int want_thread) {
         memset(r, 0, sizeof(*r));
         r->fd = fd;
         r->end = end;
         r->buf = buf;
         r->slot_size = slot_size;
         r->nslots = (int)(buf_size / slot_size > SM_MAX_SLOTS ? SM_MAX_SLOTS : buf_size / slot_size);
-        if (r->nslots >= 2 && size_hint > 2 * (uint64_t)slot_size && sm_cpus_allowed() >= 2) {
+        if (want_thread && r->nslots >= 2 && size_hint > 2 * (uint64_t)slot_size) {
             sigset_t all, old;
             pthread_mutex_init(&r->mu, NULL);
             pthread_cond_init(&r->cv, NULL);
@@ -508,8 +520,10 @@ cdef extern from *:
         int err
         int threaded
         uint64_t next_off
+    int sm_spare_cpu() nogil
     void sm_reader_open(sm_reader* r, int fd, uint64_t end, uint64_t size_hint,
-                        unsigned char* buf, size_t buf_size, size_t slot_size) nogil
+                        unsigned char* buf, size_t buf_size, size_t slot_size,
+                        int want_thread) nogil
     const unsigned char* sm_reader_next(sm_reader* r, size_t* got) nogil
     void sm_reader_close(sm_reader* r) nogil
 
@@ -519,17 +533,34 @@ cdef _raise_read(int fd, int err, uint64_t offset):
     raise OSError(err, f"reading fd {fd} at byte {offset}: {os.strerror(err)}")
 
 
-cdef bint _reader_thread_allowed = True
+cdef enum ReaderMode:
+    READER_NEVER = 0
+    READER_ALWAYS = 1
+    READER_AUTO = 2
+
+cdef int _reader_mode = READER_AUTO
+_READER_MODES = {"never": READER_NEVER, "always": READER_ALWAYS, "auto": READER_AUTO}
 
 
-def _use_reader_thread(enabled) -> bool:
-    """Allow or forbid the pipelining reader thread of fd_signature and
-    fd_digest (tests and benchmarks exercise both paths); returns the old
-    setting."""
-    global _reader_thread_allowed
-    old = _reader_thread_allowed
-    _reader_thread_allowed = bool(enabled)
+def _use_reader_thread(mode) -> str:
+    """How fd_signature and fd_digest read files of more than two slots:
+    "auto" (default: a pipelining reader thread when a CPU looks idle),
+    "always" (True) or "never" (False). Tests and benchmarks use it to run
+    both paths. Returns the previous mode."""
+    global _reader_mode
+    if mode is True or mode is False:
+        mode = "always" if mode else "never"
+    if mode not in _READER_MODES:
+        raise ValueError(f"reader mode must be auto, always or never, got {mode!r}")
+    old = [k for k, v in _READER_MODES.items() if v == _reader_mode][0]
+    _reader_mode = _READER_MODES[mode]
     return old
+
+
+cdef inline bint _want_reader_thread() noexcept nogil:
+    if _reader_mode == READER_AUTO:
+        return sm_spare_cpu()
+    return _reader_mode == READER_ALWAYS
 
 
 cdef size_t _slot_for(size_t bs) noexcept nogil:
@@ -583,13 +614,14 @@ def fd_signature(fd, length, block_size, with_weak):
     cdef size_t got, want, pos, take, blk = 0
     cdef uint64_t off = 0, block_left = 0
     cdef bint short_read = False
-    cdef bint threads = _reader_thread_allowed
+    cdef bint threads
     cdef WeakSums sums
     cdef XXH128_hash_t h
     with nogil:
+        threads = total > 2 * PIPE_SLOT and _want_reader_thread()
         if slot:
             # slots hold whole blocks: one-shot hashes per block
-            sm_reader_open(&reader, cfd, total, total if threads else 0, buf, READ_CHUNK, slot)
+            sm_reader_open(&reader, cfd, total, total, buf, READ_CHUNK, slot, threads)
             while off < total:
                 want = slot if total - off > slot else <size_t>(total - off)
                 data = sm_reader_next(&reader, &got)
@@ -606,8 +638,8 @@ def fd_signature(fd, length, block_size, with_weak):
                 off += got
         else:
             # blocks larger than a slot: stream each block through the slots
-            sm_reader_open(&reader, cfd, total, total if threads else 0, buf, READ_CHUNK,
-                           READ_CHUNK // 2)
+            sm_reader_open(&reader, cfd, total, total, buf, READ_CHUNK, READ_CHUNK // 2,
+                           threads)
             while off < total:
                 data = sm_reader_next(&reader, &got)
                 if data == NULL:
@@ -669,13 +701,14 @@ def fd_digest(fd) -> bytes:
     cdef sm_reader reader
     cdef const unsigned char* data
     cdef size_t got
-    cdef bint threads = _reader_thread_allowed
+    cdef bint threads
     cdef XXH128_hash_t h
     cdef XXH128_canonical_t canon
     with nogil:
+        threads = size_hint > 2 * PIPE_SLOT and _want_reader_thread()
         XXH3_128bits_reset(state)
-        sm_reader_open(&reader, cfd, <uint64_t>-1, size_hint if threads else 0, buf,
-                       READ_CHUNK, PIPE_SLOT)
+        sm_reader_open(&reader, cfd, <uint64_t>-1, size_hint, buf, READ_CHUNK, PIPE_SLOT,
+                       threads)
         while True:
             data = sm_reader_next(&reader, &got)
             if data == NULL or got == 0:
