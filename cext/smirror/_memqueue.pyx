@@ -1285,8 +1285,9 @@ cdef class SpillQueue:
             for seg in list(self._segs.values()):
                 if not seg.has_seq or seg.last_seq > s:
                     break
-                if seg is self._active and seg.size < min(RECYCLE_MIN, self.segment_size):
-                    break       # small: keep appending rather than renaming
+                if seg is self._active and (seg.size < min(RECYCLE_MIN, self.segment_size)
+                                            or len(self._spares) >= self.spare_segments):
+                    break       # keep appending: cheaper than renaming or a new file
                 self._retire_segment(seg)
             self._n_acks += 1
         finally:

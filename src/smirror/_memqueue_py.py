@@ -774,8 +774,9 @@ class SpillQueue:
             for seg in list(self._segs.values()):
                 if seg.last_seq is None or seg.last_seq > seq:
                     break
-                if seg is self._active and seg.size < min(RECYCLE_MIN, self.segment_size):
-                    break       # small: keep appending rather than renaming
+                if seg is self._active and (seg.size < min(RECYCLE_MIN, self.segment_size)
+                                            or len(self._spares) >= self.spare_segments):
+                    break       # keep appending: cheaper than renaming or a new file
                 self._retire_segment(seg)
             self._stat["acks"] += 1
 
