@@ -101,6 +101,8 @@ def main(argv=None) -> int:
     subprocess.run([sys.executable, "-c", "import smirror.cli, smirror.mirror, smirror.checksum"],
                    env=env, check=True)
     results = {}
+    # fresh change seeds every run: a reused tree must really change again
+    seed_base = int(time.time()) % 1_000_000 * 10
 
     def record(case, name, s_times, r_times, extra=None):
         s, r = min(s_times), min(r_times)
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
         changed_bytes = []
 
         def change_big(i):
-            changed_bytes.append(gen_tree.change_blocks(info["big"], 0.01, 8192, seed=100 + i))
+            changed_bytes.append(gen_tree.change_blocks(info["big"], 0.01, 8192, seed=seed_base + i))
         s_t, r_t, outs = pair(["--different", "--checksum", "--json"],
                               ["-a", "--no-whole-file", "--inplace"], setup=change_big)
         written = [json.loads(o)["bytes_written"] for o in outs]
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
     if 5 in cases:
         n_small = max(1, int(200 * min(1.0, len(info["files"]) / 2000)))
         s_t, r_t, _ = pair(["--different"], ["-a"],
-                           setup=lambda i: gen_tree.change_small(info["files"], n_small, seed=200 + i))
+                           setup=lambda i: gen_tree.change_small(info["files"], n_small, seed=seed_base + 5 + i))
         record(5, f"{n_small} small files changed", s_t, r_t)
 
     # both targets must equal the source
