@@ -617,3 +617,39 @@ def test_reader_modes(tmp_path):
             _checksum._use_reader_thread("sometimes")
     finally:
         _checksum._use_reader_thread(old)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("call", ["signature", "digest"])
+def test_signal_interrupts_a_huge_file(tmp_path, call, reader_thread):
+    """Ctrl-C (here SIGALRM) stops the hashing of a huge file promptly, and the
+    reader thread and buffer are cleaned up."""
+    import signal
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(64 << 30)          # 64 GiB of holes: seconds to read
+    fd = os.open(path, os.O_RDONLY)
+    tasks = len(os.listdir("/proc/self/task"))
+
+    def stop(signum, frame):
+        raise _Stop()
+
+    old = signal.signal(signal.SIGALRM, stop)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        t0 = time.perf_counter()
+        with pytest.raises(_Stop):
+            if call == "signature":
+                _checksum.fd_signature(fd, 64 << 30, 1 << 20, True)
+            else:
+                _checksum.fd_digest(fd)
+        assert time.perf_counter() - t0 < 3.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        os.close(fd)
+    assert len(os.listdir("/proc/self/task")) == tasks     # reader thread joined
+    assert _checksum.strong_digest(b"after") == xxhash.xxh3_128(b"after").digest()

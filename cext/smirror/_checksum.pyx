@@ -528,6 +528,26 @@ cdef extern from *:
     void sm_reader_close(sm_reader* r) nogil
 
 
+cdef extern from "Python.h":
+    int PyErr_CheckSignals() noexcept
+
+
+cdef int _reraise() except -1:
+    # the error indicator is already set (by PyErr_CheckSignals): propagate it
+    return -1
+
+
+cdef bint _interrupted(size_t* chunks) noexcept nogil:
+    """Every 32 chunks (64-256 MiB), briefly take the GIL and run pending
+    signal handlers, so Ctrl-C stops the signature of a huge file."""
+    cdef bint hit = False
+    chunks[0] += 1
+    if chunks[0] % 32 == 0:
+        with gil:
+            hit = PyErr_CheckSignals() != 0
+    return hit
+
+
 cdef _raise_read(int fd, int err, uint64_t offset):
     import os
     raise OSError(err, f"reading fd {fd} at byte {offset}: {os.strerror(err)}")
@@ -614,7 +634,8 @@ def fd_signature(fd, length, block_size, with_weak):
     cdef size_t got, want, pos, take, blk = 0
     cdef uint64_t off = 0, block_left = 0
     cdef bint short_read = False
-    cdef bint threads
+    cdef bint threads, interrupted = False
+    cdef size_t chunks = 0
     cdef WeakSums sums
     cdef XXH128_hash_t h
     with nogil:
@@ -623,6 +644,9 @@ def fd_signature(fd, length, block_size, with_weak):
             # slots hold whole blocks: one-shot hashes per block
             sm_reader_open(&reader, cfd, total, total, buf, READ_CHUNK, slot, threads)
             while off < total:
+                if _interrupted(&chunks):
+                    interrupted = True
+                    break
                 want = slot if total - off > slot else <size_t>(total - off)
                 data = sm_reader_next(&reader, &got)
                 if data == NULL:
@@ -641,6 +665,9 @@ def fd_signature(fd, length, block_size, with_weak):
             sm_reader_open(&reader, cfd, total, total, buf, READ_CHUNK, READ_CHUNK // 2,
                            threads)
             while off < total:
+                if _interrupted(&chunks):
+                    interrupted = True
+                    break
                 data = sm_reader_next(&reader, &got)
                 if data == NULL:
                     break
@@ -671,6 +698,8 @@ def fd_signature(fd, length, block_size, with_weak):
         sm_reader_close(&reader)
     XXH3_freeState(state)
     _give_buffer(buf)
+    if interrupted:
+        _reraise()
     if reader.err:
         _raise_read(cfd, reader.err, reader.next_off)
     if short_read:
@@ -701,7 +730,8 @@ def fd_digest(fd) -> bytes:
     cdef sm_reader reader
     cdef const unsigned char* data
     cdef size_t got
-    cdef bint threads
+    cdef bint threads, interrupted = False
+    cdef size_t chunks = 0
     cdef XXH128_hash_t h
     cdef XXH128_canonical_t canon
     with nogil:
@@ -710,6 +740,9 @@ def fd_digest(fd) -> bytes:
         sm_reader_open(&reader, cfd, <uint64_t>-1, size_hint, buf, READ_CHUNK, PIPE_SLOT,
                        threads)
         while True:
+            if _interrupted(&chunks):
+                interrupted = True
+                break
             data = sm_reader_next(&reader, &got)
             if data == NULL or got == 0:
                 break
@@ -718,6 +751,8 @@ def fd_digest(fd) -> bytes:
         h = XXH3_128bits_digest(state)
     XXH3_freeState(state)
     _give_buffer(buf)
+    if interrupted:
+        _reraise()
     if reader.err:
         _raise_read(cfd, reader.err, reader.next_off)
     XXH128_canonicalFromHash(&canon, h)
