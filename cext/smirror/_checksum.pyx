@@ -13,9 +13,8 @@ Weak checksum of bytes b_0..b_{n-1} (no character offset)::
 It rolls one byte at a time (see ``weak_roll``); computed block-wise it uses
 SIMD: the closed form is evaluated 16/32 bytes at a time with wide lanes.
 """
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.stdlib cimport free, realloc, calloc
-from libc.string cimport memset
 
 import operator
 
