@@ -1,7 +1,7 @@
 """Block checksums: signatures, aligned compare, rolling delta, digests.
 
 This is the thin public face of the compiled kernel ``smirror._checksum``
-(reference: ``smirror._checksum_py``, same names, used only by the tests).
+(its pure-Python reference, with the same names, is used only by the tests).
 
 Vocabulary
 ----------
