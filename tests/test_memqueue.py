@@ -353,6 +353,18 @@ def test_segments_rotate_and_go_when_acked(mq, tmp_path):
         assert q.disk_bytes == segment_bytes(tmp_path) == 32 + 2 * 232
 
 
+def test_durable_queue_serves_its_memory_cache_without_disk_reads(mq, tmp_path):
+    with mq.SpillQueue(tmp_path, 1000, 1 << 20, durable=True) as q:
+        for seq in range(15):
+            q.put(seq, frame_for(seq, 100))
+        assert q.mem_bytes == 1000 and q.disk_bytes == 32 + 15 * 132   # all written through
+        assert drain(q) == [(s, frame_for(s, 100)) for s in range(15)]
+        assert q.stats()["disk_reads"] == 5                            # only the overflow
+        q.rewind()
+        drain(q)
+        assert q.stats()["disk_reads"] == 10
+
+
 def test_stats_snapshot(mq, tmp_path):
     with mq.SpillQueue(tmp_path, 100, 10000, durable=True, fsync="always") as q:
         for seq in range(3):

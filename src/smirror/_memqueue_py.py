@@ -667,7 +667,7 @@ class SpillQueue:
         fits ``memory_limit`` and no unread item waits on disk; else appended
         to the segment log. Durable queues write every item through."""
         _check_seq(seq)
-        if not isinstance(frame, bytes):
+        if type(frame) is not bytes:      # a private, immutable copy
             frame = bytes(memoryview(frame).cast("B"))
         n = len(frame)
         if n > MAX_FRAME:
