@@ -163,3 +163,49 @@ def test_sigkill_mid_run_then_rerun(tmp_path):
                            "--itemize-changes", "--delete", f"{src}/", f"{dst}/"],
                           capture_output=True, check=True).stdout
     assert diff == b""
+
+
+def test_quick_check_does_not_import_numpy(tmp_path):
+    """The quick check of an unchanged tree stays light: no numpy, no
+    checksum kernel, no concurrent.futures/logging."""
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    code = ("import sys\nfrom smirror.cli import main\n"
+            f"assert main(['mirror', '--quiet', '--different', {str(src)!r}, {str(tmp_path / 'd')!r}]) == 0\n"
+            "heavy = [m for m in ('numpy', 'smirror.checksum', 'concurrent.futures', 'logging') "
+            "if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    """stderr on a pseudo-terminal: the bar is drawn (and ends the line)."""
+    import pty
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(1 << 20))
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "smirror", "mirror", str(src),
+                               str(tmp_path / "d")], stdout=subprocess.PIPE, stderr=slave,
+                              env=ENV, timeout=60)
+        os.close(slave)
+        slave = None
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0
+    assert b"\r[" in out and b"100.0%" in out and b"1/1 files" in out
+    assert b"1 files scanned" in proc.stdout
