@@ -224,3 +224,20 @@ def test_leased_mapping_holds_off_a_truncating_writer(tmp_path):
     assert sig is not None, "no lease on a file nobody writes"
     assert (sig.strong == expect.strong).all() and (sig.weak == expect.weak).all()
     assert os.path.getsize(path) == 0 and waited
+
+
+def test_hard_linked_large_file_patched_in_place_keeps_its_links(tmp_path):
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(4 * MiB))
+    os.link(src / "a", src / "b")
+    mirror(src, dst)
+    ino = os.stat(dst / "a").st_ino
+    assert os.stat(dst / "b").st_ino == ino
+    with open(src / "a", "r+b") as f:
+        f.seek(MiB)
+        f.write(b"patched")
+    summary = mirror(src, dst, different=True, checksum=True)
+    assert (dst / "a").read_bytes() == (src / "a").read_bytes() == (dst / "b").read_bytes()
+    assert os.stat(dst / "a").st_ino == ino == os.stat(dst / "b").st_ino
+    assert summary.bytes_written <= 8192
