@@ -4,10 +4,12 @@ Modes (as in the Double-Take "mirror" and rsync):
 
 * full (default): every file is written again;
 * ``different``: only files whose size or mtime differ (rsync's quick check);
-* ``checksum``: files present on both sides are compared block by block and
-  only differing blocks are written, in place; a file whose size changed (or
-  whose content shifted) is rebuilt from a rolling delta. With ``different``
-  too, only the files the quick check flags are compared;
+* ``checksum``: files present on both sides are compared - by whole-file
+  digest first (files under 32 MiB), then block by block - and only
+  differing blocks are written, in place; a file whose size changed (or
+  whose content shifted) is rebuilt from a rolling delta; files under 1 MiB
+  that differ are rewritten whole. With ``different`` too, only the files
+  the quick check flags are compared;
 * ``newer``: only files where the source is newer.
 
 The :class:`Mirror` plans from two listings (source: scanned here; target:
@@ -30,6 +32,7 @@ from .target_local import (LocalTarget, TargetSide, aligned_buffer, fd_digest, f
                            read_full, read_xattrs, xattr_filter)
 from .tree import DIR, FILE, SPECIAL, SYMLINK, Listing, Rules, entry_from_stat, scan
 
+# the values of smirror.cli's EXIT_* (not imported: the library stays free of argparse)
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
 INPLACE_MIN = 1 << 20        # smaller files are rewritten whole when they differ

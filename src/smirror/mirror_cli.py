@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from .errors import ConfigError, SmirrorError
-
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class _RuleAction(argparse.Action):
