@@ -41,6 +41,7 @@ if only:
 setup(
     ext_modules=cythonize(
         extensions,
+        include_path=["cext"],   # finds cext/smirror/*.pxd for "smirror._name"
         compiler_directives={
             "language_level": 3,
             "boundscheck": False,

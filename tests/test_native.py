@@ -21,9 +21,14 @@ def test_native_status_reports_all_loaded():
 
 @pytest.mark.parametrize("name", ["checksum", "journal", "memqueue"])
 def test_facades_import_compiled_not_reference(name):
+    import ast
     facade = importlib.import_module(f"smirror.{name}")
-    src = open(facade.__file__).read()
-    assert f"_{name}_py" not in src, f"smirror.{name} must not import its pure-Python reference"
+    tree = ast.parse(open(facade.__file__).read())
+    imported = {(node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert not any(m.endswith(f"_{name}_py") for m in imported), \
+        f"smirror.{name} must not import its pure-Python reference"
+    assert any(m.endswith(f"_{name}") for m in imported), f"smirror.{name} must use the compiled kernel"
 
 
 def test_version_command_says_native_loaded():
