@@ -31,7 +31,7 @@ from .tree import (DIR, FILE, SPECIAL, SYMLINK, TEMP_PREFIX, Entry, entry_from_s
                    scan)
 
 _COPY_CHUNK = 64 << 20        # progress granularity of kernel-side copies
-_IO_CHUNK = 8 << 20           # read buffer for signatures and pread/pwrite copies
+_IO_CHUNK = 8 << 20           # buffer of pread/pwrite copies (where copy_file_range cannot)
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL,
                     errno.EBADF, errno.ETXTBSY}
 
@@ -216,17 +216,18 @@ _DIGEST_ONESHOT = 4 << 20
 
 
 def fd_digest(fd: int, length: int) -> bytes:
-    """XXH3-128 of the first ``length`` bytes of an open file (the same
-    value as :func:`smirror.checksum.file_digest`). Raises MirrorError if
-    the file's length is not ``length``."""
+    """XXH3-128 of an open file of ``length`` bytes (the same value as
+    :func:`smirror.checksum.file_digest`). Raises MirrorError if it is
+    shorter; small files are read up to ``length`` only, so a caller that
+    must notice growth compares an fstat afterwards."""
     from . import checksum
     if length <= _DIGEST_ONESHOT:
-        view = memoryview(aligned_buffer(max(_SIG_CHUNK, length + 1)))
-        got = read_full(fd, view[:length + 1], 0)     # one byte more: notice growth
+        view = memoryview(aligned_buffer(max(_SIG_CHUNK, length)))[:length]
+        got = read_full(fd, view, 0)
         if got != length:
             raise MirrorError(f"file changed length while being read (expected {length} "
-                              f"bytes, found {got}{'+' if got > length else ''})")
-        return checksum.strong_digest(view[:length])
+                              f"bytes, found {got})")
+        return checksum.strong_digest(view)
     digest = checksum.file_digest(f"/proc/self/fd/{fd}")
     if os.fstat(fd).st_size != length:
         raise MirrorError(f"file changed length while being read (expected {length} bytes)")
@@ -474,7 +475,7 @@ class LocalTarget(TargetSide):
         return entry_from_stat(st, link)
 
     def signature(self, rel: bytes, block_size: int, weak: bool):
-        fd = os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             return fd_signature(fd, os.fstat(fd).st_size, block_size, weak)
         finally:
@@ -483,8 +484,10 @@ class LocalTarget(TargetSide):
     def digest(self, rel: bytes, length: int):
         """XXH3-128 of the file's content, or None if its length is not
         ``length`` (then it differs anyway)."""
-        fd = os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
+            if os.fstat(fd).st_size != length:
+                return None
             return fd_digest(fd, length)
         except MirrorError:
             return None
@@ -559,7 +562,7 @@ class LocalTarget(TargetSide):
             os.chmod(path, entry.perm)
             os.utime(path, ns=(self._now_ns, entry.mtime_ns), follow_symlinks=False)
             return
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             self.apply_meta_fd(fd, entry, xattrs)
         finally:
@@ -663,7 +666,7 @@ class TempWriter:
         """Copy bytes of the file currently under the final name (a rolling
         delta's COPY op) into the new file."""
         if self._old_fd is None:
-            self._old_fd = os.open(self.final, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self._old_fd = os.open(self.final, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         n = copy_range(self._old_fd, self.fd, offset, length, out_offset)
         if n != length:
             raise MirrorError(f"{self.rel!r} on the target shrank during the update")
