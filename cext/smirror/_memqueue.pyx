@@ -708,7 +708,7 @@ cdef class SpillQueue:
                 started = r < SEG_HDR or valid
                 if not started:
                     started = True
-                    for i in range(SEG_HDR):
+                    for i in range(<size_t>SEG_HDR):
                         if self._rbuf[i]:
                             started = False
                             break
