@@ -431,17 +431,21 @@ class Model:
         self.acked = None
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=op_strategy,
        memory_limit=st.integers(0, 1500),
        segment_size=st.integers(50, 1500),
        read_buffer=st.integers(32, 700),
        disk_limit=st.sampled_from([1500, 4000, 1 << 30]),
-       durable=st.booleans())
+       durable=st.booleans(),
+       fsync=st.sampled_from(["none", "segment", "always"]),
+       spare_segments=st.integers(0, 2))
 def test_random_ops_match_model_and_reference(tmp_path_factory, ops, memory_limit, segment_size,
-                                              read_buffer, disk_limit, durable):
+                                              read_buffer, disk_limit, durable, fsync,
+                                              spare_segments):
     dirs = [tmp_path_factory.mktemp("native"), tmp_path_factory.mktemp("ref")]
-    kw = dict(segment_size=segment_size, durable=durable, read_buffer=read_buffer)
+    kw = dict(segment_size=segment_size, durable=durable, read_buffer=read_buffer,
+              fsync=fsync, spare_segments=spare_segments)
     impls = (native, reference)
     queues = [m.SpillQueue(d, memory_limit, disk_limit, **kw) for m, d in zip(impls, dirs)]
     model = Model()
