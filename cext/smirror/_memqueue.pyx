@@ -14,8 +14,8 @@ variable are ordinary Python objects.
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset, memcmp
-from libc.errno cimport errno, EINTR, EIO, ENOSPC, EDQUOT, ENOMEM
-from posix.unistd cimport pread, pwrite, fsync as c_fsync, fdatasync, ftruncate, close as c_close
+from libc.errno cimport errno, EINTR, EIO, ENOSPC, EDQUOT
+from posix.unistd cimport pread, pwrite, fdatasync, ftruncate, close as c_close
 from posix.uio cimport iovec, pwritev, preadv
 from posix.types cimport off_t
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -111,9 +111,6 @@ cdef extern from *:
     void sm_put64(unsigned char* p, uint64_t v) noexcept nogil
     uint32_t sm_get32(const unsigned char* p) noexcept nogil
     uint64_t sm_get64(const unsigned char* p) noexcept nogil
-
-cdef extern from "<fcntl.h>" nogil:
-    int posix_fadvise(int fd, off_t offset, off_t len, int advice)
 
 cdef extern from "xxhash.h" nogil:
     ctypedef uint64_t XXH64_hash_t
