@@ -1,7 +1,8 @@
 """smirror mirror vs rsync as a pytest-benchmark suite (small scale by
 default; the full-size side-by-side run is ``python tools/compare_rsync.py``).
 
-    SMIRROR_BENCH_SCALE=0.1 PYTHONPATH=src python -m pytest benchmarks/bench_mirror_vs_rsync.py -q -s --benchmark-disable-gc
+    SMIRROR_BENCH_SCALE=0.1 PYTHONPATH=src python -m pytest \\
+        benchmarks/bench_mirror_vs_rsync.py -q -s --benchmark-disable-gc
 
 Each case times the smirror command with pytest-benchmark and rsync (the
 baseline) in the same test, best of the same number of rounds, and prints

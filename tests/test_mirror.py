@@ -60,12 +60,14 @@ def test_full_mirror_of_every_kind_of_entry(kinds):
     for name in gen_tree.ODD_NAMES:
         assert os.path.exists(os.path.join(os.fsencode(dst), b"odd", name))
     if facts["owners"]:
-        assert (os.stat(dst / "a/small.txt").st_uid, os.stat(dst / "a/small.txt").st_gid) == (4321, 4322)
+        st = os.stat(dst / "a/small.txt")
+        assert (st.st_uid, st.st_gid) == (4321, 4322)
         assert os.lstat(dst / "links/rel").st_uid == 4325
     if facts["xattrs"]:
         assert os.getxattr(dst / "a/small.txt", "user.color") == b"blue"
         assert os.getxattr(dst / "a/b", "user.dir") == b"\x00\x01binary"
-    assert os.stat(dst / "a/b/c/large.bin").st_mtime_ns == os.stat(src / "a/b/c/large.bin").st_mtime_ns
+    large = "a/b/c/large.bin"
+    assert os.stat(dst / large).st_mtime_ns == os.stat(src / large).st_mtime_ns
     assert not list(Path(dst).rglob(".smirror-tmp-*"))
 
 
@@ -227,7 +229,8 @@ def test_unreadable_file_reported_rest_done(tmp_path, request_cleanup):
     repo_src = str(Path(__file__).resolve().parents[1] / "src")
     # the interpreter may live where nobody cannot read: import first, then drop root
     script = ("import os, sys, json\n"
-              "import smirror.cli, smirror.mirror, smirror.mirror_cli, smirror.progress, smirror.units\n"
+              "import smirror.cli, smirror.mirror, smirror.mirror_cli\n"
+              "import smirror.progress, smirror.units\n"
               "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
               "sys.exit(smirror.cli.main(sys.argv[1:]))\n")
     proc = subprocess.run(

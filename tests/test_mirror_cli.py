@@ -172,7 +172,8 @@ def test_quick_check_does_not_import_numpy(tmp_path):
     src.mkdir()
     (src / "f").write_bytes(b"x")
     code = ("import sys\nfrom smirror.cli import main\n"
-            f"assert main(['mirror', '--quiet', '--different', {str(src)!r}, {str(tmp_path / 'd')!r}]) == 0\n"
+            f"args = ['mirror', '--quiet', '--different', {str(src)!r}, {str(tmp_path / 'd')!r}]\n"
+            "assert main(args) == 0\n"
             "heavy = [m for m in ('numpy', 'smirror.checksum', 'concurrent.futures', 'logging') "
             "if m in sys.modules]\n"
             "assert not heavy, heavy\n")

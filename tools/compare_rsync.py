@@ -159,7 +159,8 @@ def main(argv=None) -> int:
         changed_bytes = []
 
         def change_big(i):
-            changed_bytes.append(gen_tree.change_blocks(info["big"], 0.01, 8192, seed=seed_base + i))
+            changed_bytes.append(gen_tree.change_blocks(info["big"], 0.01, 8192,
+                                                        seed=seed_base + i))
         s_t, r_t, outs = pair(["--different", "--checksum", "--json"],
                               ["-a", "--no-whole-file", "--inplace"], setup=change_big)
         written = [json.loads(o)["bytes_written"] for o in outs]
@@ -173,7 +174,8 @@ def main(argv=None) -> int:
     if 5 in cases:
         n_small = max(1, int(200 * min(1.0, len(info["files"]) / 2000)))
         s_t, r_t, _ = pair(["--different"], ["-a"],
-                           setup=lambda i: gen_tree.change_small(info["files"], n_small, seed=seed_base + 5 + i))
+                           setup=lambda i: gen_tree.change_small(info["files"], n_small,
+                                                                 seed=seed_base + 5 + i))
         record(5, f"{n_small} small files changed", s_t, r_t)
 
     # both targets must equal the source
@@ -183,7 +185,8 @@ def main(argv=None) -> int:
         diff = subprocess.run([rsync, "-a", "--checksum", "--dry-run", "--itemize-changes",
                                "--delete", f"{src}/", f"{d}/"], capture_output=True, check=True)
         if diff.stdout:
-            raise SystemExit(f"{d} differs from the source:\n{diff.stdout.decode(errors='replace')}")
+            listed = diff.stdout.decode(errors="replace")
+            raise SystemExit(f"{d} differs from the source:\n{listed}")
 
     summary = {"scale": args.scale, "repeat": args.repeat, "files": len(info["files"]),
                "bytes": info["bytes"], "cpus": os.cpu_count(),

@@ -604,7 +604,8 @@ class Mirror:
         for rel, s, d in self.meta:
             try:
                 if s.kind in (FILE, SPECIAL):
-                    if quick and s.ctime_ns < d.ctime_ns - CTIME_MARGIN_NS and _same_meta(s, d, owner):
+                    if quick and s.ctime_ns < d.ctime_ns - CTIME_MARGIN_NS \
+                            and _same_meta(s, d, owner):
                         # the source's xattrs last changed before the target's
                         # metadata was last written (ctime): they were copied then
                         continue
@@ -616,7 +617,8 @@ class Mirror:
                 else:
                     sx = None
                     same = _same_meta(s, d, owner) if s.kind != SYMLINK else (
-                        s.mtime_ns == d.mtime_ns and (not owner or (s.uid, s.gid) == (d.uid, d.gid)))
+                        s.mtime_ns == d.mtime_ns
+                        and (not owner or (s.uid, s.gid) == (d.uid, d.gid)))
                 if same:
                     continue
                 self._act("meta", rel)
@@ -662,7 +664,8 @@ class Mirror:
         # largest first keeps both workers busy to the end
         order = sorted(files, key=lambda f: f[1].size, reverse=True)
         threads = min(self.opts.threads, len(order))
-        self._hash_pool = _Helpers(self.opts.threads, "smirror-hash") if self.opts.checksum else None
+        self._hash_pool = (_Helpers(self.opts.threads, "smirror-hash")
+                           if self.opts.checksum else None)
         try:
             if threads == 1:
                 for item in order:

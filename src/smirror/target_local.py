@@ -72,9 +72,10 @@ _MMAP_WINDOW = 256 << 20      # mapped and hashed a window at a time, lease chec
 def _take_read_lease(fd: int) -> bool:
     """A read lease guarantees nobody has the file open for writing, and
     makes a new writer's open() or truncate() wait (up to the kernel's
-    lease-break-time, of which we use at most a third) until the lease is released - so a mapping of the
-    file cannot be cut short under us (which would be a SIGBUS). Its break
-    notice goes out as SIGURG, whose default action is to do nothing."""
+    lease-break-time, of which we use at most a third) until the lease is
+    released - so a mapping of the file cannot be cut short under us (which
+    would be a SIGBUS). Its break notice goes out as SIGURG, whose default
+    action is to do nothing."""
     import fcntl
     try:
         fcntl.fcntl(fd, fcntl.F_SETSIG, _signal_urg())
@@ -666,7 +667,8 @@ class TempWriter:
         """Copy bytes of the file currently under the final name (a rolling
         delta's COPY op) into the new file."""
         if self._old_fd is None:
-            self._old_fd = os.open(self.final, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            self._old_fd = os.open(self.final, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                                   | os.O_NONBLOCK)
         n = copy_range(self._old_fd, self.fd, offset, length, out_offset)
         if n != length:
             raise MirrorError(f"{self.rel!r} on the target shrank during the update")
