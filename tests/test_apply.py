@@ -129,9 +129,12 @@ def test_directory_replaced_by_symlink_after_rename_is_refused(tmp_path):
 
 
 def test_failed_op_names_op_and_path(tmp_path):
+    """An op the target cannot carry out names itself (a write to what is
+    a directory on the target)."""
     app = Applier(tmp_path / "base")
-    with pytest.raises(ApplyError, match=r"op seq 7 SETATTR b'missing'"):
-        app.apply(Op.setattr(7, b"missing", mode=0o600))
+    app.apply(Op.mkdir(6, b"dir", 0o755))
+    with pytest.raises(ApplyError, match=r"op seq 7 WRITE b'dir' failed on the target"):
+        app.apply(Op.write(7, b"dir", 0, b"data"))
 
 
 def test_task_and_mark_callbacks_see_earlier_writes(tmp_path):

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from smirror.inotify import Event, Kind, Watcher
+from smirror.inotify import Kind, Watcher
 
 
 def collect(w, settle=0.15, limit=5.0):

@@ -230,7 +230,7 @@ def test_unreadable_file_reported_rest_done(tmp_path, request_cleanup):
     # the interpreter may live where nobody cannot read: import first, then drop root
     script = ("import os, sys, json\n"
               "import smirror.cli, smirror.mirror, smirror.mirror_cli\n"
-              "import smirror.progress, smirror.units\n"
+              "import smirror.progress, smirror.units, argparse, gettext, locale\n"
               "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
               "sys.exit(smirror.cli.main(sys.argv[1:]))\n")
     proc = subprocess.run(

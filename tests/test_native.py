@@ -24,7 +24,9 @@ def test_facades_import_compiled_not_reference(name):
     import ast
     facade = importlib.import_module(f"smirror.{name}")
     tree = ast.parse(open(facade.__file__).read())
-    imported = {(node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported = {f"{node.module or ''}.{a.name}" for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) for a in node.names}
+    imported |= {(node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     assert not any(m.endswith(f"_{name}_py") for m in imported), \
         f"smirror.{name} must not import its pure-Python reference"

@@ -2,7 +2,6 @@
 target equals the source; only changed blocks travel."""
 import os
 import shutil
-import time
 
 import pytest
 

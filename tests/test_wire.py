@@ -1,5 +1,4 @@
 """The link protocol over real TCP sockets on 127.0.0.1."""
-import json
 import socket
 import ssl
 import subprocess

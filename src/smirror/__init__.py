@@ -4,17 +4,24 @@ The compiled kernels are imported by the modules that use them
 (:mod:`smirror.checksum`, :mod:`smirror.journal`, :mod:`smirror.memqueue`);
 there is no silent pure-Python fallback at runtime.
 """
-from importlib import metadata as _metadata
-
 from .errors import (  # noqa: F401
     SmirrorError, FrameError, DeltaError, QueueError, QueueFull, QueueClosed,
     QueueCorrupt, ConfigError, MirrorError,
 )
 
-try:
-    __version__ = _metadata.version("smirror")
-except _metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.1.0+src"
+
+def __getattr__(name):
+    # importlib.metadata costs ~30 ms: only commands that print the version pay it
+    if name == "__version__":
+        from importlib import metadata
+        try:
+            return metadata.version("smirror")
+        except metadata.PackageNotFoundError:  # running from a source tree
+            return "0.1.0+src"
+    if name in ("Replication", "Recorder"):
+        from . import capture, replicate
+        return {"Replication": replicate.Replication, "Recorder": capture.Recorder}[name]
+    raise AttributeError(f"module 'smirror' has no attribute {name!r}")
 
 KERNELS = ("_checksum", "_journal", "_memqueue")
 

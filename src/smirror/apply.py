@@ -263,6 +263,12 @@ class Applier:
         except FileNotFoundError:
             if os.path.lexists(dst) and not os.path.lexists(src):
                 return            # replayed: already renamed
+            if not os.path.lexists(src):
+                # the target lacks what the source renamed (watcher capture
+                # sees changes late): nothing to move; the source's resync
+                # brings the content
+                self.stats["repairs"] += 1
+                return
             raise
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
@@ -275,7 +281,11 @@ class Applier:
     def _setattr(self, op: Op) -> None:
         rel = bytes(op.path)
         path = self._path(rel)
-        st = os.lstat(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self.stats["repairs"] += 1    # nothing there to set attributes on
+            return
         is_link = stat.S_ISLNK(st.st_mode)
         mask = op.mask
         if mask & (AttrMask.UID | AttrMask.GID) and self.owner:

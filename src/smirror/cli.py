@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, native_status
+from . import native_status
 from .errors import SmirrorError
 
 EXIT_OK = 0
@@ -17,6 +17,7 @@ EXIT_INTERRUPTED = 130
 
 
 def version_text() -> str:
+    from . import __version__
     status = native_status()
     loaded = [k for k, v in status.items() if v is True]
     if len(loaded) == len(status):
@@ -35,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the version and whether native kernels are loaded")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     # verbs register themselves here, one module a concern
-    from . import mirror_cli
+    from . import mirror_cli, replicate_cli
     mirror_cli.add_parser(sub)
+    replicate_cli.add_parser(sub)
     return parser
 
 

@@ -97,6 +97,11 @@ class Watcher:
 
     # -- watches -----------------------------------------------------------
     @property
+    def pending_moves(self) -> int:
+        """Rename halves (IN_MOVED_FROM) still waiting for their pair."""
+        return len(self._pending_from)
+
+    @property
     def watched_dirs(self) -> int:
         return len(self._wd_path)
 
@@ -254,7 +259,12 @@ class Watcher:
                 self._deleted(old, is_dir)
             else:
                 if is_dir:
-                    self._rename_tree(old, path)
+                    if old in self._path_wd:
+                        self._rename_tree(old, path)
+                    else:
+                        # renamed before its watch was set (created and moved
+                        # at once): watch it now under its new name
+                        self._watch_tree(path)
                 self._out.append(Event(Kind.MOVED, old, is_dir, new_path=path))
             return
         if mask & IN_CREATE:

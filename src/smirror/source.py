@@ -101,11 +101,6 @@ class ConnectionJournal:
             self.next_seq = next_seq + len(self._pending)
             self.last_seq = self.next_seq - 1
 
-    def first_unqueued_seq(self) -> int:
-        """Seq of the first op not yet in a queued frame."""
-        with self._lock:
-            return self._pending[0].seq if self._pending else self.next_seq
-
     @property
     def pending_ops(self) -> int:
         return len(self._pending)
@@ -263,12 +258,16 @@ class Sender:
         op of the oldest frame in the queue (items are keyed by their last
         op), or the first op not yet queued."""
         q = self.queue
-        q.rewind()
-        item = q.get(timeout=0)
-        q.rewind()
-        if item is not None:
-            return frame_header(item[1]).first_seq
-        return self.journal.first_unqueued_seq()
+        # under the journal's lock: no frame moves from pending to the queue
+        # between the two looks
+        with self.journal._lock:
+            q.rewind()
+            item = q.get(timeout=0)
+            q.rewind()
+            if item is not None:
+                return frame_header(item[1]).first_seq
+            j = self.journal
+            return j._pending[0].seq if j._pending else j.next_seq
 
     def _read_acks(self, link: Link) -> None:
         self._reader_error = None

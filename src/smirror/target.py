@@ -90,10 +90,16 @@ class TargetConnection:
                 self.error = str(exc)
                 log.error("connection %s: %s", self.conid, exc)
                 self._stop.wait(1.0)
-                q.rewind()
+                try:
+                    q.rewind()
+                except QueueClosed:
+                    return
                 continue
             self.applier.flush()
-            q.ack(seq)
+            try:
+                q.ack(seq)
+            except QueueClosed:
+                return
             with self._progress:
                 self._progress.notify_all()
 

@@ -38,13 +38,15 @@ _ZERO = 0
 
 class Known:
     """What the target holds of one path (as far as this source sent it)."""
-    __slots__ = ("kind", "mode", "uid", "gid", "mtime_ns", "size", "block_size", "strong", "link", "ino")
+    __slots__ = ("kind", "mode", "uid", "gid", "mtime_ns", "size", "block_size", "strong", "link",
+                 "ino", "names")
 
     def __init__(self, kind, mode, uid, gid, mtime_ns, size=0, block_size=0, strong=None,
                  link=None, ino=0):
         self.kind, self.mode, self.uid, self.gid = kind, mode, uid, gid
         self.mtime_ns, self.size, self.block_size, self.strong = mtime_ns, size, block_size, strong
         self.link, self.ino = link, ino
+        self.names = 1        # paths sharing this entry (hard links)
 
 
 def _is_zero(view) -> bool:
@@ -66,6 +68,10 @@ class TreeCapture:
         self.settle = settle
         self.known: dict[bytes, Known] = {}
         self._dirty: dict[bytes, float] = {}       # files modified, not yet diffed
+        # paths an event named that were gone (renamed away with a parent
+        # directory, usually) when it was handled: looked at again once the
+        # batch of events is done, under their parent's new name
+        self._lost: set[bytes] = set()
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._buf = bytearray(_READ_CHUNK)
@@ -100,25 +106,30 @@ class TreeCapture:
             finally:
                 self._read_root = None
 
-    def resync(self, rel: bytes = b"", reason: str = "") -> None:
+    def resync(self, rel: bytes = b"", reason: str = "", content: bool = True) -> None:
         """Compare the subtree ``rel`` with the cache and emit ops for every
-        difference (a checksum difference mirror against the cache)."""
+        difference (a checksum difference mirror against the cache).
+        ``content=False`` compares names, kinds and attributes only, and reads
+        only files the cache does not know."""
         with self._lock:
             self.stats["resyncs"] += 1
             self.last_rescan_reason = reason
             log.info("resync of %r: %s", rel, reason or "requested")
+            if rel and not os.path.lexists(self._abs(rel)):
+                self._lost.add(rel)     # moved on with its directory: found later
+                return
             seen = set()
-            self._walk(rel, emit=True, seen=seen)
+            self._walk(rel, emit=True, seen=seen, content=content)
             prefix = rel + b"/" if rel else b""
             gone = [p for p in self.known if (p == rel or p.startswith(prefix)) and p not in seen and p]
             for p in sorted(gone, key=lambda p: -p.count(b"/")):   # children first
                 if p in self.known:
                     self._delete(p)
 
-    def _walk(self, rel: bytes, emit: bool, seen=None) -> None:
+    def _walk(self, rel: bytes, emit: bool, seen=None, content: bool = True) -> None:
         stack = [rel]
         if rel:
-            self._sync_path(rel, emit, seen)
+            self._sync_path(rel, emit, seen, content)
         while stack:
             d = stack.pop()
             try:
@@ -134,11 +145,11 @@ class TreeCapture:
                     continue
                 if self._excluded(child, is_dir):
                     continue
-                self._sync_path(child, emit, seen)
+                self._sync_path(child, emit, seen, content)
                 if is_dir:
                     stack.append(child)
 
-    def _sync_path(self, rel: bytes, emit: bool, seen) -> None:
+    def _sync_path(self, rel: bytes, emit: bool, seen, content: bool = True) -> None:
         if seen is not None:
             seen.add(rel)
         try:
@@ -155,7 +166,7 @@ class TreeCapture:
                 self._create(rel, st)
             else:
                 self._remember(rel, st, with_signature=True)
-        elif stat.S_ISREG(st.st_mode):
+        elif stat.S_ISREG(st.st_mode) and content:
             self._diff_file(rel, emit=emit)
         elif stat.S_ISLNK(st.st_mode):
             link = os.readlink(self._abs(rel))
@@ -192,9 +203,16 @@ class TreeCapture:
                 other = self._same_inode(rel, st)
                 if other is not None:
                     self._out(Op.hardlink(_ZERO, rel, other))
-                    k = self.known[other]
-                    self.known[rel] = Known(k.kind, k.mode, k.uid, k.gid, k.mtime_ns, k.size,
-                                            k.block_size, k.strong, None, k.ino)
+                    # one inode, one cache entry: a change seen through either
+                    # name is sent once
+                    self.known[rel] = self.known[other]
+                    self.known[rel].names += 1
+                    # its content may have moved on since the other name was read
+                    if self._diff_file(rel, emit=True):
+                        try:
+                            self._attrs(rel, os.lstat(self._abs(rel)), True)
+                        except OSError:
+                            pass
                     return
             self._out(Op.create(_ZERO, rel, mode))
             k = self._remember(rel, st)
@@ -229,13 +247,16 @@ class TreeCapture:
         if kw and emit:      # nothing differs: an atime-only change is dropped here
             self._out(Op.setattr(_ZERO, rel, **kw))
 
-    def _diff_file(self, rel: bytes, emit: bool) -> None:
-        """Send the blocks of ``rel`` whose hash differs from the cache."""
+    def _diff_file(self, rel: bytes, emit: bool) -> bool:
+        """Send the blocks of ``rel`` whose hash differs from the cache.
+        False when the file is not there (renamed or deleted since: the
+        event saying so is still to come)."""
         k = self.known[rel]
         try:
             fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
-            return            # gone or replaced: its own event follows
+            return False
+        ops_before = self.stats["ops"]
         try:
             size = os.fstat(fd).st_size
             if not k.block_size:
@@ -274,6 +295,10 @@ class TreeCapture:
                         self.stats["bytes_sent"] += b1 - b0
                 off += got
             size = min(size, off)
+            if emit and (self.stats["ops"] != ops_before or size != k.size):
+                # data went out: the target's mtime is the time it applied
+                # it, so the source's mtime must follow, whatever the cache said
+                k.mtime_ns = -1
             if emit and size != k.size:
                 # shrinking needs it; growing by a hole at the end needs it too
                 self._out(Op.truncate(_ZERO, rel, size))
@@ -281,10 +306,14 @@ class TreeCapture:
             k.strong = new[: -(-size // bs)] if bs else new
         finally:
             os.close(fd)
+        return True
 
     def _delete(self, rel: bytes) -> None:
         k = self.known.get(rel)
         if k is None:
+            prefix = rel + b"/"
+            self._lost = {p for p in self._lost if p != rel and not p.startswith(prefix)}
+            self._dirty.pop(rel, None)
             return
         if k.kind == stat.S_IFDIR:
             prefix = rel + b"/"
@@ -295,24 +324,43 @@ class TreeCapture:
             self._out(Op.rmdir(_ZERO, rel))
         else:
             self._out(Op.delete(_ZERO, rel))
+            if k.names > 1:
+                # a change of the inode seen only under this name (now gone)
+                # must still reach its other names
+                k.names -= 1
+                self.known.pop(rel, None)
+                for p, kk in list(self.known.items()):
+                    if kk is k:
+                        self._dirty[p] = 0.0
+                        break
         self.known.pop(rel, None)
         self._dirty.pop(rel, None)
+        prefix = rel + b"/"
+        self._lost = {p for p in self._lost if p != rel and not p.startswith(prefix)}
 
     def _rename(self, old: bytes, new: bytes) -> None:
         if old not in self.known:
-            try:
-                self._create(new, os.lstat(self._abs(new)))
-            except OSError:
-                pass
+            # it vanished from its first name before it was seen there: it is
+            # new, with whatever it holds by now
+            self.resync(new, "renamed before it was seen")
             return
         if new in self.known:
             self._delete(new)
         self._out(Op.rename(_ZERO, old, new))
         prefix = old + b"/"
+        for p in [p for p in self._lost if p == old or p.startswith(prefix)]:
+            self._lost.discard(p)
+            self._lost.add(new + p[len(old):])
+        prefix = old + b"/"
         for p in [p for p in self.known if p == old or p.startswith(prefix)]:
             self.known[new + p[len(old):]] = self.known.pop(p)
         for p in [p for p in self._dirty if p == old or p.startswith(prefix)]:
             self._dirty[new + p[len(old):]] = self._dirty.pop(p)
+        if self.known[new].kind == stat.S_IFDIR:
+            # entries made in it under its old name may not have been seen
+            # (their events name a path that was gone when handled): look
+            # once the events read so far are handled
+            self._lost.add(new)
 
     # -- events ---------------------------------------------------------------
     def handle(self, ev: Event) -> None:
@@ -329,6 +377,7 @@ class TreeCapture:
             try:
                 st = os.lstat(self._abs(rel))
             except OSError:
+                self._lost.add(rel)
                 return
             if rel in self.known:
                 self._sync_path(rel, True, None)
@@ -354,27 +403,60 @@ class TreeCapture:
         now = time.monotonic()
         for rel, t in list(self._dirty.items()):
             if force or now - t >= self.settle:
-                del self._dirty[rel]
                 if rel in self.known and self.known[rel].kind == stat.S_IFREG:
-                    self._diff_file(rel, emit=True)
+                    del self._dirty[rel]
+                    if not self._diff_file(rel, emit=True):
+                        self._lost.add(rel)   # renamed away meanwhile: found later
+                        continue
                     try:
                         self._attrs(rel, os.lstat(self._abs(rel)), True)
                     except OSError:
                         pass
+                else:
+                    del self._dirty[rel]
+
+    def _find_lost(self, drop_missing: bool = False) -> None:
+        """Look again at the paths that were gone when their event came.
+        One still missing is kept (its parent's rename may not be read yet)
+        unless ``drop_missing``: after a quiet period every event is in."""
+        lost, self._lost = sorted(self._lost, key=lambda p: p.count(b"/")), set()
+        for rel in lost:
+            if not os.path.lexists(self._abs(rel)):
+                if not drop_missing:
+                    self._lost.add(rel)
+                continue
+            if rel in self.known:
+                if self.known[rel].kind == stat.S_IFDIR:
+                    self.resync(rel, "directory renamed", content=False)
+                else:
+                    self._sync_path(rel, True, None)     # known: its change was missed
+                continue
+            parent = rel.rpartition(b"/")[0]
+            if parent and parent not in self.known:
+                continue          # the parent itself is new: its own creation brings it
+            self.resync(rel, "created, then moved with its directory before it was seen")
 
     def poll(self, timeout: float) -> int:
         """Read and handle the events ready within ``timeout``; returns how many."""
-        events = self.watcher.read(timeout=timeout)
-        with self._lock:
+        with self._lock:          # one reader at a time: events are handled in order
+            events = self.watcher.read(timeout=timeout)
             for ev in events:
                 self.handle(ev)
             self._flush_dirty(force=not events)
+            if self._lost and not events:
+                self._find_lost()
         return len(events)
 
     def sync(self, quiet: float = 0.01) -> None:
-        """Handle everything the kernel has reported so far."""
-        while self.poll(quiet):
-            pass
+        """Handle everything the kernel has reported so far (a rename half
+        still waiting for its pair counts as not handled yet)."""
+        while True:
+            while self.poll(quiet) or self.watcher.pending_moves or self._dirty:
+                pass
+            with self._lock:
+                if not self._lost:
+                    return
+                self._find_lost(drop_missing=True)
 
     def run(self) -> None:
         while not self._stop.is_set():

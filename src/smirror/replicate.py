@@ -1,0 +1,178 @@
+"""Embedded replication: source and target engines of one connection in one
+process, for ``smirror replicate SRC DST``, for tests and for programs that
+embed smirror.
+
+The data path is the daemons' own: capture -> connection journal -> source
+queue -> sender => a real stream socket => receiver -> durable target queue
+-> applier. Capture is the watcher (``capture="watch"``) or the program
+itself through :attr:`Replication.journal` (``capture="api"``), which records
+every change in the exact order the program makes it::
+
+    with smirror.Replication("/data", "/backup/data", capture="api") as rep:
+        rep.journal.create("db/log")
+        rep.journal.write("db/log", 0, b"first record")
+        rep.wait()                      # until the target applied it all
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from .capture import Recorder
+from .errors import ConfigError, MirrorError
+from .memqueue import SpillQueue
+from .source import ConnectionJournal, Sender
+from .target import TargetConnection
+from .tree import Rules
+from .units import parse_size
+from .wire import Link, MsgType
+
+log = logging.getLogger("smirror.replicate")
+
+MIRROR_MODES = ("checksum", "different", "full", "none")
+
+
+def default_state_dir(src, dst) -> Path:
+    """``$XDG_STATE_HOME/smirror/replicate/<id>``: one per (SRC, DST) pair."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    key = hashlib.sha256(os.fsencode(os.path.abspath(src)) + b"\0"
+                         + os.fsencode(os.path.abspath(dst))).hexdigest()[:16]
+    return base / "smirror" / "replicate" / key
+
+
+class Replication:
+    """Replicates ``src`` to ``dst`` continuously until :meth:`stop`."""
+
+    def __init__(self, src, dst, *, capture: str = "watch", mirror: str = "checksum",
+                 rules: Rules | None = None, state_dir=None,
+                 source_memory_limit="64MiB", target_memory_limit="64MiB",
+                 disk_queue_limit="4GiB", progress=None):
+        if capture not in ("watch", "api"):
+            raise ConfigError(f"capture must be 'watch' or 'api', got {capture!r}")
+        if mirror not in MIRROR_MODES:
+            raise ConfigError(f"mirror must be one of {', '.join(MIRROR_MODES)}, got {mirror!r}")
+        from .mirror import check_roots
+        src_b, dst_b = check_roots(src, dst)      # missing SRC, nesting: clear errors
+        self.src, self.dst = os.fsdecode(src_b), os.fsdecode(dst_b)
+        self.capture_mode = capture
+        self.mirror_mode = mirror
+        self.rules = rules
+        self.progress = progress
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir(self.src, self.dst)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        smem = parse_size(source_memory_limit, "source memory limit")
+        tmem = parse_size(target_memory_limit, "target memory limit")
+        disk = parse_size(disk_queue_limit, "disk queue limit")
+        os.makedirs(self.dst, exist_ok=True)
+        self.target = TargetConnection(1, self.dst, self.state_dir, memory_limit=tmem, disk_limit=disk)
+        # the source queue is not durable: after a restart the initial mirror
+        # (or the watcher's resync) brings the target in line again
+        qdir = self.state_dir / "source-1"
+        self.queue = SpillQueue(str(qdir), smem, disk)
+        self.journal_sink = ConnectionJournal(self.queue, next_seq=self.target.received_seq + 1)
+        self.sender = Sender(1, self.dst, self.journal_sink, self._dial, retry_interval=0.2)
+        self.tree_capture = None
+        self.journal: Recorder | None = None
+        self.mirror_summary = None
+        self._threads: list[threading.Thread] = []
+        self._started = False
+
+    # -- transport: a socket pair per link, the target end served in a thread
+    def _dial(self) -> Link:
+        a, b = socket.socketpair()
+        t = threading.Thread(target=self._serve, args=(Link(b, "target"),), daemon=True,
+                             name="target-link")
+        t.start()
+        return Link(a, "target")
+
+    def _serve(self, link: Link) -> None:
+        with link:
+            try:
+                link.recv_json(MsgType.OPEN)
+                self.target.serve(link)
+            except Exception as exc:           # reported in status; the sender retries
+                log.error("target link: %s", exc)
+
+    # -- life cycle --------------------------------------------------------------
+    def start(self) -> "Replication":
+        if self._started:
+            return self
+        self._started = True
+        if self.capture_mode == "watch":
+            from .watch import TreeCapture
+            # watching starts before the mirror: nothing changed meanwhile is missed
+            self.tree_capture = TreeCapture(self.src, self.journal_sink.append, rules=self.rules)
+        if self.mirror_mode != "none":
+            self._initial_mirror()
+        if self.tree_capture is not None:
+            self.tree_capture.load_target(self.dst)
+            t = threading.Thread(target=self.tree_capture.run, daemon=True, name="capture")
+            t.start()
+            self._threads.append(t)
+        else:
+            self.journal = Recorder(self.src, self.journal_sink.append)
+        self.sender.start()
+        return self
+
+    def _initial_mirror(self) -> None:
+        from .mirror import Mirror, MirrorOptions
+        opts = MirrorOptions(different=self.mirror_mode in ("different", "checksum"),
+                             checksum=self.mirror_mode == "checksum", rules=self.rules)
+        self.mirror_summary = Mirror(self.src, self.dst, opts, progress=self.progress).run()
+        if self.mirror_summary.errors:
+            raise MirrorError(f"initial mirror of {self.src} to {self.dst} failed for "
+                              f"{len(self.mirror_summary.errors)} path(s), first: "
+                              f"{self.mirror_summary.errors[0]}")
+
+    def sync(self) -> int:
+        """Capture everything changed so far and queue it; returns the last seq."""
+        if self.tree_capture is not None:
+            self.tree_capture.sync()
+        self.journal_sink.flush()
+        return self.journal_sink.last_seq
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Until the target applied everything captured so far."""
+        seq = self.sync()
+        deadline = time.monotonic() + timeout
+        return (self.sender.wait_acked(seq, timeout)
+                and self.target.wait_applied(seq, max(0.0, deadline - time.monotonic())))
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        if drain and self._started:
+            self.wait(timeout)
+        if self.tree_capture is not None:
+            self.tree_capture.stop()
+        for t in self._threads:
+            t.join(5)
+        if self.tree_capture is not None:
+            self.tree_capture.close()
+        self.sender.stop()
+        self.target.close()
+        self.queue.close()
+
+    def __enter__(self) -> "Replication":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(drain=exc[0] is None)
+
+    def status(self) -> dict:
+        s, t = self.sender.status(), self.target.status()
+        lag = sorted(self.sender.lag_ms[-1000:])
+        out = {"source": self.src, "target": self.dst, "state": s["state"],
+               "seq_captured": s["seq_captured"], "seq_sent": s["seq_sent"],
+               "seq_acked": s["seq_acked"], "seq_applied": t["seq_applied"],
+               "source_queue_mem": s["queue_mem_bytes"], "source_queue_disk": s["queue_disk_bytes"],
+               "target_queue_mem": t["queue_mem_bytes"], "target_queue_disk": t["queue_disk_bytes"],
+               "bytes_sent": s["bytes_sent"], "lag_ms_p50": lag[len(lag) // 2] if lag else None,
+               "lag_ms_p99": lag[int(len(lag) * 0.99)] if lag else None,
+               "target_error": t["error"]}
+        if self.tree_capture is not None:
+            out["capture"] = dict(self.tree_capture.stats)
+        return out

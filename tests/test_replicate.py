@@ -1,0 +1,71 @@
+"""Embedded replication end to end: watcher or API capture, the real stream
+over a socket, durable target queue, applier."""
+import os
+import time
+
+import pytest
+
+from smirror.capture import Recorder
+from smirror.errors import MirrorError
+from smirror.replicate import Replication
+from treestate import diff, snapshot
+from workload import Workload
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "existing").write_bytes(os.urandom(50_000))
+    return src, tmp_path / "dst", tmp_path / "state"
+
+
+def test_watch_mode_initial_mirror_then_live_changes(dirs):
+    src, dst, state = dirs
+    with Replication(src, dst, state_dir=state) as rep:
+        assert diff(snapshot(src), snapshot(dst)) == []       # the initial mirror
+        # changes made by other programs, seen by the watcher, at a pace of
+        # about a thousand operations a second (a rename storm at full speed
+        # can still outrun it: see the closing note of this work)
+        w = Workload(Recorder(src, lambda op: None), seed=7, max_write=20_000)
+        for _ in range(300):
+            w.step()
+            time.sleep(0.001)
+        assert rep.wait(60), rep.status()
+        assert diff(snapshot(src), snapshot(dst)) == []
+        st = rep.status()
+        assert st["seq_applied"] == st["seq_captured"] > 0
+
+
+def test_api_mode_exact_order(dirs):
+    src, dst, state = dirs
+    marks = []
+    with Replication(src, dst, state_dir=state, capture="api") as rep:
+        rep.target.applier.on_mark = lambda op: marks.append(bytes(op.path))
+        w = Workload(rep.journal, seed=8)
+        for i in range(10):
+            w.run(30)
+            rep.journal.mark(f"m{i}")
+        assert rep.wait(60), rep.status()
+        assert diff(snapshot(src), snapshot(dst)) == []
+    assert marks == [f"m{i}".encode() for i in range(10)]
+
+
+def test_restart_resumes(dirs):
+    src, dst, state = dirs
+    with Replication(src, dst, state_dir=state, capture="api") as rep:
+        Workload(rep.journal, seed=9).run(100)
+    # changes while nothing replicates; the next start's mirror catches up
+    (src / "offline-change").write_text("made while stopped")
+    with Replication(src, dst, state_dir=state, capture="api") as rep:
+        Workload(rep.journal, seed=10).run(50)
+        assert rep.wait(60)
+    assert diff(snapshot(src), snapshot(dst)) == []
+
+
+def test_bad_roots(tmp_path):
+    (tmp_path / "src").mkdir()
+    with pytest.raises(MirrorError):
+        Replication(tmp_path / "missing", tmp_path / "dst", state_dir=tmp_path / "s")
+    with pytest.raises(MirrorError):
+        Replication(tmp_path / "src", tmp_path / "src" / "inner", state_dir=tmp_path / "s")
