@@ -69,3 +69,38 @@ def test_bad_roots(tmp_path):
         Replication(tmp_path / "missing", tmp_path / "dst", state_dir=tmp_path / "s")
     with pytest.raises(MirrorError):
         Replication(tmp_path / "src", tmp_path / "src" / "inner", state_dir=tmp_path / "s")
+
+
+def test_replicate_command_runs_and_stops_on_sigterm(dirs):
+    import signal
+    import subprocess
+    import sys
+    src, dst, state = dirs
+    proc = subprocess.Popen([sys.executable, "-m", "smirror", "replicate", str(src), str(dst),
+                             "--state-dir", str(state), "--interval", "0.2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()          # the first status line: running
+        assert '"state"' in line, proc.stderr.read()
+        (src / "live.txt").write_text("written while replicating")
+        (src / "sub" / "existing").rename(src / "moved")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert diff(snapshot(src), snapshot(dst)) == []
+
+
+def test_demo_command(tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "smirror", "demo", "--dir", str(tmp_path),
+                          "--size-mb", "4", "--json"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["full"]["created"] > 200
+    second = result["different_checksum"]
+    assert second["changed"] == 21 and second["created"] == 0
+    assert diff(snapshot(tmp_path / "source"), snapshot(tmp_path / "target")) == []
