@@ -237,3 +237,31 @@ def password_from(*, env: str | None = None, stdin=None, prompt: bool = False,
             raise ConfigError("the two passwords differ")
         return value
     raise ConfigError("no password source: use a prompt, --password-stdin or --password-env VAR")
+
+
+class Sessions:
+    """Login sessions of a running daemon: a token given out after a
+    password login lets later CLI calls in without the password. Only the
+    token's hash is kept, in memory (a daemon restart ends every session)."""
+
+    def __init__(self, lifetime: float = 12 * 3600):
+        self.lifetime = lifetime
+        self._tokens: dict[str, tuple[User, float]] = {}
+        self._lock = threading.Lock()
+
+    def new(self, user: User) -> str:
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._tokens[hashlib.sha256(token.encode()).hexdigest()] = (user, time.time() + self.lifetime)
+        return token
+
+    def check(self, name: str, token: str) -> User:
+        key = hashlib.sha256(token.encode()).hexdigest()
+        with self._lock:
+            found = self._tokens.get(key)
+            if found is not None and found[1] < time.time():
+                del self._tokens[key]
+                found = None
+        if found is None or found[0].name != name:
+            raise AuthError(f"session of user {name!r} is unknown or expired: log in again")
+        return found[0]

@@ -36,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the version and whether native kernels are loaded")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     # verbs register themselves here, one module a concern
-    from . import mirror_cli, replicate_cli
+    from . import daemon_cli, mirror_cli, replicate_cli
     mirror_cli.add_parser(sub)
     replicate_cli.add_parser(sub)
+    daemon_cli.add_parsers(sub)
     return parser
 
 

@@ -115,6 +115,10 @@ SCHEMA: dict[str, dict[str, Setting]] = {
         "directory": Setting("", _str, "only executables inside this directory may run as tasks"),
         "stop_replication_on_failure": Setting(False, _bool, "pause applying when a task fails"),
     },
+    "links": {
+        "user": Setting("", _str, "user this daemon logs in as on target daemons (data links)"),
+        "password_file": Setting("", _str, "file holding that user's password; keep it mode 0600"),
+    },
     "tls": {
         "enabled": Setting(False, _bool, "wrap data and control links in TLS"),
         "cert": Setting("", _str, "PEM certificate of this daemon"),

@@ -42,6 +42,7 @@ class QueueCorrupt(QueueError, ValueError):
 
 class ConfigError(SmirrorError, ValueError):
     """A configuration value or command-line argument is invalid."""
+    exit_code = 2       # the CLI's usage error
 
 
 class MirrorError(SmirrorError):

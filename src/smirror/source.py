@@ -38,9 +38,25 @@ class ConnectionJournal:
     data, or when ``flush()`` is called (the sender calls it as soon as it
     has nothing else to send, so an idle link adds no batching delay)."""
 
+    RESERVE = 1 << 20
+
     def __init__(self, queue, next_seq: int = 1, *, max_ops: int = 4096,
-                 max_bytes: int = 1 << 20, compress="auto"):
+                 max_bytes: int = 1 << 20, compress="auto", seq_file=None):
         self.queue = queue
+        # a restarted source must never number ops again with seqs it gave
+        # out before: it reserves ranges in ``seq_file`` and starts after
+        # the last reservation (the gap is bridged by RESET and a mirror)
+        self.seq_file = seq_file
+        self._reserved = None
+        if seq_file is not None:
+            try:
+                with open(seq_file) as f:
+                    next_seq = max(next_seq, int(f.read().strip() or 0) + 1)
+            except FileNotFoundError:
+                pass
+            except ValueError:
+                raise ValueError(f"{seq_file}: not a sequence number reservation") from None
+            self._reserve(next_seq - 1 + self.RESERVE)
         self.next_seq = next_seq
         self.max_ops = max_ops
         self.max_bytes = max_bytes
@@ -59,6 +75,8 @@ class ConnectionJournal:
         engine turns that into an auto-disconnect."""
         with self._lock:
             seq = self.next_seq
+            if self._reserved is not None and seq > self._reserved:
+                self._reserve(seq + self.RESERVE)
             self.next_seq = seq + 1
             self._pending.append(_new(Op, (seq,) + tuple(op)[1:]))
             self._pending_bytes += len(op.data) + 64
@@ -66,6 +84,16 @@ class ConnectionJournal:
             if len(self._pending) >= self.max_ops or self._pending_bytes >= self.max_bytes:
                 self._flush_locked()
             return seq
+
+    def _reserve(self, upto: int) -> None:
+        import os
+        tmp = f"{self.seq_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{upto}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.seq_file)
+        self._reserved = upto
 
     def extend(self, ops) -> None:
         for op in ops:
@@ -100,6 +128,8 @@ class ConnectionJournal:
                              for i, op in enumerate(self._pending)]
             self.next_seq = next_seq + len(self._pending)
             self.last_seq = self.next_seq - 1
+            if self._reserved is not None and self.next_seq > self._reserved:
+                self._reserve(self.next_seq + self.RESERVE)
 
     @property
     def pending_ops(self) -> int:

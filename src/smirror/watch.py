@@ -106,6 +106,18 @@ class TreeCapture:
             finally:
                 self._read_root = None
 
+    def full_copy(self, emit) -> None:
+        """Emit the whole set as ops to ``emit`` (the initial mirror of a new
+        connection), leaving this capture's cache and output alone."""
+        with self._lock:
+            saved = self.emit, self.known, self._lost, self.stats
+            self.emit, self.known, self._lost = emit, {}, set()
+            self.stats = dict.fromkeys(saved[3], 0)
+            try:
+                self.resync(b"", "initial mirror")
+            finally:
+                self.emit, self.known, self._lost, self.stats = saved
+
     def resync(self, rel: bytes = b"", reason: str = "", content: bool = True) -> None:
         """Compare the subtree ``rel`` with the cache and emit ops for every
         difference (a checksum difference mirror against the cache).

@@ -207,7 +207,7 @@ def login(link: Link, user: str, password: str, purpose: str = "control") -> Use
 
 
 def accept_login(link: Link, store: UserStore, throttle: LoginThrottle | None = None,
-                 purposes=PURPOSES) -> tuple[User, str]:
+                 purposes=PURPOSES, sessions=None) -> tuple[User, str]:
     """Server side: (user, purpose) after a successful login. A failure is
     answered with ERROR after the growing delay and raised as AuthError."""
     _, hello = link.recv_json(MsgType.HELLO)
@@ -221,6 +221,19 @@ def accept_login(link: Link, store: UserStore, throttle: LoginThrottle | None = 
     if purpose not in purposes:
         link.send_error(f"unknown link purpose {purpose!r}")
         raise ProtocolError(f"{link.peer} asked for link purpose {purpose!r}")
+    token = hello.get("token")
+    if token is not None:
+        if sessions is None or not isinstance(token, str):
+            link.send_error("session tokens are not accepted here")
+            raise AuthError(f"{link.peer}: session login not accepted")
+        try:
+            found = sessions.check(user, token)
+        except AuthError as exc:
+            link.send_error(str(exc))
+            raise
+        link.send_json(MsgType.WELCOME, {"role": found.role, "server_signature": ""})
+        link.user = found
+        return found, purpose
     salt, params = store.challenge(user)
     snonce = secrets.token_hex(16)
     link.send_json(MsgType.CHALLENGE, {"salt": salt.hex(), "params": params, "nonce": snonce})
@@ -243,6 +256,18 @@ def accept_login(link: Link, store: UserStore, throttle: LoginThrottle | None = 
     link.send_json(MsgType.WELCOME, {"role": found.role, "server_signature": signature.hex()})
     link.user = found
     return found, purpose
+
+
+def login_token(link: Link, user: str, token: str, purpose: str = "control") -> User:
+    """Client side of a session login (a token from an earlier password login)."""
+    link.send_json(MsgType.HELLO, {"proto": PROTOCOL_VERSION, "user": user,
+                                   "nonce": secrets.token_hex(16), "purpose": purpose,
+                                   "token": token})
+    mtype, reply = link.recv_json(MsgType.WELCOME, MsgType.ERROR)
+    if mtype == MsgType.ERROR:
+        raise AuthError(f"{link.peer}: {reply.get('error', 'login refused')}")
+    link.user = User(user, _field(reply, "role", str, "WELCOME"))
+    return link.user
 
 
 def _auth_message(cnonce: str, snonce: str, user: str, purpose: str) -> bytes:

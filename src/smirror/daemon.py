@@ -1,0 +1,336 @@
+"""``smirror serve``: one daemon per machine with both roles.
+
+* control links (purpose ``control``): a logged-in user sends REQUESTs
+  (``status``, ``repset.*``, ``connect``, ``conid``, ``disconnect``,
+  ``session``) and gets REPLYs; ``monitor`` users may only read;
+* data links (purpose ``data``): a source daemon logged in as an ``admin``
+  user streams one connection's frames into this daemon's target side.
+
+Source side: every replication set that has connections is watched
+(:class:`~smirror.watch.TreeCapture`); its ops fan out to the journal of
+each of its connections, whose senders stream to the targets. A new
+connection (without ``nomirror``) first sends the whole set through the
+stream, so the mirror travels in order with the replication ops.
+
+State under the state directory: ``users.json``, ``registry.json``,
+``daemon-id``, ``queues/``, ``targets/``. SIGTERM stops it cleanly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+from . import wire
+from .auth import LoginThrottle, Sessions, User, UserStore
+from .config import Config, parse_hostport
+from .errors import AuthError, ConfigError, SmirrorError
+from .memqueue import SpillQueue
+from .registry import Registry
+from .source import ConnectionJournal, Sender
+from .target import TargetConnection
+from .wire import Link, MsgType, ProtocolError
+
+log = logging.getLogger("smirror.daemon")
+
+
+class SourceConnection:
+    """The source side of one registry connection inside the daemon."""
+
+    def __init__(self, daemon: "Daemon", conn):
+        self.conn = conn
+        cfg = daemon.config
+        qdir = daemon.state_dir / "queues" / f"source-{conn.conid}"
+        self.queue = SpillQueue(str(qdir), cfg.queues.source_memory_limit, cfg.queues.disk_queue_limit,
+                                min_free_bytes=cfg.queues.min_free_space, fsync=cfg.queues.fsync)
+        if self.queue.count:
+            # frames spilled before a restart: the whole set is sent again
+            # (see Daemon.start), so they are stale
+            self.queue.ack(self.queue.last_seq)
+        self.journal = ConnectionJournal(self.queue, seq_file=qdir / "reserved-seq")
+        host, port = parse_hostport(conn.target, "target")
+        self.sender = Sender(conn.conid, conn.map_base, self.journal,
+                             lambda: daemon.dial_target(host, port),
+                             source_name=daemon.daemon_id,
+                             retry_interval=cfg.reconnect.retry_interval)
+
+    def status(self) -> dict:
+        st = self.sender.status()
+        st.update(repset=self.conn.repset, target=self.conn.target, map_base=self.conn.map_base)
+        return st
+
+    def close(self) -> None:
+        self.sender.stop()
+        self.queue.close()
+
+
+class RepsetCapture:
+    """One watcher per replication set; its ops go to every connection."""
+
+    def __init__(self, repset):
+        from .watch import TreeCapture
+        self.repset = repset
+        self.targets: dict[int, ConnectionJournal] = {}
+        self._lock = threading.Lock()
+        self.capture = TreeCapture(repset.root, self._emit, rules=repset.compiled_rules() or None)
+        self.thread = threading.Thread(target=self.capture.run, daemon=True,
+                                       name=f"capture-{repset.name}")
+
+    def _emit(self, op) -> None:
+        with self._lock:
+            journals = list(self.targets.values())
+        for j in journals:
+            j.append(op)
+
+    def add(self, conid: int, journal: ConnectionJournal, mirror: bool) -> None:
+        with self.capture._lock:       # no op of the watcher slips in between
+            if mirror:
+                # the whole set, as ops, ahead of everything that follows
+                self.capture.full_copy(journal.append)
+            with self._lock:
+                self.targets[conid] = journal
+
+    def remove(self, conid: int) -> None:
+        with self._lock:
+            self.targets.pop(conid, None)
+
+    def close(self) -> None:
+        self.capture.stop()
+        self.thread.join(5)
+        self.capture.close()
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.state_dir = Path(config.daemon.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        id_file = self.state_dir / "daemon-id"
+        if not id_file.exists():
+            id_file.write_text(secrets.token_hex(8) + "\n")
+        self.daemon_id = id_file.read_text().strip()
+        self.users = UserStore(self.state_dir / "users.json")
+        self.registry = Registry(self.state_dir)
+        self.sessions = Sessions()
+        self.throttle = LoginThrottle()
+        self.sources: dict[int, SourceConnection] = {}
+        self.captures: dict[str, RepsetCapture] = {}
+        self.targets: dict[tuple[str, int], TargetConnection] = {}
+        self._targets_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self.tls_server = self.tls_client = None
+        tls = config.tls
+        if tls.enabled:
+            self.tls_server = wire.server_tls_context(tls.cert, tls.key, tls.ca)
+            self.tls_client = wire.client_tls_context(tls.ca, tls.cert, tls.key)
+        self._link_password = None
+        if config.links.user:
+            if not config.links.password_file:
+                raise ConfigError(f"{config.source}: links.user needs links.password_file")
+            try:
+                self._link_password = Path(config.links.password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"{config.source}: links.password_file: {exc.strerror}") from None
+
+    # -- life cycle ----------------------------------------------------------
+    def start(self) -> tuple[str, int]:
+        host, port = parse_hostport(self.config.daemon.listen, "daemon.listen")
+        self._sock = socket.create_server((host, port), reuse_port=False)
+        self.address = self._sock.getsockname()[:2]
+        threading.Thread(target=self._accept_loop, daemon=True, name="accept").start()
+        for conn in list(self.registry.connections.values()):
+            # what changed while this daemon was down is unknown: the whole
+            # set goes again (a checksum mirror against a remote target is
+            # not there yet)
+            self._start_source(conn, mirror=True)
+        log.info("listening on %s:%d (state %s)", *self.address, self.state_dir)
+        return self.address
+
+    def serve_forever(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        self.start()
+        print(f"smirror daemon listening on {self.address[0]}:{self.address[1]}", flush=True)
+        self._stop.wait()
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+        for cap in self.captures.values():
+            cap.close()
+        for src in self.sources.values():
+            src.close()
+        for tgt in self.targets.values():
+            tgt.close()
+        log.info("stopped")
+
+    # -- source side -----------------------------------------------------------
+    def dial_target(self, host: str, port: int) -> Link:
+        if not self.config.links.user:
+            raise ConfigError("links.user is not set: this daemon cannot log in to targets")
+        link = wire.connect(host, port, tls=self.tls_client)
+        try:
+            wire.login(link, self.config.links.user, self._link_password, purpose="data")
+        except BaseException:
+            link.close()
+            raise
+        return link
+
+    def _start_source(self, conn, mirror: bool) -> SourceConnection:
+        src = SourceConnection(self, conn)
+        self.sources[conn.conid] = src
+        repset = self.registry.repset(conn.repset)
+        cap = self.captures.get(repset.name)
+        if cap is None:
+            cap = self.captures[repset.name] = RepsetCapture(repset)
+            cap.capture.load_target(repset.root)    # the cache: what the set holds now
+            cap.thread.start()
+        cap.add(conn.conid, src.journal, mirror)
+        src.sender.start()
+        return src
+
+    def _stop_source(self, conid: int) -> None:
+        src = self.sources.pop(conid, None)
+        if src is None:
+            return
+        cap = self.captures.get(src.conn.repset)
+        if cap is not None:
+            cap.remove(conid)
+            if not cap.targets:
+                cap.close()
+                del self.captures[src.conn.repset]
+        src.close()
+
+    # -- links -----------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, addr = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn, addr), daemon=True,
+                             name=f"link-{addr[0]}:{addr[1]}").start()
+
+    def _handle(self, conn: socket.socket, addr) -> None:
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls_server is not None:
+                conn = self.tls_server.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("%s:%d: TLS handshake failed: %s", addr[0], addr[1], exc)
+            conn.close()
+            return
+        with Link(conn, f"{addr[0]}:{addr[1]}") as link:
+            try:
+                user, purpose = wire.accept_login(link, self.users, self.throttle,
+                                                  sessions=self.sessions)
+                log.info("%s logged in as %s (%s link)", link.peer, user.name, purpose)
+                if purpose == "data":
+                    self._data_link(link, user)
+                else:
+                    self._control_link(link, user)
+            except AuthError as exc:
+                log.warning("%s: %s", link.peer, exc)
+            except (ProtocolError, OSError) as exc:
+                log.info("%s: link ended: %s", link.peer, exc)
+            except SmirrorError as exc:
+                log.warning("%s: %s", link.peer, exc)
+                link.send_error(str(exc))
+
+    def _data_link(self, link: Link, user: User) -> None:
+        if user.role != "admin":
+            link.send_error(f"user {user.name!r} may not write to this target (needs admin)")
+            raise AuthError(f"{link.peer}: data link refused for {user.role} user {user.name!r}")
+        _, opened = link.recv_json(MsgType.OPEN)
+        conid, map_base, source = opened.get("conid"), opened.get("map_base"), opened.get("source")
+        if not isinstance(conid, int) or not isinstance(map_base, str) or not isinstance(source, str) \
+                or not os.path.isabs(map_base) or not source.isalnum():
+            link.send_error("OPEN needs an integer conid, an absolute map_base and a source id")
+            raise ProtocolError(f"{link.peer} sent a bad OPEN: {opened!r}")
+        key = (source, conid)
+        with self._targets_lock:
+            tgt = self.targets.get(key)
+            if tgt is None or tgt.map_base != os.path.normpath(map_base):
+                if tgt is not None:
+                    tgt.close()
+                cfg = self.config
+                tgt = TargetConnection(conid, map_base, self.state_dir / "targets" / source,
+                                       memory_limit=cfg.queues.target_memory_limit,
+                                       disk_limit=cfg.queues.disk_queue_limit,
+                                       min_free_bytes=cfg.queues.min_free_space,
+                                       fsync=cfg.queues.fsync)
+                self.targets[key] = tgt
+        tgt.serve(link)
+
+    def _control_link(self, link: Link, user: User) -> None:
+        while not self._stop.is_set():
+            try:
+                _, req = link.recv_json(MsgType.REQUEST, MsgType.BYE)
+            except wire.LinkClosed:
+                return
+            if "verb" not in req:
+                return                          # BYE
+            rid, verb, args = req.get("id"), req.get("verb"), req.get("args") or {}
+            try:
+                result = self.request(user, verb, args)
+                link.send_json(MsgType.REPLY, {"id": rid, "ok": True, "result": result})
+            except (SmirrorError, ValueError) as exc:
+                link.send_json(MsgType.REPLY, {"id": rid, "ok": False, "error": str(exc)})
+
+    # -- requests ----------------------------------------------------------------
+    READ_ONLY = {"status", "repset.list", "conid"}
+
+    def request(self, user: User, verb: str, args: dict):
+        if verb not in self.READ_ONLY and verb != "session":
+            user.require("admin")
+        reg = self.registry
+        if verb == "status":
+            return self.status()
+        if verb == "session":
+            return {"token": self.sessions.new(user)}
+        if verb == "repset.create":
+            rules = [tuple(r) for r in args.get("rules", [])]
+            r = reg.create_repset(args.get("name"), args.get("root", ""), rules)
+            return {"name": r.name, "root": r.root}
+        if verb == "repset.list":
+            return [{"name": r.name, "root": r.root,
+                     "rules": [[x.kind, x.pattern, x.recursive] for x in r.rules]}
+                    for r in reg.repsets.values()]
+        if verb == "repset.delete":
+            reg.delete_repset(args.get("name"))
+            return {}
+        if verb == "connect":
+            conn = reg.connect(args.get("repset"), args.get("target", ""), args.get("map_base", ""),
+                               mirror=not args.get("nomirror", False))
+            try:
+                self._start_source(conn, mirror=conn.mirror_on_connect)
+            except BaseException:
+                reg.disconnect(conn.conid)
+                raise
+            return {"conid": conn.conid}
+        if verb == "conid":
+            conid = reg.find(args.get("repset"), args.get("target", ""), args.get("map_base", ""))
+            if conid is None:
+                raise ConfigError(f"no connection of {args.get('repset')!r} to {args.get('target')} "
+                                  f"at map base {args.get('map_base')}")
+            return {"conid": conid}
+        if verb == "disconnect":
+            conn = reg.disconnect(args.get("conid"))
+            self._stop_source(conn.conid)
+            return {"conid": conn.conid}
+        raise ConfigError(f"unknown request {verb!r}")
+
+    def status(self) -> dict:
+        return {"daemon": self.daemon_id,
+                "listen": f"{self.address[0]}:{self.address[1]}",
+                "sources": [s.status() for s in self.sources.values()],
+                "targets": [dict(t.status(), source=k[0]) for k, t in self.targets.items()]}

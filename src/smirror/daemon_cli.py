@@ -1,0 +1,254 @@
+"""CLI verbs of the daemon and its control protocol: ``serve``, ``user``,
+``login``, ``logout``, ``repset``, ``connect``, ``conid``, ``disconnect``,
+``status``. Passwords come from a prompt, ``--password-stdin`` or
+``--password-env VAR``, never from an argument (visible in ``ps``)."""
+from __future__ import annotations
+
+import os
+import sys
+
+from .config import DEFAULT_PORT
+
+EXIT_OK, EXIT_FAILED = 0, 3
+DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+def _password(args, confirm=False) -> str:
+    from .auth import password_from
+    if args.password_env:
+        return password_from(env=args.password_env)
+    if args.password_stdin:
+        return password_from(stdin=sys.stdin)
+    return password_from(prompt=True, confirm=confirm)
+
+
+def _password_options(p) -> None:
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    p.add_argument("--password-env", metavar="VAR", help="read the password from environment variable VAR")
+
+
+def _host_option(p) -> None:
+    p.add_argument("--host", default=os.environ.get("SMIRROR_HOST", DEFAULT_ADDRESS), metavar="HOST[:PORT]",
+                   help=f"daemon to talk to (default $SMIRROR_HOST or {DEFAULT_ADDRESS})")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("serve", help="run the daemon (source and target roles)")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (see 'smirror config-defaults')")
+    p.add_argument("--state-dir", metavar="DIR")
+    p.add_argument("--listen", metavar="HOST:PORT")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(run=run_serve)
+
+    p = sub.add_parser("config-defaults", help="print the default configuration as commented TOML")
+    p.set_defaults(run=lambda args: print(__import__("smirror.config").config.defaults_toml(), end="") or 0)
+
+    p = sub.add_parser("user", help="manage the daemon's users (on its state directory)")
+    p.add_argument("action", choices=("add", "remove", "list"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("--role", choices=("admin", "monitor"), default="monitor")
+    p.add_argument("--replace", action="store_true", help="change an existing user")
+    p.add_argument("--state-dir", metavar="DIR", default=None)
+    p.add_argument("--config", metavar="FILE")
+    _password_options(p)
+    p.set_defaults(run=run_user)
+
+    p = sub.add_parser("login", help="log in to a daemon and keep the session for later verbs")
+    p.add_argument("address", nargs="?", default=os.environ.get("SMIRROR_HOST", DEFAULT_ADDRESS))
+    p.add_argument("--user", "-u", required=True)
+    _password_options(p)
+    p.set_defaults(run=run_login)
+
+    p = sub.add_parser("logout", help="forget the saved session of a daemon")
+    p.add_argument("address", nargs="?", default=os.environ.get("SMIRROR_HOST", DEFAULT_ADDRESS))
+    p.set_defaults(run=run_logout)
+
+    p = sub.add_parser("repset", help="replication sets: create, list, delete")
+    p.add_argument("action", choices=("create", "list", "delete"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("--root", help="source directory of the set (create)")
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
+    p.add_argument("--not-recursive", action="store_true",
+                   help="the rules cover only the direct entries of matching directories")
+    _host_option(p)
+    p.set_defaults(run=run_repset)
+
+    p = sub.add_parser("connect", help="connect a replication set to a target: "
+                                       "connect REPSET to TARGET map base PATH [nomirror]")
+    p.add_argument("words", nargs="+", metavar="WORD")
+    _host_option(p)
+    p.set_defaults(run=run_connect)
+
+    p = sub.add_parser("conid", help="find a connection id: conid REPSET to TARGET map base PATH")
+    p.add_argument("words", nargs="+", metavar="WORD")
+    _host_option(p)
+    p.set_defaults(run=run_conid)
+
+    p = sub.add_parser("disconnect", help="end a connection")
+    p.add_argument("conid", type=int)
+    _host_option(p)
+    p.set_defaults(run=run_disconnect)
+
+    p = sub.add_parser("status", help="connections of a daemon, as a table or JSON")
+    _host_option(p)
+    p.set_defaults(run=run_status)
+
+
+def _config(args):
+    from .config import load
+    overrides = {"daemon": {"state_dir": getattr(args, "state_dir", None),
+                            "listen": getattr(args, "listen", None),
+                            "log_level": getattr(args, "log_level", None)}}
+    return load(getattr(args, "config", None), overrides)
+
+
+def run_serve(args) -> int:
+    import logging
+    from .daemon import Daemon
+    cfg = _config(args)
+    handler = logging.FileHandler(cfg.daemon.log_file) if cfg.daemon.log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("smirror")
+    root.addHandler(handler)
+    root.setLevel(cfg.daemon.log_level.upper())
+    Daemon(cfg).serve_forever()
+    return EXIT_OK
+
+
+def run_user(args) -> int:
+    from .auth import UserStore
+    from .errors import ConfigError
+    cfg = _config(args)
+    store = UserStore(cfg.state_dir / "users.json")
+    if args.action == "list":
+        for u in store.list():
+            print(f"{u.name}\t{u.role}")
+        return EXIT_OK
+    if not args.name:
+        raise ConfigError(f"user {args.action} needs a NAME")
+    if args.action == "remove":
+        store.remove(args.name)
+        return EXIT_OK
+    store.add(args.name, args.role, _password(args, confirm=True), replace=args.replace)
+    print(f"user {args.name} ({args.role}) saved in {store.path}")
+    return EXIT_OK
+
+
+def _client(args):
+    from .control import Client
+    return Client(args.host).login_saved()
+
+
+def run_login(args) -> int:
+    from .control import Client, save_session
+    with Client(args.address) as c:
+        c.login(args.user, _password(args))
+        token = c.call("session")["token"]
+        save_session(c.address, args.user, token)
+        print(f"logged in to {c.address} as {args.user} ({c.user.role})")
+    return EXIT_OK
+
+
+def run_logout(args) -> int:
+    from .config import parse_hostport
+    from .control import forget_session
+    host, port = parse_hostport(args.address, "daemon address")
+    forget_session(f"{host}:{port}")
+    return EXIT_OK
+
+
+def _print(args, result, text) -> None:
+    import json
+    print(json.dumps(result) if args.json else text)
+
+
+def run_repset(args) -> int:
+    from .errors import ConfigError
+    with _client(args) as c:
+        if args.action == "list":
+            sets = c.call("repset.list")
+            lines = [f"{'NAME':<20} {'ROOT':<40} RULES"] + [
+                f"{r['name']:<20} {r['root']:<40} "
+                + ", ".join(f"{k} {p}{'' if rec else ' (not recursive)'}" for k, p, rec in r["rules"])
+                for r in sets]
+            _print(args, sets, "\n".join(lines))
+            return EXIT_OK
+        if not args.name:
+            raise ConfigError(f"repset {args.action} needs a NAME")
+        if args.action == "delete":
+            _print(args, c.call("repset.delete", name=args.name), f"deleted {args.name}")
+            return EXIT_OK
+        if not args.root:
+            raise ConfigError("repset create needs --root DIR")
+        rec = not args.not_recursive
+        rules = [["include", p, rec] for p in args.include] + [["exclude", p, rec] for p in args.exclude]
+        r = c.call("repset.create", name=args.name, root=os.path.abspath(args.root), rules=rules)
+        _print(args, r, f"created {r['name']} at {r['root']}")
+    return EXIT_OK
+
+
+def _parse_connect(words, verb: str):
+    """``REPSET to TARGET map base PATH [nomirror]`` (DTCL word order)."""
+    from .errors import ConfigError
+    w = list(words)
+    nomirror = bool(w) and w[-1].lower() == "nomirror"
+    if nomirror:
+        w = w[:-1]
+    if len(w) != 6 or w[1].lower() != "to" or [x.lower() for x in w[3:5]] != ["map", "base"]:
+        raise ConfigError(f"usage: smirror {verb} REPSET to TARGET map base PATH"
+                          + (" [nomirror]" if verb == "connect" else "") + f"; got {' '.join(words)!r}")
+    return w[0], w[2], w[5], nomirror
+
+
+def run_connect(args) -> int:
+    repset, target, base, nomirror = _parse_connect(args.words, "connect")
+    with _client(args) as c:
+        r = c.call("connect", repset=repset, target=target, map_base=base, nomirror=nomirror)
+        _print(args, r, f"connection {r['conid']}: {repset} -> {target} at {base}"
+                        + ("" if nomirror else " (mirror started)"))
+    return EXIT_OK
+
+
+def run_conid(args) -> int:
+    repset, target, base, _ = _parse_connect(args.words, "conid")
+    with _client(args) as c:
+        r = c.call("conid", repset=repset, target=target, map_base=base)
+        _print(args, r, str(r["conid"]))
+    return EXIT_OK
+
+
+def run_disconnect(args) -> int:
+    with _client(args) as c:
+        r = c.call("disconnect", conid=args.conid)
+        _print(args, r, f"disconnected {r['conid']}")
+    return EXIT_OK
+
+
+def run_status(args) -> int:
+    from .units import format_size
+    with _client(args) as c:
+        st = c.call("status")
+    if args.json:
+        _print(args, st, "")
+        return EXIT_OK
+    lines = [f"daemon {st['daemon']} on {st['listen']}"]
+    if st["sources"]:
+        lines.append(f"{'ID':>3}  {'REPSET':<12} {'TARGET':<21} {'STATE':<12} {'CAPTURED':>9} "
+                     f"{'ACKED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10}")
+        for s in st["sources"]:
+            lines.append(f"{s['conid']:>3}  {s['repset']:<12} {s['target']:<21} {s['state']:<12} "
+                         f"{s['seq_captured']:>9} {s['seq_acked']:>9} "
+                         f"{format_size(s['queue_mem_bytes']):>10} {format_size(s['queue_disk_bytes']):>10}")
+    if st["targets"]:
+        lines.append(f"{'ID':>3}  {'SOURCE':<16} {'MAP BASE':<30} {'STATE':<12} {'RECEIVED':>9} "
+                     f"{'APPLIED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10}")
+        for t in st["targets"]:
+            lines.append(f"{t['conid']:>3}  {t['source']:<16} {t['map_base']:<30} {t['state']:<12} "
+                         f"{t['seq_received']:>9} {t['seq_applied']:>9} "
+                         f"{format_size(t['queue_mem_bytes']):>10} {format_size(t['queue_disk_bytes']):>10}")
+    if not st["sources"] and not st["targets"]:
+        lines.append("no connections")
+    print("\n".join(lines))
+    return EXIT_OK

@@ -1,0 +1,229 @@
+"""Two daemons as real processes on 127.0.0.1: users, login, repsets,
+connections, replication between them, SIGKILL of the target, and the
+authentication rules."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from smirror import wire
+from smirror.capture import Recorder
+from treestate import diff, snapshot
+from workload import Workload
+
+PASSWORD = "admin-password-1"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smirror(*args, env, check=True, input=None):
+    proc = subprocess.run([sys.executable, "-m", "smirror", *map(str, args)], env=env,
+                          capture_output=True, text=True, input=input, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"smirror {' '.join(map(str, args))}: {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+class Node:
+    def __init__(self, tmp, name, env, links_user=None):
+        self.dir = tmp / name
+        self.dir.mkdir()
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = env
+        lines = [f'[daemon]\nlisten = "{self.address}"\nstate_dir = "{self.dir / "state"}"\n'
+                 f'log_file = "{self.dir / "log"}"\nlog_level = "debug"\n',
+                 '[reconnect]\nretry_interval = "200ms"\n']
+        if links_user:
+            pw = self.dir / "link-password"
+            pw.write_text(PASSWORD)
+            os.chmod(pw, 0o600)
+            lines.append(f'[links]\nuser = "{links_user}"\npassword_file = "{pw}"\n')
+        self.config = self.dir / "smirror.toml"
+        self.config.write_text("".join(lines))
+        self.proc = None
+
+    def add_user(self, name, role, password=PASSWORD):
+        smirror("user", "add", name, "--role", role, "--password-env", "PW", "--config", self.config,
+                env={**self.env, "PW": password})
+
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", "smirror", "serve", "--config", self.config],
+                                     env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert "listening" in line, self.proc.stderr.read() + self.log()
+        return self
+
+    def log(self):
+        try:
+            return (self.dir / "log").read_text()
+        except FileNotFoundError:
+            return ""
+
+    def kill(self, sig=signal.SIGKILL):
+        self.proc.send_signal(sig)
+        self.proc.wait(30)
+
+    def cli(self, *args, check=True, input=None):
+        return smirror(*args, "--host", self.address, env=self.env, check=check, input=input)
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    source = Node(tmp_path, "source", env, links_user="repl")
+    target = Node(tmp_path, "target", env)
+    source.add_user("admin", "admin")
+    source.add_user("watcher", "monitor")
+    target.add_user("repl", "admin")
+    target.add_user("watcher", "monitor")
+    source.start()
+    target.start()
+    yield source, target, env, tmp_path
+    for n in (source, target):
+        if n.proc and n.proc.poll() is None:
+            n.kill(signal.SIGTERM)
+
+
+def login(node, env, user="admin", password=PASSWORD):
+    return smirror("login", node.address, "--user", user, "--password-env", "PW",
+                   env={**env, "PW": password})
+
+
+def wait_same(src, dst, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.isdir(dst) and not diff(snapshot(src), snapshot(dst)):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def make_source_tree(root):
+    (root / "db").mkdir(parents=True)
+    (root / "db" / "main.db").write_bytes(os.urandom(300_000))
+    (root / "notes.txt").write_text("hello")
+    os.symlink("notes.txt", root / "link")
+
+
+def test_replication_between_two_daemons(nodes):
+    source, target, env, tmp = nodes
+    src, dst = tmp / "data", tmp / "replica"
+    make_source_tree(src)
+    login(source, env)
+    source.cli("repset", "create", "data", "--root", src, "--exclude", "*.tmp")
+    out = source.cli("connect", "data", "to", target.address, "map", "base", dst, "--json").stdout
+    conid = json.loads(out)["conid"]
+    assert wait_same(src, dst), source.log() + target.log()
+    # live changes, including ones the rules exclude
+    w = Workload(Recorder(src, lambda op: None), seed=11, max_write=30_000)
+    for _ in range(200):
+        w.step()
+        time.sleep(0.002)
+    (src / "scratch.tmp").write_text("excluded")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        want = {k: v for k, v in snapshot(src).items() if not k.endswith(b".tmp")}
+        if want == snapshot(dst):
+            break
+        time.sleep(0.2)
+    assert diff(want, snapshot(dst)) == [], source.log()[-3000:]
+    assert json.loads(source.cli("conid", "data", "to", target.address, "map", "base", dst,
+                                 "--json").stdout)["conid"] == conid
+    st = json.loads(source.cli("status", "--json").stdout)
+    assert st["sources"][0]["state"] == "connected" and st["sources"][0]["seq_acked"] > 0
+    table = source.cli("status").stdout
+    assert "data" in table and "connected" in table
+    # the target's own status shows the incoming connection
+    login(target, env, "watcher")
+    tst = json.loads(target.cli("status", "--json").stdout)
+    assert tst["targets"][0]["seq_applied"] > 0 and \
+        tst["targets"][0]["map_base"] == str(dst)
+    source.cli("disconnect", conid)
+    assert json.loads(source.cli("status", "--json").stdout)["sources"] == []
+
+
+def test_target_killed_and_restarted_converges(nodes):
+    source, target, env, tmp = nodes
+    src, dst = tmp / "data", tmp / "replica"
+    make_source_tree(src)
+    login(source, env)
+    source.cli("repset", "create", "data", "--root", src)
+    source.cli("connect", "data", "to", target.address, "map", "base", dst)
+    assert wait_same(src, dst), target.log()
+    w = Workload(Recorder(src, lambda op: None), seed=12, max_write=30_000)
+    for i in range(300):
+        w.step()
+        time.sleep(0.002)
+        if i == 100:
+            target.kill()                      # SIGKILL mid-stream
+        if i == 200:
+            target.start()
+    assert wait_same(src, dst, 60), source.log()[-3000:] + target.log()[-3000:]
+
+
+def test_state_survives_a_source_restart(nodes):
+    source, target, env, tmp = nodes
+    src, dst = tmp / "data", tmp / "replica"
+    make_source_tree(src)
+    login(source, env)
+    source.cli("repset", "create", "data", "--root", src)
+    source.cli("connect", "data", "to", target.address, "map", "base", dst)
+    assert wait_same(src, dst)
+    source.kill(signal.SIGTERM)
+    assert source.proc.returncode == 0, source.log()[-2000:]
+    (src / "while-down.txt").write_text("changed while the source daemon was stopped")
+    source.start()
+    login(source, env)                          # sessions end with the daemon
+    assert json.loads(source.cli("repset", "list", "--json").stdout)[0]["name"] == "data"
+    assert wait_same(src, dst), source.log()[-3000:]
+
+
+def test_authentication_rules(nodes):
+    source, target, env, tmp = nodes
+    # no login
+    r = source.cli("status", check=False)
+    assert r.returncode != 0 and "not logged in" in r.stderr
+    # wrong password: a clear error, no traceback
+    r = smirror("login", source.address, "--user", "admin", "--password-env", "PW",
+                env={**env, "PW": "wrong-password"}, check=False)
+    assert r.returncode != 0 and "login failed for user 'admin'" in r.stderr
+    assert "Traceback" not in r.stderr and "wrong-password" not in source.log()
+    # a monitor may look but not change
+    login(source, env, "watcher")
+    assert source.cli("status").returncode == 0
+    r = source.cli("repset", "create", "x", "--root", tmp, check=False)
+    assert r.returncode != 0 and "needs admin" in r.stderr
+    # an unauthenticated peer cannot open a data link on the target
+    with wire.connect("127.0.0.1", target.port) as link:
+        link.send_json(wire.MsgType.OPEN, {"conid": 1, "map_base": str(tmp / "evil"), "source": "x"})
+        with pytest.raises(wire.ProtocolError):
+            link.recv_json(wire.MsgType.READY)
+    # a monitor user cannot write into the target either
+    with wire.connect("127.0.0.1", target.port) as link:
+        wire.login(link, "watcher", PASSWORD, purpose="data")
+        with pytest.raises(wire.ProtocolError, match="needs admin"):
+            link.recv_json(wire.MsgType.READY)
+    assert not (tmp / "evil").exists()
+    # passwords never reach the logs
+    assert PASSWORD not in source.log() + target.log()
+
+
+def test_bad_connect_words_and_config(nodes, tmp_path):
+    source, target, env, tmp = nodes
+    login(source, env)
+    r = source.cli("connect", "data", "into", target.address, check=False)
+    assert r.returncode == 2 and "usage: smirror connect REPSET to TARGET map base PATH" in r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[queues]\nsource_memory_limit = "lots"\n')
+    r = smirror("serve", "--config", bad, env=env, check=False)
+    assert r.returncode == 2 and "queues.source_memory_limit" in r.stderr and "Traceback" not in r.stderr
