@@ -4,78 +4,15 @@ authentication rules."""
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from smirror import wire
+from daemons import PASSWORD, Node, smirror
 from smirror.capture import Recorder
 from treestate import diff, snapshot
 from workload import Workload
-
-PASSWORD = "admin-password-1"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def smirror(*args, env, check=True, input=None):
-    proc = subprocess.run([sys.executable, "-m", "smirror", *map(str, args)], env=env,
-                          capture_output=True, text=True, input=input, timeout=60)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"smirror {' '.join(map(str, args))}: {proc.returncode}\n{proc.stderr}")
-    return proc
-
-
-class Node:
-    def __init__(self, tmp, name, env, links_user=None):
-        self.dir = tmp / name
-        self.dir.mkdir()
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = env
-        lines = [f'[daemon]\nlisten = "{self.address}"\nstate_dir = "{self.dir / "state"}"\n'
-                 f'log_file = "{self.dir / "log"}"\nlog_level = "debug"\n',
-                 '[reconnect]\nretry_interval = "200ms"\n']
-        if links_user:
-            pw = self.dir / "link-password"
-            pw.write_text(PASSWORD)
-            os.chmod(pw, 0o600)
-            lines.append(f'[links]\nuser = "{links_user}"\npassword_file = "{pw}"\n')
-        self.config = self.dir / "smirror.toml"
-        self.config.write_text("".join(lines))
-        self.proc = None
-
-    def add_user(self, name, role, password=PASSWORD):
-        smirror("user", "add", name, "--role", role, "--password-env", "PW", "--config", self.config,
-                env={**self.env, "PW": password})
-
-    def start(self):
-        self.proc = subprocess.Popen([sys.executable, "-m", "smirror", "serve", "--config", self.config],
-                                     env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        assert "listening" in line, self.proc.stderr.read() + self.log()
-        return self
-
-    def log(self):
-        try:
-            return (self.dir / "log").read_text()
-        except FileNotFoundError:
-            return ""
-
-    def kill(self, sig=signal.SIGKILL):
-        self.proc.send_signal(sig)
-        self.proc.wait(30)
-
-    def cli(self, *args, check=True, input=None):
-        return smirror(*args, "--host", self.address, env=self.env, check=check, input=input)
-
 
 @pytest.fixture
 def nodes(tmp_path):

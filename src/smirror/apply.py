@@ -300,7 +300,12 @@ class Applier:
         rel = bytes(op.path)
         self._clear_way(rel, keep_dir=False)
         self._drop(rel)
-        self.target.symlink(rel, bytes(op.path2))
+        try:
+            # nothing there: created at its name at once (no temporary
+            # name a kill could leave behind)
+            os.symlink(bytes(op.path2), self._path(rel))
+        except FileExistsError:
+            self.target.symlink(rel, bytes(op.path2))
 
     def _hardlink(self, op: Op) -> None:
         rel, existing = bytes(op.path), bytes(op.path2)
@@ -312,7 +317,10 @@ class Applier:
             pass
         self._clear_way(rel, keep_dir=False)
         self._drop(rel)
-        self.target.link(rel, existing)
+        try:
+            os.link(self._path(existing), self._path(rel), follow_symlinks=False)
+        except FileExistsError:
+            self.target.link(rel, existing)
 
     def _task(self, op: Op) -> None:
         if self.on_task is not None:

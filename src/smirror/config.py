@@ -5,7 +5,6 @@ not silently fall back to a default)."""
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -190,6 +189,7 @@ def load(path: str | os.PathLike | None = None, overrides: dict | None = None) -
     data: dict = {}
     source = "<defaults>"
     if path is not None:
+        import tomllib          # only when a file is read: keeps CLI start-up light
         source = os.fspath(path)
         try:
             with open(path, "rb") as f:
