@@ -231,6 +231,7 @@ def test_unreadable_file_reported_rest_done(tmp_path, request_cleanup):
     script = ("import os, sys, json\n"
               "import smirror.cli, smirror.mirror, smirror.mirror_cli\n"
               "import smirror.progress, smirror.units, argparse, gettext, locale\n"
+              "smirror.cli.build_parser()\n"
               "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
               "sys.exit(smirror.cli.main(sys.argv[1:]))\n")
     proc = subprocess.run(

@@ -1,0 +1,99 @@
+"""Replication throughput and lag, each beside its baseline in the same run.
+
+* throughput: 64 KiB writes recorded through the library API, streamed over
+  a socket, received into the durable target queue and applied, until the
+  target applied the last one; baseline: the same writes made straight to a
+  file on the same disk (pwrite). Goal: >= 0.7 of the baseline.
+* lag: writes of 4-64 KiB at a steady 20 MB/s; for each write the time from
+  recording it to the target applying it (a mark op rides behind each
+  write). Goal: p99 <= 50 ms.
+
+    SMIRROR_BENCH_MB=1024 python -m pytest benchmarks/bench_replication.py -q -s
+"""
+import os
+import random
+import time
+
+import pytest
+
+from smirror.capture import Recorder
+from smirror.replicate import Replication
+
+MB = int(os.environ.get("SMIRROR_BENCH_MB", "512"))
+WRITE = 64 * 1024
+
+
+@pytest.fixture
+def rep(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    r = Replication(src, dst, capture="api", mirror="none", state_dir=tmp_path / "state",
+                    source_memory_limit="256MiB", target_memory_limit="256MiB",
+                    disk_queue_limit="8GiB").start()
+    yield r, src, dst, tmp_path
+    r.stop(drain=False)
+
+
+def test_throughput_vs_direct_write(rep):
+    r, src, dst, tmp = rep
+    data = os.urandom(WRITE)
+    count = MB * (1 << 20) // WRITE
+    # baseline: the same bytes written straight to the disk
+    fd = os.open(tmp / "direct", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    t0 = time.perf_counter()
+    for i in range(count):
+        os.pwrite(fd, data, i * WRITE)
+    os.close(fd)
+    direct = time.perf_counter() - t0
+    os.unlink(tmp / "direct")
+    # smirror: the program writes its own file; smirror records, streams, applies
+    open(src / "big", "wb").close()
+    rec = Recorder(src, r.journal_sink.append, perform=False)
+    rec.create("big")
+    t0 = time.perf_counter()
+    for i in range(count):
+        rec.write("big", i * WRITE, data)
+    assert r.wait(600)
+    replicated = time.perf_counter() - t0
+    gbs = MB / 1024 / replicated
+    ratio = direct / replicated
+    print(f"\nreplication of {MB} MiB in 64 KiB writes: {gbs:.2f} GB/s applied on the target; "
+          f"direct pwrite: {MB / 1024 / direct:.2f} GB/s; ratio {ratio:.2f} (goal >= 0.7) "
+          f"{'OK' if ratio >= 0.7 else 'BELOW GOAL'}")
+    assert os.path.getsize(dst / "big") == count * WRITE
+
+
+def test_lag_at_20_mb_per_second(rep):
+    r, src, dst, tmp = rep
+    lags = []
+    sent = {}
+    r.target.applier.on_mark = lambda op: lags.append(time.perf_counter() - sent[bytes(op.path)])
+    rec = Recorder(src, r.journal_sink.append, perform=False)
+    open(src / "log", "wb").close()
+    rec.create("log")
+    rng = random.Random(1)
+    rate = 20e6
+    seconds = float(os.environ.get("SMIRROR_BENCH_SECONDS", "5"))
+    t_start = time.perf_counter()
+    offset, written, i = 0, 0, 0
+    while time.perf_counter() - t_start < seconds:
+        n = rng.randint(4096, 65536)
+        rec.write("log", offset, os.urandom(n))
+        label = b"w%d" % i
+        sent[label] = time.perf_counter()
+        rec.mark(label)
+        offset += n
+        written += n
+        i += 1
+        # keep the steady rate: sleep until this byte is due
+        due = t_start + written / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+    assert r.wait(60)
+    lags_ms = sorted(x * 1000 for x in lags)
+    p50, p99 = lags_ms[len(lags_ms) // 2], lags_ms[int(len(lags_ms) * 0.99)]
+    print(f"\nlag at {rate / 1e6:.0f} MB/s of 4-64 KiB writes ({len(lags_ms)} writes): "
+          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {lags_ms[-1]:.2f} ms (goal p99 <= 50 ms) "
+          f"{'OK' if p99 <= 50 else 'BELOW GOAL'}")
+    assert len(lags) == i
