@@ -23,7 +23,7 @@ def smirror(*args, env, check=True, input=None):
 
 
 class Node:
-    def __init__(self, tmp, name, env, links_user=None):
+    def __init__(self, tmp, name, env, links_user=None, tls_dir=None):
         self.dir = tmp / name
         self.dir.mkdir()
         self.port = free_port()
@@ -37,6 +37,9 @@ class Node:
             pw.write_text(PASSWORD)
             os.chmod(pw, 0o600)
             lines.append(f'[links]\nuser = "{links_user}"\npassword_file = "{pw}"\n')
+        if tls_dir is not None:
+            lines.append(f'[tls]\nenabled = true\ncert = "{tls_dir / "daemon.pem"}"\n'
+                         f'key = "{tls_dir / "daemon.key"}"\nca = "{tls_dir / "ca.pem"}"\n')
         self.config = self.dir / "smirror.toml"
         self.config.write_text("".join(lines))
         self.proc = None
@@ -66,3 +69,26 @@ class Node:
         return smirror(*args, "--host", self.address, env=self.env, check=check, input=input)
 
 
+
+
+def make_certs(d):
+    """A test CA, a daemon certificate it signed (for 127.0.0.1 and
+    localhost) and a self-signed 'rogue' one, made with openssl."""
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
+        "-days", "2", "-subj", "/CN=smirror test CA")
+    ext = d / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("daemon", "rogue"):
+        run("req", *ec, "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"),
+            "-subj", "/CN=localhost")
+        if name == "daemon":
+            run("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"),
+                "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / f"{name}.pem"),
+                "-days", "2", "-extfile", str(ext))
+        else:
+            run("x509", "-req", "-in", str(d / f"{name}.csr"), "-signkey", str(d / f"{name}.key"),
+                "-out", str(d / f"{name}.pem"), "-days", "2", "-extfile", str(ext))
+    return d

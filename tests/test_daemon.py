@@ -9,7 +9,7 @@ import time
 import pytest
 
 from smirror import wire
-from daemons import PASSWORD, Node, smirror
+from daemons import PASSWORD, Node, make_certs, smirror
 from smirror.capture import Recorder
 from treestate import diff, snapshot
 from workload import Workload
@@ -164,3 +164,40 @@ def test_bad_connect_words_and_config(nodes, tmp_path):
     bad.write_text('[queues]\nsource_memory_limit = "lots"\n')
     r = smirror("serve", "--config", bad, env=env, check=False)
     assert r.returncode == 2 and "queues.source_memory_limit" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tls_between_daemons(tmp_path):
+    """Data links between daemons in TLS; a peer without a certificate from
+    the CA is refused before it can log in."""
+    (tmp_path / "certs").mkdir()
+    certs = make_certs(tmp_path / "certs")
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    source = Node(tmp_path, "source", env, links_user="repl", tls_dir=certs)
+    target = Node(tmp_path, "target", env, tls_dir=certs)
+    source.add_user("admin", "admin")
+    target.add_user("repl", "admin")
+    source.start()
+    target.start()
+    try:
+        src, dst = tmp_path / "data", tmp_path / "replica"
+        make_source_tree(src)
+        # a control client without TLS is refused, with a clear error
+        r = smirror("login", source.address, "--user", "admin", "--password-env", "PW",
+                    env={**env, "PW": PASSWORD}, check=False)
+        assert r.returncode == 3 and "error:" in r.stderr and "Traceback" not in r.stderr
+        tls_env = {**env, "SMIRROR_TLS_CA": str(certs / "ca.pem"),
+                   "SMIRROR_TLS_CERT": str(certs / "daemon.pem"), "SMIRROR_TLS_KEY": str(certs / "daemon.key")}
+        source.env = tls_env
+        login(source, tls_env)
+        source.cli("repset", "create", "data", "--root", src)
+        source.cli("connect", "data", "to", target.address, "map", "base", dst)
+        assert wait_same(src, dst), source.log()[-3000:] + target.log()[-2000:]
+        # a client without a certificate signed by the CA gets no further than TLS
+        rogue = wire.client_tls_context(str(certs / "ca.pem"))
+        with pytest.raises((wire.ProtocolError, OSError)):
+            with wire.connect("127.0.0.1", target.port, tls=rogue) as link:
+                wire.login(link, "repl", PASSWORD, purpose="data")
+        assert "TLS handshake failed" in target.log() or "link ended" in target.log()
+    finally:
+        for n in (source, target):
+            n.kill(signal.SIGTERM)

@@ -1,13 +1,13 @@
 """The link protocol over real TCP sockets on 127.0.0.1."""
 import socket
 import ssl
-import subprocess
 import threading
 import time
 
 import pytest
 
 from smirror import auth, wire
+from daemons import make_certs
 from smirror.errors import AuthError
 from smirror.wire import Link, MsgType, ProtocolError, LinkClosed
 
@@ -183,24 +183,7 @@ def test_connect_error_names_the_address():
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-
-    def run(*args):
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-days", "2", "-subj", "/CN=smirror test CA")
-    for name in ("daemon", "rogue"):
-        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"), "-subj", "/CN=localhost")
-        ext = d / "ext.cnf"
-        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        if name == "daemon":
-            run("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
-                "-CAcreateserial", "-out", str(d / f"{name}.pem"), "-days", "2", "-extfile", str(ext))
-        else:   # self-signed, not from our CA
-            run("x509", "-req", "-in", str(d / f"{name}.csr"), "-signkey", str(d / f"{name}.key"),
-                "-out", str(d / f"{name}.pem"), "-days", "2", "-extfile", str(ext))
-    return d
+    return make_certs(tmp_path_factory.mktemp("tls"))
 
 
 def test_tls_login_and_data(server_factory, store, certs):

@@ -60,6 +60,10 @@ def main(argv=None) -> int:
     except SmirrorError as exc:
         print(f"smirror {args.verb}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", EXIT_FAILED)
+    except OSError as exc:       # a peer that hung up, a file that vanished, ...
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"smirror {args.verb}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """CLI verbs of the daemon and its control protocol: ``serve``, ``user``,
 ``login``, ``logout``, ``repset``, ``connect``, ``conid``, ``disconnect``,
 ``status``. Passwords come from a prompt, ``--password-stdin`` or
-``--password-env VAR``, never from an argument (visible in ``ps``)."""
+``--password-env VAR``, never from an argument (visible in ``ps``). Control
+links use TLS when ``SMIRROR_TLS_CA`` (and, for a daemon that wants client
+certificates, ``SMIRROR_TLS_CERT`` and ``SMIRROR_TLS_KEY``) are set."""
 from __future__ import annotations
 
 import os
@@ -136,14 +138,26 @@ def run_user(args) -> int:
     return EXIT_OK
 
 
+def _tls():
+    """TLS for control links when SMIRROR_TLS_CA is set (with
+    SMIRROR_TLS_CERT / SMIRROR_TLS_KEY when the daemon wants a client
+    certificate)."""
+    ca = os.environ.get("SMIRROR_TLS_CA")
+    if not ca:
+        return None
+    from .wire import client_tls_context
+    return client_tls_context(ca, os.environ.get("SMIRROR_TLS_CERT", ""),
+                              os.environ.get("SMIRROR_TLS_KEY", ""))
+
+
 def _client(args):
     from .control import Client
-    return Client(args.host).login_saved()
+    return Client(args.host, tls=_tls()).login_saved()
 
 
 def run_login(args) -> int:
     from .control import Client, save_session
-    with Client(args.address) as c:
+    with Client(args.address, tls=_tls()) as c:
         c.login(args.user, _password(args))
         token = c.call("session")["token"]
         save_session(c.address, args.user, token)
