@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import mmap
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import benchutil
 import pytest
 import xxhash
 
@@ -29,22 +29,14 @@ BLOCK = checksum.block_size_for(1 << 30)     # 8 KiB, the default for 1 GiB
 ROUNDS = 5
 
 
-def best_of(fn, rounds=ROUNDS):
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def best_of(fn, rounds=None):
+    return benchutil.best_of(fn, rounds or ROUNDS)
 
 
 def subject_time(benchmark, fn):
-    """Run ``fn`` under pytest-benchmark; return its best time."""
-    benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
-    if stats is None:            # --benchmark-disable: time it ourselves
-        return best_of(fn, 2)
-    return stats.stats.min
+    return benchutil.subject_time(benchmark, fn, ROUNDS, 2)
+
+
 
 
 def report(benchmark, name, nbytes, seconds, base_name, base_seconds, goal=None, goal_text=""):

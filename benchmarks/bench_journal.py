@@ -9,8 +9,8 @@ Goals: encode, and decode+verify, of frames of 4 KiB and of 64 KiB write ops
 """
 from __future__ import annotations
 
-import time
 
+import benchutil
 import pytest
 
 from smirror import _journal
@@ -19,13 +19,13 @@ from smirror.ops import Op
 ROUNDS = 15
 
 
-def best_of(fn, rounds=ROUNDS):
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def best_of(fn, rounds=None):
+    return benchutil.best_of(fn, rounds or ROUNDS)
+
+
+def subject_time(benchmark, fn):
+    return benchutil.subject_time(benchmark, fn, ROUNDS, 3)
+
 
 
 def interleaved(benchmark, base_fn, fn):
@@ -35,14 +35,6 @@ def interleaved(benchmark, base_fn, fn):
     t = subject_time(benchmark, fn)
     return min(base, best_of(base_fn)), min(t, best_of(fn))
 
-
-def subject_time(benchmark, fn):
-    """Run ``fn`` under pytest-benchmark; return its best time."""
-    benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
-    if stats is None:            # --benchmark-disable: time it ourselves
-        return best_of(fn, 3)
-    return stats.stats.min
 
 
 def writes(count, size):

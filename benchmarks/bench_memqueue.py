@@ -27,8 +27,8 @@ from __future__ import annotations
 import os
 import queue
 import threading
-import time
 
+import benchutil
 import pytest
 
 from smirror import _memqueue, _memqueue_py
@@ -39,22 +39,14 @@ COUNT = (MB << 20) // FRAME
 ROUNDS = 5
 
 
-def best_of(fn, rounds=ROUNDS):
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def best_of(fn, rounds=None):
+    return benchutil.best_of(fn, rounds or ROUNDS)
 
 
 def subject_time(benchmark, fn):
-    """Run ``fn`` under pytest-benchmark; return its best time."""
-    benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
-    if stats is None:            # --benchmark-disable: time it ourselves
-        return best_of(fn, 3)
-    return stats.stats.min
+    return benchutil.subject_time(benchmark, fn, ROUNDS, 3)
+
+
 
 
 def report(benchmark, name, nbytes, seconds, base_name, base_seconds, goal=None, extra=""):
