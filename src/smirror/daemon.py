@@ -59,9 +59,12 @@ class SourceConnection:
                              source_name=daemon.daemon_id,
                              retry_interval=cfg.reconnect.retry_interval)
 
+    mirror_stats = None
+
     def status(self) -> dict:
         st = self.sender.status()
-        st.update(repset=self.conn.repset, target=self.conn.target, map_base=self.conn.map_base)
+        st.update(repset=self.conn.repset, target=self.conn.target, map_base=self.conn.map_base,
+                  mirror=self.mirror_stats)
         return st
 
     def close(self) -> None:
@@ -87,13 +90,17 @@ class RepsetCapture:
         for j in journals:
             j.append(op)
 
-    def add(self, conid: int, journal: ConnectionJournal, mirror: bool) -> None:
+    def add(self, conid: int, journal: ConnectionJournal, mirror) -> dict | None:
+        """Start feeding ``journal``; ``mirror`` is None (no mirror), {} (the
+        whole set) or what the target holds (a difference mirror)."""
         with self.capture._lock:       # no op of the watcher slips in between
-            if mirror:
-                # the whole set, as ops, ahead of everything that follows
-                self.capture.full_copy(journal.append)
+            stats = None
+            if mirror is not None:
+                # the mirror's ops go ahead of everything that follows
+                stats = self.capture.mirror_to(journal.append, mirror)
             with self._lock:
                 self.targets[conid] = journal
+        return stats
 
     def remove(self, conid: int) -> None:
         with self._lock:
@@ -194,9 +201,56 @@ class Daemon:
             cap = self.captures[repset.name] = RepsetCapture(repset)
             cap.capture.load_target(repset.root)    # the cache: what the set holds now
             cap.thread.start()
-        cap.add(conn.conid, src.journal, mirror)
+        known = None
+        if mirror == "full":
+            known = {}
+        elif mirror:
+            try:
+                known = self.remote_known(conn)
+            except (SmirrorError, OSError) as exc:
+                log.warning("connection %s: cannot read the target (%s): sending the whole set",
+                            conn.conid, exc)
+                known = {}
+        src.mirror_stats = cap.add(conn.conid, src.journal, known)
         src.sender.start()
         return src
+
+    def remote_known(self, conn) -> dict:
+        """What the target holds under the map base, as the watcher's cache
+        entries: a listing, plus block hashes of the files whose size or
+        mtime differ from the source (the checksum difference mirror)."""
+        import stat as st_
+        import numpy as np
+        from .checksum import block_size_for
+        from .control import Client
+        from .watch import Known
+        host, port = parse_hostport(conn.target, "target")
+        repset = self.registry.repset(conn.repset)
+        client = Client.__new__(Client)
+        client.address, client.user = f"{host}:{port}", None
+        client._ids = iter(range(1, 1 << 62))
+        client.link = wire.connect(host, port, tls=self.tls_client)
+        try:
+            wire.login(client.link, self.config.links.user, self._link_password)
+            listing = client.call("target.scan", map_base=conn.map_base)
+            known = {}
+            for name, (mode, uid, gid, size, mtime_ns, link) in listing.items():
+                rel = os.fsencode(name)
+                k = Known(st_.S_IFMT(mode), st_.S_IMODE(mode), uid, gid, mtime_ns, size,
+                          block_size_for(size), None, os.fsencode(link) if link is not None else None, None)
+                known[rel] = k
+                if st_.S_ISREG(mode):
+                    try:
+                        s = os.lstat(os.path.join(repset.root, name))
+                    except OSError:
+                        continue
+                    if st_.S_ISREG(s.st_mode) and (s.st_size, s.st_mtime_ns) != (size, mtime_ns):
+                        hexes = client.call("target.signature", map_base=conn.map_base, path=name,
+                                            block_size=k.block_size)
+                        k.strong = np.frombuffer(bytes.fromhex(hexes), dtype="<u8").reshape(-1, 2).copy()
+            return known
+        finally:
+            client.close()
 
     def _stop_source(self, conid: int) -> None:
         src = self.sources.pop(conid, None)
@@ -323,11 +377,54 @@ class Daemon:
                 raise ConfigError(f"no connection of {args.get('repset')!r} to {args.get('target')} "
                                   f"at map base {args.get('map_base')}")
             return {"conid": conid}
+        if verb == "target.scan":
+            return self._target_scan(args)
+        if verb == "target.signature":
+            return self._target_signature(args)
+        if verb == "mirror-start":
+            conn = reg.connection(args.get("conid"))
+            self._stop_source(conn.conid)
+            src = self._start_source(conn, mirror="full" if args.get("full") else True)
+            return {"conid": conn.conid, "mirror": src.mirror_stats}
         if verb == "disconnect":
             conn = reg.disconnect(args.get("conid"))
             self._stop_source(conn.conid)
             return {"conid": conn.conid}
         raise ConfigError(f"unknown request {verb!r}")
+
+    @staticmethod
+    def _map_base(args) -> bytes:
+        base = args.get("map_base")
+        if not isinstance(base, str) or not os.path.isabs(base):
+            raise ConfigError(f"map base must be an absolute path, got {base!r}")
+        return os.fsencode(os.path.normpath(base))
+
+    def _target_scan(self, args) -> dict:
+        """The entries under a map base (this daemon as a target)."""
+        from .tree import scan
+        base = self._map_base(args)
+        if not os.path.isdir(base):
+            return {}
+        out = {}
+        for rel, e in scan(base).entries.items():
+            if rel and not rel.rpartition(b"/")[2].startswith(b".smirror-tmp-"):
+                out[os.fsdecode(rel)] = [e.mode, e.uid, e.gid, e.size, e.mtime_ns,
+                                         os.fsdecode(e.link) if e.link is not None else None]
+        return out
+
+    def _target_signature(self, args) -> str:
+        """Block hashes (hex of little-endian uint64 pairs) of one file under
+        a map base, path confined to it."""
+        from .checksum import check_block_size, fd_signature
+        from .target_local import LocalTarget
+        path = LocalTarget(self._map_base(args)).path(os.fsencode(args.get("path", "")))
+        bs = check_block_size(args.get("block_size"))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            sig = fd_signature(fd, block_size=bs, weak=False)
+        finally:
+            os.close(fd)
+        return sig.strong.astype("<u8").tobytes().hex()
 
     def status(self) -> dict:
         return {"daemon": self.daemon_id,

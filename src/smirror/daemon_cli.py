@@ -88,6 +88,15 @@ def add_parsers(sub) -> None:
     _host_option(p)
     p.set_defaults(run=run_conid)
 
+    p = sub.add_parser("mirror-start", help="run a mirror of a connection through its stream "
+                                            "(checksum differences by default)")
+    p.add_argument("conid", type=int)
+    p.add_argument("--different", action="store_true", help="(the default) only what differs")
+    p.add_argument("--checksum", action="store_true", help="(the default) compare block hashes")
+    p.add_argument("--full", action="store_true", help="send the whole set")
+    _host_option(p)
+    p.set_defaults(run=run_mirror_start)
+
     p = sub.add_parser("disconnect", help="end a connection")
     p.add_argument("conid", type=int)
     _host_option(p)
@@ -230,6 +239,15 @@ def run_conid(args) -> int:
     with _client(args) as c:
         r = c.call("conid", repset=repset, target=target, map_base=base)
         _print(args, r, str(r["conid"]))
+    return EXIT_OK
+
+
+def run_mirror_start(args) -> int:
+    with _client(args) as c:
+        r = c.call("mirror-start", conid=args.conid, full=args.full)
+        m = r.get("mirror") or {}
+        _print(args, r, f"connection {r['conid']}: mirror queued: {m.get('ops', 0)} ops, "
+                        f"{m.get('bytes_sent', 0)} bytes of changed blocks, {m.get('orphans', 0)} orphans")
     return EXIT_OK
 
 

@@ -109,14 +109,38 @@ class TreeCapture:
     def full_copy(self, emit) -> None:
         """Emit the whole set as ops to ``emit`` (the initial mirror of a new
         connection), leaving this capture's cache and output alone."""
+        self.mirror_to(emit, {})
+
+    def mirror_to(self, emit, target_known: dict) -> dict:
+        """A difference mirror through the stream: compare the set with
+        ``target_known`` (what a target holds: entries and, for the files
+        whose size or mtime differ, the target's block hashes) and emit to
+        ``emit`` only what differs: new entries, changed blocks, attributes.
+        Entries only the target has are left alone (orphans). Returns the
+        counters of the run; this capture's own cache and output are kept."""
         with self._lock:
             saved = self.emit, self.known, self._lost, self.stats
-            self.emit, self.known, self._lost = emit, {}, set()
+            self.emit, self.known, self._lost = emit, dict(target_known), set()
             self.stats = dict.fromkeys(saved[3], 0)
+            orphans = set(target_known)
             try:
-                self.resync(b"", "initial mirror")
+                for rel, k in list(self.known.items()):
+                    if k.kind != stat.S_IFREG or k.strong is not None:
+                        continue
+                    try:
+                        st = os.lstat(self._abs(rel))
+                    except OSError:
+                        continue
+                    if (st.st_size, st.st_mtime_ns) == (k.size, k.mtime_ns):
+                        # the quick check says equal: the source's hashes stand
+                        # for the target's, nothing is sent for it
+                        self._diff_file(rel, emit=False)
+                seen = set()
+                self._walk(b"", emit=True, seen=seen)
+                stats = dict(self.stats, orphans=len(orphans - seen))
             finally:
                 self.emit, self.known, self._lost, self.stats = saved
+            return stats
 
     def resync(self, rel: bytes = b"", reason: str = "", content: bool = True) -> None:
         """Compare the subtree ``rel`` with the cache and emit ops for every
