@@ -237,3 +237,24 @@ def test_checksum_mirror_through_the_stream_sends_only_changed_blocks(nodes):
     # mirror-start again: nothing differs, nothing is sent
     out = json.loads(source.cli("mirror-start", st["conid"], "--json").stdout)
     assert out["mirror"]["bytes_sent"] == 0
+
+
+def test_target_that_lost_its_state_is_mirrored_again(nodes):
+    import shutil
+    source, target, env, tmp = nodes
+    src, dst = tmp / "data", tmp / "replica"
+    make_source_tree(src)
+    login(source, env)
+    source.cli("repset", "create", "data", "--root", src)
+    source.cli("connect", "data", "to", target.address, "map", "base", dst)
+    assert wait_same(src, dst)
+    target.kill()
+    shutil.rmtree(target.dir / "state" / "targets")     # its queues and applied seq are gone
+    shutil.rmtree(dst)                                   # and so is the replica
+    (src / "after.txt").write_text("written while the target was away")
+    target.start()
+    ok = wait_same(src, dst, 60)
+    if not ok:
+        source.kill(signal.SIGTERM)
+    assert ok, source.log()[-3000:] + source.proc.stderr.read()[-3000:]
+    assert "target needs a mirror" in source.log()

@@ -61,7 +61,7 @@ class Client:
     def __init__(self, address: str = f"127.0.0.1:{DEFAULT_PORT}", *, tls=None, timeout: float = 30.0):
         host, port = parse_hostport(address, "daemon address")
         self.address = f"{host}:{port}"
-        self.link = wire.connect(host, port, tls=tls, timeout=timeout)
+        self.link = wire.connect(host, port, tls=tls, timeout=timeout, io_timeout=timeout)
         self._ids = itertools.count(1)
         self.user = None
 

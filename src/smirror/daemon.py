@@ -130,6 +130,7 @@ class Daemon:
         self.captures: dict[str, RepsetCapture] = {}
         self.targets: dict[tuple[str, int], TargetConnection] = {}
         self._targets_lock = threading.Lock()
+        self._sources_lock = threading.RLock()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self.tls_server = self.tls_client = None
@@ -212,8 +213,22 @@ class Daemon:
                             conn.conid, exc)
                 known = {}
         src.mirror_stats = cap.add(conn.conid, src.journal, known)
+        src.sender.on_reset = lambda: threading.Thread(
+            target=self._remirror, args=(conn.conid,), daemon=True).start()
         src.sender.start()
         return src
+
+    def _remirror(self, conid: int) -> None:
+        """The target lost ops this source no longer holds: a checksum
+        difference mirror brings it in line (the sender asked for it)."""
+        conn = self.registry.connections.get(conid)
+        if conn is None or self._stop.is_set():
+            return
+        log.warning("connection %s: target needs a mirror: running a checksum difference mirror",
+                    conid)
+        with self._sources_lock:
+            self._stop_source(conid)
+            self._start_source(conn, mirror=True)
 
     def remote_known(self, conn) -> dict:
         """What the target holds under the map base, as the watcher's cache
@@ -229,7 +244,7 @@ class Daemon:
         client = Client.__new__(Client)
         client.address, client.user = f"{host}:{port}", None
         client._ids = iter(range(1, 1 << 62))
-        client.link = wire.connect(host, port, tls=self.tls_client)
+        client.link = wire.connect(host, port, tls=self.tls_client, io_timeout=300)
         try:
             wire.login(client.link, self.config.links.user, self._link_password)
             listing = client.call("target.scan", map_base=conn.map_base)

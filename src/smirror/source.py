@@ -163,6 +163,7 @@ class Sender:
         self._link: Link | None = None
         self._thread: threading.Thread | None = None
         self._acked = threading.Condition()
+        self.on_reset = None        # called (in the sender's thread) when a mirror is needed
 
     # -- control -----------------------------------------------------------
     def start(self) -> "Sender":
@@ -240,6 +241,8 @@ class Sender:
             link.send_json(MsgType.RESET, {"seq": next_seq - 1})
             self.needs_mirror = True
             target_last = next_seq - 1
+            if self.on_reset is not None:
+                self.on_reset()
         if target_last > self.journal.last_seq:
             # the target holds ops this source does not remember numbering:
             # this source lost its state (a restart without its queue)

@@ -299,9 +299,12 @@ def client_tls_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLCo
 
 
 def connect(host: str, port: int, *, tls: ssl.SSLContext | None = None,
-            timeout: float | None = 10.0, max_message: int = DEFAULT_MAX_MESSAGE) -> Link:
-    """Open a link to a daemon (TCP, optionally TLS). Connection errors name
-    the address."""
+            timeout: float | None = 10.0, io_timeout: float | None = None,
+            max_message: int = DEFAULT_MAX_MESSAGE) -> Link:
+    """Open a link to a daemon (TCP, optionally TLS). ``timeout`` bounds
+    the connect and the TLS handshake; ``io_timeout`` every later read and
+    write (None: a data link may be idle for as long as it likes). Connection
+    errors name the address."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
@@ -313,4 +316,5 @@ def connect(host: str, port: int, *, tls: ssl.SSLContext | None = None,
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             raise ProtocolError(f"TLS with {host}:{port} failed: {exc}") from None
+    sock.settimeout(io_timeout)
     return Link(sock, f"{host}:{port}", max_message)
