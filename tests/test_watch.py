@@ -2,6 +2,7 @@
 target equals the source; only changed blocks travel."""
 import os
 import shutil
+import time
 
 import pytest
 
@@ -162,5 +163,34 @@ def test_load_target_then_diff_against_it(tmp_path):
             f.write(b"changed")
         same(src, dst, cap, pipe)
         assert cap.stats["bytes_sent"] <= 2 * cap.known[b"a"].block_size
+    finally:
+        cap.close()
+
+
+def test_periodic_verification_finds_what_events_missed(tmp_path):
+    """Changes the watcher never heard of (made before it watched, here)
+    are found by the periodic structural resync."""
+    import threading
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe, verify_interval=0.2)
+    cap.watcher.close()                     # deaf: no events at all from here on
+    from smirror.inotify import Watcher
+    (tmp_path / "elsewhere").mkdir()
+    cap.watcher = Watcher(tmp_path / "elsewhere")
+    (src / "unseen").mkdir()
+    (src / "unseen" / "file").write_bytes(b"x" * 10_000)
+    t = threading.Thread(target=cap.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (dst / "unseen" / "file").exists():
+            time.sleep(0.05)
+        cap.stop()
+        t.join(5)
+        pipe.applier.flush()
+        assert diff(snapshot(src), snapshot(dst)) == []
+        assert cap.stats["resyncs"] >= 1
     finally:
         cap.close()

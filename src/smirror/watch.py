@@ -60,12 +60,16 @@ class TreeCapture:
     moment)."""
 
     def __init__(self, root, emit, *, rules: Rules | None = None, owner: bool | None = None,
-                 settle: float = 0.002):
+                 settle: float = 0.002, verify_interval: float | None = 300.0):
         self.root = os.fsencode(os.path.abspath(root))
         self.emit = emit
         self.rules = rules if rules else None
         self.owner = (os.geteuid() == 0) if owner is None else owner
         self.settle = settle
+        # a structural resync (names, kinds, attributes; content of files
+        # the cache does not know) when idle this often: what a rename storm
+        # made the watcher miss is found without reading every file
+        self.verify_interval = verify_interval
         self.known: dict[bytes, Known] = {}
         self._dirty: dict[bytes, float] = {}       # files modified, not yet diffed
         # paths an event named that were gone (renamed away with a parent
@@ -495,8 +499,13 @@ class TreeCapture:
                 self._find_lost(drop_missing=True)
 
     def run(self) -> None:
+        last_verify = time.monotonic()
         while not self._stop.is_set():
-            self.poll(0.05)
+            if self.poll(0.05):
+                continue
+            if self.verify_interval is not None and time.monotonic() - last_verify >= self.verify_interval:
+                self.resync(b"", "periodic verification", content=False)
+                last_verify = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
