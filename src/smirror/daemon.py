@@ -337,6 +337,8 @@ class Daemon:
                                        disk_limit=cfg.queues.disk_queue_limit,
                                        min_free_bytes=cfg.queues.min_free_space,
                                        fsync=cfg.queues.fsync)
+                if self.paused:
+                    tgt.pause()
                 self.targets[key] = tgt
         tgt.serve(link)
 
@@ -392,6 +394,10 @@ class Daemon:
                 raise ConfigError(f"no connection of {args.get('repset')!r} to {args.get('target')} "
                                   f"at map base {args.get('map_base')}")
             return {"conid": conid}
+        if verb in ("pause-target", "resume-target"):
+            self.set_paused(verb == "pause-target")
+            return {"paused": self.paused,
+                    "targets": {f"{k[0]}-{k[1]}": t.apply_state for k, t in self.targets.items()}}
         if verb == "target.scan":
             return self._target_scan(args)
         if verb == "target.signature":
@@ -406,6 +412,22 @@ class Daemon:
             self._stop_source(conn.conid)
             return {"conid": conn.conid}
         raise ConfigError(f"unknown request {verb!r}")
+
+    @property
+    def paused(self) -> bool:
+        """Pausing the target side survives a restart: a file in the state dir."""
+        return (self.state_dir / "paused").exists()
+
+    def set_paused(self, paused: bool) -> None:
+        flag = self.state_dir / "paused"
+        if paused:
+            flag.write_text("applying paused by request\n")
+        elif flag.exists():
+            flag.unlink()
+        with self._targets_lock:
+            for t in self.targets.values():
+                t.pause() if paused else t.resume()
+        log.warning("target side %s", "paused" if paused else "resumed")
 
     @staticmethod
     def _map_base(args) -> bytes:
@@ -442,7 +464,7 @@ class Daemon:
         return sig.strong.astype("<u8").tobytes().hex()
 
     def status(self) -> dict:
-        return {"daemon": self.daemon_id,
+        return {"daemon": self.daemon_id, "paused": self.paused,
                 "listen": f"{self.address[0]}:{self.address[1]}",
                 "sources": [s.status() for s in self.sources.values()],
                 "targets": [dict(t.status(), source=k[0]) for k, t in self.targets.items()]}

@@ -97,6 +97,14 @@ def add_parsers(sub) -> None:
     _host_option(p)
     p.set_defaults(run=run_mirror_start)
 
+    for verb, what in (("pause-target", "stop applying on this target daemon (receiving goes on)"),
+                       ("resume-target", "apply again, in order, what was received while paused")):
+        p = sub.add_parser(verb, help=what)
+        p.add_argument("target", nargs="?", metavar="HOST[:PORT]",
+                       help="the target daemon (default: --host)")
+        _host_option(p)
+        p.set_defaults(run=run_pause, verb_name=verb)
+
     p = sub.add_parser("disconnect", help="end a connection")
     p.add_argument("conid", type=int)
     _host_option(p)
@@ -251,6 +259,16 @@ def run_mirror_start(args) -> int:
     return EXIT_OK
 
 
+def run_pause(args) -> int:
+    if args.target:
+        args.host = args.target
+    with _client(args) as c:
+        r = c.call(args.verb_name)
+        states = ", ".join(f"{k}: {v}" for k, v in r["targets"].items()) or "no connections yet"
+        _print(args, r, f"{'paused' if r['paused'] else 'resumed'} ({states})")
+    return EXIT_OK
+
+
 def run_disconnect(args) -> int:
     with _client(args) as c:
         r = c.call("disconnect", conid=args.conid)
@@ -265,7 +283,7 @@ def run_status(args) -> int:
     if args.json:
         _print(args, st, "")
         return EXIT_OK
-    lines = [f"daemon {st['daemon']} on {st['listen']}"]
+    lines = [f"daemon {st['daemon']} on {st['listen']}" + ("  (target side PAUSED)" if st.get("paused") else "")]
     if st["sources"]:
         lines.append(f"{'ID':>3}  {'REPSET':<12} {'TARGET':<21} {'STATE':<12} {'CAPTURED':>9} "
                      f"{'ACKED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10}")
@@ -274,10 +292,10 @@ def run_status(args) -> int:
                          f"{s['seq_captured']:>9} {s['seq_acked']:>9} "
                          f"{format_size(s['queue_mem_bytes']):>10} {format_size(s['queue_disk_bytes']):>10}")
     if st["targets"]:
-        lines.append(f"{'ID':>3}  {'SOURCE':<16} {'MAP BASE':<30} {'STATE':<12} {'RECEIVED':>9} "
+        lines.append(f"{'ID':>3}  {'SOURCE':<16} {'MAP BASE':<30} {'APPLY':<13} {'RECEIVED':>9} "
                      f"{'APPLIED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10}")
         for t in st["targets"]:
-            lines.append(f"{t['conid']:>3}  {t['source']:<16} {t['map_base']:<30} {t['state']:<12} "
+            lines.append(f"{t['conid']:>3}  {t['source']:<16} {t['map_base']:<30} {t['apply_state']:<13} "
                          f"{t['seq_received']:>9} {t['seq_applied']:>9} "
                          f"{format_size(t['queue_mem_bytes']):>10} {format_size(t['queue_disk_bytes']):>10}")
     if not st["sources"] and not st["targets"]:

@@ -79,13 +79,18 @@ class TargetConnection:
                 return
             if item is None:
                 continue
+            if self._paused.is_set():
+                q.rewind()          # paused while waiting: this frame waits too
+                continue
             seq, frame = item
+            self._applying = True
             try:
                 ops, _ = decode_frame(frame)
                 self.applier.apply_all(ops)
             except (FrameError, ConfinementError, SmirrorError, OSError) as exc:
                 # the frame stays in the queue: nothing after it is applied
                 # out of order; an operator sees why in the status
+                self._applying = False
                 self.state = "apply-error"
                 self.error = str(exc)
                 log.error("connection %s: %s", self.conid, exc)
@@ -96,6 +101,7 @@ class TargetConnection:
                     return
                 continue
             self.applier.flush()
+            self._applying = False
             try:
                 q.ack(seq)
             except QueueClosed:
@@ -113,11 +119,21 @@ class TargetConnection:
                 self._progress.wait(min(left, 0.1))
         return True
 
+    _applying = False
+
     def pause(self) -> None:
+        """Stop applying after the frame being applied (receiving goes on
+        into the queue, which spills to disk, then makes the source wait)."""
         self._paused.set()
 
     def resume(self) -> None:
         self._paused.clear()
+
+    @property
+    def apply_state(self) -> str:
+        if self._paused.is_set():
+            return "pause pending" if self._applying else "paused"
+        return "applying"
 
     def close(self) -> None:
         self._stop.set()
@@ -204,4 +220,5 @@ class TargetConnection:
                 "seq_applied": self.applier.applied_seq, "queue_mem_bytes": q.mem_bytes,
                 "queue_disk_bytes": q.disk_bytes, "frames_received": self.frames_received,
                 "bytes_received": self.bytes_received, "paused": self._paused.is_set(),
+                "apply_state": self.apply_state,
                 "repairs": self.applier.stats["repairs"]}
