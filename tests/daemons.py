@@ -23,7 +23,7 @@ def smirror(*args, env, check=True, input=None):
 
 
 class Node:
-    def __init__(self, tmp, name, env, links_user=None, tls_dir=None):
+    def __init__(self, tmp, name, env, links_user=None, tls_dir=None, extra=""):
         self.dir = tmp / name
         self.dir.mkdir()
         self.port = free_port()
@@ -40,6 +40,7 @@ class Node:
         if tls_dir is not None:
             lines.append(f'[tls]\nenabled = true\ncert = "{tls_dir / "daemon.pem"}"\n'
                          f'key = "{tls_dir / "daemon.key"}"\nca = "{tls_dir / "ca.pem"}"\n')
+        lines.append(extra)
         self.config = self.dir / "smirror.toml"
         self.config.write_text("".join(lines))
         self.proc = None

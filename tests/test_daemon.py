@@ -290,3 +290,53 @@ def test_pause_and_resume_target(nodes):
     assert "target side PAUSED" in target.cli("status").stdout
     target.cli("resume-target")
     assert wait_same(src, dst, 60), target.log()[-3000:]
+
+
+def test_full_queues_auto_disconnect_and_reconnect_with_a_remirror(tmp_path):
+    """Tiny queues and a paused target: the target queue fills, the source
+    waits, its queue fills past the disk limit, the connection
+    auto-disconnects; after resume it reconnects and the checksum remirror
+    ends with identical trees."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    small = ('[queues]\nsource_memory_limit = "64KiB"\ntarget_memory_limit = "64KiB"\n'
+             'disk_queue_limit = "512KiB"\n')
+    source = Node(tmp_path, "source", env, links_user="repl", extra=small)
+    target = Node(tmp_path, "target", env, extra=small)
+    source.add_user("admin", "admin")
+    target.add_user("repl", "admin")
+    source.start()
+    target.start()
+    try:
+        src, dst = tmp_path / "data", tmp_path / "replica"
+        make_source_tree(src)
+        login(source, env)
+        login(target, env, "repl")
+        source.cli("repset", "create", "data", "--root", src)
+        source.cli("connect", "data", "to", target.address, "map", "base", dst)
+        assert wait_same(src, dst)
+        target.cli("pause-target")
+        for i in range(60):                    # ~3.6 MiB of changes: far past both queues
+            (src / f"f{i}").write_bytes(os.urandom(60_000))
+            time.sleep(0.005)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "auto-disconnect" not in source.log():
+            time.sleep(0.1)
+        assert "auto-disconnect" in source.log(), source.log()[-3000:]
+        target.cli("resume-target")
+        ok = wait_same(src, dst, 30)
+        if not ok:
+            source.proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
+            source.kill(signal.SIGKILL)
+        assert ok, source.proc.stderr.read()[-6000:]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            srcs = json.loads(source.cli("status", "--json").stdout)["sources"]
+            if srcs and srcs[0].get("reconnects", 0) >= 1:
+                break
+            time.sleep(0.2)
+        assert srcs[0]["auto_disconnects"] >= 1 and srcs[0]["reconnects"] >= 1, srcs
+        assert srcs[0]["remirrors"] >= 1
+    finally:
+        for n in (source, target):
+            n.kill(signal.SIGTERM)

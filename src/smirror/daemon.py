@@ -24,13 +24,14 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 
 from . import wire
 from .auth import LoginThrottle, Sessions, User, UserStore
 from .config import Config, parse_hostport
-from .errors import AuthError, ConfigError, SmirrorError
-from .memqueue import SpillQueue
+from .errors import AuthError, ConfigError, QueueFull, SmirrorError
+from .memqueue import SpillQueue, segment_size_for
 from .registry import Registry
 from .source import ConnectionJournal, Sender
 from .target import TargetConnection
@@ -47,12 +48,16 @@ class SourceConnection:
         cfg = daemon.config
         qdir = daemon.state_dir / "queues" / f"source-{conn.conid}"
         self.queue = SpillQueue(str(qdir), cfg.queues.source_memory_limit, cfg.queues.disk_queue_limit,
+                                segment_size=segment_size_for(cfg.queues.disk_queue_limit),
                                 min_free_bytes=cfg.queues.min_free_space, fsync=cfg.queues.fsync)
         if self.queue.count:
             # frames spilled before a restart: the whole set is sent again
             # (see Daemon.start), so they are stale
             self.queue.ack(self.queue.last_seq)
-        self.journal = ConnectionJournal(self.queue, seq_file=qdir / "reserved-seq")
+        # a frame must fit the queue's disk limit many times over
+        max_bytes = max(4096, min(1 << 20, cfg.queues.disk_queue_limit // 8))
+        self.journal = ConnectionJournal(self.queue, seq_file=qdir / "reserved-seq",
+                                         max_bytes=max_bytes)
         host, port = parse_hostport(conn.target, "target")
         self.sender = Sender(conn.conid, conn.map_base, self.journal,
                              lambda: daemon.dial_target(host, port),
@@ -75,9 +80,10 @@ class SourceConnection:
 class RepsetCapture:
     """One watcher per replication set; its ops go to every connection."""
 
-    def __init__(self, repset):
+    def __init__(self, repset, on_full=None):
         from .watch import TreeCapture
         self.repset = repset
+        self.on_full = on_full        # (conid, QueueFull) -> None: auto-disconnect
         self.targets: dict[int, ConnectionJournal] = {}
         self._lock = threading.Lock()
         self.capture = TreeCapture(repset.root, self._emit, rules=repset.compiled_rules() or None)
@@ -86,9 +92,17 @@ class RepsetCapture:
 
     def _emit(self, op) -> None:
         with self._lock:
-            journals = list(self.targets.values())
-        for j in journals:
-            j.append(op)
+            journals = list(self.targets.items())
+        for conid, j in journals:
+            try:
+                j.append(op)
+            except QueueFull as exc:
+                # this connection's queue is past its disk limit: it stops
+                # taking ops (auto-disconnect); the others go on
+                with self._lock:
+                    self.targets.pop(conid, None)
+                if self.on_full is not None:
+                    self.on_full(conid, exc)
 
     def add(self, conid: int, journal: ConnectionJournal, mirror) -> dict | None:
         """Start feeding ``journal``; ``mirror`` is None (no mirror), {} (the
@@ -96,8 +110,9 @@ class RepsetCapture:
         with self.capture._lock:       # no op of the watcher slips in between
             stats = None
             if mirror is not None:
-                # the mirror's ops go ahead of everything that follows
-                stats = self.capture.mirror_to(journal.append, mirror)
+                # the mirror's ops go ahead of everything that follows; a
+                # full queue makes the mirror wait for the sender
+                stats = self.capture.mirror_to(_waiting_append(journal), mirror)
             with self._lock:
                 self.targets[conid] = journal
         return stats
@@ -110,6 +125,19 @@ class RepsetCapture:
         self.capture.stop()
         self.thread.join(5)
         self.capture.close()
+
+
+def _waiting_append(journal: ConnectionJournal, timeout: float = 600.0):
+    def append(op):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return journal.append(op)
+            except QueueFull:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    return append
 
 
 class Daemon:
@@ -131,6 +159,8 @@ class Daemon:
         self.targets: dict[tuple[str, int], TargetConnection] = {}
         self._targets_lock = threading.Lock()
         self._sources_lock = threading.RLock()
+        self.counters: dict[int, dict] = {}       # auto-disconnects, reconnects, remirrors
+        self.disconnected: dict[int, str] = {}    # conid -> why, while it is down
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self.tls_server = self.tls_client = None
@@ -162,6 +192,8 @@ class Daemon:
         return self.address
 
     def serve_forever(self) -> None:
+        import faulthandler
+        faulthandler.register(signal.SIGUSR1)      # kill -USR1: every thread's stack to stderr
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         self.start()
@@ -199,7 +231,7 @@ class Daemon:
         repset = self.registry.repset(conn.repset)
         cap = self.captures.get(repset.name)
         if cap is None:
-            cap = self.captures[repset.name] = RepsetCapture(repset)
+            cap = self.captures[repset.name] = RepsetCapture(repset, self._auto_disconnect)
             cap.capture.load_target(repset.root)    # the cache: what the set holds now
             cap.thread.start()
         known = None
@@ -212,11 +244,49 @@ class Daemon:
                 log.warning("connection %s: cannot read the target (%s): sending the whole set",
                             conn.conid, exc)
                 known = {}
-        src.mirror_stats = cap.add(conn.conid, src.journal, known)
         src.sender.on_reset = lambda: threading.Thread(
             target=self._remirror, args=(conn.conid,), daemon=True).start()
-        src.sender.start()
+        src.sender.start()          # first: a mirror larger than the queue waits on it
+        src.mirror_stats = cap.add(conn.conid, src.journal, known)
         return src
+
+    def _auto_disconnect(self, conid: int, exc) -> None:
+        """A source queue reached its disk limit: disconnect cleanly (what
+        the target received is applied; nothing half), drop the queue, and
+        reconnect with the configured remirror when there is room again."""
+        counters = self.counters.setdefault(conid, dict.fromkeys(
+            ("auto_disconnects", "reconnects", "remirrors"), 0))
+        counters["auto_disconnects"] += 1
+        log.error("connection %s: auto-disconnect: %s", conid, exc)
+        threading.Thread(target=self._reconnect_later, args=(conid,), daemon=True,
+                         name=f"reconnect-{conid}").start()
+
+    def _reconnect_later(self, conid: int) -> None:
+        with self._sources_lock:
+            self._stop_source(conid)
+            self.disconnected[conid] = "auto-disconnected"
+        cfg = self.config.reconnect
+        if not cfg.auto_reconnect:
+            return
+        mode = {"none": False, "full": "full", "different": True, "checksum": True}[cfg.remirror]
+        while not self._stop.wait(cfg.retry_interval):
+            conn = self.registry.connections.get(conid)
+            if conn is None:
+                return
+            try:
+                with self._sources_lock:
+                    self._start_source(conn, mirror=mode)
+                    self.disconnected.pop(conid, None)
+            except (SmirrorError, OSError) as exc:
+                log.warning("connection %s: reconnect failed: %s", conid, exc)
+                with self._sources_lock:
+                    self._stop_source(conid)
+                continue
+            counters = self.counters[conid]
+            counters["reconnects"] += 1
+            counters["remirrors"] += bool(mode)
+            log.warning("connection %s: reconnected%s", conid, " with a remirror" if mode else "")
+            return
 
     def _remirror(self, conid: int) -> None:
         """The target lost ops this source no longer holds: a checksum
@@ -466,5 +536,8 @@ class Daemon:
     def status(self) -> dict:
         return {"daemon": self.daemon_id, "paused": self.paused,
                 "listen": f"{self.address[0]}:{self.address[1]}",
-                "sources": [s.status() for s in self.sources.values()],
+                "sources": [dict(s.status(), **self.counters.get(s.conn.conid, {}))
+                            for s in self.sources.values()]
+                + [{"conid": c, "state": why, **self.counters.get(c, {})}
+                   for c, why in self.disconnected.items()],
                 "targets": [dict(t.status(), source=k[0]) for k, t in self.targets.items()]}

@@ -288,6 +288,9 @@ def run_status(args) -> int:
         lines.append(f"{'ID':>3}  {'REPSET':<12} {'TARGET':<21} {'STATE':<12} {'CAPTURED':>9} "
                      f"{'ACKED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10}")
         for s in st["sources"]:
+            if "repset" not in s:          # down (auto-disconnected), waiting to reconnect
+                lines.append(f"{s['conid']:>3}  {'':<12} {'':<21} {s['state']}")
+                continue
             lines.append(f"{s['conid']:>3}  {s['repset']:<12} {s['target']:<21} {s['state']:<12} "
                          f"{s['seq_captured']:>9} {s['seq_acked']:>9} "
                          f"{format_size(s['queue_mem_bytes']):>10} {format_size(s['queue_disk_bytes']):>10}")

@@ -57,7 +57,7 @@ from ._memqueue import SpillQueue
 from .errors import ConfigError
 from .units import parse_size
 
-__all__ = ["SpillQueue", "QueueSettings", "open_queue", "queue_dir"]
+__all__ = ["SpillQueue", "QueueSettings", "open_queue", "queue_dir", "segment_size_for"]
 
 MiB = 1 << 20
 FSYNC_POLICIES = ("none", "segment", "always")
@@ -120,3 +120,10 @@ def open_queue(spill_dir, settings: QueueSettings | None = None) -> SpillQueue:
     return SpillQueue(spill_dir, s.memory_limit, s.disk_limit, segment_size=s.segment_size,
                       min_free_bytes=s.min_free_bytes, fsync=s.fsync, durable=s.durable,
                       read_buffer=s.read_buffer, spare_segments=s.spare_segments)
+
+
+def segment_size_for(disk_limit: int) -> int:
+    """Segment size for a disk limit: a segment is freed only when all of it
+    is acknowledged and another one is being written, so several must fit
+    under the limit (64 MiB at most, 64 KiB at least)."""
+    return max(64 * 1024, min(64 * MiB, disk_limit // 8))

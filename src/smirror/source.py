@@ -82,7 +82,15 @@ class ConnectionJournal:
             self._pending_bytes += len(op.data) + 64
             self.last_seq = seq
             if len(self._pending) >= self.max_ops or self._pending_bytes >= self.max_bytes:
-                self._flush_locked()
+                try:
+                    self._flush_locked()
+                except QueueFull:
+                    # not taken: the op is not in the journal (a retry
+                    # appends it again under the same seq)
+                    self._pending.pop()
+                    self._pending_bytes -= len(op.data) + 64
+                    self.next_seq, self.last_seq = seq, seq - 1
+                    raise
             return seq
 
     def _reserve(self, upto: int) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from .apply import Applier
 from .errors import ConfinementError, FrameError, QueueClosed, QueueFull, SmirrorError
 from .journal import decode_frame, frame_header
-from .memqueue import SpillQueue
+from .memqueue import SpillQueue, segment_size_for
 from .source import ACK
 from .wire import Link, LinkClosed, MsgType, ProtocolError
 
@@ -41,6 +41,7 @@ class TargetConnection:
         self.dir = Path(state_dir) / f"target-{conid}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.queue = SpillQueue(str(self.dir / "queue"), memory_limit, disk_limit,
+                                segment_size=segment_size_for(disk_limit),
                                 min_free_bytes=min_free_bytes, fsync=fsync, durable=True)
         self.applier = Applier(self.map_base, state_path=self.dir / "applied",
                                on_task=on_task, on_mark=on_mark)
