@@ -187,7 +187,8 @@ class Daemon:
             # what changed while this daemon was down is unknown: the whole
             # set goes again (a checksum mirror against a remote target is
             # not there yet)
-            self._start_source(conn, mirror=True)
+            with self._sources_lock:
+                self._start_source(conn, mirror=True, fallback_full=False)
         log.info("listening on %s:%d (state %s)", *self.address, self.state_dir)
         return self.address
 
@@ -205,12 +206,14 @@ class Daemon:
         self._stop.set()
         if self._sock is not None:
             self._sock.close()
-        for cap in self.captures.values():
-            cap.close()
-        for src in self.sources.values():
-            src.close()
-        for tgt in self.targets.values():
-            tgt.close()
+        with self._sources_lock:
+            for cap in list(self.captures.values()):
+                cap.close()
+            for src in list(self.sources.values()):
+                src.close()
+        with self._targets_lock:
+            for tgt in list(self.targets.values()):
+                tgt.close()
         log.info("stopped")
 
     # -- source side -----------------------------------------------------------
@@ -225,7 +228,7 @@ class Daemon:
             raise
         return link
 
-    def _start_source(self, conn, mirror: bool) -> SourceConnection:
+    def _start_source(self, conn, mirror, fallback_full: bool = True) -> SourceConnection:
         src = SourceConnection(self, conn)
         self.sources[conn.conid] = src
         repset = self.registry.repset(conn.repset)
@@ -241,13 +244,23 @@ class Daemon:
             try:
                 known = self.remote_known(conn)
             except (SmirrorError, OSError) as exc:
-                log.warning("connection %s: cannot read the target (%s): sending the whole set",
-                            conn.conid, exc)
-                known = {}
+                if fallback_full:
+                    log.warning("connection %s: cannot read the target (%s): sending the whole set",
+                                conn.conid, exc)
+                    known = {}
+                else:
+                    # the stream restarts past what the target holds: its
+                    # RESET brings the checksum mirror once the target is back
+                    log.warning("connection %s: cannot read the target (%s): mirror when it is back",
+                                conn.conid, exc)
         src.sender.on_reset = lambda: threading.Thread(
             target=self._remirror, args=(conn.conid,), daemon=True).start()
         src.sender.start()          # first: a mirror larger than the queue waits on it
-        src.mirror_stats = cap.add(conn.conid, src.journal, known)
+        try:
+            src.mirror_stats = cap.add(conn.conid, src.journal, known)
+        except BaseException:
+            self._stop_source(conn.conid)
+            raise
         return src
 
     def _auto_disconnect(self, conid: int, exc) -> None:
@@ -453,7 +466,8 @@ class Daemon:
             conn = reg.connect(args.get("repset"), args.get("target", ""), args.get("map_base", ""),
                                mirror=not args.get("nomirror", False))
             try:
-                self._start_source(conn, mirror=conn.mirror_on_connect)
+                with self._sources_lock:
+                    self._start_source(conn, mirror=conn.mirror_on_connect)
             except BaseException:
                 reg.disconnect(conn.conid)
                 raise
@@ -474,12 +488,15 @@ class Daemon:
             return self._target_signature(args)
         if verb == "mirror-start":
             conn = reg.connection(args.get("conid"))
-            self._stop_source(conn.conid)
-            src = self._start_source(conn, mirror="full" if args.get("full") else True)
+            with self._sources_lock:
+                self._stop_source(conn.conid)
+                src = self._start_source(conn, mirror="full" if args.get("full") else True)
             return {"conid": conn.conid, "mirror": src.mirror_stats}
         if verb == "disconnect":
             conn = reg.disconnect(args.get("conid"))
-            self._stop_source(conn.conid)
+            with self._sources_lock:
+                self._stop_source(conn.conid)
+                self.disconnected.pop(conn.conid, None)
             return {"conid": conn.conid}
         raise ConfigError(f"unknown request {verb!r}")
 
