@@ -1,6 +1,7 @@
 """Two daemons as real processes on 127.0.0.1: users, login, repsets,
 connections, replication between them, SIGKILL of the target, and the
 authentication rules."""
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,25 @@ from daemons import PASSWORD, Node, make_certs, smirror
 from smirror.capture import Recorder
 from treestate import diff, snapshot
 from workload import Workload
+
+@contextlib.contextmanager
+def running_pair(tmp_path, **node_options):
+    """A source daemon (admin user 'admin', logs in to targets as 'repl')
+    and a target daemon (admin user 'repl'), both started."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    source = Node(tmp_path, "source", env, links_user="repl", **node_options)
+    target = Node(tmp_path, "target", env, **node_options)
+    source.add_user("admin", "admin")
+    target.add_user("repl", "admin")
+    source.start()
+    target.start()
+    try:
+        yield source, target, env
+    finally:
+        for n in (source, target):
+            if n.proc and n.proc.poll() is None:
+                n.kill(signal.SIGTERM)
+
 
 @pytest.fixture
 def nodes(tmp_path):
@@ -171,14 +191,7 @@ def test_tls_between_daemons(tmp_path):
     the CA is refused before it can log in."""
     (tmp_path / "certs").mkdir()
     certs = make_certs(tmp_path / "certs")
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
-    source = Node(tmp_path, "source", env, links_user="repl", tls_dir=certs)
-    target = Node(tmp_path, "target", env, tls_dir=certs)
-    source.add_user("admin", "admin")
-    target.add_user("repl", "admin")
-    source.start()
-    target.start()
-    try:
+    with running_pair(tmp_path, tls_dir=certs) as (source, target, env):
         src, dst = tmp_path / "data", tmp_path / "replica"
         make_source_tree(src)
         # a control client without TLS is refused, with a clear error
@@ -198,9 +211,6 @@ def test_tls_between_daemons(tmp_path):
             with wire.connect("127.0.0.1", target.port, tls=rogue) as link:
                 wire.login(link, "repl", PASSWORD, purpose="data")
         assert "TLS handshake failed" in target.log() or "link ended" in target.log()
-    finally:
-        for n in (source, target):
-            n.kill(signal.SIGTERM)
 
 
 def test_checksum_mirror_through_the_stream_sends_only_changed_blocks(nodes):
@@ -297,16 +307,9 @@ def test_full_queues_auto_disconnect_and_reconnect_with_a_remirror(tmp_path):
     waits, its queue fills past the disk limit, the connection
     auto-disconnects; after resume it reconnects and the checksum remirror
     ends with identical trees."""
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
     small = ('[queues]\nsource_memory_limit = "64KiB"\ntarget_memory_limit = "64KiB"\n'
              'disk_queue_limit = "512KiB"\n')
-    source = Node(tmp_path, "source", env, links_user="repl", extra=small)
-    target = Node(tmp_path, "target", env, extra=small)
-    source.add_user("admin", "admin")
-    target.add_user("repl", "admin")
-    source.start()
-    target.start()
-    try:
+    with running_pair(tmp_path, extra=small) as (source, target, env):
         src, dst = tmp_path / "data", tmp_path / "replica"
         make_source_tree(src)
         login(source, env)
@@ -337,6 +340,3 @@ def test_full_queues_auto_disconnect_and_reconnect_with_a_remirror(tmp_path):
             time.sleep(0.2)
         assert srcs[0]["auto_disconnects"] >= 1 and srcs[0]["reconnects"] >= 1, srcs
         assert srcs[0]["remirrors"] >= 1
-    finally:
-        for n in (source, target):
-            n.kill(signal.SIGTERM)
