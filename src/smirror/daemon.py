@@ -419,9 +419,7 @@ class Daemon:
                                        memory_limit=cfg.queues.target_memory_limit,
                                        disk_limit=cfg.queues.disk_queue_limit,
                                        min_free_bytes=cfg.queues.min_free_space,
-                                       fsync=cfg.queues.fsync)
-                if self.paused:
-                    tgt.pause()
+                                       fsync=cfg.queues.fsync, paused=self.paused)
                 self.targets[key] = tgt
         tgt.serve(link)
 

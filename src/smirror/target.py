@@ -35,7 +35,7 @@ class TargetConnection:
 
     def __init__(self, conid: int, map_base, state_dir, *, memory_limit: int = 64 << 20,
                  disk_limit: int = 1 << 30, min_free_bytes: int = 0, fsync: str = "segment",
-                 on_task=None, on_mark=None, apply: bool = True):
+                 on_task=None, on_mark=None, apply: bool = True, paused: bool = False):
         self.conid = conid
         self.map_base = os.fsdecode(os.path.abspath(os.fsencode(map_base)))
         self.dir = Path(state_dir) / f"target-{conid}"
@@ -54,6 +54,8 @@ class TargetConnection:
         self._progress = threading.Condition()
         self._stop = threading.Event()
         self._paused = threading.Event()
+        if paused:                  # before the applier starts: nothing slips through
+            self._paused.set()
         self._applier_thread = None
         if apply:
             self.start_applier()
