@@ -21,14 +21,17 @@ def snapshot(root, *, mtime: bool = True, owner: bool = False, skip=()) -> dict:
             if rel in skip:
                 continue
             path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            kind = stat.S_IFMT(st.st_mode)
-            extra = ()
-            if stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as f:
-                    extra = (st.st_size, hashlib.blake2b(f.read(), digest_size=16).hexdigest())
-            elif stat.S_ISLNK(st.st_mode):
-                extra = (os.readlink(path),)
+            try:
+                st = os.lstat(path)
+                kind = stat.S_IFMT(st.st_mode)
+                extra = ()
+                if stat.S_ISREG(st.st_mode):
+                    with open(path, "rb") as f:
+                        extra = (st.st_size, hashlib.blake2b(f.read(), digest_size=16).hexdigest())
+                elif stat.S_ISLNK(st.st_mode):
+                    extra = (os.readlink(path),)
+            except FileNotFoundError:
+                continue      # removed while we looked: a tree in flux (callers poll)
             desc = (kind, extra)
             if not stat.S_ISLNK(st.st_mode):
                 desc += (stat.S_IMODE(st.st_mode),)
