@@ -65,6 +65,7 @@ class SourceConnection:
                              retry_interval=cfg.reconnect.retry_interval)
 
     mirror_stats = None
+    mirror_pending_reset = False
 
     def status(self) -> dict:
         st = self.sender.status()
@@ -184,9 +185,8 @@ class Daemon:
         self.address = self._sock.getsockname()[:2]
         threading.Thread(target=self._accept_loop, daemon=True, name="accept").start()
         for conn in list(self.registry.connections.values()):
-            # what changed while this daemon was down is unknown: the whole
-            # set goes again (a checksum mirror against a remote target is
-            # not there yet)
+            # what changed while this daemon was down is unknown: a checksum
+            # difference mirror against the target goes first
             with self._sources_lock:
                 self._start_source(conn, mirror=True, fallback_full=False)
         log.info("listening on %s:%d (state %s)", *self.address, self.state_dir)
@@ -253,8 +253,10 @@ class Daemon:
                     # RESET brings the checksum mirror once the target is back
                     log.warning("connection %s: cannot read the target (%s): mirror when it is back",
                                 conn.conid, exc)
-        src.sender.on_reset = lambda: threading.Thread(
-            target=self._remirror, args=(conn.conid,), daemon=True).start()
+        # a new journal numbers past what the target holds, so the first
+        # link sends RESET: the mirror queued here already covers that one
+        src.mirror_pending_reset = known is not None
+        src.sender.on_reset = lambda: self._on_reset(src)
         src.sender.start()          # first: a mirror larger than the queue waits on it
         try:
             src.mirror_stats = cap.add(conn.conid, src.journal, known)
@@ -301,17 +303,37 @@ class Daemon:
             log.warning("connection %s: reconnected%s", conid, " with a remirror" if mode else "")
             return
 
-    def _remirror(self, conid: int) -> None:
+    def _on_reset(self, src: "SourceConnection") -> None:
+        first_link = src.sender.connects == 0
+        if src.mirror_pending_reset and first_link:
+            src.mirror_pending_reset = False      # the queued mirror covers it
+            return
+        src.mirror_pending_reset = False
+        threading.Thread(target=self._remirror, args=(src,), daemon=True,
+                         name=f"remirror-{src.conn.conid}").start()
+
+    def _remirror(self, src: "SourceConnection") -> None:
         """The target lost ops this source no longer holds: a checksum
-        difference mirror brings it in line (the sender asked for it)."""
-        conn = self.registry.connections.get(conid)
-        if conn is None or self._stop.is_set():
+        difference mirror, queued behind the RESET in the same stream, brings
+        it in line (the sender asked for it)."""
+        conn = src.conn
+        if self._stop.is_set() or self.sources.get(conn.conid) is not src:
             return
         log.warning("connection %s: target needs a mirror: running a checksum difference mirror",
-                    conid)
-        with self._sources_lock:
-            self._stop_source(conid)
-            self._start_source(conn, mirror=True)
+                    conn.conid)
+        try:
+            known = self.remote_known(conn)
+        except (SmirrorError, OSError) as exc:
+            log.warning("connection %s: cannot read the target (%s): sending the whole set",
+                        conn.conid, exc)
+            known = {}
+        cap = self.captures.get(conn.repset)
+        if cap is None:
+            return
+        with cap.capture._lock:
+            src.mirror_stats = cap.capture.mirror_to(_waiting_append(src.journal), known)
+        self.counters.setdefault(conn.conid, dict.fromkeys(
+            ("auto_disconnects", "reconnects", "remirrors"), 0))["remirrors"] += 1
 
     def remote_known(self, conn) -> dict:
         """What the target holds under the map base, as the watcher's cache
