@@ -309,12 +309,6 @@ class Applier:
 
     def _hardlink(self, op: Op) -> None:
         rel, existing = bytes(op.path), bytes(op.path2)
-        try:
-            a, b = os.lstat(self._path(rel)), os.lstat(self._path(existing))
-            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
-                return            # replayed (and rename() of a link onto itself is a no-op)
-        except FileNotFoundError:
-            pass
         self._clear_way(rel, keep_dir=False)
         self._drop(rel)
         try:

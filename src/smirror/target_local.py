@@ -229,7 +229,7 @@ def fd_digest(fd: int, length: int) -> bytes:
             raise MirrorError(f"file changed length while being read (expected {length} "
                               f"bytes, found {got})")
         return checksum.strong_digest(view)
-    digest = checksum.file_digest(f"/proc/self/fd/{fd}")
+    digest = checksum.fd_digest(fd)
     if os.fstat(fd).st_size != length:
         raise MirrorError(f"file changed length while being read (expected {length} bytes)")
     return digest
@@ -537,6 +537,10 @@ class LocalTarget(TargetSide):
         except BaseException:
             _unlink_quiet(tpath)
             raise
+        if os.path.lexists(tpath):
+            # rename(2) does nothing when both names are links to one inode
+            # (a hard link made again): the temporary name is left over
+            os.unlink(tpath)
 
     def symlink(self, rel: bytes, link: bytes):
         self._replace_with(rel, lambda tpath: os.symlink(link, tpath))
