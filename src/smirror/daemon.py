@@ -344,14 +344,10 @@ class Daemon:
         from .checksum import block_size_for
         from .control import Client
         from .watch import Known
-        host, port = parse_hostport(conn.target, "target")
         repset = self.registry.repset(conn.repset)
-        client = Client.__new__(Client)
-        client.address, client.user = f"{host}:{port}", None
-        client._ids = iter(range(1, 1 << 62))
-        client.link = wire.connect(host, port, tls=self.tls_client, io_timeout=300)
+        client = Client(conn.target, tls=self.tls_client, timeout=300)
         try:
-            wire.login(client.link, self.config.links.user, self._link_password)
+            client.login(self.config.links.user, self._link_password)
             listing = client.call("target.scan", map_base=conn.map_base)
             known = {}
             for name, (mode, uid, gid, size, mtime_ns, link) in listing.items():

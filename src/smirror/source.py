@@ -15,7 +15,9 @@ a remirror (``needs_mirror``).
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import os
 import struct
 import threading
 import time
@@ -94,7 +96,6 @@ class ConnectionJournal:
             return seq
 
     def _reserve(self, upto: int) -> None:
-        import os
         tmp = f"{self.seq_file}.tmp"
         with open(tmp, "w") as f:
             f.write(f"{upto}\n")
@@ -326,7 +327,6 @@ class Sender:
                         self.queue.ack(seq)
                         self._set_acked(seq)
                 elif mtype == MsgType.ERROR:
-                    import json
                     raise ProtocolError(f"{link.peer}: {json.loads(bytes(payload)).get('error')}")
                 else:
                     raise ProtocolError(f"{link.peer} sent {mtype.name} on a data link")

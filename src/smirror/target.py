@@ -14,6 +14,7 @@ applied.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -173,7 +174,6 @@ class TargetConnection:
                 self.state = "idle"
 
     def _reset(self, link: Link, payload) -> None:
-        import json
         seq = json.loads(bytes(payload)).get("seq")
         if not isinstance(seq, int) or seq < self.received_seq:
             raise ProtocolError(f"{link.peer} sent RESET to seq {seq!r}, below the "

@@ -132,9 +132,7 @@ class Link:
         except (ValueError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"{self.peer} sent a {mtype.name} message that is not a JSON object: {exc}") from None
         if mtype == MsgType.ERROR and MsgType.ERROR not in expect:
-            err = ProtocolError(f"{self.peer}: {obj.get('error', 'unspecified error')}")
-            err.remote = True
-            raise err
+            raise ProtocolError(f"{self.peer}: {obj.get('error', 'unspecified error')}")
         if expect and mtype not in expect:
             raise ProtocolError(f"{self.peer} sent {mtype.name}, expected "
                                 f"{' or '.join(t.name for t in expect)}")
