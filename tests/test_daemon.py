@@ -72,6 +72,18 @@ def make_source_tree(root):
     os.symlink("notes.txt", root / "link")
 
 
+def replicate_data(source, target, env, base):
+    """The usual start: a small tree in BASE/data, connected to BASE/replica
+    on the target, mirrored. Returns (src, dst)."""
+    src, dst = base / "data", base / "replica"
+    make_source_tree(src)
+    login(source, env)
+    source.cli("repset", "create", "data", "--root", src)
+    source.cli("connect", "data", "to", target.address, "map", "base", dst)
+    assert wait_same(src, dst), source.log()[-3000:] + target.log()[-2000:]
+    return src, dst
+
+
 def test_replication_between_two_daemons(nodes):
     source, target, env, tmp = nodes
     src, dst = tmp / "data", tmp / "replica"
@@ -111,12 +123,7 @@ def test_replication_between_two_daemons(nodes):
 
 def test_target_killed_and_restarted_converges(nodes):
     source, target, env, tmp = nodes
-    src, dst = tmp / "data", tmp / "replica"
-    make_source_tree(src)
-    login(source, env)
-    source.cli("repset", "create", "data", "--root", src)
-    source.cli("connect", "data", "to", target.address, "map", "base", dst)
-    assert wait_same(src, dst), target.log()
+    src, dst = replicate_data(source, target, env, tmp)
     w = Workload(Recorder(src, lambda op: None), seed=12, max_write=30_000)
     for i in range(300):
         w.step()
@@ -130,12 +137,7 @@ def test_target_killed_and_restarted_converges(nodes):
 
 def test_state_survives_a_source_restart(nodes):
     source, target, env, tmp = nodes
-    src, dst = tmp / "data", tmp / "replica"
-    make_source_tree(src)
-    login(source, env)
-    source.cli("repset", "create", "data", "--root", src)
-    source.cli("connect", "data", "to", target.address, "map", "base", dst)
-    assert wait_same(src, dst)
+    src, dst = replicate_data(source, target, env, tmp)
     source.kill(signal.SIGTERM)
     assert source.proc.returncode == 0, source.log()[-2000:]
     (src / "while-down.txt").write_text("changed while the source daemon was stopped")
@@ -255,12 +257,7 @@ def test_checksum_mirror_through_the_stream_sends_only_changed_blocks(nodes):
 def test_target_that_lost_its_state_is_mirrored_again(nodes):
     import shutil
     source, target, env, tmp = nodes
-    src, dst = tmp / "data", tmp / "replica"
-    make_source_tree(src)
-    login(source, env)
-    source.cli("repset", "create", "data", "--root", src)
-    source.cli("connect", "data", "to", target.address, "map", "base", dst)
-    assert wait_same(src, dst)
+    src, dst = replicate_data(source, target, env, tmp)
     target.kill()
     shutil.rmtree(target.dir / "state" / "targets")     # its queues and applied seq are gone
     shutil.rmtree(dst)                                   # and so is the replica
@@ -275,13 +272,8 @@ def test_target_that_lost_its_state_is_mirrored_again(nodes):
 
 def test_pause_and_resume_target(nodes):
     source, target, env, tmp = nodes
-    src, dst = tmp / "data", tmp / "replica"
-    make_source_tree(src)
-    login(source, env)
+    src, dst = replicate_data(source, target, env, tmp)
     login(target, env, "repl")
-    source.cli("repset", "create", "data", "--root", src)
-    source.cli("connect", "data", "to", target.address, "map", "base", dst)
-    assert wait_same(src, dst)
     before = snapshot(dst)
     out = target.cli("pause-target").stdout
     assert "paused" in out
@@ -313,13 +305,8 @@ def test_full_queues_auto_disconnect_and_reconnect_with_a_remirror(tmp_path):
     small = ('[queues]\nsource_memory_limit = "64KiB"\ntarget_memory_limit = "64KiB"\n'
              'disk_queue_limit = "512KiB"\n')
     with running_pair(tmp_path, extra=small) as (source, target, env):
-        src, dst = tmp_path / "data", tmp_path / "replica"
-        make_source_tree(src)
-        login(source, env)
+        src, dst = replicate_data(source, target, env, tmp_path)
         login(target, env, "repl")
-        source.cli("repset", "create", "data", "--root", src)
-        source.cli("connect", "data", "to", target.address, "map", "base", dst)
-        assert wait_same(src, dst)
         target.cli("pause-target")
         for i in range(60):                    # ~3.6 MiB of changes: far past both queues
             (src / f"f{i}").write_bytes(os.urandom(60_000))
