@@ -135,6 +135,11 @@ class Applier:
             self._state.close()
             self._state = None
 
+    def release(self, rel: bytes) -> None:
+        """Close what this applier holds open at or under ``rel`` (before
+        the path is moved away from the map base)."""
+        self._drop(bytes(rel), subtree=True)
+
     # -- helpers -----------------------------------------------------------
     def _path(self, rel) -> bytes:
         return self.target.path(bytes(rel))

@@ -110,9 +110,18 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                             "mirror run after an auto-reconnect when the queue could not bridge the gap"),
     },
     "tasks": {
-        "enabled": Setting(False, _bool, "run task commands that arrive in the stream"),
+        "enabled": Setting(False, _bool, "run task commands (queued here, or arriving in the stream)"),
         "directory": Setting("", _str, "only executables inside this directory may run as tasks"),
         "stop_replication_on_failure": Setting(False, _bool, "pause applying when a task fails"),
+        "group_wait": Setting("10m", _duration, "how long a task waits for the other connections "
+                              "of its group to reach it before it runs without them"),
+    },
+    "target": {
+        "in_use_max_delay": Setting("0s", _duration, "hold back the ops of a file another process has "
+                                    "open (a backup reading it) up to this long; 0 = never wait"),
+        "orphans_dir": Setting("", _str, "where orphans moved aside go; empty = STATE_DIR/orphans"),
+        "deleted_dir": Setting("", _str, "where deleted files of ignore-deletes connections in "
+                               "'move' mode go; empty = STATE_DIR/deleted"),
     },
     "links": {
         "user": Setting("", _str, "user this daemon logs in as on target daemons (data links)"),

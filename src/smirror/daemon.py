@@ -31,13 +31,20 @@ from . import wire
 from .auth import LoginThrottle, Sessions, User, UserStore
 from .config import Config, parse_hostport
 from .errors import AuthError, ConfigError, QueueFull, SmirrorError
-from .memqueue import SpillQueue, segment_size_for
+from .memqueue import SpillQueue, queue_alert, segment_size_for
 from .registry import Registry
-from .source import ConnectionJournal, Sender
+from .keep import KeepDirs
+from .ops import Op, OpKind
+from .source import ConnectionJournal, Sender, ignored_delete
 from .target import TargetConnection
+from .tasks import TargetTasks, TaskError, TaskLog, TaskPolicy, TaskResult, TaskSpec, run_command, task_env
 from .wire import Link, MsgType, ProtocolError
 
 log = logging.getLogger("smirror.daemon")
+
+# queueing a task handles the changes the watcher has seen first; with
+# writers that never pause, this long at most (then the task goes in)
+TASK_SYNC_MAX = 5.0
 
 
 class SourceConnection:
@@ -45,8 +52,8 @@ class SourceConnection:
 
     def __init__(self, daemon: "Daemon", conn):
         self.conn = conn
-        cfg = daemon.config
-        qdir = daemon.state_dir / "queues" / f"source-{conn.conid}"
+        cfg = self.cfg = daemon.config
+        qdir = self.qdir = daemon.state_dir / "queues" / f"source-{conn.conid}"
         self.queue = SpillQueue(str(qdir), cfg.queues.source_memory_limit, cfg.queues.disk_queue_limit,
                                 segment_size=segment_size_for(cfg.queues.disk_queue_limit),
                                 min_free_bytes=cfg.queues.min_free_space, fsync=cfg.queues.fsync)
@@ -69,8 +76,11 @@ class SourceConnection:
 
     def status(self) -> dict:
         st = self.sender.status()
+        q = self.queue
         st.update(repset=self.conn.repset, target=self.conn.target, map_base=self.conn.map_base,
-                  mirror=self.mirror_stats)
+                  mirror=self.mirror_stats, options=self.conn.options(),
+                  alert=queue_alert(q, self.cfg.queues.disk_queue_limit, self.cfg.queues.alert_threshold,
+                                    self.qdir, self.cfg.queues.min_free_space))
         return st
 
     def close(self) -> None:
@@ -79,13 +89,16 @@ class SourceConnection:
 
 
 class RepsetCapture:
-    """One watcher per replication set; its ops go to every connection."""
+    """One watcher per replication set; its ops go to every connection
+    (a connection that ignores deletes gets a MARK instead of a DELETE or
+    RMDIR, unless the path moved out of the set)."""
 
     def __init__(self, repset, on_full=None):
         from .watch import TreeCapture
         self.repset = repset
         self.on_full = on_full        # (conid, QueueFull) -> None: auto-disconnect
         self.targets: dict[int, ConnectionJournal] = {}
+        self.conns: dict[int, object] = {}           # conid -> registry Connection (its options)
         self._lock = threading.Lock()
         self.capture = TreeCapture(repset.root, self._emit, rules=repset.compiled_rules() or None)
         self.thread = threading.Thread(target=self.capture.run, daemon=True,
@@ -94,9 +107,15 @@ class RepsetCapture:
     def _emit(self, op) -> None:
         with self._lock:
             journals = list(self.targets.items())
+        deleting = op.kind in (OpKind.DELETE, OpKind.RMDIR) and not self.capture.moving_out
         for conid, j in journals:
+            out = op
+            if deleting:
+                conn = self.conns.get(conid)
+                if conn is not None and conn.ignore_deletes != "off":
+                    out = ignored_delete(op, conn.ignore_deletes, conn.deleted_keep_days)
             try:
-                j.append(op)
+                j.append(out)
             except QueueFull as exc:
                 # this connection's queue is past its disk limit: it stops
                 # taking ops (auto-disconnect); the others go on
@@ -105,22 +124,44 @@ class RepsetCapture:
                 if self.on_full is not None:
                     self.on_full(conid, exc)
 
-    def add(self, conid: int, journal: ConnectionJournal, mirror) -> dict | None:
+    def add(self, conn, journal: ConnectionJournal, mirror) -> dict | None:
         """Start feeding ``journal``; ``mirror`` is None (no mirror), {} (the
         whole set) or what the target holds (a difference mirror)."""
         with self.capture._lock:       # no op of the watcher slips in between
             stats = None
             if mirror is not None:
-                # the mirror's ops go ahead of everything that follows; a
-                # full queue makes the mirror wait for the sender
-                stats = self.capture.mirror_to(_waiting_append(journal), mirror)
+                stats = self.mirror(conn, journal, mirror)
             with self._lock:
-                self.targets[conid] = journal
+                self.targets[conn.conid] = journal
+                self.conns[conn.conid] = conn
+        return stats
+
+    def mirror(self, conn, journal: ConnectionJournal, known: dict) -> dict:
+        """A difference mirror against ``known`` (what the target holds)
+        into ``journal``, then the connection's orphan policy, in the same
+        stream. The mirror's ops go ahead of everything that follows; a full
+        queue makes the mirror wait for the sender."""
+        from .orphans import orphan_ops
+        append = _waiting_append(journal)
+        with self.capture._lock:
+            found: list[bytes] = []
+            stats = self.capture.mirror_to(append, known, orphans_out=found)
+            ops, ostats = orphan_ops(found, known, conn.orphans, conn.orphans_older_than_days)
+            for op in ops:
+                append(op)
+        stats.update(ostats)
+        if found:
+            log.log(logging.WARNING if conn.orphans == "report" else logging.INFO,
+                    "connection %s: %d orphan(s), %d bytes, under %s: %s", conn.conid, len(found),
+                    ostats["orphan_bytes"], conn.map_base,
+                    {"report": "reported", "delete": f"{ostats['orphans_deleted']} deleted",
+                     "move": f"{ostats['orphans_moved']} moved aside"}[conn.orphans])
         return stats
 
     def remove(self, conid: int) -> None:
         with self._lock:
             self.targets.pop(conid, None)
+            self.conns.pop(conid, None)
 
     def close(self) -> None:
         self.capture.stop()
@@ -169,6 +210,14 @@ class Daemon:
         if tls.enabled:
             self.tls_server = wire.server_tls_context(tls.cert, tls.key, tls.ca)
             self.tls_client = wire.client_tls_context(tls.ca, tls.cert, tls.key)
+        # tasks: this daemon's policy (both roles), the target's runner and
+        # the results of commands run here
+        self.task_policy = TaskPolicy.from_config(config)
+        self.task_log = TaskLog()
+        self.target_tasks = TargetTasks(self.task_policy, group_wait=config.tasks.group_wait,
+                                        log_=self.task_log)
+        self.keep_dirs = KeepDirs(config.target.orphans_dir or self.state_dir / "orphans",
+                                  config.target.deleted_dir or self.state_dir / "deleted")
         self._link_password = None
         if config.links.user:
             if not config.links.password_file:
@@ -259,7 +308,7 @@ class Daemon:
         src.sender.on_reset = lambda: self._on_reset(src)
         src.sender.start()          # first: a mirror larger than the queue waits on it
         try:
-            src.mirror_stats = cap.add(conn.conid, src.journal, known)
+            src.mirror_stats = cap.add(conn, src.journal, known)
         except BaseException:
             self._stop_source(conn.conid)
             raise
@@ -330,8 +379,7 @@ class Daemon:
         cap = self.captures.get(conn.repset)
         if cap is None:
             return
-        with cap.capture._lock:
-            src.mirror_stats = cap.capture.mirror_to(_waiting_append(src.journal), known)
+        src.mirror_stats = cap.mirror(conn, src.journal, known)
         self.counters.setdefault(conn.conid, dict.fromkeys(
             ("auto_disconnects", "reconnects", "remirrors"), 0))["remirrors"] += 1
 
@@ -437,7 +485,13 @@ class Daemon:
                                        memory_limit=cfg.queues.target_memory_limit,
                                        disk_limit=cfg.queues.disk_queue_limit,
                                        min_free_bytes=cfg.queues.min_free_space,
-                                       fsync=cfg.queues.fsync, paused=self.paused)
+                                       fsync=cfg.queues.fsync, paused=self.paused,
+                                       tasks=self.target_tasks,
+                                       stop_on_task_failure=cfg.tasks.stop_replication_on_failure,
+                                       in_use_max_delay=cfg.target.in_use_max_delay,
+                                       keep_dirs=self.keep_dirs,
+                                       alert_threshold=cfg.queues.alert_threshold)
+                tgt.source = source
                 self.targets[key] = tgt
         tgt.serve(link)
 
@@ -458,6 +512,66 @@ class Daemon:
 
     # -- requests ----------------------------------------------------------------
     READ_ONLY = {"status", "repset.list", "conid"}
+
+    # -- tasks (source side) ------------------------------------------------------
+    def queue_task(self, args: dict) -> dict:
+        """Insert a task into every connection of this source to the target,
+        at one point of the source's history: on-queue runs first; then, with
+        every capture of those connections held, the watchers handle what
+        the kernel reported so far and the task goes into each journal."""
+        target = parse_hostport(args.get("target", ""), "task target")
+        target = f"{target[0]}:{target[1]}"
+        try:
+            spec = TaskSpec.build(args.get("name"), on_execute=args.get("on_execute"),
+                                  on_receive=args.get("on_receive"), on_queue=args.get("on_queue"),
+                                  on_transmit=args.get("on_transmit"), timeout=args.get("timeout"),
+                                  args=args.get("args") or (), source=self.daemon_id)
+            self.task_policy.check(spec, ("on_queue", "on_transmit"))
+        except TaskError as exc:
+            raise ConfigError(str(exc)) from None
+        with self._sources_lock:
+            srcs = sorted((s for s in self.sources.values() if s.conn.target == target),
+                          key=lambda s: s.conn.conid)
+        if not srcs:
+            known = sorted({c.target for c in self.registry.connections.values()})
+            raise ConfigError(f"task {spec.name!r}: this source has no running connection to {target}"
+                              + (f" (its targets: {', '.join(known)})" if known else ""))
+        spec.group = [s.conn.conid for s in srcs]
+        reply = {"task": spec.name, "id": spec.id, "connections": {}}
+        if spec.on_queue is not None:
+            r = self._run_source_hook(spec, "on_queue", spec.group, target)
+            reply["on_queue"] = r.as_dict()
+            if r.state != "ok":
+                raise ConfigError(f"task {spec.name!r} not queued: its on-queue command "
+                                  f"{r.state}: {r.error or r.output[-500:]}")
+        caps = [self.captures[n] for n in sorted({s.conn.repset for s in srcs}) if n in self.captures]
+        payload = spec.encode()
+        held = []
+        try:
+            for cap in caps:                       # a fixed order: no deadlock
+                cap.capture._lock.acquire()
+                held.append(cap)
+                # pending change detection first: the task marks this moment
+                cap.capture.sync(max_time=TASK_SYNC_MAX)
+            for src in srcs:
+                seq = src.journal.append_alone(Op.task(0, spec.name, payload))
+                reply["connections"][str(src.conn.conid)] = seq
+                if spec.on_transmit is not None:
+                    src.sender.before_send[seq] = (
+                        lambda c=src.conn.conid: self._run_source_hook(spec, "on_transmit", [c], target))
+        finally:
+            for cap in reversed(held):
+                cap.capture._lock.release()
+        log.info("task %r (%s) queued for %s on connection(s) %s", spec.name, spec.id, target,
+                 reply["connections"])
+        return reply
+
+    def _run_source_hook(self, spec: TaskSpec, stage: str, conids, target: str) -> TaskResult:
+        result = self.task_log.add(TaskResult(spec.name, spec.id, stage, conids=list(conids)))
+        argv = self.task_policy.resolve(spec, stage)
+        env = task_env(spec, stage, SMIRROR_CONIDS=",".join(map(str, conids)), SMIRROR_TARGET=target)
+        return run_command(argv, env=env, cwd=self.task_policy.directory, timeout=spec.timeout,
+                           result=result)
 
     def request(self, user: User, verb: str, args: dict):
         if verb not in self.READ_ONLY and verb != "session":
@@ -480,7 +594,8 @@ class Daemon:
             return {}
         if verb == "connect":
             conn = reg.connect(args.get("repset"), args.get("target", ""), args.get("map_base", ""),
-                               mirror=not args.get("nomirror", False))
+                               mirror=not args.get("nomirror", False),
+                               options=args.get("options") or {})
             try:
                 with self._sources_lock:
                     self._start_source(conn, mirror=conn.mirror_on_connect)
@@ -508,6 +623,11 @@ class Daemon:
                 self._stop_source(conn.conid)
                 src = self._start_source(conn, mirror="full" if args.get("full") else True)
             return {"conid": conn.conid, "mirror": src.mirror_stats}
+        if verb == "connection.set":
+            conn = reg.set_options(args.get("conid"), args.get("options") or {})
+            return {"conid": conn.conid, "options": conn.options()}
+        if verb == "queue-task":
+            return self.queue_task(args)
         if verb == "disconnect":
             conn = reg.disconnect(args.get("conid"))
             with self._sources_lock:
@@ -568,6 +688,7 @@ class Daemon:
 
     def status(self) -> dict:
         return {"daemon": self.daemon_id, "paused": self.paused,
+                "tasks": self.task_log.recent()[-20:], "tasks_waiting": self.target_tasks.waiting(),
                 "listen": f"{self.address[0]}:{self.address[1]}",
                 "sources": [dict(s.status(), **self.counters.get(s.conn.conid, {}))
                             for s in self.sources.values()]

@@ -80,8 +80,31 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("connect", help="connect a replication set to a target: "
                                        "connect REPSET to TARGET map base PATH [nomirror]")
     p.add_argument("words", nargs="+", metavar="WORD")
+    _connection_options(p)
     _host_option(p)
     p.set_defaults(run=run_connect)
+
+    p = sub.add_parser("connection-options", help="change the options of a connection "
+                                                  "(ignore deletes, orphan policy)")
+    p.add_argument("conid", type=int)
+    _connection_options(p)
+    _host_option(p)
+    p.set_defaults(run=run_connection_options)
+
+    p = sub.add_parser("queue-task", help="queue a task command inline in the stream to a target")
+    p.add_argument("name", help="the task's name (logs, status, $SMIRROR_TASK_NAME)")
+    p.add_argument("--to", required=True, metavar="TARGET", dest="to_target",
+                   help="the target daemon HOST:PORT: every connection of this source to it gets the task")
+    p.add_argument("--on-queue", metavar="CMD", help="run on the source when queued")
+    p.add_argument("--on-transmit", metavar="CMD", help="run on the source just before the task is sent")
+    p.add_argument("--on-receive", metavar="CMD", help="run on the target when the task arrives")
+    p.add_argument("--on-execute", metavar="CMD", required=True,
+                   help="run on the target when every earlier op is applied")
+    p.add_argument("--timeout", default="forever", metavar="SECONDS|forever",
+                   help="how long applying waits for on-execute (0: not at all; default forever)")
+    p.add_argument("args", nargs="*", metavar="ARG", help="arguments added to every command")
+    _host_option(p)
+    p.set_defaults(run=run_queue_task)
 
     p = sub.add_parser("conid", help="find a connection id: conid REPSET to TARGET map base PATH")
     p.add_argument("words", nargs="+", metavar="WORD")
@@ -113,6 +136,26 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("status", help="connections of a daemon, as a table or JSON")
     _host_option(p)
     p.set_defaults(run=run_status)
+
+
+def _connection_options(p) -> None:
+    p.add_argument("--ignore-deletes", choices=("off", "keep", "move"), default=None,
+                   help="do not apply the source's deletes: keep the files in the replica, or move "
+                        "them to the target's deleted_dir (a move out of the set still deletes)")
+    p.add_argument("--keep-deleted-days", type=float, metavar="N", default=None,
+                   help="with --ignore-deletes move: purge moved files after N days (0: keep)")
+    p.add_argument("--orphans", choices=("report", "delete", "move"), default=None,
+                   help="what mirrors do with files only the target has (default report)")
+    p.add_argument("--orphans-older-than", type=float, metavar="DAYS", default=None,
+                   help="only orphans last modified more than DAYS ago")
+
+
+def _options_of(args) -> dict:
+    return {k: v for k, v in {"ignore_deletes": args.ignore_deletes,
+                              "deleted_keep_days": args.keep_deleted_days,
+                              "orphans": args.orphans,
+                              "orphans_older_than_days": args.orphans_older_than}.items()
+            if v is not None}
 
 
 def _config(args):
@@ -236,9 +279,37 @@ def _parse_connect(words, verb: str):
 def run_connect(args) -> int:
     repset, target, base, nomirror = _parse_connect(args.words, "connect")
     with _client(args) as c:
-        r = c.call("connect", repset=repset, target=target, map_base=base, nomirror=nomirror)
+        r = c.call("connect", repset=repset, target=target, map_base=base, nomirror=nomirror,
+                   options=_options_of(args))
         _print(args, r, f"connection {r['conid']}: {repset} -> {target} at {base}"
                         + ("" if nomirror else " (mirror started)"))
+    return EXIT_OK
+
+
+def run_connection_options(args) -> int:
+    from .errors import ConfigError
+    options = _options_of(args)
+    if not options:
+        raise ConfigError("connection-options: give at least one of --ignore-deletes, "
+                          "--keep-deleted-days, --orphans, --orphans-older-than")
+    with _client(args) as c:
+        r = c.call("connection.set", conid=args.conid, options=options)
+        _print(args, r, f"connection {r['conid']}: " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                                                  for k, v in r["options"].items()))
+    return EXIT_OK
+
+
+def run_queue_task(args) -> int:
+    from .control import Client
+    from .tasks import parse_timeout
+    parse_timeout(args.timeout)             # a bad value fails here, before the daemon
+    # on-queue may take a while (a database checkpoint): a long reply timeout
+    with Client(args.host, tls=_tls(), timeout=3600).login_saved() as c:
+        r = c.call("queue-task", name=args.name, target=args.to_target, on_queue=args.on_queue,
+                   on_transmit=args.on_transmit, on_receive=args.on_receive,
+                   on_execute=args.on_execute, timeout=args.timeout, args=args.args)
+        conns = ", ".join(f"{k} at seq {v}" for k, v in r["connections"].items())
+        _print(args, r, f"task {r['task']} ({r['id']}) queued on connection(s) {conns}")
     return EXIT_OK
 
 
@@ -301,6 +372,39 @@ def run_status(args) -> int:
             lines.append(f"{t['conid']:>3}  {t['source']:<16} {t['map_base']:<30} {t['apply_state']:<13} "
                          f"{t['seq_received']:>9} {t['seq_applied']:>9} "
                          f"{format_size(t['queue_mem_bytes']):>10} {format_size(t['queue_disk_bytes']):>10}")
+    notes = []
+    for s in st["sources"]:
+        if s.get("alert"):
+            notes.append(f"  ! connection {s['conid']} source queue: {s['alert']}")
+        opts = s.get("options") or {}
+        if opts.get("ignore_deletes", "off") != "off" or opts.get("orphans", "report") != "report":
+            notes.append(f"    connection {s['conid']}: ignore deletes {opts['ignore_deletes']}, "
+                         f"orphans {opts['orphans']}")
+        m = s.get("mirror") or {}
+        if m.get("orphans"):
+            notes.append(f"    connection {s['conid']}: last mirror found {m['orphans']} orphan(s), "
+                         f"{format_size(m.get('orphan_bytes', 0))} ({m.get('orphan_policy', 'report')})")
+    for t in st["targets"]:
+        if t.get("alert"):
+            notes.append(f"  ! connection {t['conid']} target queue: {t['alert']}")
+        if t.get("waiting"):
+            w = t["waiting"]
+            notes.append(f"  ! connection {t['conid']}: op seq {w['seq']} {w['op']} {w['path']!r} "
+                         f"waits: {w['why']}")
+        if t.get("pause_reason") and t["pause_reason"] != "paused by request":
+            notes.append(f"  ! connection {t['conid']}: {t['pause_reason']}")
+    for w in st.get("tasks_waiting", []):
+        notes.append(f"    task {w['task']} waits for connection(s) {w['waiting_for']} to reach it "
+                     f"({w['seconds']}s)")
+    if notes:
+        lines += notes
+    if st.get("tasks"):
+        lines.append(f"{'TASK':<20} {'STAGE':<12} {'STATE':<9} {'EXIT':>4} {'SECONDS':>8}  CONNECTIONS / ERROR")
+        for r in st["tasks"][-10:]:
+            exit_ = "" if r["exit"] is None else str(r["exit"])
+            lines.append(f"{r['task'][:20]:<20} {r['stage'].replace('_', '-'):<12} {r['state']:<9} "
+                         f"{exit_:>4} {r['seconds']:>8.2f}  {','.join(map(str, r['conids']))}"
+                         f"{'  ' + r['error'] if r['error'] else ''}")
     if not st["sources"] and not st["targets"]:
         lines.append("no connections")
     print("\n".join(lines))

@@ -47,6 +47,11 @@ _EVENT = struct.Struct("iIII")
 MOVE_PAIR_WAIT = 0.02
 
 
+# Event.reason of a DELETED that is a move out of the tree (or to an excluded
+# name): connections that ignore deletes still apply it
+MOVED_OUT = "moved out of the set"
+
+
 class Kind(Enum):
     CREATED = "created"      # path appeared (file, dir, symlink, ...); is_dir says which
     MODIFIED = "modified"    # file content written
@@ -63,7 +68,7 @@ class Event:
     path: bytes              # relative to the root, b"" is the root itself
     is_dir: bool = False
     new_path: bytes | None = None
-    reason: str = ""         # for RESCAN: why
+    reason: str = ""         # for RESCAN: why; for DELETED: MOVED_OUT or ""
 
 
 class WatchError(OSError):
@@ -256,7 +261,7 @@ class Watcher:
             if excluded_old:
                 self._created(path, is_dir)
             elif excluded_new:
-                self._deleted(old, is_dir)
+                self._deleted(old, is_dir, MOVED_OUT)
             else:
                 if is_dir:
                     if old in self._path_wd:
@@ -283,10 +288,10 @@ class Watcher:
         if is_dir:
             self._watch_tree(path, report=True)
 
-    def _deleted(self, path: bytes, is_dir: bool) -> None:
+    def _deleted(self, path: bytes, is_dir: bool, reason: str = "") -> None:
         if is_dir:
             self._forget_tree(path)
-        self._out.append(Event(Kind.DELETED, path, is_dir))
+        self._out.append(Event(Kind.DELETED, path, is_dir, reason=reason))
 
     def _expire_moves(self, force: bool = False) -> None:
         """An IN_MOVED_FROM without its pair is a move out of the tree."""
@@ -295,7 +300,7 @@ class Watcher:
             if force or now - t >= MOVE_PAIR_WAIT:
                 del self._pending_from[cookie]
                 if not (self.exclude is not None and self.exclude(path, is_dir)):
-                    self._deleted(path, is_dir)
+                    self._deleted(path, is_dir, MOVED_OUT)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -57,7 +57,7 @@ from ._memqueue import SpillQueue
 from .errors import ConfigError
 from .units import parse_size
 
-__all__ = ["SpillQueue", "QueueSettings", "open_queue", "queue_dir", "segment_size_for"]
+__all__ = ["SpillQueue", "QueueSettings", "open_queue", "queue_dir", "segment_size_for", "queue_alert"]
 
 MiB = 1 << 20
 FSYNC_POLICIES = ("none", "segment", "always")
@@ -127,3 +127,22 @@ def segment_size_for(disk_limit: int) -> int:
     is acknowledged and another one is being written, so several must fit
     under the limit (64 MiB at most, 64 KiB at least)."""
     return max(64 * 1024, min(64 * MiB, disk_limit // 8))
+
+
+def queue_alert(q, disk_limit: int, threshold: float, spill_dir, min_free: int) -> str:
+    """The warning status shows for a queue past its alert threshold
+    (percent of ``disk_limit`` on disk) or on a volume with less than
+    ``min_free`` bytes free; '' when neither."""
+    alerts = []
+    if disk_limit and q.disk_bytes * 100 >= threshold * disk_limit:
+        alerts.append(f"queue on disk at {q.disk_bytes * 100 / disk_limit:.0f}% of its limit "
+                      f"(alert threshold {threshold:.0f}%)")
+    if min_free:
+        try:
+            st = os.statvfs(spill_dir)
+        except OSError:
+            st = None
+        if st is not None and st.f_bavail * st.f_frsize < min_free:
+            alerts.append(f"free space on the queue volume {st.f_bavail * st.f_frsize >> 20} MiB, "
+                          f"below the {min_free >> 20} MiB minimum: the queue counts as full")
+    return "; ".join(alerts)

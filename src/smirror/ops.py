@@ -80,6 +80,12 @@ class AttrMask(IntFlag):
     MTIME = 8
 
 
+# MARK labels the engine itself puts in a stream (payload: UTF-8 JSON naming
+# the path): a delete a connection that ignores deletes does not apply, and
+# an orphan the mirror's policy moves into the target's orphans directory
+MARK_IGNORED_DELETE = b"ignored-delete"
+MARK_ORPHAN_MOVE = b"orphan-move"
+
 ATTR_ALL = AttrMask.MODE | AttrMask.UID | AttrMask.GID | AttrMask.MTIME
 
 # Frame format constants (see smirror._journal_py for the layout).

@@ -65,6 +65,10 @@ class Repset:
         return Rules.from_patterns(pairs)
 
 
+ORPHAN_POLICIES = ("report", "delete", "move")
+IGNORE_DELETES = ("off", "keep", "move")
+
+
 @dataclass
 class Connection:
     conid: int
@@ -72,6 +76,47 @@ class Connection:
     target: str            # "host:port", or "local" for an embedded target
     map_base: str          # absolute directory on the target
     mirror_on_connect: bool = True
+    # deletes of the source not applied on the target: off, keep (left in
+    # the replica) or move (to the target's deleted_dir, purged after
+    # deleted_keep_days; 0 = kept); a move out of the set still deletes
+    ignore_deletes: str = "off"
+    deleted_keep_days: float = 0.0
+    # what mirrors do with orphans (entries only the target has): report,
+    # delete, or move (to the target's orphans_dir), only those older than
+    # orphans_older_than_days (0 = all)
+    orphans: str = "report"
+    orphans_older_than_days: float = 0.0
+
+    OPTIONS = ("ignore_deletes", "deleted_keep_days", "orphans", "orphans_older_than_days")
+
+    def options(self) -> dict:
+        return {k: getattr(self, k) for k in self.OPTIONS}
+
+
+def check_options(options: dict) -> dict:
+    """Connection options from a request or the registry file, checked."""
+    out = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key == "ignore_deletes":
+            if value is True:
+                value = "keep"
+            elif value is False:
+                value = "off"
+            if value not in IGNORE_DELETES:
+                raise ConfigError(f"ignore deletes must be one of {', '.join(IGNORE_DELETES)}, got {value!r}")
+        elif key == "orphans":
+            if value not in ORPHAN_POLICIES:
+                raise ConfigError(f"orphan policy must be one of {', '.join(ORPHAN_POLICIES)}, got {value!r}")
+        elif key in ("deleted_keep_days", "orphans_older_than_days"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{key.replace('_', ' ')} must be a number of days >= 0, got {value!r}")
+            value = float(value)
+        else:
+            raise ConfigError(f"unknown connection option {key!r}; known: {', '.join(Connection.OPTIONS)}")
+        out[key] = value
+    return out
 
 
 class Registry:
@@ -95,10 +140,12 @@ class Registry:
             for r in data["repsets"]:
                 self.repsets[r["name"]] = Repset(r["name"], r["root"], [RepsetRule(**x) for x in r["rules"]])
             for c in data["connections"]:
-                self.connections[c["conid"]] = Connection(**c)
+                conn = Connection(**c)
+                check_options(conn.options())
+                self.connections[c["conid"]] = conn
             self._next_conid = int(data["next_conid"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"{self.path}: registry is damaged: {exc!r}") from None
+            raise ConfigError(f"{self.path}: registry is damaged: {exc}") from None
 
     def _save(self) -> None:
         data = {"repsets": [asdict(r) for r in self.repsets.values()],
@@ -156,8 +203,10 @@ class Registry:
             self._save()
 
     # -- connections -----------------------------------------------------
-    def connect(self, repset: str, target: str, map_base: str, mirror: bool = True) -> Connection:
+    def connect(self, repset: str, target: str, map_base: str, mirror: bool = True,
+                options: dict | None = None) -> Connection:
         target = _check_target(target)
+        options = check_options(options or {})
         if not os.path.isabs(map_base):
             raise ConfigError(f"map base must be an absolute path on the target, got {map_base!r}")
         map_base = os.path.normpath(map_base)
@@ -166,7 +215,7 @@ class Registry:
             if self.find(repset, target, map_base) is not None:
                 raise ConfigError(f"{repset} is already connected to {target} at map base {map_base} "
                                   f"(connection {self.find(repset, target, map_base)})")
-            conn = Connection(self._next_conid, repset, target, map_base, mirror)
+            conn = Connection(self._next_conid, repset, target, map_base, mirror, **options)
             self._next_conid += 1
             self.connections[conn.conid] = conn
             self._save()
@@ -186,6 +235,15 @@ class Registry:
             return self.connections[int(conid)]
         except (KeyError, ValueError, TypeError):
             raise ConfigError(f"no connection with id {conid!r}") from None
+
+    def set_options(self, conid: int, options: dict) -> Connection:
+        options = check_options(options)
+        with self._lock:
+            conn = self.connection(conid)
+            for k, v in options.items():
+                setattr(conn, k, v)
+            self._save()
+            return conn
 
     def disconnect(self, conid: int) -> Connection:
         with self._lock:

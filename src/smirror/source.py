@@ -24,7 +24,7 @@ import time
 
 from .errors import QueueClosed, QueueFull, SmirrorError
 from .journal import Encoder, frame_header
-from .ops import Op
+from .ops import MARK_IGNORED_DELETE, Op, OpKind
 from .wire import Link, LinkClosed, MsgType, ProtocolError
 
 log = logging.getLogger("smirror.source")
@@ -94,6 +94,32 @@ class ConnectionJournal:
                     self.next_seq, self.last_seq = seq, seq - 1
                     raise
             return seq
+
+    def append_alone(self, op: Op, timeout: float = 600.0) -> int:
+        """Append ``op`` in a frame of its own (a task: the target sees it
+        the moment the frame arrives, and on-transmit runs right before
+        it). A full queue is waited for, up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                try:
+                    self._flush_locked()
+                    seq = self.next_seq
+                    if self._reserved is not None and seq > self._reserved:
+                        self._reserve(seq + self.RESERVE)
+                    self._pending = [_new(Op, (seq,) + tuple(op)[1:])]
+                    self._pending_bytes = len(op.data) + 64
+                    try:
+                        self._flush_locked()
+                    except QueueFull:
+                        self._pending, self._pending_bytes = [], 0
+                        raise
+                    self.next_seq, self.last_seq = seq + 1, seq
+                    return seq
+                except QueueFull:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.05)
 
     def _reserve(self, upto: int) -> None:
         tmp = f"{self.seq_file}.tmp"
@@ -173,6 +199,11 @@ class Sender:
         self._thread: threading.Thread | None = None
         self._acked = threading.Condition()
         self.on_reset = None        # called (in the sender's thread) when a mirror is needed
+        # seq -> callable run just before the frame ending at that seq is
+        # sent (a task's on-transmit command; the task is alone in its frame)
+        self.before_send: dict[int, object] = {}
+        self.notices: collections.deque = collections.deque(maxlen=50)   # from the target
+        self.on_notice = None       # called (in the ack reader's thread) with each notice
 
     # -- control -----------------------------------------------------------
     def start(self) -> "Sender":
@@ -283,6 +314,10 @@ class Sender:
                         log.error("connection %s: %s", self.conid, exc)
                     continue
                 seq, frame = item
+                if self.before_send:
+                    hook = self.before_send.pop(seq, None)
+                    if hook is not None:
+                        hook()
                 link.send(MsgType.FRAME, frame)
                 self.sent_seq = seq
                 self.bytes_sent += len(frame)
@@ -326,6 +361,17 @@ class Sender:
                     if seq > self.acked_seq:
                         self.queue.ack(seq)
                         self._set_acked(seq)
+                elif mtype == MsgType.NOTICE:
+                    notice = json.loads(bytes(payload))
+                    if not isinstance(notice, dict):
+                        raise ProtocolError(f"{link.peer} sent a NOTICE that is not an object")
+                    self.notices.append(notice)
+                    level = logging.INFO if notice.get("state") == "ok" else logging.ERROR
+                    log.log(level, "connection %s: target reports task %r %s: %s %s", self.conid,
+                            notice.get("task"), notice.get("stage"), notice.get("state"),
+                            notice.get("error") or "")
+                    if self.on_notice is not None:
+                        self.on_notice(notice)
                 elif mtype == MsgType.ERROR:
                     raise ProtocolError(f"{link.peer}: {json.loads(bytes(payload)).get('error')}")
                 else:
@@ -353,4 +399,17 @@ class Sender:
                 "seq_acked": self.acked_seq, "queue_mem_bytes": q.mem_bytes,
                 "queue_disk_bytes": q.disk_bytes, "bytes_sent": self.bytes_sent,
                 "frames_sent": self.frames_sent, "connects": self.connects,
-                "needs_mirror": self.needs_mirror}
+                "needs_mirror": self.needs_mirror, "task_reports": list(self.notices)[-10:]}
+
+
+IGNORE_DELETES = ("off", "keep", "move")
+
+
+def ignored_delete(op: Op, mode: str, keep_days: float = 0.0) -> Op:
+    """What a connection with ignore-deletes sends instead of a DELETE or
+    RMDIR of the source (not a move out of the set: that still deletes): a
+    MARK the target counts, and with ``mode`` 'move' acts on by moving the
+    file to its deleted-files directory (purged after ``keep_days``)."""
+    payload = json.dumps({"path": os.fsdecode(bytes(op.path)), "dir": op.kind == OpKind.RMDIR,
+                          "mode": mode, "keep_days": keep_days}).encode()
+    return Op.mark(op.seq, MARK_IGNORED_DELETE, payload)

@@ -23,12 +23,15 @@ from pathlib import Path
 
 from .apply import Applier
 from .errors import ConfinementError, FrameError, QueueClosed, QueueFull, SmirrorError
+from .inuse import InUseGate
 from .journal import decode_frame, frame_header
-from .memqueue import SpillQueue, segment_size_for
+from .ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, OpKind
+from .memqueue import SpillQueue, queue_alert, segment_size_for
 from .source import ACK
 from .wire import Link, LinkClosed, MsgType, ProtocolError
 
 log = logging.getLogger("smirror.target")
+
 
 
 class TargetConnection:
@@ -36,7 +39,14 @@ class TargetConnection:
 
     def __init__(self, conid: int, map_base, state_dir, *, memory_limit: int = 64 << 20,
                  disk_limit: int = 1 << 30, min_free_bytes: int = 0, fsync: str = "segment",
-                 on_task=None, on_mark=None, apply: bool = True, paused: bool = False):
+                 on_task=None, on_mark=None, apply: bool = True, paused: bool = False,
+                 tasks=None, stop_on_task_failure: bool = False, in_use_max_delay: float = 0.0,
+                 keep_dirs=None, alert_threshold: float = 50.0):
+        """``tasks``: the daemon's :class:`~smirror.tasks.TargetTasks` (None:
+        every task is refused); ``in_use_max_delay``: seconds the ops of a
+        file open elsewhere may wait (0: no check); ``keep_dirs``: a
+        :class:`~smirror.keep.KeepDirs` for orphans and deleted files moved
+        aside (None: such marks are only counted)."""
         self.conid = conid
         self.map_base = os.fsdecode(os.path.abspath(os.fsencode(map_base)))
         self.dir = Path(state_dir) / f"target-{conid}"
@@ -44,8 +54,20 @@ class TargetConnection:
         self.queue = SpillQueue(str(self.dir / "queue"), memory_limit, disk_limit,
                                 segment_size=segment_size_for(disk_limit),
                                 min_free_bytes=min_free_bytes, fsync=fsync, durable=True)
+        self.tasks = tasks
+        self.stop_on_task_failure = stop_on_task_failure
+        self.keep_dirs = keep_dirs
+        self.alert_threshold = alert_threshold
+        self.disk_limit = disk_limit
+        self.min_free_bytes = min_free_bytes
+        self.source = ""
+        self._user_on_task, self._user_on_mark = on_task, on_mark
         self.applier = Applier(self.map_base, state_path=self.dir / "applied",
-                               on_task=on_task, on_mark=on_mark)
+                               on_task=self._on_task, on_mark=self._on_mark)
+        self.marks = {"ignored_deletes": 0, "deleted_moved": 0, "orphans_moved": 0}
+        self._link: Link | None = None
+        self._send_lock = threading.Lock()
+        self._notices: list[dict] = []        # not yet delivered to the source
         last = self.queue.last_seq
         self.received_seq = max(last if last is not None else 0, self.applier.applied_seq)
         self.state = "idle"
@@ -57,6 +79,8 @@ class TargetConnection:
         self._paused = threading.Event()
         if paused:                  # before the applier starts: nothing slips through
             self._paused.set()
+        self.pause_reason = "paused by request" if paused else ""
+        self.gate = InUseGate(in_use_max_delay, stop=self._stop) if in_use_max_delay > 0 else None
         self._applier_thread = None
         if apply:
             self.start_applier()
@@ -90,7 +114,12 @@ class TargetConnection:
             self._applying = True
             try:
                 ops, _ = decode_frame(frame)
-                self.applier.apply_all(ops)
+                if self.gate is None:
+                    self.applier.apply_all(ops)
+                elif not self._apply_gated(ops):
+                    self._applying = False
+                    q.rewind()      # stopping while a file was in use: the rest waits
+                    continue
             except (FrameError, ConfinementError, SmirrorError, OSError) as exc:
                 # the frame stays in the queue: nothing after it is applied
                 # out of order; an operator sees why in the status
@@ -113,6 +142,106 @@ class TargetConnection:
             with self._progress:
                 self._progress.notify_all()
 
+    def _apply_gated(self, ops) -> bool:
+        """Apply ``ops``, each one only once the files it changes are not
+        open elsewhere (or the maximum delay passed). False: stopped."""
+        gate, applier = self.gate, self.applier
+        gate.begin_frame()
+        for op in ops:
+            if op.seq > applier.applied_seq and not gate.wait(op, applier._path, applier.flush):
+                return False
+            applier.apply(op)
+        return True
+
+    # -- tasks and marks ---------------------------------------------------
+    def _on_task(self, op) -> None:
+        """The applier reached a TASK: every earlier op is applied."""
+        if self._user_on_task is not None:
+            self._user_on_task(op)
+            return
+        from .tasks import TaskError, TaskResult, TaskSpec
+        try:
+            spec = TaskSpec.decode(op.data, f"connection {self.conid} task at seq {op.seq}")
+        except TaskError as exc:
+            log.error("%s", exc)
+            self._notify({"task": bytes(op.path).decode(errors="replace"), "stage": "on_execute",
+                          "state": "refused", "error": str(exc), "seq": op.seq})
+            return
+        if self.tasks is None:
+            r = TaskResult(spec.name, spec.id, "on_execute", "refused", conids=[self.conid], seq=op.seq,
+                           error=f"task {spec.name!r} refused: this target runs no tasks")
+            log.error("%s", r.error)
+        else:
+            self.task_running = spec.name
+            try:
+                r = self.tasks.execute(spec, self.conid, op.seq, self.map_base, stop=self._stop)
+            finally:
+                self.task_running = ""
+            if r is None:
+                return          # another connection of the group ran it
+        self._notify(dict(r.as_dict(), seq=op.seq))
+        if r.state in ("failed", "error", "refused") and self.stop_on_task_failure:
+            self.pause(f"task {spec.name!r} {r.state}: {r.error} (tasks.stop_replication_on_failure)")
+            log.error("connection %s: applying paused after task %r %s", self.conid, spec.name, r.state)
+
+    def _on_mark(self, op) -> None:
+        label = bytes(op.path)
+        if label not in (MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE):
+            if self._user_on_mark is not None:
+                self._user_on_mark(op)
+            return
+        try:
+            info = json.loads(bytes(op.data))
+            rel = os.fsencode(info["path"])
+            if label == MARK_IGNORED_DELETE:
+                self.marks["ignored_deletes"] += 1
+                if info.get("mode") == "move" and self.keep_dirs is not None and \
+                        self.keep_dirs.move_deleted(self, rel, bool(info.get("dir")),
+                                                    float(info.get("keep_days") or 0)):
+                    self.marks["deleted_moved"] += 1
+            elif self.keep_dirs is not None and self.keep_dirs.move_orphan(self, rel):
+                self.marks["orphans_moved"] += 1
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # a bad mark changes nothing on the target: said, and skipped
+            log.error("connection %s: op seq %d MARK %r has a bad payload (%s): skipped",
+                      self.conid, op.seq, label, exc)
+
+    def _task_arrived(self, op) -> None:
+        """A TASK was received (durable): check it now, run on-receive, and
+        tell the source at once when this target refuses it."""
+        from .tasks import TaskError, TaskSpec
+        try:
+            spec = TaskSpec.decode(op.data, f"connection {self.conid} task at seq {op.seq}")
+        except TaskError as exc:
+            self._notify({"task": bytes(op.path).decode(errors="replace"), "stage": "on_receive",
+                          "state": "refused", "error": str(exc), "seq": op.seq})
+            return
+        if self.tasks is None:
+            self._notify({"task": spec.name, "id": spec.id, "stage": "on_receive", "state": "refused",
+                          "seq": op.seq, "error": f"task {spec.name!r} refused: this target runs no tasks"})
+            return
+        r = self.tasks.arrived(spec, self.conid, op.seq, self.map_base)
+        if r is not None and r.state == "refused":
+            log.error("connection %s: %s", self.conid, r.error)
+            self._notify(dict(r.as_dict(), seq=op.seq))
+
+    def _notify(self, notice: dict) -> None:
+        """Send a NOTICE to the source (now, or when it is next connected)."""
+        notice = dict(notice, conid=self.conid)
+        with self._send_lock:
+            self._notices.append(notice)
+            del self._notices[:-100]
+            self._deliver_locked()
+
+    def _deliver_locked(self) -> None:
+        link = self._link
+        while link is not None and self._notices:
+            try:
+                link.send_json(MsgType.NOTICE, self._notices[0])
+            except OSError:
+                return
+            self._notices.pop(0)
+
     def wait_applied(self, seq: int, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
         with self._progress:
@@ -125,19 +254,27 @@ class TargetConnection:
 
     _applying = False
 
-    def pause(self) -> None:
+    def pause(self, reason: str = "paused by request") -> None:
         """Stop applying after the frame being applied (receiving goes on
         into the queue, which spills to disk, then makes the source wait)."""
+        self.pause_reason = reason
         self._paused.set()
 
     def resume(self) -> None:
+        self.pause_reason = ""
         self._paused.clear()
 
     @property
     def apply_state(self) -> str:
         if self._paused.is_set():
             return "pause pending" if self._applying else "paused"
+        if self.gate is not None and self.gate.waiting:
+            return "in-use wait"
+        if self.task_running:
+            return "task"
         return "applying"
+
+    task_running = ""
 
     def close(self) -> None:
         self._stop.set()
@@ -152,6 +289,9 @@ class TargetConnection:
         link closes. Errors are sent to the source and raised."""
         link.send_json(MsgType.READY, {"last_seq": self.received_seq})
         self.state = "receiving"
+        with self._send_lock:
+            self._link = link
+            self._deliver_locked()      # what the source missed while away
         try:
             while not self._stop.is_set():
                 try:
@@ -170,6 +310,9 @@ class TargetConnection:
             link.send_error(f"connection {self.conid}: {exc}")
             raise
         finally:
+            with self._send_lock:
+                if self._link is link:
+                    self._link = None
             if self.state == "receiving":
                 self.state = "idle"
 
@@ -191,13 +334,13 @@ class TargetConnection:
             raise FrameError(f"frame after seq {self.received_seq} from {link.peer} is "
                              f"{len(payload)} bytes, its header says {h.frame_len}")
         if h.last_seq <= self.received_seq:
-            link.send(MsgType.ACK, ACK.pack(h.last_seq))   # a resend of what is held
+            self._ack(link, h.last_seq)    # a resend of what is held
             return
         if h.first_seq != self.received_seq + 1:
             raise ProtocolError(f"frame with seqs {h.first_seq}..{h.last_seq} from {link.peer} "
                                 f"does not follow seq {self.received_seq}: ops would be skipped")
         frame = bytes(payload)          # the link reuses its buffer
-        decode_frame(frame)             # full verification before it counts as received
+        ops, _ = decode_frame(frame)    # full verification before it counts as received
         while True:
             try:
                 self.queue.put(h.last_seq, frame)
@@ -214,11 +357,22 @@ class TargetConnection:
         self.received_seq = h.last_seq
         self.frames_received += 1
         self.bytes_received += len(frame)
-        link.send(MsgType.ACK, ACK.pack(h.last_seq))
+        self._ack(link, h.last_seq)
+        if h.count == 1 and ops[0].kind == OpKind.TASK:   # tasks travel alone in a frame
+            self._task_arrived(ops[0])
+
+    def _ack(self, link: Link, seq: int) -> None:
+        with self._send_lock:
+            link.send(MsgType.ACK, ACK.pack(seq))
 
     def status(self) -> dict:
         q = self.queue
+        alert = queue_alert(q, self.disk_limit, self.alert_threshold, self.dir / "queue", self.min_free_bytes)
         return {"conid": self.conid, "map_base": self.map_base, "state": self.state,
+                "pause_reason": self.pause_reason if self._paused.is_set() else "",
+                "waiting": self.gate.waiting if self.gate is not None else None,
+                "in_use": self.gate.stats if self.gate is not None else None,
+                "marks": dict(self.marks), "alert": alert,
                 "error": self.error, "seq_received": self.received_seq,
                 "seq_applied": self.applier.applied_seq, "queue_mem_bytes": q.mem_bytes,
                 "queue_disk_bytes": q.disk_bytes, "frames_received": self.frames_received,

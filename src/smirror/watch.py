@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from . import checksum
-from .inotify import Event, Kind, Watcher
+from .inotify import MOVED_OUT, Event, Kind, Watcher
 from .ops import Op
 from .tree import Rules
 
@@ -87,6 +87,7 @@ class TreeCapture:
         return self.rules is not None and self.rules.excluded(rel, is_dir)
 
     _read_root = None
+    moving_out = False      # True while the ops of a move out of the set are emitted
 
     def _abs(self, rel: bytes) -> bytes:
         root = self._read_root or self.root
@@ -115,13 +116,15 @@ class TreeCapture:
         connection), leaving this capture's cache and output alone."""
         self.mirror_to(emit, {})
 
-    def mirror_to(self, emit, target_known: dict) -> dict:
+    def mirror_to(self, emit, target_known: dict, orphans_out: list | None = None) -> dict:
         """A difference mirror through the stream: compare the set with
         ``target_known`` (what a target holds: entries and, for the files
         whose size or mtime differ, the target's block hashes) and emit to
         ``emit`` only what differs: new entries, changed blocks, attributes.
-        Entries only the target has are left alone (orphans). Returns the
-        counters of the run; this capture's own cache and output are kept."""
+        Entries only the target has are left alone (orphans; their paths
+        are appended to ``orphans_out``, except paths the rules exclude).
+        Returns the counters of the run; this capture's own cache and output
+        are kept."""
         with self._lock:
             saved = self.emit, self.known, self._lost, self.stats
             self.emit, self.known, self._lost = emit, dict(target_known), set()
@@ -141,7 +144,11 @@ class TreeCapture:
                         self._diff_file(rel, emit=False)
                 seen = set()
                 self._walk(b"", emit=True, seen=seen)
-                stats = dict(self.stats, orphans=len(orphans - seen))
+                orphaned = sorted(p for p in orphans - seen
+                                  if not self._excluded(p, target_known[p].kind == stat.S_IFDIR))
+                stats = dict(self.stats, orphans=len(orphaned))
+                if orphans_out is not None:
+                    orphans_out.extend(orphaned)
             finally:
                 self.emit, self.known, self._lost, self.stats = saved
             return stats
@@ -425,7 +432,13 @@ class TreeCapture:
                 self._create(rel, st)
         elif ev.kind == Kind.DELETED:
             self._flush_dirty(force=True)
-            self._delete(rel)
+            # emit callbacks read it: a move out of the set deletes even on
+            # connections that ignore deletes
+            self.moving_out = ev.reason == MOVED_OUT
+            try:
+                self._delete(rel)
+            finally:
+                self.moving_out = False
         elif ev.kind == Kind.MODIFIED:
             self._dirty.setdefault(rel, time.monotonic())
         elif ev.kind == Kind.CLOSED:
@@ -487,12 +500,19 @@ class TreeCapture:
                 self._find_lost()
         return len(events)
 
-    def sync(self, quiet: float = 0.01) -> None:
+    def sync(self, quiet: float = 0.01, max_time: float | None = None) -> None:
         """Handle everything the kernel has reported so far (a rename half
-        still waiting for its pair counts as not handled yet)."""
+        still waiting for its pair counts as not handled yet). With
+        ``max_time``, stop after that long even if events keep coming (a
+        task queued while writers go on marks the state when it was queued,
+        not a later quiet moment)."""
+        deadline = None if max_time is None else time.monotonic() + max_time
         while True:
             while self.poll(quiet) or self.watcher.pending_moves or self._dirty:
-                pass
+                if deadline is not None and time.monotonic() > deadline:
+                    with self._lock:
+                        self._flush_dirty(force=True)
+                    return
             with self._lock:
                 if not self._lost:
                     return

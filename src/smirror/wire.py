@@ -44,6 +44,7 @@ class MsgType(IntEnum):
     READY = 12       # data: target -> source {"last_seq"}: the last op it holds durably
     RESET = 13       # data: source -> target {"seq"}: the stream goes on after seq
                      # (ops before it are gone from the source: a mirror follows)
+    NOTICE = 14      # data: target -> source {"event", ...}: a task was refused, ran, failed
 
 
 class ProtocolError(SmirrorError, ConnectionError):

@@ -1,0 +1,394 @@
+"""Task commands inline in the stream (``smirror queue-task``).
+
+A task is a TASK op in a connection's journal. Its payload (:class:`TaskSpec`,
+UTF-8 JSON) says which commands run where:
+
+* ``on_queue``    on the source, when the task is queued (before it is inserted);
+* ``on_transmit`` on the source, just before the frame holding it is sent;
+* ``on_receive``  on the target, when it arrives (made durable, not applied);
+* ``on_execute``  on the target, when the applier reaches it: every earlier op
+  is applied and no later one is until the command ends or its timeout
+  passes (``timeout`` 0 = do not wait, None = forever).
+
+A task queued for a target goes into every connection to that target at the
+same point of the source's history; the target runs its ``on_execute`` once,
+when every connection of the group has reached it (a barrier), so a backup
+of two replication sets sees both at the same source moment.
+
+Safety (:class:`TaskPolicy`): a daemon runs task commands only when
+``tasks.enabled`` is set, and only executables inside ``tasks.directory``
+(no ``..``, no absolute path or symlink leading elsewhere). Commands run
+without a shell: a command is split into words like a shell would (quotes),
+the first word names the executable. Everything else is refused with an
+error that names the task, the stage and why.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shlex
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from .errors import SmirrorError
+
+log = logging.getLogger("smirror.tasks")
+
+STAGES = ("on_queue", "on_transmit", "on_receive", "on_execute")
+OUTPUT_LIMIT = 64 * 1024          # bytes of a command's output kept (the tail)
+SPEC_VERSION = 1
+
+
+class TaskError(SmirrorError, ValueError):
+    """A task is malformed, or a daemon refused to run one of its commands."""
+
+
+def parse_timeout(value) -> float | None:
+    """``forever`` / None -> None (wait as long as it takes), else seconds >= 0."""
+    if value is None or value == "forever":
+        return None
+    from .units import parse_duration
+    return parse_duration(value, "task timeout")
+
+
+def split_command(text, stage: str) -> list[str]:
+    """A command as words (shell quoting, no shell): ``'backup.sh --full'``."""
+    if isinstance(text, list) and text and all(isinstance(w, str) for w in text):
+        return list(text)
+    if not isinstance(text, str) or not text.strip():
+        raise TaskError(f"{stage.replace('_', '-')}: expected a command, got {text!r}")
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise TaskError(f"{stage.replace('_', '-')} command {text!r}: {exc}") from None
+    if not words:
+        raise TaskError(f"{stage.replace('_', '-')}: empty command")
+    return words
+
+
+@dataclass
+class TaskSpec:
+    """What a TASK op carries."""
+    name: str
+    on_execute: list[str]
+    on_receive: list[str] | None = None
+    on_queue: list[str] | None = None
+    on_transmit: list[str] | None = None
+    timeout: float | None = None          # on-execute wait; None = forever
+    args: list[str] = field(default_factory=list)
+    id: str = ""                          # one id for every connection of the group
+    group: list[int] = field(default_factory=list)   # conids the task went into
+    source: str = ""
+    queued_at: float = 0.0
+
+    @classmethod
+    def build(cls, name, *, on_execute, on_receive=None, on_queue=None, on_transmit=None,
+              timeout=None, args=(), source: str = "") -> "TaskSpec":
+        if not isinstance(name, str) or not name.strip() or "\0" in name or len(name) > 200:
+            raise TaskError(f"task name must be 1-200 characters without NUL, got {name!r}")
+        if on_execute is None:
+            raise TaskError(f"task {name!r}: --on-execute is required")
+        if not all(isinstance(a, str) and "\0" not in a for a in args):
+            raise TaskError(f"task {name!r}: arguments must be strings without NUL")
+        return cls(name=name, on_execute=split_command(on_execute, "on_execute"),
+                   on_receive=split_command(on_receive, "on_receive") if on_receive else None,
+                   on_queue=split_command(on_queue, "on_queue") if on_queue else None,
+                   on_transmit=split_command(on_transmit, "on_transmit") if on_transmit else None,
+                   timeout=parse_timeout(timeout), args=list(args),
+                   id=os.urandom(8).hex(), source=source, queued_at=time.time())
+
+    def encode(self) -> bytes:
+        return json.dumps(dict(asdict(self), v=SPEC_VERSION), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, payload, where: str = "task") -> "TaskSpec":
+        try:
+            obj = json.loads(bytes(payload))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise TaskError(f"{where}: payload is not task JSON: {exc}") from None
+        if not isinstance(obj, dict) or obj.get("v") != SPEC_VERSION:
+            raise TaskError(f"{where}: unknown task format {obj.get('v') if isinstance(obj, dict) else obj!r}")
+        obj.pop("v")
+        try:
+            spec = cls(**obj)
+        except TypeError as exc:
+            raise TaskError(f"{where}: {exc}") from None
+        for stage in STAGES:
+            words = getattr(spec, stage)
+            if words is not None and (not isinstance(words, list) or not words
+                                      or not all(isinstance(w, str) for w in words)):
+                raise TaskError(f"{where}: {stage} must be a list of words, got {words!r}")
+        if not spec.on_execute:
+            raise TaskError(f"{where}: no on_execute command")
+        if spec.timeout is not None and (not isinstance(spec.timeout, (int, float)) or spec.timeout < 0):
+            raise TaskError(f"{where}: bad timeout {spec.timeout!r}")
+        return spec
+
+    def argv(self, stage: str) -> list[str] | None:
+        words = getattr(self, stage)
+        return None if words is None else words + self.args
+
+
+class TaskPolicy:
+    """Which commands this daemon may run: none unless ``enabled``, and only
+    executables inside ``directory``."""
+
+    def __init__(self, enabled: bool, directory: str):
+        self.enabled = enabled
+        self.directory = os.path.realpath(directory) if directory else ""
+
+    @classmethod
+    def from_config(cls, cfg) -> "TaskPolicy":
+        return cls(cfg.tasks.enabled, cfg.tasks.directory)
+
+    def resolve(self, spec: TaskSpec, stage: str) -> list[str]:
+        """The argv to run, its first word an absolute path inside the task
+        directory; raises TaskError saying why a command is refused."""
+        what = f"task {spec.name!r}: {stage.replace('_', '-')} command"
+        argv = spec.argv(stage)
+        if not self.enabled:
+            raise TaskError(f"{what} refused: task processing is disabled on this daemon "
+                            f"(set tasks.enabled = true and tasks.directory)")
+        if not self.directory or not os.path.isdir(self.directory):
+            raise TaskError(f"{what} refused: tasks.directory {self.directory or '(unset)'!r} "
+                            f"is not a directory")
+        exe = argv[0]
+        if "\0" in exe or not exe:
+            raise TaskError(f"{what} refused: bad executable name {exe!r}")
+        path = os.path.realpath(os.path.join(self.directory, exe))
+        if os.path.commonpath([path, self.directory]) != self.directory or path == self.directory:
+            raise TaskError(f"{what} {exe!r} refused: outside the task directory {self.directory}")
+        if not os.path.isfile(path) or not os.access(path, os.X_OK):
+            raise TaskError(f"{what} {exe!r} refused: {path} is not an executable file")
+        return [path, *argv[1:]]
+
+    def check(self, spec: TaskSpec, stages) -> None:
+        for stage in stages:
+            if getattr(spec, stage) is not None:
+                self.resolve(spec, stage)
+
+
+@dataclass
+class TaskResult:
+    """One command run (or refused), as status and the log show it."""
+    task: str
+    id: str
+    stage: str
+    state: str = "running"         # running, ok, failed, refused, timeout, error
+    exit: int | None = None
+    seconds: float = 0.0
+    output: str = ""
+    error: str = ""
+    conids: list[int] = field(default_factory=list)
+    seq: int = 0
+    started: float = 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["output"] = d["output"][-4096:]
+        return d
+
+
+class TaskLog:
+    """The recent task results of a daemon (status shows them)."""
+
+    def __init__(self, keep: int = 50):
+        self._items: collections.deque[TaskResult] = collections.deque(maxlen=keep)
+        self._lock = threading.Lock()
+
+    def add(self, result: TaskResult) -> TaskResult:
+        with self._lock:
+            self._items.append(result)
+        return result
+
+    def recent(self) -> list[dict]:
+        with self._lock:
+            return [r.as_dict() for r in self._items]
+
+
+def run_command(argv: list[str], *, env: dict, cwd: str, timeout: float | None,
+                result: TaskResult, on_done=None) -> TaskResult:
+    """Run ``argv`` (no shell), output captured (its last OUTPUT_LIMIT
+    bytes). Waits up to ``timeout`` (None = until it ends; 0 = not at all);
+    a command still running then is left running, ``result.state`` is
+    ``timeout`` and a thread records its end (``on_done(result)``)."""
+    result.started = time.time()
+    t0 = time.monotonic()
+    out = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    except OSError as exc:
+        out.close()
+        result.state, result.error = "error", f"cannot start {argv[0]}: {exc.strerror or exc}"
+        result.seconds = time.monotonic() - t0
+        _logged(result)
+        return result
+
+    def finish(code: int) -> None:
+        result.exit = code
+        result.seconds = time.monotonic() - t0
+        out.seek(0, os.SEEK_END)
+        size = out.tell()
+        out.seek(max(0, size - OUTPUT_LIMIT))
+        result.output = out.read().decode(errors="replace")
+        out.close()
+        result.state = "ok" if code == 0 else "failed"
+        if code != 0:
+            result.error = f"exit status {code}" if code > 0 else f"killed by signal {-code}"
+        _logged(result)
+        if on_done is not None:
+            on_done(result)
+
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        result.state = "timeout"
+        result.seconds = time.monotonic() - t0
+        log.warning("task %r %s: still running after %.1fs; going on without it",
+                    result.task, result.stage, timeout)
+        threading.Thread(target=lambda: finish(proc.wait()), daemon=True,
+                         name=f"task-{result.task}").start()
+        return result
+    finish(code)
+    return result
+
+
+def _logged(r: TaskResult) -> None:
+    level = logging.INFO if r.state == "ok" else logging.ERROR
+    log.log(level, "task %r %s (connections %s, seq %s): %s%s in %.2fs%s", r.task, r.stage,
+            r.conids, r.seq, r.state, f" ({r.error})" if r.error else "", r.seconds,
+            ("; output:\n" + r.output.rstrip()) if r.output.strip() else "")
+
+
+def task_env(spec: TaskSpec, stage: str, **extra) -> dict:
+    """The environment of a task command: the daemon's, plus what the task
+    needs to know about itself."""
+    env = dict(os.environ)
+    env.update({"SMIRROR_TASK_NAME": spec.name, "SMIRROR_TASK_ID": spec.id,
+                "SMIRROR_TASK_STAGE": stage.replace("_", "-"), "SMIRROR_SOURCE": spec.source,
+                "SMIRROR_TASK_QUEUED_AT": f"{spec.queued_at:.6f}"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class _Group:
+    def __init__(self, spec: TaskSpec):
+        self.spec = spec
+        self.arrived: dict[int, int] = {}     # conid -> seq
+        self.first_arrival = time.monotonic()
+        self.started = False
+        self.done = threading.Event()
+
+
+class TargetTasks:
+    """The target daemon's task runner, shared by its connections.
+
+    ``arrived`` (receiver thread) runs on-receive once per task; ``execute``
+    (applier thread) waits at the barrier until every connection of the
+    task's group reached it (at most ``group_wait`` seconds), runs
+    on-execute once, and returns when it ended or its timeout passed."""
+
+    def __init__(self, policy: TaskPolicy, *, group_wait: float = 600.0, log_: TaskLog | None = None):
+        self.policy = policy
+        self.group_wait = group_wait
+        self.log = log_ or TaskLog()
+        self._groups: dict[tuple[str, str], _Group] = {}
+        self._received: set[tuple[str, str]] = set()
+        self._cond = threading.Condition()
+
+    def waiting(self) -> list[dict]:
+        """Tasks whose group has not fully arrived yet (status)."""
+        with self._cond:
+            return [{"task": g.spec.name, "id": g.spec.id, "arrived": sorted(g.arrived),
+                     "waiting_for": sorted(set(g.spec.group) - set(g.arrived)),
+                     "seconds": round(time.monotonic() - g.first_arrival, 1)}
+                    for g in self._groups.values() if not g.started]
+
+    def arrived(self, spec: TaskSpec, conid: int, seq: int, map_base: str) -> TaskResult | None:
+        """A task reached this target (durable, not yet applied): check it
+        (a refusal is returned, to be reported to the source) and run its
+        on-receive command, once per task, in the background."""
+        key = (spec.source, spec.id)
+        try:
+            self.policy.check(spec, ("on_receive", "on_execute"))
+        except TaskError as exc:
+            return self.log.add(TaskResult(spec.name, spec.id, "on_receive", "refused",
+                                           error=str(exc), conids=[conid], seq=seq))
+        with self._cond:
+            if key in self._received:
+                return None
+            self._received.add(key)
+        if spec.on_receive is None:
+            return None
+        result = self.log.add(TaskResult(spec.name, spec.id, "on_receive", conids=[conid], seq=seq))
+        argv = self.policy.resolve(spec, "on_receive")
+        env = task_env(spec, "on_receive", SMIRROR_CONID=conid, SMIRROR_MAP_BASE=map_base,
+                       SMIRROR_SEQ=seq)
+        threading.Thread(target=run_command, args=(argv,), daemon=True, name=f"task-recv-{spec.name}",
+                         kwargs=dict(env=env, cwd=map_base, timeout=None, result=result)).start()
+        return result
+
+    def execute(self, spec: TaskSpec, conid: int, seq: int, map_base: str,
+                stop: threading.Event | None = None) -> TaskResult | None:
+        """The applier of ``conid`` reached the task. Returns the result of
+        on-execute for the connection that ran it (None for the others and
+        when ``stop`` was set while waiting for the group)."""
+        stop = stop or threading.Event()
+        key = (spec.source, spec.id)
+        group = set(spec.group) or {conid}
+        with self._cond:
+            g = self._groups.get(key)
+            if g is None:
+                g = self._groups[key] = _Group(spec)
+            g.arrived[conid] = seq
+            self._cond.notify_all()
+            deadline = g.first_arrival + self.group_wait
+            while not g.started and not group <= set(g.arrived):
+                left = deadline - time.monotonic()
+                if left <= 0 or stop.is_set():
+                    break
+                self._cond.wait(min(left, 0.5))
+            if stop.is_set() and not g.started:
+                del g.arrived[conid]        # it comes again after the restart
+                return None
+            leader = not g.started
+            g.started = True
+        if not leader:
+            # another connection of the group runs it; this one goes on
+            # when it is done (the same moment for all of them)
+            while not g.done.wait(0.5):
+                if stop.is_set():
+                    return None
+            return None
+        try:
+            missing = sorted(group - set(g.arrived))
+            if missing:
+                log.warning("task %r: connection(s) %s did not reach it within %.0fs: running it "
+                            "for %s", spec.name, missing, self.group_wait, sorted(g.arrived))
+            result = self.log.add(TaskResult(spec.name, spec.id, "on_execute",
+                                             conids=sorted(g.arrived), seq=seq))
+            try:
+                argv = self.policy.resolve(spec, "on_execute")
+            except TaskError as exc:
+                result.state, result.error = "refused", str(exc)
+                _logged(result)
+                return result
+            env = task_env(spec, "on_execute", SMIRROR_CONID=conid, SMIRROR_MAP_BASE=map_base,
+                           SMIRROR_SEQ=seq,
+                           SMIRROR_CONIDS=",".join(map(str, sorted(g.arrived))))
+            return run_command(argv, env=env, cwd=map_base, timeout=spec.timeout, result=result)
+        finally:
+            g.done.set()
+            with self._cond:
+                # forget old groups; a late member of a finished group finds
+                # it (and does not run the task again) for a while
+                now = time.monotonic()
+                for k in [k for k, x in self._groups.items()
+                          if x.done.is_set() and now - x.first_arrival > 2 * self.group_wait + 3600]:
+                    del self._groups[k]
