@@ -37,14 +37,10 @@ from .keep import KeepDirs
 from .ops import Op, OpKind
 from .source import ConnectionJournal, Sender, ignored_delete
 from .target import TargetConnection
-from .tasks import TargetTasks, TaskError, TaskLog, TaskPolicy, TaskResult, TaskSpec, run_command, task_env
+from .tasks import QueuedInto, SourceTasks, TargetTasks, TaskLog, TaskPolicy, TaskSpec
 from .wire import Link, MsgType, ProtocolError
 
 log = logging.getLogger("smirror.daemon")
-
-# queueing a task handles the changes the watcher has seen first; with
-# writers that never pause, this long at most (then the task goes in)
-TASK_SYNC_MAX = 5.0
 
 
 class SourceConnection:
@@ -214,6 +210,7 @@ class Daemon:
         # the results of commands run here
         self.task_policy = TaskPolicy.from_config(config)
         self.task_log = TaskLog()
+        self.source_tasks = SourceTasks(self.task_policy, self.task_log)
         self.target_tasks = TargetTasks(self.task_policy, group_wait=config.tasks.group_wait,
                                         log_=self.task_log)
         self.keep_dirs = KeepDirs(config.target.orphans_dir or self.state_dir / "orphans",
@@ -521,14 +518,10 @@ class Daemon:
         the kernel reported so far and the task goes into each journal."""
         target = parse_hostport(args.get("target", ""), "task target")
         target = f"{target[0]}:{target[1]}"
-        try:
-            spec = TaskSpec.build(args.get("name"), on_execute=args.get("on_execute"),
-                                  on_receive=args.get("on_receive"), on_queue=args.get("on_queue"),
-                                  on_transmit=args.get("on_transmit"), timeout=args.get("timeout"),
-                                  args=args.get("args") or (), source=self.daemon_id)
-            self.task_policy.check(spec, ("on_queue", "on_transmit"))
-        except TaskError as exc:
-            raise ConfigError(str(exc)) from None
+        spec = TaskSpec.build(args.get("name"), on_execute=args.get("on_execute"),
+                              on_receive=args.get("on_receive"), on_queue=args.get("on_queue"),
+                              on_transmit=args.get("on_transmit"), timeout=args.get("timeout"),
+                              args=args.get("args") or (), source=self.daemon_id)
         with self._sources_lock:
             srcs = sorted((s for s in self.sources.values() if s.conn.target == target),
                           key=lambda s: s.conn.conid)
@@ -536,42 +529,10 @@ class Daemon:
             known = sorted({c.target for c in self.registry.connections.values()})
             raise ConfigError(f"task {spec.name!r}: this source has no running connection to {target}"
                               + (f" (its targets: {', '.join(known)})" if known else ""))
-        spec.group = [s.conn.conid for s in srcs]
-        reply = {"task": spec.name, "id": spec.id, "connections": {}}
-        if spec.on_queue is not None:
-            r = self._run_source_hook(spec, "on_queue", spec.group, target)
-            reply["on_queue"] = r.as_dict()
-            if r.state != "ok":
-                raise ConfigError(f"task {spec.name!r} not queued: its on-queue command "
-                                  f"{r.state}: {r.error or r.output[-500:]}")
-        caps = [self.captures[n] for n in sorted({s.conn.repset for s in srcs}) if n in self.captures]
-        payload = spec.encode()
-        held = []
-        try:
-            for cap in caps:                       # a fixed order: no deadlock
-                cap.capture._lock.acquire()
-                held.append(cap)
-                # pending change detection first: the task marks this moment
-                cap.capture.sync(max_time=TASK_SYNC_MAX)
-            for src in srcs:
-                seq = src.journal.append_alone(Op.task(0, spec.name, payload))
-                reply["connections"][str(src.conn.conid)] = seq
-                if spec.on_transmit is not None:
-                    src.sender.before_send[seq] = (
-                        lambda c=src.conn.conid: self._run_source_hook(spec, "on_transmit", [c], target))
-        finally:
-            for cap in reversed(held):
-                cap.capture._lock.release()
-        log.info("task %r (%s) queued for %s on connection(s) %s", spec.name, spec.id, target,
-                 reply["connections"])
-        return reply
-
-    def _run_source_hook(self, spec: TaskSpec, stage: str, conids, target: str) -> TaskResult:
-        result = self.task_log.add(TaskResult(spec.name, spec.id, stage, conids=list(conids)))
-        argv = self.task_policy.resolve(spec, stage)
-        env = task_env(spec, stage, SMIRROR_CONIDS=",".join(map(str, conids)), SMIRROR_TARGET=target)
-        return run_command(argv, env=env, cwd=self.task_policy.directory, timeout=spec.timeout,
-                           result=result)
+        caps = {s.conn.conid: self.captures.get(s.conn.repset) for s in srcs}
+        return self.source_tasks.queue(spec, target, [
+            QueuedInto(s.conn.conid, caps[s.conn.conid].capture if caps[s.conn.conid] else None,
+                       s.journal, s.sender) for s in srcs])
 
     def request(self, user: User, verb: str, args: dict):
         if verb not in self.READ_ONLY and verb != "session":

@@ -51,7 +51,15 @@ class Replication:
     def __init__(self, src, dst, *, capture: str = "watch", mirror: str = "checksum",
                  rules: Rules | None = None, state_dir=None,
                  source_memory_limit="64MiB", target_memory_limit="64MiB",
-                 disk_queue_limit="4GiB", progress=None):
+                 disk_queue_limit="4GiB", progress=None, task_dir=None,
+                 ignore_deletes: str = "off", deleted_keep_days: float = 0.0,
+                 in_use_max_delay: float = 0.0):
+        """``task_dir``: run task commands (:meth:`queue_task`) found in this
+        directory (None: tasks are refused); ``ignore_deletes``: off, keep
+        (deletes are not applied) or move (deleted files go to
+        STATE_DIR/deleted, purged after ``deleted_keep_days``);
+        ``in_use_max_delay``: seconds the ops of a target file open in
+        another process wait (0: no check)."""
         if capture not in ("watch", "api"):
             raise ConfigError(f"capture must be 'watch' or 'api', got {capture!r}")
         if mirror not in MIRROR_MODES:
@@ -69,7 +77,19 @@ class Replication:
         tmem = parse_size(target_memory_limit, "target memory limit")
         disk = parse_size(disk_queue_limit, "disk queue limit")
         os.makedirs(self.dst, exist_ok=True)
-        self.target = TargetConnection(1, self.dst, self.state_dir, memory_limit=tmem, disk_limit=disk)
+        from .keep import KeepDirs
+        from .registry import check_options
+        from .tasks import SourceTasks, TargetTasks, TaskLog, TaskPolicy
+        opts = check_options({"ignore_deletes": ignore_deletes, "deleted_keep_days": deleted_keep_days})
+        self.ignore_deletes, self.deleted_keep_days = opts["ignore_deletes"], opts["deleted_keep_days"]
+        self.task_log = TaskLog()
+        policy = TaskPolicy(task_dir is not None, os.fspath(task_dir) if task_dir else "")
+        self.source_tasks = SourceTasks(policy, self.task_log)
+        self.target = TargetConnection(1, self.dst, self.state_dir, memory_limit=tmem, disk_limit=disk,
+                                       tasks=TargetTasks(policy, log_=self.task_log),
+                                       in_use_max_delay=in_use_max_delay,
+                                       keep_dirs=KeepDirs(self.state_dir / "orphans",
+                                                          self.state_dir / "deleted"))
         # the source queue is not durable: after a restart the initial mirror
         # (or the watcher's resync) brings the target in line again
         qdir = self.state_dir / "source-1"
@@ -106,7 +126,7 @@ class Replication:
         if self.capture_mode == "watch":
             from .watch import TreeCapture
             # watching starts before the mirror: nothing changed meanwhile is missed
-            self.tree_capture = TreeCapture(self.src, self.journal_sink.append, rules=self.rules)
+            self.tree_capture = TreeCapture(self.src, self._capture_sink(), rules=self.rules)
         if self.mirror_mode != "none":
             self._initial_mirror()
         if self.tree_capture is not None:
@@ -115,9 +135,52 @@ class Replication:
             t.start()
             self._threads.append(t)
         else:
-            self.journal = Recorder(self.src, self.journal_sink.append)
+            self.journal = Recorder(self.src, self._capture_sink())
         self.sender.start()
         return self
+
+    def _capture_sink(self):
+        """Where captured ops go: the journal, with deletes turned into
+        ignored-delete marks when this replication ignores deletes (a move
+        out of the set still deletes)."""
+        if self.ignore_deletes == "off":
+            return self.journal_sink.append
+        from .ops import OpKind
+        from .source import ignored_delete
+        append, mode, days = self.journal_sink.append, self.ignore_deletes, self.deleted_keep_days
+
+        def sink(op):
+            if op.kind in (OpKind.DELETE, OpKind.RMDIR) and not (
+                    self.tree_capture is not None and self.tree_capture.moving_out):
+                op = ignored_delete(op, mode, days)
+            return append(op)
+        return sink
+
+    # -- backup controls ---------------------------------------------------------
+    def queue_task(self, name: str, *, on_execute, on_receive=None, on_queue=None,
+                   on_transmit=None, timeout=None, args=()) -> dict:
+        """Queue a task command inline: ``on_execute`` runs (in the target
+        directory, from ``task_dir``) once every change recorded before this
+        call is applied, and no later change is applied until it ends or
+        ``timeout`` seconds passed (None: forever; 0: do not wait). With
+        watcher capture, the changes the watcher saw so far go first.
+        Commands are strings (shell-like words, no shell) or lists of words."""
+        from .tasks import QueuedInto, TaskSpec
+        spec = TaskSpec.build(name, on_execute=on_execute, on_receive=on_receive, on_queue=on_queue,
+                              on_transmit=on_transmit, timeout=timeout, args=args, source="local")
+        return self.source_tasks.queue(spec, "local", [
+            QueuedInto(1, self.tree_capture, self.journal_sink, self.sender)])
+
+    def tasks(self) -> list[dict]:
+        """Recent task results (both sides), oldest first."""
+        return self.task_log.recent()
+
+    def pause_target(self) -> None:
+        """Stop applying after the frame being applied; receiving goes on."""
+        self.target.pause()
+
+    def resume_target(self) -> None:
+        self.target.resume()
 
     def _initial_mirror(self) -> None:
         from .mirror import Mirror, MirrorOptions

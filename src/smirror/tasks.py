@@ -277,6 +277,83 @@ def task_env(spec: TaskSpec, stage: str, **extra) -> dict:
     return env
 
 
+# queueing a task handles the changes the watcher has seen first; with
+# writers that never pause, this long at most (then the task goes in)
+TASK_SYNC_MAX = 5.0
+
+
+@dataclass
+class QueuedInto:
+    """One connection a task goes into: its id, the watcher feeding it
+    (None for library capture), its journal and its sender."""
+    conid: int
+    capture: object
+    journal: object
+    sender: object
+
+
+class SourceTasks:
+    """The source side of tasks: on-queue, the insertion into every
+    connection of the group at one point of the source's history, and
+    on-transmit just before each connection sends it."""
+
+    def __init__(self, policy: TaskPolicy, log_: TaskLog | None = None):
+        self.policy = policy
+        self.log = log_ or TaskLog()
+
+    def queue(self, spec: TaskSpec, target: str, into: list[QueuedInto]) -> dict:
+        """Run on-queue (a failure: nothing queued, TaskError), then, with
+        every watcher of those connections held, handle what the kernel has
+        reported so far and append the task alone in a frame to each journal.
+        Returns ``{"task", "id", "connections": {conid: seq}, "on_queue"}``."""
+        self.policy.check(spec, ("on_queue", "on_transmit"))
+        spec.group = [q.conid for q in into]
+        reply: dict = {"task": spec.name, "id": spec.id, "connections": {}}
+        if spec.on_queue is not None:
+            r = self.run_hook(spec, "on_queue", spec.group, target)
+            reply["on_queue"] = r.as_dict()
+            if r.state != "ok":
+                raise TaskError(f"task {spec.name!r} not queued: its on-queue command "
+                                f"{r.state}: {r.error or r.output[-500:]}")
+        captures = []
+        for q in into:
+            if q.capture is not None and all(q.capture is not c for c in captures):
+                captures.append(q.capture)
+        captures.sort(key=lambda c: c.root)        # one order everywhere: no deadlock
+        payload = spec.encode()
+        from .ops import Op
+        held = []
+        try:
+            for cap in captures:
+                cap._lock.acquire()
+                held.append(cap)
+                cap.sync(max_time=TASK_SYNC_MAX)     # the task marks this moment
+            for q in into:
+                seq = q.journal.append_alone(Op.task(0, spec.name, payload))
+                reply["connections"][str(q.conid)] = seq
+                if spec.on_transmit is not None:
+                    q.sender.before_send[seq] = (
+                        lambda c=q.conid: self.run_hook(spec, "on_transmit", [c], target))
+        finally:
+            for cap in reversed(held):
+                cap._lock.release()
+        log.info("task %r (%s) queued for %s on connection(s) %s", spec.name, spec.id, target,
+                 reply["connections"])
+        return reply
+
+    def run_hook(self, spec: TaskSpec, stage: str, conids, target: str) -> TaskResult:
+        result = self.log.add(TaskResult(spec.name, spec.id, stage, conids=list(conids)))
+        try:
+            argv = self.policy.resolve(spec, stage)
+        except TaskError as exc:
+            result.state, result.error = "refused", str(exc)
+            _logged(result)
+            return result
+        env = task_env(spec, stage, SMIRROR_CONIDS=",".join(map(str, conids)), SMIRROR_TARGET=target)
+        return run_command(argv, env=env, cwd=self.policy.directory, timeout=spec.timeout,
+                           result=result)
+
+
 class _Group:
     def __init__(self, spec: TaskSpec):
         self.spec = spec
