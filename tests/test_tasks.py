@@ -257,13 +257,20 @@ def test_watch_capture_task_flushes_pending_changes_first(tmp_path, taskdir):
     src, dst, copy = tmp_path / "src", tmp_path / "dst", tmp_path / "copy"
     src.mkdir()
     with Replication(src, dst, capture="watch", state_dir=tmp_path / "state", task_dir=taskdir) as rep:
-        for i in range(50):
-            (src / f"f{i}").write_bytes(os.urandom(5000))
-        (src / "d").mkdir()
-        os.rename(src / "f0", src / "d" / "f0")
-        state = snapshot(src)
-        rep.queue_task("snap", on_execute="copy-tree", args=[str(copy)])
-        for i in range(50, 60):
+        # the watcher is held back while the changes are made: when the task
+        # is queued, all of them are still waiting in the kernel's queue
+        with rep.tree_capture._lock:
+            for i in range(100):
+                (src / f"f{i}").write_bytes(os.urandom(20_000))
+            (src / "d").mkdir()
+            os.rename(src / "f0", src / "d" / "f0")
+            (src / "f1").write_bytes(b"rewritten")
+            os.unlink(src / "f2")
+            rep.queue_task("snap", on_execute="copy-tree", args=[str(copy)])
+            state = snapshot(src)          # nothing was written since the task was queued
+        for i in range(100, 110):
             (src / f"f{i}").write_bytes(b"later")
+        (src / "f3").write_bytes(b"changed later")
         assert rep.wait(30)
+        assert diff(snapshot(src), snapshot(dst)) == []
     assert diff(state, snapshot(copy)) == []
