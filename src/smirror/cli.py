@@ -45,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # a verb whose trailing ARGs may come after its options (queue-task
+        # NAME --to T --on-execute CMD ARG ...) takes the words left over
+        if getattr(args, "trailing_args", False) and not any(w.startswith("-") for w in extra):
+            args.args.extend(extra)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
         print(version_text())
         return EXIT_OK

@@ -104,7 +104,7 @@ def add_parsers(sub) -> None:
                    help="how long applying waits for on-execute (0: not at all; default forever)")
     p.add_argument("args", nargs="*", metavar="ARG", help="arguments added to every command")
     _host_option(p)
-    p.set_defaults(run=run_queue_task)
+    p.set_defaults(run=run_queue_task, trailing_args=True)
 
     p = sub.add_parser("conid", help="find a connection id: conid REPSET to TARGET map base PATH")
     p.add_argument("words", nargs="+", metavar="WORD")
