@@ -259,7 +259,8 @@ def test_target_that_lost_its_state_is_mirrored_again(nodes):
     source, target, env, tmp = nodes
     src, dst = replicate_data(source, target, env, tmp)
     target.kill()
-    shutil.rmtree(target.dir / "state" / "targets")     # its queues and applied seq are gone
+    shutil.rmtree(target.dir / "state" / "targets")     # its applied seq ...
+    shutil.rmtree(target.dir / "state" / "queues")      # ... and its queues are gone
     shutil.rmtree(dst)                                   # and so is the replica
     (src / "after.txt").write_text("written while the target was away")
     target.start()

@@ -207,7 +207,8 @@ def test_ignore_deletes_and_orphan_policy_per_connection(tmp_path):
 def test_pause_with_heavy_writes_spills_on_both_sides_then_resumes_in_order(tmp_path):
     both = '[queues]\nsource_memory_limit = "256KiB"\ntarget_memory_limit = "256KiB"\n'
     with pair(tmp_path, source_extra=both + 'disk_queue_limit = "256MiB"\n',
-              target_extra=both + 'disk_queue_limit = "4MiB"\n') as (source, target, env):
+              target_extra=both + 'disk_queue_limit = "4MiB"\n'
+              + f'disk_queue_dir = "{tmp_path / "spill"}"\n') as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
         login(target, env, "repl")
         target.cli("pause-target")
@@ -220,6 +221,7 @@ def test_pause_with_heavy_writes_spills_on_both_sides_then_resumes_in_order(tmp_
         wait_for(lambda: status(source)["sources"][0]["queue_disk_bytes"] > 0, what="source spill")
         t = status(target)["targets"][0]
         assert t["queue_disk_bytes"] > 0 and t["apply_state"] == "paused", t
+        assert [p.name for p in (tmp_path / "spill").iterdir()] == [f"target-{t['source']}-1"]
         assert snapshot(dst) == before
         target.cli("resume-target")
         assert wait_same(src, dst, 90), source.log()[-3000:]

@@ -274,3 +274,35 @@ def test_watch_capture_task_flushes_pending_changes_first(tmp_path, taskdir):
         assert rep.wait(30)
         assert diff(snapshot(src), snapshot(dst)) == []
     assert diff(state, snapshot(copy)) == []
+
+
+def test_paused_target_holds_the_task_until_resume(tmp_path, taskdir):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    runs = tmp_path / "runs"
+    with Replication(src, dst, capture="api", mirror="none", state_dir=tmp_path / "state",
+                     task_dir=taskdir) as rep:
+        rep.pause_target()
+        rep.queue_task("snap", on_execute=f"record {runs}")
+        rep.journal.create("after")
+        assert not rep.wait(1.0)
+        assert not runs.exists() and not (dst / "after").exists()
+        rep.resume_target()
+        assert rep.wait(10)
+        assert runs.read_text() == "on-execute snap\n" and (dst / "after").exists()
+
+
+def test_a_failing_task_pauses_applying_when_configured_to(tmp_path, taskdir):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    with Replication(src, dst, capture="api", mirror="none", state_dir=tmp_path / "state",
+                     task_dir=taskdir) as rep:
+        rep.target.stop_on_task_failure = True
+        rep.queue_task("bad", on_execute="fail")
+        rep.journal.create("after")
+        assert not rep.wait(1.5)
+        st = rep.target.status()
+        assert st["apply_state"] == "paused" and "task 'bad' failed" in st["pause_reason"]
+        assert not (dst / "after").exists()
+        rep.resume_target()
+        assert rep.wait(10) and (dst / "after").exists()

@@ -49,7 +49,7 @@ class SourceConnection:
     def __init__(self, daemon: "Daemon", conn):
         self.conn = conn
         cfg = self.cfg = daemon.config
-        qdir = self.qdir = daemon.state_dir / "queues" / f"source-{conn.conid}"
+        qdir = self.qdir = cfg.queue_dir / f"source-{conn.conid}"
         self.queue = SpillQueue(str(qdir), cfg.queues.source_memory_limit, cfg.queues.disk_queue_limit,
                                 segment_size=segment_size_for(cfg.queues.disk_queue_limit),
                                 min_free_bytes=cfg.queues.min_free_space, fsync=cfg.queues.fsync)
@@ -479,6 +479,7 @@ class Daemon:
                     tgt.close()
                 cfg = self.config
                 tgt = TargetConnection(conid, map_base, self.state_dir / "targets" / source,
+                                       queue_dir=self._target_queue_dir(source, conid),
                                        memory_limit=cfg.queues.target_memory_limit,
                                        disk_limit=cfg.queues.disk_queue_limit,
                                        min_free_bytes=cfg.queues.min_free_space,
@@ -491,6 +492,19 @@ class Daemon:
                 tgt.source = source
                 self.targets[key] = tgt
         tgt.serve(link)
+
+    def _target_queue_dir(self, source: str, conid: int) -> Path:
+        """Where the durable queue of an incoming connection lives:
+        under ``queues.disk_queue_dir`` (default STATE_DIR/queues). A queue
+        left at an older place (the setting changed) is used where it is
+        until it drains: acknowledged ops are never dropped."""
+        wanted = self.config.queue_dir / f"target-{source}-{conid}"
+        legacy = self.state_dir / "targets" / source / f"target-{conid}" / "queue"
+        if legacy != wanted and legacy.is_dir() and any(legacy.iterdir()):
+            log.warning("connection %s from %s: its target queue stays in %s (disk_queue_dir "
+                        "is %s) until it is empty", conid, source, legacy, self.config.queue_dir)
+            return legacy
+        return wanted
 
     def _control_link(self, link: Link, user: User) -> None:
         while not self._stop.is_set():

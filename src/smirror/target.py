@@ -41,17 +41,20 @@ class TargetConnection:
                  disk_limit: int = 1 << 30, min_free_bytes: int = 0, fsync: str = "segment",
                  on_task=None, on_mark=None, apply: bool = True, paused: bool = False,
                  tasks=None, stop_on_task_failure: bool = False, in_use_max_delay: float = 0.0,
-                 keep_dirs=None, alert_threshold: float = 50.0):
+                 keep_dirs=None, alert_threshold: float = 50.0, queue_dir=None):
         """``tasks``: the daemon's :class:`~smirror.tasks.TargetTasks` (None:
         every task is refused); ``in_use_max_delay``: seconds the ops of a
         file open elsewhere may wait (0: no check); ``keep_dirs``: a
         :class:`~smirror.keep.KeepDirs` for orphans and deleted files moved
-        aside (None: such marks are only counted)."""
+        aside (None: such marks are only counted); ``queue_dir``: the
+        durable queue's directory (default: ``queue`` beside the applied
+        state)."""
         self.conid = conid
         self.map_base = os.fsdecode(os.path.abspath(os.fsencode(map_base)))
         self.dir = Path(state_dir) / f"target-{conid}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.queue = SpillQueue(str(self.dir / "queue"), memory_limit, disk_limit,
+        self.queue_dir = Path(queue_dir) if queue_dir is not None else self.dir / "queue"
+        self.queue = SpillQueue(str(self.queue_dir), memory_limit, disk_limit,
                                 segment_size=segment_size_for(disk_limit),
                                 min_free_bytes=min_free_bytes, fsync=fsync, durable=True)
         self.tasks = tasks
@@ -367,7 +370,7 @@ class TargetConnection:
 
     def status(self) -> dict:
         q = self.queue
-        alert = queue_alert(q, self.disk_limit, self.alert_threshold, self.dir / "queue", self.min_free_bytes)
+        alert = queue_alert(q, self.disk_limit, self.alert_threshold, self.queue_dir, self.min_free_bytes)
         return {"conid": self.conid, "map_base": self.map_base, "state": self.state,
                 "pause_reason": self.pause_reason if self._paused.is_set() else "",
                 "waiting": self.gate.waiting if self.gate is not None else None,
