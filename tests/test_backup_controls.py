@@ -16,7 +16,6 @@ from smirror.memqueue import SpillQueue, queue_alert
 from smirror.ops import MARK_ORPHAN_MOVE, Op, OpKind
 from smirror.orphans import orphan_ops
 from smirror.replicate import Replication
-from smirror.tree import Rules
 from smirror.watch import Known
 from treestate import diff, snapshot
 

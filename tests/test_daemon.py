@@ -16,12 +16,14 @@ from treestate import diff, snapshot
 from workload import Workload
 
 @contextlib.contextmanager
-def running_pair(tmp_path, **node_options):
+def running_pair(tmp_path, source_extra="", target_extra="", **node_options):
     """A source daemon (admin user 'admin', logs in to targets as 'repl')
-    and a target daemon (admin user 'repl'), both started."""
+    and a target daemon (admin user 'repl'), both started; ``extra`` config
+    text goes to both, ``source_extra`` / ``target_extra`` to one."""
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
-    source = Node(tmp_path, "source", env, links_user="repl", **node_options)
-    target = Node(tmp_path, "target", env, **node_options)
+    extra = node_options.pop("extra", "")
+    source = Node(tmp_path, "source", env, links_user="repl", extra=extra + source_extra, **node_options)
+    target = Node(tmp_path, "target", env, extra=extra + target_extra, **node_options)
     source.add_user("admin", "admin")
     target.add_user("repl", "admin")
     source.start()

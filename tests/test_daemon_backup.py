@@ -3,17 +3,13 @@ queued with the CLI fire on the target at the source moment they mark
 (a tree copy, a SQLite WAL backup), refusals come back to the source,
 ignore-deletes and the orphan policy per connection, and a paused target
 under heavy writes with both queues spilling to disk."""
-import contextlib
 import json
 import os
-import signal
 import sqlite3
-import threading
 import time
 
-from daemons import Node
 from smirror.capture import Recorder
-from test_daemon import login, replicate_data, wait_same
+from test_daemon import login, replicate_data, running_pair, wait_same
 from treestate import diff, snapshot
 from workload import Workload
 
@@ -30,21 +26,7 @@ def tasks_config(directory, enabled=True):
     return f'[tasks]\nenabled = {"true" if enabled else "false"}\ndirectory = "{directory}"\n'
 
 
-@contextlib.contextmanager
-def pair(tmp_path, source_extra="", target_extra=""):
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
-    source = Node(tmp_path, "source", env, links_user="repl", extra=source_extra)
-    target = Node(tmp_path, "target", env, extra=target_extra)
-    source.add_user("admin", "admin")
-    target.add_user("repl", "admin")
-    source.start()
-    target.start()
-    try:
-        yield source, target, env
-    finally:
-        for n in (source, target):
-            if n.proc and n.proc.poll() is None:
-                n.kill(signal.SIGTERM)
+pair = running_pair
 
 
 def status(node):
@@ -186,6 +168,9 @@ def test_ignore_deletes_and_orphan_policy_per_connection(tmp_path):
         assert wait_same(src, dst, 30), source.log()[-3000:]     # orphans deleted by the mirror
         st = status(source)["sources"][0]
         assert st["options"]["ignore_deletes"] == "keep" and st["mirror"]["orphans_deleted"] == 3
+        m = wait_for(lambda: status(source)["sources"][0]["mirror"]["state"] == "done"
+                     and status(source)["sources"][0]["mirror"], what="the mirror acknowledged")
+        assert m["progress"] == 100.0 and m["last_seq"] >= m["first_seq"] >= 1
         os.unlink(src / "b")
         (src / "keep" / "a").write_text("edited")
         wait_for(lambda: (dst / "keep" / "a").read_text() == "edited", what="the edit")

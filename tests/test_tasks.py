@@ -2,9 +2,7 @@
 directory policy, the barrier across connections, and, end to end in the
 embedded engine, a task whose on-execute copies the target tree while the
 source keeps changing."""
-import json
 import os
-import stat
 import threading
 import time
 
@@ -12,8 +10,8 @@ import pytest
 
 from smirror.errors import ConfigError
 from smirror.replicate import Replication
-from smirror.tasks import (TargetTasks, TaskError, TaskLog, TaskPolicy, TaskResult, TaskSpec,
-                           run_command, split_command)
+from smirror.tasks import (TargetTasks, TaskError, TaskPolicy, TaskResult, TaskSpec,
+                           run_command)
 from treestate import diff, snapshot
 from workload import Workload
 

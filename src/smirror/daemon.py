@@ -34,7 +34,7 @@ from .errors import AuthError, ConfigError, QueueFull, SmirrorError
 from .memqueue import SpillQueue, queue_alert, segment_size_for
 from .registry import Registry
 from .keep import KeepDirs
-from .ops import Op, OpKind
+from .ops import OpKind
 from .source import ConnectionJournal, Sender, ignored_delete
 from .target import TargetConnection
 from .tasks import QueuedInto, SourceTasks, TargetTasks, TaskLog, TaskPolicy, TaskSpec
@@ -48,6 +48,7 @@ class SourceConnection:
 
     def __init__(self, daemon: "Daemon", conn):
         self.conn = conn
+        self.daemon = daemon
         cfg = self.cfg = daemon.config
         qdir = self.qdir = cfg.queue_dir / f"source-{conn.conid}"
         self.queue = SpillQueue(str(qdir), cfg.queues.source_memory_limit, cfg.queues.disk_queue_limit,
@@ -70,11 +71,27 @@ class SourceConnection:
     mirror_stats = None
     mirror_pending_reset = False
 
+    def mirror_progress(self) -> dict | None:
+        """The connection's last (or running) stream mirror: ``scanning``
+        while its ops are being queued (live counters), ``sending`` until the
+        target acknowledged its last op, then ``done``."""
+        cap = self.daemon.captures.get(self.conn.repset)
+        if cap is not None and cap.mirroring == self.conn.conid:
+            return dict(cap.capture.stats, state="scanning")
+        m = self.mirror_stats
+        if not m:
+            return m
+        acked, first, last = self.sender.acked_seq, m["first_seq"], m["last_seq"]
+        if acked >= last:
+            return dict(m, state="done", progress=100.0)
+        done = max(0, acked - first + 1) * 100.0 / max(1, last - first + 1)
+        return dict(m, state="sending", progress=round(done, 1))
+
     def status(self) -> dict:
         st = self.sender.status()
         q = self.queue
         st.update(repset=self.conn.repset, target=self.conn.target, map_base=self.conn.map_base,
-                  mirror=self.mirror_stats, options=self.conn.options(),
+                  mirror=self.mirror_progress(), options=self.conn.options(),
                   alert=queue_alert(q, self.cfg.queues.disk_queue_limit, self.cfg.queues.alert_threshold,
                                     self.qdir, self.cfg.queues.min_free_space))
         return st
@@ -95,6 +112,7 @@ class RepsetCapture:
         self.on_full = on_full        # (conid, QueueFull) -> None: auto-disconnect
         self.targets: dict[int, ConnectionJournal] = {}
         self.conns: dict[int, object] = {}           # conid -> registry Connection (its options)
+        self.mirroring: int | None = None             # conid whose mirror is being queued
         self._lock = threading.Lock()
         self.capture = TreeCapture(repset.root, self._emit, rules=repset.compiled_rules() or None)
         self.thread = threading.Thread(target=self.capture.run, daemon=True,
@@ -141,11 +159,17 @@ class RepsetCapture:
         append = _waiting_append(journal)
         with self.capture._lock:
             found: list[bytes] = []
-            stats = self.capture.mirror_to(append, known, orphans_out=found)
-            ops, ostats = orphan_ops(found, known, conn.orphans, conn.orphans_older_than_days)
-            for op in ops:
-                append(op)
-        stats.update(ostats)
+            first = journal.last_seq + 1
+            self.mirroring = conn.conid        # status reads the live counters meanwhile
+            try:
+                stats = self.capture.mirror_to(append, known, orphans_out=found)
+                ops, ostats = orphan_ops(found, known, conn.orphans, conn.orphans_older_than_days)
+                for op in ops:
+                    append(op)
+            finally:
+                self.mirroring = None
+            journal.flush_waiting()
+        stats.update(ostats, first_seq=first, last_seq=journal.last_seq, finished_at=time.time())
         if found:
             log.log(logging.WARNING if conn.orphans == "report" else logging.INFO,
                     "connection %s: %d orphan(s), %d bytes, under %s: %s", conn.conid, len(found),

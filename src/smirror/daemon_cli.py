@@ -381,6 +381,12 @@ def run_status(args) -> int:
             notes.append(f"    connection {s['conid']}: ignore deletes {opts['ignore_deletes']}, "
                          f"orphans {opts['orphans']}")
         m = s.get("mirror") or {}
+        if m.get("state") == "scanning":
+            notes.append(f"    connection {s['conid']}: mirror scanning: {m.get('ops', 0)} ops, "
+                         f"{format_size(m.get('bytes_sent', 0))} of changed blocks queued so far")
+        elif m.get("state") == "sending":
+            notes.append(f"    connection {s['conid']}: mirror sending: {m['progress']:.0f}% of "
+                         f"{m.get('ops', 0)} ops acknowledged")
         if m.get("orphans"):
             notes.append(f"    connection {s['conid']}: last mirror found {m['orphans']} orphan(s), "
                          f"{format_size(m.get('orphan_bytes', 0))} ({m.get('orphan_policy', 'report')})")

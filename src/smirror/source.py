@@ -134,6 +134,18 @@ class ConnectionJournal:
         for op in ops:
             self.append(op)
 
+    def flush_waiting(self, timeout: float = 600.0) -> None:
+        """flush(), waiting up to ``timeout`` for room in a full queue."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.flush()
+                return
+            except QueueFull:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
     def flush(self) -> bool:
         """Close the open frame (if any); True when one was queued."""
         with self._lock:

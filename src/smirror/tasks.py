@@ -400,6 +400,8 @@ class TargetTasks:
         with self._cond:
             if key in self._received:
                 return None
+            if len(self._received) > 10_000:       # ids of long-done tasks
+                self._received.clear()
             self._received.add(key)
         if spec.on_receive is None:
             return None
