@@ -312,7 +312,7 @@ class Daemon:
             known = {}
         elif mirror:
             try:
-                known = self.remote_known(conn)
+                known = self.remote_known(conn, signatures=mirror != "different")
             except (SmirrorError, OSError) as exc:
                 if fallback_full:
                     log.warning("connection %s: cannot read the target (%s): sending the whole set",
@@ -353,7 +353,7 @@ class Daemon:
         cfg = self.config.reconnect
         if not cfg.auto_reconnect:
             return
-        mode = {"none": False, "full": "full", "different": True, "checksum": True}[cfg.remirror]
+        mode = {"none": False, "full": "full", "different": "different", "checksum": True}[cfg.remirror]
         while not self._stop.wait(cfg.retry_interval):
             conn = self.registry.connections.get(conid)
             if conn is None:
@@ -404,10 +404,11 @@ class Daemon:
         self.counters.setdefault(conn.conid, dict.fromkeys(
             ("auto_disconnects", "reconnects", "remirrors"), 0))["remirrors"] += 1
 
-    def remote_known(self, conn) -> dict:
+    def remote_known(self, conn, signatures: bool = True) -> dict:
         """What the target holds under the map base, as the watcher's cache
-        entries: a listing, plus block hashes of the files whose size or
-        mtime differ from the source (the checksum difference mirror)."""
+        entries: a listing, plus (``signatures``) block hashes of the files
+        whose size or mtime differ from the source: the checksum difference
+        mirror; without them such files are sent whole (``different``)."""
         import stat as st_
         import numpy as np
         from .checksum import block_size_for
@@ -429,7 +430,7 @@ class Daemon:
                         s = os.lstat(os.path.join(repset.root, name))
                     except OSError:
                         continue
-                    if st_.S_ISREG(s.st_mode) and (s.st_size, s.st_mtime_ns) != (size, mtime_ns):
+                    if signatures and st_.S_ISREG(s.st_mode) and (s.st_size, s.st_mtime_ns) != (size, mtime_ns):
                         hexes = client.call("target.signature", map_base=conn.map_base, path=name,
                                             block_size=k.block_size)
                         k.strong = np.frombuffer(bytes.fromhex(hexes), dtype="<u8").reshape(-1, 2).copy()
@@ -620,7 +621,9 @@ class Daemon:
             conn = reg.connection(args.get("conid"))
             with self._sources_lock:
                 self._stop_source(conn.conid)
-                src = self._start_source(conn, mirror="full" if args.get("full") else True)
+                mode = "full" if args.get("full") else \
+                    "different" if args.get("different") and not args.get("checksum") else True
+                src = self._start_source(conn, mirror=mode)
             return {"conid": conn.conid, "mirror": src.mirror_stats}
         if verb == "connection.set":
             conn = reg.set_options(args.get("conid"), args.get("options") or {})

@@ -114,8 +114,10 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("mirror-start", help="run a mirror of a connection through its stream "
                                             "(checksum differences by default)")
     p.add_argument("conid", type=int)
-    p.add_argument("--different", action="store_true", help="(the default) only what differs")
-    p.add_argument("--checksum", action="store_true", help="(the default) compare block hashes")
+    p.add_argument("--different", action="store_true",
+                   help="only files whose size or mtime differ; alone: sent whole")
+    p.add_argument("--checksum", action="store_true",
+                   help="(the default) of those, only the blocks whose hashes differ")
     p.add_argument("--full", action="store_true", help="send the whole set")
     _host_option(p)
     p.set_defaults(run=run_mirror_start)
@@ -323,7 +325,8 @@ def run_conid(args) -> int:
 
 def run_mirror_start(args) -> int:
     with _client(args) as c:
-        r = c.call("mirror-start", conid=args.conid, full=args.full)
+        r = c.call("mirror-start", conid=args.conid, full=args.full, different=args.different,
+                   checksum=args.checksum)
         m = r.get("mirror") or {}
         _print(args, r, f"connection {r['conid']}: mirror queued: {m.get('ops', 0)} ops, "
                         f"{m.get('bytes_sent', 0)} bytes of changed blocks, {m.get('orphans', 0)} orphans")
