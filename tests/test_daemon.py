@@ -112,8 +112,9 @@ def test_replication_between_two_daemons(nodes):
                                  "--json").stdout)["conid"] == conid
     st = json.loads(source.cli("status", "--json").stdout)
     assert st["sources"][0]["state"] == "connected" and st["sources"][0]["seq_acked"] > 0
+    assert 0 < st["sources"][0]["lag_ms_p50"] <= st["sources"][0]["lag_ms_p99"]
     table = source.cli("status").stdout
-    assert "data" in table and "connected" in table
+    assert "data" in table and "connected" in table and " ms" in table
     # the target's own status shows the incoming connection
     login(target, env, "watcher")
     tst = json.loads(target.cli("status", "--json").stdout)

@@ -350,6 +350,10 @@ def run_disconnect(args) -> int:
     return EXIT_OK
 
 
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.1f} s"
+
+
 def run_status(args) -> int:
     from .units import format_size
     with _client(args) as c:
@@ -360,14 +364,15 @@ def run_status(args) -> int:
     lines = [f"daemon {st['daemon']} on {st['listen']}" + ("  (target side PAUSED)" if st.get("paused") else "")]
     if st["sources"]:
         lines.append(f"{'ID':>3}  {'REPSET':<12} {'TARGET':<21} {'STATE':<12} {'CAPTURED':>9} "
-                     f"{'ACKED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10}")
+                     f"{'ACKED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10} {'LAG P99':>8}")
         for s in st["sources"]:
             if "repset" not in s:          # down (auto-disconnected), waiting to reconnect
                 lines.append(f"{s['conid']:>3}  {'':<12} {'':<21} {s['state']}")
                 continue
             lines.append(f"{s['conid']:>3}  {s['repset']:<12} {s['target']:<21} {s['state']:<12} "
                          f"{s['seq_captured']:>9} {s['seq_acked']:>9} "
-                         f"{format_size(s['queue_mem_bytes']):>10} {format_size(s['queue_disk_bytes']):>10}")
+                         f"{format_size(s['queue_mem_bytes']):>10} {format_size(s['queue_disk_bytes']):>10} "
+                         f"{_ms(s.get('lag_ms_p99')):>8}")
     if st["targets"]:
         lines.append(f"{'ID':>3}  {'SOURCE':<16} {'MAP BASE':<30} {'APPLY':<13} {'RECEIVED':>9} "
                      f"{'APPLIED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10}")

@@ -404,9 +404,18 @@ class Sender:
                 self.acked_seq = seq
             self._acked.notify_all()
 
+    def lag(self) -> tuple[float | None, float | None]:
+        """p50 and p99 of the recent capture -> acknowledged times (ms)."""
+        recent = sorted(self.lag_ms[-1000:])
+        if not recent:
+            return None, None
+        return recent[len(recent) // 2], recent[int(len(recent) * 0.99)]
+
     def status(self) -> dict:
         q = self.queue
+        p50, p99 = self.lag()
         return {"conid": self.conid, "state": self.state, "last_error": self.last_error,
+                "lag_ms_p50": p50, "lag_ms_p99": p99,
                 "seq_captured": self.journal.last_seq, "seq_sent": self.sent_seq,
                 "seq_acked": self.acked_seq, "queue_mem_bytes": q.mem_bytes,
                 "queue_disk_bytes": q.disk_bytes, "bytes_sent": self.bytes_sent,
