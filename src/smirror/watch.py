@@ -26,7 +26,8 @@ import time
 import numpy as np
 
 from . import checksum
-from .inotify import Event, Kind, Watcher
+from . import fanotify, inotify
+from .inotify import Event, Kind
 from .ops import Op
 from .tree import Rules
 
@@ -34,6 +35,32 @@ log = logging.getLogger("smirror.watch")
 
 _READ_CHUNK = 8 << 20
 _ZERO = 0
+
+BACKENDS = ("auto", "fanotify", "inotify")
+# the backend a TreeCapture uses when its caller names none (the daemon's
+# captures, for one)
+BACKEND_ENV = "SMIRROR_CAPTURE_BACKEND"
+
+
+def open_watcher(root, exclude=None, backend: str | None = None):
+    """The watcher of ``root`` and why it is that one: fanotify where the
+    process may place a filesystem mark and the kernel and filesystem
+    support it, else inotify (``backend="auto"``); ``"fanotify"`` or
+    ``"inotify"`` forces one (a forced fanotify that cannot run raises
+    :class:`smirror.fanotify.FanotifyUnavailable`). None reads
+    ``$SMIRROR_CAPTURE_BACKEND`` (default auto)."""
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV) or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"capture backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "inotify":
+        return inotify.Watcher(root, exclude=exclude), "inotify requested"
+    try:
+        return fanotify.Watcher(root, exclude=exclude), "fanotify filesystem mark"
+    except fanotify.FanotifyUnavailable as exc:
+        if backend == "fanotify":
+            raise
+        return inotify.Watcher(root, exclude=exclude), f"inotify: fanotify unavailable ({exc.strerror})"
 
 
 class Known:
@@ -60,7 +87,8 @@ class TreeCapture:
     moment)."""
 
     def __init__(self, root, emit, *, rules: Rules | None = None, owner: bool | None = None,
-                 settle: float = 0.002, verify_interval: float | None = 300.0):
+                 settle: float = 0.002, verify_interval: float | None = 300.0,
+                 capture_backend: str | None = None):
         self.root = os.fsencode(os.path.abspath(root))
         self.emit = emit
         self.rules = rules if rules else None
@@ -80,8 +108,22 @@ class TreeCapture:
         self._stop = threading.Event()
         self._buf = bytearray(_READ_CHUNK)
         self.stats = {"events": 0, "ops": 0, "resyncs": 0, "bytes_sent": 0, "bytes_skipped": 0}
-        self.watcher = Watcher(self.root, exclude=self._excluded)
+        t0 = time.monotonic()
+        self.watcher, self.backend_reason = open_watcher(self.root, self._excluded, capture_backend)
+        self.backend = self.watcher.backend
+        self.start_seconds = time.monotonic() - t0
+        log.info("capture of %s: %s watcher on %d directories, started in %.3f s (%s)",
+                 os.fsdecode(self.root), self.backend, self.watcher.watched_dirs,
+                 self.start_seconds, self.backend_reason)
         self.last_rescan_reason = ""
+
+    def status(self) -> dict:
+        """What this capture reports: its watcher backend and counters."""
+        w = self.watcher
+        return dict(self.stats, backend=self.backend, backend_reason=self.backend_reason,
+                    watched_dirs=w.watched_dirs, overflows=w.overflows,
+                    watch_failures=w.watch_failures, start_seconds=round(self.start_seconds, 6),
+                    last_rescan_reason=self.last_rescan_reason)
 
     def _excluded(self, rel: bytes, is_dir: bool) -> bool:
         return self.rules is not None and self.rules.excluded(rel, is_dir)
