@@ -418,14 +418,17 @@ class Watcher:
         try:
             fd = open_by_handle(self._mount_fd, handle)
         except OSError:
-            return None                   # gone: had it been inside, the map would hold it
-        try:
-            where = os.readlink(f"/proc/self/fd/{fd}".encode())
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        if where == self.root or where.startswith(self.root + b"/"):
+            where = None                  # gone: had it been inside, the map would hold it
+        else:
+            try:
+                where = os.readlink(f"/proc/self/fd/{fd}".encode())
+            except OSError:
+                where = None
+            finally:
+                os.close(fd)
+        if where is None:
+            pass
+        elif where == self.root or where.startswith(self.root + b"/"):
             rel = where[len(self.root) + 1:]
             if not self._excluded_path(rel) and not self._arrives_later(rel):
                 # inside but never seen arriving: an event of its arrival is
@@ -533,10 +536,10 @@ class Watcher:
                     self._dirs.pop(child_h, None)
                 self._out.append(Event(Kind.DELETED, path, is_dir))
             return
+        if mask & FAN_MODIFY:
+            self._out.append(Event(Kind.MODIFIED, path, is_dir))
         if mask & FAN_CLOSE_WRITE:
             self._out.append(Event(Kind.CLOSED, path, is_dir))
-        elif mask & FAN_MODIFY:
-            self._out.append(Event(Kind.MODIFIED, path, is_dir))
         if mask & FAN_ATTRIB:
             self._out.append(Event(Kind.ATTRIB, path, is_dir))
 
