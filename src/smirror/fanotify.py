@@ -17,7 +17,9 @@ which is missing):
   content under the wrong name. With the child's handle the kernel only
   merges events on the same inode under the same name, so an event merged
   into an earlier one still names what it happened to;
-* a filesystem whose file handles decode (open_by_handle_at).
+* a filesystem whose file handles decode (open_by_handle_at), and no other
+  mount inside the root (the mark covers one filesystem; mounts made inside
+  the root after the start are not seen either).
 
 How events become tree events:
 
@@ -45,14 +47,19 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
+import re
 import select
 import struct
+import tempfile
 import time
 from dataclasses import dataclass
 
 from .errors import SmirrorError
 from .inotify import Event, Kind, WatchError, _join
+
+log = logging.getLogger("smirror.fanotify")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
@@ -275,10 +282,46 @@ def _open_group(root: bytes, unlimited_queue: bool = False) -> tuple[int, int, b
     return fd, mount_fd, root_handle
 
 
-def unavailable_reason(root) -> str | None:
-    """Why fanotify cannot watch ``root`` here, None when it can."""
+def mounts_below(root: bytes) -> list[bytes]:
+    """Mount points strictly inside ``root`` (from /proc/self/mountinfo)."""
+    prefix = root.rstrip(b"/") + b"/"
     try:
-        fd, mount_fd, _ = _open_group(os.fsencode(os.path.realpath(root)))
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) > 4:
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            if point.startswith(prefix):
+                out.append(point)
+    return out
+
+
+def _check_no_mounts_below(root: bytes) -> None:
+    # the mark is on one filesystem, and handles name a directory within one
+    # filesystem only: a mount inside the set would go unseen
+    inner = mounts_below(root)
+    if inner:
+        raise FanotifyUnavailable(errno.EXDEV, f"{os.fsdecode(inner[0])} is mounted inside "
+                                  f"{os.fsdecode(root)}: one filesystem mark does not see it")
+
+
+def unavailable_reason(root=None) -> str | None:
+    """Why fanotify cannot watch ``root`` here, None when it can; without
+    ``root``, a fresh directory in the temporary directory is tried."""
+    if root is None:
+        probe = tempfile.mkdtemp(prefix="smirror-fanotify-probe-")
+        try:
+            return unavailable_reason(probe)
+        finally:
+            os.rmdir(probe)
+    root = os.fsencode(os.path.realpath(root))
+    try:
+        _check_no_mounts_below(root)
+        fd, mount_fd, _ = _open_group(root)
     except FanotifyUnavailable as exc:
         return exc.strerror
     os.close(fd)
@@ -301,6 +344,7 @@ class Watcher:
         self.root = os.fsencode(os.path.realpath(root))
         self.exclude = exclude
         self.fd = self._mount_fd = -1
+        _check_no_mounts_below(self.root)
         self.fd, self._mount_fd, self._root_handle = _open_group(self.root, unlimited_queue)
         self._buf = bytearray(buffer_size)
         self._dirs: dict[bytes, tuple[bytes | None, bytes]] = {}
@@ -309,6 +353,7 @@ class Watcher:
         self._batch: list[RawEvent] | tuple = ()    # the events of the read being handled
         self._batch_pos = 0
         self.overflows = 0
+        self.format_errors = 0       # reads whose records did not parse
         self.handle_lookups = 0      # handles resolved through open_by_handle_at
         try:
             self._map_tree(b"")
@@ -485,10 +530,19 @@ class Watcher:
                 n = os.readv(self.fd, [self._buf])
             except BlockingIOError:
                 return
-            self._batch = parse_events(memoryview(self._buf)[:n])
-            for self._batch_pos, ev in enumerate(self._batch):
-                self._handle(ev)
-            self._batch = ()
+            try:
+                self._batch = parse_events(memoryview(self._buf)[:n])
+                for self._batch_pos, ev in enumerate(self._batch):
+                    self._handle(ev)
+            except EventFormatError as exc:
+                # what this read held is unknown: resync all of it, keep watching
+                self.format_errors += 1
+                log.error("%s: %s", os.fsdecode(self.root), exc)
+                self._outside.clear()
+                self._map_tree(b"")
+                self._out.append(Event(Kind.RESCAN, b"", True, reason=f"unreadable events: {exc}"))
+            finally:
+                self._batch = ()
             if n < len(self._buf) // 2:
                 return
 
