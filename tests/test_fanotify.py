@@ -221,6 +221,15 @@ def test_a_directory_the_map_lost_is_rescanned(tmp_path):
         assert ev[0].kind == Kind.RESCAN and ev[0].path == b"a/b"
         assert (Kind.CREATED, b"a/b/new") in [(e.kind, e.path) for e in ev]
         assert h_b in w._dirs
+        # with the directory above it lost too, the rescan is of that one
+        # (the capture knows its parent), once, not once per event
+        del w._dirs[h_b], w._dirs[name_to_handle(os.fsencode(root / "a"))]
+        later = []
+        for name in ("one", "two"):
+            (root / "a" / "b" / name).write_bytes(b"n")
+            later += collect(w)
+        assert [(e.kind, e.path) for e in later if e.kind == Kind.RESCAN] == [(Kind.RESCAN, b"a")]
+        assert (Kind.CREATED, b"a/b/two") in [(e.kind, e.path) for e in later]
 
 
 @needs_fanotify

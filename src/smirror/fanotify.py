@@ -32,8 +32,10 @@ How events become tree events:
 * a handle not in the map is resolved once (open_by_handle_at, then
   readlink of /proc/self/fd/N): outside the root it goes into a bounded
   set of handles to skip (the mark sees the whole filesystem); inside the
-  root it is a directory this watcher did not see arrive, and is reported
-  as a RESCAN of it;
+  root it is a directory this watcher did not see arrive: when a directory
+  rename later in the same read brings it in, the event happened outside
+  and is skipped (the scan of the arrival reports the result); otherwise
+  the highest directory above it that the map lacks is a RESCAN;
 * FAN_RENAME reports both names in one event: inside to inside is MOVED,
   out of the tree DELETED, into it CREATED with a scan of what it holds;
 * the kernel merges an event into a queued one on the same inode and name:
@@ -477,15 +479,31 @@ class Watcher:
             rel = where[len(self.root) + 1:]
             if not self._excluded_path(rel) and not self._arrives_later(rel):
                 # inside but never seen arriving: an event of its arrival is
-                # still queued, or was lost; a rescan of it is right either way
-                self._out.append(Event(Kind.RESCAN, rel, True,
+                # still queued, or was lost; a rescan is right either way, of
+                # the highest directory the map lacks (the capture knows the
+                # one above it), and the map takes in all of that subtree
+                top = self._first_unmapped(rel)
+                self._out.append(Event(Kind.RESCAN, top, True,
                                        reason="directory unknown to the fanotify watcher"))
-                self._map_tree(rel)
+                self._map_tree(top)
                 return rel
         if len(self._outside) >= OUTSIDE_CACHE_LIMIT:
             self._outside.clear()
         self._outside.add(handle)
         return None
+
+    def _first_unmapped(self, rel: bytes) -> bytes:
+        """The highest directory on the way from the root to ``rel`` whose
+        handle the map does not hold (``rel`` itself when all above are)."""
+        parts = rel.split(b"/")
+        for i in range(1, len(parts)):
+            prefix = b"/".join(parts[:i])
+            try:
+                if name_to_handle(self._abs(prefix)) not in self._dirs:
+                    return prefix
+            except OSError:
+                break
+        return rel
 
     def _excluded_path(self, rel: bytes) -> bool:
         if self.exclude is None:
