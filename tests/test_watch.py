@@ -329,7 +329,7 @@ def test_fanotify_captures_past_the_inotify_watch_limit(tmp_path):
     for d in dirs:
         d.mkdir(parents=True)
     pipe = Pipe(dst)
-    with sysctl("/proc/sys/fs/inotify/max_user_watches", 100) as _:
+    with sysctl("/proc/sys/fs/inotify/max_user_watches", 100):
         with open_watcher(src, backend="inotify")[0] as ino:
             assert ino.watch_failures > 0           # the limit bites for inotify
         cap = TreeCapture(src, pipe, capture_backend="fanotify")

@@ -21,22 +21,25 @@ fanotify where it can run, else inotify; ``status()`` and the log say which
 one runs and why):
 
 * fanotify (:mod:`smirror.fanotify`; root or CAP_SYS_ADMIN, Linux >= 5.17,
-  a filesystem with decodable file handles): one filesystem mark, no kernel
+  a filesystem with decodable file handles, no other mount inside the
+  set): one filesystem mark, no kernel
   object per directory, so no directory limit but the process's memory,
   about 170 bytes of it per directory (the handle map). Start-up is one
-  walk noting each directory's handle: 10,051 directories in 0.20 s
-  (1.1x a bare os.walk of the tree), 100,501 in 2.5 s (1.4x the walk).
+  walk noting each directory's handle: 10,051 directories in 0.19-0.20 s
+  (0.8-1.1x a bare os.walk of the tree), 100,501 in 1.8-2.5 s (0.9-1.4x).
   The mark sees the whole filesystem: an event elsewhere costs its parse
   and a set lookup, plus one handle lookup per directory first seen;
 * inotify (:mod:`smirror.inotify`; anyone): one watch per directory, at
   most ``fs.inotify.max_user_watches`` for all of the user's processes
   together (192,530 on the test machine), each up to about 1 KiB of kernel
   memory; a directory past the limit is resynced once and then seen only
-  by the periodic verification. Start-up: 10,051 directories in 0.35 s
-  (1.9x the walk), 100,501 in 2.9 s (1.6x).
+  by the periodic verification. Start-up: 10,051 directories in
+  0.17-0.35 s (1.0-1.9x the walk), 100,501 in 1.7-2.9 s (1.0-1.6x).
 
-(best of 3 on a 2-core machine shared with other jobs; the spread was up to
-+50%; ``benchmarks/bench_watch.py`` measures it.)
+So both start in about the time of the walk; what fanotify adds is no
+directory limit and no kernel memory per directory. (Ranges: the best of 3
+rounds in each of 3 runs of ``benchmarks/bench_watch.py``, ratios against
+the walk of the same run, on a 2-core machine shared with other jobs.)
 """
 from __future__ import annotations
 
