@@ -107,7 +107,12 @@ def test_gate_checks_each_file_once_per_frame_and_skips_directories(tmp_path):
 
 
 # -- ignore deletes --------------------------------------------------------------------
-def test_ignore_deletes_keep_and_move_out_still_deletes(tmp_path):
+@pytest.mark.parametrize("backend", ["inotify", "fanotify"])
+def test_ignore_deletes_keep_and_move_out_still_deletes(tmp_path, monkeypatch, backend):
+    from smirror import fanotify
+    if backend == "fanotify" and fanotify.unavailable_reason(str(tmp_path)):
+        pytest.skip(f"fanotify: {fanotify.unavailable_reason(str(tmp_path))}")
+    monkeypatch.setenv("SMIRROR_CAPTURE_BACKEND", backend)
     src, dst, outside = tmp_path / "src", tmp_path / "dst", tmp_path / "outside"
     (src / "dir").mkdir(parents=True)
     outside.mkdir()
@@ -122,6 +127,7 @@ def test_ignore_deletes_keep_and_move_out_still_deletes(tmp_path):
         os.rename(src / "b", src / "b2")             # renames inside still rename
         assert rep.wait(20)
         st = rep.target.status()
+        assert rep.tree_capture.status()["backend"] == backend
     assert (dst / "a").read_text() == "a" and (dst / "dir" / "c").read_text() == "dir/c"
     assert not (dst / "moved-away").exists()         # a move out of the set deletes
     assert (dst / "b2").read_text() == "edited" and not (dst / "b").exists()

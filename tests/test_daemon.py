@@ -113,6 +113,7 @@ def test_replication_between_two_daemons(nodes):
     st = json.loads(source.cli("status", "--json").stdout)
     assert st["sources"][0]["state"] == "connected" and st["sources"][0]["seq_acked"] > 0
     assert 0 < st["sources"][0]["lag_ms_p50"] <= st["sources"][0]["lag_ms_p99"]
+    assert st["sources"][0]["capture"]["backend"] in ("fanotify", "inotify")
     table = source.cli("status").stdout
     assert "data" in table and "connected" in table and " ms" in table
     # the target's own status shows the incoming connection

@@ -71,6 +71,12 @@ class SourceConnection:
     mirror_stats = None
     mirror_pending_reset = False
 
+    def _capture_status(self) -> dict | None:
+        """The repset's watcher: backend (fanotify or inotify, and why),
+        directories watched, events, resyncs."""
+        cap = self.daemon.captures.get(self.conn.repset)
+        return None if cap is None else cap.capture.status()
+
     def mirror_progress(self) -> dict | None:
         """The connection's last (or running) stream mirror: ``scanning``
         while its ops are being queued (live counters), ``sending`` until the
@@ -92,6 +98,7 @@ class SourceConnection:
         q = self.queue
         st.update(repset=self.conn.repset, target=self.conn.target, map_base=self.conn.map_base,
                   mirror=self.mirror_progress(), options=self.conn.options(),
+                  capture=self._capture_status(),
                   alert=queue_alert(q, self.cfg.queues.disk_queue_limit, self.cfg.queues.alert_threshold,
                                     self.qdir, self.cfg.queues.min_free_space))
         return st

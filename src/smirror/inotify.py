@@ -83,6 +83,8 @@ class Watcher:
     """Watches ``root`` recursively. ``read(timeout)`` returns the events that
     are ready (an empty list after ``timeout`` seconds without any)."""
 
+    backend = "inotify"
+
     def __init__(self, root, *, exclude=None, buffer_size: int = 1 << 20):
         self.root = os.fsencode(os.path.abspath(root))
         self.exclude = exclude           # callable(relpath: bytes, is_dir) -> bool

@@ -12,7 +12,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser(
         "replicate", help="replicate a directory to another continuously",
         description="Mirror SRC to DST, then replicate every change as it happens "
-                    "(inotify watcher, changed blocks only) until Ctrl-C or SIGTERM.")
+                    "(fanotify or inotify watcher, changed blocks only) until Ctrl-C or SIGTERM.")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     p.add_argument("--mirror", choices=("checksum", "different", "full", "none"), default="checksum",
