@@ -13,13 +13,15 @@ Vocabulary
 * delta: instructions that rebuild the source from the target's blocks plus
   literal source bytes: ``(COPY, target_offset, length)`` and
   ``(LITERAL, source_offset, length)``.
+
+numpy is imported only by the calls that make or compare signatures (it
+costs ~0.1 s to load): digests and deltas of a run that needs no signature
+never load it.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from . import _checksum as _k
 from .errors import DeltaError
@@ -84,6 +86,11 @@ def strong_digest(data) -> bytes:
     return _k.strong_digest(data)
 
 
+StreamDigest = _k.StreamDigest
+"""XXH3-128 fed in pieces: ``d = StreamDigest(); d.update(buf); d.digest()``
+equals :func:`strong_digest` of the pieces joined (16 bytes)."""
+
+
 def file_digest(path) -> bytes:
     """XXH3-128 of a whole file, read in large chunks with the GIL released."""
     fd = os.open(path, os.O_RDONLY)
@@ -137,6 +144,7 @@ def changed_blocks(old: Signature, new: Signature) -> np.ndarray:
     Blocks present in only one of them count as changed."""
     if old.block_size != new.block_size:
         raise DeltaError(f"block sizes differ: {old.block_size} vs {new.block_size}")
+    import numpy as np
     n = min(old.count, new.count)
     diff = np.flatnonzero(np.any(old.strong[:n] != new.strong[:n], axis=1))
     # a short last block hashes its own length in, so no special case is needed

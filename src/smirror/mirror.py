@@ -58,6 +58,9 @@ class _Future:
         self.value = None
         self.error = None
 
+    def wait(self):
+        self.done.wait()
+
     def result(self):
         self.done.wait()
         if self.error is not None:
@@ -296,6 +299,7 @@ class Mirror:
         self._lock = threading.Lock()
         self._wanted_xattr = xattr_filter()
         self._fatal = None
+        self._hash_pool = None
         self._orphan_skip = ()
         if self.opts.orphans == "move":
             odir = os.path.realpath(os.fsencode(self.opts.orphan_dir))
@@ -664,8 +668,6 @@ class Mirror:
         # largest first keeps both workers busy to the end
         order = sorted(files, key=lambda f: f[1].size, reverse=True)
         threads = min(self.opts.threads, len(order))
-        self._hash_pool = (_Helpers(self.opts.threads, "smirror-hash")
-                           if self.opts.checksum else None)
         try:
             if threads == 1:
                 for item in order:
@@ -677,8 +679,17 @@ class Mirror:
         finally:
             if self._hash_pool is not None:
                 self._hash_pool.shutdown()
+                self._hash_pool = None
             if progress is not None:
                 progress.finish()
+
+    def _helpers(self) -> "_Helpers":
+        """The threads hashing the target side of large files, started on
+        first use (most runs have no large file to compare)."""
+        with self._lock:
+            if self._hash_pool is None:
+                self._hash_pool = _Helpers(self.opts.threads, "smirror-hash")
+            return self._hash_pool
 
     def _run_workers(self, order, threads):
         it = iter(order)
@@ -802,15 +813,22 @@ class Mirror:
             dsize = d.size
             bs = self.opts.block_size
             progress = self.progress
-            if size == dsize and size < PARALLEL_SIDES_MIN:
-                # up to mid-size: a whole-file digest per side in this thread
-                # (far cheaper than block signatures, and a hand-off to another
-                # thread costs more than hashing a few MiB); blocks only if they differ
+            if size == dsize and (size < PARALLEL_SIDES_MIN or s.mtime_ns == d.mtime_ns):
+                # a whole-file digest per side first (far cheaper than block
+                # signatures: no arrays, no numpy), blocks only if they differ:
+                # for every file up to mid-size, and for a large one the quick
+                # check calls unchanged (then it almost always is). Large: the
+                # target side on a helper thread at the same time; smaller ones
+                # in this thread (a hand-off costs more than hashing a few MiB)
+                fut = (self._helpers().submit(self.target.digest, rel, size)
+                       if size >= PARALLEL_SIDES_MIN else None)
                 try:
                     digest_s = fd_digest(fd, size)
                 except MirrorError:
+                    if fut is not None:
+                        fut.wait()
                     raise SourceChanged() from None
-                digest_d = self.target.digest(rel, size)
+                digest_d = fut.result() if fut is not None else self.target.digest(rel, size)
                 if digest_s == digest_d:
                     if progress is not None:
                         progress.advance(size)
@@ -831,7 +849,7 @@ class Mirror:
             if size == dsize:
                 bs = bs or checksum.block_size_for(size)
                 # large: source here, target on a helper thread, both at once
-                fut = (self._hash_pool.submit(self.target.signature, rel, bs, False)
+                fut = (self._helpers().submit(self.target.signature, rel, bs, False)
                        if size >= PARALLEL_SIDES_MIN else None)
                 try:
                     sig_s = fd_signature(fd, size, bs, False)

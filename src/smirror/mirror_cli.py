@@ -118,7 +118,6 @@ def _text_summary(d: dict) -> str:
 
 def run(args) -> int:
     from .mirror import Mirror, MirrorOptions, show
-    from .progress import Progress
     from .tree import Rules
 
     def fail(message, code):
@@ -137,7 +136,10 @@ def run(args) -> int:
     except ConfigError as exc:
         return fail(exc, EXIT_USAGE)
     show_bar = not args.quiet and not args.json and sys.stderr.isatty()
-    progress = Progress(sys.stderr, enabled=True) if show_bar else None
+    progress = None
+    if show_bar:
+        from .progress import Progress
+        progress = Progress(sys.stderr, enabled=True)
     try:
         summary = Mirror(args.src, args.dst, options, progress).run()
     except KeyboardInterrupt:
@@ -151,13 +153,13 @@ def run(args) -> int:
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         return fail(f"{exc.strerror or exc}{where}", EXIT_FAILED)
-    import json
-    data = summary.to_dict()
     for rel, message in summary.errors:
         print(f"smirror mirror: {show(rel)}: {message}", file=sys.stderr)
     if args.json:
-        print(json.dumps(data))
+        import json
+        print(json.dumps(summary.to_dict()))
     elif not args.quiet:
+        data = summary.to_dict()
         for action, rel in summary.actions:
             print(f"would {action}: {show(rel)}")
         if orphans == "report":

@@ -216,12 +216,57 @@ def _pread_signature(fd: int, length: int, block_size: int, weak: bool, start: i
 _DIGEST_ONESHOT = 4 << 20
 
 
+def _mapped_digest(fd: int, length: int):
+    """XXH3-128 of a large file hashed from leased mapping windows (no copy
+    through a buffer: ~1.6x the speed of preads here); None when no lease
+    can be had. A lease break (a writer waiting) stops the mapping at the
+    next window and the rest is read with preads into the same digest."""
+    import mmap
+    from . import checksum
+    if not _take_read_lease(fd):
+        return None
+    try:
+        if os.fstat(fd).st_size != length:
+            raise MirrorError(f"file changed length while being read (expected {length} bytes)")
+        state = checksum.StreamDigest()
+        deadline = time.monotonic() + _lease_break_seconds() / 3
+        off = 0
+        while off < length:
+            if not _lease_intact(fd) or time.monotonic() > deadline:
+                break
+            n = min(_MMAP_WINDOW, length - off)
+            m = mmap.mmap(fd, n, prot=mmap.PROT_READ, offset=off)
+            try:
+                state.update(m)
+            finally:
+                m.close()
+            off += n
+        if off < length:
+            view = memoryview(aligned_buffer(_SIG_CHUNK))
+            while off < length:
+                want = min(len(view), length - off)
+                got = read_full(fd, view[:want], off)
+                if got != want:
+                    raise MirrorError(f"file changed length while being read (expected "
+                                      f"{length} bytes, found {off + got})")
+                state.update(view[:want])
+                off += want
+        return state.digest()
+    finally:
+        _drop_lease(fd)
+
+
 def fd_digest(fd: int, length: int) -> bytes:
     """XXH3-128 of an open file of ``length`` bytes (the same value as
     :func:`smirror.checksum.file_digest`). Raises MirrorError if it is
     shorter; small files are read up to ``length`` only, so a caller that
-    must notice growth compares an fstat afterwards."""
+    must notice growth compares an fstat afterwards. Files of 32 MiB or
+    more are hashed from a mapping under a read lease when one can be had."""
     from . import checksum
+    if length >= _MMAP_MIN:
+        digest = _mapped_digest(fd, length)
+        if digest is not None:
+            return digest
     if length <= _DIGEST_ONESHOT:
         view = memoryview(aligned_buffer(max(_SIG_CHUNK, length)))[:length]
         got = read_full(fd, view, 0)
