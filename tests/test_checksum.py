@@ -331,6 +331,19 @@ def test_read_error_is_an_oserror(kernel, tmp_path, reader_thread):
         os.close(fd)
 
 
+def test_signature_is_read_only_and_checks_its_count():
+    sig = checksum.signature(rand_bytes(10000, 2), 4096)
+    assert (sig.block_size, sig.length, sig.count) == (4096, 10000, 3)
+    assert sig.block_range(2) == (8192, 10000 - 8192)
+    with pytest.raises(AttributeError, match="read-only"):
+        sig.count = 5
+    with pytest.raises(AttributeError, match="read-only"):
+        del sig.weak
+    with pytest.raises(DeltaError, match="must have 3 entries, has 2"):
+        checksum.Signature(4096, 10000, sig.strong[:2], None)
+    assert "count=3" in repr(sig)
+
+
 def test_file_signature_facade(tmp_path):
     data = rand_bytes(100000, 4)
     path = tmp_path / "x"
