@@ -782,7 +782,9 @@ class Mirror:
         progress = self.progress if advance else None
         w = self.target.create_temp(rel)
         try:
-            copied = w.copy_from(fd, st1.st_size, progress.advance if progress else None)
+            # blocks covering the size: no holes to look for
+            copied = w.copy_from(fd, st1.st_size, progress.advance if progress else None,
+                                 dense=st1.st_blocks * 512 >= st1.st_size)
             xattrs = self._src_xattrs(fd)
             self._check_same(fd, st1)
             w.commit(entry_from_stat(st1), xattrs)
