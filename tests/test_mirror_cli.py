@@ -38,6 +38,8 @@ def test_json_summary_and_exit_code_0(tmp_path):
     assert data["files_scanned"] == 1 and data["created"] == 2
     assert data["bytes_literal"] == 5000 and data["errors"] == [] and data["orphans"] == 0
     assert proc.stderr == b""              # not a tty: no progress bar
+    # the command's own time from main() on covers the mirror's run
+    assert 0 < data["seconds"] <= data["main_seconds"] < 60
 
 
 def test_text_summary_lists_orphans_and_quiet_is_silent(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from . import native_status
 from .errors import SmirrorError
@@ -52,6 +53,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(argv[0] if argv else None)
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
     if not args.verb:
         parser.print_help()
         return EXIT_USAGE
+    args.started = started      # for a verb that reports its own run time
     try:
         return args.run(args)
     except KeyboardInterrupt:
