@@ -5,7 +5,8 @@ Modes (as in the Double-Take "mirror" and rsync):
 * full (default): every file is written again;
 * ``different``: only files whose size or mtime differ (rsync's quick check);
 * ``checksum``: files present on both sides are compared - by whole-file
-  digest first (files under 32 MiB), then block by block - and only
+  digest first (files under 32 MiB, and larger ones whose size and mtime
+  are equal), then block by block - and only
   differing blocks are written, in place; a file whose size changed (or
   whose content shifted) is rebuilt from a rolling delta; files under 1 MiB
   that differ are rewritten whole. With ``different`` too, only the files
@@ -15,8 +16,9 @@ Modes (as in the Double-Take "mirror" and rsync):
 The :class:`Mirror` plans from two listings (source: scanned here; target:
 asked from a :class:`~smirror.target_local.TargetSide`) and executes through
 that same interface, so a remote target daemon can stand in for the local
-directory. Checksum work imports :mod:`smirror.checksum` (and numpy) lazily:
-a quick check of an unchanged tree stays light.
+directory. Checksum work imports :mod:`smirror.checksum` lazily, and numpy
+loads only once block signatures are made: a quick check, or a checksum
+run over unchanged files, stays light.
 """
 from __future__ import annotations
 
