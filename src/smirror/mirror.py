@@ -458,7 +458,7 @@ class Mirror:
                 rewritten.add(rel)
             else:
                 summary.unchanged += 1
-                if not _same_meta(s, d, owner) or opts.xattrs:
+                if opts.xattrs or not _same_meta(s, d, owner):
                     self.meta.append((rel, s, d))
         # hard links already right on the target need nothing
         self._rewritten = rewritten
