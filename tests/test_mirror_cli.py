@@ -191,7 +191,7 @@ def test_quick_check_does_not_import_numpy(tmp_path):
     loaded = _modules_loaded_by(args, tmp_path)                        # nothing to do
     heavy = {"numpy", "smirror.checksum", "smirror._checksum", "concurrent.futures", "logging",
              "smirror.daemon_cli", "smirror.config", "smirror.replicate_cli", "dataclasses",
-             "json", "smirror.progress"} & loaded
+             "json", "smirror.progress", "queue"} & loaded
     assert not heavy, heavy
 
 

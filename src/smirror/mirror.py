@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
 import stat
 import threading
 import time
@@ -76,6 +75,7 @@ class _Helpers:
     check of an unchanged tree is a matter of tens of milliseconds.)"""
 
     def __init__(self, count: int, name: str):
+        import queue        # here: most runs start no helper (queue imports heapq)
         self._queue = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._loop, name=name, daemon=True)
                          for _ in range(count)]
@@ -398,6 +398,7 @@ class Mirror:
         self.hardlinks = []      # (rel, leader rel, dst entry or None)
         self.meta = []           # (rel, src entry, dst entry): same data, check metadata
         self.dirs = []           # (rel, src entry, dst entry or None)
+        quick = opts.different or opts.newer
         fresh = set()            # dirs created now: nothing under them exists yet
         leaders = {}             # (dev, ino) -> first path of a hard-link group
         rewritten = set()        # files getting a new inode (temp + rename)
@@ -458,6 +459,9 @@ class Mirror:
                 rewritten.add(rel)
             else:
                 summary.unchanged += 1
+                if quick and s.ctime_ns < d.ctime_ns - CTIME_MARGIN_NS \
+                        and _same_meta(s, d, owner):
+                    continue        # as in _execute's metadata pass: nothing changed since
                 if opts.xattrs or not _same_meta(s, d, owner):
                     self.meta.append((rel, s, d))
         # hard links already right on the target need nothing
