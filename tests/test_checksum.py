@@ -146,6 +146,48 @@ def test_block_signature_matches_reference(data, block_size, with_weak):
         assert w1 is None and w2 is None
 
 
+@FAST
+@given(data=st.binary(max_size=300_000), cuts=st.lists(st.integers(0, 300_000), max_size=6))
+def test_stream_digest_equals_one_shot(kernel, data, cuts):
+    """Fed in any pieces (some of 64 KiB or more: hashed without the GIL),
+    the stream digest is the one-shot XXH3-128 of the whole."""
+    d = kernel.StreamDigest()
+    prev = 0
+    for cut in sorted(c for c in cuts if c <= len(data)) + [len(data)]:
+        d.update(memoryview(data)[prev:cut])
+        prev = cut
+    assert d.digest() == _checksum.strong_digest(data) == xxhash.xxh3_128(data).digest()
+
+
+def test_stream_digest_takes_mappings_and_refuses_non_buffers(kernel, tmp_path):
+    path = tmp_path / "m"
+    path.write_bytes(rand_bytes(200_000, 9))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        d = kernel.StreamDigest()
+        d.update(m)
+        assert d.digest() == xxhash.xxh3_128(path.read_bytes()).digest()
+    with pytest.raises(TypeError, match="StreamDigest.update: expected a bytes-like"):
+        kernel.StreamDigest().update("text")
+
+
+def test_digests_do_not_load_numpy():
+    """numpy (~0.1 s to import) loads only when a signature (arrays) is
+    made: digests, weak sums and stream digests work without it."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "from smirror import checksum, _checksum\n"
+            "assert checksum.strong_digest(b'abc') == _checksum.strong_digest(b'abc')\n"
+            "d = checksum.StreamDigest(); d.update(b'a' * 100000); d.digest()\n"
+            "checksum.weak_checksum(b'abc'); checksum.block_size_for(1 << 30)\n"
+            "assert 'numpy' not in sys.modules, 'numpy loaded by a digest'\n"
+            "sig = checksum.signature(b'x' * 10000, 4096)\n"
+            "assert 'numpy' in sys.modules and sig.strong.dtype.name == 'uint64'\n"
+            "assert len(checksum.changed_blocks(sig, sig)) == 0\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_large_signature_matches_reference():
     data = rand_bytes(3 * 1024 * 1024 + 77, 5)
     for bs in (4096, 8192, 65536, 1 << 20):
@@ -287,6 +329,19 @@ def test_read_error_is_an_oserror(kernel, tmp_path, reader_thread):
             kernel.fd_digest(fd)
     finally:
         os.close(fd)
+
+
+def test_signature_is_read_only_and_checks_its_count():
+    sig = checksum.signature(rand_bytes(10000, 2), 4096)
+    assert (sig.block_size, sig.length, sig.count) == (4096, 10000, 3)
+    assert sig.block_range(2) == (8192, 10000 - 8192)
+    with pytest.raises(AttributeError, match="read-only"):
+        sig.count = 5
+    with pytest.raises(AttributeError, match="read-only"):
+        del sig.weak
+    with pytest.raises(DeltaError, match="must have 3 entries, has 2"):
+        checksum.Signature(4096, 10000, sig.strong[:2], None)
+    assert "count=3" in repr(sig)
 
 
 def test_file_signature_facade(tmp_path):

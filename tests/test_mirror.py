@@ -162,6 +162,53 @@ def test_copy_keeps_holes_and_data(tmp_path):
     assert os.stat(out).st_blocks * 512 < 1 << 20
 
 
+def test_dense_file_is_copied_without_hole_search_or_truncate(tmp_path, monkeypatch):
+    """A source whose blocks cover its size has no holes: one kernel copy,
+    no SEEK_DATA/SEEK_HOLE, no ftruncate of the new file. A sparse one
+    (also with a hole at its end) still keeps its holes and its length."""
+    import smirror.target_local as tl
+    calls = []
+    real_lseek, real_ftruncate = os.lseek, os.ftruncate
+    monkeypatch.setattr(tl.os, "lseek", lambda *a: calls.append("lseek") or real_lseek(*a))
+    monkeypatch.setattr(tl.os, "ftruncate",
+                        lambda *a: calls.append("ftruncate") or real_ftruncate(*a))
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    (src / "dense").write_bytes(os.urandom(300_000))
+    assert mirror(src, dst, threads=1).errors == []
+    assert (dst / "dense").read_bytes() == (src / "dense").read_bytes()
+    assert calls == []
+    (src / "dense").unlink()
+    with open(src / "sparse", "wb") as f:
+        f.seek(4 << 20)
+        f.write(b"data")
+        f.truncate(16 << 20)
+    assert mirror(src, dst, threads=1, orphans="delete").errors == []
+    assert (dst / "sparse").read_bytes() == (src / "sparse").read_bytes()
+    assert os.stat(dst / "sparse").st_blocks * 512 < 1 << 20
+    assert "lseek" in calls and "ftruncate" in calls
+
+
+def test_temporary_names_are_unique_also_across_fork():
+    import smirror.target_local as tl
+    names = {tl._temp_suffix() for _ in range(1000)}
+    assert len(names) == 1000
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.write(w, tl._temp_suffix())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 100)
+    os.close(r)
+    os.waitpid(pid, 0)
+    mine = tl._temp_suffix()
+    assert child not in names and child != mine
+    # a forked child draws its own tag: the parent's counter values cannot collide
+    assert child[:16] != mine[:16]
+
+
 def test_file_changing_during_copy_is_never_half_copied(tmp_path):
     """A writer rewrites a file (each version one repeated byte) while it is
     mirrored: the target ends with one whole version or an error is
@@ -378,6 +425,26 @@ def test_excluded_paths_neither_copied_nor_orphans(tmp_path):
     assert summary.orphans == []
 
 
+def test_scan_leaves_the_garbage_collector_as_it_was(tmp_path):
+    import gc
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_bytes(b"x")
+    assert gc.isenabled()
+    assert b"a/f" in scan(tmp_path).entries and gc.isenabled()
+    gc.disable()
+    try:
+        scan(tmp_path)
+        assert not gc.isenabled()
+        with pytest.raises(FileNotFoundError):
+            scan(tmp_path / "missing")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(FileNotFoundError):
+        scan(tmp_path / "missing")
+    assert gc.isenabled()
+
+
 def test_scan_lists_parents_first_and_symlinks_unfollowed(tmp_path):
     (tmp_path / "d" / "e").mkdir(parents=True)
     (tmp_path / "d" / "e" / "f").write_bytes(b"x")
@@ -505,3 +572,20 @@ def test_quick_check_sees_xattr_change_made_after_the_mirror(tmp_path, monkeypat
     summary = mirror(src, dst, different=True)
     assert summary.meta_updated == 1
     assert os.getxattr(dst / "f", "user.a") == b"2"
+
+
+def test_a_file_changed_in_the_current_clock_tick_is_waited_out(tmp_path):
+    """A write in the same tick of the file-time clock as the last one
+    leaves mtime as it was; the mirror waits the tick out before it reads
+    a file changed that recently, so a write during the copy always shows."""
+    import time as time_
+    from smirror.mirror import _COARSE, _racy
+    old = tmp_path / "old"
+    old.write_bytes(b"x")
+    os.utime(old, ns=(0, 10**18 // 2))
+    assert not _racy(os.stat(old))
+    fresh = tmp_path / "fresh"
+    fresh.write_bytes(b"x")
+    st = os.stat(fresh)
+    if _racy(st):
+        assert time_.clock_gettime_ns(_COARSE) > max(st.st_mtime_ns, st.st_ctime_ns)

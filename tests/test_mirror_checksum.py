@@ -241,3 +241,64 @@ def test_hard_linked_large_file_patched_in_place_keeps_its_links(tmp_path):
     assert (dst / "a").read_bytes() == (src / "a").read_bytes() == (dst / "b").read_bytes()
     assert os.stat(dst / "a").st_ino == ino == os.stat(dst / "b").st_ino
     assert summary.bytes_written <= 8192
+
+
+def test_large_file_the_quick_check_calls_unchanged_is_compared_by_digest(tmp_path, monkeypatch):
+    """--checksum on a large file of equal size and mtime: one digest per
+    side; a differing digest (content changed, mtime kept) still leads to the
+    block compare, and only the changed block is written, in place."""
+    import smirror.mirror as mirror_mod
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    gen_tree.write_random(src / "db", 40 * MiB, __import__("numpy").random.default_rng(7))
+    mirror(src, dst)
+    ino = os.stat(dst / "db").st_ino
+    calls = []
+    real_digest = mirror_mod.LocalTarget.digest
+
+    def digest(self, rel, length):
+        calls.append(rel)
+        return real_digest(self, rel, length)
+    monkeypatch.setattr(mirror_mod.LocalTarget, "digest", digest)
+    unchanged = mirror(src, dst, checksum=True)
+    assert calls == [b"db"] and unchanged.bytes_written == 0
+    assert unchanged.bytes_matched == 40 * MiB and unchanged.unchanged == 1
+    st = os.stat(src / "db")
+    with open(src / "db", "r+b") as f:
+        f.seek(33 * MiB + 10)
+        f.write(b"same size, same mtime")
+    os.utime(src / "db", ns=(st.st_atime_ns, st.st_mtime_ns))
+    summary = mirror(src, dst, checksum=True)
+    assert calls == [b"db", b"db"]
+    assert (dst / "db").read_bytes() == (src / "db").read_bytes()
+    assert os.stat(dst / "db").st_ino == ino, "not patched in place"
+    assert summary.changed == 1 and 0 < summary.bytes_written <= 8192
+
+
+def test_mapped_digest_windows_lease_and_fallbacks(tmp_path, monkeypatch):
+    """The digest of a large file from leased mapping windows equals the
+    one-shot XXH3-128: over several windows, when the lease breaks midway
+    (the rest is read with preads) and without a lease (a writer holds the
+    file: plain preads)."""
+    import xxhash
+    import smirror.target_local as tl
+    path = tmp_path / "big"
+    gen_tree.write_random(path, 40 * MiB + 12345, __import__("numpy").random.default_rng(3))
+    size = os.path.getsize(path)
+    expect = xxhash.xxh3_128(path.read_bytes()).digest()
+    monkeypatch.setattr(tl, "_MMAP_WINDOW", 8 * MiB)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert tl._mapped_digest(fd, size) == expect
+        assert tl.fd_digest(fd, size) == expect
+        checks = iter([True, True])        # two windows, then the lease "breaks"
+        monkeypatch.setattr(tl, "_lease_intact", lambda fd: next(checks, False))
+        assert tl._mapped_digest(fd, size) == expect
+        with pytest.raises(tl.MirrorError, match="changed length"):
+            tl._mapped_digest(fd, size + 1)
+        monkeypatch.undo()
+        with open(path, "r+b"):
+            assert tl._mapped_digest(fd, size) is None, "a lease while a writer holds the file"
+            assert tl.fd_digest(fd, size) == expect
+    finally:
+        os.close(fd)

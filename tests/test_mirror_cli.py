@@ -38,6 +38,8 @@ def test_json_summary_and_exit_code_0(tmp_path):
     assert data["files_scanned"] == 1 and data["created"] == 2
     assert data["bytes_literal"] == 5000 and data["errors"] == [] and data["orphans"] == 0
     assert proc.stderr == b""              # not a tty: no progress bar
+    # the command's own time from main() on covers the mirror's run
+    assert 0 < data["seconds"] <= data["main_seconds"] < 60
 
 
 def test_text_summary_lists_orphans_and_quiet_is_silent(tmp_path):
@@ -165,20 +167,44 @@ def test_sigkill_mid_run_then_rerun(tmp_path):
     assert diff == b""
 
 
+def _modules_loaded_by(argv, tmp_path) -> set:
+    """Modules a fresh interpreter loads for ``smirror.cli.main(argv)``
+    beyond what it had at start-up."""
+    out = tmp_path / "modules.txt"
+    code = ("import sys\nbefore = set(sys.modules)\nfrom smirror.cli import main\n"
+            f"assert main({argv!r}) == 0\n"
+            f"open({str(out)!r}, 'w').write('\\n'.join(sorted(set(sys.modules) - before)))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    return set(out.read_text().split())
+
+
 def test_quick_check_does_not_import_numpy(tmp_path):
     """The quick check of an unchanged tree stays light: no numpy, no
-    checksum kernel, no concurrent.futures/logging."""
+    checksum kernel, no concurrent.futures/logging, none of the daemon
+    verbs' modules, no json, no worker threads' pool."""
     src = tmp_path / "s"
     src.mkdir()
     (src / "f").write_bytes(b"x")
-    code = ("import sys\nfrom smirror.cli import main\n"
-            f"args = ['mirror', '--quiet', '--different', {str(src)!r}, {str(tmp_path / 'd')!r}]\n"
-            "assert main(args) == 0\n"
-            "heavy = [m for m in ('numpy', 'smirror.checksum', 'concurrent.futures', 'logging') "
-            "if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=ENV)
-    assert proc.returncode == 0, proc.stderr
+    args = ['mirror', '--quiet', '--different', str(src), str(tmp_path / 'd')]
+    assert "smirror.mirror" in _modules_loaded_by(args, tmp_path)      # the first, copying run
+    loaded = _modules_loaded_by(args, tmp_path)                        # nothing to do
+    heavy = {"numpy", "smirror.checksum", "smirror._checksum", "concurrent.futures", "logging",
+             "smirror.daemon_cli", "smirror.config", "smirror.replicate_cli", "dataclasses",
+             "json", "smirror.progress", "queue"} & loaded
+    assert not heavy, heavy
+
+
+def test_checksum_of_unchanged_tree_does_not_import_numpy(tmp_path):
+    """--checksum of an unchanged tree (small files and one of 32 MiB or
+    more) compares whole-file digests: no signature arrays, so no numpy."""
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    (src / "small").write_bytes(os.urandom(100_000))
+    (src / "large").write_bytes(os.urandom(33 << 20))
+    assert smirror(src, dst).returncode == 0
+    loaded = _modules_loaded_by(["mirror", "--quiet", "--checksum", str(src), str(dst)], tmp_path)
+    assert "smirror._checksum" in loaded and "numpy" not in loaded
 
 
 def test_progress_bar_on_a_terminal(tmp_path):

@@ -24,6 +24,13 @@ into the page cache and dirty pages are flushed (sync), outside the timing.
 smirror runs as ``python -m smirror`` with compiled .pyc files, as an
 installed package would. Ratio = smirror time / rsync time (below 1:
 smirror is faster).
+
+Extra information, never used for the ratios: the interpreter's own
+start-up here (``python -c pass``, and with ``-S``: without site-packages'
+.pth files), and for the unchanged-tree cases 2 and 3 (and case 4, whose
+timed runs print JSON anyway) the time the command spends from
+``smirror.cli.main()`` on, read from ``--json``'s ``main_seconds`` in
+separate, untimed runs of the same command with ``--json`` added.
 """
 from __future__ import annotations
 
@@ -57,6 +64,11 @@ def run_timed(cmd, env=None) -> tuple[float, bytes]:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}): "
                          f"{proc.stderr.decode(errors='replace')}")
     return elapsed, proc.stdout
+
+
+def best_wall(cmd, n, env=None) -> float:
+    """Best of ``n`` wall times of a command (no page-cache preparation)."""
+    return min(run_timed(cmd, env)[0] for _ in range(n))
 
 
 def warm(path):
@@ -112,6 +124,37 @@ def main(argv=None) -> int:
         print(f"{case}. {name:<44} smirror {s:8.3f} s  rsync {r:8.3f} s  "
               f"ratio {s / r:5.2f}  (goal <= {GOALS[case]})", flush=True)
 
+    def in_process(case, outs):
+        """Record the best main_seconds / seconds of --json outputs (extra
+        information beside the timed whole commands)."""
+        data = [json.loads(o) for o in outs]
+        main_s = min(d["main_seconds"] for d in data)
+        run_s = min(d["seconds"] for d in data)
+        results[case]["in_process"] = {"main_seconds": main_s, "mirror_run_seconds": run_s,
+                                       "main_all": [d["main_seconds"] for d in data]}
+        print(f"   in-process, from smirror.cli.main() on: {main_s:.3f} s "
+              f"(the mirror's run: {run_s:.3f} s; untimed --json runs, not the ratio)")
+
+    def untimed_json_runs(case_args):
+        """The same smirror command with --json, on the same (unchanged)
+        state, each after the same cache warming; for in_process()."""
+        outs = []
+        for _ in range(args.repeat):
+            warm(src)
+            warm(dst_s)
+            outs.append(run_timed(smirror_cmd(*case_args, "--json", src, dst_s), env)[1])
+        return outs
+
+    # reference only: what any Python command costs here before it does anything
+    n_ref = max(5, 3 * args.repeat)
+    startup = {"python -c pass": best_wall([sys.executable, "-c", "pass"], n_ref),
+               "python -S -c pass": best_wall([sys.executable, "-S", "-c", "pass"], n_ref),
+               "python -c 'import smirror.cli, smirror.mirror'":
+                   best_wall([sys.executable, "-c", "import smirror.cli, smirror.mirror"],
+                             n_ref, env)}
+    print("start-up, best of", n_ref, "(reference, not in any ratio): "
+          + "; ".join(f"{k} {v * 1000:.0f} ms" for k, v in startup.items()), flush=True)
+
     def pair(case_args_s, case_args_r, setup=None, warm_dst=True, repeat=None):
         """Time smirror and rsync on the same starting state, alternating
         which goes first; every run starts with SRC and its DST read into
@@ -148,11 +191,13 @@ def main(argv=None) -> int:
     if 2 in cases:
         s_t, r_t, _ = pair(["--checksum"], ["-a", "--checksum"])
         record(2, "unchanged tree, --checksum", s_t, r_t)
+        in_process(2, untimed_json_runs(["--checksum"]))
 
     # 3. unchanged tree, quick check
     if 3 in cases:
         s_t, r_t, _ = pair(["--different"], ["-a"])
         record(3, "unchanged tree, quick check", s_t, r_t)
+        in_process(3, untimed_json_runs(["--different"]))
 
     # 4. 1% of 8 KiB blocks changed in the big file (fresh blocks each round)
     if 4 in cases:
@@ -167,6 +212,7 @@ def main(argv=None) -> int:
         record(4, "1% of 8 KiB blocks of the big file changed", s_t, r_t,
                {"changed_bytes": changed_bytes, "smirror_bytes_written": written,
                 "written_over_changed": [w / c for w, c in zip(written, changed_bytes)]})
+        in_process(4, outs)
         print(f"   bytes written / bytes changed: "
               f"{', '.join(f'{w / c:.3f}' for w, c in zip(written, changed_bytes))}")
 
@@ -192,7 +238,8 @@ def main(argv=None) -> int:
                "bytes": info["bytes"], "cpus": os.cpu_count(),
                "rsync": subprocess.run([rsync, "--version"], capture_output=True,
                                        text=True).stdout.splitlines()[0],
-               "python": sys.version.split()[0], "cases": results,
+               "python": sys.version.split()[0], "startup_reference_s": startup,
+               "cases": results,
                "goals_met": all(r["ratio"] <= r["goal"] for r in results.values())}
     out = Path(args.json_out) if args.json_out else work.parent / "smirror-vs-rsync.json"
     out.write_text(json.dumps(summary, indent=2))

@@ -18,9 +18,19 @@ from libc.stdlib cimport free, realloc, calloc
 
 import operator
 
-import numpy as np
-
 from .errors import DeltaError
+
+# numpy (~0.1 s to import) is loaded by the two functions that return
+# signatures as arrays; digests, weak sums and the delta search never need it
+cdef object _np = None
+
+
+cdef object _numpy():
+    global _np
+    if _np is None:
+        import numpy
+        _np = numpy
+    return _np
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void** memptr, size_t alignment, size_t size)
@@ -323,6 +333,7 @@ def block_signature(data, block_size, with_weak):
     cdef size_t bs = _check_block_size(block_size)
     cdef size_t length = view.shape[0]
     cdef size_t count = (length + bs - 1) // bs
+    np = _numpy()
     strong = np.empty((count, 2), dtype=np.uint64)
     cdef uint64_t[:, ::1] strong_view = strong
     cdef uint32_t[::1] weak_view
@@ -337,6 +348,41 @@ def block_signature(data, block_size, with_weak):
         with nogil:
             sign_buffer(&view[0], length, bs, weak_ptr, &strong_view[0, 0])
     return weak, strong
+
+
+cdef class StreamDigest:
+    """XXH3-128 of a byte stream fed in pieces (``update``), e.g. the windows
+    of a large file's mapping; ``digest()`` equals ``strong_digest`` of the
+    concatenation. Pieces of 64 KiB or more are hashed with the GIL released.
+    Not thread-safe: one thread feeds one digest."""
+    cdef XXH3_state_t* state
+
+    def __cinit__(self):
+        self.state = XXH3_createState()
+        if self.state == NULL:
+            raise MemoryError("cannot allocate an XXH3 state")
+        XXH3_128bits_reset(self.state)
+
+    def __dealloc__(self):
+        if self.state != NULL:
+            XXH3_freeState(self.state)
+
+    def update(self, data):
+        cdef const unsigned char[::1] view = _bytes_view(data, "StreamDigest.update")
+        cdef size_t n = view.shape[0]
+        if n == 0:
+            return
+        if n < 65536:
+            SM_XXH3_128_UPDATE(self.state, &view[0], n)
+        else:
+            with nogil:
+                SM_XXH3_128_UPDATE(self.state, &view[0], n)
+
+    def digest(self) -> bytes:
+        """The digest of everything fed so far, 16 bytes canonical."""
+        cdef XXH128_canonical_t canon
+        XXH128_canonicalFromHash(&canon, XXH3_128bits_digest(self.state))
+        return bytes(canon.digest[:16])
 
 
 # File reading: chunks of the file, in order, in slots of one buffer. For
@@ -602,6 +648,7 @@ def fd_signature(fd, length, block_size, with_weak):
         raise ValueError(f"length must be an int >= 0, got {length!r}")
     cdef uint64_t total = length
     cdef size_t count = (total + bs - 1) // bs
+    np = _numpy()
     strong = np.empty((count, 2), dtype=np.uint64)
     cdef uint64_t[:, ::1] strong_view = strong
     cdef uint32_t[::1] weak_view

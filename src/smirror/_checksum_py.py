@@ -88,6 +88,20 @@ def strong_digest(data) -> bytes:
     return xxhash.xxh3_128(_bytes(data, "strong_digest")).digest()
 
 
+class StreamDigest:
+    """XXH3-128 of a stream fed in pieces; equals strong_digest of their
+    concatenation."""
+
+    def __init__(self):
+        self._state = xxhash.xxh3_128()
+
+    def update(self, data):
+        self._state.update(_bytes(data, "StreamDigest.update"))
+
+    def digest(self) -> bytes:
+        return self._state.digest()
+
+
 def block_signature(data, block_size, with_weak):
     """(weak uint32 (n,) or None, strong uint64 (n, 2)), n = ceil(len / block_size)."""
     mv = _bytes(data, "block_signature")

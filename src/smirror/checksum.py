@@ -13,13 +13,14 @@ Vocabulary
 * delta: instructions that rebuild the source from the target's blocks plus
   literal source bytes: ``(COPY, target_offset, length)`` and
   ``(LITERAL, source_offset, length)``.
+
+numpy is imported only by the calls that make or compare signatures (it
+costs ~0.1 s to load): digests and deltas of a run that needs no signature
+never load it.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-
-import numpy as np
 
 from . import _checksum as _k
 from .errors import DeltaError
@@ -52,21 +53,32 @@ def check_block_size(block_size: int) -> int:
     return block_size
 
 
-@dataclass(frozen=True, eq=False)
 class Signature:
-    """Block signature of ``length`` bytes cut in blocks of ``block_size``."""
-    block_size: int
-    length: int
-    strong: np.ndarray                 # uint64, shape (count, 2)
-    weak: np.ndarray | None = None     # uint32, shape (count,), None if not computed
-    count: int = field(init=False)
+    """Block signature of ``length`` bytes cut in blocks of ``block_size``:
+    ``strong`` uint64 (count, 2), ``weak`` uint32 (count,) or None if not
+    computed. Read-only once made. (A plain class: dataclasses would import
+    inspect, ~6 ms more start-up for every checksum run.)"""
+    __slots__ = ("block_size", "length", "strong", "weak", "count")
 
-    def __post_init__(self):
-        object.__setattr__(self, "count", len(self.strong))
-        expect = -(-self.length // self.block_size)
-        if len(self.strong) != expect or (self.weak is not None and len(self.weak) != expect):
-            raise DeltaError(f"signature of {self.length} B in {self.block_size} B blocks "
-                             f"must have {expect} entries, has {len(self.strong)}")
+    def __init__(self, block_size: int, length: int, strong: np.ndarray,
+                 weak: np.ndarray | None = None):
+        expect = -(-length // block_size)
+        if len(strong) != expect or (weak is not None and len(weak) != expect):
+            raise DeltaError(f"signature of {length} B in {block_size} B blocks "
+                             f"must have {expect} entries, has {len(strong)}")
+        for name, value in (("block_size", block_size), ("length", length),
+                            ("strong", strong), ("weak", weak), ("count", len(strong))):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"Signature is read-only: cannot set {name!r}")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"Signature is read-only: cannot delete {name!r}")
+
+    def __repr__(self):
+        return (f"Signature(block_size={self.block_size}, length={self.length}, "
+                f"count={self.count}, weak={'yes' if self.weak is not None else 'no'})")
 
     def block_range(self, index: int) -> tuple[int, int]:
         """(offset, length) of block ``index``."""
@@ -82,6 +94,11 @@ def weak_checksum(data) -> int:
 def strong_digest(data) -> bytes:
     """XXH3-128 of a whole buffer, 16 bytes (canonical, big-endian)."""
     return _k.strong_digest(data)
+
+
+StreamDigest = _k.StreamDigest
+"""XXH3-128 fed in pieces: ``d = StreamDigest(); d.update(buf); d.digest()``
+equals :func:`strong_digest` of the pieces joined (16 bytes)."""
 
 
 def file_digest(path) -> bytes:
@@ -137,6 +154,7 @@ def changed_blocks(old: Signature, new: Signature) -> np.ndarray:
     Blocks present in only one of them count as changed."""
     if old.block_size != new.block_size:
         raise DeltaError(f"block sizes differ: {old.block_size} vs {new.block_size}")
+    import numpy as np
     n = min(old.count, new.count)
     diff = np.flatnonzero(np.any(old.strong[:n] != new.strong[:n], axis=1))
     # a short last block hashes its own length in, so no special case is needed
@@ -144,12 +162,19 @@ def changed_blocks(old: Signature, new: Signature) -> np.ndarray:
     return np.concatenate([diff.astype(np.int64), extra])
 
 
-@dataclass(eq=False)
 class Delta:
-    """Instructions rebuilding ``source`` from a target that has ``sig``."""
-    ops: list                 # [(COPY, target_offset, length) | (LITERAL, source_offset, length)]
-    source: memoryview        # the source bytes literals are taken from
-    length: int               # length of the rebuilt file
+    """Instructions rebuilding ``source`` from a target that has ``sig``:
+    ``ops`` [(COPY, target_offset, length) | (LITERAL, source_offset, length)],
+    ``source`` the bytes literals are taken from, ``length`` of the rebuilt file."""
+    __slots__ = ("ops", "source", "length")
+
+    def __init__(self, ops: list, source: memoryview, length: int):
+        self.ops = ops
+        self.source = source
+        self.length = length
+
+    def __repr__(self):
+        return f"Delta({len(self.ops)} ops, length={self.length})"
 
     @property
     def literal_bytes(self) -> int:

@@ -5,7 +5,8 @@ Modes (as in the Double-Take "mirror" and rsync):
 * full (default): every file is written again;
 * ``different``: only files whose size or mtime differ (rsync's quick check);
 * ``checksum``: files present on both sides are compared - by whole-file
-  digest first (files under 32 MiB), then block by block - and only
+  digest first (files under 32 MiB, and larger ones whose size and mtime
+  are equal), then block by block - and only
   differing blocks are written, in place; a file whose size changed (or
   whose content shifted) is rebuilt from a rolling delta; files under 1 MiB
   that differ are rewritten whole. With ``different`` too, only the files
@@ -15,14 +16,14 @@ Modes (as in the Double-Take "mirror" and rsync):
 The :class:`Mirror` plans from two listings (source: scanned here; target:
 asked from a :class:`~smirror.target_local.TargetSide`) and executes through
 that same interface, so a remote target daemon can stand in for the local
-directory. Checksum work imports :mod:`smirror.checksum` (and numpy) lazily:
-a quick check of an unchanged tree stays light.
+directory. Checksum work imports :mod:`smirror.checksum` lazily, and numpy
+loads only once block signatures are made: a quick check, or a checksum
+run over unchanged files, stays light.
 """
 from __future__ import annotations
 
 import errno
 import os
-import queue
 import stat
 import threading
 import time
@@ -46,6 +47,27 @@ CTIME_MARGIN_NS = 2_000_000_000
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
+_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", 5)     # the clock file times come from
+_TICK_NS = int(time.clock_getres(_COARSE) * 1e9) or 1
+
+
+def _racy(st) -> bool:
+    """A file changed within the current tick of the clock that file
+    times come from: a write in that same tick, while the file is copied,
+    would leave mtime and ctime as they are, and the change unseen (a copy
+    takes a few ms; a tick is 4 ms here). Waits until the tick is over (at
+    most two) and says so; the caller takes a fresh fstat, and any later
+    write shows in the times. Copies are checked by size, mtime and ctime."""
+    newest = max(st.st_mtime_ns, st.st_ctime_ns)
+    now = time.clock_gettime_ns(_COARSE)
+    if not now - _TICK_NS <= newest <= now + 2 * _TICK_NS:
+        return False
+    deadline = time.monotonic() + 3 * _TICK_NS / 1e9
+    while time.clock_gettime_ns(_COARSE) <= newest and time.monotonic() < deadline:
+        time.sleep(_TICK_NS / 4e9)
+    return True
+
+
 class SourceChanged(Exception):
     """The source file changed while it was being copied (retried)."""
 
@@ -57,6 +79,9 @@ class _Future:
         self.done = threading.Event()
         self.value = None
         self.error = None
+
+    def wait(self):
+        self.done.wait()
 
     def result(self):
         self.done.wait()
@@ -71,6 +96,7 @@ class _Helpers:
     check of an unchanged tree is a matter of tens of milliseconds.)"""
 
     def __init__(self, count: int, name: str):
+        import queue        # here: most runs start no helper (queue imports heapq)
         self._queue = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._loop, name=name, daemon=True)
                          for _ in range(count)]
@@ -296,6 +322,7 @@ class Mirror:
         self._lock = threading.Lock()
         self._wanted_xattr = xattr_filter()
         self._fatal = None
+        self._hash_pool = None
         self._orphan_skip = ()
         if self.opts.orphans == "move":
             odir = os.path.realpath(os.fsencode(self.opts.orphan_dir))
@@ -392,6 +419,7 @@ class Mirror:
         self.hardlinks = []      # (rel, leader rel, dst entry or None)
         self.meta = []           # (rel, src entry, dst entry): same data, check metadata
         self.dirs = []           # (rel, src entry, dst entry or None)
+        quick = opts.different or opts.newer
         fresh = set()            # dirs created now: nothing under them exists yet
         leaders = {}             # (dev, ino) -> first path of a hard-link group
         rewritten = set()        # files getting a new inode (temp + rename)
@@ -452,7 +480,10 @@ class Mirror:
                 rewritten.add(rel)
             else:
                 summary.unchanged += 1
-                if not _same_meta(s, d, owner) or opts.xattrs:
+                if quick and s.ctime_ns < d.ctime_ns - CTIME_MARGIN_NS \
+                        and _same_meta(s, d, owner):
+                    continue        # as in _execute's metadata pass: nothing changed since
+                if opts.xattrs or not _same_meta(s, d, owner):
                     self.meta.append((rel, s, d))
         # hard links already right on the target need nothing
         self._rewritten = rewritten
@@ -664,8 +695,6 @@ class Mirror:
         # largest first keeps both workers busy to the end
         order = sorted(files, key=lambda f: f[1].size, reverse=True)
         threads = min(self.opts.threads, len(order))
-        self._hash_pool = (_Helpers(self.opts.threads, "smirror-hash")
-                           if self.opts.checksum else None)
         try:
             if threads == 1:
                 for item in order:
@@ -677,8 +706,17 @@ class Mirror:
         finally:
             if self._hash_pool is not None:
                 self._hash_pool.shutdown()
+                self._hash_pool = None
             if progress is not None:
                 progress.finish()
+
+    def _helpers(self) -> "_Helpers":
+        """The threads hashing the target side of large files, started on
+        first use (most runs have no large file to compare)."""
+        with self._lock:
+            if self._hash_pool is None:
+                self._hash_pool = _Helpers(self.opts.threads, "smirror-hash")
+            return self._hash_pool
 
     def _run_workers(self, order, threads):
         it = iter(order)
@@ -741,6 +779,8 @@ class Mirror:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise MirrorError("source is no longer a regular file")
+        if _racy(st):
+            st = os.fstat(fd)
         return fd, st
 
     @staticmethod
@@ -771,7 +811,9 @@ class Mirror:
         progress = self.progress if advance else None
         w = self.target.create_temp(rel)
         try:
-            copied = w.copy_from(fd, st1.st_size, progress.advance if progress else None)
+            # blocks covering the size: no holes to look for
+            copied = w.copy_from(fd, st1.st_size, progress.advance if progress else None,
+                                 dense=st1.st_blocks * 512 >= st1.st_size)
             xattrs = self._src_xattrs(fd)
             self._check_same(fd, st1)
             w.commit(entry_from_stat(st1), xattrs)
@@ -802,15 +844,22 @@ class Mirror:
             dsize = d.size
             bs = self.opts.block_size
             progress = self.progress
-            if size == dsize and size < PARALLEL_SIDES_MIN:
-                # up to mid-size: a whole-file digest per side in this thread
-                # (far cheaper than block signatures, and a hand-off to another
-                # thread costs more than hashing a few MiB); blocks only if they differ
+            if size == dsize and (size < PARALLEL_SIDES_MIN or s.mtime_ns == d.mtime_ns):
+                # a whole-file digest per side first (far cheaper than block
+                # signatures: no arrays, no numpy), blocks only if they differ:
+                # for every file up to mid-size, and for a large one the quick
+                # check calls unchanged (then it almost always is). Large: the
+                # target side on a helper thread at the same time; smaller ones
+                # in this thread (a hand-off costs more than hashing a few MiB)
+                fut = (self._helpers().submit(self.target.digest, rel, size)
+                       if size >= PARALLEL_SIDES_MIN else None)
                 try:
                     digest_s = fd_digest(fd, size)
                 except MirrorError:
+                    if fut is not None:
+                        fut.wait()
                     raise SourceChanged() from None
-                digest_d = self.target.digest(rel, size)
+                digest_d = fut.result() if fut is not None else self.target.digest(rel, size)
                 if digest_s == digest_d:
                     if progress is not None:
                         progress.advance(size)
@@ -831,7 +880,7 @@ class Mirror:
             if size == dsize:
                 bs = bs or checksum.block_size_for(size)
                 # large: source here, target on a helper thread, both at once
-                fut = (self._hash_pool.submit(self.target.signature, rel, bs, False)
+                fut = (self._helpers().submit(self.target.signature, rel, bs, False)
                        if size >= PARALLEL_SIDES_MIN else None)
                 try:
                     sig_s = fd_signature(fd, size, bs, False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from .errors import ConfigError, SmirrorError
@@ -118,7 +119,6 @@ def _text_summary(d: dict) -> str:
 
 def run(args) -> int:
     from .mirror import Mirror, MirrorOptions, show
-    from .progress import Progress
     from .tree import Rules
 
     def fail(message, code):
@@ -137,7 +137,10 @@ def run(args) -> int:
     except ConfigError as exc:
         return fail(exc, EXIT_USAGE)
     show_bar = not args.quiet and not args.json and sys.stderr.isatty()
-    progress = Progress(sys.stderr, enabled=True) if show_bar else None
+    progress = None
+    if show_bar:
+        from .progress import Progress
+        progress = Progress(sys.stderr, enabled=True)
     try:
         summary = Mirror(args.src, args.dst, options, progress).run()
     except KeyboardInterrupt:
@@ -151,13 +154,20 @@ def run(args) -> int:
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         return fail(f"{exc.strerror or exc}{where}", EXIT_FAILED)
-    import json
-    data = summary.to_dict()
     for rel, message in summary.errors:
         print(f"smirror mirror: {show(rel)}: {message}", file=sys.stderr)
     if args.json:
+        import json
+        data = summary.to_dict()
+        started = getattr(args, "started", None)
+        if started is not None:
+            # the whole command from smirror.cli.main() on (argument parsing,
+            # imports of the mirror modules, both scans, the work): what an
+            # in-process caller would see, without the interpreter's start-up
+            data["main_seconds"] = round(time.perf_counter() - started, 6)
         print(json.dumps(data))
     elif not args.quiet:
+        data = summary.to_dict()
         for action, rel in summary.actions:
             print(f"would {action}: {show(rel)}")
         if orphans == "report":

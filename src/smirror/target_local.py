@@ -20,6 +20,7 @@ final name; the next scan removes stale temporaries.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import shutil
 import stat
@@ -216,12 +217,57 @@ def _pread_signature(fd: int, length: int, block_size: int, weak: bool, start: i
 _DIGEST_ONESHOT = 4 << 20
 
 
+def _mapped_digest(fd: int, length: int):
+    """XXH3-128 of a large file hashed from leased mapping windows (no copy
+    through a buffer: ~1.6x the speed of preads here); None when no lease
+    can be had. A lease break (a writer waiting) stops the mapping at the
+    next window and the rest is read with preads into the same digest."""
+    import mmap
+    from . import checksum
+    if not _take_read_lease(fd):
+        return None
+    try:
+        if os.fstat(fd).st_size != length:
+            raise MirrorError(f"file changed length while being read (expected {length} bytes)")
+        state = checksum.StreamDigest()
+        deadline = time.monotonic() + _lease_break_seconds() / 3
+        off = 0
+        while off < length:
+            if not _lease_intact(fd) or time.monotonic() > deadline:
+                break
+            n = min(_MMAP_WINDOW, length - off)
+            m = mmap.mmap(fd, n, prot=mmap.PROT_READ, offset=off)
+            try:
+                state.update(m)
+            finally:
+                m.close()
+            off += n
+        if off < length:
+            view = memoryview(aligned_buffer(_SIG_CHUNK))
+            while off < length:
+                want = min(len(view), length - off)
+                got = read_full(fd, view[:want], off)
+                if got != want:
+                    raise MirrorError(f"file changed length while being read (expected "
+                                      f"{length} bytes, found {off + got})")
+                state.update(view[:want])
+                off += want
+        return state.digest()
+    finally:
+        _drop_lease(fd)
+
+
 def fd_digest(fd: int, length: int) -> bytes:
     """XXH3-128 of an open file of ``length`` bytes (the same value as
     :func:`smirror.checksum.file_digest`). Raises MirrorError if it is
     shorter; small files are read up to ``length`` only, so a caller that
-    must notice growth compares an fstat afterwards."""
+    must notice growth compares an fstat afterwards. Files of 32 MiB or
+    more are hashed from a mapping under a read lease when one can be had."""
     from . import checksum
+    if length >= _MMAP_MIN:
+        digest = _mapped_digest(fd, length)
+        if digest is not None:
+            return digest
     if length <= _DIGEST_ONESHOT:
         view = memoryview(aligned_buffer(max(_SIG_CHUNK, length)))[:length]
         got = read_full(fd, view, 0)
@@ -265,10 +311,15 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, out_offset: i
     return done
 
 
-def copy_data_extents(src_fd: int, dst_fd: int, size: int, progress=None) -> int:
+def copy_data_extents(src_fd: int, dst_fd: int, size: int, progress=None,
+                      dense: bool = False) -> int:
     """Copy the data extents of the first ``size`` bytes of ``src_fd`` to the
     same offsets of ``dst_fd`` (SEEK_DATA/SEEK_HOLE), so holes stay holes.
-    The caller truncates ``dst_fd`` to ``size``. Returns bytes copied."""
+    ``dense``: the caller knows the source has no holes (its allocated
+    blocks cover its size): one range, no lseek calls. The caller truncates
+    ``dst_fd`` to ``size``. Returns bytes copied."""
+    if dense:
+        return copy_range(src_fd, dst_fd, 0, size, 0, progress)
     copied = 0
     off = 0
     while off < size:
@@ -504,7 +555,7 @@ class LocalTarget(TargetSide):
 
     def _temp_name(self, rel: bytes) -> tuple[bytes, bytes]:
         parent = rel.rpartition(b"/")[0]
-        name = TEMP_PREFIX + os.urandom(8).hex().encode()
+        name = TEMP_PREFIX + _temp_suffix()
         trel = parent + b"/" + name if parent else name
         return trel, self.path(trel)
 
@@ -633,6 +684,28 @@ class LocalTarget(TargetSide):
                 _unlink_quiet(self.path(rel))
 
 
+_temp_tag = None
+_temp_counter = itertools.count()
+
+
+def _temp_suffix() -> bytes:
+    """A name no other temporary has: a random tag drawn once per process
+    (again in a forked child) and a counter (one getrandom per process, not
+    one per file)."""
+    global _temp_tag
+    if _temp_tag is None:
+        _temp_tag = os.urandom(8).hex()
+    return f"{_temp_tag}{next(_temp_counter):x}".encode()
+
+
+def _new_temp_tag():
+    global _temp_tag
+    _temp_tag = None
+
+
+os.register_at_fork(after_in_child=_new_temp_tag)
+
+
 def _unlink_quiet(path: bytes):
     try:
         os.unlink(path)
@@ -655,10 +728,14 @@ class TempWriter:
         self.fd = fd
         self._old_fd = None
 
-    def copy_from(self, src_fd: int, size: int, progress=None) -> int:
-        """Copy a whole source file (its data extents; holes stay holes)."""
-        n = copy_data_extents(src_fd, self.fd, size, progress)
-        os.ftruncate(self.fd, size)
+    def copy_from(self, src_fd: int, size: int, progress=None, dense: bool = False) -> int:
+        """Copy a whole source file (its data extents; holes stay holes).
+        ``dense``: the source has no holes (see :func:`copy_data_extents`)."""
+        n = copy_data_extents(src_fd, self.fd, size, progress, dense)
+        if not (dense and n == size):
+            # a trailing hole (or a source that shrank): set the length; a
+            # dense copy to the end has it already (the temp file is new)
+            os.ftruncate(self.fd, size)
         self.target._count(n)
         return n
 

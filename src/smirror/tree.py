@@ -11,6 +11,7 @@ must not pay for imports it does not use.
 """
 from __future__ import annotations
 
+import gc
 import os
 import re
 import stat
@@ -194,7 +195,18 @@ def scan(root, rules: Rules | None = None, skip=(), collect_temps=False) -> List
     orphan directory inside the target). With ``collect_temps``, names
     starting with :data:`TEMP_PREFIX` go to ``temps`` instead of ``entries``.
     """
-    root = os.fsencode(root)
+    # the cyclic collector would run every few hundred Entry objects and find
+    # nothing (entries hold no cycles): off while listing, as it was after
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        return _scan(os.fsencode(root), rules, skip, collect_temps)
+    finally:
+        if gc_was_on:
+            gc.enable()
+
+
+def _scan(root: bytes, rules, skip, collect_temps) -> Listing:
     listing = Listing(root)
     entries = listing.entries
     errors = listing.errors
