@@ -9,7 +9,7 @@ says what is measured and how). Goal: lsyncd's lag at least 10x smirror's.
     PYTHONPATH=src python -m pytest benchmarks/bench_lsyncd.py -s
 
 About 2 minutes: 4 runs of 10 s of workload (2,000 ops at 200 ops/s plus a
-probe every 50 ms), then the wait for each target to match (lsyncd's
+probe every 20 ms), then the wait for each target to match (lsyncd's
 default delay is 15 s). SMIRROR_BENCH_OPS and SMIRROR_BENCH_RATE change the
 workload; SMIRROR_BENCH_TOOLS (comma-separated) the runs.
 """
@@ -37,7 +37,7 @@ def test_lag_vs_lsyncd(benchmark, tmp_path):
     results = benchmark.pedantic(lambda: lag_compare.run_all(tmp_path / "runs", TOOLS, ops=OPS,
                                                              rate=RATE),
                                  rounds=1, iterations=1)
-    print(f"\n{OPS} ops at {RATE:.0f} ops/s, a probe every 50 ms, local dir to local dir:")
+    print(f"\n{OPS} ops at {RATE:.0f} ops/s, a probe every 20 ms, local dir to local dir:")
     print(lag_compare.format_table(results))
     print(lag_compare.verdict(results))
     benchmark.extra_info["results"] = [{k: v for k, v in r.items() if k != "differing_paths"}

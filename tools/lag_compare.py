@@ -16,7 +16,7 @@ poller in this process reads the target every millisecond and records, for
 each probe, the time from its close(2) on the source until the target holds
 it with that content (the lag). After the last op, the time until the target
 tree matches the source (names, kinds, content, mode, file mtime) is the
-time to match.
+time to match (polled every few ms; see ``wait_match``).
 
 Bytes moved, counted where each tool's data crosses from its source side to
 its target side, after the initial sync:
@@ -269,17 +269,24 @@ def stat_snapshot(root) -> dict:
 
 
 def wait_match(src, dst, timeout: float, since: float | None = None,
-               interval: float = 0.005) -> float | None:
+               interval: float = 0.002) -> float | None:
     """Seconds from ``since`` (a perf_counter time, default now) until
-    ``dst`` matches ``src``, which no longer changes: seen at the end of the
-    poll that found it, so a poll's duration is the resolution. None on
-    timeout."""
+    ``dst`` matches ``src``, which no longer changes; None on timeout.
+
+    The time is the end of the first poll of names, modes, sizes and file
+    mtimes that matched, when a full content comparison right after it
+    confirms the match (else polling goes on): both tools set a file's mtime
+    after its content, and the cheap poll keeps the resolution at a few ms
+    where hashing both trees each time would take tens."""
     since = time.perf_counter() if since is None else since
-    want_stat, want = stat_snapshot(src), snapshot(src)
+    want_stat, want = stat_snapshot(src), None
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
-        if stat_snapshot(dst) == want_stat and snapshot(dst) == want:
-            return time.perf_counter() - since
+        if stat_snapshot(dst) == want_stat:
+            seen = time.perf_counter()
+            want = snapshot(src) if want is None else want
+            if snapshot(dst) == want:
+                return seen - since
         time.sleep(interval)
     return None
 
@@ -452,7 +459,7 @@ class LsyncdProcess:
 # -- one run ----------------------------------------------------------------------
 
 def run_tool(tool: str, base, *, seed: int = 1, ops: int = 2000, rate: float = 200.0,
-             probe_interval: float = 0.05, match_timeout: float | None = None) -> dict:
+             probe_interval: float = 0.02, match_timeout: float | None = None) -> dict:
     """Fresh tree under ``base/tool``, the tool started, its initial sync
     done, the workload with probes, the time to match; the process stopped
     whatever happens."""
@@ -569,8 +576,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", type=int, default=2000, help="workload ops (default 2000)")
     ap.add_argument("--rate", type=float, default=200.0, help="ops per second (default 200)")
-    ap.add_argument("--probe-interval", type=float, default=0.05, metavar="SECONDS",
-                    help="one probe file this often (default 0.05)")
+    ap.add_argument("--probe-interval", type=float, default=0.02, metavar="SECONDS",
+                    help="one probe file this often (default 0.02)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"default {','.join(TOOLS)}")
     ap.add_argument("--workdir", help="keep the trees and logs here (default: a removed tmp dir)")
