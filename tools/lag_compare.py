@@ -16,7 +16,8 @@ poller in this process reads the target every millisecond and records, for
 each probe, the time from its close(2) on the source until the target holds
 it with that content (the lag). After the last op, the time until the target
 tree matches the source (names, kinds, content, mode, file mtime) is the
-time to match (polled every few ms; see ``wait_match``).
+time to match (its resolution is one walk of the target, 5-15 ms here;
+see ``wait_match``).
 
 Bytes moved, counted where each tool's data crosses from its source side to
 its target side, after the initial sync:
@@ -229,7 +230,7 @@ class ProbeLag:
             with self._lock:
                 if not self._pending:
                     return True
-            time.sleep(0.01)
+            time.sleep(0.001)
         return False
 
     def stop(self) -> None:
@@ -269,17 +270,18 @@ def stat_snapshot(root) -> dict:
 
 
 def wait_match(src, dst, timeout: float, since: float | None = None,
-               interval: float = 0.002) -> float | None:
+               interval: float = 0.002, src_stat: dict | None = None) -> float | None:
     """Seconds from ``since`` (a perf_counter time, default now) until
     ``dst`` matches ``src``, which no longer changes; None on timeout.
 
     The time is the end of the first poll of names, modes, sizes and file
     mtimes that matched, when a full content comparison right after it
     confirms the match (else polling goes on): both tools set a file's mtime
-    after its content, and the cheap poll keeps the resolution at a few ms
-    where hashing both trees each time would take tens."""
+    after its content, and the cheap poll keeps the resolution at one walk
+    of the target where hashing both trees each time would take tens of ms.
+    ``src_stat``: the source's :func:`stat_snapshot`, taken already."""
     since = time.perf_counter() if since is None else since
-    want_stat, want = stat_snapshot(src), None
+    want_stat, want = src_stat if src_stat is not None else stat_snapshot(src), None
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         if stat_snapshot(dst) == want_stat:
@@ -497,9 +499,14 @@ def run_tool(tool: str, base, *, seed: int = 1, ops: int = 2000, rate: float = 2
         last_op = time.perf_counter()
         probes.probe()                               # one right behind the last op
         workload_s = last_op - t0
-        to_match = wait_match(src, dst, match_timeout or MATCH_TIMEOUT[tool], since=last_op)
-        probes.wait_all(2.0)
+        timeout = match_timeout or MATCH_TIMEOUT[tool]
+        src_stat = stat_snapshot(src)                # final: walked while the probe travels
+        # the tree cannot match before its last probe is there; the poller
+        # stops first, as it slows the tree walks down (the GIL)
+        probes.wait_all(timeout)
         probes.stop()
+        to_match = wait_match(src, dst, max(0.0, timeout - (time.perf_counter() - last_op)),
+                              since=last_op, src_stat=src_stat)
         result = {"tool": tool, "ops": wl.ops, "workload_s": workload_s,
                   "payload_bytes": wl.bytes_written, "probes": probes.count,
                   "probes_missing": probes.missing, "time_to_match_s": to_match,
