@@ -34,8 +34,7 @@ from .errors import AuthError, ConfigError, QueueFull, SmirrorError
 from .memqueue import SpillQueue, queue_alert, segment_size_for
 from .registry import Registry
 from .keep import KeepDirs
-from .ops import OpKind
-from .source import ConnectionJournal, Sender, ignored_delete
+from .source import ConnectionJournal, Sender, for_connection
 from .target import TargetConnection
 from .tasks import QueuedInto, SourceTasks, TargetTasks, TaskLog, TaskPolicy, TaskSpec
 from .wire import Link, MsgType, ProtocolError
@@ -128,13 +127,11 @@ class RepsetCapture:
     def _emit(self, op) -> None:
         with self._lock:
             journals = list(self.targets.items())
-        deleting = op.kind in (OpKind.DELETE, OpKind.RMDIR) and not self.capture.moving_out
+        moving_out = self.capture.moving_out
         for conid, j in journals:
-            out = op
-            if deleting:
-                conn = self.conns.get(conid)
-                if conn is not None and conn.ignore_deletes != "off":
-                    out = ignored_delete(op, conn.ignore_deletes, conn.deleted_keep_days)
+            conn = self.conns.get(conid)
+            out = op if conn is None else for_connection(op, conn.ignore_deletes,
+                                                         conn.deleted_keep_days, moving_out)
             try:
                 j.append(out)
             except QueueFull as exc:
@@ -575,9 +572,8 @@ class Daemon:
             known = sorted({c.target for c in self.registry.connections.values()})
             raise ConfigError(f"task {spec.name!r}: this source has no running connection to {target}"
                               + (f" (its targets: {', '.join(known)})" if known else ""))
-        caps = {s.conn.conid: self.captures.get(s.conn.repset) for s in srcs}
         return self.source_tasks.queue(spec, target, [
-            QueuedInto(s.conn.conid, caps[s.conn.conid].capture if caps[s.conn.conid] else None,
+            QueuedInto(s.conn.conid, getattr(self.captures.get(s.conn.repset), "capture", None),
                        s.journal, s.sender) for s in srcs])
 
     def request(self, user: User, verb: str, args: dict):

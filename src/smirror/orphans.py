@@ -44,11 +44,8 @@ def orphan_ops(orphans: list[bytes], known: dict, policy: str, older_than_days: 
         return cutoff is None or (not is_dir[p] and known[p].mtime_ns < cutoff)
 
     chosen = [p for p in orphans if qualifies(p) and (cutoff is not None or top(p))]
-    if cutoff is None:
-        # a whole subtree: count (and, for delete, remove) everything in it
-        acted = [p for p in orphans]
-    else:
-        acted = [p for p in chosen]
+    # without an age limit a whole subtree goes: everything in it is acted on
+    acted = orphans if cutoff is None else chosen
     stats = {"orphans": len(orphans),
              "orphan_bytes": sum(known[p].size for p in orphans if not is_dir[p]),
              "orphans_deleted": 0, "orphans_moved": 0, "orphan_policy": policy,
@@ -68,11 +65,17 @@ def orphan_ops(orphans: list[bytes], known: dict, policy: str, older_than_days: 
         if not is_dir[p]:
             ops.append(Op.delete(0, p))
             removed.add(p)
-    dirs = sorted((p for p in orphans if is_dir[p]), key=lambda p: (-p.count(b"/"), p))
-    for d in dirs:
-        prefix = d + b"/"
-        inside = [p for p in known if p.startswith(prefix)]
-        if all(p in removed for p in inside):
+    # a directory goes only once everything under it went: every directory
+    # above a file that stays (or above anything the target keeps) stays
+    kept_under: set[bytes] = set()
+    for p in known:
+        if p not in removed and not is_dir.get(p, False):
+            parent = p.rpartition(b"/")[0]
+            while parent and parent not in kept_under:
+                kept_under.add(parent)
+                parent = parent.rpartition(b"/")[0]
+    for d in sorted((p for p in orphans if is_dir[p]), key=lambda p: (-p.count(b"/"), p)):
+        if d not in kept_under:
             ops.append(Op.rmdir(0, d))
             removed.add(d)
     stats["orphans_deleted"] = len(removed)

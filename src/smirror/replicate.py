@@ -145,15 +145,12 @@ class Replication:
         out of the set still deletes)."""
         if self.ignore_deletes == "off":
             return self.journal_sink.append
-        from .ops import OpKind
-        from .source import ignored_delete
+        from .source import for_connection
         append, mode, days = self.journal_sink.append, self.ignore_deletes, self.deleted_keep_days
 
         def sink(op):
-            if op.kind in (OpKind.DELETE, OpKind.RMDIR) and not (
-                    self.tree_capture is not None and self.tree_capture.moving_out):
-                op = ignored_delete(op, mode, days)
-            return append(op)
+            moving_out = self.tree_capture is not None and self.tree_capture.moving_out
+            return append(for_connection(op, mode, days, moving_out))
         return sink
 
     # -- backup controls ---------------------------------------------------------

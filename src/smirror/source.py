@@ -426,6 +426,15 @@ class Sender:
 IGNORE_DELETES = ("off", "keep", "move")
 
 
+def for_connection(op: Op, ignore_deletes: str, keep_days: float, moving_out: bool) -> Op:
+    """The op a connection gets for a captured ``op``: itself, or, for a
+    delete on a connection that ignores deletes (not a move out of the set,
+    ``moving_out``), the mark that stands for it."""
+    if ignore_deletes != "off" and op.kind in (OpKind.DELETE, OpKind.RMDIR) and not moving_out:
+        return ignored_delete(op, ignore_deletes, keep_days)
+    return op
+
+
 def ignored_delete(op: Op, mode: str, keep_days: float = 0.0) -> Op:
     """What a connection with ignore-deletes sends instead of a DELETE or
     RMDIR of the source (not a move out of the set: that still deletes): a

@@ -162,13 +162,9 @@ class TargetConnection:
         if self._user_on_task is not None:
             self._user_on_task(op)
             return
-        from .tasks import TaskError, TaskResult, TaskSpec
-        try:
-            spec = TaskSpec.decode(op.data, f"connection {self.conid} task at seq {op.seq}")
-        except TaskError as exc:
-            log.error("%s", exc)
-            self._notify({"task": bytes(op.path).decode(errors="replace"), "stage": "on_execute",
-                          "state": "refused", "error": str(exc), "seq": op.seq})
+        from .tasks import TaskResult
+        spec = self._task_spec(op, "on_execute")
+        if spec is None:
             return
         if self.tasks is None:
             r = TaskResult(spec.name, spec.id, "on_execute", "refused", conids=[self.conid], seq=op.seq,
@@ -212,12 +208,8 @@ class TargetConnection:
     def _task_arrived(self, op) -> None:
         """A TASK was received (durable): check it now, run on-receive, and
         tell the source at once when this target refuses it."""
-        from .tasks import TaskError, TaskSpec
-        try:
-            spec = TaskSpec.decode(op.data, f"connection {self.conid} task at seq {op.seq}")
-        except TaskError as exc:
-            self._notify({"task": bytes(op.path).decode(errors="replace"), "stage": "on_receive",
-                          "state": "refused", "error": str(exc), "seq": op.seq})
+        spec = self._task_spec(op, "on_receive")
+        if spec is None:
             return
         if self.tasks is None:
             self._notify({"task": spec.name, "id": spec.id, "stage": "on_receive", "state": "refused",
@@ -227,6 +219,18 @@ class TargetConnection:
         if r is not None and r.state == "refused":
             log.error("connection %s: %s", self.conid, r.error)
             self._notify(dict(r.as_dict(), seq=op.seq))
+
+    def _task_spec(self, op, stage: str):
+        """The TaskSpec a TASK op carries, or None after telling the source
+        (and the log) that its payload is refused."""
+        from .tasks import TaskError, TaskSpec
+        try:
+            return TaskSpec.decode(op.data, f"connection {self.conid} task at seq {op.seq}")
+        except TaskError as exc:
+            log.error("%s", exc)
+            self._notify({"task": bytes(op.path).decode(errors="replace"), "stage": stage,
+                          "state": "refused", "error": str(exc), "seq": op.seq})
+            return None
 
     def _notify(self, notice: dict) -> None:
         """Send a NOTICE to the source (now, or when it is next connected)."""
