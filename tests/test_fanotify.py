@@ -6,7 +6,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -17,20 +16,13 @@ from smirror.fanotify import (FAN_ATTRIB, FAN_CLOSE_WRITE, FAN_CREATE, FAN_DELET
                               FAN_MODIFY, FAN_ONDIR, FAN_RENAME, EventFormatError, name_to_handle,
                               parse_events)
 from smirror.inotify import Kind
+from test_inotify import collect
 
 
 MISSING = fanotify.unavailable_reason()
 needs_fanotify = pytest.mark.skipif(bool(MISSING), reason=f"fanotify unavailable: {MISSING}")
 
 
-def collect(w, settle=0.15, limit=5.0):
-    out, deadline = [], time.monotonic() + limit
-    while time.monotonic() < deadline:
-        got = w.read(timeout=settle)
-        if not got:
-            break
-        out.extend(got)
-    return out
 
 
 # -- the record parser ---------------------------------------------------------

@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import SmirrorError
-from .inotify import MOVED_OUT, Event, Kind, WatchError, _join
+from .inotify import MOVED_OUT, Event, Kind, WatchError, _join, list_dir
 
 log = logging.getLogger("smirror.fanotify")
 
@@ -388,19 +388,7 @@ class Watcher:
         stack = [(rel, handle)]
         while stack:
             d, dh = stack.pop()
-            try:
-                with os.scandir(self._abs(d)) as it:
-                    entries = list(it)
-            except OSError:
-                continue
-            for entry in entries:
-                child = _join(d, entry.name)
-                try:
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                except OSError:
-                    continue
-                if self.exclude is not None and self.exclude(child, is_dir):
-                    continue
+            for child, is_dir in list_dir(self._abs(d), d, self.exclude):
                 if report:
                     self._out.append(Event(Kind.CREATED, child, is_dir))
                 if is_dir:
@@ -408,7 +396,7 @@ class Watcher:
                         ch = name_to_handle(self._abs(child))
                     except OSError:
                         continue
-                    self._dirs[ch] = (dh, entry.name)
+                    self._dirs[ch] = (dh, child.rpartition(b"/")[2])
                     stack.append((child, ch))
 
     def _mapped_path(self, handle: bytes, chain: list | None = None) -> bytes | None:

@@ -71,6 +71,27 @@ class Event:
     reason: str = ""         # for RESCAN: why; for DELETED: MOVED_OUT or ""
 
 
+def list_dir(path: bytes, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
+    """(relative path, is a directory) of the entries of the directory
+    ``rel`` at ``path`` that ``exclude`` keeps; [] when it cannot be read
+    (gone meanwhile: its event follows). Symlinks are not followed."""
+    try:
+        with os.scandir(path) as it:
+            entries = list(it)
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        child = _join(rel, entry.name)
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            continue
+        if exclude is None or not exclude(child, is_dir):
+            out.append((child, is_dir))
+    return out
+
+
 class WatchError(OSError):
     pass
 
@@ -141,19 +162,7 @@ class Watcher:
             d = stack.pop()
             if not self._add_watch(d):
                 continue
-            try:
-                with os.scandir(self._abs(d)) as it:
-                    entries = list(it)
-            except OSError:
-                continue
-            for entry in entries:
-                child = _join(d, entry.name)
-                try:
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                except OSError:
-                    continue
-                if self.exclude is not None and self.exclude(child, is_dir):
-                    continue
+            for child, is_dir in list_dir(self._abs(d), d, self.exclude):
                 if report:
                     self._out.append(Event(Kind.CREATED, child, is_dir))
                 if is_dir:

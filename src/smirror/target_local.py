@@ -136,24 +136,14 @@ def _mapped_signature(fd: int, length: int, block_size: int, weak: bool):
         count = -(-length // block_size)
         strong = np.empty((count, 2), dtype=np.uint64)
         weak_arr = np.empty(count, dtype=np.uint32) if weak else None
-        # the kernel breaks a lease by force after lease-break-time: stop
-        # mapping well before (a writer waiting that long is told by then)
-        deadline = time.monotonic() + _lease_break_seconds() / 3
-        off = 0
-        while off < length:
-            if not _lease_intact(fd) or time.monotonic() > deadline:
-                break
-            n = min(window, length - off)
-            m = mmap.mmap(fd, n, prot=mmap.PROT_READ, offset=off)
-            try:
-                part = checksum.signature(m, block_size, weak)
-            finally:
-                m.close()
+        def consume(off, m):
+            part = checksum.signature(m, block_size, weak)
             i = off // block_size
             strong[i:i + part.count] = part.strong
             if weak:
                 weak_arr[i:i + part.count] = part.weak
-            off += n
+
+        off = _map_windows(fd, length, window, consume)
         if off < length:     # lease broken or odd alignment: finish with preads
             rest = _pread_signature(fd, length - off, block_size, weak, start=off)
             i = off // block_size
@@ -217,12 +207,34 @@ def _pread_signature(fd: int, length: int, block_size: int, weak: bool, start: i
 _DIGEST_ONESHOT = 4 << 20
 
 
+def _map_windows(fd: int, length: int, window: int, consume) -> int:
+    """Hand ``consume(offset, mapping)`` read-only mappings of ``window``
+    bytes of a file this process holds a read lease on, in order, while the
+    lease holds; returns the offset reached (``length``, or where a lease
+    break stopped it: the caller reads the rest with preads)."""
+    import mmap
+    # the kernel breaks a lease by force after lease-break-time: stop
+    # mapping well before (a writer waiting that long is told by then)
+    deadline = time.monotonic() + _lease_break_seconds() / 3
+    off = 0
+    while off < length:
+        if not _lease_intact(fd) or time.monotonic() > deadline:
+            break
+        n = min(window, length - off)
+        m = mmap.mmap(fd, n, prot=mmap.PROT_READ, offset=off)
+        try:
+            consume(off, m)
+        finally:
+            m.close()
+        off += n
+    return off
+
+
 def _mapped_digest(fd: int, length: int):
     """XXH3-128 of a large file hashed from leased mapping windows (no copy
     through a buffer: ~1.6x the speed of preads here); None when no lease
     can be had. A lease break (a writer waiting) stops the mapping at the
     next window and the rest is read with preads into the same digest."""
-    import mmap
     from . import checksum
     if not _take_read_lease(fd):
         return None
@@ -230,18 +242,7 @@ def _mapped_digest(fd: int, length: int):
         if os.fstat(fd).st_size != length:
             raise MirrorError(f"file changed length while being read (expected {length} bytes)")
         state = checksum.StreamDigest()
-        deadline = time.monotonic() + _lease_break_seconds() / 3
-        off = 0
-        while off < length:
-            if not _lease_intact(fd) or time.monotonic() > deadline:
-                break
-            n = min(_MMAP_WINDOW, length - off)
-            m = mmap.mmap(fd, n, prot=mmap.PROT_READ, offset=off)
-            try:
-                state.update(m)
-            finally:
-                m.close()
-            off += n
+        off = _map_windows(fd, length, _MMAP_WINDOW, lambda _, m: state.update(m))
         if off < length:
             view = memoryview(aligned_buffer(_SIG_CHUNK))
             while off < length:
