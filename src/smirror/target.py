@@ -89,7 +89,9 @@ class TargetConnection:
             seq, frame = item
             self._applying = True
             try:
-                ops, _ = decode_frame(frame)
+                # checked whole by the receiver; the queue keeps it immutable
+                # (and checks its own record checksum reading it back)
+                ops, _ = decode_frame(frame, check_payload=False)
                 self.applier.apply_all(ops)
             except (FrameError, ConfinementError, SmirrorError, OSError) as exc:
                 # the frame stays in the queue: nothing after it is applied
@@ -155,7 +157,8 @@ class TargetConnection:
         try:
             while not self._stop.is_set():
                 try:
-                    mtype, payload = link.recv()
+                    # a frame arrives in its own bytes object: the queue keeps it as is
+                    mtype, payload = link.recv(own=(MsgType.FRAME,))
                 except LinkClosed:
                     return
                 if mtype == MsgType.FRAME:
@@ -196,7 +199,7 @@ class TargetConnection:
         if h.first_seq != self.received_seq + 1:
             raise ProtocolError(f"frame with seqs {h.first_seq}..{h.last_seq} from {link.peer} "
                                 f"does not follow seq {self.received_seq}: ops would be skipped")
-        frame = bytes(payload)          # the link reuses its buffer
+        frame = payload
         decode_frame(frame)             # full verification before it counts as received
         while True:
             try:

@@ -89,8 +89,8 @@ class Link:
             pass
 
     # -- receiving -------------------------------------------------------
-    def _recv_exact(self, view: memoryview, what: str) -> None:
-        got = 0
+    def _recv_exact(self, view: memoryview, what: str, got: int = 0) -> None:
+        """Fill ``view`` from its byte ``got`` on."""
         while got < len(view):
             n = self.sock.recv_into(view[got:])
             if n == 0:
@@ -100,8 +100,29 @@ class Link:
                                  f"({what}: {got} of {len(view)} bytes)")
             got += n
 
-    def recv(self) -> tuple[MsgType, memoryview]:
-        """Next message: (type, payload view valid until the next recv)."""
+    def _recv_bytes(self, n: int, what: str) -> bytes:
+        """``n`` bytes as a new bytes object, received straight into it (no
+        copy): one blocking recv with MSG_WAITALL on a plain socket; a short
+        read (a signal, a timeout, TLS) is completed and joined once."""
+        first = b""
+        if type(self.sock) is socket.socket and self.sock.gettimeout() is None:
+            first = self.sock.recv(n, socket.MSG_WAITALL)
+            if len(first) == n:
+                return first
+            if not first:
+                raise LinkClosed(f"{self.peer} closed the link in the middle of a message "
+                                 f"({what}: 0 of {n} bytes)")
+        buf = bytearray(n)
+        buf[:len(first)] = first
+        with memoryview(buf) as view:
+            self._recv_exact(view, what, len(first))
+        return bytes(buf)
+
+    def recv(self, own=()) -> tuple[MsgType, memoryview | bytes]:
+        """Next message: (type, payload view valid until the next recv).
+        Payloads of the types in ``own`` come as new bytes objects instead,
+        received straight into them, that the caller may keep (a frame
+        the target queue holds costs no copy out of the reused buffer)."""
         self._recv_exact(memoryview(self._header), "header")
         magic, mtype, _flags, length = HEADER.unpack(self._header)
         if magic != MAGIC:
@@ -114,6 +135,8 @@ class Link:
         if length > self.max_message:
             raise ProtocolError(f"{self.peer} announced a {mtype.name} message of {length} bytes, "
                                 f"over the {self.max_message}-byte limit")
+        if mtype in own:
+            return mtype, self._recv_bytes(length, f"{mtype.name} payload") if length else b""
         if length > len(self._buf):
             self._buf = bytearray(max(length, 2 * len(self._buf)))
         view = memoryview(self._buf)[:length]
