@@ -154,6 +154,7 @@ class TargetConnection:
         link closes. Errors are sent to the source and raised."""
         link.send_json(MsgType.READY, {"last_seq": self.received_seq})
         self.state = "receiving"
+        self._unacked, self._unacked_frames = None, 0
         try:
             while not self._stop.is_set():
                 try:
@@ -163,13 +164,19 @@ class TargetConnection:
                     return
                 if mtype == MsgType.FRAME:
                     self._receive(link, payload)
-                elif mtype == MsgType.RESET:
+                    continue
+                self._send_ack(link)
+                if mtype == MsgType.RESET:
                     self._reset(link, payload)
                 elif mtype == MsgType.BYE:
                     return
                 else:
                     raise ProtocolError(f"{link.peer} sent {mtype.name} on a data link")
         except (FrameError, ProtocolError) as exc:
+            try:
+                self._send_ack(link)        # what is durable stays acknowledged
+            except OSError:
+                pass
             link.send_error(f"connection {self.conid}: {exc}")
             raise
         finally:
@@ -208,6 +215,7 @@ class TargetConnection:
             except QueueFull:
                 # backpressure: stop reading the link until the applier
                 # frees room; the source's sends block meanwhile
+                self._send_ack(link)
                 self.state = "queue-full"
                 with self._progress:
                     self._progress.wait(0.1)
@@ -217,7 +225,24 @@ class TargetConnection:
         self.received_seq = h.last_seq
         self.frames_received += 1
         self.bytes_received += len(frame)
-        link.send(MsgType.ACK, ACK.pack(h.last_seq))
+        # durable now; while the next frame is already waiting on the link the
+        # ACK can wait for it and cover both (one ACK, one wake-up of the
+        # source per burst), up to ACK_EVERY frames
+        self._unacked = h.last_seq
+        self._unacked_frames += 1
+        if self._unacked_frames >= self.ACK_EVERY or not link.readable():
+            self._send_ack(link)
+
+    ACK_EVERY = 16
+    _unacked = None
+    _unacked_frames = 0
+
+    def _send_ack(self, link: Link) -> None:
+        """Acknowledge the frames received and not acknowledged yet."""
+        if self._unacked is not None:
+            link.send(MsgType.ACK, ACK.pack(self._unacked))
+            self._unacked = None
+            self._unacked_frames = 0
 
     def status(self) -> dict:
         q = self.queue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import select
 import socket
 import ssl
 import struct
@@ -64,6 +65,7 @@ class Link:
         self.max_message = max_message
         self._header = bytearray(HEADER.size)
         self._buf = bytearray(64 * 1024)
+        self._poll = None
         self.user: User | None = None
 
     # -- sending ---------------------------------------------------------
@@ -142,6 +144,16 @@ class Link:
         view = memoryview(self._buf)[:length]
         self._recv_exact(view, f"{mtype.name} payload")
         return mtype, view
+
+    def readable(self) -> bool:
+        """True when the next recv would not wait: bytes (or the peer's
+        close) are there already."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.sock, select.POLLIN)
+        return bool(self._poll.poll(0))
 
     def recv_json(self, *expect: MsgType) -> tuple[MsgType, dict]:
         """Next control message as a dict; an ERROR from the peer raises
