@@ -77,7 +77,16 @@ class Link:
         header = HEADER.pack(MAGIC, mtype, flags, n)
         if n < 16384:
             self.sock.sendall(header + bytes(payload))
-        else:                       # large payloads: no copy into one buffer
+        elif type(self.sock) is socket.socket:
+            # large payloads: no copy into one buffer, one system call
+            sent = self.sock.sendmsg([header, payload])
+            if sent < len(header):
+                self.sock.sendall(header[sent:])
+                sent = len(header)
+            if sent < len(header) + n:
+                with memoryview(payload) as view:
+                    self.sock.sendall(view.cast("B")[sent - len(header):])
+        else:                       # TLS: no sendmsg
             self.sock.sendall(header)
             self.sock.sendall(payload)
 
