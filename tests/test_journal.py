@@ -193,6 +193,28 @@ def test_error_names_problem_and_offset(impl):
         impl.decode_frame(frame[:-1])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_check_payload_false_skips_only_the_payload_checksum(impl):
+    """The target's applier decodes a frame its receiver checked already:
+    a payload flip goes unseen then, but the header check and every
+    structural check still run."""
+    frame = SMALL["plain"]
+    bad = bytearray(frame)
+    bad[frame.index(b"abcabc")] ^= 1   # in the write's data
+    ops, n = impl.decode_frame(bytes(bad), check_payload=False)
+    assert n == len(frame) and bytes(ops[1].data) == b"`" + (b"abc" * 200)[1:]
+    with pytest.raises(FrameError, match="payload checksum mismatch"):
+        impl.decode_frame(bytes(bad))
+    bad = bytearray(frame)
+    bad[8] ^= 1                        # header: its own checksum catches it
+    with pytest.raises(FrameError, match="header checksum mismatch"):
+        impl.decode_frame(bytes(bad), check_payload=False)
+    for name, damaged, pattern in _resealed_variants():
+        if pattern is not None:
+            with pytest.raises(FrameError, match=pattern):
+                impl.decode_frame(damaged, check_payload=False)
+
+
 def _resealed_variants():
     """Frames damaged behind a valid checksum: only the structural checks
     can catch them. (name, frame bytes, message regex)"""

@@ -165,3 +165,33 @@ def test_target_that_lost_its_state_gets_a_reset_and_asks_for_a_mirror(pair, tmp
     finally:
         endpoint2.close()
         fresh.close()
+
+
+def test_frames_waiting_on_the_link_share_one_ack(tmp_path):
+    """A burst of frames already on the link is acknowledged with fewer ACKs
+    than frames (at most ACK_EVERY frames apart), each after its frames are
+    in the durable queue, and the burst's last frame is always acknowledged."""
+    from smirror.journal import encode_frame
+    from smirror.source import ACK
+    target = TargetConnection(1, tmp_path / "dst", tmp_path / "state", apply=False)
+    a, b = socket.socketpair()
+    src, dst = wire.Link(a, "source"), wire.Link(b, "target")
+    frames = [encode_frame([Op.write(seq, b"f", seq * 10, b"x" * 10)], False)
+              for seq in range(1, 101)]
+    for frame in frames:                 # all on the link before the target reads
+        src.send(wire.MsgType.FRAME, frame)
+    served = threading.Thread(target=target.serve, args=(dst,), daemon=True)
+    served.start()
+    assert src.recv_json(wire.MsgType.READY)[1] == {"last_seq": 0}
+    acks = []
+    while not acks or acks[-1] < 100:
+        mtype, payload = src.recv()
+        assert mtype == wire.MsgType.ACK
+        acks.append(ACK.unpack(payload)[0])
+        assert target.queue.last_seq >= acks[-1]        # durable before acknowledged
+    assert acks == sorted(acks) and len(acks) < 100
+    assert all(b - a <= TargetConnection.ACK_EVERY for a, b in zip([0] + acks, acks))
+    src.send(wire.MsgType.BYE)
+    served.join(5)
+    src.close()
+    target.close()

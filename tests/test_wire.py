@@ -93,6 +93,37 @@ def test_messages_round_trip_small_and_large(server_factory):
         assert link.recv_json(MsgType.REQUEST)[1] == {"verb": "status", "name": "caf\u00e9"}
 
 
+def test_owned_payloads_are_private_bytes(server_factory):
+    """recv(own=...) hands FRAME payloads out as bytes objects of their own
+    (received straight into them) that stay valid past the next recv."""
+    def keep(link):
+        got = []
+        while True:
+            try:
+                got.append(link.recv(own=(MsgType.FRAME,)))
+            except LinkClosed:
+                return got
+    srv = server_factory(keep)
+    sizes = (0, 1, 70_000, 3 << 20)
+    datas = [bytes([i]) * n for i, n in enumerate(sizes)]
+    with wire.connect("127.0.0.1", srv.port) as link:
+        for data in datas:
+            link.send(MsgType.FRAME, data)
+            link.send_json(MsgType.REQUEST, {"after": len(data)})
+    got = srv.wait(1)[0]
+    frames = [p for t, p in got if t == MsgType.FRAME]
+    assert all(type(p) is bytes for p in frames) and frames == datas
+    assert all(type(p) is memoryview for t, p in got if t == MsgType.REQUEST)
+
+
+def test_owned_payload_torn_by_the_peer(server_factory):
+    srv = server_factory(lambda link: link.recv(own=(MsgType.FRAME,)))
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(wire.HEADER.pack(wire.MAGIC, MsgType.FRAME, 0, 100) + b"x" * 10)
+    srv.wait(1)
+    assert isinstance(srv.results[0], LinkClosed) and "10 of 100 bytes" in str(srv.results[0])
+
+
 def test_login_success_gives_role(server_factory, store):
     srv = server_factory(lambda link: wire.accept_login(link, store))
     with wire.connect("127.0.0.1", srv.port) as link:
@@ -192,16 +223,19 @@ def test_tls_login_and_data(server_factory, store, certs):
     def handler(link):
         user, purpose = wire.accept_login(link, store)
         mtype, payload = link.recv()
-        return link.sock.version(), purpose, bytes(payload)
+        mtype, owned = link.recv(own=(MsgType.FRAME,))      # TLS: read, then one copy
+        return link.sock.version(), purpose, bytes(payload), owned
     srv = server_factory(handler, tls=ctx)
     client = wire.client_tls_context(str(certs / "ca.pem"), str(certs / "daemon.pem"), str(certs / "daemon.key"))
     with wire.connect("127.0.0.1", srv.port, tls=client) as link:
         assert isinstance(link.sock, ssl.SSLSocket)
         wire.login(link, "admin", "admin-password", purpose="data")
         link.send(MsgType.FRAME, b"frame bytes")
+        link.send(MsgType.FRAME, b"y" * 100_000)
     srv.wait(1)
-    version, purpose, data = srv.results[0]
+    version, purpose, data, owned = srv.results[0]
     assert version in ("TLSv1.2", "TLSv1.3") and purpose == "data" and data == b"frame bytes"
+    assert owned == b"y" * 100_000
 
 
 def test_tls_refuses_a_server_with_an_unknown_certificate(server_factory, certs):

@@ -582,11 +582,14 @@ cdef list build_ops(const unsigned char* raw, Py_ssize_t raw_len, Py_ssize_t cou
     return ops
 
 
-def decode_frame(buf, Py_ssize_t offset=0):
+def decode_frame(buf, Py_ssize_t offset=0, *, bint check_payload=True):
     """Decode the frame at ``offset`` of ``buf`` (bytes, bytearray, memoryview,
     mmap, ...). Returns ``(ops, frame_len)``; the next frame of a stream starts
     at ``offset + frame_len``. Write/task/mark data are memoryviews into
-    ``buf`` (or into the decompressed payload)."""
+    ``buf`` (or into the decompressed payload). ``check_payload=False`` skips
+    only the payload checksum, for a frame checked once already and held
+    since in a private immutable copy (the target queue's); everything else
+    is validated as always."""
     cdef object mv = as_bytes_view(buf)
     cdef const unsigned char[::1] view = mv
     cdef Py_ssize_t size = view.shape[0], start, have
@@ -605,10 +608,11 @@ def decode_frame(buf, Py_ssize_t offset=0):
         raise FrameError(f"truncated frame: header declares {h.stored_len} payload "
                          f"bytes, buffer holds {have}", start + have)
     stored = base + start
-    with nogil:
-        check = SMJ_XXH3_64(stored, h.stored_len)
-    if check != h.payload_check:
-        raise FrameError("frame payload checksum mismatch", start)
+    if check_payload:
+        with nogil:
+            check = SMJ_XXH3_64(stored, h.stored_len)
+        if check != h.payload_check:
+            raise FrameError("frame payload checksum mismatch", start)
     if h.flags & FLAG_LZ4:
         try:
             raw_obj = lz4_decompress(mv[start:start + h.stored_len],

@@ -50,6 +50,9 @@ PAGE = 4096
 cdef enum:
     HDR = 32
     SEG_HDR = 32
+    # fsync=segment: writeback of the active segment is started every this
+    # many bytes, so its final fsync waits for little
+    WRITEBACK_STEP = 8 * 1024 * 1024
     # records with this much payload left to read go straight into their
     # frame (one copy), with LOOKAHEAD bytes of what follows read alongside
     DIRECT_MIN = 16384
@@ -111,6 +114,24 @@ cdef extern from *:
     void sm_put64(unsigned char* p, uint64_t v) noexcept nogil
     uint32_t sm_get32(const unsigned char* p) noexcept nogil
     uint64_t sm_get64(const unsigned char* p) noexcept nogil
+
+# Start writeback of a byte range without waiting for it (Linux); elsewhere
+# a no-op: the fsync at the end of the segment does all the work then.
+cdef extern from *:
+    """
+    #if defined(__linux__)
+    #  include <fcntl.h>
+    static inline int sm_start_writeback(int fd, long long off, long long n) {
+        return sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE);
+    }
+    #else
+    static inline int sm_start_writeback(int fd, long long off, long long n) {
+        (void)fd; (void)off; (void)n;
+        return 0;
+    }
+    #endif
+    """
+    int sm_start_writeback(int fd, long long off, long long n) noexcept nogil
 
 cdef extern from "xxhash.h" nogil:
     ctypedef uint64_t XXH64_hash_t
@@ -501,6 +522,11 @@ cdef class SpillQueue:
     cdef list _spares                   # [(old index, path)], last = hottest
 
     cdef object _cond, _lock, _runs
+    cdef object _put_lock               # one put at a time; held across its write
+    cdef bint _appending                # a record is being written outside _lock
+    cdef int _sync_fd                   # finished segment still to fsync (put, outside _lock)
+    cdef bint _sync_dir                 # a new segment's name still to fsync
+    cdef off_t _writeback_from          # active segment: writeback started below this
     cdef dict _segs                     # index -> _Segment, oldest first
     cdef _Segment _active
     cdef bint _closed
@@ -526,6 +552,7 @@ cdef class SpillQueue:
 
     def __cinit__(self, *args, **kwargs):
         self._wfd = self._rfd = self._ack_fd = self._lock_fd = -1
+        self._sync_fd = -1
         self._rbuf = NULL
 
     def __init__(self, spill_dir, memory_limit, disk_limit, *,
@@ -561,6 +588,8 @@ cdef class SpillQueue:
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        self._put_lock = threading.Lock()
+        self._appending = False
         self._closed = False
         self._runs = collections.deque()
         self._segs = {}
@@ -597,7 +626,7 @@ cdef class SpillQueue:
 
     def __dealloc__(self):
         # a queue dropped without close(): release the descriptors
-        for fd in (self._wfd, self._rfd, self._ack_fd, self._lock_fd):
+        for fd in (self._wfd, self._sync_fd, self._rfd, self._ack_fd, self._lock_fd):
             if fd >= 0:
                 c_close(fd)
         if self._rbuf != NULL:
@@ -840,15 +869,20 @@ cdef class SpillQueue:
         finally:
             os.close(dfd)
 
-    cdef _finish_active(self):
+    cdef _finish_active(self, bint defer_sync=False):
         """Close the segment being appended to; a recycled file loses the
-        older bytes past its end, so only whole segments precede the last."""
+        older bytes past its end, so only whole segments precede the last.
+        ``defer_sync``: leave the fsync (and close) to the put that rotated,
+        after it let go of the lock, before it writes its record."""
         cdef _Segment seg = self._active
         if seg.recycled:
             os.ftruncate(self._wfd, seg.size)
-        if self.fsync_mode:
-            os.fsync(self._wfd)
-        os.close(self._wfd)
+        if self.fsync_mode and defer_sync:
+            self._sync_fd = self._wfd
+        else:
+            if self.fsync_mode:
+                os.fsync(self._wfd)
+            os.close(self._wfd)
         self._wfd = -1
         self._active = None
 
@@ -881,9 +915,10 @@ cdef class SpillQueue:
                                 f"segment: {exc.strerror}") from None
             raise
         if self.fsync_mode:
-            self._fsync_dir()
+            self._sync_dir = True           # by the put, outside the lock
         seg = _Segment(index, path)
         seg.size = SEG_HDR
+        self._writeback_from = 0
         seg.recycled = recycled
         self._next_index = index + 1
         self._segs[index] = seg
@@ -911,38 +946,37 @@ cdef class SpillQueue:
                             f"{self._free_estimate} B free - {need} B record "
                             f"< min_free_bytes {self.min_free_bytes} B")
 
-    cdef _append(self, uint64_t seq, const unsigned char* data, size_t length,
-                 long long* seg_out, off_t* off_out):
-        """Append one record. Raises QueueFull (limits, no space) with
-        nothing written."""
-        cdef long long need = HDR + <long long>length
-        cdef _Segment seg
-        cdef off_t off
-        cdef int err = 0, fd
-        cdef unsigned char header[HDR]
+    cdef _Segment _append_spot(self, long long need):
+        """The segment the next record of ``need`` bytes goes to, at its
+        current size (rotating, starting one). Raises QueueFull (limits, no
+        space) with nothing written. Called with _lock and _put_lock held."""
+        cdef _Segment seg = self._active
         cdef bint rotate, new_segment
-        seg = self._active
         rotate = seg is not None and seg.size > SEG_HDR and seg.size + need > self.segment_size
         new_segment = seg is None or rotate
         self._check_space(need + (SEG_HDR if new_segment else 0))
         if rotate:
-            self._finish_active()
+            self._finish_active(True)
         if new_segment:
             seg = self._start_segment()
-        off = seg.size
-        fd = self._wfd
-        with nogil:
-            encode_header_c(header, seq, data, length, <uint64_t>seg.index)
-            err = pwrite_record(fd, header, data, length, off)
-            if err == 0 and self.fsync_mode == 2 and fdatasync(fd) != 0:
-                err = errno
-            if err:
-                ftruncate(fd, off)
-        if err:
-            if err == ENOSPC or err == EDQUOT:
-                raise QueueFull(f"no space left in {self.spill_dir} writing a "
-                                f"{need} B record: {os.strerror(err)}")
-            _raise_os(err, seg.path)
+        return seg
+
+    cdef _sync_pending(self):
+        """The fsyncs a rotation left to this put (outside _lock: gets and
+        acks go on meanwhile), before its record is written."""
+        cdef int fd = self._sync_fd
+        if fd >= 0:
+            self._sync_fd = -1
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if self._sync_dir:
+            self._sync_dir = False
+            self._fsync_dir()
+
+    cdef _appended(self, _Segment seg, uint64_t seq, long long need):
+        """Account for a record written at the end of ``seg``."""
         seg.size += need
         if not seg.has_seq:
             seg.first_seq = seq
@@ -952,8 +986,6 @@ cdef class SpillQueue:
         if self._free_estimate >= 0:
             self._free_estimate -= need
             self._written_since_statvfs += need
-        seg_out[0] = seg.index
-        off_out[0] = off
 
     cdef int _read_fd(self, long long index) except -1:
         if self._rfd_index != index:
@@ -1120,7 +1152,10 @@ cdef class SpillQueue:
         """Append ``frame`` (bytes, bytearray, memoryview, ...) with sequence
         number ``seq``, strictly above every earlier one. In memory while it
         fits ``memory_limit`` and no unread item waits on disk; else appended
-        to the segment log. Durable queues write every item through."""
+        to the segment log. Durable queues write every item through.
+
+        The record is written (and fsynced, per the policy) outside the lock
+        that get and ack take: a consumer goes on while a put writes."""
         cdef uint64_t s = _check_seq(seq)
         cdef const unsigned char[::1] keep
         cdef const unsigned char* data
@@ -1129,9 +1164,11 @@ cdef class SpillQueue:
         cdef object last
         cdef _MemRun mrun
         cdef _DiskRun drun
-        cdef long long seg_index = -1
-        cdef off_t seg_off = 0
-        cdef bint to_memory
+        cdef _Segment seg = None
+        cdef off_t off = 0
+        cdef bint to_memory, write
+        cdef int err = 0, fd = -1
+        cdef unsigned char header[HDR]
         if type(frame) is bytes:
             obj = frame
             data = <const unsigned char*>PyBytes_AS_STRING(frame)
@@ -1142,46 +1179,90 @@ cdef class SpillQueue:
             data = &keep[0] if n else EMPTY
         if n > MAX_FRAME:
             raise ValueError(f"frame of {n} bytes is larger than the {MAX_FRAME} byte maximum")
-        self._lock.acquire()
+        self._put_lock.acquire()
         try:
-            if self._closed:
-                raise QueueClosed(f"put on a closed queue ({self.spill_dir})")
-            if self._has_last and s <= self._last_seq:
-                raise ValueError(f"put seq {s} is not above the last seq {self._last_seq}")
-            last = self._runs[len(self._runs) - 1] if self._runs else None
-            to_memory = (self._mem_bytes + n <= self.memory_limit
-                         and (last is None or type(last) is _MemRun
-                              or (<_DiskRun>last).unread == 0))
-            if self.durable or not to_memory:
-                self._append(s, data, n, &seg_index, &seg_off)
-            if to_memory:
-                if obj is None:
-                    obj = PyBytes_FromStringAndSize(<const char*>data, n)
-                if type(last) is _MemRun:
-                    mrun = <_MemRun>last
+            self._lock.acquire()
+            try:
+                if self._closed:
+                    raise QueueClosed(f"put on a closed queue ({self.spill_dir})")
+                if self._has_last and s <= self._last_seq:
+                    raise ValueError(f"put seq {s} is not above the last seq {self._last_seq}")
+                last = self._runs[len(self._runs) - 1] if self._runs else None
+                to_memory = (self._mem_bytes + n <= self.memory_limit
+                             and (last is None or type(last) is _MemRun
+                                  or (<_DiskRun>last).unread == 0))
+                write = self.durable or not to_memory
+                if write:
+                    seg = self._append_spot(HDR + <long long>n)
+                    off = seg.size
+                    fd = self._wfd
+                    # the active segment is not retired under this write
+                    self._appending = True
+            finally:
+                self._lock.release()
+            if write:
+                try:
+                    self._sync_pending()
+                except BaseException:
+                    self._lock.acquire()
+                    self._appending = False
+                    self._lock.release()
+                    raise
+                with nogil:
+                    encode_header_c(header, s, data, n, <uint64_t>seg.index)
+                    err = pwrite_record(fd, header, data, n, off)
+                    if err == 0 and self.fsync_mode == 2 and fdatasync(fd) != 0:
+                        err = errno
+                    if err:
+                        ftruncate(fd, off)
+                    elif (self.fsync_mode == 1
+                          and off + HDR + n - self._writeback_from >= WRITEBACK_STEP):
+                        # a hint: an error shows up again in the fsync
+                        sm_start_writeback(fd, self._writeback_from,
+                                           off + HDR + n - self._writeback_from)
+                        self._writeback_from = off + HDR + n
+            self._lock.acquire()
+            try:
+                self._appending = False
+                if err:
+                    if err == ENOSPC or err == EDQUOT:
+                        raise QueueFull(f"no space left in {self.spill_dir} writing a "
+                                        f"{HDR + n} B record: {os.strerror(err)}")
+                    _raise_os(err, seg.path)
+                if write:
+                    self._appended(seg, s, HDR + <long long>n)
+                # the runs may have moved (gets, acks) while the record was written
+                last = self._runs[len(self._runs) - 1] if self._runs else None
+                if to_memory:
+                    if obj is None:
+                        obj = PyBytes_FromStringAndSize(<const char*>data, n)
+                    if type(last) is _MemRun:
+                        mrun = <_MemRun>last
+                    else:
+                        mrun = _MemRun()
+                        self._runs.append(mrun)
+                    mrun.pending.append((seq, obj))
+                    self._mem_bytes += n
                 else:
-                    mrun = _MemRun()
-                    self._runs.append(mrun)
-                mrun.pending.append((seq, obj))
-                self._mem_bytes += n
-            else:
-                self._n_spilled += 1
-                if type(last) is _DiskRun and (<_DiskRun>last).unread:
-                    drun = <_DiskRun>last
-                    drun.last_seq = s
-                    drun.count += 1
-                    drun.unread += 1
-                else:
-                    self._runs.append(_DiskRun(seg_index, seg_off, s))
-            self._count += 1
-            self._unread += 1
-            self._last_seq = s
-            self._has_last = True
-            self._n_puts += 1
-            if self._waiters:
-                self._cond.notify()
+                    self._n_spilled += 1
+                    if type(last) is _DiskRun and (<_DiskRun>last).unread:
+                        drun = <_DiskRun>last
+                        drun.last_seq = s
+                        drun.count += 1
+                        drun.unread += 1
+                    else:
+                        self._runs.append(_DiskRun(seg.index, off, s))
+                self._count += 1
+                self._unread += 1
+                self._last_seq = s
+                self._has_last = True
+                self._n_puts += 1
+                if self._waiters:
+                    self._cond.notify()
+            finally:
+                self._lock.release()
         finally:
-            self._lock.release()
+            self._put_lock.release()
 
     def get(self, timeout=None):
         """The next item not handed out yet, as ``(seq, frame bytes)``;
@@ -1282,7 +1363,8 @@ cdef class SpillQueue:
             for seg in list(self._segs.values()):
                 if not seg.has_seq or seg.last_seq > s:
                     break
-                if seg is self._active and (seg.size < min(RECYCLE_MIN, self.segment_size)
+                if seg is self._active and (self._appending
+                                            or seg.size < min(RECYCLE_MIN, self.segment_size)
                                             or len(self._spares) >= self.spare_segments):
                     break       # keep appending: cheaper than renaming or a new file
                 self._retire_segment(seg)
@@ -1363,6 +1445,13 @@ cdef class SpillQueue:
     def close(self):
         """Wake every waiter with QueueClosed, sync per the fsync policy and
         close the files. Segments stay for a later reopen."""
+        self._put_lock.acquire()        # after the write of a put under way
+        try:
+            self._close_locked()
+        finally:
+            self._put_lock.release()
+
+    cdef _close_locked(self):
         self._lock.acquire()
         try:
             if self._closed:
@@ -1370,6 +1459,7 @@ cdef class SpillQueue:
             self._closed = True
             self._cond.notify_all()
             try:
+                self._sync_pending()
                 if self._active is not None:
                     self._finish_active()
                 if self.fsync_mode and self._ack_fd >= 0:
@@ -1380,6 +1470,9 @@ cdef class SpillQueue:
             self._lock.release()
 
     cdef _close_files(self):
+        if self._sync_fd >= 0:
+            os.close(self._sync_fd)
+            self._sync_fd = -1
         if self._wfd >= 0:
             os.close(self._wfd)
             self._wfd = -1

@@ -339,9 +339,10 @@ def _path_error(kind, name, problem, where, at):
     return FrameError(f"{kind.name.lower()} op {name} {problem}{where(at)}", at)
 
 
-def decode_frame(buf, offset: int = 0):
+def decode_frame(buf, offset: int = 0, *, check_payload: bool = True):
     """Decode the frame at ``offset`` of ``buf``; returns ``(ops, frame_len)``
-    (the next frame of a stream starts at ``offset + frame_len``)."""
+    (the next frame of a stream starts at ``offset + frame_len``).
+    ``check_payload=False`` skips only the payload checksum."""
     mv = _view(buf)
     if offset < 0 or offset > len(mv):
         raise ValueError(f"offset {offset} outside the buffer of {len(mv)} bytes")
@@ -353,7 +354,7 @@ def decode_frame(buf, offset: int = 0):
                          f"bytes, buffer holds {have}", start + have)
     stored = mv[start:start + h.stored_len]
     payload_check = _U64.unpack_from(mv, offset + 40)[0]
-    if _xxh3(stored) != payload_check:
+    if check_payload and _xxh3(stored) != payload_check:
         raise FrameError("frame payload checksum mismatch", start)
     if h.flags & FLAG_LZ4:
         try:

@@ -23,7 +23,9 @@ Behaviour (DESIGN.md invariants 4 and 5)
   first unacked item (resend after a reconnect).
 * Durable queues (the target side) write every frame through to the segment
   log before ``put`` returns and persist acks; memory keeps a cached copy
-  within ``memory_limit``. Reopening the directory after a crash recovers
+  within ``memory_limit`` (a ``bytes`` frame is kept as it is, no copy).
+  The compiled queue writes a record outside the lock ``get`` and ``ack``
+  take, so a consumer is not held up by a producer's disk write. Reopening the directory after a crash recovers
   every whole record in order, cuts a torn last record away and raises
   :class:`~smirror.errors.QueueCorrupt` (naming file and offset) for damage
   anywhere else.
@@ -39,7 +41,9 @@ Settings
                    ``min_free_space``), checked with statvfs every 64 MiB
                    written and whenever the estimate gets close
 ``fsync``          ``none``: never; ``segment``: when a segment is finished
-                   and on close; ``always``: every record and every ack
+                   and on close (writeback of the active one is started every
+                   8 MiB, so that fsync waits for little); ``always``: every
+                   record and every ack
 ``durable``        write-through + persisted acks (target queues)
 ``read_buffer``    size of the one reused buffer spilled frames are read with
 ``spare_segments`` fully acked segment files kept for reuse: overwriting a

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import select
 import socket
 import ssl
 import struct
@@ -65,6 +66,7 @@ class Link:
         self.max_message = max_message
         self._header = bytearray(HEADER.size)
         self._buf = bytearray(64 * 1024)
+        self._poll = None
         self.user: User | None = None
 
     # -- sending ---------------------------------------------------------
@@ -76,7 +78,16 @@ class Link:
         header = HEADER.pack(MAGIC, mtype, flags, n)
         if n < 16384:
             self.sock.sendall(header + bytes(payload))
-        else:                       # large payloads: no copy into one buffer
+        elif type(self.sock) is socket.socket:
+            # large payloads: no copy into one buffer, one system call
+            sent = self.sock.sendmsg([header, payload])
+            if sent < len(header):
+                self.sock.sendall(header[sent:])
+                sent = len(header)
+            if sent < len(header) + n:
+                with memoryview(payload) as view:
+                    self.sock.sendall(view.cast("B")[sent - len(header):])
+        else:                       # TLS: no sendmsg
             self.sock.sendall(header)
             self.sock.sendall(payload)
 
@@ -90,8 +101,8 @@ class Link:
             pass
 
     # -- receiving -------------------------------------------------------
-    def _recv_exact(self, view: memoryview, what: str) -> None:
-        got = 0
+    def _recv_exact(self, view: memoryview, what: str, got: int = 0) -> None:
+        """Fill ``view`` from its byte ``got`` on."""
         while got < len(view):
             n = self.sock.recv_into(view[got:])
             if n == 0:
@@ -101,8 +112,29 @@ class Link:
                                  f"({what}: {got} of {len(view)} bytes)")
             got += n
 
-    def recv(self) -> tuple[MsgType, memoryview]:
-        """Next message: (type, payload view valid until the next recv)."""
+    def _recv_bytes(self, n: int, what: str) -> bytes:
+        """``n`` bytes as a new bytes object, received straight into it (no
+        copy): one blocking recv with MSG_WAITALL on a plain socket; a short
+        read (a signal, a timeout, TLS) is completed and joined once."""
+        first = b""
+        if type(self.sock) is socket.socket and self.sock.gettimeout() is None:
+            first = self.sock.recv(n, socket.MSG_WAITALL)
+            if len(first) == n:
+                return first
+            if not first:
+                raise LinkClosed(f"{self.peer} closed the link in the middle of a message "
+                                 f"({what}: 0 of {n} bytes)")
+        buf = bytearray(n)
+        buf[:len(first)] = first
+        with memoryview(buf) as view:
+            self._recv_exact(view, what, len(first))
+        return bytes(buf)
+
+    def recv(self, own=()) -> tuple[MsgType, memoryview | bytes]:
+        """Next message: (type, payload view valid until the next recv).
+        Payloads of the types in ``own`` come as new bytes objects instead,
+        received straight into them, that the caller may keep (a frame
+        the target queue holds costs no copy out of the reused buffer)."""
         self._recv_exact(memoryview(self._header), "header")
         magic, mtype, _flags, length = HEADER.unpack(self._header)
         if magic != MAGIC:
@@ -115,11 +147,23 @@ class Link:
         if length > self.max_message:
             raise ProtocolError(f"{self.peer} announced a {mtype.name} message of {length} bytes, "
                                 f"over the {self.max_message}-byte limit")
+        if mtype in own:
+            return mtype, self._recv_bytes(length, f"{mtype.name} payload") if length else b""
         if length > len(self._buf):
             self._buf = bytearray(max(length, 2 * len(self._buf)))
         view = memoryview(self._buf)[:length]
         self._recv_exact(view, f"{mtype.name} payload")
         return mtype, view
+
+    def readable(self) -> bool:
+        """True when the next recv would not wait: bytes (or the peer's
+        close) are there already."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.sock, select.POLLIN)
+        return bool(self._poll.poll(0))
 
     def recv_json(self, *expect: MsgType) -> tuple[MsgType, dict]:
         """Next control message as a dict; an ERROR from the peer raises
