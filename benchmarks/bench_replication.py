@@ -34,33 +34,49 @@ def rep(tmp_path):
     r.stop(drain=False)
 
 
-def test_throughput_vs_direct_write(rep):
-    r, src, dst, tmp = rep
-    data = os.urandom(WRITE)
-    count = MB * (1 << 20) // WRITE
-    # baseline: the same bytes written straight to the disk
-    fd = os.open(tmp / "direct", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def _direct_write(path, data, count) -> float:
+    """Seconds to pwrite count copies of data straight into a new file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     t0 = time.perf_counter()
     for i in range(count):
         os.pwrite(fd, data, i * WRITE)
     os.close(fd)
-    direct = time.perf_counter() - t0
-    os.unlink(tmp / "direct")
-    # smirror: the program writes its own file; smirror records, streams, applies
-    open(src / "big", "wb").close()
+    seconds = time.perf_counter() - t0
+    os.unlink(path)
+    return seconds
+
+
+def test_throughput_vs_direct_write(rep):
+    r, src, dst, tmp = rep
+    data = os.urandom(WRITE)
+    count = MB * (1 << 20) // WRITE
+    rounds = int(os.environ.get("SMIRROR_BENCH_ROUNDS", "3"))
     rec = Recorder(src, r.journal_sink.append, perform=False)
-    rec.create("big")
-    t0 = time.perf_counter()
-    for i in range(count):
-        rec.write("big", i * WRITE, data)
-    assert r.wait(600)
-    replicated = time.perf_counter() - t0
-    gbs = MB / 1024 / replicated
-    ratio = direct / replicated
-    print(f"\nreplication of {MB} MiB in 64 KiB writes: {gbs:.2f} GB/s applied on the target; "
-          f"direct pwrite: {MB / 1024 / direct:.2f} GB/s; ratio {ratio:.2f} (goal >= 0.7) "
-          f"{'OK' if ratio >= 0.7 else 'BELOW GOAL'}")
-    assert os.path.getsize(dst / "big") == count * WRITE
+    # a first direct write that is not counted: page-cache memory this
+    # machine hands out for the first time costs ~2.6 us a page, and
+    # whichever side ran first would pay it
+    _direct_write(tmp / "direct", data, count)
+    direct, replicated = [], []
+    for n in range(rounds):
+        # baseline and smirror alternate, so drift on a shared machine hits both
+        direct.append(_direct_write(tmp / "direct", data, count))
+        name = f"big{n}"
+        open(src / name, "wb").close()
+        rec.create(name)
+        t0 = time.perf_counter()
+        for i in range(count):
+            rec.write(name, i * WRITE, data)
+        assert r.wait(600)
+        replicated.append(time.perf_counter() - t0)
+        assert os.path.getsize(dst / name) == count * WRITE
+        rec.delete(name)
+        assert r.wait(60)
+    gb = MB / 1024
+    ratio = min(direct) / min(replicated)
+    print(f"\nreplication of {MB} MiB in 64 KiB writes, {rounds} rounds: "
+          f"smirror applied on the target {' '.join(f'{gb / t:.2f}' for t in replicated)} GB/s; "
+          f"direct pwrite {' '.join(f'{gb / t:.2f}' for t in direct)} GB/s; "
+          f"best vs best ratio {ratio:.2f} (goal >= 0.7) {'OK' if ratio >= 0.7 else 'BELOW GOAL'}")
 
 
 def test_lag_at_20_mb_per_second(rep):
