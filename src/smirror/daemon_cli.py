@@ -379,7 +379,8 @@ def run_status(args) -> int:
         for t in st["targets"]:
             lines.append(f"{t['conid']:>3}  {t['source']:<16} {t['map_base']:<30} {t['apply_state']:<13} "
                          f"{t['seq_received']:>9} {t['seq_applied']:>9} "
-                         f"{format_size(t['queue_mem_bytes']):>10} {format_size(t['queue_disk_bytes']):>10}")
+                         f"{format_size(t['queue_mem_bytes'] + t.get('handoff_bytes', 0)):>10} "
+                         f"{format_size(t['queue_disk_bytes']):>10}")
     notes = []
     for s in st["sources"]:
         if s.get("alert"):

@@ -120,7 +120,7 @@ class InUseGate:
     def begin_frame(self) -> None:
         self._checked.clear()
 
-    def wait(self, op, path_of, release=None) -> bool:
+    def wait(self, op, path_of, release=None, on_hold=None) -> bool:
         if self.max_delay <= 0 or op.kind not in _CHECKED:
             return True
         rels = (bytes(op.path), bytes(op.path2)) if op.kind == OpKind.RENAME else (bytes(op.path),)
@@ -134,8 +134,11 @@ class InUseGate:
                 continue           # confinement refuses it when it is applied
             if release is not None:
                 release()
-            if in_use(path) and not self._hold(op, rel, path):
-                return False
+            if in_use(path):
+                if on_hold is not None:
+                    on_hold()           # before a wait that may last max_delay
+                if not self._hold(op, rel, path):
+                    return False
         return True
 
     def _hold(self, op, rel: bytes, path) -> bool:

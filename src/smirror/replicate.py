@@ -228,7 +228,7 @@ class Replication:
                "seq_captured": s["seq_captured"], "seq_sent": s["seq_sent"],
                "seq_acked": s["seq_acked"], "seq_applied": t["seq_applied"],
                "source_queue_mem": s["queue_mem_bytes"], "source_queue_disk": s["queue_disk_bytes"],
-               "target_queue_mem": t["queue_mem_bytes"], "target_queue_disk": t["queue_disk_bytes"],
+               "target_queue_mem": t["queue_mem_bytes"] + t["handoff_bytes"], "target_queue_disk": t["queue_disk_bytes"],
                "bytes_sent": s["bytes_sent"], "lag_ms_p50": s["lag_ms_p50"],
                "lag_ms_p99": s["lag_ms_p99"],
                "target_error": t["error"]}

@@ -1,10 +1,20 @@
-"""The target side of one connection: the receiver verifies each frame,
-makes it durable in the target queue and only then acknowledges it; the
-applier takes frames from the queue in sequence order and applies their ops
-under the map base.
+"""The target side of one connection: the receiver verifies each frame and
+acknowledges it only once it is applied or durable in the target queue
+(DESIGN invariant 5); the applier applies frames in sequence order under
+the map base.
 
-    => FRAME: verify (checksums, lengths, seq continuity) -> durable queue -> ACK
-    applier thread: queue -> decode -> Applier (confined) -> queue.ack
+    => FRAME: verify (checksums, lengths, seq continuity)
+         -> handoff (in memory) -> applier -> ACK         while the applier keeps up
+         -> durable queue -> ACK, later applier            otherwise
+
+The handoff is the fast path: while the durable queue holds nothing and the
+applier is running, a verified frame goes straight to the applier and is
+acknowledged after it is applied, so its bytes are written once (to the map
+base) instead of twice (queue, then map base). A frame in the handoff is
+unacknowledged, so the source still holds it; a kill loses nothing. The
+durable queue takes over, the handoff's frames first and in order, as soon
+as the applier pauses, stalls or a task arrives (its on-receive hook runs
+once the task is durable); both never hold frames at once.
 
 A target queue that is full makes the receiver wait for the applier instead
 of reading more from the link, so the source waits too (backpressure); no
@@ -14,6 +24,7 @@ applied.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -78,6 +89,19 @@ class TargetConnection:
         self.frames_received = 0
         self.bytes_received = 0
         self._progress = threading.Condition()
+        # the handoff: verified frames (seq, frame) for the applier that are
+        # in no queue and not acknowledged; _handoff guards it and _puts
+        # (bumped on every durable put, so the applier's wait cannot miss one)
+        self._handoff = threading.Condition()
+        self._through: collections.deque = collections.deque()
+        self._through_bytes = 0
+        self._puts = 0
+        self._through_applied = 0       # last handoff seq applied and not acknowledged
+        self._through_unacked = 0       # frames applied from the handoff since that ACK
+        self._through_progress = 0.0    # when the handoff last gained a head or lost one
+        # applied is as safe as queued only when the queue does not fsync
+        # every frame; with fsync "always" every frame goes through the queue
+        self._handoff_enabled = apply and fsync != "always"
         self._stop = threading.Event()
         self._paused = threading.Event()
         if paused:                  # before the applier starts: nothing slips through
@@ -98,6 +122,28 @@ class TargetConnection:
                                                 name=f"applier-{self.conid}")
         self._applier_thread.start()
 
+    HANDOFF_LIMIT = 16 << 20        # bytes of verified frames waiting for the applier in memory
+    HANDOFF_STALL = 0.2             # seconds the applier may apply nothing from the handoff
+                                    # before the durable queue takes over
+
+    def _next_frame(self):
+        """(seq, frame, from_handoff) of the next frame to apply, or None
+        after a short wait for one. The durable queue's frames always come
+        first: a frame enters the handoff only while the queue is empty,
+        and frames move from the handoff's head to the queue's tail."""
+        with self._handoff:
+            if self._through and not self.queue.count:
+                seq, frame = self._through[0]
+                return seq, frame, True
+            puts = self._puts
+        item = self.queue.get(timeout=0)
+        if item is not None:
+            return item[0], item[1], False
+        with self._handoff:
+            if not self._through and puts == self._puts:
+                self._handoff.wait(0.05)    # a hand-over or a durable put notifies
+        return None
+
     def _apply_loop(self) -> None:
         q = self.queue
         while not self._stop.is_set():
@@ -105,15 +151,16 @@ class TargetConnection:
                 self._stop.wait(0.05)
                 continue
             try:
-                item = q.get(timeout=0.1)
+                item = self._next_frame()
             except QueueClosed:
                 return
             if item is None:
+                self.applier.flush()        # idle: no descriptors held open
                 continue
+            seq, frame, handed = item
             if self._paused.is_set():
-                q.rewind()          # paused while waiting: this frame waits too
+                self._release(handed)       # paused while waiting: this frame waits too
                 continue
-            seq, frame = item
             self._applying = True
             try:
                 # checked whole by the receiver; the queue keeps it immutable
@@ -123,29 +170,155 @@ class TargetConnection:
                     self.applier.apply_all(ops)
                 elif not self._apply_gated(ops):
                     self._applying = False
-                    q.rewind()      # stopping while a file was in use: the rest waits
+                    self._release(handed)   # stopping while a file was in use: the rest waits
                     continue
             except (FrameError, ConfinementError, SmirrorError, OSError) as exc:
-                # the frame stays in the queue: nothing after it is applied
+                # the frame stays where it is: nothing after it is applied
                 # out of order; an operator sees why in the status
                 self._applying = False
                 self.state = "apply-error"
                 self.error = str(exc)
                 log.error("connection %s: %s", self.conid, exc)
+                if handed:
+                    self._secure_handoff()
                 self._stop.wait(1.0)
                 try:
-                    q.rewind()
+                    self._release(handed)
                 except QueueClosed:
                     return
                 continue
-            self.applier.flush()
             self._applying = False
             try:
-                q.ack(seq)
+                if handed:
+                    self._handed_applied(seq)
+                else:
+                    q.ack(seq)
             except QueueClosed:
                 return
             with self._progress:
                 self._progress.notify_all()
+
+    def _release(self, handed: bool) -> None:
+        """Give back the frame the applier took without applying it all
+        (from the handoff it stays at the head; nothing to undo)."""
+        if not handed:
+            self.queue.rewind()
+
+    ACK_APPLIED_EVERY = 8           # frames applied from the handoff per ACK in a burst
+
+    def _handed_applied(self, seq: int) -> None:
+        """A frame from the handoff is applied: it leaves the handoff and is
+        acknowledged (applied counts as durable, invariant 5); a burst
+        shares one ACK, sent at once when the handoff runs empty."""
+        with self._handoff:
+            if not self._through or self._through[0][0] != seq:
+                return          # moved to the durable queue meanwhile: acknowledged from there
+            _, frame = self._through.popleft()
+            self._through_bytes -= len(frame)
+            self._through_applied = seq
+            self._through_unacked += 1
+            self._through_progress = time.monotonic()
+            more = len(self._through)
+            self._handoff.notify_all()      # room for the receiver
+        if more == 0 or self._through_unacked >= self.ACK_APPLIED_EVERY:
+            self._ack_handed()
+
+    def _ack_handed(self) -> None:
+        with self._send_lock:
+            seq, link = self._through_applied, self._link
+            if seq and link is not None:
+                self._through_applied = self._through_unacked = 0
+                try:
+                    link.send(MsgType.ACK, ACK.pack(seq))
+                except OSError:
+                    pass        # the link is gone: the next READY tells the source
+
+    def _hand_over(self, seq: int, frame) -> bool:
+        """Put a verified frame in the handoff for the applier. False when
+        the durable queue must take it: no applier, paused, the queue holds
+        frames (they go first), or the applier applied nothing from the
+        handoff for HANDOFF_STALL seconds (a slow disk, or stuck: its
+        backlog must not sit unacknowledged)."""
+        if not self._handoff_enabled:
+            return False
+        with self._handoff:
+            while True:
+                if self._stop.is_set() or self._paused.is_set() or self.queue.count:
+                    return False
+                now = time.monotonic()
+                if not self._through:
+                    self._through_progress = now
+                elif now - self._through_progress > self.HANDOFF_STALL:
+                    return False            # the applier is stuck on the head frame
+                if not self._through or self._through_bytes + len(frame) <= self.HANDOFF_LIMIT:
+                    self._through.append((seq, frame))
+                    self._through_bytes += len(frame)
+                    self._handoff.notify_all()
+                    return True
+                self._handoff.wait(self.HANDOFF_STALL)     # for room, or a stall
+
+    def _handoff_to_queue(self) -> int:
+        """Move every frame in the handoff, the one being applied too, into
+        the durable queue, in order (the applier skips by seq what it
+        already applied). QueueFull leaves the rest in the handoff, in
+        order behind the queue's frames. Returns the last seq moved (0:
+        none)."""
+        with self._handoff:
+            moved = 0
+            try:
+                while self._through:
+                    seq, frame = self._through[0]
+                    self.queue.put(seq, frame)
+                    self._through.popleft()
+                    self._through_bytes -= len(frame)
+                    self._puts += 1
+                    moved = seq
+            finally:
+                self._handoff.notify_all()
+            return moved
+
+    def _secure_handoff(self) -> None:
+        """The applier will not apply for a while (paused, a file in use, an
+        apply error): the handoff's frames would wait unacknowledged, so
+        they go into the durable queue and are acknowledged now (what does
+        not fit moves with the next frame received)."""
+        try:
+            moved = self._handoff_to_queue()
+        except (QueueFull, QueueClosed):
+            return
+        if moved:
+            with self._send_lock:
+                if self._link is not None:
+                    try:
+                        self._link.send(MsgType.ACK, ACK.pack(moved))
+                    except OSError:
+                        pass        # the link is gone: the next READY tells the source
+
+    def _settle_handoff(self) -> None:
+        """Before READY (which acknowledges everything up to received_seq):
+        make the handoff's frames durable, waiting a little for room; what
+        still does not fit is forgotten and received_seq lowered to before
+        it, so the source sends it again."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                self._handoff_to_queue()
+                return
+            except QueueFull:
+                if time.monotonic() >= deadline or self._paused.is_set():
+                    break
+                with self._progress:
+                    self._progress.wait(0.05)
+        with self._handoff:
+            if self._through:
+                first = frame_header(self._through[0][1]).first_seq
+                log.info("connection %s: %d frames from seq %d were not applied and find no "
+                         "room in the queue: the source sends them again", self.conid,
+                         len(self._through), first)
+                self._through.clear()
+                self._through_bytes = 0
+                self.received_seq = first - 1
+            self._handoff.notify_all()
 
     def _apply_gated(self, ops) -> bool:
         """Apply ``ops``, each one only once the files it changes are not
@@ -153,7 +326,8 @@ class TargetConnection:
         gate, applier = self.gate, self.applier
         gate.begin_frame()
         for op in ops:
-            if op.seq > applier.applied_seq and not gate.wait(op, applier._path, applier.flush):
+            if op.seq > applier.applied_seq and not gate.wait(op, applier._path, applier.flush,
+                                                              on_hold=self._secure_handoff):
                 return False
             applier.apply(op)
         return True
@@ -268,6 +442,7 @@ class TargetConnection:
         into the queue, which spills to disk, then makes the source wait)."""
         self.pause_reason = reason
         self._paused.set()
+        self._secure_handoff()
 
     def resume(self) -> None:
         self.pause_reason = ""
@@ -296,6 +471,9 @@ class TargetConnection:
     def serve(self, link: Link) -> None:
         """Handle one data link after its OPEN: READY, then frames until the
         link closes. Errors are sent to the source and raised."""
+        # READY acknowledges everything up to received_seq: the handoff's
+        # frames (not applied yet) must be durable first
+        self._settle_handoff()
         link.send_json(MsgType.READY, {"last_seq": self.received_seq})
         self.state = "receiving"
         self._unacked, self._unacked_frames = None, 0
@@ -351,40 +529,59 @@ class TargetConnection:
             raise FrameError(f"frame after seq {self.received_seq} from {link.peer} is "
                              f"{len(payload)} bytes, its header says {h.frame_len}")
         if h.last_seq <= self.received_seq:
-            self._ack(link, h.last_seq)    # a resend of what is held
+            if not self._through:          # held frames in the handoff are acknowledged once applied
+                self._ack(link, h.last_seq)    # a resend of what is held
             return
-        if h.first_seq != self.received_seq + 1:
+        if h.first_seq > self.received_seq + 1:
             raise ProtocolError(f"frame with seqs {h.first_seq}..{h.last_seq} from {link.peer} "
                                 f"does not follow seq {self.received_seq}: ops would be skipped")
+        # a frame may also start before received_seq + 1: a handoff frame
+        # the target was killed in the middle of applying comes again whole;
+        # the applier skips its ops up to the applied seq
         frame = payload                 # its own bytes: the queue keeps it as is
         ops, _ = decode_frame(frame)    # full verification before it counts as received
+        task = h.count == 1 and ops[0].kind == OpKind.TASK   # tasks travel alone in a frame
         while True:
+            if not task and self._hand_over(h.last_seq, frame):
+                # not acknowledged until applied (_handed_applied); what the
+                # queue made durable before is acknowledged now
+                self._count_received(h, frame)
+                self._send_ack(link)
+                return
             try:
+                if self._through:
+                    self._handoff_to_queue()    # the handoff's frames go first
                 self.queue.put(h.last_seq, frame)
                 break
             except QueueFull:
                 # backpressure: stop reading the link until the applier
-                # frees room; the source's sends block meanwhile
+                # frees room (or empties the queue: then the handoff takes
+                # the frame); the source's sends block meanwhile
                 self._send_ack(link)
                 self.state = "queue-full"
                 with self._progress:
                     self._progress.wait(0.1)
                 if self._stop.is_set():
                     raise ProtocolError("target is shutting down") from None
-        self.state = "receiving"
-        self.received_seq = h.last_seq
-        self.frames_received += 1
-        self.bytes_received += len(frame)
+        with self._handoff:
+            self._puts += 1
+            self._handoff.notify_all()
+        self._count_received(h, frame)
         # durable now; while the next frame is already waiting on the link the
         # ACK can wait for it and cover both (one ACK, one wake-up of the
         # source per burst), up to ACK_EVERY frames
         self._unacked = h.last_seq
         self._unacked_frames += 1
-        task = h.count == 1 and ops[0].kind == OpKind.TASK   # tasks travel alone in a frame
         if task or self._unacked_frames >= self.ACK_EVERY or not link.readable():
             self._send_ack(link)
         if task:
             self._task_arrived(ops[0])
+
+    def _count_received(self, h, frame) -> None:
+        self.state = "receiving"
+        self.received_seq = h.last_seq
+        self.frames_received += 1
+        self.bytes_received += len(frame)
 
     ACK_EVERY = 16
     _unacked = None
@@ -411,7 +608,8 @@ class TargetConnection:
                 "marks": dict(self.marks), "alert": alert,
                 "error": self.error, "seq_received": self.received_seq,
                 "seq_applied": self.applier.applied_seq, "queue_mem_bytes": q.mem_bytes,
-                "queue_disk_bytes": q.disk_bytes, "frames_received": self.frames_received,
+                "queue_disk_bytes": q.disk_bytes, "handoff_bytes": self._through_bytes,
+                "frames_received": self.frames_received,
                 "bytes_received": self.bytes_received, "paused": self._paused.is_set(),
                 "apply_state": self.apply_state,
                 "repairs": self.applier.stats["repairs"]}
