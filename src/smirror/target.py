@@ -224,12 +224,18 @@ class TargetConnection:
             self._ack_handed()
 
     def _ack_handed(self) -> None:
+        seq = self._through_applied
+        if seq:
+            self._through_applied = self._through_unacked = 0
+            self._ack_current(seq)
+
+    def _ack_current(self, seq: int) -> None:
+        """ACK seq on the current link, from a thread other than the
+        receiver (the applier, a pause request)."""
         with self._send_lock:
-            seq, link = self._through_applied, self._link
-            if seq and link is not None:
-                self._through_applied = self._through_unacked = 0
+            if self._link is not None:
                 try:
-                    link.send(MsgType.ACK, ACK.pack(seq))
+                    self._link.send(MsgType.ACK, ACK.pack(seq))
                 except OSError:
                     pass        # the link is gone: the next READY tells the source
 
@@ -287,12 +293,7 @@ class TargetConnection:
         except (QueueFull, QueueClosed):
             return
         if moved:
-            with self._send_lock:
-                if self._link is not None:
-                    try:
-                        self._link.send(MsgType.ACK, ACK.pack(moved))
-                    except OSError:
-                        pass        # the link is gone: the next READY tells the source
+            self._ack_current(moved)
 
     def _settle_handoff(self) -> None:
         """Before READY (which acknowledges everything up to received_seq):
