@@ -220,3 +220,31 @@ def test_fsync_always_keeps_every_frame_in_the_durable_queue(tmp_path):
     assert target.queue.last_seq == 5
     src.close()
     target.close()
+
+
+def test_the_handoff_holds_at_most_its_limit_and_then_the_receiver_waits(tmp_path):
+    """Bounded memory: a slow applier makes the receiver wait for room in
+    the handoff (so the source waits) instead of holding more in memory."""
+    target = TargetConnection(1, tmp_path / "dst", tmp_path / "state")
+    target.HANDOFF_LIMIT = 1000
+    target.HANDOFF_STALL = 30           # slow, not stuck: the handoff keeps the frames
+    go = threading.Event()
+    apply_op = target.applier.apply
+
+    def slow_apply(op):                 # the real applier, held until the test lets it go
+        go.wait(30)
+        apply_op(op)
+    target.applier.apply = slow_apply
+    src = Source(target)
+    for seq in range(1, 11):
+        src.send_write(seq, offset=(seq - 1) * 300, data=bytes([seq]) * 300)
+    time.sleep(0.5)
+    st = target.status()
+    assert 0 < st["handoff_bytes"] <= 1000
+    assert st["seq_received"] < 10 and target.queue.stats()["puts"] == 0
+    go.set()
+    assert src.acks_until(10)[-1] == 10
+    assert target.wait_applied(10, 10)
+    assert (tmp_path / "dst" / "f").read_bytes() == b"".join(bytes([s]) * 300 for s in range(1, 11))
+    src.close()
+    target.close()
