@@ -236,3 +236,49 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert proc.returncode == 0
     assert b"\r[" in out and b"100.0%" in out and b"1/1 files" in out
     assert b"1 files scanned" in proc.stdout
+
+
+@pytest.mark.parametrize("src", ["", "  ", "backuphost:/srv/data"])
+def test_empty_and_remote_looking_paths_are_refused(tmp_path, src):
+    """An empty SRC would mirror the current directory; HOST:PATH would make a
+    local directory named 'HOST:'. Both are refused before anything runs."""
+    proc = smirror(src, tmp_path / "d")
+    assert proc.returncode == 2
+    assert b"empty path" in proc.stderr or b"remote HOST:PATH" in proc.stderr
+    assert not (tmp_path / "d").exists() and not Path("backuphost:").exists()
+    proc = smirror(tmp_path, "backuphost:/srv/data")
+    assert proc.returncode == 2 and b"smirror connect" in proc.stderr
+
+
+def test_a_local_name_with_a_colon_is_written_as_dot_slash(tmp_path):
+    src = tmp_path / "a:b"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    proc = smirror("./a:b", "./c:d", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "c:d" / "f").read_bytes() == b"x"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"),
+                    reason="needs root and chattr (an immutable file refuses even root's chmod)")
+def test_a_failed_chmod_on_the_target_is_reported_not_a_crash(tmp_path):
+    """chmod through a file descriptor fails with the fd as the error's
+    'filename' (an int): the mirror reports the file (exit 1), no TypeError."""
+    src, dst = tmp_path / "s", tmp_path / "d"
+    src.mkdir()
+    dst.mkdir()
+    (src / "f").write_bytes(b"same")
+    (dst / "f").write_bytes(b"same")
+    os.chmod(src / "f", 0o640)
+    os.chmod(dst / "f", 0o644)
+    st = os.stat(src / "f")
+    os.utime(dst / "f", ns=(st.st_atime_ns, st.st_mtime_ns))
+    if subprocess.run(["chattr", "+i", str(dst / "f")], capture_output=True).returncode:
+        pytest.skip("this filesystem has no immutable flag")
+    try:
+        proc = smirror(src, dst, "--different")
+    finally:
+        subprocess.run(["chattr", "-i", str(dst / "f")], check=True)
+    assert b"Traceback" not in proc.stderr and b"TypeError" not in proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert b"f: Operation not permitted" in proc.stderr

@@ -17,6 +17,22 @@ EXIT_FAILED = 3       # could not run at all (missing source, disk full, ...)
 EXIT_INTERRUPTED = 130
 
 
+def local_dir(text: str) -> str:
+    """argparse type of a local directory argument (SRC, DST): an empty one
+    would mean the current directory, and ``host:path`` is a remote path,
+    which goes through a daemon (``smirror connect``), never a local
+    directory named ``host:``."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path is not a directory (use '.' for this one)")
+    head, colon, _ = text.partition(":")
+    if colon and head and "/" not in head and not text.startswith("./"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} looks like a remote HOST:PATH; remote targets go through a target "
+            f"daemon ('smirror connect REPSET to HOST map base PATH'); for a local name with "
+            f"a colon write './{text}'")
+    return text
+
+
 def version_text() -> str:
     from . import __version__
     status = native_status()

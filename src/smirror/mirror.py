@@ -348,7 +348,8 @@ class Mirror:
         if isinstance(exc, OSError) and exc.errno in _FATAL_ERRNOS:
             self._fatal = exc
         msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        if isinstance(exc, OSError) and exc.filename is not None:
+        # an fd-based call (fchmod, fchown) names an int, not a path
+        if isinstance(exc, OSError) and isinstance(exc.filename, (str, bytes)):
             msg = f"{msg} ({show(os.fsencode(exc.filename))})"
         with self._lock:
             self.summary.errors.append((rel, msg))

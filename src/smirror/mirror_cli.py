@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, local_dir
 from .errors import ConfigError, SmirrorError
 
 
@@ -70,8 +70,8 @@ def add_parser(subparsers):
                     "file is written (full mirror).",
         epilog="exit codes: 0 ok, 1 some entries failed (reported), 2 bad arguments, "
                "3 could not run or stopped (missing SRC, target disk full), 130 interrupted")
-    p.add_argument("src", metavar="SRC", help="source directory")
-    p.add_argument("dst", metavar="DST", help="target directory (created if missing)")
+    p.add_argument("src", metavar="SRC", type=local_dir, help="source directory")
+    p.add_argument("dst", metavar="DST", type=local_dir, help="target directory (created if missing)")
     p.add_argument("--different", action="store_true",
                    help="only files whose size or mtime differ (quick check)")
     p.add_argument("--checksum", action="store_true",
