@@ -198,7 +198,10 @@ def load(path: str | os.PathLike | None = None, overrides: dict | None = None) -
     data: dict = {}
     source = "<defaults>"
     if path is not None:
-        import tomllib          # only when a file is read: keeps CLI start-up light
+        try:                    # only when a file is read: keeps CLI start-up light
+            import tomllib
+        except ImportError:     # Python 3.10: the same parser, from PyPI
+            import tomli as tomllib
         source = os.fspath(path)
         try:
             with open(path, "rb") as f:
