@@ -48,7 +48,8 @@ _OPEN_FILES = 64           # write fds kept open between ops of the same file
 _STATE_MAGIC = b"SMAPPLY1"
 _SEQ = struct.Struct("<Q")
 _SETID = stat.S_ISUID | stat.S_ISGID
-_WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a fifo someone put there fails (ENXIO) instead of blocking the applier
+_WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 class ApplyError(SmirrorError):
@@ -255,15 +256,20 @@ class Applier:
     def _create(self, op: Op) -> None:
         rel = bytes(op.path)
         mode = self._mode(op.mode, rel)
+        self._drop(rel)
         with self.base.at(rel) as (d, name):
-            self._clear_way(d, name, rel, keep_dir=False)
-            self._drop(rel)
             try:
                 fd = os.open(name, _WRITE_FLAGS | os.O_CREAT | os.O_TRUNC, mode, dir_fd=d)
             except OSError as exc:
-                if exc.errno != errno.ELOOP:
+                if exc.errno == errno.EISDIR:
+                    # the stream says the source had no directory there
+                    self.stats["repairs"] += 1
+                    self._drop(rel, subtree=True)
+                    rmtree_at(d, name)
+                elif exc.errno == errno.ELOOP:
+                    os.unlink(name, dir_fd=d)   # a symlink stood there: replace it, never follow it
+                else:
                     raise
-                os.unlink(name, dir_fd=d)   # a symlink stood there: replace it, never follow it
                 fd = os.open(name, _WRITE_FLAGS | os.O_CREAT | os.O_EXCL, mode, dir_fd=d)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -280,11 +286,15 @@ class Applier:
         rel = bytes(op.path)
         mode = self._mode(op.mode, rel)
         with self.base.at(rel) as (d, name):
-            self._clear_way(d, name, rel, keep_dir=True)
             try:
                 os.mkdir(name, mode, dir_fd=d)
             except FileExistsError:
-                pass                  # replayed
+                # replayed, or something else stands there
+                self._clear_way(d, name, rel, keep_dir=True)
+                try:
+                    os.mkdir(name, mode, dir_fd=d)
+                except FileExistsError:
+                    pass
             chmod_at(d, name, mode)
 
     def _delete(self, op: Op) -> None:
@@ -341,6 +351,10 @@ class Applier:
 
     def _setattr(self, op: Op) -> None:
         rel = bytes(op.path)
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._setattr_fd(op, fd)       # the open file itself: nothing to resolve
+            return
         with self.base.at(rel) as (d, name):
             st = lstat_at(d, name)
             if st is None:
@@ -356,6 +370,15 @@ class Applier:
                 chmod_at(d, name, self._mode(op.mode, rel))
             if mask & AttrMask.MTIME:
                 os.utime(name, ns=(st.st_atime_ns, op.mtime_ns), dir_fd=d, follow_symlinks=False)
+
+    def _setattr_fd(self, op: Op, fd: int) -> None:
+        mask = op.mask
+        if mask & (AttrMask.UID | AttrMask.GID) and self.owner:
+            os.fchown(fd, op.uid if mask & AttrMask.UID else -1, op.gid if mask & AttrMask.GID else -1)
+        if mask & AttrMask.MODE:
+            os.fchmod(fd, self._mode(op.mode, bytes(op.path)))
+        if mask & AttrMask.MTIME:
+            os.utime(fd, ns=(os.fstat(fd).st_atime_ns, op.mtime_ns))
 
     def _symlink(self, op: Op) -> None:
         rel, link = bytes(op.path), bytes(op.path2)

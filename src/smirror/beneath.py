@@ -41,22 +41,21 @@ class _OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
-_libc = None
-
-
-def _syscall():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-    return _libc.syscall
+_syscall_fn = None
+_HOW = _OpenHow(_DIR_FLAGS, 0, _RESOLVE)        # the same request every time
+_HOW_SIZE = ctypes.sizeof(_HOW)
 
 
 def _openat2(dfd: int, path: bytes) -> int:
     """openat2 of a directory beneath ``dfd``; OSError as the kernel says."""
-    how = _OpenHow(_DIR_FLAGS, 0, _RESOLVE)
-    fd = _syscall()(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dfd), ctypes.c_char_p(path),
-                    ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    global _syscall_fn
+    if _syscall_fn is None:
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+        fn.restype = ctypes.c_long
+        fn.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                       ctypes.c_size_t]
+        _syscall_fn = fn
+    fd = _syscall_fn(_SYS_OPENAT2, dfd, path, ctypes.addressof(_HOW), _HOW_SIZE)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
@@ -285,14 +284,18 @@ def chmod_at(dfd: int, name: bytes, mode: int) -> bool:
     """chmod of ``name`` itself (a symlink is left alone: False). Works on
     special files without opening them, through the O_PATH descriptor's
     /proc entry."""
+    try:
+        # the kernel's (glibc's) own no-follow chmod: refuses a symlink
+        os.chmod(name, mode, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except (NotImplementedError, ValueError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
     pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     try:
         if stat.S_ISLNK(os.fstat(pfd).st_mode):
             return False
-        try:
-            os.chmod(f"/proc/self/fd/{pfd}", mode)
-        except FileNotFoundError:          # no /proc: the kernel's own no-follow chmod
-            os.chmod(name, mode, dir_fd=dfd, follow_symlinks=False)
+        os.chmod(f"/proc/self/fd/{pfd}", mode)
         return True
     finally:
         os.close(pfd)
