@@ -46,8 +46,6 @@ def _snapshot(top):
             st = os.lstat(p)
             data = open(p, "rb").read() if stat.S_ISREG(st.st_mode) else None
             out[os.path.relpath(p, top)] = (st.st_mode, st.st_size, st.st_mtime_ns, data)
-        if dirpath != str(top):
-            continue
     return out
 
 
@@ -336,3 +334,16 @@ def test_orphan_moves_can_be_refused_by_the_target(tmp_path):
         tc.close()
     assert (tmp_path / "base" / "o").is_file() and not (tmp_path / "orphans").exists()
     assert tc.marks["orphans_moved"] == 0
+
+
+def test_a_slot_removed_by_the_administrator_is_made_again(tmp_path):
+    import shutil
+    tc = _target(tmp_path, deleted_mode="move")
+    try:
+        tc.applier.apply_all([Op.create(1, b"a"), _mark(2, MARK_IGNORED_DELETE, "a")])
+        shutil.rmtree(tmp_path / "deleted")
+        tc.applier.apply_all([Op.create(3, b"b"), _mark(4, MARK_IGNORED_DELETE, "b")])
+    finally:
+        tc.close()
+    assert os.listdir(tmp_path / "deleted" / "src1-1") == ["b"]
+    assert tc.marks["deleted_moved"] == 2

@@ -177,8 +177,19 @@ class KeepDirs:
         return base + b"/" + os.fsencode(f"{tc.source or 'local'}-{tc.conid}")
 
     def _slot(self, path: bytes) -> Beneath:
-        """The slot's handle, opened (and created) once."""
+        """The slot's handle, opened (and created) once; again only when the
+        administrator removed or replaced the directory (a handle of a
+        removed directory would take no file)."""
         slot = self._slots.get(path)
+        if slot is not None:
+            held = os.fstat(slot.fd)
+            try:
+                now = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_ino, now.st_dev) != (held.st_ino, held.st_dev):
+                slot.close()
+                slot = None
         if slot is None:
             slot = self._slots[path] = open_slot(path)
         return slot
