@@ -347,3 +347,23 @@ def test_a_slot_removed_by_the_administrator_is_made_again(tmp_path):
         tc.close()
     assert os.listdir(tmp_path / "deleted" / "src1-1") == ["b"]
     assert tc.marks["deleted_moved"] == 2
+
+
+@pytest.mark.parametrize("op", [Op.create(1, b""), Op.delete(1, b""), Op.rmdir(1, b""),
+                                Op.symlink(1, b"", b"/"), Op.rename(1, b"f", b""),
+                                Op.rename(1, b"", b"x"), Op.write(1, b"", 0, b"x")],
+                         ids=["CREATE", "DELETE", "RMDIR", "SYMLINK", "RENAME to", "RENAME from",
+                              "WRITE"])
+def test_the_map_base_itself_is_never_replaced_or_removed(tmp_path, op):
+    base = tmp_path / "base"
+    app = Applier(base)
+    try:
+        (base / "f").write_text("kept")
+        with pytest.raises(ConfinementError, match="map base itself"):
+            app.apply(op)
+        app.apply(Op.setattr(2, b"", mode=0o750, mtime_ns=10**18))   # its attributes: fine
+        app.apply(Op.mkdir(3, b"", 0o755))
+    finally:
+        app.close()
+    assert (base / "f").read_text() == "kept"
+    assert stat.S_IMODE(base.stat().st_mode) == 0o755

@@ -48,6 +48,11 @@ _OPEN_FILES = 64           # write fds kept open between ops of the same file
 _STATE_MAGIC = b"SMAPPLY1"
 _SEQ = struct.Struct("<Q")
 _SETID = stat.S_ISUID | stat.S_ISGID
+# ops that replace or remove what their path names: never the map base itself
+# (b""); MKDIR and SETATTR of b"" act on the map base directory
+_NAMED = {OpKind.WRITE, OpKind.TRUNCATE, OpKind.CREATE, OpKind.DELETE, OpKind.RMDIR,
+          OpKind.RENAME, OpKind.SYMLINK, OpKind.HARDLINK}
+_TWO_PATHS = {OpKind.RENAME, OpKind.HARDLINK}
 # O_NONBLOCK: a fifo someone put there fails (ENXIO) instead of blocking the applier
 _WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -121,6 +126,8 @@ class Applier:
             self.stats["skipped"] += 1        # applied before a restart
             return
         try:
+            if op.kind in _NAMED and (not op.path or op.kind in _TWO_PATHS and not op.path2):
+                raise ConfinementError("the map base itself cannot be its target", b"")
             self._dispatch[op.kind](op)
         except ConfinementError as exc:
             raise ConfinementError(f"op seq {op.seq} {OpKind(op.kind).name} refused: {exc}",
@@ -286,6 +293,7 @@ class Applier:
         rel = bytes(op.path)
         mode = self._mode(op.mode, rel)
         with self.base.at(rel) as (d, name):
+            name = name or b"."             # b"": the map base itself
             try:
                 os.mkdir(name, mode, dir_fd=d)
             except FileExistsError:
@@ -356,6 +364,7 @@ class Applier:
             self._setattr_fd(op, fd)       # the open file itself: nothing to resolve
             return
         with self.base.at(rel) as (d, name):
+            name = name or b"."             # b"": the map base itself
             st = lstat_at(d, name)
             if st is None:
                 self.stats["repairs"] += 1    # nothing there to set attributes on
