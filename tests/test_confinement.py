@@ -367,3 +367,73 @@ def test_the_map_base_itself_is_never_replaced_or_removed(tmp_path, op):
         app.close()
     assert (base / "f").read_text() == "kept"
     assert stat.S_IMODE(base.stat().st_mode) == 0o755
+
+
+# -- the mirror's LocalTarget and the daemon's one-off reads ------------------------------
+
+def _entry(tmp, kind=None):
+    from smirror.tree import entry_from_stat, kind_of
+    e = entry_from_stat(os.stat(tmp / "outside" / "f"))
+    if kind is not None:
+        e.mode = kind | 0o644
+        e.kind = kind_of(e.mode)
+    return e
+
+
+LOCAL_CALLS = {
+    "lstat": lambda t, tmp: t.lstat(b"d/f"),
+    "signature": lambda t, tmp: t.signature(b"d/f", 4096, False),
+    "digest": lambda t, tmp: t.digest(b"d/f", 12),
+    "xattrs": lambda t, tmp: t.xattrs(b"d/f"),
+    "create_temp": lambda t, tmp: t.create_temp(b"d/new"),
+    "open_inplace": lambda t, tmp: t.open_inplace(b"d/f"),
+    "mkdir": lambda t, tmp: t.mkdir(b"d/newdir", _entry(tmp)),
+    "rmdir": lambda t, tmp: t.rmdir(b"d/sub"),
+    "symlink": lambda t, tmp: t.symlink(b"d/f", b"/etc/shadow"),
+    "link existing": lambda t, tmp: t.link(b"stolen", b"d/f"),
+    "link new": lambda t, tmp: t.link(b"d/planted", b"top"),
+    "mknod": lambda t, tmp: t.mknod(b"d/fifo", _entry(tmp, stat.S_IFIFO)),
+    "set_meta": lambda t, tmp: t.set_meta(b"d/f", _entry(tmp)),
+    "set_meta special": lambda t, tmp: t.set_meta(b"d/f", _entry(tmp, stat.S_IFIFO)),
+    "remove": lambda t, tmp: t.remove(b"d/f"),
+    "remove dir": lambda t, tmp: t.remove(b"d/sub"),
+    "move_orphan": lambda t, tmp: t.move_orphan(b"d/f", tmp / "attic"),
+    "remove_temps": lambda t, tmp: t.remove_temps([b"d/.smirror-tmp-x"]),
+}
+
+
+@pytest.mark.parametrize("call", list(LOCAL_CALLS))
+def test_local_target_refuses_a_swapped_directory(tmp_path, resolver, call):
+    from smirror.target_local import LocalTarget
+    out = _outside(tmp_path)
+    (out / ".smirror-tmp-x").write_text("not a temp of ours")
+    before = _snapshot(out)
+    root = tmp_path / "root"
+    (root / "d" / "sub").mkdir(parents=True)
+    (root / "d" / "f").write_text("inside")
+    (root / "top").write_text("top")
+    t = LocalTarget(root)
+    try:
+        assert t.lstat(b"d/f") is not None            # the handle is open, d was real
+        os.rename(root / "d", root / "d.real")
+        os.symlink(out, root / "d")
+        with pytest.raises(ConfinementError, match="symlink 'd'"):
+            LOCAL_CALLS[call](t, tmp_path)
+    finally:
+        t.close()
+    assert _snapshot(out) == before
+    assert not os.path.lexists(root / "stolen") and not (tmp_path / "attic" / "d").exists()
+
+
+def test_daemon_signature_read_is_confined(tmp_path, resolver):
+    from smirror.daemon import Daemon
+    out = _outside(tmp_path)
+    base = tmp_path / "base"
+    (base / "d").mkdir(parents=True)
+    (base / "d" / "f").write_bytes(b"x" * 5000)
+    os.symlink(out, base / "l")
+    args = {"map_base": str(base), "path": "d/f", "block_size": 4096}
+    sig = Daemon._target_signature(Daemon, args)       # no daemon state is used
+    assert isinstance(sig, str) and len(sig) == 2 * 2 * 16
+    with pytest.raises(ConfinementError, match="symlink 'l'"):
+        Daemon._target_signature(Daemon, dict(args, path="l/f"))
