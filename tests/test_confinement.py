@@ -437,3 +437,44 @@ def test_daemon_signature_read_is_confined(tmp_path, resolver):
     assert isinstance(sig, str) and len(sig) == 2 * 2 * 16
     with pytest.raises(ConfinementError, match="symlink 'l'"):
         Daemon._target_signature(Daemon, dict(args, path="l/f"))
+
+
+def test_keep_slot_attack_through_a_real_link(tmp_path):
+    """The same attack sent the way a compromised source would: ops in a
+    journal, framed, over TCP on 127.0.0.1, received, verified and applied by
+    the applier thread; nothing leaves the map base, nothing is setuid."""
+    from smirror.memqueue import SpillQueue
+    from smirror.source import ConnectionJournal, Sender
+    from test_stream import TargetEndpoint, settle
+    out = _outside(tmp_path)
+    before = _snapshot(out)
+    target = TargetConnection(1, tmp_path / "base", tmp_path / "state", deleted_mode="move",
+                              keep_dirs=KeepDirs(tmp_path / "orphans", tmp_path / "deleted"))
+    endpoint = TargetEndpoint(target)
+    queue = SpillQueue(str(tmp_path / "squeue"), 1 << 20, 1 << 30)
+    journal = ConnectionJournal(queue, max_ops=2)        # several frames
+    sender = Sender(1, str(tmp_path / "base"), journal, endpoint.dial, retry_interval=0.05).start()
+    try:
+        for op in [Op.symlink(0, b"x", os.fsencode(out)),
+                   _mark(0, MARK_IGNORED_DELETE, "x", mode="move"),
+                   Op.mkdir(0, b"x", 0o755),
+                   Op.create(0, b"x/evil.sh", 0o4755),
+                   Op.write(0, b"x/evil.sh", 0, b"#!/bin/sh\nid\n"),
+                   _mark(0, MARK_IGNORED_DELETE, "x/evil.sh", mode="move"),
+                   Op.setattr(0, b"x", mode=0o2755)]:
+            journal.append(op)
+        settle(journal, sender, target)
+        st = target.status()
+    finally:
+        sender.stop()
+        endpoint.close()
+        target.close()
+        queue.close()
+    assert _snapshot(out) == before and not endpoint.errors
+    for top in (tmp_path / "base", tmp_path / "deleted"):
+        for p in _all_entries(top):
+            assert not os.path.islink(p) or top.name == "base", p
+            assert not os.lstat(p).st_mode & (stat.S_ISUID | stat.S_ISGID), p
+    assert (tmp_path / "deleted" / "local-1" / "x" / "evil.sh").is_file()
+    assert st["error"] == "" and st["setid_stripped"] == 2
+    assert st["marks"]["deleted_moved"] == 1
