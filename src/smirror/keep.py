@@ -66,18 +66,20 @@ def open_slot(path) -> Beneath:
 
 
 def move_aside(base: Beneath, rel: bytes, slot: Beneath, what: str, *,
-               replace: bool = False, who: str = "") -> bytes | None:
+               replace: bool = False, who: str = "", symlinks: bool = False) -> bytes | None:
     """Move ``rel`` from beneath ``base`` to the same relative place beneath
     ``slot``; returns the name it got there (``rel``, or with a suffix when
     that was taken; ``replace``: the older one is removed instead), or None
-    when there was nothing to move or it is a symlink (which stays).
+    when there was nothing to move or it is a symlink (which stays, unless
+    ``symlinks``: a local mirror's own orphan directory, where moving one is
+    harmless since nothing is followed there either).
     ConfinementError when ``rel`` is refused in either tree."""
     parent, _, name = rel.rpartition(b"/")
     with base.at(rel) as (sd, sname):
         st = lstat_at(sd, sname)
         if st is None:
             return None                                 # replayed after a restart
-        if stat.S_ISLNK(st.st_mode):
+        if stat.S_ISLNK(st.st_mode) and not symlinks:
             log.warning("%s%s %r is a symlink: left in the map base, never moved into %r",
                         who, what, os.fsdecode(rel), os.fsdecode(slot.root))
             return None
@@ -92,16 +94,25 @@ def move_aside(base: Beneath, rel: bytes, slot: Beneath, what: str, *,
                     dname, n = stem, 1
                     while lstat_at(dd, dname) is not None:
                         dname, n = stem + b"~%d" % n, n + 1
-            _move_entry(sd, sname, dd, dname, st, rel, who)
+            _move_entry(sd, sname, dd, dname, st, rel, who, symlinks)
         finally:
             os.close(dd)
     return parent + b"/" + dname if parent else dname
 
 
-def _move_entry(sd: int, sname: bytes, dd: int, dname: bytes, st, rel: bytes, who: str) -> None:
+def _move_entry(sd: int, sname: bytes, dd: int, dname: bytes, st, rel: bytes, who: str,
+                symlinks: bool = False) -> None:
     """Move one entry between two directory descriptors. A directory is
     recreated in the slot and its entries moved one by one (a symlink in
-    it stays behind, so the directory stays too)."""
+    it stays behind, so the directory stays too), unless symlinks may move
+    (then it is renamed whole where it can be)."""
+    if stat.S_ISDIR(st.st_mode) and symlinks:
+        try:
+            os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
     if stat.S_ISDIR(st.st_mode):
         os.mkdir(dname, 0o700, dir_fd=dd)
         src = open_subdir(sd, sname)
@@ -113,11 +124,11 @@ def _move_entry(sd: int, sname: bytes, dd: int, dname: bytes, st, rel: bytes, wh
                     est = lstat_at(src, e)
                     if est is None:
                         continue
-                    if stat.S_ISLNK(est.st_mode):
+                    if stat.S_ISLNK(est.st_mode) and not symlinks:
                         log.warning("%ssymlink %r stays in the map base: never moved into a "
                                     "keep directory", who, os.fsdecode(rel + b"/" + e))
                         continue
-                    _move_entry(src, e, dst, e, est, rel + b"/" + e, who)
+                    _move_entry(src, e, dst, e, est, rel + b"/" + e, who, symlinks)
                 os.chmod(dst, stat.S_IMODE(st.st_mode) & 0o777)
                 if os.geteuid() == 0:
                     os.chown(dst, st.st_uid, st.st_gid)

@@ -646,13 +646,14 @@ class LocalTarget(TargetSide):
 
     def move_orphan(self, rel: bytes, dest_dir):
         """Move ``rel`` to ``dest_dir``/``rel`` (parents created 0700, an
-        older orphan of the same name replaced; a symlink stays)."""
+        older orphan of the same name replaced). Symlinks move too: this is
+        the mirror user's own directory, and nothing there is followed."""
         from .keep import move_aside, open_slot
         key = os.fsencode(os.path.abspath(os.fsencode(dest_dir)))
         slot = self._orphan_slots.get(key)
         if slot is None:
             slot = self._orphan_slots[key] = open_slot(key)
-        move_aside(self.base, check_rel(rel), slot, "orphan", replace=True)
+        move_aside(self.base, check_rel(rel), slot, "orphan", replace=True, symlinks=True)
 
     def remove_temps(self, rels):
         for rel in rels:
