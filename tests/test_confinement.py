@@ -478,3 +478,47 @@ def test_keep_slot_attack_through_a_real_link(tmp_path):
     assert (tmp_path / "deleted" / "local-1" / "x" / "evil.sh").is_file()
     assert st["error"] == "" and st["setid_stripped"] == 2
     assert st["marks"]["deleted_moved"] == 1
+
+
+@pytest.fixture
+def other_fs_dir(tmp_path):
+    """A directory on another filesystem than tmp_path (rename gives EXDEV)."""
+    import shutil
+    import tempfile
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    d = tempfile.mkdtemp(dir="/dev/shm", prefix="smirror-test-")
+    if os.stat(d).st_dev == os.stat(tmp_path).st_dev:
+        shutil.rmtree(d)
+        pytest.skip("/dev/shm is on the same filesystem as the test directory")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_keep_slot_on_another_filesystem_copies_without_following(tmp_path, other_fs_dir):
+    out = _outside(tmp_path)
+    before = _snapshot(out)
+    tc = TargetConnection(1, tmp_path / "base", tmp_path / "state", apply=False,
+                          deleted_mode="move", orphan_moves=True,
+                          keep_dirs=KeepDirs(os.path.join(other_fs_dir, "orphans"),
+                                             os.path.join(other_fs_dir, "deleted")))
+    try:
+        tc.applier.apply_all([Op.mkdir(1, b"d"), Op.create(2, b"d/f", 0o640),
+                              Op.write(3, b"d/f", 0, b"content"),
+                              Op.setattr(4, b"d/f", mtime_ns=10**18),
+                              Op.symlink(5, b"d/l", os.fsencode(out)),
+                              _mark(6, MARK_IGNORED_DELETE, "d/f"),
+                              _mark(7, MARK_ORPHAN_MOVE, "d")])
+    finally:
+        tc.close()
+    moved = os.path.join(other_fs_dir, "deleted", "local-1", "d", "f")
+    st = os.lstat(moved)
+    assert open(moved, "rb").read() == b"content" and stat.S_IMODE(st.st_mode) == 0o640
+    assert st.st_mtime_ns == 10**18
+    assert not (tmp_path / "base" / "d" / "f").exists()
+    # the orphan directory: recreated there, its symlink left in the map base
+    assert os.path.isdir(os.path.join(other_fs_dir, "orphans", "local-1", "d"))
+    assert os.path.islink(tmp_path / "base" / "d" / "l")
+    for p in _all_entries(other_fs_dir):
+        assert not os.path.islink(p), p
+    assert _snapshot(out) == before
