@@ -176,8 +176,8 @@ class Beneath:
                 return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
-                    raise ConfinementError(f"{bytes(rel)!r} is a symlink on the target: "
-                                           f"not followed", rel) from None
+                    raise ConfinementError(f"{os.fsdecode(bytes(rel))!r} is a symlink on the "
+                                           f"target: not followed", rel) from None
                 raise
 
 
@@ -209,10 +209,6 @@ def lstat_at(dfd: int, name: bytes):
         return os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
         return None
-
-
-def exists_at(dfd: int, name: bytes) -> bool:
-    return lstat_at(dfd, name) is not None
 
 
 def open_subdir(dfd: int, name: bytes) -> int:
@@ -309,5 +305,5 @@ def proc_path(dfd: int, name: bytes = b"") -> bytes:
     return p + b"/" + name if name else p
 
 
-__all__ = ["Beneath", "check_rel", "lstat_at", "exists_at", "open_subdir", "rmtree_at",
+__all__ = ["Beneath", "check_rel", "lstat_at", "open_subdir", "rmtree_at",
            "makedirs_at", "chmod_at", "proc_path", "use_openat2"]
