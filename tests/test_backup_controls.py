@@ -94,16 +94,16 @@ def test_gate_checks_each_file_once_per_frame_and_skips_directories(tmp_path):
     gate = InUseGate(5)
     calls = []
 
-    def path_of(rel):
+    def open_of(rel, flags):
         calls.append(rel)
-        return os.path.join(os.fsencode(tmp_path), rel)
+        return os.open(os.path.join(os.fsencode(tmp_path), rel), flags | os.O_NOFOLLOW)
 
     gate.begin_frame()
     for op in (Op.write(1, b"a", 0, b"x"), Op.write(2, b"a", 1, b"y"), Op.mkdir(3, b"d"),
                Op.rename(4, b"a", b"b")):
-        assert gate.wait(op, path_of)
+        assert gate.wait(op, open_of)
     assert calls == [b"a", b"b"]
-    assert InUseGate(0).wait(Op.write(1, b"a", 0, b"x"), path_of)   # disabled: no check
+    assert InUseGate(0).wait(Op.write(1, b"a", 0, b"x"), open_of)   # disabled: no check
 
 
 # -- ignore deletes --------------------------------------------------------------------

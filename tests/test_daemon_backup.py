@@ -6,6 +6,7 @@ under heavy writes with both queues spilling to disk."""
 import json
 import os
 import sqlite3
+import stat
 import time
 
 from smirror.capture import Recorder
@@ -187,6 +188,31 @@ def test_ignore_deletes_and_orphan_policy_per_connection(tmp_path):
         moved = wait_for(lambda: list((tmp_path / "target" / "state" / "orphans").glob("*-1/b")),
                          what="the orphan moved aside")
         assert moved[0].read_text() == "b" and not (dst / "b").exists()
+
+
+def test_the_target_configuration_decides_keep_or_move_and_setid(tmp_path):
+    """The source says keep, the target is configured to move: the target
+    moves (and a source saying move to a keep target keeps: the MARK's mode
+    is not obeyed, see test_confinement). Setuid bits from the source are
+    stripped: this target lists no setid_map_bases."""
+    target_extra = '[target]\nignored_deletes = "move"\ndeleted_keep_days = 30\n'
+    with pair(tmp_path, target_extra=target_extra) as (source, target, env):
+        src, dst = tmp_path / "data", tmp_path / "replica"
+        src.mkdir()
+        (src / "b").write_text("b")
+        (src / "tool").write_text("#!/bin/sh\n")
+        os.chmod(src / "tool", 0o4755)
+        login(source, env)
+        source.cli("repset", "create", "data", "--root", src)
+        source.cli("connect", "data", "to", target.address, "map", "base", dst,
+                   "--ignore-deletes", "keep")
+        wait_for(lambda: (dst / "b").exists() and (dst / "tool").exists(), what="the mirror")
+        os.unlink(src / "b")
+        moved = wait_for(lambda: list((tmp_path / "target" / "state" / "deleted").glob("*-1/b")),
+                         what="the deleted file moved aside by the target")
+        assert moved[0].read_text() == "b" and not (dst / "b").exists()
+        assert stat.S_IMODE(os.stat(dst / "tool").st_mode) == 0o755
+        assert "setuid/setgid bits stripped" in target.log()
 
 
 def test_pause_with_heavy_writes_spills_on_both_sides_then_resumes_in_order(tmp_path):

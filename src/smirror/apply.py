@@ -1,10 +1,18 @@
 """The applier: ops of one connection applied, in sequence order, to the
 tree under its map base.
 
-Every path goes through the target's confinement check (no absolute path,
-no ``..``, no walking through a symlink out of the map base); a refused op
-raises :class:`~smirror.errors.ConfinementError` naming the op and path and
-nothing of it is applied.
+Every path is resolved beneath a directory handle of the map base, opened
+once (:mod:`smirror.beneath`): the parent directory of each op's path is
+resolved afresh, refusing any symlink on the way, and the op acts on the
+final name with ``dir_fd`` and without following it. No absolute path, no
+``..``, no symlink (whoever put it there, whenever) leads an op out of the
+map base; a refused op raises :class:`~smirror.errors.ConfinementError`
+naming the op and path and nothing of it is applied. Only descriptors of
+open regular files are kept between ops (writing to one cannot escape).
+
+Setuid and setgid bits are stripped from the modes of CREATE, MKDIR and
+SETATTR unless the connection allows them (``allow_setid``): the stream does
+not decide what a root daemon makes setuid.
 
 The sequence number of the last applied op is stored after every op in a
 small memory-mapped state file (an aligned 8-byte store: no syscall, and a
@@ -27,13 +35,26 @@ import struct
 import stat
 from collections import OrderedDict
 
+import logging
+
+from .beneath import Beneath, chmod_at, lstat_at, rmtree_at
 from .errors import ConfinementError, SmirrorError
 from .ops import AttrMask, Op, OpKind
-from .target_local import LocalTarget
+from .tree import TEMP_PREFIX
+
+log = logging.getLogger("smirror.apply")
 
 _OPEN_FILES = 64           # write fds kept open between ops of the same file
 _STATE_MAGIC = b"SMAPPLY1"
 _SEQ = struct.Struct("<Q")
+_SETID = stat.S_ISUID | stat.S_ISGID
+# ops that replace or remove what their path names: never the map base itself
+# (b""); MKDIR and SETATTR of b"" act on the map base directory
+_NAMED = {OpKind.WRITE, OpKind.TRUNCATE, OpKind.CREATE, OpKind.DELETE, OpKind.RMDIR,
+          OpKind.RENAME, OpKind.SYMLINK, OpKind.HARDLINK}
+_TWO_PATHS = {OpKind.RENAME, OpKind.HARDLINK}
+# O_NONBLOCK: a fifo someone put there fails (ENXIO) instead of blocking the applier
+_WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 class ApplyError(SmirrorError):
@@ -62,21 +83,26 @@ def _open_state(path) -> mmap.mmap:
 class Applier:
     """Applies ops to ``map_base``. ``on_task(op)`` / ``on_mark(op)`` are
     called when the applier reaches a TASK or MARK op (every earlier op
-    applied, no later one yet)."""
+    applied, no later one yet). ``allow_setid``: keep setuid/setgid bits
+    the stream sends (the embedded engine's own data); otherwise they are
+    stripped, counted in ``stats['setid_stripped']`` and logged once."""
 
     def __init__(self, map_base, *, state_path=None, owner: bool | None = None,
-                 on_task=None, on_mark=None, create_base: bool = True):
+                 on_task=None, on_mark=None, create_base: bool = True,
+                 allow_setid: bool = False, name: str = ""):
         base = os.fsencode(os.path.abspath(os.fsencode(map_base)))
         if create_base:
             os.makedirs(base, exist_ok=True)
         elif not os.path.isdir(base):
             raise ApplyError(f"map base {base!r} is not a directory")
-        self.target = LocalTarget(base, owner=owner, xattrs=False)
-        self.owner = self.target.owner
+        self.base = Beneath(base)
+        self.owner = (os.geteuid() == 0) if owner is None else owner
+        self.allow_setid = allow_setid
+        self.name = name or os.fsdecode(base)
         self.on_task = on_task
         self.on_mark = on_mark
         self._fds: OrderedDict[bytes, int] = OrderedDict()
-        self.stats = {"ops": 0, "bytes": 0, "repairs": 0, "skipped": 0}
+        self.stats = {"ops": 0, "bytes": 0, "repairs": 0, "skipped": 0, "setid_stripped": 0}
         self._state = None
         self.applied_seq = 0
         if state_path is not None:
@@ -93,13 +119,15 @@ class Applier:
 
     @property
     def root(self) -> bytes:
-        return self.target.root
+        return self.base.root
 
     def apply(self, op: Op) -> None:
         if op.seq <= self.applied_seq:
             self.stats["skipped"] += 1        # applied before a restart
             return
         try:
+            if op.kind in _NAMED and (not op.path or op.kind in _TWO_PATHS and not op.path2):
+                raise ConfinementError("the map base itself cannot be its target", b"")
             self._dispatch[op.kind](op)
         except ConfinementError as exc:
             raise ConfinementError(f"op seq {op.seq} {OpKind(op.kind).name} refused: {exc}",
@@ -134,33 +162,48 @@ class Applier:
         if self._state is not None:
             self._state.close()
             self._state = None
+        self.base.close()
 
     def release(self, rel: bytes) -> None:
         """Close what this applier holds open at or under ``rel`` (before
         the path is moved away from the map base)."""
         self._drop(bytes(rel), subtree=True)
 
+    def open_path(self, rel, flags: int = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY) -> int:
+        """A descriptor of ``rel`` opened beneath the map base, the final
+        name not followed (for the in-use gate's lease)."""
+        return self.base.open(bytes(rel), flags)
+
     # -- helpers -----------------------------------------------------------
-    def _path(self, rel) -> bytes:
-        return self.target.path(bytes(rel))
+    def _mode(self, mode: int, rel: bytes) -> int:
+        """``mode`` without setuid/setgid unless this connection allows them."""
+        if mode & _SETID and not self.allow_setid:
+            self.stats["setid_stripped"] += 1
+            if self.stats["setid_stripped"] == 1:
+                log.warning("%s: setuid/setgid bits stripped from %r (mode %o) and from any later "
+                            "op: allow them with [target] setid_map_bases", self.name,
+                            os.fsdecode(rel), mode)
+            return mode & ~_SETID
+        return mode
 
     def _fd(self, rel: bytes, create_missing: bool = True) -> int:
         fd = self._fds.get(rel)
         if fd is not None:
             self._fds.move_to_end(rel)
             return fd
-        path = self._path(rel)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if not create_missing:
+        with self.base.at(rel) as (d, name):
+            try:
+                fd = os.open(name, _WRITE_FLAGS, dir_fd=d)
+            except FileNotFoundError:
+                if not create_missing:
+                    raise
+                self.stats["repairs"] += 1
+                fd = os.open(name, _WRITE_FLAGS | os.O_CREAT, 0o600, dir_fd=d)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ConfinementError(f"{rel!r} is a symlink on the target: not written "
+                                           f"through", rel) from None
                 raise
-            self.stats["repairs"] += 1
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise ConfinementError(f"{rel!r} is a symlink on the target: not written through", rel) from None
-            raise
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise ApplyError(f"{rel!r} on the target is not a regular file")
@@ -170,7 +213,7 @@ class Applier:
         return fd
 
     def _drop(self, rel: bytes, subtree: bool = False) -> None:
-        """Forget cached fds and verified directories at (and under) ``rel``."""
+        """Forget cached fds at (and under) ``rel``."""
         if subtree:
             prefix = rel + b"/"
             for key in [k for k in self._fds if k == rel or k.startswith(prefix)]:
@@ -179,19 +222,30 @@ class Applier:
             fd = self._fds.pop(rel, None)
             if fd is not None:
                 os.close(fd)
-        self.target._forget(rel)
 
-    def _clear_way(self, rel: bytes, keep_dir: bool) -> None:
-        """Remove what stands at ``rel`` unless it is (not) a directory as
+    def _clear_way(self, d: int, name: bytes, rel: bytes, keep_dir: bool) -> None:
+        """Remove what stands at ``name`` unless it is (not) a directory as
         wanted; the stream says the source had nothing of that kind there."""
-        try:
-            st = os.lstat(self._path(rel))
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode) != keep_dir:
+        st = lstat_at(d, name)
+        if st is not None and stat.S_ISDIR(st.st_mode) != keep_dir:
             self.stats["repairs"] += 1
             self._drop(rel, subtree=True)
-            self.target.remove(rel)
+            rmtree_at(d, name)
+
+    def _replace(self, d: int, name: bytes, make) -> None:
+        """Create something at a temporary name with ``make(tmp)``, then
+        rename it over ``name`` (atomic replacement)."""
+        from .target_local import _temp_suffix
+        tmp = TEMP_PREFIX + _temp_suffix()
+        make(tmp)
+        try:
+            os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+        except BaseException:
+            rmtree_at(d, tmp)
+            raise
+        # rename(2) does nothing when both names are links to one inode
+        # (a hard link made again): the temporary name is left over
+        rmtree_at(d, tmp)
 
     # -- op kinds ----------------------------------------------------------
     def _write(self, op: Op) -> None:
@@ -208,118 +262,155 @@ class Applier:
 
     def _create(self, op: Op) -> None:
         rel = bytes(op.path)
-        self._clear_way(rel, keep_dir=False)
+        mode = self._mode(op.mode, rel)
         self._drop(rel)
-        path = self._path(rel)
+        with self.base.at(rel) as (d, name):
+            try:
+                fd = os.open(name, _WRITE_FLAGS | os.O_CREAT | os.O_TRUNC, mode, dir_fd=d)
+            except OSError as exc:
+                if exc.errno == errno.EISDIR:
+                    # the stream says the source had no directory there
+                    self.stats["repairs"] += 1
+                    self._drop(rel, subtree=True)
+                    rmtree_at(d, name)
+                elif exc.errno == errno.ELOOP:
+                    os.unlink(name, dir_fd=d)   # a symlink stood there: replace it, never follow it
+                else:
+                    raise
+                fd = os.open(name, _WRITE_FLAGS | os.O_CREAT | os.O_EXCL, mode, dir_fd=d)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, op.mode)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            os.unlink(path)       # a symlink stood there: replace it, never follow it
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, op.mode)
-        os.fchmod(fd, op.mode)    # not the umask's idea of it
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ApplyError(f"{rel!r} on the target is not a regular file")
+            os.fchmod(fd, mode)     # not the umask's idea of it
+        except BaseException:
+            os.close(fd)
+            raise
         self._fds[rel] = fd
+        if len(self._fds) > _OPEN_FILES:
+            os.close(self._fds.popitem(last=False)[1])
 
     def _mkdir(self, op: Op) -> None:
         rel = bytes(op.path)
-        self._clear_way(rel, keep_dir=True)
-        path = self._path(rel)
-        try:
-            os.mkdir(path, op.mode)
-        except FileExistsError:
-            pass                  # replayed
-        os.chmod(path, op.mode)
+        mode = self._mode(op.mode, rel)
+        with self.base.at(rel) as (d, name):
+            name = name or b"."             # b"": the map base itself
+            try:
+                os.mkdir(name, mode, dir_fd=d)
+            except FileExistsError:
+                # replayed, or something else stands there
+                self._clear_way(d, name, rel, keep_dir=True)
+                try:
+                    os.mkdir(name, mode, dir_fd=d)
+                except FileExistsError:
+                    pass
+            chmod_at(d, name, mode)
 
     def _delete(self, op: Op) -> None:
         rel = bytes(op.path)
         self._drop(rel, subtree=True)
-        path = self._path(rel)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except IsADirectoryError:
-            self.stats["repairs"] += 1
-            self.target.remove(rel)
+        with self.base.at(rel) as (d, name):
+            try:
+                os.unlink(name, dir_fd=d)
+            except FileNotFoundError:
+                pass
+            except IsADirectoryError:
+                self.stats["repairs"] += 1
+                rmtree_at(d, name)
 
     def _rmdir(self, op: Op) -> None:
         rel = bytes(op.path)
         self._drop(rel, subtree=True)
-        try:
-            os.rmdir(self._path(rel))
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                raise
-            # the source's directory was empty: whatever is left here is
-            # not part of the source
-            self.stats["repairs"] += 1
-            self.target.remove(rel)
+        with self.base.at(rel) as (d, name):
+            try:
+                os.rmdir(name, dir_fd=d)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+                # the source's directory was empty: whatever is left here is
+                # not part of the source
+                self.stats["repairs"] += 1
+                rmtree_at(d, name)
 
     def _rename(self, op: Op) -> None:
         old, new = bytes(op.path), bytes(op.path2)
-        src, dst = self._path(old), self._path(new)
         self._drop(old, subtree=True)
         self._drop(new, subtree=True)
-        try:
-            os.rename(src, dst)
-        except FileNotFoundError:
-            if os.path.lexists(dst) and not os.path.lexists(src):
-                return            # replayed: already renamed
-            if not os.path.lexists(src):
-                # the target lacks what the source renamed (watcher capture
-                # sees changes late): nothing to move; the source's resync
-                # brings the content
-                self.stats["repairs"] += 1
-                return
-            raise
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+        with self.base.at(old) as (sd, sname), self.base.at(new) as (dd, dname):
+            try:
+                os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
+            except FileNotFoundError:
+                if lstat_at(sd, sname) is None:
+                    # replayed (already renamed), or the target lacks what the
+                    # source renamed (watcher capture sees changes late):
+                    # nothing to move; the source's resync brings the content
+                    if lstat_at(dd, dname) is None:
+                        self.stats["repairs"] += 1
+                    return
                 raise
-            # the destination was removed on the source before this rename
-            self.stats["repairs"] += 1
-            self.target.remove(new)
-            os.rename(src, dst)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                    raise
+                # the destination was removed on the source before this rename
+                self.stats["repairs"] += 1
+                rmtree_at(dd, dname)
+                os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
 
     def _setattr(self, op: Op) -> None:
         rel = bytes(op.path)
-        path = self._path(rel)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            self.stats["repairs"] += 1    # nothing there to set attributes on
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._setattr_fd(op, fd)       # the open file itself: nothing to resolve
             return
-        is_link = stat.S_ISLNK(st.st_mode)
+        with self.base.at(rel) as (d, name):
+            name = name or b"."             # b"": the map base itself
+            st = lstat_at(d, name)
+            if st is None:
+                self.stats["repairs"] += 1    # nothing there to set attributes on
+                return
+            is_link = stat.S_ISLNK(st.st_mode)
+            mask = op.mask
+            if mask & (AttrMask.UID | AttrMask.GID) and self.owner:
+                # before the mode: chown clears setuid/setgid
+                os.chown(name, op.uid if mask & AttrMask.UID else -1,
+                         op.gid if mask & AttrMask.GID else -1, dir_fd=d, follow_symlinks=False)
+            if mask & AttrMask.MODE and not is_link:     # symlinks have no mode of their own
+                chmod_at(d, name, self._mode(op.mode, rel))
+            if mask & AttrMask.MTIME:
+                os.utime(name, ns=(st.st_atime_ns, op.mtime_ns), dir_fd=d, follow_symlinks=False)
+
+    def _setattr_fd(self, op: Op, fd: int) -> None:
         mask = op.mask
         if mask & (AttrMask.UID | AttrMask.GID) and self.owner:
-            os.chown(path, op.uid if mask & AttrMask.UID else -1,
-                     op.gid if mask & AttrMask.GID else -1, follow_symlinks=False)
-        if mask & AttrMask.MODE and not is_link:     # symlinks have no mode of their own
-            os.chmod(path, op.mode)
+            os.fchown(fd, op.uid if mask & AttrMask.UID else -1, op.gid if mask & AttrMask.GID else -1)
+        if mask & AttrMask.MODE:
+            os.fchmod(fd, self._mode(op.mode, bytes(op.path)))
         if mask & AttrMask.MTIME:
-            os.utime(path, ns=(st.st_atime_ns, op.mtime_ns), follow_symlinks=False)
+            os.utime(fd, ns=(os.fstat(fd).st_atime_ns, op.mtime_ns))
 
     def _symlink(self, op: Op) -> None:
-        rel = bytes(op.path)
-        self._clear_way(rel, keep_dir=False)
-        self._drop(rel)
-        try:
-            # nothing there: created at its name at once (no temporary
-            # name a kill could leave behind)
-            os.symlink(bytes(op.path2), self._path(rel))
-        except FileExistsError:
-            self.target.symlink(rel, bytes(op.path2))
+        rel, link = bytes(op.path), bytes(op.path2)
+        with self.base.at(rel) as (d, name):
+            self._clear_way(d, name, rel, keep_dir=False)
+            self._drop(rel)
+            try:
+                # nothing there: created at its name at once (no temporary
+                # name a kill could leave behind)
+                os.symlink(link, name, dir_fd=d)
+            except FileExistsError:
+                self._replace(d, name, lambda tmp: os.symlink(link, tmp, dir_fd=d))
 
     def _hardlink(self, op: Op) -> None:
         rel, existing = bytes(op.path), bytes(op.path2)
-        self._clear_way(rel, keep_dir=False)
-        self._drop(rel)
-        try:
-            os.link(self._path(existing), self._path(rel), follow_symlinks=False)
-        except FileExistsError:
-            self.target.link(rel, existing)
+        with self.base.at(rel) as (d, name), self.base.at(existing) as (ed, ename):
+            self._clear_way(d, name, rel, keep_dir=False)
+            self._drop(rel)
+            try:
+                os.link(ename, name, src_dir_fd=ed, dst_dir_fd=d, follow_symlinks=False)
+            except FileExistsError:
+                self._replace(d, name, lambda tmp: os.link(ename, tmp, src_dir_fd=ed, dst_dir_fd=d,
+                                                           follow_symlinks=False))
 
     def _task(self, op: Op) -> None:
         if self.on_task is not None:
@@ -329,4 +420,3 @@ class Applier:
     def _mark(self, op: Op) -> None:
         if self.on_mark is not None:
             self.on_mark(op)
-

@@ -71,6 +71,32 @@ def _duration(value, what):
     return parse_duration(value, what)
 
 
+def _days(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+        raise ConfigError(f"{what}: expected a number of days >= 0, got {value!r}")
+    return float(value)
+
+
+def _abs_paths(value, what):
+    if not isinstance(value, list):
+        raise ConfigError(f"{what}: expected a list of absolute paths, got {value!r}")
+    for item in value:
+        if not isinstance(item, str) or not os.path.isabs(item) or "\0" in item:
+            raise ConfigError(f"{what}: expected absolute paths, got {item!r}")
+    return [os.path.normpath(p) for p in value]
+
+
+def setid_allowed(map_base, setid_map_bases) -> bool:
+    """Whether ``[target] setid_map_bases`` lets setuid/setgid bits through
+    for ``map_base``: it is one of them or inside one (real paths)."""
+    real = os.path.realpath(map_base)
+    for allowed in setid_map_bases:
+        top = os.path.realpath(allowed)
+        if real == top or real.startswith(top.rstrip("/") + "/"):
+            return True
+    return False
+
+
 _str = _typed(str, "a string")
 _bool = _typed(bool, "true or false")
 
@@ -120,8 +146,20 @@ SCHEMA: dict[str, dict[str, Setting]] = {
         "in_use_max_delay": Setting("0s", _duration, "hold back the ops of a file another process has "
                                     "open (a backup reading it) up to this long; 0 = never wait"),
         "orphans_dir": Setting("", _str, "where orphans moved aside go; empty = STATE_DIR/orphans"),
-        "deleted_dir": Setting("", _str, "where deleted files of ignore-deletes connections in "
-                               "'move' mode go; empty = STATE_DIR/deleted"),
+        "deleted_dir": Setting("", _str, "where deleted files of ignore-deletes connections go "
+                               "when ignored_deletes = 'move'; empty = STATE_DIR/deleted"),
+        "ignored_deletes": Setting("keep", _choice("keep", "move"),
+                                   "what this target does with a delete a source ignores: 'keep' "
+                                   "leaves the file in the map base, 'move' moves it to "
+                                   "deleted_dir (the source's own keep/move choice is not obeyed)"),
+        "deleted_keep_days": Setting(0, _days, "days files moved to deleted_dir are kept "
+                                     "before they are purged; 0 = kept"),
+        "orphans": Setting("move", _choice("move", "keep"),
+                           "what this target does when a source's mirror asks to move an orphan: "
+                           "'move' to orphans_dir, 'keep' leaves it in the map base"),
+        "setid_map_bases": Setting([], _abs_paths, "map bases (absolute paths; their subdirectories "
+                                   "too) where setuid/setgid bits sent by a source are kept; "
+                                   "everywhere else they are stripped"),
     },
     "links": {
         "user": Setting("", _str, "user this daemon logs in as on target daemons (data links)"),
@@ -227,6 +265,8 @@ def defaults_toml() -> str:
 
 
 def _toml_value(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import wire
 from .auth import LoginThrottle, Sessions, User, UserStore
-from .config import Config, parse_hostport
+from .config import Config, parse_hostport, setid_allowed
 from .errors import AuthError, ConfigError, QueueFull, SmirrorError
 from .memqueue import SpillQueue, queue_alert, segment_size_for
 from .registry import Registry
@@ -517,7 +517,11 @@ class Daemon:
                                        stop_on_task_failure=cfg.tasks.stop_replication_on_failure,
                                        in_use_max_delay=cfg.target.in_use_max_delay,
                                        keep_dirs=self.keep_dirs,
-                                       alert_threshold=cfg.queues.alert_threshold)
+                                       alert_threshold=cfg.queues.alert_threshold,
+                                       deleted_mode=cfg.target.ignored_deletes,
+                                       deleted_keep_days=cfg.target.deleted_keep_days,
+                                       orphan_moves=cfg.target.orphans == "move",
+                                       allow_setid=setid_allowed(map_base, cfg.target.setid_map_bases))
                 tgt.source = source
                 self.targets[key] = tgt
         tgt.serve(link)
@@ -681,10 +685,9 @@ class Daemon:
         """Block hashes (hex of little-endian uint64 pairs) of one file under
         a map base, path confined to it."""
         from .checksum import check_block_size, fd_signature
-        from .target_local import LocalTarget
-        path = LocalTarget(self._map_base(args)).path(os.fsencode(args.get("path", "")))
+        from .target_local import open_beneath
         bs = check_block_size(args.get("block_size"))
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_beneath(self._map_base(args), os.fsencode(args.get("path", "")), os.O_RDONLY)
         try:
             sig = fd_signature(fd, block_size=bs, weak=False)
         finally:

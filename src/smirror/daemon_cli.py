@@ -142,10 +142,12 @@ def add_parsers(sub) -> None:
 
 def _connection_options(p) -> None:
     p.add_argument("--ignore-deletes", choices=("off", "keep", "move"), default=None,
-                   help="do not apply the source's deletes: keep the files in the replica, or move "
-                        "them to the target's deleted_dir (a move out of the set still deletes)")
+                   help="do not apply the source's deletes (a move out of the set still deletes); "
+                        "keep or move is decided by the target daemon's [target] ignored_deletes, "
+                        "not by this value (only smirror replicate obeys 'move')")
     p.add_argument("--keep-deleted-days", type=float, metavar="N", default=None,
-                   help="with --ignore-deletes move: purge moved files after N days (0: keep)")
+                   help="ignored by daemon targets (their [target] deleted_keep_days decides); "
+                        "kept for smirror replicate-style engines")
     p.add_argument("--orphans", choices=("report", "delete", "move"), default=None,
                    help="what mirrors do with files only the target has (default report)")
     p.add_argument("--orphans-older-than", type=float, metavar="DAYS", default=None,

@@ -37,16 +37,28 @@ _SIG = int(signal.SIGURG)
 _CHECKED = {OpKind.WRITE, OpKind.TRUNCATE, OpKind.CREATE, OpKind.DELETE, OpKind.RENAME,
             OpKind.SETATTR, OpKind.SYMLINK, OpKind.HARDLINK}
 _warned_unsupported = False
+_LEASE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
 
 
-def in_use(path) -> bool:
+def _opener(target):
+    """``target`` as a function that opens the file read-only: a callable
+    as it is (the applier's confined open), a path opened not following
+    its final component."""
+    if callable(target):
+        return target
+    return lambda: os.open(target, _LEASE_FLAGS | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def in_use(target) -> bool:
     """True when some open file description other than ours refers to the
-    regular file at ``path``."""
+    regular file ``target`` (a path, or a function opening it read-only
+    beneath the map base: :meth:`smirror.apply.Applier.open_path`)."""
     global _warned_unsupported
+    opener = _opener(target)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError:
-        return False           # missing, a symlink, unreadable: nothing to wait for
+        fd = opener()
+    except (OSError, ValueError):
+        return False           # missing, a symlink, unreadable, refused: nothing to wait for
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return False
@@ -58,8 +70,8 @@ def in_use(path) -> bool:
                 return True
             if not _warned_unsupported:
                 _warned_unsupported = True
-                log.warning("cannot take a lease on %r (%s): files in use are not detected here",
-                            path, exc.strerror)
+                log.warning("cannot take a lease (%s): files in use are not detected here",
+                            exc.strerror)
             return False
         fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
         return False
@@ -67,12 +79,17 @@ def in_use(path) -> bool:
         os.close(fd)
 
 
-def holders(path) -> list[str]:
-    """``pid (comm)`` of the processes with ``path`` open (best effort)."""
+def holders(target) -> list[str]:
+    """``pid (comm)`` of the processes with the file ``target`` (as for
+    :func:`in_use`) open (best effort)."""
     try:
-        st = os.stat(path)
-    except OSError:
+        fd = _opener(target)()
+    except (OSError, ValueError):
         return []
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
     me = os.getpid()
     found = []
     for pid in os.listdir("/proc"):
@@ -101,10 +118,12 @@ def holders(path) -> list[str]:
 class InUseGate:
     """Holds the applier back before an op on a file in use.
 
-    ``wait(op, path_of, release)`` returns True when the op's files are
+    ``wait(op, open_of, release)`` returns True when the op's files are
     free, or when ``max_delay`` seconds passed since the wait began (then
     the op is applied anyway, and the log says so); False when ``stop`` was
-    set meanwhile (the op is not to be applied now). ``release()`` closes
+    set meanwhile (the op is not to be applied now). ``open_of(rel, flags)``
+    opens a path of the op beneath the map base (the applier's
+    ``open_path``: no path is followed out of it). ``release()`` closes
     the applier's own descriptors first (they would count as "in use", e.g.
     through a hard link). ``waiting`` describes the current wait for status.
     Each file is checked once per ``begin_frame()``."""
@@ -120,7 +139,7 @@ class InUseGate:
     def begin_frame(self) -> None:
         self._checked.clear()
 
-    def wait(self, op, path_of, release=None, on_hold=None) -> bool:
+    def wait(self, op, open_of, release=None, on_hold=None) -> bool:
         if self.max_delay <= 0 or op.kind not in _CHECKED:
             return True
         rels = (bytes(op.path), bytes(op.path2)) if op.kind == OpKind.RENAME else (bytes(op.path),)
@@ -128,22 +147,20 @@ class InUseGate:
             if rel in self._checked:
                 continue
             self._checked.add(rel)
-            try:
-                path = path_of(rel)
-            except (ValueError, OSError):
-                continue           # confinement refuses it when it is applied
+            def opener(rel=rel):
+                return open_of(rel, _LEASE_FLAGS)
             if release is not None:
                 release()
-            if in_use(path):
+            if in_use(opener):      # a path confinement refuses counts as free: refused when applied
                 if on_hold is not None:
                     on_hold()           # before a wait that may last max_delay
-                if not self._hold(op, rel, path):
+                if not self._hold(op, rel, opener):
                     return False
         return True
 
-    def _hold(self, op, rel: bytes, path) -> bool:
+    def _hold(self, op, rel: bytes, opener) -> bool:
         t0 = time.monotonic()
-        who = holders(path)
+        who = holders(opener)
         self.waiting = {"path": os.fsdecode(rel), "seq": op.seq, "op": OpKind(op.kind).name,
                         "since": time.time(), "held_by": who,
                         "why": f"open by {', '.join(who) if who else 'another process'}"}
@@ -151,7 +168,7 @@ class InUseGate:
         log.warning("op seq %d %s %r waits: the file is in use on the target (%s); later ops wait too",
                     op.seq, OpKind(op.kind).name, rel, self.waiting["why"])
         try:
-            while in_use(path):
+            while in_use(opener):
                 if time.monotonic() - t0 >= self.max_delay:
                     self.stats["gave_up"] += 1
                     log.error("op seq %d %s %r: file still in use after %.0fs (the maximum delay): "

@@ -316,6 +316,7 @@ class Mirror:
             if not os.path.lexists(dst_root) and not self.opts.dry_run:
                 os.makedirs(dst_root)
             self.target = LocalTarget(dst_root, xattrs=self.opts.xattrs, fsync=self.opts.fsync)
+            self._own_target = True     # its directory handle is closed when run() ends
         self.owner = getattr(self.target, "owner", os.geteuid() == 0)
         self.progress = progress
         self.summary = Summary(self.opts.mode, self.opts.dry_run)
@@ -372,7 +373,16 @@ class Mirror:
 
     # ------------------------------------------------------------ run
 
+    _own_target = False
+
     def run(self) -> Summary:
+        try:
+            return self._run()
+        finally:
+            if self._own_target:
+                self.target.close()
+
+    def _run(self) -> Summary:
         t0 = time.monotonic()
         opts = self.opts
         summary = self.summary
@@ -553,7 +563,7 @@ class Mirror:
             if opts.orphans == "delete" and not dry:
                 for rel in sorted(self.orphan_dirs, key=len, reverse=True):
                     try:
-                        os.rmdir(target.path(rel))
+                        target.rmdir(rel)
                         touched.add(parent_of(rel))
                     except OSError:
                         pass

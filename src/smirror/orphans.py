@@ -6,8 +6,9 @@ target's orphans directory, optionally only those older than some days.
 The actions are ops queued right behind the mirror in the same stream, so
 they apply in order with everything else: DELETE / RMDIR for ``delete``
 (deepest first), a MARK ``orphan-move`` naming the path for ``move``
-(the target moves it into its own ``orphans_dir``; the source never names a
-place outside the map base).
+(a target moves it into its own ``orphans_dir`` when its own configuration
+says so, ``[target] orphans = "move"``, the default; the source never names
+a place outside the map base, and a symlink is never moved).
 
 Without an age limit an orphan directory goes as a whole; with one, only
 files (and symlinks) older than the limit go, and an orphan directory is

@@ -89,7 +89,11 @@ class Replication:
                                        tasks=TargetTasks(policy, log_=self.task_log),
                                        in_use_max_delay=in_use_max_delay,
                                        keep_dirs=KeepDirs(self.state_dir / "orphans",
-                                                          self.state_dir / "deleted"))
+                                                          self.state_dir / "deleted"),
+                                       # its own administrator: the options given here
+                                       deleted_mode="move" if self.ignore_deletes == "move" else "keep",
+                                       deleted_keep_days=self.deleted_keep_days,
+                                       orphan_moves=True, allow_setid=True)
         # the source queue is not durable: after a restart the initial mirror
         # (or the watcher's resync) brings the target in line again
         qdir = self.state_dir / "source-1"

@@ -52,14 +52,23 @@ class TargetConnection:
                  disk_limit: int = 1 << 30, min_free_bytes: int = 0, fsync: str = "segment",
                  on_task=None, on_mark=None, apply: bool = True, paused: bool = False,
                  tasks=None, stop_on_task_failure: bool = False, in_use_max_delay: float = 0.0,
-                 keep_dirs=None, alert_threshold: float = 50.0, queue_dir=None):
+                 keep_dirs=None, alert_threshold: float = 50.0, queue_dir=None,
+                 deleted_mode: str = "keep", deleted_keep_days: float = 0.0,
+                 orphan_moves: bool = True, allow_setid: bool = False):
         """``tasks``: the daemon's :class:`~smirror.tasks.TargetTasks` (None:
         every task is refused); ``in_use_max_delay``: seconds the ops of a
         file open elsewhere may wait (0: no check); ``keep_dirs``: a
         :class:`~smirror.keep.KeepDirs` for orphans and deleted files moved
         aside (None: such marks are only counted); ``queue_dir``: the
         durable queue's directory (default: ``queue`` beside the applied
-        state)."""
+        state). What happens to ignored deletes and orphans is this
+        target's choice, never the stream's: ``deleted_mode`` "keep" (the
+        file stays) or "move" (to ``keep_dirs``, purged after
+        ``deleted_keep_days``; 0 = kept), ``orphan_moves`` (False: a mark
+        asking to move an orphan leaves it where it is);
+        ``allow_setid``: keep setuid/setgid bits of the stream's modes."""
+        if deleted_mode not in ("keep", "move"):
+            raise ValueError(f"deleted_mode must be 'keep' or 'move', got {deleted_mode!r}")
         self.conid = conid
         self.map_base = os.fsdecode(os.path.abspath(os.fsencode(map_base)))
         self.dir = Path(state_dir) / f"target-{conid}"
@@ -75,9 +84,13 @@ class TargetConnection:
         self.disk_limit = disk_limit
         self.min_free_bytes = min_free_bytes
         self.source = ""
+        self.deleted_mode = deleted_mode
+        self.deleted_keep_days = float(deleted_keep_days)
+        self.orphan_moves = orphan_moves
         self._user_on_task, self._user_on_mark = on_task, on_mark
         self.applier = Applier(self.map_base, state_path=self.dir / "applied",
-                               on_task=self._on_task, on_mark=self._on_mark)
+                               on_task=self._on_task, on_mark=self._on_mark,
+                               allow_setid=allow_setid, name=f"connection {conid}")
         self.marks = {"ignored_deletes": 0, "deleted_moved": 0, "orphans_moved": 0}
         self._link: Link | None = None
         self._send_lock = threading.Lock()
@@ -327,7 +340,7 @@ class TargetConnection:
         gate, applier = self.gate, self.applier
         gate.begin_frame()
         for op in ops:
-            if op.seq > applier.applied_seq and not gate.wait(op, applier._path, applier.flush,
+            if op.seq > applier.applied_seq and not gate.wait(op, applier.open_path, applier.flush,
                                                               on_hold=self._secure_handoff):
                 return False
             applier.apply(op)
@@ -368,14 +381,20 @@ class TargetConnection:
             return
         try:
             info = json.loads(bytes(op.data))
+            if not isinstance(info, dict) or not isinstance(info.get("path"), str):
+                raise ValueError("expected an object with a string 'path'")
             rel = os.fsencode(info["path"])
+            # the payload names the path only: keep or move, and for how
+            # long, is this target's configuration (a source's "mode" or
+            # "keep_days" is ignored)
             if label == MARK_IGNORED_DELETE:
                 self.marks["ignored_deletes"] += 1
-                if info.get("mode") == "move" and self.keep_dirs is not None and \
-                        self.keep_dirs.move_deleted(self, rel, bool(info.get("dir")),
-                                                    float(info.get("keep_days") or 0)):
+                if self.deleted_mode == "move" and self.keep_dirs is not None and \
+                        self.keep_dirs.move_deleted(self, rel, info.get("dir") is True,
+                                                    self.deleted_keep_days):
                     self.marks["deleted_moved"] += 1
-            elif self.keep_dirs is not None and self.keep_dirs.move_orphan(self, rel):
+            elif self.orphan_moves and self.keep_dirs is not None and \
+                    self.keep_dirs.move_orphan(self, rel):
                 self.marks["orphans_moved"] += 1
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # a bad mark changes nothing on the target: said, and skipped
@@ -466,7 +485,8 @@ class TargetConnection:
         self.queue.close()
         if self._applier_thread is not None:
             self._applier_thread.join(5)
-        self.applier.close()
+        if self._applier_thread is None or not self._applier_thread.is_alive():
+            self.applier.close()     # (a stuck applier keeps its handle until it returns)
 
     # -- receiver ------------------------------------------------------------
     def serve(self, link: Link) -> None:
@@ -613,4 +633,5 @@ class TargetConnection:
                 "frames_received": self.frames_received,
                 "bytes_received": self.bytes_received, "paused": self._paused.is_set(),
                 "apply_state": self.apply_state,
-                "repairs": self.applier.stats["repairs"]}
+                "repairs": self.applier.stats["repairs"],
+                "setid_stripped": self.applier.stats["setid_stripped"]}

@@ -7,10 +7,11 @@ write. A remote target daemon implements the same methods behind the wire
 protocol; :class:`LocalTarget` does it on a directory of this machine.
 
 Confinement: every relative path that reaches a LocalTarget is checked before
-use - no absolute path, no ``.``/``..`` or empty component, no NUL - and every
-directory on the way to it is checked (once, then cached) to be a real
-directory, not a symlink, so no operation can leave the root. Final
-components are never followed (O_NOFOLLOW, rename, lchown, lutimes).
+use - no absolute path, no ``.``/``..`` or empty component, no NUL - and its
+parent directory is resolved beneath a handle of the root opened once
+(:mod:`smirror.beneath`: openat2 refusing symlinks, or a no-follow walk),
+afresh for every operation, so no operation can leave the root. Final
+components are acted on by directory descriptor and never followed.
 
 Whole-file writes go to a hidden temporary file (``.smirror-tmp-*``) in the
 destination directory and are renamed over the final name only once complete
@@ -22,11 +23,11 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import shutil
 import stat
 import threading
 import time
 
+from .beneath import Beneath, check_rel, chmod_at, lstat_at, proc_path, rmtree_at
 from .errors import ConfinementError, MirrorError
 from .tree import (DIR, FILE, SPECIAL, SYMLINK, TEMP_PREFIX, Entry, entry_from_stat,
                    scan)
@@ -392,7 +393,7 @@ class TargetSide:
     Reading: ``scan``, ``lstat``, ``signature``, ``digest``, ``xattrs``.
     Writing: ``create_temp`` (whole file, renamed into place on commit),
     ``open_inplace`` (aligned block writes into an existing file),
-    ``mkdir``, ``symlink``, ``link``, ``mknod``, ``set_meta``, ``remove``,
+    ``mkdir``, ``symlink``, ``link``, ``mknod``, ``set_meta``, ``remove``, ``rmdir``,
     ``move_orphan``, ``remove_temps``.
     """
 
@@ -435,6 +436,9 @@ class TargetSide:
     def remove(self, rel: bytes):
         raise NotImplementedError
 
+    def rmdir(self, rel: bytes):
+        raise NotImplementedError
+
     def move_orphan(self, rel: bytes, dest_dir):
         raise NotImplementedError
 
@@ -448,67 +452,39 @@ class LocalTarget(TargetSide):
     replicate extended attributes; ``fsync``: flush each file before its
     rename (durable against power loss; a killed process needs no fsync,
     the page cache keeps what was written).
+
+    The root is opened once as a directory handle; every method resolves
+    its path beneath it (:mod:`smirror.beneath`) and acts on the final name
+    by descriptor, so no path it hands to the kernel can be led out of the
+    root by a symlink, whenever it appeared.
     """
 
     def __init__(self, root, *, owner: bool | None = None, xattrs: bool = True,
                  fsync: bool = False):
         self.root = os.fsencode(os.path.abspath(os.fsencode(root)))
+        self._base = None              # opened at first use (a dry run may have no root yet)
         self.owner = (os.geteuid() == 0) if owner is None else owner
         self.use_xattrs = xattrs
         self.fsync = fsync
         self.wanted_xattr = xattr_filter()
-        self._dirs_ok = {b""}          # directories verified to be real, inside root
         self._lock = threading.Lock()
         self.bytes_written = 0         # file data written (pwrite + kernel copies)
         self._now_ns = time.time_ns()
+        self._orphan_slots: dict = {}
 
-    # ---------------------------------------------------------- confinement
+    @property
+    def base(self) -> Beneath:
+        """The root's directory handle, opened once."""
+        if self._base is None:
+            self._base = Beneath(self.root)
+        return self._base
 
-    def path(self, rel: bytes) -> bytes:
-        """Absolute path of ``rel`` after the confinement checks."""
-        if rel == b"":
-            return self.root
-        if not isinstance(rel, bytes):
-            raise ConfinementError(f"target path must be bytes, got {rel!r}", rel)
-        if rel.startswith(b"/"):
-            raise ConfinementError(f"absolute path {rel!r} refused: target paths are "
-                                   f"relative to {self.root!r}", rel)
-        if b"\0" in rel:
-            raise ConfinementError(f"path {rel!r} contains a NUL byte", rel)
-        parent, _, name = rel.rpartition(b"/")
-        if name in (b"", b".", b".."):
-            raise ConfinementError(f"path {rel!r} has an empty, '.' or '..' component", rel)
-        if parent not in self._dirs_ok:
-            self._verify_dir(parent, rel)
-        return self.root + b"/" + rel
-
-    def _verify_dir(self, parent: bytes, rel: bytes):
-        parts = parent.split(b"/")
-        for part in parts:
-            if part in (b"", b".", b".."):
-                raise ConfinementError(f"path {rel!r} has an empty, '.' or '..' component", rel)
-        prefix = b""
-        for part in parts:
-            prefix = prefix + b"/" + part if prefix else part
-            if prefix in self._dirs_ok:
-                continue
-            try:
-                st = os.lstat(self.root + b"/" + prefix)
-            except FileNotFoundError:
-                return                      # the operation itself will fail
-            if stat.S_ISLNK(st.st_mode):
-                raise ConfinementError(
-                    f"path {rel!r} passes through symlink {prefix!r} in the target: "
-                    f"refused (it could lead outside {self.root!r})", rel)
-            if not stat.S_ISDIR(st.st_mode):
-                raise ConfinementError(f"path {rel!r}: {prefix!r} is not a directory", rel)
-            self._dirs_ok.add(prefix)
-
-    def _forget(self, rel: bytes):
-        """``rel`` was removed or replaced: directories under it are unverified."""
-        start = rel + b"/"
-        self._dirs_ok = {d for d in self._dirs_ok if d != rel and not d.startswith(start)}
-        self._dirs_ok.add(b"")
+    def close(self) -> None:
+        if self._base is not None:
+            self._base.close()
+        for slot in self._orphan_slots.values():
+            slot.close()
+        self._orphan_slots.clear()
 
     def _count(self, n: int):
         with self._lock:
@@ -517,18 +493,25 @@ class LocalTarget(TargetSide):
     # ---------------------------------------------------------- reading
 
     def scan(self, rules=None, skip=()):
-        return scan(self.root, rules, skip=skip, collect_temps=True)
+        # through the root's handle (/proc's link to it): the directory opened
+        # at the start, whatever the path names now
+        listing = scan(proc_path(self.base.fd), rules, skip=skip, collect_temps=True)
+        listing.root = self.root
+        return listing
 
     def lstat(self, rel: bytes):
-        try:
-            st = os.lstat(self.path(rel))
-        except FileNotFoundError:
-            return None
-        link = os.readlink(self.path(rel)) if stat.S_ISLNK(st.st_mode) else None
+        with self.base.at(rel) as (d, name):
+            st = lstat_at(d, name or b".")
+            if st is None:
+                return None
+            link = os.readlink(name, dir_fd=d) if stat.S_ISLNK(st.st_mode) else None
         return entry_from_stat(st, link)
 
+    def _open_read(self, rel: bytes) -> int:
+        return self.base.open(rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+
     def signature(self, rel: bytes, block_size: int, weak: bool):
-        fd = os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = self._open_read(rel)
         try:
             return fd_signature(fd, os.fstat(fd).st_size, block_size, weak)
         finally:
@@ -537,7 +520,7 @@ class LocalTarget(TargetSide):
     def digest(self, rel: bytes, length: int):
         """XXH3-128 of the file's content, or None if its length is not
         ``length`` (then it differs anyway)."""
-        fd = os.open(self.path(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = self._open_read(rel)
         try:
             if os.fstat(fd).st_size != length:
                 return None
@@ -550,25 +533,20 @@ class LocalTarget(TargetSide):
     def xattrs(self, rel: bytes) -> dict:
         if not self.use_xattrs:
             return {}
-        return read_xattrs(self.path(rel), self.wanted_xattr)
+        with self.base.at(rel) as (d, name):
+            return read_xattrs(proc_path(d, name), self.wanted_xattr)
 
     # ---------------------------------------------------------- writing
 
-    def _temp_name(self, rel: bytes) -> tuple[bytes, bytes]:
-        parent = rel.rpartition(b"/")[0]
-        name = TEMP_PREFIX + _temp_suffix()
-        trel = parent + b"/" + name if parent else name
-        return trel, self.path(trel)
-
     def create_temp(self, rel: bytes) -> "TempWriter":
-        final = self.path(rel)
-        trel, tpath = self._temp_name(rel)
-        fd = os.open(tpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
-        return TempWriter(self, rel, final, tpath, fd)
+        with self.base.at(rel) as (d, name):
+            tname = TEMP_PREFIX + _temp_suffix()
+            fd = os.open(tname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=d)
+            return TempWriter(self, rel, os.dup(d), name, tname, fd)
 
     def open_inplace(self, rel: bytes) -> "InplaceWriter":
-        fd = os.open(self.path(rel), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = self.base.open(rel, os.O_RDWR)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise MirrorError(f"{rel!r} on the target is not a regular file")
@@ -576,50 +554,56 @@ class LocalTarget(TargetSide):
 
     def mkdir(self, rel: bytes, entry: Entry):
         # owner-only until set_meta gives the final mode (after its contents)
-        os.mkdir(self.path(rel), 0o700)
+        with self.base.at(rel) as (d, name):
+            os.mkdir(name, 0o700, dir_fd=d)
+
+    def rmdir(self, rel: bytes):
+        """Remove the empty directory ``rel``."""
+        with self.base.at(rel) as (d, name):
+            os.rmdir(name, dir_fd=d)
 
     def _replace_with(self, rel: bytes, make):
-        """Create something at a temp name with ``make(temp_path)``, then
-        rename it over ``rel`` (atomic replacement of a file or symlink)."""
-        final = self.path(rel)
-        trel, tpath = self._temp_name(rel)
-        make(tpath)
-        try:
-            os.rename(tpath, final)
-        except BaseException:
-            _unlink_quiet(tpath)
-            raise
-        if os.path.lexists(tpath):
+        """Create something at a temp name with ``make(dir_fd, temp_name)``,
+        then rename it over ``rel`` (atomic replacement of a file or
+        symlink)."""
+        with self.base.at(rel) as (d, name):
+            tname = TEMP_PREFIX + _temp_suffix()
+            make(d, tname)
+            try:
+                os.rename(tname, name, src_dir_fd=d, dst_dir_fd=d)
+            except BaseException:
+                rmtree_at(d, tname)
+                raise
             # rename(2) does nothing when both names are links to one inode
             # (a hard link made again): the temporary name is left over
-            os.unlink(tpath)
+            rmtree_at(d, tname)
 
     def symlink(self, rel: bytes, link: bytes):
-        self._replace_with(rel, lambda tpath: os.symlink(link, tpath))
+        self._replace_with(rel, lambda d, tname: os.symlink(link, tname, dir_fd=d))
 
     def link(self, rel: bytes, existing: bytes):
-        src = self.path(existing)
-        self._replace_with(rel, lambda tpath: os.link(src, tpath, follow_symlinks=False))
+        with self.base.at(existing) as (ed, ename):
+            self._replace_with(rel, lambda d, tname: os.link(
+                ename, tname, src_dir_fd=ed, dst_dir_fd=d, follow_symlinks=False))
 
     def mknod(self, rel: bytes, entry: Entry):
-        self._replace_with(rel, lambda tpath: os.mknod(tpath, entry.mode, entry.rdev))
+        self._replace_with(rel, lambda d, tname: os.mknod(tname, entry.mode, entry.rdev, dir_fd=d))
 
     def set_meta(self, rel: bytes, entry: Entry, xattrs=None):
-        path = self.path(rel)
-        if entry.kind == SYMLINK:
-            if self.owner:
-                os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
-            os.utime(path, ns=(self._now_ns, entry.mtime_ns), follow_symlinks=False)
-            return
-        if entry.kind == SPECIAL:
-            # a fifo or device is never opened (a fifo would block); the path
-            # is confinement-checked and not a symlink (it was just listed)
-            if self.owner:
-                os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
-            os.chmod(path, entry.perm)
-            os.utime(path, ns=(self._now_ns, entry.mtime_ns), follow_symlinks=False)
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        with self.base.at(rel) as (d, name):
+            if entry.kind in (SYMLINK, SPECIAL):
+                # a fifo or device is never opened (a fifo would block), a
+                # symlink never followed: acted on by name in its directory
+                if self.owner:
+                    os.chown(name, entry.uid, entry.gid, dir_fd=d, follow_symlinks=False)
+                if entry.kind == SPECIAL:
+                    chmod_at(d, name, entry.perm)
+                if xattrs is not None and self.use_xattrs and entry.kind == SPECIAL:
+                    self._sync_xattrs(proc_path(d, name), xattrs)
+                os.utime(name, ns=(self._now_ns, entry.mtime_ns), dir_fd=d, follow_symlinks=False)
+                return
+            fd = os.open(name or b".", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=d)
         try:
             self.apply_meta_fd(fd, entry, xattrs)
         finally:
@@ -634,14 +618,18 @@ class LocalTarget(TargetSide):
             self._sync_xattrs(fd, xattrs)
         os.utime(fd, ns=(self._now_ns, entry.mtime_ns))
 
-    def _sync_xattrs(self, fd: int, wanted: dict):
-        have = read_xattrs(fd, self.wanted_xattr)
+    def _sync_xattrs(self, target, wanted: dict):
+        """``target``: an fd, or a /proc path through a directory handle
+        (never followed at its end)."""
+        have = read_xattrs(target, self.wanted_xattr)
+        follow = isinstance(target, int)
+        kw = {} if follow else {"follow_symlinks": False}
         for name in have.keys() - wanted.keys():
-            os.removexattr(fd, name)
+            os.removexattr(target, name, **kw)
         for name, value in wanted.items():
             if have.get(name) != value:
                 try:
-                    os.setxattr(fd, name, value)
+                    os.setxattr(target, name, value, **kw)
                 except OSError as exc:
                     if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
                         self.use_xattrs = False   # filesystem has none: stop trying
@@ -649,40 +637,39 @@ class LocalTarget(TargetSide):
                     raise
 
     def remove(self, rel: bytes):
-        path = self.path(rel)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)         # fd-based on Linux: never follows symlinks
-        else:
-            os.unlink(path)
-        self._forget(rel)
+        """Remove ``rel``, a directory with all it holds (never following a
+        symlink)."""
+        with self.base.at(rel) as (d, name):
+            if not name:
+                raise ConfinementError("the target root itself is never removed", rel)
+            rmtree_at(d, name)
 
     def move_orphan(self, rel: bytes, dest_dir):
-        """Move ``rel`` to ``dest_dir``/``rel`` (parents created, an older
-        orphan of the same name replaced)."""
-        src = self.path(rel)
-        dest = os.fsencode(dest_dir) + b"/" + rel
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        if os.path.lexists(dest):
-            if os.path.isdir(dest) and not os.path.islink(dest):
-                shutil.rmtree(dest)
-            else:
-                os.unlink(dest)
-        try:
-            os.rename(src, dest)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            shutil.move(src, dest)
-        self._forget(rel)
+        """Move ``rel`` to ``dest_dir``/``rel`` (parents created 0700, an
+        older orphan of the same name replaced). Symlinks move too: this is
+        the mirror user's own directory, and nothing there is followed."""
+        from .keep import move_aside, open_slot
+        key = os.fsencode(os.path.abspath(os.fsencode(dest_dir)))
+        slot = self._orphan_slots.get(key)
+        if slot is None:
+            slot = self._orphan_slots[key] = open_slot(key)
+        move_aside(self.base, check_rel(rel), slot, "orphan", replace=True, symlinks=True)
 
     def remove_temps(self, rels):
         for rel in rels:
             if rel.rpartition(b"/")[2].startswith(TEMP_PREFIX):
-                _unlink_quiet(self.path(rel))
+                with self.base.at(rel) as (d, name):
+                    rmtree_at(d, name)
+
+
+def open_beneath(root, rel: bytes, flags: int) -> int:
+    """One confined open of ``rel`` under the directory ``root`` (its final
+    name not followed); for one-off reads such as a daemon's signature."""
+    base = Beneath(root)
+    try:
+        return base.open(rel, flags)
+    finally:
+        base.close()
 
 
 _temp_tag = None
@@ -707,25 +694,18 @@ def _new_temp_tag():
 os.register_at_fork(after_in_child=_new_temp_tag)
 
 
-def _unlink_quiet(path: bytes):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 class TempWriter:
-    """A new file being written under a hidden temporary name; ``commit``
-    gives it its metadata and renames it over the final name, ``abort``
-    removes it."""
+    """A new file being written under a hidden temporary name in its
+    directory (held by descriptor); ``commit`` gives it its metadata and
+    renames it over the final name, ``abort`` removes it."""
 
-    def __init__(self, target: LocalTarget, rel: bytes, final: bytes, tpath: bytes, fd: int):
+    def __init__(self, target: LocalTarget, rel: bytes, dfd: int, name: bytes, tname: bytes,
+                 fd: int):
         self.target = target
         self.rel = rel
-        self.final = final
-        self.tpath = tpath
+        self.dfd = dfd            # the parent directory, owned by this writer
+        self.name = name
+        self.tname = tname
         self.fd = fd
         self._old_fd = None
 
@@ -749,8 +729,8 @@ class TempWriter:
         """Copy bytes of the file currently under the final name (a rolling
         delta's COPY op) into the new file."""
         if self._old_fd is None:
-            self._old_fd = os.open(self.final, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-                                   | os.O_NONBLOCK)
+            self._old_fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                                   | os.O_NONBLOCK, dir_fd=self.dfd)
         n = copy_range(self._old_fd, self.fd, offset, length, out_offset)
         if n != length:
             raise MirrorError(f"{self.rel!r} on the target shrank during the update")
@@ -766,25 +746,29 @@ class TempWriter:
             if self.target.fsync:
                 os.fsync(self.fd)
             try:
-                os.rename(self.tpath, self.final)
+                os.rename(self.tname, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
             except IsADirectoryError:
                 # the final name became a directory since planning
-                shutil.rmtree(self.final)
-                os.rename(self.tpath, self.final)
+                rmtree_at(self.dfd, self.name)
+                os.rename(self.tname, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
         except BaseException:
             self.abort()
             raise
         self._close()
 
     def abort(self):
+        if self.dfd >= 0:
+            try:
+                rmtree_at(self.dfd, self.tname)
+            except OSError:
+                pass
         self._close()
-        _unlink_quiet(self.tpath)
 
     def _close(self):
-        for fd in (self.fd, self._old_fd):
+        for fd in (self.fd, self._old_fd, self.dfd):
             if fd is not None and fd >= 0:
                 os.close(fd)
-        self.fd = -1
+        self.fd = self.dfd = -1
         self._old_fd = None
 
 
@@ -827,7 +811,7 @@ class InplaceWriter:
         self.fd = -1
 
 
-__all__ = ["TargetSide", "LocalTarget", "TempWriter", "InplaceWriter", "fd_signature",
+__all__ = ["TargetSide", "LocalTarget", "open_beneath", "TempWriter", "InplaceWriter", "fd_signature",
            "copy_data_extents", "copy_range", "read_xattrs", "xattr_filter", "aligned_buffer",
            "fd_digest",
            "FILE", "DIR", "SYMLINK", "SPECIAL"]
