@@ -134,18 +134,43 @@ def test_login_success_gives_role(server_factory, store):
 
 
 def test_wrong_password_is_refused_with_growing_delay(server_factory, store):
+    """The delay after a failure is served before the next CHALLENGE."""
     throttle = auth.LoginThrottle(first_delay=0.05, max_delay=1.0)
     srv = server_factory(lambda link: wire.accept_login(link, store, throttle))
-    for expected_delay in (0.05, 0.1, 0.2):
+    for expected_delay in (0, 0.05, 0.1, 0.2):
         t0 = time.monotonic()
         with wire.connect("127.0.0.1", srv.port) as link:
             with pytest.raises(AuthError, match="login failed for user 'admin'"):
                 wire.login(link, "admin", "not-the-password")
         assert time.monotonic() - t0 >= expected_delay
-    assert throttle.delay("admin@127.0.0.1") == 0.2
+    assert throttle.delay("user:admin") == 0.4 and throttle.delay("peer:127.0.0.1") == 0.4
+    t0 = time.monotonic()
     with wire.connect("127.0.0.1", srv.port) as link:
         assert wire.login(link, "admin", "admin-password").role == "admin"
-    assert throttle.delay("admin@127.0.0.1") == 0
+    assert time.monotonic() - t0 >= 0.4          # a right guess waits its turn too
+    assert throttle.delay("user:admin") == 0
+    assert throttle.delay("peer:127.0.0.1") == 0.4   # only that attempt is taken back
+
+
+def test_challenge_waits_for_the_delay_even_if_the_client_left(server_factory, store):
+    """A client that sends its PROOF and leaves at once never sees the
+    delay of that failure, but its next HELLO waits for it."""
+    throttle = auth.LoginThrottle(first_delay=0.3, max_delay=1.0)
+    srv = server_factory(lambda link: wire.accept_login(link, store, throttle))
+    for _ in range(2):
+        with wire.connect("127.0.0.1", srv.port) as link:
+            link.send_json(MsgType.HELLO, {"proto": 1, "user": "admin", "nonce": "a" * 32,
+                                           "purpose": "control"})
+            ch = link.recv_json(MsgType.CHALLENGE)[1]
+            assert ch["nonce"]
+            link.send_json(MsgType.PROOF, {"proof": "00" * 32})
+    srv.wait(2)
+    t0 = time.monotonic()
+    with wire.connect("127.0.0.1", srv.port) as link:
+        link.send_json(MsgType.HELLO, {"proto": 1, "user": "admin", "nonce": "a" * 32,
+                                       "purpose": "control"})
+        link.recv_json(MsgType.CHALLENGE)
+    assert time.monotonic() - t0 >= 0.6          # two failures: 0.3 * 2
 
 
 def test_impostor_server_is_detected(server_factory, store, tmp_path):
@@ -156,7 +181,7 @@ def test_impostor_server_is_detected(server_factory, store, tmp_path):
     def impostor(link):
         _, hello = link.recv_json(MsgType.HELLO)
         salt, params = store.challenge("admin")     # it may even know the salt
-        link.send_json(MsgType.CHALLENGE, {"salt": salt.hex(), "params": params, "nonce": "n"})
+        link.send_json(MsgType.CHALLENGE, {"salt": salt.hex(), "params": params, "nonce": "n" * 32})
         link.recv_json(MsgType.PROOF)
         link.send_json(MsgType.WELCOME, {"role": "admin", "server_signature": "00" * 32})
     srv = server_factory(impostor)
