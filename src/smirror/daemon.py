@@ -232,10 +232,12 @@ def _refuse_quickly(conn: socket.socket, message: str, tls: bool) -> None:
     link gets a short ERROR first (a TLS one could not read it before a
     handshake, which would cost the time this avoids)."""
     try:
+        conn.setblocking(False)
         if not tls:
-            conn.setblocking(False)
             payload = json.dumps({"error": message}).encode()
             conn.send(wire.HEADER.pack(wire.MAGIC, MsgType.ERROR, 0, len(payload)) + payload)
+            conn.shutdown(socket.SHUT_WR)
+        conn.recv(wire.PRELOGIN_MAX_MESSAGE)    # what already came: unread, close would reset
     except OSError:
         pass
     finally:
