@@ -387,3 +387,14 @@ def test_tls_is_remembered_per_host_and_certificates_name_users(tmp_path, start_
              "SMIRROR_TLS_KEY": str(certs / "daemon.key")}
     r = login(node, check=False, extra_env=other)
     assert r.returncode == 3 and "names 'localhost', not user 'admin'" in r.stderr
+
+
+def test_login_and_user_add_without_a_terminal(tmp_path, start_node):
+    """No terminal and no password option: a clear error, not EOFError."""
+    node = start_node()
+    for args in (("login", node.address, "--user", "admin"),
+                 ("user", "add", "x", "--config", node.config)):
+        r = subprocess.run([sys.executable, "-m", "smirror", *map(str, args)], env=node.env,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "no terminal to ask for the password: use --password-stdin" in r.stderr

@@ -169,3 +169,24 @@ def test_random_bytes_on_the_port(idle):
     assert node.ps.memory_info().rss < node.idle_rss + (32 << 20)
     assert node.proc.poll() is None and serves_a_login(node)
     assert "Traceback" not in node.log()
+
+
+def test_tls_peers_that_never_finish_the_handshake_are_dropped(tmp_path):
+    from daemons import make_certs
+    (tmp_path / "certs").mkdir()
+    certs = make_certs(tmp_path / "certs")
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    node = Node(tmp_path, "tls", env, tls_dir=certs, extra=f'[login]\ntimeout = "{LOGIN_TIMEOUT}s"\n')
+    node.add_user("admin", "admin")
+    node.start()
+    try:
+        t0 = time.monotonic()
+        silent = raw(node)
+        half = raw(node, b"\x16\x03\x01\x00\xff\x01")       # the start of a ClientHello
+        for s in (silent, half):
+            read_all(s)                                   # ends when the daemon drops it
+            s.close()
+        assert time.monotonic() - t0 < LOGIN_TIMEOUT + 10
+        wait_for(lambda: node.log().count("TLS handshake failed") >= 2, what="the drops logged")
+    finally:
+        node.kill(signal.SIGTERM)

@@ -368,9 +368,15 @@ def password_from(*, env: str | None = None, stdin=None, prompt: bool = False,
         return value
     if prompt:
         import getpass
-        value = getpass.getpass("Password: ")
-        if confirm and getpass.getpass("Again: ") != value:
-            raise ConfigError("the two passwords differ")
+        if not os.isatty(0):
+            raise ConfigError("no terminal to ask for the password: use --password-stdin "
+                              "or --password-env VAR")
+        try:
+            value = getpass.getpass("Password: ")
+            if confirm and getpass.getpass("Again: ") != value:
+                raise ConfigError("the two passwords differ")
+        except EOFError:
+            raise ConfigError("no password given (input ended)") from None
         return value
     raise ConfigError("no password source: use a prompt, --password-stdin or --password-env VAR")
 

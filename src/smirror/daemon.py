@@ -17,6 +17,7 @@ State under the state directory: ``users.json``, ``registry.json``,
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -517,8 +518,14 @@ class Daemon:
         while not self._stop.is_set():
             try:
                 conn, addr = self._sock.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self._stop.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return                      # the listening socket is closed
+                # out of file descriptors, a peer that reset first, ...: the
+                # daemon keeps accepting once it has room again
+                log.warning("accepting a link failed: %s", exc)
+                self._stop.wait(0.1)
+                continue
             # over the cap of logins in progress: no thread, a short ERROR
             refused = self.pending_logins.enter(addr[0])
             if refused:
@@ -531,6 +538,7 @@ class Daemon:
     def _handle(self, conn: socket.socket, addr) -> None:
         """One accepted connection: TLS, login (small messages, a timeout,
         the throttle), then the control or data link it asked for."""
+        accepted = time.monotonic()
         login = self.config.login
         pending = [addr[0]]                 # the login slot, given back once
         def end_pending():
@@ -546,10 +554,11 @@ class Daemon:
                 log.warning("%s:%d: TLS handshake failed: %s", addr[0], addr[1], exc)
                 conn.close()
                 return
+            left = max(0.1, login.timeout - (time.monotonic() - accepted))   # TLS took some
             with Link(conn, f"{addr[0]}:{addr[1]}") as link:
                 try:
                     user, purpose = wire.accept_login(link, self.users, self.throttle,
-                                                      sessions=self.sessions, timeout=login.timeout,
+                                                      sessions=self.sessions, timeout=left,
                                                       cert_users=self.config.tls.cert_users)
                     end_pending()
                     link.sock.settimeout(None)          # logged in: a link may idle

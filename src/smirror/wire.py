@@ -373,18 +373,29 @@ def accept_login(link: Link, store: UserStore, throttle: LoginThrottle | None = 
     except _Refused:
         raise
     except AuthError as exc:
-        link.send_error(str(exc))
+        _answer(link, str(exc))
         raise
     except ProtocolError as exc:
         if not isinstance(exc, LinkClosed):
-            link.send_error(str(exc))       # oversized, not our protocol, too slow: say so
+            _answer(link, str(exc))       # oversized, not our protocol, too slow: say so
         raise
     link.end_login_limits()
     return found, purpose
 
 
-def _refuse(link: Link, message: str, error=None):
+def _answer(link: Link, message: str) -> None:
+    """A refusal's ERROR, sent also past the login deadline (briefly: a
+    peer that does not read gets no more time)."""
+    link.end_login_limits()
+    try:
+        link.sock.settimeout(1.0)
+    except OSError:
+        pass
     link.send_error(message)
+
+
+def _refuse(link: Link, message: str, error=None):
+    _answer(link, message)
     raise (error or _Refused)(message if error is None else f"{link.peer}: {message}")
 
 
