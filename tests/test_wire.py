@@ -281,3 +281,54 @@ def test_tls_refuses_a_client_without_certificate(server_factory, certs):
             link.recv()
     srv.wait(1)
     assert srv.results and isinstance(srv.results[0], (ssl.SSLError, OSError))
+
+
+def _session_server(server_factory, store, sessions):
+    return server_factory(lambda link: (wire.accept_login(link, store, sessions=sessions), link.auth))
+
+
+def test_session_login_is_mutual_and_never_sends_the_token(server_factory, store):
+    sessions = auth.Sessions()
+    token = sessions.new("admin", store.current("admin")[1])
+    srv = _session_server(server_factory, store, sessions)
+    with wire.connect("127.0.0.1", srv.port) as link:
+        assert wire.login_token(link, "admin", token).role == "admin"
+        assert link.auth == "token"
+    assert srv.wait(1)[0] == ((auth.User("admin", "admin"), "control"), "token")
+    # a wrong token is refused by the server
+    with wire.connect("127.0.0.1", srv.port) as link:
+        with pytest.raises(AuthError, match="unknown or expired"):
+            wire.login_token(link, "admin", "not-the-token")
+    # another user's name with this token: refused too
+    with wire.connect("127.0.0.1", srv.port) as link:
+        with pytest.raises(AuthError, match="unknown or expired"):
+            wire.login_token(link, "watcher", token)
+
+
+def test_session_token_opens_control_links_only(server_factory, store):
+    sessions = auth.Sessions()
+    token = sessions.new("admin", store.current("admin")[1])
+    srv = _session_server(server_factory, store, sessions)
+    with wire.connect("127.0.0.1", srv.port) as link:
+        with pytest.raises(AuthError, match="control links only"):
+            wire.login_token(link, "admin", token, purpose="data")
+
+
+def test_login_limits_before_and_after(server_factory, store):
+    """Before login: a small cap, said in an ERROR; after it: the normal
+    maximum, and no timeout."""
+    def handler(link):
+        wire.accept_login(link, store, timeout=0.5)
+        time.sleep(0.7)                        # idle past the login timeout
+        return len(link.recv()[1])
+    srv = server_factory(handler)
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(wire.HEADER.pack(wire.MAGIC, MsgType.HELLO, 0, wire.PRELOGIN_MAX_MESSAGE + 1))
+        with pytest.raises(ProtocolError, match=f"HELLO message of {wire.PRELOGIN_MAX_MESSAGE + 1} "
+                                                 "bytes, over the 65536-byte limit before login"):
+            Link(s).recv_json(MsgType.CHALLENGE)
+    with wire.connect("127.0.0.1", srv.port) as link:
+        wire.login(link, "admin", "admin-password")
+        time.sleep(0.7)
+        link.send(MsgType.FRAME, b"x" * 200_000)
+    assert srv.wait(2)[1] == 200_000

@@ -417,6 +417,8 @@ def _accept(link, store, throttle, purposes, sessions, cert_users):
     tid = hello.get("token_id")
     if tid is not None and (sessions is None or not isinstance(tid, str) or len(tid) > 64):
         _refuse(link, "session tokens are not accepted here")
+    if tid is not None and purpose != "control":
+        _refuse(link, "a session token opens control links only; a data link logs in with its password")
     if cert_users:
         cn = peer_certificate_cn(link)
         if cn != user:
