@@ -332,3 +332,19 @@ def test_login_limits_before_and_after(server_factory, store):
         time.sleep(0.7)
         link.send(MsgType.FRAME, b"x" * 200_000)
     assert srv.wait(2)[1] == 200_000
+
+
+def test_session_logins_are_not_slowed_by_password_guessing(server_factory, store):
+    """Someone guessing admin's password must not slow admin's CLI, whose
+    verbs log in with an unguessable session token."""
+    throttle = auth.LoginThrottle(first_delay=1.0, max_delay=4.0)
+    sessions = auth.Sessions()
+    token = sessions.new("admin", store.current("admin")[1])
+    srv = server_factory(lambda link: wire.accept_login(link, store, throttle, sessions=sessions))
+    for _ in range(2):
+        throttle.attempt("user:admin", "peer:127.0.0.1")       # two failed guesses
+    t0 = time.monotonic()
+    with wire.connect("127.0.0.1", srv.port) as link:
+        assert wire.login_token(link, "admin", token).role == "admin"
+    assert time.monotonic() - t0 < 1.0
+    assert throttle.delay("user:admin") == 2.0                 # the guesses still count

@@ -203,6 +203,7 @@ class PendingLogins:
         self.max_total, self.max_per_peer = max_total, max_per_peer
         self._by_peer: dict[str, int] = {}
         self._total = 0
+        self._logged = float("-inf")
         self._lock = threading.Lock()
 
     def enter(self, peer: str) -> str:
@@ -215,6 +216,15 @@ class PendingLogins:
             self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
             self._total += 1
             return ""
+
+    def should_log(self, every: float = 1.0) -> bool:
+        """At most one log line a second about refusals (a flood must not
+        become a flood of log lines)."""
+        now = time.monotonic()
+        if now - self._logged < every:
+            return False
+        self._logged = now
+        return True
 
     def leave(self, peer: str) -> None:
         with self._lock:
@@ -529,7 +539,8 @@ class Daemon:
             # over the cap of logins in progress: no thread, a short ERROR
             refused = self.pending_logins.enter(addr[0])
             if refused:
-                log.warning("%s:%d: %s", addr[0], addr[1], refused)
+                if self.pending_logins.should_log():
+                    log.warning("%s:%d: %s", addr[0], addr[1], refused)
                 _refuse_quickly(conn, refused, tls=self.tls_server is not None)
                 continue
             threading.Thread(target=self._handle, args=(conn, addr), daemon=True,
