@@ -159,7 +159,7 @@ def test_fake_server_offering_weak_scrypt_is_refused(env):
     def weak(link):
         link.recv_json(MsgType.HELLO)
         link.send_json(MsgType.CHALLENGE, {"salt": "00" * 16, "params": [2, 1, 1],
-                                           "nonce": "n" * 32})
+                                           "nonce": "ab" * 16})
         try:
             return link.recv_json(MsgType.PROOF)
         except ProtocolError as exc:
@@ -248,7 +248,7 @@ def test_fake_server_without_the_token_cannot_pass_the_clients_check(env, monkey
     for signature in ("", "00" * 32):
         def fake(link, signature=signature):
             _, h = link.recv_json(MsgType.HELLO)
-            link.send_json(MsgType.CHALLENGE, {"token": True, "nonce": "s" * 32})
+            link.send_json(MsgType.CHALLENGE, {"token": True, "nonce": "5e" * 16})
             link.recv_json(MsgType.PROOF)
             link.send_json(MsgType.WELCOME, {"role": "admin", "server_signature": signature})
             return h

@@ -181,7 +181,7 @@ def test_impostor_server_is_detected(server_factory, store, tmp_path):
     def impostor(link):
         _, hello = link.recv_json(MsgType.HELLO)
         salt, params = store.challenge("admin")     # it may even know the salt
-        link.send_json(MsgType.CHALLENGE, {"salt": salt.hex(), "params": params, "nonce": "n" * 32})
+        link.send_json(MsgType.CHALLENGE, {"salt": salt.hex(), "params": params, "nonce": "ab" * 16})
         link.recv_json(MsgType.PROOF)
         link.send_json(MsgType.WELCOME, {"role": "admin", "server_signature": "00" * 32})
     srv = server_factory(impostor)
@@ -348,3 +348,16 @@ def test_session_logins_are_not_slowed_by_password_guessing(server_factory, stor
         assert wire.login_token(link, "admin", token).role == "admin"
     assert time.monotonic() - t0 < 1.0
     assert throttle.delay("user:admin") == 2.0                 # the guesses still count
+
+
+def test_hello_fields_are_checked(server_factory, store):
+    srv = server_factory(lambda link: wire.accept_login(link, store))
+    bad = [({"user": "-rf"}, "user name must be"), ({"nonce": "x,y" * 10}, "16 to 128 hex digits"),
+           ({"nonce": "ab"}, "16 to 128 hex digits"), ({"purpose": "root"}, "unknown link purpose"),
+           ({"proto": 2}, "protocol version 2 not supported")]
+    for change, message in bad:
+        with wire.connect("127.0.0.1", srv.port) as link:
+            link.send_json(MsgType.HELLO, {"proto": 1, "user": "admin", "nonce": "ab" * 16,
+                                           "purpose": "control", **change})
+            with pytest.raises(ProtocolError, match=message):
+                link.recv_json(MsgType.CHALLENGE)

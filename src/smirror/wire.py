@@ -23,6 +23,7 @@ import secrets
 import select
 import socket
 import ssl
+import string
 import struct
 import time
 from enum import IntEnum
@@ -281,8 +282,8 @@ class _Refused(AuthError):
 
 def _nonce(obj: dict, where: str) -> str:
     value = _field(obj, "nonce", str, where)
-    if not 16 <= len(value) <= 128:
-        raise ProtocolError(f"{where}: field 'nonce' must have 16 to 128 characters")
+    if not 16 <= len(value) <= 128 or value.strip(string.hexdigits):
+        raise ProtocolError(f"{where}: field 'nonce' must be 16 to 128 hex digits")
     return value
 
 
