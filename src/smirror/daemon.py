@@ -2,7 +2,9 @@
 
 * control links (purpose ``control``): a logged-in user sends REQUESTs
   (``status``, ``repset.*``, ``connect``, ``conid``, ``disconnect``,
-  ``session``) and gets REPLYs; ``monitor`` users may only read;
+  ``session`` after a password login, ``logout``) and gets REPLYs;
+  ``monitor`` users may only read; before login a peer is held to small
+  messages, a timeout and a cap of logins in progress (docs/logins.md);
 * data links (purpose ``data``): a source daemon logged in as an ``admin``
   user streams one connection's frames into this daemon's target side.
 
@@ -232,10 +234,6 @@ class PendingLogins:
             left = self._by_peer.pop(peer) - 1
             if left:
                 self._by_peer[peer] = left
-
-    def count(self, peer: str | None = None) -> int:
-        with self._lock:
-            return self._total if peer is None else self._by_peer.get(peer, 0)
 
 
 def _refuse_quickly(conn: socket.socket, message: str, tls: bool) -> None:
