@@ -8,6 +8,7 @@ import random
 import signal
 import socket
 import struct
+import threading
 import time
 
 import psutil
@@ -190,3 +191,44 @@ def test_tls_peers_that_never_finish_the_handshake_are_dropped(tmp_path):
         wait_for(lambda: node.log().count("TLS handshake failed") >= 2, what="the drops logged")
     finally:
         node.kill(signal.SIGTERM)
+
+
+def test_replication_goes_on_while_the_targets_port_is_abused(tmp_path):
+    """Existing connections keep replicating while unauthenticated peers
+    storm the target's port (connect/close, random bytes, stalled headers)."""
+    from test_daemon import replicate_data, running_pair, wait_same
+    with running_pair(tmp_path, target_extra='[login]\ntimeout = "2s"\n') as (source, target, env):
+        src, dst = replicate_data(source, target, env, tmp_path)
+        stop = False
+
+        def abuse():
+            rng = random.Random(3)
+            stalled = []
+            while not stop:
+                try:
+                    s = socket.create_connection(("127.0.0.1", target.port))
+                    kind = rng.randrange(3)
+                    if kind == 0:
+                        s.sendall(rng.randbytes(rng.randrange(1, 5000)))
+                    elif kind == 1:
+                        s.sendall(wire.HEADER.pack(wire.MAGIC, MsgType.HELLO, 0, 1000))
+                        stalled.append(s)
+                        if len(stalled) > 20:          # a few at a time, like a real slow-loris
+                            stalled.pop(0).close()
+                        continue
+                    s.close()
+                except OSError:
+                    pass
+            for s in stalled:
+                s.close()
+        abuser = threading.Thread(target=abuse, daemon=True)
+        abuser.start()
+        try:
+            for i in range(20):
+                (src / f"during-{i}.txt").write_text(f"written while the port is abused {i}\n" * 100)
+                time.sleep(0.05)
+            assert wait_same(src, dst, 60), source.log()[-3000:] + target.log()[-3000:]
+        finally:
+            stop = True
+            abuser.join(30)
+        assert target.proc.poll() is None and "Traceback" not in target.log()
