@@ -134,18 +134,43 @@ def test_login_success_gives_role(server_factory, store):
 
 
 def test_wrong_password_is_refused_with_growing_delay(server_factory, store):
+    """The delay after a failure is served before the next CHALLENGE."""
     throttle = auth.LoginThrottle(first_delay=0.05, max_delay=1.0)
     srv = server_factory(lambda link: wire.accept_login(link, store, throttle))
-    for expected_delay in (0.05, 0.1, 0.2):
+    for expected_delay in (0, 0.05, 0.1, 0.2):
         t0 = time.monotonic()
         with wire.connect("127.0.0.1", srv.port) as link:
             with pytest.raises(AuthError, match="login failed for user 'admin'"):
                 wire.login(link, "admin", "not-the-password")
         assert time.monotonic() - t0 >= expected_delay
-    assert throttle.delay("admin@127.0.0.1") == 0.2
+    assert throttle.delay("user:admin") == 0.4 and throttle.delay("peer:127.0.0.1") == 0.4
+    t0 = time.monotonic()
     with wire.connect("127.0.0.1", srv.port) as link:
         assert wire.login(link, "admin", "admin-password").role == "admin"
-    assert throttle.delay("admin@127.0.0.1") == 0
+    assert time.monotonic() - t0 >= 0.4          # a right guess waits its turn too
+    assert throttle.delay("user:admin") == 0
+    assert throttle.delay("peer:127.0.0.1") == 0.4   # only that attempt is taken back
+
+
+def test_challenge_waits_for_the_delay_even_if_the_client_left(server_factory, store):
+    """A client that sends its PROOF and leaves at once never sees the
+    delay of that failure, but its next HELLO waits for it."""
+    throttle = auth.LoginThrottle(first_delay=0.3, max_delay=1.0)
+    srv = server_factory(lambda link: wire.accept_login(link, store, throttle))
+    for _ in range(2):
+        with wire.connect("127.0.0.1", srv.port) as link:
+            link.send_json(MsgType.HELLO, {"proto": 1, "user": "admin", "nonce": "a" * 32,
+                                           "purpose": "control"})
+            ch = link.recv_json(MsgType.CHALLENGE)[1]
+            assert ch["nonce"]
+            link.send_json(MsgType.PROOF, {"proof": "00" * 32})
+    srv.wait(2)
+    t0 = time.monotonic()
+    with wire.connect("127.0.0.1", srv.port) as link:
+        link.send_json(MsgType.HELLO, {"proto": 1, "user": "admin", "nonce": "a" * 32,
+                                       "purpose": "control"})
+        link.recv_json(MsgType.CHALLENGE)
+    assert time.monotonic() - t0 >= 0.6          # two failures: 0.3 * 2
 
 
 def test_impostor_server_is_detected(server_factory, store, tmp_path):
@@ -156,7 +181,7 @@ def test_impostor_server_is_detected(server_factory, store, tmp_path):
     def impostor(link):
         _, hello = link.recv_json(MsgType.HELLO)
         salt, params = store.challenge("admin")     # it may even know the salt
-        link.send_json(MsgType.CHALLENGE, {"salt": salt.hex(), "params": params, "nonce": "n"})
+        link.send_json(MsgType.CHALLENGE, {"salt": salt.hex(), "params": params, "nonce": "ab" * 16})
         link.recv_json(MsgType.PROOF)
         link.send_json(MsgType.WELCOME, {"role": "admin", "server_signature": "00" * 32})
     srv = server_factory(impostor)
@@ -256,3 +281,83 @@ def test_tls_refuses_a_client_without_certificate(server_factory, certs):
             link.recv()
     srv.wait(1)
     assert srv.results and isinstance(srv.results[0], (ssl.SSLError, OSError))
+
+
+def _session_server(server_factory, store, sessions):
+    return server_factory(lambda link: (wire.accept_login(link, store, sessions=sessions), link.auth))
+
+
+def test_session_login_is_mutual_and_never_sends_the_token(server_factory, store):
+    sessions = auth.Sessions()
+    token = sessions.new("admin", store.current("admin")[1])
+    srv = _session_server(server_factory, store, sessions)
+    with wire.connect("127.0.0.1", srv.port) as link:
+        assert wire.login_token(link, "admin", token).role == "admin"
+        assert link.auth == "token"
+    assert srv.wait(1)[0] == ((auth.User("admin", "admin"), "control"), "token")
+    # a wrong token is refused by the server
+    with wire.connect("127.0.0.1", srv.port) as link:
+        with pytest.raises(AuthError, match="unknown or expired"):
+            wire.login_token(link, "admin", "not-the-token")
+    # another user's name with this token: refused too
+    with wire.connect("127.0.0.1", srv.port) as link:
+        with pytest.raises(AuthError, match="unknown or expired"):
+            wire.login_token(link, "watcher", token)
+
+
+def test_session_token_opens_control_links_only(server_factory, store):
+    sessions = auth.Sessions()
+    token = sessions.new("admin", store.current("admin")[1])
+    srv = _session_server(server_factory, store, sessions)
+    with wire.connect("127.0.0.1", srv.port) as link:
+        with pytest.raises(AuthError, match="control links only"):
+            wire.login_token(link, "admin", token, purpose="data")
+
+
+def test_login_limits_before_and_after(server_factory, store):
+    """Before login: a small cap, said in an ERROR; after it: the normal
+    maximum, and no timeout."""
+    def handler(link):
+        wire.accept_login(link, store, timeout=0.5)
+        time.sleep(0.7)                        # idle past the login timeout
+        return len(link.recv()[1])
+    srv = server_factory(handler)
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(wire.HEADER.pack(wire.MAGIC, MsgType.HELLO, 0, wire.PRELOGIN_MAX_MESSAGE + 1))
+        with pytest.raises(ProtocolError, match=f"HELLO message of {wire.PRELOGIN_MAX_MESSAGE + 1} "
+                                                 "bytes, over the 65536-byte limit before login"):
+            Link(s).recv_json(MsgType.CHALLENGE)
+    with wire.connect("127.0.0.1", srv.port) as link:
+        wire.login(link, "admin", "admin-password")
+        time.sleep(0.7)
+        link.send(MsgType.FRAME, b"x" * 200_000)
+    assert srv.wait(2)[1] == 200_000
+
+
+def test_session_logins_are_not_slowed_by_password_guessing(server_factory, store):
+    """Someone guessing admin's password must not slow admin's CLI, whose
+    verbs log in with an unguessable session token."""
+    throttle = auth.LoginThrottle(first_delay=1.0, max_delay=4.0)
+    sessions = auth.Sessions()
+    token = sessions.new("admin", store.current("admin")[1])
+    srv = server_factory(lambda link: wire.accept_login(link, store, throttle, sessions=sessions))
+    for _ in range(2):
+        throttle.attempt("user:admin", "peer:127.0.0.1")       # two failed guesses
+    t0 = time.monotonic()
+    with wire.connect("127.0.0.1", srv.port) as link:
+        assert wire.login_token(link, "admin", token).role == "admin"
+    assert time.monotonic() - t0 < 1.0
+    assert throttle.delay("user:admin") == 2.0                 # the guesses still count
+
+
+def test_hello_fields_are_checked(server_factory, store):
+    srv = server_factory(lambda link: wire.accept_login(link, store))
+    bad = [({"user": "-rf"}, "user name must be"), ({"nonce": "x,y" * 10}, "16 to 128 hex digits"),
+           ({"nonce": "ab"}, "16 to 128 hex digits"), ({"purpose": "root"}, "unknown link purpose"),
+           ({"proto": 2}, "protocol version 2 not supported")]
+    for change, message in bad:
+        with wire.connect("127.0.0.1", srv.port) as link:
+            link.send_json(MsgType.HELLO, {"proto": 1, "user": "admin", "nonce": "ab" * 16,
+                                           "purpose": "control", **change})
+            with pytest.raises(ProtocolError, match=message):
+                link.recv_json(MsgType.CHALLENGE)

@@ -101,6 +101,12 @@ _str = _typed(str, "a string")
 _bool = _typed(bool, "true or false")
 
 
+def _count(value, what):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what}: expected a whole number of at least 1, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     default: Any
@@ -118,6 +124,18 @@ SCHEMA: dict[str, dict[str, Setting]] = {
         "log_level": Setting("info", _choice("debug", "info", "warning", "error"),
                              "least severe level written to the log"),
         "log_file": Setting("", _str, "log file; empty = standard error"),
+        "insecure": Setting(False, _bool, "allow listening on a non-loopback address without TLS "
+                            "(everything after login, frames included, then travels unprotected)"),
+    },
+    "login": {
+        "timeout": Setting("10s", _duration, "time a peer has for its whole login (TLS handshake "
+                           "included) before it is dropped"),
+        "max_pending": Setting(64, _count, "logins in progress at once, from all peers; more are "
+                               "closed with an error"),
+        "max_pending_per_peer": Setting(8, _count, "logins in progress at once from one peer address"),
+        "first_delay": Setting("250ms", _duration, "delay before the next login attempt after a "
+                               "failure (per user name and per peer address); doubles each time"),
+        "max_delay": Setting("8s", _duration, "the longest such delay"),
     },
     "queues": {
         "source_memory_limit": Setting("256MiB", _size, "RAM a source queue may hold before it spills to disk"),
@@ -169,7 +187,10 @@ SCHEMA: dict[str, dict[str, Setting]] = {
         "enabled": Setting(False, _bool, "wrap data and control links in TLS"),
         "cert": Setting("", _str, "PEM certificate of this daemon"),
         "key": Setting("", _str, "PEM private key of this daemon"),
-        "ca": Setting("", _str, "PEM CA bundle that peers' certificates must chain to"),
+        "ca": Setting("", _str, "PEM CA bundle that peers' certificates must chain to; when set, "
+                      "every peer must present a certificate"),
+        "cert_users": Setting(False, _bool, "with ca: the common name (CN) of a peer's certificate "
+                              "must be the user it logs in as (data links: links.user)"),
     },
 }
 
@@ -227,6 +248,15 @@ def from_mapping(data: dict, source: str = "<mapping>") -> Config:
     tls = values["tls"]
     if tls["enabled"] and not (tls["cert"] and tls["key"]):
         raise ConfigError(f"{source}: tls.enabled needs tls.cert and tls.key")
+    if tls["cert_users"] and not (tls["enabled"] and tls["ca"]):
+        raise ConfigError(f"{source}: tls.cert_users needs tls.enabled and tls.ca "
+                          "(client certificates are checked against the CA)")
+    login = values["login"]
+    if login["timeout"] <= 0:
+        raise ConfigError(f"{source}: login.timeout must be longer than 0 s")
+    if login["first_delay"] > login["max_delay"]:
+        raise ConfigError(f"{source}: login.first_delay ({login['first_delay']} s) is longer than "
+                          f"login.max_delay ({login['max_delay']} s)")
     return Config(values, source)
 
 

@@ -2,7 +2,9 @@
 
 * control links (purpose ``control``): a logged-in user sends REQUESTs
   (``status``, ``repset.*``, ``connect``, ``conid``, ``disconnect``,
-  ``session``) and gets REPLYs; ``monitor`` users may only read;
+  ``session`` after a password login, ``logout``) and gets REPLYs;
+  ``monitor`` users may only read; before login a peer is held to small
+  messages, a timeout and a cap of logins in progress (docs/logins.md);
 * data links (purpose ``data``): a source daemon logged in as an ``admin``
   user streams one connection's frames into this daemon's target side.
 
@@ -17,6 +19,8 @@ State under the state directory: ``users.json``, ``registry.json``,
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import secrets
@@ -193,6 +197,62 @@ class RepsetCapture:
         self.capture.close()
 
 
+class PendingLogins:
+    """Logins in progress (accepted, not yet logged in), capped in all and
+    per peer address, so unauthenticated peers cannot hold many threads."""
+
+    def __init__(self, max_total: int, max_per_peer: int):
+        self.max_total, self.max_per_peer = max_total, max_per_peer
+        self._by_peer: dict[str, int] = {}
+        self._total = 0
+        self._logged = float("-inf")
+        self._lock = threading.Lock()
+
+    def enter(self, peer: str) -> str:
+        """Take a slot for ``peer``; the reason when none is free, else ''."""
+        with self._lock:
+            if self._total >= self.max_total:
+                return f"too many logins in progress ({self.max_total}): try again later"
+            if self._by_peer.get(peer, 0) >= self.max_per_peer:
+                return f"too many logins in progress from {peer} ({self.max_per_peer}): try again later"
+            self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
+            self._total += 1
+            return ""
+
+    def should_log(self, every: float = 1.0) -> bool:
+        """At most one log line a second about refusals (a flood must not
+        become a flood of log lines)."""
+        now = time.monotonic()
+        if now - self._logged < every:
+            return False
+        self._logged = now
+        return True
+
+    def leave(self, peer: str) -> None:
+        with self._lock:
+            self._total -= 1
+            left = self._by_peer.pop(peer) - 1
+            if left:
+                self._by_peer[peer] = left
+
+
+def _refuse_quickly(conn: socket.socket, message: str, tls: bool) -> None:
+    """Close an accepted connection without waiting on the peer: a plain
+    link gets a short ERROR first (a TLS one could not read it before a
+    handshake, which would cost the time this avoids)."""
+    try:
+        conn.setblocking(False)
+        if not tls:
+            payload = json.dumps({"error": message}).encode()
+            conn.send(wire.HEADER.pack(wire.MAGIC, MsgType.ERROR, 0, len(payload)) + payload)
+            conn.shutdown(socket.SHUT_WR)
+        conn.recv(wire.PRELOGIN_MAX_MESSAGE)    # what already came: unread, close would reset
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
 def _waiting_append(journal: ConnectionJournal, timeout: float = 600.0):
     def append(op):
         deadline = time.monotonic() + timeout
@@ -219,7 +279,8 @@ class Daemon:
         self.users = UserStore(self.state_dir / "users.json")
         self.registry = Registry(self.state_dir)
         self.sessions = Sessions()
-        self.throttle = LoginThrottle()
+        self.throttle = LoginThrottle(config.login.first_delay, config.login.max_delay)
+        self.pending_logins = PendingLogins(config.login.max_pending, config.login.max_pending_per_peer)
         self.sources: dict[int, SourceConnection] = {}
         self.captures: dict[str, RepsetCapture] = {}
         self.targets: dict[tuple[str, int], TargetConnection] = {}
@@ -255,6 +316,12 @@ class Daemon:
     # -- life cycle ----------------------------------------------------------
     def start(self) -> tuple[str, int]:
         host, port = parse_hostport(self.config.daemon.listen, "daemon.listen")
+        if not wire.is_loopback(host) and not self.config.tls.enabled and not self.config.daemon.insecure:
+            raise ConfigError(
+                f"{self.config.source}: daemon.listen is {host}:{port}, beyond loopback, and "
+                "tls.enabled is false: logins, tokens and frames would cross the network "
+                "unprotected. Set [tls] enabled = true (with cert and key), or [daemon] "
+                "insecure = true to accept that")
         self._sock = socket.create_server((host, port), reuse_port=False)
         self.address = self._sock.getsockname()[:2]
         threading.Thread(target=self._accept_loop, daemon=True, name="accept").start()
@@ -459,36 +526,67 @@ class Daemon:
         while not self._stop.is_set():
             try:
                 conn, addr = self._sock.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self._stop.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return                      # the listening socket is closed
+                # out of file descriptors, a peer that reset first, ...: the
+                # daemon keeps accepting once it has room again
+                log.warning("accepting a link failed: %s", exc)
+                self._stop.wait(0.1)
+                continue
+            # over the cap of logins in progress: no thread, a short ERROR
+            refused = self.pending_logins.enter(addr[0])
+            if refused:
+                if self.pending_logins.should_log():
+                    log.warning("%s:%d: %s", addr[0], addr[1], refused)
+                _refuse_quickly(conn, refused, tls=self.tls_server is not None)
+                continue
             threading.Thread(target=self._handle, args=(conn, addr), daemon=True,
                              name=f"link-{addr[0]}:{addr[1]}").start()
 
     def _handle(self, conn: socket.socket, addr) -> None:
+        """One accepted connection: TLS, login (small messages, a timeout,
+        the throttle), then the control or data link it asked for."""
+        accepted = time.monotonic()
+        login = self.config.login
+        pending = [addr[0]]                 # the login slot, given back once
+        def end_pending():
+            if pending:
+                self.pending_logins.leave(pending.pop())
         try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.tls_server is not None:
-                conn = self.tls_server.wrap_socket(conn, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            log.warning("%s:%d: TLS handshake failed: %s", addr[0], addr[1], exc)
-            conn.close()
-            return
-        with Link(conn, f"{addr[0]}:{addr[1]}") as link:
             try:
-                user, purpose = wire.accept_login(link, self.users, self.throttle,
-                                                  sessions=self.sessions)
-                log.info("%s logged in as %s (%s link)", link.peer, user.name, purpose)
-                if purpose == "data":
-                    self._data_link(link, user)
-                else:
-                    self._control_link(link, user)
-            except AuthError as exc:
-                log.warning("%s: %s", link.peer, exc)
-            except (ProtocolError, OSError) as exc:
-                log.info("%s: link ended: %s", link.peer, exc)
-            except SmirrorError as exc:
-                log.warning("%s: %s", link.peer, exc)
-                link.send_error(str(exc))
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.tls_server is not None:
+                    conn.settimeout(login.timeout)
+                    conn = self.tls_server.wrap_socket(conn, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("%s:%d: TLS handshake failed: %s", addr[0], addr[1], exc)
+                conn.close()
+                return
+            left = max(0.1, login.timeout - (time.monotonic() - accepted))   # TLS took some
+            with Link(conn, f"{addr[0]}:{addr[1]}") as link:
+                try:
+                    user, purpose = wire.accept_login(link, self.users, self.throttle,
+                                                      sessions=self.sessions, timeout=left,
+                                                      cert_users=self.config.tls.cert_users)
+                    end_pending()
+                    link.sock.settimeout(None)          # logged in: a link may idle
+                    current = self.users.current(user.name)
+                    link.record = current[1] if current else None
+                    log.info("%s logged in as %s (%s link, %s)", link.peer, user.name, purpose, link.auth)
+                    if purpose == "data":
+                        self._data_link(link, user)
+                    else:
+                        self._control_link(link, user)
+                except AuthError as exc:
+                    log.warning("%s: %s", link.peer, exc)
+                except (ProtocolError, OSError) as exc:
+                    log.info("%s: link ended: %s", link.peer, exc)
+                except SmirrorError as exc:
+                    log.warning("%s: %s", link.peer, exc)
+                    link.send_error(str(exc))
+        finally:
+            end_pending()
 
     def _data_link(self, link: Link, user: User) -> None:
         if user.role != "admin":
@@ -548,11 +646,35 @@ class Daemon:
             if "verb" not in req:
                 return                          # BYE
             rid, verb, args = req.get("id"), req.get("verb"), req.get("args") or {}
+            user = self._current_user(link, user)       # ends the link when the user is gone
             try:
-                result = self.request(user, verb, args)
+                if verb in ("session", "logout"):
+                    result = self._session_verb(link, user, verb)
+                else:
+                    result = self.request(user, verb, args)
                 link.send_json(MsgType.REPLY, {"id": rid, "ok": True, "result": result})
             except (SmirrorError, ValueError) as exc:
                 link.send_json(MsgType.REPLY, {"id": rid, "ok": False, "error": str(exc)})
+
+    def _current_user(self, link: Link, user: User) -> User:
+        """``user`` as the user store has it now; the link of a user removed
+        or replaced since it logged in (``user add --replace``, a new role or
+        password) ends: it must log in again."""
+        now = self.users.current(user.name)
+        if now is None or now[1] != link.record:
+            link.send_error(f"user {user.name!r} was removed or changed: log in again")
+            raise AuthError(f"{link.peer}: user {user.name!r} was removed or changed: link closed")
+        return now[0]
+
+    def _session_verb(self, link: Link, user: User, verb: str) -> dict:
+        """``session``: a token for later logins, only after a password login
+        (a token cannot mint tokens); ``logout``: revoke the link's token."""
+        if verb == "logout":
+            return {"revoked": bool(link.token_id) and self.sessions.revoke(link.token_id)}
+        if link.auth != "password":
+            raise AuthError("a session can only be started after a password login, "
+                            "not on a link that logged in with a session token")
+        return {"token": self.sessions.new(user.name, link.record)}
 
     # -- requests ----------------------------------------------------------------
     READ_ONLY = {"status", "repset.list", "conid"}
@@ -581,13 +703,11 @@ class Daemon:
                        s.journal, s.sender) for s in srcs])
 
     def request(self, user: User, verb: str, args: dict):
-        if verb not in self.READ_ONLY and verb != "session":
+        if verb not in self.READ_ONLY:
             user.require("admin")
         reg = self.registry
         if verb == "status":
             return self.status()
-        if verb == "session":
-            return {"token": self.sessions.new(user)}
         if verb == "repset.create":
             rules = [tuple(r) for r in args.get("rules", [])]
             r = reg.create_repset(args.get("name"), args.get("root", ""), rules)

@@ -3,7 +3,9 @@
 ``status``. Passwords come from a prompt, ``--password-stdin`` or
 ``--password-env VAR``, never from an argument (visible in ``ps``). Control
 links use TLS when ``SMIRROR_TLS_CA`` (and, for a daemon that wants client
-certificates, ``SMIRROR_TLS_CERT`` and ``SMIRROR_TLS_KEY``) are set."""
+certificates, ``SMIRROR_TLS_CERT`` and ``SMIRROR_TLS_KEY``) are set, and
+with a host that ``smirror login`` reached over TLS (the session remembers
+it); a host beyond loopback is logged in to only over TLS."""
 from __future__ import annotations
 
 import os
@@ -62,7 +64,7 @@ def add_parsers(sub) -> None:
     _password_options(p)
     p.set_defaults(run=run_login)
 
-    p = sub.add_parser("logout", help="forget the saved session of a daemon")
+    p = sub.add_parser("logout", help="end the saved session of a daemon (on the daemon too)")
     p.add_argument("address", nargs="?", default=os.environ.get("SMIRROR_HOST", DEFAULT_ADDRESS))
     p.set_defaults(run=run_logout)
 
@@ -202,38 +204,53 @@ def run_user(args) -> int:
     return EXIT_OK
 
 
-def _tls():
-    """TLS for control links when SMIRROR_TLS_CA is set (with
-    SMIRROR_TLS_CERT / SMIRROR_TLS_KEY when the daemon wants a client
-    certificate)."""
-    ca = os.environ.get("SMIRROR_TLS_CA")
-    if not ca:
-        return None
-    from .wire import client_tls_context
-    return client_tls_context(ca, os.environ.get("SMIRROR_TLS_CERT", ""),
-                              os.environ.get("SMIRROR_TLS_KEY", ""))
-
-
-def _client(args):
-    from .control import Client
-    return Client(args.host, tls=_tls()).login_saved()
+def _client(args, timeout: float = 30.0):
+    from .control import Client, tls_settings_from_env
+    return Client.with_session(args.host, tls=tls_settings_from_env(), timeout=timeout)
 
 
 def run_login(args) -> int:
-    from .control import Client, save_session
-    with Client(args.address, tls=_tls()) as c:
+    from . import wire
+    from .config import parse_hostport
+    from .control import Client, save_session, tls_context, tls_settings_from_env
+    from .errors import AuthError
+    tls = tls_settings_from_env()
+    host, port = parse_hostport(args.address, "daemon address")
+    if tls is None and not wire.is_loopback(host):
+        raise AuthError(f"refusing to log in to {host}:{port} without TLS: it is not a loopback "
+                        "address (set SMIRROR_TLS_CA to the CA of its certificate)")
+    with Client(args.address, tls=tls_context(tls)) as c:
         c.login(args.user, _password(args))
         token = c.call("session")["token"]
-        save_session(c.address, args.user, token)
-        print(f"logged in to {c.address} as {args.user} ({c.user.role})")
+        save_session(c.address, args.user, token, tls)
+        print(f"logged in to {c.address} as {args.user} ({c.user.role})"
+              + (" over TLS" if tls else ""))
     return EXIT_OK
 
 
 def run_logout(args) -> int:
+    """Revoke the session on the daemon, then forget it here (also when the
+    daemon cannot be reached: the local copy is gone either way)."""
     from .config import parse_hostport
-    from .control import forget_session
+    from .control import Client, forget_session, saved_session, tls_settings_from_env
+    from .errors import SmirrorError
     host, port = parse_hostport(args.address, "daemon address")
-    forget_session(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if saved_session(address) is None:
+        print(f"not logged in to {address}")
+        return EXIT_OK
+    revoked, why = False, ""
+    try:
+        with Client.with_session(address, tls=tls_settings_from_env()) as c:
+            revoked = c.call("logout").get("revoked", False)
+    except (SmirrorError, OSError) as exc:
+        why = str(exc)
+    forget_session(address)
+    if revoked:
+        print(f"logged out of {address}: the session is revoked on the daemon")
+        return EXIT_OK
+    print(f"smirror logout: warning: the daemon did not revoke the session"
+          + (f" ({why})" if why else "") + "; it is forgotten here", file=sys.stderr)
     return EXIT_OK
 
 
@@ -304,11 +321,10 @@ def run_connection_options(args) -> int:
 
 
 def run_queue_task(args) -> int:
-    from .control import Client
     from .tasks import parse_timeout
     parse_timeout(args.timeout)             # a bad value fails here, before the daemon
     # on-queue may take a while (a database checkpoint): a long reply timeout
-    with Client(args.host, tls=_tls(), timeout=3600).login_saved() as c:
+    with _client(args, timeout=3600) as c:
         r = c.call("queue-task", name=args.name, target=args.to_target, on_queue=args.on_queue,
                    on_transmit=args.on_transmit, on_receive=args.on_receive,
                    on_execute=args.on_execute, timeout=args.timeout, args=args.args)
