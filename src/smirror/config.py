@@ -71,6 +71,13 @@ def _duration(value, what):
     return parse_duration(value, what)
 
 
+def _abs_paths(value, what):
+    if not isinstance(value, list) or not all(isinstance(v, str) and os.path.isabs(v) and "\0" not in v
+                                              for v in value):
+        raise ConfigError(f"{what}: expected a list of absolute paths like [\"/backup\"], got {value!r}")
+    return [os.path.normpath(v) for v in value]
+
+
 _str = _typed(str, "a string")
 _bool = _typed(bool, "true or false")
 
@@ -117,6 +124,8 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                               "of its group to reach it before it runs without them"),
     },
     "target": {
+        "allowed_roots": Setting([], _abs_paths, "directories under which sources may place map bases "
+                                 "(none: this daemon refuses to be a target)"),
         "in_use_max_delay": Setting("0s", _duration, "hold back the ops of a file another process has "
                                     "open (a backup reading it) up to this long; 0 = never wait"),
         "orphans_dir": Setting("", _str, "where orphans moved aside go; empty = STATE_DIR/orphans"),
@@ -226,6 +235,8 @@ def defaults_toml() -> str:
 def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)
