@@ -586,7 +586,7 @@ class Daemon:
             check_source_id(source)
             if self.bindings.claim(user.name, source):
                 log.warning("replication user %r is now bound to source %s", user.name, source)
-            base = self.map_bases.check(map_base, create=True)
+            base = self.map_bases.check(map_base)
             key = (source, conid)
             with self._targets_lock:
                 tgt = self.targets.get(key)
@@ -595,6 +595,7 @@ class Daemon:
                     # reuses a conid for another map base is refused
                     raise ConfigError(f"connection {conid} of source {source} writes to "
                                       f"{tgt.map_base}; an OPEN for map base {base} is refused")
+                self.map_bases.check(map_base, create=True)
                 if tgt is None and not check:
                     cfg = self.config
                     tgt = TargetConnection(conid, base, self.state_dir / "targets" / source,
@@ -790,7 +791,8 @@ class Daemon:
             return
         base, root = resolve(map_base), resolve(repset.root)
         if overlaps(base, root):
-            raise ConfigError(f"map base {map_base} on {target} (this host) overlaps the root "
+            how = "contains" if base != root and root.startswith(base.rstrip("/") + "/") else "is in"
+            raise ConfigError(f"map base {map_base} on {target} (this host) {how} the root "
                               f"{repset.root} of replication set {repset.name!r}: the replica "
                               f"would replicate itself")
 
@@ -827,8 +829,15 @@ class Daemon:
         base = self._map_base(user, args)
         if not os.path.isdir(base):
             return {}
+        listing = scan(base)
+        if listing.errors:
+            # a partial listing would hide files from the mirror's orphan
+            # pass and make it resend what it missed: the read failed
+            rel, exc = listing.errors[0]
+            raise SmirrorError(f"listing map base {os.fsdecode(base)} failed at {len(listing.errors)} "
+                               f"place(s), first {os.fsdecode(rel) or '.'}: {exc.strerror or exc}")
         out = {}
-        for rel, e in scan(base).entries.items():
+        for rel, e in listing.entries.items():
             if rel and not rel.rpartition(b"/")[2].startswith(b".smirror-tmp-"):
                 out[os.fsdecode(rel)] = [e.mode, e.uid, e.gid, e.size, e.mtime_ns,
                                          os.fsdecode(e.link) if e.link is not None else None]
