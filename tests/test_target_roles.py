@@ -314,6 +314,8 @@ def test_a_connection_whose_set_root_vanished_can_be_disconnected(tmp_path):
         conid = 1
         assert wait_same(src, dst), source.log()[-3000:]
         shutil.rmtree(src)
+        st = wait_for(lambda: status(source)["sources"], what="status")[0]
+        assert st["state"] == "root missing" and "is missing" in st["last_error"], st
         source.kill(signal.SIGTERM)
         source.start()                     # one broken connection does not stop the daemon
         login(source, env)

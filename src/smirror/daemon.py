@@ -103,6 +103,11 @@ class SourceConnection:
                   capture=self._capture_status(),
                   alert=queue_alert(q, self.cfg.queues.disk_queue_limit, self.cfg.queues.alert_threshold,
                                     self.qdir, self.cfg.queues.min_free_space))
+        repset = self.daemon.registry.repsets.get(self.conn.repset)
+        if repset is not None and not os.path.isdir(repset.root):
+            # nothing left to replicate: say so instead of "connected"
+            st.update(state="root missing", last_error=f"the root {repset.root} of replication set "
+                      f"{repset.name!r} is missing: restore it, or disconnect {self.conn.conid}")
         return st
 
     def close(self) -> None:
