@@ -124,6 +124,11 @@ def test_a_daemon_without_allowed_roots_is_no_target(tmp_path):
         assert '[target] allowed_roots = ["/backup"' in r.stderr
         assert not (tmp_path / "backup" / "replica").exists()
         nothing_queued(source, target)
+        # without a mirror (nothing to read on the target) the probe still asks it
+        r = source.cli("connect", "data", "to", target.address, "map", "base",
+                       tmp_path / "backup" / "replica", "nomirror", check=False)
+        assert r.returncode == 3 and "this daemon is not a target" in r.stderr, r.stderr
+        nothing_queued(source, target)
 
 
 def test_connect_to_a_dead_port_fails(tmp_path):
