@@ -441,7 +441,9 @@ class Daemon:
                 log.warning("connection %s: reconnect failed: %s", conid, exc)
                 with self._sources_lock:
                     self._stop_source(conid)
+                    self.down_errors[conid] = f"reconnect failed: {exc}"
                 continue
+            self.down_errors.pop(conid, None)
             counters = self.counters[conid]
             counters["reconnects"] += 1
             counters["remirrors"] += bool(mode)
@@ -772,7 +774,7 @@ class Daemon:
         """Log in to ``target`` as the link user and have it validate
         ``map_base`` for this source (an OPEN with ``check``): its READY,
         or SmirrorError with the target's reason."""
-        from .source import probe_target
+        from .source import probe_target as probe
         host, port = parse_hostport(target, "target")
         try:
             link = self.dial_target(host, port, io_timeout=60)
@@ -783,7 +785,7 @@ class Daemon:
             raise SmirrorError(f"cannot connect to target {target}: {exc}") from None
         try:
             with link:
-                return probe_target(link, 0, map_base, self.daemon_id)
+                return probe(link, 0, map_base, self.daemon_id)
         except (ProtocolError, OSError) as exc:
             raise SmirrorError(f"target {target} refused map base {map_base}: {exc}") from None
 
