@@ -307,6 +307,16 @@ def test_errors_on_the_target_show_in_the_source_status(tmp_path):
         finally:
             subprocess.run(["chattr", "-i", dst / "db"], check=True)
         assert wait_same(src, dst), target.log()[-3000:]
+        # the target no longer allows the map base: its ERROR on the data
+        # link is the connection's last error
+        target.kill(signal.SIGTERM)
+        config = target.config.read_text()
+        target.config.write_text(config.replace(str(tmp_path / "backup"), str(tmp_path / "elsewhere")))
+        target.start()
+        st = wait_for(lambda: [s for s in status(source)["sources"]
+                               if "outside the allowed roots" in s.get("last_error", "")],
+                      what="the target's refusal")[0]
+        assert st["last_error"].startswith(f"target {target.address}: ") and st["state"] != "connected", st
 
 
 def test_a_connection_whose_set_root_vanished_can_be_disconnected(tmp_path):

@@ -823,12 +823,16 @@ class Daemon:
         """The resolved map base of a target.scan / target.signature request,
         checked like a data link's: inside the allowed roots, and for a
         replication user as the source id bound to it. Nothing is created."""
-        if user.role == "replication":
-            source = args.get("source")
-            check_source_id(source)
-            if self.bindings.claim(user.name, source):
-                log.warning("replication user %r is now bound to source %s", user.name, source)
-        return os.fsencode(self.map_bases.check(args.get("map_base")))
+        try:
+            if user.role == "replication":
+                source = args.get("source")
+                check_source_id(source)
+                if self.bindings.claim(user.name, source):
+                    log.warning("replication user %r is now bound to source %s", user.name, source)
+            return os.fsencode(self.map_bases.check(args.get("map_base")))
+        except SmirrorError as exc:
+            log.warning("user %r: read of map base %r refused: %s", user.name, args.get("map_base"), exc)
+            raise
 
     def _target_scan(self, user: User, args) -> dict:
         """The entries under a map base (this daemon as a target)."""

@@ -288,7 +288,10 @@ class Sender:
         next_seq = self._first_unacked_seq()
         link.send_json(MsgType.OPEN, open_message(self.conid, self.map_base, self.source_name,
                                                   next_seq))
-        _, ready = link.recv_json(MsgType.READY)
+        try:
+            _, ready = link.recv_json(MsgType.READY)
+        except ProtocolError as exc:        # the target refused the OPEN: its reason
+            raise ProtocolError(f"target {exc}") from None
         target_last = ready.get("last_seq")
         if not isinstance(target_last, int) or target_last < 0:
             raise ProtocolError(f"{link.peer} sent READY without a valid last_seq")
