@@ -121,7 +121,7 @@ class MapBases:
             if not stat.S_ISDIR(st.st_mode):
                 self._refuse(map_base, f"{path} changed while the map base was created")
         if resolve(map_base) != base:
-            self._refuse(map_base, f"its path changed while it was created")
+            self._refuse(map_base, "its path changed while it was created")
 
 
 def check_source_id(source) -> str:
