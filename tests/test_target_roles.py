@@ -201,7 +201,8 @@ def test_a_source_id_belongs_to_one_replication_user(tmp_path):
         assert wait_same(src, dst), source.log()[-3000:]
         sid = source.daemon_id()
         bindings = target.dir / "state" / "source-bindings.json"
-        assert json.loads(bindings.read_text())["users"] == {"repl": sid}
+        assert json.loads(bindings.read_text()) == {"users": {"repl": sid},
+                                                    "map_bases": {str(dst): sid}}
         assert os.stat(bindings).st_mode & 0o777 == 0o600
         target.add_user("mallory", "replication")
         other = tmp_path / "backup" / "other"
@@ -215,11 +216,22 @@ def test_a_source_id_belongs_to_one_replication_user(tmp_path):
             # the running connection is not closed
             ("repl", sid, 1, other, f"connection 1 of source {sid} writes to {dst}"),
         ]
+        # another source (its own user and id) may not write, list or hash
+        # where this one writes, nor around it
+        attempts += [("mallory", "badd", 1, dst, f"map base {dst} overlaps {dst}, where another source"),
+                     ("mallory", "badd", 2, tmp_path / "backup", "where another source writes")]
         for user, claimed, conid, base, message in attempts:
             with open_data_link(target.port, user, claimed, conid, base) as link:
                 with pytest.raises(wire.ProtocolError, match=message):
                     link.recv_json(wire.MsgType.READY)
         wait_for(lambda: message in target.log(), what="the refusal in the log")
+        with Client(target.address) as c:
+            c.login("mallory", PASSWORD)
+            for verb, extra in (("target.scan", {}), ("target.signature", {"path": "notes.txt",
+                                                                            "block_size": 4096})):
+                with pytest.raises(RequestError, match="where another source writes"):
+                    c.call(verb, map_base=str(dst), source="badd", **extra)
+
         assert not other.exists()
         # the first source goes on replicating on its connection
         (src / "after.txt").write_text("written after the forged OPENs")
@@ -374,7 +386,18 @@ def test_source_bindings(tmp_path):
         b.claim("repl", "def")
     with pytest.raises(AuthError, match="bound to another replication user"):
         b.claim("other", "abc")
-    b.unbind("repl")
+    b.claim_map_base("abc", "/backup/a")
+    b.claim_map_base("abc", "/backup/a/b")                  # its own, nested: fine
+    for base in ("/backup/a", "/backup/a/x", "/backup"):
+        with pytest.raises(AuthError, match="where another source writes"):
+            b.claim_map_base("def", base, record=False)
+    b.claim_map_base("def", "/backup/b")
+    b.bind("repl", "abd")                                   # rebound: its map bases follow
+    with pytest.raises(AuthError, match="where another source writes"):
+        b.claim_map_base("abc", "/backup/a")
+    b.claim_map_base("abd", "/backup/a")
+    b.unbind("repl")                                        # released
     assert b.claim("other", "abc") is True
+    b.claim_map_base("def", "/backup/a")
     with pytest.raises(Exception, match="1-64 letters or digits"):
         b.claim("x", "../etc")

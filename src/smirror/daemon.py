@@ -602,6 +602,7 @@ class Daemon:
                     # reuses a conid for another map base is refused
                     raise ConfigError(f"connection {conid} of source {source} writes to "
                                       f"{tgt.map_base}; an OPEN for map base {base} is refused")
+                self.bindings.claim_map_base(source, base)     # no other source's map base
                 self.map_bases.check(map_base, create=True)
                 if tgt is None and not check:
                     cfg = self.config
@@ -822,14 +823,17 @@ class Daemon:
     def _map_base(self, user: User, args) -> bytes:
         """The resolved map base of a target.scan / target.signature request,
         checked like a data link's: inside the allowed roots, and for a
-        replication user as the source id bound to it. Nothing is created."""
+        replication user as the source id bound to it, in no other source's
+        map base. Nothing is created."""
         try:
+            base = self.map_bases.check(args.get("map_base"))
             if user.role == "replication":
                 source = args.get("source")
                 check_source_id(source)
                 if self.bindings.claim(user.name, source):
                     log.warning("replication user %r is now bound to source %s", user.name, source)
-            return os.fsencode(self.map_bases.check(args.get("map_base")))
+                self.bindings.claim_map_base(source, base, record=False)
+            return os.fsencode(base)
         except SmirrorError as exc:
             log.warning("user %r: read of map base %r refused: %s", user.name, args.get("map_base"), exc)
             raise

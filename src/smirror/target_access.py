@@ -133,95 +133,120 @@ def check_source_id(source) -> str:
 
 class SourceBindings:
     """``STATE_DIR/source-bindings.json`` (0600): replication user -> the
-    source id it speaks for. The daemon and ``smirror user add`` both write
-    it, under a lock file, replacing it atomically."""
+    source id it speaks for, and map base -> the source that writes there
+    (a map base is claimed by the first source that opens it; no other
+    source may open, list or hash a map base overlapping it). The daemon
+    and ``smirror user add`` both write it, under a lock file, replacing it
+    atomically. Removing a user (or rebinding it) releases or moves its
+    source's map bases."""
 
     def __init__(self, state_dir):
         self.path = Path(state_dir) / "source-bindings.json"
         self._lock = threading.Lock()
 
-    def _read(self) -> dict:
+    def _read(self) -> tuple[dict, dict]:
+        """(users, map_bases)."""
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return {}
+            return {}, {}
         except (ValueError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{self.path}: source bindings are damaged: {exc}") from None
-        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in data.get("users", {}).items()):
+        tables = [data.get(k, {}) for k in ("users", "map_bases")] if isinstance(data, dict) else [None]
+        if not all(isinstance(t, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in t.items()) for t in tables):
             raise ConfigError(f"{self.path}: source bindings are damaged: expected "
-                              "{'users': {NAME: SOURCE}}")
-        return data.get("users", {})
+                              "{'users': {NAME: SOURCE}, 'map_bases': {PATH: SOURCE}}")
+        return tables[0], tables[1]
 
-    def _write(self, users: dict) -> None:
+    def _write(self, users: dict, bases: dict) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"users": users}, f, indent=1, sort_keys=True)
+            json.dump({"users": users, "map_bases": bases}, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def _locked(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path.with_name(".source-bindings.lock"),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+    def _update(self, change):
+        """Run ``change(users, bases)`` under the thread and file locks; the
+        tables are written back when it returns True as its first value."""
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.with_name(".source-bindings.lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                users, bases = self._read()
+                changed, result = change(users, bases)
+                if changed:
+                    self._write(users, bases)
+                return result
+            finally:
+                os.close(fd)
 
     def bound(self, user: str) -> str | None:
-        return self._read().get(user)
+        return self._read()[0].get(user)
 
     def owner(self, source: str) -> str | None:
-        return next((u for u, s in self._read().items() if s == source), None)
+        return next((u for u, s in self._read()[0].items() if s == source), None)
 
     def claim(self, user: str, source: str) -> bool:
         """Check that ``user`` may speak for ``source``, binding it on the
         first use; True when it was bound now. AuthError otherwise."""
         check_source_id(source)
-        with self._lock:
-            fd = self._locked()
-            try:
-                users = self._read()
-                mine = users.get(user)
-                if mine is not None and mine != source:
-                    raise AuthError(f"user {user!r} is bound to source {mine}, not {source}: "
-                                    f"each replication user speaks for one source")
-                owner = next((u for u, s in users.items() if s == source and u != user), None)
-                if owner is not None:
-                    raise AuthError(f"source {source} is bound to another replication user, "
-                                    f"not {user!r}")
-                if mine is None:
-                    users[user] = source
-                    self._write(users)
-                    return True
-                return False
-            finally:
-                os.close(fd)
+
+        def change(users, bases):
+            mine = users.get(user)
+            if mine is not None and mine != source:
+                raise AuthError(f"user {user!r} is bound to source {mine}, not {source}: "
+                                f"each replication user speaks for one source")
+            if any(s == source and u != user for u, s in users.items()):
+                raise AuthError(f"source {source} is bound to another replication user, not {user!r}")
+            if mine is None:
+                users[user] = source
+            return mine is None, mine is None
+        return self._update(change)
+
+    def claim_map_base(self, source: str, base: str, *, record: bool = True) -> None:
+        """Refuse (AuthError) a resolved map base overlapping one that
+        another source writes to; with ``record``, ``base`` is this
+        source's from now on."""
+        def change(users, bases):
+            for other, owner in bases.items():
+                if owner != source and overlaps(base, other):
+                    raise AuthError(f"map base {base} overlaps {other}, where another source "
+                                    f"writes: a source may use only its own map bases")
+            new = record and bases.get(base) != source
+            if new:
+                bases[base] = source
+            return new, None
+        self._update(change)
 
     def bind(self, user: str, source: str) -> None:
         """Bind in advance (``user add --source``), replacing the user's
-        earlier binding; a source bound to another user is refused."""
+        earlier binding (its map bases follow it); a source bound to another
+        user is refused."""
         check_source_id(source)
-        with self._lock:
-            fd = self._locked()
-            try:
-                users = self._read()
-                owner = next((u for u, s in users.items() if s == source and u != user), None)
-                if owner is not None:
-                    raise ConfigError(f"source {source} is bound to user {owner!r} already "
-                                      f"(remove that user first)")
-                users[user] = source
-                self._write(users)
-            finally:
-                os.close(fd)
+
+        def change(users, bases):
+            owner = next((u for u, s in users.items() if s == source and u != user), None)
+            if owner is not None:
+                raise ConfigError(f"source {source} is bound to user {owner!r} already "
+                                  f"(remove that user first)")
+            old = users.get(user)
+            users[user] = source
+            for b, s in bases.items():
+                if old is not None and s == old:
+                    bases[b] = source
+            return True, None
+        self._update(change)
 
     def unbind(self, user: str) -> None:
-        with self._lock:
-            fd = self._locked()
-            try:
-                users = self._read()
-                if users.pop(user, None) is not None:
-                    self._write(users)
-            finally:
-                os.close(fd)
+        """Forget the user's binding and release its source's map bases."""
+        def change(users, bases):
+            old = users.pop(user, None)
+            for b in [b for b, s in bases.items() if s == old]:
+                del bases[b]
+            return old is not None, None
+        self._update(change)
