@@ -406,7 +406,10 @@ def run_status(args) -> int:
     notes = []
     for s in st["sources"]:
         if s.get("last_error"):
-            notes.append(f"  ! connection {s['conid']}: {s['last_error']}")
+            import time
+            at = time.strftime(" (%H:%M:%S)", time.localtime(s["last_error_at"])) \
+                if s.get("last_error_at") else ""
+            notes.append(f"  ! connection {s['conid']}: last error{at}: {s['last_error']}")
         if s.get("alert"):
             notes.append(f"  ! connection {s['conid']} source queue: {s['alert']}")
         opts = s.get("options") or {}
