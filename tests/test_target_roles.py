@@ -70,8 +70,9 @@ def nothing_queued(source, target):
     on the target, no queue on either side."""
     assert status(source)["sources"] == []
     assert json.loads((source.dir / "state" / "registry.json").read_text())["connections"] == []
-    queues = source.dir / "state" / "queues"
-    assert not queues.exists() or os.listdir(queues) == []
+    for node in (source, target):
+        queues = node.dir / "state" / "queues"
+        assert not queues.exists() or os.listdir(queues) == [], node.dir
     assert not (target.dir / "state" / "targets").exists()
 
 
