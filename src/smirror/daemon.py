@@ -290,6 +290,8 @@ class Daemon:
                        (config.daemon.log_file, "the daemon's log file")],
             repset_roots=lambda: [(r.name, r.root) for r in list(self.registry.repsets.values())])
         self.bindings = SourceBindings(self.state_dir)
+        if not config.target.allowed_roots:
+            log.info("no [target] allowed_roots: this daemon accepts no data links (it is no target)")
         self._link_password = None
         if config.links.user:
             if not config.links.password_file:
