@@ -315,7 +315,8 @@ def test_pause_and_resume_target(nodes):
     assert snapshot(dst) == before
     assert "target side PAUSED" in target.cli("status").stdout
     target.cli("resume-target")
-    assert wait_same(src, dst, 60), target.log()[-3000:]
+    assert wait_same(src, dst, 60), (diff(snapshot(src), snapshot(dst))[:10], target.cli("status").stdout,
+                                     source.cli("status").stdout, source.log()[-3000:], target.log()[-3000:])
 
 
 def test_full_queues_auto_disconnect_and_reconnect_with_a_remirror(tmp_path):
