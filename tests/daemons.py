@@ -23,7 +23,11 @@ def smirror(*args, env, check=True, input=None):
 
 
 class Node:
-    def __init__(self, tmp, name, env, links_user=None, tls_dir=None, extra=""):
+    """A daemon in TMP/NAME. As a target it accepts map bases under
+    ``allowed_roots`` (default: TMP, the test's directory; None: none, it is
+    no target)."""
+
+    def __init__(self, tmp, name, env, links_user=None, tls_dir=None, extra="", allowed_roots=()):
         self.dir = tmp / name
         self.dir.mkdir()
         self.port = free_port()
@@ -40,14 +44,24 @@ class Node:
         if tls_dir is not None:
             lines.append(f'[tls]\nenabled = true\ncert = "{tls_dir / "daemon.pem"}"\n'
                          f'key = "{tls_dir / "daemon.key"}"\nca = "{tls_dir / "ca.pem"}"\n')
+        if allowed_roots == ():
+            allowed_roots = [tmp]
+        if allowed_roots:
+            lines.append("[target]\nallowed_roots = [" + ", ".join(f'"{r}"' for r in allowed_roots)
+                         + "]\n" + _section_body(extra, "target"))
+            extra = _without_section(extra, "target")
         lines.append(extra)
         self.config = self.dir / "smirror.toml"
         self.config.write_text("".join(lines))
         self.proc = None
 
-    def add_user(self, name, role, password=PASSWORD):
-        smirror("user", "add", name, "--role", role, "--password-env", "PW", "--config", self.config,
-                env={**self.env, "PW": password})
+    def add_user(self, name, role, password=PASSWORD, source=None, check=True):
+        return smirror("user", "add", name, "--role", role, "--password-env", "PW",
+                       "--config", self.config, *(("--source", source) if source else ()),
+                       env={**self.env, "PW": password}, check=check)
+
+    def daemon_id(self):
+        return (self.dir / "state" / "daemon-id").read_text().strip()
 
     def start(self):
         self.proc = subprocess.Popen([sys.executable, "-m", "smirror", "serve", "--config", self.config],
@@ -70,6 +84,28 @@ class Node:
         return smirror(*args, "--host", self.address, env=self.env, check=check, input=input)
 
 
+
+
+def _sections(text):
+    """TOML text split into (header line or "", body) per section."""
+    out, head, body = [], "", []
+    for line in text.splitlines(keepends=True):
+        if line.strip().startswith("[") and line.strip().endswith("]"):
+            out.append((head, "".join(body)))
+            head, body = line.strip(), []
+        else:
+            body.append(line)
+    out.append((head, "".join(body)))
+    return out
+
+
+def _section_body(text, name):
+    return "".join(body for head, body in _sections(text) if head == f"[{name}]")
+
+
+def _without_section(text, name):
+    return "".join((head + "\n" if head else "") + body
+                   for head, body in _sections(text) if head != f"[{name}]")
 
 
 def make_certs(d):

@@ -18,14 +18,16 @@ from workload import Workload
 @contextlib.contextmanager
 def running_pair(tmp_path, source_extra="", target_extra="", **node_options):
     """A source daemon (admin user 'admin', logs in to targets as 'repl')
-    and a target daemon (admin user 'repl'), both started; ``extra`` config
+    and a target daemon (admin user 'admin', replication user 'repl',
+    map bases allowed under tmp_path), both started; ``extra`` config
     text goes to both, ``source_extra`` / ``target_extra`` to one."""
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
     extra = node_options.pop("extra", "")
     source = Node(tmp_path, "source", env, links_user="repl", extra=extra + source_extra, **node_options)
     target = Node(tmp_path, "target", env, extra=extra + target_extra, **node_options)
     source.add_user("admin", "admin")
-    target.add_user("repl", "admin")
+    target.add_user("admin", "admin")
+    target.add_user("repl", "replication")
     source.start()
     target.start()
     try:
@@ -43,7 +45,8 @@ def nodes(tmp_path):
     target = Node(tmp_path, "target", env)
     source.add_user("admin", "admin")
     source.add_user("watcher", "monitor")
-    target.add_user("repl", "admin")
+    target.add_user("admin", "admin")
+    target.add_user("repl", "replication")
     target.add_user("watcher", "monitor")
     source.start()
     target.start()
@@ -174,7 +177,7 @@ def test_authentication_rules(nodes):
     # a monitor user cannot write into the target either
     with wire.connect("127.0.0.1", target.port) as link:
         wire.login(link, "watcher", PASSWORD, purpose="data")
-        with pytest.raises(wire.ProtocolError, match="needs admin"):
+        with pytest.raises(wire.ProtocolError, match="may not open data links"):
             link.recv_json(wire.MsgType.READY)
     assert not (tmp / "evil").exists()
     # passwords never reach the logs
@@ -291,7 +294,7 @@ def test_target_that_lost_its_state_is_mirrored_again(nodes):
 def test_pause_and_resume_target(nodes):
     source, target, env, tmp = nodes
     src, dst = replicate_data(source, target, env, tmp)
-    login(target, env, "repl")
+    login(target, env)
     before = snapshot(dst)
     out = target.cli("pause-target").stdout
     assert "paused" in out
@@ -307,12 +310,13 @@ def test_pause_and_resume_target(nodes):
     # pausing survives a restart of the target daemon
     target.kill(signal.SIGTERM)
     target.start()
-    login(target, env, "repl")
+    login(target, env)
     time.sleep(1.0)
     assert snapshot(dst) == before
     assert "target side PAUSED" in target.cli("status").stdout
     target.cli("resume-target")
-    assert wait_same(src, dst, 60), target.log()[-3000:]
+    assert wait_same(src, dst, 60), (diff(snapshot(src), snapshot(dst))[:10], target.cli("status").stdout,
+                                     source.cli("status").stdout, source.log()[-3000:], target.log()[-3000:])
 
 
 def test_full_queues_auto_disconnect_and_reconnect_with_a_remirror(tmp_path):
@@ -324,7 +328,7 @@ def test_full_queues_auto_disconnect_and_reconnect_with_a_remirror(tmp_path):
              'disk_queue_limit = "512KiB"\n')
     with running_pair(tmp_path, extra=small) as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
-        login(target, env, "repl")
+        login(target, env)
         target.cli("pause-target")
         for i in range(60):                    # ~3.6 MiB of changes: far past both queues
             (src / f"f{i}").write_bytes(os.urandom(60_000))

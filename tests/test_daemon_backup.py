@@ -69,7 +69,7 @@ def test_task_copy_equals_the_source_when_queued_while_writes_go_on(tmp_path):
         assert (tmp_path / "copy.info").read_text().split() == ["1", "checkpoint", str(seq)]
         # the result shows on both sides: the target's task table, the
         # source's report from the target
-        login(target, env, "repl")
+        login(target, env)
         assert any(r["task"] == "checkpoint" and r["state"] == "ok" for r in status(target)["tasks"])
         assert "checkpoint" in target.cli("status").stdout
         reports = wait_for(lambda: status(source)["sources"][0]["task_reports"], what="a report")
@@ -221,7 +221,7 @@ def test_pause_with_heavy_writes_spills_on_both_sides_then_resumes_in_order(tmp_
               target_extra=both + 'disk_queue_limit = "4MiB"\n'
               + f'disk_queue_dir = "{tmp_path / "spill"}"\n') as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
-        login(target, env, "repl")
+        login(target, env)
         target.cli("pause-target")
         before = snapshot(dst)
         w = Workload(Recorder(src, lambda op: None), seed=31, max_write=200_000)

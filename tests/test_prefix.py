@@ -28,7 +28,7 @@ from workload import Workload
 def target(tmp_path):
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
     node = Node(tmp_path, "target", env)
-    node.add_user("repl", "admin")
+    node.add_user("repl", "replication")
     node.start()
     yield node
     if node.proc.poll() is None:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from .errors import AuthError, ConfigError
 
-ROLES = ("admin", "monitor")
+# replication: a source daemon's link user: data links, and the reads of its
+# own map bases its mirrors need (target.scan, target.signature), nothing else
+ROLES = ("admin", "monitor", "replication")
 # scrypt cost: ~50 ms and 16 MiB per check here; stored with each hash so it can
 # be raised later without breaking existing users
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
@@ -120,10 +122,14 @@ class User:
     name: str
     role: str
 
+    # who may do what a role may do: an admin may read too; a replication
+    # user may do nothing else, and nobody else may do what it does
+    _MAY = {"admin": ("admin",), "monitor": ("admin", "monitor"), "replication": ("replication",)}
+
     def require(self, role: str) -> None:
         """Raise AuthError unless this user may do what ``role`` may do."""
-        if role == "admin" and self.role != "admin":
-            raise AuthError(f"user {self.name!r} has role {self.role!r}; this request needs admin")
+        if self.role not in self._MAY[role]:
+            raise AuthError(f"user {self.name!r} has role {self.role!r}; this request needs {role}")
 
 
 class UserStore:

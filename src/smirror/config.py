@@ -161,6 +161,8 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                               "of its group to reach it before it runs without them"),
     },
     "target": {
+        "allowed_roots": Setting([], _abs_paths, "directories under which sources may place map bases "
+                                 "(none: this daemon refuses to be a target)"),
         "in_use_max_delay": Setting("0s", _duration, "hold back the ops of a file another process has "
                                     "open (a backup reading it) up to this long; 0 = never wait"),
         "orphans_dir": Setting("", _str, "where orphans moved aside go; empty = STATE_DIR/orphans"),

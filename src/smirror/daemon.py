@@ -5,8 +5,10 @@
   ``session`` after a password login, ``logout``) and gets REPLYs;
   ``monitor`` users may only read; before login a peer is held to small
   messages, a timeout and a cap of logins in progress (docs/logins.md);
-* data links (purpose ``data``): a source daemon logged in as an ``admin``
-  user streams one connection's frames into this daemon's target side.
+* data links (purpose ``data``): a source daemon logged in as a
+  ``replication`` user streams one connection's frames into this daemon's
+  target side, into a map base inside ``[target] allowed_roots``, as the
+  source id bound to that user (:mod:`~smirror.target_access`).
 
 Source side: every replication set that has connections is watched
 (:class:`~smirror.watch.TreeCapture`); its ops fan out to the journal of
@@ -36,10 +38,11 @@ from .auth import LoginThrottle, Sessions, User, UserStore
 from .config import Config, parse_hostport, setid_allowed
 from .errors import AuthError, ConfigError, QueueFull, SmirrorError
 from .memqueue import SpillQueue, queue_alert, segment_size_for
-from .registry import Registry
+from .registry import Registry, check_options
 from .keep import KeepDirs
 from .source import ConnectionJournal, Sender, for_connection
 from .target import TargetConnection
+from .target_access import MapBases, SourceBindings, check_source_id, overlaps, resolve
 from .tasks import QueuedInto, SourceTasks, TargetTasks, TaskLog, TaskPolicy, TaskSpec
 from .wire import Link, MsgType, ProtocolError
 
@@ -104,6 +107,11 @@ class SourceConnection:
                   capture=self._capture_status(),
                   alert=queue_alert(q, self.cfg.queues.disk_queue_limit, self.cfg.queues.alert_threshold,
                                     self.qdir, self.cfg.queues.min_free_space))
+        repset = self.daemon.registry.repsets.get(self.conn.repset)
+        if repset is not None and not os.path.isdir(repset.root):
+            # nothing left to replicate: say so instead of "connected"
+            st.update(state="root missing", last_error=f"the root {repset.root} of replication set "
+                      f"{repset.name!r} is missing: restore it, or disconnect {self.conn.conid}")
         return st
 
     def close(self) -> None:
@@ -253,6 +261,32 @@ def _refuse_quickly(conn: socket.socket, message: str, tls: bool) -> None:
         conn.close()
 
 
+def is_this_host(host: str, listen: str | None = None) -> bool:
+    """True when ``host`` names this machine: a loopback or unspecified
+    address, the address this daemon listens on, or any address a socket
+    can bind here (a local interface)."""
+    import ipaddress
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    for family, _, _, _, sockaddr in infos:
+        addr = sockaddr[0]
+        try:
+            ip = ipaddress.ip_address(addr.split("%")[0])
+        except ValueError:
+            continue
+        if ip.is_loopback or ip.is_unspecified or addr == listen:
+            return True
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.bind((addr, 0))
+            return True
+        except OSError:
+            pass
+    return False
+
+
 def _waiting_append(journal: ConnectionJournal, timeout: float = 600.0):
     def append(op):
         deadline = time.monotonic() + timeout
@@ -288,6 +322,7 @@ class Daemon:
         self._sources_lock = threading.RLock()
         self.counters: dict[int, dict] = {}       # auto-disconnects, reconnects, remirrors
         self.disconnected: dict[int, str] = {}    # conid -> why, while it is down
+        self.down_errors: dict[int, str] = {}     # conid -> the error that keeps it down
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self.tls_server = self.tls_client = None
@@ -304,6 +339,20 @@ class Daemon:
                                         log_=self.task_log)
         self.keep_dirs = KeepDirs(config.target.orphans_dir or self.state_dir / "orphans",
                                   config.target.deleted_dir or self.state_dir / "deleted")
+        # where sources may write here, and which source each link user is
+        self.map_bases = MapBases(
+            config.target.allowed_roots,
+            forbidden=[(self.state_dir, "the daemon's state directory"),
+                       (config.queue_dir, "the daemon's queue directory"),
+                       (config.target.orphans_dir or self.state_dir / "orphans", "the orphans directory"),
+                       (config.target.deleted_dir or self.state_dir / "deleted",
+                        "the deleted-files directory"),
+                       (config.tasks.directory, "the task directory"),
+                       (config.daemon.log_file, "the daemon's log file")],
+            repset_roots=lambda: [(r.name, r.root) for r in list(self.registry.repsets.values())])
+        self.bindings = SourceBindings(self.state_dir)
+        if not config.target.allowed_roots:
+            log.info("no [target] allowed_roots: this daemon accepts no data links (it is no target)")
         self._link_password = None
         if config.links.user:
             if not config.links.password_file:
@@ -328,8 +377,15 @@ class Daemon:
         for conn in list(self.registry.connections.values()):
             # what changed while this daemon was down is unknown: a checksum
             # difference mirror against the target goes first
-            with self._sources_lock:
-                self._start_source(conn, mirror=True, fallback_full=False)
+            try:
+                with self._sources_lock:
+                    self._start_source(conn, mirror=True, scan_must_work=False)
+            except (SmirrorError, OSError) as exc:
+                # one broken connection (its set's root is gone) stops no
+                # other; status shows it and disconnect removes it
+                log.error("connection %s: not started: %s", conn.conid, exc)
+                self.disconnected[conn.conid] = "not started"
+                self.down_errors[conn.conid] = str(exc)
         log.info("listening on %s:%d (state %s)", *self.address, self.state_dir)
         return self.address
 
@@ -358,10 +414,10 @@ class Daemon:
         log.info("stopped")
 
     # -- source side -----------------------------------------------------------
-    def dial_target(self, host: str, port: int) -> Link:
+    def dial_target(self, host: str, port: int, io_timeout: float | None = None) -> Link:
         if not self.config.links.user:
             raise ConfigError("links.user is not set: this daemon cannot log in to targets")
-        link = wire.connect(host, port, tls=self.tls_client)
+        link = wire.connect(host, port, tls=self.tls_client, io_timeout=io_timeout)
         try:
             wire.login(link, self.config.links.user, self._link_password, purpose="data")
         except BaseException:
@@ -369,31 +425,48 @@ class Daemon:
             raise
         return link
 
-    def _start_source(self, conn, mirror, fallback_full: bool = True) -> SourceConnection:
-        src = SourceConnection(self, conn)
-        self.sources[conn.conid] = src
+    def _start_source(self, conn, mirror, *, known=None, scan_must_work: bool = True) -> SourceConnection:
+        """Start a connection's source side; ``mirror`` is False, "full",
+        "different" or True (checksum), against ``known`` (what the target
+        holds) when the caller read it already. A target that cannot be
+        read is never a reason to send the whole set: with
+        ``scan_must_work`` the error is raised (connect, mirror-start);
+        otherwise (start-up, reconnects) it is the connection's last error
+        and the mirror follows the first link's RESET."""
         repset = self.registry.repset(conn.repset)
-        cap = self.captures.get(repset.name)
-        if cap is None:
-            cap = self.captures[repset.name] = RepsetCapture(repset, self._auto_disconnect)
-            cap.capture.load_target(repset.root)    # the cache: what the set holds now
-            cap.thread.start()
-        known = None
+        if not os.path.isdir(repset.root):
+            raise ConfigError(f"connection {conn.conid}: the root {repset.root} of replication set "
+                              f"{repset.name!r} is missing: restore it, or disconnect {conn.conid}")
+        scan_error = None
         if mirror == "full":
             known = {}
-        elif mirror:
+        elif mirror and known is None:
             try:
                 known = self.remote_known(conn, signatures=mirror != "different")
             except (SmirrorError, OSError) as exc:
-                if fallback_full:
-                    log.warning("connection %s: cannot read the target (%s): sending the whole set",
-                                conn.conid, exc)
-                    known = {}
-                else:
-                    # the stream restarts past what the target holds: its
-                    # RESET brings the checksum mirror once the target is back
-                    log.warning("connection %s: cannot read the target (%s): mirror when it is back",
-                                conn.conid, exc)
+                if scan_must_work:
+                    raise SmirrorError(f"cannot read map base {conn.map_base} on {conn.target}: "
+                                       f"{exc}") from None
+                # the stream restarts past what the target holds: its RESET
+                # brings the checksum mirror, which reads the target again
+                scan_error = f"cannot read the target ({exc}): mirror when it can be read"
+        src = SourceConnection(self, conn)
+        self.sources[conn.conid] = src
+        if scan_error:
+            src.sender.report_error(scan_error, logging.WARNING)
+        cap = self.captures.get(repset.name)
+        if cap is None:
+            made = None
+            try:
+                cap = made = RepsetCapture(repset, self._auto_disconnect)
+                cap.capture.load_target(repset.root)    # the cache: what the set holds now
+            except BaseException:
+                if made is not None:
+                    made.capture.close()
+                self._stop_source(conn.conid)
+                raise
+            self.captures[repset.name] = cap
+            cap.thread.start()
         # a new journal numbers past what the target holds, so the first
         # link sends RESET: the mirror queued here already covers that one
         src.mirror_pending_reset = known is not None
@@ -437,7 +510,9 @@ class Daemon:
                 log.warning("connection %s: reconnect failed: %s", conid, exc)
                 with self._sources_lock:
                     self._stop_source(conid)
+                    self.down_errors[conid] = f"reconnect failed: {exc}"
                 continue
+            self.down_errors.pop(conid, None)
             counters = self.counters[conid]
             counters["reconnects"] += 1
             counters["remirrors"] += bool(mode)
@@ -462,12 +537,18 @@ class Daemon:
             return
         log.warning("connection %s: target needs a mirror: running a checksum difference mirror",
                     conn.conid)
-        try:
-            known = self.remote_known(conn)
-        except (SmirrorError, OSError) as exc:
-            log.warning("connection %s: cannot read the target (%s): sending the whole set",
-                        conn.conid, exc)
-            known = {}
+        while True:
+            try:
+                known = self.remote_known(conn)
+                break
+            except (SmirrorError, OSError) as exc:
+                # never the whole set instead (and no orphan pass on a
+                # listing that failed): the mirror waits until it can read
+                src.sender.report_error(f"cannot read the target for its mirror ({exc}): "
+                                        f"retrying", logging.WARNING)
+                if self._stop.wait(self.config.reconnect.retry_interval) \
+                        or self.sources.get(conn.conid) is not src:
+                    return
         cap = self.captures.get(conn.repset)
         if cap is None:
             return
@@ -489,7 +570,9 @@ class Daemon:
         client = Client(conn.target, tls=self.tls_client, timeout=300)
         try:
             client.login(self.config.links.user, self._link_password)
-            listing = client.call("target.scan", map_base=conn.map_base)
+            # the target checks the source id against its link user
+            ident = {"source": self.daemon_id, "conid": conn.conid}
+            listing = client.call("target.scan", map_base=conn.map_base, **ident)
             known = {}
             for name, (mode, uid, gid, size, mtime_ns, link) in listing.items():
                 rel = os.fsencode(name)
@@ -503,7 +586,7 @@ class Daemon:
                         continue
                     if signatures and st_.S_ISREG(s.st_mode) and (s.st_size, s.st_mtime_ns) != (size, mtime_ns):
                         hexes = client.call("target.signature", map_base=conn.map_base, path=name,
-                                            block_size=k.block_size)
+                                            block_size=k.block_size, **ident)
                         k.strong = np.frombuffer(bytes.fromhex(hexes), dtype="<u8").reshape(-1, 2).copy()
             return known
         finally:
@@ -589,39 +672,66 @@ class Daemon:
             end_pending()
 
     def _data_link(self, link: Link, user: User) -> None:
-        if user.role != "admin":
-            link.send_error(f"user {user.name!r} may not write to this target (needs admin)")
-            raise AuthError(f"{link.peer}: data link refused for {user.role} user {user.name!r}")
+        """One incoming data link: only a replication user, as the source id
+        bound to it, into a map base this target allows. A refusal is
+        logged and sent to the source as ERROR. An OPEN with ``check`` is
+        the source's probe before a connect: READY (or ERROR), then the
+        link ends; nothing but the map base is created."""
+        if user.role != "replication":
+            link.send_error(f"user {user.name!r} has role {user.role!r} and may not open data links: "
+                            f"add a link user with 'smirror user add NAME --role replication' on "
+                            f"this target and name it in the source's [links] user")
+            raise AuthError(f"data link refused for {user.role} user {user.name!r}")
         _, opened = link.recv_json(MsgType.OPEN)
         conid, map_base, source = opened.get("conid"), opened.get("map_base"), opened.get("source")
-        if not isinstance(conid, int) or not isinstance(map_base, str) or not isinstance(source, str) \
-                or not os.path.isabs(map_base) or not source.isalnum():
+        check = opened.get("check") is True
+        if not isinstance(conid, int) or isinstance(conid, bool) or conid < (0 if check else 1) \
+                or not isinstance(map_base, str) or not isinstance(source, str):
             link.send_error("OPEN needs an integer conid, an absolute map_base and a source id")
             raise ProtocolError(f"{link.peer} sent a bad OPEN: {opened!r}")
-        key = (source, conid)
-        with self._targets_lock:
-            tgt = self.targets.get(key)
-            if tgt is None or tgt.map_base != os.path.normpath(map_base):
-                if tgt is not None:
-                    tgt.close()
-                cfg = self.config
-                tgt = TargetConnection(conid, map_base, self.state_dir / "targets" / source,
-                                       queue_dir=self._target_queue_dir(source, conid),
-                                       memory_limit=cfg.queues.target_memory_limit,
-                                       disk_limit=cfg.queues.disk_queue_limit,
-                                       min_free_bytes=cfg.queues.min_free_space,
-                                       fsync=cfg.queues.fsync, paused=self.paused,
-                                       tasks=self.target_tasks,
-                                       stop_on_task_failure=cfg.tasks.stop_replication_on_failure,
-                                       in_use_max_delay=cfg.target.in_use_max_delay,
-                                       keep_dirs=self.keep_dirs,
-                                       alert_threshold=cfg.queues.alert_threshold,
-                                       deleted_mode=cfg.target.ignored_deletes,
-                                       deleted_keep_days=cfg.target.deleted_keep_days,
-                                       orphan_moves=cfg.target.orphans == "move",
-                                       allow_setid=setid_allowed(map_base, cfg.target.setid_map_bases))
-                tgt.source = source
-                self.targets[key] = tgt
+        try:
+            check_source_id(source)
+            if self.bindings.claim(user.name, source):
+                log.warning("replication user %r is now bound to source %s", user.name, source)
+            base = self.map_bases.check(map_base)
+            key = (source, conid)
+            with self._targets_lock:
+                tgt = self.targets.get(key)
+                if tgt is not None and tgt.map_base != base:
+                    # never closes the running connection: a source that
+                    # reuses a conid for another map base is refused
+                    raise ConfigError(f"connection {conid} of source {source} writes to "
+                                      f"{tgt.map_base}; an OPEN for map base {base} is refused")
+                self.bindings.claim_map_base(source, base)     # no other source's map base
+                self.map_bases.check(map_base, create=True)
+                if tgt is None and not check:
+                    cfg = self.config
+                    tgt = TargetConnection(conid, base, self.state_dir / "targets" / source,
+                                           queue_dir=self._target_queue_dir(source, conid),
+                                           memory_limit=cfg.queues.target_memory_limit,
+                                           disk_limit=cfg.queues.disk_queue_limit,
+                                           min_free_bytes=cfg.queues.min_free_space,
+                                           fsync=cfg.queues.fsync, paused=self.paused,
+                                           tasks=self.target_tasks,
+                                           stop_on_task_failure=cfg.tasks.stop_replication_on_failure,
+                                           in_use_max_delay=cfg.target.in_use_max_delay,
+                                           keep_dirs=self.keep_dirs,
+                                           alert_threshold=cfg.queues.alert_threshold,
+                                           deleted_mode=cfg.target.ignored_deletes,
+                                           deleted_keep_days=cfg.target.deleted_keep_days,
+                                           orphan_moves=cfg.target.orphans == "move",
+                                           allow_setid=setid_allowed(base, cfg.target.setid_map_bases))
+                    tgt.source = source
+                    self.targets[key] = tgt
+        except SmirrorError as exc:
+            log.warning("%s: data link of user %r refused: %s", link.peer, user.name, exc)
+            link.send_error(str(exc))
+            return
+        if check:
+            log.info("%s: map base %s accepted for source %s (checked before a connect)",
+                     link.peer, base, source)
+            link.send_json(MsgType.READY, {"last_seq": 0, "map_base": base, "check": True})
+            return
         tgt.serve(link)
 
     def _target_queue_dir(self, source: str, conid: int) -> Path:
@@ -669,6 +779,9 @@ class Daemon:
     def _session_verb(self, link: Link, user: User, verb: str) -> dict:
         """``session``: a token for later logins, only after a password login
         (a token cannot mint tokens); ``logout``: revoke the link's token."""
+        if user.role == "replication":
+            raise AuthError(f"user {user.name!r} has role 'replication': it may open data links "
+                            f"and read its own map bases, not {verb!r}")
         if verb == "logout":
             return {"revoked": bool(link.token_id) and self.sessions.revoke(link.token_id)}
         if link.auth != "password":
@@ -702,8 +815,21 @@ class Daemon:
             QueuedInto(s.conn.conid, getattr(self.captures.get(s.conn.repset), "capture", None),
                        s.journal, s.sender) for s in srcs])
 
+    # what a replication user may ask on a control link: the reads of its
+    # own map bases that remote_known makes
+    REPLICATION = {"target.scan", "target.signature"}
+
     def request(self, user: User, verb: str, args: dict):
-        if verb not in self.READ_ONLY:
+        if verb in self.REPLICATION:
+            if user.role != "admin":
+                user.require("replication")
+        elif user.role == "replication":
+            raise AuthError(f"user {user.name!r} has role 'replication': it may open data links and "
+                            f"read its own map bases ({', '.join(sorted(self.REPLICATION))}), "
+                            f"not {verb!r}")
+        elif verb in self.READ_ONLY:
+            user.require("monitor")
+        else:
             user.require("admin")
         reg = self.registry
         if verb == "status":
@@ -720,8 +846,14 @@ class Daemon:
             reg.delete_repset(args.get("name"))
             return {}
         if verb == "connect":
-            conn = reg.connect(args.get("repset"), args.get("target", ""), args.get("map_base", ""),
-                               mirror=not args.get("nomirror", False),
+            # checked before anything is registered or queued: the request,
+            # the map base against this host's set, then the target itself
+            check_options(args.get("options") or {})
+            repset, target, map_base = reg.check_connect(args.get("repset"), args.get("target", ""),
+                                                         args.get("map_base", ""))
+            self._check_not_own_root(repset, target, map_base)
+            self.probe_target(target, map_base)
+            conn = reg.connect(repset.name, target, map_base, mirror=not args.get("nomirror", False),
                                options=args.get("options") or {})
             try:
                 with self._sources_lock:
@@ -741,16 +873,18 @@ class Daemon:
             return {"paused": self.paused,
                     "targets": {f"{k[0]}-{k[1]}": t.apply_state for k, t in self.targets.items()}}
         if verb == "target.scan":
-            return self._target_scan(args)
+            return self._target_scan(user, args)
         if verb == "target.signature":
-            return self._target_signature(args)
+            return self._target_signature(user, args)
         if verb == "mirror-start":
             conn = reg.connection(args.get("conid"))
+            mode = "full" if args.get("full") else \
+                "different" if args.get("different") and not args.get("checksum") else True
+            # the target is read first: a failed read leaves the connection running
+            known = {} if mode == "full" else self.remote_known(conn, signatures=mode != "different")
             with self._sources_lock:
                 self._stop_source(conn.conid)
-                mode = "full" if args.get("full") else \
-                    "different" if args.get("different") and not args.get("checksum") else True
-                src = self._start_source(conn, mirror=mode)
+                src = self._start_source(conn, mirror=mode, known=known)
             return {"conid": conn.conid, "mirror": src.mirror_stats}
         if verb == "connection.set":
             conn = reg.set_options(args.get("conid"), args.get("options") or {})
@@ -762,8 +896,42 @@ class Daemon:
             with self._sources_lock:
                 self._stop_source(conn.conid)
                 self.disconnected.pop(conn.conid, None)
+                self.down_errors.pop(conn.conid, None)
             return {"conid": conn.conid}
         raise ConfigError(f"unknown request {verb!r}")
+
+    def probe_target(self, target: str, map_base: str) -> dict:
+        """Log in to ``target`` as the link user and have it validate
+        ``map_base`` for this source (an OPEN with ``check``): its READY,
+        or SmirrorError with the target's reason."""
+        from .source import probe_target as probe
+        host, port = parse_hostport(target, "target")
+        try:
+            link = self.dial_target(host, port, io_timeout=60)
+        except AuthError as exc:
+            raise AuthError(f"target {target} refused the login of link user "
+                            f"{self.config.links.user!r}: {exc}") from None
+        except (ProtocolError, OSError) as exc:
+            raise SmirrorError(f"cannot connect to target {target}: {exc}") from None
+        try:
+            with link:
+                return probe(link, 0, map_base, self.daemon_id)
+        except (ProtocolError, OSError) as exc:
+            raise SmirrorError(f"target {target} refused map base {map_base}: {exc}") from None
+
+    def _check_not_own_root(self, repset, target: str, map_base: str) -> None:
+        """A target on this very host must not write into the set it
+        replicates (nor the set into its replica): refused here already,
+        since the target daemon may not know this daemon's sets."""
+        host, _ = parse_hostport(target, "target")
+        if not is_this_host(host, self.address[0] if getattr(self, "address", None) else None):
+            return
+        base, root = resolve(map_base), resolve(repset.root)
+        if overlaps(base, root):
+            how = "contains" if base != root and root.startswith(base.rstrip("/") + "/") else "is in"
+            raise ConfigError(f"map base {map_base} on {target} (this host) {how} the root "
+                              f"{repset.root} of replication set {repset.name!r}: the replica "
+                              f"would replicate itself")
 
     @property
     def paused(self) -> bool:
@@ -781,33 +949,51 @@ class Daemon:
                 t.pause() if paused else t.resume()
         log.warning("target side %s", "paused" if paused else "resumed")
 
-    @staticmethod
-    def _map_base(args) -> bytes:
-        base = args.get("map_base")
-        if not isinstance(base, str) or not os.path.isabs(base):
-            raise ConfigError(f"map base must be an absolute path, got {base!r}")
-        return os.fsencode(os.path.normpath(base))
+    def _map_base(self, user: User, args) -> bytes:
+        """The resolved map base of a target.scan / target.signature request,
+        checked like a data link's: inside the allowed roots, and for a
+        replication user as the source id bound to it, in no other source's
+        map base. Nothing is created."""
+        try:
+            base = self.map_bases.check(args.get("map_base"))
+            if user.role == "replication":
+                source = args.get("source")
+                check_source_id(source)
+                if self.bindings.claim(user.name, source):
+                    log.warning("replication user %r is now bound to source %s", user.name, source)
+                self.bindings.claim_map_base(source, base, record=False)
+            return os.fsencode(base)
+        except SmirrorError as exc:
+            log.warning("user %r: read of map base %r refused: %s", user.name, args.get("map_base"), exc)
+            raise
 
-    def _target_scan(self, args) -> dict:
+    def _target_scan(self, user: User, args) -> dict:
         """The entries under a map base (this daemon as a target)."""
         from .tree import scan
-        base = self._map_base(args)
+        base = self._map_base(user, args)
         if not os.path.isdir(base):
             return {}
+        listing = scan(base)
+        if listing.errors:
+            # a partial listing would hide files from the mirror's orphan
+            # pass and make it resend what it missed: the read failed
+            rel, exc = listing.errors[0]
+            raise SmirrorError(f"listing map base {os.fsdecode(base)} failed at {len(listing.errors)} "
+                               f"place(s), first {os.fsdecode(rel) or '.'}: {exc.strerror or exc}")
         out = {}
-        for rel, e in scan(base).entries.items():
+        for rel, e in listing.entries.items():
             if rel and not rel.rpartition(b"/")[2].startswith(b".smirror-tmp-"):
                 out[os.fsdecode(rel)] = [e.mode, e.uid, e.gid, e.size, e.mtime_ns,
                                          os.fsdecode(e.link) if e.link is not None else None]
         return out
 
-    def _target_signature(self, args) -> str:
+    def _target_signature(self, user: User, args) -> str:
         """Block hashes (hex of little-endian uint64 pairs) of one file under
         a map base, path confined to it."""
         from .checksum import check_block_size, fd_signature
         from .target_local import open_beneath
         bs = check_block_size(args.get("block_size"))
-        fd = open_beneath(self._map_base(args), os.fsencode(args.get("path", "")), os.O_RDONLY)
+        fd = open_beneath(self._map_base(user, args), os.fsencode(args.get("path", "")), os.O_RDONLY)
         try:
             sig = fd_signature(fd, block_size=bs, weak=False)
         finally:
@@ -820,6 +1006,7 @@ class Daemon:
                 "listen": f"{self.address[0]}:{self.address[1]}",
                 "sources": [dict(s.status(), **self.counters.get(s.conn.conid, {}))
                             for s in self.sources.values()]
-                + [{"conid": c, "state": why, **self.counters.get(c, {})}
+                + [{"conid": c, "state": why, "last_error": self.down_errors.get(c, ""),
+                    **self.counters.get(c, {})}
                    for c, why in self.disconnected.items()],
                 "targets": [dict(t.status(), source=k[0]) for k, t in self.targets.items()]}

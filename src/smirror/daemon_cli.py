@@ -51,7 +51,12 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("user", help="manage the daemon's users (on its state directory)")
     p.add_argument("action", choices=("add", "remove", "list"))
     p.add_argument("name", nargs="?")
-    p.add_argument("--role", choices=("admin", "monitor"), default="monitor")
+    p.add_argument("--role", choices=("admin", "monitor", "replication"), default="monitor",
+                   help="admin: everything; monitor: read status; replication: the link user a "
+                        "source daemon logs in as (data links only)")
+    p.add_argument("--source", metavar="ID",
+                   help="with --role replication: bind the user to this source daemon id "
+                        "(its STATE_DIR/daemon-id) now, instead of to the first one that uses it")
     p.add_argument("--replace", action="store_true", help="change an existing user")
     p.add_argument("--state-dir", metavar="DIR", default=None)
     p.add_argument("--config", metavar="FILE")
@@ -196,11 +201,28 @@ def run_user(args) -> int:
         return EXIT_OK
     if not args.name:
         raise ConfigError(f"user {args.action} needs a NAME")
+    from .target_access import SourceBindings, check_source_id
+    bindings = SourceBindings(cfg.state_dir)
     if args.action == "remove":
         store.remove(args.name)
+        bindings.unbind(args.name)
         return EXIT_OK
+    if args.source is not None:
+        if args.role != "replication":
+            raise ConfigError("--source binds a replication user: use it with --role replication")
+        check_source_id(args.source)
+        owner = bindings.owner(args.source)
+        if owner not in (None, args.name):
+            raise ConfigError(f"source {args.source} is bound to user {owner!r} already "
+                              f"(remove that user first)")
     store.add(args.name, args.role, _password(args, confirm=True), replace=args.replace)
-    print(f"user {args.name} ({args.role}) saved in {store.path}")
+    if args.role != "replication":
+        bindings.unbind(args.name)          # a replaced user speaks for no source any more
+    elif args.source is not None:
+        bindings.bind(args.name, args.source)
+    bound = bindings.bound(args.name)
+    print(f"user {args.name} ({args.role}) saved in {store.path}"
+          + (f", bound to source {bound}" if bound else ""))
     return EXIT_OK
 
 
@@ -302,8 +324,8 @@ def run_connect(args) -> int:
     with _client(args) as c:
         r = c.call("connect", repset=repset, target=target, map_base=base, nomirror=nomirror,
                    options=_options_of(args))
-        _print(args, r, f"connection {r['conid']}: {repset} -> {target} at {base}"
-                        + ("" if nomirror else " (mirror started)"))
+        _print(args, r, f"connection {r['conid']}: {repset} -> {target} at {base}, accepted by "
+                        f"the target" + ("" if nomirror else " (mirror started)"))
     return EXIT_OK
 
 
@@ -401,6 +423,11 @@ def run_status(args) -> int:
                          f"{format_size(t['queue_disk_bytes']):>10}")
     notes = []
     for s in st["sources"]:
+        if s.get("last_error"):
+            import time
+            at = time.strftime(" (%H:%M:%S)", time.localtime(s["last_error_at"])) \
+                if s.get("last_error_at") else ""
+            notes.append(f"  ! connection {s['conid']}: last error{at}: {s['last_error']}")
         if s.get("alert"):
             notes.append(f"  ! connection {s['conid']} source queue: {s['alert']}")
         opts = s.get("options") or {}

@@ -203,18 +203,27 @@ class Registry:
             self._save()
 
     # -- connections -----------------------------------------------------
-    def connect(self, repset: str, target: str, map_base: str, mirror: bool = True,
-                options: dict | None = None) -> Connection:
+    def check_connect(self, repset: str, target: str, map_base: str) -> tuple[Repset, str, str]:
+        """(repset, target, map base) of a connection that may be made, in
+        their normal forms, without making it (a daemon asks the target
+        before it registers anything)."""
         target = _check_target(target)
-        options = check_options(options or {})
-        if not os.path.isabs(map_base):
+        if not isinstance(map_base, str) or not os.path.isabs(map_base) or "\0" in map_base:
             raise ConfigError(f"map base must be an absolute path on the target, got {map_base!r}")
         map_base = os.path.normpath(map_base)
         with self._lock:
-            self.repset(repset)
-            if self.find(repset, target, map_base) is not None:
+            found = self.repset(repset)
+            conid = self.find(repset, target, map_base)
+            if conid is not None:
                 raise ConfigError(f"{repset} is already connected to {target} at map base {map_base} "
-                                  f"(connection {self.find(repset, target, map_base)})")
+                                  f"(connection {conid})")
+        return found, target, map_base
+
+    def connect(self, repset: str, target: str, map_base: str, mirror: bool = True,
+                options: dict | None = None) -> Connection:
+        options = check_options(options or {})
+        with self._lock:
+            _, target, map_base = self.check_connect(repset, target, map_base)
             conn = Connection(self._next_conid, repset, target, map_base, mirror, **options)
             self._next_conid += 1
             self.connections[conn.conid] = conn

@@ -272,16 +272,26 @@ class Sender:
 
     def _failed(self, exc) -> None:
         self.state = "disconnected"
-        self.last_error = str(exc)
-        log.warning("connection %s: %s; retrying in %.1fs", self.conid, exc, self.retry_interval)
+        self.report_error(str(exc), logging.WARNING, f"; retrying in {self.retry_interval:.1f}s")
         self._stop.wait(self.retry_interval)
+
+    def report_error(self, message: str, level: int = logging.ERROR, more: str = "") -> None:
+        """Keep ``message`` as the connection's last error (status shows it,
+        with its time, until another one replaces it) and log it."""
+        self.last_error, self.last_error_at = message, time.time()
+        log.log(level, "connection %s: %s%s", self.conid, message, more)
+
+    last_error_at = None
 
     def _session(self, link: Link) -> None:
         q = self.queue
         next_seq = self._first_unacked_seq()
-        link.send_json(MsgType.OPEN, {"conid": self.conid, "map_base": self.map_base,
-                                      "source": self.source_name, "next_seq": next_seq})
-        _, ready = link.recv_json(MsgType.READY)
+        link.send_json(MsgType.OPEN, open_message(self.conid, self.map_base, self.source_name,
+                                                  next_seq))
+        try:
+            _, ready = link.recv_json(MsgType.READY)
+        except ProtocolError as exc:        # the target refused the OPEN: its reason
+            raise ProtocolError(f"target {exc}") from None
         target_last = ready.get("last_seq")
         if not isinstance(target_last, int) or target_last < 0:
             raise ProtocolError(f"{link.peer} sent READY without a valid last_seq")
@@ -311,7 +321,6 @@ class Sender:
         self._set_acked(target_last)
         self.connects += 1
         self.state = "connected"
-        self.last_error = ""
         log.info("connection %s: streaming to %s from seq %d", self.conid, link.peer, target_last + 1)
         reader = threading.Thread(target=self._read_acks, args=(link,), daemon=True,
                                   name=f"acks-{self.conid}")
@@ -377,6 +386,10 @@ class Sender:
                     notice = json.loads(bytes(payload))
                     if not isinstance(notice, dict):
                         raise ProtocolError(f"{link.peer} sent a NOTICE that is not an object")
+                    if notice.get("event") == "apply-error":
+                        # the target cannot apply an op: the source's status says why
+                        self.report_error(f"target {link.peer}: {notice.get('error')}")
+                        continue
                     self.notices.append(notice)
                     level = logging.INFO if notice.get("state") == "ok" else logging.ERROR
                     log.log(level, "connection %s: target reports task %r %s: %s %s", self.conid,
@@ -385,7 +398,7 @@ class Sender:
                     if self.on_notice is not None:
                         self.on_notice(notice)
                 elif mtype == MsgType.ERROR:
-                    raise ProtocolError(f"{link.peer}: {json.loads(bytes(payload)).get('error')}")
+                    raise ProtocolError(f"target {link.peer}: {json.loads(bytes(payload)).get('error')}")
                 else:
                     raise ProtocolError(f"{link.peer} sent {mtype.name} on a data link")
         except (ProtocolError, OSError, ValueError, QueueClosed) as exc:
@@ -415,12 +428,36 @@ class Sender:
         q = self.queue
         p50, p99 = self.lag()
         return {"conid": self.conid, "state": self.state, "last_error": self.last_error,
+                "last_error_at": self.last_error_at,
                 "lag_ms_p50": p50, "lag_ms_p99": p99,
                 "seq_captured": self.journal.last_seq, "seq_sent": self.sent_seq,
                 "seq_acked": self.acked_seq, "queue_mem_bytes": q.mem_bytes,
                 "queue_disk_bytes": q.disk_bytes, "bytes_sent": self.bytes_sent,
                 "frames_sent": self.frames_sent, "connects": self.connects,
                 "needs_mirror": self.needs_mirror, "task_reports": list(self.notices)[-10:]}
+
+
+def open_message(conid: int, map_base: str, source: str, next_seq: int = 0,
+                 check: bool = False) -> dict:
+    """The OPEN a source sends first on a data link; with ``check`` it is a
+    probe: the target validates the map base (creating nothing else) and
+    answers READY or ERROR, and the link ends."""
+    msg = {"conid": conid, "map_base": map_base, "source": source, "next_seq": next_seq}
+    if check:
+        msg["check"] = True
+    return msg
+
+
+def probe_target(link: Link, conid: int, map_base: str, source: str) -> dict:
+    """Ask the target behind ``link`` whether it accepts ``map_base`` from
+    ``source``: its READY (with the resolved map base), or ProtocolError
+    with the target's reason."""
+    link.send_json(MsgType.OPEN, open_message(conid, map_base, source, check=True))
+    _, ready = link.recv_json(MsgType.READY)
+    if not ready.get("check"):
+        raise ProtocolError(f"target {link.peer} does not check map bases before a connection "
+                            f"(an older smirror): upgrade it")
+    return ready
 
 
 IGNORE_DELETES = ("off", "keep", "move")

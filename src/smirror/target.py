@@ -190,6 +190,8 @@ class TargetConnection:
                 # out of order; an operator sees why in the status
                 self._applying = False
                 self.state = "apply-error"
+                if self.error != str(exc):      # the source's status shows it (once per error)
+                    self._notify({"event": "apply-error", "error": str(exc), "seq": seq})
                 self.error = str(exc)
                 log.error("connection %s: %s", self.conid, exc)
                 if handed:
