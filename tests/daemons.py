@@ -43,7 +43,9 @@ class Node:
             lines.append(f'[links]\nuser = "{links_user}"\npassword_file = "{pw}"\n')
         if tls_dir is not None:
             lines.append(f'[tls]\nenabled = true\ncert = "{tls_dir / "daemon.pem"}"\n'
-                         f'key = "{tls_dir / "daemon.key"}"\nca = "{tls_dir / "ca.pem"}"\n')
+                         f'key = "{tls_dir / "daemon.key"}"\nca = "{tls_dir / "ca.pem"}"\n'
+                         + _section_body(extra, "tls"))
+            extra = _without_section(extra, "tls")
         if allowed_roots == ():
             allowed_roots = [tmp]
         if allowed_roots:

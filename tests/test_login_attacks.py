@@ -371,7 +371,7 @@ def _client_cert(certs, name):
 def test_tls_is_remembered_per_host_and_certificates_name_users(tmp_path, start_node, env):
     (tmp_path / "certs").mkdir()
     certs = make_certs(tmp_path / "certs")
-    node = start_node(tls_dir=certs, extra="cert_users = true\n")     # lands in [tls], the last table
+    node = start_node(tls_dir=certs, extra="[tls]\ncert_users = true\n")
     cert, key = _client_cert(certs, "admin")
     tls_env = {"SMIRROR_TLS_CA": str(certs / "ca.pem"), "SMIRROR_TLS_CERT": str(cert),
                "SMIRROR_TLS_KEY": str(key)}
