@@ -19,8 +19,15 @@ Safety (:class:`TaskPolicy`): a daemon runs task commands only when
 ``tasks.enabled`` is set, and only executables inside ``tasks.directory``
 (no ``..``, no absolute path or symlink leading elsewhere). Commands run
 without a shell: a command is split into words like a shell would (quotes),
-the first word names the executable. Everything else is refused with an
-error that names the task, the stage and why.
+the first word names the executable, and with an allow-listed environment
+(a fixed PATH, the locale, TZ, HOME of the daemon's user and the task's own
+SMIRROR_* variables: nothing else of the daemon's). Everything else is
+refused with an error that names the task, the stage and why.
+
+A TASK payload comes from the source: :meth:`TaskSpec.decode` type- and
+range-checks every field, so any problem with it is a :class:`TaskError`
+(the target refuses the task with a NOTICE and goes on), never another
+exception in the applier.
 """
 from __future__ import annotations
 
