@@ -2,6 +2,7 @@
 directory policy, the barrier across connections, and, end to end in the
 embedded engine, a task whose on-execute copies the target tree while the
 source keeps changing."""
+import json
 import os
 import threading
 import time
@@ -70,6 +71,81 @@ def test_bad_payload_is_named(payload, message):
 def test_bad_task_requests(kwargs, message):
     with pytest.raises((TaskError, ConfigError), match=message):
         TaskSpec.build(kwargs.pop("name"), **kwargs)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("args", [1], "args word 0 must be a string, got 1"),
+    ("args", "abc", "args must be a list of strings"),
+    ("args", [["nested"]], "args word 0 must be a string"),
+    ("args", ["x" * 5000], "args word 0 must be 0-4096 characters"),
+    ("args", ["a\0b"], "without NUL"),
+    ("name", "", "name must be 1-200 characters"),
+    ("name", ["t"], "name must be a string"),
+    ("name", "n" * 201, "name must be 1-200 characters"),
+    ("on_receive", [], "on_receive must be a non-empty list"),
+    ("on_execute", ["x"] * 257, "257 words"),
+    ("timeout", True, "bad timeout"),
+    ("timeout", -1, "bad timeout"),
+    ("timeout", 31 * 86400, "bad timeout"),
+    ("timeout", float("nan"), "bad timeout"),
+    ("id", 7, "id must be a string"),
+    ("source", "s" * 300, "source must be"),
+    ("group", [1, True], "group must be a list"),
+    ("group", "1,2", "group must be a list"),
+    ("queued_at", "now", "bad queued_at"),
+    ("queued_at", float("inf"), "bad queued_at"),
+])
+def test_every_field_of_a_task_payload_is_checked(field, value, message):
+    """Each bad field is a TaskError naming it (never a TypeError that would
+    reach the applier), from the JSON a source sends."""
+    spec = TaskSpec.build("t", on_execute="x").encode()
+    payload = json.dumps(dict(json.loads(spec), **{field: value})).encode()
+    with pytest.raises(TaskError, match=f"connection 3 task at seq 9: .*{message}"):
+        TaskSpec.decode(payload, "connection 3 task at seq 9")
+
+
+@pytest.mark.parametrize("payload", [b"[" * 100_000 + b"]" * 100_000, rb'{"v": 1, "name": "\ud800"}',
+                                     b"\xff\xfe", b'{"v": true}', b"null"])
+def test_odd_task_json_is_a_task_error(payload):
+    with pytest.raises(TaskError):
+        TaskSpec.decode(payload)
+
+
+def test_build_checks_what_a_request_gives():
+    with pytest.raises(TaskError, match="args word 1 must be a string"):
+        TaskSpec.build("t", on_execute="x", args=["ok", 2])
+    with pytest.raises(TaskError, match="arguments must be a list"):
+        TaskSpec.build("t", on_execute="x", args=5)
+    with pytest.raises(TaskError, match="bad timeout"):
+        TaskSpec.build("t", on_execute="x", timeout="400d")
+    assert TaskSpec.decode(TaskSpec.build("t", on_execute="x", timeout="30d").encode()).timeout == 30 * 86400
+
+
+def test_tasks_see_an_allow_listed_environment(tmp_path, taskdir, monkeypatch):
+    """Nothing of the daemon's environment but PATH (fixed), the locale, TZ
+    and HOME reaches a task command; its own SMIRROR_* variables do."""
+    monkeypatch.setenv("SMIRROR_DAEMON_SECRET", "hunter2")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter3")
+    monkeypatch.setenv("LD_PRELOAD", "/tmp/evil.so.missing")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("LC_ALL", "C")
+    monkeypatch.setenv("TZ", "UTC")
+    script(taskdir, "dump-env", 'env > "$1"\n')
+    out = tmp_path / "env.txt"
+    tasks = TargetTasks(TaskPolicy(True, str(taskdir)))
+    spec = TaskSpec.build("e", on_execute="dump-env", args=[str(out)], source="src1")
+    r = tasks.execute(spec, 1, 7, str(tmp_path))
+    assert r.state == "ok", r
+    env = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    assert "hunter2" not in out.read_text() and "hunter3" not in out.read_text()
+    assert "LD_PRELOAD" not in env and "SMIRROR_DAEMON_SECRET" not in env
+    assert env["PATH"] == "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert env["LC_ALL"] == "C" and env["TZ"] == "UTC"
+    import pwd
+    assert env["HOME"] == pwd.getpwuid(os.getuid()).pw_dir
+    assert env["SMIRROR_TASK_NAME"] == "e" and env["SMIRROR_SEQ"] == "7" and env["SMIRROR_SOURCE"] == "src1"
+    allowed = {"PATH", "HOME", "LC_ALL", "TZ", "PWD", "SHLVL", "_", "LANG", "LANGUAGE"}
+    assert {k for k in env if not k.startswith(("SMIRROR_", "LC_"))} <= allowed
 
 
 def test_policy_refuses_what_is_outside_or_disabled(tmp_path, taskdir):

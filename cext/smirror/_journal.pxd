@@ -54,6 +54,8 @@ cdef struct RecordError:
     Py_ssize_t pos               # byte position in the raw payload
     uint64_t value               # the offending value, when there is one
     uint64_t other               # a second value for the message
+    uint64_t seq                 # the op's seq and kind, once read
+    uint8_t kind
 
 
 cdef int path_problem(uint8_t kind, const unsigned char* p, size_t n,

@@ -90,11 +90,17 @@ cdef enum:
     M_ALL = 15
     MAX_PATH = 0xFFFF
     MAX_MODE = 0o7777
+    MAX_TREE_PATH = 4095    # tree paths and symlink targets (PATH_MAX with its NUL)
+    NAME_MAX = 255          # one component of a tree path
+    MAX_LABEL = 1024        # task name, mark label
+    MAX_TASK_PAYLOAD = 65536
+    MAX_MARK_PAYLOAD = 65536
     LZ4_MAX_RATIO = 256
     PATH_CACHE = 16         # path objects remembered as checked, per encode
 
 cdef uint64_t MAX_PAYLOAD = 1 << 30
 cdef uint64_t MAX_OFFSET = (<uint64_t>1 << 63) - 1
+cdef uint32_t MAX_ID = 0xFFFFFFFE              # uid, gid (0xFFFFFFFF is chown's "unchanged")
 cdef uint32_t MAGIC_LE = 0x464A4D53          # b"SMJF" read as little-endian u32
 cdef Py_ssize_t AUTO_COMPRESS_MIN = _AUTO_COMPRESS_MIN
 cdef Py_ssize_t AUTO_SAMPLE = _AUTO_SAMPLE
@@ -160,20 +166,46 @@ cdef enum PathProblem:
     P_ABSOLUTE
     P_DOTDOT
     P_NOT_EMPTY
+    P_DOT
+    P_EMPTY_NAME
+    P_TOO_LONG
+    P_LABEL_TOO_LONG
+    P_NAME_TOO_LONG
 
 PATH_PROBLEMS = {
     P_NUL: "contains a NUL byte", P_EMPTY: "is empty", P_ABSOLUTE: "is absolute",
     P_DOTDOT: "has a '..' component", P_NOT_EMPTY: "must be empty for this kind",
+    P_DOT: "has a '.' component",
+    P_EMPTY_NAME: "has an empty component ('//' or a trailing '/')",
+    P_TOO_LONG: f"is longer than {MAX_TREE_PATH} bytes (PATH_MAX)",
+    P_LABEL_TOO_LONG: f"is longer than {MAX_LABEL} bytes",
+    P_NAME_TOO_LONG: f"has a name longer than {NAME_MAX} bytes (NAME_MAX)",
 }
+
+# the component flags path_problem collects in its one pass
+cdef enum:
+    C_DOTDOT = 1
+    C_DOT = 2
+    C_EMPTY = 4
+    C_LONG = 8
+
+cdef inline int component_flags(const unsigned char* c, size_t n) noexcept nogil:
+    if n == 0:
+        return C_EMPTY
+    if n == 1:
+        return C_DOT if c[0] == b'.' else 0
+    if n == 2:
+        return C_DOTDOT if (c[0] == b'.' and c[1] == b'.') else 0
+    return C_LONG if n > NAME_MAX else 0
 
 cdef int path_problem(uint8_t kind, const unsigned char* p, size_t n,
                       bint second) noexcept nogil:
     """Why ``p`` cannot be the path (second=0) or path2 of ``kind``: the
-    purely syntactic rules of smirror.ops; P_OK when it is fine."""
+    rules of smirror.ops; P_OK when it is fine."""
     cdef bint tree
-    cdef bint dotdot = False
+    cdef int flags = 0
     cdef size_t i, start = 0
-    cdef unsigned char c
+    cdef const unsigned char* nul
     if second:
         if not HAS_PATH2[kind]:
             return P_NOT_EMPTY if n else P_OK
@@ -182,21 +214,32 @@ cdef int path_problem(uint8_t kind, const unsigned char* p, size_t n,
         tree = TREE_PATH[kind]
     if n == 0:
         return P_OK if (kind == K_MARK and not second) else P_EMPTY
-    # one pass: a NUL anywhere wins over a '..' component
-    for i in range(n):
-        c = p[i]
-        if c == 0:
-            return P_NUL
-        if c == b'/':
-            if i - start == 2 and p[start] == b'.' and p[start + 1] == b'.':
-                dotdot = True
-            start = i + 1
     if not tree:
-        return P_OK
+        if memchr(p, 0, n) != NULL:
+            return P_NUL
+        if second:                          # a symlink target
+            return P_TOO_LONG if n > MAX_TREE_PATH else P_OK
+        return P_LABEL_TOO_LONG if n > MAX_LABEL else P_OK
+    # one pass over a tree path: a NUL anywhere wins over everything else
+    for i in range(n):
+        if p[i] == 0:
+            return P_NUL
+        if p[i] == b'/':
+            flags |= component_flags(p + start, i - start)
+            start = i + 1
+    flags |= component_flags(p + start, n - start)
+    if n > MAX_TREE_PATH:
+        return P_TOO_LONG
     if p[0] == b'/':
         return P_ABSOLUTE
-    if dotdot or (n - start == 2 and p[start] == b'.' and p[start + 1] == b'.'):
-        return P_DOTDOT
+    if flags:
+        if flags & C_DOTDOT:
+            return P_DOTDOT
+        if flags & C_DOT:
+            return P_DOT
+        if flags & C_EMPTY:
+            return P_EMPTY_NAME
+        return P_NAME_TOO_LONG
     return P_OK
 
 
@@ -219,6 +262,9 @@ cdef enum RecordProblem:
     R_DATA
     R_STRAY
     R_LAST_SEQ
+    R_ID                # value = the uid or gid, other = 0 uid / 1 gid
+    R_WRITE_END         # value = offset, other = data length
+    R_PAYLOAD_SIZE      # value = data length, other = the kind's limit
 
 
 cdef Py_ssize_t validate_records(const unsigned char* raw, Py_ssize_t raw_len,
@@ -247,6 +293,8 @@ cdef Py_ssize_t validate_records(const unsigned char* raw, Py_ssize_t raw_len,
         path2_len = ld16(r + 4)
         data_len = ld32(r + 6)
         seq = ld64(r + 10)
+        err.seq = seq
+        err.kind = kind
         if kind == 0 or kind >= NKINDS:
             err.code = R_KIND
             err.value = kind
@@ -292,6 +340,12 @@ cdef Py_ssize_t validate_records(const unsigned char* raw, Py_ssize_t raw_len,
                 err.value = v
                 err.pos = body
                 return -1
+            if kind == K_WRITE and v + data_len > MAX_OFFSET:
+                err.code = R_WRITE_END
+                err.value = v
+                err.other = data_len
+                err.pos = body
+                return -1
         elif kind == K_CREATE or kind == K_MKDIR:
             mode = ld32(raw + body)
         elif kind == K_SETATTR:
@@ -311,6 +365,17 @@ cdef Py_ssize_t validate_records(const unsigned char* raw, Py_ssize_t raw_len,
                 return -1
             if not (mask & M_MTIME) and v:
                 err.pos = body + 12
+                return -1
+            err.code = R_ID
+            if uid > MAX_ID:
+                err.value = uid
+                err.other = 0
+                err.pos = body + 4
+                return -1
+            if gid > MAX_ID:
+                err.value = gid
+                err.other = 1
+                err.pos = body + 8
                 return -1
         if mode > MAX_MODE:
             err.code = R_MODE
@@ -334,6 +399,13 @@ cdef Py_ssize_t validate_records(const unsigned char* raw, Py_ssize_t raw_len,
         body += path2_len
         if data_len and not HAS_DATA[kind]:
             err.code = R_DATA
+            err.pos = pos + 6
+            return -1
+        if ((kind == K_TASK and data_len > MAX_TASK_PAYLOAD)
+                or (kind == K_MARK and data_len > MAX_MARK_PAYLOAD)):
+            err.code = R_PAYLOAD_SIZE
+            err.value = data_len
+            err.other = MAX_TASK_PAYLOAD if kind == K_TASK else MAX_MARK_PAYLOAD
             err.pos = pos + 6
             return -1
         pos = body + data_len
@@ -365,14 +437,16 @@ cdef object record_error(RecordError* e, const unsigned char* raw,
     where = f" (decompressed payload byte {e.pos})" if compressed else ""
     at = payload_start if compressed else raw_base + e.pos
     code = e.code
+    # the op's seq, kind and field, for whoever must find it
+    who = f"op {i} (seq {e.seq}, {kind_name(e.kind)})"
     if code == R_TRUNCATED:
         msg = f"op {i} record truncated"
     elif code == R_KIND:
-        msg = f"op {i}: unknown op kind {e.value}"
+        msg = f"op {i} (seq {e.seq}): unknown op kind {e.value}"
     elif code == R_SETATTR_MASK:
-        msg = f"op {i}: bad setattr mask 0x{e.value:02x}"
+        msg = f"{who}: bad setattr mask 0x{e.value:02x}"
     elif code == R_MASK_ON_OTHER:
-        msg = f"op {i}: mask set on a {kind_name(raw[e.pos - 1])} op"
+        msg = f"{who}: mask set on a {kind_name(e.kind)} op"
     elif code == R_FIRST_SEQ:
         msg = f"op 0 seq {e.value} differs from the header's first seq {e.other}"
     elif code == R_SEQ_ORDER:
@@ -381,16 +455,22 @@ cdef object record_error(RecordError* e, const unsigned char* raw,
         msg = (f"op {i} record needs {e.value} bytes after its head, the payload "
                f"has {e.other} left")
     elif code == R_OFFSET_RANGE:
-        msg = f"op {i}: offset/size {e.value} exceeds 2**63-1"
+        msg = f"{who}: offset/size {e.value} exceeds 2**63-1"
+    elif code == R_WRITE_END:
+        msg = f"{who}: write offset {e.value} + {e.other} bytes ends past 2**63-1"
     elif code == R_UNMASKED_FIELD:
-        msg = f"op {i}: setattr field not named by the mask is not 0"
+        msg = f"{who}: setattr field not named by the mask is not 0"
+    elif code == R_ID:
+        msg = f"{who}: {'gid' if e.other else 'uid'} {e.value} out of range 0..{MAX_ID}"
     elif code == R_MODE:
-        msg = f"op {i}: mode 0o{e.value:o} has bits beyond 0o7777"
+        msg = f"{who}: mode 0o{e.value:o} has bits beyond 0o7777"
     elif code == R_PATH or code == R_PATH2:
-        msg = (f"op {i}: {'path2' if code == R_PATH2 else 'path'} "
+        msg = (f"{who}: {'path2' if code == R_PATH2 else 'path'} "
                f"{PATH_PROBLEMS[e.value]}")
     elif code == R_DATA:
-        msg = f"op {i}: data on an op kind that carries none"
+        msg = f"{who}: data on a {kind_name(e.kind)} op"
+    elif code == R_PAYLOAD_SIZE:
+        msg = f"{who}: payload is {e.value} bytes, the limit is {e.other}"
     elif code == R_STRAY:
         msg = f"{e.value} stray bytes after the last op"
     elif code == R_LAST_SEQ:
@@ -858,6 +938,9 @@ cdef class Encoder:
                 raise bad_op(i, op, f"data must be empty for {kind_name(kind)} ops")
             if u > MAX_PAYLOAD:
                 raise bad_op(i, op, f"data is {u} bytes, the frame limit is {MAX_PAYLOAD}")
+            if (kind == K_TASK and u > MAX_TASK_PAYLOAD) or (kind == K_MARK and u > MAX_MARK_PAYLOAD):
+                raise bad_op(i, op, f"{kind_name(kind)} payload is {u} bytes, the limit is "
+                                    f"{MAX_TASK_PAYLOAD if kind == K_TASK else MAX_MARK_PAYLOAD}")
             f.data_len = <uint32_t>u
             # numeric fields: the kind's own are range-checked, the rest must be 0
             f.u64 = 0
@@ -866,6 +949,9 @@ cdef class Encoder:
             f.mask = 0
             if kind == K_WRITE:
                 f.u64 = get_u64(i, op, "offset", <object>PyTuple_GET_ITEM(op, 4), MAX_OFFSET)
+                if f.u64 + f.data_len > MAX_OFFSET:
+                    raise bad_op(i, op, f"write offset {f.u64} + {f.data_len} bytes ends "
+                                        f"past 2**63-1")
             else:
                 check_unused(i, op, "offset", <object>PyTuple_GET_ITEM(op, 4), kind)
             if kind == K_TRUNCATE:
@@ -963,8 +1049,8 @@ cdef class Encoder:
         if mask == 0:
             raise bad_op(i, op, f"mask 0 out of range 1..{M_ALL}")
         f.mask = <uint8_t>mask
-        f.uid = <uint32_t>get_u64(i, op, "uid", <object>PyTuple_GET_ITEM(op, 7), 0xFFFFFFFF)
-        f.gid = <uint32_t>get_u64(i, op, "gid", <object>PyTuple_GET_ITEM(op, 8), 0xFFFFFFFF)
+        f.uid = <uint32_t>get_u64(i, op, "uid", <object>PyTuple_GET_ITEM(op, 7), MAX_ID)
+        f.gid = <uint32_t>get_u64(i, op, "gid", <object>PyTuple_GET_ITEM(op, 8), MAX_ID)
         if not PyLong_Check(mt):
             raise bad_op(i, op, f"mtime_ns must be an int, not {type(mt).__name__}", TypeError)
         try:

@@ -27,6 +27,7 @@ import threading
 import time
 
 from .errors import QueueClosed, QueueCorrupt, QueueError, QueueFull
+from .private import PRIVATE_FILE, private_dir
 
 RECORD_MAGIC = b"SMQR"
 SEGMENT_MAGIC = b"SMQS"
@@ -608,9 +609,9 @@ cdef class SpillQueue:
         self._rbuf_seg = -1
         self._small_fill = True
 
-        os.makedirs(self.spill_dir, exist_ok=True)
+        private_dir(self.spill_dir)      # 0700: segments hold replicated files' contents
         self._lock_fd = os.open(os.path.join(self.spill_dir, LOCK_NAME),
-                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -902,7 +903,7 @@ cdef class SpillQueue:
                 pass
         try:
             flags = os.O_WRONLY | os.O_CLOEXEC
-            fd = os.open(path, flags if recycled else flags | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, flags if recycled else flags | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
             try:
                 os.pwrite(fd, encode_segment_header(index, recycled), 0)
             except OSError:
@@ -1135,7 +1136,7 @@ cdef class SpillQueue:
         cdef int fd
         if self._ack_fd < 0:
             self._ack_fd = os.open(os.path.join(self.spill_dir, ACK_NAME),
-                                   os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                                   os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
         fd = self._ack_fd
         encode_ack_c(slot, generation, self._acked_seq)
         with nogil:

@@ -51,7 +51,7 @@ The raw payload is ``op count`` records back to back, nothing after them::
                others    nothing
            path bytes, path2 bytes, data bytes
 
-Path rules (purely syntactic): see :mod:`smirror.ops`. path2 is non-empty
+Field rules (paths, names, ids, ranges, payload sizes): see :mod:`smirror.ops`. path2 is non-empty
 exactly for RENAME, SYMLINK and HARDLINK; data may be non-empty only for
 WRITE, TASK and MARK.
 
@@ -78,8 +78,9 @@ import xxhash
 
 from .errors import FrameError
 from .ops import (
-    AUTO_COMPRESS_MIN, AUTO_SAMPLE, FLAG_LZ4, HEADER_SIZE, LZ4_MAX_RATIO, MAGIC, MAX_MODE,
-    MAX_OFFSET, MAX_PATH, MAX_PAYLOAD, MAX_SEQ, RECORD_HEAD_SIZE, VERSION,
+    AUTO_COMPRESS_MIN, AUTO_SAMPLE, FLAG_LZ4, HEADER_SIZE, LZ4_MAX_RATIO, MAGIC, MAX_ID,
+    MAX_LABEL, MAX_MARK_PAYLOAD, MAX_MODE, MAX_OFFSET, MAX_PATH, MAX_PAYLOAD, MAX_SEQ,
+    MAX_TASK_PAYLOAD, MAX_TREE_PATH, NAME_MAX, RECORD_HEAD_SIZE, VERSION,
     AttrMask, FrameHeader, Op, OpKind,
 )
 
@@ -114,6 +115,9 @@ def _xxh3(*parts) -> int:
 
 # -- path rules (shared by encoder and decoder: returns a reason or None) --
 
+_PAYLOAD_LIMIT = {OpKind.TASK: MAX_TASK_PAYLOAD, OpKind.MARK: MAX_MARK_PAYLOAD}
+
+
 def _path_problem(kind: OpKind, p: bytes, second: bool) -> str | None:
     """Why ``p`` is not acceptable as path (second=False) or path2 of ``kind``."""
     if second:
@@ -126,11 +130,22 @@ def _path_problem(kind: OpKind, p: bytes, second: bool) -> str | None:
         return "contains a NUL byte"
     if not p:
         return None if kind is OpKind.MARK and not second else "is empty"
+    label = not second and not tree            # a task name, a mark label
+    if len(p) > (MAX_LABEL if label else MAX_TREE_PATH):
+        return (f"is longer than {MAX_LABEL} bytes" if label
+                else f"is longer than {MAX_TREE_PATH} bytes (PATH_MAX)")
     if tree:
         if p[:1] == b"/":
             return "is absolute"
-        if b".." in p.split(b"/"):
+        names = p.split(b"/")
+        if b".." in names:
             return "has a '..' component"
+        if b"." in names:
+            return "has a '.' component"
+        if b"" in names:
+            return "has an empty component ('//' or a trailing '/')"
+        if any(len(n) > NAME_MAX for n in names):
+            return f"has a name longer than {NAME_MAX} bytes (NAME_MAX)"
     return None
 
 
@@ -179,6 +194,9 @@ def _encode_op(i, op, prev_seq, out):
         raise _bad(i, op, f"data must be empty for {kind.name.lower()} ops")
     if data_len > MAX_PAYLOAD:
         raise _bad(i, op, f"data is {data_len} bytes, the frame limit is {MAX_PAYLOAD}")
+    if data_len > _PAYLOAD_LIMIT.get(kind, MAX_PAYLOAD):
+        raise _bad(i, op, f"{kind.name.lower()} payload is {data_len} bytes, the limit is "
+                          f"{_PAYLOAD_LIMIT[kind]}")
 
     # unused fields must keep their default so that a round trip is exact
     used = {OpKind.WRITE: ("offset",), OpKind.TRUNCATE: ("size",),
@@ -195,6 +213,8 @@ def _encode_op(i, op, prev_seq, out):
     fixed = b""
     if kind is OpKind.WRITE:
         fixed = _U64.pack(_check_int(i, op, "offset", offset, 0, MAX_OFFSET))
+        if offset + data_len > MAX_OFFSET:
+            raise _bad(i, op, f"write offset {offset} + {data_len} bytes ends past 2**63-1")
     elif kind is OpKind.TRUNCATE:
         fixed = _U64.pack(_check_int(i, op, "size", size, 0, MAX_OFFSET))
     elif kind in (OpKind.CREATE, OpKind.MKDIR):
@@ -202,8 +222,8 @@ def _encode_op(i, op, prev_seq, out):
     elif kind is OpKind.SETATTR:
         _check_int(i, op, "mask", mask, 1, _MASK_ALL)
         _check_int(i, op, "mode", mode, 0, MAX_MODE)
-        _check_int(i, op, "uid", uid, 0, _U32_MAX)
-        _check_int(i, op, "gid", gid, 0, _U32_MAX)
+        _check_int(i, op, "uid", uid, 0, MAX_ID)
+        _check_int(i, op, "gid", gid, 0, MAX_ID)
         _check_int(i, op, "mtime_ns", mtime_ns, _INT64_MIN, _INT64_MAX)
         for bit, name, v in ((AttrMask.MODE, "mode", mode), (AttrMask.UID, "uid", uid),
                              (AttrMask.GID, "gid", gid), (AttrMask.MTIME, "mtime_ns", mtime_ns)):
@@ -392,13 +412,15 @@ def decode_frame(buf, offset: int = 0, *, check_payload: bool = True):
         kind_b, mask, path_len, path2_len, data_len, seq = _HEAD.unpack_from(raw, pos)
         kind = _KINDS.get(kind_b)
         if kind is None:
-            raise FrameError(f"op {i}: unknown op kind {kind_b}{where(pos - base)}", at(pos))
+            raise FrameError(f"op {i} (seq {seq}): unknown op kind {kind_b}{where(pos - base)}",
+                             at(pos))
+        who = f"op {i} (seq {seq}, {kind.name.lower()})"
         if kind is OpKind.SETATTR:
             if not 1 <= mask <= _MASK_ALL:
-                raise FrameError(f"op {i}: bad setattr mask 0x{mask:02x}{where(pos + 1 - base)}",
+                raise FrameError(f"{who}: bad setattr mask 0x{mask:02x}{where(pos + 1 - base)}",
                                  at(pos + 1))
         elif mask:
-            raise FrameError(f"op {i}: mask set on a {kind.name.lower()} op"
+            raise FrameError(f"{who}: mask set on a {kind.name.lower()} op"
                              f"{where(pos + 1 - base)}", at(pos + 1))
         if prev is None:
             if seq != h.first_seq:
@@ -419,8 +441,11 @@ def decode_frame(buf, offset: int = 0, *, check_payload: bool = True):
         if kind is OpKind.WRITE or kind is OpKind.TRUNCATE:
             v = _U64.unpack_from(raw, body)[0]
             if v > MAX_OFFSET:
-                raise FrameError(f"op {i}: offset/size {v} exceeds 2**63-1"
+                raise FrameError(f"{who}: offset/size {v} exceeds 2**63-1"
                                  f"{where(body - base)}", at(body))
+            if kind is OpKind.WRITE and v + data_len > MAX_OFFSET:
+                raise FrameError(f"{who}: write offset {v} + {data_len} bytes ends past "
+                                 f"2**63-1{where(body - base)}", at(body))
             if kind is OpKind.WRITE:
                 offset_v = v
             else:
@@ -432,28 +457,33 @@ def decode_frame(buf, offset: int = 0, *, check_payload: bool = True):
             for bit, v, o in ((AttrMask.MODE, mode, 0), (AttrMask.UID, uid, 4),
                               (AttrMask.GID, gid, 8), (AttrMask.MTIME, mtime_ns, 12)):
                 if not mask & bit and v:
-                    raise FrameError(f"op {i}: setattr field not named by the mask is "
+                    raise FrameError(f"{who}: setattr field not named by the mask is "
                                      f"not 0{where(body + o - base)}", at(body + o))
+            for name, v, o in (("uid", uid, 4), ("gid", gid, 8)):
+                if v > MAX_ID:
+                    raise FrameError(f"{who}: {name} {v} out of range 0..{MAX_ID}"
+                                     f"{where(body + o - base)}", at(body + o))
         if mode > MAX_MODE:
-            raise FrameError(f"op {i}: mode 0o{mode:o} has bits beyond 0o7777"
+            raise FrameError(f"{who}: mode 0o{mode:o} has bits beyond 0o7777"
                              f"{where(body - base)}", at(body))
         p = body + fixed
         path = bytes(raw[p:p + path_len])
         problem = _path_problem(kind, path, False)
         if problem:
-            raise FrameError(f"op {i}: {kind.name.lower()} path {problem}"
-                             f"{where(p - base)}", at(p))
+            raise FrameError(f"{who}: path {problem}{where(p - base)}", at(p))
         p += path_len
         path2 = bytes(raw[p:p + path2_len])
         problem = _path_problem(kind, path2, True)
         if problem:
-            raise FrameError(f"op {i}: {kind.name.lower()} path2 {problem}"
-                             f"{where(p - base)}", at(p))
+            raise FrameError(f"{who}: path2 {problem}{where(p - base)}", at(p))
         p += path2_len
         if kind in _HAS_DATA:
+            if data_len > _PAYLOAD_LIMIT.get(kind, MAX_PAYLOAD):
+                raise FrameError(f"{who}: payload is {data_len} bytes, the limit is "
+                                 f"{_PAYLOAD_LIMIT[kind]}{where(pos + 6 - base)}", at(pos + 6))
             data = raw[p:p + data_len]
         elif data_len:
-            raise FrameError(f"op {i}: data on a {kind.name.lower()} op"
+            raise FrameError(f"{who}: data on a {kind.name.lower()} op"
                              f"{where(pos + 6 - base)}", at(pos + 6))
         else:
             data = b""

@@ -56,6 +56,7 @@ import time
 import xxhash
 
 from .errors import QueueClosed, QueueCorrupt, QueueError, QueueFull
+from .private import PRIVATE_FILE, private_dir
 
 RECORD_MAGIC = b"SMQR"
 SEGMENT_MAGIC = b"SMQS"
@@ -264,9 +265,9 @@ class SpillQueue:
         self._written_since_statvfs = 0
         self._stat = collections.Counter()
 
-        os.makedirs(self.spill_dir, exist_ok=True)
+        private_dir(self.spill_dir)      # 0700: segments hold replicated files' contents
         self._lock_fd = os.open(os.path.join(self.spill_dir, LOCK_NAME),
-                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -525,7 +526,7 @@ class SpillQueue:
                 pass
         try:
             flags = os.O_WRONLY | os.O_CLOEXEC
-            fd = os.open(path, flags if recycled else flags | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, flags if recycled else flags | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
             try:
                 os.pwrite(fd, encode_segment_header(index, recycled), 0)
             except OSError:
@@ -652,7 +653,7 @@ class SpillQueue:
         generation = self._ack_generation + 1
         if self._ack_fd < 0:
             self._ack_fd = os.open(os.path.join(self.spill_dir, ACK_NAME),
-                                   os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                                   os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
         os.pwrite(self._ack_fd, _encode_ack(generation, self._acked_seq),
                   (generation & 1) * ACK_SLOT_SIZE)
         if self.fsync == "always":

@@ -43,6 +43,7 @@ from .keep import KeepDirs
 from .source import ConnectionJournal, Sender, for_connection
 from .target import TargetConnection
 from .target_access import MapBases, SourceBindings, check_source_id, overlaps, resolve
+from .private import check_secret, read_secret
 from .tasks import QueuedInto, SourceTasks, TargetTasks, TaskLog, TaskPolicy, TaskSpec
 from .wire import Link, MsgType, ProtocolError
 
@@ -328,6 +329,7 @@ class Daemon:
         self.tls_server = self.tls_client = None
         tls = config.tls
         if tls.enabled:
+            check_secret(tls.key, f"{config.source}: tls.key")
             self.tls_server = wire.server_tls_context(tls.cert, tls.key, tls.ca)
             self.tls_client = wire.client_tls_context(tls.ca, tls.cert, tls.key)
         # tasks: this daemon's policy (both roles), the target's runner and
@@ -357,10 +359,12 @@ class Daemon:
         if config.links.user:
             if not config.links.password_file:
                 raise ConfigError(f"{config.source}: links.user needs links.password_file")
+            secret = read_secret(config.links.password_file, f"{config.source}: links.password_file")
             try:
-                self._link_password = Path(config.links.password_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"{config.source}: links.password_file: {exc.strerror}") from None
+                self._link_password = secret.decode().strip()
+            except UnicodeDecodeError:
+                raise ConfigError(f"{config.source}: links.password_file "
+                                  f"{config.links.password_file} is not UTF-8 text") from None
 
     # -- life cycle ----------------------------------------------------------
     def start(self) -> tuple[str, int]:

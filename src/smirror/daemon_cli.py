@@ -177,11 +177,29 @@ def _config(args):
     return load(getattr(args, "config", None), overrides)
 
 
+def _log_handler(log_file: str):
+    """The daemon's log handler: stderr, or ``log_file`` created 0600 (and
+    narrowed to 0600 when it exists with wider bits): it names paths and
+    keeps task output."""
+    import logging
+    from .errors import ConfigError
+    from .private import PRIVATE_FILE, narrow_file
+    if not log_file:
+        return logging.StreamHandler()
+    try:
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                         PRIVATE_FILE))
+        narrow_file(log_file)
+        return logging.FileHandler(log_file)
+    except OSError as exc:
+        raise ConfigError(f"daemon.log_file {log_file}: {exc.strerror or exc}") from None
+
+
 def run_serve(args) -> int:
     import logging
     from .daemon import Daemon
     cfg = _config(args)
-    handler = logging.FileHandler(cfg.daemon.log_file) if cfg.daemon.log_file else logging.StreamHandler()
+    handler = _log_handler(cfg.daemon.log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("smirror")
     root.addHandler(handler)

@@ -27,12 +27,25 @@ MARK       path (label, may be empty), data (payload, may be empty)
 =========  ==========================================================
 
 Paths are ``bytes`` relative to the replication set root (POSIX names are
-bytes; non-UTF-8 names must survive). Purely syntactic rules, checked by the
-frame encoder and decoder: a tree path (``path`` of the file kinds, ``path2``
-of RENAME and HARDLINK) is non-empty, has no NUL byte, does not start with
-``/`` and has no ``..`` component; a symlink target and a task name are
-non-empty without NUL; a mark label has no NUL. Confinement against symlink
-escapes is the applier's job.
+bytes; non-UTF-8 names must survive). Every field is checked by the frame
+encoder and, before a single op is built, by the decoder (so a receiver
+refuses a bad frame whole, naming the op's seq, its kind and the field):
+
+* a tree path (``path`` of the file kinds, ``path2`` of RENAME and HARDLINK)
+  is non-empty, has no NUL byte, does not start with ``/``, has no empty,
+  ``.`` or ``..`` component, is at most ``MAX_TREE_PATH`` bytes (PATH_MAX
+  with its NUL) and each name at most ``NAME_MAX`` bytes;
+* a symlink target is any bytes but NUL, non-empty, at most MAX_TREE_PATH;
+* a task name is non-empty, a mark label may be empty; both have no NUL
+  and are at most ``MAX_LABEL`` bytes; their payloads (``data``) are at
+  most ``MAX_TASK_PAYLOAD`` / ``MAX_MARK_PAYLOAD`` bytes;
+* modes are permission bits only (<= 0o7777); uid and gid 0..2**32-2
+  (2**32-1 is chown's "leave unchanged"); offsets and sizes 0..2**63-1 and a
+  write's ``offset + len(data)`` too; a setattr mask has only known bits;
+  ``mtime_ns`` is any signed 64-bit value (the whole range the kernel's
+  timespec holds: years 1677..2262).
+
+Confinement against symlink escapes is the applier's job.
 
 Build ops with the helpers (``Op.write(seq, path, offset, data)`` ...); they
 fill the defaults. Decoded ops carry ``data`` as a zero-copy ``memoryview``
@@ -52,6 +65,8 @@ __all__ = [
     "Op", "OpKind", "AttrMask", "FrameHeader",
     "MAGIC", "VERSION", "HEADER_SIZE", "RECORD_HEAD_SIZE", "FLAG_LZ4",
     "MAX_PAYLOAD", "MAX_PATH", "MAX_SEQ", "MAX_OFFSET", "MAX_MODE",
+    "MAX_TREE_PATH", "NAME_MAX", "MAX_LABEL", "MAX_ID", "MAX_TASK_PAYLOAD",
+    "MAX_MARK_PAYLOAD",
     "LZ4_MAX_RATIO", "AUTO_COMPRESS_MIN", "AUTO_SAMPLE",
 ]
 
@@ -99,6 +114,12 @@ MAX_PATH = 0xFFFF                # path lengths are u16 in a record
 MAX_SEQ = (1 << 64) - 1
 MAX_OFFSET = (1 << 63) - 1       # offsets and sizes must fit off_t
 MAX_MODE = 0o7777
+MAX_TREE_PATH = 4095             # PATH_MAX (4096) with its NUL: tree paths, symlink targets
+NAME_MAX = 255                   # one component of a tree path
+MAX_LABEL = 1024                 # task name, mark label
+MAX_ID = (1 << 32) - 2           # uid, gid (2**32-1 is chown's -1: "unchanged")
+MAX_TASK_PAYLOAD = 64 << 10      # a TASK's JSON spec
+MAX_MARK_PAYLOAD = 64 << 10      # a MARK's payload
 LZ4_MAX_RATIO = 256              # lz4 block never expands more than ~255x
 AUTO_COMPRESS_MIN = 512          # compress='auto' tries lz4 from this raw size
 AUTO_SAMPLE = 1 << 16            # ... and above this, on a sample of this size first

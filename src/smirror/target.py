@@ -36,6 +36,7 @@ from .apply import Applier
 from .errors import ConfinementError, FrameError, QueueClosed, QueueFull, SmirrorError
 from .inuse import InUseGate
 from .journal import decode_frame, frame_header
+from .private import private_dir
 from .ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, OpKind
 from .memqueue import SpillQueue, queue_alert, segment_size_for
 from .source import ACK
@@ -72,7 +73,7 @@ class TargetConnection:
         self.conid = conid
         self.map_base = os.fsdecode(os.path.abspath(os.fsencode(map_base)))
         self.dir = Path(state_dir) / f"target-{conid}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)           # 0700: the applied-sequence state
         self.queue_dir = Path(queue_dir) if queue_dir is not None else self.dir / "queue"
         self.queue = SpillQueue(str(self.queue_dir), memory_limit, disk_limit,
                                 segment_size=segment_size_for(disk_limit),
@@ -562,7 +563,14 @@ class TargetConnection:
         # the target was killed in the middle of applying comes again whole;
         # the applier skips its ops up to the applied seq
         frame = payload                 # its own bytes: the queue keeps it as is
-        ops, _ = decode_frame(frame)    # full verification before it counts as received
+        try:
+            # full verification, every field of every op, before it counts
+            # as received: a bad op refuses the whole frame, nothing of it
+            # is queued or applied
+            ops, _ = decode_frame(frame)
+        except FrameError as exc:
+            raise FrameError(f"frame with seqs {h.first_seq}..{h.last_seq} from {link.peer} "
+                             f"refused: {exc}") from None
         task = h.count == 1 and ops[0].kind == OpKind.TASK   # tasks travel alone in a frame
         while True:
             if not task and self._hand_over(h.last_seq, frame):

@@ -19,15 +19,24 @@ Safety (:class:`TaskPolicy`): a daemon runs task commands only when
 ``tasks.enabled`` is set, and only executables inside ``tasks.directory``
 (no ``..``, no absolute path or symlink leading elsewhere). Commands run
 without a shell: a command is split into words like a shell would (quotes),
-the first word names the executable. Everything else is refused with an
-error that names the task, the stage and why.
+the first word names the executable, and with an allow-listed environment
+(a fixed PATH, the locale, TZ, HOME of the daemon's user and the task's own
+SMIRROR_* variables: nothing else of the daemon's). Everything else is
+refused with an error that names the task, the stage and why.
+
+A TASK payload comes from the source: :meth:`TaskSpec.decode` type- and
+range-checks every field, so any problem with it is a :class:`TaskError`
+(the target refuses the task with a NOTICE and goes on), never another
+exception in the applier.
 """
 from __future__ import annotations
 
 import collections
 import json
 import logging
+import math
 import os
+import pwd
 import shlex
 import subprocess
 import tempfile
@@ -43,6 +52,14 @@ STAGES = ("on_queue", "on_transmit", "on_receive", "on_execute")
 OUTPUT_LIMIT = 64 * 1024          # bytes of a command's output kept (the tail)
 SPEC_VERSION = 1
 
+# bounds of a task spec's fields (a TASK payload is at most 64 KiB anyway)
+MAX_NAME = 200                    # characters of a task name
+MAX_WORDS = 256                   # words of a command, arguments of a task
+MAX_WORD = 4096                   # characters of one word or argument
+MAX_TEXT = 256                    # characters of the id and the source
+MAX_GROUP = 4096                  # connections in a task's group
+MAX_TIMEOUT = 30 * 86400.0        # seconds an on-execute may be waited for
+
 
 class TaskError(SmirrorError, ValueError):
     """A task is malformed, or a daemon refused to run one of its commands."""
@@ -54,6 +71,37 @@ def parse_timeout(value) -> float | None:
         return None
     from .units import parse_duration
     return parse_duration(value, "task timeout")
+
+
+def _short(value) -> str:
+    """repr of a value for a message, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_text(value, what: str, limit: int, empty: bool = True) -> None:
+    """A string that can go into an argv, an environment and a log line:
+    at most ``limit`` characters, no NUL, encodable as a file name."""
+    if not isinstance(value, str):
+        raise TaskError(f"{what} must be a string, got {_short(value)}")
+    if len(value) > limit or (not empty and not value.strip()) or "\0" in value:
+        raise TaskError(f"{what} must be {'1' if not empty else '0'}-{limit} characters "
+                        f"without NUL, got {_short(value)}")
+    try:
+        os.fsencode(value)
+    except UnicodeError:
+        raise TaskError(f"{what} cannot be encoded: {_short(value)}") from None
+
+
+def _check_name(name, what: str) -> None:
+    _check_text(name, what, MAX_NAME, empty=False)
+
+
+def _check_words(words: list, what: str) -> None:
+    if len(words) > MAX_WORDS:
+        raise TaskError(f"{what}: {len(words)} words, at most {MAX_WORDS}")
+    for i, w in enumerate(words):
+        _check_text(w, f"{what} word {i}", MAX_WORD)
 
 
 def split_command(text, stage: str) -> list[str]:
@@ -89,44 +137,76 @@ class TaskSpec:
     @classmethod
     def build(cls, name, *, on_execute, on_receive=None, on_queue=None, on_transmit=None,
               timeout=None, args=(), source: str = "") -> "TaskSpec":
-        if not isinstance(name, str) or not name.strip() or "\0" in name or len(name) > 200:
-            raise TaskError(f"task name must be 1-200 characters without NUL, got {name!r}")
+        _check_name(name, "task name")
         if on_execute is None:
             raise TaskError(f"task {name!r}: --on-execute is required")
-        if not all(isinstance(a, str) and "\0" not in a for a in args):
-            raise TaskError(f"task {name!r}: arguments must be strings without NUL")
-        return cls(name=name, on_execute=split_command(on_execute, "on_execute"),
+        if not isinstance(args, (list, tuple)):
+            raise TaskError(f"task {name!r}: arguments must be a list of strings, "
+                            f"got {type(args).__name__}")
+        spec = cls(name=name, on_execute=split_command(on_execute, "on_execute"),
                    on_receive=split_command(on_receive, "on_receive") if on_receive else None,
                    on_queue=split_command(on_queue, "on_queue") if on_queue else None,
                    on_transmit=split_command(on_transmit, "on_transmit") if on_transmit else None,
                    timeout=parse_timeout(timeout), args=list(args),
                    id=os.urandom(8).hex(), source=source, queued_at=time.time())
+        spec.check(f"task {name!r}")
+        return spec
+
+    def check(self, where: str) -> None:
+        """Type- and range-check every field (TaskError naming the field):
+        a spec that passes can be run, logged and put in an environment
+        without any other exception."""
+        _check_name(self.name, f"{where}: name")
+        for stage in STAGES:
+            words = getattr(self, stage)
+            if words is None and stage != "on_execute":
+                continue
+            if not isinstance(words, list) or not words:
+                raise TaskError(f"{where}: {stage} must be a non-empty list of words, "
+                                f"got {_short(words)}")
+            _check_words(words, f"{where}: {stage}")
+        if not isinstance(self.args, list):
+            raise TaskError(f"{where}: args must be a list of strings, got {_short(self.args)}")
+        _check_words(self.args, f"{where}: args")
+        t = self.timeout
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
+                              or not 0 <= t <= MAX_TIMEOUT):       # NaN fails too
+            raise TaskError(f"{where}: bad timeout {_short(t)} (seconds 0..{MAX_TIMEOUT:.0f}, "
+                            f"or forever)")
+        _check_text(self.id, f"{where}: id", MAX_TEXT)
+        _check_text(self.source, f"{where}: source", MAX_TEXT)
+        if (not isinstance(self.group, list) or len(self.group) > MAX_GROUP
+                or not all(type(c) is int and 0 <= c < 1 << 63 for c in self.group)):
+            raise TaskError(f"{where}: group must be a list of at most {MAX_GROUP} connection "
+                            f"ids, got {_short(self.group)}")
+        q = self.queued_at
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q):
+            raise TaskError(f"{where}: bad queued_at {_short(q)}")
 
     def encode(self) -> bytes:
         return json.dumps(dict(asdict(self), v=SPEC_VERSION), separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, payload, where: str = "task") -> "TaskSpec":
+        """The spec a TASK op's payload holds; every problem with it, of any
+        kind, is a TaskError naming ``where`` and the field."""
         try:
             obj = json.loads(bytes(payload))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:     # (UnicodeDecodeError is a ValueError)
             raise TaskError(f"{where}: payload is not task JSON: {exc}") from None
         if not isinstance(obj, dict) or obj.get("v") != SPEC_VERSION:
-            raise TaskError(f"{where}: unknown task format {obj.get('v') if isinstance(obj, dict) else obj!r}")
+            raise TaskError(f"{where}: unknown task format "
+                            f"{_short(obj.get('v') if isinstance(obj, dict) else obj)}")
         obj.pop("v")
+        if obj.get("timeout") == "forever":
+            obj["timeout"] = None
         try:
             spec = cls(**obj)
         except TypeError as exc:
             raise TaskError(f"{where}: {exc}") from None
-        for stage in STAGES:
-            words = getattr(spec, stage)
-            if words is not None and (not isinstance(words, list) or not words
-                                      or not all(isinstance(w, str) for w in words)):
-                raise TaskError(f"{where}: {stage} must be a list of words, got {words!r}")
         if not spec.on_execute:
             raise TaskError(f"{where}: no on_execute command")
-        if spec.timeout is not None and (not isinstance(spec.timeout, (int, float)) or spec.timeout < 0):
-            raise TaskError(f"{where}: bad timeout {spec.timeout!r}")
+        spec.check(where)
         return spec
 
     def argv(self, stage: str) -> list[str] | None:
@@ -266,10 +346,26 @@ def _logged(r: TaskResult) -> None:
             ("; output:\n" + r.output.rstrip()) if r.output.strip() else "")
 
 
+# what a task command sees of the daemon's environment: nothing but these
+# (no credentials, no SMIRROR_* settings of the daemon, no LD_PRELOAD)
+TASK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_ENV_KEEP = ("LANG", "LANGUAGE", "TZ")
+
+
+def _home() -> str:
+    """The home directory of the user the daemon runs as."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return "/"
+
+
 def task_env(spec: TaskSpec, stage: str, **extra) -> dict:
-    """The environment of a task command: the daemon's, plus what the task
-    needs to know about itself."""
-    env = dict(os.environ)
+    """The environment of a task command: an allow-list (a fixed PATH, the
+    locale and time zone, HOME of the daemon's user), plus what the task
+    needs to know about itself (SMIRROR_*)."""
+    env = {k: v for k, v in os.environ.items() if k in _ENV_KEEP or k.startswith("LC_")}
+    env.update(PATH=TASK_PATH, HOME=_home())
     env.update({"SMIRROR_TASK_NAME": spec.name, "SMIRROR_TASK_ID": spec.id,
                 "SMIRROR_TASK_STAGE": stage.replace("_", "-"), "SMIRROR_SOURCE": spec.source,
                 "SMIRROR_TASK_QUEUED_AT": f"{spec.queued_at:.6f}"})
