@@ -195,3 +195,20 @@ def test_frames_waiting_on_the_link_share_one_ack(tmp_path):
     served.join(5)
     src.close()
     target.close()
+
+
+def test_an_op_no_frame_may_carry_is_replaced_by_a_mark_and_the_stream_goes_on(pair):
+    """A captured op the journal kernel refuses (a relative path beyond
+    PATH_MAX in a very deep tree) must not wedge the connection: a MARK with
+    its seq stands in for it and the ops around it arrive."""
+    from smirror.source import REFUSED_OP
+    src, dst, journal, sender, target, _ = pair()
+    marks = []
+    target.applier.on_mark = lambda op: marks.append((op.seq, bytes(op.path)))
+    journal.append(Op.create(0, b"before", 0o644))
+    bad = journal.append(Op.create(0, b"d/" * 2100 + b"f", 0o644))
+    journal.append(Op.create(0, b"after", 0o644))
+    settle(journal, sender, target)
+    assert (dst / "before").exists() and (dst / "after").exists()
+    assert marks == [(bad, REFUSED_OP)]
+    assert journal.refused_ops == 1

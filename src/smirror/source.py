@@ -29,6 +29,8 @@ from .wire import Link, LinkClosed, MsgType, ProtocolError
 
 log = logging.getLogger("smirror.source")
 
+REFUSED_OP = b"refused-op"     # MARK label standing in for an op no frame may carry
+
 ACK = struct.Struct("<Q")
 _new = tuple.__new__
 
@@ -67,6 +69,7 @@ class ConnectionJournal:
         self._pending_bytes = 0
         self._lock = threading.Lock()
         self.frames = 0
+        self.refused_ops = 0       # ops no frame may carry, each replaced by a MARK
         self.last_seq = next_seq - 1
         # (last seq of a frame, time it was queued), oldest first: for the lag figure
         self.put_times: collections.deque = collections.deque(maxlen=100_000)
@@ -155,7 +158,14 @@ class ConnectionJournal:
         if not self._pending:
             return False
         ops = self._pending
-        frame = self._encoder.encode(ops)
+        try:
+            frame = self._encoder.encode(ops)
+        except ValueError:
+            # an op the target would refuse (a path beyond PATH_MAX, an
+            # owner no file can have): it must not wedge the stream, so a
+            # MARK with its seq stands in for it, said in the log
+            ops = self._pending = [self._sendable(op) for op in ops]
+            frame = self._encoder.encode(ops)
         last = ops[-1].seq
         # on QueueFull the ops stay pending: nothing is half-queued
         self.queue.put(last, frame)
@@ -164,6 +174,19 @@ class ConnectionJournal:
         self.frames += 1
         self.put_times.append((last, time.monotonic()))
         return True
+
+    def _sendable(self, op: Op) -> Op:
+        try:
+            self._encoder.encode([op])
+            return op
+        except ValueError as exc:
+            self.refused_ops += 1
+            path = bytes(op.path)
+            shown = repr(path[:200]) + (f"... ({len(path)} bytes)" if len(path) > 200 else "")
+            log.error("op seq %d %s %s cannot be replicated (%s): not sent, a MARK stands in",
+                      op.seq, OpKind(op.kind).name, shown, str(exc)[:300])
+            return Op.mark(op.seq, REFUSED_OP, json.dumps(
+                {"kind": OpKind(op.kind).name, "path": os.fsdecode(path[:4095])}).encode())
 
     def skip_to(self, next_seq: int) -> None:
         """Number from ``next_seq`` on (the target is ahead of what this
