@@ -426,17 +426,22 @@ def test_local_target_refuses_a_swapped_directory(tmp_path, resolver, call):
 
 
 def test_daemon_signature_read_is_confined(tmp_path, resolver):
-    from smirror.daemon import Daemon
+    """What the daemon's target.signature opens (after its access checks,
+    tested with real daemons in test_target_roles): a file beneath the map
+    base, never through a symlink."""
+    from smirror.target_local import open_beneath
     out = _outside(tmp_path)
     base = tmp_path / "base"
     (base / "d").mkdir(parents=True)
     (base / "d" / "f").write_bytes(b"x" * 5000)
     os.symlink(out, base / "l")
-    args = {"map_base": str(base), "path": "d/f", "block_size": 4096}
-    sig = Daemon._target_signature(Daemon, args)       # no daemon state is used
-    assert isinstance(sig, str) and len(sig) == 2 * 2 * 16
+    fd = open_beneath(os.fsencode(base), b"d/f", os.O_RDONLY)
+    try:
+        assert os.read(fd, 10) == b"x" * 10
+    finally:
+        os.close(fd)
     with pytest.raises(ConfinementError, match="symlink 'l'"):
-        Daemon._target_signature(Daemon, dict(args, path="l/f"))
+        open_beneath(os.fsencode(base), b"l/f", os.O_RDONLY)
 
 
 def test_keep_slot_attack_through_a_real_link(tmp_path):
