@@ -4,8 +4,22 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 PASSWORD = "admin-password-1"
+
+
+def wait_for(cond, timeout=30.0, what="condition", every=0.05):
+    """Poll ``cond()`` until it returns something true (returned) or
+    ``timeout`` seconds pass (AssertionError naming ``what``): tests wait for
+    conditions, never for fixed times."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def free_port():

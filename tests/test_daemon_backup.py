@@ -11,6 +11,7 @@ import time
 
 from smirror.capture import Recorder
 from test_daemon import login, replicate_data, running_pair, wait_same
+from daemons import wait_for
 from treestate import diff, snapshot
 from workload import Workload
 
@@ -34,14 +35,6 @@ def status(node):
     return json.loads(node.cli("status", "--json").stdout)
 
 
-def wait_for(predicate, timeout=30, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_task_copy_equals_the_source_when_queued_while_writes_go_on(tmp_path):

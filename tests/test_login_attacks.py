@@ -17,7 +17,7 @@ import pytest
 from smirror import control, wire
 from smirror.errors import AuthError
 from smirror.wire import MsgType, ProtocolError
-from daemons import PASSWORD, Node, free_port, make_certs, smirror
+from daemons import PASSWORD, Node, free_port, make_certs, smirror, wait_for
 
 FAST_LOGIN = '[login]\nfirst_delay = "100ms"\nmax_delay = "800ms"\n'
 
@@ -55,14 +55,6 @@ def hello(link, user="admin", **more):
                                    "nonce": os.urandom(16).hex(), "purpose": "control", **more})
 
 
-def wait_for(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class FakeServer:

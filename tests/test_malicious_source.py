@@ -20,7 +20,7 @@ from smirror.errors import AuthError
 from smirror.journal import encode_frame
 from smirror.ops import MARK_IGNORED_DELETE, Op
 from smirror.wire import MsgType, ProtocolError
-from daemons import PASSWORD, Node
+from daemons import PASSWORD, Node, wait_for
 
 SOURCE_ID = "ba5eba11deadbeef"
 
@@ -37,14 +37,6 @@ def _tree(root):
     return out
 
 
-def _wait(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Attacker:
@@ -88,7 +80,7 @@ class Attacker:
         goes last, and ops apply in order."""
         name = f"applied-{self.seq + 1}"
         self.acked_through(self.send(lambda s: Op.create(s, name.encode(), 0o644)), timeout)
-        _wait(lambda: os.path.exists(os.path.join(map_base, name)), timeout, f"{name} applied")
+        wait_for(lambda: os.path.exists(os.path.join(map_base, name)), timeout, f"{name} applied")
 
     def close(self):
         self.link.close()
@@ -157,7 +149,7 @@ def test_setuid_and_setgid_bits_are_stripped(world):
     a.send(lambda s: Op.create(s, b"plain", 0o644))
     last = a.send(lambda s: Op.setattr(s, b"plain", mode=0o6755))
     a.acked_through(last)
-    _wait(lambda: (mb / "plain").exists() and stat.S_IMODE(os.lstat(mb / "plain").st_mode) == 0o755,
+    wait_for(lambda: (mb / "plain").exists() and stat.S_IMODE(os.lstat(mb / "plain").st_mode) == 0o755,
           what="the SETATTR applied")
     assert stat.S_IMODE(os.lstat(mb / "suid").st_mode) == 0o755
     assert stat.S_IMODE(os.lstat(mb / "sgid-dir").st_mode) == 0o775
@@ -175,7 +167,7 @@ def test_a_forged_source_id_is_refused_and_the_real_connection_goes_on(world):
     with pytest.raises(ProtocolError):
         Attacker(node, user="repl", source="0123456789abcdef", map_base=mb.parent / "other")
     a.acked_through(a.send(lambda s: Op.write(s, b"f", 0, b"still here")))
-    _wait(lambda: (mb / "f").read_bytes() == b"still here", what="the real source's write")
+    wait_for(lambda: (mb / "f").read_bytes() == b"still here", what="the real source's write")
     assert not (mb.parent / "other").exists()
     assert "refused" in node.log()
     a.close()
@@ -204,7 +196,7 @@ def test_a_bad_task_is_refused_and_the_applier_goes_on(world):
         pytest.fail(f"the attacker's own encoder refused a TASK payload: {exc}")
     last = a.send(lambda s: Op.create(s, b"after-task", 0o644))
     a.acked_through(last)
-    _wait(lambda: (mb / "after-task").exists(), what="the op after the bad task")
+    wait_for(lambda: (mb / "after-task").exists(), what="the op after the bad task")
     assert "task" in node.log() and ("refused" in node.log() or "TaskError" in node.log())
     a.close()
 
@@ -217,7 +209,7 @@ def test_a_directory_swapped_for_a_symlink_between_ops(world):
     a = Attacker(node, map_base=mb)
     a.send(lambda s: Op.mkdir(s, b"d", 0o777))
     a.acked_through(a.send(lambda s: Op.create(s, b"d/a", 0o644)))
-    _wait(lambda: (mb / "d" / "a").exists(), what="d/a")
+    wait_for(lambda: (mb / "d" / "a").exists(), what="d/a")
     os.rename(mb / "d", mb / "d.old")
     os.symlink(outside, mb / "d")
     for make in (lambda s: Op.create(s, b"d/b", 0o644),
@@ -231,7 +223,7 @@ def test_a_directory_swapped_for_a_symlink_between_ops(world):
             a.send(make)
         except OSError:
             break                  # the target ended the link: refused
-    _wait(lambda: "symlink" in node.log(), what="the refusal in the target's log")
+    wait_for(lambda: "symlink" in node.log(), what="the refusal in the target's log")
     assert not (mb / "stolen").exists() and not (mb / "hl").exists()
     a.close()
 

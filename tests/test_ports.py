@@ -16,7 +16,7 @@ import pytest
 
 from smirror import control, wire
 from smirror.wire import MsgType, ProtocolError
-from daemons import PASSWORD, Node
+from daemons import PASSWORD, Node, wait_for
 
 LOGIN_TIMEOUT = 1.5
 
@@ -34,13 +34,6 @@ def node(tmp_path):
         n.kill(signal.SIGTERM)
 
 
-def wait_for(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def serves_a_login(node):

@@ -17,7 +17,7 @@ from smirror import wire
 from smirror.control import Client, RequestError
 from smirror.target_access import MapBases, SourceBindings
 from smirror.errors import AuthError, ConfinementError
-from daemons import PASSWORD, Node, free_port, smirror
+from daemons import PASSWORD, Node, free_port, smirror, wait_for
 from test_daemon import login, make_source_tree, wait_same
 
 
@@ -55,14 +55,6 @@ def connect(source, target_address, base, check=False):
     return source.cli("connect", "data", "to", target_address, "map", "base", base, check=check)
 
 
-def wait_for(predicate, timeout=30, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def nothing_queued(source, target):

@@ -40,7 +40,7 @@ import logging
 from .beneath import Beneath, chmod_at, lstat_at, rmtree_at
 from .errors import ConfinementError, SmirrorError
 from .ops import AttrMask, Op, OpKind
-from .tree import TEMP_PREFIX
+from .target_local import replace_at
 
 log = logging.getLogger("smirror.apply")
 
@@ -232,21 +232,6 @@ class Applier:
             self._drop(rel, subtree=True)
             rmtree_at(d, name)
 
-    def _replace(self, d: int, name: bytes, make) -> None:
-        """Create something at a temporary name with ``make(tmp)``, then
-        rename it over ``name`` (atomic replacement)."""
-        from .target_local import _temp_suffix
-        tmp = TEMP_PREFIX + _temp_suffix()
-        make(tmp)
-        try:
-            os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
-        except BaseException:
-            rmtree_at(d, tmp)
-            raise
-        # rename(2) does nothing when both names are links to one inode
-        # (a hard link made again): the temporary name is left over
-        rmtree_at(d, tmp)
-
     # -- op kinds ----------------------------------------------------------
     def _write(self, op: Op) -> None:
         fd = self._fd(bytes(op.path))
@@ -399,7 +384,7 @@ class Applier:
                 # name a kill could leave behind)
                 os.symlink(link, name, dir_fd=d)
             except FileExistsError:
-                self._replace(d, name, lambda tmp: os.symlink(link, tmp, dir_fd=d))
+                replace_at(d, name, lambda tmp: os.symlink(link, tmp, dir_fd=d))
 
     def _hardlink(self, op: Op) -> None:
         rel, existing = bytes(op.path), bytes(op.path2)
@@ -409,7 +394,7 @@ class Applier:
             try:
                 os.link(ename, name, src_dir_fd=ed, dst_dir_fd=d, follow_symlinks=False)
             except FileExistsError:
-                self._replace(d, name, lambda tmp: os.link(ename, tmp, src_dir_fd=ed, dst_dir_fd=d,
+                replace_at(d, name, lambda tmp: os.link(ename, tmp, src_dir_fd=ed, dst_dir_fd=d,
                                                            follow_symlinks=False))
 
     def _task(self, op: Op) -> None:

@@ -563,6 +563,153 @@ class LocalTarget(TargetSide):
             os.rmdir(name, dir_fd=d)
 
     def _replace_with(self, rel: bytes, make):
+        """Atomic replacement of ``rel`` (a file or symlink): see
+        :func:`replace_at`."""
+        with self.base.at(rel) as (d, name):
+            replace_at(d, name, lambda tname: make(d, tname))
+
+    def symlink(self, rel: bytes, link: bytes):
+        raise NotImplementedError
+
+    def link(self, rel: bytes, existing: bytes):
+        raise NotImplementedError
+
+    def mknod(self, rel: bytes, entry: Entry):
+        raise NotImplementedError
+
+    def set_meta(self, rel: bytes, entry: Entry, xattrs=None):
+        raise NotImplementedError
+
+    def remove(self, rel: bytes):
+        raise NotImplementedError
+
+    def rmdir(self, rel: bytes):
+        raise NotImplementedError
+
+    def move_orphan(self, rel: bytes, dest_dir):
+        raise NotImplementedError
+
+    def remove_temps(self, rels):
+        raise NotImplementedError
+
+class LocalTarget(TargetSide):
+    """A target directory on this machine.
+
+    ``owner``: set uid/gid (default: when running as root); ``xattrs``:
+    replicate extended attributes; ``fsync``: flush each file before its
+    rename (durable against power loss; a killed process needs no fsync,
+    the page cache keeps what was written).
+
+    The root is opened once as a directory handle; every method resolves
+    its path beneath it (:mod:`smirror.beneath`) and acts on the final name
+    by descriptor, so no path it hands to the kernel can be led out of the
+    root by a symlink, whenever it appeared.
+    """
+
+    def __init__(self, root, *, owner: bool | None = None, xattrs: bool = True,
+                 fsync: bool = False):
+        self.root = os.fsencode(os.path.abspath(os.fsencode(root)))
+        self._base = None              # opened at first use (a dry run may have no root yet)
+        self.owner = (os.geteuid() == 0) if owner is None else owner
+        self.use_xattrs = xattrs
+        self.fsync = fsync
+        self.wanted_xattr = xattr_filter()
+        self._lock = threading.Lock()
+        self.bytes_written = 0         # file data written (pwrite + kernel copies)
+        self._now_ns = time.time_ns()
+        self._orphan_slots: dict = {}
+
+    @property
+    def base(self) -> Beneath:
+        """The root's directory handle, opened once."""
+        if self._base is None:
+            self._base = Beneath(self.root)
+        return self._base
+
+    def close(self) -> None:
+        if self._base is not None:
+            self._base.close()
+        for slot in self._orphan_slots.values():
+            slot.close()
+        self._orphan_slots.clear()
+
+    def _count(self, n: int):
+        with self._lock:
+            self.bytes_written += n
+
+    # ---------------------------------------------------------- reading
+
+    def scan(self, rules=None, skip=()):
+        # through the root's handle (/proc's link to it): the directory opened
+        # at the start, whatever the path names now
+        listing = scan(proc_path(self.base.fd), rules, skip=skip, collect_temps=True)
+        listing.root = self.root
+        return listing
+
+    def lstat(self, rel: bytes):
+        with self.base.at(rel) as (d, name):
+            st = lstat_at(d, name or b".")
+            if st is None:
+                return None
+            link = os.readlink(name, dir_fd=d) if stat.S_ISLNK(st.st_mode) else None
+        return entry_from_stat(st, link)
+
+    def _open_read(self, rel: bytes) -> int:
+        return self.base.open(rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+
+    def signature(self, rel: bytes, block_size: int, weak: bool):
+        fd = self._open_read(rel)
+        try:
+            return fd_signature(fd, os.fstat(fd).st_size, block_size, weak)
+        finally:
+            os.close(fd)
+
+    def digest(self, rel: bytes, length: int):
+        """XXH3-128 of the file's content, or None if its length is not
+        ``length`` (then it differs anyway)."""
+        fd = self._open_read(rel)
+        try:
+            if os.fstat(fd).st_size != length:
+                return None
+            return fd_digest(fd, length)
+        except MirrorError:
+            return None
+        finally:
+            os.close(fd)
+
+    def xattrs(self, rel: bytes) -> dict:
+        if not self.use_xattrs:
+            return {}
+        with self.base.at(rel) as (d, name):
+            return read_xattrs(proc_path(d, name), self.wanted_xattr)
+
+    # ---------------------------------------------------------- writing
+
+    def create_temp(self, rel: bytes) -> "TempWriter":
+        with self.base.at(rel) as (d, name):
+            tname = TEMP_PREFIX + _temp_suffix()
+            fd = os.open(tname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=d)
+            return TempWriter(self, rel, os.dup(d), name, tname, fd)
+
+    def open_inplace(self, rel: bytes) -> "InplaceWriter":
+        fd = self.base.open(rel, os.O_RDWR)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise MirrorError(f"{rel!r} on the target is not a regular file")
+        return InplaceWriter(self, rel, fd)
+
+    def mkdir(self, rel: bytes, entry: Entry):
+        # owner-only until set_meta gives the final mode (after its contents)
+        with self.base.at(rel) as (d, name):
+            os.mkdir(name, 0o700, dir_fd=d)
+
+    def rmdir(self, rel: bytes):
+        """Remove the empty directory ``rel``."""
+        with self.base.at(rel) as (d, name):
+            os.rmdir(name, dir_fd=d)
+
+    def _replace_with(self, rel: bytes, make):
         """Create something at a temp name with ``make(dir_fd, temp_name)``,
         then rename it over ``rel`` (atomic replacement of a file or
         symlink)."""
@@ -684,6 +831,23 @@ def _temp_suffix() -> bytes:
     if _temp_tag is None:
         _temp_tag = os.urandom(8).hex()
     return f"{_temp_tag}{next(_temp_counter):x}".encode()
+
+
+def replace_at(d: int, name: bytes, make) -> None:
+    """Create something at a hidden temporary name in the directory ``d``
+    with ``make(temp_name)``, then rename it over ``name``: a reader sees the
+    old entry or the new one, never none, and a kill leaves only a
+    temporary the next scan removes."""
+    tname = TEMP_PREFIX + _temp_suffix()
+    make(tname)
+    try:
+        os.rename(tname, name, src_dir_fd=d, dst_dir_fd=d)
+    except BaseException:
+        rmtree_at(d, tname)
+        raise
+    # rename(2) does nothing when both names are links to one inode
+    # (a hard link made again): the temporary name is left over
+    rmtree_at(d, tname)
 
 
 def _new_temp_tag():
