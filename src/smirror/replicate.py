@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from .capture import Recorder
-from .errors import ConfigError, MirrorError
+from .errors import ConfigError, MirrorError, SmirrorError
 from .memqueue import SpillQueue
 from .source import ConnectionJournal, Sender
 from .target import TargetConnection
@@ -115,8 +115,10 @@ class Replication:
             try:
                 link.recv_json(MsgType.OPEN)
                 self.target.serve(link)
-            except Exception as exc:           # reported in status; the sender retries
-                log.error("target link: %s", exc)
+            except Exception as exc:           # noqa: BLE001 - reported in status; the sender retries
+                expected = isinstance(exc, (SmirrorError, OSError))
+                log.error("target link: %s", exc if expected else f"{type(exc).__name__}: {exc}",
+                          exc_info=not expected)
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> "Replication":
@@ -131,6 +133,8 @@ class Replication:
             self._initial_mirror()
         if self.tree_capture is not None:
             self.tree_capture.load_target(self.dst)
+            # the target found a divergence: the capture sends that subtree again
+            self.sender.on_resync = lambda rel, why: self.tree_capture.request_resync(rel, reason=why)
             t = threading.Thread(target=self.tree_capture.run, daemon=True, name="capture")
             t.start()
             self._threads.append(t)
@@ -222,6 +226,17 @@ class Replication:
     def __exit__(self, *exc) -> None:
         self.stop(drain=exc[0] is None)
 
+    def failure(self) -> str:
+        """Why this replication cannot go on (a component that stopped for
+        good), or "" while it runs or recovers."""
+        cap = self.tree_capture
+        if cap is not None:
+            if cap.state == "failed":
+                return cap.error
+            if self._threads and not self._threads[0].is_alive() and cap.state != "stopped":
+                return f"capture of {self.src} stopped unexpectedly"
+        return ""
+
     def status(self) -> dict:
         s, t = self.sender.status(), self.target.status()
         out = {"source": self.src, "target": self.dst, "state": s["state"],
@@ -231,7 +246,20 @@ class Replication:
                "target_queue_mem": t["queue_mem_bytes"] + t["handoff_bytes"], "target_queue_disk": t["queue_disk_bytes"],
                "bytes_sent": s["bytes_sent"], "lag_ms_p50": s["lag_ms_p50"],
                "lag_ms_p99": s["lag_ms_p99"],
-               "target_error": t["error"]}
+               "target_error": t["error"], "resyncs": t["resyncs"],
+               "last_divergence": t["last_divergence"]}
+        errors = []
         if self.tree_capture is not None:
-            out["capture"] = dict(self.tree_capture.stats)
+            cap = self.tree_capture
+            out["capture"] = dict(cap.stats, state=cap.state, error=cap.error)
+            if cap.state in ("restarting", "failed"):
+                out["state"] = f"capture-{cap.state}"
+                errors.append(cap.error)
+        if t["error"]:
+            errors.append(f"target: {t['error']}")
+            if out["state"] == "connected":
+                out["state"] = "apply-error"
+        if s["last_error"]:
+            errors.append(f"link: {s['last_error']}")
+        out["error"] = "; ".join(errors)
         return out

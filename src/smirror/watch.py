@@ -43,6 +43,7 @@ the walk of the same run, on a 2-core machine shared with other jobs.)
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -55,6 +56,10 @@ from . import checksum
 from . import fanotify, inotify
 from .inotify import MOVED_OUT, Event, Kind
 from .ops import Op
+
+# the MARK a targeted resync ends with: the target stops counting the
+# subtree as diverged once it applied what came before it
+MARK_RESYNC_DONE = b"smirror.resync-done"
 from .tree import Rules
 
 log = logging.getLogger("smirror.watch")
@@ -66,6 +71,9 @@ BACKENDS = ("auto", "fanotify", "inotify")
 # the backend a TreeCapture uses when its caller names none (the daemon's
 # captures, for one)
 BACKEND_ENV = "SMIRROR_CAPTURE_BACKEND"
+# tests only: an event about a file of this name makes the capture thread
+# fail (there is no real trigger left for its catch-all to be tested with)
+FAULT_ENV = "SMIRROR_TEST_CAPTURE_FAULT"
 
 
 def open_watcher(root, exclude=None, backend: str | None = None):
@@ -130,10 +138,20 @@ class TreeCapture:
         # directory, usually) when it was handled: looked at again once the
         # batch of events is done, under their parent's new name
         self._lost: set[bytes] = set()
+        # files renamed since the last quiet moment: their content is
+        # compared again then (a rename burst may have made an event's
+        # bytes land under the wrong name); files changed since the last
+        # periodic verification: compared by content then
+        self._touched: set[bytes] = set()
+        self._recent: set[bytes] = set()
         self._lock = threading.RLock()
+        self._requests: list = []
+        self._fault = os.fsencode(os.environ.get(FAULT_ENV, ""))
+        self._requests_lock = threading.Lock()
         self._stop = threading.Event()
         self._buf = bytearray(_READ_CHUNK)
-        self.stats = {"events": 0, "ops": 0, "resyncs": 0, "bytes_sent": 0, "bytes_skipped": 0}
+        self.stats = {"events": 0, "ops": 0, "resyncs": 0, "bytes_sent": 0, "bytes_skipped": 0,
+                      "reverified": 0, "failures": 0}
         t0 = time.monotonic()
         self.watcher, self.backend_reason = open_watcher(self.root, self._excluded, capture_backend)
         self.backend = self.watcher.backend
@@ -149,7 +167,7 @@ class TreeCapture:
         return dict(self.stats, backend=self.backend, backend_reason=self.backend_reason,
                     watched_dirs=w.watched_dirs, overflows=w.overflows,
                     watch_failures=w.watch_failures, start_seconds=round(self.start_seconds, 6),
-                    last_rescan_reason=self.last_rescan_reason)
+                    last_rescan_reason=self.last_rescan_reason, state=self.state, error=self.error)
 
     def _excluded(self, rel: bytes, is_dir: bool) -> bool:
         return self.rules is not None and self.rules.excluded(rel, is_dir)
@@ -178,6 +196,14 @@ class TreeCapture:
                 self._walk(b"", emit=False)
             finally:
                 self._read_root = None
+            # the inodes the cache holds are the source's (the target's
+            # were read above): an event's file is checked against them
+            for rel, k in self.known.items():
+                try:
+                    st = os.lstat(self._abs(rel))
+                    k.ino = (st.st_dev, st.st_ino) if stat.S_IFMT(st.st_mode) == k.kind else 0
+                except OSError:
+                    k.ino = 0
 
     def full_copy(self, emit) -> None:
         """Emit the whole set as ops to ``emit`` (the initial mirror of a new
@@ -362,18 +388,36 @@ class TreeCapture:
         if kw and emit:      # nothing differs: an atime-only change is dropped here
             self._out(Op.setattr(_ZERO, rel, **kw))
 
-    def _diff_file(self, rel: bytes, emit: bool) -> bool:
+    def _diff_file(self, rel: bytes, emit: bool, same_file: bool = False) -> bool:
         """Send the blocks of ``rel`` whose hash differs from the cache.
-        False when the file is not there (renamed or deleted since: the
-        event saying so is still to come)."""
+        False when the file is not there to read: renamed or deleted since
+        (the event saying so is still to come), no longer a regular file
+        (a directory now, say: the caller looks again by path), unreadable,
+        or, with ``same_file``, another inode than the one the cache holds
+        (the event was about a file that was renamed away and the name
+        recreated: its bytes are not this name's). Without ``same_file``
+        the path is what counts: another inode there is a new file, sent
+        whole."""
         k = self.known[rel]
         try:
-            fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return False
         ops_before = self.stats["ops"]
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return False        # a directory (or fifo...) by now: a kind change
+            ino = (st.st_dev, st.st_ino)
+            if k.ino and k.ino != ino and k.names <= 1:
+                if same_file:
+                    return False
+                # another file under this name: the target's copy of the
+                # old one shares nothing with it
+                k.strong = None
+            if k.names <= 1 or not k.ino:
+                k.ino = ino
+            size = st.st_size
             if not k.block_size:
                 k.block_size = checksum.block_size_for(size)
             bs = k.block_size
@@ -388,7 +432,15 @@ class TreeCapture:
             off = 0
             while off < size:
                 want = min(chunk, size - off)
-                got = os.preadv(fd, [view[:want]], off)
+                try:
+                    got = os.preadv(fd, [view[:want]], off)
+                except OSError as exc:
+                    # EIO and the like: what was read is sent, the rest is
+                    # looked at again (the caller keeps the path)
+                    log.warning("capture: reading %r at %d: %s", rel, off, exc)
+                    if off == 0:
+                        return False
+                    break
                 if got <= 0:
                     break
                 sig = checksum.signature(view[:got], bs, weak=False)
@@ -471,6 +523,8 @@ class TreeCapture:
             self.known[new + p[len(old):]] = self.known.pop(p)
         for p in [p for p in self._dirty if p == old or p.startswith(prefix)]:
             self._dirty[new + p[len(old):]] = self._dirty.pop(p)
+        if self.known[new].kind == stat.S_IFREG:
+            self._touched.add(new)
         if self.known[new].kind == stat.S_IFDIR:
             # entries made in it under its old name may not have been seen
             # (their events name a path that was gone when handled): look
@@ -481,6 +535,8 @@ class TreeCapture:
     def handle(self, ev: Event) -> None:
         self.stats["events"] += 1
         rel = ev.path
+        if self._fault and rel.rpartition(b"/")[2] == self._fault:
+            raise RuntimeError(f"injected fault on {rel!r} (${FAULT_ENV}, tests only)")
         if ev.kind == Kind.RESCAN:
             self._flush_dirty(force=True)
             self.resync(rel, ev.reason)
@@ -520,19 +576,33 @@ class TreeCapture:
             if rel in self.known:
                 self._attrs(rel, st, True)
 
-    def _flush_dirty(self, force: bool = False) -> None:
+    def _flush_dirty(self, force: bool = False, settled: bool = False) -> None:
+        """Diff the files modified at least ``settle`` seconds ago (all with
+        ``force``). A path that holds another inode than the cached one
+        waits for the rename event that explains it, unless ``settled``
+        (no event left to read): then the path's file is sent as it is."""
         now = time.monotonic()
         for rel, t in list(self._dirty.items()):
             if force or now - t >= self.settle:
                 if rel in self.known and self.known[rel].kind == stat.S_IFREG:
+                    if self._diff_file(rel, emit=True, same_file=not settled):
+                        del self._dirty[rel]
+                        self._note_recent(rel)
+                        try:
+                            self._attrs(rel, os.lstat(self._abs(rel)), True)
+                        except OSError:
+                            pass
+                        continue
                     del self._dirty[rel]
-                    if not self._diff_file(rel, emit=True):
+                    try:
+                        st = os.lstat(self._abs(rel))
+                    except OSError:
                         self._lost.add(rel)   # renamed away meanwhile: found later
                         continue
-                    try:
-                        self._attrs(rel, os.lstat(self._abs(rel)), True)
-                    except OSError:
-                        pass
+                    if not settled and stat.S_ISREG(st.st_mode):
+                        self._dirty[rel] = t  # another inode: its rename event comes first
+                    else:
+                        self._lost.add(rel)   # a directory now, or unreadable: looked at again
                 else:
                     del self._dirty[rel]
 
@@ -557,15 +627,44 @@ class TreeCapture:
                 continue          # the parent itself is new: its own creation brings it
             self.resync(rel, "created, then moved with its directory before it was seen")
 
+    RECENT_LIMIT = 100_000
+
+    def _note_recent(self, rel: bytes) -> None:
+        if len(self._recent) < self.RECENT_LIMIT:
+            self._recent.add(rel)
+
+    def _verify_touched(self) -> None:
+        """Quiet after renames: compare the renamed files' content with what
+        was sent under their names, and send what differs."""
+        touched, self._touched = self._touched, set()
+        self._verify_content(touched)
+
+    def _verify_content(self, paths) -> None:
+        for rel in sorted(paths):
+            k = self.known.get(rel)
+            if k is None or k.kind != stat.S_IFREG:
+                continue
+            ops = self.stats["ops"]
+            if self._diff_file(rel, emit=True):
+                try:
+                    self._attrs(rel, os.lstat(self._abs(rel)), True)
+                except OSError:
+                    pass
+            if self.stats["ops"] != ops:
+                self.stats["reverified"] += 1
+                log.info("capture: %r differed from what was sent under its name: resent", rel)
+
     def poll(self, timeout: float) -> int:
         """Read and handle the events ready within ``timeout``; returns how many."""
         with self._lock:          # one reader at a time: events are handled in order
             events = self.watcher.read(timeout=timeout)
             for ev in events:
                 self.handle(ev)
-            self._flush_dirty(force=not events)
+            self._flush_dirty(force=not events, settled=not events and not self.watcher.pending_moves)
             if self._lost and not events:
                 self._find_lost()
+            if self._touched and not events and not self.watcher.pending_moves:
+                self._verify_touched()
         return len(events)
 
     def sync(self, quiet: float = 0.01, max_time: float | None = None) -> None:
@@ -586,14 +685,108 @@ class TreeCapture:
                     return
                 self._find_lost(drop_missing=True)
 
+    MAX_FAILURES = 5            # in a row, FAILURE_WINDOW apart at most: then the capture gives up
+    FAILURE_WINDOW = 60.0
+
+    state = "running"           # running, restarting (after a failure), failed, stopped
+    error = ""                  # the last failure, kept after a recovery (status shows it)
+
     def run(self) -> None:
+        """Handle events until ``stop()``. An unexpected failure is logged
+        with its traceback and the capture restarts: a structural resync
+        of the set, and the content of what was pending, so what it missed
+        meanwhile is sent. After MAX_FAILURES in a row it stops for good
+        (``state`` 'failed', ``error`` says why): the engine reports it."""
         last_verify = time.monotonic()
+        failures, last_failure = 0, 0.0
         while not self._stop.is_set():
-            if self.poll(0.05):
-                continue
-            if self.verify_interval is not None and time.monotonic() - last_verify >= self.verify_interval:
-                self.resync(b"", "periodic verification", content=False)
-                last_verify = time.monotonic()
+            try:
+                if self.state == "restarting":
+                    self._restart()
+                    self.state = "running"
+                self._serve_requests()
+                if self.poll(0.05):
+                    continue
+                if self.verify_interval is not None and time.monotonic() - last_verify >= self.verify_interval:
+                    self.verify()
+                    last_verify = time.monotonic()
+            except Exception as exc:            # noqa: BLE001 - never a silent dead thread
+                now = time.monotonic()
+                failures = failures + 1 if now - last_failure < self.FAILURE_WINDOW else 1
+                last_failure = now
+                self.stats["failures"] += 1
+                self.error = f"capture of {os.fsdecode(self.root)} failed: {type(exc).__name__}: {exc}"
+                if failures >= self.MAX_FAILURES:
+                    self.state = "failed"
+                    log.critical("%s (%d times in a row): capture stopped", self.error, failures,
+                                 exc_info=True)
+                    return
+                self.state = "restarting"
+                log.error("%s: restarting with a resync of the set", self.error, exc_info=True)
+                self._stop.wait(min(5.0, 0.1 * 2 ** failures))
+        self.state = "stopped"
+
+    def verify(self) -> None:
+        """The periodic verification: names, kinds and attributes of the
+        whole set, and the content of the files changed since the last one."""
+        with self._lock:
+            self.resync(b"", "periodic verification", content=False)
+            recent, self._recent = self._recent, set()
+            self._verify_content(recent)
+
+    def _restart(self) -> None:
+        with self._lock:
+            pending = set(self._dirty) | set(self._lost) | self._touched
+            self._dirty.clear()
+            self._lost.clear()
+            self._touched.clear()
+            self.resync(b"", "capture restarted after a failure", content=False)
+            for rel in sorted(pending):
+                try:
+                    if os.path.lexists(self._abs(rel)):
+                        self._sync_path(rel, True, None)
+                except Exception as exc:      # noqa: BLE001 - one path must not stop the restart
+                    log.error("capture: %r skipped in the restart: %s", rel, exc)
+
+    # -- targeted resync, asked by a target whose applier found a divergence --
+    def request_resync(self, rel: bytes, emit=None, reason: str = "") -> None:
+        """Queue a resync of the subtree ``rel`` for the capture thread (any
+        thread may call it). Its ops go to ``emit`` (default: this capture's
+        own output) through the same stream, behind what was captured before,
+        and end with a MARK ``smirror.resync-done``."""
+        with self._requests_lock:
+            self._requests.append((bytes(rel), emit, reason))
+
+    def _serve_requests(self) -> None:
+        while self._requests:
+            with self._requests_lock:
+                rel, emit, reason = self._requests.pop(0)
+            self.resend(rel, emit, reason)
+
+    def resend(self, rel: bytes, emit=None, reason: str = "") -> None:
+        """Bring a target's subtree ``rel`` in line whatever it holds now:
+        first a resync of ``rel`` against the cache for every output (what
+        changed meanwhile), then, to ``emit`` only, ``rel`` removed and
+        sent again whole from the source, then the done MARK."""
+        with self._lock:
+            self._flush_dirty(force=True)
+            self.resync(rel, reason or "asked by the target")
+            self._lost.discard(rel)
+            out = emit if emit is not None else self.emit
+            out(Op.delete(_ZERO, rel))
+            if rel and os.path.lexists(self._abs(rel)):
+                prefix = rel + b"/"
+                target_known = {p: k for p, k in self.known.items()
+                                if p != rel and not p.startswith(prefix)}
+                saved = self.emit, self.known, self.stats
+                self.emit, self.known = out, target_known
+                self.stats = dict.fromkeys(saved[2], 0)
+                try:
+                    self._walk(rel, emit=True, seen=set())
+                finally:
+                    self.emit, self.known, self.stats = saved
+            out(Op.mark(_ZERO, MARK_RESYNC_DONE, json.dumps({"path": os.fsdecode(rel)}).encode()))
+            self.stats["resyncs_served"] = self.stats.get("resyncs_served", 0) + 1
 
     def stop(self) -> None:
         self._stop.set()
