@@ -292,7 +292,8 @@ class TargetConnection:
         self.last_divergence = f"{what}: {exc}"
         expected = isinstance(exc, (OSError, SmirrorError)) or isinstance(exc.__cause__, OSError)
         log.log(logging.WARNING if expected else logging.ERROR,
-                "connection %s: %s: %s; skipped, the source resyncs it", self.conid, what, exc,
+                "connection %s: %s; skipped, the source resyncs it", self.conid,
+                exc if str(exc).startswith("op seq") else f"{what}: {exc}",
                 exc_info=not expected)
         # the seq counts as applied (a MARK of nothing at that seq): a
         # restart does not try it again, and the order of what follows holds

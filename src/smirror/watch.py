@@ -674,6 +674,14 @@ class TreeCapture:
         task queued while writers go on marks the state when it was queued,
         not a later quiet moment)."""
         deadline = None if max_time is None else time.monotonic() + max_time
+        try:
+            self._sync(quiet, deadline)
+        except Exception as exc:                # noqa: BLE001 - the capture thread restarts
+            self._failed(exc)
+
+    def _sync(self, quiet: float, deadline: float | None) -> None:
+        if self.state != "running":
+            return          # restarting (the capture thread resyncs) or failed
         while True:
             while self.poll(quiet) or self.watcher.pending_moves or self._dirty:
                 if deadline is not None and time.monotonic() > deadline:
@@ -698,8 +706,7 @@ class TreeCapture:
         meanwhile is sent. After MAX_FAILURES in a row it stops for good
         (``state`` 'failed', ``error`` says why): the engine reports it."""
         last_verify = time.monotonic()
-        failures, last_failure = 0, 0.0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.state != "failed":
             try:
                 if self.state == "restarting":
                     self._restart()
@@ -711,20 +718,31 @@ class TreeCapture:
                     self.verify()
                     last_verify = time.monotonic()
             except Exception as exc:            # noqa: BLE001 - never a silent dead thread
-                now = time.monotonic()
-                failures = failures + 1 if now - last_failure < self.FAILURE_WINDOW else 1
-                last_failure = now
-                self.stats["failures"] += 1
-                self.error = f"capture of {os.fsdecode(self.root)} failed: {type(exc).__name__}: {exc}"
-                if failures >= self.MAX_FAILURES:
-                    self.state = "failed"
-                    log.critical("%s (%d times in a row): capture stopped", self.error, failures,
-                                 exc_info=True)
+                if self._failed(exc):
                     return
-                self.state = "restarting"
-                log.error("%s: restarting with a resync of the set", self.error, exc_info=True)
-                self._stop.wait(min(5.0, 0.1 * 2 ** failures))
-        self.state = "stopped"
+                self._stop.wait(min(5.0, 0.1 * 2 ** self._failures))
+        if self.state != "failed":
+            self.state = "stopped"
+
+    _failures = 0
+    _last_failure = 0.0
+
+    def _failed(self, exc: BaseException) -> bool:
+        """Log an unexpected failure with its traceback and mark the
+        capture for a restart; True when it failed too often to go on."""
+        now = time.monotonic()
+        self._failures = self._failures + 1 if now - self._last_failure < self.FAILURE_WINDOW else 1
+        self._last_failure = now
+        self.stats["failures"] += 1
+        self.error = f"capture of {os.fsdecode(self.root)} failed: {type(exc).__name__}: {exc}"
+        if self._failures >= self.MAX_FAILURES:
+            self.state = "failed"
+            log.critical("%s (%d times in a row): capture stopped", self.error, self._failures,
+                         exc_info=exc)
+            return True
+        self.state = "restarting"
+        log.error("%s: restarting with a resync of the set", self.error, exc_info=exc)
+        return False
 
     def verify(self) -> None:
         """The periodic verification: names, kinds and attributes of the
