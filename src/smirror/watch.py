@@ -55,7 +55,11 @@ import numpy as np
 from . import checksum
 from . import fanotify, inotify
 from .inotify import MOVED_OUT, Event, Kind
-from .ops import Op
+from .ops import Op, OpKind
+
+# ops that change their parent directory's mtime on the target
+_CHANGES_PARENT = frozenset({OpKind.CREATE, OpKind.MKDIR, OpKind.DELETE, OpKind.RMDIR, OpKind.RENAME,
+                             OpKind.SYMLINK, OpKind.HARDLINK})
 
 # the MARK a targeted resync ends with: the target stops counting the
 # subtree as diverged once it applied what came before it
@@ -144,6 +148,7 @@ class TreeCapture:
         # periodic verification: compared by content then
         self._touched: set[bytes] = set()
         self._recent: set[bytes] = set()
+        self._dirs_touched: set[bytes] = set()     # their mtime is sent when quiet
         self._lock = threading.RLock()
         self._requests: list = []
         self._fault = os.fsencode(os.environ.get(FAULT_ENV, ""))
@@ -182,6 +187,30 @@ class TreeCapture:
     def _out(self, op: Op) -> None:
         self.stats["ops"] += 1
         self.emit(op)
+        if op.kind in _CHANGES_PARENT:
+            # the target's directory got a new mtime applying it: the
+            # source's is sent once things are quiet (_settle_dirs)
+            self._dirs_touched.add(bytes(op.path).rpartition(b"/")[0])
+            if op.kind == OpKind.RENAME:
+                self._dirs_touched.add(bytes(op.path2).rpartition(b"/")[0])
+
+    def _settle_dirs(self) -> None:
+        """Send the mtime of the directories whose entries changed: applying
+        those changes gave the target's copies the time of applying."""
+        touched, self._dirs_touched = self._dirs_touched, set()
+        for rel in sorted(touched):
+            k = self.known.get(rel) if rel else None
+            if k is None:
+                continue        # the root (no op names it), or gone
+            try:
+                st = os.lstat(self._abs(rel))
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if k is not None and k.kind == stat.S_IFDIR:
+                k.mtime_ns = -1
+                self._attrs(rel, st, True)
 
     # -- the model of the target -------------------------------------------
     def load_target(self, target_root) -> None:
@@ -359,6 +388,7 @@ class TreeCapture:
             k = self._remember(rel, st)
             k.size = 0
             self._diff_file(rel, emit=True)
+            self._note_recent(rel)
             self._attrs(rel, st, True, force_owner=True)
         # fifos, sockets, devices: not replicated by the watcher
 
@@ -663,8 +693,11 @@ class TreeCapture:
             self._flush_dirty(force=not events, settled=not events and not self.watcher.pending_moves)
             if self._lost and not events:
                 self._find_lost()
-            if self._touched and not events and not self.watcher.pending_moves:
-                self._verify_touched()
+            if not events and not self.watcher.pending_moves:
+                if self._touched:
+                    self._verify_touched()
+                if self._dirs_touched and not self._lost and not self._dirty:
+                    self._settle_dirs()
         return len(events)
 
     def sync(self, quiet: float = 0.01, max_time: float | None = None) -> None:
@@ -690,6 +723,7 @@ class TreeCapture:
                     return
             with self._lock:
                 if not self._lost:
+                    self._settle_dirs()
                     return
                 self._find_lost(drop_missing=True)
 
