@@ -212,9 +212,12 @@ def wait_converged(src, dst, bound: float, poll: float = 0.1):
 
 
 # -- replication under test ------------------------------------------------------
+PACKAGE_SRC = os.path.join(HERE, "..", "src")     # the smirror under test (--src)
+
+
 class InProcess:
     def __init__(self, src, dst, state):
-        sys.path.insert(0, os.path.join(HERE, "..", "src"))
+        sys.path.insert(0, PACKAGE_SRC)
         from smirror.replicate import Replication
         self.rep = Replication(src, dst, state_dir=state).start()
 
@@ -234,7 +237,7 @@ class Cli:
         import json
         self._json = json
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.path.join(HERE, "..", "src") + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = PACKAGE_SRC + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen([sys.executable, "-m", "smirror", "replicate", src, dst,
                                       "--state-dir", state, "--json", "--interval", "0.1"],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -279,12 +282,13 @@ def run_storm(name: str, *, scale: float = 1.0, bound: float = 5.0, cli: bool = 
     rep = (Cli if cli else InProcess)(src, dst, state)
     try:
         captured0, applied0 = rep.counts()
+        sampler = Sampler(rep) if rates else None
         t0 = time.monotonic()
         storm(src, rng, scale)
         t1 = time.monotonic()
         result = {"storm": name, "storm_s": t1 - t0}
-        if rates:
-            result.update(_rates(rep, t0, captured0, applied0))
+        if sampler is not None:
+            result.update(sampler.rates(t0, captured0))
         result["converge_s"], result["itemize"] = wait_converged(src, dst, bound)
         captured, applied = rep.counts()
         result["ops"] = captured - captured0
@@ -300,28 +304,43 @@ def run_storm(name: str, *, scale: float = 1.0, bound: float = 5.0, cli: bool = 
     return result
 
 
-def _rates(rep, t0, captured0, applied0, quiet: float = 0.5) -> dict:
-    """Capture and apply rates (ops/s) of the ops the storm made: capture
-    until its count stays put for ``quiet`` s, apply until it reached it."""
-    last, since = None, time.monotonic()
-    while True:
-        captured, applied = rep.counts()
-        now = time.monotonic()
-        if captured != last:
-            last, since = captured, now
-            t_captured = now
-        elif now - since >= quiet and applied >= captured:
-            t_applied = now
-            while True:     # the moment applied reached it
+class Sampler:
+    """(time, captured, applied) every ``every`` seconds in a thread: the
+    rates of capture and apply over a storm."""
+
+    def __init__(self, rep, every: float = 0.02):
+        import threading
+        self.rep, self.every, self.samples = rep, every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            c, a = self.rep.counts()
+            self.samples.append((time.monotonic(), c, a))
+            self._stop.wait(self.every)
+
+    def rates(self, t0, captured0, quiet: float = 0.5, timeout: float = 120.0) -> dict:
+        """Wait until capture stayed put ``quiet`` s and apply reached it;
+        capture ops/s = ops / (time capture reached its last count - t0),
+        apply ops/s = ops / (time apply reached it - t0)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            t, c, a = self.samples[-1] if self.samples else (0, -1, -2)
+            first_c = next((s[0] for s in self.samples if s[1] == c), t)
+            if a >= c and t - first_c >= quiet:
                 break
-            break
-        if now - t0 > 120:
-            t_applied = now
-            break
-        time.sleep(0.02)
-    ops = last - captured0
-    return {"capture_ops_s": round(ops / max(1e-6, t_captured - t0)),
-            "apply_ops_s": round(ops / max(1e-6, min(t_applied, since if applied >= captured else t_applied) - t0))}
+            time.sleep(0.05)
+        self._stop.set()
+        self._thread.join()
+        t, c, a = self.samples[-1]
+        t_cap = next(s[0] for s in self.samples if s[1] == c)
+        t_app = next((s[0] for s in self.samples if s[2] >= c), t)
+        ops = c - captured0
+        return {"capture_ops_s": round(ops / max(1e-6, t_cap - t0)),
+                "apply_ops_s": round(ops / max(1e-6, t_app - t0)),
+                "apply_behind_s": round(max(0.0, t_app - t_cap), 2)}
 
 
 def main(argv=None) -> int:
@@ -335,7 +354,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cli", action="store_true", help="run `smirror replicate` as a process")
     ap.add_argument("--rates", action="store_true", help="also measure capture and apply ops/s")
     ap.add_argument("--workdir", metavar="DIR", help="where the trees go (default: the temp dir)")
+    ap.add_argument("--src", metavar="DIR", help="the smirror package directory to test "
+                    "(default: this checkout's src; another worktree's to compare)")
     args = ap.parse_args(argv)
+    global PACKAGE_SRC
+    if args.src:
+        PACKAGE_SRC = os.path.abspath(args.src)
     names = args.storms or list(STORMS)
     for n in names:
         if n not in STORMS:
@@ -350,7 +374,8 @@ def main(argv=None) -> int:
                           workdir=args.workdir, rates=args.rates)
             rows.append(r)
             conv = "NOT CONVERGED" if r["converge_s"] is None else f"{r['converge_s']:.2f} s"
-            extra = (f"  capture {r['capture_ops_s']} ops/s, apply {r['apply_ops_s']} ops/s"
+            extra = (f"  capture {r['capture_ops_s']} ops/s, apply {r['apply_ops_s']} ops/s "
+                     f"(done {r['apply_behind_s']} s after capture)"
                      if "capture_ops_s" in r else "")
             print(f"{name:<10} run {i + 1:>2}: {r['ops']:>7} ops, storm {r['storm_s']:6.2f} s, "
                   f"converged {conv}{extra}  resyncs {r['resyncs']}", flush=True)

@@ -87,7 +87,7 @@ class Replication:
         self.source_tasks = SourceTasks(policy, self.task_log)
         self.target = TargetConnection(1, self.dst, self.state_dir, memory_limit=tmem, disk_limit=disk,
                                        tasks=TargetTasks(policy, log_=self.task_log),
-                                       in_use_max_delay=in_use_max_delay,
+                                       in_use_max_delay=in_use_max_delay, apply=False,
                                        keep_dirs=KeepDirs(self.state_dir / "orphans",
                                                           self.state_dir / "deleted"))
         # the source queue is not durable: after a restart the initial mirror
@@ -130,7 +130,11 @@ class Replication:
             # watching starts before the mirror: nothing changed meanwhile is missed
             self.tree_capture = TreeCapture(self.src, self._capture_sink(), rules=self.rules)
         if self.mirror_mode != "none":
+            self._drop_stale_backlog()
             self._initial_mirror()
+        # only now: a backlog left by the last run is applied before any new op
+        # (no mirror) or was dropped (the mirror supersedes it)
+        self.target.start_applier()
         if self.tree_capture is not None:
             self.tree_capture.load_target(self.dst)
             # the target found a divergence: the capture sends that subtree again
@@ -182,6 +186,20 @@ class Replication:
 
     def resume_target(self) -> None:
         self.target.resume()
+
+    def _drop_stale_backlog(self) -> None:
+        """Ops the target queue still holds from the last run describe the
+        source as it was then: the initial mirror brings the target to the
+        source as it is now, and applying them after it would put old
+        content back. They are dropped (counted in the log)."""
+        q = self.target.queue
+        if q.count:
+            log.warning("replicate: %d frame(s) up to seq %d left in the target queue by the last "
+                        "run are superseded by the initial mirror: dropped", q.count, q.last_seq)
+            self.dropped_backlog = q.count
+            q.ack(q.last_seq)
+
+    dropped_backlog = 0
 
     def _initial_mirror(self) -> None:
         from .mirror import Mirror, MirrorOptions

@@ -121,6 +121,7 @@ class TargetConnection:
         self._through_progress = 0.0    # when the handoff last gained a head or lost one
         # applied is as safe as queued only when the queue does not fsync
         # every frame; with fsync "always" every frame goes through the queue
+        self._fsync_mode = fsync
         self._handoff_enabled = apply and fsync != "always"
         self._stop = threading.Event()
         self._paused = threading.Event()
@@ -138,6 +139,7 @@ class TargetConnection:
         return self.applier.applied_seq
 
     def start_applier(self) -> None:
+        self._handoff_enabled = self._fsync_mode != "always"
         self._applier_thread = threading.Thread(target=self._apply_loop, daemon=True,
                                                 name=f"applier-{self.conid}")
         self._applier_thread.start()
