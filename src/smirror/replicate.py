@@ -137,6 +137,11 @@ class Replication:
         self.target.start_applier()
         if self.tree_capture is not None:
             self.tree_capture.load_target(self.dst)
+            for rel, why in self.mirror_errors:
+                # the watcher was on before the mirror: what the mirror could
+                # not copy (a file that kept changing, one it could not read)
+                # is sent from the cache's idea of the target, or reported
+                self.tree_capture.resync(rel, f"the initial mirror could not copy it: {why}")
             # the target found a divergence: the capture sends that subtree again
             self.sender.on_resync = lambda rel, why: self.tree_capture.request_resync(rel, reason=why)
             t = threading.Thread(target=self.tree_capture.run, daemon=True, name="capture")
@@ -200,13 +205,19 @@ class Replication:
             q.ack(q.last_seq)
 
     dropped_backlog = 0
+    mirror_errors: list = []
 
     def _initial_mirror(self) -> None:
         from .mirror import Mirror, MirrorOptions
         opts = MirrorOptions(different=self.mirror_mode in ("different", "checksum"),
                              checksum=self.mirror_mode == "checksum", rules=self.rules)
         self.mirror_summary = Mirror(self.src, self.dst, opts, progress=self.progress).run()
-        if self.mirror_summary.errors:
+        if self.mirror_summary.errors and self.tree_capture is not None:
+            # a live tree: busy or unreadable files are the capture's to follow
+            for rel, why in self.mirror_summary.errors:
+                log.warning("initial mirror: %s: %s; the capture follows it", os.fsdecode(rel), why)
+            self.mirror_errors = list(self.mirror_summary.errors)
+        elif self.mirror_summary.errors:
             raise MirrorError(f"initial mirror of {self.src} to {self.dst} failed for "
                               f"{len(self.mirror_summary.errors)} path(s), first: "
                               f"{self.mirror_summary.errors[0]}")
@@ -269,10 +280,15 @@ class Replication:
         errors = []
         if self.tree_capture is not None:
             cap = self.tree_capture
-            out["capture"] = dict(cap.stats, state=cap.state, error=cap.error)
+            unreadable = dict(sorted(cap.unreadable.items())[:20])
+            out["capture"] = dict(cap.stats, state=cap.state, error=cap.error,
+                                  unreadable={os.fsdecode(p): w for p, w in unreadable.items()})
             if cap.state in ("restarting", "failed"):
                 out["state"] = f"capture-{cap.state}"
                 errors.append(cap.error)
+            if unreadable:
+                errors.append(f"{len(cap.unreadable)} file(s) cannot be read, not sent: "
+                              + ", ".join(f"{os.fsdecode(p)} ({w})" for p, w in unreadable.items()))
         if t["error"]:
             errors.append(f"target: {t['error']}")
             if out["state"] == "connected":

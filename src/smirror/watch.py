@@ -149,6 +149,7 @@ class TreeCapture:
         self._touched: set[bytes] = set()
         self._recent: set[bytes] = set()
         self._dirs_touched: set[bytes] = set()     # their mtime is sent when quiet
+        self.unreadable: dict[bytes, str] = {}     # files not sent: cannot be read (why)
         self._lock = threading.RLock()
         self._requests: list = []
         self._fault = os.fsencode(os.environ.get(FAULT_ENV, ""))
@@ -172,7 +173,9 @@ class TreeCapture:
         return dict(self.stats, backend=self.backend, backend_reason=self.backend_reason,
                     watched_dirs=w.watched_dirs, overflows=w.overflows,
                     watch_failures=w.watch_failures, start_seconds=round(self.start_seconds, 6),
-                    last_rescan_reason=self.last_rescan_reason, state=self.state, error=self.error)
+                    last_rescan_reason=self.last_rescan_reason, state=self.state, error=self.error,
+                    unreadable={os.fsdecode(p): w for p, w in sorted(self.unreadable.items())[:20]},
+                    unreadable_count=len(self.unreadable))
 
     def _excluded(self, rel: bytes, is_dir: bool) -> bool:
         return self.rules is not None and self.rules.excluded(rel, is_dir)
@@ -369,6 +372,12 @@ class TreeCapture:
             self._remember(rel, st)
             self._attrs(rel, st, True, force_owner=True)
         elif stat.S_ISREG(st.st_mode):
+            why = self._unreadable_reason(rel)
+            if why:
+                # never an empty file on the target in its place: reported
+                # by name, retried (_retry_unreadable)
+                self._note_unreadable(rel, why)
+                return
             if st.st_nlink > 1:
                 other = self._same_inode(rel, st)
                 if other is not None:
@@ -391,6 +400,38 @@ class TreeCapture:
             self._note_recent(rel)
             self._attrs(rel, st, True, force_owner=True)
         # fifos, sockets, devices: not replicated by the watcher
+
+    def _unreadable_reason(self, rel: bytes) -> str:
+        """Why the file ``rel`` cannot be read ("" when it can, or is gone)."""
+        try:
+            os.close(os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK))
+        except PermissionError as exc:
+            return exc.strerror or str(exc)
+        except OSError:
+            pass
+        return ""
+
+    UNREADABLE_RETRY = 2.0          # seconds between tries of the files that could not be read
+
+    def _note_unreadable(self, rel: bytes, why: str) -> None:
+        if self._read_root is not None:
+            return                  # reading the target's tree (load_target): not the source's
+        if rel not in self.unreadable:
+            log.error("capture: cannot read %s: %s; not sent (the target keeps what it has), "
+                      "retried every %.0f s", os.fsdecode(self._abs(rel)), why, self.UNREADABLE_RETRY)
+        self.unreadable[rel] = why
+
+    def _retry_unreadable(self) -> None:
+        """Send the files that could not be read once they can be."""
+        for rel in sorted(self.unreadable):
+            if not os.path.lexists(self._abs(rel)):
+                del self.unreadable[rel]
+                continue
+            if self._unreadable_reason(rel):
+                continue
+            del self.unreadable[rel]
+            log.warning("capture: %s can be read now: sent", os.fsdecode(self._abs(rel)))
+            self._sync_path(rel, True, None)
 
     def _same_inode(self, rel: bytes, st):
         ino = (st.st_dev, st.st_ino)
@@ -431,6 +472,10 @@ class TreeCapture:
         k = self.known[rel]
         try:
             fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except PermissionError as exc:
+            if emit:
+                self._note_unreadable(rel, exc.strerror)    # the target keeps what it has
+            return False
         except OSError:
             return False
         ops_before = self.stats["ops"]
@@ -739,7 +784,7 @@ class TreeCapture:
         of the set, and the content of what was pending, so what it missed
         meanwhile is sent. After MAX_FAILURES in a row it stops for good
         (``state`` 'failed', ``error`` says why): the engine reports it."""
-        last_verify = time.monotonic()
+        last_verify = last_retry = time.monotonic()
         while not self._stop.is_set() and self.state != "failed":
             try:
                 if self.state == "restarting":
@@ -748,6 +793,10 @@ class TreeCapture:
                 self._serve_requests()
                 if self.poll(0.05):
                     continue
+                if self.unreadable and time.monotonic() - last_retry >= self.UNREADABLE_RETRY:
+                    with self._lock:
+                        self._retry_unreadable()
+                    last_retry = time.monotonic()
                 if self.verify_interval is not None and time.monotonic() - last_verify >= self.verify_interval:
                     self.verify()
                     last_verify = time.monotonic()
