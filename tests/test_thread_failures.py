@@ -335,3 +335,26 @@ def test_daemon_capture_failure_reaches_the_log_file_and_status(nodes):
     st = capture_state()
     assert st["capture"]["failures"] >= 1 and "injected fault" in st["capture"]["error"], st
     wait_for(lambda: same(src, dst), 30, "convergence after the restart")
+
+
+def test_daemon_divergence_is_resynced_for_that_connection(nodes):
+    """Two daemons: a directory removed on the target behind its back; the
+    next changes in it fail there and the source daemon's capture sends the
+    directory again (RepsetCapture.request_resync) through the stream."""
+    from daemons import PASSWORD, smirror
+    source, target, env, tmp = nodes
+    src, dst = tmp / "data", tmp / "replica"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "old").write_bytes(b"old")
+    smirror("login", source.address, "--user", "admin", "--password-env", "PW",
+            env={**env, "PW": PASSWORD})
+    source.cli("repset", "create", "data", "--root", src)
+    source.cli("connect", "data", "to", target.address, "map", "base", dst)
+    wait_for(lambda: same(src, dst), 30, "the first mirror")
+    shutil.rmtree(dst / "d")
+    (src / "d" / "new").write_bytes(b"new")
+    (src / "d" / "old").write_bytes(b"old, changed")
+    wait_for(lambda: same(src, dst), 30, "convergence")
+    st = json.loads(source.cli("status", "--json").stdout)["sources"][0]
+    assert st["resyncs_asked"] >= 1 and st["capture"]["resyncs_served"] >= 1, st
+    assert "asks for a resync" in source.log()
