@@ -150,6 +150,10 @@ class TreeCapture:
         self._recent: set[bytes] = set()
         self._dirs_touched: set[bytes] = set()     # their mtime is sent when quiet
         self.unreadable: dict[bytes, str] = {}     # files not sent: cannot be read (why)
+        # files created since the last quiet moment: read when their event
+        # came, maybe before their writer was done (fanotify merges a new
+        # file's writes into its CREATE): looked at again when quiet
+        self._created: set[bytes] = set()
         self._lock = threading.RLock()
         self._requests: list = []
         self._fault = os.fsencode(os.environ.get(FAULT_ENV, ""))
@@ -398,6 +402,7 @@ class TreeCapture:
             k.size = 0
             self._diff_file(rel, emit=True)
             self._note_recent(rel)
+            self._created.add(rel)
             self._attrs(rel, st, True, force_owner=True)
         # fifos, sockets, devices: not replicated by the watcher
 
@@ -505,6 +510,7 @@ class TreeCapture:
                 self._buf = bytearray(chunk)
             view = memoryview(self._buf)
             off = 0
+            end_sent = 0            # the end of the last WRITE: the target's size is at least that
             while off < size:
                 want = min(chunk, size - off)
                 try:
@@ -535,14 +541,16 @@ class TreeCapture:
                             continue
                         self._out(Op.write(_ZERO, rel, off + b0, bytes(piece)))
                         self.stats["bytes_sent"] += b1 - b0
+                        end_sent = off + b1
                 off += got
             size = min(size, off)
             if emit and (self.stats["ops"] != ops_before or size != k.size):
                 # data went out: the target's mtime is the time it applied
                 # it, so the source's mtime must follow, whatever the cache said
                 k.mtime_ns = -1
-            if emit and size != k.size:
+            if emit and size != k.size and (size < k.size or end_sent < size):
                 # shrinking needs it; growing by a hole at the end needs it too
+                # (growing by the WRITEs just sent does not)
                 self._out(Op.truncate(_ZERO, rel, size))
             k.size = size
             k.strong = new[: -(-size // bs)] if bs else new
@@ -598,6 +606,10 @@ class TreeCapture:
             self.known[new + p[len(old):]] = self.known.pop(p)
         for p in [p for p in self._dirty if p == old or p.startswith(prefix)]:
             self._dirty[new + p[len(old):]] = self._dirty.pop(p)
+        for names in (self._created, self._touched, self._recent):
+            moved = [p for p in names if p == old or p.startswith(prefix)]
+            names.difference_update(moved)
+            names.update(new + p[len(old):] for p in moved)
         if self.known[new].kind == stat.S_IFREG:
             self._touched.add(new)
         if self.known[new].kind == stat.S_IFDIR:
@@ -714,6 +726,24 @@ class TreeCapture:
         touched, self._touched = self._touched, set()
         self._verify_content(touched)
 
+    def _check_created(self) -> None:
+        """Quiet now: a file created since the last quiet moment whose size
+        or mtime moved on since it was read is compared again (its writes
+        may have come with no event of their own)."""
+        created, self._created = self._created, set()
+        for rel in sorted(created):
+            k = self.known.get(rel)
+            if k is None or k.kind != stat.S_IFREG:
+                continue
+            try:
+                st = os.lstat(self._abs(rel))
+            except OSError:
+                self._created.add(rel)      # moved on with its directory: next time
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_size != k.size or st.st_mtime_ns != k.mtime_ns):
+                self._dirty[rel] = 0.0
+        self._flush_dirty(force=True, settled=True)
+
     def _verify_content(self, paths) -> None:
         for rel in sorted(paths):
             k = self.known.get(rel)
@@ -741,6 +771,8 @@ class TreeCapture:
             if not events and not self.watcher.pending_moves:
                 if self._touched:
                     self._verify_touched()
+                if self._created:
+                    self._check_created()
                 if self._dirs_touched and not self._lost and not self._dirty:
                     self._settle_dirs()
         return len(events)
