@@ -41,7 +41,7 @@ from .journal import decode_frame, frame_header
 from .ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, Op, OpKind
 from .memqueue import SpillQueue, queue_alert, segment_size_for
 from .source import ACK
-from .watch import MARK_RESYNC_DONE
+from .watch import MARK_RESYNC_DONE, MARK_ROOT_MTIME
 from .wire import Link, LinkClosed, MsgType, ProtocolError
 
 log = logging.getLogger("smirror.target")
@@ -335,6 +335,18 @@ class TargetConnection:
                 return prefix
         return rel
 
+    def _root_mtime(self, op) -> None:
+        """The source's root directory mtime, for the map base itself."""
+        try:
+            mtime = json.loads(bytes(op.data))["mtime_ns"]
+            if not isinstance(mtime, int) or isinstance(mtime, bool):
+                raise TypeError(f"mtime_ns {mtime!r} is not an integer")
+            os.utime(self.applier.root, ns=(os.lstat(self.applier.root).st_atime_ns, mtime),
+                     follow_symlinks=False)
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
+            log.error("connection %s: op seq %d root-mtime MARK has a bad payload (%s): skipped",
+                      self.conid, op.seq, exc)
+
     def _resync_done(self, op) -> None:
         try:
             rel = os.fsencode(json.loads(bytes(op.data))["path"])
@@ -501,6 +513,9 @@ class TargetConnection:
             return
         if label == MARK_RESYNC_DONE:
             self._resync_done(op)
+            return
+        if label == MARK_ROOT_MTIME:
+            self._root_mtime(op)
             return
         if label not in (MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE):
             if self._user_on_mark is not None:

@@ -61,6 +61,9 @@ from .ops import Op, OpKind
 _CHANGES_PARENT = frozenset({OpKind.CREATE, OpKind.MKDIR, OpKind.DELETE, OpKind.RMDIR, OpKind.RENAME,
                              OpKind.SYMLINK, OpKind.HARDLINK})
 
+# the MARK that carries the root directory's mtime (no op can name the root)
+MARK_ROOT_MTIME = b"smirror.root-mtime"
+
 # the MARK a targeted resync ends with: the target stops counting the
 # subtree as diverged once it applied what came before it
 MARK_RESYNC_DONE = b"smirror.resync-done"
@@ -206,9 +209,17 @@ class TreeCapture:
         those changes gave the target's copies the time of applying."""
         touched, self._dirs_touched = self._dirs_touched, set()
         for rel in sorted(touched):
-            k = self.known.get(rel) if rel else None
+            if not rel:
+                # no op names the root: a MARK carries its mtime to the target
+                try:
+                    mtime = os.lstat(self.root).st_mtime_ns
+                except OSError:
+                    continue
+                self._out(Op.mark(_ZERO, MARK_ROOT_MTIME, json.dumps({"mtime_ns": mtime}).encode()))
+                continue
+            k = self.known.get(rel)
             if k is None:
-                continue        # the root (no op names it), or gone
+                continue        # gone
             try:
                 st = os.lstat(self._abs(rel))
             except OSError:
@@ -376,15 +387,20 @@ class TreeCapture:
             self._remember(rel, st)
             self._attrs(rel, st, True, force_owner=True)
         elif stat.S_ISREG(st.st_mode):
-            why = self._unreadable_reason(rel)
-            if why:
+            try:
+                fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except PermissionError as exc:
                 # never an empty file on the target in its place: reported
                 # by name, retried (_retry_unreadable)
-                self._note_unreadable(rel, why)
+                self._note_unreadable(rel, exc.strerror or str(exc))
                 return
+            except OSError:
+                fd = None           # gone meanwhile: its DELETE follows
             if st.st_nlink > 1:
                 other = self._same_inode(rel, st)
                 if other is not None:
+                    if fd is not None:
+                        os.close(fd)
                     self._out(Op.hardlink(_ZERO, rel, other))
                     # one inode, one cache entry: a change seen through either
                     # name is sent once
@@ -400,7 +416,8 @@ class TreeCapture:
             self._out(Op.create(_ZERO, rel, mode))
             k = self._remember(rel, st)
             k.size = 0
-            self._diff_file(rel, emit=True)
+            if fd is not None:
+                self._diff_file(rel, emit=True, fd=fd)
             self._note_recent(rel)
             self._created.add(rel)
             self._attrs(rel, st, True, force_owner=True)
@@ -464,7 +481,7 @@ class TreeCapture:
         if kw and emit:      # nothing differs: an atime-only change is dropped here
             self._out(Op.setattr(_ZERO, rel, **kw))
 
-    def _diff_file(self, rel: bytes, emit: bool, same_file: bool = False) -> bool:
+    def _diff_file(self, rel: bytes, emit: bool, same_file: bool = False, fd: int | None = None) -> bool:
         """Send the blocks of ``rel`` whose hash differs from the cache.
         False when the file is not there to read: renamed or deleted since
         (the event saying so is still to come), no longer a regular file
@@ -476,7 +493,8 @@ class TreeCapture:
         whole."""
         k = self.known[rel]
         try:
-            fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            if fd is None:      # else: opened by the caller, closed here
+                fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except PermissionError as exc:
             if emit:
                 self._note_unreadable(rel, exc.strerror)    # the target keeps what it has
