@@ -358,3 +358,22 @@ def test_daemon_divergence_is_resynced_for_that_connection(nodes):
     st = json.loads(source.cli("status", "--json").stdout)["sources"][0]
     assert st["resyncs_asked"] >= 1 and st["capture"]["resyncs_served"] >= 1, st
     assert "asks for a resync" in source.log()
+
+
+def test_a_resync_request_for_a_path_outside_the_set_is_refused(tmp_path, caplog):
+    root = tmp_path / "root"
+    root.mkdir()
+    ops = []
+    cap = TreeCapture(root, ops.append, verify_interval=None)
+    try:
+        for bad in (b"", b"/etc", b"../x", b"a/../../x", b"a//b"):
+            cap.request_resync(bad)
+        assert cap._requests == []
+        assert "not a path inside the set" in caplog.text
+        (root / "d").mkdir()
+        cap.request_resync(b"d")
+        cap._serve_requests()
+        kinds = [op.kind.name for op in ops]
+        assert kinds[-1] == "MARK" and "MKDIR" in kinds
+    finally:
+        cap.close()

@@ -905,8 +905,14 @@ class TreeCapture:
         thread may call it). Its ops go to ``emit`` (default: this capture's
         own output) through the same stream, behind what was captured before,
         and end with a MARK ``smirror.resync-done``."""
+        rel = bytes(rel)
+        if not rel or rel.startswith(b"/") or b"\0" in rel or b".." in rel.split(b"/") \
+                or b"" in rel.split(b"/"):
+            log.error("capture of %s: a resync of %r was asked: not a path inside the set, ignored",
+                      os.fsdecode(self.root), rel)
+            return
         with self._requests_lock:
-            self._requests.append((bytes(rel), emit, reason))
+            self._requests.append((rel, emit, reason))
 
     def _serve_requests(self) -> None:
         while self._requests:
