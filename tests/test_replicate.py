@@ -1,5 +1,6 @@
 """Embedded replication end to end: watcher or API capture, the real stream
 over a socket, durable target queue, applier."""
+import json
 import os
 import time
 
@@ -228,3 +229,40 @@ def test_replicate_starts_on_a_live_tree_with_a_busy_log(dirs):
         assert rep.status()["error"] == ""
     finally:
         rep.stop()
+
+
+def test_replicate_second_ctrl_c_stops_at_once_without_a_traceback(dirs):
+    """The drain after the first Ctrl-C cannot end (the target file is
+    immutable: the applier holds); the second one stops at once, cleanly."""
+    import shutil as sh
+    import signal
+    import subprocess
+    import sys
+    if os.geteuid() != 0 or not sh.which("chattr"):
+        pytest.skip("needs root and chattr")
+    src, dst, state = dirs
+    proc = subprocess.Popen([sys.executable, "-m", "smirror", "replicate", str(src), str(dst),
+                             "--state-dir", str(state), "--interval", "0.2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    locked = dst / "sub" / "existing"
+    try:
+        assert '"state"' in proc.stdout.readline(), proc.stderr.read()
+        subprocess.run(["chattr", "+i", str(locked)], check=True)
+        (src / "sub" / "existing").write_bytes(b"cannot be applied")
+        while True:                     # until the applier holds on it
+            st = json.loads(proc.stdout.readline())
+            if st["target_error"]:
+                break
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None      # draining (it cannot end)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 15
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
+        proc.kill()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert proc.returncode == 3, err
+    assert "the target could not apply" in err and "Operation not permitted" in err

@@ -65,8 +65,14 @@ def run_replicate(args) -> int:
     rep = Replication(args.src, args.dst, mirror=args.mirror, rules=rules or None,
                       state_dir=args.state_dir, source_memory_limit=args.memory_limit,
                       target_memory_limit=args.memory_limit)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_):
+        # no KeyboardInterrupt inside a lock: the first signal stops (after
+        # draining), a second one stops without waiting for the drain
+        (hurry if stop.is_set() else stop).set()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     rep.start()
     if rep.mirror_summary is not None and not args.json:
         d = rep.mirror_summary.to_dict()
@@ -88,8 +94,14 @@ def run_replicate(args) -> int:
     if failure:
         print(f"smirror replicate: error: {failure}; stopping (see the log for the traceback)",
               file=sys.stderr)
-    print("stopping: applying what is queued...", file=sys.stderr)
-    rep.stop(drain=not failure)
+    stop.set()
+    if not failure:
+        print("stopping: applying what is queued (again to stop at once)...", file=sys.stderr)
+        deadline = time.monotonic() + 30
+        while not hurry.is_set() and time.monotonic() < deadline:
+            if rep.wait(0.2):
+                break
+    rep.stop(drain=False)
     st = rep.status()
     print(json.dumps(st) if args.json else _status_line(st))
     if st["target_error"]:
