@@ -377,3 +377,25 @@ def test_a_resync_request_for_a_path_outside_the_set_is_refused(tmp_path, caplog
         assert kinds[-1] == "MARK" and "MKDIR" in kinds
     finally:
         cap.close()
+
+
+def test_ack_reader_failure_is_logged_and_the_link_is_redone(dirs, caplog):
+    """No real trigger: a test-only wrapper makes handling one ACK raise."""
+    src, dst, state = dirs
+    caplog.set_level(logging.ERROR, logger="smirror")
+    with Replication(src, dst, state_dir=state, capture="api") as rep:
+        wait_for(lambda: rep.sender.connects == 1, 10, "the first link")
+        real = rep.sender._set_acked
+        failed = []
+
+        def set_acked(seq):
+            if not failed:
+                failed.append(seq)
+                raise RuntimeError("injected ack failure (test only)")
+            return real(seq)
+        rep.sender._set_acked = set_acked
+        rep.journal.create("a")
+        rep.journal.write("a", 0, b"data")
+        assert rep.wait(30), rep.status()
+        assert failed and rep.sender.connects >= 2
+    assert any(r.exc_info and "injected ack failure" in str(r.exc_info[1]) for r in caplog.records)

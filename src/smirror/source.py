@@ -389,6 +389,10 @@ class Sender:
         except (ProtocolError, OSError, ValueError, QueueClosed) as exc:
             if not isinstance(exc, (LinkClosed, QueueClosed)) or not self._stop.is_set():
                 self._reader_error = exc if isinstance(exc, (ProtocolError, OSError)) else ProtocolError(str(exc))
+        except Exception as exc:            # noqa: BLE001 - never a silent dead reader: the link is redone
+            log.exception("connection %s: reading the target's replies failed", self.conid)
+            self._reader_error = ProtocolError(f"reading the target's replies failed: "
+                                               f"{type(exc).__name__}: {exc}")
 
     def _dispatch_notice(self, notice: dict) -> None:
         """A NOTICE from the target: a request for a targeted resync
