@@ -303,7 +303,7 @@ def nodes(tmp_path):
     source = Node(tmp_path, "source", env, links_user="repl")
     target = Node(tmp_path, "target", env)
     source.add_user("admin", "admin")
-    target.add_user("repl", "admin")
+    target.add_user("repl", "replication")
     source.start()
     target.start()
     yield source, target, env, tmp_path
