@@ -13,8 +13,9 @@ def add_parser(subparsers):
         "replicate", help="replicate a directory to another continuously",
         description="Mirror SRC to DST, then replicate every change as it happens "
                     "(fanotify or inotify watcher, changed blocks only) until Ctrl-C or SIGTERM.")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
+    from .cli import local_dir
+    p.add_argument("src", metavar="SRC", type=local_dir)
+    p.add_argument("dst", metavar="DST", type=local_dir)
     p.add_argument("--mirror", choices=("checksum", "different", "full", "none"), default="checksum",
                    help="initial mirror (default: checksum differences)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
