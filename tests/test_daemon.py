@@ -333,18 +333,18 @@ def test_full_queues_auto_disconnect_and_reconnect_with_a_remirror(tmp_path):
         for i in range(60):                    # ~3.6 MiB of changes: far past both queues
             (src / f"f{i}").write_bytes(os.urandom(60_000))
             time.sleep(0.005)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline and "auto-disconnect" not in source.log():
             time.sleep(0.1)
         assert "auto-disconnect" in source.log(), source.log()[-3000:]
         target.cli("resume-target")
-        ok = wait_same(src, dst, 30)
+        ok = wait_same(src, dst, 90)
         if not ok:
             source.proc.send_signal(signal.SIGUSR1)
             time.sleep(0.5)
             source.kill(signal.SIGKILL)
         assert ok, source.proc.stderr.read()[-6000:]
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             srcs = json.loads(source.cli("status", "--json").stdout)["sources"]
             if srcs and srcs[0].get("reconnects", 0) >= 1:
