@@ -282,3 +282,12 @@ def test_a_failed_chmod_on_the_target_is_reported_not_a_crash(tmp_path):
     assert b"Traceback" not in proc.stderr and b"TypeError" not in proc.stderr
     assert proc.returncode == 1, proc.stderr
     assert b"f: Operation not permitted" in proc.stderr
+
+
+def test_replicate_refuses_empty_and_remote_looking_paths_too(tmp_path):
+    for args in (["", str(tmp_path / "d")], [str(tmp_path), "host:/srv/x"]):
+        proc = subprocess.run([sys.executable, "-m", "smirror", "replicate", *args],
+                              capture_output=True, env=ENV, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert b"empty path" in proc.stderr or b"remote HOST:PATH" in proc.stderr
+    assert not (tmp_path / "d").exists()
