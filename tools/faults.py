@@ -352,6 +352,8 @@ def main(argv=None) -> int:
     k.add_argument("--seed", type=int, default=1)
     k.add_argument("--victims", default=",".join(KILL_VICTIMS),
                    help="comma-separated, from: " + ", ".join(KILL_VICTIMS))
+    k.add_argument("--deadline", type=float, default=CONVERGE_DEADLINE,
+                   help="seconds a trial may take to converge (default %(default)s)")
     args = p.parse_args(argv)
     if args.cmd == "kill":
         victims = tuple(v for v in args.victims.split(",") if v)
@@ -359,8 +361,8 @@ def main(argv=None) -> int:
         if bad:
             p.error(f"--victims: unknown {', '.join(bad)} (known: {', '.join(KILL_VICTIMS)})")
         t0 = time.monotonic()
-        res = run_kill(args.trials, args.seed, victims)
-        print(f"\n`python tools/faults.py kill --trials {args.trials}` "
+        res = run_kill(args.trials, args.seed, victims, args.deadline)
+        print(f"\n`python tools/faults.py kill --trials {args.trials} --victims {','.join(victims)}` "
               f"({time.monotonic() - t0:.0f} s)\n")
         print(kill_table(res))
         return 0 if not any(r["failures"] for r in res.values()) else 1
