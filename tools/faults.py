@@ -468,6 +468,136 @@ def run_diskfull(fs_mb: int = 24, data_mb: int = 12, workdir=None, out=sys.stdou
     return res
 
 
+# -- fuzz ---------------------------------------------------------------------------
+
+FUZZ_FILES = [b"f%d" % i for i in range(16)]
+
+
+def _fuzz_ops(rng, first_seq, n):
+    """``n`` valid ops on the fuzz files: writes, truncates, mode changes."""
+    from smirror.ops import Op
+    ops = []
+    for i in range(n):
+        seq, path = first_seq + i, rng.choice(FUZZ_FILES)
+        r = rng.random()
+        if r < 0.8:
+            ops.append(Op.write(seq, path, rng.randrange(1 << 16), rng.randbytes(rng.randrange(1, 256))))
+        elif r < 0.9:
+            ops.append(Op.truncate(seq, path, rng.randrange(1 << 16)))
+        else:
+            ops.append(Op.setattr(seq, path, mode=rng.choice([0o600, 0o644, 0o640])))
+    return ops
+
+
+def _damage(rng, frame: bytes, seq: int):
+    """A bad FRAME payload: (kind, bytes)."""
+    from smirror.journal import encode_frame
+    kind = rng.choice(["flip", "truncate", "random", "gap", "replay", "extend"])
+    if kind == "flip":
+        b = bytearray(frame)
+        b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        return kind, bytes(b)
+    if kind == "truncate":
+        return kind, frame[:rng.randrange(len(frame))]
+    if kind == "random":
+        return kind, rng.randbytes(rng.randrange(1, 2048))
+    if kind == "gap":                      # ops that skip sequence numbers
+        return kind, encode_frame(_fuzz_ops(rng, seq + rng.randrange(2, 1000), 2))
+    if kind == "replay":                   # ops the target applied already
+        return kind, encode_frame(_fuzz_ops(rng, max(1, seq - rng.randrange(1, 50)), 2))
+    return kind, frame + rng.randbytes(rng.randrange(1, 64))
+
+
+def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out=sys.stdout,
+             deadline=CONVERGE_DEADLINE) -> dict:
+    """FRAMES frames on a data link into a target daemon, one in about
+    BAD_EVERY damaged (each refused frame ends that link: the fuzzer logs
+    in again and resumes from the target's READY). Meanwhile a library-API
+    source replicates a workload on another connection. The daemon must
+    stay up, its RSS bounded, the other connection converge."""
+    import json
+    from pathlib import Path
+    import psutil
+    from smirror import wire
+    from smirror.journal import encode_frame
+    from smirror.ops import Op
+    from smirror.source import open_message
+    rng = random.Random(seed)
+    tmp = Path(tempfile.mkdtemp(prefix="smirror-faults-fuzz-", dir=workdir))
+    lib = None
+    res = {"frames": 0, "refused": 0, "kinds": {}, "reconnects": 0}
+    try:
+        lib = LibraryScenario(tmp, rng)
+        target = lib.target
+        ps = psutil.Process(target.proc.pid)
+        dst = tmp / "fuzz-dst"
+
+        def open_link():
+            link = wire.connect("127.0.0.1", target.port)
+            wire.login(link, "repl", PASSWORD, purpose="data")
+            link.send_json(wire.MsgType.OPEN, open_message(2, str(dst), "faults", 1))
+            _, ready = link.recv_json(wire.MsgType.READY)
+            return link, ready["last_seq"]
+
+        link, seq = open_link()
+        if seq == 0:
+            link.send(wire.MsgType.FRAME, encode_frame([Op.create(i + 1, p) for i, p in enumerate(FUZZ_FILES)]))
+            seq = len(FUZZ_FILES)
+        lib.work.pace = 0.005
+        lib.work.start()                        # the existing connection keeps replicating
+        rss0 = ps.memory_info().rss
+        rss_max = rss0
+        t0 = time.monotonic()
+        while res["frames"] < frames:
+            ops = _fuzz_ops(rng, seq + 1, rng.randrange(1, 8))
+            frame = encode_frame(ops)
+            res["frames"] += 1
+            if rng.randrange(bad_every) == 0:
+                kind, bad = _damage(rng, frame, seq)
+                res["kinds"][kind] = res["kinds"].get(kind, 0) + 1
+                try:
+                    link.send(wire.MsgType.FRAME, bad)
+                    while True:                 # acks until the ERROR that names the refusal
+                        mtype, body = link.recv()
+                        if mtype == wire.MsgType.ERROR:
+                            res["refused"] += 1
+                            res.setdefault("example_error", json.loads(bytes(body))["error"])
+                            break
+                except (wire.ProtocolError, OSError):
+                    res["refused"] += 1         # the target hung up on it
+                link.close()
+                link, seq = open_link()
+                res["reconnects"] += 1
+            else:
+                link.send(wire.MsgType.FRAME, frame)
+                seq = ops[-1].seq
+            if res["frames"] % 2000 == 0:
+                rss_max = max(rss_max, ps.memory_info().rss)
+                if target.proc.poll() is not None:
+                    raise AssertionError("the target daemon died: " + target.log()[-3000:])
+            if res["frames"] % 100_000 == 0:
+                print(f"{res['frames']} frames, {res['frames'] / (time.monotonic() - t0):.0f}/s, "
+                      f"rss {rss_max >> 20} MiB", file=out, flush=True)
+        link.close()
+        res["seconds"] = time.monotonic() - t0
+        res["frames_per_s"] = res["frames"] / res["seconds"]
+        lib.work.stop()
+        lib.journal.flush()
+        took, left = wait_converged(lib.src, lib.dst, deadline, lib.rsync_extra)
+        res["other_connection_converged_s"] = took
+        res["left"] = left[:10]
+        res["rss_start_mib"] = rss0 >> 20
+        res["rss_max_mib"] = max(rss_max, ps.memory_info().rss) >> 20
+        res["target_up"] = target.proc.poll() is None
+        res["tracebacks"] = target.log().count("Traceback")
+    finally:
+        if lib is not None:
+            with contextlib.suppress(Exception):
+                lib.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
 # -- command line -------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -483,6 +613,9 @@ def main(argv=None) -> int:
     d = sub.add_parser("diskfull", help="the target's map base on a small loop filesystem")
     d.add_argument("--fs-mb", type=int, default=24)
     d.add_argument("--data-mb", type=int, default=12)
+    f = sub.add_parser("fuzz", help="fuzzed frames through a real link into a target daemon")
+    f.add_argument("--frames", type=int, default=1_000_000)
+    f.add_argument("--bad-every", type=int, default=500)
     args = p.parse_args(argv)
     if args.cmd == "kill":
         victims = tuple(v for v in args.victims.split(",") if v)
@@ -504,6 +637,18 @@ def main(argv=None) -> int:
                     ["filesystem", "written", "reported after s", "source status", "converged after free s"]))
         if not ok:
             print("still different:", res["left"], res["logs"], sep="\n")
+        return 0 if ok else 1
+    if args.cmd == "fuzz":
+        res = run_fuzz(args.frames, args.bad_every)
+        ok = (res["target_up"] and res["other_connection_converged_s"] is not None
+              and not res["tracebacks"])
+        print(f"\n`python tools/faults.py fuzz --frames {args.frames}`\n")
+        print(table([[res["frames"], res["refused"], f"{res['frames_per_s']:.0f}",
+                      f"{res['rss_start_mib']} -> {res['rss_max_mib']}", "yes" if res["target_up"] else "NO",
+                      "yes" if res["other_connection_converged_s"] is not None else "NO"]],
+                    ["frames", "refused (link ended)", "frames/s", "target RSS MiB", "daemon up",
+                     "other connection converged"]))
+        print("damage kinds:", res["kinds"], "\nexample refusal:", res.get("example_error"))
         return 0 if ok else 1
     return 2
 
