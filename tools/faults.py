@@ -533,7 +533,7 @@ def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out
         dst = tmp / "fuzz-dst"
 
         def open_link():
-            link = wire.connect("127.0.0.1", target.port)
+            link = wire.connect("127.0.0.1", target.port, io_timeout=5)
             wire.login(link, "repl", PASSWORD, purpose="data")
             link.send_json(wire.MsgType.OPEN, open_message(2, str(dst), "faults", 1))
             _, ready = link.recv_json(wire.MsgType.READY)
@@ -555,6 +555,9 @@ def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out
             if rng.randrange(bad_every) == 0:
                 kind, bad = _damage(rng, frame, seq)
                 res["kinds"][kind] = res["kinds"].get(kind, 0) + 1
+                if kind == "replay":            # ops it holds already: skipped, the link goes on
+                    link.send(wire.MsgType.FRAME, bad)
+                    continue
                 try:
                     link.send(wire.MsgType.FRAME, bad)
                     while True:                 # acks until the ERROR that names the refusal
@@ -563,6 +566,9 @@ def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out
                             res["refused"] += 1
                             res.setdefault("example_error", json.loads(bytes(body))["error"])
                             break
+                except TimeoutError:            # taken without a word (e.g. a replay)
+                    res["not_refused"] = res.get("not_refused", 0) + 1
+                    res.setdefault("not_refused_kinds", []).append(kind)
                 except (wire.ProtocolError, OSError):
                     res["refused"] += 1         # the target hung up on it
                 link.close()
