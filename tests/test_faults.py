@@ -66,3 +66,11 @@ def test_a_full_target_disk_is_reported_nothing_half_applied_and_replication_goe
     assert res["failed_op_not_acknowledged"], res
     assert res["converged_after_free_s"] is not None, (res["left"], res["logs"])
     assert res["target_up"]
+
+
+def test_fuzzed_frames_leave_the_target_up_bounded_and_replicating(tmp_path):
+    res = faults.run_fuzz(3000, bad_every=100, workdir=tmp_path, out=io.StringIO())
+    assert res["target_up"] and res["tracebacks"] == 0, res
+    assert res["refused"] > 5, res                     # damaged frames were refused...
+    assert res["other_connection_converged_s"] is not None, res["left"]   # ...the rest replicated
+    assert res["rss_max_mib"] < res["rss_start_mib"] + 64, res
