@@ -74,3 +74,13 @@ def test_fuzzed_frames_leave_the_target_up_bounded_and_replicating(tmp_path):
     assert res["refused"] > 5, res                     # damaged frames were refused...
     assert res["other_connection_converged_s"] is not None, res["left"]   # ...the rest replicated
     assert res["rss_max_mib"] < res["rss_start_mib"] + 64, res
+
+
+@pytest.mark.skipif(bool(faults.net_unavailable()), reason=faults.net_unavailable() or "-")
+def test_link_flaps_between_namespaces_resume_by_sequence_and_converge(tmp_path):
+    out = io.StringIO()
+    res = faults.run_net(seconds=6, flaps=(1, 2), workdir=tmp_path, out=out)
+    assert res["flaps"] >= 1 and res["prefix_checks"] >= 1, out.getvalue()
+    assert res["converged_s"] is not None, (res["left"], res["target_log"])
+    # every recorded op applied once: the target's applied seq is the last one
+    assert res["exact"], res

@@ -604,6 +604,173 @@ def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out
     return res
 
 
+# -- network faults --------------------------------------------------------------
+
+def net_unavailable() -> str:
+    """Why network namespaces cannot be used here ("" when they can)."""
+    if os.geteuid() != 0:
+        return "needs root for network namespaces"
+    for tool in ("ip", "tc"):
+        if not shutil.which(tool):
+            return f"needs {tool} (iproute2)"
+    name = f"smfprobe{os.getpid() % 100000}"
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create a network namespace: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return ""
+
+
+def _sh(*args, ns=None):
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+
+
+NETEM = ["loss", "5%", "delay", "50ms", "20ms", "distribution", "normal", "reorder", "25%", "50%",
+         "duplicate", "2%"]
+
+
+@contextlib.contextmanager
+def veth_namespace(tag: str):
+    """A network namespace joined to this one by a veth pair, netem on
+    both ends: yields (namespace, our interface, our address, its address)."""
+    ns, here, there = f"smf-{tag}", f"smfa{tag}", f"smfb{tag}"
+    a, b = "10.251.0.1", "10.251.0.2"
+    try:
+        _sh("ip", "netns", "add", ns)
+        _sh("ip", "link", "add", here, "type", "veth", "peer", "name", there)
+        _sh("ip", "link", "set", there, "netns", ns)
+        _sh("ip", "addr", "add", f"{a}/24", "dev", here)
+        _sh("ip", "link", "set", here, "up")
+        _sh("ip", "addr", "add", f"{b}/24", "dev", there, ns=ns)
+        _sh("ip", "link", "set", there, "up", ns=ns)
+        _sh("ip", "link", "set", "lo", "up", ns=ns)
+        try:
+            _sh("tc", "qdisc", "add", "dev", here, "root", "netem", *NETEM)
+            _sh("tc", "qdisc", "add", "dev", there, "root", "netem", *NETEM, ns=ns)
+            netem = "netem " + " ".join(NETEM)
+        except RuntimeError as exc:     # a kernel without sch_netem: flaps only
+            netem = f"no netem ({exc})"
+        yield ns, here, a, b, netem
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+class NsNode(Node):
+    """A daemon started inside network namespace ``ns``, listening on ``host``."""
+
+    def __init__(self, tmp, name, env, ns, host, **kw):
+        super().__init__(tmp, name, env, **kw)
+        self.ns = ns
+        old = self.address
+        self.address = f"{host}:{self.port}"
+        # a test veth with no one else on it: plain TCP, said so in the config
+        self.config.write_text(self.config.read_text().replace(
+            f'listen = "{old}"', f'listen = "{self.address}"\ninsecure = true'))
+
+    def start(self):
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-m", "smirror",
+                                      "serve", "--config", self.config],
+                                     env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if "listening" not in line:
+            raise RuntimeError(self.proc.stderr.read() + self.log())
+        return self
+
+
+def run_net(seconds: float = 60, flaps=(1, 10), seed: int = 11, workdir=None, out=sys.stdout,
+            deadline=CONVERGE_DEADLINE) -> dict:
+    """A library-API source here streams to a target daemon in a network
+    namespace behind a veth pair with netem (loss 5%, delay 50 ms +- 20 ms,
+    reordering, duplication) for SECONDS, the link flapping down for a
+    random FLAPS seconds now and then. During each outage the target's tree
+    is checked against a prefix of the recorded ops; at the end the target
+    must have applied exactly the recorded ops, and converge."""
+    from pathlib import Path
+    from smirror import wire
+    from smirror.capture import Recorder
+    from smirror.memqueue import SpillQueue
+    from smirror.source import ConnectionJournal, Sender
+    rng = random.Random(seed)
+    tmp = Path(tempfile.mkdtemp(prefix="smirror-faults-net-", dir=workdir))
+    res = {"flaps": 0, "down_s": 0.0, "prefix_checks": 0}
+    target = sender = queue = None
+    try:
+        with veth_namespace(str(os.getpid() % 100000)) as (ns, here, _a, b, netem):
+            res["netem"] = netem
+            print(netem, file=out, flush=True)
+            target = NsNode(tmp, "target", env_for(tmp), ns, b)
+            target.add_user("repl", "replication")
+            target.start()
+            src, dst = tmp / "src", tmp / "dst"
+            src.mkdir()
+            checker = PrefixChecker()
+            queue = SpillQueue(str(tmp / "squeue"), 4 << 20, 1 << 30)
+            journal = ConnectionJournal(queue, max_ops=32)
+
+            def emit(op):
+                seq = journal.append(op)
+                checker.record(op._replace(seq=seq))
+
+            def dial():
+                link = wire.connect(b, target.port, timeout=5)
+                wire.login(link, "repl", PASSWORD, purpose="data")
+                return link
+            sender = Sender(1, str(dst), journal, dial, source_name="faults", retry_interval=0.2).start()
+            work = Background(Workload(Recorder(src, emit), seed=seed, max_write=20_000), pace=0.005)
+            work.start()
+            applied = tmp / "target" / "state" / "targets" / "faults" / "target-1" / "applied"
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < seconds:
+                time.sleep(rng.uniform(1, 4))
+                down = rng.uniform(*flaps)
+                _sh("ip", "link", "set", here, "down")
+                res["flaps"] += 1
+                t_down = time.monotonic()
+                with work.lock:                 # nothing new while the link is down
+                    journal.flush()
+                    last, since = None, time.monotonic()
+                    while time.monotonic() - since < 1.0 and time.monotonic() - t_down < down + 10:
+                        now = read_applied(applied) if applied.exists() else 0
+                        if now != last:
+                            last, since = now, time.monotonic()
+                        time.sleep(0.1)
+                    if last:
+                        checker.check(dst, last)
+                        res["prefix_checks"] += 1
+                    time.sleep(max(0.0, down - (time.monotonic() - t_down)))
+                _sh("ip", "link", "set", here, "up")
+                res["down_s"] += time.monotonic() - t_down
+                print(f"flap {res['flaps']}: down {time.monotonic() - t_down:.1f} s, "
+                      f"target applied {last} of {journal.last_seq}", file=out, flush=True)
+            work.stop()
+            journal.flush()
+            t1 = time.monotonic()
+            took, left = wait_converged(src, dst, deadline, ("--omit-dir-times", "--omit-link-times"))
+            res["converged_s"] = None if took is None else round(time.monotonic() - t1, 2)
+            res["left"] = left[:10]
+            res["ops"] = len(checker.ops)
+            res["last_seq"] = journal.last_seq
+            wait_until(lambda: applied.exists() and read_applied(applied) >= journal.last_seq, deadline,
+                       "the target to apply every op")
+            res["applied"] = read_applied(applied)
+            res["exact"] = res["applied"] == res["last_seq"] == res["ops"]
+            res["seconds"] = round(time.monotonic() - t0, 1)
+            res["target_log"] = target.log()[-3000:]
+    finally:
+        if sender is not None:
+            sender.stop()
+        if queue is not None:
+            queue.close()
+        if target is not None and target.proc and target.proc.poll() is None:
+            target.kill(signal.SIGTERM)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
 # -- command line -------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -622,6 +789,8 @@ def main(argv=None) -> int:
     f = sub.add_parser("fuzz", help="fuzzed frames through a real link into a target daemon")
     f.add_argument("--frames", type=int, default=1_000_000)
     f.add_argument("--bad-every", type=int, default=500)
+    n = sub.add_parser("net", help="a target daemon in a network namespace, netem, link flaps")
+    n.add_argument("--seconds", type=float, default=60)
     args = p.parse_args(argv)
     if args.cmd == "kill":
         victims = tuple(v for v in args.victims.split(",") if v)
@@ -655,6 +824,19 @@ def main(argv=None) -> int:
                     ["frames", "refused (link ended)", "frames/s", "target RSS MiB", "daemon up",
                      "other connection converged"]))
         print("damage kinds:", res["kinds"], "\nexample refusal:", res.get("example_error"))
+        return 0 if ok else 1
+    if args.cmd == "net":
+        why = net_unavailable()
+        if why:
+            print(f"faults.py net: {why}", file=sys.stderr)
+            return 2
+        res = run_net(args.seconds)
+        ok = res["converged_s"] is not None and res["exact"]
+        print(f"\n`python tools/faults.py net --seconds {args.seconds:g}`: {res['netem']}\n")
+        print(table([[res["seconds"], res["flaps"], f"{res['down_s']:.0f}", res["ops"], res["applied"],
+                      res["prefix_checks"], res["converged_s"] if ok else "NO"]],
+                    ["seconds", "flaps", "down s", "ops recorded", "ops applied", "prefix checks",
+                     "converged after s"]))
         return 0 if ok else 1
     return 2
 
