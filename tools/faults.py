@@ -637,7 +637,8 @@ def veth_namespace(tag: str):
     """A network namespace joined to this one by a veth pair, netem on
     both ends: yields (namespace, our interface, our address, its address)."""
     ns, here, there = f"smf-{tag}", f"smfa{tag}", f"smfb{tag}"
-    a, b = "10.251.0.1", "10.251.0.2"
+    net = f"10.251.{int(tag) % 250}"      # a subnet per run: two runs never share a route
+    a, b = f"{net}.1", f"{net}.2"
     try:
         _sh("ip", "netns", "add", ns)
         _sh("ip", "link", "add", here, "type", "veth", "peer", "name", there)
