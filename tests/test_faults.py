@@ -13,10 +13,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import faults  # noqa: E402
 
 
-def kill_trials(victim, trials, tmp_path, deadline=30):
+def kill_trials(victim, trials, tmp_path, deadline=30, stop_on_failure=False):
     out = io.StringIO()
     res = faults.run_kill(trials, seed=7, victims=(victim,), deadline=deadline, out=out,
-                          workdir=tmp_path)[victim]
+                          workdir=tmp_path, stop_on_failure=stop_on_failure)[victim]
     return res, out.getvalue() + "".join(f"\n{f['left']}\n{f['logs']}" for f in res["failures"])
 
 
@@ -30,7 +30,7 @@ def test_sigkill_of_the_target_keeps_a_prefix_of_the_library_history_and_converg
                    "left them (watcher capture sends no directory mtime after a kill): "
                    "rsync finds '.d..t......' lines; found by tools/faults.py kill")
 def test_sigkill_of_the_target_daemon_converges(tmp_path):
-    res, report = kill_trials("target", 4, tmp_path, deadline=15)
+    res, report = kill_trials("target", 4, tmp_path, deadline=10, stop_on_failure=True)
     assert res["failures"] == [], report
 
 
@@ -38,7 +38,7 @@ def test_sigkill_of_the_target_daemon_converges(tmp_path):
                    "mirror leaves hard links and orphans as they were (rsync finds 'hf' and "
                    "'*deleting' lines); found by tools/faults.py kill")
 def test_sigkill_of_the_source_daemon_converges(tmp_path):
-    res, report = kill_trials("source", 3, tmp_path, deadline=15)
+    res, report = kill_trials("source", 3, tmp_path, deadline=10, stop_on_failure=True)
     assert res["failures"] == [], report
 
 
@@ -46,7 +46,7 @@ def test_sigkill_of_the_source_daemon_converges(tmp_path):
                    "deleted while it was down (rsync finds '*deleting' lines); found by "
                    "tools/faults.py kill")
 def test_sigkill_of_replicate_converges(tmp_path):
-    res, report = kill_trials("replicate", 3, tmp_path, deadline=15)
+    res, report = kill_trials("replicate", 3, tmp_path, deadline=10, stop_on_failure=True)
     assert res["failures"] == [], report
 
 

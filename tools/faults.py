@@ -287,7 +287,7 @@ KILL_VICTIMS = ("target-lib", "source", "target", "replicate")
 
 
 def run_kill(trials: int, seed: int = 1, victims=KILL_VICTIMS, deadline=CONVERGE_DEADLINE,
-             out=sys.stdout, workdir=None) -> dict:
+             out=sys.stdout, workdir=None, stop_on_failure=False) -> dict:
     """``trials`` kills, spread over ``victims`` in turn. Returns per victim:
     trials, failures (with what rsync still found), converge times."""
     rng = random.Random(seed)
@@ -316,6 +316,8 @@ def run_kill(trials: int, seed: int = 1, victims=KILL_VICTIMS, deadline=CONVERGE
             if took is None:
                 r["failures"].append({"trial": i, "left": left[:10], "logs": sc.logs()})
                 print(f"trial {i} ({victim}): FAILED: {left[:5]}", file=out, flush=True)
+                if stop_on_failure:
+                    break
             else:
                 r["times"].append(took)
                 print(f"trial {i} ({victim}): converged in {took:.2f} s", file=out, flush=True)
