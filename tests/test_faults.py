@@ -37,8 +37,8 @@ def test_sigkill_of_the_target_daemon_converges(tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason="after a SIGKILL of the source daemon the restart's "
-                   "mirror leaves hard links and orphans as they were (rsync finds 'hf' and "
-                   "'*deleting' lines); found by tools/faults.py kill")
+                   "mirror leaves hard links, orphans or directory mtimes as they were (rsync "
+                   "finds 'hf', '*deleting' or '.d..t' lines); found by tools/faults.py kill")
 def test_sigkill_of_the_source_daemon_converges(tmp_path):
     res, report = kill_trials("source", 3, tmp_path, deadline=10, stop_on_failure=True)
     assert res["failures"] == [], report
