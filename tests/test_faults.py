@@ -26,7 +26,7 @@ def test_sigkill_of_the_target_keeps_a_prefix_of_the_library_history_and_converg
     assert res["prefixes_checked"] == 4 and res["ops"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="after a target daemon's restart under a watcher workload, "
+@pytest.mark.xfail(strict=False, reason="(not strict: passes in some runs) after a target daemon's restart under a watcher workload, "
                    "rsync still finds directory mtimes ('.d..t......') or the applier retries "
                    "'CREATE ... failed on the target: No such file or directory' every second "
                    "(watcher order and apply-error repair: helper E's convergence work); found by "
