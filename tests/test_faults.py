@@ -36,7 +36,7 @@ def test_sigkill_of_the_target_daemon_converges(tmp_path):
     assert res["failures"] == [], report
 
 
-@pytest.mark.xfail(strict=True, reason="after a SIGKILL of the source daemon the restart's "
+@pytest.mark.xfail(strict=False, reason="after a SIGKILL of the source daemon the restart's "
                    "mirror leaves hard links, orphans or directory mtimes as they were (rsync "
                    "finds 'hf', '*deleting' or '.d..t' lines); found by tools/faults.py kill")
 def test_sigkill_of_the_source_daemon_converges(tmp_path):
@@ -44,7 +44,7 @@ def test_sigkill_of_the_source_daemon_converges(tmp_path):
     assert res["failures"] == [], report
 
 
-@pytest.mark.xfail(strict=True, reason="a restarted smirror replicate leaves orphans of what was "
+@pytest.mark.xfail(strict=False, reason="a restarted smirror replicate leaves orphans of what was "
                    "deleted while it was down (rsync finds '*deleting' lines); found by "
                    "tools/faults.py kill")
 def test_sigkill_of_replicate_converges(tmp_path):
