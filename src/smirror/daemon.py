@@ -724,7 +724,9 @@ class Daemon:
                                            deleted_mode=cfg.target.ignored_deletes,
                                            deleted_keep_days=cfg.target.deleted_keep_days,
                                            orphan_moves=cfg.target.orphans == "move",
-                                           allow_setid=setid_allowed(base, cfg.target.setid_map_bases))
+                                           allow_setid=setid_allowed(base, cfg.target.setid_map_bases),
+                                           xattr_namespaces=cfg.target.xattr_namespaces,
+                                           allow_devices=cfg.target.devices)
                     tgt.source = source
                     self.targets[key] = tgt
         except SmirrorError as exc:

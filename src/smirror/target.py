@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from .apply import Applier
+from .apply import DEFAULT_XATTR_NAMESPACES, Applier
 from .errors import ConfinementError, FrameError, QueueClosed, QueueFull, SmirrorError
 from .inuse import InUseGate
 from .journal import decode_frame, frame_header
@@ -55,7 +55,8 @@ class TargetConnection:
                  tasks=None, stop_on_task_failure: bool = False, in_use_max_delay: float = 0.0,
                  keep_dirs=None, alert_threshold: float = 50.0, queue_dir=None,
                  deleted_mode: str = "keep", deleted_keep_days: float = 0.0,
-                 orphan_moves: bool = True, allow_setid: bool = False):
+                 orphan_moves: bool = True, allow_setid: bool = False,
+                 xattr_namespaces=DEFAULT_XATTR_NAMESPACES, allow_devices: bool = False):
         """``tasks``: the daemon's :class:`~smirror.tasks.TargetTasks` (None:
         every task is refused); ``in_use_max_delay``: seconds the ops of a
         file open elsewhere may wait (0: no check); ``keep_dirs``: a
@@ -67,7 +68,9 @@ class TargetConnection:
         file stays) or "move" (to ``keep_dirs``, purged after
         ``deleted_keep_days``; 0 = kept), ``orphan_moves`` (False: a mark
         asking to move an orphan leaves it where it is);
-        ``allow_setid``: keep setuid/setgid bits of the stream's modes."""
+        ``allow_setid``: keep setuid/setgid bits of the stream's modes;
+        ``xattr_namespaces``, ``allow_devices``: which xattrs and device
+        nodes the applier makes (see :class:`~smirror.apply.Applier`)."""
         if deleted_mode not in ("keep", "move"):
             raise ValueError(f"deleted_mode must be 'keep' or 'move', got {deleted_mode!r}")
         self.conid = conid
@@ -91,7 +94,8 @@ class TargetConnection:
         self._user_on_task, self._user_on_mark = on_task, on_mark
         self.applier = Applier(self.map_base, state_path=self.dir / "applied",
                                on_task=self._on_task, on_mark=self._on_mark,
-                               allow_setid=allow_setid, name=f"connection {conid}")
+                               allow_setid=allow_setid, name=f"connection {conid}",
+                               xattr_namespaces=xattr_namespaces, allow_devices=allow_devices)
         self.marks = {"ignored_deletes": 0, "deleted_moved": 0, "orphans_moved": 0}
         self._link: Link | None = None
         self._send_lock = threading.Lock()
