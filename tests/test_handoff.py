@@ -44,6 +44,8 @@ class Source:
         self.link.sock.settimeout(timeout)
         try:
             mtype, payload = self.link.recv()
+            while mtype == wire.MsgType.NOTICE:     # a resync asked (writes to a file never created)
+                mtype, payload = self.link.recv()
         except (TimeoutError, socket.timeout):
             return None
         finally:

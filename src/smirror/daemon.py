@@ -109,10 +109,15 @@ class SourceConnection:
                   alert=queue_alert(q, self.cfg.queues.disk_queue_limit, self.cfg.queues.alert_threshold,
                                     self.qdir, self.cfg.queues.min_free_space))
         repset = self.daemon.registry.repsets.get(self.conn.repset)
+        cap = st["capture"]
         if repset is not None and not os.path.isdir(repset.root):
             # nothing left to replicate: say so instead of "connected"
             st.update(state="root missing", last_error=f"the root {repset.root} of replication set "
                       f"{repset.name!r} is missing: restore it, or disconnect {self.conn.conid}")
+        elif cap and cap.get("state") in ("restarting", "failed"):
+            # the watcher of this connection's set failed: not "connected" as if nothing happened
+            st["state"] = f"capture-{cap['state']}"
+            st["last_error"] = cap["error"]
         return st
 
     def close(self) -> None:
@@ -194,6 +199,26 @@ class RepsetCapture:
                     {"report": "reported", "delete": f"{ostats['orphans_deleted']} deleted",
                      "move": f"{ostats['orphans_moved']} moved aside"}[conn.orphans])
         return stats
+
+    def request_resync(self, conid: int, rel: bytes, reason: str = "") -> None:
+        """Connection ``conid``'s target found a divergence under ``rel``:
+        the capture thread sends that subtree again, to that connection
+        only, behind what is queued for it (see TreeCapture.resend)."""
+        def emit(op):
+            with self._lock:
+                j, conn = self.targets.get(conid), self.conns.get(conid)
+            if j is None:
+                return          # disconnected meanwhile: its reconnect mirrors
+            out = op if conn is None else for_connection(op, conn.ignore_deletes,
+                                                         conn.deleted_keep_days, False)
+            try:
+                j.append(out)
+            except QueueFull as exc:
+                with self._lock:
+                    self.targets.pop(conid, None)
+                if self.on_full is not None:
+                    self.on_full(conid, exc)
+        self.capture.request_resync(rel, emit, reason)
 
     def remove(self, conid: int) -> None:
         with self._lock:
@@ -471,6 +496,7 @@ class Daemon:
                 raise
             self.captures[repset.name] = cap
             cap.thread.start()
+        src.sender.on_resync = lambda rel, why, conid=conn.conid: cap.request_resync(conid, rel, why)
         # a new journal numbers past what the target holds, so the first
         # link sends RESET: the mirror queued here already covers that one
         src.mirror_pending_reset = known is not None

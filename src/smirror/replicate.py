@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .apply import ALL_XATTR_NAMESPACES
 from .capture import Recorder
-from .errors import ConfigError, MirrorError
+from .errors import ConfigError, MirrorError, SmirrorError
 from .memqueue import SpillQueue
 from .source import ConnectionJournal, Sender
 from .target import TargetConnection
@@ -88,7 +88,7 @@ class Replication:
         self.source_tasks = SourceTasks(policy, self.task_log)
         self.target = TargetConnection(1, self.dst, self.state_dir, memory_limit=tmem, disk_limit=disk,
                                        tasks=TargetTasks(policy, log_=self.task_log),
-                                       in_use_max_delay=in_use_max_delay,
+                                       in_use_max_delay=in_use_max_delay, apply=False,
                                        keep_dirs=KeepDirs(self.state_dir / "orphans",
                                                           self.state_dir / "deleted"),
                                        # its own administrator: the options given here
@@ -121,8 +121,10 @@ class Replication:
             try:
                 link.recv_json(MsgType.OPEN)
                 self.target.serve(link)
-            except Exception as exc:           # reported in status; the sender retries
-                log.error("target link: %s", exc)
+            except Exception as exc:           # noqa: BLE001 - reported in status; the sender retries
+                expected = isinstance(exc, (SmirrorError, OSError))
+                log.error("target link: %s", exc if expected else f"{type(exc).__name__}: {exc}",
+                          exc_info=not expected)
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> "Replication":
@@ -134,9 +136,20 @@ class Replication:
             # watching starts before the mirror: nothing changed meanwhile is missed
             self.tree_capture = TreeCapture(self.src, self._capture_sink(), rules=self.rules)
         if self.mirror_mode != "none":
+            self._drop_stale_backlog()
             self._initial_mirror()
+        # only now: a backlog left by the last run is applied before any new op
+        # (no mirror) or was dropped (the mirror supersedes it)
+        self.target.start_applier()
         if self.tree_capture is not None:
             self.tree_capture.load_target(self.dst)
+            for rel, why in self.mirror_errors:
+                # the watcher was on before the mirror: what the mirror could
+                # not copy (a file that kept changing, one it could not read)
+                # is sent from the cache's idea of the target, or reported
+                self.tree_capture.resync(rel, f"the initial mirror could not copy it: {why}")
+            # the target found a divergence: the capture sends that subtree again
+            self.sender.on_resync = lambda rel, why: self.tree_capture.request_resync(rel, reason=why)
             t = threading.Thread(target=self.tree_capture.run, daemon=True, name="capture")
             t.start()
             self._threads.append(t)
@@ -185,12 +198,32 @@ class Replication:
     def resume_target(self) -> None:
         self.target.resume()
 
+    def _drop_stale_backlog(self) -> None:
+        """Ops the target queue still holds from the last run describe the
+        source as it was then: the initial mirror brings the target to the
+        source as it is now, and applying them after it would put old
+        content back. They are dropped (counted in the log)."""
+        q = self.target.queue
+        if q.count:
+            log.warning("replicate: %d frame(s) up to seq %d left in the target queue by the last "
+                        "run are superseded by the initial mirror: dropped", q.count, q.last_seq)
+            self.dropped_backlog = q.count
+            q.ack(q.last_seq)
+
+    dropped_backlog = 0
+    mirror_errors: list = []
+
     def _initial_mirror(self) -> None:
         from .mirror import Mirror, MirrorOptions
         opts = MirrorOptions(different=self.mirror_mode in ("different", "checksum"),
                              checksum=self.mirror_mode == "checksum", rules=self.rules)
         self.mirror_summary = Mirror(self.src, self.dst, opts, progress=self.progress).run()
-        if self.mirror_summary.errors:
+        if self.mirror_summary.errors and self.tree_capture is not None:
+            # a live tree: busy or unreadable files are the capture's to follow
+            for rel, why in self.mirror_summary.errors:
+                log.warning("initial mirror: %s: %s; the capture follows it", os.fsdecode(rel), why)
+            self.mirror_errors = list(self.mirror_summary.errors)
+        elif self.mirror_summary.errors:
             raise MirrorError(f"initial mirror of {self.src} to {self.dst} failed for "
                               f"{len(self.mirror_summary.errors)} path(s), first: "
                               f"{self.mirror_summary.errors[0]}")
@@ -228,6 +261,17 @@ class Replication:
     def __exit__(self, *exc) -> None:
         self.stop(drain=exc[0] is None)
 
+    def failure(self) -> str:
+        """Why this replication cannot go on (a component that stopped for
+        good), or "" while it runs or recovers."""
+        cap = self.tree_capture
+        if cap is not None:
+            if cap.state == "failed":
+                return cap.error
+            if self._threads and not self._threads[0].is_alive() and cap.state != "stopped":
+                return f"capture of {self.src} stopped unexpectedly"
+        return ""
+
     def status(self) -> dict:
         s, t = self.sender.status(), self.target.status()
         out = {"source": self.src, "target": self.dst, "state": s["state"],
@@ -237,7 +281,25 @@ class Replication:
                "target_queue_mem": t["queue_mem_bytes"] + t["handoff_bytes"], "target_queue_disk": t["queue_disk_bytes"],
                "bytes_sent": s["bytes_sent"], "lag_ms_p50": s["lag_ms_p50"],
                "lag_ms_p99": s["lag_ms_p99"],
-               "target_error": t["error"]}
+               "target_error": t["error"], "resyncs": t["resyncs"],
+               "last_divergence": t["last_divergence"]}
+        errors = []
         if self.tree_capture is not None:
-            out["capture"] = dict(self.tree_capture.stats)
+            cap = self.tree_capture
+            unreadable = dict(sorted(cap.unreadable.items())[:20])
+            out["capture"] = dict(cap.stats, state=cap.state, error=cap.error,
+                                  unreadable={os.fsdecode(p): w for p, w in unreadable.items()})
+            if cap.state in ("restarting", "failed"):
+                out["state"] = f"capture-{cap.state}"
+                errors.append(cap.error)
+            if unreadable:
+                errors.append(f"{len(cap.unreadable)} file(s) cannot be read, not sent: "
+                              + ", ".join(f"{os.fsdecode(p)} ({w})" for p, w in unreadable.items()))
+        if t["error"]:
+            errors.append(f"target: {t['error']}")
+            if out["state"] == "connected":
+                out["state"] = "apply-error"
+        if s["last_error"]:
+            errors.append(f"link: {s['last_error']}")
+        out["error"] = "; ".join(errors)
         return out

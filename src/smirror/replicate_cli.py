@@ -44,9 +44,10 @@ def add_parser(subparsers):
 def _status_line(st: dict) -> str:
     from .units import format_size
     lag = st["lag_ms_p99"]
+    err = f"  error: {st['error']}" if st.get("error") else ""
     return (f"{st['state']:<12} captured {st['seq_captured']:>8}  applied {st['seq_applied']:>8}  "
             f"sent {format_size(st['bytes_sent']):>9}  queue {format_size(st['source_queue_mem'] + st['source_queue_disk']):>9}"
-            f"  lag p99 {'-' if lag is None else f'{lag:.1f} ms'}")
+            f"  lag p99 {'-' if lag is None else f'{lag:.1f} ms'}{err}")
 
 
 def run_replicate(args) -> int:
@@ -56,32 +57,57 @@ def run_replicate(args) -> int:
     import time
     from .replicate import Replication
     from .tree import Rules
+    import logging
+    # warnings and errors (with their tracebacks) of every component to stderr
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rules = Rules.from_patterns([("exclude", p) for p in args.exclude]
                                 + [("include", p) for p in args.include])
     rep = Replication(args.src, args.dst, mirror=args.mirror, rules=rules or None,
                       state_dir=args.state_dir, source_memory_limit=args.memory_limit,
                       target_memory_limit=args.memory_limit)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_):
+        # no KeyboardInterrupt inside a lock: the first signal stops (after
+        # draining), a second one stops without waiting for the drain
+        (hurry if stop.is_set() else stop).set()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     rep.start()
     if rep.mirror_summary is not None and not args.json:
         d = rep.mirror_summary.to_dict()
         print(f"initial mirror: {d['created']} created, {d['changed']} changed, "
               f"{d['unchanged']} unchanged in {d['seconds']:.2f} s", file=sys.stderr)
     t0 = time.monotonic()
+    failure = ""
     try:
         while not stop.wait(args.interval):
             st = rep.status()
             print(json.dumps(st) if args.json else _status_line(st), flush=True)
+            failure = rep.failure()
+            if failure:
+                break
             if args.duration is not None and time.monotonic() - t0 >= args.duration:
                 break
     except KeyboardInterrupt:
         pass
-    print("stopping: applying what is queued...", file=sys.stderr)
-    rep.stop(drain=True)
+    if failure:
+        print(f"smirror replicate: error: {failure}; stopping (see the log for the traceback)",
+              file=sys.stderr)
+    stop.set()
+    if not failure:
+        print("stopping: applying what is queued (again to stop at once)...", file=sys.stderr)
+        deadline = time.monotonic() + 30
+        while not hurry.is_set() and time.monotonic() < deadline:
+            if rep.wait(0.2):
+                break
+    rep.stop(drain=False)
     st = rep.status()
     print(json.dumps(st) if args.json else _status_line(st))
-    return EXIT_OK if not st["target_error"] else EXIT_FAILED
+    if st["target_error"]:
+        print(f"smirror replicate: error: the target could not apply: {st['target_error']}",
+              file=sys.stderr)
+    return EXIT_OK if not (st["target_error"] or failure) else EXIT_FAILED
 
 
 def run_demo(args) -> int:

@@ -238,7 +238,8 @@ class Sender:
         # sent (a task's on-transmit command; the task is alone in its frame)
         self.before_send: dict[int, object] = {}
         self.notices: collections.deque = collections.deque(maxlen=50)   # from the target
-        self.on_notice = None       # called (in the ack reader's thread) with each notice
+        self.on_notice = None       # called (in the ack reader's thread) with each task notice
+        self.on_resync = None       # (path, reason) -> None: the target asks for a targeted resync
 
     # -- control -----------------------------------------------------------
     def start(self) -> "Sender":
@@ -289,6 +290,9 @@ class Sender:
             except (ProtocolError, OSError, SmirrorError) as exc:
                 if not self._stop.is_set():
                     self._failed(exc)
+            except Exception as exc:        # noqa: BLE001 - never a silent dead sender
+                log.exception("connection %s: sender failed", self.conid)
+                self._failed(RuntimeError(f"sender failed: {type(exc).__name__}: {exc}"))
             finally:
                 link.close()
                 self._link = None
@@ -413,13 +417,7 @@ class Sender:
                         # the target cannot apply an op: the source's status says why
                         self.report_error(f"target {link.peer}: {notice.get('error')}")
                         continue
-                    self.notices.append(notice)
-                    level = logging.INFO if notice.get("state") == "ok" else logging.ERROR
-                    log.log(level, "connection %s: target reports task %r %s: %s %s", self.conid,
-                            notice.get("task"), notice.get("stage"), notice.get("state"),
-                            notice.get("error") or "")
-                    if self.on_notice is not None:
-                        self.on_notice(notice)
+                    self._dispatch_notice(notice)
                 elif mtype == MsgType.ERROR:
                     raise ProtocolError(f"target {link.peer}: {json.loads(bytes(payload)).get('error')}")
                 else:
@@ -427,6 +425,40 @@ class Sender:
         except (ProtocolError, OSError, ValueError, QueueClosed) as exc:
             if not isinstance(exc, (LinkClosed, QueueClosed)) or not self._stop.is_set():
                 self._reader_error = exc if isinstance(exc, (ProtocolError, OSError)) else ProtocolError(str(exc))
+        except Exception as exc:            # noqa: BLE001 - never a silent dead reader: the link is redone
+            log.exception("connection %s: reading the target's replies failed", self.conid)
+            self._reader_error = ProtocolError(f"reading the target's replies failed: "
+                                               f"{type(exc).__name__}: {exc}")
+
+    def _dispatch_notice(self, notice: dict) -> None:
+        """A NOTICE from the target: a request for a targeted resync
+        (``{"resync": path}``, to ``on_resync(path_bytes, reason)``) or a
+        task report (kept in ``notices``, to ``on_notice``). A callback that
+        fails is logged; the ACK reader goes on."""
+        resync = notice.get("resync")
+        try:
+            if resync is not None:
+                if not isinstance(resync, str):
+                    raise ProtocolError(f"NOTICE resync {resync!r} is not a path")
+                self.resyncs_asked += 1
+                log.info("connection %s: the target asks for a resync of %r: %s", self.conid,
+                         resync, notice.get("reason") or "")
+                if self.on_resync is not None:
+                    self.on_resync(os.fsencode(resync), str(notice.get("reason") or ""))
+                return
+            self.notices.append(notice)
+            level = logging.INFO if notice.get("state") == "ok" else logging.ERROR
+            log.log(level, "connection %s: target reports task %r %s: %s %s", self.conid,
+                    notice.get("task"), notice.get("stage"), notice.get("state"),
+                    notice.get("error") or "")
+            if self.on_notice is not None:
+                self.on_notice(notice)
+        except ProtocolError:
+            raise
+        except Exception:                   # noqa: BLE001 - the ACK reader must not die
+            log.exception("connection %s: handling the target's notice %r failed", self.conid, notice)
+
+    resyncs_asked = 0
 
     def _set_acked(self, seq: int) -> None:
         now = time.monotonic()
@@ -457,7 +489,8 @@ class Sender:
                 "seq_acked": self.acked_seq, "queue_mem_bytes": q.mem_bytes,
                 "queue_disk_bytes": q.disk_bytes, "bytes_sent": self.bytes_sent,
                 "frames_sent": self.frames_sent, "connects": self.connects,
-                "needs_mirror": self.needs_mirror, "task_reports": list(self.notices)[-10:]}
+                "needs_mirror": self.needs_mirror, "task_reports": list(self.notices)[-10:],
+                "resyncs_asked": self.resyncs_asked}
 
 
 def open_message(conid: int, map_base: str, source: str, next_seq: int = 0,

@@ -25,9 +25,11 @@ applied.
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -36,14 +38,28 @@ from .apply import DEFAULT_XATTR_NAMESPACES, Applier
 from .errors import ConfinementError, FrameError, QueueClosed, QueueFull, SmirrorError
 from .inuse import InUseGate
 from .journal import decode_frame, frame_header
+from .ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, Op, OpKind
 from .private import private_dir
-from .ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, OpKind
 from .memqueue import SpillQueue, queue_alert, segment_size_for
 from .source import ACK
+from .watch import MARK_RESYNC_DONE, MARK_ROOT_MTIME
 from .wire import Link, LinkClosed, MsgType, ProtocolError
 
 log = logging.getLogger("smirror.target")
 
+# the MARK that stands at the seq of an op skipped as diverged
+MARK_SKIPPED = b"smirror.skipped"
+# op kinds whose repair by the applier means the target lacked something
+_REPAIR_MEANS_DIVERGED = frozenset({OpKind.WRITE, OpKind.TRUNCATE, OpKind.RENAME, OpKind.SETATTR})
+
+
+def _environment_error(exc: BaseException, errnos) -> bool:
+    """True for a failure of the target's environment (its errno, or its
+    cause's, is one of ``errnos``): retried, never skipped."""
+    for e in (exc, exc.__cause__):
+        if isinstance(e, OSError) and e.errno in errnos:
+            return True
+    return False
 
 
 class TargetConnection:
@@ -97,6 +113,10 @@ class TargetConnection:
                                allow_setid=allow_setid, name=f"connection {conid}",
                                xattr_namespaces=xattr_namespaces, allow_devices=allow_devices)
         self.marks = {"ignored_deletes": 0, "deleted_moved": 0, "orphans_moved": 0}
+        # divergences: ops skipped, resyncs asked of the source and done
+        self.resyncs = {"ops_skipped": 0, "asked": 0, "done": 0}
+        self._resync_pending: dict[bytes, float] = {}     # subtree -> when asked
+        self.last_divergence = ""
         self._link: Link | None = None
         self._send_lock = threading.Lock()
         self._notices: list[dict] = []        # not yet delivered to the source
@@ -119,6 +139,7 @@ class TargetConnection:
         self._through_progress = 0.0    # when the handoff last gained a head or lost one
         # applied is as safe as queued only when the queue does not fsync
         # every frame; with fsync "always" every frame goes through the queue
+        self._fsync_mode = fsync
         self._handoff_enabled = apply and fsync != "always"
         self._stop = threading.Event()
         self._paused = threading.Event()
@@ -136,6 +157,7 @@ class TargetConnection:
         return self.applier.applied_seq
 
     def start_applier(self) -> None:
+        self._handoff_enabled = self._fsync_mode != "always"
         self._applier_thread = threading.Thread(target=self._apply_loop, daemon=True,
                                                 name=f"applier-{self.conid}")
         self._applier_thread.start()
@@ -163,6 +185,12 @@ class TargetConnection:
         return None
 
     def _apply_loop(self) -> None:
+        """Apply frames until closed. Nothing that escapes an op kills this
+        thread: an error of the environment (disk full, read-only, denied,
+        EIO) holds the frame and retries it, nothing after it applied; a
+        divergence the capture caused (a missing parent, a type conflict)
+        skips the op, counts it and asks the source for a resync of the
+        smallest subtree involved (:meth:`_diverged`)."""
         q = self.queue
         while not self._stop.is_set():
             if self._paused.is_set():
@@ -172,6 +200,9 @@ class TargetConnection:
                 item = self._next_frame()
             except QueueClosed:
                 return
+            except Exception as exc:        # noqa: BLE001 - a reading failure is held, said, retried
+                self._hold(f"reading the next frame: {type(exc).__name__}: {exc}", exc)
+                continue
             if item is None:
                 self.applier.flush()        # idle: no descriptors held open
                 continue
@@ -184,30 +215,32 @@ class TargetConnection:
                 # checked whole by the receiver; the queue keeps it immutable
                 # (and checks its own record checksum reading it back)
                 ops, _ = decode_frame(frame, check_payload=False)
-                if self.gate is None:
-                    self.applier.apply_all(ops)
-                elif not self._apply_gated(ops):
+                if not self._apply_ops(ops):
                     self._applying = False
                     self._release(handed)   # stopping while a file was in use: the rest waits
                     continue
-            except (FrameError, ConfinementError, SmirrorError, OSError) as exc:
+            except Exception as exc:        # noqa: BLE001 - held: nothing after it is applied
                 # the frame stays where it is: nothing after it is applied
                 # out of order; an operator sees why in the status
                 self._applying = False
-                self.state = "apply-error"
-                if self.error != str(exc):      # the source's status shows it (once per error)
-                    self._notify({"event": "apply-error", "error": str(exc), "seq": seq})
-                self.error = str(exc)
-                log.error("connection %s: %s", self.conid, exc)
+                reason = (str(exc) if isinstance(exc, (SmirrorError, OSError))
+                          else f"{type(exc).__name__}: {exc}")
+                if self.error != reason:        # the source's status shows it (once per error)
+                    self._notify({"event": "apply-error", "error": reason, "seq": seq})
+                self._hold(reason, exc)
                 if handed:
                     self._secure_handoff()
-                self._stop.wait(1.0)
                 try:
                     self._release(handed)
                 except QueueClosed:
                     return
                 continue
             self._applying = False
+            if self.state == "apply-error":
+                log.warning("connection %s: applying again (was: %s)", self.conid, self.error)
+                self.state = "receiving" if self._link is not None else "idle"
+                self.error = ""
+                self._held_since = 0.0
             try:
                 if handed:
                     self._handed_applied(seq)
@@ -217,6 +250,133 @@ class TargetConnection:
                 return
             with self._progress:
                 self._progress.notify_all()
+
+    # errors of the target's environment: the op is right, the target cannot
+    # take it now; it is retried until it can (an operator frees space, ...)
+    ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                    errno.EPERM, errno.EIO, errno.ENOMEM, errno.EMFILE,
+                                    errno.ENFILE, errno.EBUSY, errno.ETXTBSY, errno.EAGAIN})
+    HOLD_RETRY = 1.0                # seconds between retries of a held frame
+    RESYNC_AGAIN = 30.0             # seconds after which a resync not done yet is asked again
+
+    _held_since = 0.0
+    _held_logged = ""
+
+    def _hold(self, reason: str, exc: BaseException) -> None:
+        """An op cannot be applied now: say so (status, and the log with
+        the traceback once per reason), wait, and let the loop retry."""
+        self.state = "apply-error"
+        self.error = reason
+        if not self._held_since:
+            self._held_since = time.monotonic()
+        if reason != self._held_logged:
+            self._held_logged = reason
+            log.error("connection %s: %s (held, retried every %.0f s)", self.conid, reason,
+                      self.HOLD_RETRY, exc_info=not isinstance(exc, (SmirrorError, OSError)))
+        self._stop.wait(self.HOLD_RETRY)
+
+    def _apply_ops(self, ops) -> bool:
+        """Apply the ops of one frame, each one past the applied seq. An op
+        that fails by divergence is skipped (:meth:`_diverged`); any other
+        failure is raised with the frame held. False: stopped while a file
+        was in use."""
+        gate, applier = self.gate, self.applier
+        stats = applier.stats
+        if gate is not None:
+            gate.begin_frame()
+        for op in ops:
+            if op.seq <= applier.applied_seq:
+                applier.apply(op)            # counted as skipped (replayed after a restart)
+                continue
+            if gate is not None and not gate.wait(op, applier.open_path, applier.flush,
+                                                  on_hold=self._secure_handoff):
+                return False
+            repairs = stats["repairs"]
+            try:
+                applier.apply(op)
+            except Exception as exc:        # noqa: BLE001 - classified below
+                if _environment_error(exc, self.ENVIRONMENT_ERRNOS):
+                    raise
+                self._diverged(op, exc)
+                continue
+            if stats["repairs"] != repairs and op.kind in _REPAIR_MEANS_DIVERGED:
+                # the applier made up for something the target lacked (a
+                # write to a missing file, a rename of a vanished one): what
+                # it lacked comes with a resync
+                self._ask_resync(op, "the target lacked what the op needed")
+        return True
+
+    def _diverged(self, op, exc: BaseException) -> None:
+        """The op does not fit the target's tree (the capture saw changes
+        late or out of order): skip it (never retried forever), count it,
+        and ask the source to send the subtree involved again."""
+        self.resyncs["ops_skipped"] += 1
+        what = f"op seq {op.seq} {OpKind(op.kind).name} {bytes(op.path)!r}"
+        self.last_divergence = f"{what}: {exc}"
+        expected = isinstance(exc, (OSError, SmirrorError)) or isinstance(exc.__cause__, OSError)
+        log.log(logging.WARNING if expected else logging.ERROR,
+                "connection %s: %s; skipped, the source resyncs it", self.conid,
+                exc if str(exc).startswith("op seq") else f"{what}: {exc}",
+                exc_info=not expected)
+        # the seq counts as applied (a MARK of nothing at that seq): a
+        # restart does not try it again, and the order of what follows holds
+        self.applier.apply(Op.mark(op.seq, MARK_SKIPPED, b""))
+        self._ask_resync(op, str(exc))
+
+    def _ask_resync(self, op, why: str) -> None:
+        if op.kind in (OpKind.TASK, OpKind.MARK):
+            return
+        paths = [bytes(op.path)] + ([bytes(op.path2)] if op.kind == OpKind.RENAME else [])
+        now = time.monotonic()
+        for rel in paths:
+            if not rel or rel.startswith(b"/") or b".." in rel.split(b"/"):
+                continue            # a refused path: nothing of the set to resync
+            root = self._divergence_root(rel)
+            pending = [p for p in self._resync_pending if p == root or root.startswith(p + b"/")]
+            if any(now - self._resync_pending[p] < self.RESYNC_AGAIN for p in pending):
+                continue            # asked already: its resync comes behind
+            self._resync_pending[root] = now
+            self.resyncs["asked"] += 1
+            log.info("connection %s: asking the source for a resync of %r (%s)", self.conid, root, why)
+            self._notify({"resync": os.fsdecode(root), "seq": op.seq, "reason": why})
+
+    def _divergence_root(self, rel: bytes) -> bytes:
+        """The smallest subtree that holds what went wrong at ``rel``: its
+        first component the target lacks or holds as something other than a
+        directory, else ``rel`` itself."""
+        root = self.applier.root
+        parts = rel.split(b"/")
+        for i in range(1, len(parts)):
+            prefix = b"/".join(parts[:i])
+            try:
+                st = os.lstat(root + b"/" + prefix)
+            except OSError:
+                return prefix
+            if not stat.S_ISDIR(st.st_mode):
+                return prefix
+        return rel
+
+    def _root_mtime(self, op) -> None:
+        """The source's root directory mtime, for the map base itself."""
+        try:
+            mtime = json.loads(bytes(op.data))["mtime_ns"]
+            if not isinstance(mtime, int) or isinstance(mtime, bool):
+                raise TypeError(f"mtime_ns {mtime!r} is not an integer")
+            os.utime(self.applier.root, ns=(os.lstat(self.applier.root).st_atime_ns, mtime),
+                     follow_symlinks=False)
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
+            log.error("connection %s: op seq %d root-mtime MARK has a bad payload (%s): skipped",
+                      self.conid, op.seq, exc)
+
+    def _resync_done(self, op) -> None:
+        try:
+            rel = os.fsencode(json.loads(bytes(op.data))["path"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("connection %s: op seq %d resync-done MARK has a bad payload (%s)",
+                      self.conid, op.seq, exc)
+            return
+        self.resyncs["done"] += 1
+        self._resync_pending.pop(rel, None)
 
     def _release(self, handed: bool) -> None:
         """Give back the frame the applier took without applying it all
@@ -341,18 +501,6 @@ class TargetConnection:
                 self.received_seq = first - 1
             self._handoff.notify_all()
 
-    def _apply_gated(self, ops) -> bool:
-        """Apply ``ops``, each one only once the files it changes are not
-        open elsewhere (or the maximum delay passed). False: stopped."""
-        gate, applier = self.gate, self.applier
-        gate.begin_frame()
-        for op in ops:
-            if op.seq > applier.applied_seq and not gate.wait(op, applier.open_path, applier.flush,
-                                                              on_hold=self._secure_handoff):
-                return False
-            applier.apply(op)
-        return True
-
     # -- tasks and marks ---------------------------------------------------
     def _on_task(self, op) -> None:
         """The applier reached a TASK: every earlier op is applied."""
@@ -382,6 +530,14 @@ class TargetConnection:
 
     def _on_mark(self, op) -> None:
         label = bytes(op.path)
+        if label == MARK_SKIPPED:
+            return
+        if label == MARK_RESYNC_DONE:
+            self._resync_done(op)
+            return
+        if label == MARK_ROOT_MTIME:
+            self._root_mtime(op)
+            return
         if label not in (MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE):
             if self._user_on_mark is not None:
                 self._user_on_mark(op)
@@ -648,4 +804,8 @@ class TargetConnection:
                 "bytes_received": self.bytes_received, "paused": self._paused.is_set(),
                 "apply_state": self.apply_state,
                 "repairs": self.applier.stats["repairs"],
-                "setid_stripped": self.applier.stats["setid_stripped"]}
+                "setid_stripped": self.applier.stats["setid_stripped"],
+                "xattrs_refused": self.applier.stats["xattrs_refused"],
+                "devices_refused": self.applier.stats["devices_refused"],
+                "resyncs": dict(self.resyncs, pending=len(self._resync_pending)),
+                "last_divergence": self.last_divergence}

@@ -45,6 +45,7 @@ the walk of the same run, on a 2-core machine shared with other jobs.)
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -56,8 +57,19 @@ import numpy as np
 from . import checksum
 from . import fanotify, inotify
 from .inotify import MOVED_OUT, Event, Kind
-from .ops import MKNOD_TYPES, Op
+from .ops import MKNOD_TYPES, Op, OpKind
 from .target_local import read_xattrs, xattr_filter
+
+# ops that change their parent directory's mtime on the target
+_CHANGES_PARENT = frozenset({OpKind.CREATE, OpKind.MKDIR, OpKind.DELETE, OpKind.RMDIR, OpKind.RENAME,
+                             OpKind.SYMLINK, OpKind.HARDLINK, OpKind.MKNOD})
+
+# the MARK that carries the root directory's mtime (no op can name the root)
+MARK_ROOT_MTIME = b"smirror.root-mtime"
+
+# the MARK a targeted resync ends with: the target stops counting the
+# subtree as diverged once it applied what came before it
+MARK_RESYNC_DONE = b"smirror.resync-done"
 from .tree import Rules
 
 log = logging.getLogger("smirror.watch")
@@ -73,6 +85,9 @@ BACKENDS = ("auto", "fanotify", "inotify")
 # the backend a TreeCapture uses when its caller names none (the daemon's
 # captures, for one)
 BACKEND_ENV = "SMIRROR_CAPTURE_BACKEND"
+# tests only: an event about a file of this name makes the capture thread
+# fail (there is no real trigger left for its catch-all to be tested with)
+FAULT_ENV = "SMIRROR_TEST_CAPTURE_FAULT"
 
 
 def open_watcher(root, exclude=None, backend: str | None = None):
@@ -140,10 +155,26 @@ class TreeCapture:
         # directory, usually) when it was handled: looked at again once the
         # batch of events is done, under their parent's new name
         self._lost: set[bytes] = set()
+        # files renamed since the last quiet moment: their content is
+        # compared again then (a rename burst may have made an event's
+        # bytes land under the wrong name); files changed since the last
+        # periodic verification: compared by content then
+        self._touched: set[bytes] = set()
+        self._recent: set[bytes] = set()
+        self._dirs_touched: set[bytes] = set()     # their mtime is sent when quiet
+        self.unreadable: dict[bytes, str] = {}     # files not sent: cannot be read (why)
+        # files created since the last quiet moment: read when their event
+        # came, maybe before their writer was done (fanotify merges a new
+        # file's writes into its CREATE): looked at again when quiet
+        self._created: set[bytes] = set()
         self._lock = threading.RLock()
+        self._requests: list = []
+        self._fault = os.fsencode(os.environ.get(FAULT_ENV, ""))
+        self._requests_lock = threading.Lock()
         self._stop = threading.Event()
         self._buf = bytearray(_READ_CHUNK)
-        self.stats = {"events": 0, "ops": 0, "resyncs": 0, "bytes_sent": 0, "bytes_skipped": 0}
+        self.stats = {"events": 0, "ops": 0, "resyncs": 0, "bytes_sent": 0, "bytes_skipped": 0,
+                      "reverified": 0, "failures": 0}
         t0 = time.monotonic()
         self.watcher, self.backend_reason = open_watcher(self.root, self._excluded, capture_backend)
         self.backend = self.watcher.backend
@@ -159,7 +190,9 @@ class TreeCapture:
         return dict(self.stats, backend=self.backend, backend_reason=self.backend_reason,
                     watched_dirs=w.watched_dirs, overflows=w.overflows,
                     watch_failures=w.watch_failures, start_seconds=round(self.start_seconds, 6),
-                    last_rescan_reason=self.last_rescan_reason)
+                    last_rescan_reason=self.last_rescan_reason, state=self.state, error=self.error,
+                    unreadable={os.fsdecode(p): w for p, w in sorted(self.unreadable.items())[:20]},
+                    unreadable_count=len(self.unreadable))
 
     def _excluded(self, rel: bytes, is_dir: bool) -> bool:
         return self.rules is not None and self.rules.excluded(rel, is_dir)
@@ -174,6 +207,38 @@ class TreeCapture:
     def _out(self, op: Op) -> None:
         self.stats["ops"] += 1
         self.emit(op)
+        if op.kind in _CHANGES_PARENT:
+            # the target's directory got a new mtime applying it: the
+            # source's is sent once things are quiet (_settle_dirs)
+            self._dirs_touched.add(bytes(op.path).rpartition(b"/")[0])
+            if op.kind == OpKind.RENAME:
+                self._dirs_touched.add(bytes(op.path2).rpartition(b"/")[0])
+
+    def _settle_dirs(self) -> None:
+        """Send the mtime of the directories whose entries changed: applying
+        those changes gave the target's copies the time of applying."""
+        touched, self._dirs_touched = self._dirs_touched, set()
+        for rel in sorted(touched):
+            if not rel:
+                # no op names the root: a MARK carries its mtime to the target
+                try:
+                    mtime = os.lstat(self.root).st_mtime_ns
+                except OSError:
+                    continue
+                self._out(Op.mark(_ZERO, MARK_ROOT_MTIME, json.dumps({"mtime_ns": mtime}).encode()))
+                continue
+            k = self.known.get(rel)
+            if k is None:
+                continue        # gone
+            try:
+                st = os.lstat(self._abs(rel))
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if k is not None and k.kind == stat.S_IFDIR:
+                k.mtime_ns = -1
+                self._attrs(rel, st, True)
 
     # -- the model of the target -------------------------------------------
     def load_target(self, target_root) -> None:
@@ -188,6 +253,14 @@ class TreeCapture:
                 self._walk(b"", emit=False)
             finally:
                 self._read_root = None
+            # the inodes the cache holds are the source's (the target's
+            # were read above): an event's file is checked against them
+            for rel, k in self.known.items():
+                try:
+                    st = os.lstat(self._abs(rel))
+                    k.ino = (st.st_dev, st.st_ino) if stat.S_IFMT(st.st_mode) == k.kind else 0
+                except OSError:
+                    k.ino = 0
 
     def full_copy(self, emit) -> None:
         """Emit the whole set as ops to ``emit`` (the initial mirror of a new
@@ -324,9 +397,20 @@ class TreeCapture:
             self._remember(rel, st)
             self._attrs(rel, st, True, force_owner=True)
         elif stat.S_ISREG(st.st_mode):
+            try:
+                fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except PermissionError as exc:
+                # never an empty file on the target in its place: reported
+                # by name, retried (_retry_unreadable)
+                self._note_unreadable(rel, exc.strerror or str(exc))
+                return
+            except OSError:
+                fd = None           # gone meanwhile: its DELETE follows
             if st.st_nlink > 1:
                 other = self._same_inode(rel, st)
                 if other is not None:
+                    if fd is not None:
+                        os.close(fd)
                     self._out(Op.hardlink(_ZERO, rel, other))
                     # one inode, one cache entry: a change seen through either
                     # name is sent once
@@ -342,7 +426,10 @@ class TreeCapture:
             self._out(Op.create(_ZERO, rel, mode))
             k = self._remember(rel, st)
             k.size = 0
-            self._diff_file(rel, emit=True)
+            if fd is not None:
+                self._diff_file(rel, emit=True, fd=fd)
+            self._note_recent(rel)
+            self._created.add(rel)
             self._attrs(rel, st, True, force_owner=True)
         else:
             self._mknod(rel, st)
@@ -374,6 +461,38 @@ class TreeCapture:
             if old is None or old.get(name) != value:
                 self._out(Op.setxattr(_ZERO, rel, name, value))
 
+    def _unreadable_reason(self, rel: bytes) -> str:
+        """Why the file ``rel`` cannot be read ("" when it can, or is gone)."""
+        try:
+            os.close(os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK))
+        except PermissionError as exc:
+            return exc.strerror or str(exc)
+        except OSError:
+            pass
+        return ""
+
+    UNREADABLE_RETRY = 2.0          # seconds between tries of the files that could not be read
+
+    def _note_unreadable(self, rel: bytes, why: str) -> None:
+        if self._read_root is not None:
+            return                  # reading the target's tree (load_target): not the source's
+        if rel not in self.unreadable:
+            log.error("capture: cannot read %s: %s; not sent (the target keeps what it has), "
+                      "retried every %.0f s", os.fsdecode(self._abs(rel)), why, self.UNREADABLE_RETRY)
+        self.unreadable[rel] = why
+
+    def _retry_unreadable(self) -> None:
+        """Send the files that could not be read once they can be."""
+        for rel in sorted(self.unreadable):
+            if not os.path.lexists(self._abs(rel)):
+                del self.unreadable[rel]
+                continue
+            if self._unreadable_reason(rel):
+                continue
+            del self.unreadable[rel]
+            log.warning("capture: %s can be read now: sent", os.fsdecode(self._abs(rel)))
+            self._sync_path(rel, True, None)
+
     def _same_inode(self, rel: bytes, st):
         ino = (st.st_dev, st.st_ino)
         for p, k in self.known.items():
@@ -401,18 +520,41 @@ class TreeCapture:
         if kw and emit:      # nothing differs: an atime-only change is dropped here
             self._out(Op.setattr(_ZERO, rel, **kw))
 
-    def _diff_file(self, rel: bytes, emit: bool) -> bool:
+    def _diff_file(self, rel: bytes, emit: bool, same_file: bool = False, fd: int | None = None) -> bool:
         """Send the blocks of ``rel`` whose hash differs from the cache.
-        False when the file is not there (renamed or deleted since: the
-        event saying so is still to come)."""
+        False when the file is not there to read: renamed or deleted since
+        (the event saying so is still to come), no longer a regular file
+        (a directory now, say: the caller looks again by path), unreadable,
+        or, with ``same_file``, another inode than the one the cache holds
+        (the event was about a file that was renamed away and the name
+        recreated: its bytes are not this name's). Without ``same_file``
+        the path is what counts: another inode there is a new file, sent
+        whole."""
         k = self.known[rel]
         try:
-            fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if fd is None:      # else: opened by the caller, closed here
+                fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except PermissionError as exc:
+            if emit:
+                self._note_unreadable(rel, exc.strerror)    # the target keeps what it has
+            return False
         except OSError:
             return False
         ops_before = self.stats["ops"]
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return False        # a directory (or fifo...) by now: a kind change
+            ino = (st.st_dev, st.st_ino)
+            if k.ino and k.ino != ino and k.names <= 1:
+                if same_file:
+                    return False
+                # another file under this name: the target's copy of the
+                # old one shares nothing with it
+                k.strong = None
+            if k.names <= 1 or not k.ino:
+                k.ino = ino
+            size = st.st_size
             if not k.block_size:
                 k.block_size = checksum.block_size_for(size)
             bs = k.block_size
@@ -425,9 +567,18 @@ class TreeCapture:
                 self._buf = bytearray(chunk)
             view = memoryview(self._buf)
             off = 0
+            end_sent = 0            # the end of the last WRITE: the target's size is at least that
             while off < size:
                 want = min(chunk, size - off)
-                got = os.preadv(fd, [view[:want]], off)
+                try:
+                    got = os.preadv(fd, [view[:want]], off)
+                except OSError as exc:
+                    # EIO and the like: what was read is sent, the rest is
+                    # looked at again (the caller keeps the path)
+                    log.warning("capture: reading %r at %d: %s", rel, off, exc)
+                    if off == 0:
+                        return False
+                    break
                 if got <= 0:
                     break
                 sig = checksum.signature(view[:got], bs, weak=False)
@@ -447,14 +598,16 @@ class TreeCapture:
                             continue
                         self._out(Op.write(_ZERO, rel, off + b0, bytes(piece)))
                         self.stats["bytes_sent"] += b1 - b0
+                        end_sent = off + b1
                 off += got
             size = min(size, off)
             if emit and (self.stats["ops"] != ops_before or size != k.size):
                 # data went out: the target's mtime is the time it applied
                 # it, so the source's mtime must follow, whatever the cache said
                 k.mtime_ns = -1
-            if emit and size != k.size:
+            if emit and size != k.size and (size < k.size or end_sent < size):
                 # shrinking needs it; growing by a hole at the end needs it too
+                # (growing by the WRITEs just sent does not)
                 self._out(Op.truncate(_ZERO, rel, size))
             k.size = size
             k.strong = new[: -(-size // bs)] if bs else new
@@ -510,6 +663,12 @@ class TreeCapture:
             self.known[new + p[len(old):]] = self.known.pop(p)
         for p in [p for p in self._dirty if p == old or p.startswith(prefix)]:
             self._dirty[new + p[len(old):]] = self._dirty.pop(p)
+        for names in (self._created, self._touched, self._recent):
+            moved = [p for p in names if p == old or p.startswith(prefix)]
+            names.difference_update(moved)
+            names.update(new + p[len(old):] for p in moved)
+        if self.known[new].kind == stat.S_IFREG:
+            self._touched.add(new)
         if self.known[new].kind == stat.S_IFDIR:
             # entries made in it under its old name may not have been seen
             # (their events name a path that was gone when handled): look
@@ -520,6 +679,8 @@ class TreeCapture:
     def handle(self, ev: Event) -> None:
         self.stats["events"] += 1
         rel = ev.path
+        if self._fault and rel.rpartition(b"/")[2] == self._fault:
+            raise RuntimeError(f"injected fault on {rel!r} (${FAULT_ENV}, tests only)")
         if ev.kind == Kind.RESCAN:
             self._flush_dirty(force=True)
             self.resync(rel, ev.reason)
@@ -559,19 +720,33 @@ class TreeCapture:
             if rel in self.known:
                 self._attrs(rel, st, True)
 
-    def _flush_dirty(self, force: bool = False) -> None:
+    def _flush_dirty(self, force: bool = False, settled: bool = False) -> None:
+        """Diff the files modified at least ``settle`` seconds ago (all with
+        ``force``). A path that holds another inode than the cached one
+        waits for the rename event that explains it, unless ``settled``
+        (no event left to read): then the path's file is sent as it is."""
         now = time.monotonic()
         for rel, t in list(self._dirty.items()):
             if force or now - t >= self.settle:
                 if rel in self.known and self.known[rel].kind == stat.S_IFREG:
+                    if self._diff_file(rel, emit=True, same_file=not settled):
+                        del self._dirty[rel]
+                        self._note_recent(rel)
+                        try:
+                            self._attrs(rel, os.lstat(self._abs(rel)), True)
+                        except OSError:
+                            pass
+                        continue
                     del self._dirty[rel]
-                    if not self._diff_file(rel, emit=True):
+                    try:
+                        st = os.lstat(self._abs(rel))
+                    except OSError:
                         self._lost.add(rel)   # renamed away meanwhile: found later
                         continue
-                    try:
-                        self._attrs(rel, os.lstat(self._abs(rel)), True)
-                    except OSError:
-                        pass
+                    if not settled and stat.S_ISREG(st.st_mode):
+                        self._dirty[rel] = t  # another inode: its rename event comes first
+                    else:
+                        self._lost.add(rel)   # a directory now, or unreadable: looked at again
                 else:
                     del self._dirty[rel]
 
@@ -596,15 +771,67 @@ class TreeCapture:
                 continue          # the parent itself is new: its own creation brings it
             self.resync(rel, "created, then moved with its directory before it was seen")
 
+    RECENT_LIMIT = 100_000
+
+    def _note_recent(self, rel: bytes) -> None:
+        if len(self._recent) < self.RECENT_LIMIT:
+            self._recent.add(rel)
+
+    def _verify_touched(self) -> None:
+        """Quiet after renames: compare the renamed files' content with what
+        was sent under their names, and send what differs."""
+        touched, self._touched = self._touched, set()
+        self._verify_content(touched)
+
+    def _check_created(self) -> None:
+        """Quiet now: a file created since the last quiet moment whose size
+        or mtime moved on since it was read is compared again (its writes
+        may have come with no event of their own)."""
+        created, self._created = self._created, set()
+        for rel in sorted(created):
+            k = self.known.get(rel)
+            if k is None or k.kind != stat.S_IFREG:
+                continue
+            try:
+                st = os.lstat(self._abs(rel))
+            except OSError:
+                self._created.add(rel)      # moved on with its directory: next time
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_size != k.size or st.st_mtime_ns != k.mtime_ns):
+                self._dirty[rel] = 0.0
+        self._flush_dirty(force=True, settled=True)
+
+    def _verify_content(self, paths) -> None:
+        for rel in sorted(paths):
+            k = self.known.get(rel)
+            if k is None or k.kind != stat.S_IFREG:
+                continue
+            ops = self.stats["ops"]
+            if self._diff_file(rel, emit=True):
+                try:
+                    self._attrs(rel, os.lstat(self._abs(rel)), True)
+                except OSError:
+                    pass
+            if self.stats["ops"] != ops:
+                self.stats["reverified"] += 1
+                log.info("capture: %r differed from what was sent under its name: resent", rel)
+
     def poll(self, timeout: float) -> int:
         """Read and handle the events ready within ``timeout``; returns how many."""
         with self._lock:          # one reader at a time: events are handled in order
             events = self.watcher.read(timeout=timeout)
             for ev in events:
                 self.handle(ev)
-            self._flush_dirty(force=not events)
+            self._flush_dirty(force=not events, settled=not events and not self.watcher.pending_moves)
             if self._lost and not events:
                 self._find_lost()
+            if not events and not self.watcher.pending_moves:
+                if self._touched:
+                    self._verify_touched()
+                if self._created:
+                    self._check_created()
+                if self._dirs_touched and not self._lost and not self._dirty:
+                    self._settle_dirs()
         return len(events)
 
     def sync(self, quiet: float = 0.01, max_time: float | None = None) -> None:
@@ -614,6 +841,14 @@ class TreeCapture:
         task queued while writers go on marks the state when it was queued,
         not a later quiet moment)."""
         deadline = None if max_time is None else time.monotonic() + max_time
+        try:
+            self._sync(quiet, deadline)
+        except Exception as exc:                # noqa: BLE001 - the capture thread restarts
+            self._failed(exc)
+
+    def _sync(self, quiet: float, deadline: float | None) -> None:
+        if self.state != "running":
+            return          # restarting (the capture thread resyncs) or failed
         while True:
             while self.poll(quiet) or self.watcher.pending_moves or self._dirty:
                 if deadline is not None and time.monotonic() > deadline:
@@ -622,17 +857,132 @@ class TreeCapture:
                     return
             with self._lock:
                 if not self._lost:
+                    self._settle_dirs()
                     return
                 self._find_lost(drop_missing=True)
 
+    MAX_FAILURES = 5            # in a row, FAILURE_WINDOW apart at most: then the capture gives up
+    FAILURE_WINDOW = 60.0
+
+    state = "running"           # running, restarting (after a failure), failed, stopped
+    error = ""                  # the last failure, kept after a recovery (status shows it)
+
     def run(self) -> None:
-        last_verify = time.monotonic()
-        while not self._stop.is_set():
-            if self.poll(0.05):
-                continue
-            if self.verify_interval is not None and time.monotonic() - last_verify >= self.verify_interval:
-                self.resync(b"", "periodic verification", content=False)
-                last_verify = time.monotonic()
+        """Handle events until ``stop()``. An unexpected failure is logged
+        with its traceback and the capture restarts: a structural resync
+        of the set, and the content of what was pending, so what it missed
+        meanwhile is sent. After MAX_FAILURES in a row it stops for good
+        (``state`` 'failed', ``error`` says why): the engine reports it."""
+        last_verify = last_retry = time.monotonic()
+        while not self._stop.is_set() and self.state != "failed":
+            try:
+                if self.state == "restarting":
+                    self._restart()
+                    self.state = "running"
+                self._serve_requests()
+                if self.poll(0.05):
+                    continue
+                if self.unreadable and time.monotonic() - last_retry >= self.UNREADABLE_RETRY:
+                    with self._lock:
+                        self._retry_unreadable()
+                    last_retry = time.monotonic()
+                if self.verify_interval is not None and time.monotonic() - last_verify >= self.verify_interval:
+                    self.verify()
+                    last_verify = time.monotonic()
+            except Exception as exc:            # noqa: BLE001 - never a silent dead thread
+                if self._failed(exc):
+                    return
+                self._stop.wait(min(5.0, 0.1 * 2 ** self._failures))
+        if self.state != "failed":
+            self.state = "stopped"
+
+    _failures = 0
+    _last_failure = 0.0
+
+    def _failed(self, exc: BaseException) -> bool:
+        """Log an unexpected failure with its traceback and mark the
+        capture for a restart; True when it failed too often to go on."""
+        now = time.monotonic()
+        self._failures = self._failures + 1 if now - self._last_failure < self.FAILURE_WINDOW else 1
+        self._last_failure = now
+        self.stats["failures"] += 1
+        self.error = f"capture of {os.fsdecode(self.root)} failed: {type(exc).__name__}: {exc}"
+        if self._failures >= self.MAX_FAILURES:
+            self.state = "failed"
+            log.critical("%s (%d times in a row): capture stopped", self.error, self._failures,
+                         exc_info=exc)
+            return True
+        self.state = "restarting"
+        log.error("%s: restarting with a resync of the set", self.error, exc_info=exc)
+        return False
+
+    def verify(self) -> None:
+        """The periodic verification: names, kinds and attributes of the
+        whole set, and the content of the files changed since the last one."""
+        with self._lock:
+            self.resync(b"", "periodic verification", content=False)
+            recent, self._recent = self._recent, set()
+            self._verify_content(recent)
+
+    def _restart(self) -> None:
+        with self._lock:
+            pending = set(self._dirty) | set(self._lost) | self._touched
+            self._dirty.clear()
+            self._lost.clear()
+            self._touched.clear()
+            self.resync(b"", "capture restarted after a failure", content=False)
+            for rel in sorted(pending):
+                try:
+                    if os.path.lexists(self._abs(rel)):
+                        self._sync_path(rel, True, None)
+                except Exception as exc:      # noqa: BLE001 - one path must not stop the restart
+                    log.error("capture: %r skipped in the restart: %s", rel, exc)
+
+    # -- targeted resync, asked by a target whose applier found a divergence --
+    def request_resync(self, rel: bytes, emit=None, reason: str = "") -> None:
+        """Queue a resync of the subtree ``rel`` for the capture thread (any
+        thread may call it). Its ops go to ``emit`` (default: this capture's
+        own output) through the same stream, behind what was captured before,
+        and end with a MARK ``smirror.resync-done``."""
+        rel = bytes(rel)
+        if not rel or rel.startswith(b"/") or b"\0" in rel or b".." in rel.split(b"/") \
+                or b"" in rel.split(b"/"):
+            log.error("capture of %s: a resync of %r was asked: not a path inside the set, ignored",
+                      os.fsdecode(self.root), rel)
+            return
+        with self._requests_lock:
+            self._requests.append((rel, emit, reason))
+
+    def _serve_requests(self) -> None:
+        while self._requests:
+            with self._requests_lock:
+                rel, emit, reason = self._requests.pop(0)
+            self.resend(rel, emit, reason)
+
+    def resend(self, rel: bytes, emit=None, reason: str = "") -> None:
+        """Bring a target's subtree ``rel`` in line whatever it holds now:
+        first a resync of ``rel`` against the cache for every output (what
+        changed meanwhile), then, to ``emit`` only, ``rel`` removed and
+        sent again whole from the source, then the done MARK."""
+        with self._lock:
+            self._flush_dirty(force=True)
+            self.resync(rel, reason or "asked by the target")
+            self._lost.discard(rel)
+            out = emit if emit is not None else self.emit
+            out(Op.delete(_ZERO, rel))
+            if rel and os.path.lexists(self._abs(rel)):
+                prefix = rel + b"/"
+                target_known = {p: k for p, k in self.known.items()
+                                if p != rel and not p.startswith(prefix)}
+                saved = self.emit, self.known, self.stats
+                self.emit, self.known = out, target_known
+                self.stats = dict.fromkeys(saved[2], 0)
+                try:
+                    self._walk(rel, emit=True, seen=set())
+                finally:
+                    self.emit, self.known, self.stats = saved
+            out(Op.mark(_ZERO, MARK_RESYNC_DONE, json.dumps({"path": os.fsdecode(rel)}).encode()))
+            self.stats["resyncs_served"] = self.stats.get("resyncs_served", 0) + 1
 
     def stop(self) -> None:
         self._stop.set()
