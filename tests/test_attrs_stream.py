@@ -228,3 +228,171 @@ def test_recorder_records_xattrs_and_special_files(tmp_path):
     assert kinds.count(OpKind.XATTR) == 2 and OpKind.MKNOD in kinds
     assert _xattrs(src / "f") == {}
     assert stat.S_ISFIFO(os.lstat(src / "p").st_mode)
+
+
+# -- end to end: rsync -aHAX finds nothing to do ------------------------------------
+
+needs_tools = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("rsync") or not shutil.which("setfacl"),
+    reason="needs root, rsync and setfacl (package acl)")
+
+
+def rsync_differences(src, dst) -> str:
+    """What rsync -aHAX --checksum would change to make DST equal SRC (the
+    acceptance check): empty when every attribute it compares is equal."""
+    proc = subprocess.run(["rsync", "-aHAX", "--checksum", "--dry-run", "--itemize-changes",
+                           "--delete", f"{src}/", f"{dst}/"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    # the root's own line (".d..t...... ./") is the map base's mtime, which a
+    # target owns; everything under it must match
+    return "\n".join(line for line in proc.stdout.splitlines() if not line.endswith(" ./"))
+
+
+def wait_rsync_same(src, dst, timeout=60, why=lambda: "") -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        out = rsync_differences(src, dst)
+        if not out:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"rsync -aHAX still finds differences:\n{out}\n{why()}")
+        time.sleep(0.3)
+
+
+def make_rich_tree(root):
+    """Everything a file is: xattrs in two namespaces, an ACL, a fifo, a
+    device node, hard links, a sparse file, a symlink, odd modes and owners,
+    directory mtimes."""
+    (root / "dir" / "deep").mkdir(parents=True)
+    f = root / "dir" / "tagged"
+    f.write_bytes(b"tagged content\n")
+    os.setxattr(f, "user.colour", b"blue")
+    os.setxattr(f, "trusted.admin", b"\x00binary\xff")
+    os.setxattr(root / "dir", "user.on-a-dir", b"yes")
+    acl = root / "acl-file"
+    acl.write_text("acl")
+    subprocess.run(["setfacl", "-m", "u:1234:r,g:4321:rw", acl], check=True)
+    subprocess.run(["setfacl", "-d", "-m", "u:1234:rx", root / "dir" / "deep"], check=True)
+    os.mkfifo(root / "fifo", 0o620)
+    os.mknod(root / "dir" / "null", stat.S_IFCHR | 0o640, os.makedev(1, 3))
+    (root / "hard-a").write_bytes(os.urandom(10_000))
+    os.link(root / "hard-a", root / "dir" / "hard-b")
+    with open(root / "sparse", "wb") as fh:
+        fh.seek(5 << 20)
+        fh.write(b"end")
+    os.symlink("dir/tagged", root / "link")
+    odd = root / "odd"
+    odd.write_text("odd")
+    os.chmod(odd, 0o1751)
+    os.chown(odd, 4242, 4343)
+    os.chown(root / "link", 1111, 2222, follow_symlinks=False)
+    os.chmod(root / "dir" / "deep", 0o2770)
+    os.utime(root / "dir" / "deep", ns=(0, 1_000_000_000_123_456_789))
+    os.utime(root / "dir", ns=(0, 1_100_000_000_000_000_001))
+
+
+def change_everything(root):
+    """Live changes of each kind of attribute and special file."""
+    f = root / "dir" / "tagged"
+    os.setxattr(f, "user.colour", b"green")           # changed
+    os.removexattr(f, "trusted.admin")                 # removed
+    os.setxattr(root / "odd", "user.new", b"added later")
+    os.setxattr(root / "odd", "trusted.new", b"t")
+    subprocess.run(["setfacl", "-m", "u:77:rwx", root / "acl-file"], check=True)
+    subprocess.run(["setfacl", "-b", root / "dir" / "deep"], check=True)
+    os.mkfifo(root / "dir" / "new-fifo", 0o600)
+    os.mknod(root / "new-dev", stat.S_IFBLK | 0o600, os.makedev(7, 200))
+    os.unlink(root / "fifo")
+    os.link(root / "dir" / "tagged", root / "dir" / "deep" / "tagged-too")
+    os.chmod(root / "odd", 0o640)
+    os.chown(root / "dir" / "hard-b", 5, 6)
+    with open(root / "sparse", "r+b") as fh:
+        fh.seek(9 << 20)
+        fh.write(b"grown with a hole")
+    os.utime(root / "dir" / "deep", ns=(0, 1_200_000_000_000_000_000))
+
+
+@needs_tools
+@pytest.mark.parametrize("backend", ["fanotify", "inotify"])
+def test_replicate_carries_everything_a_file_is(tmp_path, monkeypatch, backend):
+    from smirror.replicate import Replication
+    monkeypatch.setenv("SMIRROR_CAPTURE_BACKEND", backend)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    make_rich_tree(src)
+    assert rsync_differences(src, tmp_path / "empty-dir").count("\n") > 5   # the check sees things
+    with Replication(src, dst, state_dir=tmp_path / "state") as rep:
+        assert rep.tree_capture.backend == backend
+        wait_rsync_same(src, dst, why=lambda: str(rep.status()))
+        change_everything(src)
+        assert rep.wait(60), rep.status()
+        wait_rsync_same(src, dst, why=lambda: str(rep.status()))
+    assert os.getxattr(dst / "dir" / "tagged", "user.colour") == b"green"
+    assert stat.S_ISBLK(os.lstat(dst / "new-dev").st_mode)
+
+
+@needs_tools
+def test_replicate_api_capture_carries_xattrs_and_special_files(tmp_path):
+    from smirror.replicate import Replication
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    with Replication(src, dst, state_dir=tmp_path / "state", capture="api") as rep:
+        j = rep.journal
+        j.create("f")
+        j.write("f", 0, b"data")
+        j.setxattr("f", "user.a", b"1")
+        j.setxattr("f", "trusted.b", b"2")
+        j.removexattr("f", "user.a")
+        j.mknod("fifo", stat.S_IFIFO | 0o640)
+        j.mknod("dev", stat.S_IFCHR | 0o600, os.makedev(1, 5))
+        assert rep.wait(60), rep.status()
+    assert _xattrs(dst / "f") == {"trusted.b": b"2"}
+    assert stat.S_ISFIFO(os.lstat(dst / "fifo").st_mode)
+    assert os.lstat(dst / "dev").st_rdev == os.makedev(1, 5)
+
+
+@needs_tools
+def test_two_daemons_carry_everything_a_file_is(tmp_path):
+    from test_daemon import login, running_pair
+    src, dst = tmp_path / "data", tmp_path / "replica"
+    src.mkdir()
+    make_rich_tree(src)
+    # the tree's setgid directory keeps its bit where the target allows it
+    target_extra = ('[target]\nxattr_namespaces = ["user.", "trusted.", "system.posix_acl_"]\n'
+                    f'devices = true\nsetid_map_bases = ["{dst}"]\n')
+    with running_pair(tmp_path, target_extra=target_extra) as (source, target, env):
+        login(source, env)
+        source.cli("repset", "create", "data", "--root", src)
+        source.cli("connect", "data", "to", target.address, "map", "base", dst)
+        why = lambda: source.log()[-3000:] + target.log()[-3000:]   # noqa: E731
+        wait_rsync_same(src, dst, why=why)      # the stream mirror
+        change_everything(src)
+        wait_rsync_same(src, dst, why=why)      # live
+    assert os.getxattr(dst / "odd", "trusted.new") == b"t"
+
+
+@needs_tools
+def test_a_daemon_target_refuses_what_it_was_not_configured_for(tmp_path):
+    from test_daemon import login, running_pair
+    src, dst = tmp_path / "data", tmp_path / "replica"
+    src.mkdir()
+    (src / "f").write_text("x")
+    os.setxattr(src / "f", "user.ok", b"1")
+    os.setxattr(src / "f", "trusted.admin", b"2")
+    os.setxattr(src / "f", "security.capability", _CAP_NET_RAW)
+    os.mknod(src / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.mkfifo(src / "fifo")
+    with running_pair(tmp_path) as (source, target, env):
+        login(source, env)
+        source.cli("repset", "create", "data", "--root", src)
+        source.cli("connect", "data", "to", target.address, "map", "base", dst)
+        import time
+        deadline = time.monotonic() + 60
+        while not os.path.lexists(dst / "fifo") or "user.ok" not in _xattrs(dst / "f"):
+            assert time.monotonic() < deadline, source.log()[-3000:] + target.log()[-3000:]
+            time.sleep(0.2)
+        log = target.log()
+        assert "xattr_namespaces" in log and "devices = true" in log
+    assert _xattrs(dst / "f") == {"user.ok": b"1"}
+    assert not os.path.lexists(dst / "dev")
