@@ -396,3 +396,17 @@ def test_a_daemon_target_refuses_what_it_was_not_configured_for(tmp_path):
         assert "xattr_namespaces" in log and "devices = true" in log
     assert _xattrs(dst / "f") == {"user.ok": b"1"}
     assert not os.path.lexists(dst / "dev")
+
+
+@needs_tools
+def test_one_shot_mirror_carries_everything_a_file_is(tmp_path):
+    from daemons import smirror
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    make_rich_tree(src)
+    env = dict(os.environ)
+    smirror("mirror", src, dst, env=env)
+    assert rsync_differences(src, dst) == ""
+    change_everything(src)
+    smirror("mirror", src, dst, "--different", "--checksum", "--orphans", "delete", env=env)
+    assert rsync_differences(src, dst) == ""
