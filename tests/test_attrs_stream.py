@@ -243,9 +243,7 @@ def rsync_differences(src, dst) -> str:
     proc = subprocess.run(["rsync", "-aHAX", "--checksum", "--dry-run", "--itemize-changes",
                            "--delete", f"{src}/", f"{dst}/"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    # the root's own line (".d..t...... ./") is the map base's mtime, which a
-    # target owns; everything under it must match
-    return "\n".join(line for line in proc.stdout.splitlines() if not line.endswith(" ./"))
+    return proc.stdout.strip()
 
 
 def wait_rsync_same(src, dst, timeout=60, why=lambda: "") -> None:

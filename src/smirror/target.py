@@ -50,7 +50,8 @@ log = logging.getLogger("smirror.target")
 # the MARK that stands at the seq of an op skipped as diverged
 MARK_SKIPPED = b"smirror.skipped"
 # op kinds whose repair by the applier means the target lacked something
-_REPAIR_MEANS_DIVERGED = frozenset({OpKind.WRITE, OpKind.TRUNCATE, OpKind.RENAME, OpKind.SETATTR})
+_REPAIR_MEANS_DIVERGED = frozenset({OpKind.WRITE, OpKind.TRUNCATE, OpKind.RENAME, OpKind.SETATTR,
+                                    OpKind.XATTR})
 
 
 def _environment_error(exc: BaseException, errnos) -> bool:
