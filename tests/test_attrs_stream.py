@@ -408,3 +408,23 @@ def test_one_shot_mirror_carries_everything_a_file_is(tmp_path):
     change_everything(src)
     smirror("mirror", src, dst, "--different", "--checksum", "--orphans", "delete", env=env)
     assert rsync_differences(src, dst) == ""
+
+
+def test_an_xattr_for_a_file_the_target_lost_brings_the_file_back(tmp_path):
+    """The target lacks the file an XATTR names (removed behind its back):
+    the applier asks the source for it, so the target converges without
+    waiting for the periodic verification."""
+    from smirror.replicate import Replication
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "f").write_bytes(b"content")
+    with Replication(src, dst, state_dir=tmp_path / "state") as rep:
+        assert rep.wait(60), rep.status()
+        os.unlink(dst / "f")
+        os.setxattr(src / "f", "user.late", b"1")
+        import time
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(dst / "f") and _xattrs(dst / "f") == {"user.late": b"1"}):
+            assert time.monotonic() < deadline, rep.status()
+            time.sleep(0.1)
+    assert (dst / "f").read_bytes() == b"content"
