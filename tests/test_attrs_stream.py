@@ -428,3 +428,12 @@ def test_an_xattr_for_a_file_the_target_lost_brings_the_file_back(tmp_path):
             assert time.monotonic() < deadline, rep.status()
             time.sleep(0.1)
     assert (dst / "f").read_bytes() == b"content"
+
+
+def test_a_target_that_is_not_root_stores_user_xattrs_only(tmp_path):
+    app = Applier(tmp_path / "base", xattr_namespaces=ALL_XATTR_NAMESPACES, allow_setid=True)
+    app._root = False              # what a daemon running as a plain user decides
+    assert app.xattr_allowed(b"user.x")
+    for name in (b"trusted.x", b"security.selinux", b"system.posix_acl_access"):
+        assert not app.xattr_allowed(name)
+    app.close()
