@@ -284,6 +284,8 @@ def make_rich_tree(root):
     odd.write_text("odd")
     os.chmod(odd, 0o1751)
     os.chown(odd, 4242, 4343)
+    os.setxattr(odd, "security.capability", _CAP_NET_RAW)     # set after chown clears it
+    os.setxattr(odd, "security.label", b"s0")
     os.chown(root / "link", 1111, 2222, follow_symlinks=False)
     os.chmod(root / "dir" / "deep", 0o2770)
     os.utime(root / "dir" / "deep", ns=(0, 1_000_000_000_123_456_789))
@@ -304,6 +306,8 @@ def change_everything(root):
     os.unlink(root / "fifo")
     os.link(root / "dir" / "tagged", root / "dir" / "deep" / "tagged-too")
     os.chmod(root / "odd", 0o640)
+    os.chown(root / "odd", 4242, 4344)                  # clears the capability...
+    os.setxattr(root / "odd", "security.capability", _CAP_NET_RAW)   # ...set again
     os.chown(root / "dir" / "hard-b", 5, 6)
     with open(root / "sparse", "r+b") as fh:
         fh.seek(9 << 20)
@@ -357,7 +361,7 @@ def test_two_daemons_carry_everything_a_file_is(tmp_path):
     src.mkdir()
     make_rich_tree(src)
     # the tree's setgid directory keeps its bit where the target allows it
-    target_extra = ('[target]\nxattr_namespaces = ["user.", "trusted.", "system.posix_acl_"]\n'
+    target_extra = ('[target]\nxattr_namespaces = ["user.", "trusted.", "security.", "system.posix_acl_"]\n'
                     f'devices = true\nsetid_map_bases = ["{dst}"]\n')
     with running_pair(tmp_path, target_extra=target_extra) as (source, target, env):
         login(source, env)

@@ -80,6 +80,7 @@ _ZERO = 0
 # the extended attributes captured: what this process can read and a
 # target could store (ACLs among them)
 _WANTED_XATTR = xattr_filter()
+_CAPABILITY = "security.capability"
 
 BACKENDS = ("auto", "fanotify", "inotify")
 # the backend a TreeCapture uses when its caller names none (the daemon's
@@ -516,9 +517,13 @@ class TreeCapture:
         if st.st_mtime_ns != k.mtime_ns or force_owner:
             kw["mtime_ns"] = st.st_mtime_ns
         k.mode, k.uid, k.gid, k.mtime_ns = mode, st.st_uid, st.st_gid, st.st_mtime_ns
-        self._sync_xattrs(rel, k, emit)
         if kw and emit:      # nothing differs: an atime-only change is dropped here
             self._out(Op.setattr(_ZERO, rel, **kw))
+        # after the owner: a chown clears security.capability on the target,
+        # so one the source still has is sent again after it
+        if emit and k.xattrs and ("uid" in kw or "gid" in kw) and _CAPABILITY in k.xattrs:
+            k.xattrs = {n: v for n, v in k.xattrs.items() if n != _CAPABILITY}
+        self._sync_xattrs(rel, k, emit)
 
     def _diff_file(self, rel: bytes, emit: bool, same_file: bool = False, fd: int | None = None) -> bool:
         """Send the blocks of ``rel`` whose hash differs from the cache.
