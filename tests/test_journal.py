@@ -230,7 +230,7 @@ def _resealed_variants():
         return reseal(bytes(b))
 
     return [
-        ("unknown kind", patch(rec1, b"\x0d"), "unknown op kind 13"),
+        ("unknown kind", patch(rec1, b"\x0f"), "unknown op kind 15"),
         ("kind zero", patch(rec2, b"\x00"), "unknown op kind 0"),
         ("mask on write", patch(rec1 + 1, b"\x01"), "mask"),
         ("first seq", patch(rec1 + 10, struct.pack("<Q", 9)), "first seq"),
@@ -409,7 +409,7 @@ BAD_OPS = [
     ([Op.delete(2**64, b"a")], ValueError, "seq"),
     ([Op.delete(1.0, b"a")], TypeError, "seq must be an int"),
     ([Op(1, 0, b"a")], ValueError, "unknown op kind"),
-    ([Op(1, 13, b"a")], ValueError, "unknown op kind"),
+    ([Op(1, 15, b"a")], ValueError, "unknown op kind"),
     ([Op(1, "write", b"a")], ValueError, "unknown op kind"),
     ([Op.delete(1, "a")], TypeError, "path must be bytes"),
     ([Op.delete(1, b"")], ValueError, "empty"),

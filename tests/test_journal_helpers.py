@@ -7,7 +7,7 @@ import xxhash
 from hypothesis import strategies as st
 
 from smirror import _journal, _journal_py
-from smirror.ops import AttrMask, Op, OpKind
+from smirror.ops import MKNOD_TYPES, XATTR_NAMESPACES, AttrMask, Op, OpKind
 
 IMPLS = [pytest.param(_journal, id="compiled"), pytest.param(_journal_py, id="reference")]
 PAIRS = [pytest.param(a, b, id=f"{a.__name__.rsplit('.', 1)[1]}->{b.__name__.rsplit('.', 1)[1]}")
@@ -55,6 +55,8 @@ datas = st.one_of(st.binary(max_size=64), st.binary(max_size=3).map(lambda b: b 
 offsets = st.integers(0, 2**63 - 1)
 write_offsets = st.integers(0, 2**63 - 1 - 1024)      # offset + len(data) fits 2**63-1
 modes = st.integers(0, 0o7777)
+xattr_names = st.builds(lambda ns, n: ns + n, st.sampled_from(XATTR_NAMESPACES),
+                        st.binary(min_size=1, max_size=8).map(lambda c: c.replace(b"\0", b"_")))
 
 
 def _setattr(seq, path, mode, uid, gid, mtime, mask):
@@ -82,6 +84,10 @@ op_makers = st.one_of(
     st.builds(lambda n, d: lambda s: Op.task(s, n, d), free_names, datas),
     st.builds(lambda n, d: lambda s: Op.mark(s, n, d),
               st.one_of(st.just(b""), free_names), datas),
+    st.builds(lambda p, n, d: lambda s: Op.setxattr(s, p, n, d), tree_paths, xattr_names, datas),
+    st.builds(lambda p, n: lambda s: Op.removexattr(s, p, n), tree_paths, xattr_names),
+    st.builds(lambda p, t, m, r: lambda s: Op.mknod(s, p, t | m, r if t in (0o020000, 0o060000) else 0),
+              tree_paths, st.sampled_from(MKNOD_TYPES), modes, st.integers(0, 2**64 - 1)),
 )
 
 

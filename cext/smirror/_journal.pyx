@@ -70,7 +70,7 @@ cdef enum:
     HEADER_CHECKED = 48
     RECORD_HEAD_SIZE = 18
     FLAG_LZ4 = 1
-    NKINDS = 13
+    NKINDS = 15
     K_WRITE = 1
     K_TRUNCATE = 2
     K_CREATE = 3
@@ -83,6 +83,16 @@ cdef enum:
     K_HARDLINK = 10
     K_TASK = 11
     K_MARK = 12
+    K_XATTR = 13
+    K_MKNOD = 14
+    X_REMOVE = 1            # XattrFlag.REMOVE
+    MAX_XATTR_NAME = 255
+    MAX_XATTR_VALUE = 65536
+    TYPE_BITS = 0o170000
+    S_FIFO = 0o010000
+    S_CHR = 0o020000
+    S_BLK = 0o060000
+    S_SOCK = 0o140000
     M_MODE = 1
     M_UID = 2
     M_GID = 4
@@ -111,16 +121,17 @@ cdef Py_ssize_t SCRATCH_KEEP = 8 << 20       # lz4 scratch bytes
 
 # per-kind layout: fixed field bytes, path2 present, path2 is a tree path,
 # data allowed, path is a tree path
-cdef uint8_t FIXED_SIZE[13]
-cdef bint HAS_PATH2[13]
-cdef bint TREE_PATH2[13]
-cdef bint HAS_DATA[13]
-cdef bint TREE_PATH[13]
-FIXED_SIZE[:] = [0, 8, 8, 4, 4, 0, 0, 0, 20, 0, 0, 0, 0]
-HAS_PATH2[:] = [0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0]
-TREE_PATH2[:] = [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0]
-HAS_DATA[:] = [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
-TREE_PATH[:] = [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+#                     W  T  C  MD D  R  RN S   SL H  T  M  X  MN
+cdef uint8_t FIXED_SIZE[15]
+cdef bint HAS_PATH2[15]
+cdef bint TREE_PATH2[15]
+cdef bint HAS_DATA[15]
+cdef bint TREE_PATH[15]
+FIXED_SIZE[:] = [0, 8, 8, 4, 4, 0, 0, 0, 20, 0, 0, 0, 0, 0, 12]
+HAS_PATH2[:] = [0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0, 1, 0]
+TREE_PATH2[:] = [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0]
+HAS_DATA[:] = [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0]
+TREE_PATH[:] = [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1]
 
 # Python objects the decoder hands out (borrowed into every op it builds)
 cdef tuple KIND_OBJECTS = tuple([None] + [OpKind(k) for k in range(1, NKINDS)])
@@ -171,6 +182,8 @@ cdef enum PathProblem:
     P_TOO_LONG
     P_LABEL_TOO_LONG
     P_NAME_TOO_LONG
+    P_XATTR_TOO_LONG
+    P_XATTR_NAMESPACE
 
 PATH_PROBLEMS = {
     P_NUL: "contains a NUL byte", P_EMPTY: "is empty", P_ABSOLUTE: "is absolute",
@@ -180,7 +193,37 @@ PATH_PROBLEMS = {
     P_TOO_LONG: f"is longer than {MAX_TREE_PATH} bytes (PATH_MAX)",
     P_LABEL_TOO_LONG: f"is longer than {MAX_LABEL} bytes",
     P_NAME_TOO_LONG: f"has a name longer than {NAME_MAX} bytes (NAME_MAX)",
+    P_XATTR_TOO_LONG: f"is longer than {MAX_XATTR_NAME} bytes (XATTR_NAME_MAX)",
+    P_XATTR_NAMESPACE: "is not a name in the user., trusted., security. or system. namespace",
 }
+
+
+cdef inline bint has_prefix(const unsigned char* p, size_t n, const char* ns,
+                            size_t k) noexcept nogil:
+    """``p`` starts with the k bytes of ``ns`` and has more after them."""
+    return n > k and memcmp(p, ns, k) == 0
+
+
+cdef int xattr_name_problem(const unsigned char* p, size_t n) noexcept nogil:
+    if memchr(p, 0, n) != NULL:
+        return P_NUL
+    if n > MAX_XATTR_NAME:
+        return P_XATTR_TOO_LONG
+    if (has_prefix(p, n, "user.", 5) or has_prefix(p, n, "trusted.", 8)
+            or has_prefix(p, n, "security.", 9) or has_prefix(p, n, "system.", 7)):
+        return P_OK
+    return P_XATTR_NAMESPACE
+
+
+cdef inline bint mknod_mode_ok(uint32_t mode) noexcept nogil:
+    cdef uint32_t t = mode & TYPE_BITS
+    return ((t == S_FIFO or t == S_CHR or t == S_BLK or t == S_SOCK)
+            and (mode & ~(<uint32_t>TYPE_BITS)) <= MAX_MODE)
+
+
+cdef inline bint mknod_rdev_ok(uint32_t mode, uint64_t rdev) noexcept nogil:
+    cdef uint32_t t = mode & TYPE_BITS
+    return rdev == 0 or (t != S_FIFO and t != S_SOCK)
 
 # the component flags path_problem collects in its one pass
 cdef enum:
@@ -214,6 +257,8 @@ cdef int path_problem(uint8_t kind, const unsigned char* p, size_t n,
         tree = TREE_PATH[kind]
     if n == 0:
         return P_OK if (kind == K_MARK and not second) else P_EMPTY
+    if second and kind == K_XATTR:
+        return xattr_name_problem(p, n)
     if not tree:
         if memchr(p, 0, n) != NULL:
             return P_NUL
@@ -265,6 +310,10 @@ cdef enum RecordProblem:
     R_ID                # value = the uid or gid, other = 0 uid / 1 gid
     R_WRITE_END         # value = offset, other = data length
     R_PAYLOAD_SIZE      # value = data length, other = the kind's limit
+    R_XATTR_FLAGS       # value = mask
+    R_XATTR_REMOVE_DATA
+    R_MKNOD_MODE        # value = mode
+    R_MKNOD_RDEV        # value = rdev
 
 
 cdef Py_ssize_t validate_records(const unsigned char* raw, Py_ssize_t raw_len,
@@ -302,6 +351,12 @@ cdef Py_ssize_t validate_records(const unsigned char* raw, Py_ssize_t raw_len,
         if kind == K_SETATTR:
             if mask == 0 or mask > M_ALL:
                 err.code = R_SETATTR_MASK
+                err.value = mask
+                err.pos = pos + 1
+                return -1
+        elif kind == K_XATTR:
+            if mask > X_REMOVE:
+                err.code = R_XATTR_FLAGS
                 err.value = mask
                 err.pos = pos + 1
                 return -1
@@ -377,6 +432,20 @@ cdef Py_ssize_t validate_records(const unsigned char* raw, Py_ssize_t raw_len,
                 err.other = 1
                 err.pos = body + 8
                 return -1
+        elif kind == K_MKNOD:
+            mode = ld32(raw + body)
+            v = ld64(raw + body + 4)
+            if not mknod_mode_ok(mode):
+                err.code = R_MKNOD_MODE
+                err.value = mode
+                err.pos = body
+                return -1
+            if not mknod_rdev_ok(mode, v):
+                err.code = R_MKNOD_RDEV
+                err.value = v
+                err.pos = body
+                return -1
+            mode = 0                # checked: not the permission-bits rule below
         if mode > MAX_MODE:
             err.code = R_MODE
             err.value = mode
@@ -401,11 +470,16 @@ cdef Py_ssize_t validate_records(const unsigned char* raw, Py_ssize_t raw_len,
             err.code = R_DATA
             err.pos = pos + 6
             return -1
+        if data_len and kind == K_XATTR and mask:
+            err.code = R_XATTR_REMOVE_DATA
+            err.pos = pos + 6
+            return -1
         if ((kind == K_TASK and data_len > MAX_TASK_PAYLOAD)
-                or (kind == K_MARK and data_len > MAX_MARK_PAYLOAD)):
+                or (kind == K_MARK and data_len > MAX_MARK_PAYLOAD)
+                or (kind == K_XATTR and data_len > MAX_XATTR_VALUE)):
             err.code = R_PAYLOAD_SIZE
             err.value = data_len
-            err.other = MAX_TASK_PAYLOAD if kind == K_TASK else MAX_MARK_PAYLOAD
+            err.other = payload_limit(kind)
             err.pos = pos + 6
             return -1
         pos = body + data_len
@@ -422,6 +496,14 @@ cdef Py_ssize_t validate_records(const unsigned char* raw, Py_ssize_t raw_len,
         return -1
     err.code = R_OK
     return 0
+
+
+cdef inline uint32_t payload_limit(uint8_t kind) noexcept nogil:
+    if kind == K_TASK:
+        return MAX_TASK_PAYLOAD
+    if kind == K_MARK:
+        return MAX_MARK_PAYLOAD
+    return MAX_XATTR_VALUE
 
 
 cdef str kind_name(uint8_t kind):
@@ -471,6 +553,15 @@ cdef object record_error(RecordError* e, const unsigned char* raw,
         msg = f"{who}: data on a {kind_name(e.kind)} op"
     elif code == R_PAYLOAD_SIZE:
         msg = f"{who}: payload is {e.value} bytes, the limit is {e.other}"
+    elif code == R_XATTR_FLAGS:
+        msg = f"{who}: bad xattr flags 0x{e.value:02x}"
+    elif code == R_XATTR_REMOVE_DATA:
+        msg = f"{who}: an xattr removal carries a value"
+    elif code == R_MKNOD_MODE:
+        msg = (f"{who}: mknod mode 0o{e.value:o} is not a fifo, socket or device type "
+               f"with permission bits <= 0o7777")
+    elif code == R_MKNOD_RDEV:
+        msg = f"{who}: mknod of a fifo or socket has device number {e.value}, not 0"
     elif code == R_STRAY:
         msg = f"{e.value} stray bytes after the last op"
     elif code == R_LAST_SEQ:
@@ -620,10 +711,13 @@ cdef list build_ops(const unsigned char* raw, Py_ssize_t raw_len, Py_ssize_t cou
         elif kind == K_TRUNCATE:
             set_item(op, 4, ZERO)
             set_item(op, 5, <object>ld64(raw + body))
+        elif kind == K_MKNOD:
+            set_item(op, 4, ZERO)
+            set_item(op, 5, ZERO if ld64(raw + body + 4) == 0 else <object>ld64(raw + body + 4))
         else:
             set_item(op, 4, ZERO)
             set_item(op, 5, ZERO)
-        if kind == K_CREATE or kind == K_MKDIR or kind == K_SETATTR:
+        if kind == K_CREATE or kind == K_MKDIR or kind == K_SETATTR or kind == K_MKNOD:
             set_item(op, 6, <object>ld32(raw + body))
         else:
             set_item(op, 6, ZERO)
@@ -636,7 +730,7 @@ cdef list build_ops(const unsigned char* raw, Py_ssize_t raw_len, Py_ssize_t cou
             set_item(op, 7, ZERO)
             set_item(op, 8, ZERO)
             set_item(op, 9, ZERO)
-            set_item(op, 10, ZERO)
+            set_item(op, 10, ZERO if mask == 0 else <object>mask)
         body += FIXED_SIZE[kind]
         # consecutive ops on the same file share one path object
         if not (path_len == prev_path_len and prev_path != NULL
@@ -938,9 +1032,10 @@ cdef class Encoder:
                 raise bad_op(i, op, f"data must be empty for {kind_name(kind)} ops")
             if u > MAX_PAYLOAD:
                 raise bad_op(i, op, f"data is {u} bytes, the frame limit is {MAX_PAYLOAD}")
-            if (kind == K_TASK and u > MAX_TASK_PAYLOAD) or (kind == K_MARK and u > MAX_MARK_PAYLOAD):
+            if ((kind == K_TASK and u > MAX_TASK_PAYLOAD) or (kind == K_MARK and u > MAX_MARK_PAYLOAD)
+                    or (kind == K_XATTR and u > MAX_XATTR_VALUE)):
                 raise bad_op(i, op, f"{kind_name(kind)} payload is {u} bytes, the limit is "
-                                    f"{MAX_TASK_PAYLOAD if kind == K_TASK else MAX_MARK_PAYLOAD}")
+                                    f"{payload_limit(kind)}")
             f.data_len = <uint32_t>u
             # numeric fields: the kind's own are range-checked, the rest must be 0
             f.u64 = 0
@@ -956,15 +1051,35 @@ cdef class Encoder:
                 check_unused(i, op, "offset", <object>PyTuple_GET_ITEM(op, 4), kind)
             if kind == K_TRUNCATE:
                 f.u64 = get_u64(i, op, "size", <object>PyTuple_GET_ITEM(op, 5), MAX_OFFSET)
+            elif kind == K_MKNOD:
+                f.u64 = get_u64(i, op, "size", <object>PyTuple_GET_ITEM(op, 5),
+                                0xFFFFFFFFFFFFFFFF)
             else:
                 check_unused(i, op, "size", <object>PyTuple_GET_ITEM(op, 5), kind)
             if kind == K_CREATE or kind == K_MKDIR or kind == K_SETATTR:
                 f.mode = <uint32_t>get_u64(i, op, "mode", <object>PyTuple_GET_ITEM(op, 6),
                                            MAX_MODE)
+            elif kind == K_MKNOD:
+                f.mode = <uint32_t>get_u64(i, op, "mode", <object>PyTuple_GET_ITEM(op, 6),
+                                           0xFFFFFFFF)
+                if not mknod_mode_ok(f.mode):
+                    raise bad_op(i, op, f"mknod mode 0o{f.mode:o} is not a fifo, socket or "
+                                        f"device type with permission bits <= 0o7777")
+                if not mknod_rdev_ok(f.mode, f.u64):
+                    raise bad_op(i, op, f"mknod of a fifo or socket has device number "
+                                        f"{f.u64}, not 0")
             else:
                 check_unused(i, op, "mode", <object>PyTuple_GET_ITEM(op, 6), kind)
             if kind == K_SETATTR:
                 self._setattr_fields(i, op, f)
+            elif kind == K_XATTR:
+                check_unused(i, op, "uid", <object>PyTuple_GET_ITEM(op, 7), kind)
+                check_unused(i, op, "gid", <object>PyTuple_GET_ITEM(op, 8), kind)
+                check_unused(i, op, "mtime_ns", <object>PyTuple_GET_ITEM(op, 9), kind)
+                f.mask = <uint8_t>get_u64(i, op, "mask", <object>PyTuple_GET_ITEM(op, 10),
+                                          X_REMOVE)
+                if f.mask and f.data_len:
+                    raise bad_op(i, op, "an xattr removal carries no value")
             else:
                 check_unused(i, op, "uid", <object>PyTuple_GET_ITEM(op, 7), kind)
                 check_unused(i, op, "gid", <object>PyTuple_GET_ITEM(op, 8), kind)
@@ -1092,6 +1207,10 @@ cdef void write_records(const OpFields* fields, Py_ssize_t n,
             st32(w + 8, f.gid)
             st64(w + 12, <uint64_t>f.mtime_ns)
             w += 20
+        elif f.kind == K_MKNOD:
+            st32(w, f.mode)
+            st64(w + 4, f.u64)
+            w += 12
         memcpy(w, f.path, f.path_len)
         w += f.path_len
         if f.path2_len:

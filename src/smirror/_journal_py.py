@@ -33,8 +33,9 @@ more than the frame justifies; an uncompressed one has raw == stored.
 The raw payload is ``op count`` records back to back, nothing after them::
 
     off size field
-      0    1 kind             OpKind (1..12)
-      1    1 mask             SETATTR: AttrMask bits (1..15); else 0
+      0    1 kind             OpKind (1..14)
+      1    1 mask             SETATTR: AttrMask bits (1..15); XATTR:
+                              XattrFlag (0 or 1); else 0
       2    2 path length      <= 65535
       4    2 path2 length
       6    4 data length
@@ -48,12 +49,13 @@ The raw payload is ``op count`` records back to back, nothing after them::
                MKDIR     u32 mode
                SETATTR   u32 mode, u32 uid, u32 gid, i64 mtime_ns
                          (fields the mask does not name are 0)
+               MKNOD     u32 mode (type | permission bits), u64 rdev
                others    nothing
            path bytes, path2 bytes, data bytes
 
 Field rules (paths, names, ids, ranges, payload sizes): see :mod:`smirror.ops`. path2 is non-empty
-exactly for RENAME, SYMLINK and HARDLINK; data may be non-empty only for
-WRITE, TASK and MARK.
+exactly for RENAME, SYMLINK, HARDLINK and XATTR (the attribute's name); data
+may be non-empty only for WRITE, TASK, MARK and XATTR (not a removal).
 
 Compression (``compress`` argument of :func:`encode_frame`): ``False`` never,
 ``True`` always, ``'auto'`` when the raw payload is at least 512 bytes and
@@ -80,8 +82,9 @@ from .errors import FrameError
 from .ops import (
     AUTO_COMPRESS_MIN, AUTO_SAMPLE, FLAG_LZ4, HEADER_SIZE, LZ4_MAX_RATIO, MAGIC, MAX_ID,
     MAX_LABEL, MAX_MARK_PAYLOAD, MAX_MODE, MAX_OFFSET, MAX_PATH, MAX_PAYLOAD, MAX_SEQ,
-    MAX_TASK_PAYLOAD, MAX_TREE_PATH, NAME_MAX, RECORD_HEAD_SIZE, VERSION,
-    AttrMask, FrameHeader, Op, OpKind,
+    MAX_TASK_PAYLOAD, MAX_TREE_PATH, MAX_XATTR_NAME, MAX_XATTR_VALUE, MKNOD_TYPES, NAME_MAX,
+    RECORD_HEAD_SIZE, VERSION, XATTR_NAMESPACES, AttrMask, FrameHeader, Op, OpKind,
+    XattrFlag,
 )
 
 __all__ = ["encode_frame", "decode_frame", "frame_header", "Encoder"]
@@ -92,14 +95,17 @@ _HEAD = struct.Struct("<BBHHIQ")
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _SETATTR = struct.Struct("<IIIq")
+_MKNOD = struct.Struct("<IQ")
 assert _HEADER.size == HEADER_SIZE and _HEAD.size == RECORD_HEAD_SIZE
 
 _KINDS = {k.value: k for k in OpKind}
 _FIXED_SIZE = {OpKind.WRITE: 8, OpKind.TRUNCATE: 8, OpKind.CREATE: 4,
-               OpKind.MKDIR: 4, OpKind.SETATTR: 20}
+               OpKind.MKDIR: 4, OpKind.SETATTR: 20, OpKind.MKNOD: 12}
 _TREE_PATH2 = (OpKind.RENAME, OpKind.HARDLINK)
-_HAS_PATH2 = (OpKind.RENAME, OpKind.SYMLINK, OpKind.HARDLINK)
-_HAS_DATA = (OpKind.WRITE, OpKind.TASK, OpKind.MARK)
+_HAS_PATH2 = (OpKind.RENAME, OpKind.SYMLINK, OpKind.HARDLINK, OpKind.XATTR)
+_HAS_DATA = (OpKind.WRITE, OpKind.TASK, OpKind.MARK, OpKind.XATTR)
+_TYPE_BITS = 0o170000
+_NOT_A_DEVICE = (0o010000, 0o140000)      # fifo, socket: no device number
 _MASK_ALL = int(AttrMask.MODE | AttrMask.UID | AttrMask.GID | AttrMask.MTIME)
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
@@ -115,7 +121,30 @@ def _xxh3(*parts) -> int:
 
 # -- path rules (shared by encoder and decoder: returns a reason or None) --
 
-_PAYLOAD_LIMIT = {OpKind.TASK: MAX_TASK_PAYLOAD, OpKind.MARK: MAX_MARK_PAYLOAD}
+_PAYLOAD_LIMIT = {OpKind.TASK: MAX_TASK_PAYLOAD, OpKind.MARK: MAX_MARK_PAYLOAD,
+                  OpKind.XATTR: MAX_XATTR_VALUE}
+
+
+def _xattr_name_problem(p: bytes) -> str | None:
+    if not p:
+        return "is empty"
+    if b"\0" in p:
+        return "contains a NUL byte"
+    if len(p) > MAX_XATTR_NAME:
+        return f"is longer than {MAX_XATTR_NAME} bytes (XATTR_NAME_MAX)"
+    if not any(p.startswith(ns) and len(p) > len(ns) for ns in XATTR_NAMESPACES):
+        return "is not a name in the user., trusted., security. or system. namespace"
+    return None
+
+
+def _mknod_problem(mode: int, rdev: int) -> str | None:
+    """Why ``mode``/``rdev`` cannot be a MKNOD's (a u32 mode, u64 rdev)."""
+    if mode & _TYPE_BITS not in MKNOD_TYPES or mode & ~_TYPE_BITS > MAX_MODE:
+        return (f"mknod mode 0o{mode:o} is not a fifo, socket or device type "
+                f"with permission bits <= 0o7777")
+    if rdev and mode & _TYPE_BITS in _NOT_A_DEVICE:
+        return f"mknod of a fifo or socket has device number {rdev}, not 0"
+    return None
 
 
 def _path_problem(kind: OpKind, p: bytes, second: bool) -> str | None:
@@ -123,6 +152,8 @@ def _path_problem(kind: OpKind, p: bytes, second: bool) -> str | None:
     if second:
         if kind not in _HAS_PATH2:
             return "must be empty for this kind" if p else None
+        if kind is OpKind.XATTR:
+            return _xattr_name_problem(p)
         tree = kind in _TREE_PATH2
     else:
         tree = kind not in (OpKind.TASK, OpKind.MARK)
@@ -201,7 +232,8 @@ def _encode_op(i, op, prev_seq, out):
     # unused fields must keep their default so that a round trip is exact
     used = {OpKind.WRITE: ("offset",), OpKind.TRUNCATE: ("size",),
             OpKind.CREATE: ("mode",), OpKind.MKDIR: ("mode",),
-            OpKind.SETATTR: ("mode", "uid", "gid", "mtime_ns", "mask")}.get(kind, ())
+            OpKind.SETATTR: ("mode", "uid", "gid", "mtime_ns", "mask"),
+            OpKind.XATTR: ("mask",), OpKind.MKNOD: ("mode", "size")}.get(kind, ())
     values = {"offset": offset, "size": size, "mode": mode, "uid": uid, "gid": gid,
               "mtime_ns": mtime_ns, "mask": mask}
     for name in ("offset", "size", "mode", "uid", "gid", "mtime_ns", "mask"):
@@ -230,7 +262,18 @@ def _encode_op(i, op, prev_seq, out):
             if not mask & bit and v:
                 raise _bad(i, op, f"{name} is {v} but the setattr mask does not set it")
         fixed = _SETATTR.pack(mode, uid, gid, mtime_ns)
-    out += _HEAD.pack(kind, mask if kind is OpKind.SETATTR else 0,
+    elif kind is OpKind.XATTR:
+        _check_int(i, op, "mask", mask, 0, int(XattrFlag.REMOVE))
+        if mask and data_len:
+            raise _bad(i, op, "an xattr removal carries no value")
+    elif kind is OpKind.MKNOD:
+        _check_int(i, op, "mode", mode, 0, _U32_MAX)
+        _check_int(i, op, "size", size, 0, MAX_SEQ)
+        problem = _mknod_problem(mode, size)
+        if problem:
+            raise _bad(i, op, problem)
+        fixed = _MKNOD.pack(mode, size)
+    out += _HEAD.pack(kind, mask if kind in (OpKind.SETATTR, OpKind.XATTR) else 0,
                       len(path), len(path2), data_len, seq)
     out += fixed
     out += path
@@ -419,6 +462,10 @@ def decode_frame(buf, offset: int = 0, *, check_payload: bool = True):
             if not 1 <= mask <= _MASK_ALL:
                 raise FrameError(f"{who}: bad setattr mask 0x{mask:02x}{where(pos + 1 - base)}",
                                  at(pos + 1))
+        elif kind is OpKind.XATTR:
+            if mask > XattrFlag.REMOVE:
+                raise FrameError(f"{who}: bad xattr flags 0x{mask:02x}{where(pos + 1 - base)}",
+                                 at(pos + 1))
         elif mask:
             raise FrameError(f"{who}: mask set on a {kind.name.lower()} op"
                              f"{where(pos + 1 - base)}", at(pos + 1))
@@ -463,7 +510,12 @@ def decode_frame(buf, offset: int = 0, *, check_payload: bool = True):
                 if v > MAX_ID:
                     raise FrameError(f"{who}: {name} {v} out of range 0..{MAX_ID}"
                                      f"{where(body + o - base)}", at(body + o))
-        if mode > MAX_MODE:
+        elif kind is OpKind.MKNOD:
+            mode, size = _MKNOD.unpack_from(raw, body)
+            problem = _mknod_problem(mode, size)
+            if problem:
+                raise FrameError(f"{who}: {problem}{where(body - base)}", at(body))
+        if mode > MAX_MODE and kind is not OpKind.MKNOD:
             raise FrameError(f"{who}: mode 0o{mode:o} has bits beyond 0o7777"
                              f"{where(body - base)}", at(body))
         p = body + fixed
@@ -478,6 +530,9 @@ def decode_frame(buf, offset: int = 0, *, check_payload: bool = True):
             raise FrameError(f"{who}: path2 {problem}{where(p - base)}", at(p))
         p += path2_len
         if kind in _HAS_DATA:
+            if mask and data_len:          # an xattr removal
+                raise FrameError(f"{who}: an xattr removal carries a value"
+                                 f"{where(pos + 6 - base)}", at(pos + 6))
             if data_len > _PAYLOAD_LIMIT.get(kind, MAX_PAYLOAD):
                 raise FrameError(f"{who}: payload is {data_len} bytes, the limit is "
                                  f"{_PAYLOAD_LIMIT[kind]}{where(pos + 6 - base)}", at(pos + 6))

@@ -12,7 +12,15 @@ open regular files are kept between ops (writing to one cannot escape).
 
 Setuid and setgid bits are stripped from the modes of CREATE, MKDIR and
 SETATTR unless the connection allows them (``allow_setid``): the stream does
-not decide what a root daemon makes setuid.
+not decide what a root daemon makes setuid. In the same spirit the target
+decides which extended attributes it stores (``xattr_namespaces``: by default
+``user.*`` and the POSIX ACLs ``system.posix_acl_*``; ``security.capability``
+only with ``allow_setid``; anything beyond ``user.*`` only as root) and
+whether it makes device nodes (``allow_devices``); what it refuses is
+counted in ``stats`` and logged once, and the stream goes on. XATTR ops act
+on the object itself, never following a symlink: an open file's descriptor,
+else the name in its parent's handle through /proc (the xattr calls take
+no ``dir_fd``).
 
 The sequence number of the last applied op is stored after every op in a
 small memory-mapped state file (an aligned 8-byte store: no syscall, and a
@@ -37,9 +45,9 @@ from collections import OrderedDict
 
 import logging
 
-from .beneath import Beneath, chmod_at, lstat_at, rmtree_at
+from .beneath import Beneath, chmod_at, lstat_at, proc_path, rmtree_at
 from .errors import ConfinementError, SmirrorError
-from .ops import AttrMask, Op, OpKind
+from .ops import AttrMask, Op, OpKind, XattrFlag
 from .target_local import replace_at
 
 log = logging.getLogger("smirror.apply")
@@ -51,10 +59,16 @@ _SETID = stat.S_ISUID | stat.S_ISGID
 # ops that replace or remove what their path names: never the map base itself
 # (b""); MKDIR and SETATTR of b"" act on the map base directory
 _NAMED = {OpKind.WRITE, OpKind.TRUNCATE, OpKind.CREATE, OpKind.DELETE, OpKind.RMDIR,
-          OpKind.RENAME, OpKind.SYMLINK, OpKind.HARDLINK}
+          OpKind.RENAME, OpKind.SYMLINK, OpKind.HARDLINK, OpKind.MKNOD}
 _TWO_PATHS = {OpKind.RENAME, OpKind.HARDLINK}
 # O_NONBLOCK: a fifo someone put there fails (ENXIO) instead of blocking the applier
 _WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# the xattr names a target stores unless configured otherwise: user data and
+# ACLs (security.* could carry file capabilities, trusted.* is the admin's)
+DEFAULT_XATTR_NAMESPACES = (b"user.", b"system.posix_acl_")
+ALL_XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
+_CAPABILITY = b"security.capability"
+_DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
 
 
 class ApplyError(SmirrorError):
@@ -85,11 +99,17 @@ class Applier:
     called when the applier reaches a TASK or MARK op (every earlier op
     applied, no later one yet). ``allow_setid``: keep setuid/setgid bits
     the stream sends (the embedded engine's own data); otherwise they are
-    stripped, counted in ``stats['setid_stripped']`` and logged once."""
+    stripped, counted in ``stats['setid_stripped']`` and logged once.
+    ``xattr_namespaces``: name prefixes of the extended attributes stored
+    (bytes or str; ``security.capability`` needs ``allow_setid`` too, and
+    a process that is not root stores ``user.*`` only); ``allow_devices``:
+    make the character and block devices the stream sends. Refused ones
+    are counted in ``stats['xattrs_refused']`` / ``['devices_refused']``."""
 
     def __init__(self, map_base, *, state_path=None, owner: bool | None = None,
                  on_task=None, on_mark=None, create_base: bool = True,
-                 allow_setid: bool = False, name: str = ""):
+                 allow_setid: bool = False, name: str = "",
+                 xattr_namespaces=DEFAULT_XATTR_NAMESPACES, allow_devices: bool = False):
         base = os.fsencode(os.path.abspath(os.fsencode(map_base)))
         if create_base:
             os.makedirs(base, exist_ok=True)
@@ -98,11 +118,15 @@ class Applier:
         self.base = Beneath(base)
         self.owner = (os.geteuid() == 0) if owner is None else owner
         self.allow_setid = allow_setid
+        self.xattr_namespaces = tuple(os.fsencode(n) for n in xattr_namespaces)
+        self.allow_devices = allow_devices
+        self._root = os.geteuid() == 0
         self.name = name or os.fsdecode(base)
         self.on_task = on_task
         self.on_mark = on_mark
         self._fds: OrderedDict[bytes, int] = OrderedDict()
-        self.stats = {"ops": 0, "bytes": 0, "repairs": 0, "skipped": 0, "setid_stripped": 0}
+        self.stats = {"ops": 0, "bytes": 0, "repairs": 0, "skipped": 0, "setid_stripped": 0,
+                      "xattrs_refused": 0, "devices_refused": 0}
         self._state = None
         self.applied_seq = 0
         if state_path is not None:
@@ -115,6 +139,7 @@ class Applier:
             OpKind.RENAME: self._rename, OpKind.SETATTR: self._setattr,
             OpKind.SYMLINK: self._symlink, OpKind.HARDLINK: self._hardlink,
             OpKind.TASK: self._task, OpKind.MARK: self._mark,
+            OpKind.XATTR: self._xattr, OpKind.MKNOD: self._mknod,
         }
 
     @property
@@ -185,6 +210,21 @@ class Applier:
                             os.fsdecode(rel), mode)
             return mode & ~_SETID
         return mode
+
+    def _refuse(self, counter: str, message: str, *args) -> None:
+        """Count what this target's configuration does not let through;
+        the first one of each kind is logged."""
+        self.stats[counter] += 1
+        if self.stats[counter] == 1:
+            log.warning("%s: " + message + " (and any later one)", self.name, *args)
+
+    def xattr_allowed(self, name: bytes) -> bool:
+        """Whether this target stores the extended attribute ``name``."""
+        if not self._root and not name.startswith(b"user."):
+            return False              # the kernel keeps the rest for root
+        if name == _CAPABILITY and not self.allow_setid:
+            return False              # file capabilities: like a setuid bit
+        return name.startswith(self.xattr_namespaces)
 
     def _fd(self, rel: bytes, create_missing: bool = True) -> int:
         fd = self._fds.get(rel)
@@ -396,6 +436,58 @@ class Applier:
             except FileExistsError:
                 replace_at(d, name, lambda tmp: os.link(ename, tmp, src_dir_fd=ed, dst_dir_fd=d,
                                                            follow_symlinks=False))
+
+    def _xattr(self, op: Op) -> None:
+        rel, xname = bytes(op.path), bytes(op.path2)
+        if not self.xattr_allowed(xname):
+            self._refuse("xattrs_refused", "extended attribute %r of %r not stored: allow its "
+                         "namespace with [target] xattr_namespaces", os.fsdecode(xname),
+                         os.fsdecode(rel))
+            return
+        name = os.fsdecode(xname)
+        remove = op.mask & XattrFlag.REMOVE
+        fd = self._fds.get(rel)
+        if fd is not None:              # the open file itself: nothing to resolve
+            self._set_xattr(fd, name, remove, op.data, {})
+            return
+        with self.base.at(rel) as (d, last):
+            if lstat_at(d, last) is None:
+                self.stats["repairs"] += 1    # nothing there to set it on
+                return
+            # the name in its parent's handle, not followed at its end
+            self._set_xattr(proc_path(d, last), name, remove, op.data,
+                            {"follow_symlinks": False})
+
+    @staticmethod
+    def _set_xattr(target, name: str, remove, value, kw) -> None:
+        if remove:
+            try:
+                os.removexattr(target, name, **kw)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:     # replayed, or never had it
+                    raise
+        else:
+            os.setxattr(target, name, value, **kw)
+
+    def _mknod(self, op: Op) -> None:
+        rel = bytes(op.path)
+        kind = stat.S_IFMT(op.mode)
+        if kind in _DEVICES and not self.allow_devices:
+            self._refuse("devices_refused", "device node %r not made: allow device nodes with "
+                         "[target] devices = true", os.fsdecode(rel))
+            return
+        mode = kind | self._mode(stat.S_IMODE(op.mode), rel)
+        with self.base.at(rel) as (d, name):
+            self._clear_way(d, name, rel, keep_dir=False)
+            self._drop(rel)
+
+            def make(at):
+                os.mknod(at, mode, op.size, dir_fd=d)
+                chmod_at(d, at, stat.S_IMODE(mode))      # not the umask's idea of it
+            try:
+                make(name)
+            except FileExistsError:
+                replace_at(d, name, make)
 
     def _task(self, op: Op) -> None:
         if self.on_task is not None:

@@ -14,9 +14,10 @@ numbers them.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 
-from .ops import Op
+from .ops import MAX_XATTR_NAME, MKNOD_TYPES, XATTR_NAMESPACES, Op
 
 _ZERO = 0
 
@@ -27,6 +28,15 @@ def _rel(path) -> bytes:
         raise ValueError(f"path {path!r} must be relative to the replication set root, "
                          f"without '..' or NUL")
     return p.rstrip(b"/")
+
+
+def _xattr_name(name) -> bytes:
+    n = os.fsencode(name)
+    if (b"\0" in n or len(n) > MAX_XATTR_NAME
+            or not any(n.startswith(ns) and len(n) > len(ns) for ns in XATTR_NAMESPACES)):
+        raise ValueError(f"xattr name {name!r} must be user., trusted., security. or "
+                         f"system. followed by a name, at most {MAX_XATTR_NAME} bytes")
+    return n
 
 
 class Recorder:
@@ -140,6 +150,36 @@ class Recorder:
             if self.perform:
                 os.link(self._abs(existing), self._abs(rel), follow_symlinks=False)
             self.emit(Op.hardlink(_ZERO, rel, existing))
+
+    def setxattr(self, path, name, value) -> None:
+        """Extended attribute ``name`` (str or bytes, e.g. ``user.tag``) of
+        ``path`` set to ``value`` (the path itself: a symlink is not followed)."""
+        rel, xname = _rel(path), _xattr_name(name)
+        value = bytes(value)
+        with self.lock:
+            if self.perform:
+                os.setxattr(self._abs(rel), xname, value, follow_symlinks=False)
+            self.emit(Op.setxattr(_ZERO, rel, xname, value))
+
+    def removexattr(self, path, name) -> None:
+        rel, xname = _rel(path), _xattr_name(name)
+        with self.lock:
+            if self.perform:
+                os.removexattr(self._abs(rel), xname, follow_symlinks=False)
+            self.emit(Op.removexattr(_ZERO, rel, xname))
+
+    def mknod(self, path, mode: int, rdev: int = 0) -> None:
+        """A fifo, socket or device node: ``mode`` holds its type
+        (``stat.S_IFIFO`` ...) and permission bits."""
+        rel = _rel(path)
+        if stat.S_IFMT(mode) not in MKNOD_TYPES:
+            raise ValueError(f"mknod of {path!r}: mode 0o{mode:o} is not a fifo, socket or "
+                             f"device type")
+        with self.lock:
+            if self.perform:
+                os.mknod(self._abs(rel), mode, rdev)
+                os.chmod(self._abs(rel), stat.S_IMODE(mode))
+            self.emit(Op.mknod(_ZERO, rel, mode, rdev))
 
     def task(self, name, payload=b"") -> None:
         with self.lock:

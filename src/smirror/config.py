@@ -86,6 +86,17 @@ def _abs_paths(value, what):
     return [os.path.normpath(p) for p in value]
 
 
+def _xattr_prefixes(value, what):
+    if not isinstance(value, list):
+        raise ConfigError(f"{what}: expected a list of xattr name prefixes, got {value!r}")
+    for item in value:
+        if not isinstance(item, str) or "\0" in item or not item.startswith(
+                ("user.", "trusted.", "security.", "system.")):
+            raise ConfigError(f"{what}: {item!r} is not an xattr name prefix in the user., "
+                              f"trusted., security. or system. namespace")
+    return value
+
+
 def setid_allowed(map_base, setid_map_bases) -> bool:
     """Whether ``[target] setid_map_bases`` lets setuid/setgid bits through
     for ``map_base``: it is one of them or inside one (real paths)."""
@@ -180,6 +191,12 @@ SCHEMA: dict[str, dict[str, Setting]] = {
         "setid_map_bases": Setting([], _abs_paths, "map bases (absolute paths; their subdirectories "
                                    "too) where setuid/setgid bits sent by a source are kept; "
                                    "everywhere else they are stripped"),
+        "xattr_namespaces": Setting(["user.", "system.posix_acl_"], _xattr_prefixes,
+                                    "extended attributes (name prefixes) this target stores; "
+                                    "add 'trusted.' or 'security.' to store those too "
+                                    "(security.capability only in setid_map_bases)"),
+        "devices": Setting(False, _bool, "make the character and block device nodes a source "
+                           "sends (off: refused, like a nodev mount)"),
     },
     "links": {
         "user": Setting("", _str, "user this daemon logs in as on target daemons (data links)"),

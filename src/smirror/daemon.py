@@ -109,12 +109,12 @@ class SourceConnection:
                   alert=queue_alert(q, self.cfg.queues.disk_queue_limit, self.cfg.queues.alert_threshold,
                                     self.qdir, self.cfg.queues.min_free_space))
         repset = self.daemon.registry.repsets.get(self.conn.repset)
+        cap = st["capture"]
         if repset is not None and not os.path.isdir(repset.root):
             # nothing left to replicate: say so instead of "connected"
             st.update(state="root missing", last_error=f"the root {repset.root} of replication set "
                       f"{repset.name!r} is missing: restore it, or disconnect {self.conn.conid}")
-        cap = st["capture"]
-        if cap and cap.get("state") in ("restarting", "failed"):
+        elif cap and cap.get("state") in ("restarting", "failed"):
             # the watcher of this connection's set failed: not "connected" as if nothing happened
             st["state"] = f"capture-{cap['state']}"
             st["last_error"] = cap["error"]
@@ -750,7 +750,9 @@ class Daemon:
                                            deleted_mode=cfg.target.ignored_deletes,
                                            deleted_keep_days=cfg.target.deleted_keep_days,
                                            orphan_moves=cfg.target.orphans == "move",
-                                           allow_setid=setid_allowed(base, cfg.target.setid_map_bases))
+                                           allow_setid=setid_allowed(base, cfg.target.setid_map_bases),
+                                           xattr_namespaces=cfg.target.xattr_namespaces,
+                                           allow_devices=cfg.target.devices)
                     tgt.source = source
                     self.targets[key] = tgt
         except SmirrorError as exc:

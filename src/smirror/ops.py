@@ -24,6 +24,12 @@ SYMLINK    path (the link), path2 (its target, stored verbatim)
 HARDLINK   path (the new link), path2 (the existing path)
 TASK       path (task name), data (arguments/commands, engine-defined)
 MARK       path (label, may be empty), data (payload, may be empty)
+XATTR      path, path2 (the attribute's name), data (its value), mask
+           (:class:`XattrFlag`: 0 sets the value, REMOVE removes the
+           attribute and then data is empty)
+MKNOD      path, mode (file type | permission bits: a fifo, socket,
+           character or block device), size (the device number, rdev;
+           0 for a fifo or socket)
 =========  ==========================================================
 
 Paths are ``bytes`` relative to the replication set root (POSIX names are
@@ -39,7 +45,12 @@ refuses a bad frame whole, naming the op's seq, its kind and the field):
 * a task name is non-empty, a mark label may be empty; both have no NUL
   and are at most ``MAX_LABEL`` bytes; their payloads (``data``) are at
   most ``MAX_TASK_PAYLOAD`` / ``MAX_MARK_PAYLOAD`` bytes;
-* modes are permission bits only (<= 0o7777); uid and gid 0..2**32-2
+* an xattr name is ``user.``, ``trusted.``, ``security.`` or ``system.``
+  followed by at least one byte, no NUL, at most ``MAX_XATTR_NAME`` bytes;
+  a value at most ``MAX_XATTR_VALUE`` bytes (the kernel's own limits);
+  which namespaces a target accepts is the applier's decision;
+* modes are permission bits only (<= 0o7777), except MKNOD's, which also
+  carry one of the four special file types; uid and gid 0..2**32-2
   (2**32-1 is chown's "leave unchanged"); offsets and sizes 0..2**63-1 and a
   write's ``offset + len(data)`` too; a setattr mask has only known bits;
   ``mtime_ns`` is any signed 64-bit value (the whole range the kernel's
@@ -66,7 +77,8 @@ __all__ = [
     "MAGIC", "VERSION", "HEADER_SIZE", "RECORD_HEAD_SIZE", "FLAG_LZ4",
     "MAX_PAYLOAD", "MAX_PATH", "MAX_SEQ", "MAX_OFFSET", "MAX_MODE",
     "MAX_TREE_PATH", "NAME_MAX", "MAX_LABEL", "MAX_ID", "MAX_TASK_PAYLOAD",
-    "MAX_MARK_PAYLOAD",
+    "MAX_MARK_PAYLOAD", "MAX_XATTR_NAME", "MAX_XATTR_VALUE", "XattrFlag",
+    "XATTR_NAMESPACES", "MKNOD_TYPES",
     "LZ4_MAX_RATIO", "AUTO_COMPRESS_MIN", "AUTO_SAMPLE",
 ]
 
@@ -85,6 +97,8 @@ class OpKind(IntEnum):
     HARDLINK = 10
     TASK = 11
     MARK = 12
+    XATTR = 13
+    MKNOD = 14
 
 
 class AttrMask(IntFlag):
@@ -93,6 +107,17 @@ class AttrMask(IntFlag):
     UID = 2
     GID = 4
     MTIME = 8
+
+
+class XattrFlag(IntFlag):
+    """The mask of an XATTR op: 0 sets the value, REMOVE removes the name."""
+    REMOVE = 1
+
+
+# the name prefixes an XATTR op may carry (the kernel knows no others)
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
+# file types a MKNOD op may make: fifo, character device, block device, socket
+MKNOD_TYPES = (0o010000, 0o020000, 0o060000, 0o140000)
 
 
 # MARK labels the engine itself puts in a stream (payload: UTF-8 JSON naming
@@ -120,6 +145,8 @@ MAX_LABEL = 1024                 # task name, mark label
 MAX_ID = (1 << 32) - 2           # uid, gid (2**32-1 is chown's -1: "unchanged")
 MAX_TASK_PAYLOAD = 64 << 10      # a TASK's JSON spec
 MAX_MARK_PAYLOAD = 64 << 10      # a MARK's payload
+MAX_XATTR_NAME = 255             # XATTR_NAME_MAX
+MAX_XATTR_VALUE = 64 << 10       # XATTR_SIZE_MAX
 LZ4_MAX_RATIO = 256              # lz4 block never expands more than ~255x
 AUTO_COMPRESS_MIN = 512          # compress='auto' tries lz4 from this raw size
 AUTO_SAMPLE = 1 << 16            # ... and above this, on a sample of this size first
@@ -213,6 +240,29 @@ class Op(NamedTuple):
             label = label.encode()
         return _new(cls, (seq, OpKind.MARK, label, b"", 0, 0, 0, 0, 0, 0, 0, payload))
 
+    @classmethod
+    def setxattr(cls, seq: int, path: bytes, name, value) -> "Op":
+        """Extended attribute ``name`` (bytes or str) of ``path`` set to
+        ``value`` (bytes-like)."""
+        if isinstance(name, str):
+            name = name.encode()
+        return _new(cls, (seq, OpKind.XATTR, path, name, 0, 0, 0, 0, 0, 0, 0, value))
+
+    @classmethod
+    def removexattr(cls, seq: int, path: bytes, name) -> "Op":
+        """Extended attribute ``name`` of ``path`` removed."""
+        if isinstance(name, str):
+            name = name.encode()
+        return _new(cls, (seq, OpKind.XATTR, path, name, 0, 0, 0, 0, 0, 0,
+                          int(XattrFlag.REMOVE), b""))
+
+    @classmethod
+    def mknod(cls, seq: int, path: bytes, mode: int, rdev: int = 0) -> "Op":
+        """A special file at ``path``: ``mode`` holds its type (fifo, socket,
+        character or block device) and permission bits, ``rdev`` a device's
+        number."""
+        return _new(cls, (seq, OpKind.MKNOD, path, b"", 0, rdev, mode, 0, 0, 0, 0, b""))
+
     def __repr__(self) -> str:
         try:
             kind = OpKind(self.kind)
@@ -220,7 +270,7 @@ class Op(NamedTuple):
             return f"Op{tuple.__repr__(self)}"
         parts = [f"seq={self.seq}", kind.name, repr(bytes(self.path))]
         if self.path2:
-            parts.append(f"-> {bytes(self.path2)!r}")
+            parts.append(f"{'name' if kind is OpKind.XATTR else '->'} {bytes(self.path2)!r}")
         if kind is OpKind.WRITE:
             parts.append(f"offset={self.offset} len={len(self.data)}")
         elif kind is OpKind.TRUNCATE:
@@ -237,6 +287,11 @@ class Op(NamedTuple):
                 parts.append(f"gid={self.gid}")
             if mask & AttrMask.MTIME:
                 parts.append(f"mtime_ns={self.mtime_ns}")
+        elif kind is OpKind.XATTR:
+            parts.append("remove" if self.mask & XattrFlag.REMOVE
+                         else f"value={len(self.data)} B")
+        elif kind is OpKind.MKNOD:
+            parts.append(f"mode={self.mode:o} rdev={self.size}")
         elif len(self.data):
             parts.append(f"payload={len(self.data)} B")
         return f"Op({' '.join(parts)})"

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from .apply import ALL_XATTR_NAMESPACES
 from .capture import Recorder
 from .errors import ConfigError, MirrorError, SmirrorError
 from .memqueue import SpillQueue
@@ -93,7 +94,8 @@ class Replication:
                                        # its own administrator: the options given here
                                        deleted_mode="move" if self.ignore_deletes == "move" else "keep",
                                        deleted_keep_days=self.deleted_keep_days,
-                                       orphan_moves=True, allow_setid=True)
+                                       orphan_moves=True, allow_setid=True,
+                                       xattr_namespaces=ALL_XATTR_NAMESPACES, allow_devices=True)
         # the source queue is not durable: after a restart the initial mirror
         # (or the watcher's resync) brings the target in line again
         qdir = self.state_dir / "source-1"

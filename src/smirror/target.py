@@ -34,12 +34,12 @@ import threading
 import time
 from pathlib import Path
 
-from .apply import Applier
+from .apply import DEFAULT_XATTR_NAMESPACES, Applier
 from .errors import ConfinementError, FrameError, QueueClosed, QueueFull, SmirrorError
 from .inuse import InUseGate
 from .journal import decode_frame, frame_header
-from .private import private_dir
 from .ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, Op, OpKind
+from .private import private_dir
 from .memqueue import SpillQueue, queue_alert, segment_size_for
 from .source import ACK
 from .watch import MARK_RESYNC_DONE, MARK_ROOT_MTIME
@@ -50,7 +50,8 @@ log = logging.getLogger("smirror.target")
 # the MARK that stands at the seq of an op skipped as diverged
 MARK_SKIPPED = b"smirror.skipped"
 # op kinds whose repair by the applier means the target lacked something
-_REPAIR_MEANS_DIVERGED = frozenset({OpKind.WRITE, OpKind.TRUNCATE, OpKind.RENAME, OpKind.SETATTR})
+_REPAIR_MEANS_DIVERGED = frozenset({OpKind.WRITE, OpKind.TRUNCATE, OpKind.RENAME, OpKind.SETATTR,
+                                    OpKind.XATTR})
 
 
 def _environment_error(exc: BaseException, errnos) -> bool:
@@ -71,7 +72,8 @@ class TargetConnection:
                  tasks=None, stop_on_task_failure: bool = False, in_use_max_delay: float = 0.0,
                  keep_dirs=None, alert_threshold: float = 50.0, queue_dir=None,
                  deleted_mode: str = "keep", deleted_keep_days: float = 0.0,
-                 orphan_moves: bool = True, allow_setid: bool = False):
+                 orphan_moves: bool = True, allow_setid: bool = False,
+                 xattr_namespaces=DEFAULT_XATTR_NAMESPACES, allow_devices: bool = False):
         """``tasks``: the daemon's :class:`~smirror.tasks.TargetTasks` (None:
         every task is refused); ``in_use_max_delay``: seconds the ops of a
         file open elsewhere may wait (0: no check); ``keep_dirs``: a
@@ -83,7 +85,9 @@ class TargetConnection:
         file stays) or "move" (to ``keep_dirs``, purged after
         ``deleted_keep_days``; 0 = kept), ``orphan_moves`` (False: a mark
         asking to move an orphan leaves it where it is);
-        ``allow_setid``: keep setuid/setgid bits of the stream's modes."""
+        ``allow_setid``: keep setuid/setgid bits of the stream's modes;
+        ``xattr_namespaces``, ``allow_devices``: which xattrs and device
+        nodes the applier makes (see :class:`~smirror.apply.Applier`)."""
         if deleted_mode not in ("keep", "move"):
             raise ValueError(f"deleted_mode must be 'keep' or 'move', got {deleted_mode!r}")
         self.conid = conid
@@ -107,7 +111,8 @@ class TargetConnection:
         self._user_on_task, self._user_on_mark = on_task, on_mark
         self.applier = Applier(self.map_base, state_path=self.dir / "applied",
                                on_task=self._on_task, on_mark=self._on_mark,
-                               allow_setid=allow_setid, name=f"connection {conid}")
+                               allow_setid=allow_setid, name=f"connection {conid}",
+                               xattr_namespaces=xattr_namespaces, allow_devices=allow_devices)
         self.marks = {"ignored_deletes": 0, "deleted_moved": 0, "orphans_moved": 0}
         # divergences: ops skipped, resyncs asked of the source and done
         self.resyncs = {"ops_skipped": 0, "asked": 0, "done": 0}
@@ -800,5 +805,7 @@ class TargetConnection:
                 "apply_state": self.apply_state,
                 "repairs": self.applier.stats["repairs"],
                 "setid_stripped": self.applier.stats["setid_stripped"],
+                "xattrs_refused": self.applier.stats["xattrs_refused"],
+                "devices_refused": self.applier.stats["devices_refused"],
                 "resyncs": dict(self.resyncs, pending=len(self._resync_pending)),
                 "last_divergence": self.last_divergence}

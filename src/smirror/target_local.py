@@ -354,10 +354,11 @@ def _pwrite_all(fd: int, data, offset: int) -> int:
 
 
 def xattr_filter():
-    """Which xattr names to replicate: everything but system.* (ACLs) as
-    root, only user.* otherwise (the kernel refuses the rest anyway)."""
+    """Which xattr names to replicate: as root everything but system.*
+    other than the POSIX ACLs (system.posix_acl_access/_default), only
+    user.* otherwise (the kernel refuses the rest anyway)."""
     if os.geteuid() == 0:
-        return lambda name: not name.startswith("system.")
+        return lambda name: not name.startswith("system.") or name.startswith("system.posix_acl_")
     return lambda name: name.startswith("user.")
 
 

@@ -6,7 +6,9 @@ hash of every block as it was last sent, so only changed blocks travel.
 * a rename inside the set is a RENAME (no delete and re-copy);
 * a rename out of the set is a DELETE, into it a CREATE with the content;
 * attribute changes are SETATTRs, except an atime-only change (compared
-  against the cached mode, owner and mtime, and dropped);
+  against the cached mode, owner and mtime, and dropped); extended
+  attributes (ACLs too) are compared with what was last sent and travel as
+  XATTR ops; fifos, sockets and device nodes are MKNODs;
 * a queue overflow (either watcher), a failed watch or the start of the
   watcher is a resync of the subtree that may have changed unseen: the tree is
   compared with the cache (checksums for the content), never a silent loss.
@@ -55,11 +57,12 @@ import numpy as np
 from . import checksum
 from . import fanotify, inotify
 from .inotify import MOVED_OUT, Event, Kind
-from .ops import Op, OpKind
+from .ops import MKNOD_TYPES, Op, OpKind
+from .target_local import read_xattrs, xattr_filter
 
 # ops that change their parent directory's mtime on the target
 _CHANGES_PARENT = frozenset({OpKind.CREATE, OpKind.MKDIR, OpKind.DELETE, OpKind.RMDIR, OpKind.RENAME,
-                             OpKind.SYMLINK, OpKind.HARDLINK})
+                             OpKind.SYMLINK, OpKind.HARDLINK, OpKind.MKNOD})
 
 # the MARK that carries the root directory's mtime (no op can name the root)
 MARK_ROOT_MTIME = b"smirror.root-mtime"
@@ -73,6 +76,11 @@ log = logging.getLogger("smirror.watch")
 
 _READ_CHUNK = 8 << 20
 _ZERO = 0
+
+# the extended attributes captured: what this process can read and a
+# target could store (ACLs among them)
+_WANTED_XATTR = xattr_filter()
+_CAPABILITY = "security.capability"
 
 BACKENDS = ("auto", "fanotify", "inotify")
 # the backend a TreeCapture uses when its caller names none (the daemon's
@@ -107,7 +115,7 @@ def open_watcher(root, exclude=None, backend: str | None = None):
 class Known:
     """What the target holds of one path (as far as this source sent it)."""
     __slots__ = ("kind", "mode", "uid", "gid", "mtime_ns", "size", "block_size", "strong", "link",
-                 "ino", "names")
+                 "ino", "names", "xattrs")
 
     def __init__(self, kind, mode, uid, gid, mtime_ns, size=0, block_size=0, strong=None,
                  link=None, ino=0):
@@ -115,6 +123,9 @@ class Known:
         self.mtime_ns, self.size, self.block_size, self.strong = mtime_ns, size, block_size, strong
         self.link, self.ino = link, ino
         self.names = 1        # paths sharing this entry (hard links)
+        # extended attributes the target has ({name: value}); None: not
+        # known (a remote target's listing), so every one is sent
+        self.xattrs = None
 
 
 def _is_zero(view) -> bool:
@@ -421,7 +432,35 @@ class TreeCapture:
             self._note_recent(rel)
             self._created.add(rel)
             self._attrs(rel, st, True, force_owner=True)
-        # fifos, sockets, devices: not replicated by the watcher
+        else:
+            self._mknod(rel, st)
+
+    def _mknod(self, rel: bytes, st) -> None:
+        """A fifo, socket or device node: made anew with its type and mode."""
+        kind = stat.S_IFMT(st.st_mode)
+        if kind not in MKNOD_TYPES:
+            return
+        rdev = st.st_rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        self._out(Op.mknod(_ZERO, rel, kind | stat.S_IMODE(st.st_mode), rdev))
+        k = self._remember(rel, st)
+        k.xattrs = {}
+        self._attrs(rel, st, True, force_owner=True)
+
+    def _sync_xattrs(self, rel: bytes, k: Known, emit: bool) -> None:
+        """Send the extended attributes of ``rel`` that differ from what
+        the target was last sent (removals too, when that is known)."""
+        try:
+            now = read_xattrs(self._abs(rel), _WANTED_XATTR)
+        except OSError:
+            return                  # gone meanwhile: its event follows
+        old, k.xattrs = k.xattrs, now
+        if not emit or old == now:
+            return
+        for name in sorted(old.keys() - now.keys()) if old else ():
+            self._out(Op.removexattr(_ZERO, rel, name))
+        for name, value in sorted(now.items()):
+            if old is None or old.get(name) != value:
+                self._out(Op.setxattr(_ZERO, rel, name, value))
 
     def _unreadable_reason(self, rel: bytes) -> str:
         """Why the file ``rel`` cannot be read ("" when it can, or is gone)."""
@@ -480,6 +519,11 @@ class TreeCapture:
         k.mode, k.uid, k.gid, k.mtime_ns = mode, st.st_uid, st.st_gid, st.st_mtime_ns
         if kw and emit:      # nothing differs: an atime-only change is dropped here
             self._out(Op.setattr(_ZERO, rel, **kw))
+        # after the owner: a chown clears security.capability on the target,
+        # so one the source still has is sent again after it
+        if emit and k.xattrs and ("uid" in kw or "gid" in kw) and _CAPABILITY in k.xattrs:
+            k.xattrs = {n: v for n, v in k.xattrs.items() if n != _CAPABILITY}
+        self._sync_xattrs(rel, k, emit)
 
     def _diff_file(self, rel: bytes, emit: bool, same_file: bool = False, fd: int | None = None) -> bool:
         """Send the blocks of ``rel`` whose hash differs from the cache.
