@@ -1,0 +1,61 @@
+"""Auto-disconnect and reconnect cycles between two daemons started as real
+processes: an old data link that still holds a frame when the connection
+came back is ended cleanly on the target (no second writer into its queue),
+the source's status has one row per connection, its memory does not grow
+cycle after cycle, a target that recovered clears its error on both sides,
+and a disconnect is told to the target."""
+import json
+import os
+import signal
+import time
+
+from daemons import wait_for
+from test_daemon import login, replicate_data, running_pair, wait_same
+from treestate import diff, snapshot
+
+SMALL = ('[queues]\nsource_memory_limit = "64KiB"\ntarget_memory_limit = "64KiB"\n'
+         'disk_queue_limit = "512KiB"\n')
+
+
+def status(node):
+    return json.loads(node.cli("status", "--json").stdout)
+
+
+def fill_until_auto_disconnect(source, src, tag, size=60_000):
+    """Write files into the set until the source logs one more
+    auto-disconnect (the target is paused: both queues fill)."""
+    before = source.log().count("auto-disconnect:")
+    i = 0
+    while source.log().count("auto-disconnect:") == before:
+        assert i < 2000, "no auto-disconnect after 2000 files:\n" + source.log()[-3000:]
+        (src / f"{tag}-{i % 60}").write_bytes(os.urandom(size))
+        i += 1
+        time.sleep(0.002)
+    return i
+
+
+def stop_and_read(node):
+    """SIGTERM the daemon; its stderr (where uncaught tracebacks go)."""
+    node.kill(signal.SIGTERM)
+    return node.proc.stderr.read()
+
+
+def test_an_old_link_that_delivers_after_the_reset_is_refused_cleanly(tmp_path):
+    """The target is paused while the source auto-disconnects: the old
+    link's receiver waits for room with a frame in hand; the reconnect's
+    link sends RESET and its own frames. After resume the old link must
+    not put its frame behind the new ones (a ValueError traceback before):
+    it ends when the new link takes over."""
+    with running_pair(tmp_path, extra=SMALL) as (source, target, env):
+        src, dst = replicate_data(source, target, env, tmp_path)
+        login(target, env)
+        target.cli("pause-target")
+        fill_until_auto_disconnect(source, src, "a")
+        # the reconnect's link is served (its RESET seen) while paused
+        wait_for(lambda: "stream reset to seq" in target.log(), 60, "the new link's RESET")
+        target.cli("resume-target")
+        assert wait_same(src, dst, 60), (diff(snapshot(src), snapshot(dst))[:5], target.log()[-3000:])
+        err = stop_and_read(target)
+        assert "Traceback" not in err and "is not above the last seq" not in err, err[-3000:]
+        assert "Traceback" not in target.log(), target.log()[-3000:]
+        assert "a newer link of this connection took over" in target.log(), target.log()[-3000:]
