@@ -123,6 +123,12 @@ class SourceConnection:
     def close(self) -> None:
         self.sender.stop()
         self.queue.close()
+        # the sender's callbacks close over this object and the capture: a
+        # cycle the collector frees only when it gets round to it, holding
+        # the queue's frames (up to its memory limit) meanwhile; cut here,
+        # so a disconnect gives the memory back at once
+        self.sender.on_reset = self.sender.on_resync = self.sender.on_notice = None
+        self.sender.before_send.clear()
 
 
 class RepsetCapture:
@@ -229,6 +235,17 @@ class RepsetCapture:
         self.capture.stop()
         self.thread.join(5)
         self.capture.close()
+        # the capture calls back into this object (a cycle): cut it, so the
+        # watcher's buffers and cache go with the last reference
+        self.capture.emit = _closed_emit
+        self.on_full = None
+        with self._lock:
+            self.targets.clear()
+            self.conns.clear()
+
+
+def _closed_emit(op) -> None:
+    """What a closed RepsetCapture's watcher emits to: nothing."""
 
 
 class PendingLogins:
@@ -698,6 +715,9 @@ class Daemon:
                 except SmirrorError as exc:
                     log.warning("%s: %s", link.peer, exc)
                     link.send_error(str(exc))
+                except Exception as exc:        # noqa: BLE001 - a bug ends one link, said in the log
+                    log.exception("%s: link failed", link.peer)
+                    link.send_error(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             end_pending()
 
