@@ -59,3 +59,42 @@ def test_an_old_link_that_delivers_after_the_reset_is_refused_cleanly(tmp_path):
         assert "Traceback" not in err and "is not above the last seq" not in err, err[-3000:]
         assert "Traceback" not in target.log(), target.log()[-3000:]
         assert "a newer link of this connection took over" in target.log(), target.log()[-3000:]
+
+
+def test_ten_cycles_keep_one_status_row_and_the_source_memory_bounded(tmp_path):
+    """Ten auto-disconnect / reconnect cycles: the source's status has one
+    row for the connection at every look (the reconnect's row and the
+    'auto-disconnected' one were both listed), and its RSS after the
+    tenth cycle stays within a bound of the first (each cycle kept the old
+    queue and watcher alive before, ~30 MiB a cycle)."""
+    import psutil
+    # the source queue holds up to 8 MiB in memory: what a cycle that kept
+    # the old one alive would add each time
+    queues = ('[queues]\nsource_memory_limit = "8MiB"\ntarget_memory_limit = "64KiB"\n'
+              'disk_queue_limit = "1MiB"\n')
+    with running_pair(tmp_path, extra=queues) as (source, target, env):
+        src, dst = replicate_data(source, target, env, tmp_path)
+        login(target, env)
+        proc = psutil.Process(source.proc.pid)
+        rss, rows_seen = [], []
+
+        def one_row_converged(cycle):
+            rows = status(source)["sources"]
+            rows_seen.append([(r["conid"], r["state"]) for r in rows])
+            assert len(rows) == 1, rows_seen[-1]
+            r = rows[0]
+            return r.get("reconnects", 0) >= cycle and r["state"] == "connected" \
+                and r["seq_acked"] == r["seq_captured"]
+
+        for cycle in range(1, 11):
+            target.cli("pause-target")
+            fill_until_auto_disconnect(source, src, f"c{cycle}")
+            one_row_converged(cycle)
+            target.cli("resume-target")
+            wait_for(lambda: one_row_converged(cycle), 90, f"cycle {cycle} reconnected and drained")
+            assert wait_same(src, dst, 60), diff(snapshot(src), snapshot(dst))[:5]
+            rss.append(proc.memory_info().rss)
+        grew = (rss[-1] - rss[0]) >> 20
+        assert grew < 40, f"source RSS per cycle (MiB): {[r >> 20 for r in rss]}"
+        err = stop_and_read(source)
+        assert "Traceback" not in err, err[-3000:]
