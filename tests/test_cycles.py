@@ -98,3 +98,34 @@ def test_ten_cycles_keep_one_status_row_and_the_source_memory_bounded(tmp_path):
         assert grew < 40, f"source RSS per cycle (MiB): {[r >> 20 for r in rss]}"
         err = stop_and_read(source)
         assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_target_that_recovered_clears_its_error_on_both_sides(tmp_path):
+    """A real EPERM on the target (an immutable file): the source's status
+    shows the target's error while it lasts; once fixed and applied, the
+    error is gone on both sides (it stayed set on the source before)."""
+    import shutil
+    import subprocess
+    import pytest
+    if os.geteuid() != 0 or not shutil.which("chattr"):
+        pytest.skip("needs root and chattr")
+    with running_pair(tmp_path) as (source, target, env):
+        src, dst = replicate_data(source, target, env, tmp_path)
+        login(target, env)
+        locked = dst / "notes.txt"
+        if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+            pytest.skip("this filesystem has no immutable flag")
+        try:
+            (src / "notes.txt").write_text("changed while the target cannot take it")
+            row = wait_for(lambda: (lambda r: r if r["target_error"] else None)(
+                status(source)["sources"][0]), 30, "the target's error on the source")
+            assert "Operation not permitted" in row["target_error"] and row["last_error"], row
+            assert "Operation not permitted" in status(target)["targets"][0]["error"]
+        finally:
+            subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
+        assert wait_same(src, dst, 30)
+        row = wait_for(lambda: (lambda r: r if not r["target_error"] else None)(
+            status(source)["sources"][0]), 30, "the error cleared on the source")
+        assert row["last_error"] == "" and row["state"] == "connected", row
+        assert status(target)["targets"][0]["error"] == ""
+        assert "last error" not in source.cli("status").stdout

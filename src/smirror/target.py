@@ -234,6 +234,7 @@ class TargetConnection:
             if self.state == "apply-error":
                 log.warning("connection %s: applying again (was: %s)", self.conid, self.error)
                 self.state = "receiving" if self._link is not None else "idle"
+                self._notify({"event": "apply-ok", "was": self.error})   # the source clears it too
                 self.error = ""
                 self._held_since = 0.0
             try:
