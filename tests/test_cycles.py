@@ -129,3 +129,33 @@ def test_a_target_that_recovered_clears_its_error_on_both_sides(tmp_path):
         assert row["last_error"] == "" and row["state"] == "connected", row
         assert status(target)["targets"][0]["error"] == ""
         assert "last error" not in source.cli("status").stdout
+
+
+def test_a_disconnect_is_told_to_the_target(tmp_path):
+    """The target held a paused connection with frames waiting: after the
+    source's disconnect its side is gone (no row, no applier, queue and
+    state removed); the map base keeps what was applied."""
+    with running_pair(tmp_path) as (source, target, env):
+        src, dst = replicate_data(source, target, env, tmp_path)
+        login(target, env)
+        target.cli("pause-target")
+        (src / "late").write_bytes(os.urandom(50_000))
+        wait_for(lambda: status(target)["targets"][0]["seq_received"]
+                 > status(target)["targets"][0]["seq_applied"], 30, "a frame held on the target")
+        source_id = source.daemon_id()
+        state = target.dir / "state" / "targets" / source_id / "target-1"
+        assert state.is_dir()
+        out = source.cli("disconnect", "1").stdout
+        assert "its side of the connection is ended" in out, out
+        assert status(target)["targets"] == []
+        assert not state.exists()
+        assert "frame(s) not applied dropped; its queue and state removed" in target.log(), \
+            target.log()[-2000:]
+        assert (dst / "notes.txt").read_text() == "hello" and not (dst / "late").exists()
+        # a target that cannot be reached: the reply says so, the disconnect holds
+        source.cli("repset", "create", "more", "--root", src / "db")
+        source.cli("connect", "more", "to", target.address, "map", "base", tmp_path / "more")
+        target.kill(signal.SIGTERM)
+        out = source.cli("disconnect", "2").stdout
+        assert "target: not reached" in out, out
+        assert status(source)["sources"] == []

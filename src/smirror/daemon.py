@@ -751,6 +751,9 @@ class Daemon:
                 log.warning("replication user %r is now bound to source %s", user.name, source)
             base = self.map_bases.check(map_base)
             key = (source, conid)
+            if opened.get("disconnect") is True:
+                self._source_disconnected(link, source, conid, base)
+                return
             with self._targets_lock:
                 tgt = self.targets.get(key)
                 if tgt is not None and tgt.map_base != base:
@@ -789,6 +792,30 @@ class Daemon:
             link.send_json(MsgType.READY, {"last_seq": 0, "map_base": base, "check": True})
             return
         tgt.serve(link)
+
+    def _source_disconnected(self, link: Link, source: str, conid: int, base: str) -> None:
+        """The source ended connection ``conid`` (``disconnect``): its
+        applier and link stop here, its queue and applied state are removed
+        (a connection id is never used again by that source); the map base
+        keeps what was applied. READY with ``disconnected`` answers."""
+        import shutil
+        with self._targets_lock:
+            tgt = self.targets.get((source, conid))
+            if tgt is not None and tgt.map_base != base:
+                raise ConfigError(f"connection {conid} of source {source} writes to {tgt.map_base}, "
+                                  f"not {base}: not disconnected")
+            self.targets.pop((source, conid), None)
+        dropped = 0
+        if tgt is not None:
+            dropped = tgt.queue.count
+            tgt.close()
+        for d in (self.state_dir / "targets" / source / f"target-{conid}",
+                  self._target_queue_dir(source, conid)):
+            shutil.rmtree(d, ignore_errors=True)
+        log.warning("connection %s of source %s (map base %s): disconnected by the source%s; "
+                    "its queue and state removed", conid, source, base,
+                    f", {dropped} frame(s) not applied dropped" if dropped else "")
+        link.send_json(MsgType.READY, {"last_seq": 0, "disconnected": True, "known": tgt is not None})
 
     def _target_queue_dir(self, source: str, conid: int) -> Path:
         """Where the durable queue of an incoming connection lives:
@@ -953,8 +980,27 @@ class Daemon:
                 self._stop_source(conn.conid)
                 self.disconnected.pop(conn.conid, None)
                 self.down_errors.pop(conn.conid, None)
-            return {"conid": conn.conid}
+            return {"conid": conn.conid, "target": self._tell_disconnect(conn)}
         raise ConfigError(f"unknown request {verb!r}")
+
+    def _tell_disconnect(self, conn) -> str:
+        """Tell the target that ``conn`` ended, so its side stops (applier,
+        retries, queue) instead of waiting for a source that never comes
+        back: what happened, for the reply."""
+        from .source import open_message
+        host, port = parse_hostport(conn.target, "target")
+        try:
+            with self.dial_target(host, port, io_timeout=15) as link:
+                link.send_json(MsgType.OPEN, open_message(conn.conid, conn.map_base, self.daemon_id,
+                                                          disconnect=True))
+                _, ready = link.recv_json(MsgType.READY)
+        except (SmirrorError, OSError) as exc:
+            log.warning("connection %s: the target %s was not told of the disconnect: %s",
+                        conn.conid, conn.target, exc)
+            return f"not reached ({exc}): it keeps this connection's state until told"
+        if not ready.get("disconnected"):
+            return "an older smirror: it keeps this connection's state"
+        return "its side of the connection is ended"
 
     def probe_target(self, target: str, map_base: str) -> dict:
         """Log in to ``target`` as the link user and have it validate

@@ -404,7 +404,8 @@ def run_pause(args) -> int:
 def run_disconnect(args) -> int:
     with _client(args) as c:
         r = c.call("disconnect", conid=args.conid)
-        _print(args, r, f"disconnected {r['conid']}")
+        _print(args, r, f"disconnected {r['conid']}"
+               + (f"; target: {r['target']}" if r.get("target") else ""))
     return EXIT_OK
 
 

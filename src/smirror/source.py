@@ -507,13 +507,16 @@ class Sender:
 
 
 def open_message(conid: int, map_base: str, source: str, next_seq: int = 0,
-                 check: bool = False) -> dict:
+                 check: bool = False, disconnect: bool = False) -> dict:
     """The OPEN a source sends first on a data link; with ``check`` it is a
     probe: the target validates the map base (creating nothing else) and
-    answers READY or ERROR, and the link ends."""
+    answers READY or ERROR, and the link ends; with ``disconnect`` the
+    source ended the connection: the target drops its side of it."""
     msg = {"conid": conid, "map_base": map_base, "source": source, "next_seq": next_seq}
     if check:
         msg["check"] = True
+    if disconnect:
+        msg["disconnect"] = True
     return msg
 
 

@@ -643,6 +643,10 @@ class TargetConnection:
 
     def close(self) -> None:
         self._stop.set()
+        with self._send_lock:
+            link = self._link
+        if link is not None:
+            link.close()            # its receiver ends instead of waiting for the source
         self.queue.close()
         if self._applier_thread is not None:
             self._applier_thread.join(5)
