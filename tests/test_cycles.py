@@ -49,11 +49,11 @@ def test_an_old_link_that_delivers_after_the_reset_is_refused_cleanly(tmp_path):
     with running_pair(tmp_path, extra=SMALL) as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
         login(target, env)
-        target.cli("pause-target")
+        target.cli("pause-target", target.address)
         fill_until_auto_disconnect(source, src, "a")
         # the reconnect's link is served (its RESET seen) while paused
         wait_for(lambda: "stream reset to seq" in target.log(), 60, "the new link's RESET")
-        target.cli("resume-target")
+        target.cli("resume-target", target.address)
         assert wait_same(src, dst, 60), (diff(snapshot(src), snapshot(dst))[:5], target.log()[-3000:])
         err = stop_and_read(target)
         assert "Traceback" not in err and "is not above the last seq" not in err, err[-3000:]
@@ -87,10 +87,10 @@ def test_ten_cycles_keep_one_status_row_and_the_source_memory_bounded(tmp_path):
                 and r["seq_acked"] == r["seq_captured"]
 
         for cycle in range(1, 11):
-            target.cli("pause-target")
+            target.cli("pause-target", target.address)
             fill_until_auto_disconnect(source, src, f"c{cycle}")
             one_row_converged(cycle)
-            target.cli("resume-target")
+            target.cli("resume-target", target.address)
             wait_for(lambda: one_row_converged(cycle), 90, f"cycle {cycle} reconnected and drained")
             assert wait_same(src, dst, 60), diff(snapshot(src), snapshot(dst))[:5]
             rss.append(proc.memory_info().rss)
@@ -121,11 +121,22 @@ def test_a_target_that_recovered_clears_its_error_on_both_sides(tmp_path):
                 status(source)["sources"][0]), 30, "the target's error on the source")
             assert "Operation not permitted" in row["target_error"] and row["last_error"], row
             assert "Operation not permitted" in status(target)["targets"][0]["error"]
+            # frames that arrive while the op is held keep the error (and the
+            # target must still clear it once it applies again)
+            (src / "more").write_text("received while held")
+            wait_for(lambda: (lambda t: t["seq_received"] > t["seq_applied"] + 1)(
+                status(target)["targets"][0]), 30, "a frame received while held")
+            assert status(target)["targets"][0]["state"] == "apply-error"
         finally:
             subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
         assert wait_same(src, dst, 30)
-        row = wait_for(lambda: (lambda r: r if not r["target_error"] else None)(
-            status(source)["sources"][0]), 30, "the error cleared on the source")
+        rows = []
+        try:
+            row = wait_for(lambda: (lambda r: rows.append(r) or (r if not r["target_error"] else None))(
+                status(source)["sources"][0]), 30, "the error cleared on the source")
+        except AssertionError:
+            raise AssertionError((rows[-1:], status(target)["targets"], source.log()[-3000:],
+                                  target.log()[-3000:])) from None
         assert row["last_error"] == "" and row["state"] == "connected", row
         assert status(target)["targets"][0]["error"] == ""
         assert "last error" not in source.cli("status").stdout
@@ -138,7 +149,7 @@ def test_a_disconnect_is_told_to_the_target(tmp_path):
     with running_pair(tmp_path) as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
         login(target, env)
-        target.cli("pause-target")
+        target.cli("pause-target", target.address)
         (src / "late").write_bytes(os.urandom(50_000))
         wait_for(lambda: status(target)["targets"][0]["seq_received"]
                  > status(target)["targets"][0]["seq_applied"], 30, "a frame held on the target")

@@ -231,7 +231,7 @@ class TargetConnection:
                     return
                 continue
             self._applying = False
-            if self.state == "apply-error":
+            if self.error:      # (the receiver may have set state to "receiving" meanwhile)
                 log.warning("connection %s: applying again (was: %s)", self.conid, self.error)
                 self.state = "receiving" if self._link is not None else "idle"
                 self._notify({"event": "apply-ok", "was": self.error})   # the source clears it too
@@ -823,7 +823,8 @@ class TargetConnection:
             self._task_arrived(ops[0])
 
     def _count_received(self, h, frame) -> None:
-        self.state = "receiving"
+        if self.state != "apply-error":        # that one stays until the applier recovers
+            self.state = "receiving"
         self.received_seq = h.last_seq
         self.frames_received += 1
         self.bytes_received += len(frame)
