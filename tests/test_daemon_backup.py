@@ -215,7 +215,7 @@ def test_pause_with_heavy_writes_spills_on_both_sides_then_resumes_in_order(tmp_
               + f'disk_queue_dir = "{tmp_path / "spill"}"\n') as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
         login(target, env)
-        target.cli("pause-target")
+        target.cli("pause-target", target.address)
         before = snapshot(dst)
         w = Workload(Recorder(src, lambda op: None), seed=31, max_write=200_000)
         for _ in range(400):
@@ -230,7 +230,7 @@ def test_pause_with_heavy_writes_spills_on_both_sides_then_resumes_in_order(tmp_
         assert t["queue_disk_bytes"] > 0 and t["apply_state"] == "paused", t
         assert [p.name for p in (tmp_path / "spill").iterdir()] == [f"target-{t['source']}-1"]
         assert snapshot(dst) == before
-        target.cli("resume-target")
+        target.cli("resume-target", target.address)
         assert wait_same(src, dst, 90), (diff(snapshot(src), snapshot(dst))[:10],
                                          target.log()[-3000:])
         s = status(source)["sources"][0]

@@ -344,12 +344,34 @@ def _waiting_append(journal: ConnectionJournal, timeout: float = 600.0):
     return append
 
 
+def lock_state_dir(state_dir: Path) -> int:
+    """One daemon per state directory: an flock on ``STATE_DIR/daemon.lock``
+    held while the process lives (the kernel drops it when it dies), with
+    the holder's pid in the file. Another daemon already there: ConfigError
+    naming it."""
+    import fcntl
+    path = state_dir / "daemon.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(f"state directory {state_dir} is in use by another smirror daemon "
+                          f"(pid {holder}, lock {path}): stop it, or give this one another "
+                          f"state_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.state_dir = Path(config.daemon.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
+        self._lock_fd = lock_state_dir(self.state_dir)
         id_file = self.state_dir / "daemon-id"
         if not id_file.exists():
             id_file.write_text(secrets.token_hex(8) + "\n")
