@@ -170,3 +170,19 @@ def test_a_disconnect_is_told_to_the_target(tmp_path):
         out = source.cli("disconnect", "2").stdout
         assert "target: not reached" in out, out
         assert status(source)["sources"] == []
+
+
+def test_sigterm_while_a_reconnect_mirror_waits_for_room_stops_the_source(tmp_path):
+    """The reconnect's mirror waits for room in a full queue (the target
+    is paused) holding the daemon's sources lock: SIGTERM must still stop
+    the source daemon promptly (it hung there)."""
+    with running_pair(tmp_path, extra=SMALL) as (source, target, env):
+        src, dst = replicate_data(source, target, env, tmp_path)
+        login(target, env)
+        target.cli("pause-target", target.address)
+        fill_until_auto_disconnect(source, src, "a")
+        wait_for(lambda: "stream reset to seq" in target.log(), 60, "the reconnect's link")
+        started = time.monotonic()
+        err = stop_and_read(source)             # proc.wait(30): a hang fails here
+        assert source.proc.returncode == 0 and time.monotonic() - started < 20, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]

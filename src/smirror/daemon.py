@@ -472,6 +472,10 @@ class Daemon:
         self._stop.set()
         if self._sock is not None:
             self._sock.close()
+        # a reconnect's mirror may wait for room in its queue while holding
+        # the sources lock: closed queues end that wait (SIGTERM hung there)
+        for src in list(self.sources.values()):
+            src.queue.close()
         with self._sources_lock:
             for cap in list(self.captures.values()):
                 cap.close()
