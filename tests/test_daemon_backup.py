@@ -75,7 +75,8 @@ def test_tasks_refused_by_the_target_are_reported_to_the_source(tmp_path):
     task_script(tmp_path, "elsewhere", "touch \"$0.ran\"\n")
     with pair(tmp_path, target_extra=tasks_config(tdir, enabled=False)) as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
-        source.cli("queue-task", "t1", "--to", target.address, "--on-execute", "ok")
+        out = source.cli("queue-task", "t1", "--to", target.address, "--on-execute", "ok", check=False)
+        assert out.returncode == 3 and "target refused" in out.stdout, out   # the CLI waits for it
         (src / "after").write_text("replication goes on")
         assert wait_same(src, dst, 30)
         reports = wait_for(lambda: status(source)["sources"][0]["task_reports"], what="a report")
@@ -96,8 +97,10 @@ def test_task_outside_the_task_directory_is_refused(tmp_path):
     marker = task_script(tmp_path, "elsewhere", 'touch "$0.ran"\n')
     with pair(tmp_path, target_extra=tasks_config(tdir)) as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
-        source.cli("queue-task", "escape", "--to", target.address, "--on-execute", "../elsewhere")
-        source.cli("queue-task", "absolute", "--to", target.address, "--on-execute", str(marker))
+        for name, command in (("escape", "../elsewhere"), ("absolute", str(marker))):
+            out = source.cli("queue-task", name, "--to", target.address, "--on-execute", command,
+                             check=False)
+            assert out.returncode == 3 and "outside the task directory" in out.stderr, out
         (src / "after").write_text("replication goes on")
         assert wait_same(src, dst, 30)
         reports = wait_for(lambda: len(status(source)["sources"][0]["task_reports"]) >= 2 and
