@@ -88,7 +88,7 @@ def test_ten_cycles_keep_one_status_row_and_the_source_memory_bounded(tmp_path):
 
         for cycle in range(1, 11):
             target.cli("pause-target", target.address)
-            fill_until_auto_disconnect(source, src, f"c{cycle}")
+            fill_until_auto_disconnect(source, src, "c")     # the same files: the set stays one size
             one_row_converged(cycle)
             target.cli("resume-target", target.address)
             wait_for(lambda: one_row_converged(cycle), 90, f"cycle {cycle} reconnected and drained")
