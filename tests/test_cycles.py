@@ -95,7 +95,8 @@ def test_ten_cycles_keep_one_status_row_and_the_source_memory_bounded(tmp_path):
             assert wait_same(src, dst, 60), diff(snapshot(src), snapshot(dst))[:5]
             rss.append(proc.memory_info().rss)
         grew = (rss[-1] - rss[0]) >> 20
-        assert grew < 40, f"source RSS per cycle (MiB): {[r >> 20 for r in rss]}"
+        # measured: 65-80 MiB without the fix, up to 46 with it on a loaded machine
+        assert grew < 56, f"source RSS per cycle (MiB): {[r >> 20 for r in rss]}"
         err = stop_and_read(source)
         assert "Traceback" not in err, err[-3000:]
 
