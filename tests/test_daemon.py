@@ -296,7 +296,7 @@ def test_pause_and_resume_target(nodes):
     src, dst = replicate_data(source, target, env, tmp)
     login(target, env)
     before = snapshot(dst)
-    out = target.cli("pause-target").stdout
+    out = target.cli("pause-target", target.address).stdout
     assert "paused" in out
     w = Workload(Recorder(src, lambda op: None), seed=13, max_write=30_000)
     for _ in range(150):
@@ -314,7 +314,7 @@ def test_pause_and_resume_target(nodes):
     time.sleep(1.0)
     assert snapshot(dst) == before
     assert "target side PAUSED" in target.cli("status").stdout
-    target.cli("resume-target")
+    target.cli("resume-target", target.address)
     assert wait_same(src, dst, 60), (diff(snapshot(src), snapshot(dst))[:10], target.cli("status").stdout,
                                      source.cli("status").stdout, source.log()[-3000:], target.log()[-3000:])
 
@@ -329,7 +329,7 @@ def test_full_queues_auto_disconnect_and_reconnect_with_a_remirror(tmp_path):
     with running_pair(tmp_path, extra=small) as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
         login(target, env)
-        target.cli("pause-target")
+        target.cli("pause-target", target.address)
         for i in range(60):                    # ~3.6 MiB of changes: far past both queues
             (src / f"f{i}").write_bytes(os.urandom(60_000))
             time.sleep(0.005)
@@ -337,7 +337,7 @@ def test_full_queues_auto_disconnect_and_reconnect_with_a_remirror(tmp_path):
         while time.monotonic() < deadline and "auto-disconnect" not in source.log():
             time.sleep(0.1)
         assert "auto-disconnect" in source.log(), source.log()[-3000:]
-        target.cli("resume-target")
+        target.cli("resume-target", target.address)
         ok = wait_same(src, dst, 90)
         if not ok:
             source.proc.send_signal(signal.SIGUSR1)

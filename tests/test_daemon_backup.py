@@ -75,7 +75,8 @@ def test_tasks_refused_by_the_target_are_reported_to_the_source(tmp_path):
     task_script(tmp_path, "elsewhere", "touch \"$0.ran\"\n")
     with pair(tmp_path, target_extra=tasks_config(tdir, enabled=False)) as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
-        source.cli("queue-task", "t1", "--to", target.address, "--on-execute", "ok")
+        out = source.cli("queue-task", "t1", "--to", target.address, "--on-execute", "ok", check=False)
+        assert out.returncode == 3 and "target refused" in out.stdout, out   # the CLI waits for it
         (src / "after").write_text("replication goes on")
         assert wait_same(src, dst, 30)
         reports = wait_for(lambda: status(source)["sources"][0]["task_reports"], what="a report")
@@ -96,8 +97,10 @@ def test_task_outside_the_task_directory_is_refused(tmp_path):
     marker = task_script(tmp_path, "elsewhere", 'touch "$0.ran"\n')
     with pair(tmp_path, target_extra=tasks_config(tdir)) as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
-        source.cli("queue-task", "escape", "--to", target.address, "--on-execute", "../elsewhere")
-        source.cli("queue-task", "absolute", "--to", target.address, "--on-execute", str(marker))
+        for name, command in (("escape", "../elsewhere"), ("absolute", str(marker))):
+            out = source.cli("queue-task", name, "--to", target.address, "--on-execute", command,
+                             check=False)
+            assert out.returncode == 3 and "outside the task directory" in out.stderr, out
         (src / "after").write_text("replication goes on")
         assert wait_same(src, dst, 30)
         reports = wait_for(lambda: len(status(source)["sources"][0]["task_reports"]) >= 2 and
@@ -215,7 +218,7 @@ def test_pause_with_heavy_writes_spills_on_both_sides_then_resumes_in_order(tmp_
               + f'disk_queue_dir = "{tmp_path / "spill"}"\n') as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
         login(target, env)
-        target.cli("pause-target")
+        target.cli("pause-target", target.address)
         before = snapshot(dst)
         w = Workload(Recorder(src, lambda op: None), seed=31, max_write=200_000)
         for _ in range(400):
@@ -230,7 +233,7 @@ def test_pause_with_heavy_writes_spills_on_both_sides_then_resumes_in_order(tmp_
         assert t["queue_disk_bytes"] > 0 and t["apply_state"] == "paused", t
         assert [p.name for p in (tmp_path / "spill").iterdir()] == [f"target-{t['source']}-1"]
         assert snapshot(dst) == before
-        target.cli("resume-target")
+        target.cli("resume-target", target.address)
         assert wait_same(src, dst, 90), (diff(snapshot(src), snapshot(dst))[:10],
                                          target.log()[-3000:])
         s = status(source)["sources"][0]

@@ -109,6 +109,8 @@ def add_parsers(sub) -> None:
                    help="run on the target when every earlier op is applied")
     p.add_argument("--timeout", default="forever", metavar="SECONDS|forever",
                    help="how long applying waits for on-execute (0: not at all; default forever)")
+    p.add_argument("--wait", type=float, default=5.0, metavar="SECONDS",
+                   help="how long to wait for the target's answer (refused or received; default 5)")
     p.add_argument("args", nargs="*", metavar="ARG", help="arguments added to every command")
     _host_option(p)
     p.set_defaults(run=run_queue_task, trailing_args=True)
@@ -133,7 +135,8 @@ def add_parsers(sub) -> None:
                        ("resume-target", "apply again, in order, what was received while paused")):
         p = sub.add_parser(verb, help=what)
         p.add_argument("target", nargs="?", metavar="HOST[:PORT]",
-                       help="the target daemon (default: --host)")
+                       help="the target daemon whose applying stops or goes on (required: "
+                            "every connection into that daemon is affected)")
         _host_option(p)
         p.set_defaults(run=run_pause, verb_name=verb)
 
@@ -369,8 +372,47 @@ def run_queue_task(args) -> int:
                    on_transmit=args.on_transmit, on_receive=args.on_receive,
                    on_execute=args.on_execute, timeout=args.timeout, args=args.args)
         conns = ", ".join(f"{k} at seq {v}" for k, v in r["connections"].items())
-        _print(args, r, f"task {r['task']} ({r['id']}) queued on connection(s) {conns}")
+        answer = _task_answer(c, r, args.wait)
+        r = dict(r, target=answer)
+        said = {"received": "received by the target",
+                "refused": f"target refused: {answer.get('error')}",
+                "unknown": f"the target has not received it yet (waited {args.wait:g}s; see status)"}
+        _print(args, r, f"task {r['task']} ({r['id']}) queued on connection(s) {conns}; "
+                        + said[answer["state"]])
+    if answer["state"] == "refused":
+        if not args.json:
+            print(f"smirror queue-task: error: the target refused task {r['task']}: {answer['error']}",
+                  file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
+
+
+def _task_answer(client, queued: dict, wait: float) -> dict:
+    """What the target said of a queued task, waiting up to ``wait``
+    seconds: ``refused`` (its NOTICE came back, with the error),
+    ``received`` (acknowledged by every connection, and no refusal came
+    in the moment after), or ``unknown``."""
+    import time
+    seqs = {int(k): v for k, v in queued["connections"].items()}
+    deadline = time.monotonic() + wait
+    acked_at = None
+    while True:
+        rows = {s["conid"]: s for s in client.call("status")["sources"] if s["conid"] in seqs}
+        for s in rows.values():
+            for rep in s.get("task_reports") or []:
+                if rep.get("id") == queued["id"] and rep.get("state") in ("refused", "error", "failed") \
+                        and rep.get("stage") != "on_execute":
+                    return {"state": "refused", "error": rep.get("error") or rep["state"],
+                            "conid": s["conid"]}
+        now = time.monotonic()
+        if all(rows.get(c, {}).get("seq_acked", 0) >= seq for c, seq in seqs.items()):
+            # a refusal follows the ACK of the task's frame at once
+            acked_at = acked_at or now
+            if now - acked_at >= 0.5:
+                return {"state": "received"}
+        if now >= deadline:
+            return {"state": "unknown"}
+        time.sleep(0.1)
 
 
 def run_conid(args) -> int:
@@ -392,8 +434,14 @@ def run_mirror_start(args) -> int:
 
 
 def run_pause(args) -> int:
-    if args.target:
-        args.host = args.target
+    from .errors import ConfigError
+    if not args.target:
+        # the verb acts on the daemon it talks to, as a target: never on
+        # --host (or its default) by surprise
+        raise ConfigError(f"{args.verb_name} needs the target daemon: smirror {args.verb_name} "
+                          f"HOST[:PORT] ({'stops' if args.verb_name == 'pause-target' else 'resumes'}"
+                          f" applying there, for every connection into it; receiving goes on)")
+    args.host = args.target
     with _client(args) as c:
         r = c.call(args.verb_name)
         states = ", ".join(f"{k}: {v}" for k, v in r["targets"].items()) or "no connections yet"
@@ -404,7 +452,8 @@ def run_pause(args) -> int:
 def run_disconnect(args) -> int:
     with _client(args) as c:
         r = c.call("disconnect", conid=args.conid)
-        _print(args, r, f"disconnected {r['conid']}")
+        _print(args, r, f"disconnected {r['conid']}"
+               + (f"; target: {r['target']}" if r.get("target") else ""))
     return EXIT_OK
 
 

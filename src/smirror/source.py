@@ -437,6 +437,17 @@ class Sender:
                 # the target cannot apply an op: the source's status says why
                 self.report_error(f"target {self._link.peer if self._link else 'target'}: "
                                   f"{notice.get('error')}")
+                self.target_error = self.last_error
+                return
+            if notice.get("event") == "apply-ok":
+                # the target recovered (space freed, ...): its error is no
+                # longer the connection's state
+                if self.target_error and self.last_error == self.target_error:
+                    self.last_error, self.last_error_at = "", None
+                if self.target_error:
+                    log.warning("connection %s: the target applies again (was: %s)", self.conid,
+                                self.target_error)
+                self.target_error = ""
                 return
             if resync is not None:
                 if not isinstance(resync, str):
@@ -460,6 +471,7 @@ class Sender:
             log.exception("connection %s: handling the target's notice %r failed", self.conid, notice)
 
     resyncs_asked = 0
+    target_error = ""           # the target's apply error while it lasts
 
     def _set_acked(self, seq: int) -> None:
         now = time.monotonic()
@@ -491,17 +503,20 @@ class Sender:
                 "queue_disk_bytes": q.disk_bytes, "bytes_sent": self.bytes_sent,
                 "frames_sent": self.frames_sent, "connects": self.connects,
                 "needs_mirror": self.needs_mirror, "task_reports": list(self.notices)[-10:],
-                "resyncs_asked": self.resyncs_asked}
+                "resyncs_asked": self.resyncs_asked, "target_error": self.target_error}
 
 
 def open_message(conid: int, map_base: str, source: str, next_seq: int = 0,
-                 check: bool = False) -> dict:
+                 check: bool = False, disconnect: bool = False) -> dict:
     """The OPEN a source sends first on a data link; with ``check`` it is a
     probe: the target validates the map base (creating nothing else) and
-    answers READY or ERROR, and the link ends."""
+    answers READY or ERROR, and the link ends; with ``disconnect`` the
+    source ended the connection: the target drops its side of it."""
     msg = {"conid": conid, "map_base": map_base, "source": source, "next_seq": next_seq}
     if check:
         msg["check"] = True
+    if disconnect:
+        msg["disconnect"] = True
     return msg
 
 

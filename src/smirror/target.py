@@ -119,6 +119,8 @@ class TargetConnection:
         self._resync_pending: dict[bytes, float] = {}     # subtree -> when asked
         self.last_divergence = ""
         self._link: Link | None = None
+        self._newest: Link | None = None       # the last link that asked to be served
+        self._serve_lock = threading.Lock()     # one link served at a time
         self._send_lock = threading.Lock()
         self._notices: list[dict] = []        # not yet delivered to the source
         last = self.queue.last_seq
@@ -234,9 +236,10 @@ class TargetConnection:
                     return
                 continue
             self._applying = False
-            if self.state == "apply-error":
+            if self.error:      # (the receiver may have set state to "receiving" meanwhile)
                 log.warning("connection %s: applying again (was: %s)", self.conid, self.error)
                 self.state = "receiving" if self._link is not None else "idle"
+                self._notify({"event": "apply-ok", "was": self.error})   # the source clears it too
                 self.error = ""
                 self._held_since = 0.0
             try:
@@ -645,6 +648,10 @@ class TargetConnection:
 
     def close(self) -> None:
         self._stop.set()
+        with self._send_lock:
+            link = self._link
+        if link is not None:
+            link.close()            # its receiver ends instead of waiting for the source
         self.queue.close()
         if self._applier_thread is not None:
             self._applier_thread.join(5)
@@ -652,9 +659,38 @@ class TargetConnection:
             self.applier.close()     # (a stuck applier keeps its handle until it returns)
 
     # -- receiver ------------------------------------------------------------
+    TAKEOVER_WAIT = 30.0            # seconds a new link waits for the one it replaces to end
+
     def serve(self, link: Link) -> None:
         """Handle one data link after its OPEN: READY, then frames until the
-        link closes. Errors are sent to the source and raised."""
+        link closes. Errors are sent to the source and raised.
+
+        One link at a time: a newer link of this connection (the source
+        reconnected) ends the one before, which may still wait for room in
+        the queue with a frame in hand; that frame is dropped, never put
+        behind the newer link's frames (the source sends again whatever
+        was not acknowledged)."""
+        with self._send_lock:
+            self._newest = link
+            old = self._link
+        if old is not None:
+            log.info("connection %s: a newer link of this connection took over from %s: "
+                     "ending that one", self.conid, old.peer)
+            old.close()
+        if not self._serve_lock.acquire(timeout=self.TAKEOVER_WAIT):
+            raise ProtocolError(f"connection {self.conid}: the previous link did not end within "
+                                f"{self.TAKEOVER_WAIT:.0f}s; try again")
+        try:
+            if self._newest is not link:
+                raise LinkClosed(f"connection {self.conid}: a newer link took over from {link.peer}")
+            self._serve(link)
+        finally:
+            self._serve_lock.release()
+
+    def _superseded(self, link: Link) -> bool:
+        return self._newest is not link
+
+    def _serve(self, link: Link) -> None:
         # READY acknowledges everything up to received_seq: the handoff's
         # frames (not applied yet) must be durable first
         self._settle_handoff()
@@ -665,7 +701,7 @@ class TargetConnection:
             self._link = link
             self._deliver_locked()      # what the source missed while away
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not self._superseded(link):
                 try:
                     # a frame arrives in its own bytes object: the queue keeps it as is
                     mtype, payload = link.recv(own=(MsgType.FRAME,))
@@ -681,7 +717,16 @@ class TargetConnection:
                     return
                 else:
                     raise ProtocolError(f"{link.peer} sent {mtype.name} on a data link")
-        except (FrameError, ProtocolError) as exc:
+        except (FrameError, ProtocolError, OSError) as exc:
+            if self._superseded(link) or self._stop.is_set():
+                # closed under it by a newer link (or the daemon stopping):
+                # nothing to tell this one
+                log.info("connection %s: link from %s ended: %s", self.conid, link.peer,
+                         "a newer link of this connection took over" if self._superseded(link)
+                         else "the connection is closing")
+                return
+            if isinstance(exc, OSError):
+                raise
             try:
                 self._send_ack(link)        # what is durable stays acknowledged
             except OSError:
@@ -696,7 +741,10 @@ class TargetConnection:
                 self.state = "idle"
 
     def _reset(self, link: Link, payload) -> None:
-        seq = json.loads(bytes(payload)).get("seq")
+        try:
+            seq = json.loads(bytes(payload)).get("seq")
+        except (ValueError, AttributeError):
+            raise ProtocolError(f"{link.peer} sent a RESET that is not a JSON object with a seq") from None
         if not isinstance(seq, int) or seq < self.received_seq:
             raise ProtocolError(f"{link.peer} sent RESET to seq {seq!r}, below the "
                                 f"{self.received_seq} this target holds")
@@ -739,11 +787,22 @@ class TargetConnection:
                 self._count_received(h, frame)
                 self._send_ack(link)
                 return
+            if self._superseded(link):
+                # the source came back on a newer link while this frame
+                # waited for room: it is not put (the newer link's frames
+                # may be queued already); unacknowledged, so nothing is lost
+                raise LinkClosed(f"frame with seqs {h.first_seq}..{h.last_seq} from {link.peer} "
+                                 f"dropped: a newer link of this connection took over")
             try:
                 if self._through:
                     self._handoff_to_queue()    # the handoff's frames go first
                 self.queue.put(h.last_seq, frame)
                 break
+            except ValueError as exc:
+                # the queue's order is the stream's: a frame that does not
+                # follow what it holds is refused, never a dead receiver
+                raise ProtocolError(f"frame with seqs {h.first_seq}..{h.last_seq} from {link.peer} "
+                                    f"refused: {exc}") from None
             except QueueFull:
                 # backpressure: stop reading the link until the applier
                 # frees room (or empties the queue: then the handoff takes
@@ -769,7 +828,8 @@ class TargetConnection:
             self._task_arrived(ops[0])
 
     def _count_received(self, h, frame) -> None:
-        self.state = "receiving"
+        if self.state != "apply-error":        # that one stays until the applier recovers
+            self.state = "receiving"
         self.received_seq = h.last_seq
         self.frames_received += 1
         self.bytes_received += len(frame)
