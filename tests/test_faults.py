@@ -44,9 +44,6 @@ def test_sigkill_of_the_source_daemon_converges(tmp_path):
     assert res["failures"] == [], report
 
 
-@pytest.mark.xfail(strict=True, reason="a restarted smirror replicate leaves orphans of what was "
-                   "deleted while it was down (rsync finds '*deleting' lines); found by "
-                   "tools/faults.py kill")
 def test_sigkill_of_replicate_converges(tmp_path):
     res, report = kill_trials("replicate", 3, tmp_path, deadline=10, stop_on_failure=True)
     assert res["failures"] == [], report

@@ -213,8 +213,15 @@ class Replication:
 
     def _initial_mirror(self) -> None:
         from .mirror import Mirror, MirrorOptions
+        # a restart (the target received ops of an earlier run) with deletes
+        # replicated: what DST holds that SRC lacks was deleted while this
+        # replication was down, so its mirror deletes the orphans. A first
+        # run only reports them: DST may hold files of its own.
+        restart = self.target.received_seq > 0
+        orphans = "delete" if restart and self.ignore_deletes == "off" else "report"
         opts = MirrorOptions(different=self.mirror_mode in ("different", "checksum"),
-                             checksum=self.mirror_mode == "checksum", rules=self.rules)
+                             checksum=self.mirror_mode == "checksum", rules=self.rules,
+                             orphans=orphans)
         self.mirror_summary = Mirror(self.src, self.dst, opts, progress=self.progress).run()
         if self.mirror_summary.errors and self.tree_capture is not None:
             # a live tree: busy or unreadable files are the capture's to follow
