@@ -464,3 +464,51 @@ def test_content_reverified_after_renames_and_at_the_periodic_verification(rig):
     cap.verify()
     pipe.applier.flush()
     assert (dst / "c").read_bytes() == b"C" * 5000
+
+
+def test_mirror_to_links_hard_links_again_and_settles_the_root_and_orphan_parents(tmp_path):
+    """A stream mirror against a target whose copies of a hard-linked file
+    are separate files (a kill between the CREATE and the HARDLINK, say):
+    the names are linked again; the root's mtime and those of the orphans'
+    parents (the orphan policy deletes there) are sent when quiet."""
+    import json
+    import subprocess
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "a").write_bytes(b"shared")
+    os.link(src / "d" / "a", src / "b")
+    shutil.copytree(src, dst)                       # separate copies of a and b
+    (dst / "d" / "orphan").write_text("deleted on the source while it was down")
+    for p in ("d/a", "b", "d", ""):
+        shutil.copystat(src / p, dst / p)
+    os.utime(dst, ns=(0, 10**18))                   # the root's mtime differs too
+    lister = TreeCapture(dst, lambda op: None)
+    try:
+        lister.load_target(dst)
+        known = dict(lister.known)
+    finally:
+        lister.close()
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe)
+    try:
+        cap.load_target(src)
+        orphans = []
+        cap.mirror_to(pipe, known, orphans_out=orphans)
+        assert orphans == [b"d/orphan"]
+        assert [(op.kind, bytes(op.path), bytes(op.path2)) for op in pipe
+                if op.kind == OpKind.HARDLINK] == [(OpKind.HARDLINK, b"d/a", b"b")]
+        os.unlink(dst / "d" / "orphan")             # what --orphans delete does
+        cap.sync()
+        pipe.applier.flush()
+    finally:
+        cap.close()
+    assert os.stat(dst / "b").st_ino == os.stat(dst / "d" / "a").st_ino
+    # the root's mtime travels in a MARK (a target connection applies it)
+    from smirror.watch import MARK_ROOT_MTIME
+    marks = [json.loads(bytes(op.data)) for op in pipe
+             if op.kind == OpKind.MARK and bytes(op.path) == MARK_ROOT_MTIME]
+    assert marks == [{"mtime_ns": os.stat(src).st_mtime_ns}]
+    os.utime(dst, ns=(0, marks[0]["mtime_ns"]))
+    out = subprocess.run(["rsync", "-aHAX", "--dry-run", "--itemize-changes", "--delete",
+                          f"{src}/", f"{dst}/"], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "", out

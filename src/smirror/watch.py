@@ -188,6 +188,7 @@ class TreeCapture:
         return self.rules is not None and self.rules.excluded(rel, is_dir)
 
     _read_root = None
+    _mirror_links = None    # during mirror_to: source inode -> its first name
     moving_out = False      # True while the ops of a move out of the set are emitted
 
     def _abs(self, rel: bytes) -> bytes:
@@ -271,6 +272,10 @@ class TreeCapture:
             self.emit, self.known, self._lost = emit, dict(target_known), set()
             self.stats = dict.fromkeys(saved[3], 0)
             orphans = set(target_known)
+            # the target's listing says nothing of inodes: a source inode
+            # with several names is linked again on the target (first name
+            # seen -> the others), whatever the target holds there now
+            self._mirror_links = {}
             try:
                 for rel, k in list(self.known.items()):
                     if k.kind != stat.S_IFREG or k.strong is not None:
@@ -292,6 +297,12 @@ class TreeCapture:
                     orphans_out.extend(orphaned)
             finally:
                 self.emit, self.known, self._lost, self.stats = saved
+                self._mirror_links = None
+            # the orphan policy's deletes and moves change their parents'
+            # mtimes on the target, and no op of a mirror names the root:
+            # those directories' times are sent when quiet (_settle_dirs)
+            self._dirs_touched.add(b"")
+            self._dirs_touched.update(p.rpartition(b"/")[0] for p in orphaned)
             return stats
 
     def resync(self, rel: bytes = b"", reason: str = "", content: bool = True) -> None:
@@ -349,9 +360,21 @@ class TreeCapture:
             if emit:
                 self._delete(rel)
             k = None
+        if k is not None and self._mirror_links is not None and stat.S_ISREG(st.st_mode) \
+                and st.st_nlink > 1 and emit:
+            ino = (st.st_dev, st.st_ino)
+            first = self._mirror_links.setdefault(ino, rel)
+            k.ino = ino             # a new name of this inode links to this one (_create)
+            if first != rel:
+                self._out(Op.hardlink(_ZERO, rel, first))
+                self.known[rel] = self.known[first]
+                self.known[rel].names += 1
+                return
         if k is None:
             if emit:
                 self._create(rel, st)
+                if self._mirror_links is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    self._mirror_links.setdefault((st.st_dev, st.st_ino), rel)
             else:
                 self._remember(rel, st, with_signature=True)
         elif stat.S_ISREG(st.st_mode) and content:
