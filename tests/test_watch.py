@@ -512,3 +512,23 @@ def test_mirror_to_links_hard_links_again_and_settles_the_root_and_orphan_parent
     out = subprocess.run(["rsync", "-aHAX", "--dry-run", "--itemize-changes", "--delete",
                           f"{src}/", f"{dst}/"], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "", out
+
+
+def test_a_path_lost_for_good_does_not_hold_back_directory_mtimes(rig):
+    """A path gone when its event came and never seen again (deleted, or
+    moved out with its directory) is dropped once the capture is quiet;
+    kept, it held back the directory mtimes the capture thread sends when
+    quiet, for ever (found by tools/faults.py kill)."""
+    src, dst, cap, pipe = rig
+    same(src, dst, cap, pipe)
+    cap._lost.add(b"d/gone-for-good")
+    (src / "d" / "new").write_text("x")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:      # what the capture thread's loop does
+        cap.poll(0.05)
+        pipe.applier.flush()
+        if os.stat(dst / "d").st_mtime_ns == os.stat(src / "d").st_mtime_ns and (dst / "d" / "new").exists():
+            break
+    assert not cap._lost
+    assert diff(snapshot(src), snapshot(dst)) == []
+    assert os.stat(dst / "d").st_mtime_ns == os.stat(src / "d").st_mtime_ns

@@ -808,7 +808,10 @@ class TreeCapture:
                 self.handle(ev)
             self._flush_dirty(force=not events, settled=not events and not self.watcher.pending_moves)
             if self._lost and not events:
-                self._find_lost()
+                # quiet, no rename half pending: every event is in, so a
+                # path still missing is gone for good (kept, it would hold
+                # back _settle_dirs below forever)
+                self._find_lost(drop_missing=not self.watcher.pending_moves)
             if not events and not self.watcher.pending_moves:
                 if self._touched:
                     self._verify_touched()
