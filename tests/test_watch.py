@@ -532,3 +532,16 @@ def test_a_path_lost_for_good_does_not_hold_back_directory_mtimes(rig):
     assert not cap._lost
     assert diff(snapshot(src), snapshot(dst)) == []
     assert os.stat(dst / "d").st_mtime_ns == os.stat(src / "d").st_mtime_ns
+
+
+def test_a_renamed_directory_gets_the_sources_mtime_when_quiet(rig):
+    """The target's copy of a directory may have another mtime than the
+    cache says (a restart's mirror made the new name before the RENAME came
+    and the target renamed the old copy over it): a renamed directory's
+    own mtime is sent when quiet."""
+    src, dst, cap, pipe = rig
+    same(src, dst, cap, pipe)
+    os.utime(dst / "d", ns=(0, 10**18))         # the target's copy differs; the cache does not know
+    os.rename(src / "d", src / "d2")
+    same(src, dst, cap, pipe)
+    assert os.stat(dst / "d2").st_mtime_ns == os.stat(src / "d2").st_mtime_ns

@@ -204,6 +204,10 @@ class TreeCapture:
             self._dirs_touched.add(bytes(op.path).rpartition(b"/")[0])
             if op.kind == OpKind.RENAME:
                 self._dirs_touched.add(bytes(op.path2).rpartition(b"/")[0])
+                # a directory renamed over one the target held (a restart's
+                # mirror had made the new name already) keeps the time of
+                # the one it moved: its own is sent too (files are skipped)
+                self._dirs_touched.add(bytes(op.path2))
 
     def _settle_dirs(self) -> None:
         """Send the mtime of the directories whose entries changed: applying
