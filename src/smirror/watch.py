@@ -669,6 +669,12 @@ class TreeCapture:
         rel = ev.path
         if self._fault and rel.rpartition(b"/")[2] == self._fault:
             raise RuntimeError(f"injected fault on {rel!r} (${FAULT_ENV}, tests only)")
+        if ev.kind in (Kind.CREATED, Kind.DELETED, Kind.MOVED):
+            # the parent's mtime moved even when no op follows (a name
+            # created and gone before its event was read): sent when quiet
+            self._dirs_touched.add(rel.rpartition(b"/")[0])
+            if ev.kind == Kind.MOVED and ev.new_path:
+                self._dirs_touched.add(ev.new_path.rpartition(b"/")[0])
         if ev.kind == Kind.RESCAN:
             self._flush_dirty(force=True)
             self.resync(rel, ev.reason)
