@@ -757,6 +757,13 @@ class TreeCapture:
             if rel in self.known:
                 if self.known[rel].kind == stat.S_IFDIR:
                     self.resync(rel, "directory renamed", content=False)
+                    # what the target did with it meanwhile is not known
+                    # (a restart's mirror may have met it half renamed):
+                    # its directories' times are sent when quiet
+                    prefix = rel + b"/"
+                    self._dirs_touched.update(
+                        p for p, k in self.known.items()
+                        if k.kind == stat.S_IFDIR and (p == rel or p.startswith(prefix)))
                 else:
                     self._sync_path(rel, True, None)     # known: its change was missed
                 continue
