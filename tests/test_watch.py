@@ -574,3 +574,36 @@ def test_a_directory_found_again_after_it_was_lost_gets_its_subtrees_mtimes(rig)
         cap.poll(0.05)
     pipe.applier.flush()
     assert os.stat(dst / "d" / "e").st_mtime_ns == os.stat(src / "d" / "e").st_mtime_ns
+
+
+@pytest.mark.parametrize("adopt", [True, False])
+def test_a_mirror_adopted_as_the_cache_lets_pending_events_see_what_the_target_holds(tmp_path, adopt):
+    """A restart's mirror runs on a live tree: a file created after the
+    cache was read but before the mirror's walk is on the target, and
+    deleted before its events are read. Adopted as the cache (the capture
+    feeds that target only), the mirror's result makes the DELETE go out;
+    the source's older view (adopt=False, other targets) sends nothing."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "a").write_text("a")
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    lister = TreeCapture(dst, lambda op: None)
+    try:
+        lister.load_target(dst)
+        known = dict(lister.known)
+    finally:
+        lister.close()
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe)
+    try:
+        cap.load_target(src)
+        (src / "late").write_text("made after the cache was read")
+        cap.mirror_to(pipe, known, adopt=adopt)
+        pipe.applier.flush()
+        assert (dst / "late").exists()
+        (src / "late").unlink()
+        cap.sync()
+        pipe.applier.flush()
+    finally:
+        cap.close()
+    assert (dst / "late").exists() is not adopt

@@ -184,7 +184,11 @@ class RepsetCapture:
             first = journal.last_seq + 1
             self.mirroring = conn.conid        # status reads the live counters meanwhile
             try:
-                stats = self.capture.mirror_to(append, known, orphans_out=found)
+                # fed to this connection only: the cache becomes what the
+                # mirror leaves there (events still pending are diffed
+                # against that; a restart mirror on a live tree diverged)
+                alone = set(self.targets) <= {conn.conid}
+                stats = self.capture.mirror_to(append, known, orphans_out=found, adopt=alone)
                 ops, ostats = orphan_ops(found, known, conn.orphans, conn.orphans_older_than_days)
                 for op in ops:
                     append(op)

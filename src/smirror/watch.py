@@ -262,7 +262,8 @@ class TreeCapture:
         connection), leaving this capture's cache and output alone."""
         self.mirror_to(emit, {})
 
-    def mirror_to(self, emit, target_known: dict, orphans_out: list | None = None) -> dict:
+    def mirror_to(self, emit, target_known: dict, orphans_out: list | None = None,
+                  adopt: bool = False) -> dict:
         """A difference mirror through the stream: compare the set with
         ``target_known`` (what a target holds: entries and, for the files
         whose size or mtime differ, the target's block hashes) and emit to
@@ -270,7 +271,10 @@ class TreeCapture:
         Entries only the target has are left alone (orphans; their paths
         are appended to ``orphans_out``, except paths the rules exclude).
         Returns the counters of the run; this capture's own cache and output
-        are kept."""
+        are kept, unless ``adopt``: then the cache becomes what the mirror
+        leaves on that target (the only one this capture feeds), so the
+        events still pending are diffed against what it really holds, not
+        against the source as the cache last saw it."""
         with self._lock:
             saved = self.emit, self.known, self._lost, self.stats
             self.emit, self.known, self._lost = emit, dict(target_known), set()
@@ -299,6 +303,16 @@ class TreeCapture:
                 stats = dict(self.stats, orphans=len(orphaned))
                 if orphans_out is not None:
                     orphans_out.extend(orphaned)
+                if adopt:
+                    mirrored = {p: k for p, k in self.known.items() if p in seen}
+                    for rel, k in mirrored.items():
+                        if not k.ino:       # a listed entry: the inode is the source's
+                            try:
+                                st = os.lstat(self._abs(rel))
+                                k.ino = (st.st_dev, st.st_ino) if stat.S_IFMT(st.st_mode) == k.kind else 0
+                            except OSError:
+                                pass
+                    saved = (saved[0], mirrored) + saved[2:]
             finally:
                 self.emit, self.known, self._lost, self.stats = saved
                 self._mirror_links = None
