@@ -286,3 +286,17 @@ def test_a_restart_deletes_what_was_deleted_while_it_was_down_a_first_run_keeps_
         assert rep.mirror_summary.orphans_deleted == 2
     assert not (dst / "gone-later").exists() and not (dst / "mine").exists()
     assert diff(snapshot(src), snapshot(dst)) == []
+
+
+def test_names_of_one_inode_the_target_holds_apart_are_linked_at_start(dirs):
+    """A hard link made while the initial mirror ran (or while replicate was
+    down, with --mirror none): the target holds the names as separate
+    files; the start links them."""
+    import shutil
+    src, dst, state = dirs
+    os.link(src / "sub" / "existing", src / "linked")
+    shutil.copytree(src, dst, copy_function=shutil.copy2)      # separate copies
+    assert os.stat(dst / "linked").st_ino != os.stat(dst / "sub" / "existing").st_ino
+    with Replication(src, dst, state_dir=state, mirror="none") as rep:
+        assert rep.wait(60), rep.status()
+    assert os.stat(dst / "linked").st_ino == os.stat(dst / "sub" / "existing").st_ino

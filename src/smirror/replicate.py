@@ -141,6 +141,8 @@ class Replication:
         self.target.start_applier()
         if self.tree_capture is not None:
             self.tree_capture.load_target(self.dst)
+            for rel in self.tree_capture.unlinked:
+                self.tree_capture.resync(rel, "a hard link the initial mirror did not make")
             for rel, why in self.mirror_errors:
                 # the watcher was on before the mirror: what the mirror could
                 # not copy (a file that kept changing, one it could not read)

@@ -188,6 +188,7 @@ class TreeCapture:
         return self.rules is not None and self.rules.excluded(rel, is_dir)
 
     _read_root = None
+    unlinked: list = []     # load_target: names to link again (resync them)
     _mirror_links = None    # during mirror_to: source inode -> its first name
     moving_out = False      # True while the ops of a move out of the set are emitted
 
@@ -250,12 +251,24 @@ class TreeCapture:
                 self._read_root = None
             # the inodes the cache holds are the source's (the target's
             # were read above): an event's file is checked against them
+            target_ino = {rel: k.ino for rel, k in self.known.items()}
+            first_name: dict = {}
+            self.unlinked = []
             for rel, k in self.known.items():
                 try:
                     st = os.lstat(self._abs(rel))
                     k.ino = (st.st_dev, st.st_ino) if stat.S_IFMT(st.st_mode) == k.kind else 0
                 except OSError:
                     k.ino = 0
+                if k.ino and k.kind == stat.S_IFREG and st.st_nlink > 1:
+                    first = first_name.setdefault(k.ino, rel)
+                    if first != rel and target_ino[first] != target_ino[rel]:
+                        # names of one source inode that the target holds
+                        # apart (linked after the mirror read them): the
+                        # caller resyncs them, which links them
+                        self.unlinked.append(rel)
+            for rel in self.unlinked:
+                del self.known[rel]
 
     def full_copy(self, emit) -> None:
         """Emit the whole set as ops to ``emit`` (the initial mirror of a new
