@@ -352,3 +352,50 @@ def test_full_queues_auto_disconnect_and_reconnect_with_a_remirror(tmp_path):
             time.sleep(0.2)
         assert srcs[0]["auto_disconnects"] >= 1 and srcs[0]["reconnects"] >= 1, srcs
         assert srcs[0]["remirrors"] >= 1
+
+
+def test_a_mirror_listing_waits_for_the_ops_the_target_received_to_be_applied(tmp_path):
+    """A source restarted after a kill lists the map base while the target
+    may still apply what the killed run sent. A listing taken before a
+    DELETE among them made the mirror skip what the backlog then removed:
+    target.scan waits for the received ops to be applied first."""
+    import threading
+    from smirror.control import Client
+    from smirror.memqueue import SpillQueue
+    from smirror.source import ConnectionJournal, Sender
+    target = Node(tmp_path, "target", {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")},
+                  extra='[target]\nin_use_max_delay = "60s"\n')
+    target.add_user("repl", "replication")
+    target.start()
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for d in (src, dst):
+        (d / "held").write_text("held open on the target")
+        (d / "b").write_text("deleted by the backlog")
+    queue = SpillQueue(str(tmp_path / "squeue"), 1 << 20, 1 << 30)
+    journal = ConnectionJournal(queue)
+
+    def dial():
+        link = wire.connect("127.0.0.1", target.port)
+        wire.login(link, "repl", PASSWORD, purpose="data")
+        return link
+    sender = Sender(1, str(dst), journal, dial, source_name="faults", retry_interval=0.05).start()
+    holder = open(dst / "held", "rb")       # its WRITE waits: the applier holds everything after it
+    try:
+        rec = Recorder(src, journal.append)
+        rec.write("held", 0, b"changed")
+        rec.delete("b")
+        journal.flush()
+        assert sender.wait_acked(journal.last_seq, 30)      # received, not applied
+        assert (dst / "b").exists()
+        threading.Timer(1.0, holder.close).start()
+        client = Client(target.address, timeout=60)
+        client.login("repl", PASSWORD)
+        listing = client.call("target.scan", map_base=str(dst), source="faults", conid=1)
+        assert "b" not in listing and "held" in listing
+    finally:
+        holder.close()
+        sender.stop()
+        queue.close()
+        target.kill(signal.SIGTERM)

@@ -26,27 +26,16 @@ def test_sigkill_of_the_target_keeps_a_prefix_of_the_library_history_and_converg
     assert res["prefixes_checked"] == 4 and res["ops"] > 0
 
 
-@pytest.mark.xfail(strict=False, reason="(not strict: passes in some runs) after a target daemon's restart under a watcher workload, "
-                   "rsync still finds directory mtimes ('.d..t......') or the applier retries "
-                   "'CREATE ... failed on the target: No such file or directory' every second "
-                   "(watcher order and apply-error repair: helper E's convergence work); found by "
-                   "tools/faults.py kill")
 def test_sigkill_of_the_target_daemon_converges(tmp_path):
     res, report = kill_trials("target", 4, tmp_path, deadline=10, stop_on_failure=True)
     assert res["failures"] == [], report
 
 
-@pytest.mark.xfail(strict=False, reason="after a SIGKILL of the source daemon the restart's "
-                   "mirror leaves hard links, orphans or directory mtimes as they were (rsync "
-                   "finds 'hf', '*deleting' or '.d..t' lines); found by tools/faults.py kill")
 def test_sigkill_of_the_source_daemon_converges(tmp_path):
     res, report = kill_trials("source", 3, tmp_path, deadline=10, stop_on_failure=True)
     assert res["failures"] == [], report
 
 
-@pytest.mark.xfail(strict=False, reason="a restarted smirror replicate leaves orphans of what was "
-                   "deleted while it was down (rsync finds '*deleting' lines); found by "
-                   "tools/faults.py kill")
 def test_sigkill_of_replicate_converges(tmp_path):
     res, report = kill_trials("replicate", 3, tmp_path, deadline=10, stop_on_failure=True)
     assert res["failures"] == [], report

@@ -266,3 +266,37 @@ def test_replicate_second_ctrl_c_stops_at_once_without_a_traceback(dirs):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert proc.returncode == 3, err
     assert "the target could not apply" in err and "Operation not permitted" in err
+
+
+def test_a_restart_deletes_what_was_deleted_while_it_was_down_a_first_run_keeps_dst_files(dirs):
+    """Deletes are replicated: a restart's mirror deletes the orphans (what
+    SRC lost while replicate was down); a first run only reports them, since
+    DST may hold files of its own."""
+    src, dst, state = dirs
+    dst.mkdir()
+    (dst / "mine").write_text("the user's own file, there before the first run")
+    (src / "gone-later").write_text("deleted while replicate is down")
+    with Replication(src, dst, state_dir=state) as rep:
+        assert (dst / "gone-later").exists()
+        assert rep.mirror_summary.orphans == [b"mine"]
+        (src / "live").write_text("an op, so the target has received something")
+        assert rep.wait(60), rep.status()
+    (src / "gone-later").unlink()
+    with Replication(src, dst, state_dir=state) as rep:
+        assert rep.mirror_summary.orphans_deleted == 2
+    assert not (dst / "gone-later").exists() and not (dst / "mine").exists()
+    assert diff(snapshot(src), snapshot(dst)) == []
+
+
+def test_names_of_one_inode_the_target_holds_apart_are_linked_at_start(dirs):
+    """A hard link made while the initial mirror ran (or while replicate was
+    down, with --mirror none): the target holds the names as separate
+    files; the start links them."""
+    import shutil
+    src, dst, state = dirs
+    os.link(src / "sub" / "existing", src / "linked")
+    shutil.copytree(src, dst, copy_function=shutil.copy2)      # separate copies
+    assert os.stat(dst / "linked").st_ino != os.stat(dst / "sub" / "existing").st_ino
+    with Replication(src, dst, state_dir=state, mirror="none") as rep:
+        assert rep.wait(60), rep.status()
+    assert os.stat(dst / "linked").st_ino == os.stat(dst / "sub" / "existing").st_ino

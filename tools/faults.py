@@ -263,9 +263,10 @@ class ReplicateScenario:
         time.sleep(self.rng.uniform(0.05, 1.0))
         self.proc.kill()
         self.proc.wait(30)
-        # restarted once the workload stopped: a restart on a tree that is
-        # still changing fails today (the initial mirror refuses a file that
-        # vanished during the copy; see tests/test_faults.py)
+        # restarted once the workload stopped. A restart while it goes on
+        # starts (what the mirror could not copy is followed by the capture)
+        # but 1 trial in ~8 still ended with modes differing on a hard-linked
+        # file ('.f...p', 'hf...p'): not fixed yet (helper I's report)
         self.work.stop()
         self.start()
 

@@ -191,7 +191,11 @@ class RepsetCapture:
             first = journal.last_seq + 1
             self.mirroring = conn.conid        # status reads the live counters meanwhile
             try:
-                stats = self.capture.mirror_to(append, known, orphans_out=found)
+                # fed to this connection only: the cache becomes what the
+                # mirror leaves there (events still pending are diffed
+                # against that; a restart mirror on a live tree diverged)
+                alone = set(self.targets) <= {conn.conid}
+                stats = self.capture.mirror_to(append, known, orphans_out=found, adopt=alone)
                 ops, ostats = orphan_ops(found, known, conn.orphans, conn.orphans_older_than_days)
                 for op in ops:
                     append(op)
@@ -1109,12 +1113,31 @@ class Daemon:
             log.warning("user %r: read of map base %r refused: %s", user.name, args.get("map_base"), exc)
             raise
 
+    SCAN_BACKLOG_WAIT = 30.0
+
+    def _wait_backlog_applied(self, source, conid) -> None:
+        """A mirror's listing must show the map base as the ops this target
+        received will leave it: a source restarted after a kill lists it
+        while the frames its last run sent are still being applied (a
+        listing taken before a DELETE or RENAME among them made its mirror
+        skip what the backlog then removed). Waits, bounded, unless the
+        connection is paused."""
+        tgt = self.targets.get((source, conid))
+        if tgt is None or tgt.status()["paused"]:
+            return
+        goal = tgt.received_seq
+        if not tgt.wait_applied(goal, self.SCAN_BACKLOG_WAIT):
+            log.warning("connection %s of source %s: listing the map base with ops up to seq %d "
+                        "not applied yet (applied %d): %s", conid, source, goal,
+                        tgt.applier.applied_seq, tgt.error or "still applying")
+
     def _target_scan(self, user: User, args) -> dict:
         """The entries under a map base (this daemon as a target)."""
         from .tree import scan
         base = self._map_base(user, args)
         if not os.path.isdir(base):
             return {}
+        self._wait_backlog_applied(args.get("source"), args.get("conid"))
         listing = scan(base)
         if listing.errors:
             # a partial listing would hide files from the mirror's orphan

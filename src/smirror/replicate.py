@@ -143,6 +143,8 @@ class Replication:
         self.target.start_applier()
         if self.tree_capture is not None:
             self.tree_capture.load_target(self.dst)
+            for rel in self.tree_capture.unlinked:
+                self.tree_capture.resync(rel, "a hard link the initial mirror did not make")
             for rel, why in self.mirror_errors:
                 # the watcher was on before the mirror: what the mirror could
                 # not copy (a file that kept changing, one it could not read)
@@ -215,8 +217,15 @@ class Replication:
 
     def _initial_mirror(self) -> None:
         from .mirror import Mirror, MirrorOptions
+        # a restart (the target received ops of an earlier run) with deletes
+        # replicated: what DST holds that SRC lacks was deleted while this
+        # replication was down, so its mirror deletes the orphans. A first
+        # run only reports them: DST may hold files of its own.
+        restart = self.target.received_seq > 0
+        orphans = "delete" if restart and self.ignore_deletes == "off" else "report"
         opts = MirrorOptions(different=self.mirror_mode in ("different", "checksum"),
-                             checksum=self.mirror_mode == "checksum", rules=self.rules)
+                             checksum=self.mirror_mode == "checksum", rules=self.rules,
+                             orphans=orphans)
         self.mirror_summary = Mirror(self.src, self.dst, opts, progress=self.progress).run()
         if self.mirror_summary.errors and self.tree_capture is not None:
             # a live tree: busy or unreadable files are the capture's to follow

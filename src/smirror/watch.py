@@ -199,6 +199,8 @@ class TreeCapture:
         return self.rules is not None and self.rules.excluded(rel, is_dir)
 
     _read_root = None
+    unlinked: list = []     # load_target: names to link again (resync them)
+    _mirror_links = None    # during mirror_to: source inode -> its first name
     moving_out = False      # True while the ops of a move out of the set are emitted
 
     def _abs(self, rel: bytes) -> bytes:
@@ -214,6 +216,10 @@ class TreeCapture:
             self._dirs_touched.add(bytes(op.path).rpartition(b"/")[0])
             if op.kind == OpKind.RENAME:
                 self._dirs_touched.add(bytes(op.path2).rpartition(b"/")[0])
+                # a directory renamed over one the target held (a restart's
+                # mirror had made the new name already) keeps the time of
+                # the one it moved: its own is sent too (files are skipped)
+                self._dirs_touched.add(bytes(op.path2))
 
     def _settle_dirs(self) -> None:
         """Send the mtime of the directories whose entries changed: applying
@@ -256,19 +262,32 @@ class TreeCapture:
                 self._read_root = None
             # the inodes the cache holds are the source's (the target's
             # were read above): an event's file is checked against them
+            target_ino = {rel: k.ino for rel, k in self.known.items()}
+            first_name: dict = {}
+            self.unlinked = []
             for rel, k in self.known.items():
                 try:
                     st = os.lstat(self._abs(rel))
                     k.ino = (st.st_dev, st.st_ino) if stat.S_IFMT(st.st_mode) == k.kind else 0
                 except OSError:
                     k.ino = 0
+                if k.ino and k.kind == stat.S_IFREG and st.st_nlink > 1:
+                    first = first_name.setdefault(k.ino, rel)
+                    if first != rel and target_ino[first] != target_ino[rel]:
+                        # names of one source inode that the target holds
+                        # apart (linked after the mirror read them): the
+                        # caller resyncs them, which links them
+                        self.unlinked.append(rel)
+            for rel in self.unlinked:
+                del self.known[rel]
 
     def full_copy(self, emit) -> None:
         """Emit the whole set as ops to ``emit`` (the initial mirror of a new
         connection), leaving this capture's cache and output alone."""
         self.mirror_to(emit, {})
 
-    def mirror_to(self, emit, target_known: dict, orphans_out: list | None = None) -> dict:
+    def mirror_to(self, emit, target_known: dict, orphans_out: list | None = None,
+                  adopt: bool = False) -> dict:
         """A difference mirror through the stream: compare the set with
         ``target_known`` (what a target holds: entries and, for the files
         whose size or mtime differ, the target's block hashes) and emit to
@@ -276,12 +295,19 @@ class TreeCapture:
         Entries only the target has are left alone (orphans; their paths
         are appended to ``orphans_out``, except paths the rules exclude).
         Returns the counters of the run; this capture's own cache and output
-        are kept."""
+        are kept, unless ``adopt``: then the cache becomes what the mirror
+        leaves on that target (the only one this capture feeds), so the
+        events still pending are diffed against what it really holds, not
+        against the source as the cache last saw it."""
         with self._lock:
             saved = self.emit, self.known, self._lost, self.stats
             self.emit, self.known, self._lost = emit, dict(target_known), set()
             self.stats = dict.fromkeys(saved[3], 0)
             orphans = set(target_known)
+            # the target's listing says nothing of inodes: a source inode
+            # with several names is linked again on the target (first name
+            # seen -> the others), whatever the target holds there now
+            self._mirror_links = {}
             try:
                 for rel, k in list(self.known.items()):
                     if k.kind != stat.S_IFREG or k.strong is not None:
@@ -301,8 +327,24 @@ class TreeCapture:
                 stats = dict(self.stats, orphans=len(orphaned))
                 if orphans_out is not None:
                     orphans_out.extend(orphaned)
+                if adopt:
+                    mirrored = {p: k for p, k in self.known.items() if p in seen}
+                    for rel, k in mirrored.items():
+                        if not k.ino:       # a listed entry: the inode is the source's
+                            try:
+                                st = os.lstat(self._abs(rel))
+                                k.ino = (st.st_dev, st.st_ino) if stat.S_IFMT(st.st_mode) == k.kind else 0
+                            except OSError:
+                                pass
+                    saved = (saved[0], mirrored) + saved[2:]
             finally:
                 self.emit, self.known, self._lost, self.stats = saved
+                self._mirror_links = None
+            # the orphan policy's deletes and moves change their parents'
+            # mtimes on the target, and no op of a mirror names the root:
+            # those directories' times are sent when quiet (_settle_dirs)
+            self._dirs_touched.add(b"")
+            self._dirs_touched.update(p.rpartition(b"/")[0] for p in orphaned)
             return stats
 
     def resync(self, rel: bytes = b"", reason: str = "", content: bool = True) -> None:
@@ -360,9 +402,21 @@ class TreeCapture:
             if emit:
                 self._delete(rel)
             k = None
+        if k is not None and self._mirror_links is not None and stat.S_ISREG(st.st_mode) \
+                and st.st_nlink > 1 and emit:
+            ino = (st.st_dev, st.st_ino)
+            first = self._mirror_links.setdefault(ino, rel)
+            k.ino = ino             # a new name of this inode links to this one (_create)
+            if first != rel:
+                self._out(Op.hardlink(_ZERO, rel, first))
+                self.known[rel] = self.known[first]
+                self.known[rel].names += 1
+                return
         if k is None:
             if emit:
                 self._create(rel, st)
+                if self._mirror_links is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    self._mirror_links.setdefault((st.st_dev, st.st_ino), rel)
             else:
                 self._remember(rel, st, with_signature=True)
         elif stat.S_ISREG(st.st_mode) and content:
@@ -686,6 +740,12 @@ class TreeCapture:
         rel = ev.path
         if self._fault and rel.rpartition(b"/")[2] == self._fault:
             raise RuntimeError(f"injected fault on {rel!r} (${FAULT_ENV}, tests only)")
+        if ev.kind in (Kind.CREATED, Kind.DELETED, Kind.MOVED):
+            # the parent's mtime moved even when no op follows (a name
+            # created and gone before its event was read): sent when quiet
+            self._dirs_touched.add(rel.rpartition(b"/")[0])
+            if ev.kind == Kind.MOVED and ev.new_path:
+                self._dirs_touched.add(ev.new_path.rpartition(b"/")[0])
         if ev.kind == Kind.RESCAN:
             self._flush_dirty(force=True)
             self.resync(rel, ev.reason)
@@ -768,6 +828,13 @@ class TreeCapture:
             if rel in self.known:
                 if self.known[rel].kind == stat.S_IFDIR:
                     self.resync(rel, "directory renamed", content=False)
+                    # what the target did with it meanwhile is not known
+                    # (a restart's mirror may have met it half renamed):
+                    # its directories' times are sent when quiet
+                    prefix = rel + b"/"
+                    self._dirs_touched.update(
+                        p for p, k in self.known.items()
+                        if k.kind == stat.S_IFDIR and (p == rel or p.startswith(prefix)))
                 else:
                     self._sync_path(rel, True, None)     # known: its change was missed
                 continue
@@ -829,7 +896,10 @@ class TreeCapture:
                 self.handle(ev)
             self._flush_dirty(force=not events, settled=not events and not self.watcher.pending_moves)
             if self._lost and not events:
-                self._find_lost()
+                # quiet, no rename half pending: every event is in, so a
+                # path still missing is gone for good (kept, it would hold
+                # back _settle_dirs below forever)
+                self._find_lost(drop_missing=not self.watcher.pending_moves)
             if not events and not self.watcher.pending_moves:
                 if self._touched:
                     self._verify_touched()
