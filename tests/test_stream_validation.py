@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
-import threading
 import time
 
 import pytest
@@ -23,6 +21,7 @@ from smirror.ops import Op, OpKind
 from smirror.target import TargetConnection
 from smirror.tasks import TaskSpec
 from test_journal_helpers import IMPLS
+from test_stream import TargetEndpoint
 
 # -- frames built by hand: the encoder would refuse these ops --------------------
 
@@ -146,31 +145,9 @@ def test_the_limits_themselves_are_fine(impl):
 
 # -- a receiver on a real TCP link ---------------------------------------------------
 
-class Endpoint:
-    """127.0.0.1 listener handing each link, after its OPEN, to ``target``."""
-
-    def __init__(self, target):
-        self.target = target
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.errors: list[Exception] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        with wire.Link(conn) as link:
-            try:
-                link.recv_json(wire.MsgType.OPEN)
-                self.target.serve(link)
-            except Exception as exc:         # what the receiver raised (also sent as ERROR)
-                self.errors.append(exc)
+class Endpoint(TargetEndpoint):
+    """test_stream's listener (each link, after its OPEN, to ``target``),
+    and a source's side of a link to it."""
 
     def open(self):
         """A source's side of a data link: (link, the READY's last_seq)."""
@@ -179,9 +156,6 @@ class Endpoint:
                                            "source": "test", "next_seq": 1})
         _, ready = link.recv_json(wire.MsgType.READY)
         return link, ready["last_seq"]
-
-    def close(self):
-        self.sock.close()
 
 
 def until(cond, timeout=30.0):

@@ -154,18 +154,21 @@ class RepsetCapture:
             journals = list(self.targets.items())
         moving_out = self.capture.moving_out
         for conid, j in journals:
-            conn = self.conns.get(conid)
-            out = op if conn is None else for_connection(op, conn.ignore_deletes,
-                                                         conn.deleted_keep_days, moving_out)
-            try:
-                j.append(out)
-            except QueueFull as exc:
-                # this connection's queue is past its disk limit: it stops
-                # taking ops (auto-disconnect); the others go on
-                with self._lock:
-                    self.targets.pop(conid, None)
-                if self.on_full is not None:
-                    self.on_full(conid, exc)
+            self._append(conid, j, self.conns.get(conid), op, moving_out)
+
+    def _append(self, conid: int, journal: ConnectionJournal, conn, op, moving_out: bool) -> None:
+        """``op`` as connection ``conid`` gets it, into its journal."""
+        out = op if conn is None else for_connection(op, conn.ignore_deletes,
+                                                     conn.deleted_keep_days, moving_out)
+        try:
+            journal.append(out)
+        except QueueFull as exc:
+            # this connection's queue is past its disk limit: it stops
+            # taking ops (auto-disconnect); the others go on
+            with self._lock:
+                self.targets.pop(conid, None)
+            if self.on_full is not None:
+                self.on_full(conid, exc)
 
     def add(self, conn, journal: ConnectionJournal, mirror) -> dict | None:
         """Start feeding ``journal``; ``mirror`` is None (no mirror), {} (the
@@ -220,15 +223,7 @@ class RepsetCapture:
                 j, conn = self.targets.get(conid), self.conns.get(conid)
             if j is None:
                 return          # disconnected meanwhile: its reconnect mirrors
-            out = op if conn is None else for_connection(op, conn.ignore_deletes,
-                                                         conn.deleted_keep_days, False)
-            try:
-                j.append(out)
-            except QueueFull as exc:
-                with self._lock:
-                    self.targets.pop(conid, None)
-                if self.on_full is not None:
-                    self.on_full(conid, exc)
+            self._append(conid, j, conn, op, False)
         self.capture.request_resync(rel, emit, reason)
 
     def remove(self, conid: int) -> None:
