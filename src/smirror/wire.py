@@ -317,15 +317,7 @@ def login(link: Link, user: str, password: str, purpose: str = "control") -> Use
     auth_message = _auth_message(cnonce, snonce, user, purpose)
     proof, expect_sig = client_proof(password, salt, params, auth_message)
     link.send_json(MsgType.PROOF, {"proof": proof.hex()})
-    _, reply = _login_reply(link, MsgType.WELCOME)
-    signature = reply.get("server_signature")
-    if not isinstance(signature, str) or not hmac.compare_digest(signature, expect_sig.hex()):
-        raise ProtocolError(f"{link.peer} could not prove it knows user {user!r}: "
-                            "not the daemon it claims to be")
-    link.user = User(user, _field(reply, "role", str, "WELCOME"))
-    link.auth = "password"
-    link.end_login_limits()
-    return link.user
+    return _welcome(link, user, expect_sig, "password", f"knows user {user!r}")
 
 
 def login_token(link: Link, user: str, token: str, purpose: str = "control") -> User:
@@ -348,13 +340,19 @@ def login_token(link: Link, user: str, token: str, purpose: str = "control") -> 
     auth_message = _auth_message(cnonce, _nonce(ch, "CHALLENGE"), user, purpose)
     proof, expect_sig = token_proofs(key, auth_message)
     link.send_json(MsgType.PROOF, {"proof": proof.hex()})
+    return _welcome(link, user, expect_sig, "token", f"holds the session of user {user!r}")
+
+
+def _welcome(link: Link, user: str, expect_sig: bytes, auth: str, proves: str) -> User:
+    """Client side, the last step of either login: the server's WELCOME must
+    carry its proof (``expect_sig``), or it is not the daemon it claims to be."""
     _, reply = _login_reply(link, MsgType.WELCOME)
     signature = reply.get("server_signature")
     if not isinstance(signature, str) or not hmac.compare_digest(signature, expect_sig.hex()):
-        raise ProtocolError(f"{link.peer} could not prove it holds the session of user {user!r}: "
+        raise ProtocolError(f"{link.peer} could not prove it {proves}: "
                             "not the daemon it claims to be")
     link.user = User(user, _field(reply, "role", str, "WELCOME"))
-    link.auth = "token"
+    link.auth = auth
     link.end_login_limits()
     return link.user
 
