@@ -16,15 +16,17 @@ from treestate import diff, snapshot
 from workload import Workload
 
 @contextlib.contextmanager
-def running_pair(tmp_path, source_extra="", target_extra="", **node_options):
+def running_pair(tmp_path, source_extra="", target_extra="", target_options=None, **node_options):
     """A source daemon (admin user 'admin', logs in to targets as 'repl')
     and a target daemon (admin user 'admin', replication user 'repl',
     map bases allowed under tmp_path), both started; ``extra`` config
-    text goes to both, ``source_extra`` / ``target_extra`` to one."""
+    text goes to both, ``source_extra`` / ``target_extra`` to one;
+    ``target_options`` are more Node arguments of the target alone."""
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
     extra = node_options.pop("extra", "")
     source = Node(tmp_path, "source", env, links_user="repl", extra=extra + source_extra, **node_options)
-    target = Node(tmp_path, "target", env, extra=extra + target_extra, **node_options)
+    target = Node(tmp_path, "target", env, extra=extra + target_extra,
+                  **{**node_options, **(target_options or {})})
     source.add_user("admin", "admin")
     target.add_user("admin", "admin")
     target.add_user("repl", "replication")

@@ -17,8 +17,8 @@ from smirror import wire
 from smirror.control import Client, RequestError
 from smirror.target_access import MapBases, SourceBindings
 from smirror.errors import AuthError, ConfinementError
-from daemons import PASSWORD, Node, free_port, smirror, wait_for
-from test_daemon import login, make_source_tree, wait_same
+from daemons import PASSWORD, free_port, smirror, wait_for
+from test_daemon import login, make_source_tree, running_pair, wait_same
 
 
 @contextlib.contextmanager
@@ -28,23 +28,11 @@ def pair(tmp_path, allowed=("backup", "target", "data"), target_allowed=None):
     the backup directory, the target daemon's own directory (its state dir is
     inside: refused for being the state dir, not for being outside) and the
     source's set (refused by the source, which knows it is its own root)."""
-    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
     for d in ("backup", "data"):
         (tmp_path / d).mkdir(exist_ok=True)
     roots = [tmp_path / a for a in allowed] if target_allowed is None else target_allowed
-    source = Node(tmp_path, "source", env, links_user="repl")
-    target = Node(tmp_path, "target", env, allowed_roots=roots)
-    source.add_user("admin", "admin")
-    target.add_user("admin", "admin")
-    target.add_user("repl", "replication")
-    source.start()
-    target.start()
-    try:
-        yield source, target, env
-    finally:
-        for n in (source, target):
-            if n.proc and n.proc.poll() is None:
-                n.kill(signal.SIGTERM)
+    with running_pair(tmp_path, target_options={"allowed_roots": roots}) as nodes:
+        yield nodes
 
 
 def status(node):
