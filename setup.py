@@ -20,9 +20,9 @@ if DEBUG:
 
 def kernel(name, sources=()):
     return Extension(
-        f"smirror.{name}",
-        [f"cext/smirror/{name}.pyx", *sources],
-        include_dirs=["cext/smirror", VENDOR_XXHASH],
+        f"smirror.kernels.{name}",
+        [f"cext/smirror/kernels/{name}.pyx", *sources],
+        include_dirs=["cext/smirror/kernels", VENDOR_XXHASH],
         define_macros=macros,
         extra_compile_args=compile_args,
     )
@@ -41,7 +41,7 @@ if only:
 setup(
     ext_modules=cythonize(
         extensions,
-        include_path=["cext"],   # finds cext/smirror/*.pxd for "smirror._name"
+        include_path=["cext"],   # finds cext/smirror/kernels/*.pxd for "smirror.kernels._name"
         compiler_directives={
             "language_level": 3,
             "boundscheck": False,

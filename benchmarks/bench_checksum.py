@@ -21,7 +21,8 @@ import benchutil
 import pytest
 import xxhash
 
-from smirror import _checksum, checksum
+from smirror.kernels import _checksum
+from smirror.kernels import checksum
 
 MB = int(os.environ.get("SMIRROR_BENCH_MB", "1024"))
 SIZE = MB << 20

@@ -13,7 +13,7 @@ from __future__ import annotations
 import benchutil
 import pytest
 
-from smirror import _journal
+from smirror.kernels import _journal
 from smirror.ops import Op
 
 ROUNDS = 15

@@ -31,7 +31,8 @@ import threading
 import benchutil
 import pytest
 
-from smirror import _memqueue, _memqueue_py
+from smirror.kernels import _memqueue
+from smirror.kernels import _memqueue_py
 
 MB = int(os.environ.get("SMIRROR_BENCH_MB", "256"))
 FRAME = 64 * 1024

@@ -43,7 +43,7 @@ def rsync(*args):
 def tree(tmp_path_factory):
     base = tmp_path_factory.mktemp("bench")
     info = gen_tree.make_bench_tree(base / "src", scale=SCALE)
-    subprocess.run([sys.executable, "-c", "import smirror.mirror, smirror.checksum"],
+    subprocess.run([sys.executable, "-c", "import smirror.mirror.engine, smirror.kernels.checksum"],
                    env=ENV, check=True)          # write the .pyc files once
     smirror(base / "src", base / "dst-s")
     rsync("-a", f"{base / 'src'}/", f"{base / 'dst-r'}/")

@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-from smirror.capture import Recorder
-from smirror.replicate import Replication
+from smirror.capture.recorder import Recorder
+from smirror.replication import Replication
 
 MB = int(os.environ.get("SMIRROR_BENCH_MB", "512"))
 WRITE = 64 * 1024

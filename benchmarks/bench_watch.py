@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from smirror import fanotify
-from smirror.inotify import Watcher
+from smirror.capture import fanotify
+from smirror.capture.inotify import Watcher
 
 DIRS = int(os.environ.get("SMIRROR_BENCH_DIRS", "10000"))
 ROUNDS = int(os.environ.get("SMIRROR_BENCH_ROUNDS", "3"))
@@ -77,7 +77,7 @@ FILES = int(os.environ.get("SMIRROR_BENCH_FILES", "5000"))
 def capture_run(root, backend):
     """Seconds from the first of FILES creates (4 KiB each, half of them then
     renamed) to the capture having sent all of it; and the op count."""
-    from smirror.watch import TreeCapture
+    from smirror.capture.watch import TreeCapture
     ops = []
     cap = TreeCapture(root, ops.append, capture_backend=backend)
     try:

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from smirror.apply import Applier, ApplyError
-from smirror.capture import Recorder
+from smirror.stream.apply import Applier, ApplyError
+from smirror.capture.recorder import Recorder
 from smirror.errors import ConfinementError
 from smirror.ops import Op, OpKind
 from treestate import diff, snapshot

@@ -8,8 +8,9 @@ import subprocess
 
 import pytest
 
-from smirror import _journal, _journal_py
-from smirror.apply import ALL_XATTR_NAMESPACES, Applier
+from smirror.kernels import _journal
+from smirror.kernels import _journal_py
+from smirror.stream.apply import ALL_XATTR_NAMESPACES, Applier
 from smirror.errors import ConfinementError, FrameError
 from smirror.ops import Op, OpKind
 
@@ -211,7 +212,7 @@ def test_applier_makes_special_files_and_refuses_devices_unless_allowed(tmp_path
 # -- the library API ---------------------------------------------------------------
 
 def test_recorder_records_xattrs_and_special_files(tmp_path):
-    from smirror.capture import Recorder
+    from smirror.capture.recorder import Recorder
     src = tmp_path / "src"
     src.mkdir()
     ops = []
@@ -318,7 +319,7 @@ def change_everything(root):
 @needs_tools
 @pytest.mark.parametrize("backend", ["fanotify", "inotify"])
 def test_replicate_carries_everything_a_file_is(tmp_path, monkeypatch, backend):
-    from smirror.replicate import Replication
+    from smirror.replication import Replication
     monkeypatch.setenv("SMIRROR_CAPTURE_BACKEND", backend)
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -336,7 +337,7 @@ def test_replicate_carries_everything_a_file_is(tmp_path, monkeypatch, backend):
 
 @needs_tools
 def test_replicate_api_capture_carries_xattrs_and_special_files(tmp_path):
-    from smirror.replicate import Replication
+    from smirror.replication import Replication
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     with Replication(src, dst, state_dir=tmp_path / "state", capture="api") as rep:
@@ -418,7 +419,7 @@ def test_an_xattr_for_a_file_the_target_lost_brings_the_file_back(tmp_path):
     """The target lacks the file an XATTR names (removed behind its back):
     the applier asks the source for it, so the target converges without
     waiting for the periodic verification."""
-    from smirror.replicate import Replication
+    from smirror.replication import Replication
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     (src / "f").write_bytes(b"content")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from smirror import auth
+from smirror.daemon import auth
 from smirror.errors import AuthError, ConfigError
 
 

@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-from smirror.inuse import InUseGate, holders, in_use
-from smirror.keep import KeepDirs
-from smirror.memqueue import SpillQueue, queue_alert
+from smirror.stream.inuse import InUseGate, holders, in_use
+from smirror.fs.keep import KeepDirs
+from smirror.kernels.memqueue import SpillQueue, queue_alert
 from smirror.ops import MARK_ORPHAN_MOVE, Op, OpKind
-from smirror.orphans import orphan_ops
-from smirror.replicate import Replication
-from smirror.watch import Known
+from smirror.stream.orphans import orphan_ops
+from smirror.replication import Replication
+from smirror.capture.watch import Known
 from treestate import diff, snapshot
 
 
@@ -109,7 +109,7 @@ def test_gate_checks_each_file_once_per_frame_and_skips_directories(tmp_path):
 # -- ignore deletes --------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["inotify", "fanotify"])
 def test_ignore_deletes_keep_and_move_out_still_deletes(tmp_path, monkeypatch, backend):
-    from smirror import fanotify
+    from smirror.capture import fanotify
     if backend == "fanotify" and fanotify.unavailable_reason(str(tmp_path)):
         pytest.skip(f"fanotify: {fanotify.unavailable_reason(str(tmp_path))}")
     monkeypatch.setenv("SMIRROR_CAPTURE_BACKEND", backend)

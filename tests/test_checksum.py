@@ -12,7 +12,9 @@ import pytest
 import xxhash
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from smirror import _checksum, _checksum_py, checksum
+from smirror.kernels import _checksum
+from smirror.kernels import _checksum_py
+from smirror.kernels import checksum
 from smirror.errors import DeltaError
 
 KERNELS = [pytest.param(_checksum, id="compiled"), pytest.param(_checksum_py, id="reference")]
@@ -176,7 +178,7 @@ def test_digests_do_not_load_numpy():
     import subprocess
     import sys
     code = ("import sys\n"
-            "from smirror import checksum, _checksum\n"
+            "from smirror.kernels import checksum, _checksum\n"
             "assert checksum.strong_digest(b'abc') == _checksum.strong_digest(b'abc')\n"
             "d = checksum.StreamDigest(); d.update(b'a' * 100000); d.digest()\n"
             "checksum.weak_checksum(b'abc'); checksum.block_size_for(1 << 30)\n"

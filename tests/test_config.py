@@ -2,7 +2,7 @@ import tomllib
 
 import pytest
 
-from smirror import config
+from smirror.daemon import config
 from smirror.errors import ConfigError
 from smirror.units import format_size, parse_duration, parse_size
 

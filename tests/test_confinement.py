@@ -12,13 +12,13 @@ import stat
 
 import pytest
 
-from smirror import beneath
-from smirror.apply import Applier
-from smirror.config import from_mapping, setid_allowed
+from smirror.fs import beneath
+from smirror.stream.apply import Applier
+from smirror.daemon.config import from_mapping, setid_allowed
 from smirror.errors import ConfigError, ConfinementError
-from smirror.keep import KeepDirs
+from smirror.fs.keep import KeepDirs
 from smirror.ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, Op
-from smirror.target import TargetConnection
+from smirror.stream.receiver import TargetConnection
 
 
 @pytest.fixture(params=["openat2", "walk"])
@@ -372,7 +372,7 @@ def test_the_map_base_itself_is_never_replaced_or_removed(tmp_path, op):
 # -- the mirror's LocalTarget and the daemon's one-off reads ------------------------------
 
 def _entry(tmp, kind=None):
-    from smirror.tree import entry_from_stat, kind_of
+    from smirror.fs.tree import entry_from_stat, kind_of
     e = entry_from_stat(os.stat(tmp / "outside" / "f"))
     if kind is not None:
         e.mode = kind | 0o644
@@ -404,7 +404,7 @@ LOCAL_CALLS = {
 
 @pytest.mark.parametrize("call", list(LOCAL_CALLS))
 def test_local_target_refuses_a_swapped_directory(tmp_path, resolver, call):
-    from smirror.target_local import LocalTarget
+    from smirror.fs.files import LocalTarget
     out = _outside(tmp_path)
     (out / ".smirror-tmp-x").write_text("not a temp of ours")
     before = _snapshot(out)
@@ -429,7 +429,7 @@ def test_daemon_signature_read_is_confined(tmp_path, resolver):
     """What the daemon's target.signature opens (after its access checks,
     tested with real daemons in test_target_roles): a file beneath the map
     base, never through a symlink."""
-    from smirror.target_local import open_beneath
+    from smirror.fs.files import open_beneath
     out = _outside(tmp_path)
     base = tmp_path / "base"
     (base / "d").mkdir(parents=True)
@@ -448,8 +448,8 @@ def test_keep_slot_attack_through_a_real_link(tmp_path):
     """The same attack sent the way a compromised source would: ops in a
     journal, framed, over TCP on 127.0.0.1, received, verified and applied by
     the applier thread; nothing leaves the map base, nothing is setuid."""
-    from smirror.memqueue import SpillQueue
-    from smirror.source import ConnectionJournal, Sender
+    from smirror.kernels.memqueue import SpillQueue
+    from smirror.stream.source import ConnectionJournal, Sender
     from test_stream import TargetEndpoint, settle
     out = _outside(tmp_path)
     before = _snapshot(out)

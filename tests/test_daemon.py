@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from smirror import wire
+from smirror.stream import wire
 from daemons import PASSWORD, Node, make_certs, smirror
-from smirror.capture import Recorder
+from smirror.capture.recorder import Recorder
 from treestate import diff, snapshot
 from workload import Workload
 
@@ -362,9 +362,9 @@ def test_a_mirror_listing_waits_for_the_ops_the_target_received_to_be_applied(tm
     DELETE among them made the mirror skip what the backlog then removed:
     target.scan waits for the received ops to be applied first."""
     import threading
-    from smirror.control import Client
-    from smirror.memqueue import SpillQueue
-    from smirror.source import ConnectionJournal, Sender
+    from smirror.daemon.control import Client
+    from smirror.kernels.memqueue import SpillQueue
+    from smirror.stream.source import ConnectionJournal, Sender
     target = Node(tmp_path, "target", {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")},
                   extra='[target]\nin_use_max_delay = "60s"\n')
     target.add_user("repl", "replication")

@@ -9,7 +9,7 @@ import sqlite3
 import stat
 import time
 
-from smirror.capture import Recorder
+from smirror.capture.recorder import Recorder
 from test_daemon import login, replicate_data, running_pair, wait_same
 from daemons import wait_for
 from treestate import diff, snapshot

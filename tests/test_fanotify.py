@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from smirror import fanotify
-from smirror.fanotify import (FAN_ATTRIB, FAN_CLOSE_WRITE, FAN_CREATE, FAN_DELETE,
+from smirror.capture import fanotify
+from smirror.capture.fanotify import (FAN_ATTRIB, FAN_CLOSE_WRITE, FAN_CREATE, FAN_DELETE,
                               FAN_EVENT_INFO_TYPE_DFID_NAME, FAN_EVENT_INFO_TYPE_FID,
                               FAN_EVENT_INFO_TYPE_NEW_DFID_NAME, FAN_EVENT_INFO_TYPE_OLD_DFID_NAME,
                               FAN_MODIFY, FAN_ONDIR, FAN_RENAME, EventFormatError, name_to_handle,
                               parse_events)
-from smirror.inotify import Kind
+from smirror.capture.inotify import Kind
 from test_inotify import collect
 
 
@@ -259,8 +259,8 @@ def test_without_cap_sys_admin_auto_falls_back_to_inotify(tmp_path):
     forcing fanotify is a clear error, auto picks inotify and says why."""
     code = (
         "import sys\n"
-        "from smirror import fanotify\n"
-        "from smirror.watch import open_watcher\n"
+        "from smirror.capture import fanotify\n"
+        "from smirror.capture.watch import open_watcher\n"
         "try:\n"
         "    fanotify.Watcher(sys.argv[1])\n"
         "except fanotify.FanotifyUnavailable as e:\n"
@@ -285,7 +285,7 @@ def test_without_cap_sys_admin_auto_falls_back_to_inotify(tmp_path):
 def test_a_mount_inside_the_root_falls_back_to_inotify(tmp_path):
     """One filesystem mark cannot see another filesystem mounted inside the
     set: forced fanotify says so, auto takes inotify."""
-    from smirror.watch import open_watcher
+    from smirror.capture.watch import open_watcher
     root = tmp_path / "root"
     (root / "sub mnt").mkdir(parents=True)
     if subprocess.run(["mount", "-t", "tmpfs", "none", str(root / "sub mnt")],

@@ -11,11 +11,12 @@ import sys
 
 import pytest
 
-from smirror import _memqueue, _memqueue_py
-from smirror.daemon_cli import _log_handler
+from smirror.kernels import _memqueue
+from smirror.kernels import _memqueue_py
+from smirror.cli.daemon import _log_handler
 from smirror.errors import ConfigError
 from smirror.private import check_secret, private_dir, read_secret
-from smirror.target import TargetConnection
+from smirror.stream.receiver import TargetConnection
 from daemons import Node
 
 QUEUES = [pytest.param(_memqueue, id="compiled"), pytest.param(_memqueue_py, id="reference")]

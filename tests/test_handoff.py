@@ -9,11 +9,11 @@ import socket
 import threading
 import time
 
-from smirror import wire
-from smirror.journal import encode_frame
+from smirror.stream import wire
+from smirror.kernels.frames import encode_frame
 from smirror.ops import Op
-from smirror.source import ACK
-from smirror.target import TargetConnection
+from smirror.stream.source import ACK
+from smirror.stream.receiver import TargetConnection
 
 
 class Source:

@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from smirror import fanotify, inotify
-from smirror.inotify import Kind, Watcher
+from smirror.capture import fanotify
+from smirror.capture import inotify
+from smirror.capture.inotify import Kind, Watcher
 
 
 FANOTIFY_MISSING = fanotify.unavailable_reason()

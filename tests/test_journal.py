@@ -10,7 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from smirror import _journal, _journal_py, ops as ops_mod
+from smirror import ops as ops_mod
+from smirror.kernels import _journal
+from smirror.kernels import _journal_py
 from smirror.errors import FrameError
 from smirror.ops import AttrMask, FrameHeader, Op, OpKind
 
@@ -27,7 +29,7 @@ def test_compiled_module_is_really_compiled():
 
 
 def test_facade_uses_compiled_kernel():
-    from smirror import journal
+    from smirror.kernels import frames as journal
     assert journal.encode_frame is _journal.encode_frame
     assert journal.decode_frame is _journal.decode_frame
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from smirror import _journal, _journal_py
+from smirror.kernels import _journal
+from smirror.kernels import _journal_py
 from smirror.errors import FrameError
-from smirror.journal import FrameReader, iter_frames
+from smirror.kernels.frames import FrameReader, iter_frames
 
 from test_journal_helpers import op_lists, plain, reseal
 

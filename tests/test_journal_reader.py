@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from smirror.errors import FrameError
-from smirror.journal import (
+from smirror.kernels.frames import (
     HEADER_SIZE, FrameReader, Op, decode_frame, encode_frame, iter_frames, read_frames,
 )
 

@@ -14,9 +14,10 @@ import time
 
 import pytest
 
-from smirror import control, wire
+from smirror.daemon import control
+from smirror.stream import wire
 from smirror.errors import AuthError
-from smirror.wire import MsgType, ProtocolError
+from smirror.stream.wire import MsgType, ProtocolError
 from daemons import PASSWORD, Node, free_port, make_certs, smirror, wait_for
 
 FAST_LOGIN = '[login]\nfirst_delay = "100ms"\nmax_delay = "800ms"\n'

@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from smirror import wire
+from smirror.stream import wire
 from smirror.errors import AuthError
-from smirror.journal import encode_frame
+from smirror.kernels.frames import encode_frame
 from smirror.ops import MARK_IGNORED_DELETE, Op
-from smirror.wire import MsgType, ProtocolError
+from smirror.stream.wire import MsgType, ProtocolError
 from daemons import PASSWORD, Node, wait_for
 
 SOURCE_ID = "ba5eba11deadbeef"
@@ -230,7 +230,7 @@ def test_a_directory_swapped_for_a_symlink_between_ops(world):
 
 def test_the_link_user_cannot_use_control_verbs(world):
     """Finding 4: the password on every source gives data links only."""
-    from smirror.control import Client, RequestError
+    from smirror.daemon.control import Client, RequestError
     node, mb, _ = world
     with Client(node.address) as c:
         c.login("repl", PASSWORD)

@@ -9,8 +9,8 @@ import tracemalloc
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import smirror._memqueue as native
-import smirror._memqueue_py as reference
+import smirror.kernels._memqueue as native
+import smirror.kernels._memqueue_py as reference
 from smirror.errors import QueueClosed, QueueError, QueueFull
 
 from test_memqueue_util import IMPLS, drain, frame_for, segment_bytes, segment_files
@@ -24,8 +24,8 @@ def mq(request):
 def test_compiled_module_is_really_compiled():
     assert native.__file__.endswith(".so"), native.__file__
     assert type(native.SpillQueue.put).__name__ != "function"
-    import smirror.memqueue
-    assert smirror.memqueue.SpillQueue is native.SpillQueue
+    import smirror.kernels.memqueue
+    assert smirror.kernels.memqueue.SpillQueue is native.SpillQueue
 
 
 # ---------------------------------------------------------------- format

@@ -1,8 +1,9 @@
 """The public queue facade: settings checked and turned into a SpillQueue."""
 import pytest
 
-from smirror import config, memqueue
-from smirror._memqueue import SpillQueue
+from smirror.daemon import config
+from smirror.kernels import memqueue
+from smirror.kernels._memqueue import SpillQueue
 from smirror.errors import ConfigError
 
 

@@ -205,7 +205,7 @@ CHILD = textwrap.dedent("""
     import sys
     sys.path.insert(0, {src!r})
     sys.path.insert(0, {tests!r})
-    from smirror import {module} as mq
+    from smirror.kernels import {module} as mq
     from test_memqueue_util import frame_for
     q = mq.SpillQueue({path!r}, 64 * 1024, 1 << 30, durable=True, segment_size=256 * 1024)
     seq = 0

@@ -185,7 +185,7 @@ def test_disk_write_and_read_release_the_gil(tmp_path):
     (pwritev / pread, copy, checksum) let a pure-Python thread run meanwhile;
     a GIL-holding call of similar length (bytes.replace) is the control."""
     import sys
-    from smirror import _memqueue as native
+    from smirror.kernels import _memqueue as native
     frame = bytes(64 << 20)
     q = native.SpillQueue(tmp_path, 0, 1 << 32, read_buffer=64 * 1024)
     stop = threading.Event()

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-import smirror._memqueue as native
-import smirror._memqueue_py as reference
+import smirror.kernels._memqueue as native
+import smirror.kernels._memqueue_py as reference
 
 IMPLS = [pytest.param(native, id="cython"), pytest.param(reference, id="python")]
 

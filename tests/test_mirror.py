@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from smirror.errors import ConfigError, ConfinementError, MirrorError
-from smirror.mirror import Mirror, MirrorOptions, mirror
-from smirror.target_local import LocalTarget, copy_data_extents
-from smirror.tree import DIR, FILE, SYMLINK, Rules, scan
+from smirror.mirror.engine import Mirror, MirrorOptions, mirror
+from smirror.fs.files import LocalTarget, copy_data_extents
+from smirror.fs.tree import DIR, FILE, SYMLINK, Rules, scan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import gen_tree  # noqa: E402
@@ -166,7 +166,7 @@ def test_dense_file_is_copied_without_hole_search_or_truncate(tmp_path, monkeypa
     """A source whose blocks cover its size has no holes: one kernel copy,
     no SEEK_DATA/SEEK_HOLE, no ftruncate of the new file. A sparse one
     (also with a hole at its end) still keeps its holes and its length."""
-    import smirror.target_local as tl
+    import smirror.fs.files as tl
     calls = []
     real_lseek, real_ftruncate = os.lseek, os.ftruncate
     monkeypatch.setattr(tl.os, "lseek", lambda *a: calls.append("lseek") or real_lseek(*a))
@@ -190,7 +190,7 @@ def test_dense_file_is_copied_without_hole_search_or_truncate(tmp_path, monkeypa
 
 
 def test_temporary_names_are_unique_also_across_fork():
-    import smirror.target_local as tl
+    import smirror.fs.files as tl
     names = {tl._temp_suffix() for _ in range(1000)}
     assert len(names) == 1000
     r, w = os.pipe()
@@ -276,11 +276,11 @@ def test_unreadable_file_reported_rest_done(tmp_path, request_cleanup):
     repo_src = str(Path(__file__).resolve().parents[1] / "src")
     # the interpreter may live where nobody cannot read: import first, then drop root
     script = ("import os, sys, json\n"
-              "import smirror.cli, smirror.mirror, smirror.mirror_cli\n"
-              "import smirror.progress, smirror.units, argparse, gettext, locale\n"
-              "smirror.cli.build_parser()\n"
+              "import smirror.cli.main, smirror.mirror.engine, smirror.cli.mirror\n"
+              "import smirror.cli.progress, smirror.units, argparse, gettext, locale\n"
+              "smirror.cli.main.build_parser()\n"
               "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
-              "sys.exit(smirror.cli.main(sys.argv[1:]))\n")
+              "sys.exit(smirror.cli.main.main(sys.argv[1:]))\n")
     proc = subprocess.run(
         [sys.executable, "-c", script, "mirror", str(src), str(dst), "--json"],
         capture_output=True, env={**os.environ, "PYTHONPATH": repo_src}, cwd="/")
@@ -557,7 +557,7 @@ def test_disk_full_stops_cleanly(tmp_path):
 def test_quick_check_sees_xattr_change_made_after_the_mirror(tmp_path, monkeypatch):
     """The quick check skips reading xattrs of files whose source ctime is
     older than the target's; a later xattr change moves the source ctime."""
-    import smirror.mirror as mirror_mod
+    import smirror.mirror.engine as mirror_mod
     monkeypatch.setattr(mirror_mod, "CTIME_MARGIN_NS", 0)
     src, dst = tmp_path / "s", tmp_path / "d"
     src.mkdir()
@@ -579,7 +579,7 @@ def test_a_file_changed_in_the_current_clock_tick_is_waited_out(tmp_path):
     leaves mtime as it was; the mirror waits the tick out before it reads
     a file changed that recently, so a write during the copy always shows."""
     import time as time_
-    from smirror.mirror import _COARSE, _racy
+    from smirror.mirror.engine import _COARSE, _racy
     old = tmp_path / "old"
     old.write_bytes(b"x")
     time_.sleep(0.05)                        # a dozen ticks ago

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("smirror._checksum")
+pytest.importorskip("smirror.kernels._checksum")
 
-from smirror.mirror import mirror  # noqa: E402
+from smirror.mirror.engine import mirror  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import gen_tree  # noqa: E402
@@ -173,7 +173,7 @@ def test_unchanged_tree_checksum_writes_nothing(tmp_path):
 def test_delta_while_source_is_open_for_writing(tmp_path, monkeypatch):
     """No read lease can be had while a writer holds the file: the delta
     works from a private copy; past DELTA_COPY_MAX the file is copied whole."""
-    import smirror.mirror as mirror_mod
+    import smirror.mirror.engine as mirror_mod
     src, dst = tmp_path / "s", tmp_path / "d"
     src.mkdir()
     (src / "db").write_bytes(os.urandom(4 * MiB))
@@ -200,8 +200,8 @@ def test_leased_mapping_holds_off_a_truncating_writer(tmp_path):
     mapping would kill the process with SIGBUS)."""
     import threading
     import time
-    from smirror import checksum
-    from smirror.target_local import _mapped_signature
+    from smirror.kernels import checksum
+    from smirror.fs.files import _mapped_signature
     path = tmp_path / "big"
     gen_tree.write_random(path, 256 * MiB, __import__("numpy").random.default_rng(1))
     expect = checksum.file_signature(str(path), 4096, True)
@@ -247,7 +247,7 @@ def test_large_file_the_quick_check_calls_unchanged_is_compared_by_digest(tmp_pa
     """--checksum on a large file of equal size and mtime: one digest per
     side; a differing digest (content changed, mtime kept) still leads to the
     block compare, and only the changed block is written, in place."""
-    import smirror.mirror as mirror_mod
+    import smirror.mirror.engine as mirror_mod
     src, dst = tmp_path / "s", tmp_path / "d"
     src.mkdir()
     gen_tree.write_random(src / "db", 40 * MiB, __import__("numpy").random.default_rng(7))
@@ -281,7 +281,7 @@ def test_mapped_digest_windows_lease_and_fallbacks(tmp_path, monkeypatch):
     (the rest is read with preads) and without a lease (a writer holds the
     file: plain preads)."""
     import xxhash
-    import smirror.target_local as tl
+    import smirror.fs.files as tl
     path = tmp_path / "big"
     gen_tree.write_random(path, 40 * MiB + 12345, __import__("numpy").random.default_rng(3))
     size = os.path.getsize(path)

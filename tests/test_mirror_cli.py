@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from smirror.progress import Progress
+from smirror.cli.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import gen_tree  # noqa: E402
@@ -171,7 +171,7 @@ def _modules_loaded_by(argv, tmp_path) -> set:
     """Modules a fresh interpreter loads for ``smirror.cli.main(argv)``
     beyond what it had at start-up."""
     out = tmp_path / "modules.txt"
-    code = ("import sys\nbefore = set(sys.modules)\nfrom smirror.cli import main\n"
+    code = ("import sys\nbefore = set(sys.modules)\nfrom smirror.cli.main import main\n"
             f"assert main({argv!r}) == 0\n"
             f"open({str(out)!r}, 'w').write('\\n'.join(sorted(set(sys.modules) - before)))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=ENV)
@@ -187,11 +187,11 @@ def test_quick_check_does_not_import_numpy(tmp_path):
     src.mkdir()
     (src / "f").write_bytes(b"x")
     args = ['mirror', '--quiet', '--different', str(src), str(tmp_path / 'd')]
-    assert "smirror.mirror" in _modules_loaded_by(args, tmp_path)      # the first, copying run
+    assert "smirror.mirror.engine" in _modules_loaded_by(args, tmp_path)      # the first, copying run
     loaded = _modules_loaded_by(args, tmp_path)                        # nothing to do
-    heavy = {"numpy", "smirror.checksum", "smirror._checksum", "concurrent.futures", "logging",
-             "smirror.daemon_cli", "smirror.config", "smirror.replicate_cli", "dataclasses",
-             "json", "smirror.progress", "queue"} & loaded
+    heavy = {"numpy", "smirror.kernels.checksum", "smirror.kernels._checksum", "concurrent.futures", "logging",
+             "smirror.cli.daemon", "smirror.daemon.config", "smirror.cli.replicate", "dataclasses",
+             "json", "smirror.cli.progress", "queue"} & loaded
     assert not heavy, heavy
 
 
@@ -204,7 +204,7 @@ def test_checksum_of_unchanged_tree_does_not_import_numpy(tmp_path):
     (src / "large").write_bytes(os.urandom(33 << 20))
     assert smirror(src, dst).returncode == 0
     loaded = _modules_loaded_by(["mirror", "--quiet", "--checksum", str(src), str(dst)], tmp_path)
-    assert "smirror._checksum" in loaded and "numpy" not in loaded
+    assert "smirror.kernels._checksum" in loaded and "numpy" not in loaded
 
 
 def test_progress_bar_on_a_terminal(tmp_path):

@@ -14,8 +14,9 @@ import time
 import psutil
 import pytest
 
-from smirror import control, wire
-from smirror.wire import MsgType, ProtocolError
+from smirror.daemon import control
+from smirror.stream import wire
+from smirror.stream.wire import MsgType, ProtocolError
 from daemons import PASSWORD, Node, wait_for
 
 LOGIN_TIMEOUT = 1.5

@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from smirror import wire
-from smirror.capture import Recorder
-from smirror.memqueue import SpillQueue
-from smirror.source import ConnectionJournal, Sender
+from smirror.stream import wire
+from smirror.capture.recorder import Recorder
+from smirror.kernels.memqueue import SpillQueue
+from smirror.stream.source import ConnectionJournal, Sender
 from daemons import PASSWORD, Node
 from prefixcheck import PrefixChecker, read_applied
 from treestate import diff, snapshot
@@ -101,10 +101,10 @@ def test_target_sigkill_and_cuts_keep_prefix_consistency(tmp_path, target):
 SOURCE_SCRIPT = textwrap.dedent("""
     import os, pickle, sys, time
     sys.path.insert(0, sys.argv[5])
-    from smirror import wire
-    from smirror.capture import Recorder
-    from smirror.memqueue import SpillQueue
-    from smirror.source import ConnectionJournal, Sender
+    from smirror.stream import wire
+    from smirror.capture.recorder import Recorder
+    from smirror.kernels.memqueue import SpillQueue
+    from smirror.stream.source import ConnectionJournal, Sender
     from workload import Workload
     src, dst, port, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     queue = SpillQueue(os.path.join(os.path.dirname(log), "squeue"), 1 << 20, 1 << 30)

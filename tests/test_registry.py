@@ -2,7 +2,7 @@
 import pytest
 
 from smirror.errors import ConfigError
-from smirror.registry import Registry, RepsetRule
+from smirror.daemon.registry import Registry, RepsetRule
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from smirror.capture import Recorder
+from smirror.capture.recorder import Recorder
 from smirror.errors import MirrorError
-from smirror.replicate import Replication
+from smirror.replication import Replication
 from treestate import diff, snapshot
 from workload import Workload
 

@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from smirror import wire
-from smirror.capture import Recorder
-from smirror.memqueue import SpillQueue
+from smirror.stream import wire
+from smirror.capture.recorder import Recorder
+from smirror.kernels.memqueue import SpillQueue
 from smirror.ops import Op
-from smirror.source import ConnectionJournal, Sender
-from smirror.target import TargetConnection
+from smirror.stream.source import ConnectionJournal, Sender
+from smirror.stream.receiver import TargetConnection
 from treestate import diff, snapshot
 from workload import Workload
 
@@ -171,8 +171,8 @@ def test_frames_waiting_on_the_link_share_one_ack(tmp_path):
     """A burst of frames already on the link is acknowledged with fewer ACKs
     than frames (at most ACK_EVERY frames apart), each after its frames are
     in the durable queue, and the burst's last frame is always acknowledged."""
-    from smirror.journal import encode_frame
-    from smirror.source import ACK
+    from smirror.kernels.frames import encode_frame
+    from smirror.stream.source import ACK
     target = TargetConnection(1, tmp_path / "dst", tmp_path / "state", apply=False)
     a, b = socket.socketpair()
     src, dst = wire.Link(a, "source"), wire.Link(b, "target")
@@ -201,7 +201,7 @@ def test_an_op_no_frame_may_carry_is_replaced_by_a_mark_and_the_stream_goes_on(p
     """A captured op the journal kernel refuses (a relative path beyond
     PATH_MAX in a very deep tree) must not wedge the connection: a MARK with
     its seq stands in for it and the ops around it arrive."""
-    from smirror.source import REFUSED_OP
+    from smirror.stream.source import REFUSED_OP
     src, dst, journal, sender, target, _ = pair()
     marks = []
     target.applier.on_mark = lambda op: marks.append((op.seq, bytes(op.path)))

@@ -27,12 +27,14 @@ import time
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from smirror import _journal, _journal_py, wire
+from smirror.kernels import _journal
+from smirror.kernels import _journal_py
+from smirror.stream import wire
 from smirror.errors import FrameError
-from smirror.journal import encode_frame
+from smirror.kernels.frames import encode_frame
 from smirror.ops import Op, OpKind
-from smirror.target import TargetConnection
-from smirror.tasks import TargetTasks, TaskPolicy, TaskSpec
+from smirror.stream.receiver import TargetConnection
+from smirror.stream.tasks import TargetTasks, TaskPolicy, TaskSpec
 from test_journal_helpers import op_lists, reseal
 from test_stream_validation import Endpoint, raw_frame, record
 

@@ -14,12 +14,12 @@ import time
 import pytest
 import xxhash
 
-from smirror import wire
+from smirror.stream import wire
 from smirror.errors import FrameError
-from smirror.journal import encode_frame
+from smirror.kernels.frames import encode_frame
 from smirror.ops import Op, OpKind
-from smirror.target import TargetConnection
-from smirror.tasks import TaskSpec
+from smirror.stream.receiver import TargetConnection
+from smirror.stream.tasks import TaskSpec
 from test_journal_helpers import IMPLS
 from test_stream import TargetEndpoint
 

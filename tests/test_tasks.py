@@ -10,8 +10,8 @@ import time
 import pytest
 
 from smirror.errors import ConfigError
-from smirror.replicate import Replication
-from smirror.tasks import (TargetTasks, TaskError, TaskPolicy, TaskResult, TaskSpec,
+from smirror.replication import Replication
+from smirror.stream.tasks import (TargetTasks, TaskError, TaskPolicy, TaskResult, TaskSpec,
                            run_command)
 from treestate import diff, snapshot
 from workload import Workload

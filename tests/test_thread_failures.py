@@ -16,9 +16,9 @@ import time
 import pytest
 
 from smirror.ops import Op
-from smirror.replicate import Replication
-from smirror.target import TargetConnection
-from smirror.watch import FAULT_ENV, TreeCapture
+from smirror.replication import Replication
+from smirror.stream.receiver import TargetConnection
+from smirror.capture.watch import FAULT_ENV, TreeCapture
 from treestate import diff, snapshot
 
 from daemons import Node
@@ -198,7 +198,7 @@ def _target(tmp_path):
 
 
 def _put(tgt, ops):
-    from smirror.journal import encode_frame
+    from smirror.kernels.frames import encode_frame
     frame = encode_frame(ops)
     tgt.queue.put(ops[-1].seq, frame)
     with tgt._handoff:
@@ -224,7 +224,7 @@ def test_a_diverged_op_is_skipped_and_a_resync_of_the_smallest_subtree_is_asked(
         asked = [n for n in tgt._notices if "resync" in n]
         assert [n["resync"] for n in asked] == ["present/missing"], asked
         # the resync's end clears it
-        from smirror.watch import MARK_RESYNC_DONE
+        from smirror.capture.watch import MARK_RESYNC_DONE
         _put(tgt, [Op.mark(5, MARK_RESYNC_DONE, json.dumps({"path": "present/missing"}).encode())])
         assert tgt.wait_applied(5, 10)
         assert tgt.status()["resyncs"]["done"] == 1 and tgt.status()["resyncs"]["pending"] == 0

@@ -8,11 +8,11 @@ from contextlib import contextmanager
 
 import pytest
 
-from smirror import fanotify
-from smirror.apply import Applier
+from smirror.capture import fanotify
+from smirror.stream.apply import Applier
 from smirror.ops import OpKind
-from smirror.tree import Rules
-from smirror.watch import TreeCapture, open_watcher
+from smirror.fs.tree import Rules
+from smirror.capture.watch import TreeCapture, open_watcher
 from treestate import diff, snapshot
 
 
@@ -375,7 +375,7 @@ def test_periodic_verification_finds_what_events_missed(tmp_path):
     pipe = Pipe(dst)
     cap = TreeCapture(src, pipe, verify_interval=0.2)
     cap.watcher.close()                     # deaf: no events at all from here on
-    from smirror.inotify import Watcher
+    from smirror.capture.inotify import Watcher
     (tmp_path / "elsewhere").mkdir()
     cap.watcher = Watcher(tmp_path / "elsewhere")
     (src / "unseen").mkdir()
@@ -420,7 +420,7 @@ def test_an_event_handled_after_its_file_was_renamed_away_reads_no_other_file(ri
     """The events of a rotation handled in the order the kernel gives them,
     all after the rotation happened (a busy capture): the MODIFIED of the
     old log must not be read from the new file now at its name."""
-    from smirror.inotify import Event, Kind
+    from smirror.capture.inotify import Event, Kind
     src, dst, cap, pipe = rig
     log = src / "app.log"
     log.write_bytes(b"old log\n")
@@ -504,7 +504,7 @@ def test_mirror_to_links_hard_links_again_and_settles_the_root_and_orphan_parent
         cap.close()
     assert os.stat(dst / "b").st_ino == os.stat(dst / "d" / "a").st_ino
     # the root's mtime travels in a MARK (a target connection applies it)
-    from smirror.watch import MARK_ROOT_MTIME
+    from smirror.capture.watch import MARK_ROOT_MTIME
     marks = [json.loads(bytes(op.data)) for op in pipe
              if op.kind == OpKind.MARK and bytes(op.path) == MARK_ROOT_MTIME]
     assert marks == [{"mtime_ns": os.stat(src).st_mtime_ns}]

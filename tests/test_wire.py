@@ -6,10 +6,11 @@ import time
 
 import pytest
 
-from smirror import auth, wire
+from smirror.daemon import auth
+from smirror.stream import wire
 from daemons import make_certs
 from smirror.errors import AuthError
-from smirror.wire import Link, MsgType, ProtocolError, LinkClosed
+from smirror.stream.wire import Link, MsgType, ProtocolError, LinkClosed
 
 
 @pytest.fixture

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     # compile the package's .pyc once, as an installed package has them
-    subprocess.run([sys.executable, "-c", "import smirror.cli, smirror.mirror, smirror.checksum"],
+    subprocess.run([sys.executable, "-c", "import smirror.cli.main, smirror.mirror.engine, smirror.kernels.checksum"],
                    env=env, check=True)
     results = {}
     # fresh change seeds every run: a reused tree must really change again
@@ -149,8 +149,8 @@ def main(argv=None) -> int:
     n_ref = max(5, 3 * args.repeat)
     startup = {"python -c pass": best_wall([sys.executable, "-c", "pass"], n_ref),
                "python -S -c pass": best_wall([sys.executable, "-S", "-c", "pass"], n_ref),
-               "python -c 'import smirror.cli, smirror.mirror'":
-                   best_wall([sys.executable, "-c", "import smirror.cli, smirror.mirror"],
+               "python -c 'import smirror.cli.main, smirror.mirror.engine'":
+                   best_wall([sys.executable, "-c", "import smirror.cli.main, smirror.mirror.engine"],
                              n_ref, env)}
     print("start-up, best of", n_ref, "(reference, not in any ratio): "
           + "; ".join(f"{k} {v * 1000:.0f} ms" for k, v in startup.items()), flush=True)

@@ -114,7 +114,7 @@ class Background:
 
 def fs_workload(src, seed):
     """File-system changes made directly on SRC (a watcher captures them)."""
-    from smirror.capture import Recorder
+    from smirror.capture.recorder import Recorder
     return Workload(Recorder(src, lambda op: None), seed=seed, max_write=20_000)
 
 
@@ -134,10 +134,10 @@ class LibraryScenario:
     rsync_extra = ("--omit-dir-times", "--omit-link-times")
 
     def __init__(self, tmp, rng):
-        from smirror import wire
-        from smirror.capture import Recorder
-        from smirror.memqueue import SpillQueue
-        from smirror.source import ConnectionJournal, Sender
+        from smirror.stream import wire
+        from smirror.capture.recorder import Recorder
+        from smirror.kernels.memqueue import SpillQueue
+        from smirror.stream.source import ConnectionJournal, Sender
         self.tmp, self.rng = tmp, rng
         self.src, self.dst = tmp / "lib-src", tmp / "lib-dst"
         self.src.mkdir()
@@ -492,7 +492,7 @@ def _fuzz_ops(rng, first_seq, n):
 
 def _damage(rng, frame: bytes, seq: int):
     """A bad FRAME payload: (kind, bytes)."""
-    from smirror.journal import encode_frame
+    from smirror.kernels.frames import encode_frame
     kind = rng.choice(["flip", "truncate", "random", "gap", "replay", "extend"])
     if kind == "flip":
         b = bytearray(frame)
@@ -519,10 +519,10 @@ def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out
     import json
     from pathlib import Path
     import psutil
-    from smirror import wire
-    from smirror.journal import encode_frame
+    from smirror.stream import wire
+    from smirror.kernels.frames import encode_frame
     from smirror.ops import Op
-    from smirror.source import open_message
+    from smirror.stream.source import open_message
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="smirror-faults-fuzz-", dir=workdir))
     lib = None
@@ -692,10 +692,10 @@ def run_net(seconds: float = 60, flaps=(1, 10), seed: int = 11, workdir=None, ou
     is checked against a prefix of the recorded ops; at the end the target
     must have applied exactly the recorded ops, and converge."""
     from pathlib import Path
-    from smirror import wire
-    from smirror.capture import Recorder
-    from smirror.memqueue import SpillQueue
-    from smirror.source import ConnectionJournal, Sender
+    from smirror.stream import wire
+    from smirror.capture.recorder import Recorder
+    from smirror.kernels.memqueue import SpillQueue
+    from smirror.stream.source import ConnectionJournal, Sender
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="smirror-faults-net-", dir=workdir))
     res = {"flaps": 0, "down_s": 0.0, "prefix_checks": 0}

@@ -57,7 +57,7 @@ class PrefixChecker:
 
     def state_after(self, n_ops: int, where) -> dict:
         """Snapshot of the source state after the first ``n_ops`` ops."""
-        from smirror.apply import Applier
+        from smirror.stream.apply import Applier
         if os.path.exists(where):
             shutil.rmtree(where)
         app = Applier(where)

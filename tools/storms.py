@@ -218,7 +218,7 @@ PACKAGE_SRC = os.path.join(HERE, "..", "src")     # the smirror under test (--sr
 class InProcess:
     def __init__(self, src, dst, state):
         sys.path.insert(0, PACKAGE_SRC)
-        from smirror.replicate import Replication
+        from smirror.replication import Replication
         self.rep = Replication(src, dst, state_dir=state).start()
 
     def counts(self):

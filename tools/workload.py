@@ -1,5 +1,5 @@
 """Random file-system workloads performed through the library capture API
-(smirror.capture.Recorder), so every change is recorded in exact order.
+(smirror.capture.recorder.Recorder), so every change is recorded in exact order.
 Used by the tests, the prefix-consistency checker and smbench."""
 from __future__ import annotations
 

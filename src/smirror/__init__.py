@@ -1,10 +1,10 @@
 """smirror: continuous, write-order-preserving file replication.
 
 The compiled kernels are imported by the modules that use them
-(:mod:`smirror.checksum`, :mod:`smirror.journal`, :mod:`smirror.memqueue`);
+(:mod:`smirror.kernels.checksum`, :mod:`smirror.kernels.frames`, :mod:`smirror.kernels.memqueue`);
 there is no silent pure-Python fallback at runtime.
 """
-from .errors import (  # noqa: F401
+from smirror.errors import (  # noqa: F401
     SmirrorError, FrameError, DeltaError, QueueError, QueueFull, QueueClosed,
     QueueCorrupt, ConfigError, MirrorError,
 )
@@ -19,7 +19,8 @@ def __getattr__(name):
         except metadata.PackageNotFoundError:  # running from a source tree
             return "0.1.0+src"
     if name in ("Replication", "Recorder"):
-        from . import capture, replicate
+        from smirror.capture import recorder as capture
+        from smirror import replication as replicate
         return {"Replication": replicate.Replication, "Recorder": capture.Recorder}[name]
     raise AttributeError(f"module 'smirror' has no attribute {name!r}")
 
@@ -33,7 +34,7 @@ def native_status():
     status = {}
     for name in KERNELS:
         try:
-            mod = importlib.import_module(f"smirror.{name}")
+            mod = importlib.import_module(f"smirror.kernels.{name}")
             status[name] = mod.__file__.endswith((".so", ".pyd"))
         except ImportError as exc:
             status[name] = str(exc)

@@ -65,7 +65,7 @@ into the frame (for WRITE, TASK and MARK) and ``b""`` for the other kinds;
 
 This module also holds the few frame-format names that the compiled journal
 kernel and its pure-Python reference share (:class:`FrameHeader` and the
-constants); the format itself is documented in :mod:`smirror._journal_py`.
+constants); the format itself is documented in :mod:`smirror.kernels._journal_py`.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ MARK_ORPHAN_MOVE = b"orphan-move"
 
 ATTR_ALL = AttrMask.MODE | AttrMask.UID | AttrMask.GID | AttrMask.MTIME
 
-# Frame format constants (see smirror._journal_py for the layout).
+# Frame format constants (see smirror.kernels._journal_py for the layout).
 MAGIC = b"SMJF"
 VERSION = 1
 HEADER_SIZE = 56

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .errors import ConfigError
+from smirror.errors import ConfigError
 
 __all__ = ["PRIVATE_DIR", "PRIVATE_FILE", "private_dir", "narrow_file", "read_secret",
            "check_secret"]

@@ -1,0 +1,269 @@
+"""Replication sets and connections of a daemon, kept in
+``STATE_DIR/registry.json`` (replaced atomically, so a crash leaves the old
+or the new registry, never half of one).
+
+A replication set (repset) is a source root directory plus ordered
+include/exclude rules relative to it; a connection maps one repset to a
+target (``host:port``) and a map base (directory on the target). One repset
+may have many connections: fan-out, or rotating replicas on one target.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from smirror.daemon.config import parse_hostport
+from smirror.errors import ConfigError
+from smirror.fs.tree import Rules
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def check_name(name, what="replication set name") -> str:
+    if not isinstance(name, str) or not name or len(name) > 64 or set(name) - _NAME_CHARS or name[0] in ".-":
+        raise ConfigError(f"{what} must be 1-64 letters, digits, '.', '_' or '-' "
+                          f"(not starting with '.' or '-'), got {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class RepsetRule:
+    """``include``/``exclude`` of a glob relative to the repset root.
+    ``recursive``: the rule also covers everything below a matching
+    directory; otherwise only the directory's direct entries."""
+    kind: str
+    pattern: str
+    recursive: bool = True
+
+    def __post_init__(self):
+        if self.kind not in ("include", "exclude"):
+            raise ConfigError(f"rule kind must be include or exclude, got {self.kind!r}")
+        if not isinstance(self.pattern, str) or not self.pattern.strip("/"):
+            raise ConfigError(f"{self.kind} rule needs a pattern, got {self.pattern!r}")
+
+    def patterns(self) -> list[str]:
+        """tree.Rules patterns (first match wins) this rule expands to."""
+        base = self.pattern.rstrip("/")
+        return [base, base + ("/**" if self.recursive else "/*")]
+
+
+@dataclass
+class Repset:
+    name: str
+    root: str
+    rules: list[RepsetRule] = field(default_factory=list)
+
+    def compiled_rules(self) -> Rules:
+        """tree.Rules for scanning and watching. With include rules present,
+        everything they do not cover is excluded."""
+        pairs = [(r.kind, p) for r in self.rules for p in r.patterns()]
+        if any(r.kind == "include" for r in self.rules):
+            pairs += [("include", "*/"), ("exclude", "**")]   # keep walking into directories
+        return Rules.from_patterns(pairs)
+
+
+ORPHAN_POLICIES = ("report", "delete", "move")
+IGNORE_DELETES = ("off", "keep", "move")
+
+
+@dataclass
+class Connection:
+    conid: int
+    repset: str
+    target: str            # "host:port", or "local" for an embedded target
+    map_base: str          # absolute directory on the target
+    mirror_on_connect: bool = True
+    # deletes of the source not applied on the target: off, keep (left in
+    # the replica) or move (to the target's deleted_dir, purged after
+    # deleted_keep_days; 0 = kept); a move out of the set still deletes
+    ignore_deletes: str = "off"
+    deleted_keep_days: float = 0.0
+    # what mirrors do with orphans (entries only the target has): report,
+    # delete, or move (to the target's orphans_dir), only those older than
+    # orphans_older_than_days (0 = all)
+    orphans: str = "report"
+    orphans_older_than_days: float = 0.0
+
+    OPTIONS = ("ignore_deletes", "deleted_keep_days", "orphans", "orphans_older_than_days")
+
+    def options(self) -> dict:
+        return {k: getattr(self, k) for k in self.OPTIONS}
+
+
+def check_options(options: dict) -> dict:
+    """Connection options from a request or the registry file, checked."""
+    out = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key == "ignore_deletes":
+            if value is True:
+                value = "keep"
+            elif value is False:
+                value = "off"
+            if value not in IGNORE_DELETES:
+                raise ConfigError(f"ignore deletes must be one of {', '.join(IGNORE_DELETES)}, got {value!r}")
+        elif key == "orphans":
+            if value not in ORPHAN_POLICIES:
+                raise ConfigError(f"orphan policy must be one of {', '.join(ORPHAN_POLICIES)}, got {value!r}")
+        elif key in ("deleted_keep_days", "orphans_older_than_days"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{key.replace('_', ' ')} must be a number of days >= 0, got {value!r}")
+            value = float(value)
+        else:
+            raise ConfigError(f"unknown connection option {key!r}; known: {', '.join(Connection.OPTIONS)}")
+        out[key] = value
+    return out
+
+
+class Registry:
+    def __init__(self, state_dir):
+        self.path = Path(state_dir) / "registry.json"
+        self._lock = threading.RLock()
+        self.repsets: dict[str, Repset] = {}
+        self.connections: dict[int, Connection] = {}
+        self._next_conid = 1
+        self._load()
+
+    # -- persistence -----------------------------------------------------
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{self.path}: registry is damaged: {exc}") from None
+        try:
+            for r in data["repsets"]:
+                self.repsets[r["name"]] = Repset(r["name"], r["root"], [RepsetRule(**x) for x in r["rules"]])
+            for c in data["connections"]:
+                conn = Connection(**c)
+                check_options(conn.options())
+                self.connections[c["conid"]] = conn
+            self._next_conid = int(data["next_conid"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{self.path}: registry is damaged: {exc}") from None
+
+    def _save(self) -> None:
+        data = {"repsets": [asdict(r) for r in self.repsets.values()],
+                "connections": [asdict(c) for c in self.connections.values()],
+                "next_conid": self._next_conid}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(".registry.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    # -- repsets ---------------------------------------------------------
+    def create_repset(self, name: str, root: str, rules=()) -> Repset:
+        check_name(name)
+        if not os.path.isabs(root):
+            raise ConfigError(f"repset {name!r}: root must be an absolute path, got {root!r}")
+        if not os.path.isdir(root):
+            raise ConfigError(f"repset {name!r}: root {root!r} is not a directory")
+        rules = [r if isinstance(r, RepsetRule) else RepsetRule(*r) for r in rules]
+        repset = Repset(name, os.path.normpath(root), rules)
+        repset.compiled_rules()             # bad patterns fail here, not later
+        with self._lock:
+            if name in self.repsets:
+                raise ConfigError(f"replication set {name!r} exists already")
+            self.repsets[name] = repset
+            self._save()
+        return repset
+
+    def set_rules(self, name: str, rules) -> Repset:
+        with self._lock:
+            repset = self.repset(name)
+            new = Repset(repset.name, repset.root,
+                         [r if isinstance(r, RepsetRule) else RepsetRule(*r) for r in rules])
+            new.compiled_rules()
+            self.repsets[name] = new
+            self._save()
+            return new
+
+    def repset(self, name: str) -> Repset:
+        try:
+            return self.repsets[name]
+        except KeyError:
+            raise ConfigError(f"no replication set {name!r}") from None
+
+    def delete_repset(self, name: str) -> None:
+        with self._lock:
+            self.repset(name)
+            used = [c.conid for c in self.connections.values() if c.repset == name]
+            if used:
+                raise ConfigError(f"replication set {name!r} is used by connection(s) "
+                                  f"{', '.join(map(str, used))}: disconnect them first")
+            del self.repsets[name]
+            self._save()
+
+    # -- connections -----------------------------------------------------
+    def check_connect(self, repset: str, target: str, map_base: str) -> tuple[Repset, str, str]:
+        """(repset, target, map base) of a connection that may be made, in
+        their normal forms, without making it (a daemon asks the target
+        before it registers anything)."""
+        target = _check_target(target)
+        if not isinstance(map_base, str) or not os.path.isabs(map_base) or "\0" in map_base:
+            raise ConfigError(f"map base must be an absolute path on the target, got {map_base!r}")
+        map_base = os.path.normpath(map_base)
+        with self._lock:
+            found = self.repset(repset)
+            conid = self.find(repset, target, map_base)
+            if conid is not None:
+                raise ConfigError(f"{repset} is already connected to {target} at map base {map_base} "
+                                  f"(connection {conid})")
+        return found, target, map_base
+
+    def connect(self, repset: str, target: str, map_base: str, mirror: bool = True,
+                options: dict | None = None) -> Connection:
+        options = check_options(options or {})
+        with self._lock:
+            _, target, map_base = self.check_connect(repset, target, map_base)
+            conn = Connection(self._next_conid, repset, target, map_base, mirror, **options)
+            self._next_conid += 1
+            self.connections[conn.conid] = conn
+            self._save()
+        return conn
+
+    def find(self, repset: str, target: str, map_base: str) -> int | None:
+        """The conid of repset -> target at map base, or None."""
+        target = _check_target(target)
+        map_base = os.path.normpath(map_base)
+        for c in self.connections.values():
+            if (c.repset, c.target, c.map_base) == (repset, target, map_base):
+                return c.conid
+        return None
+
+    def connection(self, conid: int) -> Connection:
+        try:
+            return self.connections[int(conid)]
+        except (KeyError, ValueError, TypeError):
+            raise ConfigError(f"no connection with id {conid!r}") from None
+
+    def set_options(self, conid: int, options: dict) -> Connection:
+        options = check_options(options)
+        with self._lock:
+            conn = self.connection(conid)
+            for k, v in options.items():
+                setattr(conn, k, v)
+            self._save()
+            return conn
+
+    def disconnect(self, conid: int) -> Connection:
+        with self._lock:
+            conn = self.connection(conid)
+            del self.connections[conn.conid]
+            self._save()
+            return conn
+
+
+def _check_target(target: str) -> str:
+    if target == "local":
+        return target
+    host, port = parse_hostport(target, "target")
+    return f"{host}:{port}"

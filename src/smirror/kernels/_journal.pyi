@@ -1,0 +1,31 @@
+"""Type stub of the compiled journal frame kernel (format: smirror.kernels._journal_py)."""
+from typing import Literal, Sequence, Union
+
+from smirror.ops import FrameHeader, Op
+
+_Buffer = Union[bytes, bytearray, memoryview]   # or any contiguous buffer (mmap, ...)
+_Compress = Union[bool, Literal["auto"]]
+
+__all__ = ["encode_frame", "decode_frame", "frame_header", "Encoder"]
+
+
+def encode_frame(ops: Sequence[Op], compress: _Compress = "auto") -> bytes:
+    """One frame from a non-empty sequence of ops with strictly increasing
+    seqs. Bad ops raise TypeError/ValueError naming the op index and seq."""
+
+
+def decode_frame(buf: _Buffer, offset: int = 0) -> tuple[list[Op], int]:
+    """(ops, frame_len) of the frame at ``offset``; FrameError if malformed."""
+
+
+def frame_header(buf: _Buffer, offset: int = 0) -> FrameHeader:
+    """The validated header of the frame at ``offset`` (56 bytes needed)."""
+
+
+class Encoder:
+    """encode_frame with per-op scratch kept between calls (one thread at a time)."""
+    compress: _Compress
+
+    def __init__(self, compress: _Compress = "auto") -> None: ...
+
+    def encode(self, ops: Sequence[Op], compress: _Compress | None = None) -> bytes: ...

@@ -1,0 +1,314 @@
+"""Embedded replication: source and target engines of one connection in one
+process, for ``smirror replicate SRC DST``, for tests and for programs that
+embed smirror.
+
+The data path is the daemons' own: capture -> connection journal -> source
+queue -> sender => a real stream socket => receiver -> durable target queue
+-> applier. Capture is the watcher (``capture="watch"``) or the program
+itself through :attr:`Replication.journal` (``capture="api"``), which records
+every change in the exact order the program makes it::
+
+    with smirror.Replication("/data", "/backup/data", capture="api") as rep:
+        rep.journal.create("db/log")
+        rep.journal.write("db/log", 0, b"first record")
+        rep.wait()                      # until the target applied it all
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from smirror.stream.apply import ALL_XATTR_NAMESPACES
+from smirror.capture.recorder import Recorder
+from smirror.errors import ConfigError, MirrorError, SmirrorError
+from smirror.kernels.memqueue import SpillQueue
+from smirror.stream.source import ConnectionJournal, Sender
+from smirror.stream.receiver import TargetConnection
+from smirror.fs.tree import Rules
+from smirror.units import parse_size
+from smirror.stream.wire import Link, MsgType
+
+log = logging.getLogger("smirror.replication")
+
+MIRROR_MODES = ("checksum", "different", "full", "none")
+
+
+def default_state_dir(src, dst) -> Path:
+    """``$XDG_STATE_HOME/smirror/replicate/<id>``: one per (SRC, DST) pair."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    key = hashlib.sha256(os.fsencode(os.path.abspath(src)) + b"\0"
+                         + os.fsencode(os.path.abspath(dst))).hexdigest()[:16]
+    return base / "smirror" / "replicate" / key
+
+
+class Replication:
+    """Replicates ``src`` to ``dst`` continuously until :meth:`stop`."""
+
+    def __init__(self, src, dst, *, capture: str = "watch", mirror: str = "checksum",
+                 rules: Rules | None = None, state_dir=None,
+                 source_memory_limit="64MiB", target_memory_limit="64MiB",
+                 disk_queue_limit="4GiB", progress=None, task_dir=None,
+                 ignore_deletes: str = "off", deleted_keep_days: float = 0.0,
+                 in_use_max_delay: float = 0.0):
+        """``task_dir``: run task commands (:meth:`queue_task`) found in this
+        directory (None: tasks are refused); ``ignore_deletes``: off, keep
+        (deletes are not applied) or move (deleted files go to
+        STATE_DIR/deleted, purged after ``deleted_keep_days``);
+        ``in_use_max_delay``: seconds the ops of a target file open in
+        another process wait (0: no check)."""
+        if capture not in ("watch", "api"):
+            raise ConfigError(f"capture must be 'watch' or 'api', got {capture!r}")
+        if mirror not in MIRROR_MODES:
+            raise ConfigError(f"mirror must be one of {', '.join(MIRROR_MODES)}, got {mirror!r}")
+        from smirror.mirror.engine import check_roots
+        src_b, dst_b = check_roots(src, dst)      # missing SRC, nesting: clear errors
+        self.src, self.dst = os.fsdecode(src_b), os.fsdecode(dst_b)
+        self.capture_mode = capture
+        self.mirror_mode = mirror
+        self.rules = rules
+        self.progress = progress
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir(self.src, self.dst)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        smem = parse_size(source_memory_limit, "source memory limit")
+        tmem = parse_size(target_memory_limit, "target memory limit")
+        disk = parse_size(disk_queue_limit, "disk queue limit")
+        os.makedirs(self.dst, exist_ok=True)
+        from smirror.fs.keep import KeepDirs
+        from smirror.daemon.registry import check_options
+        from smirror.stream.tasks import SourceTasks, TargetTasks, TaskLog, TaskPolicy
+        opts = check_options({"ignore_deletes": ignore_deletes, "deleted_keep_days": deleted_keep_days})
+        self.ignore_deletes, self.deleted_keep_days = opts["ignore_deletes"], opts["deleted_keep_days"]
+        self.task_log = TaskLog()
+        policy = TaskPolicy(task_dir is not None, os.fspath(task_dir) if task_dir else "")
+        self.source_tasks = SourceTasks(policy, self.task_log)
+        self.target = TargetConnection(1, self.dst, self.state_dir, memory_limit=tmem, disk_limit=disk,
+                                       tasks=TargetTasks(policy, log_=self.task_log),
+                                       in_use_max_delay=in_use_max_delay, apply=False,
+                                       keep_dirs=KeepDirs(self.state_dir / "orphans",
+                                                          self.state_dir / "deleted"),
+                                       # its own administrator: the options given here
+                                       deleted_mode="move" if self.ignore_deletes == "move" else "keep",
+                                       deleted_keep_days=self.deleted_keep_days,
+                                       orphan_moves=True, allow_setid=True,
+                                       xattr_namespaces=ALL_XATTR_NAMESPACES, allow_devices=True)
+        # the source queue is not durable: after a restart the initial mirror
+        # (or the watcher's resync) brings the target in line again
+        qdir = self.state_dir / "source-1"
+        self.queue = SpillQueue(str(qdir), smem, disk)
+        self.journal_sink = ConnectionJournal(self.queue, next_seq=self.target.received_seq + 1)
+        self.sender = Sender(1, self.dst, self.journal_sink, self._dial, retry_interval=0.2)
+        self.tree_capture = None
+        self.journal: Recorder | None = None
+        self.mirror_summary = None
+        self._threads: list[threading.Thread] = []
+        self._started = False
+
+    # -- transport: a socket pair per link, the target end served in a thread
+    def _dial(self) -> Link:
+        a, b = socket.socketpair()
+        t = threading.Thread(target=self._serve, args=(Link(b, "target"),), daemon=True,
+                             name="target-link")
+        t.start()
+        return Link(a, "target")
+
+    def _serve(self, link: Link) -> None:
+        with link:
+            try:
+                link.recv_json(MsgType.OPEN)
+                self.target.serve(link)
+            except Exception as exc:           # noqa: BLE001 - reported in status; the sender retries
+                expected = isinstance(exc, (SmirrorError, OSError))
+                log.error("target link: %s", exc if expected else f"{type(exc).__name__}: {exc}",
+                          exc_info=not expected)
+
+    # -- life cycle --------------------------------------------------------------
+    def start(self) -> "Replication":
+        if self._started:
+            return self
+        self._started = True
+        if self.capture_mode == "watch":
+            from smirror.capture.watch import TreeCapture
+            # watching starts before the mirror: nothing changed meanwhile is missed
+            self.tree_capture = TreeCapture(self.src, self._capture_sink(), rules=self.rules)
+        if self.mirror_mode != "none":
+            self._drop_stale_backlog()
+            self._initial_mirror()
+        # only now: a backlog left by the last run is applied before any new op
+        # (no mirror) or was dropped (the mirror supersedes it)
+        self.target.start_applier()
+        if self.tree_capture is not None:
+            self.tree_capture.load_target(self.dst)
+            for rel in self.tree_capture.unlinked:
+                self.tree_capture.resync(rel, "a hard link the initial mirror did not make")
+            for rel, why in self.mirror_errors:
+                # the watcher was on before the mirror: what the mirror could
+                # not copy (a file that kept changing, one it could not read)
+                # is sent from the cache's idea of the target, or reported
+                self.tree_capture.resync(rel, f"the initial mirror could not copy it: {why}")
+            # the target found a divergence: the capture sends that subtree again
+            self.sender.on_resync = lambda rel, why: self.tree_capture.request_resync(rel, reason=why)
+            t = threading.Thread(target=self.tree_capture.run, daemon=True, name="capture")
+            t.start()
+            self._threads.append(t)
+        else:
+            self.journal = Recorder(self.src, self._capture_sink())
+        self.sender.start()
+        return self
+
+    def _capture_sink(self):
+        """Where captured ops go: the journal, with deletes turned into
+        ignored-delete marks when this replication ignores deletes (a move
+        out of the set still deletes)."""
+        if self.ignore_deletes == "off":
+            return self.journal_sink.append
+        from smirror.stream.source import for_connection
+        append, mode, days = self.journal_sink.append, self.ignore_deletes, self.deleted_keep_days
+
+        def sink(op):
+            moving_out = self.tree_capture is not None and self.tree_capture.moving_out
+            return append(for_connection(op, mode, days, moving_out))
+        return sink
+
+    # -- backup controls ---------------------------------------------------------
+    def queue_task(self, name: str, *, on_execute, on_receive=None, on_queue=None,
+                   on_transmit=None, timeout=None, args=()) -> dict:
+        """Queue a task command inline: ``on_execute`` runs (in the target
+        directory, from ``task_dir``) once every change recorded before this
+        call is applied, and no later change is applied until it ends or
+        ``timeout`` seconds passed (None: forever; 0: do not wait). With
+        watcher capture, the changes the watcher saw so far go first.
+        Commands are strings (shell-like words, no shell) or lists of words."""
+        from smirror.stream.tasks import QueuedInto, TaskSpec
+        spec = TaskSpec.build(name, on_execute=on_execute, on_receive=on_receive, on_queue=on_queue,
+                              on_transmit=on_transmit, timeout=timeout, args=args, source="local")
+        return self.source_tasks.queue(spec, "local", [
+            QueuedInto(1, self.tree_capture, self.journal_sink, self.sender)])
+
+    def tasks(self) -> list[dict]:
+        """Recent task results (both sides), oldest first."""
+        return self.task_log.recent()
+
+    def pause_target(self) -> None:
+        """Stop applying after the frame being applied; receiving goes on."""
+        self.target.pause()
+
+    def resume_target(self) -> None:
+        self.target.resume()
+
+    def _drop_stale_backlog(self) -> None:
+        """Ops the target queue still holds from the last run describe the
+        source as it was then: the initial mirror brings the target to the
+        source as it is now, and applying them after it would put old
+        content back. They are dropped (counted in the log)."""
+        q = self.target.queue
+        if q.count:
+            log.warning("replicate: %d frame(s) up to seq %d left in the target queue by the last "
+                        "run are superseded by the initial mirror: dropped", q.count, q.last_seq)
+            self.dropped_backlog = q.count
+            q.ack(q.last_seq)
+
+    dropped_backlog = 0
+    mirror_errors: list = []
+
+    def _initial_mirror(self) -> None:
+        from smirror.mirror.engine import Mirror, MirrorOptions
+        # a restart (the target received ops of an earlier run) with deletes
+        # replicated: what DST holds that SRC lacks was deleted while this
+        # replication was down, so its mirror deletes the orphans. A first
+        # run only reports them: DST may hold files of its own.
+        restart = self.target.received_seq > 0
+        orphans = "delete" if restart and self.ignore_deletes == "off" else "report"
+        opts = MirrorOptions(different=self.mirror_mode in ("different", "checksum"),
+                             checksum=self.mirror_mode == "checksum", rules=self.rules,
+                             orphans=orphans)
+        self.mirror_summary = Mirror(self.src, self.dst, opts, progress=self.progress).run()
+        if self.mirror_summary.errors and self.tree_capture is not None:
+            # a live tree: busy or unreadable files are the capture's to follow
+            for rel, why in self.mirror_summary.errors:
+                log.warning("initial mirror: %s: %s; the capture follows it", os.fsdecode(rel), why)
+            self.mirror_errors = list(self.mirror_summary.errors)
+        elif self.mirror_summary.errors:
+            raise MirrorError(f"initial mirror of {self.src} to {self.dst} failed for "
+                              f"{len(self.mirror_summary.errors)} path(s), first: "
+                              f"{self.mirror_summary.errors[0]}")
+
+    def sync(self) -> int:
+        """Capture everything changed so far and queue it; returns the last seq."""
+        if self.tree_capture is not None:
+            self.tree_capture.sync()
+        self.journal_sink.flush()
+        return self.journal_sink.last_seq
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Until the target applied everything captured so far."""
+        seq = self.sync()
+        deadline = time.monotonic() + timeout
+        return (self.sender.wait_acked(seq, timeout)
+                and self.target.wait_applied(seq, max(0.0, deadline - time.monotonic())))
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        if drain and self._started:
+            self.wait(timeout)
+        if self.tree_capture is not None:
+            self.tree_capture.stop()
+        for t in self._threads:
+            t.join(5)
+        if self.tree_capture is not None:
+            self.tree_capture.close()
+        self.sender.stop()
+        self.target.close()
+        self.queue.close()
+
+    def __enter__(self) -> "Replication":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(drain=exc[0] is None)
+
+    def failure(self) -> str:
+        """Why this replication cannot go on (a component that stopped for
+        good), or "" while it runs or recovers."""
+        cap = self.tree_capture
+        if cap is not None:
+            if cap.state == "failed":
+                return cap.error
+            if self._threads and not self._threads[0].is_alive() and cap.state != "stopped":
+                return f"capture of {self.src} stopped unexpectedly"
+        return ""
+
+    def status(self) -> dict:
+        s, t = self.sender.status(), self.target.status()
+        out = {"source": self.src, "target": self.dst, "state": s["state"],
+               "seq_captured": s["seq_captured"], "seq_sent": s["seq_sent"],
+               "seq_acked": s["seq_acked"], "seq_applied": t["seq_applied"],
+               "source_queue_mem": s["queue_mem_bytes"], "source_queue_disk": s["queue_disk_bytes"],
+               "target_queue_mem": t["queue_mem_bytes"] + t["handoff_bytes"], "target_queue_disk": t["queue_disk_bytes"],
+               "bytes_sent": s["bytes_sent"], "lag_ms_p50": s["lag_ms_p50"],
+               "lag_ms_p99": s["lag_ms_p99"],
+               "target_error": t["error"], "resyncs": t["resyncs"],
+               "last_divergence": t["last_divergence"]}
+        errors = []
+        if self.tree_capture is not None:
+            cap = self.tree_capture
+            unreadable = dict(sorted(cap.unreadable.items())[:20])
+            out["capture"] = dict(cap.stats, state=cap.state, error=cap.error,
+                                  unreadable={os.fsdecode(p): w for p, w in unreadable.items()})
+            if cap.state in ("restarting", "failed"):
+                out["state"] = f"capture-{cap.state}"
+                errors.append(cap.error)
+            if unreadable:
+                errors.append(f"{len(cap.unreadable)} file(s) cannot be read, not sent: "
+                              + ", ".join(f"{os.fsdecode(p)} ({w})" for p, w in unreadable.items()))
+        if t["error"]:
+            errors.append(f"target: {t['error']}")
+            if out["state"] == "connected":
+                out["state"] = "apply-error"
+        if s["last_error"]:
+            errors.append(f"link: {s['last_error']}")
+        out["error"] = "; ".join(errors)
+        return out

@@ -1,0 +1,499 @@
+"""The applier: ops of one connection applied, in sequence order, to the
+tree under its map base.
+
+Every path is resolved beneath a directory handle of the map base, opened
+once (:mod:`smirror.fs.beneath`): the parent directory of each op's path is
+resolved afresh, refusing any symlink on the way, and the op acts on the
+final name with ``dir_fd`` and without following it. No absolute path, no
+``..``, no symlink (whoever put it there, whenever) leads an op out of the
+map base; a refused op raises :class:`~smirror.errors.ConfinementError`
+naming the op and path and nothing of it is applied. Only descriptors of
+open regular files are kept between ops (writing to one cannot escape).
+
+Setuid and setgid bits are stripped from the modes of CREATE, MKDIR and
+SETATTR unless the connection allows them (``allow_setid``): the stream does
+not decide what a root daemon makes setuid. In the same spirit the target
+decides which extended attributes it stores (``xattr_namespaces``: by default
+``user.*`` and the POSIX ACLs ``system.posix_acl_*``; ``security.capability``
+only with ``allow_setid``; anything beyond ``user.*`` only as root) and
+whether it makes device nodes (``allow_devices``); what it refuses is
+counted in ``stats`` and logged once, and the stream goes on. XATTR ops act
+on the object itself, never following a symlink: an open file's descriptor,
+else the name in its parent's handle through /proc (the xattr calls take
+no ``dir_fd``).
+
+The sequence number of the last applied op is stored after every op in a
+small memory-mapped state file (an aligned 8-byte store: no syscall, and a
+SIGKILL cannot tear it; the page cache keeps it). On restart, ops up to it
+are skipped, so none is applied twice, except the one op that was applied
+when the process died before recording it. Every op kind is idempotent when
+replayed right after itself: a rename whose source is gone but whose
+destination exists, a delete of a missing path, a create over the file it
+created are all accepted. What the
+tree lacks although the stream says it should be there (a write to a file
+that is missing on the target because someone removed it) is repaired and
+counted in ``stats['repairs']``.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+import stat
+from collections import OrderedDict
+
+import logging
+
+from smirror.fs.beneath import Beneath, chmod_at, lstat_at, proc_path, rmtree_at
+from smirror.errors import ConfinementError, SmirrorError
+from smirror.ops import AttrMask, Op, OpKind, XattrFlag
+from smirror.fs.files import replace_at
+
+log = logging.getLogger("smirror.stream.apply")
+
+_OPEN_FILES = 64           # write fds kept open between ops of the same file
+_STATE_MAGIC = b"SMAPPLY1"
+_SEQ = struct.Struct("<Q")
+_SETID = stat.S_ISUID | stat.S_ISGID
+# ops that replace or remove what their path names: never the map base itself
+# (b""); MKDIR and SETATTR of b"" act on the map base directory
+_NAMED = {OpKind.WRITE, OpKind.TRUNCATE, OpKind.CREATE, OpKind.DELETE, OpKind.RMDIR,
+          OpKind.RENAME, OpKind.SYMLINK, OpKind.HARDLINK, OpKind.MKNOD}
+_TWO_PATHS = {OpKind.RENAME, OpKind.HARDLINK}
+# O_NONBLOCK: a fifo someone put there fails (ENXIO) instead of blocking the applier
+_WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# the xattr names a target stores unless configured otherwise: user data and
+# ACLs (security.* could carry file capabilities, trusted.* is the admin's)
+DEFAULT_XATTR_NAMESPACES = (b"user.", b"system.posix_acl_")
+ALL_XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
+_CAPABILITY = b"security.capability"
+_DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
+
+
+class ApplyError(SmirrorError):
+    """An op could not be applied; names the op."""
+
+
+def _open_state(path) -> mmap.mmap:
+    """The applied-sequence file: magic + u64, mapped read-write."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            os.write(fd, _STATE_MAGIC + _SEQ.pack(0))
+            os.fsync(fd)
+        elif size != 16:
+            raise ApplyError(f"{path}: applied-sequence file has {size} bytes, expected 16")
+        state = mmap.mmap(fd, 16)
+    finally:
+        os.close(fd)
+    if state[:8] != _STATE_MAGIC:
+        state.close()
+        raise ApplyError(f"{path}: not an applied-sequence file (bad magic)")
+    return state
+
+
+class Applier:
+    """Applies ops to ``map_base``. ``on_task(op)`` / ``on_mark(op)`` are
+    called when the applier reaches a TASK or MARK op (every earlier op
+    applied, no later one yet). ``allow_setid``: keep setuid/setgid bits
+    the stream sends (the embedded engine's own data); otherwise they are
+    stripped, counted in ``stats['setid_stripped']`` and logged once.
+    ``xattr_namespaces``: name prefixes of the extended attributes stored
+    (bytes or str; ``security.capability`` needs ``allow_setid`` too, and
+    a process that is not root stores ``user.*`` only); ``allow_devices``:
+    make the character and block devices the stream sends. Refused ones
+    are counted in ``stats['xattrs_refused']`` / ``['devices_refused']``."""
+
+    def __init__(self, map_base, *, state_path=None, owner: bool | None = None,
+                 on_task=None, on_mark=None, create_base: bool = True,
+                 allow_setid: bool = False, name: str = "",
+                 xattr_namespaces=DEFAULT_XATTR_NAMESPACES, allow_devices: bool = False):
+        base = os.fsencode(os.path.abspath(os.fsencode(map_base)))
+        if create_base:
+            os.makedirs(base, exist_ok=True)
+        elif not os.path.isdir(base):
+            raise ApplyError(f"map base {base!r} is not a directory")
+        self.base = Beneath(base)
+        self.owner = (os.geteuid() == 0) if owner is None else owner
+        self.allow_setid = allow_setid
+        self.xattr_namespaces = tuple(os.fsencode(n) for n in xattr_namespaces)
+        self.allow_devices = allow_devices
+        self._root = os.geteuid() == 0
+        self.name = name or os.fsdecode(base)
+        self.on_task = on_task
+        self.on_mark = on_mark
+        self._fds: OrderedDict[bytes, int] = OrderedDict()
+        self.stats = {"ops": 0, "bytes": 0, "repairs": 0, "skipped": 0, "setid_stripped": 0,
+                      "xattrs_refused": 0, "devices_refused": 0}
+        self._state = None
+        self.applied_seq = 0
+        if state_path is not None:
+            self._state = _open_state(state_path)
+            self.applied_seq = _SEQ.unpack_from(self._state, 8)[0]
+        self._dispatch = {
+            OpKind.WRITE: self._write, OpKind.TRUNCATE: self._truncate,
+            OpKind.CREATE: self._create, OpKind.MKDIR: self._mkdir,
+            OpKind.DELETE: self._delete, OpKind.RMDIR: self._rmdir,
+            OpKind.RENAME: self._rename, OpKind.SETATTR: self._setattr,
+            OpKind.SYMLINK: self._symlink, OpKind.HARDLINK: self._hardlink,
+            OpKind.TASK: self._task, OpKind.MARK: self._mark,
+            OpKind.XATTR: self._xattr, OpKind.MKNOD: self._mknod,
+        }
+
+    @property
+    def root(self) -> bytes:
+        return self.base.root
+
+    def apply(self, op: Op) -> None:
+        if op.seq <= self.applied_seq:
+            self.stats["skipped"] += 1        # applied before a restart
+            return
+        try:
+            if op.kind in _NAMED and (not op.path or op.kind in _TWO_PATHS and not op.path2):
+                raise ConfinementError("the map base itself cannot be its target", b"")
+            self._dispatch[op.kind](op)
+        except ConfinementError as exc:
+            raise ConfinementError(f"op seq {op.seq} {OpKind(op.kind).name} refused: {exc}",
+                                   getattr(exc, "path", op.path)) from None
+        except OSError as exc:
+            raise ApplyError(f"op seq {op.seq} {OpKind(op.kind).name} {bytes(op.path)!r} "
+                             f"failed on the target: {exc.strerror or exc}") from exc
+        self.applied_seq = op.seq
+        if self._state is not None:
+            _SEQ.pack_into(self._state, 8, op.seq)
+        self.stats["ops"] += 1
+
+    def apply_all(self, ops) -> None:
+        for op in ops:
+            self.apply(op)
+
+    def flush(self) -> None:
+        """Close cached file descriptors (data stays in the page cache)."""
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def sync(self) -> None:
+        """Flush written data, then the applied sequence, to stable storage."""
+        for fd in self._fds.values():
+            os.fsync(fd)
+        self.flush()
+        if self._state is not None:
+            self._state.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._state is not None:
+            self._state.close()
+            self._state = None
+        self.base.close()
+
+    def release(self, rel: bytes) -> None:
+        """Close what this applier holds open at or under ``rel`` (before
+        the path is moved away from the map base)."""
+        self._drop(bytes(rel), subtree=True)
+
+    def open_path(self, rel, flags: int = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY) -> int:
+        """A descriptor of ``rel`` opened beneath the map base, the final
+        name not followed (for the in-use gate's lease)."""
+        return self.base.open(bytes(rel), flags)
+
+    # -- helpers -----------------------------------------------------------
+    def _mode(self, mode: int, rel: bytes) -> int:
+        """``mode`` without setuid/setgid unless this connection allows them."""
+        if mode & _SETID and not self.allow_setid:
+            self.stats["setid_stripped"] += 1
+            if self.stats["setid_stripped"] == 1:
+                log.warning("%s: setuid/setgid bits stripped from %r (mode %o) and from any later "
+                            "op: allow them with [target] setid_map_bases", self.name,
+                            os.fsdecode(rel), mode)
+            return mode & ~_SETID
+        return mode
+
+    def _refuse(self, counter: str, message: str, *args) -> None:
+        """Count what this target's configuration does not let through;
+        the first one of each kind is logged."""
+        self.stats[counter] += 1
+        if self.stats[counter] == 1:
+            log.warning("%s: " + message + " (and any later one)", self.name, *args)
+
+    def xattr_allowed(self, name: bytes) -> bool:
+        """Whether this target stores the extended attribute ``name``."""
+        if not self._root and not name.startswith(b"user."):
+            return False              # the kernel keeps the rest for root
+        if name == _CAPABILITY and not self.allow_setid:
+            return False              # file capabilities: like a setuid bit
+        return name.startswith(self.xattr_namespaces)
+
+    def _fd(self, rel: bytes, create_missing: bool = True) -> int:
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._fds.move_to_end(rel)
+            return fd
+        with self.base.at(rel) as (d, name):
+            try:
+                fd = os.open(name, _WRITE_FLAGS, dir_fd=d)
+            except FileNotFoundError:
+                if not create_missing:
+                    raise
+                self.stats["repairs"] += 1
+                fd = os.open(name, _WRITE_FLAGS | os.O_CREAT, 0o600, dir_fd=d)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ConfinementError(f"{rel!r} is a symlink on the target: not written "
+                                           f"through", rel) from None
+                raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ApplyError(f"{rel!r} on the target is not a regular file")
+        self._fds[rel] = fd
+        if len(self._fds) > _OPEN_FILES:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def _drop(self, rel: bytes, subtree: bool = False) -> None:
+        """Forget cached fds at (and under) ``rel``."""
+        if subtree:
+            prefix = rel + b"/"
+            for key in [k for k in self._fds if k == rel or k.startswith(prefix)]:
+                os.close(self._fds.pop(key))
+        else:
+            fd = self._fds.pop(rel, None)
+            if fd is not None:
+                os.close(fd)
+
+    def _clear_way(self, d: int, name: bytes, rel: bytes, keep_dir: bool) -> None:
+        """Remove what stands at ``name`` unless it is (not) a directory as
+        wanted; the stream says the source had nothing of that kind there."""
+        st = lstat_at(d, name)
+        if st is not None and stat.S_ISDIR(st.st_mode) != keep_dir:
+            self.stats["repairs"] += 1
+            self._drop(rel, subtree=True)
+            rmtree_at(d, name)
+
+    # -- op kinds ----------------------------------------------------------
+    def _write(self, op: Op) -> None:
+        fd = self._fd(bytes(op.path))
+        data = op.data
+        n = len(data)
+        done = os.pwrite(fd, data, op.offset)
+        while done < n:       # short writes happen on signals and full disks
+            done += os.pwrite(fd, memoryview(data)[done:], op.offset + done)
+        self.stats["bytes"] += n
+
+    def _truncate(self, op: Op) -> None:
+        os.ftruncate(self._fd(bytes(op.path)), op.size)
+
+    def _create(self, op: Op) -> None:
+        rel = bytes(op.path)
+        mode = self._mode(op.mode, rel)
+        self._drop(rel)
+        with self.base.at(rel) as (d, name):
+            try:
+                fd = os.open(name, _WRITE_FLAGS | os.O_CREAT | os.O_TRUNC, mode, dir_fd=d)
+            except OSError as exc:
+                if exc.errno == errno.EISDIR:
+                    # the stream says the source had no directory there
+                    self.stats["repairs"] += 1
+                    self._drop(rel, subtree=True)
+                    rmtree_at(d, name)
+                elif exc.errno == errno.ELOOP:
+                    os.unlink(name, dir_fd=d)   # a symlink stood there: replace it, never follow it
+                else:
+                    raise
+                fd = os.open(name, _WRITE_FLAGS | os.O_CREAT | os.O_EXCL, mode, dir_fd=d)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ApplyError(f"{rel!r} on the target is not a regular file")
+            os.fchmod(fd, mode)     # not the umask's idea of it
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fds[rel] = fd
+        if len(self._fds) > _OPEN_FILES:
+            os.close(self._fds.popitem(last=False)[1])
+
+    def _mkdir(self, op: Op) -> None:
+        rel = bytes(op.path)
+        mode = self._mode(op.mode, rel)
+        with self.base.at(rel) as (d, name):
+            name = name or b"."             # b"": the map base itself
+            try:
+                os.mkdir(name, mode, dir_fd=d)
+            except FileExistsError:
+                # replayed, or something else stands there
+                self._clear_way(d, name, rel, keep_dir=True)
+                try:
+                    os.mkdir(name, mode, dir_fd=d)
+                except FileExistsError:
+                    pass
+            chmod_at(d, name, mode)
+
+    def _delete(self, op: Op) -> None:
+        rel = bytes(op.path)
+        self._drop(rel, subtree=True)
+        with self.base.at(rel) as (d, name):
+            try:
+                os.unlink(name, dir_fd=d)
+            except FileNotFoundError:
+                pass
+            except IsADirectoryError:
+                self.stats["repairs"] += 1
+                rmtree_at(d, name)
+
+    def _rmdir(self, op: Op) -> None:
+        rel = bytes(op.path)
+        self._drop(rel, subtree=True)
+        with self.base.at(rel) as (d, name):
+            try:
+                os.rmdir(name, dir_fd=d)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+                # the source's directory was empty: whatever is left here is
+                # not part of the source
+                self.stats["repairs"] += 1
+                rmtree_at(d, name)
+
+    def _rename(self, op: Op) -> None:
+        old, new = bytes(op.path), bytes(op.path2)
+        self._drop(old, subtree=True)
+        self._drop(new, subtree=True)
+        with self.base.at(old) as (sd, sname), self.base.at(new) as (dd, dname):
+            try:
+                os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
+            except FileNotFoundError:
+                if lstat_at(sd, sname) is None:
+                    # replayed (already renamed), or the target lacks what the
+                    # source renamed (watcher capture sees changes late):
+                    # nothing to move; the source's resync brings the content
+                    if lstat_at(dd, dname) is None:
+                        self.stats["repairs"] += 1
+                    return
+                raise
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                    raise
+                # the destination was removed on the source before this rename
+                self.stats["repairs"] += 1
+                rmtree_at(dd, dname)
+                os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
+
+    def _setattr(self, op: Op) -> None:
+        rel = bytes(op.path)
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._setattr_fd(op, fd)       # the open file itself: nothing to resolve
+            return
+        with self.base.at(rel) as (d, name):
+            name = name or b"."             # b"": the map base itself
+            st = lstat_at(d, name)
+            if st is None:
+                self.stats["repairs"] += 1    # nothing there to set attributes on
+                return
+            is_link = stat.S_ISLNK(st.st_mode)
+            mask = op.mask
+            if mask & (AttrMask.UID | AttrMask.GID) and self.owner:
+                # before the mode: chown clears setuid/setgid
+                os.chown(name, op.uid if mask & AttrMask.UID else -1,
+                         op.gid if mask & AttrMask.GID else -1, dir_fd=d, follow_symlinks=False)
+            if mask & AttrMask.MODE and not is_link:     # symlinks have no mode of their own
+                chmod_at(d, name, self._mode(op.mode, rel))
+            if mask & AttrMask.MTIME:
+                os.utime(name, ns=(st.st_atime_ns, op.mtime_ns), dir_fd=d, follow_symlinks=False)
+
+    def _setattr_fd(self, op: Op, fd: int) -> None:
+        mask = op.mask
+        if mask & (AttrMask.UID | AttrMask.GID) and self.owner:
+            os.fchown(fd, op.uid if mask & AttrMask.UID else -1, op.gid if mask & AttrMask.GID else -1)
+        if mask & AttrMask.MODE:
+            os.fchmod(fd, self._mode(op.mode, bytes(op.path)))
+        if mask & AttrMask.MTIME:
+            os.utime(fd, ns=(os.fstat(fd).st_atime_ns, op.mtime_ns))
+
+    def _symlink(self, op: Op) -> None:
+        rel, link = bytes(op.path), bytes(op.path2)
+        with self.base.at(rel) as (d, name):
+            self._clear_way(d, name, rel, keep_dir=False)
+            self._drop(rel)
+            try:
+                # nothing there: created at its name at once (no temporary
+                # name a kill could leave behind)
+                os.symlink(link, name, dir_fd=d)
+            except FileExistsError:
+                replace_at(d, name, lambda tmp: os.symlink(link, tmp, dir_fd=d))
+
+    def _hardlink(self, op: Op) -> None:
+        rel, existing = bytes(op.path), bytes(op.path2)
+        with self.base.at(rel) as (d, name), self.base.at(existing) as (ed, ename):
+            self._clear_way(d, name, rel, keep_dir=False)
+            self._drop(rel)
+            try:
+                os.link(ename, name, src_dir_fd=ed, dst_dir_fd=d, follow_symlinks=False)
+            except FileExistsError:
+                replace_at(d, name, lambda tmp: os.link(ename, tmp, src_dir_fd=ed, dst_dir_fd=d,
+                                                           follow_symlinks=False))
+
+    def _xattr(self, op: Op) -> None:
+        rel, xname = bytes(op.path), bytes(op.path2)
+        if not self.xattr_allowed(xname):
+            self._refuse("xattrs_refused", "extended attribute %r of %r not stored: allow its "
+                         "namespace with [target] xattr_namespaces", os.fsdecode(xname),
+                         os.fsdecode(rel))
+            return
+        name = os.fsdecode(xname)
+        remove = op.mask & XattrFlag.REMOVE
+        fd = self._fds.get(rel)
+        if fd is not None:              # the open file itself: nothing to resolve
+            self._set_xattr(fd, name, remove, op.data, {})
+            return
+        with self.base.at(rel) as (d, last):
+            if lstat_at(d, last) is None:
+                self.stats["repairs"] += 1    # nothing there to set it on
+                return
+            # the name in its parent's handle, not followed at its end
+            self._set_xattr(proc_path(d, last), name, remove, op.data,
+                            {"follow_symlinks": False})
+
+    @staticmethod
+    def _set_xattr(target, name: str, remove, value, kw) -> None:
+        if remove:
+            try:
+                os.removexattr(target, name, **kw)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:     # replayed, or never had it
+                    raise
+        else:
+            os.setxattr(target, name, value, **kw)
+
+    def _mknod(self, op: Op) -> None:
+        rel = bytes(op.path)
+        kind = stat.S_IFMT(op.mode)
+        if kind in _DEVICES and not self.allow_devices:
+            self._refuse("devices_refused", "device node %r not made: allow device nodes with "
+                         "[target] devices = true", os.fsdecode(rel))
+            return
+        mode = kind | self._mode(stat.S_IMODE(op.mode), rel)
+        with self.base.at(rel) as (d, name):
+            self._clear_way(d, name, rel, keep_dir=False)
+            self._drop(rel)
+
+            def make(at):
+                os.mknod(at, mode, op.size, dir_fd=d)
+                chmod_at(d, at, stat.S_IMODE(mode))      # not the umask's idea of it
+            try:
+                make(name)
+            except FileExistsError:
+                replace_at(d, name, make)
+
+    def _task(self, op: Op) -> None:
+        if self.on_task is not None:
+            self.flush()          # the task sees every earlier write
+            self.on_task(op)
+
+    def _mark(self, op: Op) -> None:
+        if self.on_mark is not None:
+            self.on_mark(op)

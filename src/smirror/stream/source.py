@@ -1,0 +1,554 @@
+"""The source side of one connection: its journal numbers the captured ops
+and batches them into frames in the source queue; its sender streams the
+queue to the target over a data link and drops what the target
+acknowledged (durable there).
+
+    capture -> ConnectionJournal (seq, batch, encode) -> SpillQueue
+            -> Sender => FRAME ... <= ACK
+
+A reconnect resumes after the last op the target holds (READY): the queue
+still has every unacknowledged frame, so nothing is resent twice to the
+applier and nothing is skipped. When the target needs ops the source no
+longer has (the target lost its state), the sender says RESET and asks for
+a remirror (``needs_mirror``).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import struct
+import threading
+import time
+
+from smirror.errors import QueueClosed, QueueFull, SmirrorError
+from smirror.kernels.frames import Encoder, frame_header
+from smirror.ops import MARK_IGNORED_DELETE, Op, OpKind
+from smirror.stream.wire import Link, LinkClosed, MsgType, ProtocolError
+
+log = logging.getLogger("smirror.stream.source")
+
+REFUSED_OP = b"refused-op"     # MARK label standing in for an op no frame may carry
+
+ACK = struct.Struct("<Q")
+_new = tuple.__new__
+
+
+class ConnectionJournal:
+    """Numbers ops for one connection and batches them into frames.
+
+    A frame is closed when it reaches ``max_ops`` ops or ``max_bytes`` of op
+    data, or when ``flush()`` is called (the sender calls it as soon as it
+    has nothing else to send, so an idle link adds no batching delay)."""
+
+    RESERVE = 1 << 20
+
+    def __init__(self, queue, next_seq: int = 1, *, max_ops: int = 4096,
+                 max_bytes: int = 1 << 20, compress="auto", seq_file=None):
+        self.queue = queue
+        # a restarted source must never number ops again with seqs it gave
+        # out before: it reserves ranges in ``seq_file`` and starts after
+        # the last reservation (the gap is bridged by RESET and a mirror)
+        self.seq_file = seq_file
+        self._reserved = None
+        if seq_file is not None:
+            try:
+                with open(seq_file) as f:
+                    next_seq = max(next_seq, int(f.read().strip() or 0) + 1)
+            except FileNotFoundError:
+                pass
+            except ValueError:
+                raise ValueError(f"{seq_file}: not a sequence number reservation") from None
+            self._reserve(next_seq - 1 + self.RESERVE)
+        self.next_seq = next_seq
+        self.max_ops = max_ops
+        self.max_bytes = max_bytes
+        self._encoder = Encoder(compress)
+        self._pending: list = []
+        self._pending_bytes = 0
+        self._lock = threading.Lock()
+        self.frames = 0
+        self.refused_ops = 0       # ops no frame may carry, each replaced by a MARK
+        self.last_seq = next_seq - 1
+        # (last seq of a frame, time it was queued), oldest first: for the lag figure
+        self.put_times: collections.deque = collections.deque(maxlen=100_000)
+
+    def append(self, op: Op) -> int:
+        """Number ``op``, add it to the open frame; returns its seq. Raises
+        QueueFull (from the queue) when the frame cannot be stored: the
+        engine turns that into an auto-disconnect."""
+        with self._lock:
+            seq = self.next_seq
+            if self._reserved is not None and seq > self._reserved:
+                self._reserve(seq + self.RESERVE)
+            self.next_seq = seq + 1
+            self._pending.append(_new(Op, (seq,) + tuple(op)[1:]))
+            self._pending_bytes += len(op.data) + 64
+            self.last_seq = seq
+            if len(self._pending) >= self.max_ops or self._pending_bytes >= self.max_bytes:
+                try:
+                    self._flush_locked()
+                except QueueFull:
+                    # not taken: the op is not in the journal (a retry
+                    # appends it again under the same seq)
+                    self._pending.pop()
+                    self._pending_bytes -= len(op.data) + 64
+                    self.next_seq, self.last_seq = seq, seq - 1
+                    raise
+            return seq
+
+    def append_alone(self, op: Op, timeout: float = 600.0) -> int:
+        """Append ``op`` in a frame of its own (a task: the target sees it
+        the moment the frame arrives, and on-transmit runs right before
+        it). A full queue is waited for, up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                try:
+                    self._flush_locked()
+                    seq = self.next_seq
+                    if self._reserved is not None and seq > self._reserved:
+                        self._reserve(seq + self.RESERVE)
+                    self._pending = [_new(Op, (seq,) + tuple(op)[1:])]
+                    self._pending_bytes = len(op.data) + 64
+                    try:
+                        self._flush_locked()
+                    except QueueFull:
+                        self._pending, self._pending_bytes = [], 0
+                        raise
+                    self.next_seq, self.last_seq = seq + 1, seq
+                    return seq
+                except QueueFull:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.05)
+
+    def _reserve(self, upto: int) -> None:
+        tmp = f"{self.seq_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{upto}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.seq_file)
+        self._reserved = upto
+
+    def extend(self, ops) -> None:
+        for op in ops:
+            self.append(op)
+
+    def flush_waiting(self, timeout: float = 600.0) -> None:
+        """flush(), waiting up to ``timeout`` for room in a full queue."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.flush()
+                return
+            except QueueFull:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def flush(self) -> bool:
+        """Close the open frame (if any); True when one was queued."""
+        with self._lock:
+            return self._flush_locked()
+
+    def _flush_locked(self) -> bool:
+        if not self._pending:
+            return False
+        ops = self._pending
+        try:
+            frame = self._encoder.encode(ops)
+        except ValueError:
+            # an op the target would refuse (a path beyond PATH_MAX, an
+            # owner no file can have): it must not wedge the stream, so a
+            # MARK with its seq stands in for it, said in the log
+            ops = self._pending = [self._sendable(op) for op in ops]
+            frame = self._encoder.encode(ops)
+        last = ops[-1].seq
+        # on QueueFull the ops stay pending: nothing is half-queued
+        self.queue.put(last, frame)
+        self._pending = []
+        self._pending_bytes = 0
+        self.frames += 1
+        self.put_times.append((last, time.monotonic()))
+        return True
+
+    def _sendable(self, op: Op) -> Op:
+        try:
+            self._encoder.encode([op])
+            return op
+        except ValueError as exc:
+            self.refused_ops += 1
+            path = bytes(op.path)
+            shown = repr(path[:200]) + (f"... ({len(path)} bytes)" if len(path) > 200 else "")
+            log.error("op seq %d %s %s cannot be replicated (%s): not sent, a MARK stands in",
+                      op.seq, OpKind(op.kind).name, shown, str(exc)[:300])
+            return Op.mark(op.seq, REFUSED_OP, json.dumps(
+                {"kind": OpKind(op.kind).name, "path": os.fsdecode(path[:4095])}).encode())
+
+    def skip_to(self, next_seq: int) -> None:
+        """Number from ``next_seq`` on (the target is ahead of what this
+        source remembers: its state was lost). Pending ops are renumbered."""
+        with self._lock:
+            if next_seq <= self.next_seq:
+                return
+            self._pending = [_new(Op, (next_seq + i,) + tuple(op)[1:])
+                             for i, op in enumerate(self._pending)]
+            self.next_seq = next_seq + len(self._pending)
+            self.last_seq = self.next_seq - 1
+            if self._reserved is not None and self.next_seq > self._reserved:
+                self._reserve(self.next_seq + self.RESERVE)
+
+    @property
+    def pending_ops(self) -> int:
+        return len(self._pending)
+
+
+class Sender:
+    """Streams one connection's queue over data links made by ``dial()``,
+    reconnecting every ``retry_interval`` seconds while it runs."""
+
+    def __init__(self, conid: int, map_base: str, journal: ConnectionJournal, dial, *,
+                 source_name: str = "", retry_interval: float = 1.0, idle_flush: float = 0.001):
+        self.conid = conid
+        self.map_base = map_base
+        self.journal = journal
+        self.queue = journal.queue
+        self.dial = dial
+        self.source_name = source_name
+        self.retry_interval = retry_interval
+        self.idle_flush = idle_flush
+        self.state = "idle"
+        self.last_error = ""
+        self.needs_mirror = False
+        self.sent_seq = 0
+        self.acked_seq = 0
+        self.bytes_sent = 0
+        self.frames_sent = 0
+        self.connects = 0
+        self.lag_ms: list[float] = []          # capture -> acknowledged, per frame (recent)
+        self._stop = threading.Event()
+        self._link: Link | None = None
+        self._thread: threading.Thread | None = None
+        self._acked = threading.Condition()
+        self.on_reset = None        # called (in the sender's thread) when a mirror is needed
+        # seq -> callable run just before the frame ending at that seq is
+        # sent (a task's on-transmit command; the task is alone in its frame)
+        self.before_send: dict[int, object] = {}
+        self.notices: collections.deque = collections.deque(maxlen=50)   # from the target
+        self.on_notice = None       # called (in the ack reader's thread) with each task notice
+        self.on_resync = None       # (path, reason) -> None: the target asks for a targeted resync
+
+    # -- control -----------------------------------------------------------
+    def start(self) -> "Sender":
+        self._thread = threading.Thread(target=self._run, name=f"sender-{self.conid}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        link = self._link
+        if link is not None:
+            link.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.state = "stopped"
+
+    def cut(self) -> None:
+        """Drop the current link (tests, and an admin's 'reconnect')."""
+        link = self._link
+        if link is not None:
+            link.close()
+
+    def wait_acked(self, seq: int, timeout: float = 30.0) -> bool:
+        """Until the target acknowledged ``seq`` (True) or timeout (False)."""
+        deadline = time.monotonic() + timeout
+        with self._acked:
+            while self.acked_seq < seq:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._acked.wait(min(left, 0.1))
+        return True
+
+    # -- the loop ----------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.state = "connecting"
+            try:
+                link = self.dial()
+            except (ProtocolError, OSError, SmirrorError) as exc:
+                self._failed(exc)
+                continue
+            self._link = link
+            try:
+                self._session(link)
+            except QueueClosed:
+                return
+            except (ProtocolError, OSError, SmirrorError) as exc:
+                if not self._stop.is_set():
+                    self._failed(exc)
+            except Exception as exc:        # noqa: BLE001 - never a silent dead sender
+                log.exception("connection %s: sender failed", self.conid)
+                self._failed(RuntimeError(f"sender failed: {type(exc).__name__}: {exc}"))
+            finally:
+                link.close()
+                self._link = None
+
+    def _failed(self, exc) -> None:
+        self.state = "disconnected"
+        self.report_error(str(exc), logging.WARNING, f"; retrying in {self.retry_interval:.1f}s")
+        self._stop.wait(self.retry_interval)
+
+    def report_error(self, message: str, level: int = logging.ERROR, more: str = "") -> None:
+        """Keep ``message`` as the connection's last error (status shows it,
+        with its time, until another one replaces it) and log it."""
+        self.last_error, self.last_error_at = message, time.time()
+        log.log(level, "connection %s: %s%s", self.conid, message, more)
+
+    last_error_at = None
+
+    def _session(self, link: Link) -> None:
+        q = self.queue
+        next_seq = self._first_unacked_seq()
+        link.send_json(MsgType.OPEN, open_message(self.conid, self.map_base, self.source_name,
+                                                  next_seq))
+        try:
+            _, ready = link.recv_json(MsgType.READY)
+        except ProtocolError as exc:        # the target refused the OPEN: its reason
+            raise ProtocolError(f"target {exc}") from None
+        target_last = ready.get("last_seq")
+        if not isinstance(target_last, int) or target_last < 0:
+            raise ProtocolError(f"{link.peer} sent READY without a valid last_seq")
+        if target_last + 1 < next_seq:
+            # the target lacks ops the source no longer holds
+            log.warning("connection %s: target holds up to seq %d but the source queue starts "
+                        "at %d: resetting the stream, a mirror must follow", self.conid,
+                        target_last, next_seq)
+            link.send_json(MsgType.RESET, {"seq": next_seq - 1})
+            self.needs_mirror = True
+            target_last = next_seq - 1
+            if self.on_reset is not None:
+                self.on_reset()
+        if target_last > self.journal.last_seq:
+            # the target holds ops this source does not remember numbering:
+            # this source lost its state (a restart without its queue)
+            log.warning("connection %s: target is at seq %d, beyond this source's %d: "
+                        "numbering on from there, a mirror must follow", self.conid,
+                        target_last, self.journal.last_seq)
+            if q.count:
+                q.ack(q.last_seq)
+            self.journal.skip_to(target_last + 1)
+            self.needs_mirror = True
+        if q.count and target_last >= q.first_seq:
+            q.ack(min(target_last, q.last_seq))
+        q.rewind()
+        self._set_acked(target_last)
+        self.connects += 1
+        self.state = "connected"
+        log.info("connection %s: streaming to %s from seq %d", self.conid, link.peer, target_last + 1)
+        reader = threading.Thread(target=self._read_acks, args=(link,), daemon=True,
+                                  name=f"acks-{self.conid}")
+        reader.start()
+        try:
+            while not self._stop.is_set() and reader.is_alive():
+                item = q.get(timeout=self.idle_flush)
+                if item is None:
+                    try:
+                        self.journal.flush()
+                    except QueueFull as exc:
+                        log.error("connection %s: %s", self.conid, exc)
+                    continue
+                seq, frame = item
+                if self.before_send:
+                    hook = self.before_send.pop(seq, None)
+                    if hook is not None:
+                        hook()
+                link.send(MsgType.FRAME, frame)
+                self.sent_seq = seq
+                self.bytes_sent += len(frame)
+                self.frames_sent += 1
+        finally:
+            link.close()
+            reader.join(2)
+        if not self._stop.is_set() and self._reader_error:
+            raise self._reader_error
+
+    _reader_error = None
+
+    def _first_unacked_seq(self) -> int:
+        """Seq of the first op the target has not acknowledged: the first
+        op of the oldest frame in the queue (items are keyed by their last
+        op), or the first op not yet queued."""
+        q = self.queue
+        # under the journal's lock: no frame moves from pending to the queue
+        # between the two looks
+        with self.journal._lock:
+            q.rewind()
+            item = q.get(timeout=0)
+            q.rewind()
+            if item is not None:
+                return frame_header(item[1]).first_seq
+            j = self.journal
+            return j._pending[0].seq if j._pending else j.next_seq
+
+    def _read_acks(self, link: Link) -> None:
+        self._reader_error = None
+        try:
+            while True:
+                mtype, payload = link.recv()
+                if mtype == MsgType.ACK:
+                    if len(payload) != ACK.size:
+                        raise ProtocolError(f"{link.peer} sent an ACK of {len(payload)} bytes")
+                    seq = ACK.unpack(payload)[0]
+                    if seq > self.journal.last_seq:
+                        raise ProtocolError(f"{link.peer} acknowledged seq {seq}, "
+                                            f"beyond the last one sent ({self.sent_seq})")
+                    if seq > self.acked_seq:
+                        self.queue.ack(seq)
+                        self._set_acked(seq)
+                elif mtype == MsgType.NOTICE:
+                    notice = json.loads(bytes(payload))
+                    if not isinstance(notice, dict):
+                        raise ProtocolError(f"{link.peer} sent a NOTICE that is not an object")
+                    self._dispatch_notice(notice)
+                elif mtype == MsgType.ERROR:
+                    raise ProtocolError(f"target {link.peer}: {json.loads(bytes(payload)).get('error')}")
+                else:
+                    raise ProtocolError(f"{link.peer} sent {mtype.name} on a data link")
+        except (ProtocolError, OSError, ValueError, QueueClosed) as exc:
+            if not isinstance(exc, (LinkClosed, QueueClosed)) or not self._stop.is_set():
+                self._reader_error = exc if isinstance(exc, (ProtocolError, OSError)) else ProtocolError(str(exc))
+        except Exception as exc:            # noqa: BLE001 - never a silent dead reader: the link is redone
+            log.exception("connection %s: reading the target's replies failed", self.conid)
+            self._reader_error = ProtocolError(f"reading the target's replies failed: "
+                                               f"{type(exc).__name__}: {exc}")
+
+    def _dispatch_notice(self, notice: dict) -> None:
+        """A NOTICE from the target: a request for a targeted resync
+        (``{"resync": path}``, to ``on_resync(path_bytes, reason)``) or a
+        task report (kept in ``notices``, to ``on_notice``). A callback that
+        fails is logged; the ACK reader goes on."""
+        resync = notice.get("resync")
+        try:
+            if notice.get("event") == "apply-error":
+                # the target cannot apply an op: the source's status says why
+                self.report_error(f"target {self._link.peer if self._link else 'target'}: "
+                                  f"{notice.get('error')}")
+                self.target_error = self.last_error
+                return
+            if notice.get("event") == "apply-ok":
+                # the target recovered (space freed, ...): its error is no
+                # longer the connection's state
+                if self.target_error and self.last_error == self.target_error:
+                    self.last_error, self.last_error_at = "", None
+                if self.target_error:
+                    log.warning("connection %s: the target applies again (was: %s)", self.conid,
+                                self.target_error)
+                self.target_error = ""
+                return
+            if resync is not None:
+                if not isinstance(resync, str):
+                    raise ProtocolError(f"NOTICE resync {resync!r} is not a path")
+                self.resyncs_asked += 1
+                log.info("connection %s: the target asks for a resync of %r: %s", self.conid,
+                         resync, notice.get("reason") or "")
+                if self.on_resync is not None:
+                    self.on_resync(os.fsencode(resync), str(notice.get("reason") or ""))
+                return
+            self.notices.append(notice)
+            level = logging.INFO if notice.get("state") == "ok" else logging.ERROR
+            log.log(level, "connection %s: target reports task %r %s: %s %s", self.conid,
+                    notice.get("task"), notice.get("stage"), notice.get("state"),
+                    notice.get("error") or "")
+            if self.on_notice is not None:
+                self.on_notice(notice)
+        except ProtocolError:
+            raise
+        except Exception:                   # noqa: BLE001 - the ACK reader must not die
+            log.exception("connection %s: handling the target's notice %r failed", self.conid, notice)
+
+    resyncs_asked = 0
+    target_error = ""           # the target's apply error while it lasts
+
+    def _set_acked(self, seq: int) -> None:
+        now = time.monotonic()
+        times = self.journal.put_times
+        while times and times[0][0] <= seq:
+            self.lag_ms.append((now - times.popleft()[1]) * 1000)
+        if len(self.lag_ms) > 10000:
+            del self.lag_ms[:5000]
+        with self._acked:
+            if seq > self.acked_seq:
+                self.acked_seq = seq
+            self._acked.notify_all()
+
+    def lag(self) -> tuple[float | None, float | None]:
+        """p50 and p99 of the recent capture -> acknowledged times (ms)."""
+        recent = sorted(self.lag_ms[-1000:])
+        if not recent:
+            return None, None
+        return recent[len(recent) // 2], recent[int(len(recent) * 0.99)]
+
+    def status(self) -> dict:
+        q = self.queue
+        p50, p99 = self.lag()
+        return {"conid": self.conid, "state": self.state, "last_error": self.last_error,
+                "last_error_at": self.last_error_at,
+                "lag_ms_p50": p50, "lag_ms_p99": p99,
+                "seq_captured": self.journal.last_seq, "seq_sent": self.sent_seq,
+                "seq_acked": self.acked_seq, "queue_mem_bytes": q.mem_bytes,
+                "queue_disk_bytes": q.disk_bytes, "bytes_sent": self.bytes_sent,
+                "frames_sent": self.frames_sent, "connects": self.connects,
+                "needs_mirror": self.needs_mirror, "task_reports": list(self.notices)[-10:],
+                "resyncs_asked": self.resyncs_asked, "target_error": self.target_error}
+
+
+def open_message(conid: int, map_base: str, source: str, next_seq: int = 0,
+                 check: bool = False, disconnect: bool = False) -> dict:
+    """The OPEN a source sends first on a data link; with ``check`` it is a
+    probe: the target validates the map base (creating nothing else) and
+    answers READY or ERROR, and the link ends; with ``disconnect`` the
+    source ended the connection: the target drops its side of it."""
+    msg = {"conid": conid, "map_base": map_base, "source": source, "next_seq": next_seq}
+    if check:
+        msg["check"] = True
+    if disconnect:
+        msg["disconnect"] = True
+    return msg
+
+
+def probe_target(link: Link, conid: int, map_base: str, source: str) -> dict:
+    """Ask the target behind ``link`` whether it accepts ``map_base`` from
+    ``source``: its READY (with the resolved map base), or ProtocolError
+    with the target's reason."""
+    link.send_json(MsgType.OPEN, open_message(conid, map_base, source, check=True))
+    _, ready = link.recv_json(MsgType.READY)
+    if not ready.get("check"):
+        raise ProtocolError(f"target {link.peer} does not check map bases before a connection "
+                            f"(an older smirror): upgrade it")
+    return ready
+
+
+IGNORE_DELETES = ("off", "keep", "move")
+
+
+def for_connection(op: Op, ignore_deletes: str, keep_days: float, moving_out: bool) -> Op:
+    """The op a connection gets for a captured ``op``: itself, or, for a
+    delete on a connection that ignores deletes (not a move out of the set,
+    ``moving_out``), the mark that stands for it."""
+    if ignore_deletes != "off" and op.kind in (OpKind.DELETE, OpKind.RMDIR) and not moving_out:
+        return ignored_delete(op, ignore_deletes, keep_days)
+    return op
+
+
+def ignored_delete(op: Op, mode: str, keep_days: float = 0.0) -> Op:
+    """What a connection with ignore-deletes sends instead of a DELETE or
+    RMDIR of the source (not a move out of the set: that still deletes): a
+    MARK the target counts, and with ``mode`` 'move' acts on by moving the
+    file to its deleted-files directory (purged after ``keep_days``)."""
+    payload = json.dumps({"path": os.fsdecode(bytes(op.path)), "dir": op.kind == OpKind.RMDIR,
+                          "mode": mode, "keep_days": keep_days}).encode()
+    return Op.mark(op.seq, MARK_IGNORED_DELETE, payload)

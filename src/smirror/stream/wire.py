@@ -1,0 +1,538 @@
+"""The link protocol between smirror processes (control clients and daemons,
+source and target daemons): length-prefixed messages over a stream socket,
+a mutual challenge-response login (neither the password nor a session
+token ever crosses the link), and optional TLS from the standard library.
+
+Before login a peer is held to little: messages of at most
+``PRELOGIN_MAX_MESSAGE`` bytes and the whole handshake within a timeout;
+after it the link's normal maximum applies and a data link may idle.
+
+Message layout (little-endian), pinned by tests::
+
+    b"SM"  type:u8  flags:u8  length:u32  payload[length]
+
+Control messages carry UTF-8 JSON objects; data messages (FRAME) carry
+journal frames, which have their own checksum.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import secrets
+import select
+import socket
+import ssl
+import string
+import struct
+import time
+from enum import IntEnum
+
+from smirror.daemon.auth import (LoginThrottle, Sessions, UserStore, User, check_scrypt_params, check_username,
+                   client_proof, token_id, token_key, token_proofs)
+from smirror.errors import AuthError, ConfigError, SmirrorError
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<2sBBI")
+MAGIC = b"SM"
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+PRELOGIN_MAX_MESSAGE = 64 * 1024      # what a peer may send before it logged in
+LOGIN_TIMEOUT = 10.0                  # seconds for a whole login (TLS handshake included)
+PURPOSES = ("control", "data")
+
+
+class MsgType(IntEnum):
+    HELLO = 1        # client -> server: {"proto", "user", "nonce", "purpose"[, "token_id"]}
+    CHALLENGE = 2    # server -> client: {"salt", "params", "nonce"} or {"token": true, "nonce"}
+    PROOF = 3        # client -> server: {"proof"}
+    WELCOME = 4      # server -> client: {"role", "server_signature"}
+    ERROR = 5        # either way: {"error": message}; the sender closes after it
+    REQUEST = 6      # control request: {"id", "verb", "args"}
+    REPLY = 7        # control reply: {"id", "ok", "result" | "error"}
+    FRAME = 8        # data: one journal frame
+    ACK = 9          # data: {"seq"} acknowledged (durable on the target)
+    BYE = 10         # orderly close
+    OPEN = 11        # data: source -> target {"conid", "map_base", "source", "next_seq"}
+    READY = 12       # data: target -> source {"last_seq"}: the last op it holds durably
+    RESET = 13       # data: source -> target {"seq"}: the stream goes on after seq
+                     # (ops before it are gone from the source: a mirror follows)
+    NOTICE = 14      # data: target -> source {"event", ...}: a task was refused, ran, failed
+
+
+class ProtocolError(SmirrorError, ConnectionError):
+    """The peer sent something that is not the smirror protocol, or broke it."""
+
+
+class LinkClosed(ProtocolError):
+    """The peer closed the link (possibly in the middle of a message)."""
+
+
+class Link:
+    """One connected stream socket speaking the message protocol. Receive
+    buffers are reused, so a received payload is valid until the next recv."""
+
+    def __init__(self, sock: socket.socket, peer: str = "", max_message: int = DEFAULT_MAX_MESSAGE):
+        self.sock = sock
+        self.peer = peer or _peer_name(sock)
+        self.max_message = max_message
+        self._header = bytearray(HEADER.size)
+        self._buf = bytearray(64 * 1024)
+        self._poll = None
+        self._deadline: float | None = None      # login limits, see limit_login()
+        self._saved_limits = None
+        self.user: User | None = None
+        self.auth: str | None = None             # "password" or "token", once logged in
+        self.token_id: str | None = None         # the session a token login used
+        self.record: str | None = None           # fingerprint of the user's record at login
+
+    # -- limits while a peer is not logged in ---------------------------
+    def limit_login(self, timeout: float | None) -> None:
+        """Until ``end_login_limits()``: messages of at most
+        PRELOGIN_MAX_MESSAGE bytes and, with ``timeout``, every read and
+        write done within ``timeout`` seconds from now (a peer that stalls
+        is dropped, not waited for)."""
+        self._saved_limits = (self.max_message, self.sock.gettimeout())
+        self.max_message = min(self.max_message, PRELOGIN_MAX_MESSAGE)
+        if timeout is not None:
+            self._deadline = time.monotonic() + timeout
+            self.sock.settimeout(timeout)
+
+    def extend_login_deadline(self, seconds: float) -> None:
+        if self._deadline is not None:
+            self._deadline += seconds
+
+    def end_login_limits(self) -> None:
+        if self._saved_limits is not None:
+            self.max_message, timeout = self._saved_limits
+            self._saved_limits = self._deadline = None
+            self.sock.settimeout(timeout)
+
+    def _time_left(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise self._timed_out()
+        self.sock.settimeout(left)
+
+    def _timed_out(self) -> "ProtocolError":
+        return ProtocolError(f"{self.peer} did not finish logging in in time: link closed")
+
+    # -- sending ---------------------------------------------------------
+    def send(self, mtype: MsgType, payload=b"", flags: int = 0) -> None:
+        if self._deadline is not None:
+            self._time_left()
+        n = memoryview(payload).nbytes
+        if n > self.max_message:
+            raise ProtocolError(f"refusing to send a {MsgType(mtype).name} message of {n} bytes "
+                                f"to {self.peer}: over the {self.max_message}-byte limit")
+        header = HEADER.pack(MAGIC, mtype, flags, n)
+        if n < 16384:
+            self.sock.sendall(header + bytes(payload))
+        elif type(self.sock) is socket.socket:
+            # large payloads: no copy into one buffer, one system call
+            sent = self.sock.sendmsg([header, payload])
+            if sent < len(header):
+                self.sock.sendall(header[sent:])
+                sent = len(header)
+            if sent < len(header) + n:
+                with memoryview(payload) as view:
+                    self.sock.sendall(view.cast("B")[sent - len(header):])
+        else:                       # TLS: no sendmsg
+            self.sock.sendall(header)
+            self.sock.sendall(payload)
+
+    def send_json(self, mtype: MsgType, obj: dict) -> None:
+        self.send(mtype, json.dumps(obj, separators=(",", ":")).encode())
+
+    def send_error(self, message: str) -> None:
+        try:
+            self.send_json(MsgType.ERROR, {"error": message})
+        except OSError:
+            pass
+
+    # -- receiving -------------------------------------------------------
+    def _recv_exact(self, view: memoryview, what: str, got: int = 0) -> None:
+        """Fill ``view`` from its byte ``got`` on."""
+        while got < len(view):
+            if self._deadline is None:
+                n = self.sock.recv_into(view[got:])
+            else:
+                self._time_left()
+                try:
+                    n = self.sock.recv_into(view[got:])
+                except TimeoutError:
+                    raise self._timed_out() from None
+            if n == 0:
+                if got == 0 and what == "header":
+                    raise LinkClosed(f"{self.peer} closed the link")
+                raise LinkClosed(f"{self.peer} closed the link in the middle of a message "
+                                 f"({what}: {got} of {len(view)} bytes)")
+            got += n
+
+    def _recv_bytes(self, n: int, what: str) -> bytes:
+        """``n`` bytes as a new bytes object, received straight into it (no
+        copy): one blocking recv with MSG_WAITALL on a plain socket; a short
+        read (a signal, a timeout, TLS) is completed and joined once."""
+        first = b""
+        if type(self.sock) is socket.socket and self.sock.gettimeout() is None:
+            first = self.sock.recv(n, socket.MSG_WAITALL)
+            if len(first) == n:
+                return first
+            if not first:
+                raise LinkClosed(f"{self.peer} closed the link in the middle of a message "
+                                 f"({what}: 0 of {n} bytes)")
+        buf = bytearray(n)
+        buf[:len(first)] = first
+        with memoryview(buf) as view:
+            self._recv_exact(view, what, len(first))
+        return bytes(buf)
+
+    def recv(self, own=()) -> tuple[MsgType, memoryview | bytes]:
+        """Next message: (type, payload view valid until the next recv).
+        Payloads of the types in ``own`` come as new bytes objects instead,
+        received straight into them, that the caller may keep (a frame
+        the target queue holds costs no copy out of the reused buffer)."""
+        self._recv_exact(memoryview(self._header), "header")
+        magic, mtype, _flags, length = HEADER.unpack(self._header)
+        if magic != MAGIC:
+            raise ProtocolError(f"{self.peer} is not speaking the smirror protocol "
+                                f"(message starts with {bytes(self._header[:2])!r}, expected {MAGIC!r})")
+        try:
+            mtype = MsgType(mtype)
+        except ValueError:
+            raise ProtocolError(f"{self.peer} sent unknown message type {mtype}") from None
+        if length > self.max_message:
+            raise ProtocolError(f"{self.peer} announced a {mtype.name} message of {length} bytes, "
+                                f"over the {self.max_message}-byte limit"
+                                + (" before login" if self._saved_limits is not None else ""))
+        if mtype in own:
+            return mtype, self._recv_bytes(length, f"{mtype.name} payload") if length else b""
+        if length > len(self._buf):
+            self._buf = bytearray(max(length, 2 * len(self._buf)))
+        view = memoryview(self._buf)[:length]
+        self._recv_exact(view, f"{mtype.name} payload")
+        return mtype, view
+
+    def readable(self) -> bool:
+        """True when the next recv would not wait: bytes (or the peer's
+        close) are there already."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.sock, select.POLLIN)
+        return bool(self._poll.poll(0))
+
+    def recv_json(self, *expect: MsgType) -> tuple[MsgType, dict]:
+        """Next control message as a dict; an ERROR from the peer raises
+        ProtocolError with the peer's message; other types than ``expect``
+        raise ProtocolError."""
+        mtype, payload = self.recv()
+        try:
+            obj = json.loads(bytes(payload))
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"{self.peer} sent a {mtype.name} message that is not a JSON object: {exc}") from None
+        if mtype == MsgType.ERROR and MsgType.ERROR not in expect:
+            raise ProtocolError(f"{self.peer}: {obj.get('error', 'unspecified error')}")
+        if expect and mtype not in expect:
+            raise ProtocolError(f"{self.peer} sent {mtype.name}, expected "
+                                f"{' or '.join(t.name for t in expect)}")
+        return mtype, obj
+
+    def close(self) -> None:
+        """Close the link; a thread blocked in recv on it wakes up (a plain
+        close from another thread would leave it blocked)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _peer_name(sock) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, ValueError, TypeError):
+        return "peer"
+
+
+def _field(obj: dict, key: str, kind, where: str):
+    value = obj.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ProtocolError(f"{where}: field {key!r} missing or of the wrong type")
+    return value
+
+
+# -- login ---------------------------------------------------------------
+
+class _Refused(AuthError):
+    """A login refused with an ERROR already sent to the peer."""
+
+
+def _nonce(obj: dict, where: str) -> str:
+    value = _field(obj, "nonce", str, where)
+    if not 16 <= len(value) <= 128 or value.strip(string.hexdigits):
+        raise ProtocolError(f"{where}: field 'nonce' must be 16 to 128 hex digits")
+    return value
+
+
+def _login_reply(link: Link, *expect: MsgType) -> tuple[MsgType, dict]:
+    """The server's next login message; its ERROR is a refused login."""
+    mtype, reply = link.recv_json(*expect, MsgType.ERROR)
+    if mtype == MsgType.ERROR:
+        raise AuthError(f"{link.peer}: {reply.get('error', 'login refused')}")
+    return mtype, reply
+
+
+def login(link: Link, user: str, password: str, purpose: str = "control") -> User:
+    """Client side of the mutual login. Raises AuthError on a refused login
+    and ProtocolError if the server cannot prove it knows the user's key or
+    offers scrypt settings a client must not accept."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}")
+    link.limit_login(None)
+    cnonce = secrets.token_hex(16)
+    link.send_json(MsgType.HELLO, {"proto": PROTOCOL_VERSION, "user": user,
+                                   "nonce": cnonce, "purpose": purpose})
+    _, ch = _login_reply(link, MsgType.CHALLENGE)
+    try:
+        if ch.get("token"):
+            raise ValueError("it answered a password login with a session challenge")
+        salt = bytes.fromhex(_field(ch, "salt", str, "CHALLENGE"))
+        params = check_scrypt_params(_field(ch, "params", list, "CHALLENGE"), link.peer)
+        snonce = _nonce(ch, "CHALLENGE")
+    except ValueError as exc:
+        raise ProtocolError(f"{link.peer} sent a bad CHALLENGE: {exc}") from None
+    auth_message = _auth_message(cnonce, snonce, user, purpose)
+    proof, expect_sig = client_proof(password, salt, params, auth_message)
+    link.send_json(MsgType.PROOF, {"proof": proof.hex()})
+    return _welcome(link, user, expect_sig, "password", f"knows user {user!r}")
+
+
+def login_token(link: Link, user: str, token: str, purpose: str = "control") -> User:
+    """Client side of a session login (a token from an earlier password
+    login), a challenge-response too: the HELLO names the token (by an id
+    that proves nothing), the client proves it holds the token over both
+    nonces, and the server proves it the same way; the token itself never
+    crosses the link."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}")
+    link.limit_login(None)
+    key = token_key(token)
+    cnonce = secrets.token_hex(16)
+    link.send_json(MsgType.HELLO, {"proto": PROTOCOL_VERSION, "user": user, "nonce": cnonce,
+                                   "purpose": purpose, "token_id": token_id(key)})
+    _, ch = _login_reply(link, MsgType.CHALLENGE)
+    if ch.get("token") is not True:
+        raise ProtocolError(f"{link.peer} sent a bad CHALLENGE: it answered a session login "
+                            "with a password challenge")
+    auth_message = _auth_message(cnonce, _nonce(ch, "CHALLENGE"), user, purpose)
+    proof, expect_sig = token_proofs(key, auth_message)
+    link.send_json(MsgType.PROOF, {"proof": proof.hex()})
+    return _welcome(link, user, expect_sig, "token", f"holds the session of user {user!r}")
+
+
+def _welcome(link: Link, user: str, expect_sig: bytes, auth: str, proves: str) -> User:
+    """Client side, the last step of either login: the server's WELCOME must
+    carry its proof (``expect_sig``), or it is not the daemon it claims to be."""
+    _, reply = _login_reply(link, MsgType.WELCOME)
+    signature = reply.get("server_signature")
+    if not isinstance(signature, str) or not hmac.compare_digest(signature, expect_sig.hex()):
+        raise ProtocolError(f"{link.peer} could not prove it {proves}: "
+                            "not the daemon it claims to be")
+    link.user = User(user, _field(reply, "role", str, "WELCOME"))
+    link.auth = auth
+    link.end_login_limits()
+    return link.user
+
+
+def accept_login(link: Link, store: UserStore, throttle: LoginThrottle | None = None,
+                 purposes=PURPOSES, sessions: Sessions | None = None,
+                 timeout: float | None = LOGIN_TIMEOUT, cert_users: bool = False) -> tuple[User, str]:
+    """Server side: (user, purpose) after a successful password or session
+    login. Until then the peer may send only small messages and must finish
+    within ``timeout``. With ``throttle``, the growing delay is waited out
+    before the CHALLENGE goes out. With ``cert_users``, the CN of the
+    peer's TLS certificate must be the user's name. A refusal is answered
+    with ERROR and raised as AuthError (ProtocolError for a broken protocol)."""
+    link.limit_login(timeout)
+    try:
+        found, purpose = _accept(link, store, throttle, purposes, sessions, cert_users)
+    except _Refused:
+        raise
+    except AuthError as exc:
+        _answer(link, str(exc))
+        raise
+    except ProtocolError as exc:
+        if not isinstance(exc, LinkClosed):
+            _answer(link, str(exc))       # oversized, not our protocol, too slow: say so
+        raise
+    link.end_login_limits()
+    return found, purpose
+
+
+def _answer(link: Link, message: str) -> None:
+    """A refusal's ERROR, sent also past the login deadline (briefly: a
+    peer that does not read gets no more time)."""
+    link.end_login_limits()
+    try:
+        link.sock.settimeout(1.0)
+    except OSError:
+        pass
+    link.send_error(message)
+
+
+def _refuse(link: Link, message: str, error=None):
+    _answer(link, message)
+    raise (error or _Refused)(message if error is None else f"{link.peer}: {message}")
+
+
+def _accept(link, store, throttle, purposes, sessions, cert_users):
+    _, hello = link.recv_json(MsgType.HELLO)
+    proto = hello.get("proto")
+    if proto != PROTOCOL_VERSION:
+        _refuse(link, f"protocol version {proto!r} not supported (this daemon speaks {PROTOCOL_VERSION})",
+                ProtocolError)
+    user = _field(hello, "user", str, "HELLO")
+    try:
+        check_username(user)
+    except ConfigError as exc:
+        _refuse(link, f"HELLO: {exc}", ProtocolError)
+    cnonce = _nonce(hello, "HELLO")
+    purpose = _field(hello, "purpose", str, "HELLO")
+    if purpose not in purposes:
+        _refuse(link, f"unknown link purpose {purpose!r}", ProtocolError)
+    tid = hello.get("token_id")
+    if tid is not None and (sessions is None or not isinstance(tid, str) or len(tid) > 64):
+        _refuse(link, "session tokens are not accepted here")
+    if tid is not None and purpose != "control":
+        _refuse(link, "a session token opens control links only; a data link logs in with its password")
+    if cert_users:
+        cn = peer_certificate_cn(link)
+        if cn != user:
+            _refuse(link, f"the TLS certificate of {link.peer} names {cn!r}, not user {user!r}")
+    keys = (f"user:{user}", f"peer:{link.peer.rsplit(':', 1)[0]}")
+    # password guesses are throttled; a 256-bit token cannot be guessed, and
+    # throttling it would let a guesser slow down the real user's CLI
+    throttle = throttle if tid is None else None
+    if throttle is not None:
+        # the delay is served before the challenge: leaving early saves nothing
+        wait = throttle.attempt(*keys)
+        if wait:
+            link.extend_login_deadline(wait)
+            time.sleep(wait)
+    snonce = secrets.token_hex(16)
+    auth_message = _auth_message(cnonce, snonce, user, purpose)
+    if tid is not None:
+        key = sessions.find(user, tid)
+        link.send_json(MsgType.CHALLENGE, {"token": True, "nonce": snonce})
+        proof = _proof(link)
+        expect, server_proof = token_proofs(key, auth_message)
+        if not hmac.compare_digest(proof, expect):
+            raise AuthError(f"session login failed for user {user!r}: wrong proof")
+        found = sessions.check_user(user, tid, store)
+        link.auth, link.token_id = "token", tid
+    else:
+        salt, params = store.challenge(user)
+        link.send_json(MsgType.CHALLENGE, {"salt": salt.hex(), "params": params, "nonce": snonce})
+        found, server_proof = store.verify_proof(user, auth_message, _proof(link))
+        link.auth = "password"
+    if throttle is not None:
+        throttle.succeeded(*keys)
+    link.send_json(MsgType.WELCOME, {"role": found.role, "server_signature": server_proof.hex()})
+    link.user = found
+    return found, purpose
+
+
+def _proof(link: Link) -> bytes:
+    _, msg = link.recv_json(MsgType.PROOF)
+    try:
+        return bytes.fromhex(_field(msg, "proof", str, "PROOF"))
+    except ValueError:
+        return b""
+
+
+def _auth_message(cnonce: str, snonce: str, user: str, purpose: str) -> bytes:
+    return f"smirror/{PROTOCOL_VERSION},{cnonce},{snonce},{user},{purpose}".encode()
+
+
+def peer_certificate_cn(link: Link) -> str | None:
+    """The common name in the subject of the peer's TLS certificate."""
+    sock = link.sock
+    cert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` names is a loopback address."""
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback
+                               for i in infos)
+
+
+# -- TLS -----------------------------------------------------------------
+
+def server_tls_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
+    """TLS for a listening daemon; with ``ca``, peers must present a
+    certificate that chains to it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if ca:
+        ctx.load_verify_locations(ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_tls_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLContext:
+    """TLS for a connecting peer: verifies the daemon against ``ca`` (or the
+    system store) and its host name; presents ``cert`` when given."""
+    ctx = ssl.create_default_context(cafile=ca or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert:
+        ctx.load_cert_chain(cert, key or None)
+    return ctx
+
+
+def connect(host: str, port: int, *, tls: ssl.SSLContext | None = None,
+            timeout: float | None = 10.0, io_timeout: float | None = None,
+            max_message: int = DEFAULT_MAX_MESSAGE) -> Link:
+    """Open a link to a daemon (TCP, optionally TLS). ``timeout`` bounds
+    the connect and the TLS handshake; ``io_timeout`` every later read and
+    write (None: a data link may be idle for as long as it likes). Connection
+    errors name the address."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise ProtocolError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise ProtocolError(f"TLS with {host}:{port} failed: {exc}") from None
+    sock.settimeout(io_timeout)
+    return Link(sock, f"{host}:{port}", max_message)
