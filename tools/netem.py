@@ -24,7 +24,9 @@ Semantics, per packet and per direction (like netem's):
   independent per packet, so jitter alone reorders a little, as netem does;
 - ``reorder`` p: with probability p the packet is sent at once, overtaking
   the delayed ones (netem's ``reorder p``; needs a delay to mean anything);
-- link down: every packet dropped (a cut cable: no RST, no ICMP), until up.
+- link down: every packet dropped (a cut cable: no RST, no ICMP), until up;
+- ``cut()``: the established TCP connections between the two are aborted on
+  both sides (``ss -K``), as a middlebox that lost its state would leave them.
 """
 from __future__ import annotations
 
@@ -322,6 +324,21 @@ class NetemPair:
 
     def stats(self) -> dict:
         return self._ask("stats")
+
+    def cut(self) -> int:
+        """Abort every established TCP connection between the two
+        namespaces, on both sides (``ss -K``: what a middlebox losing its
+        state or a peer's reset does); their resets cross the link only if
+        it is up. Returns how many sockets were aborted."""
+        n = 0
+        for ns, peer in ((self.ns_a, self.addr_b), (self.ns_b, self.addr_a)):
+            proc = subprocess.run(["ip", "netns", "exec", ns, "ss", "-K", "-t", "-n", "-H",
+                                   "state", "established", "dst", peer],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"ss -K in {ns}: {proc.stderr.strip()}")
+            n += len([line for line in proc.stdout.splitlines() if line.strip()])
+        return n
 
     def reset_counts(self) -> dict:
         return self._ask("reset-counts")

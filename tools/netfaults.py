@@ -54,12 +54,15 @@ KINDS = {
     "reorder": {"delay_ms": 50, "reorder": 0.25},      # reordering needs a delay to overtake
     "duplicate": {"duplicate": 0.05},
     "flap": {},
+    "cut": {},
     "all": {"loss": 0.05, "delay_ms": 50, "jitter_ms": 20, "reorder": 0.25, "duplicate": 0.05},
 }
-FLAPPING = ("flap", "all")
+FLAPPING = ("flap", "cut", "all")
+CUTTING = ("cut", "all")          # the data link's TCP connections are aborted as the link goes down
 DESCRIBE = {
     "loss": "loss 5%", "delay": "delay 50 ms +- 20 ms", "reorder": "reorder 25% (delay 50 ms)",
-    "duplicate": "duplicate 5%", "flap": "link down 1-10 s", "all": "all of them at once",
+    "duplicate": "duplicate 5%", "flap": "link down 1-10 s",
+    "cut": "link down 1-10 s, connections reset", "all": "all of them at once",
 }
 # what the target's log must never say
 BAD_LOG = ("Traceback", "does not follow seq", "is not above the last seq")
@@ -164,19 +167,21 @@ class Bench:
                 return left[:10]
             time.sleep(0.2)
 
-    def trial(self, kind: str, seconds: float, pace: float, deadline: float) -> dict:
+    def trial(self, kind: str, seconds: float, pace: float, deadline: float, flap_s=(1, 10)) -> dict:
         before = self.seqs()
         self.pair.set(**{**dict.fromkeys(("loss", "delay_ms", "jitter_ms", "reorder", "duplicate"), 0),
                          **KINDS[kind]})
         self.pair.reset_counts()
         work = Background(self.workload, pace=pace).start()
-        t0, flaps, down_s = time.monotonic(), 0, 0.0
+        t0, flaps, down_s, cut = time.monotonic(), 0, 0.0, 0
         try:
             if kind in FLAPPING:
                 while True:
                     time.sleep(self.rng.uniform(0.5, 2.0))
-                    down = self.rng.uniform(1, 10)
+                    down = self.rng.uniform(*flap_s)
                     self.pair.down()
+                    if kind in CUTTING:
+                        cut += self.pair.cut()
                     time.sleep(down)
                     self.pair.up()
                     flaps, down_s = flaps + 1, down_s + down
@@ -203,6 +208,8 @@ class Bench:
             if after["ops_skipped"] != before["ops_skipped"]:
                 problems.append(f"{after['ops_skipped'] - before['ops_skipped']} ops reached the "
                                 "applier again (skipped as already applied)")
+        if kind in CUTTING and not left and after["connects"] - before["connects"] < 1:
+            problems.append(f"{cut} sockets were cut but the source never reconnected")
         log = self.target.log()
         bad = [line for line in log.splitlines() if any(b in line for b in BAD_LOG)]
         if bad:
@@ -210,6 +217,7 @@ class Bench:
         res = {"kind": kind, "ops": ops, "seconds": round(t_stop - t0, 1), "flaps": flaps,
                "down_s": round(down_s, 1), "converged_s": None if problems else round(took, 2),
                "reconnects": after["connects"] - before["connects"], "problems": problems,
+               "sockets_cut": cut,
                "link": {k: link[k] for k in ("in", "lost", "duplicated", "reordered", "down_dropped")}}
         return res
 
@@ -252,8 +260,8 @@ def run(kinds=tuple(KINDS), trials: int = 1, seconds: float = 5, pace: float = 0
                         return results
                 else:
                     agg["times"].append(r["converged_s"])
-                    print(f"trial {i} {kind}: {r['ops']} ops, {r['flaps']} flaps, {r['reconnects']} "
-                          f"reconnects, converged in {r['converged_s']:.2f} s; link {r['link']}",
+                    print(f"trial {i} {kind}: {r['ops']} ops, {r['flaps']} flaps, {r['sockets_cut']} sockets cut, "
+                          f"{r['reconnects']} reconnects, converged in {r['converged_s']:.2f} s; link {r['link']}",
                           file=out, flush=True)
     finally:
         if bench is not None:
