@@ -113,8 +113,9 @@ def unavailable() -> str:
     if not os.path.exists("/dev/net/tun"):
         return "no /dev/net/tun (kernel without CONFIG_TUN)"
     import shutil
-    if not shutil.which("ip"):
-        return "needs ip (iproute2)"
+    for tool in ("ip", "ss"):
+        if not shutil.which(tool):
+            return f"needs {tool} (iproute2)"
     name = f"smnprobe{os.getpid() % 100000}"
     probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if probe.returncode != 0:
@@ -241,6 +242,8 @@ class Forwarder:
                         sys.stdout.flush()
                     continue
                 now = time.monotonic()
+                if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    return                  # a device went away: the pair is being taken down
                 for _ in range(64):         # a burst, then look at the others again
                     try:
                         pkt = os.read(fd, 65536)
@@ -257,13 +260,15 @@ class NetemPair:
     the second (point to point, nothing else routed: the traffic never
     leaves these namespaces)."""
 
-    def __init__(self, tag: str, seed: int = 1, subnet: int | None = None):
+    def __init__(self, tag: str, seed: int = 1):
         self.tag = tag
         self.ns_a, self.ns_b = f"smn-{tag}a", f"smn-{tag}b"
-        net = subnet if subnet is not None else 1 + (sum(tag.encode()) * 7 + os.getpid()) % 250
-        self.addr_a, self.addr_b = f"10.253.{net}.1", f"10.253.{net}.2"
+        # each pair's namespaces hold only its TUN devices: the same
+        # addresses in every pair never meet
+        self.addr_a, self.addr_b = "10.253.0.1", "10.253.0.2"
         self.seed = seed
         self.proc = None
+        self._made: list = []           # namespaces this pair created (and so deletes)
         self._lock = threading.Lock()
 
     def __enter__(self):
@@ -283,6 +288,7 @@ class NetemPair:
             for ns, here, there in ((self.ns_a, self.addr_a, self.addr_b),
                                     (self.ns_b, self.addr_b, self.addr_a)):
                 _ip("netns", "add", ns)
+                self._made.append(ns)
                 fds.append(open_tun(ns, "smtun"))
                 os.set_blocking(fds[-1], False)
                 _ip("link", "set", "lo", "up", ns=ns)
@@ -343,10 +349,6 @@ class NetemPair:
     def reset_counts(self) -> dict:
         return self._ask("reset-counts")
 
-    def run_in(self, side: str, argv, **kw) -> list:
-        """ARGV as run inside namespace ``a`` or ``b`` (for subprocess)."""
-        return ["ip", "netns", "exec", self.ns_a if side == "a" else self.ns_b, *map(str, argv)]
-
     def close(self) -> None:
         if self.proc is not None:
             with contextlib.suppress(OSError):
@@ -358,8 +360,8 @@ class NetemPair:
                 self.proc.wait()
             self.proc.stdout.close()
             self.proc = None
-        for ns in (self.ns_a, self.ns_b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        while self._made:
+            subprocess.run(["ip", "netns", "del", self._made.pop()], capture_output=True)
 
 
 # -- measuring it -------------------------------------------------------------------
@@ -386,7 +388,8 @@ def probe_udp(pair: NetemPair, count: int = 2000, gap: float = 0.002) -> dict:
                     if done.is_set():
                         return
                     continue
-                got.append((struct.unpack("<Id", data)[0], time.monotonic() - struct.unpack("<Id", data)[1]))
+                seq, sent = struct.unpack("<Id", data)
+                got.append((seq, time.monotonic() - sent))
 
         done = threading.Event()
         reader = threading.Thread(target=receive, daemon=True)
