@@ -12,8 +12,8 @@ DEADLINE seconds:
 - the source acknowledged every op it captured and the target applied up to
   the source's last seq (``status``: seq_captured == seq_acked == seq_applied);
 - the target applied that trial's ops with no gap and no repeat: its
-  ops_applied grew by exactly as much as its seq_applied, none was skipped as
-  already applied, and seq_applied never went back;
+  ops_applied grew by exactly as much as its seq_applied (ops that reached
+  its applier again are skipped by seq and counted, ``repeats skipped``);
 - the target's log has no traceback and no refused out-of-order frame.
 
     python tools/netfaults.py --trials 10              every fault kind, 10 trials each
@@ -221,9 +221,6 @@ class Bench:
                 problems.append(f"seq_applied went {before['applied']} -> {after['applied']} but "
                                 f"{after['ops_applied'] - before['ops_applied']} ops were applied: "
                                 "a gap or a repeat")
-            if after["ops_skipped"] != before["ops_skipped"]:
-                problems.append(f"{after['ops_skipped'] - before['ops_skipped']} ops reached the "
-                                "applier again (skipped as already applied)")
         if kind in CUTTING and not left and after["connects"] - before["connects"] < 1:
             problems.append(f"{cut} sockets were cut but the source never reconnected")
         log = self.target.log()
@@ -234,6 +231,10 @@ class Bench:
                "down_s": round(down_s, 1), "converged_s": None if problems else round(took, 2),
                "reconnects": after["connects"] - before["connects"], "problems": problems,
                "sockets_cut": cut,
+               # ops that reached the applier again and were skipped by seq: a frame
+               # moved from the handoff to the durable queue while being applied, or
+               # sent again after a reconnect (never applied twice: see ops_applied)
+               "repeats_skipped": after["ops_skipped"] - before["ops_skipped"],
                "link": {k: link[k] for k in ("in", "lost", "duplicated", "reordered", "down_dropped")}}
         return res
 
@@ -257,7 +258,7 @@ def run(kinds=tuple(KINDS), trials: int = 1, seconds: float = 5, pace: float = 0
     times, ops, reconnects, and the forwarder's counters."""
     tmp = Path(tempfile.mkdtemp(prefix="smirror-netfaults-", dir=workdir))
     results = {k: {"kind": k, "trials": 0, "failures": [], "times": [], "ops": 0, "reconnects": 0,
-                   "flaps": 0, "link": {}} for k in kinds}
+                   "flaps": 0, "repeats_skipped": 0, "link": {}} for k in kinds}
     bench = None
     try:
         bench = Bench(tmp, seed, out)
@@ -269,6 +270,7 @@ def run(kinds=tuple(KINDS), trials: int = 1, seconds: float = 5, pace: float = 0
                 agg["ops"] += r["ops"]
                 agg["reconnects"] += r["reconnects"]
                 agg["flaps"] += r["flaps"]
+                agg["repeats_skipped"] += r["repeats_skipped"]
                 for k, v in r["link"].items():
                     agg["link"][k] = agg["link"].get(k, 0) + v
                 if r["converged_s"] is None:
@@ -279,7 +281,7 @@ def run(kinds=tuple(KINDS), trials: int = 1, seconds: float = 5, pace: float = 0
                 else:
                     agg["times"].append(r["converged_s"])
                     print(f"trial {i} {kind}: {r['ops']} ops, {r['flaps']} flaps, {r['sockets_cut']} sockets cut, "
-                          f"{r['reconnects']} reconnects, converged in {r['converged_s']:.2f} s; link {r['link']}",
+                          f"{r['reconnects']} reconnects, {r['repeats_skipped']} repeats skipped, converged in {r['converged_s']:.2f} s; link {r['link']}",
                           file=out, flush=True)
     finally:
         if bench is not None:
@@ -292,11 +294,11 @@ def results_table(results) -> str:
     rows = []
     for r in results.values():
         t = r["times"]
-        rows.append([DESCRIBE[r["kind"]], r["trials"], len(t), r["ops"], r["reconnects"],
+        rows.append([DESCRIBE[r["kind"]], r["trials"], len(t), r["ops"], r["reconnects"], r["repeats_skipped"],
                      f"{percentile(t, 50):.1f}", f"{max(t):.1f}" if t else "-",
                      r["link"].get("lost", 0) + r["link"].get("down_dropped", 0),
                      r["link"].get("duplicated", 0), r["link"].get("reordered", 0)])
-    return table(rows, ["fault", "trials", "converged", "ops applied", "reconnects",
+    return table(rows, ["fault", "trials", "converged", "ops applied", "reconnects", "repeats skipped",
                         "converge p50 s", "max s", "packets dropped", "duplicated", "overtaking"])
 
 
