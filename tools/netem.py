@@ -150,7 +150,10 @@ class Forwarder:
         for k, v in faults.items():
             if k not in FAULTS:
                 raise ValueError(f"unknown fault {k!r} (known: {', '.join(FAULTS)})")
-            v = float(v)
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"fault {k}={v!r}: not a number") from None
             if v < 0 or (k in ("loss", "reorder", "duplicate") and v > 1):
                 raise ValueError(f"fault {k}={v}: out of range")
             self.faults[k] = v
@@ -202,6 +205,9 @@ class Forwarder:
             return {}
         verb, args = words[0], words[1:]
         if verb == "set":
+            bad = [a for a in args if "=" not in a]
+            if bad:
+                raise ValueError(f"set {bad[0]!r}: expected NAME=VALUE")
             self.set(**dict(a.split("=", 1) for a in args))
         elif verb == "down":
             self.link_up = False

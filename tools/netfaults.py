@@ -130,8 +130,8 @@ class NetnsDaemon(Node):
 class Bench:
     """The two daemons and the link between them, for any number of trials."""
 
-    def __init__(self, tmp: Path, seed: int, out=sys.stdout):
-        self.tmp, self.out = tmp, out
+    def __init__(self, tmp: Path, seed: int):
+        self.tmp = tmp
         self.rng = random.Random(seed)
         self.pair = NetemPair(f"{os.getpid() % 10000}", seed=seed).__enter__()
         try:
@@ -261,7 +261,7 @@ def run(kinds=tuple(KINDS), trials: int = 1, seconds: float = 5, pace: float = 0
                    "flaps": 0, "repeats_skipped": 0, "link": {}} for k in kinds}
     bench = None
     try:
-        bench = Bench(tmp, seed, out)
+        bench = Bench(tmp, seed)
         for i in range(trials):
             for kind in kinds:
                 r = bench.trial(kind, seconds, pace, deadline)
