@@ -858,7 +858,11 @@ class TargetConnection:
                 "in_use": self.gate.stats if self.gate is not None else None,
                 "marks": dict(self.marks), "alert": alert,
                 "error": self.error, "seq_received": self.received_seq,
-                "seq_applied": self.applier.applied_seq, "queue_mem_bytes": q.mem_bytes,
+                "seq_applied": self.applier.applied_seq,
+                # ops applied / skipped as already applied, since the daemon started:
+                # with seq_applied they show a stream applied with no gap and no repeat
+                "ops_applied": self.applier.stats["ops"], "ops_skipped": self.applier.stats["skipped"],
+                "queue_mem_bytes": q.mem_bytes,
                 "queue_disk_bytes": q.disk_bytes, "handoff_bytes": self._through_bytes,
                 "frames_received": self.frames_received,
                 "bytes_received": self.bytes_received, "paused": self._paused.is_set(),
