@@ -42,7 +42,7 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
 from daemons import PASSWORD, Node  # noqa: E402
 from faults import Background, env_for, fs_workload, percentile, rsync_diff, table  # noqa: E402
 from netem import NetemPair, in_netns, unavailable  # noqa: E402
-from smirror.control import Client  # noqa: E402
+from smirror.daemon.control import Client  # noqa: E402
 from smirror.errors import SmirrorError  # noqa: E402
 
 DEADLINE = 90.0
