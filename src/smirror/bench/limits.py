@@ -1,0 +1,50 @@
+"""The one place smbench turns a memory size into engine settings.
+
+Today the engine has per-queue limits (``[queues] source_memory_limit`` /
+``target_memory_limit``, ``Replication(source_memory_limit=...,
+target_memory_limit=...)``); a per-daemon budget (``[memory] limit``) is
+coming. Every smbench run, the tuner's recommendation and ``advise`` go
+through these functions, so switching to the budget is a change here only.
+"""
+from __future__ import annotations
+
+from ..units import format_size
+
+MiB = 1 << 20
+# "no limit" for a reference run: far above anything a bench run queues
+UNBOUNDED = 64 << 30
+
+
+def replication_kwargs(source: int, target: int, disk: int) -> dict:
+    """Keyword arguments of ``Replication(...)`` for these limits (bytes)."""
+    return {"source_memory_limit": source, "target_memory_limit": target,
+            "disk_queue_limit": disk}
+
+
+def daemon_config(role: str, memory: int, disk: int) -> str:
+    """TOML text for a daemon of ``role`` (source or target) with ``memory``
+    bytes for its queues."""
+    return (f"[queues]\n{role}_memory_limit = {memory}\n"
+            f"disk_queue_limit = {disk}\nmin_free_space = 0\n")
+
+
+def config_lines(source: int | None, target: int | None) -> list[str]:
+    """The lines a user puts in each daemon's config for these limits."""
+    lines = []
+    if source is not None:
+        lines.append(f'source daemon:  [queues] source_memory_limit = "{size_text(source)}"')
+    if target is not None:
+        lines.append(f'target daemon:  [queues] target_memory_limit = "{size_text(target)}"')
+    return lines
+
+
+def size_text(n: int) -> str:
+    """A size as a config value: whole MiB when it is at least 1 MiB
+    (rounded up: a limit is a floor of what the run needs), else KiB."""
+    if n >= MiB:
+        return f"{-(-n // MiB)}MiB"
+    return f"{-(-n // 1024)}KiB"
+
+
+def human(n: int | None) -> str:
+    return "-" if n is None else format_size(int(n))
