@@ -24,6 +24,10 @@ class BenchError(SmirrorError):
     """A bench run could not be set up or did not finish."""
 
 
+class BenchUsageError(BenchError):
+    """A request smbench cannot run as asked (bad input: exit 2)."""
+
+
 class EmbeddedPair:
     """``smirror.Replication`` with library-API capture: source and target
     engines in this process, joined by a socket pair."""

@@ -167,9 +167,11 @@ def _result(workload, mode, p, smem, tmem, wl, pair, sampler, prober, t0, t_writ
     }
 
 
-def run_direct(workload: str, params: Params, base_dir=None) -> dict:
+def run_direct(workload: str, params: Params, base_dir=None, after=None) -> dict:
     """The baseline: the same workload written straight to the same disk,
-    no replication. Its throughput is what the disk and this machine give."""
+    no replication. Its throughput is what the disk and this machine give.
+    ``after(root)`` runs on the tree it made (the rsync baseline), before
+    it is removed."""
     work = Path(tempfile.mkdtemp(prefix=f"smbench-direct-{workload}-", dir=base_dir))
     try:
         root = work / "src"
@@ -184,7 +186,7 @@ def run_direct(workload: str, params: Params, base_dir=None) -> dict:
         return {"baseline": "direct", "workload": workload, "bytes_written": wl.bytes_written,
                 "ops": wl.ops, "elapsed_s": round(elapsed, 4),
                 "throughput_mb_s": round(wl.bytes_written / elapsed / 1e6, 3),
-                "tree_bytes": _tree_bytes(root), "_root": None}
+                "tree_bytes": _tree_bytes(root), "after": after(root) if after else None}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
