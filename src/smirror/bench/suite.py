@@ -59,8 +59,12 @@ def run_suite(*, quick: bool = False, mode: str = "embedded", repeats: int | Non
                      "host": host_info()},
            "workloads": {}}
     for name in workloads:
-        runs = []
+        runs, directs = [], []
         for i in range(repeats):
+            if baselines:
+                # baseline and smirror alternate, so drift on a shared machine hits both
+                directs.append(run_direct(name, p, base_dir=base_dir,
+                                          after=rsync_copy if name in RSYNC_FOR and i == 0 else None))
             r = run(name, mode=mode, params=p, base_dir=base_dir, progress=progress)
             runs.append(r)
             say(f"{name} run {i + 1}/{repeats}: {r['throughput_mb_s']:.1f} MB/s, lag p99 "
@@ -70,23 +74,31 @@ def run_suite(*, quick: bool = False, mode: str = "embedded", repeats: int | Non
         summary = {m: summarize([get(r) for r in runs]) for m, (get, _) in METRICS.items()}
         base = {"direct": None, "rsync": None, "lsyncd": None}
         if baselines:
-            base["direct"] = run_direct(name, p, base_dir=base_dir,
-                                        after=rsync_copy if name in RSYNC_FOR else None)
-            base["rsync"] = base["direct"].pop("after")
+            rsync = directs[0].pop("after")
+            for d in directs[1:]:
+                d.pop("after")
+            base["direct"] = dict(directs[0], runs=directs,
+                                  throughput_mb_s=statistics.fmean(d["throughput_mb_s"] for d in directs))
+            if name in RSYNC_FOR:
+                base["rsync"] = rsync or {"baseline": "rsync", "skipped": "rsync is not installed"}
             if name in LSYNCD_FOR:
-                base["lsyncd"] = lsyncd_run(name, p, base_dir=base_dir,
-                                            match_timeout=15.0 if quick else 60.0)
+                base["lsyncd"] = (lsyncd_run(name, p, base_dir=base_dir,
+                                             match_timeout=15.0 if quick else 60.0)
+                                  or {"baseline": "lsyncd", "skipped": "lsyncd or rsync is not installed"})
         mine = summary["throughput_mb_s"]["mean"]
         ratios = {k: (round(mine / b["throughput_mb_s"], 3)
                       if b and b.get("throughput_mb_s") and mine else None) for k, b in base.items()}
         out["workloads"][name] = {"runs": runs, "summary": summary, "baselines": base,
                                   "ratios": ratios}
-        say(f"{name}: smirror {mine:.1f} MB/s; "
-            + ", ".join(f"{k} {b['throughput_mb_s']:.1f} MB/s (ratio {ratios[k]:.2f})"
-                        if b and b.get("throughput_mb_s") else
-                        f"{k} {'not installed' if b is None and baselines else b.get('error', '-') if b else '-'}"
-                        for k, b in base.items()))
+        say(f"{name}: smirror {_num(mine)} MB/s; "
+            + ", ".join(_baseline_text(k, b, ratios[k]) for k, b in base.items() if b))
     return out
+
+
+def _baseline_text(kind: str, b: dict, ratio) -> str:
+    if b.get("throughput_mb_s"):
+        return f"{kind} {b['throughput_mb_s']:.1f} MB/s (smirror/{kind} {ratio:.2f})"
+    return f"{kind}: {b.get('skipped') or b.get('error', 'no figure')}"
 
 
 def _num(v) -> str:
