@@ -249,6 +249,9 @@ def main(argv=None) -> int:
         from ..errors import ConfigError
         print(f"smbench: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+    except OSError as exc:
+        print(f"smbench: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("smbench: interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,10 @@ def _entries(root: str) -> dict[str, os.stat_result]:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
-            out[os.path.relpath(p, root)] = os.lstat(p)
+            try:
+                out[os.path.relpath(p, root)] = os.lstat(p)
+            except FileNotFoundError:
+                pass     # gone while we walked (a live tree, a tool's temporary file)
     return out
 
 
@@ -47,6 +50,11 @@ def compare_trees(src, dst, limit: int = 10) -> list[str]:
                 out.append(f"{rel}: {sa.st_size} bytes on the source, {sb.st_size} on the target")
             elif sa.st_mtime_ns != sb.st_mtime_ns:
                 out.append(f"{rel}: mtime differs")
-            elif not _same_content(os.path.join(src, rel), os.path.join(dst, rel)):
-                out.append(f"{rel}: content differs")
+            else:
+                try:
+                    same = _same_content(os.path.join(src, rel), os.path.join(dst, rel))
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    out.append(f"{rel}: content differs")
     return out
