@@ -4,7 +4,8 @@ auto-disconnect, the lag SLO met and (optionally) nothing spilled to disk.
 
 One side is searched at a time, the other left unbounded: a reference run
 with both unbounded gives the throughput to keep and the side's peak queue
-bytes; the search starts at that peak (verified), halves until a trial
+bytes; the search starts at the power of two at or above that peak
+(verified), halves until a trial
 fails (coarse geometric steps), then bisects between the last pass and the
 first fail until they are within ``resolution`` of each other. The
 recommendation is the smallest limit that passed.
@@ -109,8 +110,9 @@ def tune(workload: str, *, mode: str = "embedded", params: Params | None = None,
 
     recommended: dict[str, int] = {}
     for side in sides:
-        # the peak an unbounded run queued: a limit at it behaves as unbounded
-        hi = _up(reference[side]["queue_mem_peak"])
+        # from the power of two at or above the peak an unbounded run queued
+        # (a limit there behaves as unbounded), verified
+        hi = max(MIN_LIMIT, 1 << (reference[side]["queue_mem_peak"] - 1).bit_length())
         while not trial(side, hi).ok:
             if hi >= limits.UNBOUNDED // 2:
                 raise BenchError(f"no {side} memory limit meets the criteria")
