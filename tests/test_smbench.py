@@ -83,7 +83,9 @@ def _num(v, lo=0.0):
 
 def check_side(side: dict, shared: bool):
     assert set(side) == {"memory_limit", "queue_mem_peak", "queue_disk_peak", "spilled_frames",
-                         "rss_idle", "rss_peak", "rss_growth", "cpu_s"}
+                         "rss_idle", "rss_peak", "rss_growth", "cpu_s", "rss_growth_allowed",
+                         "rss_within_limit"}
+    assert side["rss_growth_allowed"] is None and side["rss_within_limit"] is None   # unbounded
     assert side["memory_limit"] == limits.UNBOUNDED
     for k in ("queue_mem_peak", "queue_disk_peak", "rss_growth", "cpu_s"):
         assert _num(side[k]), (k, side)
@@ -136,7 +138,7 @@ def check_summary(summary: dict, runs: list):
         assert set(s) == {"mean", "min", "max", "spread", "n"}
         assert s["n"] == len(runs) == 2
         assert s["min"] <= s["mean"] <= s["max"]
-        assert s["spread"] is None or s["spread"] >= 0
+        assert s["spread"] is None or s["spread"] == pytest.approx(s["max"] / s["min"] - 1)
     assert summary["throughput_mb_s"]["mean"] == pytest.approx(
         sum(r["throughput_mb_s"] for r in runs) / 2)
 
@@ -191,7 +193,7 @@ def test_quick_suite_within_60_s_with_every_json_field_checked(tmp_path):
     assert same.returncode == 0 and "no regression" in same.stdout, same.stdout + same.stderr
     slower = json.loads(out.read_text())
     t = slower["workloads"]["bulk"]["summary"]["throughput_mb_s"]
-    t["mean"] /= 3
+    t["mean"] = t["mean"] * t["min"] / t["max"] / 2     # twice as far down as the repeats spread
     (tmp_path / "slower.json").write_text(json.dumps(slower))
     r = smbench("compare", out, tmp_path / "slower.json", "--json", tmp_path / "cmp.json")
     assert r.returncode == 1 and "REGRESSION" in r.stdout, r.stdout + r.stderr
@@ -247,3 +249,23 @@ def test_run_in_daemons_mode_pauses_the_target_daemon_and_measures_each_side(tmp
         assert data[side]["spilled_frames"] is None      # the daemons' status does not count them
     assert data["source"]["rss_idle"] != data["target"]["rss_idle"]   # two processes
     assert "backup-window (daemons)" in r.stdout and "drain after resume" in r.stdout
+
+
+def test_a_bounded_run_spills_past_its_limits_and_checks_rss_against_them(tmp_path):
+    """A paused 16 MiB burst with a 2 MiB target queue: the queue holds at
+    most its limit plus one frame in memory (invariant 4), spills the rest,
+    and the RSS growth is judged against the limits plus the stated overhead."""
+    r = smbench("run", "burst", "--quick", "--duration", "2s", "--pause-target",
+                "--source-memory", "4MiB", "--target-memory", "2MiB", "--json", tmp_path / "r.json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    t = data["target"]
+    assert t["memory_limit"] == 2 * MiB and data["source"]["memory_limit"] == 4 * MiB
+    assert t["spilled_frames"] > 0 and t["queue_disk_peak"] >= 14 * MiB
+    assert t["queue_mem_peak"] <= 2 * MiB + MiB + 4096          # limit + one frame
+    assert data["target_equals_source"] is True
+    allowed = 6 * MiB + limits.RSS_OVERHEAD                     # one process: both limits
+    for side in ("source", "target"):
+        assert data[side]["rss_growth_allowed"] == allowed
+        assert data[side]["rss_within_limit"] is (data[side]["rss_growth"] <= allowed)
+    assert "RSS growth allowed" in r.stdout

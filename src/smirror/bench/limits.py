@@ -15,6 +15,26 @@ MiB = 1 << 20
 UNBOUNDED = 64 << 30
 
 
+# RSS a process may grow by beyond its queue memory limits: what the
+# per-queue limits do not cover (the frame being built, sent, received and
+# applied, the target's handoff, socket buffers, the interpreter's own
+# allocations). Provisional: the engine-wide budget ([memory] limit) states
+# its own overhead, and this becomes that figure.
+RSS_OVERHEAD = 48 * MiB
+
+
+def rss_allowed(source: int, target: int, shared: bool) -> tuple[int | None, int | None]:
+    """The RSS growth allowed to the source's and the target's process
+    (None: unbounded, nothing to check). One process holding both sides
+    (embedded) is allowed both limits and one overhead."""
+    def one(limit: int) -> int | None:
+        return None if limit >= UNBOUNDED else limit + RSS_OVERHEAD
+    if shared:
+        both = None if max(source, target) >= UNBOUNDED else source + target + RSS_OVERHEAD
+        return both, both
+    return one(source), one(target)
+
+
 def replication_kwargs(source: int, target: int, disk: int) -> dict:
     """Keyword arguments of ``Replication(...)`` for these limits (bytes)."""
     return {"source_memory_limit": source, "target_memory_limit": target,

@@ -95,6 +95,7 @@ def run_table(r: dict) -> str:
         ("RSS peak (growth)", f"{_size(s['rss_peak'])} (+{_size(s['rss_growth'])}) / "
                               f"{_size(t['rss_peak'])} (+{_size(t['rss_growth'])})"
                               + ("  one process" if r["shared_process"] else "")),
+        ("RSS growth allowed", f"{_allowed(s)} / {_allowed(t)}"),
         ("CPU", f"{r['cpu_s']:.2f} s, " + ("-" if r["cpu_s_per_gb"] is None
                                           else f"{r['cpu_s_per_gb']:.1f} s per GB")),
         ("bytes sent", _size(r["bytes_sent"])),
@@ -107,6 +108,13 @@ def run_table(r: dict) -> str:
         rows.append(("errors", "; ".join(r["errors"])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _allowed(side: dict) -> str:
+    if side["rss_growth_allowed"] is None:
+        return "- (unbounded)"
+    verdict = "ok" if side["rss_within_limit"] else "VIOLATION"
+    return f"{_size(side['rss_growth_allowed'])} {verdict}"
 
 
 def _n(v) -> str:

@@ -3,7 +3,12 @@ checked (the target must equal the source), as a result dict whose fields
 ``report`` prints and ``--json`` writes."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -65,8 +70,37 @@ class _Prober:
 
 def run(workload: str, *, mode: str = "embedded", source_memory: int = limits.UNBOUNDED,
         target_memory: int = limits.UNBOUNDED, params: Params | None = None, base_dir=None,
-        progress=None, keep: bool = False) -> dict:
-    """Run ``workload`` once; the result dict (see docs/smbench.md)."""
+        progress=None) -> dict:
+    """Run ``workload`` once; the result dict (see docs/smbench.md).
+
+    An embedded run happens in a fresh process (``smirror.bench.child``):
+    its RSS is then the engine's alone, not what earlier runs of this
+    process left in the allocator. Daemons are processes of their own."""
+    if workload not in WORKLOADS:
+        raise BenchError(f"unknown workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
+    if mode != "embedded":
+        return measure(workload, mode=mode, source_memory=source_memory, target_memory=target_memory,
+                       params=params, base_dir=base_dir, progress=progress)
+    request = {"workload": workload, "source_memory": source_memory, "target_memory": target_memory,
+               "params": dataclasses.asdict(params or Params()),
+               "base_dir": os.fspath(base_dir) if base_dir else None, "live": progress is not None}
+    # stderr is inherited: the child draws the live line on this terminal
+    proc = subprocess.run([sys.executable, "-m", "smirror.bench.child"], input=json.dumps(request),
+                          stdout=subprocess.PIPE, text=True, timeout=DRAIN_TIMEOUT * 3)
+    try:
+        reply = json.loads(proc.stdout)
+    except ValueError:
+        raise BenchError(f"the {workload} run's process ended with status {proc.returncode} "
+                         "and no result") from None
+    if "error" in reply:
+        raise BenchError(reply["error"])
+    return reply["result"]
+
+
+def measure(workload: str, *, mode: str = "embedded", source_memory: int = limits.UNBOUNDED,
+            target_memory: int = limits.UNBOUNDED, params: Params | None = None, base_dir=None,
+            progress=None, keep: bool = False) -> dict:
+    """One run in this process."""
     if workload not in WORKLOADS:
         raise BenchError(f"unknown workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
     p = params or Params()
@@ -132,6 +166,10 @@ def _result(workload, mode, p, smem, tmem, wl, pair, sampler, prober, t0, t_writ
             "rss_growth": sampler.rss_peak[i] - sampler.rss_idle[i],
             "cpu_s": round(sampler.cpu[i], 3),
         }
+    allowed = limits.rss_allowed(smem, tmem, pair.shared_process)
+    for side, limit in zip(SIDES, allowed):
+        sides[side]["rss_growth_allowed"] = limit
+        sides[side]["rss_within_limit"] = None if limit is None else sides[side]["rss_growth"] <= limit
     cpu_total = sampler.cpu[0] if pair.shared_process else sum(sampler.cpu)
     gb = wl.bytes_written / 1e9
     errors = [e for e in [run_error, prober.error, *sampler.errors] if e]
@@ -192,5 +230,4 @@ def run_direct(workload: str, params: Params, base_dir=None, after=None) -> dict
 
 
 def _tree_bytes(root) -> int:
-    import os
     return sum(os.lstat(os.path.join(d, f)).st_size for d, _, fs in os.walk(root) for f in fs)

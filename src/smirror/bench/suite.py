@@ -44,9 +44,9 @@ def summarize(values: list[float | None]) -> dict:
     if not v:
         return {"mean": None, "min": None, "max": None, "spread": None, "n": 0}
     mean = statistics.fmean(v)
-    return {"mean": mean, "min": min(v), "max": max(v), "n": len(v),
-            # run-to-run noise: the range of the repeats as a share of their mean
-            "spread": (max(v) - min(v)) / mean if mean and len(v) > 1 else None}
+    # run-to-run noise: how far apart the repeats are, max / min - 1
+    spread = (max(v) / min(v) - 1 if min(v) > 0 else None) if len(v) > 1 else None
+    return {"mean": mean, "min": min(v), "max": max(v), "n": len(v), "spread": spread}
 
 
 def run_suite(*, quick: bool = False, mode: str = "embedded", repeats: int | None = None,
@@ -137,11 +137,12 @@ def _ratio(v) -> str:
 # -- compare ----------------------------------------------------------------------
 
 def compare(old: dict, new: dict) -> dict:
-    """Per workload and metric: old and new means, the change, the noise
-    (the larger run-to-run spread of the two results) and a verdict:
-    ``regression`` / ``improved`` when the change is beyond the noise (and
-    NOISE_FLOOR) in the bad / good direction, else ``same``. With one run
-    per side the noise is unknown and nothing is flagged."""
+    """Per workload and metric: old and new means, the change (new / old - 1),
+    the noise (the larger run-to-run spread, max / min - 1, of the two
+    results) and a verdict: ``regression`` / ``improved`` when the means are
+    further apart than the repeats of either result (and NOISE_FLOOR) in the
+    bad / good direction, else ``same``. With one run per side the noise is
+    unknown and nothing is flagged."""
     rows = []
     for name in new["workloads"]:
         if name not in old["workloads"]:
@@ -149,19 +150,21 @@ def compare(old: dict, new: dict) -> dict:
         so, sn = old["workloads"][name]["summary"], new["workloads"][name]["summary"]
         for metric, (_, higher_better) in METRICS.items():
             a, b = so.get(metric), sn.get(metric)
-            if not a or not b or a["mean"] is None or b["mean"] is None:
+            if not a or not b or not a["mean"] or not b["mean"] or a["mean"] < 0 or b["mean"] < 0:
                 continue
-            change = (b["mean"] - a["mean"]) / a["mean"] if a["mean"] else None
+            ratio = b["mean"] / a["mean"]
             spreads = [s for s in (a["spread"], b["spread"]) if s is not None]
             noise = max(spreads) if spreads else None
-            verdict = "same"
-            if change is not None and noise is not None and abs(change) > max(noise, NOISE_FLOOR):
-                good = (change > 0) == higher_better
-                verdict = "improved" if good else "regression"
-            elif noise is None:
-                verdict = "noise unknown"
+            verdict = "noise unknown"
+            if noise is not None:
+                # compared as ratios: a halving and a doubling are the same distance
+                beyond = max(1 + noise, 1 + NOISE_FLOOR)
+                if ratio > beyond or ratio < 1 / beyond:
+                    verdict = "improved" if (ratio > 1) == higher_better else "regression"
+                else:
+                    verdict = "same"
             rows.append({"workload": name, "metric": metric, "old": a["mean"], "new": b["mean"],
-                         "change": change, "noise": noise, "verdict": verdict})
+                         "change": ratio - 1, "noise": noise, "verdict": verdict})
     return {"rows": rows, "regressions": [r for r in rows if r["verdict"] == "regression"]}
 
 
