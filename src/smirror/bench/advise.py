@@ -8,8 +8,9 @@ So RAM is split three ways on purpose: the application gets a fixed share
 operating system and everything else the rest (256 MB) - and nothing may
 add up to more than the RAM, or the machine swaps when it can least afford
 to. Here the split is RAM minus what the largest processes hold now (or the
-reserve asked for), half of what is left for the engine's queues, at most a
-quarter of RAM, as in the note.
+reserve asked for) and a quarter for the system; the engine gets what is
+left, at most a quarter of RAM, as in the note; its queues get that share
+minus what the daemon holds itself (``limits.queue_limit_for``).
 """
 from __future__ import annotations
 
@@ -42,11 +43,14 @@ def advise(app_reserve: int | None = None) -> dict:
     free_for_engine = max(0, ram - app - os_share)
     engine = min(ram // 4, free_for_engine)     # the note gives the engine a quarter of RAM
     engine = max(engine, 0) // MiB * MiB
-    # source and target each get the engine's share on their own machine
+    # of the engine's share, the daemon itself holds its idle RSS and the
+    # overhead above its queues; the rest is the queue memory limit
+    queues = limits.queue_limit_for(engine)
     return {"ram": ram, "available": vm.available, "largest_processes": top,
             "app_reserve": app, "app_reserve_given": app_reserve is not None,
-            "os_share": os_share, "engine": engine,
-            "config_lines": limits.config_lines(engine, engine) if engine else []}
+            "os_share": os_share, "engine": engine, "daemon_idle": limits.DAEMON_IDLE_RSS,
+            "overhead": limits.RSS_OVERHEAD, "queue_limit": queues,
+            "config_lines": limits.config_lines(queues, queues) if queues else []}
 
 
 def text(a: dict) -> str:
@@ -65,9 +69,11 @@ def text(a: dict) -> str:
         "",
         f"on this machine: application {f(a['app_reserve'])} ({how}),",
         f"  operating system and the rest {f(a['os_share'])} (a quarter of RAM, at least 256 MiB),",
-        f"  engine {f(a['engine'])} (what is left, at most a quarter of RAM)",
+        f"  engine {f(a['engine'])} (what is left, at most a quarter of RAM):",
+        f"    the daemon itself {f(a['daemon_idle'])} idle + {f(a['overhead'])} working above its queues,",
+        f"    queue memory limit {f(a['queue_limit'])}",
     ]
-    if a["engine"] < 16 * MiB:
+    if a["queue_limit"] < 16 * MiB:
         lines.append("  too little is left for the engine: its queues will spill to disk under load; "
                      "lower the application's share or add RAM")
     if a["config_lines"]:

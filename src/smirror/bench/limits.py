@@ -23,6 +23,18 @@ UNBOUNDED = 64 << 30
 RSS_OVERHEAD = 48 * MiB
 
 
+# an idle `smirror serve` with a watched replication set, measured by
+# `smbench run --mode daemons` on the build machine (source role; a target
+# alone is about 40 MiB): what a daemon holds before its queues hold anything
+DAEMON_IDLE_RSS = 72 * MiB
+
+
+def queue_limit_for(engine_share: int) -> int:
+    """The queue memory limit that keeps a daemon within ``engine_share``
+    of RAM: the share minus its idle RSS and the overhead above its queues."""
+    return max(0, engine_share - DAEMON_IDLE_RSS - RSS_OVERHEAD) // MiB * MiB
+
+
 def rss_allowed(source: int, target: int, shared: bool) -> tuple[int | None, int | None]:
     """The RSS growth allowed to the source's and the target's process
     (None: unbounded, nothing to check). One process holding both sides
