@@ -272,3 +272,23 @@ def test_a_bounded_run_spills_past_its_limits_and_checks_rss_against_them(tmp_pa
         assert data[side]["rss_growth_allowed"] == allowed
         assert data[side]["rss_within_limit"] is (data[side]["rss_growth"] <= allowed)
     assert "RSS growth allowed" in r.stdout
+
+
+def test_auto_disconnects_are_counted_and_the_target_converges_after_them(tmp_path):
+    """Queues of 1 MiB in memory and 2 MiB on disk cannot hold a backup
+    window's backlog: the source daemon auto-disconnects (counted), and after
+    the resume it reconnects and remirrors, so the target still ends equal."""
+    r = smbench("run", "backup-window", "--mode", "daemons", "--quick", "--duration", "4s",
+                "--disk-limit", "2MiB", "--source-memory", "1MiB", "--target-memory", "1MiB",
+                "--json", tmp_path / "r.json", timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["params"]["disk_limit"] == 2 * MiB
+    assert data["auto_disconnects"] >= 1
+    assert data["target_equals_source"] is True and data["errors"] == []
+    assert data["source"]["queue_disk_peak"] <= 2 * MiB + 64 * 1024
+
+
+def test_disk_limit_must_be_a_size_of_at_least_1_mib():
+    r = smbench("run", "oltp", "--disk-limit", "100KiB")
+    assert r.returncode == 2 and "--disk-limit must be at least 1MiB" in r.stderr, r.stderr

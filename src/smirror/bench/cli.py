@@ -49,6 +49,8 @@ def _workload_args(p, duration_default: str = "30s") -> None:
     p.add_argument("--burst-size", help="burst: bytes of the burst (default 256MiB x scale)")
     p.add_argument("--pause-target", action="store_true",
                    help="burst: the target is paused during the burst, resumed after it")
+    p.add_argument("--disk-limit", help="disk queue limit of each queue (default 8GiB); past it "
+                                        "the connection auto-disconnects")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +124,15 @@ def _params(a) -> Params:
                   burst_size=burst, pause_target=a.pause_target)
 
 
+def _disk(a) -> dict:
+    if not a.disk_limit:
+        return {}
+    disk = parse_size(a.disk_limit, "--disk-limit")
+    if disk < 1 << 20:
+        raise UsageError(f"--disk-limit must be at least 1MiB, got {a.disk_limit!r}")
+    return {"disk_limit": disk}
+
+
 def _write_json(path, data) -> None:
     from .report import write_json
     try:
@@ -144,7 +155,7 @@ def cmd_run(a) -> int:
     smem = parse_size(a.source_memory, "--source-memory") if a.source_memory else limits.UNBOUNDED
     tmem = parse_size(a.target_memory, "--target-memory") if a.target_memory else limits.UNBOUNDED
     r = run(a.workload, mode=a.mode, source_memory=smem, target_memory=tmem, params=params,
-            progress=LiveLine())
+            progress=LiveLine(), **_disk(a))
     print(run_table(r))
     if a.json:
         _write_json(a.json, r)
@@ -162,7 +173,7 @@ def cmd_tune(a) -> int:
     if a.plot:
         check_plot_support()          # before minutes of trials, not after
     result = tune(a.workload, mode=a.mode, params=params, criteria=criteria,
-                  sides=TUNE_SIDES[a.side], resolution=resolution,
+                  sides=TUNE_SIDES[a.side], resolution=resolution, disk_limit=_disk(a).get("disk_limit"),
                   say=lambda line: print(line, flush=True))
     print("\nrecommended:")
     for line in result["config_lines"]:

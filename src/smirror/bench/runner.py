@@ -22,7 +22,7 @@ from .verify import compare_trees
 from .workloads import WORKLOADS, NullCtl, Params, Writer
 
 DRAIN_TIMEOUT = 300.0
-DISK_LIMIT = 8 << 30
+DISK_LIMIT = 8 << 30            # per queue, unless --disk-limit says otherwise
 PROBE_INTERVAL = {"embedded": 0.01, "daemons": 0.02}
 
 
@@ -70,7 +70,7 @@ class _Prober:
 
 def run(workload: str, *, mode: str = "embedded", source_memory: int = limits.UNBOUNDED,
         target_memory: int = limits.UNBOUNDED, params: Params | None = None, base_dir=None,
-        progress=None) -> dict:
+        progress=None, disk_limit: int = DISK_LIMIT) -> dict:
     """Run ``workload`` once; the result dict (see docs/smbench.md).
 
     An embedded run happens in a fresh process (``smirror.bench.child``):
@@ -80,13 +80,15 @@ def run(workload: str, *, mode: str = "embedded", source_memory: int = limits.UN
         raise BenchError(f"unknown workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
     if mode != "embedded":
         return measure(workload, mode=mode, source_memory=source_memory, target_memory=target_memory,
-                       params=params, base_dir=base_dir, progress=progress)
+                       params=params, base_dir=base_dir, progress=progress, disk_limit=disk_limit)
+    p = params or Params()
     request = {"workload": workload, "source_memory": source_memory, "target_memory": target_memory,
-               "params": dataclasses.asdict(params or Params()),
+               "disk_limit": disk_limit, "params": dataclasses.asdict(p),
                "base_dir": os.fspath(base_dir) if base_dir else None, "live": progress is not None}
     # stderr is inherited: the child draws the live line on this terminal
     proc = subprocess.run([sys.executable, "-m", "smirror.bench.child"], input=json.dumps(request),
-                          stdout=subprocess.PIPE, text=True, timeout=DRAIN_TIMEOUT * 3)
+                          stdout=subprocess.PIPE, text=True,
+                          timeout=p.duration + 2 * DRAIN_TIMEOUT + 300)
     try:
         reply = json.loads(proc.stdout)
     except ValueError:
@@ -99,7 +101,7 @@ def run(workload: str, *, mode: str = "embedded", source_memory: int = limits.UN
 
 def measure(workload: str, *, mode: str = "embedded", source_memory: int = limits.UNBOUNDED,
             target_memory: int = limits.UNBOUNDED, params: Params | None = None, base_dir=None,
-            progress=None, keep: bool = False) -> dict:
+            progress=None, keep: bool = False, disk_limit: int = DISK_LIMIT) -> dict:
     """One run in this process."""
     if workload not in WORKLOADS:
         raise BenchError(f"unknown workload {workload!r}: choose one of {', '.join(WORKLOADS)}")
@@ -107,7 +109,7 @@ def measure(workload: str, *, mode: str = "embedded", source_memory: int = limit
     work = Path(tempfile.mkdtemp(prefix=f"smbench-{workload}-", dir=base_dir))
     pair = None
     try:
-        pair = open_pair(mode, work, source_memory, target_memory, DISK_LIMIT)
+        pair = open_pair(mode, work, source_memory, target_memory, disk_limit)
         wl = WORKLOADS[workload](p)
         wl.setup(pair.writer)
         if not pair.wait_drained(DRAIN_TIMEOUT):
@@ -134,9 +136,11 @@ def measure(workload: str, *, mode: str = "embedded", source_memory: int = limit
         if progress is not None:
             progress.finish()
         differences = compare_trees(pair.src, pair.dst)
-        return _result(workload, mode, p, source_memory, target_memory, wl, pair, sampler, prober,
-                       t0, t_written, t_drained, drained, differences,
-                       auto_disconnects + sampler.last["auto_disconnects"], run_error)
+        result = _result(workload, mode, p, source_memory, target_memory, wl, pair, sampler, prober,
+                         t0, t_written, t_drained, drained, differences,
+                         auto_disconnects + sampler.last["auto_disconnects"], run_error)
+        result["params"]["disk_limit"] = disk_limit
+        return result
     finally:
         if progress is not None:
             progress.finish()

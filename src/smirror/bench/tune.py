@@ -76,18 +76,19 @@ def _up(n: int) -> int:
 
 def tune(workload: str, *, mode: str = "embedded", params: Params | None = None,
          criteria: Criteria | None = None, sides=("source", "target"), resolution: float = 0.05,
-         say=print, base_dir=None) -> dict:
+         say=print, base_dir=None, disk_limit: int | None = None) -> dict:
     c = criteria or Criteria()
     if c.no_spill and mode != "embedded":
         raise BenchUsageError("--no-spill needs --mode embedded: the daemons' status does not count "
                          "spilled frames")
     p = params or Params()
     trials: list[Trial] = []
+    disk = {} if disk_limit is None else {"disk_limit": disk_limit}
 
     def trial(side: str, limit: int) -> Trial:
         mem = {"source_memory": limits.UNBOUNDED, "target_memory": limits.UNBOUNDED}
         mem[f"{side}_memory"] = limit
-        r = run(workload, mode=mode, params=p, base_dir=base_dir, **mem)
+        r = run(workload, mode=mode, params=p, base_dir=base_dir, **mem, **disk)
         t = Trial(side, limit, r, False)
         t.reasons = judge(r, reference, side, c)
         t.ok = not t.reasons
@@ -95,7 +96,7 @@ def tune(workload: str, *, mode: str = "embedded", params: Params | None = None,
         say(t.line(len(trials), reference))
         return t
 
-    reference = run(workload, mode=mode, params=p, base_dir=base_dir)
+    reference = run(workload, mode=mode, params=p, base_dir=base_dir, **disk)
     say(f"reference (unbounded): {reference['throughput_mb_s']:.1f} MB/s, lag p99 "
         f"{reference['lag_ms']['p99'] or 0:.1f} ms, queue peaks in memory: source "
         f"{limits.human(reference['source']['queue_mem_peak'])}, target "
