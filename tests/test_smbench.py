@@ -216,10 +216,17 @@ def test_tune_finds_the_memory_a_paused_burst_needs_within_10_percent(tmp_path):
     queue: the memory it needs not to spill is the burst's size (plus a
     little framing), known by construction."""
     burst = 8 * MiB
+    try:
+        import matplotlib  # noqa: F401 - the optional extra 'bench'
+        plot = ["--plot", tmp_path / "tune.png"]
+    except ImportError:
+        plot = []
     r = smbench("tune", "burst", "--burst-size", burst, "--pause-target", "--duration", "2s",
                 "--side", "target", "--no-spill", "--slo-lag-p99", "off", "--throughput-within", "off",
-                "--json", tmp_path / "tune.json", timeout=300)
+                "--json", tmp_path / "tune.json", *plot, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    if plot:
+        assert (tmp_path / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads((tmp_path / "tune.json").read_text())
     found = result["recommended"]["target"]
     assert abs(found - burst) <= 0.10 * burst, (found, r.stdout)

@@ -31,13 +31,20 @@ class _Ctl:
 
     def __init__(self, pair, sampler: Sampler):
         self.pair, self.sampler = pair, sampler
+        self.paused = False
 
     def pause_target(self) -> None:
         self.pair.pause_target()
+        self.paused = True
 
     def resume_target(self) -> None:
         self.pair.resume_target()
+        self.paused = False
         self.sampler.mark_resumed()
+
+    def finish(self) -> None:
+        if self.paused:
+            self.resume_target()
 
 
 class _Prober:
@@ -120,21 +127,27 @@ def measure(workload: str, *, mode: str = "embedded", source_memory: int = limit
         if progress is not None:
             progress.start(workload, p.duration, wl, sampler)
         prober = _Prober(pair, PROBE_INTERVAL[mode]).start()
+        ctl = _Ctl(pair, sampler)
         auto_disconnects = 0
         run_error = ""
         t0 = time.monotonic()
         try:
-            wl.run(pair.writer, _Ctl(pair, sampler), t0)
-        except QueueFull as exc:
-            # the embedded engine's auto-disconnect: capture cannot queue more
-            auto_disconnects, run_error = 1, f"queue full: {exc}"
-        t_written = time.monotonic()
-        prober.stop()
-        drained = pair.wait_drained(DRAIN_TIMEOUT)
-        t_drained = time.monotonic()
-        sampler.stop()
-        if progress is not None:
-            progress.finish()
+            try:
+                wl.run(pair.writer, ctl, t0)
+            except QueueFull as exc:
+                # the embedded engine's auto-disconnect: capture cannot queue more
+                auto_disconnects, run_error = 1, f"queue full: {exc}"
+            finally:
+                ctl.finish()                # a run that stopped early leaves no target paused
+            t_written = time.monotonic()
+            prober.stop()
+            drained = pair.wait_drained(DRAIN_TIMEOUT)
+            t_drained = time.monotonic()
+        finally:
+            prober.stop()
+            sampler.stop()
+            if progress is not None:
+                progress.finish()
         differences = compare_trees(pair.src, pair.dst)
         result = _result(workload, mode, p, source_memory, target_memory, wl, pair, sampler, prober,
                          t0, t_written, t_drained, drained, differences,
