@@ -299,3 +299,19 @@ def test_auto_disconnects_are_counted_and_the_target_converges_after_them(tmp_pa
 def test_disk_limit_must_be_a_size_of_at_least_1_mib():
     r = smbench("run", "oltp", "--disk-limit", "100KiB")
     assert r.returncode == 2 and "--disk-limit must be at least 1MiB" in r.stderr, r.stderr
+
+
+def test_live_line_redraws_one_line_while_a_run_goes(tmp_path):
+    import io
+    from smirror.bench.report import LiveLine
+    from smirror.bench.runner import measure
+    from smirror.bench.workloads import Params
+    out = io.StringIO()
+    r = measure("oltp", params=Params(duration=1.0, quick=True), base_dir=tmp_path,
+                progress=LiveLine(stream=out, enabled=True))
+    assert r["target_equals_source"]
+    text = out.getvalue()
+    draws = text.split("\r")[1:]
+    assert len(draws) >= 3 and text.endswith("\n") and "\n" not in text[:-1]   # one line, redrawn
+    assert all(d.startswith("oltp  ") and "MB/s" in d and "lag p99" in d for d in draws)
+    assert "/1s" in draws[-1]
