@@ -184,7 +184,7 @@ class SmallFiles(Workload):
             elif what == "rewrite":
                 name = r.choice(files)
                 n = r.randint(4, 64) * KiB
-                w.write(name, 0, self.data(n))     # whole-file rewrite, at most as long
+                w.write(name, 0, self.data(n))     # rewritten from the start (a shorter one keeps the tail)
                 self._count(n)
             elif what == "rename":
                 i = r.randrange(len(files))
