@@ -16,10 +16,10 @@ from smirror.bench.suite import METRICS, SUITE
 MiB = 1 << 20
 
 
-def smbench(*args, timeout=300, cwd=None):
+def smbench(*args, timeout=300):
+    """The smbench command (the console script's module), as a user runs it."""
     return subprocess.run([sys.executable, "-m", "smirror.bench.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env={**os.environ, "TMPDIR": os.environ.get("TMPDIR", "/tmp")})
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_list_names_every_workload_with_one_line():
