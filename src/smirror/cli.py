@@ -63,8 +63,10 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         # are not loaded for it
         return parser
     from . import daemon_cli, replicate_cli
+    from .dtcl import cli as dtcl_cli
     replicate_cli.add_parser(sub)
     daemon_cli.add_parsers(sub)
+    dtcl_cli.add_parser(sub)
     return parser
 
 

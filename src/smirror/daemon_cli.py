@@ -462,12 +462,18 @@ def _ms(value) -> str:
 
 
 def run_status(args) -> int:
-    from .units import format_size
     with _client(args) as c:
         st = c.call("status")
     if args.json:
         _print(args, st, "")
         return EXIT_OK
+    print(status_text(st))
+    return EXIT_OK
+
+
+def status_text(st: dict) -> str:
+    """What 'smirror status' (and DTCL's status) prints of a status reply."""
+    from .units import format_size
     lines = [f"daemon {st['daemon']} on {st['listen']}" + ("  (target side PAUSED)" if st.get("paused") else "")]
     if st["sources"]:
         lines.append(f"{'ID':>3}  {'REPSET':<12} {'TARGET':<21} {'STATE':<12} {'CAPTURED':>9} "
@@ -534,5 +540,4 @@ def run_status(args) -> int:
                          f"{'  ' + r['error'] if r['error'] else ''}")
     if not st["sources"] and not st["targets"]:
         lines.append("no connections")
-    print("\n".join(lines))
-    return EXIT_OK
+    return "\n".join(lines)
