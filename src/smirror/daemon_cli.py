@@ -330,7 +330,15 @@ def run_repset(args) -> int:
 def _parse_connect(words, verb: str):
     """``REPSET to TARGET map base PATH [nomirror]`` (DTCL word order)."""
     from .errors import ConfigError
-    w = list(words)
+    # the note writes "PATH, nomirror" and "PATH nomirror": a comma separates
+    # options and is never part of a path
+    w = []
+    for word in words:
+        head, comma, tail = word.rpartition(",")
+        if comma and tail.lower() in ("", "nomirror"):
+            w += [part for part in (head.rstrip(","), tail) if part]
+        else:
+            w.append(word)
     nomirror = bool(w) and w[-1].lower() == "nomirror"
     if nomirror:
         w = w[:-1]
