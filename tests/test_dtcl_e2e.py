@@ -176,6 +176,7 @@ def test_runtime_failures_name_the_line_and_what_already_ran(tmp_path):
         assert r.returncode == 3 and "script.dtcl:1: login 127.0.0.1:1 as admin:" in r.stderr
         # a login from the saved session of 'smirror login', no password anywhere
         login(source, env)
-        r = dtcl(tmp_path, env, f"login {source.address} admin;\nsource {source.address};\nstatus 1;\n")
+        r = dtcl(tmp_path, env, f"login {source.address} admin;\nsource {source.address};\n"
+                                f"$C = conid data to {target.address} map base {dst};\n$D = $C;\nstatus $D;\n")
         assert "logged in to" in r.stdout and "REPSET" in r.stdout and "data" in r.stdout
         no_password_in_logs(source, target)

@@ -92,6 +92,13 @@ def test_more_errors_name_what_and_where():
     assert "mirror stop: smirror cannot stop" in error_of("login h u;\nmirror stop 1;\n")
 
 
+def test_a_password_is_masked_in_the_line_an_error_shows():
+    e = error_of('login h admin "hunter2" dom extra;\n')
+    assert "hunter2" not in e and 'login h admin "*******" dom extra;' in e
+    e = error_of('$Pass = "hunter2";\nlogin h admin $Pass;\n$X = $Pass; bogus;\n')
+    assert "hunter2" not in e and "$X = $Pass; bogus;" in e
+
+
 def test_the_windows_path_check_follows_a_variable():
     e = error_of('$Base = "d:\\\\replica";\nlogin h u;\nconnect r to t map base $Base;\n')
     assert e.startswith("s.dtcl:3:25: map base 'd:\\\\replica' is a Windows path ($Base is set on line 1)")

@@ -143,7 +143,9 @@ class Checker:
     def _set(self, st):
         value = st.args["value"]
         b = self._binding(value)
-        return Action(0, "set", None, {"binding": _Binding(b.kind, b.value, st.line)},
+        # "$D = $C;" with $C a connection id: D gets C's value when it runs
+        copy_of = value.text if b.kind == "conid" else None
+        return Action(0, "set", None, {"binding": _Binding(b.kind, b.value, st.line), "copy_of": copy_of},
                       summary=f"${st.assign.text} =")
 
     def _login(self, st):

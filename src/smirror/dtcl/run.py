@@ -73,6 +73,8 @@ class Runner:
 
     # -- statements ------------------------------------------------------------
     def _set(self, act):
+        if act.args["copy_of"]:
+            self.values[act.assign] = self.values[act.args["copy_of"]]
         return None
 
     def _source(self, act):
