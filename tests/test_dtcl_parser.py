@@ -215,3 +215,19 @@ def test_cli_interactive_reads_statements_up_to_each_semicolon():
 def test_the_examples_check(name):
     actions, checker = check_text((REFERENCE / name).read_text(), name)
     assert actions
+
+
+def test_cli_interactive_at_a_terminal_shows_an_error_and_goes_on():
+    import pty
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "smirror", "dtcl"], stdin=slave, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(slave)
+    # a statement over two lines, an error, then more input; ^D ends it
+    os.write(master, b'$A = "x";\nbogus;\n$B =\n  $A; $C = $Nope;\nsource h;\n\x04')
+    out, err = proc.communicate(timeout=60)
+    os.close(master)
+    assert proc.returncode == 2, err          # input went on, the exit code remembers the error
+    assert "<stdin>:2:1: unknown verb 'bogus'" in err
+    assert "<stdin>:4:12: undefined variable $Nope" in err
+    assert "dtcl> " in err and "Traceback" not in err
