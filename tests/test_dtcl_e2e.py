@@ -81,11 +81,26 @@ def test_task_script_runs_its_on_execute_on_the_target(tmp_path):
                 f"login $TheSource $TheUserName;\nlogin $TheTarget $TheUserName;\n"
                 f"queuetask backup_process to $TheTarget onexecute=backup-command timeout=forever;\n")
         r = dtcl(tmp_path, env, text, extra_env={"SMIRROR_PASSWORD": PASSWORD})
-        assert "task backup_process" in r.stdout and "queued on connection(s) 1" in r.stdout
+        assert "task backup_process" in r.stdout and "queued on connection(s) 1 at seq" in r.stdout
+        assert "received by the target" in r.stdout
         wait_for(lambda: (tmp_path / "backup.done").exists(), what="the task on the target")
         assert (tmp_path / "backup.done").read_text().strip() == "backup_process"
         assert diff(state, snapshot(backup)) == []
         no_password_in_logs(source, target)
+
+
+def test_a_task_the_target_refuses_fails_the_script(tmp_path):
+    tdir = tmp_path / "target-tasks"
+    task_script(tdir, "backup-command", "true\n")
+    with running_pair(tmp_path, target_extra=tasks_config(tdir, enabled=False)) as (source, target, env):
+        replicate_data(source, target, env, tmp_path)
+        text = (f"login {source.address} admin;\nsource {source.address};\n"
+                f"queuetask backup_process to {target.address} onexecute=backup-command;\nstatus;\n")
+        r = dtcl(tmp_path, env, text, check=False, extra_env={"SMIRROR_PASSWORD": PASSWORD})
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "script.dtcl:3: queuetask backup_process" in r.stderr
+        assert "the target refused it" in r.stderr and "task processing is disabled" in r.stderr
+        assert "REPSET" not in r.stdout                         # status, after it, did not run
 
 
 def test_noon_and_midnight_scripts_rotate_between_two_replicas(tmp_path):

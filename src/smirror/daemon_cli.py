@@ -380,7 +380,7 @@ def run_queue_task(args) -> int:
                    on_transmit=args.on_transmit, on_receive=args.on_receive,
                    on_execute=args.on_execute, timeout=args.timeout, args=args.args)
         conns = ", ".join(f"{k} at seq {v}" for k, v in r["connections"].items())
-        answer = _task_answer(c, r, args.wait)
+        answer = task_answer(c, r, args.wait)
         r = dict(r, target=answer)
         said = {"received": "received by the target",
                 "refused": f"target refused: {answer.get('error')}",
@@ -395,7 +395,7 @@ def run_queue_task(args) -> int:
     return EXIT_OK
 
 
-def _task_answer(client, queued: dict, wait: float) -> dict:
+def task_answer(client, queued: dict, wait: float) -> dict:
     """What the target said of a queued task, waiting up to ``wait``
     seconds: ``refused`` (its NOTICE came back, with the error),
     ``received`` (acknowledged by every connection, and no refusal came

@@ -13,6 +13,7 @@ from .check import Action, VarRef
 from .lexer import Source, mask
 
 PASSWORD_ENV = "SMIRROR_PASSWORD"
+TASK_ANSWER_WAIT = 5.0      # seconds a queuetask waits for the target's answer, as the CLI's default
 
 
 class Runner:
@@ -183,8 +184,17 @@ class Runner:
             on_transmit=a.get("on_transmit"), on_receive=a.get("on_receive"),
             on_execute=a.get("on_execute"), timeout=a["timeout"], args=[])
         conns = ", ".join(f"{k} at seq {v}" for k, v in r["connections"].items())
-        self.say(f"task {r['task']} ({r['id']}) queued on connection(s) {conns}")
-        return r
+        # as 'smirror queue-task' does: wait for the target's answer, so a
+        # refused task fails the script
+        from ..daemon_cli import task_answer
+        answer = task_answer(self._client(act.host), r, TASK_ANSWER_WAIT)
+        if answer["state"] == "refused":
+            raise RequestError(f"task {r['task']} queued on connection(s) {conns}, but the target "
+                               f"refused it: {answer['error']}")
+        said = {"received": "received by the target",
+                "unknown": f"the target has not received it yet (waited {TASK_ANSWER_WAIT:g}s; see status)"}
+        self.say(f"task {r['task']} ({r['id']}) queued on connection(s) {conns}; {said[answer['state']]}")
+        return dict(r, target=answer)
 
     def _repset_create(self, act):
         a = act.args
