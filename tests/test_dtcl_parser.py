@@ -204,6 +204,14 @@ def test_cli_check_warns_of_a_password_readable_by_others(tmp_path):
     assert "holds a password" in r.stdout and "readable by others" not in r.stdout
 
 
+def test_cli_check_of_standard_input_runs_nothing():
+    # nothing listens on port 1: running the login would fail with exit code 3
+    r = run_cli("--check", input='login 127.0.0.1:1 admin "secret-pw" dom;\nsource 127.0.0.1:1;\nstatus\n')
+    assert r.returncode == 0, r.stderr
+    assert "checked; nothing was run" in r.stdout and "domain 'dom' is accepted" in r.stdout
+    assert "secret-pw" not in r.stdout + r.stderr
+
+
 def test_cli_interactive_reads_statements_up_to_each_semicolon():
     # a check error stops piped input at once; what came before ran (nothing here talks to a daemon)
     r = run_cli(input='$A = "x";\n$B =\n  "y"; bogus 1;\n')

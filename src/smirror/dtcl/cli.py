@@ -130,7 +130,9 @@ def _interactive(args) -> int:
                     continue                    # the statement goes on on the next line
                 if tokens:
                     checker.src = runner.src = src
-                    runner.run(checker.check(parse(src)))
+                    actions = checker.check(parse(src))
+                    if not args.check:
+                        runner.run(actions)
             except (DtclError, DtclRunError) as exc:
                 status = EXIT_SCRIPT if isinstance(exc, DtclError) else EXIT_FAILED
                 if not tty:
@@ -143,12 +145,18 @@ def _interactive(args) -> int:
             src.secrets = secrets
             checker.src = runner.src = src
             try:
-                runner.run(checker.check(parse(src)))
+                actions = checker.check(parse(src))
+                if not args.check:
+                    runner.run(actions)
             except (DtclError, DtclRunError) as exc:
                 return _fail(args, exc, EXIT_SCRIPT if isinstance(exc, DtclError) else EXIT_FAILED, runner)
     finally:
         runner.close()
+    if args.check and not args.json:
+        for n in checker.notes:
+            print(f"<stdin>: {n}")
+        print("<stdin>: checked; nothing was run")
     if args.json:
-        print(mask(json.dumps({"ok": status == EXIT_OK, "script": "<stdin>", "ran": runner.results}),
-                   secrets))
+        print(mask(json.dumps({"ok": status == EXIT_OK, "script": "<stdin>", "ran": runner.results,
+                               **({"notes": checker.notes} if args.check else {})}), secrets))
     return status
