@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..config import DEFAULT_PORT, parse_hostport
 from ..errors import ConfigError
-from .lexer import NUMBER, STRING, VAR, WORD, Source, Token
+from .lexer import NUMBER, VAR, Source, Token
 from .parser import Statement
 
 _WINDOWS = re.compile(r"^[A-Za-z]:([\\/]|$)")
@@ -280,7 +280,3 @@ class Checker:
 
 def _show(conid) -> str:
     return f"${conid.name}" if isinstance(conid, VarRef) else str(conid)
-
-
-# token kinds a value may have (for the property tests' generators)
-VALUE_TOKENS = (VAR, STRING, NUMBER, WORD)
