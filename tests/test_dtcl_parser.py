@@ -88,6 +88,8 @@ def test_more_errors_name_what_and_where():
     assert "port must be 1-65535" in error_of("login h:99999 u;\n")
     assert "is not an absolute path" in error_of("login h u;\nconnect r to t map base rel/dir;\n")
     assert "empty statement" in error_of("login h u;;\n")
+    assert "s.dtcl:2:20: repset create: expected 'root', got 'from'" in \
+        error_of("login h u;\nrepset create data from /srv;\n")       # found by Hypothesis
     # a mirror cannot be stopped by the daemons: said at check time, not at run time
     assert "mirror stop: smirror cannot stop" in error_of("login h u;\nmirror stop 1;\n")
 

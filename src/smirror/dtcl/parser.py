@@ -312,7 +312,7 @@ class Cursor:
     def keyword(self, word: str, verb: str) -> None:
         if self.at_end() or self.peek().kind != WORD or self.peek().text.lower() != word:
             got = "" if self.at_end() else f", got '{self.peek().raw}'"
-            raise self.error_here(f"{verb}: expected '{word}'{got} (usage: {USAGE[verb]})")
+            raise self.error_here(f"{verb}: expected '{word}'{got} (usage: {USAGE[verb.split()[0]]})")
         self.next()
 
     def done(self, usage: str) -> None:
