@@ -45,3 +45,14 @@ def test_each_verb_with_random_arguments(args, verb):
     prelude = '$A = "h";\n$B = 2;\nlogin h u;\ntarget h;\n'
     check_only_dtcl_errors(prelude + verb + " " + " ".join(args) + ";\n")
     check_only_dtcl_errors(prelude + "$C = " + verb + " " + " ".join(args) + ";\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_characters='"\n\r'), max_size=12))
+def test_any_string_value_in_any_argument(value):
+    # a quoted value goes through the checkers of hosts, paths, timeouts, ids and names
+    v = f'"{value}"'
+    for stmt in (f"login {v} u;", f"queuetask t to h onexecute={v} timeout={v};", f"disconnect {v};",
+                 f"connect {v} to {v} map base {v};", f"repset create {v} root {v} exclude {v};",
+                 f"status {v};", f"pausetarget {v};", f"$X = {v}; login $X $X $X $X;"):
+        check_only_dtcl_errors("login h u;\n" + stmt + "\n")
