@@ -61,3 +61,36 @@ class ConfinementError(SmirrorError, ValueError):
     def __init__(self, message, path=None):
         self.path = path
         super().__init__(message)
+
+
+class DtclError(SmirrorError, ValueError):
+    """A DTCL script is wrong (syntax, an undefined variable, an unknown verb,
+    a bad argument): found before anything runs. ``script``, ``line`` and
+    ``column`` (1-based) say where; ``source_line`` is that line of the script
+    (passwords already masked), shown with a caret under the column."""
+    exit_code = 2       # the CLI's usage error
+
+    def __init__(self, message, *, script="<script>", line=0, column=0, source_line=None,
+                 hint=None):
+        self.message = message
+        self.script = script
+        self.line = line
+        self.column = column
+        self.source_line = source_line
+        self.hint = hint
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        text = f"{self.script}:{self.line}:{self.column}: {self.message}"
+        if self.hint:
+            text += f" ({self.hint})"
+        if self.source_line is not None:
+            text += f"\n    {self.source_line.expandtabs(1)}\n    {' ' * max(self.column - 1, 0)}^"
+        return text
+
+
+class DtclRunError(SmirrorError):
+    """A statement of a checked DTCL script failed while running (daemon
+    unreachable, login refused, no such connection): the message names the
+    statement's line and what already ran; the script stopped there."""
+    exit_code = 3       # the CLI's "could not run"

@@ -330,7 +330,15 @@ def run_repset(args) -> int:
 def _parse_connect(words, verb: str):
     """``REPSET to TARGET map base PATH [nomirror]`` (DTCL word order)."""
     from smirror.errors import ConfigError
-    w = list(words)
+    # the note writes "PATH, nomirror" and "PATH nomirror": a comma separates
+    # options and is never part of a path
+    w = []
+    for word in words:
+        head, comma, tail = word.rpartition(",")
+        if comma and tail.lower() in ("", "nomirror"):
+            w += [part for part in (head.rstrip(","), tail) if part]
+        else:
+            w.append(word)
     nomirror = bool(w) and w[-1].lower() == "nomirror"
     if nomirror:
         w = w[:-1]
@@ -372,7 +380,7 @@ def run_queue_task(args) -> int:
                    on_transmit=args.on_transmit, on_receive=args.on_receive,
                    on_execute=args.on_execute, timeout=args.timeout, args=args.args)
         conns = ", ".join(f"{k} at seq {v}" for k, v in r["connections"].items())
-        answer = _task_answer(c, r, args.wait)
+        answer = task_answer(c, r, args.wait)
         r = dict(r, target=answer)
         said = {"received": "received by the target",
                 "refused": f"target refused: {answer.get('error')}",
@@ -387,7 +395,7 @@ def run_queue_task(args) -> int:
     return EXIT_OK
 
 
-def _task_answer(client, queued: dict, wait: float) -> dict:
+def task_answer(client, queued: dict, wait: float) -> dict:
     """What the target said of a queued task, waiting up to ``wait``
     seconds: ``refused`` (its NOTICE came back, with the error),
     ``received`` (acknowledged by every connection, and no refusal came
@@ -462,12 +470,18 @@ def _ms(value) -> str:
 
 
 def run_status(args) -> int:
-    from smirror.units import format_size
     with _client(args) as c:
         st = c.call("status")
     if args.json:
         _print(args, st, "")
         return EXIT_OK
+    print(status_text(st))
+    return EXIT_OK
+
+
+def status_text(st: dict) -> str:
+    """What 'smirror status' (and DTCL's status) prints of a status reply."""
+    from smirror.units import format_size
     lines = [f"daemon {st['daemon']} on {st['listen']}" + ("  (target side PAUSED)" if st.get("paused") else "")]
     if st["sources"]:
         lines.append(f"{'ID':>3}  {'REPSET':<12} {'TARGET':<21} {'STATE':<12} {'CAPTURED':>9} "
@@ -534,5 +548,4 @@ def run_status(args) -> int:
                          f"{'  ' + r['error'] if r['error'] else ''}")
     if not st["sources"] and not st["targets"]:
         lines.append("no connections")
-    print("\n".join(lines))
-    return EXIT_OK
+    return "\n".join(lines)

@@ -64,8 +64,10 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         return parser
     from smirror.cli import daemon as daemon_cli
     from smirror.cli import replicate as replicate_cli
+    from smirror.dtcl import cli as dtcl_cli
     replicate_cli.add_parser(sub)
     daemon_cli.add_parsers(sub)
+    dtcl_cli.add_parser(sub)
     return parser
 
 
