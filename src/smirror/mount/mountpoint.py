@@ -80,14 +80,14 @@ def prepare(mountpoint) -> tuple[str, str]:
             log.warning("%s", cleared)
         else:
             raise MountError(f"mount point {path} is already served by a running smirror mount")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise MountError(f"mount point {path} is not a directory")
     try:
         os.makedirs(path, exist_ok=True)
         with os.scandir(path) as it:
             if next(it, None) is not None:
                 raise MountError(f"mount point {path} is not empty: its files would be hidden "
                                  f"by the mount; use an empty directory")
-    except NotADirectoryError:
-        raise MountError(f"mount point {path} is not a directory") from None
     except MountError:
         raise
     except OSError as exc:
