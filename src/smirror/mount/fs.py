@@ -552,3 +552,87 @@ class CaptureFS(pyfuse3.Operations):
         os.close(fh)
         if ino is not None:
             self.flush_times([ino])
+
+    # -- changes made to the backing directory behind the mount's back ----------------
+    def repair(self, batch) -> None:
+        """Resend what other processes changed in the backing directory
+        (events of :mod:`smirror.mount.bypass`), on the mount's thread: in
+        order with the mount's own ops."""
+        from .bypass import events_to_repairs
+        sent: set[bytes] = set()
+        for kind, rel, new in events_to_repairs(batch):
+            if kind == "moved":
+                sent.clear()
+                if os.path.lexists(self._abs(new)) and not os.path.lexists(self._abs(rel)):
+                    self._out(Op.rename(0, rel, new))
+                    self._moved(rel, new)
+                    self._dirty_parent(rel)
+                    self._dirty_parent(new)
+                else:
+                    self._resend(rel, tree=True)
+                    self._resend(new, tree=True)
+            elif kind == "attrs":
+                self._resend(rel, content=False)
+            elif rel not in sent:
+                sent.add(rel)
+                self._resend(rel, tree=kind == "tree")
+
+    def _resend(self, rel: bytes, *, tree: bool = False, content: bool = True) -> None:
+        from ..target_local import read_xattrs, xattr_filter
+        path = self._abs(rel)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if rel:
+                self._out(Op.delete(0, rel))      # the applier removes a file or a tree
+                self._forget_tree(rel)
+                self._dirty_parent(rel)
+            return
+        if rel:
+            mode = stat.S_IMODE(st.st_mode)
+            if content:
+                if stat.S_ISDIR(st.st_mode):
+                    self._out(Op.mkdir(0, rel, mode))
+                elif stat.S_ISREG(st.st_mode):
+                    self._resend_file(rel, path, mode)
+                elif stat.S_ISLNK(st.st_mode):
+                    self._out(Op.symlink(0, rel, os.readlink(path)))
+                else:
+                    self._out(Op.mknod(0, rel, st.st_mode, st.st_rdev))
+                self._dirty_parent(rel)
+            self._out(Op.setattr(0, rel, mode=None if stat.S_ISLNK(st.st_mode) else mode,
+                                 uid=st.st_uid, gid=st.st_gid))
+            for name, value in read_xattrs(path, xattr_filter()).items():
+                self._out(Op.setxattr(0, rel, os.fsencode(name), value))
+        if tree and stat.S_ISDIR(st.st_mode):
+            with os.scandir(path) as it:
+                names = sorted(os.fsencode(e.name) for e in it)
+            for name in names:
+                self._resend(rel + b"/" + name if rel else name, tree=True)
+        try:       # last: what was resent inside changed the target's mtime
+            mtime = os.lstat(path).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if rel:
+            self._out(Op.setattr(0, rel, mtime_ns=mtime))
+        else:
+            self._out(Op.mark(0, MARK_ROOT_MTIME, json.dumps({"mtime_ns": mtime}).encode()))
+
+    def _resend_file(self, rel: bytes, path: bytes, mode: int) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            self._out(Op.create(0, rel, mode))
+            off = 0
+            while True:
+                data = os.pread(fd, 1 << 20, off)
+                if not data:
+                    break
+                self._out(Op.write(0, rel, off, data))
+                off += len(data)
+        finally:
+            os.close(fd)
+
+    def _forget_tree(self, rel: bytes) -> None:
+        prefix = rel + b"/"
+        for node in self.nodes.values():
+            node.paths[:] = [p for p in node.paths if p != rel and not p.startswith(prefix)]

@@ -70,7 +70,9 @@ def prepare(mountpoint) -> tuple[str, str]:
         if fstype != FSTYPE:
             raise MountError(f"mount point {path} already has a {fstype} file system mounted on it")
         try:
-            os.stat(path)
+            # statfs always asks the server (a stat may be answered from
+            # the kernel's attribute cache for a while after it died)
+            os.statvfs(path)
         except OSError as exc:
             if exc.errno not in _DEAD:
                 raise MountError(f"mount point {path}: {exc.strerror}") from None

@@ -32,10 +32,14 @@ class CaptureMount:
     """The application's view of ``backing`` at ``mountpoint``; every change
     made through it goes to ``emit`` in the order served."""
 
-    def __init__(self, backing, mountpoint, emit):
+    def __init__(self, backing, mountpoint, emit, *, bypass: bool = True):
+        """``bypass``: also watch ``backing`` for changes other processes make
+        to it directly, and resend them (:mod:`smirror.mount.bypass`)."""
         self.backing = os.path.abspath(os.fsdecode(backing))
         self.mountpoint = os.path.abspath(os.fsdecode(mountpoint))
         self.emit = emit
+        self.watch_bypass = bypass
+        self.bypass = None
         self.fs = None
         self.cleared = ""          # the message, when a stale mount was cleared
         self.error = ""
@@ -71,6 +75,9 @@ class CaptureMount:
             self._thread = threading.Thread(target=self._run, name="capture-mount", daemon=True)
             self._thread.start()
             self._ready.wait()
+            if self.watch_bypass:
+                from .bypass import BypassWatch
+                self.bypass = BypassWatch(self.backing, self.call, self.fs.repair).start()
         except BaseException:
             self.stop()
             raise
@@ -108,19 +115,26 @@ class CaptureMount:
             self.error = f"sending mtimes: {type(exc).__name__}: {exc}"
             log.error("capture mount: %s", self.error, exc_info=True)
 
-    def flush_times(self) -> None:
-        """Send the mtimes owed now (from any thread), so a sync covers them."""
+    def call(self, fn, *args):
+        """``fn(*args)`` on the mount's thread (in order with the calls it
+        serves), from any other thread; None once the loop ended."""
         if self._thread is None or not self._thread.is_alive() or self._token is None:
-            return
+            return None
         import trio
         try:
-            trio.from_thread.run_sync(self._flush, trio_token=self._token)
+            return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
         except trio.RunFinishedError:
-            pass
+            return None
+
+    def flush_times(self) -> None:
+        """Send the mtimes owed now (from any thread), so a sync covers them."""
+        self.call(self._flush)
 
     def failure(self) -> str:
         if self.error:
             return self.error
+        if self.bypass is not None and self.bypass.error:
+            return self.bypass.error
         if self._thread is not None and not self._thread.is_alive() and self._mounted:
             return f"the capture mount at {self.mountpoint} stopped unexpectedly"
         return ""
@@ -129,6 +143,8 @@ class CaptureMount:
         """Unmount (lazily: an application still holding files there gets
         errors, its later writes cannot bypass the capture) and end the loop."""
         pyfuse3, trio = _binding()
+        if self.bypass is not None:
+            self.bypass.stop()
         if self._thread is not None and self._thread.is_alive() and self._token is not None:
             self.flush_times()
             try:
