@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import stat
+import time
 
 import pyfuse3
 
@@ -53,8 +54,12 @@ _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
 def _served(fn):
     """OSError -> the errno to the caller; anything else is a bug: logged
     with its traceback, counted, EIO to the caller, and the loop goes on."""
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self, *args):
+        self.requests[name] = self.requests.get(name, 0) + 1
+        t0 = time.perf_counter_ns()
         try:
             return fn(self, *args)
         except pyfuse3.FUSEError:
@@ -66,6 +71,8 @@ def _served(fn):
             self.error = f"{fn.__name__}: {type(exc).__name__}: {exc}"
             log.exception("mount of %s: %s failed", os.fsdecode(self.root), fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.busy_ns += time.perf_counter_ns() - t0
     return wrapper
 
 
@@ -101,6 +108,8 @@ class CaptureFS(pyfuse3.Operations):
         self.failures = 0
         self.error = ""
         self.stats = {"ops": 0, "bytes_written": 0}
+        self.requests: dict[str, int] = {}          # FUSE requests served, by kind
+        self.busy_ns = 0                            # time spent in the handlers (profile)
 
     # -- inodes and paths ------------------------------------------------------
     def _ino(self, st_ino: int) -> int:
