@@ -104,6 +104,7 @@ class CaptureFS(pyfuse3.Operations):
         self.dirs: dict[int, list] = {}              # directory fh -> entries
         self._next_dir_fh = 1
         self.times_dirty: dict[int, None] = {}       # inodes whose mtime is owed
+        self._touched_dirs: set[bytes] = set()       # of a repair: their mtimes go last
         self.owner = os.geteuid(), os.getegid()
         self.failures = 0
         self.error = ""
@@ -212,15 +213,7 @@ class CaptureFS(pyfuse3.Operations):
             node = self.nodes.get(ino)
             if node is None or not node.paths:
                 continue                    # gone: nothing to stamp
-            rel = node.paths[0]
-            try:
-                mtime = os.lstat(self._abs(rel)).st_mtime_ns
-            except OSError:
-                continue
-            if rel:
-                self._out(Op.setattr(0, rel, mtime_ns=mtime))
-            else:
-                self._out(Op.mark(0, MARK_ROOT_MTIME, json.dumps({"mtime_ns": mtime}).encode()))
+            self._stamp(node.paths[0])
             n += 1
         return n
 
@@ -314,7 +307,7 @@ class CaptureFS(pyfuse3.Operations):
         self._owner(rel, st)
         ino = self._remember(st, rel)
         self._dirty(ino)
-        self._dirty_parent(rel)
+        self._dirty(parent)
         return self._attrs(st)
 
     @_served
@@ -326,7 +319,7 @@ class CaptureFS(pyfuse3.Operations):
         self._out(Op.rmdir(0, rel))
         self._forget_path(rel, ino)
         self.times_dirty.pop(ino, None)
-        self._dirty_parent(rel)
+        self._dirty(parent)
 
     # -- entries ---------------------------------------------------------------------
     @_served
@@ -338,7 +331,7 @@ class CaptureFS(pyfuse3.Operations):
         os.unlink(path)
         self._out(Op.delete(0, rel))
         self._forget_path(rel, ino)
-        self._dirty_parent(rel)
+        self._dirty(parent)
 
     @_served
     def symlink(self, parent, name, target, ctx):
@@ -351,7 +344,7 @@ class CaptureFS(pyfuse3.Operations):
         self._owner(rel, st)
         ino = self._remember(st, rel)
         self._dirty(ino)
-        self._dirty_parent(rel)
+        self._dirty(parent)
         return self._attrs(st)
 
     @_served
@@ -369,7 +362,7 @@ class CaptureFS(pyfuse3.Operations):
         self._owner(rel, st)
         ino = self._remember(st, rel)
         self._dirty(ino)
-        self._dirty_parent(rel)
+        self._dirty(parent)
         return self._attrs(st)
 
     @_served
@@ -393,8 +386,7 @@ class CaptureFS(pyfuse3.Operations):
             self._forget_path(new, replaced)
         self._moved(old, new)
         self._dirty(ino)            # the ctime changed; the mtime is resent after the move
-        self._dirty_parent(old)
-        self._dirty_parent(new)
+        self._dirty(parent_old, parent_new)
 
     @_served
     def link(self, inode, new_parent, new_name, ctx):
@@ -404,7 +396,7 @@ class CaptureFS(pyfuse3.Operations):
         self._out(Op.hardlink(0, rel, existing))
         st = os.lstat(self._abs(rel))
         self._remember(st, rel)
-        self._dirty_parent(rel)
+        self._dirty(new_parent)
         return self._attrs(st)
 
     # -- attributes -----------------------------------------------------------------
@@ -518,7 +510,7 @@ class CaptureFS(pyfuse3.Operations):
             if created:
                 self._out(Op.create(0, rel, stat.S_IMODE(st.st_mode)))
                 self._owner(rel, st)
-                self._dirty_parent(rel)
+                self._dirty(parent)
             ino = self._remember(st, rel)
             self._dirty(ino)
             info = self._opened(fd, ino, rel, flags)
@@ -569,14 +561,17 @@ class CaptureFS(pyfuse3.Operations):
         order with the mount's own ops."""
         from .bypass import events_to_repairs
         sent: set[bytes] = set()
+        # directories whose entries changed: their mtimes go last (they may
+        # be unknown to the mount's inode table, so not through times_dirty)
+        self._touched_dirs: set[bytes] = set()
         for kind, rel, new in events_to_repairs(batch):
             if kind == "moved":
                 sent.clear()
                 if os.path.lexists(self._abs(new)) and not os.path.lexists(self._abs(rel)):
                     self._out(Op.rename(0, rel, new))
                     self._moved(rel, new)
-                    self._dirty_parent(rel)
-                    self._dirty_parent(new)
+                    self._touched_dirs.add(self._parent(rel))
+                    self._touched_dirs.add(self._parent(new))
                 else:
                     self._resend(rel, tree=True)
                     self._resend(new, tree=True)
@@ -585,6 +580,19 @@ class CaptureFS(pyfuse3.Operations):
             elif rel not in sent:
                 sent.add(rel)
                 self._resend(rel, tree=kind == "tree")
+        for rel in sorted(self._touched_dirs, key=len, reverse=True):
+            self._stamp(rel)
+
+    def _stamp(self, rel: bytes) -> None:
+        """The current mtime of ``rel`` (b"": the root) as an op."""
+        try:
+            mtime = os.lstat(self._abs(rel)).st_mtime_ns
+        except OSError:
+            return                  # gone meanwhile: its removal is an op of its own
+        if rel:
+            self._out(Op.setattr(0, rel, mtime_ns=mtime))
+        else:
+            self._out(Op.mark(0, MARK_ROOT_MTIME, json.dumps({"mtime_ns": mtime}).encode()))
 
     def _resend(self, rel: bytes, *, tree: bool = False, content: bool = True) -> None:
         from ..target_local import read_xattrs, xattr_filter
@@ -595,7 +603,7 @@ class CaptureFS(pyfuse3.Operations):
             if rel:
                 self._out(Op.delete(0, rel))      # the applier removes a file or a tree
                 self._forget_tree(rel)
-                self._dirty_parent(rel)
+                self._touched_dirs.add(self._parent(rel))
             return
         if rel:
             mode = stat.S_IMODE(st.st_mode)
@@ -608,7 +616,7 @@ class CaptureFS(pyfuse3.Operations):
                     self._out(Op.symlink(0, rel, os.readlink(path)))
                 else:
                     self._out(Op.mknod(0, rel, st.st_mode, st.st_rdev))
-                self._dirty_parent(rel)
+                self._touched_dirs.add(self._parent(rel))
             self._out(Op.setattr(0, rel, mode=None if stat.S_ISLNK(st.st_mode) else mode,
                                  uid=st.st_uid, gid=st.st_gid))
             for name, value in read_xattrs(path, xattr_filter()).items():
@@ -618,14 +626,7 @@ class CaptureFS(pyfuse3.Operations):
                 names = sorted(os.fsencode(e.name) for e in it)
             for name in names:
                 self._resend(rel + b"/" + name if rel else name, tree=True)
-        try:       # last: what was resent inside changed the target's mtime
-            mtime = os.lstat(path).st_mtime_ns
-        except FileNotFoundError:
-            return
-        if rel:
-            self._out(Op.setattr(0, rel, mtime_ns=mtime))
-        else:
-            self._out(Op.mark(0, MARK_ROOT_MTIME, json.dumps({"mtime_ns": mtime}).encode()))
+        self._stamp(rel)        # last: what was resent inside changed the target's mtime
 
     def _resend_file(self, rel: bytes, path: bytes, mode: int) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
