@@ -501,3 +501,14 @@ def test_writes_that_bypass_the_mount_are_detected_reported_and_repaired(dirs, c
         wait_rsync_same(back, dst)
         assert (dst / "dir2" / "inner").read_bytes() == b"through the mount again"
     assert "not through the mount" in caplog.text
+
+
+def test_replicate_command_refuses_a_bad_mount_point_by_name_without_a_traceback(dirs):
+    back, dst, mnt, state = dirs
+    mnt.mkdir()
+    (mnt / "leftover").write_bytes(b"")
+    proc = _replicate(back, dst, mnt, state)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert f"mount point {mnt} is not empty" in err and "Traceback" not in err
+    assert not mounted_at(str(mnt))
