@@ -129,7 +129,11 @@ def run_c(work, kind):
         return None
     back, mnt = os.path.join(work, "back"), os.path.join(work, "mnt")
     prepare(back, kind)
-    p = subprocess.Popen([exe, "-f", "-s", "-o", f"source={back}", mnt])
+    def more_fds():          # it keeps an fd per inode it was told about
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    p = subprocess.Popen([exe, "-f", "-s", "-o", f"source={back}", mnt], preexec_fn=more_fds)
     try:
         deadline = time.monotonic() + 10
         from smirror.mount import mounted_at
@@ -138,6 +142,9 @@ def run_c(work, kind):
                 return None
             time.sleep(0.05)
         return {"app": app(mnt, kind)}
+    except subprocess.CalledProcessError as exc:
+        print(f"  c-passthrough failed: {exc.stderr.strip()[-300:]}")
+        return None
     finally:
         subprocess.run(["fusermount3", "-u", mnt])
         p.wait()
