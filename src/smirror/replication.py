@@ -6,7 +6,9 @@ The data path is the daemons' own: capture -> connection journal -> source
 queue -> sender => a real stream socket => receiver -> durable target queue
 -> applier. Capture is the watcher (``capture="watch"``) or the program
 itself through :attr:`Replication.journal` (``capture="api"``), which records
-every change in the exact order the program makes it::
+every change in the exact order the program makes it, or a FUSE mount
+(``mount=MOUNTPOINT``, :mod:`smirror.mount`) that programs use as their data
+directory and that records every change made through it, in order::
 
     with smirror.Replication("/data", "/backup/data", capture="api") as rep:
         rep.journal.create("db/log")
@@ -54,15 +56,24 @@ class Replication:
                  source_memory_limit="64MiB", target_memory_limit="64MiB",
                  disk_queue_limit="4GiB", progress=None, task_dir=None,
                  ignore_deletes: str = "off", deleted_keep_days: float = 0.0,
-                 in_use_max_delay: float = 0.0):
+                 in_use_max_delay: float = 0.0, mount=None):
         """``task_dir``: run task commands (:meth:`queue_task`) found in this
         directory (None: tasks are refused); ``ignore_deletes``: off, keep
         (deletes are not applied) or move (deleted files go to
         STATE_DIR/deleted, purged after ``deleted_keep_days``);
         ``in_use_max_delay``: seconds the ops of a target file open in
-        another process wait (0: no check)."""
-        if capture not in ("watch", "api"):
-            raise ConfigError(f"capture must be 'watch' or 'api', got {capture!r}")
+        another process wait (0: no check); ``mount``: a mount point where
+        ``src`` is served through the capture mount (``capture="mount"``,
+        the default when a mount point is given)."""
+        if mount is not None and capture == "watch":
+            capture = "mount"
+        if capture not in ("watch", "api", "mount"):
+            raise ConfigError(f"capture must be 'watch', 'api' or 'mount', got {capture!r}")
+        if (capture == "mount") != (mount is not None):
+            raise ConfigError("capture='mount' needs a mount point (mount=...), and a mount "
+                              "point needs capture='mount'")
+        self.mount_point = None if mount is None else os.path.abspath(os.fsdecode(mount))
+        self.mount = None
         if mirror not in MIRROR_MODES:
             raise ConfigError(f"mirror must be one of {', '.join(MIRROR_MODES)}, got {mirror!r}")
         from smirror.mirror.engine import check_roots
@@ -155,6 +166,16 @@ class Replication:
             t = threading.Thread(target=self.tree_capture.run, daemon=True, name="capture")
             t.start()
             self._threads.append(t)
+        elif self.capture_mode == "mount":
+            from smirror.mount import CaptureMount
+            # after the mirror: nothing can be written through it before
+            self.mount = CaptureMount(self.src, self.mount_point, self._capture_sink())
+            try:
+                self.mount.start()
+            except BaseException:
+                self.mount = None
+                self.stop(drain=False)
+                raise
         else:
             self.journal = Recorder(self.src, self._capture_sink())
         self.sender.start()
@@ -223,7 +244,14 @@ class Replication:
         # run only reports them: DST may hold files of its own.
         restart = self.target.received_seq > 0
         orphans = "delete" if restart and self.ignore_deletes == "off" else "report"
-        opts = MirrorOptions(different=self.mirror_mode in ("different", "checksum"),
+        # a restart after a crash of mount capture: the last writes served
+        # may have reached BACKING but not the target, within the same tick
+        # of the file clock as the write before (same size and mtime), so
+        # every file is compared by checksum, not only those whose size or
+        # mtime differ
+        quick = self.mirror_mode == "different" or (
+            self.mirror_mode == "checksum" and not (restart and self.capture_mode == "mount"))
+        opts = MirrorOptions(different=quick,
                              checksum=self.mirror_mode == "checksum", rules=self.rules,
                              orphans=orphans)
         self.mirror_summary = Mirror(self.src, self.dst, opts, progress=self.progress).run()
@@ -241,6 +269,8 @@ class Replication:
         """Capture everything changed so far and queue it; returns the last seq."""
         if self.tree_capture is not None:
             self.tree_capture.sync()
+        if self.mount is not None:
+            self.mount.flush_times()
         self.journal_sink.flush()
         return self.journal_sink.last_seq
 
@@ -252,6 +282,8 @@ class Replication:
                 and self.target.wait_applied(seq, max(0.0, deadline - time.monotonic())))
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        if self.mount is not None:
+            self.mount.stop()           # first: no change after the drain
         if drain and self._started:
             self.wait(timeout)
         if self.tree_capture is not None:
@@ -273,6 +305,8 @@ class Replication:
     def failure(self) -> str:
         """Why this replication cannot go on (a component that stopped for
         good), or "" while it runs or recovers."""
+        if self.mount is not None and self.mount.failure():
+            return self.mount.failure()
         cap = self.tree_capture
         if cap is not None:
             if cap.state == "failed":
@@ -293,6 +327,14 @@ class Replication:
                "target_error": t["error"], "resyncs": t["resyncs"],
                "last_divergence": t["last_divergence"]}
         errors = []
+        if self.mount is not None:
+            fs = self.mount.fs
+            out["mount"] = {"mount_point": self.mount.mountpoint, "error": self.mount.error,
+                            **(dict(fs.stats, failures=fs.failures) if fs is not None else {})}
+            if self.mount.bypass is not None:
+                out["mount"]["bypass"] = self.mount.bypass.status()
+            if self.mount.error:
+                errors.append(f"mount: {self.mount.error}")
         if self.tree_capture is not None:
             cap = self.tree_capture
             unreadable = dict(sorted(cap.unreadable.items())[:20])

@@ -341,7 +341,11 @@ class Watcher:
     watch_failures = 0           # no per-directory watches that could fail
 
     def __init__(self, root, *, exclude=None, buffer_size: int = 1 << 20,
-                 unlimited_queue: bool = False):
+                 unlimited_queue: bool = False, ignore_pids=()):
+        """``ignore_pids``: processes whose changes are not reported (the
+        capture mount's own writes to its backing directory); the directory
+        map still follows them."""
+        self.ignore_pids = frozenset(ignore_pids)
         # readlink of a handle gives the real path: compare against the real root
         self.root = os.fsencode(os.path.realpath(root))
         self.exclude = exclude
@@ -539,7 +543,11 @@ class Watcher:
             try:
                 self._batch = parse_events(memoryview(self._buf)[:n])
                 for self._batch_pos, ev in enumerate(self._batch):
+                    reported = len(self._out)
                     self._handle(ev)
+                    if ev.pid in self.ignore_pids:      # a rescan is never dropped
+                        self._out[reported:] = [e for e in self._out[reported:]
+                                                if e.kind is Kind.RESCAN]
             except EventFormatError as exc:
                 # what this read held is unknown: resync all of it, keep watching
                 self.format_errors += 1

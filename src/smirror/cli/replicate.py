@@ -24,6 +24,9 @@ def add_parser(subparsers):
                    "(default: $XDG_STATE_HOME/smirror/replicate/ID)")
     p.add_argument("--memory-limit", default="64MiB", metavar="SIZE",
                    help="RAM of each queue before it spills to disk (default 64MiB)")
+    p.add_argument("--mount", metavar="MOUNTPOINT",
+                   help="serve SRC at MOUNTPOINT through the capture mount: every change made "
+                        "there is replicated in the exact order it was made (docs/mount.md)")
     p.add_argument("--json", action="store_true", help="status lines as JSON objects")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                    help="status line interval (default 1)")
@@ -65,7 +68,7 @@ def run_replicate(args) -> int:
                                 + [("include", p) for p in args.include])
     rep = Replication(args.src, args.dst, mirror=args.mirror, rules=rules or None,
                       state_dir=args.state_dir, source_memory_limit=args.memory_limit,
-                      target_memory_limit=args.memory_limit)
+                      target_memory_limit=args.memory_limit, mount=args.mount)
     stop, hurry = threading.Event(), threading.Event()
 
     def on_signal(*_):
@@ -75,6 +78,10 @@ def run_replicate(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     rep.start()
+    if rep.mount is not None:
+        if rep.mount.cleared:
+            print(f"smirror replicate: {rep.mount.cleared}", file=sys.stderr)
+        print(f"serving {args.src} at {rep.mount.mountpoint}: write there", file=sys.stderr)
     if rep.mirror_summary is not None and not args.json:
         d = rep.mirror_summary.to_dict()
         print(f"initial mirror: {d['created']} created, {d['changed']} changed, "

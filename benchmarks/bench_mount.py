@@ -1,0 +1,228 @@
+"""The capture mount against its baselines, in the same run: each workload
+runs in a separate process (as an application would) on
+
+* ``direct``: the backing directory itself (the baseline);
+* ``c-passthrough``: libfuse's own ``passthrough_ll`` example in C, single
+  threaded (built here from Debian's libfuse3-dev examples when gcc is
+  there): what FUSE costs before any Python, the ceiling of a Cython
+  binding against the low-level API;
+* ``mount``: smirror's capture mount with its ops thrown away (FUSE, the
+  pyfuse3 binding and our handlers);
+* ``replicate``: ``Replication(BACKING, DST, mount=MNT)``: the whole path,
+  capture -> journal -> queue -> stream -> target applied; its application
+  time, and the time until the target applied everything.
+
+Workloads (issue 16's goals, as ratios of direct throughput):
+
+* ``seq``: 256 MiB in 1 MiB writes to a new file (goal >= 0.5);
+* ``rand``: 8 KiB writes at random 8 KiB offsets of a 64 MiB file, fsync
+  every 16 (goal >= 0.5);
+* ``meta``: create (100 bytes each) then delete FILES small files (goal >=
+  0.3; FILES = 100,000 by default, $SMIRROR_BENCH_FILES).
+
+    python benchmarks/bench_mount.py [seq rand meta]     # a table
+    python -m pytest benchmarks/bench_mount.py -q -s      # the same, as a test
+
+Needs root, /dev/fuse, fusermount3 and pyfuse3. The machine may be shared:
+each figure is the best of ROUNDS ($SMIRROR_BENCH_ROUNDS, default 2).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "src"))
+
+FILES = int(os.environ.get("SMIRROR_BENCH_FILES", "100000"))
+ROUNDS = int(os.environ.get("SMIRROR_BENCH_ROUNDS", "2"))
+SEQ_MIB, RAND_FILE_MIB, RAND_WRITES = 256, 64, 4096
+GOALS = {"seq": 0.5, "rand": 0.5, "meta": 0.3}
+
+# the application: one workload in its own process; prints its seconds
+APP = r"""
+import os, random, sys, time
+d, kind, files = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if kind == "seq":
+    buf = os.urandom(1 << 20)
+    t = time.perf_counter()
+    fd = os.open(os.path.join(d, "seq"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for _ in range(%(seq)d):
+        os.write(fd, buf)
+    os.close(fd)
+elif kind == "rand":
+    fd = os.open(os.path.join(d, "rand"), os.O_RDWR)
+    rng = random.Random(1)
+    buf = os.urandom(8192)
+    blocks = (%(rand_mib)d << 20) // 8192
+    t = time.perf_counter()
+    for i in range(1, %(rand_n)d + 1):
+        os.pwrite(fd, buf, rng.randrange(blocks) * 8192)
+        if i %% 16 == 0:
+            os.fsync(fd)
+    os.close(fd)
+else:
+    sub = os.path.join(d, "small")
+    os.mkdir(sub)
+    data = b"x" * 100
+    t = time.perf_counter()
+    for i in range(files):
+        fd = os.open(os.path.join(sub, "f%%d" %% i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+    for i in range(files):
+        os.unlink(os.path.join(sub, "f%%d" %% i))
+print(time.perf_counter() - t)
+""" % {"seq": SEQ_MIB, "rand_mib": RAND_FILE_MIB, "rand_n": RAND_WRITES}
+
+
+def units(kind: str, seconds: float) -> str:
+    if kind == "seq":
+        return f"{SEQ_MIB / seconds:8.0f} MiB/s"
+    if kind == "rand":
+        return f"{RAND_WRITES / seconds:8.0f} writes/s"
+    return f"{FILES / seconds:8.0f} files/s"
+
+
+def prepare(back: str, kind: str) -> None:
+    for name in os.listdir(back):
+        p = os.path.join(back, name)
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+    if kind == "rand":
+        with open(os.path.join(back, "rand"), "wb") as f:
+            f.write(os.urandom(RAND_FILE_MIB << 20))
+            os.fsync(f.fileno())
+
+
+def app(d: str, kind: str) -> float:
+    out = subprocess.run([sys.executable, "-c", APP, d, kind, str(FILES)], check=True,
+                         capture_output=True, text=True)
+    return float(out.stdout.split()[-1])
+
+
+def c_passthrough() -> str | None:
+    """libfuse's passthrough_ll example, built once; None if it cannot be."""
+    src = "/usr/share/doc/libfuse3-dev/examples"
+    exe = os.path.join(tempfile.gettempdir(), "smirror-bench-passthrough_ll")
+    if os.path.exists(exe):
+        return exe
+    if not shutil.which("gcc") or not os.path.exists(os.path.join(src, "passthrough_ll.c")):
+        return None
+    flags = subprocess.run(["pkg-config", "fuse3", "--cflags", "--libs"], capture_output=True,
+                           text=True).stdout.split()
+    r = subprocess.run(["gcc", "-O2", "-I", src, os.path.join(src, "passthrough_ll.c"), *flags,
+                        "-o", exe], capture_output=True, text=True)
+    return exe if r.returncode == 0 else None
+
+
+def run_direct(work, kind):
+    back = os.path.join(work, "back")
+    prepare(back, kind)
+    return {"app": app(back, kind)}
+
+
+def run_c(work, kind):
+    exe = c_passthrough()
+    if exe is None:
+        return None
+    back, mnt = os.path.join(work, "back"), os.path.join(work, "mnt")
+    prepare(back, kind)
+    def more_fds():          # it keeps an fd per inode it was told about
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    p = subprocess.Popen([exe, "-f", "-s", "-o", f"source={back}", mnt], preexec_fn=more_fds)
+    try:
+        deadline = time.monotonic() + 10
+        from smirror.mount import mounted_at
+        while mounted_at(mnt) is None:
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+        return {"app": app(mnt, kind)}
+    except subprocess.CalledProcessError as exc:
+        print(f"  c-passthrough failed: {exc.stderr.strip()[-300:]}")
+        return None
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt])
+        p.wait()
+
+
+def run_mount(work, kind):
+    from smirror.mount import CaptureMount
+    back, mnt = os.path.join(work, "back"), os.path.join(work, "mnt")
+    prepare(back, kind)
+    with CaptureMount(back, mnt, lambda op: None, bypass=False) as m:
+        t = app(mnt, kind)
+        return {"app": t, "requests": sum(m.fs.requests.values()), "busy": m.fs.busy_ns / 1e9,
+                "by_kind": dict(sorted(m.fs.requests.items(), key=lambda kv: -kv[1])[:5])}
+
+
+def run_replicate(work, kind):
+    from smirror.replication import Replication
+    back, mnt, dst = (os.path.join(work, n) for n in ("back", "mnt", "dst"))
+    prepare(back, kind)
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.rmtree(os.path.join(work, "state"), ignore_errors=True)
+    with Replication(back, dst, state_dir=os.path.join(work, "state"), mount=mnt,
+                     mirror="full") as rep:
+        t0 = time.perf_counter()
+        t = app(mnt, kind)
+        assert rep.wait(600), rep.status()
+        return {"app": t, "applied": time.perf_counter() - t0,
+                "ops": rep.mount.fs.stats["ops"]}
+
+
+VARIANTS = (("direct", run_direct), ("c-passthrough", run_c), ("mount", run_mount),
+            ("replicate", run_replicate))
+
+
+def bench(kinds=("seq", "rand", "meta")) -> dict:
+    results = {}
+    work = tempfile.mkdtemp(prefix="smirror-bench-mount-", dir=os.environ.get("SMIRROR_BENCH_DIR"))
+    try:
+        os.mkdir(os.path.join(work, "back"))
+        os.mkdir(os.path.join(work, "mnt"))
+        for kind in kinds:
+            # round-robin: a burst of load on a shared machine hits every
+            # variant alike, not one of them
+            for _ in range(ROUNDS):
+                for name, fn in VARIANTS:
+                    r = fn(work, kind)
+                    best = results.get((kind, name))
+                    if r is not None and (best is None or r["app"] < best["app"]):
+                        results[(kind, name)] = r
+                    results.setdefault((kind, name), None)
+            direct = results[(kind, "direct")]["app"]
+            print(f"\n{kind}  (goal: mount >= {GOALS[kind]} of direct)")
+            for name, _ in VARIANTS:
+                r = results[(kind, name)]
+                if r is None:
+                    print(f"  {name:<14} (not available here)")
+                    continue
+                line = f"  {name:<14} {units(kind, r['app'])}  {direct / r['app']:5.2f} of direct"
+                if "applied" in r:
+                    line += f"; target applied all in {r['applied']:.2f} s ({r['ops']} ops)"
+                if "requests" in r:
+                    line += (f"; {r['requests']} FUSE requests, "
+                             f"{r['app'] / r['requests'] * 1e6:.1f} us each, "
+                             f"{r['busy'] / r['requests'] * 1e6:.1f} us of it in our handlers: "
+                             f"{r['by_kind']}")
+                print(line, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def test_bench_mount():
+    import pytest
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
+        pytest.skip("needs root, /dev/fuse and fusermount3")
+    pytest.importorskip("pyfuse3")
+    bench()
+
+
+if __name__ == "__main__":
+    bench(tuple(sys.argv[1:]) or ("seq", "rand", "meta"))

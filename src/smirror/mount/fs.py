@@ -1,0 +1,648 @@
+"""The capture file system: a FUSE file system over a backing directory
+that serves every mutating call by applying it to the backing directory and
+then emitting the op, in the order it served the calls.
+
+Every handler runs to completion on the one trio thread of the mount (none
+awaits anything), so the calls are served one at a time and the op stream
+is the order in which the backing directory changed: exact order, within
+and across files. A call that fails on the backing directory emits nothing.
+
+The mount never uses the kernel's writeback cache: with it the kernel would
+send dirty pages later, in its own order, not in the application's.
+
+Timestamps travel lazily: a data or directory change marks its file (and
+parent directory) "times dirty"; their mtimes go out as SETATTR ops (the
+root's as the root-mtime MARK) when the file is closed or fsynced, at every
+:meth:`CaptureFS.flush_times` (the runner calls it every ``TIMES_INTERVAL``
+seconds and on sync), never as one extra op per write. The content is
+exact-order; mtimes trail it by at most that interval.
+
+Inodes: the FUSE inode of an entry is its backing inode number (the root
+is ``ROOT_INODE``); each known inode keeps its paths (hard links) relative
+to the backing root, rewritten on renames.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+
+from smirror.capture.recorder import _xattr_name
+from smirror.ops import Op
+from smirror.capture.watch import MARK_ROOT_MTIME
+
+log = logging.getLogger("smirror.mount")
+
+# MARK emitted when an application fsyncs a file through the mount: where
+# the synchronous modes (a later part of issue 16) will wait for the target
+MARK_FSYNC = b"smirror.fsync"
+
+# kernel caching of names and attributes (seconds): longer saves round
+# trips; a change made to the backing directory behind the mount's back is
+# seen through the mount after at most this long
+CACHE_TIMEOUT = 1.0
+
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
+
+
+def _served(fn):
+    """OSError -> the errno to the caller; anything else is a bug: logged
+    with its traceback, counted, EIO to the caller, and the loop goes on."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        self.requests[name] = self.requests.get(name, 0) + 1
+        t0 = time.perf_counter_ns()
+        try:
+            return fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception as exc:            # noqa: BLE001 - must not end the FUSE loop
+            self.failures += 1
+            self.error = f"{fn.__name__}: {type(exc).__name__}: {exc}"
+            log.exception("mount of %s: %s failed", os.fsdecode(self.root), fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.busy_ns += time.perf_counter_ns() - t0
+    return wrapper
+
+
+class _Node:
+    __slots__ = ("paths", "lookups")
+
+    def __init__(self, path: bytes):
+        self.paths = [path]
+        self.lookups = 0
+
+
+class CaptureFS(pyfuse3.Operations):
+    """``root``: the backing directory; ``emit(op)``: where ops go (the
+    connection journals), called on the mount thread."""
+
+    enable_writeback_cache = False      # exact order: see the module doc
+    supports_dot_lookup = False
+
+    def __init__(self, root, emit):
+        super().__init__()
+        self.root = os.fsencode(os.path.abspath(root))
+        self.emit = emit
+        st = os.lstat(self.root)
+        self.root_ino = st.st_ino
+        self.root_dev = st.st_dev
+        self.nodes: dict[int, _Node] = {pyfuse3.ROOT_INODE: _Node(b"")}
+        self.nodes[pyfuse3.ROOT_INODE].lookups = 1
+        self.open_files: dict[int, int] = {}         # fh (backing fd) -> inode
+        self.dirs: dict[int, list] = {}              # directory fh -> entries
+        self._next_dir_fh = 1
+        self.times_dirty: dict[int, None] = {}       # inodes whose mtime is owed
+        self._touched_dirs: set[bytes] = set()       # of a repair: their mtimes go last
+        self.owner = os.geteuid(), os.getegid()
+        self.failures = 0
+        self.error = ""
+        self.stats = {"ops": 0, "bytes_written": 0}
+        self.requests: dict[str, int] = {}          # FUSE requests served, by kind
+        self.busy_ns = 0                            # time spent in the handlers (profile)
+
+    # -- inodes and paths ------------------------------------------------------
+    def _ino(self, st_ino: int) -> int:
+        return pyfuse3.ROOT_INODE if st_ino == self.root_ino else st_ino
+
+    def _path(self, inode: int) -> bytes:
+        node = self.nodes.get(inode)
+        if node is None or not node.paths:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node.paths[0]
+
+    def _abs(self, rel: bytes) -> bytes:
+        return self.root + b"/" + rel if rel else self.root
+
+    def _child(self, parent: int, name: bytes) -> bytes:
+        if name in (b".", b"..") or b"/" in name:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        p = self._path(parent)
+        return p + b"/" + name if p else name
+
+    @staticmethod
+    def _parent(rel: bytes) -> bytes:
+        return rel.rpartition(b"/")[0]
+
+    def _remember(self, st, rel: bytes) -> int:
+        ino = self._ino(st.st_ino)
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self.nodes[ino] = _Node(rel)
+        elif rel not in node.paths:
+            node.paths.append(rel)
+        node.lookups += 1
+        return ino
+
+    def _forget_path(self, rel: bytes, ino: int | None) -> None:
+        node = self.nodes.get(ino) if ino is not None else None
+        if node is not None and rel in node.paths:
+            node.paths.remove(rel)
+
+    def _moved(self, old: bytes, new: bytes) -> None:
+        """Every known path at or under ``old`` is now under ``new``."""
+        prefix = old + b"/"
+        for node in self.nodes.values():
+            for i, p in enumerate(node.paths):
+                if p == old:
+                    node.paths[i] = new
+                elif p.startswith(prefix):
+                    node.paths[i] = new + p[len(old):]
+
+    def _attrs(self, st) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self._ino(st.st_ino)
+        a.generation = 0
+        a.entry_timeout = a.attr_timeout = CACHE_TIMEOUT
+        for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
+                  "st_blksize", "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
+            setattr(a, f, getattr(st, f))
+        return a
+
+    # -- emitting ----------------------------------------------------------------
+    def _out(self, op: Op) -> None:
+        self.stats["ops"] += 1
+        self.emit(op)
+
+    def _dirty(self, *inodes: int) -> None:
+        for ino in inodes:
+            self.times_dirty[ino] = None
+
+    def _dirty_parent(self, rel: bytes) -> None:
+        parent = self._parent(rel)
+        if not parent:
+            self.times_dirty[pyfuse3.ROOT_INODE] = None
+            return
+        try:
+            self.times_dirty[self._ino(os.lstat(self._abs(parent)).st_ino)] = None
+        except OSError:
+            pass
+
+    def _owner(self, rel: bytes, st) -> None:
+        """New entries belong to whoever created them: send the owner when
+        it is not the replicating process's own."""
+        if (st.st_uid, st.st_gid) != self.owner:
+            self._out(Op.setattr(0, rel, uid=st.st_uid, gid=st.st_gid))
+
+    def _give(self, rel: bytes, ctx) -> None:
+        """Running as root, make the caller the owner of what it created
+        (the group of a set-group-id parent stays as the kernel chose it)."""
+        if self.owner[0] != 0 or (ctx.uid, ctx.gid) == (0, 0):
+            return
+        parent = os.lstat(self._abs(self._parent(rel)))
+        gid = -1 if parent.st_mode & stat.S_ISGID else ctx.gid
+        os.chown(self._abs(rel), ctx.uid, gid, follow_symlinks=False)
+
+    def flush_times(self, inodes=None) -> int:
+        """Emit the mtimes owed (of ``inodes`` only, if given); returns how many."""
+        todo = list(self.times_dirty) if inodes is None else [i for i in inodes if i in self.times_dirty]
+        n = 0
+        for ino in todo:
+            del self.times_dirty[ino]
+            node = self.nodes.get(ino)
+            if node is None or not node.paths:
+                continue                    # gone: nothing to stamp
+            self._stamp(node.paths[0])
+            n += 1
+        return n
+
+    # -- names ---------------------------------------------------------------------
+    @_served
+    def lookup(self, parent, name, ctx=None):
+        rel = self._child(parent, name)
+        st = os.lstat(self._abs(rel))
+        self._remember(st, rel)
+        return self._attrs(st)
+
+    @_served
+    def forget(self, inode_list):
+        for ino, n in inode_list:
+            node = self.nodes.get(ino)
+            if node is None or ino == pyfuse3.ROOT_INODE:
+                continue
+            node.lookups -= n
+            if node.lookups <= 0 and ino not in self.open_files.values():
+                self.flush_times([ino])          # its owed mtime is not lost with it
+                del self.nodes[ino]
+
+    @_served
+    def getattr(self, inode, ctx=None):
+        for fh, ino in self.open_files.items():
+            if ino == inode:
+                return self._attrs(os.fstat(fh))
+        return self._attrs(os.lstat(self._abs(self._path(inode))))
+
+    @_served
+    def readlink(self, inode, ctx):
+        return os.readlink(self._abs(self._path(inode)))
+
+    @_served
+    def statfs(self, ctx):
+        v = os.statvfs(self.root)
+        out = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                  "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, f, getattr(v, f))
+        return out
+
+    # -- directories -----------------------------------------------------------------
+    @_served
+    def opendir(self, inode, ctx):
+        self._path(inode)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self.dirs[fh] = [inode, None]
+        return fh
+
+    @_served
+    def readdir(self, fh, start_id, token):
+        inode, entries = self.dirs[fh]
+        if entries is None or start_id == 0:
+            base = self._path(inode)
+            with os.scandir(self._abs(base)) as it:
+                entries = self.dirs[fh][1] = sorted(os.fsencode(e.name) for e in it)
+        base = self._path(inode)
+        for i in range(start_id, len(entries)):
+            rel = base + b"/" + entries[i] if base else entries[i]
+            try:
+                st = os.lstat(self._abs(rel))
+            except FileNotFoundError:
+                continue
+            if not pyfuse3.readdir_reply(token, entries[i], self._attrs(st), i + 1):
+                return
+            self._remember(st, rel)
+
+    @_served
+    def releasedir(self, fh):
+        self.dirs.pop(fh, None)
+
+    @_served
+    def fsyncdir(self, fh, datasync):
+        fd = os.open(self._abs(self._path(self.dirs[fh][0])), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @_served
+    def mkdir(self, parent, name, mode, ctx):
+        rel = self._child(parent, name)
+        path = self._abs(rel)
+        os.mkdir(path, mode)
+        os.chmod(path, stat.S_IMODE(mode))       # our umask must not apply: the kernel's did
+        self._give(rel, ctx)
+        st = os.lstat(path)
+        self._out(Op.mkdir(0, rel, stat.S_IMODE(st.st_mode)))
+        self._owner(rel, st)
+        ino = self._remember(st, rel)
+        self._dirty(ino)
+        self._dirty(parent)
+        return self._attrs(st)
+
+    @_served
+    def rmdir(self, parent, name, ctx):
+        rel = self._child(parent, name)
+        path = self._abs(rel)
+        ino = self._ino(os.lstat(path).st_ino)
+        os.rmdir(path)
+        self._out(Op.rmdir(0, rel))
+        self._forget_path(rel, ino)
+        self.times_dirty.pop(ino, None)
+        self._dirty(parent)
+
+    # -- entries ---------------------------------------------------------------------
+    @_served
+    def unlink(self, parent, name, ctx):
+        rel = self._child(parent, name)
+        path = self._abs(rel)
+        ino = self._ino(os.lstat(path).st_ino)
+        self.flush_times([ino])                 # a hard link left behind keeps it
+        os.unlink(path)
+        self._out(Op.delete(0, rel))
+        self._forget_path(rel, ino)
+        self._dirty(parent)
+
+    @_served
+    def symlink(self, parent, name, target, ctx):
+        rel = self._child(parent, name)
+        path = self._abs(rel)
+        os.symlink(target, path)
+        self._give(rel, ctx)
+        st = os.lstat(path)
+        self._out(Op.symlink(0, rel, bytes(target)))
+        self._owner(rel, st)
+        ino = self._remember(st, rel)
+        self._dirty(ino)
+        self._dirty(parent)
+        return self._attrs(st)
+
+    @_served
+    def mknod(self, parent, name, mode, rdev, ctx):
+        rel = self._child(parent, name)
+        path = self._abs(rel)
+        os.mknod(path, mode, rdev)
+        os.chmod(path, stat.S_IMODE(mode))
+        self._give(rel, ctx)
+        st = os.lstat(path)
+        if stat.S_ISREG(mode):
+            self._out(Op.create(0, rel, stat.S_IMODE(st.st_mode)))
+        else:
+            self._out(Op.mknod(0, rel, st.st_mode, rdev))
+        self._owner(rel, st)
+        ino = self._remember(st, rel)
+        self._dirty(ino)
+        self._dirty(parent)
+        return self._attrs(st)
+
+    @_served
+    def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
+        old, new = self._child(parent_old, name_old), self._child(parent_new, name_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)     # no op says "exchange": see docs/mount.md
+        old_path, new_path = self._abs(old), self._abs(new)
+        ino = self._ino(os.lstat(old_path).st_ino)
+        try:
+            replaced = self._ino(os.lstat(new_path).st_ino)
+        except FileNotFoundError:
+            replaced = None
+        if replaced is not None and flags & pyfuse3.RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if replaced == ino:
+            return                  # two names of one file: rename(2) does nothing
+        os.rename(old_path, new_path)
+        self._out(Op.rename(0, old, new))
+        if replaced is not None:
+            self._forget_path(new, replaced)
+        self._moved(old, new)
+        self._dirty(ino)            # the ctime changed; the mtime is resent after the move
+        self._dirty(parent_old, parent_new)
+
+    @_served
+    def link(self, inode, new_parent, new_name, ctx):
+        existing = self._path(inode)
+        rel = self._child(new_parent, new_name)
+        os.link(self._abs(existing), self._abs(rel), follow_symlinks=False)
+        self._out(Op.hardlink(0, rel, existing))
+        st = os.lstat(self._abs(rel))
+        self._remember(st, rel)
+        self._dirty(new_parent)
+        return self._attrs(st)
+
+    # -- attributes -----------------------------------------------------------------
+    @_served
+    def setattr(self, inode, attr, fields, fh, ctx):
+        rel = self._path(inode)
+        path = self._abs(rel)
+        if fields.update_size:
+            if fh is not None and fh in self.open_files:
+                os.ftruncate(fh, attr.st_size)
+            else:
+                os.truncate(path, attr.st_size)
+            self._out(Op.truncate(0, rel, attr.st_size))
+            self._dirty(inode)
+        mode = uid = gid = None
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else None
+            gid = attr.st_gid if fields.update_gid else None
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid,
+                     follow_symlinks=False)
+        if fields.update_mode:
+            os.chmod(path, stat.S_IMODE(attr.st_mode))
+        if fields.update_mode or uid is not None:
+            # chown may clear set-id bits: send the mode the file has now
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+        if fields.update_atime or fields.update_mtime:
+            st = os.lstat(path)
+            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+        if fields.update_mtime:
+            self._dirty(inode)      # sent with the other owed mtimes (never atime alone)
+        if mode is not None or uid is not None or gid is not None:
+            self._out(Op.setattr(0, rel, mode=mode, uid=uid, gid=gid))
+        return self._attrs(os.lstat(path))
+
+    @_served
+    def setxattr(self, inode, name, value, ctx):
+        rel = self._path(inode)
+        try:
+            xname = _xattr_name(name)
+        except ValueError:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
+        os.setxattr(self._abs(rel), xname, value, follow_symlinks=False)
+        self._out(Op.setxattr(0, rel, xname, bytes(value)))
+
+    @_served
+    def removexattr(self, inode, name, ctx):
+        rel = self._path(inode)
+        os.removexattr(self._abs(rel), name, follow_symlinks=False)
+        self._out(Op.removexattr(0, rel, bytes(name)))
+
+    @_served
+    def getxattr(self, inode, name, ctx):
+        try:
+            return os.getxattr(self._abs(self._path(inode)), name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @_served
+    def listxattr(self, inode, ctx):
+        return [os.fsencode(n) for n in
+                os.listxattr(self._abs(self._path(inode)), follow_symlinks=False)]
+
+    @_served
+    def access(self, inode, mode, ctx):
+        return True                 # the kernel checks permissions (default_permissions)
+
+    # -- files ------------------------------------------------------------------------
+    def _opened(self, fd: int, inode: int, rel: bytes, flags: int) -> pyfuse3.FileInfo:
+        if flags & os.O_TRUNC and os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+            self._out(Op.truncate(0, rel, 0))
+            self._dirty(inode)
+        self.open_files[fd] = inode
+        return pyfuse3.FileInfo(fh=fd)
+
+    @_served
+    def open(self, inode, flags, ctx):
+        rel = self._path(inode)
+        # no O_APPEND on the backing fd: the kernel sends the offset of each
+        # write, and pwrite there is what the op records
+        fd = os.open(self._abs(rel), (flags & ~_OPEN_STRIP) | os.O_NOFOLLOW)
+        try:
+            return self._opened(fd, inode, rel, flags)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @_served
+    def create(self, parent, name, mode, flags, ctx):
+        rel = self._child(parent, name)
+        path = self._abs(rel)
+        base = (flags & ~_OPEN_STRIP) | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, base | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            fd = os.open(path, base)            # made meanwhile behind the mount's back
+            created = False
+        else:
+            created = True
+        try:
+            if created:
+                os.fchmod(fd, stat.S_IMODE(mode))
+                self._give(rel, ctx)
+            st = os.fstat(fd)
+            if created:
+                self._out(Op.create(0, rel, stat.S_IMODE(st.st_mode)))
+                self._owner(rel, st)
+                self._dirty(parent)
+            ino = self._remember(st, rel)
+            self._dirty(ino)
+            info = self._opened(fd, ino, rel, flags)
+            return info, self._attrs(os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @_served
+    def read(self, fh, off, size):
+        return os.pread(fh, size, off)
+
+    @_served
+    def write(self, fh, off, buf):
+        n = os.pwrite(fh, buf, off)
+        ino = self.open_files[fh]
+        node = self.nodes.get(ino)
+        if node is not None and node.paths:     # an unlinked file has no replica to write
+            self._out(Op.write(0, node.paths[0], off, buf if n == len(buf) else buf[:n]))
+            self.stats["bytes_written"] += n
+            self.times_dirty[ino] = None
+        return n
+
+    @_served
+    def flush(self, fh):
+        pass
+
+    @_served
+    def fsync(self, fh, datasync):
+        (os.fdatasync if datasync else os.fsync)(fh)
+        ino = self.open_files[fh]
+        self.flush_times([ino])
+        node = self.nodes.get(ino)
+        if node is not None and node.paths:
+            self._out(Op.mark(0, MARK_FSYNC, json.dumps({"path": os.fsdecode(node.paths[0])}).encode()))
+
+    @_served
+    def release(self, fh):
+        ino = self.open_files.pop(fh, None)
+        os.close(fh)
+        if ino is not None:
+            self.flush_times([ino])
+
+    # -- changes made to the backing directory behind the mount's back ----------------
+    def repair(self, batch) -> None:
+        """Resend what other processes changed in the backing directory
+        (events of :mod:`smirror.mount.bypass`), on the mount's thread: in
+        order with the mount's own ops."""
+        from .bypass import events_to_repairs
+        sent: set[bytes] = set()
+        # directories whose entries changed: their mtimes go last (they may
+        # be unknown to the mount's inode table, so not through times_dirty)
+        self._touched_dirs: set[bytes] = set()
+        for kind, rel, new in events_to_repairs(batch):
+            if kind == "moved":
+                sent.clear()
+                if os.path.lexists(self._abs(new)) and not os.path.lexists(self._abs(rel)):
+                    self._out(Op.rename(0, rel, new))
+                    self._moved(rel, new)
+                    self._touched_dirs.add(self._parent(rel))
+                    self._touched_dirs.add(self._parent(new))
+                else:
+                    self._resend(rel, tree=True)
+                    self._resend(new, tree=True)
+            elif kind == "attrs":
+                self._resend(rel, content=False)
+            elif rel not in sent:
+                sent.add(rel)
+                self._resend(rel, tree=kind == "tree")
+        for rel in sorted(self._touched_dirs, key=len, reverse=True):
+            self._stamp(rel)
+
+    def _stamp(self, rel: bytes) -> None:
+        """The current mtime of ``rel`` (b"": the root) as an op."""
+        try:
+            mtime = os.lstat(self._abs(rel)).st_mtime_ns
+        except OSError:
+            return                  # gone meanwhile: its removal is an op of its own
+        if rel:
+            self._out(Op.setattr(0, rel, mtime_ns=mtime))
+        else:
+            self._out(Op.mark(0, MARK_ROOT_MTIME, json.dumps({"mtime_ns": mtime}).encode()))
+
+    def _resend(self, rel: bytes, *, tree: bool = False, content: bool = True) -> None:
+        from smirror.fs.files import read_xattrs, xattr_filter
+        path = self._abs(rel)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if rel:
+                self._out(Op.delete(0, rel))      # the applier removes a file or a tree
+                self._forget_tree(rel)
+                self._touched_dirs.add(self._parent(rel))
+            return
+        if rel:
+            mode = stat.S_IMODE(st.st_mode)
+            if content:
+                if stat.S_ISDIR(st.st_mode):
+                    self._out(Op.mkdir(0, rel, mode))
+                elif stat.S_ISREG(st.st_mode):
+                    self._resend_file(rel, path, mode)
+                elif stat.S_ISLNK(st.st_mode):
+                    self._out(Op.symlink(0, rel, os.readlink(path)))
+                else:
+                    self._out(Op.mknod(0, rel, st.st_mode, st.st_rdev))
+                self._touched_dirs.add(self._parent(rel))
+            self._out(Op.setattr(0, rel, mode=None if stat.S_ISLNK(st.st_mode) else mode,
+                                 uid=st.st_uid, gid=st.st_gid))
+            for name, value in read_xattrs(path, xattr_filter()).items():
+                self._out(Op.setxattr(0, rel, os.fsencode(name), value))
+        if tree and stat.S_ISDIR(st.st_mode):
+            with os.scandir(path) as it:
+                names = sorted(os.fsencode(e.name) for e in it)
+            for name in names:
+                self._resend(rel + b"/" + name if rel else name, tree=True)
+        self._stamp(rel)        # last: what was resent inside changed the target's mtime
+
+    def _resend_file(self, rel: bytes, path: bytes, mode: int) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            self._out(Op.create(0, rel, mode))
+            off = 0
+            while True:
+                data = os.pread(fd, 1 << 20, off)
+                if not data:
+                    break
+                self._out(Op.write(0, rel, off, data))
+                off += len(data)
+        finally:
+            os.close(fd)
+
+    def _forget_tree(self, rel: bytes) -> None:
+        prefix = rel + b"/"
+        for node in self.nodes.values():
+            node.paths[:] = [p for p in node.paths if p != rel and not p.startswith(prefix)]
