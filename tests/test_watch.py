@@ -607,3 +607,39 @@ def test_a_mirror_adopted_as_the_cache_lets_pending_events_see_what_the_target_h
     finally:
         cap.close()
     assert (dst / "late").exists() is not adopt
+
+
+def test_a_write_during_the_read_never_sends_its_mtime_with_the_older_bytes(rig):
+    """A write lands between the read of a file and the SETATTR that
+    follows it, and the capture is killed before that write's own event is
+    handled (a SIGKILL of the source): the target must not be left with
+    the older bytes under the source's size and mtime, which no size/mtime
+    check (a restart's mirror) would look at again."""
+    src, dst, cap, pipe = rig
+    f = src / "f.db"
+    f.write_bytes(b"A" * 100_000)
+    same(src, dst, cap, pipe)
+    f.write_bytes(b"B" * 100_000)
+    late = {"done": False}
+    emit = cap.emit
+
+    def write_while_read(op):
+        emit(op)
+        if op.kind == OpKind.WRITE and op.path == b"f.db" and not late["done"]:
+            late["done"] = True
+            # same size, other bytes, a later clock tick
+            with open(f, "r+b") as out:
+                out.write(b"C" * 100_000)
+            st = os.stat(f)
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+
+    cap.emit = write_while_read
+    for ev in cap.watcher.read(timeout=0.5):   # the events of the B write only
+        cap.handle(ev)
+    cap._flush_dirty(force=True)
+    cap.emit = emit                            # killed: the C write's event is never handled
+    pipe.applier.flush()
+    assert late["done"]
+    s, d = os.stat(f), os.stat(dst / "f.db")
+    assert (dst / "f.db").read_bytes() == f.read_bytes() or (s.st_size, s.st_mtime_ns) != (d.st_size, d.st_mtime_ns), \
+        "the target holds other bytes under the source's size and mtime"

@@ -420,7 +420,8 @@ class TreeCapture:
             else:
                 self._remember(rel, st, with_signature=True)
         elif stat.S_ISREG(st.st_mode) and content:
-            self._diff_file(rel, emit=emit)
+            # the attributes sent go with the bytes read (see _diff_file)
+            st = self._diff_file(rel, emit=emit) or st
         elif stat.S_ISLNK(st.st_mode):
             link = os.readlink(self._abs(rel))
             if link != k.link and emit:
@@ -472,17 +473,15 @@ class TreeCapture:
                     self.known[rel] = self.known[other]
                     self.known[rel].names += 1
                     # its content may have moved on since the other name was read
-                    if self._diff_file(rel, emit=True):
-                        try:
-                            self._attrs(rel, os.lstat(self._abs(rel)), True)
-                        except OSError:
-                            pass
+                    read = self._diff_file(rel, emit=True)
+                    if read is not None:
+                        self._attrs(rel, read, True)
                     return
             self._out(Op.create(_ZERO, rel, mode))
             k = self._remember(rel, st)
             k.size = 0
             if fd is not None:
-                self._diff_file(rel, emit=True, fd=fd)
+                st = self._diff_file(rel, emit=True, fd=fd) or st
             self._note_recent(rel)
             self._created.add(rel)
             self._attrs(rel, st, True, force_owner=True)
@@ -579,9 +578,20 @@ class TreeCapture:
             k.xattrs = {n: v for n, v in k.xattrs.items() if n != _CAPABILITY}
         self._sync_xattrs(rel, k, emit)
 
-    def _diff_file(self, rel: bytes, emit: bool, same_file: bool = False, fd: int | None = None) -> bool:
+    # a file that changed while it was read is read again this many times
+    # (only the blocks that moved travel again); past that its own event
+    # brings the rest
+    REREADS = 2
+
+    def _diff_file(self, rel: bytes, emit: bool, same_file: bool = False, fd: int | None = None):
         """Send the blocks of ``rel`` whose hash differs from the cache.
-        False when the file is not there to read: renamed or deleted since
+        Returns the file's attributes as they were before the bytes sent
+        were read (an fstat of the same descriptor): the SETATTR the caller
+        sends must come from them, never from a later lstat, whose mtime
+        may be that of a write the read did not see (after a kill the
+        target would hold older bytes under the source's size and mtime,
+        and no size/mtime check would look again).
+        None when the file is not there to read: renamed or deleted since
         (the event saying so is still to come), no longer a regular file
         (a directory now, say: the caller looks again by path), unreadable,
         or, with ``same_file``, another inode than the one the cache holds
@@ -596,82 +606,96 @@ class TreeCapture:
         except PermissionError as exc:
             if emit:
                 self._note_unreadable(rel, exc.strerror)    # the target keeps what it has
-            return False
+            return None
         except OSError:
-            return False
-        ops_before = self.stats["ops"]
+            return None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                return False        # a directory (or fifo...) by now: a kind change
+                return None         # a directory (or fifo...) by now: a kind change
             ino = (st.st_dev, st.st_ino)
             if k.ino and k.ino != ino and k.names <= 1:
                 if same_file:
-                    return False
+                    return None
                 # another file under this name: the target's copy of the
                 # old one shares nothing with it
                 k.strong = None
             if k.names <= 1 or not k.ino:
                 k.ino = ino
-            size = st.st_size
-            if not k.block_size:
-                k.block_size = checksum.block_size_for(size)
-            bs = k.block_size
-            count = -(-size // bs)
-            old = k.strong if k.strong is not None else np.zeros((0, 2), np.uint64)
-            new = np.zeros((count, 2), np.uint64)
-            n_old = len(old)
-            chunk = (_READ_CHUNK // bs) * bs or bs
-            if len(self._buf) < chunk:
-                self._buf = bytearray(chunk)
-            view = memoryview(self._buf)
-            off = 0
-            end_sent = 0            # the end of the last WRITE: the target's size is at least that
-            while off < size:
-                want = min(chunk, size - off)
-                try:
-                    got = os.preadv(fd, [view[:want]], off)
-                except OSError as exc:
-                    # EIO and the like: what was read is sent, the rest is
-                    # looked at again (the caller keeps the path)
-                    log.warning("capture: reading %r at %d: %s", rel, off, exc)
-                    if off == 0:
-                        return False
+            for _ in range(self.REREADS + 1):
+                if not self._read_blocks(rel, k, fd, st.st_size, emit):
+                    return None
+                if not emit:
                     break
-                if got <= 0:
+                after = os.fstat(fd)
+                if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
                     break
-                sig = checksum.signature(view[:got], bs, weak=False)
-                first = off // bs
-                new[first:first + sig.count] = sig.strong
-                if emit:
-                    m = min(sig.count, max(0, n_old - first))
-                    differ = np.ones(sig.count, bool)
-                    if m:
-                        differ[:m] = np.any(old[first:first + m] != sig.strong[:m], axis=1)
-                    for i in np.flatnonzero(differ):
-                        b0 = int(i) * bs
-                        b1 = min(b0 + bs, got)
-                        piece = view[b0:b1]
-                        if first + int(i) >= n_old and _is_zero(piece):
-                            self.stats["bytes_skipped"] += b1 - b0   # a hole stays a hole
-                            continue
-                        self._out(Op.write(_ZERO, rel, off + b0, bytes(piece)))
-                        self.stats["bytes_sent"] += b1 - b0
-                        end_sent = off + b1
-                off += got
-            size = min(size, off)
-            if emit and (self.stats["ops"] != ops_before or size != k.size):
-                # data went out: the target's mtime is the time it applied
-                # it, so the source's mtime must follow, whatever the cache said
-                k.mtime_ns = -1
-            if emit and size != k.size and (size < k.size or end_sent < size):
-                # shrinking needs it; growing by a hole at the end needs it too
-                # (growing by the WRITEs just sent does not)
-                self._out(Op.truncate(_ZERO, rel, size))
-            k.size = size
-            k.strong = new[: -(-size // bs)] if bs else new
+                st = after          # written meanwhile: what moved is read again
         finally:
             os.close(fd)
+        return st
+
+    def _read_blocks(self, rel: bytes, k: Known, fd: int, size: int, emit: bool) -> bool:
+        """One pass of _diff_file over ``size`` bytes of ``fd``: WRITEs for
+        the blocks that differ from the cache, then the cache updated to
+        what was sent. False when nothing could be read."""
+        ops_before = self.stats["ops"]
+        if not k.block_size:
+            k.block_size = checksum.block_size_for(size)
+        bs = k.block_size
+        count = -(-size // bs)
+        old = k.strong if k.strong is not None else np.zeros((0, 2), np.uint64)
+        new = np.zeros((count, 2), np.uint64)
+        n_old = len(old)
+        chunk = (_READ_CHUNK // bs) * bs or bs
+        if len(self._buf) < chunk:
+            self._buf = bytearray(chunk)
+        view = memoryview(self._buf)
+        off = 0
+        end_sent = 0            # the end of the last WRITE: the target's size is at least that
+        while off < size:
+            want = min(chunk, size - off)
+            try:
+                got = os.preadv(fd, [view[:want]], off)
+            except OSError as exc:
+                # EIO and the like: what was read is sent, the rest is
+                # looked at again (the caller keeps the path)
+                log.warning("capture: reading %r at %d: %s", rel, off, exc)
+                if off == 0:
+                    return False
+                break
+            if got <= 0:
+                break
+            sig = checksum.signature(view[:got], bs, weak=False)
+            first = off // bs
+            new[first:first + sig.count] = sig.strong
+            if emit:
+                m = min(sig.count, max(0, n_old - first))
+                differ = np.ones(sig.count, bool)
+                if m:
+                    differ[:m] = np.any(old[first:first + m] != sig.strong[:m], axis=1)
+                for i in np.flatnonzero(differ):
+                    b0 = int(i) * bs
+                    b1 = min(b0 + bs, got)
+                    piece = view[b0:b1]
+                    if first + int(i) >= n_old and _is_zero(piece):
+                        self.stats["bytes_skipped"] += b1 - b0   # a hole stays a hole
+                        continue
+                    self._out(Op.write(_ZERO, rel, off + b0, bytes(piece)))
+                    self.stats["bytes_sent"] += b1 - b0
+                    end_sent = off + b1
+            off += got
+        size = min(size, off)
+        if emit and (self.stats["ops"] != ops_before or size != k.size):
+            # data went out: the target's mtime is the time it applied
+            # it, so the source's mtime must follow, whatever the cache said
+            k.mtime_ns = -1
+        if emit and size != k.size and (size < k.size or end_sent < size):
+            # shrinking needs it; growing by a hole at the end needs it too
+            # (growing by the WRITEs just sent does not)
+            self._out(Op.truncate(_ZERO, rel, size))
+        k.size = size
+        k.strong = new[: -(-size // bs)] if bs else new
         return True
 
     def _delete(self, rel: bytes) -> None:
@@ -794,13 +818,11 @@ class TreeCapture:
         for rel, t in list(self._dirty.items()):
             if force or now - t >= self.settle:
                 if rel in self.known and self.known[rel].kind == stat.S_IFREG:
-                    if self._diff_file(rel, emit=True, same_file=not settled):
+                    read = self._diff_file(rel, emit=True, same_file=not settled)
+                    if read is not None:
                         del self._dirty[rel]
                         self._note_recent(rel)
-                        try:
-                            self._attrs(rel, os.lstat(self._abs(rel)), True)
-                        except OSError:
-                            pass
+                        self._attrs(rel, read, True)
                         continue
                     del self._dirty[rel]
                     try:
@@ -879,11 +901,9 @@ class TreeCapture:
             if k is None or k.kind != stat.S_IFREG:
                 continue
             ops = self.stats["ops"]
-            if self._diff_file(rel, emit=True):
-                try:
-                    self._attrs(rel, os.lstat(self._abs(rel)), True)
-                except OSError:
-                    pass
+            read = self._diff_file(rel, emit=True)
+            if read is not None:
+                self._attrs(rel, read, True)
             if self.stats["ops"] != ops:
                 self.stats["reverified"] += 1
                 log.info("capture: %r differed from what was sent under its name: resent", rel)
