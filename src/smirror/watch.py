@@ -278,6 +278,13 @@ class TreeCapture:
                         # apart (linked after the mirror read them): the
                         # caller resyncs them, which links them
                         self.unlinked.append(rel)
+                    elif first != rel:
+                        # one inode on both sides: one cache entry, as
+                        # _create makes it (a chmod seen through one name
+                        # is then known under the other; two entries
+                        # dropped the chmod back through the other name)
+                        self.known[rel] = self.known[first]
+                        self.known[first].names += 1
             for rel in self.unlinked:
                 del self.known[rel]
 
@@ -316,10 +323,23 @@ class TreeCapture:
                         st = os.lstat(self._abs(rel))
                     except OSError:
                         continue
-                    if (st.st_size, st.st_mtime_ns) == (k.size, k.mtime_ns):
+                    listed = (k.size, k.mtime_ns)
+                    if (st.st_size, st.st_mtime_ns) == listed:
                         # the quick check says equal: the source's hashes stand
-                        # for the target's, nothing is sent for it
-                        self._diff_file(rel, emit=False)
+                        # for the target's, nothing is sent for it. Only if
+                        # the bytes hashed are still those: a write between
+                        # the check and the read (a live tree) would make
+                        # the target's older bytes pass for the new ones,
+                        # under the new mtime, for good
+                        read = self._diff_file(rel, emit=False)
+                        try:
+                            after = os.lstat(self._abs(rel))
+                        except OSError:
+                            after = None
+                        if read is None or after is None or \
+                                (read.st_size, read.st_mtime_ns) != listed or \
+                                (after.st_size, after.st_mtime_ns) != listed:
+                            k.strong, k.size = None, listed[0]     # sent whole below
                 seen = set()
                 self._walk(b"", emit=True, seen=seen)
                 orphaned = sorted(p for p in orphans - seen
