@@ -79,7 +79,7 @@ _ZERO = 0
 
 # the extended attributes captured: what this process can read and a
 # target could store (ACLs among them)
-_WANTED_XATTR = xattr_filter()
+WANTED_XATTR = xattr_filter()
 _CAPABILITY = "security.capability"
 
 BACKENDS = ("auto", "fanotify", "inotify")
@@ -126,6 +126,12 @@ class Known:
         # extended attributes the target has ({name: value}); None: not
         # known (a remote target's listing), so every one is sent
         self.xattrs = None
+
+
+def _linkable(kind: int) -> bool:
+    """Kinds whose names can share one inode (hard links): regular files,
+    and the special files MKNOD makes."""
+    return kind == stat.S_IFREG or kind in MKNOD_TYPES
 
 
 def _is_zero(view) -> bool:
@@ -271,7 +277,7 @@ class TreeCapture:
                     k.ino = (st.st_dev, st.st_ino) if stat.S_IFMT(st.st_mode) == k.kind else 0
                 except OSError:
                     k.ino = 0
-                if k.ino and k.kind == stat.S_IFREG and st.st_nlink > 1:
+                if k.ino and _linkable(k.kind) and st.st_nlink > 1:
                     first = first_name.setdefault(k.ino, rel)
                     if first != rel and target_ino[first] != target_ino[rel]:
                         # names of one source inode that the target holds
@@ -422,7 +428,7 @@ class TreeCapture:
             if emit:
                 self._delete(rel)
             k = None
-        if k is not None and self._mirror_links is not None and stat.S_ISREG(st.st_mode) \
+        if k is not None and self._mirror_links is not None and _linkable(stat.S_IFMT(st.st_mode)) \
                 and st.st_nlink > 1 and emit:
             ino = (st.st_dev, st.st_ino)
             first = self._mirror_links.setdefault(ino, rel)
@@ -435,7 +441,8 @@ class TreeCapture:
         if k is None:
             if emit:
                 self._create(rel, st)
-                if self._mirror_links is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                if self._mirror_links is not None and _linkable(stat.S_IFMT(st.st_mode)) \
+                        and st.st_nlink > 1:
                     self._mirror_links.setdefault((st.st_dev, st.st_ino), rel)
             else:
                 self._remember(rel, st, with_signature=True)
@@ -506,6 +513,15 @@ class TreeCapture:
             self._created.add(rel)
             self._attrs(rel, st, True, force_owner=True)
         else:
+            if st.st_nlink > 1 and _linkable(stat.S_IFMT(st.st_mode)):
+                other = self._same_inode(rel, st)
+                if other is not None:
+                    # fifos and device nodes have hard links too (rsync -H keeps them)
+                    self._out(Op.hardlink(_ZERO, rel, other))
+                    self.known[rel] = self.known[other]
+                    self.known[rel].names += 1
+                    self._attrs(rel, st, True)
+                    return
             self._mknod(rel, st)
 
     def _mknod(self, rel: bytes, st) -> None:
@@ -523,7 +539,7 @@ class TreeCapture:
         """Send the extended attributes of ``rel`` that differ from what
         the target was last sent (removals too, when that is known)."""
         try:
-            now = read_xattrs(self._abs(rel), _WANTED_XATTR)
+            now = read_xattrs(self._abs(rel), WANTED_XATTR)
         except OSError:
             return                  # gone meanwhile: its event follows
         old, k.xattrs = k.xattrs, now
@@ -569,8 +585,9 @@ class TreeCapture:
 
     def _same_inode(self, rel: bytes, st):
         ino = (st.st_dev, st.st_ino)
+        kind = stat.S_IFMT(st.st_mode)
         for p, k in self.known.items():
-            if k.ino == ino and p != rel and k.kind == stat.S_IFREG:
+            if k.ino == ino and p != rel and k.kind == kind:
                 return p
         return None
 
