@@ -10,7 +10,7 @@ import time
 import pytest
 
 from smirror import wire
-from daemons import PASSWORD, Node, make_certs, smirror
+from daemons import PASSWORD, Node, make_certs, smirror, wait_for
 from smirror.capture import Recorder
 from treestate import diff, snapshot
 from workload import Workload
@@ -304,16 +304,27 @@ def test_pause_and_resume_target(nodes):
     for _ in range(150):
         w.step()
         time.sleep(0.001)
-    time.sleep(1.0)
+
+    def received_all():
+        # the target holds every op the source captured (a condition: under
+        # load capture and sending take their time)
+        srcs = json.loads(source.cli("status", "--json").stdout)["sources"]
+        tgts = json.loads(target.cli("status", "--json").stdout)["targets"]
+        return srcs and tgts and srcs[0]["seq_captured"] == tgts[0]["seq_received"] \
+            and tgts[0]["seq_received"] > tgts[0]["seq_applied"] and tgts[0]
+    t0 = wait_for(received_all, 60, "the paused target to receive the workload's ops")
     assert snapshot(dst) == before                           # nothing applied while paused
     st = json.loads(target.cli("status", "--json").stdout)
     assert st["paused"] and st["targets"][0]["apply_state"] == "paused"
-    assert st["targets"][0]["seq_received"] > st["targets"][0]["seq_applied"]  # but received
     # pausing survives a restart of the target daemon
     target.kill(signal.SIGTERM)
     target.start()
     login(target, env)
-    time.sleep(1.0)
+    # restarted with its queue (received, not applied) and still paused
+    t1 = wait_for(lambda: [t for t in json.loads(target.cli("status", "--json").stdout)["targets"]
+                           if t["seq_received"] >= t0["seq_received"]], 60,
+                  "the restarted target to load its queue")[0]
+    assert t1["apply_state"] == "paused" and t1["seq_applied"] < t1["seq_received"], t1
     assert snapshot(dst) == before
     assert "target side PAUSED" in target.cli("status").stdout
     target.cli("resume-target", target.address)
