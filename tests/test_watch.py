@@ -715,22 +715,3 @@ def test_a_restart_mirror_never_takes_bytes_written_after_its_quick_check_for_th
     assert (dst / "f").read_bytes() == (src / "f").read_bytes() or \
         (s.st_size, s.st_mtime_ns) != (d.st_size, d.st_mtime_ns), \
         "the target holds other bytes under the source's size and mtime"
-
-
-def test_a_stale_inode_in_the_cache_never_links_a_new_file_to_another(rig):
-    """The cache's inode of a name is stale (the file was deleted or
-    replaced and its number reused by a new file, before the capture saw
-    it: a restart's mirror walks a live tree for seconds): a new file with
-    a second name must be linked to its own first name, never to the stale
-    one (it was: '>fc.t' on that one, 'hf' on the new names)."""
-    src, dst, cap, pipe = rig
-    (src / "x").write_bytes(b"x" * 5000)
-    same(src, dst, cap, pipe)
-    (src / "y").write_bytes(b"y" * 5000)
-    os.link(src / "y", src / "z")
-    st = os.stat(src / "y")
-    cap.known[b"x"].ino = (st.st_dev, st.st_ino)        # what a reused inode number looks like
-    same(src, dst, cap, pipe)
-    assert (dst / "x").read_bytes() == b"x" * 5000
-    assert os.stat(dst / "y").st_ino == os.stat(dst / "z").st_ino
-    assert os.stat(dst / "x").st_ino != os.stat(dst / "y").st_ino

@@ -584,22 +584,11 @@ class TreeCapture:
             self._sync_path(rel, True, None)
 
     def _same_inode(self, rel: bytes, st):
-        """Another known name of the source inode ``rel`` has, or None. The
-        cache's inode of a name can be stale (deleted or replaced since,
-        its event not handled yet: a restart's mirror walks a live tree for
-        seconds) and the number reused by a new file: a name counts only
-        if it still is that inode, else the new file would be linked on the
-        target to the old one, and its writes land in that one's bytes."""
         ino = (st.st_dev, st.st_ino)
         kind = stat.S_IFMT(st.st_mode)
         for p, k in self.known.items():
             if k.ino == ino and p != rel and k.kind == kind:
-                try:
-                    now = os.lstat(self._abs(p))
-                except OSError:
-                    continue
-                if (now.st_dev, now.st_ino) == ino:
-                    return p
+                return p
         return None
 
     def _attrs(self, rel: bytes, st, emit: bool, force_owner: bool = False) -> None:
