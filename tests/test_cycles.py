@@ -98,7 +98,7 @@ def test_ten_cycles_keep_one_status_row_and_the_source_memory_bounded(tmp_path):
         # +-25 MiB under load (arenas, frames in flight): the lowest RSS of
         # the last four cycles against the lowest of cycles 2-5 (the first
         # warms up). Measured: a leak of ~8 MiB a cycle (65-80 MiB over the
-        # ten without the fix) makes that ~40; with it, -16 to +10
+        # ten without the fix) makes that ~40; with it, -16 in a run here
         grew = (min(rss[6:]) - min(rss[1:5])) >> 20
         assert grew < 24, f"source RSS per cycle (MiB): {[r >> 20 for r in rss]}"
         err = stop_and_read(source)
