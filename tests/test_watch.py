@@ -715,3 +715,21 @@ def test_a_restart_mirror_never_takes_bytes_written_after_its_quick_check_for_th
     assert (dst / "f").read_bytes() == (src / "f").read_bytes() or \
         (s.st_size, s.st_mtime_ns) != (d.st_size, d.st_mtime_ns), \
         "the target holds other bytes under the source's size and mtime"
+
+
+def test_a_resync_asked_for_a_path_renamed_since_is_resent_under_its_new_name(rig):
+    """The target asks for a resync of the path its failing op named; the
+    source renamed that directory meanwhile, and the target renamed what it
+    held there (divergence and all) when the RENAME came: the resync must
+    reach the new name (an orphan survived there: faults.py kill, target
+    victim, '*deleting x-349/odd name13')."""
+    src, dst, cap, pipe = rig
+    (src / "a").mkdir()
+    (src / "a" / "f").write_text("f")
+    same(src, dst, cap, pipe)
+    os.rename(src / "a", src / "b")
+    same(src, dst, cap, pipe)
+    (dst / "b" / "stale").write_text("what the failing ops left")
+    cap.resend(b"a", reason="op seq 9 DELETE b'a/stale' failed on the target")
+    pipe.applier.flush()
+    same(src, dst, cap, pipe)

@@ -174,6 +174,9 @@ class TreeCapture:
         # came, maybe before their writer was done (fanotify merges a new
         # file's writes into its CREATE): looked at again when quiet
         self._created: set[bytes] = set()
+        # recent renames, old name -> new: a resync the target asks for
+        # names the path as its failing op had it, maybe renamed since
+        self._moved: dict[bytes, bytes] = {}
         self._lock = threading.RLock()
         self._requests: list = []
         self._fault = os.fsencode(os.environ.get(FAULT_ENV, ""))
@@ -774,6 +777,10 @@ class TreeCapture:
         if new in self.known:
             self._delete(new)
         self._out(Op.rename(_ZERO, old, new))
+        self._moved.pop(old, None)
+        self._moved[old] = new
+        if len(self._moved) > self.MOVED_LIMIT:
+            del self._moved[next(iter(self._moved))]     # the oldest
         prefix = old + b"/"
         for p in [p for p in self._lost if p == old or p.startswith(prefix)]:
             self._lost.discard(p)
@@ -1091,28 +1098,57 @@ class TreeCapture:
                 rel, emit, reason = self._requests.pop(0)
             self.resend(rel, emit, reason)
 
+    MOVED_LIMIT = 10_000        # renames remembered for resyncs (old -> new)
+
+    def _current_name(self, rel: bytes) -> bytes | None:
+        """Where ``rel`` (or a directory above it) went through the renames
+        this capture sent, or None when it did not go anywhere known."""
+        for _ in range(64):         # a chain of renames, bounded
+            if os.path.lexists(self._abs(rel)):
+                return rel
+            parts = rel.split(b"/")
+            for i in range(len(parts), 0, -1):
+                head = b"/".join(parts[:i])
+                new = self._moved.get(head)
+                if new is not None and new != head:
+                    rel = new + rel[len(head):]
+                    break
+            else:
+                return None
+        return None
+
     def resend(self, rel: bytes, emit=None, reason: str = "") -> None:
         """Bring a target's subtree ``rel`` in line whatever it holds now:
         first a resync of ``rel`` against the cache for every output (what
         changed meanwhile), then, to ``emit`` only, ``rel`` removed and
-        sent again whole from the source, then the done MARK."""
+        sent again whole from the source, then the done MARK. A ``rel``
+        renamed since (the target asked with its failing op's path) is
+        resent under its new name too: the target renamed what it held
+        there, divergence and all."""
         with self._lock:
             self._flush_dirty(force=True)
-            self.resync(rel, reason or "asked by the target")
-            self._lost.discard(rel)
             out = emit if emit is not None else self.emit
-            out(Op.delete(_ZERO, rel))
-            if rel and os.path.lexists(self._abs(rel)):
-                prefix = rel + b"/"
-                target_known = {p: k for p, k in self.known.items()
-                                if p != rel and not p.startswith(prefix)}
-                saved = self.emit, self.known, self.stats
-                self.emit, self.known = out, target_known
-                self.stats = dict.fromkeys(saved[2], 0)
-                try:
-                    self._walk(rel, emit=True, seen=set())
-                finally:
-                    self.emit, self.known, self.stats = saved
+            paths = [rel]
+            if rel and not os.path.lexists(self._abs(rel)):
+                now = self._current_name(rel)
+                if now is not None and now != rel:
+                    log.info("capture: %r, to be resynced, is %r now: resent there", rel, now)
+                    paths.append(now)
+            for path in paths:
+                self.resync(path, reason or "asked by the target")
+                self._lost.discard(path)
+                out(Op.delete(_ZERO, path))
+                if path and os.path.lexists(self._abs(path)):
+                    prefix = path + b"/"
+                    target_known = {p: k for p, k in self.known.items()
+                                    if p != path and not p.startswith(prefix)}
+                    saved = self.emit, self.known, self.stats
+                    self.emit, self.known = out, target_known
+                    self.stats = dict.fromkeys(saved[2], 0)
+                    try:
+                        self._walk(path, emit=True, seen=set())
+                    finally:
+                        self.emit, self.known, self.stats = saved
             out(Op.mark(_ZERO, MARK_RESYNC_DONE, json.dumps({"path": os.fsdecode(rel)}).encode()))
             self.stats["resyncs_served"] = self.stats.get("resyncs_served", 0) + 1
 
