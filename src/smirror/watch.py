@@ -890,6 +890,17 @@ class TreeCapture:
             if not os.path.lexists(self._abs(rel)):
                 if not drop_missing:
                     self._lost.add(rel)
+                elif rel in self.known:
+                    # every event is in, yet the cache has it: events were
+                    # lost (fanotify folds a rename identical to one still
+                    # queued into it: a -> b -> c -> a -> b ... read late
+                    # ends at a stale name). Its nearest existing directory
+                    # is compared with the cache, which finds it anew
+                    where = rel.rpartition(b"/")[0]
+                    while where and not os.path.lexists(self._abs(where)):
+                        where = where.rpartition(b"/")[0]
+                    self.resync(where, f"{os.fsdecode(rel)} is gone, no event said so",
+                                content=False)
                 continue
             if rel in self.known:
                 if self.known[rel].kind == stat.S_IFDIR:
