@@ -751,3 +751,30 @@ def test_renames_folded_by_the_kernel_are_found_when_quiet(rig):
     cap.watcher.read(timeout=0.2)          # the kernel's events, dropped: folded below
     cap.handle(Event(Kind.MOVED, b"a", True, new_path=b"b"))
     same(src, dst, cap, pipe)
+
+
+@pytest.mark.parametrize("how", ["attrib event", "structural resync"])
+def test_a_new_mtime_never_goes_out_without_the_bytes_it_dates(rig, how):
+    """A file is rewritten (same size) and, before that write's event is
+    handled, its attributes are looked at: a chmod's ATTRIB event, or a
+    structural resync (a directory renamed, the periodic verification).
+    Its new mtime must not go out alone: killed then, the target keeps the
+    older bytes under the source's size and mtime for good (faults.py kill,
+    source victim: '>fc........')."""
+    from smirror.inotify import Event, Kind
+    src, dst, cap, pipe = rig
+    f = src / "f.db"
+    f.write_bytes(b"A" * 100_000)
+    same(src, dst, cap, pipe)
+    f.write_bytes(b"B" * 100_000)
+    os.chmod(f, 0o600)
+    cap.watcher.read(timeout=0.2)          # the write's events: never handled (killed)
+    if how == "attrib event":
+        cap.handle(Event(Kind.ATTRIB, b"f.db", False))
+    else:
+        cap.resync(b"", "periodic verification", content=False)
+    pipe.applier.flush()
+    s, d = os.stat(f), os.stat(dst / "f.db")
+    assert (dst / "f.db").read_bytes() == f.read_bytes() or \
+        (s.st_size, s.st_mtime_ns) != (d.st_size, d.st_mtime_ns), \
+        "the target holds other bytes under the source's size and mtime"

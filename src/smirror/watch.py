@@ -380,7 +380,7 @@ class TreeCapture:
         """Compare the subtree ``rel`` with the cache and emit ops for every
         difference (a checksum difference mirror against the cache).
         ``content=False`` compares names, kinds and attributes only, and reads
-        only files the cache does not know."""
+        only files the cache does not know or whose size or mtime moved."""
         with self._lock:
             self.stats["resyncs"] += 1
             self.last_rescan_reason = reason
@@ -449,8 +449,12 @@ class TreeCapture:
                     self._mirror_links.setdefault((st.st_dev, st.st_ino), rel)
             else:
                 self._remember(rel, st, with_signature=True)
-        elif stat.S_ISREG(st.st_mode) and content:
-            # the attributes sent go with the bytes read (see _diff_file)
+        elif stat.S_ISREG(st.st_mode) and (content or (st.st_size, st.st_mtime_ns) != (k.size, k.mtime_ns)):
+            # without ``content`` a file whose size or mtime moved is read
+            # all the same: its new mtime sent alone (its write's event not
+            # handled yet) would give the target's older bytes the source's
+            # size and mtime, and after a kill no size/mtime check looks again.
+            # The attributes sent go with the bytes read (see _diff_file)
             st = self._diff_file(rel, emit=emit) or st
         elif stat.S_ISLNK(st.st_mode):
             link = os.readlink(self._abs(rel))
@@ -846,12 +850,10 @@ class TreeCapture:
             self._dirty[rel] = 0.0       # diff it now
         elif ev.kind == Kind.ATTRIB:
             self._flush_dirty(force=True)
-            try:
-                st = os.lstat(self._abs(rel))
-            except OSError:
-                return
-            if rel in self.known:
-                self._attrs(rel, st, True)
+            if rel in self.known and os.path.lexists(self._abs(rel)):
+                # attributes only, unless the size or mtime moved: then the
+                # bytes are compared and the mtime goes with them
+                self._sync_path(rel, True, None, content=False)
 
     def _flush_dirty(self, force: bool = False, settled: bool = False) -> None:
         """Diff the files modified at least ``settle`` seconds ago (all with
