@@ -431,6 +431,13 @@ class TreeCapture:
             if emit:
                 self._delete(rel)
             k = None
+        elif k is not None and emit and k.names > 1 and k.ino and k.ino != (st.st_dev, st.st_ino):
+            # one name of a hard-linked file is another file now (renamed
+            # over, its rename unseen): on the target it is still linked to
+            # the others, and writing the new bytes into it would change
+            # theirs. Its old name goes, the new file comes anew
+            self._delete(rel)
+            k = None
         if k is not None and self._mirror_links is not None and _linkable(stat.S_IFMT(st.st_mode)) \
                 and st.st_nlink > 1 and emit:
             ino = (st.st_dev, st.st_ino)
@@ -658,6 +665,11 @@ class TreeCapture:
             if not stat.S_ISREG(st.st_mode):
                 return None         # a directory (or fifo...) by now: a kind change
             ino = (st.st_dev, st.st_ino)
+            if k.ino and k.ino != ino and k.names > 1:
+                # another file under one name of a hard-linked one: its
+                # bytes must not go into the target's shared inode (the
+                # caller looks at the path again: _sync_path unlinks it)
+                return None
             if k.ino and k.ino != ino and k.names <= 1:
                 if same_file:
                     return None
