@@ -800,3 +800,27 @@ def test_a_file_renamed_over_one_name_of_a_hard_link_never_writes_into_the_other
     same(src, dst, cap, pipe)
     assert (dst / "b").read_bytes() == b"linked " * 1000
     assert os.stat(dst / "a").st_ino != os.stat(dst / "b").st_ino
+
+
+def test_a_resync_sends_a_name_linked_outside_its_subtree_whole(rig):
+    """Writes to one name of a hard-linked file were skipped by the target
+    (its directory was missing there), which asked for a resync of that
+    directory. The resync links the name again to the other one, outside
+    the subtree, on the target: the file's bytes must then be sent whole,
+    not diffed against the cache, which counts the skipped writes as
+    applied (faults.py kill, target victim: '>fc........' on the linked
+    file, for good)."""
+    src, dst, cap, pipe = rig
+    (src / "sub").mkdir()
+    (src / "sub" / "x").write_bytes(b"old " * 5000)
+    os.link(src / "sub" / "x", src / "y")
+    same(src, dst, cap, pipe)
+    emit = cap.emit
+    cap.emit = lambda op: None if op.kind in (OpKind.WRITE, OpKind.TRUNCATE) else emit(op)
+    with open(src / "sub" / "x", "r+b") as f:
+        f.write(b"new!")               # the target skips these writes
+    cap.sync()
+    cap.emit = emit
+    cap.resend(b"sub", reason="op seq 9 WRITE b'sub/x' failed on the target")
+    same(src, dst, cap, pipe)
+    assert (dst / "y").read_bytes() == (src / "y").read_bytes()

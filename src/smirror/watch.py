@@ -128,6 +128,13 @@ class Known:
         self.xattrs = None
 
 
+def _detached(k: Known) -> Known:
+    """A copy of a cache entry that does not vouch for the target's bytes."""
+    c = Known(k.kind, k.mode, k.uid, k.gid, k.mtime_ns, k.size, k.block_size, None, k.link, k.ino)
+    c.names, c.xattrs = k.names, k.xattrs
+    return c
+
+
 def _linkable(kind: int) -> bool:
     """Kinds whose names can share one inode (hard links): regular files,
     and the special files MKNOD makes."""
@@ -1165,7 +1172,12 @@ class TreeCapture:
                 out(Op.delete(_ZERO, path))
                 if path and os.path.lexists(self._abs(path)):
                     prefix = path + b"/"
-                    target_known = {p: k for p, k in self.known.items()
+                    # copies, with no block hashes: a name in the subtree
+                    # linked to a file outside it is sent whole, never diffed
+                    # against the cache (ops that the target skipped, which
+                    # brought this resync, changed that inode in the cache
+                    # only); the cache's own entries stay as they are
+                    target_known = {p: _detached(k) for p, k in self.known.items()
                                     if p != path and not p.startswith(prefix)}
                     saved = self.emit, self.known, self.stats
                     self.emit, self.known = out, target_known
