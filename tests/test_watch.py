@@ -824,3 +824,33 @@ def test_a_resync_sends_a_name_linked_outside_its_subtree_whole(rig):
     cap.resend(b"sub", reason="op seq 9 WRITE b'sub/x' failed on the target")
     same(src, dst, cap, pipe)
     assert (dst / "y").read_bytes() == (src / "y").read_bytes()
+
+
+def test_zero_blocks_inside_the_targets_file_are_sent_when_its_hashes_are_unknown(tmp_path):
+    """A mirror against a target listed without block hashes (the cache
+    knows its size, not its bytes): a block of zeros on the source within
+    the target file's size must be sent, not skipped as a hole (the target
+    kept its old bytes there under the source's size and mtime:
+    '>fc........', for good)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "f").write_bytes(b"Y" * 8192 + b"\0" * 8192)
+    (dst / "f").write_bytes(b"X" * 16384)
+    lister = TreeCapture(dst, lambda op: None)
+    try:
+        lister.load_target(dst)
+        known = dict(lister.known)
+    finally:
+        lister.close()
+    known[b"f"].strong = None           # a listing: size and mtime, no hashes
+    known[b"f"].mtime_ns += 1           # ... and the mtime differs
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe)
+    try:
+        cap.load_target(src)
+        cap.mirror_to(pipe, known, adopt=True)
+        pipe.applier.flush()
+    finally:
+        cap.close()
+    assert (dst / "f").read_bytes() == (src / "f").read_bytes()

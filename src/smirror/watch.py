@@ -703,6 +703,10 @@ class TreeCapture:
         the blocks that differ from the cache, then the cache updated to
         what was sent. False when nothing could be read."""
         ops_before = self.stats["ops"]
+        # what the target holds ends there: a block of zeros past it stays a
+        # hole, one before it is sent like any other (the target may hold
+        # other bytes there, also when the cache has no hashes of them)
+        target_size = k.size
         if not k.block_size:
             k.block_size = checksum.block_size_for(size)
         bs = k.block_size
@@ -741,7 +745,7 @@ class TreeCapture:
                     b0 = int(i) * bs
                     b1 = min(b0 + bs, got)
                     piece = view[b0:b1]
-                    if first + int(i) >= n_old and _is_zero(piece):
+                    if off + b0 >= target_size and first + int(i) >= n_old and _is_zero(piece):
                         self.stats["bytes_skipped"] += b1 - b0   # a hole stays a hole
                         continue
                     self._out(Op.write(_ZERO, rel, off + b0, bytes(piece)))
