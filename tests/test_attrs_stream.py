@@ -442,3 +442,73 @@ def test_a_target_that_is_not_root_stores_user_xattrs_only(tmp_path):
     for name in (b"trusted.x", b"security.selinux", b"system.posix_acl_access"):
         assert not app.xattr_allowed(name)
     app.close()
+
+
+def make_linked_specials(root, suffix=""):
+    """A fifo and a device node, each with a second name (a hard link)."""
+    (root / "d").mkdir(exist_ok=True)
+    os.mkfifo(root / f"fifo{suffix}", 0o640)
+    os.link(root / f"fifo{suffix}", root / "d" / f"fifo-too{suffix}")
+    os.mknod(root / f"null{suffix}", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.link(root / f"null{suffix}", root / "d" / f"null-too{suffix}")
+
+
+@needs_tools
+@pytest.mark.parametrize("mode", ["mirror", "replicate", "daemons"])
+def test_hard_links_between_special_files_are_kept(tmp_path, mode):
+    """rsync -H keeps the names of one fifo or device node linked: so does
+    every mode, at mirror time and live (each name was made as a node of
+    its own, two inodes where the source has one)."""
+    src, dst = tmp_path / "data", tmp_path / "replica"
+    src.mkdir()
+    make_linked_specials(src)
+    if mode == "mirror":
+        from daemons import smirror
+        smirror("mirror", src, dst, env=dict(os.environ))
+        assert rsync_differences(src, dst) == ""
+        make_linked_specials(src, "-2")
+        smirror("mirror", src, dst, "--different", "--checksum", env=dict(os.environ))
+        assert rsync_differences(src, dst) == ""
+    elif mode == "replicate":
+        from smirror.replication import Replication
+        with Replication(src, dst, state_dir=tmp_path / "state") as rep:
+            wait_rsync_same(src, dst, timeout=30, why=lambda: str(rep.status()))
+            make_linked_specials(src, "-2")
+            assert rep.wait(60), rep.status()
+            wait_rsync_same(src, dst, timeout=30, why=lambda: str(rep.status()))
+    else:
+        from test_daemon import login, running_pair
+        with running_pair(tmp_path, target_extra="[target]\ndevices = true\n") as (source, target, env):
+            login(source, env)
+            source.cli("repset", "create", "data", "--root", src)
+            source.cli("connect", "data", "to", target.address, "map", "base", dst)
+            why = lambda: source.log()[-3000:] + target.log()[-3000:]   # noqa: E731
+            wait_rsync_same(src, dst, timeout=30, why=why)      # the stream mirror
+            make_linked_specials(src, "-2")
+            wait_rsync_same(src, dst, timeout=30, why=why)      # live
+    assert os.lstat(dst / "fifo-2").st_ino == os.lstat(dst / "d" / "fifo-too-2").st_ino
+
+
+@needs_tools
+def test_a_daemons_remirror_removes_the_xattrs_the_source_lacks(tmp_path):
+    """The target holds extended attributes the source does not have (set
+    there behind the daemons' back, or removed on the source while its
+    daemon was down): the checksum mirror through the stream removes them,
+    as rsync -X does; it used to send the source's and leave the rest."""
+    from test_daemon import login, running_pair
+    src, dst = tmp_path / "data", tmp_path / "replica"
+    (src / "dir").mkdir(parents=True)
+    (src / "dir" / "f").write_text("x")
+    os.setxattr(src / "dir" / "f", "user.keep", b"1")
+    with running_pair(tmp_path) as (source, target, env):
+        login(source, env)
+        source.cli("repset", "create", "data", "--root", src)
+        source.cli("connect", "data", "to", target.address, "map", "base", dst)
+        why = lambda: source.log()[-3000:] + target.log()[-3000:]   # noqa: E731
+        wait_rsync_same(src, dst, timeout=30, why=why)
+        os.setxattr(dst / "dir" / "f", "user.stale", b"only on the target")
+        os.setxattr(dst / "dir", "user.stale-dir", b"only on the target")
+        assert rsync_differences(src, dst) != ""
+        source.cli("mirror-start", "1")
+        wait_rsync_same(src, dst, timeout=30, why=why)
+    assert _xattrs(dst / "dir" / "f") == {"user.keep": b"1"}

@@ -21,6 +21,7 @@ from smirror.fs.tree import DIR, FILE, SYMLINK, Rules, scan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import gen_tree  # noqa: E402
+from daemons import wait_for  # noqa: E402
 
 RSYNC = shutil.which("rsync")
 needs_rsync = pytest.mark.skipif(RSYNC is None, reason="rsync not installed")
@@ -219,6 +220,7 @@ def test_file_changing_during_copy_is_never_half_copied(tmp_path):
     path = src / "busy"
     path.write_bytes(b"\0" * size)
     stop = threading.Event()
+    versions = [0]
 
     def writer():
         v = 1
@@ -228,23 +230,33 @@ def test_file_changing_during_copy_is_never_half_copied(tmp_path):
             block[:] = bytes([v % 251 + 1]) * len(block)
             for off in range(0, size, len(block)):
                 os.pwrite(fd, block, off)
+            versions[0] = v
             v += 1
         os.close(fd)
+
+    def check(summary):
+        assert summary.errors == [] or "changed during the copy" in summary.errors[0][1]
+        if (dst / "busy").exists():
+            data = (dst / "busy").read_bytes()
+            assert len(data) == size and data.count(data[:1]) == size
+        assert not list(dst.glob(".smirror-tmp-*"))
 
     t = threading.Thread(target=writer)
     t.start()
     try:
-        results = [mirror(src, dst, retries=1) for _ in range(4)]
+        # mirrors until one overlapped a write (a condition, not a count:
+        # under load the writer may sleep through a few copies), each checked
+        wait_for(lambda: versions[0] >= 1, 60, "the writer's first version")
+        results = []
+
+        def overlapped():
+            results.append(mirror(src, dst, retries=1))
+            check(results[-1])
+            return results[-1].errors
+        wait_for(overlapped, 120, "a copy that the writer overlapped", every=0)
     finally:
         stop.set()
         t.join()
-    for summary in results:
-        assert summary.errors == [] or "changed during the copy" in summary.errors[0][1]
-    if (dst / "busy").exists():
-        data = (dst / "busy").read_bytes()
-        assert len(data) == size and data.count(data[:1]) == size
-    assert any(r.errors for r in results), "the writer never overlapped a copy"
-    assert not list(dst.glob(".smirror-tmp-*"))
 
 
 @pytest.fixture

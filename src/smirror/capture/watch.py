@@ -80,7 +80,7 @@ _ZERO = 0
 
 # the extended attributes captured: what this process can read and a
 # target could store (ACLs among them)
-_WANTED_XATTR = xattr_filter()
+WANTED_XATTR = xattr_filter()
 _CAPABILITY = "security.capability"
 
 BACKENDS = ("auto", "fanotify", "inotify")
@@ -129,6 +129,19 @@ class Known:
         self.xattrs = None
 
 
+def _detached(k: Known) -> Known:
+    """A copy of a cache entry that does not vouch for the target's bytes."""
+    c = Known(k.kind, k.mode, k.uid, k.gid, k.mtime_ns, k.size, k.block_size, None, k.link, k.ino)
+    c.names, c.xattrs = k.names, k.xattrs
+    return c
+
+
+def _linkable(kind: int) -> bool:
+    """Kinds whose names can share one inode (hard links): regular files,
+    and the special files MKNOD makes."""
+    return kind == stat.S_IFREG or kind in MKNOD_TYPES
+
+
 def _is_zero(view) -> bool:
     return not any(view) if len(view) < 64 else np.frombuffer(view, np.uint8).max() == 0
 
@@ -169,6 +182,9 @@ class TreeCapture:
         # came, maybe before their writer was done (fanotify merges a new
         # file's writes into its CREATE): looked at again when quiet
         self._created: set[bytes] = set()
+        # recent renames, old name -> new: a resync the target asks for
+        # names the path as its failing op had it, maybe renamed since
+        self._moved: dict[bytes, bytes] = {}
         self._lock = threading.RLock()
         self._requests: list = []
         self._fault = os.fsencode(os.environ.get(FAULT_ENV, ""))
@@ -272,13 +288,20 @@ class TreeCapture:
                     k.ino = (st.st_dev, st.st_ino) if stat.S_IFMT(st.st_mode) == k.kind else 0
                 except OSError:
                     k.ino = 0
-                if k.ino and k.kind == stat.S_IFREG and st.st_nlink > 1:
+                if k.ino and _linkable(k.kind) and st.st_nlink > 1:
                     first = first_name.setdefault(k.ino, rel)
                     if first != rel and target_ino[first] != target_ino[rel]:
                         # names of one source inode that the target holds
                         # apart (linked after the mirror read them): the
                         # caller resyncs them, which links them
                         self.unlinked.append(rel)
+                    elif first != rel:
+                        # one inode on both sides: one cache entry, as
+                        # _create makes it (a chmod seen through one name
+                        # is then known under the other; two entries
+                        # dropped the chmod back through the other name)
+                        self.known[rel] = self.known[first]
+                        self.known[first].names += 1
             for rel in self.unlinked:
                 del self.known[rel]
 
@@ -317,10 +340,23 @@ class TreeCapture:
                         st = os.lstat(self._abs(rel))
                     except OSError:
                         continue
-                    if (st.st_size, st.st_mtime_ns) == (k.size, k.mtime_ns):
+                    listed = (k.size, k.mtime_ns)
+                    if (st.st_size, st.st_mtime_ns) == listed:
                         # the quick check says equal: the source's hashes stand
-                        # for the target's, nothing is sent for it
-                        self._diff_file(rel, emit=False)
+                        # for the target's, nothing is sent for it. Only if
+                        # the bytes hashed are still those: a write between
+                        # the check and the read (a live tree) would make
+                        # the target's older bytes pass for the new ones,
+                        # under the new mtime, for good
+                        read = self._diff_file(rel, emit=False)
+                        try:
+                            after = os.lstat(self._abs(rel))
+                        except OSError:
+                            after = None
+                        if read is None or after is None or \
+                                (read.st_size, read.st_mtime_ns) != listed or \
+                                (after.st_size, after.st_mtime_ns) != listed:
+                            k.strong, k.size = None, listed[0]     # sent whole below
                 seen = set()
                 self._walk(b"", emit=True, seen=seen)
                 orphaned = sorted(p for p in orphans - seen
@@ -352,7 +388,7 @@ class TreeCapture:
         """Compare the subtree ``rel`` with the cache and emit ops for every
         difference (a checksum difference mirror against the cache).
         ``content=False`` compares names, kinds and attributes only, and reads
-        only files the cache does not know."""
+        only files the cache does not know or whose size or mtime moved."""
         with self._lock:
             self.stats["resyncs"] += 1
             self.last_rescan_reason = reason
@@ -403,7 +439,14 @@ class TreeCapture:
             if emit:
                 self._delete(rel)
             k = None
-        if k is not None and self._mirror_links is not None and stat.S_ISREG(st.st_mode) \
+        elif k is not None and emit and k.names > 1 and k.ino and k.ino != (st.st_dev, st.st_ino):
+            # one name of a hard-linked file is another file now (renamed
+            # over, its rename unseen): on the target it is still linked to
+            # the others, and writing the new bytes into it would change
+            # theirs. Its old name goes, the new file comes anew
+            self._delete(rel)
+            k = None
+        if k is not None and self._mirror_links is not None and _linkable(stat.S_IFMT(st.st_mode)) \
                 and st.st_nlink > 1 and emit:
             ino = (st.st_dev, st.st_ino)
             first = self._mirror_links.setdefault(ino, rel)
@@ -416,12 +459,18 @@ class TreeCapture:
         if k is None:
             if emit:
                 self._create(rel, st)
-                if self._mirror_links is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                if self._mirror_links is not None and _linkable(stat.S_IFMT(st.st_mode)) \
+                        and st.st_nlink > 1:
                     self._mirror_links.setdefault((st.st_dev, st.st_ino), rel)
             else:
                 self._remember(rel, st, with_signature=True)
-        elif stat.S_ISREG(st.st_mode) and content:
-            self._diff_file(rel, emit=emit)
+        elif stat.S_ISREG(st.st_mode) and (content or (st.st_size, st.st_mtime_ns) != (k.size, k.mtime_ns)):
+            # without ``content`` a file whose size or mtime moved is read
+            # all the same: its new mtime sent alone (its write's event not
+            # handled yet) would give the target's older bytes the source's
+            # size and mtime, and after a kill no size/mtime check looks again.
+            # The attributes sent go with the bytes read (see _diff_file)
+            st = self._diff_file(rel, emit=emit) or st
         elif stat.S_ISLNK(st.st_mode):
             link = os.readlink(self._abs(rel))
             if link != k.link and emit:
@@ -473,21 +522,28 @@ class TreeCapture:
                     self.known[rel] = self.known[other]
                     self.known[rel].names += 1
                     # its content may have moved on since the other name was read
-                    if self._diff_file(rel, emit=True):
-                        try:
-                            self._attrs(rel, os.lstat(self._abs(rel)), True)
-                        except OSError:
-                            pass
+                    read = self._diff_file(rel, emit=True)
+                    if read is not None:
+                        self._attrs(rel, read, True)
                     return
             self._out(Op.create(_ZERO, rel, mode))
             k = self._remember(rel, st)
             k.size = 0
             if fd is not None:
-                self._diff_file(rel, emit=True, fd=fd)
+                st = self._diff_file(rel, emit=True, fd=fd) or st
             self._note_recent(rel)
             self._created.add(rel)
             self._attrs(rel, st, True, force_owner=True)
         else:
+            if st.st_nlink > 1 and _linkable(stat.S_IFMT(st.st_mode)):
+                other = self._same_inode(rel, st)
+                if other is not None:
+                    # fifos and device nodes have hard links too (rsync -H keeps them)
+                    self._out(Op.hardlink(_ZERO, rel, other))
+                    self.known[rel] = self.known[other]
+                    self.known[rel].names += 1
+                    self._attrs(rel, st, True)
+                    return
             self._mknod(rel, st)
 
     def _mknod(self, rel: bytes, st) -> None:
@@ -505,7 +561,7 @@ class TreeCapture:
         """Send the extended attributes of ``rel`` that differ from what
         the target was last sent (removals too, when that is known)."""
         try:
-            now = read_xattrs(self._abs(rel), _WANTED_XATTR)
+            now = read_xattrs(self._abs(rel), WANTED_XATTR)
         except OSError:
             return                  # gone meanwhile: its event follows
         old, k.xattrs = k.xattrs, now
@@ -551,8 +607,9 @@ class TreeCapture:
 
     def _same_inode(self, rel: bytes, st):
         ino = (st.st_dev, st.st_ino)
+        kind = stat.S_IFMT(st.st_mode)
         for p, k in self.known.items():
-            if k.ino == ino and p != rel and k.kind == stat.S_IFREG:
+            if k.ino == ino and p != rel and k.kind == kind:
                 return p
         return None
 
@@ -580,9 +637,20 @@ class TreeCapture:
             k.xattrs = {n: v for n, v in k.xattrs.items() if n != _CAPABILITY}
         self._sync_xattrs(rel, k, emit)
 
-    def _diff_file(self, rel: bytes, emit: bool, same_file: bool = False, fd: int | None = None) -> bool:
+    # a file that changed while it was read is read again this many times
+    # (only the blocks that moved travel again); past that its own event
+    # brings the rest
+    REREADS = 2
+
+    def _diff_file(self, rel: bytes, emit: bool, same_file: bool = False, fd: int | None = None):
         """Send the blocks of ``rel`` whose hash differs from the cache.
-        False when the file is not there to read: renamed or deleted since
+        Returns the file's attributes as they were before the bytes sent
+        were read (an fstat of the same descriptor): the SETATTR the caller
+        sends must come from them, never from a later lstat, whose mtime
+        may be that of a write the read did not see (after a kill the
+        target would hold older bytes under the source's size and mtime,
+        and no size/mtime check would look again).
+        None when the file is not there to read: renamed or deleted since
         (the event saying so is still to come), no longer a regular file
         (a directory now, say: the caller looks again by path), unreadable,
         or, with ``same_file``, another inode than the one the cache holds
@@ -597,82 +665,105 @@ class TreeCapture:
         except PermissionError as exc:
             if emit:
                 self._note_unreadable(rel, exc.strerror)    # the target keeps what it has
-            return False
+            return None
         except OSError:
-            return False
-        ops_before = self.stats["ops"]
+            return None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                return False        # a directory (or fifo...) by now: a kind change
+                return None         # a directory (or fifo...) by now: a kind change
             ino = (st.st_dev, st.st_ino)
+            if k.ino and k.ino != ino and k.names > 1:
+                # another file under one name of a hard-linked one: its
+                # bytes must not go into the target's shared inode (the
+                # caller looks at the path again: _sync_path unlinks it)
+                return None
             if k.ino and k.ino != ino and k.names <= 1:
                 if same_file:
-                    return False
+                    return None
                 # another file under this name: the target's copy of the
                 # old one shares nothing with it
                 k.strong = None
             if k.names <= 1 or not k.ino:
                 k.ino = ino
-            size = st.st_size
-            if not k.block_size:
-                k.block_size = checksum.block_size_for(size)
-            bs = k.block_size
-            count = -(-size // bs)
-            old = k.strong if k.strong is not None else np.zeros((0, 2), np.uint64)
-            new = np.zeros((count, 2), np.uint64)
-            n_old = len(old)
-            chunk = (_READ_CHUNK // bs) * bs or bs
-            if len(self._buf) < chunk:
-                self._buf = bytearray(chunk)
-            view = memoryview(self._buf)
-            off = 0
-            end_sent = 0            # the end of the last WRITE: the target's size is at least that
-            while off < size:
-                want = min(chunk, size - off)
-                try:
-                    got = os.preadv(fd, [view[:want]], off)
-                except OSError as exc:
-                    # EIO and the like: what was read is sent, the rest is
-                    # looked at again (the caller keeps the path)
-                    log.warning("capture: reading %r at %d: %s", rel, off, exc)
-                    if off == 0:
-                        return False
+            for _ in range(self.REREADS + 1):
+                if not self._read_blocks(rel, k, fd, st.st_size, emit):
+                    return None
+                if not emit:
                     break
-                if got <= 0:
+                after = os.fstat(fd)
+                if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
                     break
-                sig = checksum.signature(view[:got], bs, weak=False)
-                first = off // bs
-                new[first:first + sig.count] = sig.strong
-                if emit:
-                    m = min(sig.count, max(0, n_old - first))
-                    differ = np.ones(sig.count, bool)
-                    if m:
-                        differ[:m] = np.any(old[first:first + m] != sig.strong[:m], axis=1)
-                    for i in np.flatnonzero(differ):
-                        b0 = int(i) * bs
-                        b1 = min(b0 + bs, got)
-                        piece = view[b0:b1]
-                        if first + int(i) >= n_old and _is_zero(piece):
-                            self.stats["bytes_skipped"] += b1 - b0   # a hole stays a hole
-                            continue
-                        self._out(Op.write(_ZERO, rel, off + b0, bytes(piece)))
-                        self.stats["bytes_sent"] += b1 - b0
-                        end_sent = off + b1
-                off += got
-            size = min(size, off)
-            if emit and (self.stats["ops"] != ops_before or size != k.size):
-                # data went out: the target's mtime is the time it applied
-                # it, so the source's mtime must follow, whatever the cache said
-                k.mtime_ns = -1
-            if emit and size != k.size and (size < k.size or end_sent < size):
-                # shrinking needs it; growing by a hole at the end needs it too
-                # (growing by the WRITEs just sent does not)
-                self._out(Op.truncate(_ZERO, rel, size))
-            k.size = size
-            k.strong = new[: -(-size // bs)] if bs else new
+                st = after          # written meanwhile: what moved is read again
         finally:
             os.close(fd)
+        return st
+
+    def _read_blocks(self, rel: bytes, k: Known, fd: int, size: int, emit: bool) -> bool:
+        """One pass of _diff_file over ``size`` bytes of ``fd``: WRITEs for
+        the blocks that differ from the cache, then the cache updated to
+        what was sent. False when nothing could be read."""
+        ops_before = self.stats["ops"]
+        # what the target holds ends there: a block of zeros past it stays a
+        # hole, one before it is sent like any other (the target may hold
+        # other bytes there, also when the cache has no hashes of them)
+        target_size = k.size
+        if not k.block_size:
+            k.block_size = checksum.block_size_for(size)
+        bs = k.block_size
+        count = -(-size // bs)
+        old = k.strong if k.strong is not None else np.zeros((0, 2), np.uint64)
+        new = np.zeros((count, 2), np.uint64)
+        n_old = len(old)
+        chunk = (_READ_CHUNK // bs) * bs or bs
+        if len(self._buf) < chunk:
+            self._buf = bytearray(chunk)
+        view = memoryview(self._buf)
+        off = 0
+        end_sent = 0            # the end of the last WRITE: the target's size is at least that
+        while off < size:
+            want = min(chunk, size - off)
+            try:
+                got = os.preadv(fd, [view[:want]], off)
+            except OSError as exc:
+                # EIO and the like: what was read is sent, the rest is
+                # looked at again (the caller keeps the path)
+                log.warning("capture: reading %r at %d: %s", rel, off, exc)
+                if off == 0:
+                    return False
+                break
+            if got <= 0:
+                break
+            sig = checksum.signature(view[:got], bs, weak=False)
+            first = off // bs
+            new[first:first + sig.count] = sig.strong
+            if emit:
+                m = min(sig.count, max(0, n_old - first))
+                differ = np.ones(sig.count, bool)
+                if m:
+                    differ[:m] = np.any(old[first:first + m] != sig.strong[:m], axis=1)
+                for i in np.flatnonzero(differ):
+                    b0 = int(i) * bs
+                    b1 = min(b0 + bs, got)
+                    piece = view[b0:b1]
+                    if off + b0 >= target_size and first + int(i) >= n_old and _is_zero(piece):
+                        self.stats["bytes_skipped"] += b1 - b0   # a hole stays a hole
+                        continue
+                    self._out(Op.write(_ZERO, rel, off + b0, bytes(piece)))
+                    self.stats["bytes_sent"] += b1 - b0
+                    end_sent = off + b1
+            off += got
+        size = min(size, off)
+        if emit and (self.stats["ops"] != ops_before or size != k.size):
+            # data went out: the target's mtime is the time it applied
+            # it, so the source's mtime must follow, whatever the cache said
+            k.mtime_ns = -1
+        if emit and size != k.size and (size < k.size or end_sent < size):
+            # shrinking needs it; growing by a hole at the end needs it too
+            # (growing by the WRITEs just sent does not)
+            self._out(Op.truncate(_ZERO, rel, size))
+        k.size = size
+        k.strong = new[: -(-size // bs)] if bs else new
         return True
 
     def _delete(self, rel: bytes) -> None:
@@ -714,6 +805,10 @@ class TreeCapture:
         if new in self.known:
             self._delete(new)
         self._out(Op.rename(_ZERO, old, new))
+        self._moved.pop(old, None)
+        self._moved[old] = new
+        if len(self._moved) > self.MOVED_LIMIT:
+            del self._moved[next(iter(self._moved))]     # the oldest
         prefix = old + b"/"
         for p in [p for p in self._lost if p == old or p.startswith(prefix)]:
             self._lost.discard(p)
@@ -779,12 +874,10 @@ class TreeCapture:
             self._dirty[rel] = 0.0       # diff it now
         elif ev.kind == Kind.ATTRIB:
             self._flush_dirty(force=True)
-            try:
-                st = os.lstat(self._abs(rel))
-            except OSError:
-                return
-            if rel in self.known:
-                self._attrs(rel, st, True)
+            if rel in self.known and os.path.lexists(self._abs(rel)):
+                # attributes only, unless the size or mtime moved: then the
+                # bytes are compared and the mtime goes with them
+                self._sync_path(rel, True, None, content=False)
 
     def _flush_dirty(self, force: bool = False, settled: bool = False) -> None:
         """Diff the files modified at least ``settle`` seconds ago (all with
@@ -795,13 +888,11 @@ class TreeCapture:
         for rel, t in list(self._dirty.items()):
             if force or now - t >= self.settle:
                 if rel in self.known and self.known[rel].kind == stat.S_IFREG:
-                    if self._diff_file(rel, emit=True, same_file=not settled):
+                    read = self._diff_file(rel, emit=True, same_file=not settled)
+                    if read is not None:
                         del self._dirty[rel]
                         self._note_recent(rel)
-                        try:
-                            self._attrs(rel, os.lstat(self._abs(rel)), True)
-                        except OSError:
-                            pass
+                        self._attrs(rel, read, True)
                         continue
                     del self._dirty[rel]
                     try:
@@ -825,6 +916,17 @@ class TreeCapture:
             if not os.path.lexists(self._abs(rel)):
                 if not drop_missing:
                     self._lost.add(rel)
+                elif rel in self.known:
+                    # every event is in, yet the cache has it: events were
+                    # lost (fanotify folds a rename identical to one still
+                    # queued into it: a -> b -> c -> a -> b ... read late
+                    # ends at a stale name). Its nearest existing directory
+                    # is compared with the cache, which finds it anew
+                    where = rel.rpartition(b"/")[0]
+                    while where and not os.path.lexists(self._abs(where)):
+                        where = where.rpartition(b"/")[0]
+                    self.resync(where, f"{os.fsdecode(rel)} is gone, no event said so",
+                                content=False)
                 continue
             if rel in self.known:
                 if self.known[rel].kind == stat.S_IFDIR:
@@ -880,11 +982,9 @@ class TreeCapture:
             if k is None or k.kind != stat.S_IFREG:
                 continue
             ops = self.stats["ops"]
-            if self._diff_file(rel, emit=True):
-                try:
-                    self._attrs(rel, os.lstat(self._abs(rel)), True)
-                except OSError:
-                    pass
+            read = self._diff_file(rel, emit=True)
+            if read is not None:
+                self._attrs(rel, read, True)
             if self.stats["ops"] != ops:
                 self.stats["reverified"] += 1
                 log.info("capture: %r differed from what was sent under its name: resent", rel)
@@ -1035,28 +1135,62 @@ class TreeCapture:
                 rel, emit, reason = self._requests.pop(0)
             self.resend(rel, emit, reason)
 
+    MOVED_LIMIT = 10_000        # renames remembered for resyncs (old -> new)
+
+    def _current_name(self, rel: bytes) -> bytes | None:
+        """Where ``rel`` (or a directory above it) went through the renames
+        this capture sent, or None when it did not go anywhere known."""
+        for _ in range(64):         # a chain of renames, bounded
+            if os.path.lexists(self._abs(rel)):
+                return rel
+            parts = rel.split(b"/")
+            for i in range(len(parts), 0, -1):
+                head = b"/".join(parts[:i])
+                new = self._moved.get(head)
+                if new is not None and new != head:
+                    rel = new + rel[len(head):]
+                    break
+            else:
+                return None
+        return None
+
     def resend(self, rel: bytes, emit=None, reason: str = "") -> None:
         """Bring a target's subtree ``rel`` in line whatever it holds now:
         first a resync of ``rel`` against the cache for every output (what
         changed meanwhile), then, to ``emit`` only, ``rel`` removed and
-        sent again whole from the source, then the done MARK."""
+        sent again whole from the source, then the done MARK. A ``rel``
+        renamed since (the target asked with its failing op's path) is
+        resent under its new name too: the target renamed what it held
+        there, divergence and all."""
         with self._lock:
             self._flush_dirty(force=True)
-            self.resync(rel, reason or "asked by the target")
-            self._lost.discard(rel)
             out = emit if emit is not None else self.emit
-            out(Op.delete(_ZERO, rel))
-            if rel and os.path.lexists(self._abs(rel)):
-                prefix = rel + b"/"
-                target_known = {p: k for p, k in self.known.items()
-                                if p != rel and not p.startswith(prefix)}
-                saved = self.emit, self.known, self.stats
-                self.emit, self.known = out, target_known
-                self.stats = dict.fromkeys(saved[2], 0)
-                try:
-                    self._walk(rel, emit=True, seen=set())
-                finally:
-                    self.emit, self.known, self.stats = saved
+            paths = [rel]
+            if rel and not os.path.lexists(self._abs(rel)):
+                now = self._current_name(rel)
+                if now is not None and now != rel:
+                    log.info("capture: %r, to be resynced, is %r now: resent there", rel, now)
+                    paths.append(now)
+            for path in paths:
+                self.resync(path, reason or "asked by the target")
+                self._lost.discard(path)
+                out(Op.delete(_ZERO, path))
+                if path and os.path.lexists(self._abs(path)):
+                    prefix = path + b"/"
+                    # copies, with no block hashes: a name in the subtree
+                    # linked to a file outside it is sent whole, never diffed
+                    # against the cache (ops that the target skipped, which
+                    # brought this resync, changed that inode in the cache
+                    # only); the cache's own entries stay as they are
+                    target_known = {p: _detached(k) for p, k in self.known.items()
+                                    if p != path and not p.startswith(prefix)}
+                    saved = self.emit, self.known, self.stats
+                    self.emit, self.known = out, target_known
+                    self.stats = dict.fromkeys(saved[2], 0)
+                    try:
+                        self._walk(path, emit=True, seen=set())
+                    finally:
+                        self.emit, self.known, self.stats = saved
             out(Op.mark(_ZERO, MARK_RESYNC_DONE, json.dumps({"path": os.fsdecode(rel)}).encode()))
             self.stats["resyncs_served"] = self.stats.get("resyncs_served", 0) + 1
 

@@ -650,19 +650,22 @@ class Daemon:
         import numpy as np
         from smirror.kernels.checksum import block_size_for
         from smirror.daemon.control import Client
-        from smirror.capture.watch import Known
+        from smirror.capture.watch import WANTED_XATTR, Known
         repset = self.registry.repset(conn.repset)
         client = Client(conn.target, tls=self.tls_client, timeout=300)
         try:
             client.login(self.config.links.user, self._link_password)
             # the target checks the source id against its link user
             ident = {"source": self.daemon_id, "conid": conn.conid}
-            listing = client.call("target.scan", map_base=conn.map_base, **ident)
+            # with the target's xattrs: a mirror removes those the source lacks
+            listing = client.call("target.scan", map_base=conn.map_base, xattrs=True, **ident)
             known = {}
-            for name, (mode, uid, gid, size, mtime_ns, link) in listing.items():
+            for name, (mode, uid, gid, size, mtime_ns, link, *more) in listing.items():
                 rel = os.fsencode(name)
                 k = Known(st_.S_IFMT(mode), st_.S_IMODE(mode), uid, gid, mtime_ns, size,
                           block_size_for(size), None, os.fsencode(link) if link is not None else None, None)
+                if more and isinstance(more[0], dict):   # a target that lists none: all are sent
+                    k.xattrs = {n: bytes.fromhex(v) for n, v in more[0].items() if WANTED_XATTR(n)}
                 known[rel] = k
                 if st_.S_ISREG(mode):
                     try:
@@ -1128,6 +1131,7 @@ class Daemon:
 
     def _target_scan(self, user: User, args) -> dict:
         """The entries under a map base (this daemon as a target)."""
+        from smirror.fs.files import LocalTarget
         from smirror.fs.tree import scan
         base = self._map_base(user, args)
         if not os.path.isdir(base):
@@ -1141,10 +1145,22 @@ class Daemon:
             raise SmirrorError(f"listing map base {os.fsdecode(base)} failed at {len(listing.errors)} "
                                f"place(s), first {os.fsdecode(rel) or '.'}: {exc.strerror or exc}")
         out = {}
-        for rel, e in listing.entries.items():
-            if rel and not rel.rpartition(b"/")[2].startswith(b".smirror-tmp-"):
-                out[os.fsdecode(rel)] = [e.mode, e.uid, e.gid, e.size, e.mtime_ns,
-                                         os.fsdecode(e.link) if e.link is not None else None]
+        # xattrs read beneath the map base's handle (no symlink leads out)
+        xattrs = LocalTarget(base) if args.get("xattrs") else None
+        try:
+            for rel, e in listing.entries.items():
+                if rel and not rel.rpartition(b"/")[2].startswith(b".smirror-tmp-"):
+                    row = [e.mode, e.uid, e.gid, e.size, e.mtime_ns,
+                           os.fsdecode(e.link) if e.link is not None else None]
+                    if xattrs is not None:
+                        try:
+                            row.append({n: v.hex() for n, v in xattrs.xattrs(rel).items()})
+                        except (OSError, SmirrorError):
+                            row.append(None)    # gone meanwhile: not known, all are sent
+                    out[os.fsdecode(rel)] = row
+        finally:
+            if xattrs is not None:
+                xattrs.close()
         return out
 
     def _target_signature(self, user: User, args) -> str:

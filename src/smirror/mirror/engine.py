@@ -457,6 +457,14 @@ class Mirror:
                     self.meta.append((rel, s, d))
                 continue
             if kind == SPECIAL:
+                if s.nlink > 1:
+                    # fifos and device nodes have hard links too (rsync -H)
+                    key = (s.dev, s.ino)
+                    leader = leaders.get(key)
+                    if leader is not None:
+                        self.hardlinks.append((rel, leader, d))
+                        continue
+                    leaders[key] = rel
                 if (d is None or d.mode != s.mode or d.rdev != s.rdev):
                     self.specials.append((rel, s, d))
                 else:
@@ -623,7 +631,7 @@ class Mirror:
 
         for rel, leader, d in self.hardlinks:
             try:
-                if d is not None and d.kind == FILE and leader not in self._rewritten:
+                if d is not None and d.kind in (FILE, SPECIAL) and leader not in self._rewritten:
                     lead_now = target.lstat(leader)
                     here_now = target.lstat(rel)
                     if lead_now is not None and here_now is not None and \
