@@ -61,3 +61,49 @@ class ConfinementError(SmirrorError, ValueError):
     def __init__(self, message, path=None):
         self.path = path
         super().__init__(message)
+
+
+class SourceChanged(SmirrorError):
+    """A source file changed while the mirror copied it; the mirror retries
+    the file (it never leaves a half-old, half-new copy as done)."""
+
+
+class WatchError(SmirrorError, OSError):
+    """A watcher (inotify or fanotify) could not start or keep watching;
+    ``errno`` says why, the message says where."""
+
+
+class FanotifyUnavailable(WatchError):
+    """fanotify cannot watch this root here; the message says why."""
+
+
+class EventFormatError(SmirrorError, ValueError):
+    """A fanotify event record does not fit the buffer it was read into."""
+
+    def __init__(self, message, offset):
+        self.offset = offset
+        super().__init__(f"fanotify event: {message} (at byte offset {offset})")
+
+
+class ProtocolError(SmirrorError, ConnectionError):
+    """The peer sent something that is not the smirror protocol, or broke it."""
+
+
+class LinkClosed(ProtocolError):
+    """The peer closed the link (possibly in the middle of a message)."""
+
+
+class LoginRefused(AuthError):
+    """A login the server refused with an ERROR already sent to the peer."""
+
+
+class RequestError(SmirrorError):
+    """The daemon refused or failed a request; the message is the daemon's."""
+
+
+class ApplyError(SmirrorError):
+    """An op could not be applied; names the op."""
+
+
+class TaskError(SmirrorError, ValueError):
+    """A task is malformed, or a daemon refused to run one of its commands."""

@@ -58,7 +58,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from smirror.errors import SmirrorError
+from smirror.errors import EventFormatError, FanotifyUnavailable
 from smirror.capture.inotify import MOVED_OUT, Event, Kind, WatchError, _join, list_dir
 
 log = logging.getLogger("smirror.capture.fanotify")
@@ -107,18 +107,6 @@ MAX_HANDLE_SZ = 128
 # handles of directories outside the root remembered to skip their events
 # without a lookup; past this many the set starts over
 OUTSIDE_CACHE_LIMIT = 1 << 16
-
-
-class EventFormatError(SmirrorError, ValueError):
-    """A fanotify event record does not fit the buffer it was read into."""
-
-    def __init__(self, message, offset):
-        self.offset = offset
-        super().__init__(f"fanotify event: {message} (at byte offset {offset})")
-
-
-class FanotifyUnavailable(WatchError):
-    """fanotify cannot watch this root here; the message says why."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
+from smirror.errors import WatchError  # re-exported: callers catch inotify.WatchError
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.inotify_init1.argtypes = [ctypes.c_int]
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
@@ -90,10 +92,6 @@ def list_dir(path: bytes, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
         if exclude is None or not exclude(child, is_dir):
             out.append((child, is_dir))
     return out
-
-
-class WatchError(OSError):
-    pass
 
 
 def _join(parent: bytes, name: bytes) -> bytes:

@@ -17,11 +17,7 @@ from pathlib import Path
 
 from smirror.stream import wire
 from smirror.daemon.config import DEFAULT_PORT, parse_hostport
-from smirror.errors import AuthError, SmirrorError
-
-
-class RequestError(SmirrorError):
-    """The daemon refused or failed a request; the message is the daemon's."""
+from smirror.errors import AuthError, RequestError
 
 
 def sessions_file() -> Path:

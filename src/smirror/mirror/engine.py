@@ -28,7 +28,7 @@ import stat
 import threading
 import time
 
-from smirror.errors import MirrorError, ConfigError
+from smirror.errors import MirrorError, ConfigError, SourceChanged
 from smirror.fs.files import (LocalTarget, TargetSide, aligned_buffer, fd_digest, fd_signature,
                            read_full, read_xattrs, xattr_filter)
 from smirror.fs.tree import DIR, FILE, SPECIAL, SYMLINK, Listing, Rules, entry_from_stat, scan
@@ -66,10 +66,6 @@ def _racy(st) -> bool:
     while time.clock_gettime_ns(_COARSE) <= newest and time.monotonic() < deadline:
         time.sleep(_TICK_NS / 4e9)
     return True
-
-
-class SourceChanged(Exception):
-    """The source file changed while it was being copied (retried)."""
 
 
 class _Future:

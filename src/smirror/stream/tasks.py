@@ -44,7 +44,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from smirror.errors import SmirrorError
+from smirror.errors import TaskError
 
 log = logging.getLogger("smirror.stream.tasks")
 
@@ -59,10 +59,6 @@ MAX_WORD = 4096                   # characters of one word or argument
 MAX_TEXT = 256                    # characters of the id and the source
 MAX_GROUP = 4096                  # connections in a task's group
 MAX_TIMEOUT = 30 * 86400.0        # seconds an on-execute may be waited for
-
-
-class TaskError(SmirrorError, ValueError):
-    """A task is malformed, or a daemon refused to run one of its commands."""
 
 
 def parse_timeout(value) -> float | None:

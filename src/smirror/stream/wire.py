@@ -30,7 +30,7 @@ from enum import IntEnum
 
 from smirror.daemon.auth import (LoginThrottle, Sessions, UserStore, User, check_scrypt_params, check_username,
                    client_proof, token_id, token_key, token_proofs)
-from smirror.errors import AuthError, ConfigError, SmirrorError
+from smirror.errors import AuthError, ConfigError, LinkClosed, LoginRefused, ProtocolError
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<2sBBI")
@@ -57,14 +57,6 @@ class MsgType(IntEnum):
     RESET = 13       # data: source -> target {"seq"}: the stream goes on after seq
                      # (ops before it are gone from the source: a mirror follows)
     NOTICE = 14      # data: target -> source {"event", ...}: a task was refused, ran, failed
-
-
-class ProtocolError(SmirrorError, ConnectionError):
-    """The peer sent something that is not the smirror protocol, or broke it."""
-
-
-class LinkClosed(ProtocolError):
-    """The peer closed the link (possibly in the middle of a message)."""
 
 
 class Link:
@@ -276,10 +268,6 @@ def _field(obj: dict, key: str, kind, where: str):
 
 # -- login ---------------------------------------------------------------
 
-class _Refused(AuthError):
-    """A login refused with an ERROR already sent to the peer."""
-
-
 def _nonce(obj: dict, where: str) -> str:
     value = _field(obj, "nonce", str, where)
     if not 16 <= len(value) <= 128 or value.strip(string.hexdigits):
@@ -369,7 +357,7 @@ def accept_login(link: Link, store: UserStore, throttle: LoginThrottle | None = 
     link.limit_login(timeout)
     try:
         found, purpose = _accept(link, store, throttle, purposes, sessions, cert_users)
-    except _Refused:
+    except LoginRefused:
         raise
     except AuthError as exc:
         _answer(link, str(exc))
@@ -395,7 +383,7 @@ def _answer(link: Link, message: str) -> None:
 
 def _refuse(link: Link, message: str, error=None):
     _answer(link, message)
-    raise (error or _Refused)(message if error is None else f"{link.peer}: {message}")
+    raise (error or LoginRefused)(message if error is None else f"{link.peer}: {message}")
 
 
 def _accept(link, store, throttle, purposes, sessions, cert_users):
