@@ -364,7 +364,8 @@ def test_a_mirror_listing_waits_for_the_ops_the_target_received_to_be_applied(tm
     import threading
     from smirror.daemon.control import Client
     from smirror.kernels.memqueue import SpillQueue
-    from smirror.stream.source import ConnectionJournal, Sender
+    from smirror.stream.journal import ConnectionJournal
+    from smirror.stream.sender import Sender
     target = Node(tmp_path, "target", {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")},
                   extra='[target]\nin_use_max_delay = "60s"\n')
     target.add_user("repl", "replication")

@@ -17,7 +17,8 @@ import pytest
 from smirror.stream import wire
 from smirror.capture.recorder import Recorder
 from smirror.kernels.memqueue import SpillQueue
-from smirror.stream.source import ConnectionJournal, Sender
+from smirror.stream.journal import ConnectionJournal
+from smirror.stream.sender import Sender
 from daemons import PASSWORD, Node
 from prefixcheck import PrefixChecker, read_applied
 from treestate import diff, snapshot
@@ -104,7 +105,8 @@ SOURCE_SCRIPT = textwrap.dedent("""
     from smirror.stream import wire
     from smirror.capture.recorder import Recorder
     from smirror.kernels.memqueue import SpillQueue
-    from smirror.stream.source import ConnectionJournal, Sender
+    from smirror.stream.journal import ConnectionJournal
+    from smirror.stream.sender import Sender
     from workload import Workload
     src, dst, port, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     queue = SpillQueue(os.path.join(os.path.dirname(log), "squeue"), 1 << 20, 1 << 30)

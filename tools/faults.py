@@ -137,7 +137,8 @@ class LibraryScenario:
         from smirror.stream import wire
         from smirror.capture.recorder import Recorder
         from smirror.kernels.memqueue import SpillQueue
-        from smirror.stream.source import ConnectionJournal, Sender
+        from smirror.stream.journal import ConnectionJournal
+        from smirror.stream.sender import Sender
         self.tmp, self.rng = tmp, rng
         self.src, self.dst = tmp / "lib-src", tmp / "lib-dst"
         self.src.mkdir()
@@ -522,7 +523,7 @@ def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out
     from smirror.stream import wire
     from smirror.kernels.frames import encode_frame
     from smirror.ops import Op
-    from smirror.stream.source import open_message
+    from smirror.stream.sender import open_message
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="smirror-faults-fuzz-", dir=workdir))
     lib = None
@@ -695,7 +696,8 @@ def run_net(seconds: float = 60, flaps=(1, 10), seed: int = 11, workdir=None, ou
     from smirror.stream import wire
     from smirror.capture.recorder import Recorder
     from smirror.kernels.memqueue import SpillQueue
-    from smirror.stream.source import ConnectionJournal, Sender
+    from smirror.stream.journal import ConnectionJournal
+    from smirror.stream.sender import Sender
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="smirror-faults-net-", dir=workdir))
     res = {"flaps": 0, "down_s": 0.0, "prefix_checks": 0}

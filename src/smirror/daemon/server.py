@@ -41,7 +41,9 @@ from smirror.errors import AuthError, ConfigError, QueueFull, SmirrorError
 from smirror.kernels.memqueue import SpillQueue, queue_alert, segment_size_for
 from smirror.daemon.registry import Registry, check_options
 from smirror.fs.keep import KeepDirs
-from smirror.stream.source import ConnectionJournal, Sender, for_connection
+from smirror.stream.journal import ConnectionJournal
+from smirror.stream.orphans import for_connection
+from smirror.stream.sender import Sender
 from smirror.stream.receiver import TargetConnection
 from smirror.daemon.target_access import MapBases, SourceBindings, check_source_id, overlaps, resolve
 from smirror.private import check_secret, read_secret
@@ -1026,7 +1028,7 @@ class Daemon:
         """Tell the target that ``conn`` ended, so its side stops (applier,
         retries, queue) instead of waiting for a source that never comes
         back: what happened, for the reply."""
-        from smirror.stream.source import open_message
+        from smirror.stream.sender import open_message
         host, port = parse_hostport(conn.target, "target")
         try:
             with self.dial_target(host, port, io_timeout=15) as link:
@@ -1045,7 +1047,7 @@ class Daemon:
         """Log in to ``target`` as the link user and have it validate
         ``map_base`` for this source (an OPEN with ``check``): its READY,
         or SmirrorError with the target's reason."""
-        from smirror.stream.source import probe_target as probe
+        from smirror.stream.sender import probe_target as probe
         host, port = parse_hostport(target, "target")
         try:
             link = self.dial_target(host, port, io_timeout=60)

@@ -39,6 +39,7 @@ DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 PRELOGIN_MAX_MESSAGE = 64 * 1024      # what a peer may send before it logged in
 LOGIN_TIMEOUT = 10.0                  # seconds for a whole login (TLS handshake included)
 PURPOSES = ("control", "data")
+ACK = struct.Struct("<Q")             # an ACK's binary payload: the last seq durable on the target
 
 
 class MsgType(IntEnum):
