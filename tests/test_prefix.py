@@ -15,6 +15,8 @@ import time
 import pytest
 
 from smirror.stream import wire
+
+from smirror.daemon import handshake
 from smirror.capture.recorder import Recorder
 from smirror.kernels.memqueue import SpillQueue
 from smirror.stream.journal import ConnectionJournal
@@ -65,7 +67,7 @@ def test_target_sigkill_and_cuts_keep_prefix_consistency(tmp_path, target):
 
     def dial():
         link = wire.connect("127.0.0.1", target.port)
-        wire.login(link, "repl", PASSWORD, purpose="data")
+        handshake.login(link, "repl", PASSWORD, purpose="data")
         return link
 
     sender = Sender(1, str(dst), journal, dial, source_name="checker", retry_interval=0.05).start()
@@ -119,7 +121,7 @@ SOURCE_SCRIPT = textwrap.dedent("""
         out.flush()
     def dial():
         link = wire.connect("127.0.0.1", port)
-        wire.login(link, "repl", os.environ["PW"], purpose="data")
+        handshake.login(link, "repl", os.environ["PW"], purpose="data")
         return link
     Sender(1, dst, journal, dial, source_name="checker", retry_interval=0.05).start()
     w = Workload(Recorder(src, emit), seed=31, max_write=40_000)

@@ -135,6 +135,7 @@ class LibraryScenario:
 
     def __init__(self, tmp, rng):
         from smirror.stream import wire
+        from smirror.daemon import handshake
         from smirror.capture.recorder import Recorder
         from smirror.kernels.memqueue import SpillQueue
         from smirror.stream.journal import ConnectionJournal
@@ -155,7 +156,7 @@ class LibraryScenario:
 
         def dial():
             link = wire.connect("127.0.0.1", self.target.port)
-            wire.login(link, "repl", PASSWORD, purpose="data")
+            handshake.login(link, "repl", PASSWORD, purpose="data")
             return link
         self.sender = Sender(1, str(self.dst), self.journal, dial, source_name="faults",
                              retry_interval=0.05).start()
@@ -536,7 +537,7 @@ def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out
 
         def open_link():
             link = wire.connect("127.0.0.1", target.port, io_timeout=5)
-            wire.login(link, "repl", PASSWORD, purpose="data")
+            handshake.login(link, "repl", PASSWORD, purpose="data")
             link.send_json(wire.MsgType.OPEN, open_message(2, str(dst), "faults", 1))
             _, ready = link.recv_json(wire.MsgType.READY)
             return link, ready["last_seq"]
@@ -721,7 +722,7 @@ def run_net(seconds: float = 60, flaps=(1, 10), seed: int = 11, workdir=None, ou
 
             def dial():
                 link = wire.connect(b, target.port, timeout=5)
-                wire.login(link, "repl", PASSWORD, purpose="data")
+                handshake.login(link, "repl", PASSWORD, purpose="data")
                 return link
             sender = Sender(1, str(dst), journal, dial, source_name="faults", retry_interval=0.2).start()
             work = Background(Workload(Recorder(src, emit), seed=seed, max_write=20_000), pace=0.005)

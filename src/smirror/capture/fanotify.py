@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass
 
 from smirror.errors import EventFormatError, FanotifyUnavailable
-from smirror.capture.inotify import MOVED_OUT, Event, Kind, WatchError, _join, list_dir
+from smirror.capture.inotify import MOVED_OUT, Event, Kind, WatchError, join_rel, list_dir
 
 log = logging.getLogger("smirror.capture.fanotify")
 
@@ -430,7 +430,7 @@ class Watcher:
                 parent = None if new_rec is None else self._mapped_path(new_rec.handle)
                 if parent is None:
                     continue
-                target = _join(parent, new_rec.name)
+                target = join_rel(parent, new_rec.name)
                 if rel == target or rel.startswith(target + b"/"):
                     return True
         return False
@@ -565,7 +565,7 @@ class Watcher:
         if parent is None:
             return
         name = rec.name or b"."
-        path = parent if name == b"." else _join(parent, name)
+        path = parent if name == b"." else join_rel(parent, name)
         if name != b"." and self.exclude is not None and self.exclude(path, is_dir):
             return
         if mask & (FAN_CREATE | FAN_DELETE):
@@ -600,8 +600,8 @@ class Watcher:
             return                          # the root itself renamed: paths below it hold
         old_parent = self._path_of(old_rec.handle)
         new_parent = self._path_of(new_rec.handle)
-        old = None if old_parent is None else _join(old_parent, old_rec.name)
-        new = None if new_parent is None else _join(new_parent, new_rec.name)
+        old = None if old_parent is None else join_rel(old_parent, old_rec.name)
+        new = None if new_parent is None else join_rel(new_parent, new_rec.name)
         if old is not None and self.exclude is not None and self.exclude(old, is_dir):
             old = None
         if new is not None and self.exclude is not None and self.exclude(new, is_dir):

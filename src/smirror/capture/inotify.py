@@ -84,7 +84,7 @@ def list_dir(path: bytes, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
         return []
     out = []
     for entry in entries:
-        child = _join(rel, entry.name)
+        child = join_rel(rel, entry.name)
         try:
             is_dir = entry.is_dir(follow_symlinks=False)
         except OSError:
@@ -94,7 +94,8 @@ def list_dir(path: bytes, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
     return out
 
 
-def _join(parent: bytes, name: bytes) -> bytes:
+def join_rel(parent: bytes, name: bytes) -> bytes:
+    """``name`` in the directory ``parent`` (both relative to the root; b"" is the root)."""
     return name if not parent else parent + b"/" + name
 
 
@@ -248,7 +249,7 @@ class Watcher:
             self._out.append(Event(Kind.RESCAN, parent, True, reason="filesystem unmounted"))
             return
         is_dir = bool(mask & IN_ISDIR)
-        path = _join(parent, name)
+        path = join_rel(parent, name)
         if self.exclude is not None and name and self.exclude(path, is_dir):
             # a rename from an excluded name into the set still counts below
             if not mask & (IN_MOVED_FROM | IN_MOVED_TO):

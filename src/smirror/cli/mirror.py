@@ -102,7 +102,7 @@ def add_parser(subparsers):
     return p
 
 
-def _text_summary(d: dict) -> str:
+def text_summary(d: dict) -> str:
     from smirror.units import format_size
     head = "dry run: " if d["dry_run"] else ""
     lines = [
@@ -173,5 +173,5 @@ def run(args) -> int:
         if orphans == "report":
             for rel in summary.orphans:
                 print(f"orphan: {show(rel)}")
-        print(_text_summary(data))
+        print(text_summary(data))
     return summary.exit_code

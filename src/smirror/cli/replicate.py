@@ -115,7 +115,7 @@ def run_demo(args) -> int:
     import json
     import tempfile
     from smirror.mirror.engine import Mirror, MirrorOptions
-    from smirror.cli.mirror import _text_summary
+    from smirror.cli.mirror import text_summary
     base = args.dir or tempfile.mkdtemp(prefix="smirror-demo-")
     src, dst = os.path.join(base, "source"), os.path.join(base, "target")
     if os.path.exists(src) or os.path.exists(dst):
@@ -135,10 +135,10 @@ def run_demo(args) -> int:
     else:
         print(f"demo tree: {src}  ->  {dst}")
         print("full mirror:")
-        print("  " + _text_summary(results["full"]))
+        print("  " + text_summary(results["full"]))
         print(f"changed {changed} bytes (1% of the large file's 8 KiB blocks, 20 small files)")
         print("checksum difference mirror (smirror mirror SRC DST --different --checksum):")
-        print("  " + _text_summary(results["different_checksum"]))
+        print("  " + text_summary(results["different_checksum"]))
     return full.exit_code or diff.exit_code
 
 

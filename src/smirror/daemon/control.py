@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 
 from smirror.stream import wire
+
+from smirror.daemon import handshake
 from smirror.daemon.config import DEFAULT_PORT, parse_hostport
 from smirror.errors import AuthError, RequestError
 
@@ -114,7 +116,7 @@ class Client:
             raise
 
     def login(self, user: str, password: str) -> "Client":
-        self.user = wire.login(self.link, user, password)
+        self.user = handshake.login(self.link, user, password)
         return self
 
     def login_saved(self) -> "Client":
@@ -126,7 +128,7 @@ class Client:
         if not isinstance(saved.get("user"), str) or not isinstance(saved.get("token"), str):
             raise AuthError(f"{sessions_file()}: the session of {self.address} is damaged: "
                             f"run 'smirror login {self.address}'")
-        self.user = wire.login_token(self.link, saved["user"], saved["token"])
+        self.user = handshake.login_token(self.link, saved["user"], saved["token"])
         return self
 
     def call(self, verb: str, **args):

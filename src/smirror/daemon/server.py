@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 
 from smirror.stream import wire
+
+from smirror.daemon import handshake
 from smirror.daemon.auth import LoginThrottle, Sessions, User, UserStore
 from smirror.daemon.config import Config, parse_hostport, setid_allowed
 from smirror.errors import AuthError, ConfigError, QueueFull, SmirrorError
@@ -175,7 +177,7 @@ class RepsetCapture:
     def add(self, conn, journal: ConnectionJournal, mirror) -> dict | None:
         """Start feeding ``journal``; ``mirror`` is None (no mirror), {} (the
         whole set) or what the target holds (a difference mirror)."""
-        with self.capture._lock:       # no op of the watcher slips in between
+        with self.capture.paused():       # no op of the watcher slips in between
             stats = None
             if mirror is not None:
                 stats = self.mirror(conn, journal, mirror)
@@ -191,7 +193,7 @@ class RepsetCapture:
         queue makes the mirror wait for the sender."""
         from smirror.stream.orphans import orphan_ops
         append = _waiting_append(journal)
-        with self.capture._lock:
+        with self.capture.paused():
             found: list[bytes] = []
             first = journal.last_seq + 1
             self.mirroring = conn.conid        # status reads the live counters meanwhile
@@ -505,7 +507,7 @@ class Daemon:
             raise ConfigError("links.user is not set: this daemon cannot log in to targets")
         link = wire.connect(host, port, tls=self.tls_client, io_timeout=io_timeout)
         try:
-            wire.login(link, self.config.links.user, self._link_password, purpose="data")
+            handshake.login(link, self.config.links.user, self._link_password, purpose="data")
         except BaseException:
             link.close()
             raise
@@ -741,7 +743,7 @@ class Daemon:
             left = max(0.1, login.timeout - (time.monotonic() - accepted))   # TLS took some
             with Link(conn, f"{addr[0]}:{addr[1]}") as link:
                 try:
-                    user, purpose = wire.accept_login(link, self.users, self.throttle,
+                    user, purpose = handshake.accept_login(link, self.users, self.throttle,
                                                       sessions=self.sessions, timeout=left,
                                                       cert_users=self.config.tls.cert_users)
                     end_pending()

@@ -71,7 +71,7 @@ _MMAP_MIN = 32 << 20          # files this large are hashed from a mapping when 
 _MMAP_WINDOW = 256 << 20      # mapped and hashed a window at a time, lease checked between
 
 
-def _take_read_lease(fd: int) -> bool:
+def take_read_lease(fd: int) -> bool:
     """A read lease guarantees nobody has the file open for writing, and
     makes a new writer's open() or truncate() wait (up to the kernel's
     lease-break-time, of which we use at most a third) until the lease is
@@ -108,7 +108,7 @@ def _lease_intact(fd: int) -> bool:
         return False
 
 
-def _drop_lease(fd: int):
+def drop_lease(fd: int):
     import fcntl
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
@@ -129,7 +129,7 @@ def _mapped_signature(fd: int, length: int, block_size: int, weak: bool):
         return None           # windows could not start on page boundaries
     # a multiple of both the block size and the page size
     window = max(block_size, (_MMAP_WINDOW // block_size) * block_size)
-    if not _take_read_lease(fd):
+    if not take_read_lease(fd):
         return None
     try:
         if os.fstat(fd).st_size < length:
@@ -153,7 +153,7 @@ def _mapped_signature(fd: int, length: int, block_size: int, weak: bool):
                 weak_arr[i:] = rest.weak
         return checksum.Signature(block_size, length, strong, weak_arr)
     finally:
-        _drop_lease(fd)
+        drop_lease(fd)
 
 
 def fd_signature(fd: int, length: int, block_size: int, weak: bool):
@@ -237,7 +237,7 @@ def _mapped_digest(fd: int, length: int):
     can be had. A lease break (a writer waiting) stops the mapping at the
     next window and the rest is read with preads into the same digest."""
     from smirror.kernels import checksum
-    if not _take_read_lease(fd):
+    if not take_read_lease(fd):
         return None
     try:
         if os.fstat(fd).st_size != length:
@@ -256,7 +256,7 @@ def _mapped_digest(fd: int, length: int):
                 off += want
         return state.digest()
     finally:
-        _drop_lease(fd)
+        drop_lease(fd)
 
 
 def fd_digest(fd: int, length: int) -> bytes:
@@ -487,7 +487,8 @@ class LocalTarget(TargetSide):
             slot.close()
         self._orphan_slots.clear()
 
-    def _count(self, n: int):
+    def count_written(self, n: int):
+        """Add ``n`` bytes to what this target wrote (its writers call it)."""
         with self._lock:
             self.bytes_written += n
 
@@ -725,12 +726,12 @@ class TempWriter:
             # a trailing hole (or a source that shrank): set the length; a
             # dense copy to the end has it already (the temp file is new)
             os.ftruncate(self.fd, size)
-        self.target._count(n)
+        self.target.count_written(n)
         return n
 
     def write(self, data, offset: int) -> int:
         n = _pwrite_all(self.fd, data, offset)
-        self.target._count(n)
+        self.target.count_written(n)
         return n
 
     def copy_old(self, offset: int, length: int, out_offset: int) -> int:
@@ -742,7 +743,7 @@ class TempWriter:
         n = copy_range(self._old_fd, self.fd, offset, length, out_offset)
         if n != length:
             raise MirrorError(f"{self.rel!r} on the target shrank during the update")
-        self.target._count(n)
+        self.target.count_written(n)
         return n
 
     def truncate(self, size: int):
@@ -790,7 +791,7 @@ class InplaceWriter:
 
     def write(self, data, offset: int) -> int:
         n = _pwrite_all(self.fd, data, offset)
-        self.target._count(n)
+        self.target.count_written(n)
         return n
 
     def truncate(self, size: int):

@@ -1060,17 +1060,17 @@ class Mirror:
         DELTA_COPY_MAX; None for a larger file being written to (the caller
         copies it whole). Returns (buffer, release)."""
         import mmap
-        from smirror.fs.files import _drop_lease, _take_read_lease
-        if _take_read_lease(fd):
+        from smirror.fs.files import drop_lease, take_read_lease
+        if take_read_lease(fd):
             try:
                 mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
             except BaseException:
-                _drop_lease(fd)
+                drop_lease(fd)
                 raise
 
             def release():
                 mm.close()
-                _drop_lease(fd)
+                drop_lease(fd)
             return mm, release
         if size > DELTA_COPY_MAX:
             return None

@@ -32,6 +32,7 @@ exception in the applier.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -414,11 +415,9 @@ class SourceTasks:
         captures.sort(key=lambda c: c.root)        # one order everywhere: no deadlock
         payload = spec.encode()
         from smirror.ops import Op
-        held = []
-        try:
+        with contextlib.ExitStack() as held:
             for cap in captures:
-                cap._lock.acquire()
-                held.append(cap)
+                held.enter_context(cap.paused())
                 cap.sync(max_time=TASK_SYNC_MAX)     # the task marks this moment
             for q in into:
                 seq = q.journal.append_alone(Op.task(0, spec.name, payload))
@@ -426,9 +425,6 @@ class SourceTasks:
                 if spec.on_transmit is not None:
                     q.sender.before_send[seq] = (
                         lambda c=q.conid: self.run_hook(spec, "on_transmit", [c], target))
-        finally:
-            for cap in reversed(held):
-                cap._lock.release()
         log.info("task %r (%s) queued for %s on connection(s) %s", spec.name, spec.id, target,
                  reply["connections"])
         return reply
