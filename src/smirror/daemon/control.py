@@ -19,6 +19,7 @@ from smirror.stream import wire
 
 from smirror.daemon import handshake
 from smirror.daemon.config import DEFAULT_PORT, parse_hostport
+from smirror.fs.atomic import write_atomic
 from smirror.errors import AuthError, RequestError
 
 
@@ -38,11 +39,7 @@ def _load_sessions() -> dict:
 def _write_sessions(data: dict) -> None:
     path = sessions_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".sessions.json.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data))
 
 
 def tls_settings_from_env() -> dict | None:

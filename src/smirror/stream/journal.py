@@ -17,6 +17,7 @@ import threading
 import time
 
 from smirror.errors import QueueFull
+from smirror.fs.atomic import write_atomic
 from smirror.kernels.frames import Encoder, frame_header
 from smirror.ops import Op, OpKind
 
@@ -117,12 +118,7 @@ class ConnectionJournal:
             time.sleep(0.05)
 
     def _reserve(self, upto: int) -> None:
-        tmp = f"{self.seq_file}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{upto}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.seq_file)
+        write_atomic(self.seq_file, f"{upto}\n", mode=0o666)
         self._reserved = upto
 
     def extend(self, ops) -> None:
