@@ -52,13 +52,12 @@ import errno
 import logging
 import os
 import re
-import select
 import struct
 import tempfile
-import time
 from dataclasses import dataclass
 
 from smirror.errors import EventFormatError, FanotifyUnavailable
+from smirror.capture.readloop import EventReadLoop
 from smirror.capture.inotify import MOVED_OUT, Event, Kind, WatchError, join_rel, list_dir
 
 log = logging.getLogger("smirror.capture.fanotify")
@@ -319,7 +318,7 @@ def unavailable_reason(root=None) -> str | None:
     return None
 
 
-class Watcher:
+class Watcher(EventReadLoop):
     """Watches ``root`` with a fanotify filesystem mark. The interface is
     :class:`smirror.capture.inotify.Watcher`'s: ``read(timeout)`` returns the tree
     events that are ready."""
@@ -500,45 +499,22 @@ class Watcher:
         finally:
             os.close(dfd)
 
-    # -- events ---------------------------------------------------------------
-    def fileno(self) -> int:
-        return self.fd
-
-    def read(self, timeout: float | None = None) -> list[Event]:
-        """Events ready now, waiting up to ``timeout`` seconds (None: forever)
-        for the first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._out:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self.fd], [], [], wait)
-            if ready:
-                self._drain()
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-        out, self._out = self._out, []
-        return out
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                n = os.readv(self.fd, [self._buf])
-            except BlockingIOError:
-                return
-            try:
-                self._batch = parse_events(memoryview(self._buf)[:n])
-                for self._batch_pos, ev in enumerate(self._batch):
-                    self._handle(ev)
-            except EventFormatError as exc:
-                # what this read held is unknown: resync all of it, keep watching
-                self.format_errors += 1
-                log.error("%s: %s", os.fsdecode(self.root), exc)
-                self._outside.clear()
-                self._map_tree(b"")
-                self._out.append(Event(Kind.RESCAN, b"", True, reason=f"unreadable events: {exc}"))
-            finally:
-                self._batch = ()
-            if n < len(self._buf) // 2:
-                return
+    # -- events: read() and its loop are EventReadLoop's ------------------------
+    def _parse(self, data: memoryview) -> None:
+        """One read's events; a malformed one costs a rescan, not the watcher."""
+        try:
+            self._batch = parse_events(data)
+            for self._batch_pos, ev in enumerate(self._batch):
+                self._handle(ev)
+        except EventFormatError as exc:
+            # what this read held is unknown: resync all of it, keep watching
+            self.format_errors += 1
+            log.error("%s: %s", os.fsdecode(self.root), exc)
+            self._outside.clear()
+            self._map_tree(b"")
+            self._out.append(Event(Kind.RESCAN, b"", True, reason=f"unreadable events: {exc}"))
+        finally:
+            self._batch = ()
 
     def _handle(self, ev: RawEvent) -> None:
         mask = ev.mask
