@@ -2,6 +2,13 @@
 pure-Python references. Each one carries what went wrong and where, so the CLI
 can print it without a traceback."""
 
+# process exit codes, one set for every verb (an error's ``exit_code`` picks one)
+EXIT_OK = 0
+EXIT_PARTIAL = 1      # ran, but some files could not be handled (reported)
+EXIT_USAGE = 2        # bad arguments or configuration
+EXIT_FAILED = 3       # could not run at all (missing source, disk full, ...)
+EXIT_INTERRUPTED = 130
+
 
 class SmirrorError(Exception):
     """Base class of every smirror error."""
@@ -42,7 +49,7 @@ class QueueCorrupt(QueueError, ValueError):
 
 class ConfigError(SmirrorError, ValueError):
     """A configuration value or command-line argument is invalid."""
-    exit_code = 2       # the CLI's usage error
+    exit_code = EXIT_USAGE
 
 
 class MirrorError(SmirrorError):

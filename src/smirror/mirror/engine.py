@@ -28,13 +28,12 @@ import stat
 import threading
 import time
 
-from smirror.errors import MirrorError, ConfigError, SourceChanged
+from smirror.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, MirrorError, ConfigError, SourceChanged
 from smirror.fs.files import (LocalTarget, TargetSide, aligned_buffer, fd_digest, fd_signature,
                            read_full, read_xattrs, xattr_filter)
 from smirror.fs.tree import DIR, FILE, SPECIAL, SYMLINK, Listing, Rules, entry_from_stat, scan
 
 # the values of smirror.cli.main's EXIT_* (not imported: the library stays free of argparse)
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
 INPLACE_MIN = 1 << 20        # smaller files are rewritten whole when they differ
 PARALLEL_SIDES_MIN = 32 << 20   # larger files hash source and target on two threads
