@@ -522,6 +522,7 @@ def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out
     from pathlib import Path
     import psutil
     from smirror.stream import wire
+    from smirror.daemon import handshake
     from smirror.kernels.frames import encode_frame
     from smirror.ops import Op
     from smirror.stream.sender import open_message
@@ -695,6 +696,7 @@ def run_net(seconds: float = 60, flaps=(1, 10), seed: int = 11, workdir=None, ou
     must have applied exactly the recorded ops, and converge."""
     from pathlib import Path
     from smirror.stream import wire
+    from smirror.daemon import handshake
     from smirror.capture.recorder import Recorder
     from smirror.kernels.memqueue import SpillQueue
     from smirror.stream.journal import ConnectionJournal
