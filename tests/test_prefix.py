@@ -104,6 +104,7 @@ def test_target_sigkill_and_cuts_keep_prefix_consistency(tmp_path, target):
 SOURCE_SCRIPT = textwrap.dedent("""
     import os, pickle, sys, time
     sys.path.insert(0, sys.argv[5])
+    from smirror.daemon import handshake
     from smirror.stream import wire
     from smirror.capture.recorder import Recorder
     from smirror.kernels.memqueue import SpillQueue
