@@ -28,7 +28,7 @@ import threading
 import time
 
 from smirror.fs.beneath import Beneath, check_rel, chmod_at, lstat_at, proc_path, rmtree_at
-from smirror.errors import ConfinementError, MirrorError
+from smirror.errors import ConfinementError, DeltaError, MirrorError
 from smirror.fs.tree import (DIR, FILE, SPECIAL, SYMLINK, TEMP_PREFIX, Entry, entry_from_stat,
                    scan)
 
@@ -157,11 +157,12 @@ def _mapped_signature(fd: int, length: int, block_size: int, weak: bool):
 
 
 def fd_signature(fd: int, length: int, block_size: int, weak: bool):
-    """Block signature of the first ``length`` bytes of an open file. Large
-    files are hashed from a leased mapping; the rest (or when no lease can
-    be had) with preads of ~1 MiB into one reused page-aligned buffer. The
-    kernel hashes with the GIL released, so source and target hash on two
-    cores. Raises MirrorError if the file is shorter than ``length``."""
+    """Block signature of the first ``length`` bytes of an open file: the
+    engine's one signature reader. Large files are hashed from a leased
+    mapping; the rest (or when no lease can be had) by the checksum kernel's
+    pread reader (a reader thread reads ahead, GIL released), so source and
+    target hash on two cores. Raises MirrorError if the file is shorter than
+    ``length``."""
     if length >= _MMAP_MIN:
         sig = _mapped_signature(fd, length, block_size, weak)
         if sig is not None:
@@ -170,39 +171,13 @@ def fd_signature(fd: int, length: int, block_size: int, weak: bool):
 
 
 def _pread_signature(fd: int, length: int, block_size: int, weak: bool, start: int = 0):
+    """The kernel's pread signature of [start, start + length), its
+    truncated-file error as the mirror's."""
     from smirror.kernels import checksum
-    if length == 0:
-        return checksum.signature(b"", block_size, weak)
-    chunk = block_size * max(1, _SIG_CHUNK // block_size)
-    view = memoryview(aligned_buffer(chunk))
-    if length <= chunk:
-        got = read_full(fd, view[:length], start)
-        if got != length:
-            raise MirrorError(f"file shrank while being read (expected {length} bytes, got {got})")
-        sig = checksum.signature(view[:length], block_size, weak)
-        return checksum.Signature(block_size, length, sig.strong.copy(),
-                                  None if sig.weak is None else sig.weak.copy())
-    import numpy as np
-    count = -(-length // block_size)
-    strong = np.empty((count, 2), dtype=np.uint64)
-    weak_arr = np.empty(count, dtype=np.uint32) if weak else None
-    per = chunk // block_size
-    off = 0
-    i = 0
-    while off < length:
-        want = min(chunk, length - off)
-        got = read_full(fd, view[:want], start + off)
-        if got != want:
-            raise MirrorError(f"file shrank while being read (expected {length} bytes, "
-                              f"got {off + got})")
-        part = checksum.signature(view[:want], block_size, weak)
-        n = part.count
-        strong[i:i + n] = part.strong
-        if weak:
-            weak_arr[i:i + n] = part.weak
-        i += per
-        off += want
-    return checksum.Signature(block_size, length, strong, weak_arr)
+    try:
+        return checksum.fd_signature(fd, length, block_size, weak, start)
+    except DeltaError as exc:
+        raise MirrorError(f"file shrank while being read: {exc}") from None
 
 
 _DIGEST_ONESHOT = 4 << 20
