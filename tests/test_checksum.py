@@ -279,6 +279,26 @@ def test_fd_signature_equals_block_signature(kernel, tmp_path, reader_thread):
         os.close(fd)
 
 
+def test_fd_signature_from_an_offset(kernel, tmp_path, reader_thread):
+    """``start``: the signature of a file's tail (the mirror finishes a
+    mapping a writer interrupted with it), equal to the tail's own."""
+    data = rand_bytes(8 * 1024 * 1024 + 5 * 4096 + 77, 13)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for bs, start in ((4096, 4096), (4096, 3 * 1024 * 1024), (8192, len(data) - 100), (4096, len(data))):
+            got = kernel.fd_signature(fd, len(data) - start, bs, True, start)
+            want = _checksum.block_signature(data[start:], bs, True)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (bs, start)
+        with pytest.raises(DeltaError, match=f"needs {len(data) + 1} B"):
+            kernel.fd_signature(fd, len(data) - 4095, 4096, True, 4096)
+        with pytest.raises(ValueError, match="start must be an int >= 0"):
+            kernel.fd_signature(fd, 10, 4096, True, -1)
+    finally:
+        os.close(fd)
+
+
 def test_fd_signature_blocks_larger_than_the_read_buffer(tmp_path, reader_thread):
     chunk = _checksum.READ_CHUNK_SIZE
     data = rand_bytes(2 * chunk + chunk // 2 + 17, 12)

@@ -34,6 +34,9 @@ def test_format_size():
     assert format_size(0) == "0 B"
     assert format_size(1536) == "1.5 KiB"
     assert format_size(256 << 20) == "256 MiB"
+    # rates are floats: the progress bar shows them through the same formatter
+    assert format_size(512.4) == "512 B"
+    assert format_size(1.5 * 1024 * 1024) == "1.5 MiB"
 
 
 def test_defaults_load_and_round_trip(tmp_path):

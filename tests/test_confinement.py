@@ -449,7 +449,8 @@ def test_keep_slot_attack_through_a_real_link(tmp_path):
     journal, framed, over TCP on 127.0.0.1, received, verified and applied by
     the applier thread; nothing leaves the map base, nothing is setuid."""
     from smirror.kernels.memqueue import SpillQueue
-    from smirror.stream.source import ConnectionJournal, Sender
+    from smirror.stream.journal import ConnectionJournal
+    from smirror.stream.sender import Sender
     from test_stream import TargetEndpoint, settle
     out = _outside(tmp_path)
     before = _snapshot(out)

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from smirror.stream import wire
+from smirror.daemon import handshake
 from daemons import PASSWORD, Node, make_certs, smirror, wait_for
 from smirror.capture.recorder import Recorder
 from treestate import diff, snapshot
@@ -178,7 +179,7 @@ def test_authentication_rules(nodes):
             link.recv_json(wire.MsgType.READY)
     # a monitor user cannot write into the target either
     with wire.connect("127.0.0.1", target.port) as link:
-        wire.login(link, "watcher", PASSWORD, purpose="data")
+        handshake.login(link, "watcher", PASSWORD, purpose="data")
         with pytest.raises(wire.ProtocolError, match="may not open data links"):
             link.recv_json(wire.MsgType.READY)
     assert not (tmp / "evil").exists()
@@ -220,7 +221,7 @@ def test_tls_between_daemons(tmp_path):
         rogue = wire.client_tls_context(str(certs / "ca.pem"))
         with pytest.raises((wire.ProtocolError, OSError)):
             with wire.connect("127.0.0.1", target.port, tls=rogue) as link:
-                wire.login(link, "repl", PASSWORD, purpose="data")
+                handshake.login(link, "repl", PASSWORD, purpose="data")
         deadline = time.monotonic() + 10            # the daemon logs it in its own time
         while time.monotonic() < deadline and "TLS handshake failed" not in target.log():
             time.sleep(0.05)
@@ -372,7 +373,8 @@ def test_a_mirror_listing_waits_for_the_ops_the_target_received_to_be_applied(tm
     import threading
     from smirror.daemon.control import Client
     from smirror.kernels.memqueue import SpillQueue
-    from smirror.stream.source import ConnectionJournal, Sender
+    from smirror.stream.journal import ConnectionJournal
+    from smirror.stream.sender import Sender
     target = Node(tmp_path, "target", {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")},
                   extra='[target]\nin_use_max_delay = "60s"\n')
     target.add_user("repl", "replication")
@@ -388,7 +390,7 @@ def test_a_mirror_listing_waits_for_the_ops_the_target_received_to_be_applied(tm
 
     def dial():
         link = wire.connect("127.0.0.1", target.port)
-        wire.login(link, "repl", PASSWORD, purpose="data")
+        handshake.login(link, "repl", PASSWORD, purpose="data")
         return link
     sender = Sender(1, str(dst), journal, dial, source_name="faults", retry_interval=0.05).start()
     holder = open(dst / "held", "rb")       # its WRITE waits: the applier holds everything after it

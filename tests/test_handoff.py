@@ -12,7 +12,7 @@ import time
 from smirror.stream import wire
 from smirror.kernels.frames import encode_frame
 from smirror.ops import Op
-from smirror.stream.source import ACK
+from smirror.stream.wire import ACK
 from smirror.stream.receiver import TargetConnection
 
 

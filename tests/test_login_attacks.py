@@ -16,6 +16,7 @@ import pytest
 
 from smirror.daemon import control
 from smirror.stream import wire
+from smirror.daemon import handshake
 from smirror.errors import AuthError
 from smirror.stream.wire import MsgType, ProtocolError
 from daemons import PASSWORD, Node, free_port, make_certs, smirror, wait_for
@@ -219,7 +220,7 @@ def test_relayed_session_login_cannot_be_replayed(start_node, monkeypatch, env):
     saved = _saved(node)
     relay = Relay(node.port)
     with wire.connect("127.0.0.1", relay.port) as link:
-        assert wire.login_token(link, "admin", saved["token"]).role == "admin"
+        assert handshake.login_token(link, "admin", saved["token"]).role == "admin"
     captured = bytes(relay.from_client)
     assert saved["token"].encode() not in captured          # the token never crossed
     # replay what the client sent: the daemon's new nonce makes the proof wrong
@@ -290,7 +291,7 @@ def test_tokens_die_with_their_user_and_on_logout(start_node, tmp_path):
     assert "revoked on the daemon" in r.stdout and _saved(node) is None
     with wire.connect("127.0.0.1", node.port) as link:
         with pytest.raises(AuthError, match="unknown or expired"):
-            wire.login_token(link, "admin", token)
+            handshake.login_token(link, "admin", token)
 
 
 def test_session_cannot_mint_sessions(start_node, env, monkeypatch):

@@ -16,6 +16,8 @@ import time
 import pytest
 
 from smirror.stream import wire
+
+from smirror.daemon import handshake
 from smirror.errors import AuthError
 from smirror.kernels.frames import encode_frame
 from smirror.ops import MARK_IGNORED_DELETE, Op
@@ -45,7 +47,7 @@ class Attacker:
 
     def __init__(self, node, user="repl", source=SOURCE_ID, conid=1, map_base=None):
         self.link = wire.connect("127.0.0.1", node.port, io_timeout=30)
-        wire.login(self.link, user, PASSWORD, purpose="data")
+        handshake.login(self.link, user, PASSWORD, purpose="data")
         self.link.send_json(MsgType.OPEN, {"conid": conid, "map_base": str(map_base),
                                            "source": source, "next_seq": 1})
         mtype, reply = self.link.recv_json(MsgType.READY, MsgType.ERROR)

@@ -15,9 +15,12 @@ import time
 import pytest
 
 from smirror.stream import wire
+
+from smirror.daemon import handshake
 from smirror.capture.recorder import Recorder
 from smirror.kernels.memqueue import SpillQueue
-from smirror.stream.source import ConnectionJournal, Sender
+from smirror.stream.journal import ConnectionJournal
+from smirror.stream.sender import Sender
 from daemons import PASSWORD, Node
 from prefixcheck import PrefixChecker, read_applied
 from treestate import diff, snapshot
@@ -64,7 +67,7 @@ def test_target_sigkill_and_cuts_keep_prefix_consistency(tmp_path, target):
 
     def dial():
         link = wire.connect("127.0.0.1", target.port)
-        wire.login(link, "repl", PASSWORD, purpose="data")
+        handshake.login(link, "repl", PASSWORD, purpose="data")
         return link
 
     sender = Sender(1, str(dst), journal, dial, source_name="checker", retry_interval=0.05).start()
@@ -101,10 +104,12 @@ def test_target_sigkill_and_cuts_keep_prefix_consistency(tmp_path, target):
 SOURCE_SCRIPT = textwrap.dedent("""
     import os, pickle, sys, time
     sys.path.insert(0, sys.argv[5])
+    from smirror.daemon import handshake
     from smirror.stream import wire
     from smirror.capture.recorder import Recorder
     from smirror.kernels.memqueue import SpillQueue
-    from smirror.stream.source import ConnectionJournal, Sender
+    from smirror.stream.journal import ConnectionJournal
+    from smirror.stream.sender import Sender
     from workload import Workload
     src, dst, port, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     queue = SpillQueue(os.path.join(os.path.dirname(log), "squeue"), 1 << 20, 1 << 30)
@@ -117,7 +122,7 @@ SOURCE_SCRIPT = textwrap.dedent("""
         out.flush()
     def dial():
         link = wire.connect("127.0.0.1", port)
-        wire.login(link, "repl", os.environ["PW"], purpose="data")
+        handshake.login(link, "repl", os.environ["PW"], purpose="data")
         return link
     Sender(1, dst, journal, dial, source_name="checker", retry_interval=0.05).start()
     w = Workload(Recorder(src, emit), seed=31, max_write=40_000)

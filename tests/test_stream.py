@@ -10,7 +10,8 @@ from smirror.stream import wire
 from smirror.capture.recorder import Recorder
 from smirror.kernels.memqueue import SpillQueue
 from smirror.ops import Op
-from smirror.stream.source import ConnectionJournal, Sender
+from smirror.stream.journal import ConnectionJournal
+from smirror.stream.sender import Sender
 from smirror.stream.receiver import TargetConnection
 from treestate import diff, snapshot
 from workload import Workload
@@ -172,7 +173,7 @@ def test_frames_waiting_on_the_link_share_one_ack(tmp_path):
     than frames (at most ACK_EVERY frames apart), each after its frames are
     in the durable queue, and the burst's last frame is always acknowledged."""
     from smirror.kernels.frames import encode_frame
-    from smirror.stream.source import ACK
+    from smirror.stream.wire import ACK
     target = TargetConnection(1, tmp_path / "dst", tmp_path / "state", apply=False)
     a, b = socket.socketpair()
     src, dst = wire.Link(a, "source"), wire.Link(b, "target")
@@ -201,7 +202,7 @@ def test_an_op_no_frame_may_carry_is_replaced_by_a_mark_and_the_stream_goes_on(p
     """A captured op the journal kernel refuses (a relative path beyond
     PATH_MAX in a very deep tree) must not wedge the connection: a MARK with
     its seq stands in for it and the ops around it arrive."""
-    from smirror.stream.source import REFUSED_OP
+    from smirror.stream.journal import REFUSED_OP
     src, dst, journal, sender, target, _ = pair()
     marks = []
     target.applier.on_mark = lambda op: marks.append((op.seq, bytes(op.path)))

@@ -14,6 +14,8 @@ import time
 import pytest
 
 from smirror.stream import wire
+
+from smirror.daemon import handshake
 from smirror.daemon.control import Client, RequestError
 from smirror.daemon.target_access import MapBases, SourceBindings
 from smirror.errors import AuthError, ConfinementError
@@ -158,7 +160,7 @@ def test_replication_user_may_only_read_its_own_map_bases(tmp_path):
         assert r.returncode == 3 and "role 'replication'" in r.stderr, r.stderr
         # an admin may not open a data link: it needs the replication role
         with wire.connect("127.0.0.1", target.port) as link:
-            wire.login(link, "admin", PASSWORD, purpose="data")
+            handshake.login(link, "admin", PASSWORD, purpose="data")
             with pytest.raises(wire.ProtocolError, match="--role replication"):
                 link.recv_json(wire.MsgType.READY)
         wait_for(lambda: "data link refused for admin user 'admin'" in target.log(), what="the log")
@@ -166,7 +168,7 @@ def test_replication_user_may_only_read_its_own_map_bases(tmp_path):
 
 def open_data_link(port, user, source, conid, base):
     link = wire.connect("127.0.0.1", port)
-    wire.login(link, user, PASSWORD, purpose="data")
+    handshake.login(link, user, PASSWORD, purpose="data")
     link.send_json(wire.MsgType.OPEN, {"conid": conid, "map_base": str(base), "source": source,
                                        "next_seq": 1})
     return link

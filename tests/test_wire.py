@@ -8,6 +8,7 @@ import pytest
 
 from smirror.daemon import auth
 from smirror.stream import wire
+from smirror.daemon import handshake
 from daemons import make_certs
 from smirror.errors import AuthError
 from smirror.stream.wire import Link, MsgType, ProtocolError, LinkClosed
@@ -126,9 +127,9 @@ def test_owned_payload_torn_by_the_peer(server_factory):
 
 
 def test_login_success_gives_role(server_factory, store):
-    srv = server_factory(lambda link: wire.accept_login(link, store))
+    srv = server_factory(lambda link: handshake.accept_login(link, store))
     with wire.connect("127.0.0.1", srv.port) as link:
-        user = wire.login(link, "watcher", "monitor-password")
+        user = handshake.login(link, "watcher", "monitor-password")
     assert user == auth.User("watcher", "monitor")
     srv.wait(1)
     assert srv.results[0] == (auth.User("watcher", "monitor"), "control")
@@ -137,17 +138,17 @@ def test_login_success_gives_role(server_factory, store):
 def test_wrong_password_is_refused_with_growing_delay(server_factory, store):
     """The delay after a failure is served before the next CHALLENGE."""
     throttle = auth.LoginThrottle(first_delay=0.05, max_delay=1.0)
-    srv = server_factory(lambda link: wire.accept_login(link, store, throttle))
+    srv = server_factory(lambda link: handshake.accept_login(link, store, throttle))
     for expected_delay in (0, 0.05, 0.1, 0.2):
         t0 = time.monotonic()
         with wire.connect("127.0.0.1", srv.port) as link:
             with pytest.raises(AuthError, match="login failed for user 'admin'"):
-                wire.login(link, "admin", "not-the-password")
+                handshake.login(link, "admin", "not-the-password")
         assert time.monotonic() - t0 >= expected_delay
     assert throttle.delay("user:admin") == 0.4 and throttle.delay("peer:127.0.0.1") == 0.4
     t0 = time.monotonic()
     with wire.connect("127.0.0.1", srv.port) as link:
-        assert wire.login(link, "admin", "admin-password").role == "admin"
+        assert handshake.login(link, "admin", "admin-password").role == "admin"
     assert time.monotonic() - t0 >= 0.4          # a right guess waits its turn too
     assert throttle.delay("user:admin") == 0
     assert throttle.delay("peer:127.0.0.1") == 0.4   # only that attempt is taken back
@@ -157,7 +158,7 @@ def test_challenge_waits_for_the_delay_even_if_the_client_left(server_factory, s
     """A client that sends its PROOF and leaves at once never sees the
     delay of that failure, but its next HELLO waits for it."""
     throttle = auth.LoginThrottle(first_delay=0.3, max_delay=1.0)
-    srv = server_factory(lambda link: wire.accept_login(link, store, throttle))
+    srv = server_factory(lambda link: handshake.accept_login(link, store, throttle))
     for _ in range(2):
         with wire.connect("127.0.0.1", srv.port) as link:
             link.send_json(MsgType.HELLO, {"proto": 1, "user": "admin", "nonce": "a" * 32,
@@ -188,7 +189,7 @@ def test_impostor_server_is_detected(server_factory, store, tmp_path):
     srv = server_factory(impostor)
     with wire.connect("127.0.0.1", srv.port) as link:
         with pytest.raises(ProtocolError, match="could not prove"):
-            wire.login(link, "admin", "admin-password")
+            handshake.login(link, "admin", "admin-password")
 
 
 def test_not_our_protocol(server_factory):
@@ -220,7 +221,7 @@ def test_torn_message_and_unknown_type(server_factory):
 
 
 def test_bad_json_and_wrong_message_type(server_factory, store):
-    srv = server_factory(lambda link: wire.accept_login(link, store))
+    srv = server_factory(lambda link: handshake.accept_login(link, store))
     with wire.connect("127.0.0.1", srv.port) as link:
         link.send(MsgType.HELLO, b"\xff not json")
     with wire.connect("127.0.0.1", srv.port) as link:
@@ -247,7 +248,7 @@ def test_tls_login_and_data(server_factory, store, certs):
     ctx = wire.server_tls_context(str(certs / "daemon.pem"), str(certs / "daemon.key"), str(certs / "ca.pem"))
 
     def handler(link):
-        user, purpose = wire.accept_login(link, store)
+        user, purpose = handshake.accept_login(link, store)
         mtype, payload = link.recv()
         mtype, owned = link.recv(own=(MsgType.FRAME,))      # TLS: read, then one copy
         return link.sock.version(), purpose, bytes(payload), owned
@@ -255,7 +256,7 @@ def test_tls_login_and_data(server_factory, store, certs):
     client = wire.client_tls_context(str(certs / "ca.pem"), str(certs / "daemon.pem"), str(certs / "daemon.key"))
     with wire.connect("127.0.0.1", srv.port, tls=client) as link:
         assert isinstance(link.sock, ssl.SSLSocket)
-        wire.login(link, "admin", "admin-password", purpose="data")
+        handshake.login(link, "admin", "admin-password", purpose="data")
         link.send(MsgType.FRAME, b"frame bytes")
         link.send(MsgType.FRAME, b"y" * 100_000)
     srv.wait(1)
@@ -285,7 +286,7 @@ def test_tls_refuses_a_client_without_certificate(server_factory, certs):
 
 
 def _session_server(server_factory, store, sessions):
-    return server_factory(lambda link: (wire.accept_login(link, store, sessions=sessions), link.auth))
+    return server_factory(lambda link: (handshake.accept_login(link, store, sessions=sessions), link.auth))
 
 
 def test_session_login_is_mutual_and_never_sends_the_token(server_factory, store):
@@ -293,17 +294,17 @@ def test_session_login_is_mutual_and_never_sends_the_token(server_factory, store
     token = sessions.new("admin", store.current("admin")[1])
     srv = _session_server(server_factory, store, sessions)
     with wire.connect("127.0.0.1", srv.port) as link:
-        assert wire.login_token(link, "admin", token).role == "admin"
+        assert handshake.login_token(link, "admin", token).role == "admin"
         assert link.auth == "token"
     assert srv.wait(1)[0] == ((auth.User("admin", "admin"), "control"), "token")
     # a wrong token is refused by the server
     with wire.connect("127.0.0.1", srv.port) as link:
         with pytest.raises(AuthError, match="unknown or expired"):
-            wire.login_token(link, "admin", "not-the-token")
+            handshake.login_token(link, "admin", "not-the-token")
     # another user's name with this token: refused too
     with wire.connect("127.0.0.1", srv.port) as link:
         with pytest.raises(AuthError, match="unknown or expired"):
-            wire.login_token(link, "watcher", token)
+            handshake.login_token(link, "watcher", token)
 
 
 def test_session_token_opens_control_links_only(server_factory, store):
@@ -312,14 +313,14 @@ def test_session_token_opens_control_links_only(server_factory, store):
     srv = _session_server(server_factory, store, sessions)
     with wire.connect("127.0.0.1", srv.port) as link:
         with pytest.raises(AuthError, match="control links only"):
-            wire.login_token(link, "admin", token, purpose="data")
+            handshake.login_token(link, "admin", token, purpose="data")
 
 
 def test_login_limits_before_and_after(server_factory, store):
     """Before login: a small cap, said in an ERROR; after it: the normal
     maximum, and no timeout."""
     def handler(link):
-        wire.accept_login(link, store, timeout=0.5)
+        handshake.accept_login(link, store, timeout=0.5)
         time.sleep(0.7)                        # idle past the login timeout
         return len(link.recv()[1])
     srv = server_factory(handler)
@@ -329,7 +330,7 @@ def test_login_limits_before_and_after(server_factory, store):
                                                  "bytes, over the 65536-byte limit before login"):
             Link(s).recv_json(MsgType.CHALLENGE)
     with wire.connect("127.0.0.1", srv.port) as link:
-        wire.login(link, "admin", "admin-password")
+        handshake.login(link, "admin", "admin-password")
         time.sleep(0.7)
         link.send(MsgType.FRAME, b"x" * 200_000)
     assert srv.wait(2)[1] == 200_000
@@ -341,18 +342,18 @@ def test_session_logins_are_not_slowed_by_password_guessing(server_factory, stor
     throttle = auth.LoginThrottle(first_delay=1.0, max_delay=4.0)
     sessions = auth.Sessions()
     token = sessions.new("admin", store.current("admin")[1])
-    srv = server_factory(lambda link: wire.accept_login(link, store, throttle, sessions=sessions))
+    srv = server_factory(lambda link: handshake.accept_login(link, store, throttle, sessions=sessions))
     for _ in range(2):
         throttle.attempt("user:admin", "peer:127.0.0.1")       # two failed guesses
     t0 = time.monotonic()
     with wire.connect("127.0.0.1", srv.port) as link:
-        assert wire.login_token(link, "admin", token).role == "admin"
+        assert handshake.login_token(link, "admin", token).role == "admin"
     assert time.monotonic() - t0 < 1.0
     assert throttle.delay("user:admin") == 2.0                 # the guesses still count
 
 
 def test_hello_fields_are_checked(server_factory, store):
-    srv = server_factory(lambda link: wire.accept_login(link, store))
+    srv = server_factory(lambda link: handshake.accept_login(link, store))
     bad = [({"user": "-rf"}, "user name must be"), ({"nonce": "x,y" * 10}, "16 to 128 hex digits"),
            ({"nonce": "ab"}, "16 to 128 hex digits"), ({"purpose": "root"}, "unknown link purpose"),
            ({"proto": 2}, "protocol version 2 not supported")]

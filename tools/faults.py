@@ -135,9 +135,11 @@ class LibraryScenario:
 
     def __init__(self, tmp, rng):
         from smirror.stream import wire
+        from smirror.daemon import handshake
         from smirror.capture.recorder import Recorder
         from smirror.kernels.memqueue import SpillQueue
-        from smirror.stream.source import ConnectionJournal, Sender
+        from smirror.stream.journal import ConnectionJournal
+        from smirror.stream.sender import Sender
         self.tmp, self.rng = tmp, rng
         self.src, self.dst = tmp / "lib-src", tmp / "lib-dst"
         self.src.mkdir()
@@ -154,7 +156,7 @@ class LibraryScenario:
 
         def dial():
             link = wire.connect("127.0.0.1", self.target.port)
-            wire.login(link, "repl", PASSWORD, purpose="data")
+            handshake.login(link, "repl", PASSWORD, purpose="data")
             return link
         self.sender = Sender(1, str(self.dst), self.journal, dial, source_name="faults",
                              retry_interval=0.05).start()
@@ -525,9 +527,10 @@ def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out
     from pathlib import Path
     import psutil
     from smirror.stream import wire
+    from smirror.daemon import handshake
     from smirror.kernels.frames import encode_frame
     from smirror.ops import Op
-    from smirror.stream.source import open_message
+    from smirror.stream.sender import open_message
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="smirror-faults-fuzz-", dir=workdir))
     lib = None
@@ -540,7 +543,7 @@ def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out
 
         def open_link():
             link = wire.connect("127.0.0.1", target.port, io_timeout=5)
-            wire.login(link, "repl", PASSWORD, purpose="data")
+            handshake.login(link, "repl", PASSWORD, purpose="data")
             link.send_json(wire.MsgType.OPEN, open_message(2, str(dst), "faults", 1))
             _, ready = link.recv_json(wire.MsgType.READY)
             return link, ready["last_seq"]
@@ -698,9 +701,11 @@ def run_net(seconds: float = 60, flaps=(1, 10), seed: int = 11, workdir=None, ou
     must have applied exactly the recorded ops, and converge."""
     from pathlib import Path
     from smirror.stream import wire
+    from smirror.daemon import handshake
     from smirror.capture.recorder import Recorder
     from smirror.kernels.memqueue import SpillQueue
-    from smirror.stream.source import ConnectionJournal, Sender
+    from smirror.stream.journal import ConnectionJournal
+    from smirror.stream.sender import Sender
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="smirror-faults-net-", dir=workdir))
     res = {"flaps": 0, "down_s": 0.0, "prefix_checks": 0}
@@ -724,7 +729,7 @@ def run_net(seconds: float = 60, flaps=(1, 10), seed: int = 11, workdir=None, ou
 
             def dial():
                 link = wire.connect(b, target.port, timeout=5)
-                wire.login(link, "repl", PASSWORD, purpose="data")
+                handshake.login(link, "repl", PASSWORD, purpose="data")
                 return link
             sender = Sender(1, str(dst), journal, dial, source_name="faults", retry_interval=0.2).start()
             work = Background(Workload(Recorder(src, emit), seed=seed, max_write=20_000), pace=0.005)

@@ -2,6 +2,13 @@
 pure-Python references. Each one carries what went wrong and where, so the CLI
 can print it without a traceback."""
 
+# process exit codes, one set for every verb (an error's ``exit_code`` picks one)
+EXIT_OK = 0
+EXIT_PARTIAL = 1      # ran, but some files could not be handled (reported)
+EXIT_USAGE = 2        # bad arguments or configuration
+EXIT_FAILED = 3       # could not run at all (missing source, disk full, ...)
+EXIT_INTERRUPTED = 130
+
 
 class SmirrorError(Exception):
     """Base class of every smirror error."""
@@ -42,7 +49,7 @@ class QueueCorrupt(QueueError, ValueError):
 
 class ConfigError(SmirrorError, ValueError):
     """A configuration value or command-line argument is invalid."""
-    exit_code = 2       # the CLI's usage error
+    exit_code = EXIT_USAGE
 
 
 class MirrorError(SmirrorError):
@@ -94,3 +101,49 @@ class DtclRunError(SmirrorError):
     unreachable, login refused, no such connection): the message names the
     statement's line and what already ran; the script stopped there."""
     exit_code = 3       # the CLI's "could not run"
+
+
+class SourceChanged(SmirrorError):
+    """A source file changed while the mirror copied it; the mirror retries
+    the file (it never leaves a half-old, half-new copy as done)."""
+
+
+class WatchError(SmirrorError, OSError):
+    """A watcher (inotify or fanotify) could not start or keep watching;
+    ``errno`` says why, the message says where."""
+
+
+class FanotifyUnavailable(WatchError):
+    """fanotify cannot watch this root here; the message says why."""
+
+
+class EventFormatError(SmirrorError, ValueError):
+    """A fanotify event record does not fit the buffer it was read into."""
+
+    def __init__(self, message, offset):
+        self.offset = offset
+        super().__init__(f"fanotify event: {message} (at byte offset {offset})")
+
+
+class ProtocolError(SmirrorError, ConnectionError):
+    """The peer sent something that is not the smirror protocol, or broke it."""
+
+
+class LinkClosed(ProtocolError):
+    """The peer closed the link (possibly in the middle of a message)."""
+
+
+class LoginRefused(AuthError):
+    """A login the server refused with an ERROR already sent to the peer."""
+
+
+class RequestError(SmirrorError):
+    """The daemon refused or failed a request; the message is the daemon's."""
+
+
+class ApplyError(SmirrorError):
+    """An op could not be applied; names the op."""
+
+
+class TaskError(SmirrorError, ValueError):
+    """A task is malformed, or a daemon refused to run one of its commands."""

@@ -126,6 +126,13 @@ MKNOD_TYPES = (0o010000, 0o020000, 0o060000, 0o140000)
 MARK_IGNORED_DELETE = b"ignored-delete"
 MARK_ORPHAN_MOVE = b"orphan-move"
 
+# the MARK that carries the root directory's mtime (no op can name the root)
+MARK_ROOT_MTIME = b"smirror.root-mtime"
+
+# the MARK a targeted resync ends with: the target stops counting the
+# subtree as diverged once it applied what came before it
+MARK_RESYNC_DONE = b"smirror.resync-done"
+
 ATTR_ALL = AttrMask.MODE | AttrMask.UID | AttrMask.GID | AttrMask.MTIME
 
 # Frame format constants (see smirror.kernels._journal_py for the layout).

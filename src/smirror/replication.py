@@ -29,7 +29,8 @@ from smirror.stream.apply import ALL_XATTR_NAMESPACES
 from smirror.capture.recorder import Recorder
 from smirror.errors import ConfigError, MirrorError, SmirrorError
 from smirror.kernels.memqueue import SpillQueue
-from smirror.stream.source import ConnectionJournal, Sender
+from smirror.stream.journal import ConnectionJournal
+from smirror.stream.sender import Sender
 from smirror.stream.receiver import TargetConnection
 from smirror.fs.tree import Rules
 from smirror.units import parse_size
@@ -187,7 +188,7 @@ class Replication:
         out of the set still deletes)."""
         if self.ignore_deletes == "off":
             return self.journal_sink.append
-        from smirror.stream.source import for_connection
+        from smirror.stream.orphans import for_connection
         append, mode, days = self.journal_sink.append, self.ignore_deletes, self.deleted_keep_days
 
         def sink(op):

@@ -48,10 +48,11 @@ def parse_duration(value, what: str = "duration") -> float:
     raise ConfigError(f"{what}: expected a duration like 30s, 5m or 250ms, got {value!r}")
 
 
-def format_size(n: int) -> str:
-    """Short human form, binary units: 0 B, 512 B, 1.5 KiB, 256 MiB."""
+def format_size(n: float) -> str:
+    """Short human form, binary units: 0 B, 512 B, 1.5 KiB, 256 MiB (also
+    for rates: a float is rounded the same way)."""
     if n < 1024:
-        return f"{n} B"
+        return f"{n:.0f} B"
     for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
         n /= 1024
         if n < 1024 or unit == "PiB":

@@ -1,26 +1,9 @@
 # C-level API of the block-checksum kernel; other kernels may cimport it.
 from libc.stdint cimport uint32_t, uint64_t
 
-# xxh_x86dispatch.c must be the FIRST to include xxhash.h: it defines
-# XXH_X86DISPATCH, which sets the accumulator alignment the AVX2/AVX512
-# variants need. It picks SSE2/AVX2/AVX512 at load time with cpuid, so the
-# module runs on any x86-64; elsewhere the plain inline XXH3 is used.
-cdef extern from *:
-    """
-    #if defined(__x86_64__) || defined(__i386__)
-    #  undef XXH_INLINE_ALL
-    #  include "xxh_x86dispatch.c"
-    #  define SM_XXH3_128(p, n) XXH3_128bits_dispatch((p), (n))
-    #  define SM_XXH3_128_UPDATE(s, p, n) XXH3_128bits_update_dispatch((s), (p), (n))
-    #else
-    #  ifndef XXH_INLINE_ALL
-    #    define XXH_INLINE_ALL
-    #  endif
-    #  include "xxhash.h"
-    #  define SM_XXH3_128(p, n) XXH3_128bits((p), (n))
-    #  define SM_XXH3_128_UPDATE(s, p, n) XXH3_128bits_update((s), (p), (n))
-    #endif
-    """
+# sm_xxhash.h first: the one xxHash set-up of every kernel (see there)
+cdef extern from "sm_xxhash.h":
+    pass
 
 cdef extern from "xxhash.h" nogil:
     ctypedef struct XXH128_hash_t:

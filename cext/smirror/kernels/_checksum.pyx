@@ -420,7 +420,7 @@ cdef extern from *:
 
     typedef struct {
         int fd, threaded, nslots, stopped, holding, k;
-        uint64_t end, next_off;
+        uint64_t start, end, next_off;
         unsigned char* buf;
         size_t slot_size;
         int err;                       /* errno of a failed read, 0 if none */
@@ -435,7 +435,7 @@ cdef extern from *:
 
     static void* sm_reader_main(void* arg) {
         sm_reader* r = (sm_reader*)arg;
-        uint64_t off = 0;
+        uint64_t off = r->start;
         for (int k = 0; off < r->end; k++) {
             int s = k % r->nslots, cancel;
             pthread_mutex_lock(&r->mu);
@@ -478,11 +478,13 @@ cdef extern from *:
         return 1;
     }
 
-    static void sm_reader_open(sm_reader* r, int fd, uint64_t end, uint64_t size_hint,
+    /* Reads [start, end) of fd in order. */
+    static void sm_reader_open(sm_reader* r, int fd, uint64_t start, uint64_t end, uint64_t size_hint,
                                unsigned char* buf, size_t buf_size, size_t slot_size,
                                int want_thread) {
         memset(r, 0, sizeof(*r));
         r->fd = fd;
+        r->start = r->next_off = start;
         r->end = end;
         r->buf = buf;
         r->slot_size = slot_size;
@@ -566,7 +568,7 @@ cdef extern from *:
         int threaded
         uint64_t next_off
     int sm_spare_cpu() nogil
-    void sm_reader_open(sm_reader* r, int fd, uint64_t end, uint64_t size_hint,
+    void sm_reader_open(sm_reader* r, int fd, uint64_t start, uint64_t end, uint64_t size_hint,
                         unsigned char* buf, size_t buf_size, size_t slot_size,
                         int want_thread) nogil
     const unsigned char* sm_reader_next(sm_reader* r, size_t* got) nogil
@@ -638,11 +640,14 @@ cdef size_t _slot_for(size_t bs) noexcept nogil:
     return 0
 
 
-def fd_signature(fd, length, block_size, with_weak):
-    """Signature of the first ``length`` bytes of an open file, read with
-    pread into one reused buffer, GIL released for the read+hash loop.
-    Raises DeltaError if the file ends before ``length``."""
+def fd_signature(fd, length, block_size, with_weak, start=0):
+    """Signature of the ``length`` bytes of an open file from offset
+    ``start`` on, read with pread into one reused buffer, GIL released for
+    the read+hash loop. Raises DeltaError if the file ends before."""
     cdef int cfd = _check_fd(fd)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be an int >= 0, got {start!r}")
+    cdef uint64_t first = start
     cdef size_t bs = _check_block_size(block_size)
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise ValueError(f"length must be an int >= 0, got {length!r}")
@@ -688,7 +693,7 @@ def fd_signature(fd, length, block_size, with_weak):
         threads = total > 2 * PIPE_SLOT and _want_reader_thread()
         if slot:
             # slots hold whole blocks: one-shot hashes per block
-            sm_reader_open(&reader, cfd, total, total, buf, READ_CHUNK, slot, threads)
+            sm_reader_open(&reader, cfd, first, first + total, total, buf, READ_CHUNK, slot, threads)
             while off < total:
                 if _interrupted(&chunks):
                     interrupted = True
@@ -708,7 +713,7 @@ def fd_signature(fd, length, block_size, with_weak):
                 off += got
         else:
             # blocks larger than a slot: stream each block through the slots
-            sm_reader_open(&reader, cfd, total, total, buf, READ_CHUNK, READ_CHUNK // 2,
+            sm_reader_open(&reader, cfd, first, first + total, total, buf, READ_CHUNK, READ_CHUNK // 2,
                            threads)
             while off < total:
                 if _interrupted(&chunks):
@@ -749,8 +754,8 @@ def fd_signature(fd, length, block_size, with_weak):
     if reader.err:
         _raise_read(cfd, reader.err, reader.next_off)
     if short_read:
-        raise DeltaError(f"file (fd {cfd}) ended at byte {off} while its signature "
-                         f"needs {total} B: it was truncated meanwhile")
+        raise DeltaError(f"file (fd {cfd}) ended at byte {first + off} while its signature "
+                         f"needs {first + total} B: it was truncated meanwhile")
     return weak, strong
 
 
@@ -783,7 +788,7 @@ def fd_digest(fd) -> bytes:
     with nogil:
         threads = size_hint > 2 * PIPE_SLOT and _want_reader_thread()
         XXH3_128bits_reset(state)
-        sm_reader_open(&reader, cfd, <uint64_t>-1, size_hint, buf, READ_CHUNK, PIPE_SLOT,
+        sm_reader_open(&reader, cfd, 0, <uint64_t>-1, size_hint, buf, READ_CHUNK, PIPE_SLOT,
                        threads)
         while True:
             if _interrupted(&chunks):

@@ -3,29 +3,15 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from cpython.buffer cimport Py_buffer
 
-# xxh_x86dispatch.c must be the first to include xxhash.h (it sets up the
-# SSE2/AVX2/AVX512 variants, picked at load time with cpuid); elsewhere the
-# plain inline XXH3 is used.
-cdef extern from *:
-    """
-    #if defined(__x86_64__) || defined(__i386__)
-    #  undef XXH_INLINE_ALL
-    #  include "xxh_x86dispatch.c"
-    #  define SMJ_XXH3_64(p, n) XXH3_64bits_dispatch((p), (n))
-    #else
-    #  ifndef XXH_INLINE_ALL
-    #    define XXH_INLINE_ALL
-    #  endif
-    #  include "xxhash.h"
-    #  define SMJ_XXH3_64(p, n) XXH3_64bits((p), (n))
-    #endif
-    """
+# sm_xxhash.h first: the one xxHash set-up of every kernel (see there)
+cdef extern from "sm_xxhash.h":
+    pass
 
 cdef extern from "xxhash.h" nogil:
     ctypedef unsigned long long XXH64_hash_t
 
 cdef extern from * nogil:
-    XXH64_hash_t SMJ_XXH3_64(const void* data, size_t length)
+    XXH64_hash_t SM_XXH3_64(const void* data, size_t length)
 
 
 # One op's fields, read once from the Python tuple (GIL held) so the records

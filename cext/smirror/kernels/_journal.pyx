@@ -599,7 +599,7 @@ cdef int parse_header(const unsigned char* p, Py_ssize_t have, Py_ssize_t offset
     if version != 1:
         raise FrameError(f"unsupported frame version {version} (this build reads "
                          f"version 1)", offset + 4)
-    if SMJ_XXH3_64(p, HEADER_CHECKED) != ld64(p + HEADER_CHECKED):
+    if SM_XXH3_64(p, HEADER_CHECKED) != ld64(p + HEADER_CHECKED):
         raise FrameError("frame header checksum mismatch", offset + HEADER_CHECKED)
     h.flags = p[5]
     h.count = ld32(p + 8)
@@ -784,7 +784,7 @@ def decode_frame(buf, Py_ssize_t offset=0, *, bint check_payload=True):
     stored = base + start
     if check_payload:
         with nogil:
-            check = SMJ_XXH3_64(stored, h.stored_len)
+            check = SM_XXH3_64(stored, h.stored_len)
         if check != h.payload_check:
             raise FrameError("frame payload checksum mismatch", start)
     if h.flags & FLAG_LZ4:
@@ -1108,7 +1108,7 @@ cdef class Encoder:
             # than one XXH3 pass over the payload afterwards)
             with nogil:
                 write_header(out, 0, n, raw_len, raw_len, first_seq, last_seq,
-                             SMJ_XXH3_64(out + HEADER_SIZE, raw_len))
+                             SM_XXH3_64(out + HEADER_SIZE, raw_len))
             return frame
         # small enough to compress whole: the raw payload goes to the reused
         # scratch (no large temporary next to lz4's own allocation)
@@ -1127,7 +1127,7 @@ cdef class Encoder:
         with nogil:
             memcpy(out + HEADER_SIZE, raw, raw_len)
             write_header(out, 0, n, raw_len, raw_len, first_seq, last_seq,
-                         SMJ_XXH3_64(out + HEADER_SIZE, raw_len))
+                         SM_XXH3_64(out + HEADER_SIZE, raw_len))
         return frame
 
     cdef object _try_lz4(self, bytes frame, Py_ssize_t raw_len, bint auto):
@@ -1155,7 +1155,7 @@ cdef class Encoder:
         with nogil:
             memcpy(out + HEADER_SIZE, stored, stored_len)
             write_header(out, FLAG_LZ4, count, stored_len, raw_len, first_seq, last_seq,
-                         SMJ_XXH3_64(out + HEADER_SIZE, stored_len))
+                         SM_XXH3_64(out + HEADER_SIZE, stored_len))
         return frame
 
     cdef int _setattr_fields(self, Py_ssize_t i, object op, OpFields* f) except -1:
@@ -1235,7 +1235,7 @@ cdef void write_header(unsigned char* out, uint8_t flags, Py_ssize_t count,
     st64(out + 24, first_seq)
     st64(out + 32, last_seq)
     st64(out + 40, payload_check)
-    st64(out + 48, SMJ_XXH3_64(out, HEADER_CHECKED))
+    st64(out + 48, SM_XXH3_64(out, HEADER_CHECKED))
 
 
 # encode_frame draws Encoders from a small pool so concurrent callers never

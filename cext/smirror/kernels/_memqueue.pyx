@@ -61,23 +61,9 @@ cdef enum:
     ACK_SLOT = 32
     PAGE_SIZE = 4096
 
-# Payload checksums use the runtime-dispatched XXH3 (SSE2/AVX2/AVX512 picked
-# with cpuid at load time, same results); xxh_x86dispatch.c must be the first
-# to include xxhash.h. Short inputs (headers) use the inline XXH3.
-cdef extern from *:
-    """
-    #if defined(__x86_64__) || defined(__i386__)
-    #  undef XXH_INLINE_ALL
-    #  include "xxh_x86dispatch.c"
-    #  define SM_XXH3_64_SEED(p, n, s) XXH3_64bits_withSeed_dispatch((p), (n), (s))
-    #else
-    #  ifndef XXH_INLINE_ALL
-    #    define XXH_INLINE_ALL
-    #  endif
-    #  include "xxhash.h"
-    #  define SM_XXH3_64_SEED(p, n, s) XXH3_64bits_withSeed((p), (n), (s))
-    #endif
-    """
+# Payload checksums use the runtime-dispatched XXH3 of sm_xxhash.h (the one
+# xxHash set-up of every kernel); short inputs (headers) use the inline XXH3.
+cdef extern from "sm_xxhash.h":
     uint64_t SM_XXH3_64_SEED(const void* data, size_t length, uint64_t seed) noexcept nogil
 
 cdef extern from *:

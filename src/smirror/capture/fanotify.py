@@ -52,14 +52,13 @@ import errno
 import logging
 import os
 import re
-import select
 import struct
 import tempfile
-import time
 from dataclasses import dataclass
 
-from smirror.errors import SmirrorError
-from smirror.capture.inotify import MOVED_OUT, Event, Kind, WatchError, _join, list_dir
+from smirror.errors import EventFormatError, FanotifyUnavailable
+from smirror.capture.readloop import EventReadLoop
+from smirror.capture.inotify import MOVED_OUT, Event, Kind, WatchError, join_rel, list_dir
 
 log = logging.getLogger("smirror.capture.fanotify")
 
@@ -107,18 +106,6 @@ MAX_HANDLE_SZ = 128
 # handles of directories outside the root remembered to skip their events
 # without a lookup; past this many the set starts over
 OUTSIDE_CACHE_LIMIT = 1 << 16
-
-
-class EventFormatError(SmirrorError, ValueError):
-    """A fanotify event record does not fit the buffer it was read into."""
-
-    def __init__(self, message, offset):
-        self.offset = offset
-        super().__init__(f"fanotify event: {message} (at byte offset {offset})")
-
-
-class FanotifyUnavailable(WatchError):
-    """fanotify cannot watch this root here; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -331,7 +318,7 @@ def unavailable_reason(root=None) -> str | None:
     return None
 
 
-class Watcher:
+class Watcher(EventReadLoop):
     """Watches ``root`` with a fanotify filesystem mark. The interface is
     :class:`smirror.capture.inotify.Watcher`'s: ``read(timeout)`` returns the tree
     events that are ready."""
@@ -446,7 +433,7 @@ class Watcher:
                 parent = None if new_rec is None else self._mapped_path(new_rec.handle)
                 if parent is None:
                     continue
-                target = _join(parent, new_rec.name)
+                target = join_rel(parent, new_rec.name)
                 if rel == target or rel.startswith(target + b"/"):
                     return True
         return False
@@ -516,49 +503,26 @@ class Watcher:
         finally:
             os.close(dfd)
 
-    # -- events ---------------------------------------------------------------
-    def fileno(self) -> int:
-        return self.fd
-
-    def read(self, timeout: float | None = None) -> list[Event]:
-        """Events ready now, waiting up to ``timeout`` seconds (None: forever)
-        for the first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._out:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self.fd], [], [], wait)
-            if ready:
-                self._drain()
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-        out, self._out = self._out, []
-        return out
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                n = os.readv(self.fd, [self._buf])
-            except BlockingIOError:
-                return
-            try:
-                self._batch = parse_events(memoryview(self._buf)[:n])
-                for self._batch_pos, ev in enumerate(self._batch):
-                    reported = len(self._out)
-                    self._handle(ev)
-                    if ev.pid in self.ignore_pids:      # a rescan is never dropped
-                        self._out[reported:] = [e for e in self._out[reported:]
-                                                if e.kind is Kind.RESCAN]
-            except EventFormatError as exc:
-                # what this read held is unknown: resync all of it, keep watching
-                self.format_errors += 1
-                log.error("%s: %s", os.fsdecode(self.root), exc)
-                self._outside.clear()
-                self._map_tree(b"")
-                self._out.append(Event(Kind.RESCAN, b"", True, reason=f"unreadable events: {exc}"))
-            finally:
-                self._batch = ()
-            if n < len(self._buf) // 2:
-                return
+    # -- events: read() and its loop are EventReadLoop's ------------------------
+    def _parse(self, data: memoryview) -> None:
+        """One read's events; a malformed one costs a rescan, not the watcher."""
+        try:
+            self._batch = parse_events(data)
+            for self._batch_pos, ev in enumerate(self._batch):
+                reported = len(self._out)
+                self._handle(ev)
+                if ev.pid in self.ignore_pids:      # a rescan is never dropped
+                    self._out[reported:] = [e for e in self._out[reported:]
+                                            if e.kind is Kind.RESCAN]
+        except EventFormatError as exc:
+            # what this read held is unknown: resync all of it, keep watching
+            self.format_errors += 1
+            log.error("%s: %s", os.fsdecode(self.root), exc)
+            self._outside.clear()
+            self._map_tree(b"")
+            self._out.append(Event(Kind.RESCAN, b"", True, reason=f"unreadable events: {exc}"))
+        finally:
+            self._batch = ()
 
     def _handle(self, ev: RawEvent) -> None:
         mask = ev.mask
@@ -585,7 +549,7 @@ class Watcher:
         if parent is None:
             return
         name = rec.name or b"."
-        path = parent if name == b"." else _join(parent, name)
+        path = parent if name == b"." else join_rel(parent, name)
         if name != b"." and self.exclude is not None and self.exclude(path, is_dir):
             return
         if mask & (FAN_CREATE | FAN_DELETE):
@@ -620,8 +584,8 @@ class Watcher:
             return                          # the root itself renamed: paths below it hold
         old_parent = self._path_of(old_rec.handle)
         new_parent = self._path_of(new_rec.handle)
-        old = None if old_parent is None else _join(old_parent, old_rec.name)
-        new = None if new_parent is None else _join(new_parent, new_rec.name)
+        old = None if old_parent is None else join_rel(old_parent, old_rec.name)
+        new = None if new_parent is None else join_rel(new_parent, new_rec.name)
         if old is not None and self.exclude is not None and self.exclude(old, is_dir):
             old = None
         if new is not None and self.exclude is not None and self.exclude(new, is_dir):

@@ -19,11 +19,13 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import select
 import struct
 import time
 from dataclasses import dataclass
 from enum import Enum
+
+from smirror.capture.readloop import EventReadLoop
+from smirror.errors import WatchError  # re-exported: callers catch inotify.WatchError
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.inotify_init1.argtypes = [ctypes.c_int]
@@ -82,7 +84,7 @@ def list_dir(path: bytes, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
         return []
     out = []
     for entry in entries:
-        child = _join(rel, entry.name)
+        child = join_rel(rel, entry.name)
         try:
             is_dir = entry.is_dir(follow_symlinks=False)
         except OSError:
@@ -92,15 +94,12 @@ def list_dir(path: bytes, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
     return out
 
 
-class WatchError(OSError):
-    pass
-
-
-def _join(parent: bytes, name: bytes) -> bytes:
+def join_rel(parent: bytes, name: bytes) -> bytes:
+    """``name`` in the directory ``parent`` (both relative to the root; b"" is the root)."""
     return name if not parent else parent + b"/" + name
 
 
-class Watcher:
+class Watcher(EventReadLoop):
     """Watches ``root`` recursively. ``read(timeout)`` returns the events that
     are ready (an empty list after ``timeout`` seconds without any)."""
 
@@ -181,40 +180,17 @@ class Watcher:
             self._path_wd[moved] = wd
             self._wd_path[wd] = moved
 
-    # -- events ------------------------------------------------------------
-    def fileno(self) -> int:
-        return self.fd
+    # -- events: read() and its loop are EventReadLoop's ------------------------
+    def _next_wait(self, now: float) -> float | None:
+        """A rename half waiting for its pair is not returned until it is
+        paired or has waited MOVE_PAIR_WAIT: wake up for that."""
+        if not self._pending_from:
+            return None
+        oldest = min(t for _, _, t in self._pending_from.values())
+        return max(0.0, oldest + MOVE_PAIR_WAIT - now)
 
-    def read(self, timeout: float | None = None) -> list[Event]:
-        """Events ready now, waiting up to ``timeout`` seconds (None: forever)
-        for the first. A rename half waiting for its pair is not returned
-        until it is paired or has waited MOVE_PAIR_WAIT."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._out:
-            now = time.monotonic()
-            wait = None if deadline is None else max(0.0, deadline - now)
-            if self._pending_from:
-                oldest = min(t for _, _, t in self._pending_from.values())
-                pair_wait = max(0.0, oldest + MOVE_PAIR_WAIT - now)
-                wait = pair_wait if wait is None else min(wait, pair_wait)
-            ready, _, _ = select.select([self.fd], [], [], wait)
-            if ready:
-                self._drain()
-            self._expire_moves()
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-        out, self._out = self._out, []
-        return out
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                n = os.readv(self.fd, [self._buf])
-            except BlockingIOError:
-                return
-            self._parse(memoryview(self._buf)[:n])
-            if n < len(self._buf) // 2:
-                return
+    def _after_wait(self) -> None:
+        self._expire_moves()
 
     def _parse(self, data: memoryview) -> None:
         pos = 0
@@ -250,7 +226,7 @@ class Watcher:
             self._out.append(Event(Kind.RESCAN, parent, True, reason="filesystem unmounted"))
             return
         is_dir = bool(mask & IN_ISDIR)
-        path = _join(parent, name)
+        path = join_rel(parent, name)
         if self.exclude is not None and name and self.exclude(path, is_dir):
             # a rename from an excluded name into the set still counts below
             if not mask & (IN_MOVED_FROM | IN_MOVED_TO):

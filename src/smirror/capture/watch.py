@@ -58,19 +58,13 @@ from smirror.kernels import checksum
 from smirror.capture import fanotify
 from smirror.capture import inotify
 from smirror.capture.inotify import MOVED_OUT, Event, Kind
-from smirror.ops import MKNOD_TYPES, Op, OpKind
+from smirror.ops import MARK_RESYNC_DONE, MARK_ROOT_MTIME, MKNOD_TYPES, Op, OpKind
 from smirror.fs.files import read_xattrs, xattr_filter
 
 # ops that change their parent directory's mtime on the target
 _CHANGES_PARENT = frozenset({OpKind.CREATE, OpKind.MKDIR, OpKind.DELETE, OpKind.RMDIR, OpKind.RENAME,
                              OpKind.SYMLINK, OpKind.HARDLINK, OpKind.MKNOD})
 
-# the MARK that carries the root directory's mtime (no op can name the root)
-MARK_ROOT_MTIME = b"smirror.root-mtime"
-
-# the MARK a targeted resync ends with: the target stops counting the
-# subtree as diverged once it applied what came before it
-MARK_RESYNC_DONE = b"smirror.resync-done"
 from smirror.fs.tree import Rules
 
 log = logging.getLogger("smirror.capture.watch")
@@ -201,6 +195,12 @@ class TreeCapture:
                  os.fsdecode(self.root), self.backend, self.watcher.watched_dirs,
                  self.start_seconds, self.backend_reason)
         self.last_rescan_reason = ""
+
+    def paused(self) -> threading.RLock:
+        """Held (``with capture.paused():``), the capture emits no op: a
+        mirror or a task written meanwhile marks one clean moment of the
+        stream. Re-entrant."""
+        return self._lock
 
     def status(self) -> dict:
         """What this capture reports: its watcher backend and counters."""

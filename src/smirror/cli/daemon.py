@@ -13,7 +13,7 @@ import sys
 
 from smirror.daemon.config import DEFAULT_PORT
 
-EXIT_OK, EXIT_FAILED = 0, 3
+from smirror.errors import EXIT_FAILED, EXIT_OK
 DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
 
 

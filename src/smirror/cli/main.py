@@ -8,30 +8,7 @@ import sys
 import time
 
 from smirror import native_status
-from smirror.errors import SmirrorError
-
-EXIT_OK = 0
-EXIT_PARTIAL = 1      # ran, but some files could not be handled (reported)
-EXIT_USAGE = 2        # bad arguments or configuration
-EXIT_FAILED = 3       # could not run at all (missing source, disk full, ...)
-EXIT_INTERRUPTED = 130
-
-
-def local_dir(text: str) -> str:
-    """argparse type of a local directory argument (SRC, DST): an empty one
-    would mean the current directory, and ``host:path`` is a remote path,
-    which goes through a daemon (``smirror connect``), never a local
-    directory named ``host:``."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path is not a directory (use '.' for this one)")
-    head, colon, _ = text.partition(":")
-    if colon and head and "/" not in head and not text.startswith("./"):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} looks like a remote HOST:PATH; remote targets go through a target "
-            f"daemon ('smirror connect REPSET to HOST map base PATH'); for a local name with "
-            f"a colon write './{text}'")
-    return text
-
+from smirror.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, SmirrorError
 
 def version_text() -> str:
     from smirror import __version__

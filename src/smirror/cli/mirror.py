@@ -11,8 +11,8 @@ import argparse
 import sys
 import time
 
-from smirror.cli.main import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, local_dir
-from smirror.errors import ConfigError, SmirrorError
+from smirror.cli.common import local_dir, text_summary
+from smirror.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, SmirrorError
 
 
 class _RuleAction(argparse.Action):
@@ -102,21 +102,6 @@ def add_parser(subparsers):
     return p
 
 
-def _text_summary(d: dict) -> str:
-    from smirror.units import format_size
-    head = "dry run: " if d["dry_run"] else ""
-    lines = [
-        f"{head}{d['files_scanned']} files scanned ({format_size(d['bytes_scanned'])}), "
-        f"{d['dirs_scanned']} dirs, {d['symlinks_scanned']} symlinks; "
-        f"{d['created']} created, {d['changed']} changed, {d['unchanged']} unchanged, "
-        f"{d['meta_updated']} metadata updated; {d['orphans']} orphans"
-        + (f" ({d['orphans_deleted']} deleted)" if d["orphans_deleted"] else "")
-        + (f" ({d['orphans_moved']} moved)" if d["orphans_moved"] else "")
-        + f"; {format_size(d['bytes_literal'])} literal, {format_size(d['bytes_matched'])} "
-        f"matched, {format_size(d['bytes_written'])} written; {d['seconds']:.2f} s"]
-    return "\n".join(lines)
-
-
 def run(args) -> int:
     from smirror.mirror.engine import Mirror, MirrorOptions, show
     from smirror.fs.tree import Rules
@@ -173,5 +158,5 @@ def run(args) -> int:
         if orphans == "report":
             for rel in summary.orphans:
                 print(f"orphan: {show(rel)}")
-        print(_text_summary(data))
+        print(text_summary(data))
     return summary.exit_code

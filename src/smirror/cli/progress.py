@@ -11,13 +11,7 @@ import sys
 import threading
 import time
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from smirror.units import format_size
 
 
 def human_seconds(s: float) -> str:
@@ -100,9 +94,9 @@ class Progress:
         filled = int(frac * self.width)
         bar = "#" * filled + "-" * (self.width - filled)
         eta_text = "ETA ?" if eta is None else f"ETA {human_seconds(eta)}"
-        return (f"[{bar}] {frac * 100:5.1f}% {human_bytes(self.done_bytes)}/"
-                f"{human_bytes(self.total_bytes)} {self.done_files}/{self.total_files} files "
-                f"{human_bytes(rate)}/s {eta_text}")
+        return (f"[{bar}] {frac * 100:5.1f}% {format_size(self.done_bytes)}/"
+                f"{format_size(self.total_bytes)} {self.done_files}/{self.total_files} files "
+                f"{format_size(rate)}/s {eta_text}")
 
     def _draw(self, final=False):
         text = self.line()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 3
+from smirror.cli.common import local_dir, text_summary
+from smirror.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def add_parser(subparsers):
@@ -13,7 +14,6 @@ def add_parser(subparsers):
         "replicate", help="replicate a directory to another continuously",
         description="Mirror SRC to DST, then replicate every change as it happens "
                     "(fanotify or inotify watcher, changed blocks only) until Ctrl-C or SIGTERM.")
-    from smirror.cli.main import local_dir
     p.add_argument("src", metavar="SRC", type=local_dir)
     p.add_argument("dst", metavar="DST", type=local_dir)
     p.add_argument("--mirror", choices=("checksum", "different", "full", "none"), default="checksum",
@@ -122,7 +122,6 @@ def run_demo(args) -> int:
     import json
     import tempfile
     from smirror.mirror.engine import Mirror, MirrorOptions
-    from smirror.cli.mirror import _text_summary
     base = args.dir or tempfile.mkdtemp(prefix="smirror-demo-")
     src, dst = os.path.join(base, "source"), os.path.join(base, "target")
     if os.path.exists(src) or os.path.exists(dst):
@@ -142,10 +141,10 @@ def run_demo(args) -> int:
     else:
         print(f"demo tree: {src}  ->  {dst}")
         print("full mirror:")
-        print("  " + _text_summary(results["full"]))
+        print("  " + text_summary(results["full"]))
         print(f"changed {changed} bytes (1% of the large file's 8 KiB blocks, 20 small files)")
         print("checksum difference mirror (smirror mirror SRC DST --different --checksum):")
-        print("  " + _text_summary(results["different_checksum"]))
+        print("  " + text_summary(results["different_checksum"]))
     return full.exit_code or diff.exit_code
 
 

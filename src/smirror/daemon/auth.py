@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from smirror.fs.atomic import write_atomic
 from smirror.errors import AuthError, ConfigError
 
 # replication: a source daemon's link user: data links, and the reads of its
@@ -154,13 +155,7 @@ class UserStore:
 
     def _write(self, users: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"users": users}, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps({"users": users}, indent=1, sort_keys=True))
 
     def add(self, name: str, role: str, password: str, *, replace: bool = False) -> User:
         check_username(name)

@@ -16,12 +16,11 @@ import os
 from pathlib import Path
 
 from smirror.stream import wire
+
+from smirror.daemon import handshake
 from smirror.daemon.config import DEFAULT_PORT, parse_hostport
-from smirror.errors import AuthError, SmirrorError
-
-
-class RequestError(SmirrorError):
-    """The daemon refused or failed a request; the message is the daemon's."""
+from smirror.fs.atomic import write_atomic
+from smirror.errors import AuthError, RequestError
 
 
 def sessions_file() -> Path:
@@ -40,11 +39,7 @@ def _load_sessions() -> dict:
 def _write_sessions(data: dict) -> None:
     path = sessions_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".sessions.json.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data))
 
 
 def tls_settings_from_env() -> dict | None:
@@ -118,7 +113,7 @@ class Client:
             raise
 
     def login(self, user: str, password: str) -> "Client":
-        self.user = wire.login(self.link, user, password)
+        self.user = handshake.login(self.link, user, password)
         return self
 
     def login_saved(self) -> "Client":
@@ -130,7 +125,7 @@ class Client:
         if not isinstance(saved.get("user"), str) or not isinstance(saved.get("token"), str):
             raise AuthError(f"{sessions_file()}: the session of {self.address} is damaged: "
                             f"run 'smirror login {self.address}'")
-        self.user = wire.login_token(self.link, saved["user"], saved["token"])
+        self.user = handshake.login_token(self.link, saved["user"], saved["token"])
         return self
 
     def call(self, verb: str, **args):

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from smirror.daemon.config import parse_hostport
+from smirror.fs.atomic import write_atomic
 from smirror.errors import ConfigError
 from smirror.fs.tree import Rules
 
@@ -152,12 +153,7 @@ class Registry:
                 "connections": [asdict(c) for c in self.connections.values()],
                 "next_conid": self._next_conid}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(".registry.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(data, indent=1), mode=0o666)
 
     # -- repsets ---------------------------------------------------------
     def create_repset(self, name: str, root: str, rules=()) -> Repset:

@@ -35,13 +35,17 @@ import time
 from pathlib import Path
 
 from smirror.stream import wire
+
+from smirror.daemon import handshake
 from smirror.daemon.auth import LoginThrottle, Sessions, User, UserStore
 from smirror.daemon.config import Config, parse_hostport, setid_allowed
 from smirror.errors import AuthError, ConfigError, QueueFull, SmirrorError
 from smirror.kernels.memqueue import SpillQueue, queue_alert, segment_size_for
 from smirror.daemon.registry import Registry, check_options
 from smirror.fs.keep import KeepDirs
-from smirror.stream.source import ConnectionJournal, Sender, for_connection
+from smirror.stream.journal import ConnectionJournal
+from smirror.stream.orphans import for_connection
+from smirror.stream.sender import Sender
 from smirror.stream.receiver import TargetConnection
 from smirror.daemon.target_access import MapBases, SourceBindings, check_source_id, overlaps, resolve
 from smirror.private import check_secret, read_secret
@@ -173,7 +177,7 @@ class RepsetCapture:
     def add(self, conn, journal: ConnectionJournal, mirror) -> dict | None:
         """Start feeding ``journal``; ``mirror`` is None (no mirror), {} (the
         whole set) or what the target holds (a difference mirror)."""
-        with self.capture._lock:       # no op of the watcher slips in between
+        with self.capture.paused():       # no op of the watcher slips in between
             stats = None
             if mirror is not None:
                 stats = self.mirror(conn, journal, mirror)
@@ -189,7 +193,7 @@ class RepsetCapture:
         queue makes the mirror wait for the sender."""
         from smirror.stream.orphans import orphan_ops
         append = _waiting_append(journal)
-        with self.capture._lock:
+        with self.capture.paused():
             found: list[bytes] = []
             first = journal.last_seq + 1
             self.mirroring = conn.conid        # status reads the live counters meanwhile
@@ -503,7 +507,7 @@ class Daemon:
             raise ConfigError("links.user is not set: this daemon cannot log in to targets")
         link = wire.connect(host, port, tls=self.tls_client, io_timeout=io_timeout)
         try:
-            wire.login(link, self.config.links.user, self._link_password, purpose="data")
+            handshake.login(link, self.config.links.user, self._link_password, purpose="data")
         except BaseException:
             link.close()
             raise
@@ -742,7 +746,7 @@ class Daemon:
             left = max(0.1, login.timeout - (time.monotonic() - accepted))   # TLS took some
             with Link(conn, f"{addr[0]}:{addr[1]}") as link:
                 try:
-                    user, purpose = wire.accept_login(link, self.users, self.throttle,
+                    user, purpose = handshake.accept_login(link, self.users, self.throttle,
                                                       sessions=self.sessions, timeout=left,
                                                       cert_users=self.config.tls.cert_users)
                     end_pending()
@@ -914,9 +918,6 @@ class Daemon:
                             "not on a link that logged in with a session token")
         return {"token": self.sessions.new(user.name, link.record)}
 
-    # -- requests ----------------------------------------------------------------
-    READ_ONLY = {"status", "repset.list", "conid"}
-
     # -- tasks (source side) ------------------------------------------------------
     def queue_task(self, args: dict) -> dict:
         """Insert a task into every connection of this source to the target,
@@ -940,96 +941,139 @@ class Daemon:
             QueuedInto(s.conn.conid, getattr(self.captures.get(s.conn.repset), "capture", None),
                        s.journal, s.sender) for s in srcs])
 
-    # what a replication user may ask on a control link: the reads of its
-    # own map bases that remote_known makes
-    REPLICATION = {"target.scan", "target.signature"}
+    # -- control verbs: verb -> (role it needs, handler) -------------------------
+    # "monitor" verbs only read; "replication" verbs are the reads of its own
+    # map bases that remote_known makes (an admin may ask them too)
+    VERBS: dict[str, tuple[str, str]] = {}
+
+    def _verb(name: str, role: str, VERBS=VERBS):
+        def declare(handler):
+            VERBS[name] = (role, handler.__name__)
+            return handler
+        return declare
 
     def request(self, user: User, verb: str, args: dict):
-        if verb in self.REPLICATION:
+        role, handler = self.VERBS.get(verb, ("admin", None))
+        if role == "replication":
             if user.role != "admin":
                 user.require("replication")
         elif user.role == "replication":
+            reads = sorted(v for v, (r, _) in self.VERBS.items() if r == "replication")
             raise AuthError(f"user {user.name!r} has role 'replication': it may open data links and "
-                            f"read its own map bases ({', '.join(sorted(self.REPLICATION))}), "
-                            f"not {verb!r}")
-        elif verb in self.READ_ONLY:
-            user.require("monitor")
+                            f"read its own map bases ({', '.join(reads)}), not {verb!r}")
         else:
-            user.require("admin")
+            user.require(role)
+        if handler is None:
+            raise ConfigError(f"unknown request {verb!r}")
+        return getattr(self, handler)(user, args)
+
+    @_verb("status", "monitor")
+    def _status_verb(self, user: User, args: dict):
+        return self.status()
+
+    @_verb("repset.create", "admin")
+    def _repset_create(self, user: User, args: dict):
+        rules = [tuple(r) for r in args.get("rules", [])]
+        r = self.registry.create_repset(args.get("name"), args.get("root", ""), rules)
+        return {"name": r.name, "root": r.root}
+
+    @_verb("repset.list", "monitor")
+    def _repset_list(self, user: User, args: dict):
+        return [{"name": r.name, "root": r.root,
+                 "rules": [[x.kind, x.pattern, x.recursive] for x in r.rules]}
+                for r in self.registry.repsets.values()]
+
+    @_verb("repset.delete", "admin")
+    def _repset_delete(self, user: User, args: dict):
+        self.registry.delete_repset(args.get("name"))
+        return {}
+
+    @_verb("connect", "admin")
+    def _connect(self, user: User, args: dict):
+        # checked before anything is registered or queued: the request,
+        # the map base against this host's set, then the target itself
         reg = self.registry
-        if verb == "status":
-            return self.status()
-        if verb == "repset.create":
-            rules = [tuple(r) for r in args.get("rules", [])]
-            r = reg.create_repset(args.get("name"), args.get("root", ""), rules)
-            return {"name": r.name, "root": r.root}
-        if verb == "repset.list":
-            return [{"name": r.name, "root": r.root,
-                     "rules": [[x.kind, x.pattern, x.recursive] for x in r.rules]}
-                    for r in reg.repsets.values()]
-        if verb == "repset.delete":
-            reg.delete_repset(args.get("name"))
-            return {}
-        if verb == "connect":
-            # checked before anything is registered or queued: the request,
-            # the map base against this host's set, then the target itself
-            check_options(args.get("options") or {})
-            repset, target, map_base = reg.check_connect(args.get("repset"), args.get("target", ""),
-                                                         args.get("map_base", ""))
-            self._check_not_own_root(repset, target, map_base)
-            self.probe_target(target, map_base)
-            conn = reg.connect(repset.name, target, map_base, mirror=not args.get("nomirror", False),
-                               options=args.get("options") or {})
-            try:
-                with self._sources_lock:
-                    self._start_source(conn, mirror=conn.mirror_on_connect)
-            except BaseException:
-                reg.disconnect(conn.conid)
-                raise
-            return {"conid": conn.conid}
-        if verb == "conid":
-            conid = reg.find(args.get("repset"), args.get("target", ""), args.get("map_base", ""))
-            if conid is None:
-                raise ConfigError(f"no connection of {args.get('repset')!r} to {args.get('target')} "
-                                  f"at map base {args.get('map_base')}")
-            return {"conid": conid}
-        if verb in ("pause-target", "resume-target"):
-            self.set_paused(verb == "pause-target")
-            return {"paused": self.paused,
-                    "targets": {f"{k[0]}-{k[1]}": t.apply_state for k, t in self.targets.items()}}
-        if verb == "target.scan":
-            return self._target_scan(user, args)
-        if verb == "target.signature":
-            return self._target_signature(user, args)
-        if verb == "mirror-start":
-            conn = reg.connection(args.get("conid"))
-            mode = "full" if args.get("full") else \
-                "different" if args.get("different") and not args.get("checksum") else True
-            # the target is read first: a failed read leaves the connection running
-            known = {} if mode == "full" else self.remote_known(conn, signatures=mode != "different")
+        check_options(args.get("options") or {})
+        repset, target, map_base = reg.check_connect(args.get("repset"), args.get("target", ""),
+                                                     args.get("map_base", ""))
+        self._check_not_own_root(repset, target, map_base)
+        self.probe_target(target, map_base)
+        conn = reg.connect(repset.name, target, map_base, mirror=not args.get("nomirror", False),
+                           options=args.get("options") or {})
+        try:
             with self._sources_lock:
-                self._stop_source(conn.conid)
-                src = self._start_source(conn, mirror=mode, known=known)
-            return {"conid": conn.conid, "mirror": src.mirror_stats}
-        if verb == "connection.set":
-            conn = reg.set_options(args.get("conid"), args.get("options") or {})
-            return {"conid": conn.conid, "options": conn.options()}
-        if verb == "queue-task":
-            return self.queue_task(args)
-        if verb == "disconnect":
-            conn = reg.disconnect(args.get("conid"))
-            with self._sources_lock:
-                self._stop_source(conn.conid)
-                self.disconnected.pop(conn.conid, None)
-                self.down_errors.pop(conn.conid, None)
-            return {"conid": conn.conid, "target": self._tell_disconnect(conn)}
-        raise ConfigError(f"unknown request {verb!r}")
+                self._start_source(conn, mirror=conn.mirror_on_connect)
+        except BaseException:
+            reg.disconnect(conn.conid)
+            raise
+        return {"conid": conn.conid}
+
+    @_verb("conid", "monitor")
+    def _conid(self, user: User, args: dict):
+        conid = self.registry.find(args.get("repset"), args.get("target", ""), args.get("map_base", ""))
+        if conid is None:
+            raise ConfigError(f"no connection of {args.get('repset')!r} to {args.get('target')} "
+                              f"at map base {args.get('map_base')}")
+        return {"conid": conid}
+
+    @_verb("pause-target", "admin")
+    def _pause_target(self, user: User, args: dict):
+        return self._set_paused_reply(True)
+
+    @_verb("resume-target", "admin")
+    def _resume_target(self, user: User, args: dict):
+        return self._set_paused_reply(False)
+
+    def _set_paused_reply(self, paused: bool) -> dict:
+        self.set_paused(paused)
+        return {"paused": self.paused,
+                "targets": {f"{k[0]}-{k[1]}": t.apply_state for k, t in self.targets.items()}}
+
+    @_verb("target.scan", "replication")
+    def _target_scan_verb(self, user: User, args: dict):
+        return self._target_scan(user, args)
+
+    @_verb("target.signature", "replication")
+    def _target_signature_verb(self, user: User, args: dict):
+        return self._target_signature(user, args)
+
+    @_verb("mirror-start", "admin")
+    def _mirror_start(self, user: User, args: dict):
+        conn = self.registry.connection(args.get("conid"))
+        mode = "full" if args.get("full") else \
+            "different" if args.get("different") and not args.get("checksum") else True
+        # the target is read first: a failed read leaves the connection running
+        known = {} if mode == "full" else self.remote_known(conn, signatures=mode != "different")
+        with self._sources_lock:
+            self._stop_source(conn.conid)
+            src = self._start_source(conn, mirror=mode, known=known)
+        return {"conid": conn.conid, "mirror": src.mirror_stats}
+
+    @_verb("connection.set", "admin")
+    def _connection_set(self, user: User, args: dict):
+        conn = self.registry.set_options(args.get("conid"), args.get("options") or {})
+        return {"conid": conn.conid, "options": conn.options()}
+
+    @_verb("queue-task", "admin")
+    def _queue_task_verb(self, user: User, args: dict):
+        return self.queue_task(args)
+
+    @_verb("disconnect", "admin")
+    def _disconnect(self, user: User, args: dict):
+        conn = self.registry.disconnect(args.get("conid"))
+        with self._sources_lock:
+            self._stop_source(conn.conid)
+            self.disconnected.pop(conn.conid, None)
+            self.down_errors.pop(conn.conid, None)
+        return {"conid": conn.conid, "target": self._tell_disconnect(conn)}
+
+    del _verb
 
     def _tell_disconnect(self, conn) -> str:
         """Tell the target that ``conn`` ended, so its side stops (applier,
         retries, queue) instead of waiting for a source that never comes
         back: what happened, for the reply."""
-        from smirror.stream.source import open_message
+        from smirror.stream.sender import open_message
         host, port = parse_hostport(conn.target, "target")
         try:
             with self.dial_target(host, port, io_timeout=15) as link:
@@ -1048,7 +1092,7 @@ class Daemon:
         """Log in to ``target`` as the link user and have it validate
         ``map_base`` for this source (an OPEN with ``check``): its READY,
         or SmirrorError with the target's reason."""
-        from smirror.stream.source import probe_target as probe
+        from smirror.stream.sender import probe_target as probe
         host, port = parse_hostport(target, "target")
         try:
             link = self.dial_target(host, port, io_timeout=60)

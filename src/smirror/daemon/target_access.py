@@ -23,6 +23,7 @@ import stat
 import threading
 from pathlib import Path
 
+from smirror.fs.atomic import write_atomic
 from smirror.errors import AuthError, ConfigError, ConfinementError
 
 SETTING = "[target] allowed_roots"
@@ -160,13 +161,7 @@ class SourceBindings:
         return tables[0], tables[1]
 
     def _write(self, users: dict, bases: dict) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"users": users, "map_bases": bases}, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps({"users": users, "map_bases": bases}, indent=1, sort_keys=True))
 
     def _update(self, change):
         """Run ``change(users, bases)`` under the thread and file locks; the

@@ -28,7 +28,7 @@ import threading
 import time
 
 from smirror.fs.beneath import Beneath, check_rel, chmod_at, lstat_at, proc_path, rmtree_at
-from smirror.errors import ConfinementError, MirrorError
+from smirror.errors import ConfinementError, DeltaError, MirrorError
 from smirror.fs.tree import (DIR, FILE, SPECIAL, SYMLINK, TEMP_PREFIX, Entry, entry_from_stat,
                    scan)
 
@@ -71,7 +71,7 @@ _MMAP_MIN = 32 << 20          # files this large are hashed from a mapping when 
 _MMAP_WINDOW = 256 << 20      # mapped and hashed a window at a time, lease checked between
 
 
-def _take_read_lease(fd: int) -> bool:
+def take_read_lease(fd: int) -> bool:
     """A read lease guarantees nobody has the file open for writing, and
     makes a new writer's open() or truncate() wait (up to the kernel's
     lease-break-time, of which we use at most a third) until the lease is
@@ -108,7 +108,7 @@ def _lease_intact(fd: int) -> bool:
         return False
 
 
-def _drop_lease(fd: int):
+def drop_lease(fd: int):
     import fcntl
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
@@ -129,7 +129,7 @@ def _mapped_signature(fd: int, length: int, block_size: int, weak: bool):
         return None           # windows could not start on page boundaries
     # a multiple of both the block size and the page size
     window = max(block_size, (_MMAP_WINDOW // block_size) * block_size)
-    if not _take_read_lease(fd):
+    if not take_read_lease(fd):
         return None
     try:
         if os.fstat(fd).st_size < length:
@@ -153,15 +153,16 @@ def _mapped_signature(fd: int, length: int, block_size: int, weak: bool):
                 weak_arr[i:] = rest.weak
         return checksum.Signature(block_size, length, strong, weak_arr)
     finally:
-        _drop_lease(fd)
+        drop_lease(fd)
 
 
 def fd_signature(fd: int, length: int, block_size: int, weak: bool):
-    """Block signature of the first ``length`` bytes of an open file. Large
-    files are hashed from a leased mapping; the rest (or when no lease can
-    be had) with preads of ~1 MiB into one reused page-aligned buffer. The
-    kernel hashes with the GIL released, so source and target hash on two
-    cores. Raises MirrorError if the file is shorter than ``length``."""
+    """Block signature of the first ``length`` bytes of an open file: the
+    engine's one signature reader. Large files are hashed from a leased
+    mapping; the rest (or when no lease can be had) by the checksum kernel's
+    pread reader (a reader thread reads ahead, GIL released), so source and
+    target hash on two cores. Raises MirrorError if the file is shorter than
+    ``length``."""
     if length >= _MMAP_MIN:
         sig = _mapped_signature(fd, length, block_size, weak)
         if sig is not None:
@@ -170,39 +171,13 @@ def fd_signature(fd: int, length: int, block_size: int, weak: bool):
 
 
 def _pread_signature(fd: int, length: int, block_size: int, weak: bool, start: int = 0):
+    """The kernel's pread signature of [start, start + length), its
+    truncated-file error as the mirror's."""
     from smirror.kernels import checksum
-    if length == 0:
-        return checksum.signature(b"", block_size, weak)
-    chunk = block_size * max(1, _SIG_CHUNK // block_size)
-    view = memoryview(aligned_buffer(chunk))
-    if length <= chunk:
-        got = read_full(fd, view[:length], start)
-        if got != length:
-            raise MirrorError(f"file shrank while being read (expected {length} bytes, got {got})")
-        sig = checksum.signature(view[:length], block_size, weak)
-        return checksum.Signature(block_size, length, sig.strong.copy(),
-                                  None if sig.weak is None else sig.weak.copy())
-    import numpy as np
-    count = -(-length // block_size)
-    strong = np.empty((count, 2), dtype=np.uint64)
-    weak_arr = np.empty(count, dtype=np.uint32) if weak else None
-    per = chunk // block_size
-    off = 0
-    i = 0
-    while off < length:
-        want = min(chunk, length - off)
-        got = read_full(fd, view[:want], start + off)
-        if got != want:
-            raise MirrorError(f"file shrank while being read (expected {length} bytes, "
-                              f"got {off + got})")
-        part = checksum.signature(view[:want], block_size, weak)
-        n = part.count
-        strong[i:i + n] = part.strong
-        if weak:
-            weak_arr[i:i + n] = part.weak
-        i += per
-        off += want
-    return checksum.Signature(block_size, length, strong, weak_arr)
+    try:
+        return checksum.fd_signature(fd, length, block_size, weak, start)
+    except DeltaError as exc:
+        raise MirrorError(f"file shrank while being read: {exc}") from None
 
 
 _DIGEST_ONESHOT = 4 << 20
@@ -237,7 +212,7 @@ def _mapped_digest(fd: int, length: int):
     can be had. A lease break (a writer waiting) stops the mapping at the
     next window and the rest is read with preads into the same digest."""
     from smirror.kernels import checksum
-    if not _take_read_lease(fd):
+    if not take_read_lease(fd):
         return None
     try:
         if os.fstat(fd).st_size != length:
@@ -256,7 +231,7 @@ def _mapped_digest(fd: int, length: int):
                 off += want
         return state.digest()
     finally:
-        _drop_lease(fd)
+        drop_lease(fd)
 
 
 def fd_digest(fd: int, length: int) -> bytes:
@@ -487,7 +462,8 @@ class LocalTarget(TargetSide):
             slot.close()
         self._orphan_slots.clear()
 
-    def _count(self, n: int):
+    def count_written(self, n: int):
+        """Add ``n`` bytes to what this target wrote (its writers call it)."""
         with self._lock:
             self.bytes_written += n
 
@@ -725,12 +701,12 @@ class TempWriter:
             # a trailing hole (or a source that shrank): set the length; a
             # dense copy to the end has it already (the temp file is new)
             os.ftruncate(self.fd, size)
-        self.target._count(n)
+        self.target.count_written(n)
         return n
 
     def write(self, data, offset: int) -> int:
         n = _pwrite_all(self.fd, data, offset)
-        self.target._count(n)
+        self.target.count_written(n)
         return n
 
     def copy_old(self, offset: int, length: int, out_offset: int) -> int:
@@ -742,7 +718,7 @@ class TempWriter:
         n = copy_range(self._old_fd, self.fd, offset, length, out_offset)
         if n != length:
             raise MirrorError(f"{self.rel!r} on the target shrank during the update")
-        self.target._count(n)
+        self.target.count_written(n)
         return n
 
     def truncate(self, size: int):
@@ -790,7 +766,7 @@ class InplaceWriter:
 
     def write(self, data, offset: int) -> int:
         n = _pwrite_all(self.fd, data, offset)
-        self.target._count(n)
+        self.target.count_written(n)
         return n
 
     def truncate(self, size: int):

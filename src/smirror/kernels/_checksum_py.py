@@ -125,9 +125,10 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
                                  f"{os.strerror(exc.errno)}") from None
 
 
-def _read_exactly(fd: int, length: int) -> bytes:
+def _read_exactly(fd: int, length: int, start: int = 0) -> bytes:
     parts = []
-    offset = 0
+    offset = start
+    length += start
     while offset < length:
         piece = _pread(fd, min(READ_CHUNK_SIZE, length - offset), offset)
         if not piece:
@@ -138,14 +139,16 @@ def _read_exactly(fd: int, length: int) -> bytes:
     return b"".join(parts)
 
 
-def fd_signature(fd, length, block_size, with_weak):
-    """Signature of the first ``length`` bytes of an open file."""
+def fd_signature(fd, length, block_size, with_weak, start=0):
+    """Signature of the ``length`` bytes of an open file from offset ``start`` on."""
     if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
         raise ValueError(f"fd must be an open file descriptor (int >= 0), got {fd!r}")
     if not isinstance(length, int) or length < 0:
         raise ValueError(f"length must be an int >= 0, got {length!r}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be an int >= 0, got {start!r}")
     bs = _block_size(block_size)
-    return block_signature(_read_exactly(fd, length), bs, with_weak)
+    return block_signature(_read_exactly(fd, length, start), bs, with_weak)
 
 
 def fd_digest(fd) -> bytes:

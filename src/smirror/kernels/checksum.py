@@ -130,16 +130,17 @@ def file_signature(path, block_size: int | None = None, weak: bool = True) -> Si
 
 
 def fd_signature(fd: int, length: int | None = None, block_size: int | None = None,
-                 weak: bool = True) -> Signature:
-    """Signature of the first ``length`` bytes (default: its size now) of an
-    open file; the file position is not used or moved. A reader thread preads
+                 weak: bool = True, start: int = 0) -> Signature:
+    """Signature of the ``length`` bytes (default: the rest of its size now)
+    of an open file from offset ``start`` on; the file position is not used
+    or moved. A reader thread preads
     ahead into one reused buffer while the blocks are hashed, GIL released.
     Raises DeltaError if the file ends before ``length`` (truncated
     meanwhile), OSError if it cannot be read."""
     if length is None:
-        length = os.fstat(fd).st_size
+        length = max(0, os.fstat(fd).st_size - start)
     bs = block_size_for(length) if block_size is None else check_block_size(block_size)
-    w, s = _k.fd_signature(fd, length, bs, weak)
+    w, s = _k.fd_signature(fd, length, bs, weak, start)
     return Signature(bs, length, s, w)
 
 

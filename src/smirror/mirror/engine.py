@@ -28,13 +28,12 @@ import stat
 import threading
 import time
 
-from smirror.errors import MirrorError, ConfigError
+from smirror.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, MirrorError, ConfigError, SourceChanged
 from smirror.fs.files import (LocalTarget, TargetSide, aligned_buffer, fd_digest, fd_signature,
                            read_full, read_xattrs, xattr_filter)
 from smirror.fs.tree import DIR, FILE, SPECIAL, SYMLINK, Listing, Rules, entry_from_stat, scan
 
 # the values of smirror.cli.main's EXIT_* (not imported: the library stays free of argparse)
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
 INPLACE_MIN = 1 << 20        # smaller files are rewritten whole when they differ
 PARALLEL_SIDES_MIN = 32 << 20   # larger files hash source and target on two threads
@@ -66,10 +65,6 @@ def _racy(st) -> bool:
     while time.clock_gettime_ns(_COARSE) <= newest and time.monotonic() < deadline:
         time.sleep(_TICK_NS / 4e9)
     return True
-
-
-class SourceChanged(Exception):
-    """The source file changed while it was being copied (retried)."""
 
 
 class _Future:
@@ -1072,17 +1067,17 @@ class Mirror:
         DELTA_COPY_MAX; None for a larger file being written to (the caller
         copies it whole). Returns (buffer, release)."""
         import mmap
-        from smirror.fs.files import _drop_lease, _take_read_lease
-        if _take_read_lease(fd):
+        from smirror.fs.files import drop_lease, take_read_lease
+        if take_read_lease(fd):
             try:
                 mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
             except BaseException:
-                _drop_lease(fd)
+                drop_lease(fd)
                 raise
 
             def release():
                 mm.close()
-                _drop_lease(fd)
+                drop_lease(fd)
             return mm, release
         if size > DELTA_COPY_MAX:
             return None

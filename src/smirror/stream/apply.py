@@ -46,7 +46,7 @@ from collections import OrderedDict
 import logging
 
 from smirror.fs.beneath import Beneath, chmod_at, lstat_at, proc_path, rmtree_at
-from smirror.errors import ConfinementError, SmirrorError
+from smirror.errors import ApplyError, ConfinementError
 from smirror.ops import AttrMask, Op, OpKind, XattrFlag
 from smirror.fs.files import replace_at
 
@@ -69,10 +69,6 @@ DEFAULT_XATTR_NAMESPACES = (b"user.", b"system.posix_acl_")
 ALL_XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 _CAPABILITY = b"security.capability"
 _DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
-
-
-class ApplyError(SmirrorError):
-    """An op could not be applied; names the op."""
 
 
 def _open_state(path) -> mmap.mmap:

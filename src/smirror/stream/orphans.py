@@ -1,4 +1,8 @@
-"""The orphan policy of a connection, for the mirrors that run through its
+"""A connection's two policies for what the source does not have: the
+orphan policy and ignore-deletes (at the end: a DELETE or RMDIR becomes a
+MARK the target counts, or acts on by moving the file aside).
+
+The orphan policy, for the mirrors that run through the connection's
 stream: orphans (entries under the map base that the source lacks, found
 from the target's listing) are reported, deleted, or moved aside to the
 target's orphans directory, optionally only those older than some days.
@@ -21,7 +25,7 @@ import os
 import stat
 import time
 
-from smirror.ops import MARK_ORPHAN_MOVE, Op
+from smirror.ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, Op, OpKind
 
 POLICIES = ("report", "delete", "move")
 
@@ -82,3 +86,27 @@ def orphan_ops(orphans: list[bytes], known: dict, policy: str, older_than_days: 
     stats["orphans_deleted"] = len(removed)
     stats["orphan_bytes_acted"] = sum(known[p].size for p in removed if not is_dir[p])
     return ops, stats
+
+
+# -- ignore deletes: the other policy for what the source no longer has ----
+
+IGNORE_DELETES = ("off", "keep", "move")
+
+
+def for_connection(op: Op, ignore_deletes: str, keep_days: float, moving_out: bool) -> Op:
+    """The op a connection gets for a captured ``op``: itself, or, for a
+    delete on a connection that ignores deletes (not a move out of the set,
+    ``moving_out``), the mark that stands for it."""
+    if ignore_deletes != "off" and op.kind in (OpKind.DELETE, OpKind.RMDIR) and not moving_out:
+        return ignored_delete(op, ignore_deletes, keep_days)
+    return op
+
+
+def ignored_delete(op: Op, mode: str, keep_days: float = 0.0) -> Op:
+    """What a connection with ignore-deletes sends instead of a DELETE or
+    RMDIR of the source (not a move out of the set: that still deletes): a
+    MARK the target counts, and with ``mode`` 'move' acts on by moving the
+    file to its deleted-files directory (purged after ``keep_days``)."""
+    payload = json.dumps({"path": os.fsdecode(bytes(op.path)), "dir": op.kind == OpKind.RMDIR,
+                          "mode": mode, "keep_days": keep_days}).encode()
+    return Op.mark(op.seq, MARK_IGNORED_DELETE, payload)

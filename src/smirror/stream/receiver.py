@@ -38,11 +38,10 @@ from smirror.stream.apply import DEFAULT_XATTR_NAMESPACES, Applier
 from smirror.errors import ConfinementError, FrameError, QueueClosed, QueueFull, SmirrorError
 from smirror.stream.inuse import InUseGate
 from smirror.kernels.frames import decode_frame, frame_header
-from smirror.ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, Op, OpKind
+from smirror.ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, MARK_RESYNC_DONE, MARK_ROOT_MTIME, Op, OpKind
 from smirror.private import private_dir
 from smirror.kernels.memqueue import SpillQueue, queue_alert, segment_size_for
-from smirror.stream.source import ACK
-from smirror.capture.watch import MARK_RESYNC_DONE, MARK_ROOT_MTIME
+from smirror.stream.wire import ACK
 from smirror.stream.wire import Link, LinkClosed, MsgType, ProtocolError
 
 log = logging.getLogger("smirror.stream.receiver")

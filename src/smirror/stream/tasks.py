@@ -32,6 +32,7 @@ exception in the applier.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -44,7 +45,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from smirror.errors import SmirrorError
+from smirror.errors import TaskError
 
 log = logging.getLogger("smirror.stream.tasks")
 
@@ -59,10 +60,6 @@ MAX_WORD = 4096                   # characters of one word or argument
 MAX_TEXT = 256                    # characters of the id and the source
 MAX_GROUP = 4096                  # connections in a task's group
 MAX_TIMEOUT = 30 * 86400.0        # seconds an on-execute may be waited for
-
-
-class TaskError(SmirrorError, ValueError):
-    """A task is malformed, or a daemon refused to run one of its commands."""
 
 
 def parse_timeout(value) -> float | None:
@@ -418,11 +415,9 @@ class SourceTasks:
         captures.sort(key=lambda c: c.root)        # one order everywhere: no deadlock
         payload = spec.encode()
         from smirror.ops import Op
-        held = []
-        try:
+        with contextlib.ExitStack() as held:
             for cap in captures:
-                cap._lock.acquire()
-                held.append(cap)
+                held.enter_context(cap.paused())
                 cap.sync(max_time=TASK_SYNC_MAX)     # the task marks this moment
             for q in into:
                 seq = q.journal.append_alone(Op.task(0, spec.name, payload))
@@ -430,9 +425,6 @@ class SourceTasks:
                 if spec.on_transmit is not None:
                     q.sender.before_send[seq] = (
                         lambda c=q.conid: self.run_hook(spec, "on_transmit", [c], target))
-        finally:
-            for cap in reversed(held):
-                cap._lock.release()
         log.info("task %r (%s) queued for %s on connection(s) %s", spec.name, spec.id, target,
                  reply["connections"])
         return reply
