@@ -1,4 +1,4 @@
-"""The exact-order capture mount (smirror.mount, ``--mount``): real FUSE
+"""The exact-order capture mount (smirror.capture.mount, ``--mount``): real FUSE
 mounts over real directories, the real replication data path."""
 import json
 import os
@@ -17,7 +17,9 @@ pytest.importorskip("pyfuse3")
 from daemons import wait_for  # noqa: E402
 from smirror.capture.recorder import Recorder  # noqa: E402
 from smirror.errors import ConfigError  # noqa: E402
-from smirror.mount import CaptureMount, MountError, mounted_at  # noqa: E402
+from smirror.capture.mount.mountpoint import mounted_at
+from smirror.capture.mount.runner import CaptureMount
+from smirror.errors import MountError  # noqa: E402
 from smirror.ops import OpKind  # noqa: E402
 from smirror.replication import Replication  # noqa: E402
 from test_attrs_stream import rsync_differences, wait_rsync_same  # noqa: E402
@@ -197,7 +199,7 @@ def test_ordered_pair_100000_updates(dirs):
 # -- the mount point -------------------------------------------------------------------
 SERVE = r"""
 import sys, time
-from smirror.mount import CaptureMount
+from smirror.capture.mount.runner import CaptureMount
 CaptureMount(sys.argv[1], sys.argv[2], lambda op: None).start()
 print("mounted", flush=True)
 time.sleep(3600)

@@ -147,3 +147,16 @@ class ApplyError(SmirrorError):
 
 class TaskError(SmirrorError, ValueError):
     """A task is malformed, or a daemon refused to run one of its commands."""
+
+
+class MountError(SmirrorError):
+    """The capture mount cannot be made or served: names the mount point
+    and the reason."""
+
+
+class BenchError(SmirrorError):
+    """An smbench run could not be set up or did not finish."""
+
+
+class BenchUsageError(BenchError):
+    """A request smbench cannot run as asked (bad input: exit 2)."""

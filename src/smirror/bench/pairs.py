@@ -13,19 +13,11 @@ import threading
 import time
 from pathlib import Path
 
-from smirror.errors import SmirrorError
+from smirror.errors import BenchError, SmirrorError
 from . import limits
 from .workloads import RecorderWriter, Writer
 
 PROBE_DIR = ".smbench-probes"
-
-
-class BenchError(SmirrorError):
-    """A bench run could not be set up or did not finish."""
-
-
-class BenchUsageError(BenchError):
-    """A request smbench cannot run as asked (bad input: exit 2)."""
 
 
 class EmbeddedPair:

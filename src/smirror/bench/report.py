@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 
-from smirror.cli.progress import human_bytes
 from smirror.units import format_size
 
 
@@ -53,10 +52,10 @@ class LiveLine:
         lags = sorted(self.sampler.pair.lags[-500:])
         p99 = lags[int(len(lags) * 0.99)] * 1000 if lags else None
         rate = self.wl.bytes_written / t / 1e6 if t > 0 else 0.0
-        return (f"{self.name}  {t:.1f}/{self.duration:.0f}s  {human_bytes(self.wl.bytes_written)} written  "
-                f"{rate:.0f} MB/s  queues src {human_bytes(st['source_queue_mem'])}+"
-                f"{human_bytes(st['source_queue_disk'])} disk  tgt {human_bytes(st['target_queue_mem'])}+"
-                f"{human_bytes(st['target_queue_disk'])} disk  lag p99 {_ms(p99)}")
+        return (f"{self.name}  {t:.1f}/{self.duration:.0f}s  {format_size(self.wl.bytes_written)} written  "
+                f"{rate:.0f} MB/s  queues src {format_size(st['source_queue_mem'])}+"
+                f"{format_size(st['source_queue_disk'])} disk  tgt {format_size(st['target_queue_mem'])}+"
+                f"{format_size(st['target_queue_disk'])} disk  lag p99 {_ms(p99)}")
 
     def _draw(self, final: bool = False) -> None:
         text = self.line()

@@ -17,7 +17,8 @@ from pathlib import Path
 from smirror.errors import QueueFull
 from . import limits
 from .metrics import SIDES, Sampler, percentile
-from .pairs import BenchError, open_pair
+from smirror.errors import BenchError
+from .pairs import open_pair
 from .verify import compare_trees
 from .workloads import WORKLOADS, NullCtl, Params, Writer
 

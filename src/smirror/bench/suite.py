@@ -180,7 +180,7 @@ COMPARE_HEADERS = ["workload", "metric", "old", "new", "change", "noise", "verdi
 
 def check_suite_json(data, what: str) -> None:
     """A clear error when ``data`` is not an smbench suite result."""
-    from .pairs import BenchUsageError
+    from smirror.errors import BenchUsageError
     if not isinstance(data, dict) or not isinstance(data.get("workloads"), dict) or "suite" not in data:
         raise BenchUsageError(f"{what}: not an smbench suite result (no 'suite' and 'workloads'): "
                          "write one with 'smbench suite --json FILE'")

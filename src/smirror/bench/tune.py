@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import limits
-from .pairs import BenchError, BenchUsageError
+from smirror.errors import BenchError, BenchUsageError
 from .runner import run
 from .workloads import Params
 

@@ -30,7 +30,7 @@ def _rel(path) -> bytes:
     return p.rstrip(b"/")
 
 
-def _xattr_name(name) -> bytes:
+def xattr_name(name) -> bytes:
     n = os.fsencode(name)
     if (b"\0" in n or len(n) > MAX_XATTR_NAME
             or not any(n.startswith(ns) and len(n) > len(ns) for ns in XATTR_NAMESPACES)):
@@ -154,7 +154,7 @@ class Recorder:
     def setxattr(self, path, name, value) -> None:
         """Extended attribute ``name`` (str or bytes, e.g. ``user.tag``) of
         ``path`` set to ``value`` (the path itself: a symlink is not followed)."""
-        rel, xname = _rel(path), _xattr_name(name)
+        rel, xname = _rel(path), xattr_name(name)
         value = bytes(value)
         with self.lock:
             if self.perform:
@@ -162,7 +162,7 @@ class Recorder:
             self.emit(Op.setxattr(_ZERO, rel, xname, value))
 
     def removexattr(self, path, name) -> None:
-        rel, xname = _rel(path), _xattr_name(name)
+        rel, xname = _rel(path), xattr_name(name)
         with self.lock:
             if self.perform:
                 os.removexattr(self._abs(rel), xname, follow_symlinks=False)

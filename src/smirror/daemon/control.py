@@ -163,3 +163,31 @@ def check_session_transport(host: str, port, saved: dict, tls: bool) -> None:
     if not wire.is_loopback(host):
         raise AuthError(f"{host} is not a loopback address: sessions are used with it only over "
                         "TLS (set SMIRROR_TLS_CA and log in again)")
+
+
+def task_answer(client, queued: dict, wait: float) -> dict:
+    """What the target said of a queued task, waiting up to ``wait``
+    seconds: ``refused`` (its NOTICE came back, with the error),
+    ``received`` (acknowledged by every connection, and no refusal came
+    in the moment after), or ``unknown``."""
+    import time
+    seqs = {int(k): v for k, v in queued["connections"].items()}
+    deadline = time.monotonic() + wait
+    acked_at = None
+    while True:
+        rows = {s["conid"]: s for s in client.call("status")["sources"] if s["conid"] in seqs}
+        for s in rows.values():
+            for rep in s.get("task_reports") or []:
+                if rep.get("id") == queued["id"] and rep.get("state") in ("refused", "error", "failed") \
+                        and rep.get("stage") != "on_execute":
+                    return {"state": "refused", "error": rep.get("error") or rep["state"],
+                            "conid": s["conid"]}
+        now = time.monotonic()
+        if all(rows.get(c, {}).get("seq_acked", 0) >= seq for c, seq in seqs.items()):
+            # a refusal follows the ACK of the task's frame at once
+            acked_at = acked_at or now
+            if now - acked_at >= 0.5:
+                return {"state": "received"}
+        if now >= deadline:
+            return {"state": "unknown"}
+        time.sleep(0.1)

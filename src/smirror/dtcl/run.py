@@ -186,7 +186,7 @@ class Runner:
         conns = ", ".join(f"{k} at seq {v}" for k, v in r["connections"].items())
         # as 'smirror queue-task' does: wait for the target's answer, so a
         # refused task fails the script
-        from smirror.cli.daemon import task_answer
+        from smirror.daemon.control import task_answer
         answer = task_answer(self._client(act.host), r, TASK_ANSWER_WAIT)
         if answer["state"] == "refused":
             raise RequestError(f"task {r['task']} queued on connection(s) {conns}, but the target "
@@ -203,7 +203,7 @@ class Runner:
         return r
 
     def _status(self, act):
-        from smirror.cli.daemon import status_text
+        from smirror.daemon.status_table import status_text
         st = self._client(act.host).call("status")
         conid = act.args["conid"]
         if conid is not None:

@@ -6,9 +6,10 @@ import logging
 import os
 import threading
 
-from .mountpoint import FSTYPE, MountError, prepare
+from smirror.capture.mount.mountpoint import FSTYPE, prepare
+from smirror.errors import MountError
 
-log = logging.getLogger("smirror.mount")
+log = logging.getLogger("smirror.capture.mount")
 
 # how often owed mtimes are sent (seconds): the most an mtime on the target
 # trails its file's content
@@ -34,7 +35,7 @@ class CaptureMount:
 
     def __init__(self, backing, mountpoint, emit, *, bypass: bool = True):
         """``bypass``: also watch ``backing`` for changes other processes make
-        to it directly, and resend them (:mod:`smirror.mount.bypass`)."""
+        to it directly, and resend them (:mod:`smirror.capture.mount.bypass`)."""
         self.backing = os.path.abspath(os.fsdecode(backing))
         self.mountpoint = os.path.abspath(os.fsdecode(mountpoint))
         self.emit = emit

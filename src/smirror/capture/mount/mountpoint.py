@@ -8,17 +8,12 @@ import logging
 import os
 import subprocess
 
-from smirror.errors import SmirrorError
+from smirror.errors import MountError
 
-log = logging.getLogger("smirror.mount")
+log = logging.getLogger("smirror.capture.mount")
 
 FSTYPE = "fuse.smirror"          # the type our mounts show in /proc/self/mountinfo
 _DEAD = (errno.ENOTCONN, errno.ECONNABORTED)
-
-
-class MountError(SmirrorError):
-    """The capture mount cannot be made or served: names the mount point
-    and the reason."""
 
 
 def _unescape(field: str) -> str:

@@ -16,7 +16,7 @@ import time
 
 from smirror.capture.inotify import Kind
 
-log = logging.getLogger("smirror.mount")
+log = logging.getLogger("smirror.capture.mount")
 
 SETTLE = 0.05             # seconds of quiet before a batch of events is repaired
 MAX_BATCH_DELAY = 0.5     # ... but never longer than this after the first

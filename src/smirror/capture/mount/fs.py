@@ -33,11 +33,11 @@ import time
 
 import pyfuse3
 
-from smirror.capture.recorder import _xattr_name
+from smirror.capture.recorder import xattr_name
 from smirror.ops import Op
-from smirror.capture.watch import MARK_ROOT_MTIME
+from smirror.ops import MARK_ROOT_MTIME
 
-log = logging.getLogger("smirror.mount")
+log = logging.getLogger("smirror.capture.mount")
 
 # MARK emitted when an application fsyncs a file through the mount: where
 # the synchronous modes (a later part of issue 16) will wait for the target
@@ -437,7 +437,7 @@ class CaptureFS(pyfuse3.Operations):
     def setxattr(self, inode, name, value, ctx):
         rel = self._path(inode)
         try:
-            xname = _xattr_name(name)
+            xname = xattr_name(name)
         except ValueError:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
         os.setxattr(self._abs(rel), xname, value, follow_symlinks=False)
@@ -557,7 +557,7 @@ class CaptureFS(pyfuse3.Operations):
     # -- changes made to the backing directory behind the mount's back ----------------
     def repair(self, batch) -> None:
         """Resend what other processes changed in the backing directory
-        (events of :mod:`smirror.mount.bypass`), on the mount's thread: in
+        (events of :mod:`smirror.capture.mount.bypass`), on the mount's thread: in
         order with the mount's own ops."""
         from .bypass import events_to_repairs
         sent: set[bytes] = set()
