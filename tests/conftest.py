@@ -1,5 +1,10 @@
-import os
-import sys
+"""The suite in three levels, each a directory:
 
-# tools/ holds the tree snapshot, workload and checker helpers the tests use
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    kernels/      one compiled kernel or its facade, alone (both twins)
+    engine/       engine pieces in this one process (loopback sockets, rsync as the oracle)
+    integration/  daemons and other smirror processes on 127.0.0.1
+
+Shared helpers are the ``support`` package (tests/support/): pytest puts this
+directory on sys.path because it holds this conftest and no __init__.py.
+``-m "not slow"`` leaves out the tests marked slow (more than ~5 s).
+"""

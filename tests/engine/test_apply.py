@@ -8,8 +8,8 @@ from smirror.stream.apply import Applier, ApplyError
 from smirror.capture.recorder import Recorder
 from smirror.errors import ConfinementError
 from smirror.ops import Op, OpKind
-from treestate import diff, snapshot
-from workload import Workload
+from support.treestate import diff, snapshot
+from support.workload import Workload
 
 
 class Numbered(list):

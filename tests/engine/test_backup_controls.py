@@ -17,7 +17,7 @@ from smirror.ops import MARK_ORPHAN_MOVE, Op, OpKind
 from smirror.stream.orphans import orphan_ops
 from smirror.replication import Replication
 from smirror.capture.watch import Known
-from treestate import diff, snapshot
+from support.treestate import diff, snapshot
 
 
 def hold_open(path, mode="r"):

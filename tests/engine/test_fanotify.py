@@ -16,7 +16,7 @@ from smirror.capture.fanotify import (FAN_ATTRIB, FAN_CLOSE_WRITE, FAN_CREATE, F
                               FAN_MODIFY, FAN_ONDIR, FAN_RENAME, EventFormatError, name_to_handle,
                               parse_events)
 from smirror.capture.inotify import Kind
-from test_inotify import collect
+from support.events import collect
 
 
 MISSING = fanotify.unavailable_reason()

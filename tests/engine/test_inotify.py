@@ -1,13 +1,13 @@
 """The recursive watcher on real files with real inotify; the tree tests
 run on the fanotify watcher too (same events, same interface)."""
 import os
-import time
 
 import pytest
 
 from smirror.capture import fanotify
 from smirror.capture import inotify
 from smirror.capture.inotify import Kind, Watcher
+from support.events import collect
 
 
 FANOTIFY_MISSING = fanotify.unavailable_reason()
@@ -20,17 +20,6 @@ def watcher_cls(request):
             pytest.skip(f"fanotify unavailable: {FANOTIFY_MISSING}")
         return fanotify.Watcher
     return inotify.Watcher
-
-
-def collect(w, settle=0.15, limit=5.0):
-    """Events until none arrive for ``settle`` seconds."""
-    out, deadline = [], time.monotonic() + limit
-    while time.monotonic() < deadline:
-        got = w.read(timeout=settle)
-        if not got:
-            break
-        out.extend(got)
-    return out
 
 
 def kinds(events):

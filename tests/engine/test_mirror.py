@@ -19,8 +19,7 @@ from smirror.mirror.engine import Mirror, MirrorOptions, mirror
 from smirror.fs.files import LocalTarget, copy_data_extents
 from smirror.fs.tree import DIR, FILE, SYMLINK, Rules, scan
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import gen_tree  # noqa: E402
+from support import gen_tree
 
 RSYNC = shutil.which("rsync")
 needs_rsync = pytest.mark.skipif(RSYNC is None, reason="rsync not installed")

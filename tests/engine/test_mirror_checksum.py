@@ -3,8 +3,6 @@ resized content, and the whole tree checked with rsync's itemize."""
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -12,8 +10,7 @@ pytest.importorskip("smirror.kernels._checksum")
 
 from smirror.mirror.engine import mirror  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import gen_tree  # noqa: E402
+from support import gen_tree
 
 RSYNC = shutil.which("rsync")
 needs_rsync = pytest.mark.skipif(RSYNC is None, reason="rsync not installed")

@@ -12,44 +12,9 @@ from smirror.kernels.memqueue import SpillQueue
 from smirror.ops import Op
 from smirror.stream.source import ConnectionJournal, Sender
 from smirror.stream.receiver import TargetConnection
-from treestate import diff, snapshot
-from workload import Workload
-
-
-class TargetEndpoint:
-    """A listening socket that hands each data link to one TargetConnection."""
-
-    def __init__(self, target):
-        self.target = target
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.errors = []
-        self.links = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        self.links += 1
-        with wire.Link(conn) as link:
-            try:
-                _, opened = link.recv_json(wire.MsgType.OPEN)
-                assert opened["conid"] == self.target.conid
-                self.target.serve(link)
-            except Exception as exc:
-                self.errors.append(exc)
-
-    def dial(self):
-        return wire.connect("127.0.0.1", self.port)
-
-    def close(self):
-        self.sock.close()
+from support.endpoints import TargetEndpoint
+from support.treestate import diff, snapshot
+from support.workload import Workload
 
 
 @pytest.fixture

@@ -35,8 +35,8 @@ from smirror.kernels.frames import encode_frame
 from smirror.ops import Op, OpKind
 from smirror.stream.receiver import TargetConnection
 from smirror.stream.tasks import TargetTasks, TaskPolicy, TaskSpec
-from test_journal_helpers import op_lists, reseal
-from test_stream_validation import Endpoint, raw_frame, record
+from support.journal_ops import op_lists, reseal
+from support.endpoints import Endpoint, raw_frame, record
 
 EXAMPLES = int(os.environ.get("SMIRROR_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,

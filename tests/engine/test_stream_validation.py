@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import time
 
 import pytest
-import xxhash
 
 from smirror.stream import wire
 from smirror.errors import FrameError
@@ -20,31 +18,10 @@ from smirror.kernels.frames import encode_frame
 from smirror.ops import Op, OpKind
 from smirror.stream.receiver import TargetConnection
 from smirror.stream.tasks import TaskSpec
-from test_journal_helpers import IMPLS
-from test_stream import TargetEndpoint
+from support.journal_ops import IMPLS
+from support.endpoints import Endpoint, raw_frame, record
 
 # -- frames built by hand: the encoder would refuse these ops --------------------
-
-_FIXED = {OpKind.WRITE: "<Q", OpKind.TRUNCATE: "<Q", OpKind.CREATE: "<I",
-          OpKind.MKDIR: "<I", OpKind.SETATTR: "<IIIq"}
-
-
-def record(kind, seq, path=b"", path2=b"", data=b"", fixed=(), mask=0) -> bytes:
-    fmt = _FIXED.get(kind)
-    body = struct.pack(fmt, *fixed) if fmt else b""
-    return (struct.pack("<BBHHIQ", kind, mask, len(path), len(path2), len(data), seq)
-            + body + path + path2 + data)
-
-
-def raw_frame(records: list[tuple[int, bytes]]) -> bytes:
-    """A well-formed, checksummed, uncompressed frame of (seq, record) pairs,
-    whatever the records say."""
-    payload = b"".join(r for _, r in records)
-    head = struct.pack("<4sBBHIIIIQQQ", b"SMJF", 1, 0, 0, len(records), len(payload),
-                       len(payload), 0, records[0][0], records[-1][0],
-                       xxhash.xxh3_64_intdigest(payload))
-    return head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head)) + payload
-
 
 def bad(kind, **fields) -> bytes:
     return record(kind, 7, **fields)
@@ -144,19 +121,6 @@ def test_the_limits_themselves_are_fine(impl):
 
 
 # -- a receiver on a real TCP link ---------------------------------------------------
-
-class Endpoint(TargetEndpoint):
-    """test_stream's listener (each link, after its OPEN, to ``target``),
-    and a source's side of a link to it."""
-
-    def open(self):
-        """A source's side of a data link: (link, the READY's last_seq)."""
-        link = wire.connect("127.0.0.1", self.port)
-        link.send_json(wire.MsgType.OPEN, {"conid": self.target.conid, "map_base": "x",
-                                           "source": "test", "next_seq": 1})
-        _, ready = link.recv_json(wire.MsgType.READY)
-        return link, ready["last_seq"]
-
 
 def until(cond, timeout=30.0):
     deadline = time.monotonic() + timeout

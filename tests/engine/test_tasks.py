@@ -13,8 +13,8 @@ from smirror.errors import ConfigError
 from smirror.replication import Replication
 from smirror.stream.tasks import (TargetTasks, TaskError, TaskPolicy, TaskResult, TaskSpec,
                            run_command)
-from treestate import diff, snapshot
-from workload import Workload
+from support.treestate import diff, snapshot
+from support.workload import Workload
 
 
 def script(directory, name, body):

@@ -13,7 +13,7 @@ from smirror.stream.apply import Applier
 from smirror.ops import OpKind
 from smirror.fs.tree import Rules
 from smirror.capture.watch import TreeCapture, open_watcher
-from treestate import diff, snapshot
+from support.treestate import diff, snapshot
 
 
 FANOTIFY_MISSING = fanotify.unavailable_reason()

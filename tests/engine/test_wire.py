@@ -8,7 +8,7 @@ import pytest
 
 from smirror.daemon import auth
 from smirror.stream import wire
-from daemons import make_certs
+from support.daemons import make_certs
 from smirror.errors import AuthError
 from smirror.stream.wire import Link, MsgType, ProtocolError, LinkClosed
 

@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from daemons import Node, free_port
-from test_daemon import login, replicate_data, running_pair, wait_same
+from support.daemons import Node, free_port
+from support.pair import login, replicate_data, running_pair, wait_same
 
 
 def test_a_second_daemon_on_the_same_state_directory_refuses_to_start(tmp_path):

@@ -9,9 +9,9 @@ import os
 import signal
 import time
 
-from daemons import wait_for
-from test_daemon import login, replicate_data, running_pair, wait_same
-from treestate import diff, snapshot
+from support.daemons import wait_for
+from support.pair import login, replicate_data, running_pair, wait_same
+from support.treestate import diff, snapshot
 
 SMALL = ('[queues]\nsource_memory_limit = "64KiB"\ntarget_memory_limit = "64KiB"\n'
          'disk_queue_limit = "512KiB"\n')

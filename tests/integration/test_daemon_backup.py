@@ -10,10 +10,10 @@ import stat
 import time
 
 from smirror.capture.recorder import Recorder
-from test_daemon import login, replicate_data, running_pair, wait_same
-from daemons import wait_for
-from treestate import diff, snapshot
-from workload import Workload
+from support.pair import login, replicate_data, running_pair, wait_same
+from support.daemons import wait_for
+from support.treestate import diff, snapshot
+from support.workload import Workload
 
 
 def task_script(directory, name, body):

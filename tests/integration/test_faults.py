@@ -5,12 +5,10 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-import faults  # noqa: E402
+from support import faults
 
 
 def kill_trials(victim, trials, tmp_path, deadline=30, stop_on_failure=False):

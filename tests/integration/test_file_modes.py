@@ -17,7 +17,7 @@ from smirror.cli.daemon import _log_handler
 from smirror.errors import ConfigError
 from smirror.private import check_secret, private_dir, read_secret
 from smirror.stream.receiver import TargetConnection
-from daemons import Node
+from support.daemons import Node
 
 QUEUES = [pytest.param(_memqueue, id="compiled"), pytest.param(_memqueue_py, id="reference")]
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-import lag_compare
-from lag_compare import FileWorkload, LsyncdProcess, ProbeLag, rsync_stats_bytes, wait_match
-from treestate import snapshot
+from support import lag_compare
+from support.lag_compare import FileWorkload, LsyncdProcess, ProbeLag, rsync_stats_bytes, wait_match
+from support.treestate import snapshot
 
 
 def _run(root, seed, steps=300):

@@ -18,7 +18,7 @@ from smirror.daemon import control
 from smirror.stream import wire
 from smirror.errors import AuthError
 from smirror.stream.wire import MsgType, ProtocolError
-from daemons import PASSWORD, Node, free_port, make_certs, smirror, wait_for
+from support.daemons import PASSWORD, Node, free_port, make_certs, smirror, wait_for
 
 FAST_LOGIN = '[login]\nfirst_delay = "100ms"\nmax_delay = "800ms"\n'
 

@@ -20,7 +20,7 @@ from smirror.errors import AuthError
 from smirror.kernels.frames import encode_frame
 from smirror.ops import MARK_IGNORED_DELETE, Op
 from smirror.stream.wire import MsgType, ProtocolError
-from daemons import PASSWORD, Node, wait_for
+from support.daemons import PASSWORD, Node, wait_for
 
 SOURCE_ID = "ba5eba11deadbeef"
 

@@ -15,8 +15,7 @@ import pytest
 
 from smirror.cli.progress import Progress
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import gen_tree  # noqa: E402
+from support import gen_tree
 
 REPO = Path(__file__).resolve().parents[1]
 RSYNC = shutil.which("rsync")

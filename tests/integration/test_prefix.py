@@ -18,10 +18,10 @@ from smirror.stream import wire
 from smirror.capture.recorder import Recorder
 from smirror.kernels.memqueue import SpillQueue
 from smirror.stream.source import ConnectionJournal, Sender
-from daemons import PASSWORD, Node
-from prefixcheck import PrefixChecker, read_applied
-from treestate import diff, snapshot
-from workload import Workload
+from support.daemons import PASSWORD, Node
+from support.prefixcheck import PrefixChecker, read_applied
+from support.treestate import diff, snapshot
+from support.workload import Workload
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ SOURCE_SCRIPT = textwrap.dedent("""
     from smirror.capture.recorder import Recorder
     from smirror.kernels.memqueue import SpillQueue
     from smirror.stream.source import ConnectionJournal, Sender
-    from workload import Workload
+    from support.workload import Workload
     src, dst, port, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     queue = SpillQueue(os.path.join(os.path.dirname(log), "squeue"), 1 << 20, 1 << 30)
     journal = ConnectionJournal(queue, max_ops=16)
@@ -133,9 +133,9 @@ def test_source_sigkill_leaves_a_prefix(tmp_path, target):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     log = tmp_path / "ops.pickle"
-    tools = os.path.join(os.path.dirname(__file__), "..", "tools")
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # support/
     proc = subprocess.Popen([sys.executable, "-c", SOURCE_SCRIPT, str(src), str(dst), str(target.port),
-                             str(log), tools], env={**os.environ, "PW": PASSWORD},
+                             str(log), tests], env={**os.environ, "PW": PASSWORD},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "running", proc.stderr.read()

@@ -9,8 +9,8 @@ import pytest
 from smirror.capture.recorder import Recorder
 from smirror.errors import MirrorError
 from smirror.replication import Replication
-from treestate import diff, snapshot
-from workload import Workload
+from support.treestate import diff, snapshot
+from support.workload import Workload
 
 
 @pytest.fixture

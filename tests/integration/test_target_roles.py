@@ -17,8 +17,8 @@ from smirror.stream import wire
 from smirror.daemon.control import Client, RequestError
 from smirror.daemon.target_access import MapBases, SourceBindings
 from smirror.errors import AuthError, ConfinementError
-from daemons import PASSWORD, free_port, smirror, wait_for
-from test_daemon import login, make_source_tree, running_pair, wait_same
+from support.daemons import PASSWORD, free_port, smirror, wait_for
+from support.pair import login, make_source_tree, running_pair, wait_same
 
 
 @contextlib.contextmanager

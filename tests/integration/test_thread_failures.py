@@ -19,9 +19,9 @@ from smirror.ops import Op
 from smirror.replication import Replication
 from smirror.stream.receiver import TargetConnection
 from smirror.capture.watch import FAULT_ENV, TreeCapture
-from treestate import diff, snapshot
+from support.treestate import diff, snapshot
 
-from daemons import Node
+from support.daemons import Node
 
 
 def wait_for(cond, timeout=30.0, what=""):

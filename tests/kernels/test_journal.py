@@ -16,7 +16,7 @@ from smirror.kernels import _journal_py
 from smirror.errors import FrameError
 from smirror.ops import AttrMask, FrameHeader, Op, OpKind
 
-from test_journal_helpers import IMPLS, PAIRS, fixed_ops, plain, reseal
+from support.journal_ops import IMPLS, PAIRS, fixed_ops, plain, reseal
 
 HEADER = struct.Struct("<4sBBHIIIIQQQQ")
 

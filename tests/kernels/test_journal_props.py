@@ -9,7 +9,7 @@ from smirror.kernels import _journal_py
 from smirror.errors import FrameError
 from smirror.kernels.frames import FrameReader, iter_frames
 
-from test_journal_helpers import op_lists, plain, reseal
+from support.journal_ops import op_lists, plain, reseal
 
 FAST = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -14,7 +14,7 @@ from smirror.kernels.frames import (
     HEADER_SIZE, FrameReader, Op, decode_frame, encode_frame, iter_frames, read_frames,
 )
 
-from test_journal_helpers import fixed_ops, plain
+from support.journal_ops import fixed_ops, plain
 
 
 def _frames():

@@ -13,7 +13,7 @@ import smirror.kernels._memqueue as native
 import smirror.kernels._memqueue_py as reference
 from smirror.errors import QueueClosed, QueueError, QueueFull
 
-from test_memqueue_util import IMPLS, drain, frame_for, segment_bytes, segment_files
+from support.memqueue import IMPLS, drain, frame_for, segment_bytes, segment_files
 
 
 @pytest.fixture(params=IMPLS)

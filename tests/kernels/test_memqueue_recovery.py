@@ -13,7 +13,7 @@ import pytest
 
 from smirror.errors import QueueCorrupt
 
-from test_memqueue_util import IMPLS, drain, frame_for, segment_files
+from support.memqueue import IMPLS, drain, frame_for, segment_files
 
 HDR = 32
 
@@ -206,7 +206,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {src!r})
     sys.path.insert(0, {tests!r})
     from smirror.kernels import {module} as mq
-    from test_memqueue_util import frame_for
+    from support.memqueue import frame_for
     q = mq.SpillQueue({path!r}, 64 * 1024, 1 << 30, durable=True, segment_size=256 * 1024)
     seq = 0
     out = sys.stdout
@@ -225,7 +225,7 @@ CHILD = textwrap.dedent("""
 def test_sigkill_while_putting_loses_nothing_put_returned(tmp_path, module):
     import smirror
     src = os.path.dirname(os.path.dirname(smirror.__file__))
-    tests = os.path.dirname(__file__)
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # support/
     script = CHILD.format(src=src, tests=tests, module=module, path=str(tmp_path / "q"))
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     last_put = last_ack = None

@@ -7,7 +7,7 @@ import pytest
 
 from smirror.errors import QueueClosed
 
-from test_memqueue_util import IMPLS, frame_for
+from support.memqueue import IMPLS, frame_for
 
 
 @pytest.fixture(params=IMPLS)

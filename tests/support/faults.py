@@ -27,12 +27,9 @@ import threading
 import time
 import logging
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
-
-from daemons import PASSWORD, Node, smirror  # noqa: E402
-from prefixcheck import PrefixChecker, read_applied  # noqa: E402
-from workload import Workload  # noqa: E402
+from support.daemons import PASSWORD, Node, smirror
+from support.prefixcheck import PrefixChecker, read_applied
+from support.workload import Workload
 
 CONVERGE_DEADLINE = 60.0
 

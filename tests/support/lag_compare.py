@@ -62,10 +62,7 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-from treestate import diff, snapshot  # noqa: E402
+from support.treestate import diff, snapshot
 
 TOOLS = ("smirror", "lsyncd-tuned", "lsyncd-tuned-ns", "lsyncd-default")
 # seconds to wait for the target to match after the last op: lsyncd's default
@@ -330,8 +327,10 @@ class SmirrorProcess:
 
     def start(self, timeout: float = 60.0) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"),
-                                                          env.get("PYTHONPATH")]))
+        # the smirror this process imports (tools/lag_compare.py puts the checkout's src/ first)
+        import smirror
+        package_dir = os.path.dirname(os.path.dirname(os.path.abspath(smirror.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_dir, env.get("PYTHONPATH")]))
         self.stderr = open(self.work / "smirror.stderr", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smirror", "replicate", self.src, self.dst, "--json",

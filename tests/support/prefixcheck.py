@@ -30,9 +30,7 @@ import struct
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from treestate import diff, snapshot  # noqa: E402
+from support.treestate import diff, snapshot
 
 
 def read_applied(path) -> int:

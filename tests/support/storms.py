@@ -212,12 +212,23 @@ def wait_converged(src, dst, bound: float, poll: float = 0.1):
 
 
 # -- replication under test ------------------------------------------------------
-PACKAGE_SRC = os.path.join(HERE, "..", "src")     # the smirror under test (--src)
+# the smirror under test: the one this process imports (tools/storms.py puts
+# the checkout's src/ first), or the package directory --src names
+PACKAGE_SRC = None
+
+
+def package_dir():
+    """The directory holding the smirror under test, for the processes a storm starts."""
+    if PACKAGE_SRC:
+        return PACKAGE_SRC
+    import smirror
+    return os.path.dirname(os.path.dirname(os.path.abspath(smirror.__file__)))
 
 
 class InProcess:
     def __init__(self, src, dst, state):
-        sys.path.insert(0, PACKAGE_SRC)
+        if PACKAGE_SRC:
+            sys.path.insert(0, PACKAGE_SRC)
         from smirror.replication import Replication
         self.rep = Replication(src, dst, state_dir=state).start()
 
@@ -237,7 +248,7 @@ class Cli:
         import json
         self._json = json
         env = dict(os.environ)
-        env["PYTHONPATH"] = PACKAGE_SRC + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = package_dir() + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen([sys.executable, "-m", "smirror", "replicate", src, dst,
                                       "--state-dir", state, "--json", "--interval", "0.1"],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
