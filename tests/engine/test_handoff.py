@@ -9,11 +9,16 @@ import socket
 import threading
 import time
 
+import pytest
+
 from smirror.stream import wire
 from smirror.kernels.frames import encode_frame
 from smirror.ops import Op
 from smirror.stream.source import ACK
 from smirror.stream.receiver import TargetConnection
+
+# every test here, with the target queue of both twins (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("queue_impl")
 
 
 class Source:

@@ -8,7 +8,6 @@ import pytest
 
 from smirror.stream import wire
 from smirror.capture.recorder import Recorder
-from smirror.kernels.memqueue import SpillQueue
 from smirror.ops import Op
 from smirror.stream.source import ConnectionJournal, Sender
 from smirror.stream.receiver import TargetConnection
@@ -18,7 +17,7 @@ from support.workload import Workload
 
 
 @pytest.fixture
-def pair(tmp_path):
+def pair(tmp_path, queue_impl):
     src = tmp_path / "src"
     src.mkdir()
     made = []
@@ -26,7 +25,7 @@ def pair(tmp_path):
     def make(memory_limit=1 << 20, target_memory=1 << 20, state="tstate"):
         target = TargetConnection(1, tmp_path / "dst", tmp_path / state, memory_limit=target_memory)
         endpoint = TargetEndpoint(target)
-        queue = SpillQueue(str(tmp_path / "squeue"), memory_limit, 1 << 30)
+        queue = queue_impl(str(tmp_path / "squeue"), memory_limit, 1 << 30)
         journal = ConnectionJournal(queue, max_ops=64)
         sender = Sender(1, str(tmp_path / "dst"), journal, endpoint.dial, retry_interval=0.05).start()
         made.append((sender, endpoint, target, queue))
@@ -132,7 +131,7 @@ def test_target_that_lost_its_state_gets_a_reset_and_asks_for_a_mirror(pair, tmp
         fresh.close()
 
 
-def test_frames_waiting_on_the_link_share_one_ack(tmp_path):
+def test_frames_waiting_on_the_link_share_one_ack(tmp_path, queue_impl):
     """A burst of frames already on the link is acknowledged with fewer ACKs
     than frames (at most ACK_EVERY frames apart), each after its frames are
     in the durable queue, and the burst's last frame is always acknowledged."""
@@ -177,3 +176,9 @@ def test_an_op_no_frame_may_carry_is_replaced_by_a_mark_and_the_stream_goes_on(p
     assert (dst / "before").exists() and (dst / "after").exists()
     assert marks == [(bad, REFUSED_OP)]
     assert journal.refused_ops == 1
+
+
+def test_both_queues_are_the_twin_under_test(pair, queue_impl):
+    """The queue_impl parametrization reaches the receiver's own queue."""
+    _, _, journal, _, target, _ = pair()
+    assert type(journal.queue) is queue_impl and type(target.queue) is queue_impl

@@ -16,7 +16,6 @@ import pytest
 
 from smirror.stream import wire
 from smirror.capture.recorder import Recorder
-from smirror.kernels.memqueue import SpillQueue
 from smirror.stream.source import ConnectionJournal, Sender
 from support.daemons import PASSWORD, Node
 from support.prefixcheck import PrefixChecker, read_applied
@@ -51,11 +50,11 @@ def wait_applied(node, seq, timeout=30):
     return False
 
 
-def test_target_sigkill_and_cuts_keep_prefix_consistency(tmp_path, target):
+def test_target_sigkill_and_cuts_keep_prefix_consistency(tmp_path, target, queue_impl):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     checker = PrefixChecker()
-    queue = SpillQueue(str(tmp_path / "squeue"), 4 << 20, 1 << 30)
+    queue = queue_impl(str(tmp_path / "squeue"), 4 << 20, 1 << 30)
     journal = ConnectionJournal(queue, max_ops=32)
 
     def emit(op):
@@ -103,10 +102,11 @@ SOURCE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[5])
     from smirror.stream import wire
     from smirror.capture.recorder import Recorder
-    from smirror.kernels.memqueue import SpillQueue
+    import importlib
     from smirror.stream.source import ConnectionJournal, Sender
     from support.workload import Workload
     src, dst, port, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    SpillQueue = importlib.import_module(sys.argv[6]).SpillQueue   # either twin
     queue = SpillQueue(os.path.join(os.path.dirname(log), "squeue"), 1 << 20, 1 << 30)
     journal = ConnectionJournal(queue, max_ops=16)
     out = open(log, "ab")
@@ -128,14 +128,14 @@ SOURCE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_source_sigkill_leaves_a_prefix(tmp_path, target):
+def test_source_sigkill_leaves_a_prefix(tmp_path, target, queue_impl):
     from smirror.ops import Op
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     log = tmp_path / "ops.pickle"
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # support/
     proc = subprocess.Popen([sys.executable, "-c", SOURCE_SCRIPT, str(src), str(dst), str(target.port),
-                             str(log), tests], env={**os.environ, "PW": PASSWORD},
+                             str(log), tests, queue_impl.__module__], env={**os.environ, "PW": PASSWORD},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "running", proc.stderr.read()
