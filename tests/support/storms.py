@@ -45,8 +45,6 @@ import tarfile
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 # -- the storms: (prepare(src, rng, scale), storm(src, rng, scale)) ---------------
 def _n(count, scale):
