@@ -450,7 +450,7 @@ def test_keep_slot_attack_through_a_real_link(tmp_path):
     the applier thread; nothing leaves the map base, nothing is setuid."""
     from smirror.kernels.memqueue import SpillQueue
     from smirror.stream.source import ConnectionJournal, Sender
-    from test_stream import TargetEndpoint, settle
+    from support.endpoints import TargetEndpoint, settle
     out = _outside(tmp_path)
     before = _snapshot(out)
     target = TargetConnection(1, tmp_path / "base", tmp_path / "state", deleted_mode="move",

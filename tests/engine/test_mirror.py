@@ -20,6 +20,7 @@ from smirror.fs.files import LocalTarget, copy_data_extents
 from smirror.fs.tree import DIR, FILE, SYMLINK, Rules, scan
 
 from support import gen_tree
+from support.daemons import package_path
 
 RSYNC = shutil.which("rsync")
 needs_rsync = pytest.mark.skipif(RSYNC is None, reason="rsync not installed")
@@ -272,7 +273,7 @@ def test_unreadable_file_reported_rest_done(tmp_path, request_cleanup):
     os.chmod(src / "secret", 0)
     os.chmod(src / "closed", 0)
     os.chmod(base, 0o755)
-    repo_src = str(Path(__file__).resolve().parents[1] / "src")
+    repo_src = package_path()
     # the interpreter may live where nobody cannot read: import first, then drop root
     script = ("import os, sys, json\n"
               "import smirror.cli.main, smirror.mirror.engine, smirror.cli.mirror\n"

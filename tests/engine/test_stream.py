@@ -11,7 +11,7 @@ from smirror.capture.recorder import Recorder
 from smirror.ops import Op
 from smirror.stream.source import ConnectionJournal, Sender
 from smirror.stream.receiver import TargetConnection
-from support.endpoints import TargetEndpoint
+from support.endpoints import TargetEndpoint, settle
 from support.treestate import diff, snapshot
 from support.workload import Workload
 
@@ -36,12 +36,6 @@ def pair(tmp_path, queue_impl):
         endpoint.close()
         target.close()
         queue.close()
-
-
-def settle(journal, sender, target, timeout=30):
-    journal.flush()
-    assert sender.wait_acked(journal.last_seq, timeout), sender.status()
-    assert target.wait_applied(journal.last_seq, timeout), target.status()
 
 
 def test_workload_replicates_in_order(pair):

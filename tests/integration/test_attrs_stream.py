@@ -63,7 +63,7 @@ def test_the_encoder_refuses_bad_fields(impl, op, message):
 
 
 def _corrupt(frame: bytes, at: int, data: bytes) -> bytes:
-    from test_journal_helpers import reseal
+    from support.journal_ops import reseal
     b = bytearray(frame)
     b[at:at + len(data)] = data
     return reseal(bytes(b))
@@ -357,7 +357,7 @@ def test_replicate_api_capture_carries_xattrs_and_special_files(tmp_path):
 
 @needs_tools
 def test_two_daemons_carry_everything_a_file_is(tmp_path):
-    from test_daemon import login, running_pair
+    from support.pair import login, running_pair
     src, dst = tmp_path / "data", tmp_path / "replica"
     src.mkdir()
     make_rich_tree(src)
@@ -377,7 +377,7 @@ def test_two_daemons_carry_everything_a_file_is(tmp_path):
 
 @needs_tools
 def test_a_daemon_target_refuses_what_it_was_not_configured_for(tmp_path):
-    from test_daemon import login, running_pair
+    from support.pair import login, running_pair
     src, dst = tmp_path / "data", tmp_path / "replica"
     src.mkdir()
     (src / "f").write_text("x")
@@ -403,7 +403,7 @@ def test_a_daemon_target_refuses_what_it_was_not_configured_for(tmp_path):
 
 @needs_tools
 def test_one_shot_mirror_carries_everything_a_file_is(tmp_path):
-    from daemons import smirror
+    from support.daemons import smirror
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     make_rich_tree(src)

@@ -17,7 +17,7 @@ from smirror.cli.daemon import _log_handler
 from smirror.errors import ConfigError
 from smirror.private import check_secret, private_dir, read_secret
 from smirror.stream.receiver import TargetConnection
-from support.daemons import Node
+from support.daemons import Node, package_path
 
 QUEUES = [pytest.param(_memqueue, id="compiled"), pytest.param(_memqueue_py, id="reference")]
 
@@ -128,7 +128,7 @@ def test_a_missing_secret_is_a_clear_error(tmp_path):
 # -- a real daemon -----------------------------------------------------------------
 
 def daemon_env():
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    src = package_path()
     return {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (src, os.environ.get("PYTHONPATH", "")) if p)}
 

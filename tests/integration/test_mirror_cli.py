@@ -16,10 +16,10 @@ import pytest
 from smirror.cli.progress import Progress
 
 from support import gen_tree
+from support.daemons import package_path
 
-REPO = Path(__file__).resolve().parents[1]
 RSYNC = shutil.which("rsync")
-ENV = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+ENV = {**os.environ, "PYTHONPATH": package_path()}
 
 
 def smirror(*args, **kw):

@@ -167,7 +167,7 @@ def test_random_bytes_on_the_port(idle):
 
 
 def test_tls_peers_that_never_finish_the_handshake_are_dropped(tmp_path):
-    from daemons import make_certs
+    from support.daemons import make_certs
     (tmp_path / "certs").mkdir()
     certs = make_certs(tmp_path / "certs")
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
@@ -190,7 +190,7 @@ def test_tls_peers_that_never_finish_the_handshake_are_dropped(tmp_path):
 def test_replication_goes_on_while_the_targets_port_is_abused(tmp_path):
     """Existing connections keep replicating while unauthenticated peers
     storm the target's port (connect/close, random bytes, stalled headers)."""
-    from test_daemon import replicate_data, running_pair, wait_same
+    from support.pair import replicate_data, running_pair, wait_same
     with running_pair(tmp_path, target_extra='[login]\ntimeout = "2s"\n') as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
         stop = False

@@ -313,7 +313,7 @@ def nodes(tmp_path):
 
 
 def test_daemon_capture_failure_reaches_the_log_file_and_status(nodes):
-    from daemons import PASSWORD, smirror
+    from support.daemons import PASSWORD, smirror
     source, target, env, tmp = nodes
     src, dst = tmp / "data", tmp / "replica"
     src.mkdir()
@@ -341,7 +341,7 @@ def test_daemon_divergence_is_resynced_for_that_connection(nodes):
     """Two daemons: a directory removed on the target behind its back; the
     next changes in it fail there and the source daemon's capture sends the
     directory again (RepsetCapture.request_resync) through the stream."""
-    from daemons import PASSWORD, smirror
+    from support.daemons import PASSWORD, smirror
     source, target, env, tmp = nodes
     src, dst = tmp / "data", tmp / "replica"
     (src / "d").mkdir(parents=True)

@@ -9,6 +9,14 @@ import time
 PASSWORD = "admin-password-1"
 
 
+def package_path():
+    """The sys.path entry that holds the smirror under test (a checkout's
+    src/ or an installed site-packages), for the PYTHONPATH of the processes
+    a test starts, so they run the same code as the test."""
+    import smirror
+    return os.path.dirname(os.path.dirname(os.path.abspath(smirror.__file__)))
+
+
 def wait_for(cond, timeout=30.0, what="condition", every=0.05):
     """Poll ``cond()`` until it returns something true (returned) or
     ``timeout`` seconds pass (AssertionError naming ``what``): tests wait for

@@ -48,6 +48,12 @@ class TargetEndpoint:
         self.sock.close()
 
 
+def settle(journal, sender, target, timeout=30):
+    journal.flush()
+    assert sender.wait_acked(journal.last_seq, timeout), sender.status()
+    assert target.wait_applied(journal.last_seq, timeout), target.status()
+
+
 class Endpoint(TargetEndpoint):
     """TargetEndpoint (each link, after its OPEN, to ``target``),
     and a source's side of a link to it."""

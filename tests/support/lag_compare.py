@@ -62,6 +62,7 @@ import threading
 import time
 from pathlib import Path
 
+from support.daemons import package_path
 from support.treestate import diff, snapshot
 
 TOOLS = ("smirror", "lsyncd-tuned", "lsyncd-tuned-ns", "lsyncd-default")
@@ -328,9 +329,7 @@ class SmirrorProcess:
     def start(self, timeout: float = 60.0) -> None:
         env = dict(os.environ)
         # the smirror this process imports (tools/lag_compare.py puts the checkout's src/ first)
-        import smirror
-        package_dir = os.path.dirname(os.path.dirname(os.path.abspath(smirror.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_dir, env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_path(), env.get("PYTHONPATH")]))
         self.stderr = open(self.work / "smirror.stderr", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smirror", "replicate", self.src, self.dst, "--json",

@@ -219,8 +219,8 @@ def package_dir():
     """The directory holding the smirror under test, for the processes a storm starts."""
     if PACKAGE_SRC:
         return PACKAGE_SRC
-    import smirror
-    return os.path.dirname(os.path.dirname(os.path.abspath(smirror.__file__)))
+    from support.daemons import package_path
+    return package_path()
 
 
 class InProcess:
