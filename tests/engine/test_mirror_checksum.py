@@ -191,6 +191,7 @@ def test_delta_while_source_is_open_for_writing(tmp_path, monkeypatch):
         assert summary.errors == []
 
 
+@pytest.mark.slow
 def test_leased_mapping_holds_off_a_truncating_writer(tmp_path):
     """A writer that opens and truncates the file while it is hashed from a
     mapping waits for the lease: the hash completes (a truncation under the

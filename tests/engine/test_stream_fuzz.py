@@ -290,6 +290,7 @@ def test_random_bytes_into_decode_frame(buf):
 @settings(max_examples=max(EXAMPLES * 10, 200), deadline=None)
 @given(op_lists(), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1,
                             max_size=6), st.booleans())
+@pytest.mark.slow
 def test_damaged_frames_behind_valid_checksums(ops, damage, compress):
     frame = bytearray(_journal.encode_frame(ops, compress))
     for at, value in damage:

@@ -271,6 +271,7 @@ def test_rules_exclude(tmp_path, backend):
         cap.close()
 
 
+@pytest.mark.slow
 def test_overflow_resync_loses_nothing(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -290,6 +291,7 @@ def test_overflow_resync_loses_nothing(tmp_path):
         cap.close()
 
 
+@pytest.mark.slow
 def test_fanotify_overflow_resync_loses_nothing(tmp_path):
     """A fanotify queue overflow (the queue limit lowered while the group is
     made; the group keeps the limit it was made with) takes the inotify

@@ -355,6 +355,7 @@ def test_replicate_api_capture_carries_xattrs_and_special_files(tmp_path):
     assert os.lstat(dst / "dev").st_rdev == os.makedev(1, 5)
 
 
+@pytest.mark.slow
 @needs_tools
 def test_two_daemons_carry_everything_a_file_is(tmp_path):
     from support.pair import login, running_pair
@@ -375,6 +376,7 @@ def test_two_daemons_carry_everything_a_file_is(tmp_path):
     assert os.getxattr(dst / "odd", "trusted.new") == b"t"
 
 
+@pytest.mark.slow
 @needs_tools
 def test_a_daemon_target_refuses_what_it_was_not_configured_for(tmp_path):
     from support.pair import login, running_pair

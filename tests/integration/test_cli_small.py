@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from support.daemons import Node, free_port
 from support.pair import login, replicate_data, running_pair, wait_same
 
@@ -30,6 +32,7 @@ def test_a_second_daemon_on_the_same_state_directory_refuses_to_start(tmp_path):
     node.kill()
 
 
+@pytest.mark.slow
 def test_pause_and_resume_target_need_the_target(tmp_path):
     with running_pair(tmp_path) as (source, target, env):
         login(target, env)
@@ -44,6 +47,7 @@ def test_pause_and_resume_target_need_the_target(tmp_path):
         assert json.loads(target.cli("status", "--json").stdout)["paused"] is False
 
 
+@pytest.mark.slow
 def test_queue_task_says_the_target_refused_it(tmp_path):
     tdir = tmp_path / "tasks"
     tdir.mkdir()
@@ -65,6 +69,7 @@ def test_queue_task_says_the_target_refused_it(tmp_path):
         assert wait_same(src, dst, 30)
 
 
+@pytest.mark.slow
 def test_queue_task_says_the_target_received_it(tmp_path):
     tdir = tmp_path / "tasks"
     tdir.mkdir()

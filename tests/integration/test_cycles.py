@@ -9,6 +9,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from support.daemons import wait_for
 from support.pair import login, replicate_data, running_pair, wait_same
 from support.treestate import diff, snapshot
@@ -40,6 +42,7 @@ def stop_and_read(node):
     return node.proc.stderr.read()
 
 
+@pytest.mark.slow
 def test_an_old_link_that_delivers_after_the_reset_is_refused_cleanly(tmp_path):
     """The target is paused while the source auto-disconnects: the old
     link's receiver waits for room with a frame in hand; the reconnect's
@@ -61,6 +64,7 @@ def test_an_old_link_that_delivers_after_the_reset_is_refused_cleanly(tmp_path):
         assert "a newer link of this connection took over" in target.log(), target.log()[-3000:]
 
 
+@pytest.mark.slow
 def test_ten_cycles_keep_one_status_row_and_the_source_memory_bounded(tmp_path):
     """Ten auto-disconnect / reconnect cycles: the source's status has one
     row for the connection at every look (the reconnect's row and the
@@ -101,6 +105,7 @@ def test_ten_cycles_keep_one_status_row_and_the_source_memory_bounded(tmp_path):
         assert "Traceback" not in err, err[-3000:]
 
 
+@pytest.mark.slow
 def test_a_target_that_recovered_clears_its_error_on_both_sides(tmp_path):
     """A real EPERM on the target (an immutable file): the source's status
     shows the target's error while it lasts; once fixed and applied, the
@@ -143,6 +148,7 @@ def test_a_target_that_recovered_clears_its_error_on_both_sides(tmp_path):
         assert "last error" not in source.cli("status").stdout
 
 
+@pytest.mark.slow
 def test_a_disconnect_is_told_to_the_target(tmp_path):
     """The target held a paused connection with frames waiting: after the
     source's disconnect its side is gone (no row, no applier, queue and
@@ -173,6 +179,7 @@ def test_a_disconnect_is_told_to_the_target(tmp_path):
         assert status(source)["sources"] == []
 
 
+@pytest.mark.slow
 def test_sigterm_while_a_reconnect_mirror_waits_for_room_stops_the_source(tmp_path):
     """The reconnect's mirror waits for room in a full queue (the target
     is paused) holding the daemon's sources lock: SIGTERM must still stop

@@ -15,6 +15,7 @@ from smirror.capture.recorder import Recorder
 from support.treestate import diff, snapshot
 from support.workload import Workload
 
+@pytest.mark.slow
 def test_replication_between_two_daemons(nodes):
     source, target, env, tmp = nodes
     src, dst = tmp / "data", tmp / "replica"
@@ -217,6 +218,7 @@ def test_target_that_lost_its_state_is_mirrored_again(nodes):
     assert "target needs a mirror" in source.log()
 
 
+@pytest.mark.slow
 def test_pause_and_resume_target(nodes):
     source, target, env, tmp = nodes
     src, dst = replicate_data(source, target, env, tmp)
@@ -245,6 +247,7 @@ def test_pause_and_resume_target(nodes):
                                      source.cli("status").stdout, source.log()[-3000:], target.log()[-3000:])
 
 
+@pytest.mark.slow
 def test_full_queues_auto_disconnect_and_reconnect_with_a_remirror(tmp_path):
     """Tiny queues and a paused target: the target queue fills, the source
     waits, its queue fills past the disk limit, the connection

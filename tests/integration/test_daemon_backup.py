@@ -9,6 +9,8 @@ import sqlite3
 import stat
 import time
 
+import pytest
+
 from smirror.capture.recorder import Recorder
 from support.pair import login, replicate_data, running_pair, wait_same
 from support.daemons import wait_for
@@ -37,6 +39,7 @@ def status(node):
 
 
 
+@pytest.mark.slow
 def test_task_copy_equals_the_source_when_queued_while_writes_go_on(tmp_path):
     tdir = tmp_path / "target-tasks"
     task_script(tdir, "copy-tree", 'cp -a "$SMIRROR_MAP_BASE" "$1"\n'
@@ -69,6 +72,7 @@ def test_task_copy_equals_the_source_when_queued_while_writes_go_on(tmp_path):
         assert reports[-1]["task"] == "checkpoint" and reports[-1]["state"] == "ok"
 
 
+@pytest.mark.slow
 def test_tasks_refused_by_the_target_are_reported_to_the_source(tmp_path):
     tdir = tmp_path / "target-tasks"
     task_script(tdir, "ok", "true\n")
@@ -91,6 +95,7 @@ def test_tasks_refused_by_the_target_are_reported_to_the_source(tmp_path):
         assert bad.returncode != 0 and "disabled" in bad.stderr     # source hooks: same rules
 
 
+@pytest.mark.slow
 def test_task_outside_the_task_directory_is_refused(tmp_path):
     tdir = tmp_path / "target-tasks"
     task_script(tdir, "ok", "true\n")
@@ -111,6 +116,7 @@ def test_task_outside_the_task_directory_is_refused(tmp_path):
         assert not (tmp_path / "elsewhere.ran").exists()
 
 
+@pytest.mark.slow
 def test_sqlite_wal_backup_by_a_task_holds_exactly_the_committed_rows(tmp_path):
     tdir = tmp_path / "target-tasks"
     backup = tmp_path / "backup"
@@ -149,6 +155,7 @@ def test_sqlite_wal_backup_by_a_task_holds_exactly_the_committed_rows(tmp_path):
             copy.close()
 
 
+@pytest.mark.slow
 def test_ignore_deletes_and_orphan_policy_per_connection(tmp_path):
     with pair(tmp_path) as (source, target, env):
         src, dst = tmp_path / "data", tmp_path / "replica"
@@ -186,6 +193,7 @@ def test_ignore_deletes_and_orphan_policy_per_connection(tmp_path):
         assert moved[0].read_text() == "b" and not (dst / "b").exists()
 
 
+@pytest.mark.slow
 def test_the_target_configuration_decides_keep_or_move_and_setid(tmp_path):
     """The source says keep, the target is configured to move: the target
     moves (and a source saying move to a keep target keeps: the MARK's mode
@@ -211,6 +219,7 @@ def test_the_target_configuration_decides_keep_or_move_and_setid(tmp_path):
         assert "setuid/setgid bits stripped" in target.log()
 
 
+@pytest.mark.slow
 def test_pause_with_heavy_writes_spills_on_both_sides_then_resumes_in_order(tmp_path):
     both = '[queues]\nsource_memory_limit = "256KiB"\ntarget_memory_limit = "256KiB"\n'
     with pair(tmp_path, source_extra=both + 'disk_queue_limit = "256MiB"\n',

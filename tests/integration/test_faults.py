@@ -18,17 +18,20 @@ def kill_trials(victim, trials, tmp_path, deadline=30, stop_on_failure=False):
     return res, out.getvalue() + "".join(f"\n{f['left']}\n{f['logs']}" for f in res["failures"])
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_target_keeps_a_prefix_of_the_library_history_and_converges(tmp_path):
     res, report = kill_trials("target-lib", 4, tmp_path)
     assert res["failures"] == [], report
     assert res["prefixes_checked"] == 4 and res["ops"] > 0
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_target_daemon_converges(tmp_path):
     res, report = kill_trials("target", 4, tmp_path, deadline=10, stop_on_failure=True)
     assert res["failures"] == [], report
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_source_daemon_converges(tmp_path):
     res, report = kill_trials("source", 3, tmp_path, deadline=10, stop_on_failure=True)
     assert res["failures"] == [], report
@@ -48,6 +51,7 @@ def can_mount_loop():
     return ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(can_mount_loop()), reason=can_mount_loop() or "-")
 def test_a_full_target_disk_is_reported_nothing_half_applied_and_replication_goes_on(tmp_path):
     res = faults.run_diskfull(fs_mb=24, data_mb=6, workdir=tmp_path, out=io.StringIO())
@@ -65,6 +69,7 @@ def test_fuzzed_frames_leave_the_target_up_bounded_and_replicating(tmp_path):
     assert res["rss_max_mib"] < res["rss_start_mib"] + 64, res
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(bool(faults.net_unavailable()), reason=faults.net_unavailable() or "-")
 def test_link_flaps_between_namespaces_resume_by_sequence_and_converge(tmp_path):
     out = io.StringIO()

@@ -130,6 +130,7 @@ def test_progress_bar_is_drawn_when_enabled():
     assert text.startswith("\r[") and text.endswith("\n") and "100.0%" in text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(RSYNC is None, reason="rsync not installed")
 def test_sigkill_mid_run_then_rerun(tmp_path):
     """Kill -9 a mirror mid-run: no file is half-written under its final

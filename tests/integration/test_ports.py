@@ -187,6 +187,7 @@ def test_tls_peers_that_never_finish_the_handshake_are_dropped(tmp_path):
         node.kill(signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_replication_goes_on_while_the_targets_port_is_abused(tmp_path):
     """Existing connections keep replicating while unauthenticated peers
     storm the target's port (connect/close, random bytes, stalled headers)."""

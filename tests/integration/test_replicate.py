@@ -107,6 +107,7 @@ def test_demo_command(tmp_path):
     assert diff(snapshot(tmp_path / "source"), snapshot(tmp_path / "target")) == []
 
 
+@pytest.mark.slow
 def test_restart_with_a_target_backlog_does_not_replay_it_over_the_fresh_mirror(dirs):
     src, dst, state = dirs
     with Replication(src, dst, state_dir=state, capture="api") as rep:

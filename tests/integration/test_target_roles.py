@@ -72,6 +72,7 @@ def refused_cases(tmp):
     ]
 
 
+@pytest.mark.slow
 def test_map_bases_outside_the_allowed_roots_are_refused_at_connect(tmp_path):
     with pair(tmp_path) as (source, target, env):
         make_source_tree(tmp_path / "data")
@@ -95,6 +96,7 @@ def test_map_bases_outside_the_allowed_roots_are_refused_at_connect(tmp_path):
         assert os.stat(tmp_path / "backup" / "new").st_mode & 0o777 == 0o755
 
 
+@pytest.mark.slow
 def test_a_daemon_without_allowed_roots_is_no_target(tmp_path):
     with pair(tmp_path, target_allowed=[]) as (source, target, env):
         make_source_tree(tmp_path / "data")
@@ -112,6 +114,7 @@ def test_a_daemon_without_allowed_roots_is_no_target(tmp_path):
         nothing_queued(source, target)
 
 
+@pytest.mark.slow
 def test_connect_to_a_dead_port_fails(tmp_path):
     with pair(tmp_path) as (source, target, env):
         make_source_tree(tmp_path / "data")
@@ -172,6 +175,7 @@ def open_data_link(port, user, source, conid, base):
     return link
 
 
+@pytest.mark.slow
 def test_a_source_id_belongs_to_one_replication_user(tmp_path):
     with pair(tmp_path) as (source, target, env):
         src, dst = tmp_path / "data", tmp_path / "backup" / "replica"
@@ -246,6 +250,7 @@ def remove_deep_tree(base):
     shutil.rmtree(base / ("d" * 250))
 
 
+@pytest.mark.slow
 def test_a_target_that_cannot_be_listed_is_an_error_not_a_whole_set(tmp_path):
     with pair(tmp_path) as (source, target, env):
         src, dst = tmp_path / "data", tmp_path / "backup" / "replica"
@@ -280,6 +285,7 @@ def test_a_target_that_cannot_be_listed_is_an_error_not_a_whole_set(tmp_path):
         assert wait_same(src, dst, 60), source.log()[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"), reason="needs root and chattr")
 def test_errors_on_the_target_show_in_the_source_status(tmp_path):
     with pair(tmp_path) as (source, target, env):
@@ -312,6 +318,7 @@ def test_errors_on_the_target_show_in_the_source_status(tmp_path):
         assert st["last_error"].startswith(f"target {target.address}: ") and st["state"] != "connected", st
 
 
+@pytest.mark.slow
 def test_a_connection_whose_set_root_vanished_can_be_disconnected(tmp_path):
     with pair(tmp_path) as (source, target, env):
         src, dst = tmp_path / "data", tmp_path / "backup" / "replica"
