@@ -1,5 +1,5 @@
 """Attacks on logins and sessions against real daemons (processes started by
-tests/daemons.py) over real sockets: fast guessing with early disconnects,
+tests/support/daemons.py) over real sockets: fast guessing with early disconnects,
 parallel handshakes, a fake server that weakens scrypt or has no token, a
 relay that replays a captured session login, tokens that outlive their
 user, and the rules about TLS."""
