@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import gen_tree  # noqa: E402
+sys.path.insert(0, str(REPO / "tests"))
+from support import gen_tree  # noqa: E402
 
 RSYNC = shutil.which("rsync")
 SCALE = float(os.environ.get("SMIRROR_BENCH_SCALE", "0.05"))

@@ -136,7 +136,7 @@ def run_c(work, kind):
     p = subprocess.Popen([exe, "-f", "-s", "-o", f"source={back}", mnt], preexec_fn=more_fds)
     try:
         deadline = time.monotonic() + 10
-        from smirror.mount import mounted_at
+        from smirror.capture.mount.mountpoint import mounted_at
         while mounted_at(mnt) is None:
             if time.monotonic() > deadline:
                 return None
@@ -151,7 +151,7 @@ def run_c(work, kind):
 
 
 def run_mount(work, kind):
-    from smirror.mount import CaptureMount
+    from smirror.capture.mount.runner import CaptureMount
     back, mnt = os.path.join(work, "back"), os.path.join(work, "mnt")
     prepare(back, kind)
     with CaptureMount(back, mnt, lambda op: None, bypass=False) as m:

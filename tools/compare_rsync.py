@@ -45,8 +45,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-import gen_tree  # noqa: E402
+sys.path.insert(0, str(REPO / "tests"))
+from support import gen_tree  # noqa: E402
 
 GOALS = {1: 0.8, 2: 0.33, 3: 0.8, 4: 0.33, 5: 0.8}
 

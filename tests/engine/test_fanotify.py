@@ -1,0 +1,302 @@
+"""The fanotify binding on real events (a real filesystem mark), its record
+parser on damaged buffers, and what the fanotify watcher adds to the tree
+tests it shares with inotify (tests/test_inotify.py)."""
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from smirror.capture import fanotify
+from smirror.capture.fanotify import (FAN_ATTRIB, FAN_CLOSE_WRITE, FAN_CREATE, FAN_DELETE,
+                              FAN_EVENT_INFO_TYPE_DFID_NAME, FAN_EVENT_INFO_TYPE_FID,
+                              FAN_EVENT_INFO_TYPE_NEW_DFID_NAME, FAN_EVENT_INFO_TYPE_OLD_DFID_NAME,
+                              FAN_MODIFY, FAN_ONDIR, FAN_RENAME, EventFormatError, name_to_handle,
+                              parse_events)
+from smirror.capture.inotify import Kind
+from support.events import collect
+
+
+MISSING = fanotify.unavailable_reason()
+needs_fanotify = pytest.mark.skipif(bool(MISSING), reason=f"fanotify unavailable: {MISSING}")
+
+
+
+
+# -- the record parser ---------------------------------------------------------
+
+def fid_record(info_type, handle_bytes, name=None, *, length=None):
+    """An info record as the kernel writes it, padded to 4 bytes."""
+    body = struct.pack("=ii", 7, 9) + handle_bytes
+    if name is not None:
+        body += name + b"\0"
+    body += b"\0" * (-(4 + len(body)) % 4)
+    return struct.pack("=BBH", info_type, 0, length or 4 + len(body)) + body
+
+
+def handle(n=8, htype=1, fill=b"\xab"):
+    return struct.pack("=Ii", n, htype) + fill * n
+
+
+def event(mask, records, *, vers=3, meta_len=24, event_len=None, pid=1234):
+    payload = b"".join(records)
+    return struct.pack("=IBBHQii", event_len or 24 + len(payload), vers, 0, meta_len, mask,
+                       -1, pid) + payload
+
+
+def test_parse_a_well_formed_buffer():
+    buf = (event(FAN_CREATE, [fid_record(FAN_EVENT_INFO_TYPE_DFID_NAME, handle(), b"name"),
+                              fid_record(FAN_EVENT_INFO_TYPE_FID, handle(fill=b"\x01"))])
+           + event(FAN_RENAME | FAN_ONDIR,
+                   [fid_record(FAN_EVENT_INFO_TYPE_OLD_DFID_NAME, handle(), b"a"),
+                    fid_record(FAN_EVENT_INFO_TYPE_NEW_DFID_NAME, handle(12), b"b\xff\n"),
+                    fid_record(4, b""),        # a pidfd-like record: skipped
+                    fid_record(FAN_EVENT_INFO_TYPE_FID, handle())]))
+    for data in (buf, bytearray(buf), memoryview(buf)):
+        a, b = parse_events(data)
+        assert a.mask == FAN_CREATE and a.pid == 1234
+        assert a.record(FAN_EVENT_INFO_TYPE_DFID_NAME).name == b"name"
+        assert a.record(FAN_EVENT_INFO_TYPE_DFID_NAME).handle == handle()
+        assert a.record(FAN_EVENT_INFO_TYPE_DFID_NAME).fsid == (7, 9)
+        assert a.record(FAN_EVENT_INFO_TYPE_FID).name is None
+        assert b.record(FAN_EVENT_INFO_TYPE_NEW_DFID_NAME).name == b"b\xff\n"
+        assert b.record(FAN_EVENT_INFO_TYPE_NEW_DFID_NAME).handle == handle(12)
+        assert len(b.records) == 3
+    assert parse_events(b"") == []
+
+
+GOOD_RECORD = fid_record(FAN_EVENT_INFO_TYPE_DFID_NAME, handle(), b"n")
+
+
+@pytest.mark.parametrize("data, message, offset", [
+    (event(FAN_CREATE, [GOOD_RECORD])[:20], "less than the 24-byte metadata", 0),
+    (event(FAN_CREATE, [GOOD_RECORD]) + b"\0" * 7, "less than the 24-byte metadata", 56),
+    (event(FAN_CREATE, [GOOD_RECORD], vers=2), "metadata version 2", 0),
+    (event(FAN_CREATE, [GOOD_RECORD], meta_len=8), "metadata_len 8", 0),
+    (event(FAN_CREATE, [GOOD_RECORD], event_len=400), "event_len 400 runs past", 0),
+    (event(FAN_CREATE, [GOOD_RECORD[:2]]), "less than an info header", 24),
+    (event(FAN_CREATE, [fid_record(FAN_EVENT_INFO_TYPE_DFID_NAME, handle(), b"n", length=2)]),
+     "info record length 2", 24),
+    (event(FAN_CREATE, [fid_record(FAN_EVENT_INFO_TYPE_DFID_NAME, handle(), b"n", length=200)]),
+     "info record length 200", 24),
+    (event(FAN_CREATE, [struct.pack("=BBH", FAN_EVENT_INFO_TYPE_FID, 0, 12) + b"\0" * 8]),
+     "too short for fsid", 24),
+    (event(FAN_CREATE, [fid_record(FAN_EVENT_INFO_TYPE_FID,
+                                   struct.pack("=Ii", 64, 1) + b"\0" * 8)]),
+     "file handle of 64 bytes does not fit", 24),
+], ids=["truncated", "trailing-bytes", "version", "metadata-len", "event-len", "info-header",
+        "info-len-short", "info-len-long", "fid-short", "handle-long"])
+def test_damaged_buffers_are_clear_errors(data, message, offset):
+    with pytest.raises(EventFormatError, match=message) as info:
+        parse_events(data)
+    assert info.value.offset == offset
+    assert f"byte offset {offset}" in str(info.value)
+
+
+def test_a_name_without_its_nul_is_an_error():
+    rec = struct.pack("=BBH", FAN_EVENT_INFO_TYPE_DFID_NAME, 0, 4 + 8 + 16 + 4) \
+        + struct.pack("=ii", 0, 0) + handle() + b"abcd"
+    with pytest.raises(EventFormatError, match="terminating NUL"):
+        parse_events(event(FAN_CREATE, [rec]))
+
+
+@needs_fanotify
+def test_a_damaged_read_is_a_rescan_not_a_crash(tmp_path, caplog):
+    """The watcher meets a record it cannot parse (fed here through its
+    own read path): it logs the error, asks for a rescan and keeps watching."""
+    root = tmp_path / "root"
+    root.mkdir()
+    with fanotify.Watcher(root) as w:
+        bad = event(FAN_CREATE, [GOOD_RECORD], event_len=400)
+        r, wr = os.pipe()
+        real_fd, w.fd = w.fd, r
+        try:
+            os.write(wr, bad)
+            ev = w.read(timeout=1)
+        finally:
+            w.fd = real_fd
+            os.close(r)
+            os.close(wr)
+        assert [e.kind for e in ev] == [Kind.RESCAN] and "event_len 400" in ev[0].reason
+        assert w.format_errors == 1 and "event_len 400" in caplog.text
+        (root / "after").write_bytes(b"a")
+        assert (Kind.CREATED, b"after") in [(e.kind, e.path) for e in collect(w)]
+
+
+# -- the binding on real events -------------------------------------------------
+
+@needs_fanotify
+def test_binding_reports_names_handles_and_renames(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    flags = (fanotify.FAN_CLASS_NOTIF | fanotify.FAN_CLOEXEC | fanotify.FAN_NONBLOCK
+             | fanotify.FAN_REPORT_DFID_NAME_TARGET)
+    fd = fanotify.fanotify_init(flags)
+    try:
+        fanotify.fanotify_mark(fd, fanotify.FAN_MARK_ADD | fanotify.FAN_MARK_FILESYSTEM,
+                               fanotify.MARK_MASK, os.fsencode(root))
+        os.mkdir(root / "d")
+        (root / "d" / "f").write_bytes(b"data")
+        os.rename(root / "d" / "f", root / "g")
+        os.chmod(root / "d", 0o700)
+        h_root, h_d, h_g = (name_to_handle(os.fsencode(p)) for p in (root, root / "d", root / "g"))
+        os.unlink(root / "g")
+        raw = os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)
+    mine = {h_root, h_d}
+    events = [e for e in parse_events(raw) if e.pid == os.getpid()
+              and any(r.handle in mine for r in e.records)]
+    by_name = {}
+    for e in events:
+        rec = e.record(FAN_EVENT_INFO_TYPE_DFID_NAME)
+        if rec is not None:
+            by_name.setdefault((rec.handle, rec.name), []).append(e)
+    mkdir, = by_name[(h_root, b"d")][:1]
+    assert mkdir.mask & (FAN_CREATE | FAN_ONDIR) == FAN_CREATE | FAN_ONDIR
+    assert mkdir.record(FAN_EVENT_INFO_TYPE_FID).handle == h_d      # the child's handle
+    write = by_name[(h_d, b"f")][0]
+    assert write.mask & (FAN_CREATE | FAN_MODIFY | FAN_CLOSE_WRITE) == \
+        FAN_CREATE | FAN_MODIFY | FAN_CLOSE_WRITE                     # merged by the kernel
+    assert write.record(FAN_EVENT_INFO_TYPE_FID).handle == h_g       # same inode, renamed since
+    rename, = [e for e in events if e.mask & FAN_RENAME]
+    assert rename.record(FAN_EVENT_INFO_TYPE_OLD_DFID_NAME).handle == h_d
+    assert rename.record(FAN_EVENT_INFO_TYPE_OLD_DFID_NAME).name == b"f"
+    assert rename.record(FAN_EVENT_INFO_TYPE_NEW_DFID_NAME).handle == h_root
+    assert rename.record(FAN_EVENT_INFO_TYPE_NEW_DFID_NAME).name == b"g"
+    assert rename.record(FAN_EVENT_INFO_TYPE_FID).handle == h_g
+    attrib = by_name[(h_d, b".")][0]                                 # the directory itself
+    assert attrib.mask & (FAN_ATTRIB | FAN_ONDIR) == FAN_ATTRIB | FAN_ONDIR
+    unlink = by_name[(h_root, b"g")][0]
+    assert unlink.mask & FAN_DELETE
+
+
+# -- what the fanotify watcher adds ----------------------------------------------
+
+@needs_fanotify
+def test_events_outside_the_root_are_skipped_after_one_lookup(tmp_path):
+    root, beside = tmp_path / "root", tmp_path / "beside"
+    root.mkdir()
+    beside.mkdir()
+    with fanotify.Watcher(root) as w:
+        for i in range(50):
+            (beside / f"f{i}").write_bytes(b"x")
+        (root / "in").write_bytes(b"y")
+        ev = collect(w)
+        assert [(e.kind, e.path) for e in ev if e.path == b"in"][0] == (Kind.CREATED, b"in")
+        assert all(not e.path.startswith(b"f") for e in ev)
+        h_beside = name_to_handle(os.fsencode(beside))
+        assert h_beside in w._outside
+        looked_up = []
+        resolve = w._resolve
+        w._resolve = lambda h: looked_up.append(h) or resolve(h)
+        for i in range(50):
+            (beside / f"f{i}").write_bytes(b"again")
+        assert collect(w) == [] or all(not e.path.startswith(b"f") for e in collect(w))
+        assert h_beside not in looked_up
+
+
+@needs_fanotify
+def test_a_directory_the_map_lost_is_rescanned(tmp_path):
+    """A directory the handle map does not hold (here: its entry dropped by
+    hand) is found inside the root by its handle and reported for a rescan,
+    not skipped."""
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    with fanotify.Watcher(root) as w:
+        h_b = name_to_handle(os.fsencode(root / "a" / "b"))
+        del w._dirs[h_b]
+        (root / "a" / "b" / "new").write_bytes(b"n")
+        ev = collect(w)
+        assert ev[0].kind == Kind.RESCAN and ev[0].path == b"a/b"
+        assert (Kind.CREATED, b"a/b/new") in [(e.kind, e.path) for e in ev]
+        assert h_b in w._dirs
+        # with the directory above it lost too, the rescan is of that one
+        # (the capture knows its parent), once, not once per event
+        del w._dirs[h_b], w._dirs[name_to_handle(os.fsencode(root / "a"))]
+        later = []
+        for name in ("one", "two"):
+            (root / "a" / "b" / name).write_bytes(b"n")
+            later += collect(w)
+        assert [(e.kind, e.path) for e in later if e.kind == Kind.RESCAN] == [(Kind.RESCAN, b"a")]
+        assert (Kind.CREATED, b"a/b/two") in [(e.kind, e.path) for e in later]
+
+
+@needs_fanotify
+def test_queue_overflow_is_a_rescan_of_everything(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    path = "/proc/sys/fs/fanotify/max_queued_events"
+    old = open(path).read()
+    open(path, "w").write("128\n")
+    try:
+        w = fanotify.Watcher(root)       # the group keeps the limit it was made with
+    finally:
+        open(path, "w").write(old)
+    with w:
+        for i in range(1000):
+            os.close(os.open(root / f"f{i}", os.O_CREAT | os.O_WRONLY))
+        ev = collect(w)
+    assert w.overflows >= 1
+    assert any(e.kind == Kind.RESCAN and e.path == b"" and "overflow" in e.reason for e in ev)
+
+
+@needs_fanotify
+def test_deleting_the_root_is_a_rescan(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    with fanotify.Watcher(root) as w:
+        os.rmdir(root)
+        ev = collect(w)
+    assert any(e.kind == Kind.RESCAN and "root was deleted" in e.reason for e in ev)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_without_cap_sys_admin_auto_falls_back_to_inotify(tmp_path):
+    """A process without CAP_SYS_ADMIN cannot place a filesystem mark:
+    forcing fanotify is a clear error, auto picks inotify and says why."""
+    code = (
+        "import sys\n"
+        "from smirror.capture import fanotify\n"
+        "from smirror.capture.watch import open_watcher\n"
+        "try:\n"
+        "    fanotify.Watcher(sys.argv[1])\n"
+        "except fanotify.FanotifyUnavailable as e:\n"
+        "    print('forced:', e.strerror)\n"
+        "w, why = open_watcher(sys.argv[1])\n"
+        "print('auto:', w.backend, why)\n")
+    # CAP_SYS_ADMIN leaves the bounding set: gone after exec, even for root
+    out = subprocess.run(["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin",
+                          sys.executable, "-c", code, str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    if "setpriv:" in out.stderr:
+        pytest.skip(f"cannot drop CAP_SYS_ADMIN here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    # (unprivileged fanotify_init works since Linux 5.13; the filesystem mark does not)
+    forced, auto = out.stdout.splitlines()
+    assert forced.startswith("forced: ") and forced.endswith("needs CAP_SYS_ADMIN")
+    assert auto.startswith("auto: inotify inotify: fanotify unavailable (")
+    assert auto.endswith("needs CAP_SYS_ADMIN)")
+
+
+@needs_fanotify
+def test_a_mount_inside_the_root_falls_back_to_inotify(tmp_path):
+    """One filesystem mark cannot see another filesystem mounted inside the
+    set: forced fanotify says so, auto takes inotify."""
+    from smirror.capture.watch import open_watcher
+    root = tmp_path / "root"
+    (root / "sub mnt").mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "none", str(root / "sub mnt")],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        assert fanotify.mounts_below(os.fsencode(root)) == [os.fsencode(root / "sub mnt")]
+        with pytest.raises(fanotify.FanotifyUnavailable, match="sub mnt is mounted inside"):
+            fanotify.Watcher(root)
+        w, why = open_watcher(root)
+        with w:
+            assert w.backend == "inotify" and "mounted inside" in why
+    finally:
+        subprocess.run(["umount", str(root / "sub mnt")], check=True)

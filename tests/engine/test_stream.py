@@ -1,0 +1,179 @@
+"""Source journal -> source queue -> sender => TCP on 127.0.0.1 => receiver ->
+durable target queue -> applier: order, resume after cuts, restarts."""
+import socket
+import threading
+import time
+
+import pytest
+
+from smirror.stream import wire
+from smirror.capture.recorder import Recorder
+from smirror.ops import Op
+from smirror.stream.journal import ConnectionJournal
+from smirror.stream.sender import Sender
+from smirror.stream.receiver import TargetConnection
+from support.endpoints import TargetEndpoint, settle
+from support.treestate import diff, snapshot
+from support.workload import Workload
+
+
+@pytest.fixture
+def pair(tmp_path, queue_impl):
+    src = tmp_path / "src"
+    src.mkdir()
+    made = []
+
+    def make(memory_limit=1 << 20, target_memory=1 << 20, state="tstate"):
+        target = TargetConnection(1, tmp_path / "dst", tmp_path / state, memory_limit=target_memory)
+        endpoint = TargetEndpoint(target)
+        queue = queue_impl(str(tmp_path / "squeue"), memory_limit, 1 << 30)
+        journal = ConnectionJournal(queue, max_ops=64)
+        sender = Sender(1, str(tmp_path / "dst"), journal, endpoint.dial, retry_interval=0.05).start()
+        made.append((sender, endpoint, target, queue))
+        return src, tmp_path / "dst", journal, sender, target, endpoint
+    yield make
+    for sender, endpoint, target, queue in made:
+        sender.stop()
+        endpoint.close()
+        target.close()
+        queue.close()
+
+
+def test_workload_replicates_in_order(pair):
+    src, dst, journal, sender, target, endpoint = pair()
+    Workload(Recorder(src, journal.append), seed=1).run(400)
+    settle(journal, sender, target)
+    assert diff(snapshot(src), snapshot(dst)) == []
+    assert target.applier.stats["repairs"] == 0 and not endpoint.errors
+
+
+def test_spilling_source_queue_keeps_order(pair):
+    src, dst, journal, sender, target, endpoint = pair(memory_limit=64 * 1024)
+    sender.stop()                       # let the queue fill up and spill first
+    w = Workload(Recorder(src, journal.append), seed=2)
+    w.run(300)
+    journal.flush()
+    assert journal.queue.disk_bytes > 0
+    sender.state = "idle"
+    sender._stop.clear()
+    sender.start()
+    w.run(100)
+    settle(journal, sender, target)
+    assert diff(snapshot(src), snapshot(dst)) == []
+
+
+def test_cut_links_resume_without_loss_or_repeat(pair):
+    src, dst, journal, sender, target, endpoint = pair()
+    w = Workload(Recorder(src, journal.append), seed=3)
+    applied = []
+    target.applier.on_mark = lambda op: applied.append(bytes(op.path))
+    for i in range(20):
+        deadline = time.monotonic() + 10
+        while sender.connects <= i and time.monotonic() < deadline:
+            time.sleep(0.005)
+        w.run(20)
+        journal.append(Op.mark(0, f"m{i}".encode()))
+        journal.flush()
+        sender.cut()                    # mid-stream: frames are in flight
+    settle(journal, sender, target)
+    assert diff(snapshot(src), snapshot(dst)) == []
+    assert applied == [f"m{i}".encode() for i in range(20)]      # each exactly once, in order
+    assert sender.connects >= 15
+
+
+def test_target_restart_resumes_from_its_durable_queue(pair, tmp_path):
+    src, dst, journal, sender, target, endpoint = pair()
+    w = Workload(Recorder(src, journal.append), seed=4)
+    target.pause()                      # frames are received and acked, not applied
+    w.run(200)
+    journal.flush()
+    assert sender.wait_acked(journal.last_seq)
+    assert target.applied_seq < journal.last_seq
+    # the target goes away with everything acked but not applied
+    endpoint.close()
+    target.close()
+    sender.cut()
+    target2 = TargetConnection(1, dst, tmp_path / "tstate")
+    assert target2.received_seq == journal.last_seq
+    endpoint2 = TargetEndpoint(target2)
+    sender.dial = endpoint2.dial
+    w.run(50)
+    try:
+        settle(journal, sender, target2)
+        assert diff(snapshot(src), snapshot(dst)) == []
+    finally:
+        endpoint2.close()
+        target2.close()
+
+
+def test_target_that_lost_its_state_gets_a_reset_and_asks_for_a_mirror(pair, tmp_path):
+    src, dst, journal, sender, target, endpoint = pair()
+    Workload(Recorder(src, journal.append), seed=5).run(50)
+    settle(journal, sender, target)
+    endpoint.close()
+    target.close()
+    sender.cut()
+    fresh = TargetConnection(1, tmp_path / "dst2", tmp_path / "fresh-state")
+    endpoint2 = TargetEndpoint(fresh)
+    sender.dial = endpoint2.dial
+    journal.append(Op.mark(0, b"after"))
+    try:
+        settle(journal, sender, fresh)
+        assert sender.needs_mirror
+        assert fresh.received_seq == journal.last_seq
+    finally:
+        endpoint2.close()
+        fresh.close()
+
+
+def test_frames_waiting_on_the_link_share_one_ack(tmp_path, queue_impl):
+    """A burst of frames already on the link is acknowledged with fewer ACKs
+    than frames (at most ACK_EVERY frames apart), each after its frames are
+    in the durable queue, and the burst's last frame is always acknowledged."""
+    from smirror.kernels.frames import encode_frame
+    from smirror.stream.wire import ACK
+    target = TargetConnection(1, tmp_path / "dst", tmp_path / "state", apply=False)
+    a, b = socket.socketpair()
+    src, dst = wire.Link(a, "source"), wire.Link(b, "target")
+    frames = [encode_frame([Op.write(seq, b"f", seq * 10, b"x" * 10)], False)
+              for seq in range(1, 101)]
+    for frame in frames:                 # all on the link before the target reads
+        src.send(wire.MsgType.FRAME, frame)
+    served = threading.Thread(target=target.serve, args=(dst,), daemon=True)
+    served.start()
+    assert src.recv_json(wire.MsgType.READY)[1] == {"last_seq": 0}
+    acks = []
+    while not acks or acks[-1] < 100:
+        mtype, payload = src.recv()
+        assert mtype == wire.MsgType.ACK
+        acks.append(ACK.unpack(payload)[0])
+        assert target.queue.last_seq >= acks[-1]        # durable before acknowledged
+    assert acks == sorted(acks) and len(acks) < 100
+    assert all(b - a <= TargetConnection.ACK_EVERY for a, b in zip([0] + acks, acks))
+    src.send(wire.MsgType.BYE)
+    served.join(5)
+    src.close()
+    target.close()
+
+
+def test_an_op_no_frame_may_carry_is_replaced_by_a_mark_and_the_stream_goes_on(pair):
+    """A captured op the journal kernel refuses (a relative path beyond
+    PATH_MAX in a very deep tree) must not wedge the connection: a MARK with
+    its seq stands in for it and the ops around it arrive."""
+    from smirror.stream.journal import REFUSED_OP
+    src, dst, journal, sender, target, _ = pair()
+    marks = []
+    target.applier.on_mark = lambda op: marks.append((op.seq, bytes(op.path)))
+    journal.append(Op.create(0, b"before", 0o644))
+    bad = journal.append(Op.create(0, b"d/" * 2100 + b"f", 0o644))
+    journal.append(Op.create(0, b"after", 0o644))
+    settle(journal, sender, target)
+    assert (dst / "before").exists() and (dst / "after").exists()
+    assert marks == [(bad, REFUSED_OP)]
+    assert journal.refused_ops == 1
+
+
+def test_both_queues_are_the_twin_under_test(pair, queue_impl):
+    """The queue_impl parametrization reaches the receiver's own queue."""
+    _, _, journal, _, target, _ = pair()
+    assert type(journal.queue) is queue_impl and type(target.queue) is queue_impl

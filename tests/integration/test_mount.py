@@ -1,0 +1,516 @@
+"""The exact-order capture mount (smirror.capture.mount, ``--mount``): real FUSE
+mounts over real directories, the real replication data path."""
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("pyfuse3")
+
+from support.daemons import wait_for  # noqa: E402
+from smirror.capture.recorder import Recorder  # noqa: E402
+from smirror.errors import ConfigError  # noqa: E402
+from smirror.capture.mount.mountpoint import mounted_at
+from smirror.capture.mount.runner import CaptureMount
+from smirror.errors import MountError  # noqa: E402
+from smirror.ops import OpKind  # noqa: E402
+from smirror.replication import Replication  # noqa: E402
+from support.rsync import rsync_differences, wait_rsync_same  # noqa: E402
+from support.treestate import diff, snapshot  # noqa: E402
+from support.workload import Workload  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
+    reason="needs /dev/fuse, fusermount3 (Debian's fuse3) and root")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    back, dst, mnt = tmp_path / "back", tmp_path / "dst", tmp_path / "mnt"
+    (back / "sub").mkdir(parents=True)
+    (back / "sub" / "existing").write_bytes(os.urandom(50_000))
+    yield back, dst, mnt, tmp_path / "state"
+    if mounted_at(str(mnt)):                  # a failed test must not leave it mounted
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=os.path.join(REPO, "src"))
+
+
+# -- the ops ---------------------------------------------------------------------------
+def test_every_call_is_applied_to_the_backing_directory_then_emitted_in_order(tmp_path):
+    back, mnt = tmp_path / "back", tmp_path / "mnt"
+    back.mkdir()
+    ops = []
+    with CaptureMount(back, mnt, ops.append) as m:
+        os.makedirs(mnt / "d" / "e")
+        with open(mnt / "d" / "f", "wb") as f:
+            f.write(b"hello")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(mnt / "d" / "f", mnt / "d" / "e" / "g")
+        os.link(mnt / "d" / "e" / "g", mnt / "h")
+        os.symlink("d/e/g", mnt / "s")
+        os.chmod(mnt / "h", 0o600)
+        os.truncate(mnt / "h", 2)
+        os.setxattr(mnt / "h", "user.x", b"v")
+        os.removexattr(mnt / "h", "user.x")
+        with open(mnt / "h", "ab") as f:           # O_APPEND: the offset is recorded
+            f.write(b"ZZ")
+        os.unlink(mnt / "s")
+        os.mkfifo(mnt / "fifo")
+        assert (back / "h").read_bytes() == b"heZZ" == (mnt / "h").read_bytes()
+        m.flush_times()
+    kinds = [(OpKind(o.kind).name, o.path) for o in ops if o.kind != OpKind.SETATTR or o.mode]
+    assert kinds[:13] == [
+        ("MKDIR", b"d"), ("MKDIR", b"d/e"), ("CREATE", b"d/f"), ("WRITE", b"d/f"),
+        ("MARK", b"smirror.fsync"), ("RENAME", b"d/f"), ("HARDLINK", b"h"), ("SYMLINK", b"s"),
+        ("SETATTR", b"d/e/g"), ("TRUNCATE", b"d/e/g"), ("XATTR", b"d/e/g"), ("XATTR", b"d/e/g"),
+        ("WRITE", b"d/e/g")], kinds
+    append = [o for o in ops if o.kind == OpKind.WRITE][-1]
+    assert (append.offset, bytes(append.data)) == (2, b"ZZ")
+    assert ("DELETE", b"s") in kinds and ("MKNOD", b"fifo") in kinds
+    # the mtimes owed were sent: the file's last one is its backing mtime now
+    last = [o for o in ops if o.kind == OpKind.SETATTR and o.path == b"d/e/g"][-1]
+    assert last.mtime_ns == os.lstat(back / "h").st_mtime_ns
+    assert not mounted_at(str(mnt))
+
+
+def test_a_failed_call_emits_nothing_and_the_caller_gets_the_errno(tmp_path):
+    back, mnt = tmp_path / "back", tmp_path / "mnt"
+    back.mkdir()
+    (back / "full").mkdir()
+    (back / "full" / "x").write_bytes(b"")
+    ops = []
+    with CaptureMount(back, mnt, ops.append):
+        with pytest.raises(OSError) as e:
+            os.rmdir(mnt / "full")
+        assert e.value.errno == 39                      # ENOTEMPTY
+        with pytest.raises(FileNotFoundError):
+            os.rename(mnt / "nothing", mnt / "else")
+        with pytest.raises(FileExistsError):
+            os.mkdir(mnt / "full")
+    assert [o for o in ops if o.kind != OpKind.SETATTR and o.kind != OpKind.MARK] == []
+
+
+def test_every_op_kind_is_replicated_rsync_finds_nothing(dirs):
+    back, dst, mnt, state = dirs
+    with Replication(back, dst, state_dir=state, mount=mnt) as rep:
+        # the workload's calls go through the mount (its recorder performs
+        # them on the mount point and records nothing)
+        w = Workload(Recorder(mnt, lambda op: None), seed=3, max_write=40_000)
+        kinds = set()
+        for _ in range(600):
+            kinds.add(w.step())
+        f = mnt / "sub" / "attrs"
+        f.write_bytes(b"x" * 5000)
+        os.chown(f, 1234, 5678)
+        os.chmod(f, 0o4750)
+        os.utime(f, ns=(1, 1_500_000_000_000_000_000))
+        os.setxattr(f, "user.note", b"kept")
+        with open(f, "r+b") as fh:                     # an 8 KiB rewrite in place, then fsync
+            fh.seek(100)
+            fh.write(b"y" * 8192)
+            os.fsync(fh.fileno())
+        os.link(f, mnt / "attrs-link")
+        os.mkdir(mnt / "gone")
+        os.rmdir(mnt / "gone")
+        assert rep.wait(60), rep.status()
+        wait_rsync_same(back, dst, why=lambda: json.dumps(rep.status()))
+        st = rep.status()
+        assert st["mount"]["failures"] == 0 and st["error"] == ""
+    assert len(kinds) >= 8, kinds
+    assert rsync_differences(back, dst) == ""
+    assert not mounted_at(str(mnt))
+
+
+# -- the ordered pair ------------------------------------------------------------------
+WRITER = r"""
+import os, sys
+mnt, n = sys.argv[1], int(sys.argv[2])
+a = os.open(os.path.join(mnt, "a"), os.O_WRONLY)
+b = os.open(os.path.join(mnt, "b"), os.O_WRONLY)
+for i in range(1, n + 1):
+    v = b"%012d" % i
+    os.pwrite(a, v, 0)          # a first, then b: on the source a >= b always
+    os.pwrite(b, v, 0)
+"""
+
+
+def ordered_pair(back, dst, mnt, state, n: int) -> dict:
+    """A writer updates ``a`` then ``b`` n times through the mount; a reader
+    polls the target, reading b then a: any state the source went through
+    has a >= b."""
+    for name in ("a", "b"):
+        (back / name).write_bytes(b"%012d" % 0)
+    result = {"reads": 0, "violations": 0, "first": None}
+    with Replication(back, dst, state_dir=state, mount=mnt) as rep:
+        done = threading.Event()
+
+        def read_target():
+            while not done.is_set():
+                try:
+                    vb = int((dst / "b").read_bytes() or 0)
+                    va = int((dst / "a").read_bytes() or 0)
+                except (OSError, ValueError):
+                    continue
+                result["reads"] += 1
+                if va < vb:
+                    result["violations"] += 1
+                    result["first"] = result["first"] or (va, vb)
+        reader = threading.Thread(target=read_target)
+        reader.start()
+        try:
+            subprocess.run([sys.executable, "-c", WRITER, str(mnt), str(n)], check=True,
+                           timeout=3600)
+            assert rep.wait(300), rep.status()
+        finally:
+            done.set()
+            reader.join()
+    assert (dst / "a").read_bytes() == (dst / "b").read_bytes() == b"%012d" % n
+    return result
+
+
+def test_ordered_pair_through_the_mount_zero_violations(dirs):
+    back, dst, mnt, state = dirs
+    r = ordered_pair(back, dst, mnt, state, 3000)
+    assert r["reads"] > 100, r
+    assert r["violations"] == 0, r
+
+
+@pytest.mark.slow
+def test_ordered_pair_100000_updates(dirs):
+    back, dst, mnt, state = dirs
+    r = ordered_pair(back, dst, mnt, state, 100_000)
+    assert r["reads"] > 1000, r
+    assert r["violations"] == 0, r
+
+
+# -- the mount point -------------------------------------------------------------------
+SERVE = r"""
+import sys, time
+from smirror.capture.mount.runner import CaptureMount
+CaptureMount(sys.argv[1], sys.argv[2], lambda op: None).start()
+print("mounted", flush=True)
+time.sleep(3600)
+"""
+
+
+def _crashed_mount(back, mnt):
+    """A mount whose server was SIGKILLed: what a crashed run leaves."""
+    p = subprocess.Popen([sys.executable, "-c", SERVE, str(back), str(mnt)],
+                         stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert p.stdout.readline().strip() == "mounted"
+    finally:
+        p.kill()
+        p.wait()
+    with pytest.raises(OSError) as e:
+        os.statvfs(mnt)
+    assert e.value.errno == 107                     # ENOTCONN: "not connected"
+    assert mounted_at(str(mnt)) == "fuse.smirror"
+
+
+def test_a_stale_mount_from_a_crashed_run_is_cleared_with_a_message(tmp_path, caplog):
+    back, mnt = tmp_path / "back", tmp_path / "mnt"
+    back.mkdir()
+    _crashed_mount(back, mnt)
+    with CaptureMount(back, mnt, lambda op: None) as m:
+        assert "stale smirror mount" in m.cleared and str(mnt) in m.cleared
+        (mnt / "works").write_bytes(b"yes")
+    assert (back / "works").read_bytes() == b"yes"
+    assert "stale smirror mount" in caplog.text
+    assert not mounted_at(str(mnt))
+
+
+def test_mount_point_errors_name_the_mount_point_and_the_reason(tmp_path):
+    back, mnt = tmp_path / "back", tmp_path / "mnt"
+    back.mkdir()
+    mnt.mkdir()
+    (mnt / "leftover").write_bytes(b"")
+    with pytest.raises(MountError, match=f"{mnt} is not empty"):
+        CaptureMount(back, mnt, lambda op: None).start()
+    with pytest.raises(MountError, match="must not be inside the backing"):
+        CaptureMount(back, back / "m", lambda op: None).start()
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(MountError, match="is not a directory"):
+        CaptureMount(back, tmp_path / "file", lambda op: None).start()
+    os.unlink(mnt / "leftover")
+    with CaptureMount(back, mnt, lambda op: None):
+        # a live smirror mount is not taken over, and one process serves one
+        p = subprocess.run([sys.executable, "-c", SERVE, str(back), str(mnt)],
+                           capture_output=True, text=True, env=_env(), timeout=60)
+        assert "already served by a running smirror mount" in p.stderr
+        with pytest.raises(MountError, match="already serves a capture mount"):
+            CaptureMount(back, tmp_path / "other", lambda op: None).start()
+    with pytest.raises(ConfigError, match="mount"):
+        Replication(back, tmp_path / "dst", capture="api", mount=mnt)
+
+
+# -- the command -----------------------------------------------------------------------
+def _replicate(back, dst, mnt, state, *extra):
+    return subprocess.Popen([sys.executable, "-m", "smirror", "replicate", str(back), str(dst),
+                             "--mount", str(mnt), "--state-dir", str(state), "--interval", "0.2",
+                             "--json", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+
+
+def test_replicate_command_mounts_and_unmounts_on_sigint(dirs):
+    back, dst, mnt, state = dirs
+    proc = _replicate(back, dst, mnt, state)
+    try:
+        assert '"state"' in proc.stdout.readline(), proc.stderr.read()
+        assert mounted_at(str(mnt)) == "fuse.smirror"
+        (mnt / "live.txt").write_text("written through the mount")
+        os.rename(mnt / "sub" / "existing", mnt / "moved")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert not mounted_at(str(mnt))
+    assert rsync_differences(back, dst) == ""
+
+
+# -- SIGKILL: the target is a prefix of the source's history ---------------------------
+HISTORY = r"""
+import os, random, sys
+mnt, seed = sys.argv[1], int(sys.argv[2])
+rng = random.Random(seed)
+names = []
+done = 0
+def out():
+    print(done, flush=True)
+try:
+    while True:
+        r = rng.random()
+        # one mutating call a step: the history is the list of steps
+        if not names or r < 0.1:
+            name = "f%d" % rng.randrange(10**6)
+            if name in names:
+                continue
+            fd = os.open(os.path.join(mnt, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            names.append(name)
+            done += 1
+            os.close(fd)
+        elif r < 0.85:
+            name = rng.choice(names)
+            data = rng.randbytes(rng.randrange(1, 3000))
+            off = rng.randrange(0, 20000)
+            fd = os.open(os.path.join(mnt, name), os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, off)
+                done += 1
+            finally:
+                os.close(fd)
+        elif r < 0.93:
+            old = rng.choice(names)
+            new = "f%d" % rng.randrange(10**6)
+            os.rename(os.path.join(mnt, old), os.path.join(mnt, new))
+            names.remove(old)
+            if new not in names:
+                names.append(new)
+            done += 1
+        else:
+            name = rng.choice(names)
+            os.unlink(os.path.join(mnt, name))
+            names.remove(name)
+            done += 1
+        if done % 50 == 0:
+            out()
+except OSError:
+    pass
+out()
+"""
+
+
+def _history(seed: int):
+    """The source states the writer goes through, step by step (its own
+    random choices, replayed): yields ({name: content}, the name a write
+    changed or None, its content before) after 0, 1, ... steps."""
+    import random
+    rng = random.Random(seed)
+    files: dict[str, bytearray] = {}
+    names: list[str] = []
+    yield files, None, None
+    while True:
+        r = rng.random()
+        written = before = None
+        if not names or r < 0.1:
+            name = "f%d" % rng.randrange(10**6)
+            if name in names:
+                continue
+            names.append(name)
+            files[name] = bytearray()
+        elif r < 0.85:
+            name = rng.choice(names)
+            data = rng.randbytes(rng.randrange(1, 3000))
+            off = rng.randrange(0, 20000)
+            f = files[name]
+            written, before = name, bytes(f)
+            if len(f) < off:
+                f.extend(bytes(off - len(f)))
+            f[off:off + len(data)] = data
+        elif r < 0.93:
+            old = rng.choice(names)
+            new = "f%d" % rng.randrange(10**6)
+            files[new] = files.pop(old)
+            names.remove(old)
+            if new not in names:
+                names.append(new)
+        else:
+            name = rng.choice(names)
+            del files[name]
+            names.remove(name)
+        yield files, written, before
+
+
+def _torn(target: dict, files: dict, name, before) -> bool:
+    """``target`` is ``files`` but for a write to ``name`` the kill cut
+    short: write(2) stops between pages on SIGKILL, so each page of it is
+    old or new (the restarted replication's mirror repairs it)."""
+    if name is None or target.keys() != files.keys():
+        return False
+    if any(target[k] != files[k] for k in files if k != name):
+        return False
+    t, new = target[name], files[name]
+    return all(t[i:i + 4096] in (new[i:i + len(t[i:i + 4096])], before[i:i + len(t[i:i + 4096])])
+               for i in range(0, len(t), 4096))
+
+
+def _target_files(dst) -> dict:
+    return {e.name: bytearray(open(e.path, "rb").read()) for e in os.scandir(dst)
+            if e.is_file() and not e.name.startswith(".smirror-tmp-")}
+
+
+def kill_trial(tmp_path, seed: int) -> int:
+    """Writes a history through ``smirror replicate --mount``, SIGKILLs the
+    replicate at a random moment, checks the target is the source after
+    some prefix of the history, then restarts: the stale mount is cleared
+    and the target converges. Returns the prefix length that matched."""
+    import random
+    back, dst, mnt, state = (tmp_path / f"back{seed}", tmp_path / f"dst{seed}",
+                             tmp_path / f"mnt{seed}", tmp_path / f"state{seed}")
+    back.mkdir()
+    try:
+        return _kill_trial(back, dst, mnt, state, seed)
+    finally:
+        if mounted_at(str(mnt)):              # a failed trial must not leave it mounted
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+
+
+def _kill_trial(back, dst, mnt, state, seed):
+    import random
+    proc = _replicate(back, dst, mnt, state)
+    try:
+        assert '"state"' in proc.stdout.readline(), proc.stderr.read()
+        writer = subprocess.Popen([sys.executable, "-c", HISTORY, str(mnt), str(seed)],
+                                  stdout=subprocess.PIPE, text=True)
+        time.sleep(random.Random(seed).uniform(0.3, 2.0))
+        proc.kill()
+        proc.wait()
+        done = int(writer.communicate(timeout=60)[0].split()[-1])
+    finally:
+        proc.kill()
+    target = _target_files(dst)
+    matched = None
+    # the step in flight at the kill may have been served: up to done + 1
+    for n, (state_n, written, before) in enumerate(_history(seed)):
+        if state_n == target or _torn(target, state_n, written, before):
+            matched = n
+        if n > done:
+            break
+    assert matched is not None, (f"seed {seed}: the target after the kill is no prefix of the "
+                                 f"{done} steps written; it holds {sorted(target)}")
+    # the restart clears the dead mount and brings the target in line
+    proc = _replicate(back, dst, mnt, state)
+    try:
+        assert '"state"' in proc.stdout.readline(), proc.stderr.read()
+        (mnt / "after-restart").write_bytes(b"ok")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stale smirror mount" in err
+    assert diff(snapshot(back), snapshot(dst)) == [], (seed, out[-2000:], err[-3000:])
+    return matched
+
+
+def test_sigkill_of_replicate_leaves_the_target_a_prefix_of_the_history(tmp_path):
+    prefixes = [kill_trial(tmp_path, seed) for seed in (1, 2, 3)]
+    assert max(prefixes) > 0, prefixes
+
+
+@pytest.mark.slow
+def test_sigkill_prefix_30_trials(tmp_path):
+    prefixes = [kill_trial(tmp_path, seed) for seed in range(100, 130)]
+    assert max(prefixes) > 0, prefixes
+
+
+# -- writes that bypass the mount ------------------------------------------------------
+BYPASS = r"""
+import os, sys
+back = sys.argv[1]
+with open(os.path.join(back, "through"), "r+b") as f:
+    f.seek(5000)
+    f.write(b"B" * 100)
+with open(os.path.join(back, "direct"), "wb") as f:
+    f.write(b"written behind the mount")
+os.rename(os.path.join(back, "dir"), os.path.join(back, "dir2"))
+os.makedirs(os.path.join(back, "newdir", "deep"))
+with open(os.path.join(back, "newdir", "deep", "f"), "wb") as f:
+    f.write(b"deep")
+os.chmod(os.path.join(back, "direct"), 0o600)
+os.unlink(os.path.join(back, "sub", "existing"))
+"""
+
+
+def test_writes_that_bypass_the_mount_are_detected_reported_and_repaired(dirs, caplog):
+    back, dst, mnt, state = dirs
+    with Replication(back, dst, state_dir=state, mount=mnt) as rep:
+        bypass = rep.mount.bypass
+        if not bypass.status()["detected"]:
+            pytest.skip(f"fanotify cannot run here: {bypass.unavailable}")
+        (mnt / "through").write_bytes(b"m" * 10_000)
+        os.mkdir(mnt / "dir")
+        (mnt / "dir" / "inner").write_bytes(b"inner")
+        assert rep.wait(60)
+        wait_rsync_same(back, dst)
+        time.sleep(0.5)                      # a late event of the mount's own would show now
+        assert bypass.changes == 0, bypass.status()     # the mount's writes are its own
+        # another program writes BACKING directly (this process's own
+        # changes are the mount's: the watcher ignores them)
+        subprocess.run([sys.executable, "-c", BYPASS, str(back)], check=True)
+        wait_rsync_same(back, dst, why=lambda: json.dumps(rep.status()))
+        wait_for(lambda: "direct" in rep.status()["mount"]["bypass"]["last_paths"]
+                 or bypass.changes >= 6, what="bypass changes counted")
+        assert bypass.changes > 0
+        # the mount follows the renamed directory: its next write lands there
+        (mnt / "dir2" / "inner").write_bytes(b"through the mount again")
+        assert rep.wait(60)
+        wait_rsync_same(back, dst)
+        assert (dst / "dir2" / "inner").read_bytes() == b"through the mount again"
+    assert "not through the mount" in caplog.text
+
+
+def test_replicate_command_refuses_a_bad_mount_point_by_name_without_a_traceback(dirs):
+    back, dst, mnt, state = dirs
+    mnt.mkdir()
+    (mnt / "leftover").write_bytes(b"")
+    proc = _replicate(back, dst, mnt, state)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert f"mount point {mnt} is not empty" in err and "Traceback" not in err
+    assert not mounted_at(str(mnt))
