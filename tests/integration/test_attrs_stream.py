@@ -445,7 +445,7 @@ def test_hard_links_between_special_files_are_kept(tmp_path, mode):
     src.mkdir()
     make_linked_specials(src)
     if mode == "mirror":
-        from daemons import smirror
+        from support.daemons import smirror
         smirror("mirror", src, dst, env=dict(os.environ))
         assert rsync_differences(src, dst) == ""
         make_linked_specials(src, "-2")
@@ -459,7 +459,7 @@ def test_hard_links_between_special_files_are_kept(tmp_path, mode):
             assert rep.wait(60), rep.status()
             wait_rsync_same(src, dst, timeout=30, why=lambda: str(rep.status()))
     else:
-        from test_daemon import login, running_pair
+        from support.pair import login, running_pair
         with running_pair(tmp_path, target_extra="[target]\ndevices = true\n") as (source, target, env):
             login(source, env)
             source.cli("repset", "create", "data", "--root", src)
@@ -477,7 +477,7 @@ def test_a_daemons_remirror_removes_the_xattrs_the_source_lacks(tmp_path):
     there behind the daemons' back, or removed on the source while its
     daemon was down): the checksum mirror through the stream removes them,
     as rsync -X does; it used to send the source's and leave the rest."""
-    from test_daemon import login, running_pair
+    from support.pair import login, running_pair
     src, dst = tmp_path / "data", tmp_path / "replica"
     (src / "dir").mkdir(parents=True)
     (src / "dir" / "f").write_text("x")

@@ -10,7 +10,7 @@ import os
 from support.daemons import PASSWORD, smirror, wait_for
 from support.pair import login, replicate_data, running_pair, wait_same
 from support.tasks import task_script, tasks_config
-from treestate import diff, snapshot
+from support.treestate import diff, snapshot
 
 
 def dtcl(tmp_path, env, text, *args, name="script.dtcl", check=True, extra_env=None):
