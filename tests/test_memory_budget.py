@@ -1,0 +1,203 @@
+"""One memory budget per process (issue 15): every queue of a daemon or a
+Replication shares it, per-queue limits are caps under it; both queue
+kernels (Cython and the Python reference) share it the same way; status
+shows it; and a real daemon pair and a Replication stay within it (peak
+RSS minus idle RSS, measured with psutil)."""
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import smirror._memqueue as native
+import smirror._memqueue_py as reference
+from smirror.errors import QueueFull
+
+from test_memqueue_util import IMPLS, drain, frame_for
+
+
+@pytest.fixture(params=IMPLS)
+def mq(request):
+    return request.param
+
+
+# ---------------------------------------------------------------- the kernel
+
+
+def test_budget_counts_reserve_release_peak_and_refusals(mq):
+    b = mq.MemoryBudget(100)
+    assert b.stats() == {"limit": 100, "used": 0, "peak": 0, "refused": 0}
+    assert b.try_reserve(60) and b.try_reserve(40)
+    assert not b.try_reserve(1)
+    b.release(70)
+    assert (b.used, b.peak, b.available, b.refused) == (30, 100, 70, 1)
+    b.reset_peak()
+    assert b.peak == 30
+    assert b.try_reserve(0)
+    with pytest.raises(ValueError, match="releasing 31 bytes, only 30"):
+        b.release(31)
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1 << 62, ValueError),
+                                        ("1MiB", TypeError), (True, TypeError), (1.5, TypeError)])
+def test_budget_rejects_bad_limits_and_counts(mq, bad, error):
+    with pytest.raises(error, match="memory budget limit"):
+        mq.MemoryBudget(bad)
+    b = mq.MemoryBudget(10)
+    with pytest.raises(error, match="byte count"):
+        b.try_reserve(bad)
+    with pytest.raises(error, match="byte count"):
+        b.release(bad)
+
+
+def test_queue_refuses_a_budget_that_is_not_one(mq, tmp_path):
+    other = reference if mq is native else native
+    for bad in (5, other.MemoryBudget(10)):
+        with pytest.raises(TypeError, match="budget must be a MemoryBudget"):
+            mq.SpillQueue(tmp_path / "q", 1000, 1000, budget=bad)
+
+
+def test_queues_sharing_a_budget_spill_when_it_is_used_up(mq, tmp_path):
+    """Each queue may hold 80 bytes, but both together only 100: the
+    second one's frame goes to disk, and comes back in order."""
+    b = mq.MemoryBudget(100)
+    q1 = mq.SpillQueue(tmp_path / "a", 80, 1 << 20, budget=b)
+    q2 = mq.SpillQueue(tmp_path / "b", 80, 1 << 20, budget=b)
+    try:
+        q1.put(1, frame_for(1, 60))
+        q2.put(1, frame_for(1, 60))
+        assert (q1.mem_bytes, q2.mem_bytes, b.used, b.refused) == (60, 0, 60, 1)
+        assert q2.disk_bytes > 0
+        q1.ack(1)                      # room again, but q2's next frame follows its spilled one
+        q2.put(2, frame_for(2, 30))
+        assert q2.mem_bytes == 0 and b.used == 0
+        assert drain(q2) == [(1, frame_for(1, 60)), (2, frame_for(2, 30))]
+        q2.put(3, frame_for(3, 70))    # everything spilled was handed out: memory again
+        assert q2.mem_bytes == 70 and b.used == 70 and b.peak == 70
+        q2.put(4, frame_for(4, 20))    # q2's own cap (80) says disk, the budget is not asked
+        assert q2.mem_bytes == 70 and b.used == 70 and b.refused == 1
+    finally:
+        q1.close()
+        q2.close()
+    assert b.used == 0                 # a closed queue gives its bytes back
+
+
+def test_durable_queue_caches_only_what_the_budget_allows(mq, tmp_path):
+    b = mq.MemoryBudget(1000)
+    b.try_reserve(950)                 # someone else holds most of it
+    with mq.SpillQueue(tmp_path / "t", 1 << 20, 1 << 20, durable=True, budget=b) as q:
+        q.put(1, frame_for(1, 40))
+        q.put(2, frame_for(2, 40))     # no room in the budget: disk only
+        assert q.mem_bytes == 40 and b.used == 990
+        assert drain(q) == [(1, frame_for(1, 40)), (2, frame_for(2, 40))]
+        q.ack(2)
+        assert b.used == 950 and q.mem_bytes == 0
+
+
+def test_a_failed_write_gives_the_reservation_back(mq, tmp_path):
+    """Durable queues write every frame: past the disk limit the put fails
+    (QueueFull) and the bytes it had reserved go back to the budget."""
+    b = mq.MemoryBudget(1 << 20)
+    with mq.SpillQueue(tmp_path / "t", 1 << 20, 200, segment_size=4096, durable=True,
+                       budget=b) as q:
+        q.put(1, frame_for(1, 100))
+        with pytest.raises(QueueFull):
+            q.put(2, frame_for(2, 100))
+        assert b.used == q.mem_bytes == 100
+
+
+# the property test: N queues of one budget, the same random operations on
+# the compiled kernel and on the reference, step by step the same results
+
+queue_op = st.one_of(
+    st.tuples(st.just("put"), st.integers(0, 2), st.integers(0, 400), st.integers(1, 3)),
+    st.tuples(st.just("get"), st.integers(0, 2)),
+    st.tuples(st.just("ack"), st.integers(0, 2), st.integers(0, 4)),
+    st.tuples(st.just("rewind"), st.integers(0, 2)),
+    st.tuples(st.just("reopen"), st.integers(0, 2)),
+    st.tuples(st.just("reserve"), st.integers(0, 300)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(queue_op, max_size=80),
+       budget_limit=st.integers(0, 1500),
+       caps=st.lists(st.integers(0, 1200), min_size=3, max_size=3),
+       durable=st.lists(st.booleans(), min_size=3, max_size=3),
+       disk_limit=st.sampled_from([1500, 1 << 30]))
+def test_shared_budget_compiled_matches_reference(tmp_path_factory, ops, budget_limit, caps,
+                                                  durable, disk_limit):
+    impls = (native, reference)
+    budgets = [m.MemoryBudget(budget_limit) for m in impls]
+    dirs = [[tmp_path_factory.mktemp(f"{m.__name__.rsplit('.', 1)[1]}{i}") for i in range(3)]
+            for m in impls]
+
+    def open_queue(k, i):
+        return impls[k].SpillQueue(dirs[k][i], caps[i], disk_limit, segment_size=600,
+                                   durable=durable[i], budget=budgets[k])
+
+    queues = [[open_queue(k, i) for i in range(3)] for k in range(2)]
+    last = [0, 0, 0]                  # last seq put in each queue
+    reserved = 0                      # bytes held by "someone else" (a handoff buffer)
+    try:
+        for op in ops:
+            kind = op[0]
+            if kind == "put":
+                _, i, size, step = op
+                seq = last[i] + step
+                frame = frame_for(seq, size)
+                results = []
+                for k in range(2):
+                    try:
+                        queues[k][i].put(seq, frame)
+                        results.append("ok")
+                    except QueueFull:
+                        results.append("full")
+                assert results[0] == results[1]
+                if results[0] == "ok":
+                    last[i] = seq
+            elif kind == "get":
+                got = [queues[k][op[1]].get(timeout=0) for k in range(2)]
+                assert got[0] == got[1]
+            elif kind == "ack":
+                _, i, back = op
+                if last[i]:
+                    for k in range(2):
+                        queues[k][i].ack(max(0, last[i] - back))
+            elif kind == "rewind":
+                for k in range(2):
+                    queues[k][op[1]].rewind()
+            elif kind == "reopen":
+                i = op[1]
+                if durable[i]:            # a non-durable queue forgets on close
+                    for k in range(2):
+                        queues[k][i].close()
+                        queues[k][i] = open_queue(k, i)
+            elif kind == "reserve":
+                # another user of the budget takes bytes, or gives back what it took
+                if reserved:
+                    for b in budgets:
+                        b.release(reserved)
+                    reserved = 0
+                else:
+                    took = [b.try_reserve(op[1]) for b in budgets]
+                    assert took[0] == took[1]
+                    reserved = op[1] if took[0] else 0
+            b0, b1 = (b.stats() for b in budgets)
+            assert b0 == b1
+            mem = [q.mem_bytes for q in queues[0]]
+            assert mem == [q.mem_bytes for q in queues[1]]
+            # the budget holds exactly what the queues (and the other user) hold
+            assert b0["used"] == sum(mem) + reserved <= budget_limit
+            for i in range(3):
+                assert mem[i] <= caps[i]
+                s0, s1 = queues[0][i].stats(), queues[1][i].stats()
+                for key in ("disk_reads", "recovered"):
+                    s0.pop(key), s1.pop(key)
+                assert s0 == s1
+        for i in range(3):
+            for k in range(2):
+                queues[k][i].rewind()
+            assert drain(queues[0][i]) == drain(queues[1][i])
+    finally:
+        for qs in queues:
+            for q in qs:
+                q.close()
+    assert budgets[0].used == budgets[1].used == reserved
