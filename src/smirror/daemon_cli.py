@@ -469,6 +469,11 @@ def run_status(args) -> int:
         _print(args, st, "")
         return EXIT_OK
     lines = [f"daemon {st['daemon']} on {st['listen']}" + ("  (target side PAUSED)" if st.get("paused") else "")]
+    mem = st.get("memory")
+    if mem:
+        lines.append(f"memory budget {format_size(mem['limit'])}: {format_size(mem['used'])} used "
+                     f"(queues {format_size(mem['queue_bytes'])}, handoff {format_size(mem['handoff_bytes'])}), "
+                     f"peak {format_size(mem['peak'])}, room refused {mem['refused']} time(s)")
     if st["sources"]:
         lines.append(f"{'ID':>3}  {'REPSET':<12} {'TARGET':<21} {'STATE':<12} {'CAPTURED':>9} "
                      f"{'ACKED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10} {'LAG P99':>8}")

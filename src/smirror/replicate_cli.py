@@ -22,8 +22,9 @@ def add_parser(subparsers):
     p.add_argument("--include", action="append", default=[], metavar="PATTERN")
     p.add_argument("--state-dir", metavar="DIR", help="queues and applied sequence "
                    "(default: $XDG_STATE_HOME/smirror/replicate/ID)")
-    p.add_argument("--memory-limit", default="64MiB", metavar="SIZE",
-                   help="RAM of each queue before it spills to disk (default 64MiB)")
+    p.add_argument("--memory-limit", default="256MiB", metavar="SIZE",
+                   help="RAM for queued data, shared by the source and target queues; past it "
+                        "they spill to disk (default 256MiB)")
     p.add_argument("--json", action="store_true", help="status lines as JSON objects")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                    help="status line interval (default 1)")
@@ -64,8 +65,7 @@ def run_replicate(args) -> int:
     rules = Rules.from_patterns([("exclude", p) for p in args.exclude]
                                 + [("include", p) for p in args.include])
     rep = Replication(args.src, args.dst, mirror=args.mirror, rules=rules or None,
-                      state_dir=args.state_dir, source_memory_limit=args.memory_limit,
-                      target_memory_limit=args.memory_limit)
+                      state_dir=args.state_dir, memory_limit=args.memory_limit)
     stop, hurry = threading.Event(), threading.Event()
 
     def on_signal(*_):
