@@ -309,6 +309,7 @@ def test_replication_stays_within_its_memory_budget(tmp_path):
         word, _, applied = p.stdout.readline().partition(" ")
         assert word == "applied", word
         grown = peak.stop()
+        print(f"replication RSS grew by {grown / MiB:.1f} MiB")
         assert p.wait(60) == 0
     finally:
         if p.poll() is None:
@@ -323,10 +324,11 @@ def test_replication_stays_within_its_memory_budget(tmp_path):
 
 
 def test_daemon_pair_stays_within_its_memory_budget(tmp_path):
-    """Two daemons with [memory] limit = 32MiB, the target paused, 192 MiB
-    of new files: the target queues it all (most on disk), the source
-    sends it; neither daemon's RSS grows by more than budget + overhead,
-    and after resume the trees are equal."""
+    """Two daemons with [memory] limit = 32MiB, the target paused with room
+    for 64 MiB on disk, 192 MiB of new files: the target queues what it
+    can (mostly on disk), the rest waits in the source queue (mostly on
+    disk); neither daemon's RSS grows by more than budget + overhead, and
+    after resume the trees are equal, with no auto-disconnect."""
     import json
     import os
     from daemons import wait_for
@@ -335,7 +337,8 @@ def test_daemon_pair_stays_within_its_memory_budget(tmp_path):
     def status(node):
         return json.loads(node.cli("status", "--json").stdout)
 
-    with running_pair(tmp_path, extra=f'[memory]\nlimit = "{BUDGET}"\n') as (source, target, env):
+    with running_pair(tmp_path, extra=f'[memory]\nlimit = "{BUDGET}"\n',
+                      target_extra='[queues]\ndisk_queue_limit = "64MiB"\n') as (source, target, env):
         src, dst = replicate_data(source, target, env, tmp_path)
         login(target, env)
         target.cli("pause-target", target.address)
@@ -347,20 +350,23 @@ def test_daemon_pair_stays_within_its_memory_budget(tmp_path):
             total += len(data)
 
         def all_queued():
-            s, t = status(source)["sources"][0], status(target)
-            return (t["targets"][0]["bytes_received"] >= total and s["seq_acked"] == s["seq_captured"]
-                    and (s, t))
-        s, t = wait_for(all_queued, timeout=300, what="every new file queued on the target")
-        for st in (status(source), t):
+            s, t = status(source), status(target)
+            sq, tq = s["sources"][0], t["targets"][0]
+            held = sq["queue_mem_bytes"] + sq["queue_disk_bytes"] + tq["queue_disk_bytes"]
+            return held >= total and (s, t)
+        s, t = wait_for(all_queued, timeout=300, what="every new file queued on either side")
+        for st in (s, t):
             mem = st["memory"]
-            assert mem["limit"] == BUDGET and mem["peak"] <= BUDGET, mem
-        assert t["memory"]["peak"] > BUDGET // 2 and t["targets"][0]["queue_disk_bytes"] > 100 * MiB, t
+            assert mem["limit"] == BUDGET and BUDGET // 2 < mem["peak"] <= BUDGET, mem
+            assert mem["used"] == mem["queue_bytes"] + mem["handoff_bytes"], mem
+        assert s["sources"][0]["queue_disk_bytes"] > 64 * MiB, s
+        assert t["targets"][0]["queue_disk_bytes"] > 32 * MiB, t
         assert "budget 32 MiB" in target.cli("status").stdout
         target.cli("resume-target", target.address)
         assert wait_same(src, dst, 300), target.log()[-3000:]
         grown = {side: p.stop() for side, p in peaks.items()}
         print({side: f"{g / MiB:.1f} MiB" for side, g in grown.items()})
         assert status(target)["memory"]["used"] == 0
-        assert s.get("auto_disconnects", 0) == 0
+        assert status(source)["sources"][0].get("auto_disconnects", 0) == 0
     for side, g in grown.items():
         assert g <= BUDGET + OVERHEAD, f"{side} daemon RSS grew by {g / MiB:.1f} MiB"
