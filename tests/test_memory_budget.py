@@ -370,3 +370,66 @@ def test_daemon_pair_stays_within_its_memory_budget(tmp_path):
         assert status(source)["sources"][0].get("auto_disconnects", 0) == 0
     for side, g in grown.items():
         assert g <= BUDGET + OVERHEAD, f"{side} daemon RSS grew by {g / MiB:.1f} MiB"
+
+
+# ---------------------------------------------------------------- the target's handoff
+
+
+def test_target_handoff_takes_its_frames_from_the_budget(tmp_path):
+    """The handoff (verified frames waiting for the applier, in memory)
+    reserves from the budget; with the budget used up elsewhere, frames go
+    through the durable queue (on disk) instead, and everything is applied
+    either way."""
+    from smirror.memqueue import MemoryBudget
+    from smirror.target import TargetConnection
+    from daemons import wait_for
+    from test_handoff import Source
+
+    for room in (True, False):
+        budget = MemoryBudget(1 << 20)
+        if not room:
+            assert budget.try_reserve(1 << 20)        # someone else holds all of it
+        base = tmp_path / f"room-{room}"
+        (base / "dst").mkdir(parents=True)
+        (base / "dst" / "f").write_bytes(b"")
+        target = TargetConnection(1, base / "dst", base / "state", memory_limit=1 << 20,
+                                  budget=budget)
+        source = Source(target)
+        try:
+            for seq in range(1, 6):
+                source.send_write(seq)
+            assert source.acks_until(5)[-1] == 5
+            wait_for(lambda: target.applied_seq == 5, what="frames applied")
+            puts = target.queue.stats()["puts"]
+            if room:
+                assert puts == 0 and budget.peak > 0, (puts, budget.stats())
+            else:
+                assert puts == 5 and budget.refused >= 1 and target.queue.mem_bytes == 0
+            assert (base / "dst" / "f").read_bytes() == b"".join(bytes([s]) * 100 for s in range(1, 6))
+            assert target.handoff_bytes == 0 and budget.used == (0 if room else 1 << 20)
+        finally:
+            source.close()
+            target.close()
+        assert budget.used == (0 if room else 1 << 20)
+
+
+def test_replicate_cli_memory_limit_is_the_budget(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"x" * 1000)
+    args = [sys.executable, "-m", "smirror", "replicate", src, tmp_path / "dst",
+            "--state-dir", tmp_path / "state"]
+    env = dict(os.environ)
+    r = subprocess.run([*map(str, args), "--memory-limit", "8MiB", "--for", "0.5", "--json"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["memory"]["limit"] == 8 << 20 and last["memory"]["used"] == 0, last
+    r = subprocess.run([*map(str, args), "--memory-limit", "lots"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2 and "memory limit: expected a size" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
