@@ -59,7 +59,7 @@ class SourceConnection:
         self.daemon = daemon
         cfg = self.cfg = daemon.config
         qdir = self.qdir = cfg.queue_dir / f"source-{conn.conid}"
-        self.queue = SpillQueue(str(qdir), queue_cap(cfg.queues.source_memory_limit, daemon.memory),
+        self.queue = SpillQueue(str(qdir), queue_cap(cfg.queues.source_memory_limit, daemon.memory.limit),
                                 cfg.queues.disk_queue_limit,
                                 segment_size=segment_size_for(cfg.queues.disk_queue_limit),
                                 min_free_bytes=cfg.queues.min_free_space, fsync=cfg.queues.fsync,
@@ -809,7 +809,7 @@ class Daemon:
                     tgt = TargetConnection(conid, base, self.state_dir / "targets" / source,
                                            queue_dir=self._target_queue_dir(source, conid),
                                            memory_limit=queue_cap(cfg.queues.target_memory_limit,
-                                                                  self.memory),
+                                                                  self.memory.limit),
                                            budget=self.memory,
                                            disk_limit=cfg.queues.disk_queue_limit,
                                            min_free_bytes=cfg.queues.min_free_space,

@@ -115,7 +115,7 @@ class QueueSettings:
         q = config.queues
         cap = getattr(q, f"{role}_memory_limit")
         return cls(
-            memory_limit=queue_cap(cap, MemoryBudget(config.memory.limit)),
+            memory_limit=queue_cap(cap, config.memory.limit),
             disk_limit=q.disk_queue_limit,
             min_free_bytes=q.min_free_space,
             fsync=q.fsync,
@@ -147,10 +147,11 @@ def memory_budget(limit, what: str = "memory limit") -> MemoryBudget:
     return MemoryBudget(parse_size(limit, what))
 
 
-def queue_cap(cap, budget: MemoryBudget) -> int:
-    """A queue's own memory limit: its cap when one is set (None: no cap
-    of its own, the budget alone limits it)."""
-    return budget.limit if cap is None else min(cap, budget.limit)
+def queue_cap(cap: int | None, budget_limit: int) -> int:
+    """A queue's own memory limit under a budget of ``budget_limit`` bytes:
+    its cap when one is set (None: no cap of its own, the budget alone
+    limits it)."""
+    return budget_limit if cap is None else min(cap, budget_limit)
 
 
 def budget_use(budget: MemoryBudget, queues=(), handoff_bytes: int = 0) -> dict:

@@ -80,9 +80,9 @@ class Replication:
         # one budget for everything this replication holds in memory
         self.memory = memory_budget(memory_limit, "memory limit")
         smem = queue_cap(None if source_memory_limit is None
-                         else parse_size(source_memory_limit, "source memory limit"), self.memory)
+                         else parse_size(source_memory_limit, "source memory limit"), self.memory.limit)
         tmem = queue_cap(None if target_memory_limit is None
-                         else parse_size(target_memory_limit, "target memory limit"), self.memory)
+                         else parse_size(target_memory_limit, "target memory limit"), self.memory.limit)
         disk = parse_size(disk_queue_limit, "disk queue limit")
         os.makedirs(self.dst, exist_ok=True)
         from .keep import KeepDirs

@@ -49,7 +49,8 @@ def _status_line(st: dict) -> str:
     err = f"  error: {st['error']}" if st.get("error") else ""
     return (f"{st['state']:<12} captured {st['seq_captured']:>8}  applied {st['seq_applied']:>8}  "
             f"sent {format_size(st['bytes_sent']):>9}  queue {format_size(st['source_queue_mem'] + st['source_queue_disk']):>9}"
-            f"  lag p99 {'-' if lag is None else f'{lag:.1f} ms'}{err}")
+            f"  lag p99 {'-' if lag is None else f'{lag:.1f} ms'}"
+            f"  memory {format_size(st['memory']['used'])} of {format_size(st['memory']['limit'])}{err}")
 
 
 def run_replicate(args) -> int:
