@@ -103,6 +103,53 @@ def test_a_failed_write_gives_the_reservation_back(mq, tmp_path):
         assert b.used == q.mem_bytes == 100
 
 
+def test_threads_on_queues_of_one_budget_never_overdraw_it(mq, tmp_path):
+    """Four producer/consumer pairs on four queues of one budget, at once:
+    the budget never holds more than its limit, and in the end exactly
+    what the queues hold (nothing lost or counted twice)."""
+    import threading
+    b = mq.MemoryBudget(64 * 1024)
+    queues = [mq.SpillQueue(tmp_path / f"q{i}", 48 * 1024, 1 << 30, segment_size=1 << 20, budget=b)
+              for i in range(4)]
+    over, errors = [], []
+
+    def produce(q):
+        try:
+            for seq in range(1, 1501):
+                q.put(seq, frame_for(seq, 100 + seq % 900))
+                if b.used > b.limit:
+                    over.append(b.used)
+        except Exception as exc:          # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def consume(q):
+        try:
+            seq = 0
+            while seq < 1500:
+                item = q.get(timeout=5)
+                assert item is not None and item[0] == seq + 1
+                seq = item[0]
+                if seq % 7 == 0:
+                    q.ack(seq)
+        except Exception as exc:          # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=f, args=(q,)) for q in queues for f in (produce, consume)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    try:
+        assert not errors and not over and b.peak <= b.limit, (errors, over[:3], b.stats())
+        assert b.used == sum(q.mem_bytes for q in queues)
+        for q in queues:
+            q.ack(1500)
+        assert b.used == 0 and b.refused > 0
+    finally:
+        for q in queues:
+            q.close()
+
+
 # the property test: N queues of one budget, the same random operations on
 # the compiled kernel and on the reference, step by step the same results
 
