@@ -112,6 +112,9 @@ def test_threads_on_queues_of_one_budget_never_overdraw_it(mq, tmp_path):
     queues = [mq.SpillQueue(tmp_path / f"q{i}", 48 * 1024, 1 << 30, segment_size=1 << 20, budget=b)
               for i in range(4)]
     over, errors = [], []
+    # consumers start once every producer put 100 frames (about 55 KiB a
+    # queue): the queues want more than the budget at least once
+    ahead = threading.Barrier(4 + 4, timeout=60)
 
     def produce(q):
         try:
@@ -119,11 +122,14 @@ def test_threads_on_queues_of_one_budget_never_overdraw_it(mq, tmp_path):
                 q.put(seq, frame_for(seq, 100 + seq % 900))
                 if b.used > b.limit:
                     over.append(b.used)
+                if seq == 100:
+                    ahead.wait()
         except Exception as exc:          # noqa: BLE001 - reported below
             errors.append(exc)
 
     def consume(q):
         try:
+            ahead.wait()
             seq = 0
             while seq < 1500:
                 item = q.get(timeout=5)
