@@ -79,6 +79,33 @@ def test_queues_sharing_a_budget_spill_when_it_is_used_up(mq, tmp_path):
     assert b.used == 0                 # a closed queue gives its bytes back
 
 
+@pytest.mark.parametrize("durable", [False, True])
+def test_close_frees_the_frames_in_memory_at_once(mq, tmp_path, durable):
+    """A closed queue that something still references frees its frames
+    then, not when the object goes; what is on disk stays for a reopen."""
+    import tracemalloc
+    b = mq.MemoryBudget(1 << 30)
+    q = mq.SpillQueue(tmp_path / "q", 1 << 20, 1 << 30, durable=durable, budget=b)
+    tracemalloc.start()
+    try:
+        for seq in range(1, 11):
+            q.put(seq, bytes([seq]) * 100_000)
+        q.put(11, b"x" * 2_000_000)          # past the cap: on disk
+        assert q.get(0)[0] == 1               # one handed out, not acked
+        held = tracemalloc.get_traced_memory()[0]
+        q.close()
+        freed = held - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert freed >= 900_000, freed
+    assert (q.mem_bytes, b.used) == (0, 0)
+    s = q.stats()
+    assert s["closed"] and s["count"] == s["unread"] == 1      # the spilled frame
+    if durable:                               # every record comes back on reopen
+        with mq.SpillQueue(tmp_path / "q", 1 << 20, 1 << 30, durable=True, budget=b) as again:
+            assert [seq for seq, _ in drain(again)] == list(range(1, 12))
+
+
 def test_durable_queue_caches_only_what_the_budget_allows(mq, tmp_path):
     b = mq.MemoryBudget(1000)
     b.try_reserve(950)                 # someone else holds most of it

@@ -1565,10 +1565,7 @@ cdef class SpillQueue:
                 return
             self._closed = True
             self._cond.notify_all()
-            # nothing is handed out again: the frames in memory no longer
-            # count against the budget (they go with the queue)
-            if self.budget is not None and self._mem_bytes:
-                self.budget._release(self._mem_bytes)
+            self._drop_memory()
             try:
                 self._sync_pending()
                 if self._active is not None:
@@ -1579,6 +1576,24 @@ cdef class SpillQueue:
                 self._close_files()
         finally:
             self._lock.release()
+
+    cdef _drop_memory(self):
+        """A closed queue hands nothing out again: its frames in memory are
+        dropped now (not whenever the object goes) and their bytes go back
+        to the budget; what is on disk stays for a reopen."""
+        cdef _MemRun mrun
+        kept = collections.deque()
+        for run in self._runs:
+            if type(run) is _MemRun:
+                mrun = <_MemRun>run
+                self._count -= len(mrun.handed) + len(mrun.pending)
+                self._unread -= len(mrun.pending)
+            else:
+                kept.append(run)
+        self._runs = kept
+        if self.budget is not None and self._mem_bytes:
+            self.budget._release(self._mem_bytes)
+        self._mem_bytes = 0
 
     cdef _close_files(self):
         if self._sync_fd >= 0:

@@ -951,10 +951,20 @@ class SpillQueue:
                 self._close_files()
 
     def _release_budget(self):
-        """A closed queue hands nothing out again: the bytes of its frames
-        in memory go back to the budget (the frames go with the queue)."""
+        """A closed queue hands nothing out again: its frames in memory are
+        dropped now (not whenever the object goes) and their bytes go back
+        to the budget; what is on disk stays for a reopen."""
+        kept = collections.deque()
+        for run in self._runs:
+            if isinstance(run, _MemRun):
+                self._count -= run.count
+                self._unread -= run.unread
+            else:
+                kept.append(run)
+        self._runs = kept
         if self.budget is not None and self._mem_bytes:
             self.budget.release(self._mem_bytes)
+        self._mem_bytes = 0
 
     def _close_files(self):
         for name in ("_wfd", "_rfd", "_ack_fd", "_lock_fd"):
