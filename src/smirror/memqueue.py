@@ -37,8 +37,10 @@ limit``) or :class:`~smirror.replicate.Replication` (``memory_limit``),
 shared by every queue it owns and the target's handoff buffers. A frame stays
 in memory only when its queue's own ``memory_limit`` (an optional cap) and
 the budget both have room; past either, it spills to disk exactly as past a
-queue's own limit. Acks (and closing a queue) give the bytes back. The
-disk limits, not the budget, decide auto-disconnect. See docs/memory.md.
+queue's own limit. Acks give the bytes back; closing a queue drops its
+frames in memory at once (a closed queue hands nothing out; what is on disk
+stays for a reopen) and gives their bytes back. The disk limits, not the
+budget, decide auto-disconnect. See docs/memory.md.
 
 Settings
 --------
