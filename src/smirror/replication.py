@@ -7,7 +7,7 @@ queue -> sender => a real stream socket => receiver -> durable target queue
 -> applier. Capture is the watcher (``capture="watch"``) or the program
 itself through :attr:`Replication.journal` (``capture="api"``), which records
 every change in the exact order the program makes it, or a FUSE mount
-(``mount=MOUNTPOINT``, :mod:`smirror.capture.mount`) that programs use as their data
+(``mount=MOUNTPOINT``, :mod:`smirror.capture.recorder.mount`) that programs use as their data
 directory and that records every change made through it, in order::
 
     with smirror.Replication("/data", "/backup/data", capture="api") as rep:
@@ -28,7 +28,7 @@ from pathlib import Path
 from smirror.stream.apply import ALL_XATTR_NAMESPACES
 from smirror.capture.recorder import Recorder
 from smirror.errors import ConfigError, MirrorError, SmirrorError
-from smirror.kernels.memqueue import SpillQueue
+from smirror.kernels.memqueue import SpillQueue, budget_use, memory_budget, queue_cap
 from smirror.stream.journal import ConnectionJournal
 from smirror.stream.sender import Sender
 from smirror.stream.receiver import TargetConnection
@@ -54,7 +54,7 @@ class Replication:
 
     def __init__(self, src, dst, *, capture: str = "watch", mirror: str = "checksum",
                  rules: Rules | None = None, state_dir=None,
-                 source_memory_limit="64MiB", target_memory_limit="64MiB",
+                 memory_limit="256MiB", source_memory_limit=None, target_memory_limit=None,
                  disk_queue_limit="4GiB", progress=None, task_dir=None,
                  ignore_deletes: str = "off", deleted_keep_days: float = 0.0,
                  in_use_max_delay: float = 0.0, mount=None):
@@ -65,7 +65,10 @@ class Replication:
         ``in_use_max_delay``: seconds the ops of a target file open in
         another process wait (0: no check); ``mount``: a mount point where
         ``src`` is served through the capture mount (``capture="mount"``,
-        the default when a mount point is given)."""
+        the default when a mount point is given); ``memory_limit``: the RAM
+        budget of both queues and the handoff together (past it they spill
+        to disk), ``source_memory_limit`` / ``target_memory_limit``:
+        optional caps of one queue under it (None: the budget alone)."""
         if mount is not None and capture == "watch":
             capture = "mount"
         if capture not in ("watch", "api", "mount"):
@@ -86,8 +89,12 @@ class Replication:
         self.progress = progress
         self.state_dir = Path(state_dir) if state_dir else default_state_dir(self.src, self.dst)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        smem = parse_size(source_memory_limit, "source memory limit")
-        tmem = parse_size(target_memory_limit, "target memory limit")
+        # one budget for everything this replication holds in memory
+        self.memory = memory_budget(memory_limit, "memory limit")
+        smem = queue_cap(None if source_memory_limit is None
+                         else parse_size(source_memory_limit, "source memory limit"), self.memory.limit)
+        tmem = queue_cap(None if target_memory_limit is None
+                         else parse_size(target_memory_limit, "target memory limit"), self.memory.limit)
         disk = parse_size(disk_queue_limit, "disk queue limit")
         os.makedirs(self.dst, exist_ok=True)
         from smirror.fs.keep import KeepDirs
@@ -99,6 +106,7 @@ class Replication:
         policy = TaskPolicy(task_dir is not None, os.fspath(task_dir) if task_dir else "")
         self.source_tasks = SourceTasks(policy, self.task_log)
         self.target = TargetConnection(1, self.dst, self.state_dir, memory_limit=tmem, disk_limit=disk,
+                                       budget=self.memory,
                                        tasks=TargetTasks(policy, log_=self.task_log),
                                        in_use_max_delay=in_use_max_delay, apply=False,
                                        keep_dirs=KeepDirs(self.state_dir / "orphans",
@@ -111,7 +119,7 @@ class Replication:
         # the source queue is not durable: after a restart the initial mirror
         # (or the watcher's resync) brings the target in line again
         qdir = self.state_dir / "source-1"
-        self.queue = SpillQueue(str(qdir), smem, disk)
+        self.queue = SpillQueue(str(qdir), smem, disk, budget=self.memory)
         self.journal_sink = ConnectionJournal(self.queue, next_seq=self.target.received_seq + 1)
         self.sender = Sender(1, self.dst, self.journal_sink, self._dial, retry_interval=0.2)
         self.tree_capture = None
@@ -168,7 +176,7 @@ class Replication:
             t.start()
             self._threads.append(t)
         elif self.capture_mode == "mount":
-            from smirror.capture.mount.runner import CaptureMount
+            from smirror.capture.recorder.mount.runner import CaptureMount
             # after the mirror: nothing can be written through it before
             self.mount = CaptureMount(self.src, self.mount_point, self._capture_sink())
             try:
@@ -316,6 +324,11 @@ class Replication:
                 return f"capture of {self.src} stopped unexpectedly"
         return ""
 
+    def memory_use(self) -> dict:
+        """The budget and what holds it: limit, used, peak, refused
+        reservations, queue and handoff bytes (status ``memory``)."""
+        return budget_use(self.memory, [self.queue, self.target.queue], self.target.handoff_bytes)
+
     def status(self) -> dict:
         s, t = self.sender.status(), self.target.status()
         out = {"source": self.src, "target": self.dst, "state": s["state"],
@@ -325,6 +338,7 @@ class Replication:
                "target_queue_mem": t["queue_mem_bytes"] + t["handoff_bytes"], "target_queue_disk": t["queue_disk_bytes"],
                "bytes_sent": s["bytes_sent"], "lag_ms_p50": s["lag_ms_p50"],
                "lag_ms_p99": s["lag_ms_p99"],
+               "memory": self.memory_use(),
                "target_error": t["error"], "resyncs": t["resyncs"],
                "last_divergence": t["last_divergence"]}
         errors = []

@@ -42,7 +42,7 @@ def test_format_size():
 def test_defaults_load_and_round_trip(tmp_path):
     cfg = config.load()
     assert cfg.daemon.listen == "127.0.0.1:6320"
-    assert cfg.queues.source_memory_limit == 256 << 20
+    assert cfg.memory.limit == 256 << 20 and cfg.queues.source_memory_limit is None
     assert cfg.queue_dir == cfg.state_dir / "queues"
     # the printed defaults are valid TOML and load to the same values
     path = tmp_path / "defaults.toml"

@@ -489,6 +489,90 @@ cdef class _Segment:
         self.recycled = False
 
 
+# ---------------------------------------------------------------- the budget
+
+cdef long long _check_bytes(object n) except -1:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"a byte count must be an int, got {type(n).__name__}")
+    if not 0 <= n < (1 << 62):
+        raise ValueError(f"a byte count must be between 0 and 2**62-1, got {n}")
+    return n
+
+
+cdef class MemoryBudget:
+    """Bytes of RAM shared by every queue (and large buffer) of one process.
+
+    A queue keeps a frame in memory only when its own ``memory_limit`` and
+    the budget both have room; past either it spills the frame to disk. The
+    queue gives the bytes back when the frame is acknowledged (or the queue
+    closed). ``peak`` is the most ever reserved at once; ``refused`` counts
+    reservations turned down (each one a frame that went to disk instead).
+
+    The counters change only in C code that holds the GIL and calls no
+    Python in between: every change is atomic without a lock of its own.
+    """
+    cdef readonly long long limit
+    cdef long long _used, _peak, _refused
+
+    def __init__(self, limit):
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"memory budget limit must be an int, got {type(limit).__name__}")
+        if not 0 <= limit < (1 << 62):
+            raise ValueError(f"memory budget limit must be between 0 and 2**62-1, got {limit}")
+        self.limit = limit
+
+    cdef inline bint _reserve(self, long long n) noexcept:
+        if self._used + n > self.limit:
+            self._refused += 1
+            return False
+        self._used += n
+        if self._used > self._peak:
+            self._peak = self._used
+        return True
+
+    cdef int _release(self, long long n) except -1:
+        if n > self._used:
+            raise ValueError(f"memory budget: releasing {n} bytes, only {self._used} are reserved")
+        self._used -= n
+        return 0
+
+    def try_reserve(self, n):
+        """Take ``n`` bytes of the budget: True, or False (nothing taken)
+        when they do not fit."""
+        return self._reserve(_check_bytes(n))
+
+    def release(self, n):
+        """Give back ``n`` bytes taken with :meth:`try_reserve`."""
+        self._release(_check_bytes(n))
+
+    @property
+    def used(self):
+        return self._used
+
+    @property
+    def peak(self):
+        return self._peak
+
+    @property
+    def available(self):
+        return self.limit - self._used
+
+    @property
+    def refused(self):
+        return self._refused
+
+    def reset_peak(self):
+        """Start measuring the peak again from what is reserved now."""
+        self._peak = self._used
+
+    def stats(self):
+        return {"limit": self.limit, "used": self._used, "peak": self._peak,
+                "refused": self._refused}
+
+    def __repr__(self):
+        return f"<MemoryBudget used={self._used} of {self.limit} peak={self._peak}>"
+
+
 # ---------------------------------------------------------------- the queue
 
 cdef class SpillQueue:
@@ -498,9 +582,11 @@ cdef class SpillQueue:
     volume has less than ``min_free_bytes`` free. Items stay until acked.
 
     One producer thread (put, ack) and one consumer thread (get) may use it
-    at the same time.
+    at the same time. With a ``budget`` (a :class:`MemoryBudget` shared with
+    other queues) a frame stays in memory only when the budget has room too.
     """
     cdef readonly object spill_dir
+    cdef readonly MemoryBudget budget
     cdef readonly long long memory_limit, disk_limit, segment_size, min_free_bytes
     cdef readonly object fsync
     cdef readonly bint durable
@@ -545,7 +631,7 @@ cdef class SpillQueue:
     def __init__(self, spill_dir, memory_limit, disk_limit, *,
                  segment_size=64 * 1024 * 1024, min_free_bytes=0,
                  fsync="none", durable=False, read_buffer=1024 * 1024,
-                 spare_segments=2):
+                 spare_segments=2, budget=None):
         for name, value, low in (("memory_limit", memory_limit, 0),
                                  ("disk_limit", disk_limit, 0),
                                  ("segment_size", segment_size, 1),
@@ -562,6 +648,10 @@ cdef class SpillQueue:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
         if self._lock_fd >= 0:
             raise QueueError("SpillQueue.__init__ called twice")
+        if budget is not None and not isinstance(budget, MemoryBudget):
+            raise TypeError(f"budget must be a MemoryBudget of this module or None, "
+                            f"got {type(budget).__name__}")
+        self.budget = budget
         self.spill_dir = os.fspath(spill_dir)
         self.memory_limit = memory_limit
         self.disk_limit = disk_limit
@@ -1177,10 +1267,16 @@ cdef class SpillQueue:
                 last = self._runs[len(self._runs) - 1] if self._runs else None
                 to_memory = (self._mem_bytes + n <= self.memory_limit
                              and (last is None or type(last) is _MemRun
-                                  or (<_DiskRun>last).unread == 0))
+                                  or (<_DiskRun>last).unread == 0)
+                             and (self.budget is None or self.budget._reserve(n)))
                 write = self.durable or not to_memory
                 if write:
-                    seg = self._append_spot(HDR + <long long>n)
+                    try:
+                        seg = self._append_spot(HDR + <long long>n)
+                    except BaseException:
+                        if to_memory and self.budget is not None:
+                            self.budget._release(n)
+                        raise
                     off = seg.size
                     fd = self._wfd
                     # the active segment is not retired under this write
@@ -1193,6 +1289,8 @@ cdef class SpillQueue:
                 except BaseException:
                     self._lock.acquire()
                     self._appending = False
+                    if to_memory and self.budget is not None:
+                        self.budget._release(n)
                     self._lock.release()
                     raise
                 with nogil:
@@ -1211,6 +1309,8 @@ cdef class SpillQueue:
             self._lock.acquire()
             try:
                 self._appending = False
+                if err and to_memory and self.budget is not None:
+                    self.budget._release(n)
                 if err:
                     if err == ENOSPC or err == EDQUOT:
                         raise QueueFull(f"no space left in {self.spill_dir} writing a "
@@ -1308,6 +1408,7 @@ cdef class SpillQueue:
         cdef _MemRun mrun
         cdef _DiskRun drun
         cdef _Segment seg
+        cdef long long freed = 0
         self._lock.acquire()
         try:
             if self._closed:
@@ -1324,13 +1425,18 @@ cdef class SpillQueue:
                     mrun = <_MemRun>run
                     dq = mrun.handed
                     while dq and dq[0][0] <= seq:
-                        self._mem_bytes -= len(dq.popleft()[1])
+                        freed += len(dq.popleft()[1])
                         self._count -= 1
                     dq = mrun.pending
                     while dq and dq[0][0] <= seq:
-                        self._mem_bytes -= len(dq.popleft()[1])
+                        freed += len(dq.popleft()[1])
                         self._count -= 1
                         self._unread -= 1
+                    if freed:
+                        self._mem_bytes -= freed
+                        if self.budget is not None:
+                            self.budget._release(freed)
+                        freed = 0
                     if mrun.handed or mrun.pending:
                         break
                     runs.popleft()
@@ -1445,6 +1551,7 @@ cdef class SpillQueue:
                 return
             self._closed = True
             self._cond.notify_all()
+            self._drop_memory()
             try:
                 self._sync_pending()
                 if self._active is not None:
@@ -1455,6 +1562,24 @@ cdef class SpillQueue:
                 self._close_files()
         finally:
             self._lock.release()
+
+    cdef _drop_memory(self):
+        """A closed queue hands nothing out again: its frames in memory are
+        dropped now (not whenever the object goes) and their bytes go back
+        to the budget; what is on disk stays for a reopen."""
+        cdef _MemRun mrun
+        kept = collections.deque()
+        for run in self._runs:
+            if type(run) is _MemRun:
+                mrun = <_MemRun>run
+                self._count -= len(mrun.handed) + len(mrun.pending)
+                self._unread -= len(mrun.pending)
+            else:
+                kept.append(run)
+        self._runs = kept
+        if self.budget is not None and self._mem_bytes:
+            self.budget._release(self._mem_bytes)
+        self._mem_bytes = 0
 
     cdef _close_files(self):
         if self._sync_fd >= 0:

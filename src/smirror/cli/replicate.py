@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from smirror.cli.common import local_dir, text_summary
+from smirror.cli.main.common import local_dir, text_summary
 from smirror.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
@@ -22,8 +22,9 @@ def add_parser(subparsers):
     p.add_argument("--include", action="append", default=[], metavar="PATTERN")
     p.add_argument("--state-dir", metavar="DIR", help="queues and applied sequence "
                    "(default: $XDG_STATE_HOME/smirror/replicate/ID)")
-    p.add_argument("--memory-limit", default="64MiB", metavar="SIZE",
-                   help="RAM of each queue before it spills to disk (default 64MiB)")
+    p.add_argument("--memory-limit", default="256MiB", metavar="SIZE",
+                   help="RAM for queued data, shared by the source and target queues; past it "
+                        "they spill to disk (default 256MiB)")
     p.add_argument("--mount", metavar="MOUNTPOINT",
                    help="serve SRC at MOUNTPOINT through the capture mount: every change made "
                         "there is replicated in the exact order it was made (docs/mount.md)")
@@ -51,7 +52,8 @@ def _status_line(st: dict) -> str:
     err = f"  error: {st['error']}" if st.get("error") else ""
     return (f"{st['state']:<12} captured {st['seq_captured']:>8}  applied {st['seq_applied']:>8}  "
             f"sent {format_size(st['bytes_sent']):>9}  queue {format_size(st['source_queue_mem'] + st['source_queue_disk']):>9}"
-            f"  lag p99 {'-' if lag is None else f'{lag:.1f} ms'}{err}")
+            f"  lag p99 {'-' if lag is None else f'{lag:.1f} ms'}"
+            f"  memory {format_size(st['memory']['used'])} of {format_size(st['memory']['limit'])}{err}")
 
 
 def run_replicate(args) -> int:
@@ -67,8 +69,7 @@ def run_replicate(args) -> int:
     rules = Rules.from_patterns([("exclude", p) for p in args.exclude]
                                 + [("include", p) for p in args.include])
     rep = Replication(args.src, args.dst, mirror=args.mirror, rules=rules or None,
-                      state_dir=args.state_dir, source_memory_limit=args.memory_limit,
-                      target_memory_limit=args.memory_limit, mount=args.mount)
+                      state_dir=args.state_dir, memory_limit=args.memory_limit, mount=args.mount)
     stop, hurry = threading.Event(), threading.Event()
 
     def on_signal(*_):

@@ -67,6 +67,13 @@ def _size(value, what):
     return parse_size(value, what)
 
 
+def _optional_size(value, what):
+    """A size, or "" (None): no value of its own."""
+    if value in ("", None):
+        return None
+    return parse_size(value, what)
+
+
 def _duration(value, what):
     return parse_duration(value, what)
 
@@ -148,9 +155,16 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                                "failure (per user name and per peer address); doubles each time"),
         "max_delay": Setting("8s", _duration, "the longest such delay"),
     },
+    "memory": {
+        "limit": Setting("256MiB", _size, "RAM for queued data of this whole daemon, shared by every "
+                         "source and target queue and the target's handoff buffers; past it the "
+                         "queues spill to disk (the disk limits decide auto-disconnect)"),
+    },
     "queues": {
-        "source_memory_limit": Setting("256MiB", _size, "RAM a source queue may hold before it spills to disk"),
-        "target_memory_limit": Setting("256MiB", _size, "RAM a target queue may hold before it spills to disk"),
+        "source_memory_limit": Setting("", _optional_size, "cap on the RAM of one source queue, "
+                                       "under [memory] limit; empty = the budget alone limits it"),
+        "target_memory_limit": Setting("", _optional_size, "cap on the RAM of one target queue, "
+                                       "under [memory] limit; empty = the budget alone limits it"),
         "disk_queue_dir": Setting("", _str, "spill directory; empty = STATE_DIR/queues"),
         "disk_queue_limit": Setting("10GiB", _size, "bytes on disk per queue before auto-disconnect"),
         "min_free_space": Setting("1GiB", _size, "free space kept on the queue volume; below it the queue counts as full"),

@@ -36,11 +36,11 @@ from pathlib import Path
 
 from smirror.stream import wire
 
-from smirror.daemon import handshake
+from smirror.daemon.server import handshake
 from smirror.daemon.auth import LoginThrottle, Sessions, User, UserStore
 from smirror.daemon.config import Config, parse_hostport, setid_allowed
 from smirror.errors import AuthError, ConfigError, QueueFull, SmirrorError
-from smirror.kernels.memqueue import SpillQueue, queue_alert, segment_size_for
+from smirror.kernels.memqueue import MemoryBudget, SpillQueue, budget_use, queue_alert, queue_cap, segment_size_for
 from smirror.daemon.registry import Registry, check_options
 from smirror.fs.keep import KeepDirs
 from smirror.stream.journal import ConnectionJournal
@@ -63,9 +63,11 @@ class SourceConnection:
         self.daemon = daemon
         cfg = self.cfg = daemon.config
         qdir = self.qdir = cfg.queue_dir / f"source-{conn.conid}"
-        self.queue = SpillQueue(str(qdir), cfg.queues.source_memory_limit, cfg.queues.disk_queue_limit,
+        self.queue = SpillQueue(str(qdir), queue_cap(cfg.queues.source_memory_limit, daemon.memory.limit),
+                                cfg.queues.disk_queue_limit,
                                 segment_size=segment_size_for(cfg.queues.disk_queue_limit),
-                                min_free_bytes=cfg.queues.min_free_space, fsync=cfg.queues.fsync)
+                                min_free_bytes=cfg.queues.min_free_space, fsync=cfg.queues.fsync,
+                                budget=daemon.memory)
         if self.queue.count:
             # frames spilled before a restart: the whole set is sent again
             # (see Daemon.start), so they are stale
@@ -401,6 +403,8 @@ class Daemon:
         self.targets: dict[tuple[str, int], TargetConnection] = {}
         self._targets_lock = threading.Lock()
         self._sources_lock = threading.RLock()
+        # [memory] limit: the RAM every queue and handoff of this daemon shares
+        self.memory = MemoryBudget(config.memory.limit)
         self.counters: dict[int, dict] = {}       # auto-disconnects, reconnects, remirrors
         self.disconnected: dict[int, str] = {}    # conid -> why, while it is down
         self.down_errors: dict[int, str] = {}     # conid -> the error that keeps it down
@@ -811,7 +815,9 @@ class Daemon:
                     cfg = self.config
                     tgt = TargetConnection(conid, base, self.state_dir / "targets" / source,
                                            queue_dir=self._target_queue_dir(source, conid),
-                                           memory_limit=cfg.queues.target_memory_limit,
+                                           memory_limit=queue_cap(cfg.queues.target_memory_limit,
+                                                                  self.memory.limit),
+                                           budget=self.memory,
                                            disk_limit=cfg.queues.disk_queue_limit,
                                            min_free_bytes=cfg.queues.min_free_space,
                                            fsync=cfg.queues.fsync, paused=self.paused,
@@ -1230,8 +1236,14 @@ class Daemon:
                   **self.counters.get(c, {})} for c, why in sorted(down.items()) if c not in sources]
         return rows
 
+    def memory_status(self) -> dict:
+        """The budget and what holds it (status ``memory``)."""
+        sources, targets = list(self.sources.values()), list(self.targets.values())
+        return budget_use(self.memory, [s.queue for s in sources] + [t.queue for t in targets],
+                          sum(t.handoff_bytes for t in targets))
+
     def status(self) -> dict:
-        return {"daemon": self.daemon_id, "paused": self.paused,
+        return {"daemon": self.daemon_id, "paused": self.paused, "memory": self.memory_status(),
                 "tasks": self.task_log.recent()[-20:], "tasks_waiting": self.target_tasks.waiting(),
                 "listen": f"{self.address[0]}:{self.address[1]}",
                 "sources": self._source_rows(),

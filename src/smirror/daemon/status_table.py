@@ -8,10 +8,15 @@ from smirror.units import format_size
 def _ms(value) -> str:
     return "-" if value is None else f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.1f} s"
 
+
 def status_text(st: dict) -> str:
     """What 'smirror status' (and DTCL's status) prints of a status reply."""
-
     lines = [f"daemon {st['daemon']} on {st['listen']}" + ("  (target side PAUSED)" if st.get("paused") else "")]
+    mem = st.get("memory")
+    if mem:
+        lines.append(f"memory budget {format_size(mem['limit'])}: {format_size(mem['used'])} used "
+                     f"(queues {format_size(mem['queue_bytes'])}, handoff {format_size(mem['handoff_bytes'])}), "
+                     f"peak {format_size(mem['peak'])}, room refused {mem['refused']} time(s)")
     if st["sources"]:
         lines.append(f"{'ID':>3}  {'REPSET':<12} {'TARGET':<21} {'STATE':<12} {'CAPTURED':>9} "
                      f"{'ACKED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10} {'LAG P99':>8}")

@@ -156,6 +156,86 @@ def _check_seq(seq, what="seq") -> int:
     return seq
 
 
+class MemoryBudget:
+    """Bytes of RAM shared by every queue (and large buffer) of one process.
+
+    A queue keeps a frame in memory only when its own ``memory_limit`` and
+    the budget both have room; past either it spills the frame to disk. The
+    queue gives the bytes back when the frame is acknowledged (or the queue
+    closed). ``peak`` is the most ever reserved at once; ``refused`` counts
+    reservations turned down (each one a frame that went to disk instead).
+    """
+
+    def __init__(self, limit):
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"memory budget limit must be an int, got {type(limit).__name__}")
+        if not 0 <= limit < 1 << 62:
+            raise ValueError(f"memory budget limit must be between 0 and 2**62-1, got {limit}")
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._used = 0
+        self._peak = 0
+        self._refused = 0
+
+    def try_reserve(self, n) -> bool:
+        """Take ``n`` bytes of the budget: True, or False (nothing taken)
+        when they do not fit."""
+        n = _check_bytes(n)
+        with self._lock:
+            if self._used + n > self.limit:
+                self._refused += 1
+                return False
+            self._used += n
+            if self._used > self._peak:
+                self._peak = self._used
+            return True
+
+    def release(self, n) -> None:
+        """Give back ``n`` bytes taken with :meth:`try_reserve`."""
+        n = _check_bytes(n)
+        with self._lock:
+            if n > self._used:
+                raise ValueError(f"memory budget: releasing {n} bytes, only {self._used} are reserved")
+            self._used -= n
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def peak(self) -> int:
+        return self._peak
+
+    @property
+    def available(self) -> int:
+        return self.limit - self._used
+
+    @property
+    def refused(self) -> int:
+        return self._refused
+
+    def reset_peak(self) -> None:
+        """Start measuring the peak again from what is reserved now."""
+        with self._lock:
+            self._peak = self._used
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"limit": self.limit, "used": self._used, "peak": self._peak,
+                    "refused": self._refused}
+
+    def __repr__(self):
+        return f"<MemoryBudget used={self._used} of {self.limit} peak={self._peak}>"
+
+
+def _check_bytes(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"a byte count must be an int, got {type(n).__name__}")
+    if not 0 <= n < 1 << 62:
+        raise ValueError(f"a byte count must be between 0 and 2**62-1, got {n}")
+    return n
+
+
 class _MemRun:
     """Consecutive items held in RAM (in durable mode: cached copies of
     records that are also in the segment log)."""
@@ -215,13 +295,14 @@ class SpillQueue:
     volume has less than ``min_free_bytes`` free. Items stay until acked.
 
     One producer thread (put, ack) and one consumer thread (get) may use it
-    at the same time.
+    at the same time. With a ``budget`` (a :class:`MemoryBudget` shared with
+    other queues) a frame stays in memory only when the budget has room too.
     """
 
     def __init__(self, spill_dir, memory_limit, disk_limit, *,
                  segment_size=64 * 1024 * 1024, min_free_bytes=0,
                  fsync="none", durable=False, read_buffer=1024 * 1024,
-                 spare_segments=2):
+                 spare_segments=2, budget=None):
         for name, value, low in (("memory_limit", memory_limit, 0),
                                  ("disk_limit", disk_limit, 0),
                                  ("segment_size", segment_size, 1),
@@ -234,6 +315,10 @@ class SpillQueue:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
+        if budget is not None and not isinstance(budget, MemoryBudget):
+            raise TypeError(f"budget must be a MemoryBudget of this module or None, "
+                            f"got {type(budget).__name__}")
+        self.budget = budget
         self.spill_dir = os.fspath(spill_dir)
         self.memory_limit = memory_limit
         self.disk_limit = disk_limit
@@ -680,10 +765,16 @@ class SpillQueue:
                 raise ValueError(f"put seq {seq} is not above the last seq {self._last_seq}")
             last = self._runs[-1] if self._runs else None
             to_memory = (self._mem_bytes + n <= self.memory_limit
-                         and (last is None or isinstance(last, _MemRun) or last.unread == 0))
+                         and (last is None or isinstance(last, _MemRun) or last.unread == 0)
+                         and (self.budget is None or self.budget.try_reserve(n)))
             pos = None
             if self.durable or not to_memory:
-                pos = self._append(seq, frame)
+                try:
+                    pos = self._append(seq, frame)
+                except BaseException:
+                    if to_memory and self.budget is not None:
+                        self.budget.release(n)
+                    raise
             if to_memory:
                 if not isinstance(last, _MemRun):
                     last = _MemRun()
@@ -750,14 +841,20 @@ class SpillQueue:
             if self._last_seq is None or seq > self._last_seq:
                 raise ValueError(f"ack seq {seq} is beyond the last put seq {self._last_seq}")
             runs = self._runs
+            freed = 0
             while runs:
                 run = runs[0]
                 if isinstance(run, _MemRun):
                     for dq, unread in ((run.handed, False), (run.pending, True)):
                         while dq and dq[0][0] <= seq:
-                            self._mem_bytes -= len(dq.popleft()[1])
+                            freed += len(dq.popleft()[1])
                             self._count -= 1
                             self._unread -= unread
+                    if freed:
+                        self._mem_bytes -= freed
+                        if self.budget is not None:
+                            self.budget.release(freed)
+                        freed = 0
                     if run.count:
                         break
                     runs.popleft()
@@ -844,6 +941,7 @@ class SpillQueue:
                 return
             self._closed = True
             self._cond.notify_all()
+            self._release_budget()
             try:
                 if self._active is not None:
                     self._finish_active()
@@ -851,6 +949,22 @@ class SpillQueue:
                     os.fsync(self._ack_fd)
             finally:
                 self._close_files()
+
+    def _release_budget(self):
+        """A closed queue hands nothing out again: its frames in memory are
+        dropped now (not whenever the object goes) and their bytes go back
+        to the budget; what is on disk stays for a reopen."""
+        kept = collections.deque()
+        for run in self._runs:
+            if isinstance(run, _MemRun):
+                self._count -= run.count
+                self._unread -= run.unread
+            else:
+                kept.append(run)
+        self._runs = kept
+        if self.budget is not None and self._mem_bytes:
+            self.budget.release(self._mem_bytes)
+        self._mem_bytes = 0
 
     def _close_files(self):
         for name in ("_wfd", "_rfd", "_ack_fd", "_lock_fd"):

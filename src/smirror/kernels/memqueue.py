@@ -30,10 +30,23 @@ Behaviour (DESIGN.md invariants 4 and 5)
   :class:`~smirror.errors.QueueCorrupt` (naming file and offset) for damage
   anywhere else.
 
+One budget per process
+----------------------
+A :class:`MemoryBudget` is the RAM of a whole daemon (config ``[memory]
+limit``) or :class:`~smirror.replication.Replication` (``memory_limit``),
+shared by every queue it owns and the target's handoff buffers. A frame stays
+in memory only when its queue's own ``memory_limit`` (an optional cap) and
+the budget both have room; past either, it spills to disk exactly as past a
+queue's own limit. Acks give the bytes back; closing a queue drops its
+frames in memory at once (a closed queue hands nothing out; what is on disk
+stays for a reopen) and gives their bytes back. The disk limits, not the
+budget, decide auto-disconnect. See docs/memory.md.
+
 Settings
 --------
-``memory_limit``   RAM for frames (bytes; config ``source_memory_limit`` /
-                   ``target_memory_limit``)
+``memory_limit``   RAM for frames of this queue (bytes; config
+                   ``source_memory_limit`` / ``target_memory_limit``, caps
+                   under the budget; by default the budget alone limits)
 ``disk_limit``     bytes of segment files (config ``disk_queue_limit``)
 ``segment_size``   size at which a new segment file is started; fully acked
                    segments are deleted
@@ -57,11 +70,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from smirror.kernels._memqueue import SpillQueue
+from smirror.kernels._memqueue import MemoryBudget, SpillQueue
 from smirror.errors import ConfigError
 from smirror.units import parse_size
 
-__all__ = ["SpillQueue", "QueueSettings", "open_queue", "queue_dir", "segment_size_for", "queue_alert"]
+__all__ = ["SpillQueue", "MemoryBudget", "QueueSettings", "open_queue", "queue_dir",
+           "segment_size_for", "queue_alert", "memory_budget", "queue_cap", "budget_use"]
 
 MiB = 1 << 20
 FSYNC_POLICIES = ("none", "segment", "always")
@@ -101,8 +115,9 @@ class QueueSettings:
         if role not in ("source", "target"):
             raise ConfigError(f"queue role must be 'source' or 'target', got {role!r}")
         q = config.queues
+        cap = getattr(q, f"{role}_memory_limit")
         return cls(
-            memory_limit=getattr(q, f"{role}_memory_limit"),
+            memory_limit=queue_cap(cap, config.memory.limit),
             disk_limit=q.disk_queue_limit,
             min_free_bytes=q.min_free_space,
             fsync=q.fsync,
@@ -118,12 +133,35 @@ def queue_dir(base, role: str, conid) -> str:
     return os.path.join(os.fspath(base), name)
 
 
-def open_queue(spill_dir, settings: QueueSettings | None = None) -> SpillQueue:
-    """Open (or create, or recover) the queue in ``spill_dir``."""
+def open_queue(spill_dir, settings: QueueSettings | None = None,
+               budget: MemoryBudget | None = None) -> SpillQueue:
+    """Open (or create, or recover) the queue in ``spill_dir``, sharing
+    ``budget`` (None: only its own memory limit bounds it)."""
     s = settings or QueueSettings()
     return SpillQueue(spill_dir, s.memory_limit, s.disk_limit, segment_size=s.segment_size,
                       min_free_bytes=s.min_free_bytes, fsync=s.fsync, durable=s.durable,
-                      read_buffer=s.read_buffer, spare_segments=s.spare_segments)
+                      read_buffer=s.read_buffer, spare_segments=s.spare_segments, budget=budget)
+
+
+def memory_budget(limit, what: str = "memory limit") -> MemoryBudget:
+    """The budget of one process from a size (``"256MiB"``, bytes);
+    ``what`` names the setting in the error message."""
+    return MemoryBudget(parse_size(limit, what))
+
+
+def queue_cap(cap: int | None, budget_limit: int) -> int:
+    """A queue's own memory limit under a budget of ``budget_limit`` bytes:
+    its cap when one is set (None: no cap of its own, the budget alone
+    limits it)."""
+    return budget_limit if cap is None else min(cap, budget_limit)
+
+
+def budget_use(budget: MemoryBudget, queues=(), handoff_bytes: int = 0) -> dict:
+    """What status shows of a budget (the ``memory`` field of ``status
+    --json``, also what smbench reads): limit, used, peak, refused
+    reservations, and the bytes of the queues and handoffs in it."""
+    return dict(budget.stats(), queue_bytes=sum(q.mem_bytes for q in queues),
+                handoff_bytes=handoff_bytes)
 
 
 def segment_size_for(disk_limit: int) -> int:

@@ -72,7 +72,8 @@ class TargetConnection:
                  keep_dirs=None, alert_threshold: float = 50.0, queue_dir=None,
                  deleted_mode: str = "keep", deleted_keep_days: float = 0.0,
                  orphan_moves: bool = True, allow_setid: bool = False,
-                 xattr_namespaces=DEFAULT_XATTR_NAMESPACES, allow_devices: bool = False):
+                 xattr_namespaces=DEFAULT_XATTR_NAMESPACES, allow_devices: bool = False,
+                 budget=None):
         """``tasks``: the daemon's :class:`~smirror.stream.tasks.TargetTasks` (None:
         every task is refused); ``in_use_max_delay``: seconds the ops of a
         file open elsewhere may wait (0: no check); ``keep_dirs``: a
@@ -86,7 +87,9 @@ class TargetConnection:
         asking to move an orphan leaves it where it is);
         ``allow_setid``: keep setuid/setgid bits of the stream's modes;
         ``xattr_namespaces``, ``allow_devices``: which xattrs and device
-        nodes the applier makes (see :class:`~smirror.stream.apply.Applier`)."""
+        nodes the applier makes (see :class:`~smirror.stream.apply.Applier`);
+        ``budget``: the process's :class:`~smirror.kernels.memqueue.MemoryBudget`,
+        shared by the queue and the handoff (None: only their own limits)."""
         if deleted_mode not in ("keep", "move"):
             raise ValueError(f"deleted_mode must be 'keep' or 'move', got {deleted_mode!r}")
         self.conid = conid
@@ -94,9 +97,11 @@ class TargetConnection:
         self.dir = Path(state_dir) / f"target-{conid}"
         private_dir(self.dir)           # 0700: the applied-sequence state
         self.queue_dir = Path(queue_dir) if queue_dir is not None else self.dir / "queue"
+        self.budget = budget
         self.queue = SpillQueue(str(self.queue_dir), memory_limit, disk_limit,
                                 segment_size=segment_size_for(disk_limit),
-                                min_free_bytes=min_free_bytes, fsync=fsync, durable=True)
+                                min_free_bytes=min_free_bytes, fsync=fsync, durable=True,
+                                budget=budget)
         self.tasks = tasks
         self.stop_on_task_failure = stop_on_task_failure
         self.keep_dirs = keep_dirs
@@ -396,7 +401,7 @@ class TargetConnection:
             if not self._through or self._through[0][0] != seq:
                 return          # moved to the durable queue meanwhile: acknowledged from there
             _, frame = self._through.popleft()
-            self._through_bytes -= len(frame)
+            self._through_dropped(len(frame))
             self._through_applied = seq
             self._through_unacked += 1
             self._through_progress = time.monotonic()
@@ -439,11 +444,24 @@ class TargetConnection:
                 elif now - self._through_progress > self.HANDOFF_STALL:
                     return False            # the applier is stuck on the head frame
                 if not self._through or self._through_bytes + len(frame) <= self.HANDOFF_LIMIT:
+                    if self.budget is not None and not self.budget.try_reserve(len(frame)):
+                        return False        # the budget is used up: the queue spills it to disk
                     self._through.append((seq, frame))
                     self._through_bytes += len(frame)
                     self._handoff.notify_all()
                     return True
                 self._handoff.wait(self.HANDOFF_STALL)     # for room, or a stall
+
+    def _through_dropped(self, n: int) -> None:
+        """``n`` bytes of frames left the handoff (under _handoff)."""
+        self._through_bytes -= n
+        if self.budget is not None:
+            self.budget.release(n)
+
+    @property
+    def handoff_bytes(self) -> int:
+        """Bytes of verified frames in the handoff, waiting for the applier."""
+        return self._through_bytes
 
     def _handoff_to_queue(self) -> int:
         """Move every frame in the handoff, the one being applied too, into
@@ -458,7 +476,7 @@ class TargetConnection:
                     seq, frame = self._through[0]
                     self.queue.put(seq, frame)
                     self._through.popleft()
-                    self._through_bytes -= len(frame)
+                    self._through_dropped(len(frame))
                     self._puts += 1
                     moved = seq
             finally:
@@ -499,7 +517,7 @@ class TargetConnection:
                          "room in the queue: the source sends them again", self.conid,
                          len(self._through), first)
                 self._through.clear()
-                self._through_bytes = 0
+                self._through_dropped(self._through_bytes)
                 self.received_seq = first - 1
             self._handoff.notify_all()
 
@@ -652,6 +670,9 @@ class TargetConnection:
         if link is not None:
             link.close()            # its receiver ends instead of waiting for the source
         self.queue.close()
+        with self._handoff:         # unacknowledged: the source sends them again
+            self._through.clear()
+            self._through_dropped(self._through_bytes)
         if self._applier_thread is not None:
             self._applier_thread.join(5)
         if self._applier_thread is None or not self._applier_thread.is_alive():
