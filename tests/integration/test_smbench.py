@@ -74,8 +74,8 @@ def test_advise_reads_this_machine():
     assert data["engine"] <= data["ram"] // 4
     # the queues get the engine's share minus what the daemon holds itself
     assert data["queue_limit"] == limits.queue_limit_for(data["engine"]) < data["engine"]
-    assert f'source_memory_limit = "{limits.size_text(data["queue_limit"])}"' in r.stdout
-    assert "512 MB to SQL Server" in r.stdout and "source_memory_limit" in r.stdout
+    assert f'[memory] limit = "{limits.size_text(data["queue_limit"])}"' in r.stdout
+    assert "512 MB to SQL Server" in r.stdout and "[memory] limit" in r.stdout
 
 
 # -- the quick suite: every field of its JSON ---------------------------------------

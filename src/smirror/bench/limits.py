@@ -1,10 +1,7 @@
-"""The one place smbench turns a memory size into engine settings.
-
-Today the engine has per-queue limits (``[queues] source_memory_limit`` /
-``target_memory_limit``, ``Replication(source_memory_limit=...,
-target_memory_limit=...)``); a per-daemon budget (``[memory] limit``) is
-coming. Every smbench run, the tuner's recommendation and ``advise`` go
-through these functions, so switching to the budget is a change here only.
+"""The one place smbench turns a memory size into engine settings: the
+memory budget of each process (``[memory] limit`` of a daemon,
+``Replication(memory_limit=...)``, docs/memory.md). Every smbench run, the
+tuner's recommendation and ``advise`` go through these functions.
 """
 from __future__ import annotations
 
@@ -15,12 +12,11 @@ MiB = 1 << 20
 UNBOUNDED = 64 << 30
 
 
-# RSS a process may grow by beyond its queue memory limits: what the
-# per-queue limits do not cover (the frame being built, sent, received and
-# applied, the target's handoff, socket buffers, the interpreter's own
-# allocations). Provisional: the engine-wide budget ([memory] limit) states
-# its own overhead, and this becomes that figure.
-RSS_OVERHEAD = 48 * MiB
+# RSS a process may grow by beyond its memory budget: what the budget does
+# not cover (the frame being built, sent, received and applied, socket
+# buffers, the interpreter's own allocations); docs/memory.md states it
+# (measured 10-17 MiB per process; the tests allow 24 MiB, as here)
+RSS_OVERHEAD = 24 * MiB
 
 
 # an idle `smirror serve` with a watched replication set, measured by
@@ -48,25 +44,27 @@ def rss_allowed(source: int, target: int, shared: bool) -> tuple[int | None, int
 
 
 def replication_kwargs(source: int, target: int, disk: int) -> dict:
-    """Keyword arguments of ``Replication(...)`` for these limits (bytes)."""
-    return {"source_memory_limit": source, "target_memory_limit": target,
-            "disk_queue_limit": disk}
+    """Keyword arguments of ``Replication(...)`` for these limits (bytes):
+    one process holds both sides, so its budget is their sum, and each
+    side keeps its own share as a cap under it."""
+    return {"memory_limit": min(source + target, UNBOUNDED), "source_memory_limit": source,
+            "target_memory_limit": target, "disk_queue_limit": disk}
 
 
 def daemon_config(role: str, memory: int, disk: int) -> str:
-    """TOML text for a daemon of ``role`` (source or target) with ``memory``
-    bytes for its queues."""
-    return (f"[queues]\n{role}_memory_limit = {memory}\n"
-            f"disk_queue_limit = {disk}\nmin_free_space = 0\n")
+    """TOML text for a daemon of ``role`` (source or target) whose memory
+    budget is ``memory`` bytes."""
+    return (f"[memory]\nlimit = {memory}\n"
+            f"[queues]\ndisk_queue_limit = {disk}\nmin_free_space = 0\n")
 
 
 def config_lines(source: int | None, target: int | None) -> list[str]:
     """The lines a user puts in each daemon's config for these limits."""
     lines = []
     if source is not None:
-        lines.append(f'source daemon:  [queues] source_memory_limit = "{size_text(source)}"')
+        lines.append(f'source daemon:  [memory] limit = "{size_text(source)}"')
     if target is not None:
-        lines.append(f'target daemon:  [queues] target_memory_limit = "{size_text(target)}"')
+        lines.append(f'target daemon:  [memory] limit = "{size_text(target)}"')
     return lines
 
 
