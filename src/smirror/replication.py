@@ -7,7 +7,7 @@ queue -> sender => a real stream socket => receiver -> durable target queue
 -> applier. Capture is the watcher (``capture="watch"``) or the program
 itself through :attr:`Replication.journal` (``capture="api"``), which records
 every change in the exact order the program makes it, or a FUSE mount
-(``mount=MOUNTPOINT``, :mod:`smirror.capture.recorder.mount`) that programs use as their data
+(``mount=MOUNTPOINT``, :mod:`smirror.capture.mount`) that programs use as their data
 directory and that records every change made through it, in order::
 
     with smirror.Replication("/data", "/backup/data", capture="api") as rep:
@@ -176,7 +176,7 @@ class Replication:
             t.start()
             self._threads.append(t)
         elif self.capture_mode == "mount":
-            from smirror.capture.recorder.mount.runner import CaptureMount
+            from smirror.capture.mount.runner import CaptureMount
             # after the mirror: nothing can be written through it before
             self.mount = CaptureMount(self.src, self.mount_point, self._capture_sink())
             try:

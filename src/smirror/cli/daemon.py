@@ -444,6 +444,6 @@ def run_status(args) -> int:
     if args.json:
         _print(args, st, "")
         return EXIT_OK
-    from smirror.daemon.server.status_table import status_text
+    from smirror.daemon.status_table import status_text
     print(status_text(st))
     return EXIT_OK

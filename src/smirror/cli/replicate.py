@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from smirror.cli.main.common import local_dir, text_summary
+from smirror.cli.common import local_dir, text_summary
 from smirror.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 

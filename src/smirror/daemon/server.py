@@ -36,7 +36,7 @@ from pathlib import Path
 
 from smirror.stream import wire
 
-from smirror.daemon.server import handshake
+from smirror.daemon import handshake
 from smirror.daemon.auth import LoginThrottle, Sessions, User, UserStore
 from smirror.daemon.config import Config, parse_hostport, setid_allowed
 from smirror.errors import AuthError, ConfigError, QueueFull, SmirrorError
