@@ -411,7 +411,7 @@ def test_daemon_pair_stays_within_its_memory_budget(tmp_path):
     after resume the trees are equal, with no auto-disconnect."""
     import json
     import os
-    from daemons import wait_for
+    from support.daemons import wait_for
     from support.pair import login, replicate_data, running_pair, wait_same
 
     def status(node):
@@ -462,7 +462,7 @@ def test_target_handoff_takes_its_frames_from_the_budget(tmp_path):
     either way."""
     from smirror.kernels.memqueue import MemoryBudget
     from smirror.stream.receiver import TargetConnection
-    from daemons import wait_for
+    from support.daemons import wait_for
     from support.handoff import Source
 
     for room in (True, False):

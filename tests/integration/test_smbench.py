@@ -239,7 +239,7 @@ def test_tune_finds_the_memory_a_paused_burst_needs_within_10_percent(tmp_path):
         # below the burst's size it spills, at or above it does not
         assert t["ok"] == (t["spilled_frames"] == 0)
         assert t["ok"] == (t["limit"] >= found)
-    assert f'target_memory_limit = "{limits.size_text(found)}"' in r.stdout
+    assert f'[memory] limit = "{limits.size_text(found)}"' in r.stdout
 
 
 def test_run_in_daemons_mode_pauses_the_target_daemon_and_measures_each_side(tmp_path):

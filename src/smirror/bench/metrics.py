@@ -29,7 +29,7 @@ class Sampler:
     def __init__(self, pair):
         self.pair = pair
         self.procs = [psutil.Process(pid) for pid in pair.pids]
-        self.rss_idle = [p.memory_info().rss for p in self.procs]
+        self.rss_idle = self._rss()
         self.rss_peak = list(self.rss_idle)
         self.cpu_start = [cpu_seconds(p) for p in self.procs]
         self.cpu = [0.0, 0.0]
@@ -45,6 +45,18 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="smbench-sampler")
 
+    def _rss(self) -> list:
+        """Each side's RSS, read once per process: an embedded run's two
+        sides are one process and must show one figure (None: it is gone)."""
+        seen: dict[int, int | None] = {}
+        for p in self.procs:
+            if p.pid not in seen:
+                try:
+                    seen[p.pid] = p.memory_info().rss
+                except psutil.Error:
+                    seen[p.pid] = None
+        return [seen[p.pid] for p in self.procs]
+
     def start(self) -> "Sampler":
         self._thread.start()
         return self
@@ -54,11 +66,9 @@ class Sampler:
         self.last = st
         for k in self.peaks:
             self.peaks[k] = max(self.peaks[k], st[k])
-        for i, p in enumerate(self.procs):
-            try:
-                self.rss_peak[i] = max(self.rss_peak[i], p.memory_info().rss)
-            except psutil.Error:
-                pass
+        for i, rss in enumerate(self._rss()):
+            if rss is not None:
+                self.rss_peak[i] = max(self.rss_peak[i], rss)
         if st["error"] and st["error"] not in self.errors:
             self.errors.append(st["error"])
         if self.resumed_at is not None and self.drained_at is None and st["seq_applied"] >= self.resume_seq:
