@@ -739,7 +739,7 @@ class Daemon:
                 self.pending_logins.leave(pending.pop())
         try:
             try:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                wire.tune_socket(conn)
                 if self.tls_server is not None:
                     conn.settimeout(login.timeout)
                     conn = self.tls_server.wrap_socket(conn, server_side=True)

@@ -304,6 +304,26 @@ def client_tls_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLCo
     return ctx
 
 
+# A peer that vanishes without a FIN or RST (power loss, a cut cable, a
+# firewall that forgets the flow) is found by TCP keepalive: probes after
+# 30 s of silence, every 10 s, 6 unanswered close the link (about 90 s), so
+# an idle data link never shows "connected" to a dead peer for TCP's
+# default two hours. A link with data in flight is bounded by TCP's own
+# retransmission timeout; TCP_USER_TIMEOUT is left alone on purpose: a
+# target whose queue is full stops reading, and that must not cut the link.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 6
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """The options of every link's socket, on both ends: no Nagle delay
+    (ops are small and ordered) and keepalive (see above)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
 def connect(host: str, port: int, *, tls: ssl.SSLContext | None = None,
             timeout: float | None = 10.0, io_timeout: float | None = None,
             max_message: int = DEFAULT_MAX_MESSAGE) -> Link:
@@ -315,7 +335,7 @@ def connect(host: str, port: int, *, tls: ssl.SSLContext | None = None,
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
         raise ProtocolError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tune_socket(sock)
     if tls is not None:
         try:
             sock = tls.wrap_socket(sock, server_hostname=host)
