@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-pytest.importorskip("pyfuse3")
+pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: pip install -e '.[test,mount]' (with libfuse3-dev)")
 
 from support.daemons import wait_for  # noqa: E402
 from smirror.capture.recorder import Recorder  # noqa: E402
