@@ -18,7 +18,10 @@ import pytest
 
 import smirror
 
-SRC = pathlib.Path(smirror.__file__).resolve().parent.parent   # the package under test (checkout or wheel)
+# the package under test, in the checkout or installed from the wheel; only
+# its own files are read (an installed one sits among others in site-packages)
+PACKAGE = pathlib.Path(smirror.__file__).resolve().parent
+SRC = PACKAGE.parent
 
 LAYERS = {
     "errors": 0,
@@ -44,7 +47,7 @@ SAME_LAYER = {
 
 def _modules(root: pathlib.Path = SRC, pattern: str = "*.py") -> dict[str, pathlib.Path]:
     mods = {}
-    for path in sorted(root.rglob(pattern)):
+    for path in sorted((root / PACKAGE.name).rglob(pattern)):
         parts = list(path.relative_to(root).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
