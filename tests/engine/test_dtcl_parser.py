@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from smirror.dtcl import check_text
+from smirror.dtcl.check import check_text
 from smirror.dtcl.check import VarRef
 from smirror.errors import DtclError
 

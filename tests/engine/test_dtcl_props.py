@@ -3,7 +3,7 @@ succeeds or raises DtclError with a position inside the script; never
 another exception (which the CLI would show as a traceback)."""
 from hypothesis import given, settings, strategies as st
 
-from smirror.dtcl import check_text
+from smirror.dtcl.check import check_text
 from smirror.dtcl.parser import TASK_KEYS, USAGE
 from smirror.errors import DtclError
 

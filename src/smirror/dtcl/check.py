@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from smirror.daemon.config import DEFAULT_PORT, parse_hostport
 from smirror.errors import ConfigError
 from .lexer import NUMBER, VAR, Source, Token
-from .parser import Statement
+from .parser import Statement, parse
 
 _WINDOWS = re.compile(r"^[A-Za-z]:([\\/]|$)")
 
@@ -280,3 +280,12 @@ class Checker:
 
 def _show(conid) -> str:
     return f"${conid.name}" if isinstance(conid, VarRef) else str(conid)
+
+
+def check_text(text: str, name: str = "<script>", default_port: int = DEFAULT_PORT
+               ) -> tuple[list[Action], Checker]:
+    """Parse and check a whole script: its actions and the checker (notes,
+    whether it holds a password). Raises DtclError, nothing else."""
+    src = Source(text, name)
+    checker = Checker(src, default_port=default_port)
+    return checker.check(parse(src)), checker
