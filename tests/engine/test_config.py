@@ -1,4 +1,9 @@
-import tomllib
+import sys
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:       # Python 3.10: the tomli backport, a dependency there (pyproject.toml)
+    import tomli as tomllib
 
 import pytest
 
