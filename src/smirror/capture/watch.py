@@ -218,6 +218,9 @@ class TreeCapture:
     _read_root = None
     unlinked: list = []     # load_target: names to link again (resync them)
     _mirror_links = None    # during mirror_to: source inode -> its first name
+    _mirror_stop = None     # during mirror_to: set -> the walk ends before the next entry
+    _mirror_stopped = False
+    _mirror_keep = frozenset()  # during mirror_to: files the target keeps as they are (newer)
     moving_out = False      # True while the ops of a move out of the set are emitted
 
     def _abs(self, rel: bytes) -> bytes:
@@ -311,7 +314,8 @@ class TreeCapture:
         self.mirror_to(emit, {})
 
     def mirror_to(self, emit, target_known: dict, orphans_out: list | None = None,
-                  adopt: bool = False) -> dict:
+                  adopt: bool = False, stop: threading.Event | None = None,
+                  keep: frozenset = frozenset()) -> dict:
         """A difference mirror through the stream: compare the set with
         ``target_known`` (what a target holds: entries and, for the files
         whose size or mtime differ, the target's block hashes) and emit to
@@ -322,7 +326,15 @@ class TreeCapture:
         are kept, unless ``adopt``: then the cache becomes what the mirror
         leaves on that target (the only one this capture feeds), so the
         events still pending are diffed against what it really holds, not
-        against the source as the cache last saw it."""
+        against the source as the cache last saw it.
+
+        ``stop`` (mirror-stop) set ends the walk between entries: the counters
+        say ``stopped``, no orphan is named (the entries not reached cannot be
+        told from orphans), and an adopted cache holds only the entries
+        reached, so what was not sent is not assumed on the target. ``keep``:
+        regular files the target holds newer (the ``newer`` mirror) are not
+        sent; the cache keeps no block hashes of them, so a later change of
+        the source's file sends it whole (see _keep_as_is)."""
         with self._lock:
             saved = self.emit, self.known, self._lost, self.stats
             self.emit, self.known, self._lost = emit, dict(target_known), set()
@@ -332,6 +344,7 @@ class TreeCapture:
             # with several names is linked again on the target (first name
             # seen -> the others), whatever the target holds there now
             self._mirror_links = {}
+            self._mirror_stop, self._mirror_stopped, self._mirror_keep = stop, False, keep
             try:
                 for rel, k in list(self.known.items()):
                     if k.kind != stat.S_IFREG or k.strong is not None:
@@ -359,9 +372,18 @@ class TreeCapture:
                             k.strong, k.size = None, listed[0]     # sent whole below
                 seen = set()
                 self._walk(b"", emit=True, seen=seen)
-                orphaned = sorted(p for p in orphans - seen
-                                  if not self._excluded(p, target_known[p].kind == stat.S_IFDIR))
-                stats = dict(self.stats, orphans=len(orphaned))
+                stopped = self._mirror_stopped
+                orphaned = [] if stopped else sorted(
+                    p for p in orphans - seen if not self._excluded(p, target_known[p].kind == stat.S_IFDIR))
+                stats = dict(self.stats, orphans=len(orphaned), entries_checked=len(seen))
+                if stopped:
+                    stats["stopped"] = True
+                if keep:
+                    stats["kept_newer"] = sum(1 for p in keep if p in seen)
+                    for p in keep:      # the shared cache vouches for no bytes of them either
+                        k = saved[1].get(p)
+                        if k is not None and p in seen:
+                            self._keep_as_is(p, k, self.known.get(p))
                 if orphans_out is not None:
                     orphans_out.extend(orphaned)
                 if adopt:
@@ -376,7 +398,8 @@ class TreeCapture:
                     saved = (saved[0], mirrored) + saved[2:]
             finally:
                 self.emit, self.known, self._lost, self.stats = saved
-                self._mirror_links = None
+                self._mirror_links = self._mirror_stop = None
+                self._mirror_keep = frozenset()
             # the orphan policy's deletes and moves change their parents'
             # mtimes on the target, and no op of a mirror names the root:
             # those directories' times are sent when quiet (_settle_dirs)
@@ -416,6 +439,9 @@ class TreeCapture:
             except OSError:
                 continue
             for e in entries:
+                if self._mirror_stop is not None and self._mirror_stop.is_set():
+                    self._mirror_stopped = True     # mirror-stop: between entries
+                    return
                 child = d + b"/" + e.name if d else e.name
                 try:
                     is_dir = e.is_dir(follow_symlinks=False)
@@ -435,6 +461,10 @@ class TreeCapture:
         except OSError:
             return
         k = self.known.get(rel)
+        if rel in self._mirror_keep and k is not None and k.kind == stat.S_IFREG \
+                and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            self.known[rel] = self._keep_as_is(rel, Known(k.kind, 0, 0, 0, 0), k, st)
+            return          # the newer mirror: the target's newer file stays as it is
         if k is not None and k.kind != stat.S_IFMT(st.st_mode):
             if emit:
                 self._delete(rel)
@@ -478,6 +508,28 @@ class TreeCapture:
                 k.link = link
         if k is not None or not emit:
             self._attrs(rel, st, emit)
+
+    def _keep_as_is(self, rel: bytes, k: Known, target: Known | None, st=None) -> Known:
+        """``k`` made the cache entry of a file the newer mirror left alone:
+        the source's attributes (the periodic verification finds nothing to
+        send until the source's file changes), no block hashes (that change
+        sends it whole, never blocks diffed against other bytes), and the
+        larger of both sizes (sending it truncates what the target has past
+        the source's end)."""
+        if st is None:
+            try:
+                st = os.lstat(self._abs(rel))
+            except OSError:
+                return k
+        k.mode, k.uid, k.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        k.mtime_ns, k.strong, k.block_size = st.st_mtime_ns, None, 0
+        k.size = max(st.st_size, target.size if target is not None else 0)
+        k.ino = (st.st_dev, st.st_ino)
+        try:
+            k.xattrs = read_xattrs(self._abs(rel), WANTED_XATTR)
+        except OSError:
+            k.xattrs = None
+        return k
 
     def _remember(self, rel: bytes, st, with_signature: bool = False) -> Known:
         k = Known(stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
