@@ -969,7 +969,8 @@ class TreeCapture:
                         self._lost.add(rel)   # a directory now, or unreadable: looked at again
                 else:
                     del self._dirty[rel]
-                    if rel not in self.known and os.path.lexists(self._abs(rel)):
+                    if rel not in self.known and not self._excluded(rel, False) \
+                            and os.path.lexists(self._abs(rel)):
                         # a file the cache lacks (a stopped mirror did not
                         # reach it): looked at with the lost paths, when quiet
                         self._lost.add(rel)
@@ -1013,7 +1014,7 @@ class TreeCapture:
                 # the parent itself is new: its own creation brings it; once
                 # every event is in and it is still unknown (a directory a
                 # stopped mirror did not reach), it is looked at itself
-                if drop_missing:
+                if drop_missing and not self._excluded(parent, True):
                     self._lost.add(parent)
                 continue
             self.resync(rel, "created, then moved with its directory before it was seen")
