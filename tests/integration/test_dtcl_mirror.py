@@ -32,10 +32,21 @@ def finish(proc, timeout=120):
 
 
 def source_row(node):
-    return status(node)["sources"][0]
+    """The connection's row ({} for the moment mirror-start restarts it)."""
+    rows = status(node)["sources"]
+    return rows[0] if rows else {}
 
 
-def test_a_large_mirror_stopped_midway_leaves_a_replicating_connection_that_a_mirror_start_completes(tmp_path):
+def mirror_state(node):
+    return (source_row(node).get("mirror") or {}).get("state")
+
+
+def test_a_large_mirror_stopped_midway_leaves_a_replicating_connection_that_a_mirror_start_completes(
+        tmp_path, monkeypatch):
+    # inotify: a fanotify filesystem mark also counts the events of everything
+    # else on the machine's /tmp, and an overflow's resync (right: the cache
+    # lacks the files not sent) would send the rest into the small queue
+    monkeypatch.setenv("SMIRROR_CAPTURE_BACKEND", "inotify")
     with running_pair(tmp_path, source_extra=SMALL_SOURCE, target_extra=SMALL_TARGET) as (source, target, env):
         src, dst = tmp_path / "data", tmp_path / "replica"
         for i in range(FILES):
@@ -48,18 +59,18 @@ def test_a_large_mirror_stopped_midway_leaves_a_replicating_connection_that_a_mi
         source.cli("connect", "data", "to", target.address, "map", "base", dst, "nomirror")
         # no mirror running: a clear error, not a stop of nothing
         r = source.cli("mirror-stop", "1", check=False)
-        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert r.returncode == 3 and "Traceback" not in r.stderr
         assert "connection 1 has no running mirror to stop: it has run none since it started" in r.stderr
         target.cli("pause-target", target.address)
         start = spawn(env, "mirror-start", "1", "--full", "--json", "--host", source.address)
-        wait_for(lambda: (source_row(source).get("mirror") or {}).get("state") == "scanning"
-                 and source_row(source)["mirror"]["ops"] > 20, what="the mirror to be under way")
+        wait_for(lambda: mirror_state(source) == "scanning" and source_row(source)["mirror"]["ops"] > 20,
+                 what="the mirror to be under way")
         # the note's form: a script, run from a scheduler; it waits for the stop
         script = tmp_path / "stop.dtcl"
         script.write_text(f"login {source.address} admin;\nsource {source.address};\n"
                           f"$C = conid data to {target.address} map base {dst};\nmirror stop $C;\n")
         stop = spawn({**env, "SMIRROR_PASSWORD": PASSWORD}, "dtcl", "-f", script)
-        wait_for(lambda: source_row(source)["mirror"]["state"] == "stopping", what="the stop request")
+        wait_for(lambda: mirror_state(source) == "stopping", what="the stop request")
         assert "mirror stopping (mirror-stop)" in source.cli("status").stdout
         target.cli("resume-target", target.address)
         code, out, err = finish(stop)
@@ -70,8 +81,10 @@ def test_a_large_mirror_stopped_midway_leaves_a_replicating_connection_that_a_mi
         m = json.loads(out)["mirror"]
         assert m["stopped"] and 0 < m["entries_checked"] < FILES
         # the connection stays; status says the mirror was stopped, and what it did
-        wait_for(lambda: source_row(source)["seq_acked"] == source_row(source)["seq_captured"],
-                 what="what was queued to be applied")
+        def caught_up():
+            row = source_row(source)
+            return "seq_acked" in row and row["seq_acked"] == row["seq_captured"]
+        wait_for(caught_up, what="what was queued to be applied")
         row = source_row(source)
         assert row["state"] == "connected" and row["mirror"]["state"] == "stopped"
         assert row["mirror"]["entries_checked"] == m["entries_checked"]
@@ -95,9 +108,9 @@ def test_a_large_mirror_stopped_midway_leaves_a_replicating_connection_that_a_mi
         r = json.loads(source.cli("mirror-start", "1", "--json").stdout)
         assert not r["mirror"].get("stopped")
         assert wait_same(src, dst, 120), diff(snapshot(src), snapshot(dst))[:5]
-        wait_for(lambda: source_row(source)["mirror"]["state"] == "done", what="the mirror to be done")
+        wait_for(lambda: mirror_state(source) == "done", what="the mirror to be done")
         r = source.cli("mirror-stop", "1", check=False)
-        assert r.returncode != 0 and "no running mirror to stop: its last one is done" in r.stderr
+        assert r.returncode == 3 and "no running mirror to stop: its last one is done" in r.stderr
 
 
 def test_a_newer_mirror_sends_only_what_the_source_has_newer(tmp_path):
@@ -125,7 +138,7 @@ def test_a_newer_mirror_sends_only_what_the_source_has_newer(tmp_path):
         assert "1 newer on the target left alone" in r.stdout
         wait_for(lambda: (dst / "missing.txt").exists() and
                  (dst / "sent.txt").read_bytes() == b"newer on the source", what="the newer files")
-        wait_for(lambda: source_row(source)["mirror"]["state"] == "done", what="the mirror to be done")
+        wait_for(lambda: mirror_state(source) == "done", what="the mirror to be done")
         assert ((dst / "kept.txt").read_bytes(), os.stat(dst / "kept.txt").st_mtime_ns) == kept
         assert os.stat(dst / "sent.txt").st_mtime_ns == os.stat(src / "sent.txt").st_mtime_ns
         # the source's file changes: now it is newer, and it replicates whole
