@@ -32,9 +32,10 @@ def finish(proc, timeout=120):
 
 
 def source_row(node):
-    """The connection's row ({} for the moment mirror-start restarts it)."""
+    """The connection's row (while mirror-start restarts it: its state only)."""
     rows = status(node)["sources"]
-    return rows[0] if rows else {}
+    assert len(rows) == 1, rows             # never none, even while it restarts
+    return rows[0]
 
 
 def mirror_state(node):

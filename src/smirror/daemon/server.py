@@ -1103,8 +1103,19 @@ class Daemon:
         known = {} if mode == "full" else self.remote_known(conn, signatures=mode != "different")
         keep = _kept_newer(self.registry.repset(conn.repset).root, known) if newer else frozenset()
         with self._sources_lock:
-            self._stop_source(conn.conid)
-            src = self._start_source(conn, mirror=mode, known=known, keep=keep)
+            # status keeps a row while the connection restarts (the running one wins)
+            was = self.disconnected.get(conn.conid)
+            self.disconnected[conn.conid] = "restarting for a mirror"
+            try:
+                self._stop_source(conn.conid)
+                src = self._start_source(conn, mirror=mode, known=known, keep=keep)
+            except BaseException:
+                if was is None:
+                    self.disconnected.pop(conn.conid, None)
+                else:
+                    self.disconnected[conn.conid] = was
+                raise
+            self.disconnected.pop(conn.conid, None)
         return {"conid": conn.conid, "mirror": src.mirror_stats}
 
     MIRROR_STOP_WAIT = 30.0     # seconds mirror-stop waits for the mirror to end
