@@ -88,7 +88,9 @@ class DtclError(SmirrorError, ValueError):
         super().__init__(self.render())
 
     def render(self) -> str:
-        text = f"{self.script}:{self.line}:{self.column}: {self.message}"
+        # no line: about the script as a whole (it cannot be read, say)
+        where = f"{self.script}:{self.line}:{self.column}" if self.line else self.script
+        text = f"{where}: {self.message}"
         if self.hint:
             text += f" ({self.hint})"
         if self.source_line is not None:

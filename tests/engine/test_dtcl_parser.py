@@ -1,5 +1,6 @@
 """DTCL parsing and checking: golden error messages (line, column, caret)
 and what the note's scripts resolve to. Nothing here talks to a daemon."""
+import json
 import os
 import subprocess
 import sys
@@ -79,8 +80,11 @@ def test_more_errors_name_what_and_where():
     assert "s.dtcl:3:12: expected a connection ID" in e and "'abc'" in e
     e = error_of('login h u;\n$C = conid r to t map base /x;\nlogin $C u;\n')
     assert "s.dtcl:3:7: HOST: $C holds a connection id (set on line 2)" in e
-    assert "mirror start: 'newer' is not available" in error_of("login h u;\nmirror start 1 different, newer;\n")
     assert "full sends everything" in error_of("login h u;\nmirror start 1 full, checksum;\n")
+    assert "s.dtcl:2:22: mirror start: full sends everything; newer cannot go with it" in \
+        error_of("login h u;\nmirror start 1 full, newer;\n")
+    assert "s.dtcl:2:23: mirror start: newer given twice" in \
+        error_of("login h u;\nmirror start 1 newer, newer;\n")
     assert "timeout=soon" in error_of("login h u;\nqueuetask t to h onexecute=x timeout=soon;\n")
     assert "onexecute=CMD is required" in error_of("login h u;\nqueuetask t to h onqueue=x;\n")
     assert "did you mean onexecute=?" in error_of("login h u;\nqueuetask t to h onexecut=x;\n")
@@ -90,8 +94,9 @@ def test_more_errors_name_what_and_where():
     assert "empty statement" in error_of("login h u;;\n")
     assert "s.dtcl:2:20: repset create: expected 'root', got 'from'" in \
         error_of("login h u;\nrepset create data from /srv;\n")       # found by Hypothesis
-    # a mirror cannot be stopped by the daemons: said at check time, not at run time
-    assert "mirror stop: smirror cannot stop" in error_of("login h u;\nmirror stop 1;\n")
+    assert "s.dtcl:2:13: expected a connection ID" in error_of('login h u;\nmirror stop abc;\n')
+    assert "too many arguments: '2'" in error_of('login h u;\nmirror stop 1 2;\n')
+    assert "s.dtcl:2:1: mirror stop goes to a source daemon" in error_of('$C = 1;\nmirror stop $C;\n')
 
 
 def test_a_password_is_masked_in_the_line_an_error_shows():
@@ -170,6 +175,19 @@ def test_mirror_modes():
     assert mode("different, checksum") == mode("different checksum") == mode("checksum") == "checksum"
 
 
+def test_mirror_newer_and_stop_are_statements():
+    # newer compares with the target: alone it is a difference mirror (files sent whole)
+    def args(opts):
+        return check_text(f"login h u;\nmirror start 1 {opts};")[0][-1].args
+    assert args("newer") == {"conid": 1, "mode": "different", "newer": True}
+    assert args("different, newer") == {"conid": 1, "mode": "different", "newer": True}
+    assert args("different, checksum, newer") == {"conid": 1, "mode": "checksum", "newer": True}
+    assert args("different")["newer"] is False
+    actions, _ = check_text("login h u;\n$C = conid r to t map base /x;\nmirror stop $C;\nmirror stop 4;\n")
+    assert [(a.verb, a.host, a.summary) for a in actions[-2:]] == [
+        ("mirror stop", "h:6320", "mirror stop $C"), ("mirror stop", "h:6320", "mirror stop 4")]
+
+
 def run_cli(*args, input=None, env=None):
     return subprocess.run([sys.executable, "-m", "smirror", "dtcl", *map(str, args)], capture_output=True,
                           text=True, input=input, timeout=60, env={**os.environ, **(env or {})})
@@ -182,7 +200,13 @@ def test_cli_check_errors_exit_2_without_traceback(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith(f"{script}:3:1: unknown verb 'pausetraget'") and r.stdout == ""
     r = run_cli("-f", tmp_path / "missing.dtcl")
-    assert r.returncode == 2 and "cannot read the script" in r.stderr and "Traceback" not in r.stderr
+    # the file and the OS's reason; no line or column of a script never read
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr == f"{tmp_path / 'missing.dtcl'}: cannot read the script: No such file or directory\n"
+    r = run_cli("-f", tmp_path, "--json")
+    assert r.returncode == 2 and r.stderr == f"{tmp_path}: cannot read the script: Is a directory\n"
+    assert json.loads(r.stdout) == {"ok": False, "error": "cannot read the script: Is a directory",
+                                    "ran": [], "script": str(tmp_path), "line": None, "column": None}
     script.write_bytes(b'$T = "h";\n$U = "\xff";\n')
     r = run_cli("-f", script)
     assert r.returncode == 2 and f"{script}:2:7: not UTF-8 text" in r.stderr

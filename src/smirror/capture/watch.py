@@ -110,7 +110,7 @@ def open_watcher(root, exclude=None, backend: str | None = None):
 class Known:
     """What the target holds of one path (as far as this source sent it)."""
     __slots__ = ("kind", "mode", "uid", "gid", "mtime_ns", "size", "block_size", "strong", "link",
-                 "ino", "names", "xattrs")
+                 "ino", "names", "xattrs", "size_on_target")
 
     def __init__(self, kind, mode, uid, gid, mtime_ns, size=0, block_size=0, strong=None,
                  link=None, ino=0):
@@ -121,12 +121,16 @@ class Known:
         # extended attributes the target has ({name: value}); None: not
         # known (a remote target's listing), so every one is sent
         self.xattrs = None
+        # a file the newer mirror left alone: ``size`` is the source's (the
+        # quick check finds nothing until it changes), this the target's,
+        # which sending the file truncates (None: ``size`` is the target's)
+        self.size_on_target = None
 
 
 def _detached(k: Known) -> Known:
     """A copy of a cache entry that does not vouch for the target's bytes."""
     c = Known(k.kind, k.mode, k.uid, k.gid, k.mtime_ns, k.size, k.block_size, None, k.link, k.ino)
-    c.names, c.xattrs = k.names, k.xattrs
+    c.names, c.xattrs, c.size_on_target = k.names, k.xattrs, k.size_on_target
     return c
 
 
@@ -218,6 +222,10 @@ class TreeCapture:
     _read_root = None
     unlinked: list = []     # load_target: names to link again (resync them)
     _mirror_links = None    # during mirror_to: source inode -> its first name
+    _mirror_stop = None     # during mirror_to: set -> the walk ends before the next entry
+    _mirror_stopped = False
+    _mirror_keep = frozenset()  # during mirror_to: files the target keeps as they are (newer)
+    _mirror_kept: set = set()   # ... those the walk left alone (regular, one link, on both sides)
     moving_out = False      # True while the ops of a move out of the set are emitted
 
     def _abs(self, rel: bytes) -> bytes:
@@ -311,7 +319,8 @@ class TreeCapture:
         self.mirror_to(emit, {})
 
     def mirror_to(self, emit, target_known: dict, orphans_out: list | None = None,
-                  adopt: bool = False) -> dict:
+                  adopt: bool = False, stop: threading.Event | None = None,
+                  keep: frozenset = frozenset()) -> dict:
         """A difference mirror through the stream: compare the set with
         ``target_known`` (what a target holds: entries and, for the files
         whose size or mtime differ, the target's block hashes) and emit to
@@ -322,7 +331,15 @@ class TreeCapture:
         are kept, unless ``adopt``: then the cache becomes what the mirror
         leaves on that target (the only one this capture feeds), so the
         events still pending are diffed against what it really holds, not
-        against the source as the cache last saw it."""
+        against the source as the cache last saw it.
+
+        ``stop`` (mirror-stop) set ends the walk between entries: the counters
+        say ``stopped``, no orphan is named (the entries not reached cannot be
+        told from orphans), and an adopted cache holds only the entries
+        reached, so what was not sent is not assumed on the target. ``keep``:
+        regular files the target holds newer (the ``newer`` mirror) are not
+        sent; the cache keeps no block hashes of them, so a later change of
+        the source's file sends it whole (see _keep_as_is)."""
         with self._lock:
             saved = self.emit, self.known, self._lost, self.stats
             self.emit, self.known, self._lost = emit, dict(target_known), set()
@@ -332,6 +349,8 @@ class TreeCapture:
             # with several names is linked again on the target (first name
             # seen -> the others), whatever the target holds there now
             self._mirror_links = {}
+            self._mirror_stop, self._mirror_stopped, self._mirror_keep = stop, False, keep
+            self._mirror_kept = kept = set()
             try:
                 for rel, k in list(self.known.items()):
                     if k.kind != stat.S_IFREG or k.strong is not None:
@@ -359,9 +378,18 @@ class TreeCapture:
                             k.strong, k.size = None, listed[0]     # sent whole below
                 seen = set()
                 self._walk(b"", emit=True, seen=seen)
-                orphaned = sorted(p for p in orphans - seen
-                                  if not self._excluded(p, target_known[p].kind == stat.S_IFDIR))
-                stats = dict(self.stats, orphans=len(orphaned))
+                stopped = self._mirror_stopped
+                orphaned = [] if stopped else sorted(
+                    p for p in orphans - seen if not self._excluded(p, target_known[p].kind == stat.S_IFDIR))
+                stats = dict(self.stats, orphans=len(orphaned), entries_checked=len(seen))
+                if stopped:
+                    stats["stopped"] = True
+                if keep:
+                    stats["kept_newer"] = len(kept)
+                    for p in kept:      # the shared cache vouches for no bytes of them either
+                        k = saved[1].get(p)
+                        if k is not None and k.kind == stat.S_IFREG:
+                            self._keep_as_is(p, k, target_known.get(p))
                 if orphans_out is not None:
                     orphans_out.extend(orphaned)
                 if adopt:
@@ -376,7 +404,8 @@ class TreeCapture:
                     saved = (saved[0], mirrored) + saved[2:]
             finally:
                 self.emit, self.known, self._lost, self.stats = saved
-                self._mirror_links = None
+                self._mirror_links = self._mirror_stop = None
+                self._mirror_keep, self._mirror_kept = frozenset(), set()
             # the orphan policy's deletes and moves change their parents'
             # mtimes on the target, and no op of a mirror names the root:
             # those directories' times are sent when quiet (_settle_dirs)
@@ -416,6 +445,9 @@ class TreeCapture:
             except OSError:
                 continue
             for e in entries:
+                if self._mirror_stop is not None and self._mirror_stop.is_set():
+                    self._mirror_stopped = True     # mirror-stop: between entries
+                    return
                 child = d + b"/" + e.name if d else e.name
                 try:
                     is_dir = e.is_dir(follow_symlinks=False)
@@ -435,6 +467,11 @@ class TreeCapture:
         except OSError:
             return
         k = self.known.get(rel)
+        if rel in self._mirror_keep and k is not None and k.kind == stat.S_IFREG \
+                and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            self.known[rel] = self._keep_as_is(rel, Known(k.kind, 0, 0, 0, 0), k, st)
+            self._mirror_kept.add(rel)
+            return          # the newer mirror: the target's newer file stays as it is
         if k is not None and k.kind != stat.S_IFMT(st.st_mode):
             if emit:
                 self._delete(rel)
@@ -478,6 +515,30 @@ class TreeCapture:
                 k.link = link
         if k is not None or not emit:
             self._attrs(rel, st, emit)
+
+    def _keep_as_is(self, rel: bytes, k: Known, target: Known | None, st=None) -> Known:
+        """``k`` made the cache entry of a file the newer mirror left alone:
+        the source's attributes and size (the periodic verification finds
+        nothing to send until the source's file changes), no block hashes
+        (that change sends it whole, never blocks diffed against other
+        bytes), and the target's size (sending it truncates what the target
+        holds past the source's end)."""
+        if st is None:
+            try:
+                st = os.lstat(self._abs(rel))
+            except OSError:
+                return k
+        k.mode, k.uid, k.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        k.mtime_ns, k.strong, k.block_size = st.st_mtime_ns, None, 0
+        k.size = st.st_size
+        on_target = target.size if target is not None else st.st_size
+        k.size_on_target = on_target if on_target != st.st_size else None
+        k.ino = (st.st_dev, st.st_ino)
+        try:
+            k.xattrs = read_xattrs(self._abs(rel), WANTED_XATTR)
+        except OSError:
+            k.xattrs = None
+        return k
 
     def _remember(self, rel: bytes, st, with_signature: bool = False) -> Known:
         k = Known(stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
@@ -707,7 +768,7 @@ class TreeCapture:
         # what the target holds ends there: a block of zeros past it stays a
         # hole, one before it is sent like any other (the target may hold
         # other bytes there, also when the cache has no hashes of them)
-        target_size = k.size
+        target_size = k.size if k.size_on_target is None else k.size_on_target
         if not k.block_size:
             k.block_size = checksum.block_size_for(size)
         bs = k.block_size
@@ -758,11 +819,13 @@ class TreeCapture:
             # data went out: the target's mtime is the time it applied
             # it, so the source's mtime must follow, whatever the cache said
             k.mtime_ns = -1
-        if emit and size != k.size and (size < k.size or end_sent < size):
+        if emit and size != target_size and (size < target_size or end_sent < size):
             # shrinking needs it; growing by a hole at the end needs it too
             # (growing by the WRITEs just sent does not)
             self._out(Op.truncate(_ZERO, rel, size))
         k.size = size
+        if emit:
+            k.size_on_target = None
         k.strong = new[: -(-size // bs)] if bs else new
         return True
 
@@ -906,6 +969,11 @@ class TreeCapture:
                         self._lost.add(rel)   # a directory now, or unreadable: looked at again
                 else:
                     del self._dirty[rel]
+                    if rel not in self.known and not self._excluded(rel, False) \
+                            and os.path.lexists(self._abs(rel)):
+                        # a file the cache lacks (a stopped mirror did not
+                        # reach it): looked at with the lost paths, when quiet
+                        self._lost.add(rel)
 
     def _find_lost(self, drop_missing: bool = False) -> None:
         """Look again at the paths that were gone when their event came.
@@ -943,7 +1011,12 @@ class TreeCapture:
                 continue
             parent = rel.rpartition(b"/")[0]
             if parent and parent not in self.known:
-                continue          # the parent itself is new: its own creation brings it
+                # the parent itself is new: its own creation brings it; once
+                # every event is in and it is still unknown (a directory a
+                # stopped mirror did not reach), it is looked at itself
+                if drop_missing and not self._excluded(parent, True):
+                    self._lost.add(parent)
+                continue
             self.resync(rel, "created, then moved with its directory before it was seen")
 
     RECENT_LIMIT = 100_000

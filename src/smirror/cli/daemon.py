@@ -128,8 +128,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--checksum", action="store_true",
                    help="(the default) of those, only the blocks whose hashes differ")
     p.add_argument("--full", action="store_true", help="send the whole set")
+    p.add_argument("--newer", action="store_true",
+                   help="only files whose source mtime is later than the target's (or missing "
+                        "there): a newer file on the target is left as it is")
     _host_option(p)
     p.set_defaults(run=run_mirror_start)
+
+    p = sub.add_parser("mirror-stop", help="stop a connection's running mirror (the connection "
+                                           "stays and replicates on; the target is not complete "
+                                           "until a later mirror-start)")
+    p.add_argument("conid", type=int)
+    _host_option(p)
+    p.set_defaults(run=run_mirror_stop)
 
     for verb, what in (("pause-target", "stop applying on this target daemon (receiving goes on)"),
                        ("resume-target", "apply again, in order, what was received while paused")):
@@ -405,12 +415,31 @@ def run_conid(args) -> int:
 
 
 def run_mirror_start(args) -> int:
+    # the reply comes when the mirror's ops are queued: a large set takes a while
     with _client(args) as c:
-        r = c.call("mirror-start", conid=args.conid, full=args.full, different=args.different,
-                   checksum=args.checksum)
+        r = c.call_waiting(MIRROR_WAIT, "mirror-start", conid=args.conid, full=args.full,
+                           different=args.different, checksum=args.checksum, newer=args.newer)
         m = r.get("mirror") or {}
+        if m.get("stopped"):
+            _print(args, r, f"connection {r['conid']}: mirror STOPPED (mirror-stop) after "
+                            f"{m.get('entries_checked', 0)} entries: {m.get('ops', 0)} ops, "
+                            f"{m.get('bytes_sent', 0)} bytes queued; the target is not complete")
+            return EXIT_OK
+        kept = f", {m['kept_newer']} newer on the target left alone" if "kept_newer" in m else ""
         _print(args, r, f"connection {r['conid']}: mirror queued: {m.get('ops', 0)} ops, "
-                        f"{m.get('bytes_sent', 0)} bytes of changed blocks, {m.get('orphans', 0)} orphans")
+                        f"{m.get('bytes_sent', 0)} bytes of changed blocks, {m.get('orphans', 0)} orphans"
+                        + kept)
+    return EXIT_OK
+
+
+MIRROR_WAIT = 24 * 3600.0       # seconds mirror-start waits for its mirror to be queued
+
+
+def run_mirror_stop(args) -> int:
+    with _client(args) as c:
+        r = c.call_waiting(120, "mirror-stop", conid=args.conid)      # the daemon answers within 35 s
+        from smirror.daemon.control import mirror_stop_text
+        _print(args, r, mirror_stop_text(r))
     return EXIT_OK
 
 

@@ -138,6 +138,16 @@ class Client:
             raise RequestError(f"{self.address}: {verb}: {reply.get('error', 'failed')}")
         return reply.get("result")
 
+    def call_waiting(self, wait: float, verb: str, **args):
+        """``call`` for a request whose answer may take up to ``wait``
+        seconds (mirror-start answers once its mirror is queued)."""
+        before = self.link.sock.gettimeout()
+        self.link.sock.settimeout(wait)
+        try:
+            return self.call(verb, **args)
+        finally:
+            self.link.sock.settimeout(before)
+
     def close(self) -> None:
         try:
             self.link.send_json(wire.MsgType.BYE, {})
@@ -191,3 +201,17 @@ def task_answer(client, queued: dict, wait: float) -> dict:
         if now >= deadline:
             return {"state": "unknown"}
         time.sleep(0.1)
+
+
+def mirror_stop_text(r: dict) -> str:
+    """What mirror-stop says (the CLI verb and DTCL's 'mirror stop')."""
+    m = r.get("mirror") or {}
+    if m.get("state") == "stopping":
+        return (f"connection {r['conid']}: mirror stopping: it ends after the entry it is queueing "
+                f"(waiting for room in the queue); see 'smirror status'")
+    if m.get("state") != "stopped":
+        return (f"connection {r['conid']}: the mirror ended before it could be stopped "
+                f"({m.get('state')}): nothing was left to stop")
+    return (f"connection {r['conid']}: mirror stopped after {m.get('entries_checked', 0)} entries: "
+            f"{m.get('ops', 0)} ops, {m.get('bytes_sent', 0)} bytes queued; the connection "
+            f"replicates on, the target is NOT complete: 'smirror mirror-start {r['conid']}' completes it")

@@ -81,6 +81,9 @@ class SourceConnection:
                              lambda: daemon.dial_target(host, port),
                              source_name=daemon.daemon_id,
                              retry_interval=cfg.reconnect.retry_interval)
+        # set by mirror-stop: this connection's running mirror ends before
+        # its next entry (RepsetCapture.stop_mirror)
+        self.mirror_stop = threading.Event()
 
     mirror_stats = None
     mirror_pending_reset = False
@@ -93,19 +96,22 @@ class SourceConnection:
 
     def mirror_progress(self) -> dict | None:
         """The connection's last (or running) stream mirror: ``scanning``
-        while its ops are being queued (live counters), ``sending`` until the
-        target acknowledged its last op, then ``done``."""
+        while its ops are being queued (live counters; ``stopping`` once
+        mirror-stop asked), ``sending`` until the target acknowledged its
+        last op, then ``done``; ``stopped`` for one that mirror-stop ended
+        (the target is not complete: a mirror-start completes it)."""
         cap = self.daemon.captures.get(self.conn.repset)
         if cap is not None and cap.mirroring == self.conn.conid:
-            return dict(cap.capture.stats, state="scanning")
+            return dict(cap.capture.stats, state="stopping" if self.mirror_stop.is_set() else "scanning")
         m = self.mirror_stats
         if not m:
             return m
         acked, first, last = self.sender.acked_seq, m["first_seq"], m["last_seq"]
-        if acked >= last:
-            return dict(m, state="done", progress=100.0)
-        done = max(0, acked - first + 1) * 100.0 / max(1, last - first + 1)
-        return dict(m, state="sending", progress=round(done, 1))
+        done = 100.0 if acked >= last else \
+            round(max(0, acked - first + 1) * 100.0 / max(1, last - first + 1), 1)
+        if m.get("stopped"):
+            return dict(m, state="stopped", progress=done)
+        return dict(m, state="done" if acked >= last else "sending", progress=done)
 
     def status(self) -> dict:
         st = self.sender.status()
@@ -176,40 +182,49 @@ class RepsetCapture:
             if self.on_full is not None:
                 self.on_full(conid, exc)
 
-    def add(self, conn, journal: ConnectionJournal, mirror) -> dict | None:
+    def add(self, conn, journal: ConnectionJournal, mirror, stop=None, keep=frozenset()) -> dict | None:
         """Start feeding ``journal``; ``mirror`` is None (no mirror), {} (the
-        whole set) or what the target holds (a difference mirror)."""
+        whole set) or what the target holds (a difference mirror; ``stop``
+        and ``keep`` as in :meth:`mirror`)."""
         with self.capture.paused():       # no op of the watcher slips in between
             stats = None
             if mirror is not None:
-                stats = self.mirror(conn, journal, mirror)
+                stats = self.mirror(conn, journal, mirror, stop=stop, keep=keep)
             with self._lock:
                 self.targets[conn.conid] = journal
                 self.conns[conn.conid] = conn
         return stats
 
-    def mirror(self, conn, journal: ConnectionJournal, known: dict) -> dict:
+    def mirror(self, conn, journal: ConnectionJournal, known: dict, stop=None,
+               keep=frozenset()) -> dict:
         """A difference mirror against ``known`` (what the target holds)
         into ``journal``, then the connection's orphan policy, in the same
         stream. The mirror's ops go ahead of everything that follows; a full
-        queue makes the mirror wait for the sender."""
+        queue makes the mirror wait for the sender. ``stop`` (an Event, see
+        :meth:`stop_mirror`) ends it between entries, without the orphan
+        pass; ``keep``: files the target holds newer, left alone."""
         from smirror.stream.orphans import orphan_ops
         append = _waiting_append(journal)
         with self.capture.paused():
             found: list[bytes] = []
             first = journal.last_seq + 1
-            self.mirroring = conn.conid        # status reads the live counters meanwhile
+            with self._lock:
+                self.mirroring = conn.conid    # status reads the live counters meanwhile
+                if stop is not None:
+                    stop.clear()               # a stop asked of an earlier mirror is not this one's
             try:
                 # fed to this connection only: the cache becomes what the
                 # mirror leaves there (events still pending are diffed
                 # against that; a restart mirror on a live tree diverged)
                 alone = set(self.targets) <= {conn.conid}
-                stats = self.capture.mirror_to(append, known, orphans_out=found, adopt=alone)
+                stats = self.capture.mirror_to(append, known, orphans_out=found, adopt=alone,
+                                               stop=stop, keep=keep)
                 ops, ostats = orphan_ops(found, known, conn.orphans, conn.orphans_older_than_days)
                 for op in ops:
                     append(op)
             finally:
-                self.mirroring = None
+                with self._lock:
+                    self.mirroring = None
             journal.flush_waiting()
         stats.update(ostats, first_seq=first, last_seq=journal.last_seq, finished_at=time.time())
         if found:
@@ -219,6 +234,15 @@ class RepsetCapture:
                     {"report": "reported", "delete": f"{ostats['orphans_deleted']} deleted",
                      "move": f"{ostats['orphans_moved']} moved aside"}[conn.orphans])
         return stats
+
+    def stop_mirror(self, conid: int, stop: threading.Event) -> bool:
+        """Set ``stop`` when connection ``conid``'s mirror is the one being
+        queued (it ends before its next entry); False when none is."""
+        with self._lock:
+            if self.mirroring != conid:
+                return False
+            stop.set()
+            return True
 
     def request_resync(self, conid: int, rel: bytes, reason: str = "") -> None:
         """Connection ``conid``'s target found a divergence under ``rel``:
@@ -260,6 +284,27 @@ def _give_back_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass                    # not glibc: the collection alone
+
+
+def _kept_newer(root: str, known: dict) -> frozenset:
+    """The regular files the target holds newer than the source, which a
+    ``newer`` mirror leaves alone (mirror.compare's rule, the one-shot
+    mirror's too). Same size and mtime are not among them: the mirror checks
+    those as always."""
+    import stat
+    from smirror.mirror.compare import source_is_newer
+    base, keep = os.fsencode(root), set()
+    for rel, k in known.items():
+        if k.kind != stat.S_IFREG:
+            continue
+        try:
+            st = os.lstat(base + b"/" + rel)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) != (k.size, k.mtime_ns) \
+                and not source_is_newer(st.st_mtime_ns, st.st_size, k.mtime_ns, k.size):
+            keep.add(rel)
+    return frozenset(keep)
 
 
 def _closed_emit(op) -> None:
@@ -517,7 +562,8 @@ class Daemon:
             raise
         return link
 
-    def _start_source(self, conn, mirror, *, known=None, scan_must_work: bool = True) -> SourceConnection:
+    def _start_source(self, conn, mirror, *, known=None, keep=frozenset(),
+                      scan_must_work: bool = True) -> SourceConnection:
         """Start a connection's source side; ``mirror`` is False, "full",
         "different" or True (checksum), against ``known`` (what the target
         holds) when the caller read it already. A target that cannot be
@@ -566,7 +612,7 @@ class Daemon:
         src.sender.on_reset = lambda: self._on_reset(src)
         src.sender.start()          # first: a mirror larger than the queue waits on it
         try:
-            src.mirror_stats = cap.add(conn, src.journal, known)
+            src.mirror_stats = cap.add(conn, src.journal, known, stop=src.mirror_stop, keep=keep)
         except BaseException:
             self._stop_source(conn.conid)
             raise
@@ -645,7 +691,7 @@ class Daemon:
         cap = self.captures.get(conn.repset)
         if cap is None:
             return
-        src.mirror_stats = cap.mirror(conn, src.journal, known)
+        src.mirror_stats = cap.mirror(conn, src.journal, known, stop=src.mirror_stop)
         self.counters.setdefault(conn.conid, dict.fromkeys(
             ("auto_disconnects", "reconnects", "remirrors"), 0))["remirrors"] += 1
 
@@ -1046,14 +1092,66 @@ class Daemon:
     @_verb("mirror-start", "admin")
     def _mirror_start(self, user: User, args: dict):
         conn = self.registry.connection(args.get("conid"))
+        newer = bool(args.get("newer"))
+        if newer and args.get("full"):
+            raise ConfigError(f"mirror-start {conn.conid}: full sends every file; newer cannot go "
+                              f"with it (newer compares with the target: use it alone, or with "
+                              f"different or checksum)")
         mode = "full" if args.get("full") else \
             "different" if args.get("different") and not args.get("checksum") else True
         # the target is read first: a failed read leaves the connection running
         known = {} if mode == "full" else self.remote_known(conn, signatures=mode != "different")
+        keep = _kept_newer(self.registry.repset(conn.repset).root, known) if newer else frozenset()
         with self._sources_lock:
-            self._stop_source(conn.conid)
-            src = self._start_source(conn, mirror=mode, known=known)
+            # status keeps a row while the connection restarts (the running one wins)
+            was = self.disconnected.get(conn.conid)
+            self.disconnected[conn.conid] = "restarting for a mirror"
+            try:
+                self._stop_source(conn.conid)
+                src = self._start_source(conn, mirror=mode, known=known, keep=keep)
+            except BaseException:
+                if was is None:
+                    self.disconnected.pop(conn.conid, None)
+                else:
+                    self.disconnected[conn.conid] = was
+                raise
+            self.disconnected.pop(conn.conid, None)
         return {"conid": conn.conid, "mirror": src.mirror_stats}
+
+    MIRROR_STOP_WAIT = 30.0     # seconds mirror-stop waits for the mirror to end
+
+    @_verb("mirror-stop", "admin")
+    def _mirror_stop(self, user: User, args: dict):
+        """Stop the connection's running mirror before its next entry; the
+        connection stays and replicates on. Waits (MIRROR_STOP_WAIT at most:
+        the entry in progress may wait for room in the queue) and answers
+        with what the mirror did; its state is ``stopped`` from then on."""
+        conn = self.registry.connection(args.get("conid"))
+        src, cap = self.sources.get(conn.conid), self.captures.get(conn.repset)
+        if src is None:
+            why = self.disconnected.get(conn.conid, "not running")
+            raise ConfigError(f"connection {conn.conid} has no running mirror to stop (the "
+                              f"connection is {why})")
+        if cap is None or not cap.stop_mirror(conn.conid, src.mirror_stop):
+            last = src.mirror_progress()
+            said = {None: "it has run none since it started",
+                    "sending": f"its last one has queued all its ops ({last and last.get('progress')}% "
+                               f"acknowledged): nothing is left to stop",
+                    "done": "its last one is done", "stopped": "its last one was stopped already"}
+            raise ConfigError(f"connection {conn.conid} has no running mirror to stop: "
+                              + said.get(last and last.get("state"), "none is running"))
+        before = src.mirror_stats
+        deadline = time.monotonic() + self.MIRROR_STOP_WAIT
+        while cap.mirroring == conn.conid and time.monotonic() < deadline:
+            if self._stop.wait(0.05):
+                break
+        # the stats are the caller's once the mirror returned: a moment later
+        grace = time.monotonic() + 5.0
+        while cap.mirroring != conn.conid and src.mirror_stats is before \
+                and self.sources.get(conn.conid) is src and time.monotonic() < grace:
+            if self._stop.wait(0.02):
+                break
+        return {"conid": conn.conid, "mirror": src.mirror_progress()}
 
     @_verb("connection.set", "admin")
     def _connection_set(self, user: User, args: dict):

@@ -56,6 +56,14 @@ def status_text(st: dict) -> str:
         elif m.get("state") == "sending":
             notes.append(f"    connection {s['conid']}: mirror sending: {m['progress']:.0f}% of "
                          f"{m.get('ops', 0)} ops acknowledged")
+        elif m.get("state") == "stopping":
+            notes.append(f"  ! connection {s['conid']}: mirror stopping (mirror-stop): it ends after "
+                         f"the entry it is queueing")
+        elif m.get("state") == "stopped":
+            notes.append(f"  ! connection {s['conid']}: mirror STOPPED (mirror-stop) after "
+                         f"{m.get('entries_checked', 0)} entries, {m.get('ops', 0)} ops, "
+                         f"{format_size(m.get('bytes_sent', 0))}: the target is NOT complete; "
+                         f"'smirror mirror-start {s['conid']}' completes it")
         if m.get("orphans"):
             notes.append(f"    connection {s['conid']}: last mirror found {m['orphans']} orphan(s), "
                          f"{format_size(m.get('orphan_bytes', 0))} ({m.get('orphan_policy', 'report')})")

@@ -214,23 +214,23 @@ class Checker:
             if name in seen:
                 raise self._err(opt, f"mirror start: {name} given twice")
             seen[name] = opt
-        if "newer" in seen:
-            raise self._err(seen["newer"], "mirror start: 'newer' is not available in a connection's "
-                                           "mirror", "use 'different' (size or mtime differ) or "
-                                                     "'different, checksum' (only changed blocks)")
         if "full" in seen and len(seen) > 1:
             other = next(t for n, t in seen.items() if n != "full")
             raise self._err(other, f"mirror start: full sends everything; {other.text.lower()} "
                                    f"cannot go with it")
-        # DTCL: with neither full nor different a mirror is full
-        mode = "checksum" if "checksum" in seen else "different" if "different" in seen else "full"
-        return Action(0, "mirror start", self._source_host(st), {"conid": conid, "mode": mode},
-                      summary=f"mirror start {_show(conid)} ({mode})")
+        # DTCL: with neither full nor different a mirror is full; newer
+        # compares with the target, as different does (files sent whole)
+        newer = "newer" in seen
+        mode = "checksum" if "checksum" in seen else \
+            "different" if "different" in seen or newer else "full"
+        return Action(0, "mirror start", self._source_host(st),
+                      {"conid": conid, "mode": mode, "newer": newer},
+                      summary=f"mirror start {_show(conid)} ({mode}{', newer' if newer else ''})")
 
     def _mirror_stop(self, st):
-        raise self._err(st.at, "mirror stop: smirror cannot stop a running mirror of a connection "
-                               "(it has no such request)",
-                        "'disconnect ID;' ends the connection and its mirror")
+        conid = self._conn_id(st.args["id"])
+        return Action(0, "mirror stop", self._source_host(st), {"conid": conid},
+                      summary=f"mirror stop {_show(conid)}")
 
     def _pause(self, st):
         verb = st.verb

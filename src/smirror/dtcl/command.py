@@ -74,7 +74,7 @@ def _fail(args, exc, code: int, runner: Runner | None = None) -> int:
         out = {"ok": False, "error": getattr(exc, "message", str(exc)),
                "ran": runner.results if runner else []}
         if isinstance(exc, DtclError):
-            out.update(script=exc.script, line=exc.line, column=exc.column)
+            out.update(script=exc.script, line=exc.line or None, column=exc.column or None)
         text = json.dumps(out)
         print(mask(text, runner.src.secrets) if runner else text)
     return code

@@ -14,6 +14,8 @@ from .lexer import Source, mask
 
 PASSWORD_ENV = "SMIRROR_PASSWORD"
 TASK_ANSWER_WAIT = 5.0      # seconds a queuetask waits for the target's answer, as the CLI's default
+MIRROR_WAIT = 24 * 3600.0   # seconds 'mirror start' waits for its mirror to be queued
+MIRROR_STOP_WAIT = 120.0    # seconds 'mirror stop' waits (the daemon answers within 35)
 
 
 class Runner:
@@ -160,13 +162,27 @@ class Runner:
         return r
 
     def _mirror_start(self, act):
-        mode = act.args["mode"]
-        r = self._client(act.host).call("mirror-start", conid=self._id(act.args["conid"]),
-                                        full=mode == "full", different=mode in ("different", "checksum"),
-                                        checksum=mode == "checksum")
+        mode, newer = act.args["mode"], act.args.get("newer", False)
+        # the answer comes once the mirror is queued: as long as that takes
+        r = self._client(act.host).call_waiting(
+            MIRROR_WAIT, "mirror-start", conid=self._id(act.args["conid"]), full=mode == "full",
+            different=mode in ("different", "checksum"), checksum=mode == "checksum", newer=newer)
         m = r.get("mirror") or {}
-        self.say(f"connection {r['conid']}: {mode} mirror queued: {m.get('ops', 0)} ops, "
-                 f"{m.get('bytes_sent', 0)} bytes")
+        if m.get("stopped"):
+            self.say(f"connection {r['conid']}: {mode} mirror STOPPED (mirror stop) after "
+                     f"{m.get('entries_checked', 0)} entries: {m.get('ops', 0)} ops, "
+                     f"{m.get('bytes_sent', 0)} bytes; the target is not complete")
+            return r
+        kept = f", {m['kept_newer']} newer on the target left alone" if "kept_newer" in m else ""
+        self.say(f"connection {r['conid']}: {mode}{' newer' if newer else ''} mirror queued: "
+                 f"{m.get('ops', 0)} ops, {m.get('bytes_sent', 0)} bytes{kept}")
+        return r
+
+    def _mirror_stop(self, act):
+        from smirror.daemon.control import mirror_stop_text
+        r = self._client(act.host).call_waiting(MIRROR_STOP_WAIT, "mirror-stop",
+                                                conid=self._id(act.args["conid"]))
+        self.say(mirror_stop_text(r))
         return r
 
     def _pause(self, act):

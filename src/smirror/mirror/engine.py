@@ -32,6 +32,7 @@ from smirror.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, Mirro
 from smirror.fs.files import (LocalTarget, TargetSide, aligned_buffer, fd_digest, fd_signature,
                            read_full, read_xattrs, xattr_filter)
 from smirror.fs.tree import DIR, FILE, SPECIAL, SYMLINK, Listing, Rules, entry_from_stat, scan
+from .compare import source_is_newer
 
 # the values of smirror.cli.main's EXIT_* (not imported: the library stays free of argparse)
 
@@ -479,7 +480,7 @@ class Mirror:
                 rewritten.add(rel)
                 continue
             if opts.newer:
-                changed = s.mtime_ns > d.mtime_ns or (s.mtime_ns == d.mtime_ns and s.size != d.size)
+                changed = source_is_newer(s.mtime_ns, s.size, d.mtime_ns, d.size)
                 if not changed:
                     summary.unchanged += 1
                     continue        # the target is as new or newer: leave it alone
