@@ -20,7 +20,7 @@ from smirror.errors import ConfigError  # noqa: E402
 from smirror.capture.mount.mountpoint import mounted_at
 from smirror.capture.mount.runner import CaptureMount
 from smirror.errors import MountError  # noqa: E402
-from smirror.ops import OpKind  # noqa: E402
+from smirror.ops import MARK_ROOT_MTIME, OpKind  # noqa: E402
 from smirror.replication import Replication  # noqa: E402
 from support.rsync import rsync_differences, wait_rsync_same  # noqa: E402
 from support.treestate import diff, snapshot  # noqa: E402
@@ -71,7 +71,9 @@ def test_every_call_is_applied_to_the_backing_directory_then_emitted_in_order(tm
         os.mkfifo(mnt / "fifo")
         assert (back / "h").read_bytes() == b"heZZ" == (mnt / "h").read_bytes()
         m.flush_times()
-    kinds = [(OpKind(o.kind).name, o.path) for o in ops if o.kind != OpKind.SETATTR or o.mode]
+    # owed mtimes go out on a 50 ms timer, wherever it falls: not part of the order
+    kinds = [(OpKind(o.kind).name, o.path) for o in ops
+             if (o.kind != OpKind.SETATTR or o.mode) and o.path != MARK_ROOT_MTIME]
     assert kinds[:13] == [
         ("MKDIR", b"d"), ("MKDIR", b"d/e"), ("CREATE", b"d/f"), ("WRITE", b"d/f"),
         ("MARK", b"smirror.fsync"), ("RENAME", b"d/f"), ("HARDLINK", b"h"), ("SYMLINK", b"s"),

@@ -163,6 +163,18 @@ class CaptureMount:
             self._owns_lock = False
             _one_mount.release()
         self._thread = None
+        if self.fs is not None:
+            self.fs.base.close()
+
+    def status(self) -> dict:
+        """The mount point, ops and bytes captured, failed and refused
+        calls, the bypass watcher."""
+        out = {"mount_point": self.mountpoint, "error": self.failure()}
+        if self.fs is not None:
+            out.update(self.fs.stats, failures=self.fs.failures)
+        if self.bypass is not None:
+            out["bypass"] = self.bypass.status()
+        return out
 
     def __enter__(self) -> "CaptureMount":
         return self.start()
