@@ -516,3 +516,55 @@ def test_replicate_command_refuses_a_bad_mount_point_by_name_without_a_traceback
     assert proc.returncode == 3, err
     assert f"mount point {mnt} is not empty" in err and "Traceback" not in err
     assert not mounted_at(str(mnt))
+
+
+# -- confinement: the mount never leaves BACKING ----------------------------------------
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "walk"])
+def test_a_symlink_swapped_into_backing_cannot_lead_the_mount_outside(tmp_path, monkeypatch,
+                                                                       caplog, openat2):
+    """A local user who can write BACKING swaps a directory the application
+    holds open (through the mount) for a symlink to a directory outside:
+    the mount (root) must not create, write, truncate, chmod or read
+    there; the application gets EACCES and the refusal is logged."""
+    import smirror.fs.beneath as beneath
+    monkeypatch.setattr(beneath, "use_openat2", openat2)
+    back, mnt, outside = tmp_path / "back", tmp_path / "mnt", tmp_path / "outside"
+    (back / "d").mkdir(parents=True)
+    (back / "d" / "f").write_bytes(b"inside")
+    outside.mkdir()
+    (outside / "f").write_bytes(b"secret")
+    ops = []
+    with CaptureMount(back, mnt, ops.append, bypass=False) as m:
+        # the application holds the directory: its later calls name it by inode
+        dfd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.stat("f", dir_fd=dfd)
+            os.rename(back / "d", back / "d-real")
+            os.symlink(outside, back / "d")
+            refused = []
+            for what, call in [
+                    ("open f for writing", lambda: os.open("f", os.O_WRONLY, dir_fd=dfd)),
+                    ("create g", lambda: os.open("g", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dfd)),
+                    ("mkdir h", lambda: os.mkdir("h", dir_fd=dfd)),
+                    ("symlink s", lambda: os.symlink("/etc/passwd", "s", dir_fd=dfd)),
+                    ("truncate f", lambda: os.truncate(f"/proc/self/fd/{dfd}/f", 0)),
+                    ("chmod f", lambda: os.chmod("f", 0o777, dir_fd=dfd)),
+                    ("unlink f", lambda: os.unlink("f", dir_fd=dfd)),
+                    ("setxattr f", lambda: os.setxattr(f"/proc/self/fd/{dfd}/f", "user.x", b"1")),
+                    ("read f", lambda: open(os.open("f", os.O_RDONLY, dir_fd=dfd), "rb").read())]:
+                with pytest.raises(OSError) as e:
+                    call()
+                refused.append((what, e.value.errno))
+        finally:
+            os.close(dfd)
+        assert {errno for _, errno in refused} == {13}, refused      # EACCES every time
+        st = m.status()
+        assert st["refused"] >= len(refused), st
+        assert "symlink" in st["last_refused"] and "'d'" in st["last_refused"], st
+    # nothing happened outside, nothing was emitted for it
+    assert sorted(os.listdir(outside)) == ["f"]
+    assert (outside / "f").read_bytes() == b"secret"
+    assert stat.S_IMODE(os.stat(outside / "f").st_mode) != 0o777
+    assert os.listxattr(outside / "f") == []
+    assert [o for o in ops if o.kind not in (OpKind.SETATTR, OpKind.MARK)] == [], ops
+    assert "refused" in caplog.text and "passes through symlink" in caplog.text
