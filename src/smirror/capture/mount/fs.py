@@ -701,6 +701,35 @@ class CaptureFS(pyfuse3.Operations):
             sent.add(rel)
             self._resend(rel, tree=kind == "tree")
 
+    def resend_to(self, rel: bytes, emit) -> None:
+        """``rel`` (a file or a subtree) removed and sent again whole, to
+        ``emit`` only (a target's resync), on the mount's thread."""
+        saved = self.emit
+        self.emit = emit
+        self._touched_dirs = set()
+        try:
+            self._out(Op.delete(0, rel))
+            try:
+                self._resend(rel, tree=True)
+            except ConfinementError as exc:
+                self.refuse("resync", exc)
+            for parent in sorted(self._touched_dirs, key=len, reverse=True):
+                self._stamp(parent)
+        finally:
+            self.emit = saved
+
+    def stamp_dirs(self, rels, emit) -> None:
+        """The mtimes of the directories ``rels`` (b"": the root), deepest
+        first, to ``emit`` only: after a mirror whose ops changed their
+        entries on the target (which gave them the time of applying)."""
+        saved = self.emit
+        self.emit = emit
+        try:
+            for rel in sorted(set(rels), key=len, reverse=True):
+                self._stamp(rel)
+        finally:
+            self.emit = saved
+
     def _stamp(self, rel: bytes) -> None:
         """The current mtime of ``rel`` (b"": the root) as an op."""
         try:

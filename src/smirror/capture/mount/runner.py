@@ -127,6 +127,33 @@ class CaptureMount:
         except trio.RunFinishedError:
             return None
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread that serves the mount."""
+        return self._thread
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._token is not None
+
+    def call_soon(self, fn, *args) -> bool:
+        """Schedule ``fn(*args)`` on the mount's thread without waiting for
+        it; False once the loop ended. An exception is logged and reported
+        by failure()."""
+        if not self.running():
+            return False
+
+        def guarded():
+            try:
+                fn(*args)
+            except Exception as exc:       # noqa: BLE001 - the loop goes on; reported
+                self.error = f"{getattr(fn, '__name__', fn)}: {type(exc).__name__}: {exc}"
+                log.error("capture mount: %s", self.error, exc_info=True)
+        try:
+            self._token.run_sync_soon(guarded)
+        except Exception:                   # noqa: BLE001 - trio.RunFinishedError: ended
+            return False
+        return True
+
     def flush_times(self) -> None:
         """Send the mtimes owed now (from any thread), so a sync covers them."""
         self.call(self._flush)
