@@ -568,3 +568,90 @@ def test_a_symlink_swapped_into_backing_cannot_lead_the_mount_outside(tmp_path, 
     assert os.listxattr(outside / "f") == []
     assert [o for o in ops if o.kind not in (OpKind.SETATTR, OpKind.MARK)] == [], ops
     assert "refused" in caplog.text and "passes through symlink" in caplog.text
+
+
+# -- fallocate and renameat2's flags ------------------------------------------------------
+def _libc():
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                               ctypes.c_uint]
+    return libc, ctypes
+
+
+def _fallocate(fd, mode, offset, length):
+    libc, ctypes = _libc()
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _renameat2(old, new, flags):
+    libc, ctypes = _libc()
+    if libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:   # AT_FDCWD
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
+NOREPLACE, EXCHANGE = 1, 2
+
+
+def test_fallocate_through_the_mount_is_applied_recorded_in_order_and_replicated(dirs):
+    back, dst, mnt, state = dirs
+    ops = []
+    with Replication(back, dst, state_dir=state, mount=mnt) as rep:
+        assert rep.mount.fallocate_unsupported == ""
+        sink = rep.mount.fs.emit
+        rep.mount.fs.emit = lambda op: (ops.append(op), sink(op))
+        fd = os.open(mnt / "f", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, os.urandom(3 * 1024 * 1024))
+            _fallocate(fd, 0, 0, 5 * 1024 * 1024)                  # grows it
+            _fallocate(fd, KEEP_SIZE, 0, 8 * 1024 * 1024)          # nothing a reader sees
+            _fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 4096, 1_500_000)
+            _fallocate(fd, ZERO_RANGE, 5 * 1024 * 1024 - 100, 1000)   # zeroes and grows
+            os.pwrite(fd, b"after", 10)                             # then a write over the hole
+        finally:
+            os.close(fd)
+        assert rep.wait(60), rep.status()
+        wait_rsync_same(back, dst, why=lambda: json.dumps(rep.status()))
+    data = (back / "f").read_bytes()
+    assert len(data) == 5 * 1024 * 1024 + 900
+    assert data[4096 + 10:4096 + 1_500_000] == bytes(1_500_000 - 10)
+    assert rsync_differences(back, dst) == ""
+    # in the order served: the growth, the hole as zeros, the zeroed end, the write
+    seen = [(OpKind(o.kind).name, o.offset, o.size, len(o.data)) for o in ops
+            if o.kind in (OpKind.WRITE, OpKind.TRUNCATE)]
+    grow = seen.index(("TRUNCATE", 0, 5 * 1024 * 1024, 0))
+    hole = [s for s in seen[grow + 1:] if s[0] == "WRITE" and 4096 <= s[1] < 4096 + 1_500_000]
+    assert sum(s[3] for s in hole) == 1_500_000, seen
+    assert seen[-3:] == [("WRITE", 5 * 1024 * 1024 - 100, 0, 100),
+                         ("TRUNCATE", 0, 5 * 1024 * 1024 + 900, 0), ("WRITE", 10, 0, 5)], seen
+
+
+def test_rename_exchange_and_noreplace_through_the_mount_are_replicated(dirs):
+    back, dst, mnt, state = dirs
+    ops = []
+    with Replication(back, dst, state_dir=state, mount=mnt) as rep:
+        sink = rep.mount.fs.emit
+        rep.mount.fs.emit = lambda op: (ops.append(op), sink(op))
+        (mnt / "a").write_bytes(b"AAAA")
+        os.makedirs(mnt / "d" / "inner")
+        (mnt / "d" / "inner" / "x").write_bytes(b"in d")
+        _renameat2(mnt / "a", mnt / "d", EXCHANGE)            # a file and a directory swap
+        assert (mnt / "a" / "inner" / "x").read_bytes() == b"in d"
+        assert (mnt / "d").read_bytes() == b"AAAA"
+        # the mount follows the swap: writes land under the new names
+        (mnt / "a" / "inner" / "x").write_bytes(b"written after the swap")
+        with pytest.raises(FileExistsError):
+            _renameat2(mnt / "d", mnt / "a", NOREPLACE)
+        _renameat2(mnt / "d", mnt / "e", NOREPLACE)
+        assert rep.wait(60), rep.status()
+        wait_rsync_same(back, dst, why=lambda: json.dumps(rep.status()))
+    assert (dst / "a" / "inner" / "x").read_bytes() == b"written after the swap"
+    assert (dst / "e").read_bytes() == b"AAAA" and not (dst / "d").exists()
+    renames = [(bytes(o.path), bytes(o.path2), o.mask) for o in ops if o.kind == OpKind.RENAME]
+    assert renames == [(b"a", b"d", 1), (b"d", b"e", 0)], renames
+    assert rsync_differences(back, dst) == ""

@@ -44,9 +44,8 @@ import pyfuse3
 
 from smirror.capture.recorder import xattr_name
 from smirror.errors import ConfinementError
-from smirror.fs.beneath import Beneath, chmod_at, open_subdir, proc_path
-from smirror.ops import Op
-from smirror.ops import MARK_ROOT_MTIME
+from smirror.fs.beneath import Beneath, chmod_at, open_subdir, proc_path, renameat2
+from smirror.ops import MARK_ROOT_MTIME, Op, RenameFlag
 
 log = logging.getLogger("smirror.capture.mount")
 
@@ -64,21 +63,27 @@ _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
 # seconds between two log lines about refused (confinement) calls
 REFUSED_LOG_EVERY = 10.0
 
-_renameat2_fn = None
+_fallocate_fn = None
+
+# fallocate(2) modes (linux/falloc.h); the kernel's FUSE passes these three
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_FALLOC_KNOWN = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+_ZEROS = bytes(1 << 20)             # a punched or zeroed range goes out as WRITEs of these
 
 
-def renameat2(olddfd: int, old: bytes, newdfd: int, new: bytes, flags: int) -> None:
-    """renameat2(2) (glibc >= 2.28; Python has no binding): the flags
-    RENAME_NOREPLACE / RENAME_EXCHANGE are atomic in the kernel."""
-    global _renameat2_fn
-    if _renameat2_fn is None:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode (Python has only posix_fallocate)."""
+    global _fallocate_fn
+    if _fallocate_fn is None:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        _renameat2_fn = fn
-    if _renameat2_fn(olddfd, old, newdfd, new, flags) != 0:
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _fallocate_fn = fn
+    if _fallocate_fn(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), os.fsdecode(old))
+        raise OSError(err, os.strerror(err))
 
 
 def _served(fn):
@@ -236,6 +241,17 @@ class CaptureFS(pyfuse3.Operations):
                     node.paths[i] = new
                 elif p.startswith(prefix):
                     node.paths[i] = new + p[len(old):]
+
+    def _exchanged(self, a: bytes, b: bytes) -> None:
+        """Every known path at or under ``a`` is now under ``b``, and the
+        other way round (RENAME_EXCHANGE)."""
+        pa, pb = a + b"/", b + b"/"
+        for node in self.nodes.values():
+            for i, p in enumerate(node.paths):
+                if p == a or p.startswith(pa):
+                    node.paths[i] = b + p[len(a):]
+                elif p == b or p.startswith(pb):
+                    node.paths[i] = a + p[len(b):]
 
     def _attrs(self, st) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -449,8 +465,6 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
         old, new = self._child(parent_old, name_old), self._child(parent_new, name_new)
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            raise pyfuse3.FUSEError(errno.EINVAL)     # no op says "exchange": see docs/mount.md
         with self._at(old) as (odfd, oname), self._at(new) as (ndfd, nname):
             ino = self._ino(os.stat(oname, dir_fd=odfd, follow_symlinks=False).st_ino)
             try:
@@ -460,9 +474,17 @@ class CaptureFS(pyfuse3.Operations):
             if replaced == ino and not flags:
                 return              # two names of one file: rename(2) does nothing
             if flags:
-                renameat2(odfd, oname, ndfd, nname, flags)     # NOREPLACE: atomic
+                # NOREPLACE and EXCHANGE: atomic in the kernel, never checked then done
+                renameat2(odfd, oname, ndfd, nname, flags)
             else:
                 os.rename(oname, nname, src_dir_fd=odfd, dst_dir_fd=ndfd)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            if replaced != ino:     # two names of one file swapped: nothing changed
+                self._out(Op.rename(0, old, new, RenameFlag.EXCHANGE))
+                self._exchanged(old, new)
+            self._dirty(ino, replaced)
+            self._dirty(parent_old, parent_new)
+            return
         self._out(Op.rename(0, old, new))
         if replaced is not None:
             self._forget_path(new, replaced)
@@ -643,6 +665,48 @@ class CaptureFS(pyfuse3.Operations):
             self.stats["bytes_written"] += n
             self.times_dirty[ino] = None
         return n
+
+    def fallocate_call(self, fh: int, mode: int, offset: int, length: int) -> int:
+        """fallocate on an open file (libfuse's handler, installed by
+        :mod:`smirror.capture.mount.fallocate`; called on the mount's thread,
+        synchronously): the errno for the caller, 0 when done. What it
+        changes that a reader sees goes out as ops: a punched or zeroed
+        range as WRITEs of zeros, a new size as TRUNCATE (allocation itself
+        is invisible, nothing is sent for it)."""
+        self.requests["fallocate"] = self.requests.get("fallocate", 0) + 1
+        t0 = time.perf_counter_ns()
+        try:
+            if mode & ~_FALLOC_KNOWN:
+                return errno.EOPNOTSUPP
+            ino = self.open_files.get(fh)
+            if ino is None:
+                return errno.EBADF
+            before = os.fstat(fh).st_size
+            fallocate(fh, mode, offset, length)
+            after = os.fstat(fh).st_size
+            node = self.nodes.get(ino)
+            if node is None or not node.paths:
+                return 0                    # unlinked: no replica to change
+            rel = node.paths[0]
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                pos, end = offset, min(offset + length, before)
+                while pos < end:
+                    n = min(len(_ZEROS), end - pos)
+                    self._out(Op.write(0, rel, pos, memoryview(_ZEROS)[:n]))
+                    pos += n
+            if after != before:
+                self._out(Op.truncate(0, rel, after))
+            self._dirty(ino)
+            return 0
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        except Exception as exc:            # noqa: BLE001 - must not end the FUSE loop
+            self.failures += 1
+            self.error = f"fallocate: {type(exc).__name__}: {exc}"
+            log.exception("mount of %s: fallocate failed", os.fsdecode(self.root))
+            return errno.EIO
+        finally:
+            self.busy_ns += time.perf_counter_ns() - t0
 
     @_served
     def flush(self, fh):

@@ -43,6 +43,7 @@ class CaptureMount:
         self.bypass = None
         self.fs = None
         self.cleared = ""          # the message, when a stale mount was cleared
+        self.fallocate_unsupported = ""     # why fallocate(2) is not served, if it is not
         self.error = ""
         self._thread: threading.Thread | None = None
         self._token = None
@@ -73,6 +74,12 @@ class CaptureMount:
                 raise MountError(f"cannot mount {self.mountpoint}: {exc} (is /dev/fuse "
                                  f"there and usable?)") from None
             self._mounted = True
+            from .fallocate import install
+            self.fallocate_unsupported = install(self.fs.fallocate_call)
+            if self.fallocate_unsupported:
+                log.warning("capture mount at %s: fallocate(2) through it is not supported "
+                            "(EOPNOTSUPP; posix_fallocate falls back to writes): %s",
+                            self.mountpoint, self.fallocate_unsupported)
             self._thread = threading.Thread(target=self._run, name="capture-mount", daemon=True)
             self._thread.start()
             self._ready.wait()
