@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: pip install -e '.[test,mount]' (with libfuse3-dev)")
 
-from support.daemons import wait_for  # noqa: E402
+from support.daemons import PASSWORD, smirror, wait_for  # noqa: E402
 from support.pair import login, running_pair  # noqa: E402
 from support.rsync import rsync_differences, wait_rsync_same  # noqa: E402
 from smirror.capture.mount.mountpoint import mounted_at  # noqa: E402
@@ -192,3 +192,20 @@ def test_repset_delete_unmounts_and_bad_mount_repsets_are_refused_by_name(tmp_pa
         source.kill(signal.SIGTERM)
         source.start()
         assert not mounted_at(str(mnt))
+
+
+def test_a_dtcl_script_creates_a_mount_set(tmp_path, mount_dirs):
+    """The script form of a mount set: repset create NAME root PATH mount DIR."""
+    back, mnt, dst = mount_dirs
+    with running_pair(tmp_path) as (source, target, env):
+        script = tmp_path / "setup.dtcl"
+        script.write_text(f'$S = "{source.address}";\nlogin $S admin;\nsource $S;\n'
+                          f"repset create db root {back} mount {mnt};\n"
+                          f"connect db to {target.address} map base {dst};\n")
+        os.chmod(script, 0o600)
+        r = smirror("dtcl", "-f", script, env={**env, "SMIRROR_PASSWORD": PASSWORD}, check=False)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+        assert f"captured through the mount at {mnt}" in r.stdout, r.stdout
+        assert mounted_at(str(mnt)) == "fuse.smirror"
+        (mnt / "via-script").write_bytes(b"x")
+        wait_rsync_same(back, dst, why=lambda: source.log()[-3000:])
