@@ -12,6 +12,9 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(REPO, "tests"), os.path.join(REPO, "src")]
+# the daemons it starts run this checkout's smirror too
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [os.path.join(REPO, "src")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 from support.sqlite_copies import main  # noqa: E402
 

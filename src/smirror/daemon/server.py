@@ -478,7 +478,10 @@ class Daemon:
                         "the deleted-files directory"),
                        (config.tasks.directory, "the task directory"),
                        (config.daemon.log_file, "the daemon's log file")],
-            repset_roots=lambda: [(r.name, r.root) for r in list(self.registry.repsets.values())])
+            # a mount set's mount point too: the applier writing through this
+            # daemon's own mount would capture its own writes (and wait on itself)
+            repset_roots=lambda: [(r.name, p) for r in list(self.registry.repsets.values())
+                                  for p in (r.root, r.mount) if p])
         self.bindings = SourceBindings(self.state_dir)
         if not config.target.allowed_roots:
             log.info("no [target] allowed_roots: this daemon accepts no data links (it is no target)")
