@@ -177,6 +177,11 @@ def test_repset_delete_unmounts_and_bad_mount_repsets_are_refused_by_name(tmp_pa
         p = source.cli("repset", "create", "db2", "--root", other, "--mount", tmp_path / "mnt2",
                        check=False)
         assert p.returncode != 0 and "one capture mount per daemon" in p.stderr, p.stderr
+        # a map base in the mount point of a set of the target daemon is refused
+        source.add_user("repl", "replication")
+        p = source.cli("connect", "db", "to", source.address, "map", "base", mnt / "loop",
+                       check=False)
+        assert p.returncode != 0 and "overlaps replication set 'db'" in p.stderr, p.stderr
         (mnt / "through").write_bytes(b"written before any connection")
         listed = json.loads(source.cli("repset", "list", "--json").stdout)
         assert listed[0]["capture"] == "mount" and listed[0]["mount"] == str(mnt), listed
