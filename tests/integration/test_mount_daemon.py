@@ -191,6 +191,14 @@ def test_repset_delete_unmounts_and_bad_mount_repsets_are_refused_by_name(tmp_pa
         conid = status(source)["sources"][0]["conid"]
         source.cli("disconnect", str(conid))
         assert mounted_at(str(mnt)) == "fuse.smirror", "the mount outlives its connections"
+        # a mount that cannot be made at start: status says why, by name
+        source.kill(signal.SIGTERM)
+        (mnt / "blocker").write_bytes(b"")                # the mount point is not empty now
+        source.start()
+        login(source, env)
+        row = status(source)["mounts"]["db"]
+        assert row["state"] == "failed" and "is not empty" in row["error"], row
+        os.unlink(mnt / "blocker")
         source.cli("repset", "delete", "db")
         assert not mounted_at(str(mnt))
         # a restart does not mount a deleted set

@@ -443,6 +443,7 @@ class Daemon:
         self.pending_logins = PendingLogins(config.login.max_pending, config.login.max_pending_per_peer)
         self.sources: dict[int, SourceConnection] = {}
         self.captures: dict[str, RepsetCapture] = {}
+        self.mount_errors: dict[str, str] = {}    # mount set -> why its mount did not start
         self.targets: dict[tuple[str, int], TargetConnection] = {}
         self._targets_lock = threading.Lock()
         self._sources_lock = threading.RLock()
@@ -513,7 +514,8 @@ class Daemon:
                 try:
                     self._start_mount(repset)
                 except (SmirrorError, OSError) as exc:
-                    # its connections say so too (not started)
+                    # status and its connections say so too (not started)
+                    self.mount_errors[repset.name] = str(exc)
                     log.error("replication set %s: capture mount at %s not started: %s",
                               repset.name, repset.mount, exc)
         for conn in list(self.registry.connections.values()):
@@ -610,7 +612,8 @@ class Daemon:
         if cap is None and repset.capture == "mount":
             self._stop_source(conn.conid)
             raise ConfigError(f"connection {conn.conid}: the capture mount of replication set "
-                              f"{repset.name!r} at {repset.mount} is not running (see the log)")
+                              f"{repset.name!r} at {repset.mount} is not running: "
+                              f"{self.mount_errors.get(repset.name, 'see the log')}")
         if cap is None:
             made = None
             try:
@@ -644,9 +647,11 @@ class Daemon:
             if cap is None:
                 cap = MountRepsetCapture(repset, self._auto_disconnect).start()
                 self.captures[repset.name] = cap
+                self.mount_errors.pop(repset.name, None)
             return cap
 
     def _stop_mount(self, name: str) -> None:
+        self.mount_errors.pop(name, None)
         with self._sources_lock:
             cap = self.captures.get(name)
             if isinstance(cap, MountRepsetCapture):
@@ -1328,6 +1333,17 @@ class Daemon:
                   **self.counters.get(c, {})} for c, why in sorted(down.items()) if c not in sources]
         return rows
 
+    def _mount_rows(self) -> dict:
+        """Each mount set's capture: running (with its counters) or why not."""
+        rows = {name: cap.capture.status() for name, cap in list(self.captures.items())
+                if isinstance(cap, MountRepsetCapture)}
+        for name, why in list(self.mount_errors.items()):
+            repset = self.registry.repsets.get(name)
+            if name not in rows and repset is not None:
+                rows[name] = {"kind": "mount", "mount_point": repset.mount, "state": "failed",
+                              "error": why}
+        return rows
+
     def memory_status(self) -> dict:
         """The budget and what holds it (status ``memory``)."""
         sources, targets = list(self.sources.values()), list(self.targets.values())
@@ -1339,6 +1355,5 @@ class Daemon:
                 "tasks": self.task_log.recent()[-20:], "tasks_waiting": self.target_tasks.waiting(),
                 "listen": f"{self.address[0]}:{self.address[1]}",
                 "sources": self._source_rows(),
-                "mounts": {name: cap.capture.status() for name, cap in list(self.captures.items())
-                           if isinstance(cap, MountRepsetCapture)},
+                "mounts": self._mount_rows(),
                 "targets": [dict(t.status(), source=k[0]) for k, t in self.targets.items()]}
