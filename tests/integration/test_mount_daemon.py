@@ -104,6 +104,8 @@ def _ordered_pair_through_two_daemons(tmp_path, mount_dirs, n):
         assert mount["failures"] == 0 and mount["ops"] >= 2 * n, mount
         row = st["sources"][0]
         assert row["capture"]["kind"] == "mount", row
+        table = source.cli("status").stdout
+        assert f"repset db: capture mount at {mnt}, running, " in table, table
         source.kill(signal.SIGTERM)
         assert not mounted_at(str(mnt)), "the daemon's stop unmounts"
     return r
@@ -198,6 +200,8 @@ def test_repset_delete_unmounts_and_bad_mount_repsets_are_refused_by_name(tmp_pa
         login(source, env)
         row = status(source)["mounts"]["db"]
         assert row["state"] == "failed" and "is not empty" in row["error"], row
+        table = source.cli("status").stdout
+        assert f"repset db: capture mount at {mnt}, failed: mount point" in table, table
         os.unlink(mnt / "blocker")
         source.cli("repset", "delete", "db")
         assert not mounted_at(str(mnt))
