@@ -226,3 +226,22 @@ def test_a_dtcl_script_creates_a_mount_set(tmp_path, mount_dirs):
         assert mounted_at(str(mnt)) == "fuse.smirror"
         (mnt / "via-script").write_bytes(b"x")
         wait_rsync_same(back, dst, why=lambda: source.log()[-3000:])
+
+
+def test_a_target_divergence_is_resynced_through_the_mount(tmp_path, mount_dirs):
+    """Someone removes part of the replica on the target: the next op there
+    fails, the target asks for a resync, and the mount set resends that
+    subtree (on the mount's thread, in order with its ops)."""
+    back, mnt, dst = mount_dirs
+    with running_pair(tmp_path) as (source, target, env):
+        mount_repset(source, target, env, back, mnt, dst)
+        (mnt / "d").mkdir()
+        (mnt / "d" / "f").write_bytes(os.urandom(20_000))
+        wait_rsync_same(back, dst, why=lambda: source.log()[-3000:])
+        shutil.rmtree(dst / "d")                      # behind the target's back
+        with open(mnt / "d" / "f", "r+b") as f:       # an op the target cannot apply
+            f.seek(5000)
+            f.write(b"changed through the mount")
+        wait_rsync_same(back, dst, why=lambda: source.log()[-3000:] + target.log()[-3000:])
+        assert "resync" in target.log() or "resync" in source.log()
+        assert status(source)["mounts"]["db"]["failures"] == 0
