@@ -547,12 +547,13 @@ class Daemon:
         self._stop.set()
         if self._sock is not None:
             self._sock.close()
-        # capture mounts first: no change through them after their queues close
-        with self._sources_lock:
-            for name, cap in list(self.captures.items()):
-                if isinstance(cap, MountRepsetCapture):
-                    cap.close()
-                    del self.captures[name]
+        # capture mounts first: no change through them after their queues
+        # close. Not under the sources lock: a reconnect's mirror may hold it
+        # while it waits for room in a queue (closed just below)
+        for name, cap in list(self.captures.items()):
+            if isinstance(cap, MountRepsetCapture):
+                cap.close()
+                self.captures.pop(name, None)
         # a reconnect's mirror may wait for room in its queue while holding
         # the sources lock: closed queues end that wait (SIGTERM hung there)
         for src in list(self.sources.values()):
