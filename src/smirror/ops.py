@@ -17,7 +17,8 @@ CREATE     path, mode (permission bits, <= 0o7777)
 MKDIR      path, mode
 DELETE     path
 RMDIR      path
-RENAME     path (old), path2 (new path)
+RENAME     path (old), path2 (new path), mask (:class:`RenameFlag`: 0
+           moves path to path2, EXCHANGE swaps the two atomically)
 SETATTR    path, mask (:class:`AttrMask`, never empty: no atime-only op)
            and the fields it names: mode, uid, gid, mtime_ns
 SYMLINK    path (the link), path2 (its target, stored verbatim)
@@ -78,7 +79,7 @@ __all__ = [
     "MAX_PAYLOAD", "MAX_PATH", "MAX_SEQ", "MAX_OFFSET", "MAX_MODE",
     "MAX_TREE_PATH", "NAME_MAX", "MAX_LABEL", "MAX_ID", "MAX_TASK_PAYLOAD",
     "MAX_MARK_PAYLOAD", "MAX_XATTR_NAME", "MAX_XATTR_VALUE", "XattrFlag",
-    "XATTR_NAMESPACES", "MKNOD_TYPES",
+    "XATTR_NAMESPACES", "MKNOD_TYPES", "RenameFlag",
     "LZ4_MAX_RATIO", "AUTO_COMPRESS_MIN", "AUTO_SAMPLE",
 ]
 
@@ -112,6 +113,13 @@ class AttrMask(IntFlag):
 class XattrFlag(IntFlag):
     """The mask of an XATTR op: 0 sets the value, REMOVE removes the name."""
     REMOVE = 1
+
+
+class RenameFlag(IntFlag):
+    """The mask of a RENAME op: 0 moves ``path`` to ``path2``; EXCHANGE
+    swaps them atomically (renameat2 RENAME_EXCHANGE: both exist, no
+    moment where either name is missing)."""
+    EXCHANGE = 1
 
 
 # the name prefixes an XATTR op may carry (the kernel knows no others)
@@ -206,8 +214,9 @@ class Op(NamedTuple):
         return _new(cls, (seq, OpKind.RMDIR, path, b"", 0, 0, 0, 0, 0, 0, 0, b""))
 
     @classmethod
-    def rename(cls, seq: int, path: bytes, new_path: bytes) -> "Op":
-        return _new(cls, (seq, OpKind.RENAME, path, new_path, 0, 0, 0, 0, 0, 0, 0, b""))
+    def rename(cls, seq: int, path: bytes, new_path: bytes, flags: int = 0) -> "Op":
+        """``flags``: :class:`RenameFlag` (EXCHANGE: swap the two names)."""
+        return _new(cls, (seq, OpKind.RENAME, path, new_path, 0, 0, 0, 0, 0, 0, flags, b""))
 
     @classmethod
     def setattr(cls, seq: int, path: bytes, mode: int | None = None,
@@ -299,6 +308,8 @@ class Op(NamedTuple):
                          else f"value={len(self.data)} B")
         elif kind is OpKind.MKNOD:
             parts.append(f"mode={self.mode:o} rdev={self.size}")
+        elif kind is OpKind.RENAME and self.mask & RenameFlag.EXCHANGE:
+            parts.append("exchange")
         elif len(self.data):
             parts.append(f"payload={len(self.data)} B")
         return f"Op({' '.join(parts)})"

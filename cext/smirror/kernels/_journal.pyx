@@ -86,6 +86,7 @@ cdef enum:
     K_XATTR = 13
     K_MKNOD = 14
     X_REMOVE = 1            # XattrFlag.REMOVE
+    R_EXCHANGE = 1          # RenameFlag.EXCHANGE
     MAX_XATTR_NAME = 255
     MAX_XATTR_VALUE = 65536
     TYPE_BITS = 0o170000
@@ -314,6 +315,7 @@ cdef enum RecordProblem:
     R_XATTR_REMOVE_DATA
     R_MKNOD_MODE        # value = mode
     R_MKNOD_RDEV        # value = rdev
+    R_RENAME_FLAGS      # value = mask
 
 
 cdef Py_ssize_t validate_records(const unsigned char* raw, Py_ssize_t raw_len,
@@ -357,6 +359,12 @@ cdef Py_ssize_t validate_records(const unsigned char* raw, Py_ssize_t raw_len,
         elif kind == K_XATTR:
             if mask > X_REMOVE:
                 err.code = R_XATTR_FLAGS
+                err.value = mask
+                err.pos = pos + 1
+                return -1
+        elif kind == K_RENAME:
+            if mask > R_EXCHANGE:
+                err.code = R_RENAME_FLAGS
                 err.value = mask
                 err.pos = pos + 1
                 return -1
@@ -555,6 +563,8 @@ cdef object record_error(RecordError* e, const unsigned char* raw,
         msg = f"{who}: payload is {e.value} bytes, the limit is {e.other}"
     elif code == R_XATTR_FLAGS:
         msg = f"{who}: bad xattr flags 0x{e.value:02x}"
+    elif code == R_RENAME_FLAGS:
+        msg = f"{who}: bad rename flags 0x{e.value:02x}"
     elif code == R_XATTR_REMOVE_DATA:
         msg = f"{who}: an xattr removal carries a value"
     elif code == R_MKNOD_MODE:
@@ -1080,6 +1090,12 @@ cdef class Encoder:
                                           X_REMOVE)
                 if f.mask and f.data_len:
                     raise bad_op(i, op, "an xattr removal carries no value")
+            elif kind == K_RENAME:
+                check_unused(i, op, "uid", <object>PyTuple_GET_ITEM(op, 7), kind)
+                check_unused(i, op, "gid", <object>PyTuple_GET_ITEM(op, 8), kind)
+                check_unused(i, op, "mtime_ns", <object>PyTuple_GET_ITEM(op, 9), kind)
+                f.mask = <uint8_t>get_u64(i, op, "mask", <object>PyTuple_GET_ITEM(op, 10),
+                                          R_EXCHANGE)
             else:
                 check_unused(i, op, "uid", <object>PyTuple_GET_ITEM(op, 7), kind)
                 check_unused(i, op, "gid", <object>PyTuple_GET_ITEM(op, 8), kind)

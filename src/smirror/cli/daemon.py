@@ -81,6 +81,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
     p.add_argument("--not-recursive", action="store_true",
                    help="the rules cover only the direct entries of matching directories")
+    p.add_argument("--capture", choices=("watch", "mount"),
+                   help="how changes are captured (create): a watcher on the root (default), or "
+                        "a capture mount at --mount that the application uses (exact write order)")
+    p.add_argument("--mount", metavar="MOUNTPOINT",
+                   help="with capture mount: where the daemon mounts the root for the application")
     _host_option(p)
     p.set_defaults(run=run_repset)
 
@@ -319,6 +324,7 @@ def run_repset(args) -> int:
             sets = c.call("repset.list")
             lines = [f"{'NAME':<20} {'ROOT':<40} RULES"] + [
                 f"{r['name']:<20} {r['root']:<40} "
+                + (f"mount at {r['mount']} " if r.get("capture") == "mount" else "")
                 + ", ".join(f"{k} {p}{'' if rec else ' (not recursive)'}" for k, p, rec in r["rules"])
                 for r in sets]
             _print(args, sets, "\n".join(lines))
@@ -332,8 +338,14 @@ def run_repset(args) -> int:
             raise ConfigError("repset create needs --root DIR")
         rec = not args.not_recursive
         rules = [["include", p, rec] for p in args.include] + [["exclude", p, rec] for p in args.exclude]
-        r = c.call("repset.create", name=args.name, root=os.path.abspath(args.root), rules=rules)
-        _print(args, r, f"created {r['name']} at {r['root']}")
+        extra = {}
+        if args.capture or args.mount:
+            extra = {"capture": args.capture or "mount",
+                     "mount": os.path.abspath(args.mount) if args.mount else None}
+        r = c.call("repset.create", name=args.name, root=os.path.abspath(args.root), rules=rules,
+                   **extra)
+        _print(args, r, f"created {r['name']} at {r['root']}"
+               + (f", captured through the mount at {r['mount']}" if r.get("capture") == "mount" else ""))
     return EXIT_OK
 
 

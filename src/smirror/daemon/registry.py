@@ -3,7 +3,10 @@
 or the new registry, never half of one).
 
 A replication set (repset) is a source root directory plus ordered
-include/exclude rules relative to it; a connection maps one repset to a
+include/exclude rules relative to it, and how its changes are captured:
+``watch`` (a watcher on the root) or ``mount`` (the root is the backing
+directory of a capture mount at the repset's mount point, which the
+application uses: exact write order, see docs/mount.md); a connection maps one repset to a
 target (``host:port``) and a map base (directory on the target). One repset
 may have many connections: fan-out, or rotating replicas on one target.
 """
@@ -51,11 +54,16 @@ class RepsetRule:
         return [base, base + ("/**" if self.recursive else "/*")]
 
 
+CAPTURES = ("watch", "mount")
+
+
 @dataclass
 class Repset:
     name: str
     root: str
     rules: list[RepsetRule] = field(default_factory=list)
+    capture: str = "watch"
+    mount: str = ""             # the mount point, with capture = "mount"
 
     def compiled_rules(self) -> Rules:
         """tree.Rules for scanning and watching. With include rules present,
@@ -64,6 +72,34 @@ class Repset:
         if any(r.kind == "include" for r in self.rules):
             pairs += [("include", "*/"), ("exclude", "**")]   # keep walking into directories
         return Rules.from_patterns(pairs)
+
+
+def check_capture(name: str, root: str, capture, mount, rules) -> tuple[str, str]:
+    """(capture, mount point) of a repset, checked: a mount point is an
+    absolute path, neither inside the root nor holding it, and goes with
+    capture = "mount" (which replicates the whole root: no rules)."""
+    if capture is None:
+        capture = "mount" if mount else "watch"
+    if capture not in CAPTURES:
+        raise ConfigError(f"repset {name!r}: capture must be one of {', '.join(CAPTURES)}, "
+                          f"got {capture!r}")
+    if capture == "watch":
+        if mount:
+            raise ConfigError(f"repset {name!r}: a mount point needs capture = \"mount\"")
+        return capture, ""
+    if not isinstance(mount, str) or not os.path.isabs(mount) or "\0" in mount:
+        raise ConfigError(f"repset {name!r}: capture = \"mount\" needs an absolute mount point "
+                          f"(where the application works), got {mount!r}")
+    mount = os.path.normpath(mount)
+    real_mount, real_root = os.path.realpath(mount), os.path.realpath(root)
+    if real_mount == real_root or real_mount.startswith(real_root.rstrip("/") + "/") \
+            or real_root.startswith(real_mount.rstrip("/") + "/"):
+        raise ConfigError(f"repset {name!r}: mount point {mount} and root {root} must be apart "
+                          f"(neither inside the other): the root is the mount's backing directory")
+    if rules:
+        raise ConfigError(f"repset {name!r}: capture = \"mount\" replicates its whole root: "
+                          f"include/exclude rules are not supported with it")
+    return capture, mount
 
 
 ORPHAN_POLICIES = ("report", "delete", "move")
@@ -139,7 +175,10 @@ class Registry:
             raise ConfigError(f"{self.path}: registry is damaged: {exc}") from None
         try:
             for r in data["repsets"]:
-                self.repsets[r["name"]] = Repset(r["name"], r["root"], [RepsetRule(**x) for x in r["rules"]])
+                rules = [RepsetRule(**x) for x in r["rules"]]
+                capture, mount = check_capture(r["name"], r["root"], r.get("capture", "watch"),
+                                               r.get("mount", ""), rules)
+                self.repsets[r["name"]] = Repset(r["name"], r["root"], rules, capture, mount)
             for c in data["connections"]:
                 conn = Connection(**c)
                 check_options(conn.options())
@@ -156,18 +195,28 @@ class Registry:
         write_atomic(self.path, json.dumps(data, indent=1), mode=0o666)
 
     # -- repsets ---------------------------------------------------------
-    def create_repset(self, name: str, root: str, rules=()) -> Repset:
+    def create_repset(self, name: str, root: str, rules=(), capture=None, mount=None) -> Repset:
+        """``capture``: "watch" or "mount" (None: "mount" when ``mount``, a
+        mount point, is given)."""
         check_name(name)
-        if not os.path.isabs(root):
+        if not isinstance(root, str) or not os.path.isabs(root):
             raise ConfigError(f"repset {name!r}: root must be an absolute path, got {root!r}")
         if not os.path.isdir(root):
             raise ConfigError(f"repset {name!r}: root {root!r} is not a directory")
         rules = [r if isinstance(r, RepsetRule) else RepsetRule(*r) for r in rules]
-        repset = Repset(name, os.path.normpath(root), rules)
+        capture, mount = check_capture(name, root, capture, mount, rules)
+        repset = Repset(name, os.path.normpath(root), rules, capture, mount)
         repset.compiled_rules()             # bad patterns fail here, not later
         with self._lock:
             if name in self.repsets:
                 raise ConfigError(f"replication set {name!r} exists already")
+            if capture == "mount":
+                for other in self.repsets.values():
+                    if other.capture == "mount":
+                        # pyfuse3 serves one FUSE session per process
+                        raise ConfigError(f"repset {name!r}: this daemon already serves the capture "
+                                          f"mount of replication set {other.name!r} at {other.mount} "
+                                          f"(one capture mount per daemon)")
             self.repsets[name] = repset
             self._save()
         return repset
@@ -176,7 +225,9 @@ class Registry:
         with self._lock:
             repset = self.repset(name)
             new = Repset(repset.name, repset.root,
-                         [r if isinstance(r, RepsetRule) else RepsetRule(*r) for r in rules])
+                         [r if isinstance(r, RepsetRule) else RepsetRule(*r) for r in rules],
+                         repset.capture, repset.mount)
+            check_capture(name, new.root, new.capture, new.mount, new.rules)
             new.compiled_rules()
             self.repsets[name] = new
             self._save()

@@ -274,6 +274,49 @@ class RepsetCapture:
             self.conns.clear()
 
 
+class MountRepsetCapture(RepsetCapture):
+    """The capture of a repset with ``capture = "mount"``: a capture mount
+    of its root at its mount point (:mod:`smirror.capture.mount.repset`).
+    It runs as long as the repset exists in this daemon, connections or
+    not (the application's data directory is the mount), from daemon start
+    or repset creation to daemon stop or repset deletion. Its mirrors run on
+    the mount's thread: one clean moment of the application's history."""
+
+    persistent = True
+
+    def __init__(self, repset, on_full=None):
+        from smirror.capture.mount.repset import MountCapture
+        self.repset = repset
+        self.on_full = on_full
+        self.targets: dict[int, ConnectionJournal] = {}
+        self.conns: dict[int, object] = {}
+        self.mirroring: int | None = None
+        self._lock = threading.Lock()
+        self.capture = MountCapture(repset.root, repset.mount, self._emit)
+
+    def start(self) -> "MountRepsetCapture":
+        self.capture.start()
+        if self.capture.mount.cleared:
+            log.warning("replication set %s: %s", self.repset.name, self.capture.mount.cleared)
+        log.info("replication set %s: capture mount of %s at %s", self.repset.name,
+                 self.repset.root, self.repset.mount)
+        return self
+
+    def add(self, conn, journal: ConnectionJournal, mirror) -> dict | None:
+        return self.capture.on_thread(RepsetCapture.add, self, conn, journal, mirror)
+
+    def mirror(self, conn, journal: ConnectionJournal, known: dict) -> dict:
+        return self.capture.on_thread(RepsetCapture.mirror, self, conn, journal, known)
+
+    def close(self) -> None:
+        self.capture.close()
+        self.capture.emit = _closed_emit
+        self.on_full = None
+        with self._lock:
+            self.targets.clear()
+            self.conns.clear()
+
+
 def _give_back_memory() -> None:
     """A full collection, then (glibc) the freed pages of every malloc
     arena back to the system: frames of up to 1 MiB freed by many threads
@@ -445,6 +488,7 @@ class Daemon:
         self.pending_logins = PendingLogins(config.login.max_pending, config.login.max_pending_per_peer)
         self.sources: dict[int, SourceConnection] = {}
         self.captures: dict[str, RepsetCapture] = {}
+        self.mount_errors: dict[str, str] = {}    # mount set -> why its mount did not start
         self.targets: dict[tuple[str, int], TargetConnection] = {}
         self._targets_lock = threading.Lock()
         self._sources_lock = threading.RLock()
@@ -480,7 +524,10 @@ class Daemon:
                         "the deleted-files directory"),
                        (config.tasks.directory, "the task directory"),
                        (config.daemon.log_file, "the daemon's log file")],
-            repset_roots=lambda: [(r.name, r.root) for r in list(self.registry.repsets.values())])
+            # a mount set's mount point too: the applier writing through this
+            # daemon's own mount would capture its own writes (and wait on itself)
+            repset_roots=lambda: [(r.name, p) for r in list(self.registry.repsets.values())
+                                  for p in (r.root, r.mount) if p])
         self.bindings = SourceBindings(self.state_dir)
         if not config.target.allowed_roots:
             log.info("no [target] allowed_roots: this daemon accepts no data links (it is no target)")
@@ -507,6 +554,15 @@ class Daemon:
         self._sock = socket.create_server((host, port), reuse_port=False)
         self.address = self._sock.getsockname()[:2]
         threading.Thread(target=self._accept_loop, daemon=True, name="accept").start()
+        for repset in list(self.registry.repsets.values()):
+            if repset.capture == "mount":
+                try:
+                    self._start_mount(repset)
+                except (SmirrorError, OSError) as exc:
+                    # status and its connections say so too (not started)
+                    self.mount_errors[repset.name] = str(exc)
+                    log.error("replication set %s: capture mount at %s not started: %s",
+                              repset.name, repset.mount, exc)
         for conn in list(self.registry.connections.values()):
             # what changed while this daemon was down is unknown: a checksum
             # difference mirror against the target goes first
@@ -536,6 +592,13 @@ class Daemon:
         self._stop.set()
         if self._sock is not None:
             self._sock.close()
+        # capture mounts first: no change through them after their queues
+        # close. Not under the sources lock: a reconnect's mirror may hold it
+        # while it waits for room in a queue (closed just below)
+        for name, cap in list(self.captures.items()):
+            if isinstance(cap, MountRepsetCapture):
+                cap.close()
+                self.captures.pop(name, None)
         # a reconnect's mirror may wait for room in its queue while holding
         # the sources lock: closed queues end that wait (SIGTERM hung there)
         for src in list(self.sources.values()):
@@ -593,6 +656,11 @@ class Daemon:
         if scan_error:
             src.sender.report_error(scan_error, logging.WARNING)
         cap = self.captures.get(repset.name)
+        if cap is None and repset.capture == "mount":
+            self._stop_source(conn.conid)
+            raise ConfigError(f"connection {conn.conid}: the capture mount of replication set "
+                              f"{repset.name!r} at {repset.mount} is not running: "
+                              f"{self.mount_errors.get(repset.name, 'see the log')}")
         if cap is None:
             made = None
             try:
@@ -617,6 +685,25 @@ class Daemon:
             self._stop_source(conn.conid)
             raise
         return src
+
+    def _start_mount(self, repset) -> "MountRepsetCapture":
+        """Mount the capture of a ``capture = "mount"`` repset (a stale
+        mount of a crashed daemon there is cleared first)."""
+        with self._sources_lock:
+            cap = self.captures.get(repset.name)
+            if cap is None:
+                cap = MountRepsetCapture(repset, self._auto_disconnect).start()
+                self.captures[repset.name] = cap
+                self.mount_errors.pop(repset.name, None)
+            return cap
+
+    def _stop_mount(self, name: str) -> None:
+        self.mount_errors.pop(name, None)
+        with self._sources_lock:
+            cap = self.captures.get(name)
+            if isinstance(cap, MountRepsetCapture):
+                cap.close()
+                del self.captures[name]
 
     def _auto_disconnect(self, conid: int, exc) -> None:
         """A source queue reached its disk limit: disconnect cleanly (what
@@ -726,7 +813,10 @@ class Daemon:
                         s = os.lstat(os.path.join(repset.root, name))
                     except OSError:
                         continue
-                    if signatures and st_.S_ISREG(s.st_mode) and (s.st_size, s.st_mtime_ns) != (size, mtime_ns):
+                    # a mount repset: after a crash the last write served may
+                    # share size and mtime tick with the target's copy: all hashed
+                    if signatures and st_.S_ISREG(s.st_mode) and (
+                            repset.capture == "mount" or (s.st_size, s.st_mtime_ns) != (size, mtime_ns)):
                         hexes = client.call("target.signature", map_base=conn.map_base, path=name,
                                             block_size=k.block_size, **ident)
                         k.strong = np.frombuffer(bytes.fromhex(hexes), dtype="<u8").reshape(-1, 2).copy()
@@ -741,7 +831,7 @@ class Daemon:
         cap = self.captures.get(src.conn.repset)
         if cap is not None:
             cap.remove(conid)
-            if not cap.targets:
+            if not cap.targets and not getattr(cap, "persistent", False):
                 cap.close()
                 del self.captures[src.conn.repset]
         src.close()
@@ -1026,18 +1116,26 @@ class Daemon:
     @_verb("repset.create", "admin")
     def _repset_create(self, user: User, args: dict):
         rules = [tuple(r) for r in args.get("rules", [])]
-        r = self.registry.create_repset(args.get("name"), args.get("root", ""), rules)
-        return {"name": r.name, "root": r.root}
+        r = self.registry.create_repset(args.get("name"), args.get("root", ""), rules,
+                                        capture=args.get("capture"), mount=args.get("mount"))
+        if r.capture == "mount":
+            try:
+                self._start_mount(r)
+            except BaseException:
+                self.registry.delete_repset(r.name)      # not created: it cannot capture
+                raise
+        return {"name": r.name, "root": r.root, "capture": r.capture, "mount": r.mount}
 
     @_verb("repset.list", "monitor")
     def _repset_list(self, user: User, args: dict):
-        return [{"name": r.name, "root": r.root,
+        return [{"name": r.name, "root": r.root, "capture": r.capture, "mount": r.mount,
                  "rules": [[x.kind, x.pattern, x.recursive] for x in r.rules]}
                 for r in self.registry.repsets.values()]
 
     @_verb("repset.delete", "admin")
     def _repset_delete(self, user: User, args: dict):
         self.registry.delete_repset(args.get("name"))
+        self._stop_mount(args.get("name"))
         return {}
 
     @_verb("connect", "admin")
@@ -1334,6 +1432,17 @@ class Daemon:
                   **self.counters.get(c, {})} for c, why in sorted(down.items()) if c not in sources]
         return rows
 
+    def _mount_rows(self) -> dict:
+        """Each mount set's capture: running (with its counters) or why not."""
+        rows = {name: cap.capture.status() for name, cap in list(self.captures.items())
+                if isinstance(cap, MountRepsetCapture)}
+        for name, why in list(self.mount_errors.items()):
+            repset = self.registry.repsets.get(name)
+            if name not in rows and repset is not None:
+                rows[name] = {"kind": "mount", "mount_point": repset.mount, "state": "failed",
+                              "error": why}
+        return rows
+
     def memory_status(self) -> dict:
         """The budget and what holds it (status ``memory``)."""
         sources, targets = list(self.sources.values()), list(self.targets.values())
@@ -1345,4 +1454,5 @@ class Daemon:
                 "tasks": self.task_log.recent()[-20:], "tasks_waiting": self.target_tasks.waiting(),
                 "listen": f"{self.address[0]}:{self.address[1]}",
                 "sources": self._source_rows(),
+                "mounts": self._mount_rows(),
                 "targets": [dict(t.status(), source=k[0]) for k, t in self.targets.items()]}

@@ -17,6 +17,12 @@ def status_text(st: dict) -> str:
         lines.append(f"memory budget {format_size(mem['limit'])}: {format_size(mem['used'])} used "
                      f"(queues {format_size(mem['queue_bytes'])}, handoff {format_size(mem['handoff_bytes'])}), "
                      f"peak {format_size(mem['peak'])}, room refused {mem['refused']} time(s)")
+    for name, m in sorted((st.get("mounts") or {}).items()):
+        # a mount set's capture mount (docs/mount.md)
+        lines.append(f"repset {name}: capture mount at {m['mount_point']}, {m['state']}"
+                     + (f": {m['error']}" if m.get("error") else
+                        f", {m.get('ops', 0)} ops, {m.get('failures', 0)} failed, "
+                        f"{m.get('refused', 0)} refused"))
     if st["sources"]:
         lines.append(f"{'ID':>3}  {'REPSET':<12} {'TARGET':<21} {'STATE':<12} {'CAPTURED':>9} "
                      f"{'ACKED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10} {'LAG P99':>8}")

@@ -269,8 +269,11 @@ class Checker:
         root = self._path(a["root"], "repset root")
         rules = [[kind, self._text(tok, kind.upper() + " pattern"), True] for kind, tok in a["rules"]]
         args = {"name": self._text(a["name"], "NAME"), "root": os.path.abspath(root), "rules": rules}
+        if "mount" in a:
+            args["mount"] = os.path.abspath(self._path(a["mount"], "mount point"))
         return Action(0, "repset create", self._source_host(st), args,
-                      summary=f"repset create {args['name']} root {args['root']}")
+                      summary=f"repset create {args['name']} root {args['root']}"
+                      + (f" mount {args['mount']}" if "mount" in args else ""))
 
     def _status(self, st):
         conid = self._conn_id(st.args["id"]) if "id" in st.args else None

@@ -25,7 +25,7 @@ USAGE = {
     "resumetarget": "resumetarget [HOST];",
     "queuetask": "queuetask NAME to TARGET [onqueue=CMD] [ontransmit=CMD] [onreceive=CMD] "
                  "onexecute=CMD [timeout=SECONDS|forever];",
-    "repset": "repset create NAME root PATH [include GLOB]... [exclude GLOB]...;",
+    "repset": "repset create NAME root PATH [mount MOUNTPOINT] [include GLOB]... [exclude GLOB]...;",
     "status": "status [ID];",
 }
 RETURNS_VALUE = ("conid", "connect")
@@ -251,6 +251,10 @@ class Parser:
                 cur.next()
                 continue
             kind = cur.next_word("include or exclude", "repset create")
+            if kind.text.lower() == "mount" and "mount" not in args:
+                # captured through a mount there (capture = "mount", docs/mount.md)
+                args["mount"] = cur.value("MOUNTPOINT", "repset create")
+                continue
             if kind.text.lower() not in ("include", "exclude"):
                 raise self.src.error(f"repset create: expected include or exclude, got {kind.raw!r}",
                                      kind.line, kind.column)

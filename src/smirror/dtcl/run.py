@@ -214,8 +214,11 @@ class Runner:
 
     def _repset_create(self, act):
         a = act.args
-        r = self._client(act.host).call("repset.create", name=a["name"], root=a["root"], rules=a["rules"])
-        self.say(f"created {r['name']} at {r['root']}")
+        extra = {"capture": "mount", "mount": a["mount"]} if "mount" in a else {}
+        r = self._client(act.host).call("repset.create", name=a["name"], root=a["root"], rules=a["rules"],
+                                        **extra)
+        self.say(f"created {r['name']} at {r['root']}"
+                 + (f", captured through the mount at {r['mount']}" if r.get("capture") == "mount" else ""))
         return r
 
     def _status(self, act):

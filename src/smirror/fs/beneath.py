@@ -297,6 +297,25 @@ def chmod_at(dfd: int, name: bytes, mode: int) -> bool:
         os.close(pfd)
 
 
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_renameat2_fn = None
+
+
+def renameat2(olddfd: int, old: bytes, newdfd: int, new: bytes, flags: int) -> None:
+    """renameat2(2) (glibc >= 2.28; Python has no binding): RENAME_NOREPLACE
+    and RENAME_EXCHANGE are atomic in the kernel. Neither name is followed."""
+    global _renameat2_fn
+    if _renameat2_fn is None:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        _renameat2_fn = fn
+    if _renameat2_fn(olddfd, old, newdfd, new, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(old), None, os.fsdecode(new))
+
+
 def proc_path(dfd: int, name: bytes = b"") -> bytes:
     """A path naming ``name`` in the directory ``dfd`` refers to, for the
     calls that take no dir_fd (xattrs): /proc's link to the descriptor goes
@@ -306,4 +325,5 @@ def proc_path(dfd: int, name: bytes = b"") -> bytes:
 
 
 __all__ = ["Beneath", "check_rel", "lstat_at", "open_subdir", "rmtree_at",
-           "makedirs_at", "chmod_at", "proc_path", "use_openat2"]
+           "makedirs_at", "chmod_at", "proc_path", "renameat2", "RENAME_NOREPLACE",
+           "RENAME_EXCHANGE", "use_openat2"]

@@ -84,7 +84,7 @@ from smirror.ops import (
     MAX_LABEL, MAX_MARK_PAYLOAD, MAX_MODE, MAX_OFFSET, MAX_PATH, MAX_PAYLOAD, MAX_SEQ,
     MAX_TASK_PAYLOAD, MAX_TREE_PATH, MAX_XATTR_NAME, MAX_XATTR_VALUE, MKNOD_TYPES, NAME_MAX,
     RECORD_HEAD_SIZE, VERSION, XATTR_NAMESPACES, AttrMask, FrameHeader, Op, OpKind,
-    XattrFlag,
+    RenameFlag, XattrFlag,
 )
 
 __all__ = ["encode_frame", "decode_frame", "frame_header", "Encoder"]
@@ -233,7 +233,8 @@ def _encode_op(i, op, prev_seq, out):
     used = {OpKind.WRITE: ("offset",), OpKind.TRUNCATE: ("size",),
             OpKind.CREATE: ("mode",), OpKind.MKDIR: ("mode",),
             OpKind.SETATTR: ("mode", "uid", "gid", "mtime_ns", "mask"),
-            OpKind.XATTR: ("mask",), OpKind.MKNOD: ("mode", "size")}.get(kind, ())
+            OpKind.XATTR: ("mask",), OpKind.RENAME: ("mask",),
+            OpKind.MKNOD: ("mode", "size")}.get(kind, ())
     values = {"offset": offset, "size": size, "mode": mode, "uid": uid, "gid": gid,
               "mtime_ns": mtime_ns, "mask": mask}
     for name in ("offset", "size", "mode", "uid", "gid", "mtime_ns", "mask"):
@@ -266,6 +267,8 @@ def _encode_op(i, op, prev_seq, out):
         _check_int(i, op, "mask", mask, 0, int(XattrFlag.REMOVE))
         if mask and data_len:
             raise _bad(i, op, "an xattr removal carries no value")
+    elif kind is OpKind.RENAME:
+        _check_int(i, op, "mask", mask, 0, int(RenameFlag.EXCHANGE))
     elif kind is OpKind.MKNOD:
         _check_int(i, op, "mode", mode, 0, _U32_MAX)
         _check_int(i, op, "size", size, 0, MAX_SEQ)
@@ -273,7 +276,7 @@ def _encode_op(i, op, prev_seq, out):
         if problem:
             raise _bad(i, op, problem)
         fixed = _MKNOD.pack(mode, size)
-    out += _HEAD.pack(kind, mask if kind in (OpKind.SETATTR, OpKind.XATTR) else 0,
+    out += _HEAD.pack(kind, mask if kind in (OpKind.SETATTR, OpKind.XATTR, OpKind.RENAME) else 0,
                       len(path), len(path2), data_len, seq)
     out += fixed
     out += path
@@ -465,6 +468,10 @@ def decode_frame(buf, offset: int = 0, *, check_payload: bool = True):
         elif kind is OpKind.XATTR:
             if mask > XattrFlag.REMOVE:
                 raise FrameError(f"{who}: bad xattr flags 0x{mask:02x}{where(pos + 1 - base)}",
+                                 at(pos + 1))
+        elif kind is OpKind.RENAME:
+            if mask > RenameFlag.EXCHANGE:
+                raise FrameError(f"{who}: bad rename flags 0x{mask:02x}{where(pos + 1 - base)}",
                                  at(pos + 1))
         elif mask:
             raise FrameError(f"{who}: mask set on a {kind.name.lower()} op"

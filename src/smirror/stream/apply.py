@@ -45,9 +45,10 @@ from collections import OrderedDict
 
 import logging
 
-from smirror.fs.beneath import Beneath, chmod_at, lstat_at, proc_path, rmtree_at
+from smirror.fs.beneath import (RENAME_EXCHANGE, Beneath, chmod_at, lstat_at, proc_path,
+                                renameat2, rmtree_at)
 from smirror.errors import ApplyError, ConfinementError
-from smirror.ops import AttrMask, Op, OpKind, XattrFlag
+from smirror.ops import AttrMask, Op, OpKind, RenameFlag, XattrFlag
 from smirror.fs.files import replace_at
 
 log = logging.getLogger("smirror.stream.apply")
@@ -358,6 +359,9 @@ class Applier:
         old, new = bytes(op.path), bytes(op.path2)
         self._drop(old, subtree=True)
         self._drop(new, subtree=True)
+        if op.mask & RenameFlag.EXCHANGE:
+            self._exchange(old, new)
+            return
         with self.base.at(old) as (sd, sname), self.base.at(new) as (dd, dname):
             try:
                 os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
@@ -377,6 +381,22 @@ class Applier:
                 self.stats["repairs"] += 1
                 rmtree_at(dd, dname)
                 os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
+
+    def _exchange(self, old: bytes, new: bytes) -> None:
+        """RENAME with EXCHANGE (the capture mount's renameat2): the two
+        names swap atomically. Where the target lacks one of them (a gap
+        the source's resync fills), what is there moves to the other name."""
+        with self.base.at(old) as (sd, sname), self.base.at(new) as (dd, dname):
+            try:
+                renameat2(sd, sname, dd, dname, RENAME_EXCHANGE)
+                return
+            except FileNotFoundError:
+                pass
+            self.stats["repairs"] += 1
+            if lstat_at(sd, sname) is not None:
+                os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
+            elif lstat_at(dd, dname) is not None:
+                os.rename(dname, sname, src_dir_fd=dd, dst_dir_fd=sd)
 
     def _setattr(self, op: Op) -> None:
         rel = bytes(op.path)

@@ -20,9 +20,18 @@ exact-order; mtimes trail it by at most that interval.
 Inodes: the FUSE inode of an entry is its backing inode number (the root
 is ``ROOT_INODE``); each known inode keeps its paths (hard links) relative
 to the backing root, rewritten on renames.
+
+Confinement: the mount (often root) reaches the backing directory by path,
+and a local user who can write there could swap a directory for a symlink
+between two calls. So every backing access resolves its parent directory
+beneath one directory handle of the backing root (:class:`smirror.fs.beneath.Beneath`:
+``openat2`` with RESOLVE_BENEATH|NO_SYMLINKS, or a component walk) and acts
+on the final name with ``dir_fd`` without following it. A symlink on the way
+is refused: EACCES to the caller, logged and counted (``refused``).
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import json
@@ -34,8 +43,9 @@ import time
 import pyfuse3
 
 from smirror.capture.recorder import xattr_name
-from smirror.ops import Op
-from smirror.ops import MARK_ROOT_MTIME
+from smirror.errors import ConfinementError
+from smirror.fs.beneath import Beneath, chmod_at, open_subdir, proc_path, renameat2
+from smirror.ops import MARK_ROOT_MTIME, Op, RenameFlag
 
 log = logging.getLogger("smirror.capture.mount")
 
@@ -49,6 +59,31 @@ MARK_FSYNC = b"smirror.fsync"
 CACHE_TIMEOUT = 1.0
 
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_APPEND
+
+# seconds between two log lines about refused (confinement) calls
+REFUSED_LOG_EVERY = 10.0
+
+_fallocate_fn = None
+
+# fallocate(2) modes (linux/falloc.h); the kernel's FUSE passes these three
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_FALLOC_KNOWN = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+_ZEROS = bytes(1 << 20)             # a punched or zeroed range goes out as WRITEs of these
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode (Python has only posix_fallocate)."""
+    global _fallocate_fn
+    if _fallocate_fn is None:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _fallocate_fn = fn
+    if _fallocate_fn(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _served(fn):
@@ -64,6 +99,9 @@ def _served(fn):
             return fn(self, *args)
         except pyfuse3.FUSEError:
             raise
+        except ConfinementError as exc:
+            self.refuse(name, exc)
+            raise pyfuse3.FUSEError(errno.EACCES) from None
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception as exc:            # noqa: BLE001 - must not end the FUSE loop
@@ -95,7 +133,8 @@ class CaptureFS(pyfuse3.Operations):
         super().__init__()
         self.root = os.fsencode(os.path.abspath(root))
         self.emit = emit
-        st = os.lstat(self.root)
+        self.base = Beneath(self.root)      # every backing access resolves beneath it
+        st = os.fstat(self.base.fd)
         self.root_ino = st.st_ino
         self.root_dev = st.st_dev
         self.nodes: dict[int, _Node] = {pyfuse3.ROOT_INODE: _Node(b"")}
@@ -108,7 +147,9 @@ class CaptureFS(pyfuse3.Operations):
         self.owner = os.geteuid(), os.getegid()
         self.failures = 0
         self.error = ""
-        self.stats = {"ops": 0, "bytes_written": 0}
+        self._refused_logged = float("-inf")
+        # refused: calls refused for confinement (a symlink on the way)
+        self.stats = {"ops": 0, "bytes_written": 0, "refused": 0, "last_refused": ""}
         self.requests: dict[str, int] = {}          # FUSE requests served, by kind
         self.busy_ns = 0                            # time spent in the handlers (profile)
 
@@ -122,8 +163,49 @@ class CaptureFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node.paths[0]
 
-    def _abs(self, rel: bytes) -> bytes:
-        return self.root + b"/" + rel if rel else self.root
+    # -- the backing directory, beneath its handle --------------------------------
+    def _at(self, rel: bytes):
+        """``with self._at(rel) as (dfd, name)``: the parent of ``rel``
+        resolved beneath the backing root, and the final name (b"" and the
+        root handle for the root)."""
+        return self.base.at(rel)
+
+    def _lstat(self, rel: bytes):
+        if not rel:
+            return os.fstat(self.base.fd)
+        with self.base.at(rel) as (dfd, name):
+            return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+
+    def _lexists(self, rel: bytes) -> bool:
+        try:
+            self._lstat(rel)
+        except (FileNotFoundError, NotADirectoryError, ConfinementError):
+            return False
+        return True
+
+    def _opendir(self, rel: bytes) -> int:
+        """A readable descriptor of the directory ``rel`` (for listing, fsync)."""
+        if not rel:
+            return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.base.fd)
+        with self.base.at(rel) as (dfd, name):
+            return open_subdir(dfd, name)
+
+    @staticmethod
+    def _obj(dfd: int, name: bytes) -> tuple:
+        """(path, follow) naming the entry ``name`` of ``dfd`` itself for the
+        calls without dir_fd (xattrs) or on the root (name b"")."""
+        return (proc_path(dfd, name), False) if name else (proc_path(dfd), True)
+
+    def refuse(self, call: str, exc: ConfinementError) -> None:
+        """A call that would have left the backing directory: counted and
+        logged (at most every REFUSED_LOG_EVERY seconds)."""
+        self.stats["refused"] += 1
+        self.stats["last_refused"] = f"{call}: {exc}"
+        now = time.monotonic()
+        if now - self._refused_logged >= REFUSED_LOG_EVERY:
+            self._refused_logged = now
+            log.warning("capture mount of %s: refused %s (%d refused so far)",
+                        os.fsdecode(self.root), self.stats["last_refused"], self.stats["refused"])
 
     def _child(self, parent: int, name: bytes) -> bytes:
         if name in (b".", b"..") or b"/" in name:
@@ -160,6 +242,17 @@ class CaptureFS(pyfuse3.Operations):
                 elif p.startswith(prefix):
                     node.paths[i] = new + p[len(old):]
 
+    def _exchanged(self, a: bytes, b: bytes) -> None:
+        """Every known path at or under ``a`` is now under ``b``, and the
+        other way round (RENAME_EXCHANGE)."""
+        pa, pb = a + b"/", b + b"/"
+        for node in self.nodes.values():
+            for i, p in enumerate(node.paths):
+                if p == a or p.startswith(pa):
+                    node.paths[i] = b + p[len(a):]
+                elif p == b or p.startswith(pb):
+                    node.paths[i] = a + p[len(b):]
+
     def _attrs(self, st) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = self._ino(st.st_ino)
@@ -185,8 +278,8 @@ class CaptureFS(pyfuse3.Operations):
             self.times_dirty[pyfuse3.ROOT_INODE] = None
             return
         try:
-            self.times_dirty[self._ino(os.lstat(self._abs(parent)).st_ino)] = None
-        except OSError:
+            self.times_dirty[self._ino(self._lstat(parent).st_ino)] = None
+        except (OSError, ConfinementError):
             pass
 
     def _owner(self, rel: bytes, st) -> None:
@@ -195,14 +288,15 @@ class CaptureFS(pyfuse3.Operations):
         if (st.st_uid, st.st_gid) != self.owner:
             self._out(Op.setattr(0, rel, uid=st.st_uid, gid=st.st_gid))
 
-    def _give(self, rel: bytes, ctx) -> None:
-        """Running as root, make the caller the owner of what it created
-        (the group of a set-group-id parent stays as the kernel chose it)."""
+    def _give(self, dfd: int, name: bytes, ctx) -> None:
+        """Running as root, make the caller the owner of what it created as
+        ``name`` in ``dfd`` (the group of a set-group-id parent stays as the
+        kernel chose it)."""
         if self.owner[0] != 0 or (ctx.uid, ctx.gid) == (0, 0):
             return
-        parent = os.lstat(self._abs(self._parent(rel)))
+        parent = os.fstat(dfd)
         gid = -1 if parent.st_mode & stat.S_ISGID else ctx.gid
-        os.chown(self._abs(rel), ctx.uid, gid, follow_symlinks=False)
+        os.chown(name, ctx.uid, gid, dir_fd=dfd, follow_symlinks=False)
 
     def flush_times(self, inodes=None) -> int:
         """Emit the mtimes owed (of ``inodes`` only, if given); returns how many."""
@@ -221,7 +315,7 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def lookup(self, parent, name, ctx=None):
         rel = self._child(parent, name)
-        st = os.lstat(self._abs(rel))
+        st = self._lstat(rel)
         self._remember(st, rel)
         return self._attrs(st)
 
@@ -241,15 +335,16 @@ class CaptureFS(pyfuse3.Operations):
         for fh, ino in self.open_files.items():
             if ino == inode:
                 return self._attrs(os.fstat(fh))
-        return self._attrs(os.lstat(self._abs(self._path(inode))))
+        return self._attrs(self._lstat(self._path(inode)))
 
     @_served
     def readlink(self, inode, ctx):
-        return os.readlink(self._abs(self._path(inode)))
+        with self._at(self._path(inode)) as (dfd, name):
+            return os.readlink(name, dir_fd=dfd)
 
     @_served
     def statfs(self, ctx):
-        v = os.statvfs(self.root)
+        v = os.statvfs(self.base.fd)
         out = pyfuse3.StatvfsData()
         for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                   "f_ffree", "f_favail", "f_namemax"):
@@ -268,20 +363,22 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def readdir(self, fh, start_id, token):
         inode, entries = self.dirs[fh]
-        if entries is None or start_id == 0:
-            base = self._path(inode)
-            with os.scandir(self._abs(base)) as it:
-                entries = self.dirs[fh][1] = sorted(os.fsencode(e.name) for e in it)
         base = self._path(inode)
-        for i in range(start_id, len(entries)):
-            rel = base + b"/" + entries[i] if base else entries[i]
-            try:
-                st = os.lstat(self._abs(rel))
-            except FileNotFoundError:
-                continue
-            if not pyfuse3.readdir_reply(token, entries[i], self._attrs(st), i + 1):
-                return
-            self._remember(st, rel)
+        dfd = self._opendir(base)
+        try:
+            if entries is None or start_id == 0:
+                entries = self.dirs[fh][1] = sorted(map(os.fsencode, os.listdir(dfd)))
+            for i in range(start_id, len(entries)):
+                rel = base + b"/" + entries[i] if base else entries[i]
+                try:
+                    st = os.stat(entries[i], dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not pyfuse3.readdir_reply(token, entries[i], self._attrs(st), i + 1):
+                    return
+                self._remember(st, rel)
+        finally:
+            os.close(dfd)
 
     @_served
     def releasedir(self, fh):
@@ -289,7 +386,7 @@ class CaptureFS(pyfuse3.Operations):
 
     @_served
     def fsyncdir(self, fh, datasync):
-        fd = os.open(self._abs(self._path(self.dirs[fh][0])), os.O_RDONLY | os.O_DIRECTORY)
+        fd = self._opendir(self._path(self.dirs[fh][0]))
         try:
             os.fsync(fd)
         finally:
@@ -298,11 +395,11 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def mkdir(self, parent, name, mode, ctx):
         rel = self._child(parent, name)
-        path = self._abs(rel)
-        os.mkdir(path, mode)
-        os.chmod(path, stat.S_IMODE(mode))       # our umask must not apply: the kernel's did
-        self._give(rel, ctx)
-        st = os.lstat(path)
+        with self._at(rel) as (dfd, base):
+            os.mkdir(base, mode, dir_fd=dfd)
+            chmod_at(dfd, base, stat.S_IMODE(mode))  # our umask must not apply: the kernel's did
+            self._give(dfd, base, ctx)
+            st = os.stat(base, dir_fd=dfd, follow_symlinks=False)
         self._out(Op.mkdir(0, rel, stat.S_IMODE(st.st_mode)))
         self._owner(rel, st)
         ino = self._remember(st, rel)
@@ -313,9 +410,9 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def rmdir(self, parent, name, ctx):
         rel = self._child(parent, name)
-        path = self._abs(rel)
-        ino = self._ino(os.lstat(path).st_ino)
-        os.rmdir(path)
+        with self._at(rel) as (dfd, base):
+            ino = self._ino(os.stat(base, dir_fd=dfd, follow_symlinks=False).st_ino)
+            os.rmdir(base, dir_fd=dfd)
         self._out(Op.rmdir(0, rel))
         self._forget_path(rel, ino)
         self.times_dirty.pop(ino, None)
@@ -325,10 +422,10 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def unlink(self, parent, name, ctx):
         rel = self._child(parent, name)
-        path = self._abs(rel)
-        ino = self._ino(os.lstat(path).st_ino)
-        self.flush_times([ino])                 # a hard link left behind keeps it
-        os.unlink(path)
+        with self._at(rel) as (dfd, base):
+            ino = self._ino(os.stat(base, dir_fd=dfd, follow_symlinks=False).st_ino)
+            self.flush_times([ino])                 # a hard link left behind keeps it
+            os.unlink(base, dir_fd=dfd)
         self._out(Op.delete(0, rel))
         self._forget_path(rel, ino)
         self._dirty(parent)
@@ -336,10 +433,10 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def symlink(self, parent, name, target, ctx):
         rel = self._child(parent, name)
-        path = self._abs(rel)
-        os.symlink(target, path)
-        self._give(rel, ctx)
-        st = os.lstat(path)
+        with self._at(rel) as (dfd, base):
+            os.symlink(target, base, dir_fd=dfd)
+            self._give(dfd, base, ctx)
+            st = os.stat(base, dir_fd=dfd, follow_symlinks=False)
         self._out(Op.symlink(0, rel, bytes(target)))
         self._owner(rel, st)
         ino = self._remember(st, rel)
@@ -350,11 +447,11 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def mknod(self, parent, name, mode, rdev, ctx):
         rel = self._child(parent, name)
-        path = self._abs(rel)
-        os.mknod(path, mode, rdev)
-        os.chmod(path, stat.S_IMODE(mode))
-        self._give(rel, ctx)
-        st = os.lstat(path)
+        with self._at(rel) as (dfd, base):
+            os.mknod(base, mode, rdev, dir_fd=dfd)
+            chmod_at(dfd, base, stat.S_IMODE(mode))
+            self._give(dfd, base, ctx)
+            st = os.stat(base, dir_fd=dfd, follow_symlinks=False)
         if stat.S_ISREG(mode):
             self._out(Op.create(0, rel, stat.S_IMODE(st.st_mode)))
         else:
@@ -368,19 +465,26 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
         old, new = self._child(parent_old, name_old), self._child(parent_new, name_new)
+        with self._at(old) as (odfd, oname), self._at(new) as (ndfd, nname):
+            ino = self._ino(os.stat(oname, dir_fd=odfd, follow_symlinks=False).st_ino)
+            try:
+                replaced = self._ino(os.stat(nname, dir_fd=ndfd, follow_symlinks=False).st_ino)
+            except FileNotFoundError:
+                replaced = None
+            if replaced == ino and not flags:
+                return              # two names of one file: rename(2) does nothing
+            if flags:
+                # NOREPLACE and EXCHANGE: atomic in the kernel, never checked then done
+                renameat2(odfd, oname, ndfd, nname, flags)
+            else:
+                os.rename(oname, nname, src_dir_fd=odfd, dst_dir_fd=ndfd)
         if flags & pyfuse3.RENAME_EXCHANGE:
-            raise pyfuse3.FUSEError(errno.EINVAL)     # no op says "exchange": see docs/mount.md
-        old_path, new_path = self._abs(old), self._abs(new)
-        ino = self._ino(os.lstat(old_path).st_ino)
-        try:
-            replaced = self._ino(os.lstat(new_path).st_ino)
-        except FileNotFoundError:
-            replaced = None
-        if replaced is not None and flags & pyfuse3.RENAME_NOREPLACE:
-            raise pyfuse3.FUSEError(errno.EEXIST)
-        if replaced == ino:
-            return                  # two names of one file: rename(2) does nothing
-        os.rename(old_path, new_path)
+            if replaced != ino:     # two names of one file swapped: nothing changed
+                self._out(Op.rename(0, old, new, RenameFlag.EXCHANGE))
+                self._exchanged(old, new)
+            self._dirty(ino, replaced)
+            self._dirty(parent_old, parent_new)
+            return
         self._out(Op.rename(0, old, new))
         if replaced is not None:
             self._forget_path(new, replaced)
@@ -392,9 +496,10 @@ class CaptureFS(pyfuse3.Operations):
     def link(self, inode, new_parent, new_name, ctx):
         existing = self._path(inode)
         rel = self._child(new_parent, new_name)
-        os.link(self._abs(existing), self._abs(rel), follow_symlinks=False)
+        with self._at(existing) as (sdfd, sname), self._at(rel) as (ddfd, dname):
+            os.link(sname, dname, src_dir_fd=sdfd, dst_dir_fd=ddfd, follow_symlinks=False)
+            st = os.stat(dname, dir_fd=ddfd, follow_symlinks=False)
         self._out(Op.hardlink(0, rel, existing))
-        st = os.lstat(self._abs(rel))
         self._remember(st, rel)
         self._dirty(new_parent)
         return self._attrs(st)
@@ -403,12 +508,26 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def setattr(self, inode, attr, fields, fh, ctx):
         rel = self._path(inode)
-        path = self._abs(rel)
+        with self._at(rel) as (dfd, name):
+            return self._setattr(inode, rel, dfd, name, attr, fields, fh)
+
+    def _setattr(self, inode, rel, dfd, name, attr, fields, fh):
+        # the entry itself: (name, dir_fd) not followed, or the root's handle
+        path, follow = (name, False) if name else (proc_path(dfd), True)
+        at = {"dir_fd": dfd} if name else {}
+
+        def lstat():
+            return os.stat(path, follow_symlinks=follow, **at)
         if fields.update_size:
             if fh is not None and fh in self.open_files:
                 os.ftruncate(fh, attr.st_size)
             else:
-                os.truncate(path, attr.st_size)
+                fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=dfd)
+                try:
+                    os.ftruncate(fd, attr.st_size)
+                finally:
+                    os.close(fd)
             self._out(Op.truncate(0, rel, attr.st_size))
             self._dirty(inode)
         mode = uid = gid = None
@@ -416,22 +535,25 @@ class CaptureFS(pyfuse3.Operations):
             uid = attr.st_uid if fields.update_uid else None
             gid = attr.st_gid if fields.update_gid else None
             os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid,
-                     follow_symlinks=False)
+                     follow_symlinks=follow, **at)
         if fields.update_mode:
-            os.chmod(path, stat.S_IMODE(attr.st_mode))
+            if name:
+                chmod_at(dfd, name, stat.S_IMODE(attr.st_mode))
+            else:
+                os.chmod(path, stat.S_IMODE(attr.st_mode))
         if fields.update_mode or uid is not None:
             # chown may clear set-id bits: send the mode the file has now
-            mode = stat.S_IMODE(os.lstat(path).st_mode)
+            mode = stat.S_IMODE(lstat().st_mode)
         if fields.update_atime or fields.update_mtime:
-            st = os.lstat(path)
+            st = lstat()
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+            os.utime(path, ns=(atime, mtime), follow_symlinks=follow, **at)
         if fields.update_mtime:
             self._dirty(inode)      # sent with the other owed mtimes (never atime alone)
         if mode is not None or uid is not None or gid is not None:
             self._out(Op.setattr(0, rel, mode=mode, uid=uid, gid=gid))
-        return self._attrs(os.lstat(path))
+        return self._attrs(lstat())
 
     @_served
     def setxattr(self, inode, name, value, ctx):
@@ -440,19 +562,25 @@ class CaptureFS(pyfuse3.Operations):
             xname = xattr_name(name)
         except ValueError:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
-        os.setxattr(self._abs(rel), xname, value, follow_symlinks=False)
+        with self._at(rel) as (dfd, base):
+            path, follow = self._obj(dfd, base)
+            os.setxattr(path, xname, value, follow_symlinks=follow)
         self._out(Op.setxattr(0, rel, xname, bytes(value)))
 
     @_served
     def removexattr(self, inode, name, ctx):
         rel = self._path(inode)
-        os.removexattr(self._abs(rel), name, follow_symlinks=False)
+        with self._at(rel) as (dfd, base):
+            path, follow = self._obj(dfd, base)
+            os.removexattr(path, name, follow_symlinks=follow)
         self._out(Op.removexattr(0, rel, bytes(name)))
 
     @_served
     def getxattr(self, inode, name, ctx):
         try:
-            return os.getxattr(self._abs(self._path(inode)), name, follow_symlinks=False)
+            with self._at(self._path(inode)) as (dfd, base):
+                path, follow = self._obj(dfd, base)
+                return os.getxattr(path, name, follow_symlinks=follow)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -460,8 +588,9 @@ class CaptureFS(pyfuse3.Operations):
 
     @_served
     def listxattr(self, inode, ctx):
-        return [os.fsencode(n) for n in
-                os.listxattr(self._abs(self._path(inode)), follow_symlinks=False)]
+        with self._at(self._path(inode)) as (dfd, base):
+            path, follow = self._obj(dfd, base)
+            return [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=follow)]
 
     @_served
     def access(self, inode, mode, ctx):
@@ -481,7 +610,7 @@ class CaptureFS(pyfuse3.Operations):
         rel = self._path(inode)
         # no O_APPEND on the backing fd: the kernel sends the offset of each
         # write, and pwrite there is what the op records
-        fd = os.open(self._abs(rel), (flags & ~_OPEN_STRIP) | os.O_NOFOLLOW)
+        fd = self.base.open(rel, flags & ~_OPEN_STRIP)     # beneath, O_NOFOLLOW
         try:
             return self._opened(fd, inode, rel, flags)
         except BaseException:
@@ -491,21 +620,24 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def create(self, parent, name, mode, flags, ctx):
         rel = self._child(parent, name)
-        path = self._abs(rel)
-        base = (flags & ~_OPEN_STRIP) | os.O_NOFOLLOW
+        with self._at(rel) as (dfd, fname):
+            return self._create(parent, rel, dfd, fname, mode, flags, ctx)
+
+    def _create(self, parent, rel, dfd, fname, mode, flags, ctx):
+        base = (flags & ~_OPEN_STRIP) | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(path, base | os.O_CREAT | os.O_EXCL, mode)
+            fd = os.open(fname, base | os.O_CREAT | os.O_EXCL, mode, dir_fd=dfd)
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
-            fd = os.open(path, base)            # made meanwhile behind the mount's back
+            fd = os.open(fname, base, dir_fd=dfd)   # made meanwhile behind the mount's back
             created = False
         else:
             created = True
         try:
             if created:
                 os.fchmod(fd, stat.S_IMODE(mode))
-                self._give(rel, ctx)
+                self._give(dfd, fname, ctx)
             st = os.fstat(fd)
             if created:
                 self._out(Op.create(0, rel, stat.S_IMODE(st.st_mode)))
@@ -533,6 +665,48 @@ class CaptureFS(pyfuse3.Operations):
             self.stats["bytes_written"] += n
             self.times_dirty[ino] = None
         return n
+
+    def fallocate_call(self, fh: int, mode: int, offset: int, length: int) -> int:
+        """fallocate on an open file (libfuse's handler, installed by
+        :mod:`smirror.capture.mount.fallocate`; called on the mount's thread,
+        synchronously): the errno for the caller, 0 when done. What it
+        changes that a reader sees goes out as ops: a punched or zeroed
+        range as WRITEs of zeros, a new size as TRUNCATE (allocation itself
+        is invisible, nothing is sent for it)."""
+        self.requests["fallocate"] = self.requests.get("fallocate", 0) + 1
+        t0 = time.perf_counter_ns()
+        try:
+            if mode & ~_FALLOC_KNOWN:
+                return errno.EOPNOTSUPP
+            ino = self.open_files.get(fh)
+            if ino is None:
+                return errno.EBADF
+            before = os.fstat(fh).st_size
+            fallocate(fh, mode, offset, length)
+            after = os.fstat(fh).st_size
+            node = self.nodes.get(ino)
+            if node is None or not node.paths:
+                return 0                    # unlinked: no replica to change
+            rel = node.paths[0]
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                pos, end = offset, min(offset + length, before)
+                while pos < end:
+                    n = min(len(_ZEROS), end - pos)
+                    self._out(Op.write(0, rel, pos, memoryview(_ZEROS)[:n]))
+                    pos += n
+            if after != before:
+                self._out(Op.truncate(0, rel, after))
+            self._dirty(ino)
+            return 0
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        except Exception as exc:            # noqa: BLE001 - must not end the FUSE loop
+            self.failures += 1
+            self.error = f"fallocate: {type(exc).__name__}: {exc}"
+            log.exception("mount of %s: fallocate failed", os.fsdecode(self.root))
+            return errno.EIO
+        finally:
+            self.busy_ns += time.perf_counter_ns() - t0
 
     @_served
     def flush(self, fh):
@@ -565,29 +739,66 @@ class CaptureFS(pyfuse3.Operations):
         # be unknown to the mount's inode table, so not through times_dirty)
         self._touched_dirs: set[bytes] = set()
         for kind, rel, new in events_to_repairs(batch):
-            if kind == "moved":
-                sent.clear()
-                if os.path.lexists(self._abs(new)) and not os.path.lexists(self._abs(rel)):
-                    self._out(Op.rename(0, rel, new))
-                    self._moved(rel, new)
-                    self._touched_dirs.add(self._parent(rel))
-                    self._touched_dirs.add(self._parent(new))
-                else:
-                    self._resend(rel, tree=True)
-                    self._resend(new, tree=True)
-            elif kind == "attrs":
-                self._resend(rel, content=False)
-            elif rel not in sent:
-                sent.add(rel)
-                self._resend(rel, tree=kind == "tree")
+            try:
+                self._repair_one(kind, rel, new, sent)
+            except ConfinementError as exc:
+                # a symlink swapped in on the way: the symlink itself is an
+                # event of its own (sent as a symlink); nothing is read through it
+                self.refuse("repair", exc)
         for rel in sorted(self._touched_dirs, key=len, reverse=True):
             self._stamp(rel)
+
+    def _repair_one(self, kind, rel, new, sent) -> None:
+        if kind == "moved":
+            sent.clear()
+            if self._lexists(new) and not self._lexists(rel):
+                self._out(Op.rename(0, rel, new))
+                self._moved(rel, new)
+                self._touched_dirs.add(self._parent(rel))
+                self._touched_dirs.add(self._parent(new))
+            else:
+                self._resend(rel, tree=True)
+                self._resend(new, tree=True)
+        elif kind == "attrs":
+            self._resend(rel, content=False)
+        elif rel not in sent:
+            sent.add(rel)
+            self._resend(rel, tree=kind == "tree")
+
+    def resend_to(self, rel: bytes, emit) -> None:
+        """``rel`` (a file or a subtree) removed and sent again whole, to
+        ``emit`` only (a target's resync), on the mount's thread."""
+        saved = self.emit
+        self.emit = emit
+        self._touched_dirs = set()
+        try:
+            self._out(Op.delete(0, rel))
+            try:
+                self._resend(rel, tree=True)
+            except ConfinementError as exc:
+                self.refuse("resync", exc)
+            for parent in sorted(self._touched_dirs, key=len, reverse=True):
+                self._stamp(parent)
+        finally:
+            self.emit = saved
+
+    def stamp_dirs(self, rels, emit) -> None:
+        """The mtimes of the directories ``rels`` (b"": the root), deepest
+        first, to ``emit`` only: after a mirror whose ops changed their
+        entries on the target (which gave them the time of applying)."""
+        saved = self.emit
+        self.emit = emit
+        try:
+            for rel in sorted(set(rels), key=len, reverse=True):
+                self._stamp(rel)
+        finally:
+            self.emit = saved
 
     def _stamp(self, rel: bytes) -> None:
         """The current mtime of ``rel`` (b"": the root) as an op."""
         try:
-            mtime = os.lstat(self._abs(rel)).st_mtime_ns
-        except OSError:
+            mtime = self._lstat(rel).st_mtime_ns
+        except (OSError, ConfinementError):
             return                  # gone meanwhile: its removal is an op of its own
         if rel:
             self._out(Op.setattr(0, rel, mtime_ns=mtime))
@@ -596,9 +807,8 @@ class CaptureFS(pyfuse3.Operations):
 
     def _resend(self, rel: bytes, *, tree: bool = False, content: bool = True) -> None:
         from smirror.fs.files import read_xattrs, xattr_filter
-        path = self._abs(rel)
         try:
-            st = os.lstat(path)
+            st = self._lstat(rel)
         except FileNotFoundError:
             if rel:
                 self._out(Op.delete(0, rel))      # the applier removes a file or a tree
@@ -611,25 +821,31 @@ class CaptureFS(pyfuse3.Operations):
                 if stat.S_ISDIR(st.st_mode):
                     self._out(Op.mkdir(0, rel, mode))
                 elif stat.S_ISREG(st.st_mode):
-                    self._resend_file(rel, path, mode)
+                    self._resend_file(rel, mode)
                 elif stat.S_ISLNK(st.st_mode):
-                    self._out(Op.symlink(0, rel, os.readlink(path)))
+                    with self._at(rel) as (dfd, name):
+                        self._out(Op.symlink(0, rel, os.readlink(name, dir_fd=dfd)))
                 else:
                     self._out(Op.mknod(0, rel, st.st_mode, st.st_rdev))
                 self._touched_dirs.add(self._parent(rel))
             self._out(Op.setattr(0, rel, mode=None if stat.S_ISLNK(st.st_mode) else mode,
                                  uid=st.st_uid, gid=st.st_gid))
-            for name, value in read_xattrs(path, xattr_filter()).items():
+            with self._at(rel) as (dfd, name):
+                xattrs = read_xattrs(proc_path(dfd, name), xattr_filter())
+            for name, value in xattrs.items():
                 self._out(Op.setxattr(0, rel, os.fsencode(name), value))
         if tree and stat.S_ISDIR(st.st_mode):
-            with os.scandir(path) as it:
-                names = sorted(os.fsencode(e.name) for e in it)
+            dfd = self._opendir(rel)
+            try:
+                names = sorted(map(os.fsencode, os.listdir(dfd)))
+            finally:
+                os.close(dfd)
             for name in names:
                 self._resend(rel + b"/" + name if rel else name, tree=True)
         self._stamp(rel)        # last: what was resent inside changed the target's mtime
 
-    def _resend_file(self, rel: bytes, path: bytes, mode: int) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    def _resend_file(self, rel: bytes, mode: int) -> None:
+        fd = self.base.open(rel, os.O_RDONLY)
         try:
             self._out(Op.create(0, rel, mode))
             off = 0

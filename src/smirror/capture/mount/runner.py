@@ -43,6 +43,7 @@ class CaptureMount:
         self.bypass = None
         self.fs = None
         self.cleared = ""          # the message, when a stale mount was cleared
+        self.fallocate_unsupported = ""     # why fallocate(2) is not served, if it is not
         self.error = ""
         self._thread: threading.Thread | None = None
         self._token = None
@@ -73,6 +74,12 @@ class CaptureMount:
                 raise MountError(f"cannot mount {self.mountpoint}: {exc} (is /dev/fuse "
                                  f"there and usable?)") from None
             self._mounted = True
+            from .fallocate import install
+            self.fallocate_unsupported = install(self.fs.fallocate_call)
+            if self.fallocate_unsupported:
+                log.warning("capture mount at %s: fallocate(2) through it is not supported "
+                            "(EOPNOTSUPP; posix_fallocate falls back to writes): %s",
+                            self.mountpoint, self.fallocate_unsupported)
             self._thread = threading.Thread(target=self._run, name="capture-mount", daemon=True)
             self._thread.start()
             self._ready.wait()
@@ -127,6 +134,33 @@ class CaptureMount:
         except trio.RunFinishedError:
             return None
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread that serves the mount."""
+        return self._thread
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._token is not None
+
+    def call_soon(self, fn, *args) -> bool:
+        """Schedule ``fn(*args)`` on the mount's thread without waiting for
+        it; False once the loop ended. An exception is logged and reported
+        by failure()."""
+        if not self.running():
+            return False
+
+        def guarded():
+            try:
+                fn(*args)
+            except Exception as exc:       # noqa: BLE001 - the loop goes on; reported
+                self.error = f"{getattr(fn, '__name__', fn)}: {type(exc).__name__}: {exc}"
+                log.error("capture mount: %s", self.error, exc_info=True)
+        try:
+            self._token.run_sync_soon(guarded)
+        except Exception:                   # noqa: BLE001 - trio.RunFinishedError: ended
+            return False
+        return True
+
     def flush_times(self) -> None:
         """Send the mtimes owed now (from any thread), so a sync covers them."""
         self.call(self._flush)
@@ -163,6 +197,18 @@ class CaptureMount:
             self._owns_lock = False
             _one_mount.release()
         self._thread = None
+        if self.fs is not None:
+            self.fs.base.close()
+
+    def status(self) -> dict:
+        """The mount point, ops and bytes captured, failed and refused
+        calls, the bypass watcher."""
+        out = {"mount_point": self.mountpoint, "error": self.failure()}
+        if self.fs is not None:
+            out.update(self.fs.stats, failures=self.fs.failures)
+        if self.bypass is not None:
+            out["bypass"] = self.bypass.status()
+        return out
 
     def __enter__(self) -> "CaptureMount":
         return self.start()

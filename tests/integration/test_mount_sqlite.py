@@ -1,0 +1,30 @@
+"""SQLite in WAL mode with its database on a daemon's capture mount: the
+target, frozen at random instants (pause-target or SIGKILL of the target
+daemon) and copied, always holds a database that opens, passes
+integrity_check and holds a prefix of the committed rows."""
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: pip install -e '.[test,mount]' (with libfuse3-dev)")
+
+from support.sqlite_copies import run  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
+    reason="needs /dev/fuse, fusermount3 (Debian's fuse3) and root")
+
+
+def test_sqlite_wal_copies_of_the_frozen_target_open_and_hold_a_prefix(tmp_path):
+    r = run(tmp_path, trials=6, kill_every=3, seed=1)
+    assert r["copies"] == 6 and r["kills"] == 2 and r["pauses"] == 4, r
+    assert max(r["rows"]) > 0, r
+    assert r["final_rows"] == r["committed"], r
+
+
+@pytest.mark.slow
+def test_sqlite_wal_50_frozen_copies(tmp_path):
+    r = run(tmp_path, trials=50, kill_every=5, seed=2)
+    assert r["copies"] == 50 and r["kills"] == 10, r
+    assert r["final_rows"] == r["committed"], r
