@@ -302,11 +302,13 @@ class MountRepsetCapture(RepsetCapture):
                  self.repset.root, self.repset.mount)
         return self
 
-    def add(self, conn, journal: ConnectionJournal, mirror) -> dict | None:
-        return self.capture.on_thread(RepsetCapture.add, self, conn, journal, mirror)
+    def add(self, conn, journal: ConnectionJournal, mirror, stop=None,
+            keep=frozenset()) -> dict | None:
+        return self.capture.on_thread(RepsetCapture.add, self, conn, journal, mirror, stop, keep)
 
-    def mirror(self, conn, journal: ConnectionJournal, known: dict) -> dict:
-        return self.capture.on_thread(RepsetCapture.mirror, self, conn, journal, known)
+    def mirror(self, conn, journal: ConnectionJournal, known: dict, stop=None,
+               keep=frozenset()) -> dict:
+        return self.capture.on_thread(RepsetCapture.mirror, self, conn, journal, known, stop, keep)
 
     def close(self) -> None:
         self.capture.close()

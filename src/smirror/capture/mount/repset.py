@@ -64,13 +64,14 @@ class MountCapture:
                              + (f": {self.mount.failure()}" if self.mount.failure() else ""))
         return self.mount.call(fn, *args)
 
-    def mirror_to(self, emit, target_known: dict, orphans_out=None, adopt: bool = False) -> dict:
+    def mirror_to(self, emit, target_known: dict, orphans_out=None, adopt: bool = False,
+                  stop=None, keep=frozenset()) -> dict:
         """A difference mirror of the backing directory against what a
-        target holds (the watcher's engine, :meth:`TreeCapture.mirror_to`),
-        on the mount's thread."""
-        return self.on_thread(self._mirror_to, emit, target_known, orphans_out)
+        target holds (the watcher's engine, :meth:`TreeCapture.mirror_to`,
+        with its ``stop`` event and ``newer`` keep set), on the mount's thread."""
+        return self.on_thread(self._mirror_to, emit, target_known, orphans_out, stop, keep)
 
-    def _mirror_to(self, emit, target_known, orphans_out) -> dict:
+    def _mirror_to(self, emit, target_known, orphans_out, stop, keep) -> dict:
         from smirror.capture.watch import TreeCapture
         self.mount.fs.flush_times()         # the mtimes owed go before the mirror
         touched: set[bytes] = set()
@@ -86,7 +87,7 @@ class MountCapture:
         engine = TreeCapture(self.root, out, capture_backend="inotify", verify_interval=None)
         try:
             self.stats = engine.stats
-            stats = engine.mirror_to(out, target_known, orphans_out=orphans_out)
+            stats = engine.mirror_to(out, target_known, orphans_out=orphans_out, stop=stop, keep=keep)
         finally:
             engine.close()
         self.mount.fs.stamp_dirs(touched, emit)
