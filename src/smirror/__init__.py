@@ -5,8 +5,15 @@ The compiled kernels are imported by the modules that use them
 there is no silent pure-Python fallback at runtime.
 """
 from smirror.errors import (  # noqa: F401
-    SmirrorError, FrameError, DeltaError, QueueError, QueueFull, QueueClosed,
-    QueueCorrupt, ConfigError, MirrorError,
+    ConfigError,
+    DeltaError,
+    FrameError,
+    MirrorError,
+    QueueClosed,
+    QueueCorrupt,
+    QueueError,
+    QueueFull,
+    SmirrorError,
 )
 
 
@@ -19,8 +26,8 @@ def __getattr__(name):
         except metadata.PackageNotFoundError:  # running from a source tree
             return "0.1.0+src"
     if name in ("Replication", "Recorder"):
-        from smirror.capture import recorder as capture
         from smirror import replication as replicate
+        from smirror.capture import recorder as capture
         return {"Replication": replicate.Replication, "Recorder": capture.Recorder}[name]
     raise AttributeError(f"module 'smirror' has no attribute {name!r}")
 

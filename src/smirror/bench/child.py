@@ -7,6 +7,7 @@ import json
 import sys
 
 from smirror.errors import SmirrorError
+
 from .report import LiveLine
 from .runner import measure
 from .workloads import Params

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from smirror.errors import BenchError, SmirrorError
+
 from . import limits
 from .workloads import RecorderWriter, Writer
 

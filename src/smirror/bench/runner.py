@@ -14,10 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-from smirror.errors import QueueFull
+from smirror.errors import BenchError, QueueFull
+
 from . import limits
 from .metrics import SIDES, Sampler, percentile
-from smirror.errors import BenchError
 from .pairs import open_pair
 from .verify import compare_trees
 from .workloads import WORKLOADS, NullCtl, Params, Writer
@@ -58,7 +58,7 @@ class _Prober:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="smbench-prober")
 
-    def start(self) -> "_Prober":
+    def start(self) -> _Prober:
         self._thread.start()
         return self
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import limits
 from smirror.errors import BenchError, BenchUsageError
+
+from . import limits
 from .runner import run
 from .workloads import Params
 

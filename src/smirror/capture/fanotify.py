@@ -56,9 +56,9 @@ import struct
 import tempfile
 from dataclasses import dataclass
 
-from smirror.errors import EventFormatError, FanotifyUnavailable
+from smirror.capture.inotify import MOVED_OUT, Event, Kind, join_rel, list_dir
 from smirror.capture.readloop import EventReadLoop
-from smirror.capture.inotify import MOVED_OUT, Event, Kind, WatchError, join_rel, list_dir
+from smirror.errors import EventFormatError, FanotifyUnavailable
 
 log = logging.getLogger("smirror.capture.fanotify")
 

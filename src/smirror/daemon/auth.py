@@ -16,8 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from smirror.fs.atomic import write_atomic
 from smirror.errors import AuthError, ConfigError
+from smirror.fs.atomic import write_atomic
 
 # replication: a source daemon's link user: data links, and the reads of its
 # own map bases its mirrors need (target.scan, target.signature), nothing else
@@ -456,7 +456,7 @@ class Sessions:
             raise AuthError(f"session of user {name!r} is unknown or expired: log in again")
         return found.key
 
-    def check_user(self, name: str, tid: str, store: "UserStore") -> User:
+    def check_user(self, name: str, tid: str, store: UserStore) -> User:
         """The user behind token ``tid`` as the store has it now; the token
         is revoked and AuthError raised when the user was removed or replaced."""
         with self._lock:

@@ -15,10 +15,20 @@ import secrets
 import string
 import time
 
-from smirror.daemon.auth import (LoginThrottle, Sessions, User, UserStore, check_scrypt_params, check_username,
-                                 client_proof, token_id, token_key, token_proofs)
+from smirror.daemon.auth import (
+    LoginThrottle,
+    Sessions,
+    User,
+    UserStore,
+    check_scrypt_params,
+    check_username,
+    client_proof,
+    token_id,
+    token_key,
+    token_proofs,
+)
 from smirror.errors import AuthError, ConfigError, LinkClosed, LoginRefused, ProtocolError
-from smirror.stream.wire import PROTOCOL_VERSION, PURPOSES, LOGIN_TIMEOUT, Link, MsgType, peer_certificate_cn
+from smirror.stream.wire import LOGIN_TIMEOUT, PROTOCOL_VERSION, PURPOSES, Link, MsgType, peer_certificate_cn
 
 
 def _field(obj: dict, key: str, kind, where: str):

@@ -23,8 +23,8 @@ import stat
 import threading
 from pathlib import Path
 
-from smirror.fs.atomic import write_atomic
 from smirror.errors import AuthError, ConfigError, ConfinementError
+from smirror.fs.atomic import write_atomic
 
 SETTING = "[target] allowed_roots"
 

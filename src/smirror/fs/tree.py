@@ -154,7 +154,7 @@ class Rules:
         self.rules = list(rules)
 
     @classmethod
-    def from_patterns(cls, pairs) -> "Rules":
+    def from_patterns(cls, pairs) -> Rules:
         """``pairs``: iterable of ("include"|"exclude", pattern) in command-line order."""
         out = []
         for kind, pattern in pairs:

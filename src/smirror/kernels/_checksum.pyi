@@ -1,7 +1,7 @@
 """Stub of the compiled block-checksum kernel (reference: smirror.kernels._checksum_py)."""
-from typing import Optional, Union
-
 import mmap
+from typing import Union
+
 import numpy as np
 import numpy.typing as npt
 
@@ -21,10 +21,10 @@ class StreamDigest:
 
 def block_signature(
     data: Buffer, block_size: int, with_weak: bool
-) -> tuple[Optional[npt.NDArray[np.uint32]], npt.NDArray[np.uint64]]: ...
+) -> tuple[npt.NDArray[np.uint32] | None, npt.NDArray[np.uint64]]: ...
 def fd_signature(
     fd: int, length: int, block_size: int, with_weak: bool, start: int = 0
-) -> tuple[Optional[npt.NDArray[np.uint32]], npt.NDArray[np.uint64]]: ...
+) -> tuple[npt.NDArray[np.uint32] | None, npt.NDArray[np.uint64]]: ...
 def fd_digest(fd: int) -> bytes: ...
 def _use_reader_thread(mode: bool | str) -> str: ...
 def delta_ops(

@@ -1,5 +1,6 @@
 """Type stub of the compiled journal frame kernel (format: smirror.kernels._journal_py)."""
-from typing import Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Literal, Union
 
 from smirror.ops import FrameHeader, Op
 

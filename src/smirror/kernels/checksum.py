@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import os
 
-from smirror.kernels import _checksum as _k
 from smirror.errors import DeltaError
+from smirror.kernels import _checksum as _k
 
 COPY = 0
 LITERAL = 1

@@ -23,10 +23,11 @@ wrong and at which byte offset.
 """
 from __future__ import annotations
 
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
-from smirror.kernels._journal import Encoder, decode_frame, encode_frame, frame_header
 from smirror.errors import FrameError
+from smirror.kernels._journal import Encoder, decode_frame, encode_frame, frame_header
 from smirror.ops import HEADER_SIZE, MAX_PAYLOAD, AttrMask, FrameHeader, Op, OpKind
 
 __all__ = [

@@ -70,8 +70,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from smirror.kernels._memqueue import MemoryBudget, SpillQueue
 from smirror.errors import ConfigError
+from smirror.kernels._memqueue import MemoryBudget, SpillQueue
 from smirror.units import parse_size
 
 __all__ = ["SpillQueue", "MemoryBudget", "QueueSettings", "open_queue", "queue_dir",
@@ -109,7 +109,7 @@ class QueueSettings:
             raise ConfigError(f"queue durable: expected true or false, got {self.durable!r}")
 
     @classmethod
-    def from_config(cls, config, role: str) -> "QueueSettings":
+    def from_config(cls, config, role: str) -> QueueSettings:
         """Settings of a ``source`` or ``target`` queue from a
         :class:`smirror.daemon.config.Config`; target queues are durable."""
         if role not in ("source", "target"):

@@ -133,7 +133,7 @@ class TaskSpec:
 
     @classmethod
     def build(cls, name, *, on_execute, on_receive=None, on_queue=None, on_transmit=None,
-              timeout=None, args=(), source: str = "") -> "TaskSpec":
+              timeout=None, args=(), source: str = "") -> TaskSpec:
         _check_name(name, "task name")
         if on_execute is None:
             raise TaskError(f"task {name!r}: --on-execute is required")
@@ -184,7 +184,7 @@ class TaskSpec:
         return json.dumps(dict(asdict(self), v=SPEC_VERSION), separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, payload, where: str = "task") -> "TaskSpec":
+    def decode(cls, payload, where: str = "task") -> TaskSpec:
         """The spec a TASK op's payload holds; every problem with it, of any
         kind, is a TaskError naming ``where`` and the field."""
         try:
@@ -220,7 +220,7 @@ class TaskPolicy:
         self.directory = os.path.realpath(directory) if directory else ""
 
     @classmethod
-    def from_config(cls, cfg) -> "TaskPolicy":
+    def from_config(cls, cfg) -> TaskPolicy:
         return cls(cfg.tasks.enabled, cfg.tasks.directory)
 
     def resolve(self, spec: TaskSpec, stage: str) -> list[str]:

@@ -101,7 +101,7 @@ class Link:
             raise self._timed_out()
         self.sock.settimeout(left)
 
-    def _timed_out(self) -> "ProtocolError":
+    def _timed_out(self) -> ProtocolError:
         return ProtocolError(f"{self.peer} did not finish logging in in time: link closed")
 
     # -- sending ---------------------------------------------------------
