@@ -309,7 +309,7 @@ class FrameHeader(NamedTuple):
     payload: where the next frame of a stream starts."""
     version: int
     flags: int
-    count: int
+    count: int          # type: ignore[assignment]  # ops in the frame; shadows tuple.count, unused here
     first_seq: int
     last_seq: int
     stored_len: int

@@ -109,10 +109,10 @@ def _welcome(link: Link, user: str, expect_sig: bytes, auth: str, proves: str) -
     if not isinstance(signature, str) or not hmac.compare_digest(signature, expect_sig.hex()):
         raise ProtocolError(f"{link.peer} could not prove it {proves}: "
                             "not the daemon it claims to be")
-    link.user = User(user, _field(reply, "role", str, "WELCOME"))
+    link.user = found = User(user, _field(reply, "role", str, "WELCOME"))
     link.auth = auth
     link.end_login_limits()
-    return link.user
+    return found
 
 
 def accept_login(link: Link, store: UserStore, throttle: LoginThrottle | None = None,

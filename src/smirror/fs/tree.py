@@ -183,9 +183,9 @@ class Listing:
 
     def __init__(self, root: bytes):
         self.root = root
-        self.entries = {}
-        self.errors = []
-        self.temps = []
+        self.entries: dict[bytes, Entry] = {}
+        self.errors: list[tuple[bytes, OSError]] = []
+        self.temps: list[bytes] = []
 
 
 def scan(root, rules: Rules | None = None, skip=(), collect_temps=False) -> Listing:
