@@ -38,11 +38,11 @@ def native_status():
     """Map each kernel name to True (compiled module loaded) or the import
     error text."""
     import importlib
-    status = {}
+    status: dict[str, bool | str] = {}
     for name in KERNELS:
         try:
             mod = importlib.import_module(f"smirror.kernels.{name}")
-            status[name] = mod.__file__.endswith((".so", ".pyd"))
+            status[name] = (mod.__file__ or "").endswith((".so", ".pyd"))
         except ImportError as exc:
             status[name] = str(exc)
     return status

@@ -185,7 +185,7 @@ def _result(workload, mode, p, smem, tmem, wl, pair, sampler, prober, t0, t_writ
             "cpu_s": round(sampler.cpu[i], 3),
         }
     allowed = limits.rss_allowed(smem, tmem, pair.shared_process)
-    for side, limit in zip(SIDES, allowed):
+    for side, limit in zip(SIDES, allowed, strict=True):
         sides[side]["rss_growth_allowed"] = limit
         sides[side]["rss_within_limit"] = None if limit is None else sides[side]["rss_growth"] <= limit
     cpu_total = sampler.cpu[0] if pair.shared_process else sum(sampler.cpu)

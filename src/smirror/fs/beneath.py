@@ -100,7 +100,7 @@ class Beneath:
     def __del__(self):
         try:
             self.close()
-        except Exception:
+        except Exception:       # noqa: BLE001 - a finalizer must not raise (at exit os may be gone)
             pass
 
     def __repr__(self):

@@ -1,26 +1,25 @@
 """Stub of the compiled block-checksum kernel (reference: smirror.kernels._checksum_py)."""
 import mmap
-from typing import Union
 
 import numpy as np
 import numpy.typing as npt
 
-Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
+_Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 READ_CHUNK_SIZE: int
 WEAK_SIMD: str  # "avx2", "sse2" or "generic": weak-checksum code path picked at import
 
 def _use_weak_variant(name: str) -> str: ...
 
-def weak_checksum(data: Buffer) -> int: ...
+def weak_checksum(data: _Buffer) -> int: ...
 def weak_roll(weak: int, out_byte: int, in_byte: int, length: int) -> int: ...
-def strong_digest(data: Buffer) -> bytes: ...
+def strong_digest(data: _Buffer) -> bytes: ...
 class StreamDigest:
-    def update(self, data: Buffer) -> None: ...
+    def update(self, data: _Buffer) -> None: ...
     def digest(self) -> bytes: ...
 
 def block_signature(
-    data: Buffer, block_size: int, with_weak: bool
+    data: _Buffer, block_size: int, with_weak: bool
 ) -> tuple[npt.NDArray[np.uint32] | None, npt.NDArray[np.uint64]]: ...
 def fd_signature(
     fd: int, length: int, block_size: int, with_weak: bool, start: int = 0
@@ -28,7 +27,7 @@ def fd_signature(
 def fd_digest(fd: int) -> bytes: ...
 def _use_reader_thread(mode: bool | str) -> str: ...
 def delta_ops(
-    src: Buffer,
+    src: _Buffer,
     block_size: int,
     target_length: int,
     weak: npt.NDArray[np.uint32],

@@ -445,7 +445,7 @@ def decode_frame(buf, offset: int = 0, *, check_payload: bool = True):
     if h.flags & FLAG_LZ4:
         try:
             raw = lz4.block.decompress(stored, uncompressed_size=h.raw_len)
-        except Exception as exc:  # lz4.block.LZ4BlockError is not exported
+        except Exception as exc:  # noqa: BLE001 - lz4.block.LZ4BlockError is not exported
             raise FrameError(f"lz4 payload does not decompress to the declared "
                              f"{h.raw_len} bytes: {exc}", start) from None
         if len(raw) != h.raw_len:

@@ -25,8 +25,8 @@ Behaviour (DESIGN.md invariants 4 and 5)
   log before ``put`` returns and persist acks; memory keeps a cached copy
   within ``memory_limit`` (a ``bytes`` frame is kept as it is, no copy).
   The compiled queue writes a record outside the lock ``get`` and ``ack``
-  take, so a consumer is not held up by a producer's disk write. Reopening the directory after a crash recovers
-  every whole record in order, cuts a torn last record away and raises
+  take, so a consumer is not held up by a producer's disk write. Reopening
+  the directory after a crash recovers every whole record in order, cuts a torn last record away and raises
   :class:`~smirror.errors.QueueCorrupt` (naming file and offset) for damage
   anywhere else.
 

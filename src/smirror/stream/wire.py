@@ -231,7 +231,8 @@ class Link:
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"{self.peer} sent a {mtype.name} message that is not a JSON object: {exc}") from None
+            raise ProtocolError(f"{self.peer} sent a {mtype.name} message that is not "
+                                f"a JSON object: {exc}") from None
         if mtype == MsgType.ERROR and MsgType.ERROR not in expect:
             raise ProtocolError(f"{self.peer}: {obj.get('error', 'unspecified error')}")
         if expect and mtype not in expect:
