@@ -5,8 +5,15 @@ The compiled kernels are imported by the modules that use them
 there is no silent pure-Python fallback at runtime.
 """
 from smirror.errors import (  # noqa: F401
-    SmirrorError, FrameError, DeltaError, QueueError, QueueFull, QueueClosed,
-    QueueCorrupt, ConfigError, MirrorError,
+    ConfigError,
+    DeltaError,
+    FrameError,
+    MirrorError,
+    QueueClosed,
+    QueueCorrupt,
+    QueueError,
+    QueueFull,
+    SmirrorError,
 )
 
 
@@ -19,8 +26,8 @@ def __getattr__(name):
         except metadata.PackageNotFoundError:  # running from a source tree
             return "0.1.0+src"
     if name in ("Replication", "Recorder"):
-        from smirror.capture import recorder as capture
         from smirror import replication as replicate
+        from smirror.capture import recorder as capture
         return {"Replication": replicate.Replication, "Recorder": capture.Recorder}[name]
     raise AttributeError(f"module 'smirror' has no attribute {name!r}")
 
@@ -31,11 +38,11 @@ def native_status():
     """Map each kernel name to True (compiled module loaded) or the import
     error text."""
     import importlib
-    status = {}
+    status: dict[str, bool | str] = {}
     for name in KERNELS:
         try:
             mod = importlib.import_module(f"smirror.kernels.{name}")
-            status[name] = mod.__file__.endswith((".so", ".pyd"))
+            status[name] = (mod.__file__ or "").endswith((".so", ".pyd"))
         except ImportError as exc:
             status[name] = str(exc)
     return status

@@ -188,40 +188,40 @@ class Op(NamedTuple):
     # The helpers build the tuple directly (no keyword handling): the capture
     # paths create millions of these.
     @classmethod
-    def write(cls, seq: int, path: bytes, offset: int, data) -> "Op":
+    def write(cls, seq: int, path: bytes, offset: int, data) -> Op:
         """``data`` (any bytes-like) written at ``offset`` of ``path``."""
         return _new(cls, (seq, OpKind.WRITE, path, b"", offset, 0, 0, 0, 0, 0, 0, data))
 
     @classmethod
-    def truncate(cls, seq: int, path: bytes, size: int) -> "Op":
+    def truncate(cls, seq: int, path: bytes, size: int) -> Op:
         return _new(cls, (seq, OpKind.TRUNCATE, path, b"", 0, size, 0, 0, 0, 0, 0, b""))
 
     @classmethod
-    def create(cls, seq: int, path: bytes, mode: int = 0o644) -> "Op":
+    def create(cls, seq: int, path: bytes, mode: int = 0o644) -> Op:
         """A new empty regular file with permission bits ``mode``."""
         return _new(cls, (seq, OpKind.CREATE, path, b"", 0, 0, mode, 0, 0, 0, 0, b""))
 
     @classmethod
-    def mkdir(cls, seq: int, path: bytes, mode: int = 0o755) -> "Op":
+    def mkdir(cls, seq: int, path: bytes, mode: int = 0o755) -> Op:
         return _new(cls, (seq, OpKind.MKDIR, path, b"", 0, 0, mode, 0, 0, 0, 0, b""))
 
     @classmethod
-    def delete(cls, seq: int, path: bytes) -> "Op":
+    def delete(cls, seq: int, path: bytes) -> Op:
         return _new(cls, (seq, OpKind.DELETE, path, b"", 0, 0, 0, 0, 0, 0, 0, b""))
 
     @classmethod
-    def rmdir(cls, seq: int, path: bytes) -> "Op":
+    def rmdir(cls, seq: int, path: bytes) -> Op:
         return _new(cls, (seq, OpKind.RMDIR, path, b"", 0, 0, 0, 0, 0, 0, 0, b""))
 
     @classmethod
-    def rename(cls, seq: int, path: bytes, new_path: bytes, flags: int = 0) -> "Op":
+    def rename(cls, seq: int, path: bytes, new_path: bytes, flags: int = 0) -> Op:
         """``flags``: :class:`RenameFlag` (EXCHANGE: swap the two names)."""
         return _new(cls, (seq, OpKind.RENAME, path, new_path, 0, 0, 0, 0, 0, 0, flags, b""))
 
     @classmethod
     def setattr(cls, seq: int, path: bytes, mode: int | None = None,
                 uid: int | None = None, gid: int | None = None,
-                mtime_ns: int | None = None) -> "Op":
+                mtime_ns: int | None = None) -> Op:
         """Set the attributes given (not None); at least one is required."""
         mask = ((mode is not None) * AttrMask.MODE | (uid is not None) * AttrMask.UID
                 | (gid is not None) * AttrMask.GID | (mtime_ns is not None) * AttrMask.MTIME)
@@ -232,17 +232,17 @@ class Op(NamedTuple):
                           gid or 0, mtime_ns or 0, int(mask), b""))
 
     @classmethod
-    def symlink(cls, seq: int, path: bytes, link_target: bytes) -> "Op":
+    def symlink(cls, seq: int, path: bytes, link_target: bytes) -> Op:
         """A symlink at ``path`` pointing to ``link_target`` (kept verbatim)."""
         return _new(cls, (seq, OpKind.SYMLINK, path, link_target, 0, 0, 0, 0, 0, 0, 0, b""))
 
     @classmethod
-    def hardlink(cls, seq: int, path: bytes, existing_path: bytes) -> "Op":
+    def hardlink(cls, seq: int, path: bytes, existing_path: bytes) -> Op:
         """A new name ``path`` for the file already at ``existing_path``."""
         return _new(cls, (seq, OpKind.HARDLINK, path, existing_path, 0, 0, 0, 0, 0, 0, 0, b""))
 
     @classmethod
-    def task(cls, seq: int, name, payload=b"") -> "Op":
+    def task(cls, seq: int, name, payload=b"") -> Op:
         """A task command run on the target when the applier reaches it.
         ``name`` is bytes or str (stored as UTF-8); ``payload`` is bytes-like."""
         if isinstance(name, str):
@@ -250,14 +250,14 @@ class Op(NamedTuple):
         return _new(cls, (seq, OpKind.TASK, name, b"", 0, 0, 0, 0, 0, 0, 0, payload))
 
     @classmethod
-    def mark(cls, seq: int, label=b"", payload=b"") -> "Op":
+    def mark(cls, seq: int, label=b"", payload=b"") -> Op:
         """A checkpoint/bookmark in the stream (also mirror start/end)."""
         if isinstance(label, str):
             label = label.encode()
         return _new(cls, (seq, OpKind.MARK, label, b"", 0, 0, 0, 0, 0, 0, 0, payload))
 
     @classmethod
-    def setxattr(cls, seq: int, path: bytes, name, value) -> "Op":
+    def setxattr(cls, seq: int, path: bytes, name, value) -> Op:
         """Extended attribute ``name`` (bytes or str) of ``path`` set to
         ``value`` (bytes-like)."""
         if isinstance(name, str):
@@ -265,7 +265,7 @@ class Op(NamedTuple):
         return _new(cls, (seq, OpKind.XATTR, path, name, 0, 0, 0, 0, 0, 0, 0, value))
 
     @classmethod
-    def removexattr(cls, seq: int, path: bytes, name) -> "Op":
+    def removexattr(cls, seq: int, path: bytes, name) -> Op:
         """Extended attribute ``name`` of ``path`` removed."""
         if isinstance(name, str):
             name = name.encode()
@@ -273,7 +273,7 @@ class Op(NamedTuple):
                           int(XattrFlag.REMOVE), b""))
 
     @classmethod
-    def mknod(cls, seq: int, path: bytes, mode: int, rdev: int = 0) -> "Op":
+    def mknod(cls, seq: int, path: bytes, mode: int, rdev: int = 0) -> Op:
         """A special file at ``path``: ``mode`` holds its type (fifo, socket,
         character or block device) and permission bits, ``rdev`` a device's
         number."""
@@ -320,7 +320,7 @@ class FrameHeader(NamedTuple):
     payload: where the next frame of a stream starts."""
     version: int
     flags: int
-    count: int
+    count: int          # type: ignore[assignment]  # ops in the frame; shadows tuple.count, unused here
     first_seq: int
     last_seq: int
     stored_len: int

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import psutil
 
-from . import limits
 from smirror.units import format_size
+
+from . import limits
 
 MiB = 1 << 20
 

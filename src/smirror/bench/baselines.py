@@ -30,7 +30,8 @@ def rsync_copy(root) -> dict | None:
                            text=True, timeout=600)
         seconds = time.monotonic() - t0
         if r.returncode != 0:
-            return {"baseline": "rsync", "error": f"rsync exited with {r.returncode}: {r.stderr.strip()[-500:]}"}
+            return {"baseline": "rsync",
+                    "error": f"rsync exited with {r.returncode}: {r.stderr.strip()[-500:]}"}
         nbytes = sum(os.lstat(os.path.join(d, f)).st_size for d, _, fs in os.walk(dst) for f in fs)
         return {"baseline": "rsync", "bytes": nbytes, "elapsed_s": round(seconds, 4),
                 "throughput_mb_s": round(nbytes / max(seconds, 1e-9) / 1e6, 3)}

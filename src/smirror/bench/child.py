@@ -7,6 +7,7 @@ import json
 import sys
 
 from smirror.errors import SmirrorError
+
 from .report import LiveLine
 from .runner import measure
 from .workloads import Params
@@ -17,7 +18,8 @@ def main() -> int:
     try:
         result = measure(req["workload"], mode="embedded", source_memory=req["source_memory"],
                          target_memory=req["target_memory"], params=Params(**req["params"]),
-                         base_dir=req["base_dir"], disk_limit=req["disk_limit"], progress=LiveLine() if req["live"] else None)
+                         base_dir=req["base_dir"], disk_limit=req["disk_limit"],
+                         progress=LiveLine() if req["live"] else None)
     except (SmirrorError, OSError) as exc:
         json.dump({"error": f"{req['workload']}: {exc}"}, sys.stdout)
         return 1

@@ -8,10 +8,11 @@ import argparse
 import json
 import sys
 
+from smirror.errors import BenchUsageError as UsageError
 from smirror.errors import SmirrorError
 from smirror.units import parse_duration, parse_size
+
 from . import limits
-from smirror.errors import BenchUsageError as UsageError
 from .workloads import WORKLOADS, Params
 
 TUNE_SIDES = {"source": ("source",), "target": ("target",), "both": ("source", "target")}

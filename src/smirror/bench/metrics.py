@@ -57,7 +57,7 @@ class Sampler:
                     seen[p.pid] = None
         return [seen[p.pid] for p in self.procs]
 
-    def start(self) -> "Sampler":
+    def start(self) -> Sampler:
         self._thread.start()
         return self
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from smirror.errors import BenchError, SmirrorError
+
 from . import limits
 from .workloads import RecorderWriter, Writer
 
@@ -35,7 +36,11 @@ class EmbeddedPair:
                                state_dir=work / "state",
                                **limits.replication_kwargs(source_memory, target_memory, disk))
         self.rep.start()
-        self.writer = RecorderWriter(self.rep.journal)
+        journal = self.rep.journal
+        if journal is None:
+            raise BenchError("the embedded pair started without its library capture (capture='api')")
+        self.journal = journal
+        self.writer = RecorderWriter(journal)
         self.pids = (os.getpid(), os.getpid())
         self.lags: list[float] = []
         self._sent: dict[bytes, float] = {}
@@ -49,7 +54,7 @@ class EmbeddedPair:
     def probe(self, i: int) -> None:
         label = b"smbench-%d" % i
         self._sent[label] = time.monotonic()
-        self.rep.journal.mark(label)
+        self.journal.mark(label)
 
     def probes_missing(self) -> int:
         return len(self._sent)
@@ -149,6 +154,7 @@ class DaemonPair:
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
         self.procs.append(proc)
+        assert proc.stdout is not None and proc.stderr is not None     # both are PIPEs
         line = proc.stdout.readline()
         if "listening" not in line:
             proc.wait(10)

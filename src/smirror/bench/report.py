@@ -34,7 +34,7 @@ class LiveLine:
             isatty = getattr(self.stream, "isatty", None)
             enabled = bool(isatty and isatty())
         self.enabled = enabled
-        self._thread = None
+        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._last_len = 0
 
@@ -123,7 +123,7 @@ def _n(v) -> str:
 def table(headers: list[str], rows: list[list]) -> str:
     cells = [headers] + [["-" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

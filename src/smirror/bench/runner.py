@@ -14,10 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-from smirror.errors import QueueFull
+from smirror.errors import BenchError, QueueFull
+
 from . import limits
 from .metrics import SIDES, Sampler, percentile
-from smirror.errors import BenchError
 from .pairs import open_pair
 from .verify import compare_trees
 from .workloads import WORKLOADS, NullCtl, Params, Writer
@@ -58,7 +58,7 @@ class _Prober:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="smbench-prober")
 
-    def start(self) -> "_Prober":
+    def start(self) -> _Prober:
         self._thread.start()
         return self
 
@@ -185,7 +185,7 @@ def _result(workload, mode, p, smem, tmem, wl, pair, sampler, prober, t0, t_writ
             "cpu_s": round(sampler.cpu[i], 3),
         }
     allowed = limits.rss_allowed(smem, tmem, pair.shared_process)
-    for side, limit in zip(SIDES, allowed):
+    for side, limit in zip(SIDES, allowed, strict=True):
         sides[side]["rss_growth_allowed"] = limit
         sides[side]["rss_within_limit"] = None if limit is None else sides[side]["rss_growth"] <= limit
     cpu_total = sampler.cpu[0] if pair.shared_process else sum(sampler.cpu)

@@ -72,7 +72,7 @@ def run_suite(*, quick: bool = False, mode: str = "embedded", repeats: int | Non
                 f"{'yes' if r['target_equals_source'] else 'NO'}"
                 + (f", errors: {'; '.join(r['errors'])}" if r["errors"] else ""))
         summary = {m: summarize([get(r) for r in runs]) for m, (get, _) in METRICS.items()}
-        base = {"direct": None, "rsync": None, "lsyncd": None}
+        base: dict[str, dict | None] = {"direct": None, "rsync": None, "lsyncd": None}
         if baselines:
             rsync = directs[0].pop("after")
             for d in directs[1:]:

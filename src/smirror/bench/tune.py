@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import limits
 from smirror.errors import BenchError, BenchUsageError
+
+from . import limits
 from .runner import run
 from .workloads import Params
 
@@ -174,7 +175,7 @@ def plot(result: dict, path) -> None:
         for row, (label, y) in enumerate(series):
             ax = axes[row][col]
             ax.plot(x, y, "o-")
-            for xi, yi, t in zip(x, y, ts):
+            for xi, yi, t in zip(x, y, ts, strict=True):
                 if not t["ok"]:
                     ax.plot([xi], [yi], "rx", markersize=10)
             ax.axvline(result["recommended"][side] / (1 << 20), color="green", linestyle="--",

@@ -56,9 +56,9 @@ import struct
 import tempfile
 from dataclasses import dataclass
 
-from smirror.errors import EventFormatError, FanotifyUnavailable
+from smirror.capture.inotify import MOVED_OUT, Event, Kind, join_rel, list_dir
 from smirror.capture.readloop import EventReadLoop
-from smirror.capture.inotify import MOVED_OUT, Event, Kind, WatchError, join_rel, list_dir
+from smirror.errors import EventFormatError, FanotifyUnavailable
 
 log = logging.getLogger("smirror.capture.fanotify")
 
@@ -390,10 +390,10 @@ class Watcher(EventReadLoop):
                     self._dirs[ch] = (dh, child.rpartition(b"/")[2])
                     stack.append((child, ch))
 
-    def _mapped_path(self, handle: bytes, chain: list | None = None) -> bytes | None:
+    def _mapped_path(self, handle: bytes, chain: list[bytes] | None = None) -> bytes | None:
         """The path the map gives ``handle``, None when the map does not
         lead from it to the root (``chain`` collects the handles passed)."""
-        parts = []
+        parts: list[bytes] = []
         h = handle
         for _ in range(4096):
             node = self._dirs.get(h)
@@ -411,7 +411,7 @@ class Watcher(EventReadLoop):
     def _path_of(self, handle: bytes) -> bytes | None:
         """The path (relative to the root) of the directory ``handle`` names,
         None when it is outside the root or excluded."""
-        chain = []
+        chain: list[bytes] = []
         path = self._mapped_path(handle, chain)
         if path is not None:
             return path
@@ -430,7 +430,9 @@ class Watcher(EventReadLoop):
         for ev in self._batch[self._batch_pos + 1:]:
             if ev.mask & FAN_RENAME and ev.mask & FAN_ONDIR:
                 new_rec = ev.record(FAN_EVENT_INFO_TYPE_NEW_DFID_NAME)
-                parent = None if new_rec is None else self._mapped_path(new_rec.handle)
+                if new_rec is None or new_rec.name is None:
+                    continue
+                parent = self._mapped_path(new_rec.handle)
                 if parent is None:
                     continue
                 target = join_rel(parent, new_rec.name)
@@ -508,7 +510,8 @@ class Watcher(EventReadLoop):
         """One read's events; a malformed one costs a rescan, not the watcher."""
         try:
             self._batch = parse_events(data)
-            for self._batch_pos, ev in enumerate(self._batch):
+            for pos, ev in enumerate(self._batch):
+                self._batch_pos = pos           # read by _arrives_later
                 reported = len(self._out)
                 self._handle(ev)
                 if ev.pid in self.ignore_pids:      # a rescan is never dropped
@@ -578,7 +581,8 @@ class Watcher(EventReadLoop):
     def _renamed(self, ev: RawEvent, is_dir: bool, child_h: bytes | None) -> None:
         old_rec = ev.record(FAN_EVENT_INFO_TYPE_OLD_DFID_NAME)
         new_rec = ev.record(FAN_EVENT_INFO_TYPE_NEW_DFID_NAME)
-        if old_rec is None or new_rec is None:
+        # parse_events names every record of a DFID_NAME type
+        if old_rec is None or new_rec is None or old_rec.name is None or new_rec.name is None:
             raise EventFormatError("FAN_RENAME without its old and new directory records", 0)
         if child_h == self._root_handle:
             return                          # the root itself renamed: paths below it hold
@@ -590,9 +594,9 @@ class Watcher(EventReadLoop):
             old = None
         if new is not None and self.exclude is not None and self.exclude(new, is_dir):
             new = None
-        if old is None and new is None:
-            return
         if new is None:                     # out of the tree (or to an excluded name)
+            if old is None:
+                return
             if is_dir and child_h is not None:
                 self._dirs.pop(child_h, None)
             self._out.append(Event(Kind.DELETED, old, is_dir, reason=MOVED_OUT))

@@ -213,17 +213,8 @@ class Watcher(EventReadLoop):
         parent = self._wd_path.get(wd)
         if parent is None:
             return                              # a watch we dropped already
-        if mask & IN_IGNORED:
-            if self._path_wd.get(parent) == wd:
-                self._path_wd.pop(parent, None)
-            self._wd_path.pop(wd, None)
-            return
-        if mask & (IN_DELETE_SELF | IN_MOVE_SELF) and not name:
-            if parent == b"" and mask & IN_DELETE_SELF:
-                self._out.append(Event(Kind.RESCAN, b"", True, reason="the watched root was deleted"))
-            return                              # the parent's event names the change
-        if mask & IN_UNMOUNT:
-            self._out.append(Event(Kind.RESCAN, parent, True, reason="filesystem unmounted"))
+        if mask & (IN_IGNORED | IN_UNMOUNT) or (mask & (IN_DELETE_SELF | IN_MOVE_SELF) and not name):
+            self._watch_event(wd, mask, parent, name)
             return
         is_dir = bool(mask & IN_ISDIR)
         path = join_rel(parent, name)
@@ -235,29 +226,7 @@ class Watcher(EventReadLoop):
             self._pending_from[cookie] = (path, is_dir, time.monotonic())
             return
         if mask & IN_MOVED_TO:
-            src = self._pending_from.pop(cookie, None)
-            excluded_new = self.exclude is not None and self.exclude(path, is_dir)
-            if src is None:                     # moved in from outside the tree
-                if not excluded_new:
-                    self._created(path, is_dir)
-                return
-            old, _, _ = src
-            excluded_old = self.exclude is not None and self.exclude(old, is_dir)
-            if excluded_old and excluded_new:
-                return
-            if excluded_old:
-                self._created(path, is_dir)
-            elif excluded_new:
-                self._deleted(old, is_dir, MOVED_OUT)
-            else:
-                if is_dir:
-                    if old in self._path_wd:
-                        self._rename_tree(old, path)
-                    else:
-                        # renamed before its watch was set (created and moved
-                        # at once): watch it now under its new name
-                        self._watch_tree(path)
-                self._out.append(Event(Kind.MOVED, old, is_dir, new_path=path))
+            self._moved_to(path, is_dir, cookie)
             return
         if mask & IN_CREATE:
             self._created(path, is_dir)
@@ -269,6 +238,46 @@ class Watcher(EventReadLoop):
             self._out.append(Event(Kind.MODIFIED, path, is_dir))
         elif mask & IN_ATTRIB:
             self._out.append(Event(Kind.ATTRIB, path, is_dir))
+
+    def _watch_event(self, wd: int, mask: int, parent: bytes, name: bytes) -> None:
+        """An event about a watch itself, not about an entry of its directory."""
+        if mask & IN_IGNORED:
+            if self._path_wd.get(parent) == wd:
+                self._path_wd.pop(parent, None)
+            self._wd_path.pop(wd, None)
+            return
+        if mask & (IN_DELETE_SELF | IN_MOVE_SELF) and not name:
+            if parent == b"" and mask & IN_DELETE_SELF:
+                self._out.append(Event(Kind.RESCAN, b"", True, reason="the watched root was deleted"))
+            return                              # the parent's event names the change
+        if mask & IN_UNMOUNT:
+            self._out.append(Event(Kind.RESCAN, parent, True, reason="filesystem unmounted"))
+
+    def _moved_to(self, path: bytes, is_dir: bool, cookie: int) -> None:
+        """The second half of a rename (or a move into the tree)."""
+        src = self._pending_from.pop(cookie, None)
+        excluded_new = self.exclude is not None and self.exclude(path, is_dir)
+        if src is None:                     # moved in from outside the tree
+            if not excluded_new:
+                self._created(path, is_dir)
+            return
+        old, _, _ = src
+        excluded_old = self.exclude is not None and self.exclude(old, is_dir)
+        if excluded_old and excluded_new:
+            return
+        if excluded_old:
+            self._created(path, is_dir)
+        elif excluded_new:
+            self._deleted(old, is_dir, MOVED_OUT)
+        else:
+            if is_dir:
+                if old in self._path_wd:
+                    self._rename_tree(old, path)
+                else:
+                    # renamed before its watch was set (created and moved
+                    # at once): watch it now under its new name
+                    self._watch_tree(path)
+            self._out.append(Event(Kind.MOVED, old, is_dir, new_path=path))
 
     def _created(self, path: bytes, is_dir: bool) -> None:
         self._out.append(Event(Kind.CREATED, path, is_dir))

@@ -13,6 +13,9 @@ class EventReadLoop:
     ``_buf`` (a bytearray), ``_out`` (the events produced, a list) and
     ``_parse(view)``; it may override ``_next_wait`` (wake up earlier than
     asked) and ``_after_wait`` (work after every wake-up)."""
+    fd: int
+    _buf: bytearray
+    _out: list
 
     def fileno(self) -> int:
         return self.fd

@@ -10,6 +10,7 @@ import time
 from smirror import native_status
 from smirror.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, SmirrorError
 
+
 def version_text() -> str:
     from smirror import __version__
     status = native_status()

@@ -41,9 +41,9 @@ class Progress:
         self.done_bytes = 0
         self.done_files = 0
         self._lock = threading.Lock()
-        self._samples = []            # (time, done_bytes)
+        self._samples: list[tuple[float, int]] = []    # (time, done_bytes)
         self._stop = threading.Event()
-        self._thread = None
+        self._thread: threading.Thread | None = None
         self._t0 = time.monotonic()
         self._last_len = 0
 

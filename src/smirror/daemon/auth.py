@@ -16,8 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from smirror.fs.atomic import write_atomic
 from smirror.errors import AuthError, ConfigError
+from smirror.fs.atomic import write_atomic
 
 # replication: a source daemon's link user: data links, and the reads of its
 # own map bases its mirrors need (target.scan, target.signature), nothing else
@@ -25,6 +25,7 @@ ROLES = ("admin", "monitor", "replication")
 # scrypt cost: ~50 ms and 16 MiB per check here; stored with each hash so it can
 # be raised later without breaking existing users
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
+ScryptParams = list[int]     # [N, r, p]; a name, since UserStore.list hides the builtin
 _MIN_PASSWORD = 8
 _SCRYPT_MAXMEM = 256 * 1024 * 1024
 # what a client accepts from a server: below the floor a fake server could
@@ -71,7 +72,7 @@ def client_proof(password: str, salt: bytes, params, auth_message: bytes) -> tup
     salted = _salted(password, salt, n, r, p)
     client_key = _hmac(salted, b"Client Key")
     stored_key = hashlib.sha256(client_key).digest()
-    proof = bytes(a ^ b for a, b in zip(client_key, _hmac(stored_key, auth_message)))
+    proof = bytes(a ^ b for a, b in zip(client_key, _hmac(stored_key, auth_message), strict=True))
     return proof, _hmac(_hmac(salted, b"Server Key"), auth_message)
 
 
@@ -99,7 +100,7 @@ def server_check(record: dict, auth_message: bytes, proof: bytes) -> bytes | Non
     stored_key = bytes.fromhex(record["stored_key"])
     if len(proof) != len(stored_key):
         return None
-    client_key = bytes(a ^ b for a, b in zip(proof, _hmac(stored_key, auth_message)))
+    client_key = bytes(a ^ b for a, b in zip(proof, _hmac(stored_key, auth_message), strict=True))
     if not hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key):
         return None
     return _hmac(bytes.fromhex(record["server_key"]), auth_message)
@@ -222,7 +223,7 @@ class UserStore:
             self._fake_key = key
         return self._fake_key
 
-    def challenge(self, name: str) -> tuple[bytes, list]:
+    def challenge(self, name: str) -> tuple[bytes, ScryptParams]:
         """(salt, scrypt params) for a login of ``name``. An unknown user gets
         a stable made-up salt, so a peer cannot tell which users exist."""
         record = self._read().get(name)
@@ -234,7 +235,7 @@ class UserStore:
         """(user, server signature) when ``proof`` is right; AuthError otherwise."""
         record = self._read().get(name)
         signature = server_check(record, auth_message, proof) if record else None
-        if signature is None:
+        if record is None or signature is None:
             raise AuthError(f"login failed for user {name!r}: unknown user or wrong password")
         return User(name, record["role"]), signature
 
@@ -456,7 +457,7 @@ class Sessions:
             raise AuthError(f"session of user {name!r} is unknown or expired: log in again")
         return found.key
 
-    def check_user(self, name: str, tid: str, store: "UserStore") -> User:
+    def check_user(self, name: str, tid: str, store: UserStore) -> User:
         """The user behind token ``tid`` as the store has it now; the token
         is revoked and AuthError raised when the user was removed or replaced."""
         with self._lock:

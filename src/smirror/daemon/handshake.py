@@ -15,10 +15,20 @@ import secrets
 import string
 import time
 
-from smirror.daemon.auth import (LoginThrottle, Sessions, User, UserStore, check_scrypt_params, check_username,
-                                 client_proof, token_id, token_key, token_proofs)
+from smirror.daemon.auth import (
+    LoginThrottle,
+    Sessions,
+    User,
+    UserStore,
+    check_scrypt_params,
+    check_username,
+    client_proof,
+    token_id,
+    token_key,
+    token_proofs,
+)
 from smirror.errors import AuthError, ConfigError, LinkClosed, LoginRefused, ProtocolError
-from smirror.stream.wire import PROTOCOL_VERSION, PURPOSES, LOGIN_TIMEOUT, Link, MsgType, peer_certificate_cn
+from smirror.stream.wire import LOGIN_TIMEOUT, PROTOCOL_VERSION, PURPOSES, Link, MsgType, peer_certificate_cn
 
 
 def _field(obj: dict, key: str, kind, where: str):
@@ -99,10 +109,10 @@ def _welcome(link: Link, user: str, expect_sig: bytes, auth: str, proves: str) -
     if not isinstance(signature, str) or not hmac.compare_digest(signature, expect_sig.hex()):
         raise ProtocolError(f"{link.peer} could not prove it {proves}: "
                             "not the daemon it claims to be")
-    link.user = User(user, _field(reply, "role", str, "WELCOME"))
+    link.user = found = User(user, _field(reply, "role", str, "WELCOME"))
     link.auth = auth
     link.end_login_limits()
-    return link.user
+    return found
 
 
 def accept_login(link: Link, store: UserStore, throttle: LoginThrottle | None = None,

@@ -22,9 +22,10 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import NoReturn, TypeGuard
 
-from smirror.fs.atomic import write_atomic
 from smirror.errors import AuthError, ConfigError, ConfinementError
+from smirror.fs.atomic import write_atomic
 
 SETTING = "[target] allowed_roots"
 
@@ -54,7 +55,7 @@ class MapBases:
         self.forbidden = [(str(p), what) for p, what in forbidden if p]
         self.repset_roots = repset_roots
 
-    def _refuse(self, map_base, reason: str):
+    def _refuse(self, map_base, reason: str) -> NoReturn:
         roots = ", ".join(self.allowed_roots) or "none"
         raise ConfinementError(f"map base {map_base!r} refused: {reason} "
                                f"(this target's {SETTING}: {roots})", path=map_base)
@@ -64,6 +65,24 @@ class MapBases:
         ``create``, a missing one is made (0755, its missing parents too,
         all inside the allowed root). Raises ConfinementError naming the map
         base, the reason and the setting."""
+        self._check_form(map_base)
+        base = resolve(map_base)
+        shown = map_base if base == map_base else f"{map_base} (resolves to {base})"
+        root = self._allowed_root(map_base, base, shown)
+        try:
+            st = os.stat(base)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            self._refuse(map_base, f"{shown} cannot be examined: {exc.strerror}")
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            self._refuse(map_base, f"{shown} exists and is not a directory")
+        if st is None and create:
+            self._create(map_base, base, root)
+        return base
+
+    def _check_form(self, map_base) -> None:
+        """An absolute path, on a daemon that is a target at all."""
         if not isinstance(map_base, str) or not map_base or "\0" in map_base:
             self._refuse(map_base, "it must be an absolute path")
         if not os.path.isabs(map_base):
@@ -73,8 +92,10 @@ class MapBases:
                 f"map base {map_base!r} refused: this daemon is not a target: it writes only under "
                 f"the directories its administrator allows; add {SETTING} = [\"/backup\", ...] "
                 f"to its configuration", path=map_base)
-        base = resolve(map_base)
-        shown = map_base if base == map_base else f"{map_base} (resolves to {base})"
+
+    def _allowed_root(self, map_base: str, base: str, shown: str) -> str:
+        """The allowed root that holds resolved ``base``, which overlaps
+        none of the daemon's own paths and replication sets."""
         if base == "/":
             self._refuse(map_base, f"{shown} is the root directory")
         roots = [resolve(r) for r in self.allowed_roots]
@@ -91,17 +112,7 @@ class MapBases:
             if overlaps(base, resolve(rroot)):
                 self._refuse(map_base, f"{shown} overlaps replication set {name!r} of this "
                                        f"daemon (root {rroot})")
-        try:
-            st = os.stat(base)
-        except FileNotFoundError:
-            st = None
-        except OSError as exc:
-            self._refuse(map_base, f"{shown} cannot be examined: {exc.strerror}")
-        if st is not None and not stat.S_ISDIR(st.st_mode):
-            self._refuse(map_base, f"{shown} exists and is not a directory")
-        if st is None and create:
-            self._create(map_base, base, root)
-        return base
+        return root
 
     def _create(self, map_base: str, base: str, root: str) -> None:
         """mkdir each missing component below ``root``; a component that
@@ -132,6 +143,11 @@ def check_source_id(source) -> str:
     return source
 
 
+def _str_table(table) -> TypeGuard[dict[str, str]]:
+    return isinstance(table, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in table.items())
+
+
 class SourceBindings:
     """``STATE_DIR/source-bindings.json`` (0600): replication user -> the
     source id it speaks for, and map base -> the source that writes there
@@ -153,12 +169,12 @@ class SourceBindings:
             return {}, {}
         except (ValueError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{self.path}: source bindings are damaged: {exc}") from None
-        tables = [data.get(k, {}) for k in ("users", "map_bases")] if isinstance(data, dict) else [None]
-        if not all(isinstance(t, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                               for k, v in t.items()) for t in tables):
+        users, bases = (data.get("users", {}), data.get("map_bases", {})) \
+            if isinstance(data, dict) else (None, None)
+        if not (_str_table(users) and _str_table(bases)):
             raise ConfigError(f"{self.path}: source bindings are damaged: expected "
                               "{'users': {NAME: SOURCE}, 'map_bases': {PATH: SOURCE}}")
-        return tables[0], tables[1]
+        return users, bases
 
     def _write(self, users: dict, bases: dict) -> None:
         write_atomic(self.path, json.dumps({"users": users, "map_bases": bases}, indent=1, sort_keys=True))

@@ -100,7 +100,7 @@ class Beneath:
     def __del__(self):
         try:
             self.close()
-        except Exception:
+        except Exception:       # noqa: BLE001 - a finalizer must not raise (at exit os may be gone)
             pass
 
     def __repr__(self):
@@ -157,7 +157,7 @@ class Beneath:
         raise ConfinementError(f"path {os.fsdecode(rel)!r}: {os.fsdecode(done)!r} is not a "
                                f"directory in the target", rel)
 
-    def at(self, rel) -> "_At":
+    def at(self, rel) -> _At:
         """``with base.at(rel) as (dfd, name):`` the parent directory of
         ``rel`` resolved beneath the root, and the final name (b"" when
         ``rel`` is the root: then ``dfd`` is the root handle itself)."""

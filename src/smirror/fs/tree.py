@@ -154,7 +154,7 @@ class Rules:
         self.rules = list(rules)
 
     @classmethod
-    def from_patterns(cls, pairs) -> "Rules":
+    def from_patterns(cls, pairs) -> Rules:
         """``pairs``: iterable of ("include"|"exclude", pattern) in command-line order."""
         out = []
         for kind, pattern in pairs:
@@ -183,9 +183,9 @@ class Listing:
 
     def __init__(self, root: bytes):
         self.root = root
-        self.entries = {}
-        self.errors = []
-        self.temps = []
+        self.entries: dict[bytes, Entry] = {}
+        self.errors: list[tuple[bytes, OSError]] = []
+        self.temps: list[bytes] = []
 
 
 def scan(root, rules: Rules | None = None, skip=(), collect_temps=False) -> Listing:

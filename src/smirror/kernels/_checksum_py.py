@@ -122,7 +122,7 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
         return os.pread(fd, size, offset)
     except OSError as exc:
         raise OSError(exc.errno, f"reading fd {fd} at byte {offset}: "
-                                 f"{os.strerror(exc.errno)}") from None
+                                 f"{exc.strerror}") from None
 
 
 def _read_exactly(fd: int, length: int, start: int = 0) -> bytes:

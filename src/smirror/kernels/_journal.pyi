@@ -1,10 +1,11 @@
 """Type stub of the compiled journal frame kernel (format: smirror.kernels._journal_py)."""
-from typing import Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Literal
 
 from smirror.ops import FrameHeader, Op
 
-_Buffer = Union[bytes, bytearray, memoryview]   # or any contiguous buffer (mmap, ...)
-_Compress = Union[bool, Literal["auto"]]
+_Buffer = bytes | bytearray | memoryview   # or any contiguous buffer (mmap, ...)
+_Compress = bool | Literal["auto"]
 
 __all__ = ["encode_frame", "decode_frame", "frame_header", "Encoder"]
 
@@ -14,7 +15,9 @@ def encode_frame(ops: Sequence[Op], compress: _Compress = "auto") -> bytes:
     seqs. Bad ops raise TypeError/ValueError naming the op index and seq."""
 
 
-def decode_frame(buf: _Buffer, offset: int = 0) -> tuple[list[Op], int]:
+def decode_frame(
+    buf: _Buffer, offset: int = 0, *, check_payload: bool = True
+) -> tuple[list[Op], int]:
     """(ops, frame_len) of the frame at ``offset``; FrameError if malformed."""
 
 
@@ -26,6 +29,7 @@ class Encoder:
     """encode_frame with per-op scratch kept between calls (one thread at a time)."""
     compress: _Compress
 
-    def __init__(self, compress: _Compress = "auto") -> None: ...
+    # Cython's __cinit__ takes the argument: the type's __new__, not __init__
+    def __new__(cls, compress: _Compress = "auto") -> Encoder: ...
 
     def encode(self, ops: Sequence[Op], compress: _Compress | None = None) -> bytes: ...

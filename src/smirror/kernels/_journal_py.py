@@ -80,11 +80,35 @@ import xxhash
 
 from smirror.errors import FrameError
 from smirror.ops import (
-    AUTO_COMPRESS_MIN, AUTO_SAMPLE, FLAG_LZ4, HEADER_SIZE, LZ4_MAX_RATIO, MAGIC, MAX_ID,
-    MAX_LABEL, MAX_MARK_PAYLOAD, MAX_MODE, MAX_OFFSET, MAX_PATH, MAX_PAYLOAD, MAX_SEQ,
-    MAX_TASK_PAYLOAD, MAX_TREE_PATH, MAX_XATTR_NAME, MAX_XATTR_VALUE, MKNOD_TYPES, NAME_MAX,
-    RECORD_HEAD_SIZE, VERSION, XATTR_NAMESPACES, AttrMask, FrameHeader, Op, OpKind,
-    RenameFlag, XattrFlag,
+    AUTO_COMPRESS_MIN,
+    AUTO_SAMPLE,
+    FLAG_LZ4,
+    HEADER_SIZE,
+    LZ4_MAX_RATIO,
+    MAGIC,
+    MAX_ID,
+    MAX_LABEL,
+    MAX_MARK_PAYLOAD,
+    MAX_MODE,
+    MAX_OFFSET,
+    MAX_PATH,
+    MAX_PAYLOAD,
+    MAX_SEQ,
+    MAX_TASK_PAYLOAD,
+    MAX_TREE_PATH,
+    MAX_XATTR_NAME,
+    MAX_XATTR_VALUE,
+    MKNOD_TYPES,
+    NAME_MAX,
+    RECORD_HEAD_SIZE,
+    VERSION,
+    XATTR_NAMESPACES,
+    AttrMask,
+    FrameHeader,
+    Op,
+    OpKind,
+    RenameFlag,
+    XattrFlag,
 )
 
 __all__ = ["encode_frame", "decode_frame", "frame_header", "Encoder"]
@@ -425,7 +449,7 @@ def decode_frame(buf, offset: int = 0, *, check_payload: bool = True):
     if h.flags & FLAG_LZ4:
         try:
             raw = lz4.block.decompress(stored, uncompressed_size=h.raw_len)
-        except Exception as exc:  # lz4.block.LZ4BlockError is not exported
+        except Exception as exc:  # noqa: BLE001 - lz4.block.LZ4BlockError is not exported
             raise FrameError(f"lz4 payload does not decompress to the declared "
                              f"{h.raw_len} bytes: {exc}", start) from None
         if len(raw) != h.raw_len:

@@ -242,8 +242,8 @@ class _MemRun:
     __slots__ = ("handed", "pending")
 
     def __init__(self):
-        self.handed = collections.deque()    # handed out, not acked
-        self.pending = collections.deque()   # not handed out yet
+        self.handed: collections.deque = collections.deque()    # handed out, not acked
+        self.pending: collections.deque = collections.deque()   # not handed out yet
 
     @property
     def count(self):
@@ -330,14 +330,14 @@ class SpillQueue:
 
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
-        self._runs = collections.deque()
+        self._runs: collections.deque = collections.deque()
         self._count = 0
         self._unread = 0
         self._mem_bytes = 0
         self._disk_bytes = 0
-        self._segs = collections.OrderedDict()   # index -> _Segment
+        self._segs: collections.OrderedDict[int, _Segment] = collections.OrderedDict()
         self._spares = []                        # [(old index, path)], last = hottest
-        self._active = None                      # segment being appended to
+        self._active: _Segment | None = None     # segment being appended to
         self._wfd = -1
         self._rfd = -1
         self._rfd_index = -1
@@ -348,7 +348,7 @@ class SpillQueue:
         self._ack_fd = -1
         self._free_estimate = None
         self._written_since_statvfs = 0
-        self._stat = collections.Counter()
+        self._stat: collections.Counter[str] = collections.Counter()
 
         private_dir(self.spill_dir)      # 0700: segments hold replicated files' contents
         self._lock_fd = os.open(os.path.join(self.spill_dir, LOCK_NAME),
@@ -368,8 +368,8 @@ class SpillQueue:
 
     def _recover(self):
         self._load_ack()
-        names = []
-        spares = []
+        names: list = []
+        spares: list = []
         for name in os.listdir(self.spill_dir):
             stem, dot, suffix = name.partition(".")
             if "." + suffix not in (SEGMENT_SUFFIX, SPARE_SUFFIX) or len(stem) != 16:
@@ -396,7 +396,7 @@ class SpillQueue:
         for i, (index, name) in enumerate(names):
             seg = _Segment(index, os.path.join(self.spill_dir, name))
             records = self._scan_segment(seg, is_last=(i == last_pos))
-            for off, seq, length in records:
+            for off, seq, _length in records:
                 if prev_seq is not None and seq <= prev_seq:
                     raise QueueCorrupt(f"{seg.path}: record at offset {off} has seq {seq}, "
                                        f"not above the previous record's {prev_seq}")
@@ -435,7 +435,7 @@ class SpillQueue:
     def _scan_segment(self, seg, is_last):
         """[(offset, seq, length)] of the records of one segment; a torn tail
         of the last segment is truncated away, anything else damaged raises."""
-        records = []
+        records: list = []
         fd = os.open(seg.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             fsize = os.fstat(fd).st_size
@@ -588,6 +588,7 @@ class SpillQueue:
         """Close the segment being appended to; a recycled file loses the
         older bytes past its end, so only whole segments precede the last."""
         seg = self._active
+        assert seg is not None, "no active segment to finish"
         if seg.recycled:
             os.ftruncate(self._wfd, seg.size)
         if self.fsync != "none":
@@ -666,6 +667,7 @@ class SpillQueue:
             self._finish_active()
         if new_segment:
             seg = self._start_segment()
+        assert seg is not None
         off = seg.size
         header = encode_header(seq, frame, seg.index)
         try:
@@ -739,6 +741,7 @@ class SpillQueue:
         if self._ack_fd < 0:
             self._ack_fd = os.open(os.path.join(self.spill_dir, ACK_NAME),
                                    os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
+        assert self._acked_seq is not None, "an ack is written after one was made"
         os.pwrite(self._ack_fd, _encode_ack(generation, self._acked_seq),
                   (generation & 1) * ACK_SLOT_SIZE)
         if self.fsync == "always":
@@ -954,7 +957,7 @@ class SpillQueue:
         """A closed queue hands nothing out again: its frames in memory are
         dropped now (not whenever the object goes) and their bytes go back
         to the budget; what is on disk stays for a reopen."""
-        kept = collections.deque()
+        kept: collections.deque = collections.deque()
         for run in self._runs:
             if isinstance(run, _MemRun):
                 self._count -= run.count

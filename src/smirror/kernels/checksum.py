@@ -21,9 +21,13 @@ never load it.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from smirror.kernels import _checksum as _k
 from smirror.errors import DeltaError
+from smirror.kernels import _checksum as _k
+
+if TYPE_CHECKING:   # annotations only; at run time numpy loads on first use
+    import numpy as np
 
 COPY = 0
 LITERAL = 1
@@ -59,6 +63,11 @@ class Signature:
     computed. Read-only once made. (A plain class: dataclasses would import
     inspect, ~6 ms more start-up for every checksum run.)"""
     __slots__ = ("block_size", "length", "strong", "weak", "count")
+    block_size: int
+    length: int
+    strong: np.ndarray
+    weak: np.ndarray | None
+    count: int
 
     def __init__(self, block_size: int, length: int, strong: np.ndarray,
                  weak: np.ndarray | None = None):

@@ -23,10 +23,11 @@ wrong and at which byte offset.
 """
 from __future__ import annotations
 
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import Protocol
 
-from smirror.kernels._journal import Encoder, decode_frame, encode_frame, frame_header
 from smirror.errors import FrameError
+from smirror.kernels._journal import Encoder, decode_frame, encode_frame, frame_header
 from smirror.ops import HEADER_SIZE, MAX_PAYLOAD, AttrMask, FrameHeader, Op, OpKind
 
 __all__ = [
@@ -58,7 +59,12 @@ def iter_frames(buf, offset: int = 0) -> Iterator[list]:
         offset += frame_len
 
 
-def _read_into(f: BinaryIO, view: memoryview) -> int:
+class ReadInto(Protocol):
+    """A binary file: raw or buffered, a pipe, a socket's makefile("rb")."""
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+def _read_into(f: ReadInto, view: memoryview) -> int:
     """Fill ``view`` from ``f``; returns how many bytes came before EOF
     (short reads of pipes and raw files are retried)."""
     got = 0
@@ -70,7 +76,7 @@ def _read_into(f: BinaryIO, view: memoryview) -> int:
     return got
 
 
-def read_frames(f: BinaryIO) -> Iterator[list]:
+def read_frames(f: ReadInto) -> Iterator[list]:
     """Yield the op list of each frame read from the binary file ``f`` until
     its end. A frame cut short by the end of the file is a FrameError."""
     pos = 0

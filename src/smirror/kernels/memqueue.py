@@ -25,8 +25,8 @@ Behaviour (DESIGN.md invariants 4 and 5)
   log before ``put`` returns and persist acks; memory keeps a cached copy
   within ``memory_limit`` (a ``bytes`` frame is kept as it is, no copy).
   The compiled queue writes a record outside the lock ``get`` and ``ack``
-  take, so a consumer is not held up by a producer's disk write. Reopening the directory after a crash recovers
-  every whole record in order, cuts a torn last record away and raises
+  take, so a consumer is not held up by a producer's disk write. Reopening
+  the directory after a crash recovers every whole record in order, cuts a torn last record away and raises
   :class:`~smirror.errors.QueueCorrupt` (naming file and offset) for damage
   anywhere else.
 
@@ -70,8 +70,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from smirror.kernels._memqueue import MemoryBudget, SpillQueue
 from smirror.errors import ConfigError
+from smirror.kernels._memqueue import MemoryBudget, SpillQueue
 from smirror.units import parse_size
 
 __all__ = ["SpillQueue", "MemoryBudget", "QueueSettings", "open_queue", "queue_dir",
@@ -109,7 +109,7 @@ class QueueSettings:
             raise ConfigError(f"queue durable: expected true or false, got {self.durable!r}")
 
     @classmethod
-    def from_config(cls, config, role: str) -> "QueueSettings":
+    def from_config(cls, config, role: str) -> QueueSettings:
         """Settings of a ``source`` or ``target`` queue from a
         :class:`smirror.daemon.config.Config`; target queues are durable."""
         if role not in ("source", "target"):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -43,9 +44,15 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from smirror.errors import TaskError
+
+if TYPE_CHECKING:
+    from smirror.ops import Op
 
 log = logging.getLogger("smirror.stream.tasks")
 
@@ -133,7 +140,7 @@ class TaskSpec:
 
     @classmethod
     def build(cls, name, *, on_execute, on_receive=None, on_queue=None, on_transmit=None,
-              timeout=None, args=(), source: str = "") -> "TaskSpec":
+              timeout=None, args=(), source: str = "") -> TaskSpec:
         _check_name(name, "task name")
         if on_execute is None:
             raise TaskError(f"task {name!r}: --on-execute is required")
@@ -184,7 +191,7 @@ class TaskSpec:
         return json.dumps(dict(asdict(self), v=SPEC_VERSION), separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, payload, where: str = "task") -> "TaskSpec":
+    def decode(cls, payload, where: str = "task") -> TaskSpec:
         """The spec a TASK op's payload holds; every problem with it, of any
         kind, is a TaskError naming ``where`` and the field."""
         try:
@@ -220,7 +227,7 @@ class TaskPolicy:
         self.directory = os.path.realpath(directory) if directory else ""
 
     @classmethod
-    def from_config(cls, cfg) -> "TaskPolicy":
+    def from_config(cls, cfg) -> TaskPolicy:
         return cls(cfg.tasks.enabled, cfg.tasks.directory)
 
     def resolve(self, spec: TaskSpec, stage: str) -> list[str]:
@@ -228,6 +235,8 @@ class TaskPolicy:
         directory; raises TaskError saying why a command is refused."""
         what = f"task {spec.name!r}: {stage.replace('_', '-')} command"
         argv = spec.argv(stage)
+        if argv is None:
+            raise TaskError(f"{what}: the task has none")
         if not self.enabled:
             raise TaskError(f"{what} refused: task processing is disabled on this daemon "
                             f"(set tasks.enabled = true and tasks.directory)")
@@ -375,14 +384,33 @@ def task_env(spec: TaskSpec, stage: str, **extra) -> dict:
 TASK_SYNC_MAX = 5.0
 
 
+class TaskCapture(Protocol):
+    """A watcher (capture.watch.TreeCapture): held while a task is inserted,
+    after it handled what the kernel reported so far."""
+    root: bytes
+
+    def paused(self) -> AbstractContextManager[Any]: ...
+    def sync(self, quiet: float = ..., max_time: float | None = ...) -> None: ...
+
+
+class TaskJournal(Protocol):
+    """A connection journal (stream.journal.ConnectionJournal)."""
+    def append_alone(self, op: Op, timeout: float = ...) -> int: ...
+
+
+class TaskSender(Protocol):
+    """A sender (stream.sender.Sender): runs a hook just before sending seq."""
+    before_send: dict[int, Callable[[], object]]
+
+
 @dataclass
 class QueuedInto:
     """One connection a task goes into: its id, the watcher feeding it
     (None for library capture), its journal and its sender."""
     conid: int
-    capture: object
-    journal: object
-    sender: object
+    capture: TaskCapture | None
+    journal: TaskJournal
+    sender: TaskSender
 
 
 class SourceTasks:
@@ -408,7 +436,7 @@ class SourceTasks:
             if r.state != "ok":
                 raise TaskError(f"task {spec.name!r} not queued: its on-queue command "
                                 f"{r.state}: {r.error or r.output[-500:]}")
-        captures = []
+        captures: list[TaskCapture] = []
         for q in into:
             if q.capture is not None and all(q.capture is not c for c in captures):
                 captures.append(q.capture)
@@ -423,8 +451,8 @@ class SourceTasks:
                 seq = q.journal.append_alone(Op.task(0, spec.name, payload))
                 reply["connections"][str(q.conid)] = seq
                 if spec.on_transmit is not None:
-                    q.sender.before_send[seq] = (
-                        lambda c=q.conid: self.run_hook(spec, "on_transmit", [c], target))
+                    q.sender.before_send[seq] = functools.partial(
+                        self.run_hook, spec, "on_transmit", [q.conid], target)
         log.info("task %r (%s) queued for %s on connection(s) %s", spec.name, spec.id, target,
                  reply["connections"])
         return reply

@@ -24,6 +24,7 @@ import ssl
 import struct
 import time
 from enum import IntEnum
+from typing import Any, Protocol
 
 from smirror.errors import LinkClosed, ProtocolError
 
@@ -55,6 +56,16 @@ class MsgType(IntEnum):
     NOTICE = 14      # data: target -> source {"event", ...}: a task was refused, ran, failed
 
 
+class LinkUser(Protocol):
+    """Who a link is logged in as: daemon.auth.User, which this module (a
+    layer below the daemon) does not import."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    def require(self, role: str) -> None: ...
+
+
 class Link:
     """One connected stream socket speaking the message protocol. Receive
     buffers are reused, so a received payload is valid until the next recv."""
@@ -65,10 +76,10 @@ class Link:
         self.max_message = max_message
         self._header = bytearray(HEADER.size)
         self._buf = bytearray(64 * 1024)
-        self._poll = None
+        self._poll: select.poll | None = None
         self._deadline: float | None = None      # login limits, see limit_login()
-        self._saved_limits = None
-        self.user = None                         # a daemon.auth.User, once logged in
+        self._saved_limits: tuple[int, float | None] | None = None
+        self.user: LinkUser | None = None        # a daemon.auth.User, once logged in
         self.auth: str | None = None             # "password" or "token", once logged in
         self.token_id: str | None = None         # the session a token login used
         self.record: str | None = None           # fingerprint of the user's record at login
@@ -95,19 +106,19 @@ class Link:
             self._saved_limits = self._deadline = None
             self.sock.settimeout(timeout)
 
-    def _time_left(self) -> None:
-        left = self._deadline - time.monotonic()
+    def _time_left(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
         if left <= 0:
             raise self._timed_out()
         self.sock.settimeout(left)
 
-    def _timed_out(self) -> "ProtocolError":
+    def _timed_out(self) -> ProtocolError:
         return ProtocolError(f"{self.peer} did not finish logging in in time: link closed")
 
     # -- sending ---------------------------------------------------------
     def send(self, mtype: MsgType, payload=b"", flags: int = 0) -> None:
         if self._deadline is not None:
-            self._time_left()
+            self._time_left(self._deadline)
         n = memoryview(payload).nbytes
         if n > self.max_message:
             raise ProtocolError(f"refusing to send a {MsgType(mtype).name} message of {n} bytes "
@@ -144,7 +155,7 @@ class Link:
             if self._deadline is None:
                 n = self.sock.recv_into(view[got:])
             else:
-                self._time_left()
+                self._time_left(self._deadline)
                 try:
                     n = self.sock.recv_into(view[got:])
                 except TimeoutError:
@@ -220,7 +231,8 @@ class Link:
             if not isinstance(obj, dict):
                 raise ValueError("not an object")
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"{self.peer} sent a {mtype.name} message that is not a JSON object: {exc}") from None
+            raise ProtocolError(f"{self.peer} sent a {mtype.name} message that is not "
+                                f"a JSON object: {exc}") from None
         if mtype == MsgType.ERROR and MsgType.ERROR not in expect:
             raise ProtocolError(f"{self.peer}: {obj.get('error', 'unspecified error')}")
         if expect and mtype not in expect:
@@ -258,7 +270,8 @@ def _peer_name(sock) -> str:
 def peer_certificate_cn(link: Link) -> str | None:
     """The common name in the subject of the peer's TLS certificate."""
     sock = link.sock
-    cert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+    # getpeercert()'s subject: ((("commonName", "name"),), ...), one tuple an RDN
+    cert: dict[str, Any] | None = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
     for rdn in (cert or {}).get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
@@ -276,7 +289,7 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
         return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback
+    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback
                                for i in infos)
 
 
