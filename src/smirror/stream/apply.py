@@ -33,7 +33,15 @@ created are all accepted. What the
 tree lacks although the stream says it should be there (a write to a file
 that is missing on the target because someone removed it) is repaired and
 counted in ``stats['repairs']``.
+
+What a DELETE, RMDIR or RENAME removes is freed by the process's
+:mod:`~smirror.stream.reclaim` threads (the blocks of a synced file cost
+1-2 ms to free here), and a frame of a watcher's stream is coalesced first
+(:meth:`Applier.plan`: changes a later op of the frame makes moot, writes
+next to each other merged); a stream in exact order (library API, mount) is
+applied op by op, so every state a kill can show is a prefix of it.
 """
+
 from __future__ import annotations
 
 import errno
