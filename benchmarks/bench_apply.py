@@ -20,7 +20,8 @@ server's files are):
   ...: no confinement, no state file, a cache of open files): what the
   syscalls the stream asks for cost.
 
-Each result is checked against the source tree (content, modes, file
+The three take turns in each round (a noisy neighbour hurts them alike); best
+of the rounds. Each result is checked against the source tree (content, modes, file
 mtimes). Printed per storm: ops, MB written, ops/s and MB/s of each, the
 applier's time over the baseline's, and the capture's own rate while
 recording (the applier must be faster than that).
@@ -247,33 +248,30 @@ def direct(rec: Recorded, dst, frames) -> None:
 WAYS = {"applier": by_frames, "per-op": per_op, "baseline": direct}
 
 
-def timed(rec: Recorded, way, rounds: int = ROUNDS) -> float:
-    """Best seconds of ``rounds`` runs of ``way`` on fresh synced copies of
-    the start tree; each result checked against the source."""
-    frames = rec.frames()
-    best = float("inf")
-    for r in range(rounds):
-        dst = os.path.join(rec.base, f"dst-{way.__name__}-{r}")
-        shutil.copytree(rec.start, dst, symlinks=True)
-        os.sync()           # a server's files are on disk: freeing their blocks costs
-        t0 = time.perf_counter()
-        way(rec, dst, frames)
-        best = min(best, time.perf_counter() - t0)
-        problems = diff(rec.want, snapshot(dst))
-        assert not problems, f"{rec.name} via {way.__name__}: {problems}"
-        shutil.rmtree(dst)
-    return best
+def timed(rec: Recorded, way, frames, r: int = 0) -> float:
+    """Seconds of one run of ``way`` on a fresh synced copy of the start
+    tree; the result checked against the source."""
+    dst = os.path.join(rec.base, f"dst-{way.__name__}-{r}")
+    shutil.copytree(rec.start, dst, symlinks=True)
+    os.sync()           # a server's files are on disk: freeing their blocks costs
+    t0 = time.perf_counter()
+    way(rec, dst, frames)
+    seconds = time.perf_counter() - t0
+    problems = diff(rec.want, snapshot(dst))
+    assert not problems, f"{rec.name} via {way.__name__}: {problems}"
+    shutil.rmtree(dst)
+    return seconds
 
 
 def measure(rec: Recorded, rounds: int = ROUNDS) -> dict:
+    """Best of ``rounds`` for each way, the ways taking turns within a
+    round (a noisy neighbour hurts them alike)."""
     out = {"storm": rec.name, "ops": len(rec.ops), "mb": rec.write_bytes / 1e6,
            "capture_ops_s": len(rec.ops) / max(rec.capture_s, 1e-6)}
-    # the baseline before and after the subjects: a noisy neighbour hurts both alike
-    base = timed(rec, direct, rounds)
-    for name, way in WAYS.items():
-        if way is not direct:
-            out[name] = timed(rec, way, rounds)
-    out["baseline"] = min(base, timed(rec, direct, rounds))
+    frames = rec.frames()
+    for r in range(rounds):
+        for name, way in WAYS.items():
+            out[name] = min(out.get(name, float("inf")), timed(rec, way, frames, r))
     return out
 
 
