@@ -258,31 +258,35 @@ class Applier:
         applied = self.applied_seq
         moot = self._moot(ops, applied)
         steps: list = []
+        append = steps.append
         i, n = 0, len(ops)
         WRITE = OpKind.WRITE
         while i < n:
             op = ops[i]
             if i in moot:
-                steps.append(Moot(op))
+                append(Moot(op))
                 i += 1
                 continue
-            last = i
-            if op.kind == WRITE and op.seq > applied:
-                # the writes that follow, over moot ops between them
-                run, end, j = [op], op.offset + len(op.data), i + 1
-                while j < n and len(run) < _RUN_MAX:
-                    if j not in moot:
-                        nx = ops[j]
-                        if nx.kind != WRITE or nx.offset != end or nx.path != op.path:
-                            break
-                        run.append(nx)
-                        end += len(nx.data)
-                        last = j
-                    j += 1
-                if len(run) > 1:
-                    op = WriteRun(run)
-            steps.append(op)
-            steps.extend(Moot(ops[k]) for k in range(i + 1, last + 1) if k in moot)
+            if op.kind != WRITE or op.seq <= applied or i + 1 == n:
+                append(op)
+                i += 1
+                continue
+            # the writes that follow, over moot ops between them
+            run, end, path, last, j = [op], op.offset + len(op.data), op.path, i, i + 1
+            while j < n and len(run) < _RUN_MAX:
+                if j not in moot:
+                    nx = ops[j]
+                    if nx.kind != WRITE or nx.offset != end or nx.path != path:
+                        break
+                    run.append(nx)
+                    end += len(nx.data)
+                    last = j
+                j += 1
+            if last == i:
+                append(op)
+            else:
+                append(WriteRun(run))
+                steps.extend(Moot(ops[k]) for k in range(i + 1, last) if k in moot)
             i = last + 1
         return steps
 
@@ -293,15 +297,17 @@ class Applier:
         attrs: dict = {}        # path -> index of its last SETATTR, not covered yet
         shared: set = set()     # names a HARDLINK of this frame gave an inode
         K = OpKind
+        changes = (K.WRITE, K.TRUNCATE, K.XATTR)
+        SETATTR, CREATE, DELETE = K.SETATTR, K.CREATE, K.DELETE
         for i, op in enumerate(ops):
             if op.seq <= applied:
                 continue
             k, p = op.kind, op.path
-            if k == K.WRITE or k == K.TRUNCATE or k == K.XATTR:
+            if k in changes:
                 mine = life.get(p)
                 if mine is not None:
                     mine.append(i)
-            elif k == K.SETATTR:
+            elif k == SETATTR:
                 j = attrs.get(p)
                 if j is not None and not ops[j].mask & ~op.mask:
                     moot.add(j)
@@ -309,10 +315,10 @@ class Applier:
                 mine = life.get(p)
                 if mine is not None:
                     mine.append(i)
-            elif k == K.CREATE:
+            elif k == CREATE:
                 life[p] = []
                 attrs.pop(p, None)
-            elif k == K.DELETE:
+            elif k == DELETE:
                 mine = life.pop(p, None)
                 if mine and p not in shared and self._single_name(p):
                     moot.update(mine)
