@@ -34,7 +34,7 @@ from smirror.stream.sender import Sender
 from smirror.stream.receiver import TargetConnection
 from smirror.fs.tree import Rules
 from smirror.units import parse_size
-from smirror.stream.wire import Link, MsgType
+from smirror.stream.wire import ORDER_PER_FILE, Link, MsgType
 
 log = logging.getLogger("smirror.replication")
 
@@ -121,7 +121,9 @@ class Replication:
         qdir = self.state_dir / "source-1"
         self.queue = SpillQueue(str(qdir), smem, disk, budget=self.memory)
         self.journal_sink = ConnectionJournal(self.queue, next_seq=self.target.received_seq + 1)
-        self.sender = Sender(1, self.dst, self.journal_sink, self._dial, retry_interval=0.2)
+        # a watcher keeps per-file order only: the target may coalesce its frames
+        self.sender = Sender(1, self.dst, self.journal_sink, self._dial, retry_interval=0.2,
+                             order=ORDER_PER_FILE if capture == "watch" else None)
         self.tree_capture = None
         self.journal: Recorder | None = None
         self.mirror_summary = None
@@ -139,8 +141,8 @@ class Replication:
     def _serve(self, link: Link) -> None:
         with link:
             try:
-                link.recv_json(MsgType.OPEN)
-                self.target.serve(link)
+                _, opened = link.recv_json(MsgType.OPEN)
+                self.target.serve(link, order=opened.get("order"))
             except Exception as exc:           # noqa: BLE001 - reported in status; the sender retries
                 expected = isinstance(exc, (SmirrorError, OSError))
                 log.error("target link: %s", exc if expected else f"{type(exc).__name__}: {exc}",

@@ -37,7 +37,7 @@ class TargetEndpoint:
             try:
                 _, opened = link.recv_json(wire.MsgType.OPEN)
                 assert opened["conid"] == self.target.conid
-                self.target.serve(link)
+                self.target.serve(link, order=opened.get("order"))
             except Exception as exc:
                 self.errors.append(exc)
 

@@ -235,7 +235,7 @@ class InProcess:
         return st["seq_captured"], st["seq_applied"]
 
     def status(self):
-        return self.rep.status()
+        return dict(self.rep.status(), ops_coalesced=self.rep.target.status()["ops_coalesced"])
 
     def stop(self):
         self.rep.stop(drain=False)
@@ -277,10 +277,72 @@ class Cli:
             self.proc.communicate()
 
 
+class Daemons:
+    """A source daemon whose replication set is SRC and a target daemon with
+    the map base DST, as processes on 127.0.0.1 (``tests/support/daemons.py``);
+    ready once the first mirror made DST equal SRC."""
+
+    def __init__(self, src, dst, state):
+        import json
+        from pathlib import Path
+        from support.daemons import PASSWORD, Node, smirror
+        self._json = json
+        tmp = Path(state)
+        tmp.mkdir()
+        env = {**os.environ, "XDG_CONFIG_HOME": str(tmp / "config"),
+               "PYTHONPATH": package_dir() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.source = Node(tmp, "source", env, links_user="repl")
+        self.target = Node(tmp, "target", env, allowed_roots=[os.path.dirname(dst)])
+        for n in (self.source, self.target):
+            n.add_user("admin", "admin")
+        self.target.add_user("repl", "replication")
+        self.source.start()
+        self.target.start()
+        try:
+            for n in (self.source, self.target):
+                smirror("login", n.address, "--user", "admin", "--password-env", "PW",
+                        env={**env, "PW": PASSWORD})
+            self.source.cli("repset", "create", "data", "--root", src)
+            self.source.cli("connect", "data", "to", self.target.address, "map", "base", dst)
+            converged, out = wait_converged(src, dst, 120.0)
+            if converged is None:
+                raise RuntimeError(f"the first mirror did not converge in 120 s: {out[:2000]}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _status(self, node, key):
+        conns = self._json.loads(node.cli("status", "--json").stdout).get(key) or []
+        return conns[0] if conns else {}
+
+    def counts(self):
+        return (self._status(self.source, "sources").get("seq_captured", 0),
+                self._status(self.target, "targets").get("seq_applied", 0))
+
+    def status(self):
+        src, tgt = self._status(self.source, "sources"), self._status(self.target, "targets")
+        return {"resyncs": tgt.get("resyncs"), "ops_coalesced": tgt.get("ops_coalesced"),
+                "error": src.get("last_error") or tgt.get("error") or ""}
+
+    def stop(self):
+        import signal
+        for n in (self.source, self.target):
+            if n.proc and n.proc.poll() is None:
+                n.kill(signal.SIGTERM)
+
+
+MODES = {"inprocess": lambda src, dst, state: InProcess(src, dst, state),
+         "cli": lambda src, dst, state: Cli(src, dst, state),
+         "daemons": lambda src, dst, state: Daemons(src, dst, state)}
+
+
 def run_storm(name: str, *, scale: float = 1.0, bound: float = 5.0, cli: bool = False,
-              seed: int = 0, workdir=None, rates: bool = False) -> dict:
+              seed: int = 0, workdir=None, rates: bool = False, mode: str | None = None) -> dict:
     """One run of storm ``name``; returns {storm, ops, storm_s, converge_s
-    (None: not within ``bound``), itemize (the last rsync output), ...}."""
+    (None: not within ``bound``), itemize (the last rsync output), ...}.
+    ``mode``: "inprocess" (``smirror.Replication``, the default), "cli"
+    (``smirror replicate``, also ``cli=True``) or "daemons" (two daemons)."""
+    mode = mode or ("cli" if cli else "inprocess")
     prepare, storm = STORMS[name]
     base = tempfile.mkdtemp(prefix=f"storm-{name}-", dir=workdir)
     src, dst, state = (os.path.join(base, n) for n in ("src", "dst", "state"))
@@ -288,7 +350,7 @@ def run_storm(name: str, *, scale: float = 1.0, bound: float = 5.0, cli: bool = 
     rng = random.Random(seed)
     if prepare is not None:
         prepare(src, rng, scale)
-    rep = (Cli if cli else InProcess)(src, dst, state)
+    rep = MODES[mode](src, dst, state)
     try:
         captured0, applied0 = rep.counts()
         sampler = Sampler(rep) if rates else None
@@ -303,6 +365,7 @@ def run_storm(name: str, *, scale: float = 1.0, bound: float = 5.0, cli: bool = 
         result["ops"] = captured - captured0
         st = rep.status()
         result["resyncs"] = st.get("resyncs")
+        result["coalesced"] = st.get("ops_coalesced")
         result["error"] = st.get("error") or st.get("target_error") or ""
     finally:
         rep.stop()
@@ -361,6 +424,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bound", type=float, default=5.0, metavar="SECONDS",
                     help="convergence must come within this long after the storm (default 5)")
     ap.add_argument("--cli", action="store_true", help="run `smirror replicate` as a process")
+    ap.add_argument("--daemons", action="store_true",
+                    help="replicate through a source and a target daemon (processes, TCP)")
     ap.add_argument("--rates", action="store_true", help="also measure capture and apply ops/s")
     ap.add_argument("--workdir", metavar="DIR", help="where the trees go (default: the temp dir)")
     ap.add_argument("--src", metavar="DIR", help="the smirror package directory to test "
@@ -379,25 +444,30 @@ def main(argv=None) -> int:
     rows, failed = [], None
     for name in names:
         for i in range(args.repeat):
-            r = run_storm(name, scale=args.scale, bound=args.bound, cli=args.cli, seed=i,
-                          workdir=args.workdir, rates=args.rates)
+            r = run_storm(name, scale=args.scale, bound=args.bound, seed=i, workdir=args.workdir,
+                          rates=args.rates, mode="daemons" if args.daemons else
+                          "cli" if args.cli else "inprocess")
             rows.append(r)
             conv = "NOT CONVERGED" if r["converge_s"] is None else f"{r['converge_s']:.2f} s"
             extra = (f"  capture {r['capture_ops_s']} ops/s, apply {r['apply_ops_s']} ops/s "
                      f"(done {r['apply_behind_s']} s after capture)"
                      if "capture_ops_s" in r else "")
             print(f"{name:<10} run {i + 1:>2}: {r['ops']:>7} ops, storm {r['storm_s']:6.2f} s, "
-                  f"converged {conv}{extra}  resyncs {r['resyncs']}", flush=True)
+                  f"converged {conv}{extra}  coalesced {r['coalesced']}  resyncs {r['resyncs']}",
+                  flush=True)
             if r["converge_s"] is None and failed is None:
                 failed = r
     print()
-    print(f"{'storm':<10} {'runs':>4} {'converged':>9} {'max s':>7} {'mean s':>7}")
+    print(f"{'storm':<10} {'runs':>4} {'converged':>9} {'p50 s':>7} {'max s':>7} {'mean s':>7} "
+          f"{'ops/run':>8}")
     for name in names:
         rs = [r for r in rows if r["storm"] == name]
-        ok = [r["converge_s"] for r in rs if r["converge_s"] is not None]
+        ok = sorted(r["converge_s"] for r in rs if r["converge_s"] is not None)
+        p50 = f"{ok[(len(ok) - 1) // 2]:.2f}" if ok else "-"
         mx = f"{max(ok):.2f}" if ok else "-"
         mean = f"{sum(ok) / len(ok):.2f}" if ok else "-"
-        print(f"{name:<10} {len(rs):>4} {len(ok):>9} {mx:>7} {mean:>7}")
+        ops = sum(r["ops"] for r in rs) // max(1, len(rs))
+        print(f"{name:<10} {len(rs):>4} {len(ok):>9} {p50:>7} {mx:>7} {mean:>7} {ops:>8}")
     if failed is not None:
         print(f"\n{failed['storm']} did not converge within {args.bound} s (trees kept in "
               f"{failed['dir']}; error: {failed['error'] or '-'}); rsync says:\n"

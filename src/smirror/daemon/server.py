@@ -50,7 +50,7 @@ from smirror.stream.receiver import TargetConnection
 from smirror.daemon.target_access import MapBases, SourceBindings, check_source_id, overlaps, resolve
 from smirror.private import check_secret, read_secret
 from smirror.stream.tasks import QueuedInto, SourceTasks, TargetTasks, TaskLog, TaskPolicy, TaskSpec
-from smirror.stream.wire import Link, MsgType, ProtocolError
+from smirror.stream.wire import ORDER_PER_FILE, Link, MsgType, ProtocolError
 
 log = logging.getLogger("smirror.daemon.server")
 
@@ -80,7 +80,11 @@ class SourceConnection:
         self.sender = Sender(conn.conid, conn.map_base, self.journal,
                              lambda: daemon.dial_target(host, port),
                              source_name=daemon.daemon_id,
-                             retry_interval=cfg.reconnect.retry_interval)
+                             retry_interval=cfg.reconnect.retry_interval,
+                             # a watcher keeps per-file order only: the target may
+                             # coalesce; a mount set's capture is exact order
+                             order=None if getattr(daemon.registry.repsets.get(conn.repset), "capture",
+                                                  "watch") == "mount" else ORDER_PER_FILE)
         # set by mirror-stop: this connection's running mirror ends before
         # its next entry (RepsetCapture.stop_mirror)
         self.mirror_stop = threading.Event()
@@ -981,7 +985,7 @@ class Daemon:
                      link.peer, base, source)
             link.send_json(MsgType.READY, {"last_seq": 0, "map_base": base, "check": True})
             return
-        tgt.serve(link)
+        tgt.serve(link, order=opened.get("order"))
 
     def _source_disconnected(self, link: Link, source: str, conid: int, base: str) -> None:
         """The source ended connection ``conid`` (``disconnect``): its

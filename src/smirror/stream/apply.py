@@ -33,7 +33,15 @@ created are all accepted. What the
 tree lacks although the stream says it should be there (a write to a file
 that is missing on the target because someone removed it) is repaired and
 counted in ``stats['repairs']``.
+
+What a DELETE, RMDIR or RENAME removes is freed by the process's
+:mod:`~smirror.stream.reclaim` threads (the blocks of a synced file cost
+1-2 ms to free here), and a frame of a watcher's stream is coalesced first
+(:meth:`Applier.plan`: changes a later op of the frame makes moot, writes
+next to each other merged); a stream in exact order (library API, mount) is
+applied op by op, so every state a kill can show is a prefix of it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -50,6 +58,7 @@ from smirror.fs.beneath import (RENAME_EXCHANGE, Beneath, chmod_at, lstat_at, pr
 from smirror.errors import ApplyError, ConfinementError
 from smirror.ops import AttrMask, Op, OpKind, RenameFlag, XattrFlag
 from smirror.fs.files import replace_at
+from smirror.stream import reclaim
 
 log = logging.getLogger("smirror.stream.apply")
 
@@ -70,6 +79,35 @@ DEFAULT_XATTR_NAMESPACES = (b"user.", b"system.posix_acl_")
 ALL_XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 _CAPABILITY = b"security.capability"
 _DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
+# an O_PATH descriptor: keeps an inode alive, gives no access to its data
+_HOLD_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# a full disk: space the reclaimer has not freed yet may be what is missing
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_RUN_MAX = 1024             # writes merged into one pwritev at most (IOV_MAX)
+# ops that end what the coalescing knows of paths: anything may have moved
+_FORGET_ALL = {OpKind.RENAME, OpKind.RMDIR, OpKind.TASK, OpKind.MARK}
+
+
+class Moot:
+    """An op a later op of the same frame makes moot (:meth:`Applier.plan`):
+    applying it counts it and changes nothing, not even the applied seq
+    (the later step records a higher one; a restart before that replays
+    it, which is harmless)."""
+    __slots__ = ("op", "seq", "kind", "path", "path2")
+
+    def __init__(self, op: Op):
+        self.op, self.seq, self.kind, self.path, self.path2 = op, op.seq, op.kind, op.path, op.path2
+
+
+class WriteRun:
+    """WRITEs next to each other in a frame, to one file at contiguous
+    offsets: applied with one pwritev, recorded at the last one's seq."""
+    __slots__ = ("ops", "seq", "path", "offset")
+    kind = OpKind.WRITE
+    path2 = b""
+
+    def __init__(self, ops: list):
+        self.ops, self.seq, self.path, self.offset = ops, ops[-1].seq, ops[0].path, ops[0].offset
 
 
 def _open_state(path) -> mmap.mmap:
@@ -122,8 +160,11 @@ class Applier:
         self.on_task = on_task
         self.on_mark = on_mark
         self._fds: OrderedDict[bytes, int] = OrderedDict()
+        # removed inodes are freed by the process's reclaimer threads
+        self.reclaimer = reclaim.shared()
+        # coalesced: ops applied as part of another (moot, or in a run)
         self.stats = {"ops": 0, "bytes": 0, "repairs": 0, "skipped": 0, "setid_stripped": 0,
-                      "xattrs_refused": 0, "devices_refused": 0}
+                      "xattrs_refused": 0, "devices_refused": 0, "coalesced": 0}
         self._state = None
         self.applied_seq = 0
         if state_path is not None:
@@ -144,27 +185,174 @@ class Applier:
         return self.base.root
 
     def apply(self, op: Op) -> None:
+        """Apply one op, or one step of :meth:`plan` (a :class:`Moot` op,
+        a :class:`WriteRun`), and record its seq."""
+        cls, count = op.__class__, 1
+        if cls is Moot:             # (plan makes only ops past the applied seq moot)
+            self.stats["coalesced"] += 1
+            self.stats["ops"] += 1
+            return
         if op.seq <= self.applied_seq:
             self.stats["skipped"] += 1        # applied before a restart
             return
+        if cls is WriteRun:
+            count = len(op.ops)
+            self.stats["coalesced"] += count - 1
+        do = self._write_run if cls is WriteRun else self._dispatch[op.kind]
         try:
             if op.kind in _NAMED and (not op.path or op.kind in _TWO_PATHS and not op.path2):
                 raise ConfinementError("the map base itself cannot be its target", b"")
-            self._dispatch[op.kind](op)
+            try:
+                do(op)
+            except OSError as exc:
+                if exc.errno not in _NO_SPACE or not self.reclaimer.pending:
+                    raise
+                # space of removed files is still being freed: wait for it
+                # and try once more (an op replayed right after itself is
+                # harmless)
+                self.reclaimer.drain(timeout=30)
+                do(op)
         except ConfinementError as exc:
             raise ConfinementError(f"op seq {op.seq} {OpKind(op.kind).name} refused: {exc}",
                                    getattr(exc, "path", op.path)) from None
         except OSError as exc:
             raise ApplyError(f"op seq {op.seq} {OpKind(op.kind).name} {bytes(op.path)!r} "
                              f"failed on the target: {exc.strerror or exc}") from exc
-        self.applied_seq = op.seq
+        self._applied(op.seq, count)
+
+    def _applied(self, seq: int, count: int) -> None:
+        self.applied_seq = seq
         if self._state is not None:
-            _SEQ.pack_into(self._state, 8, op.seq)
-        self.stats["ops"] += 1
+            _SEQ.pack_into(self._state, 8, seq)
+        self.stats["ops"] += count
 
     def apply_all(self, ops) -> None:
         for op in ops:
             self.apply(op)
+
+    def plan(self, ops, coalesce: bool):
+        """The steps that apply the ops of one frame (each op past the
+        applied seq once, in order): ``ops`` itself unless ``coalesce``.
+
+        With ``coalesce`` (only for a stream whose capture promises per-file
+        order, a watcher's: the states between two frames' ends are not
+        promised to be any moment of the source, so a kill inside a frame
+        may show one that never was; never for the library API or the
+        mount, whose every prefix is a source state):
+
+        * the WRITEs, TRUNCATEs, SETATTRs and XATTRs of a file that a
+          CREATE of this frame made and a DELETE of it removes become
+          :class:`Moot` (the file's last name before the frame, if it had
+          one: a file with other names keeps them all);
+        * a SETATTR that a later one of the frame on the same path covers
+          (every attribute it sets, set again) becomes Moot;
+        * WRITEs next to each other to one file at contiguous offsets
+          become one :class:`WriteRun`.
+
+        A RENAME, RMDIR, HARDLINK, TASK or MARK ends what is known of every
+        path (a task point is a barrier: nothing moves across it); names a
+        HARDLINK of the frame shares are never taken for a file's only one. The frame's end state is
+        the same as applying op by op; a restart inside it replays from
+        the seq recorded, which the ops that made others moot follow."""
+        if not coalesce or len(ops) < 2:
+            return ops
+        applied = self.applied_seq
+        moot = self._moot(ops, applied)
+        steps: list = []
+        append = steps.append
+        i, n = 0, len(ops)
+        WRITE = OpKind.WRITE
+        while i < n:
+            op = ops[i]
+            if i in moot:
+                append(Moot(op))
+                i += 1
+                continue
+            if op.kind != WRITE or op.seq <= applied or i + 1 == n:
+                append(op)
+                i += 1
+                continue
+            # the writes that follow, over moot ops between them
+            run, end, path, last, j = [op], op.offset + len(op.data), op.path, i, i + 1
+            while j < n and len(run) < _RUN_MAX:
+                if j not in moot:
+                    nx = ops[j]
+                    if nx.kind != WRITE or nx.offset != end or nx.path != path:
+                        break
+                    run.append(nx)
+                    end += len(nx.data)
+                    last = j
+                j += 1
+            if last == i:
+                append(op)
+            else:
+                append(WriteRun(run))
+                steps.extend(Moot(ops[k]) for k in range(i + 1, last) if k in moot)
+            i = last + 1
+        return steps
+
+    def _moot(self, ops, applied: int) -> set:
+        """Indexes of the ops of a frame that later ops make moot (plan)."""
+        moot: set[int] = set()
+        life: dict = {}         # path -> its ops since a CREATE in this frame
+        attrs: dict = {}        # path -> index of its last SETATTR, not covered yet
+        shared: set = set()     # names a HARDLINK of this frame gave an inode
+        K = OpKind
+        changes = (K.WRITE, K.TRUNCATE, K.XATTR)
+        SETATTR, CREATE, DELETE = K.SETATTR, K.CREATE, K.DELETE
+        for i, op in enumerate(ops):
+            if op.seq <= applied:
+                continue
+            k, p = op.kind, op.path
+            if k in changes:
+                mine = life.get(p)
+                if mine is not None:
+                    mine.append(i)
+            elif k == SETATTR:
+                j = attrs.get(p)
+                if j is not None and not ops[j].mask & ~op.mask:
+                    moot.add(j)
+                attrs[p] = i
+                mine = life.get(p)
+                if mine is not None:
+                    mine.append(i)
+            elif k == CREATE:
+                life[p] = []
+                attrs.pop(p, None)
+            elif k == DELETE:
+                mine = life.pop(p, None)
+                if mine and p not in shared and self._single_name(p):
+                    moot.update(mine)
+                if mine is None:
+                    attrs.clear()       # (a directory's subtree, maybe)
+                else:
+                    attrs.pop(p, None)
+            elif k == K.HARDLINK:
+                # both names (and, moved, any name) may share an inode now
+                shared.update((p, op.path2))
+                life.clear()
+                attrs.clear()
+            elif k in _FORGET_ALL:
+                if k == K.RENAME and shared:
+                    shared.add(op.path2)
+                    if any(q.startswith(p + b"/") for q in shared):
+                        return moot     # a directory of shared names moved: no more
+                life.clear()
+                attrs.clear()
+            else:                       # MKDIR, SYMLINK, MKNOD: something new at p
+                life.pop(p, None)
+                attrs.pop(p, None)
+        return moot
+
+    def _single_name(self, rel) -> bool:
+        """Whether a CREATE of ``rel`` in the frame being planned made a
+        file no other name shares: there was none before the frame, or
+        one with a single name (its CREATE truncates that inode in place)."""
+        try:
+            st = os.lstat(self.base.root + b"/" + bytes(rel))
+        except OSError:
+            return True
+        return not stat.S_ISREG(st.st_mode) or st.st_nlink == 1
 
     def flush(self) -> None:
         """Close cached file descriptors (data stays in the page cache)."""
@@ -181,6 +369,7 @@ class Applier:
 
     def close(self) -> None:
         self.flush()
+        # (the reclaimer is the process's: it goes on closing what it holds)
         if self._state is not None:
             self._state.close()
             self._state = None
@@ -260,6 +449,31 @@ class Applier:
             if fd is not None:
                 os.close(fd)
 
+    def _doomed(self, d: int, name: bytes) -> int | None:
+        """An O_PATH descriptor of what stands at ``name`` when removing
+        that name would free blocks (the last name of a file with blocks
+        on disk, or a directory): removed with it held, it is freed by the
+        reclaimer instead of inside the unlink. None otherwise."""
+        try:
+            fd = os.open(name, _HOLD_FLAGS, dir_fd=d)
+        except OSError:
+            return None             # missing (the op says how that ends), or a fifo's quirks
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) and st.st_nlink == 1 \
+                and st.st_blocks:
+            return fd
+        os.close(fd)
+        return None
+
+    def _removed(self, held: int | None, done: bool) -> None:
+        """The name ``held`` was taken from is gone (``done``): the
+        reclaimer closes it; or it is not, and it is closed here."""
+        if held is not None:
+            if done:
+                self.reclaimer.hold(held)
+            else:
+                os.close(held)
+
     def _clear_way(self, d: int, name: bytes, rel: bytes, keep_dir: bool) -> None:
         """Remove what stands at ``name`` unless it is (not) a directory as
         wanted; the stream says the source had nothing of that kind there."""
@@ -277,6 +491,17 @@ class Applier:
         done = os.pwrite(fd, data, op.offset)
         while done < n:       # short writes happen on signals and full disks
             done += os.pwrite(fd, memoryview(data)[done:], op.offset + done)
+        self.stats["bytes"] += n
+
+    def _write_run(self, run: WriteRun) -> None:
+        fd = self._fd(bytes(run.path))
+        bufs = [op.data for op in run.ops]
+        n = sum(map(len, bufs))
+        done = os.pwritev(fd, bufs, run.offset)
+        if done < n:          # short: the rest one write at a time
+            rest = memoryview(b"".join(bufs))
+            while done < n:
+                done += os.pwrite(fd, rest[done:], run.offset + done)
         self.stats["bytes"] += n
 
     def _truncate(self, op: Op) -> None:
@@ -331,20 +556,26 @@ class Applier:
         rel = bytes(op.path)
         self._drop(rel, subtree=True)
         with self.base.at(rel) as (d, name):
+            held, done = self._doomed(d, name), False
             try:
                 os.unlink(name, dir_fd=d)
+                done = True
             except FileNotFoundError:
                 pass
             except IsADirectoryError:
                 self.stats["repairs"] += 1
                 rmtree_at(d, name)
+            finally:
+                self._removed(held, done)
 
     def _rmdir(self, op: Op) -> None:
         rel = bytes(op.path)
         self._drop(rel, subtree=True)
         with self.base.at(rel) as (d, name):
+            held, done = self._doomed(d, name), False
             try:
                 os.rmdir(name, dir_fd=d)
+                done = True
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -354,6 +585,8 @@ class Applier:
                 # not part of the source
                 self.stats["repairs"] += 1
                 rmtree_at(d, name)
+            finally:
+                self._removed(held, done)
 
     def _rename(self, op: Op) -> None:
         old, new = bytes(op.path), bytes(op.path2)
@@ -363,24 +596,33 @@ class Applier:
             self._exchange(old, new)
             return
         with self.base.at(old) as (sd, sname), self.base.at(new) as (dd, dname):
+            held = self._doomed(dd, dname)      # what the rename replaces
             try:
-                os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
-            except FileNotFoundError:
-                if lstat_at(sd, sname) is None:
-                    # replayed (already renamed), or the target lacks what the
-                    # source renamed (watcher capture sees changes late):
-                    # nothing to move; the source's resync brings the content
-                    if lstat_at(dd, dname) is None:
-                        self.stats["repairs"] += 1
-                    return
+                self._rename_at(sd, sname, dd, dname)
+            except BaseException:
+                self._removed(held, False)
                 raise
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
-                    raise
-                # the destination was removed on the source before this rename
-                self.stats["repairs"] += 1
-                rmtree_at(dd, dname)
-                os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
+            self._removed(held, True)
+
+    def _rename_at(self, sd: int, sname: bytes, dd: int, dname: bytes) -> None:
+        try:
+            os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
+        except FileNotFoundError:
+            if lstat_at(sd, sname) is None:
+                # replayed (already renamed), or the target lacks what the
+                # source renamed (watcher capture sees changes late):
+                # nothing to move; the source's resync brings the content
+                if lstat_at(dd, dname) is None:
+                    self.stats["repairs"] += 1
+                return
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise
+            # the destination was removed on the source before this rename
+            self.stats["repairs"] += 1
+            rmtree_at(dd, dname)
+            os.rename(sname, dname, src_dir_fd=sd, dst_dir_fd=dd)
 
     def _exchange(self, old: bytes, new: bytes) -> None:
         """RENAME with EXCHANGE (the capture mount's renameat2): the two

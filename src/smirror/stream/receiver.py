@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from smirror.stream.apply import DEFAULT_XATTR_NAMESPACES, Applier
+from smirror.stream.apply import DEFAULT_XATTR_NAMESPACES, Applier, Moot
 from smirror.errors import ConfinementError, FrameError, QueueClosed, QueueFull, SmirrorError
 from smirror.stream.inuse import InUseGate
 from smirror.kernels.frames import decode_frame, frame_header
@@ -42,7 +42,7 @@ from smirror.ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, MARK_RESYNC_DONE,
 from smirror.private import private_dir
 from smirror.kernels.memqueue import SpillQueue, queue_alert, segment_size_for
 from smirror.stream.wire import ACK
-from smirror.stream.wire import Link, LinkClosed, MsgType, ProtocolError
+from smirror.stream.wire import ORDER_PER_FILE, Link, LinkClosed, MsgType, ProtocolError
 
 log = logging.getLogger("smirror.stream.receiver")
 
@@ -291,12 +291,14 @@ class TargetConnection:
         stats = applier.stats
         if gate is not None:
             gate.begin_frame()
-        for op in ops:
+        # a watcher's stream: moot ops and adjacent writes coalesced (Applier.plan)
+        for op in applier.plan(ops, self.coalesce):
             if op.seq <= applier.applied_seq:
                 applier.apply(op)            # counted as skipped (replayed after a restart)
                 continue
-            if gate is not None and not gate.wait(op, applier.open_path, applier.flush,
-                                                  on_hold=self._secure_handoff):
+            if gate is not None and op.__class__ is not Moot and \
+                    not gate.wait(op, applier.open_path, applier.flush,
+                                  on_hold=self._secure_handoff):
                 return False
             repairs = stats["repairs"]
             try:
@@ -681,9 +683,16 @@ class TargetConnection:
     # -- receiver ------------------------------------------------------------
     TAKEOVER_WAIT = 30.0            # seconds a new link waits for the one it replaces to end
 
-    def serve(self, link: Link) -> None:
+    # whether frames are coalesced (Applier.plan): only when the source said
+    # its capture keeps per-file order alone (its OPEN's "order")
+    coalesce = False
+
+    def serve(self, link: Link, order: str | None = None) -> None:
         """Handle one data link after its OPEN: READY, then frames until the
-        link closes. Errors are sent to the source and raised.
+        link closes. Errors are sent to the source and raised. ``order``:
+        the OPEN's "order" (``ORDER_PER_FILE``: a watcher's stream, whose
+        frames may be coalesced; anything else: the exact order of the
+        library API or the mount, applied op by op).
 
         One link at a time: a newer link of this connection (the source
         reconnected) ends the one before, which may still wait for room in
@@ -703,6 +712,7 @@ class TargetConnection:
         try:
             if self._newest is not link:
                 raise LinkClosed(f"connection {self.conid}: a newer link took over from {link.peer}")
+            self.coalesce = order == ORDER_PER_FILE
             self._serve(link)
         finally:
             self._serve_lock.release()
@@ -882,6 +892,7 @@ class TargetConnection:
                 # ops applied / skipped as already applied, since the daemon started:
                 # with seq_applied they show a stream applied with no gap and no repeat
                 "ops_applied": self.applier.stats["ops"], "ops_skipped": self.applier.stats["skipped"],
+                "ops_coalesced": self.applier.stats["coalesced"],
                 "queue_mem_bytes": q.mem_bytes,
                 "queue_disk_bytes": q.disk_bytes, "handoff_bytes": self._through_bytes,
                 "frames_received": self.frames_received,

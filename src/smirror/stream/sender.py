@@ -31,8 +31,12 @@ class Sender:
     reconnecting every ``retry_interval`` seconds while it runs."""
 
     def __init__(self, conid: int, map_base: str, journal: ConnectionJournal, dial, *,
-                 source_name: str = "", retry_interval: float = 1.0, idle_flush: float = 0.001):
+                 source_name: str = "", retry_interval: float = 1.0, idle_flush: float = 0.001,
+                 order: str | None = None):
+        """``order``: wire.ORDER_PER_FILE when the capture feeding ``journal``
+        keeps per-file order only (a watcher): the target may coalesce."""
         self.conid = conid
+        self.order = order
         self.map_base = map_base
         self.journal = journal
         self.queue = journal.queue
@@ -134,7 +138,7 @@ class Sender:
         q = self.queue
         next_seq = self._first_unacked_seq()
         link.send_json(MsgType.OPEN, open_message(self.conid, self.map_base, self.source_name,
-                                                  next_seq))
+                                                  next_seq, order=self.order))
         try:
             _, ready = link.recv_json(MsgType.READY)
         except ProtocolError as exc:        # the target refused the OPEN: its reason
@@ -314,12 +318,14 @@ class Sender:
 
 
 def open_message(conid: int, map_base: str, source: str, next_seq: int = 0,
-                 check: bool = False, disconnect: bool = False) -> dict:
+                 check: bool = False, disconnect: bool = False, order: str | None = None) -> dict:
     """The OPEN a source sends first on a data link; with ``check`` it is a
     probe: the target validates the map base (creating nothing else) and
     answers READY or ERROR, and the link ends; with ``disconnect`` the
     source ended the connection: the target drops its side of it."""
     msg = {"conid": conid, "map_base": map_base, "source": source, "next_seq": next_seq}
+    if order is not None:       # wire.ORDER_PER_FILE: a watcher's stream
+        msg["order"] = order
     if check:
         msg["check"] = True
     if disconnect:

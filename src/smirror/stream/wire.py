@@ -36,6 +36,9 @@ PRELOGIN_MAX_MESSAGE = 64 * 1024      # what a peer may send before it logged in
 LOGIN_TIMEOUT = 10.0                  # seconds for a whole login (TLS handshake included)
 PURPOSES = ("control", "data")
 ACK = struct.Struct("<Q")             # an ACK's binary payload: the last seq durable on the target
+# an OPEN's "order" when the source's capture keeps per-file order only (a
+# watcher): the target may coalesce within a frame; absent: exact order
+ORDER_PER_FILE = "file"
 
 
 class MsgType(IntEnum):
@@ -49,7 +52,7 @@ class MsgType(IntEnum):
     FRAME = 8        # data: one journal frame
     ACK = 9          # data: {"seq"} acknowledged (durable on the target)
     BYE = 10         # orderly close
-    OPEN = 11        # data: source -> target {"conid", "map_base", "source", "next_seq"}
+    OPEN = 11        # data: source -> target {"conid", "map_base", "source", "next_seq", "order"?}
     READY = 12       # data: target -> source {"last_seq"}: the last op it holds durably
     RESET = 13       # data: source -> target {"seq"}: the stream goes on after seq
                      # (ops before it are gone from the source: a mirror follows)
