@@ -16,7 +16,8 @@ import pytest
 
 from smirror.errors import ConfigError, ConfinementError, MirrorError
 from smirror.mirror.engine import Mirror, MirrorOptions, mirror
-from smirror.fs.files import LocalTarget, copy_data_extents
+from smirror.fs.files import copy_data_extents
+from smirror.mirror.local import LocalTarget
 from smirror.fs.tree import DIR, FILE, SYMLINK, Rules, scan
 
 from support import gen_tree
@@ -191,22 +192,22 @@ def test_dense_file_is_copied_without_hole_search_or_truncate(tmp_path, monkeypa
 
 def test_temporary_names_are_unique_also_across_fork():
     import smirror.fs.files as tl
-    names = {tl._temp_suffix() for _ in range(1000)}
+    names = {tl.temp_name() for _ in range(1000)}
     assert len(names) == 1000
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        os.write(w, tl._temp_suffix())
+        os.write(w, tl.temp_name())
         os._exit(0)
     os.close(w)
     child = os.read(r, 100)
     os.close(r)
     os.waitpid(pid, 0)
-    mine = tl._temp_suffix()
+    mine = tl.temp_name()
     assert child not in names and child != mine
     # a forked child draws its own tag: the parent's counter values cannot collide
-    assert child[:16] != mine[:16]
+    assert child[:len(tl.TEMP_PREFIX) + 16] != mine[:len(tl.TEMP_PREFIX) + 16]
 
 
 def test_file_changing_during_copy_is_never_half_copied(tmp_path):

@@ -14,7 +14,7 @@ Modes (as in the Double-Take "mirror" and rsync):
 * ``newer``: only files where the source is newer.
 
 The :class:`Mirror` plans from two listings (source: scanned here; target:
-asked from a :class:`~smirror.fs.files.TargetSide`) and executes through
+asked from a :class:`~smirror.mirror.target.TargetSide`) and executes through
 that same interface, so a remote target daemon can stand in for the local
 directory. Checksum work imports :mod:`smirror.kernels.checksum` lazily, and numpy
 loads only once block signatures are made: a quick check, or a checksum
@@ -29,9 +29,11 @@ import threading
 import time
 
 from smirror.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, MirrorError, ConfigError, SourceChanged
-from smirror.fs.files import (LocalTarget, TargetSide, aligned_buffer, fd_digest, fd_signature,
-                           read_full, read_xattrs, xattr_filter)
+from smirror.fs.files import (aligned_buffer, drop_lease, fd_digest, fd_signature, read_full,
+                              read_xattrs, take_read_lease, xattr_filter)
 from smirror.fs.tree import DIR, FILE, SPECIAL, SYMLINK, Listing, Rules, entry_from_stat, scan
+from smirror.mirror.local import LocalTarget
+from smirror.mirror.target import TargetSide
 
 # the values of smirror.cli.main's EXIT_* (not imported: the library stays free of argparse)
 
@@ -299,9 +301,10 @@ class Mirror:
     total_files)``, ``advance(nbytes)``, ``file_done()`` and ``finish()``
     (see :mod:`smirror.cli.progress`), or None."""
 
-    def __init__(self, source, target, options: MirrorOptions | None = None, progress=None):
+    def __init__(self, source, target: str | bytes | os.PathLike | TargetSide,
+                 options: MirrorOptions | None = None, progress=None):
         self.opts = options or MirrorOptions()
-        if isinstance(target, TargetSide):
+        if not isinstance(target, (str, bytes, os.PathLike)):
             self.src_root = os.fsencode(os.path.abspath(os.fsencode(source)))
             if not os.path.isdir(self.src_root):
                 raise MirrorError(f"source {show(self.src_root)!r} is not a directory")
@@ -1067,7 +1070,6 @@ class Mirror:
         DELTA_COPY_MAX; None for a larger file being written to (the caller
         copies it whole). Returns (buffer, release)."""
         import mmap
-        from smirror.fs.files import drop_lease, take_read_lease
         if take_read_lease(fd):
             try:
                 mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
