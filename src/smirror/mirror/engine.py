@@ -204,6 +204,7 @@ class Summary:
         self.errors = []             # (relative path, message)
         self.actions = []            # dry run: (action, relative path)
         self.seconds = 0.0
+        self.stopped = False         # ended early by the caller's stop event
 
     @property
     def exit_code(self) -> int:
@@ -223,7 +224,7 @@ class Summary:
             "bytes_written": self.bytes_written,
             "errors": [{"path": show(r), "error": m} for r, m in self.errors],
             "actions": [{"action": a, "path": show(r)} for a, r in self.actions],
-            "seconds": round(self.seconds, 6),
+            "seconds": round(self.seconds, 6), "stopped": self.stopped,
             "exit_code": self.exit_code,
         }
 
@@ -299,11 +300,17 @@ class Mirror:
     """Mirror ``source`` (a local directory) to ``target`` (a path or a
     :class:`TargetSide`). ``progress``: an object with ``start(total_bytes,
     total_files)``, ``advance(nbytes)``, ``file_done()`` and ``finish()``
-    (see :mod:`smirror.cli.progress`), or None."""
+    (see :mod:`smirror.cli.progress`), or None. ``stop``: a
+    :class:`threading.Event` another thread sets to end the mirror early,
+    between files."""
 
     def __init__(self, source, target: str | bytes | os.PathLike | TargetSide,
-                 options: MirrorOptions | None = None, progress=None):
+                 options: MirrorOptions | None = None, progress=None,
+                 stop: threading.Event | None = None):
         self.opts = options or MirrorOptions()
+        # set by another thread: no further file is started (the one being
+        # written is finished); the summary says ``stopped``
+        self.stop = stop if stop is not None else threading.Event()
         if not isinstance(target, (str, bytes, os.PathLike)):
             self.src_root = os.fsencode(os.path.abspath(os.fsencode(source)))
             if not os.path.isdir(self.src_root):
@@ -316,6 +323,8 @@ class Mirror:
             self.target = LocalTarget(dst_root, xattrs=self.opts.xattrs, fsync=self.opts.fsync)
             self._own_target = True     # its directory handle is closed when run() ends
         self.owner = getattr(self.target, "owner", os.geteuid() == 0)
+        # writes travel as ops (a remote target): no digests, no rolling delta
+        self._streamed = getattr(self.target, "streamed", False)
         self.progress = progress
         self.summary = Summary(self.opts.mode, self.opts.dry_run)
         self._lock = threading.Lock()
@@ -401,6 +410,7 @@ class Mirror:
         self._plan(src, dst)
         if self._fatal is None:
             self._execute()
+        summary.stopped = self.stop.is_set()
         summary.bytes_written = getattr(self.target, "bytes_written", 0)
         summary.seconds = time.monotonic() - t0
         if self._fatal is not None:
@@ -561,7 +571,7 @@ class Mirror:
                         target.move_orphan(rel, self._orphan_dir)
                         summary.orphans_moved += 1
                     touched.add(parent_of(rel))
-                except OSError as exc:
+                except (OSError, MirrorError) as exc:
                     self._error(rel, exc)
                 if self._fatal:
                     return
@@ -624,7 +634,7 @@ class Mirror:
             return
 
         self._run_files(touched)
-        if self._fatal:
+        if self._fatal or self.stop.is_set():
             return
 
         for rel, leader, d in self.hardlinks:
@@ -716,7 +726,7 @@ class Mirror:
             if threads == 1:
                 for item in order:
                     self._file_task(item)
-                    if self._fatal:
+                    if self._fatal or self.stop.is_set():
                         break
             else:
                 self._run_workers(order, threads)
@@ -742,7 +752,7 @@ class Mirror:
 
         def work():
             try:
-                while self._fatal is None and not crashed:
+                while self._fatal is None and not crashed and not self.stop.is_set():
                     with lock:
                         item = next(it, None)
                     if item is None:
@@ -766,7 +776,7 @@ class Mirror:
 
     def _file_task(self, item):
         rel, s, d, action = item
-        if self._fatal:
+        if self._fatal or self.stop.is_set():
             return
         try:
             for attempt in range(self.opts.retries):
@@ -856,6 +866,11 @@ class Mirror:
     def _check_file(self, rel, s, d):
         from smirror.kernels import checksum
         fd, st1 = self._open_source(rel)
+        if self._streamed:
+            try:
+                return self._check_streamed(rel, fd, st1, s, d)
+            finally:
+                os.close(fd)
         try:
             size = st1.st_size
             dsize = d.size
@@ -952,6 +967,42 @@ class Mirror:
                 self._count_write("whole", copied, 0)
         finally:
             os.close(fd)
+
+    def _check_streamed(self, rel, fd, st1, s, d):
+        """Checksum compare against a target written through a stream (no
+        digest, no rolling delta: see :mod:`smirror.mirror.remote`): block
+        hashes at the same offsets, whatever the two sizes, and the blocks
+        that differ written in place, then the length."""
+        from smirror.kernels import checksum
+        size = st1.st_size
+        bs = self.opts.block_size or checksum.block_size_for(max(size, d.size))
+        sig_d = self.target.signature(rel, bs, False)
+        try:
+            sig_s = fd_signature(fd, size, bs, False)
+        except MirrorError:
+            raise SourceChanged() from None
+        changed = checksum.changed_blocks(sig_d, sig_s)
+        changed = changed[changed < sig_s.count]        # the target's blocks past the end go
+        if self.progress is not None:
+            self.progress.advance(size)
+        if len(changed) == 0 and size == d.size:
+            self._check_same(fd, st1)
+            self._count_write("check", 0, size)
+            self._fix_meta(rel, fd, st1, d)
+            return
+        changed_bytes = len(changed) * bs
+        if len(changed) and int(changed[-1]) == sig_s.count - 1:      # the short last block
+            changed_bytes -= bs - sig_s.block_range(sig_s.count - 1)[1]
+        self._act("patch", rel)
+        if self.opts.dry_run:
+            self._count_write("check", changed_bytes, size - changed_bytes)
+            return
+        if not self._inplace_ok(s, d):
+            copied = self._write_whole(rel, fd, st1, advance=False)
+            self._count_write("whole", copied, 0)
+            return
+        self._patch_blocks(rel, fd, st1, sig_s, changed, bs)
+        self._count_write("check", changed_bytes, size - changed_bytes)
 
     @staticmethod
     def _inplace_ok(s, d) -> bool:

@@ -44,6 +44,8 @@ class LocalTarget:
     root by a symlink, whenever it appeared.
     """
 
+    streamed = False          # written directly (digests and rolling deltas work)
+
     def __init__(self, root, *, owner: bool | None = None, xattrs: bool = True,
                  fsync: bool = False):
         self.root = os.fsencode(os.path.abspath(os.fsencode(root)))

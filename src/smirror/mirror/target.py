@@ -22,6 +22,10 @@ from smirror.fs.tree import Entry, Listing
 class TargetReader(Protocol):
     """What a mirror reads of its target."""
 
+    # its writes travel as ops in a stream (see smirror.mirror.remote): no
+    # digests, no rolling delta, changed blocks written in place at any size
+    streamed: bool
+
     def scan(self, rules=None, skip=()) -> Listing:
         """Every entry under the root (``skip``: relative paths not
         listed); temporaries of a killed mirror in ``Listing.temps``."""
