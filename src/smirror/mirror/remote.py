@@ -22,17 +22,24 @@ What follows from writing through a stream:
 * the listing knows no inodes, so :meth:`lstat` knows nothing and the
   engine links every hard-link group again;
 * a writer given up (the source kept changing) leaves the target file with
-  mtime 0, so the next quick check looks at it again.
+  mtime 0, so the next quick check looks at it again;
+* no op names the map base itself: its mtime travels in a MARK.
+
+:class:`StreamTarget` is that writing side over any reader: a
+:class:`RemoteReader` (a target daemon's verbs; :class:`RemoteTarget` is the
+two together), or a :class:`smirror.mirror.local.LocalTarget` of a directory
+this process's own receiver applies to (``smirror replicate``).
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
 
-from smirror.errors import MirrorError
+from smirror.errors import MirrorError, SmirrorError
 from smirror.fs.tree import DIR, FILE, SYMLINK, TEMP_PREFIX, Entry, Listing, kind_of
-from smirror.ops import Op
+from smirror.ops import MARK_ROOT_MTIME, Op
 
 _ZERO = 0                     # ops go out unnumbered: the journal numbers them
 _PIECE = 256 << 10            # largest WRITE op; also the unit of hole detection
@@ -42,53 +49,47 @@ def _is_zero(view) -> bool:
     return view.count(0) == len(view) if isinstance(view, bytes) else not any(view)
 
 
-class RemoteTarget:
-    """A map base on a target daemon. ``client``: a logged-in control
-    client (``call(verb, **args)``); ``ident``: the ``source`` and
-    ``conid`` the target checks against the link user; ``emit``: appends
-    one op to the connection's journal (called from several threads:
-    serialised here); ``xattrs``: compare and send extended attributes;
-    ``wanted_xattr``: which names (those the source side reads)."""
+class RemoteReader:
+    """The reading side of a map base on a target daemon. ``client``: a
+    logged-in control client (``call(verb, **args)``); ``ident``: the
+    ``source`` and ``conid`` the target checks against the link user;
+    ``xattrs``: list extended attributes too; ``wanted_xattr``: which
+    names (those the source side reads). The listing is read once (the
+    first :meth:`scan`, which a caller may run early: a target that cannot
+    be read is known before anything is queued)."""
 
-    streamed = True           # see the module docstring
+    streamed = True           # its writer is a stream (see the module docstring)
 
-    def __init__(self, client, map_base: str, ident: dict, emit, *, owner: bool | None = None,
-                 xattrs: bool = True, wanted_xattr=None):
+    def __init__(self, client, map_base: str, ident: dict, *, xattrs: bool = True,
+                 wanted_xattr=None):
         self.client = client
         self.map_base = map_base
         self.ident = dict(ident)
-        self._emit = emit
-        self._emit_lock = threading.Lock()
         self._call_lock = threading.Lock()     # one request at a time on the client's link
-        self.owner = (os.geteuid() == 0) if owner is None else owner
         self.use_xattrs = xattrs
         self.wanted_xattr = wanted_xattr or (lambda name: True)
-        self.bytes_written = 0
         self.listing: Listing | None = None
+        self._rows: dict | None = None
         self._xattrs: dict[bytes, dict | None] = {}
-        self._removed: set[bytes] = set()
 
     def _call(self, verb: str, **args):
         with self._call_lock:
             return self.client.call(verb, map_base=self.map_base, **args, **self.ident)
 
-    def emit(self, op: Op) -> None:
-        with self._emit_lock:
-            self._emit(op)
-
-    def close(self) -> None:
-        pass                  # the client is the caller's
-
-    # ---------------------------------------------------------- reading
+    def read(self) -> None:
+        """Read the listing now (``target.scan``); errors as the client raises them."""
+        if self._rows is None:
+            self._rows = self._call("target.scan", xattrs=self.use_xattrs)
 
     def scan(self, rules=None, skip=()) -> Listing:
         """The map base's entries (``target.scan``, with xattrs), without
         what ``rules`` exclude (and what is under an excluded directory)
         and without ``skip``. A directory the target could not read makes
         the verb fail: a partial listing would hide orphans."""
-        rows = self._call("target.scan", xattrs=self.use_xattrs)
-        listing = Listing(self.map_base.encode() if isinstance(self.map_base, str)
-                          else bytes(self.map_base))
+        self.read()
+        rows = self._rows or {}
+        listing = Listing(os.fsencode(self.map_base))
+        # the root's own attributes are not listed: sent, whatever they are
         listing.entries[b""] = Entry(DIR, stat.S_IFDIR | 0o755, 0, 0, 0, 0, None, None, 1)
         pruned: set[bytes] = set(skip)
         for name in sorted(rows):
@@ -103,10 +104,10 @@ class RemoteTarget:
                 continue
             listing.entries[rel] = Entry(kind, mode, uid, gid, size, mtime_ns, None, None, 1,
                                          link=os.fsencode(link) if link is not None else None)
-            if more and isinstance(more[0], dict):
-                self._xattrs[rel] = {n: bytes.fromhex(v) for n, v in more[0].items()
-                                     if self.wanted_xattr(n)}
-        # the root itself is not listed: its attributes are not known (they are sent)
+            # None: not listed (gone meanwhile, or a target that lists none): all are sent
+            self._xattrs[rel] = ({n: bytes.fromhex(v) for n, v in more[0].items()
+                                  if self.wanted_xattr(n)}
+                                 if more and isinstance(more[0], dict) else None)
         self.listing = listing
         return listing
 
@@ -125,7 +126,11 @@ class RemoteTarget:
         if weak:
             raise MirrorError("a remote target gives no rolling hashes (no delta through a stream)")
         d = self._entry(rel)
-        hexes = self._call("target.signature", path=os.fsdecode(rel), block_size=block_size)
+        try:
+            hexes = self._call("target.signature", path=os.fsdecode(rel), block_size=block_size)
+        except (SmirrorError, OSError) as exc:
+            # the file's error in the summary, not the whole mirror's
+            raise MirrorError(f"reading its block hashes on the target failed: {exc}") from None
         strong = np.frombuffer(bytes.fromhex(hexes), dtype="<u8").reshape(-1, 2).copy()
         length = d.size if d is not None else len(strong) * block_size
         if len(strong) != -(-length // block_size):
@@ -136,11 +141,72 @@ class RemoteTarget:
         """Not offered by the target: the engine compares block hashes."""
         return None
 
-    def xattrs(self, rel: bytes) -> dict:
+    def xattrs(self, rel: bytes) -> dict | None:
+        """As listed; None when the listing did not say."""
         if not self.use_xattrs:
             return {}
-        known = self._xattrs.get(rel)
-        return {} if known is None else known
+        return self._xattrs.get(rel, {})
+
+
+class StreamTarget:
+    """A target written through a stream: reads go to ``reader`` (a
+    :class:`RemoteReader`, or a :class:`smirror.mirror.local.LocalTarget`
+    of a directory this process's own receiver applies to), every change
+    is an op handed to ``emit`` (appends it to the connection's journal;
+    called from the engine's workers: serialised here)."""
+
+    streamed = True           # see the module docstring
+
+    def __init__(self, reader, emit, *, owner: bool | None = None, xattrs: bool = True):
+        self.reader = reader
+        self._emit = emit
+        self._emit_lock = threading.Lock()
+        self.owner = (os.geteuid() == 0) if owner is None else owner
+        self.use_xattrs = xattrs
+        self.bytes_written = 0          # data bytes in WRITE ops
+        self.ops = 0                    # ops handed to emit
+        self.listing: Listing | None = None
+        self._xattrs: dict[bytes, dict | None] = {}     # what this mirror left on the target
+        self._removed: set[bytes] = set()
+
+    def emit(self, op: Op) -> None:
+        with self._emit_lock:
+            self._emit(op)
+            self.ops += 1
+
+    def close(self) -> None:
+        pass                  # the reader is the caller's
+
+    # ---------------------------------------------------------- reading
+
+    def scan(self, rules=None, skip=()) -> Listing:
+        self.listing = self.reader.scan(rules, skip)
+        return self.listing
+
+    def _entry(self, rel: bytes) -> Entry | None:
+        return None if self.listing is None else self.listing.entries.get(rel)
+
+    def lstat(self, rel: bytes) -> Entry | None:
+        return self.reader.lstat(rel)
+
+    def signature(self, rel: bytes, block_size: int, weak: bool):
+        return self.reader.signature(rel, block_size, weak)
+
+    def digest(self, rel: bytes, length: int) -> None:
+        """Not used: a streamed target's files are compared block by block."""
+        return None
+
+    def xattrs(self, rel: bytes) -> dict | None:
+        """The target's xattrs of ``rel`` as this mirror left them (what it
+        sent, else what the reader lists); None when not known."""
+        if not self.use_xattrs:
+            return {}
+        if rel in self._xattrs:
+            return self._xattrs[rel]
+        try:
+            return self.reader.xattrs(rel)
+        except (OSError, SmirrorError):
+            return None
 
     # ---------------------------------------------------------- writing
 
@@ -182,7 +248,7 @@ class RemoteTarget:
 
     def link(self, rel: bytes, existing: bytes) -> None:
         self.emit(Op.hardlink(_ZERO, rel, existing))
-        self._xattrs[rel] = self._xattrs.get(existing)
+        self._xattrs[rel] = self.xattrs(existing)
 
     def mknod(self, rel: bytes, entry: Entry) -> None:
         self.emit(Op.mknod(_ZERO, rel, entry.mode, entry.rdev))
@@ -191,6 +257,12 @@ class RemoteTarget:
     def set_meta(self, rel: bytes, entry: Entry, xattrs: dict | None = None) -> None:
         """Owner, mode, xattrs, then mtime, as a SETATTR (and XATTR ops for
         the names that differ from what the target has)."""
+        if not rel:
+            # no op names the map base itself: a MARK carries the root's
+            # mtime (its mode, owner and xattrs are the target's own)
+            self.emit(Op.mark(_ZERO, MARK_ROOT_MTIME,
+                              json.dumps({"mtime_ns": entry.mtime_ns}).encode()))
+            return
         kw = {"mtime_ns": entry.mtime_ns}
         if entry.kind != SYMLINK:
             kw["mode"] = entry.perm
@@ -203,7 +275,7 @@ class RemoteTarget:
             self._send_xattrs(rel, xattrs)
 
     def _send_xattrs(self, rel: bytes, wanted: dict) -> None:
-        have = self._xattrs.get(rel)
+        have = self.xattrs(rel)
         for name in sorted(have.keys() - wanted.keys()) if have else ():
             self.emit(Op.removexattr(_ZERO, rel, name))
         for name, value in sorted(wanted.items()):
@@ -227,6 +299,7 @@ class RemoteTarget:
         self.emit(Op.rmdir(_ZERO, rel) if d is not None and d.kind == DIR
                   else Op.delete(_ZERO, rel))
         self._removed.add(rel)
+        self._xattrs.pop(rel, None)
 
     def move_orphan(self, rel: bytes, dest_dir) -> None:
         raise MirrorError("a remote target moves orphans aside by its connection's orphan "
@@ -236,6 +309,17 @@ class RemoteTarget:
         for rel in rels:
             if rel.rpartition(b"/")[2].startswith(TEMP_PREFIX):
                 self.emit(Op.delete(_ZERO, rel))
+
+
+class RemoteTarget(StreamTarget):
+    """A map base on a target daemon: read through its verbs
+    (:class:`RemoteReader` over ``client``), written as ops to ``emit``."""
+
+    def __init__(self, client, map_base: str, ident: dict, emit, *, owner: bool | None = None,
+                 xattrs: bool = True, wanted_xattr=None, reader: RemoteReader | None = None):
+        super().__init__(reader or RemoteReader(client, map_base, ident, xattrs=xattrs,
+                                                wanted_xattr=wanted_xattr),
+                         emit, owner=owner, xattrs=xattrs)
 
 
 class StreamWriter:
@@ -294,4 +378,4 @@ class StreamWriter:
         self.target.emit(Op.setattr(_ZERO, self.rel, mtime_ns=0))
 
 
-__all__ = ["RemoteTarget", "StreamWriter"]
+__all__ = ["RemoteReader", "StreamTarget", "RemoteTarget", "StreamWriter"]
