@@ -368,6 +368,24 @@ def test_orphans_not_deleted_under_unreadable_source_dir(tmp_path):
     m = Mirror(src, dst, MirrorOptions(different=True, orphans="delete"))
     m._plan(listing, m.target.scan())
     assert m.orphans == []
+    m.target.close()
+
+
+def test_a_source_dir_gone_since_it_was_listed_leaves_an_orphan(tmp_path):
+    """A live tree: a directory removed between its listing and the read of
+    its entries is not the source's any more; its target copy is an orphan
+    (the orphan policy acts on it), unlike an unreadable one."""
+    src, dst = tmp_path / "s", tmp_path / "d"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_bytes(b"f")
+    mirror(src, dst)
+    listing = scan(os.fsencode(src))
+    listing.errors.append((b"sub", FileNotFoundError(errno.ENOENT, "gone")))
+    listing.entries = {k: v for k, v in listing.entries.items() if not k.startswith(b"sub")}
+    m = Mirror(src, dst, MirrorOptions(different=True, orphans="delete"))
+    m._plan(listing, m.target.scan())
+    assert [rel for rel, _ in m.orphans] == [b"sub"]
+    m.target.close()
 
 
 # ------------------------------------------------------------ dry run

@@ -327,6 +327,13 @@ class Mirror:
         self._streamed = getattr(self.target, "streamed", False)
         self.progress = progress
         self.summary = Summary(self.opts.mode, self.opts.dry_run)
+        # what the target holds after the run, as far as this mirror knows,
+        # per source path: the source's entry as written or found equal (a
+        # file: as it was when copied or compared); paths that failed are
+        # not in it. A capture adopts it as its model of the target
+        self.left: dict[bytes, object] = {}
+        self.source_listing: Listing | None = None
+        self.target_listing: Listing | None = None
         self._lock = threading.Lock()
         self._wanted_xattr = xattr_filter()
         self._fatal = None
@@ -401,6 +408,7 @@ class Mirror:
             # one after the other: scanning is GIL-bound, a second thread only adds contention
             src = scan(self.src_root, opts.rules)
             dst = self.target.scan(opts.rules, self._orphan_skip)
+        self.source_listing, self.target_listing = src, dst
         for rel, exc in src.errors:
             self._error(rel, exc)
         for rel, exc in dst.errors:
@@ -411,6 +419,8 @@ class Mirror:
         if self._fatal is None:
             self._execute()
         summary.stopped = self.stop.is_set()
+        for rel, _ in summary.errors:
+            self.left.pop(rel, None)
         summary.bytes_written = getattr(self.target, "bytes_written", 0)
         summary.seconds = time.monotonic() - t0
         if self._fatal is not None:
@@ -442,10 +452,13 @@ class Mirror:
         fresh = set()            # dirs created now: nothing under them exists yet
         leaders = {}             # (dev, ino) -> first path of a hard-link group
         rewritten = set()        # files getting a new inode (temp + rename)
+        left = self.left
         for rel, s in s_entries.items():
             parent = rel.rpartition(b"/")[0]
             d = None if (parent in fresh) else d_entries.get(rel)
             kind = s.kind
+            if kind != FILE:
+                left[rel] = s
             if d is not None and (d.kind == DIR) != (kind == DIR):
                 self.removals.append(rel)
                 d = None
@@ -485,6 +498,7 @@ class Mirror:
                 leader = leaders.get(key)
                 if leader is not None:
                     self.hardlinks.append((rel, leader, d))
+                    left[rel] = s
                     continue
                 leaders[key] = rel
             if d is None or d.kind != FILE:
@@ -495,6 +509,7 @@ class Mirror:
                 changed = s.mtime_ns > d.mtime_ns or (s.mtime_ns == d.mtime_ns and s.size != d.size)
                 if not changed:
                     summary.unchanged += 1
+                    left[rel] = d
                     continue        # the target is as new or newer: leave it alone
             elif opts.different:
                 changed = s.size != d.size or s.mtime_ns != d.mtime_ns
@@ -507,6 +522,7 @@ class Mirror:
                 rewritten.add(rel)
             else:
                 summary.unchanged += 1
+                left[rel] = s
                 if quick and s.ctime_ns < d.ctime_ns - CTIME_MARGIN_NS \
                         and _same_meta(s, d, owner):
                     continue        # as in _execute's metadata pass: nothing changed since
@@ -519,7 +535,10 @@ class Mirror:
     def _plan_orphans(self, src, dst):
         opts = self.opts
         s_entries = src.entries
-        skip_under = {rel for rel, _ in src.errors}       # unreadable source dirs
+        # unreadable source dirs; one gone since it was listed (a live tree)
+        # is not the source's any more: what the target has there is orphaned
+        skip_under = {rel for rel, exc in src.errors
+                      if getattr(exc, "errno", None) not in (errno.ENOENT, errno.ENOTDIR)}
         skip_under.update(self.removals)                   # replaced by a non-dir
         covered = set()
         cutoff = None
@@ -637,7 +656,13 @@ class Mirror:
         if self._fatal or self.stop.is_set():
             return
 
+        failed = {rel for rel, _ in summary.errors}
         for rel, leader, d in self.hardlinks:
+            if leader in failed:
+                # nothing to link to (through a stream the target would
+                # refuse the link): this name fails with it
+                self._error(rel, MirrorError(f"its hard link {show(leader)!r} could not be copied"))
+                continue
             try:
                 if d is not None and d.kind in (FILE, SPECIAL) and leader not in self._rewritten:
                     lead_now = target.lstat(leader)
@@ -847,6 +872,7 @@ class Mirror:
         except BaseException:
             w.abort()
             raise
+        self.left[rel] = entry_from_stat(st1)
         return copied
 
     def _count_write(self, action, literal, matched):
@@ -1012,6 +1038,7 @@ class Mirror:
 
     def _fix_meta(self, rel, fd, st1, d):
         s = entry_from_stat(st1)
+        self.left[rel] = s          # its bytes are the target's (compared)
         sx = self._src_xattrs(fd)
         if _same_meta(s, d, self.owner) and (sx is None or sx == self.target.xattrs(rel)):
             return
@@ -1050,6 +1077,7 @@ class Mirror:
         except BaseException:
             w.abort()
             raise
+        self.left[rel] = entry_from_stat(st1)
 
     def _try_delta(self, rel, fd, st1, d, bs, changed_bytes) -> bool:
         """Rebuild from a rolling delta; in place when every matched block
@@ -1105,6 +1133,7 @@ class Mirror:
             except BaseException:
                 w.abort()
                 raise
+            self.left[rel] = entry_from_stat(st1)
             self._count_write("check", literal, size - literal)
             return True
         finally:

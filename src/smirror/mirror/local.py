@@ -26,7 +26,6 @@ from smirror.errors import ConfinementError, MirrorError
 from smirror.fs.beneath import Beneath, check_rel, chmod_at, lstat_at, proc_path, rmtree_at
 from smirror.fs.files import (copy_data_extents, copy_range, fd_digest, fd_signature, pwrite_all,
                               read_xattrs, replace_at, temp_name, xattr_filter)
-from smirror.fs.keep import move_aside, open_slot
 from smirror.fs.tree import SPECIAL, SYMLINK, TEMP_PREFIX, Entry, entry_from_stat, scan
 
 
@@ -226,6 +225,8 @@ class LocalTarget:
         """Move ``rel`` to ``dest_dir``/``rel`` (parents created 0700, an
         older orphan of the same name replaced). Symlinks move too: this is
         the mirror user's own directory, and nothing there is followed."""
+        # here: fs.keep loads logging, which a quick check has no use for
+        from smirror.fs.keep import move_aside, open_slot
         key = os.fsencode(os.path.abspath(os.fsencode(dest_dir)))
         slot = self._orphan_slots.get(key)
         if slot is None:

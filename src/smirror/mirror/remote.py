@@ -56,12 +56,13 @@ class RemoteReader:
     ``xattrs``: list extended attributes too; ``wanted_xattr``: which
     names (those the source side reads). The listing is read once (the
     first :meth:`scan`, which a caller may run early: a target that cannot
-    be read is known before anything is queued)."""
+    be read is known before anything is queued). The client is closed
+    with the reader."""
 
     streamed = True           # its writer is a stream (see the module docstring)
 
     def __init__(self, client, map_base: str, ident: dict, *, xattrs: bool = True,
-                 wanted_xattr=None):
+                 wanted_xattr=None, rows: dict | None = None):
         self.client = client
         self.map_base = map_base
         self.ident = dict(ident)
@@ -69,12 +70,17 @@ class RemoteReader:
         self.use_xattrs = xattrs
         self.wanted_xattr = wanted_xattr or (lambda name: True)
         self.listing: Listing | None = None
-        self._rows: dict | None = None
+        self._rows: dict | None = rows       # given: nothing is asked (a full mirror: {})
         self._xattrs: dict[bytes, dict | None] = {}
 
     def _call(self, verb: str, **args):
         with self._call_lock:
             return self.client.call(verb, map_base=self.map_base, **args, **self.ident)
+
+    def close(self) -> None:
+        """Close the client given (its link to the target)."""
+        if self.client is not None:
+            self.client.close()
 
     def read(self) -> None:
         """Read the listing now (``target.scan``); errors as the client raises them."""
