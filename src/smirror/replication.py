@@ -299,7 +299,7 @@ class Replication:
             raise MirrorError(f"initial mirror of {self.src} to {self.dst} failed for "
                               f"{len(self.mirror_summary.errors)} path(s), first: "
                               f"{self.mirror_summary.errors[0]}")
-        return engine.left, target.xattrs
+        return engine.left, target.xattrs, engine.left_stale
 
     MIRROR_QUEUE_WAIT = 600.0    # seconds the mirror waits for room in a full source queue
 

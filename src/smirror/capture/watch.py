@@ -217,6 +217,7 @@ class TreeCapture:
 
     _read_root = None
     unlinked: list = []     # load_target: names to link again (resync them)
+    _mirror_links = None    # during mirror_to: source inode -> its first name
     moving_out = False      # True while the ops of a move out of the set are emitted
 
     def _abs(self, rel: bytes) -> bytes:
@@ -304,7 +305,86 @@ class TreeCapture:
             for rel in self.unlinked:
                 del self.known[rel]
 
-    def adopt_mirror(self, left: dict, xattrs_of=None) -> None:
+    def full_copy(self, emit) -> None:
+        """Emit the whole set as ops to ``emit`` (the initial mirror of a new
+        connection), leaving this capture's cache and output alone."""
+        self.mirror_to(emit, {})
+
+    def mirror_to(self, emit, target_known: dict, orphans_out: list | None = None,
+                  adopt: bool = False) -> dict:
+        """A difference mirror through the stream: compare the set with
+        ``target_known`` (what a target holds: entries and, for the files
+        whose size or mtime differ, the target's block hashes) and emit to
+        ``emit`` only what differs: new entries, changed blocks, attributes.
+        Entries only the target has are left alone (orphans; their paths
+        are appended to ``orphans_out``, except paths the rules exclude).
+        Returns the counters of the run; this capture's own cache and output
+        are kept, unless ``adopt``: then the cache becomes what the mirror
+        leaves on that target (the only one this capture feeds), so the
+        events still pending are diffed against what it really holds, not
+        against the source as the cache last saw it."""
+        with self._lock:
+            saved = self.emit, self.known, self._lost, self.stats
+            self.emit, self.known, self._lost = emit, dict(target_known), set()
+            self.stats = dict.fromkeys(saved[3], 0)
+            orphans = set(target_known)
+            # the target's listing says nothing of inodes: a source inode
+            # with several names is linked again on the target (first name
+            # seen -> the others), whatever the target holds there now
+            self._mirror_links = {}
+            try:
+                for rel, k in list(self.known.items()):
+                    if k.kind != stat.S_IFREG or k.strong is not None:
+                        continue
+                    try:
+                        st = os.lstat(self._abs(rel))
+                    except OSError:
+                        continue
+                    listed = (k.size, k.mtime_ns)
+                    if (st.st_size, st.st_mtime_ns) == listed:
+                        # the quick check says equal: the source's hashes stand
+                        # for the target's, nothing is sent for it. Only if
+                        # the bytes hashed are still those: a write between
+                        # the check and the read (a live tree) would make
+                        # the target's older bytes pass for the new ones,
+                        # under the new mtime, for good
+                        read = self._diff_file(rel, emit=False)
+                        try:
+                            after = os.lstat(self._abs(rel))
+                        except OSError:
+                            after = None
+                        if read is None or after is None or \
+                                (read.st_size, read.st_mtime_ns) != listed or \
+                                (after.st_size, after.st_mtime_ns) != listed:
+                            k.strong, k.size = None, listed[0]     # sent whole below
+                seen = set()
+                self._walk(b"", emit=True, seen=seen)
+                orphaned = sorted(p for p in orphans - seen
+                                  if not self._excluded(p, target_known[p].kind == stat.S_IFDIR))
+                stats = dict(self.stats, orphans=len(orphaned))
+                if orphans_out is not None:
+                    orphans_out.extend(orphaned)
+                if adopt:
+                    mirrored = {p: k for p, k in self.known.items() if p in seen}
+                    for rel, k in mirrored.items():
+                        if not k.ino:       # a listed entry: the inode is the source's
+                            try:
+                                st = os.lstat(self._abs(rel))
+                                k.ino = (st.st_dev, st.st_ino) if stat.S_IFMT(st.st_mode) == k.kind else 0
+                            except OSError:
+                                pass
+                    saved = (saved[0], mirrored) + saved[2:]
+            finally:
+                self.emit, self.known, self._lost, self.stats = saved
+                self._mirror_links = None
+            # the orphan policy's deletes and moves change their parents'
+            # mtimes on the target, and no op of a mirror names the root:
+            # those directories' times are sent when quiet (_settle_dirs)
+            self._dirs_touched.add(b"")
+            self._dirs_touched.update(p.rpartition(b"/")[0] for p in orphaned)
+            return stats
+
+    def adopt_mirror(self, left: dict, xattrs_of=None, stale=()) -> None:
         """The cache becomes what a mirror (:mod:`smirror.mirror.engine`)
         left on the one target this capture feeds, so the events still
         pending are diffed against what that target really holds, not
@@ -312,7 +392,8 @@ class TreeCapture:
         -> the entry the mirror wrote or found equal there (its
         ``Mirror.left``); ``xattrs_of(rel)``: the target's extended
         attributes as the mirror left them (None: not known, all are sent
-        at the next change).
+        at the next change); ``stale``: paths whose attributes the mirror
+        could not set (every one is sent when the path is next looked at).
 
         A file's block hashes are the source's only if its size and mtime
         are still those the mirror left, before and after they are read:
@@ -344,6 +425,8 @@ class TreeCapture:
                           and stat.S_IFMT(st.st_mode) == kind else 0)
                 k.xattrs = xattrs_of(rel) if xattrs_of is not None else None
                 known[rel] = k
+                if rel in stale:
+                    k.mode = k.uid = k.gid = k.mtime_ns = -1
                 if kind != stat.S_IFREG or st is None:
                     continue
                 listed = (e.size, e.mtime_ns)
@@ -428,9 +511,22 @@ class TreeCapture:
             # theirs. Its old name goes, the new file comes anew
             self._delete(rel)
             k = None
+        if k is not None and self._mirror_links is not None and _linkable(stat.S_IFMT(st.st_mode)) \
+                and st.st_nlink > 1 and emit:
+            ino = (st.st_dev, st.st_ino)
+            first = self._mirror_links.setdefault(ino, rel)
+            k.ino = ino             # a new name of this inode links to this one (_create)
+            if first != rel:
+                self._out(Op.hardlink(_ZERO, rel, first))
+                self.known[rel] = self.known[first]
+                self.known[rel].names += 1
+                return
         if k is None:
             if emit:
                 self._create(rel, st)
+                if self._mirror_links is not None and _linkable(stat.S_IFMT(st.st_mode)) \
+                        and st.st_nlink > 1:
+                    self._mirror_links.setdefault((st.st_dev, st.st_ino), rel)
             else:
                 self._remember(rel, st, with_signature=True)
         elif stat.S_ISREG(st.st_mode) and (content or (st.st_size, st.st_mtime_ns) != (k.size, k.mtime_ns)):

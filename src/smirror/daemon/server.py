@@ -30,7 +30,6 @@ import secrets
 import signal
 import socket
 import ssl
-import stat
 import threading
 import time
 from pathlib import Path
@@ -97,9 +96,8 @@ class SourceConnection:
         while its ops are being queued (live counters), ``sending`` until the
         target acknowledged its last op, then ``done``."""
         cap = self.daemon.captures.get(self.conn.repset)
-        live = cap.mirror_counters(self.conn.conid) if cap is not None else None
-        if live is not None:
-            return dict(live, state="scanning")
+        if cap is not None and cap.mirroring == self.conn.conid:
+            return dict(cap.capture.stats, state="scanning")
         m = self.mirror_stats
         if not m:
             return m
@@ -152,7 +150,6 @@ class RepsetCapture:
         self.targets: dict[int, ConnectionJournal] = {}
         self.conns: dict[int, object] = {}           # conid -> registry Connection (its options)
         self.mirroring: int | None = None             # conid whose mirror is being queued
-        self.mirror_target = None                     # its StreamTarget (live counters)
         self._lock = threading.Lock()
         self.capture = TreeCapture(repset.root, self._emit, rules=repset.compiled_rules() or None)
         self.thread = threading.Thread(target=self.capture.run, daemon=True,
@@ -179,82 +176,41 @@ class RepsetCapture:
             if self.on_full is not None:
                 self.on_full(conid, exc)
 
-    def add(self, conn, journal: ConnectionJournal, reader=None, mode=None) -> dict | None:
-        """Start feeding ``journal``, after a mirror in ``mode`` ("full",
-        "different" or True: checksum) against ``reader`` (what the target
-        holds, a :class:`smirror.mirror.remote.RemoteReader`) unless
-        ``reader`` is None."""
+    def add(self, conn, journal: ConnectionJournal, mirror) -> dict | None:
+        """Start feeding ``journal``; ``mirror`` is None (no mirror), {} (the
+        whole set) or what the target holds (a difference mirror)."""
         with self.capture.paused():       # no op of the watcher slips in between
             stats = None
-            if reader is not None:
-                stats = self.mirror(conn, journal, reader, mode)
+            if mirror is not None:
+                stats = self.mirror(conn, journal, mirror)
             with self._lock:
                 self.targets[conn.conid] = journal
                 self.conns[conn.conid] = conn
         return stats
 
-    def mirror_counters(self, conid: int) -> dict | None:
-        """The live counters of connection ``conid``'s mirror while its ops
-        are being queued, else None."""
-        target = self.mirror_target
-        if self.mirroring != conid or target is None:
-            return None
-        return {"ops": target.ops, "bytes_sent": target.bytes_written}
-
-    def mirror(self, conn, journal: ConnectionJournal, reader, mode,
-               stop: threading.Event | None = None) -> dict:
-        """The mirror engine (:mod:`smirror.mirror.engine`) brings the
-        target in line through ``journal``: it reads the target through
-        ``reader`` and writes ops into the stream, where they go ahead of
-        everything that follows (a full queue makes it wait for the
-        sender); then the connection's orphan policy, in the same stream.
-        ``mode``: "full" (every file sent whole), "different" (the files
-        whose size or mtime differ, whole) or True (those, by their
-        changed blocks). ``stop``: set, the mirror starts no further file."""
-        from smirror.mirror.engine import Mirror, MirrorOptions
-        from smirror.mirror.remote import StreamTarget
+    def mirror(self, conn, journal: ConnectionJournal, known: dict) -> dict:
+        """A difference mirror against ``known`` (what the target holds)
+        into ``journal``, then the connection's orphan policy, in the same
+        stream. The mirror's ops go ahead of everything that follows; a full
+        queue makes the mirror wait for the sender."""
         from smirror.stream.orphans import orphan_ops
         append = _waiting_append(journal)
         with self.capture.paused():
+            found: list[bytes] = []
             first = journal.last_seq + 1
-            target = StreamTarget(reader, append, owner=self.capture.owner)
-            opts = MirrorOptions(different=mode != "full", checksum=mode is True,
-                                 rules=self.repset.compiled_rules() or None)
-            engine = Mirror(self.repset.root, target, opts, stop=stop)
-            self.mirror_target, self.mirroring = target, conn.conid   # status reads the counters
+            self.mirroring = conn.conid        # status reads the live counters meanwhile
             try:
                 # fed to this connection only: the cache becomes what the
                 # mirror leaves there (events still pending are diffed
                 # against that; a restart mirror on a live tree diverged)
                 alone = set(self.targets) <= {conn.conid}
-                summary = engine.run()
-                found = _orphan_paths(summary.orphans, engine.target_listing)
-                listed = engine.target_listing.entries
-                ops, ostats = orphan_ops(found, {p: _Listed(listed[p]) for p in found},
-                                         conn.orphans, conn.orphans_older_than_days)
+                stats = self.capture.mirror_to(append, known, orphans_out=found, adopt=alone)
+                ops, ostats = orphan_ops(found, known, conn.orphans, conn.orphans_older_than_days)
                 for op in ops:
                     append(op)
-                if alone:
-                    self.capture.adopt_mirror(engine.left, target.xattrs)
-                self.capture.mirror_done(found)
             finally:
-                self.mirroring = self.mirror_target = None
+                self.mirroring = None
             journal.flush_waiting()
-        for rel, why in summary.errors:
-            # a file the mirror could not copy (unreadable, or it kept
-            # changing): the capture follows it
-            log.warning("connection %s: the mirror could not copy %s: %s; the capture follows it",
-                        conn.conid, os.fsdecode(rel), why)
-            if alone:
-                self.capture.resync(rel, f"the mirror could not copy it: {why}")
-            else:
-                self.request_resync(conn.conid, rel, f"the mirror could not copy it: {why}")
-        stats = {"mode": opts.mode, "ops": target.ops, "bytes_sent": target.bytes_written,
-                 "files_scanned": summary.files_scanned, "created": summary.created,
-                 "changed": summary.changed, "meta_updated": summary.meta_updated,
-                 "hardlinks": summary.hardlinks, "bytes_matched": summary.bytes_matched,
-                 "errors": [{"path": os.fsdecode(r), "error": m} for r, m in summary.errors],
-                 "seconds": round(summary.seconds, 6)}
         stats.update(ostats, first_seq=first, last_seq=journal.last_seq, finished_at=time.time())
         if found:
             log.log(logging.WARNING if conn.orphans == "report" else logging.INFO,
@@ -390,24 +346,6 @@ def is_this_host(host: str, listen: str | None = None) -> bool:
         except OSError:
             pass
     return False
-
-
-class _Listed:
-    """A target entry as the orphan policy reads it (kind as an S_IFMT)."""
-    __slots__ = ("kind", "size", "mtime_ns")
-
-    def __init__(self, entry):
-        self.kind, self.size, self.mtime_ns = stat.S_IFMT(entry.mode), entry.size, entry.mtime_ns
-
-
-def _orphan_paths(tops, listing) -> list[bytes]:
-    """Every path the target has that the source lacks: the mirror's
-    orphans (the tops of such subtrees) and everything under them."""
-    found = set(tops)
-    prefixes = tuple(p + b"/" for p in tops)
-    if prefixes:
-        found.update(p for p in listing.entries if p.startswith(prefixes))
-    return sorted(found)
 
 
 def _waiting_append(journal: ConnectionJournal, timeout: float = 600.0):
@@ -579,39 +517,31 @@ class Daemon:
             raise
         return link
 
-    def _start_source(self, conn, mirror, *, reader=None, scan_must_work: bool = True) -> SourceConnection:
+    def _start_source(self, conn, mirror, *, known=None, scan_must_work: bool = True) -> SourceConnection:
         """Start a connection's source side; ``mirror`` is False, "full",
-        "different" or True (checksum), against ``reader`` (what the target
-        holds, :meth:`target_reader`) when the caller read it already. A
-        target that cannot be read is never a reason to send the whole set: with
+        "different" or True (checksum), against ``known`` (what the target
+        holds) when the caller read it already. A target that cannot be
+        read is never a reason to send the whole set: with
         ``scan_must_work`` the error is raised (connect, mirror-start);
         otherwise (start-up, reconnects) it is the connection's last error
-        and the mirror follows the first link's RESET. The reader is closed
-        when the mirror is queued."""
-        try:
-            repset = self.registry.repset(conn.repset)
-            if not os.path.isdir(repset.root):
-                raise ConfigError(f"connection {conn.conid}: the root {repset.root} of replication "
-                                  f"set {repset.name!r} is missing: restore it, or disconnect "
-                                  f"{conn.conid}")
-            scan_error = None
-            if mirror and reader is None:
-                try:
-                    reader = self.target_reader(conn, mirror)
-                except (SmirrorError, OSError) as exc:
-                    if scan_must_work:
-                        raise SmirrorError(f"cannot read map base {conn.map_base} on "
-                                           f"{conn.target}: {exc}") from None
-                    # the stream restarts past what the target holds: its RESET
-                    # brings the checksum mirror, which reads the target again
-                    scan_error = f"cannot read the target ({exc}): mirror when it can be read"
-            return self._start_reading(conn, repset, mirror, reader, scan_error)
-        finally:
-            if reader is not None:
-                reader.close()
-
-    def _start_reading(self, conn, repset, mirror, reader, scan_error) -> SourceConnection:
-        """_start_source, the target read (``reader``) or not (``scan_error``)."""
+        and the mirror follows the first link's RESET."""
+        repset = self.registry.repset(conn.repset)
+        if not os.path.isdir(repset.root):
+            raise ConfigError(f"connection {conn.conid}: the root {repset.root} of replication set "
+                              f"{repset.name!r} is missing: restore it, or disconnect {conn.conid}")
+        scan_error = None
+        if mirror == "full":
+            known = {}
+        elif mirror and known is None:
+            try:
+                known = self.remote_known(conn, signatures=mirror != "different")
+            except (SmirrorError, OSError) as exc:
+                if scan_must_work:
+                    raise SmirrorError(f"cannot read map base {conn.map_base} on {conn.target}: "
+                                       f"{exc}") from None
+                # the stream restarts past what the target holds: its RESET
+                # brings the checksum mirror, which reads the target again
+                scan_error = f"cannot read the target ({exc}): mirror when it can be read"
         src = SourceConnection(self, conn)
         self.sources[conn.conid] = src
         if scan_error:
@@ -632,11 +562,11 @@ class Daemon:
         src.sender.on_resync = lambda rel, why, conid=conn.conid: cap.request_resync(conid, rel, why)
         # a new journal numbers past what the target holds, so the first
         # link sends RESET: the mirror queued here already covers that one
-        src.mirror_pending_reset = reader is not None
+        src.mirror_pending_reset = known is not None
         src.sender.on_reset = lambda: self._on_reset(src)
         src.sender.start()          # first: a mirror larger than the queue waits on it
         try:
-            src.mirror_stats = cap.add(conn, src.journal, reader, mirror)
+            src.mirror_stats = cap.add(conn, src.journal, known)
         except BaseException:
             self._stop_source(conn.conid)
             raise
@@ -702,7 +632,7 @@ class Daemon:
                     conn.conid)
         while True:
             try:
-                reader = self.target_reader(conn, True)
+                known = self.remote_known(conn)
                 break
             except (SmirrorError, OSError) as exc:
                 # never the whole set instead (and no orphan pass on a
@@ -712,38 +642,51 @@ class Daemon:
                 if self._stop.wait(self.config.reconnect.retry_interval) \
                         or self.sources.get(conn.conid) is not src:
                     return
-        try:
-            cap = self.captures.get(conn.repset)
-            if cap is None:
-                return
-            src.mirror_stats = cap.mirror(conn, src.journal, reader, True)
-        finally:
-            reader.close()
+        cap = self.captures.get(conn.repset)
+        if cap is None:
+            return
+        src.mirror_stats = cap.mirror(conn, src.journal, known)
         self.counters.setdefault(conn.conid, dict.fromkeys(
             ("auto_disconnects", "reconnects", "remirrors"), 0))["remirrors"] += 1
 
-    def target_reader(self, conn, mode):
-        """What the target holds under the map base, for a mirror in
-        ``mode``: its listing read now (``target.scan``, so a target that
-        cannot be read is known before anything is queued), its block
-        hashes asked as the mirror needs them, over a control link kept
-        open until the reader is closed. A full mirror reads nothing."""
-        from smirror.capture.watch import WANTED_XATTR
+    def remote_known(self, conn, signatures: bool = True) -> dict:
+        """What the target holds under the map base, as the watcher's cache
+        entries: a listing, plus (``signatures``) block hashes of the files
+        whose size or mtime differ from the source: the checksum difference
+        mirror; without them such files are sent whole (``different``)."""
+        import stat as st_
+        import numpy as np
+        from smirror.kernels.checksum import block_size_for
         from smirror.daemon.control import Client
-        from smirror.mirror.remote import RemoteReader
-        if mode == "full":
-            return RemoteReader(None, conn.map_base, {}, rows={})
+        from smirror.capture.watch import WANTED_XATTR, Known
+        repset = self.registry.repset(conn.repset)
         client = Client(conn.target, tls=self.tls_client, timeout=300)
         try:
             client.login(self.config.links.user, self._link_password)
             # the target checks the source id against its link user
-            reader = RemoteReader(client, conn.map_base, {"source": self.daemon_id, "conid": conn.conid},
-                                  wanted_xattr=WANTED_XATTR)
-            reader.read()
-            return reader
-        except BaseException:
+            ident = {"source": self.daemon_id, "conid": conn.conid}
+            # with the target's xattrs: a mirror removes those the source lacks
+            listing = client.call("target.scan", map_base=conn.map_base, xattrs=True, **ident)
+            known = {}
+            for name, (mode, uid, gid, size, mtime_ns, link, *more) in listing.items():
+                rel = os.fsencode(name)
+                k = Known(st_.S_IFMT(mode), st_.S_IMODE(mode), uid, gid, mtime_ns, size,
+                          block_size_for(size), None, os.fsencode(link) if link is not None else None, None)
+                if more and isinstance(more[0], dict):   # a target that lists none: all are sent
+                    k.xattrs = {n: bytes.fromhex(v) for n, v in more[0].items() if WANTED_XATTR(n)}
+                known[rel] = k
+                if st_.S_ISREG(mode):
+                    try:
+                        s = os.lstat(os.path.join(repset.root, name))
+                    except OSError:
+                        continue
+                    if signatures and st_.S_ISREG(s.st_mode) and (s.st_size, s.st_mtime_ns) != (size, mtime_ns):
+                        hexes = client.call("target.signature", map_base=conn.map_base, path=name,
+                                            block_size=k.block_size, **ident)
+                        k.strong = np.frombuffer(bytes.fromhex(hexes), dtype="<u8").reshape(-1, 2).copy()
+            return known
+        finally:
             client.close()
-            raise
 
     def _stop_source(self, conid: int) -> None:
         src = self.sources.pop(conid, None)
@@ -1006,7 +949,7 @@ class Daemon:
 
     # -- control verbs: verb -> (role it needs, handler) -------------------------
     # "monitor" verbs only read; "replication" verbs are the reads of its own
-    # map bases that target_reader makes (an admin may ask them too)
+    # map bases that remote_known makes (an admin may ask them too)
     VERBS: dict[str, tuple[str, str]] = {}
 
     def _verb(name: str, role: str, VERBS=VERBS):
@@ -1106,10 +1049,10 @@ class Daemon:
         mode = "full" if args.get("full") else \
             "different" if args.get("different") and not args.get("checksum") else True
         # the target is read first: a failed read leaves the connection running
-        reader = self.target_reader(conn, mode)
+        known = {} if mode == "full" else self.remote_known(conn, signatures=mode != "different")
         with self._sources_lock:
             self._stop_source(conn.conid)
-            src = self._start_source(conn, mirror=mode, reader=reader)
+            src = self._start_source(conn, mirror=mode, known=known)
         return {"conid": conn.conid, "mirror": src.mirror_stats}
 
     @_verb("connection.set", "admin")

@@ -31,7 +31,8 @@ import time
 from smirror.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, MirrorError, ConfigError, SourceChanged
 from smirror.fs.files import (aligned_buffer, drop_lease, fd_digest, fd_signature, read_full,
                               read_xattrs, take_read_lease, xattr_filter)
-from smirror.fs.tree import DIR, FILE, SPECIAL, SYMLINK, Listing, Rules, entry_from_stat, scan
+from smirror.fs.tree import (DIR, FILE, SPECIAL, SYMLINK, Entry, Listing, Rules, entry_from_stat,
+                             scan)
 from smirror.mirror.local import LocalTarget
 from smirror.mirror.target import TargetSide
 
@@ -329,10 +330,13 @@ class Mirror:
         self.summary = Summary(self.opts.mode, self.opts.dry_run)
         # what the target holds after the run, as far as this mirror knows,
         # per source path: the source's entry as written or found equal (a
-        # file: as it was when copied or compared); paths that failed are
-        # not in it. A capture adopts it as its model of the target
+        # file: as it was when copied or compared; one that failed: see
+        # _left_unknown). A capture adopts it as its model of the target
         self.left: dict[bytes, object] = {}
         self.source_listing: Listing | None = None
+        self.left_stale: set[bytes] = set()         # in left, attributes not known
+        self._aborted_whole: set[bytes] = set()     # whole writes given up
+        self._aborted_inplace: set[bytes] = set()   # patches in place given up
         self.target_listing: Listing | None = None
         self._lock = threading.Lock()
         self._wanted_xattr = xattr_filter()
@@ -419,8 +423,7 @@ class Mirror:
         if self._fatal is None:
             self._execute()
         summary.stopped = self.stop.is_set()
-        for rel, _ in summary.errors:
-            self.left.pop(rel, None)
+        self._left_unknown(src, dst)
         summary.bytes_written = getattr(self.target, "bytes_written", 0)
         summary.seconds = time.monotonic() - t0
         if self._fatal is not None:
@@ -431,6 +434,36 @@ class Mirror:
             err.summary = summary
             raise err
         return summary
+
+    def _left_unknown(self, src, dst):
+        """Source files this run did not write or find equal (they failed,
+        or a stop came first): where the target still has its own file
+        there, ``left`` has that one (mtime 0 if a patch in place was given
+        up), so a capture adopting it sends the file whole at its next
+        change, and its delete; where it has none (a streamed whole write
+        given up deletes it; a hard link whose leader failed was never
+        made), the path is not in ``left``: the capture makes it anew."""
+        failed = {rel for rel, _ in self.summary.errors}
+        left = self.left
+        unlinked = {rel for rel, leader, _ in self.hardlinks if leader in failed}
+        for rel, leader, _ in self.hardlinks:
+            if rel not in failed and leader in left:
+                left[rel] = left[leader]      # one inode: the leader's attributes as written
+        # other entries whose attributes could not be set: their type is
+        # there, their attributes are not known
+        self.left_stale = {rel for rel in failed
+                           if rel in left and left[rel].kind != FILE}
+        for rel, s in src.entries.items():
+            if s.kind != FILE or (rel in left and rel not in failed):
+                continue
+            d = dst.entries.get(rel)
+            if d is None or d.kind != FILE or rel in unlinked \
+                    or (self._streamed and rel in self._aborted_whole):
+                left.pop(rel, None)
+                continue
+            left[rel] = Entry(FILE, d.mode, d.uid, d.gid, d.size,
+                              0 if rel in self._aborted_inplace else d.mtime_ns,
+                              s.ino, s.dev, s.nlink)
 
     # ------------------------------------------------------------ planning
 
@@ -871,7 +904,9 @@ class Mirror:
             w.commit(entry_from_stat(st1), xattrs)
         except BaseException:
             w.abort()
+            self._aborted_whole.add(rel)
             raise
+        self._aborted_whole.discard(rel)
         self.left[rel] = entry_from_stat(st1)
         return copied
 
@@ -1076,7 +1111,9 @@ class Mirror:
             w.commit(entry_from_stat(st1), self._src_xattrs(fd))
         except BaseException:
             w.abort()
+            self._aborted_inplace.add(rel)
             raise
+        self._aborted_inplace.discard(rel)
         self.left[rel] = entry_from_stat(st1)
 
     def _try_delta(self, rel, fd, st1, d, bs, changed_bytes) -> bool:

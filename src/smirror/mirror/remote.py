@@ -21,8 +21,9 @@ What follows from writing through a stream:
   sent: it stays a hole (the final TRUNCATE gives the length);
 * the listing knows no inodes, so :meth:`lstat` knows nothing and the
   engine links every hard-link group again;
-* a writer given up (the source kept changing) leaves the target file with
-  mtime 0, so the next quick check looks at it again;
+* a writer given up (the source kept changing) deletes a file being
+  written whole (its DELETE took the old one already) and leaves one
+  patched in place with mtime 0, so the next quick check looks at it again;
 * no op names the map base itself: its mtime travels in a MARK.
 
 :class:`StreamTarget` is that writing side over any reader: a
@@ -225,7 +226,7 @@ class StreamTarget:
         self.emit(Op.delete(_ZERO, rel))
         self.emit(Op.create(_ZERO, rel, 0o600))
         self._xattrs[rel] = {}
-        return StreamWriter(self, rel, 0)
+        return StreamWriter(self, rel, 0, whole=True)
 
     def open_inplace(self, rel: bytes) -> "StreamWriter":
         d = self._entry(rel)
@@ -333,10 +334,11 @@ class StreamWriter:
     to its length, then its attributes. ``end``: what the target file
     holds (0 for a new one): zeros at or past it stay holes."""
 
-    def __init__(self, target: RemoteTarget, rel: bytes, end: int):
+    def __init__(self, target: StreamTarget, rel: bytes, end: int, whole: bool = False):
         self.target = target
         self.rel = rel
         self.end = end
+        self.whole = whole
 
     def write(self, data, offset: int) -> int:
         view = memoryview(data).cast("B")
@@ -379,9 +381,14 @@ class StreamWriter:
         self.target.set_meta(self.rel, entry, xattrs)
 
     def abort(self) -> None:
-        """Given up: mtime 0, so the next quick check does not take a partly
-        written file for an up-to-date one."""
-        self.target.emit(Op.setattr(_ZERO, self.rel, mtime_ns=0))
+        """Given up: a file being written whole goes (its old inode went
+        with the DELETE that began it; the target has none there now), one
+        patched in place gets mtime 0, so the next quick check does not take
+        a partly written file for an up-to-date one."""
+        if self.whole:
+            self.target.emit(Op.delete(_ZERO, self.rel))
+        else:
+            self.target.emit(Op.setattr(_ZERO, self.rel, mtime_ns=0))
 
 
 __all__ = ["RemoteReader", "StreamTarget", "RemoteTarget", "StreamWriter"]
