@@ -128,21 +128,27 @@ class RemoteReader:
     def signature(self, rel: bytes, block_size: int, weak: bool):
         """The target file's block hashes (``target.signature``); no
         rolling hashes: the stream has no op a delta could use."""
-        import numpy as np
         from smirror.kernels import checksum
         if weak:
             raise MirrorError("a remote target gives no rolling hashes (no delta through a stream)")
         d = self._entry(rel)
         try:
-            hexes = self._call("target.signature", path=os.fsdecode(rel), block_size=block_size)
+            strong = self.block_hashes(rel, block_size)
         except (SmirrorError, OSError) as exc:
             # the file's error in the summary, not the whole mirror's
             raise MirrorError(f"reading its block hashes on the target failed: {exc}") from None
-        strong = np.frombuffer(bytes.fromhex(hexes), dtype="<u8").reshape(-1, 2).copy()
         length = d.size if d is not None else len(strong) * block_size
         if len(strong) != -(-length // block_size):
             raise MirrorError("target file changed size while being compared")
         return checksum.Signature(block_size, length, strong, None)
+
+    def block_hashes(self, rel: bytes, block_size: int):
+        """The strong hashes of the file's blocks as the target has it now
+        (``target.signature``: a (count, 2) uint64 array); the client's
+        errors as it raises them."""
+        import numpy as np
+        hexes = self._call("target.signature", path=os.fsdecode(rel), block_size=block_size)
+        return np.frombuffer(bytes.fromhex(hexes), dtype="<u8").reshape(-1, 2).copy()
 
     def digest(self, rel: bytes, length: int) -> None:
         """Not offered by the target: the engine compares block hashes."""
