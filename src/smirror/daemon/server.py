@@ -653,40 +653,40 @@ class Daemon:
         """What the target holds under the map base, as the watcher's cache
         entries: a listing, plus (``signatures``) block hashes of the files
         whose size or mtime differ from the source: the checksum difference
-        mirror; without them such files are sent whole (``different``).
-        Read through the mirror's remote reader (mirror/remote.py)."""
+        mirror; without them such files are sent whole (``different``)."""
         import stat as st_
-        from smirror.capture.watch import WANTED_XATTR, Known
-        from smirror.daemon.control import Client
+        import numpy as np
         from smirror.kernels.checksum import block_size_for
-        from smirror.mirror.remote import RemoteReader
+        from smirror.daemon.control import Client
+        from smirror.capture.watch import WANTED_XATTR, Known
         repset = self.registry.repset(conn.repset)
         client = Client(conn.target, tls=self.tls_client, timeout=300)
-        # the target checks the source id against its link user; with the
-        # target's xattrs: a mirror removes those the source lacks
-        reader = RemoteReader(client, conn.map_base, {"source": self.daemon_id, "conid": conn.conid},
-                              wanted_xattr=WANTED_XATTR)
         try:
             client.login(self.config.links.user, self._link_password)
+            # the target checks the source id against its link user
+            ident = {"source": self.daemon_id, "conid": conn.conid}
+            # with the target's xattrs: a mirror removes those the source lacks
+            listing = client.call("target.scan", map_base=conn.map_base, xattrs=True, **ident)
             known = {}
-            for rel, e in reader.scan().entries.items():
-                if not rel:
-                    continue            # the map base itself is not listed
-                k = Known(st_.S_IFMT(e.mode), st_.S_IMODE(e.mode), e.uid, e.gid, e.mtime_ns, e.size,
-                          block_size_for(e.size), None, e.link, None)
-                k.xattrs = reader.xattrs(rel)      # None: a target that lists none: all are sent
+            for name, (mode, uid, gid, size, mtime_ns, link, *more) in listing.items():
+                rel = os.fsencode(name)
+                k = Known(st_.S_IFMT(mode), st_.S_IMODE(mode), uid, gid, mtime_ns, size,
+                          block_size_for(size), None, os.fsencode(link) if link is not None else None, None)
+                if more and isinstance(more[0], dict):   # a target that lists none: all are sent
+                    k.xattrs = {n: bytes.fromhex(v) for n, v in more[0].items() if WANTED_XATTR(n)}
                 known[rel] = k
-                if st_.S_ISREG(e.mode):
+                if st_.S_ISREG(mode):
                     try:
-                        s = os.lstat(os.path.join(os.fsencode(repset.root), rel))
+                        s = os.lstat(os.path.join(repset.root, name))
                     except OSError:
                         continue
-                    if signatures and st_.S_ISREG(s.st_mode) and \
-                            (s.st_size, s.st_mtime_ns) != (e.size, e.mtime_ns):
-                        k.strong = reader.block_hashes(rel, k.block_size)
+                    if signatures and st_.S_ISREG(s.st_mode) and (s.st_size, s.st_mtime_ns) != (size, mtime_ns):
+                        hexes = client.call("target.signature", map_base=conn.map_base, path=name,
+                                            block_size=k.block_size, **ident)
+                        k.strong = np.frombuffer(bytes.fromhex(hexes), dtype="<u8").reshape(-1, 2).copy()
             return known
         finally:
-            reader.close()
+            client.close()
 
     def _stop_source(self, conid: int) -> None:
         src = self.sources.pop(conid, None)
