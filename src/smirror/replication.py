@@ -27,7 +27,7 @@ from pathlib import Path
 
 from smirror.stream.apply import ALL_XATTR_NAMESPACES
 from smirror.capture.recorder import Recorder
-from smirror.errors import ConfigError, MirrorError, SmirrorError
+from smirror.errors import ConfigError, MirrorError, QueueFull, SmirrorError
 from smirror.kernels.memqueue import SpillQueue, budget_use, memory_budget, queue_cap
 from smirror.stream.journal import ConnectionJournal
 from smirror.stream.sender import Sender
@@ -159,21 +159,33 @@ class Replication:
             self.tree_capture = TreeCapture(self.src, self._capture_sink(), rules=self.rules)
         if self.mirror_mode != "none":
             self._drop_stale_backlog()
-            self._initial_mirror()
         # only now: a backlog left by the last run is applied before any new op
         # (no mirror) or was dropped (the mirror supersedes it)
         self.target.start_applier()
         if self.tree_capture is not None:
-            self.tree_capture.load_target(self.dst)
-            for rel in self.tree_capture.unlinked:
-                self.tree_capture.resync(rel, "a hard link the initial mirror did not make")
+            # the target found a divergence: the capture sends that subtree again
+            self.sender.on_resync = lambda rel, why: self.tree_capture.request_resync(rel, reason=why)
+        # the initial mirror travels through the stream: the sender first
+        self.sender.start()
+        try:
+            left = self._initial_mirror() if self.mirror_mode != "none" else None
+        except BaseException:
+            self.stop(drain=False)      # the sender and the applier run already
+            raise
+        if self.tree_capture is not None:
+            if left is not None:
+                # what the mirror left on the target, its files' hashes
+                # taken from the source where its bytes are still those
+                self.tree_capture.adopt_mirror(*left)
+            else:
+                self.tree_capture.load_target(self.dst)
+                for rel in self.tree_capture.unlinked:
+                    self.tree_capture.resync(rel, "a hard link the target holds apart")
             for rel, why in self.mirror_errors:
                 # the watcher was on before the mirror: what the mirror could
                 # not copy (a file that kept changing, one it could not read)
                 # is sent from the cache's idea of the target, or reported
                 self.tree_capture.resync(rel, f"the initial mirror could not copy it: {why}")
-            # the target found a divergence: the capture sends that subtree again
-            self.sender.on_resync = lambda rel, why: self.tree_capture.request_resync(rel, reason=why)
             t = threading.Thread(target=self.tree_capture.run, daemon=True, name="capture")
             t.start()
             self._threads.append(t)
@@ -189,7 +201,6 @@ class Replication:
                 raise
         else:
             self.journal = Recorder(self.src, self._capture_sink())
-        self.sender.start()
         return self
 
     def _capture_sink(self):
@@ -247,8 +258,16 @@ class Replication:
     dropped_backlog = 0
     mirror_errors: list = []
 
-    def _initial_mirror(self) -> None:
+    MIRROR_APPLY_CHECK = 5.0     # seconds between looks at a target that applies the mirror
+
+    def _initial_mirror(self):
+        """The mirror engine brings DST in line through this replication's
+        own stream (DST read here, its ops applied by the target side like
+        any other), and waits until the target applied them. Returns what
+        it left on the target, for the capture to adopt: (left, xattrs_of)."""
         from smirror.mirror.engine import Mirror, MirrorOptions
+        from smirror.mirror.local import LocalTarget
+        from smirror.mirror.remote import StreamTarget
         # a restart (the target received ops of an earlier run) with deletes
         # replicated: what DST holds that SRC lacks was deleted while this
         # replication was down, so its mirror deletes the orphans. A first
@@ -265,7 +284,14 @@ class Replication:
         opts = MirrorOptions(different=quick,
                              checksum=self.mirror_mode == "checksum", rules=self.rules,
                              orphans=orphans)
-        self.mirror_summary = Mirror(self.src, self.dst, opts, progress=self.progress).run()
+        reader = LocalTarget(self.dst)
+        target = StreamTarget(reader, self._mirror_sink)
+        try:
+            engine = Mirror(self.src, target, opts, progress=self.progress)
+            self.mirror_summary = engine.run()
+        finally:
+            reader.close()
+        self._wait_mirror_applied()
         if self.mirror_summary.errors and self.tree_capture is not None:
             # a live tree: busy or unreadable files are the capture's to follow
             for rel, why in self.mirror_summary.errors:
@@ -275,6 +301,34 @@ class Replication:
             raise MirrorError(f"initial mirror of {self.src} to {self.dst} failed for "
                               f"{len(self.mirror_summary.errors)} path(s), first: "
                               f"{self.mirror_summary.errors[0]}")
+        return engine.left, target.xattrs, engine.left_stale
+
+    MIRROR_QUEUE_WAIT = 600.0    # seconds the mirror waits for room in a full source queue
+
+    def _mirror_sink(self, op) -> None:
+        """The mirror's ops into the journal; a full source queue makes the
+        mirror wait for the sender."""
+        deadline = time.monotonic() + self.MIRROR_QUEUE_WAIT
+        while True:
+            try:
+                return self.journal_sink.append(op)
+            except QueueFull:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _wait_mirror_applied(self) -> None:
+        """Until the target applied the mirror (DST is SRC as it was when
+        the mirror read it), as long as it makes progress."""
+        self.journal_sink.flush_waiting(self.MIRROR_QUEUE_WAIT)
+        seq = self.journal_sink.last_seq
+        applied = self.target.applier.applied_seq
+        while not self.target.wait_applied(seq, self.MIRROR_APPLY_CHECK):
+            now = self.target.applier.applied_seq
+            if now == applied and self.target.error:
+                raise MirrorError(f"initial mirror of {self.src} to {self.dst}: the target "
+                                  f"stopped applying it: {self.target.error}")
+            applied = now
 
     def sync(self) -> int:
         """Capture everything changed so far and queue it; returns the last seq."""

@@ -404,7 +404,7 @@ LOCAL_CALLS = {
 
 @pytest.mark.parametrize("call", list(LOCAL_CALLS))
 def test_local_target_refuses_a_swapped_directory(tmp_path, resolver, call):
-    from smirror.fs.files import LocalTarget
+    from smirror.mirror.local import LocalTarget
     out = _outside(tmp_path)
     (out / ".smirror-tmp-x").write_text("not a temp of ours")
     before = _snapshot(out)

@@ -222,13 +222,9 @@ def _import_graph() -> dict[str, set[str]]:
     return graph
 
 
-# cycles left, each with why (and what removes it)
-KNOWN_CYCLES = {
-    ("smirror.fs.files", "smirror.fs.keep"):
-        "LocalTarget.move_orphan uses fs.keep's slots, and fs.keep copies across filesystems "
-        "with fs.files.copy_range (lazy both ways); goes when fs.files' raw I/O and its "
-        "LocalTarget become two modules",
-}
+# cycles left, each with why (and what removes it); none today (fs.files and fs.keep
+# were one when LocalTarget lived in fs.files)
+KNOWN_CYCLES: dict[tuple[str, ...], str] = {}
 
 
 def test_no_module_imports_itself_around_a_cycle():

@@ -16,7 +16,8 @@ import pytest
 
 from smirror.errors import ConfigError, ConfinementError, MirrorError
 from smirror.mirror.engine import Mirror, MirrorOptions, mirror
-from smirror.fs.files import LocalTarget, copy_data_extents
+from smirror.fs.files import copy_data_extents
+from smirror.mirror.local import LocalTarget
 from smirror.fs.tree import DIR, FILE, SYMLINK, Rules, scan
 
 from support import gen_tree
@@ -191,22 +192,22 @@ def test_dense_file_is_copied_without_hole_search_or_truncate(tmp_path, monkeypa
 
 def test_temporary_names_are_unique_also_across_fork():
     import smirror.fs.files as tl
-    names = {tl._temp_suffix() for _ in range(1000)}
+    names = {tl.temp_name() for _ in range(1000)}
     assert len(names) == 1000
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        os.write(w, tl._temp_suffix())
+        os.write(w, tl.temp_name())
         os._exit(0)
     os.close(w)
     child = os.read(r, 100)
     os.close(r)
     os.waitpid(pid, 0)
-    mine = tl._temp_suffix()
+    mine = tl.temp_name()
     assert child not in names and child != mine
     # a forked child draws its own tag: the parent's counter values cannot collide
-    assert child[:16] != mine[:16]
+    assert child[:len(tl.TEMP_PREFIX) + 16] != mine[:len(tl.TEMP_PREFIX) + 16]
 
 
 def test_file_changing_during_copy_is_never_half_copied(tmp_path):
@@ -367,6 +368,24 @@ def test_orphans_not_deleted_under_unreadable_source_dir(tmp_path):
     m = Mirror(src, dst, MirrorOptions(different=True, orphans="delete"))
     m._plan(listing, m.target.scan())
     assert m.orphans == []
+    m.target.close()
+
+
+def test_a_source_dir_gone_since_it_was_listed_leaves_an_orphan(tmp_path):
+    """A live tree: a directory removed between its listing and the read of
+    its entries is not the source's any more; its target copy is an orphan
+    (the orphan policy acts on it), unlike an unreadable one."""
+    src, dst = tmp_path / "s", tmp_path / "d"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_bytes(b"f")
+    mirror(src, dst)
+    listing = scan(os.fsencode(src))
+    listing.errors.append((b"sub", FileNotFoundError(errno.ENOENT, "gone")))
+    listing.entries = {k: v for k, v in listing.entries.items() if not k.startswith(b"sub")}
+    m = Mirror(src, dst, MirrorOptions(different=True, orphans="delete"))
+    m._plan(listing, m.target.scan())
+    assert [rel for rel, _ in m.orphans] == [b"sub"]
+    m.target.close()
 
 
 # ------------------------------------------------------------ dry run

@@ -413,6 +413,71 @@ class TreeCapture:
             self._dirs_touched.update(p.rpartition(b"/")[0] for p in orphaned)
             return stats
 
+    def adopt_mirror(self, left: dict, xattrs_of=None, stale=()) -> None:
+        """The cache becomes what a mirror (:mod:`smirror.mirror.engine`)
+        left on the one target this capture feeds, so the events still
+        pending are diffed against what that target really holds, not
+        against the source as the cache last saw it. ``left``: source path
+        -> the entry the mirror wrote or found equal there (its
+        ``Mirror.left``); ``xattrs_of(rel)``: the target's extended
+        attributes as the mirror left them (None: not known, all are sent
+        at the next change); ``stale``: paths whose attributes the mirror
+        could not set (every one is sent when the path is next looked at).
+
+        A file's block hashes are the source's only if its size and mtime
+        are still those the mirror left, before and after they are read:
+        a write in between (a live tree) would make the target's older
+        bytes pass for the new ones, under the new mtime, for good.
+        Otherwise the cache knows the file's size, not its bytes, and what
+        changes next is sent whole. The names of one source inode share one
+        cache entry, as :meth:`_create` makes it."""
+        with self._lock:
+            known: dict[bytes, Known] = {}
+            first_name: dict = {}
+            self.known = known
+            for rel, e in left.items():
+                kind = stat.S_IFMT(e.mode)
+                try:
+                    st = os.lstat(self._abs(rel))
+                except OSError:
+                    st = None
+                if st is not None and stat.S_IFMT(st.st_mode) == kind and _linkable(kind) \
+                        and st.st_nlink > 1:
+                    first = first_name.setdefault((st.st_dev, st.st_ino), rel)
+                    if first != rel and first in known:
+                        known[rel] = known[first]
+                        known[first].names += 1
+                        continue
+                k = Known(kind, stat.S_IMODE(e.mode), e.uid, e.gid, e.mtime_ns,
+                          e.size if kind == stat.S_IFREG else 0, link=e.link,
+                          ino=(st.st_dev, st.st_ino) if st is not None
+                          and stat.S_IFMT(st.st_mode) == kind else 0)
+                k.xattrs = xattrs_of(rel) if xattrs_of is not None else None
+                known[rel] = k
+                if rel in stale:
+                    k.mode = k.uid = k.gid = k.mtime_ns = -1
+                if kind != stat.S_IFREG or st is None:
+                    continue
+                listed = (e.size, e.mtime_ns)
+                read = None
+                if (st.st_size, st.st_mtime_ns) == listed:
+                    read = self._diff_file(rel, emit=False)
+                try:
+                    after = os.lstat(self._abs(rel))
+                except OSError:
+                    after = None
+                if read is None or after is None or (read.st_size, read.st_mtime_ns) != listed \
+                        or (after.st_size, after.st_mtime_ns) != listed:
+                    k.strong, k.size = None, listed[0]
+
+    def mirror_done(self, orphans) -> None:
+        """A mirror of this set went out, then its connection's orphan
+        policy: its deletes and moves change their parents' mtimes on the
+        target (the root's too; the mirror sent the times before): those
+        directories' times are sent when quiet (:meth:`_settle_dirs`)."""
+        with self._lock:
+            self._dirs_touched.update(bytes(p).rpartition(b"/")[0] for p in orphans)
+
     def resync(self, rel: bytes = b"", reason: str = "", content: bool = True) -> None:
         """Compare the subtree ``rel`` with the cache and emit ops for every
         difference (a checksum difference mirror against the cache).

@@ -1383,7 +1383,7 @@ class Daemon:
 
     def _target_scan(self, user: User, args) -> dict:
         """The entries under a map base (this daemon as a target)."""
-        from smirror.fs.files import LocalTarget
+        from smirror.mirror.local import LocalTarget
         from smirror.fs.tree import scan
         base = self._map_base(user, args)
         if not os.path.isdir(base):

@@ -32,8 +32,9 @@ import os
 import stat
 import time
 
-from smirror.fs.beneath import Beneath, lstat_at, makedirs_at, open_subdir, rmtree_at
 from smirror.errors import ConfinementError
+from smirror.fs.beneath import Beneath, lstat_at, makedirs_at, open_subdir, rmtree_at
+from smirror.fs.files import copy_range
 
 log = logging.getLogger("smirror.fs.keep")
 
@@ -153,7 +154,6 @@ def _move_entry(sd: int, sname: bytes, dd: int, dname: bytes, st, rel: bytes, wh
 def _copy_out(sd: int, sname: bytes, dd: int, dname: bytes, st, rel: bytes, who: str) -> None:
     """A regular file copied into the slot, then removed from the map base
     (other kinds stay where they are, logged)."""
-    from smirror.fs.files import copy_range
     if not stat.S_ISREG(st.st_mode):
         log.warning("%s%r is not a regular file and the keep directory is on another "
                     "filesystem: left in the map base", who, os.fsdecode(rel))

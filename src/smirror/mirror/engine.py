@@ -14,7 +14,7 @@ Modes (as in the Double-Take "mirror" and rsync):
 * ``newer``: only files where the source is newer.
 
 The :class:`Mirror` plans from two listings (source: scanned here; target:
-asked from a :class:`~smirror.fs.files.TargetSide`) and executes through
+asked from a :class:`~smirror.mirror.target.TargetSide`) and executes through
 that same interface, so a remote target daemon can stand in for the local
 directory. Checksum work imports :mod:`smirror.kernels.checksum` lazily, and numpy
 loads only once block signatures are made: a quick check, or a checksum
@@ -29,10 +29,13 @@ import threading
 import time
 
 from smirror.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, MirrorError, ConfigError, SourceChanged
-from smirror.fs.files import (LocalTarget, TargetSide, aligned_buffer, fd_digest, fd_signature,
-                           read_full, read_xattrs, xattr_filter)
-from smirror.fs.tree import DIR, FILE, SPECIAL, SYMLINK, Listing, Rules, entry_from_stat, scan
-from .compare import source_is_newer
+from smirror.fs.files import (aligned_buffer, drop_lease, fd_digest, fd_signature, read_full,
+                              read_xattrs, take_read_lease, xattr_filter)
+from smirror.fs.tree import (DIR, FILE, SPECIAL, SYMLINK, Entry, Listing, Rules, entry_from_stat,
+                             scan)
+from smirror.mirror.local import LocalTarget
+from smirror.mirror.target import TargetSide
+from smirror.mirror.compare import source_is_newer
 
 # the values of smirror.cli.main's EXIT_* (not imported: the library stays free of argparse)
 
@@ -203,6 +206,7 @@ class Summary:
         self.errors = []             # (relative path, message)
         self.actions = []            # dry run: (action, relative path)
         self.seconds = 0.0
+        self.stopped = False         # ended early by the caller's stop event
 
     @property
     def exit_code(self) -> int:
@@ -222,7 +226,7 @@ class Summary:
             "bytes_written": self.bytes_written,
             "errors": [{"path": show(r), "error": m} for r, m in self.errors],
             "actions": [{"action": a, "path": show(r)} for a, r in self.actions],
-            "seconds": round(self.seconds, 6),
+            "seconds": round(self.seconds, 6), "stopped": self.stopped,
             "exit_code": self.exit_code,
         }
 
@@ -298,11 +302,18 @@ class Mirror:
     """Mirror ``source`` (a local directory) to ``target`` (a path or a
     :class:`TargetSide`). ``progress``: an object with ``start(total_bytes,
     total_files)``, ``advance(nbytes)``, ``file_done()`` and ``finish()``
-    (see :mod:`smirror.cli.progress`), or None."""
+    (see :mod:`smirror.cli.progress`), or None. ``stop``: a
+    :class:`threading.Event` another thread sets to end the mirror early,
+    between files."""
 
-    def __init__(self, source, target, options: MirrorOptions | None = None, progress=None):
+    def __init__(self, source, target: str | bytes | os.PathLike | TargetSide,
+                 options: MirrorOptions | None = None, progress=None,
+                 stop: threading.Event | None = None):
         self.opts = options or MirrorOptions()
-        if isinstance(target, TargetSide):
+        # set by another thread: no further file is started (the one being
+        # written is finished); the summary says ``stopped``
+        self.stop = stop if stop is not None else threading.Event()
+        if not isinstance(target, (str, bytes, os.PathLike)):
             self.src_root = os.fsencode(os.path.abspath(os.fsencode(source)))
             if not os.path.isdir(self.src_root):
                 raise MirrorError(f"source {show(self.src_root)!r} is not a directory")
@@ -314,8 +325,20 @@ class Mirror:
             self.target = LocalTarget(dst_root, xattrs=self.opts.xattrs, fsync=self.opts.fsync)
             self._own_target = True     # its directory handle is closed when run() ends
         self.owner = getattr(self.target, "owner", os.geteuid() == 0)
+        # writes travel as ops (a remote target): no digests, no rolling delta
+        self._streamed = getattr(self.target, "streamed", False)
         self.progress = progress
         self.summary = Summary(self.opts.mode, self.opts.dry_run)
+        # what the target holds after the run, as far as this mirror knows,
+        # per source path: the source's entry as written or found equal (a
+        # file: as it was when copied or compared; one that failed: see
+        # _left_unknown). A capture adopts it as its model of the target
+        self.left: dict[bytes, object] = {}
+        self.source_listing: Listing | None = None
+        self.left_stale: set[bytes] = set()         # in left, attributes not known
+        self._aborted_whole: set[bytes] = set()     # whole writes given up
+        self._aborted_inplace: set[bytes] = set()   # patches in place given up
+        self.target_listing: Listing | None = None
         self._lock = threading.Lock()
         self._wanted_xattr = xattr_filter()
         self._fatal = None
@@ -390,6 +413,7 @@ class Mirror:
             # one after the other: scanning is GIL-bound, a second thread only adds contention
             src = scan(self.src_root, opts.rules)
             dst = self.target.scan(opts.rules, self._orphan_skip)
+        self.source_listing, self.target_listing = src, dst
         for rel, exc in src.errors:
             self._error(rel, exc)
         for rel, exc in dst.errors:
@@ -399,6 +423,8 @@ class Mirror:
         self._plan(src, dst)
         if self._fatal is None:
             self._execute()
+        summary.stopped = self.stop.is_set()
+        self._left_unknown(src, dst)
         summary.bytes_written = getattr(self.target, "bytes_written", 0)
         summary.seconds = time.monotonic() - t0
         if self._fatal is not None:
@@ -409,6 +435,36 @@ class Mirror:
             err.summary = summary
             raise err
         return summary
+
+    def _left_unknown(self, src, dst):
+        """Source files this run did not write or find equal (they failed,
+        or a stop came first): where the target still has its own file
+        there, ``left`` has that one (mtime 0 if a patch in place was given
+        up), so a capture adopting it sends the file whole at its next
+        change, and its delete; where it has none (a streamed whole write
+        given up deletes it; a hard link whose leader failed was never
+        made), the path is not in ``left``: the capture makes it anew."""
+        failed = {rel for rel, _ in self.summary.errors}
+        left = self.left
+        unlinked = {rel for rel, leader, _ in self.hardlinks if leader in failed}
+        for rel, leader, _ in self.hardlinks:
+            if rel not in failed and leader in left:
+                left[rel] = left[leader]      # one inode: the leader's attributes as written
+        # other entries whose attributes could not be set: their type is
+        # there, their attributes are not known
+        self.left_stale = {rel for rel in failed
+                           if rel in left and left[rel].kind != FILE}
+        for rel, s in src.entries.items():
+            if s.kind != FILE or (rel in left and rel not in failed):
+                continue
+            d = dst.entries.get(rel)
+            if d is None or d.kind != FILE or rel in unlinked \
+                    or (self._streamed and rel in self._aborted_whole):
+                left.pop(rel, None)
+                continue
+            left[rel] = Entry(FILE, d.mode, d.uid, d.gid, d.size,
+                              0 if rel in self._aborted_inplace else d.mtime_ns,
+                              s.ino, s.dev, s.nlink)
 
     # ------------------------------------------------------------ planning
 
@@ -430,10 +486,13 @@ class Mirror:
         fresh = set()            # dirs created now: nothing under them exists yet
         leaders = {}             # (dev, ino) -> first path of a hard-link group
         rewritten = set()        # files getting a new inode (temp + rename)
+        left = self.left
         for rel, s in s_entries.items():
             parent = rel.rpartition(b"/")[0]
             d = None if (parent in fresh) else d_entries.get(rel)
             kind = s.kind
+            if kind != FILE:
+                left[rel] = s
             if d is not None and (d.kind == DIR) != (kind == DIR):
                 self.removals.append(rel)
                 d = None
@@ -473,6 +532,7 @@ class Mirror:
                 leader = leaders.get(key)
                 if leader is not None:
                     self.hardlinks.append((rel, leader, d))
+                    left[rel] = s
                     continue
                 leaders[key] = rel
             if d is None or d.kind != FILE:
@@ -483,6 +543,7 @@ class Mirror:
                 changed = source_is_newer(s.mtime_ns, s.size, d.mtime_ns, d.size)
                 if not changed:
                     summary.unchanged += 1
+                    left[rel] = d
                     continue        # the target is as new or newer: leave it alone
             elif opts.different:
                 changed = s.size != d.size or s.mtime_ns != d.mtime_ns
@@ -495,6 +556,7 @@ class Mirror:
                 rewritten.add(rel)
             else:
                 summary.unchanged += 1
+                left[rel] = s
                 if quick and s.ctime_ns < d.ctime_ns - CTIME_MARGIN_NS \
                         and _same_meta(s, d, owner):
                     continue        # as in _execute's metadata pass: nothing changed since
@@ -507,7 +569,10 @@ class Mirror:
     def _plan_orphans(self, src, dst):
         opts = self.opts
         s_entries = src.entries
-        skip_under = {rel for rel, _ in src.errors}       # unreadable source dirs
+        # unreadable source dirs; one gone since it was listed (a live tree)
+        # is not the source's any more: what the target has there is orphaned
+        skip_under = {rel for rel, exc in src.errors
+                      if getattr(exc, "errno", None) not in (errno.ENOENT, errno.ENOTDIR)}
         skip_under.update(self.removals)                   # replaced by a non-dir
         covered = set()
         cutoff = None
@@ -559,7 +624,7 @@ class Mirror:
                         target.move_orphan(rel, self._orphan_dir)
                         summary.orphans_moved += 1
                     touched.add(parent_of(rel))
-                except OSError as exc:
+                except (OSError, MirrorError) as exc:
                     self._error(rel, exc)
                 if self._fatal:
                     return
@@ -622,10 +687,16 @@ class Mirror:
             return
 
         self._run_files(touched)
-        if self._fatal:
+        if self._fatal or self.stop.is_set():
             return
 
+        failed = {rel for rel, _ in summary.errors}
         for rel, leader, d in self.hardlinks:
+            if leader in failed:
+                # nothing to link to (through a stream the target would
+                # refuse the link): this name fails with it
+                self._error(rel, MirrorError(f"its hard link {show(leader)!r} could not be copied"))
+                continue
             try:
                 if d is not None and d.kind in (FILE, SPECIAL) and leader not in self._rewritten:
                     lead_now = target.lstat(leader)
@@ -714,7 +785,7 @@ class Mirror:
             if threads == 1:
                 for item in order:
                     self._file_task(item)
-                    if self._fatal:
+                    if self._fatal or self.stop.is_set():
                         break
             else:
                 self._run_workers(order, threads)
@@ -740,7 +811,7 @@ class Mirror:
 
         def work():
             try:
-                while self._fatal is None and not crashed:
+                while self._fatal is None and not crashed and not self.stop.is_set():
                     with lock:
                         item = next(it, None)
                     if item is None:
@@ -764,7 +835,7 @@ class Mirror:
 
     def _file_task(self, item):
         rel, s, d, action = item
-        if self._fatal:
+        if self._fatal or self.stop.is_set():
             return
         try:
             for attempt in range(self.opts.retries):
@@ -834,7 +905,10 @@ class Mirror:
             w.commit(entry_from_stat(st1), xattrs)
         except BaseException:
             w.abort()
+            self._aborted_whole.add(rel)
             raise
+        self._aborted_whole.discard(rel)
+        self.left[rel] = entry_from_stat(st1)
         return copied
 
     def _count_write(self, action, literal, matched):
@@ -854,6 +928,11 @@ class Mirror:
     def _check_file(self, rel, s, d):
         from smirror.kernels import checksum
         fd, st1 = self._open_source(rel)
+        if self._streamed:
+            try:
+                return self._check_streamed(rel, fd, st1, s, d)
+            finally:
+                os.close(fd)
         try:
             size = st1.st_size
             dsize = d.size
@@ -951,6 +1030,42 @@ class Mirror:
         finally:
             os.close(fd)
 
+    def _check_streamed(self, rel, fd, st1, s, d):
+        """Checksum compare against a target written through a stream (no
+        digest, no rolling delta: see :mod:`smirror.mirror.remote`): block
+        hashes at the same offsets, whatever the two sizes, and the blocks
+        that differ written in place, then the length."""
+        from smirror.kernels import checksum
+        size = st1.st_size
+        bs = self.opts.block_size or checksum.block_size_for(max(size, d.size))
+        sig_d = self.target.signature(rel, bs, False)
+        try:
+            sig_s = fd_signature(fd, size, bs, False)
+        except MirrorError:
+            raise SourceChanged() from None
+        changed = checksum.changed_blocks(sig_d, sig_s)
+        changed = changed[changed < sig_s.count]        # the target's blocks past the end go
+        if self.progress is not None:
+            self.progress.advance(size)
+        if len(changed) == 0 and size == d.size:
+            self._check_same(fd, st1)
+            self._count_write("check", 0, size)
+            self._fix_meta(rel, fd, st1, d)
+            return
+        changed_bytes = len(changed) * bs
+        if len(changed) and int(changed[-1]) == sig_s.count - 1:      # the short last block
+            changed_bytes -= bs - sig_s.block_range(sig_s.count - 1)[1]
+        self._act("patch", rel)
+        if self.opts.dry_run:
+            self._count_write("check", changed_bytes, size - changed_bytes)
+            return
+        if not self._inplace_ok(s, d):
+            copied = self._write_whole(rel, fd, st1, advance=False)
+            self._count_write("whole", copied, 0)
+            return
+        self._patch_blocks(rel, fd, st1, sig_s, changed, bs)
+        self._count_write("check", changed_bytes, size - changed_bytes)
+
     @staticmethod
     def _inplace_ok(s, d) -> bool:
         # a target file with names beyond the source's own hard-link group
@@ -959,6 +1074,7 @@ class Mirror:
 
     def _fix_meta(self, rel, fd, st1, d):
         s = entry_from_stat(st1)
+        self.left[rel] = s          # its bytes are the target's (compared)
         sx = self._src_xattrs(fd)
         if _same_meta(s, d, self.owner) and (sx is None or sx == self.target.xattrs(rel)):
             return
@@ -996,7 +1112,10 @@ class Mirror:
             w.commit(entry_from_stat(st1), self._src_xattrs(fd))
         except BaseException:
             w.abort()
+            self._aborted_inplace.add(rel)
             raise
+        self._aborted_inplace.discard(rel)
+        self.left[rel] = entry_from_stat(st1)
 
     def _try_delta(self, rel, fd, st1, d, bs, changed_bytes) -> bool:
         """Rebuild from a rolling delta; in place when every matched block
@@ -1052,6 +1171,7 @@ class Mirror:
             except BaseException:
                 w.abort()
                 raise
+            self.left[rel] = entry_from_stat(st1)
             self._count_write("check", literal, size - literal)
             return True
         finally:
@@ -1068,7 +1188,6 @@ class Mirror:
         DELTA_COPY_MAX; None for a larger file being written to (the caller
         copies it whole). Returns (buffer, release)."""
         import mmap
-        from smirror.fs.files import drop_lease, take_read_lease
         if take_read_lease(fd):
             try:
                 mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
