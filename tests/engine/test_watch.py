@@ -13,6 +13,7 @@ from smirror.stream.apply import Applier
 from smirror.ops import OpKind
 from smirror.fs.tree import Rules
 from smirror.capture.watch import TreeCapture, open_watcher
+from support.faults import rsync_diff
 from support.treestate import diff, snapshot
 
 
@@ -856,3 +857,38 @@ def test_zero_blocks_inside_the_targets_file_are_sent_when_its_hashes_are_unknow
     finally:
         cap.close()
     assert (dst / "f").read_bytes() == (src / "f").read_bytes()
+
+
+@pytest.mark.parametrize("order", ["linked after the rename", "linked before the rename",
+                                   "linked before the rename, then written"])
+def test_a_hard_link_to_a_file_renamed_on_before_the_cache_was_loaded_is_linked_on_the_target(
+        tmp_path, backend, order):
+    """`replicate` restarted on a live tree (faults.py kill, replicate-live:
+    'hf', two names of one inode held apart on the target): the restart's
+    mirror copied d/f; before the cache is loaded from the target, d is
+    renamed to e (the cache finds no d/f on the source: its inode is not
+    known) and a hard link g is made to the file, which the mirror did not
+    see. The target must end with e/f and g as one inode, whichever event
+    comes first (a write's event read before the rename's resync, too)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(os.urandom(50_000))
+    shutil.copytree(src, dst)                   # what the restart's mirror left
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe, capture_backend=backend)   # watching before the mirror
+    try:
+        if order.startswith("linked before"):
+            os.link(src / "d" / "f", src / "g")
+        os.rename(src / "d", src / "e")
+        if order == "linked after the rename":
+            os.link(src / "e" / "f", src / "g")
+        cap.load_target(dst)
+        if order.endswith("written"):
+            with open(src / "e" / "f", "r+b") as f:
+                f.write(b"new bytes")
+        cap.sync()
+        pipe.applier.flush()
+    finally:
+        cap.close()
+    assert os.stat(dst / "e" / "f").st_ino == os.stat(dst / "g").st_ino
+    assert rsync_diff(src, dst) == []

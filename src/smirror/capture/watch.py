@@ -446,6 +446,8 @@ class TreeCapture:
             # theirs. Its old name goes, the new file comes anew
             self._delete(rel)
             k = None
+        if k is not None and emit and not k.ino and self._mirror_links is None:
+            k = self._learn_inode(rel, k, st)
         if k is not None and self._mirror_links is not None and _linkable(stat.S_IFMT(st.st_mode)) \
                 and st.st_nlink > 1 and emit:
             ino = (st.st_dev, st.st_ino)
@@ -605,6 +607,29 @@ class TreeCapture:
             log.warning("capture: %s can be read now: sent", os.fsdecode(self._abs(rel)))
             self._sync_path(rel, True, None)
 
+    def _learn_inode(self, rel: bytes, k: Known, st) -> Known:
+        """The cache entry ``k`` of ``rel`` did not know its source inode
+        (``load_target`` found the name gone from the source: renamed on
+        with its directory while the restart's mirror ran); ``st`` is what
+        the name holds now. Another entry with that inode was sent on its
+        own (a hard link made meanwhile, whose event came while this name's
+        inode was not known), so the target holds the two apart: this name
+        is linked to the other one, and shares its entry. Returns the entry
+        of ``rel`` now."""
+        if not _linkable(k.kind) or stat.S_IFMT(st.st_mode) != k.kind:
+            return k
+        k.ino = (st.st_dev, st.st_ino)
+        if st.st_nlink <= 1 or k.names > 1:
+            return k
+        other = self._same_inode(rel, st)
+        if other is None or self.known[other] is k:
+            return k
+        log.info("capture: %r is a hard link of %r, held apart on the target: linked", rel, other)
+        self._out(Op.hardlink(_ZERO, rel, other))
+        self.known[rel] = self.known[other]
+        self.known[rel].names += 1
+        return self.known[rel]
+
     def _same_inode(self, rel: bytes, st):
         ino = (st.st_dev, st.st_ino)
         kind = stat.S_IFMT(st.st_mode)
@@ -684,7 +709,9 @@ class TreeCapture:
                 # another file under this name: the target's copy of the
                 # old one shares nothing with it
                 k.strong = None
-            if k.names <= 1 or not k.ino:
+            if not k.ino and emit and self._mirror_links is None:
+                k = self._learn_inode(rel, k, st)
+            elif k.names <= 1 or not k.ino:
                 k.ino = ino
             for _ in range(self.REREADS + 1):
                 if not self._read_blocks(rel, k, fd, st.st_size, emit):
