@@ -892,3 +892,33 @@ def test_a_hard_link_to_a_file_renamed_on_before_the_cache_was_loaded_is_linked_
         cap.close()
     assert os.stat(dst / "e" / "f").st_ino == os.stat(dst / "g").st_ino
     assert rsync_diff(src, dst) == []
+
+
+def test_a_write_through_a_hard_link_unlinked_before_the_cache_was_loaded_reaches_its_other_name(
+        tmp_path, backend):
+    """`replicate` restarted on a live tree (faults.py kill, replicate-live:
+    '>fc.t'): the restart's mirror copied a and b, one inode; then the
+    file is written through a and a is unlinked, before the cache is loaded
+    from the target. The write's event is lost with a (fanotify folds it
+    into the DELETE; inotify's comes when a is gone), so the target's b
+    gets the new bytes only if the cache knows a and b are one inode there."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "a").write_bytes(b"A" * 50_000)
+    os.link(src / "a", src / "b")
+    dst.mkdir()
+    shutil.copy2(src / "a", dst / "a")          # what the restart's mirror left
+    os.link(dst / "a", dst / "b")
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe, capture_backend=backend)   # watching before the mirror
+    try:
+        with open(src / "a", "r+b") as f:
+            f.write(b"B" * 1000)
+        os.unlink(src / "a")
+        cap.load_target(dst)
+        cap.sync()
+        pipe.applier.flush()
+    finally:
+        cap.close()
+    assert (dst / "b").read_bytes() == (src / "b").read_bytes()
+    assert rsync_diff(src, dst) == []

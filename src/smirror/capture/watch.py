@@ -280,30 +280,47 @@ class TreeCapture:
             # the inodes the cache holds are the source's (the target's
             # were read above): an event's file is checked against them
             target_ino = {rel: k.ino for rel, k in self.known.items()}
-            first_name: dict = {}
-            self.unlinked = []
+            source_ino: dict = {}       # rel -> (source inode or 0, its link count)
             for rel, k in self.known.items():
                 try:
                     st = os.lstat(self._abs(rel))
-                    k.ino = (st.st_dev, st.st_ino) if stat.S_IFMT(st.st_mode) == k.kind else 0
+                    ok = stat.S_IFMT(st.st_mode) == k.kind
+                    source_ino[rel] = ((st.st_dev, st.st_ino) if ok else 0, st.st_nlink)
                 except OSError:
-                    k.ino = 0
-                if k.ino and _linkable(k.kind) and st.st_nlink > 1:
-                    first = first_name.setdefault(k.ino, rel)
+                    source_ino[rel] = (0, 0)     # gone since the mirror: its event follows
+            first_name: dict = {}
+            self.unlinked = []
+            for rel, k in self.known.items():
+                ino, nlink = source_ino[rel]
+                if ino and _linkable(k.kind) and nlink > 1:
+                    first = first_name.setdefault(ino, rel)
                     if first != rel and target_ino[first] != target_ino[rel]:
                         # names of one source inode that the target holds
                         # apart (linked after the mirror read them): the
                         # caller resyncs them, which links them
                         self.unlinked.append(rel)
-                    elif first != rel:
-                        # one inode on both sides: one cache entry, as
-                        # _create makes it (a chmod seen through one name
-                        # is then known under the other; two entries
-                        # dropped the chmod back through the other name)
-                        self.known[rel] = self.known[first]
-                        self.known[first].names += 1
             for rel in self.unlinked:
                 del self.known[rel]
+            # names the target holds as one inode share one cache entry, as
+            # _create makes it, whatever the source holds now: a chmod seen
+            # through one name is known under the others (two entries
+            # dropped the chmod back through the other name), and a write
+            # whose event is lost with the name it came through (written,
+            # then unlinked before the cache was loaded: fanotify folds the
+            # write into the DELETE) still reaches the others (_delete).
+            # Its inode is that of a name the source still has; a name the
+            # source holds as another inode by now is split off by its
+            # events (_sync_path: names > 1, another inode)
+            entry_of: dict = {}
+            for rel, k in list(self.known.items()):
+                ino = source_ino[rel][0]
+                shared = entry_of.setdefault(target_ino[rel], k) if _linkable(k.kind) else k
+                if shared is k:
+                    k.ino = ino
+                else:
+                    self.known[rel] = shared
+                    shared.names += 1
+                    shared.ino = shared.ino or ino
 
     def full_copy(self, emit) -> None:
         """Emit the whole set as ops to ``emit`` (the initial mirror of a new
