@@ -922,3 +922,50 @@ def test_a_write_through_a_hard_link_unlinked_before_the_cache_was_loaded_reache
         cap.close()
     assert (dst / "b").read_bytes() == (src / "b").read_bytes()
     assert rsync_diff(src, dst) == []
+
+
+def test_a_write_through_a_hard_link_gone_before_the_mirror_reached_it_reaches_the_names_it_read(tmp_path):
+    """A source daemon's restart mirror on a live tree (faults.py kill,
+    source victim: '>fc.t' and 'hf' on every other name): the walk read
+    a, one name of a hard-linked file, then the file was written through
+    its other name b and b unlinked, before the walk reached b. The
+    write's event is lost with b (fanotify folds it into the DELETE), so
+    the target's a gets the new bytes only if the mirror looks again."""
+    import copy
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "a").write_bytes(b"A" * 50_000)
+    os.link(src / "a", src / "b")
+    shutil.copytree(src, dst)                   # the target, as it was listed
+    lister = TreeCapture(dst, lambda op: None)
+    try:
+        lister.load_target(dst)
+        known = {}
+        for rel, k in lister.known.items():     # a remote listing: no inodes, no hashes
+            known[rel] = copy.copy(k)
+            known[rel].names, known[rel].ino, known[rel].strong = 1, 0, None
+    finally:
+        lister.close()
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe)
+    real, late = cap._diff_file, []
+
+    def write_through_b_after_a_was_read(rel, emit, **kw):
+        st = real(rel, emit, **kw)
+        if rel == b"a" and emit and not late:
+            late.append(rel)
+            with open(src / "b", "r+b") as f:
+                f.write(b"B" * 1000)
+            os.unlink(src / "b")
+        return st
+    try:
+        cap.load_target(src)
+        cap._diff_file = write_through_b_after_a_was_read
+        cap.mirror_to(pipe, known, adopt=True)
+        cap._diff_file = real
+        cap.sync()
+        pipe.applier.flush()
+    finally:
+        cap.close()
+    assert late
+    assert (dst / "a").read_bytes() == (src / "a").read_bytes()

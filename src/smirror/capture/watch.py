@@ -376,6 +376,7 @@ class TreeCapture:
                             k.strong, k.size = None, listed[0]     # sent whole below
                 seen = set()
                 self._walk(b"", emit=True, seen=seen)
+                self._recheck_links()
                 orphaned = sorted(p for p in orphans - seen
                                   if not self._excluded(p, target_known[p].kind == stat.S_IFDIR))
                 stats = dict(self.stats, orphans=len(orphaned))
@@ -400,6 +401,23 @@ class TreeCapture:
             self._dirs_touched.add(b"")
             self._dirs_touched.update(p.rpartition(b"/")[0] for p in orphaned)
             return stats
+
+    def _recheck_links(self) -> None:
+        """End of a mirror's walk on a live tree: a hard-linked file
+        written through a name that was gone before the walk reached it
+        (unlinked; the write's event goes with the name: fanotify folds it
+        into the DELETE) changed the names the walk had read already, and
+        no event of theirs says so. Each linked inode the walk met is
+        compared again when its size or mtime moved."""
+        for rel in sorted(set(self._mirror_links.values())):
+            k = self.known.get(rel)
+            try:
+                st = os.lstat(self._abs(rel))
+            except OSError:
+                continue
+            if k is not None and k.kind == stat.S_IFREG and stat.S_ISREG(st.st_mode) \
+                    and (st.st_size, st.st_mtime_ns) != (k.size, k.mtime_ns):
+                self._sync_path(rel, True, None)
 
     def resync(self, rel: bytes = b"", reason: str = "", content: bool = True) -> None:
         """Compare the subtree ``rel`` with the cache and emit ops for every
