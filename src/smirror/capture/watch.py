@@ -930,6 +930,14 @@ class TreeCapture:
                 self._delete(rel)
             finally:
                 self.moving_out = False
+            if ev.ino is not None:
+                # other names keep the file: a write through this one (its
+                # event folded into the DELETE, or read when it was gone)
+                # is theirs to send, also when the cache did not know this
+                # name was one of them (a link made and unlinked unseen)
+                for p, k in self.known.items():
+                    if k.ino == ev.ino and k.kind == stat.S_IFREG:
+                        self._dirty[p] = 0.0
         elif ev.kind == Kind.MODIFIED:
             self._dirty.setdefault(rel, time.monotonic())
         elif ev.kind == Kind.CLOSED:
