@@ -988,3 +988,47 @@ def test_a_write_through_a_hard_link_made_and_unlinked_unseen_reaches_the_other_
         out.write(b"written through the other name")
     os.unlink(src / "tmp-link")
     same(src, dst, cap, pipe)
+
+
+@pytest.mark.parametrize("on_target", [False, True])
+def test_a_symlink_gone_between_the_walks_lstat_and_its_readlink_does_not_stop_the_mirror(
+        tmp_path, monkeypatch, on_target):
+    """A source daemon's restart mirror on a live tree (faults.py kill,
+    source victim: 'connection 1: not started: [Errno 2] No such file or
+    directory', the orphans never deleted): a symlink removed after the
+    walk's lstat and before its readlink must not end the mirror, whether
+    the target has it (compared) or not (created)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    os.symlink("somewhere", src / "link")
+    (src / "after").write_text("the walk goes on")
+    if on_target:
+        os.symlink("elsewhere", dst / "link")
+    known = {}
+    if on_target:
+        lister = TreeCapture(dst, lambda op: None)
+        try:
+            lister.load_target(dst)
+            known = dict(lister.known)
+        finally:
+            lister.close()
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe)
+    real = os.readlink
+
+    def gone_before_the_readlink(path, *a, **kw):
+        if os.fsencode(path) == os.fsencode(src / "link") and os.path.lexists(path):
+            os.unlink(path)
+        return real(path, *a, **kw)
+    try:
+        cap.load_target(src)
+        monkeypatch.setattr(os, "readlink", gone_before_the_readlink)
+        cap.mirror_to(pipe, known, adopt=True)
+        monkeypatch.setattr(os, "readlink", real)
+        cap.sync()
+        pipe.applier.flush()
+    finally:
+        cap.close()
+    assert (dst / "after").read_text() == "the walk goes on"
+    assert not os.path.lexists(dst / "link")

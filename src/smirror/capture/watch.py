@@ -509,7 +509,10 @@ class TreeCapture:
             # The attributes sent go with the bytes read (see _diff_file)
             st = self._diff_file(rel, emit=emit) or st
         elif stat.S_ISLNK(st.st_mode):
-            link = os.readlink(self._abs(rel))
+            try:
+                link = os.readlink(self._abs(rel))
+            except OSError:
+                return          # gone since the lstat: its event follows
             if link != k.link and emit:
                 self._out(Op.symlink(_ZERO, rel, link))
                 k.link = link
@@ -520,7 +523,10 @@ class TreeCapture:
         k = Known(stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                   st.st_mtime_ns, ino=(st.st_dev, st.st_ino))
         if stat.S_ISLNK(st.st_mode):
-            k.link = os.readlink(self._abs(rel))
+            try:
+                k.link = os.readlink(self._abs(rel))
+            except OSError:
+                pass            # gone since the lstat: its event follows
         self.known[rel] = k
         if with_signature and stat.S_ISREG(st.st_mode):
             self._diff_file(rel, emit=False)
@@ -534,7 +540,10 @@ class TreeCapture:
             self._remember(rel, st)
             self._attrs(rel, st, True, force_owner=True)
         elif stat.S_ISLNK(st.st_mode):
-            link = os.readlink(self._abs(rel))
+            try:
+                link = os.readlink(self._abs(rel))
+            except OSError:
+                return          # gone since the lstat (a live tree): its event follows
             self._out(Op.symlink(_ZERO, rel, link))
             self._remember(rel, st)
             self._attrs(rel, st, True, force_owner=True)
