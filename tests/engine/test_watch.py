@@ -1032,3 +1032,35 @@ def test_a_symlink_gone_between_the_walks_lstat_and_its_readlink_does_not_stop_t
         cap.close()
     assert (dst / "after").read_text() == "the walk goes on"
     assert not os.path.lexists(dst / "link")
+
+
+@pytest.mark.parametrize("order", ["linked after the rename", "linked before the rename"])
+def test_a_hard_link_to_names_renamed_on_before_the_cache_was_loaded_is_linked_to_all_of_them(
+        tmp_path, backend, order):
+    """As above, with two names d/a and d/b of the file, one inode on the
+    target too (one cache entry whose source inode is not known): the new
+    link g must end as one inode with both (faults.py kill,
+    replicate-live: 'hf x-2308 => log2431' and 'hf x-1518/data2348 =>
+    log2431')."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "a").write_bytes(os.urandom(50_000))
+    os.link(src / "d" / "a", src / "d" / "b")
+    shutil.copytree(src, dst)                   # what the restart's mirror left
+    os.unlink(dst / "d" / "b")
+    os.link(dst / "d" / "a", dst / "d" / "b")
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe, capture_backend=backend)
+    try:
+        if order == "linked before the rename":
+            os.link(src / "d" / "a", src / "g")
+        os.rename(src / "d", src / "e")
+        if order == "linked after the rename":
+            os.link(src / "e" / "a", src / "g")
+        cap.load_target(dst)
+        cap.sync()
+        pipe.applier.flush()
+    finally:
+        cap.close()
+    assert len({os.stat(dst / p).st_ino for p in ("e/a", "e/b", "g")}) == 1
+    assert rsync_diff(src, dst) == []

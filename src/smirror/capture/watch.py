@@ -663,16 +663,26 @@ class TreeCapture:
         if not _linkable(k.kind) or stat.S_IFMT(st.st_mode) != k.kind:
             return k
         k.ino = (st.st_dev, st.st_ino)
-        if st.st_nlink <= 1 or k.names > 1:
+        if st.st_nlink <= 1:
             return k
-        other = self._same_inode(rel, st)
-        if other is None or self.known[other] is k:
+        other = next((p for p, kk in self.known.items()
+                      if kk is not k and kk.ino == k.ino and kk.kind == k.kind), None)
+        if other is None:
             return k
         log.info("capture: %r is a hard link of %r, held apart on the target: linked", rel, other)
-        self._out(Op.hardlink(_ZERO, rel, other))
-        self.known[rel] = self.known[other]
-        self.known[rel].names += 1
-        return self.known[rel]
+        if k.names <= 1:
+            self._out(Op.hardlink(_ZERO, rel, other))
+            self.known[rel] = self.known[other]
+            self.known[rel].names += 1
+            return self.known[rel]
+        # this entry has several names already (the target holds them as
+        # one inode): the other entry's names are linked to this one
+        theirs = self.known[other]
+        for p in [p for p, kk in self.known.items() if kk is theirs]:
+            self._out(Op.hardlink(_ZERO, p, rel))
+            self.known[p] = k
+            k.names += 1
+        return k
 
     def _same_inode(self, rel: bytes, st):
         ino = (st.st_dev, st.st_ino)
