@@ -68,9 +68,9 @@ def test_an_old_link_that_delivers_after_the_reset_is_refused_cleanly(tmp_path):
 def test_ten_cycles_keep_one_status_row_and_the_source_memory_bounded(tmp_path):
     """Ten auto-disconnect / reconnect cycles: the source's status has one
     row for the connection at every look (the reconnect's row and the
-    'auto-disconnected' one were both listed), and its RSS after the
-    tenth cycle stays within a bound of the first (each cycle kept the old
-    queue and watcher alive before, ~30 MiB a cycle)."""
+    'auto-disconnected' one were both listed), and its RSS does not grow
+    cycle after cycle (each cycle kept the old queue and watcher alive
+    before, ~30 MiB a cycle)."""
     import psutil
     # the source queue holds up to 8 MiB in memory: what a cycle that kept
     # the old one alive would add each time
@@ -98,9 +98,18 @@ def test_ten_cycles_keep_one_status_row_and_the_source_memory_bounded(tmp_path):
             wait_for(lambda: one_row_converged(cycle), 90, f"cycle {cycle} reconnected and drained")
             assert wait_same(src, dst, 60), diff(snapshot(src), snapshot(dst))[:5]
             rss.append(proc.memory_info().rss)
-        grew = (rss[-1] - rss[0]) >> 20
-        # measured: 65-80 MiB without the fix, up to 46 with it on a loaded machine
-        assert grew < 56, f"source RSS per cycle (MiB): {[r >> 20 for r in rss]}"
+        # RSS after a cycle swings with what glibc's arenas keep of the
+        # frames (up to 1 MiB each) that the queue, sender and capture
+        # threads freed: measured 94-148 MiB over 16 cycles with no trend
+        # (threads and fds constant, ~21 MiB of it Python objects), its
+        # high-water higher on a loaded machine (rss[-1] - rss[0] reached
+        # 60-69 MiB). A leak grows cycle after cycle: the lowest RSS of the
+        # last three cycles against the highest of the first three (a
+        # warm-up), per cycle between them. Each cycle kept the old queue
+        # and watcher alive before: ~30 MiB a cycle
+        mib = [r >> 20 for r in rss]
+        per_cycle = (min(mib[-3:]) - max(mib[:3])) / (len(mib) - 5)
+        assert per_cycle < 12, f"source RSS after each cycle (MiB): {mib}"
         err = stop_and_read(source)
         assert "Traceback" not in err, err[-3000:]
 

@@ -42,6 +42,15 @@ def test_sigkill_of_replicate_converges(tmp_path):
     assert res["failures"] == [], report
 
 
+@pytest.mark.slow
+def test_sigkill_of_replicate_restarted_under_the_workload_converges(tmp_path):
+    """`replicate` killed and restarted while the workload goes on: its
+    mirror and capture start on a changing tree (hard links made, written
+    through and unlinked meanwhile: 'hf' and '>fc.t' before)."""
+    res, report = kill_trials("replicate-live", 4, tmp_path, deadline=20, stop_on_failure=True)
+    assert res["failures"] == [], report
+
+
 def can_mount_loop():
     if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
         return "needs root and mkfs.ext4 (e2fsprogs) for a loop filesystem"

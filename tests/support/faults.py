@@ -289,9 +289,11 @@ KILL_VICTIMS = ("target-lib", "source", "target", "replicate", "replicate-live")
 
 
 def run_kill(trials: int, seed: int = 1, victims=KILL_VICTIMS, deadline=CONVERGE_DEADLINE,
-             out=sys.stdout, workdir=None, stop_on_failure=False) -> dict:
+             out=sys.stdout, workdir=None, stop_on_failure=False, keep_failed=False) -> dict:
     """``trials`` kills, spread over ``victims`` in turn. Returns per victim:
-    trials, failures (with what rsync still found), converge times."""
+    trials, failures (with what rsync still found), converge times. With
+    ``keep_failed`` the trees of a run with a failure are kept (their
+    place is printed) to be looked at."""
     rng = random.Random(seed)
     tmp = tempfile.mkdtemp(prefix="smirror-faults-kill-", dir=workdir)
     from pathlib import Path
@@ -319,6 +321,11 @@ def run_kill(trials: int, seed: int = 1, victims=KILL_VICTIMS, deadline=CONVERGE
             if took is None:
                 r["failures"].append({"trial": i, "left": left[:10], "logs": sc.logs()})
                 print(f"trial {i} ({victim}): FAILED: {left[:5]}", file=out, flush=True)
+                if keep_failed:     # as they were when judged (a process may go on after)
+                    for side in ("src", "dst"):
+                        subprocess.run(["cp", "-a", str(getattr(sc, side)),
+                                        str(tmp / f"trial-{i}-{side}")], check=False)
+                    (tmp / f"trial-{i}-logs.txt").write_text(sc.logs())
                 if stop_on_failure:
                     break
             else:
@@ -332,7 +339,10 @@ def run_kill(trials: int, seed: int = 1, victims=KILL_VICTIMS, deadline=CONVERGE
         for sc in scenarios.values():
             with contextlib.suppress(Exception):
                 sc.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if keep_failed and any(r["failures"] for r in results.values()):
+            print(f"trees kept in {tmp}", file=out, flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 
@@ -795,6 +805,10 @@ def main(argv=None) -> int:
                    help="comma-separated, from: " + ", ".join(KILL_VICTIMS))
     k.add_argument("--deadline", type=float, default=CONVERGE_DEADLINE,
                    help="seconds a trial may take to converge (default %(default)s)")
+    k.add_argument("--stop-on-failure", action="store_true",
+                   help="stop at the first trial that does not converge")
+    k.add_argument("--keep", action="store_true",
+                   help="keep the trees (and the daemons' logs) of a run with a failure")
     d = sub.add_parser("diskfull", help="the target's map base on a small loop filesystem")
     d.add_argument("--fs-mb", type=int, default=24)
     d.add_argument("--data-mb", type=int, default=12)
@@ -810,7 +824,8 @@ def main(argv=None) -> int:
         if bad:
             p.error(f"--victims: unknown {', '.join(bad)} (known: {', '.join(KILL_VICTIMS)})")
         t0 = time.monotonic()
-        res = run_kill(args.trials, args.seed, victims, args.deadline)
+        res = run_kill(args.trials, args.seed, victims, args.deadline,
+                       stop_on_failure=args.stop_on_failure, keep_failed=args.keep)
         print(f"\n`python tools/faults.py kill --trials {args.trials} --victims {','.join(victims)}` "
               f"({time.monotonic() - t0:.0f} s)\n")
         print(kill_table(res))

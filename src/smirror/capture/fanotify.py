@@ -492,6 +492,22 @@ class Watcher(EventReadLoop):
         parts = rel.split(b"/")
         return any(self.exclude(b"/".join(parts[:i + 1]), True) for i in range(len(parts)))
 
+    def _surviving_inode(self, handle: bytes):
+        """(st_dev, st_ino) of the file ``handle`` when other names still
+        hold it (a hard link unlinked), else None: a write through the
+        unlinked name is folded into its DELETE and must reach them."""
+        try:
+            fd = open_by_handle(self._mount_fd, handle)
+        except OSError:
+            return None             # gone with its last name (ESTALE)
+        try:
+            st = os.fstat(fd)
+            return (st.st_dev, st.st_ino) if st.st_nlink > 0 else None
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
     def _still_there(self, dir_handle: bytes, name: bytes, child: bytes | None) -> bool:
         """Does the directory hold ``name`` as the inode ``child`` now?"""
         try:
@@ -569,7 +585,8 @@ class Watcher(EventReadLoop):
             else:
                 if is_dir and child_h is not None:
                     self._dirs.pop(child_h, None)
-                self._out.append(Event(Kind.DELETED, path, is_dir))
+                ino = None if is_dir or child_h is None else self._surviving_inode(child_h)
+                self._out.append(Event(Kind.DELETED, path, is_dir, ino=ino))
             return
         if mask & FAN_MODIFY:
             self._out.append(Event(Kind.MODIFIED, path, is_dir))

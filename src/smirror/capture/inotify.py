@@ -71,6 +71,9 @@ class Event:
     is_dir: bool = False
     new_path: bytes | None = None
     reason: str = ""         # for RESCAN: why; for DELETED: MOVED_OUT or ""
+    # for DELETED (fanotify): (st_dev, st_ino) of a file that other names
+    # keep alive; a write through the name gone is theirs to send
+    ino: tuple | None = None
 
 
 def list_dir(path: bytes, rel: bytes, exclude) -> list[tuple[bytes, bool]]:

@@ -288,30 +288,47 @@ class TreeCapture:
             # the inodes the cache holds are the source's (the target's
             # were read above): an event's file is checked against them
             target_ino = {rel: k.ino for rel, k in self.known.items()}
-            first_name: dict = {}
-            self.unlinked = []
+            source_ino: dict = {}       # rel -> (source inode or 0, its link count)
             for rel, k in self.known.items():
                 try:
                     st = os.lstat(self._abs(rel))
-                    k.ino = (st.st_dev, st.st_ino) if stat.S_IFMT(st.st_mode) == k.kind else 0
+                    ok = stat.S_IFMT(st.st_mode) == k.kind
+                    source_ino[rel] = ((st.st_dev, st.st_ino) if ok else 0, st.st_nlink)
                 except OSError:
-                    k.ino = 0
-                if k.ino and _linkable(k.kind) and st.st_nlink > 1:
-                    first = first_name.setdefault(k.ino, rel)
+                    source_ino[rel] = (0, 0)     # gone since the mirror: its event follows
+            first_name: dict = {}
+            self.unlinked = []
+            for rel, k in self.known.items():
+                ino, nlink = source_ino[rel]
+                if ino and _linkable(k.kind) and nlink > 1:
+                    first = first_name.setdefault(ino, rel)
                     if first != rel and target_ino[first] != target_ino[rel]:
                         # names of one source inode that the target holds
                         # apart (linked after the mirror read them): the
                         # caller resyncs them, which links them
                         self.unlinked.append(rel)
-                    elif first != rel:
-                        # one inode on both sides: one cache entry, as
-                        # _create makes it (a chmod seen through one name
-                        # is then known under the other; two entries
-                        # dropped the chmod back through the other name)
-                        self.known[rel] = self.known[first]
-                        self.known[first].names += 1
             for rel in self.unlinked:
                 del self.known[rel]
+            # names the target holds as one inode share one cache entry, as
+            # _create makes it, whatever the source holds now: a chmod seen
+            # through one name is known under the others (two entries
+            # dropped the chmod back through the other name), and a write
+            # whose event is lost with the name it came through (written,
+            # then unlinked before the cache was loaded: fanotify folds the
+            # write into the DELETE) still reaches the others (_delete).
+            # Its inode is that of a name the source still has; a name the
+            # source holds as another inode by now is split off by its
+            # events (_sync_path: names > 1, another inode)
+            entry_of: dict = {}
+            for rel, k in list(self.known.items()):
+                ino = source_ino[rel][0]
+                shared = entry_of.setdefault(target_ino[rel], k) if _linkable(k.kind) else k
+                if shared is k:
+                    k.ino = ino
+                else:
+                    self.known[rel] = shared
+                    shared.names += 1
+                    shared.ino = shared.ino or ino
 
     def full_copy(self, emit) -> None:
         """Emit the whole set as ops to ``emit`` (the initial mirror of a new
@@ -379,6 +396,8 @@ class TreeCapture:
                 seen = set()
                 self._walk(b"", emit=True, seen=seen)
                 stopped = self._mirror_stopped
+                if not stopped:
+                    self._recheck_links()
                 orphaned = [] if stopped else sorted(
                     p for p in orphans - seen if not self._excluded(p, target_known[p].kind == stat.S_IFDIR))
                 stats = dict(self.stats, orphans=len(orphaned), entries_checked=len(seen))
@@ -478,6 +497,23 @@ class TreeCapture:
         with self._lock:
             self._dirs_touched.update(bytes(p).rpartition(b"/")[0] for p in orphans)
 
+    def _recheck_links(self) -> None:
+        """End of a mirror's walk on a live tree: a hard-linked file
+        written through a name that was gone before the walk reached it
+        (unlinked; the write's event goes with the name: fanotify folds it
+        into the DELETE) changed the names the walk had read already, and
+        no event of theirs says so. Each linked inode the walk met is
+        compared again when its size or mtime moved."""
+        for rel in sorted(set(self._mirror_links.values())):
+            k = self.known.get(rel)
+            try:
+                st = os.lstat(self._abs(rel))
+            except OSError:
+                continue
+            if k is not None and k.kind == stat.S_IFREG and stat.S_ISREG(st.st_mode) \
+                    and (st.st_size, st.st_mtime_ns) != (k.size, k.mtime_ns):
+                self._sync_path(rel, True, None)
+
     def resync(self, rel: bytes = b"", reason: str = "", content: bool = True) -> None:
         """Compare the subtree ``rel`` with the cache and emit ops for every
         difference (a checksum difference mirror against the cache).
@@ -548,6 +584,8 @@ class TreeCapture:
             # theirs. Its old name goes, the new file comes anew
             self._delete(rel)
             k = None
+        if k is not None and emit and not k.ino and self._mirror_links is None:
+            k = self._learn_inode(rel, k, st)
         if k is not None and self._mirror_links is not None and _linkable(stat.S_IFMT(st.st_mode)) \
                 and st.st_nlink > 1 and emit:
             ino = (st.st_dev, st.st_ino)
@@ -574,7 +612,10 @@ class TreeCapture:
             # The attributes sent go with the bytes read (see _diff_file)
             st = self._diff_file(rel, emit=emit) or st
         elif stat.S_ISLNK(st.st_mode):
-            link = os.readlink(self._abs(rel))
+            try:
+                link = os.readlink(self._abs(rel))
+            except OSError:
+                return          # gone since the lstat: its event follows
             if link != k.link and emit:
                 self._out(Op.symlink(_ZERO, rel, link))
                 k.link = link
@@ -609,7 +650,10 @@ class TreeCapture:
         k = Known(stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                   st.st_mtime_ns, ino=(st.st_dev, st.st_ino))
         if stat.S_ISLNK(st.st_mode):
-            k.link = os.readlink(self._abs(rel))
+            try:
+                k.link = os.readlink(self._abs(rel))
+            except OSError:
+                pass            # gone since the lstat: its event follows
         self.known[rel] = k
         if with_signature and stat.S_ISREG(st.st_mode):
             self._diff_file(rel, emit=False)
@@ -623,7 +667,10 @@ class TreeCapture:
             self._remember(rel, st)
             self._attrs(rel, st, True, force_owner=True)
         elif stat.S_ISLNK(st.st_mode):
-            link = os.readlink(self._abs(rel))
+            try:
+                link = os.readlink(self._abs(rel))
+            except OSError:
+                return          # gone since the lstat (a live tree): its event follows
             self._out(Op.symlink(_ZERO, rel, link))
             self._remember(rel, st)
             self._attrs(rel, st, True, force_owner=True)
@@ -731,6 +778,39 @@ class TreeCapture:
             log.warning("capture: %s can be read now: sent", os.fsdecode(self._abs(rel)))
             self._sync_path(rel, True, None)
 
+    def _learn_inode(self, rel: bytes, k: Known, st) -> Known:
+        """The cache entry ``k`` of ``rel`` did not know its source inode
+        (``load_target`` found the name gone from the source: renamed on
+        with its directory while the restart's mirror ran); ``st`` is what
+        the name holds now. Another entry with that inode was sent on its
+        own (a hard link made meanwhile, whose event came while this name's
+        inode was not known), so the target holds the two apart: this name
+        is linked to the other one, and shares its entry. Returns the entry
+        of ``rel`` now."""
+        if not _linkable(k.kind) or stat.S_IFMT(st.st_mode) != k.kind:
+            return k
+        k.ino = (st.st_dev, st.st_ino)
+        if st.st_nlink <= 1:
+            return k
+        other = next((p for p, kk in self.known.items()
+                      if kk is not k and kk.ino == k.ino and kk.kind == k.kind), None)
+        if other is None:
+            return k
+        log.info("capture: %r is a hard link of %r, held apart on the target: linked", rel, other)
+        if k.names <= 1:
+            self._out(Op.hardlink(_ZERO, rel, other))
+            self.known[rel] = self.known[other]
+            self.known[rel].names += 1
+            return self.known[rel]
+        # this entry has several names already (the target holds them as
+        # one inode): the other entry's names are linked to this one
+        theirs = self.known[other]
+        for p in [p for p, kk in self.known.items() if kk is theirs]:
+            self._out(Op.hardlink(_ZERO, p, rel))
+            self.known[p] = k
+            k.names += 1
+        return k
+
     def _same_inode(self, rel: bytes, st):
         ino = (st.st_dev, st.st_ino)
         kind = stat.S_IFMT(st.st_mode)
@@ -810,7 +890,9 @@ class TreeCapture:
                 # another file under this name: the target's copy of the
                 # old one shares nothing with it
                 k.strong = None
-            if k.names <= 1 or not k.ino:
+            if not k.ino and emit and self._mirror_links is None:
+                k = self._learn_inode(rel, k, st)
+            elif k.names <= 1 or not k.ino:
                 k.ino = ino
             for _ in range(self.REREADS + 1):
                 if not self._read_blocks(rel, k, fd, st.st_size, emit):
@@ -996,6 +1078,14 @@ class TreeCapture:
                 self._delete(rel)
             finally:
                 self.moving_out = False
+            if ev.ino is not None:
+                # other names keep the file: a write through this one (its
+                # event folded into the DELETE, or read when it was gone)
+                # is theirs to send, also when the cache did not know this
+                # name was one of them (a link made and unlinked unseen)
+                for p, k in self.known.items():
+                    if k.ino == ev.ino and k.kind == stat.S_IFREG:
+                        self._dirty[p] = 0.0
         elif ev.kind == Kind.MODIFIED:
             self._dirty.setdefault(rel, time.monotonic())
         elif ev.kind == Kind.CLOSED:
