@@ -1,6 +1,7 @@
 """Every exception smirror raises, shared by the compiled kernels and their
 pure-Python references. Each one carries what went wrong and where, so the CLI
 can print it without a traceback."""
+from typing import Any
 
 # process exit codes, one set for every verb (an error's ``exit_code`` picks one)
 EXIT_OK = 0
@@ -53,7 +54,12 @@ class ConfigError(SmirrorError, ValueError):
 
 
 class MirrorError(SmirrorError):
-    """A mirror could not run (bad source/target, overlapping trees, ...)."""
+    """A mirror could not run (bad source/target, overlapping trees, ...).
+    ``exit_code``: could not run, unless set to the usage code when the
+    arguments are at fault."""
+
+    exit_code: int = EXIT_FAILED
+    summary: Any = None     # a mirror's Summary, when it stopped part way
 
 
 class AuthError(SmirrorError, PermissionError):

@@ -24,17 +24,23 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from smirror.stream.apply import ALL_XATTR_NAMESPACES
 from smirror.capture.recorder import Recorder
 from smirror.errors import ConfigError, MirrorError, QueueFull, SmirrorError
-from smirror.kernels.memqueue import SpillQueue, budget_use, memory_budget, queue_cap
-from smirror.stream.journal import ConnectionJournal
-from smirror.stream.sender import Sender
-from smirror.stream.receiver import TargetConnection
 from smirror.fs.tree import Rules
-from smirror.units import parse_size
+from smirror.kernels.memqueue import SpillQueue, budget_use, memory_budget, queue_cap
+from smirror.stream.apply import ALL_XATTR_NAMESPACES
+from smirror.stream.journal import ConnectionJournal
+from smirror.stream.receiver import TargetConnection
+from smirror.stream.sender import Sender
 from smirror.stream.wire import ORDER_PER_FILE, Link, MsgType
+from smirror.units import parse_size
+
+if TYPE_CHECKING:       # imported where used: a library-API run loads neither
+    from smirror.capture.mount.runner import CaptureMount
+    from smirror.capture.watch import TreeCapture
+    from smirror.mirror.engine import Summary
 
 log = logging.getLogger("smirror.replication")
 
@@ -77,7 +83,7 @@ class Replication:
             raise ConfigError("capture='mount' needs a mount point (mount=...), and a mount "
                               "point needs capture='mount'")
         self.mount_point = None if mount is None else os.path.abspath(os.fsdecode(mount))
-        self.mount = None
+        self.mount: CaptureMount | None = None
         if mirror not in MIRROR_MODES:
             raise ConfigError(f"mirror must be one of {', '.join(MIRROR_MODES)}, got {mirror!r}")
         from smirror.mirror.engine import check_roots
@@ -97,8 +103,8 @@ class Replication:
                          else parse_size(target_memory_limit, "target memory limit"), self.memory.limit)
         disk = parse_size(disk_queue_limit, "disk queue limit")
         os.makedirs(self.dst, exist_ok=True)
-        from smirror.fs.keep import KeepDirs
         from smirror.daemon.registry import check_options
+        from smirror.fs.keep import KeepDirs
         from smirror.stream.tasks import SourceTasks, TargetTasks, TaskLog, TaskPolicy
         opts = check_options({"ignore_deletes": ignore_deletes, "deleted_keep_days": deleted_keep_days})
         self.ignore_deletes, self.deleted_keep_days = opts["ignore_deletes"], opts["deleted_keep_days"]
@@ -124,9 +130,9 @@ class Replication:
         # a watcher keeps per-file order only: the target may coalesce its frames
         self.sender = Sender(1, self.dst, self.journal_sink, self._dial, retry_interval=0.2,
                              order=ORDER_PER_FILE if capture == "watch" else None)
-        self.tree_capture = None
+        self.tree_capture: TreeCapture | None = None
         self.journal: Recorder | None = None
-        self.mirror_summary = None
+        self.mirror_summary: Summary | None = None
         self._threads: list[threading.Thread] = []
         self._started = False
 
@@ -143,13 +149,13 @@ class Replication:
             try:
                 _, opened = link.recv_json(MsgType.OPEN)
                 self.target.serve(link, order=opened.get("order"))
-            except Exception as exc:           # noqa: BLE001 - reported in status; the sender retries
+            except Exception as exc:
                 expected = isinstance(exc, (SmirrorError, OSError))
                 log.error("target link: %s", exc if expected else f"{type(exc).__name__}: {exc}",
                           exc_info=not expected)
 
     # -- life cycle --------------------------------------------------------------
-    def start(self) -> "Replication":
+    def start(self) -> Replication:
         if self._started:
             return self
         self._started = True
@@ -162,9 +168,10 @@ class Replication:
         # only now: a backlog left by the last run is applied before any new op
         # (no mirror) or was dropped (the mirror supersedes it)
         self.target.start_applier()
-        if self.tree_capture is not None:
+        cap = self.tree_capture
+        if cap is not None:
             # the target found a divergence: the capture sends that subtree again
-            self.sender.on_resync = lambda rel, why: self.tree_capture.request_resync(rel, reason=why)
+            self.sender.on_resync = lambda rel, why: cap.request_resync(rel, reason=why)
         # the initial mirror travels through the stream: the sender first
         self.sender.start()
         try:
@@ -253,7 +260,7 @@ class Replication:
             log.warning("replicate: %d frame(s) up to seq %d left in the target queue by the last "
                         "run are superseded by the initial mirror: dropped", q.count, q.last_seq)
             self.dropped_backlog = q.count
-            q.ack(q.last_seq)
+            q.ack(q.last_seq or 0)      # count > 0: last_seq is set
 
     dropped_backlog = 0
     mirror_errors: list = []
@@ -288,19 +295,19 @@ class Replication:
         target = StreamTarget(reader, self._mirror_sink)
         try:
             engine = Mirror(self.src, target, opts, progress=self.progress)
-            self.mirror_summary = engine.run()
+            summary = self.mirror_summary = engine.run()
         finally:
             reader.close()
         self._wait_mirror_applied()
-        if self.mirror_summary.errors and self.tree_capture is not None:
+        if summary.errors and self.tree_capture is not None:
             # a live tree: busy or unreadable files are the capture's to follow
-            for rel, why in self.mirror_summary.errors:
+            for rel, why in summary.errors:
                 log.warning("initial mirror: %s: %s; the capture follows it", os.fsdecode(rel), why)
-            self.mirror_errors = list(self.mirror_summary.errors)
-        elif self.mirror_summary.errors:
+            self.mirror_errors = list(summary.errors)
+        elif summary.errors:
             raise MirrorError(f"initial mirror of {self.src} to {self.dst} failed for "
-                              f"{len(self.mirror_summary.errors)} path(s), first: "
-                              f"{self.mirror_summary.errors[0]}")
+                              f"{len(summary.errors)} path(s), first: "
+                              f"{summary.errors[0]}")
         return engine.left, target.xattrs, engine.left_stale
 
     MIRROR_QUEUE_WAIT = 600.0    # seconds the mirror waits for room in a full source queue
@@ -311,7 +318,8 @@ class Replication:
         deadline = time.monotonic() + self.MIRROR_QUEUE_WAIT
         while True:
             try:
-                return self.journal_sink.append(op)
+                self.journal_sink.append(op)
+                return
             except QueueFull:
                 if time.monotonic() > deadline:
                     raise
@@ -361,7 +369,7 @@ class Replication:
         self.target.close()
         self.queue.close()
 
-    def __enter__(self) -> "Replication":
+    def __enter__(self) -> Replication:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -391,7 +399,8 @@ class Replication:
                "seq_captured": s["seq_captured"], "seq_sent": s["seq_sent"],
                "seq_acked": s["seq_acked"], "seq_applied": t["seq_applied"],
                "source_queue_mem": s["queue_mem_bytes"], "source_queue_disk": s["queue_disk_bytes"],
-               "target_queue_mem": t["queue_mem_bytes"] + t["handoff_bytes"], "target_queue_disk": t["queue_disk_bytes"],
+               "target_queue_mem": t["queue_mem_bytes"] + t["handoff_bytes"],
+               "target_queue_disk": t["queue_disk_bytes"],
                "bytes_sent": s["bytes_sent"], "lag_ms_p50": s["lag_ms_p50"],
                "lag_ms_p99": s["lag_ms_p99"],
                "memory": self.memory_use(),

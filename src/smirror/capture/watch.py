@@ -54,18 +54,16 @@ import time
 
 import numpy as np
 
-from smirror.kernels import checksum
-from smirror.capture import fanotify
-from smirror.capture import inotify
+from smirror.capture import fanotify, inotify
 from smirror.capture.inotify import MOVED_OUT, Event, Kind
-from smirror.ops import MARK_RESYNC_DONE, MARK_ROOT_MTIME, MKNOD_TYPES, Op, OpKind
 from smirror.fs.files import read_xattrs, xattr_filter
+from smirror.fs.tree import Rules
+from smirror.kernels import checksum
+from smirror.ops import MARK_RESYNC_DONE, MARK_ROOT_MTIME, MKNOD_TYPES, Op, OpKind
 
 # ops that change their parent directory's mtime on the target
 _CHANGES_PARENT = frozenset({OpKind.CREATE, OpKind.MKDIR, OpKind.DELETE, OpKind.RMDIR, OpKind.RENAME,
                              OpKind.SYMLINK, OpKind.HARDLINK, OpKind.MKNOD})
-
-from smirror.fs.tree import Rules
 
 log = logging.getLogger("smirror.capture.watch")
 
@@ -221,10 +219,11 @@ class TreeCapture:
 
     _read_root = None
     unlinked: list = []     # load_target: names to link again (resync them)
-    _mirror_links = None    # during mirror_to: source inode -> its first name
-    _mirror_stop = None     # during mirror_to: set -> the walk ends before the next entry
+    _mirror_links: dict | None = None    # during mirror_to: source inode -> its first name
+    # during mirror_to: set -> the walk ends before the next entry
+    _mirror_stop: threading.Event | None = None
     _mirror_stopped = False
-    _mirror_keep = frozenset()  # during mirror_to: files the target keeps as they are (newer)
+    _mirror_keep: frozenset = frozenset()  # during mirror_to: files the target keeps as they are (newer)
     _mirror_kept: set = set()   # ... those the walk left alone (regular, one link, on both sides)
     moving_out = False      # True while the ops of a move out of the set are emitted
 
@@ -335,9 +334,10 @@ class TreeCapture:
         connection), leaving this capture's cache and output alone."""
         self.mirror_to(emit, {})
 
-    def mirror_to(self, emit, target_known: dict, orphans_out: list | None = None,
-                  adopt: bool = False, stop: threading.Event | None = None,
-                  keep: frozenset = frozenset()) -> dict:
+    def mirror_to(  # noqa: C901 - the connection mirror's steps in order (one engine: issue 13)
+            self, emit, target_known: dict, orphans_out: list | None = None,
+            adopt: bool = False, stop: threading.Event | None = None,
+            keep: frozenset = frozenset()) -> dict:
         """A difference mirror through the stream: compare the set with
         ``target_known`` (what a target holds: entries and, for the files
         whose size or mtime differ, the target's block hashes) and emit to
@@ -367,7 +367,7 @@ class TreeCapture:
             # seen -> the others), whatever the target holds there now
             self._mirror_links = {}
             self._mirror_stop, self._mirror_stopped, self._mirror_keep = stop, False, keep
-            self._mirror_kept = kept = set()
+            self._mirror_kept = kept = set[bytes]()
             try:
                 for rel, k in list(self.known.items()):
                     if k.kind != stat.S_IFREG or k.strong is not None:
@@ -393,7 +393,7 @@ class TreeCapture:
                                 (read.st_size, read.st_mtime_ns) != listed or \
                                 (after.st_size, after.st_mtime_ns) != listed:
                             k.strong, k.size = None, listed[0]     # sent whole below
-                seen = set()
+                seen: set[bytes] = set()
                 self._walk(b"", emit=True, seen=seen)
                 stopped = self._mirror_stopped
                 if not stopped:
@@ -406,9 +406,9 @@ class TreeCapture:
                 if keep:
                     stats["kept_newer"] = len(kept)
                     for p in kept:      # the shared cache vouches for no bytes of them either
-                        k = saved[1].get(p)
-                        if k is not None and k.kind == stat.S_IFREG:
-                            self._keep_as_is(p, k, target_known.get(p))
+                        kk = saved[1].get(p)
+                        if kk is not None and kk.kind == stat.S_IFREG:
+                            self._keep_as_is(p, kk, target_known.get(p))
                 if orphans_out is not None:
                     orphans_out.extend(orphaned)
                 if adopt:
@@ -504,7 +504,7 @@ class TreeCapture:
         into the DELETE) changed the names the walk had read already, and
         no event of theirs says so. Each linked inode the walk met is
         compared again when its size or mtime moved."""
-        for rel in sorted(set(self._mirror_links.values())):
+        for rel in sorted(set((self._mirror_links or {}).values())):
             k = self.known.get(rel)
             try:
                 st = os.lstat(self._abs(rel))
@@ -526,7 +526,7 @@ class TreeCapture:
             if rel and not os.path.lexists(self._abs(rel)):
                 self._lost.add(rel)     # moved on with its directory: found later
                 return
-            seen = set()
+            seen: set[bytes] = set()
             self._walk(rel, emit=True, seen=seen, content=content)
             prefix = rel + b"/" if rel else b""
             gone = [p for p in self.known if (p == rel or p.startswith(prefix)) and p not in seen and p]
@@ -560,7 +560,7 @@ class TreeCapture:
                 if is_dir:
                     stack.append(child)
 
-    def _sync_path(self, rel: bytes, emit: bool, seen, content: bool = True) -> None:
+    def _sync_path(self, rel: bytes, emit: bool, seen, content: bool = True) -> None:  # noqa: C901 - per kind
         if seen is not None:
             seen.add(rel)
         try:
@@ -870,7 +870,7 @@ class TreeCapture:
                 fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except PermissionError as exc:
             if emit:
-                self._note_unreadable(rel, exc.strerror)    # the target keeps what it has
+                self._note_unreadable(rel, exc.strerror or str(exc))    # the target keeps what it has
             return None
         except OSError:
             return None
@@ -1041,7 +1041,7 @@ class TreeCapture:
             self._lost.add(new)
 
     # -- events ---------------------------------------------------------------
-    def handle(self, ev: Event) -> None:
+    def handle(self, ev: Event) -> None:  # noqa: C901 - one branch per event kind
         self.stats["events"] += 1
         rel = ev.path
         if self._fault and rel.rpartition(b"/")[2] == self._fault:
@@ -1057,6 +1057,7 @@ class TreeCapture:
             self.resync(rel, ev.reason)
         elif ev.kind == Kind.MOVED:
             self._flush_dirty(force=True)
+            assert ev.new_path is not None      # a MOVED event names both paths
             self._rename(rel, ev.new_path)
         elif ev.kind == Kind.CREATED:
             self._flush_dirty(force=True)
@@ -1290,7 +1291,8 @@ class TreeCapture:
                     with self._lock:
                         self._retry_unreadable()
                     last_retry = time.monotonic()
-                if self.verify_interval is not None and time.monotonic() - last_verify >= self.verify_interval:
+                if self.verify_interval is not None \
+                        and time.monotonic() - last_verify >= self.verify_interval:
                     self.verify()
                     last_verify = time.monotonic()
             except Exception as exc:            # noqa: BLE001 - never a silent dead thread

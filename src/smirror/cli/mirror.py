@@ -103,8 +103,8 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from smirror.mirror.engine import Mirror, MirrorOptions, show
     from smirror.fs.tree import Rules
+    from smirror.mirror.engine import Mirror, MirrorOptions, show
 
     def fail(message, code):
         print(f"smirror mirror: error: {message}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from smirror.cli.common import local_dir, text_summary
 from smirror.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
@@ -51,19 +52,21 @@ def _status_line(st: dict) -> str:
     lag = st["lag_ms_p99"]
     err = f"  error: {st['error']}" if st.get("error") else ""
     return (f"{st['state']:<12} captured {st['seq_captured']:>8}  applied {st['seq_applied']:>8}  "
-            f"sent {format_size(st['bytes_sent']):>9}  queue {format_size(st['source_queue_mem'] + st['source_queue_disk']):>9}"
+            f"sent {format_size(st['bytes_sent']):>9}  "
+            f"queue {format_size(st['source_queue_mem'] + st['source_queue_disk']):>9}"
             f"  lag p99 {'-' if lag is None else f'{lag:.1f} ms'}"
             f"  memory {format_size(st['memory']['used'])} of {format_size(st['memory']['limit'])}{err}")
 
 
 def run_replicate(args) -> int:
     import json
+    import logging
     import signal
     import threading
     import time
-    from smirror.replication import Replication
+
     from smirror.fs.tree import Rules
-    import logging
+    from smirror.replication import Replication
     # warnings and errors (with their tracebacks) of every component to stderr
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rules = Rules.from_patterns([("exclude", p) for p in args.exclude]
@@ -122,6 +125,7 @@ def run_replicate(args) -> int:
 def run_demo(args) -> int:
     import json
     import tempfile
+
     from smirror.mirror.engine import Mirror, MirrorOptions
     base = args.dir or tempfile.mkdtemp(prefix="smirror-demo-")
     src, dst = os.path.join(base, "source"), os.path.join(base, "target")
@@ -130,7 +134,7 @@ def run_demo(args) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     _make_demo_tree(src, args.size_mb)
-    results = {}
+    results: dict[str, Any] = {}
     full = Mirror(src, dst, MirrorOptions()).run()
     results["full"] = full.to_dict()
     changed = _change_demo_tree(src)

@@ -110,7 +110,9 @@ def _mapped_signature(fd: int, length: int, block_size: int, weak: bool):
     no lease can be had. A lease break (a writer waiting) stops the mapping
     at the next window and the rest is read with preads."""
     import mmap
+
     import numpy as np
+
     from smirror.kernels import checksum
     page = mmap.ALLOCATIONGRANULARITY
     if block_size % page and page % block_size:
@@ -129,7 +131,7 @@ def _mapped_signature(fd: int, length: int, block_size: int, weak: bool):
             part = checksum.signature(m, block_size, weak)
             i = off // block_size
             strong[i:i + part.count] = part.strong
-            if weak:
+            if weak_arr is not None and part.weak is not None:
                 weak_arr[i:i + part.count] = part.weak
 
         off = _map_windows(fd, length, window, consume)
@@ -137,7 +139,7 @@ def _mapped_signature(fd: int, length: int, block_size: int, weak: bool):
             rest = _pread_signature(fd, length - off, block_size, weak, start=off)
             i = off // block_size
             strong[i:] = rest.strong
-            if weak:
+            if weak_arr is not None and rest.weak is not None:
                 weak_arr[i:] = rest.weak
         return checksum.Signature(block_size, length, strong, weak_arr)
     finally:

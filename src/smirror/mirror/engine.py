@@ -27,15 +27,31 @@ import os
 import stat
 import threading
 import time
+from typing import cast
 
-from smirror.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, MirrorError, ConfigError, SourceChanged
-from smirror.fs.files import (aligned_buffer, drop_lease, fd_digest, fd_signature, read_full,
-                              read_xattrs, take_read_lease, xattr_filter)
-from smirror.fs.tree import (DIR, FILE, SPECIAL, SYMLINK, Entry, Listing, Rules, entry_from_stat,
-                             scan)
-from smirror.mirror.local import LocalTarget
-from smirror.mirror.target import TargetSide
+from smirror.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    ConfigError,
+    MirrorError,
+    SourceChanged,
+)
+from smirror.fs.files import (
+    aligned_buffer,
+    drop_lease,
+    fd_digest,
+    fd_signature,
+    read_full,
+    read_xattrs,
+    take_read_lease,
+    xattr_filter,
+)
+from smirror.fs.tree import DIR, FILE, SPECIAL, SYMLINK, Entry, Listing, Rules, entry_from_stat, scan
 from smirror.mirror.compare import source_is_newer
+from smirror.mirror.local import LocalTarget
+from smirror.mirror.target import TargetSide, WholeFileWriter
 
 # the values of smirror.cli.main's EXIT_* (not imported: the library stays free of argparse)
 
@@ -95,8 +111,8 @@ class _Helpers:
     check of an unchanged tree is a matter of tens of milliseconds.)"""
 
     def __init__(self, count: int, name: str):
-        import queue        # here: most runs start no helper (queue imports heapq)
-        self._queue = queue.SimpleQueue()
+        import queue  # here: most runs start no helper (queue imports heapq)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._loop, name=name, daemon=True)
                          for _ in range(count)]
         for t in self._threads:
@@ -110,7 +126,7 @@ class _Helpers:
             fut, fn, args = item
             try:
                 fut.value = fn(*args)
-            except BaseException as exc:   # handed to whoever waits on it
+            except BaseException as exc:   # noqa: BLE001 - handed to whoever waits on it
                 fut.error = exc
             fut.done.set()
 
@@ -197,14 +213,14 @@ class Summary:
         self.meta_updated = 0        # entries whose mode/owner/mtime/xattrs were set
         self.hardlinks = 0           # hard links made
         self.removed = 0             # target entries removed because the type changed
-        self.orphans = []            # relative paths (bytes)
+        self.orphans: list[bytes] = []            # relative paths
         self.orphans_deleted = 0
         self.orphans_moved = 0
         self.bytes_literal = 0       # data taken from the source and written
         self.bytes_matched = 0       # data found already equal on the target
         self.bytes_written = 0       # data the target wrote (incl. delta copies)
-        self.errors = []             # (relative path, message)
-        self.actions = []            # dry run: (action, relative path)
+        self.errors: list[tuple[bytes, str]] = []     # (relative path, message)
+        self.actions: list[tuple[str, bytes]] = []    # dry run: (action, relative path)
         self.seconds = 0.0
         self.stopped = False         # ended early by the caller's stop event
 
@@ -285,9 +301,13 @@ def _runs(indexes):
     return out
 
 
+def _parent_of(rel: bytes) -> bytes:
+    return rel.rpartition(b"/")[0]
+
+
 def _merge_ops(ops):
     """Join adjacent delta ops of the same kind and contiguous offsets."""
-    merged = []
+    merged: list[tuple[int, int, int]] = []
     for kind, off, n in ops:
         if merged:
             pk, po, pn = merged[-1]
@@ -333,7 +353,7 @@ class Mirror:
         # per source path: the source's entry as written or found equal (a
         # file: as it was when copied or compared; one that failed: see
         # _left_unknown). A capture adopts it as its model of the target
-        self.left: dict[bytes, object] = {}
+        self.left: dict[bytes, Entry] = {}
         self.source_listing: Listing | None = None
         self.left_stale: set[bytes] = set()         # in left, attributes not known
         self._aborted_whole: set[bytes] = set()     # whole writes given up
@@ -341,9 +361,9 @@ class Mirror:
         self.target_listing: Listing | None = None
         self._lock = threading.Lock()
         self._wanted_xattr = xattr_filter()
-        self._fatal = None
-        self._hash_pool = None
-        self._orphan_skip = ()
+        self._fatal: OSError | None = None
+        self._hash_pool: _Helpers | None = None
+        self._orphan_skip: tuple[bytes, ...] = ()
         if self.opts.orphans == "move":
             odir = os.path.realpath(os.fsencode(self.opts.orphan_dir))
             if odir == self.src_root or odir.startswith(self.src_root + b"/"):
@@ -429,7 +449,7 @@ class Mirror:
         summary.seconds = time.monotonic() - t0
         if self._fatal is not None:
             exc = self._fatal
-            err = MirrorError(f"target write failed, mirror stopped: {os.strerror(exc.errno)}"
+            err = MirrorError(f"target write failed, mirror stopped: {os.strerror(exc.errno or 0)}"
                               + (f" ({show(os.fsencode(exc.filename))})" if exc.filename else ""))
             err.exit_code = EXIT_FAILED
             err.summary = summary
@@ -468,7 +488,7 @@ class Mirror:
 
     # ------------------------------------------------------------ planning
 
-    def _plan(self, src, dst):
+    def _plan(self, src, dst):  # noqa: C901 - one pass sorting every entry kind; split with the planner's next change
         opts = self.opts
         s_entries = src.entries
         d_entries = dst.entries
@@ -484,7 +504,7 @@ class Mirror:
         self.dirs = []           # (rel, src entry, dst entry or None)
         quick = opts.different or opts.newer
         fresh = set()            # dirs created now: nothing under them exists yet
-        leaders = {}             # (dev, ino) -> first path of a hard-link group
+        leaders: dict[tuple[int, int], bytes] = {}   # (dev, ino) -> first path of a hard-link group
         rewritten = set()        # files getting a new inode (temp + rename)
         left = self.left
         for rel, s in s_entries.items():
@@ -601,95 +621,117 @@ class Mirror:
     # ------------------------------------------------------------ execution
 
     def _execute(self):
-        opts = self.opts
-        target = self.target
-        summary = self.summary
-        dry = opts.dry_run
-        touched = set()            # dirs whose entries changed: their mtime must be reset
-
-        def parent_of(rel):
-            return rel.rpartition(b"/")[0]
-
-        # orphans first: frees space, and a moved orphan cannot block a new name
-        if opts.orphans != "report":
-            for rel, d in self.orphans:
-                self._act("delete-orphan" if opts.orphans == "delete" else "move-orphan", rel)
-                if dry:
-                    continue
-                try:
-                    if opts.orphans == "delete":
-                        target.remove(rel)
-                        summary.orphans_deleted += 1
-                    else:
-                        target.move_orphan(rel, self._orphan_dir)
-                        summary.orphans_moved += 1
-                    touched.add(parent_of(rel))
-                except (OSError, MirrorError) as exc:
-                    self._error(rel, exc)
-                if self._fatal:
-                    return
-            # with an age limit, orphan directories go only once empty
-            if opts.orphans == "delete" and not dry:
-                for rel in sorted(self.orphan_dirs, key=len, reverse=True):
-                    try:
-                        target.rmdir(rel)
-                        touched.add(parent_of(rel))
-                    except OSError:
-                        pass
-        for rel in self.removals:
-            self._act("remove", rel)
-            if dry:
-                continue
-            try:
-                target.remove(rel)
-                summary.removed += 1
-                touched.add(parent_of(rel))
-            except OSError as exc:
-                self._error(rel, exc)
-        for rel, s in self.mkdirs:
-            self._act("mkdir", rel)
-            summary.created += 1
-            touched.add(parent_of(rel))
-            if dry:
-                continue
-            try:
-                target.mkdir(rel, s)
-            except OSError as exc:
-                self._error(rel, exc)
+        """The plan, in dependency order: orphans (frees space and names),
+        type changes, new directories, symlinks and special files, file
+        data, hard links, metadata, then directories' times deepest first.
+        A fatal target error (disk full, read-only) ends it."""
+        touched: set[bytes] = set()     # dirs whose entries changed: their mtime must be reset
+        if self.opts.orphans != "report":
+            self._execute_orphans(touched)
             if self._fatal:
                 return
-        for rel, s, d in self.links_sym:
-            self._act("symlink", rel)
-            touched.add(parent_of(rel))
-            if d is None:
-                summary.created += 1
-            else:
-                summary.changed += 1
-            if dry:
-                continue
-            try:
-                target.symlink(rel, s.link)
-                target.set_meta(rel, s)
-            except OSError as exc:
-                self._error(rel, exc)
-        for rel, s, d in self.specials:
-            self._act("mknod", rel)
-            touched.add(parent_of(rel))
-            summary.created += 1
-            if dry:
-                continue
-            try:
-                target.mknod(rel, s)
-                target.set_meta(rel, s, self._src_xattrs(self._src(rel)))
-            except OSError as exc:
-                self._error(rel, exc)
+        self._execute_removals(touched)
+        if self._execute_mkdirs(touched):
+            return
+        self._execute_symlinks(touched)
+        self._execute_specials(touched)
         if self._fatal:
             return
-
         self._run_files(touched)
         if self._fatal or self.stop.is_set():
             return
+        if self._execute_hardlinks(touched):
+            return
+        self._execute_meta()
+        self._execute_dirs(touched)
 
+    def _execute_orphans(self, touched: set) -> None:
+        opts, target, summary = self.opts, self.target, self.summary
+        for rel, _d in self.orphans:
+            self._act("delete-orphan" if opts.orphans == "delete" else "move-orphan", rel)
+            if opts.dry_run:
+                continue
+            try:
+                if opts.orphans == "delete":
+                    target.remove(rel)
+                    summary.orphans_deleted += 1
+                else:
+                    target.move_orphan(rel, self._orphan_dir)
+                    summary.orphans_moved += 1
+                touched.add(_parent_of(rel))
+            except (OSError, MirrorError) as exc:
+                self._error(rel, exc)
+            if self._fatal:
+                return
+        # with an age limit, orphan directories go only once empty
+        if opts.orphans == "delete" and not opts.dry_run:
+            for rel in sorted(self.orphan_dirs, key=len, reverse=True):
+                try:
+                    target.rmdir(rel)
+                    touched.add(_parent_of(rel))
+                except OSError:
+                    pass
+
+    def _execute_removals(self, touched: set) -> None:
+        for rel in self.removals:
+            self._act("remove", rel)
+            if self.opts.dry_run:
+                continue
+            try:
+                self.target.remove(rel)
+                self.summary.removed += 1
+                touched.add(_parent_of(rel))
+            except OSError as exc:
+                self._error(rel, exc)
+
+    def _execute_mkdirs(self, touched: set) -> bool:
+        """True when a fatal error ended it."""
+        for rel, s in self.mkdirs:
+            self._act("mkdir", rel)
+            self.summary.created += 1
+            touched.add(_parent_of(rel))
+            if self.opts.dry_run:
+                continue
+            try:
+                self.target.mkdir(rel, s)
+            except OSError as exc:
+                self._error(rel, exc)
+            if self._fatal:
+                return True
+        return False
+
+    def _execute_symlinks(self, touched: set) -> None:
+        for rel, s, d in self.links_sym:
+            self._act("symlink", rel)
+            touched.add(_parent_of(rel))
+            if d is None:
+                self.summary.created += 1
+            else:
+                self.summary.changed += 1
+            if self.opts.dry_run:
+                continue
+            try:
+                self.target.symlink(rel, s.link)
+                self.target.set_meta(rel, s)
+            except OSError as exc:
+                self._error(rel, exc)
+
+    def _execute_specials(self, touched: set) -> None:
+        for rel, s, _d in self.specials:
+            self._act("mknod", rel)
+            touched.add(_parent_of(rel))
+            self.summary.created += 1
+            if self.opts.dry_run:
+                continue
+            try:
+                self.target.mknod(rel, s)
+                self.target.set_meta(rel, s, self._src_xattrs(self._src(rel)))
+            except OSError as exc:
+                self._error(rel, exc)
+
+    def _execute_hardlinks(self, touched: set) -> bool:
+        """True when a fatal error ended it."""
+        target, summary = self.target, self.summary
         failed = {rel for rel, _ in summary.errors}
         for rel, leader, d in self.hardlinks:
             if leader in failed:
@@ -705,18 +747,20 @@ class Mirror:
                             (lead_now.ino, lead_now.dev) == (here_now.ino, here_now.dev):
                         continue
                 self._act("hardlink", rel)
-                touched.add(parent_of(rel))
+                touched.add(_parent_of(rel))
                 summary.hardlinks += 1
                 if d is None:
                     summary.created += 1
-                if not dry:
+                if not self.opts.dry_run:
                     target.link(rel, leader)
             except OSError as exc:
                 self._error(rel, exc)
             if self._fatal:
-                return
+                return True
+        return False
 
-        owner = self.owner
+    def _execute_meta(self) -> None:
+        opts, target, owner = self.opts, self.target, self.owner
         quick = opts.different or opts.newer
         for rel, s, d in self.meta:
             try:
@@ -739,13 +783,16 @@ class Mirror:
                 if same:
                     continue
                 self._act("meta", rel)
-                summary.meta_updated += 1
-                if not dry:
+                self.summary.meta_updated += 1
+                if not opts.dry_run:
                     target.set_meta(rel, s, sx)
             except OSError as exc:
                 self._error(rel, exc)
 
+    def _execute_dirs(self, touched: set) -> None:
         # directories last, deepest first: writing inside a directory changes its mtime
+        opts, target, owner = self.opts, self.target, self.owner
+        quick = opts.different or opts.newer
         for rel, s, d in reversed(self.dirs):
             try:
                 if quick and d is not None and rel not in touched and \
@@ -756,9 +803,9 @@ class Mirror:
                         and (sx is None or sx == target.xattrs(rel)):
                     continue
                 if d is not None:
-                    summary.meta_updated += 1
+                    self.summary.meta_updated += 1
                     self._act("meta", rel)
-                if not dry:
+                if not opts.dry_run:
                     target.set_meta(rel, s, sx)
             except OSError as exc:
                 self._error(rel, exc)
@@ -776,7 +823,7 @@ class Mirror:
         if progress is not None:
             progress.start(total, len(files))
         # a temp + rename (or a delta rebuild) changes the parent's mtime
-        for rel, s, d, action in files:
+        for rel, _s, _d, _action in files:
             touched.add(rel.rpartition(b"/")[0])
         # largest first keeps both workers busy to the end
         order = sorted(files, key=lambda f: f[1].size, reverse=True)
@@ -796,7 +843,7 @@ class Mirror:
             if progress is not None:
                 progress.finish()
 
-    def _helpers(self) -> "_Helpers":
+    def _helpers(self) -> _Helpers:
         """The threads hashing the target side of large files, started on
         first use (most runs have no large file to compare)."""
         with self._lock:
@@ -807,7 +854,7 @@ class Mirror:
     def _run_workers(self, order, threads):
         it = iter(order)
         lock = threading.Lock()
-        crashed = []
+        crashed: list[BaseException] = []
 
         def work():
             try:
@@ -817,7 +864,7 @@ class Mirror:
                     if item is None:
                         return
                     self._file_task(item)
-            except BaseException as exc:   # a bug: stop everyone, re-raise below
+            except BaseException as exc:   # noqa: BLE001 - a bug: stop everyone, re-raise below
                 crashed.append(exc)
 
         workers = [threading.Thread(target=work, name="smirror-worker", daemon=True)
@@ -925,7 +972,7 @@ class Mirror:
 
     # ------------------------------------------------------------ checksum
 
-    def _check_file(self, rel, s, d):
+    def _check_file(self, rel, s, d):  # noqa: C901 - the checksum path's cases in order, each commented
         from smirror.kernels import checksum
         fd, st1 = self._open_source(rel)
         if self._streamed:
@@ -1086,8 +1133,9 @@ class Mirror:
     def _patch_blocks(self, rel, fd, st1, sig_s, changed, bs):
         """Write the changed aligned blocks into the target file in place,
         each block's strong hash checked again as it is read."""
-        from smirror.kernels import checksum
         import numpy as np
+
+        from smirror.kernels import checksum
         size = st1.st_size
         chunk_blocks = max(1, (8 << 20) // bs)
         buf = memoryview(aligned_buffer(chunk_blocks * bs))
@@ -1163,7 +1211,7 @@ class Mirror:
                     if kind == checksum.LITERAL:
                         w.write(src_view[off:off + n], out)
                     elif not aligned:
-                        w.copy_old(off, n, out)
+                        cast(WholeFileWriter, w).copy_old(off, n, out)   # not aligned: a temp
                     out += n
                 w.truncate(size)
                 self._check_same(fd, st1)

@@ -24,8 +24,17 @@ import time
 
 from smirror.errors import ConfinementError, MirrorError
 from smirror.fs.beneath import Beneath, check_rel, chmod_at, lstat_at, proc_path, rmtree_at
-from smirror.fs.files import (copy_data_extents, copy_range, fd_digest, fd_signature, pwrite_all,
-                              read_xattrs, replace_at, temp_name, xattr_filter)
+from smirror.fs.files import (
+    copy_data_extents,
+    copy_range,
+    fd_digest,
+    fd_signature,
+    pwrite_all,
+    read_xattrs,
+    replace_at,
+    temp_name,
+    xattr_filter,
+)
 from smirror.fs.tree import SPECIAL, SYMLINK, TEMP_PREFIX, Entry, entry_from_stat, scan
 
 
@@ -48,7 +57,7 @@ class LocalTarget:
     def __init__(self, root, *, owner: bool | None = None, xattrs: bool = True,
                  fsync: bool = False):
         self.root = os.fsencode(os.path.abspath(os.fsencode(root)))
-        self._base = None              # opened at first use (a dry run may have no root yet)
+        self._base: Beneath | None = None      # opened at first use (a dry run may have no root yet)
         self.owner = (os.geteuid() == 0) if owner is None else owner
         self.use_xattrs = xattrs
         self.fsync = fsync
@@ -125,14 +134,14 @@ class LocalTarget:
 
     # ---------------------------------------------------------- writing
 
-    def create_temp(self, rel: bytes) -> "TempWriter":
+    def create_temp(self, rel: bytes) -> TempWriter:
         with self.base.at(rel) as (d, name):
             tname = temp_name()
             fd = os.open(tname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600, dir_fd=d)
             return TempWriter(self, rel, os.dup(d), name, tname, fd)
 
-    def open_inplace(self, rel: bytes) -> "InplaceWriter":
+    def open_inplace(self, rel: bytes) -> InplaceWriter:
         fd = self.base.open(rel, os.O_RDWR)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
@@ -253,7 +262,7 @@ class TempWriter:
         self.name = name
         self.tname = tname
         self.fd = fd
-        self._old_fd = None
+        self._old_fd: int | None = None
 
     def copy_from(self, src_fd: int, size: int, progress=None, dense: bool = False) -> int:
         """Copy a whole source file (its data extents; holes stay holes).
@@ -274,10 +283,11 @@ class TempWriter:
     def copy_old(self, offset: int, length: int, out_offset: int) -> int:
         """Copy bytes of the file currently under the final name (a rolling
         delta's COPY op) into the new file."""
-        if self._old_fd is None:
-            self._old_fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-                                   | os.O_NONBLOCK, dir_fd=self.dfd)
-        n = copy_range(self._old_fd, self.fd, offset, length, out_offset)
+        old_fd = self._old_fd
+        if old_fd is None:
+            old_fd = self._old_fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                                            | os.O_NONBLOCK, dir_fd=self.dfd)
+        n = copy_range(old_fd, self.fd, offset, length, out_offset)
         if n != length:
             raise MirrorError(f"{self.rel!r} on the target shrank during the update")
         self.target.count_written(n)

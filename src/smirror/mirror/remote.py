@@ -227,14 +227,14 @@ class StreamTarget:
         with self._emit_lock:
             self.bytes_written += n
 
-    def create_temp(self, rel: bytes) -> "StreamWriter":
+    def create_temp(self, rel: bytes) -> StreamWriter:
         """A file written whole: a new inode under ``rel`` (DELETE, CREATE)."""
         self.emit(Op.delete(_ZERO, rel))
         self.emit(Op.create(_ZERO, rel, 0o600))
         self._xattrs[rel] = {}
         return StreamWriter(self, rel, 0, whole=True)
 
-    def open_inplace(self, rel: bytes) -> "StreamWriter":
+    def open_inplace(self, rel: bytes) -> StreamWriter:
         d = self._entry(rel)
         if d is None or d.kind != FILE:
             raise MirrorError(f"{rel!r} on the target is not a regular file")

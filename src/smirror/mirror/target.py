@@ -40,8 +40,9 @@ class TargetReader(Protocol):
     def digest(self, rel: bytes, length: int) -> bytes | None:
         """XXH3-128 of a file's content, None when its length is not ``length``."""
 
-    def xattrs(self, rel: bytes) -> dict:
-        """The extended attributes of ``rel`` the mirror compares."""
+    def xattrs(self, rel: bytes) -> dict | None:
+        """The extended attributes of ``rel`` the mirror compares (None: not
+        known, e.g. a remote listing that carries none: all are sent)."""
 
 
 class FileWriter(Protocol):

@@ -45,19 +45,19 @@ applied op by op, so every state a kill can show is a prefix of it.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
-import struct
 import stat
+import struct
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, cast
 
-import logging
-
-from smirror.fs.beneath import (RENAME_EXCHANGE, Beneath, chmod_at, lstat_at, proc_path,
-                                renameat2, rmtree_at)
 from smirror.errors import ApplyError, ConfinementError
-from smirror.ops import AttrMask, Op, OpKind, RenameFlag, XattrFlag
+from smirror.fs.beneath import RENAME_EXCHANGE, Beneath, chmod_at, lstat_at, proc_path, renameat2, rmtree_at
 from smirror.fs.files import replace_at
+from smirror.ops import AttrMask, Op, OpKind, RenameFlag, XattrFlag
 from smirror.stream import reclaim
 
 log = logging.getLogger("smirror.stream.apply")
@@ -184,7 +184,7 @@ class Applier:
     def root(self) -> bytes:
         return self.base.root
 
-    def apply(self, op: Op) -> None:
+    def apply(self, op: Op | Moot | WriteRun) -> None:
         """Apply one op, or one step of :meth:`plan` (a :class:`Moot` op,
         a :class:`WriteRun`), and record its seq."""
         cls, count = op.__class__, 1
@@ -196,9 +196,9 @@ class Applier:
             self.stats["skipped"] += 1        # applied before a restart
             return
         if cls is WriteRun:
-            count = len(op.ops)
+            count = len(cast(WriteRun, op).ops)
             self.stats["coalesced"] += count - 1
-        do = self._write_run if cls is WriteRun else self._dispatch[op.kind]
+        do: Callable[[Any], None] = self._write_run if cls is WriteRun else self._dispatch[op.kind]
         try:
             if op.kind in _NAMED and (not op.path or op.kind in _TWO_PATHS and not op.path2):
                 raise ConfinementError("the map base itself cannot be its target", b"")
@@ -291,7 +291,7 @@ class Applier:
             i = last + 1
         return steps
 
-    def _moot(self, ops, applied: int) -> set:
+    def _moot(self, ops, applied: int) -> set:  # noqa: C901 - one rule per op kind
         """Indexes of the ops of a frame that later ops make moot (plan)."""
         moot: set[int] = set()
         life: dict = {}         # path -> its ops since a CREATE in this frame

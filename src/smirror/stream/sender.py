@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from smirror.errors import QueueClosed, QueueFull, SmirrorError
 from smirror.stream.journal import ConnectionJournal
@@ -60,13 +61,14 @@ class Sender:
         self.on_reset = None        # called (in the sender's thread) when a mirror is needed
         # seq -> callable run just before the frame ending at that seq is
         # sent (a task's on-transmit command; the task is alone in its frame)
-        self.before_send: dict[int, object] = {}
+        self.before_send: dict[int, Callable[[], object]] = {}
         self.notices: collections.deque = collections.deque(maxlen=50)   # from the target
         self.on_notice = None       # called (in the ack reader's thread) with each task notice
-        self.on_resync = None       # (path, reason) -> None: the target asks for a targeted resync
+        # (path, reason) -> None: the target asks for a targeted resync
+        self.on_resync: Callable[[bytes, str], None] | None = None
 
     # -- control -----------------------------------------------------------
-    def start(self) -> "Sender":
+    def start(self) -> Sender:
         self._thread = threading.Thread(target=self._run, name=f"sender-{self.conid}", daemon=True)
         self._thread.start()
         return self
@@ -114,7 +116,7 @@ class Sender:
             except (ProtocolError, OSError, SmirrorError) as exc:
                 if not self._stop.is_set():
                     self._failed(exc)
-            except Exception as exc:        # noqa: BLE001 - never a silent dead sender
+            except Exception as exc:
                 log.exception("connection %s: sender failed", self.conid)
                 self._failed(RuntimeError(f"sender failed: {type(exc).__name__}: {exc}"))
             finally:
@@ -132,7 +134,7 @@ class Sender:
         self.last_error, self.last_error_at = message, time.time()
         log.log(level, "connection %s: %s%s", self.conid, message, more)
 
-    last_error_at = None
+    last_error_at: float | None = None
 
     def _session(self, link: Link) -> None:
         q = self.queue
@@ -231,8 +233,9 @@ class Sender:
                     raise ProtocolError(f"{link.peer} sent {mtype.name} on a data link")
         except (ProtocolError, OSError, ValueError, QueueClosed) as exc:
             if not isinstance(exc, (LinkClosed, QueueClosed)) or not self._stop.is_set():
-                self._reader_error = exc if isinstance(exc, (ProtocolError, OSError)) else ProtocolError(str(exc))
-        except Exception as exc:            # noqa: BLE001 - never a silent dead reader: the link is redone
+                self._reader_error = exc if isinstance(exc, (ProtocolError, OSError)) \
+                    else ProtocolError(str(exc))
+        except Exception as exc:
             log.exception("connection %s: reading the target's replies failed", self.conid)
             self._reader_error = ProtocolError(f"reading the target's replies failed: "
                                                f"{type(exc).__name__}: {exc}")
@@ -278,7 +281,7 @@ class Sender:
                 self.on_notice(notice)
         except ProtocolError:
             raise
-        except Exception:                   # noqa: BLE001 - the ACK reader must not die
+        except Exception:
             log.exception("connection %s: handling the target's notice %r failed", self.conid, notice)
 
     resyncs_asked = 0
