@@ -861,12 +861,12 @@ def test_zero_blocks_inside_the_targets_file_are_sent_when_its_hashes_are_unknow
 
 # -- the mirror engine writing through a stream (smirror replicate's initial
 # mirror: mirror.remote.StreamTarget), its result adopted as the cache
-# (TreeCapture.adopt_mirror): the same guarantees as mirror_to above
+# (TreeCapture.load_target, as replicate does): the same guarantees as mirror_to above
 
 
 def stream_mirror(cap, src, dst, pipe, adopt=True, **options):
-    """What a connection's mirror does (daemon.server.RepsetCapture.mirror),
-    the target a directory here: the mirror engine reads DST and writes
+    """What smirror replicate's initial mirror does (Replication._initial_mirror):
+    the mirror engine reads DST and writes
     ops into ``pipe`` (applied at once); with ``adopt`` the capture's cache
     becomes what it left. Returns the engine's summary."""
     from smirror.mirror.engine import Mirror, MirrorOptions
@@ -879,9 +879,10 @@ def stream_mirror(cap, src, dst, pipe, adopt=True, **options):
             engine = Mirror(src, target, MirrorOptions(**{"different": True, "checksum": True,
                                                            **options}))
             summary = engine.run()
-            if adopt:
-                cap.adopt_mirror(engine.left, target.xattrs)
-            cap.mirror_done(summary.orphans)
+            if adopt:       # as smirror replicate does after its initial mirror
+                cap.load_target(dst)
+                for rel in cap.unlinked:
+                    cap.resync(rel, "a hard link the target holds apart")
     finally:
         reader.close()
     assert summary.errors == []
