@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from smirror.daemon.config import parse_hostport
-from smirror.fs.atomic import write_atomic
 from smirror.errors import ConfigError
+from smirror.fs.atomic import write_atomic
 from smirror.fs.tree import Rules
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
