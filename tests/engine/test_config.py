@@ -93,3 +93,17 @@ def test_missing_config_file(tmp_path):
 ])
 def test_parse_hostport(text, expect):
     assert config.parse_hostport(text) == expect
+
+
+def test_sections_are_typed_and_follow_the_schema():
+    # each section is a frozen dataclass whose fields are SCHEMA's keys in
+    # SCHEMA's order, so mypy sees `cfg.queues.fsync` as a str
+    import dataclasses
+    cfg = config.from_mapping({"queues": {"fsync": "always"}})
+    for section, settings in config.SCHEMA.items():
+        typed = getattr(cfg, section)
+        assert [f.name for f in dataclasses.fields(typed)] == list(settings), section
+        assert repr(typed).startswith(f"[{section}] ")
+    assert cfg.queues.fsync == "always"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.queues.fsync = "none"

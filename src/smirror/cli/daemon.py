@@ -12,8 +12,8 @@ import os
 import sys
 
 from smirror.daemon.config import DEFAULT_PORT
-
 from smirror.errors import EXIT_FAILED, EXIT_OK
+
 DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
 
 
@@ -46,7 +46,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(run=run_serve)
 
     p = sub.add_parser("config-defaults", help="print the default configuration as commented TOML")
-    p.set_defaults(run=lambda args: print(__import__("smirror.daemon.config").config.defaults_toml(), end="") or 0)
+    p.set_defaults(run=lambda args: print(__import__("smirror.daemon.config").config.defaults_toml(),
+                                          end="") or 0)
 
     p = sub.add_parser("user", help="manage the daemon's users (on its state directory)")
     p.add_argument("action", choices=("add", "remove", "list"))
@@ -200,6 +201,7 @@ def _log_handler(log_file: str):
     narrowed to 0600 when it exists with wider bits): it names paths and
     keeps task output."""
     import logging
+
     from smirror.errors import ConfigError
     from smirror.private import PRIVATE_FILE, narrow_file
     if not log_file:
@@ -215,6 +217,7 @@ def _log_handler(log_file: str):
 
 def run_serve(args) -> int:
     import logging
+
     from smirror.daemon.server import Daemon
     cfg = _config(args)
     handler = _log_handler(cfg.daemon.log_file)
@@ -268,10 +271,10 @@ def _client(args, timeout: float = 30.0):
 
 
 def run_login(args) -> int:
-    from smirror.stream import wire
     from smirror.daemon.config import parse_hostport
     from smirror.daemon.control import Client, save_session, tls_context, tls_settings_from_env
     from smirror.errors import AuthError
+    from smirror.stream import wire
     tls = tls_settings_from_env()
     host, port = parse_hostport(args.address, "daemon address")
     if tls is None and not wire.is_loopback(host):
@@ -307,7 +310,7 @@ def run_logout(args) -> int:
     if revoked:
         print(f"logged out of {address}: the session is revoked on the daemon")
         return EXIT_OK
-    print(f"smirror logout: warning: the daemon did not revoke the session"
+    print("smirror logout: warning: the daemon did not revoke the session"
           + (f" ({why})" if why else "") + "; it is forgotten here", file=sys.stderr)
     return EXIT_OK
 

@@ -5,9 +5,11 @@ not silently fall back to a default)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from smirror.errors import ConfigError
 from smirror.units import parse_duration, parse_size
@@ -167,7 +169,8 @@ SCHEMA: dict[str, dict[str, Setting]] = {
                                        "under [memory] limit; empty = the budget alone limits it"),
         "disk_queue_dir": Setting("", _str, "spill directory; empty = STATE_DIR/queues"),
         "disk_queue_limit": Setting("10GiB", _size, "bytes on disk per queue before auto-disconnect"),
-        "min_free_space": Setting("1GiB", _size, "free space kept on the queue volume; below it the queue counts as full"),
+        "min_free_space": Setting("1GiB", _size, "free space kept on the queue volume; below it the "
+                                  "queue counts as full"),
         "alert_threshold": Setting(50, _percent, "percent of the disk queue limit at which status warns"),
         "fsync": Setting("segment", _choice("none", "segment", "always"),
                          "when spilled queue data is fsynced: never, when a segment is closed, every record"),
@@ -228,14 +231,120 @@ SCHEMA: dict[str, dict[str, Setting]] = {
 }
 
 
+@dataclass(frozen=True, repr=False)
+class _Section:
+    """One checked section; its fields are SCHEMA[section]'s keys, typed."""
+    _name = ""
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+        return f"[{self._name}] {items}"
+
+
+@dataclass(frozen=True, repr=False)
+class DaemonSection(_Section):
+    _name = "daemon"
+    listen: str
+    state_dir: str
+    log_level: str
+    log_file: str
+    insecure: bool
+
+
+@dataclass(frozen=True, repr=False)
+class LoginSection(_Section):
+    _name = "login"
+    timeout: float
+    max_pending: int
+    max_pending_per_peer: int
+    first_delay: float
+    max_delay: float
+
+
+@dataclass(frozen=True, repr=False)
+class MemorySection(_Section):
+    _name = "memory"
+    limit: int
+
+
+@dataclass(frozen=True, repr=False)
+class QueuesSection(_Section):
+    _name = "queues"
+    source_memory_limit: int | None
+    target_memory_limit: int | None
+    disk_queue_dir: str
+    disk_queue_limit: int
+    min_free_space: int
+    alert_threshold: float
+    fsync: str
+
+
+@dataclass(frozen=True, repr=False)
+class ReconnectSection(_Section):
+    _name = "reconnect"
+    auto_reconnect: bool
+    retry_interval: float
+    remirror: str
+
+
+@dataclass(frozen=True, repr=False)
+class TasksSection(_Section):
+    _name = "tasks"
+    enabled: bool
+    directory: str
+    stop_replication_on_failure: bool
+    group_wait: float
+
+
+@dataclass(frozen=True, repr=False)
+class TargetSection(_Section):
+    _name = "target"
+    allowed_roots: list[str]
+    in_use_max_delay: float
+    orphans_dir: str
+    deleted_dir: str
+    ignored_deletes: str
+    deleted_keep_days: float
+    orphans: str
+    setid_map_bases: list[str]
+    xattr_namespaces: list[str]
+    devices: bool
+
+
+@dataclass(frozen=True, repr=False)
+class LinksSection(_Section):
+    _name = "links"
+    user: str
+    password_file: str
+
+
+@dataclass(frozen=True, repr=False)
+class TlsSection(_Section):
+    _name = "tls"
+    enabled: bool
+    cert: str
+    key: str
+    ca: str
+    cert_users: bool
+
+
 class Config:
-    """Checked settings: ``config.queues.source_memory_limit`` -> bytes."""
+    """Checked settings: ``config.queues.source_memory_limit`` -> bytes.
+    ``values`` holds every section of SCHEMA with every key (from_mapping
+    makes it so)."""
 
     def __init__(self, values: dict[str, dict[str, Any]], source: str = "<defaults>"):
         self._values = values
         self.source = source
-        for section, keys in values.items():
-            setattr(self, section, _Section(section, keys))
+        self.daemon = DaemonSection(**values["daemon"])
+        self.login = LoginSection(**values["login"])
+        self.memory = MemorySection(**values["memory"])
+        self.queues = QueuesSection(**values["queues"])
+        self.reconnect = ReconnectSection(**values["reconnect"])
+        self.tasks = TasksSection(**values["tasks"])
+        self.target = TargetSection(**values["target"])
+        self.links = LinksSection(**values["links"])
+        self.tls = TlsSection(**values["tls"])
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {s: dict(k) for s, k in self._values.items()}
@@ -249,16 +358,6 @@ class Config:
         return Path(self.queues.disk_queue_dir) if self.queues.disk_queue_dir else self.state_dir / "queues"
 
 
-class _Section:
-    def __init__(self, name, keys):
-        self._name = name
-        self.__dict__.update(keys)
-
-    def __repr__(self):
-        items = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if not k.startswith("_"))
-        return f"[{self._name}] {items}"
-
-
 def from_mapping(data: dict, source: str = "<mapping>") -> Config:
     """Check a parsed TOML mapping against SCHEMA and fill in defaults."""
     if not isinstance(data, dict):
@@ -266,7 +365,7 @@ def from_mapping(data: dict, source: str = "<mapping>") -> Config:
     unknown = sorted(set(data) - set(SCHEMA))
     if unknown:
         raise ConfigError(f"{source}: unknown section [{unknown[0]}]; known: {', '.join(SCHEMA)}")
-    values = {}
+    values: dict[str, dict[str, Any]] = {}
     for section, settings in SCHEMA.items():
         given = data.get(section, {})
         if not isinstance(given, dict):
@@ -299,9 +398,10 @@ def load(path: str | os.PathLike | None = None, overrides: dict | None = None) -
     data: dict = {}
     source = "<defaults>"
     if path is not None:
-        try:                    # only when a file is read: keeps CLI start-up light
+        # only when a file is read: keeps CLI start-up light
+        if sys.version_info >= (3, 11):
             import tomllib
-        except ImportError:     # Python 3.10: the same parser, from PyPI
+        else:                   # Python 3.10: the same parser, from PyPI
             import tomli as tomllib
         source = os.fspath(path)
         try:

@@ -15,12 +15,12 @@ import json
 import os
 from pathlib import Path
 
-from smirror.stream import wire
-
 from smirror.daemon import handshake
+from smirror.daemon.auth import User
 from smirror.daemon.config import DEFAULT_PORT, parse_hostport
-from smirror.fs.atomic import write_atomic
 from smirror.errors import AuthError, RequestError
+from smirror.fs.atomic import write_atomic
+from smirror.stream import wire
 
 
 def sessions_file() -> Path:
@@ -92,10 +92,10 @@ class Client:
         self.tls = tls is not None
         self.link = wire.connect(host, port, tls=tls, timeout=timeout, io_timeout=timeout)
         self._ids = itertools.count(1)
-        self.user = None
+        self.user: User | None = None        # set by a login
 
     @classmethod
-    def with_session(cls, address: str, *, tls: dict | None = None, timeout: float = 30.0) -> "Client":
+    def with_session(cls, address: str, *, tls: dict | None = None, timeout: float = 30.0) -> Client:
         """A client logged in with the session ``smirror login`` saved for
         ``address``: TLS as ``tls`` says, else as the login was made."""
         host, port = parse_hostport(address, "daemon address")
@@ -112,11 +112,11 @@ class Client:
             client.link.close()
             raise
 
-    def login(self, user: str, password: str) -> "Client":
+    def login(self, user: str, password: str) -> Client:
         self.user = handshake.login(self.link, user, password)
         return self
 
-    def login_saved(self) -> "Client":
+    def login_saved(self) -> Client:
         """Log in with the session saved by ``smirror login`` for this daemon."""
         saved = saved_session(self.address)
         if saved is None:

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from smirror.daemon.config import parse_hostport
-from smirror.fs.atomic import write_atomic
 from smirror.errors import ConfigError
+from smirror.fs.atomic import write_atomic
 from smirror.fs.tree import Rules
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -130,8 +130,10 @@ class Connection:
         return {k: getattr(self, k) for k in self.OPTIONS}
 
 
-def check_options(options: dict) -> dict:
+def check_options(options: object) -> dict:
     """Connection options from a request or the registry file, checked."""
+    if not isinstance(options, dict):
+        raise ConfigError(f"connection options must be a table of option = value, got {options!r}")
     out = {}
     for key, value in options.items():
         if value is None:
@@ -195,10 +197,11 @@ class Registry:
         write_atomic(self.path, json.dumps(data, indent=1), mode=0o666)
 
     # -- repsets ---------------------------------------------------------
-    def create_repset(self, name: str, root: str, rules=(), capture=None, mount=None) -> Repset:
+    def create_repset(self, name: object, root: object, rules=(), capture=None, mount=None) -> Repset:
         """``capture``: "watch" or "mount" (None: "mount" when ``mount``, a
-        mount point, is given)."""
-        check_name(name)
+        mount point, is given). The arguments may come from a request as
+        they are: each is checked."""
+        name = check_name(name)
         if not isinstance(root, str) or not os.path.isabs(root):
             raise ConfigError(f"repset {name!r}: root must be an absolute path, got {root!r}")
         if not os.path.isdir(root):
@@ -233,24 +236,27 @@ class Registry:
             self._save()
             return new
 
-    def repset(self, name: str) -> Repset:
-        try:
-            return self.repsets[name]
-        except KeyError:
-            raise ConfigError(f"no replication set {name!r}") from None
+    def repset(self, name: object) -> Repset:
+        # a request's name may be any JSON value (a list is not hashable)
+        found = self.repsets.get(name) if isinstance(name, str) else None
+        if found is None:
+            raise ConfigError(f"no replication set {name!r}")
+        return found
 
-    def delete_repset(self, name: str) -> None:
+    def delete_repset(self, name: object) -> Repset:
+        """Forget the repset ``name``, unused by connections; returns it."""
         with self._lock:
-            self.repset(name)
-            used = [c.conid for c in self.connections.values() if c.repset == name]
+            repset = self.repset(name)
+            used = [c.conid for c in self.connections.values() if c.repset == repset.name]
             if used:
-                raise ConfigError(f"replication set {name!r} is used by connection(s) "
+                raise ConfigError(f"replication set {repset.name!r} is used by connection(s) "
                                   f"{', '.join(map(str, used))}: disconnect them first")
-            del self.repsets[name]
+            del self.repsets[repset.name]
             self._save()
+            return repset
 
     # -- connections -----------------------------------------------------
-    def check_connect(self, repset: str, target: str, map_base: str) -> tuple[Repset, str, str]:
+    def check_connect(self, repset: object, target: object, map_base: object) -> tuple[Repset, str, str]:
         """(repset, target, map base) of a connection that may be made, in
         their normal forms, without making it (a daemon asks the target
         before it registers anything)."""
@@ -260,9 +266,9 @@ class Registry:
         map_base = os.path.normpath(map_base)
         with self._lock:
             found = self.repset(repset)
-            conid = self.find(repset, target, map_base)
+            conid = self.find(found.name, target, map_base)
             if conid is not None:
-                raise ConfigError(f"{repset} is already connected to {target} at map base {map_base} "
+                raise ConfigError(f"{found.name} is already connected to {target} at map base {map_base} "
                                   f"(connection {conid})")
         return found, target, map_base
 
@@ -277,22 +283,30 @@ class Registry:
             self._save()
         return conn
 
-    def find(self, repset: str, target: str, map_base: str) -> int | None:
+    def find(self, repset: object, target: object, map_base: object) -> int | None:
         """The conid of repset -> target at map base, or None."""
         target = _check_target(target)
+        if not isinstance(map_base, str):
+            raise ConfigError(f"map base must be a path on the target, got {map_base!r}")
         map_base = os.path.normpath(map_base)
         for c in self.connections.values():
             if (c.repset, c.target, c.map_base) == (repset, target, map_base):
                 return c.conid
         return None
 
-    def connection(self, conid: int) -> Connection:
-        try:
-            return self.connections[int(conid)]
-        except (KeyError, ValueError, TypeError):
-            raise ConfigError(f"no connection with id {conid!r}") from None
+    def connection(self, conid: object) -> Connection:
+        """Connection ``conid``: an int, or (from a request) its digits."""
+        found = None
+        if isinstance(conid, (int, float, str)):
+            try:
+                found = self.connections.get(int(conid))
+            except (ValueError, OverflowError):     # "x", NaN; infinity
+                pass
+        if found is None:
+            raise ConfigError(f"no connection with id {conid!r}")
+        return found
 
-    def set_options(self, conid: int, options: dict) -> Connection:
+    def set_options(self, conid: object, options: object) -> Connection:
         options = check_options(options)
         with self._lock:
             conn = self.connection(conid)
@@ -301,7 +315,7 @@ class Registry:
             self._save()
             return conn
 
-    def disconnect(self, conid: int) -> Connection:
+    def disconnect(self, conid: object) -> Connection:
         with self._lock:
             conn = self.connection(conid)
             del self.connections[conn.conid]
@@ -309,7 +323,7 @@ class Registry:
             return conn
 
 
-def _check_target(target: str) -> str:
+def _check_target(target: object) -> str:
     if target == "local":
         return target
     host, port = parse_hostport(target, "target")

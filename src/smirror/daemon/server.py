@@ -32,25 +32,37 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-from smirror.stream import wire
+from typing import TYPE_CHECKING, Protocol
 
 from smirror.daemon import handshake
 from smirror.daemon.auth import LoginThrottle, Sessions, User, UserStore
 from smirror.daemon.config import Config, parse_hostport, setid_allowed
-from smirror.errors import AuthError, ConfigError, QueueFull, SmirrorError
-from smirror.kernels.memqueue import MemoryBudget, SpillQueue, budget_use, queue_alert, queue_cap, segment_size_for
 from smirror.daemon.registry import Registry, check_options
+from smirror.daemon.target_access import MapBases, SourceBindings, check_source_id, overlaps, resolve
+from smirror.errors import AuthError, ConfigError, QueueFull, SmirrorError
 from smirror.fs.keep import KeepDirs
+from smirror.kernels.memqueue import (
+    MemoryBudget,
+    SpillQueue,
+    budget_use,
+    queue_alert,
+    queue_cap,
+    segment_size_for,
+)
+from smirror.ops import Op
+from smirror.private import check_secret, read_secret
+from smirror.stream import wire
 from smirror.stream.journal import ConnectionJournal
 from smirror.stream.orphans import for_connection
-from smirror.stream.sender import Sender
 from smirror.stream.receiver import TargetConnection
-from smirror.daemon.target_access import MapBases, SourceBindings, check_source_id, overlaps, resolve
-from smirror.private import check_secret, read_secret
+from smirror.stream.sender import Sender
 from smirror.stream.tasks import QueuedInto, SourceTasks, TargetTasks, TaskLog, TaskPolicy, TaskSpec
 from smirror.stream.wire import ORDER_PER_FILE, Link, MsgType, ProtocolError
+
+if TYPE_CHECKING:       # imported when a mount set starts: pyfuse3 is optional
+    from smirror.capture.mount.repset import MountCapture
 
 log = logging.getLogger("smirror.daemon.server")
 
@@ -58,7 +70,7 @@ log = logging.getLogger("smirror.daemon.server")
 class SourceConnection:
     """The source side of one registry connection inside the daemon."""
 
-    def __init__(self, daemon: "Daemon", conn):
+    def __init__(self, daemon: Daemon, conn):
         self.conn = conn
         self.daemon = daemon
         cfg = self.cfg = daemon.config
@@ -68,7 +80,7 @@ class SourceConnection:
                                 segment_size=segment_size_for(cfg.queues.disk_queue_limit),
                                 min_free_bytes=cfg.queues.min_free_space, fsync=cfg.queues.fsync,
                                 budget=daemon.memory)
-        if self.queue.count:
+        if self.queue.count and self.queue.last_seq is not None:
             # frames spilled before a restart: the whole set is sent again
             # (see Daemon.start), so they are stale
             self.queue.ack(self.queue.last_seq)
@@ -89,7 +101,7 @@ class SourceConnection:
         # its next entry (RepsetCapture.stop_mirror)
         self.mirror_stop = threading.Event()
 
-    mirror_stats = None
+    mirror_stats: dict | None = None
     mirror_pending_reset = False
 
     def _capture_status(self) -> dict | None:
@@ -148,6 +160,35 @@ class SourceConnection:
         self.sender.before_send.clear()
 
 
+class SetCapture(Protocol):
+    """What the daemon asks of a replication set's capture: the watcher's
+    :class:`~smirror.capture.watch.TreeCapture` or the mount's
+    :class:`~smirror.capture.mount.repset.MountCapture`."""
+
+    emit: Callable[[Op], None]
+
+    @property
+    def moving_out(self) -> bool: ...
+
+    @property
+    def stats(self) -> dict: ...
+
+    def paused(self) -> threading.RLock: ...
+
+    def mirror_to(self, emit, target_known: dict, orphans_out: list | None = None, adopt: bool = False,
+                  stop: threading.Event | None = None, keep: frozenset = frozenset()) -> dict: ...
+
+    def request_resync(self, rel: bytes, emit, reason: str = "") -> None: ...
+
+    def load_target(self, target_root) -> None: ...
+
+    def status(self) -> dict: ...
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class RepsetCapture:
     """One watcher per replication set; its ops go to every connection
     (a connection that ignores deletes gets a MARK instead of a DELETE or
@@ -161,8 +202,9 @@ class RepsetCapture:
         self.conns: dict[int, object] = {}           # conid -> registry Connection (its options)
         self.mirroring: int | None = None             # conid whose mirror is being queued
         self._lock = threading.Lock()
-        self.capture = TreeCapture(repset.root, self._emit, rules=repset.compiled_rules() or None)
-        self.thread = threading.Thread(target=self.capture.run, daemon=True,
+        watcher = TreeCapture(repset.root, self._emit, rules=repset.compiled_rules() or None)
+        self.capture: SetCapture = watcher
+        self.thread = threading.Thread(target=watcher.run, daemon=True,
                                        name=f"capture-{repset.name}")
 
     def _emit(self, op) -> None:
@@ -287,6 +329,7 @@ class MountRepsetCapture(RepsetCapture):
     the mount's thread: one clean moment of the application's history."""
 
     persistent = True
+    capture: MountCapture
 
     def __init__(self, repset, on_full=None):
         from smirror.capture.mount.repset import MountCapture
@@ -298,7 +341,7 @@ class MountRepsetCapture(RepsetCapture):
         self._lock = threading.Lock()
         self.capture = MountCapture(repset.root, repset.mount, self._emit)
 
-    def start(self) -> "MountRepsetCapture":
+    def start(self) -> MountRepsetCapture:
         self.capture.start()
         if self.capture.mount.cleared:
             log.warning("replication set %s: %s", self.repset.name, self.capture.mount.cleared)
@@ -341,6 +384,7 @@ def _kept_newer(root: str, known: dict) -> frozenset:
     mirror's too). Same size and mtime are not among them: the mirror checks
     those as always."""
     import stat
+
     from smirror.mirror.compare import source_is_newer
     base, keep = os.fsencode(root), set()
     for rel, k in known.items():
@@ -426,7 +470,7 @@ def is_this_host(host: str, listen: str | None = None) -> bool:
     except OSError:
         return False
     for family, _, _, _, sockaddr in infos:
-        addr = sockaddr[0]
+        addr = str(sockaddr[0])
         try:
             ip = ipaddress.ip_address(addr.split("%")[0])
         except ValueError:
@@ -537,7 +581,7 @@ class Daemon:
         self.bindings = SourceBindings(self.state_dir)
         if not config.target.allowed_roots:
             log.info("no [target] allowed_roots: this daemon accepts no data links (it is no target)")
-        self._link_password = None
+        self._link_password = ""          # read with links.user
         if config.links.user:
             if not config.links.password_file:
                 raise ConfigError(f"{config.source}: links.user needs links.password_file")
@@ -679,11 +723,12 @@ class Daemon:
                 raise
             self.captures[repset.name] = cap
             cap.thread.start()
+        # (the ignores: Sender's hooks are typed None until stream/sender.py is typed)
         src.sender.on_resync = lambda rel, why, conid=conn.conid: cap.request_resync(conid, rel, why)
         # a new journal numbers past what the target holds, so the first
         # link sends RESET: the mirror queued here already covers that one
         src.mirror_pending_reset = known is not None
-        src.sender.on_reset = lambda: self._on_reset(src)
+        src.sender.on_reset = lambda: self._on_reset(src)  # type: ignore[assignment]
         src.sender.start()          # first: a mirror larger than the queue waits on it
         try:
             src.mirror_stats = cap.add(conn, src.journal, known, stop=src.mirror_stop, keep=keep)
@@ -692,7 +737,7 @@ class Daemon:
             raise
         return src
 
-    def _start_mount(self, repset) -> "MountRepsetCapture":
+    def _start_mount(self, repset) -> RepsetCapture:
         """Mount the capture of a ``capture = "mount"`` repset (a stale
         mount of a crashed daemon there is cleared first)."""
         with self._sources_lock:
@@ -751,7 +796,7 @@ class Daemon:
             log.warning("connection %s: reconnected%s", conid, " with a remirror" if mode else "")
             return
 
-    def _on_reset(self, src: "SourceConnection") -> None:
+    def _on_reset(self, src: SourceConnection) -> None:
         first_link = src.sender.connects == 0
         if src.mirror_pending_reset and first_link:
             src.mirror_pending_reset = False      # the queued mirror covers it
@@ -760,7 +805,7 @@ class Daemon:
         threading.Thread(target=self._remirror, args=(src,), daemon=True,
                          name=f"remirror-{src.conn.conid}").start()
 
-    def _remirror(self, src: "SourceConnection") -> None:
+    def _remirror(self, src: SourceConnection) -> None:
         """The target lost ops this source no longer holds: a checksum
         difference mirror, queued behind the RESET in the same stream, brings
         it in line (the sender asked for it)."""
@@ -794,10 +839,12 @@ class Daemon:
         whose size or mtime differ from the source: the checksum difference
         mirror; without them such files are sent whole (``different``)."""
         import stat as st_
+
         import numpy as np
-        from smirror.kernels.checksum import block_size_for
-        from smirror.daemon.control import Client
+
         from smirror.capture.watch import WANTED_XATTR, Known
+        from smirror.daemon.control import Client
+        from smirror.kernels.checksum import block_size_for
         repset = self.registry.repset(conn.repset)
         client = Client(conn.target, tls=self.tls_client, timeout=300)
         try:
@@ -851,6 +898,7 @@ class Daemon:
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
+                assert self._sock is not None       # start() made it
                 conn, addr = self._sock.accept()
             except OSError as exc:
                 if self._stop.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
@@ -911,7 +959,7 @@ class Daemon:
                 except SmirrorError as exc:
                     log.warning("%s: %s", link.peer, exc)
                     link.send_error(str(exc))
-                except Exception as exc:        # noqa: BLE001 - a bug ends one link, said in the log
+                except Exception as exc:        # a bug ends one link, said in the log
                     log.exception("%s: link failed", link.peer)
                     link.send_error(f"internal error: {type(exc).__name__}: {exc}")
         finally:
@@ -985,6 +1033,7 @@ class Daemon:
                      link.peer, base, source)
             link.send_json(MsgType.READY, {"last_seq": 0, "map_base": base, "check": True})
             return
+        assert tgt is not None          # made above unless check
         tgt.serve(link, order=opened.get("order"))
 
     def _source_disconnected(self, link: Link, source: str, conid: int, base: str) -> None:
@@ -1035,6 +1084,9 @@ class Daemon:
             rid, verb, args = req.get("id"), req.get("verb"), req.get("args") or {}
             user = self._current_user(link, user)       # ends the link when the user is gone
             try:
+                if not isinstance(verb, str) or not isinstance(args, dict):
+                    raise ConfigError(f"a request is a verb (a string) with args (a table), got verb "
+                                      f"{verb!r} and args {args!r}")
                 if verb in ("session", "logout"):
                     result = self._session_verb(link, user, verb)
                 else:
@@ -1060,10 +1112,11 @@ class Daemon:
             raise AuthError(f"user {user.name!r} has role 'replication': it may open data links "
                             f"and read its own map bases, not {verb!r}")
         if verb == "logout":
-            return {"revoked": bool(link.token_id) and self.sessions.revoke(link.token_id)}
+            return {"revoked": bool(link.token_id and self.sessions.revoke(link.token_id))}
         if link.auth != "password":
             raise AuthError("a session can only be started after a password login, "
                             "not on a link that logged in with a session token")
+        assert link.record is not None      # set by the login
         return {"token": self.sessions.new(user.name, link.record)}
 
     # -- tasks (source side) ------------------------------------------------------
@@ -1094,6 +1147,7 @@ class Daemon:
     # map bases that remote_known makes (an admin may ask them too)
     VERBS: dict[str, tuple[str, str]] = {}
 
+    @staticmethod                       # called here, in the class body (3.10+)
     def _verb(name: str, role: str, VERBS=VERBS):
         def declare(handler):
             VERBS[name] = (role, handler.__name__)
@@ -1140,8 +1194,7 @@ class Daemon:
 
     @_verb("repset.delete", "admin")
     def _repset_delete(self, user: User, args: dict):
-        self.registry.delete_repset(args.get("name"))
-        self._stop_mount(args.get("name"))
+        self._stop_mount(self.registry.delete_repset(args.get("name")).name)
         return {}
 
     @_verb("connect", "admin")
@@ -1243,7 +1296,7 @@ class Daemon:
                                f"acknowledged): nothing is left to stop",
                     "done": "its last one is done", "stopped": "its last one was stopped already"}
             raise ConfigError(f"connection {conn.conid} has no running mirror to stop: "
-                              + said.get(last and last.get("state"), "none is running"))
+                              + said.get(last.get("state") if last else None, "none is running"))
         before = src.mirror_stats
         deadline = time.monotonic() + self.MIRROR_STOP_WAIT
         while cap.mirroring == conn.conid and time.monotonic() < deadline:
@@ -1383,8 +1436,8 @@ class Daemon:
 
     def _target_scan(self, user: User, args) -> dict:
         """The entries under a map base (this daemon as a target)."""
-        from smirror.mirror.local import LocalTarget
         from smirror.fs.tree import scan
+        from smirror.mirror.local import LocalTarget
         base = self._map_base(user, args)
         if not os.path.isdir(base):
             return {}
@@ -1418,8 +1471,8 @@ class Daemon:
     def _target_signature(self, user: User, args) -> str:
         """Block hashes (hex of little-endian uint64 pairs) of one file under
         a map base, path confined to it."""
-        from smirror.kernels.checksum import check_block_size, fd_signature
         from smirror.fs.files import open_beneath
+        from smirror.kernels.checksum import check_block_size, fd_signature
         bs = check_block_size(args.get("block_size"))
         fd = open_beneath(self._map_base(user, args), os.fsencode(args.get("path", "")), os.O_RDONLY)
         try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from smirror.daemon.config import DEFAULT_PORT, parse_hostport
 from smirror.errors import ConfigError
+
 from .lexer import NUMBER, VAR, Source, Token
 from .parser import Statement, parse
 

@@ -7,11 +7,14 @@ import os
 import stat
 import sys
 
-from smirror.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE as EXIT_SCRIPT, DtclError, DtclRunError
+from smirror.errors import EXIT_FAILED, EXIT_OK, DtclError, DtclRunError
+from smirror.errors import EXIT_USAGE as EXIT_SCRIPT
+
 from .check import Checker
 from .lexer import SEMI, Source, mask, tokenize
 from .parser import parse
 from .run import Runner
+
 
 def _read_script(path: str) -> Source:
     try:

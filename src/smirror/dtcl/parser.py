@@ -56,11 +56,13 @@ class Parser:
         self.tokens = tokens
 
     def statements(self) -> list[Statement]:
-        out, group = [], []
+        out: list[Statement] = []
+        group: list[Token] = []
         for tok in self.tokens:
             if tok.kind == SEMI:
                 if not group:
-                    raise self.src.error("empty statement: a ';' with nothing before it", tok.line, tok.column)
+                    raise self.src.error("empty statement: a ';' with nothing before it",
+                                         tok.line, tok.column)
                 out.append(self._statement(group, tok))
                 group = []
             else:
@@ -113,7 +115,7 @@ class Parser:
                 raise self.src.error(f"missing ';' at the end of this statement (line {tok.line} "
                                      f"starts another one)", prev.line, prev.column + len(prev.raw))
 
-    def _verb(self, cur: "Cursor") -> Statement:
+    def _verb(self, cur: Cursor) -> Statement:
         tok = cur.next()
         verb = tok.text.lower()
         if verb not in USAGE:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import sys
 
-from smirror.stream import wire
 from smirror.daemon.control import Client, RequestError, saved_session, tls_context, tls_settings_from_env
 from smirror.errors import AuthError, ConfigError, DtclRunError, SmirrorError
+from smirror.stream import wire
+
 from .check import Action, VarRef
 from .lexer import Source, mask
 
@@ -115,6 +116,7 @@ class Runner:
                 c.link.close()
                 raise
             self.clients[address] = c
+        assert c.user is not None           # both ways above logged in
         self.say(f"logged in to {address} as {user} ({c.user.role})")
         return {"host": address, "user": user, "role": c.user.role}
 
@@ -129,10 +131,10 @@ class Runner:
                 raise ConfigError(f"--password-file {self.password_file}: the first line is empty")
             self.src.secrets.add(value)
             return value
-        value = os.environ.get(PASSWORD_ENV)
-        if value:
-            self.src.secrets.add(value)
-        return value or None
+        env = os.environ.get(PASSWORD_ENV)
+        if env:
+            self.src.secrets.add(env)
+        return env or None
 
     def _logout(self, act):
         c = self.clients.pop(act.host, None)

@@ -44,7 +44,7 @@ class ConnectionJournal:
         # out before: it reserves ranges in ``seq_file`` and starts after
         # the last reservation (the gap is bridged by RESET and a mirror)
         self.seq_file = seq_file
-        self._reserved = None
+        self._reserved: int | None = None
         if seq_file is not None:
             try:
                 with open(seq_file) as f:

@@ -49,27 +49,29 @@ class BypassWatch:
         self._thread = None
         self.error = ""
 
-    def start(self) -> "BypassWatch":
+    def start(self) -> BypassWatch:
         if self.watcher is not None:
             self._thread = threading.Thread(target=self._run, name="mount-bypass", daemon=True)
             self._thread.start()
         return self
 
     def _run(self) -> None:
+        watcher = self.watcher
+        assert watcher is not None          # started only with one
         try:
             while not self._stop.is_set():
-                batch = self.watcher.read(0.2)
+                batch = watcher.read(0.2)
                 if not batch:
                     continue
                 first = time.monotonic()
                 while time.monotonic() - first < MAX_BATCH_DELAY:
-                    more = self.watcher.read(SETTLE)
+                    more = watcher.read(SETTLE)
                     if not more:
                         break
                     batch.extend(more)
                 self._call(self._repair, batch)
                 self._note(batch)
-        except Exception as exc:          # noqa: BLE001 - reported by status/failure
+        except Exception as exc:          # reported by status/failure
             if not self._stop.is_set():
                 self.error = f"the bypass watcher stopped: {type(exc).__name__}: {exc}"
                 log.error("capture mount of %s: %s", self.backing, self.error, exc_info=True)

@@ -36,7 +36,7 @@ SESSION_SEARCH = 1024           # bytes of struct fuse_session searched for its 
 
 _FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                               ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p)
-_installed = []                 # the ctypes callbacks: must live as long as the process
+_installed: list = []           # the ctypes callbacks: must live as long as the process
 
 
 def _elf_symbols(path: str, names: set) -> dict:
@@ -103,7 +103,7 @@ def install(handler) -> str:
         try:
             fh = ctypes.c_uint64.from_address(fi + FI_FH_OFFSET).value
             err = handler(fh, mode, offset, length)
-        except BaseException:               # noqa: BLE001 - must answer the kernel
+        except BaseException:               # must answer the kernel
             log.exception("capture mount: fallocate failed")
             err = errno.EIO
         reply_err(req, err)

@@ -39,6 +39,7 @@ import logging
 import os
 import stat
 import time
+from typing import Any
 
 import pyfuse3
 
@@ -104,7 +105,7 @@ def _served(fn):
             raise pyfuse3.FUSEError(errno.EACCES) from None
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception as exc:            # noqa: BLE001 - must not end the FUSE loop
+        except Exception as exc:            # must not end the FUSE loop
             self.failures += 1
             self.error = f"{fn.__name__}: {type(exc).__name__}: {exc}"
             log.exception("mount of %s: %s failed", os.fsdecode(self.root), fn.__name__)
@@ -149,7 +150,7 @@ class CaptureFS(pyfuse3.Operations):
         self.error = ""
         self._refused_logged = float("-inf")
         # refused: calls refused for confinement (a symlink on the way)
-        self.stats = {"ops": 0, "bytes_written": 0, "refused": 0, "last_refused": ""}
+        self.stats: dict[str, Any] = {"ops": 0, "bytes_written": 0, "refused": 0, "last_refused": ""}
         self.requests: dict[str, int] = {}          # FUSE requests served, by kind
         self.busy_ns = 0                            # time spent in the handlers (profile)
 
@@ -482,7 +483,9 @@ class CaptureFS(pyfuse3.Operations):
             if replaced != ino:     # two names of one file swapped: nothing changed
                 self._out(Op.rename(0, old, new, RenameFlag.EXCHANGE))
                 self._exchanged(old, new)
-            self._dirty(ino, replaced)
+            self._dirty(ino)
+            if replaced is not None:    # it is: EXCHANGE needs both names
+                self._dirty(replaced)
             self._dirty(parent_old, parent_new)
             return
         self._out(Op.rename(0, old, new))
@@ -700,7 +703,7 @@ class CaptureFS(pyfuse3.Operations):
             return 0
         except OSError as exc:
             return exc.errno or errno.EIO
-        except Exception as exc:            # noqa: BLE001 - must not end the FUSE loop
+        except Exception as exc:            # must not end the FUSE loop
             self.failures += 1
             self.error = f"fallocate: {type(exc).__name__}: {exc}"
             log.exception("mount of %s: fallocate failed", os.fsdecode(self.root))
@@ -737,7 +740,7 @@ class CaptureFS(pyfuse3.Operations):
         sent: set[bytes] = set()
         # directories whose entries changed: their mtimes go last (they may
         # be unknown to the mount's inode table, so not through times_dirty)
-        self._touched_dirs: set[bytes] = set()
+        self._touched_dirs = set()
         for kind, rel, new in events_to_repairs(batch):
             try:
                 self._repair_one(kind, rel, new, sent)

@@ -36,7 +36,7 @@ class MountCapture:
         self.stats: dict = {}               # the running mirror's counters
         self.mount = CaptureMount(self.root, self.mountpoint, self._emit)
 
-    def start(self) -> "MountCapture":
+    def start(self) -> MountCapture:
         """Mount (a stale mount a crashed daemon left there is cleared,
         ``self.mount.cleared`` says so)."""
         self.mount.start()
@@ -73,7 +73,9 @@ class MountCapture:
 
     def _mirror_to(self, emit, target_known, orphans_out, stop, keep) -> dict:
         from smirror.capture.watch import TreeCapture
-        self.mount.fs.flush_times()         # the mtimes owed go before the mirror
+        fs = self.mount.fs
+        assert fs is not None               # on the mount's thread: it runs
+        fs.flush_times()                    # the mtimes owed go before the mirror
         touched: set[bytes] = set()
 
         def out(op):
@@ -90,7 +92,7 @@ class MountCapture:
             stats = engine.mirror_to(out, target_known, orphans_out=orphans_out, stop=stop, keep=keep)
         finally:
             engine.close()
-        self.mount.fs.stamp_dirs(touched, emit)
+        fs.stamp_dirs(touched, emit)
         return stats
 
     def request_resync(self, rel: bytes, emit, reason: str = "") -> None:
@@ -101,6 +103,7 @@ class MountCapture:
         self.mount.call_soon(self._resend, bytes(rel), emit)
 
     def _resend(self, rel: bytes, emit) -> None:
+        assert self.mount.fs is not None    # on the mount's thread: it runs
         self.mount.fs.resend_to(rel, emit)
         emit(Op.mark(0, MARK_RESYNC_DONE, json.dumps({"path": os.fsdecode(rel)}).encode()))
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING, Any
 
 from smirror.capture.mount.mountpoint import FSTYPE, prepare
 from smirror.errors import MountError
+
+if TYPE_CHECKING:       # imported by start(): pyfuse3 is optional
+    from .bypass import BypassWatch
+    from .fs import CaptureFS
 
 log = logging.getLogger("smirror.capture.mount")
 
@@ -40,18 +45,18 @@ class CaptureMount:
         self.mountpoint = os.path.abspath(os.fsdecode(mountpoint))
         self.emit = emit
         self.watch_bypass = bypass
-        self.bypass = None
-        self.fs = None
+        self.bypass: BypassWatch | None = None
+        self.fs: CaptureFS | None = None
         self.cleared = ""          # the message, when a stale mount was cleared
         self.fallocate_unsupported = ""     # why fallocate(2) is not served, if it is not
         self.error = ""
         self._thread: threading.Thread | None = None
-        self._token = None
+        self._token: Any = None          # trio's TrioToken, once the loop runs
         self._ready = threading.Event()
         self._mounted = False
         self._owns_lock = False
 
-    def start(self) -> "CaptureMount":
+    def start(self) -> CaptureMount:
         pyfuse3, trio = _binding()
         from .fs import CaptureFS
         if os.path.realpath(self.mountpoint) == os.path.realpath(self.backing) or \
@@ -64,18 +69,18 @@ class CaptureMount:
         self._owns_lock = True
         try:
             self.mountpoint, self.cleared = prepare(self.mountpoint)
-            self.fs = CaptureFS(self.backing, self.emit)
+            fs = self.fs = CaptureFS(self.backing, self.emit)
             opts = {"fsname=smirror", f"subtype={FSTYPE.split('.', 1)[1]}", "default_permissions"}
             if os.geteuid() == 0:
                 opts.add("allow_other")      # the application may run as another user
             try:
-                pyfuse3.init(self.fs, self.mountpoint, opts)
+                pyfuse3.init(fs, self.mountpoint, opts)
             except RuntimeError as exc:
                 raise MountError(f"cannot mount {self.mountpoint}: {exc} (is /dev/fuse "
                                  f"there and usable?)") from None
             self._mounted = True
             from .fallocate import install
-            self.fallocate_unsupported = install(self.fs.fallocate_call)
+            self.fallocate_unsupported = install(fs.fallocate_call)
             if self.fallocate_unsupported:
                 log.warning("capture mount at %s: fallocate(2) through it is not supported "
                             "(EOPNOTSUPP; posix_fallocate falls back to writes): %s",
@@ -85,7 +90,7 @@ class CaptureMount:
             self._ready.wait()
             if self.watch_bypass:
                 from .bypass import BypassWatch
-                self.bypass = BypassWatch(self.backing, self.call, self.fs.repair).start()
+                self.bypass = BypassWatch(self.backing, self.call, fs.repair).start()
         except BaseException:
             self.stop()
             raise
@@ -110,7 +115,7 @@ class CaptureMount:
                 nursery.cancel_scope.cancel()
         try:
             trio.run(main)
-        except BaseException as exc:       # noqa: BLE001 - reported by failure()
+        except BaseException as exc:       # reported by failure()
             self.error = f"the capture mount's loop stopped: {type(exc).__name__}: {exc}"
             log.error("%s", self.error, exc_info=True)
         finally:
@@ -118,8 +123,9 @@ class CaptureMount:
 
     def _flush(self) -> None:
         try:
+            assert self.fs is not None      # made before the loop starts
             self.fs.flush_times()
-        except Exception as exc:           # noqa: BLE001 - the loop goes on; reported
+        except Exception as exc:           # the loop goes on; reported
             self.error = f"sending mtimes: {type(exc).__name__}: {exc}"
             log.error("capture mount: %s", self.error, exc_info=True)
 
@@ -152,7 +158,7 @@ class CaptureMount:
         def guarded():
             try:
                 fn(*args)
-            except Exception as exc:       # noqa: BLE001 - the loop goes on; reported
+            except Exception as exc:       # the loop goes on; reported
                 self.error = f"{getattr(fn, '__name__', fn)}: {type(exc).__name__}: {exc}"
                 log.error("capture mount: %s", self.error, exc_info=True)
         try:
@@ -203,14 +209,14 @@ class CaptureMount:
     def status(self) -> dict:
         """The mount point, ops and bytes captured, failed and refused
         calls, the bypass watcher."""
-        out = {"mount_point": self.mountpoint, "error": self.failure()}
+        out: dict[str, Any] = {"mount_point": self.mountpoint, "error": self.failure()}
         if self.fs is not None:
             out.update(self.fs.stats, failures=self.fs.failures)
         if self.bypass is not None:
             out["bypass"] = self.bypass.status()
         return out
 
-    def __enter__(self) -> "CaptureMount":
+    def __enter__(self) -> CaptureMount:
         return self.start()
 
     def __exit__(self, *exc) -> None:
