@@ -345,6 +345,31 @@ def test_a_connection_whose_set_root_vanished_can_be_disconnected(tmp_path):
         assert status(source)["sources"] == []
 
 
+@pytest.mark.slow
+def test_a_connection_not_started_starts_once_its_set_root_is_back(tmp_path):
+    """No daemon restart needed: the start is retried every retry_interval,
+    its error shown meanwhile, and the connection mirrors once it starts."""
+    with pair(tmp_path) as (source, target, env):
+        src, dst = tmp_path / "data", tmp_path / "backup" / "replica"
+        make_source_tree(src)
+        login(source, env)
+        source.cli("repset", "create", "data", "--root", src)
+        connect(source, target.address, dst, check=True)
+        assert wait_same(src, dst), source.log()[-3000:]
+        source.kill(signal.SIGTERM)
+        shutil.rmtree(src)
+        source.start()
+        login(source, env)
+        st = wait_for(lambda: [s for s in status(source)["sources"] if "is missing" in s["last_error"]],
+                      what="the start's error")[0]
+        assert st["state"] == "not started", st
+        make_source_tree(src)
+        (src / "after").write_bytes(b"written while the connection could not start")
+        wait_for(lambda: status(source)["sources"][0]["state"] == "connected", what="the retried start")
+        assert wait_same(src, dst), source.log()[-3000:]
+        assert "connection 1: started with a mirror" in source.log()
+
+
 def test_map_base_check_resolves_on_the_target(tmp_path):
     """The check itself, on real paths: '..' after a symlink goes where the
     kernel goes, creation stays inside the allowed root."""

@@ -625,6 +625,10 @@ class Daemon:
                 log.error("connection %s: not started: %s", conn.conid, exc)
                 self.disconnected[conn.conid] = "not started"
                 self.down_errors[conn.conid] = str(exc)
+                # tried again until it starts (its root restored, say): a
+                # restart of the daemon is not needed for that
+                threading.Thread(target=self._retry_start, args=(conn.conid, True, "start", False),
+                                 daemon=True, name=f"start-{conn.conid}").start()
         log.info("listening on %s:%d (state %s)", *self.address, self.state_dir)
         return self.address
 
@@ -775,26 +779,38 @@ class Daemon:
         if not cfg.auto_reconnect:
             return
         mode = {"none": False, "full": "full", "different": "different", "checksum": True}[cfg.remirror]
-        while not self._stop.wait(cfg.retry_interval):
-            conn = self.registry.connections.get(conid)
-            if conn is None:
-                return
-            try:
-                with self._sources_lock:
-                    self._start_source(conn, mirror=mode)
-                    self.disconnected.pop(conid, None)
-            except (SmirrorError, OSError) as exc:
-                log.warning("connection %s: reconnect failed: %s", conid, exc)
-                with self._sources_lock:
-                    self._stop_source(conid)
-                    self.down_errors[conid] = f"reconnect failed: {exc}"
-                continue
-            self.down_errors.pop(conid, None)
+        if self._retry_start(conid, mode, "reconnect"):
             counters = self.counters[conid]
             counters["reconnects"] += 1
             counters["remirrors"] += bool(mode)
-            log.warning("connection %s: reconnected%s", conid, " with a remirror" if mode else "")
-            return
+
+    def _retry_start(self, conid: int, mode, what: str, scan_must_work: bool = True) -> bool:
+        """Start connection ``conid``'s source side (``mode`` and
+        ``scan_must_work`` as :meth:`_start_source`'s) every ``retry_interval`` until
+        it starts (True), is disconnected or the daemon stops (False); each
+        failure is the connection's error in status, logged when it changes."""
+        last = ""
+        while not self._stop.wait(self.config.reconnect.retry_interval):
+            conn = self.registry.connections.get(conid)
+            if conn is None or conid not in self.disconnected:
+                return False
+            try:
+                with self._sources_lock:
+                    self._start_source(conn, mirror=mode, scan_must_work=scan_must_work)
+                    self.disconnected.pop(conid, None)
+            except (SmirrorError, OSError) as exc:
+                with self._sources_lock:
+                    self._stop_source(conid)
+                    self.down_errors[conid] = f"{what} failed: {exc}"
+                if str(exc) != last:
+                    log.warning("connection %s: %s failed: %s", conid, what, exc)
+                    last = str(exc)
+                continue
+            self.down_errors.pop(conid, None)
+            log.warning("connection %s: %s%s", conid, "reconnected" if what == "reconnect" else "started",
+                        " with a mirror" if mode else "")
+            return True
+        return False
 
     def _on_reset(self, src: SourceConnection) -> None:
         first_link = src.sender.connects == 0
