@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import time
 import logging
 
 from support.daemons import PASSWORD, Node, smirror
+from support.netns import NetnsDaemon
 from support.prefixcheck import PrefixChecker, read_applied
 from support.workload import Workload
 
@@ -676,28 +676,6 @@ def veth_namespace(tag: str):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-class NsNode(Node):
-    """A daemon started inside network namespace ``ns``, listening on ``host``."""
-
-    def __init__(self, tmp, name, env, ns, host, **kw):
-        super().__init__(tmp, name, env, **kw)
-        self.ns = ns
-        old = self.address
-        self.address = f"{host}:{self.port}"
-        # a test veth with no one else on it: plain TCP, said so in the config
-        self.config.write_text(self.config.read_text().replace(
-            f'listen = "{old}"', f'listen = "{self.address}"\ninsecure = true'))
-
-    def start(self):
-        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-m", "smirror",
-                                      "serve", "--config", self.config],
-                                     env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if "listening" not in line:
-            raise RuntimeError(self.proc.stderr.read() + self.log())
-        return self
-
-
 def run_net(seconds: float = 60, flaps=(1, 10), seed: int = 11, workdir=None, out=sys.stdout,
             deadline=CONVERGE_DEADLINE) -> dict:
     """A library-API source here streams to a target daemon in a network
@@ -721,7 +699,7 @@ def run_net(seconds: float = 60, flaps=(1, 10), seed: int = 11, workdir=None, ou
         with veth_namespace(str(os.getpid() % 100000)) as (ns, here, _a, b, netem):
             res["netem"] = netem
             print(netem, file=out, flush=True)
-            target = NsNode(tmp, "target", env_for(tmp), ns, b)
+            target = NetnsDaemon(tmp, "target", env_for(tmp), ns, b)
             target.add_user("repl", "replication")
             target.start()
             src, dst = tmp / "src", tmp / "dst"
