@@ -198,6 +198,40 @@ def test_events_outside_the_root_are_skipped_after_one_lookup(tmp_path):
         assert h_beside not in looked_up
 
 
+_CLOSE_INHERITED = ("import os, sys\n"
+                    "sys.stdin.readline(); os.close(int(sys.argv[1])); print('closed', flush=True)\n"
+                    "sys.stdin.readline()\n")
+
+
+@needs_fanotify
+def test_a_child_closing_a_descriptor_it_inherited_is_not_its_change(tmp_path):
+    """The capture mount's process (an ignored pid) forks a subprocess while
+    it holds a backing file open for writing; the child's copy of the
+    descriptor is the last one closed: a lone CLOSE_WRITE in the child's
+    name, which the bypass watcher counted as a change made behind the
+    mount's back. A process that is not its child still counts."""
+    root = tmp_path / "root"
+    root.mkdir()
+    with fanotify.Watcher(root, ignore_pids={os.getpid()}) as w:
+        fd = os.open(root / "f", os.O_WRONLY | os.O_CREAT)
+        os.write(fd, b"ours")
+        child = subprocess.Popen([sys.executable, "-c", _CLOSE_INHERITED, str(fd)], pass_fds=(fd,),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            os.close(fd)
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "closed\n"
+            assert [e for e in collect(w) if e.path == b"f"] == []
+        finally:
+            child.communicate("\n", timeout=30)
+        # an unrelated process (its parent is sh, not us) that opens for
+        # writing and closes without a write: reported
+        subprocess.run(["sh", "-c", f"{sys.executable} -c 'open(\"{root}/f\", \"r+\").close()' & wait"],
+                       check=True)
+        assert (Kind.CLOSED, b"f") in [(e.kind, e.path) for e in collect(w)]
+
+
 @needs_fanotify
 def test_a_directory_the_map_lost_is_rescanned(tmp_path):
     """A directory the handle map does not hold (here: its entry dropped by
