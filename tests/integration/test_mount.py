@@ -191,10 +191,12 @@ def test_ordered_pair_through_the_mount_zero_violations(dirs):
 
 
 @pytest.mark.slow
-def test_ordered_pair_100000_updates(dirs):
+def test_ordered_pair_20000_updates(dirs):
+    """The 100,000-update run is the two-daemon one (test_mount_daemon.py);
+    here, in one process, 20,000 keep the suite's time in bounds."""
     back, dst, mnt, state = dirs
-    r = ordered_pair(back, dst, mnt, state, 100_000)
-    assert r["reads"] > 1000, r
+    r = ordered_pair(back, dst, mnt, state, 20_000)
+    assert r["reads"] > 200, r
     assert r["violations"] == 0, r
 
 
@@ -456,8 +458,9 @@ def test_sigkill_of_replicate_leaves_the_target_a_prefix_of_the_history(tmp_path
 
 
 @pytest.mark.slow
-def test_sigkill_prefix_30_trials(tmp_path):
-    prefixes = [kill_trial(tmp_path, seed) for seed in range(100, 130)]
+def test_sigkill_prefix_12_trials(tmp_path):
+    # more trials: tools/faults.py kill (its replicate victims) and the README's figures
+    prefixes = [kill_trial(tmp_path, seed) for seed in range(100, 112)]
     assert max(prefixes) > 0, prefixes
 
 
