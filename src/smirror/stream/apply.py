@@ -548,6 +548,13 @@ class Applier:
         while self._fds:
             self._close_cached(self._fds.popitem()[1])
 
+    def close_files(self) -> None:
+        """Close every descriptor of a file this applier holds: the cached
+        ones, and the ones noted for the next durable pass (synced first),
+        so that a lease check finds no holder of ours."""
+        self.flush()
+        self._sync_noted()
+
     def _close_cached(self, fd: int) -> None:
         self._noted.discard(fd)         # its number may come back for another file
         os.close(fd)
