@@ -148,7 +148,8 @@ class Replication:
         with link:
             try:
                 _, opened = link.recv_json(MsgType.OPEN)
-                self.target.serve(link, order=opened.get("order"))
+                self.target.serve(link, order=opened.get("order"),
+                                  durable=opened.get("durable") is True)
             except Exception as exc:
                 expected = isinstance(exc, (SmirrorError, OSError))
                 log.error("target link: %s", exc if expected else f"{type(exc).__name__}: {exc}",

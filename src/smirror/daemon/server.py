@@ -1034,7 +1034,7 @@ class Daemon:
             link.send_json(MsgType.READY, {"last_seq": 0, "map_base": base, "check": True})
             return
         assert tgt is not None          # made above unless check
-        tgt.serve(link, order=opened.get("order"))
+        tgt.serve(link, order=opened.get("order"), durable=opened.get("durable") is True)
 
     def _source_disconnected(self, link: Link, source: str, conid: int, base: str) -> None:
         """The source ended connection ``conid`` (``disconnect``): its

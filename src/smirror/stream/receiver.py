@@ -379,12 +379,15 @@ class TargetConnection:
             except QueueClosed:
                 return self.durable_seq
             synced = self.applier.sync_durable()
-            if self._queue_applied:
+            # the queue's frames whose ops are all synced in the map base
+            # (taken by the applier, or left by a run before this one)
+            first = self.queue.first_seq
+            if first is not None and first <= synced:
                 try:
-                    self.queue.ack(self._queue_applied)
+                    self.queue.ack(min(synced, self.queue.last_seq or synced))
                 except QueueClosed:
                     pass
-                self._queue_applied = 0
+            self._queue_applied = 0
         self.durable_passes += 1
         with self._durable_cond:
             if max(synced, queued) > self.durable_seq:
