@@ -1517,6 +1517,7 @@ cdef class SpillQueue:
         Returns the last seq it covers (None before any put). Waits for a
         put whose record is being written; gets and acks go on."""
         cdef int fd
+        cdef _Segment seg
         self._put_lock.acquire()
         try:
             self._lock.acquire()
@@ -1525,7 +1526,10 @@ cdef class SpillQueue:
                     raise QueueClosed(f"sync of a closed queue ({self.spill_dir})")
                 last = self._last_seq if self._has_last else None
                 fd = self._wfd
-                paths = [] if self.fsync_mode else [s.path for s in self._segs.values()]
+                paths = []
+                if not self.fsync_mode:
+                    for seg in self._segs.values():
+                        paths.append(seg.path)
             finally:
                 self._lock.release()
             # under _put_lock: the active segment is neither finished nor
