@@ -414,7 +414,7 @@ class TargetConnection:
             before = self.durable_seq
             try:
                 self._durable_pass()
-            except Exception as exc:        # noqa: BLE001 - said, retried
+            except Exception as exc:        # said, retried: never a dead thread
                 if str(exc) != self.durable_error:
                     log.error("connection %s: making received ops durable failed: %s (retried)",
                               self.conid, exc, exc_info=not isinstance(exc, OSError))

@@ -167,39 +167,10 @@ class Sender:
             _, ready = link.recv_json(MsgType.READY)
         except ProtocolError as exc:        # the target refused the OPEN: its reason
             raise ProtocolError(f"target {exc}") from None
-        target_last = ready.get("last_seq")
-        if not isinstance(target_last, int) or target_last < 0:
-            raise ProtocolError(f"{link.peer} sent READY without a valid last_seq")
-        durable = self._ready_durable(link, ready, target_last)
-        if target_last + 1 < next_seq:
-            # the target lacks ops the source no longer holds
-            log.warning("connection %s: target holds up to seq %d but the source queue starts "
-                        "at %d: resetting the stream, a mirror must follow", self.conid,
-                        target_last, next_seq)
-            link.send_json(MsgType.RESET, {"seq": next_seq - 1})
-            self.needs_mirror = True
-            target_last = next_seq - 1
-            if self.on_reset is not None:
-                self.on_reset()
-        if target_last > self.journal.last_seq:
-            # the target holds ops this source does not remember numbering:
-            # this source lost its state (a restart without its queue)
-            log.warning("connection %s: target is at seq %d, beyond this source's %d: "
-                        "numbering on from there, a mirror must follow", self.conid,
-                        target_last, self.journal.last_seq)
-            if q.count:
-                q.ack(q.last_seq)
-            self.journal.skip_to(target_last + 1)
-            self.needs_mirror = True
-        if q.count and durable >= q.first_seq:
-            q.ack(min(durable, q.last_seq))
-        q.rewind()
-        self.received_seq = target_last
-        self._sync_sent = 0
-        self._set_acked(durable)
+        durable = self._agree(link, ready, next_seq)
         self.connects += 1
         self.state = "connected"
-        log.info("connection %s: streaming to %s from seq %d", self.conid, link.peer, target_last + 1)
+        log.info("connection %s: streaming to %s from seq %d", self.conid, link.peer, durable + 1)
         reader = threading.Thread(target=self._read_acks, args=(link,), daemon=True,
                                   name=f"acks-{self.conid}")
         reader.start()
@@ -263,6 +234,44 @@ class Sender:
         if want > self.acked_seq:
             link.send(MsgType.SYNC, SYNC.pack(want))
         self._sync_sent = want
+
+    def _agree(self, link: Link, ready: dict, next_seq: int) -> int:
+        """Where the stream resumes after the target's READY: a RESET when
+        the target lacks what this source dropped, a renumbering when it is
+        ahead, the source queue acked to the durable watermark (and rewound:
+        what follows is sent again). Returns that watermark."""
+        q = self.queue
+        target_last = ready.get("last_seq")
+        if not isinstance(target_last, int) or target_last < 0:
+            raise ProtocolError(f"{link.peer} sent READY without a valid last_seq")
+        durable = self._ready_durable(link, ready, target_last)
+        if target_last + 1 < next_seq:
+            # the target lacks ops the source no longer holds
+            log.warning("connection %s: target holds up to seq %d but the source queue starts "
+                        "at %d: resetting the stream, a mirror must follow", self.conid,
+                        target_last, next_seq)
+            link.send_json(MsgType.RESET, {"seq": next_seq - 1})
+            self.needs_mirror = True
+            target_last = next_seq - 1
+            if self.on_reset is not None:
+                self.on_reset()
+        if target_last > self.journal.last_seq:
+            # the target holds ops this source does not remember numbering:
+            # this source lost its state (a restart without its queue)
+            log.warning("connection %s: target is at seq %d, beyond this source's %d: "
+                        "numbering on from there, a mirror must follow", self.conid,
+                        target_last, self.journal.last_seq)
+            if q.count:
+                q.ack(q.last_seq)
+            self.journal.skip_to(target_last + 1)
+            self.needs_mirror = True
+        if q.count and durable >= q.first_seq:
+            q.ack(min(durable, q.last_seq))
+        q.rewind()
+        self.received_seq = target_last
+        self._sync_sent = 0
+        self._set_acked(durable)
+        return durable
 
     def _first_unacked_seq(self) -> int:
         return self.journal.first_unacked_seq()
