@@ -135,3 +135,44 @@ def test_sigkill_without_a_synchronous_mode_can_lose_committed_transactions(tmp_
         if losses:
             break
     assert losses
+
+
+# -- between two daemons -------------------------------------------------------------
+def test_connect_sync_fsync_between_daemons_survives_sigkill_of_the_source(tmp_path):
+    """connect --sync fsync on a mount repset: what an application fsynced
+    is on the target even when the source daemon is SIGKILLed right after;
+    a watcher repset refuses a synchronous mode by name."""
+    import json
+    from support.daemons import wait_for
+    from support.pair import login, running_pair
+    back, mnt, dst = tmp_path / "back", tmp_path / "mnt", tmp_path / "replica"
+    back.mkdir()
+    (tmp_path / "plain").mkdir()
+    try:
+        with running_pair(tmp_path) as (source, target, env):
+            login(source, env)
+            source.cli("repset", "create", "db", "--root", back, "--mount", mnt)
+            source.cli("connect", "db", "to", target.address, "map", "base", dst, "--sync", "fsync")
+            row = json.loads(source.cli("status", "--json").stdout)["sources"][0]
+            assert row["sync"] == "fsync" and row["options"]["sync"] == "fsync"
+            wait_for(lambda: json.loads(source.cli("status", "--json").stdout)["sources"][0]
+                     ["durable_reported"], 30, "the link up, reporting durable")
+            for n in range(1, 11):
+                fd = os.open(mnt / f"t{n}", os.O_WRONLY | os.O_CREAT, 0o644)
+                os.write(fd, b"%08d" % n * 500)
+                os.fsync(fd)
+                os.close(fd)
+            source.kill()                       # SIGKILL right after the last fsync returned
+            wait_for(lambda: all((dst / f"t{n}").exists() and
+                                 (dst / f"t{n}").read_bytes() == b"%08d" % n * 500
+                                 for n in range(1, 11)), 30, "every fsynced file on the target")
+            source.start()
+            login(source, env)
+            source.cli("repset", "create", "plain", "--root", tmp_path / "plain")
+            p = source.cli("connect", "plain", "to", target.address, "map", "base",
+                           tmp_path / "plain-replica", "--sync", "fsync", check=False)
+            assert p.returncode != 0 and "needs capture through the mount" in p.stderr, p.stderr
+    finally:
+        if mounted_at(str(mnt)):
+            import subprocess
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
