@@ -244,6 +244,7 @@ class Applier:
         self._state = None
         self.applied_seq = 0
         self.synced_seq = 0         # applied and made durable (sync_durable)
+        self.replay_until = 0       # applied before a restart that lost their sync: replayed
         # what the next durable pass syncs: descriptors of the files changed
         # (dup'd: a rename or close does not lose them), the cached write
         # fds already noted, the directories whose entries changed
@@ -326,6 +327,9 @@ class Applier:
                     "applied again from seq %d", self.name, self.synced_seq,
                     "the machine restarted" if not same_boot else "no syncfs on this file system",
                     self.synced_seq + 1)
+        # ops up to here are applied over a tree that may hold them already
+        # (or part of them): the target asks the source to resync what they touch
+        self.replay_until = self.applied_seq
         self.applied_seq = self.synced_seq
         assert self._state is not None
         _SEQ.pack_into(self._state, 8, self.applied_seq)

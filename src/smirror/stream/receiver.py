@@ -341,7 +341,11 @@ class TargetConnection:
                     raise
                 self._diverged(op, exc)
                 continue
-            if stats["repairs"] != repairs and op.kind in _REPAIR_MEANS_DIVERGED:
+            if op.seq <= applier.replay_until:
+                # applied again over a tree that held it, or part of it, or
+                # a later state: what it touched is sent again by the source
+                self._ask_resync(op, "replayed after a restart that lost unsynced writes")
+            elif stats["repairs"] != repairs and op.kind in _REPAIR_MEANS_DIVERGED:
                 # the applier made up for something the target lacked (a
                 # write to a missing file, a rename of a vanished one): what
                 # it lacked comes with a resync
