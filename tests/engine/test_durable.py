@@ -92,6 +92,7 @@ def test_the_durable_watermark_never_passes_an_op_whose_file_is_not_synced(tmp_p
     dst.mkdir()
     _spy(monkeypatch, dst, events)
     target = TargetConnection(1, dst, tmp_path / "state")
+    target.applier.use_syncfs = False       # file by file, as on FUSE (syncfs: below)
     target.DURABLE_INTERVAL = 0.005
     src = Source(target)
     seq = 0
@@ -123,6 +124,7 @@ def test_a_pass_that_skips_the_file_sync_is_caught(tmp_path, monkeypatch):
     dst.mkdir()
     _spy(monkeypatch, dst, events)
     app = Applier(dst, state_path=tmp_path / "applied")
+    app.use_syncfs = False
     app.apply(Op.create(1, b"a", 0o644))
     app.apply(Op.write(2, b"a", 0, b"data"))
     monkeypatch.setattr(app, "_sync_noted", lambda: None)      # the bug
@@ -259,3 +261,20 @@ def _state_file(state_dir):
     d = state_dir / "target-1"
     d.mkdir(parents=True, exist_ok=True)
     return d / "applied"
+
+
+def test_on_a_local_file_system_a_pass_is_one_syncfs(tmp_path, monkeypatch):
+    """Not FUSE: one syncfs covers every file changed (thousands of small
+    files cost one call), and none when nothing changed."""
+    from smirror.stream import apply
+    calls = []
+    real = apply.syncfs
+    monkeypatch.setattr(apply, "syncfs", lambda fd: calls.append(fd) or real(fd))
+    app = Applier(tmp_path / "dst", state_path=tmp_path / "applied")
+    assert app.use_syncfs                    # /tmp here is not FUSE
+    for seq in range(1, 201):
+        app.apply(Op.create(seq, b"f%d" % seq, 0o644))
+    assert app.sync_durable() == 200 and len(calls) == 1
+    app.sync_durable()
+    assert len(calls) == 1
+    app.close()

@@ -178,21 +178,42 @@ FUSE_SUPER_MAGIC = 0x65735546
 _libc = None
 
 
-def _syncfs(fd: int) -> bool:
-    """syncfs(2) of the file system of ``fd`` unless it is FUSE (where it
-    does not reach the daemon that holds the data); False when not done."""
+def _libc_fn():
     global _libc
-    import ctypes
     if _libc is None:
+        import ctypes
         _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def on_fuse(fd: int) -> bool:
+    """Whether the directory ``fd`` (any kind of descriptor) is on FUSE,
+    where syncfs(2) does not reach the daemon that holds the data."""
+    import ctypes
     buf = ctypes.create_string_buffer(256)          # struct statfs; f_type first
     dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
     try:
-        if _libc.fstatfs(dfd, buf) != 0:
-            return False
-        if struct.unpack_from("<q", buf.raw)[0] == FUSE_SUPER_MAGIC:
-            return False
-        return _libc.syncfs(dfd) == 0
+        if _libc_fn().fstatfs(dfd, buf) != 0:
+            return True             # unknown: the careful way (file by file)
+        return struct.unpack_from("<q", buf.raw)[0] == FUSE_SUPER_MAGIC
+    finally:
+        os.close(dfd)
+
+
+def _syncfs(fd: int) -> bool:
+    """syncfs(2) of the file system of ``fd`` unless it is FUSE; False when
+    not done."""
+    if on_fuse(fd):
+        return False
+    return syncfs(fd)
+
+
+def syncfs(fd: int) -> bool:
+    """syncfs(2) of the file system of the directory ``fd``; False on an
+    error (a writeback error since the last call, Linux >= 5.8)."""
+    dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        return _libc_fn().syncfs(dfd) == 0
     finally:
         os.close(dfd)
 
@@ -245,6 +266,11 @@ class Applier:
         self.applied_seq = 0
         self.synced_seq = 0         # applied and made durable (sync_durable)
         self.replay_until = 0       # applied before a restart that lost their sync: replayed
+        # the map base on a local file system: one syncfs per durable pass
+        # covers every file changed (thousands of small files cost one
+        # call); on FUSE each changed file and directory is fsynced instead
+        self.use_syncfs = not on_fuse(self.base.fd)
+        self._changed = False
         # what the next durable pass syncs: descriptors of the files changed
         # (dup'd: a rename or close does not lose them), the cached write
         # fds already noted, the directories whose entries changed
@@ -336,6 +362,9 @@ class Applier:
 
     def _note(self, op) -> None:
         """Remember what ``op`` changed for the next durable pass."""
+        if self.use_syncfs:
+            self._changed = True
+            return
         kind = op.kind
         if kind in _DATA_KINDS:
             fd = self._fds.get(bytes(op.path))
@@ -376,7 +405,14 @@ class Applier:
         self._dirty_dirs[rel] = None
 
     def _sync_noted(self) -> None:
-        """fsync every file and directory noted since the last pass."""
+        """fsync every file and directory noted since the last pass (or
+        syncfs their file system once)."""
+        if self._changed:
+            self._changed = False
+            if not syncfs(self.base.fd):
+                self._changed = True
+                raise OSError(f"syncfs of the map base {os.fsdecode(self.root)} failed (a "
+                              f"writeback error): ops applied since the last pass are not durable")
         files, self._dirty_files = self._dirty_files, []
         self._noted.clear()
         try:
