@@ -288,11 +288,11 @@ class Sender:
                                             f"expected {size}")
                     if self.durable_link:
                         received, seq = ACK2.unpack(payload)
-                        if received > self.received_seq:
-                            self.received_seq = received
                     else:
-                        seq = ACK.unpack(payload)[0]
-                        self.received_seq = max(self.received_seq, seq)
+                        received = seq = ACK.unpack(payload)[0]
+                    if received > self.received_seq and received <= self.journal.last_seq:
+                        self.received_seq = received
+                        self._note_lag(received)
                     if seq > self.journal.last_seq:
                         raise ProtocolError(f"{link.peer} acknowledged seq {seq}, "
                                             f"beyond the last one sent ({self.sent_seq})")
@@ -364,13 +364,18 @@ class Sender:
     resyncs_asked = 0
     target_error = ""           # the target's apply error while it lasts
 
-    def _set_acked(self, seq: int) -> None:
+    def _note_lag(self, received: int) -> None:
+        """The lag figure: capture -> received by the target (the durable
+        watermark follows within the target's durable interval)."""
         now = time.monotonic()
         times = self.journal.put_times
-        while times and times[0][0] <= seq:
+        while times and times[0][0] <= received:
             self.lag_ms.append((now - times.popleft()[1]) * 1000)
         if len(self.lag_ms) > 10000:
             del self.lag_ms[:5000]
+
+    def _set_acked(self, seq: int) -> None:
+        self._note_lag(seq)         # (durable implies received)
         with self._acked:
             if seq > self.acked_seq:
                 self.acked_seq = seq
