@@ -658,3 +658,54 @@ def test_rename_exchange_and_noreplace_through_the_mount_are_replicated(dirs):
     renames = [(bytes(o.path), bytes(o.path2), o.mask) for o in ops if o.kind == OpKind.RENAME]
     assert renames == [(b"a", b"d", 1), (b"d", b"e", 0)], renames
     assert rsync_differences(back, dst) == ""
+
+
+# -- other parts of smirror beside a hung mount ------------------------------------------
+HOLD = r"""
+import sys, time
+f = open(sys.argv[1], "rb")
+print("holding", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_holders_of_a_file_do_not_hang_on_a_stopped_fuse_server(tmp_path):
+    """The in-use gate names the processes that hold a target file by
+    looking through every /proc/PID/fd: a process that holds a file on a
+    FUSE mount whose server is stopped must not hang that look."""
+    from smirror.stream.inuse import holders
+    back, mnt = tmp_path / "back", tmp_path / "mnt"
+    back.mkdir()
+    mnt.mkdir()
+    (back / "on-fuse").write_bytes(b"x")
+    server = subprocess.Popen([sys.executable, "-c", SERVE, str(back), str(mnt)],
+                              stdout=subprocess.PIPE, text=True, env=_env())
+    holder = None
+    try:
+        assert server.stdout.readline() == "mounted\n"
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(mnt / "on-fuse")],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == "holding\n"
+        target = tmp_path / "target-file"
+        target.write_bytes(b"y")
+        mine = subprocess.Popen(["sleep", "60"], stdin=open(target, "rb"))
+        server.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(1.5)              # past the kernel's attribute cache (CACHE_TIMEOUT = 1 s)
+            found: list = []
+            t = threading.Thread(target=lambda: found.append(holders(target)), daemon=True)
+            t.start()
+            t.join(30)
+            assert found, "holders() hung on the stopped FUSE server's file"
+            assert any("sleep" in h for h in found[0]), found
+        finally:
+            server.send_signal(signal.SIGCONT)
+            mine.kill()
+            mine.wait()
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        server.kill()
+        server.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)

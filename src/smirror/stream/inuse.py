@@ -79,6 +79,24 @@ def in_use(target) -> bool:
         os.close(fd)
 
 
+def _fd_inode(pid: str, fd: str) -> int | None:
+    """The inode number of process ``pid``'s descriptor ``fd``, from its
+    fdinfo (no access to the file itself: a stat through /proc/PID/fd
+    follows the link into the file's file system, and one whose server
+    hangs, a stopped FUSE daemon, say, hung the applier with it); -1 when
+    the descriptor is gone, None when the kernel does not tell (before
+    Linux 5.14)."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+            info = f.read()
+    except OSError:
+        return -1
+    for line in info.split(b"\n"):
+        if line.startswith(b"ino:"):
+            return int(line.split()[1])
+    return None
+
+
 def holders(target) -> list[str]:
     """``pid (comm)`` of the processes with the file ``target`` (as for
     :func:`in_use`) open (best effort)."""
@@ -98,6 +116,8 @@ def holders(target) -> list[str]:
         fd_dir = f"/proc/{pid}/fd"
         try:
             for name in os.listdir(fd_dir):
+                if _fd_inode(pid, name) not in (None, st.st_ino):
+                    continue
                 try:
                     s = os.stat(f"{fd_dir}/{name}")
                 except OSError:
