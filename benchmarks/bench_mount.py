@@ -19,6 +19,9 @@ Workloads (issue 16's goals, as ratios of direct throughput):
   every 16 (goal >= 0.5);
 * ``meta``: create (100 bytes each) then delete FILES small files (goal >=
   0.3; FILES = 100,000 by default, $SMIRROR_BENCH_FILES);
+* ``rtt``: FILES getxattr calls on an open file, each answered "no such
+  attribute" (the kernel caches no xattrs: every call is one FUSE round
+  trip): the cost of a round trip through each server, no goal;
 * ``pgbench``: PostgreSQL (Debian's ``postgresql``) with its data directory
   in the variant's directory, pgbench's TPC-B-like transactions from
   PG_CLIENTS clients, PG_TXNS each ($SMIRROR_BENCH_PG_TXNS), scale
@@ -36,6 +39,7 @@ median of the per-round ratios; $SMIRROR_BENCH_VARIANTS (e.g.
 """
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -75,6 +79,15 @@ elif kind == "rand":
         if i %% 16 == 0:
             os.fsync(fd)
     os.close(fd)
+elif kind == "rtt":
+    fd = os.open(os.path.join(d, "rtt"), os.O_RDONLY)
+    t = time.perf_counter()
+    for _ in range(files):
+        try:
+            os.getxattr(fd, "user.none")
+        except OSError:
+            pass
+    os.close(fd)
 else:
     sub = os.path.join(d, "small")
     os.mkdir(sub)
@@ -97,6 +110,8 @@ def units(kind: str, seconds: float) -> str:
         return f"{RAND_WRITES / seconds:8.0f} writes/s"
     if kind == "pgbench":
         return f"{PG_CLIENTS * PG_TXNS / seconds:8.0f} TPS    "
+    if kind == "rtt":
+        return f"{FILES / seconds:8.0f} trips/s"
     return f"{FILES / seconds:8.0f} files/s"
 
 
@@ -104,6 +119,8 @@ def prepare(back: str, kind: str) -> None:
     for name in os.listdir(back):
         p = os.path.join(back, name)
         shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+    if kind == "rtt":
+        open(os.path.join(back, "rtt"), "wb").close()
     if kind == "rand":
         with open(os.path.join(back, "rand"), "wb") as f:
             f.write(os.urandom(RAND_FILE_MIB << 20))
@@ -163,9 +180,26 @@ def pgbench_app(d: str) -> float:
 def app(d: str, kind: str) -> float:
     if kind == "pgbench":
         return pgbench_app(d)
+    global app_cpu
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-c", APP, d, kind, str(FILES)], check=True,
                          capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    app_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return float(out.stdout.split()[-1])
+
+
+# CPU seconds of the last app() (user + system: the kernel's FUSE work
+# for it is system time); with a server's CPU they show the cost per
+# request apart from the waiting a loaded machine adds
+app_cpu = 0.0
+
+
+def thread_cpu(tid: int) -> float:
+    """CPU seconds (user + system) of a thread of this process so far."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def c_passthrough() -> str | None:
@@ -186,7 +220,7 @@ def c_passthrough() -> str | None:
 def run_direct(work, kind):
     back = os.path.join(work, "back")
     prepare(back, kind)
-    return {"app": app(back, kind)}
+    return {"app": app(back, kind), "app_cpu": app_cpu}
 
 
 def run_c(work, kind):
@@ -200,8 +234,12 @@ def run_c(work, kind):
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # allow_other: PostgreSQL runs as its own user
-    p = subprocess.Popen([exe, "-f", "-s", "-o", f"source={back}", *(["-o", "allow_other"] if kind == "pgbench" else []),
+    # xattr: served as the mount serves them (without it the kernel stops
+    # asking, and skips the security.capability lookup before each write)
+    p = subprocess.Popen([exe, "-f", "-s", "-o", f"source={back}", "-o", "xattr",
+                          *(["-o", "allow_other"] if kind == "pgbench" else []),
                           mnt], preexec_fn=more_fds)
+    result = None
     try:
         deadline = time.monotonic() + 10
         from smirror.capture.mount.mountpoint import mounted_at
@@ -209,13 +247,16 @@ def run_c(work, kind):
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.05)
-        return {"app": app(mnt, kind)}
+        result = {"app": app(mnt, kind), "app_cpu": app_cpu}
     except subprocess.CalledProcessError as exc:
         print(f"  c-passthrough failed: {exc.stderr.strip()[-300:]}")
-        return None
     finally:
         subprocess.run(["fusermount3", "-u", mnt])
-        p.wait()
+        _, status, usage = os.wait4(p.pid, 0)       # its CPU: the server's cost
+        p.returncode = os.waitstatus_to_exitcode(status)
+    if result is not None:
+        result["server_cpu"] = usage.ru_utime + usage.ru_stime
+    return result
 
 
 def run_mount(work, kind):
@@ -223,8 +264,11 @@ def run_mount(work, kind):
     back, mnt = os.path.join(work, "back"), os.path.join(work, "mnt")
     prepare(back, kind)
     with CaptureMount(back, mnt, lambda op: None, bypass=False) as m:
+        assert m.thread is not None and m.thread.native_id is not None
+        cpu0 = thread_cpu(m.thread.native_id)
         t = app(mnt, kind)
-        return {"app": t, "requests": sum(m.fs.requests.values()), "busy": m.fs.busy_ns / 1e9,
+        return {"app": t, "app_cpu": app_cpu, "server_cpu": thread_cpu(m.thread.native_id) - cpu0,
+                "requests": sum(m.fs.requests.values()), "busy": m.fs.busy_ns / 1e9,
                 "by_kind": dict(sorted(m.fs.requests.items(), key=lambda kv: -kv[1]))}
 
 
@@ -282,7 +326,8 @@ def bench(kinds=None) -> dict:
                     if r is not None:
                         r["ratio"] = direct / r["app"]
                         runs[name].append(r)
-            print(f"\n{kind}  (goal: mount >= {GOALS[kind]} of direct; median of {ROUNDS} rounds)")
+            goal = f"goal: mount >= {GOALS[kind]} of direct; " if kind in GOALS else ""
+            print(f"\n{kind}  ({goal}median of {ROUNDS} rounds)")
             for name, _ in variants:
                 rs = runs[name]
                 if not rs:
@@ -292,13 +337,21 @@ def bench(kinds=None) -> dict:
                 ratios = [x["ratio"] for x in rs]
                 line = (f"  {name:<14} {units(kind, median([x['app'] for x in rs]))}  "
                         f"{median(ratios):5.2f} of direct ({min(ratios):.2f}-{max(ratios):.2f})")
+                if kind in ("meta", "rtt") and "app_cpu" in r:
+                    cpu = [x["app_cpu"] + x.get("server_cpu", 0) for x in rs]
+                    line += (f"; CPU a file: {median([x['app_cpu'] for x in rs]) / FILES * 1e6:.0f} us "
+                             f"app (with the kernel's part)" + (
+                                 f" + {median([x['server_cpu'] for x in rs]) / FILES * 1e6:.0f} us "
+                                 f"server = {median(cpu) / FILES * 1e6:.0f} us" if "server_cpu" in r else ""))
                 if "applied" in r:
                     line += f"; target applied all in {r['applied']:.2f} s ({r['ops']} ops)"
                 if "requests" in r:
                     per = f", {r['requests'] / FILES:.1f} a file" if kind == "meta" else ""
+                    if kind == "rtt":
+                        per = f", {(r['server_cpu'] - r['busy']) / r['requests'] * 1e6:.1f} us CPU each outside our handlers"
                     line += (f"; {r['requests']} FUSE requests{per}, "
                              f"{r['app'] / r['requests'] * 1e6:.1f} us each, "
-                             f"{r['busy'] / r['requests'] * 1e6:.1f} us of it in our handlers: "
+                             f"{r['busy'] / r['requests'] * 1e6:.1f} us CPU of it in our handlers: "
                              f"{r['by_kind']}")
                 print(line, flush=True)
                 results[(kind, name)] = {**r, "ratio": median(ratios), "ratios": ratios}
