@@ -348,7 +348,8 @@ def bench(kinds=None) -> dict:
                 if "requests" in r:
                     per = f", {r['requests'] / FILES:.1f} a file" if kind == "meta" else ""
                     if kind == "rtt":
-                        per = f", {(r['server_cpu'] - r['busy']) / r['requests'] * 1e6:.1f} us CPU each outside our handlers"
+                        outside = (r["server_cpu"] - r["busy"]) / r["requests"] * 1e6
+                        per = f", {outside:.1f} us CPU each outside our handlers"
                     line += (f"; {r['requests']} FUSE requests{per}, "
                              f"{r['app'] / r['requests'] * 1e6:.1f} us each, "
                              f"{r['busy'] / r['requests'] * 1e6:.1f} us CPU of it in our handlers: "

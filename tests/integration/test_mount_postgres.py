@@ -8,15 +8,16 @@ import shutil
 import subprocess
 
 import pytest
+from support import postgres
 
-pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: pip install -e '.[test,mount]' (with libfuse3-dev)")
+pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: "
+                    "pip install -e '.[test,mount]' (with libfuse3-dev)")
 
-from support import postgres  # noqa: E402
-from support.pg_copies import run  # noqa: E402
+from support.pg_copies import run
 
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
-                       reason="needs /dev/fuse, fusermount3 (Debian's fuse3) and root"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse") or not shutil.which("fusermount3")
+                       or os.geteuid() != 0, reason="needs /dev/fuse, fusermount3 (Debian's fuse3) and root"),
     pytest.mark.skipif(bool(postgres.unavailable()), reason=postgres.unavailable() or "-"),
 ]
 

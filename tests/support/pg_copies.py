@@ -208,16 +208,19 @@ def run(work, trials: int = 50, kill_every: int = 5, seed: int = 0, say=lambda s
         # each copy's rows are the source's first n rows, as the source has them
         for trial, digest, n in digests:
             if digest != history_digest(final_rows[:n]):
-                out["failures"].append(f"copy {trial}: its {n} history rows differ from the source's first {n}")
+                out["failures"].append(f"copy {trial}: its {n} history rows differ from the "
+                                       f"source's first {n}")
         # quiet: the replica converges to the backing directory, owners too
+        def differences():
+            return diff(snapshot(back / PGDATA, owner=True), snapshot(dst / PGDATA, owner=True))
         try:
-            wait_for(lambda: not diff(snapshot(back / PGDATA, owner=True), snapshot(dst / PGDATA, owner=True)),
-                     timeout=180, every=0.5, what="the replica equal to the backing directory")
+            wait_for(lambda: not differences(), timeout=180, every=0.5,
+                     what="the replica equal to the backing directory")
             out["converged"] = True
         except AssertionError:
             out["converged"] = False
-            out["failures"].append("the replica never equalled the backing directory: " + "; ".join(
-                diff(snapshot(back / PGDATA, owner=True), snapshot(dst / PGDATA, owner=True))))
+            out["failures"].append("the replica never equalled the backing directory: "
+                                   + "; ".join(differences()))
         source.kill(signal.SIGTERM)
     return out
 
