@@ -18,15 +18,28 @@ Workloads (issue 16's goals, as ratios of direct throughput):
 * ``rand``: 8 KiB writes at random 8 KiB offsets of a 64 MiB file, fsync
   every 16 (goal >= 0.5);
 * ``meta``: create (100 bytes each) then delete FILES small files (goal >=
-  0.3; FILES = 100,000 by default, $SMIRROR_BENCH_FILES).
+  0.3; FILES = 100,000 by default, $SMIRROR_BENCH_FILES);
+* ``rtt``: FILES getxattr calls on an open file, each answered "no such
+  attribute" (the kernel caches no xattrs: every call is one FUSE round
+  trip): the cost of a round trip through each server, no goal;
+* ``pgbench``: PostgreSQL (Debian's ``postgresql``) with its data directory
+  in the variant's directory, pgbench's TPC-B-like transactions from
+  PG_CLIENTS clients, PG_TXNS each ($SMIRROR_BENCH_PG_TXNS), scale
+  PG_SCALE, synchronous commit (an fdatasync of the WAL per commit) (goal:
+  TPS >= 0.7 of the same on the backing disk).
 
-    python benchmarks/bench_mount.py [seq rand meta]     # a table
+    python benchmarks/bench_mount.py [seq rand meta pgbench]     # a table
     python -m pytest benchmarks/bench_mount.py -q -s      # the same, as a test
 
-Needs root, /dev/fuse, fusermount3 and pyfuse3. The machine may be shared:
-each figure is the best of ROUNDS ($SMIRROR_BENCH_ROUNDS, default 2).
+Needs root, /dev/fuse, fusermount3 and pyfuse3 (and PostgreSQL for
+``pgbench``). The machine may be shared: the variants run round-robin,
+ROUNDS times ($SMIRROR_BENCH_ROUNDS, default 2), and each ratio is the
+median of the per-round ratios; $SMIRROR_BENCH_VARIANTS (e.g.
+``mount,c-passthrough``) runs only those beside direct.
 """
 import os
+import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -35,11 +48,14 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))      # support.postgres
 
 FILES = int(os.environ.get("SMIRROR_BENCH_FILES", "100000"))
 ROUNDS = int(os.environ.get("SMIRROR_BENCH_ROUNDS", "2"))
 SEQ_MIB, RAND_FILE_MIB, RAND_WRITES = 256, 64, 4096
-GOALS = {"seq": 0.5, "rand": 0.5, "meta": 0.3}
+PG_CLIENTS, PG_SCALE = 4, 2
+PG_TXNS = int(os.environ.get("SMIRROR_BENCH_PG_TXNS", "500"))
+GOALS = {"seq": 0.5, "rand": 0.5, "meta": 0.3, "pgbench": 0.7}
 
 # the application: one workload in its own process; prints its seconds
 APP = r"""
@@ -63,6 +79,15 @@ elif kind == "rand":
         if i %% 16 == 0:
             os.fsync(fd)
     os.close(fd)
+elif kind == "rtt":
+    fd = os.open(os.path.join(d, "rtt"), os.O_RDONLY)
+    t = time.perf_counter()
+    for _ in range(files):
+        try:
+            os.getxattr(fd, "user.none")
+        except OSError:
+            pass
+    os.close(fd)
 else:
     sub = os.path.join(d, "small")
     os.mkdir(sub)
@@ -83,6 +108,10 @@ def units(kind: str, seconds: float) -> str:
         return f"{SEQ_MIB / seconds:8.0f} MiB/s"
     if kind == "rand":
         return f"{RAND_WRITES / seconds:8.0f} writes/s"
+    if kind == "pgbench":
+        return f"{PG_CLIENTS * PG_TXNS / seconds:8.0f} TPS    "
+    if kind == "rtt":
+        return f"{FILES / seconds:8.0f} trips/s"
     return f"{FILES / seconds:8.0f} files/s"
 
 
@@ -90,16 +119,87 @@ def prepare(back: str, kind: str) -> None:
     for name in os.listdir(back):
         p = os.path.join(back, name)
         shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+    if kind == "rtt":
+        open(os.path.join(back, "rtt"), "wb").close()
     if kind == "rand":
         with open(os.path.join(back, "rand"), "wb") as f:
             f.write(os.urandom(RAND_FILE_MIB << 20))
             os.fsync(f.fileno())
+    if kind == "pgbench":       # the same cluster for every variant
+        from support import postgres
+        pgdata = os.path.join(back, "pgdata")
+        shutil.copytree(pg_template(os.path.dirname(back)), pgdata, symlinks=True)
+        postgres.chown_tree(pgdata)
+        os.chmod(pgdata, 0o700)
+
+
+def pg_template(work: str) -> str:
+    """A cluster with pgbench's tables (made once per run, on the backing
+    disk; each variant starts from a copy of it)."""
+    from support import postgres
+    tmpl = os.path.join(work, "pg-template")
+    if not os.path.exists(tmpl):
+        os.mkdir(tmpl, 0o700)
+        os.chown(tmpl, *postgres.owner())
+        pg = postgres.Postgres(tmpl, pg_sockdir(work)).initdb()
+        with open(os.path.join(tmpl, "postgresql.auto.conf"), "a") as f:
+            # PostgreSQL's defaults again where support.postgres makes them
+            # small: the data fits in its buffers, checkpoints come by time
+            f.write("shared_buffers = 128MB\nmax_wal_size = 1GB\nmin_wal_size = 80MB\n")
+        pg.start()
+        try:
+            pg.pgbench("-i", "-q", "-s", str(PG_SCALE))
+        finally:
+            pg.stop()
+    return tmpl
+
+
+def pg_sockdir(work: str) -> str:
+    from support import postgres
+    sock = os.path.join(work, "sock")
+    if not os.path.exists(sock):
+        os.mkdir(sock)
+        os.chown(sock, *postgres.owner())
+    return sock
+
+
+def pgbench_app(d: str) -> float:
+    """The server on D/pgdata, pgbench against it; seconds for its
+    transactions at the TPS pgbench measured (connections excluded)."""
+    from support import postgres
+    work = os.path.dirname(os.path.abspath(d))      # d: WORK/back or WORK/mnt
+    pg = postgres.Postgres(os.path.join(d, "pgdata"), pg_sockdir(work)).start()
+    try:
+        out = pg.pgbench("-n", "-c", str(PG_CLIENTS), "-j", "2", "-t", str(PG_TXNS), timeout=1800).stdout
+    finally:
+        pg.stop()
+    tps = float(re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out).group(1))
+    return PG_CLIENTS * PG_TXNS / tps
 
 
 def app(d: str, kind: str) -> float:
+    if kind == "pgbench":
+        return pgbench_app(d)
+    global app_cpu
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-c", APP, d, kind, str(FILES)], check=True,
                          capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    app_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return float(out.stdout.split()[-1])
+
+
+# CPU seconds of the last app() (user + system: the kernel's FUSE work
+# for it is system time); with a server's CPU they show the cost per
+# request apart from the waiting a loaded machine adds
+app_cpu = 0.0
+
+
+def thread_cpu(tid: int) -> float:
+    """CPU seconds (user + system) of a thread of this process so far."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def c_passthrough() -> str | None:
@@ -120,7 +220,7 @@ def c_passthrough() -> str | None:
 def run_direct(work, kind):
     back = os.path.join(work, "back")
     prepare(back, kind)
-    return {"app": app(back, kind)}
+    return {"app": app(back, kind), "app_cpu": app_cpu}
 
 
 def run_c(work, kind):
@@ -133,7 +233,13 @@ def run_c(work, kind):
         import resource
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    p = subprocess.Popen([exe, "-f", "-s", "-o", f"source={back}", mnt], preexec_fn=more_fds)
+    # allow_other: PostgreSQL runs as its own user
+    # xattr: served as the mount serves them (without it the kernel stops
+    # asking, and skips the security.capability lookup before each write)
+    p = subprocess.Popen([exe, "-f", "-s", "-o", f"source={back}", "-o", "xattr",
+                          *(["-o", "allow_other"] if kind == "pgbench" else []),
+                          mnt], preexec_fn=more_fds)
+    result = None
     try:
         deadline = time.monotonic() + 10
         from smirror.capture.mount.mountpoint import mounted_at
@@ -141,13 +247,16 @@ def run_c(work, kind):
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.05)
-        return {"app": app(mnt, kind)}
+        result = {"app": app(mnt, kind), "app_cpu": app_cpu}
     except subprocess.CalledProcessError as exc:
         print(f"  c-passthrough failed: {exc.stderr.strip()[-300:]}")
-        return None
     finally:
         subprocess.run(["fusermount3", "-u", mnt])
-        p.wait()
+        _, status, usage = os.wait4(p.pid, 0)       # its CPU: the server's cost
+        p.returncode = os.waitstatus_to_exitcode(status)
+    if result is not None:
+        result["server_cpu"] = usage.ru_utime + usage.ru_stime
+    return result
 
 
 def run_mount(work, kind):
@@ -155,9 +264,12 @@ def run_mount(work, kind):
     back, mnt = os.path.join(work, "back"), os.path.join(work, "mnt")
     prepare(back, kind)
     with CaptureMount(back, mnt, lambda op: None, bypass=False) as m:
+        assert m.thread is not None and m.thread.native_id is not None
+        cpu0 = thread_cpu(m.thread.native_id)
         t = app(mnt, kind)
-        return {"app": t, "requests": sum(m.fs.requests.values()), "busy": m.fs.busy_ns / 1e9,
-                "by_kind": dict(sorted(m.fs.requests.items(), key=lambda kv: -kv[1])[:5])}
+        return {"app": t, "app_cpu": app_cpu, "server_cpu": thread_cpu(m.thread.native_id) - cpu0,
+                "requests": sum(m.fs.requests.values()), "busy": m.fs.busy_ns / 1e9,
+                "by_kind": dict(sorted(m.fs.requests.items(), key=lambda kv: -kv[1]))}
 
 
 def run_replicate(work, kind):
@@ -179,38 +291,71 @@ VARIANTS = (("direct", run_direct), ("c-passthrough", run_c), ("mount", run_moun
             ("replicate", run_replicate))
 
 
-def bench(kinds=("seq", "rand", "meta")) -> dict:
-    results = {}
+def default_kinds() -> tuple:
+    from support import postgres
+    return ("seq", "rand", "meta") + (() if postgres.unavailable() else ("pgbench",))
+
+
+def median(xs: list) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def bench(kinds=None) -> dict:
+    """Every workload of ``kinds`` through every variant, ROUNDS rounds
+    round-robin; per variant the median of its per-round ratios to that
+    round's direct run (a burst of load on a shared machine then moves a
+    round's baseline and its variants together)."""
+    kinds = kinds or default_kinds()
+    only = os.environ.get("SMIRROR_BENCH_VARIANTS", "").split(",")
+    variants = [(n, f) for n, f in VARIANTS if n == "direct" or only == [""] or n in only]
+    results: dict = {}
     work = tempfile.mkdtemp(prefix="smirror-bench-mount-", dir=os.environ.get("SMIRROR_BENCH_DIR"))
+    os.chmod(work, 0o755)           # pgbench: the server runs as postgres
     try:
         os.mkdir(os.path.join(work, "back"))
         os.mkdir(os.path.join(work, "mnt"))
         for kind in kinds:
-            # round-robin: a burst of load on a shared machine hits every
-            # variant alike, not one of them
+            runs: dict = {name: [] for name, _ in variants}
             for _ in range(ROUNDS):
-                for name, fn in VARIANTS:
+                direct = None
+                for name, fn in variants:
                     r = fn(work, kind)
-                    best = results.get((kind, name))
-                    if r is not None and (best is None or r["app"] < best["app"]):
-                        results[(kind, name)] = r
-                    results.setdefault((kind, name), None)
-            direct = results[(kind, "direct")]["app"]
-            print(f"\n{kind}  (goal: mount >= {GOALS[kind]} of direct)")
-            for name, _ in VARIANTS:
-                r = results[(kind, name)]
-                if r is None:
+                    if name == "direct":
+                        direct = r["app"]
+                    if r is not None:
+                        r["ratio"] = direct / r["app"]
+                        runs[name].append(r)
+            goal = f"goal: mount >= {GOALS[kind]} of direct; " if kind in GOALS else ""
+            print(f"\n{kind}  ({goal}median of {ROUNDS} rounds)")
+            for name, _ in variants:
+                rs = runs[name]
+                if not rs:
                     print(f"  {name:<14} (not available here)")
                     continue
-                line = f"  {name:<14} {units(kind, r['app'])}  {direct / r['app']:5.2f} of direct"
+                r = sorted(rs, key=lambda x: x["app"])[len(rs) // 2]
+                ratios = [x["ratio"] for x in rs]
+                line = (f"  {name:<14} {units(kind, median([x['app'] for x in rs]))}  "
+                        f"{median(ratios):5.2f} of direct ({min(ratios):.2f}-{max(ratios):.2f})")
+                if kind in ("meta", "rtt") and "app_cpu" in r:
+                    cpu = [x["app_cpu"] + x.get("server_cpu", 0) for x in rs]
+                    line += (f"; CPU a file: {median([x['app_cpu'] for x in rs]) / FILES * 1e6:.0f} us "
+                             f"app (with the kernel's part)" + (
+                                 f" + {median([x['server_cpu'] for x in rs]) / FILES * 1e6:.0f} us "
+                                 f"server = {median(cpu) / FILES * 1e6:.0f} us" if "server_cpu" in r else ""))
                 if "applied" in r:
                     line += f"; target applied all in {r['applied']:.2f} s ({r['ops']} ops)"
                 if "requests" in r:
-                    line += (f"; {r['requests']} FUSE requests, "
+                    per = f", {r['requests'] / FILES:.1f} a file" if kind == "meta" else ""
+                    if kind == "rtt":
+                        outside = (r["server_cpu"] - r["busy"]) / r["requests"] * 1e6
+                        per = f", {outside:.1f} us CPU each outside our handlers"
+                    line += (f"; {r['requests']} FUSE requests{per}, "
                              f"{r['app'] / r['requests'] * 1e6:.1f} us each, "
-                             f"{r['busy'] / r['requests'] * 1e6:.1f} us of it in our handlers: "
+                             f"{r['busy'] / r['requests'] * 1e6:.1f} us CPU of it in our handlers: "
                              f"{r['by_kind']}")
                 print(line, flush=True)
+                results[(kind, name)] = {**r, "ratio": median(ratios), "ratios": ratios}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
@@ -225,4 +370,4 @@ def test_bench_mount():
 
 
 if __name__ == "__main__":
-    bench(tuple(sys.argv[1:]) or ("seq", "rand", "meta"))
+    bench(tuple(sys.argv[1:]) or None)

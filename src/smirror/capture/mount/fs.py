@@ -98,7 +98,7 @@ def _served(fn):
     @functools.wraps(fn)
     async def wrapper(self, *args):
         self.requests[name] = self.requests.get(name, 0) + 1
-        t0 = time.perf_counter_ns()
+        t0 = time.thread_time_ns()
         try:
             result = fn(self, *args)
         except pyfuse3.FUSEError:
@@ -114,7 +114,7 @@ def _served(fn):
             log.exception("mount of %s: %s failed", os.fsdecode(self.root), fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            self.busy_ns += time.perf_counter_ns() - t0
+            self.busy_ns += time.thread_time_ns() - t0
         waiter = self.sync_waiter
         if waiter is not None and waiter.waits_on(name):
             await self._synchronous(name, waiter)
@@ -148,6 +148,9 @@ class CaptureFS(pyfuse3.Operations):
         self.nodes: dict[int, _Node] = {pyfuse3.ROOT_INODE: _Node(b"")}
         self.nodes[pyfuse3.ROOT_INODE].lookups = 1
         self.open_files: dict[int, int] = {}         # fh (backing fd) -> inode
+        # inode -> its open fhs: fd-based getattr/getxattr/stamp, one
+        # syscall where a path costs three (resolve beneath, act, close)
+        self.fhs_of: dict[int, list[int]] = {}
         self.dirs: dict[int, list] = {}              # directory fh -> entries
         self._next_dir_fh = 1
         self.times_dirty: dict[int, None] = {}       # inodes whose mtime is owed
@@ -159,7 +162,9 @@ class CaptureFS(pyfuse3.Operations):
         # refused: calls refused for confinement (a symlink on the way)
         self.stats: dict[str, Any] = {"ops": 0, "bytes_written": 0, "refused": 0, "last_refused": ""}
         self.requests: dict[str, int] = {}          # FUSE requests served, by kind
-        self.busy_ns = 0                            # time spent in the handlers (profile)
+        # CPU time of the mount's thread spent in the handlers (a profile;
+        # CPU, not wall time: on a busy machine a handler may wait for a core)
+        self.busy_ns = 0
         # the synchronous connections' waits (stream.syncwait.SyncWaiter), if any
         self.sync_waiter: Any = None
         self._sync_limiter: Any = None
@@ -353,15 +358,15 @@ class CaptureFS(pyfuse3.Operations):
             if node is None or ino == pyfuse3.ROOT_INODE:
                 continue
             node.lookups -= n
-            if node.lookups <= 0 and ino not in self.open_files.values():
+            if node.lookups <= 0 and ino not in self.fhs_of:
                 self.flush_times([ino])          # its owed mtime is not lost with it
                 del self.nodes[ino]
 
     @_served
     def getattr(self, inode, ctx=None):
-        for fh, ino in self.open_files.items():
-            if ino == inode:
-                return self._attrs(os.fstat(fh))
+        fhs = self.fhs_of.get(inode)
+        if fhs:
+            return self._attrs(os.fstat(fhs[0]))
         return self._attrs(self._lstat(self._path(inode)))
 
     @_served
@@ -606,7 +611,12 @@ class CaptureFS(pyfuse3.Operations):
 
     @_served
     def getxattr(self, inode, name, ctx):
+        # the kernel asks for security.capability before every write, on an
+        # open file: its fd answers without resolving the path
+        fhs = self.fhs_of.get(inode)
         try:
+            if fhs:
+                return os.getxattr(fhs[0], name)
             with self._at(self._path(inode)) as (dfd, base):
                 path, follow = self._obj(dfd, base)
                 return os.getxattr(path, name, follow_symlinks=follow)
@@ -632,6 +642,7 @@ class CaptureFS(pyfuse3.Operations):
             self._out(Op.truncate(0, rel, 0))
             self._dirty(inode)
         self.open_files[fd] = inode
+        self.fhs_of.setdefault(inode, []).append(fd)
         return pyfuse3.FileInfo(fh=fd)
 
     @_served
@@ -675,7 +686,8 @@ class CaptureFS(pyfuse3.Operations):
             ino = self._remember(st, rel)
             self._dirty(ino)
             info = self._opened(fd, ino, rel, flags)
-            return info, self._attrs(os.fstat(fd))
+            # a file made here is as fstat saw it; one opened may have been truncated
+            return info, self._attrs(st if created else os.fstat(fd))
         except BaseException:
             os.close(fd)
             raise
@@ -703,7 +715,7 @@ class CaptureFS(pyfuse3.Operations):
         range as WRITEs of zeros, a new size as TRUNCATE (allocation itself
         is invisible, nothing is sent for it)."""
         self.requests["fallocate"] = self.requests.get("fallocate", 0) + 1
-        t0 = time.perf_counter_ns()
+        t0 = time.thread_time_ns()
         try:
             if mode & ~_FALLOC_KNOWN:
                 return errno.EOPNOTSUPP
@@ -735,11 +747,14 @@ class CaptureFS(pyfuse3.Operations):
             log.exception("mount of %s: fallocate failed", os.fsdecode(self.root))
             return errno.EIO
         finally:
-            self.busy_ns += time.perf_counter_ns() - t0
+            self.busy_ns += time.thread_time_ns() - t0
 
     @_served
     def flush(self, fh):
-        pass
+        # nothing to do at close(2) (release does it, and the kernel holds
+        # POSIX locks itself): ENOSYS tells the kernel never to send a FLUSH
+        # again, which saves every close a round trip the application waits for
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_served
     def fsync(self, fh, datasync):
@@ -753,9 +768,19 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def release(self, fh):
         ino = self.open_files.pop(fh, None)
-        os.close(fh)
-        if ino is not None:
-            self.flush_times([ino])
+        try:
+            if ino is not None:
+                fhs = self.fhs_of[ino]
+                fhs.remove(fh)
+                if not fhs:
+                    del self.fhs_of[ino]
+                if ino in self.times_dirty:     # its owed mtime, from the fd
+                    del self.times_dirty[ino]
+                    node = self.nodes.get(ino)
+                    if node is not None and node.paths:
+                        self._stamp(node.paths[0], os.fstat(fh).st_mtime_ns)
+        finally:
+            os.close(fh)
 
     # -- changes made to the backing directory behind the mount's back ----------------
     def repair(self, batch) -> None:
@@ -823,12 +848,14 @@ class CaptureFS(pyfuse3.Operations):
         finally:
             self.emit = saved
 
-    def _stamp(self, rel: bytes) -> None:
-        """The current mtime of ``rel`` (b"": the root) as an op."""
-        try:
-            mtime = self._lstat(rel).st_mtime_ns
-        except (OSError, ConfinementError):
-            return                  # gone meanwhile: its removal is an op of its own
+    def _stamp(self, rel: bytes, mtime: int | None = None) -> None:
+        """The current mtime of ``rel`` (b"": the root) as an op (``mtime``:
+        already known, from an open fd of it)."""
+        if mtime is None:
+            try:
+                mtime = self._lstat(rel).st_mtime_ns
+            except (OSError, ConfinementError):
+                return              # gone meanwhile: its removal is an op of its own
         if rel:
             self._out(Op.setattr(0, rel, mtime_ns=mtime))
         else:
