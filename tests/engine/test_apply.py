@@ -146,3 +146,21 @@ def test_task_and_mark_callbacks_see_earlier_writes(tmp_path):
     app.apply_all([Op.create(1, b"f"), Op.write(2, b"f", 0, b"before"), Op.task(3, "snap"),
                    Op.mark(4, b"m1"), Op.write(5, b"f", 0, b"AFTER!")])
     assert seen == [(b"snap", b"before"), b"m1"]
+
+
+def test_the_root_mtime_mark_sets_the_map_base_time_and_a_bad_one_is_logged(tmp_path, caplog):
+    """No op names the root: its mtime travels as a MARK that the applier
+    applies itself (the target connection and every other user of the
+    applier get it alike); a payload that is not an integer time is an
+    error in the log, never an exception out of the applier."""
+    from smirror.ops import MARK_ROOT_MTIME
+    seen = []
+    a = Applier(tmp_path / "dst", on_mark=seen.append)
+    a.apply(Op.mark(1, MARK_ROOT_MTIME, b'{"mtime_ns": 1234567890123456789}'))
+    assert os.lstat(tmp_path / "dst").st_mtime_ns == 1234567890123456789
+    for seq, bad in enumerate((b'{"mtime_ns": "soon"}', b"not json", b'{"other": 1}', b'{"mtime_ns": true}'), 2):
+        a.apply(Op.mark(seq, MARK_ROOT_MTIME, bad))
+    assert os.lstat(tmp_path / "dst").st_mtime_ns == 1234567890123456789
+    assert caplog.text.count("root-mtime MARK has a bad payload") == 4
+    a.apply(Op.mark(6, b"smirror.other", b"{}"))
+    assert [bytes(op.path) for op in seen] == [b"smirror.other"]     # the root's is not passed on

@@ -1,7 +1,6 @@
 """Watcher capture on real files: inotify or fanotify events -> ops ->
 applier -> the target equals the source; only changed blocks travel. The
 behaviour tests run on both backends."""
-import json
 import os
 import shutil
 import time
@@ -11,7 +10,7 @@ import pytest
 
 from smirror.capture import fanotify
 from smirror.stream.apply import Applier
-from smirror.ops import MARK_ROOT_MTIME, OpKind
+from smirror.ops import OpKind
 from smirror.fs.tree import Rules
 from smirror.capture.watch import TreeCapture, open_watcher
 from support.faults import rsync_diff
@@ -43,21 +42,12 @@ def sysctl(path, value):
 
 
 class Pipe(list):
-    """The capture's ops, applied to DST at once. The root's mtime MARK is
-    applied as a target connection does (stream.receiver): without it DST's
-    root kept the time of applying, equal to the source's only when both
-    fell in one tick of the file clock (a flaky rsync '.d..t ./')."""
+    """The capture's ops, applied to DST at once (the root's mtime MARK
+    too: the applier applies it, as on a target)."""
 
     def __init__(self, dst):
         super().__init__()
         self.applier = Applier(dst)
-        self.applier.on_mark = self._mark
-
-    def _mark(self, op):
-        if bytes(op.path) == MARK_ROOT_MTIME:
-            root = self.applier.root
-            mtime = json.loads(bytes(op.data))["mtime_ns"]
-            os.utime(root, ns=(os.lstat(root).st_atime_ns, mtime), follow_symlinks=False)
 
     def __call__(self, op):
         op = op._replace(seq=len(self) + 1)

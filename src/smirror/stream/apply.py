@@ -56,6 +56,7 @@ applied op by op, so every state a kill can show is a prefix of it.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import mmap
 import os
@@ -68,7 +69,7 @@ from typing import Any, cast
 from smirror.errors import ApplyError, ConfinementError
 from smirror.fs.beneath import RENAME_EXCHANGE, Beneath, chmod_at, lstat_at, proc_path, renameat2, rmtree_at
 from smirror.fs.files import replace_at
-from smirror.ops import AttrMask, Op, OpKind, RenameFlag, XattrFlag
+from smirror.ops import MARK_ROOT_MTIME, AttrMask, Op, OpKind, RenameFlag, XattrFlag
 from smirror.stream import reclaim
 
 log = logging.getLogger("smirror.stream.apply")
@@ -993,5 +994,19 @@ class Applier:
             self.on_task(op)
 
     def _mark(self, op: Op) -> None:
-        if self.on_mark is not None:
+        if bytes(op.path) == MARK_ROOT_MTIME:
+            self._root_mtime(op)
+        elif self.on_mark is not None:
             self.on_mark(op)
+
+    def _root_mtime(self, op: Op) -> None:
+        """The source's root directory mtime, for the map base itself (no op
+        names the root: its mtime travels as this MARK)."""
+        try:
+            mtime = json.loads(bytes(op.data))["mtime_ns"]
+            if not isinstance(mtime, int) or isinstance(mtime, bool):
+                raise TypeError(f"mtime_ns {mtime!r} is not an integer")
+            os.utime(self.root, ns=(os.lstat(self.root).st_atime_ns, mtime), follow_symlinks=False)
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
+            log.error("%s: op seq %d root-mtime MARK has a bad payload (%s): skipped",
+                      self.name, op.seq, exc)

@@ -49,7 +49,7 @@ from pathlib import Path
 from smirror.errors import FrameError, QueueClosed, QueueFull, SmirrorError
 from smirror.kernels.frames import decode_frame, frame_header
 from smirror.kernels.memqueue import SpillQueue, queue_alert, segment_size_for
-from smirror.ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, MARK_RESYNC_DONE, MARK_ROOT_MTIME, Op, OpKind
+from smirror.ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, MARK_RESYNC_DONE, Op, OpKind
 from smirror.private import private_dir
 from smirror.stream.apply import DEFAULT_XATTR_NAMESPACES, Applier, Moot
 from smirror.stream.inuse import InUseGate
@@ -518,18 +518,6 @@ class TargetConnection:
                 return prefix
         return rel
 
-    def _root_mtime(self, op) -> None:
-        """The source's root directory mtime, for the map base itself."""
-        try:
-            mtime = json.loads(bytes(op.data))["mtime_ns"]
-            if not isinstance(mtime, int) or isinstance(mtime, bool):
-                raise TypeError(f"mtime_ns {mtime!r} is not an integer")
-            os.utime(self.applier.root, ns=(os.lstat(self.applier.root).st_atime_ns, mtime),
-                     follow_symlinks=False)
-        except (ValueError, KeyError, TypeError, OverflowError) as exc:
-            log.error("connection %s: op seq %d root-mtime MARK has a bad payload (%s): skipped",
-                      self.conid, op.seq, exc)
-
     def _resync_done(self, op) -> None:
         try:
             rel = os.fsencode(json.loads(bytes(op.data))["path"])
@@ -709,9 +697,6 @@ class TargetConnection:
             return
         if label == MARK_RESYNC_DONE:
             self._resync_done(op)
-            return
-        if label == MARK_ROOT_MTIME:
-            self._root_mtime(op)
             return
         if label not in (MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE):
             if self._user_on_mark is not None:
