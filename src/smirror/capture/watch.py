@@ -248,6 +248,8 @@ class TreeCapture:
         return root + b"/" + rel if rel else root
 
     def _out(self, op: Op) -> None:
+        if op.kind in (OpKind.CREATE, OpKind.DELETE, OpKind.HARDLINK, OpKind.RENAME):
+            log.info("DEBUG cap op %s %r %r", OpKind(op.kind).name, bytes(op.path), bytes(op.path2 or b""))
         self.stats["ops"] += 1
         self.emit(op)
         if op.kind in _CHANGES_PARENT:
@@ -374,27 +376,43 @@ class TreeCapture:
         with self._lock:
             saved, self.emit = self.emit, emit
             try:
-                self.known = known = {}
+                before, self.known = self.known, {}
+                known = self.known
                 resend: list[bytes] = []
                 for rel, e in h.left.items():
                     if rel not in h.links:
                         known[rel] = self._handed_entry(rel, e, h, resend)
+                apart = []      # names the source holds as another inode than their leader's now
                 for rel, leader in h.links.items():
                     shared = known.get(leader)
                     if rel in h.left and shared is not None:
+                        if self._source_ino(rel) != shared.ino:
+                            # the leader was replaced after the listing: the
+                            # target linked this name to bytes it does not hold
+                            apart.append(rel)
+                            continue
                         known[rel] = shared     # one inode on the target, one entry
                         shared.names += 1
                 for rel in h.kept:
                     d = h.target.get(rel)
                     on_target = Known(stat.S_IFREG, 0, 0, 0, 0, d.size if d is not None else 0)
                     known[rel] = self._keep_as_is(rel, Known(stat.S_IFREG, 0, 0, 0, 0), on_target)
+                for rel in h.orphans:
+                    d = h.target.get(rel)
+                    if rel in before and d is not None and stat.S_IFMT(d.mode) == before[rel].kind:
+                        # gone from the source while the mirror listed it (its
+                        # deletion not handled yet): the target's, so the
+                        # event that comes deletes it there
+                        known[rel] = Known(stat.S_IFMT(d.mode), -1, -1, -1, -1, d.size, link=d.link)
                 for rel in h.stale:         # a stop came before their attributes were set
                     k = known.get(rel)
                     if k is not None:
                         k.mode = k.mtime_ns = -1
                         (self._dirs_touched if k.kind == stat.S_IFDIR else self._lost).add(rel)
-                for rel in sorted(h.unsure, key=lambda p: p.count(b"/")):
+                for rel in sorted(h.unsure, key=lambda p: p.count(b"/")) + apart:
                     self._unsure(rel, h)
+                log.info("DEBUG handover: left %d links %d hashes %d unsure %s resend %s",
+                         len(h.left), len(h.links), len(h.hashes), sorted(h.unsure), resend)
                 for rel in resend:
                     if known.get(rel) is not None and known[rel].strong is None:
                         self._dirty[rel] = 0.0      # diffed (sent whole) when the capture goes on
@@ -417,6 +435,13 @@ class TreeCapture:
             k.strong, k.size, k.mtime_ns = None, e.size, -1
             resend.append(rel)
         return k
+
+    def _source_ino(self, rel: bytes):
+        try:
+            st = os.lstat(self._abs(rel))
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
 
     def _hash_as_read(self, rel: bytes, k: Known, e) -> bool:
         """Hash the source file ``rel`` into ``k`` if it is still as the
@@ -442,11 +467,13 @@ class TreeCapture:
         """A path the mirror failed on: what the target holds there is not
         known. A directory stays (the mirror made it), with attributes to
         send; anything else goes and is sent anew from the source."""
-        s = h.source.get(rel)
+        s, d = h.source.get(rel), h.target.get(rel)
         if s is not None and stat.S_ISDIR(s.mode):
             self.known[rel] = Known(stat.S_IFDIR, -1, -1, -1, -1)
         else:
-            self._out(Op.delete(_ZERO, rel))
+            # (a directory only when the source had none there to list)
+            is_dir = s is None and d is not None and stat.S_ISDIR(d.mode)
+            self._out(Op.rmdir(_ZERO, rel) if is_dir else Op.delete(_ZERO, rel))
             self.known.pop(rel, None)
         if os.path.lexists(self._abs(rel)):
             self._sync_path(rel, True, None)
@@ -617,6 +644,8 @@ class TreeCapture:
                     if read is not None:
                         self._attrs(rel, read, True)
                     return
+            if st.st_nlink > 1:
+                log.info("DEBUG create %r alone, nlink %d ino %s", rel, st.st_nlink, (st.st_dev, st.st_ino))
             self._out(Op.create(_ZERO, rel, mode))
             k = self._remember(rel, st)
             k.size = 0

@@ -20,7 +20,8 @@ import threading
 from smirror.capture.watch import MirrorHandover
 from smirror.fs.files import xattr_filter
 from smirror.mirror.engine import Mirror, MirrorOptions
-from smirror.mirror.remote import RemoteReader, RemoteTarget
+from smirror.mirror.local import LocalTarget
+from smirror.mirror.remote import RemoteReader, StreamTarget
 
 
 def remote_reader(client, map_base: str, ident: dict, mode) -> RemoteReader:
@@ -53,17 +54,28 @@ class ConnectionMirror:
     (mirror-stop: ends it before its next file). Called as ``run(root,
     emit)`` by the capture (see ``run_mirror``); returns the hand-over."""
 
-    def __init__(self, reader: RemoteReader, options: MirrorOptions,
+    def __init__(self, reader: RemoteReader | LocalTarget, options: MirrorOptions,
                  stop: threading.Event | None = None):
         self.reader = reader
         self.options = options
         self.stop = stop if stop is not None else threading.Event()
         self.engine: Mirror | None = None
-        self.target: RemoteTarget | None = None
+        self.target: StreamTarget | None = None
 
     def __call__(self, root: bytes, emit) -> MirrorHandover:
-        target = self.target = RemoteTarget(None, self.reader.map_base, self.reader.ident, emit,
-                                            reader=self.reader, xattrs=True)
+        # a RemoteReader's: the RemoteTarget; a local directory's (tests,
+        # a target on this machine): the same writer over that reader
+        import logging
+
+        from smirror.ops import OpKind
+        dlog = logging.getLogger("smirror.debug")
+        real_emit = emit
+
+        def emit(op):
+            if op.kind in (OpKind.CREATE, OpKind.DELETE, OpKind.HARDLINK, OpKind.RENAME):
+                dlog.info("DEBUG eng op %s %r %r", OpKind(op.kind).name, bytes(op.path), bytes(op.path2 or b""))
+            real_emit(op)
+        target = self.target = StreamTarget(self.reader, emit, xattrs=True)
         try:
             engine = self.engine = Mirror(root, target, self.options, stop=self.stop)
             summary = engine.run()
@@ -71,7 +83,7 @@ class ConnectionMirror:
             self.reader.close()
         src, dst = engine.source_listing, engine.target_listing
         assert src is not None and dst is not None      # run() listed both or raised
-        orphans = [] if summary.stopped else list(summary.orphans)
+        orphans = [] if summary.stopped else _with_contents(summary.orphans, dst.entries)
         return MirrorHandover(
             left=engine.left, links={rel: leader for rel, leader, _ in engine.hardlinks},
             hashes=engine.hashes, kept=engine.kept, unsure=engine.unsure, stale=engine.stale,
@@ -104,6 +116,20 @@ class ConnectionMirror:
         assert engine is not None
         done = len(engine.left) + len(engine.unsure) + len(engine.kept)
         return max(0, done - (b"" in engine.left))
+
+
+def _with_contents(orphans: list[bytes], listed: dict) -> list[bytes]:
+    """The engine's orphans (the top of each orphan subtree) with everything
+    the target listed under them: the orphan policy acts on each."""
+    tops = set(orphans)
+    out = set(orphans)
+    for rel in listed:
+        parent = rel.rpartition(b"/")[0]
+        while parent and parent not in tops:
+            parent = parent.rpartition(b"/")[0]
+        if parent:
+            out.add(rel)
+    return sorted(out)
 
 
 __all__ = ["ConnectionMirror", "remote_reader", "options_for"]

@@ -450,7 +450,7 @@ class Mirror:
         if self._fatal is None:
             self._execute()
         summary.stopped = self.stop.is_set()
-        self._note_unsure(src)
+        self._note_unsure(src, dst)
         summary.bytes_written = getattr(self.target, "bytes_written", 0)
         summary.seconds = time.monotonic() - t0
         if self._fatal is not None:
@@ -462,13 +462,16 @@ class Mirror:
             raise err
         return summary
 
-    def _note_unsure(self, src):
+    def _note_unsure(self, src, dst):
         """The source paths whose state on the target this run does not
         vouch for: those that failed (a hard link's names with its leader),
-        and files it did not reach because a stop came first stay out of
-        ``left`` (not on the target as far as this mirror knows)."""
+        and those the target holds that went from the source while it was
+        listed; files it did not reach because a stop came first stay out
+        of ``left`` (not on the target as far as this mirror knows)."""
         failed = {rel for rel, _ in self.summary.errors}
         self.unsure = {rel for rel in failed if rel in src.entries}
+        self.unsure.update(rel for rel, exc in src.errors if rel in dst.entries and rel
+                           and getattr(exc, "errno", None) in (errno.ENOENT, errno.ENOTDIR))
         for rel in self.unsure:
             self.left.pop(rel, None)
         for rel, leader, _ in getattr(self, "hardlinks", ()):
