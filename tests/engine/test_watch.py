@@ -1206,3 +1206,36 @@ def test_a_hard_link_to_names_renamed_on_before_the_cache_was_loaded_is_linked_t
         cap.close()
     assert len({os.stat(dst / p).st_ino for p in ("e/a", "e/b", "g")}) == 1
     assert rsync_diff(src, dst) == []
+
+
+def test_names_the_listing_met_as_one_inode_but_the_mirror_wrote_apart_are_linked_again(tmp_path):
+    """A link made while the source was being listed (faults.py kill,
+    source victim: 'hf data5590/log6776 => x-5088'): one name was listed
+    before it (one link), the other after (two), so the mirror wrote them
+    as two files. The hand-over sees one source inode under two cache
+    entries and links the names again on the target."""
+    from smirror.capture.watch import MirrorHandover
+    from smirror.fs.tree import entry_from_stat, scan
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "x").write_bytes(b"one inode")
+    os.link(src / "x", src / "y")
+    shutil.copytree(src, dst)                   # what the mirror wrote: two files
+    assert os.stat(dst / "x").st_ino != os.stat(dst / "y").st_ino
+    left = {rel: e for rel, e in scan(os.fsencode(src)).entries.items()}
+    left[b"x"] = entry_from_stat(os.stat(src / "x"))
+    left[b"y"] = entry_from_stat(os.stat(src / "y"))
+    target = scan(os.fsencode(dst)).entries
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe)
+    try:
+        cap.take_mirror(pipe, MirrorHandover(
+            left=left, links={}, hashes={}, kept=set(), unsure=set(), stale=set(), target=target,
+            source=dict(left), xattrs=lambda rel: None))
+        assert cap.known[b"x"] is cap.known[b"y"]
+        cap.sync()
+        pipe.applier.flush()
+    finally:
+        cap.close()
+    assert os.stat(dst / "x").st_ino == os.stat(dst / "y").st_ino
+    assert (dst / "y").read_bytes() == b"one inode"

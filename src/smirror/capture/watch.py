@@ -358,6 +358,14 @@ class TreeCapture:
             handover = run(self.root, emit)
             if adopt:
                 self.take_mirror(emit, handover)
+            else:
+                # the cache is the other targets': it vouches for no bytes
+                # of the files this one keeps newer (their next change goes
+                # out whole, to every target)
+                for rel in handover.kept:
+                    k, d = self.known.get(rel), handover.target.get(rel)
+                    if k is not None and k.kind == stat.S_IFREG:
+                        self._keep_as_is(rel, k, Known(stat.S_IFREG, 0, 0, 0, 0, d.size if d else 0))
             # the orphan policy's deletes and moves change their parents'
             # mtimes on the target: those directories' times (and the
             # root's) are sent when quiet (_settle_dirs)
@@ -393,6 +401,13 @@ class TreeCapture:
                             continue
                         known[rel] = shared     # one inode on the target, one entry
                         shared.names += 1
+                # names the listing met as one inode but the mirror wrote as
+                # several (a link made while the source was being listed:
+                # one name listed before it, one after): linked again
+                first_of: dict = {}
+                for rel, k in known.items():
+                    if k.ino and _linkable(k.kind) and first_of.setdefault(k.ino, k) is not k:
+                        apart.append(rel)
                 for rel in h.kept:
                     d = h.target.get(rel)
                     on_target = Known(stat.S_IFREG, 0, 0, 0, 0, d.size if d is not None else 0)
