@@ -1107,7 +1107,7 @@ class Daemon:
 
     # -- control verbs: verb -> (role it needs, handler) -------------------------
     # "monitor" verbs only read; "replication" verbs are the reads of its own
-    # map bases that remote_known makes (an admin may ask them too)
+    # map bases that a connection's mirror makes (an admin may ask them too)
     VERBS: dict[str, tuple[str, str]] = {}
 
     @staticmethod                       # called here, in the class body (3.10+)
