@@ -154,13 +154,14 @@ class MirrorHandover:
     failed on; ``stale``: entries in ``left`` whose attributes were not set
     (a stop came first); ``target``, ``source``: the two listings' entries;
     ``xattrs(rel)``: the target's extended attributes as the mirror left
-    them (None: not known); ``orphans``: target paths the source lacks."""
+    them (None: not known); ``orphans``: target paths the source lacks,
+    ``orphans_stay``: the orphan policy leaves them there (reports them)."""
 
     def __init__(self, *, left, links, hashes, kept, unsure, stale, target, source, xattrs,
-                 orphans=(), stats=None):
+                 orphans=(), orphans_stay=True, stats=None):
         self.left, self.links, self.hashes, self.kept = left, links, hashes, kept
         self.unsure, self.stale, self.target, self.source = unsure, stale, target, source
-        self.xattrs, self.orphans = xattrs, list(orphans)
+        self.xattrs, self.orphans, self.orphans_stay = xattrs, list(orphans), orphans_stay
         self.stats: dict = stats if stats is not None else {}
 
 
@@ -412,7 +413,7 @@ class TreeCapture:
                     d = h.target.get(rel)
                     on_target = Known(stat.S_IFREG, 0, 0, 0, 0, d.size if d is not None else 0)
                     known[rel] = self._keep_as_is(rel, Known(stat.S_IFREG, 0, 0, 0, 0), on_target)
-                for rel in h.orphans:
+                for rel in h.orphans if h.orphans_stay else ():
                     d = h.target.get(rel)
                     if rel in before and d is not None and stat.S_IFMT(d.mode) == before[rel].kind:
                         # gone from the source while the mirror listed it (its

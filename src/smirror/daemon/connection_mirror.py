@@ -59,6 +59,7 @@ class ConnectionMirror:
         self.reader = reader
         self.options = options
         self.stop = stop if stop is not None else threading.Event()
+        self.orphans_stay = True        # the connection's orphan policy is "report"
         self.engine: Mirror | None = None
         self.target: StreamTarget | None = None
 
@@ -88,7 +89,7 @@ class ConnectionMirror:
             left=engine.left, links={rel: leader for rel, leader, _ in engine.hardlinks},
             hashes=engine.hashes, kept=engine.kept, unsure=engine.unsure, stale=engine.stale,
             target=dst.entries, source=src.entries, xattrs=target.xattrs, orphans=orphans,
-            stats=self.counters())
+            orphans_stay=self.orphans_stay, stats=self.counters())
 
     def counters(self) -> dict:
         """The mirror's counters so far (status reads them while it runs)."""

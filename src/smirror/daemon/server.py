@@ -261,6 +261,7 @@ class RepsetCapture:
                 # mirror leaves there (events still pending are diffed
                 # against that; a restart mirror on a live tree diverged)
                 alone = set(self.targets) <= {conn.conid}
+                run.orphans_stay = conn.orphans == "report"     # else the ops below remove them
                 handover = self.capture.run_mirror(run, append, adopt=alone)
                 found = handover.orphans
                 ops, ostats = orphan_ops(found, handover.target, conn.orphans,
