@@ -249,8 +249,6 @@ class TreeCapture:
         return root + b"/" + rel if rel else root
 
     def _out(self, op: Op) -> None:
-        if op.kind in (OpKind.CREATE, OpKind.DELETE, OpKind.HARDLINK, OpKind.RENAME):
-            log.info("DEBUG cap op %s %r %r", OpKind(op.kind).name, bytes(op.path), bytes(op.path2 or b""))
         self.stats["ops"] += 1
         self.emit(op)
         if op.kind in _CHANGES_PARENT:
@@ -391,49 +389,58 @@ class TreeCapture:
                 for rel, e in h.left.items():
                     if rel not in h.links:
                         known[rel] = self._handed_entry(rel, e, h, resend)
-                apart = []      # names the source holds as another inode than their leader's now
-                for rel, leader in h.links.items():
-                    shared = known.get(leader)
-                    if rel in h.left and shared is not None:
-                        if self._source_ino(rel) != shared.ino:
-                            # the leader was replaced after the listing: the
-                            # target linked this name to bytes it does not hold
-                            apart.append(rel)
-                            continue
-                        known[rel] = shared     # one inode on the target, one entry
-                        shared.names += 1
-                # names the listing met as one inode but the mirror wrote as
-                # several (a link made while the source was being listed:
-                # one name listed before it, one after): linked again
-                first_of: dict = {}
-                for rel, k in known.items():
-                    if k.ino and _linkable(k.kind) and first_of.setdefault(k.ino, k) is not k:
-                        apart.append(rel)
-                for rel in h.kept:
-                    d = h.target.get(rel)
-                    on_target = Known(stat.S_IFREG, 0, 0, 0, 0, d.size if d is not None else 0)
-                    known[rel] = self._keep_as_is(rel, Known(stat.S_IFREG, 0, 0, 0, 0), on_target)
-                for rel in h.orphans if h.orphans_stay else ():
-                    d = h.target.get(rel)
-                    if rel in before and d is not None and stat.S_IFMT(d.mode) == before[rel].kind:
-                        # gone from the source while the mirror listed it (its
-                        # deletion not handled yet): the target's, so the
-                        # event that comes deletes it there
-                        known[rel] = Known(stat.S_IFMT(d.mode), -1, -1, -1, -1, d.size, link=d.link)
-                for rel in h.stale:         # a stop came before their attributes were set
-                    k = known.get(rel)
-                    if k is not None:
-                        k.mode = k.mtime_ns = -1
-                        (self._dirs_touched if k.kind == stat.S_IFDIR else self._lost).add(rel)
+                apart = self._handed_links(known, h)
+                self._handed_others(known, before, h)
                 for rel in sorted(h.unsure, key=lambda p: p.count(b"/")) + apart:
                     self._unsure(rel, h)
-                log.info("DEBUG handover: left %d links %d hashes %d unsure %s resend %s",
-                         len(h.left), len(h.links), len(h.hashes), sorted(h.unsure), resend)
                 for rel in resend:
                     if known.get(rel) is not None and known[rel].strong is None:
                         self._dirty[rel] = 0.0      # diffed (sent whole) when the capture goes on
             finally:
                 self.emit = saved
+
+    def _handed_links(self, known: dict, h: MirrorHandover) -> list[bytes]:
+        """Hard-link names into the cache as one entry with their leader's;
+        returns the names to send anew (held apart from their inode)."""
+        apart = []      # names the source holds as another inode than their leader's now
+        for rel, leader in h.links.items():
+            shared = known.get(leader)
+            if rel in h.left and shared is not None:
+                if self._source_ino(rel) != shared.ino:
+                    # the leader was replaced after the listing: the
+                    # target linked this name to bytes it does not hold
+                    apart.append(rel)
+                    continue
+                known[rel] = shared     # one inode on the target, one entry
+                shared.names += 1
+        # names the listing met as one inode but the mirror wrote as
+        # several (a link made while the source was being listed:
+        # one name listed before it, one after): linked again
+        first_of: dict = {}
+        for rel, k in known.items():
+            if k.ino and _linkable(k.kind) and first_of.setdefault(k.ino, k) is not k:
+                apart.append(rel)
+        return apart
+
+    def _handed_others(self, known: dict, before: dict, h: MirrorHandover) -> None:
+        """Files kept newer, paths gone while listed (``before``: the cache
+        as it was), entries whose attributes a stop left unset."""
+        for rel in h.kept:
+            d = h.target.get(rel)
+            on_target = Known(stat.S_IFREG, 0, 0, 0, 0, d.size if d is not None else 0)
+            known[rel] = self._keep_as_is(rel, Known(stat.S_IFREG, 0, 0, 0, 0), on_target)
+        for rel in h.orphans if h.orphans_stay else ():
+            d = h.target.get(rel)
+            if rel in before and d is not None and stat.S_IFMT(d.mode) == before[rel].kind:
+                # gone from the source while the mirror listed it (its
+                # deletion not handled yet): the target's, so the
+                # event that comes deletes it there
+                known[rel] = Known(stat.S_IFMT(d.mode), -1, -1, -1, -1, d.size, link=d.link)
+        for rel in h.stale:         # a stop came before their attributes were set
+            k = known.get(rel)
+            if k is not None:
+                k.mode = k.mtime_ns = -1
+                (self._dirs_touched if k.kind == stat.S_IFDIR else self._lost).add(rel)
 
     def _handed_entry(self, rel: bytes, e, h: MirrorHandover, resend: list) -> Known:
         kind = stat.S_IFMT(e.mode)
@@ -660,8 +667,6 @@ class TreeCapture:
                     if read is not None:
                         self._attrs(rel, read, True)
                     return
-            if st.st_nlink > 1:
-                log.info("DEBUG create %r alone, nlink %d ino %s", rel, st.st_nlink, (st.st_dev, st.st_ino))
             self._out(Op.create(_ZERO, rel, mode))
             k = self._remember(rel, st)
             k.size = 0

@@ -66,16 +66,6 @@ class ConnectionMirror:
     def __call__(self, root: bytes, emit) -> MirrorHandover:
         # a RemoteReader's: the RemoteTarget; a local directory's (tests,
         # a target on this machine): the same writer over that reader
-        import logging
-
-        from smirror.ops import OpKind
-        dlog = logging.getLogger("smirror.debug")
-        real_emit = emit
-
-        def emit(op):
-            if op.kind in (OpKind.CREATE, OpKind.DELETE, OpKind.HARDLINK, OpKind.RENAME):
-                dlog.info("DEBUG eng op %s %r %r", OpKind(op.kind).name, bytes(op.path), bytes(op.path2 or b""))
-            real_emit(op)
         target = self.target = StreamTarget(self.reader, emit, xattrs=True)
         try:
             engine = self.engine = Mirror(root, target, self.options, stop=self.stop)
