@@ -1239,3 +1239,39 @@ def test_names_the_listing_met_as_one_inode_but_the_mirror_wrote_apart_are_linke
         cap.close()
     assert os.stat(dst / "x").st_ino == os.stat(dst / "y").st_ino
     assert (dst / "y").read_bytes() == b"one inode"
+
+
+def test_a_name_linked_to_a_leader_replaced_after_the_listing_is_sent_anew(tmp_path):
+    """The listing met x and y as one inode; x was replaced before the
+    mirror read it (a new file renamed over it), so the target's y, linked
+    to x, holds the new file's bytes while the source's y is the old inode,
+    and no event of y's says so. The hand-over sees y's inode differ from
+    its leader's and sends y anew, apart."""
+    from smirror.capture.watch import MirrorHandover
+    from smirror.fs.tree import entry_from_stat, scan
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "x").write_bytes(b"the new x")       # the leader as the mirror read it
+    (src / "y").write_bytes(b"the old inode, y's still")
+    (dst / "x").write_bytes(b"the new x")       # the mirror's ops: x written, y linked to it
+    os.link(dst / "x", dst / "y")
+    for p in ("x", "y"):
+        shutil.copystat(src / p, dst / p)
+    scanned = scan(os.fsencode(src)).entries
+    left = dict(scanned)
+    left[b"x"] = entry_from_stat(os.stat(src / "x"))
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe)
+    try:
+        cap.take_mirror(pipe, MirrorHandover(
+            left=left, links={b"y": b"x"}, hashes={}, kept=set(), unsure=set(), stale=set(),
+            target=scan(os.fsencode(dst)).entries, source=scanned, xattrs=lambda rel: None))
+        assert cap.known[b"x"] is not cap.known[b"y"]
+        cap.sync()
+        pipe.applier.flush()
+    finally:
+        cap.close()
+    assert os.stat(dst / "x").st_ino != os.stat(dst / "y").st_ino
+    assert (dst / "y").read_bytes() == b"the old inode, y's still"
+    assert (dst / "x").read_bytes() == b"the new x"

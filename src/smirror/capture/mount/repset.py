@@ -33,7 +33,6 @@ class MountCapture:
         self.mountpoint = os.path.abspath(os.fsdecode(mountpoint))
         self.emit = emit
         self._lock = threading.RLock()      # paused(): the mount's ops wait
-        self.stats: dict = {}               # the running mirror's counters
         self.mount = CaptureMount(self.root, self.mountpoint, self._emit)
 
     def start(self) -> MountCapture:
