@@ -4,7 +4,6 @@ move, a move out of the set still deletes), the orphan policy's ops, the
 queue alert."""
 import json
 import os
-import stat
 import subprocess
 import time
 
@@ -16,7 +15,7 @@ from smirror.kernels.memqueue import SpillQueue, queue_alert
 from smirror.ops import MARK_ORPHAN_MOVE, Op, OpKind
 from smirror.stream.orphans import orphan_ops
 from smirror.replication import Replication
-from smirror.capture.watch import Known
+from smirror.fs.tree import DIR, FILE, Entry
 from support.treestate import diff, snapshot
 
 
@@ -178,8 +177,8 @@ DAY = 86400 * 10**9
 def _known(entries, now):
     out = {}
     for rel, kind, size, age_days in entries:
-        out[rel] = Known(stat.S_IFDIR if kind == "d" else stat.S_IFREG, 0o644, 0, 0,
-                         now - int(age_days * DAY), size)
+        out[rel] = Entry(DIR if kind == "d" else FILE, 0o644, 0, 0, size,
+                         now - int(age_days * DAY), None, None, 1)
     return out
 
 

@@ -1,4 +1,4 @@
-"""A connection's mirror (TreeCapture.mirror_to) stopped between entries
+"""A connection's mirror (the engine through TreeCapture.run_mirror) stopped between files
 (mirror-stop), and its ``newer`` form that leaves the target's newer files
 alone: what reaches the target, and what the capture's cache believes
 afterwards (the next change, and the periodic verification, must still
@@ -11,17 +11,7 @@ from smirror.mirror.compare import source_is_newer
 from smirror.ops import OpKind
 from support.treestate import diff, snapshot
 
-from test_watch import Pipe
-
-
-def listing(dst):
-    """What a target holds, as the cache entries a mirror compares with."""
-    lister = TreeCapture(dst, lambda op: None)
-    try:
-        lister.load_target(dst)
-        return dict(lister.known)
-    finally:
-        lister.close()
+from test_watch import Pipe, connection_mirror
 
 
 def without(entries, name):
@@ -36,7 +26,6 @@ def test_a_stopped_mirror_ends_between_files_names_no_orphan_and_assumes_nothing
     (src / "sub" / "g").write_text("in a directory")
     dst.mkdir()
     (dst / "zz-orphan").write_text("only on the target")
-    known = listing(dst)
     pipe = Pipe(dst)
     stop = threading.Event()
 
@@ -49,28 +38,31 @@ def test_a_stopped_mirror_ends_between_files_names_no_orphan_and_assumes_nothing
     cap = TreeCapture(src, pipe)
     try:
         cap.load_target(src)
-        stats = cap.mirror_to(stopping, known, orphans_out=found, adopt=True, stop=stop)
+        h = connection_mirror(cap, dst, stopping, adopt=True, stop=stop)
+        stats, found = h.stats, h.orphans
         pipe.applier.flush()
-        assert stats["stopped"] and stats["entries_checked"] == 5
+        # the directory made before the files, and the files reached
+        assert stats["stopped"] and stats["entries_checked"] == 6
         # the entries not reached cannot be told from orphans: none is named
-        assert found == [] and stats["orphans"] == 0
-        sent = sorted(p.name for p in dst.iterdir())
-        assert sent == ["f00", "f01", "f02", "f03", "f04", "zz-orphan"]
-        for name in sent[:-1]:                  # each file reached is whole
+        assert found == []
+        sent = sorted(p.name for p in dst.iterdir() if p.name not in ("sub", "zz-orphan"))
+        assert len(sent) == 5 and (dst / "sub").is_dir() and (dst / "zz-orphan").exists()
+        for name in sent:                       # each file reached is whole
             assert (dst / name).read_bytes() == (src / name).read_bytes()
         # the cache (adopted: this target only) holds what was sent, nothing more
-        assert sorted(cap.known) == [b"f00", b"f01", b"f02", b"f03", b"f04"]
+        assert sorted(cap.known) == sorted([b"", b"sub"] + [os.fsencode(n) for n in sent])
+        unreached = sorted(set(f"f{i:02}" for i in range(30)) - set(sent))
         # a change to a file the mirror never reached, also in a directory
         # it never reached: sent whole, not as a diff, and not dropped
-        with open(src / "f20", "r+b") as f:
+        with open(src / unreached[0], "r+b") as f:
             f.write(b"changed")
         with open(src / "sub" / "g", "a") as f:
             f.write(", changed")
         cap.sync()
         pipe.applier.flush()
-        assert (dst / "f20").read_bytes() == (src / "f20").read_bytes()
+        assert (dst / unreached[0]).read_bytes() == (src / unreached[0]).read_bytes()
         assert (dst / "sub" / "g").read_text() == "in a directory, changed"
-        assert not (dst / "f21").exists()       # the rest waits for a mirror (or the verification)
+        assert not (dst / unreached[1]).exists()    # the rest waits for a mirror (or the verification)
         # the periodic verification does not take the rest as being there
         cap.verify()
         pipe.applier.flush()
@@ -92,9 +84,9 @@ def test_a_stop_set_before_the_mirror_checks_it_ends_it_at_once_and_a_mirror_wit
     cap = TreeCapture(src, pipe)
     try:
         cap.load_target(src)
-        stats = cap.mirror_to(pipe, {}, stop=stop)
+        stats = connection_mirror(cap, dst, pipe, adopt=False, stop=stop).stats
         assert stats["stopped"] and stats["entries_checked"] == 0 and list(dst.iterdir()) == []
-        stats = cap.mirror_to(pipe, {}, stop=threading.Event())
+        stats = connection_mirror(cap, dst, pipe, adopt=False, stop=threading.Event()).stats
         pipe.applier.flush()
         assert "stopped" not in stats and stats["entries_checked"] == 3
         assert diff(snapshot(src), snapshot(dst)) == []
@@ -130,17 +122,13 @@ def make_newer_pair(tmp_path):
 
 def test_a_newer_mirror_leaves_the_targets_newer_files_until_the_source_changes_them(tmp_path):
     src, dst = make_newer_pair(tmp_path)
-    known = listing(dst)
-    keep = frozenset(p for p, k in known.items()
-                     if not source_is_newer(os.stat(src / os.fsdecode(p)).st_mtime_ns,
-                                            os.stat(src / os.fsdecode(p)).st_size, k.mtime_ns, k.size))
-    assert keep == {b"big", b"small"}
+    keep = {b"big", b"small"}
     before = {n: ((dst / n).read_bytes(), os.stat(dst / n).st_mtime_ns) for n in ("big", "small")}
     pipe = Pipe(dst)
     cap = TreeCapture(src, pipe)
     try:
         cap.load_target(src)
-        stats = cap.mirror_to(pipe, known, adopt=True, keep=keep)
+        stats = connection_mirror(cap, dst, pipe, adopt=True, newer=True).stats
         pipe.applier.flush()
         assert stats["kept_newer"] == 2
         assert (dst / "old").read_bytes() == b"source, newer" and (dst / "fresh").exists()
@@ -167,12 +155,11 @@ def test_a_newer_mirror_on_a_shared_cache_sends_the_kept_files_whole_at_their_ne
     source's bytes, which this target does not have for the kept files: their
     next change goes out whole (to every target), never as a diff."""
     src, dst = make_newer_pair(tmp_path)
-    known = listing(dst)
     pipe = Pipe(dst)
     cap = TreeCapture(src, pipe)
     try:
         cap.load_target(src)
-        cap.mirror_to(pipe, known, keep=frozenset({b"big", b"small"}))
+        connection_mirror(cap, dst, pipe, adopt=False, newer=True)
         pipe.applier.flush()
         assert (dst / "big").read_bytes() == b"the target's newer, longer copy"
         for name in ("big", "small"):

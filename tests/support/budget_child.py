@@ -9,6 +9,7 @@ waits until everything is applied and says ``applied`` with the status."""
 import json
 import os
 import sys
+import time
 
 from smirror.replication import Replication
 
@@ -33,6 +34,11 @@ def main():
     sys.stdin.readline()
     rep.resume_target()
     assert rep.wait(600), rep.status()
+    # applied frames leave the target queue (and its memory) at the durable
+    # pass after their apply, up to DURABLE_INTERVAL later
+    deadline = time.monotonic() + 60
+    while rep.status()["memory"]["used"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     print("applied", json.dumps(rep.status()), flush=True)
     rep.stop()
 

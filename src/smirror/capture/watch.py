@@ -142,6 +142,29 @@ def _is_zero(view) -> bool:
     return not any(view) if len(view) < 64 else np.frombuffer(view, np.uint8).max() == 0
 
 
+class MirrorHandover:
+    """What a mirror engine left on a target, for the capture that goes on
+    from it (:meth:`TreeCapture.take_mirror`); entries are
+    :class:`smirror.fs.tree.Entry`. ``left``: source path -> the entry as
+    written or found equal (a file: the fstat its bytes were read under);
+    ``links``: name -> the first name of its hard-link group (the target
+    holds them as one inode); ``hashes``: path -> (block size, strong
+    hashes) of the bytes the target holds; ``kept``: files a newer mirror
+    left as the target has them; ``unsure``: source paths the mirror
+    failed on; ``stale``: entries in ``left`` whose attributes were not set
+    (a stop came first); ``target``, ``source``: the two listings' entries;
+    ``xattrs(rel)``: the target's extended attributes as the mirror left
+    them (None: not known); ``orphans``: target paths the source lacks,
+    ``orphans_stay``: the orphan policy leaves them there (reports them)."""
+
+    def __init__(self, *, left, links, hashes, kept, unsure, stale, target, source, xattrs,
+                 orphans=(), orphans_stay=True, stats=None):
+        self.left, self.links, self.hashes, self.kept = left, links, hashes, kept
+        self.unsure, self.stale, self.target, self.source = unsure, stale, target, source
+        self.xattrs, self.orphans, self.orphans_stay = xattrs, list(orphans), orphans_stay
+        self.stats: dict = stats if stats is not None else {}
+
+
 class TreeCapture:
     """Watches ``root`` and emits ops for what changes. ``run()`` loops until
     ``stop()``; ``sync()`` processes everything seen so far (a task queued on
@@ -219,12 +242,6 @@ class TreeCapture:
 
     _read_root = None
     unlinked: list = []     # load_target: names to link again (resync them)
-    _mirror_links: dict | None = None    # during mirror_to: source inode -> its first name
-    # during mirror_to: set -> the walk ends before the next entry
-    _mirror_stop: threading.Event | None = None
-    _mirror_stopped = False
-    _mirror_keep: frozenset = frozenset()  # during mirror_to: files the target keeps as they are (newer)
-    _mirror_kept: set = set()   # ... those the walk left alone (regular, one link, on both sides)
     moving_out = False      # True while the ops of a move out of the set are emitted
 
     def _abs(self, rel: bytes) -> bytes:
@@ -329,125 +346,162 @@ class TreeCapture:
                     shared.names += 1
                     shared.ino = shared.ino or ino
 
-    def full_copy(self, emit) -> None:
-        """Emit the whole set as ops to ``emit`` (the initial mirror of a new
-        connection), leaving this capture's cache and output alone."""
-        self.mirror_to(emit, {})
-
-    def mirror_to(  # noqa: C901 - the connection mirror's steps in order (one engine: issue 13)
-            self, emit, target_known: dict, orphans_out: list | None = None,
-            adopt: bool = False, stop: threading.Event | None = None,
-            keep: frozenset = frozenset()) -> dict:
-        """A difference mirror through the stream: compare the set with
-        ``target_known`` (what a target holds: entries and, for the files
-        whose size or mtime differ, the target's block hashes) and emit to
-        ``emit`` only what differs: new entries, changed blocks, attributes.
-        Entries only the target has are left alone (orphans; their paths
-        are appended to ``orphans_out``, except paths the rules exclude).
-        Returns the counters of the run; this capture's own cache and output
-        are kept, unless ``adopt``: then the cache becomes what the mirror
-        leaves on that target (the only one this capture feeds), so the
-        events still pending are diffed against what it really holds, not
-        against the source as the cache last saw it.
-
-        ``stop`` (mirror-stop) set ends the walk between entries: the counters
-        say ``stopped``, no orphan is named (the entries not reached cannot be
-        told from orphans), and an adopted cache holds only the entries
-        reached, so what was not sent is not assumed on the target. ``keep``:
-        regular files the target holds newer (the ``newer`` mirror) are not
-        sent; the cache keeps no block hashes of them, so a later change of
-        the source's file sends it whole (see _keep_as_is)."""
+    def run_mirror(self, run, emit, adopt: bool):
+        """Run a mirror of this set: ``run(root, emit)`` (the mirror engine
+        reading ``root``, its ops to ``emit``) returns a
+        :class:`MirrorHandover`; with ``adopt`` (the only target this
+        capture feeds) the cache becomes what it left there
+        (:meth:`take_mirror`), so the events still pending are diffed
+        against what the target really holds. Returns the hand-over."""
         with self._lock:
-            saved = self.emit, self.known, self._lost, self.stats
-            self.emit, self.known, self._lost = emit, dict(target_known), set()
-            self.stats = dict.fromkeys(saved[3], 0)
-            orphans = set(target_known)
-            # the target's listing says nothing of inodes: a source inode
-            # with several names is linked again on the target (first name
-            # seen -> the others), whatever the target holds there now
-            self._mirror_links = {}
-            self._mirror_stop, self._mirror_stopped, self._mirror_keep = stop, False, keep
-            self._mirror_kept = kept = set[bytes]()
-            try:
-                for rel, k in list(self.known.items()):
-                    if k.kind != stat.S_IFREG or k.strong is not None:
-                        continue
-                    try:
-                        st = os.lstat(self._abs(rel))
-                    except OSError:
-                        continue
-                    listed = (k.size, k.mtime_ns)
-                    if (st.st_size, st.st_mtime_ns) == listed:
-                        # the quick check says equal: the source's hashes stand
-                        # for the target's, nothing is sent for it. Only if
-                        # the bytes hashed are still those: a write between
-                        # the check and the read (a live tree) would make
-                        # the target's older bytes pass for the new ones,
-                        # under the new mtime, for good
-                        read = self._diff_file(rel, emit=False)
-                        try:
-                            after = os.lstat(self._abs(rel))
-                        except OSError:
-                            after = None
-                        if read is None or after is None or \
-                                (read.st_size, read.st_mtime_ns) != listed or \
-                                (after.st_size, after.st_mtime_ns) != listed:
-                            k.strong, k.size = None, listed[0]     # sent whole below
-                seen: set[bytes] = set()
-                self._walk(b"", emit=True, seen=seen)
-                stopped = self._mirror_stopped
-                if not stopped:
-                    self._recheck_links()
-                orphaned = [] if stopped else sorted(
-                    p for p in orphans - seen if not self._excluded(p, target_known[p].kind == stat.S_IFDIR))
-                stats = dict(self.stats, orphans=len(orphaned), entries_checked=len(seen))
-                if stopped:
-                    stats["stopped"] = True
-                if keep:
-                    stats["kept_newer"] = len(kept)
-                    for p in kept:      # the shared cache vouches for no bytes of them either
-                        kk = saved[1].get(p)
-                        if kk is not None and kk.kind == stat.S_IFREG:
-                            self._keep_as_is(p, kk, target_known.get(p))
-                if orphans_out is not None:
-                    orphans_out.extend(orphaned)
-                if adopt:
-                    mirrored = {p: k for p, k in self.known.items() if p in seen}
-                    for rel, k in mirrored.items():
-                        if not k.ino:       # a listed entry: the inode is the source's
-                            try:
-                                st = os.lstat(self._abs(rel))
-                                k.ino = (st.st_dev, st.st_ino) if stat.S_IFMT(st.st_mode) == k.kind else 0
-                            except OSError:
-                                pass
-                    saved = (saved[0], mirrored) + saved[2:]
-            finally:
-                self.emit, self.known, self._lost, self.stats = saved
-                self._mirror_links = self._mirror_stop = None
-                self._mirror_keep, self._mirror_kept = frozenset(), set()
+            handover = run(self.root, emit)
+            if adopt:
+                self.take_mirror(emit, handover)
+            else:
+                # the cache is the other targets': it vouches for no bytes
+                # of the files this one keeps newer (their next change goes
+                # out whole, to every target)
+                for rel in handover.kept:
+                    k, d = self.known.get(rel), handover.target.get(rel)
+                    if k is not None and k.kind == stat.S_IFREG:
+                        self._keep_as_is(rel, k, Known(stat.S_IFREG, 0, 0, 0, 0, d.size if d else 0))
             # the orphan policy's deletes and moves change their parents'
-            # mtimes on the target, and no op of a mirror names the root:
-            # those directories' times are sent when quiet (_settle_dirs)
+            # mtimes on the target: those directories' times (and the
+            # root's) are sent when quiet (_settle_dirs)
             self._dirs_touched.add(b"")
-            self._dirs_touched.update(p.rpartition(b"/")[0] for p in orphaned)
-            return stats
+            self._dirs_touched.update(p.rpartition(b"/")[0] for p in handover.orphans)
+            return handover
 
-    def _recheck_links(self) -> None:
-        """End of a mirror's walk on a live tree: a hard-linked file
-        written through a name that was gone before the walk reached it
-        (unlinked; the write's event goes with the name: fanotify folds it
-        into the DELETE) changed the names the walk had read already, and
-        no event of theirs says so. Each linked inode the walk met is
-        compared again when its size or mtime moved."""
-        for rel in sorted(set((self._mirror_links or {}).values())):
-            k = self.known.get(rel)
+    def take_mirror(self, emit, h: MirrorHandover) -> None:
+        """Make the cache what the mirror ``h`` left on the target; ops
+        (to ``emit``) for the paths it does not vouch for. A file's block
+        hashes are those of the bytes the mirror compared or sent, else
+        read from the source now, and only when the source file is still
+        as the mirror read it (size, mtime, ctime, inode, before and after
+        this read): one written since is sent whole, never diffed against
+        bytes the target does not hold."""
+        with self._lock:
+            saved, self.emit = self.emit, emit
             try:
-                st = os.lstat(self._abs(rel))
-            except OSError:
-                continue
-            if k is not None and k.kind == stat.S_IFREG and stat.S_ISREG(st.st_mode) \
-                    and (st.st_size, st.st_mtime_ns) != (k.size, k.mtime_ns):
-                self._sync_path(rel, True, None)
+                before, self.known = self.known, {}
+                known = self.known
+                resend: list[bytes] = []
+                for rel, e in h.left.items():
+                    if rel not in h.links:
+                        known[rel] = self._handed_entry(rel, e, h, resend)
+                apart = self._handed_links(known, h)
+                self._handed_others(known, before, h)
+                for rel in sorted(h.unsure, key=lambda p: p.count(b"/")) + apart:
+                    self._unsure(rel, h)
+                for rel in resend:
+                    if known.get(rel) is not None and known[rel].strong is None:
+                        self._dirty[rel] = 0.0      # diffed (sent whole) when the capture goes on
+            finally:
+                self.emit = saved
+
+    def _handed_links(self, known: dict, h: MirrorHandover) -> list[bytes]:
+        """Hard-link names into the cache as one entry with their leader's;
+        returns the names to send anew (held apart from their inode)."""
+        apart = []      # names the source holds as another inode than their leader's now
+        for rel, leader in h.links.items():
+            shared = known.get(leader)
+            if rel in h.left and shared is not None:
+                if self._source_ino(rel) != shared.ino:
+                    # the leader was replaced after the listing: the
+                    # target linked this name to bytes it does not hold
+                    apart.append(rel)
+                    continue
+                known[rel] = shared     # one inode on the target, one entry
+                shared.names += 1
+        # names the listing met as one inode but the mirror wrote as
+        # several (a link made while the source was being listed:
+        # one name listed before it, one after): linked again
+        first_of: dict = {}
+        for rel, k in known.items():
+            if k.ino and _linkable(k.kind) and first_of.setdefault(k.ino, k) is not k:
+                apart.append(rel)
+        return apart
+
+    def _handed_others(self, known: dict, before: dict, h: MirrorHandover) -> None:
+        """Files kept newer, paths gone while listed (``before``: the cache
+        as it was), entries whose attributes a stop left unset."""
+        for rel in h.kept:
+            d = h.target.get(rel)
+            on_target = Known(stat.S_IFREG, 0, 0, 0, 0, d.size if d is not None else 0)
+            known[rel] = self._keep_as_is(rel, Known(stat.S_IFREG, 0, 0, 0, 0), on_target)
+        for rel in h.orphans if h.orphans_stay else ():
+            d = h.target.get(rel)
+            if rel in before and d is not None and stat.S_IFMT(d.mode) == before[rel].kind:
+                # gone from the source while the mirror listed it (its
+                # deletion not handled yet): the target's, so the
+                # event that comes deletes it there
+                known[rel] = Known(stat.S_IFMT(d.mode), -1, -1, -1, -1, d.size, link=d.link)
+        for rel in h.stale:         # a stop came before their attributes were set
+            k = known.get(rel)
+            if k is not None:
+                k.mode = k.mtime_ns = -1
+                (self._dirs_touched if k.kind == stat.S_IFDIR else self._lost).add(rel)
+
+    def _handed_entry(self, rel: bytes, e, h: MirrorHandover, resend: list) -> Known:
+        kind = stat.S_IFMT(e.mode)
+        k = Known(kind, stat.S_IMODE(e.mode), e.uid, e.gid, e.mtime_ns,
+                  e.size if kind == stat.S_IFREG else 0, link=e.link,
+                  ino=(e.dev, e.ino) if e.ino is not None else 0)
+        k.xattrs = h.xattrs(rel)
+        if kind != stat.S_IFREG:
+            return k
+        hashed = h.hashes.get(rel)
+        if hashed is not None:
+            k.block_size, k.strong = hashed
+            return k
+        if not self._hash_as_read(rel, k, e):
+            k.strong, k.size, k.mtime_ns = None, e.size, -1
+            resend.append(rel)
+        return k
+
+    def _source_ino(self, rel: bytes):
+        try:
+            st = os.lstat(self._abs(rel))
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _hash_as_read(self, rel: bytes, k: Known, e) -> bool:
+        """Hash the source file ``rel`` into ``k`` if it is still as the
+        mirror read it (``e``: size, mtime, ctime, inode) before and after."""
+        def same(st) -> bool:
+            return (stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
+                    and st.st_ctime_ns == e.ctime_ns and st.st_ino == e.ino and st.st_dev == e.dev)
+        try:
+            fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:
+            if not same(os.fstat(fd)):
+                return False
+            k.block_size = 0
+            if not self._read_blocks(rel, k, fd, e.size, emit=False):
+                return False
+            return k.size == e.size and same(os.fstat(fd))
+        finally:
+            os.close(fd)
+
+    def _unsure(self, rel: bytes, h: MirrorHandover) -> None:
+        """A path the mirror failed on: what the target holds there is not
+        known. A directory stays (the mirror made it), with attributes to
+        send; anything else goes and is sent anew from the source."""
+        s, d = h.source.get(rel), h.target.get(rel)
+        if s is not None and stat.S_ISDIR(s.mode):
+            self.known[rel] = Known(stat.S_IFDIR, -1, -1, -1, -1)
+        else:
+            # (a directory only when the source had none there to list)
+            is_dir = s is None and d is not None and stat.S_ISDIR(d.mode)
+            self._out(Op.rmdir(_ZERO, rel) if is_dir else Op.delete(_ZERO, rel))
+            self.known.pop(rel, None)
+        if os.path.lexists(self._abs(rel)):
+            self._sync_path(rel, True, None)
+        else:
+            self._lost.add(rel)         # gone meanwhile: its event, or the quiet moment, settles it
 
     def resync(self, rel: bytes = b"", reason: str = "", content: bool = True) -> None:
         """Compare the subtree ``rel`` with the cache and emit ops for every
@@ -481,9 +535,6 @@ class TreeCapture:
             except OSError:
                 continue
             for e in entries:
-                if self._mirror_stop is not None and self._mirror_stop.is_set():
-                    self._mirror_stopped = True     # mirror-stop: between entries
-                    return
                 child = d + b"/" + e.name if d else e.name
                 try:
                     is_dir = e.is_dir(follow_symlinks=False)
@@ -495,7 +546,7 @@ class TreeCapture:
                 if is_dir:
                     stack.append(child)
 
-    def _sync_path(self, rel: bytes, emit: bool, seen, content: bool = True) -> None:  # noqa: C901 - per kind
+    def _sync_path(self, rel: bytes, emit: bool, seen, content: bool = True) -> None:
         if seen is not None:
             seen.add(rel)
         try:
@@ -503,11 +554,6 @@ class TreeCapture:
         except OSError:
             return
         k = self.known.get(rel)
-        if rel in self._mirror_keep and k is not None and k.kind == stat.S_IFREG \
-                and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-            self.known[rel] = self._keep_as_is(rel, Known(k.kind, 0, 0, 0, 0), k, st)
-            self._mirror_kept.add(rel)
-            return          # the newer mirror: the target's newer file stays as it is
         if k is not None and k.kind != stat.S_IFMT(st.st_mode):
             if emit:
                 self._delete(rel)
@@ -519,24 +565,11 @@ class TreeCapture:
             # theirs. Its old name goes, the new file comes anew
             self._delete(rel)
             k = None
-        if k is not None and emit and not k.ino and self._mirror_links is None:
+        if k is not None and emit and not k.ino:
             k = self._learn_inode(rel, k, st)
-        if k is not None and self._mirror_links is not None and _linkable(stat.S_IFMT(st.st_mode)) \
-                and st.st_nlink > 1 and emit:
-            ino = (st.st_dev, st.st_ino)
-            first = self._mirror_links.setdefault(ino, rel)
-            k.ino = ino             # a new name of this inode links to this one (_create)
-            if first != rel:
-                self._out(Op.hardlink(_ZERO, rel, first))
-                self.known[rel] = self.known[first]
-                self.known[rel].names += 1
-                return
         if k is None:
             if emit:
                 self._create(rel, st)
-                if self._mirror_links is not None and _linkable(stat.S_IFMT(st.st_mode)) \
-                        and st.st_nlink > 1:
-                    self._mirror_links.setdefault((st.st_dev, st.st_ino), rel)
             else:
                 self._remember(rel, st, with_signature=True)
         elif stat.S_ISREG(st.st_mode) and (content or (st.st_size, st.st_mtime_ns) != (k.size, k.mtime_ns)):
@@ -825,7 +858,7 @@ class TreeCapture:
                 # another file under this name: the target's copy of the
                 # old one shares nothing with it
                 k.strong = None
-            if not k.ino and emit and self._mirror_links is None:
+            if not k.ino and emit:
                 k = self._learn_inode(rel, k, st)
             elif k.names <= 1 or not k.ino:
                 k.ino = ino

@@ -64,6 +64,9 @@ from smirror.stream.wire import ORDER_PER_FILE, Link, MsgType, ProtocolError
 
 if TYPE_CHECKING:       # imported when a mount set starts: pyfuse3 is optional
     from smirror.capture.mount.repset import MountCapture
+    from smirror.capture.watch import MirrorHandover
+    from smirror.daemon.connection_mirror import ConnectionMirror
+    from smirror.mirror.remote import RemoteReader
 
 log = logging.getLogger("smirror.daemon.server")
 
@@ -119,8 +122,9 @@ class SourceConnection:
         last op, then ``done``; ``stopped`` for one that mirror-stop ended
         (the target is not complete: a mirror-start completes it)."""
         cap = self.daemon.captures.get(self.conn.repset)
-        if cap is not None and cap.mirroring == self.conn.conid:
-            return dict(cap.capture.stats, state="stopping" if self.mirror_stop.is_set() else "scanning")
+        running = cap.running if cap is not None and cap.mirroring == self.conn.conid else None
+        if running is not None:
+            return dict(running.counters(), state="stopping" if self.mirror_stop.is_set() else "scanning")
         m = self.mirror_stats
         if not m:
             return m
@@ -172,13 +176,9 @@ class SetCapture(Protocol):
     @property
     def moving_out(self) -> bool: ...
 
-    @property
-    def stats(self) -> dict: ...
-
     def paused(self) -> threading.RLock: ...
 
-    def mirror_to(self, emit, target_known: dict, orphans_out: list | None = None, adopt: bool = False,
-                  stop: threading.Event | None = None, keep: frozenset = frozenset()) -> dict: ...
+    def run_mirror(self, run, emit, adopt: bool) -> MirrorHandover: ...
 
     def request_resync(self, rel: bytes, emit, reason: str = "") -> None: ...
 
@@ -203,6 +203,7 @@ class RepsetCapture:
         self.targets: dict[int, ConnectionJournal] = {}
         self.conns: dict[int, object] = {}           # conid -> registry Connection (its options)
         self.mirroring: int | None = None             # conid whose mirror is being queued
+        self.running: ConnectionMirror | None = None  # ... and that mirror
         self._lock = threading.Lock()
         watcher = TreeCapture(repset.root, self._emit, rules=repset.compiled_rules() or None)
         self.capture: SetCapture = watcher
@@ -230,50 +231,47 @@ class RepsetCapture:
             if self.on_full is not None:
                 self.on_full(conid, exc)
 
-    def add(self, conn, journal: ConnectionJournal, mirror, stop=None, keep=frozenset()) -> dict | None:
-        """Start feeding ``journal``; ``mirror`` is None (no mirror), {} (the
-        whole set) or what the target holds (a difference mirror; ``stop``
-        and ``keep`` as in :meth:`mirror`)."""
+    def add(self, conn, journal: ConnectionJournal, mirror: ConnectionMirror | None) -> dict | None:
+        """Start feeding ``journal``, after ``mirror`` (None: no mirror)."""
         with self.capture.paused():       # no op of the watcher slips in between
             stats = None
             if mirror is not None:
-                stats = self.mirror(conn, journal, mirror, stop=stop, keep=keep)
+                stats = self.mirror(conn, journal, mirror)
             with self._lock:
                 self.targets[conn.conid] = journal
                 self.conns[conn.conid] = conn
         return stats
 
-    def mirror(self, conn, journal: ConnectionJournal, known: dict, stop=None,
-               keep=frozenset()) -> dict:
-        """A difference mirror against ``known`` (what the target holds)
-        into ``journal``, then the connection's orphan policy, in the same
-        stream. The mirror's ops go ahead of everything that follows; a full
-        queue makes the mirror wait for the sender. ``stop`` (an Event, see
-        :meth:`stop_mirror`) ends it between entries, without the orphan
-        pass; ``keep``: files the target holds newer, left alone."""
+    def mirror(self, conn, journal: ConnectionJournal, run: ConnectionMirror) -> dict:
+        """The mirror ``run`` into ``journal``, then the connection's orphan
+        policy, in the same stream. The mirror's ops go ahead of everything
+        that follows; a full queue makes the mirror wait for the sender.
+        Its ``stop`` event (see :meth:`stop_mirror`) ends it before its next
+        file, without the orphan pass."""
         from smirror.stream.orphans import orphan_ops
         append = _waiting_append(journal)
         with self.capture.paused():
-            found: list[bytes] = []
             first = journal.last_seq + 1
             with self._lock:
-                self.mirroring = conn.conid    # status reads the live counters meanwhile
-                if stop is not None:
-                    stop.clear()               # a stop asked of an earlier mirror is not this one's
+                self.mirroring, self.running = conn.conid, run   # status reads its counters meanwhile
+                run.stop.clear()               # a stop asked of an earlier mirror is not this one's
             try:
                 # fed to this connection only: the cache becomes what the
                 # mirror leaves there (events still pending are diffed
                 # against that; a restart mirror on a live tree diverged)
                 alone = set(self.targets) <= {conn.conid}
-                stats = self.capture.mirror_to(append, known, orphans_out=found, adopt=alone,
-                                               stop=stop, keep=keep)
-                ops, ostats = orphan_ops(found, known, conn.orphans, conn.orphans_older_than_days)
+                run.orphans_stay = conn.orphans == "report"     # else the ops below remove them
+                handover = self.capture.run_mirror(run, append, adopt=alone)
+                found = handover.orphans
+                ops, ostats = orphan_ops(found, handover.target, conn.orphans,
+                                         conn.orphans_older_than_days)
                 for op in ops:
                     append(op)
             finally:
                 with self._lock:
-                    self.mirroring = None
+                    self.mirroring, self.running = None, None
             journal.flush_waiting()
+        stats = dict(handover.stats)
         stats.update(ostats, first_seq=first, last_seq=journal.last_seq, finished_at=time.time())
         if found:
             log.log(logging.WARNING if conn.orphans == "report" else logging.INFO,
@@ -340,6 +338,7 @@ class MountRepsetCapture(RepsetCapture):
         self.targets: dict[int, ConnectionJournal] = {}
         self.conns: dict[int, object] = {}
         self.mirroring: int | None = None
+        self.running: ConnectionMirror | None = None
         self._lock = threading.Lock()
         # the connections with a synchronous mode (connect --sync) register here
         self.sync_waiter = SyncWaiter()
@@ -354,13 +353,11 @@ class MountRepsetCapture(RepsetCapture):
                  self.repset.root, self.repset.mount)
         return self
 
-    def add(self, conn, journal: ConnectionJournal, mirror, stop=None,
-            keep=frozenset()) -> dict | None:
-        return self.capture.on_thread(RepsetCapture.add, self, conn, journal, mirror, stop, keep)
+    def add(self, conn, journal: ConnectionJournal, mirror: ConnectionMirror | None) -> dict | None:
+        return self.capture.on_thread(RepsetCapture.add, self, conn, journal, mirror)
 
-    def mirror(self, conn, journal: ConnectionJournal, known: dict, stop=None,
-               keep=frozenset()) -> dict:
-        return self.capture.on_thread(RepsetCapture.mirror, self, conn, journal, known, stop, keep)
+    def mirror(self, conn, journal: ConnectionJournal, run: ConnectionMirror) -> dict:
+        return self.capture.on_thread(RepsetCapture.mirror, self, conn, journal, run)
 
     def close(self) -> None:
         self.capture.close()
@@ -381,28 +378,6 @@ def _give_back_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass                    # not glibc: the collection alone
-
-
-def _kept_newer(root: str, known: dict) -> frozenset:
-    """The regular files the target holds newer than the source, which a
-    ``newer`` mirror leaves alone (mirror.compare's rule, the one-shot
-    mirror's too). Same size and mtime are not among them: the mirror checks
-    those as always."""
-    import stat
-
-    from smirror.mirror.compare import source_is_newer
-    base, keep = os.fsencode(root), set()
-    for rel, k in known.items():
-        if k.kind != stat.S_IFREG:
-            continue
-        try:
-            st = os.lstat(base + b"/" + rel)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) != (k.size, k.mtime_ns) \
-                and not source_is_newer(st.st_mtime_ns, st.st_size, k.mtime_ns, k.size):
-            keep.add(rel)
-    return frozenset(keep)
 
 
 def _closed_emit(op) -> None:
@@ -684,12 +659,12 @@ class Daemon:
             raise
         return link
 
-    def _start_source(self, conn, mirror, *, known=None, keep=frozenset(),
+    def _start_source(self, conn, mirror, *, reader=None, newer: bool = False,
                       scan_must_work: bool = True) -> SourceConnection:
         """Start a connection's source side; ``mirror`` is False, "full",
-        "different" or True (checksum), against ``known`` (what the target
-        holds) when the caller read it already. A target that cannot be
-        read is never a reason to send the whole set: with
+        "different" or True (checksum) (see :mod:`~smirror.daemon.connection_mirror`),
+        through ``reader`` when the caller read the target already. A
+        target that cannot be read is never a reason to send the whole set: with
         ``scan_must_work`` the error is raised (connect, mirror-start);
         otherwise (start-up, reconnects) it is the connection's last error
         and the mirror follows the first link's RESET."""
@@ -697,12 +672,11 @@ class Daemon:
         if not os.path.isdir(repset.root):
             raise ConfigError(f"connection {conn.conid}: the root {repset.root} of replication set "
                               f"{repset.name!r} is missing: restore it, or disconnect {conn.conid}")
+        check_sync(conn.sync, repset.capture, f"connection {conn.conid}: sync")
         scan_error = None
-        if mirror == "full":
-            known = {}
-        elif mirror and known is None:
+        if mirror and reader is None:
             try:
-                known = self.remote_known(conn, signatures=mirror != "different")
+                reader = self.remote_reader(conn, mirror)
             except (SmirrorError, OSError) as exc:
                 if scan_must_work:
                     raise SmirrorError(f"cannot read map base {conn.map_base} on {conn.target}: "
@@ -710,44 +684,64 @@ class Daemon:
                 # the stream restarts past what the target holds: its RESET
                 # brings the checksum mirror, which reads the target again
                 scan_error = f"cannot read the target ({exc}): mirror when it can be read"
-        check_sync(conn.sync, repset.capture, f"connection {conn.conid}: sync")
+        run = None
+        if reader is not None:
+            from smirror.daemon.connection_mirror import ConnectionMirror, options_for
+            run = ConnectionMirror(reader, options_for(mirror, newer=newer, mount=repset.capture == "mount",
+                                                       rules=repset.compiled_rules() or None))
         src = SourceConnection(self, conn)
+        if run is not None:
+            run.stop = src.mirror_stop
         self.sources[conn.conid] = src
         if scan_error:
             src.sender.report_error(scan_error, logging.WARNING)
-        cap = self.captures.get(repset.name)
-        if cap is None and repset.capture == "mount":
-            self._stop_source(conn.conid)
-            raise ConfigError(f"connection {conn.conid}: the capture mount of replication set "
-                              f"{repset.name!r} at {repset.mount} is not running: "
-                              f"{self.mount_errors.get(repset.name, 'see the log')}")
-        if cap is None:
-            made = None
-            try:
-                cap = made = RepsetCapture(repset, self._auto_disconnect)
-                cap.capture.load_target(repset.root)    # the cache: what the set holds now
-            except BaseException:
-                if made is not None:
-                    made.capture.close()
-                self._stop_source(conn.conid)
-                raise
-            self.captures[repset.name] = cap
-            cap.thread.start()
+        cap = self._capture_for(conn, repset, reader)
         # (the ignores: Sender's hooks are typed None until stream/sender.py is typed)
         src.sender.on_resync = lambda rel, why, conid=conn.conid: cap.request_resync(conid, rel, why)
         # a new journal numbers past what the target holds, so the first
         # link sends RESET: the mirror queued here already covers that one
-        src.mirror_pending_reset = known is not None
+        src.mirror_pending_reset = run is not None
         src.sender.on_reset = lambda: self._on_reset(src)  # type: ignore[assignment]
         if isinstance(cap, MountRepsetCapture):
             cap.sync_waiter.add(conn.conid, src.journal, src.sender, conn.sync)
         src.sender.start()          # first: a mirror larger than the queue waits on it
         try:
-            src.mirror_stats = cap.add(conn, src.journal, known, stop=src.mirror_stop, keep=keep)
+            src.mirror_stats = cap.add(conn, src.journal, run)
         except BaseException:
+            if reader is not None:
+                reader.close()          # (closed already when the mirror ran)
             self._stop_source(conn.conid)
             raise
         return src
+
+    def _capture_for(self, conn, repset, reader) -> RepsetCapture:
+        """The running capture of ``repset``, started for connection
+        ``conn`` when none runs (a mount set's must run already); on a
+        failure ``reader`` is closed and the connection's source stopped."""
+        cap = self.captures.get(repset.name)
+        if cap is not None:
+            return cap
+        if repset.capture == "mount":
+            if reader is not None:
+                reader.close()
+            self._stop_source(conn.conid)
+            raise ConfigError(f"connection {conn.conid}: the capture mount of replication set "
+                              f"{repset.name!r} at {repset.mount} is not running: "
+                              f"{self.mount_errors.get(repset.name, 'see the log')}")
+        made = None
+        try:
+            cap = made = RepsetCapture(repset, self._auto_disconnect)
+            cap.capture.load_target(repset.root)    # the cache: what the set holds now
+        except BaseException:
+            if made is not None:
+                made.capture.close()
+            if reader is not None:
+                reader.close()
+            self._stop_source(conn.conid)
+            raise
+        self.captures[repset.name] = cap
+        cap.thread.start()
+        return cap
 
     def _start_mount(self, repset) -> RepsetCapture:
         """Mount the capture of a ``capture = "mount"`` repset (a stale
@@ -840,7 +834,7 @@ class Daemon:
                     conn.conid)
         while True:
             try:
-                known = self.remote_known(conn)
+                reader = self.remote_reader(conn, True)
                 break
             except (SmirrorError, OSError) as exc:
                 # never the whole set instead (and no orphan pass on a
@@ -852,54 +846,31 @@ class Daemon:
                     return
         cap = self.captures.get(conn.repset)
         if cap is None:
+            reader.close()
             return
-        src.mirror_stats = cap.mirror(conn, src.journal, known, stop=src.mirror_stop)
+        from smirror.daemon.connection_mirror import ConnectionMirror, options_for
+        repset = self.registry.repset(conn.repset)
+        run = ConnectionMirror(reader, options_for(True, mount=repset.capture == "mount",
+                                                   rules=repset.compiled_rules() or None),
+                               stop=src.mirror_stop)
+        src.mirror_stats = cap.mirror(conn, src.journal, run)
         self.counters.setdefault(conn.conid, dict.fromkeys(
             ("auto_disconnects", "reconnects", "remirrors"), 0))["remirrors"] += 1
 
-    def remote_known(self, conn, signatures: bool = True) -> dict:
-        """What the target holds under the map base, as the watcher's cache
-        entries: a listing, plus (``signatures``) block hashes of the files
-        whose size or mtime differ from the source: the checksum difference
-        mirror; without them such files are sent whole (``different``)."""
-        import stat as st_
-
-        import numpy as np
-
-        from smirror.capture.watch import WANTED_XATTR, Known
+    def remote_reader(self, conn, mode) -> RemoteReader:
+        """The reader of connection ``conn``'s map base on its target (a
+        logged-in control link, the listing read now; the mirror closes it)."""
+        from smirror.daemon.connection_mirror import remote_reader
         from smirror.daemon.control import Client
-        from smirror.kernels.checksum import block_size_for
-        repset = self.registry.repset(conn.repset)
         client = Client(conn.target, tls=self.tls_client, timeout=300)
         try:
             client.login(self.config.links.user, self._link_password)
             # the target checks the source id against its link user
             ident = {"source": self.daemon_id, "conid": conn.conid}
-            # with the target's xattrs: a mirror removes those the source lacks
-            listing = client.call("target.scan", map_base=conn.map_base, xattrs=True, **ident)
-            known = {}
-            for name, (mode, uid, gid, size, mtime_ns, link, *more) in listing.items():
-                rel = os.fsencode(name)
-                k = Known(st_.S_IFMT(mode), st_.S_IMODE(mode), uid, gid, mtime_ns, size,
-                          block_size_for(size), None, os.fsencode(link) if link is not None else None, None)
-                if more and isinstance(more[0], dict):   # a target that lists none: all are sent
-                    k.xattrs = {n: bytes.fromhex(v) for n, v in more[0].items() if WANTED_XATTR(n)}
-                known[rel] = k
-                if st_.S_ISREG(mode):
-                    try:
-                        s = os.lstat(os.path.join(repset.root, name))
-                    except OSError:
-                        continue
-                    # a mount repset: after a crash the last write served may
-                    # share size and mtime tick with the target's copy: all hashed
-                    if signatures and st_.S_ISREG(s.st_mode) and (
-                            repset.capture == "mount" or (s.st_size, s.st_mtime_ns) != (size, mtime_ns)):
-                        hexes = client.call("target.signature", map_base=conn.map_base, path=name,
-                                            block_size=k.block_size, **ident)
-                        k.strong = np.frombuffer(bytes.fromhex(hexes), dtype="<u8").reshape(-1, 2).copy()
-            return known
-        finally:
+            return remote_reader(client, conn.map_base, ident, mode)
+        except BaseException:
             client.close()
+            raise
 
     def _stop_source(self, conid: int) -> None:
         src = self.sources.pop(conid, None)
@@ -1170,7 +1141,7 @@ class Daemon:
 
     # -- control verbs: verb -> (role it needs, handler) -------------------------
     # "monitor" verbs only read; "replication" verbs are the reads of its own
-    # map bases that remote_known makes (an admin may ask them too)
+    # map bases that a connection's mirror makes (an admin may ask them too)
     VERBS: dict[str, tuple[str, str]] = {}
 
     @staticmethod                       # called here, in the class body (3.10+)
@@ -1284,16 +1255,16 @@ class Daemon:
         mode = "full" if args.get("full") else \
             "different" if args.get("different") and not args.get("checksum") else True
         # the target is read first: a failed read leaves the connection running
-        known = {} if mode == "full" else self.remote_known(conn, signatures=mode != "different")
-        keep = _kept_newer(self.registry.repset(conn.repset).root, known) if newer else frozenset()
+        reader = self.remote_reader(conn, mode)
         with self._sources_lock:
             # status keeps a row while the connection restarts (the running one wins)
             was = self.disconnected.get(conn.conid)
             self.disconnected[conn.conid] = "restarting for a mirror"
             try:
                 self._stop_source(conn.conid)
-                src = self._start_source(conn, mirror=mode, known=known, keep=keep)
+                src = self._start_source(conn, mirror=mode, reader=reader, newer=newer)
             except BaseException:
+                reader.close()
                 if was is None:
                     self.disconnected.pop(conn.conid, None)
                 else:

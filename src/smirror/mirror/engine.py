@@ -349,15 +349,21 @@ class Mirror:
         self._streamed = getattr(self.target, "streamed", False)
         self.progress = progress
         self.summary = Summary(self.opts.mode, self.opts.dry_run)
-        # what the target holds after the run, as far as this mirror knows,
-        # per source path: the source's entry as written or found equal (a
-        # file: as it was when copied or compared; one that failed: see
-        # _left_unknown). A capture adopts it as its model of the target
+        # the hand-over to a capture that goes on from this mirror (its cache
+        # of what the target holds): per source path, the source's entry as
+        # written or found equal (a file: the fstat its bytes were read
+        # under, unchanged to the end of the read; a hard link: the name's
+        # scan entry, the inode its leader's), ``hashes`` the block hashes of
+        # the bytes a streamed checksum compare left on the target, ``kept``
+        # files a newer mirror left as the target has them, ``unsure`` the
+        # source paths this run does not vouch for (failed; see handover())
         self.left: dict[bytes, Entry] = {}
+        self.hashes: dict[bytes, tuple[int, object]] = {}
+        self.kept: set[bytes] = set()
+        self.unsure: set[bytes] = set()
+        self.stale: set[bytes] = set()      # in left, attributes not set (a stop came first)
+        self._done: set[bytes] = set()      # files committed by this run
         self.source_listing: Listing | None = None
-        self.left_stale: set[bytes] = set()         # in left, attributes not known
-        self._aborted_whole: set[bytes] = set()     # whole writes given up
-        self._aborted_inplace: set[bytes] = set()   # patches in place given up
         self.target_listing: Listing | None = None
         self._lock = threading.Lock()
         self._wanted_xattr = xattr_filter()
@@ -444,7 +450,7 @@ class Mirror:
         if self._fatal is None:
             self._execute()
         summary.stopped = self.stop.is_set()
-        self._left_unknown(src, dst)
+        self._note_unsure(src, dst)
         summary.bytes_written = getattr(self.target, "bytes_written", 0)
         summary.seconds = time.monotonic() - t0
         if self._fatal is not None:
@@ -456,35 +462,27 @@ class Mirror:
             raise err
         return summary
 
-    def _left_unknown(self, src, dst):
-        """Source files this run did not write or find equal (they failed,
-        or a stop came first): where the target still has its own file
-        there, ``left`` has that one (mtime 0 if a patch in place was given
-        up), so a capture adopting it sends the file whole at its next
-        change, and its delete; where it has none (a streamed whole write
-        given up deletes it; a hard link whose leader failed was never
-        made), the path is not in ``left``: the capture makes it anew."""
+    def _note_unsure(self, src, dst):
+        """The source paths whose state on the target this run does not
+        vouch for: those that failed (a hard link's names with its leader),
+        and those the target holds that went from the source while it was
+        listed; files it did not reach because a stop came first stay out
+        of ``left`` (not on the target as far as this mirror knows)."""
         failed = {rel for rel, _ in self.summary.errors}
-        left = self.left
-        unlinked = {rel for rel, leader, _ in self.hardlinks if leader in failed}
-        for rel, leader, _ in self.hardlinks:
-            if rel not in failed and leader in left:
-                left[rel] = left[leader]      # one inode: the leader's attributes as written
-        # other entries whose attributes could not be set: their type is
-        # there, their attributes are not known
-        self.left_stale = {rel for rel in failed
-                           if rel in left and left[rel].kind != FILE}
-        for rel, s in src.entries.items():
-            if s.kind != FILE or (rel in left and rel not in failed):
-                continue
-            d = dst.entries.get(rel)
-            if d is None or d.kind != FILE or rel in unlinked \
-                    or (self._streamed and rel in self._aborted_whole):
-                left.pop(rel, None)
-                continue
-            left[rel] = Entry(FILE, d.mode, d.uid, d.gid, d.size,
-                              0 if rel in self._aborted_inplace else d.mtime_ns,
-                              s.ino, s.dev, s.nlink)
+        self.unsure = {rel for rel in failed if rel in src.entries}
+        self.unsure.update(rel for rel, exc in src.errors if rel in dst.entries and rel
+                           and getattr(exc, "errno", None) in (errno.ENOENT, errno.ENOTDIR))
+        for rel in self.unsure:
+            self.left.pop(rel, None)
+        for rel, leader, _ in getattr(self, "hardlinks", ()):
+            if leader in failed or rel in failed:
+                self.unsure.add(rel)
+                self.left.pop(rel, None)
+            elif self.summary.stopped:
+                self.left.pop(rel, None)        # a stop came before the links were made
+        if self.summary.stopped:
+            # the metadata and directory passes did not run
+            self.stale = {rel for rel in self.left if rel not in self._done}
 
     # ------------------------------------------------------------ planning
 
@@ -563,7 +561,10 @@ class Mirror:
                 changed = source_is_newer(s.mtime_ns, s.size, d.mtime_ns, d.size)
                 if not changed:
                     summary.unchanged += 1
-                    left[rel] = d
+                    if (s.size, s.mtime_ns) == (d.size, d.mtime_ns):
+                        left[rel] = s       # the quick check's equal
+                    else:
+                        self.kept.add(rel)
                     continue        # the target is as new or newer: leave it alone
             elif opts.different:
                 changed = s.size != d.size or s.mtime_ns != d.mtime_ns
@@ -916,6 +917,13 @@ class Mirror:
             st = os.fstat(fd)
         return fd, st
 
+    def _committed(self, rel: bytes, st1) -> Entry:
+        """``rel`` is on the target as read under ``st1`` (bytes and attributes)."""
+        entry = self.left[rel] = entry_from_stat(st1)
+        with self._lock:
+            self._done.add(rel)
+        return entry
+
     @staticmethod
     def _check_same(fd, st1):
         st2 = os.fstat(fd)
@@ -952,10 +960,8 @@ class Mirror:
             w.commit(entry_from_stat(st1), xattrs)
         except BaseException:
             w.abort()
-            self._aborted_whole.add(rel)
             raise
-        self._aborted_whole.discard(rel)
-        self.left[rel] = entry_from_stat(st1)
+        self._committed(rel, st1)
         return copied
 
     def _count_write(self, action, literal, matched):
@@ -1098,6 +1104,7 @@ class Mirror:
             self._check_same(fd, st1)
             self._count_write("check", 0, size)
             self._fix_meta(rel, fd, st1, d)
+            self.hashes[rel] = (bs, sig_s.strong)
             return
         changed_bytes = len(changed) * bs
         if len(changed) and int(changed[-1]) == sig_s.count - 1:      # the short last block
@@ -1111,6 +1118,9 @@ class Mirror:
             self._count_write("whole", copied, 0)
             return
         self._patch_blocks(rel, fd, st1, sig_s, changed, bs)
+        # the blocks that differed went out as read (each hash checked
+        # again), the others were the target's already: the file's hashes
+        self.hashes[rel] = (bs, sig_s.strong)
         self._count_write("check", changed_bytes, size - changed_bytes)
 
     @staticmethod
@@ -1120,8 +1130,7 @@ class Mirror:
         return d.nlink == 1 or (s.nlink > 1 and d.nlink <= s.nlink)
 
     def _fix_meta(self, rel, fd, st1, d):
-        s = entry_from_stat(st1)
-        self.left[rel] = s          # its bytes are the target's (compared)
+        s = self._committed(rel, st1)      # its bytes are the target's (compared)
         sx = self._src_xattrs(fd)
         if _same_meta(s, d, self.owner) and (sx is None or sx == self.target.xattrs(rel)):
             return
@@ -1160,10 +1169,8 @@ class Mirror:
             w.commit(entry_from_stat(st1), self._src_xattrs(fd))
         except BaseException:
             w.abort()
-            self._aborted_inplace.add(rel)
             raise
-        self._aborted_inplace.discard(rel)
-        self.left[rel] = entry_from_stat(st1)
+        self._committed(rel, st1)
 
     def _try_delta(self, rel, fd, st1, d, bs, changed_bytes) -> bool:
         """Rebuild from a rolling delta; in place when every matched block
@@ -1219,7 +1226,7 @@ class Mirror:
             except BaseException:
                 w.abort()
                 raise
-            self.left[rel] = entry_from_stat(st1)
+            self._committed(rel, st1)
             self._count_write("check", literal, size - literal)
             return True
         finally:

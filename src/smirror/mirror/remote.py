@@ -116,6 +116,7 @@ class RemoteReader:
                                   if self.wanted_xattr(n)}
                                  if more and isinstance(more[0], dict) else None)
         self.listing = listing
+        self._rows = {}         # read once: the listing holds what is needed of it
         return listing
 
     def _entry(self, rel: bytes) -> Entry | None:

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 
+from smirror.fs.tree import DIR
 from smirror.ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, Op, OpKind
 
 POLICIES = ("report", "delete", "move")
@@ -32,14 +32,14 @@ POLICIES = ("report", "delete", "move")
 
 def orphan_ops(orphans: list[bytes], known: dict, policy: str, older_than_days: float = 0.0,
                now_ns: int | None = None) -> tuple[list[Op], dict]:
-    """Ops carrying out ``policy`` on ``orphans`` (paths; ``known[path]``
-    gives kind, size and mtime as the target listed them), and the counters
+    """Ops carrying out ``policy`` on ``orphans`` (paths; ``known[path]``:
+    the target's listing entry, a :class:`smirror.fs.tree.Entry`), and the counters
     ``orphans``, ``orphan_bytes``, ``orphans_deleted``, ``orphans_moved``."""
     if policy not in POLICIES:
         raise ValueError(f"orphan policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     now_ns = time.time_ns() if now_ns is None else now_ns
     cutoff = now_ns - int(older_than_days * 86400e9) if older_than_days else None
-    is_dir = {p: known[p].kind == stat.S_IFDIR for p in orphans}
+    is_dir = {p: known[p].kind == DIR for p in orphans}
     orphan_set = set(orphans)
 
     def top(p: bytes) -> bool:

@@ -1,6 +1,6 @@
 """The capture mount as the capture of a daemon's replication set
 (``capture = "mount"``): what the daemon asks of a repset's capture
-(``paused``, ``sync``, ``status``, ``mirror_to``, ``request_resync``,
+(``paused``, ``sync``, ``status``, ``run_mirror``, ``request_resync``,
 ``close``), over one :class:`~smirror.capture.mount.runner.CaptureMount`.
 
 Mirrors and resyncs run on the mount's own thread, so no call of the
@@ -35,7 +35,6 @@ class MountCapture:
         self.mountpoint = os.path.abspath(os.fsdecode(mountpoint))
         self.emit = emit
         self._lock = threading.RLock()      # paused(): the mount's ops wait
-        self.stats: dict = {}               # the running mirror's counters
         self.mount = CaptureMount(self.root, self.mountpoint, self._emit, sync_waiter=sync_waiter)
 
     def start(self) -> MountCapture:
@@ -66,15 +65,15 @@ class MountCapture:
                              + (f": {self.mount.failure()}" if self.mount.failure() else ""))
         return self.mount.call(fn, *args)
 
-    def mirror_to(self, emit, target_known: dict, orphans_out=None, adopt: bool = False,
-                  stop=None, keep=frozenset()) -> dict:
-        """A difference mirror of the backing directory against what a
-        target holds (the watcher's engine, :meth:`TreeCapture.mirror_to`,
-        with its ``stop`` event and ``newer`` keep set), on the mount's thread."""
-        return self.on_thread(self._mirror_to, emit, target_known, orphans_out, stop, keep)
+    def run_mirror(self, run, emit, adopt: bool = False):
+        """A mirror of the backing directory: ``run(root, emit)`` (the
+        mirror engine, see :meth:`TreeCapture.run_mirror`) on the mount's
+        thread, so it reads one moment of the application's history; the
+        mount keeps no cache, so nothing is adopted. Returns what ``run``
+        returns."""
+        return self.on_thread(self._run_mirror, run, emit)
 
-    def _mirror_to(self, emit, target_known, orphans_out, stop, keep) -> dict:
-        from smirror.capture.watch import TreeCapture
+    def _run_mirror(self, run, emit):
         fs = self.mount.fs
         assert fs is not None               # on the mount's thread: it runs
         fs.flush_times()                    # the mtimes owed go before the mirror
@@ -87,15 +86,9 @@ class MountCapture:
                 if op.kind == OpKind.RENAME:
                     touched.add(bytes(op.path2).rpartition(b"/")[0])
             emit(op)
-        # used as a mirror engine only: its watcher is never read
-        engine = TreeCapture(self.root, out, capture_backend="inotify", verify_interval=None)
-        try:
-            self.stats = engine.stats
-            stats = engine.mirror_to(out, target_known, orphans_out=orphans_out, stop=stop, keep=keep)
-        finally:
-            engine.close()
+        handover = run(self.root, out)
         fs.stamp_dirs(touched, emit)
-        return stats
+        return handover
 
     def request_resync(self, rel: bytes, emit, reason: str = "") -> None:
         """A target found ``rel`` diverged: on the mount's thread, behind
