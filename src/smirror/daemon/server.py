@@ -105,9 +105,29 @@ class SourceConnection:
         # set by mirror-stop: this connection's running mirror ends before
         # its next entry (RepsetCapture.stop_mirror)
         self.mirror_stop = threading.Event()
+        self._mirror_stats: dict | None = None
+        self._mirror_changed = threading.Condition()   # mirror_stats set, or the connection closed
+        self._closed = False
 
-    mirror_stats: dict | None = None
     mirror_pending_reset = False
+
+    @property
+    def mirror_stats(self) -> dict | None:
+        """What the connection's last mirror did (None before its first)."""
+        return self._mirror_stats
+
+    @mirror_stats.setter
+    def mirror_stats(self, stats: dict | None) -> None:
+        with self._mirror_changed:
+            self._mirror_stats = stats
+            self._mirror_changed.notify_all()
+
+    def wait_mirror_stats(self, before: dict | None, timeout: float) -> None:
+        """Until the mirror running now has returned its stats (they are no
+        longer ``before``), the connection closed, or ``timeout``."""
+        with self._mirror_changed:
+            self._mirror_changed.wait_for(lambda: self._mirror_stats is not before or self._closed,
+                                          timeout)
 
     def _capture_status(self) -> dict | None:
         """The repset's watcher: backend (fanotify or inotify, and why),
@@ -156,6 +176,9 @@ class SourceConnection:
         return st
 
     def close(self) -> None:
+        with self._mirror_changed:
+            self._closed = True
+            self._mirror_changed.notify_all()
         self.sender.stop()
         self.queue.close()
         # the sender's callbacks close over this object and the capture: a
@@ -1287,6 +1310,7 @@ class Daemon:
             why = self.disconnected.get(conn.conid, "not running")
             raise ConfigError(f"connection {conn.conid} has no running mirror to stop (the "
                               f"connection is {why})")
+        before = src.mirror_stats       # read first: the stopped mirror replaces them
         if cap is None or not cap.stop_mirror(conn.conid, src.mirror_stop):
             last = src.mirror_progress()
             said = {None: "it has run none since it started",
@@ -1295,17 +1319,9 @@ class Daemon:
                     "done": "its last one is done", "stopped": "its last one was stopped already"}
             raise ConfigError(f"connection {conn.conid} has no running mirror to stop: "
                               + said.get(last.get("state") if last else None, "none is running"))
-        before = src.mirror_stats
-        deadline = time.monotonic() + self.MIRROR_STOP_WAIT
-        while cap.mirroring == conn.conid and time.monotonic() < deadline:
-            if self._stop.wait(0.05):
-                break
-        # the stats are the caller's once the mirror returned: a moment later
-        grace = time.monotonic() + 5.0
-        while cap.mirroring != conn.conid and src.mirror_stats is before \
-                and self.sources.get(conn.conid) is src and time.monotonic() < grace:
-            if self._stop.wait(0.02):
-                break
+        # the mirror's caller sets its stats once it returned (a daemon
+        # that stops closes the connection, which ends the wait too)
+        src.wait_mirror_stats(before, self.MIRROR_STOP_WAIT)
         return {"conid": conn.conid, "mirror": src.mirror_progress()}
 
     @_verb("connection.set", "admin")
