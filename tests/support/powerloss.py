@@ -43,6 +43,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from support.workload import Workload
 
 DEADLINE = 30.0                     # seconds a trial may take to converge after the restart
 SOURCES = ("library", "watcher")
+ALL_SOURCES = SOURCES + ("mount",)     # mount: needs sync = "fsync" (branch durable)
 # the library API records no mtime of directories and symlinks
 LIBRARY_RSYNC_EXTRA = ("--omit-dir-times", "--omit-link-times")
 
@@ -235,26 +237,156 @@ class WatcherTrial:
         self.target.close()
 
 
+class CommitLog:
+    """The application of the mount trials: appends numbered records to a
+    few files through the source's mount, each followed by an fsync; a
+    record counts as committed once its fsync returned (with ``sync =
+    "fsync"``: once the target made it durable)."""
+
+    FILES = 4
+
+    def __init__(self, mountpoint: Path, rng: random.Random):
+        self.mnt = mountpoint
+        self.rng = random.Random(rng.randrange(1 << 30))
+        self.committed = [0] * self.FILES
+        self.error: BaseException | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def record(i: int, n: int) -> bytes:
+        return f"log-{i} record {n} ".encode() + bytes([65 + n % 26]) * (n * 37 % 700) + b"\n"
+
+    def expected(self, i: int, upto: int) -> bytes:
+        return b"".join(self.record(i, n) for n in range(1, upto + 1))
+
+    def start(self) -> CommitLog:
+        self._thread = threading.Thread(target=self._run, daemon=True, name="commit-log")
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            fds = [os.open(self.mnt / f"log-{i}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                   for i in range(self.FILES)]
+            try:
+                while not self._stop:
+                    i = self.rng.randrange(self.FILES)
+                    n = self.committed[i] + 1
+                    os.write(fds[i], self.record(i, n))
+                    os.fsync(fds[i])
+                    self.committed[i] = n
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        except BaseException as exc:      # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    def stop(self) -> None:
+        self._stop = True
+        if self._thread is not None:
+            self._thread.join(120)
+        if self.error is not None:
+            raise RuntimeError(f"the application failed: {self.error!r}") from self.error
+
+    def missing(self, replica: Path, committed: list) -> list[str]:
+        """The committed records the replica lacks (by file)."""
+        out = []
+        for i, upto in enumerate(committed):
+            if not upto:
+                continue
+            try:
+                have = (replica / f"log-{i}").read_bytes()
+            except FileNotFoundError:
+                have = b""
+            want = self.expected(i, upto)
+            if not have.startswith(want):
+                records = have.count(b"\n") if want.startswith(have) else "a different content"
+                out.append(f"log-{i}: {upto} records committed, the target holds {records}")
+        return out
+
+
+class MountTrial(WatcherTrial):
+    """A source daemon with a capture mount (``capture = "mount"``) and
+    ``sync = "fsync"`` (branch durable): the application's fsync returns
+    once the target made its op durable. Besides (a) and (b), (c): right
+    after the restart, with the source stopped (SIGSTOP), once the target
+    applied what it held, every record whose fsync returned is there."""
+    name = "source daemon (mount, sync fsync)"
+
+    def __init__(self, tmp: Path, rng: random.Random):
+        self.rng = rng
+        env = self.env = env_for(tmp)
+        self.src, self.mnt = tmp / "backing", tmp / "app"
+        self.src.mkdir()
+        self.target = PoweredTarget(tmp, env)
+        self.dst = self.target.map_base
+        self.source = Node(tmp, "source", env, links_user="repl")
+        self.source.add_user("admin", "admin")
+        self.source.start()
+        for node in (self.source, self.target.node):
+            smirror("login", node.address, "--user", "admin", "--password-env", "PW",
+                    env={**env, "PW": PASSWORD})
+        self.source.cli("repset", "create", "data", "--root", self.src, "--mount", self.mnt)
+        self.source.cli("connect", "data", "to", self.target.node.address, "map", "base", self.dst,
+                        "--sync", "fsync")
+        self.app = CommitLog(self.mnt, rng)
+
+    def run(self, power: bool) -> dict:
+        self.app.start()
+        time.sleep(self.rng.uniform(0.3, 1.5))
+        source_log, target_log = len(self.source.log()), len(self.target.node.log())
+        self.target.cut(power)
+        committed = list(self.app.committed)     # told durable before the cut
+        self.source.proc.send_signal(signal.SIGSTOP)
+        try:
+            self.target.restart()
+            held = wait_for(self._drained, 60, "the target to apply what it held")
+            missing = self.app.missing(self.dst, committed)
+        finally:
+            self.source.proc.send_signal(signal.SIGCONT)
+        self.app.stop()
+        return {"acked": sum(committed), "ops_lost": None, "source_log": source_log,
+                "target_log": target_log, "committed_missing": missing, "target_held": held}
+
+    def _drained(self):
+        from support.faults import target_connection
+        c = target_connection(self.target.node)
+        if c and c.get("seq_applied") == c.get("seq_received"):
+            return c.get("seq_applied", 0) or True
+        return None
+
+    def close(self) -> None:
+        if self.source.proc is not None:
+            self.source.proc.send_signal(signal.SIGCONT)
+        super().close()
+
+
 def one_trial(kind: str, tmp: Path, rng: random.Random, power: bool, deadline: float) -> dict:
     """A fresh source, a fresh powered target, one cut. The outcome: ok,
     or what failed ("diverged", "remirror", "resync": a loss of acknowledged
     ops, hidden by a repair in the last two)."""
-    trial = (LibraryTrial if kind == "library" else WatcherTrial)(tmp, rng)
+    trial = TRIALS[kind](tmp, rng)
     try:
         info = trial.run(power)
         if kind == "library" and info["resets"]:
             deadline = 0        # it lost what the source discarded: no mirror comes to hide it
         took, left = wait_converged(trial.src, trial.dst, deadline, trial.rsync_extra)
         info.update(trial.repairs(info))
-        failed = ("diverged" if took is None else "remirror" if info["resets"]
+        failed = ("committed-missing" if info.get("committed_missing") else
+                  "diverged" if took is None else "remirror" if info["resets"]
                   else "resync" if info["resyncs"] else "")
         return {"kind": kind, "took": took, "left": left[:10], "failed": failed,
                 "acked": info["acked"], "ops_lost": info["ops_lost"], "resets": info["resets"],
                 "resyncs": info["resyncs"], "replay_resyncs": info["replay_resyncs"],
+                "committed_missing": info.get("committed_missing"),
                 "logs": trial.logs() if failed else ""}
     finally:
         with contextlib.suppress(Exception):
             trial.close()
+
+
+TRIALS = {"library": LibraryTrial, "watcher": WatcherTrial, "mount": MountTrial}
 
 
 def run_trials(trials: int, seed: int = 1, sources=SOURCES, power: bool = True,
@@ -324,7 +456,7 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=50)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--sources", default=",".join(SOURCES),
-                   help="comma-separated, from: " + ", ".join(SOURCES))
+                   help="comma-separated, from: " + ", ".join(ALL_SOURCES) + " (default %(default)s)")
     p.add_argument("--deadline", type=float, default=DEADLINE,
                    help="seconds a trial may take to converge (default %(default)s)")
     p.add_argument("--no-power-loss", action="store_true",
@@ -332,9 +464,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the directories of failed trials")
     args = p.parse_args(argv)
     sources = tuple(s for s in args.sources.split(",") if s)
-    bad = [s for s in sources if s not in SOURCES]
+    bad = [s for s in sources if s not in ALL_SOURCES]
     if bad or not sources:
-        p.error(f"--sources: unknown {', '.join(bad) or '(none)'} (known: {', '.join(SOURCES)})")
+        p.error(f"--sources: unknown {', '.join(bad) or '(none)'} (known: {', '.join(ALL_SOURCES)})")
     if args.trials < 1:
         p.error("--trials must be at least 1")
     t0 = time.monotonic()
