@@ -34,6 +34,7 @@ from smirror.stream.apply import ALL_XATTR_NAMESPACES
 from smirror.stream.journal import ConnectionJournal
 from smirror.stream.receiver import TargetConnection
 from smirror.stream.sender import Sender
+from smirror.stream.syncwait import SYNC_TIMEOUT, SyncWaiter, check_sync
 from smirror.stream.wire import ORDER_PER_FILE, Link, MsgType
 from smirror.units import parse_size
 
@@ -63,7 +64,8 @@ class Replication:
                  memory_limit="256MiB", source_memory_limit=None, target_memory_limit=None,
                  disk_queue_limit="4GiB", progress=None, task_dir=None,
                  ignore_deletes: str = "off", deleted_keep_days: float = 0.0,
-                 in_use_max_delay: float = 0.0, mount=None):
+                 in_use_max_delay: float = 0.0, mount=None, sync: str = "async",
+                 sync_timeout: float = SYNC_TIMEOUT):
         """``task_dir``: run task commands (:meth:`queue_task`) found in this
         directory (None: tasks are refused); ``ignore_deletes``: off, keep
         (deletes are not applied) or move (deleted files go to
@@ -74,7 +76,12 @@ class Replication:
         the default when a mount point is given); ``memory_limit``: the RAM
         budget of both queues and the handoff together (past it they spill
         to disk), ``source_memory_limit`` / ``target_memory_limit``:
-        optional caps of one queue under it (None: the budget alone)."""
+        optional caps of one queue under it (None: the budget alone);
+        ``sync``: "async" (default), "fsync" (an fsync through the mount
+        returns once the target made it durable) or "every-write" (every
+        changing call does), with the mount only; a call the target cannot
+        make durable within ``sync_timeout`` seconds fails with EIO
+        (:mod:`smirror.stream.syncwait`)."""
         if mount is not None and capture == "watch":
             capture = "mount"
         if capture not in ("watch", "api", "mount"):
@@ -82,6 +89,8 @@ class Replication:
         if (capture == "mount") != (mount is not None):
             raise ConfigError("capture='mount' needs a mount point (mount=...), and a mount "
                               "point needs capture='mount'")
+        self.sync_mode = check_sync(sync, capture)
+        self.sync_waiter = SyncWaiter(sync_timeout)
         self.mount_point = None if mount is None else os.path.abspath(os.fsdecode(mount))
         self.mount: CaptureMount | None = None
         if mirror not in MIRROR_MODES:
@@ -129,7 +138,8 @@ class Replication:
         self.journal_sink = ConnectionJournal(self.queue, next_seq=self.target.received_seq + 1)
         # a watcher keeps per-file order only: the target may coalesce its frames
         self.sender = Sender(1, self.dst, self.journal_sink, self._dial, retry_interval=0.2,
-                             order=ORDER_PER_FILE if capture == "watch" else None)
+                             order=ORDER_PER_FILE if capture == "watch" else None, sync=self.sync_mode)
+        self.sync_waiter.add(1, self.journal_sink, self.sender, self.sync_mode)
         self.tree_capture: TreeCapture | None = None
         self.journal: Recorder | None = None
         self.mirror_summary: Summary | None = None
@@ -148,7 +158,8 @@ class Replication:
         with link:
             try:
                 _, opened = link.recv_json(MsgType.OPEN)
-                self.target.serve(link, order=opened.get("order"))
+                self.target.serve(link, order=opened.get("order"),
+                                  durable=opened.get("durable") is True)
             except Exception as exc:
                 expected = isinstance(exc, (SmirrorError, OSError))
                 log.error("target link: %s", exc if expected else f"{type(exc).__name__}: {exc}",
@@ -200,7 +211,8 @@ class Replication:
         elif self.capture_mode == "mount":
             from smirror.capture.mount.runner import CaptureMount
             # after the mirror: nothing can be written through it before
-            self.mount = CaptureMount(self.src, self.mount_point, self._capture_sink())
+            self.mount = CaptureMount(self.src, self.mount_point, self._capture_sink(),
+                                      sync_waiter=self.sync_waiter if self.sync_mode != "async" else None)
             try:
                 self.mount.start()
             except BaseException:
@@ -398,6 +410,9 @@ class Replication:
         out = {"source": self.src, "target": self.dst, "state": s["state"],
                "seq_captured": s["seq_captured"], "seq_sent": s["seq_sent"],
                "seq_acked": s["seq_acked"], "seq_applied": t["seq_applied"],
+               # the target's two watermarks: held (maybe in the page cache) and durable
+               "seq_received": t["seq_received"], "seq_durable": t["seq_durable"],
+               "sync": self.sync_mode, "sync_waits": self.sync_waiter.status(),
                "source_queue_mem": s["queue_mem_bytes"], "source_queue_disk": s["queue_disk_bytes"],
                "target_queue_mem": t["queue_mem_bytes"] + t["handoff_bytes"],
                "target_queue_disk": t["queue_disk_bytes"],

@@ -74,10 +74,10 @@ def test_applied_ops_are_never_applied_again(tmp_path):
 
 
 def test_damaged_state_file_is_a_clear_error(tmp_path):
-    (tmp_path / "applied").write_bytes(b"garbage")
-    with pytest.raises(ApplyError, match="expected 16"):
+    (tmp_path / "applied").write_bytes(b"SMAPPLY2garbage")
+    with pytest.raises(ApplyError, match="expected 40"):
         Applier(tmp_path / "base", state_path=tmp_path / "applied")
-    (tmp_path / "applied").write_bytes(b"x" * 16)
+    (tmp_path / "applied").write_bytes(b"x" * 40)
     with pytest.raises(ApplyError, match="bad magic"):
         Applier(tmp_path / "base", state_path=tmp_path / "applied")
 

@@ -265,3 +265,16 @@ def test_cli_interactive_at_a_terminal_shows_an_error_and_goes_on():
     assert "<stdin>:2:1: unknown verb 'bogus'" in err
     assert "<stdin>:4:12: undefined variable $Nope" in err
     assert "dtcl> " in err and "Traceback" not in err
+
+
+def test_connect_takes_a_sync_mode():
+    actions, _ = check_text("login h u;\nconnect r to t map base /x, nomirror, sync fsync;")
+    assert actions[-1].args["sync"] == "fsync" and actions[-1].args["nomirror"] is True
+    assert actions[-1].summary.endswith(", sync fsync")
+    assert check_text("login h u;\nconnect r to t map base /x sync every-write;")[0][-1].args["sync"] \
+        == "every-write"
+    assert check_text("login h u;\nconnect r to t map base /x;")[0][-1].args["sync"] is None
+    for bad, said in (("sync always", "the mode is async, fsync or every-write"),
+                      ("sync", "sync needs a mode")):
+        with pytest.raises(Exception, match=said):
+            check_text(f"login h u;\nconnect r to t map base /x, {bad};")

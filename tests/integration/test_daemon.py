@@ -206,6 +206,13 @@ def test_target_that_lost_its_state_is_mirrored_again(nodes):
     import shutil
     source, target, env, tmp = nodes
     src, dst = replicate_data(source, target, env, tmp)
+
+    def all_durable():
+        s = json.loads(source.cli("status", "--json").stdout)["sources"][0]
+        return s["seq_durable"] == s["seq_captured"] and s["queue_mem_bytes"] == 0
+    # the source dropped its frames (the target made them durable): only a
+    # mirror can bring back what the target then loses
+    wait_for(all_durable, 30, "every op durable on the target")
     target.kill()
     shutil.rmtree(target.dir / "state" / "targets")     # its applied seq ...
     shutil.rmtree(target.dir / "state" / "queues")      # ... and its queues are gone

@@ -37,7 +37,8 @@ class TargetEndpoint:
             try:
                 _, opened = link.recv_json(wire.MsgType.OPEN)
                 assert opened["conid"] == self.target.conid
-                self.target.serve(link, order=opened.get("order"))
+                self.target.serve(link, order=opened.get("order"),
+                                  durable=opened.get("durable") is True)
             except Exception as exc:
                 self.errors.append(exc)
 

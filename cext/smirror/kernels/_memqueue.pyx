@@ -1509,6 +1509,51 @@ cdef class SpillQueue:
             run.start_off = off
         run.first_seq = rseq
 
+    def sync(self):
+        """Make every record put so far and the persisted acks durable now,
+        whatever the fsync policy (the target's durable watermark): the
+        active segment, a finished one whose fsync a put still owes, the
+        ack file, the directory (and, with fsync "none", every segment).
+        Returns the last seq it covers (None before any put). Waits for a
+        put whose record is being written; gets and acks go on."""
+        cdef int fd
+        cdef _Segment seg
+        self._put_lock.acquire()
+        try:
+            self._lock.acquire()
+            try:
+                if self._closed:
+                    raise QueueClosed(f"sync of a closed queue ({self.spill_dir})")
+                last = self._last_seq if self._has_last else None
+                fd = self._wfd
+                paths = []
+                if not self.fsync_mode:
+                    for seg in self._segs.values():
+                        paths.append(seg.path)
+            finally:
+                self._lock.release()
+            # under _put_lock: the active segment is neither finished nor
+            # closed meanwhile, and the ack file stays open until close
+            self._sync_pending()
+            if fd >= 0:
+                os.fsync(fd)
+            for path in paths:
+                try:
+                    sfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue            # retired meanwhile
+                try:
+                    os.fsync(sfd)
+                finally:
+                    os.close(sfd)
+            if self._ack_fd >= 0:
+                os.fsync(self._ack_fd)
+            if not self.fsync_mode:
+                self._fsync_dir()
+            return last
+        finally:
+            self._put_lock.release()
+
     def rewind(self):
         """Make the next get start again at the first unacked item."""
         cdef _MemRun mrun

@@ -178,13 +178,19 @@ def _connection_options(p) -> None:
                    help="what mirrors do with files only the target has (default report)")
     p.add_argument("--orphans-older-than", type=float, metavar="DAYS", default=None,
                    help="only orphans last modified more than DAYS ago")
+    p.add_argument("--sync", choices=("async", "fsync", "every-write"), default=None,
+                   help="synchronous mode, for a replication set captured through the mount: "
+                        "fsync = an application's fsync there returns once the target made it "
+                        "durable; every-write = every changing call does (default async; "
+                        "docs/mount.md)")
 
 
 def _options_of(args) -> dict:
     return {k: v for k, v in {"ignore_deletes": args.ignore_deletes,
                               "deleted_keep_days": args.keep_deleted_days,
                               "orphans": args.orphans,
-                              "orphans_older_than_days": args.orphans_older_than}.items()
+                              "orphans_older_than_days": args.orphans_older_than,
+                              "sync": args.sync}.items()
             if v is not None}
 
 
@@ -388,7 +394,7 @@ def run_connection_options(args) -> int:
     options = _options_of(args)
     if not options:
         raise ConfigError("connection-options: give at least one of --ignore-deletes, "
-                          "--keep-deleted-days, --orphans, --orphans-older-than")
+                          "--keep-deleted-days, --orphans, --orphans-older-than, --sync")
     with _client(args) as c:
         r = c.call("connection.set", conid=args.conid, options=options)
         _print(args, r, f"connection {r['conid']}: " + ", ".join(f"{k.replace('_', ' ')} {v}"

@@ -29,6 +29,12 @@ def add_parser(subparsers):
     p.add_argument("--mount", metavar="MOUNTPOINT",
                    help="serve SRC at MOUNTPOINT through the capture mount: every change made "
                         "there is replicated in the exact order it was made (docs/mount.md)")
+    p.add_argument("--sync", choices=("async", "fsync", "every-write"), default="async",
+                   help="with --mount: fsync = an fsync there returns once DST made it durable; "
+                        "every-write = every changing call does (docs/mount.md; default async)")
+    p.add_argument("--sync-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long a synchronous call waits for DST before it fails with EIO "
+                        "(default 30)")
     p.add_argument("--json", action="store_true", help="status lines as JSON objects")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                    help="status line interval (default 1)")
@@ -52,6 +58,7 @@ def _status_line(st: dict) -> str:
     lag = st["lag_ms_p99"]
     err = f"  error: {st['error']}" if st.get("error") else ""
     return (f"{st['state']:<12} captured {st['seq_captured']:>8}  applied {st['seq_applied']:>8}  "
+            f"durable {st['seq_durable']:>8}  "
             f"sent {format_size(st['bytes_sent']):>9}  "
             f"queue {format_size(st['source_queue_mem'] + st['source_queue_disk']):>9}"
             f"  lag p99 {'-' if lag is None else f'{lag:.1f} ms'}"
@@ -72,7 +79,8 @@ def run_replicate(args) -> int:
     rules = Rules.from_patterns([("exclude", p) for p in args.exclude]
                                 + [("include", p) for p in args.include])
     rep = Replication(args.src, args.dst, mirror=args.mirror, rules=rules or None,
-                      state_dir=args.state_dir, memory_limit=args.memory_limit, mount=args.mount)
+                      state_dir=args.state_dir, memory_limit=args.memory_limit, mount=args.mount,
+                      sync=args.sync, sync_timeout=args.sync_timeout)
     stop, hurry = threading.Event(), threading.Event()
 
     def on_signal(*_):

@@ -123,8 +123,11 @@ class Connection:
     # orphans_older_than_days (0 = all)
     orphans: str = "report"
     orphans_older_than_days: float = 0.0
+    # synchronous mode (stream.syncwait): async, fsync or every-write; other
+    # than async only for a repset captured through the mount
+    sync: str = "async"
 
-    OPTIONS = ("ignore_deletes", "deleted_keep_days", "orphans", "orphans_older_than_days")
+    OPTIONS = ("ignore_deletes", "deleted_keep_days", "orphans", "orphans_older_than_days", "sync")
 
     def options(self) -> dict:
         return {k: getattr(self, k) for k in self.OPTIONS}
@@ -148,6 +151,10 @@ def check_options(options: object) -> dict:
         elif key == "orphans":
             if value not in ORPHAN_POLICIES:
                 raise ConfigError(f"orphan policy must be one of {', '.join(ORPHAN_POLICIES)}, got {value!r}")
+        elif key == "sync":
+            from smirror.stream.sender import SYNC_MODES
+            if value not in SYNC_MODES:
+                raise ConfigError(f"sync must be one of {', '.join(SYNC_MODES)}, got {value!r}")
         elif key in ("deleted_keep_days", "orphans_older_than_days"):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{key.replace('_', ' ')} must be a number of days >= 0, got {value!r}")

@@ -58,6 +58,7 @@ from smirror.stream.journal import ConnectionJournal
 from smirror.stream.orphans import for_connection
 from smirror.stream.receiver import TargetConnection
 from smirror.stream.sender import Sender
+from smirror.stream.syncwait import SyncWaiter, check_sync
 from smirror.stream.tasks import QueuedInto, SourceTasks, TargetTasks, TaskLog, TaskPolicy, TaskSpec
 from smirror.stream.wire import ORDER_PER_FILE, Link, MsgType, ProtocolError
 
@@ -96,7 +97,8 @@ class SourceConnection:
                              # a watcher keeps per-file order only: the target may
                              # coalesce; a mount set's capture is exact order
                              order=None if getattr(daemon.registry.repsets.get(conn.repset), "capture",
-                                                  "watch") == "mount" else ORDER_PER_FILE)
+                                                  "watch") == "mount" else ORDER_PER_FILE,
+                             sync=conn.sync)
         # set by mirror-stop: this connection's running mirror ends before
         # its next entry (RepsetCapture.stop_mirror)
         self.mirror_stop = threading.Event()
@@ -339,7 +341,10 @@ class MountRepsetCapture(RepsetCapture):
         self.conns: dict[int, object] = {}
         self.mirroring: int | None = None
         self._lock = threading.Lock()
-        self.capture = MountCapture(repset.root, repset.mount, self._emit)
+        # the connections with a synchronous mode (connect --sync) register here
+        self.sync_waiter = SyncWaiter()
+        self.capture = MountCapture(repset.root, repset.mount, self._emit,
+                                    sync_waiter=self.sync_waiter)
 
     def start(self) -> MountRepsetCapture:
         self.capture.start()
@@ -701,6 +706,7 @@ class Daemon:
                 # the stream restarts past what the target holds: its RESET
                 # brings the checksum mirror, which reads the target again
                 scan_error = f"cannot read the target ({exc}): mirror when it can be read"
+        check_sync(conn.sync, repset.capture, f"connection {conn.conid}: sync")
         src = SourceConnection(self, conn)
         self.sources[conn.conid] = src
         if scan_error:
@@ -729,6 +735,8 @@ class Daemon:
         # link sends RESET: the mirror queued here already covers that one
         src.mirror_pending_reset = known is not None
         src.sender.on_reset = lambda: self._on_reset(src)  # type: ignore[assignment]
+        if isinstance(cap, MountRepsetCapture):
+            cap.sync_waiter.add(conn.conid, src.journal, src.sender, conn.sync)
         src.sender.start()          # first: a mirror larger than the queue waits on it
         try:
             src.mirror_stats = cap.add(conn, src.journal, known, stop=src.mirror_stop, keep=keep)
@@ -882,6 +890,8 @@ class Daemon:
         if src is None:
             return
         cap = self.captures.get(src.conn.repset)
+        if isinstance(cap, MountRepsetCapture):
+            cap.sync_waiter.remove(conid)
         if cap is not None:
             cap.remove(conid)
             if not cap.targets and not getattr(cap, "persistent", False):
@@ -1034,7 +1044,7 @@ class Daemon:
             link.send_json(MsgType.READY, {"last_seq": 0, "map_base": base, "check": True})
             return
         assert tgt is not None          # made above unless check
-        tgt.serve(link, order=opened.get("order"))
+        tgt.serve(link, order=opened.get("order"), durable=opened.get("durable") is True)
 
     def _source_disconnected(self, link: Link, source: str, conid: int, base: str) -> None:
         """The source ended connection ``conid`` (``disconnect``): its
@@ -1202,9 +1212,10 @@ class Daemon:
         # checked before anything is registered or queued: the request,
         # the map base against this host's set, then the target itself
         reg = self.registry
-        check_options(args.get("options") or {})
+        options = check_options(args.get("options") or {})
         repset, target, map_base = reg.check_connect(args.get("repset"), args.get("target", ""),
                                                      args.get("map_base", ""))
+        check_sync(options.get("sync", "async"), repset.capture, "connect: sync")
         self._check_not_own_root(repset, target, map_base)
         self.probe_target(target, map_base)
         conn = reg.connect(repset.name, target, map_base, mirror=not args.get("nomirror", False),
@@ -1312,7 +1323,18 @@ class Daemon:
 
     @_verb("connection.set", "admin")
     def _connection_set(self, user: User, args: dict):
-        conn = self.registry.set_options(args.get("conid"), args.get("options") or {})
+        options = check_options(args.get("options") or {})
+        if "sync" in options:
+            conn = self.registry.connection(args.get("conid"))
+            check_sync(options["sync"], self.registry.repset(conn.repset).capture,
+                       f"connection {conn.conid}: sync")
+        conn = self.registry.set_options(args.get("conid"), options)
+        src, cap = self.sources.get(conn.conid), self.captures.get(conn.repset)
+        if src is not None and "sync" in options:
+            # the running connection waits (or stops waiting) from the next call on
+            src.sender.sync = conn.sync
+            if isinstance(cap, MountRepsetCapture):
+                cap.sync_waiter.add(conn.conid, src.journal, src.sender, conn.sync)
         return {"conid": conn.conid, "options": conn.options()}
 
     @_verb("queue-task", "admin")

@@ -47,7 +47,7 @@ def status_text(st: dict) -> str:
 
 def _source_rows(sources: list[dict]) -> list[str]:
     lines = [f"{'ID':>3}  {'REPSET':<12} {'TARGET':<21} {'STATE':<12} {'CAPTURED':>9} "
-             f"{'ACKED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10} {'LAG P99':>8}"]
+             f"{'DURABLE':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10} {'LAG P99':>8}"]
     for s in sources:
         if "repset" not in s:          # down (auto-disconnected), waiting to reconnect
             lines.append(f"{s['conid']:>3}  {'':<12} {'':<21} {s['state']}")
@@ -61,10 +61,10 @@ def _source_rows(sources: list[dict]) -> list[str]:
 
 def _target_rows(targets: list[dict]) -> list[str]:
     lines = [f"{'ID':>3}  {'SOURCE':<16} {'MAP BASE':<30} {'APPLY':<13} {'RECEIVED':>9} "
-             f"{'APPLIED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10}"]
+             f"{'DURABLE':>9} {'APPLIED':>9} {'QUEUE MEM':>10} {'QUEUE DISK':>10}"]
     for t in targets:
         lines.append(f"{t['conid']:>3}  {t['source']:<16} {t['map_base']:<30} {t['apply_state']:<13} "
-                     f"{t['seq_received']:>9} {t['seq_applied']:>9} "
+                     f"{t['seq_received']:>9} {t.get('seq_durable', 0):>9} {t['seq_applied']:>9} "
                      f"{format_size(t['queue_mem_bytes'] + t.get('handoff_bytes', 0)):>10} "
                      f"{format_size(t['queue_disk_bytes']):>10}")
     return lines

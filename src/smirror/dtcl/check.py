@@ -193,9 +193,11 @@ class Checker:
     def _connect(self, st):
         args = self._connection(st)
         args["nomirror"] = st.args["nomirror"]
+        args["sync"] = st.args.get("sync")
         return Action(0, "connect", self._source_host(st), args,
                       summary=f"connect {args['repset']} to {args['target']} map base {args['map_base']}"
-                              + (", nomirror" if args["nomirror"] else ""))
+                              + (", nomirror" if args["nomirror"] else "")
+                              + (f", sync {args['sync']}" if args["sync"] else ""))
 
     def _conid(self, st):
         args = self._connection(st)

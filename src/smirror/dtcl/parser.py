@@ -17,7 +17,7 @@ USAGE = {
     "logout": "logout HOST;",
     "source": "source HOST;",
     "target": "target HOST;",
-    "connect": "connect REPSET to TARGET map base PATH [, nomirror];",
+    "connect": "connect REPSET to TARGET map base PATH [, nomirror] [, sync async|fsync|every-write];",
     "conid": "conid REPSET to TARGET map base PATH;",
     "disconnect": "disconnect ID;",
     "mirror": "mirror start ID [full | different] [, checksum] [, newer]; or mirror stop ID;",
@@ -160,6 +160,7 @@ class Parser:
     def _parse_connect(self, cur, tok):
         args = self._connection(cur, "connect")
         args["nomirror"] = False
+        args["sync"] = None
         while not cur.at_end():
             if cur.peek().kind == COMMA:        # "PATH, nomirror", "PATH nomirror", "PATH,"
                 cur.next()
@@ -168,8 +169,18 @@ class Parser:
             if opt.kind == WORD and opt.text.lower() == "nomirror":
                 args["nomirror"] = True
                 continue
-            raise self.src.error(f"connect: unknown option {opt.raw!r} after the map base (the "
-                                 f"only one is nomirror)", opt.line, opt.column,
+            if opt.kind == WORD and opt.text.lower() == "sync":
+                if cur.at_end():
+                    raise self.src.error("connect: sync needs a mode: async, fsync or every-write",
+                                         opt.line, opt.column)
+                mode = cur.next()
+                if mode.kind != WORD or mode.text.lower() not in ("async", "fsync", "every-write"):
+                    raise self.src.error(f"connect: sync {mode.raw!r}: the mode is async, fsync or "
+                                         f"every-write", mode.line, mode.column)
+                args["sync"] = mode.text.lower()
+                continue
+            raise self.src.error(f"connect: unknown option {opt.raw!r} after the map base (they "
+                                 f"are nomirror and sync MODE)", opt.line, opt.column,
                                  hint="a path with blanks goes in quotes" if opt.kind == WORD else None)
         return Statement("connect", tok, args)
 

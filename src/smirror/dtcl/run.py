@@ -146,7 +146,8 @@ class Runner:
     def _connect(self, act):
         a = act.args
         r = self._client(act.host).call("connect", repset=a["repset"], target=a["target"],
-                                        map_base=a["map_base"], nomirror=a["nomirror"], options={})
+                                        map_base=a["map_base"], nomirror=a["nomirror"],
+                                        options={"sync": a["sync"]} if a.get("sync") else {})
         self.say(f"connection {r['conid']}: {a['repset']} -> {a['target']} at {a['map_base']}"
                  + ("" if a["nomirror"] else " (mirror started)"))
         return r

@@ -918,6 +918,29 @@ class SpillQueue:
             run.start = self._normalize(pos)
             run.first_seq = rseq
 
+    def sync(self):
+        """Make every record put so far and the persisted acks durable now,
+        whatever the fsync policy (the target's durable watermark): the
+        active segment, the ack file, the directory (and, with fsync
+        "none", every segment). Returns the last seq it covers (None
+        before any put)."""
+        with self._cond:
+            if self._closed:
+                raise QueueClosed(f"sync of a closed queue ({self.spill_dir})")
+            if self._wfd >= 0:
+                os.fsync(self._wfd)
+            if self.fsync == "none":
+                for seg in self._segs.values():
+                    fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            if self._ack_fd >= 0:
+                os.fsync(self._ack_fd)
+            self._fsync_dir()
+            return self._last_seq
+
     def rewind(self):
         """Make the next get start again at the first unacked item."""
         with self._cond:

@@ -26,7 +26,18 @@ The sequence number of the last applied op is stored after every op in a
 small memory-mapped state file (an aligned 8-byte store: no syscall, and a
 SIGKILL cannot tear it; the page cache keeps it). On restart, ops up to it
 are skipped, so none is applied twice, except the one op that was applied
-when the process died before recording it. Every op kind is idempotent when
+when the process died before recording it.
+
+Durability (power loss, not only SIGKILL): the applier notes every file and
+directory an op changed; :meth:`Applier.sync_durable` fsyncs them, then
+records the applied seq as *synced* in the state file (with this boot's id)
+and fsyncs that. A restart in the same boot trusts the applied seq (the page
+cache survived); after a reboot, or when the state file lost its unsynced
+writes, only the synced seq counts and the ops after it are applied again
+(replayed: every op kind accepts what a later op already did, and a
+divergence asks for a resync instead of looping). An empty or all-zero state
+file (its creation lost) means "nothing applied": the stream resumes from
+what the target's queue or the source still hold. Every op kind is idempotent when
 replayed right after itself: a rename whose source is gone but whose
 destination exists, a delete of a missing path, a create over the file it
 created are all accepted. What the
@@ -63,8 +74,19 @@ from smirror.stream import reclaim
 log = logging.getLogger("smirror.stream.apply")
 
 _OPEN_FILES = 64           # write fds kept open between ops of the same file
-_STATE_MAGIC = b"SMAPPLY1"
+_STATE_MAGIC_V1 = b"SMAPPLY1"   # magic + applied u64 (before the synced seq)
+_STATE_MAGIC = b"SMAPPLY2"      # magic + applied u64 + synced u64 + boot id (16)
+_STATE_SIZE = 40
 _SEQ = struct.Struct("<Q")
+_SYNCED_AT = 16
+_BOOT_AT = 24
+# files held for the next durable pass before it is done early (descriptors)
+DIRTY_MAX = 256
+# op kinds that change the entries of their parent directory (and path2's)
+_ENTRY_KINDS = frozenset({OpKind.CREATE, OpKind.MKDIR, OpKind.DELETE, OpKind.RMDIR,
+                          OpKind.RENAME, OpKind.SYMLINK, OpKind.HARDLINK, OpKind.MKNOD})
+_DATA_KINDS = frozenset({OpKind.WRITE, OpKind.TRUNCATE, OpKind.CREATE})
+_INODE_KINDS = frozenset({OpKind.SETATTR, OpKind.XATTR})
 _SETID = stat.S_ISUID | stat.S_ISGID
 # ops that replace or remove what their path names: never the map base itself
 # (b""); MKDIR and SETATTR of b"" act on the map base directory
@@ -110,23 +132,98 @@ class WriteRun:
         self.ops, self.seq, self.path, self.offset = ops, ops[-1].seq, ops[0].path, ops[0].offset
 
 
+def boot_id() -> bytes:
+    """This boot's id (16 bytes): a state written in another boot may have
+    lost whatever was not synced."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return bytes.fromhex(f.read().strip().decode().replace("-", ""))[:16].ljust(16, b"\0")
+    except (OSError, ValueError):
+        return b"\0" * 16
+
+
 def _open_state(path) -> mmap.mmap:
-    """The applied-sequence file: magic + u64, mapped read-write."""
+    """The applied-sequence file (magic, applied u64, synced u64, boot id),
+    mapped read-write. A file that is empty or zeros (its first write lost
+    to a power loss) starts again at 0; the one-seq file of an older
+    smirror is carried over (its seq counts as synced: it knew no better)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            os.write(fd, _STATE_MAGIC + _SEQ.pack(0))
+        data = os.pread(fd, 4096, 0)
+        if not data.strip(b"\0"):
+            fresh = _STATE_MAGIC + bytes(_STATE_SIZE - 8)
+        elif data[:8] == _STATE_MAGIC_V1 and len(data) == 16:
+            seq = data[8:16]
+            fresh = _STATE_MAGIC + seq + seq + bytes(16)
+        elif data[:8] == _STATE_MAGIC and len(data) == _STATE_SIZE:
+            fresh = None
+        elif data[:8] in (_STATE_MAGIC, _STATE_MAGIC_V1):
+            raise ApplyError(f"{os.fsdecode(path)}: applied-sequence file has {len(data)} bytes, "
+                             f"expected {_STATE_SIZE}")
+        else:
+            raise ApplyError(f"{os.fsdecode(path)}: not an applied-sequence file (bad magic "
+                             f"{data[:8]!r})")
+        if fresh is not None:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, fresh, 0)
             os.fsync(fd)
-        elif size != 16:
-            raise ApplyError(f"{path}: applied-sequence file has {size} bytes, expected 16")
-        state = mmap.mmap(fd, 16)
+            _fsync_parent(path)
+        state = mmap.mmap(fd, _STATE_SIZE)
     finally:
         os.close(fd)
-    if state[:8] != _STATE_MAGIC:
-        state.close()
-        raise ApplyError(f"{path}: not an applied-sequence file (bad magic)")
     return state
+
+
+FUSE_SUPER_MAGIC = 0x65735546
+_libc = None
+
+
+def _libc_fn():
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def on_fuse(fd: int) -> bool:
+    """Whether the directory ``fd`` (any kind of descriptor) is on FUSE,
+    where syncfs(2) does not reach the daemon that holds the data."""
+    import ctypes
+    buf = ctypes.create_string_buffer(256)          # struct statfs; f_type first
+    dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        if _libc_fn().fstatfs(dfd, buf) != 0:
+            return True             # unknown: the careful way (file by file)
+        return struct.unpack_from("<q", buf.raw)[0] == FUSE_SUPER_MAGIC
+    finally:
+        os.close(dfd)
+
+
+def _syncfs(fd: int) -> bool:
+    """syncfs(2) of the file system of ``fd`` unless it is FUSE; False when
+    not done."""
+    if on_fuse(fd):
+        return False
+    return syncfs(fd)
+
+
+def syncfs(fd: int) -> bool:
+    """syncfs(2) of the file system of the directory ``fd``; False on an
+    error (a writeback error since the last call, Linux >= 5.8)."""
+    dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        return _libc_fn().syncfs(dfd) == 0
+    finally:
+        os.close(dfd)
+
+
+def _fsync_parent(path) -> None:
+    dfd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 class Applier:
@@ -167,9 +264,29 @@ class Applier:
                       "xattrs_refused": 0, "devices_refused": 0, "coalesced": 0}
         self._state = None
         self.applied_seq = 0
+        self.synced_seq = 0         # applied and made durable (sync_durable)
+        self.replay_until = 0       # applied before a restart that lost their sync: replayed
+        # the map base on a local file system: one syncfs per durable pass
+        # covers every file changed (thousands of small files cost one
+        # call); on FUSE each changed file and directory is fsynced instead
+        self.use_syncfs = not on_fuse(self.base.fd)
+        self._changed = False
+        # what the next durable pass syncs: descriptors of the files changed
+        # (dup'd: a rename or close does not lose them), the cached write
+        # fds already noted, the directories whose entries changed
+        self._dirty_files: list[int] = []
+        self._noted: set[int] = set()
+        self._dirty_dirs: dict[bytes, None] = {}
+        self._boot = boot_id()
         if state_path is not None:
             self._state = _open_state(state_path)
             self.applied_seq = _SEQ.unpack_from(self._state, 8)[0]
+            self.synced_seq = _SEQ.unpack_from(self._state, _SYNCED_AT)[0]
+            boot = bytes(self._state[_BOOT_AT:_BOOT_AT + 16])
+            if self.synced_seq > self.applied_seq:
+                self.applied_seq = self.synced_seq      # (the applied store was lost)
+            if self.applied_seq > self.synced_seq:
+                self._settle_unsynced(boot)
         self._dispatch = {
             OpKind.WRITE: self._write, OpKind.TRUNCATE: self._truncate,
             OpKind.CREATE: self._create, OpKind.MKDIR: self._mkdir,
@@ -218,7 +335,118 @@ class Applier:
         except OSError as exc:
             raise ApplyError(f"op seq {op.seq} {OpKind(op.kind).name} {bytes(op.path)!r} "
                              f"failed on the target: {exc.strerror or exc}") from exc
+        self._note(op)
         self._applied(op.seq, count)
+
+    # -- durability ----------------------------------------------------------
+    def _settle_unsynced(self, boot: bytes) -> None:
+        """At start, ops were applied after the last synced seq and this
+        process does not know which files they changed. In the same boot on
+        a local file system their data is in the page cache: syncfs makes
+        it durable. After a reboot (it may be lost), or on a FUSE file
+        system (syncfs does not reach its daemon), they are applied again."""
+        same_boot = boot == self._boot or not boot.strip(b"\0")
+        if same_boot and _syncfs(self.base.fd):
+            self.sync_durable()
+            return
+        log.warning("%s: ops after seq %d were applied but not synced (%s): they are "
+                    "applied again from seq %d", self.name, self.synced_seq,
+                    "the machine restarted" if not same_boot else "no syncfs on this file system",
+                    self.synced_seq + 1)
+        # ops up to here are applied over a tree that may hold them already
+        # (or part of them): the target asks the source to resync what they touch
+        self.replay_until = self.applied_seq
+        self.applied_seq = self.synced_seq
+        assert self._state is not None
+        _SEQ.pack_into(self._state, 8, self.applied_seq)
+
+    def _note(self, op) -> None:
+        """Remember what ``op`` changed for the next durable pass."""
+        if self.use_syncfs:
+            self._changed = True
+            return
+        kind = op.kind
+        if kind in _DATA_KINDS:
+            fd = self._fds.get(bytes(op.path))
+            if fd is not None:
+                self._note_fd(fd)
+        elif kind in _INODE_KINDS:
+            self._note_inode(bytes(op.path))
+        if kind in _ENTRY_KINDS:
+            self._note_dir(bytes(op.path).rpartition(b"/")[0])
+            if kind in _TWO_PATHS:
+                self._note_dir(bytes(op.path2).rpartition(b"/")[0])
+        if len(self._dirty_files) + len(self._dirty_dirs) > DIRTY_MAX:
+            self._sync_noted()          # early: descriptors are not hoarded
+
+    def _note_fd(self, fd: int) -> None:
+        if fd not in self._noted:
+            self._noted.add(fd)
+            self._dirty_files.append(os.dup(fd))
+
+    def _note_inode(self, rel: bytes) -> None:
+        """A SETATTR or XATTR changed the inode at ``rel``: its open write
+        fd, else one opened for the pass (a symlink's, a fifo's attributes
+        ride on the directory's sync)."""
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._note_fd(fd)
+            return
+        try:
+            fd = self.base.open(rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        except (OSError, ConfinementError):
+            return
+        if stat.S_ISREG(os.fstat(fd).st_mode) or stat.S_ISDIR(os.fstat(fd).st_mode):
+            self._dirty_files.append(fd)
+        else:
+            os.close(fd)
+
+    def _note_dir(self, rel: bytes) -> None:
+        self._dirty_dirs[rel] = None
+
+    def _sync_noted(self) -> None:
+        """fsync every file and directory noted since the last pass (or
+        syncfs their file system once)."""
+        if self._changed:
+            self._changed = False
+            if not syncfs(self.base.fd):
+                self._changed = True
+                raise OSError(f"syncfs of the map base {os.fsdecode(self.root)} failed (a "
+                              f"writeback error): ops applied since the last pass are not durable")
+        files, self._dirty_files = self._dirty_files, []
+        self._noted.clear()
+        try:
+            for fd in files:
+                os.fsync(fd)
+        finally:
+            for fd in files:
+                os.close(fd)
+        dirs, self._dirty_dirs = self._dirty_dirs, {}
+        for rel in dirs:
+            try:
+                fd = self.base.open(rel, os.O_RDONLY | os.O_DIRECTORY)
+            except (OSError, ConfinementError):
+                continue        # removed or moved since: its parent's entry says so
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def sync_durable(self) -> int:
+        """Make every op applied so far durable: the files and directories
+        they changed are fsynced, then the applied seq is recorded as
+        synced (with this boot's id) and the state file fsynced. Returns
+        that seq. Call it between ops (the applier's own thread, or with
+        the applier held)."""
+        self._sync_noted()
+        seq = self.applied_seq
+        if self._state is not None and (seq != self.synced_seq or
+                                        bytes(self._state[_BOOT_AT:_BOOT_AT + 16]) != self._boot):
+            _SEQ.pack_into(self._state, _SYNCED_AT, seq)
+            self._state[_BOOT_AT:_BOOT_AT + 16] = self._boot
+            self._state.flush()         # msync: an fsync of the state file
+        self.synced_seq = seq
+        return seq
 
     def _applied(self, seq: int, count: int) -> None:
         self.applied_seq = seq
@@ -355,20 +583,32 @@ class Applier:
         return not stat.S_ISREG(st.st_mode) or st.st_nlink == 1
 
     def flush(self) -> None:
-        """Close cached file descriptors (data stays in the page cache)."""
+        """Close cached file descriptors (data stays in the page cache; the
+        next durable pass syncs it through the descriptors it noted)."""
         while self._fds:
-            os.close(self._fds.popitem()[1])
+            self._close_cached(self._fds.popitem()[1])
+
+    def close_files(self) -> None:
+        """Close every descriptor of a file this applier holds: the cached
+        ones, and the ones noted for the next durable pass (synced first),
+        so that a lease check finds no holder of ours."""
+        self.flush()
+        self._sync_noted()
+
+    def _close_cached(self, fd: int) -> None:
+        self._noted.discard(fd)         # its number may come back for another file
+        os.close(fd)
 
     def sync(self) -> None:
         """Flush written data, then the applied sequence, to stable storage."""
-        for fd in self._fds.values():
-            os.fsync(fd)
+        self.sync_durable()
         self.flush()
-        if self._state is not None:
-            self._state.flush()
 
     def close(self) -> None:
         self.flush()
+        for fd in self._dirty_files:
+            os.close(fd)
+        self._dirty_files, self._dirty_dirs = [], {}
         # (the reclaimer is the process's: it goes on closing what it holds)
         if self._state is not None:
             self._state.close()
@@ -435,7 +675,7 @@ class Applier:
             raise ApplyError(f"{rel!r} on the target is not a regular file")
         self._fds[rel] = fd
         if len(self._fds) > _OPEN_FILES:
-            os.close(self._fds.popitem(last=False)[1])
+            self._close_cached(self._fds.popitem(last=False)[1])
         return fd
 
     def _drop(self, rel: bytes, subtree: bool = False) -> None:
@@ -443,11 +683,11 @@ class Applier:
         if subtree:
             prefix = rel + b"/"
             for key in [k for k in self._fds if k == rel or k.startswith(prefix)]:
-                os.close(self._fds.pop(key))
+                self._close_cached(self._fds.pop(key))
         else:
             fd = self._fds.pop(rel, None)
             if fd is not None:
-                os.close(fd)
+                self._close_cached(fd)
 
     def _doomed(self, d: int, name: bytes) -> int | None:
         """An O_PATH descriptor of what stands at ``name`` when removing
@@ -534,7 +774,7 @@ class Applier:
             raise
         self._fds[rel] = fd
         if len(self._fds) > _OPEN_FILES:
-            os.close(self._fds.popitem(last=False)[1])
+            self._close_cached(self._fds.popitem(last=False)[1])
 
     def _mkdir(self, op: Op) -> None:
         rel = bytes(op.path)

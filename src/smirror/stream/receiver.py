@@ -21,6 +21,18 @@ of reading more from the link, so the source waits too (backpressure); no
 frame is dropped. After a restart the queue hands out every frame not yet
 applied, and the applier's applied-sequence file skips the ops it already
 applied.
+
+Two watermarks (issue 16, "durable means durable"): *received* is what the
+ACK above says (verified and held: in the queue, or applied, maybe only in
+the page cache); *durable* is what a power loss cannot take: a durable pass
+(:meth:`TargetConnection._durable_pass`, a thread of its own, every
+DURABLE_INTERVAL while something is not durable, at once on a SYNC) fsyncs
+the queue's segments, then the files and directories the applier changed,
+then records the applied seq as synced. The queue acknowledges a frame the
+applier took from it only after that pass, so a frame leaves the queue only
+once its ops are durable in the map base. A source whose OPEN asked for it
+gets both watermarks in every ACK (wire.ACK2) and keeps its frames until the
+durable one passes them; an older source gets the received one as before.
 """
 from __future__ import annotations
 
@@ -41,7 +53,7 @@ from smirror.ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, MARK_RESYNC_DONE,
 from smirror.private import private_dir
 from smirror.stream.apply import DEFAULT_XATTR_NAMESPACES, Applier, Moot
 from smirror.stream.inuse import InUseGate
-from smirror.stream.wire import ACK, ORDER_PER_FILE, Link, LinkClosed, MsgType, ProtocolError
+from smirror.stream.wire import ACK, ACK2, ORDER_PER_FILE, SYNC, Link, LinkClosed, MsgType, ProtocolError
 
 log = logging.getLogger("smirror.stream.receiver")
 
@@ -128,6 +140,19 @@ class TargetConnection:
         self._notices: list[dict] = []        # not yet delivered to the source
         last = self.queue.last_seq
         self.received_seq = max(last if last is not None else 0, self.applier.applied_seq)
+        # the durable watermark (module doc): _pass_lock is held by the
+        # applier while it applies (so a pass sees files and applied seq
+        # agree) and by a pass
+        self._pass_lock = threading.Lock()
+        self._durable_cond = threading.Condition()
+        self._sync_wanted = 0           # the highest seq a SYNC asked to be durable
+        self._queue_applied = 0         # last queue frame applied: acked by the next pass
+        self._durable_acks = False      # the current link reads ACK2
+        self._received_acked = 0        # the received seq last sent in an ACK
+        self.durable_seq = 0
+        self.durable_passes = 0
+        self.durable_error = ""
+        self._durable_pass()            # what survived the last run is durable from now on
         self.state = "idle"
         self.error = ""
         self.frames_received = 0
@@ -154,6 +179,9 @@ class TargetConnection:
         self.pause_reason = "paused by request" if paused else ""
         self.gate = InUseGate(in_use_max_delay, stop=self._stop) if in_use_max_delay > 0 else None
         self._applier_thread: threading.Thread | None = None
+        self._durable_thread = threading.Thread(target=self._durable_loop, daemon=True,
+                                                name=f"durable-{conid}")
+        self._durable_thread.start()
         if apply:
             self.start_applier()
 
@@ -178,7 +206,7 @@ class TargetConnection:
         first: a frame enters the handoff only while the queue is empty,
         and frames move from the handoff's head to the queue's tail."""
         with self._handoff:
-            if self._through and not self.queue.count:
+            if self._through and not self.queue.unread:
                 seq, frame = self._through[0]
                 return seq, frame, True
             puts = self._puts
@@ -197,7 +225,6 @@ class TargetConnection:
         divergence the capture caused (a missing parent, a type conflict)
         skips the op, counts it and asks the source for a resync of the
         smallest subtree involved (:meth:`_diverged`)."""
-        q = self.queue
         while not self._stop.is_set():
             if self._paused.is_set():
                 self._stop.wait(0.05)
@@ -218,10 +245,14 @@ class TargetConnection:
                 continue
             self._applying = True
             try:
-                # checked whole by the receiver; the queue keeps it immutable
-                # (and checks its own record checksum reading it back)
-                ops, _ = decode_frame(frame, check_payload=False)
-                if not self._apply_ops(ops):
+                with self._pass_lock:
+                    # checked whole by the receiver; the queue keeps it immutable
+                    # (and checks its own record checksum reading it back)
+                    ops, _ = decode_frame(frame, check_payload=False)
+                    whole = self._apply_ops(ops)
+                    if whole and not handed:
+                        self._queue_applied = seq   # acked once durable (_durable_pass)
+                if not whole:
                     self._applying = False
                     self._release(handed)   # stopping while a file was in use: the rest waits
                     continue
@@ -248,8 +279,6 @@ class TargetConnection:
             try:
                 if handed:
                     self._handed_applied(seq)
-                else:
-                    q.ack(seq)
             except QueueClosed:
                 return
             with self._progress:
@@ -296,22 +325,147 @@ class TargetConnection:
                 applier.apply(op)            # counted as skipped (replayed after a restart)
                 continue
             if gate is not None and op.__class__ is not Moot and \
-                    not gate.wait(op, applier.open_path, applier.flush,
-                                  on_hold=self._secure_handoff):
+                    not self._unlocked(gate.wait, op, applier.open_path, self._close_files,
+                                       self._secure_handoff):
                 return False
             repairs = stats["repairs"]
             try:
-                applier.apply(op)
+                if op.kind == OpKind.TASK:
+                    # a task may run for long: durable passes go on meanwhile
+                    # (it changes no file; its seq is recorded as one store)
+                    self._unlocked(applier.apply, op)
+                else:
+                    applier.apply(op)
             except Exception as exc:
                 if _environment_error(exc, self.ENVIRONMENT_ERRNOS):
                     raise
                 self._diverged(op, exc)
                 continue
-            if stats["repairs"] != repairs and op.kind in _REPAIR_MEANS_DIVERGED:
+            if op.seq <= applier.replay_until:
+                # applied again over a tree that held it, or part of it, or
+                # a later state: what it touched is sent again by the source
+                self._ask_resync(op, "replayed after a restart that lost unsynced writes")
+            elif stats["repairs"] != repairs and op.kind in _REPAIR_MEANS_DIVERGED:
                 # the applier made up for something the target lacked (a
                 # write to a missing file, a rename of a vanished one): what
                 # it lacked comes with a resync
                 self._ask_resync(op, "the target lacked what the op needed")
+        return True
+
+    def _close_files(self) -> None:
+        """The in-use gate's release: none of the applier's descriptors may
+        look like a holder of the file (from the gate, the pass lock let go)."""
+        with self._pass_lock:
+            self.applier.close_files()
+
+    def _unlocked(self, fn, *args):
+        """``fn(*args)`` without the pass lock the applier holds (a wait:
+        a file in use, a task running)."""
+        self._pass_lock.release()
+        try:
+            return fn(*args)
+        finally:
+            self._pass_lock.acquire()
+
+    # -- the durable watermark ----------------------------------------------
+    DURABLE_INTERVAL = 0.1          # seconds between durable passes while something is not durable
+
+    def _durable_pass(self) -> int:
+        """Make what is received durable: the queue's records (all put so
+        far), then the files and directories the applier changed and its
+        applied seq. The durable watermark becomes the higher of the two:
+        frames after the applied seq are all in the queue up to its last
+        put (a frame enters the handoff only behind every queued one, and
+        the queue acks a frame only after the pass that synced its ops)."""
+        with self._pass_lock:
+            try:
+                queued = self.queue.sync() or 0
+            except QueueClosed:
+                return self.durable_seq
+            synced = self.applier.sync_durable()
+            # the queue's frames whose ops are all synced in the map base
+            # (taken by the applier, or left by a run before this one)
+            first = self.queue.first_seq
+            if first is not None and first <= synced:
+                try:
+                    self.queue.ack(min(synced, self.queue.last_seq or synced))
+                except QueueClosed:
+                    pass
+            self._queue_applied = 0
+        self.durable_passes += 1
+        with self._durable_cond:
+            if max(synced, queued) > self.durable_seq:
+                self.durable_seq = max(synced, queued)
+            self._durable_cond.notify_all()
+        return self.durable_seq
+
+    def _durable_due(self) -> bool:
+        return (self.received_seq > self.durable_seq or self._sync_wanted > self.durable_seq
+                or bool(self._queue_applied))
+
+    def _durable_loop(self) -> None:
+        """Durable passes: every DURABLE_INTERVAL while something is not
+        durable, at once when a SYNC asks; each one that moves the
+        watermark is acknowledged to a source that reads ACK2. An error
+        (EIO on fsync) is said in the status and retried; never a dead
+        thread."""
+        while not self._stop.is_set():
+            with self._durable_cond:
+                if self._sync_wanted <= self.durable_seq:
+                    self._durable_cond.wait(self.DURABLE_INTERVAL)
+            if self._stop.is_set() or not self._durable_due():
+                continue
+            before = self.durable_seq
+            try:
+                self._durable_pass()
+            except Exception as exc:        # said, retried: never a dead thread
+                if str(exc) != self.durable_error:
+                    log.error("connection %s: making received ops durable failed: %s (retried)",
+                              self.conid, exc, exc_info=not isinstance(exc, OSError))
+                self.durable_error = str(exc)
+                self._stop.wait(self.HOLD_RETRY)
+                continue
+            self.durable_error = ""
+            if self.durable_seq > before:
+                self._send_durable_ack()
+            elif self._sync_wanted > self.durable_seq:
+                # the op waited for is in the handoff, not applied yet
+                with self._progress:
+                    self._progress.wait(0.005)
+
+    def _want_durable(self, seq: int) -> None:
+        """A SYNC: a synchronous waiter needs ops up to ``seq`` durable."""
+        with self._durable_cond:
+            if seq > self._sync_wanted:
+                self._sync_wanted = min(seq, self.received_seq)
+            self._durable_cond.notify_all()
+
+    def _send_durable_ack(self) -> None:
+        with self._send_lock:
+            if self._link is not None and self._durable_acks:
+                try:
+                    self._link.send(MsgType.ACK, ACK2.pack(self._received_acked, self.durable_seq))
+                except OSError:
+                    pass        # the link is gone: the next READY tells the source
+
+    def _ack_payload(self, seq: int) -> bytes:
+        """An ACK of ``seq`` received, as the current link reads it (under
+        _send_lock)."""
+        if self._durable_acks:
+            self._received_acked = max(self._received_acked, seq)
+            return ACK2.pack(seq, self.durable_seq)
+        return ACK.pack(seq)
+
+    def wait_durable(self, seq: int, timeout: float = 30.0) -> bool:
+        """Until ops up to ``seq`` are durable (a pass is asked at once)."""
+        self._want_durable(seq)
+        deadline = time.monotonic() + timeout
+        with self._durable_cond:
+            while self.durable_seq < seq:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._durable_cond.wait(min(left, 0.1))
         return True
 
     def _diverged(self, op, exc: BaseException) -> None:
@@ -423,7 +577,7 @@ class TargetConnection:
         with self._send_lock:
             if self._link is not None:
                 try:
-                    self._link.send(MsgType.ACK, ACK.pack(seq))
+                    self._link.send(MsgType.ACK, self._ack_payload(seq))
                 except OSError:
                     pass        # the link is gone: the next READY tells the source
 
@@ -437,7 +591,7 @@ class TargetConnection:
             return False
         with self._handoff:
             while True:
-                if self._stop.is_set() or self._paused.is_set() or self.queue.count:
+                if self._stop.is_set() or self._paused.is_set() or self.queue.unread:
                     return False
                 now = time.monotonic()
                 if not self._through:
@@ -666,6 +820,8 @@ class TargetConnection:
 
     def close(self) -> None:
         self._stop.set()
+        with self._durable_cond:
+            self._durable_cond.notify_all()
         with self._send_lock:
             link = self._link
         if link is not None:
@@ -676,6 +832,7 @@ class TargetConnection:
             self._through_dropped(self._through_bytes)
         if self._applier_thread is not None:
             self._applier_thread.join(5)
+        self._durable_thread.join(5)
         if self._applier_thread is None or not self._applier_thread.is_alive():
             self.applier.close()     # (a stuck applier keeps its handle until it returns)
 
@@ -686,7 +843,7 @@ class TargetConnection:
     # its capture keeps per-file order alone (its OPEN's "order")
     coalesce = False
 
-    def serve(self, link: Link, order: str | None = None) -> None:
+    def serve(self, link: Link, order: str | None = None, durable: bool = False) -> None:
         """Handle one data link after its OPEN: READY, then frames until the
         link closes. Errors are sent to the source and raised. ``order``:
         the OPEN's "order" (``ORDER_PER_FILE``: a watcher's stream, whose
@@ -697,7 +854,11 @@ class TargetConnection:
         reconnected) ends the one before, which may still wait for room in
         the queue with a frame in hand; that frame is dropped, never put
         behind the newer link's frames (the source sends again whatever
-        was not acknowledged)."""
+        was not acknowledged).
+
+        ``durable``: the OPEN asked for both watermarks ("durable": true):
+        READY says so and carries "durable_seq", ACKs are ACK2 and SYNC is
+        served; otherwise the link is an older source's, ACKed as before."""
         with self._send_lock:
             self._newest = link
             old = self._link
@@ -712,22 +873,30 @@ class TargetConnection:
             if self._newest is not link:
                 raise LinkClosed(f"connection {self.conid}: a newer link took over from {link.peer}")
             self.coalesce = order == ORDER_PER_FILE
-            self._serve(link)
+            self._serve(link, durable)
         finally:
             self._serve_lock.release()
 
     def _superseded(self, link: Link) -> bool:
         return self._newest is not link
 
-    def _serve(self, link: Link) -> None:
+    def _serve(self, link: Link, durable: bool = False) -> None:
         # READY acknowledges everything up to received_seq: the handoff's
         # frames (not applied yet) must be durable first
         self._settle_handoff()
-        link.send_json(MsgType.READY, {"last_seq": self.received_seq})
+        if durable:
+            # the source resends from the durable watermark: as high as it gets now
+            self._durable_pass()
+            link.send_json(MsgType.READY, {"last_seq": self.received_seq, "durable": True,
+                                           "durable_seq": self.durable_seq})
+        else:
+            link.send_json(MsgType.READY, {"last_seq": self.received_seq})
         self.state = "receiving"
         self._unacked, self._unacked_frames = None, 0
         with self._send_lock:
             self._link = link
+            self._durable_acks = durable
+            self._received_acked = self.received_seq
             self._deliver_locked()      # what the source missed while away
         try:
             while not self._stop.is_set() and not self._superseded(link):
@@ -740,7 +909,11 @@ class TargetConnection:
                     self._receive(link, payload)
                     continue
                 self._send_ack(link)
-                if mtype == MsgType.RESET:
+                if mtype == MsgType.SYNC and durable:
+                    if len(payload) != SYNC.size:
+                        raise ProtocolError(f"{link.peer} sent a SYNC of {len(payload)} bytes")
+                    self._want_durable(SYNC.unpack(payload)[0])
+                elif mtype == MsgType.RESET:
                     self._reset(link, payload)
                 elif mtype == MsgType.BYE:
                     return
@@ -766,6 +939,7 @@ class TargetConnection:
             with self._send_lock:
                 if self._link is link:
                     self._link = None
+                    self._durable_acks = False
             if self.state == "receiving":
                 self.state = "idle"
 
@@ -869,7 +1043,7 @@ class TargetConnection:
 
     def _ack(self, link: Link, seq: int) -> None:
         with self._send_lock:
-            link.send(MsgType.ACK, ACK.pack(seq))
+            link.send(MsgType.ACK, self._ack_payload(seq))
 
     def _send_ack(self, link: Link) -> None:
         """Acknowledge the frames received and not acknowledged yet."""
@@ -887,6 +1061,8 @@ class TargetConnection:
                 "in_use": self.gate.stats if self.gate is not None else None,
                 "marks": dict(self.marks), "alert": alert,
                 "error": self.error, "seq_received": self.received_seq,
+                "seq_durable": self.durable_seq, "durable_passes": self.durable_passes,
+                "durable_error": self.durable_error,
                 "seq_applied": self.applier.applied_seq,
                 # ops applied / skipped as already applied, since the daemon started:
                 # with seq_applied they show a stream applied with no gap and no repeat

@@ -9,6 +9,16 @@ still has every unacknowledged frame, so nothing is resent twice to the
 applier and nothing is skipped. When the target needs ops the source no
 longer has (the target lost its state), the sender says RESET and asks for
 a remirror (``needs_mirror``).
+
+Two watermarks: the sender asks for both in its OPEN ("durable"); a target
+that knows them answers READY with "durable_seq" and ACKs with (received,
+durable) (wire.ACK2). The queue keeps every frame until the *durable* one
+passes it, and a reconnect resends from there: a target that lost power
+loses nothing the source dropped. ``request_durable(seq)`` has the target
+make ops up to ``seq`` durable at once (a SYNC message): the synchronous
+modes wait for it with :meth:`Sender.wait_acked`. An older target's ACK
+counts as durable (what it meant there); a connection whose ``sync`` mode is
+not "async" refuses such a target with a clear error.
 """
 from __future__ import annotations
 
@@ -22,7 +32,9 @@ from collections.abc import Callable
 
 from smirror.errors import QueueClosed, QueueFull, SmirrorError
 from smirror.stream.journal import ConnectionJournal
-from smirror.stream.wire import ACK, Link, LinkClosed, MsgType, ProtocolError
+from smirror.stream.wire import ACK, ACK2, SYNC, Link, LinkClosed, MsgType, ProtocolError
+
+SYNC_MODES = ("async", "fsync", "every-write")
 
 log = logging.getLogger("smirror.stream.sender")
 
@@ -33,9 +45,19 @@ class Sender:
 
     def __init__(self, conid: int, map_base: str, journal: ConnectionJournal, dial, *,
                  source_name: str = "", retry_interval: float = 1.0, idle_flush: float = 0.001,
-                 order: str | None = None):
+                 order: str | None = None, sync: str = "async"):
         """``order``: wire.ORDER_PER_FILE when the capture feeding ``journal``
-        keeps per-file order only (a watcher): the target may coalesce."""
+        keeps per-file order only (a watcher): the target may coalesce.
+        ``sync``: the connection's synchronous mode (SYNC_MODES): what the
+        capture mount waits for; here it only refuses a target that
+        cannot report a durable watermark."""
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
+        self.sync = sync
+        self.received_seq = 0          # the target's received watermark (status)
+        self.durable_link = False      # the current link reports the durable watermark
+        self._sync_wanted = 0          # the highest seq a waiter needs durable
+        self._sync_sent = 0            # the highest SYNC sent on the current link
         self.conid = conid
         self.order = order
         self.map_base = map_base
@@ -140,14 +162,89 @@ class Sender:
         q = self.queue
         next_seq = self._first_unacked_seq()
         link.send_json(MsgType.OPEN, open_message(self.conid, self.map_base, self.source_name,
-                                                  next_seq, order=self.order))
+                                                  next_seq, order=self.order, durable=True))
         try:
             _, ready = link.recv_json(MsgType.READY)
         except ProtocolError as exc:        # the target refused the OPEN: its reason
             raise ProtocolError(f"target {exc}") from None
+        durable = self._agree(link, ready, next_seq)
+        self.connects += 1
+        self.state = "connected"
+        log.info("connection %s: streaming to %s from seq %d", self.conid, link.peer, durable + 1)
+        reader = threading.Thread(target=self._read_acks, args=(link,), daemon=True,
+                                  name=f"acks-{self.conid}")
+        reader.start()
+        try:
+            while not self._stop.is_set() and reader.is_alive():
+                item = q.get(timeout=self.idle_flush)
+                if item is None:
+                    try:
+                        self.journal.flush()
+                    except QueueFull as exc:
+                        log.error("connection %s: %s", self.conid, exc)
+                    if self._sync_wanted > self._sync_sent:
+                        self._send_sync(link)
+                    continue
+                seq, frame = item
+                if self.before_send:
+                    hook = self.before_send.pop(seq, None)
+                    if hook is not None:
+                        hook()
+                link.send(MsgType.FRAME, frame)
+                self.sent_seq = seq
+                self.bytes_sent += len(frame)
+                self.frames_sent += 1
+                if self._sync_wanted > self._sync_sent:
+                    self._send_sync(link)
+        finally:
+            link.close()
+            reader.join(2)
+        if not self._stop.is_set() and self._reader_error:
+            raise self._reader_error
+
+    _reader_error = None
+
+    def _ready_durable(self, link: Link, ready: dict, target_last: int) -> int:
+        """The durable watermark a READY reports (an older target's
+        last_seq counts as durable, as it meant there)."""
+        self.durable_link = ready.get("durable") is True
+        if not self.durable_link:
+            if self.sync != "async":
+                raise ProtocolError(f"target {link.peer} does not report a durable watermark (an "
+                                    f"older smirror): sync = {self.sync!r} needs a target of this "
+                                    f"version; upgrade it or connect with sync async")
+            return target_last
+        durable = ready.get("durable_seq")
+        if not isinstance(durable, int) or isinstance(durable, bool) or not 0 <= durable <= target_last:
+            raise ProtocolError(f"{link.peer} sent READY with durable_seq {durable!r}: not an "
+                                f"integer from 0 to its last_seq {target_last}")
+        return durable
+
+    def request_durable(self, seq: int) -> None:
+        """Ask the target to make ops up to ``seq`` durable at once (the
+        sender's thread sends the SYNC once it sent the frame with
+        ``seq``; within idle_flush when it is idle)."""
+        if seq > self._sync_wanted:
+            self._sync_wanted = seq
+
+    def _send_sync(self, link: Link) -> None:
+        want = self._sync_wanted
+        if not self.durable_link or self.sent_seq < want:
+            return              # (after the frame that holds it)
+        if want > self.acked_seq:
+            link.send(MsgType.SYNC, SYNC.pack(want))
+        self._sync_sent = want
+
+    def _agree(self, link: Link, ready: dict, next_seq: int) -> int:
+        """Where the stream resumes after the target's READY: a RESET when
+        the target lacks what this source dropped, a renumbering when it is
+        ahead, the source queue acked to the durable watermark (and rewound:
+        what follows is sent again). Returns that watermark."""
+        q = self.queue
         target_last = ready.get("last_seq")
         if not isinstance(target_last, int) or target_last < 0:
             raise ProtocolError(f"{link.peer} sent READY without a valid last_seq")
+        durable = self._ready_durable(link, ready, target_last)
         if target_last + 1 < next_seq:
             # the target lacks ops the source no longer holds
             log.warning("connection %s: target holds up to seq %d but the source queue starts "
@@ -168,41 +265,13 @@ class Sender:
                 q.ack(q.last_seq)
             self.journal.skip_to(target_last + 1)
             self.needs_mirror = True
-        if q.count and target_last >= q.first_seq:
-            q.ack(min(target_last, q.last_seq))
+        if q.count and durable >= q.first_seq:
+            q.ack(min(durable, q.last_seq))
         q.rewind()
-        self._set_acked(target_last)
-        self.connects += 1
-        self.state = "connected"
-        log.info("connection %s: streaming to %s from seq %d", self.conid, link.peer, target_last + 1)
-        reader = threading.Thread(target=self._read_acks, args=(link,), daemon=True,
-                                  name=f"acks-{self.conid}")
-        reader.start()
-        try:
-            while not self._stop.is_set() and reader.is_alive():
-                item = q.get(timeout=self.idle_flush)
-                if item is None:
-                    try:
-                        self.journal.flush()
-                    except QueueFull as exc:
-                        log.error("connection %s: %s", self.conid, exc)
-                    continue
-                seq, frame = item
-                if self.before_send:
-                    hook = self.before_send.pop(seq, None)
-                    if hook is not None:
-                        hook()
-                link.send(MsgType.FRAME, frame)
-                self.sent_seq = seq
-                self.bytes_sent += len(frame)
-                self.frames_sent += 1
-        finally:
-            link.close()
-            reader.join(2)
-        if not self._stop.is_set() and self._reader_error:
-            raise self._reader_error
-
-    _reader_error = None
+        self.received_seq = target_last
+        self._sync_sent = 0
+        self._set_acked(durable)
+        return durable
 
     def _first_unacked_seq(self) -> int:
         return self.journal.first_unacked_seq()
@@ -213,9 +282,17 @@ class Sender:
             while True:
                 mtype, payload = link.recv()
                 if mtype == MsgType.ACK:
-                    if len(payload) != ACK.size:
-                        raise ProtocolError(f"{link.peer} sent an ACK of {len(payload)} bytes")
-                    seq = ACK.unpack(payload)[0]
+                    size = ACK2.size if self.durable_link else ACK.size
+                    if len(payload) != size:
+                        raise ProtocolError(f"{link.peer} sent an ACK of {len(payload)} bytes, "
+                                            f"expected {size}")
+                    if self.durable_link:
+                        received, seq = ACK2.unpack(payload)
+                    else:
+                        received = seq = ACK.unpack(payload)[0]
+                    if received > self.received_seq and received <= self.journal.last_seq:
+                        self.received_seq = received
+                        self._note_lag(received)
                     if seq > self.journal.last_seq:
                         raise ProtocolError(f"{link.peer} acknowledged seq {seq}, "
                                             f"beyond the last one sent ({self.sent_seq})")
@@ -287,13 +364,18 @@ class Sender:
     resyncs_asked = 0
     target_error = ""           # the target's apply error while it lasts
 
-    def _set_acked(self, seq: int) -> None:
+    def _note_lag(self, received: int) -> None:
+        """The lag figure: capture -> received by the target (the durable
+        watermark follows within the target's durable interval)."""
         now = time.monotonic()
         times = self.journal.put_times
-        while times and times[0][0] <= seq:
+        while times and times[0][0] <= received:
             self.lag_ms.append((now - times.popleft()[1]) * 1000)
         if len(self.lag_ms) > 10000:
             del self.lag_ms[:5000]
+
+    def _set_acked(self, seq: int) -> None:
+        self._note_lag(seq)         # (durable implies received)
         with self._acked:
             if seq > self.acked_seq:
                 self.acked_seq = seq
@@ -313,6 +395,9 @@ class Sender:
                 "last_error_at": self.last_error_at,
                 "lag_ms_p50": p50, "lag_ms_p99": p99,
                 "seq_captured": self.journal.last_seq, "seq_sent": self.sent_seq,
+                # acked: durable on the target (the queue keeps frames until then)
+                "seq_received": self.received_seq, "seq_durable": self.acked_seq,
+                "sync": self.sync, "durable_reported": self.durable_link,
                 "seq_acked": self.acked_seq, "queue_mem_bytes": q.mem_bytes,
                 "queue_disk_bytes": q.disk_bytes, "bytes_sent": self.bytes_sent,
                 "frames_sent": self.frames_sent, "connects": self.connects,
@@ -321,7 +406,8 @@ class Sender:
 
 
 def open_message(conid: int, map_base: str, source: str, next_seq: int = 0,
-                 check: bool = False, disconnect: bool = False, order: str | None = None) -> dict:
+                 check: bool = False, disconnect: bool = False, order: str | None = None,
+                 durable: bool = False) -> dict:
     """The OPEN a source sends first on a data link; with ``check`` it is a
     probe: the target validates the map base (creating nothing else) and
     answers READY or ERROR, and the link ends; with ``disconnect`` the
@@ -329,6 +415,8 @@ def open_message(conid: int, map_base: str, source: str, next_seq: int = 0,
     msg = {"conid": conid, "map_base": map_base, "source": source, "next_seq": next_seq}
     if order is not None:       # wire.ORDER_PER_FILE: a watcher's stream
         msg["order"] = order
+    if durable:                 # ACK2 and SYNC, please (receiver.TargetConnection.serve)
+        msg["durable"] = True
     if check:
         msg["check"] = True
     if disconnect:

@@ -36,6 +36,12 @@ PRELOGIN_MAX_MESSAGE = 64 * 1024      # what a peer may send before it logged in
 LOGIN_TIMEOUT = 10.0                  # seconds for a whole login (TLS handshake included)
 PURPOSES = ("control", "data")
 ACK = struct.Struct("<Q")             # an ACK's binary payload: the last seq durable on the target
+# an ACK's payload on a link whose OPEN asked for "durable" (and whose READY
+# said so): the last seq received (verified and held: in the target queue or
+# applied, maybe only in the page cache) and the last seq durable (the
+# queue's segments and the files the applier changed fsynced)
+ACK2 = struct.Struct("<QQ")
+SYNC = struct.Struct("<Q")            # a SYNC's payload: make ops up to this seq durable now
 # an OPEN's "order" when the source's capture keeps per-file order only (a
 # watcher): the target may coalesce within a frame; absent: exact order
 ORDER_PER_FILE = "file"
@@ -52,11 +58,15 @@ class MsgType(IntEnum):
     FRAME = 8        # data: one journal frame
     ACK = 9          # data: {"seq"} acknowledged (durable on the target)
     BYE = 10         # orderly close
-    OPEN = 11        # data: source -> target {"conid", "map_base", "source", "next_seq", "order"?}
-    READY = 12       # data: target -> source {"last_seq"}: the last op it holds durably
+    OPEN = 11        # data: source -> target {"conid", "map_base", "source", "next_seq", "order"?,
+                     # "durable"?: true (this source reads ACK2 and sends SYNC)}
+    READY = 12       # data: target -> source {"last_seq"}: the last op it holds; with
+                     # "durable": true also "durable_seq" (and ACKs are ACK2 from then on)
     RESET = 13       # data: source -> target {"seq"}: the stream goes on after seq
                      # (ops before it are gone from the source: a mirror follows)
     NOTICE = 14      # data: target -> source {"event", ...}: a task was refused, ran, failed
+    SYNC = 15        # data: source -> target, SYNC payload: a synchronous waiter needs ops up
+                     # to seq durable: a durable pass at once (only after "durable" in OPEN/READY)
 
 
 class LinkUser(Protocol):

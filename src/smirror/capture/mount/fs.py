@@ -89,7 +89,10 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 def _served(fn):
     """OSError -> the errno to the caller; anything else is a bug: logged
-    with its traceback, counted, EIO to the caller, and the loop goes on."""
+    with its traceback, counted, EIO to the caller, and the loop goes on.
+    A call a synchronous connection waits for (``sync_waiter``) returns once
+    its op is durable on the target, or fails with EIO; the wait does not
+    hold the loop (the op was captured in order before it)."""
     name = fn.__name__
 
     @functools.wraps(fn)
@@ -97,7 +100,7 @@ def _served(fn):
         self.requests[name] = self.requests.get(name, 0) + 1
         t0 = time.perf_counter_ns()
         try:
-            return fn(self, *args)
+            result = fn(self, *args)
         except pyfuse3.FUSEError:
             raise
         except ConfinementError as exc:
@@ -112,6 +115,10 @@ def _served(fn):
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             self.busy_ns += time.perf_counter_ns() - t0
+        waiter = self.sync_waiter
+        if waiter is not None and waiter.waits_on(name):
+            await self._synchronous(name, waiter)
+        return result
     return wrapper
 
 
@@ -153,6 +160,9 @@ class CaptureFS(pyfuse3.Operations):
         self.stats: dict[str, Any] = {"ops": 0, "bytes_written": 0, "refused": 0, "last_refused": ""}
         self.requests: dict[str, int] = {}          # FUSE requests served, by kind
         self.busy_ns = 0                            # time spent in the handlers (profile)
+        # the synchronous connections' waits (stream.syncwait.SyncWaiter), if any
+        self.sync_waiter: Any = None
+        self._sync_limiter: Any = None
 
     # -- inodes and paths ------------------------------------------------------
     def _ino(self, st_ino: int) -> int:
@@ -263,6 +273,22 @@ class CaptureFS(pyfuse3.Operations):
                   "st_blksize", "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
             setattr(a, f, getattr(st, f))
         return a
+
+    # -- synchronous modes ----------------------------------------------------------
+    SYNC_WAITERS = 1024         # calls waiting for a target at once (threads of trio's cache)
+
+    async def _synchronous(self, call: str, waiter) -> None:
+        """Wait, off the mount's thread, until the op ``call`` just
+        captured is durable on every sync connection; EIO when one cannot
+        make it so in time (syncwait's timeout)."""
+        import trio
+        point = waiter.point(call)      # now, on the mount's thread: exactly this op
+        if not point:
+            return
+        if self._sync_limiter is None:
+            self._sync_limiter = trio.CapacityLimiter(self.SYNC_WAITERS)
+        if not await trio.to_thread.run_sync(waiter.wait, point, limiter=self._sync_limiter):
+            raise pyfuse3.FUSEError(errno.EIO)
 
     # -- emitting ----------------------------------------------------------------
     def _out(self, op: Op) -> None:

@@ -28,13 +28,15 @@ class MountCapture:
 
     moving_out = False          # no move out of the set: the mount is the whole set
 
-    def __init__(self, root, mountpoint, emit):
+    def __init__(self, root, mountpoint, emit, sync_waiter=None):
+        """``sync_waiter``: the synchronous connections' waits (a
+        :class:`smirror.stream.syncwait.SyncWaiter`; None: none ever)."""
         self.root = os.fsencode(os.path.abspath(os.fsdecode(root)))
         self.mountpoint = os.path.abspath(os.fsdecode(mountpoint))
         self.emit = emit
         self._lock = threading.RLock()      # paused(): the mount's ops wait
         self.stats: dict = {}               # the running mirror's counters
-        self.mount = CaptureMount(self.root, self.mountpoint, self._emit)
+        self.mount = CaptureMount(self.root, self.mountpoint, self._emit, sync_waiter=sync_waiter)
 
     def start(self) -> MountCapture:
         """Mount (a stale mount a crashed daemon left there is cleared,

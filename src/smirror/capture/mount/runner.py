@@ -38,9 +38,12 @@ class CaptureMount:
     """The application's view of ``backing`` at ``mountpoint``; every change
     made through it goes to ``emit`` in the order served."""
 
-    def __init__(self, backing, mountpoint, emit, *, bypass: bool = True):
+    def __init__(self, backing, mountpoint, emit, *, bypass: bool = True, sync_waiter=None):
         """``bypass``: also watch ``backing`` for changes other processes make
-        to it directly, and resend them (:mod:`smirror.capture.mount.bypass`)."""
+        to it directly, and resend them (:mod:`smirror.capture.mount.bypass`);
+        ``sync_waiter``: the synchronous connections' waits
+        (:class:`smirror.stream.syncwait.SyncWaiter`), None: no call waits."""
+        self.sync_waiter = sync_waiter
         self.backing = os.path.abspath(os.fsdecode(backing))
         self.mountpoint = os.path.abspath(os.fsdecode(mountpoint))
         self.emit = emit
@@ -70,6 +73,7 @@ class CaptureMount:
         try:
             self.mountpoint, self.cleared = prepare(self.mountpoint)
             fs = self.fs = CaptureFS(self.backing, self.emit)
+            fs.sync_waiter = self.sync_waiter
             opts = {"fsname=smirror", f"subtype={FSTYPE.split('.', 1)[1]}", "default_permissions"}
             if os.geteuid() == 0:
                 opts.add("allow_other")      # the application may run as another user
@@ -110,8 +114,11 @@ class CaptureMount:
             self._ready.set()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ticker)
-                # handlers never await: one at a time, in the order read
-                await pyfuse3.main(min_tasks=1, max_tasks=1)
+                # handlers never await before their op is captured: one at
+                # a time, in the order read; only a synchronous call awaits
+                # (its op captured already), and others are served meanwhile
+                await pyfuse3.main(min_tasks=1, max_tasks=1 if self.sync_waiter is None
+                                   else self.SYNC_TASKS)
                 nursery.cancel_scope.cancel()
         try:
             trio.run(main)
@@ -120,6 +127,8 @@ class CaptureMount:
             log.error("%s", self.error, exc_info=True)
         finally:
             self._ready.set()
+
+    SYNC_TASKS = 256        # requests served at once while synchronous calls wait
 
     def _flush(self) -> None:
         try:
