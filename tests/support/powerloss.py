@@ -54,7 +54,10 @@ from support.workload import Workload
 
 DEADLINE = 30.0                     # seconds a trial may take to converge after the restart
 SOURCES = ("library", "watcher")
-ALL_SOURCES = SOURCES + ("mount",)     # mount: needs sync = "fsync" (branch durable)
+# mount: needs sync = "fsync" (branch durable); NOT WORKING YET: the target
+# daemon's restart did not complete while the source daemon was SIGSTOPped
+# (docs/durability.md), so it is not in the default run
+ALL_SOURCES = SOURCES + ("mount",)
 # the library API records no mtime of directories and symlinks
 LIBRARY_RSYNC_EXTRA = ("--omit-dir-times", "--omit-link-times")
 
@@ -338,6 +341,7 @@ class MountTrial(WatcherTrial):
         source_log, target_log = len(self.source.log()), len(self.target.node.log())
         self.target.cut(power)
         committed = list(self.app.committed)     # told durable before the cut
+        self.target.layer.start()                 # (with the source running: see docs/durability.md)
         self.source.proc.send_signal(signal.SIGSTOP)
         try:
             self.target.restart()
