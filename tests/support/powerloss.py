@@ -449,7 +449,7 @@ def summary(results: dict) -> str:
         rows.append([kind, r["trials"], r["converged"], lost, how,
                      r["ops_lost"] if kind == "library" else "-", r["replay_resyncs"],
                      f"{percentile(t, 50):.2f}", f"{percentile(t, 99):.2f}"])
-    return table(rows, ["source", "trials", "converged", "trials that lost acknowledged ops",
+    return table(rows, ["source", "trials", "converged", "failed (a or b)",
                         "how", "acknowledged ops lost", "replay resyncs", "converge p50 s", "converge p99 s"])
 
 
