@@ -47,15 +47,18 @@ def smirror(*args, env, check=True, input=None):
 class Node:
     """A daemon in TMP/NAME. As a target it accepts map bases under
     ``allowed_roots`` (default: TMP, the test's directory; None: none, it is
-    no target)."""
+    no target). ``state_dir``: where its state lives (default TMP/NAME/state;
+    the power-loss tests put it on a LazyFS layer)."""
 
-    def __init__(self, tmp, name, env, links_user=None, tls_dir=None, extra="", allowed_roots=()):
+    def __init__(self, tmp, name, env, links_user=None, tls_dir=None, extra="", allowed_roots=(),
+                 state_dir=None):
         self.dir = tmp / name
         self.dir.mkdir()
+        self.state_dir = state_dir if state_dir is not None else self.dir / "state"
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = env
-        lines = [f'[daemon]\nlisten = "{self.address}"\nstate_dir = "{self.dir / "state"}"\n'
+        lines = [f'[daemon]\nlisten = "{self.address}"\nstate_dir = "{self.state_dir}"\n'
                  f'log_file = "{self.dir / "log"}"\nlog_level = "debug"\n',
                  '[reconnect]\nretry_interval = "200ms"\n']
         if links_user:
@@ -85,7 +88,7 @@ class Node:
                        env={**self.env, "PW": password}, check=check)
 
     def daemon_id(self):
-        return (self.dir / "state" / "daemon-id").read_text().strip()
+        return (self.state_dir / "daemon-id").read_text().strip()
 
     def start(self):
         self.proc = subprocess.Popen([sys.executable, "-m", "smirror", "serve", "--config", self.config],
