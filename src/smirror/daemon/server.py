@@ -819,17 +819,21 @@ class Daemon:
             conn = self.registry.connections.get(conid)
             if conn is None or conid not in self.disconnected:
                 return False
-            try:
-                with self._sources_lock:
+            error: BaseException | None = None
+            with self._sources_lock:        # one block: a mirror-start cannot come in between
+                if conid not in self.disconnected or conid in self.sources:
+                    return False            # started meanwhile (mirror-start, ...)
+                try:
                     self._start_source(conn, mirror=mode, scan_must_work=scan_must_work)
                     self.disconnected.pop(conid, None)
-            except (SmirrorError, OSError) as exc:
-                with self._sources_lock:
+                except (SmirrorError, OSError) as exc:
                     self._stop_source(conid)
                     self.down_errors[conid] = f"{what} failed: {exc}"
-                if str(exc) != last:
-                    log.warning("connection %s: %s failed: %s", conid, what, exc)
-                    last = str(exc)
+                    error = exc
+            if error is not None:
+                if str(error) != last:
+                    log.warning("connection %s: %s failed: %s", conid, what, error)
+                    last = str(error)
                 continue
             self.down_errors.pop(conid, None)
             log.warning("connection %s: %s%s", conid, "reconnected" if what == "reconnect" else "started",
