@@ -530,8 +530,10 @@ class Watcher(EventReadLoop):
                 self._batch_pos = pos           # read by _arrives_later
                 reported = len(self._out)
                 self._handle(ev)
-                if ev.pid in self.ignore_pids or self._inherited_close(ev):   # a rescan is never dropped
-                    self._out[reported:] = [e for e in self._out[reported:]
+                # (the /proc look only for an event that reported something:
+                # the mark covers the whole file system)
+                if ev.pid in self.ignore_pids or (len(self._out) > reported and self._inherited_close(ev)):
+                    self._out[reported:] = [e for e in self._out[reported:]     # a rescan is never dropped
                                             if e.kind is Kind.RESCAN]
         except EventFormatError as exc:
             # what this read held is unknown: resync all of it, keep watching
