@@ -126,9 +126,11 @@ class Known:
 
 
 def _detached(k: Known) -> Known:
-    """A copy of a cache entry that does not vouch for the target's bytes."""
-    c = Known(k.kind, k.mode, k.uid, k.gid, k.mtime_ns, k.size, k.block_size, None, k.link, k.ino)
-    c.names, c.xattrs, c.size_on_target = k.names, k.xattrs, k.size_on_target
+    """A copy of a cache entry that vouches for neither the target's bytes
+    nor its attributes (mode, owner, mtime, xattrs: -1 and None differ from
+    anything a file has, so all of them are sent)."""
+    c = Known(k.kind, -1, -1, -1, -1, k.size, k.block_size, None, k.link, k.ino)
+    c.names, c.xattrs, c.size_on_target = k.names, None, k.size_on_target
     return c
 
 
@@ -1375,11 +1377,12 @@ class TreeCapture:
                 out(Op.delete(_ZERO, path))
                 if path and os.path.lexists(self._abs(path)):
                     prefix = path + b"/"
-                    # copies, with no block hashes: a name in the subtree
-                    # linked to a file outside it is sent whole, never diffed
-                    # against the cache (ops that the target skipped, which
-                    # brought this resync, changed that inode in the cache
-                    # only); the cache's own entries stay as they are
+                    # copies, with no block hashes and no attributes: a name
+                    # in the subtree linked to a file outside it is sent
+                    # whole, bytes and attributes, never diffed against the
+                    # cache (ops that the target skipped, which brought this
+                    # resync, changed that inode in the cache only); the
+                    # cache's own entries stay as they are
                     target_known = {p: _detached(k) for p, k in self.known.items()
                                     if p != path and not p.startswith(prefix)}
                     saved = self.emit, self.known, self.stats
