@@ -475,6 +475,7 @@ with open(os.path.join(back, "direct"), "wb") as f:
     f.write(b"written behind the mount")
 os.rename(os.path.join(back, "dir"), os.path.join(back, "dir2"))
 os.makedirs(os.path.join(back, "newdir", "deep"))
+os.link(os.path.join(back, "through"), os.path.join(back, "newdir", "linked"))
 with open(os.path.join(back, "newdir", "deep", "f"), "wb") as f:
     f.write(b"deep")
 os.chmod(os.path.join(back, "direct"), 0o600)
@@ -709,3 +710,42 @@ def test_holders_of_a_file_do_not_hang_on_a_stopped_fuse_server(tmp_path):
         server.kill()
         server.wait()
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def test_a_targets_resync_through_the_mount_keeps_hard_links(tmp_path):
+    """A target asks the mount set for a resync of a subtree (its applier
+    found a divergence there): the subtree is removed on the target and
+    sent again. Names of one hard-linked file, both inside the subtree and
+    one outside it, must stay one inode on the target, with the source's
+    bytes (the target's copy of the inode may hold skipped writes)."""
+    import itertools
+    from smirror.stream.apply import Applier
+    back, mnt, dst = tmp_path / "back", tmp_path / "mnt", tmp_path / "dst"
+    back.mkdir()
+    dst.mkdir()
+    applier = Applier(dst)
+    seqs = itertools.count(1)
+
+    def emit(op):                   # on the mount's thread, applied at once
+        applier.apply(op._replace(seq=next(seqs)))
+
+    with CaptureMount(back, mnt, emit) as m:
+        os.makedirs(mnt / "sub")
+        (mnt / "sub" / "x").write_bytes(b"linked " * 1000)
+        os.link(mnt / "sub" / "x", mnt / "out")
+        os.link(mnt / "sub" / "x", mnt / "sub" / "y")
+        (mnt / "sub" / "plain").write_bytes(b"plain")
+        os.chmod(mnt / "sub" / "x", 0o640)
+        m.flush_times()
+        applier.flush()
+        assert os.stat(dst / "out").st_ino == os.stat(dst / "sub" / "y").st_ino
+        with open(dst / "out", "r+b") as f:         # a write the target skipped
+            f.write(b"STALE")
+        done = threading.Event()
+        assert m.call_soon(lambda: (m.fs.resend_to(b"sub", emit), done.set()))
+        assert done.wait(30)
+        m.flush_times()
+    applier.flush()
+    ino = os.stat(dst / "out").st_ino
+    assert os.stat(dst / "sub" / "x").st_ino == ino == os.stat(dst / "sub" / "y").st_ino
+    assert rsync_differences(back, dst) == ""

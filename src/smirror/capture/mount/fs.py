@@ -130,6 +130,21 @@ class _Node:
         self.lookups = 0
 
 
+class _ResendLinks:
+    """The hard links of one resend (a target's resync, a bypass repair) of
+    the subtree ``root``: the first name sent of each inode, and the
+    hard-linked names outside the subtree (found once, when needed)."""
+    __slots__ = ("root", "sent", "outside")
+
+    def __init__(self, root: bytes):
+        self.root = root
+        self.sent: dict[tuple, bytes] = {}
+        self.outside: dict | None = None
+
+    def inside(self, rel: bytes) -> bool:
+        return not self.root or rel == self.root or rel.startswith(self.root + b"/")
+
+
 class CaptureFS(pyfuse3.Operations):
     """``root``: the backing directory; ``emit(op)``: where ops go (the
     connection journals), called on the mount thread."""
@@ -155,6 +170,7 @@ class CaptureFS(pyfuse3.Operations):
         self._next_dir_fh = 1
         self.times_dirty: dict[int, None] = {}       # inodes whose mtime is owed
         self._touched_dirs: set[bytes] = set()       # of a repair: their mtimes go last
+        self._links = _ResendLinks(b"")                 # of a repair: hard links it sent
         self.owner = os.geteuid(), os.getegid()
         self.failures = 0
         self.error = ""
@@ -811,13 +827,17 @@ class CaptureFS(pyfuse3.Operations):
                 self._touched_dirs.add(self._parent(rel))
                 self._touched_dirs.add(self._parent(new))
             else:
-                self._resend(rel, tree=True)
-                self._resend(new, tree=True)
+                self._resend_repair(rel, tree=True)
+                self._resend_repair(new, tree=True)
         elif kind == "attrs":
-            self._resend(rel, content=False)
+            self._resend_repair(rel, content=False)
         elif rel not in sent:
             sent.add(rel)
-            self._resend(rel, tree=kind == "tree")
+            self._resend_repair(rel, tree=kind == "tree")
+
+    def _resend_repair(self, rel: bytes, **how) -> None:
+        self._links = _ResendLinks(rel)
+        self._resend(rel, **how)
 
     def resend_to(self, rel: bytes, emit) -> None:
         """``rel`` (a file or a subtree) removed and sent again whole, to
@@ -825,6 +845,7 @@ class CaptureFS(pyfuse3.Operations):
         saved = self.emit
         self.emit = emit
         self._touched_dirs = set()
+        self._links = _ResendLinks(rel)
         try:
             self._out(Op.delete(0, rel))
             try:
@@ -877,7 +898,7 @@ class CaptureFS(pyfuse3.Operations):
                 if stat.S_ISDIR(st.st_mode):
                     self._out(Op.mkdir(0, rel, mode))
                 elif stat.S_ISREG(st.st_mode):
-                    self._resend_file(rel, mode)
+                    self._resend_file(rel, mode, st)
                 elif stat.S_ISLNK(st.st_mode):
                     with self._at(rel) as (dfd, name):
                         self._out(Op.symlink(0, rel, os.readlink(name, dir_fd=dfd)))
@@ -900,7 +921,16 @@ class CaptureFS(pyfuse3.Operations):
                 self._resend(rel + b"/" + name if rel else name, tree=True)
         self._stamp(rel)        # last: what was resent inside changed the target's mtime
 
-    def _resend_file(self, rel: bytes, mode: int) -> None:
+    def _resend_file(self, rel: bytes, mode: int, st) -> None:
+        if st.st_nlink > 1:
+            other, sent = self._linked_name(rel, st)
+            if other is not None:
+                # one inode on the target too; its bytes there may hold
+                # writes the target skipped: sent again (CREATE truncates
+                # the linked inode in place) unless sent in this resend
+                self._out(Op.hardlink(0, rel, other))
+                if sent:
+                    return
         fd = self.base.open(rel, os.O_RDONLY)
         try:
             self._out(Op.create(0, rel, mode))
@@ -913,6 +943,61 @@ class CaptureFS(pyfuse3.Operations):
                 off += len(data)
         finally:
             os.close(fd)
+
+    def _linked_name(self, rel: bytes, st) -> tuple[bytes | None, bool]:
+        """Another name of the hard-linked file ``rel`` that the target
+        holds: one sent earlier in this resend (True: its bytes too), or
+        one outside the subtree resent (False), from the inode table, else
+        from one walk of the backing tree. (None, False): the first name."""
+        links = self._links
+        key = (st.st_dev, st.st_ino)
+        if key in links.sent:
+            return links.sent[key], True
+        links.sent[key] = rel
+        node = self.nodes.get(self._ino(st.st_ino))
+        for p in node.paths if node is not None else ():
+            if not links.inside(p) and self._same_inode(p, key):
+                return p, False
+        if links.outside is None:
+            links.outside = self._linked_names_outside(links)
+        found = links.outside.get(key)
+        return (found, False) if found is not None and self._same_inode(found, key) else (None, False)
+
+    def _same_inode(self, rel: bytes, key: tuple) -> bool:
+        try:
+            st = self._lstat(rel)
+        except (OSError, ConfinementError):
+            return False
+        return (st.st_dev, st.st_ino) == key
+
+    def _linked_names_outside(self, links: _ResendLinks) -> dict:
+        """(dev, ino) -> a name, for every hard-linked regular file of the
+        backing tree outside the subtree resent."""
+        found: dict = {}
+        stack = [b""]
+        while stack:
+            d = stack.pop()
+            try:
+                fd = self._opendir(d)
+            except (OSError, ConfinementError):
+                continue            # gone meanwhile
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        rel = d + b"/" + os.fsencode(e.name) if d else os.fsencode(e.name)
+                        if links.inside(rel):
+                            continue
+                        try:
+                            est = e.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if stat.S_ISDIR(est.st_mode):
+                            stack.append(rel)
+                        elif stat.S_ISREG(est.st_mode) and est.st_nlink > 1:
+                            found.setdefault((est.st_dev, est.st_ino), rel)
+            finally:
+                os.close(fd)
+        return found
 
     def _forget_tree(self, rel: bytes) -> None:
         prefix = rel + b"/"
