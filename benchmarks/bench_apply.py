@@ -35,7 +35,6 @@ import argparse
 import os
 import random
 import shutil
-import stat
 import sys
 import tempfile
 import threading
@@ -47,7 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))     # support.*
 import pytest  # noqa: E402
 
 from smirror.kernels.frames import Encoder, decode_frame  # noqa: E402
-from smirror.ops import MARK_ROOT_MTIME, AttrMask, Op, OpKind  # noqa: E402
+from smirror.ops import MARK_ROOT_MTIME, AttrMask, OpKind  # noqa: E402
 from smirror.stream.apply import Applier  # noqa: E402
 from support import storms  # noqa: E402
 from support.treestate import diff, snapshot  # noqa: E402

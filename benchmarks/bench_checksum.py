@@ -17,12 +17,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import benchutil
 import pytest
 import xxhash
 
-from smirror.kernels import _checksum
-from smirror.kernels import checksum
+import benchutil
+from smirror.kernels import _checksum, checksum
 
 MB = int(os.environ.get("SMIRROR_BENCH_MB", "1024"))
 SIZE = MB << 20

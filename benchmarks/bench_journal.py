@@ -9,10 +9,9 @@ Goals: encode, and decode+verify, of frames of 4 KiB and of 64 KiB write ops
 """
 from __future__ import annotations
 
-
-import benchutil
 import pytest
 
+import benchutil
 from smirror.kernels import _journal
 from smirror.ops import Op
 

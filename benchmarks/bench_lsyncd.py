@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support import lag_compare  # noqa: E402
+from support import lag_compare
 
 OPS = int(os.environ.get("SMIRROR_BENCH_OPS", "2000"))
 RATE = float(os.environ.get("SMIRROR_BENCH_RATE", "200"))

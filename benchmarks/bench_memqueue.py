@@ -28,11 +28,10 @@ import os
 import queue
 import threading
 
-import benchutil
 import pytest
 
-from smirror.kernels import _memqueue
-from smirror.kernels import _memqueue_py
+import benchutil
+from smirror.kernels import _memqueue, _memqueue_py
 
 MB = int(os.environ.get("SMIRROR_BENCH_MB", "256"))
 FRAME = 64 * 1024
@@ -153,7 +152,7 @@ def two_threads(put, get_and_ack):
     def guard(fn):
         try:
             fn()
-        except BaseException as exc:     # reported below
+        except BaseException as exc:     # noqa: BLE001 - any failure, reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=guard, args=(put,)),

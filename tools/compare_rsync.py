@@ -58,7 +58,7 @@ def smirror_cmd(*args):
 def run_timed(cmd, env=None) -> tuple[float, bytes]:
     os.sync()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.run(cmd, capture_output=True, env=env)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}): "
@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     # compile the package's .pyc once, as an installed package has them
-    subprocess.run([sys.executable, "-c", "import smirror.cli.main, smirror.mirror.engine, smirror.kernels.checksum"],
+    subprocess.run([sys.executable, "-c",
+                    "import smirror.cli.main, smirror.mirror.engine, smirror.kernels.checksum"],
                    env=env, check=True)
     results = {}
     # fresh change seeds every run: a reused tree must really change again
@@ -211,10 +212,10 @@ def main(argv=None) -> int:
         written = [json.loads(o)["bytes_written"] for o in outs]
         record(4, "1% of 8 KiB blocks of the big file changed", s_t, r_t,
                {"changed_bytes": changed_bytes, "smirror_bytes_written": written,
-                "written_over_changed": [w / c for w, c in zip(written, changed_bytes)]})
+                "written_over_changed": [w / c for w, c in zip(written, changed_bytes, strict=True)]})
         in_process(4, outs)
         print(f"   bytes written / bytes changed: "
-              f"{', '.join(f'{w / c:.3f}' for w, c in zip(written, changed_bytes))}")
+              f"{', '.join(f'{w / c:.3f}' for w, c in zip(written, changed_bytes, strict=True))}")
 
     # 5. 200 small files changed (other files each round)
     if 5 in cases:

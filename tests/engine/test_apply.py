@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-from smirror.stream.apply import Applier, ApplyError
 from smirror.capture.recorder import Recorder
 from smirror.errors import ConfinementError
 from smirror.ops import Op, OpKind
+from smirror.stream.apply import Applier, ApplyError
 from support.treestate import diff, snapshot
 from support.workload import Workload
 
@@ -158,7 +158,8 @@ def test_the_root_mtime_mark_sets_the_map_base_time_and_a_bad_one_is_logged(tmp_
     a = Applier(tmp_path / "dst", on_mark=seen.append)
     a.apply(Op.mark(1, MARK_ROOT_MTIME, b'{"mtime_ns": 1234567890123456789}'))
     assert os.lstat(tmp_path / "dst").st_mtime_ns == 1234567890123456789
-    for seq, bad in enumerate((b'{"mtime_ns": "soon"}', b"not json", b'{"other": 1}', b'{"mtime_ns": true}'), 2):
+    bads = (b'{"mtime_ns": "soon"}', b"not json", b'{"other": 1}', b'{"mtime_ns": true}')
+    for seq, bad in enumerate(bads, 2):
         a.apply(Op.mark(seq, MARK_ROOT_MTIME, bad))
     assert os.lstat(tmp_path / "dst").st_mtime_ns == 1234567890123456789
     assert caplog.text.count("root-mtime MARK has a bad payload") == 4

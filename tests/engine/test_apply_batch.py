@@ -10,14 +10,14 @@ import subprocess
 import pytest
 
 from smirror.capture.recorder import Recorder
+from smirror.kernels.memqueue import SpillQueue
 from smirror.ops import Op, OpKind
 from smirror.stream import wire
 from smirror.stream.apply import Applier, Moot, WriteRun
 from smirror.stream.journal import ConnectionJournal
-from smirror.stream.reclaim import Reclaimer
 from smirror.stream.receiver import TargetConnection
+from smirror.stream.reclaim import Reclaimer
 from smirror.stream.sender import Sender
-from smirror.kernels.memqueue import SpillQueue
 from support.endpoints import TargetEndpoint, settle
 from support.treestate import diff, snapshot
 

@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from smirror.stream.inuse import InUseGate, holders, in_use
 from smirror.fs.keep import KeepDirs
+from smirror.fs.tree import DIR, FILE, Entry
 from smirror.kernels.memqueue import SpillQueue, queue_alert
 from smirror.ops import MARK_ORPHAN_MOVE, Op, OpKind
-from smirror.stream.orphans import orphan_ops
 from smirror.replication import Replication
-from smirror.fs.tree import DIR, FILE, Entry
+from smirror.stream.inuse import InUseGate, holders, in_use
+from smirror.stream.orphans import orphan_ops
 from support.treestate import diff, snapshot
 
 

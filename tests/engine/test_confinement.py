@@ -12,12 +12,12 @@ import stat
 
 import pytest
 
-from smirror.fs import beneath
-from smirror.stream.apply import Applier
 from smirror.daemon.config import from_mapping, setid_allowed
 from smirror.errors import ConfigError, ConfinementError
+from smirror.fs import beneath
 from smirror.fs.keep import KeepDirs
 from smirror.ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, Op
+from smirror.stream.apply import Applier
 from smirror.stream.receiver import TargetConnection
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from smirror.dtcl.check import check_text
-from smirror.dtcl.check import VarRef
+from smirror.dtcl.check import VarRef, check_text
 from smirror.errors import DtclError
 
 REFERENCE = Path(__file__).resolve().parents[2] / "examples" / "dtcl"
@@ -159,7 +158,8 @@ def test_the_notes_rotation_script_resolves_to_control_requests():
     assert not any("password" in a.summary for a in actions)
 
 
-@pytest.mark.parametrize("text", ["connect r to t map base /x nomirror;", "connect r to t map base /x,nomirror;",
+@pytest.mark.parametrize("text", ["connect r to t map base /x nomirror;",
+                                  "connect r to t map base /x,nomirror;",
                                   "connect r to t map base /x , nomirror;", "connect r to t map base /x,;"])
 def test_connect_comma_forms_never_end_the_path(text):
     actions, _ = check_text("login h u;\n" + text)

@@ -1,7 +1,8 @@
 """Hypothesis: whatever a script holds, parsing and checking it either
 succeeds or raises DtclError with a position inside the script; never
 another exception (which the CLI would show as a traceback)."""
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smirror.dtcl.check import check_text
 from smirror.dtcl.parser import TASK_KEYS, USAGE

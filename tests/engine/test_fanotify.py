@@ -10,14 +10,24 @@ import sys
 import pytest
 
 from smirror.capture import fanotify
-from smirror.capture.fanotify import (FAN_ATTRIB, FAN_CLOSE_WRITE, FAN_CREATE, FAN_DELETE,
-                              FAN_EVENT_INFO_TYPE_DFID_NAME, FAN_EVENT_INFO_TYPE_FID,
-                              FAN_EVENT_INFO_TYPE_NEW_DFID_NAME, FAN_EVENT_INFO_TYPE_OLD_DFID_NAME,
-                              FAN_MODIFY, FAN_ONDIR, FAN_RENAME, EventFormatError, name_to_handle,
-                              parse_events)
+from smirror.capture.fanotify import (
+    FAN_ATTRIB,
+    FAN_CLOSE_WRITE,
+    FAN_CREATE,
+    FAN_DELETE,
+    FAN_EVENT_INFO_TYPE_DFID_NAME,
+    FAN_EVENT_INFO_TYPE_FID,
+    FAN_EVENT_INFO_TYPE_NEW_DFID_NAME,
+    FAN_EVENT_INFO_TYPE_OLD_DFID_NAME,
+    FAN_MODIFY,
+    FAN_ONDIR,
+    FAN_RENAME,
+    EventFormatError,
+    name_to_handle,
+    parse_events,
+)
 from smirror.capture.inotify import Kind
 from support.events import collect
-
 
 MISSING = fanotify.unavailable_reason()
 needs_fanotify = pytest.mark.skipif(bool(MISSING), reason=f"fanotify unavailable: {MISSING}")

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from smirror.stream import wire
 from smirror.kernels.frames import encode_frame
 from smirror.ops import Op
+from smirror.stream import wire
 from smirror.stream.receiver import TargetConnection
 from support.handoff import Source
 
@@ -128,7 +128,7 @@ def test_a_new_link_gets_ready_only_for_what_is_applied_or_durable(tmp_path):
     assert not target._through and target.received_seq == last
     # the source sends the rest again; it is accepted and applied in order
     target.resume()
-    for s, f in frames[last:]:
+    for _, f in frames[last:]:
         src.link.send(wire.MsgType.FRAME, f)
     assert src.acks_until(4)[-1] == 4, target.status()
     assert target.wait_applied(4, 10)

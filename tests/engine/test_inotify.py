@@ -4,11 +4,9 @@ import os
 
 import pytest
 
-from smirror.capture import fanotify
-from smirror.capture import inotify
+from smirror.capture import fanotify, inotify
 from smirror.capture.inotify import Kind, Watcher
 from support.events import collect
-
 
 FANOTIFY_MISSING = fanotify.unavailable_reason()
 

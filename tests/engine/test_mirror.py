@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 
 from smirror.errors import ConfigError, ConfinementError, MirrorError
-from smirror.mirror.engine import Mirror, MirrorOptions, mirror
 from smirror.fs.files import copy_data_extents
-from smirror.mirror.local import LocalTarget
 from smirror.fs.tree import DIR, FILE, SYMLINK, Rules, scan
-
+from smirror.mirror.engine import Mirror, MirrorOptions, mirror
+from smirror.mirror.local import LocalTarget
 from support import gen_tree
 from support.daemons import package_path, wait_for
 
@@ -609,6 +608,7 @@ def test_a_file_changed_in_the_current_clock_tick_is_waited_out(tmp_path):
     leaves mtime as it was; the mirror waits the tick out before it reads
     a file changed that recently, so a write during the copy always shows."""
     import time as time_
+
     from smirror.mirror.engine import _COARSE, _racy
     old = tmp_path / "old"
     old.write_bytes(b"x")

@@ -8,8 +8,7 @@ import pytest
 
 pytest.importorskip("smirror.kernels._checksum")
 
-from smirror.mirror.engine import mirror  # noqa: E402
-
+from smirror.mirror.engine import mirror
 from support import gen_tree
 
 RSYNC = shutil.which("rsync")
@@ -198,8 +197,9 @@ def test_leased_mapping_holds_off_a_truncating_writer(tmp_path):
     mapping would kill the process with SIGBUS)."""
     import threading
     import time
-    from smirror.kernels import checksum
+
     from smirror.fs.files import _mapped_signature
+    from smirror.kernels import checksum
     path = tmp_path / "big"
     gen_tree.write_random(path, 256 * MiB, __import__("numpy").random.default_rng(1))
     expect = checksum.file_signature(str(path), 4096, True)
@@ -279,6 +279,7 @@ def test_mapped_digest_windows_lease_and_fallbacks(tmp_path, monkeypatch):
     (the rest is read with preads) and without a lease (a writer holds the
     file: plain preads)."""
     import xxhash
+
     import smirror.fs.files as tl
     path = tmp_path / "big"
     gen_tree.write_random(path, 40 * MiB + 12345, __import__("numpy").random.default_rng(3))

@@ -10,7 +10,6 @@ from smirror.capture.watch import TreeCapture
 from smirror.mirror.compare import source_is_newer
 from smirror.ops import OpKind
 from support.treestate import diff, snapshot
-
 from test_watch import Pipe, connection_mirror
 
 

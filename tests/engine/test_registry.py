@@ -1,8 +1,8 @@
 
 import pytest
 
-from smirror.errors import ConfigError
 from smirror.daemon.registry import Registry, RepsetRule
+from smirror.errors import ConfigError
 
 
 @pytest.fixture

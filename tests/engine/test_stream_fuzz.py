@@ -25,18 +25,18 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from smirror.kernels import _journal
-from smirror.kernels import _journal_py
-from smirror.stream import wire
 from smirror.errors import FrameError
+from smirror.kernels import _journal, _journal_py
 from smirror.kernels.frames import encode_frame
 from smirror.ops import Op, OpKind
+from smirror.stream import wire
 from smirror.stream.receiver import TargetConnection
 from smirror.stream.tasks import TargetTasks, TaskPolicy, TaskSpec
-from support.journal_ops import op_lists, reseal
 from support.endpoints import Endpoint, raw_frame, record
+from support.journal_ops import op_lists, reseal
 
 EXAMPLES = int(os.environ.get("SMIRROR_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
@@ -239,7 +239,7 @@ def test_fuzzed_ops_through_a_real_link(tmp_path_factory, thread_deaths):
                 error = json.loads(bytes(body))["error"]
                 assert "refused" in error and "(seq " in error, error
                 link.close()
-                assert until(lambda: len(refusals(endpoint)) == refused)
+                assert until(lambda refused=refused: len(refusals(endpoint)) == refused)
                 link, last = endpoint.open()
                 assert last == seq
             # (a link closed before the target read every frame loses the

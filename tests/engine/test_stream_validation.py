@@ -12,14 +12,14 @@ import time
 
 import pytest
 
-from smirror.stream import wire
 from smirror.errors import FrameError
 from smirror.kernels.frames import encode_frame
 from smirror.ops import Op, OpKind
+from smirror.stream import wire
 from smirror.stream.receiver import TargetConnection
 from smirror.stream.tasks import TaskSpec
-from support.journal_ops import IMPLS
 from support.endpoints import Endpoint, raw_frame, record
+from support.journal_ops import IMPLS
 
 # -- frames built by hand: the encoder would refuse these ops --------------------
 

@@ -11,8 +11,7 @@ import pytest
 
 from smirror.errors import ConfigError
 from smirror.replication import Replication
-from smirror.stream.tasks import (TargetTasks, TaskError, TaskPolicy, TaskResult, TaskSpec,
-                           run_command)
+from smirror.stream.tasks import TargetTasks, TaskError, TaskPolicy, TaskResult, TaskSpec, run_command
 from support.treestate import diff, snapshot
 from support.workload import Workload
 

@@ -6,12 +6,11 @@ import time
 
 import pytest
 
-from smirror.daemon import auth
-from smirror.stream import wire
-from smirror.daemon import handshake
-from support.daemons import make_certs
+from smirror.daemon import auth, handshake
 from smirror.errors import AuthError
-from smirror.stream.wire import Link, MsgType, ProtocolError, LinkClosed
+from smirror.stream import wire
+from smirror.stream.wire import Link, LinkClosed, MsgType, ProtocolError
+from support.daemons import make_certs
 
 
 @pytest.fixture
@@ -45,7 +44,7 @@ class Server:
                     conn = self.tls.wrap_socket(conn, server_side=True)
                 with Link(conn) as link:
                     self.results.append(self.handler(link))
-            except Exception as exc:  # kept for the test to look at
+            except Exception as exc:  # noqa: BLE001 - kept for the test to look at
                 self.results.append(exc)
 
     def wait(self, n, timeout=5.0):
@@ -253,7 +252,8 @@ def test_tls_login_and_data(server_factory, store, certs):
         mtype, owned = link.recv(own=(MsgType.FRAME,))      # TLS: read, then one copy
         return link.sock.version(), purpose, bytes(payload), owned
     srv = server_factory(handler, tls=ctx)
-    client = wire.client_tls_context(str(certs / "ca.pem"), str(certs / "daemon.pem"), str(certs / "daemon.key"))
+    client = wire.client_tls_context(str(certs / "ca.pem"), str(certs / "daemon.pem"),
+                                     str(certs / "daemon.key"))
     with wire.connect("127.0.0.1", srv.port, tls=client) as link:
         assert isinstance(link.sock, ssl.SSLSocket)
         handshake.login(link, "admin", "admin-password", purpose="data")

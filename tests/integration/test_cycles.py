@@ -99,7 +99,8 @@ def test_ten_cycles_keep_one_status_row_and_the_source_memory_bounded(tmp_path):
             fill_until_auto_disconnect(source, src, "c")     # the same files: the set stays one size
             one_row_converged(cycle)
             target.cli("resume-target", target.address)
-            wait_for(lambda: one_row_converged(cycle), 90, f"cycle {cycle} reconnected and drained")
+            wait_for(lambda cycle=cycle: one_row_converged(cycle), 90,
+                     f"cycle {cycle} reconnected and drained")
             assert wait_same(src, dst, 60), diff(snapshot(src), snapshot(dst))[:5]
             rss.append(proc.memory_info().rss)
         # RSS after a cycle swings with what glibc's arenas keep of the
@@ -125,6 +126,7 @@ def test_a_target_that_recovered_clears_its_error_on_both_sides(tmp_path):
     error is gone on both sides (it stayed set on the source before)."""
     import shutil
     import subprocess
+
     import pytest
     if os.geteuid() != 0 or not shutil.which("chattr"):
         pytest.skip("needs root and chattr")

@@ -8,13 +8,14 @@ import time
 
 import pytest
 
-from smirror.stream import wire
+from smirror.capture.recorder import Recorder
 from smirror.daemon import handshake
+from smirror.stream import wire
 from support.daemons import PASSWORD, Node, make_certs, smirror, wait_for
 from support.pair import login, make_source_tree, replicate_data, running_pair, wait_same
-from smirror.capture.recorder import Recorder
 from support.treestate import diff, snapshot
 from support.workload import Workload
+
 
 @pytest.mark.slow
 def test_replication_between_two_daemons(nodes):
@@ -136,7 +137,8 @@ def test_tls_between_daemons(tmp_path):
                     env={**env, "PW": PASSWORD}, check=False)
         assert r.returncode == 3 and "error:" in r.stderr and "Traceback" not in r.stderr
         tls_env = {**env, "SMIRROR_TLS_CA": str(certs / "ca.pem"),
-                   "SMIRROR_TLS_CERT": str(certs / "daemon.pem"), "SMIRROR_TLS_KEY": str(certs / "daemon.key")}
+                   "SMIRROR_TLS_CERT": str(certs / "daemon.pem"),
+                   "SMIRROR_TLS_KEY": str(certs / "daemon.key")}
         source.env = tls_env
         login(source, tls_env)
         source.cli("repset", "create", "data", "--root", src)
@@ -305,6 +307,7 @@ def test_a_mirror_listing_waits_for_the_ops_the_target_received_to_be_applied(tm
     DELETE among them made the mirror skip what the backlog then removed:
     target.scan waits for the received ops to be applied first."""
     import threading
+
     from smirror.daemon.control import Client
     from smirror.kernels.memqueue import SpillQueue
     from smirror.stream.journal import ConnectionJournal

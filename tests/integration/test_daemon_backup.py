@@ -12,12 +12,11 @@ import time
 import pytest
 
 from smirror.capture.recorder import Recorder
-from support.pair import login, replicate_data, running_pair, wait_same
 from support.daemons import wait_for
+from support.pair import login, replicate_data, running_pair, wait_same
+from support.tasks import task_script, tasks_config
 from support.treestate import diff, snapshot
 from support.workload import Workload
-from support.tasks import task_script, tasks_config
-
 
 pair = running_pair
 

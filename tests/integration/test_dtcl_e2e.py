@@ -192,6 +192,7 @@ def test_runtime_failures_name_the_line_and_what_already_ran(tmp_path):
         # a login from the saved session of 'smirror login', no password anywhere
         login(source, env)
         r = dtcl(tmp_path, env, f"login {source.address} admin;\nsource {source.address};\n"
-                                f"$C = conid data to {target.address} map base {dst};\n$D = $C;\nstatus $D;\n")
+                                f"$C = conid data to {target.address} map base {dst};\n"
+                                "$D = $C;\nstatus $D;\n")
         assert "logged in to" in r.stdout and "REPSET" in r.stdout and "data" in r.stdout
         no_password_in_logs(source, target)

@@ -48,7 +48,8 @@ def test_a_large_mirror_stopped_midway_leaves_a_replicating_connection_that_a_mi
     # else on the machine's /tmp, and an overflow's resync (right: the cache
     # lacks the files not sent) would send the rest into the small queue
     monkeypatch.setenv("SMIRROR_CAPTURE_BACKEND", "inotify")
-    with running_pair(tmp_path, source_extra=SMALL_SOURCE, target_extra=SMALL_TARGET) as (source, target, env):
+    with running_pair(tmp_path, source_extra=SMALL_SOURCE,
+                      target_extra=SMALL_TARGET) as (source, target, env):
         src, dst = tmp_path / "data", tmp_path / "replica"
         for i in range(FILES):
             d = src / f"d{i % 4}"
@@ -103,7 +104,8 @@ def test_a_large_mirror_stopped_midway_leaves_a_replicating_connection_that_a_mi
                 f.write(b"changed after the stop")
         (src / "d0" / "new-file").write_text("made after the stop")
         for rel in (never, some, "d0/new-file"):
-            wait_for(lambda: (dst / rel).exists() and (dst / rel).read_bytes() == (src / rel).read_bytes(),
+            wait_for(lambda rel=rel: (dst / rel).exists()
+                     and (dst / rel).read_bytes() == (src / rel).read_bytes(),
                      what=f"{rel} on the target")
         # a later mirror-start completes the target; status says done
         r = json.loads(source.cli("mirror-start", "1", "--json").stdout)

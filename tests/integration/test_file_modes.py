@@ -11,10 +11,9 @@ import sys
 
 import pytest
 
-from smirror.kernels import _memqueue
-from smirror.kernels import _memqueue_py
 from smirror.cli.daemon import _log_handler
 from smirror.errors import ConfigError
+from smirror.kernels import _memqueue, _memqueue_py
 from smirror.private import check_secret, private_dir, read_secret
 from smirror.stream.receiver import TargetConnection
 from support.daemons import Node, package_path

@@ -14,10 +14,9 @@ import time
 
 import pytest
 
-from smirror.daemon import control
-from smirror.stream import wire
-from smirror.daemon import handshake
+from smirror.daemon import control, handshake
 from smirror.errors import AuthError
+from smirror.stream import wire
 from smirror.stream.wire import MsgType, ProtocolError
 from support.daemons import PASSWORD, Node, free_port, make_certs, smirror, wait_for
 
@@ -80,7 +79,7 @@ class FakeServer:
             with wire.Link(conn) as link:
                 try:
                     self.results.append(self.handler(link))
-                except Exception as exc:      # kept for the test
+                except Exception as exc:      # noqa: BLE001 - kept for the test
                     self.results.append(exc)
 
     def close(self):
@@ -253,7 +252,7 @@ def test_fake_server_without_the_token_cannot_pass_the_clients_check(env, monkey
             r = smirror("status", "--host", server.address, env=env, check=False)
             assert r.returncode == 3 and "Traceback" not in r.stderr
             assert f"{server.address} could not prove it holds the session of user 'admin'" in r.stderr
-            wait_for(lambda: server.results, what="the fake server's result")
+            wait_for(lambda server=server: server.results, what="the fake server's result")
             assert "token" not in server.results[0] and "token_id" in server.results[0]
         finally:
             server.close()

@@ -15,12 +15,11 @@ import time
 
 import pytest
 
-from smirror.stream import wire
-
 from smirror.daemon import handshake
 from smirror.errors import AuthError
 from smirror.kernels.frames import encode_frame
 from smirror.ops import MARK_IGNORED_DELETE, Op
+from smirror.stream import wire
 from smirror.stream.wire import MsgType, ProtocolError
 from support.daemons import PASSWORD, Node, wait_for
 
@@ -127,8 +126,9 @@ def test_keep_slot_symlink_attack_writes_nothing_outside(world):
     node, mb, outside = world
     a = Attacker(node, map_base=mb)
     tasks = outside / "tasks"
-    mark = lambda path: (lambda s: Op.mark(s, MARK_IGNORED_DELETE, json.dumps(
-        {"path": path, "dir": False, "mode": "move", "keep_days": 0}).encode()))
+    def mark(path):
+        return lambda s: Op.mark(s, MARK_IGNORED_DELETE, json.dumps(
+            {"path": path, "dir": False, "mode": "move", "keep_days": 0}).encode())
     a.send(lambda s: Op.symlink(s, b"x", os.fsencode(tasks)))
     a.send(mark("x"))
     a.send(lambda s: Op.mkdir(s, b"x", 0o755))
@@ -194,7 +194,7 @@ def test_a_bad_task_is_refused_and_the_applier_goes_on(world):
             "source": SOURCE_ID, "queued_at": 0.0}
     try:
         a.send(lambda s: Op.task(s, b"t", json.dumps(spec).encode()))
-    except Exception as exc:       # an encoder that refuses it is fine too
+    except Exception as exc:       # noqa: BLE001 - an encoder that refuses it is fine too
         pytest.fail(f"the attacker's own encoder refused a TASK payload: {exc}")
     last = a.send(lambda s: Op.create(s, b"after-task", 0o644))
     a.acked_through(last)

@@ -4,12 +4,12 @@ kernels (Cython and the Python reference) share it the same way; status
 shows it; and a real daemon pair and a Replication stay within it (peak
 RSS minus idle RSS, measured with psutil)."""
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import smirror.kernels._memqueue as native
 import smirror.kernels._memqueue_py as reference
 from smirror.errors import QueueFull
-
 from support.memqueue import IMPLS, drain, frame_for
 
 
@@ -323,6 +323,7 @@ class PeakRss:
 
     def __init__(self, pid):
         import threading
+
         import psutil
         self.pid = pid
         self.proc = psutil.Process(pid)
@@ -411,6 +412,7 @@ def test_daemon_pair_stays_within_its_memory_budget(tmp_path):
     after resume the trees are equal, with no auto-disconnect."""
     import json
     import os
+
     from support.daemons import wait_for
     from support.pair import login, replicate_data, running_pair, wait_same
 
@@ -479,7 +481,7 @@ def test_target_handoff_takes_its_frames_from_the_budget(tmp_path):
             for seq in range(1, 6):
                 source.send_write(seq)
             assert source.acks_until(5)[-1] == 5
-            wait_for(lambda: target.applied_seq == 5, what="frames applied")
+            wait_for(lambda target=target: target.applied_seq == 5, what="frames applied")
             puts = target.queue.stats()["puts"]
             if room:
                 assert puts == 0 and budget.peak > 0, (puts, budget.stats())

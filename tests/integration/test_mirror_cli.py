@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from smirror.cli.progress import Progress
-
 from support import gen_tree
 from support.daemons import package_path
 
@@ -189,7 +188,8 @@ def test_quick_check_does_not_import_numpy(tmp_path):
     args = ['mirror', '--quiet', '--different', str(src), str(tmp_path / 'd')]
     assert "smirror.mirror.engine" in _modules_loaded_by(args, tmp_path)      # the first, copying run
     loaded = _modules_loaded_by(args, tmp_path)                        # nothing to do
-    heavy = {"numpy", "smirror.kernels.checksum", "smirror.kernels._checksum", "concurrent.futures", "logging",
+    heavy = {"numpy", "smirror.kernels.checksum", "smirror.kernels._checksum", "concurrent.futures",
+             "logging",
              "smirror.cli.daemon", "smirror.daemon.config", "smirror.cli.replicate", "dataclasses",
              "json", "smirror.cli.progress", "queue"} & loaded
     assert not heavy, heavy

@@ -3,7 +3,6 @@ tools/netfaults.py: first that tools/netem.py really does to packets what it
 says (this kernel has no sch_netem), then one short trial per fault kind
 with a source daemon and a target daemon in two network namespaces."""
 import os
-import sys
 
 import pytest
 

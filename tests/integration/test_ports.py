@@ -16,7 +16,7 @@ import pytest
 
 from smirror.daemon import control
 from smirror.stream import wire
-from smirror.stream.wire import MsgType, ProtocolError
+from smirror.stream.wire import MsgType
 from support.daemons import PASSWORD, Node, wait_for
 
 LOGIN_TIMEOUT = 1.5

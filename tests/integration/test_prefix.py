@@ -14,10 +14,9 @@ import time
 
 import pytest
 
-from smirror.stream import wire
-
-from smirror.daemon import handshake
 from smirror.capture.recorder import Recorder
+from smirror.daemon import handshake
+from smirror.stream import wire
 from smirror.stream.journal import ConnectionJournal
 from smirror.stream.sender import Sender
 from support.daemons import PASSWORD, Node

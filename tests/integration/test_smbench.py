@@ -138,7 +138,7 @@ def check_run(r: dict, name: str):
 
 def check_summary(summary: dict, runs: list):
     assert set(summary) == set(METRICS)
-    for metric, s in summary.items():
+    for s in summary.values():
         assert set(s) == {"mean", "min", "max", "spread", "n"}
         assert s["n"] == len(runs) == 2
         assert s["min"] <= s["mean"] <= s["max"]
@@ -304,6 +304,7 @@ def test_disk_limit_must_be_a_size_of_at_least_1_mib():
 
 def test_live_line_redraws_one_line_while_a_run_goes(tmp_path):
     import io
+
     from smirror.bench.report import LiveLine
     from smirror.bench.runner import measure
     from smirror.bench.workloads import Params

@@ -9,16 +9,14 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
-
-from smirror.stream import wire
 
 from smirror.daemon import handshake
 from smirror.daemon.control import Client, RequestError
 from smirror.daemon.target_access import MapBases, SourceBindings
 from smirror.errors import AuthError, ConfinementError
+from smirror.stream import wire
 from support.daemons import PASSWORD, free_port, smirror, wait_for
 from support.pair import login, make_source_tree, running_pair, wait_same
 

@@ -15,13 +15,12 @@ import time
 
 import pytest
 
+from smirror.capture.watch import FAULT_ENV, TreeCapture
 from smirror.ops import Op
 from smirror.replication import Replication
 from smirror.stream.receiver import TargetConnection
-from smirror.capture.watch import FAULT_ENV, TreeCapture
-from support.treestate import diff, snapshot
-
 from support.daemons import Node
+from support.treestate import diff, snapshot
 
 
 def wait_for(cond, timeout=30.0, what=""):

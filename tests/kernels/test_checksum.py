@@ -10,12 +10,11 @@ import time
 import numpy as np
 import pytest
 import xxhash
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from smirror.kernels import _checksum
-from smirror.kernels import _checksum_py
-from smirror.kernels import checksum
 from smirror.errors import DeltaError
+from smirror.kernels import _checksum, _checksum_py, checksum
 
 KERNELS = [pytest.param(_checksum, id="compiled"), pytest.param(_checksum_py, id="reference")]
 FAST = settings(max_examples=60, deadline=None,
@@ -401,7 +400,7 @@ def roundtrip(target: bytes, source: bytes, bs: int, signer=_checksum):
     ref = _checksum_py.delta_ops(source, bs, len(target), w, s)
     assert ops == ref
     assert apply_ops(target, source, ops) == source
-    for a, b in zip(ops, ops[1:]):   # merged: no two adjacent ops that could be one
+    for a, b in zip(ops, ops[1:], strict=False):   # merged: no two adjacent ops that could be one
         assert not (a[0] == b[0] and a[1] + a[2] == b[1]), (a, b)
     return ops
 

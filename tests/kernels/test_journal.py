@@ -11,12 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from smirror import ops as ops_mod
-from smirror.kernels import _journal
-from smirror.kernels import _journal_py
 from smirror.errors import FrameError
+from smirror.kernels import _journal, _journal_py
 from smirror.ops import AttrMask, FrameHeader, Op, OpKind
-
-from support.journal_ops import IMPLS, PAIRS, fixed_ops, plain, reseal
+from support.journal_ops import IMPLS, PAIRS, fixed_ops, reseal
 
 HEADER = struct.Struct("<4sBBHIIIIQQQQ")
 
@@ -212,7 +210,7 @@ def test_check_payload_false_skips_only_the_payload_checksum(impl):
     bad[8] ^= 1                        # header: its own checksum catches it
     with pytest.raises(FrameError, match="header checksum mismatch"):
         impl.decode_frame(bytes(bad), check_payload=False)
-    for name, damaged, pattern in _resealed_variants():
+    for _name, damaged, pattern in _resealed_variants():
         if pattern is not None:
             with pytest.raises(FrameError, match=pattern):
                 impl.decode_frame(damaged, check_payload=False)
@@ -378,7 +376,7 @@ def test_compressed_data_views_share_one_buffer(impl):
 @pytest.mark.parametrize("enc,dec", PAIRS)
 def test_stream_of_concatenated_frames(enc, dec):
     batches = [fixed_ops()[:5], fixed_ops()[5:9], fixed_ops()[9:]]
-    stream = b"".join(enc.encode_frame(b, c) for b, c in zip(batches, (False, True, "auto")))
+    stream = b"".join(enc.encode_frame(b, c) for b, c in zip(batches, (False, True, "auto"), strict=True))
     offset, got = 0, []
     while offset < len(stream):
         ops, used = dec.decode_frame(stream, offset)
@@ -521,7 +519,7 @@ def test_data_views_are_ordinary_memoryviews(impl, compress, tmp_path):
     path.write_bytes(impl.encode_frame(ops, compress))
     with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
         decoded, _ = impl.decode_frame(m)
-        for op, want in zip(decoded, payloads):
+        for op, want in zip(decoded, payloads, strict=True):
             v = op.data
             assert (len(v), v.nbytes, v.shape, v.format, v.ndim) == (len(want), len(want),
                                                                    (len(want),), "B", 1)

@@ -2,13 +2,12 @@
 op list, every mutation and every random input (Hypothesis)."""
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from smirror.kernels import _journal
-from smirror.kernels import _journal_py
 from smirror.errors import FrameError
+from smirror.kernels import _journal, _journal_py
 from smirror.kernels.frames import FrameReader, iter_frames
-
 from support.journal_ops import op_lists, plain, reseal
 
 FAST = settings(max_examples=300, deadline=None,

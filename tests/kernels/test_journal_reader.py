@@ -11,16 +11,21 @@ import pytest
 
 from smirror.errors import FrameError
 from smirror.kernels.frames import (
-    HEADER_SIZE, FrameReader, Op, decode_frame, encode_frame, iter_frames, read_frames,
+    HEADER_SIZE,
+    FrameReader,
+    Op,
+    decode_frame,
+    encode_frame,
+    iter_frames,
+    read_frames,
 )
-
 from support.journal_ops import fixed_ops, plain
 
 
 def _frames():
     ops = fixed_ops()
     batches = [ops[:4], ops[4:10], ops[10:]]
-    return batches, [encode_frame(b, c) for b, c in zip(batches, (False, True, "auto"))]
+    return batches, [encode_frame(b, c) for b, c in zip(batches, (False, True, "auto"), strict=True)]
 
 
 def test_reader_byte_by_byte_and_needed():

@@ -6,7 +6,6 @@ import pytest
 from smirror.errors import FrameError
 from smirror.kernels import _journal, _journal_py
 from smirror.ops import HEADER_SIZE, Op, OpKind, RenameFlag
-
 from support.journal_ops import IMPLS, PAIRS, reseal
 
 

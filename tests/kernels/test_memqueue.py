@@ -7,12 +7,12 @@ import shutil
 import tracemalloc
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import smirror.kernels._memqueue as native
 import smirror.kernels._memqueue_py as reference
 from smirror.errors import QueueClosed, QueueError, QueueFull
-
 from support.memqueue import IMPLS, drain, frame_for, segment_bytes, segment_files
 
 
@@ -391,7 +391,7 @@ def test_python_heap_stays_within_memory_limit_plus_one_frame(mq, tmp_path, dura
         slack = 64 * 1024       # deques, tuples, ints, the stats counters
         peak_over = 0
         seq = 0
-        for round_ in range(6):
+        for _round in range(6):
             for _ in range(40):             # 40 x 64 KiB = 2.5 MiB > limit
                 q.put(seq, bytes(template))  # a fresh object the queue owns
                 seq += 1
@@ -447,7 +447,7 @@ def test_random_ops_match_model_and_reference(tmp_path_factory, ops, memory_limi
     kw = dict(segment_size=segment_size, durable=durable, read_buffer=read_buffer,
               fsync=fsync, spare_segments=spare_segments)
     impls = (native, reference)
-    queues = [m.SpillQueue(d, memory_limit, disk_limit, **kw) for m, d in zip(impls, dirs)]
+    queues = [m.SpillQueue(d, memory_limit, disk_limit, **kw) for m, d in zip(impls, dirs, strict=True)]
     model = Model()
     seq = 0
     try:
@@ -494,7 +494,8 @@ def test_random_ops_match_model_and_reference(tmp_path_factory, ops, memory_limi
                     continue
                 for q in queues:
                     q.close()
-                queues = [m.SpillQueue(d, memory_limit, disk_limit, **kw) for m, d in zip(impls, dirs)]
+                queues = [m.SpillQueue(d, memory_limit, disk_limit, **kw)
+                          for m, d in zip(impls, dirs, strict=True)]
                 model.read = 0
             s0, s1 = (q.stats() for q in queues)
             for key in ("disk_reads", "recovered"):

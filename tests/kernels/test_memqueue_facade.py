@@ -2,9 +2,9 @@
 import pytest
 
 from smirror.daemon import config
+from smirror.errors import ConfigError
 from smirror.kernels import memqueue
 from smirror.kernels._memqueue import SpillQueue
-from smirror.errors import ConfigError
 
 
 def test_settings_accept_sizes_as_text():

@@ -12,7 +12,6 @@ import time
 import pytest
 
 from smirror.errors import QueueCorrupt
-
 from support.memqueue import IMPLS, drain, frame_for, segment_files
 
 HDR = 32

@@ -6,7 +6,6 @@ import time
 import pytest
 
 from smirror.errors import QueueClosed
-
 from support.memqueue import IMPLS, frame_for
 
 
@@ -28,7 +27,7 @@ def test_producer_consumer_move_100k_items_in_order(mq, tmp_path, durable):
                 q.put(seq, frame_for(seq, 8 + seq % 200))
                 if seq % 5000 == 4999:
                     time.sleep(0.002)   # let the consumer catch up now and then
-        except Exception as exc:       # reported by the main thread
+        except Exception as exc:       # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
     got_seqs = []
@@ -47,7 +46,7 @@ def test_producer_consumer_move_100k_items_in_order(mq, tmp_path, durable):
                 got_seqs.append(seq)
                 if seq % 100 == 99:
                     q.ack(seq)
-        except Exception as exc:
+        except Exception as exc:       # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
     threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
@@ -84,7 +83,7 @@ def test_acks_retire_segments_while_puts_write(mq, tmp_path):
         try:
             for seq in range(total):
                 q.put(seq, frame_for(seq, 16 + seq % 3000))
-        except Exception as exc:
+        except Exception as exc:       # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
     def consume():
@@ -100,7 +99,7 @@ def test_acks_retire_segments_while_puts_write(mq, tmp_path):
                 got.append(seq)
                 if seq < total - keep:
                     q.ack(seq)
-        except Exception as exc:
+        except Exception as exc:       # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
     threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
@@ -185,6 +184,7 @@ def test_disk_write_and_read_release_the_gil(tmp_path):
     (pwritev / pread, copy, checksum) let a pure-Python thread run meanwhile;
     a GIL-holding call of similar length (bytes.replace) is the control."""
     import sys
+
     from smirror.kernels import _memqueue as native
     frame = bytes(64 << 20)
     q = native.SpillQueue(tmp_path, 0, 1 << 32, read_buffer=64 * 1024)
@@ -214,7 +214,7 @@ def test_disk_write_and_read_release_the_gil(tmp_path):
         seq = 0
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            put = max(put, ticks_during(lambda: q.put(seq, frame)))
+            put = max(put, ticks_during(lambda seq=seq: q.put(seq, frame)))
             get = max(get, ticks_during(lambda: q.get(0)))
             control = max(control, ticks_during(lambda: frame.replace(b"\0", b"\1")))
             q.ack(seq)              # the spill files stay one frame large

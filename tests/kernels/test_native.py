@@ -31,7 +31,8 @@ def test_facades_import_compiled_not_reference(facade_name, name):
     imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     assert not any(m.endswith(f"_{name}_py") for m in imported), \
         f"smirror.kernels.{facade_name} must not import its pure-Python reference"
-    assert any(m.endswith(f"_{name}") for m in imported), f"smirror.kernels.{facade_name} must use the compiled kernel"
+    assert any(m.endswith(f"_{name}") for m in imported), \
+        f"smirror.kernels.{facade_name} must use the compiled kernel"
 
 
 def test_version_command_says_native_loaded():

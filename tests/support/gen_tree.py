@@ -21,7 +21,6 @@ import argparse
 import errno
 import os
 import random
-import stat
 import sys
 
 import numpy as np

@@ -3,9 +3,9 @@ import socket
 import threading
 import time
 
-from smirror.stream import wire
 from smirror.kernels.frames import encode_frame
 from smirror.ops import Op
+from smirror.stream import wire
 from smirror.stream.wire import ACK
 
 
@@ -39,7 +39,7 @@ class Source:
             mtype, payload = self.link.recv()
             while mtype == wire.MsgType.NOTICE:     # a resync asked (writes to a file never created)
                 mtype, payload = self.link.recv()
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return None
         finally:
             self.link.sock.settimeout(None)

@@ -6,8 +6,7 @@ import pytest
 import xxhash
 from hypothesis import strategies as st
 
-from smirror.kernels import _journal
-from smirror.kernels import _journal_py
+from smirror.kernels import _journal, _journal_py
 from smirror.ops import MKNOD_TYPES, XATTR_NAMESPACES, AttrMask, Op, OpKind
 
 IMPLS = [pytest.param(_journal, id="compiled"), pytest.param(_journal_py, id="reference")]

@@ -193,7 +193,7 @@ class ProbeLag:
         """Before the initial sync, so the directory is on both sides."""
         os.makedirs(self.src_dir, exist_ok=True)
 
-    def start(self) -> "ProbeLag":
+    def start(self) -> ProbeLag:
         self._thread = threading.Thread(target=self._run, daemon=True, name="probe-poller")
         self._thread.start()
         return self
@@ -569,7 +569,7 @@ def format_table(results: list[dict]) -> str:
                      ratio(r, "lag_p50_s"), ratio(r, "lag_p99_s"),
                      _ms(r["poller_max_oversleep_s"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

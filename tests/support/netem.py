@@ -390,7 +390,7 @@ def probe_udp(pair: NetemPair, count: int = 2000, gap: float = 0.002) -> dict:
             while True:
                 try:
                     data = rx.recv(64)
-                except socket.timeout:
+                except TimeoutError:
                     if done.is_set():
                         return
                     continue

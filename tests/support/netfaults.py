@@ -215,8 +215,10 @@ def run(kinds=tuple(KINDS), trials: int = 1, seconds: float = 5, pace: float = 0
                         return results
                 else:
                     agg["times"].append(r["converged_s"])
-                    print(f"trial {i} {kind}: {r['ops']} ops, {r['flaps']} flaps, {r['sockets_cut']} sockets cut, "
-                          f"{r['reconnects']} reconnects, {r['repeats_skipped']} repeats skipped, converged in {r['converged_s']:.2f} s; link {r['link']}",
+                    print(f"trial {i} {kind}: {r['ops']} ops, {r['flaps']} flaps, "
+                          f"{r['sockets_cut']} sockets cut, {r['reconnects']} reconnects, "
+                          f"{r['repeats_skipped']} repeats skipped, converged in {r['converged_s']:.2f} s; "
+                          f"link {r['link']}",
                           file=out, flush=True)
     finally:
         if bench is not None:
@@ -229,8 +231,8 @@ def results_table(results) -> str:
     rows = []
     for r in results.values():
         t = r["times"]
-        rows.append([DESCRIBE[r["kind"]], r["trials"], len(t), r["ops"], r["reconnects"], r["repeats_skipped"],
-                     f"{percentile(t, 50):.1f}", f"{max(t):.1f}" if t else "-",
+        rows.append([DESCRIBE[r["kind"]], r["trials"], len(t), r["ops"], r["reconnects"],
+                     r["repeats_skipped"], f"{percentile(t, 50):.1f}", f"{max(t):.1f}" if t else "-",
                      r["link"].get("lost", 0) + r["link"].get("down_dropped", 0),
                      r["link"].get("duplicated", 0), r["link"].get("reordered", 0)])
     return table(rows, ["fault", "trials", "converged", "ops applied", "reconnects", "repeats skipped",
@@ -241,7 +243,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="netfaults.py", description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=10, help="trials per fault kind (default %(default)s)")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated, from: " + ", ".join(KINDS))
-    p.add_argument("--seconds", type=float, default=8, help="workload seconds per trial (default %(default)s)")
+    p.add_argument("--seconds", type=float, default=8,
+                   help="workload seconds per trial (default %(default)s)")
     p.add_argument("--pace", type=float, default=0.01, help="seconds between workload steps")
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--deadline", type=float, default=DEADLINE,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from support.daemons import PASSWORD, Node
-from support.netem import in_netns
 from smirror.daemon.control import Client
 from smirror.errors import SmirrorError
+from support.daemons import PASSWORD, Node
+from support.netem import in_netns
 
 
 class NetnsDaemon(Node):

@@ -119,7 +119,8 @@ class PrefixChecker:
         page = 4096
         for start in range(0, len(have), page):
             chunk = have[start:start + page]
-            if chunk != new[start:start + len(chunk)] and chunk != old[start:start + len(chunk)].ljust(len(chunk), b"\0"):
+            end = start + len(chunk)
+            if chunk != new[start:end] and chunk != old[start:end].ljust(len(chunk), b"\0"):
                 return False
         return True
 
@@ -128,7 +129,7 @@ class PrefixChecker:
             pickle.dump([tuple(op[:11]) + (bytes(op.data),) for op in self.ops], f)
 
     @classmethod
-    def load(cls, path) -> "PrefixChecker":
+    def load(cls, path) -> PrefixChecker:
         from smirror.ops import Op
         c = cls()
         with open(path, "rb") as f:

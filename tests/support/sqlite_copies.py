@@ -177,8 +177,8 @@ def run(tmp_path, trials: int = 50, kill_every: int = 5, seed: int = 0, say=lamb
 
 def main(argv=None) -> int:
     import argparse
-    import tempfile
     import pathlib
+    import tempfile
     p = argparse.ArgumentParser(description="SQLite (WAL) on a capture mount through two daemons: "
                                             "the target frozen and copied at random instants")
     p.add_argument("--trials", type=int, default=50)

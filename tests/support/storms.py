@@ -80,7 +80,7 @@ def checkout_storm(src, rng, scale):
             if rng.random() < 0.1:
                 continue                    # deleted by the checkout
             _write(p, _blob(rng))
-        for i in range(2):                  # new files of the other branch
+        for _ in range(2):                  # new files of the other branch
             _write(os.path.join(dp, f"new{rng.randrange(1 << 30)}.c"), _blob(rng))
 
 
@@ -285,6 +285,7 @@ class Daemons:
     def __init__(self, src, dst, state):
         import json
         from pathlib import Path
+
         from support.daemons import PASSWORD, Node, smirror
         self._json = json
         tmp = Path(state)
