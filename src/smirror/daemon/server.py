@@ -40,6 +40,7 @@ from smirror.daemon import handshake
 from smirror.daemon.auth import LoginThrottle, Sessions, User, UserStore
 from smirror.daemon.config import Config, parse_hostport, setid_allowed
 from smirror.daemon.registry import Registry, check_options
+from smirror.daemon.scan_pages import ScanPages, check_page_bytes, listing_rows
 from smirror.daemon.target_access import MapBases, SourceBindings, check_source_id, overlaps, resolve
 from smirror.errors import AuthError, ConfigError, QueueFull, SmirrorError
 from smirror.fs.keep import KeepDirs
@@ -550,6 +551,7 @@ class Daemon:
         self.counters: dict[int, dict] = {}       # auto-disconnects, reconnects, remirrors
         self.disconnected: dict[int, str] = {}    # conid -> why, while it is down
         self.down_errors: dict[int, str] = {}     # conid -> the error that keeps it down
+        self.scan_pages = ScanPages()             # map base listings read by pages (target.scan)
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self.tls_server = self.tls_client = None
@@ -1464,9 +1466,16 @@ class Daemon:
                         tgt.applier.applied_seq, tgt.error or "still applying")
 
     def _target_scan(self, user: User, args) -> dict:
-        """The entries under a map base (this daemon as a target)."""
+        """The entries under a map base (this daemon as a target): in pages
+        when the source asks for them (``page_bytes``, then ``cursor``;
+        :mod:`smirror.daemon.scan_pages`), else all in one reply."""
         from smirror.fs.tree import scan
-        from smirror.mirror.local import LocalTarget
+        if args.get("cursor") is not None:
+            self._map_base(user, args)          # still this user's map base
+            return self.scan_pages.next(user.name, args["cursor"])
+        page_bytes = args.get("page_bytes")
+        if page_bytes is not None:
+            check_page_bytes(page_bytes)
         base = self._map_base(user, args)
         if not os.path.isdir(base):
             return {}
@@ -1478,24 +1487,10 @@ class Daemon:
             rel, exc = listing.errors[0]
             raise SmirrorError(f"listing map base {os.fsdecode(base)} failed at {len(listing.errors)} "
                                f"place(s), first {os.fsdecode(rel) or '.'}: {exc.strerror or exc}")
-        out = {}
-        # xattrs read beneath the map base's handle (no symlink leads out)
-        xattrs = LocalTarget(base) if args.get("xattrs") else None
-        try:
-            for rel, e in listing.entries.items():
-                if rel and not rel.rpartition(b"/")[2].startswith(b".smirror-tmp-"):
-                    row = [e.mode, e.uid, e.gid, e.size, e.mtime_ns,
-                           os.fsdecode(e.link) if e.link is not None else None]
-                    if xattrs is not None:
-                        try:
-                            row.append({n: v.hex() for n, v in xattrs.xattrs(rel).items()})
-                        except (OSError, SmirrorError):
-                            row.append(None)    # gone meanwhile: not known, all are sent
-                    out[os.fsdecode(rel)] = row
-        finally:
-            if xattrs is not None:
-                xattrs.close()
-        return out
+        rows = listing_rows(base, listing, bool(args.get("xattrs")))
+        if page_bytes is None:          # a source of an older version
+            return dict(rows)
+        return self.scan_pages.first(user.name, rows, page_bytes)
 
     def _target_signature(self, user: User, args) -> str:
         """Block hashes (hex of little-endian uint64 pairs) of one file under

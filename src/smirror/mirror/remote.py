@@ -38,7 +38,7 @@ import os
 import stat
 import threading
 
-from smirror.errors import MirrorError, SmirrorError
+from smirror.errors import MirrorError, ProtocolError, SmirrorError
 from smirror.fs.tree import DIR, FILE, SYMLINK, TEMP_PREFIX, Entry, Listing, kind_of
 from smirror.ops import MARK_ROOT_MTIME, Op
 
@@ -72,6 +72,7 @@ class RemoteReader:
         self.wanted_xattr = wanted_xattr or (lambda name: True)
         self.listing: Listing | None = None
         self._rows: dict | None = rows       # given: nothing is asked (a full mirror: {})
+        self.pages: int | None = None        # how many pages the listing came in (None: one reply)
         self._xattrs: dict[bytes, dict | None] = {}
 
     def _call(self, verb: str, **args):
@@ -83,10 +84,35 @@ class RemoteReader:
         if self.client is not None:
             self.client.close()
 
+    # the listing comes in pages of about this many bytes: one reply past the
+    # link's message cap (a map base of about a million files) failed every mirror
+    SCAN_PAGE_BYTES = 4 * 1024 * 1024
+
     def read(self) -> None:
-        """Read the listing now (``target.scan``); errors as the client raises them."""
-        if self._rows is None:
-            self._rows = self._call("target.scan", xattrs=self.use_xattrs)
+        """Read the listing now (``target.scan``, page by page); errors as
+        the client raises them."""
+        if self._rows is not None:
+            return
+        reply = self._call("target.scan", xattrs=self.use_xattrs, page_bytes=self.SCAN_PAGE_BYTES)
+        if not (isinstance(reply, dict) and reply.get("paged") is True):
+            self._rows = reply      # a target of an older version: the whole listing at once
+            return
+        rows: dict = {}
+        while True:
+            page = reply.get("rows")
+            if not isinstance(page, dict):
+                raise ProtocolError(f"target.scan of {self.map_base}: page {reply.get('page')} "
+                                    f"holds no rows table")
+            rows.update(page)
+            cursor = reply.get("cursor")
+            if cursor is None:
+                break
+            reply = self._call("target.scan", cursor=cursor)
+            if not isinstance(reply, dict) or reply.get("paged") is not True:
+                raise ProtocolError(f"target.scan of {self.map_base}: the page after cursor "
+                                    f"{cursor!r} is not a page")
+        self.pages = reply.get("page")
+        self._rows = rows
 
     def scan(self, rules=None, skip=()) -> Listing:
         """The map base's entries (``target.scan``, with xattrs), without
