@@ -1459,7 +1459,7 @@ class Daemon:
         tgt = self.targets.get((source, conid))
         if tgt is None or tgt.status()["paused"]:
             return
-        goal = tgt.received_seq
+        goal = tgt.ops_received_seq      # (a RESET's seq has no op to apply: never reached)
         if not tgt.wait_applied(goal, self.SCAN_BACKLOG_WAIT):
             log.warning("connection %s of source %s: listing the map base with ops up to seq %d "
                         "not applied yet (applied %d): %s", conid, source, goal,

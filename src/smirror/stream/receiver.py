@@ -140,6 +140,10 @@ class TargetConnection:
         self._notices: list[dict] = []        # not yet delivered to the source
         last = self.queue.last_seq
         self.received_seq = max(last if last is not None else 0, self.applier.applied_seq)
+        # the last seq of an op received: a RESET moves received_seq past
+        # it with no op to apply up to there (what a wait for the received
+        # ops to be applied must wait for)
+        self.ops_received_seq = self.received_seq
         # the durable watermark (module doc): _pass_lock is held by the
         # applier while it applies (so a pass sees files and applied seq
         # agree) and by a pass
@@ -1018,7 +1022,7 @@ class TargetConnection:
     def _count_received(self, h, frame) -> None:
         if self.state != "apply-error":        # that one stays until the applier recovers
             self.state = "receiving"
-        self.received_seq = h.last_seq
+        self.received_seq = self.ops_received_seq = h.last_seq
         self.frames_received += 1
         self.bytes_received += len(frame)
 
