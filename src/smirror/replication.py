@@ -366,7 +366,16 @@ class Replication:
         return (self.sender.wait_acked(seq, timeout)
                 and self.target.wait_applied(seq, max(0.0, deadline - time.monotonic())))
 
+    _stopped = False
+
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop (``drain``: after the target applied what was captured, up
+        to ``timeout`` seconds). Once: a second call, such as the ``with``
+        block's exit after an explicit stop, does nothing (it waited out the
+        drain's timeout on a target the first stop had left paused)."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self.mount is not None:
             self.mount.stop()           # first: no change after the drain
         if drain and self._started:

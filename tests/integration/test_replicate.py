@@ -132,6 +132,21 @@ def test_restart_with_a_target_backlog_does_not_replay_it_over_the_fresh_mirror(
     assert diff(snapshot(src), snapshot(dst)) == []
 
 
+def test_a_second_stop_does_nothing(dirs):
+    """The with block's exit after an explicit stop: nothing waits again
+    (it waited out the drain's 30 s timeout on a target left paused)."""
+    src, dst, state = dirs
+    with Replication(src, dst, state_dir=state, capture="api") as rep:
+        rep.pause_target()
+        rep.journal.create("f")
+        rep.stop(drain=False)
+        waits = []
+        rep.wait = lambda *a, **k: waits.append(a) or False
+    assert waits == []
+    rep.stop()
+    assert waits == []
+
+
 def _without_dac_override():
     """The command prefix that runs a process as root without the
     capabilities that read any file (a mode 000 file is then unreadable):
