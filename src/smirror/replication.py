@@ -378,8 +378,8 @@ class Replication:
         self._stopped = True
         if self.mount is not None:
             self.mount.stop()           # first: no change after the drain
-        if drain and self._started:
-            self.wait(timeout)
+        if drain and self._started and self.sender.state != "stopped":
+            self.wait(timeout)      # (a stopped sender delivers nothing more: no wait)
         if self.tree_capture is not None:
             self.tree_capture.stop()
         for t in self._threads:
