@@ -5,11 +5,11 @@ restart; both watermarks show in ``smirror status``."""
 import json
 import time
 
+from smirror.capture.recorder import Recorder
 from support.daemons import wait_for
 from support.pair import login, replicate_data, wait_same
 from support.treestate import diff, snapshot
 from support.workload import Workload
-from smirror.capture.recorder import Recorder
 
 
 def _rows(node):

@@ -12,19 +12,19 @@ import time
 
 import pytest
 
-pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: pip install -e '.[test,mount]' (with libfuse3-dev)")
+pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: "
+                    "pip install -e '.[test,mount]' (with libfuse3-dev)")
 
-from support.daemons import wait_for  # noqa: E402
-from smirror.capture.recorder import Recorder  # noqa: E402
-from smirror.errors import ConfigError  # noqa: E402
 from smirror.capture.mount.mountpoint import mounted_at
 from smirror.capture.mount.runner import CaptureMount
-from smirror.errors import MountError  # noqa: E402
-from smirror.ops import MARK_ROOT_MTIME, OpKind  # noqa: E402
-from smirror.replication import Replication  # noqa: E402
-from support.rsync import rsync_differences, wait_rsync_same  # noqa: E402
-from support.treestate import diff, snapshot  # noqa: E402
-from support.workload import Workload  # noqa: E402
+from smirror.capture.recorder import Recorder
+from smirror.errors import ConfigError, MountError
+from smirror.ops import MARK_ROOT_MTIME, OpKind
+from smirror.replication import Replication
+from support.daemons import wait_for
+from support.rsync import rsync_differences, wait_rsync_same
+from support.treestate import diff, snapshot
+from support.workload import Workload
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
@@ -301,7 +301,7 @@ try:
         r = rng.random()
         # one mutating call a step: the history is the list of steps
         if not names or r < 0.1:
-            name = "f%d" % rng.randrange(10**6)
+            name = f"f{rng.randrange(10**6)}"
             if name in names:
                 continue
             fd = os.open(os.path.join(mnt, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -320,7 +320,7 @@ try:
                 os.close(fd)
         elif r < 0.93:
             old = rng.choice(names)
-            new = "f%d" % rng.randrange(10**6)
+            new = f"f{rng.randrange(10**6)}"
             os.rename(os.path.join(mnt, old), os.path.join(mnt, new))
             names.remove(old)
             if new not in names:
@@ -352,7 +352,7 @@ def _history(seed: int):
         r = rng.random()
         written = before = None
         if not names or r < 0.1:
-            name = "f%d" % rng.randrange(10**6)
+            name = f"f{rng.randrange(10**6)}"
             if name in names:
                 continue
             names.append(name)
@@ -368,7 +368,7 @@ def _history(seed: int):
             f[off:off + len(data)] = data
         elif r < 0.93:
             old = rng.choice(names)
-            new = "f%d" % rng.randrange(10**6)
+            new = f"f{rng.randrange(10**6)}"
             files[new] = files.pop(old)
             names.remove(old)
             if new not in names:
@@ -403,7 +403,6 @@ def kill_trial(tmp_path, seed: int) -> int:
     replicate at a random moment, checks the target is the source after
     some prefix of the history, then restarts: the stale mount is cleared
     and the target converges. Returns the prefix length that matched."""
-    import random
     back, dst, mnt, state = (tmp_path / f"back{seed}", tmp_path / f"dst{seed}",
                              tmp_path / f"mnt{seed}", tmp_path / f"state{seed}")
     back.mkdir()
@@ -719,6 +718,7 @@ def test_a_targets_resync_through_the_mount_keeps_hard_links(tmp_path):
     one outside it, must stay one inode on the target, with the source's
     bytes (the target's copy of the inode may hold skipped writes)."""
     import itertools
+
     from smirror.stream.apply import Applier
     back, mnt, dst = tmp_path / "back", tmp_path / "mnt", tmp_path / "dst"
     back.mkdir()

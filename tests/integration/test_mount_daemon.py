@@ -12,12 +12,13 @@ import threading
 
 import pytest
 
-pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: pip install -e '.[test,mount]' (with libfuse3-dev)")
+pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: "
+                    "pip install -e '.[test,mount]' (with libfuse3-dev)")
 
-from support.daemons import PASSWORD, smirror, wait_for  # noqa: E402
-from support.pair import login, running_pair  # noqa: E402
-from support.rsync import rsync_differences, wait_rsync_same  # noqa: E402
-from smirror.capture.mount.mountpoint import mounted_at  # noqa: E402
+from smirror.capture.mount.mountpoint import mounted_at
+from support.daemons import PASSWORD, smirror, wait_for
+from support.pair import login, running_pair
+from support.rsync import rsync_differences, wait_rsync_same
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,

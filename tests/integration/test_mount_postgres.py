@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from support import postgres
 
 pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: "

@@ -7,9 +7,10 @@ import shutil
 
 import pytest
 
-pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: pip install -e '.[test,mount]' (with libfuse3-dev)")
+pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: "
+                    "pip install -e '.[test,mount]' (with libfuse3-dev)")
 
-from support.sqlite_copies import run  # noqa: E402
+from support.sqlite_copies import run
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,

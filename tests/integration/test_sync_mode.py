@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3")
 
-from smirror.capture.mount.mountpoint import mounted_at  # noqa: E402
-from smirror.errors import ConfigError  # noqa: E402
-from smirror.replication import Replication  # noqa: E402
-from support.synckill import missing_after_kill  # noqa: E402
+from smirror.capture.mount.mountpoint import mounted_at
+from smirror.errors import ConfigError
+from smirror.replication import Replication
+from support.synckill import missing_after_kill
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
@@ -143,6 +143,7 @@ def test_connect_sync_fsync_between_daemons_survives_sigkill_of_the_source(tmp_p
     is on the target even when the source daemon is SIGKILLed right after;
     a watcher repset refuses a synchronous mode by name."""
     import json
+
     from support.daemons import wait_for
     from support.pair import login, running_pair
     back, mnt, dst = tmp_path / "back", tmp_path / "mnt", tmp_path / "replica"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -24,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import logging
 
 from support.daemons import PASSWORD, Node, smirror
 from support.netns import NetnsDaemon
@@ -68,7 +68,7 @@ def percentile(values, p):
 def table(rows, header) -> str:
     rows = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
                      + [line(r) for r in rows[1:]])
 
@@ -99,7 +99,7 @@ class Background:
                 with self.lock:
                     self.workload.step()
                 time.sleep(self.pace)
-        except BaseException as exc:   # reported by stop(): a workload error fails the trial
+        except BaseException as exc:   # noqa: BLE001 - reported by stop(): a workload error fails the trial
             self.error = exc
 
     def stop(self):
@@ -131,10 +131,10 @@ class LibraryScenario:
     rsync_extra = ("--omit-dir-times", "--omit-link-times")
 
     def __init__(self, tmp, rng):
-        from smirror.stream import wire
-        from smirror.daemon import handshake
         from smirror.capture.recorder import Recorder
+        from smirror.daemon import handshake
         from smirror.kernels.memqueue import SpillQueue
+        from smirror.stream import wire
         from smirror.stream.journal import ConnectionJournal
         from smirror.stream.sender import Sender
         self.tmp, self.rng = tmp, rng
@@ -532,11 +532,13 @@ def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out
     stay up, its RSS bounded, the other connection converge."""
     import json
     from pathlib import Path
+
     import psutil
-    from smirror.stream import wire
+
     from smirror.daemon import handshake
     from smirror.kernels.frames import encode_frame
     from smirror.ops import Op
+    from smirror.stream import wire
     from smirror.stream.sender import open_message
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="smirror-faults-fuzz-", dir=workdir))
@@ -557,7 +559,8 @@ def run_fuzz(frames: int, bad_every: int = 500, seed: int = 9, workdir=None, out
 
         link, seq = open_link()
         if seq == 0:
-            link.send(wire.MsgType.FRAME, encode_frame([Op.create(i + 1, p) for i, p in enumerate(FUZZ_FILES)]))
+            link.send(wire.MsgType.FRAME,
+                      encode_frame([Op.create(i + 1, p) for i, p in enumerate(FUZZ_FILES)]))
             seq = len(FUZZ_FILES)
         lib.work.pace = 0.005
         lib.work.start()                        # the existing connection keeps replicating
@@ -685,10 +688,11 @@ def run_net(seconds: float = 60, flaps=(1, 10), seed: int = 11, workdir=None, ou
     is checked against a prefix of the recorded ops; at the end the target
     must have applied exactly the recorded ops, and converge."""
     from pathlib import Path
-    from smirror.stream import wire
-    from smirror.daemon import handshake
+
     from smirror.capture.recorder import Recorder
+    from smirror.daemon import handshake
     from smirror.kernels.memqueue import SpillQueue
+    from smirror.stream import wire
     from smirror.stream.journal import ConnectionJournal
     from smirror.stream.sender import Sender
     rng = random.Random(seed)
