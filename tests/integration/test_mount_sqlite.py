@@ -23,9 +23,3 @@ def test_sqlite_wal_copies_of_the_frozen_target_open_and_hold_a_prefix(tmp_path)
     assert max(r["rows"]) > 0, r
     assert r["final_rows"] == r["committed"], r
 
-
-@pytest.mark.slow
-def test_sqlite_wal_50_frozen_copies(tmp_path):
-    r = run(tmp_path, trials=50, kill_every=5, seed=2)
-    assert r["copies"] == 50 and r["kills"] == 10, r
-    assert r["final_rows"] == r["committed"], r
