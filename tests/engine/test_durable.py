@@ -242,7 +242,7 @@ def test_ops_applied_but_not_synced_are_applied_again_after_a_reboot_and_converg
             source.link.send(wire.MsgType.FRAME, encode_frame([op], False))
         assert target.wait_applied(n, 30), target.status()
         assert target.state != "apply-error" and target.error == ""
-        asked = [bytes(p) for p in target._resync_pending]
+        asked = [bytes(p) for p in target._resync.pending]
         source.close()
         target.close()
         for rel in asked:                           # the source's resyncs

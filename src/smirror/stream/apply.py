@@ -219,6 +219,16 @@ def syncfs(fd: int) -> bool:
         os.close(dfd)
 
 
+def _fsync_held(fd: int) -> None:
+    """fsync of a file or directory the applier holds open. One removed
+    since it was noted needs nothing: a file system that answers ENOENT
+    for it (a FUSE server that finds it by name) is taken at its word."""
+    try:
+        os.fsync(fd)
+    except FileNotFoundError:
+        pass
+
+
 def _fsync_parent(path) -> None:
     dfd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -416,22 +426,25 @@ class Applier:
                               f"writeback error): ops applied since the last pass are not durable")
         files, self._dirty_files = self._dirty_files, []
         self._noted.clear()
-        try:
-            for fd in files:
-                os.fsync(fd)
-        finally:
-            for fd in files:
-                os.close(fd)
-        dirs, self._dirty_dirs = self._dirty_dirs, {}
-        for rel in dirs:
+        while files:
+            try:
+                _fsync_held(files[-1])
+            except BaseException:
+                self._dirty_files[:0] = files       # not synced: the next pass tries again
+                raise
+            os.close(files.pop())
+        dirs = self._dirty_dirs
+        for rel in list(dirs):
             try:
                 fd = self.base.open(rel, os.O_RDONLY | os.O_DIRECTORY)
             except (OSError, ConfinementError):
+                del dirs[rel]
                 continue        # removed or moved since: its parent's entry says so
             try:
-                os.fsync(fd)
+                _fsync_held(fd)
             finally:
                 os.close(fd)
+            del dirs[rel]
 
     def sync_durable(self) -> int:
         """Make every op applied so far durable: the files and directories

@@ -435,7 +435,10 @@ class CaptureFS(pyfuse3.Operations):
 
     @_served
     def fsyncdir(self, fh, datasync):
-        fd = self._opendir(self._path(self.dirs[fh][0]))
+        node = self.nodes.get(self.dirs[fh][0])
+        if node is None or not node.paths:
+            return          # removed since it was opened: nothing left to sync (as on a disk)
+        fd = self._opendir(node.paths[0])
         try:
             os.fsync(fd)
         finally:

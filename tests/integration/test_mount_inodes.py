@@ -1,10 +1,13 @@
-"""Inode numbers the backing file system reuses (the capture mount's
-CaptureFS, which the power-loss layer shares): a directory removed while
+"""Inodes through the capture mount's CaptureFS (which the power-loss
+layer shares) that die while something still holds them.
+
+Inode numbers the backing file system reuses: a directory removed while
 something still holds it, and a new one the backing gives the same number,
 are two inodes to the kernel. With one generation for both, the kernel took
 the new entry for the dead directory, and every create in it failed with
 ENOENT (a target on the power-loss layer, whose reclaimer holds removed
-directories, resynced such a subtree every 50 ms, forever)."""
+directories, resynced such a subtree every 50 ms, forever). And an open
+directory removed since is fsynced without error, as on a disk."""
 import os
 import shutil
 import subprocess
@@ -16,9 +19,10 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
     reason="needs /dev/fuse, fusermount3 (Debian's fuse3) and root")
 
+from support.lazyfs import LazyMount  # noqa: E402
+
 from smirror.capture.mount.mountpoint import mounted_at  # noqa: E402
 from smirror.capture.mount.runner import CaptureMount  # noqa: E402
-from support.lazyfs import LazyMount  # noqa: E402
 
 ATTEMPTS = 100      # removals until the backing reuses an inode number (ext4: at once)
 
@@ -74,3 +78,23 @@ def test_a_reused_inode_number_is_a_new_inode_to_the_kernel(tmp_path, mount, rem
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
     if not reused:
         pytest.skip(f"the backing file system reused no inode number in {ATTEMPTS} removals")
+
+
+@pytest.mark.parametrize("mount", MOUNTS)
+def test_fsync_of_an_open_directory_removed_since_succeeds(tmp_path, mount):
+    # as on a disk; the target's durable pass fsyncs directories it noted,
+    # and one removed meanwhile failed the pass with ENOENT
+    back, mnt = tmp_path / "back", tmp_path / "mnt"
+    back.mkdir()
+    try:
+        with MOUNTS[mount](back, mnt):
+            os.mkdir(mnt / "d")
+            fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.rmdir(mnt / "d")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        if mounted_at(str(mnt)):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
