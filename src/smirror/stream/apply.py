@@ -272,7 +272,7 @@ class Applier:
         self.reclaimer = reclaim.shared()
         # coalesced: ops applied as part of another (moot, or in a run)
         self.stats = {"ops": 0, "bytes": 0, "repairs": 0, "skipped": 0, "setid_stripped": 0,
-                      "xattrs_refused": 0, "devices_refused": 0, "coalesced": 0}
+                      "xattrs_refused": 0, "devices_refused": 0, "coalesced": 0, "barriers": 0}
         self._state = None
         self.applied_seq = 0
         self.synced_seq = 0         # applied and made durable (sync_durable)
@@ -288,6 +288,11 @@ class Applier:
         self._dirty_files: list[int] = []
         self._noted: set[int] = set()
         self._dirty_dirs: dict[bytes, None] = {}
+        # what ops since the last durable pass touched: their paths, the
+        # directories above those, the names a RENAME moved away (_barrier)
+        self._touched: set[bytes] = set()
+        self._touched_above: set[bytes] = set()
+        self._moved_away: set[bytes] = set()
         self._boot = boot_id()
         if state_path is not None:
             self._state = _open_state(state_path)
@@ -327,6 +332,9 @@ class Applier:
             count = len(cast(WriteRun, op).ops)
             self.stats["coalesced"] += count - 1
         do: Callable[[Any], None] = self._write_run if cls is WriteRun else self._dispatch[op.kind]
+        if self._state is not None and (self._touched or self._moved_away) and self._barrier(op):
+            self.sync_durable()
+            self.stats["barriers"] += 1
         try:
             if op.kind in _NAMED and (not op.path or op.kind in _TWO_PATHS and not op.path2):
                 raise ConfinementError("the map base itself cannot be its target", b"")
@@ -347,9 +355,64 @@ class Applier:
             raise ApplyError(f"op seq {op.seq} {OpKind(op.kind).name} {bytes(op.path)!r} "
                              f"failed on the target: {exc.strerror or exc}") from exc
         self._note(op)
+        if self._state is not None:
+            self._touch(op)
         self._applied(op.seq, count)
 
     # -- durability ----------------------------------------------------------
+    # Replay after a restart that lost unsynced writes (_settle_unsynced)
+    # applies the ops after the synced seq again, in order, over a tree whose
+    # names may hold a later state (a file system makes names durable apart
+    # from data). Every op kind is idempotent in order over such a tree,
+    # except where an op moves or aliases an inode that an earlier op of the
+    # same unsynced stretch reached by another name: replayed, that earlier
+    # op finds the name gone (a WRITE makes a new empty file there, which
+    # the RENAME then moves over the real one) or finds another inode
+    # there. So such an op first makes everything before it durable (a
+    # barrier): then no unsynced stretch holds both, and the replay is
+    # exact, without asking the source for anything.
+    def _barrier(self, op) -> bool:
+        """Whether ``op`` needs every op before it durable first (above)."""
+        kind = op.kind
+        if kind == OpKind.RENAME:
+            old, new = bytes(op.path), bytes(op.path2)
+            return self._reached(old) or self._reached(new) or new in self._moved_away
+        if kind == OpKind.HARDLINK:
+            new = bytes(op.path)
+            return self._reached(new) or new in self._moved_away
+        if kind in (OpKind.CREATE, OpKind.MKDIR, OpKind.SYMLINK, OpKind.MKNOD):
+            return bytes(op.path) in self._moved_away
+        if kind == OpKind.DELETE:
+            # a file with other names: the replayed writes by this name must
+            # reach the inode the others keep
+            rel = bytes(op.path)
+            if rel not in self._touched:
+                return False
+            try:
+                return os.lstat(self.base.root + b"/" + rel).st_nlink > 1
+            except OSError:
+                return False
+        return False
+
+    def _reached(self, rel: bytes) -> bool:
+        """An op since the last durable pass touched ``rel`` or something under it."""
+        return rel in self._touched or rel in self._touched_above
+
+    def _touch(self, op) -> None:
+        if op.kind in (OpKind.TASK, OpKind.MARK):
+            return
+        paths = (bytes(op.path), bytes(op.path2)) if op.kind in _TWO_PATHS else (bytes(op.path),)
+        for rel in paths:
+            if rel in self._touched:
+                continue
+            self._touched.add(rel)
+            above = rel.rpartition(b"/")[0]
+            while above and above not in self._touched_above:
+                self._touched_above.add(above)
+                above = above.rpartition(b"/")[0]
+        if op.kind == OpKind.RENAME:
+            self._moved_away.add(bytes(op.path))
+
     def _settle_unsynced(self, boot: bytes) -> None:
         """At start, ops were applied after the last synced seq and this
         process does not know which files they changed. In the same boot on
@@ -460,6 +523,9 @@ class Applier:
             self._state[_BOOT_AT:_BOOT_AT + 16] = self._boot
             self._state.flush()         # msync: an fsync of the state file
         self.synced_seq = seq
+        self._touched.clear()
+        self._touched_above.clear()
+        self._moved_away.clear()
         return seq
 
     def _applied(self, seq: int, count: int) -> None:

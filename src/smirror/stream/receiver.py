@@ -362,9 +362,12 @@ class TargetConnection:
                 self._diverged(op, exc, replayed=op.seq <= applier.replay_until)
                 continue
             if op.seq <= applier.replay_until:
-                # applied again over a tree that held it, or part of it, or
-                # a later state: what it touched is sent again by the source
-                self._ask_resync(op, REPLAY_REASON)
+                # applied again over a tree that holds a later state: exact
+                # (the applier's barriers), unless the applier had to make
+                # up for something (a file missing): then the source sends
+                # what it touched again
+                if stats["repairs"] != repairs:
+                    self._ask_resync(op, REPLAY_REASON)
             elif stats["repairs"] != repairs and op.kind in _REPAIR_MEANS_DIVERGED:
                 # the applier made up for something the target lacked (a
                 # write to a missing file, a rename of a vanished one): what
