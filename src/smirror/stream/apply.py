@@ -470,10 +470,16 @@ class Applier:
             fd = self.base.open(rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
         except (OSError, ConfinementError):
             return
-        if stat.S_ISREG(os.fstat(fd).st_mode) or stat.S_ISDIR(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
             self._dirty_files.append(fd)
-        else:
-            os.close(fd)
+            return
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            # by name, opened at the pass: a directory held open and removed
+            # meanwhile can give its inode number to a new one, and a FUSE
+            # kernel then fails every call on the one held (EIO)
+            self._note_dir(rel)
 
     def _note_dir(self, rel: bytes) -> None:
         self._dirty_dirs[rel] = None
