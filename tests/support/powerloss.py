@@ -63,9 +63,9 @@ LIBRARY_RSYNC_EXTRA = ("--omit-dir-times", "--omit-link-times")
 
 RESET_LINE = "a mirror must follow"             # the source: the target lacks what it discarded
 RESYNC_LINE = "asking the source for a resync"  # the target: the applier found a gap
-# a resync of ops replayed above the durable watermark (branch durable): the
-# source still held them, so it hides no loss of acknowledged ops
-REPLAY_REASON = "replayed after a restart that lost unsynced writes"
+# a resync of ops replayed above the durable watermark: the source still
+# held them, so it hides no loss of acknowledged ops (said by the target)
+from smirror.stream.receiver import REPLAY_REASON  # noqa: E402
 
 
 def count_resyncs(log_text: str) -> tuple[int, int]:
@@ -73,6 +73,8 @@ def count_resyncs(log_text: str) -> tuple[int, int]:
     lines = [line for line in log_text.splitlines() if RESYNC_LINE in line]
     replays = sum(REPLAY_REASON in line for line in lines)
     return len(lines) - replays, replays
+# the boot id's place in the target's applied-state file (stream.apply)
+BOOT_END = 40
 HELD = re.compile(r"target holds up to seq (\d+) but the source queue starts at")
 
 
@@ -95,10 +97,23 @@ class PoweredTarget:
         self.map_base = self.powered / "replica"
 
     def cut(self, power: bool = True) -> None:
-        """SIGKILL the daemon, then (``power``) the layer's power."""
+        """SIGKILL the daemon, then (``power``) the layer's power: the
+        machine comes back in another boot."""
         self.node.kill()
         if power:
             self.layer.power_loss()
+            self.new_boot()
+
+    def new_boot(self) -> None:
+        """The applied-state files on the disk were written in the boot
+        before (what a real power loss makes of the kernel's boot id; the
+        harness's machine keeps running): the target cannot take their
+        applied seq on trust (stream.apply)."""
+        for state in (self.disk / "state").glob("targets/*/target-*/applied"):
+            raw = bytearray(state.read_bytes())
+            if raw[:8] in (b"SMAPPLY2", b"SMAPPLY3") and len(raw) >= BOOT_END:
+                raw[BOOT_END - 16:BOOT_END] = os.urandom(16)
+                state.write_bytes(bytes(raw))
 
     def restart(self) -> None:
         if self.layer.proc.poll() is not None:

@@ -76,11 +76,18 @@ log = logging.getLogger("smirror.stream.apply")
 
 _OPEN_FILES = 64           # write fds kept open between ops of the same file
 _STATE_MAGIC_V1 = b"SMAPPLY1"   # magic + applied u64 (before the synced seq)
-_STATE_MAGIC = b"SMAPPLY2"      # magic + applied u64 + synced u64 + boot id (16)
-_STATE_SIZE = 40
+_STATE_MAGIC_V2 = b"SMAPPLY2"   # magic + applied u64 + synced u64 + boot id (16)
+_STATE_MAGIC = b"SMAPPLY3"      # ... + reserved u64: no op past it was applied
+_STATE_SIZES = {_STATE_MAGIC_V1: 16, _STATE_MAGIC_V2: 40, _STATE_MAGIC: 48}
+_STATE_SIZE = 48
 _SEQ = struct.Struct("<Q")
 _SYNCED_AT = 16
 _BOOT_AT = 24
+_RESERVED_AT = 40
+# ops applied past a reservation before the next one is made durable (one
+# msync of the state file): after a power loss, which took the applied seq
+# with it, ops up to the reservation may have been applied (_settle_unsynced)
+RESERVE_OPS = 1024
 # files held for the next durable pass before it is done early (descriptors)
 DIRTY_MAX = 256
 # op kinds that change the entries of their parent directory (and path2's)
@@ -151,16 +158,19 @@ def _open_state(path) -> mmap.mmap:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         data = os.pread(fd, 4096, 0)
+        magic = data[:8]
         if not data.strip(b"\0"):
             fresh = _STATE_MAGIC + bytes(_STATE_SIZE - 8)
-        elif data[:8] == _STATE_MAGIC_V1 and len(data) == 16:
-            seq = data[8:16]
-            fresh = _STATE_MAGIC + seq + seq + bytes(16)
-        elif data[:8] == _STATE_MAGIC and len(data) == _STATE_SIZE:
-            fresh = None
-        elif data[:8] in (_STATE_MAGIC, _STATE_MAGIC_V1):
+        elif magic in _STATE_SIZES and len(data) != _STATE_SIZES[magic]:
             raise ApplyError(f"{os.fsdecode(path)}: applied-sequence file has {len(data)} bytes, "
-                             f"expected {_STATE_SIZE}")
+                             f"expected {_STATE_SIZES[magic]}")
+        elif magic == _STATE_MAGIC_V1:
+            seq = data[8:16]
+            fresh = _STATE_MAGIC + seq + seq + bytes(16) + seq
+        elif magic == _STATE_MAGIC_V2:
+            fresh = _STATE_MAGIC + data[8:40] + data[8:16]     # reserved: the applied seq
+        elif magic == _STATE_MAGIC:
+            fresh = None
         else:
             raise ApplyError(f"{os.fsdecode(path)}: not an applied-sequence file (bad magic "
                              f"{data[:8]!r})")
@@ -277,6 +287,7 @@ class Applier:
         self.applied_seq = 0
         self.synced_seq = 0         # applied and made durable (sync_durable)
         self.replay_until = 0       # applied before a restart that lost their sync: replayed
+        self._reserved = 0          # no op past it applied (RESERVE_OPS)
         # the map base on a local file system: one syncfs per durable pass
         # covers every file changed (thousands of small files cost one
         # call); on FUSE each changed file and directory is fsynced instead
@@ -298,11 +309,17 @@ class Applier:
             self._state = _open_state(state_path)
             self.applied_seq = _SEQ.unpack_from(self._state, 8)[0]
             self.synced_seq = _SEQ.unpack_from(self._state, _SYNCED_AT)[0]
+            self._reserved = _SEQ.unpack_from(self._state, _RESERVED_AT)[0]
             boot = bytes(self._state[_BOOT_AT:_BOOT_AT + 16])
             if self.synced_seq > self.applied_seq:
                 self.applied_seq = self.synced_seq      # (the applied store was lost)
-            if self.applied_seq > self.synced_seq:
-                self._settle_unsynced(boot)
+            same_boot = boot == self._boot or not boot.strip(b"\0")
+            # in this boot the applied seq is right (the page cache kept it);
+            # after a reboot it may be lost: ops up to the reservation may
+            # have been applied
+            maybe = self.applied_seq if same_boot else max(self.applied_seq, self._reserved)
+            if maybe > self.synced_seq:
+                self._settle_unsynced(same_boot, maybe)
         self._dispatch = {
             OpKind.WRITE: self._write, OpKind.TRUNCATE: self._truncate,
             OpKind.CREATE: self._create, OpKind.MKDIR: self._mkdir,
@@ -332,9 +349,12 @@ class Applier:
             count = len(cast(WriteRun, op).ops)
             self.stats["coalesced"] += count - 1
         do: Callable[[Any], None] = self._write_run if cls is WriteRun else self._dispatch[op.kind]
-        if self._state is not None and (self._touched or self._moved_away) and self._barrier(op):
-            self.sync_durable()
-            self.stats["barriers"] += 1
+        if self._state is not None:
+            if op.seq > self._reserved:
+                self._reserve(op.seq)
+            if (self._touched or self._moved_away) and self._barrier(op):
+                self.sync_durable()
+                self.stats["barriers"] += 1
         try:
             if op.kind in _NAMED and (not op.path or op.kind in _TWO_PATHS and not op.path2):
                 raise ConfinementError("the map base itself cannot be its target", b"")
@@ -371,6 +391,14 @@ class Applier:
     # there. So such an op first makes everything before it durable (a
     # barrier): then no unsynced stretch holds both, and the replay is
     # exact, without asking the source for anything.
+    def _reserve(self, seq: int) -> None:
+        """Record, durably, that no op past ``seq + RESERVE_OPS`` is applied
+        before the next reservation."""
+        assert self._state is not None
+        self._reserved = seq + RESERVE_OPS
+        _SEQ.pack_into(self._state, _RESERVED_AT, self._reserved)
+        self._state.flush()
+
     def _barrier(self, op) -> bool:
         """Whether ``op`` needs every op before it durable first (above)."""
         kind = op.kind
@@ -413,23 +441,23 @@ class Applier:
         if op.kind == OpKind.RENAME:
             self._moved_away.add(bytes(op.path))
 
-    def _settle_unsynced(self, boot: bytes) -> None:
-        """At start, ops were applied after the last synced seq and this
-        process does not know which files they changed. In the same boot on
-        a local file system their data is in the page cache: syncfs makes
-        it durable. After a reboot (it may be lost), or on a FUSE file
-        system (syncfs does not reach its daemon), they are applied again."""
-        same_boot = boot == self._boot or not boot.strip(b"\0")
+    def _settle_unsynced(self, same_boot: bool, maybe: int) -> None:
+        """At start, ops were (``maybe``: may have been, up to that seq)
+        applied after the last synced seq and this process does not know
+        which files they changed. In the same boot on a local file system
+        their data is in the page cache: syncfs makes it durable. After a
+        reboot (it may be lost), or on a FUSE file system (syncfs does not
+        reach its daemon), they are applied again."""
         if same_boot and _syncfs(self.base.fd):
             self.sync_durable()
             return
-        log.warning("%s: ops after seq %d were applied but not synced (%s): they are "
-                    "applied again from seq %d", self.name, self.synced_seq,
-                    "the machine restarted" if not same_boot else "no syncfs on this file system",
-                    self.synced_seq + 1)
-        # ops up to here are applied over a tree that may hold them already
-        # (or part of them): the target asks the source to resync what they touch
-        self.replay_until = self.applied_seq
+        log.warning("%s: ops after seq %d (up to %d at most) may have been applied but not "
+                    "synced (%s): they are applied again from seq %d", self.name, self.synced_seq,
+                    maybe, "the machine restarted" if not same_boot else
+                    "no syncfs on this file system", self.synced_seq + 1)
+        # ops up to here are applied again over a tree that may hold a later
+        # state: exact (the barriers), and what needs repair is resynced
+        self.replay_until = maybe
         self.applied_seq = self.synced_seq
         assert self._state is not None
         _SEQ.pack_into(self._state, 8, self.applied_seq)
