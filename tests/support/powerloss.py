@@ -360,6 +360,9 @@ class MountTrial(WatcherTrial):
         self.source.proc.send_signal(signal.SIGSTOP)
         try:
             self.target.restart()
+            # (a daemon's sessions do not outlive it)
+            smirror("login", self.target.node.address, "--user", "admin", "--password-env", "PW",
+                    env={**self.env, "PW": PASSWORD})
             held = wait_for(self._drained, 60, "the target to apply what it held")
             missing = self.app.missing(self.dst, committed)
         finally:
@@ -369,11 +372,26 @@ class MountTrial(WatcherTrial):
                 "target_log": target_log, "committed_missing": missing, "target_held": held}
 
     def _drained(self):
+        """The target applied what it holds (its queue, in order), or has
+        applied nothing more for QUIET seconds: what lies past a gap in
+        its queue comes from the source, stopped now, and was never said
+        durable (the durable watermark counts the queue only from the
+        applied seq on)."""
         from support.faults import target_connection
         c = target_connection(self.target.node)
-        if c and c.get("seq_applied") == c.get("seq_received"):
-            return c.get("seq_applied", 0) or True
+        if not c:
+            return None
+        applied, now = c.get("seq_applied", 0), time.monotonic()
+        if applied == c.get("seq_received"):
+            return applied or True
+        if applied != self._last_applied:
+            self._last_applied, self._still_since = applied, now
+        elif now - self._still_since >= self.QUIET:
+            return applied or True
         return None
+
+    QUIET = 3.0
+    _last_applied, _still_since = -1, 0.0
 
     def close(self) -> None:
         if self.source.proc is not None:
