@@ -42,6 +42,7 @@ from smirror.daemon.config import Config, parse_hostport, setid_allowed
 from smirror.daemon.registry import Registry, check_options
 from smirror.daemon.target_access import MapBases, SourceBindings, check_source_id, overlaps, resolve
 from smirror.errors import AuthError, ConfigError, QueueFull, SmirrorError
+from smirror.fs.atomic import write_atomic
 from smirror.fs.keep import KeepDirs
 from smirror.kernels.memqueue import (
     MemoryBudget,
@@ -1099,10 +1100,8 @@ class Daemon:
                                allow_devices=cfg.target.devices)
         tgt.source = source
         record = tgt.dir / MAP_BASE_FILE
-        if not record.exists():
-            tmp = record.with_name(MAP_BASE_FILE + ".tmp")
-            tmp.write_text(base + "\n", encoding="utf-8", errors="surrogateescape")
-            os.replace(tmp, record)
+        if not record.exists():         # durable: a power loss leaves the old or the new
+            write_atomic(record, os.fsencode(base) + b"\n")
         return tgt
 
     def _resume_targets(self) -> None:
