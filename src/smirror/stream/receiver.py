@@ -1117,6 +1117,9 @@ class TargetConnection:
                 "bytes_received": self.bytes_received, "paused": self._paused.is_set(),
                 "apply_state": self.apply_state,
                 "repairs": self.applier.stats["repairs"],
+                # durable passes made before an op that moves a name written since
+                # the last one (Applier._barrier: an exact replay after a power loss)
+                "barriers": self.applier.stats["barriers"],
                 "setid_stripped": self.applier.stats["setid_stripped"],
                 "xattrs_refused": self.applier.stats["xattrs_refused"],
                 "devices_refused": self.applier.stats["devices_refused"],
