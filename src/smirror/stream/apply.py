@@ -725,6 +725,11 @@ class Applier:
         self._dirty_files, self._dirty_dirs = [], {}
         # (the reclaimer is the process's: it goes on closing what it holds)
         if self._state is not None:
+            if self.synced_seq == self.applied_seq and self._reserved > self.applied_seq:
+                # all durable: a reboot after this clean stop has nothing to replay
+                self._reserved = self.applied_seq
+                _SEQ.pack_into(self._state, _RESERVED_AT, self._reserved)
+                self._state.flush()
             self._state.close()
             self._state = None
         self.base.close()
@@ -909,6 +914,15 @@ class Applier:
     def _delete(self, op: Op) -> None:
         rel = bytes(op.path)
         self._drop(rel, subtree=True)
+        try:
+            self._delete_at(rel)
+        except (FileNotFoundError, NotADirectoryError):
+            # a directory above it is missing (or no directory): nothing
+            # stands there, the delete is done (a watcher's stream, or a
+            # replay, can name a path whose directory went first)
+            pass
+
+    def _delete_at(self, rel: bytes) -> None:
         with self.base.at(rel) as (d, name):
             held, done = self._doomed(d, name), False
             try:
@@ -925,6 +939,12 @@ class Applier:
     def _rmdir(self, op: Op) -> None:
         rel = bytes(op.path)
         self._drop(rel, subtree=True)
+        try:
+            self._rmdir_at(rel)
+        except (FileNotFoundError, NotADirectoryError):
+            pass            # a directory above it is missing: done (see _delete)
+
+    def _rmdir_at(self, rel: bytes) -> None:
         with self.base.at(rel) as (d, name):
             held, done = self._doomed(d, name), False
             try:
