@@ -203,11 +203,6 @@ def _lost(results):
     return {kind: r["failures"] for kind, r in results.items() if r["failed"]}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 16, open: on a FUSE map base the restarted target cannot syncfs what it applied before "
-    "the kill, so it applies every op above its synced point again and asks a resync for each "
-    "(1,779 in one watcher trial), which does not converge within the deadline; before the durable "
-    "watermark this control passed 10 of 10 (docs/durability.md)"))
 def test_the_harness_finds_nothing_lost_when_only_the_daemon_is_killed(tmp_path):
     # the control: SIGKILL of the target daemon without a power loss loses
     # nothing (invariant 5 holds against a kill), so what the next test
@@ -219,12 +214,7 @@ def test_the_harness_finds_nothing_lost_when_only_the_daemon_is_killed(tmp_path)
     assert not _lost(res)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 16, open: no acknowledged op is lost any more (the durable watermark: 0 against 19,299 "
-    "before), but the replica does not converge within the deadline: the ops replayed from the "
-    "durable point fail over the later tree and are resynced, which the library source here cannot "
-    "serve and the watcher source does not finish in time (docs/durability.md has both runs)"))
-def test_a_power_loss_loses_no_acknowledged_op(tmp_path):
+def test_after_a_power_loss_no_acknowledged_op_is_lost_and_the_replica_converges(tmp_path):
     from support.powerloss import run_trials
     res = run_trials(2, seed=7, power=True, deadline=15, workdir=tmp_path)
     assert not _lost(res), {k: [(f["failed"], f["left"][:3]) for f in v] for k, v in _lost(res).items()}

@@ -36,10 +36,10 @@ from support.treestate import diff, snapshot
 def read_applied(path) -> int:
     """The applied sequence number in a target's ``applied`` state file."""
     with open(path, "rb") as f:
-        data = f.read(40)
+        data = f.read(48)
     # SMAPPLY1: magic + applied; SMAPPLY2 (the durable watermark): magic +
-    # applied + synced + boot id
-    if (len(data), data[:8]) not in ((16, b"SMAPPLY1"), (40, b"SMAPPLY2")):
+    # applied + synced + boot id; SMAPPLY3: ... + reserved
+    if (len(data), data[:8]) not in ((16, b"SMAPPLY1"), (40, b"SMAPPLY2"), (48, b"SMAPPLY3")):
         raise ValueError(f"{path}: not an applied-sequence file")
     return struct.unpack_from("<Q", data, 8)[0]
 

@@ -43,6 +43,7 @@ from smirror.daemon.registry import Registry, check_options
 from smirror.daemon.scan_pages import ScanPages, check_page_bytes, listing_rows
 from smirror.daemon.target_access import MapBases, SourceBindings, check_source_id, overlaps, resolve
 from smirror.errors import AuthError, ConfigError, QueueFull, SmirrorError
+from smirror.fs.atomic import write_atomic
 from smirror.fs.keep import KeepDirs
 from smirror.kernels.memqueue import (
     MemoryBudget,
@@ -70,6 +71,10 @@ if TYPE_CHECKING:       # imported when a mount set starts: pyfuse3 is optional
     from smirror.mirror.remote import RemoteReader
 
 log = logging.getLogger("smirror.daemon.server")
+
+# beside an incoming connection's applied state: its map base, so that a
+# restarted target applies what it holds before its source is back
+MAP_BASE_FILE = "map_base"
 
 
 class SourceConnection:
@@ -608,6 +613,7 @@ class Daemon:
                 "insecure = true to accept that")
         self._sock = socket.create_server((host, port), reuse_port=False)
         self.address = self._sock.getsockname()[:2]
+        self._resume_targets()
         threading.Thread(target=self._accept_loop, daemon=True, name="accept").start()
         for repset in list(self.registry.repsets.values()):
             if repset.capture == "mount":
@@ -644,7 +650,11 @@ class Daemon:
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         self.start()
         print(f"smirror daemon listening on {self.address[0]}:{self.address[1]}", flush=True)
-        self._stop.wait()
+        # a timed wait: a signal the kernel gave to another thread wakes no
+        # untimed lock wait, and its handler runs only when this one wakes
+        # (a SIGTERM right after a SIGCONT was lost that way)
+        while not self._stop.wait(0.5):
+            pass
         self.stop()
 
     def stop(self) -> None:
@@ -1028,28 +1038,7 @@ class Daemon:
                 self.bindings.claim_map_base(source, base)     # no other source's map base
                 self.map_bases.check(map_base, create=True)
                 if tgt is None and not check:
-                    cfg = self.config
-                    tgt = TargetConnection(conid, base, self.state_dir / "targets" / source,
-                                           queue_dir=self._target_queue_dir(source, conid),
-                                           memory_limit=queue_cap(cfg.queues.target_memory_limit,
-                                                                  self.memory.limit),
-                                           budget=self.memory,
-                                           disk_limit=cfg.queues.disk_queue_limit,
-                                           min_free_bytes=cfg.queues.min_free_space,
-                                           fsync=cfg.queues.fsync, paused=self.paused,
-                                           tasks=self.target_tasks,
-                                           stop_on_task_failure=cfg.tasks.stop_replication_on_failure,
-                                           in_use_max_delay=cfg.target.in_use_max_delay,
-                                           keep_dirs=self.keep_dirs,
-                                           alert_threshold=cfg.queues.alert_threshold,
-                                           deleted_mode=cfg.target.ignored_deletes,
-                                           deleted_keep_days=cfg.target.deleted_keep_days,
-                                           orphan_moves=cfg.target.orphans == "move",
-                                           allow_setid=setid_allowed(base, cfg.target.setid_map_bases),
-                                           xattr_namespaces=cfg.target.xattr_namespaces,
-                                           allow_devices=cfg.target.devices)
-                    tgt.source = source
-                    self.targets[key] = tgt
+                    tgt = self.targets[key] = self._new_target(source, conid, base)
         except SmirrorError as exc:
             log.warning("%s: data link of user %r refused: %s", link.peer, user.name, exc)
             link.send_error(str(exc))
@@ -1085,6 +1074,57 @@ class Daemon:
                     "its queue and state removed", conid, source, base,
                     f", {dropped} frame(s) not applied dropped" if dropped else "")
         link.send_json(MsgType.READY, {"last_seq": 0, "disconnected": True, "known": tgt is not None})
+
+    def _new_target(self, source: str, conid: int, base: str) -> TargetConnection:
+        """The target side of connection ``conid`` of ``source`` into the
+        map base ``base`` (checked), its map base recorded beside its state
+        (_resume_targets). Under _targets_lock."""
+        cfg = self.config
+        state = self.state_dir / "targets" / source
+        tgt = TargetConnection(conid, base, state,
+                               queue_dir=self._target_queue_dir(source, conid),
+                               memory_limit=queue_cap(cfg.queues.target_memory_limit,
+                                                      self.memory.limit),
+                               budget=self.memory,
+                               disk_limit=cfg.queues.disk_queue_limit,
+                               min_free_bytes=cfg.queues.min_free_space,
+                               fsync=cfg.queues.fsync, paused=self.paused,
+                               tasks=self.target_tasks,
+                               stop_on_task_failure=cfg.tasks.stop_replication_on_failure,
+                               in_use_max_delay=cfg.target.in_use_max_delay,
+                               keep_dirs=self.keep_dirs,
+                               alert_threshold=cfg.queues.alert_threshold,
+                               deleted_mode=cfg.target.ignored_deletes,
+                               deleted_keep_days=cfg.target.deleted_keep_days,
+                               orphan_moves=cfg.target.orphans == "move",
+                               allow_setid=setid_allowed(base, cfg.target.setid_map_bases),
+                               xattr_namespaces=cfg.target.xattr_namespaces,
+                               allow_devices=cfg.target.devices)
+        tgt.source = source
+        record = tgt.dir / MAP_BASE_FILE
+        if not record.exists():         # durable: a power loss leaves the old or the new
+            write_atomic(record, os.fsencode(base) + b"\n")
+        return tgt
+
+    def _resume_targets(self) -> None:
+        """At start: every incoming connection this daemon holds state for
+        (its map base recorded) applies what its durable queue holds at
+        once, without waiting for its source to come back (a source that
+        is down, or stopped, must not keep a target's acknowledged ops
+        off its map base)."""
+        for record in sorted(self.state_dir.glob(f"targets/*/target-*/{MAP_BASE_FILE}")):
+            source, name = record.parent.parent.name, record.parent.name
+            try:
+                conid = int(name.removeprefix("target-"))
+                check_source_id(source)
+                base = self.map_bases.check(record.read_text(encoding="utf-8",
+                                                             errors="surrogateescape").strip())
+                with self._targets_lock:
+                    if (source, conid) not in self.targets:
+                        self.targets[(source, conid)] = self._new_target(source, conid, base)
+            except (SmirrorError, OSError, ValueError) as exc:
+                # its source's next OPEN tries again (and says why, if it must)
+                log.error("connection %s from %s: not resumed at start: %s", name, source, exc)
 
     def _target_queue_dir(self, source: str, conid: int) -> Path:
         """Where the durable queue of an incoming connection lives:

@@ -76,11 +76,18 @@ log = logging.getLogger("smirror.stream.apply")
 
 _OPEN_FILES = 64           # write fds kept open between ops of the same file
 _STATE_MAGIC_V1 = b"SMAPPLY1"   # magic + applied u64 (before the synced seq)
-_STATE_MAGIC = b"SMAPPLY2"      # magic + applied u64 + synced u64 + boot id (16)
-_STATE_SIZE = 40
+_STATE_MAGIC_V2 = b"SMAPPLY2"   # magic + applied u64 + synced u64 + boot id (16)
+_STATE_MAGIC = b"SMAPPLY3"      # ... + reserved u64: no op past it was applied
+_STATE_SIZES = {_STATE_MAGIC_V1: 16, _STATE_MAGIC_V2: 40, _STATE_MAGIC: 48}
+_STATE_SIZE = 48
 _SEQ = struct.Struct("<Q")
 _SYNCED_AT = 16
 _BOOT_AT = 24
+_RESERVED_AT = 40
+# ops applied past a reservation before the next one is made durable (one
+# msync of the state file): after a power loss, which took the applied seq
+# with it, ops up to the reservation may have been applied (_settle_unsynced)
+RESERVE_OPS = 1024
 # files held for the next durable pass before it is done early (descriptors)
 DIRTY_MAX = 256
 # op kinds that change the entries of their parent directory (and path2's)
@@ -151,16 +158,19 @@ def _open_state(path) -> mmap.mmap:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         data = os.pread(fd, 4096, 0)
+        magic = data[:8]
         if not data.strip(b"\0"):
             fresh = _STATE_MAGIC + bytes(_STATE_SIZE - 8)
-        elif data[:8] == _STATE_MAGIC_V1 and len(data) == 16:
-            seq = data[8:16]
-            fresh = _STATE_MAGIC + seq + seq + bytes(16)
-        elif data[:8] == _STATE_MAGIC and len(data) == _STATE_SIZE:
-            fresh = None
-        elif data[:8] in (_STATE_MAGIC, _STATE_MAGIC_V1):
+        elif magic in _STATE_SIZES and len(data) != _STATE_SIZES[magic]:
             raise ApplyError(f"{os.fsdecode(path)}: applied-sequence file has {len(data)} bytes, "
-                             f"expected {_STATE_SIZE}")
+                             f"expected {_STATE_SIZES[magic]}")
+        elif magic == _STATE_MAGIC_V1:
+            seq = data[8:16]
+            fresh = _STATE_MAGIC + seq + seq + bytes(16) + seq
+        elif magic == _STATE_MAGIC_V2:
+            fresh = _STATE_MAGIC + data[8:40] + data[8:16]     # reserved: the applied seq
+        elif magic == _STATE_MAGIC:
+            fresh = None
         else:
             raise ApplyError(f"{os.fsdecode(path)}: not an applied-sequence file (bad magic "
                              f"{data[:8]!r})")
@@ -219,6 +229,16 @@ def syncfs(fd: int) -> bool:
         os.close(dfd)
 
 
+def _fsync_held(fd: int) -> None:
+    """fsync of a file or directory the applier holds open. One removed
+    since it was noted needs nothing: a file system that answers ENOENT
+    for it (a FUSE server that finds it by name) is taken at its word."""
+    try:
+        os.fsync(fd)
+    except FileNotFoundError:
+        pass
+
+
 def _fsync_parent(path) -> None:
     dfd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -262,11 +282,12 @@ class Applier:
         self.reclaimer = reclaim.shared()
         # coalesced: ops applied as part of another (moot, or in a run)
         self.stats = {"ops": 0, "bytes": 0, "repairs": 0, "skipped": 0, "setid_stripped": 0,
-                      "xattrs_refused": 0, "devices_refused": 0, "coalesced": 0}
+                      "xattrs_refused": 0, "devices_refused": 0, "coalesced": 0, "barriers": 0}
         self._state = None
         self.applied_seq = 0
         self.synced_seq = 0         # applied and made durable (sync_durable)
         self.replay_until = 0       # applied before a restart that lost their sync: replayed
+        self._reserved = 0          # no op past it applied (RESERVE_OPS)
         # the map base on a local file system: one syncfs per durable pass
         # covers every file changed (thousands of small files cost one
         # call); on FUSE each changed file and directory is fsynced instead
@@ -278,16 +299,27 @@ class Applier:
         self._dirty_files: list[int] = []
         self._noted: set[int] = set()
         self._dirty_dirs: dict[bytes, None] = {}
+        # what ops since the last durable pass touched: their paths, the
+        # directories above those, the names a RENAME moved away (_barrier)
+        self._touched: set[bytes] = set()
+        self._touched_above: set[bytes] = set()
+        self._moved_away: set[bytes] = set()
         self._boot = boot_id()
         if state_path is not None:
             self._state = _open_state(state_path)
             self.applied_seq = _SEQ.unpack_from(self._state, 8)[0]
             self.synced_seq = _SEQ.unpack_from(self._state, _SYNCED_AT)[0]
+            self._reserved = _SEQ.unpack_from(self._state, _RESERVED_AT)[0]
             boot = bytes(self._state[_BOOT_AT:_BOOT_AT + 16])
             if self.synced_seq > self.applied_seq:
                 self.applied_seq = self.synced_seq      # (the applied store was lost)
-            if self.applied_seq > self.synced_seq:
-                self._settle_unsynced(boot)
+            same_boot = boot == self._boot or not boot.strip(b"\0")
+            # in this boot the applied seq is right (the page cache kept it);
+            # after a reboot it may be lost: ops up to the reservation may
+            # have been applied
+            maybe = self.applied_seq if same_boot else max(self.applied_seq, self._reserved)
+            if maybe > self.synced_seq:
+                self._settle_unsynced(same_boot, maybe)
         self._dispatch = {
             OpKind.WRITE: self._write, OpKind.TRUNCATE: self._truncate,
             OpKind.CREATE: self._create, OpKind.MKDIR: self._mkdir,
@@ -317,6 +349,12 @@ class Applier:
             count = len(cast(WriteRun, op).ops)
             self.stats["coalesced"] += count - 1
         do: Callable[[Any], None] = self._write_run if cls is WriteRun else self._dispatch[op.kind]
+        if self._state is not None:
+            if op.seq > self._reserved:
+                self._reserve(op.seq)
+            if (self._touched or self._moved_away) and self._barrier(op):
+                self.sync_durable()
+                self.stats["barriers"] += 1
         try:
             if op.kind in _NAMED and (not op.path or op.kind in _TWO_PATHS and not op.path2):
                 raise ConfinementError("the map base itself cannot be its target", b"")
@@ -337,26 +375,89 @@ class Applier:
             raise ApplyError(f"op seq {op.seq} {OpKind(op.kind).name} {bytes(op.path)!r} "
                              f"failed on the target: {exc.strerror or exc}") from exc
         self._note(op)
+        if self._state is not None:
+            self._touch(op)
         self._applied(op.seq, count)
 
     # -- durability ----------------------------------------------------------
-    def _settle_unsynced(self, boot: bytes) -> None:
-        """At start, ops were applied after the last synced seq and this
-        process does not know which files they changed. In the same boot on
-        a local file system their data is in the page cache: syncfs makes
-        it durable. After a reboot (it may be lost), or on a FUSE file
-        system (syncfs does not reach its daemon), they are applied again."""
-        same_boot = boot == self._boot or not boot.strip(b"\0")
+    # Replay after a restart that lost unsynced writes (_settle_unsynced)
+    # applies the ops after the synced seq again, in order, over a tree whose
+    # names may hold a later state (a file system makes names durable apart
+    # from data). Every op kind is idempotent in order over such a tree,
+    # except where an op moves or aliases an inode that an earlier op of the
+    # same unsynced stretch reached by another name: replayed, that earlier
+    # op finds the name gone (a WRITE makes a new empty file there, which
+    # the RENAME then moves over the real one) or finds another inode
+    # there. So such an op first makes everything before it durable (a
+    # barrier): then no unsynced stretch holds both, and the replay is
+    # exact, without asking the source for anything.
+    def _reserve(self, seq: int) -> None:
+        """Record, durably, that no op past ``seq + RESERVE_OPS`` is applied
+        before the next reservation."""
+        assert self._state is not None
+        self._reserved = seq + RESERVE_OPS
+        _SEQ.pack_into(self._state, _RESERVED_AT, self._reserved)
+        self._state.flush()
+
+    def _barrier(self, op) -> bool:
+        """Whether ``op`` needs every op before it durable first (above)."""
+        kind = op.kind
+        if kind == OpKind.RENAME:
+            old, new = bytes(op.path), bytes(op.path2)
+            return self._reached(old) or self._reached(new) or new in self._moved_away
+        if kind == OpKind.HARDLINK:
+            new = bytes(op.path)
+            return self._reached(new) or new in self._moved_away
+        if kind in (OpKind.CREATE, OpKind.MKDIR, OpKind.SYMLINK, OpKind.MKNOD):
+            return bytes(op.path) in self._moved_away
+        if kind == OpKind.DELETE:
+            # a file with other names: the replayed writes by this name must
+            # reach the inode the others keep
+            rel = bytes(op.path)
+            if rel not in self._touched:
+                return False
+            try:
+                return os.lstat(self.base.root + b"/" + rel).st_nlink > 1
+            except OSError:
+                return False
+        return False
+
+    def _reached(self, rel: bytes) -> bool:
+        """An op since the last durable pass touched ``rel`` or something under it."""
+        return rel in self._touched or rel in self._touched_above
+
+    def _touch(self, op) -> None:
+        if op.kind in (OpKind.TASK, OpKind.MARK):
+            return
+        paths = (bytes(op.path), bytes(op.path2)) if op.kind in _TWO_PATHS else (bytes(op.path),)
+        for rel in paths:
+            if rel in self._touched:
+                continue
+            self._touched.add(rel)
+            above = rel.rpartition(b"/")[0]
+            while above and above not in self._touched_above:
+                self._touched_above.add(above)
+                above = above.rpartition(b"/")[0]
+        if op.kind == OpKind.RENAME:
+            self._moved_away.add(bytes(op.path))
+
+    def _settle_unsynced(self, same_boot: bool, maybe: int) -> None:
+        """At start, ops were (``maybe``: may have been, up to that seq)
+        applied after the last synced seq and this process does not know
+        which files they changed. In the same boot on a local file system
+        their data is in the page cache: syncfs makes it durable. After a
+        reboot (it may be lost), or on a FUSE file system (syncfs does not
+        reach its daemon), they are applied again."""
         if same_boot and _syncfs(self.base.fd):
             self.sync_durable()
             return
-        log.warning("%s: ops after seq %d were applied but not synced (%s): they are "
-                    "applied again from seq %d", self.name, self.synced_seq,
-                    "the machine restarted" if not same_boot else "no syncfs on this file system",
-                    self.synced_seq + 1)
-        # ops up to here are applied over a tree that may hold them already
-        # (or part of them): the target asks the source to resync what they touch
-        self.replay_until = self.applied_seq
+        log.warning("%s: ops after seq %d (up to %d at most) may have been applied but not "
+                    "synced (%s): they are applied again from seq %d", self.name, self.synced_seq,
+                    maybe, "the machine restarted" if not same_boot else
+                    "no syncfs on this file system", self.synced_seq + 1)
+        # ops up to here are applied again over a tree that may hold a later
+        # state: exact (the barriers), and what needs repair is resynced
+        self.replay_until = maybe
         self.applied_seq = self.synced_seq
         assert self._state is not None
         _SEQ.pack_into(self._state, 8, self.applied_seq)
@@ -397,10 +498,16 @@ class Applier:
             fd = self.base.open(rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
         except (OSError, ConfinementError):
             return
-        if stat.S_ISREG(os.fstat(fd).st_mode) or stat.S_ISDIR(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
             self._dirty_files.append(fd)
-        else:
-            os.close(fd)
+            return
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            # by name, opened at the pass: a directory held open and removed
+            # meanwhile can give its inode number to a new one, and a FUSE
+            # kernel then fails every call on the one held (EIO)
+            self._note_dir(rel)
 
     def _note_dir(self, rel: bytes) -> None:
         self._dirty_dirs[rel] = None
@@ -416,22 +523,25 @@ class Applier:
                               f"writeback error): ops applied since the last pass are not durable")
         files, self._dirty_files = self._dirty_files, []
         self._noted.clear()
-        try:
-            for fd in files:
-                os.fsync(fd)
-        finally:
-            for fd in files:
-                os.close(fd)
-        dirs, self._dirty_dirs = self._dirty_dirs, {}
-        for rel in dirs:
+        while files:
+            try:
+                _fsync_held(files[-1])
+            except BaseException:
+                self._dirty_files[:0] = files       # not synced: the next pass tries again
+                raise
+            os.close(files.pop())
+        dirs = self._dirty_dirs
+        for rel in list(dirs):
             try:
                 fd = self.base.open(rel, os.O_RDONLY | os.O_DIRECTORY)
             except (OSError, ConfinementError):
+                del dirs[rel]
                 continue        # removed or moved since: its parent's entry says so
             try:
-                os.fsync(fd)
+                _fsync_held(fd)
             finally:
                 os.close(fd)
+            del dirs[rel]
 
     def sync_durable(self) -> int:
         """Make every op applied so far durable: the files and directories
@@ -447,6 +557,9 @@ class Applier:
             self._state[_BOOT_AT:_BOOT_AT + 16] = self._boot
             self._state.flush()         # msync: an fsync of the state file
         self.synced_seq = seq
+        self._touched.clear()
+        self._touched_above.clear()
+        self._moved_away.clear()
         return seq
 
     def _applied(self, seq: int, count: int) -> None:
@@ -612,6 +725,11 @@ class Applier:
         self._dirty_files, self._dirty_dirs = [], {}
         # (the reclaimer is the process's: it goes on closing what it holds)
         if self._state is not None:
+            if self.synced_seq == self.applied_seq and self._reserved > self.applied_seq:
+                # all durable: a reboot after this clean stop has nothing to replay
+                self._reserved = self.applied_seq
+                _SEQ.pack_into(self._state, _RESERVED_AT, self._reserved)
+                self._state.flush()
             self._state.close()
             self._state = None
         self.base.close()
@@ -796,6 +914,15 @@ class Applier:
     def _delete(self, op: Op) -> None:
         rel = bytes(op.path)
         self._drop(rel, subtree=True)
+        try:
+            self._delete_at(rel)
+        except (FileNotFoundError, NotADirectoryError):
+            # a directory above it is missing (or no directory): nothing
+            # stands there, the delete is done (a watcher's stream, or a
+            # replay, can name a path whose directory went first)
+            pass
+
+    def _delete_at(self, rel: bytes) -> None:
         with self.base.at(rel) as (d, name):
             held, done = self._doomed(d, name), False
             try:
@@ -812,6 +939,12 @@ class Applier:
     def _rmdir(self, op: Op) -> None:
         rel = bytes(op.path)
         self._drop(rel, subtree=True)
+        try:
+            self._rmdir_at(rel)
+        except (FileNotFoundError, NotADirectoryError):
+            pass            # a directory above it is missing: done (see _delete)
+
+    def _rmdir_at(self, rel: bytes) -> None:
         with self.base.at(rel) as (d, name):
             held, done = self._doomed(d, name), False
             try:

@@ -53,12 +53,16 @@ from smirror.ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, MARK_RESYNC_DONE,
 from smirror.private import private_dir
 from smirror.stream.apply import DEFAULT_XATTR_NAMESPACES, Applier, Moot
 from smirror.stream.inuse import InUseGate
+from smirror.stream.resyncs import ResyncRequests
 from smirror.stream.wire import ACK, ACK2, ORDER_PER_FILE, SYNC, Link, LinkClosed, MsgType, ProtocolError
 
 log = logging.getLogger("smirror.stream.receiver")
 
 # the MARK that stands at the seq of an op skipped as diverged
 MARK_SKIPPED = b"smirror.skipped"
+# why a resync of what a replayed op touched is asked (tools/powerloss.py
+# counts these apart: the source still held those ops, no loss is hidden)
+REPLAY_REASON = "replayed after a restart that lost unsynced writes"
 # op kinds whose repair by the applier means the target lacked something
 _REPAIR_MEANS_DIVERGED = frozenset({OpKind.WRITE, OpKind.TRUNCATE, OpKind.RENAME, OpKind.SETATTR,
                                     OpKind.XATTR})
@@ -131,7 +135,13 @@ class TargetConnection:
         self.marks = {"ignored_deletes": 0, "deleted_moved": 0, "orphans_moved": 0}
         # divergences: ops skipped, resyncs asked of the source and done
         self.resyncs = {"ops_skipped": 0, "asked": 0, "done": 0}
-        self._resync_pending: dict[bytes, float] = {}     # subtree -> when asked
+        # what was asked, and the back-off of a subtree asked again and again
+        self._resync = ResyncRequests(again=self.RESYNC_AGAIN, free=self.RESYNC_FREE,
+                                      backoff=self.RESYNC_BACKOFF,
+                                      backoff_max=self.RESYNC_BACKOFF_MAX,
+                                      give_up=self.RESYNC_GIVE_UP)
+        self._resync_lock = threading.Lock()    # the applier and the receiver's tick
+        self.resync_error = ""      # a subtree that keeps diverging (ResyncRequests)
         self.last_divergence = ""
         self._link: Link | None = None
         self._newest: Link | None = None       # the last link that asked to be served
@@ -242,6 +252,7 @@ class TargetConnection:
                 continue
             if item is None:
                 self.applier.flush()        # idle: no descriptors held open
+                self._resync_tick()
                 continue
             seq, frame, handed = item
             if self._paused.is_set():
@@ -287,6 +298,7 @@ class TargetConnection:
                 return
             with self._progress:
                 self._progress.notify_all()
+            self._resync_tick()
 
     # errors of the target's environment: the op is right, the target cannot
     # take it now; it is retried until it can (an operator frees space, ...)
@@ -295,6 +307,14 @@ class TargetConnection:
                                     errno.ENFILE, errno.EBUSY, errno.ETXTBSY, errno.EAGAIN})
     HOLD_RETRY = 1.0                # seconds between retries of a held frame
     RESYNC_AGAIN = 30.0             # seconds after which a resync not done yet is asked again
+    # one subtree asked for again and again (smirror.stream.resyncs): the
+    # first asks at once, then waits from RESYNC_BACKOFF doubling up to
+    # RESYNC_BACKOFF_MAX; after RESYNC_GIVE_UP asks in a row it is the
+    # connection's error (about 30 s of a subtree failing after every resync)
+    RESYNC_FREE = 3
+    RESYNC_BACKOFF = 0.25
+    RESYNC_BACKOFF_MAX = 30.0
+    RESYNC_GIVE_UP = 10
 
     _held_since = 0.0
     _held_logged = ""
@@ -343,12 +363,15 @@ class TargetConnection:
             except Exception as exc:
                 if _environment_error(exc, self.ENVIRONMENT_ERRNOS):
                     raise
-                self._diverged(op, exc)
+                self._diverged(op, exc, replayed=op.seq <= applier.replay_until)
                 continue
             if op.seq <= applier.replay_until:
-                # applied again over a tree that held it, or part of it, or
-                # a later state: what it touched is sent again by the source
-                self._ask_resync(op, "replayed after a restart that lost unsynced writes")
+                # applied again over a tree that holds a later state: exact
+                # (the applier's barriers), unless the applier had to make
+                # up for something (a file missing): then the source sends
+                # what it touched again
+                if stats["repairs"] != repairs:
+                    self._ask_resync(op, REPLAY_REASON)
             elif stats["repairs"] != repairs and op.kind in _REPAIR_MEANS_DIVERGED:
                 # the applier made up for something the target lacked (a
                 # write to a missing file, a rename of a vanished one): what
@@ -472,22 +495,26 @@ class TargetConnection:
                 self._durable_cond.wait(min(left, 0.1))
         return True
 
-    def _diverged(self, op, exc: BaseException) -> None:
+    def _diverged(self, op, exc: BaseException, replayed: bool = False) -> None:
         """The op does not fit the target's tree (the capture saw changes
-        late or out of order): skip it (never retried forever), count it,
-        and ask the source to send the subtree involved again."""
+        late or out of order; ``replayed``: applied again after a restart,
+        over a tree that holds a later state): skip it (never retried
+        forever), count it, and ask the source to send the subtree
+        involved again."""
         self.resyncs["ops_skipped"] += 1
         what = f"op seq {op.seq} {OpKind(op.kind).name} {bytes(op.path)!r}"
         self.last_divergence = f"{what}: {exc}"
         expected = isinstance(exc, (OSError, SmirrorError)) or isinstance(exc.__cause__, OSError)
-        log.log(logging.WARNING if expected else logging.ERROR,
-                "connection %s: %s; skipped, the source resyncs it", self.conid,
+        log.log(logging.INFO if replayed and expected else
+                logging.WARNING if expected else logging.ERROR,
+                "connection %s: %s%s; skipped, the source resyncs it", self.conid,
+                "replayed " if replayed else "",
                 exc if str(exc).startswith("op seq") else f"{what}: {exc}",
                 exc_info=not expected)
         # the seq counts as applied (a MARK of nothing at that seq): a
         # restart does not try it again, and the order of what follows holds
         self.applier.apply(Op.mark(op.seq, MARK_SKIPPED, b""))
-        self._ask_resync(op, str(exc))
+        self._ask_resync(op, f"{REPLAY_REASON}; it failed: {exc}" if replayed else str(exc))
 
     def _ask_resync(self, op, why: str) -> None:
         if op.kind in (OpKind.TASK, OpKind.MARK):
@@ -498,13 +525,43 @@ class TargetConnection:
             if not rel or rel.startswith(b"/") or b".." in rel.split(b"/"):
                 continue            # a refused path: nothing of the set to resync
             root = self._divergence_root(rel)
-            pending = [p for p in self._resync_pending if p == root or root.startswith(p + b"/")]
-            if any(now - self._resync_pending[p] < self.RESYNC_AGAIN for p in pending):
-                continue            # asked already: its resync comes behind
-            self._resync_pending[root] = now
-            self.resyncs["asked"] += 1
-            log.info("connection %s: asking the source for a resync of %r (%s)", self.conid, root, why)
-            self._notify({"resync": os.fsdecode(root), "seq": op.seq, "reason": why})
+            with self._resync_lock:
+                if self._resync.ask(root, op.seq, why, now):
+                    self._send_resync(root, op.seq, why, now)
+
+    def _send_resync(self, root: bytes, seq: int, why: str, now: float) -> None:
+        """Ask the source for ``root`` (under _resync_lock)."""
+        error = self._resync.sent(root, now)
+        self.resyncs["asked"] += 1
+        log.info("connection %s: asking the source for a resync of %r (%s)", self.conid, root, why)
+        self._notify({"resync": os.fsdecode(root), "seq": seq, "reason": why})
+        if error:
+            self._resync_failing(f"{error} (the last: {why})")
+
+    def _resync_failing(self, error: str) -> None:
+        """A subtree keeps diverging after every resync: the connection's
+        error, on both sides (it is still asked for, at the back-off's pace)."""
+        self.resync_error = error
+        log.error("connection %s: %s: something on the target keeps it from converging "
+                  "(asked again every %.0f s at most)", self.conid, error,
+                  self._resync.backoff_max)
+        self._notify({"event": "apply-error", "error": error})
+
+    def _resync_tick(self) -> None:
+        """Asks whose back-off is over go out; a given-up subtree that
+        converged clears its error."""
+        now = time.monotonic()
+        if not self._resync.check_due(now):
+            return
+        with self._resync_lock:
+            asks, cleared = self._resync.due(now)
+            for root, seq, why in asks:
+                self._send_resync(root, seq, why, now)
+            if cleared and self.resync_error and not self._resync.errors:
+                log.warning("connection %s: the subtrees that kept diverging converged (was: %s)",
+                            self.conid, self.resync_error)
+                self._notify({"event": "apply-ok", "was": self.resync_error})
+                self.resync_error = ""
 
     def _divergence_root(self, rel: bytes) -> bytes:
         """The smallest subtree that holds what went wrong at ``rel``: its
@@ -530,7 +587,8 @@ class TargetConnection:
                       self.conid, op.seq, exc)
             return
         self.resyncs["done"] += 1
-        self._resync_pending.pop(rel, None)
+        with self._resync_lock:
+            self._resync.done(rel, time.monotonic())
 
     def _release(self, handed: bool) -> None:
         """Give back the frame the applier took without applying it all
@@ -1063,8 +1121,13 @@ class TargetConnection:
                 "bytes_received": self.bytes_received, "paused": self._paused.is_set(),
                 "apply_state": self.apply_state,
                 "repairs": self.applier.stats["repairs"],
+                # durable passes made before an op that moves a name written since
+                # the last one (Applier._barrier: an exact replay after a power loss)
+                "barriers": self.applier.stats["barriers"],
                 "setid_stripped": self.applier.stats["setid_stripped"],
                 "xattrs_refused": self.applier.stats["xattrs_refused"],
                 "devices_refused": self.applier.stats["devices_refused"],
-                "resyncs": dict(self.resyncs, pending=len(self._resync_pending)),
+                "resyncs": dict(self.resyncs, pending=len(self._resync.pending),
+                                waiting=self._resync.waiting(), deferred=self._resync.deferred),
+                "resync_error": self.resync_error,
                 "last_divergence": self.last_divergence}

@@ -123,11 +123,20 @@ def _served(fn):
 
 
 class _Node:
-    __slots__ = ("paths", "lookups")
+    """What the mount knows of one inode number the kernel holds.
+    ``generation`` goes up when the inode dies (its last name removed, seen
+    by the mount): the backing may give its number to a new file or
+    directory while the kernel still holds the dead one (an open or O_PATH
+    descriptor), and with the same number and generation the kernel would
+    take the new entry for the dead inode (a dead directory: every create
+    in it fails with ENOENT). The node, and so its generation, lives while
+    the kernel holds any inode of that number."""
+    __slots__ = ("paths", "lookups", "generation")
 
     def __init__(self, path: bytes):
         self.paths = [path]
         self.lookups = 0
+        self.generation = 0
 
 
 class _ResendLinks:
@@ -264,6 +273,13 @@ class CaptureFS(pyfuse3.Operations):
         if node is not None and rel in node.paths:
             node.paths.remove(rel)
 
+    def _died(self, ino: int | None) -> None:
+        """The inode ``ino`` has no name left: a new one with its number is
+        another inode to the kernel (see :class:`_Node`)."""
+        node = self.nodes.get(ino) if ino is not None else None
+        if node is not None:
+            node.generation += 1
+
     def _moved(self, old: bytes, new: bytes) -> None:
         """Every known path at or under ``old`` is now under ``new``."""
         prefix = old + b"/"
@@ -288,7 +304,8 @@ class CaptureFS(pyfuse3.Operations):
     def _attrs(self, st) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = self._ino(st.st_ino)
-        a.generation = 0
+        node = self.nodes.get(a.st_ino)
+        a.generation = node.generation if node is not None else 0
         a.entry_timeout = a.attr_timeout = CACHE_TIMEOUT
         for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
                   "st_blksize", "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
@@ -434,7 +451,10 @@ class CaptureFS(pyfuse3.Operations):
 
     @_served
     def fsyncdir(self, fh, datasync):
-        fd = self._opendir(self._path(self.dirs[fh][0]))
+        node = self.nodes.get(self.dirs[fh][0])
+        if node is None or not node.paths:
+            return          # removed since it was opened: nothing left to sync (as on a disk)
+        fd = self._opendir(node.paths[0])
         try:
             os.fsync(fd)
         finally:
@@ -463,6 +483,7 @@ class CaptureFS(pyfuse3.Operations):
             os.rmdir(base, dir_fd=dfd)
         self._out(Op.rmdir(0, rel))
         self._forget_path(rel, ino)
+        self._died(ino)
         self.times_dirty.pop(ino, None)
         self._dirty(parent)
 
@@ -471,11 +492,14 @@ class CaptureFS(pyfuse3.Operations):
     def unlink(self, parent, name, ctx):
         rel = self._child(parent, name)
         with self._at(rel) as (dfd, base):
-            ino = self._ino(os.stat(base, dir_fd=dfd, follow_symlinks=False).st_ino)
+            st = os.stat(base, dir_fd=dfd, follow_symlinks=False)
+            ino = self._ino(st.st_ino)
             self.flush_times([ino])                 # a hard link left behind keeps it
             os.unlink(base, dir_fd=dfd)
         self._out(Op.delete(0, rel))
         self._forget_path(rel, ino)
+        if st.st_nlink <= 1:
+            self._died(ino)
         self._dirty(parent)
 
     @_served
@@ -516,9 +540,10 @@ class CaptureFS(pyfuse3.Operations):
         with self._at(old) as (odfd, oname), self._at(new) as (ndfd, nname):
             ino = self._ino(os.stat(oname, dir_fd=odfd, follow_symlinks=False).st_ino)
             try:
-                replaced = self._ino(os.stat(nname, dir_fd=ndfd, follow_symlinks=False).st_ino)
+                rst = os.stat(nname, dir_fd=ndfd, follow_symlinks=False)
+                replaced = self._ino(rst.st_ino)
             except FileNotFoundError:
-                replaced = None
+                rst, replaced = None, None
             if replaced == ino and not flags:
                 return              # two names of one file: rename(2) does nothing
             if flags:
@@ -538,6 +563,8 @@ class CaptureFS(pyfuse3.Operations):
         self._out(Op.rename(0, old, new))
         if replaced is not None:
             self._forget_path(new, replaced)
+            if rst is not None and (stat.S_ISDIR(rst.st_mode) or rst.st_nlink <= 1):
+                self._died(replaced)
         self._moved(old, new)
         self._dirty(ino)            # the ctime changed; the mtime is resent after the move
         self._dirty(parent_old, parent_new)
@@ -1002,4 +1029,7 @@ class CaptureFS(pyfuse3.Operations):
     def _forget_tree(self, rel: bytes) -> None:
         prefix = rel + b"/"
         for node in self.nodes.values():
+            had = bool(node.paths)
             node.paths[:] = [p for p in node.paths if p != rel and not p.startswith(prefix)]
+            if had and not node.paths:
+                node.generation += 1        # removed behind the mount's back (see _Node)
