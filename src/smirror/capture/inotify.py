@@ -76,18 +76,20 @@ class Event:
     ino: tuple | None = None
 
 
-def list_dir(path: bytes, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
+def list_dir(path: bytes | int, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
     """(relative path, is a directory) of the entries of the directory
-    ``rel`` at ``path`` that ``exclude`` keeps; [] when it cannot be read
-    (gone meanwhile: its event follows). Symlinks are not followed."""
+    ``rel`` at ``path`` (or open as the descriptor ``path``) that
+    ``exclude`` keeps; [] when it cannot be read (gone meanwhile: its event
+    follows). Symlinks are not followed."""
     try:
         with os.scandir(path) as it:
-            entries = list(it)
+            entries: list[os.DirEntry] = list(it)
     except OSError:
         return []
     out = []
     for entry in entries:
-        child = join_rel(rel, entry.name)
+        # (listed through a descriptor, names come as str)
+        child = join_rel(rel, os.fsencode(entry.name))
         try:
             is_dir = entry.is_dir(follow_symlinks=False)
         except OSError:
