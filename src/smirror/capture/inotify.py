@@ -278,10 +278,12 @@ class Watcher(EventReadLoop):
             if is_dir:
                 if old in self._path_wd:
                     self._rename_tree(old, path)
-                else:
-                    # renamed before its watch was set (created and moved
-                    # at once): watch it now under its new name
-                    self._watch_tree(path)
+                # and watch what below it is not watched yet: renamed before
+                # its watch was set (created and moved at once), or while a
+                # walk listed it or a directory above it (the walk's watches
+                # of its subdirectories, by their old paths, failed: events
+                # there were never seen)
+                self._watch_tree(path)
             self._out.append(Event(Kind.MOVED, old, is_dir, new_path=path))
 
     def _created(self, path: bytes, is_dir: bool) -> None:
