@@ -297,6 +297,55 @@ def test_a_directory_the_map_lost_is_rescanned(tmp_path):
 
 
 @needs_fanotify
+def test_a_directory_renamed_while_the_map_is_built_is_mapped_below(tmp_path):
+    """The start-up walk lists each directory through its handle: one
+    renamed after the walk met it under its old name, before it was
+    listed, still has everything below it mapped (by path its listing
+    failed and its subtree stayed out of the map)."""
+    root = tmp_path / "root"
+    for top in ("A", "B"):
+        (root / top / "sub" / "deeper").mkdir(parents=True)
+    renamed = []
+
+    def exclude(rel, is_dir):
+        if not renamed and b"/" in rel:     # listing below the root: rename the other top
+            renamed.append(b"B" if rel.startswith(b"A/") else b"A")
+            os.rename(os.path.join(os.fsencode(root), renamed[0]), os.fsencode(root / "Z"))
+        return False
+
+    with fanotify.Watcher(root, exclude=exclude) as w:
+        assert renamed
+        for d in ("Z/sub", "Z/sub/deeper"):
+            assert name_to_handle(os.fsencode(root / d)) in w._dirs, d
+        assert [(e.kind, e.path, e.new_path) for e in collect(w)] == \
+            [(Kind.MOVED, renamed[0], b"Z")]
+        (root / "Z" / "sub" / "deeper" / "f").write_bytes(b"n")
+        assert (Kind.CREATED, b"Z/sub/deeper/f") in [(e.kind, e.path) for e in collect(w)]
+
+
+@needs_fanotify
+def test_a_lost_directory_that_a_rename_later_in_the_read_brings_is_not_taken_for_outside(tmp_path):
+    """A directory the map lacks, whose event is read with a later rename
+    of a directory above it (inside the root): that event is skipped (the
+    capture resyncs the renamed directory), but the directory is not
+    remembered as outside the root: the events that follow in it are
+    reported (before, they were dropped for good)."""
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f").write_bytes(b"x")
+    with fanotify.Watcher(root) as w:
+        h_b = name_to_handle(os.fsencode(root / "a" / "b"))
+        del w._dirs[h_b]
+        (root / "a" / "b" / "f").write_bytes(b"before")
+        os.rename(root / "a", root / "c")
+        collect(w)
+        assert h_b not in w._outside
+        (root / "c" / "b" / "f").write_bytes(b"after")
+        ev = [(e.kind, e.path) for e in collect(w)]
+        assert ev[0] == (Kind.RESCAN, b"c/b") and (Kind.CLOSED, b"c/b/f") in ev
+
+
+@needs_fanotify
 def test_queue_overflow_is_a_rescan_of_everything(tmp_path):
     root = tmp_path / "root"
     root.mkdir()

@@ -376,19 +376,31 @@ class Watcher(EventReadLoop):
             except OSError:
                 return                        # gone meanwhile: its event follows
             self._dirs[handle] = (parent, rel.rpartition(b"/")[2])
+        # each directory is listed through its handle, never its path: one
+        # renamed while the walk runs (it was listed under its old name) is
+        # still listed, and its children's handles are taken relative to it.
+        # By path, its subtree went unmapped, and events there were skipped
         stack = [(rel, handle)]
         while stack:
             d, dh = stack.pop()
-            for child, is_dir in list_dir(self._abs(d), d, self.exclude):
-                if report:
-                    self._out.append(Event(Kind.CREATED, child, is_dir))
-                if is_dir:
-                    try:
-                        ch = name_to_handle(self._abs(child))
-                    except OSError:
-                        continue
-                    self._dirs[ch] = (dh, child.rpartition(b"/")[2])
-                    stack.append((child, ch))
+            try:
+                dfd = open_by_handle(self._mount_fd, dh, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue                      # gone meanwhile: its event follows
+            try:
+                for child, is_dir in list_dir(dfd, d, self.exclude):
+                    if report:
+                        self._out.append(Event(Kind.CREATED, child, is_dir))
+                    if is_dir:
+                        name = child.rpartition(b"/")[2]
+                        try:
+                            ch = name_to_handle(name, dfd)
+                        except OSError:
+                            continue
+                        self._dirs[ch] = (dh, name)
+                        stack.append((child, ch))
+            finally:
+                os.close(dfd)
 
     def _mapped_path(self, handle: bytes, chain: list[bytes] | None = None) -> bytes | None:
         """The path the map gives ``handle``, None when the map does not
@@ -458,7 +470,12 @@ class Watcher(EventReadLoop):
             pass
         elif where == self.root or where.startswith(self.root + b"/"):
             rel = where[len(self.root) + 1:]
-            if not self._excluded_path(rel) and not self._arrives_later(rel):
+            if not self._excluded_path(rel) and self._arrives_later(rel):
+                # skipped, but not remembered as outside: it is inside, and
+                # a rename within the tree maps no directory below the one
+                # it moves (remembered, every later event here was dropped)
+                return None
+            if not self._excluded_path(rel):
                 # inside but never seen arriving: an event of its arrival is
                 # still queued, or was lost; a rescan is right either way, of
                 # the highest directory the map lacks (the capture knows the

@@ -76,18 +76,20 @@ class Event:
     ino: tuple | None = None
 
 
-def list_dir(path: bytes, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
+def list_dir(path: bytes | int, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
     """(relative path, is a directory) of the entries of the directory
-    ``rel`` at ``path`` that ``exclude`` keeps; [] when it cannot be read
-    (gone meanwhile: its event follows). Symlinks are not followed."""
+    ``rel`` at ``path`` (or open as the descriptor ``path``) that
+    ``exclude`` keeps; [] when it cannot be read (gone meanwhile: its event
+    follows). Symlinks are not followed."""
     try:
         with os.scandir(path) as it:
-            entries = list(it)
+            entries: list[os.DirEntry] = list(it)
     except OSError:
         return []
     out = []
     for entry in entries:
-        child = join_rel(rel, entry.name)
+        # (listed through a descriptor, names come as str)
+        child = join_rel(rel, os.fsencode(entry.name))
         try:
             is_dir = entry.is_dir(follow_symlinks=False)
         except OSError:
@@ -276,10 +278,12 @@ class Watcher(EventReadLoop):
             if is_dir:
                 if old in self._path_wd:
                     self._rename_tree(old, path)
-                else:
-                    # renamed before its watch was set (created and moved
-                    # at once): watch it now under its new name
-                    self._watch_tree(path)
+                # and watch what below it is not watched yet: renamed before
+                # its watch was set (created and moved at once), or while a
+                # walk listed it or a directory above it (the walk's watches
+                # of its subdirectories, by their old paths, failed: events
+                # there were never seen)
+                self._watch_tree(path)
             self._out.append(Event(Kind.MOVED, old, is_dir, new_path=path))
 
     def _created(self, path: bytes, is_dir: bool) -> None:
