@@ -213,6 +213,7 @@ def test_ops_applied_but_not_synced_are_applied_again_after_a_reboot_and_converg
     resync of its subtree asked of the source; with those resyncs done (the
     subtrees sent again from the source), the target equals the source."""
     import shutil
+
     from smirror.capture.recorder import Recorder
     from support.treestate import diff, snapshot
     from support.workload import Workload

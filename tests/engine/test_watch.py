@@ -8,14 +8,14 @@ import time
 from contextlib import contextmanager
 
 import pytest
-from support.faults import rsync_diff
-from support.treestate import diff, snapshot
 
 from smirror.capture import fanotify
 from smirror.capture.watch import TreeCapture, open_watcher
 from smirror.fs.tree import Rules
 from smirror.ops import OpKind
 from smirror.stream.apply import Applier
+from support.faults import rsync_diff
+from support.treestate import diff, snapshot
 
 FANOTIFY_MISSING = fanotify.unavailable_reason()
 
@@ -704,7 +704,8 @@ def test_a_write_during_the_read_never_sends_its_mtime_with_the_older_bytes(rig)
     pipe.applier.flush()
     assert late["done"]
     s, d = os.stat(f), os.stat(dst / "f.db")
-    assert (dst / "f.db").read_bytes() == f.read_bytes() or (s.st_size, s.st_mtime_ns) != (d.st_size, d.st_mtime_ns), \
+    assert (dst / "f.db").read_bytes() == f.read_bytes() \
+        or (s.st_size, s.st_mtime_ns) != (d.st_size, d.st_mtime_ns), \
         "the target holds other bytes under the source's size and mtime"
 
 

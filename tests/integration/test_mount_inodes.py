@@ -19,10 +19,9 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
     reason="needs /dev/fuse, fusermount3 (Debian's fuse3) and root")
 
-from support.lazyfs import LazyMount  # noqa: E402
-
 from smirror.capture.mount.mountpoint import mounted_at  # noqa: E402
 from smirror.capture.mount.runner import CaptureMount  # noqa: E402
+from support.lazyfs import LazyMount  # noqa: E402
 
 ATTEMPTS = 100      # removals until the backing reuses an inode number (ext4: at once)
 

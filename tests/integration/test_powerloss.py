@@ -13,10 +13,9 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
     reason="needs /dev/fuse, fusermount3 (Debian's fuse3) and root")
 
+from smirror.capture.mount.mountpoint import mounted_at  # noqa: E402
 from support.daemons import package_path  # noqa: E402
 from support.lazyfs import PAGE, LazyMount, LazyProcess  # noqa: E402
-
-from smirror.capture.mount.mountpoint import mounted_at  # noqa: E402
 
 
 @pytest.fixture

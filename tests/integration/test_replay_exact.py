@@ -16,12 +16,11 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
     reason="needs /dev/fuse, fusermount3 (Debian's fuse3) and root")
 
+from smirror.capture.recorder import Recorder  # noqa: E402
+from smirror.stream.apply import Applier  # noqa: E402
 from support.lazyfs import LazyMount, clear  # noqa: E402
 from support.treestate import diff, snapshot  # noqa: E402
 from support.workload import Workload  # noqa: E402
-
-from smirror.capture.recorder import Recorder  # noqa: E402
-from smirror.stream.apply import Applier  # noqa: E402
 
 BOOT_AT = 24        # the boot id's place in the applied-state file (stream.apply)
 

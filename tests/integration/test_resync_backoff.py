@@ -8,11 +8,10 @@ import shutil
 import threading
 import time
 
-from support.daemons import wait_for
-from support.treestate import diff, snapshot
-
 from smirror.replication import Replication
 from smirror.stream.receiver import TargetConnection
+from support.daemons import wait_for
+from support.treestate import diff, snapshot
 
 
 class Saboteur:

@@ -6,12 +6,11 @@ stopped source)."""
 import json
 import signal
 
+from smirror.capture.recorder import Recorder
 from support.daemons import wait_for
 from support.pair import login, replicate_data
 from support.treestate import diff, snapshot
 from support.workload import Workload
-
-from smirror.capture.recorder import Recorder
 
 
 def test_a_restarted_target_applies_its_queue_while_its_source_is_stopped(nodes):
