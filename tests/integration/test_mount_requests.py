@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -14,9 +15,10 @@ pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: "
 
 from support.daemons import wait_for
 
+from smirror.capture.mount.fs import MARK_FSYNC
 from smirror.capture.mount.mountpoint import mounted_at
 from smirror.capture.mount.runner import CaptureMount
-from smirror.ops import OpKind
+from smirror.ops import MARK_ROOT_MTIME, OpKind
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
@@ -87,4 +89,79 @@ def test_attributes_and_xattrs_of_an_open_file_come_from_its_descriptor(dirs):
             os.close(fd)
         # the kernel sends RELEASE after close(2) has returned
         wait_for(lambda: not m.fs.fhs_of, what="the released file's descriptor gone from the table")
+        assert m.fs.failures == 0, m.fs.error
+
+
+def test_calls_are_served_while_an_fsync_waits_for_the_backing_disk(dirs, monkeypatch):
+    """The backing fsync runs off the mount's loop: while one handle's
+    fsync waits for the disk, another file is read and written through the
+    mount, and the ops stay in the order the calls arrived (the fsync's MARK
+    before the later write). The disk flush is held by a hook: nothing real
+    here can hold an fsync on demand."""
+    from smirror.capture.mount import fs as capture_fs
+    back, mnt = dirs
+    (back / "b").write_bytes(b"other file")
+    entered, release = threading.Event(), threading.Event()
+    real = capture_fs.flush_backing
+
+    def held(fd, datasync):
+        entered.set()
+        release.wait(60)
+        real(fd, datasync)
+    monkeypatch.setattr(capture_fs, "flush_backing", held)
+    ops = []
+    done = {}
+    with CaptureMount(back, mnt, ops.append, bypass=False) as m:
+        fd = os.open(mnt / "a", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"data of a")
+
+            def fsync_a():
+                os.fsync(fd)
+                done["fsync"] = True
+            syncer = threading.Thread(target=fsync_a, daemon=True)
+            syncer.start()
+            assert entered.wait(30), "the backing fsync never started"
+
+            def other_calls():
+                done["read"] = (mnt / "b").read_bytes()
+                with open(mnt / "c", "wb") as f:
+                    f.write(b"written meanwhile")
+            other = threading.Thread(target=other_calls, daemon=True)
+            other.start()
+            other.join(30)
+            held_meanwhile = "fsync" not in done
+            release.set()
+            syncer.join(30)
+        finally:
+            release.set()
+            os.close(fd)
+        assert done.get("read") == b"other file", "a read waited for another handle's fsync"
+        assert held_meanwhile and done.get("fsync"), done
+        assert m.fs.failures == 0, m.fs.error
+    kinds = [(OpKind(o.kind).name, o.path) for o in ops if o.kind != OpKind.SETATTR
+             and o.path != MARK_ROOT_MTIME]
+    assert kinds == [("CREATE", b"a"), ("WRITE", b"a"), ("MARK", MARK_FSYNC), ("CREATE", b"c"),
+                     ("WRITE", b"c")], kinds
+    assert (back / "a").read_bytes() == b"data of a"
+
+
+def test_a_failed_backing_fsync_fails_the_call(dirs, monkeypatch):
+    """What the disk's flush says reaches the application: an fsync that
+    fails on the backing file fails with its errno."""
+    import errno
+
+    from smirror.capture.mount import fs as capture_fs
+    back, mnt = dirs
+
+    def failing(fd, datasync):
+        raise OSError(errno.EIO, "disk gone")
+    monkeypatch.setattr(capture_fs, "flush_backing", failing)
+    with CaptureMount(back, mnt, lambda op: None, bypass=False) as m:
+        with open(mnt / "a", "wb") as f:
+            f.write(b"x")
+            f.flush()
+            with pytest.raises(OSError) as exc:
+                os.fsync(f.fileno())
+        assert exc.value.errno == errno.EIO
         assert m.fs.failures == 0, m.fs.error

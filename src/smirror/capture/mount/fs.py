@@ -3,9 +3,12 @@ that serves every mutating call by applying it to the backing directory and
 then emitting the op, in the order it served the calls.
 
 Every handler runs to completion on the one trio thread of the mount (none
-awaits anything), so the calls are served one at a time and the op stream
-is the order in which the backing directory changed: exact order, within
-and across files. A call that fails on the backing directory emits nothing.
+awaits before its op is captured), so the calls are served one at a time
+and the op stream is the order in which the backing directory changed:
+exact order, within and across files. A call that fails on the backing
+directory emits nothing. Only what changes nothing runs off the loop once
+the op is out: the backing fsync (a disk flush, ~1 ms, during which other
+calls are served) and a synchronous connection's wait.
 
 The mount never uses the kernel's writeback cache: with it the kernel would
 send dirty pages later, in its own order, not in the application's.
@@ -87,12 +90,32 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def flush_backing(fd: int, datasync: bool) -> None:
+    """The backing file's fsync (or fdatasync), run off the mount's loop.
+    Module level so a test can hold it (nothing real can hold a disk flush
+    on demand here)."""
+    (os.fdatasync if datasync else os.fsync)(fd)
+
+
+class _OffLoop:
+    """What a handler leaves to a worker thread once its op is captured (its
+    place in the order is fixed on the mount's loop): ``work()`` (an
+    OSError is the caller's errno), then ``result`` to the caller."""
+    __slots__ = ("work", "result")
+
+    def __init__(self, work, result=None):
+        self.work = work
+        self.result = result
+
+
 def _served(fn):
     """OSError -> the errno to the caller; anything else is a bug: logged
     with its traceback, counted, EIO to the caller, and the loop goes on.
-    A call a synchronous connection waits for (``sync_waiter``) returns once
-    its op is durable on the target, or fails with EIO; the wait does not
-    hold the loop (the op was captured in order before it)."""
+    The handler runs on the mount's loop to completion; what it returns as
+    :class:`_OffLoop` (the backing fsync) and the wait of a synchronous
+    connection (``sync_waiter``: until the op is durable on the target, or
+    EIO) then run in a worker thread: the loop serves other calls meanwhile,
+    their ops after this one's."""
     name = fn.__name__
 
     @functools.wraps(fn)
@@ -115,11 +138,23 @@ def _served(fn):
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             self.busy_ns += time.thread_time_ns() - t0
+        work = None
+        if type(result) is _OffLoop:
+            work, result = result.work, result.result
         waiter = self.sync_waiter
-        if waiter is not None and waiter.waits_on(name):
-            await self._synchronous(name, waiter)
+        # the sync point now, on the loop: exactly the ops up to this call's
+        point = waiter.point(name) if waiter is not None and waiter.waits_on(name) else None
+        if work is not None or point:
+            await self._off_loop(name, work, waiter, point)
         return result
     return wrapper
+
+
+def _flush_closing(fd: int, datasync: bool) -> None:
+    try:
+        flush_backing(fd, datasync)
+    finally:
+        os.close(fd)
 
 
 class _Node:
@@ -167,7 +202,7 @@ class CaptureFS(pyfuse3.Operations):
         self.busy_ns = 0
         # the synchronous connections' waits (stream.syncwait.SyncWaiter), if any
         self.sync_waiter: Any = None
-        self._sync_limiter: Any = None
+        self._off_loop_limiter: Any = None
 
     # -- inodes and paths ------------------------------------------------------
     def _ino(self, st_ino: int) -> int:
@@ -279,21 +314,29 @@ class CaptureFS(pyfuse3.Operations):
             setattr(a, f, getattr(st, f))
         return a
 
-    # -- synchronous modes ----------------------------------------------------------
-    SYNC_WAITERS = 1024         # calls waiting for a target at once (threads of trio's cache)
+    # -- off the loop: the backing fsync, synchronous modes -------------------------
+    OFF_LOOP_THREADS = 1024     # calls waiting off the loop at once (threads of trio's cache)
 
-    async def _synchronous(self, call: str, waiter) -> None:
-        """Wait, off the mount's thread, until the op ``call`` just
-        captured is durable on every sync connection; EIO when one cannot
-        make it so in time (syncwait's timeout)."""
+    async def _off_loop(self, call: str, work, waiter, point) -> None:
+        """In a worker thread: ``work`` (the backing fsync), then the wait
+        until ``point`` is durable on every sync connection; EIO when one
+        cannot make it so in time (syncwait's timeout)."""
         import trio
-        point = waiter.point(call)      # now, on the mount's thread: exactly this op
-        if not point:
-            return
-        if self._sync_limiter is None:
-            self._sync_limiter = trio.CapacityLimiter(self.SYNC_WAITERS)
-        if not await trio.to_thread.run_sync(waiter.wait, point, limiter=self._sync_limiter):
-            raise pyfuse3.FUSEError(errno.EIO)
+        if self._off_loop_limiter is None:
+            self._off_loop_limiter = trio.CapacityLimiter(self.OFF_LOOP_THREADS)
+
+        def run() -> int:
+            if work is not None:
+                try:
+                    work()
+                except OSError as exc:
+                    return exc.errno or errno.EIO
+            if point and not waiter.wait(point):
+                return errno.EIO
+            return 0
+        err = await trio.to_thread.run_sync(run, limiter=self._off_loop_limiter)
+        if err:
+            raise pyfuse3.FUSEError(err)
 
     # -- emitting ----------------------------------------------------------------
     def _out(self, op: Op) -> None:
@@ -418,11 +461,8 @@ class CaptureFS(pyfuse3.Operations):
 
     @_served
     def fsyncdir(self, fh, datasync):
-        fd = self._opendir(self._path(self.dirs[fh][0]))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fd = self._opendir(self._path(self.dirs[fh][0]))     # beneath, on the loop
+        return _OffLoop(functools.partial(_flush_closing, fd, False))
 
     @_served
     def mkdir(self, parent, name, mode, ctx):
@@ -758,12 +798,15 @@ class CaptureFS(pyfuse3.Operations):
 
     @_served
     def fsync(self, fh, datasync):
-        (os.fdatasync if datasync else os.fsync)(fh)
+        # its place in the order is now: the owed mtime and the MARK go out
+        # on the loop; the backing disk's flush (~1 ms) runs off it, on a
+        # descriptor of its own (a release meanwhile closes only ``fh``)
         ino = self.open_files[fh]
         self.flush_times([ino])
         node = self.nodes.get(ino)
         if node is not None and node.paths:
             self._out(Op.mark(0, MARK_FSYNC, json.dumps({"path": os.fsdecode(node.paths[0])}).encode()))
+        return _OffLoop(functools.partial(_flush_closing, os.dup(fh), datasync))
 
     @_served
     def release(self, fh):

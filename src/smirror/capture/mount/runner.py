@@ -115,10 +115,10 @@ class CaptureMount:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ticker)
                 # handlers never await before their op is captured: one at
-                # a time, in the order read; only a synchronous call awaits
-                # (its op captured already), and others are served meanwhile
-                await pyfuse3.main(min_tasks=1, max_tasks=1 if self.sync_waiter is None
-                                   else self.SYNC_TASKS)
+                # a time, in the order read; only the backing fsync and a
+                # synchronous call's wait run off the loop (the op captured
+                # already), and other calls are served meanwhile
+                await pyfuse3.main(min_tasks=1, max_tasks=self.SERVE_TASKS)
                 nursery.cancel_scope.cancel()
         try:
             trio.run(main)
@@ -128,7 +128,7 @@ class CaptureMount:
         finally:
             self._ready.set()
 
-    SYNC_TASKS = 256        # requests served at once while synchronous calls wait
+    SERVE_TASKS = 256       # requests served at once while fsyncs and synchronous calls wait
 
     def _flush(self) -> None:
         try:
