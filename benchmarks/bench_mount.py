@@ -272,6 +272,44 @@ def run_mount(work, kind):
                 "by_kind": dict(sorted(m.fs.requests.items(), key=lambda kv: -kv[1]))}
 
 
+# the capture mount of another source tree (SMIRROR_BENCH_BASE: its src/,
+# e.g. main's), served by a process of its own: before and after a change,
+# in the same run
+BASE_SERVER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from smirror.capture.mount.runner import CaptureMount
+with CaptureMount(sys.argv[2], sys.argv[3], lambda op: None, bypass=False) as m:
+    print("ready", flush=True)
+    sys.stdin.read()
+    print(sum(m.fs.requests.values()), m.fs.busy_ns, flush=True)
+"""
+
+
+def run_mount_base(work, kind):
+    base = os.environ.get("SMIRROR_BENCH_BASE")
+    if not base:
+        return None
+    back, mnt = os.path.join(work, "back"), os.path.join(work, "mnt")
+    prepare(back, kind)
+    p = subprocess.Popen([sys.executable, "-c", BASE_SERVER, os.path.abspath(base), back, mnt],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdin is not None
+    try:
+        if p.stdout.readline().strip() != "ready":
+            return None
+        t = app(mnt, kind)
+        cpu = app_cpu
+    finally:
+        p.stdin.close()
+        out = p.stdout.read().split()
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    requests = int(out[0]) if out else 0
+    return {"app": t, "app_cpu": cpu, "server_cpu": usage.ru_utime + usage.ru_stime,
+            "requests": requests, "busy": int(out[1]) / 1e9 if out else 0.0, "by_kind": {}}
+
+
 def run_replicate(work, kind):
     from smirror.replication import Replication
     back, mnt, dst = (os.path.join(work, n) for n in ("back", "mnt", "dst"))
@@ -288,7 +326,7 @@ def run_replicate(work, kind):
 
 
 VARIANTS = (("direct", run_direct), ("c-passthrough", run_c), ("mount", run_mount),
-            ("replicate", run_replicate))
+            ("mount-base", run_mount_base), ("replicate", run_replicate))
 
 
 def default_kinds() -> tuple:

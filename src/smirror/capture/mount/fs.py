@@ -90,29 +90,22 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def flush_backing(fd: int, datasync: bool) -> None:
-    """The backing file's fsync (or fdatasync), run off the mount's loop.
-    Module level so a test can hold it (nothing real can hold a disk flush
-    on demand here)."""
-    (os.fdatasync if datasync else os.fsync)(fd)
+class _Flush:
+    """The backing flush a handler leaves for off the loop once its op is
+    captured (its place in the order is fixed): fsync or fdatasync of
+    ``fd``, a descriptor of its own, closed after."""
+    __slots__ = ("fd", "datasync")
 
-
-class _OffLoop:
-    """What a handler leaves to a worker thread once its op is captured (its
-    place in the order is fixed on the mount's loop): ``work()`` (an
-    OSError is the caller's errno), then ``result`` to the caller."""
-    __slots__ = ("work", "result")
-
-    def __init__(self, work, result=None):
-        self.work = work
-        self.result = result
+    def __init__(self, fd: int, datasync: bool):
+        self.fd = fd
+        self.datasync = datasync
 
 
 def _served(fn):
     """OSError -> the errno to the caller; anything else is a bug: logged
     with its traceback, counted, EIO to the caller, and the loop goes on.
     The handler runs on the mount's loop to completion; what it returns as
-    :class:`_OffLoop` (the backing fsync) and the wait of a synchronous
+    :class:`_Flush` (the backing fsync) and the wait of a synchronous
     connection (``sync_waiter``: until the op is durable on the target, or
     EIO) then run in a worker thread: the loop serves other calls meanwhile,
     their ops after this one's."""
@@ -138,23 +131,16 @@ def _served(fn):
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             self.busy_ns += time.thread_time_ns() - t0
-        work = None
-        if type(result) is _OffLoop:
-            work, result = result.work, result.result
+        flush = None
+        if type(result) is _Flush:
+            flush, result = result, None
         waiter = self.sync_waiter
         # the sync point now, on the loop: exactly the ops up to this call's
         point = waiter.point(name) if waiter is not None and waiter.waits_on(name) else None
-        if work is not None or point:
-            await self._off_loop(name, work, waiter, point)
+        if flush is not None or point:
+            await self._off_loop(flush, waiter, point)
         return result
     return wrapper
-
-
-def _flush_closing(fd: int, datasync: bool) -> None:
-    try:
-        flush_backing(fd, datasync)
-    finally:
-        os.close(fd)
 
 
 class _Node:
@@ -203,6 +189,9 @@ class CaptureFS(pyfuse3.Operations):
         # the synchronous connections' waits (stream.syncwait.SyncWaiter), if any
         self.sync_waiter: Any = None
         self._off_loop_limiter: Any = None
+        # the backing fsync by Linux AIO (aioflush.AioFlush, set by the
+        # runner, which reaps it), None: in a worker thread
+        self.flusher: Any = None
 
     # -- inodes and paths ------------------------------------------------------
     def _ino(self, st_ino: int) -> int:
@@ -315,28 +304,36 @@ class CaptureFS(pyfuse3.Operations):
         return a
 
     # -- off the loop: the backing fsync, synchronous modes -------------------------
-    OFF_LOOP_THREADS = 1024     # calls waiting off the loop at once (threads of trio's cache)
+    OFF_LOOP_THREADS = 1024     # calls waiting in threads at once (of trio's thread cache)
 
-    async def _off_loop(self, call: str, work, waiter, point) -> None:
-        """In a worker thread: ``work`` (the backing fsync), then the wait
-        until ``point`` is durable on every sync connection; EIO when one
-        cannot make it so in time (syncwait's timeout)."""
+    async def _off_loop(self, flush: _Flush | None, waiter, point) -> None:
+        """The backing flush, then the wait until ``point`` is durable on
+        every sync connection (in a worker thread); EIO when one cannot
+        make it so in time (syncwait's timeout)."""
         import trio
         if self._off_loop_limiter is None:
             self._off_loop_limiter = trio.CapacityLimiter(self.OFF_LOOP_THREADS)
+        if flush is not None:
+            try:
+                await self.flush_backing(flush.fd, flush.datasync)
+            except OSError as exc:
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            finally:
+                os.close(flush.fd)
+        if point and not await trio.to_thread.run_sync(waiter.wait, point,
+                                                       limiter=self._off_loop_limiter):
+            raise pyfuse3.FUSEError(errno.EIO)
 
-        def run() -> int:
-            if work is not None:
-                try:
-                    work()
-                except OSError as exc:
-                    return exc.errno or errno.EIO
-            if point and not waiter.wait(point):
-                return errno.EIO
-            return 0
-        err = await trio.to_thread.run_sync(run, limiter=self._off_loop_limiter)
-        if err:
-            raise pyfuse3.FUSEError(err)
+    async def flush_backing(self, fd: int, datasync: bool) -> None:
+        """fsync (fdatasync) of a backing descriptor, the loop serving other
+        calls meanwhile: by Linux AIO when the runner set up ``flusher``
+        (:mod:`.aioflush`), else in a worker thread."""
+        if self.flusher is not None:
+            await self.flusher.flush(fd, datasync)
+            return
+        import trio
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd,
+                                      limiter=self._off_loop_limiter)
 
     # -- emitting ----------------------------------------------------------------
     def _out(self, op: Op) -> None:
@@ -462,7 +459,7 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def fsyncdir(self, fh, datasync):
         fd = self._opendir(self._path(self.dirs[fh][0]))     # beneath, on the loop
-        return _OffLoop(functools.partial(_flush_closing, fd, False))
+        return _Flush(fd, False)
 
     @_served
     def mkdir(self, parent, name, mode, ctx):
@@ -806,7 +803,7 @@ class CaptureFS(pyfuse3.Operations):
         node = self.nodes.get(ino)
         if node is not None and node.paths:
             self._out(Op.mark(0, MARK_FSYNC, json.dumps({"path": os.fsdecode(node.paths[0])}).encode()))
-        return _OffLoop(functools.partial(_flush_closing, os.dup(fh), datasync))
+        return _Flush(os.dup(fh), datasync)
 
     @_served
     def release(self, fh):

@@ -74,6 +74,8 @@ class CaptureMount:
             self.mountpoint, self.cleared = prepare(self.mountpoint)
             fs = self.fs = CaptureFS(self.backing, self.emit)
             fs.sync_waiter = self.sync_waiter
+            from .aioflush import AioFlush
+            fs.flusher = AioFlush.open()        # None: fsync flushes in a worker thread
             opts = {"fsname=smirror", f"subtype={FSTYPE.split('.', 1)[1]}", "default_permissions"}
             if os.geteuid() == 0:
                 opts.add("allow_other")      # the application may run as another user
@@ -114,6 +116,9 @@ class CaptureMount:
             self._ready.set()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ticker)
+                assert self.fs is not None
+                if self.fs.flusher is not None:
+                    nursery.start_soon(self.fs.flusher.reap)
                 # handlers never await before their op is captured: one at
                 # a time, in the order read; only the backing fsync and a
                 # synchronous call's wait run off the loop (the op captured
@@ -214,6 +219,8 @@ class CaptureMount:
         self._thread = None
         if self.fs is not None:
             self.fs.base.close()
+            if self.fs.flusher is not None:
+                self.fs.flusher.close()
 
     def status(self) -> dict:
         """The mount point, ops and bytes captured, failed and refused
