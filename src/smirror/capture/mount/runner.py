@@ -125,12 +125,15 @@ class CaptureMount:
                 # already), and other calls are served meanwhile
                 await pyfuse3.main(min_tasks=1, max_tasks=self.SERVE_TASKS)
                 nursery.cancel_scope.cancel()
+        from .trioshim import install
+        restore = install(pyfuse3)          # fewer passes through trio's scheduler a request
         try:
             trio.run(main)
         except BaseException as exc:       # reported by failure()
             self.error = f"the capture mount's loop stopped: {type(exc).__name__}: {exc}"
             log.error("%s", self.error, exc_info=True)
         finally:
+            restore()
             self._ready.set()
 
     SERVE_TASKS = 256       # requests served at once while fsyncs and synchronous calls wait
