@@ -251,7 +251,14 @@ def run_c(work, kind):
     except subprocess.CalledProcessError as exc:
         print(f"  c-passthrough failed: {exc.stderr.strip()[-300:]}")
     finally:
-        subprocess.run(["fusermount3", "-u", mnt])
+        # busy while the application's last files close (PostgreSQL's
+        # shutdown): retry, then lazily, never wait for a server still mounted
+        deadline = time.monotonic() + 30
+        while subprocess.run(["fusermount3", "-u", mnt], capture_output=True).returncode:
+            if time.monotonic() > deadline:
+                subprocess.run(["fusermount3", "-u", "-z", mnt])
+                break
+            time.sleep(0.2)
         _, status, usage = os.wait4(p.pid, 0)       # its CPU: the server's cost
         p.returncode = os.waitstatus_to_exitcode(status)
     if result is not None:
