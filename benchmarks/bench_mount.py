@@ -58,25 +58,25 @@ PG_TXNS = int(os.environ.get("SMIRROR_BENCH_PG_TXNS", "500"))
 GOALS = {"seq": 0.5, "rand": 0.5, "meta": 0.3, "pgbench": 0.7}
 
 # the application: one workload in its own process; prints its seconds
-APP = r"""
+APP = rf"""
 import os, random, sys, time
 d, kind, files = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if kind == "seq":
     buf = os.urandom(1 << 20)
     t = time.perf_counter()
     fd = os.open(os.path.join(d, "seq"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    for _ in range(%(seq)d):
+    for _ in range({SEQ_MIB}):
         os.write(fd, buf)
     os.close(fd)
 elif kind == "rand":
     fd = os.open(os.path.join(d, "rand"), os.O_RDWR)
     rng = random.Random(1)
     buf = os.urandom(8192)
-    blocks = (%(rand_mib)d << 20) // 8192
+    blocks = ({RAND_FILE_MIB} << 20) // 8192
     t = time.perf_counter()
-    for i in range(1, %(rand_n)d + 1):
+    for i in range(1, {RAND_WRITES} + 1):
         os.pwrite(fd, buf, rng.randrange(blocks) * 8192)
-        if i %% 16 == 0:
+        if i % 16 == 0:
             os.fsync(fd)
     os.close(fd)
 elif kind == "rtt":
@@ -94,13 +94,13 @@ else:
     data = b"x" * 100
     t = time.perf_counter()
     for i in range(files):
-        fd = os.open(os.path.join(sub, "f%%d" %% i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(os.path.join(sub, "f%d" % i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.write(fd, data)
         os.close(fd)
     for i in range(files):
-        os.unlink(os.path.join(sub, "f%%d" %% i))
+        os.unlink(os.path.join(sub, "f%d" % i))
 print(time.perf_counter() - t)
-""" % {"seq": SEQ_MIB, "rand_mib": RAND_FILE_MIB, "rand_n": RAND_WRITES}
+"""
 
 
 def units(kind: str, seconds: float) -> str:

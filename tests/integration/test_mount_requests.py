@@ -13,12 +13,11 @@ import pytest
 pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: "
                     "pip install -e '.[test,mount]' (with libfuse3-dev)")
 
-from support.daemons import wait_for
-
 from smirror.capture.mount.fs import MARK_FSYNC
 from smirror.capture.mount.mountpoint import mounted_at
 from smirror.capture.mount.runner import CaptureMount
 from smirror.ops import MARK_ROOT_MTIME, OpKind
+from support.daemons import wait_for
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
