@@ -89,10 +89,29 @@ def test_a_fd_with_nothing_to_read_waits_in_trio():
 def test_install_puts_trio_back():
     import pyfuse3
     before = pyfuse3.trio
-    restore = trioshim.install(pyfuse3)
+    restore, _ = trioshim.install(pyfuse3)
     try:
         assert pyfuse3.trio is not before
         assert pyfuse3.trio.ClosedResourceError is trio.ClosedResourceError   # the rest is trio
     finally:
         restore()
     assert pyfuse3.trio is before
+
+
+def test_queued_says_whether_a_request_waits_on_the_fd():
+    r, w = os.pipe()
+    try:
+        shim = trioshim.shim()
+        readable = shim.lowlevel.wait_readable
+        assert readable.queued() is False           # no fd seen yet
+        os.write(w, b"x")
+
+        async def once():
+            await readable(r)
+        trio.run(once)
+        assert readable.queued() is True
+        os.read(r, 1)
+        assert readable.queued() is False
+    finally:
+        os.close(r)
+        os.close(w)

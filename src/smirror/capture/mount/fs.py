@@ -7,8 +7,8 @@ awaits before its op is captured), so the calls are served one at a time
 and the op stream is the order in which the backing directory changed:
 exact order, within and across files. A call that fails on the backing
 directory emits nothing. Only what changes nothing runs off the loop once
-the op is out: the backing fsync (a disk flush, ~1 ms, during which other
-calls are served) and a synchronous connection's wait.
+the op is out: the backing fsync when other calls are queued (a disk
+flush, during which they are served) and a synchronous connection's wait.
 
 The mount never uses the kernel's writeback cache: with it the kernel would
 send dirty pages later, in its own order, not in the application's.
@@ -192,6 +192,10 @@ class CaptureFS(pyfuse3.Operations):
         # the backing fsync by Linux AIO (aioflush.AioFlush, set by the
         # runner, which reaps it), None: in a worker thread
         self.flusher: Any = None
+        # whether another request is queued now (the runner's; None: not
+        # known): an fsync with nothing else to serve flushes on the loop
+        self.requests_queued: Any = None
+        self.flushes = {"loop": 0, "off_loop": 0}
 
     # -- inodes and paths ------------------------------------------------------
     def _ino(self, st_ino: int) -> int:
@@ -459,7 +463,7 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def fsyncdir(self, fh, datasync):
         fd = self._opendir(self._path(self.dirs[fh][0]))     # beneath, on the loop
-        return _Flush(fd, False)
+        return self._flush_or_leave(fd, False, owned=True)
 
     @_served
     def mkdir(self, parent, name, mode, ctx):
@@ -796,14 +800,30 @@ class CaptureFS(pyfuse3.Operations):
     @_served
     def fsync(self, fh, datasync):
         # its place in the order is now: the owed mtime and the MARK go out
-        # on the loop; the backing disk's flush (~1 ms) runs off it, on a
-        # descriptor of its own (a release meanwhile closes only ``fh``)
+        # on the loop; then the backing disk's flush
         ino = self.open_files[fh]
         self.flush_times([ino])
         node = self.nodes.get(ino)
         if node is not None and node.paths:
             self._out(Op.mark(0, MARK_FSYNC, json.dumps({"path": os.fsdecode(node.paths[0])}).encode()))
-        return _Flush(os.dup(fh), datasync)
+        return self._flush_or_leave(fh, datasync, owned=False)
+
+    def _flush_or_leave(self, fd: int, datasync: bool, *, owned: bool):
+        """The backing flush of ``fd`` here on the loop when no other request
+        is queued (a hand-off to AIO or a thread costs wake-ups worth about
+        a fast disk's flush: measured), else a :class:`_Flush` for off the
+        loop, on a descriptor of its own (``owned``: ``fd`` is one; else a
+        dup, so a release meanwhile closes only the handle's)."""
+        if self.requests_queued is not None and not self.requests_queued():
+            try:
+                (os.fdatasync if datasync else os.fsync)(fd)
+            finally:
+                if owned:
+                    os.close(fd)
+            self.flushes["loop"] += 1
+            return None
+        self.flushes["off_loop"] += 1
+        return _Flush(fd if owned else os.dup(fd), datasync)
 
     @_served
     def release(self, fh):

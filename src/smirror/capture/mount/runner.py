@@ -126,7 +126,9 @@ class CaptureMount:
                 await pyfuse3.main(min_tasks=1, max_tasks=self.SERVE_TASKS)
                 nursery.cancel_scope.cancel()
         from .trioshim import install
-        restore = install(pyfuse3)          # fewer passes through trio's scheduler a request
+        restore, queued = install(pyfuse3)  # fewer passes through trio's scheduler a request
+        assert self.fs is not None
+        self.fs.requests_queued = queued
         try:
             trio.run(main)
         except BaseException as exc:       # reported by failure()

@@ -18,7 +18,8 @@ its CPU time per request. Here:
 
 Everything else is trio itself. Installed by
 :func:`install` for the mount's loop (``pyfuse3.trio``), and put back by
-the function it returns.
+the function it returns; the other one it returns says whether a request
+is queued (the mount flushes an fsync on its loop when none is).
 """
 from __future__ import annotations
 
@@ -64,6 +65,10 @@ class _Readable:
         self._in_a_row = 0
         await trio.lowlevel.wait_readable(fd)
 
+    def queued(self) -> bool:
+        """Whether a request is queued now (none read yet: False)."""
+        return any(poll.poll(0) for poll in self._polls.values())
+
 
 class _Lowlevel(types.SimpleNamespace):
     def __getattr__(self, name):
@@ -81,10 +86,11 @@ def shim() -> _Trio:
 
 
 def install(pyfuse3):
-    """Make pyfuse3's loop use :func:`shim`; returns what puts trio back."""
+    """Make pyfuse3's loop use :func:`shim`; returns (what puts trio back,
+    whether a request is queued now)."""
     saved = pyfuse3.trio
-    pyfuse3.trio = shim()
+    pyfuse3.trio = trio_ = shim()
 
     def restore() -> None:
         pyfuse3.trio = saved
-    return restore
+    return restore, trio_.lowlevel.wait_readable.queued
