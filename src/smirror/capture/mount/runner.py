@@ -126,16 +126,18 @@ class CaptureMount:
                 await pyfuse3.main(min_tasks=1, max_tasks=self.SERVE_TASKS)
                 nursery.cancel_scope.cancel()
         from .trioshim import install
-        restore, queued = install(pyfuse3)  # fewer passes through trio's scheduler a request
-        assert self.fs is not None
-        self.fs.requests_queued = queued
+        restore = None
         try:
+            restore, queued = install(pyfuse3)  # fewer passes through trio's scheduler a request
+            assert self.fs is not None
+            self.fs.requests_queued = queued
             trio.run(main)
         except BaseException as exc:       # reported by failure()
             self.error = f"the capture mount's loop stopped: {type(exc).__name__}: {exc}"
             log.error("%s", self.error, exc_info=True)
         finally:
-            restore()
+            if restore is not None:
+                restore()
             self._ready.set()
 
     SERVE_TASKS = 256       # requests served at once while fsyncs and synchronous calls wait
