@@ -58,25 +58,25 @@ PG_TXNS = int(os.environ.get("SMIRROR_BENCH_PG_TXNS", "500"))
 GOALS = {"seq": 0.5, "rand": 0.5, "meta": 0.3, "pgbench": 0.7}
 
 # the application: one workload in its own process; prints its seconds
-APP = r"""
+APP = rf"""
 import os, random, sys, time
 d, kind, files = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if kind == "seq":
     buf = os.urandom(1 << 20)
     t = time.perf_counter()
     fd = os.open(os.path.join(d, "seq"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    for _ in range(%(seq)d):
+    for _ in range({SEQ_MIB}):
         os.write(fd, buf)
     os.close(fd)
 elif kind == "rand":
     fd = os.open(os.path.join(d, "rand"), os.O_RDWR)
     rng = random.Random(1)
     buf = os.urandom(8192)
-    blocks = (%(rand_mib)d << 20) // 8192
+    blocks = ({RAND_FILE_MIB} << 20) // 8192
     t = time.perf_counter()
-    for i in range(1, %(rand_n)d + 1):
+    for i in range(1, {RAND_WRITES} + 1):
         os.pwrite(fd, buf, rng.randrange(blocks) * 8192)
-        if i %% 16 == 0:
+        if i % 16 == 0:
             os.fsync(fd)
     os.close(fd)
 elif kind == "rtt":
@@ -94,13 +94,13 @@ else:
     data = b"x" * 100
     t = time.perf_counter()
     for i in range(files):
-        fd = os.open(os.path.join(sub, "f%%d" %% i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(os.path.join(sub, "f%d" % i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.write(fd, data)
         os.close(fd)
     for i in range(files):
-        os.unlink(os.path.join(sub, "f%%d" %% i))
+        os.unlink(os.path.join(sub, "f%d" % i))
 print(time.perf_counter() - t)
-""" % {"seq": SEQ_MIB, "rand_mib": RAND_FILE_MIB, "rand_n": RAND_WRITES}
+"""
 
 
 def units(kind: str, seconds: float) -> str:
@@ -251,7 +251,14 @@ def run_c(work, kind):
     except subprocess.CalledProcessError as exc:
         print(f"  c-passthrough failed: {exc.stderr.strip()[-300:]}")
     finally:
-        subprocess.run(["fusermount3", "-u", mnt])
+        # busy while the application's last files close (PostgreSQL's
+        # shutdown): retry, then lazily, never wait for a server still mounted
+        deadline = time.monotonic() + 30
+        while subprocess.run(["fusermount3", "-u", mnt], capture_output=True).returncode:
+            if time.monotonic() > deadline:
+                subprocess.run(["fusermount3", "-u", "-z", mnt])
+                break
+            time.sleep(0.2)
         _, status, usage = os.wait4(p.pid, 0)       # its CPU: the server's cost
         p.returncode = os.waitstatus_to_exitcode(status)
     if result is not None:
@@ -272,6 +279,44 @@ def run_mount(work, kind):
                 "by_kind": dict(sorted(m.fs.requests.items(), key=lambda kv: -kv[1]))}
 
 
+# the capture mount of another source tree (SMIRROR_BENCH_BASE: its src/,
+# e.g. main's), served by a process of its own: before and after a change,
+# in the same run
+BASE_SERVER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from smirror.capture.mount.runner import CaptureMount
+with CaptureMount(sys.argv[2], sys.argv[3], lambda op: None, bypass=False) as m:
+    print("ready", flush=True)
+    sys.stdin.read()
+    print(sum(m.fs.requests.values()), m.fs.busy_ns, flush=True)
+"""
+
+
+def run_mount_base(work, kind):
+    base = os.environ.get("SMIRROR_BENCH_BASE")
+    if not base:
+        return None
+    back, mnt = os.path.join(work, "back"), os.path.join(work, "mnt")
+    prepare(back, kind)
+    p = subprocess.Popen([sys.executable, "-c", BASE_SERVER, os.path.abspath(base), back, mnt],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdin is not None
+    try:
+        if p.stdout.readline().strip() != "ready":
+            return None
+        t = app(mnt, kind)
+        cpu = app_cpu
+    finally:
+        p.stdin.close()
+        out = p.stdout.read().split()
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    requests = int(out[0]) if out else 0
+    return {"app": t, "app_cpu": cpu, "server_cpu": usage.ru_utime + usage.ru_stime,
+            "requests": requests, "busy": int(out[1]) / 1e9 if out else 0.0, "by_kind": {}}
+
+
 def run_replicate(work, kind):
     from smirror.replication import Replication
     back, mnt, dst = (os.path.join(work, n) for n in ("back", "mnt", "dst"))
@@ -288,7 +333,7 @@ def run_replicate(work, kind):
 
 
 VARIANTS = (("direct", run_direct), ("c-passthrough", run_c), ("mount", run_mount),
-            ("replicate", run_replicate))
+            ("mount-base", run_mount_base), ("replicate", run_replicate))
 
 
 def default_kinds() -> tuple:

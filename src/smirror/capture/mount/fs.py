@@ -3,9 +3,12 @@ that serves every mutating call by applying it to the backing directory and
 then emitting the op, in the order it served the calls.
 
 Every handler runs to completion on the one trio thread of the mount (none
-awaits anything), so the calls are served one at a time and the op stream
-is the order in which the backing directory changed: exact order, within
-and across files. A call that fails on the backing directory emits nothing.
+awaits before its op is captured), so the calls are served one at a time
+and the op stream is the order in which the backing directory changed:
+exact order, within and across files. A call that fails on the backing
+directory emits nothing. Only what changes nothing runs off the loop once
+the op is out: the backing fsync when other calls are queued (a disk
+flush, during which they are served) and a synchronous connection's wait.
 
 The mount never uses the kernel's writeback cache: with it the kernel would
 send dirty pages later, in its own order, not in the application's.
@@ -87,12 +90,25 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+class _Flush:
+    """The backing flush a handler leaves for off the loop once its op is
+    captured (its place in the order is fixed): fsync or fdatasync of
+    ``fd``, a descriptor of its own, closed after."""
+    __slots__ = ("fd", "datasync")
+
+    def __init__(self, fd: int, datasync: bool):
+        self.fd = fd
+        self.datasync = datasync
+
+
 def _served(fn):
     """OSError -> the errno to the caller; anything else is a bug: logged
     with its traceback, counted, EIO to the caller, and the loop goes on.
-    A call a synchronous connection waits for (``sync_waiter``) returns once
-    its op is durable on the target, or fails with EIO; the wait does not
-    hold the loop (the op was captured in order before it)."""
+    The handler runs on the mount's loop to completion; what it returns as
+    :class:`_Flush` (the backing fsync) and the wait of a synchronous
+    connection (``sync_waiter``: until the op is durable on the target, or
+    EIO) then run in a worker thread: the loop serves other calls meanwhile,
+    their ops after this one's."""
     name = fn.__name__
 
     @functools.wraps(fn)
@@ -115,9 +131,14 @@ def _served(fn):
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             self.busy_ns += time.thread_time_ns() - t0
+        flush = None
+        if type(result) is _Flush:
+            flush, result = result, None
         waiter = self.sync_waiter
-        if waiter is not None and waiter.waits_on(name):
-            await self._synchronous(name, waiter)
+        # the sync point now, on the loop: exactly the ops up to this call's
+        point = waiter.point(name) if waiter is not None and waiter.waits_on(name) else None
+        if flush is not None or point:
+            await self._off_loop(flush, waiter, point)
         return result
     return wrapper
 
@@ -192,7 +213,14 @@ class CaptureFS(pyfuse3.Operations):
         self.busy_ns = 0
         # the synchronous connections' waits (stream.syncwait.SyncWaiter), if any
         self.sync_waiter: Any = None
-        self._sync_limiter: Any = None
+        self._off_loop_limiter: Any = None
+        # the backing fsync by Linux AIO (aioflush.AioFlush, set by the
+        # runner, which reaps it), None: in a worker thread
+        self.flusher: Any = None
+        # whether another request is queued now (the runner's; None: not
+        # known): an fsync with nothing else to serve flushes on the loop
+        self.requests_queued: Any = None
+        self.flushes = {"loop": 0, "off_loop": 0}
 
     # -- inodes and paths ------------------------------------------------------
     def _ino(self, st_ino: int) -> int:
@@ -312,21 +340,37 @@ class CaptureFS(pyfuse3.Operations):
             setattr(a, f, getattr(st, f))
         return a
 
-    # -- synchronous modes ----------------------------------------------------------
-    SYNC_WAITERS = 1024         # calls waiting for a target at once (threads of trio's cache)
+    # -- off the loop: the backing fsync, synchronous modes -------------------------
+    OFF_LOOP_THREADS = 1024     # calls waiting in threads at once (of trio's thread cache)
 
-    async def _synchronous(self, call: str, waiter) -> None:
-        """Wait, off the mount's thread, until the op ``call`` just
-        captured is durable on every sync connection; EIO when one cannot
+    async def _off_loop(self, flush: _Flush | None, waiter, point) -> None:
+        """The backing flush, then the wait until ``point`` is durable on
+        every sync connection (in a worker thread); EIO when one cannot
         make it so in time (syncwait's timeout)."""
         import trio
-        point = waiter.point(call)      # now, on the mount's thread: exactly this op
-        if not point:
-            return
-        if self._sync_limiter is None:
-            self._sync_limiter = trio.CapacityLimiter(self.SYNC_WAITERS)
-        if not await trio.to_thread.run_sync(waiter.wait, point, limiter=self._sync_limiter):
+        if self._off_loop_limiter is None:
+            self._off_loop_limiter = trio.CapacityLimiter(self.OFF_LOOP_THREADS)
+        if flush is not None:
+            try:
+                await self.flush_backing(flush.fd, flush.datasync)
+            except OSError as exc:
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            finally:
+                os.close(flush.fd)
+        if point and not await trio.to_thread.run_sync(waiter.wait, point,
+                                                       limiter=self._off_loop_limiter):
             raise pyfuse3.FUSEError(errno.EIO)
+
+    async def flush_backing(self, fd: int, datasync: bool) -> None:
+        """fsync (fdatasync) of a backing descriptor, the loop serving other
+        calls meanwhile: by Linux AIO when the runner set up ``flusher``
+        (:mod:`.aioflush`), else in a worker thread."""
+        if self.flusher is not None:
+            await self.flusher.flush(fd, datasync)
+            return
+        import trio
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd,
+                                      limiter=self._off_loop_limiter)
 
     # -- emitting ----------------------------------------------------------------
     def _out(self, op: Op) -> None:
@@ -454,11 +498,8 @@ class CaptureFS(pyfuse3.Operations):
         node = self.nodes.get(self.dirs[fh][0])
         if node is None or not node.paths:
             return          # removed since it was opened: nothing left to sync (as on a disk)
-        fd = self._opendir(node.paths[0])
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fd = self._opendir(node.paths[0])     # beneath, on the loop
+        return self._flush_or_leave(fd, False, owned=True)
 
     @_served
     def mkdir(self, parent, name, mode, ctx):
@@ -801,12 +842,31 @@ class CaptureFS(pyfuse3.Operations):
 
     @_served
     def fsync(self, fh, datasync):
-        (os.fdatasync if datasync else os.fsync)(fh)
+        # its place in the order is now: the owed mtime and the MARK go out
+        # on the loop; then the backing disk's flush
         ino = self.open_files[fh]
         self.flush_times([ino])
         node = self.nodes.get(ino)
         if node is not None and node.paths:
             self._out(Op.mark(0, MARK_FSYNC, json.dumps({"path": os.fsdecode(node.paths[0])}).encode()))
+        return self._flush_or_leave(fh, datasync, owned=False)
+
+    def _flush_or_leave(self, fd: int, datasync: bool, *, owned: bool):
+        """The backing flush of ``fd`` here on the loop when no other request
+        is queued (a hand-off to AIO or a thread costs wake-ups worth about
+        a fast disk's flush: measured), else a :class:`_Flush` for off the
+        loop, on a descriptor of its own (``owned``: ``fd`` is one; else a
+        dup, so a release meanwhile closes only the handle's)."""
+        if self.requests_queued is not None and not self.requests_queued():
+            try:
+                (os.fdatasync if datasync else os.fsync)(fd)
+            finally:
+                if owned:
+                    os.close(fd)
+            self.flushes["loop"] += 1
+            return None
+        self.flushes["off_loop"] += 1
+        return _Flush(fd if owned else os.dup(fd), datasync)
 
     @_served
     def release(self, fh):

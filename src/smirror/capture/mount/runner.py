@@ -74,6 +74,8 @@ class CaptureMount:
             self.mountpoint, self.cleared = prepare(self.mountpoint)
             fs = self.fs = CaptureFS(self.backing, self.emit)
             fs.sync_waiter = self.sync_waiter
+            from .aioflush import AioFlush
+            fs.flusher = AioFlush.open()        # None: fsync flushes in a worker thread
             opts = {"fsname=smirror", f"subtype={FSTYPE.split('.', 1)[1]}", "default_permissions"}
             if os.geteuid() == 0:
                 opts.add("allow_other")      # the application may run as another user
@@ -114,21 +116,31 @@ class CaptureMount:
             self._ready.set()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ticker)
+                assert self.fs is not None
+                if self.fs.flusher is not None:
+                    nursery.start_soon(self.fs.flusher.reap)
                 # handlers never await before their op is captured: one at
-                # a time, in the order read; only a synchronous call awaits
-                # (its op captured already), and others are served meanwhile
-                await pyfuse3.main(min_tasks=1, max_tasks=1 if self.sync_waiter is None
-                                   else self.SYNC_TASKS)
+                # a time, in the order read; only the backing fsync and a
+                # synchronous call's wait run off the loop (the op captured
+                # already), and other calls are served meanwhile
+                await pyfuse3.main(min_tasks=1, max_tasks=self.SERVE_TASKS)
                 nursery.cancel_scope.cancel()
+        from .trioshim import install
+        restore = None
         try:
+            restore, queued = install(pyfuse3)  # fewer passes through trio's scheduler a request
+            assert self.fs is not None
+            self.fs.requests_queued = queued
             trio.run(main)
         except BaseException as exc:       # reported by failure()
             self.error = f"the capture mount's loop stopped: {type(exc).__name__}: {exc}"
             log.error("%s", self.error, exc_info=True)
         finally:
+            if restore is not None:
+                restore()
             self._ready.set()
 
-    SYNC_TASKS = 256        # requests served at once while synchronous calls wait
+    SERVE_TASKS = 256       # requests served at once while fsyncs and synchronous calls wait
 
     def _flush(self) -> None:
         try:
@@ -214,6 +226,8 @@ class CaptureMount:
         self._thread = None
         if self.fs is not None:
             self.fs.base.close()
+            if self.fs.flusher is not None:
+                self.fs.flusher.close()
 
     def status(self) -> dict:
         """The mount point, ops and bytes captured, failed and refused
