@@ -215,6 +215,8 @@ def test_the_harness_finds_nothing_lost_when_only_the_daemon_is_killed(tmp_path)
 
 def test_after_a_power_loss_no_acknowledged_op_is_lost_and_the_replica_converges(tmp_path):
     from support.powerloss import run_trials
-    res = run_trials(2, seed=7, power=True, deadline=15, workdir=tmp_path)
+    # (the 50-trial run's p99 to converge was 18.6 s on a loaded machine: the
+    # deadline bounds a hang, it is not the figure)
+    res = run_trials(2, seed=7, power=True, deadline=60, workdir=tmp_path)
     assert not _lost(res), {k: [(f["failed"], f["left"][:3]) for f in v] for k, v in _lost(res).items()}
     assert all(r["converged"] == r["trials"] for r in res.values())

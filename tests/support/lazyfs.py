@@ -193,7 +193,7 @@ class LazyFS(CaptureFS):
         super().__init__(root, lambda op: None)     # the capture's ops go nowhere
         self.cache: dict[int, CachedFile] = {}      # inode -> what is not durable
         self.off = False
-        self.flushes = 0
+        self.cache_flushes = 0                      # files whose cache an fsync wrote back
 
     # -- the cache ---------------------------------------------------------------------
     def _cached(self, inode: int, fh: int) -> CachedFile:
@@ -266,7 +266,7 @@ class LazyFS(CaptureFS):
         if entry is not None:
             entry.flush()
             self._drop(inode)
-            self.flushes += 1
+            self.cache_flushes += 1
         else:
             os.fsync(fh)
 
