@@ -723,7 +723,7 @@ class TargetConnection:
                          len(self._through), first)
                 self._through.clear()
                 self._through_dropped(self._through_bytes)
-                self.received_seq = first - 1
+                self.received_seq = self.ops_received_seq = first - 1
             self._handoff.notify_all()
 
     # -- tasks and marks ---------------------------------------------------
