@@ -129,7 +129,7 @@ class ScanPages:
             self._expire(user)
             scan = self._open.get(cursor) if isinstance(cursor, str) else None
             if scan is None or scan.user != user:
-                raise SmirrorError(f"target.scan: cursor {cursor!r} is not a listing in progress "
+                raise SmirrorError(f"target.scan: cursor {str(cursor)[:40]!r} is not a listing in progress "
                                    f"(read to its end, or left alone {IDLE_SECONDS:.0f} s): "
                                    "list again from the first page")
             self._open.move_to_end(cursor)
