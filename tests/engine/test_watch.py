@@ -861,6 +861,24 @@ def test_a_file_renamed_over_one_name_of_a_hard_link_never_writes_into_the_other
     assert os.stat(dst / "a").st_ino != os.stat(dst / "b").st_ino
 
 
+def _skipped_then_resent(rig, kinds, change, failed):
+    """``sub/x`` hard-linked with ``y`` (outside ``sub``) and replicated;
+    then ``change()`` runs with the ops of ``kinds`` dropped (the target
+    skipped them), and the target asks for a resync of ``sub``."""
+    src, dst, cap, pipe = rig
+    (src / "sub").mkdir()
+    (src / "sub" / "x").write_bytes(b"old " * 5000)
+    os.link(src / "sub" / "x", src / "y")
+    same(src, dst, cap, pipe)
+    emit = cap.emit
+    cap.emit = lambda op: None if op.kind in kinds else emit(op)
+    change(src / "sub" / "x")
+    cap.sync()
+    cap.emit = emit
+    cap.resend(b"sub", reason=f"op seq 9 {failed} b'sub/x' failed on the target")
+    same(src, dst, cap, pipe)
+
+
 def test_a_resync_sends_a_name_linked_outside_its_subtree_whole(rig):
     """Writes to one name of a hard-linked file were skipped by the target
     (its directory was missing there), which asked for a resync of that
@@ -869,19 +887,12 @@ def test_a_resync_sends_a_name_linked_outside_its_subtree_whole(rig):
     not diffed against the cache, which counts the skipped writes as
     applied (faults.py kill, target victim: '>fc........' on the linked
     file, for good)."""
-    src, dst, cap, pipe = rig
-    (src / "sub").mkdir()
-    (src / "sub" / "x").write_bytes(b"old " * 5000)
-    os.link(src / "sub" / "x", src / "y")
-    same(src, dst, cap, pipe)
-    emit = cap.emit
-    cap.emit = lambda op: None if op.kind in (OpKind.WRITE, OpKind.TRUNCATE) else emit(op)
-    with open(src / "sub" / "x", "r+b") as f:
-        f.write(b"new!")               # the target skips these writes
-    cap.sync()
-    cap.emit = emit
-    cap.resend(b"sub", reason="op seq 9 WRITE b'sub/x' failed on the target")
-    same(src, dst, cap, pipe)
+    src, dst, _, _ = rig
+
+    def write(x):
+        with open(x, "r+b") as f:
+            f.write(b"new!")
+    _skipped_then_resent(rig, (OpKind.WRITE, OpKind.TRUNCATE), write, "WRITE")
     assert (dst / "y").read_bytes() == (src / "y").read_bytes()
 
 
@@ -892,20 +903,13 @@ def test_a_resync_sends_the_attributes_of_a_name_linked_outside_its_subtree(rig)
     must get the source's attributes, not keep those the cache counts as
     applied (faults.py kill under load, target victim: '.f...p.....' and
     'hf...p.....' on one hard-link group, for good)."""
-    src, dst, cap, pipe = rig
-    (src / "sub").mkdir()
-    (src / "sub" / "x").write_bytes(b"old " * 5000)
-    os.link(src / "sub" / "x", src / "y")
-    same(src, dst, cap, pipe)
-    emit = cap.emit
-    cap.emit = lambda op: None if op.kind in (OpKind.SETATTR, OpKind.XATTR) else emit(op)
-    os.chmod(src / "sub" / "x", 0o600)        # the target skips these
-    os.setxattr(src / "sub" / "x", b"user.tag", b"new")
-    os.utime(src / "sub" / "x", ns=(10**18, 10**18))
-    cap.sync()
-    cap.emit = emit
-    cap.resend(b"sub", reason="op seq 9 SETATTR b'sub/x' failed on the target")
-    same(src, dst, cap, pipe)
+    src, dst, _, _ = rig
+
+    def attrs(x):
+        os.chmod(x, 0o600)
+        os.setxattr(x, b"user.tag", b"new")
+        os.utime(x, ns=(10**18, 10**18))
+    _skipped_then_resent(rig, (OpKind.SETATTR, OpKind.XATTR), attrs, "SETATTR")
     for name in ("y", "sub/x"):
         s, d = os.stat(src / name), os.stat(dst / name)
         assert (stat.S_IMODE(d.st_mode), d.st_mtime_ns) == (stat.S_IMODE(s.st_mode), s.st_mtime_ns), name
