@@ -1,9 +1,13 @@
-"""Build settings for the Cython kernels; everything else is in pyproject.toml.
+"""Build settings for the Cython kernels and the FUSE binding; everything
+else is in pyproject.toml.
 
 SMIRROR_DEBUG=1 builds with line tracing (for coverage / profiling);
 SMIRROR_ONLY=_checksum,_journal builds a subset (kernel development only).
 """
 import os
+import shlex
+import subprocess
+import sys
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -28,10 +32,34 @@ def kernel(name, sources=()):
     )
 
 
+def fuse_binding():
+    """The capture mount's binding of libfuse 3's low-level API, where
+    libfuse3's headers are (Debian: libfuse3-dev); without them smirror
+    builds without the capture mount, and says so."""
+    try:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
+                               capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        print("setup.py: libfuse3's headers not found (pkg-config fuse3): building without the "
+              "capture mount (Debian: apt-get install libfuse3-dev pkg-config)", file=sys.stderr)
+        return []
+    words = shlex.split(flags)
+    return [Extension(
+        "smirror.capture.mount._fuse",
+        ["cext/smirror/mount/_fuse.pyx"],
+        include_dirs=[w[2:] for w in words if w.startswith("-I")],
+        libraries=[w[2:] for w in words if w.startswith("-l")],
+        library_dirs=[w[2:] for w in words if w.startswith("-L")],
+        define_macros=[("FUSE_USE_VERSION", "314")],
+        extra_compile_args=compile_args,
+    )]
+
+
 extensions = [
     kernel("_checksum"),  # rolling weak + strong block hashes, delta search
     kernel("_journal"),   # op frames: encode / validate / decode
     kernel("_memqueue"),  # byte-bounded FIFO with disk spill segments
+    *fuse_binding(),      # the capture mount's FUSE loop
 ]
 only = os.environ.get("SMIRROR_ONLY")
 if only:

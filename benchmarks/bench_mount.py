@@ -7,7 +7,7 @@ runs in a separate process (as an application would) on
   there): what FUSE costs before any Python, the ceiling of a Cython
   binding against the low-level API;
 * ``mount``: smirror's capture mount with its ops thrown away (FUSE, the
-  pyfuse3 binding and our handlers);
+  smirror's compiled loop of libfuse's low-level API and our handlers);
 * ``replicate``: ``Replication(BACKING, DST, mount=MNT)``: the whole path,
   capture -> journal -> queue -> stream -> target applied; its application
   time, and the time until the target applied everything.
@@ -31,7 +31,7 @@ Workloads (issue 16's goals, as ratios of direct throughput):
     python benchmarks/bench_mount.py [seq rand meta pgbench]     # a table
     python -m pytest benchmarks/bench_mount.py -q -s      # the same, as a test
 
-Needs root, /dev/fuse, fusermount3 and pyfuse3 (and PostgreSQL for
+Needs root, /dev/fuse, fusermount3 and smirror built with libfuse3-dev (and PostgreSQL for
 ``pgbench``). The machine may be shared: the variants run round-robin,
 ROUNDS times ($SMIRROR_BENCH_ROUNDS, default 2), and each ratio is the
 median of the per-round ratios; $SMIRROR_BENCH_VARIANTS (e.g.
@@ -410,7 +410,7 @@ def test_bench_mount():
     import pytest
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
         pytest.skip("needs root, /dev/fuse and fusermount3")
-    pytest.importorskip("pyfuse3")
+    pytest.importorskip("smirror.capture.mount._fuse")
     bench()
 
 

@@ -17,7 +17,7 @@ target's own (a target on another machine adds the network round trip).
     python benchmarks/bench_sync.py            # a table
     python -m pytest benchmarks/bench_sync.py -q -s
 
-Needs root, /dev/fuse, fusermount3 and pyfuse3. N = $SMIRROR_BENCH_SYNC_N
+Needs root, /dev/fuse, fusermount3 and smirror built with libfuse3-dev. N = $SMIRROR_BENCH_SYNC_N
 (default 1000); each figure is the best of ROUNDS ($SMIRROR_BENCH_ROUNDS,
 default 2) by throughput.
 """
@@ -107,9 +107,9 @@ def _usable() -> str:
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
         return "needs root, /dev/fuse and fusermount3"
     try:
-        import pyfuse3  # noqa: F401
+        import smirror.capture.mount._fuse  # noqa: F401
     except ImportError:
-        return "needs pyfuse3"
+        return "needs smirror built with libfuse3-dev (its FUSE binding)"
     return ""
 
 

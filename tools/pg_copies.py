@@ -3,7 +3,7 @@
 copied; on every copy a PostgreSQL must start and recover, pg_amcheck
 must pass and the history rows be a prefix of the committed history
 (python tools/pg_copies.py [--trials 50] [--capture watch]; root,
-/dev/fuse, pyfuse3 and Debian's postgresql needed).
+/dev/fuse, the FUSE binding (libfuse3-dev at build) and Debian's postgresql needed).
 
 The code lives in tests/support/pg_copies.py (the tests use it too);
 this script is its command line.

@@ -2,7 +2,7 @@
 (pause-target, or SIGKILL of the target daemon) at random instants and
 copied; every copy must open, pass integrity_check and hold a prefix of
 the committed rows (python tools/sqlite_copies.py [--trials 50]; root,
-/dev/fuse and pyfuse3 needed).
+/dev/fuse and the FUSE binding (libfuse3-dev at build) needed).
 
 The code lives in tests/support/sqlite_copies.py (the tests use it too);
 this script is its command line.

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: "
-                    "pip install -e '.[test,mount]' (with libfuse3-dev)")
+pytest.importorskip("smirror.capture.mount._fuse", reason="the capture mount needs smirror "
+                    "built with libfuse 3 (Debian: libfuse3-dev, pkg-config)")
 
 from smirror.capture.mount.mountpoint import mounted_at
 from smirror.capture.mount.runner import CaptureMount
@@ -251,14 +251,37 @@ def test_mount_point_errors_name_the_mount_point_and_the_reason(tmp_path):
         CaptureMount(back, tmp_path / "file", lambda op: None).start()
     os.unlink(mnt / "leftover")
     with CaptureMount(back, mnt, lambda op: None):
-        # a live smirror mount is not taken over, and one process serves one
+        # a live smirror mount is not taken over
         p = subprocess.run([sys.executable, "-c", SERVE, str(back), str(mnt)],
                            capture_output=True, text=True, env=_env(), timeout=60)
         assert "already served by a running smirror mount" in p.stderr
-        with pytest.raises(MountError, match="already serves a capture mount"):
-            CaptureMount(back, tmp_path / "other", lambda op: None).start()
     with pytest.raises(ConfigError, match="mount"):
         Replication(back, tmp_path / "dst", capture="api", mount=mnt)
+
+
+def test_two_mounts_in_one_process_each_capture_their_own_calls(tmp_path):
+    """Each mount is a libfuse session of its own (the binding keeps no
+    global state): two served by one process, each op to its own stream."""
+    mounts = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / f"back-{name}").mkdir()
+            ops: list = []
+            m = CaptureMount(tmp_path / f"back-{name}", tmp_path / f"mnt-{name}", ops.append,
+                             bypass=False).start()
+            mounts.append((name, m, ops))
+        write = "import sys; open(sys.argv[1], 'wb').write(sys.argv[2].encode())"
+        for name, _, _ in mounts:       # another process: the application
+            subprocess.run([sys.executable, "-c", write, str(tmp_path / f"mnt-{name}" / "f"),
+                            f"data of {name}"], check=True)
+        for name, m, ops in mounts:
+            assert (tmp_path / f"back-{name}" / "f").read_bytes() == f"data of {name}".encode()
+            writes = [bytes(o.data) for o in ops if o.kind == OpKind.WRITE]
+            assert writes == [f"data of {name}".encode()], (name, writes)
+            assert m.fs.failures == 0, m.fs.error
+    finally:
+        for _, m, _ in mounts:
+            m.stop()
 
 
 # -- the command -----------------------------------------------------------------------
@@ -605,7 +628,6 @@ def test_fallocate_through_the_mount_is_applied_recorded_in_order_and_replicated
     back, dst, mnt, state = dirs
     ops = []
     with Replication(back, dst, state_dir=state, mount=mnt) as rep:
-        assert rep.mount.fallocate_unsupported == ""
         sink = rep.mount.fs.emit
         rep.mount.fs.emit = lambda op: (ops.append(op), sink(op))
         fd = os.open(mnt / "f", os.O_RDWR | os.O_CREAT, 0o644)

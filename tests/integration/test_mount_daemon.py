@@ -12,8 +12,8 @@ import threading
 
 import pytest
 
-pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: "
-                    "pip install -e '.[test,mount]' (with libfuse3-dev)")
+pytest.importorskip("smirror.capture.mount._fuse", reason="the capture mount needs smirror "
+                    "built with libfuse 3 (Debian: libfuse3-dev, pkg-config)")
 
 from smirror.capture.mount.mountpoint import mounted_at
 from support.daemons import PASSWORD, smirror, wait_for
@@ -175,11 +175,24 @@ def test_repset_delete_unmounts_and_bad_mount_repsets_are_refused_by_name(tmp_pa
         assert "x" not in [r["name"] for r in json.loads(source.cli("repset", "list", "--json").stdout)]
         source.cli("repset", "create", "db", "--root", back, "--mount", mnt)
         assert mounted_at(str(mnt)) == "fuse.smirror"
+        # a second mount set in the same daemon: a session of its own; one
+        # whose mount point or root overlaps another set's is refused by name
         other = tmp_path / "other"
         other.mkdir()
-        p = source.cli("repset", "create", "db2", "--root", other, "--mount", tmp_path / "mnt2",
-                       check=False)
-        assert p.returncode != 0 and "one capture mount per daemon" in p.stderr, p.stderr
+        for root, mount, message in [(other, mnt / "inner", "overlaps the mount point"),
+                                     (other, back / "m2", "overlaps the root"),
+                                     (mnt, tmp_path / "mnt2", "overlaps the mount point")]:
+            p = source.cli("repset", "create", "db2", "--root", root, "--mount", mount, check=False)
+            assert p.returncode != 0 and message in p.stderr and "'db'" in p.stderr, \
+                (root, mount, p.stderr)
+        source.cli("repset", "create", "db2", "--root", other, "--mount", tmp_path / "mnt2")
+        assert mounted_at(str(tmp_path / "mnt2")) == "fuse.smirror"
+        (tmp_path / "mnt2" / "f").write_bytes(b"through the second mount")
+        assert (other / "f").read_bytes() == b"through the second mount"
+        assert status(source)["mounts"]["db2"]["state"] == "running"
+        source.cli("repset", "delete", "db2")
+        assert not mounted_at(str(tmp_path / "mnt2"))
+        assert mounted_at(str(mnt)) == "fuse.smirror", "deleting one set leaves the other's mount"
         # a map base in the mount point of a set of the target daemon is refused
         source.add_user("repl", "replication")
         p = source.cli("connect", "db", "to", source.address, "map", "base", mnt / "loop",

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: "
-                    "pip install -e '.[test,mount]' (with libfuse3-dev)")
+pytest.importorskip("smirror.capture.mount._fuse", reason="the capture mount needs smirror "
+                    "built with libfuse 3 (Debian: libfuse3-dev, pkg-config)")
 
 from smirror.capture.mount.fs import MARK_FSYNC
 from smirror.capture.mount.mountpoint import mounted_at
@@ -107,18 +107,19 @@ def test_calls_are_served_while_an_fsync_waits_for_the_backing_disk(dirs, monkey
     mount, and the ops stay in the order the calls arrived (the fsync's MARK
     before the later write). The flush is held by a hook before it starts:
     nothing real here can hold a disk flush on demand."""
-    import trio
-
     from smirror.capture.mount.fs import CaptureFS
     back, mnt = dirs
     (back / "b").write_bytes(b"other file")
     entered, release = threading.Event(), threading.Event()
     real = CaptureFS.flush_backing
 
-    async def held(self, fd, datasync):
+    def held(self, fd, datasync, done):
         entered.set()
-        await trio.to_thread.run_sync(release.wait, 60)
-        await real(self, fd, datasync)
+
+        def flush_once_released():
+            release.wait(60)
+            real(self, fd, datasync, done)
+        threading.Thread(target=flush_once_released, daemon=True).start()
     monkeypatch.setattr(CaptureFS, "flush_backing", held)
     ops = []
     done = {}
@@ -172,8 +173,8 @@ def test_a_failed_backing_fsync_fails_the_call(dirs, monkeypatch):
     from smirror.capture.mount.fs import CaptureFS
     back, mnt = dirs
 
-    async def failing(self, fd, datasync):
-        raise OSError(errno.EIO, "disk gone")
+    def failing(self, fd, datasync, done):
+        done(errno.EIO)                 # what a disk that is gone answers
     monkeypatch.setattr(CaptureFS, "flush_backing", failing)
     with CaptureMount(back, mnt, lambda op: None, bypass=False) as m:
         m.fs.requests_queued = lambda: True         # the flush off the loop

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3: "
-                    "pip install -e '.[test,mount]' (with libfuse3-dev)")
+pytest.importorskip("smirror.capture.mount._fuse", reason="the capture mount needs smirror "
+                    "built with libfuse 3 (Debian: libfuse3-dev, pkg-config)")
 
 from support.sqlite_copies import run
 

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-pytest.importorskip("pyfuse3", reason="the layer needs pyfuse3: pip install -e '.[test,mount]'")
+pytest.importorskip("smirror.capture.mount._fuse", reason="the capture mount needs smirror "
+                    "built with libfuse 3 (Debian: libfuse3-dev, pkg-config)")
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
     reason="needs /dev/fuse, fusermount3 (Debian's fuse3) and root")

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-pytest.importorskip("pyfuse3", reason="the capture mount needs pyfuse3")
+pytest.importorskip("smirror.capture.mount._fuse", reason="the capture mount needs smirror "
+                    "built with libfuse 3 (Debian: libfuse3-dev, pkg-config)")
 
 from smirror.capture.mount.mountpoint import mounted_at
 from smirror.errors import ConfigError

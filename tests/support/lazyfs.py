@@ -1,6 +1,6 @@
 """A LazyFS-style layer for power-loss tests (test-only, never shipped).
 
-A pyfuse3 file system over a backing directory that keeps the data written
+A FUSE file system over a backing directory that keeps the data written
 to a file in its own memory cache until that file is fsynced (or
 fdatasynced), and can lose that cache at a simulated **power loss**, the way
 Jepsen's LazyFS (github.com/dsrhaslab/lazyfs) does for databases.
@@ -69,9 +69,8 @@ import sys
 import threading
 import time
 
-import pyfuse3
-import trio
-
+from smirror.capture.mount import _fuse
+from smirror.capture.mount._fuse import FUSEError
 from smirror.capture.mount.fs import CaptureFS
 from smirror.capture.mount.mountpoint import mounted_at, prepare, unmount
 
@@ -86,19 +85,19 @@ def _guarded(fn):
     of the layer: logged, EIO, and the loop goes on. A data call made after
     a power loss (in this process) gets EIO: the machine is off."""
     @functools.wraps(fn)
-    async def wrapper(self, *args):
+    def wrapper(self, *args):
         if self.off:
-            raise pyfuse3.FUSEError(errno.EIO)
+            raise FUSEError(errno.EIO)
         try:
             return fn(self, *args)
-        except pyfuse3.FUSEError:
+        except FUSEError:
             raise
         except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            raise FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             self.failures += 1
             log.exception("lazyfs: %s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise FUSEError(errno.EIO) from None
     return wrapper
 
 
@@ -236,7 +235,7 @@ class LazyFS(CaptureFS):
         return n
 
     # -- what readers see of sizes and times ------------------------------------------
-    def _attrs(self, st) -> pyfuse3.EntryAttributes:
+    def _attrs(self, st) -> _fuse.Entry:
         # every reply with attributes (lookup, getattr, readdirplus, create,
         # setattr, link) goes through here: the cached size and mtime win
         a = super()._attrs(st)
@@ -290,58 +289,65 @@ class LazyFS(CaptureFS):
             out.st_size, out.st_mtime_ns = entry.size, entry.mtime_ns
         return out
 
-    async def release(self, fh):
-        await super().release(fh)
+    def release(self, fh):
+        super().release(fh)
         self._sweep()
 
-    async def unlink(self, parent, name, ctx):
-        await super().unlink(parent, name, ctx)
+    def unlink(self, parent, name, ctx):
+        super().unlink(parent, name, ctx)
         self._sweep()
 
-    async def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
-        await super().rename(parent_old, name_old, parent_new, name_new, flags, ctx)
+    def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
+        super().rename(parent_old, name_old, parent_new, name_new, flags, ctx)
         self._sweep()
 
 
 class LazyMount:
     """The layer mounted at ``mountpoint`` over ``backing``, served on a
-    thread of this process (one per process: pyfuse3 keeps one session)."""
+    thread of this process."""
 
     def __init__(self, backing, mountpoint):
         self.backing = os.path.abspath(os.fsdecode(backing))
         self.mountpoint = os.path.abspath(os.fsdecode(mountpoint))
         self.fs: LazyFS | None = None
+        self._session: _fuse.Session | None = None
         self._thread: threading.Thread | None = None
-        self._token = None
-        self._ready = threading.Event()
         self.error = ""
 
     def start(self) -> LazyMount:
         self.mountpoint, _ = prepare(self.mountpoint)
         self.fs = LazyFS(self.backing)
         opts = {f"fsname={FSNAME}", "subtype=smirror", "default_permissions", "allow_other"}
-        pyfuse3.init(self.fs, self.mountpoint, opts)
-        self._ready.clear()
+        self._session = _fuse.Session(self.fs, self.mountpoint, opts)
         self._thread = threading.Thread(target=self._run, name="lazyfs", daemon=True)
         self._thread.start()
-        self._ready.wait()
         return self
 
     def _run(self) -> None:
-        async def main():
-            self._token = trio.lowlevel.current_trio_token()
-            self._ready.set()
-            await pyfuse3.main(min_tasks=1, max_tasks=1)
         try:
-            trio.run(main)
+            self._session.run()
         except BaseException as exc:    # noqa: BLE001 - said by stop()
             self.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._ready.set()
 
     def call(self, fn, *args):
         """``fn(*args)`` on the layer's thread (between two calls it serves)."""
-        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+        done = threading.Event()
+        out: list = [None, None]
+
+        def run():
+            try:
+                out[0] = fn(*args)
+            except BaseException as exc:    # noqa: BLE001 - raised in the caller
+                out[1] = exc
+            finally:
+                done.set()
+        self._session.call_soon(run)
+        while not done.wait(0.5):
+            if not self._thread.is_alive():
+                raise RuntimeError(f"lazyfs at {self.mountpoint}: its loop ended")
+        if out[1] is not None:
+            raise out[1]
+        return out[0]
 
     def power_loss(self) -> dict:
         """Forget every unsynced write, then unmount (what is left is the
@@ -352,7 +358,7 @@ class LazyMount:
             # in one step on the layer's thread: no call is served between
             # the loss and the end of the loop
             lost = fs.lose()
-            pyfuse3.terminate()
+            self._session.exit()
             return lost
         dev = mount_device(self.mountpoint)
         lost = self.call(lose)
@@ -373,14 +379,11 @@ class LazyMount:
         """End the loop and unmount; ``lost``: after a power loss, whatever
         the aborted connection did to the loop is expected."""
         if self._thread is not None and self._thread.is_alive():
-            try:
-                trio.from_thread.run_sync(pyfuse3.terminate, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
+            self._session.exit()
             self._thread.join(10)
         if self._thread is not None:
             self._thread = None
-            pyfuse3.close(unmount=True)
+            self._session.close(unmount=True)
         if self.fs is not None:
             self.fs.base.close()
         if self.error and not lost:
@@ -481,8 +484,8 @@ def main(argv=None) -> int:
     backing, mountpoint = args
     path, _ = prepare(mountpoint)
     fs = LazyFS(backing)
-    pyfuse3.init(fs, path, {f"fsname={FSNAME}", "subtype=smirror", "default_permissions",
-                            "allow_other"})
+    session = _fuse.Session(fs, path, {f"fsname={FSNAME}", "subtype=smirror",
+                                       "default_permissions", "allow_other"})
 
     def power_loss(signum, frame):
         # no cleanup at all: the cache dies with the process, the kernel
@@ -490,21 +493,19 @@ def main(argv=None) -> int:
         os.write(2, b"lazyfs: power loss: %d files with unsynced data lost\n" % len(fs.cache))
         os._exit(0)
 
-    async def serve():
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pyfuse3.main, 1, 1)
-                sys.stdout.write("ready\n")
-                sys.stdout.flush()
-                async for _ in signals:
-                    fs.sync_all()           # a clean shutdown writes the cache back
-                    nursery.cancel_scope.cancel()
-                    break
+    def shutdown(signum, frame):
+        # the loop runs this handler between two requests, on this thread
+        fs.sync_all()                   # a clean shutdown writes the cache back
+        session.exit()
     signal.signal(signal.SIGUSR1, power_loss)
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
     try:
-        trio.run(serve)
+        session.run()
     finally:
-        pyfuse3.close(unmount=True)
+        session.close(unmount=True)
     return 0
 
 

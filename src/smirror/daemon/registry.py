@@ -74,6 +74,29 @@ class Repset:
         return Rules.from_patterns(pairs)
 
 
+def _inside(path: str, top: str) -> bool:
+    """Whether ``path`` is ``top`` or beneath it (both real paths)."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _check_mounts_apart(new: Repset, other: Repset) -> None:
+    """A new mount set's mount point apart from every other set's root and
+    mount point, and its root apart from another mount set's mount point: a
+    mount inside another would capture (or hide) the other's files, a root
+    inside a mount point would be read back through the mount."""
+    mine = os.path.realpath(new.mount)
+    places = [("root", other.root)] + ([("mount point", other.mount)] if other.capture == "mount" else [])
+    for what, place in places:
+        theirs = os.path.realpath(place)
+        if _inside(mine, theirs) or _inside(theirs, mine):
+            raise ConfigError(f"repset {new.name!r}: mount point {new.mount} overlaps the {what} "
+                              f"{place} of replication set {other.name!r}")
+    if other.capture == "mount" and (_inside(os.path.realpath(new.root), os.path.realpath(other.mount))
+                                     or _inside(os.path.realpath(other.mount), os.path.realpath(new.root))):
+        raise ConfigError(f"repset {new.name!r}: root {new.root} overlaps the mount point "
+                          f"{other.mount} of replication set {other.name!r}")
+
+
 def check_capture(name: str, root: str, capture, mount, rules) -> tuple[str, str]:
     """(capture, mount point) of a repset, checked: a mount point is an
     absolute path, neither inside the root nor holding it, and goes with
@@ -222,11 +245,7 @@ class Registry:
                 raise ConfigError(f"replication set {name!r} exists already")
             if capture == "mount":
                 for other in self.repsets.values():
-                    if other.capture == "mount":
-                        # pyfuse3 serves one FUSE session per process
-                        raise ConfigError(f"repset {name!r}: this daemon already serves the capture "
-                                          f"mount of replication set {other.name!r} at {other.mount} "
-                                          f"(one capture mount per daemon)")
+                    _check_mounts_apart(repset, other)
             self.repsets[name] = repset
             self._save()
         return repset

@@ -64,7 +64,7 @@ from smirror.stream.syncwait import SyncWaiter, check_sync
 from smirror.stream.tasks import QueuedInto, SourceTasks, TargetTasks, TaskLog, TaskPolicy, TaskSpec
 from smirror.stream.wire import ORDER_PER_FILE, Link, MsgType, ProtocolError
 
-if TYPE_CHECKING:       # imported when a mount set starts: pyfuse3 is optional
+if TYPE_CHECKING:       # imported when a mount set starts: the FUSE binding is optional
     from smirror.capture.mount.repset import MountCapture
     from smirror.capture.watch import MirrorHandover
     from smirror.daemon.connection_mirror import ConnectionMirror

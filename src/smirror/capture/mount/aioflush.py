@@ -5,8 +5,9 @@ While the backing disk flushes (~1 ms) the mount serves other calls. A
 Python worker thread for the flush cost about 300 us more per fsync than
 flushing on the loop (measured: GIL and thread hand-offs on a loaded
 2-core machine), which ate the gain; with AIO the kernel flushes in its own
-worker and signals an eventfd, and the loop wakes the waiting call: no
-Python thread, no GIL hand-off.
+worker and signals an eventfd, which the mount's loop polls with
+/dev/fuse, and the loop replies to the waiting call: no Python thread, no
+GIL hand-off.
 
 :meth:`AioFlush.open` returns None where AIO cannot be set up (another
 architecture, a kernel or seccomp policy without it): the mount then
@@ -20,6 +21,8 @@ import itertools
 import logging
 import os
 import platform
+import threading
+from typing import Any
 
 log = logging.getLogger("smirror.capture.mount")
 
@@ -49,24 +52,16 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-class _Waiting:
-    __slots__ = ("done", "res")
-
-    def __init__(self, done):
-        self.done = done
-        self.res = 0
-
-
 class AioFlush:
     """One AIO context and its eventfd; :meth:`flush` from the mount's
-    handlers, :meth:`reap` running in the mount's nursery."""
+    handlers, :meth:`reap` by the mount's loop when the eventfd is readable."""
 
     def __init__(self, libc, numbers, ctx: ctypes.c_ulong, efd: int):
         self._syscall = libc.syscall
         self._setup, self._destroy, self._getevents, self._submit = numbers
         self._ctx = ctx
         self.efd = efd
-        self._waiting: dict[int, _Waiting] = {}
+        self._waiting: dict[int, Any] = {}     # id -> done(errno)
         self._ids = itertools.count(1)
         self._events = (_Event * 64)()
         self._zero = _Timespec(0, 0)
@@ -91,37 +86,42 @@ class AioFlush:
             return None
         return cls(libc, numbers, ctx, efd)
 
-    async def flush(self, fd: int, datasync: bool) -> None:
-        """fsync (fdatasync) ``fd``; returns once the disk has it, serving
-        other calls meanwhile. OSError with the flush's errno."""
-        import trio
+    def flush(self, fd: int, datasync: bool, done) -> None:
+        """fsync (fdatasync) ``fd``, then ``done(errno)`` (0: the disk has
+        it) on the loop, which serves other calls meanwhile. Where the
+        kernel takes no AIO flush of this file (or the ring is full), the
+        flush runs in a thread of its own and ``done`` there."""
         ident = next(self._ids)
         iocb = _Iocb(aio_data=ident, aio_lio_opcode=IOCB_CMD_FDSYNC if datasync else IOCB_CMD_FSYNC,
                      aio_fildes=fd, aio_flags=IOCB_FLAG_RESFD, aio_resfd=self.efd)
         ptrs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(iocb))
-        waiting = self._waiting[ident] = _Waiting(trio.Event())
+        self._waiting[ident] = done
         if self._syscall(ctypes.c_long(self._submit), self._ctx, ctypes.c_long(1), ptrs) != 1:
             err = ctypes.get_errno() or errno.EIO
             del self._waiting[ident]
-            if err in (errno.EINVAL, errno.EAGAIN):   # no AIO fsync for this file, or full
-                await trio.to_thread.run_sync((os.fdatasync if datasync else os.fsync), fd)
+            if err not in (errno.EINVAL, errno.EAGAIN):   # EINVAL: no AIO fsync for this file
+                done(err)
                 return
-            raise OSError(err, os.strerror(err))
-        self.flushes += 1
-        await waiting.done.wait()
-        if waiting.res < 0:
-            raise OSError(-waiting.res, os.strerror(-waiting.res))
 
-    async def reap(self) -> None:
-        """Completions -> the waiting calls (the one task that waits on the eventfd)."""
-        import trio
-        while True:
-            await trio.lowlevel.wait_readable(self.efd)
-            try:
-                os.eventfd_read(self.efd)
-            except BlockingIOError:
-                continue
-            self.collect()
+            def flush() -> None:
+                try:
+                    (os.fdatasync if datasync else os.fsync)(fd)
+                except OSError as exc:
+                    done(exc.errno or errno.EIO)
+                    return
+                done(0)
+            threading.Thread(target=flush, name="capture-mount-flush", daemon=True).start()
+            return
+        self.flushes += 1
+
+    def reap(self) -> None:
+        """Completions -> their calls' ``done`` (the loop calls it when the
+        eventfd is readable)."""
+        try:
+            os.eventfd_read(self.efd)
+        except BlockingIOError:
+            return
+        self.collect()
 
     def collect(self) -> None:
         while True:
@@ -130,10 +130,13 @@ class AioFlush:
             if n <= 0:
                 return
             for ev in self._events[:n]:
-                waiting = self._waiting.pop(ev.data, None)
-                if waiting is not None:
-                    waiting.res = ev.res
-                    waiting.done.set()
+                done = self._waiting.pop(ev.data, None)
+                if done is None:
+                    continue
+                try:
+                    done(-ev.res if ev.res < 0 else 0)
+                except Exception:           # one call's bug must not end the loop
+                    log.exception("capture mount: answering a flushed fsync failed")
             if n < len(self._events):
                 return
 

@@ -2,13 +2,15 @@
 that serves every mutating call by applying it to the backing directory and
 then emitting the op, in the order it served the calls.
 
-Every handler runs to completion on the one trio thread of the mount (none
-awaits before its op is captured), so the calls are served one at a time
-and the op stream is the order in which the backing directory changed:
-exact order, within and across files. A call that fails on the backing
-directory emits nothing. Only what changes nothing runs off the loop once
-the op is out: the backing fsync when other calls are queued (a disk
-flush, during which they are served) and a synchronous connection's wait.
+Every handler runs to completion on the mount's one thread (the compiled
+loop of :mod:`smirror.capture.mount._fuse` calls it and replies from what
+it returns), so the calls are served one at a time and the op stream is the
+order in which the backing directory changed: exact order, within and
+across files. A call that fails on the backing directory emits nothing.
+Only what changes nothing finishes off the loop once the op is out (the
+handler's reply then comes later, :class:`~._fuse.Later`): the backing
+fsync when other calls are queued (a disk flush, during which they are
+served) and a synchronous connection's wait.
 
 The mount never uses the kernel's writeback cache: with it the kernel would
 send dirty pages later, in its own order, not in the application's.
@@ -34,6 +36,7 @@ is refused: EACCES to the caller, logged and counted (``refused``).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import errno
 import functools
@@ -44,8 +47,8 @@ import stat
 import time
 from typing import Any
 
-import pyfuse3
-
+from smirror.capture.mount import _fuse
+from smirror.capture.mount._fuse import ROOT_INODE, FUSEError
 from smirror.capture.recorder import xattr_name
 from smirror.errors import ConfinementError
 from smirror.fs.beneath import Beneath, chmod_at, open_subdir, proc_path, renameat2
@@ -107,28 +110,28 @@ def _served(fn):
     The handler runs on the mount's loop to completion; what it returns as
     :class:`_Flush` (the backing fsync) and the wait of a synchronous
     connection (``sync_waiter``: until the op is durable on the target, or
-    EIO) then run in a worker thread: the loop serves other calls meanwhile,
-    their ops after this one's."""
+    EIO) then finish off the loop, and the reply with them: the loop serves
+    other calls meanwhile, their ops after this one's."""
     name = fn.__name__
 
     @functools.wraps(fn)
-    async def wrapper(self, *args):
+    def wrapper(self, *args):
         self.requests[name] = self.requests.get(name, 0) + 1
         t0 = time.thread_time_ns()
         try:
             result = fn(self, *args)
-        except pyfuse3.FUSEError:
+        except FUSEError:
             raise
         except ConfinementError as exc:
             self.refuse(name, exc)
-            raise pyfuse3.FUSEError(errno.EACCES) from None
+            raise FUSEError(errno.EACCES) from None
         except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            raise FUSEError(exc.errno or errno.EIO) from None
         except Exception as exc:            # must not end the FUSE loop
             self.failures += 1
             self.error = f"{fn.__name__}: {type(exc).__name__}: {exc}"
             log.exception("mount of %s: %s failed", os.fsdecode(self.root), fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise FUSEError(errno.EIO) from None
         finally:
             self.busy_ns += time.thread_time_ns() - t0
         flush = None
@@ -138,7 +141,7 @@ def _served(fn):
         # the sync point now, on the loop: exactly the ops up to this call's
         point = waiter.point(name) if waiter is not None and waiter.waits_on(name) else None
         if flush is not None or point:
-            await self._off_loop(flush, waiter, point)
+            return self._later(result, flush, waiter, point)
         return result
     return wrapper
 
@@ -175,23 +178,19 @@ class _ResendLinks:
         return not self.root or rel == self.root or rel.startswith(self.root + b"/")
 
 
-class CaptureFS(pyfuse3.Operations):
+class CaptureFS:
     """``root``: the backing directory; ``emit(op)``: where ops go (the
     connection journals), called on the mount thread."""
 
-    enable_writeback_cache = False      # exact order: see the module doc
-    supports_dot_lookup = False
-
     def __init__(self, root, emit):
-        super().__init__()
         self.root = os.fsencode(os.path.abspath(root))
         self.emit = emit
         self.base = Beneath(self.root)      # every backing access resolves beneath it
         st = os.fstat(self.base.fd)
         self.root_ino = st.st_ino
         self.root_dev = st.st_dev
-        self.nodes: dict[int, _Node] = {pyfuse3.ROOT_INODE: _Node(b"")}
-        self.nodes[pyfuse3.ROOT_INODE].lookups = 1
+        self.nodes: dict[int, _Node] = {ROOT_INODE: _Node(b"")}
+        self.nodes[ROOT_INODE].lookups = 1
         self.open_files: dict[int, int] = {}         # fh (backing fd) -> inode
         # inode -> its open fhs: fd-based getattr/getxattr/stamp, one
         # syscall where a path costs three (resolve beneath, act, close)
@@ -213,9 +212,9 @@ class CaptureFS(pyfuse3.Operations):
         self.busy_ns = 0
         # the synchronous connections' waits (stream.syncwait.SyncWaiter), if any
         self.sync_waiter: Any = None
-        self._off_loop_limiter: Any = None
+        self._waits: concurrent.futures.ThreadPoolExecutor | None = None
         # the backing fsync by Linux AIO (aioflush.AioFlush, set by the
-        # runner, which reaps it), None: in a worker thread
+        # runner, which reaps it on the loop), None: in a worker thread
         self.flusher: Any = None
         # whether another request is queued now (the runner's; None: not
         # known): an fsync with nothing else to serve flushes on the loop
@@ -224,12 +223,12 @@ class CaptureFS(pyfuse3.Operations):
 
     # -- inodes and paths ------------------------------------------------------
     def _ino(self, st_ino: int) -> int:
-        return pyfuse3.ROOT_INODE if st_ino == self.root_ino else st_ino
+        return ROOT_INODE if st_ino == self.root_ino else st_ino
 
     def _path(self, inode: int) -> bytes:
         node = self.nodes.get(inode)
         if node is None or not node.paths:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FUSEError(errno.ENOENT)
         return node.paths[0]
 
     # -- the backing directory, beneath its handle --------------------------------
@@ -278,7 +277,7 @@ class CaptureFS(pyfuse3.Operations):
 
     def _child(self, parent: int, name: bytes) -> bytes:
         if name in (b".", b"..") or b"/" in name:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FUSEError(errno.EINVAL)
         p = self._path(parent)
         return p + b"/" + name if p else name
 
@@ -329,48 +328,78 @@ class CaptureFS(pyfuse3.Operations):
                 elif p == b or p.startswith(pb):
                     node.paths[i] = a + p[len(b):]
 
-    def _attrs(self, st) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = self._ino(st.st_ino)
-        node = self.nodes.get(a.st_ino)
-        a.generation = node.generation if node is not None else 0
-        a.entry_timeout = a.attr_timeout = CACHE_TIMEOUT
-        for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
-                  "st_blksize", "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
-            setattr(a, f, getattr(st, f))
-        return a
+    def _attrs(self, st) -> _fuse.Entry:
+        ino = self._ino(st.st_ino)
+        node = self.nodes.get(ino)
+        return _fuse.Entry(ino, node.generation if node is not None else 0, st, CACHE_TIMEOUT)
 
     # -- off the loop: the backing fsync, synchronous modes -------------------------
-    OFF_LOOP_THREADS = 1024     # calls waiting in threads at once (of trio's thread cache)
+    WAIT_THREADS = 256      # flushes (without AIO) and synchronous waits in threads at once
 
-    async def _off_loop(self, flush: _Flush | None, waiter, point) -> None:
-        """The backing flush, then the wait until ``point`` is durable on
-        every sync connection (in a worker thread); EIO when one cannot
-        make it so in time (syncwait's timeout)."""
-        import trio
-        if self._off_loop_limiter is None:
-            self._off_loop_limiter = trio.CapacityLimiter(self.OFF_LOOP_THREADS)
-        if flush is not None:
-            try:
-                await self.flush_backing(flush.fd, flush.datasync)
-            except OSError as exc:
-                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-            finally:
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._waits is None:
+            self._waits = concurrent.futures.ThreadPoolExecutor(
+                self.WAIT_THREADS, thread_name_prefix="capture-mount-wait")
+        return self._waits
+
+    def _later(self, result, flush: _Flush | None, waiter, point) -> _fuse.Later:
+        """The reply of a call whose op is out: once the backing flush is
+        done (its errno if it failed), then once ``point`` is durable on
+        every sync connection (EIO when one cannot make it so in time:
+        syncwait's timeout); the loop serves other calls meanwhile."""
+        def start(reply) -> None:
+            def flushed(err: int) -> None:
+                if err:
+                    reply.fail(err)
+                elif point:
+                    self._pool().submit(waited)
+                else:
+                    reply.ok(result)
+
+            def waited() -> None:
+                try:
+                    durable = waiter.wait(point)
+                except Exception:           # a bug: the caller must still get an answer
+                    log.exception("mount of %s: a synchronous wait failed", os.fsdecode(self.root))
+                    durable = False
+                if durable:
+                    reply.ok(result)
+                else:
+                    reply.fail(errno.EIO)
+
+            if flush is None:
+                flushed(0)
+                return
+
+            def closed(err: int) -> None:
                 os.close(flush.fd)
-        if point and not await trio.to_thread.run_sync(waiter.wait, point,
-                                                       limiter=self._off_loop_limiter):
-            raise pyfuse3.FUSEError(errno.EIO)
+                flushed(err)
+            self.flush_backing(flush.fd, flush.datasync, closed)
+        return _fuse.Later(start)
 
-    async def flush_backing(self, fd: int, datasync: bool) -> None:
+    def flush_backing(self, fd: int, datasync: bool, done) -> None:
         """fsync (fdatasync) of a backing descriptor, the loop serving other
-        calls meanwhile: by Linux AIO when the runner set up ``flusher``
-        (:mod:`.aioflush`), else in a worker thread."""
+        calls meanwhile, then ``done(errno)`` (0: flushed): by Linux AIO when
+        the runner set up ``flusher`` (:mod:`.aioflush`; ``done`` runs on the
+        loop), else in a worker thread (``done`` runs there)."""
         if self.flusher is not None:
-            await self.flusher.flush(fd, datasync)
+            self.flusher.flush(fd, datasync, done)
             return
-        import trio
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd,
-                                      limiter=self._off_loop_limiter)
+
+        def flush() -> None:
+            try:
+                (os.fdatasync if datasync else os.fsync)(fd)
+            except OSError as exc:
+                done(exc.errno or errno.EIO)
+                return
+            done(0)
+        self._pool().submit(flush)
+
+    def close(self) -> None:
+        """Once the loop ended: the backing root's handle, the wait threads."""
+        self.base.close()
+        if self._waits is not None:
+            self._waits.shutdown(wait=False, cancel_futures=True)
 
     # -- emitting ----------------------------------------------------------------
     def _out(self, op: Op) -> None:
@@ -384,7 +413,7 @@ class CaptureFS(pyfuse3.Operations):
     def _dirty_parent(self, rel: bytes) -> None:
         parent = self._parent(rel)
         if not parent:
-            self.times_dirty[pyfuse3.ROOT_INODE] = None
+            self.times_dirty[ROOT_INODE] = None
             return
         try:
             self.times_dirty[self._ino(self._lstat(parent).st_ino)] = None
@@ -432,7 +461,7 @@ class CaptureFS(pyfuse3.Operations):
     def forget(self, inode_list):
         for ino, n in inode_list:
             node = self.nodes.get(ino)
-            if node is None or ino == pyfuse3.ROOT_INODE:
+            if node is None or ino == ROOT_INODE:
                 continue
             node.lookups -= n
             if node.lookups <= 0 and ino not in self.fhs_of:
@@ -453,12 +482,7 @@ class CaptureFS(pyfuse3.Operations):
 
     @_served
     def statfs(self, ctx):
-        v = os.statvfs(self.base.fd)
-        out = pyfuse3.StatvfsData()
-        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                  "f_ffree", "f_favail", "f_namemax"):
-            setattr(out, f, getattr(v, f))
-        return out
+        return os.statvfs(self.base.fd)
 
     # -- directories -----------------------------------------------------------------
     @_served
@@ -483,7 +507,7 @@ class CaptureFS(pyfuse3.Operations):
                     st = os.stat(entries[i], dir_fd=dfd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if not pyfuse3.readdir_reply(token, entries[i], self._attrs(st), i + 1):
+                if not _fuse.readdir_reply(token, entries[i], self._attrs(st), i + 1):
                     return
                 self._remember(st, rel)
         finally:
@@ -592,7 +616,7 @@ class CaptureFS(pyfuse3.Operations):
                 renameat2(odfd, oname, ndfd, nname, flags)
             else:
                 os.rename(oname, nname, src_dir_fd=odfd, dst_dir_fd=ndfd)
-        if flags & pyfuse3.RENAME_EXCHANGE:
+        if flags & _fuse.RENAME_EXCHANGE:
             if replaced != ino:     # two names of one file swapped: nothing changed
                 self._out(Op.rename(0, old, new, RenameFlag.EXCHANGE))
                 self._exchanged(old, new)
@@ -674,15 +698,15 @@ class CaptureFS(pyfuse3.Operations):
         return self._attrs(lstat())
 
     @_served
-    def setxattr(self, inode, name, value, ctx):
+    def setxattr(self, inode, name, value, flags, ctx):
         rel = self._path(inode)
         try:
             xname = xattr_name(name)
         except ValueError:
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
+            raise FUSEError(errno.EOPNOTSUPP) from None
         with self._at(rel) as (dfd, base):
             path, follow = self._obj(dfd, base)
-            os.setxattr(path, xname, value, follow_symlinks=follow)
+            os.setxattr(path, xname, value, flags, follow_symlinks=follow)
         self._out(Op.setxattr(0, rel, xname, bytes(value)))
 
     @_served
@@ -706,7 +730,7 @@ class CaptureFS(pyfuse3.Operations):
                 return os.getxattr(path, name, follow_symlinks=follow)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+                raise FUSEError(errno.ENODATA) from None
             raise
 
     @_served
@@ -715,19 +739,15 @@ class CaptureFS(pyfuse3.Operations):
             path, follow = self._obj(dfd, base)
             return [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=follow)]
 
-    @_served
-    def access(self, inode, mode, ctx):
-        return True                 # the kernel checks permissions (default_permissions)
-
     # -- files ------------------------------------------------------------------------
-    def _opened(self, fd: int, inode: int, rel: bytes, flags: int) -> pyfuse3.FileInfo:
+    def _opened(self, fd: int, inode: int, rel: bytes, flags: int) -> int:
         if flags & os.O_TRUNC and os.fstat(fd).st_size:
             os.ftruncate(fd, 0)
             self._out(Op.truncate(0, rel, 0))
             self._dirty(inode)
         self.open_files[fd] = inode
         self.fhs_of.setdefault(inode, []).append(fd)
-        return pyfuse3.FileInfo(fh=fd)
+        return fd
 
     @_served
     def open(self, inode, flags, ctx):
@@ -769,9 +789,9 @@ class CaptureFS(pyfuse3.Operations):
                 self._dirty(parent)
             ino = self._remember(st, rel)
             self._dirty(ino)
-            info = self._opened(fd, ino, rel, flags)
+            fh = self._opened(fd, ino, rel, flags)
             # a file made here is as fstat saw it; one opened may have been truncated
-            return info, self._attrs(st if created else os.fstat(fd))
+            return fh, self._attrs(st if created else os.fstat(fd))
         except BaseException:
             os.close(fd)
             raise
@@ -791,54 +811,36 @@ class CaptureFS(pyfuse3.Operations):
             self.times_dirty[ino] = None
         return n
 
-    def fallocate_call(self, fh: int, mode: int, offset: int, length: int) -> int:
-        """fallocate on an open file (libfuse's handler, installed by
-        :mod:`smirror.capture.mount.fallocate`; called on the mount's thread,
-        synchronously): the errno for the caller, 0 when done. What it
-        changes that a reader sees goes out as ops: a punched or zeroed
-        range as WRITEs of zeros, a new size as TRUNCATE (allocation itself
-        is invisible, nothing is sent for it)."""
-        self.requests["fallocate"] = self.requests.get("fallocate", 0) + 1
-        t0 = time.thread_time_ns()
-        try:
-            if mode & ~_FALLOC_KNOWN:
-                return errno.EOPNOTSUPP
-            ino = self.open_files.get(fh)
-            if ino is None:
-                return errno.EBADF
-            before = os.fstat(fh).st_size
-            fallocate(fh, mode, offset, length)
-            after = os.fstat(fh).st_size
-            node = self.nodes.get(ino)
-            if node is None or not node.paths:
-                return 0                    # unlinked: no replica to change
-            rel = node.paths[0]
-            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
-                pos, end = offset, min(offset + length, before)
-                while pos < end:
-                    n = min(len(_ZEROS), end - pos)
-                    self._out(Op.write(0, rel, pos, memoryview(_ZEROS)[:n]))
-                    pos += n
-            if after != before:
-                self._out(Op.truncate(0, rel, after))
-            self._dirty(ino)
-            return 0
-        except OSError as exc:
-            return exc.errno or errno.EIO
-        except Exception as exc:            # must not end the FUSE loop
-            self.failures += 1
-            self.error = f"fallocate: {type(exc).__name__}: {exc}"
-            log.exception("mount of %s: fallocate failed", os.fsdecode(self.root))
-            return errno.EIO
-        finally:
-            self.busy_ns += time.thread_time_ns() - t0
-
     @_served
-    def flush(self, fh):
-        # nothing to do at close(2) (release does it, and the kernel holds
-        # POSIX locks itself): ENOSYS tells the kernel never to send a FLUSH
-        # again, which saves every close a round trip the application waits for
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+    def fallocate(self, fh, mode, offset, length):
+        """fallocate(2) on an open file. What it changes that a reader sees
+        goes out as ops: a punched or zeroed range as WRITEs of zeros, a new
+        size as TRUNCATE (allocation itself is invisible: nothing is sent)."""
+        if mode & ~_FALLOC_KNOWN:
+            raise FUSEError(errno.EOPNOTSUPP)
+        ino = self.open_files.get(fh)
+        if ino is None:
+            raise FUSEError(errno.EBADF)
+        before = os.fstat(fh).st_size
+        fallocate(fh, mode, offset, length)
+        after = os.fstat(fh).st_size
+        node = self.nodes.get(ino)
+        if node is None or not node.paths:
+            return                          # unlinked: no replica to change
+        rel = node.paths[0]
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            pos, end = offset, min(offset + length, before)
+            while pos < end:
+                n = min(len(_ZEROS), end - pos)
+                self._out(Op.write(0, rel, pos, memoryview(_ZEROS)[:n]))
+                pos += n
+        if after != before:
+            self._out(Op.truncate(0, rel, after))
+        self._dirty(ino)
+
+    # no flush handler: the kernel gets ENOSYS once and sends no FLUSH again
+    # (nothing is done at close(2): release does it, and the kernel holds
+    # POSIX locks itself), which saves every close a round trip it waits for
 
     @_served
     def fsync(self, fh, datasync):

@@ -1,5 +1,6 @@
 """Runs the capture file system: mounts it, serves it on a thread of its
-own (a trio loop, pyfuse3's), stamps owed mtimes on a timer, unmounts."""
+own (the compiled loop of :mod:`smirror.capture.mount._fuse`), stamps owed
+mtimes on a timer, unmounts."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 from smirror.capture.mount.mountpoint import FSTYPE, prepare
 from smirror.errors import MountError
 
-if TYPE_CHECKING:       # imported by start(): pyfuse3 is optional
+if TYPE_CHECKING:       # imported by start(): the binding is built only with libfuse3's headers
+    from ._fuse import Session
     from .bypass import BypassWatch
     from .fs import CaptureFS
 
@@ -20,18 +22,18 @@ log = logging.getLogger("smirror.capture.mount")
 # trails its file's content
 TIMES_INTERVAL = 0.05
 
-# pyfuse3 keeps one session per process
-_one_mount = threading.Lock()
 
 
-def _binding():
+def binding():
+    """The compiled FUSE binding (:mod:`._fuse`), or MountError saying why
+    not: smirror was built without libfuse3's headers."""
     try:
-        import pyfuse3
-        import trio
+        from . import _fuse
     except ImportError as exc:
-        raise MountError(f"the capture mount needs pyfuse3 (pip install 'smirror[mount]', with "
-                         f"Debian's fuse3 and libfuse3-dev): {exc}") from None
-    return pyfuse3, trio
+        raise MountError(f"the capture mount needs smirror built with libfuse 3 (Debian: "
+                         f"apt-get install fuse3 libfuse3-dev pkg-config, then reinstall "
+                         f"smirror): {exc}") from None
+    return _fuse
 
 
 class CaptureMount:
@@ -51,25 +53,18 @@ class CaptureMount:
         self.bypass: BypassWatch | None = None
         self.fs: CaptureFS | None = None
         self.cleared = ""          # the message, when a stale mount was cleared
-        self.fallocate_unsupported = ""     # why fallocate(2) is not served, if it is not
         self.error = ""
         self._thread: threading.Thread | None = None
-        self._token: Any = None          # trio's TrioToken, once the loop runs
-        self._ready = threading.Event()
-        self._mounted = False
-        self._owns_lock = False
+        self._session: Session | None = None
+        self._serving = False           # the loop runs (calls from other threads reach it)
 
     def start(self) -> CaptureMount:
-        pyfuse3, trio = _binding()
+        _fuse = binding()
         from .fs import CaptureFS
         if os.path.realpath(self.mountpoint) == os.path.realpath(self.backing) or \
                 os.path.realpath(self.mountpoint).startswith(os.path.realpath(self.backing) + os.sep):
             raise MountError(f"mount point {self.mountpoint} must not be inside the backing "
                              f"directory {self.backing}")
-        if not _one_mount.acquire(blocking=False):
-            raise MountError(f"cannot mount {self.mountpoint}: this process already serves a "
-                             f"capture mount (one per process)")
-        self._owns_lock = True
         try:
             self.mountpoint, self.cleared = prepare(self.mountpoint)
             fs = self.fs = CaptureFS(self.backing, self.emit)
@@ -80,20 +75,16 @@ class CaptureMount:
             if os.geteuid() == 0:
                 opts.add("allow_other")      # the application may run as another user
             try:
-                pyfuse3.init(fs, self.mountpoint, opts)
+                session = self._session = _fuse.Session(fs, self.mountpoint, opts)
             except RuntimeError as exc:
                 raise MountError(f"cannot mount {self.mountpoint}: {exc} (is /dev/fuse "
                                  f"there and usable?)") from None
-            self._mounted = True
-            from .fallocate import install
-            self.fallocate_unsupported = install(fs.fallocate_call)
-            if self.fallocate_unsupported:
-                log.warning("capture mount at %s: fallocate(2) through it is not supported "
-                            "(EOPNOTSUPP; posix_fallocate falls back to writes): %s",
-                            self.mountpoint, self.fallocate_unsupported)
+            if fs.flusher is not None:
+                session.add_reader(fs.flusher.efd, fs.flusher.reap)
+            fs.requests_queued = session.queued
+            self._serving = True
             self._thread = threading.Thread(target=self._run, name="capture-mount", daemon=True)
             self._thread.start()
-            self._ready.wait()
             if self.watch_bypass:
                 from .bypass import BypassWatch
                 self.bypass = BypassWatch(self.backing, self.call, fs.repair).start()
@@ -104,43 +95,17 @@ class CaptureMount:
         return self
 
     def _run(self) -> None:
-        pyfuse3, trio = _binding()
-
-        async def ticker():
-            while True:
-                await trio.sleep(TIMES_INTERVAL)
-                self._flush()
-
-        async def main():
-            self._token = trio.lowlevel.current_trio_token()
-            self._ready.set()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(ticker)
-                assert self.fs is not None
-                if self.fs.flusher is not None:
-                    nursery.start_soon(self.fs.flusher.reap)
-                # handlers never await before their op is captured: one at
-                # a time, in the order read; only the backing fsync and a
-                # synchronous call's wait run off the loop (the op captured
-                # already), and other calls are served meanwhile
-                await pyfuse3.main(min_tasks=1, max_tasks=self.SERVE_TASKS)
-                nursery.cancel_scope.cancel()
-        from .trioshim import install
-        restore = None
+        # one request at a time, in the order read, each handler to its end;
+        # only the backing fsync and a synchronous call's wait finish off the
+        # loop (the op captured already), other calls served meanwhile
+        assert self._session is not None
         try:
-            restore, queued = install(pyfuse3)  # fewer passes through trio's scheduler a request
-            assert self.fs is not None
-            self.fs.requests_queued = queued
-            trio.run(main)
+            self._session.run(TIMES_INTERVAL, self._flush)
         except BaseException as exc:       # reported by failure()
             self.error = f"the capture mount's loop stopped: {type(exc).__name__}: {exc}"
             log.error("%s", self.error, exc_info=True)
         finally:
-            if restore is not None:
-                restore()
-            self._ready.set()
-
-    SERVE_TASKS = 256       # requests served at once while fsyncs and synchronous calls wait
+            self._serving = False
 
     def _flush(self) -> None:
         try:
@@ -152,14 +117,30 @@ class CaptureMount:
 
     def call(self, fn, *args):
         """``fn(*args)`` on the mount's thread (in order with the calls it
-        serves), from any other thread; None once the loop ended."""
-        if self._thread is None or not self._thread.is_alive() or self._token is None:
+        serves), from any other thread; its exception is raised here; None
+        once the loop ended."""
+        if not self.running():
             return None
-        import trio
-        try:
-            return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
-        except trio.RunFinishedError:
-            return None
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        done = threading.Event()
+        out: list = [None, None]
+
+        def run() -> None:
+            try:
+                out[0] = fn(*args)
+            except BaseException as exc:    # noqa: BLE001 - raised in the calling thread
+                out[1] = exc
+            finally:
+                done.set()
+        assert self._session is not None
+        self._session.call_soon(run)
+        while not done.wait(0.5):
+            if not self.running():          # the loop ended before it ran
+                return None
+        if out[1] is not None:
+            raise out[1]
+        return out[0]
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -167,7 +148,7 @@ class CaptureMount:
         return self._thread
 
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._token is not None
+        return self._serving and self._thread is not None and self._thread.is_alive()
 
     def call_soon(self, fn, *args) -> bool:
         """Schedule ``fn(*args)`` on the mount's thread without waiting for
@@ -182,10 +163,8 @@ class CaptureMount:
             except Exception as exc:       # the loop goes on; reported
                 self.error = f"{getattr(fn, '__name__', fn)}: {type(exc).__name__}: {exc}"
                 log.error("capture mount: %s", self.error, exc_info=True)
-        try:
-            self._token.run_sync_soon(guarded)
-        except Exception:                   # noqa: BLE001 - trio.RunFinishedError: ended
-            return False
+        assert self._session is not None
+        self._session.call_soon(guarded)
         return True
 
     def flush_times(self) -> None:
@@ -197,35 +176,31 @@ class CaptureMount:
             return self.error
         if self.bypass is not None and self.bypass.error:
             return self.bypass.error
-        if self._thread is not None and not self._thread.is_alive() and self._mounted:
+        if self._thread is not None and not self._thread.is_alive() and self._session is not None:
             return f"the capture mount at {self.mountpoint} stopped unexpectedly"
         return ""
 
     def stop(self) -> None:
         """Unmount (lazily: an application still holding files there gets
         errors, its later writes cannot bypass the capture) and end the loop."""
-        pyfuse3, trio = _binding()
         if self.bypass is not None:
             self.bypass.stop()
-        if self._thread is not None and self._thread.is_alive() and self._token is not None:
+        session = self._session
+        if self.running():
             self.flush_times()
-            try:
-                trio.from_thread.run_sync(pyfuse3.terminate, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
+            assert session is not None
+            session.exit()
+            assert self._thread is not None
             self._thread.join(10)
-        if self._mounted:
-            self._mounted = False
+        if session is not None and (self._thread is None or not self._thread.is_alive()):
+            self._session = None
             try:
-                pyfuse3.close(unmount=True)
+                session.close(unmount=True)
             except Exception as exc:        # noqa: BLE001 - reported, and the next start clears it
                 log.error("unmounting %s: %s", self.mountpoint, exc)
-        if self._owns_lock:
-            self._owns_lock = False
-            _one_mount.release()
         self._thread = None
         if self.fs is not None:
-            self.fs.base.close()
+            self.fs.close()
             if self.fs.flusher is not None:
                 self.fs.flusher.close()
 

@@ -1,0 +1,1050 @@
+# cython: language_level=3
+"""smirror's FUSE binding: libfuse 3's low-level API, served by a compiled
+loop on one thread.
+
+The capture mount serves one request at a time, in the order the kernel
+sent them, and each handler runs to completion before the next request is
+read (that is what makes the op stream exact-order). So nothing here is
+asynchronous: the loop polls /dev/fuse (the GIL released), reads one
+request, and libfuse calls the handler of its kind through the C callbacks
+below, which call the Python handler of the ``ops`` object directly and
+reply from what it returns. Per request that is one Python call, where
+pyfuse3 made a coroutine and passed through trio's scheduler (measured
+there: about 26 us of a bare round trip's 30, against the C passthrough's
+5; docs/mount.md).
+
+What may finish later (the backing flush of an fsync, a synchronous
+connection's wait) is a handler that returns :class:`Later`: its ``start``
+gets a :class:`Reply`, which any thread answers once (libfuse's replies
+are a ``writev`` on the device, safe from any thread), while the loop goes
+on serving other requests.
+
+Between two requests the loop runs the calls other threads queued
+(:meth:`Session.call_soon`), the readers of other descriptors
+(:meth:`Session.add_reader`: the AIO flush's eventfd) and a periodic tick.
+
+Handlers and what they return (``ctx`` has uid, gid, pid, umask):
+
+=========================================  ======================================
+lookup(parent, name, ctx)                  :class:`Entry`
+forget([(inode, nlookup), ...])            None (no reply is sent)
+getattr(inode, ctx)                        :class:`Entry` (its attributes)
+setattr(inode, attr, fields, fh, ctx)      :class:`Entry`; ``attr`` and
+                                           ``fields`` are one :class:`SetattrArgs`
+readlink(inode, ctx)                       bytes
+mknod(parent, name, mode, rdev, ctx)       :class:`Entry`
+mkdir(parent, name, mode, ctx)             :class:`Entry`
+unlink / rmdir(parent, name, ctx)          None
+symlink(parent, name, target, ctx)         :class:`Entry`
+rename(p_old, n_old, p_new, n_new, flags, ctx)  None
+link(inode, new_parent, new_name, ctx)     :class:`Entry`
+open(inode, flags, ctx)                    the file handle (int)
+create(parent, name, mode, flags, ctx)     (file handle, :class:`Entry`)
+read(fh, offset, size)                     bytes
+write(fh, offset, data)                    bytes written (int)
+release(fh) / releasedir(fh)               None
+fsync(fh, datasync) / fsyncdir(fh, datasync)  None
+fallocate(fh, mode, offset, length)        None
+opendir(inode, ctx)                        the directory handle (int)
+readdir(fh, start_id, token)               None; entries by :func:`readdir_reply`
+statfs(ctx)                                an ``os.statvfs_result``
+setxattr(inode, name, value, flags, ctx)   None
+getxattr(inode, name, ctx)                 bytes
+listxattr(inode, ctx)                      a list of bytes
+removexattr(inode, name, ctx)              None
+=========================================  ======================================
+
+A handler fails by raising :class:`FUSEError` (its errno to the caller) or
+OSError (its errno); anything else is a bug of the handler: EIO to the
+caller, logged by the ``smirror.capture.mount`` logger, and the loop goes
+on. Calls the file system does not serve (``flush``, ``access``, locks,
+ioctl) are answered ENOSYS by libfuse, and the kernel stops sending them.
+"""
+
+import collections
+import logging
+import os
+
+from libc.errno cimport EAGAIN, EINTR, EIO, ENOSYS, ERANGE, errno
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset, strerror
+from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
+from posix.types cimport dev_t, gid_t, mode_t, off_t, pid_t, uid_t
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals
+
+log = logging.getLogger("smirror.capture.mount")
+
+ROOT_INODE = 1
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+cdef extern from "<sys/stat.h>" nogil:
+    cdef struct c_stat "stat":
+        dev_t st_dev
+        uint64_t st_ino
+        mode_t st_mode
+        uint64_t st_nlink
+        uid_t st_uid
+        gid_t st_gid
+        dev_t st_rdev
+        off_t st_size
+        long st_blksize
+        int64_t st_blocks
+        timespec st_atim
+        timespec st_mtim
+        timespec st_ctim
+
+
+cdef extern from "<sys/statvfs.h>" nogil:
+    cdef struct c_statvfs "statvfs":
+        unsigned long f_bsize
+        unsigned long f_frsize
+        uint64_t f_blocks
+        uint64_t f_bfree
+        uint64_t f_bavail
+        uint64_t f_files
+        uint64_t f_ffree
+        uint64_t f_favail
+        unsigned long f_fsid
+        unsigned long f_flag
+        unsigned long f_namemax
+
+
+cdef extern from "<poll.h>" nogil:
+    cdef struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLIN
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    int EFD_NONBLOCK
+    int EFD_CLOEXEC
+
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t c_read "read"(int fd, void *buf, size_t count)
+    ssize_t c_write "write"(int fd, const void *buf, size_t count)
+    int c_close "close"(int fd)
+
+
+cdef extern from "fuse_lowlevel.h" nogil:
+    ctypedef uint64_t fuse_ino_t
+    struct fuse_req:
+        pass
+    ctypedef fuse_req *fuse_req_t
+    struct fuse_session:
+        pass
+
+    struct fuse_args:
+        int argc
+        char **argv
+        int allocated
+
+    struct fuse_entry_param:
+        fuse_ino_t ino
+        uint64_t generation
+        c_stat attr
+        double attr_timeout
+        double entry_timeout
+
+    struct fuse_ctx:
+        uid_t uid
+        gid_t gid
+        pid_t pid
+        mode_t umask
+
+    struct fuse_file_info:
+        int flags
+        unsigned int direct_io
+        unsigned int keep_cache
+        unsigned int nonseekable
+        uint64_t fh
+
+    struct fuse_conn_info:
+        unsigned capable
+        unsigned want
+
+    struct fuse_forget_data:
+        fuse_ino_t ino
+        uint64_t nlookup
+
+    struct fuse_buf:
+        size_t size
+        void *mem
+
+    struct fuse_lowlevel_ops:
+        void (*init)(void *userdata, fuse_conn_info *conn)
+        void (*lookup)(fuse_req_t req, fuse_ino_t parent, const char *name)
+        void (*forget)(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
+        void (*getattr)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
+        void (*setattr)(fuse_req_t req, fuse_ino_t ino, c_stat *attr, int to_set, fuse_file_info *fi)
+        void (*readlink)(fuse_req_t req, fuse_ino_t ino)
+        void (*mknod)(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
+        void (*mkdir)(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
+        void (*unlink)(fuse_req_t req, fuse_ino_t parent, const char *name)
+        void (*rmdir)(fuse_req_t req, fuse_ino_t parent, const char *name)
+        void (*symlink)(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name)
+        void (*rename)(fuse_req_t req, fuse_ino_t parent, const char *name,
+                       fuse_ino_t newparent, const char *newname, unsigned int flags)
+        void (*link)(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname)
+        void (*open)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
+        void (*read)(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info *fi)
+        void (*write)(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                      fuse_file_info *fi)
+        void (*release)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
+        void (*fsync)(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info *fi)
+        void (*opendir)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
+        void (*releasedir)(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi)
+        void (*fsyncdir)(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info *fi)
+        void (*statfs)(fuse_req_t req, fuse_ino_t ino)
+        void (*setxattr)(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
+                         size_t size, int flags)
+        void (*getxattr)(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+        void (*listxattr)(fuse_req_t req, fuse_ino_t ino, size_t size)
+        void (*removexattr)(fuse_req_t req, fuse_ino_t ino, const char *name)
+        void (*create)(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                       fuse_file_info *fi)
+        void (*forget_multi)(fuse_req_t req, size_t count, fuse_forget_data *forgets)
+        void (*fallocate)(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                          fuse_file_info *fi)
+        void (*readdirplus)(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                            fuse_file_info *fi)
+
+    unsigned FUSE_CAP_WRITEBACK_CACHE
+    unsigned FUSE_CAP_READDIRPLUS
+    unsigned FUSE_CAP_READDIRPLUS_AUTO
+    unsigned FUSE_CAP_POSIX_ACL
+    int FUSE_SET_ATTR_MODE
+    int FUSE_SET_ATTR_UID
+    int FUSE_SET_ATTR_GID
+    int FUSE_SET_ATTR_SIZE
+    int FUSE_SET_ATTR_ATIME
+    int FUSE_SET_ATTR_MTIME
+    int FUSE_SET_ATTR_ATIME_NOW
+    int FUSE_SET_ATTR_MTIME_NOW
+
+    fuse_session *fuse_session_new(fuse_args *args, const fuse_lowlevel_ops *op, size_t op_size,
+                                   void *userdata)
+    int fuse_session_mount(fuse_session *se, const char *mountpoint)
+    int fuse_session_fd(fuse_session *se)
+    int fuse_session_receive_buf(fuse_session *se, fuse_buf *buf)
+    void fuse_session_process_buf(fuse_session *se, const fuse_buf *buf)
+    void fuse_session_exit(fuse_session *se)
+    int fuse_session_exited(fuse_session *se)
+    void fuse_session_unmount(fuse_session *se)
+    void fuse_session_destroy(fuse_session *se)
+    int fuse_opt_add_arg(fuse_args *args, const char *arg)
+    void fuse_opt_free_args(fuse_args *args)
+
+    void *fuse_req_userdata(fuse_req_t req)
+    const fuse_ctx *fuse_req_ctx(fuse_req_t req)
+    int fuse_reply_err(fuse_req_t req, int err)
+    void fuse_reply_none(fuse_req_t req)
+    int fuse_reply_entry(fuse_req_t req, const fuse_entry_param *e)
+    int fuse_reply_create(fuse_req_t req, const fuse_entry_param *e, const fuse_file_info *fi)
+    int fuse_reply_attr(fuse_req_t req, const c_stat *attr, double attr_timeout)
+    int fuse_reply_readlink(fuse_req_t req, const char *link)
+    int fuse_reply_open(fuse_req_t req, const fuse_file_info *fi)
+    int fuse_reply_write(fuse_req_t req, size_t count)
+    int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
+    int fuse_reply_statfs(fuse_req_t req, const c_statvfs *stbuf)
+    int fuse_reply_xattr(fuse_req_t req, size_t count)
+    size_t fuse_add_direntry_plus(fuse_req_t req, char *buf, size_t bufsize, const char *name,
+                                  const fuse_entry_param *e, off_t off)
+
+
+class FUSEError(Exception):
+    """A handler's failure: ``errno`` goes to the calling program."""
+
+    def __init__(self, int errno_):
+        super().__init__(errno_, os.strerror(errno_))
+        self.errno = errno_
+
+    def __str__(self):
+        return os.strerror(self.errno)
+
+
+class Later:
+    """Returned by a handler whose reply comes later: ``start(reply)`` is
+    called at once, on the loop, with the :class:`Reply` to answer."""
+    __slots__ = ("start",)
+
+    def __init__(self, start):
+        self.start = start
+
+
+cdef class Ctx:
+    """Who made the request."""
+    cdef readonly uid_t uid
+    cdef readonly gid_t gid
+    cdef readonly pid_t pid
+    cdef readonly mode_t umask
+
+
+cdef Ctx _ctx(fuse_req_t req):
+    cdef const fuse_ctx *c = fuse_req_ctx(req)
+    cdef Ctx out = Ctx.__new__(Ctx)
+    out.uid, out.gid, out.pid, out.umask = c.uid, c.gid, c.pid, c.umask
+    return out
+
+
+cdef inline void _set_time(timespec *t, int64_t ns):
+    cdef int64_t sec = ns // 1000000000
+    t.tv_sec = sec
+    t.tv_nsec = ns - sec * 1000000000
+
+
+cdef inline int64_t _time_ns(const timespec *t):
+    return <int64_t>t.tv_sec * 1000000000 + t.tv_nsec
+
+
+cdef class Entry:
+    """An entry's answer: its inode number and generation, its attributes
+    (filled from a stat result), how long the kernel may cache them.
+    ``st_size`` and ``st_mtime_ns`` can be changed after (a layer that
+    reports sizes of its own)."""
+    cdef fuse_entry_param e
+
+    def __cinit__(self, uint64_t ino, uint64_t generation, st, double timeout):
+        memset(&self.e, 0, sizeof(self.e))
+        self.e.ino = ino
+        self.e.generation = generation
+        self.e.attr_timeout = timeout
+        self.e.entry_timeout = timeout
+        a = &self.e.attr
+        a.st_ino = ino
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        _set_time(&a.st_atim, st.st_atime_ns)
+        _set_time(&a.st_mtim, st.st_mtime_ns)
+        _set_time(&a.st_ctim, st.st_ctime_ns)
+
+    @property
+    def st_ino(self):
+        return self.e.ino
+
+    @property
+    def generation(self):
+        return self.e.generation
+
+    @property
+    def st_mode(self):
+        return self.e.attr.st_mode
+
+    @property
+    def st_size(self):
+        return self.e.attr.st_size
+
+    @st_size.setter
+    def st_size(self, off_t value):
+        self.e.attr.st_size = value
+
+    @property
+    def st_mtime_ns(self):
+        return _time_ns(&self.e.attr.st_mtim)
+
+    @st_mtime_ns.setter
+    def st_mtime_ns(self, int64_t value):
+        _set_time(&self.e.attr.st_mtim, value)
+
+
+cdef class SetattrArgs:
+    """What a setattr asks: the ``update_*`` flags say which of the
+    ``st_*`` values to set (the ``*_NOW`` times are given as now)."""
+    cdef readonly bint update_mode, update_uid, update_gid, update_size
+    cdef readonly bint update_atime, update_mtime
+    cdef readonly mode_t st_mode
+    cdef readonly uid_t st_uid
+    cdef readonly gid_t st_gid
+    cdef readonly off_t st_size
+    cdef readonly int64_t st_atime_ns, st_mtime_ns
+
+
+cdef class ReaddirToken:
+    """Where :func:`readdir_reply` adds entries (a readdirplus reply)."""
+    cdef fuse_req_t req
+    cdef char *buf
+    cdef size_t size
+    cdef size_t used
+
+
+def readdir_reply(ReaddirToken token, bytes name, Entry entry, off_t next_id):
+    """Add ``name`` to the directory listing; False when the reply is full
+    (the entry is not in it: the kernel asks again from ``next_id - 1``'s
+    successor). An entry added counts as a lookup of its inode."""
+    cdef size_t n = fuse_add_direntry_plus(token.req, token.buf + token.used,
+                                           token.size - token.used, name, &entry.e, next_id)
+    if n > token.size - token.used:
+        return False
+    token.used += n
+    return True
+
+
+# what a handler's result is answered with
+cdef enum Kind:
+    K_ERR0 = 0          # reply_err(0): done
+    K_ENTRY
+    K_ATTR
+    K_CREATE
+    K_OPEN
+    K_WRITE
+    K_BUF
+    K_READLINK
+    K_STATFS
+    K_XATTR
+    K_XATTR_LIST
+
+
+cdef class Session
+
+
+cdef class Reply:
+    """The reply a :class:`Later` owes: :meth:`ok` with what the handler
+    would have returned, or :meth:`fail` with an errno; once, from any
+    thread."""
+    cdef fuse_req_t req
+    cdef int kind
+    cdef size_t size
+    cdef bint sent
+    cdef Session session     # its requests die with it: a reply after close() is dropped
+
+    def ok(self, result=None):
+        if self.sent:
+            raise RuntimeError("this request was answered already")
+        self.sent = True
+        if self.session.se != NULL:
+            _answer(self.req, self.kind, result, self.size)
+
+    def fail(self, int err):
+        if self.sent:
+            raise RuntimeError("this request was answered already")
+        self.sent = True
+        if self.session.se != NULL:
+            fuse_reply_err(self.req, err or EIO)
+
+    def __dealloc__(self):
+        # never answered (a bug of the code that held it): the caller must
+        # not wait forever
+        if not self.sent and self.session is not None and self.session.se != NULL:
+            fuse_reply_err(self.req, EIO)
+
+
+cdef int _errno_of(exc) noexcept:
+    if isinstance(exc, FUSEError):
+        return exc.errno or EIO
+    if isinstance(exc, OSError):
+        return exc.errno or EIO
+    try:
+        log.error("capture mount: a handler failed", exc_info=exc)
+    except BaseException:
+        pass
+    return EIO
+
+
+cdef void _answer(fuse_req_t req, int kind, object r, size_t size) noexcept:
+    """Reply to ``req`` from a handler's result ``r`` (EIO when ``r`` is
+    not what its kind needs)."""
+    cdef Entry entry
+    cdef fuse_file_info fi
+    cdef c_statvfs sv
+    cdef bytes data
+    cdef Reply later
+    try:
+        if type(r) is Later:
+            later = Reply.__new__(Reply)
+            later.req, later.kind, later.size = req, kind, size
+            later.session = <Session>fuse_req_userdata(req)
+            try:
+                r.start(later)
+            except BaseException as exc:
+                if not later.sent:
+                    later.sent = True
+                    fuse_reply_err(req, _errno_of(exc))
+            return
+        if kind == K_ERR0:
+            fuse_reply_err(req, 0)
+        elif kind == K_ENTRY:
+            entry = r
+            fuse_reply_entry(req, &entry.e)
+        elif kind == K_ATTR:
+            entry = r
+            fuse_reply_attr(req, &entry.e.attr, entry.e.attr_timeout)
+        elif kind == K_CREATE or kind == K_OPEN:
+            memset(&fi, 0, sizeof(fi))
+            fi.keep_cache = 1       # the kernel's cached pages stay valid across opens
+            if kind == K_CREATE:
+                fh, entry = r
+                fi.fh = fh
+                fuse_reply_create(req, &entry.e, &fi)
+            else:
+                fi.fh = r
+                fuse_reply_open(req, &fi)
+        elif kind == K_WRITE:
+            fuse_reply_write(req, <size_t>r)
+        elif kind == K_BUF:
+            data = r
+            fuse_reply_buf(req, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        elif kind == K_READLINK:
+            data = r
+            fuse_reply_readlink(req, PyBytes_AS_STRING(data))
+        elif kind == K_STATFS:
+            memset(&sv, 0, sizeof(sv))
+            sv.f_bsize, sv.f_frsize = r.f_bsize, r.f_frsize
+            sv.f_blocks, sv.f_bfree, sv.f_bavail = r.f_blocks, r.f_bfree, r.f_bavail
+            sv.f_files, sv.f_ffree, sv.f_favail = r.f_files, r.f_ffree, r.f_favail
+            sv.f_namemax = r.f_namemax
+            fuse_reply_statfs(req, &sv)
+        elif kind == K_XATTR or kind == K_XATTR_LIST:
+            data = b"".join(n + b"\0" for n in r) if kind == K_XATTR_LIST else r
+            if size == 0:
+                fuse_reply_xattr(req, PyBytes_GET_SIZE(data))
+            elif <size_t>PyBytes_GET_SIZE(data) > size:
+                fuse_reply_err(req, ERANGE)
+            else:
+                fuse_reply_buf(req, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        else:
+            fuse_reply_err(req, EIO)
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+
+
+cdef inline object _ops(fuse_req_t req):
+    return (<Session>fuse_req_userdata(req)).ops
+
+
+# -- the callbacks libfuse calls, inside fuse_session_process_buf, on the loop --------
+
+cdef void ll_init(void *userdata, fuse_conn_info *conn) noexcept with gil:
+    # readdirplus always (entries come with their attributes); never the
+    # writeback cache (the kernel would send dirty pages later, in its own
+    # order); no POSIX ACLs in the kernel (the backing file system has them)
+    conn.want &= ~(FUSE_CAP_READDIRPLUS_AUTO | FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_POSIX_ACL)
+
+
+cdef void ll_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) noexcept with gil:
+    try:
+        r = _ops(req).lookup(parent, <bytes>name, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ENTRY, r, 0)
+
+
+cdef void ll_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) noexcept with gil:
+    try:
+        _ops(req).forget([(ino, nlookup)])
+    except BaseException as exc:
+        _errno_of(exc)
+    fuse_reply_none(req)
+
+
+cdef void ll_forget_multi(fuse_req_t req, size_t count, fuse_forget_data *forgets) noexcept with gil:
+    try:
+        _ops(req).forget([(forgets[i].ino, forgets[i].nlookup) for i in range(count)])
+    except BaseException as exc:
+        _errno_of(exc)
+    fuse_reply_none(req)
+
+
+cdef void ll_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
+    try:
+        r = _ops(req).getattr(ino, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ATTR, r, 0)
+
+
+cdef void ll_setattr(fuse_req_t req, fuse_ino_t ino, c_stat *attr, int to_set,
+                     fuse_file_info *fi) noexcept with gil:
+    cdef SetattrArgs a = SetattrArgs.__new__(SetattrArgs)
+    cdef timespec now
+    try:
+        a.update_mode = (to_set & FUSE_SET_ATTR_MODE) != 0
+        a.update_uid = (to_set & FUSE_SET_ATTR_UID) != 0
+        a.update_gid = (to_set & FUSE_SET_ATTR_GID) != 0
+        a.update_size = (to_set & FUSE_SET_ATTR_SIZE) != 0
+        a.update_atime = (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_ATIME_NOW)) != 0
+        a.update_mtime = (to_set & (FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_MTIME_NOW)) != 0
+        a.st_mode, a.st_uid, a.st_gid, a.st_size = attr.st_mode, attr.st_uid, attr.st_gid, attr.st_size
+        a.st_atime_ns = _time_ns(&attr.st_atim)
+        a.st_mtime_ns = _time_ns(&attr.st_mtim)
+        if to_set & (FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW):
+            clock_gettime(CLOCK_REALTIME, &now)
+            if to_set & FUSE_SET_ATTR_ATIME_NOW:
+                a.st_atime_ns = _time_ns(&now)
+            if to_set & FUSE_SET_ATTR_MTIME_NOW:
+                a.st_mtime_ns = _time_ns(&now)
+        r = _ops(req).setattr(ino, a, a, fi.fh if fi != NULL else None, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ATTR, r, 0)
+
+
+cdef void ll_readlink(fuse_req_t req, fuse_ino_t ino) noexcept with gil:
+    try:
+        r = _ops(req).readlink(ino, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_READLINK, r, 0)
+
+
+cdef void ll_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                   dev_t rdev) noexcept with gil:
+    try:
+        r = _ops(req).mknod(parent, <bytes>name, mode, rdev, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ENTRY, r, 0)
+
+
+cdef void ll_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode) noexcept with gil:
+    try:
+        r = _ops(req).mkdir(parent, <bytes>name, mode, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ENTRY, r, 0)
+
+
+cdef void ll_unlink(fuse_req_t req, fuse_ino_t parent, const char *name) noexcept with gil:
+    try:
+        r = _ops(req).unlink(parent, <bytes>name, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ERR0, r, 0)
+
+
+cdef void ll_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name) noexcept with gil:
+    try:
+        r = _ops(req).rmdir(parent, <bytes>name, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ERR0, r, 0)
+
+
+cdef void ll_symlink(fuse_req_t req, const char *link, fuse_ino_t parent,
+                     const char *name) noexcept with gil:
+    try:
+        r = _ops(req).symlink(parent, <bytes>name, <bytes>link, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ENTRY, r, 0)
+
+
+cdef void ll_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
+                    const char *newname, unsigned int flags) noexcept with gil:
+    try:
+        r = _ops(req).rename(parent, <bytes>name, newparent, <bytes>newname, flags, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ERR0, r, 0)
+
+
+cdef void ll_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent,
+                  const char *newname) noexcept with gil:
+    try:
+        r = _ops(req).link(ino, newparent, <bytes>newname, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ENTRY, r, 0)
+
+
+cdef void ll_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
+    try:
+        r = _ops(req).open(ino, fi.flags, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_OPEN, r, 0)
+
+
+cdef void ll_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                    fuse_file_info *fi) noexcept with gil:
+    try:
+        r = _ops(req).create(parent, <bytes>name, mode, fi.flags, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_CREATE, r, 0)
+
+
+cdef void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                  fuse_file_info *fi) noexcept with gil:
+    try:
+        r = _ops(req).read(fi.fh, off, size)
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_BUF, r, 0)
+
+
+cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                   fuse_file_info *fi) noexcept with gil:
+    try:
+        r = _ops(req).write(fi.fh, off, PyBytes_FromStringAndSize(buf, size))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_WRITE, r, 0)
+
+
+cdef void ll_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
+    try:
+        r = _ops(req).release(fi.fh)
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ERR0, r, 0)
+
+
+cdef void ll_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info *fi) noexcept with gil:
+    try:
+        r = _ops(req).fsync(fi.fh, datasync != 0)
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ERR0, r, 0)
+
+
+cdef void ll_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                       fuse_file_info *fi) noexcept with gil:
+    try:
+        r = _ops(req).fallocate(fi.fh, mode, offset, length)
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ERR0, r, 0)
+
+
+cdef void ll_opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
+    try:
+        r = _ops(req).opendir(ino, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_OPEN, r, 0)
+
+
+cdef void ll_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                         fuse_file_info *fi) noexcept with gil:
+    cdef ReaddirToken token = ReaddirToken.__new__(ReaddirToken)
+    token.req, token.size, token.used = req, size, 0
+    token.buf = <char *>malloc(size or 1)
+    if token.buf == NULL:
+        fuse_reply_err(req, 12)             # ENOMEM
+        return
+    try:
+        _ops(req).readdir(fi.fh, off, token)
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+    else:
+        fuse_reply_buf(req, token.buf, token.used)
+    finally:
+        free(token.buf)
+        token.buf = NULL
+
+
+cdef void ll_releasedir(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
+    try:
+        r = _ops(req).releasedir(fi.fh)
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ERR0, r, 0)
+
+
+cdef void ll_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info *fi) noexcept with gil:
+    try:
+        r = _ops(req).fsyncdir(fi.fh, datasync != 0)
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ERR0, r, 0)
+
+
+cdef void ll_statfs(fuse_req_t req, fuse_ino_t ino) noexcept with gil:
+    try:
+        r = _ops(req).statfs(_ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_STATFS, r, 0)
+
+
+cdef void ll_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
+                      size_t size, int flags) noexcept with gil:
+    try:
+        r = _ops(req).setxattr(ino, <bytes>name, PyBytes_FromStringAndSize(value, size), flags,
+                               _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ERR0, r, 0)
+
+
+cdef void ll_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) noexcept with gil:
+    try:
+        r = _ops(req).getxattr(ino, <bytes>name, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_XATTR, r, size)
+
+
+cdef void ll_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) noexcept with gil:
+    try:
+        r = _ops(req).listxattr(ino, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_XATTR_LIST, r, size)
+
+
+cdef void ll_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name) noexcept with gil:
+    try:
+        r = _ops(req).removexattr(ino, <bytes>name, _ctx(req))
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, K_ERR0, r, 0)
+
+
+cdef fuse_lowlevel_ops _ll_ops
+memset(&_ll_ops, 0, sizeof(_ll_ops))
+_ll_ops.init = ll_init
+_ll_ops.lookup = ll_lookup
+_ll_ops.forget = ll_forget
+_ll_ops.forget_multi = ll_forget_multi
+_ll_ops.getattr = ll_getattr
+_ll_ops.setattr = ll_setattr
+_ll_ops.readlink = ll_readlink
+_ll_ops.mknod = ll_mknod
+_ll_ops.mkdir = ll_mkdir
+_ll_ops.unlink = ll_unlink
+_ll_ops.rmdir = ll_rmdir
+_ll_ops.symlink = ll_symlink
+_ll_ops.rename = ll_rename
+_ll_ops.link = ll_link
+_ll_ops.open = ll_open
+_ll_ops.create = ll_create
+_ll_ops.read = ll_read
+_ll_ops.write = ll_write
+_ll_ops.release = ll_release
+_ll_ops.fsync = ll_fsync
+_ll_ops.fallocate = ll_fallocate
+_ll_ops.opendir = ll_opendir
+_ll_ops.readdirplus = ll_readdirplus
+_ll_ops.releasedir = ll_releasedir
+_ll_ops.fsyncdir = ll_fsyncdir
+_ll_ops.statfs = ll_statfs
+_ll_ops.setxattr = ll_setxattr
+_ll_ops.getxattr = ll_getxattr
+_ll_ops.listxattr = ll_listxattr
+_ll_ops.removexattr = ll_removexattr
+
+
+cdef double _monotonic() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return t.tv_sec + t.tv_nsec * 1e-9
+
+
+cdef enum:
+    MAX_READERS = 8         # descriptors the loop polls: /dev/fuse, its wake-up, readers
+
+
+cdef class Session:
+    """One FUSE mount of ``ops`` at ``mountpoint`` (``options``: mount
+    options, such as ``fsname=x``, ``allow_other``), served by :meth:`run`
+    on the calling thread until :meth:`exit` or an unmount; :meth:`close`
+    then unmounts and frees it. Several sessions may live in one process."""
+    cdef fuse_session *se
+    cdef fuse_buf buf
+    cdef int fd
+    cdef int wake_fd
+    cdef readonly object ops
+    cdef readonly str mountpoint
+    cdef object calls
+    cdef list readers
+    cdef bint stopping
+    cdef bint running
+
+    def __cinit__(self):
+        self.se = NULL
+        self.fd = -1
+        self.wake_fd = -1
+        memset(&self.buf, 0, sizeof(self.buf))
+
+    def __init__(self, ops, mountpoint, options):
+        cdef fuse_args args
+        self.ops = ops
+        self.mountpoint = os.fsdecode(mountpoint)
+        self.calls = collections.deque()
+        self.readers = []
+        memset(&args, 0, sizeof(args))
+        opts = ",".join(sorted(options)).encode()
+        if fuse_opt_add_arg(&args, b"smirror") or \
+                (opts and (fuse_opt_add_arg(&args, b"-o") or fuse_opt_add_arg(&args, opts))):
+            fuse_opt_free_args(&args)
+            raise MemoryError()
+        self.se = fuse_session_new(&args, &_ll_ops, sizeof(_ll_ops), <void *>self)
+        fuse_opt_free_args(&args)
+        if self.se == NULL:
+            raise RuntimeError(f"libfuse refused the mount options {opts.decode()!r}")
+        if fuse_session_mount(self.se, os.fsencode(mountpoint)) != 0:
+            fuse_session_destroy(self.se)
+            self.se = NULL
+            raise RuntimeError(f"fuse_session_mount of {self.mountpoint} failed (see the "
+                               f"message above from libfuse)")
+        self.fd = fuse_session_fd(self.se)
+        # non-blocking: a poll said readable, yet another reader (none
+        # here) or an interrupt may have taken the request
+        fcntl(self.fd, F_SETFL, fcntl(self.fd, F_GETFL) | O_NONBLOCK)
+        self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.wake_fd < 0:
+            raise OSError(errno, strerror(errno).decode())
+
+    def add_reader(self, int fd, callback):
+        """``callback()`` on the loop whenever ``fd`` is readable (before
+        :meth:`run`)."""
+        if len(self.readers) >= MAX_READERS - 2:
+            raise ValueError(f"at most {MAX_READERS - 2} readers")
+        self.readers.append((fd, callback))
+
+    def call_soon(self, fn):
+        """Run ``fn()`` on the loop, between two requests (from any thread)."""
+        cdef uint64_t one = 1
+        self.calls.append(fn)
+        if self.wake_fd >= 0:
+            c_write(self.wake_fd, &one, 8)
+
+    def exit(self):
+        """End :meth:`run` (from any thread): no request is read after the
+        call being served, if any."""
+        cdef uint64_t one = 1
+        self.stopping = True
+        if self.wake_fd >= 0:
+            c_write(self.wake_fd, &one, 8)
+
+    def queued(self):
+        """Whether a request waits to be read now."""
+        cdef pollfd p
+        p.fd, p.events, p.revents = self.fd, POLLIN, 0
+        return self.fd >= 0 and poll(&p, 1, 0) > 0
+
+    def run(self, double tick=0.0, on_tick=None):
+        """Serve requests until :meth:`exit` or the file system is unmounted;
+        ``on_tick()`` every ``tick`` seconds (0: never). Returns normally
+        then; OSError when the device fails."""
+        cdef pollfd fds[MAX_READERS]
+        cdef int nfds, i, n, res, timeout_ms
+        cdef uint64_t counter
+        cdef double now, next_tick
+        if self.se == NULL:
+            raise RuntimeError("the session is closed")
+        if self.running:
+            raise RuntimeError("the session is served already")
+        self.running = True
+        readers = list(self.readers)
+        nfds = 2 + len(readers)
+        fds[0].fd, fds[0].events = self.fd, POLLIN
+        fds[1].fd, fds[1].events = self.wake_fd, POLLIN
+        for i in range(len(readers)):
+            fds[2 + i].fd, fds[2 + i].events = readers[i][0], POLLIN
+        next_tick = _monotonic() + tick
+        try:
+            while not self.stopping and not fuse_session_exited(self.se):
+                if self.calls:
+                    self._run_calls()
+                    continue
+                timeout_ms = -1
+                if tick > 0:
+                    now = _monotonic()
+                    if now >= next_tick:
+                        next_tick = now + tick
+                        on_tick()
+                        continue
+                    timeout_ms = <int>((next_tick - now) * 1000) + 1
+                for i in range(nfds):
+                    fds[i].revents = 0
+                with nogil:
+                    n = poll(fds, nfds, timeout_ms)
+                if n < 0:
+                    if errno == EINTR:
+                        # a signal: its Python handler runs now (on the main
+                        # thread), between two requests; its exception ends run()
+                        PyErr_CheckSignals()
+                        continue
+                    raise OSError(errno, strerror(errno).decode())
+                if fds[1].revents:
+                    c_read(self.wake_fd, &counter, 8)
+                for i in range(2, nfds):
+                    if fds[i].revents:
+                        readers[i - 2][1]()
+                if fds[0].revents and not self.stopping:
+                    with nogil:
+                        res = fuse_session_receive_buf(self.se, &self.buf)
+                    if res == -EINTR or res == -EAGAIN:
+                        continue
+                    if res == 0:
+                        break               # unmounted
+                    if res < 0:
+                        raise OSError(-res, f"reading /dev/fuse: {strerror(-res).decode()}")
+                    fuse_session_process_buf(self.se, &self.buf)
+        finally:
+            self.running = False
+
+    cdef _run_calls(self):
+        while self.calls and not self.stopping:
+            self.calls.popleft()()
+
+    def close(self, bint unmount=True):
+        """Unmount (``unmount``) and free the session, after :meth:`run`
+        ended. Calls still queued are dropped."""
+        if self.running:
+            raise RuntimeError("close() while the session is served: exit() first")
+        if self.se != NULL:
+            if unmount:
+                fuse_session_unmount(self.se)
+            fuse_session_destroy(self.se)
+            self.se = NULL
+            self.fd = -1
+        if self.buf.mem != NULL:
+            free(self.buf.mem)
+            self.buf.mem = NULL
+        if self.wake_fd >= 0:
+            c_close(self.wake_fd)
+            self.wake_fd = -1
+        self.calls.clear()
+
+    def __dealloc__(self):
+        if self.se != NULL:
+            fuse_session_unmount(self.se)
+            fuse_session_destroy(self.se)
+        if self.buf.mem != NULL:
+            free(self.buf.mem)
+        if self.wake_fd >= 0:
+            c_close(self.wake_fd)
