@@ -52,6 +52,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))      # support.postgres
 
 FILES = int(os.environ.get("SMIRROR_BENCH_FILES", "100000"))
 ROUNDS = int(os.environ.get("SMIRROR_BENCH_ROUNDS", "2"))
+# the CPU time our handlers take (two reads of the thread's clock a request,
+# which the figures then include): SMIRROR_BENCH_PROFILE=1
+PROFILE = os.environ.get("SMIRROR_BENCH_PROFILE") == "1"
 SEQ_MIB, RAND_FILE_MIB, RAND_WRITES = 256, 64, 4096
 PG_CLIENTS, PG_SCALE = 4, 2
 PG_TXNS = int(os.environ.get("SMIRROR_BENCH_PG_TXNS", "500"))
@@ -272,6 +275,7 @@ def run_mount(work, kind):
     prepare(back, kind)
     with CaptureMount(back, mnt, lambda op: None, bypass=False) as m:
         assert m.thread is not None and m.thread.native_id is not None
+        m.fs.profile = PROFILE
         cpu0 = thread_cpu(m.thread.native_id)
         t = app(mnt, kind)
         return {"app": t, "app_cpu": app_cpu, "server_cpu": thread_cpu(m.thread.native_id) - cpu0,
@@ -287,6 +291,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from smirror.capture.mount.runner import CaptureMount
 with CaptureMount(sys.argv[2], sys.argv[3], lambda op: None, bypass=False) as m:
+    m.fs.profile = sys.argv[4] == "1"
     print("ready", flush=True)
     sys.stdin.read()
     print(sum(m.fs.requests.values()), m.fs.busy_ns, flush=True)
@@ -299,7 +304,8 @@ def run_mount_base(work, kind):
         return None
     back, mnt = os.path.join(work, "back"), os.path.join(work, "mnt")
     prepare(back, kind)
-    p = subprocess.Popen([sys.executable, "-c", BASE_SERVER, os.path.abspath(base), back, mnt],
+    p = subprocess.Popen([sys.executable, "-c", BASE_SERVER, os.path.abspath(base), back, mnt,
+                          "1" if PROFILE else "0"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdin is not None
     try:
@@ -392,13 +398,13 @@ def bench(kinds=None) -> dict:
                     line += f"; target applied all in {r['applied']:.2f} s ({r['ops']} ops)"
                 if "requests" in r:
                     per = f", {r['requests'] / FILES:.1f} a file" if kind == "meta" else ""
-                    if kind == "rtt":
+                    if kind == "rtt" and r["busy"]:
                         outside = (r["server_cpu"] - r["busy"]) / r["requests"] * 1e6
                         per = f", {outside:.1f} us CPU each outside our handlers"
+                    busy = (f", {r['busy'] / r['requests'] * 1e6:.1f} us CPU of it in our handlers"
+                            if r["busy"] else "")
                     line += (f"; {r['requests']} FUSE requests{per}, "
-                             f"{r['app'] / r['requests'] * 1e6:.1f} us each, "
-                             f"{r['busy'] / r['requests'] * 1e6:.1f} us CPU of it in our handlers: "
-                             f"{r['by_kind']}")
+                             f"{r['app'] / r['requests'] * 1e6:.1f} us each{busy}: {r['by_kind']}")
                 print(line, flush=True)
                 results[(kind, name)] = {**r, "ratio": median(ratios), "ratios": ratios}
     finally:

@@ -117,7 +117,8 @@ def _served(fn):
     @functools.wraps(fn)
     def wrapper(self, *args):
         self.requests[name] = self.requests.get(name, 0) + 1
-        t0 = time.thread_time_ns()
+        # the thread's CPU clock is two system calls: read only when profiling
+        t0 = time.thread_time_ns() if self.profile else 0
         try:
             result = fn(self, *args)
         except FUSEError:
@@ -133,7 +134,8 @@ def _served(fn):
             log.exception("mount of %s: %s failed", os.fsdecode(self.root), fn.__name__)
             raise FUSEError(errno.EIO) from None
         finally:
-            self.busy_ns += time.thread_time_ns() - t0
+            if t0:
+                self.busy_ns += time.thread_time_ns() - t0
         flush = None
         if type(result) is _Flush:
             flush, result = result, None
@@ -207,8 +209,10 @@ class CaptureFS:
         # refused: calls refused for confinement (a symlink on the way)
         self.stats: dict[str, Any] = {"ops": 0, "bytes_written": 0, "refused": 0, "last_refused": ""}
         self.requests: dict[str, int] = {}          # FUSE requests served, by kind
-        # CPU time of the mount's thread spent in the handlers (a profile;
-        # CPU, not wall time: on a busy machine a handler may wait for a core)
+        # CPU time of the mount's thread spent in the handlers, counted
+        # while ``profile`` is set (benchmarks/bench_mount.py; CPU, not wall
+        # time: on a busy machine a handler may wait for a core)
+        self.profile = False
         self.busy_ns = 0
         # the synchronous connections' waits (stream.syncwait.SyncWaiter), if any
         self.sync_waiter: Any = None
