@@ -4,6 +4,7 @@ performance): fewer round trips and syscalls, the same ops in the same
 order."""
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -224,3 +225,85 @@ def test_an_fsync_with_nothing_else_queued_flushes_on_the_loop(dirs):
         assert m.fs.flushes["loop"] >= 4, m.fs.flushes
         assert (back / "a").read_bytes() == b"x" * 5000
         assert m.fs.failures == 0, m.fs.error
+
+
+# writes through one open file (another process, as an application)
+WRITES = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+for i in range(int(sys.argv[2])):
+    os.pwrite(fd, b"x" * 4096, i * 4096)
+os.close(fd)
+"""
+
+
+def test_writes_after_a_files_first_cost_no_security_capability_probe(dirs):
+    """The kernel asks getxattr("security.capability") before every write
+    unless the server took FUSE_HANDLE_KILLPRIV_V2, which the binding adds
+    to libfuse's INIT reply: then only before a file's first write (and
+    after its attributes are refreshed). One round trip a write, not two."""
+    back, mnt = dirs
+    with CaptureMount(back, mnt, lambda op: None, bypass=False) as m:
+        subprocess.run([sys.executable, "-c", WRITES, str(mnt / "f"), "200"], check=True)
+        requests = dict(m.fs.requests)
+    assert requests["write"] == 200, requests
+    assert requests.get("getxattr", 0) <= 2, requests
+    assert (back / "f").stat().st_size == 200 * 4096
+
+
+# as root: open what it needs, then become nobody (no CAP_FSETID) and write,
+# truncate, open with O_TRUNC; root writes its own file first
+KILLER = r"""
+import os, sys
+d = sys.argv[1]
+dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+os.pwrite(os.open("root", os.O_WRONLY, dir_fd=dfd), b"r", 0)
+fds = {n: os.open(n, os.O_WRONLY, dir_fd=dfd) for n in ("suid", "sgid-noexec", "trunc", "plain")}
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+os.pwrite(fds["suid"], b"y", 0)
+os.pwrite(fds["sgid-noexec"], b"y", 0)
+os.pwrite(fds["plain"], b"y", 0)
+os.ftruncate(fds["trunc"], 2)
+os.write(os.open("otrunc", os.O_WRONLY | os.O_TRUNC, dir_fd=dfd), b"z")
+"""
+KILL_FILES = {"root": 0o6777, "suid": 0o6777, "sgid-noexec": 0o2666, "trunc": 0o4777,
+              "otrunc": 0o6777, "plain": 0o666}
+
+
+def _kill_files(d):
+    for name, mode in KILL_FILES.items():
+        (d / name).write_bytes(b"0123456789")
+        os.chmod(d / name, mode)
+
+
+def test_a_writer_without_cap_fsetid_loses_set_id_bits_as_on_a_disk(dirs, tmp_path):
+    """With HANDLE_KILLPRIV_V2 the file system kills set-id bits where the
+    kernel says (the writer lacks CAP_FSETID): on write, truncate and
+    open(O_TRUNC) by nobody, as the same calls do on the disk itself (the
+    oracle, run beside), and the new mode goes out before the change. Root
+    keeps them. Set-group-ID without group-execute stays: FUSE's contract
+    (the disk drops it too when the writer is outside the file's group,
+    which the server cannot know)."""
+    back, mnt = dirs
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    _kill_files(direct)
+    subprocess.run([sys.executable, "-c", KILLER, str(direct)], check=True)
+    _kill_files(back)
+    ops = []
+    with CaptureMount(back, mnt, ops.append, bypass=False) as m:
+        p = subprocess.run([sys.executable, "-c", KILLER, str(mnt)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert m.fs.failures == 0, m.fs.error
+    got = {n: stat.S_IMODE((back / n).stat().st_mode) for n in KILL_FILES}
+    want = {n: stat.S_IMODE((direct / n).stat().st_mode) for n in KILL_FILES}
+    want["sgid-noexec"] = 0o2666
+    assert got == want, (got, want)
+    assert got["suid"] == 0o777 and got["root"] == 0o6777 and got["trunc"] == 0o777, got
+    for name in ("suid", "trunc", "otrunc"):
+        kinds = [(OpKind(o.kind).name, o.mode if o.kind == OpKind.SETATTR else None)
+                 for o in ops if o.path == name.encode() and (o.kind != OpKind.SETATTR or o.mode)]
+        first_change = next(i for i, k in enumerate(kinds) if k[0] in ("WRITE", "TRUNCATE"))
+        assert ("SETATTR", got[name]) in kinds[:first_change], (name, kinds)

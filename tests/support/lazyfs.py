@@ -254,7 +254,8 @@ class LazyFS(CaptureFS):
         return entry.read(off, size)
 
     @_guarded
-    def write(self, fh, off, buf):
+    def write(self, fh, off, buf, kill_suidgid=False):
+        # the layer serves the target daemon (root: never asked to kill set-id bits)
         self._cached(self.open_files[fh], fh).write(off, buf)
         return len(buf)
 
@@ -269,16 +270,17 @@ class LazyFS(CaptureFS):
         else:
             os.fsync(fh)
 
-    def _opened(self, fd, inode, rel, flags):
-        info = super()._opened(fd, inode, rel, flags)
+    def _opened(self, fd, inode, rel, flags, kill_suidgid=False):
+        info = super()._opened(fd, inode, rel, flags, kill_suidgid)
         entry = self.cache.get(inode)
         if flags & os.O_TRUNC and entry is not None:
             entry.truncate(0)
             entry.mtime_ns = time.time_ns()
         return info
 
-    def _setattr(self, inode, rel, dfd, name, attr, fields, fh):
-        out = super()._setattr(inode, rel, dfd, name, attr, fields, fh)   # on the backing: durable
+    def _setattr(self, inode, rel, dfd, name, attr, fields, fh, kill_suidgid=False):
+        # on the backing: durable
+        out = super()._setattr(inode, rel, dfd, name, attr, fields, fh, kill_suidgid)
         entry = self.cache.get(inode)
         if entry is not None:
             if fields.update_size:

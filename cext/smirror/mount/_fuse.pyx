@@ -19,6 +19,18 @@ gets a :class:`Reply`, which any thread answers once (libfuse's replies
 are a ``writev`` on the device, safe from any thread), while the loop goes
 on serving other requests.
 
+The kernel asks for ``security.capability`` before every write (to know
+whether to kill set-id bits and file capabilities) unless the server
+takes ``FUSE_HANDLE_KILLPRIV_V2``, which libfuse 3.14 cannot ask for. So
+the session answers libfuse's replies through its own ``writev`` (libfuse's
+custom I/O) and adds that flag to the INIT reply when the kernel offers it;
+the kernel then skips the probe after a file's first write (until its
+attributes are refreshed). In return the file system kills set-id bits
+itself where the kernel says so (``kill_suidgid``: the writer lacks
+CAP_FSETID): read from the raw request before libfuse parses it, passed to
+``write`` and in ``ctx`` of open, create and setattr. The backing file
+system removes file capabilities on write and set-id bits on chown itself.
+
 Between two requests the loop runs the calls other threads queued
 (:meth:`Session.call_soon`), the readers of other descriptors
 (:meth:`Session.add_reader`: the AIO flush's eventfd) and a periodic tick.
@@ -41,7 +53,7 @@ link(inode, new_parent, new_name, ctx)     :class:`Entry`
 open(inode, flags, ctx)                    the file handle (int)
 create(parent, name, mode, flags, ctx)     (file handle, :class:`Entry`)
 read(fh, offset, size)                     bytes
-write(fh, offset, data)                    bytes written (int)
+write(fh, offset, data, kill_suidgid)      bytes written (int)
 release(fh) / releasedir(fh)               None
 fsync(fh, datasync) / fsyncdir(fh, datasync)  None
 fallocate(fh, mode, offset, length)        None
@@ -66,12 +78,13 @@ import logging
 import os
 
 from libc.errno cimport EAGAIN, EINTR, EIO, ENOSYS, ERANGE, errno
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset, strerror
 from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from posix.types cimport dev_t, gid_t, mode_t, off_t, pid_t, uid_t
+from posix.uio cimport iovec, writev
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 
@@ -135,6 +148,38 @@ cdef extern from "<unistd.h>" nogil:
     int c_close "close"(int fd)
 
 
+cdef extern from "<linux/fuse.h>" nogil:
+    # the kernel's protocol: what libfuse 3.14 reads but does not pass on
+    struct fuse_in_header:
+        uint32_t len
+        uint32_t opcode
+        uint64_t unique
+    struct fuse_out_header:
+        uint32_t len
+        int32_t error
+        uint64_t unique
+    struct fuse_init_in:
+        uint32_t major
+        uint32_t minor
+        uint32_t max_readahead
+        uint32_t flags
+    struct fuse_init_out:
+        uint32_t major
+        uint32_t minor
+        uint32_t max_readahead
+        uint32_t flags
+    enum:
+        FUSE_INIT
+        FUSE_WRITE
+        FUSE_SETATTR
+        FUSE_OPEN
+        FUSE_CREATE
+        FUSE_HANDLE_KILLPRIV_V2
+        FUSE_WRITE_KILL_SUIDGID
+        FATTR_KILL_SUIDGID
+        FUSE_OPEN_KILL_SUIDGID
+
+
 cdef extern from "fuse_lowlevel.h" nogil:
     ctypedef uint64_t fuse_ino_t
     struct fuse_req:
@@ -179,6 +224,11 @@ cdef extern from "fuse_lowlevel.h" nogil:
     struct fuse_buf:
         size_t size
         void *mem
+
+    struct fuse_custom_io:
+        ssize_t (*writev)(int fd, iovec *iov, int count, void *userdata)
+        ssize_t (*read)(int fd, void *buf, size_t buf_len, void *userdata)
+    int fuse_session_custom_io(fuse_session *se, const fuse_custom_io *io, int fd)
 
     struct fuse_lowlevel_ops:
         void (*init)(void *userdata, fuse_conn_info *conn)
@@ -281,18 +331,31 @@ class Later:
         self.start = start
 
 
+cdef struct SessionState:
+    # what libfuse hands the callbacks (the session's userdata): the
+    # Session object, and what the loop read of the raw request
+    void *session               # the Session (which embeds this struct)
+    uint64_t init_unique        # the INIT request's, until it is answered
+    bint offer_killpriv_v2      # the kernel offers HANDLE_KILLPRIV_V2, and we want it
+    bint killpriv_v2            # taken
+    bint kill_suidgid           # of the request being served
+
+
 cdef class Ctx:
-    """Who made the request."""
+    """Who made the request; ``kill_suidgid``: set-id bits go with it
+    (open and create with O_TRUNC, setattr of the size)."""
     cdef readonly uid_t uid
     cdef readonly gid_t gid
     cdef readonly pid_t pid
     cdef readonly mode_t umask
+    cdef readonly bint kill_suidgid
 
 
 cdef Ctx _ctx(fuse_req_t req):
     cdef const fuse_ctx *c = fuse_req_ctx(req)
     cdef Ctx out = Ctx.__new__(Ctx)
     out.uid, out.gid, out.pid, out.umask = c.uid, c.gid, c.pid, c.umask
+    out.kill_suidgid = (<SessionState *>fuse_req_userdata(req)).kill_suidgid
     return out
 
 
@@ -467,7 +530,7 @@ cdef void _answer(fuse_req_t req, int kind, object r, size_t size) noexcept:
         if type(r) is Later:
             later = Reply.__new__(Reply)
             later.req, later.kind, later.size = req, kind, size
-            later.session = <Session>fuse_req_userdata(req)
+            later.session = _session(req)
             try:
                 r.start(later)
             except BaseException as exc:
@@ -522,8 +585,12 @@ cdef void _answer(fuse_req_t req, int kind, object r, size_t size) noexcept:
         fuse_reply_err(req, _errno_of(exc))
 
 
+cdef inline Session _session(fuse_req_t req):
+    return <Session>(<SessionState *>fuse_req_userdata(req)).session
+
+
 cdef inline object _ops(fuse_req_t req):
-    return (<Session>fuse_req_userdata(req)).ops
+    return _session(req).ops
 
 
 # -- the callbacks libfuse calls, inside fuse_session_process_buf, on the loop --------
@@ -704,7 +771,8 @@ cdef void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                    fuse_file_info *fi) noexcept with gil:
     try:
-        r = _ops(req).write(fi.fh, off, PyBytes_FromStringAndSize(buf, size))
+        r = _ops(req).write(fi.fh, off, PyBytes_FromStringAndSize(buf, size),
+                            (<SessionState *>fuse_req_userdata(req)).kill_suidgid)
     except BaseException as exc:
         fuse_reply_err(req, _errno_of(exc))
         return
@@ -832,6 +900,31 @@ cdef void ll_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name) noexc
     _answer(req, K_ERR0, r, 0)
 
 
+# -- libfuse's I/O on /dev/fuse, through us (libfuse's custom I/O) ----------------
+
+cdef ssize_t io_read(int fd, void *buf, size_t buf_len, void *userdata) noexcept nogil:
+    return c_read(fd, buf, buf_len)
+
+
+cdef ssize_t io_writev(int fd, iovec *iov, int count, void *userdata) noexcept nogil:
+    cdef SessionState *st = <SessionState *>userdata
+    cdef fuse_out_header *out
+    if st.init_unique and count >= 2 and iov[0].iov_len >= sizeof(fuse_out_header):
+        out = <fuse_out_header *>iov[0].iov_base
+        if out.unique == st.init_unique:
+            st.init_unique = 0
+            if out.error == 0 and st.offer_killpriv_v2 and iov[1].iov_len >= sizeof(fuse_init_out):
+                (<fuse_init_out *>iov[1].iov_base).flags |= FUSE_HANDLE_KILLPRIV_V2
+                st.killpriv_v2 = True
+    return writev(fd, iov, count)
+
+
+cdef fuse_custom_io _io
+memset(&_io, 0, sizeof(_io))
+_io.read = io_read
+_io.writev = io_writev
+
+
 cdef fuse_lowlevel_ops _ll_ops
 memset(&_ll_ops, 0, sizeof(_ll_ops))
 _ll_ops.init = ll_init
@@ -882,6 +975,7 @@ cdef class Session:
     on the calling thread until :meth:`exit` or an unmount; :meth:`close`
     then unmounts and frees it. Several sessions may live in one process."""
     cdef fuse_session *se
+    cdef SessionState st
     cdef fuse_buf buf
     cdef int fd
     cdef int wake_fd
@@ -891,16 +985,23 @@ cdef class Session:
     cdef list readers
     cdef bint stopping
     cdef bint running
+    cdef bint want_killpriv_v2
 
     def __cinit__(self):
         self.se = NULL
+        memset(&self.st, 0, sizeof(self.st))
+        self.st.session = <void *>self
         self.fd = -1
         self.wake_fd = -1
         memset(&self.buf, 0, sizeof(self.buf))
 
-    def __init__(self, ops, mountpoint, options):
+    def __init__(self, ops, mountpoint, options, *, bint killpriv_v2=True):
+        """``killpriv_v2``: take FUSE_HANDLE_KILLPRIV_V2 when the kernel
+        offers it (``ops`` then kills set-id bits where ``kill_suidgid``
+        says; see the module doc)."""
         cdef fuse_args args
         self.ops = ops
+        self.want_killpriv_v2 = killpriv_v2
         self.mountpoint = os.fsdecode(mountpoint)
         self.calls = collections.deque()
         self.readers = []
@@ -910,7 +1011,7 @@ cdef class Session:
                 (opts and (fuse_opt_add_arg(&args, b"-o") or fuse_opt_add_arg(&args, opts))):
             fuse_opt_free_args(&args)
             raise MemoryError()
-        self.se = fuse_session_new(&args, &_ll_ops, sizeof(_ll_ops), <void *>self)
+        self.se = fuse_session_new(&args, &_ll_ops, sizeof(_ll_ops), <void *>&self.st)
         fuse_opt_free_args(&args)
         if self.se == NULL:
             raise RuntimeError(f"libfuse refused the mount options {opts.decode()!r}")
@@ -920,6 +1021,11 @@ cdef class Session:
             raise RuntimeError(f"fuse_session_mount of {self.mountpoint} failed (see the "
                                f"message above from libfuse)")
         self.fd = fuse_session_fd(self.se)
+        if fuse_session_custom_io(self.se, &_io, self.fd) != 0:
+            fuse_session_unmount(self.se)
+            fuse_session_destroy(self.se)
+            self.se = NULL
+            raise RuntimeError("libfuse refused the session's own I/O (fuse_session_custom_io)")
         # non-blocking: a poll said readable, yet another reader (none
         # here) or an interrupt may have taken the request
         fcntl(self.fd, F_SETFL, fcntl(self.fd, F_GETFL) | O_NONBLOCK)
@@ -948,6 +1054,11 @@ cdef class Session:
         self.stopping = True
         if self.wake_fd >= 0:
             c_write(self.wake_fd, &one, 8)
+
+    @property
+    def killpriv_v2(self):
+        """Whether the kernel took FUSE_HANDLE_KILLPRIV_V2 (after INIT)."""
+        return self.st.killpriv_v2
 
     def queued(self):
         """Whether a request waits to be read now."""
@@ -1013,9 +1124,39 @@ cdef class Session:
                         break               # unmounted
                     if res < 0:
                         raise OSError(-res, f"reading /dev/fuse: {strerror(-res).decode()}")
+                    self._inspect(<const char *>self.buf.mem, res)
                     fuse_session_process_buf(self.se, &self.buf)
         finally:
             self.running = False
+
+    cdef void _inspect(self, const char *req, ssize_t n) noexcept:
+        """What libfuse does not pass on, from the raw request: the kill of
+        set-id bits the kernel asks for, and the INIT (whose reply gets
+        HANDLE_KILLPRIV_V2)."""
+        cdef const fuse_in_header *h = <const fuse_in_header *>req
+        cdef const char *arg = req + sizeof(fuse_in_header)
+        cdef const fuse_init_in *init
+        cdef uint32_t op
+        self.st.kill_suidgid = False
+        if n < <ssize_t>sizeof(fuse_in_header):
+            return
+        n -= sizeof(fuse_in_header)
+        op = h.opcode
+        # the flags' offsets in fuse_write_in (write_flags), fuse_setattr_in
+        # (valid), fuse_open_in and fuse_create_in (open_flags): linux/fuse.h
+        if op == FUSE_WRITE and n >= 24:
+            self.st.kill_suidgid = ((<const uint32_t *>(arg + 20))[0] & FUSE_WRITE_KILL_SUIDGID) != 0
+        elif op == FUSE_SETATTR and n >= 4:
+            self.st.kill_suidgid = ((<const uint32_t *>arg)[0] & FATTR_KILL_SUIDGID) != 0
+        elif op == FUSE_OPEN and n >= 8:
+            self.st.kill_suidgid = ((<const uint32_t *>(arg + 4))[0] & FUSE_OPEN_KILL_SUIDGID) != 0
+        elif op == FUSE_CREATE and n >= 16:
+            self.st.kill_suidgid = ((<const uint32_t *>(arg + 12))[0] & FUSE_OPEN_KILL_SUIDGID) != 0
+        elif op == FUSE_INIT and n >= <ssize_t>sizeof(fuse_init_in):
+            init = <const fuse_init_in *>arg
+            self.st.init_unique = h.unique
+            self.st.offer_killpriv_v2 = self.want_killpriv_v2 and init.major == 7 and \
+                init.minor >= 33 and (init.flags & FUSE_HANDLE_KILLPRIV_V2) != 0
 
     cdef _run_calls(self):
         while self.calls and not self.stopping:

@@ -651,13 +651,29 @@ class CaptureFS:
         return self._attrs(st)
 
     # -- attributes -----------------------------------------------------------------
+    def _kill_suidgid(self, fd: int, rel: bytes | None) -> None:
+        """Clear the set-user-ID bit, and set-group-ID where the file is
+        group-executable (the VFS's rule), of the backing file open as
+        ``fd``: what the kernel asks (``kill_suidgid``) when a writer
+        without CAP_FSETID writes, truncates or opens with O_TRUNC. This
+        process, root, keeps them on its own writes. The new mode goes out
+        first, as the kernel would have set it before the change."""
+        mode = os.fstat(fd).st_mode
+        kept = mode & ~stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            kept &= ~stat.S_ISGID
+        if kept != mode:
+            os.fchmod(fd, stat.S_IMODE(kept))
+            if rel is not None:
+                self._out(Op.setattr(0, rel, mode=stat.S_IMODE(kept)))
+
     @_served
     def setattr(self, inode, attr, fields, fh, ctx):
         rel = self._path(inode)
         with self._at(rel) as (dfd, name):
-            return self._setattr(inode, rel, dfd, name, attr, fields, fh)
+            return self._setattr(inode, rel, dfd, name, attr, fields, fh, ctx.kill_suidgid)
 
-    def _setattr(self, inode, rel, dfd, name, attr, fields, fh):
+    def _setattr(self, inode, rel, dfd, name, attr, fields, fh, kill_suidgid=False):
         # the entry itself: (name, dir_fd) not followed, or the root's handle
         path, follow = (name, False) if name else (proc_path(dfd), True)
         at = {"dir_fd": dfd} if name else {}
@@ -666,11 +682,15 @@ class CaptureFS:
             return os.stat(path, follow_symlinks=follow, **at)
         if fields.update_size:
             if fh is not None and fh in self.open_files:
+                if kill_suidgid:
+                    self._kill_suidgid(fh, rel)
                 os.ftruncate(fh, attr.st_size)
             else:
                 fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                              dir_fd=dfd)
                 try:
+                    if kill_suidgid:
+                        self._kill_suidgid(fd, rel)
                     os.ftruncate(fd, attr.st_size)
                 finally:
                     os.close(fd)
@@ -744,7 +764,9 @@ class CaptureFS:
             return [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=follow)]
 
     # -- files ------------------------------------------------------------------------
-    def _opened(self, fd: int, inode: int, rel: bytes, flags: int) -> int:
+    def _opened(self, fd: int, inode: int, rel: bytes, flags: int, kill_suidgid: bool = False) -> int:
+        if flags & os.O_TRUNC and kill_suidgid:
+            self._kill_suidgid(fd, rel)
         if flags & os.O_TRUNC and os.fstat(fd).st_size:
             os.ftruncate(fd, 0)
             self._out(Op.truncate(0, rel, 0))
@@ -760,7 +782,7 @@ class CaptureFS:
         # write, and pwrite there is what the op records
         fd = self.base.open(rel, flags & ~_OPEN_STRIP)     # beneath, O_NOFOLLOW
         try:
-            return self._opened(fd, inode, rel, flags)
+            return self._opened(fd, inode, rel, flags, ctx.kill_suidgid)
         except BaseException:
             os.close(fd)
             raise
@@ -793,7 +815,7 @@ class CaptureFS:
                 self._dirty(parent)
             ino = self._remember(st, rel)
             self._dirty(ino)
-            fh = self._opened(fd, ino, rel, flags)
+            fh = self._opened(fd, ino, rel, flags, ctx.kill_suidgid and not created)
             # a file made here is as fstat saw it; one opened may have been truncated
             return fh, self._attrs(st if created else os.fstat(fd))
         except BaseException:
@@ -805,10 +827,12 @@ class CaptureFS:
         return os.pread(fh, size, off)
 
     @_served
-    def write(self, fh, off, buf):
-        n = os.pwrite(fh, buf, off)
+    def write(self, fh, off, buf, kill_suidgid=False):
         ino = self.open_files[fh]
         node = self.nodes.get(ino)
+        if kill_suidgid:
+            self._kill_suidgid(fh, node.paths[0] if node is not None and node.paths else None)
+        n = os.pwrite(fh, buf, off)
         if node is not None and node.paths:     # an unlinked file has no replica to write
             self._out(Op.write(0, node.paths[0], off, buf if n == len(buf) else buf[:n]))
             self.stats["bytes_written"] += n
