@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("smirror.capture.mount._fuse", reason="the capture mount needs smirror "
                     "built with libfuse 3 (Debian: libfuse3-dev, pkg-config)")
 
+from smirror.capture.mount.fs import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from smirror.capture.mount.mountpoint import mounted_at
 from smirror.errors import ConfigError
 from smirror.replication import Replication
@@ -47,6 +48,12 @@ def test_a_synchronous_call_returns_once_the_target_made_it_durable(dirs, mode):
                     # the write's op is durable on the target when pwrite returns
                     assert rep.target.durable_seq > before
                 os.fsync(fd)
+                assert rep.target.durable_seq > before
+            if mode == "every-write":
+                # fallocate is a changing call like the others (a punched
+                # range goes out as WRITEs of zeros)
+                before = rep.journal_sink.last_seq
+                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 8192)
                 assert rep.target.durable_seq > before
         finally:
             os.close(fd)

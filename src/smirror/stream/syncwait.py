@@ -33,7 +33,7 @@ SYNC_TIMEOUT = 30.0         # seconds a synchronous call waits for a sync connec
 # call that changes something
 FSYNC_CALLS = frozenset({"fsync", "fsyncdir"})
 MUTATING_CALLS = frozenset({"write", "create", "mkdir", "rmdir", "unlink", "symlink", "link",
-                            "mknod", "rename", "setattr", "setxattr", "removexattr"})
+                            "mknod", "rename", "setattr", "setxattr", "removexattr", "fallocate"})
 
 
 def check_sync(sync, capture: str, where: str = "sync") -> str:
