@@ -36,14 +36,15 @@ is refused: EACCES to the caller, logged and counted (``refused``).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import errno
 import functools
 import json
 import logging
 import os
+import queue
 import stat
+import threading
 import time
 from typing import Any
 
@@ -148,6 +149,49 @@ def _served(fn):
     return wrapper
 
 
+class _Waits:
+    """Worker threads (at most ``limit``, made as needed, kept) for what
+    finishes off the loop: a flush without AIO, a synchronous call's wait.
+    Daemon threads: a wait (up to the sync timeout) must not hold up the
+    process's exit."""
+
+    def __init__(self, limit: int):
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._limit = limit
+
+    def submit(self, fn) -> None:
+        self._todo.put(fn)
+        with self._lock:
+            if self._idle or self._threads >= self._limit:
+                return
+            self._threads += 1
+        threading.Thread(target=self._work, name="capture-mount-wait", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            fn = self._todo.get()
+            with self._lock:
+                self._idle -= 1
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception:               # the function answers its call; a bug is logged
+                log.exception("capture mount: work off the loop failed")
+
+    def shutdown(self) -> None:
+        """The threads end once what is queued is done."""
+        with self._lock:
+            n, self._threads = self._threads, 0
+        for _ in range(n):
+            self._todo.put(None)
+
+
 class _Node:
     """What the mount knows of one inode number the kernel holds.
     ``generation`` goes up when the inode dies (its last name removed, seen
@@ -216,7 +260,7 @@ class CaptureFS:
         self.busy_ns = 0
         # the synchronous connections' waits (stream.syncwait.SyncWaiter), if any
         self.sync_waiter: Any = None
-        self._waits: concurrent.futures.ThreadPoolExecutor | None = None
+        self._waits: _Waits | None = None
         # the backing fsync by Linux AIO (aioflush.AioFlush, set by the
         # runner, which reaps it on the loop), None: in a worker thread
         self.flusher: Any = None
@@ -340,10 +384,9 @@ class CaptureFS:
     # -- off the loop: the backing fsync, synchronous modes -------------------------
     WAIT_THREADS = 256      # flushes (without AIO) and synchronous waits in threads at once
 
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _pool(self) -> _Waits:
         if self._waits is None:
-            self._waits = concurrent.futures.ThreadPoolExecutor(
-                self.WAIT_THREADS, thread_name_prefix="capture-mount-wait")
+            self._waits = _Waits(self.WAIT_THREADS)
         return self._waits
 
     def _later(self, result, flush: _Flush | None, waiter, point) -> _fuse.Later:
@@ -403,7 +446,7 @@ class CaptureFS:
         """Once the loop ended: the backing root's handle, the wait threads."""
         self.base.close()
         if self._waits is not None:
-            self._waits.shutdown(wait=False, cancel_futures=True)
+            self._waits.shutdown()
 
     # -- emitting ----------------------------------------------------------------
     def _out(self, op: Op) -> None:
