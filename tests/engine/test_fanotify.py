@@ -1,11 +1,16 @@
 """The fanotify binding on real events (a real filesystem mark), its record
 parser on damaged buffers, and what the fanotify watcher adds to the tree
 tests it shares with inotify (tests/test_inotify.py)."""
+import errno
+import logging
 import os
+import resource
 import shutil
 import struct
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -421,3 +426,66 @@ def test_a_mount_inside_the_root_falls_back_to_inotify(tmp_path):
             assert w.backend == "inotify" and "mounted inside" in why
     finally:
         subprocess.run(["umount", str(root / "sub mnt")], check=True)
+
+
+# -- lookups that fail for a passing reason ---------------------------------------
+
+@contextmanager
+def no_free_descriptors():
+    """Every new descriptor of this process fails with EMFILE in the block
+    (the soft RLIMIT_NOFILE lowered to the lowest free descriptor; those
+    open stay usable), as when a busy daemon runs out of them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest = os.dup(0)
+    os.close(lowest)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def read_until(w, cond, what, limit=10.0):
+    """Events until ``cond(events so far)`` holds (held lookups are retried
+    within the watcher's reads)."""
+    out, deadline = [], time.monotonic() + limit
+    while not cond(out):
+        assert time.monotonic() < deadline, f"{what}: not within {limit} s; events {out}"
+        out += w.read(timeout=0.2)
+    return out
+
+
+@needs_fanotify
+def test_a_lookup_that_fails_for_lack_of_descriptors_holds_the_directory(tmp_path, caplog):
+    """A tree moved in, and a file written in it, are read while the
+    process has no free descriptor: nothing of the tree can be listed or
+    looked up. Its directories are held, not taken for outside the root;
+    once descriptors are free again each is rescanned, and the events
+    that follow in it are reported (before: the moved-in content was never
+    reported, and the subdirectory was skipped for good)."""
+    caplog.set_level(logging.INFO, logger="smirror.capture.fanotify")
+    root, beside = tmp_path / "root", tmp_path / "beside"
+    root.mkdir()
+    (beside / "t" / "sub").mkdir(parents=True)
+    (beside / "t" / "f").write_bytes(b"f")
+    with fanotify.Watcher(root) as w:
+        os.rename(beside / "t", root / "t")
+        (root / "t" / "sub" / "g").write_bytes(b"g")     # names t/sub, not mapped yet
+        with no_free_descriptors():
+            during = w.read(timeout=5)
+            held, failures = w.lookups_held, w.watch_failures
+        assert (Kind.CREATED, b"t") in [(e.kind, e.path) for e in during]
+        assert held >= 2 and failures >= 2              # t (not listed) and t/sub (not placed)
+        assert "Too many open files" in w.lookup_error
+        h_sub = name_to_handle(os.fsencode(root / "t" / "sub"))
+        assert h_sub not in w._outside
+        after = read_until(w, lambda ev: not w.lookups_held, "the held lookups settled")
+        rescans = [(e.path, e.reason) for e in during + after if e.kind is Kind.RESCAN]
+        assert [path for path, _ in rescans] == [b"t"]     # t/sub with it: one rescan
+        assert "Too many open files" in rescans[0][1]
+        assert h_sub in w._dirs and h_sub not in w._outside
+        (root / "t" / "sub" / "h").write_bytes(b"h")
+        assert (Kind.CREATED, b"t/sub/h") in [(e.kind, e.path) for e in collect(w)]
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "lookup failed" in warned[0].getMessage()   # once, not per event
+    assert any("lookups work again" in r.getMessage() for r in caplog.records)

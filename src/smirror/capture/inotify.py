@@ -76,15 +76,26 @@ class Event:
     ino: tuple | None = None
 
 
-def list_dir(path: bytes | int, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
+# a lookup or listing that failed with one of these says its directory is
+# gone (or replaced); any other errno (EMFILE, ENFILE, ENOMEM, EINTR, ...)
+# says nothing about it: it is a passing failure, to be tried again
+GONE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ESTALE})
+
+
+def list_dir(path: bytes | int, rel: bytes, exclude, *,
+             strict: bool = False) -> list[tuple[bytes, bool]]:
     """(relative path, is a directory) of the entries of the directory
     ``rel`` at ``path`` (or open as the descriptor ``path``) that
     ``exclude`` keeps; [] when it cannot be read (gone meanwhile: its event
-    follows). Symlinks are not followed."""
+    follows). With ``strict``, a failure that does not say it is gone
+    (GONE_ERRNOS) raises its OSError: the caller tries again later. Symlinks
+    are not followed."""
     try:
         with os.scandir(path) as it:
             entries: list[os.DirEntry] = list(it)
-    except OSError:
+    except OSError as exc:
+        if strict and exc.errno not in GONE_ERRNOS:
+            raise
         return []
     out = []
     for entry in entries:
