@@ -120,6 +120,7 @@ class Watcher(EventReadLoop):
     are ready (an empty list after ``timeout`` seconds without any)."""
 
     backend = "inotify"
+    lookups_held = 0        # fanotify's: inotify looks no directory up by file handle
 
     def __init__(self, root, *, exclude=None, buffer_size: int = 1 << 20):
         self.root = os.fsencode(os.path.abspath(root))

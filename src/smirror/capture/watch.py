@@ -234,7 +234,8 @@ class TreeCapture:
         w = self.watcher
         return dict(self.stats, backend=self.backend, backend_reason=self.backend_reason,
                     watched_dirs=w.watched_dirs, overflows=w.overflows,
-                    watch_failures=w.watch_failures, start_seconds=round(self.start_seconds, 6),
+                    watch_failures=w.watch_failures, lookups_held=w.lookups_held,
+                    start_seconds=round(self.start_seconds, 6),
                     last_rescan_reason=self.last_rescan_reason, state=self.state, error=self.error,
                     unreadable={os.fsdecode(p): w for p, w in sorted(self.unreadable.items())[:20]},
                     unreadable_count=len(self.unreadable))
