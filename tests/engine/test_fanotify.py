@@ -538,3 +538,140 @@ def test_the_target_converges_after_lookups_failed_for_lack_of_descriptors(tmp_p
         assert "file handle lookup failed" in cap.status()["last_rescan_reason"]
     finally:
         cap.close()
+
+
+@contextmanager
+def failing_lookups(monkeypatch, handle, err, times=None):
+    """open_by_handle_at (the thin wrapper, nothing else) fails with ``err``
+    for ``handle``: ``times`` times, or for the whole block."""
+    real = fanotify.open_by_handle
+    left = [times]
+
+    def open_by_handle(mount_fd, h, flags=os.O_PATH):
+        if h == handle and (left[0] is None or left[0] > 0):
+            if left[0] is not None:
+                left[0] -= 1
+            raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
+        return real(mount_fd, h, flags)
+
+    monkeypatch.setattr(fanotify, "open_by_handle", open_by_handle)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(fanotify, "open_by_handle", real)
+
+
+def lost_directory(root, w):
+    """root/a/b, dropped from the watcher's map: its next event is looked up."""
+    h_b = name_to_handle(os.fsencode(root / "a" / "b"))
+    del w._dirs[h_b]
+    return h_b
+
+
+@needs_fanotify
+def test_a_lookup_racing_a_rename_is_looked_at_again(tmp_path, monkeypatch):
+    """ESTALE once (a decode that raced a rename) is not a verdict: the next
+    look finds the directory inside the root, and its event is reported."""
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    with fanotify.Watcher(root) as w:
+        h_b = lost_directory(root, w)
+        with failing_lookups(monkeypatch, h_b, errno.ESTALE, times=1):
+            (root / "a" / "b" / "new").write_bytes(b"n")
+            ev = [(e.kind, e.path) for e in collect(w)]
+        assert ev[0] == (Kind.RESCAN, b"a/b") and (Kind.CREATED, b"a/b/new") in ev
+        assert h_b in w._dirs and not w.lookups_held and w.watch_failures == 0
+
+
+@needs_fanotify
+def test_a_directory_found_gone_is_not_remembered(tmp_path, monkeypatch):
+    """ESTALE every time is a directory gone: its event is skipped, but
+    nothing is remembered of it (no later event can name a deleted
+    directory), so a wrong verdict costs that event, not all that follow."""
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    with fanotify.Watcher(root) as w:
+        h_b = lost_directory(root, w)
+        with failing_lookups(monkeypatch, h_b, errno.ESTALE):
+            (root / "a" / "b" / "x").write_bytes(b"x")
+            assert [e for e in collect(w) if e.path.startswith(b"a/b")] == []
+        assert h_b not in w._outside and not w.lookups_held
+        (root / "a" / "b" / "y").write_bytes(b"y")
+        ev = [(e.kind, e.path) for e in collect(w)]
+        assert ev[0] == (Kind.RESCAN, b"a/b") and (Kind.CREATED, b"a/b/y") in ev
+
+
+@needs_fanotify
+@pytest.mark.parametrize("err", [errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
+                                 errno.EPERM],
+                         ids=["EMFILE", "ENFILE", "ENOMEM", "EAGAIN", "unknown-EPERM"])
+def test_a_passing_lookup_failure_holds_the_directory_until_it_can_be_placed(
+        tmp_path, monkeypatch, err):
+    """Any failure that does not say the directory is gone (an errno not
+    known here included) holds it: its events are skipped, it is looked up
+    again until that works, then rescanned (the rescan covers what was
+    skipped); never remembered as outside the root."""
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    with fanotify.Watcher(root) as w:
+        h_b = lost_directory(root, w)
+        with failing_lookups(monkeypatch, h_b, err):
+            for name in ("x", "y"):
+                (root / "a" / "b" / name).write_bytes(b"x")
+            during = collect(w, settle=0.3)
+            assert [e for e in during if e.path.startswith(b"a/b")] == []
+            assert w.lookups_held == 1 and h_b not in w._outside
+            assert w.lookup_error == os.strerror(err)
+        after = read_until(w, lambda ev: any(e.kind is Kind.RESCAN for e in ev), "the rescan")
+        rescan, = [e for e in after if e.kind is Kind.RESCAN]
+        assert rescan.path == b"a/b" and os.strerror(err) in rescan.reason
+        assert not w.lookups_held and h_b in w._dirs
+        (root / "a" / "b" / "z").write_bytes(b"z")
+        assert (Kind.CREATED, b"a/b/z") in [(e.kind, e.path) for e in collect(w)]
+
+
+@needs_fanotify
+def test_a_merged_create_and_delete_is_settled_by_path_when_handles_fail(tmp_path):
+    """f created, linked as g, unlinked, linked back from g: the kernel
+    merges it all into one CREATE|DELETE of f, settled by asking whether f
+    is that inode now. With no free descriptor the directory's handle
+    cannot be opened: its path is asked instead (before: f was reported
+    deleted while it is there)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    with fanotify.Watcher(root) as w:
+        (root / "f").write_bytes(b"f")
+        os.link(root / "f", root / "g")
+        os.unlink(root / "f")
+        os.link(root / "g", root / "f")
+        with no_free_descriptors():
+            ev = w.read(timeout=5)
+        ev += collect(w)
+    about_f = [e.kind for e in ev if e.path == b"f"]
+    assert Kind.CREATED in about_f and Kind.DELETED not in about_f, ev
+
+
+@needs_fanotify
+def test_a_deleted_link_whose_other_names_cannot_be_checked_is_checked_later(tmp_path):
+    """A write through one name of a hard-linked file, then that name
+    unlinked: the kernel folds the write into the DELETE, and the other
+    names must get it. With no free descriptor the inode cannot be looked
+    at: it is held, and once it can be, the whole tree is rescanned
+    (which names it has is not known here). Before: nothing, the write
+    never reached the other name."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a").write_bytes(b"old")
+    os.link(root / "a", root / "b")
+    with fanotify.Watcher(root) as w:
+        with open(root / "a", "r+b") as f:
+            f.write(b"new")
+        os.unlink(root / "a")
+        with no_free_descriptors():
+            during = w.read(timeout=5)
+            assert w.lookups_held == 1
+        deleted, = [e for e in during if e.path == b"a"]
+        assert deleted.kind is Kind.DELETED and deleted.ino is None
+        after = read_until(w, lambda ev: any(e.kind is Kind.RESCAN for e in ev), "the rescan")
+    rescan, = [e for e in after if e.kind is Kind.RESCAN]
+    assert rescan.path == b"" and "has other names" in rescan.reason

@@ -131,6 +131,11 @@ HELD_LIMIT = 4096
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0
 
 
+def _why(exc: OSError) -> str:
+    """What a failed call says, without the call's name."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 class Place(Enum):
     """Where a handle lookup found a directory."""
     INSIDE = "inside"
@@ -614,7 +619,7 @@ class Watcher(EventReadLoop):
         failures."""
         self.watch_failures += 1
         what = f" (listing {os.fsdecode(where) or 'the root'})" if where is not None else ""
-        self.lookup_error = f"{exc.strerror or os.strerror(exc.errno or 0)}{what}"
+        self.lookup_error = f"{_why(exc)}{what}"
         if not self._held and not self._retrying:
             log.warning("%s: a file handle lookup failed: %s; the events of the directories "
                         "it cannot place are held, and each is rescanned once it can be",
@@ -653,7 +658,7 @@ class Watcher(EventReadLoop):
                         continue
                     place, rel = self._where(handle)
                 except OSError as exc:
-                    self.lookup_error = exc.strerror or os.strerror(exc.errno or 0)
+                    self.lookup_error = _why(exc)
                     self._held.setdefault(handle, is_dir)
                     continue
                 if place is Place.GONE:
