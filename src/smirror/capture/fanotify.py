@@ -37,16 +37,17 @@ How events become tree events:
   and is skipped (the scan of the arrival reports the result); otherwise
   the highest directory above it that the map lacks is a RESCAN;
 * a lookup that fails says where the directory is only when it says the
-  directory is gone (ESTALE twice in a row, ENOENT; ESTALE once is also
-  what a decode racing a rename gets): its event is skipped, nothing is
-  remembered. Any other failure (EMFILE, ENFILE, ENOMEM, EINTR, an errno
-  not known here) says nothing: the handle is held (``lookups_held``), the
-  events naming it are skipped, and it is looked up again, backing off up
-  to RETRY_MAX, until the lookup works: inside the root, a RESCAN of it
-  then brings everything below it in line. The walk that maps a subtree
-  holds a directory it cannot list the same way, and a deleted file whose
-  other names cannot be checked too. The log says so once per run of
-  failures, not per event;
+  directory is gone (ESTALE STALE_TRIES times in a row, ENOENT; ESTALE
+  once is also what a decode racing a rename gets): skipped like one
+  outside (a handle never names a directory made later). Any other
+  failure (EMFILE, ENFILE, ENOMEM, EAGAIN, an errno not known here) says
+  nothing: the handle is held (``lookups_held``), the events naming it
+  are skipped, and it is looked up again, backing off up to RETRY_MAX,
+  until the lookup works: inside the root, a RESCAN of it then brings
+  everything below it in line. The walk that maps a subtree holds a
+  directory it cannot list the same way, and a deleted file whose other
+  names cannot be checked too. The log says so once per run of failures,
+  not per event;
 * FAN_RENAME reports both names in one event: inside to inside is MOVED,
   out of the tree DELETED, into it CREATED with a scan of what it holds;
 * the kernel merges an event into a queued one on the same inode and name:
@@ -524,10 +525,6 @@ class Watcher(EventReadLoop):
         except OSError as exc:
             self._hold(handle, True, exc)       # where it is is not known: asked again later
             return None
-        if place is Place.GONE:
-            # not remembered: no new event can name a deleted directory,
-            # and one taken for gone by mistake is looked up again
-            return None
         if place is Place.INSIDE and not self._excluded_path(rel):
             if self._arrives_later(rel):
                 # skipped, but not remembered as outside: it is inside, and
@@ -538,6 +535,9 @@ class Watcher(EventReadLoop):
             # still queued, or was lost; a rescan is right either way
             self._rescan_unmapped(rel, "directory unknown to the fanotify watcher")
             return rel
+        # outside, or gone: a handle names one inode and generation, never
+        # a directory made later, so the events left of a deleted one are
+        # skipped without a lookup each (an rm -rf read late names it often)
         self._remember_outside(handle)
         return None
 
@@ -563,14 +563,15 @@ class Watcher(EventReadLoop):
             return Place.INSIDE, where[len(self.root) + 1:]
         return Place.OUTSIDE, b""
 
-    def _open_handle(self, handle: bytes, flags: int = os.O_PATH) -> int:
+    def _open_handle(self, handle: bytes, flags: int = os.O_PATH, tries: int = STALE_TRIES) -> int:
         """open_by_handle_at, tried again on EINTR, and on ESTALE up to
-        STALE_TRIES times: a decode racing a rename gets ESTALE once."""
-        for attempt in range(1, STALE_TRIES + 1):
+        ``tries`` times: the decode of a directory's handle that races a
+        rename can get ESTALE once (a file's needs no path: one try)."""
+        for attempt in range(1, tries + 1):
             try:
                 return open_by_handle(self._mount_fd, handle, flags)
             except OSError as exc:
-                if exc.errno not in (errno.ESTALE, errno.EINTR) or attempt == STALE_TRIES:
+                if exc.errno not in (errno.ESTALE, errno.EINTR) or attempt == tries:
                     raise
         raise AssertionError("unreachable")     # (the last attempt returns or raises)
 
@@ -644,7 +645,7 @@ class Watcher(EventReadLoop):
         """Look up the held handles again. Each one that is placed now is
         settled: a directory inside the root is rescanned (its events were
         skipped; one rescan for a directory and those below it), one
-        outside is remembered, one gone forgotten. The others stay held."""
+        outside or gone remembered to skip. The others stay held."""
         held, self._held = self._held, {}
         if self._root_handle in held:
             held = {self._root_handle: True}    # its rescan covers every other
@@ -661,12 +662,13 @@ class Watcher(EventReadLoop):
                     self.lookup_error = _why(exc)
                     self._held.setdefault(handle, is_dir)
                     continue
-                if place is Place.GONE:
-                    continue
-                if handle == self._root_handle or place is Place.INSIDE and not self._excluded_path(rel):
-                    inside.append(b"" if handle == self._root_handle else rel)
+                if handle == self._root_handle:
+                    if place is not Place.GONE:     # (gone: its DELETE said so)
+                        inside.append(b"")
+                elif place is Place.INSIDE and not self._excluded_path(rel):
+                    inside.append(rel)
                 else:
-                    self._remember_outside(handle)
+                    self._remember_outside(handle)      # outside, or gone
             self._rescan_held(inside)
         finally:
             self._retrying = False
@@ -696,7 +698,7 @@ class Watcher(EventReadLoop):
         deleted one, and which names they are is not known here: the whole
         tree is rescanned. A lookup that fails again raises."""
         try:
-            fd = self._open_handle(handle)
+            fd = self._open_handle(handle, tries=1)
         except OSError as exc:
             if exc.errno in GONE_ERRNOS:
                 return                      # gone with its last name
@@ -721,7 +723,7 @@ class Watcher(EventReadLoop):
         hold it (a hard link unlinked), else None: a write through the
         unlinked name is folded into its DELETE and must reach them."""
         try:
-            fd = self._open_handle(handle)
+            fd = self._open_handle(handle, tries=1)
         except OSError as exc:
             if exc.errno not in GONE_ERRNOS:
                 self._hold(handle, False, exc)      # checked again later
