@@ -4,7 +4,6 @@ tests it shares with inotify (tests/test_inotify.py)."""
 import errno
 import logging
 import os
-import resource
 import shutil
 import struct
 import subprocess
@@ -34,6 +33,7 @@ from smirror.capture.fanotify import (
 from smirror.capture.inotify import Kind
 from smirror.capture.watch import TreeCapture
 from smirror.stream.apply import Applier
+from support.descriptors import no_free_descriptors
 from support.events import collect
 from support.treestate import diff, snapshot
 
@@ -432,21 +432,6 @@ def test_a_mount_inside_the_root_falls_back_to_inotify(tmp_path):
 
 
 # -- lookups that fail for a passing reason ---------------------------------------
-
-@contextmanager
-def no_free_descriptors():
-    """Every new descriptor of this process fails with EMFILE in the block
-    (the soft RLIMIT_NOFILE lowered to the lowest free descriptor; those
-    open stay usable), as when a busy daemon runs out of them."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    lowest = os.dup(0)
-    os.close(lowest)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
 
 def read_until(w, cond, what, limit=10.0):
     """Events until ``cond(events so far)`` holds (held lookups are retried

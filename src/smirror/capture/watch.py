@@ -55,7 +55,7 @@ import time
 import numpy as np
 
 from smirror.capture import fanotify, inotify
-from smirror.capture.inotify import MOVED_OUT, Event, Kind
+from smirror.capture.inotify import GONE_ERRNOS, MOVED_OUT, Event, Kind
 from smirror.fs.files import read_xattrs, xattr_filter
 from smirror.fs.tree import Rules
 from smirror.kernels import checksum
@@ -199,6 +199,9 @@ class TreeCapture:
         self._recent: set[bytes] = set()
         self._dirs_touched: set[bytes] = set()     # their mtime is sent when quiet
         self.unreadable: dict[bytes, str] = {}     # files not sent: cannot be read (why)
+        # directories a walk could not list for a passing reason (why):
+        # resynced again with the unreadable files
+        self.unlisted: dict[bytes, str] = {}
         # files created since the last quiet moment: read when their event
         # came, maybe before their writer was done (fanotify merges a new
         # file's writes into its CREATE): looked at again when quiet
@@ -238,7 +241,8 @@ class TreeCapture:
                     start_seconds=round(self.start_seconds, 6),
                     last_rescan_reason=self.last_rescan_reason, state=self.state, error=self.error,
                     unreadable={os.fsdecode(p): w for p, w in sorted(self.unreadable.items())[:20]},
-                    unreadable_count=len(self.unreadable))
+                    unreadable_count=len(self.unreadable),
+                    unlisted={os.fsdecode(p): w for p, w in sorted(self.unlisted.items())[:20]})
 
     def _excluded(self, rel: bytes, is_dir: bool) -> bool:
         return self.rules is not None and self.rules.excluded(rel, is_dir)
@@ -535,7 +539,9 @@ class TreeCapture:
             try:
                 with os.scandir(self._abs(d)) as it:
                     entries = sorted(it, key=lambda e: e.name)
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in GONE_ERRNOS:
+                    self._note_unlisted(d, exc, seen)
                 continue
             for e in entries:
                 child = d + b"/" + e.name if d else e.name
@@ -548,6 +554,33 @@ class TreeCapture:
                 self._sync_path(child, emit, seen, content)
                 if is_dir:
                     stack.append(child)
+
+    def _note_unlisted(self, rel: bytes, exc: OSError, seen) -> None:
+        """A directory a walk could not list for a passing reason (EMFILE,
+        ENOMEM, ...) is not empty: what the cache has below it counts as
+        seen (a resync would delete it all on the target), and it is
+        resynced again every UNREADABLE_RETRY seconds until it lists."""
+        if seen is not None:
+            prefix = rel + b"/" if rel else b""
+            seen.update(p for p in self.known if p.startswith(prefix))
+        if self._read_root is not None:
+            return                  # reading the target's tree (load_target): not the source's
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        if rel not in self.unlisted:
+            log.error("capture: cannot list %s: %s; what the target has below it is kept, "
+                      "resynced again every %.0f s", os.fsdecode(self._abs(rel)), why,
+                      self.UNREADABLE_RETRY)
+        self.unlisted[rel] = why
+
+    def _retry_unlisted(self) -> None:
+        """Resync the directories a walk could not list (they may be listed now)."""
+        for rel in sorted(self.unlisted, key=lambda p: p.count(b"/")):
+            why = self.unlisted.pop(rel, None)
+            if why is None:
+                continue
+            self.resync(rel, f"it could not be listed ({why})")
+            if rel not in self.unlisted:
+                log.warning("capture: %s can be listed now: resynced", os.fsdecode(self._abs(rel)))
 
     def _sync_path(self, rel: bytes, emit: bool, seen, content: bool = True) -> None:
         if seen is not None:
@@ -1258,9 +1291,11 @@ class TreeCapture:
                 self._serve_requests()
                 if self.poll(0.05):
                     continue
-                if self.unreadable and time.monotonic() - last_retry >= self.UNREADABLE_RETRY:
+                if (self.unreadable or self.unlisted) \
+                        and time.monotonic() - last_retry >= self.UNREADABLE_RETRY:
                     with self._lock:
                         self._retry_unreadable()
+                        self._retry_unlisted()
                     last_retry = time.monotonic()
                 if self.verify_interval is not None \
                         and time.monotonic() - last_verify >= self.verify_interval:
