@@ -45,6 +45,7 @@ the walk of the same run, on a 2-core machine shared with other jobs.)
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -68,6 +69,10 @@ _CHANGES_PARENT = frozenset({OpKind.CREATE, OpKind.MKDIR, OpKind.DELETE, OpKind.
 log = logging.getLogger("smirror.capture.watch")
 
 _READ_CHUNK = 8 << 20
+# an open of a path lstat found regular that fails with one of these: it is
+# no longer a regular file (a symlink, a socket, a device now), or gone
+# (GONE_ERRNOS); any other failure (EMFILE, ENOMEM, ...) is passing
+_NOT_THERE_TO_READ = GONE_ERRNOS | {errno.ELOOP, errno.ENXIO, errno.ENODEV}
 _ZERO = 0
 
 # the extended attributes captured: what this process can read and a
@@ -614,7 +619,10 @@ class TreeCapture:
             # handled yet) would give the target's older bytes the source's
             # size and mtime, and after a kill no size/mtime check looks again.
             # The attributes sent go with the bytes read (see _diff_file)
-            st = self._diff_file(rel, emit=emit) or st
+            read = self._diff_file(rel, emit=emit)
+            if read is None and emit and rel in self.unreadable:
+                return          # not read: its attributes wait with its bytes
+            st = read or st
         elif stat.S_ISLNK(st.st_mode):
             try:
                 link = os.readlink(self._abs(rel))
@@ -686,7 +694,10 @@ class TreeCapture:
                 # by name, retried (_retry_unreadable)
                 self._note_unreadable(rel, exc.strerror or str(exc))
                 return
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in _NOT_THERE_TO_READ:
+                    self._note_unreadable(rel, os.strerror(exc.errno or 0))   # EMFILE...: the same
+                    return
                 fd = None           # gone meanwhile: its DELETE follows
             if st.st_nlink > 1:
                 other = self._same_inode(rel, st)
@@ -751,13 +762,15 @@ class TreeCapture:
                 self._out(Op.setxattr(_ZERO, rel, name, value))
 
     def _unreadable_reason(self, rel: bytes) -> str:
-        """Why the file ``rel`` cannot be read ("" when it can, or is gone)."""
+        """Why the file ``rel`` cannot be read ("" when it can, or is gone,
+        or no longer a regular file)."""
         try:
             os.close(os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK))
         except PermissionError as exc:
             return exc.strerror or str(exc)
-        except OSError:
-            pass
+        except OSError as exc:
+            if exc.errno not in _NOT_THERE_TO_READ:
+                return os.strerror(exc.errno or 0)      # EMFILE...: not yet
         return ""
 
     UNREADABLE_RETRY = 2.0          # seconds between tries of the files that could not be read
@@ -852,6 +865,23 @@ class TreeCapture:
     # brings the rest
     REREADS = 2
 
+    def _open_to_read(self, rel: bytes, emit: bool) -> int | None:
+        """A descriptor to read the file ``rel``; None when it is gone or no
+        longer a regular file, or cannot be opened now: unreadable (a
+        permission), or a passing failure (EMFILE, ENOMEM, ...) noted with
+        the unreadable files (the target keeps what it has; retried)."""
+        try:
+            return os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except PermissionError as exc:
+            why = exc.strerror or str(exc)
+        except OSError as exc:
+            if exc.errno in _NOT_THERE_TO_READ:
+                return None
+            why = os.strerror(exc.errno or 0)
+        if emit:
+            self._note_unreadable(rel, why)
+        return None
+
     def _diff_file(self, rel: bytes, emit: bool, same_file: bool = False, fd: int | None = None):
         """Send the blocks of ``rel`` whose hash differs from the cache.
         Returns the file's attributes as they were before the bytes sent
@@ -869,15 +899,10 @@ class TreeCapture:
         the path is what counts: another inode there is a new file, sent
         whole."""
         k = self.known[rel]
-        try:
-            if fd is None:      # else: opened by the caller, closed here
-                fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except PermissionError as exc:
-            if emit:
-                self._note_unreadable(rel, exc.strerror or str(exc))    # the target keeps what it has
-            return None
-        except OSError:
-            return None
+        if fd is None:      # else: opened by the caller, closed here
+            fd = self._open_to_read(rel, emit)
+            if fd is None:
+                return None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
