@@ -452,7 +452,7 @@ class Watcher(EventReadLoop):
         subdirectories go on ``stack``. A passing failure raises."""
         dfd = self._open_handle(dh, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for child, is_dir in list_dir(dfd, d, self.exclude, strict=True):
+            for child, is_dir in list_dir(dfd, d, self.exclude):
                 if report:
                     self._out.append(Event(Kind.CREATED, child, is_dir))
                 if is_dir:

@@ -93,19 +93,18 @@ class Event:
 GONE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ESTALE})
 
 
-def list_dir(path: bytes | int, rel: bytes, exclude, *,
-             strict: bool = False) -> list[tuple[bytes, bool]]:
+def list_dir(path: bytes | int, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
     """(relative path, is a directory) of the entries of the directory
     ``rel`` at ``path`` (or open as the descriptor ``path``) that
-    ``exclude`` keeps; [] when it cannot be read (gone meanwhile: its event
-    follows). With ``strict``, a failure that does not say it is gone
-    (GONE_ERRNOS) raises its OSError: the caller tries again later. Symlinks
-    are not followed."""
+    ``exclude`` keeps; [] when it is gone (meanwhile: its event follows).
+    A failure that does not say it is gone (GONE_ERRNOS: EMFILE, ENOMEM,
+    ...) raises its OSError: it is not empty, the caller tries again
+    later. Symlinks are not followed."""
     try:
         with os.scandir(path) as it:
             entries: list[os.DirEntry] = list(it)
     except OSError as exc:
-        if strict and exc.errno not in GONE_ERRNOS:
+        if exc.errno not in GONE_ERRNOS:
             raise
         return []
     out = []
@@ -201,7 +200,7 @@ class Watcher(EventReadLoop):
             if not self._add_watch(d):
                 continue
             try:
-                entries = list_dir(self._abs(d), d, self.exclude, strict=True)
+                entries = list_dir(self._abs(d), d, self.exclude)
             except OSError as exc:
                 self._hold(d, f"cannot list it: {os.strerror(exc.errno or 0)}")
                 continue
