@@ -528,12 +528,14 @@ def test_the_target_converges_after_lookups_failed_for_lack_of_descriptors(tmp_p
 @contextmanager
 def failing_lookups(monkeypatch, handle, err, times=None):
     """open_by_handle_at (the thin wrapper, nothing else) fails with ``err``
-    for ``handle``: ``times`` times, or for the whole block."""
+    for ``handle`` (or each of a set of handles): ``times`` times, or for
+    the whole block."""
     real = fanotify.open_by_handle
     left = [times]
+    handles = handle if isinstance(handle, set) else {handle}
 
     def open_by_handle(mount_fd, h, flags=os.O_PATH):
-        if h == handle and (left[0] is None or left[0] > 0):
+        if h in handles and (left[0] is None or left[0] > 0):
             if left[0] is not None:
                 left[0] -= 1
             raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
@@ -662,3 +664,26 @@ def test_a_deleted_link_whose_other_names_cannot_be_checked_is_checked_later(tmp
         after = read_until(w, lambda ev: any(e.kind is Kind.RESCAN for e in ev), "the rescan")
     rescan, = [e for e in after if e.kind is Kind.RESCAN]
     assert rescan.path == b"" and "has other names" in rescan.reason
+
+
+@needs_fanotify
+def test_past_the_held_limit_the_whole_tree_is_rescanned(tmp_path, monkeypatch):
+    """More held handles than HELD_LIMIT: they are dropped for one rescan
+    of the whole tree once lookups work (memory stays bounded, nothing is
+    left out)."""
+    monkeypatch.setattr(fanotify, "HELD_LIMIT", 1)
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "c" / "d").mkdir(parents=True)
+    with fanotify.Watcher(root) as w:
+        h_b = lost_directory(root, w)
+        h_d = name_to_handle(os.fsencode(root / "c" / "d"))
+        del w._dirs[h_d]
+        with failing_lookups(monkeypatch, {h_b, h_d}, errno.ENOMEM):
+            (root / "a" / "b" / "x").write_bytes(b"x")
+            (root / "c" / "d" / "y").write_bytes(b"y")
+            collect(w, settle=0.3)
+            assert set(w._held) == {name_to_handle(os.fsencode(root))}
+        after = read_until(w, lambda ev: any(e.kind is Kind.RESCAN for e in ev), "the rescan")
+        assert [e.path for e in after if e.kind is Kind.RESCAN] == [b""]
+        assert h_b in w._dirs and h_d in w._dirs and not w.lookups_held
