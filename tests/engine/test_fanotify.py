@@ -1,11 +1,15 @@
 """The fanotify binding on real events (a real filesystem mark), its record
 parser on damaged buffers, and what the fanotify watcher adds to the tree
 tests it shares with inotify (tests/test_inotify.py)."""
+import errno
+import logging
 import os
 import shutil
 import struct
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -27,7 +31,11 @@ from smirror.capture.fanotify import (
     parse_events,
 )
 from smirror.capture.inotify import Kind
+from smirror.capture.watch import TreeCapture
+from smirror.stream.apply import Applier
+from support.descriptors import no_free_descriptors
 from support.events import collect
+from support.treestate import diff, snapshot
 
 MISSING = fanotify.unavailable_reason()
 needs_fanotify = pytest.mark.skipif(bool(MISSING), reason=f"fanotify unavailable: {MISSING}")
@@ -421,3 +429,261 @@ def test_a_mount_inside_the_root_falls_back_to_inotify(tmp_path):
             assert w.backend == "inotify" and "mounted inside" in why
     finally:
         subprocess.run(["umount", str(root / "sub mnt")], check=True)
+
+
+# -- lookups that fail for a passing reason ---------------------------------------
+
+def read_until(w, cond, what, limit=10.0):
+    """Events until ``cond(events so far)`` holds (held lookups are retried
+    within the watcher's reads)."""
+    out, deadline = [], time.monotonic() + limit
+    while not cond(out):
+        assert time.monotonic() < deadline, f"{what}: not within {limit} s; events {out}"
+        out += w.read(timeout=0.2)
+    return out
+
+
+@needs_fanotify
+def test_a_lookup_that_fails_for_lack_of_descriptors_holds_the_directory(tmp_path, caplog):
+    """A tree moved in, and a file written in it, are read while the
+    process has no free descriptor: nothing of the tree can be listed or
+    looked up. Its directories are held, not taken for outside the root;
+    once descriptors are free again each is rescanned, and the events
+    that follow in it are reported (before: the moved-in content was never
+    reported, and the subdirectory was skipped for good)."""
+    caplog.set_level(logging.INFO, logger="smirror.capture.fanotify")
+    root, beside = tmp_path / "root", tmp_path / "beside"
+    root.mkdir()
+    (beside / "t" / "sub").mkdir(parents=True)
+    (beside / "t" / "f").write_bytes(b"f")
+    with fanotify.Watcher(root) as w:
+        os.rename(beside / "t", root / "t")
+        (root / "t" / "sub" / "g").write_bytes(b"g")     # names t/sub, not mapped yet
+        with no_free_descriptors():
+            during = w.read(timeout=5)
+            held, failures = w.lookups_held, w.watch_failures
+        assert (Kind.CREATED, b"t") in [(e.kind, e.path) for e in during]
+        assert held >= 2 and failures >= 2              # t (not listed) and t/sub (not placed)
+        assert "Too many open files" in w.lookup_error
+        h_sub = name_to_handle(os.fsencode(root / "t" / "sub"))
+        assert h_sub not in w._outside
+        after = read_until(w, lambda ev: not w.lookups_held, "the held lookups settled")
+        rescans = [(e.path, e.reason) for e in during + after if e.kind is Kind.RESCAN]
+        assert [path for path, _ in rescans] == [b"t"]     # t/sub with it: one rescan
+        assert "Too many open files" in rescans[0][1]
+        assert h_sub in w._dirs and h_sub not in w._outside
+        (root / "t" / "sub" / "h").write_bytes(b"h")
+        assert (Kind.CREATED, b"t/sub/h") in [(e.kind, e.path) for e in collect(w)]
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "lookup failed" in warned[0].getMessage()   # once, not per event
+    assert any("lookups work again" in r.getMessage() for r in caplog.records)
+
+
+@needs_fanotify
+def test_the_target_converges_after_lookups_failed_for_lack_of_descriptors(tmp_path):
+    """The capture end to end (its ops applied to a real target directory):
+    a tree moved into the set and written in while the process has no free
+    descriptor reaches the target whole once descriptors are free again,
+    with no operator and no periodic verification; the capture's status
+    says lookups are held meanwhile."""
+    src, dst, beside = tmp_path / "src", tmp_path / "dst", tmp_path / "beside"
+    src.mkdir()
+    (beside / "t" / "sub" / "deeper").mkdir(parents=True)
+    for rel in ("t/f", "t/sub/g", "t/sub/deeper/h"):
+        (beside / rel).write_bytes(rel.encode() * 100)
+    ops = []
+    cap = TreeCapture(src, ops.append, capture_backend="fanotify", verify_interval=None)
+    applier, applied = Applier(dst), 0
+
+    def apply_new():
+        nonlocal applied
+        for op in ops[applied:]:
+            applied += 1
+            applier.apply(op._replace(seq=applied))
+        applier.flush()
+
+    try:
+        cap.resync(b"", "initial")
+        os.rename(beside / "t", src / "t")
+        (src / "t" / "sub" / "new").write_bytes(b"written after the move")
+        with no_free_descriptors():
+            cap.poll(5)                 # the capture's own reads fail too: its ops are kept
+            held = cap.status()["lookups_held"]
+        assert held >= 1 and cap.status()["watch_failures"] >= 1
+        (src / "t" / "sub" / "later").write_bytes(b"written once descriptors are back")
+        deadline = time.monotonic() + 30
+        while True:
+            cap.sync()
+            apply_new()
+            left = diff(snapshot(src), snapshot(dst))
+            if not left and not cap.watcher.lookups_held:
+                break
+            assert time.monotonic() < deadline, f"the target did not converge: {left}"
+            cap.poll(0.2)
+        assert "file handle lookup failed" in cap.status()["last_rescan_reason"]
+    finally:
+        cap.close()
+
+
+@contextmanager
+def failing_lookups(monkeypatch, handle, err, times=None):
+    """open_by_handle_at (the thin wrapper, nothing else) fails with ``err``
+    for ``handle`` (or each of a set of handles): ``times`` times, or for
+    the whole block."""
+    real = fanotify.open_by_handle
+    left = [times]
+    handles = handle if isinstance(handle, set) else {handle}
+
+    def open_by_handle(mount_fd, h, flags=os.O_PATH):
+        if h in handles and (left[0] is None or left[0] > 0):
+            if left[0] is not None:
+                left[0] -= 1
+            raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
+        return real(mount_fd, h, flags)
+
+    monkeypatch.setattr(fanotify, "open_by_handle", open_by_handle)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(fanotify, "open_by_handle", real)
+
+
+def lost_directory(root, w):
+    """root/a/b, dropped from the watcher's map: its next event is looked up."""
+    h_b = name_to_handle(os.fsencode(root / "a" / "b"))
+    del w._dirs[h_b]
+    return h_b
+
+
+@needs_fanotify
+def test_a_lookup_racing_a_rename_is_looked_at_again(tmp_path, monkeypatch):
+    """ESTALE once (a decode that raced a rename) is not a verdict: the next
+    look finds the directory inside the root, and its event is reported."""
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    with fanotify.Watcher(root) as w:
+        h_b = lost_directory(root, w)
+        with failing_lookups(monkeypatch, h_b, errno.ESTALE, times=1):
+            (root / "a" / "b" / "new").write_bytes(b"n")
+            ev = [(e.kind, e.path) for e in collect(w)]
+        assert ev[0] == (Kind.RESCAN, b"a/b") and (Kind.CREATED, b"a/b/new") in ev
+        assert h_b in w._dirs and not w.lookups_held and w.watch_failures == 0
+
+
+@needs_fanotify
+def test_a_directory_found_gone_every_time_is_skipped_like_one_outside(tmp_path, monkeypatch):
+    """ESTALE on every look is a directory gone: its events are skipped and
+    its handle is remembered like one outside (no later directory has
+    that handle), not held for a retry."""
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    with fanotify.Watcher(root) as w:
+        h_b = lost_directory(root, w)
+        looks = w.handle_lookups
+        with failing_lookups(monkeypatch, h_b, errno.ESTALE):
+            for name in ("x", "y"):
+                (root / "a" / "b" / name).write_bytes(b"x")
+            assert [e for e in collect(w) if e.path.startswith(b"a/b")] == []
+        assert h_b in w._outside and not w.lookups_held and w.watch_failures == 0
+        assert w.handle_lookups - looks >= 1
+
+
+@needs_fanotify
+@pytest.mark.parametrize("err", [errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
+                                 errno.EPERM],
+                         ids=["EMFILE", "ENFILE", "ENOMEM", "EAGAIN", "unknown-EPERM"])
+def test_a_passing_lookup_failure_holds_the_directory_until_it_can_be_placed(
+        tmp_path, monkeypatch, err):
+    """Any failure that does not say the directory is gone (an errno not
+    known here included) holds it: its events are skipped, it is looked up
+    again until that works, then rescanned (the rescan covers what was
+    skipped); never remembered as outside the root."""
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    with fanotify.Watcher(root) as w:
+        h_b = lost_directory(root, w)
+        with failing_lookups(monkeypatch, h_b, err):
+            for name in ("x", "y"):
+                (root / "a" / "b" / name).write_bytes(b"x")
+            during = collect(w, settle=0.3)
+            assert [e for e in during if e.path.startswith(b"a/b")] == []
+            assert w.lookups_held == 1 and h_b not in w._outside
+            assert w.lookup_error == os.strerror(err)
+        after = read_until(w, lambda ev: any(e.kind is Kind.RESCAN for e in ev), "the rescan")
+        rescan, = [e for e in after if e.kind is Kind.RESCAN]
+        assert rescan.path == b"a/b" and os.strerror(err) in rescan.reason
+        assert not w.lookups_held and h_b in w._dirs
+        (root / "a" / "b" / "z").write_bytes(b"z")
+        assert (Kind.CREATED, b"a/b/z") in [(e.kind, e.path) for e in collect(w)]
+
+
+@needs_fanotify
+def test_a_merged_create_and_delete_is_settled_by_path_when_handles_fail(tmp_path):
+    """f created, linked as g, unlinked, linked back from g: the kernel
+    merges it all into one CREATE|DELETE of f, settled by asking whether f
+    is that inode now. With no free descriptor the directory's handle
+    cannot be opened: its path is asked instead (before: f was reported
+    deleted while it is there)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    with fanotify.Watcher(root) as w:
+        (root / "f").write_bytes(b"f")
+        os.link(root / "f", root / "g")
+        os.unlink(root / "f")
+        os.link(root / "g", root / "f")
+        with no_free_descriptors():
+            ev = w.read(timeout=5)
+        ev += collect(w)
+    about_f = [e.kind for e in ev if e.path == b"f"]
+    assert Kind.CREATED in about_f and Kind.DELETED not in about_f, ev
+
+
+@needs_fanotify
+def test_a_deleted_link_whose_other_names_cannot_be_checked_is_checked_later(tmp_path):
+    """A write through one name of a hard-linked file, then that name
+    unlinked: the kernel folds the write into the DELETE, and the other
+    names must get it. With no free descriptor the inode cannot be looked
+    at: it is held, and once it can be, the whole tree is rescanned
+    (which names it has is not known here). Before: nothing, the write
+    never reached the other name."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a").write_bytes(b"old")
+    os.link(root / "a", root / "b")
+    with fanotify.Watcher(root) as w:
+        with open(root / "a", "r+b") as f:
+            f.write(b"new")
+        os.unlink(root / "a")
+        with no_free_descriptors():
+            during = w.read(timeout=5)
+        # (the mark sees the whole file system: what other processes do
+        # elsewhere may be held too)
+        assert w._held.get(name_to_handle(os.fsencode(root / "b"))) is False    # a file
+        deleted, = [e for e in during if e.path == b"a"]
+        assert deleted.kind is Kind.DELETED and deleted.ino is None
+        after = read_until(w, lambda ev: any(e.kind is Kind.RESCAN for e in ev), "the rescan")
+    rescan, = [e for e in after if e.kind is Kind.RESCAN]
+    assert rescan.path == b"" and "has other names" in rescan.reason
+
+
+@needs_fanotify
+def test_past_the_held_limit_the_whole_tree_is_rescanned(tmp_path, monkeypatch):
+    """More held handles than HELD_LIMIT: they are dropped for one rescan
+    of the whole tree once lookups work (memory stays bounded, nothing is
+    left out)."""
+    monkeypatch.setattr(fanotify, "HELD_LIMIT", 1)
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "c" / "d").mkdir(parents=True)
+    with fanotify.Watcher(root) as w:
+        h_b = lost_directory(root, w)
+        h_d = name_to_handle(os.fsencode(root / "c" / "d"))
+        del w._dirs[h_d]
+        with failing_lookups(monkeypatch, {h_b, h_d}, errno.ENOMEM):
+            (root / "a" / "b" / "x").write_bytes(b"x")
+            (root / "c" / "d" / "y").write_bytes(b"y")
+            collect(w, settle=0.3)
+            assert set(w._held) == {name_to_handle(os.fsencode(root))}
+        after = read_until(w, lambda ev: any(e.kind is Kind.RESCAN for e in ev), "the rescan")
+        assert [e.path for e in after if e.kind is Kind.RESCAN] == [b""]
+        assert h_b in w._dirs and h_d in w._dirs and not w.lookups_held

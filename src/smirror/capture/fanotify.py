@@ -36,6 +36,18 @@ How events become tree events:
   rename later in the same read brings it in, the event happened outside
   and is skipped (the scan of the arrival reports the result); otherwise
   the highest directory above it that the map lacks is a RESCAN;
+* a lookup that fails says where the directory is only when it says the
+  directory is gone (ESTALE STALE_TRIES times in a row, ENOENT; ESTALE
+  once is also what a decode racing a rename gets): skipped like one
+  outside (a handle never names a directory made later). Any other
+  failure (EMFILE, ENFILE, ENOMEM, EAGAIN, an errno not known here) says
+  nothing: the handle is held (``lookups_held``), the events naming it
+  are skipped, and it is looked up again, backing off up to RETRY_MAX,
+  until the lookup works: inside the root, a RESCAN of it then brings
+  everything below it in line. The walk that maps a subtree holds a
+  directory it cannot list the same way, and a deleted file whose other
+  names cannot be checked too. The log says so once per run of failures,
+  not per event;
 * FAN_RENAME reports both names in one event: inside to inside is MOVED,
   out of the tree DELETED, into it CREATED with a scan of what it holds;
 * the kernel merges an event into a queued one on the same inode and name:
@@ -54,9 +66,11 @@ import os
 import re
 import struct
 import tempfile
+import time
 from dataclasses import dataclass
+from enum import Enum
 
-from smirror.capture.inotify import MOVED_OUT, Event, Kind, join_rel, list_dir
+from smirror.capture.inotify import GONE_ERRNOS, MOVED_OUT, Event, Kind, join_rel, list_dir
 from smirror.capture.readloop import EventReadLoop
 from smirror.errors import EventFormatError, FanotifyUnavailable
 
@@ -106,6 +120,28 @@ MAX_HANDLE_SZ = 128
 # handles of directories outside the root remembered to skip their events
 # without a lookup; past this many the set starts over
 OUTSIDE_CACHE_LIMIT = 1 << 16
+# a handle that fails to decode with ESTALE (or is interrupted) is tried
+# this many times in a row before ESTALE counts as gone: a decode that
+# races a rename fails once, then finds the directory where it went
+STALE_TRIES = 3
+# handles held after a lookup failed for a passing reason; past this many
+# they are dropped for a rescan of the whole tree once lookups work again
+HELD_LIMIT = 4096
+# held handles are looked up again after RETRY_FIRST seconds, then twice
+# as long each time they still fail, up to RETRY_MAX
+RETRY_FIRST, RETRY_MAX = 0.05, 2.0
+
+
+def _why(exc: OSError) -> str:
+    """What a failed call says, without the call's name."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+class Place(Enum):
+    """Where a handle lookup found a directory."""
+    INSIDE = "inside"
+    OUTSIDE = "outside"
+    GONE = "gone"
 
 
 @dataclass(frozen=True)
@@ -325,7 +361,6 @@ class Watcher(EventReadLoop):
 
     backend = "fanotify"
     pending_moves = 0            # FAN_RENAME carries both names: nothing waits for a pair
-    watch_failures = 0           # no per-directory watches that could fail
 
     def __init__(self, root, *, exclude=None, buffer_size: int = 1 << 20,
                  unlimited_queue: bool = False, ignore_pids=()):
@@ -342,12 +377,24 @@ class Watcher(EventReadLoop):
         self._buf = bytearray(buffer_size)
         self._dirs: dict[bytes, tuple[bytes | None, bytes]] = {}
         self._outside: set[bytes] = set()
+        # handles whose lookup failed for a passing reason -> is a directory
+        # (else a deleted file whose other names are not known): looked up
+        # again at _retry_at, their events skipped until then
+        self._held: dict[bytes, bool] = {}
+        self._retry_at = 0.0
+        self._retry_wait = RETRY_FIRST
+        self._retrying = False
         self._out: list[Event] = []
         self._batch: list[RawEvent] | tuple = ()    # the events of the read being handled
         self._batch_pos = 0
         self.overflows = 0
         self.format_errors = 0       # reads whose records did not parse
         self.handle_lookups = 0      # handles resolved through open_by_handle_at
+        # lookups (or listings) that failed for a passing reason; the name
+        # says what it counts for inotify: directories not followed for a
+        # while, rescanned once they are
+        self.watch_failures = 0
+        self.lookup_error = ""       # the last such failure (the log says it too)
         try:
             self._map_tree(b"")
         except BaseException:
@@ -358,6 +405,11 @@ class Watcher(EventReadLoop):
     @property
     def watched_dirs(self) -> int:
         return len(self._dirs)
+
+    @property
+    def lookups_held(self) -> int:
+        """Handles held after a lookup failed for a passing reason."""
+        return len(self._held)
 
     def _abs(self, rel: bytes) -> bytes:
         return self.root if not rel else self.root + b"/" + rel
@@ -373,7 +425,10 @@ class Watcher(EventReadLoop):
             try:
                 handle = name_to_handle(self._abs(rel))
                 parent = name_to_handle(self._abs(rel.rpartition(b"/")[0]))
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in GONE_ERRNOS:
+                    # no handle to hold: the whole tree is looked at again
+                    self._hold(self._root_handle, True, exc, rel)
                 return                        # gone meanwhile: its event follows
             self._dirs[handle] = (parent, rel.rpartition(b"/")[2])
         # each directory is listed through its handle, never its path: one
@@ -384,23 +439,34 @@ class Watcher(EventReadLoop):
         while stack:
             d, dh = stack.pop()
             try:
-                dfd = open_by_handle(self._mount_fd, dh, os.O_RDONLY | os.O_DIRECTORY)
-            except OSError:
-                continue                      # gone meanwhile: its event follows
-            try:
-                for child, is_dir in list_dir(dfd, d, self.exclude):
-                    if report:
-                        self._out.append(Event(Kind.CREATED, child, is_dir))
-                    if is_dir:
-                        name = child.rpartition(b"/")[2]
-                        try:
-                            ch = name_to_handle(name, dfd)
-                        except OSError:
-                            continue
-                        self._dirs[ch] = (dh, name)
-                        stack.append((child, ch))
-            finally:
-                os.close(dfd)
+                self._map_dir(d, dh, report, stack)
+            except OSError as exc:
+                if exc.errno not in GONE_ERRNOS:
+                    # not listed (so not reported): held, and rescanned
+                    # once it can be
+                    self._hold(dh, True, exc, d)
+                # else gone meanwhile: its event follows
+
+    def _map_dir(self, d: bytes, dh: bytes, report: bool, stack: list) -> None:
+        """List the directory ``d`` (handle ``dh``) for _map_tree: its
+        subdirectories go on ``stack``. A passing failure raises."""
+        dfd = self._open_handle(dh, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for child, is_dir in list_dir(dfd, d, self.exclude):
+                if report:
+                    self._out.append(Event(Kind.CREATED, child, is_dir))
+                if is_dir:
+                    name = child.rpartition(b"/")[2]
+                    try:
+                        ch = name_to_handle(name, dfd)
+                    except OSError as exc:
+                        if exc.errno not in GONE_ERRNOS:
+                            self._hold(dh, True, exc, d)     # the listing again, later
+                        continue
+                    self._dirs[ch] = (dh, name)
+                    stack.append((child, ch))
+        finally:
+            os.close(dfd)
 
     def _mapped_path(self, handle: bytes, chain: list[bytes] | None = None) -> bytes | None:
         """The path the map gives ``handle``, None when the map does not
@@ -431,8 +497,8 @@ class Watcher(EventReadLoop):
         # below it is stale
         for h in chain:
             self._dirs.pop(h, None)
-        if handle in self._outside:
-            return None
+        if handle in self._outside or handle in self._held:
+            return None     # (a held one: the rescan when it is placed covers its events)
         return self._resolve(handle)
 
     def _arrives_later(self, rel: bytes) -> bool:
@@ -454,41 +520,82 @@ class Watcher(EventReadLoop):
 
     def _resolve(self, handle: bytes) -> bytes | None:
         """A directory the map does not hold: where is it now?"""
-        self.handle_lookups += 1
         try:
-            fd = open_by_handle(self._mount_fd, handle)
-        except OSError:
-            where = None                  # gone: had it been inside, the map would hold it
-        else:
-            try:
-                where = os.readlink(f"/proc/self/fd/{fd}".encode())
-            except OSError:
-                where = None
-            finally:
-                os.close(fd)
-        if where is None:
-            pass
-        elif where == self.root or where.startswith(self.root + b"/"):
-            rel = where[len(self.root) + 1:]
-            if not self._excluded_path(rel) and self._arrives_later(rel):
+            place, rel = self._where(handle)
+        except OSError as exc:
+            self._hold(handle, True, exc)       # where it is is not known: asked again later
+            return None
+        if place is Place.INSIDE and not self._excluded_path(rel):
+            if self._arrives_later(rel):
                 # skipped, but not remembered as outside: it is inside, and
                 # a rename within the tree maps no directory below the one
                 # it moves (remembered, every later event here was dropped)
                 return None
-            if not self._excluded_path(rel):
-                # inside but never seen arriving: an event of its arrival is
-                # still queued, or was lost; a rescan is right either way, of
-                # the highest directory the map lacks (the capture knows the
-                # one above it), and the map takes in all of that subtree
-                top = self._first_unmapped(rel)
-                self._out.append(Event(Kind.RESCAN, top, True,
-                                       reason="directory unknown to the fanotify watcher"))
-                self._map_tree(top)
-                return rel
+            # inside but never seen arriving: an event of its arrival is
+            # still queued, or was lost; a rescan is right either way
+            self._rescan_unmapped(rel, "directory unknown to the fanotify watcher")
+            return rel
+        # outside, or gone: a handle names one inode and generation, never
+        # a directory made later, so the events left of a deleted one are
+        # skipped without a lookup each (an rm -rf read late names it often)
+        self._remember_outside(handle)
+        return None
+
+    def _where(self, handle: bytes) -> tuple[Place, bytes]:
+        """Where the directory ``handle`` names is now: (INSIDE, its path
+        relative to the root), (OUTSIDE, b"") or (GONE, b""). A lookup
+        that failed for a passing reason raises its OSError: it says
+        nothing of where the directory is."""
+        self.handle_lookups += 1
+        try:
+            fd = self._open_handle(handle)
+        except OSError as exc:
+            if exc.errno in GONE_ERRNOS:
+                return Place.GONE, b""
+            raise
+        try:
+            if os.fstat(fd).st_nlink == 0:
+                return Place.GONE, b""        # removed, still held open by someone
+            where = os.readlink(f"/proc/self/fd/{fd}".encode())
+        finally:
+            os.close(fd)
+        if where == self.root or where.startswith(self.root + b"/"):
+            return Place.INSIDE, where[len(self.root) + 1:]
+        return Place.OUTSIDE, b""
+
+    def _open_handle(self, handle: bytes, flags: int = os.O_PATH, tries: int = STALE_TRIES) -> int:
+        """open_by_handle_at, tried again on EINTR, and on ESTALE up to
+        ``tries`` times: the decode of a directory's handle that races a
+        rename can get ESTALE once (a file's needs no path: one try)."""
+        for attempt in range(1, tries + 1):
+            try:
+                return open_by_handle(self._mount_fd, handle, flags)
+            except OSError as exc:
+                if exc.errno not in (errno.ESTALE, errno.EINTR) or attempt == tries:
+                    raise
+        raise AssertionError("unreachable")     # (the last attempt returns or raises)
+
+    def _remember_outside(self, handle: bytes) -> None:
         if len(self._outside) >= OUTSIDE_CACHE_LIMIT:
             self._outside.clear()
         self._outside.add(handle)
-        return None
+
+    def _rescan_unmapped(self, rel: bytes, reason: str) -> bytes:
+        """A RESCAN of the highest directory above ``rel`` that the map
+        lacks (the capture knows the one above it; ``rel`` itself when the
+        map holds all above it), and the map takes in all of that subtree;
+        returns the directory rescanned."""
+        top = self._first_unmapped(rel)
+        self._out.append(Event(Kind.RESCAN, top, True, reason=reason))
+        self._map_tree(top)
+        return top
+
+    def _map_again(self) -> None:
+        """The map built anew, before a RESCAN of the whole tree: what was
+        skipped (outside) or held is looked up afresh."""
+        self._outside.clear()
+        self._held.clear()
+        self._map_tree(b"")
 
     def _first_unmapped(self, rel: bytes) -> bytes:
         """The highest directory on the way from the root to ``rel`` whose
@@ -499,9 +606,111 @@ class Watcher(EventReadLoop):
             try:
                 if name_to_handle(self._abs(prefix)) not in self._dirs:
                     return prefix
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in GONE_ERRNOS:
+                    return prefix       # not known: the larger rescan is the safe one
                 break
         return rel
+
+    # -- lookups that failed for a passing reason --------------------------------
+    def _hold(self, handle: bytes, is_dir: bool, exc: OSError, where: bytes | None = None) -> None:
+        """A lookup of ``handle`` failed for a passing reason (``exc``): it
+        is looked up again from _after_wait until it works; meanwhile the
+        events naming it are skipped. The log says so once per run of
+        failures."""
+        self.watch_failures += 1
+        what = f" (listing {os.fsdecode(where) or 'the root'})" if where is not None else ""
+        self.lookup_error = f"{_why(exc)}{what}"
+        if not self._held and not self._retrying:
+            log.warning("%s: a file handle lookup failed: %s; the events of the directories "
+                        "it cannot place are held, and each is rescanned once it can be",
+                        os.fsdecode(self.root), self.lookup_error)
+            self._retry_wait = RETRY_FIRST
+            self._retry_at = time.monotonic() + RETRY_FIRST
+        if self._root_handle in self._held:
+            return                  # the whole tree is rescanned: that covers this one
+        if handle not in self._held and len(self._held) >= HELD_LIMIT:
+            self._held.clear()
+            handle, is_dir = self._root_handle, True
+        self._held[handle] = is_dir
+
+    def _next_wait(self, now: float) -> float | None:
+        return max(0.0, self._retry_at - now) if self._held else None
+
+    def _after_wait(self) -> None:
+        if self._held and time.monotonic() >= self._retry_at:
+            self._retry_held()
+
+    def _retry_held(self) -> None:
+        """Look up the held handles again. Each one that is placed now is
+        settled: a directory inside the root is rescanned (its events were
+        skipped; one rescan for a directory and those below it), one
+        outside or gone remembered to skip. The others stay held."""
+        held, self._held = self._held, {}
+        if self._root_handle in held:
+            held = {self._root_handle: True}    # its rescan covers every other
+        inside: list[bytes] = []
+        self._retrying = True
+        try:
+            for handle, is_dir in held.items():
+                try:
+                    if not is_dir:
+                        self._check_held_file(handle)
+                        continue
+                    place, rel = self._where(handle)
+                except OSError as exc:
+                    self.lookup_error = _why(exc)
+                    self._held.setdefault(handle, is_dir)
+                    continue
+                if handle == self._root_handle:
+                    if place is not Place.GONE:     # (gone: its DELETE said so)
+                        inside.append(b"")
+                elif place is Place.INSIDE and not self._excluded_path(rel):
+                    inside.append(rel)
+                else:
+                    self._remember_outside(handle)      # outside, or gone
+            self._rescan_held(inside)
+        finally:
+            self._retrying = False
+        if self._held:
+            self._retry_wait = min(RETRY_MAX, self._retry_wait * 2)
+            self._retry_at = time.monotonic() + self._retry_wait
+        else:
+            log.info("%s: file handle lookups work again: %d held handles settled",
+                     os.fsdecode(self.root), len(held))
+
+    def _rescan_held(self, inside: list[bytes]) -> None:
+        """RESCANs of the held directories placed inside the root, the
+        highest first: one below another already rescanned is covered."""
+        reason = f"events held while a file handle lookup failed ({self.lookup_error})"
+        if b"" in inside:
+            self._map_tree(b"")
+            self._out.append(Event(Kind.RESCAN, b"", True, reason=reason))
+            return
+        done: list[bytes] = []
+        for rel in sorted(set(inside), key=lambda p: p.count(b"/")):
+            if not any(rel == d or rel.startswith(d + b"/") for d in done):
+                done.append(self._rescan_unmapped(rel, reason))
+
+    def _check_held_file(self, handle: bytes) -> None:
+        """A deleted file whose other names could not be checked: when
+        other names hold it still, they may hold a write made through the
+        deleted one, and which names they are is not known here: the whole
+        tree is rescanned. A lookup that fails again raises."""
+        try:
+            fd = self._open_handle(handle, tries=1)
+        except OSError as exc:
+            if exc.errno in GONE_ERRNOS:
+                return                      # gone with its last name
+            raise
+        try:
+            survives = os.fstat(fd).st_nlink > 0
+        finally:
+            os.close(fd)
+        if survives:
+            self._out.append(Event(Kind.RESCAN, b"", True,
+                                   reason="a file deleted while file handle lookups failed "
+                                          f"({self.lookup_error}) has other names"))
 
     def _excluded_path(self, rel: bytes) -> bool:
         if self.exclude is None:
@@ -514,29 +723,45 @@ class Watcher(EventReadLoop):
         hold it (a hard link unlinked), else None: a write through the
         unlinked name is folded into its DELETE and must reach them."""
         try:
-            fd = open_by_handle(self._mount_fd, handle)
-        except OSError:
+            fd = self._open_handle(handle, tries=1)
+        except OSError as exc:
+            if exc.errno not in GONE_ERRNOS:
+                self._hold(handle, False, exc)      # checked again later
             return None             # gone with its last name (ESTALE)
         try:
             st = os.fstat(fd)
-            return (st.st_dev, st.st_ino) if st.st_nlink > 0 else None
-        except OSError:
+        except OSError as exc:
+            self._hold(handle, False, exc)
             return None
         finally:
             os.close(fd)
+        return (st.st_dev, st.st_ino) if st.st_nlink > 0 else None
 
-    def _still_there(self, dir_handle: bytes, name: bytes, child: bytes | None) -> bool:
-        """Does the directory hold ``name`` as the inode ``child`` now?"""
+    def _still_there(self, dir_handle: bytes, name: bytes, child: bytes | None,
+                     path: bytes) -> bool:
+        """Does the directory hold ``name`` as the inode ``child`` now? When
+        its handle cannot be opened for a passing reason, ``path`` (its
+        path relative to the root) is asked instead."""
         try:
-            dfd = open_by_handle(self._mount_fd, dir_handle)
-        except OSError:
-            return False
+            dfd = self._open_handle(dir_handle)
+        except OSError as exc:
+            if exc.errno in GONE_ERRNOS:
+                return False                # the directory is gone, the name with it
+            return self._name_holds(self._abs(path), AT_FDCWD, child)
         try:
-            return child is None or name_to_handle(name, dfd) == child
-        except OSError:
-            return False
+            return self._name_holds(name, dfd, child)
         finally:
             os.close(dfd)
+
+    @staticmethod
+    def _name_holds(name: bytes, dirfd: int, child: bytes | None) -> bool:
+        """Does ``name`` (relative to ``dirfd``) hold the inode ``child``?
+        When that cannot be told, yes: the capture looks at the disk itself
+        for a CREATED, and finds a name that is gone missing."""
+        try:
+            return child is None or name_to_handle(name, dirfd) == child
+        except OSError as exc:
+            return exc.errno not in GONE_ERRNOS
 
     # -- events: read() and its loop are EventReadLoop's ------------------------
     def _parse(self, data: memoryview) -> None:
@@ -556,8 +781,7 @@ class Watcher(EventReadLoop):
             # what this read held is unknown: resync all of it, keep watching
             self.format_errors += 1
             log.error("%s: %s", os.fsdecode(self.root), exc)
-            self._outside.clear()
-            self._map_tree(b"")
+            self._map_again()
             self._out.append(Event(Kind.RESCAN, b"", True, reason=f"unreadable events: {exc}"))
         finally:
             self._batch = ()
@@ -583,8 +807,7 @@ class Watcher(EventReadLoop):
         mask = ev.mask
         if mask & FAN_Q_OVERFLOW:
             self.overflows += 1
-            self._outside.clear()
-            self._map_tree(b"")           # directory events were lost: map again
+            self._map_again()             # directory events were lost: map again
             self._out.append(Event(Kind.RESCAN, b"", True,
                                    reason="fanotify event queue overflowed"))
             return
@@ -610,7 +833,7 @@ class Watcher(EventReadLoop):
         if mask & (FAN_CREATE | FAN_DELETE):
             if mask & FAN_CREATE and mask & FAN_DELETE:
                 # merged: the order of the two is not told; the directory is
-                present = self._still_there(rec.handle, name, child_h)
+                present = self._still_there(rec.handle, name, child_h, path)
             else:
                 present = bool(mask & FAN_CREATE)
             if present:

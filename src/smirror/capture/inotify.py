@@ -8,7 +8,12 @@ tree events with paths relative to the watched root.
 * a queue overflow, a failed watch (the per-user watch limit) or a watch
   lost on an unmounted directory is a RESCAN event naming the subtree that
   may have changed unseen: the capture layer runs a checksum difference
-  mirror of it, so nothing is lost silently.
+  mirror of it, so nothing is lost silently;
+* a directory that cannot be watched or listed for a passing reason
+  (EMFILE, ENOMEM, ...: not gone, not the watch limit) is held
+  (``lookups_held``) and tried again every RETRY_WAIT seconds; once it
+  is watched and listed, a RESCAN of it covers what was missed. The log
+  says so once per run of failures.
 
 inotify is reached through ctypes: it is three libc calls, not worth a
 dependency.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import struct
 import time
@@ -47,6 +53,11 @@ _EVENT = struct.Struct("iIII")
 # move out of the tree; the kernel queues the pair back to back, so this
 # only matters when a read splits them
 MOVE_PAIR_WAIT = 0.02
+# seconds between tries of the directories a passing failure left unwatched
+# or unlisted
+RETRY_WAIT = 0.5
+
+log = logging.getLogger("smirror.capture.inotify")
 
 
 # Event.reason of a DELETED that is a move out of the tree (or to an excluded
@@ -76,15 +87,25 @@ class Event:
     ino: tuple | None = None
 
 
+# a lookup or listing that failed with one of these says its directory is
+# gone (or replaced); any other errno (EMFILE, ENFILE, ENOMEM, EINTR, ...)
+# says nothing about it: it is a passing failure, to be tried again
+GONE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ESTALE})
+
+
 def list_dir(path: bytes | int, rel: bytes, exclude) -> list[tuple[bytes, bool]]:
     """(relative path, is a directory) of the entries of the directory
     ``rel`` at ``path`` (or open as the descriptor ``path``) that
-    ``exclude`` keeps; [] when it cannot be read (gone meanwhile: its event
-    follows). Symlinks are not followed."""
+    ``exclude`` keeps; [] when it is gone (meanwhile: its event follows).
+    A failure that does not say it is gone (GONE_ERRNOS: EMFILE, ENOMEM,
+    ...) raises its OSError: it is not empty, the caller tries again
+    later. Symlinks are not followed."""
     try:
         with os.scandir(path) as it:
             entries: list[os.DirEntry] = list(it)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in GONE_ERRNOS:
+            raise
         return []
     out = []
     for entry in entries:
@@ -125,6 +146,10 @@ class Watcher(EventReadLoop):
         self._out: list[Event] = []
         self.watch_failures = 0
         self.overflows = 0
+        # directories a passing failure left unwatched or unlisted -> why;
+        # tried again at _retry_at
+        self._held: dict[bytes, str] = {}
+        self._retry_at = 0.0
         self._watch_tree(b"")
 
     # -- watches -----------------------------------------------------------
@@ -137,6 +162,11 @@ class Watcher(EventReadLoop):
     def watched_dirs(self) -> int:
         return len(self._wd_path)
 
+    @property
+    def lookups_held(self) -> int:
+        """Directories held after a passing failure to watch or list them."""
+        return len(self._held)
+
     def _abs(self, rel: bytes) -> bytes:
         return self.root if not rel else self.root + b"/" + rel
 
@@ -146,6 +176,9 @@ class Watcher(EventReadLoop):
             e = ctypes.get_errno()
             if e in (errno.ENOENT, errno.ENOTDIR):
                 return False                      # gone (or replaced) meanwhile: its DELETE follows
+            if e not in (errno.ENOSPC, errno.EACCES):     # (the limit, a directory not ours)
+                self._hold(rel, f"cannot watch it: {os.strerror(e)}")
+                return False
             self.watch_failures += 1
             why = ("inotify watch limit reached (raise fs.inotify.max_user_watches)"
                    if e == errno.ENOSPC else f"inotify_add_watch failed: {os.strerror(e)}")
@@ -166,7 +199,12 @@ class Watcher(EventReadLoop):
             d = stack.pop()
             if not self._add_watch(d):
                 continue
-            for child, is_dir in list_dir(self._abs(d), d, self.exclude):
+            try:
+                entries = list_dir(self._abs(d), d, self.exclude)
+            except OSError as exc:
+                self._hold(d, f"cannot list it: {os.strerror(exc.errno or 0)}")
+                continue
+            for child, is_dir in entries:
                 if report:
                     self._out.append(Event(Kind.CREATED, child, is_dir))
                 if is_dir:
@@ -176,6 +214,8 @@ class Watcher(EventReadLoop):
         prefix = rel + b"/"
         for path in [p for p in self._path_wd if p == rel or p.startswith(prefix)]:
             self._wd_path.pop(self._path_wd.pop(path), None)
+        for path in [p for p in self._held if p == rel or p.startswith(prefix)]:
+            del self._held[path]
 
     def _rename_tree(self, old: bytes, new: bytes) -> None:
         prefix = old + b"/"
@@ -184,18 +224,56 @@ class Watcher(EventReadLoop):
             moved = new + path[len(old):]
             self._path_wd[moved] = wd
             self._wd_path[wd] = moved
+        for path in [p for p in self._held if p == old or p.startswith(prefix)]:
+            self._held[new + path[len(old):]] = self._held.pop(path)
+
+    # -- directories held after a passing failure -------------------------------
+    def _hold(self, rel: bytes, why: str) -> None:
+        """``rel`` could not be watched or listed for a passing reason: its
+        events (or what it held when it came) are not seen; tried again
+        from _after_wait until it works, then rescanned."""
+        self.watch_failures += 1
+        if not self._held:
+            log.warning("%s: %s %s; it is tried again every %.1f s and rescanned once it works",
+                        os.fsdecode(self.root), os.fsdecode(rel) or "the root", why, RETRY_WAIT)
+            self._retry_at = time.monotonic() + RETRY_WAIT
+        self._held[rel] = why
+
+    def _retry_held(self) -> None:
+        """Watch and list the held directories again (the highest first: the
+        walk of one covers those below it); each that works is a RESCAN."""
+        held, self._held = self._held, {}
+        done: list[bytes] = []
+        for rel in sorted(held, key=lambda p: p.count(b"/")):
+            if any(rel == d or rel.startswith(d + b"/") or not d for d in done):
+                continue
+            if not os.path.isdir(self._abs(rel)):
+                continue                # gone or replaced: its event said so
+            self._watch_tree(rel)
+            if rel not in self._held:
+                done.append(rel)
+                self._out.append(Event(Kind.RESCAN, rel, True,
+                                       reason=f"events held: {held[rel]}"))
+        if self._held:
+            self._retry_at = time.monotonic() + RETRY_WAIT
+        else:
+            log.info("%s: the held directories are watched again", os.fsdecode(self.root))
 
     # -- events: read() and its loop are EventReadLoop's ------------------------
     def _next_wait(self, now: float) -> float | None:
         """A rename half waiting for its pair is not returned until it is
-        paired or has waited MOVE_PAIR_WAIT: wake up for that."""
-        if not self._pending_from:
-            return None
-        oldest = min(t for _, _, t in self._pending_from.values())
-        return max(0.0, oldest + MOVE_PAIR_WAIT - now)
+        paired or has waited MOVE_PAIR_WAIT: wake up for that, and for the
+        next try of the held directories."""
+        waits = [self._retry_at - now] if self._held else []
+        if self._pending_from:
+            oldest = min(t for _, _, t in self._pending_from.values())
+            waits.append(oldest + MOVE_PAIR_WAIT - now)
+        return max(0.0, min(waits)) if waits else None
 
     def _after_wait(self) -> None:
         self._expire_moves()
+        if self._held and time.monotonic() >= self._retry_at:
+            self._retry_held()
 
     def _parse(self, data: memoryview) -> None:
         pos = 0
@@ -276,8 +354,7 @@ class Watcher(EventReadLoop):
             self._deleted(old, is_dir, MOVED_OUT)
         else:
             if is_dir:
-                if old in self._path_wd:
-                    self._rename_tree(old, path)
+                self._rename_tree(old, path)    # (also what is held below it)
                 # and watch what below it is not watched yet: renamed before
                 # its watch was set (created and moved at once), or while a
                 # walk listed it or a directory above it (the walk's watches

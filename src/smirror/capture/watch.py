@@ -45,6 +45,7 @@ the walk of the same run, on a 2-core machine shared with other jobs.)
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -55,7 +56,7 @@ import time
 import numpy as np
 
 from smirror.capture import fanotify, inotify
-from smirror.capture.inotify import MOVED_OUT, Event, Kind
+from smirror.capture.inotify import GONE_ERRNOS, MOVED_OUT, Event, Kind
 from smirror.fs.files import read_xattrs, xattr_filter
 from smirror.fs.tree import Rules
 from smirror.kernels import checksum
@@ -68,6 +69,10 @@ _CHANGES_PARENT = frozenset({OpKind.CREATE, OpKind.MKDIR, OpKind.DELETE, OpKind.
 log = logging.getLogger("smirror.capture.watch")
 
 _READ_CHUNK = 8 << 20
+# an open of a path lstat found regular that fails with one of these: it is
+# no longer a regular file (a symlink, a socket, a device now), or gone
+# (GONE_ERRNOS); any other failure (EMFILE, ENOMEM, ...) is passing
+_NOT_THERE_TO_READ = GONE_ERRNOS | {errno.ELOOP, errno.ENXIO, errno.ENODEV}
 _ZERO = 0
 
 # the extended attributes captured: what this process can read and a
@@ -199,6 +204,9 @@ class TreeCapture:
         self._recent: set[bytes] = set()
         self._dirs_touched: set[bytes] = set()     # their mtime is sent when quiet
         self.unreadable: dict[bytes, str] = {}     # files not sent: cannot be read (why)
+        # directories a walk could not list for a passing reason (why):
+        # resynced again with the unreadable files
+        self.unlisted: dict[bytes, str] = {}
         # files created since the last quiet moment: read when their event
         # came, maybe before their writer was done (fanotify merges a new
         # file's writes into its CREATE): looked at again when quiet
@@ -234,10 +242,12 @@ class TreeCapture:
         w = self.watcher
         return dict(self.stats, backend=self.backend, backend_reason=self.backend_reason,
                     watched_dirs=w.watched_dirs, overflows=w.overflows,
-                    watch_failures=w.watch_failures, start_seconds=round(self.start_seconds, 6),
+                    watch_failures=w.watch_failures, lookups_held=w.lookups_held,
+                    start_seconds=round(self.start_seconds, 6),
                     last_rescan_reason=self.last_rescan_reason, state=self.state, error=self.error,
                     unreadable={os.fsdecode(p): w for p, w in sorted(self.unreadable.items())[:20]},
-                    unreadable_count=len(self.unreadable))
+                    unreadable_count=len(self.unreadable),
+                    unlisted={os.fsdecode(p): w for p, w in sorted(self.unlisted.items())[:20]})
 
     def _excluded(self, rel: bytes, is_dir: bool) -> bool:
         return self.rules is not None and self.rules.excluded(rel, is_dir)
@@ -534,7 +544,9 @@ class TreeCapture:
             try:
                 with os.scandir(self._abs(d)) as it:
                     entries = sorted(it, key=lambda e: e.name)
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in GONE_ERRNOS:
+                    self._note_unlisted(d, exc, seen)
                 continue
             for e in entries:
                 child = d + b"/" + e.name if d else e.name
@@ -547,6 +559,33 @@ class TreeCapture:
                 self._sync_path(child, emit, seen, content)
                 if is_dir:
                     stack.append(child)
+
+    def _note_unlisted(self, rel: bytes, exc: OSError, seen) -> None:
+        """A directory a walk could not list for a passing reason (EMFILE,
+        ENOMEM, ...) is not empty: what the cache has below it counts as
+        seen (a resync would delete it all on the target), and it is
+        resynced again every UNREADABLE_RETRY seconds until it lists."""
+        if seen is not None:
+            prefix = rel + b"/" if rel else b""
+            seen.update(p for p in self.known if p.startswith(prefix))
+        if self._read_root is not None:
+            return                  # reading the target's tree (load_target): not the source's
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        if rel not in self.unlisted:
+            log.error("capture: cannot list %s: %s; what the target has below it is kept, "
+                      "resynced again every %.0f s", os.fsdecode(self._abs(rel)), why,
+                      self.UNREADABLE_RETRY)
+        self.unlisted[rel] = why
+
+    def _retry_unlisted(self) -> None:
+        """Resync the directories a walk could not list (they may be listed now)."""
+        for rel in sorted(self.unlisted, key=lambda p: p.count(b"/")):
+            why = self.unlisted.pop(rel, None)
+            if why is None:
+                continue
+            self.resync(rel, f"it could not be listed ({why})")
+            if rel not in self.unlisted:
+                log.warning("capture: %s can be listed now: resynced", os.fsdecode(self._abs(rel)))
 
     def _sync_path(self, rel: bytes, emit: bool, seen, content: bool = True) -> None:
         if seen is not None:
@@ -580,7 +619,10 @@ class TreeCapture:
             # handled yet) would give the target's older bytes the source's
             # size and mtime, and after a kill no size/mtime check looks again.
             # The attributes sent go with the bytes read (see _diff_file)
-            st = self._diff_file(rel, emit=emit) or st
+            read = self._diff_file(rel, emit=emit)
+            if read is None and emit and rel in self.unreadable:
+                return          # not read: its attributes wait with its bytes
+            st = read or st
         elif stat.S_ISLNK(st.st_mode):
             try:
                 link = os.readlink(self._abs(rel))
@@ -652,7 +694,10 @@ class TreeCapture:
                 # by name, retried (_retry_unreadable)
                 self._note_unreadable(rel, exc.strerror or str(exc))
                 return
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in _NOT_THERE_TO_READ:
+                    self._note_unreadable(rel, os.strerror(exc.errno or 0))   # EMFILE...: the same
+                    return
                 fd = None           # gone meanwhile: its DELETE follows
             if st.st_nlink > 1:
                 other = self._same_inode(rel, st)
@@ -717,13 +762,15 @@ class TreeCapture:
                 self._out(Op.setxattr(_ZERO, rel, name, value))
 
     def _unreadable_reason(self, rel: bytes) -> str:
-        """Why the file ``rel`` cannot be read ("" when it can, or is gone)."""
+        """Why the file ``rel`` cannot be read ("" when it can, or is gone,
+        or no longer a regular file)."""
         try:
             os.close(os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK))
         except PermissionError as exc:
             return exc.strerror or str(exc)
-        except OSError:
-            pass
+        except OSError as exc:
+            if exc.errno not in _NOT_THERE_TO_READ:
+                return os.strerror(exc.errno or 0)      # EMFILE...: not yet
         return ""
 
     UNREADABLE_RETRY = 2.0          # seconds between tries of the files that could not be read
@@ -818,6 +865,23 @@ class TreeCapture:
     # brings the rest
     REREADS = 2
 
+    def _open_to_read(self, rel: bytes, emit: bool) -> int | None:
+        """A descriptor to read the file ``rel``; None when it is gone or no
+        longer a regular file, or cannot be opened now: unreadable (a
+        permission), or a passing failure (EMFILE, ENOMEM, ...) noted with
+        the unreadable files (the target keeps what it has; retried)."""
+        try:
+            return os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except PermissionError as exc:
+            why = exc.strerror or str(exc)
+        except OSError as exc:
+            if exc.errno in _NOT_THERE_TO_READ:
+                return None
+            why = os.strerror(exc.errno or 0)
+        if emit:
+            self._note_unreadable(rel, why)
+        return None
+
     def _diff_file(self, rel: bytes, emit: bool, same_file: bool = False, fd: int | None = None):
         """Send the blocks of ``rel`` whose hash differs from the cache.
         Returns the file's attributes as they were before the bytes sent
@@ -835,15 +899,10 @@ class TreeCapture:
         the path is what counts: another inode there is a new file, sent
         whole."""
         k = self.known[rel]
-        try:
-            if fd is None:      # else: opened by the caller, closed here
-                fd = os.open(self._abs(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except PermissionError as exc:
-            if emit:
-                self._note_unreadable(rel, exc.strerror or str(exc))    # the target keeps what it has
-            return None
-        except OSError:
-            return None
+        if fd is None:      # else: opened by the caller, closed here
+            fd = self._open_to_read(rel, emit)
+            if fd is None:
+                return None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -1257,9 +1316,11 @@ class TreeCapture:
                 self._serve_requests()
                 if self.poll(0.05):
                     continue
-                if self.unreadable and time.monotonic() - last_retry >= self.UNREADABLE_RETRY:
+                if (self.unreadable or self.unlisted) \
+                        and time.monotonic() - last_retry >= self.UNREADABLE_RETRY:
                     with self._lock:
                         self._retry_unreadable()
+                        self._retry_unlisted()
                     last_retry = time.monotonic()
                 if self.verify_interval is not None \
                         and time.monotonic() - last_verify >= self.verify_interval:
