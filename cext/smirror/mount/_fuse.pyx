@@ -593,6 +593,16 @@ cdef inline object _ops(fuse_req_t req):
     return _session(req).ops
 
 
+cdef inline void _serve(fuse_req_t req, int kind, size_t size, str method, tuple args) noexcept:
+    """``ops.method(*args)``, answered as ``kind`` (its errno if it raised)."""
+    try:
+        r = getattr(_ops(req), method)(*args)
+    except BaseException as exc:
+        fuse_reply_err(req, _errno_of(exc))
+        return
+    _answer(req, kind, r, size)
+
+
 # -- the callbacks libfuse calls, inside fuse_session_process_buf, on the loop --------
 
 cdef void ll_init(void *userdata, fuse_conn_info *conn) noexcept with gil:
@@ -603,12 +613,7 @@ cdef void ll_init(void *userdata, fuse_conn_info *conn) noexcept with gil:
 
 
 cdef void ll_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) noexcept with gil:
-    try:
-        r = _ops(req).lookup(parent, <bytes>name, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ENTRY, r, 0)
+    _serve(req, K_ENTRY, 0, "lookup", (parent, <bytes>name, _ctx(req)))
 
 
 cdef void ll_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) noexcept with gil:
@@ -628,12 +633,7 @@ cdef void ll_forget_multi(fuse_req_t req, size_t count, fuse_forget_data *forget
 
 
 cdef void ll_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
-    try:
-        r = _ops(req).getattr(ino, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ATTR, r, 0)
+    _serve(req, K_ATTR, 0, "getattr", (ino, _ctx(req)))
 
 
 cdef void ll_setattr(fuse_req_t req, fuse_ino_t ino, c_stat *attr, int to_set,
@@ -664,156 +664,82 @@ cdef void ll_setattr(fuse_req_t req, fuse_ino_t ino, c_stat *attr, int to_set,
 
 
 cdef void ll_readlink(fuse_req_t req, fuse_ino_t ino) noexcept with gil:
-    try:
-        r = _ops(req).readlink(ino, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_READLINK, r, 0)
+    _serve(req, K_READLINK, 0, "readlink", (ino, _ctx(req)))
 
 
 cdef void ll_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
                    dev_t rdev) noexcept with gil:
-    try:
-        r = _ops(req).mknod(parent, <bytes>name, mode, rdev, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ENTRY, r, 0)
+    _serve(req, K_ENTRY, 0, "mknod", (parent, <bytes>name, mode, rdev, _ctx(req)))
 
 
 cdef void ll_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode) noexcept with gil:
-    try:
-        r = _ops(req).mkdir(parent, <bytes>name, mode, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ENTRY, r, 0)
+    _serve(req, K_ENTRY, 0, "mkdir", (parent, <bytes>name, mode, _ctx(req)))
 
 
 cdef void ll_unlink(fuse_req_t req, fuse_ino_t parent, const char *name) noexcept with gil:
-    try:
-        r = _ops(req).unlink(parent, <bytes>name, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ERR0, r, 0)
+    _serve(req, K_ERR0, 0, "unlink", (parent, <bytes>name, _ctx(req)))
 
 
 cdef void ll_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name) noexcept with gil:
-    try:
-        r = _ops(req).rmdir(parent, <bytes>name, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ERR0, r, 0)
+    _serve(req, K_ERR0, 0, "rmdir", (parent, <bytes>name, _ctx(req)))
 
 
 cdef void ll_symlink(fuse_req_t req, const char *link, fuse_ino_t parent,
                      const char *name) noexcept with gil:
-    try:
-        r = _ops(req).symlink(parent, <bytes>name, <bytes>link, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ENTRY, r, 0)
+    _serve(req, K_ENTRY, 0, "symlink", (parent, <bytes>name, <bytes>link, _ctx(req)))
 
 
 cdef void ll_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
                     const char *newname, unsigned int flags) noexcept with gil:
-    try:
-        r = _ops(req).rename(parent, <bytes>name, newparent, <bytes>newname, flags, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ERR0, r, 0)
+    _serve(req, K_ERR0, 0, "rename",
+           (parent, <bytes>name, newparent, <bytes>newname, flags, _ctx(req)))
 
 
 cdef void ll_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent,
                   const char *newname) noexcept with gil:
-    try:
-        r = _ops(req).link(ino, newparent, <bytes>newname, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ENTRY, r, 0)
+    _serve(req, K_ENTRY, 0, "link", (ino, newparent, <bytes>newname, _ctx(req)))
 
 
 cdef void ll_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
-    try:
-        r = _ops(req).open(ino, fi.flags, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_OPEN, r, 0)
+    _serve(req, K_OPEN, 0, "open", (ino, fi.flags, _ctx(req)))
 
 
 cdef void ll_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
                     fuse_file_info *fi) noexcept with gil:
-    try:
-        r = _ops(req).create(parent, <bytes>name, mode, fi.flags, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_CREATE, r, 0)
+    _serve(req, K_CREATE, 0, "create", (parent, <bytes>name, mode, fi.flags, _ctx(req)))
 
 
 cdef void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                   fuse_file_info *fi) noexcept with gil:
-    try:
-        r = _ops(req).read(fi.fh, off, size)
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_BUF, r, 0)
+    _serve(req, K_BUF, 0, "read", (fi.fh, off, size))
 
 
 cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                    fuse_file_info *fi) noexcept with gil:
-    try:
-        r = _ops(req).write(fi.fh, off, PyBytes_FromStringAndSize(buf, size),
-                            (<SessionState *>fuse_req_userdata(req)).kill_suidgid)
+    try:                # the data's copy (up to 1 MiB) may fail: the caller still gets an answer
+        data = PyBytes_FromStringAndSize(buf, size)
     except BaseException as exc:
         fuse_reply_err(req, _errno_of(exc))
         return
-    _answer(req, K_WRITE, r, 0)
+    _serve(req, K_WRITE, 0, "write",
+           (fi.fh, off, data, (<SessionState *>fuse_req_userdata(req)).kill_suidgid))
 
 
 cdef void ll_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
-    try:
-        r = _ops(req).release(fi.fh)
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ERR0, r, 0)
+    _serve(req, K_ERR0, 0, "release", (fi.fh,))
 
 
 cdef void ll_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info *fi) noexcept with gil:
-    try:
-        r = _ops(req).fsync(fi.fh, datasync != 0)
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ERR0, r, 0)
+    _serve(req, K_ERR0, 0, "fsync", (fi.fh, datasync != 0))
 
 
 cdef void ll_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
                        fuse_file_info *fi) noexcept with gil:
-    try:
-        r = _ops(req).fallocate(fi.fh, mode, offset, length)
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ERR0, r, 0)
+    _serve(req, K_ERR0, 0, "fallocate", (fi.fh, mode, offset, length))
 
 
 cdef void ll_opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
-    try:
-        r = _ops(req).opendir(ino, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_OPEN, r, 0)
+    _serve(req, K_OPEN, 0, "opendir", (ino, _ctx(req)))
 
 
 cdef void ll_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -836,68 +762,37 @@ cdef void ll_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 
 
 cdef void ll_releasedir(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
-    try:
-        r = _ops(req).releasedir(fi.fh)
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ERR0, r, 0)
+    _serve(req, K_ERR0, 0, "releasedir", (fi.fh,))
 
 
 cdef void ll_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info *fi) noexcept with gil:
-    try:
-        r = _ops(req).fsyncdir(fi.fh, datasync != 0)
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ERR0, r, 0)
+    _serve(req, K_ERR0, 0, "fsyncdir", (fi.fh, datasync != 0))
 
 
 cdef void ll_statfs(fuse_req_t req, fuse_ino_t ino) noexcept with gil:
-    try:
-        r = _ops(req).statfs(_ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_STATFS, r, 0)
+    _serve(req, K_STATFS, 0, "statfs", (_ctx(req),))
 
 
 cdef void ll_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value,
                       size_t size, int flags) noexcept with gil:
     try:
-        r = _ops(req).setxattr(ino, <bytes>name, PyBytes_FromStringAndSize(value, size), flags,
-                               _ctx(req))
+        data = PyBytes_FromStringAndSize(value, size)
     except BaseException as exc:
         fuse_reply_err(req, _errno_of(exc))
         return
-    _answer(req, K_ERR0, r, 0)
+    _serve(req, K_ERR0, 0, "setxattr", (ino, <bytes>name, data, flags, _ctx(req)))
 
 
 cdef void ll_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) noexcept with gil:
-    try:
-        r = _ops(req).getxattr(ino, <bytes>name, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_XATTR, r, size)
+    _serve(req, K_XATTR, size, "getxattr", (ino, <bytes>name, _ctx(req)))
 
 
 cdef void ll_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) noexcept with gil:
-    try:
-        r = _ops(req).listxattr(ino, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_XATTR_LIST, r, size)
+    _serve(req, K_XATTR_LIST, size, "listxattr", (ino, _ctx(req)))
 
 
 cdef void ll_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name) noexcept with gil:
-    try:
-        r = _ops(req).removexattr(ino, <bytes>name, _ctx(req))
-    except BaseException as exc:
-        fuse_reply_err(req, _errno_of(exc))
-        return
-    _answer(req, K_ERR0, r, 0)
+    _serve(req, K_ERR0, 0, "removexattr", (ino, <bytes>name, _ctx(req)))
 
 
 # -- libfuse's I/O on /dev/fuse, through us (libfuse's custom I/O) ----------------

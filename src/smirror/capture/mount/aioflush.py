@@ -21,7 +21,6 @@ import itertools
 import logging
 import os
 import platform
-import threading
 from typing import Any
 
 log = logging.getLogger("smirror.capture.mount")
@@ -86,11 +85,11 @@ class AioFlush:
             return None
         return cls(libc, numbers, ctx, efd)
 
-    def flush(self, fd: int, datasync: bool, done) -> None:
+    def flush(self, fd: int, datasync: bool, done) -> bool:
         """fsync (fdatasync) ``fd``, then ``done(errno)`` (0: the disk has
-        it) on the loop, which serves other calls meanwhile. Where the
-        kernel takes no AIO flush of this file (or the ring is full), the
-        flush runs in a thread of its own and ``done`` there."""
+        it) on the loop, which serves other calls meanwhile. False when the
+        kernel takes no AIO flush of this file (EINVAL) or the ring is full
+        (EAGAIN): the caller flushes another way, ``done`` is not called."""
         ident = next(self._ids)
         iocb = _Iocb(aio_data=ident, aio_lio_opcode=IOCB_CMD_FDSYNC if datasync else IOCB_CMD_FSYNC,
                      aio_fildes=fd, aio_flags=IOCB_FLAG_RESFD, aio_resfd=self.efd)
@@ -99,20 +98,12 @@ class AioFlush:
         if self._syscall(ctypes.c_long(self._submit), self._ctx, ctypes.c_long(1), ptrs) != 1:
             err = ctypes.get_errno() or errno.EIO
             del self._waiting[ident]
-            if err not in (errno.EINVAL, errno.EAGAIN):   # EINVAL: no AIO fsync for this file
-                done(err)
-                return
-
-            def flush() -> None:
-                try:
-                    (os.fdatasync if datasync else os.fsync)(fd)
-                except OSError as exc:
-                    done(exc.errno or errno.EIO)
-                    return
-                done(0)
-            threading.Thread(target=flush, name="capture-mount-flush", daemon=True).start()
-            return
+            if err in (errno.EINVAL, errno.EAGAIN):
+                return False
+            done(err)
+            return True
         self.flushes += 1
+        return True
 
     def reap(self) -> None:
         """Completions -> their calls' ``done`` (the loop calls it when the

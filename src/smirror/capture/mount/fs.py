@@ -428,9 +428,9 @@ class CaptureFS:
         """fsync (fdatasync) of a backing descriptor, the loop serving other
         calls meanwhile, then ``done(errno)`` (0: flushed): by Linux AIO when
         the runner set up ``flusher`` (:mod:`.aioflush`; ``done`` runs on the
-        loop), else in a worker thread (``done`` runs there)."""
-        if self.flusher is not None:
-            self.flusher.flush(fd, datasync, done)
+        loop), else (or where AIO takes no flush of this file) in a worker
+        thread (``done`` runs there)."""
+        if self.flusher is not None and self.flusher.flush(fd, datasync, done):
             return
 
         def flush() -> None:
