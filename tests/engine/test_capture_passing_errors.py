@@ -8,25 +8,16 @@ import os
 import threading
 import time
 
-import pytest
-
 from smirror.capture import fanotify, inotify
 from smirror.capture.inotify import Kind
 from smirror.capture.watch import TreeCapture
 from smirror.ops import OpKind
-from smirror.stream.apply import Applier
+from support.applying import applier_of
 from support.descriptors import no_free_descriptors
 from support.events import collect
 from support.treestate import diff, snapshot
 
 FANOTIFY_MISSING = fanotify.unavailable_reason()
-
-
-@pytest.fixture(params=["inotify", "fanotify"])
-def backend(request):
-    if request.param == "fanotify" and FANOTIFY_MISSING:
-        pytest.skip(f"fanotify unavailable: {FANOTIFY_MISSING}")
-    return request.param
 
 
 def test_a_resync_that_cannot_list_a_directory_keeps_it_and_lists_it_later(tmp_path, backend,
@@ -42,14 +33,7 @@ def test_a_resync_that_cannot_list_a_directory_keeps_it_and_lists_it_later(tmp_p
     (src / "top").write_bytes(b"top")
     ops = []
     cap = TreeCapture(src, ops.append, capture_backend=backend, verify_interval=None)
-    applier, applied = Applier(dst), 0
-
-    def apply_new():
-        nonlocal applied
-        for op in ops[applied:]:
-            applied += 1
-            applier.apply(op._replace(seq=applied))
-        applier.flush()
+    apply_new = applier_of(ops, dst)
 
     thread = None
     try:
@@ -178,14 +162,7 @@ def test_a_file_that_cannot_be_opened_for_lack_of_descriptors_is_read_later(tmp_
     (src / "f").write_bytes(b"a" * 4096)
     ops = []
     cap = TreeCapture(src, ops.append, capture_backend=backend, verify_interval=None)
-    applier, applied = Applier(dst), 0
-
-    def apply_new():
-        nonlocal applied
-        for op in ops[applied:]:
-            applied += 1
-            applier.apply(op._replace(seq=applied))
-        applier.flush()
+    apply_new = applier_of(ops, dst)
 
     thread = None
     try:

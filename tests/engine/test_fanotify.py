@@ -32,7 +32,7 @@ from smirror.capture.fanotify import (
 )
 from smirror.capture.inotify import Kind
 from smirror.capture.watch import TreeCapture
-from smirror.stream.apply import Applier
+from support.applying import applier_of
 from support.descriptors import no_free_descriptors
 from support.events import collect
 from support.treestate import diff, snapshot
@@ -493,14 +493,7 @@ def test_the_target_converges_after_lookups_failed_for_lack_of_descriptors(tmp_p
         (beside / rel).write_bytes(rel.encode() * 100)
     ops = []
     cap = TreeCapture(src, ops.append, capture_backend="fanotify", verify_interval=None)
-    applier, applied = Applier(dst), 0
-
-    def apply_new():
-        nonlocal applied
-        for op in ops[applied:]:
-            applied += 1
-            applier.apply(op._replace(seq=applied))
-        applier.flush()
+    apply_new = applier_of(ops, dst)
 
     try:
         cap.resync(b"", "initial")

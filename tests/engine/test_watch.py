@@ -20,13 +20,6 @@ from support.treestate import diff, snapshot
 FANOTIFY_MISSING = fanotify.unavailable_reason()
 
 
-@pytest.fixture(params=["inotify", "fanotify"])
-def backend(request):
-    if request.param == "fanotify" and FANOTIFY_MISSING:
-        pytest.skip(f"fanotify unavailable: {FANOTIFY_MISSING}")
-    return request.param
-
-
 @contextmanager
 def sysctl(path, value):
     """Set a /proc/sys value for the block, and put the old one back."""

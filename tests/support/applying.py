@@ -1,0 +1,20 @@
+"""Ops captured into a list, applied to a target directory as they come."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from smirror.stream.apply import Applier
+
+
+def applier_of(ops: list, dst) -> Callable[[], None]:
+    """A function that applies to ``dst`` the ops appended to ``ops`` since
+    its last call (numbered in the order captured), then flushes."""
+    applier, applied = Applier(dst), 0
+
+    def apply_new() -> None:
+        nonlocal applied
+        for op in ops[applied:]:
+            applied += 1
+            applier.apply(op._replace(seq=applied))
+        applier.flush()
+    return apply_new
