@@ -17,8 +17,6 @@ from support.descriptors import no_free_descriptors
 from support.events import collect
 from support.treestate import diff, snapshot
 
-FANOTIFY_MISSING = fanotify.unavailable_reason()
-
 
 def test_a_resync_that_cannot_list_a_directory_keeps_it_and_lists_it_later(tmp_path, backend,
                                                                           caplog):
