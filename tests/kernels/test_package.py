@@ -13,7 +13,7 @@ PACKAGE = Path(smirror.__file__).resolve().parent
 
 
 @pytest.mark.parametrize("name", ["py.typed", "kernels/_checksum.pyi", "kernels/_journal.pyi",
-                                  "kernels/_memqueue.pyi"])
+                                  "kernels/_memqueue.pyi", "capture/mount/_fuse.pyi"])
 def test_typing_files_are_beside_the_modules(name):
     assert (PACKAGE / name).is_file(), f"{name} missing from {PACKAGE}"
 
@@ -23,3 +23,5 @@ def test_typing_files_are_beside_the_modules(name):
 def test_the_smirror_under_test_is_installed_not_the_checkout():
     assert REPO not in PACKAGE.parents, f"smirror comes from the checkout ({PACKAGE}), not the wheel"
     assert list(PACKAGE.glob("kernels/_memqueue*.so")), f"no compiled queue kernel in {PACKAGE}"
+    # CI builds with libfuse3-dev (.ci/run): the wheel must hold the mount's binding
+    assert list(PACKAGE.glob("capture/mount/_fuse*.so")), f"no FUSE binding in {PACKAGE}"
