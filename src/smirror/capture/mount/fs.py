@@ -918,9 +918,13 @@ class CaptureFS:
         # its place in the order is now: the owed mtime and the MARK go out
         # on the loop; then the backing disk's flush
         ino = self.open_files[fh]
-        self.flush_times([ino])
         node = self.nodes.get(ino)
         if node is not None and node.paths:
+            if ino in self.times_dirty:
+                # the owed mtime from the open file: one fstat where the
+                # path costs three system calls (resolve beneath, stat, close)
+                del self.times_dirty[ino]
+                self._stamp(node.paths[0], os.fstat(fh).st_mtime_ns)
             self._out(Op.mark(0, MARK_FSYNC, json.dumps({"path": os.fsdecode(node.paths[0])}).encode()))
         return self._flush_or_leave(fh, datasync, owned=False)
 
