@@ -589,6 +589,9 @@ class TreeCapture:
             if link != k.link and emit:
                 self._out(Op.symlink(_ZERO, rel, link))
                 k.link = link
+                # a new symlink on the target, with the time and owner of
+                # applying: the source's are sent again
+                k.mtime_ns = k.uid = k.gid = -1
         if k is not None or not emit:
             self._attrs(rel, st, emit)
 
@@ -642,7 +645,9 @@ class TreeCapture:
             except OSError:
                 return          # gone since the lstat (a live tree): its event follows
             self._out(Op.symlink(_ZERO, rel, link))
-            self._remember(rel, st)
+            # the link sent (read again, it may be gone: a directory
+            # renamed meanwhile)
+            self._remember(rel, st).link = link
             self._attrs(rel, st, True, force_owner=True)
         elif stat.S_ISREG(st.st_mode):
             try:
