@@ -43,3 +43,31 @@ def test_a_symlink_sent_again_gets_its_mtime_again(tmp_path):
     finally:
         cap.close()
     assert rsync_diff(src, dst) == []
+
+
+def test_a_resend_of_a_path_the_source_lacks_sends_its_parents_mtime_again(tmp_path):
+    """The target asks for a path the source no longer has (its failing
+    op's path, renamed or deleted since): the resend deletes it on the
+    target, which changes the target's directory above it; that
+    directory's mtime (the root's too: a MARK) must be the source's again
+    ('.d..t...... ./', for good)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"kept")
+    for d in (src / "d", src):
+        os.utime(d, ns=(10**18, 10**18))
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe, verify_interval=None)
+    try:
+        cap.resync(b"", "initial")
+        cap.sync()
+        assert rsync_diff(src, dst) == []
+        # what the target held there, and the source does not (a replay's)
+        for stray in (dst / "gone", dst / "d" / "gone"):
+            stray.write_bytes(b"stray")
+        for path in (b"gone", b"d/gone"):
+            cap.resend(path, reason="op seq 9 RENAME failed on the target")
+        cap.sync()
+    finally:
+        cap.close()
+    assert rsync_diff(src, dst) == []

@@ -1380,6 +1380,9 @@ class TreeCapture:
                 self.resync(path, reason or "asked by the target")
                 self._lost.discard(path)
                 out(Op.delete(_ZERO, path))
+                # what the target held there goes: its directory's mtime
+                # moves there, the source's is sent again when quiet
+                self._dirs_touched.add(path.rpartition(b"/")[0])
                 if path and os.path.lexists(self._abs(path)):
                     prefix = path + b"/"
                     # copies, with no block hashes and no attributes: a name
