@@ -71,3 +71,31 @@ def test_a_resend_of_a_path_the_source_lacks_sends_its_parents_mtime_again(tmp_p
     finally:
         cap.close()
     assert rsync_diff(src, dst) == []
+
+
+def test_a_resend_of_a_name_linked_outside_its_subtree_sets_the_size(tmp_path):
+    """The target's copy of a hard-linked file holds more than the source's
+    (a replay wrote past its end; the op that failed asked for a resync of
+    one name's directory). The resend links that name again to the other
+    name, outside the subtree, and sends the bytes whole: the size must be
+    the source's too, whatever the cache believed the target held
+    ('hf.s....... f330' and '>fcs....... data497' on an 11-name group, for
+    good)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "x").write_bytes(b"old " * 5000)
+    os.link(src / "sub" / "x", src / "y")
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe, verify_interval=None)
+    try:
+        cap.resync(b"", "initial")
+        cap.sync()
+        assert rsync_diff(src, dst) == []
+        with open(dst / "y", "ab") as f:       # the target's divergence
+            f.write(b"more" * 3000)
+        cap.resend(b"sub", reason="op seq 9 WRITE b'sub/x' failed on the target")
+        cap.sync()
+    finally:
+        cap.close()
+    assert (dst / "y").read_bytes() == (src / "y").read_bytes()
+    assert rsync_diff(src, dst) == []

@@ -125,12 +125,18 @@ class Known:
         self.size_on_target = None
 
 
+# a size no file has: what the target holds is not known (a TRUNCATE to the
+# source's size follows the bytes, and no block of zeros is taken for a hole)
+_SIZE_UNKNOWN = 1 << 62
+
+
 def _detached(k: Known) -> Known:
-    """A copy of a cache entry that vouches for neither the target's bytes
-    nor its attributes (mode, owner, mtime, xattrs: -1 and None differ from
-    anything a file has, so all of them are sent)."""
+    """A copy of a cache entry that vouches for neither the target's bytes,
+    nor its size, nor its attributes (mode, owner, mtime, xattrs: -1 and
+    None differ from anything a file has, so all of them are sent)."""
     c = Known(k.kind, -1, -1, -1, -1, k.size, k.block_size, None, k.link, k.ino)
-    c.names, c.xattrs, c.size_on_target = k.names, None, k.size_on_target
+    c.names, c.xattrs = k.names, None
+    c.size_on_target = _SIZE_UNKNOWN if k.kind == stat.S_IFREG else k.size_on_target
     return c
 
 
