@@ -99,3 +99,36 @@ def test_a_resend_of_a_name_linked_outside_its_subtree_sets_the_size(tmp_path):
         cap.close()
     assert (dst / "y").read_bytes() == (src / "y").read_bytes()
     assert rsync_diff(src, dst) == []
+
+
+def test_a_resend_follows_the_renames_the_target_applied_after_its_failing_op(tmp_path):
+    """The target failed a file's RENAME (it did not move), then applied
+    the rename of the file's directory, which took the file along. The
+    source has the file at the RENAME's destination, and nothing under the
+    directory's new name: the resend the target asked for (the failing
+    op's path) must remove what the target holds under the directory's new
+    name too ('*deleting   log264/odd name116', for good)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "f180").mkdir(parents=True)
+    (src / "elsewhere").mkdir()
+    (src / "f180" / "odd name116").write_bytes(b"moved " * 100)
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe, verify_interval=None)
+    try:
+        cap.resync(b"", "initial")
+        cap.sync()
+        assert rsync_diff(src, dst) == []
+        emit = cap.emit
+        failed = b"f180/odd name116"
+        cap.emit = lambda op: None if op.path == failed else emit(op)    # the target's failure
+        os.rename(src / "f180" / "odd name116", src / "elsewhere" / "z")
+        cap.sync()
+        cap.emit = emit
+        os.rename(src / "f180", src / "log264")
+        cap.sync()
+        assert (dst / "log264" / "odd name116").exists()
+        cap.resend(failed, reason="op seq 9 RENAME b'f180/odd name116' failed on the target")
+        cap.sync()
+    finally:
+        cap.close()
+    assert rsync_diff(src, dst) == []

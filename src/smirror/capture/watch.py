@@ -1348,22 +1348,29 @@ class TreeCapture:
 
     MOVED_LIMIT = 10_000        # renames remembered for resyncs (old -> new)
 
-    def _current_name(self, rel: bytes) -> bytes | None:
-        """Where ``rel`` (or a directory above it) went through the renames
-        this capture sent, or None when it did not go anywhere known."""
-        for _ in range(64):         # a chain of renames, bounded
-            if os.path.lexists(self._abs(rel)):
-                return rel
-            parts = rel.split(b"/")
+    MOVED_NAMES = 32            # names a resend follows a path to, at most
+
+    def _later_names(self, rel: bytes) -> list[bytes]:
+        """The names what the target held at ``rel`` may have now: where
+        the renames this capture sent since moved ``rel`` itself, or a
+        directory above it, one after the other. Each one is a name the
+        target may hold it at: which of those renames it applied is not
+        known here (the one that failed and brought the resync did not)."""
+        names, todo, seen = [], [rel], {rel}
+        while todo and len(names) < self.MOVED_NAMES:
+            cur = todo.pop(0)
+            parts = cur.split(b"/")
             for i in range(len(parts), 0, -1):
                 head = b"/".join(parts[:i])
                 new = self._moved.get(head)
-                if new is not None and new != head:
-                    rel = new + rel[len(head):]
-                    break
-            else:
-                return None
-        return None
+                if new is None or new == head:
+                    continue
+                name = new + cur[len(head):]
+                if name not in seen:
+                    seen.add(name)
+                    names.append(name)
+                    todo.append(name)
+        return names[:self.MOVED_NAMES]
 
     def resend(self, rel: bytes, emit=None, reason: str = "") -> None:
         """Bring a target's subtree ``rel`` in line whatever it holds now:
@@ -1371,17 +1378,20 @@ class TreeCapture:
         changed meanwhile), then, to ``emit`` only, ``rel`` removed and
         sent again whole from the source, then the done MARK. A ``rel``
         renamed since (the target asked with its failing op's path) is
-        resent under its new name too: the target renamed what it held
-        there, divergence and all."""
+        resent under every name the renames sent since give it, its own
+        and its directories' (:meth:`_later_names`): the target renamed
+        what it held there, divergence and all; a name the source does not
+        have is deleted there."""
         with self._lock:
             self._flush_dirty(force=True)
             out = emit if emit is not None else self.emit
             paths = [rel]
             if rel and not os.path.lexists(self._abs(rel)):
-                now = self._current_name(rel)
-                if now is not None and now != rel:
-                    log.info("capture: %r, to be resynced, is %r now: resent there", rel, now)
-                    paths.append(now)
+                later = self._later_names(rel)
+                if later:
+                    log.info("capture: %r, to be resynced, was renamed (or a directory above "
+                             "it): resent at %s too", rel, ", ".join(map(repr, later)))
+                    paths += later
             for path in paths:
                 self.resync(path, reason or "asked by the target")
                 self._lost.discard(path)
