@@ -132,3 +132,37 @@ def test_a_resend_follows_the_renames_the_target_applied_after_its_failing_op(tm
     finally:
         cap.close()
     assert rsync_diff(src, dst) == []
+
+
+def test_a_resend_of_a_linked_name_the_source_removed_since_resends_its_other_names(tmp_path):
+    """The target lacked one name of a hard-linked file when a write to it
+    came (the applier made a new file there: its inode is not the other
+    names' any more) and asked for a resync of that name. The writes and
+    the chmod sent under that name reached only the new file; the cache
+    counts them as the inode's. The source removed that name before the
+    resync was served: the other names must be sent again, or the target
+    keeps their old bytes and mode for good ('>fc..p..... data194')."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    (src / "y").write_bytes(b"old " * 5000)
+    os.link(src / "y", src / "sub" / "x")
+    pipe = Pipe(dst)
+    cap = TreeCapture(src, pipe, verify_interval=None)
+    try:
+        cap.resync(b"", "initial")
+        cap.sync()
+        assert rsync_diff(src, dst) == []
+        # the target's divergence: sub/x made anew by a repair
+        os.unlink(dst / "sub" / "x")
+        (dst / "sub" / "x").write_bytes(b"")
+        with open(src / "sub" / "x", "r+b") as f:
+            f.write(b"new!" * 100)
+        os.chmod(src / "sub" / "x", 0o600)
+        cap.sync()
+        os.unlink(src / "sub" / "x")
+        cap.sync()
+        cap.resend(b"sub/x", reason="the target lacked what the op needed")
+        cap.sync()
+    finally:
+        cap.close()
+    assert rsync_diff(src, dst) == []

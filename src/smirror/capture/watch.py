@@ -212,6 +212,10 @@ class TreeCapture:
         # recent renames, old name -> new: a resync the target asks for
         # names the path as its failing op had it, maybe renamed since
         self._moved: dict[bytes, bytes] = {}
+        # recent names removed from a hard-linked file, name -> the entry its
+        # other names keep: a resync the target asks for such a name covers
+        # them (what it skipped there, the cache counts as theirs)
+        self._unlinked: dict[bytes, Known] = {}
         self._lock = threading.RLock()
         self._requests: list = []
         self._fault = os.fsencode(os.environ.get(FAULT_ENV, ""))
@@ -978,6 +982,10 @@ class TreeCapture:
                 # must still reach its other names
                 k.names -= 1
                 self.known.pop(rel, None)
+                self._unlinked.pop(rel, None)
+                self._unlinked[rel] = k
+                if len(self._unlinked) > self.MOVED_LIMIT:
+                    del self._unlinked[next(iter(self._unlinked))]     # the oldest
                 for p, kk in list(self.known.items()):
                     if kk is k:
                         self._dirty[p] = 0.0
@@ -1372,6 +1380,18 @@ class TreeCapture:
                     todo.append(name)
         return names[:self.MOVED_NAMES]
 
+    def _other_names(self, paths) -> list[bytes]:
+        """The names that keep the file one of ``paths`` was a name of
+        before it was removed (a hard link): what the target skipped under
+        the removed name, the cache counts as theirs."""
+        others: list[bytes] = []
+        for path in paths:
+            k = self._unlinked.pop(path, None)
+            if k is not None:
+                others += sorted(p for p, kk in self.known.items()
+                                 if kk is k and p not in paths and p not in others)
+        return others
+
     def resend(self, rel: bytes, emit=None, reason: str = "") -> None:
         """Bring a target's subtree ``rel`` in line whatever it holds now:
         first a resync of ``rel`` against the cache for every output (what
@@ -1392,6 +1412,12 @@ class TreeCapture:
                     log.info("capture: %r, to be resynced, was renamed (or a directory above "
                              "it): resent at %s too", rel, ", ".join(map(repr, later)))
                     paths += later
+                others = self._other_names(paths)
+                if others:
+                    log.info("capture: %r, to be resynced, was a name of a hard-linked file, "
+                             "removed since: its other names are resent (%s)", rel,
+                             ", ".join(map(repr, others)))
+                    paths += others
             for path in paths:
                 self.resync(path, reason or "asked by the target")
                 self._lost.discard(path)
