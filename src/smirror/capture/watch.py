@@ -1364,7 +1364,8 @@ class TreeCapture:
         directory above it, one after the other. Each one is a name the
         target may hold it at: which of those renames it applied is not
         known here (the one that failed and brought the resync did not)."""
-        names, todo, seen = [], [rel], {rel}
+        names: list[bytes] = []
+        todo, seen = [rel], {rel}
         while todo and len(names) < self.MOVED_NAMES:
             cur = todo.pop(0)
             parts = cur.split(b"/")
