@@ -98,6 +98,18 @@ def overlaps(root: bytes, others) -> bool:
     """``root`` is one of ``others``, or lies under one, or holds one."""
     return any(root == o or root.startswith(o + b"/") or o.startswith(root + b"/") or not o
                or not root for o in others)
+
+
+def classify_resyncs(target_log: str, shadow_log: str | None) -> dict:
+    """The resyncs a powered target asked after its restart: of replayed
+    ops, the stream's (the shadow target asked for the same subtree), and
+    the rest (a loss a repair hides)."""
+    resyncs, replays = count_resyncs(target_log)
+    stream = 0
+    if shadow_log is not None:
+        theirs = resync_roots(shadow_log)
+        stream = sum(overlaps(root, theirs) for root in resync_roots(target_log, replays=False))
+    return {"resyncs": resyncs - stream, "stream_resyncs": stream, "replay_resyncs": replays}
 # the boot id's place in the target's applied-state file (stream.apply)
 BOOT_END = 40
 HELD = re.compile(r"target holds up to seq (\d+) but the source queue starts at")
@@ -276,14 +288,9 @@ class WatcherTrial:
 
     def repairs(self, info: dict) -> dict:
         """Counted once the trial converged (or not): the repairs come late."""
-        after = self.target.log_since(info["target_log"])
-        resyncs, replays = count_resyncs(after)
-        stream = 0
-        if self.shadow is not None:
-            theirs = resync_roots(self.shadow.log())
-            stream = sum(overlaps(root, theirs) for root in resync_roots(after, replays=False))
+        shadow = None if self.shadow is None else self.shadow.log()
         return {"resets": self.source.log()[info["source_log"]:].count(RESET_LINE),
-                "resyncs": resyncs - stream, "stream_resyncs": stream, "replay_resyncs": replays}
+                **classify_resyncs(self.target.log_since(info["target_log"]), shadow)}
 
     def logs(self) -> str:
         shadow = "" if self.shadow is None else \
