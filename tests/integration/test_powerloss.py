@@ -221,3 +221,30 @@ def test_after_a_power_loss_no_acknowledged_op_is_lost_and_the_replica_converges
     res = run_trials(2, seed=7, power=True, deadline=60, workdir=tmp_path)
     assert not _lost(res), {k: [(f["failed"], f["left"][:3]) for f in v] for k, v in _lost(res).items()}
     assert all(r["converged"] == r["trials"] for r in res.values())
+
+
+def test_a_powered_targets_resync_that_its_shadow_asked_too_is_the_streams():
+    # a watcher's stream has gaps any target repairs with a resync: the
+    # shadow target (never cut) shows them; the other resyncs after the
+    # restart hide a loss, and those of replayed ops are counted apart
+    from support.powerloss import classify_resyncs
+    ask = "INFO smirror.stream.receiver: connection 1: asking the source for a resync of "
+    powered = "\n".join([
+        ask + "b'data254' (op seq 1923 SYMLINK b'data254/log259' failed on the target: ENOENT)",
+        ask + "b'f24/x' (replayed after a restart that lost unsynced writes; it failed: ...)",
+        ask + "b\"it's/odd name\" (the target lacked what the op needed)",
+        "INFO smirror.stream.receiver: connection 1: op seq 12 WRITE b'y' failed; skipped"])
+    shadow = ask + "b'data254/log259' (op seq 1927 SYMLINK b'data254/log259' failed)"
+    assert classify_resyncs(powered, shadow) == \
+        {"resyncs": 1, "stream_resyncs": 1, "replay_resyncs": 1}
+    assert classify_resyncs(powered, None) == \
+        {"resyncs": 2, "stream_resyncs": 0, "replay_resyncs": 1}
+
+
+def test_the_in_process_replay_trial_runs(tmp_path):
+    # tests/support/replaysim.py: a watcher's stream, a power loss on the
+    # in-process layer, a replay from the synced seq, the trees compared
+    from support.replaysim import trial
+    res = trial(tmp_path, seed=11, deadline=60)
+    assert res["ops"] and any(line.startswith("power lost") for line in res["log"])
+    assert any(line.startswith("restart: replay") for line in res["log"])

@@ -103,6 +103,15 @@ NAMES_REUSED = {
         ("mkdir", b"d", 0o755), ("create", b"d/f", 0o644), ("write", b"d/f", 0, b"F" * 5000),
         "sync", ("rename", b"d", b"e"), ("mkdir", b"d", 0o755), ("create", b"d/f", 0o644),
         ("write", b"d/f", 0, b"other")),
+    # replayed, the RMDIR finds the file the rename moved in (its data
+    # durable long ago) and removes the directory with it
+    "a-directory-removed-made-again-and-a-file-moved-in": _ops(
+        ("mkdir", b"d", 0o755), ("create", b"x", 0o644), ("write", b"x", 0, b"X" * 5000),
+        "sync", ("rmdir", b"d"), ("mkdir", b"d", 0o755), ("rename", b"x", b"d/x")),
+    "a-file-deleted-made-a-directory-and-a-file-moved-in": _ops(
+        ("create", b"d", 0o644), ("create", b"x", 0o644), ("write", b"x", 0, b"X" * 5000),
+        "sync", ("delete", b"d"), ("mkdir", b"d", 0o755), ("mkdir", b"d/sub", 0o755),
+        ("rename", b"x", b"d/sub/x")),
 }
 
 

@@ -18,7 +18,10 @@ daemon start again on what the "disk" kept, and the trial judges:
     applier found what it lacked). A repair that hides a loss is a failure,
     named in the table ("remirror", "resync"). A resync of ops *replayed*
     above the target's durable watermark (the source still held them)
-    hides nothing; it is counted apart ("replay resyncs"). With
+    hides nothing; it is counted apart ("replay resyncs"), and so is a
+    resync that a watcher's stream needs anyway: its shadow target, fed
+    the same stream and never cut, asked for the same subtree ("stream
+    resyncs": a watcher sees changes late). With
     the library source the loss is also counted exactly: the source's
     acknowledged seq at the cut minus what the target held after it;
 (c) with ``sync = "fsync"`` (the ``mount`` source): what the application
@@ -36,6 +39,7 @@ come from the power loss.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import logging
 import os
@@ -74,6 +78,38 @@ def count_resyncs(log_text: str) -> tuple[int, int]:
     lines = [line for line in log_text.splitlines() if RESYNC_LINE in line]
     replays = sum(REPLAY_REASON in line for line in lines)
     return len(lines) - replays, replays
+
+
+RESYNC_ROOT = re.compile(RESYNC_LINE + r" of (b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\")")
+
+
+def resync_roots(log_text: str, replays: bool = True) -> list[bytes]:
+    """The subtrees a target log asked resyncs of (``replays``: those of
+    replayed ops too)."""
+    roots = []
+    for line in log_text.splitlines():
+        m = RESYNC_ROOT.search(line)
+        if m and (replays or REPLAY_REASON not in line):
+            roots.append(ast.literal_eval(m.group(1)))
+    return roots
+
+
+def overlaps(root: bytes, others) -> bool:
+    """``root`` is one of ``others``, or lies under one, or holds one."""
+    return any(root == o or root.startswith(o + b"/") or o.startswith(root + b"/") or not o
+               or not root for o in others)
+
+
+def classify_resyncs(target_log: str, shadow_log: str | None) -> dict:
+    """The resyncs a powered target asked after its restart: of replayed
+    ops, the stream's (the shadow target asked for the same subtree), and
+    the rest (a loss a repair hides)."""
+    resyncs, replays = count_resyncs(target_log)
+    stream = 0
+    if shadow_log is not None:
+        theirs = resync_roots(shadow_log)
+        stream = sum(overlaps(root, theirs) for root in resync_roots(target_log, replays=False))
+    return {"resyncs": resyncs - stream, "stream_resyncs": stream, "replay_resyncs": replays}
 # the boot id's place in the target's applied-state file (stream.apply)
 BOOT_END = 40
 HELD = re.compile(r"target holds up to seq (\d+) but the source queue starts at")
@@ -208,9 +244,14 @@ class LibraryTrial:
 
 class WatcherTrial:
     """A source daemon (watcher capture) streams a workload made on its
-    tree to the powered target."""
+    tree to the powered target, and the same stream to a *shadow* target
+    that nothing cuts: a watcher sees changes late, so its stream has gaps
+    that a target repairs with a resync in any run; a resync of the powered
+    target that the shadow asked too (the same subtree) is the stream's, not
+    a loss (counted apart, "stream resyncs")."""
     name = "source daemon (watcher)"
     rsync_extra = ()
+    shadow: Node | None = None
 
     def __init__(self, tmp: Path, rng: random.Random):
         self.rng = rng
@@ -219,14 +260,18 @@ class WatcherTrial:
         self.src.mkdir()
         self.target = PoweredTarget(tmp, env)
         self.dst = self.target.map_base
+        self.shadow = Node(tmp, "shadow", env)
+        self.shadow.add_user("repl", "replication")
+        self.shadow.start()
         self.source = Node(tmp, "source", env, links_user="repl")
         self.source.add_user("admin", "admin")
         self.source.start()
         smirror("login", self.source.address, "--user", "admin", "--password-env", "PW",
                 env={**env, "PW": PASSWORD})
         self.source.cli("repset", "create", "data", "--root", self.src)
-        self.source.cli("connect", "data", "to", self.target.node.address, "map", "base", self.dst,
-                        "--orphans", "delete")
+        for node, base in ((self.target.node, self.dst), (self.shadow, tmp / "shadow-replica")):
+            self.source.cli("connect", "data", "to", node.address, "map", "base", base,
+                            "--orphans", "delete")
         self.work = Background(fs_workload(self.src, rng.randrange(1 << 30)))
 
     def run(self, power: bool) -> dict:
@@ -243,16 +288,20 @@ class WatcherTrial:
 
     def repairs(self, info: dict) -> dict:
         """Counted once the trial converged (or not): the repairs come late."""
-        resyncs, replays = count_resyncs(self.target.log_since(info["target_log"]))
+        shadow = None if self.shadow is None else self.shadow.log()
         return {"resets": self.source.log()[info["source_log"]:].count(RESET_LINE),
-                "resyncs": resyncs, "replay_resyncs": replays}
+                **classify_resyncs(self.target.log_since(info["target_log"]), shadow)}
 
     def logs(self) -> str:
-        return self.source.log()[-4000:] + "\n---- target\n" + self.target.node.log()[-4000:]
+        shadow = "" if self.shadow is None else \
+            "\n---- shadow target\n" + self.shadow.log()[-2000:]
+        return self.source.log()[-4000:] + "\n---- target\n" + self.target.node.log()[-4000:] + shadow
 
     def close(self) -> None:
         if self.source.proc is not None and self.source.proc.poll() is None:
             self.source.kill(signal.SIGTERM)
+        if self.shadow is not None and self.shadow.proc is not None and self.shadow.proc.poll() is None:
+            self.shadow.kill(signal.SIGTERM)
         self.target.close()
 
 
@@ -417,6 +466,7 @@ def one_trial(kind: str, tmp: Path, rng: random.Random, power: bool, deadline: f
         return {"kind": kind, "took": took, "left": left[:10], "failed": failed,
                 "acked": info["acked"], "ops_lost": info["ops_lost"], "resets": info["resets"],
                 "resyncs": info["resyncs"], "replay_resyncs": info["replay_resyncs"],
+                "stream_resyncs": info.get("stream_resyncs", 0),
                 "committed_missing": info.get("committed_missing"),
                 "logs": trial.logs() if failed else ""}
     finally:
@@ -443,6 +493,7 @@ def run_trials(trials: int, seed: int = 1, sources=SOURCES, power: bool = True,
             tmp.mkdir()
             r = results.setdefault(kind, {"trials": 0, "converged": 0, "failed": {}, "times": [],
                                           "failures": [], "ops_lost": 0, "replay_resyncs": 0,
+                                          "stream_resyncs": 0,
                                           "committed": 0, "committed_missing": 0})
             r["trials"] += 1
             res = one_trial(kind, tmp, rng, power, deadline)
@@ -453,11 +504,13 @@ def run_trials(trials: int, seed: int = 1, sources=SOURCES, power: bool = True,
                 r["committed"] += res["acked"] or 0
                 r["committed_missing"] += len(res["committed_missing"] or ())
             r["replay_resyncs"] += res["replay_resyncs"]
+            r["stream_resyncs"] += res["stream_resyncs"]
             if res["failed"]:
                 r["failed"][res["failed"]] = r["failed"].get(res["failed"], 0) + 1
                 r["failures"].append({"trial": i, **res})
                 print(f"trial {i} ({kind}): LOST ({res['failed']}; resets {res['resets']}, "
-                      f"resyncs {res['resyncs']}): {res['left'][:3]}", file=out, flush=True)
+                      f"resyncs {res['resyncs']}, stream resyncs {res['stream_resyncs']}): "
+                      f"{res['left'][:3]}", file=out, flush=True)
                 if keep:
                     (tmp / "logs.txt").write_text(res["logs"])
                     kept = True
@@ -487,10 +540,12 @@ def summary(results: dict) -> str:
         gone = r["ops_lost"] if kind == "library" else \
             f"(c) {r['committed_missing']} files short of {r['committed']} records" \
             if kind == "mount" else "-"
+        stream = r["stream_resyncs"] if kind == "watcher" else "-"
         rows.append([kind, r["trials"], r["converged"], lost, how, gone, r["replay_resyncs"],
-                     f"{percentile(t, 50):.2f}", f"{percentile(t, 99):.2f}"])
-    return table(rows, ["source", "trials", "converged", "failed (a or b)",
-                        "how", "acknowledged ops lost", "replay resyncs", "converge p50 s", "converge p99 s"])
+                     stream, f"{percentile(t, 50):.2f}", f"{percentile(t, 99):.2f}"])
+    return table(rows, ["source", "trials", "converged", "failed (a or b)", "how",
+                        "acknowledged ops lost", "replay resyncs", "stream resyncs",
+                        "converge p50 s", "converge p99 s"])
 
 
 def main(argv=None) -> int:

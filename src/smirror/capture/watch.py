@@ -130,12 +130,18 @@ class Known:
         self.size_on_target = None
 
 
+# a size no file has: what the target holds is not known (a TRUNCATE to the
+# source's size follows the bytes, and no block of zeros is taken for a hole)
+_SIZE_UNKNOWN = 1 << 62
+
+
 def _detached(k: Known) -> Known:
-    """A copy of a cache entry that vouches for neither the target's bytes
-    nor its attributes (mode, owner, mtime, xattrs: -1 and None differ from
-    anything a file has, so all of them are sent)."""
+    """A copy of a cache entry that vouches for neither the target's bytes,
+    nor its size, nor its attributes (mode, owner, mtime, xattrs: -1 and
+    None differ from anything a file has, so all of them are sent)."""
     c = Known(k.kind, -1, -1, -1, -1, k.size, k.block_size, None, k.link, k.ino)
-    c.names, c.xattrs, c.size_on_target = k.names, None, k.size_on_target
+    c.names, c.xattrs = k.names, None
+    c.size_on_target = _SIZE_UNKNOWN if k.kind == stat.S_IFREG else k.size_on_target
     return c
 
 
@@ -214,6 +220,10 @@ class TreeCapture:
         # recent renames, old name -> new: a resync the target asks for
         # names the path as its failing op had it, maybe renamed since
         self._moved: dict[bytes, bytes] = {}
+        # recent names removed from a hard-linked file, name -> the entry its
+        # other names keep: a resync the target asks for such a name covers
+        # them (what it skipped there, the cache counts as theirs)
+        self._unlinked: dict[bytes, Known] = {}
         self._lock = threading.RLock()
         self._requests: list = []
         self._fault = os.fsencode(os.environ.get(FAULT_ENV, ""))
@@ -631,6 +641,9 @@ class TreeCapture:
             if link != k.link and emit:
                 self._out(Op.symlink(_ZERO, rel, link))
                 k.link = link
+                # a new symlink on the target, with the time and owner of
+                # applying: the source's are sent again
+                k.mtime_ns = k.uid = k.gid = -1
         if k is not None or not emit:
             self._attrs(rel, st, emit)
 
@@ -684,7 +697,9 @@ class TreeCapture:
             except OSError:
                 return          # gone since the lstat (a live tree): its event follows
             self._out(Op.symlink(_ZERO, rel, link))
-            self._remember(rel, st)
+            # the link sent (read again, it may be gone: a directory
+            # renamed meanwhile)
+            self._remember(rel, st).link = link
             self._attrs(rel, st, True, force_owner=True)
         elif stat.S_ISREG(st.st_mode):
             try:
@@ -1026,6 +1041,10 @@ class TreeCapture:
                 # must still reach its other names
                 k.names -= 1
                 self.known.pop(rel, None)
+                self._unlinked.pop(rel, None)
+                self._unlinked[rel] = k
+                if len(self._unlinked) > self.MOVED_LIMIT:
+                    del self._unlinked[next(iter(self._unlinked))]     # the oldest
                 for p, kk in list(self.known.items()):
                     if kk is k:
                         self._dirty[p] = 0.0
@@ -1398,22 +1417,42 @@ class TreeCapture:
 
     MOVED_LIMIT = 10_000        # renames remembered for resyncs (old -> new)
 
-    def _current_name(self, rel: bytes) -> bytes | None:
-        """Where ``rel`` (or a directory above it) went through the renames
-        this capture sent, or None when it did not go anywhere known."""
-        for _ in range(64):         # a chain of renames, bounded
-            if os.path.lexists(self._abs(rel)):
-                return rel
-            parts = rel.split(b"/")
+    MOVED_NAMES = 32            # names a resend follows a path to, at most
+
+    def _later_names(self, rel: bytes) -> list[bytes]:
+        """The names what the target held at ``rel`` may have now: where
+        the renames this capture sent since moved ``rel`` itself, or a
+        directory above it, one after the other. Each one is a name the
+        target may hold it at: which of those renames it applied is not
+        known here (the one that failed and brought the resync did not)."""
+        names: list[bytes] = []
+        todo, seen = [rel], {rel}
+        while todo and len(names) < self.MOVED_NAMES:
+            cur = todo.pop(0)
+            parts = cur.split(b"/")
             for i in range(len(parts), 0, -1):
                 head = b"/".join(parts[:i])
                 new = self._moved.get(head)
-                if new is not None and new != head:
-                    rel = new + rel[len(head):]
-                    break
-            else:
-                return None
-        return None
+                if new is None or new == head:
+                    continue
+                name = new + cur[len(head):]
+                if name not in seen:
+                    seen.add(name)
+                    names.append(name)
+                    todo.append(name)
+        return names[:self.MOVED_NAMES]
+
+    def _other_names(self, paths) -> list[bytes]:
+        """The names that keep the file one of ``paths`` was a name of
+        before it was removed (a hard link): what the target skipped under
+        the removed name, the cache counts as theirs."""
+        others: list[bytes] = []
+        for path in paths:
+            k = self._unlinked.pop(path, None)
+            if k is not None:
+                others += sorted(p for p, kk in self.known.items()
+                                 if kk is k and p not in paths and p not in others)
+        return others
 
     def resend(self, rel: bytes, emit=None, reason: str = "") -> None:
         """Bring a target's subtree ``rel`` in line whatever it holds now:
@@ -1421,21 +1460,33 @@ class TreeCapture:
         changed meanwhile), then, to ``emit`` only, ``rel`` removed and
         sent again whole from the source, then the done MARK. A ``rel``
         renamed since (the target asked with its failing op's path) is
-        resent under its new name too: the target renamed what it held
-        there, divergence and all."""
+        resent under every name the renames sent since give it, its own
+        and its directories' (:meth:`_later_names`): the target renamed
+        what it held there, divergence and all; a name the source does not
+        have is deleted there."""
         with self._lock:
             self._flush_dirty(force=True)
             out = emit if emit is not None else self.emit
             paths = [rel]
             if rel and not os.path.lexists(self._abs(rel)):
-                now = self._current_name(rel)
-                if now is not None and now != rel:
-                    log.info("capture: %r, to be resynced, is %r now: resent there", rel, now)
-                    paths.append(now)
+                later = self._later_names(rel)
+                if later:
+                    log.info("capture: %r, to be resynced, was renamed (or a directory above "
+                             "it): resent at %s too", rel, ", ".join(map(repr, later)))
+                    paths += later
+                others = self._other_names(paths)
+                if others:
+                    log.info("capture: %r, to be resynced, was a name of a hard-linked file, "
+                             "removed since: its other names are resent (%s)", rel,
+                             ", ".join(map(repr, others)))
+                    paths += others
             for path in paths:
                 self.resync(path, reason or "asked by the target")
                 self._lost.discard(path)
                 out(Op.delete(_ZERO, path))
+                # what the target held there goes: its directory's mtime
+                # moves there, the source's is sent again when quiet
+                self._dirs_touched.add(path.rpartition(b"/")[0])
                 if path and os.path.lexists(self._abs(path)):
                     prefix = path + b"/"
                     # copies, with no block hashes and no attributes: a name

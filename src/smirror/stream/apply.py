@@ -300,10 +300,12 @@ class Applier:
         self._noted: set[int] = set()
         self._dirty_dirs: dict[bytes, None] = {}
         # what ops since the last durable pass touched: their paths, the
-        # directories above those, the names a RENAME moved away (_barrier)
+        # directories above those, the names a RENAME moved away, the names
+        # a DELETE or RMDIR removed (_barrier)
         self._touched: set[bytes] = set()
         self._touched_above: set[bytes] = set()
         self._moved_away: set[bytes] = set()
+        self._removed_names: set[bytes] = set()
         self._boot = boot_id()
         if state_path is not None:
             self._state = _open_state(state_path)
@@ -388,9 +390,12 @@ class Applier:
     # same unsynced stretch reached by another name: replayed, that earlier
     # op finds the name gone (a WRITE makes a new empty file there, which
     # the RENAME then moves over the real one) or finds another inode
-    # there. So such an op first makes everything before it durable (a
-    # barrier): then no unsynced stretch holds both, and the replay is
-    # exact, without asking the source for anything.
+    # there. The same where a rename moves an inode into a directory whose
+    # name an earlier op of the stretch removed (and made again): replayed,
+    # the removal finds that inode there and takes it along. So such an op
+    # first makes everything before it durable (a barrier): then no
+    # unsynced stretch holds both, and the replay is exact, without asking
+    # the source for anything.
     def _reserve(self, seq: int) -> None:
         """Record, durably, that no op past ``seq + RESERVE_OPS`` is applied
         before the next reservation."""
@@ -404,7 +409,8 @@ class Applier:
         kind = op.kind
         if kind == OpKind.RENAME:
             old, new = bytes(op.path), bytes(op.path2)
-            return self._reached(old) or self._reached(new) or new in self._moved_away
+            return self._reached(old) or self._reached(new) or new in self._moved_away \
+                or self._under_removed(new)
         if kind == OpKind.HARDLINK:
             new = bytes(op.path)
             return self._reached(new) or new in self._moved_away
@@ -420,6 +426,17 @@ class Applier:
                 return os.lstat(self.base.root + b"/" + rel).st_nlink > 1
             except OSError:
                 return False
+        return False
+
+    def _under_removed(self, rel: bytes) -> bool:
+        """A directory above ``rel`` is a name an op since the last durable
+        pass removed (and made again): replayed, that removal finds what a
+        rename moved in there since, and takes it along."""
+        above = rel.rpartition(b"/")[0]
+        while above:
+            if above in self._removed_names:
+                return True
+            above = above.rpartition(b"/")[0]
         return False
 
     def _reached(self, rel: bytes) -> bool:
@@ -440,6 +457,8 @@ class Applier:
                 above = above.rpartition(b"/")[0]
         if op.kind == OpKind.RENAME:
             self._moved_away.add(bytes(op.path))
+        elif op.kind in (OpKind.DELETE, OpKind.RMDIR):
+            self._removed_names.add(bytes(op.path))
 
     def _settle_unsynced(self, same_boot: bool, maybe: int) -> None:
         """At start, ops were (``maybe``: may have been, up to that seq)
@@ -560,6 +579,7 @@ class Applier:
         self._touched.clear()
         self._touched_above.clear()
         self._moved_away.clear()
+        self._removed_names.clear()
         return seq
 
     def _applied(self, seq: int, count: int) -> None:

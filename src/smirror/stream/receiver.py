@@ -134,7 +134,8 @@ class TargetConnection:
                                xattr_namespaces=xattr_namespaces, allow_devices=allow_devices)
         self.marks = {"ignored_deletes": 0, "deleted_moved": 0, "orphans_moved": 0}
         # divergences: ops skipped, resyncs asked of the source and done
-        self.resyncs = {"ops_skipped": 0, "asked": 0, "done": 0}
+        # (replays_undone: replayed ops a later op of the replay undid, done)
+        self.resyncs = {"ops_skipped": 0, "asked": 0, "done": 0, "replays_undone": 0}
         # what was asked, and the back-off of a subtree asked again and again
         self._resync = ResyncRequests(again=self.RESYNC_AGAIN, free=self.RESYNC_FREE,
                                       backoff=self.RESYNC_BACKOFF,
@@ -363,7 +364,10 @@ class TargetConnection:
             except Exception as exc:
                 if _environment_error(exc, self.ENVIRONMENT_ERRNOS):
                     raise
-                self._diverged(op, exc, replayed=op.seq <= applier.replay_until)
+                replayed = op.seq <= applier.replay_until
+                if replayed and not self.coalesce and self._undone_later(op, exc):
+                    continue
+                self._diverged(op, exc, replayed=replayed)
                 continue
             if op.seq <= applier.replay_until:
                 # applied again over a tree that holds a later state: exact
@@ -493,6 +497,27 @@ class TargetConnection:
                 if left <= 0:
                     return False
                 self._durable_cond.wait(min(left, 0.1))
+        return True
+
+    def _undone_later(self, op, exc: BaseException) -> bool:
+        """A replayed op of a stream in exact order failed on a directory
+        above its path that the target lacks: a later op of the replayed
+        stretch removed it (the applier's barriers keep a rename of it out
+        of the stretch), and that removal undid this op too. It is done
+        (its seq recorded), with no resync: the tree after the stretch is
+        the source's, and a library source serves none. False when that
+        is not the failure."""
+        if not isinstance(exc.__cause__, (FileNotFoundError, NotADirectoryError)):
+            return False
+        paths = [bytes(op.path)] + ([bytes(op.path2)] if op.kind in (OpKind.RENAME, OpKind.HARDLINK)
+                                    else [])
+        if all(self._divergence_root(rel) == rel for rel in paths if rel):
+            return False
+        self.resyncs["replays_undone"] += 1
+        log.info("connection %s: replayed op seq %d %s %r: a directory above it is gone, removed "
+                 "by a later op of the replay: done", self.conid, op.seq, OpKind(op.kind).name,
+                 bytes(op.path))
+        self.applier.apply(Op.mark(op.seq, MARK_SKIPPED, b""))
         return True
 
     def _diverged(self, op, exc: BaseException, replayed: bool = False) -> None:
