@@ -291,6 +291,11 @@ class LazyFS(CaptureFS):
             out.st_size, out.st_mtime_ns = entry.size, entry.mtime_ns
         return out
 
+    def fallocate(self, fh, mode, offset, length):
+        # not modelled (the module doc): the capture mount's handler would
+        # change the backing file under the cached pages
+        raise FUSEError(errno.EOPNOTSUPP)
+
     def release(self, fh):
         super().release(fh)
         self._sweep()
