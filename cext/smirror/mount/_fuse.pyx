@@ -447,8 +447,11 @@ cdef class ReaddirToken:
 
 def readdir_reply(ReaddirToken token, bytes name, Entry entry, off_t next_id):
     """Add ``name`` to the directory listing; False when the reply is full
-    (the entry is not in it: the kernel asks again from ``next_id - 1``'s
-    successor). An entry added counts as a lookup of its inode."""
+    (the entry is not in it: the kernel's next readdir starts at it). An
+    entry added counts as a lookup of its inode. Only while the readdir
+    handler that got ``token`` runs."""
+    if token.buf == NULL:
+        raise RuntimeError("readdir_reply after its readdir returned")
     cdef size_t n = fuse_add_direntry_plus(token.req, token.buf + token.used,
                                            token.size - token.used, name, &entry.e, next_id)
     if n > token.size - token.used:
