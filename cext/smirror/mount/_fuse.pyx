@@ -1050,7 +1050,7 @@ cdef class Session:
             self.st.kill_suidgid = ((<const uint32_t *>(arg + 4))[0] & FUSE_OPEN_KILL_SUIDGID) != 0
         elif op == FUSE_CREATE and n >= 16:
             self.st.kill_suidgid = ((<const uint32_t *>(arg + 12))[0] & FUSE_OPEN_KILL_SUIDGID) != 0
-        elif op == FUSE_INIT and n >= <ssize_t>sizeof(fuse_init_in):
+        elif op == FUSE_INIT and n >= 16:      # major, minor, max_readahead, flags: every version
             init = <const fuse_init_in *>arg
             self.st.init_unique = h.unique
             self.st.offer_killpriv_v2 = self.want_killpriv_v2 and init.major == 7 and \
