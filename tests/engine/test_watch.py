@@ -13,7 +13,7 @@ from smirror.capture import fanotify
 from smirror.capture.watch import TreeCapture, open_watcher
 from smirror.fs.tree import Rules
 from smirror.ops import OpKind
-from smirror.stream.apply import Applier
+from support.applying import Pipe
 from support.faults import rsync_diff
 from support.treestate import diff, snapshot
 
@@ -32,20 +32,6 @@ def sysctl(path, value):
         yield int(old)
     finally:
         open(path, "w").write(old)
-
-
-class Pipe(list):
-    """The capture's ops, applied to DST at once (the root's mtime MARK
-    too: the applier applies it, as on a target)."""
-
-    def __init__(self, dst):
-        super().__init__()
-        self.applier = Applier(dst)
-
-    def __call__(self, op):
-        op = op._replace(seq=len(self) + 1)
-        self.append(op)
-        self.applier.apply(op)
 
 
 @pytest.fixture

@@ -5,21 +5,8 @@ trial left for good)."""
 import os
 
 from smirror.capture.watch import TreeCapture
-from smirror.stream.apply import Applier
+from support.applying import Pipe
 from support.faults import rsync_diff
-
-
-class Pipe(list):
-    """The capture's ops, numbered and applied to DST at once."""
-
-    def __init__(self, dst):
-        super().__init__()
-        self.applier = Applier(dst)
-
-    def __call__(self, op):
-        op = op._replace(seq=len(self) + 1)
-        self.append(op)
-        self.applier.apply(op)
 
 
 def test_a_symlink_sent_again_gets_its_mtime_again(tmp_path):
