@@ -8,10 +8,12 @@ xattr sizes; calls queued from other threads; clean exit and unmount."""
 import errno
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -288,3 +290,42 @@ def test_an_unmount_from_outside_ends_the_loop(tmp_path):
         session.exit()
         thread.join(10)
         session.close(unmount=True)
+
+
+def test_a_signal_another_thread_takes_still_reaches_its_handler_on_the_main_thread(tmp_path):
+    """Served on the main thread (the power-loss layer's process is), a
+    signal that another thread takes, or that lands between two polls,
+    must still wake the loop so its Python handler runs (Python's wakeup
+    fd among the polled ones): a clean SIGTERM must not wait for the next
+    request."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    session = _fuse.Session(MemFS(), str(mnt), {"fsname=smirror-test", "subtype=smirror"})
+    handled = []
+    old = signal.signal(signal.SIGUSR2, lambda *a: (handled.append(True), session.exit()))
+    stuck = threading.Event()
+
+    def poke():
+        os.stat(mnt)                    # the loop serves (INIT done, root getattr answered)
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)     # to this thread
+        if not stuck.wait(0) and not wait_for_quietly(lambda: handled, 20):
+            stuck.set()
+            session.exit()              # the watchdog: the handler never ran
+    poker = threading.Thread(target=poke, daemon=True)
+    poker.start()
+    try:
+        session.run()
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+        poker.join(30)
+        session.close(unmount=True)
+    assert handled and not stuck.is_set()
+
+
+def wait_for_quietly(cond, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False

@@ -76,6 +76,8 @@ ioctl) are answered ENOSYS by libfuse, and the kernel stops sending them.
 import collections
 import logging
 import os
+import signal
+import threading
 
 from libc.errno cimport EAGAIN, EINTR, EIO, ENOSYS, ERANGE, errno
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
@@ -934,8 +936,8 @@ cdef class Session:
     def add_reader(self, int fd, callback):
         """``callback()`` on the loop whenever ``fd`` is readable (before
         :meth:`run`)."""
-        if len(self.readers) >= MAX_READERS - 2:
-            raise ValueError(f"at most {MAX_READERS - 2} readers")
+        if len(self.readers) >= MAX_READERS - 3:     # /dev/fuse, the wake-up, signals
+            raise ValueError(f"at most {MAX_READERS - 3} readers")
         self.readers.append((fd, callback))
 
     def call_soon(self, fn):
@@ -978,6 +980,22 @@ cdef class Session:
             raise RuntimeError("the session is served already")
         self.running = True
         readers = list(self.readers)
+        old_wakeup = None
+        if threading.current_thread() is threading.main_thread():
+            # a signal that lands between two polls must still wake the
+            # loop for its Python handler: Python writes a byte to this
+            # pipe at every signal (the self-pipe trick)
+            sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            old_wakeup = signal.set_wakeup_fd(sig_w, warn_on_full_buffer=False)
+
+            def signalled():
+                try:
+                    while os.read(sig_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                PyErr_CheckSignals()
+            readers.append((sig_r, signalled))
         nfds = 2 + len(readers)
         fds[0].fd, fds[0].events = self.fd, POLLIN
         fds[1].fd, fds[1].events = self.wake_fd, POLLIN
@@ -1026,6 +1044,10 @@ cdef class Session:
                     fuse_session_process_buf(self.se, &self.buf)
         finally:
             self.running = False
+            if old_wakeup is not None:
+                signal.set_wakeup_fd(old_wakeup)
+                os.close(sig_r)
+                os.close(sig_w)
 
     cdef void _inspect(self, const char *req, ssize_t n) noexcept:
         """What libfuse does not pass on, from the raw request: the kill of
