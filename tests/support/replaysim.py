@@ -25,7 +25,6 @@ import json
 import os
 import random
 import shutil
-import stat
 import sys
 import tempfile
 import threading
@@ -38,7 +37,7 @@ if __name__ == "__main__":          # run as a script: the tests' support packag
 from smirror.capture.watch import TreeCapture
 from smirror.ops import Op, OpKind
 from smirror.stream.apply import Applier
-from smirror.stream.receiver import MARK_SKIPPED
+from smirror.stream.receiver import MARK_SKIPPED, divergence_root
 from support.faults import Background, fs_workload, rsync_diff
 from support.lazyfs import LazyMount, clear
 
@@ -134,21 +133,6 @@ class Target:
             root = divergence_root(self.app.root, rel)
             self.log.append(f"  resync of {root!r} asked ({why})")
             self.capture.request_resync(root, reason=why)
-
-
-def divergence_root(base: bytes, rel: bytes) -> bytes:
-    """The receiver's: the first component the target lacks or holds as
-    something other than a directory, else ``rel``."""
-    parts = rel.split(b"/")
-    for i in range(1, len(parts)):
-        prefix = b"/".join(parts[:i])
-        try:
-            st = os.lstat(base + b"/" + prefix)
-        except OSError:
-            return prefix
-        if not stat.S_ISDIR(st.st_mode):
-            return prefix
-    return rel
 
 
 def new_boot(state: Path) -> None:

@@ -77,6 +77,22 @@ def _environment_error(exc: BaseException, errnos) -> bool:
     return False
 
 
+def divergence_root(root: bytes, rel: bytes) -> bytes:
+    """The smallest subtree of the target directory ``root`` that holds
+    what went wrong at ``rel``: its first component the target lacks or
+    holds as something other than a directory, else ``rel`` itself."""
+    parts = rel.split(b"/")
+    for i in range(1, len(parts)):
+        prefix = b"/".join(parts[:i])
+        try:
+            st = os.lstat(root + b"/" + prefix)
+        except OSError:
+            return prefix
+        if not stat.S_ISDIR(st.st_mode):
+            return prefix
+    return rel
+
+
 class TargetConnection:
     """State, queue and applier of one incoming connection."""
 
@@ -589,20 +605,7 @@ class TargetConnection:
                 self.resync_error = ""
 
     def _divergence_root(self, rel: bytes) -> bytes:
-        """The smallest subtree that holds what went wrong at ``rel``: its
-        first component the target lacks or holds as something other than a
-        directory, else ``rel`` itself."""
-        root = self.applier.root
-        parts = rel.split(b"/")
-        for i in range(1, len(parts)):
-            prefix = b"/".join(parts[:i])
-            try:
-                st = os.lstat(root + b"/" + prefix)
-            except OSError:
-                return prefix
-            if not stat.S_ISDIR(st.st_mode):
-                return prefix
-        return rel
+        return divergence_root(self.applier.root, rel)
 
     def _resync_done(self, op) -> None:
         try:
