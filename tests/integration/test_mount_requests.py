@@ -2,6 +2,8 @@
 calls answered from an open file's own descriptor (issue 16, small-file
 performance): fewer round trips and syscalls, the same ops in the same
 order."""
+import json
+import mmap
 import os
 import shutil
 import stat
@@ -307,3 +309,63 @@ def test_a_writer_without_cap_fsetid_loses_set_id_bits_as_on_a_disk(dirs, tmp_pa
                  for o in ops if o.path == name.encode() and (o.kind != OpKind.SETATTR or o.mode)]
         first_change = next(i for i, k in enumerate(kinds) if k[0] in ("WRITE", "TRUNCATE"))
         assert ("SETATTR", got[name]) in kinds[:first_change], (name, kinds)
+
+
+
+# in another process (a page fault of this one on its own mount would hold
+# the GIL the mount needs): how many pages of ``f`` the kernel caches after
+# a write-only and after a read-write handle wrote them (mincore(2) of a
+# private mapping, which reads nothing in), and what a reader that cached
+# the pages and a shared mapping of them see after a write-only write
+CACHED = r"""
+import ctypes, json, mmap, os, sys
+path, size = sys.argv[1], int(sys.argv[2])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+def resident(m):
+    vec = ctypes.create_string_buffer(len(m) // mmap.PAGESIZE)
+    start = ctypes.c_char.from_buffer(m)
+    if libc.mincore(ctypes.addressof(start), len(m), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore")
+    del start
+    return sum(b & 1 for b in vec.raw)
+out = {}
+r = os.open(path, os.O_RDONLY)
+seen = mmap.mmap(r, size, access=mmap.ACCESS_COPY)
+out["before"] = resident(seen)
+w = os.open(path, os.O_WRONLY)
+os.pwrite(w, b"B" * size, 0)
+out["write-only"] = resident(seen)
+rw = os.open(path, os.O_RDWR)
+os.pwrite(rw, b"C" * size, 0)
+os.close(rw)
+out["read-write"] = resident(seen)
+shared = mmap.mmap(r, size, prot=mmap.PROT_READ)
+out["cached"] = (shared[:] + os.pread(r, size, 0)).decode("latin-1")
+os.pwrite(w, b"D" * size, 0)
+os.close(w)
+out["after"] = (shared[:] + os.pread(r, size, 0)).decode("latin-1")
+print(json.dumps(out))
+"""
+
+
+def test_a_write_only_handle_skips_the_page_cache_and_cached_readers_see_its_writes(dirs):
+    """A file opened write-only is served without the kernel's page cache:
+    its data would otherwise be cached twice, in the mount's pages and in
+    the backing file's (a read-write handle's written pages are cached).
+    A reader that had cached the pages, and a mapping of them, see the
+    bytes a write-only handle writes."""
+    back, mnt = dirs
+    size = 256 << 10
+    (back / "f").write_bytes(b"A" * size)
+    ops = []
+    with CaptureMount(back, mnt, ops.append, bypass=False):
+        got = json.loads(subprocess.run([sys.executable, "-c", CACHED, str(mnt / "f"), str(size)],
+                                        check=True, capture_output=True, text=True).stdout)
+    assert got["before"] == 0
+    assert got["write-only"] == 0, "the write-only handle's data went into the page cache"
+    assert got["read-write"] == size // mmap.PAGESIZE      # the control
+    assert got["cached"] == "C" * 2 * size
+    assert got["after"] == "D" * 2 * size, "a cached page or the mapping kept older bytes"
+    assert [bytes(o.data[:1]) for o in ops if o.kind == OpKind.WRITE] == [b"B", b"C", b"D"]
+    assert (back / "f").read_bytes() == b"D" * size

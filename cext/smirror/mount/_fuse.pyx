@@ -83,7 +83,7 @@ from libc.errno cimport EAGAIN, EINTR, EIO, ENOSYS, ERANGE, errno
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset, strerror
-from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
+from posix.fcntl cimport F_GETFL, F_SETFL, O_ACCMODE, O_NONBLOCK, O_WRONLY, fcntl
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from posix.types cimport dev_t, gid_t, mode_t, off_t, pid_t, uid_t
 from posix.uio cimport iovec, writev
@@ -341,6 +341,7 @@ cdef struct SessionState:
     bint offer_killpriv_v2      # the kernel offers HANDLE_KILLPRIV_V2, and we want it
     bint killpriv_v2            # taken
     bint kill_suidgid           # of the request being served
+    bint direct_writes          # write-only handles skip the page cache
 
 
 cdef class Ctx:
@@ -469,6 +470,8 @@ cdef enum Kind:
     K_ATTR
     K_CREATE
     K_OPEN
+    K_CREATE_DIRECT     # the same, the handle without the kernel's page cache
+    K_OPEN_DIRECT
     K_WRITE
     K_BUF
     K_READLINK
@@ -551,10 +554,11 @@ cdef void _answer(fuse_req_t req, int kind, object r, size_t size) noexcept:
         elif kind == K_ATTR:
             entry = r
             fuse_reply_attr(req, &entry.e.attr, entry.e.attr_timeout)
-        elif kind == K_CREATE or kind == K_OPEN:
+        elif kind == K_CREATE or kind == K_OPEN or kind == K_CREATE_DIRECT or kind == K_OPEN_DIRECT:
             memset(&fi, 0, sizeof(fi))
             fi.keep_cache = 1       # the kernel's cached pages stay valid across opens
-            if kind == K_CREATE:
+            fi.direct_io = kind == K_CREATE_DIRECT or kind == K_OPEN_DIRECT
+            if kind == K_CREATE or kind == K_CREATE_DIRECT:
                 fh, entry = r
                 fi.fh = fh
                 fuse_reply_create(req, &entry.e, &fi)
@@ -705,13 +709,23 @@ cdef void ll_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent,
     _serve(req, K_ENTRY, 0, "link", (ino, newparent, <bytes>newname, _ctx(req)))
 
 
+cdef bint _direct(fuse_req_t req, int flags) noexcept:
+    # a handle that can only write skips the kernel's page cache: its data
+    # is copied once into the request instead of into the FUSE file's pages
+    # (which would cache it a second time above the backing file's), and
+    # nothing is lost for reads, which it cannot make
+    return (<SessionState *>fuse_req_userdata(req)).direct_writes and (flags & O_ACCMODE) == O_WRONLY
+
+
 cdef void ll_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
-    _serve(req, K_OPEN, 0, "open", (ino, fi.flags, _ctx(req)))
+    _serve(req, K_OPEN_DIRECT if _direct(req, fi.flags) else K_OPEN, 0, "open",
+           (ino, fi.flags, _ctx(req)))
 
 
 cdef void ll_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
                     fuse_file_info *fi) noexcept with gil:
-    _serve(req, K_CREATE, 0, "create", (parent, <bytes>name, mode, fi.flags, _ctx(req)))
+    _serve(req, K_CREATE_DIRECT if _direct(req, fi.flags) else K_CREATE, 0, "create",
+           (parent, <bytes>name, mode, fi.flags, _ctx(req)))
 
 
 cdef void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -895,13 +909,17 @@ cdef class Session:
         self.wake_fd = -1
         memset(&self.buf, 0, sizeof(self.buf))
 
-    def __init__(self, ops, mountpoint, options, *, bint killpriv_v2=True):
+    def __init__(self, ops, mountpoint, options, *, bint killpriv_v2=True,
+                 bint direct_writes=False):
         """``killpriv_v2``: take FUSE_HANDLE_KILLPRIV_V2 when the kernel
         offers it (``ops`` then kills set-id bits where ``kill_suidgid``
-        says; see the module doc)."""
+        says; see the module doc). ``direct_writes``: a file opened
+        write-only (O_WRONLY) is served without the kernel's page cache
+        (FOPEN_DIRECT_IO), each write a request of up to 1 MiB."""
         cdef fuse_args args
         self.ops = ops
         self.want_killpriv_v2 = killpriv_v2
+        self.st.direct_writes = direct_writes
         self.mountpoint = os.fsdecode(mountpoint)
         self.calls = collections.deque()
         self.readers = []

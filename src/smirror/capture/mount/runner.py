@@ -75,7 +75,10 @@ class CaptureMount:
             if os.geteuid() == 0:
                 opts.add("allow_other")      # the application may run as another user
             try:
-                session = self._session = _fuse.Session(fs, self.mountpoint, opts)
+                # write-only handles bypass the kernel's page cache (the
+                # data would be cached twice, above and in the backing file)
+                session = self._session = _fuse.Session(fs, self.mountpoint, opts,
+                                                        direct_writes=True)
             except RuntimeError as exc:
                 raise MountError(f"cannot mount {self.mountpoint}: {exc} (is /dev/fuse "
                                  f"there and usable?)") from None
