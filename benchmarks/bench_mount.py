@@ -36,6 +36,13 @@ Needs root, /dev/fuse, fusermount3 and smirror built with libfuse3-dev (and Post
 ROUNDS times ($SMIRROR_BENCH_ROUNDS, default 2), and each ratio is the
 median of the per-round ratios; $SMIRROR_BENCH_VARIANTS (e.g.
 ``mount,c-passthrough``) runs only those beside direct.
+
+The C passthrough can be another build ($SMIRROR_BENCH_C: a passthrough_ll
+of a newer libfuse, with LD_LIBRARY_PATH to its library) with more options
+($SMIRROR_BENCH_C_OPTS): ``-o cache=never`` serves every file without the
+page cache, as the mount serves write-only handles; ``-o io_uring`` (libfuse
+3.18 or later, the fuse module's ``enable_uring`` parameter set) moves the
+requests over io_uring. docs/mount.md has what these measured.
 """
 import os
 import re
@@ -58,6 +65,10 @@ PROFILE = os.environ.get("SMIRROR_BENCH_PROFILE") == "1"
 SEQ_MIB, RAND_FILE_MIB, RAND_WRITES = 256, 64, 4096
 PG_CLIENTS, PG_SCALE = 4, 2
 PG_TXNS = int(os.environ.get("SMIRROR_BENCH_PG_TXNS", "500"))
+# more options for the C passthrough, e.g. "-o cache=never" (no page cache,
+# as the mount's write-only handles) or, with a libfuse of 3.18 or later,
+# "-o io_uring" (FUSE over io_uring)
+C_OPTS = os.environ.get("SMIRROR_BENCH_C_OPTS", "").split()
 GOALS = {"seq": 0.5, "rand": 0.5, "meta": 0.3, "pgbench": 0.7}
 
 # the application: one workload in its own process; prints its seconds
@@ -206,7 +217,10 @@ def thread_cpu(tid: int) -> float:
 
 
 def c_passthrough() -> str | None:
-    """libfuse's passthrough_ll example, built once; None if it cannot be."""
+    """libfuse's passthrough_ll example, built once; None if it cannot be
+    ($SMIRROR_BENCH_C: another build of it, e.g. a newer libfuse's)."""
+    if os.environ.get("SMIRROR_BENCH_C"):
+        return os.environ["SMIRROR_BENCH_C"]
     src = "/usr/share/doc/libfuse3-dev/examples"
     exe = os.path.join(tempfile.gettempdir(), "smirror-bench-passthrough_ll")
     if os.path.exists(exe):
@@ -241,7 +255,7 @@ def run_c(work, kind):
     # asking, and skips the security.capability lookup before each write)
     p = subprocess.Popen([exe, "-f", "-s", "-o", f"source={back}", "-o", "xattr",
                           *(["-o", "allow_other"] if kind == "pgbench" else []),
-                          mnt], preexec_fn=more_fds)
+                          *C_OPTS, mnt], preexec_fn=more_fds)
     result = None
     try:
         deadline = time.monotonic() + 10
