@@ -177,3 +177,28 @@ def test_both_queues_are_the_twin_under_test(pair, queue_impl):
     """The queue_impl parametrization reaches the receiver's own queue."""
     _, _, journal, _, target, _ = pair()
     assert type(journal.queue) is queue_impl and type(target.queue) is queue_impl
+
+
+def test_the_journal_keeps_a_copy_of_view_data_only_while_its_frame_is_open(tmp_path, queue_impl):
+    """The capture mount lends a write's data as a view of a buffer it
+    reuses: an op that closes its frame is encoded from the view at once;
+    one that waits in the open frame holds a copy, so what the buffer
+    holds next never reaches the target under that op."""
+    from smirror.kernels.frames import iter_frames
+    queue = queue_impl(str(tmp_path / "q"), 8 << 20, 1 << 30)
+    try:
+        journal = ConnectionJournal(queue, max_bytes=1 << 20)
+        lent = bytearray(b"a" * 4096)
+        journal.append(Op.write(0, b"small", 0, memoryview(lent)))
+        lent[:] = b"b" * 4096                                  # the lender reuses its buffer
+        big = bytearray(b"c" * (1 << 20))
+        journal.append(Op.write(0, b"big", 0, memoryview(big)))   # closes the frame
+        assert journal.pending_ops == 0
+        big[:] = b"d" * (1 << 20)
+        journal.flush()
+        item = queue.get(timeout=0)
+        ops = [op for frame in iter_frames(item[1]) for op in frame]
+        assert [(op.path, bytes(op.data[:1]), len(op.data)) for op in ops] == \
+            [(b"small", b"a", 4096), (b"big", b"c", 1 << 20)]
+    finally:
+        queue.close()

@@ -48,6 +48,7 @@ class MemFS:
         self.inos: dict[bytes, int] = {}
         self.xattrs: dict[bytes, bytes] = {}
         self.on_fsync = None        # fsync(fh) -> what the handler returns
+        self.on_write = None        # on_write(data): sees each write's data
         self.calls: list = []
 
     def _entry(self, name):
@@ -93,6 +94,8 @@ class MemFS:
         return bytes(self.files[self._name(fh)][off:off + size])
 
     def write(self, fh, off, data, kill_suidgid):
+        if self.on_write:
+            self.on_write(data)
         buf = self.files[self._name(fh)]
         buf[off:off + len(data)] = data
         return len(data)
@@ -174,6 +177,39 @@ def test_a_handlers_bug_is_eio_to_the_caller_and_the_loop_goes_on(served):
     p = _in_process("import sys; open(sys.argv[1], 'wb').write(b'after the bug')", mnt / "f")
     assert p.returncode == 0, p.stderr
     assert bytes(fs.files[b"f"]) == b"after the bug"
+
+
+# writes of 128 KiB of "a", then "b", then "c" (each a request), then 100 bytes
+WRITES = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+for i, c in enumerate(b"abc"):
+    os.pwrite(fd, bytes([c]) * (128 << 10), i << 17)
+os.pwrite(fd, b"s" * 100, 3 << 17)
+"""
+
+
+def test_write_data_is_lent_without_a_copy_and_what_a_handler_keeps_stays_as_written(served):
+    """A large write reaches the handler as a view of the loop's buffer
+    (no copy); a view kept past the handler takes that buffer with it, so
+    the next requests, read into a new one, do not change what it holds.
+    Small writes come as bytes."""
+    fs, session, mnt = served
+    seen = []
+    fs.on_write = seen.append           # keeps every view
+    p = _in_process(WRITES, mnt / "kept")
+    assert p.returncode == 0, p.stderr
+    assert [type(d) for d in seen] == [memoryview] * 3 + [bytes]
+    assert [bytes(d) for d in seen] == [c * (128 << 10) for c in (b"a", b"b", b"c")] + [b"s" * 100]
+    assert session.buffers_lent == 3
+    assert bytes(fs.files[b"kept"]) == b"a" * (128 << 10) + b"b" * (128 << 10) + \
+        b"c" * (128 << 10) + b"s" * 100
+    del seen[:]
+    fs.on_write = lambda data: None     # keeps nothing: the loop's buffer stays its own
+    p = _in_process(WRITES, mnt / "not-kept")
+    assert p.returncode == 0, p.stderr
+    assert session.buffers_lent == 3
+    assert bytes(fs.files[b"not-kept"]) == bytes(fs.files[b"kept"])
 
 
 def test_a_later_reply_lets_other_requests_through(served):

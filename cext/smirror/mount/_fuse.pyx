@@ -66,6 +66,11 @@ listxattr(inode, ctx)                      a list of bytes
 removexattr(inode, name, ctx)              None
 =========================================  ======================================
 
+``write``'s ``data`` is bytes below :data:`VIEW_MIN`, else a read-only
+memoryview of the loop's own buffer (no copy): a handler or what it
+hands the data to may keep it (the buffer then goes with it, see
+:class:`RequestData`), but copying what it keeps is cheaper.
+
 A handler fails by raising :class:`FUSEError` (its errno to the caller) or
 OSError (its errno); anything else is a bug of the handler: EIO to the
 caller, logged by the ``smirror.capture.mount`` logger, and the loop goes
@@ -88,7 +93,9 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from posix.types cimport dev_t, gid_t, mode_t, off_t, pid_t, uid_t
 from posix.uio cimport iovec, writev
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.ref cimport Py_REFCNT
 
 log = logging.getLogger("smirror.capture.mount")
 
@@ -733,15 +740,56 @@ cdef void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     _serve(req, K_BUF, 0, "read", (fi.fh, off, size))
 
 
+# a write of at least this much reaches the handler as a memoryview of the
+# loop's buffer, not as a copy
+VIEW_MIN = 64 << 10
+
+
+cdef class RequestData:
+    """The data of a WRITE request where the loop read it, lent to the
+    handler as a memoryview: no copy. A view (or this object) still held
+    when the handler returns, by an op left in a journal's open frame say,
+    takes the loop's buffer with it: the loop reads its next request into
+    a new one, so what is held never changes under its holder."""
+    cdef const char *ptr
+    cdef Py_ssize_t size
+    cdef Py_ssize_t exports
+    cdef void *owned           # the loop's buffer, once this took it
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, <void *>self.ptr, self.size, 1, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *view):
+        self.exports -= 1
+
+    def __dealloc__(self):
+        free(self.owned)
+
+
 cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                    fuse_file_info *fi) noexcept with gil:
-    try:                # the data's copy (up to 1 MiB) may fail: the caller still gets an answer
-        data = PyBytes_FromStringAndSize(buf, size)
+    cdef SessionState *st = <SessionState *>fuse_req_userdata(req)
+    cdef RequestData lent = None
+    cdef Session session
+    try:                # the data's copy or view may fail: the caller still gets an answer
+        if size < VIEW_MIN:
+            data = PyBytes_FromStringAndSize(buf, size)
+        else:
+            lent = RequestData.__new__(RequestData)
+            lent.ptr, lent.size = buf, size
+            data = memoryview(lent)
     except BaseException as exc:
         fuse_reply_err(req, _errno_of(exc))
         return
-    _serve(req, K_WRITE, 0, "write",
-           (fi.fh, off, data, (<SessionState *>fuse_req_userdata(req)).kill_suidgid))
+    _serve(req, K_WRITE, 0, "write", (fi.fh, off, data, st.kill_suidgid))
+    data = None
+    if lent is not None and (lent.exports or Py_REFCNT(lent) > 1):
+        # kept: the buffer goes with it (libfuse allocates the next one)
+        session = <Session>st.session
+        lent.owned = session.buf.mem
+        session.buf.mem = NULL
+        session.buffers_lent += 1
 
 
 cdef void ll_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
@@ -900,6 +948,7 @@ cdef class Session:
     cdef bint stopping
     cdef bint running
     cdef bint want_killpriv_v2
+    cdef readonly Py_ssize_t buffers_lent     # request buffers write data kept (RequestData)
 
     def __cinit__(self):
         self.se = NULL

@@ -89,6 +89,11 @@ class ConnectionJournal:
                     self._pending_bytes -= len(op.data) + 64
                     self.next_seq, self.last_seq = seq, seq - 1
                     raise
+            elif type(op.data) is memoryview:
+                # a view of a buffer its lender reuses (the capture mount's
+                # request data): encoded at once above, else copied to wait
+                # in the open frame
+                self._pending[-1] = self._pending[-1]._replace(data=bytes(op.data))
             return seq
 
     def append_alone(self, op: Op, timeout: float = 600.0) -> int:
