@@ -43,14 +43,22 @@ def fuse_binding():
         print("setup.py: libfuse3's headers not found (pkg-config fuse3): building without the "
               "capture mount (Debian: apt-get install libfuse3-dev pkg-config)", file=sys.stderr)
         return []
+    macros = [("FUSE_USE_VERSION", "314")]
+    try:        # FUSE over io_uring, where liburing is (Debian: liburing-dev)
+        flags += " " + subprocess.run(["pkg-config", "--cflags", "--libs", "liburing"], check=True,
+                                      capture_output=True, text=True).stdout
+        macros.append(("SM_HAVE_URING", "1"))
+    except (OSError, subprocess.CalledProcessError):
+        print("setup.py: liburing not found (pkg-config liburing): the capture mount serves "
+              "requests over /dev/fuse only (Debian: apt-get install liburing-dev)", file=sys.stderr)
     words = shlex.split(flags)
     return [Extension(
         "smirror.capture.mount._fuse",
         ["cext/smirror/mount/_fuse.pyx"],
-        include_dirs=[w[2:] for w in words if w.startswith("-I")],
+        include_dirs=["cext/smirror/mount"] + [w[2:] for w in words if w.startswith("-I")],
         libraries=[w[2:] for w in words if w.startswith("-l")],
         library_dirs=[w[2:] for w in words if w.startswith("-L")],
-        define_macros=[("FUSE_USE_VERSION", "314")],
+        define_macros=macros,
         extra_compile_args=compile_args,
     )]
 

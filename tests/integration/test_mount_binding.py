@@ -5,6 +5,7 @@ handler's failure reaches the caller as an errno and the loop goes on; a
 reply that comes later (:class:`Later`) lets other requests through; a
 reply never given still answers the caller; listings longer than one reply;
 xattr sizes; calls queued from other threads; clean exit and unmount."""
+import contextlib
 import errno
 import os
 import shutil
@@ -22,6 +23,7 @@ _fuse = pytest.importorskip("smirror.capture.mount._fuse", reason="the capture m
 
 from smirror.capture.mount.mountpoint import mounted_at  # noqa: E402
 from support.daemons import wait_for  # noqa: E402
+from support.fuseuring import uring_enabled  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
@@ -135,13 +137,24 @@ class MemFS:
         return os.statvfs("/")
 
 
-@pytest.fixture
-def served(tmp_path):
-    """(fs, session, mount point): the session served on a thread."""
+@pytest.fixture(params=["dev-fuse", "io-uring"])
+def served(request, tmp_path):
+    """(fs, session, mount point): the session served on a thread, its
+    requests over /dev/fuse or over io_uring (FUSE over io_uring: a queue
+    a CPU, each served by a thread of its own)."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     fs = MemFS()
-    session = _fuse.Session(fs, str(mnt), {"fsname=smirror-test", "subtype=smirror", "allow_other"})
+    uring = request.param == "io-uring"
+    with contextlib.ExitStack() as stack:
+        if uring:
+            stack.enter_context(uring_enabled())
+        yield from _served(fs, mnt, uring)
+
+
+def _served(fs, mnt, uring):
+    session = _fuse.Session(fs, str(mnt), {"fsname=smirror-test", "subtype=smirror", "allow_other"},
+                            uring=uring)
     ended = {}
 
     def serve():
@@ -152,6 +165,8 @@ def served(tmp_path):
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
+        os.stat(mnt)                # INIT is answered by now: the ring is set up, if any
+        wait_for(lambda: session.uring == uring, what=f"requests over {'io_uring' if uring else '/dev/fuse'}")
         yield fs, session, mnt
     finally:
         session.exit()
@@ -191,25 +206,65 @@ os.pwrite(fd, b"s" * 100, 3 << 17)
 
 def test_write_data_is_lent_without_a_copy_and_what_a_handler_keeps_stays_as_written(served):
     """A large write reaches the handler as a view of the loop's buffer
-    (no copy); a view kept past the handler takes that buffer with it, so
-    the next requests, read into a new one, do not change what it holds.
-    Small writes come as bytes."""
+    (no copy; over /dev/fuse); a view kept past the handler takes that
+    buffer with it, so the next requests, read into a new one, do not
+    change what it holds. Small writes come as bytes."""
     fs, session, mnt = served
     seen = []
     fs.on_write = seen.append           # keeps every view
     p = _in_process(WRITES, mnt / "kept")
     assert p.returncode == 0, p.stderr
-    assert [type(d) for d in seen] == [memoryview] * 3 + [bytes]
+    # over io_uring the kernel fills an entry's buffer again once it is
+    # answered: it cannot go with a view, so the data comes as bytes
+    lent = 0 if session.uring else 3
+    assert [type(d) for d in seen] == [memoryview] * lent + [bytes] * (4 - lent)
     assert [bytes(d) for d in seen] == [c * (128 << 10) for c in (b"a", b"b", b"c")] + [b"s" * 100]
-    assert session.buffers_lent == 3
+    assert session.buffers_lent == lent
     assert bytes(fs.files[b"kept"]) == b"a" * (128 << 10) + b"b" * (128 << 10) + \
         b"c" * (128 << 10) + b"s" * 100
     del seen[:]
     fs.on_write = lambda data: None     # keeps nothing: the loop's buffer stays its own
     p = _in_process(WRITES, mnt / "not-kept")
     assert p.returncode == 0, p.stderr
-    assert session.buffers_lent == 3
+    assert session.buffers_lent == lent
     assert bytes(fs.files[b"not-kept"]) == bytes(fs.files[b"kept"])
+
+
+# a writer bound to one CPU: over io_uring its requests go to that CPU's queue
+PINNED_WRITER = r"""
+import os, sys
+os.sched_setaffinity(0, {int(sys.argv[2])})
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+for i in range(int(sys.argv[3])):
+    os.pwrite(fd, b"x" * 100, i * 100)
+os.close(fd)
+"""
+
+
+def test_requests_from_every_cpu_are_served_one_at_a_time(served):
+    """Writers on two CPUs at once: every request is served (over io_uring
+    each CPU's queue has a thread of its own), and never two handlers at
+    once, even while one waits with the GIL let go (the order the handlers
+    ran is the order of the ops)."""
+    fs, _, mnt = served
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    active, most = [0], [0]
+
+    def on_write(data):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.001)           # lets go of the GIL, as a backing write does
+        active[0] -= 1
+    fs.on_write = on_write
+    writers = [subprocess.Popen([sys.executable, "-c", PINNED_WRITER, str(mnt / f"w{cpu}"), str(cpu),
+                                 "200"]) for cpu in cpus]
+    for w in writers:
+        assert w.wait(60) == 0
+    assert most[0] == 1, "two handlers ran at once"
+    for cpu in cpus:
+        assert bytes(fs.files[b"w%d" % cpu]) == b"x" * 100 * 200
 
 
 def test_a_later_reply_lets_other_requests_through(served):

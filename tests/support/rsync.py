@@ -1,7 +1,6 @@
 """The acceptance check of every mode: rsync -aHAX --checksum finds nothing to change."""
 import subprocess
 
-
 # rsync's exit status when files vanished while it listed them: a tree
 # still being applied (the target's temporary files come and go)
 VANISHED = 24

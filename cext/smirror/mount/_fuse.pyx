@@ -84,10 +84,10 @@ import os
 import signal
 import threading
 
-from libc.errno cimport EAGAIN, EINTR, EIO, ENOSYS, ERANGE, errno
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
-from libc.string cimport memset, strerror
+from libc.errno cimport EAGAIN, EINTR, EIO, ENODEV, ENOSYS, ENOTCONN, ERANGE, errno
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset, strerror
 from posix.fcntl cimport F_GETFL, F_SETFL, O_ACCMODE, O_NONBLOCK, O_WRONLY, fcntl
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from posix.types cimport dev_t, gid_t, mode_t, off_t, pid_t, uid_t
@@ -157,6 +157,43 @@ cdef extern from "<unistd.h>" nogil:
     int c_close "close"(int fd)
 
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+
+cdef extern from "sm_uring.h" nogil:
+    # FUSE over io_uring (cext/smirror/mount/sm_uring.h)
+    struct sm_uring_ent_in_out:
+        uint64_t commit_id
+        uint32_t payload_sz
+    struct sm_uring_req_header:
+        char in_out[128]
+        char op_in[128]
+        sm_uring_ent_in_out ent
+    ctypedef struct sm_ring:
+        int fd
+    long sm_op_in_size(uint32_t opcode, int setxattr_ext)
+    int sm_ring_available()
+    int sm_ring_init(sm_ring *r, unsigned entries)
+    int sm_ring_cmd(sm_ring *r, int fuse_fd, uint32_t cmd, iovec *iov, uint16_t qid,
+                    uint64_t commit_id, void *user)
+    int sm_ring_submit(sm_ring *r)
+    int sm_ring_next(sm_ring *r, void **user, int *res)
+    int sm_ring_wait(sm_ring *r, void **user, int *res)
+    unsigned sm_ring_ready(sm_ring *r)
+    void sm_ring_exit(sm_ring *r)
+    enum:
+        ECANCELED
+        SM_FUSE_OVER_IO_URING_FLAGS2
+        SM_URING_CMD_REGISTER
+        SM_URING_CMD_COMMIT_AND_FETCH
+        FUSE_INIT_EXT
+
+
 cdef extern from "<linux/fuse.h>" nogil:
     # the kernel's protocol: what libfuse 3.14 reads but does not pass on
     struct fuse_in_header:
@@ -172,11 +209,13 @@ cdef extern from "<linux/fuse.h>" nogil:
         uint32_t minor
         uint32_t max_readahead
         uint32_t flags
+        uint32_t flags2
     struct fuse_init_out:
         uint32_t major
         uint32_t minor
         uint32_t max_readahead
         uint32_t flags
+        uint32_t flags2
     enum:
         FUSE_INIT
         FUSE_WRITE
@@ -349,6 +388,44 @@ cdef struct SessionState:
     bint killpriv_v2            # taken
     bint kill_suidgid           # of the request being served
     bint direct_writes          # write-only handles skip the page cache
+    # FUSE over io_uring
+    bint want_uring
+    bint offer_uring            # the kernel offers it, and we want it
+    bint uring_taken            # the INIT reply took it: the loop registers the queues
+    bint from_ring              # the request being served came over the ring
+    RingEnt *ents
+    int nalloc                  # entries allocated
+    int nents                   # entries registered: the ring is in use
+    RingQ *queues               # one a CPU, each its own ring and thread
+    int nq
+    int fuse_fd
+    # held by whoever serves a request or runs the loop's Python (the
+    # handlers run one at a time, in the order they took it: the order of
+    # the ops), never taken with the GIL held
+    pthread_mutex_t serve_lock
+    int waiting                 # ring threads with a request, waiting for serve_lock
+
+
+cdef struct RingQ:
+    # the queue of one CPU: a ring of its own, served by a thread on that CPU
+    # (a request and its reply stay on the caller's CPU)
+    sm_ring ring
+    pthread_mutex_t lock        # its submissions (replies come from any thread)
+    int live                    # its entries still registered
+
+
+cdef struct RingEnt:
+    # one entry of a queue of the ring: the kernel fills its header and
+    # payload with a request; its reply goes back in the same buffers
+    RingQ *q
+    sm_uring_req_header *hdr
+    char *base                  # RING_HEADROOM, then the payload
+    char *payload
+    size_t payload_size
+    iovec iov[2]
+    uint16_t qid
+    uint64_t unique             # the request being served in it, 0 when none
+    uint64_t commit_id
 
 
 cdef class Ctx:
@@ -740,6 +817,10 @@ cdef void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     _serve(req, K_BUF, 0, "read", (fi.fh, off, size))
 
 
+# whether this build can serve requests over io_uring (it has liburing)
+URING_BUILT = bool(sm_ring_available())
+
+
 # a write of at least this much reaches the handler as a memoryview of the
 # loop's buffer, not as a copy
 VIEW_MIN = 64 << 10
@@ -773,7 +854,9 @@ cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
     cdef RequestData lent = None
     cdef Session session
     try:                # the data's copy or view may fail: the caller still gets an answer
-        if size < VIEW_MIN:
+        if size < VIEW_MIN or st.from_ring:
+            # over the ring the entry's payload buffer is the kernel's to
+            # fill again: it cannot go with a view that is kept
             data = PyBytes_FromStringAndSize(buf, size)
         else:
             lent = RequestData.__new__(RequestData)
@@ -878,7 +961,58 @@ cdef ssize_t io_writev(int fd, iovec *iov, int count, void *userdata) noexcept n
             if out.error == 0 and st.offer_killpriv_v2 and iov[1].iov_len >= sizeof(fuse_init_out):
                 (<fuse_init_out *>iov[1].iov_base).flags |= FUSE_HANDLE_KILLPRIV_V2
                 st.killpriv_v2 = True
+            if out.error == 0 and st.offer_uring and iov[1].iov_len >= sizeof(fuse_init_out):
+                (<fuse_init_out *>iov[1].iov_base).flags |= FUSE_INIT_EXT
+                (<fuse_init_out *>iov[1].iov_base).flags2 |= SM_FUSE_OVER_IO_URING_FLAGS2
+                st.uring_taken = True
+    if st.nents and count >= 1 and iov[0].iov_len >= sizeof(fuse_out_header):
+        out = <fuse_out_header *>iov[0].iov_base
+        if out.unique:
+            ent = _ring_ent_of(st, out.unique)
+            if ent != NULL:
+                return _ring_reply(st, ent, iov, count)
     return writev(fd, iov, count)
+
+
+cdef RingEnt *_ring_ent_of(SessionState *st, uint64_t unique) noexcept nogil:
+    cdef int i
+    for i in range(st.nents):
+        if st.ents[i].unique == unique:
+            return &st.ents[i]
+    return NULL
+
+
+cdef ssize_t _ring_reply(SessionState *st, RingEnt *ent, iovec *iov, int count) noexcept nogil:
+    """A reply that libfuse would write to /dev/fuse, into its ring entry,
+    committed (and the entry fetches the next request)."""
+    cdef size_t total = 0, whole = iov[0].iov_len
+    cdef int i, err = 0
+    cdef fuse_out_header *out
+    for i in range(1, count):
+        whole += iov[i].iov_len
+        if total + iov[i].iov_len > ent.payload_size:
+            err = -EIO          # cannot be: replies are at most max_write or max_read
+            total = 0
+            break
+        memcpy(ent.payload + total, iov[i].iov_base, iov[i].iov_len)
+        total += iov[i].iov_len
+    out = <fuse_out_header *>ent.hdr.in_out
+    memcpy(out, iov[0].iov_base, sizeof(fuse_out_header))
+    if err:
+        out.error = err
+    out.len = <uint32_t>(sizeof(fuse_out_header) + total)
+    ent.hdr.ent.payload_sz = <uint32_t>total
+    pthread_mutex_lock(&ent.q.lock)
+    ent.unique = 0
+    i = sm_ring_cmd(&ent.q.ring, st.fuse_fd, SM_URING_CMD_COMMIT_AND_FETCH, NULL, ent.qid,
+                    ent.commit_id, ent)
+    if i == 0:
+        i = sm_ring_submit(&ent.q.ring)
+    pthread_mutex_unlock(&ent.q.lock)
+    if i < 0:
+        errno = -i
+        return -1
+    return whole
 
 
 cdef fuse_custom_io _io
@@ -928,6 +1062,27 @@ cdef double _monotonic() noexcept nogil:
 
 
 cdef enum:
+    RING_DEPTH = 4              # entries of each io_uring queue (one queue a CPU)
+    RING_HEADROOM = 4096        # in front of an entry's payload: the request's header and struct
+    # an entry's payload: libfuse's buffer (256 pages and a page), max_write and more
+    RING_PAYLOAD = (256 + 1) * 4096
+
+
+def _possible_cpus():
+    """The kernel's num_possible_cpus(): the ring has a queue for each."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            text = f.read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += (int(hi) - int(lo) + 1) if hi else 1
+    return n
+
+
+cdef enum:
     MAX_READERS = 8         # descriptors the loop polls: /dev/fuse, its wake-up, readers
 
 
@@ -949,6 +1104,7 @@ cdef class Session:
     cdef bint running
     cdef bint want_killpriv_v2
     cdef readonly Py_ssize_t buffers_lent     # request buffers write data kept (RequestData)
+    cdef list ring_threads
 
     def __cinit__(self):
         self.se = NULL
@@ -959,16 +1115,23 @@ cdef class Session:
         memset(&self.buf, 0, sizeof(self.buf))
 
     def __init__(self, ops, mountpoint, options, *, bint killpriv_v2=True,
-                 bint direct_writes=False):
+                 bint direct_writes=False, bint uring=False):
         """``killpriv_v2``: take FUSE_HANDLE_KILLPRIV_V2 when the kernel
         offers it (``ops`` then kills set-id bits where ``kill_suidgid``
         says; see the module doc). ``direct_writes``: a file opened
         write-only (O_WRONLY) is served without the kernel's page cache
-        (FOPEN_DIRECT_IO), each write a request of up to 1 MiB."""
+        (FOPEN_DIRECT_IO), each write a request of up to 1 MiB. ``uring``:
+        requests come over io_uring when the kernel offers it (FUSE over
+        io_uring: the fuse module's ``enable_uring`` parameter, Linux 6.14
+        and later) and smirror was built with liburing; else over
+        /dev/fuse (:attr:`uring` says which, after INIT)."""
         cdef fuse_args args
         self.ops = ops
         self.want_killpriv_v2 = killpriv_v2
         self.st.direct_writes = direct_writes
+        self.st.want_uring = uring and sm_ring_available()
+        pthread_mutex_init(&self.st.serve_lock, NULL)
+        self.ring_threads = []
         self.mountpoint = os.fsdecode(mountpoint)
         self.calls = collections.deque()
         self.readers = []
@@ -996,6 +1159,7 @@ cdef class Session:
         # non-blocking: a poll said readable, yet another reader (none
         # here) or an interrupt may have taken the request
         fcntl(self.fd, F_SETFL, fcntl(self.fd, F_GETFL) | O_NONBLOCK)
+        self.st.fuse_fd = self.fd
         self.wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.wake_fd < 0:
             raise OSError(errno, strerror(errno).decode())
@@ -1027,11 +1191,190 @@ cdef class Session:
         """Whether the kernel took FUSE_HANDLE_KILLPRIV_V2 (after INIT)."""
         return self.st.killpriv_v2
 
+    @property
+    def uring(self):
+        """Whether requests come over io_uring (its queues registered)."""
+        return self.st.nents > 0
+
     def queued(self):
         """Whether a request waits to be read now."""
         cdef pollfd p
+        cdef int i
+        if self.st.waiting:
+            return True
+        for i in range(self.st.nq):
+            if sm_ring_ready(&self.st.queues[i].ring):
+                return True
         p.fd, p.events, p.revents = self.fd, POLLIN, 0
         return self.fd >= 0 and poll(&p, 1, 0) > 0
+
+    cdef _ring_start(self):
+        """After an INIT reply that took FUSE over io_uring: for every
+        possible CPU a queue of RING_DEPTH entries on a ring of its own,
+        served by a thread bound to that CPU (the kernel queues a request
+        on its caller's CPU, and serves none over the ring until every
+        queue has an entry)."""
+        cdef int nq, i
+        cdef RingEnt *ent
+        self.st.uring_taken = False
+        nq = _possible_cpus()
+        n = nq * RING_DEPTH
+        queues = <RingQ *>calloc(nq, sizeof(RingQ))
+        ents = <RingEnt *>calloc(n, sizeof(RingEnt))
+        if queues == NULL or ents == NULL:
+            free(queues)
+            free(ents)
+            raise MemoryError()
+        self.st.queues, self.st.nq = queues, nq
+        self.st.ents, self.st.nalloc = ents, n
+        for i in range(nq):
+            queues[i].ring.fd = -1
+            pthread_mutex_init(&queues[i].lock, NULL)
+        for i in range(n):
+            ent = &ents[i]
+            ent.qid = i // RING_DEPTH
+            ent.q = &queues[ent.qid]
+            ent.hdr = <sm_uring_req_header *>calloc(1, sizeof(sm_uring_req_header))
+            ent.base = <char *>malloc(RING_HEADROOM + RING_PAYLOAD)
+            if ent.hdr == NULL or ent.base == NULL:
+                raise MemoryError()
+            ent.payload = ent.base + RING_HEADROOM
+            ent.payload_size = RING_PAYLOAD
+            ent.iov[0].iov_base, ent.iov[0].iov_len = ent.hdr, sizeof(sm_uring_req_header)
+            ent.iov[1].iov_base, ent.iov[1].iov_len = ent.payload, RING_PAYLOAD
+        started = threading.Semaphore(0)
+        for i in range(nq):
+            t = threading.Thread(target=self._ring_thread, args=(i, started),
+                                 name=f"capture-mount-ring{i}", daemon=True)
+            t.start()
+            self.ring_threads.append(t)
+        for i in range(nq):
+            started.acquire()
+        self.st.nents = n if all(queues[i].live for i in range(nq)) else 0
+        if not self.st.nents:
+            log.error("capture mount: FUSE over io_uring was agreed, but not every queue "
+                      "could be registered: requests come over /dev/fuse")
+
+    def _ring_thread(self, int qid, started):
+        """One CPU's queue: its ring set up and its entries registered here
+        (so their completions come to this thread), then its requests
+        served, each under serve_lock, until the connection ends."""
+        cdef RingQ *q = &self.st.queues[qid]
+        cdef int i, res, r, registered = 0
+        cdef void *user
+        cdef RingEnt *ent
+        try:
+            try:
+                os.sched_setaffinity(0, {qid})      # the queue's CPU (qid is the CPU number)
+            except OSError:
+                pass
+            res = sm_ring_init(&q.ring, RING_DEPTH * 2)
+            if res == 0:
+                pthread_mutex_lock(&q.lock)
+                for i in range(qid * RING_DEPTH, (qid + 1) * RING_DEPTH):
+                    res = sm_ring_cmd(&q.ring, self.fd, SM_URING_CMD_REGISTER, self.st.ents[i].iov,
+                                      <uint16_t>qid, 0, &self.st.ents[i])
+                    if res < 0:
+                        break
+                    registered += 1
+                if res == 0:
+                    res = sm_ring_submit(&q.ring)
+                pthread_mutex_unlock(&q.lock)
+            if res < 0:
+                log.error("capture mount: io_uring queue %d: %s", qid, strerror(-res).decode())
+                return
+            q.live = registered
+        finally:
+            started.release()
+        while q.live > 0:
+            with nogil:
+                r = sm_ring_wait(&q.ring, &user, &res)
+            if r == -EINTR:
+                continue
+            if r < 0:
+                log.error("capture mount: io_uring queue %d: %s", qid, strerror(-r).decode())
+                return
+            ent = <RingEnt *>user
+            if res < 0:
+                q.live -= 1         # the connection ended (or the entry was refused)
+                if res != -ENOTCONN and res != -ENODEV and res != -ECANCELED:
+                    log.error("capture mount: io_uring queue %d: an entry failed: %s", qid,
+                              strerror(-res).decode())
+                continue
+            if self.stopping:
+                # as over /dev/fuse: left to the unmount (which fails it);
+                # the entry is not answered, so it completes no more
+                q.live -= 1
+                continue
+            with nogil:
+                self.st.waiting += 1
+                pthread_mutex_lock(&self.st.serve_lock)
+                self.st.waiting -= 1
+            try:
+                self._ring_request(ent)
+            finally:
+                with nogil:
+                    pthread_mutex_unlock(&self.st.serve_lock)
+
+    cdef _ring_request(self, RingEnt *ent):
+        """Serve the request the kernel put in ``ent`` (under serve_lock)."""
+        cdef long arg
+        cdef char *start
+        cdef fuse_in_header *h = <fuse_in_header *>ent.hdr.in_out
+        cdef fuse_out_header *out
+        cdef fuse_buf fb
+        cdef uint32_t length
+        arg = sm_op_in_size(h.opcode, 0)
+        ent.commit_id = ent.hdr.ent.commit_id
+        ent.unique = h.unique
+        if arg < 0 or ent.hdr.ent.payload_sz > ent.payload_size:
+            out = <fuse_out_header *>ent.hdr.in_out
+            out.len, out.error = sizeof(fuse_out_header), -ENOSYS
+            ent.hdr.ent.payload_sz = 0
+            pthread_mutex_lock(&ent.q.lock)
+            ent.unique = 0
+            sm_ring_cmd(&ent.q.ring, self.fd, SM_URING_CMD_COMMIT_AND_FETCH, NULL, ent.qid,
+                        ent.commit_id, ent)
+            sm_ring_submit(&ent.q.ring)
+            pthread_mutex_unlock(&ent.q.lock)
+            return
+        # libfuse 3.14 parses a request contiguous: the header and the op's
+        # struct go in front of the payload, in the headroom
+        start = ent.payload - arg - <long>sizeof(fuse_in_header)
+        memcpy(start, h, sizeof(fuse_in_header))
+        memcpy(start + sizeof(fuse_in_header), ent.hdr.op_in, arg)
+        length = <uint32_t>(sizeof(fuse_in_header) + arg + ent.hdr.ent.payload_sz)
+        (<fuse_in_header *>start).len = length
+        self._inspect(start, length)
+        memset(&fb, 0, sizeof(fb))
+        fb.mem, fb.size = start, length
+        self.st.from_ring = True
+        try:
+            fuse_session_process_buf(self.se, &fb)
+        finally:
+            self.st.from_ring = False
+
+    cdef _ring_free(self):
+        """After the connection ended (its entries complete with an error):
+        the ring threads end, then the rings and buffers go."""
+        cdef int i
+        for t in self.ring_threads or ():
+            t.join(10)
+            if t.is_alive():
+                log.error("capture mount: %s did not end: its buffers are kept", t.name)
+                return
+        self.ring_threads = []
+        for i in range(self.st.nq):
+            sm_ring_exit(&self.st.queues[i].ring)
+        free(self.st.queues)
+        self.st.queues, self.st.nq = NULL, 0
+        if self.st.ents != NULL:
+            for i in range(self.st.nalloc):
+                free(self.st.ents[i].hdr)
+                free(self.st.ents[i].base)
+            free(self.st.ents)
+            self.st.ents = NULL
+        self.st.nents = self.st.nalloc = 0
 
     def run(self, double tick=0.0, on_tick=None):
         """Serve requests until :meth:`exit` or the file system is unmounted;
@@ -1069,6 +1412,10 @@ cdef class Session:
         for i in range(len(readers)):
             fds[2 + i].fd, fds[2 + i].events = readers[i][0], POLLIN
         next_tick = _monotonic() + tick
+        # the loop's Python runs under serve_lock, as the ring threads'
+        # requests do; it lets go only while it waits in poll
+        with nogil:
+            pthread_mutex_lock(&self.st.serve_lock)
         try:
             while not self.stopping and not fuse_session_exited(self.se):
                 if self.calls:
@@ -1085,7 +1432,9 @@ cdef class Session:
                 for i in range(nfds):
                     fds[i].revents = 0
                 with nogil:
+                    pthread_mutex_unlock(&self.st.serve_lock)
                     n = poll(fds, nfds, timeout_ms)
+                    pthread_mutex_lock(&self.st.serve_lock)
                 if n < 0:
                     if errno == EINTR:
                         # a signal: its Python handler runs now (on the main
@@ -1109,7 +1458,10 @@ cdef class Session:
                         raise OSError(-res, f"reading /dev/fuse: {strerror(-res).decode()}")
                     self._inspect(<const char *>self.buf.mem, res)
                     fuse_session_process_buf(self.se, &self.buf)
+                    if self.st.uring_taken:     # INIT was answered: the ring's turn
+                        self._ring_start()
         finally:
+            pthread_mutex_unlock(&self.st.serve_lock)
             self.running = False
             if old_wakeup is not None:
                 signal.set_wakeup_fd(old_wakeup)
@@ -1144,6 +1496,10 @@ cdef class Session:
             self.st.init_unique = h.unique
             self.st.offer_killpriv_v2 = self.want_killpriv_v2 and init.major == 7 and \
                 init.minor >= 33 and (init.flags & FUSE_HANDLE_KILLPRIV_V2) != 0
+            # flags2 is in the extended INIT (64 bytes), FUSE_INIT_EXT says so
+            self.st.offer_uring = self.st.want_uring and init.major == 7 and \
+                n >= <ssize_t>sizeof(fuse_init_in) and (init.flags & FUSE_INIT_EXT) != 0 and \
+                (init.flags2 & SM_FUSE_OVER_IO_URING_FLAGS2) != 0
 
     cdef _run_calls(self):
         while self.calls and not self.stopping:
@@ -1160,6 +1516,7 @@ cdef class Session:
             fuse_session_destroy(self.se)
             self.se = NULL
             self.fd = -1
+        self._ring_free()               # after the connection ended: no entry is filled again
         if self.buf.mem != NULL:
             free(self.buf.mem)
             self.buf.mem = NULL
@@ -1172,6 +1529,7 @@ cdef class Session:
         if self.se != NULL:
             fuse_session_unmount(self.se)
             fuse_session_destroy(self.se)
+        self._ring_free()
         if self.buf.mem != NULL:
             free(self.buf.mem)
         if self.wake_fd >= 0:

@@ -40,12 +40,18 @@ class CaptureMount:
     """The application's view of ``backing`` at ``mountpoint``; every change
     made through it goes to ``emit`` in the order served."""
 
-    def __init__(self, backing, mountpoint, emit, *, bypass: bool = True, sync_waiter=None):
+    def __init__(self, backing, mountpoint, emit, *, bypass: bool = True, sync_waiter=None,
+                 uring: bool | None = None):
         """``bypass``: also watch ``backing`` for changes other processes make
         to it directly, and resend them (:mod:`smirror.capture.mount.bypass`);
         ``sync_waiter``: the synchronous connections' waits
-        (:class:`smirror.stream.syncwait.SyncWaiter`), None: no call waits."""
+        (:class:`smirror.stream.syncwait.SyncWaiter`), None: no call waits;
+        ``uring``: take FUSE over io_uring where the kernel offers it (the
+        fuse module's ``enable_uring`` parameter; None: when
+        $SMIRROR_MOUNT_URING is 1). Faster round trips, but each CPU's
+        requests wait for that CPU (docs/mount.md, "FUSE over io_uring")."""
         self.sync_waiter = sync_waiter
+        self.want_uring = os.environ.get("SMIRROR_MOUNT_URING") == "1" if uring is None else uring
         self.backing = os.path.abspath(os.fsdecode(backing))
         self.mountpoint = os.path.abspath(os.fsdecode(mountpoint))
         self.emit = emit
@@ -78,7 +84,7 @@ class CaptureMount:
                 # write-only handles bypass the kernel's page cache (the
                 # data would be cached twice, above and in the backing file)
                 session = self._session = _fuse.Session(fs, self.mountpoint, opts,
-                                                        direct_writes=True)
+                                                        direct_writes=True, uring=self.want_uring)
             except RuntimeError as exc:
                 raise MountError(f"cannot mount {self.mountpoint}: {exc} (is /dev/fuse "
                                  f"there and usable?)") from None
@@ -96,6 +102,13 @@ class CaptureMount:
             raise
         log.info("capture mount of %s at %s", self.backing, self.mountpoint)
         return self
+
+    @property
+    def uring(self) -> bool:
+        """Whether requests come over io_uring (FUSE over io_uring, a queue
+        and a thread a CPU), not /dev/fuse: known once the kernel sent its
+        first request."""
+        return self._session is not None and self._session.uring
 
     def _run(self) -> None:
         # one request at a time, in the order read, each handler to its end;
