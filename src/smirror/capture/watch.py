@@ -1584,7 +1584,8 @@ class TreeCapture:
         saved = self.emit, self.known, self.stats
         self.emit, self.known = out, target_known
         self.stats = dict.fromkeys(saved[2], 0)
-        self._resend_unsent = unsent = {}
+        unsent: dict[bytes, str] = {}
+        self._resend_unsent = unsent
         try:
             self._walk(path, emit=True, seen=set())
         finally:
