@@ -94,3 +94,27 @@ def test_close_without_a_thread_and_twice(tmp_path, backend):
     cap.close()
     cap.run()
     assert cap.state == "stopped" and ops == []
+
+
+def test_close_from_the_capture_thread_itself(tmp_path, backend):
+    """close() called by the capture's own emit (on the capture thread):
+    it returns without waiting for itself, the thread ends, and then the
+    watcher is closed (not under the thread's feet)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    ops, fd_after_close = [], []
+
+    def emit(op):
+        ops.append(op)
+        if threading.current_thread().name == "capture" and not fd_after_close:
+            cap.close()
+            fd_after_close.append(cap.watcher.fd)
+
+    cap = TreeCapture(src, emit, capture_backend=backend, verify_interval=None)
+    thread = threading.Thread(target=cap.run, daemon=True, name="capture")
+    thread.start()
+    (src / "f").write_bytes(b"f")
+    thread.join(30)
+    assert not thread.is_alive() and ops
+    assert fd_after_close[0] >= 0       # still the thread's to read until it returns
+    assert cap.state == "stopped" and cap.watcher.fd == -1

@@ -1366,8 +1366,8 @@ class TreeCapture:
         finally:
             with self._close_lock:
                 if self._closed:
-                    # close() gave up waiting for this thread: the watcher
-                    # it read from is closed now that it is done with it
+                    # close() gave up waiting for this thread, or was called
+                    # from it: the watcher is closed now that it is done with it
                     self._close_watcher()
 
     def _run(self) -> None:
@@ -1628,7 +1628,9 @@ class TreeCapture:
             self._closed = True
             self.stop()
             thread = self._run_thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is threading.current_thread():
+            return          # called from run()'s own thread (an emit): it closes the watcher
+        if thread is not None:
             timeout = self.CLOSE_TIMEOUT if timeout is None else timeout
             thread.join(timeout)
             if thread.is_alive():
