@@ -4,6 +4,7 @@ never taken for gone or empty, and is looked at again once it can be.
 (The fanotify watcher's own lookups: tests/engine/test_fanotify.py.)"""
 import ctypes
 import errno
+import json
 import os
 import threading
 import time
@@ -11,10 +12,11 @@ import time
 from smirror.capture import fanotify, inotify
 from smirror.capture.inotify import Kind
 from smirror.capture.watch import TreeCapture
-from smirror.ops import OpKind
-from support.applying import applier_of
+from smirror.ops import MARK_RESYNC_DONE, OpKind
+from support.applying import ResyncingTarget, applier_of
 from support.descriptors import no_free_descriptors
 from support.events import collect
+from support.faults import rsync_diff
 from support.treestate import diff, snapshot
 
 
@@ -196,4 +198,171 @@ def test_a_file_that_cannot_be_opened_for_lack_of_descriptors_is_read_later(tmp_
         cap.stop()
         if thread is not None:
             thread.join(10)
+        cap.close()
+
+
+# -- a resend (the target asked for a subtree again) that runs out of descriptors --
+
+def _done_marks(ops) -> list[str]:
+    return [json.loads(bytes(op.data))["path"] for op in ops
+            if op.kind == OpKind.MARK and bytes(op.path) == MARK_RESYNC_DONE]
+
+
+def _wait_converged(cap, src, targets, deadline=60.0) -> None:
+    """Apply what each target was sent (``targets``: (apply_new, dst))
+    until rsync -aHAX --checksum finds nothing to change on any of them;
+    the capture thread runs meanwhile, if started."""
+    end = time.monotonic() + deadline
+    while True:
+        left = {}
+        for apply_new, dst in targets:
+            apply_new()
+            differs = rsync_diff(src, dst)
+            if differs:
+                left[str(dst)] = differs
+        if not left:
+            return
+        assert time.monotonic() < end, f"the targets did not converge: {left}; {cap.status()}"
+        time.sleep(0.05)
+
+
+def _wait_done_mark(target, rel: str, deadline=30.0) -> None:
+    end = time.monotonic() + deadline
+    while _done_marks(target.ops) != [rel]:
+        assert time.monotonic() < end, f"no done MARK of {rel!r}: {_done_marks(target.ops)}"
+        time.sleep(0.05)
+        target.apply_new()
+
+
+def _run_thread(cap) -> threading.Thread:
+    thread = threading.Thread(target=cap.run, daemon=True, name="capture")
+    thread.start()
+    return thread
+
+
+def _resend_without_descriptors(cap, target, rel: bytes, why: str) -> None:
+    """The target asks for ``rel`` again; the capture serves it while the
+    process has no free descriptor."""
+    target.requests.sent(rel, time.monotonic())
+    with no_free_descriptors():
+        cap.resend(rel, target, why)
+    target.apply_new()
+
+
+def test_a_resend_that_cannot_list_a_directory_sends_it_once_it_lists(tmp_path, backend, caplog):
+    """The target asked for ``d`` again (its copy of a hard-linked file
+    diverged); the resend removes ``d`` there, then cannot list it (no free
+    descriptor). Before, nothing below ``d`` was sent, and the retry
+    compared ``d`` with the cache, which believed the target had it all:
+    the target lost the subtree for good. Now the resend says what it
+    could not send (status), sends it to that target once ``d`` lists
+    (the shared inode whole, so the divergence outside ``d`` goes too),
+    never what the source removed meanwhile, and only then its done MARK.
+    The other target (the capture's own output) keeps its copy throughout."""
+    src, dst, other = tmp_path / "src", tmp_path / "dst", tmp_path / "other"
+    (src / "d" / "e" / "sub").mkdir(parents=True)
+    (src / "d" / "e" / "f").write_bytes(b"f" * 10000)
+    os.link(src / "d" / "e" / "f", src / "outside")
+    (src / "d" / "e" / "sub" / "g").write_bytes(b"g")
+    (src / "d" / "h").write_bytes(b"removed while the resend waits")
+    target, to_other = ResyncingTarget(dst), []
+    cap = TreeCapture(src, lambda op: (target(op), to_other.append(op)),
+                      capture_backend=backend, verify_interval=None)
+    target.capture = cap
+    targets = [(target.apply_new, dst), (applier_of(to_other, other), other)]
+    thread = None
+    try:
+        cap.resync(b"", "initial")
+        cap.sync()
+        _wait_converged(cap, src, targets)
+        with open(dst / "outside", "r+b") as f:        # the target's divergence
+            f.write(b"diverged")
+        _resend_without_descriptors(cap, target, b"d", "op seq 9 WRITE b'd/e/f' failed")
+        assert os.listdir(dst / "d") == []              # what the resend could send
+        st = cap.status()
+        assert st["unlisted"] == {"d": "Too many open files"}
+        assert st["resends_unfinished"] == {"d": ["d"]}
+        assert "the target asked for it again and lacks what is below it" in caplog.text
+        assert _done_marks(target.ops) == []
+        targets[1][0]()
+        assert rsync_diff(src, other) == []
+        # meanwhile on the source: one name goes (the target must not get it
+        # back), one comes (both targets get it)
+        os.unlink(src / "d" / "h")
+        (src / "d" / "new").write_bytes(b"new")
+        thread = _run_thread(cap)
+        _wait_converged(cap, src, targets)
+        _wait_done_mark(target, "d")
+        _wait_converged(cap, src, targets)
+        assert cap.status()["resends_unfinished"] == {}
+        assert "could not send (b'd') can be now: sent" in caplog.text
+    finally:
+        cap.close()
+    assert thread is None or not thread.is_alive()
+    assert (dst / "outside").stat().st_ino == (dst / "d" / "e" / "f").stat().st_ino
+
+
+def test_a_resend_that_cannot_list_a_directory_renamed_since_sends_it_at_its_new_name(
+        tmp_path, backend):
+    """The directory the resend could not list is renamed before it lists
+    again: the target renamed its empty copy too, so what is missing is
+    sent under the new name (the resend follows the renames it sent)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d" / "e").mkdir(parents=True)
+    (src / "d" / "e" / "f").write_bytes(b"f" * 5000)
+    target = ResyncingTarget(dst)
+    cap = TreeCapture(src, target, capture_backend=backend, verify_interval=None)
+    target.capture = cap
+    try:
+        cap.resync(b"", "initial")
+        cap.sync()
+        _wait_converged(cap, src, [(target.apply_new, dst)])
+        (dst / "d" / "e" / "f").write_bytes(b"diverged")
+        _resend_without_descriptors(cap, target, b"d", "op seq 9 WRITE b'd/e/f' failed")
+        assert os.listdir(dst / "d") == []
+        os.rename(src / "d", src / "renamed")
+        _run_thread(cap)
+        _wait_converged(cap, src, [(target.apply_new, dst)])
+        _wait_done_mark(target, "d")
+    finally:
+        cap.close()
+
+
+def test_a_resend_that_cannot_open_the_other_name_of_a_removed_link_sends_it_once_it_can(
+        tmp_path, backend):
+    """The target asked for a name of a hard-linked file that the source
+    removed since: the resend sends the file's other name again, which it
+    cannot open (no free descriptor) after removing it on the target.
+    Before, the retry of the unreadable file compared it with the cache
+    (the target had it, as far as the cache knew): the target lacked it for
+    good. Now it is sent to that target once it can be opened."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    (src / "y").write_bytes(b"old " * 5000)
+    os.link(src / "y", src / "sub" / "x")
+    target = ResyncingTarget(dst)
+    cap = TreeCapture(src, target, capture_backend=backend, verify_interval=None)
+    target.capture = cap
+    try:
+        cap.resync(b"", "initial")
+        cap.sync()
+        _wait_converged(cap, src, [(target.apply_new, dst)])
+        # the target's divergence: sub/x made anew (its writes miss y)
+        os.unlink(dst / "sub" / "x")
+        (dst / "sub" / "x").write_bytes(b"")
+        with open(src / "sub" / "x", "r+b") as f:
+            f.write(b"new!" * 100)
+        cap.sync()
+        os.unlink(src / "sub" / "x")
+        cap.sync()
+        target.apply_new()
+        _resend_without_descriptors(cap, target, b"sub/x", "the target lacked what the op needed")
+        assert not (dst / "y").exists()
+        st = cap.status()
+        assert st["unreadable"] == {"y": "Too many open files"}
+        assert st["resends_unfinished"] == {"sub/x": ["y"]}
+        _run_thread(cap)
+        _wait_converged(cap, src, [(target.apply_new, dst)])
+        _wait_done_mark(target, "sub/x")
+    finally:
         cap.close()

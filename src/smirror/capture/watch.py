@@ -178,6 +178,16 @@ class MirrorHandover:
         self.stats: dict = stats if stats is not None else {}
 
 
+class _UnfinishedResend:
+    """A resend of ``rel`` to ``out`` that could not send ``parts`` (path
+    -> why: a directory it could not list, a file it could not open) after
+    removing them on its target."""
+    __slots__ = ("rel", "out", "reason", "parts")
+
+    def __init__(self, rel: bytes, out, reason: str, parts: dict[bytes, str]):
+        self.rel, self.out, self.reason, self.parts = rel, out, reason, parts
+
+
 class TreeCapture:
     """Watches ``root`` and emits ops for what changes. ``run()`` loops until
     ``stop()``; ``sync()`` processes everything seen so far (a task queued on
@@ -213,6 +223,12 @@ class TreeCapture:
         # directories a walk could not list for a passing reason (why):
         # resynced again with the unreadable files
         self.unlisted: dict[bytes, str] = {}
+        # resends that could not send all of a subtree they had removed on
+        # their target (_UnfinishedResend): the rest goes to that target
+        # once it can be listed or read (_retry_resends); while a resend
+        # walks, what it could not send (path -> why)
+        self._unfinished: list[_UnfinishedResend] = []
+        self._resend_unsent: dict[bytes, str] | None = None
         # files created since the last quiet moment: read when their event
         # came, maybe before their writer was done (fanotify merges a new
         # file's writes into its CREATE): looked at again when quiet
@@ -229,6 +245,7 @@ class TreeCapture:
         self._fault = os.fsencode(os.environ.get(FAULT_ENV, ""))
         self._requests_lock = threading.Lock()
         self._stop = threading.Event()
+        self._close_lock = threading.Lock()        # close() and the end of run()
         self._buf = bytearray(_READ_CHUNK)
         self.stats = {"events": 0, "ops": 0, "resyncs": 0, "bytes_sent": 0, "bytes_skipped": 0,
                       "reverified": 0, "failures": 0}
@@ -257,7 +274,9 @@ class TreeCapture:
                     last_rescan_reason=self.last_rescan_reason, state=self.state, error=self.error,
                     unreadable={os.fsdecode(p): w for p, w in sorted(self.unreadable.items())[:20]},
                     unreadable_count=len(self.unreadable),
-                    unlisted={os.fsdecode(p): w for p, w in sorted(self.unlisted.items())[:20]})
+                    unlisted={os.fsdecode(p): w for p, w in sorted(self.unlisted.items())[:20]},
+                    resends_unfinished={os.fsdecode(r.rel): sorted(map(os.fsdecode, r.parts))
+                                        for r in self._unfinished[:20]})
 
     def _excluded(self, rel: bytes, is_dir: bool) -> bool:
         return self.rules is not None and self.rules.excluded(rel, is_dir)
@@ -581,7 +600,12 @@ class TreeCapture:
         if self._read_root is not None:
             return                  # reading the target's tree (load_target): not the source's
         why = os.strerror(exc.errno) if exc.errno else str(exc)
-        if rel not in self.unlisted:
+        if self._resend_unsent is not None:
+            self._resend_unsent[rel] = why
+            log.error("capture: cannot list %s: %s; the target asked for it again and lacks "
+                      "what is below it: sent once it can be listed (tried every %.0f s)",
+                      os.fsdecode(self._abs(rel)), why, self.UNREADABLE_RETRY)
+        elif rel not in self.unlisted:
             log.error("capture: cannot list %s: %s; what the target has below it is kept, "
                       "resynced again every %.0f s", os.fsdecode(self._abs(rel)), why,
                       self.UNREADABLE_RETRY)
@@ -793,7 +817,12 @@ class TreeCapture:
     def _note_unreadable(self, rel: bytes, why: str) -> None:
         if self._read_root is not None:
             return                  # reading the target's tree (load_target): not the source's
-        if rel not in self.unreadable:
+        if self._resend_unsent is not None:
+            self._resend_unsent[rel] = why
+            log.error("capture: cannot read %s: %s; the target asked for it again and lacks it: "
+                      "sent once it can be read (tried every %.0f s)", os.fsdecode(self._abs(rel)),
+                      why, self.UNREADABLE_RETRY)
+        elif rel not in self.unreadable:
             log.error("capture: cannot read %s: %s; not sent (the target keeps what it has), "
                       "retried every %.0f s", os.fsdecode(self._abs(rel)), why, self.UNREADABLE_RETRY)
         self.unreadable[rel] = why
@@ -1325,7 +1354,23 @@ class TreeCapture:
         with its traceback and the capture restarts: a structural resync
         of the set, and the content of what was pending, so what it missed
         meanwhile is sent. After MAX_FAILURES in a row it stops for good
-        (``state`` 'failed', ``error`` says why): the engine reports it."""
+        (``state`` 'failed', ``error`` says why): the engine reports it.
+        :meth:`close` waits for it to return."""
+        with self._close_lock:
+            if self._closed:
+                self.state = "stopped"
+                return
+            self._run_thread = threading.current_thread()
+        try:
+            self._run()
+        finally:
+            with self._close_lock:
+                if self._closed:
+                    # close() gave up waiting for this thread, or was called
+                    # from it: the watcher is closed now that it is done with it
+                    self._close_watcher()
+
+    def _run(self) -> None:
         last_verify = last_retry = time.monotonic()
         while not self._stop.is_set() and self.state != "failed":
             try:
@@ -1335,11 +1380,12 @@ class TreeCapture:
                 self._serve_requests()
                 if self.poll(0.05):
                     continue
-                if (self.unreadable or self.unlisted) \
+                if (self.unreadable or self.unlisted or self._unfinished) \
                         and time.monotonic() - last_retry >= self.UNREADABLE_RETRY:
                     with self._lock:
                         self._retry_unreadable()
                         self._retry_unlisted()
+                        self._retry_resends()
                     last_retry = time.monotonic()
                 if self.verify_interval is not None \
                         and time.monotonic() - last_verify >= self.verify_interval:
@@ -1463,53 +1509,140 @@ class TreeCapture:
         resent under every name the renames sent since give it, its own
         and its directories' (:meth:`_later_names`): the target renamed
         what it held there, divergence and all; a name the source does not
-        have is deleted there."""
+        have is deleted there. What the resend cannot send (a directory it
+        cannot list, a file it cannot open: EMFILE...) the target lacks
+        from then on: it is reported (``unlisted``, ``unreadable``) and
+        sent to ``emit`` once it can be (:meth:`_retry_resends`), and the
+        done MARK follows that."""
         with self._lock:
             self._flush_dirty(force=True)
             out = emit if emit is not None else self.emit
-            paths = [rel]
-            if rel and not os.path.lexists(self._abs(rel)):
-                later = self._later_names(rel)
-                if later:
-                    log.info("capture: %r, to be resynced, was renamed (or a directory above "
-                             "it): resent at %s too", rel, ", ".join(map(repr, later)))
-                    paths += later
-                others = self._other_names(paths)
-                if others:
-                    log.info("capture: %r, to be resynced, was a name of a hard-linked file, "
-                             "removed since: its other names are resent (%s)", rel,
-                             ", ".join(map(repr, others)))
-                    paths += others
-            for path in paths:
-                self.resync(path, reason or "asked by the target")
-                self._lost.discard(path)
-                out(Op.delete(_ZERO, path))
-                # what the target held there goes: its directory's mtime
-                # moves there, the source's is sent again when quiet
-                self._dirs_touched.add(path.rpartition(b"/")[0])
-                if path and os.path.lexists(self._abs(path)):
-                    prefix = path + b"/"
-                    # copies, with no block hashes and no attributes: a name
-                    # in the subtree linked to a file outside it is sent
-                    # whole, bytes and attributes, never diffed against the
-                    # cache (ops that the target skipped, which brought this
-                    # resync, changed that inode in the cache only); the
-                    # cache's own entries stay as they are
-                    target_known = {p: _detached(k) for p, k in self.known.items()
-                                    if p != path and not p.startswith(prefix)}
-                    saved = self.emit, self.known, self.stats
-                    self.emit, self.known = out, target_known
-                    self.stats = dict.fromkeys(saved[2], 0)
-                    try:
-                        self._walk(path, emit=True, seen=set())
-                    finally:
-                        self.emit, self.known, self.stats = saved
-            out(Op.mark(_ZERO, MARK_RESYNC_DONE, json.dumps({"path": os.fsdecode(rel)}).encode()))
+            self._resend_parts(rel, [rel], out, reason or "asked by the target")
             self.stats["resyncs_served"] = self.stats.get("resyncs_served", 0) + 1
+
+    def _names_to_resend(self, rel: bytes) -> list[bytes]:
+        """``rel`` and, when the source no longer has it, the names the
+        target may hold it under: later names (renames), and a removed
+        hard-link name's other names (:meth:`_later_names`, :meth:`_other_names`)."""
+        paths = [rel]
+        if rel and not os.path.lexists(self._abs(rel)):
+            later = self._later_names(rel)
+            if later:
+                log.info("capture: %r, to be resynced, was renamed (or a directory above "
+                         "it): resent at %s too", rel, ", ".join(map(repr, later)))
+                paths += later
+            others = self._other_names(paths)
+            if others:
+                log.info("capture: %r, to be resynced, was a name of a hard-linked file, "
+                         "removed since: its other names are resent (%s)", rel,
+                         ", ".join(map(repr, others)))
+                paths += others
+        return paths
+
+    def _resend_parts(self, rel: bytes, parts, out, reason: str) -> None:
+        """Send ``parts`` (``rel`` itself, or what an earlier resend of it
+        could not send) again to ``out``; the done MARK of ``rel`` once all
+        of it went out, else what is left waits (:meth:`_retry_resends`)."""
+        unsent: dict[bytes, str] = {}
+        done: set[bytes] = set()
+        for part in parts:
+            for path in self._names_to_resend(part):
+                if path not in done:
+                    done.add(path)
+                    unsent.update(self._send_again(path, out, reason))
+        if unsent:
+            self._unfinished.append(_UnfinishedResend(rel, out, reason, unsent))
+            if len(self._unfinished) > self.MOVED_LIMIT:
+                lost = self._unfinished.pop(0)       # the oldest
+                log.error("capture: too many resends wait for paths to be listed or read: the "
+                          "one of %r is dropped (its target lacks %s until its next resync)",
+                          lost.rel, ", ".join(map(repr, sorted(lost.parts))))
+            return
+        out(Op.mark(_ZERO, MARK_RESYNC_DONE, json.dumps({"path": os.fsdecode(rel)}).encode()))
+
+    def _send_again(self, path: bytes, out, reason: str) -> dict[bytes, str]:
+        """``path`` resynced against the cache (every output), then removed
+        on ``out``'s target and sent to it whole from the source. Returns
+        what could not be sent (path -> why): the target lacks it now."""
+        self.resync(path, reason)
+        self._lost.discard(path)
+        out(Op.delete(_ZERO, path))
+        # what the target held there goes: its directory's mtime
+        # moves there, the source's is sent again when quiet
+        self._dirs_touched.add(path.rpartition(b"/")[0])
+        if not path or not os.path.lexists(self._abs(path)):
+            return {}
+        prefix = path + b"/"
+        # copies, with no block hashes and no attributes: a name
+        # in the subtree linked to a file outside it is sent
+        # whole, bytes and attributes, never diffed against the
+        # cache (ops that the target skipped, which brought this
+        # resync, changed that inode in the cache only); the
+        # cache's own entries stay as they are
+        target_known = {p: _detached(k) for p, k in self.known.items()
+                        if p != path and not p.startswith(prefix)}
+        saved = self.emit, self.known, self.stats
+        self.emit, self.known = out, target_known
+        self.stats = dict.fromkeys(saved[2], 0)
+        unsent: dict[bytes, str] = {}
+        self._resend_unsent = unsent
+        try:
+            self._walk(path, emit=True, seen=set())
+        finally:
+            self.emit, self.known, self.stats = saved
+            self._resend_unsent = None
+        return unsent
+
+    def _retry_resends(self) -> None:
+        """Send what resends could not (:meth:`resend`) to their targets,
+        each part once it is no longer unlisted or unreadable (those
+        retries take it off once it can be listed or read; gone, it is
+        deleted there or followed to its new name)."""
+        for r in list(self._unfinished):
+            if any(p in self.unlisted or p in self.unreadable for p in r.parts):
+                continue
+            self._unfinished.remove(r)
+            log.warning("capture: what the resend of %r could not send (%s) can be now: sent",
+                        r.rel, ", ".join(map(repr, sorted(r.parts))))
+            self._resend_parts(r.rel, sorted(r.parts), r.out, r.reason)
 
     def stop(self) -> None:
         self._stop.set()
 
-    def close(self) -> None:
-        self.stop()
-        self.watcher.close()
+    CLOSE_TIMEOUT = 10.0        # seconds close() waits for the thread in run()
+
+    _run_thread: threading.Thread | None = None
+    _closed = False
+    _watcher_closed = False
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop, wait for the thread in :meth:`run` to return (up to
+        ``timeout``, default CLOSE_TIMEOUT seconds), then close the watcher:
+        once close() returned, this capture emits nothing more. A thread
+        that does not return in time is logged and left to close the
+        watcher itself when it does (closed under it, its descriptor could
+        be another file's by then). A second call does nothing."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.stop()
+            thread = self._run_thread
+        if thread is threading.current_thread():
+            return          # called from run()'s own thread (an emit): it closes the watcher
+        if thread is not None:
+            timeout = self.CLOSE_TIMEOUT if timeout is None else timeout
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("capture of %s: its thread (%s) did not return within %.1f s of "
+                          "close(): its watcher is closed when it does", os.fsdecode(self.root),
+                          thread.name, timeout)
+                return
+        with self._close_lock:
+            self._close_watcher()
+
+    def _close_watcher(self) -> None:
+        """Close the watcher once (the caller holds _close_lock)."""
+        if not self._watcher_closed:
+            self._watcher_closed = True
+            self.watcher.close()
