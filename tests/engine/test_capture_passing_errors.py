@@ -249,6 +249,21 @@ def _resend_without_descriptors(cap, target, rel: bytes, why: str) -> None:
     target.apply_new()
 
 
+def _captured_to(src, dst, backend):
+    """(target, capture): ``src`` captured, mirrored to a ResyncingTarget at ``dst``."""
+    target = ResyncingTarget(dst)
+    cap = TreeCapture(src, target, capture_backend=backend, verify_interval=None)
+    target.capture = cap
+    try:
+        cap.resync(b"", "initial")
+        cap.sync()
+        _wait_converged(cap, src, [(target.apply_new, dst)])
+    except BaseException:
+        cap.close()
+        raise
+    return target, cap
+
+
 def test_a_resend_that_cannot_list_a_directory_sends_it_once_it_lists(tmp_path, backend, caplog):
     """The target asked for ``d`` again (its copy of a hard-linked file
     diverged); the resend removes ``d`` there, then cannot list it (no free
@@ -310,13 +325,8 @@ def test_a_resend_that_cannot_list_a_directory_renamed_since_sends_it_at_its_new
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "d" / "e").mkdir(parents=True)
     (src / "d" / "e" / "f").write_bytes(b"f" * 5000)
-    target = ResyncingTarget(dst)
-    cap = TreeCapture(src, target, capture_backend=backend, verify_interval=None)
-    target.capture = cap
+    target, cap = _captured_to(src, dst, backend)
     try:
-        cap.resync(b"", "initial")
-        cap.sync()
-        _wait_converged(cap, src, [(target.apply_new, dst)])
         (dst / "d" / "e" / "f").write_bytes(b"diverged")
         _resend_without_descriptors(cap, target, b"d", "op seq 9 WRITE b'd/e/f' failed")
         assert os.listdir(dst / "d") == []
@@ -340,13 +350,8 @@ def test_a_resend_that_cannot_open_the_other_name_of_a_removed_link_sends_it_onc
     (src / "sub").mkdir(parents=True)
     (src / "y").write_bytes(b"old " * 5000)
     os.link(src / "y", src / "sub" / "x")
-    target = ResyncingTarget(dst)
-    cap = TreeCapture(src, target, capture_backend=backend, verify_interval=None)
-    target.capture = cap
+    target, cap = _captured_to(src, dst, backend)
     try:
-        cap.resync(b"", "initial")
-        cap.sync()
-        _wait_converged(cap, src, [(target.apply_new, dst)])
         # the target's divergence: sub/x made anew (its writes miss y)
         os.unlink(dst / "sub" / "x")
         (dst / "sub" / "x").write_bytes(b"")

@@ -182,7 +182,6 @@ cdef extern from "sm_uring.h" nogil:
     int sm_ring_cmd(sm_ring *r, int fuse_fd, uint32_t cmd, iovec *iov, uint16_t qid,
                     uint64_t commit_id, void *user)
     int sm_ring_submit(sm_ring *r)
-    int sm_ring_next(sm_ring *r, void **user, int *res)
     int sm_ring_wait(sm_ring *r, void **user, int *res)
     unsigned sm_ring_ready(sm_ring *r)
     void sm_ring_exit(sm_ring *r)

@@ -169,24 +169,6 @@ static inline int sm_ring_submit(sm_ring *r)
 #endif
 }
 
-/* The next completion, if any: 0 and its entry and result, or -EAGAIN. */
-static inline int sm_ring_next(sm_ring *r, void **user, int *res)
-{
-#ifdef SM_HAVE_URING
-    struct io_uring_cqe *cqe;
-    int ret = io_uring_peek_cqe(&r->ring, &cqe);
-    if (ret < 0)
-        return ret;
-    *user = io_uring_cqe_get_data(cqe);
-    *res = cqe->res;
-    io_uring_cqe_seen(&r->ring, cqe);
-    return 0;
-#else
-    (void)r; (void)user; (void)res;
-    return -EAGAIN;
-#endif
-}
-
 /* Wait for the next completion (blocking): 0 and its entry and result, or
  * a negative errno (-EINTR: a signal came first). */
 static inline int sm_ring_wait(sm_ring *r, void **user, int *res)
