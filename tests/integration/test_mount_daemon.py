@@ -17,6 +17,7 @@ pytest.importorskip("smirror.capture.mount._fuse", reason="the capture mount nee
 
 from smirror.capture.mount.mountpoint import mounted_at
 from support.daemons import PASSWORD, smirror, wait_for
+from support.fuseuring import uring_enabled
 from support.pair import login, running_pair
 from support.rsync import rsync_differences, wait_rsync_same
 
@@ -91,7 +92,7 @@ def ordered_pair(mnt, dst, n: int, wait_applied) -> dict:
     return result
 
 
-def _ordered_pair_through_two_daemons(tmp_path, mount_dirs, n):
+def _ordered_pair_through_two_daemons(tmp_path, mount_dirs, n, transport="/dev/fuse"):
     back, mnt, dst = mount_dirs
     with running_pair(tmp_path) as (source, target, env):
         mount_repset(source, target, env, back, mnt, dst)
@@ -102,6 +103,7 @@ def _ordered_pair_through_two_daemons(tmp_path, mount_dirs, n):
         st = status(source)
         mount = st["mounts"]["db"]
         assert mount["kind"] == "mount" and mount["mount_point"] == str(mnt), mount
+        assert mount["transport"] == transport, mount
         assert mount["failures"] == 0 and mount["ops"] >= 2 * n, mount
         row = st["sources"][0]
         assert row["capture"]["kind"] == "mount", row
@@ -114,6 +116,17 @@ def _ordered_pair_through_two_daemons(tmp_path, mount_dirs, n):
 
 def test_ordered_pair_through_two_daemons_with_mount_capture(tmp_path, mount_dirs):
     r = _ordered_pair_through_two_daemons(tmp_path, mount_dirs, 5000)
+    assert r["reads"] > 100, r
+    assert r["violations"] == 0, r
+
+
+def test_ordered_pair_through_two_daemons_with_mount_capture_over_io_uring(
+        tmp_path, mount_dirs, monkeypatch):
+    """The same, the source daemon's mount over FUSE io_uring (its
+    requests served by a thread on each CPU, one handler at a time)."""
+    with uring_enabled():
+        monkeypatch.setenv("SMIRROR_MOUNT_URING", "1")
+        r = _ordered_pair_through_two_daemons(tmp_path, mount_dirs, 5000, transport="io_uring")
     assert r["reads"] > 100, r
     assert r["violations"] == 0, r
 

@@ -410,6 +410,7 @@ def test_writers_on_two_cpus_get_ops_in_the_order_the_backing_file_saw(dirs, tra
         for r in racers:
             assert r.wait(60) == 0
         assert m.uring == (transport == "io-uring")
+        assert m.status()["transport"] == ("io_uring" if m.uring else "/dev/fuse")
     replay = bytearray(4 * BLOCK)
     writes = [o for o in ops if o.kind == OpKind.WRITE]
     assert sum(len(o.data) for o in writes) == 400 * BLOCK

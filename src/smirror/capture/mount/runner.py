@@ -221,9 +221,11 @@ class CaptureMount:
                 self.fs.flusher.close()
 
     def status(self) -> dict:
-        """The mount point, ops and bytes captured, failed and refused
-        calls, the bypass watcher."""
-        out: dict[str, Any] = {"mount_point": self.mountpoint, "error": self.failure()}
+        """The mount point, how requests come (``transport``: io_uring or
+        /dev/fuse), ops and bytes captured, failed and refused calls, the
+        bypass watcher."""
+        out: dict[str, Any] = {"mount_point": self.mountpoint, "error": self.failure(),
+                               "transport": "io_uring" if self.uring else "/dev/fuse"}
         if self.fs is not None:
             out.update(self.fs.stats, failures=self.fs.failures)
         if self.bypass is not None:
