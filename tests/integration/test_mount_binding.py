@@ -103,6 +103,7 @@ class MemFS:
         return len(data)
 
     def fsync(self, fh, datasync):
+        self.calls.append("fsync")
         return self.on_fsync(fh) if self.on_fsync else None
 
     def release(self, fh):
@@ -265,6 +266,38 @@ def test_requests_from_every_cpu_are_served_one_at_a_time(served):
     assert most[0] == 1, "two handlers ran at once"
     for cpu in cpus:
         assert bytes(fs.files[b"w%d" % cpu]) == b"x" * 100 * 200
+
+
+def test_a_handler_that_lets_go_of_the_serve_lock_lets_another_cpus_request_through(served):
+    """Over io_uring: an fsync whose wait runs with the serve lock let go
+    (serve_unlocked, as the capture mount's backing flush) does not hold
+    up a write from another CPU, which is served meanwhile."""
+    fs, session, mnt = served
+    if not session.uring:
+        pytest.skip("over /dev/fuse one loop serves every request")
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    written = threading.Event()
+    fs.on_write = lambda data: written.set()
+    fs.on_fsync = lambda fh: session.serve_unlocked(written.wait, 30) or None
+    fs.files[b"other"], fs.inos[b"other"] = bytearray(), 100
+    syncer = subprocess.Popen([sys.executable, "-c", "import os, sys, time\n"
+                               "os.sched_setaffinity(0, {int(sys.argv[2])})\n"
+                               "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)\n"
+                               "t = time.monotonic(); os.fsync(fd); print(time.monotonic() - t)",
+                               str(mnt / "a"), str(cpus[0])], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: fs.calls.count("fsync") == 1 or syncer.poll() is not None,
+                 what="the fsync in its handler")
+        p = subprocess.run([sys.executable, "-c", PINNED_WRITER, str(mnt / "other"), str(cpus[1]), "1"],
+                           timeout=30)
+        assert p.returncode == 0
+        out, _ = syncer.communicate(timeout=30)
+    finally:
+        syncer.kill()
+    assert syncer.returncode == 0
+    assert float(out) < 25, "the fsync waited out its timeout: the write was held up"
 
 
 def test_a_later_reply_lets_other_requests_through(served):

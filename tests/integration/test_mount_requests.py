@@ -128,7 +128,7 @@ def test_calls_are_served_while_an_fsync_waits_for_the_backing_disk(dirs, monkey
     monkeypatch.setattr(CaptureFS, "flush_backing", held)
     ops = []
     done = {}
-    with CaptureMount(back, mnt, ops.append, bypass=False) as m:
+    with CaptureMount(back, mnt, ops.append, bypass=False, uring=False) as m:
         assert (m.fs.flusher is not None) == (flush_path == "aio")
         # with nothing else queued the flush runs on the loop (next test);
         # whether the read is queued by then is the kernel's timing: say it is
@@ -169,10 +169,12 @@ def test_calls_are_served_while_an_fsync_waits_for_the_backing_disk(dirs, monkey
     assert (back / "a").read_bytes() == b"data of a"
 
 
-def test_a_failed_backing_fsync_fails_the_call(dirs, monkeypatch):
+@pytest.mark.parametrize("transport", ["dev-fuse", "io-uring"])
+def test_a_failed_backing_fsync_fails_the_call(dirs, monkeypatch, transport):
     """What the disk's flush says reaches the application: an fsync that
     fails on the backing file fails with its errno (a hook fails it: a disk
-    that fails on demand is not at hand)."""
+    that fails on demand is not at hand). Over io_uring the flush is made
+    in the handler, the serve lock let go."""
     import errno
 
     from smirror.capture.mount.fs import CaptureFS
@@ -180,9 +182,17 @@ def test_a_failed_backing_fsync_fails_the_call(dirs, monkeypatch):
 
     def failing(self, fd, datasync, done):
         done(errno.EIO)                 # what a disk that is gone answers
+
+    def failing_now(self, fd, datasync):
+        raise OSError(errno.EIO, "a disk that is gone")
     monkeypatch.setattr(CaptureFS, "flush_backing", failing)
-    with CaptureMount(back, mnt, lambda op: None, bypass=False) as m:
-        m.fs.requests_queued = lambda: True         # the flush off the loop
+    monkeypatch.setattr(CaptureFS, "flush_now", failing_now)
+    with contextlib.ExitStack() as stack:
+        if transport == "io-uring":
+            stack.enter_context(uring_enabled())
+        m = stack.enter_context(CaptureMount(back, mnt, lambda op: None, bypass=False,
+                                             uring=transport == "io-uring"))
+        m.fs.requests_queued = lambda: True         # over /dev/fuse: the flush off the loop
         with open(mnt / "a", "wb") as f:
             f.write(b"x")
             f.flush()
@@ -190,13 +200,14 @@ def test_a_failed_backing_fsync_fails_the_call(dirs, monkeypatch):
                 os.fsync(f.fileno())
         assert exc.value.errno == errno.EIO
         assert m.fs.failures == 0, m.fs.error
+        assert m.uring == (transport == "io-uring")
 
 
 def test_fsync_and_fdatasync_by_aio_reach_the_backing_file(dirs):
     """The real flush by AIO: fsync, fdatasync and a directory's fsync
     through the mount succeed, each counted as an AIO flush."""
     back, mnt = dirs
-    with CaptureMount(back, mnt, lambda op: None, bypass=False) as m:
+    with CaptureMount(back, mnt, lambda op: None, bypass=False, uring=False) as m:
         if m.fs.flusher is None:
             pytest.skip("no Linux AIO here: the thread path is tested above")
         m.fs.requests_queued = lambda: True         # the flush off the loop
@@ -220,7 +231,7 @@ def test_an_fsync_with_nothing_else_queued_flushes_on_the_loop(dirs):
     One writer's fsyncs (a stray request of the kernel's, a FORGET, may be
     queued once)."""
     back, mnt = dirs
-    with CaptureMount(back, mnt, lambda op: None, bypass=False) as m:
+    with CaptureMount(back, mnt, lambda op: None, bypass=False, uring=False) as m:
         with open(mnt / "a", "wb") as f:
             for _ in range(5):
                 f.write(b"x" * 1000)

@@ -1195,6 +1195,22 @@ cdef class Session:
         """Whether requests come over io_uring (its queues registered)."""
         return self.st.nents > 0
 
+    def serve_unlocked(self, fn, *args):
+        """``fn(*args)`` with the serve lock let go, from a handler: over
+        io_uring the other CPUs' requests are served meanwhile (a wait that
+        changes nothing the handlers share, say a backing flush on a
+        descriptor of its own). The handler's own request stays open; the
+        lock is held again when ``fn`` returns."""
+        if not self.running:
+            raise RuntimeError("serve_unlocked() outside a handler of a served session")
+        with nogil:
+            pthread_mutex_unlock(&self.st.serve_lock)
+        try:
+            return fn(*args)
+        finally:
+            with nogil:
+                pthread_mutex_lock(&self.st.serve_lock)
+
     def queued(self):
         """Whether a request waits to be read now."""
         cdef pollfd p

@@ -267,7 +267,10 @@ class CaptureFS:
         # whether another request is queued now (the runner's; None: not
         # known): an fsync with nothing else to serve flushes on the loop
         self.requests_queued: Any = None
-        self.flushes = {"loop": 0, "off_loop": 0}
+        # the session (the runner's), for its transport: over io_uring a
+        # flush lets the other CPUs' requests through (serve_unlocked)
+        self.session: Any = None
+        self.flushes = {"loop": 0, "off_loop": 0, "unlocked": 0}
 
     # -- inodes and paths ------------------------------------------------------
     def _ino(self, st_ino: int) -> int:
@@ -423,6 +426,10 @@ class CaptureFS:
                 flushed(err)
             self.flush_backing(flush.fd, flush.datasync, closed)
         return _fuse.Later(start)
+
+    def flush_now(self, fd: int, datasync: bool) -> None:
+        """fsync (fdatasync) of a backing descriptor, here and now."""
+        (os.fdatasync if datasync else os.fsync)(fd)
 
     def flush_backing(self, fd: int, datasync: bool, done) -> None:
         """fsync (fdatasync) of a backing descriptor, the loop serving other
@@ -933,10 +940,20 @@ class CaptureFS:
         is queued (a hand-off to AIO or a thread costs wake-ups worth about
         a fast disk's flush: measured), else a :class:`_Flush` for off the
         loop, on a descriptor of its own (``owned``: ``fd`` is one; else a
-        dup, so a release meanwhile closes only the handle's)."""
+        dup, so a release meanwhile closes only the handle's). Over io_uring
+        the flush is made here, the other CPUs' requests served meanwhile
+        (its descriptor its own, as off the loop): no hand-off at all."""
+        if self.session is not None and self.session.uring:
+            own = fd if owned else os.dup(fd)
+            try:
+                self.session.serve_unlocked(self.flush_now, own, datasync)
+            finally:
+                os.close(own)
+            self.flushes["unlocked"] += 1
+            return None
         if self.requests_queued is not None and not self.requests_queued():
             try:
-                (os.fdatasync if datasync else os.fsync)(fd)
+                self.flush_now(fd, datasync)
             finally:
                 if owned:
                     os.close(fd)

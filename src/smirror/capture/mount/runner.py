@@ -91,6 +91,7 @@ class CaptureMount:
             if fs.flusher is not None:
                 session.add_reader(fs.flusher.efd, fs.flusher.reap)
             fs.requests_queued = session.queued
+            fs.session = session
             self._serving = True
             self._thread = threading.Thread(target=self._run, name="capture-mount", daemon=True)
             self._thread.start()
