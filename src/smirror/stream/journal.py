@@ -92,8 +92,8 @@ class ConnectionJournal:
             elif type(op.data) is memoryview:
                 # a view of a buffer its lender reuses (the capture mount's
                 # request data): encoded at once above, else copied to wait
-                # in the open frame
-                self._pending[-1] = self._pending[-1]._replace(data=bytes(op.data))
+                # in the open frame (data is the op's last field)
+                self._pending[-1] = _new(Op, (seq,) + tuple(op)[1:-1] + (bytes(op.data),))
             return seq
 
     def append_alone(self, op: Op, timeout: float = 600.0) -> int:
