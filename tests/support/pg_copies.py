@@ -221,6 +221,9 @@ def run(work, trials: int = 50, kill_every: int = 5, seed: int = 0, say=lambda s
             out["converged"] = False
             out["failures"].append("the replica never equalled the backing directory: "
                                    + "; ".join(differences()))
+        if capture == "mount":      # how the mount took its requests (SMIRROR_MOUNT_URING)
+            st = json.loads(source.cli("status", "--json").stdout)
+            out["transport"] = st["mounts"]["app"].get("transport")
         source.kill(signal.SIGTERM)
     return out
 
