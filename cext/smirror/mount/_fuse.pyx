@@ -1192,8 +1192,16 @@ cdef class Session:
 
     @property
     def uring(self):
-        """Whether requests come over io_uring (its queues registered)."""
-        return self.st.nents > 0
+        """Whether requests come over io_uring: every queue registered, and
+        none refused since (an entry the kernel refuses completes with an
+        error; until every queue has one, requests come over /dev/fuse)."""
+        cdef int i
+        if self.st.nents == 0:
+            return False
+        for i in range(self.st.nq):
+            if self.st.queues[i].live <= 0:
+                return False
+        return True
 
     def serve_unlocked(self, fn, *args):
         """``fn(*args)`` with the serve lock let go, from a handler: over
