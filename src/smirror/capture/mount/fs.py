@@ -442,7 +442,7 @@ class CaptureFS:
 
         def flush() -> None:
             try:
-                (os.fdatasync if datasync else os.fsync)(fd)
+                self.flush_now(fd, datasync)
             except OSError as exc:
                 done(exc.errno or errno.EIO)
                 return
