@@ -164,12 +164,18 @@ def test_copy_keeps_holes_and_data(tmp_path):
 
 def test_dense_file_is_copied_without_hole_search_or_truncate(tmp_path, monkeypatch):
     """A source whose blocks cover its size has no holes: one kernel copy,
-    no SEEK_DATA/SEEK_HOLE, no ftruncate of the new file. A sparse one
-    (also with a hole at its end) still keeps its holes and its length."""
+    no hole search (SEEK_HOLE), no ftruncate of the new file. A sparse one
+    (also with a hole at its end) still keeps its holes and its length.
+    (One SEEK_DATA at 0 per file is the wait for a write in flight.)"""
     import smirror.fs.files as tl
     calls = []
     real_lseek, real_ftruncate = os.lseek, os.ftruncate
-    monkeypatch.setattr(tl.os, "lseek", lambda *a: calls.append("lseek") or real_lseek(*a))
+
+    def lseek(fd, pos, how):
+        if how == os.SEEK_HOLE:
+            calls.append("lseek")
+        return real_lseek(fd, pos, how)
+    monkeypatch.setattr(tl.os, "lseek", lseek)
     monkeypatch.setattr(tl.os, "ftruncate",
                         lambda *a: calls.append("ftruncate") or real_ftruncate(*a))
     src, dst = tmp_path / "s", tmp_path / "d"

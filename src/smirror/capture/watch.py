@@ -57,7 +57,7 @@ import numpy as np
 
 from smirror.capture import fanotify, inotify
 from smirror.capture.inotify import GONE_ERRNOS, MOVED_OUT, Event, Kind
-from smirror.fs.files import read_xattrs, xattr_filter
+from smirror.fs.files import read_xattrs, wait_for_writes, xattr_filter
 from smirror.fs.tree import Rules
 from smirror.kernels import checksum
 from smirror.ops import MARK_RESYNC_DONE, MARK_ROOT_MTIME, MKNOD_TYPES, Op, OpKind
@@ -520,6 +520,7 @@ class TreeCapture:
         try:
             if not same(os.fstat(fd)):
                 return False
+            wait_for_writes(fd)
             k.block_size = 0
             if not self._read_blocks(rel, k, fd, e.size, emit=False):
                 return False
@@ -967,9 +968,15 @@ class TreeCapture:
                 k = self._learn_inode(rel, k, st)
             elif k.names <= 1 or not k.ino:
                 k.ino = ino
+            read_under = st
             for _ in range(self.REREADS + 1):
+                # a write whose times fstat gave may still be copying its
+                # bytes: the read waits for it (else older bytes go out
+                # under its mtime, see wait_for_writes)
+                wait_for_writes(fd)
                 if not self._read_blocks(rel, k, fd, st.st_size, emit):
                     return None
+                read_under = st
                 if not emit:
                     break
                 after = os.fstat(fd)
@@ -978,7 +985,9 @@ class TreeCapture:
                 st = after          # written meanwhile: what moved is read again
         finally:
             os.close(fd)
-        return st
+        # written again at every reread: the times of the last read, not of
+        # the write it missed (the target's older mtime keeps it in question)
+        return read_under
 
     def _read_blocks(self, rel: bytes, k: Known, fd: int, size: int, emit: bool) -> bool:
         """One pass of _diff_file over ``size`` bytes of ``fd``: WRITEs for

@@ -1,6 +1,7 @@
 """Raw file I/O, shared by the mirror and the stream: full preads, the one
 block signature and digest reader (leased mappings for large files), kernel
-copies that keep holes, xattr reads, read leases, and atomic replacement of
+copies that keep holes, xattr reads, read leases, the wait for writes in
+flight before a read (:func:`wait_for_writes`), and atomic replacement of
 a name through a hidden temporary (:func:`replace_at`).
 
 Nothing here knows what a mirror is: the mirror's target sides (a local
@@ -38,6 +39,26 @@ def read_full(fd: int, view: memoryview, offset: int) -> int:
             break
         got += n
     return got
+
+
+def wait_for_writes(fd: int) -> None:
+    """Returns once every write(2) to ``fd``'s file that had begun before
+    the call has put its last byte in the page cache; leaves the file
+    offset at 0 (callers read with pread).
+
+    A write updates the file's mtime and ctime first, then copies its
+    bytes: a read in between returns the older bytes while fstat already
+    gives the new times, and a copy sent under those times passes every
+    later size/mtime check (after a kill, a restart's quick check would
+    leave the target's stale copy for good). lseek(SEEK_DATA) takes the
+    inode lock that a buffered write holds from its time update to its
+    last byte (ext4, btrfs, tmpfs; xfs's reads take that lock themselves),
+    so the caller's order is: fstat, this, read, fstat again."""
+    try:
+        if os.lseek(fd, 0, os.SEEK_DATA):
+            os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        pass        # ENXIO: no data (the lock was taken all the same); EINVAL: no SEEK_DATA
 
 
 _SIG_CHUNK = 1 << 20          # read+hash step: stays in cache between the copy and the hash

@@ -46,6 +46,7 @@ from smirror.fs.files import (
     read_full,
     read_xattrs,
     take_read_lease,
+    wait_for_writes,
     xattr_filter,
 )
 from smirror.fs.tree import DIR, FILE, SPECIAL, SYMLINK, Entry, Listing, Rules, entry_from_stat, scan
@@ -915,6 +916,9 @@ class Mirror:
             raise MirrorError("source is no longer a regular file")
         if _racy(st):
             st = os.fstat(fd)
+        # a write whose times st holds may still be copying its bytes: the
+        # copy waits for it (else older bytes go out under its mtime)
+        wait_for_writes(fd)
         return fd, st
 
     def _committed(self, rel: bytes, st1) -> Entry:
