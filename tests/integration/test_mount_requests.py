@@ -22,7 +22,7 @@ from smirror.capture.mount.mountpoint import mounted_at
 from smirror.capture.mount.runner import CaptureMount
 from smirror.ops import MARK_ROOT_MTIME, OpKind
 from support.daemons import wait_for
-from support.fuseuring import uring_enabled
+from support.fuseuring import uring_disabled, uring_enabled
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or not shutil.which("fusermount3") or os.geteuid() != 0,
@@ -201,6 +201,20 @@ def test_a_failed_backing_fsync_fails_the_call(dirs, monkeypatch, transport):
         assert exc.value.errno == errno.EIO
         assert m.fs.failures == 0, m.fs.error
         assert m.uring == (transport == "io-uring")
+
+
+def test_io_uring_asked_for_and_not_offered_is_said_and_served_over_dev_fuse(dirs, caplog):
+    """SMIRROR_MOUNT_URING=1 on a kernel that does not offer FUSE over
+    io_uring (its default): the mount works over /dev/fuse, its status
+    says so, and the log says why, with what turns it on."""
+    back, mnt = dirs
+    with uring_disabled(), caplog.at_level("WARNING", logger="smirror.capture.mount"), \
+            CaptureMount(back, mnt, lambda op: None, bypass=False, uring=True) as m:
+        (mnt / "a").write_bytes(b"served")
+        assert (back / "a").read_bytes() == b"served"
+        assert not m.uring and m.status()["transport"] == "/dev/fuse"
+    said = [r.getMessage() for r in caplog.records if "io_uring asked for" in r.getMessage()]
+    assert len(said) == 1 and "requests come over /dev/fuse" in said[0], caplog.text
 
 
 def test_fsync_and_fdatasync_by_aio_reach_the_backing_file(dirs):

@@ -29,3 +29,24 @@ def uring_enabled():
     finally:
         with open(PARAM, "w") as f:
             f.write(old)
+
+
+@contextlib.contextmanager
+def uring_disabled():
+    """The kernel offers no FUSE over io_uring for the test's duration
+    (its default: ``enable_uring`` N; nothing to do where it has none)."""
+    if not os.path.exists(PARAM):
+        yield
+        return
+    with open(PARAM) as f:
+        old = f.read().strip()
+    try:
+        with open(PARAM, "w") as f:
+            f.write("N")
+    except OSError as exc:
+        pytest.skip(f"cannot disable FUSE over io_uring: {exc}")
+    try:
+        yield
+    finally:
+        with open(PARAM, "w") as f:
+            f.write(old)

@@ -1129,6 +1129,10 @@ cdef class Session:
         self.want_killpriv_v2 = killpriv_v2
         self.st.direct_writes = direct_writes
         self.st.want_uring = uring and sm_ring_available()
+        if uring and not self.st.want_uring:
+            log.warning("capture mount: FUSE over io_uring asked for, but this build of smirror "
+                        "has no liburing (liburing-dev when it was built): requests come over "
+                        "/dev/fuse")
         pthread_mutex_init(&self.st.serve_lock, NULL)
         self.ring_threads = []
         self.mountpoint = os.fsdecode(mountpoint)
@@ -1523,6 +1527,11 @@ cdef class Session:
             self.st.offer_uring = self.st.want_uring and init.major == 7 and \
                 n >= <ssize_t>sizeof(fuse_init_in) and (init.flags & FUSE_INIT_EXT) != 0 and \
                 (init.flags2 & SM_FUSE_OVER_IO_URING_FLAGS2) != 0
+            if self.st.want_uring and not self.st.offer_uring:
+                log.warning("capture mount: FUSE over io_uring asked for, but the kernel does not "
+                            "offer it (Linux 6.14 or later, with the fuse module's enable_uring: "
+                            "echo Y > /sys/module/fuse/parameters/enable_uring): requests come "
+                            "over /dev/fuse")
 
     cdef _run_calls(self):
         while self.calls and not self.stopping:
