@@ -11,24 +11,31 @@ PARAM = "/sys/module/fuse/parameters/enable_uring"
 
 
 @contextlib.contextmanager
+def _enable_uring_set(value: str):
+    """``enable_uring`` set to ``value`` for the block, then as it was."""
+    with open(PARAM) as f:
+        old = f.read().strip()
+    try:
+        with open(PARAM, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        pytest.skip(f"cannot set {PARAM} to {value}: {exc}")
+    try:
+        yield
+    finally:
+        with open(PARAM, "w") as f:
+            f.write(old)
+
+
+@contextlib.contextmanager
 def uring_enabled():
     from smirror.capture.mount import _fuse
     if not _fuse.URING_BUILT:
         pytest.skip("smirror was built without liburing (Debian: liburing-dev)")
     if not os.path.exists(PARAM):
         pytest.skip(f"this kernel has no FUSE over io_uring ({PARAM})")
-    with open(PARAM) as f:
-        old = f.read().strip()
-    try:
-        with open(PARAM, "w") as f:
-            f.write("Y")
-    except OSError as exc:
-        pytest.skip(f"cannot enable FUSE over io_uring: {exc}")
-    try:
+    with _enable_uring_set("Y"):
         yield
-    finally:
-        with open(PARAM, "w") as f:
-            f.write(old)
 
 
 @contextlib.contextmanager
@@ -38,15 +45,5 @@ def uring_disabled():
     if not os.path.exists(PARAM):
         yield
         return
-    with open(PARAM) as f:
-        old = f.read().strip()
-    try:
-        with open(PARAM, "w") as f:
-            f.write("N")
-    except OSError as exc:
-        pytest.skip(f"cannot disable FUSE over io_uring: {exc}")
-    try:
+    with _enable_uring_set("N"):
         yield
-    finally:
-        with open(PARAM, "w") as f:
-            f.write(old)
