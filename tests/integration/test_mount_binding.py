@@ -195,39 +195,45 @@ def test_a_handlers_bug_is_eio_to_the_caller_and_the_loop_goes_on(served):
     assert bytes(fs.files[b"f"]) == b"after the bug"
 
 
-# writes of 128 KiB of "a", then "b", then "c" (each a request), then 100 bytes
+# writes of 128 KiB of "a", then "b", ... "j" (each a request; more than a
+# queue of the ring has entries, so entries are filled again), then 100 bytes
+LARGE = b"abcdefghij"
 WRITES = r"""
 import os, sys
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
-for i, c in enumerate(b"abc"):
+for i, c in enumerate(b"abcdefghij"):
     os.pwrite(fd, bytes([c]) * (128 << 10), i << 17)
-os.pwrite(fd, b"s" * 100, 3 << 17)
+os.pwrite(fd, b"s" * 100, 10 << 17)
 """
 
 
 def test_write_data_is_lent_without_a_copy_and_what_a_handler_keeps_stays_as_written(served):
-    """A large write reaches the handler as a view of the loop's buffer
-    (no copy; over /dev/fuse); a view kept past the handler takes that
-    buffer with it, so the next requests, read into a new one, do not
-    change what it holds. Small writes come as bytes."""
+    """A large write reaches the handler as a view of the request's buffer
+    (no copy); a view kept past the handler takes that buffer with it, so
+    the next requests (over /dev/fuse read into a new buffer, over io_uring
+    into new pages at the address the kernel fills) do not change what it
+    holds. Small writes come as bytes."""
     fs, session, mnt = served
     seen = []
     fs.on_write = seen.append           # keeps every view
     p = _in_process(WRITES, mnt / "kept")
     assert p.returncode == 0, p.stderr
-    # over io_uring the kernel fills an entry's buffer again once it is
-    # answered: it cannot go with a view, so the data comes as bytes
-    lent = 0 if session.uring else 3
-    assert [type(d) for d in seen] == [memoryview] * lent + [bytes] * (4 - lent)
-    assert [bytes(d) for d in seen] == [c * (128 << 10) for c in (b"a", b"b", b"c")] + [b"s" * 100]
-    assert session.buffers_lent == lent
-    assert bytes(fs.files[b"kept"]) == b"a" * (128 << 10) + b"b" * (128 << 10) + \
-        b"c" * (128 << 10) + b"s" * 100
+    n = len(LARGE)
+    assert [type(d) for d in seen] == [memoryview] * n + [bytes]
+    expected = [bytes([c]) * (128 << 10) for c in LARGE] + [b"s" * 100]
+    assert [bytes(d) for d in seen] == expected
+    assert session.buffers_lent == n
+    assert bytes(fs.files[b"kept"]) == b"".join(expected)
+    # what was kept still holds what was written, the entries having been
+    # filled again since; a view let go gives its buffer back
+    p = _in_process(WRITES.replace("abcdefghij", "ABCDEFGHIJ"), mnt / "again")
+    assert p.returncode == 0, p.stderr
+    assert [bytes(d) for d in seen[:n + 1]] == expected
     del seen[:]
-    fs.on_write = lambda data: None     # keeps nothing: the loop's buffer stays its own
+    fs.on_write = lambda data: None     # keeps nothing: the buffer stays the loop's
     p = _in_process(WRITES, mnt / "not-kept")
     assert p.returncode == 0, p.stderr
-    assert session.buffers_lent == lent
+    assert session.buffers_lent == 2 * n
     assert bytes(fs.files[b"not-kept"]) == bytes(fs.files[b"kept"])
 
 

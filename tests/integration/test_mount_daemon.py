@@ -2,6 +2,7 @@
 the set's root at its mount point (on start and when the set is created),
 unmounts on stop and when the set is deleted, clears the stale mount a
 SIGKILLed daemon left; the ordered pair through two daemons holds."""
+import errno
 import json
 import os
 import shutil
@@ -148,7 +149,8 @@ def test_sigkill_of_the_source_daemon_leaves_a_stale_mount_the_restart_clears(tm
         source.kill()                                  # SIGKILL: the mount stays, dead
         with pytest.raises(OSError) as e:
             os.statvfs(mnt)
-        assert e.value.errno == 107                    # ENOTCONN
+        # ENOTCONN; a mount served over io_uring answers ECONNABORTED
+        assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
         with pytest.raises(OSError):
             (mnt / "after-kill").write_bytes(b"x")     # fails: never past the capture
         # what the last writes changed may be missing on the target; the

@@ -67,9 +67,10 @@ removexattr(inode, name, ctx)              None
 =========================================  ======================================
 
 ``write``'s ``data`` is bytes below :data:`VIEW_MIN`, else a read-only
-memoryview of the loop's own buffer (no copy): a handler or what it
-hands the data to may keep it (the buffer then goes with it, see
-:class:`RequestData`), but copying what it keeps is cheaper.
+memoryview of the request's own buffer (no copy; over io_uring through
+the entry's read-only alias): a handler or what it hands the data to may
+keep it (the buffer then goes with it, see :class:`RequestData`), but
+copying what it keeps is cheaper.
 
 A handler fails by raising :class:`FUSEError` (its errno to the caller) or
 OSError (its errno); anything else is a bug of the handler: EIO to the
@@ -155,6 +156,19 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t c_read "read"(int fd, void *buf, size_t count)
     ssize_t c_write "write"(int fd, const void *buf, size_t count)
     int c_close "close"(int fd)
+
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
+    int munmap(void *addr, size_t length)
+    int memfd_create(const char *name, unsigned int flags)
+    void *MAP_FAILED
+    int PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FIXED
+    unsigned int MFD_CLOEXEC
+
+
+cdef extern from "<unistd.h>" nogil:
+    int ftruncate(int fd, off_t length)
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -392,6 +406,11 @@ cdef struct SessionState:
     bint offer_uring            # the kernel offers it, and we want it
     bint uring_taken            # the INIT reply took it: the loop registers the queues
     bint from_ring              # the request being served came over the ring
+    RingEnt *cur_ent            # its entry (under serve_lock)
+    # a buffer made ready for the entry whose write data a handler keeps
+    # (see _ring_keep): its memfd and read-only mapping, -1/NULL when none
+    int spare_mfd
+    char *spare_alias
     RingEnt *ents
     int nalloc                  # entries allocated
     int nents                   # entries registered: the ring is in use
@@ -419,6 +438,12 @@ cdef struct RingEnt:
     RingQ *q
     sm_uring_req_header *hdr
     char *base                  # RING_HEADROOM, then the payload
+    # with memfd: base is a shared mapping of the memfd mfd, and alias
+    # another one, read-only, through which write data is lent to handlers
+    # (see _ring_keep); else base is malloc'd and write data is copied
+    bint memfd
+    int mfd
+    char *alias
     char *payload
     size_t payload_size
     iovec iov[2]
@@ -830,11 +855,14 @@ cdef class RequestData:
     handler as a memoryview: no copy. A view (or this object) still held
     when the handler returns, by an op left in a journal's open frame say,
     takes the loop's buffer with it: the loop reads its next request into
-    a new one, so what is held never changes under its holder."""
+    a new one, so what is held never changes under its holder. Over
+    io_uring it takes the entry's alias, and new pages go under the
+    address the kernel fills (_ring_keep)."""
     cdef const char *ptr
     cdef Py_ssize_t size
     cdef Py_ssize_t exports
     cdef void *owned           # the loop's buffer, once this took it
+    cdef char *mapped          # over the ring: the entry's old alias, once this took it
 
     def __getbuffer__(self, Py_buffer *view, int flags):
         PyBuffer_FillInfo(view, self, <void *>self.ptr, self.size, 1, flags)
@@ -845,6 +873,8 @@ cdef class RequestData:
 
     def __dealloc__(self):
         free(self.owned)
+        if self.mapped != NULL:
+            munmap(self.mapped, RING_BUF)
 
 
 cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
@@ -852,26 +882,89 @@ cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
     cdef SessionState *st = <SessionState *>fuse_req_userdata(req)
     cdef RequestData lent = None
     cdef Session session
+    cdef RingEnt *ent = st.cur_ent if st.from_ring else NULL
+    cdef int err = 0
     try:                # the data's copy or view may fail: the caller still gets an answer
-        if size < VIEW_MIN or st.from_ring:
-            # over the ring the entry's payload buffer is the kernel's to
-            # fill again: it cannot go with a view that is kept
+        if size < VIEW_MIN or (ent != NULL and not _ring_can_lend(st, ent)):
             data = PyBytes_FromStringAndSize(buf, size)
         else:
             lent = RequestData.__new__(RequestData)
-            lent.ptr, lent.size = buf, size
+            # over the ring: the same bytes through the entry's alias
+            lent.ptr = buf if ent == NULL else ent.alias + (buf - ent.base)
+            lent.size = size
             data = memoryview(lent)
     except BaseException as exc:
         fuse_reply_err(req, _errno_of(exc))
         return
-    _serve(req, K_WRITE, 0, "write", (fi.fh, off, data, st.kill_suidgid))
+    try:
+        r = _ops(req).write(fi.fh, off, data, st.kill_suidgid)
+    except BaseException as exc:
+        err = _errno_of(exc)
     data = None
     if lent is not None and (lent.exports or Py_REFCNT(lent) > 1):
-        # kept: the buffer goes with it (libfuse allocates the next one)
+        # kept: the buffer goes with it, before the reply (over the ring
+        # the reply hands the entry back to the kernel to fill)
         session = <Session>st.session
-        lent.owned = session.buf.mem
-        session.buf.mem = NULL
+        if ent == NULL:
+            lent.owned = session.buf.mem        # libfuse allocates the next one
+            session.buf.mem = NULL
+        elif not _ring_keep(st, ent, lent):
+            # the entry cannot be given other pages: it is not answered
+            # (no request comes into what is kept: its alias goes with the
+            # data, and the entry lends no more), the mount stops
+            log.error("capture mount: a kept write's buffer could not be replaced (%s): "
+                      "the mount stops", os.strerror(errno))
+            lent.mapped, ent.alias = ent.alias, NULL
+            session.exit()
+            return
         session.buffers_lent += 1
+    if err:
+        fuse_reply_err(req, err)
+    else:
+        _answer(req, K_WRITE, r, 0)
+
+
+cdef int _ring_buf_new(int *mfd, char **alias) noexcept nogil:
+    """A memfd of an entry's buffer size and a read-only mapping of it: 0,
+    or -1 (errno set)."""
+    cdef int fd = memfd_create("smirror-ring", MFD_CLOEXEC)
+    cdef void *a
+    if fd < 0:
+        return -1
+    if ftruncate(fd, RING_BUF) == 0:
+        a = mmap(NULL, RING_BUF, PROT_READ, MAP_SHARED, fd, 0)
+        if a != MAP_FAILED:
+            mfd[0], alias[0] = fd, <char *>a
+            return 0
+    c_close(fd)
+    return -1
+
+
+cdef bint _ring_can_lend(SessionState *st, RingEnt *ent) noexcept nogil:
+    """Whether ``ent``'s write data can be lent: it has an alias, and a
+    spare buffer is ready to take its place should the data be kept."""
+    if not ent.memfd or ent.alias == NULL:
+        return False
+    if st.spare_mfd < 0 and _ring_buf_new(&st.spare_mfd, &st.spare_alias) != 0:
+        st.spare_mfd, st.spare_alias = -1, NULL
+        return False
+    return True
+
+
+cdef bint _ring_keep(SessionState *st, RingEnt *ent, RequestData lent) noexcept:
+    """A handler keeps write data lent from ``ent`` (a view of its alias).
+    The kernel fills the entry's buffer at the address it registered, so
+    the spare's memfd is mapped at that address instead; the old pages stay
+    with the kept data, through the old alias, which ``lent`` unmaps when
+    it goes. False (errno set) if the spare cannot be mapped there."""
+    if mmap(ent.base, RING_BUF, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+            st.spare_mfd, 0) == MAP_FAILED:
+        return False
+    lent.mapped = ent.alias
+    c_close(ent.mfd)        # the old alias keeps its pages
+    ent.mfd, ent.alias = st.spare_mfd, st.spare_alias
+    st.spare_mfd, st.spare_alias = -1, NULL
+    return True
 
 
 cdef void ll_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept with gil:
@@ -1065,6 +1158,18 @@ cdef enum:
     RING_HEADROOM = 4096        # in front of an entry's payload: the request's header and struct
     # an entry's payload: libfuse's buffer (256 pages and a page), max_write and more
     RING_PAYLOAD = (256 + 1) * 4096
+    RING_BUF = RING_HEADROOM + RING_PAYLOAD     # page-sized: mapped whole
+
+
+cdef void _ring_buf_free(RingEnt *ent) noexcept nogil:
+    """An entry's buffer, as _ring_start made it (or left it, half made)."""
+    if not ent.memfd:
+        free(ent.base)
+        return
+    munmap(ent.base, RING_BUF)
+    if ent.alias != NULL:       # (else a kept write's data holds it)
+        munmap(ent.alias, RING_BUF)
+    c_close(ent.mfd)
 
 
 def _possible_cpus():
@@ -1129,6 +1234,7 @@ cdef class Session:
         self.want_killpriv_v2 = killpriv_v2
         self.st.direct_writes = direct_writes
         self.st.want_uring = uring and sm_ring_available()
+        self.st.spare_mfd, self.st.spare_alias = -1, NULL
         if uring and not self.st.want_uring:
             log.warning("capture mount: FUSE over io_uring asked for, but this build of smirror "
                         "has no liburing (liburing-dev when it was built): requests come over "
@@ -1243,6 +1349,7 @@ cdef class Session:
         queue has an entry)."""
         cdef int nq, i
         cdef RingEnt *ent
+        cdef void *mapped
         self.st.uring_taken = False
         nq = _possible_cpus()
         n = nq * RING_DEPTH
@@ -1262,9 +1369,23 @@ cdef class Session:
             ent.qid = i // RING_DEPTH
             ent.q = &queues[ent.qid]
             ent.hdr = <sm_uring_req_header *>calloc(1, sizeof(sm_uring_req_header))
-            ent.base = <char *>malloc(RING_HEADROOM + RING_PAYLOAD)
-            if ent.hdr == NULL or ent.base == NULL:
+            if ent.hdr == NULL:
                 raise MemoryError()
+            # a memfd mapped twice (write data lent without a copy, see
+            # _ring_keep), else plain memory (write data copied)
+            ent.mfd, ent.alias, ent.base = -1, NULL, NULL
+            if _ring_buf_new(&ent.mfd, &ent.alias) == 0:
+                mapped = mmap(NULL, RING_BUF, PROT_READ | PROT_WRITE, MAP_SHARED, ent.mfd, 0)
+                if mapped != MAP_FAILED:
+                    ent.base, ent.memfd = <char *>mapped, True
+                else:
+                    munmap(ent.alias, RING_BUF)
+                    c_close(ent.mfd)
+                    ent.mfd, ent.alias = -1, NULL
+            if ent.base == NULL:
+                ent.base = <char *>malloc(RING_BUF)
+                if ent.base == NULL:
+                    raise MemoryError()
             ent.payload = ent.base + RING_HEADROOM
             ent.payload_size = RING_PAYLOAD
             ent.iov[0].iov_base, ent.iov[0].iov_len = ent.hdr, sizeof(sm_uring_req_header)
@@ -1375,11 +1496,11 @@ cdef class Session:
         self._inspect(start, length)
         memset(&fb, 0, sizeof(fb))
         fb.mem, fb.size = start, length
-        self.st.from_ring = True
+        self.st.from_ring, self.st.cur_ent = True, ent
         try:
             fuse_session_process_buf(self.se, &fb)
         finally:
-            self.st.from_ring = False
+            self.st.from_ring, self.st.cur_ent = False, NULL
 
     cdef _ring_free(self):
         """After the connection ended (its entries complete with an error):
@@ -1398,9 +1519,13 @@ cdef class Session:
         if self.st.ents != NULL:
             for i in range(self.st.nalloc):
                 free(self.st.ents[i].hdr)
-                free(self.st.ents[i].base)
+                _ring_buf_free(&self.st.ents[i])
             free(self.st.ents)
             self.st.ents = NULL
+        if self.st.spare_mfd >= 0:
+            munmap(self.st.spare_alias, RING_BUF)
+            c_close(self.st.spare_mfd)
+            self.st.spare_mfd, self.st.spare_alias = -1, NULL
         self.st.nents = self.st.nalloc = 0
 
     def run(self, double tick=0.0, on_tick=None):
