@@ -214,11 +214,16 @@ def test_write_data_is_lent_without_a_copy_and_what_a_handler_keeps_stays_as_wri
     into new pages at the address the kernel fills) do not change what it
     holds. Small writes come as bytes."""
     fs, session, mnt = served
+    ring_maps = _ring_mappings()
     seen = []
     fs.on_write = seen.append           # keeps every view
     p = _in_process(WRITES, mnt / "kept")
     assert p.returncode == 0, p.stderr
     n = len(LARGE)
+    # over io_uring each kept view holds its entry's old alias (one mapping
+    # each; the spare made ready before each lend went under the entry)
+    u = 1 if session.uring else 0
+    assert _ring_mappings() == ring_maps + n * u
     assert [type(d) for d in seen] == [memoryview] * n + [bytes]
     expected = [bytes([c]) * (128 << 10) for c in LARGE] + [b"s" * 100]
     assert [bytes(d) for d in seen] == expected
@@ -230,11 +235,20 @@ def test_write_data_is_lent_without_a_copy_and_what_a_handler_keeps_stays_as_wri
     assert p.returncode == 0, p.stderr
     assert [bytes(d) for d in seen[:n + 1]] == expected
     del seen[:]
+    assert _ring_mappings() == ring_maps        # what was kept is unmapped with it
     fs.on_write = lambda data: None     # keeps nothing: the buffer stays the loop's
     p = _in_process(WRITES, mnt / "not-kept")
     assert p.returncode == 0, p.stderr
     assert session.buffers_lent == 2 * n
     assert bytes(fs.files[b"not-kept"]) == bytes(fs.files[b"kept"])
+    # nothing grows by request: a spare waits for a keep that never comes
+    assert _ring_mappings() == ring_maps + u
+
+
+def _ring_mappings() -> int:
+    """Mappings of the ring's memfds in this process (entries, aliases)."""
+    with open("/proc/self/maps") as f:
+        return sum("memfd:smirror-ring" in line for line in f)
 
 
 # a writer bound to one CPU: over io_uring its requests go to that CPU's queue
