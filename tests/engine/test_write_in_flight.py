@@ -24,7 +24,9 @@ OLD, NEW = b"o" * SIZE, b"n" * SIZE
 
 
 def stale_under_source_mtime(src_file, dst_file) -> bool:
-    """The target's copy has the source's size and mtime and other bytes."""
+    """The target's copy has the source's size and mtime and other bytes
+    (asked once the held write is done: meanwhile the source's bytes are
+    the old ones too)."""
     s, d = os.stat(src_file), os.stat(dst_file)
     return ((s.st_size, s.st_mtime_ns) == (d.st_size, d.st_mtime_ns)
             and src_file.read_bytes() != dst_file.read_bytes())
@@ -75,8 +77,9 @@ def test_the_watcher_never_sends_older_bytes_under_a_write_in_flights_mtime(tmp_
             # now; its process may be killed right after that read's ops
             # (the held write's own event never comes then)
             outcome = run_beside(lambda: cap.resync(b"f", "modified"), w)
-            pipe.applier.flush()
-            assert not stale_under_source_mtime(src / "f", dst / "f"), outcome
+        # the write done (nothing read since): what that read sent
+        pipe.applier.flush()
+        assert not stale_under_source_mtime(src / "f", dst / "f"), outcome
     finally:
         cap.close()
     assert (dst / "f").read_bytes() == NEW
@@ -93,7 +96,8 @@ def test_a_mirror_never_copies_older_bytes_under_a_write_in_flights_mtime(tmp_pa
     opts = MirrorOptions(different=True, checksum=mode == "checksum", threads=1)
     with StalledWrite(src / "f", NEW) as w:
         outcome = run_beside(lambda: Mirror(src, dst, opts).run(), w)
-        assert not stale_under_source_mtime(src / "f", dst / "f"), outcome
+    # the write done: the copy made meanwhile
+    assert not stale_under_source_mtime(src / "f", dst / "f"), outcome
     assert (dst / "f").read_bytes() == NEW
 
 

@@ -24,6 +24,7 @@ from smirror.ops import MARK_ROOT_MTIME, OpKind
 from smirror.replication import Replication
 from support.daemons import wait_for
 from support.rsync import rsync_differences, wait_rsync_same
+from support.stalledwrite import StalledWrite, run_beside, unavailable
 from support.treestate import diff, snapshot
 from support.workload import Workload
 
@@ -733,6 +734,44 @@ def test_holders_of_a_file_do_not_hang_on_a_stopped_fuse_server(tmp_path):
         server.kill()
         server.wait()
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+@pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "-")
+def test_a_resend_never_sends_older_bytes_under_a_write_in_flights_mtime(tmp_path):
+    """A target's resync (or a bypass repair) reads a file of the backing
+    directory while a write to it, made there directly, has moved its
+    mtime and not yet copied its bytes (tests/support/stalledwrite.py):
+    the mtime sent is the one the bytes were read under, after that write
+    (the resend waits for it), never a later lstat's over older bytes."""
+    import itertools
+
+    from smirror.stream.apply import Applier
+    back, mnt, dst = tmp_path / "back", tmp_path / "mnt", tmp_path / "dst"
+    back.mkdir()
+    dst.mkdir()
+    applier = Applier(dst)
+    seqs = itertools.count(1)
+
+    def emit(op):                   # on the mount's thread, applied at once
+        applier.apply(op._replace(seq=next(seqs)))
+
+    size = 1 << 20
+    with CaptureMount(back, mnt, emit, bypass=False) as m:
+        (mnt / "f").write_bytes(b"o" * size)
+        m.flush_times()
+        with StalledWrite(back / "f", b"n" * size) as w:
+            done = threading.Event()
+
+            def resend():
+                assert m.call_soon(lambda: (m.fs.resend_to(b"f", emit), done.set()))
+                assert done.wait(30)
+            outcome = run_beside(resend, w, waiter=m._thread)
+        # the write done (nothing read since): what the resend sent
+        applier.flush()
+        s, d = os.stat(back / "f"), os.stat(dst / "f")
+        assert not (s.st_mtime_ns == d.st_mtime_ns and
+                    (back / "f").read_bytes() != (dst / "f").read_bytes()), outcome
+    assert (dst / "f").read_bytes() == b"n" * size
 
 
 def test_a_targets_resync_through_the_mount_keeps_hard_links(tmp_path):

@@ -160,10 +160,11 @@ def waiting_for_the_write(thread: threading.Thread) -> bool:
     return first.isdigit() and int(first) == _SYS_LSEEK
 
 
-def run_beside(fn, write: StalledWrite, timeout: float = 30) -> str:
+def run_beside(fn, write: StalledWrite, timeout: float = 30, waiter: threading.Thread | None = None) -> str:
     """Run ``fn`` in a thread while ``write`` is stalled: returns "done" if
     it finished without waiting for the write (release() follows), or
-    "waited" if it sat waiting for it (released then, and ``fn`` joined)."""
+    "waited" if it sat waiting for it (released then, and ``fn`` joined).
+    ``waiter``: the thread that reads for ``fn`` (else ``fn``'s own)."""
     errors: list[BaseException] = []
 
     def call():
@@ -178,7 +179,7 @@ def run_beside(fn, write: StalledWrite, timeout: float = 30) -> str:
     while outcome is None:
         if not t.is_alive():
             outcome = "done"
-        elif waiting_for_the_write(t):
+        elif waiting_for_the_write(waiter or t):
             outcome = "waited"
         elif time.monotonic() > deadline:
             write.release()

@@ -1065,6 +1065,7 @@ class CaptureFS:
 
     def _resend(self, rel: bytes, *, tree: bool = False, content: bool = True) -> None:
         from smirror.fs.files import read_xattrs, xattr_filter
+        read_under = None       # a file's: the times its bytes were read under
         try:
             st = self._lstat(rel)
         except FileNotFoundError:
@@ -1079,7 +1080,7 @@ class CaptureFS:
                 if stat.S_ISDIR(st.st_mode):
                     self._out(Op.mkdir(0, rel, mode))
                 elif stat.S_ISREG(st.st_mode):
-                    self._resend_file(rel, mode, st)
+                    read_under = self._resend_file(rel, mode, st)
                 elif stat.S_ISLNK(st.st_mode):
                     with self._at(rel) as (dfd, name):
                         self._out(Op.symlink(0, rel, os.readlink(name, dir_fd=dfd)))
@@ -1100,9 +1101,15 @@ class CaptureFS:
                 os.close(dfd)
             for name in names:
                 self._resend(rel + b"/" + name if rel else name, tree=True)
-        self._stamp(rel)        # last: what was resent inside changed the target's mtime
+        # last: what was resent inside changed the target's mtime; a file's
+        # is the one its bytes were read under, never a later lstat's (that
+        # of a write the read may have missed)
+        self._stamp(rel, read_under.st_mtime_ns if read_under is not None else None)
 
-    def _resend_file(self, rel: bytes, mode: int, st) -> None:
+    def _resend_file(self, rel: bytes, mode: int, st):
+        """CREATE and WRITEs of ``rel``'s bytes; returns the fstat they
+        were read under (None: sent under another name of its inode)."""
+        from smirror.fs.files import wait_for_writes
         if st.st_nlink > 1:
             other, sent = self._linked_name(rel, st)
             if other is not None:
@@ -1111,9 +1118,12 @@ class CaptureFS:
                 # the linked inode in place) unless sent in this resend
                 self._out(Op.hardlink(0, rel, other))
                 if sent:
-                    return
+                    return None
         fd = self.base.open(rel, os.O_RDONLY)
         try:
+            read_under = os.fstat(fd)
+            # a write whose times that holds may still be copying its bytes
+            wait_for_writes(fd)
             self._out(Op.create(0, rel, mode))
             off = 0
             while True:
@@ -1124,6 +1134,7 @@ class CaptureFS:
                 off += len(data)
         finally:
             os.close(fd)
+        return read_under
 
     def _linked_name(self, rel: bytes, st) -> tuple[bytes | None, bool]:
         """Another name of the hard-linked file ``rel`` that the target
