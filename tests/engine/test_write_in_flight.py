@@ -15,21 +15,12 @@ from smirror.capture.watch import TreeCapture
 from smirror.fs.files import wait_for_writes
 from smirror.mirror.engine import Mirror, MirrorOptions
 from support.applying import Pipe
-from support.stalledwrite import StalledWrite, run_beside, unavailable
+from support.stalledwrite import StalledWrite, run_beside, stale_under_source_mtime, unavailable
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "-")
 
 SIZE = 1 << 20
 OLD, NEW = b"o" * SIZE, b"n" * SIZE
-
-
-def stale_under_source_mtime(src_file, dst_file) -> bool:
-    """The target's copy has the source's size and mtime and other bytes
-    (asked once the held write is done: meanwhile the source's bytes are
-    the old ones too)."""
-    s, d = os.stat(src_file), os.stat(dst_file)
-    return ((s.st_size, s.st_mtime_ns) == (d.st_size, d.st_mtime_ns)
-            and src_file.read_bytes() != dst_file.read_bytes())
 
 
 def test_the_kernel_moves_mtime_before_the_bytes_and_wait_for_writes_waits_for_them(tmp_path):

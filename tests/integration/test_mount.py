@@ -24,7 +24,7 @@ from smirror.ops import MARK_ROOT_MTIME, OpKind
 from smirror.replication import Replication
 from support.daemons import wait_for
 from support.rsync import rsync_differences, wait_rsync_same
-from support.stalledwrite import StalledWrite, run_beside, unavailable
+from support.stalledwrite import StalledWrite, run_beside, stale_under_source_mtime, unavailable
 from support.treestate import diff, snapshot
 from support.workload import Workload
 
@@ -736,13 +736,9 @@ def test_holders_of_a_file_do_not_hang_on_a_stopped_fuse_server(tmp_path):
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 
-@pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "-")
-def test_a_resend_never_sends_older_bytes_under_a_write_in_flights_mtime(tmp_path):
-    """A target's resync (or a bypass repair) reads a file of the backing
-    directory while a write to it, made there directly, has moved its
-    mtime and not yet copied its bytes (tests/support/stalledwrite.py):
-    the mtime sent is the one the bytes were read under, after that write
-    (the resend waits for it), never a later lstat's over older bytes."""
+def _applied_at_once(tmp_path):
+    """(back, mnt, dst, applier, emit): ``emit`` applies each op to dst as
+    it comes (on the mount's thread), numbered in order."""
     import itertools
 
     from smirror.stream.apply import Applier
@@ -752,25 +748,35 @@ def test_a_resend_never_sends_older_bytes_under_a_write_in_flights_mtime(tmp_pat
     applier = Applier(dst)
     seqs = itertools.count(1)
 
-    def emit(op):                   # on the mount's thread, applied at once
+    def emit(op):
         applier.apply(op._replace(seq=next(seqs)))
+    return back, mnt, dst, applier, emit
 
+
+def _resend_on_the_loop(m, rel: bytes, emit) -> None:
+    """A target's resync of ``rel``: resend_to on the mount's thread, waited for."""
+    done = threading.Event()
+    assert m.call_soon(lambda: (m.fs.resend_to(rel, emit), done.set()))
+    assert done.wait(30)
+
+
+@pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "-")
+def test_a_resend_never_sends_older_bytes_under_a_write_in_flights_mtime(tmp_path):
+    """A target's resync (or a bypass repair) reads a file of the backing
+    directory while a write to it, made there directly, has moved its
+    mtime and not yet copied its bytes (tests/support/stalledwrite.py):
+    the mtime sent is the one the bytes were read under, after that write
+    (the resend waits for it), never a later lstat's over older bytes."""
+    back, mnt, dst, applier, emit = _applied_at_once(tmp_path)
     size = 1 << 20
     with CaptureMount(back, mnt, emit, bypass=False) as m:
         (mnt / "f").write_bytes(b"o" * size)
         m.flush_times()
         with StalledWrite(back / "f", b"n" * size) as w:
-            done = threading.Event()
-
-            def resend():
-                assert m.call_soon(lambda: (m.fs.resend_to(b"f", emit), done.set()))
-                assert done.wait(30)
-            outcome = run_beside(resend, w, waiter=m._thread)
+            outcome = run_beside(lambda: _resend_on_the_loop(m, b"f", emit), w, waiter=m._thread)
         # the write done (nothing read since): what the resend sent
         applier.flush()
-        s, d = os.stat(back / "f"), os.stat(dst / "f")
-        assert not (s.st_mtime_ns == d.st_mtime_ns and
-                    (back / "f").read_bytes() != (dst / "f").read_bytes()), outcome
+        assert not stale_under_source_mtime(back / "f", dst / "f"), outcome
     assert (dst / "f").read_bytes() == b"n" * size
 
 
@@ -780,18 +786,7 @@ def test_a_targets_resync_through_the_mount_keeps_hard_links(tmp_path):
     sent again. Names of one hard-linked file, both inside the subtree and
     one outside it, must stay one inode on the target, with the source's
     bytes (the target's copy of the inode may hold skipped writes)."""
-    import itertools
-
-    from smirror.stream.apply import Applier
-    back, mnt, dst = tmp_path / "back", tmp_path / "mnt", tmp_path / "dst"
-    back.mkdir()
-    dst.mkdir()
-    applier = Applier(dst)
-    seqs = itertools.count(1)
-
-    def emit(op):                   # on the mount's thread, applied at once
-        applier.apply(op._replace(seq=next(seqs)))
-
+    back, mnt, dst, applier, emit = _applied_at_once(tmp_path)
     with CaptureMount(back, mnt, emit) as m:
         os.makedirs(mnt / "sub")
         (mnt / "sub" / "x").write_bytes(b"linked " * 1000)
@@ -804,9 +799,7 @@ def test_a_targets_resync_through_the_mount_keeps_hard_links(tmp_path):
         assert os.stat(dst / "out").st_ino == os.stat(dst / "sub" / "y").st_ino
         with open(dst / "out", "r+b") as f:         # a write the target skipped
             f.write(b"STALE")
-        done = threading.Event()
-        assert m.call_soon(lambda: (m.fs.resend_to(b"sub", emit), done.set()))
-        assert done.wait(30)
+        _resend_on_the_loop(m, b"sub", emit)
         m.flush_times()
     applier.flush()
     ino = os.stat(dst / "out").st_ino

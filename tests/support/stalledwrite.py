@@ -148,6 +148,16 @@ class StalledWrite:
             self._close()
 
 
+def stale_under_source_mtime(src_file, dst_file) -> bool:
+    """The target's copy has the source's size and mtime and other bytes
+    (asked once the held write is done: meanwhile the source's bytes are
+    the old ones too)."""
+    s, d = os.stat(src_file), os.stat(dst_file)
+    with open(src_file, "rb") as a, open(dst_file, "rb") as b:
+        return ((s.st_size, s.st_mtime_ns) == (d.st_size, d.st_mtime_ns)
+                and a.read() != b.read())
+
+
 def waiting_for_the_write(thread: threading.Thread) -> bool:
     """``thread`` (of this process) sits in lseek: behind a stalled write's
     inode lock (wait_for_writes)."""

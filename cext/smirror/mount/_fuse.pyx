@@ -940,6 +940,14 @@ cdef int _ring_buf_new(int *mfd, char **alias) noexcept nogil:
     return -1
 
 
+cdef void _ring_buf_close(int mfd, char *alias) noexcept nogil:
+    """What _ring_buf_new made: the alias (NULL: a kept write's data holds
+    it) and the memfd."""
+    if alias != NULL:
+        munmap(alias, RING_BUF)
+    c_close(mfd)
+
+
 cdef bint _ring_can_lend(SessionState *st, RingEnt *ent) noexcept nogil:
     """Whether ``ent``'s write data can be lent: it has an alias, and a
     spare buffer is ready to take its place should the data be kept."""
@@ -1167,9 +1175,7 @@ cdef void _ring_buf_free(RingEnt *ent) noexcept nogil:
         free(ent.base)
         return
     munmap(ent.base, RING_BUF)
-    if ent.alias != NULL:       # (else a kept write's data holds it)
-        munmap(ent.alias, RING_BUF)
-    c_close(ent.mfd)
+    _ring_buf_close(ent.mfd, ent.alias)
 
 
 def _possible_cpus():
@@ -1379,8 +1385,7 @@ cdef class Session:
                 if mapped != MAP_FAILED:
                     ent.base, ent.memfd = <char *>mapped, True
                 else:
-                    munmap(ent.alias, RING_BUF)
-                    c_close(ent.mfd)
+                    _ring_buf_close(ent.mfd, ent.alias)
                     ent.mfd, ent.alias = -1, NULL
             if ent.base == NULL:
                 ent.base = <char *>malloc(RING_BUF)
@@ -1523,8 +1528,7 @@ cdef class Session:
             free(self.st.ents)
             self.st.ents = NULL
         if self.st.spare_mfd >= 0:
-            munmap(self.st.spare_alias, RING_BUF)
-            c_close(self.st.spare_mfd)
+            _ring_buf_close(self.st.spare_mfd, self.st.spare_alias)
             self.st.spare_mfd, self.st.spare_alias = -1, NULL
         self.st.nents = self.st.nalloc = 0
 
