@@ -299,6 +299,7 @@ def run_mount(work, kind):
         return {"app": t, "app_cpu": app_cpu,
                 "server_cpu": thread_cpu(m.thread.native_id) - cpu0 + ring_cpu,
                 "requests": sum(m.fs.requests.values()), "busy": m.fs.busy_ns / 1e9,
+                "busy_by": {k: v / m.fs.requests[k] / 1e3 for k, v in m.fs.busy_by.items()},
                 "flushes": dict(m.fs.flushes),
                 "by_kind": dict(sorted(m.fs.requests.items(), key=lambda kv: -kv[1]))}
 
@@ -427,6 +428,10 @@ def bench(kinds=None) -> dict:
                             if r["busy"] else "")
                     line += (f"; {r['requests']} FUSE requests{per}, "
                              f"{r['app'] / r['requests'] * 1e6:.1f} us each{busy}: {r['by_kind']}")
+                    if r.get("busy_by"):
+                        top = sorted(r["busy_by"].items(), key=lambda kv: -kv[1] * r["by_kind"].get(kv[0], 0))
+                        line += "; CPU us a request by kind: " + ", ".join(
+                            f"{k} {v:.1f}" for k, v in top[:6])
                 print(line, flush=True)
                 results[(kind, name)] = {**r, "ratio": median(ratios), "ratios": ratios}
     finally:

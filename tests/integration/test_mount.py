@@ -90,6 +90,33 @@ def test_every_call_is_applied_to_the_backing_directory_then_emitted_in_order(tm
     assert not mounted_at(str(mnt))
 
 
+def test_an_fsync_sends_its_mark_and_leaves_the_owed_mtime_to_close(tmp_path, monkeypatch):
+    # reading the mtime at each fsync would make the next write's time a
+    # fine-grained one (Linux 6.13+), dirtying the inode at every commit of
+    # a database: the mtime stays owed until the timer or the close
+    from smirror.capture.mount import runner
+    monkeypatch.setattr(runner, "TIMES_INTERVAL", 3600.0)      # the timer out of the way
+    back, mnt = tmp_path / "back", tmp_path / "mnt"
+    back.mkdir()
+    ops = []
+    with CaptureMount(back, mnt, ops.append, bypass=False):
+        fd = os.open(mnt / "wal", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, b"x" * 8192, 0)
+            os.fdatasync(fd)
+            os.pwrite(fd, b"y" * 8192, 8192)
+            os.fsync(fd)
+            of_wal = [(OpKind(o.kind).name, json.loads(o.data)["path"] if o.kind == OpKind.MARK
+                       else o.path) for o in ops if o.path == b"wal" or o.kind == OpKind.MARK]
+            assert of_wal[1:] == [("WRITE", b"wal"), ("MARK", "wal"), ("WRITE", b"wal"),
+                                  ("MARK", "wal")]
+        finally:
+            os.close(fd)
+        stamps = [o for o in ops if o.kind == OpKind.SETATTR and o.path == b"wal"]
+    # the close sends it, the backing file's own
+    assert [o.mtime_ns for o in stamps] == [os.stat(back / "wal").st_mtime_ns]
+
+
 def test_a_failed_call_emits_nothing_and_the_caller_gets_the_errno(tmp_path):
     back, mnt = tmp_path / "back", tmp_path / "mnt"
     back.mkdir()

@@ -136,7 +136,9 @@ def _served(fn):
             raise FUSEError(errno.EIO) from None
         finally:
             if t0:
-                self.busy_ns += time.thread_time_ns() - t0
+                spent = time.thread_time_ns() - t0
+                self.busy_ns += spent
+                self.busy_by[name] = self.busy_by.get(name, 0) + spent
         flush = None
         if type(result) is _Flush:
             flush, result = result, None
@@ -258,6 +260,7 @@ class CaptureFS:
         # time: on a busy machine a handler may wait for a core)
         self.profile = False
         self.busy_ns = 0
+        self.busy_by: dict[str, int] = {}           # the same, by kind of request
         # the synchronous connections' waits (stream.syncwait.SyncWaiter), if any
         self.sync_waiter: Any = None
         self._waits: _Waits | None = None
@@ -922,16 +925,15 @@ class CaptureFS:
 
     @_served
     def fsync(self, fh, datasync):
-        # its place in the order is now: the owed mtime and the MARK go out
-        # on the loop; then the backing disk's flush
+        # its place in the order is now: the MARK goes out on the loop; then
+        # the backing disk's flush. The owed mtime stays owed (the timer,
+        # close): reading it here would make every later write's time a
+        # fine-grained one (multigrain timestamps, Linux 6.13), which
+        # dirties the inode at each write and cost a WAL's fdatasync 40-60
+        # us more (pgbench commits: docs/mount.md)
         ino = self.open_files[fh]
         node = self.nodes.get(ino)
         if node is not None and node.paths:
-            if ino in self.times_dirty:
-                # the owed mtime from the open file: one fstat where the
-                # path costs three system calls (resolve beneath, stat, close)
-                del self.times_dirty[ino]
-                self._stamp(node.paths[0], os.fstat(fh).st_mtime_ns)
             self._out(Op.mark(0, MARK_FSYNC, json.dumps({"path": os.fsdecode(node.paths[0])}).encode()))
         return self._flush_or_leave(fh, datasync, owned=False)
 
