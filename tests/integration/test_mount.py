@@ -99,7 +99,7 @@ def test_an_fsync_sends_its_mark_and_leaves_the_owed_mtime_to_close(tmp_path, mo
     back, mnt = tmp_path / "back", tmp_path / "mnt"
     back.mkdir()
     ops = []
-    with CaptureMount(back, mnt, ops.append, bypass=False):
+    with CaptureMount(back, mnt, ops.append, bypass=False) as m:
         fd = os.open(mnt / "wal", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.pwrite(fd, b"x" * 8192, 0)
@@ -112,6 +112,8 @@ def test_an_fsync_sends_its_mark_and_leaves_the_owed_mtime_to_close(tmp_path, mo
                                   ("MARK", "wal")]
         finally:
             os.close(fd)
+        # the kernel sends RELEASE after close(2) has returned
+        wait_for(lambda: m.fs.requests.get("release", 0) >= 1, what="the file released")
         stamps = [o for o in ops if o.kind == OpKind.SETATTR and o.path == b"wal"]
     # the close sends it, the backing file's own
     assert [o.mtime_ns for o in stamps] == [os.stat(back / "wal").st_mtime_ns]

@@ -3,6 +3,7 @@ calls answered from an open file's own descriptor (issue 16, small-file
 performance): fewer round trips and syscalls, the same ops in the same
 order."""
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -201,6 +202,44 @@ def test_a_failed_backing_fsync_fails_the_call(dirs, monkeypatch, transport):
         assert exc.value.errno == errno.EIO
         assert m.fs.failures == 0, m.fs.error
         assert m.uring == (transport == "io-uring")
+
+
+def test_a_handle_released_during_its_flush_over_io_uring_is_closed_after_the_flush(dirs,
+                                                                                  monkeypatch):
+    """Over io_uring the flush runs on the handle's own descriptor, the
+    serve lock let go (no dup): a RELEASE served meanwhile (the kernel
+    sends none while an fsync holds the file; one is served here from the
+    flush itself) leaves the close to the flush, so the flush never runs
+    on a closed descriptor, or on another file's that took its number."""
+    from smirror.capture.mount.fs import CaptureFS
+    back, mnt = dirs
+    seen = {}
+    real_flush = CaptureFS.flush_now
+
+    def release_meanwhile(self, fd, datasync):
+        if not seen:
+            CaptureFS.release.__wrapped__(self, fd)
+            seen["open after release"] = os.fstat(fd).st_ino == os.stat(back / "a").st_ino
+            seen["closing"] = set(self.close_after_flush)
+        real_flush(self, fd, datasync)
+        seen.setdefault("flushed", fd)
+    monkeypatch.setattr(CaptureFS, "flush_now", release_meanwhile)
+    with uring_enabled(), CaptureMount(back, mnt, lambda op: None, bypass=False, uring=True) as m:
+        fd = os.open(mnt / "a", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, b"x" * 100)
+            assert m.uring
+            os.fdatasync(fd)
+            fh = seen["flushed"]
+            assert seen["open after release"] and seen["closing"] == {fh}
+            with pytest.raises(OSError) as exc:          # closed once the flush was done
+                os.fstat(fh)
+            assert exc.value.errno == errno.EBADF
+            assert m.fs.flushing == {} and m.fs.close_after_flush == set()
+        finally:
+            os.close(fd)        # its RELEASE finds the handle gone: EBADF, which the kernel drops
+        assert m.fs.failures == 0, m.fs.error
+    assert (back / "a").read_bytes() == b"x" * 100
 
 
 def test_io_uring_asked_for_and_not_offered_is_said_and_served_over_dev_fuse(dirs, caplog):

@@ -274,6 +274,12 @@ class CaptureFS:
         # flush lets the other CPUs' requests through (serve_unlocked)
         self.session: Any = None
         self.flushes = {"loop": 0, "off_loop": 0, "unlocked": 0}
+        # backing fds being flushed with the serve lock let go (how many
+        # flushes each), and those of them released meanwhile: closed after
+        self.flushing: dict[int, int] = {}
+        self.close_after_flush: set[int] = set()
+        # an fsync's MARK payload by path (the same JSON each time)
+        self._fsync_payloads: dict[bytes, bytes] = {}
 
     # -- inodes and paths ------------------------------------------------------
     def _ino(self, st_ino: int) -> int:
@@ -934,7 +940,13 @@ class CaptureFS:
         ino = self.open_files[fh]
         node = self.nodes.get(ino)
         if node is not None and node.paths:
-            self._out(Op.mark(0, MARK_FSYNC, json.dumps({"path": os.fsdecode(node.paths[0])}).encode()))
+            rel = node.paths[0]
+            payload = self._fsync_payloads.get(rel)
+            if payload is None:             # json.dumps costs a few us a call
+                if len(self._fsync_payloads) >= 4096:
+                    self._fsync_payloads.clear()
+                payload = self._fsync_payloads[rel] = json.dumps({"path": os.fsdecode(rel)}).encode()
+            self._out(Op.mark(0, MARK_FSYNC, payload))
         return self._flush_or_leave(fh, datasync, owned=False)
 
     def _flush_or_leave(self, fd: int, datasync: bool, *, owned: bool):
@@ -946,11 +958,20 @@ class CaptureFS:
         the flush is made here, the other CPUs' requests served meanwhile
         (its descriptor its own, as off the loop): no hand-off at all."""
         if self.session is not None and self.session.uring:
-            own = fd if owned else os.dup(fd)
+            # no dup (two system calls): the kernel sends no RELEASE while
+            # an fsync holds the file; should one come, release() leaves
+            # the close to us (flushing)
+            flushing = self.flushing
+            flushing[fd] = flushing.get(fd, 0) + 1
             try:
-                self.session.serve_unlocked(self.flush_now, own, datasync)
+                self.session.serve_unlocked(self.flush_now, fd, datasync)
             finally:
-                os.close(own)
+                left = flushing.pop(fd) - 1
+                if left:
+                    flushing[fd] = left
+                elif owned or fd in self.close_after_flush:
+                    self.close_after_flush.discard(fd)
+                    os.close(fd)
             self.flushes["unlocked"] += 1
             return None
         if self.requests_queued is not None and not self.requests_queued():
@@ -979,7 +1000,10 @@ class CaptureFS:
                     if node is not None and node.paths:
                         self._stamp(node.paths[0], os.fstat(fh).st_mtime_ns)
         finally:
-            os.close(fh)
+            if fh in self.flushing:         # a flush of it runs, the serve lock let go
+                self.close_after_flush.add(fh)
+            else:
+                os.close(fh)
 
     # -- changes made to the backing directory behind the mount's back ----------------
     def repair(self, batch) -> None:
