@@ -19,6 +19,9 @@ Workloads (issue 16's goals, as ratios of direct throughput):
   every 16 (goal >= 0.5);
 * ``meta``: create (100 bytes each) then delete FILES small files (goal >=
   0.3; FILES = 100,000 by default, $SMIRROR_BENCH_FILES);
+* ``commit``: COMMITS times an 8 KiB write then fdatasync, one after the
+  other, into a 16 MiB file written before (a database's commit to its
+  WAL: the path pgbench's transactions wait on, one at a time), no goal;
 * ``rtt``: FILES getxattr calls on an open file, each answered "no such
   attribute" (the kernel caches no xattrs: every call is one FUSE round
   trip): the cost of a round trip through each server, no goal;
@@ -28,7 +31,7 @@ Workloads (issue 16's goals, as ratios of direct throughput):
   PG_SCALE, synchronous commit (an fdatasync of the WAL per commit) (goal:
   TPS >= 0.7 of the same on the backing disk).
 
-    python benchmarks/bench_mount.py [seq rand meta pgbench]     # a table
+    python benchmarks/bench_mount.py [seq rand meta commit rtt pgbench]     # a table
     python -m pytest benchmarks/bench_mount.py -q -s      # the same, as a test
 
 Needs root, /dev/fuse, fusermount3 and smirror built with libfuse3-dev (and PostgreSQL for
@@ -64,6 +67,7 @@ ROUNDS = int(os.environ.get("SMIRROR_BENCH_ROUNDS", "2"))
 # which the figures then include): SMIRROR_BENCH_PROFILE=1
 PROFILE = os.environ.get("SMIRROR_BENCH_PROFILE") == "1"
 SEQ_MIB, RAND_FILE_MIB, RAND_WRITES = 256, 64, 4096
+WAL_MIB, COMMITS = 16, 4000
 PG_CLIENTS, PG_SCALE = 4, 2
 PG_TXNS = int(os.environ.get("SMIRROR_BENCH_PG_TXNS", "500"))
 # more options for the C passthrough, e.g. "-o cache=never" (no page cache,
@@ -93,6 +97,15 @@ elif kind == "rand":
         os.pwrite(fd, buf, rng.randrange(blocks) * 8192)
         if i % 16 == 0:
             os.fsync(fd)
+    os.close(fd)
+elif kind == "commit":
+    fd = os.open(os.path.join(d, "wal"), os.O_RDWR)
+    buf = os.urandom(8192)
+    blocks = ({WAL_MIB} << 20) // 8192
+    t = time.perf_counter()
+    for i in range({COMMITS}):
+        os.pwrite(fd, buf, (i % blocks) * 8192)
+        os.fdatasync(fd)
     os.close(fd)
 elif kind == "rtt":
     fd = os.open(os.path.join(d, "rtt"), os.O_RDONLY)
@@ -127,6 +140,8 @@ def units(kind: str, seconds: float) -> str:
         return f"{PG_CLIENTS * PG_TXNS / seconds:8.0f} TPS    "
     if kind == "rtt":
         return f"{FILES / seconds:8.0f} trips/s"
+    if kind == "commit":
+        return f"{COMMITS / seconds:8.0f} commits/s"
     return f"{FILES / seconds:8.0f} files/s"
 
 
@@ -136,6 +151,10 @@ def prepare(back: str, kind: str) -> None:
         shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
     if kind == "rtt":
         open(os.path.join(back, "rtt"), "wb").close()
+    if kind == "commit":        # a WAL segment written before (no block to allocate)
+        with open(os.path.join(back, "wal"), "wb") as f:
+            f.write(os.urandom(WAL_MIB << 20))
+            os.fsync(f.fileno())
     if kind == "rand":
         with open(os.path.join(back, "rand"), "wb") as f:
             f.write(os.urandom(RAND_FILE_MIB << 20))

@@ -122,6 +122,38 @@ cdef extern from "<sys/stat.h>" nogil:
         timespec st_ctim
 
 
+cdef extern from "<sys/stat.h>" nogil:
+    # statx of the mode alone: unlike fstat it does not mark the file's
+    # ctime as read, which since Linux 6.13 (multigrain timestamps) makes
+    # its next write take a fine-grained time and dirty the inode
+    ctypedef struct statx_buf "struct statx":
+        uint16_t stx_mode
+    int c_statx "statx"(int dirfd, const char *pathname, int flags, unsigned int mask,
+                        statx_buf *buf)
+    unsigned int STATX_MODE
+    int AT_EMPTY_PATH
+    int S_ISUID, S_ISGID, S_IXGRP
+
+
+cdef inline bint _mode_loses_set_id(unsigned int mode) noexcept nogil:
+    """Whether a write by a caller without CAP_FSETID changes ``mode``:
+    set-user-ID, or set-group-ID with group-execute (FUSE's rule)."""
+    return (mode & S_ISUID) != 0 or ((mode & S_ISGID) != 0 and (mode & S_IXGRP) != 0)
+
+
+def mode_of(int fd):
+    """The mode of open file ``fd`` (statx of the mode alone: the file's
+    times are not read, so its next write's time stays coarse). OSError
+    as os.fstat."""
+    cdef statx_buf stx
+    cdef int r
+    with nogil:
+        r = c_statx(fd, "", AT_EMPTY_PATH, STATX_MODE, &stx)
+    if r != 0:
+        raise OSError(errno, strerror(errno).decode())
+    return stx.stx_mode
+
+
 cdef extern from "<sys/statvfs.h>" nogil:
     cdef struct c_statvfs "statvfs":
         unsigned long f_bsize
@@ -884,6 +916,8 @@ cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
     cdef Session session
     cdef RingEnt *ent = st.cur_ent if st.from_ring else NULL
     cdef int err = 0
+    cdef statx_buf stx
+    cdef bint kill, looked
     try:                # the data's copy or view may fail: the caller still gets an answer
         if size < VIEW_MIN or (ent != NULL and not _ring_can_lend(st, ent)):
             data = PyBytes_FromStringAndSize(buf, size)
@@ -896,8 +930,17 @@ cdef void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
     except BaseException as exc:
         fuse_reply_err(req, _errno_of(exc))
         return
+    kill = st.kill_suidgid
+    if kill:
+        # the kernel asks at every write of a caller without CAP_FSETID (a
+        # database's user): when the file has no bit to lose, the handler
+        # is not asked to look (it would stat the file at every write)
+        with nogil:
+            looked = c_statx(<int>fi.fh, "", AT_EMPTY_PATH, STATX_MODE, &stx) == 0
+        if looked and not _mode_loses_set_id(stx.stx_mode):
+            kill = False
     try:
-        r = _ops(req).write(fi.fh, off, data, st.kill_suidgid)
+        r = _ops(req).write(fi.fh, off, data, kill)
     except BaseException as exc:
         err = _errno_of(exc)
     data = None

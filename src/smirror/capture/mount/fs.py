@@ -716,8 +716,10 @@ class CaptureFS:
         ``fd``: what the kernel asks (``kill_suidgid``) when a writer
         without CAP_FSETID writes, truncates or opens with O_TRUNC. This
         process, root, keeps them on its own writes. The new mode goes out
-        first, as the kernel would have set it before the change."""
-        mode = os.fstat(fd).st_mode
+        first, as the kernel would have set it before the change. The
+        mode by statx alone (``mode_of``): an fstat would mark the file's
+        ctime as read, and its next write would dirty the inode."""
+        mode = _fuse.mode_of(fd)
         kept = mode & ~stat.S_ISUID
         if mode & stat.S_IXGRP:
             kept &= ~stat.S_ISGID
