@@ -935,10 +935,10 @@ class CaptureFS:
     def fsync(self, fh, datasync):
         # its place in the order is now: the MARK goes out on the loop; then
         # the backing disk's flush. The owed mtime stays owed (the timer,
-        # close): reading it here would make every later write's time a
-        # fine-grained one (multigrain timestamps, Linux 6.13), which
-        # dirties the inode at each write and cost a WAL's fdatasync 40-60
-        # us more (pgbench commits: docs/mount.md)
+        # close): reading it here makes the next write's time a fine-grained
+        # one (multigrain timestamps, Linux 6.13), which dirties the inode;
+        # with an fsync after each write (a WAL) every write did, and each
+        # fdatasync cost 30-60 us more (docs/mount.md)
         ino = self.open_files[fh]
         node = self.nodes.get(ino)
         if node is not None and node.paths:
@@ -957,8 +957,9 @@ class CaptureFS:
         a fast disk's flush: measured), else a :class:`_Flush` for off the
         loop, on a descriptor of its own (``owned``: ``fd`` is one; else a
         dup, so a release meanwhile closes only the handle's). Over io_uring
-        the flush is made here, the other CPUs' requests served meanwhile
-        (its descriptor its own, as off the loop): no hand-off at all."""
+        the flush is made here on ``fd`` itself, the other CPUs' requests
+        served meanwhile (a release of ``fd`` then leaves its close to the
+        flush): no hand-off at all."""
         if self.session is not None and self.session.uring:
             # no dup (two system calls): the kernel sends no RELEASE while
             # an fsync holds the file; should one come, release() leaves
