@@ -275,9 +275,9 @@ class CaptureFS:
         self.session: Any = None
         self.flushes = {"loop": 0, "off_loop": 0, "unlocked": 0}
         # backing fds being flushed with the serve lock let go (how many
-        # flushes each), and those of them released meanwhile: closed after
+        # flushes each): one released meanwhile (no longer in open_files)
+        # is closed by the flush, its number kept taken until then
         self.flushing: dict[int, int] = {}
-        self.close_after_flush: set[int] = set()
         # an fsync's MARK payload by path (the same JSON each time)
         self._fsync_payloads: dict[bytes, bytes] = {}
 
@@ -972,8 +972,7 @@ class CaptureFS:
                 left = flushing.pop(fd) - 1
                 if left:
                     flushing[fd] = left
-                elif owned or fd in self.close_after_flush:
-                    self.close_after_flush.discard(fd)
+                elif owned or fd not in self.open_files:
                     os.close(fd)
             self.flushes["unlocked"] += 1
             return None
@@ -1003,10 +1002,8 @@ class CaptureFS:
                     if node is not None and node.paths:
                         self._stamp(node.paths[0], os.fstat(fh).st_mtime_ns)
         finally:
-            if fh in self.flushing:         # a flush of it runs, the serve lock let go
-                self.close_after_flush.add(fh)
-            else:
-                os.close(fh)
+            if fh not in self.flushing:     # else a flush of it runs, the serve lock
+                os.close(fh)                # let go, and closes it after
 
     # -- changes made to the backing directory behind the mount's back ----------------
     def repair(self, batch) -> None:
