@@ -371,11 +371,31 @@ def run_replicate(work, kind):
     shutil.rmtree(os.path.join(work, "state"), ignore_errors=True)
     with Replication(back, dst, state_dir=os.path.join(work, "state"), mount=mnt,
                      mirror="full") as rep:
+        cpu0 = threads_cpu()
         t0 = time.perf_counter()
         t = app(mnt, kind)
+        cpu1 = threads_cpu()
         assert rep.wait(600), rep.status()
+        assert rep.mount is not None and rep.mount.fs is not None
         return {"app": t, "applied": time.perf_counter() - t0,
-                "ops": rep.mount.fs.stats["ops"]}
+                "ops": rep.mount.fs.stats["ops"],
+                "threads_cpu": {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}}
+
+
+def threads_cpu() -> dict:
+    """CPU seconds so far of this process's threads, summed by name
+    (digits dropped: the ring threads, one per CPU, make one line)."""
+    out: dict = {}
+    for th in threading.enumerate():
+        if th.native_id is None:
+            continue
+        try:
+            cpu = thread_cpu(th.native_id)
+        except OSError:         # ended meanwhile
+            continue
+        name = th.name.rstrip("0123456789").rstrip("-")
+        out[name] = out.get(name, 0.0) + cpu
+    return out
 
 
 VARIANTS = (("direct", run_direct), ("c-passthrough", run_c), ("mount", run_mount),
@@ -474,6 +494,10 @@ def bench(kinds=None) -> dict:
                     line += f"; backing flushes {r['flushes']}"
                 if "applied" in r:
                     line += f"; target applied all in {r['applied']:.2f} s ({r['ops']} ops)"
+                if PROFILE and r.get("threads_cpu"):
+                    top = sorted(r["threads_cpu"].items(), key=lambda kv: -kv[1])
+                    line += "; CPU s by thread while the app ran: " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in top if v >= 0.01)
                 if "requests" in r:
                     per = f", {r['requests'] / FILES:.1f} a file" if kind == "meta" else ""
                     if kind == "rtt" and r["busy"]:

@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -33,6 +34,7 @@ from smirror.capture.fanotify import (
 from smirror.capture.inotify import Kind
 from smirror.capture.watch import TreeCapture
 from support.applying import applier_of
+from support.daemons import wait_for
 from support.descriptors import no_free_descriptors
 from support.events import collect
 from support.treestate import diff, snapshot
@@ -83,6 +85,23 @@ def test_parse_a_well_formed_buffer():
         assert b.record(FAN_EVENT_INFO_TYPE_NEW_DFID_NAME).handle == handle(12)
         assert len(b.records) == 3
     assert parse_events(b"") == []
+
+
+def test_the_file_events_of_skipped_processes_are_left_out_unparsed():
+    """The capture mount's own writes: their file events are dropped
+    before their records are read (even a damaged one), the directory
+    events kept for the map, other processes' events kept."""
+    ours, other = 4321, 1234
+    damaged = struct.pack("=BBH", FAN_EVENT_INFO_TYPE_DFID_NAME, 0, 400)     # runs past its event
+    buf = (event(FAN_MODIFY, [damaged], pid=ours)
+           + event(FAN_CREATE | FAN_ONDIR, [fid_record(FAN_EVENT_INFO_TYPE_DFID_NAME, handle(), b"d")],
+                   pid=ours)
+           + event(FAN_MODIFY, [fid_record(FAN_EVENT_INFO_TYPE_DFID_NAME, handle(), b"f")], pid=other))
+    got = parse_events(buf, frozenset({ours}))
+    assert [(e.mask, e.pid) for e in got] == [(FAN_CREATE | FAN_ONDIR, ours), (FAN_MODIFY, other)]
+    assert got[0].record(FAN_EVENT_INFO_TYPE_DFID_NAME).name == b"d"
+    with pytest.raises(EventFormatError, match="info record length 400"):
+        parse_events(buf)       # not skipped: the damaged record is read
 
 
 GOOD_RECORD = fid_record(FAN_EVENT_INFO_TYPE_DFID_NAME, handle(), b"n")
@@ -252,6 +271,68 @@ def test_a_child_closing_a_descriptor_it_inherited_is_not_its_change(tmp_path):
             assert _overflowed(events), events
         else:
             pytest.fail(f"the fanotify queue overflowed in {OVERFLOW_ROUNDS} rounds in a row")
+
+
+@needs_fanotify
+def test_the_map_follows_the_directories_an_ignored_process_moves(tmp_path):
+    """This process is ignored (the capture mount's own writes): its file
+    events are not reported, but its directory creations and renames are
+    followed, so another process's write below them is reported where it is."""
+    root = tmp_path / "root"
+    root.mkdir()
+    with fanotify.Watcher(root, ignore_pids={os.getpid()}) as w:
+        for _ in range(OVERFLOW_ROUNDS):
+            (root / "a").mkdir()
+            (root / "a" / "mine").write_bytes(b"x")
+            os.rename(root / "a", root / "b")
+            (root / "b" / "c").mkdir()
+            ours = collect(w)
+            subprocess.run([sys.executable, "-c", f"open({str(root / 'b' / 'c' / 'f')!r}, 'w').write('y')"],
+                           check=True)
+            theirs = collect(w)
+            if not _overflowed(ours + theirs):
+                break
+            shutil.rmtree(root / "b")
+            collect(w)
+        else:
+            pytest.fail(f"the fanotify queue overflowed in {OVERFLOW_ROUNDS} rounds in a row")
+        assert [e for e in ours if e.kind is not Kind.RESCAN] == []
+        assert (Kind.CREATED, b"b/c/f") in [(e.kind, e.path) for e in theirs], theirs
+
+
+@needs_fanotify
+def test_a_paced_watcher_reads_at_most_once_a_pace(tmp_path):
+    """The bypass watch's pacing: a stream of writes is read at most once
+    every ``pace`` seconds (the kernel merges them meanwhile), not once a
+    write; the writes still arrive."""
+    root = tmp_path / "root"
+    root.mkdir()
+    with fanotify.Watcher(root) as w:
+        w.pace = 0.05
+        path = root / "f"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        seen: list = []
+        done = threading.Event()
+
+        def watch():
+            while not done.is_set():
+                seen.extend(w.read(0.2))
+        t = threading.Thread(target=watch)
+        t.start()
+        try:
+            t0 = time.monotonic()
+            for i in range(400):
+                os.pwrite(fd, b"x" * 512, i * 512)
+                os.fdatasync(fd)
+            elapsed = time.monotonic() - t0
+            wait_for(lambda: (Kind.MODIFIED, b"f") in [(e.kind, e.path) for e in seen],
+                     what="the writes reported")
+        finally:
+            done.set()
+            t.join()
+            os.close(fd)
+        # (+2: the read in flight as the writes began, the last one after)
+        assert w.reads <= elapsed / w.pace + 2, (w.reads, elapsed)
 
 
 OVERFLOW_ROUNDS = 10

@@ -165,10 +165,12 @@ class RawEvent:
         return None
 
 
-def parse_events(data) -> list[RawEvent]:
+def parse_events(data, skip_pids=frozenset()) -> list[RawEvent]:
     """Parse a buffer read from a fanotify fd (a FID-reporting group).
     Every length is checked against the buffer: a bad one raises
-    :class:`EventFormatError` naming it and its offset."""
+    :class:`EventFormatError` naming it and its offset. The events of
+    ``skip_pids`` that concern no directory (and no overflow) are left
+    out unparsed: they cannot change the directory map."""
     data = memoryview(data).cast("B")
     out = []
     pos, end = 0, len(data)
@@ -186,7 +188,8 @@ def parse_events(data) -> list[RawEvent]:
         if event_len > end - pos:
             raise EventFormatError(f"event_len {event_len} runs past the {end - pos} bytes left",
                                    pos)
-        out.append(RawEvent(mask, pid, _parse_records(data, pos + meta_len, pos + event_len)))
+        if pid not in skip_pids or mask & (FAN_ONDIR | FAN_Q_OVERFLOW):
+            out.append(RawEvent(mask, pid, _parse_records(data, pos + meta_len, pos + event_len)))
         pos += event_len
     return out
 
@@ -767,7 +770,8 @@ class Watcher(EventReadLoop):
     def _parse(self, data: memoryview) -> None:
         """One read's events; a malformed one costs a rescan, not the watcher."""
         try:
-            self._batch = parse_events(data)
+            # (the ignored processes' file events: nothing to map, nothing to report)
+            self._batch = parse_events(data, self.ignore_pids)
             for pos, ev in enumerate(self._batch):
                 self._batch_pos = pos           # read by _arrives_later
                 reported = len(self._out)

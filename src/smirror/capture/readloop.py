@@ -16,6 +16,12 @@ class EventReadLoop:
     fd: int
     _buf: bytearray
     _out: list
+    # seconds to wait after a read before the next one (0: none). A watcher
+    # whose events are mostly dropped (the capture mount's bypass watch:
+    # its own writes) would otherwise wake for every write; meanwhile the
+    # kernel merges the same change to the same file into one event.
+    pace = 0.0
+    reads = 0          # reads that returned events
 
     def fileno(self) -> int:
         return self.fd
@@ -33,6 +39,9 @@ class EventReadLoop:
             ready, _, _ = select.select([self.fd], [], [], wait)
             if ready:
                 self._drain()
+                if self.pace:
+                    left = self.pace if deadline is None else deadline - time.monotonic()
+                    time.sleep(max(0.0, min(self.pace, left)))
             self._after_wait()
             if deadline is not None and time.monotonic() >= deadline:
                 break
@@ -45,6 +54,7 @@ class EventReadLoop:
                 n = os.readv(self.fd, [self._buf])
             except BlockingIOError:
                 return
+            self.reads += 1
             self._parse(memoryview(self._buf)[:n])
             if n < len(self._buf) // 2:
                 return          # a short read: the kernel had no more queued
