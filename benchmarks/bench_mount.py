@@ -10,7 +10,11 @@ runs in a separate process (as an application would) on
   smirror's compiled loop of libfuse's low-level API and our handlers);
 * ``replicate``: ``Replication(BACKING, DST, mount=MNT)``: the whole path,
   capture -> journal -> queue -> stream -> target applied; its application
-  time, and the time until the target applied everything.
+  time, and the time until the target applied everything;
+* ``daemons``: the deployment: a source daemon whose replication set is
+  captured through the mount, a target daemon, each its own process on
+  this machine (the target's work shares its CPUs); the application's
+  time, the time until the last op was acknowledged, each daemon's CPU.
 
 Workloads (issue 16's goals, as ratios of direct throughput):
 
@@ -47,10 +51,12 @@ page cache, as the mount serves write-only handles; ``-o io_uring`` (libfuse
 3.18 or later, the fuse module's ``enable_uring`` parameter set) moves the
 requests over io_uring. docs/mount.md has what these measured.
 """
+import json
 import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -382,6 +388,83 @@ def run_replicate(work, kind):
                 "threads_cpu": {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}}
 
 
+def run_daemons(work, kind):
+    """The deployment: a source daemon whose replication set is captured
+    through the mount (``--mount``), a target daemon, each its own
+    process on this machine; the application's time, then until the
+    source's last op was acknowledged. The CPU of each daemon while the
+    application ran is kept."""
+    from pathlib import Path
+
+    from support.daemons import wait_for
+    from support.pair import login, running_pair
+    back, mnt, dst = (os.path.join(work, n) for n in ("back", "mnt", "dst"))
+    prepare(back, kind)
+    home = Path(work) / "daemons"
+    for d in (dst, home):
+        shutil.rmtree(d, ignore_errors=True)
+        os.mkdir(d)
+
+    def row() -> dict:
+        return json.loads(source.cli("status", "--json").stdout)["sources"][0]
+
+    def caught_up() -> bool:
+        r = row()
+        return (r["seq_acked"] >= r["seq_captured"]
+                and (r.get("mirror") or {}).get("state") in (None, "done", "finished"))
+    with running_pair(home, log_level="info", target_options={"allowed_roots": [dst]}) \
+            as (source, target, env):
+        login(source, env)
+        source.cli("repset", "create", "bench", "--root", back, "--mount", mnt)
+        source.cli("connect", "bench", "to", target.address, "map", "base", dst)
+        wait_for(caught_up, timeout=600, every=0.2, what="the initial mirror on the target")
+        cpu0 = [proc_cpu(n.proc.pid) for n in (source, target)]
+        spies = [spy for n in (source, target)
+                 for spy in (py_spy(n.proc.pid, f"{kind}-{n.dir.name}"),
+                             perf_record(n.proc.pid, f"{kind}-{n.dir.name}"))]
+        t0 = time.perf_counter()
+        t = app(mnt, kind)
+        cpu1 = [proc_cpu(n.proc.pid) for n in (source, target)]
+        for spy in spies:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
+        wait_for(caught_up, timeout=600, every=0.05, what="the target caught up")
+        return {"app": t, "applied": time.perf_counter() - t0, "ops": row()["seq_captured"],
+                "daemons_cpu": {"source": cpu1[0] - cpu0[0], "target": cpu1[1] - cpu0[1]}}
+
+
+def py_spy(pid: int, name: str):
+    """With $SMIRROR_BENCH_PY_SPY (a directory): py-spy samples PID's
+    threads while they hold the GIL, into DIR/NAME.raw (flame graph
+    lines); None without it."""
+    out = os.environ.get("SMIRROR_BENCH_PY_SPY")
+    if not out:
+        return None
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--threads", "--gil", "-r", "500",
+                             "-f", "raw", "-o", os.path.join(out, f"{name}.raw")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def perf_record(pid: int, name: str):
+    """With $SMIRROR_BENCH_PERF (a directory): ``perf record -g`` of PID
+    (its kernel time too) into DIR/NAME.perf; None without it."""
+    out = os.environ.get("SMIRROR_BENCH_PERF")
+    if not out or not shutil.which("perf"):
+        return None
+    return subprocess.Popen(["perf", "record", "-g", "-F", "2000", "-p", str(pid),
+                             "-o", os.path.join(out, f"{name}.perf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def threads_cpu() -> dict:
     """CPU seconds so far of this process's threads, summed by name
     (digits dropped: the ring threads, one per CPU, make one line)."""
@@ -399,7 +482,7 @@ def threads_cpu() -> dict:
 
 
 VARIANTS = (("direct", run_direct), ("c-passthrough", run_c), ("mount", run_mount),
-            ("mount-base", run_mount_base), ("replicate", run_replicate))
+            ("mount-base", run_mount_base), ("replicate", run_replicate), ("daemons", run_daemons))
 
 
 def default_kinds() -> tuple:
@@ -494,6 +577,9 @@ def bench(kinds=None) -> dict:
                     line += f"; backing flushes {r['flushes']}"
                 if "applied" in r:
                     line += f"; target applied all in {r['applied']:.2f} s ({r['ops']} ops)"
+                if r.get("daemons_cpu"):
+                    line += "; CPU s of the daemons while the app ran: " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in r["daemons_cpu"].items())
                 if PROFILE and r.get("threads_cpu"):
                     top = sorted(r["threads_cpu"].items(), key=lambda kv: -kv[1])
                     line += "; CPU s by thread while the app ran: " + ", ".join(

@@ -8,10 +8,12 @@ import pytest
 
 from smirror.capture.recorder import Recorder
 from smirror.ops import Op
+from smirror.stream import sender as sender_mod
 from smirror.stream import wire
 from smirror.stream.journal import ConnectionJournal
 from smirror.stream.receiver import TargetConnection
 from smirror.stream.sender import Sender
+from support.daemons import wait_for
 from support.endpoints import TargetEndpoint, settle
 from support.treestate import diff, snapshot
 from support.workload import Workload
@@ -23,10 +25,10 @@ def pair(tmp_path, queue_impl):
     src.mkdir()
     made = []
 
-    def make(memory_limit=1 << 20, target_memory=1 << 20, state="tstate"):
+    def make(memory_limit=1 << 20, target_memory=1 << 20, state="tstate", queue_cls=None):
         target = TargetConnection(1, tmp_path / "dst", tmp_path / state, memory_limit=target_memory)
         endpoint = TargetEndpoint(target)
-        queue = queue_impl(str(tmp_path / "squeue"), memory_limit, 1 << 30)
+        queue = (queue_cls or queue_impl)(str(tmp_path / "squeue"), memory_limit, 1 << 30)
         journal = ConnectionJournal(queue, max_ops=64)
         sender = Sender(1, str(tmp_path / "dst"), journal, endpoint.dial, retry_interval=0.05).start()
         made.append((sender, endpoint, target, queue))
@@ -45,6 +47,36 @@ def test_workload_replicates_in_order(pair):
     settle(journal, sender, target)
     assert diff(snapshot(src), snapshot(dst)) == []
     assert target.applier.stats["repairs"] == 0 and not endpoint.errors
+
+
+def test_an_idle_sender_waits_unpolled_and_the_first_op_wakes_it(pair, queue_impl, monkeypatch):
+    """Idle, the sender waits on its queue until woken (it asked every
+    millisecond: 3% of a CPU for an idle daemon). Its idle wait is made a
+    minute here: in half a second of idle it asks the queue at most twice;
+    the first op of a frame wakes it (the op is acknowledged, not left
+    for a minute); stop() ends the wait too."""
+    monkeypatch.setattr(sender_mod, "IDLE_WAIT", 60.0)
+    gets: list = []
+
+    class CountingQueue(queue_impl):
+        def get(self, timeout=None):
+            gets.append(timeout)
+            return super().get(timeout)
+
+    src, dst, journal, sender, target, endpoint = pair(queue_cls=CountingQueue)
+    journal.append(Op.mark(0, b"first"))
+    settle(journal, sender, target)
+    wait_for(lambda: gets and gets[-1] == 60.0, what="the sender's idle wait")
+    asked = len(gets)
+    quiet_until = time.monotonic() + 0.5
+    wait_for(lambda: time.monotonic() >= quiet_until, what="half a second of idle")
+    assert len(gets) - asked <= 2, gets[asked:]
+    journal.append(Op.mark(0, b"second"))
+    assert sender.wait_acked(journal.last_seq, 20), sender.status()
+    wait_for(lambda: gets[-1] == 60.0, what="the sender idle again")
+    t = sender._thread
+    sender.stop()
+    assert t is not None and not t.is_alive()
 
 
 def test_spilling_source_queue_keeps_order(pair):

@@ -155,6 +155,25 @@ def test_rewind_wakes_a_waiter(mq, tmp_path):
         assert result == [(1, b"a")]
 
 
+def test_wake_ends_a_wait_without_a_timeout_whenever_it_comes(mq, tmp_path):
+    """wake() before the get() or during its wait: either way the get
+    returns None at once (the sender's long idle wait, told to look again);
+    the wake is used up by that get; an item that is there beats it."""
+    with mq.SpillQueue(tmp_path, 100, 100) as q:
+        q.wake()
+        assert q.get() is None              # no timeout: it would wait forever
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(q.get()))
+        t.start()
+        q.wake()                            # before or during its wait
+        t.join(30)
+        assert not t.is_alive() and result == [None]
+        q.put(1, b"a")
+        q.wake()
+        assert q.get() == (1, b"a")
+        assert q.get(timeout=0) is None
+
+
 def test_close_wakes_a_waiter_with_queue_closed(mq, tmp_path):
     q = mq.SpillQueue(tmp_path, 100, 100)
     outcome = []

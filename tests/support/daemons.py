@@ -48,10 +48,11 @@ class Node:
     """A daemon in TMP/NAME. As a target it accepts map bases under
     ``allowed_roots`` (default: TMP, the test's directory; None: none, it is
     no target). ``state_dir``: where its state lives (default TMP/NAME/state;
-    the power-loss tests put it on a LazyFS layer)."""
+    the power-loss tests put it on a LazyFS layer). ``log_level``: the
+    daemon's (benchmarks run at "info": debug lines cost on hot paths)."""
 
     def __init__(self, tmp, name, env, links_user=None, tls_dir=None, extra="", allowed_roots=(),
-                 state_dir=None):
+                 state_dir=None, log_level="debug"):
         self.dir = tmp / name
         self.dir.mkdir()
         self.state_dir = state_dir if state_dir is not None else self.dir / "state"
@@ -59,7 +60,7 @@ class Node:
         self.address = f"127.0.0.1:{self.port}"
         self.env = env
         lines = [f'[daemon]\nlisten = "{self.address}"\nstate_dir = "{self.state_dir}"\n'
-                 f'log_file = "{self.dir / "log"}"\nlog_level = "debug"\n',
+                 f'log_file = "{self.dir / "log"}"\nlog_level = "{log_level}"\n',
                  '[reconnect]\nretry_interval = "200ms"\n']
         if links_user:
             pw = self.dir / "link-password"

@@ -603,6 +603,7 @@ cdef class SpillQueue:
     cdef dict _segs                     # index -> _Segment, oldest first
     cdef _Segment _active
     cdef bint _closed
+    cdef bint _woken                    # wake() called: the next get() without an item returns
     cdef int _waiters
     cdef long long _count, _unread, _mem_bytes, _disk_bytes
     cdef int _wfd, _rfd, _ack_fd, _lock_fd
@@ -668,6 +669,7 @@ cdef class SpillQueue:
         self._put_lock = threading.Lock()
         self._appending = False
         self._closed = False
+        self._woken = False
         self._runs = collections.deque()
         self._segs = {}
         self._active = None
@@ -1367,6 +1369,9 @@ cdef class SpillQueue:
                 while not self._unread:
                     if self._closed:
                         raise QueueClosed(f"get on a closed queue ({self.spill_dir})")
+                    if self._woken:
+                        self._woken = False
+                        return None
                     self._waiters += 1
                     try:
                         if timeout is None:
@@ -1380,6 +1385,7 @@ cdef class SpillQueue:
                         self._waiters -= 1
             if self._closed:
                 raise QueueClosed(f"get on a closed queue ({self.spill_dir})")
+            self._woken = False         # the caller looks around again after this item
             for run in self._runs:
                 if type(run) is _MemRun:
                     if (<_MemRun>run).pending:
@@ -1397,6 +1403,18 @@ cdef class SpillQueue:
             self._unread -= 1
             self._n_gets += 1
             return item
+        finally:
+            self._lock.release()
+
+    def wake(self):
+        """The get() waiting now, or else the next one, returns at once (None
+        when no item is there): its caller has something besides the queue
+        to look at (a consumer that waits long when idle is told so)."""
+        self._lock.acquire()
+        try:
+            self._woken = True
+            if self._waiters:
+                self._cond.notify_all()
         finally:
             self._lock.release()
 

@@ -330,6 +330,7 @@ class SpillQueue:
 
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
+        self._woken = False         # wake() called: the next get() without an item returns
         self._runs: collections.deque = collections.deque()
         self._count = 0
         self._unread = 0
@@ -808,6 +809,9 @@ class SpillQueue:
                 while not self._unread:
                     if self._closed:
                         raise QueueClosed(f"get on a closed queue ({self.spill_dir})")
+                    if self._woken:
+                        self._woken = False
+                        return None
                     if deadline is None:
                         self._cond.wait()
                     else:
@@ -817,6 +821,7 @@ class SpillQueue:
                         self._cond.wait(left)
             if self._closed:
                 raise QueueClosed(f"get on a closed queue ({self.spill_dir})")
+            self._woken = False         # the caller looks around again after this item
             for run in self._runs:
                 if run.unread:
                     break
@@ -831,6 +836,14 @@ class SpillQueue:
             self._unread -= 1
             self._stat["gets"] += 1
             return item
+
+    def wake(self):
+        """The get() waiting now, or else the next one, returns at once (None
+        when no item is there): its caller has something besides the queue
+        to look at (a consumer that waits long when idle is told so)."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
 
     def ack(self, seq):
         """Drop every item with sequence <= ``seq`` (handed out or not): frees

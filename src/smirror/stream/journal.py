@@ -32,8 +32,10 @@ class ConnectionJournal:
     """Numbers ops for one connection and batches them into frames.
 
     A frame is closed when it reaches ``max_ops`` ops or ``max_bytes`` of op
-    data, or when ``flush()`` is called (the sender calls it as soon as it
-    has nothing else to send, so an idle link adds no batching delay)."""
+    data, or when ``flush()`` is called (the sender calls it once it had
+    nothing else to send for its ``idle_flush``: a millisecond). The first
+    op of an open frame wakes the sender (``queue.wake()``), which waits
+    long while nothing is pending."""
 
     RESERVE = 1 << 20
 
@@ -89,12 +91,20 @@ class ConnectionJournal:
                     self._pending_bytes -= len(op.data) + 64
                     self.next_seq, self.last_seq = seq, seq - 1
                     raise
-            elif type(op.data) is memoryview:
-                # a view of a buffer its lender reuses (the capture mount's
-                # request data): encoded at once above, else copied to wait
-                # in the open frame (data is the op's last field)
-                self._pending[-1] = _new(Op, (seq,) + tuple(op)[1:-1] + (bytes(op.data),))
+            else:
+                if type(op.data) is memoryview:
+                    # a view of a buffer its lender reuses (the capture mount's
+                    # request data): encoded at once above, else copied to wait
+                    # in the open frame (data is the op's last field)
+                    self._pending[-1] = _new(Op, (seq,) + tuple(op)[1:-1] + (bytes(op.data),))
+                if len(self._pending) == 1:
+                    self.queue.wake()       # a frame is open: the sender's idle wait ends
             return seq
+
+    @property
+    def pending(self) -> bool:
+        """Whether a frame is open (ops appended, not yet queued)."""
+        return bool(self._pending)
 
     def append_alone(self, op: Op, timeout: float = 600.0) -> int:
         """Append ``op`` in a frame of its own (a task: the target sees it

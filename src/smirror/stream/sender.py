@@ -35,6 +35,9 @@ from smirror.stream.journal import ConnectionJournal
 from smirror.stream.wire import ACK, ACK2, SYNC, Link, LinkClosed, MsgType, ProtocolError
 
 SYNC_MODES = ("async", "fsync", "every-write")
+# seconds an idle sender waits before it looks again unwoken (a wake ends
+# the wait at once): a safety net, the idle daemon's only wake-up
+IDLE_WAIT = 0.5
 
 log = logging.getLogger("smirror.stream.sender")
 
@@ -97,6 +100,7 @@ class Sender:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self.queue.wake()
         link = self._link
         if link is not None:
             link.close()
@@ -176,8 +180,15 @@ class Sender:
         reader.start()
         try:
             while not self._stop.is_set() and reader.is_alive():
-                item = q.get(timeout=self.idle_flush)
+                # idle (no open frame, no SYNC owed): one wait until a frame,
+                # or a wake (the journal's first op of a frame, a SYNC
+                # wanted, stop, the ACK reader's end); else a frame closes
+                # after idle_flush without another one to send
+                idle = not self.journal.pending and self._sync_wanted <= self._sync_sent
+                item = q.get(timeout=IDLE_WAIT if idle else self.idle_flush)
                 if item is None:
+                    if idle:
+                        continue            # woken: look again (a frame stays open idle_flush)
                     try:
                         self.journal.flush()
                     except QueueFull as exc:
@@ -226,6 +237,7 @@ class Sender:
         ``seq``; within idle_flush when it is idle)."""
         if seq > self._sync_wanted:
             self._sync_wanted = seq
+            self.queue.wake()
 
     def _send_sync(self, link: Link) -> None:
         want = self._sync_wanted
@@ -316,6 +328,8 @@ class Sender:
             log.exception("connection %s: reading the target's replies failed", self.conid)
             self._reader_error = ProtocolError(f"reading the target's replies failed: "
                                                f"{type(exc).__name__}: {exc}")
+        finally:
+            self.queue.wake()               # the sender's idle wait: this link is over
 
     def _dispatch_notice(self, notice: dict) -> None:
         """A NOTICE from the target: a request for a targeted resync
