@@ -150,11 +150,13 @@ def boot_id() -> bytes:
         return b"\0" * 16
 
 
-def _open_state(path) -> mmap.mmap:
+def _open_state(path) -> tuple[mmap.mmap, int]:
     """The applied-sequence file (magic, applied u64, synced u64, boot id),
-    mapped read-write. A file that is empty or zeros (its first write lost
-    to a power loss) starts again at 0; the one-seq file of an older
-    smirror is carried over (its seq counts as synced: it knew no better)."""
+    mapped read-write, and its descriptor (kept open: its fdatasync is
+    the map's msync, with the GIL let go, which mmap.flush keeps held). A
+    file that is empty or zeros (its first write lost to a power loss)
+    starts again at 0; the one-seq file of an older smirror is carried
+    over (its seq counts as synced: it knew no better)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         data = os.pread(fd, 4096, 0)
@@ -180,9 +182,10 @@ def _open_state(path) -> mmap.mmap:
             os.fsync(fd)
             _fsync_parent(path)
         state = mmap.mmap(fd, _STATE_SIZE)
-    finally:
+    except BaseException:
         os.close(fd)
-    return state
+        raise
+    return state, fd
 
 
 FUSE_SUPER_MAGIC = 0x65735546
@@ -284,6 +287,7 @@ class Applier:
         self.stats = {"ops": 0, "bytes": 0, "repairs": 0, "skipped": 0, "setid_stripped": 0,
                       "xattrs_refused": 0, "devices_refused": 0, "coalesced": 0, "barriers": 0}
         self._state = None
+        self._state_fd = -1
         self.applied_seq = 0
         self.synced_seq = 0         # applied and made durable (sync_durable)
         self.replay_until = 0       # applied before a restart that lost their sync: replayed
@@ -308,7 +312,7 @@ class Applier:
         self._removed_names: set[bytes] = set()
         self._boot = boot_id()
         if state_path is not None:
-            self._state = _open_state(state_path)
+            self._state, self._state_fd = _open_state(state_path)
             self.applied_seq = _SEQ.unpack_from(self._state, 8)[0]
             self.synced_seq = _SEQ.unpack_from(self._state, _SYNCED_AT)[0]
             self._reserved = _SEQ.unpack_from(self._state, _RESERVED_AT)[0]
@@ -402,7 +406,15 @@ class Applier:
         assert self._state is not None
         self._reserved = seq + RESERVE_OPS
         _SEQ.pack_into(self._state, _RESERVED_AT, self._reserved)
-        self._state.flush()
+        self._flush_state()
+
+    def _flush_state(self) -> None:
+        """The state file's mapped writes made durable. Linux's msync
+        (MS_SYNC) of a shared file mapping is an fdatasync of the file;
+        mmap.flush() holds the GIL for it (CPython 3.11), which stalls
+        every other thread of the process (the capture mount's, in the
+        library) for the length of a disk flush."""
+        os.fdatasync(self._state_fd)
 
     def _barrier(self, op) -> bool:
         """Whether ``op`` needs every op before it durable first (above)."""
@@ -574,7 +586,7 @@ class Applier:
                                         bytes(self._state[_BOOT_AT:_BOOT_AT + 16]) != self._boot):
             _SEQ.pack_into(self._state, _SYNCED_AT, seq)
             self._state[_BOOT_AT:_BOOT_AT + 16] = self._boot
-            self._state.flush()         # msync: an fsync of the state file
+            self._flush_state()
         self.synced_seq = seq
         self._touched.clear()
         self._touched_above.clear()
@@ -749,9 +761,10 @@ class Applier:
                 # all durable: a reboot after this clean stop has nothing to replay
                 self._reserved = self.applied_seq
                 _SEQ.pack_into(self._state, _RESERVED_AT, self._reserved)
-                self._state.flush()
+                self._flush_state()
             self._state.close()
             self._state = None
+            os.close(self._state_fd)
         self.base.close()
 
     def release(self, rel: bytes) -> None:
