@@ -378,13 +378,14 @@ def run_replicate(work, kind):
     with Replication(back, dst, state_dir=os.path.join(work, "state"), mount=mnt,
                      mirror="full") as rep:
         cpu0 = threads_cpu()
+        frames0 = rep.sender.frames_sent
         t0 = time.perf_counter()
         t = app(mnt, kind)
         cpu1 = threads_cpu()
         assert rep.wait(600), rep.status()
         assert rep.mount is not None and rep.mount.fs is not None
         return {"app": t, "applied": time.perf_counter() - t0,
-                "ops": rep.mount.fs.stats["ops"],
+                "ops": rep.mount.fs.stats["ops"], "frames": rep.sender.frames_sent - frames0,
                 "threads_cpu": {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}}
 
 
@@ -419,6 +420,7 @@ def run_daemons(work, kind):
         source.cli("connect", "bench", "to", target.address, "map", "base", dst)
         wait_for(caught_up, timeout=600, every=0.2, what="the initial mirror on the target")
         cpu0 = [proc_cpu(n.proc.pid) for n in (source, target)]
+        before = row()
         spies = [spy for n in (source, target)
                  for spy in (py_spy(n.proc.pid, f"{kind}-{n.dir.name}"),
                              perf_record(n.proc.pid, f"{kind}-{n.dir.name}"))]
@@ -430,7 +432,10 @@ def run_daemons(work, kind):
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
         wait_for(caught_up, timeout=600, every=0.05, what="the target caught up")
-        return {"app": t, "applied": time.perf_counter() - t0, "ops": row()["seq_captured"],
+        after = row()
+        return {"app": t, "applied": time.perf_counter() - t0,
+                "ops": after["seq_captured"] - before["seq_captured"],
+                "frames": after["frames_sent"] - before["frames_sent"],
                 "daemons_cpu": {"source": cpu1[0] - cpu0[0], "target": cpu1[1] - cpu0[1]}}
 
 
@@ -576,7 +581,8 @@ def bench(kinds=None) -> dict:
                 if r.get("flushes"):
                     line += f"; backing flushes {r['flushes']}"
                 if "applied" in r:
-                    line += f"; target applied all in {r['applied']:.2f} s ({r['ops']} ops)"
+                    line += (f"; target applied all in {r['applied']:.2f} s ({r['ops']} ops"
+                             + (f" in {r['frames']} frames)" if "frames" in r else ")"))
                 if r.get("daemons_cpu"):
                     line += "; CPU s of the daemons while the app ran: " + ", ".join(
                         f"{k} {v:.2f}" for k, v in r["daemons_cpu"].items())
