@@ -178,6 +178,7 @@ class Sender:
         reader = threading.Thread(target=self._read_acks, args=(link,), daemon=True,
                                   name=f"acks-{self.conid}")
         reader.start()
+        last_send = 0.0
         try:
             while not self._stop.is_set() and reader.is_alive():
                 # idle (no open frame, no SYNC owed): one wait until a frame,
@@ -187,8 +188,11 @@ class Sender:
                 idle = not self.journal.pending and self._sync_wanted <= self._sync_sent
                 item = q.get(timeout=IDLE_WAIT if idle else self.idle_flush)
                 if item is None:
-                    if idle:
-                        continue            # woken: look again (a frame stays open idle_flush)
+                    if idle and time.monotonic() - last_send < self.idle_flush:
+                        # woken while frames still flow: this one gathers ops
+                        # for idle_flush (fewer, fuller frames under load);
+                        # after a quiet spell it goes at once (no added lag)
+                        continue
                     try:
                         self.journal.flush()
                     except QueueFull as exc:
@@ -202,6 +206,7 @@ class Sender:
                     if hook is not None:
                         hook()
                 link.send(MsgType.FRAME, frame)
+                last_send = time.monotonic()
                 self.sent_seq = seq
                 self.bytes_sent += len(frame)
                 self.frames_sent += 1
