@@ -411,7 +411,7 @@ class Applier:
     def _flush_state(self) -> None:
         """The state file's mapped writes made durable. Linux's msync
         (MS_SYNC) of a shared file mapping is an fdatasync of the file;
-        mmap.flush() holds the GIL for it (CPython 3.11), which stalls
+        mmap.flush() holds the GIL for it (CPython's msync call), which stalls
         every other thread of the process (the capture mount's, in the
         library) for the length of a disk flush."""
         os.fdatasync(self._state_fd)

@@ -19,12 +19,12 @@ from smirror.capture.inotify import Kind
 log = logging.getLogger("smirror.capture.mount")
 
 SETTLE = 0.05             # seconds of quiet before a batch of events is repaired
+MAX_BATCH_DELAY = 0.5     # ... but never longer than this after the first
+LOG_EVERY = 10.0          # seconds between two bypass warnings
 # seconds between two reads of the watcher: most events are the mount's own
 # writes, dropped; read at every one, they cost a tenth of a CPU under an
 # fsync-per-commit load (the kernel merges a file's writes meanwhile)
 PACE = 0.02
-MAX_BATCH_DELAY = 0.5     # ... but never longer than this after the first
-LOG_EVERY = 10.0          # seconds between two bypass warnings
 
 
 class BypassWatch:
