@@ -106,7 +106,33 @@ class Node:
 
     def kill(self, sig=signal.SIGKILL):
         self.proc.send_signal(sig)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the {self.dir.name} daemon did not end within 30 s of signal "
+                                 f"{sig}; its threads:\n{self.stacks()}\nits log:\n"
+                                 f"{self.log()[-3000:]}") from None
+
+    def stacks(self) -> str:
+        """Every thread's stack of a daemon that hangs (its faulthandler
+        prints them to stderr on SIGUSR1), then it is killed."""
+        import select
+        self.proc.send_signal(signal.SIGUSR1)
+        fd, got = self.proc.stderr.fileno(), b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            # until the dump has come and stopped (half a second quiet)
+            if not select.select([fd], [], [], 0.5)[0]:
+                if got:
+                    break
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            got += chunk
+        self.proc.kill()
         self.proc.wait(30)
+        return got.decode(errors="replace")[-20000:]
 
     def cli(self, *args, check=True, input=None):
         return smirror(*args, "--host", self.address, env=self.env, check=check, input=input)
