@@ -235,11 +235,17 @@ def app(d: str, kind: str) -> float:
 app_cpu = 0.0
 
 
-def thread_cpu(tid: int) -> float:
-    """CPU seconds (user + system) of a thread of this process so far."""
-    with open(f"/proc/self/task/{tid}/stat") as f:
+def stat_cpu(stat_path: str) -> float:
+    """CPU seconds (user + system) so far of the process or thread whose
+    /proc stat file is ``stat_path``."""
+    with open(stat_path) as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(tid: int) -> float:
+    """CPU seconds (user + system) of a thread of this process so far."""
+    return stat_cpu(f"/proc/self/task/{tid}/stat")
 
 
 def c_passthrough() -> str | None:
@@ -465,9 +471,7 @@ def perf_record(pid: int, name: str):
 
 def proc_cpu(pid: int) -> float:
     """CPU seconds (user + system) of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu(f"/proc/{pid}/stat")
 
 
 def threads_cpu() -> dict:

@@ -325,7 +325,13 @@ class Applier:
             # have been applied
             maybe = self.applied_seq if same_boot else max(self.applied_seq, self._reserved)
             if maybe > self.synced_seq:
-                self._settle_unsynced(same_boot, maybe)
+                try:
+                    self._settle_unsynced(same_boot, maybe)
+                except BaseException:
+                    # the mapping goes with this object; its descriptor
+                    # would not (a start retried after each failure)
+                    os.close(self._state_fd)
+                    raise
         self._dispatch = {
             OpKind.WRITE: self._write, OpKind.TRUNCATE: self._truncate,
             OpKind.CREATE: self._create, OpKind.MKDIR: self._mkdir,
