@@ -445,14 +445,31 @@ def run_daemons(work, kind):
                 "daemons_cpu": {"source": cpu1[0] - cpu0[0], "target": cpu1[1] - cpu0[1]}}
 
 
+def profiler_dir(var: str, tool: str) -> str | None:
+    """The directory $VAR names for TOOL's profiles (None: not asked for);
+    a directory that is not there, or a tool that is not installed, is an
+    error, not a run without the profile asked for."""
+    out = os.environ.get(var)
+    if not out:
+        return None
+    if not os.path.isdir(out):
+        raise SystemExit(f"${var}: {out} is not a directory")
+    if not shutil.which(tool, path=os.path.dirname(sys.executable) + os.pathsep
+                        + os.environ.get("PATH", "")):
+        raise SystemExit(f"${var} is set but {tool} is not installed (pip install py-spy; "
+                         f"Debian: apt-get install linux-perf)")
+    return out
+
+
 def py_spy(pid: int, name: str):
     """With $SMIRROR_BENCH_PY_SPY (a directory): py-spy samples PID's
     threads while they hold the GIL, into DIR/NAME.raw (flame graph
     lines); None without it."""
-    out = os.environ.get("SMIRROR_BENCH_PY_SPY")
-    if not out:
+    out = profiler_dir("SMIRROR_BENCH_PY_SPY", "py-spy")
+    if out is None:
         return None
-    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable) + os.pathsep
+                       + os.environ.get("PATH", ""))
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--threads", "--gil", "-r", "500",
                              "-f", "raw", "-o", os.path.join(out, f"{name}.raw")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -461,8 +478,8 @@ def py_spy(pid: int, name: str):
 def perf_record(pid: int, name: str):
     """With $SMIRROR_BENCH_PERF (a directory): ``perf record -g`` of PID
     (its kernel time too) into DIR/NAME.perf; None without it."""
-    out = os.environ.get("SMIRROR_BENCH_PERF")
-    if not out or not shutil.which("perf"):
+    out = profiler_dir("SMIRROR_BENCH_PERF", "perf")
+    if out is None:
         return None
     return subprocess.Popen(["perf", "record", "-g", "-F", "2000", "-p", str(pid),
                              "-o", os.path.join(out, f"{name}.perf")],
