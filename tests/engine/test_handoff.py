@@ -92,7 +92,7 @@ def test_pause_moves_the_handoff_into_the_durable_queue_and_acknowledges_it(tmp_
         target._paused.set()
         target._handoff_enabled = True
         with target._handoff:
-            target._through.append((1, encode_frame([Op.write(1, b"f", 0, b"a" * 10)], False)))
+            target._through.append((1, encode_frame([Op.write(1, b"f", 0, b"a" * 10)], False), None))
             target._through_bytes += 10
         target.received_seq = 1
         assert src.ack(0.3) is None
@@ -114,11 +114,11 @@ def test_a_new_link_gets_ready_only_for_what_is_applied_or_durable(tmp_path):
     target, holder = held_target(tmp_path, memory_limit=1 << 16, disk_limit=1 << 16)
     target.gate.max_delay = 0
     target._paused.set()
-    frames = [(s, encode_frame([Op.write(s, b"f", (s - 1) * 30000, os.urandom(30000))], False))
+    frames = [(s, encode_frame([Op.write(s, b"f", (s - 1) * 30000, os.urandom(30000))], False), None)
               for s in (1, 2, 3, 4)]
     with target._handoff:
         target._through.extend(frames)
-        target._through_bytes = sum(len(f) for _, f in frames)
+        target._through_bytes = sum(len(f) for _, f, _ in frames)
     target.received_seq = 4
     src = Source(target)        # _settle_handoff: the paused queue takes what fits
     os.close(holder)
@@ -128,11 +128,11 @@ def test_a_new_link_gets_ready_only_for_what_is_applied_or_durable(tmp_path):
     assert not target._through and target.received_seq == last
     # the source sends the rest again; it is accepted and applied in order
     target.resume()
-    for _, f in frames[last:]:
+    for _, f, _ in frames[last:]:
         src.link.send(wire.MsgType.FRAME, f)
     assert src.acks_until(4)[-1] == 4, target.status()
     assert target.wait_applied(4, 10)
-    want = b"".join(bytes(f[-30000:]) for _, f in frames)
+    want = b"".join(bytes(f[-30000:]) for _, f, _ in frames)
     assert (tmp_path / "dst" / "f").read_bytes() == want
     src.close()
     assert src.error is None
@@ -200,5 +200,40 @@ def test_the_handoff_holds_at_most_its_limit_and_then_the_receiver_waits(tmp_pat
     assert src.acks_until(10)[-1] == 10
     assert target.wait_applied(10, 10)
     assert (tmp_path / "dst" / "f").read_bytes() == b"".join(bytes([s]) * 300 for s in range(1, 11))
+    src.close()
+    target.close()
+
+
+def test_frames_that_come_close_together_keep_the_applier_s_file_open(tmp_path):
+    # each frame is sent once the one before it was applied (the applier
+    # waits for the next in between): closing its descriptors at each wake
+    # reopened the file at every frame; now only IDLE_CLOSE without a
+    # frame closes them (set long here: the test waits for no clock)
+    target = TargetConnection(1, tmp_path / "dst", tmp_path / "state")
+    target.IDLE_CLOSE = 600.0
+    src = Source(target)
+    for seq in range(1, 21):
+        src.send_write(seq)
+        assert src.ack(10) == seq
+    assert target.applied_seq == 20
+    assert target.applier.stats["files_opened"] == 1
+    assert (tmp_path / "dst" / "f").read_bytes() == b"".join(bytes([s]) * 100 for s in range(1, 21))
+    src.close()
+    target.close()
+
+
+def test_an_idle_applier_closes_its_files(tmp_path):
+    target = TargetConnection(1, tmp_path / "dst", tmp_path / "state")
+    target.IDLE_CLOSE = 0.01
+    src = Source(target)
+    src.send_write(1)
+    assert src.ack(10) == 1
+    deadline = time.monotonic() + 30
+    while target.applier._fds and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not target.applier._fds         # no descriptor of a target file kept while idle
+    src.send_write(2)
+    assert src.ack(10) == 2
+    assert target.applier.stats["files_opened"] == 2
     src.close()
     target.close()

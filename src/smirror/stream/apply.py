@@ -69,7 +69,25 @@ from typing import Any, cast
 from smirror.errors import ApplyError, ConfinementError
 from smirror.fs.beneath import RENAME_EXCHANGE, Beneath, chmod_at, lstat_at, proc_path, renameat2, rmtree_at
 from smirror.fs.files import replace_at
-from smirror.ops import MARK_ROOT_MTIME, AttrMask, Op, OpKind, RenameFlag, XattrFlag
+from smirror.ops import (
+    K_CREATE,
+    K_DELETE,
+    K_HARDLINK,
+    K_MARK,
+    K_MKDIR,
+    K_MKNOD,
+    K_RENAME,
+    K_RMDIR,
+    K_SYMLINK,
+    K_TASK,
+    K_WRITE,
+    MARK_ROOT_MTIME,
+    AttrMask,
+    Op,
+    OpKind,
+    RenameFlag,
+    XattrFlag,
+)
 from smirror.stream import reclaim
 
 log = logging.getLogger("smirror.stream.apply")
@@ -101,6 +119,9 @@ _SETID = stat.S_ISUID | stat.S_ISGID
 _NAMED = {OpKind.WRITE, OpKind.TRUNCATE, OpKind.CREATE, OpKind.DELETE, OpKind.RMDIR,
           OpKind.RENAME, OpKind.SYMLINK, OpKind.HARDLINK, OpKind.MKNOD}
 _TWO_PATHS = {OpKind.RENAME, OpKind.HARDLINK}
+_MAKES_NAME = frozenset({K_CREATE, K_MKDIR, K_SYMLINK, K_MKNOD})
+_NO_PATH = frozenset({K_TASK, K_MARK})
+_REMOVES = frozenset({K_DELETE, K_RMDIR})
 # O_NONBLOCK: a fifo someone put there fails (ENXIO) instead of blocking the applier
 _WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # the xattr names a target stores unless configured otherwise: user data and
@@ -283,9 +304,11 @@ class Applier:
         self._fds: OrderedDict[bytes, int] = OrderedDict()
         # removed inodes are freed by the process's reclaimer threads
         self.reclaimer = reclaim.shared()
-        # coalesced: ops applied as part of another (moot, or in a run)
+        # coalesced: ops applied as part of another (moot, or in a run);
+        # files_opened: files opened for writing (the descriptor cache's misses)
         self.stats = {"ops": 0, "bytes": 0, "repairs": 0, "skipped": 0, "setid_stripped": 0,
-                      "xattrs_refused": 0, "devices_refused": 0, "coalesced": 0, "barriers": 0}
+                      "xattrs_refused": 0, "devices_refused": 0, "coalesced": 0, "barriers": 0,
+                      "files_opened": 0}
         self._state = None
         self._state_fd = -1
         self.applied_seq = 0
@@ -425,16 +448,16 @@ class Applier:
     def _barrier(self, op) -> bool:
         """Whether ``op`` needs every op before it durable first (above)."""
         kind = op.kind
-        if kind == OpKind.RENAME:
+        if kind == K_RENAME:
             old, new = bytes(op.path), bytes(op.path2)
             return self._reached(old) or self._reached(new) or new in self._moved_away \
                 or self._under_removed(new)
-        if kind == OpKind.HARDLINK:
+        if kind == K_HARDLINK:
             new = bytes(op.path)
             return self._reached(new) or new in self._moved_away
-        if kind in (OpKind.CREATE, OpKind.MKDIR, OpKind.SYMLINK, OpKind.MKNOD):
+        if kind in _MAKES_NAME:
             return bytes(op.path) in self._moved_away
-        if kind == OpKind.DELETE:
+        if kind == K_DELETE:
             # a file with other names: the replayed writes by this name must
             # reach the inode the others keep
             rel = bytes(op.path)
@@ -462,7 +485,7 @@ class Applier:
         return rel in self._touched or rel in self._touched_above
 
     def _touch(self, op) -> None:
-        if op.kind in (OpKind.TASK, OpKind.MARK):
+        if op.kind in _NO_PATH:
             return
         paths = (bytes(op.path), bytes(op.path2)) if op.kind in _TWO_PATHS else (bytes(op.path),)
         for rel in paths:
@@ -473,9 +496,9 @@ class Applier:
             while above and above not in self._touched_above:
                 self._touched_above.add(above)
                 above = above.rpartition(b"/")[0]
-        if op.kind == OpKind.RENAME:
+        if op.kind == K_RENAME:
             self._moved_away.add(bytes(op.path))
-        elif op.kind in (OpKind.DELETE, OpKind.RMDIR):
+        elif op.kind in _REMOVES:
             self._removed_names.add(bytes(op.path))
 
     def _settle_unsynced(self, same_boot: bool, maybe: int) -> None:
@@ -641,7 +664,7 @@ class Applier:
         steps: list = []
         append = steps.append
         i, n = 0, len(ops)
-        WRITE = OpKind.WRITE
+        WRITE = K_WRITE
         while i < n:
             op = ops[i]
             if i in moot:
@@ -828,6 +851,7 @@ class Applier:
                     raise ConfinementError(f"{rel!r} is a symlink on the target: not written "
                                            f"through", rel) from None
                 raise
+        self.stats["files_opened"] += 1
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise ApplyError(f"{rel!r} on the target is not a regular file")

@@ -49,7 +49,7 @@ from pathlib import Path
 from smirror.errors import FrameError, QueueClosed, QueueFull, SmirrorError
 from smirror.kernels.frames import decode_frame, frame_header
 from smirror.kernels.memqueue import SpillQueue, queue_alert, segment_size_for
-from smirror.ops import MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, MARK_RESYNC_DONE, Op, OpKind
+from smirror.ops import K_TASK, MARK_IGNORED_DELETE, MARK_ORPHAN_MOVE, MARK_RESYNC_DONE, Op, OpKind
 from smirror.private import private_dir
 from smirror.stream.apply import DEFAULT_XATTR_NAMESPACES, Applier, Moot
 from smirror.stream.inuse import InUseGate
@@ -231,23 +231,38 @@ class TargetConnection:
     HANDOFF_STALL = 0.2             # seconds the applier may apply nothing from the handoff
                                     # before the durable queue takes over
 
+    # seconds without a frame after which the applier counts as idle and
+    # closes its cached descriptors (Applier.flush)
+    IDLE_CLOSE = 0.05
+
     def _next_frame(self):
-        """(seq, frame, from_handoff) of the next frame to apply, or None
-        after a short wait for one. The durable queue's frames always come
-        first: a frame enters the handoff only while the queue is empty,
-        and frames move from the handoff's head to the queue's tail."""
-        with self._handoff:
-            if self._through and not self.queue.unread:
-                seq, frame = self._through[0]
-                return seq, frame, True
-            puts = self._puts
-        item = self.queue.get(timeout=0)
-        if item is not None:
-            return item[0], item[1], False
-        with self._handoff:
-            if not self._through and puts == self._puts:
-                self._handoff.wait(0.05)    # a hand-over or a durable put notifies
-        return None
+        """(seq, frame, from_handoff, ops) of the next frame to apply (ops:
+        its decoded ops when the receiver handed them over, else None), or None
+        when none came within IDLE_CLOSE. The durable queue's frames always
+        come first: a frame enters the handoff only while the queue is
+        empty, and frames move from the handoff's head to the queue's tail.
+        A frame that arrives during the wait is returned, not None: the
+        applier's files stay open between frames that come close together
+        (closing and opening them again at each frame cost more than
+        applying it)."""
+        waited = False
+        while True:
+            with self._handoff:
+                if self._through and not self.queue.unread:
+                    seq, frame, ops = self._through[0]
+                    return seq, frame, True, ops
+                puts = self._puts
+            item = self.queue.get(timeout=0)
+            if item is not None:
+                return item[0], item[1], False, None
+            if waited:
+                return None         # woken with nothing to apply (a pause, a stop)
+            with self._handoff:
+                if not self._through and puts == self._puts:
+                    # a hand-over or a durable put notifies
+                    if not self._handoff.wait(self.IDLE_CLOSE):
+                        return None
+            waited = True
 
     def _apply_loop(self) -> None:
         """Apply frames until closed. Nothing that escapes an op kills this
@@ -271,16 +286,17 @@ class TargetConnection:
                 self.applier.flush()        # idle: no descriptors held open
                 self._resync_tick()
                 continue
-            seq, frame, handed = item
+            seq, frame, handed, ops = item
             if self._paused.is_set():
                 self._release(handed)       # paused while waiting: this frame waits too
                 continue
             self._applying = True
             try:
                 with self._pass_lock:
-                    # checked whole by the receiver; the queue keeps it immutable
-                    # (and checks its own record checksum reading it back)
-                    ops, _ = decode_frame(frame, check_payload=False)
+                    # checked whole by the receiver, which hands its ops over
+                    # with it; the queue keeps it immutable (and checks its
+                    # own record checksum reading it back)
+                    ops = ops if ops is not None else decode_frame(frame, check_payload=False)[0]
                     whole = self._apply_ops(ops)
                     if whole and not handed:
                         self._queue_applied = seq   # acked once durable (_durable_pass)
@@ -371,7 +387,7 @@ class TargetConnection:
                 return False
             repairs = stats["repairs"]
             try:
-                if op.kind == OpKind.TASK:
+                if op.kind == K_TASK:
                     # a task may run for long: durable passes go on meanwhile
                     # (it changes no file; its seq is recorded as one store)
                     self._unlocked(applier.apply, op)
@@ -633,7 +649,7 @@ class TargetConnection:
         with self._handoff:
             if not self._through or self._through[0][0] != seq:
                 return          # moved to the durable queue meanwhile: acknowledged from there
-            _, frame = self._through.popleft()
+            _, frame, _ = self._through.popleft()
             self._through_dropped(len(frame))
             self._through_applied = seq
             self._through_unacked += 1
@@ -659,8 +675,10 @@ class TargetConnection:
                 except OSError:
                     pass        # the link is gone: the next READY tells the source
 
-    def _hand_over(self, seq: int, frame) -> bool:
-        """Put a verified frame in the handoff for the applier. False when
+    def _hand_over(self, seq: int, frame, ops) -> bool:
+        """Put a verified frame, and its decoded ops (views into it, which
+        the applier uses instead of decoding it again), in the handoff for
+        the applier. False when
         the durable queue must take it: no applier, paused, the queue holds
         frames (they go first), or the applier applied nothing from the
         handoff for HANDOFF_STALL seconds (a slow disk, or stuck: its
@@ -679,7 +697,7 @@ class TargetConnection:
                 if not self._through or self._through_bytes + len(frame) <= self.HANDOFF_LIMIT:
                     if self.budget is not None and not self.budget.try_reserve(len(frame)):
                         return False        # the budget is used up: the queue spills it to disk
-                    self._through.append((seq, frame))
+                    self._through.append((seq, frame, ops))
                     self._through_bytes += len(frame)
                     self._handoff.notify_all()
                     return True
@@ -706,7 +724,7 @@ class TargetConnection:
             moved = 0
             try:
                 while self._through:
-                    seq, frame = self._through[0]
+                    seq, frame, _ = self._through[0]
                     self.queue.put(seq, frame)
                     self._through.popleft()
                     self._through_dropped(len(frame))
@@ -1057,9 +1075,9 @@ class TargetConnection:
         except FrameError as exc:
             raise FrameError(f"frame with seqs {h.first_seq}..{h.last_seq} from {link.peer} "
                              f"refused: {exc}") from None
-        task = h.count == 1 and ops[0].kind == OpKind.TASK   # tasks travel alone in a frame
+        task = h.count == 1 and ops[0].kind == K_TASK   # tasks travel alone in a frame
         while True:
-            if not task and self._hand_over(h.last_seq, frame):
+            if not task and self._hand_over(h.last_seq, frame, ops):
                 # not acknowledged until applied (_handed_applied); what the
                 # queue made durable before is acknowledged now
                 self._count_received(h, frame)

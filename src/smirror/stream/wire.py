@@ -69,6 +69,9 @@ class MsgType(IntEnum):
                      # to seq durable: a durable pass at once (only after "durable" in OPEN/READY)
 
 
+_MSG_TYPES = {int(t): t for t in MsgType}
+
+
 class LinkUser(Protocol):
     """Who a link is logged in as: daemon.auth.User, which this module (a
     layer below the daemon) does not import."""
@@ -208,10 +211,10 @@ class Link:
         if magic != MAGIC:
             raise ProtocolError(f"{self.peer} is not speaking the smirror protocol "
                                 f"(message starts with {bytes(self._header[:2])!r}, expected {MAGIC!r})")
-        try:
-            mtype = MsgType(mtype)
-        except ValueError:
-            raise ProtocolError(f"{self.peer} sent unknown message type {mtype}") from None
+        known = _MSG_TYPES.get(mtype)       # (MsgType(mtype) costs more than the rest of recv)
+        if known is None:
+            raise ProtocolError(f"{self.peer} sent unknown message type {mtype}")
+        mtype = known
         if length > self.max_message:
             raise ProtocolError(f"{self.peer} announced a {mtype.name} message of {length} bytes, "
                                 f"over the {self.max_message}-byte limit"
