@@ -5,6 +5,7 @@ cannot go on (a file in use, paused, an apply error, a new link) the
 handoff's frames move into the durable queue, in order, and are
 acknowledged from there."""
 import os
+import shutil
 import threading
 import time
 
@@ -235,5 +236,25 @@ def test_an_idle_applier_closes_its_files(tmp_path):
     src.send_write(2)
     assert src.ack(10) == 2
     assert target.applier.stats["files_opened"] == 2
+    src.close()
+    target.close()
+
+
+def test_a_file_removed_behind_the_target_s_back_is_not_written_through_its_open_descriptor(tmp_path):
+    # the applier keeps a file open between frames: a removal of the
+    # replica's file by someone else must still be found (a divergence the
+    # source resyncs), not written into a file without a name
+    target = TargetConnection(1, tmp_path / "dst", tmp_path / "state")
+    target.IDLE_CLOSE = 600.0
+    (tmp_path / "dst" / "d").mkdir()
+    src = Source(target)
+    src.send_write(1, path=b"d/f")
+    assert src.ack(10) == 1
+    assert b"d/f" in target.applier._fds
+    shutil.rmtree(tmp_path / "dst" / "d")
+    src.send_write(2, path=b"d/f")
+    assert src.ack(10) == 2
+    assert target.resyncs["ops_skipped"] == 1
+    assert not (tmp_path / "dst" / "d").exists()
     src.close()
     target.close()

@@ -836,8 +836,13 @@ class Applier:
     def _fd(self, rel: bytes, create_missing: bool = True) -> int:
         fd = self._fds.get(rel)
         if fd is not None:
-            self._fds.move_to_end(rel)
-            return fd
+            if os.fstat(fd).st_nlink:
+                self._fds.move_to_end(rel)
+                return fd
+            # removed behind the target's back while cached: written
+            # through, the op would land in a file without a name; by
+            # name it finds the file missing (a divergence, resynced)
+            self._close_cached(self._fds.pop(rel))
         with self.base.at(rel) as (d, name):
             try:
                 fd = os.open(name, _WRITE_FLAGS, dir_fd=d)
