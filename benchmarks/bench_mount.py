@@ -15,6 +15,9 @@ runs in a separate process (as an application would) on
   captured through the mount, a target daemon, each its own process on
   this machine (the target's work shares its CPUs); the application's
   time, the time until the last op was acknowledged, each daemon's CPU.
+* ``mount-base``, ``daemons-base`` (with $SMIRROR_BENCH_BASE, another
+  tree's src/ with its extensions built in place): ``mount`` and
+  ``daemons`` run from that tree, before and after a change in one run.
 
 Workloads (issue 16's goals, as ratios of direct throughput):
 
@@ -445,6 +448,25 @@ def run_daemons(work, kind):
                 "daemons_cpu": {"source": cpu1[0] - cpu0[0], "target": cpu1[1] - cpu0[1]}}
 
 
+def run_daemons_base(work, kind):
+    """``daemons`` with both daemons (and the CLI that sets them up) run
+    from another source tree (SMIRROR_BENCH_BASE, its src/ on PYTHONPATH,
+    its extensions built in place): the deployment before and after a
+    change, in the same run."""
+    base = os.environ.get("SMIRROR_BENCH_BASE")
+    if not base:
+        return None
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.path.abspath(base) + (os.pathsep + saved if saved else "")
+    try:
+        return run_daemons(work, kind)
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
 def profiler_dir(var: str, tool: str) -> str | None:
     """The directory $VAR names for TOOL's profiles (None: not asked for);
     a directory that is not there, or a tool that is not installed, is an
@@ -508,7 +530,8 @@ def threads_cpu() -> dict:
 
 
 VARIANTS = (("direct", run_direct), ("c-passthrough", run_c), ("mount", run_mount),
-            ("mount-base", run_mount_base), ("replicate", run_replicate), ("daemons", run_daemons))
+            ("mount-base", run_mount_base), ("replicate", run_replicate), ("daemons", run_daemons),
+            ("daemons-base", run_daemons_base))
 
 
 def default_kinds() -> tuple:
@@ -599,6 +622,8 @@ def bench(kinds=None) -> dict:
                              f"app (with the kernel's part)" + (
                                  f" + {median([x['server_cpu'] for x in rs]) / FILES * 1e6:.0f} us "
                                  f"server = {median(cpu) / FILES * 1e6:.0f} us" if "server_cpu" in r else ""))
+                if kind not in ("meta", "rtt") and "server_cpu" in r:
+                    line += f"; server CPU {median([x['server_cpu'] for x in rs]):.2f} s"
                 if r.get("flushes"):
                     line += f"; backing flushes {r['flushes']}"
                 if "applied" in r:
