@@ -205,14 +205,20 @@ def test_the_handoff_holds_at_most_its_limit_and_then_the_receiver_waits(tmp_pat
     target.close()
 
 
+def linked_target(tmp_path, idle_close):
+    """A target whose applier closes its files after ``idle_close``
+    seconds without a frame, and a source linked to it."""
+    target = TargetConnection(1, tmp_path / "dst", tmp_path / "state")
+    target.IDLE_CLOSE = idle_close
+    return target, Source(target)
+
+
 def test_frames_that_come_close_together_keep_the_applier_s_file_open(tmp_path):
     # each frame is sent once the one before it was applied (the applier
     # waits for the next in between): closing its descriptors at each wake
     # reopened the file at every frame; now only IDLE_CLOSE without a
     # frame closes them (set long here: the test waits for no clock)
-    target = TargetConnection(1, tmp_path / "dst", tmp_path / "state")
-    target.IDLE_CLOSE = 600.0
-    src = Source(target)
+    target, src = linked_target(tmp_path, 600.0)
     for seq in range(1, 21):
         src.send_write(seq)
         assert src.ack(10) == seq
@@ -224,9 +230,7 @@ def test_frames_that_come_close_together_keep_the_applier_s_file_open(tmp_path):
 
 
 def test_an_idle_applier_closes_its_files(tmp_path):
-    target = TargetConnection(1, tmp_path / "dst", tmp_path / "state")
-    target.IDLE_CLOSE = 0.01
-    src = Source(target)
+    target, src = linked_target(tmp_path, 0.01)
     src.send_write(1)
     assert src.ack(10) == 1
     deadline = time.monotonic() + 30
@@ -244,10 +248,8 @@ def test_a_file_removed_behind_the_target_s_back_is_not_written_through_its_open
     # the applier keeps a file open between frames: a removal of the
     # replica's file by someone else must still be found (a divergence the
     # source resyncs), not written into a file without a name
-    target = TargetConnection(1, tmp_path / "dst", tmp_path / "state")
-    target.IDLE_CLOSE = 600.0
+    target, src = linked_target(tmp_path, 600.0)
     (tmp_path / "dst" / "d").mkdir()
-    src = Source(target)
     src.send_write(1, path=b"d/f")
     assert src.ack(10) == 1
     assert b"d/f" in target.applier._fds
