@@ -923,6 +923,7 @@ class TargetConnection:
         with self._handoff:         # unacknowledged: the source sends them again
             self._through.clear()
             self._through_dropped(self._through_bytes)
+            self._handoff.notify_all()      # an applier waiting for a frame ends now
         if self._applier_thread is not None:
             self._applier_thread.join(5)
         self._durable_thread.join(5)
