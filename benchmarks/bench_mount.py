@@ -467,6 +467,12 @@ def run_daemons_base(work, kind):
             os.environ["PYTHONPATH"] = saved
 
 
+def tool_path(tool: str) -> str | None:
+    """Where TOOL is: beside this interpreter (a venv's py-spy), else on PATH."""
+    return shutil.which(tool, path=os.path.dirname(sys.executable) + os.pathsep
+                        + os.environ.get("PATH", ""))
+
+
 def profiler_dir(var: str, tool: str) -> str | None:
     """The directory $VAR names for TOOL's profiles (None: not asked for);
     a directory that is not there, or a tool that is not installed, is an
@@ -476,8 +482,7 @@ def profiler_dir(var: str, tool: str) -> str | None:
         return None
     if not os.path.isdir(out):
         raise SystemExit(f"${var}: {out} is not a directory")
-    if not shutil.which(tool, path=os.path.dirname(sys.executable) + os.pathsep
-                        + os.environ.get("PATH", "")):
+    if not tool_path(tool):
         raise SystemExit(f"${var} is set but {tool} is not installed (pip install py-spy; "
                          f"Debian: apt-get install linux-perf)")
     return out
@@ -490,10 +495,8 @@ def py_spy(pid: int, name: str):
     out = profiler_dir("SMIRROR_BENCH_PY_SPY", "py-spy")
     if out is None:
         return None
-    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable) + os.pathsep
-                       + os.environ.get("PATH", ""))
-    return subprocess.Popen([spy, "record", "--pid", str(pid), "--threads", "--gil", "-r", "500",
-                             "-f", "raw", "-o", os.path.join(out, f"{name}.raw")],
+    return subprocess.Popen([tool_path("py-spy"), "record", "--pid", str(pid), "--threads", "--gil",
+                             "-r", "500", "-f", "raw", "-o", os.path.join(out, f"{name}.raw")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -503,7 +506,7 @@ def perf_record(pid: int, name: str):
     out = profiler_dir("SMIRROR_BENCH_PERF", "perf")
     if out is None:
         return None
-    return subprocess.Popen(["perf", "record", "-g", "-F", "2000", "-p", str(pid),
+    return subprocess.Popen([tool_path("perf"), "record", "-g", "-F", "2000", "-p", str(pid),
                              "-o", os.path.join(out, f"{name}.perf")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
