@@ -353,13 +353,25 @@ with CaptureMount(sys.argv[2], sys.argv[3], lambda op: None, bypass=False) as m:
 """
 
 
-def run_mount_base(work, kind):
+def base_src() -> str | None:
+    """$SMIRROR_BENCH_BASE as an absolute path (None: not set); a
+    directory without a smirror package stops the run (else the
+    installed tree would be measured under the other one's name)."""
     base = os.environ.get("SMIRROR_BENCH_BASE")
     if not base:
         return None
+    if not os.path.isfile(os.path.join(base, "smirror", "__init__.py")):
+        raise SystemExit(f"$SMIRROR_BENCH_BASE: {base} holds no smirror package (give a tree's src/)")
+    return os.path.abspath(base)
+
+
+def run_mount_base(work, kind):
+    base = base_src()
+    if base is None:
+        return None
     back, mnt = os.path.join(work, "back"), os.path.join(work, "mnt")
     prepare(back, kind)
-    p = subprocess.Popen([sys.executable, "-c", BASE_SERVER, os.path.abspath(base), back, mnt,
+    p = subprocess.Popen([sys.executable, "-c", BASE_SERVER, base, back, mnt,
                           "1" if PROFILE else "0"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdin is not None
@@ -453,11 +465,11 @@ def run_daemons_base(work, kind):
     from another source tree (SMIRROR_BENCH_BASE, its src/ on PYTHONPATH,
     its extensions built in place): the deployment before and after a
     change, in the same run."""
-    base = os.environ.get("SMIRROR_BENCH_BASE")
-    if not base:
+    base = base_src()
+    if base is None:
         return None
     saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.path.abspath(base) + (os.pathsep + saved if saved else "")
+    os.environ["PYTHONPATH"] = base + (os.pathsep + saved if saved else "")
     try:
         return run_daemons(work, kind)
     finally:
